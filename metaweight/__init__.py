@@ -1,0 +1,24 @@
+"""metaweight: train multi-exit (early-exit) networks with Harmonized Dense Knowledge Distillation.
+
+Wang & Li, "Harmonized Dense Knowledge Distillation Training for Multi-Exit
+Architectures", AAAI 2021.
+"""
+
+from metaweight._losses import DenseDistillLoss
+from metaweight._multiexit import MultiExit
+from metaweight._presets import METHODS, Method, Preset, preset
+from metaweight._validation import BalancedValidation
+from metaweight._weighter import HarmonizedWeighter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BalancedValidation",
+    "DenseDistillLoss",
+    "HarmonizedWeighter",
+    "METHODS",
+    "Method",
+    "MultiExit",
+    "Preset",
+    "preset",
+]

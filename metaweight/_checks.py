@@ -1,0 +1,73 @@
+"""Input checks shared by the losses, the validation objective and the weighter.
+
+Every check raises a ``ValueError`` that names what was expected, what came,
+and how to fix it, before any state is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_num_exits(num_exits: int) -> int:
+    if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
+        raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int.")
+    return num_exits
+
+
+def check_exit_outputs(outputs: object, num_exits: int, where: str = "model output") -> list[Tensor]:
+    """Check that ``outputs`` is a list/tuple of ``num_exits`` logits tensors of one shape ``[B, C]``."""
+    if isinstance(outputs, Tensor) or not isinstance(outputs, Sequence):
+        raise ValueError(
+            f"The {where} should be a list or tuple of {num_exits} logits tensors, one per exit "
+            f"(shallow to deep). Found `{type(outputs).__name__}`. Make the model's forward return "
+            f"`[logits_1, ..., logits_K]`, or wrap it with `metaweight.MultiExit`."
+        )
+    if len(outputs) != num_exits:
+        raise ValueError(
+            f"The {where} has {len(outputs)} exits, but num_exits={num_exits}. Build the loss and "
+            f"the validation objective with num_exits={len(outputs)}, or check the model's forward."
+        )
+    shape = None
+    for k, logits in enumerate(outputs):
+        if not isinstance(logits, Tensor):
+            raise ValueError(f"Exit {k + 1} of the {where} is `{type(logits).__name__}`, expected a Tensor.")
+        if logits.dim() != 2:
+            raise ValueError(
+                f"Exit {k + 1} of the {where} should be a 2-D tensor of logits [batch, classes]. "
+                f"Found shape {tuple(logits.shape)}."
+            )
+        if not logits.is_floating_point():
+            raise ValueError(f"Exit {k + 1} of the {where} should hold floating-point logits. Found {logits.dtype}.")
+        if shape is None:
+            shape = logits.shape
+        elif logits.shape != shape:
+            raise ValueError(
+                f"All exits must give logits of one shape. Exit 1 gives {tuple(shape)}, exit {k + 1} "
+                f"gives {tuple(logits.shape)}."
+            )
+    return list(outputs)
+
+
+def check_target(target: object, batch_size: int, num_classes: int) -> Tensor:
+    """Check integer class labels of shape ``[batch_size]`` with values in ``[0, num_classes)``."""
+    if not isinstance(target, Tensor):
+        raise ValueError(f"The target should be a Tensor of class indices. Found `{type(target).__name__}`.")
+    if target.dim() != 1 or target.shape[0] != batch_size:
+        raise ValueError(
+            f"The target should have shape ({batch_size},) to match the logits' batch size. "
+            f"Found shape {tuple(target.shape)}."
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"The target should hold integer class indices (torch.long). Found {target.dtype}.")
+    if batch_size > 0:
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"The target holds labels in [{low}, {high}], but the logits have {num_classes} classes, "
+                f"so labels must lie in [0, {num_classes - 1}]."
+            )
+    return target

@@ -1,0 +1,148 @@
+"""Dense knowledge distillation between the exits of a multi-exit network (HDKD Eq. 4/5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaweight._checks import check_exit_outputs, check_num_exits, check_target
+
+TEACHERS = ("dense", "last", "none")
+
+
+class DenseDistillLoss(nn.Module):
+    r"""All the loss terms of dense distillation, one tensor entry per term, never summed.
+
+    For a network with :math:`K` exits and logits :math:`z_1, \dots, z_K` (shallow to deep)
+    this returns the :math:`K + K(K-1)/2` terms of Wang & Li (AAAI 2021), Eq. 5:
+
+    * ``ce[k]`` for :math:`k = 1..K`: the cross-entropy :math:`L^{CE}_k` of exit :math:`k`;
+    * ``kd[i->j]`` for every teacher :math:`i = 2..K` and student :math:`j = 1..i-1`:
+
+      .. math:: L^{KD}_{i \to j} = T^2 \, \mathrm{KL}\big(\mathrm{softmax}(z_i/T) \,\|\,
+                \mathrm{softmax}(z_j/T)\big),
+
+      averaged over the batch, with the teacher :math:`z_i` detached.
+
+    The order is the CE terms first, then the KD terms in the order of Eq. 5's double sum
+    (teacher ``i`` outer, student ``j`` inner): ``kd[2->1], kd[3->1], kd[3->2], kd[4->1], ...``.
+    :attr:`term_names` lists it.
+
+    The paper writes the distillation term (Eq. 2) as a cross-entropy between soft labels.
+    We use the KL divergence with the teacher detached, as Hinton et al. do: it differs
+    from the teacher-to-student cross-entropy only by the teacher's entropy, a constant
+    for the student, so the gradients are the same and a perfect student scores 0.
+
+    ``teachers`` selects which terms are *active*: ``"dense"`` (every later exit teaches,
+    HDKD/NaiveDKD), ``"last"`` (only the last exit teaches, DBT, Eq. 3) or ``"none"``
+    (plain multi-exit cross-entropy, MSDNet). Inactive terms are not computed and are
+    returned as exact zeros, so the vector keeps one layout whatever the teachers.
+
+    Args:
+        num_exits: the number of exits :math:`K`.
+        temperature: the distillation temperature :math:`T` (> 0).
+        teachers: ``"dense"``, ``"last"`` or ``"none"``.
+        label_smoothing: passed to the cross-entropy terms (0 as in the paper).
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> criterion = mw.DenseDistillLoss(num_exits=3, temperature=3.0)
+        >>> criterion.term_names
+        ['ce[1]', 'ce[2]', 'ce[3]', 'kd[2->1]', 'kd[3->1]', 'kd[3->2]']
+        >>> logits = [torch.randn(4, 10) for _ in range(3)]
+        >>> criterion(logits, torch.tensor([0, 3, 9, 1])).shape
+        torch.Size([6])
+    """
+
+    def __init__(
+        self,
+        num_exits: int,
+        temperature: float = 3.0,
+        teachers: str = "dense",
+        *,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_exits = check_num_exits(num_exits)
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"Invalid temperature: {temperature!r}. Expected a number > 0.")
+        if teachers not in TEACHERS:
+            raise ValueError(f"Invalid teachers: {teachers!r}. Expected one of {TEACHERS}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"Invalid label_smoothing: {label_smoothing!r}. Expected a number in [0, 1).")
+        self.temperature = float(temperature)
+        self.teachers = teachers
+        self.label_smoothing = float(label_smoothing)
+
+        K = num_exits
+        self.pairs: list[tuple[int, int]] = [(i, j) for i in range(1, K) for j in range(i)]
+        self.term_names: list[str] = [f"ce[{k + 1}]" for k in range(K)] + [
+            f"kd[{i + 1}->{j + 1}]" for i, j in self.pairs
+        ]
+        if teachers == "dense":
+            active_pairs = list(self.pairs)
+        elif teachers == "last":
+            active_pairs = [(i, j) for i, j in self.pairs if i == K - 1]
+        else:
+            active_pairs = []
+        active = torch.zeros(len(self.term_names), dtype=torch.bool)
+        active[:K] = True
+        for p in active_pairs:
+            active[K + self.pairs.index(p)] = True
+        self.register_buffer("active", active, persistent=False)
+        self.register_buffer("_active_index", active.nonzero().flatten(), persistent=False)
+        self.register_buffer("_teacher", torch.tensor([i for i, _ in active_pairs], dtype=torch.long), persistent=False)
+        self.register_buffer("_student", torch.tensor([j for _, j in active_pairs], dtype=torch.long), persistent=False)
+
+    @property
+    def num_terms(self) -> int:
+        """The length of the term vector, :math:`K + K(K-1)/2`."""
+        return len(self.term_names)
+
+    def index(self, name: str) -> int:
+        """The position of the term called ``name`` (e.g. ``"kd[3->1]"``) in the term vector."""
+        try:
+            return self.term_names.index(name)
+        except ValueError:
+            raise ValueError(f"No term named {name!r}. The terms are {self.term_names}.") from None
+
+    def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
+        """The vector of all loss terms, in the order of :attr:`term_names`.
+
+        Args:
+            outputs: ``K`` logits tensors of shape ``[B, C]``, shallow to deep.
+            target: class indices of shape ``[B]``.
+
+        Returns:
+            A float32 (or float64, for float64 logits) tensor of shape ``[num_terms]``.
+        """
+        outputs = check_exit_outputs(outputs, self.num_exits)
+        batch, classes = outputs[0].shape
+        if batch == 0:
+            raise ValueError("The batch is empty: the losses are means over the batch and need at least one sample.")
+        check_target(target, batch, classes)
+        logits = torch.stack(outputs)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the losses in full precision under autocast
+        K = self.num_exits
+        ce = F.cross_entropy(
+            logits.flatten(0, 1), target.repeat(K), reduction="none", label_smoothing=self.label_smoothing
+        ).view(K, batch).mean(1)
+        if self._teacher.numel() == 0:
+            values = ce
+        else:
+            T = self.temperature
+            log_p = F.log_softmax(logits / T, dim=-1)
+            teacher = log_p[self._teacher].detach()
+            student = log_p[self._student]
+            kd = (teacher.exp() * (teacher - student)).sum(-1).mean(-1) * (T * T)
+            values = torch.cat([ce, kd])
+        if values.numel() == self.num_terms:
+            return values
+        return values.new_zeros(self.num_terms).index_copy(0, self._active_index, values)
+
+    def extra_repr(self) -> str:
+        return f"num_exits={self.num_exits}, temperature={self.temperature}, teachers={self.teachers!r}"

@@ -1,0 +1,63 @@
+"""Turn a plain backbone into a multi-exit network by attaching heads after chosen stages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from torch import Tensor, nn
+
+
+class MultiExit(nn.Module):
+    """A backbone cut into ``K`` stages, with an exit head after each stage.
+
+    ``forward(x)`` runs stage 1, head 1, stage 2 (on stage 1's features), head 2, ...
+    and returns the list of the ``K`` exit logits, shallow to deep: the form every
+    part of metaweight expects. Group several backbone blocks into one stage with
+    ``nn.Sequential`` where no exit is wanted between them.
+
+    Args:
+        stages: ``K`` modules; stage ``k`` takes stage ``k-1``'s output (stage 1 the input).
+        heads: ``K`` modules; head ``k`` maps stage ``k``'s output to logits ``[B, C]``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import metaweight as mw
+        >>> net = mw.MultiExit(
+        ...     stages=[nn.Sequential(nn.Linear(4, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU())],
+        ...     heads=[nn.Linear(16, 3), nn.Linear(16, 3)])
+        >>> [tuple(z.shape) for z in net(torch.randn(5, 4))]
+        [(5, 3), (5, 3)]
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module]) -> None:
+        super().__init__()
+        stages, heads = list(stages), list(heads)
+        if not stages:
+            raise ValueError("`stages` is empty: a multi-exit network needs at least one stage and head.")
+        if len(stages) != len(heads):
+            raise ValueError(
+                f"Got {len(stages)} stages and {len(heads)} heads; give one head per stage "
+                f"(group blocks without an exit into one stage with nn.Sequential)."
+            )
+        for name, modules in (("stages", stages), ("heads", heads)):
+            for k, m in enumerate(modules):
+                if not isinstance(m, nn.Module):
+                    raise TypeError(f"`{name}[{k}]` should be an nn.Module. Found `{type(m).__name__}`.")
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList(heads)
+
+    @property
+    def num_exits(self) -> int:
+        """The number of exits ``K``."""
+        return len(self.heads)
+
+    def iter_exits(self, x: Tensor) -> Iterator[Tensor]:
+        """Yield the exit logits one by one, computing each stage only when asked for the next exit."""
+        for stage, head in zip(self.stages, self.heads):
+            x = stage(x)
+            yield head(x)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """The logits of every exit, shallow to deep."""
+        return list(self.iter_exits(x))

@@ -1,0 +1,112 @@
+"""The balanced validation objective of HDKD (Eq. 9/10)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaweight._checks import check_exit_outputs, check_num_exits, check_target
+
+
+class BalancedValidation(nn.Module):
+    r"""Cross-entropy of every exit on held-out data, balanced by a ratio regularizer.
+
+    Wang & Li (AAAI 2021), Eq. 10:
+
+    .. math::
+        L_{val} = \alpha \sum_{k=1}^K L^{CE}_k
+                + (1-\alpha) \sum_{k=1}^K \mathrm{softplus}\Big(\frac{L^{CE}_k}{\mathbb{E}[L^{CE}_k]} - 1\Big)
+
+    with :math:`\mathbb{E}[L^{CE}_k]` an exponential moving average (Eq. 9):
+    :math:`\mathbb{E} \leftarrow m\,\mathbb{E} + (1-m)\,L^{CE}_k`. The ratio term keeps the
+    large losses of early exits from dominating the meta-gradient.
+
+    The average is a buffer (so it is in :meth:`state_dict`). Computing the objective never
+    changes it: the :class:`HarmonizedWeighter` calls :meth:`update` once per meta step,
+    with detached values, after the step succeeded. Before the first update the current
+    (detached) losses stand in for the average, and the first update initialises it.
+
+    Args:
+        num_exits: the number of exits :math:`K`.
+        alpha: the weight :math:`\alpha \in [0, 1]` of the plain cross-entropy
+            (1 gives the summed cross-entropy alone).
+        momentum: :math:`m \in [0, 1)` of the moving average (0.9 in the paper).
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> validation = mw.BalancedValidation(num_exits=2, alpha=0.5)
+        >>> losses = torch.tensor([2.0, 1.0])
+        >>> validation.update(losses)
+        >>> round(float(validation.objective(torch.tensor([1.0, 1.0]))), 4)  # 0.5*2 + 0.5*(softplus(-0.5) + softplus(0))
+        1.5836
+    """
+
+    expected: Tensor
+    num_updates: Tensor
+
+    def __init__(self, num_exits: int, alpha: float = 0.5, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.num_exits = check_num_exits(num_exits)
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"Invalid alpha: {alpha!r}. Expected a number in [0, 1].")
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"Invalid momentum: {momentum!r}. Expected a number in [0, 1).")
+        self.alpha = float(alpha)
+        self.momentum = float(momentum)
+        self.register_buffer("expected", torch.zeros(num_exits))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the moving average has received its first value."""
+        return bool(self.num_updates > 0)
+
+    def exit_losses(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
+        """The cross-entropy of each exit, a tensor of shape ``[num_exits]``."""
+        outputs = check_exit_outputs(outputs, self.num_exits, where="model output on the validation batch")
+        batch, classes = outputs[0].shape
+        if batch == 0:
+            raise ValueError("The validation batch is empty.")
+        check_target(target, batch, classes)
+        logits = torch.stack(outputs)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        K = self.num_exits
+        return F.cross_entropy(logits.flatten(0, 1), target.repeat(K), reduction="none").view(K, batch).mean(1)
+
+    def objective(self, exit_losses: Tensor) -> Tensor:
+        """Eq. 10 for given per-exit losses, against the current moving average."""
+        if exit_losses.shape != (self.num_exits,):
+            raise ValueError(
+                f"Expected one loss per exit, shape ({self.num_exits},). Found {tuple(exit_losses.shape)}."
+            )
+        total = exit_losses.sum()
+        if self.alpha == 1.0:
+            return total
+        expected = self.expected.to(exit_losses) if self.initialized else exit_losses.detach()
+        ratio = F.softplus(exit_losses / expected - 1.0).sum()
+        return self.alpha * total + (1.0 - self.alpha) * ratio
+
+    def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
+        """Eq. 10 on a validation batch; does not update the moving average."""
+        return self.objective(self.exit_losses(outputs, target))
+
+    @torch.no_grad()
+    def update(self, exit_losses: Tensor) -> None:
+        """Fold detached per-exit losses into the moving average (Eq. 9)."""
+        losses = exit_losses.detach().to(self.expected)
+        if losses.shape != self.expected.shape:
+            raise ValueError(f"Expected one loss per exit, shape ({self.num_exits},). Found {tuple(losses.shape)}.")
+        if not torch.isfinite(losses).all():
+            raise ValueError(f"Refusing to fold non-finite validation losses {losses.tolist()} into the average.")
+        if self.initialized:
+            self.expected.mul_(self.momentum).add_(losses, alpha=1.0 - self.momentum)
+        else:
+            self.expected.copy_(losses)
+        self.num_updates += 1
+
+    def extra_repr(self) -> str:
+        return f"num_exits={self.num_exits}, alpha={self.alpha}, momentum={self.momentum}"

@@ -1,0 +1,355 @@
+"""Harmonized loss weights learned by a one-step look-ahead (HDKD Eq. 6-8, Alg. 1)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from metaweight._losses import DenseDistillLoss
+from metaweight._lookahead import (
+    check_optimizer_covers_model,
+    check_optimizer_options,
+    differentiable_optimizer_type,
+    lookahead,
+)
+from metaweight._validation import BalancedValidation
+
+Batch = Sequence[Any]
+GammaInit = Union[str, Tensor, Sequence[float]]
+INITS = ("uniform", "last", "random")
+CONSTRAINTS = ("clamp", "normalize")
+NONFINITE = ("raise", "skip")
+
+
+class HarmonizedWeighter:
+    r"""Learns one weight :math:`\gamma_k \ge 0` per loss term by a one-step look-ahead.
+
+    Wang & Li (AAAI 2021), Alg. 1. Each meta step computes, on a training batch and a
+    held-out validation batch,
+
+    .. math::
+        \theta' = \theta - U\Big(\nabla_\theta \sum_k \gamma_k L_k(\theta)\Big), \qquad
+        \gamma \leftarrow \Pi\big(\gamma - \epsilon\, \nabla_\gamma L_{val}(\theta')\big)
+
+    where :math:`U` is one step of the wrapped optimizer (learning rate :math:`\xi`,
+    momentum, Nesterov, weight decay, Adam moments: everything the optimizer would do,
+    read from it at the time of the step), :math:`L_{val}` the validation objective
+    (:class:`BalancedValidation`) and :math:`\Pi` the rule keeping :math:`\gamma`
+    non-negative. The model's parameters, buffers and gradients and the optimizer's
+    state are left exactly as they were. The model then takes its usual step on
+    :math:`\sum_k \gamma_k L_k`, which :meth:`loss` returns.
+
+    Like an LR scheduler, the weighter wraps the model and optimizer without changing
+    them; its :meth:`state_dict` holds only its own state (:math:`\gamma`, the
+    :math:`\gamma` optimizer, the validation average).
+
+    Args:
+        model: the multi-exit network; ``model(x)`` returns ``K`` logits tensors.
+        optimizer: the optimizer of ``model`` (SGD, Adam, AdamW; others that `higher`
+            implements also work).
+        criterion: the :class:`DenseDistillLoss` giving the terms :math:`L_k`.
+        validation: the validation objective; defaults to ``BalancedValidation(K)``.
+        gamma_lr: :math:`\epsilon`, the learning rate of the default SGD on
+            :math:`\gamma`.
+        init: ``"uniform"`` (every active term 1: DS-like), ``"last"`` (the CE terms
+            and the last exit's KD terms 1, other KD terms 0: DBT-like), ``"random"``
+            (uniform in [0, 1) on active terms) or a tensor of ``num_terms`` weights.
+        learn: ``False`` keeps :math:`\gamma` fixed (the non-harmonized baselines);
+            :meth:`meta_step` then does nothing.
+        constraint: ``"clamp"`` projects :math:`\gamma` onto :math:`\gamma \ge 0`;
+            ``"normalize"`` also rescales it to keep the sum it started with.
+        gamma_optimizer: a callable that takes ``[gamma]`` and returns a
+            ``torch.optim.Optimizer`` for it, instead of SGD with ``gamma_lr``.
+        nonfinite: what to do when the validation objective or the meta-gradient is
+            not finite: ``"raise"`` a ``ValueError`` or ``"skip"`` the meta step; either
+            way :math:`\gamma` and the validation average are left unchanged.
+        generator: the random generator for ``init="random"``.
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> model = mw.MultiExit([torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)],
+        ...                      [torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)])
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> weighter = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), gamma_lr=0.01)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> metrics = weighter.step((x, y), (x, y))
+        >>> sorted(weighter.gamma_dict())
+        ['ce[1]', 'ce[2]', 'kd[2->1]']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: DenseDistillLoss,
+        validation: BalancedValidation | None = None,
+        *,
+        gamma_lr: float = 0.01,
+        init: GammaInit = "uniform",
+        learn: bool = True,
+        constraint: str = "clamp",
+        gamma_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+        nonfinite: str = "raise",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` should be a torch.optim.Optimizer. Found `{type(optimizer).__name__}`.")
+        if not isinstance(criterion, DenseDistillLoss):
+            raise TypeError(f"`criterion` should be a metaweight.DenseDistillLoss. Found `{type(criterion).__name__}`.")
+        if validation is None:
+            validation = BalancedValidation(criterion.num_exits)
+        if not isinstance(validation, BalancedValidation):
+            raise TypeError(
+                f"`validation` should be a metaweight.BalancedValidation. Found `{type(validation).__name__}`."
+            )
+        if validation.num_exits != criterion.num_exits:
+            raise ValueError(
+                f"The criterion has num_exits={criterion.num_exits} but the validation objective has "
+                f"num_exits={validation.num_exits}. Build both for the model's number of exits."
+            )
+        if not (isinstance(gamma_lr, (int, float)) and gamma_lr >= 0):
+            raise ValueError(f"Invalid gamma_lr: {gamma_lr!r}. Expected a number >= 0.")
+        if constraint not in CONSTRAINTS:
+            raise ValueError(f"Invalid constraint: {constraint!r}. Expected one of {CONSTRAINTS}.")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
+        check_optimizer_covers_model(optimizer, model)
+        if learn:
+            differentiable_optimizer_type(optimizer)  # fail now, not at the first meta step
+            check_optimizer_options(optimizer)
+
+        self.model = model
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.validation = validation
+        self.learn = bool(learn)
+        self.constraint = constraint
+        self.nonfinite = nonfinite
+        self.gamma_lr = float(gamma_lr)
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.criterion.to(device)
+        self.validation.to(device)
+        self._active = criterion.active.to(device)
+        self.gamma = nn.Parameter(self._initial_gamma(init, generator).to(device), requires_grad=True)
+        self._gamma_sum = float(self.gamma.detach().sum())
+        if gamma_optimizer is None:
+            self.gamma_optimizer: torch.optim.Optimizer = torch.optim.SGD([self.gamma], lr=self.gamma_lr)
+        else:
+            self.gamma_optimizer = gamma_optimizer([self.gamma])
+            if not isinstance(self.gamma_optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    "`gamma_optimizer` should return a torch.optim.Optimizer for [gamma]. "
+                    f"It returned `{type(self.gamma_optimizer).__name__}`."
+                )
+        self.num_meta_steps = 0
+        self.last_terms: Tensor | None = None
+        self.last_meta: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------- set-up
+    def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:
+        active = self.criterion.active
+        n = self.criterion.num_terms
+        if isinstance(init, str):
+            if init == "uniform":
+                gamma = active.float()
+            elif init == "last":
+                K = self.criterion.num_exits
+                gamma = torch.zeros(n)
+                gamma[:K] = 1.0
+                for idx, (i, _) in enumerate(self.criterion.pairs):
+                    if i == K - 1:
+                        gamma[K + idx] = 1.0
+                gamma = gamma * active
+            elif init == "random":
+                gamma = torch.rand(n, generator=generator) * active
+            else:
+                raise ValueError(f"Invalid init: {init!r}. Expected one of {INITS} or a tensor of {n} weights.")
+            return gamma
+        gamma = torch.as_tensor(init, dtype=torch.float32).detach().clone().cpu()
+        if gamma.shape != (n,):
+            raise ValueError(
+                f"`init` should hold one weight per term, shape ({n},) for terms {self.criterion.term_names}. "
+                f"Found shape {tuple(gamma.shape)}."
+            )
+        if not torch.isfinite(gamma).all() or (gamma < 0).any():
+            raise ValueError(f"`init` weights should be finite and >= 0. Found {gamma.tolist()}.")
+        inactive = [name for name, a, g in zip(self.criterion.term_names, active, gamma) if not a and g != 0]
+        if inactive:
+            raise ValueError(
+                f"`init` gives non-zero weight to terms the criterion does not compute (teachers="
+                f"{self.criterion.teachers!r}): {inactive}. Set them to 0 or use teachers='dense'."
+            )
+        return gamma
+
+    # ----------------------------------------------------------------------------- logging
+    @property
+    def term_names(self) -> list[str]:
+        """The names of the loss terms, in the order of :attr:`gamma`."""
+        return self.criterion.term_names
+
+    def gamma_dict(self) -> dict[str, float]:
+        """The current loss weights by term name."""
+        return dict(zip(self.term_names, self.gamma.detach().cpu().tolist()))
+
+    def terms_dict(self) -> dict[str, float]:
+        """The unweighted loss terms of the last :meth:`loss` call, by term name (empty before it)."""
+        if self.last_terms is None:
+            return {}
+        return dict(zip(self.term_names, self.last_terms.cpu().tolist()))
+
+    # ----------------------------------------------------------------------------- the two calls
+    def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
+        r"""The weighted training loss :math:`\sum_k \gamma_k L_k` for the user's own backward.
+
+        :math:`\gamma` enters as a constant: the backward reaches the model only.
+        """
+        terms = self.criterion(outputs, target)
+        self.last_terms = terms.detach()
+        return (self.gamma.detach().to(terms) * terms).sum()
+
+    def meta_step(self, train_batch: Batch, val_batch: Batch) -> dict[str, Any]:
+        r"""Update :math:`\gamma` by one look-ahead step; leaves the model and optimizer unchanged.
+
+        Args:
+            train_batch: ``(x, y)``: the training inputs and labels of this iteration.
+            val_batch: ``(x_val, y_val)``: a held-out validation batch.
+
+        Returns:
+            A dict with ``val_objective`` (:math:`L_{val}(\theta')`), ``val_exit_losses``
+            (per-exit CE at :math:`\theta'`), ``gamma_grad`` and ``skipped``; empty when
+            ``learn=False``.
+        """
+        if not self.learn:
+            return {}
+        x, y = _unpack(train_batch, "train_batch")
+        xv, yv = _unpack(val_batch, "val_batch")
+        gamma = self.gamma.detach().clone().requires_grad_(True)
+        fmodel, diffopt = lookahead(self.model, self.optimizer)
+        terms = self.criterion(fmodel(x), y)
+        diffopt.step((gamma.to(terms) * terms).sum())
+        exit_losses = self.validation.exit_losses(fmodel(xv), yv)
+        objective = self.validation.objective(exit_losses)
+        if torch.isfinite(objective):
+            (gamma_grad,) = torch.autograd.grad(objective, gamma)
+        else:
+            gamma_grad = torch.full_like(gamma, math.nan)
+        del fmodel, diffopt
+        gamma_grad = gamma_grad * self._active
+        return self._apply(gamma_grad, objective.detach(), exit_losses.detach(), terms.detach())
+
+    def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> dict[str, Any]:
+        """Check the meta-gradient, then step gamma, project it and update the validation average."""
+        if not (torch.isfinite(objective) and torch.isfinite(gamma_grad).all() and torch.isfinite(exit_losses).all()):
+            bad_terms = [n for n, t in zip(self.term_names, terms.tolist()) if not math.isfinite(t)]
+            message = (
+                f"Non-finite meta step: validation objective {float(objective)}, validation exit losses "
+                f"{exit_losses.tolist()}, non-finite training terms {bad_terms or 'none'}. gamma and the "
+                f"validation average were left unchanged. Check the data and the learning rates "
+                f"(or pass nonfinite='skip' to skip such steps)."
+            )
+            if self.nonfinite == "raise":
+                raise ValueError(message)
+            return {"skipped": True, "val_objective": float(objective), "val_exit_losses": exit_losses.tolist()}
+        self.gamma_optimizer.zero_grad(set_to_none=True)
+        self.gamma.grad = gamma_grad.to(self.gamma)
+        self.gamma_optimizer.step()
+        self.gamma.grad = None
+        self._project()
+        self.validation.update(exit_losses)
+        self.num_meta_steps += 1
+        self.last_meta = {
+            "skipped": False,
+            "val_objective": float(objective),
+            "val_exit_losses": exit_losses.tolist(),
+            "gamma_grad": gamma_grad.detach(),
+        }
+        return self.last_meta
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        gamma = self.gamma
+        gamma.clamp_(min=0.0)
+        gamma.mul_(self._active)
+        if self.constraint == "normalize":
+            total = float(gamma.sum())
+            if total > 0:
+                gamma.mul_(self._gamma_sum / total)
+
+    # ----------------------------------------------------------------------------- the one call
+    def step(self, train_batch: Batch, val_batch: Batch) -> dict[str, Any]:
+        """One full HDKD iteration: :meth:`meta_step`, then the model's step on :meth:`loss`.
+
+        Returns the meta-step metrics plus ``loss``, the weighted training loss.
+        """
+        metrics = self.meta_step(train_batch, val_batch)
+        x, y = _unpack(train_batch, "train_batch")
+        loss = self.loss(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {**metrics, "loss": float(loss.detach())}
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The weighter's own state: gamma, its optimizer and the validation average."""
+        return {
+            "term_names": list(self.term_names),
+            "teachers": self.criterion.teachers,
+            "gamma": self.gamma.detach().cpu().clone(),
+            "gamma_optimizer": self.gamma_optimizer.state_dict(),
+            "validation": {k: v.cpu().clone() for k, v in self.validation.state_dict().items()},
+            "num_meta_steps": self.num_meta_steps,
+            "gamma_sum": self._gamma_sum,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; refuses one saved for other terms, changing nothing."""
+        names = state_dict.get("term_names")
+        if names != self.term_names:
+            raise ValueError(
+                f"This checkpoint is for the terms {names} ({_count_exits(names)} exits), but this weighter "
+                f"has {self.term_names} ({self.criterion.num_exits} exits). Build the weighter with the "
+                f"criterion the checkpoint was saved with."
+            )
+        if state_dict.get("teachers") != self.criterion.teachers:
+            raise ValueError(
+                f"This checkpoint was saved with teachers={state_dict.get('teachers')!r}, but this criterion has "
+                f"teachers={self.criterion.teachers!r}."
+            )
+        gamma = torch.as_tensor(state_dict["gamma"])
+        if gamma.shape != self.gamma.shape or (gamma[~self.criterion.active] != 0).any():
+            raise ValueError(f"The checkpoint's gamma {gamma.tolist()} does not fit the terms {self.term_names}.")
+        validation = BalancedValidation(self.validation.num_exits, self.validation.alpha, self.validation.momentum)
+        validation.load_state_dict(state_dict["validation"])  # check before touching our own
+        self.gamma_optimizer.load_state_dict(state_dict["gamma_optimizer"])
+        with torch.no_grad():
+            self.gamma.copy_(gamma)
+        self.validation.load_state_dict(state_dict["validation"])
+        self.num_meta_steps = int(state_dict["num_meta_steps"])
+        self._gamma_sum = float(state_dict["gamma_sum"])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_exits={self.criterion.num_exits}, teachers={self.criterion.teachers!r}, "
+            f"learn={self.learn}, gamma_lr={self.gamma_lr}, constraint={self.constraint!r}, "
+            f"optimizer={type(self.optimizer).__name__}, gamma_optimizer={type(self.gamma_optimizer).__name__}, "
+            f"validation={self.validation!r})"
+        )
+
+
+def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"`{name}` should be a pair (inputs, labels). Found `{type(batch).__name__}`"
+                         f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}.")
+    return batch[0], batch[1]
+
+
+def _count_exits(names: Iterable[str] | None) -> int:
+    return sum(1 for n in names or [] if n.startswith("ce["))

@@ -1,0 +1,33 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import metaweight as mw
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def tiny_net(num_exits: int = 3, features: int = 6, width: int = 10, classes: int = 5,
+             dtype: torch.dtype = torch.float32, batchnorm: bool = True) -> mw.MultiExit:
+    """A small multi-exit MLP with BatchNorm and smooth activations (finite differences behave)."""
+    stages = []
+    for k in range(num_exits):
+        layers: list[nn.Module] = [nn.Linear(features if k == 0 else width, width)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(nn.Tanh())
+        stages.append(nn.Sequential(*layers))
+    heads = [nn.Linear(width, classes) for _ in range(num_exits)]
+    return mw.MultiExit(stages, heads).to(dtype)
+
+
+def batch(n: int = 16, features: int = 6, classes: int = 5, dtype: torch.dtype = torch.float32):
+    return torch.randn(n, features, dtype=dtype), torch.randint(0, classes, (n,))

@@ -1,0 +1,222 @@
+"""HarmonizedWeighter: the meta-gradient against independent references, and what it must not touch."""
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import metaweight as mw
+from conftest import batch, tiny_net
+
+F64 = torch.float64
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.3),
+    "momentum": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9),
+    "dampening": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, dampening=0.3),
+    "nesterov_wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+    "amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+def setup(opt_name, warm_steps=2, K=3, teachers="dense", alpha=0.5):
+    """A float64 model with BatchNorm, its optimizer with some state already, and a weighter."""
+    model = tiny_net(K, dtype=F64)
+    optimizer = OPTIMIZERS[opt_name](model.parameters())
+    for _ in range(warm_steps):  # real optimizer state (momentum buffers, Adam moments, step counts)
+        x, y = batch(dtype=F64)
+        optimizer.zero_grad()
+        sum(torch.nn.functional.cross_entropy(z, y) for z in model(x)).backward()
+        optimizer.step()
+    criterion = mw.DenseDistillLoss(K, temperature=2.0, teachers=teachers)
+    validation = mw.BalancedValidation(K, alpha=alpha)
+    validation.update(torch.tensor([1.7, 1.6, 1.5][:K], dtype=F64) * 1.1)
+    init = torch.rand(criterion.num_terms) * criterion.active + 0.5 * criterion.active
+    weighter = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_lr=0.05, init=init)
+    return model, optimizer, criterion, validation, weighter
+
+
+def val_objective_after_real_step(model, optimizer, criterion, validation, gamma, train, val):
+    """L_val(theta') with theta' from a *real* optimizer step on deep copies (independent of the library)."""
+    model, optimizer = copy.deepcopy((model, optimizer))
+    x, y = train
+    optimizer.zero_grad()
+    (gamma.to(F64) * criterion(model(x), y)).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        return float(validation(model(val[0]), val[1]))
+
+
+def finite_difference_gamma_grad(model, optimizer, criterion, validation, gamma, train, val, h=1e-6):
+    grad = torch.zeros(len(gamma), dtype=F64)
+    for k in range(len(gamma)):
+        if not criterion.active[k]:
+            continue
+        e = torch.zeros(len(gamma), dtype=F64)
+        e[k] = h
+        plus = val_objective_after_real_step(model, optimizer, criterion, validation, gamma.to(F64) + e, train, val)
+        minus = val_objective_after_real_step(model, optimizer, criterion, validation, gamma.to(F64) - e, train, val)
+        grad[k] = (plus - minus) / (2 * h)
+    return grad
+
+
+def rel_err(a, b):
+    return float((a.to(F64) - b.to(F64)).norm() / b.to(F64).norm())
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_meta_gradient_matches_finite_differences_of_real_optimizer_steps(opt_name):
+    model, optimizer, criterion, validation, weighter = setup(opt_name)
+    train, val = batch(dtype=F64), batch(n=12, dtype=F64)
+    gamma = weighter.gamma.detach().clone()
+    ref = finite_difference_gamma_grad(model, optimizer, criterion, validation, gamma, train, val)
+    out = weighter.meta_step(train, val)
+    assert ref.norm() > 0
+    # observed ~1e-7; 1e-6 also catches higher's own Adam, which puts eps elsewhere (5e-6 here)
+    assert rel_err(out["gamma_grad"], ref) < 1e-6
+
+
+def per_term_grads(model, criterion, x, y):
+    params = dict(model.named_parameters())
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    terms = criterion(functional_call(model, (params, buffers), (x,)), y)
+    return [torch.autograd.grad(terms[k], list(params.values()), allow_unused=True, retain_graph=True)
+            for k in range(len(terms))]
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "momentum", "dampening", "nesterov_wd"])
+def test_sgd_meta_gradient_is_minus_xi_c_inner_product(opt_name):
+    """The issue's closed form: theta' by hand from per-term gradients, then -xi*c*<grad L_val(theta'), grad L_k>."""
+    model, optimizer, criterion, validation, weighter = setup(opt_name)
+    (x, y), (xv, yv) = batch(dtype=F64), batch(n=12, dtype=F64)
+    gamma = weighter.gamma.detach().to(F64)
+    group = optimizer.param_groups[0]
+    lr, mu, damp, wd, nesterov = group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
+    g_terms = per_term_grads(model, criterion, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    new_params = {}
+    for idx, (name, p) in enumerate(model.named_parameters()):
+        d = sum(gamma[k] * (g_terms[k][idx] if g_terms[k][idx] is not None else 0) for k in range(len(gamma)))
+        d = d + wd * p.detach()
+        if mu:
+            buf = mu * optimizer.state[p]["momentum_buffer"] + (1 - damp) * d
+            d = d + mu * buf if nesterov else buf
+        new_params[name] = p.detach() - lr * d
+    new_params = {k: v.requires_grad_() for k, v in new_params.items()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    val_obj = validation(functional_call(model, (new_params, buffers), (xv,)), yv)
+    v = torch.autograd.grad(val_obj, [new_params[n] for n in names])
+    # d theta' / d gamma_k = -lr * c * g_k: c = 1 - dampening (heavy ball), 1 + mu (1 - dampening) (Nesterov)
+    c = (1 + mu * (1 - damp) if nesterov else 1 - damp) if mu else 1.0
+    ref = torch.stack([
+        -lr * c * sum((vi * gi).sum() for vi, gi in zip(v, g_terms[k]) if gi is not None)
+        for k in range(len(gamma))
+    ]) * criterion.active
+    out = weighter.meta_step((x, y), (xv, yv))
+    assert rel_err(out["gamma_grad"], ref) < 1e-4
+
+
+@pytest.mark.parametrize("opt_name", ["nesterov_wd", "adam"])
+def test_meta_step_leaves_model_buffers_grads_and_optimizer_state_bitwise_unchanged(opt_name):
+    model, optimizer, criterion, validation, weighter = setup(opt_name)
+    x, y = batch(dtype=F64)
+    optimizer.zero_grad()
+    weighter.loss(model(x), y).backward()  # leave some .grad in place to check it survives
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict(), [p.grad for p in model.parameters()]))
+    weighter.meta_step((x, y), batch(n=12, dtype=F64))
+    after = (model.state_dict(), optimizer.state_dict(), [p.grad for p in model.parameters()])
+    for name, tensor in before[0].items():
+        assert torch.equal(tensor, after[0][name]), name
+    assert "running_mean" in " ".join(before[0])  # the BatchNorm statistics were among them
+    for pid, state in before[1]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[1]["state"][pid][key])), (pid, key)
+    assert before[1]["param_groups"] == after[1]["param_groups"]
+    for g0, g1 in zip(before[2], after[2]):
+        assert torch.equal(g0, g1)
+
+
+def test_gamma_update_is_sgd_then_projection_and_masked_terms_stay_zero():
+    model, optimizer, criterion, validation, weighter = setup("momentum", teachers="last")
+    for _ in range(5):
+        gamma = weighter.gamma.detach().clone()
+        out = weighter.meta_step(batch(dtype=F64), batch(dtype=F64))
+        assert torch.equal(out["gamma_grad"][~criterion.active], torch.zeros((~criterion.active).sum(), dtype=F64))
+        expected = (gamma - 0.05 * out["gamma_grad"].float()).clamp(min=0) * criterion.active
+        assert torch.allclose(weighter.gamma.detach(), expected, atol=1e-7)
+        assert torch.equal(weighter.gamma.detach()[~criterion.active], torch.zeros((~criterion.active).sum()))
+    assert weighter.num_meta_steps == 5 and int(validation.num_updates) == 6
+
+
+def test_normalize_constraint_keeps_the_sum():
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), gamma_lr=1.0, constraint="normalize")
+    for _ in range(3):
+        w.meta_step(batch(), batch())
+    assert float(w.gamma.sum()) == pytest.approx(6.0, rel=1e-5) and (w.gamma >= 0).all()
+
+
+def test_step_equals_meta_step_then_users_own_step():
+    model, optimizer, criterion, validation, weighter = setup("nesterov_wd")
+    twin = copy.deepcopy((model, optimizer, criterion, validation))
+    twin_w = mw.HarmonizedWeighter(*twin, gamma_lr=0.05, init=weighter.gamma.detach().clone())
+    train, val = batch(dtype=F64), batch(dtype=F64)
+    metrics = weighter.step(train, val)
+    twin_w.meta_step(train, val)
+    loss = twin_w.loss(twin[0](train[0]), train[1])
+    twin[1].zero_grad(); loss.backward(); twin[1].step()
+    assert torch.equal(weighter.gamma, twin_w.gamma)
+    for a, b in zip(model.state_dict().values(), twin[0].state_dict().values()):
+        assert torch.equal(a, b)
+    assert metrics["loss"] == pytest.approx(float(loss))
+    assert set(weighter.terms_dict()) == set(criterion.term_names)
+
+
+def test_learn_false_never_changes_gamma():
+    model = tiny_net(3)
+    opt = torch.optim.LBFGS(model.parameters())  # no look-ahead needed, so any optimizer is fine
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), learn=False)
+    assert w.meta_step(batch(), batch()) == {}
+    assert w.gamma.tolist() == [1.0] * 6
+
+
+def test_scheduler_lr_is_read_at_meta_step_time():
+    model, optimizer, criterion, validation, weighter = setup("sgd")
+    train, val = batch(dtype=F64), batch(dtype=F64)
+    g1 = weighter.meta_step(train, val)["gamma_grad"]
+    optimizer.param_groups[0]["lr"] = 1e-8
+    g2 = weighter.meta_step(train, val)["gamma_grad"]
+    assert g2.norm() < 1e-5 * g1.norm()
+
+
+def test_state_dict_round_trip_and_mismatch_refused():
+    model, optimizer, criterion, validation, weighter = setup("momentum")
+    gamma_opt = lambda p: torch.optim.Adam(p, lr=0.01)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer=gamma_opt)
+    for _ in range(2):
+        w.meta_step(batch(dtype=F64), batch(dtype=F64))
+    state = copy.deepcopy(w.state_dict())
+    fresh = mw.HarmonizedWeighter(model, optimizer, criterion, mw.BalancedValidation(3), gamma_optimizer=gamma_opt)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.gamma, w.gamma)
+    assert torch.equal(fresh.validation.expected, w.validation.expected)
+    assert fresh.gamma_optimizer.state_dict()["state"][0]["step"] == 2
+    model4 = tiny_net(4)
+    w4 = mw.HarmonizedWeighter(model4, torch.optim.SGD(model4.parameters(), lr=0.1), mw.DenseDistillLoss(4))
+    before = w4.gamma.detach().clone()
+    with pytest.raises(ValueError, match="3 exits.*4 exits"):
+        w4.load_state_dict(state)
+    assert torch.equal(w4.gamma, before) and not w4.validation.initialized
+    last = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3, teachers="last"))
+    with pytest.raises(ValueError, match="teachers"):
+        last.load_state_dict(state)
+
+
+def test_repr_shows_settings():
+    model = tiny_net(2)
+    w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2))
+    assert "num_exits=2" in repr(w) and "SGD" in repr(w) and "alpha=0.5" in repr(w)
