@@ -137,7 +137,7 @@ class HarmonizedWeighter:
         self.criterion.to(device)
         self.validation.to(device)
         self._active = criterion.active.to(device)
-        self.gamma = nn.Parameter(self._initial_gamma(init, generator).to(device), requires_grad=True)
+        self.gamma: Tensor = self._initial_gamma(init, generator).to(device)  # a plain tensor; its optimizer reads .grad
         self._gamma_sum = float(self.gamma.detach().sum())
         if gamma_optimizer is None:
             self.gamma_optimizer: torch.optim.Optimizer = torch.optim.SGD([self.gamma], lr=self.gamma_lr)

@@ -31,7 +31,7 @@ def test_first_value_stands_in_then_initialises():
     v = mw.BalancedValidation(2, alpha=0.5)
     losses = torch.tensor([2.0, 1.0], requires_grad=True)
     obj = v.objective(losses)
-    assert float(obj) == pytest.approx(0.5 * 3.0 + 0.5 * 2 * math.log(2.0))
+    assert obj.item() == pytest.approx(0.5 * 3.0 + 0.5 * 2 * math.log(2.0))
     # the stand-in average is a constant: d/dl softplus(l/E - 1) = sigmoid(0)/E
     (g,) = torch.autograd.grad(obj, losses)
     assert g.tolist() == pytest.approx([0.5 + 0.5 * 0.5 / 2.0, 0.5 + 0.5 * 0.5 / 1.0])

@@ -172,7 +172,7 @@ def test_step_equals_meta_step_then_users_own_step():
     assert torch.equal(weighter.gamma, twin_w.gamma)
     for a, b in zip(model.state_dict().values(), twin[0].state_dict().values()):
         assert torch.equal(a, b)
-    assert metrics["loss"] == pytest.approx(float(loss))
+    assert metrics["loss"] == pytest.approx(loss.item())
     assert set(weighter.terms_dict()) == set(criterion.term_names)
 
 

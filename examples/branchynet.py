@@ -1,0 +1,33 @@
+"""A BranchyNet-style CNN (Teerapittayanon et al., "BranchyNet: Fast Inference via Early Exiting
+from Deep Neural Networks", ICPR 2016): a plain conv trunk with side branches, built with
+:class:`metaweight.MultiExit` so that ``forward`` returns the list of exit logits.
+
+Each stage is two conv-BN-ReLU layers, the stages after the first opening with a 2x2
+max-pool; each side branch is one conv-BN-ReLU, global average pooling and a linear layer.
+Works on any image size from 8x8 (scikit-learn's digits) up.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+import metaweight as mw
+
+
+def _conv(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+def branchynet(num_classes: int = 10, in_channels: int = 3, *, num_exits: int = 3, width: int = 32,
+               branch_width: int = 32) -> mw.MultiExit:
+    """A ``num_exits``-exit CNN; stage ``k`` has ``width * 2**k`` channels."""
+    stages, heads = [], []
+    c_in = in_channels
+    for k in range(num_exits):
+        c_out = width * 2**k
+        layers = ([nn.MaxPool2d(2)] if k > 0 else []) + _conv(c_in, c_out) + _conv(c_out, c_out)
+        stages.append(nn.Sequential(*layers))
+        heads.append(nn.Sequential(*_conv(c_out, branch_width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                   nn.Linear(branch_width, num_classes)))
+        c_in = c_out
+    return mw.MultiExit(stages, heads)

@@ -1,0 +1,121 @@
+"""Anytime prediction: the accuracy of every exit (Huang et al. 2018), from one pass over the data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaweight._checks import check_exit_outputs, check_target
+
+
+@torch.no_grad()
+def collect_logits(
+    model: nn.Module, loader: Iterable[Sequence[Any]], *, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Run ``model`` in eval mode over ``loader`` once and keep every exit's logits.
+
+    Args:
+        model: a multi-exit model returning ``K`` logits tensors.
+        loader: yields ``(inputs, labels)`` batches.
+        device: where to run; defaults to the device of the model's parameters.
+
+    Returns:
+        ``(logits, labels)``: logits of shape ``[K, N, C]`` (float32, on the CPU) and labels ``[N]``.
+        The model's train/eval mode is restored afterwards.
+    """
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    chunks, labels = [], []
+    num_exits = None
+    try:
+        for inputs, target in loader:
+            outputs = model(inputs.to(device))
+            if num_exits is None:
+                num_exits = len(outputs) if isinstance(outputs, (list, tuple)) else 0
+            outputs = check_exit_outputs(outputs, num_exits or 1)
+            check_target(target, outputs[0].shape[0], outputs[0].shape[1])
+            chunks.append(torch.stack(outputs).float().cpu())
+            labels.append(target.cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ValueError("The loader yielded no batch; there is nothing to evaluate.")
+    return torch.cat(chunks, dim=1), torch.cat(labels)
+
+
+def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
+    """Per exit and sample, whether the label is among the ``k`` highest logits: bool ``[K, N]``."""
+    k = min(k, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == labels.view(1, -1, 1)).any(-1)
+
+
+@dataclass
+class AnytimeResult:
+    """Accuracy (in %) of every exit for each requested top-k.
+
+    Attributes:
+        accuracy: ``{k: [acc of exit 1, ..., acc of exit K]}``, in percent.
+        num_samples: how many samples were scored.
+    """
+
+    accuracy: dict[int, list[float]]
+    num_samples: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_exits(self) -> int:
+        return len(next(iter(self.accuracy.values())))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``{"num_samples": N, "top1": [...], "top5": [...]}``."""
+        return {"num_samples": self.num_samples, **{f"top{k}": v for k, v in self.accuracy.items()}, **self.extra}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def __str__(self) -> str:
+        ks = sorted(self.accuracy)
+        header = "exit " + "".join(f"{'top-' + str(k):>9}" for k in ks)
+        rows = [header, "-" * len(header)]
+        for e in range(self.num_exits):
+            rows.append(f"{e + 1:>4} " + "".join(f"{self.accuracy[k][e]:>8.2f}%" for k in ks))
+        return "\n".join(rows)
+
+
+def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> AnytimeResult:
+    """Top-k accuracy of every exit from collected logits ``[K, N, C]`` and labels ``[N]``."""
+    if logits.dim() != 3 or labels.shape != (logits.shape[1],):
+        raise ValueError(
+            f"Expected logits [K, N, C] and labels [N]. Found {tuple(logits.shape)} and {tuple(labels.shape)}."
+        )
+    n = labels.shape[0]
+    accuracy = {int(k): (topk_correct(logits, labels, int(k)).double().mean(1) * 100).tolist() for k in topk}
+    return AnytimeResult(accuracy, n)
+
+
+def anytime_accuracy(
+    model: nn.Module,
+    loader: Iterable[Sequence[Any]],
+    *,
+    topk: Sequence[int] = (1, 5),
+    device: torch.device | str | None = None,
+) -> AnytimeResult:
+    """Top-k accuracy of every exit of ``model`` over ``loader``, in one pass (eval mode).
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> net = mw.MultiExit([torch.nn.Identity(), torch.nn.Identity()], [torch.nn.Identity(), torch.nn.Identity()])
+        >>> x = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+        >>> result = mw.anytime_accuracy(net, [(x, torch.tensor([0, 1]))], topk=(1, 2))
+        >>> result.accuracy
+        {1: [50.0, 50.0], 2: [100.0, 100.0]}
+    """
+    logits, labels = collect_logits(model, loader, device=device)
+    return anytime_accuracy_from_logits(logits, labels, topk)

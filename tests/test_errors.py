@@ -1,0 +1,143 @@
+"""Bad input gets a ValueError/TypeError naming what was expected and what came, and changes nothing."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import metaweight as mw
+from conftest import batch, tiny_net
+
+LOGITS = [torch.randn(4, 5) for _ in range(3)]
+Y = torch.tensor([0, 1, 2, 4])
+
+
+@pytest.mark.parametrize("outputs,target,match", [
+    (LOGITS[:2], Y, "has 2 exits, but num_exits=3"),
+    (torch.stack(LOGITS), Y, "list or tuple of 3 logits.*Found `Tensor`"),
+    ({"a": 1}, Y, "list or tuple"),
+    ([LOGITS[0], LOGITS[1], torch.randn(4, 6)], Y, r"Exit 1 gives \(4, 5\), exit 3 gives \(4, 6\)"),
+    ([LOGITS[0], LOGITS[1], torch.randn(4, 5, 1)], Y, "2-D"),
+    ([LOGITS[0], LOGITS[1], "x"], Y, "Exit 3.*str"),
+    (LOGITS, torch.tensor([0, 1, 2, 5]), r"labels in \[0, 5\].*5 classes.*\[0, 4\]"),
+    (LOGITS, torch.tensor([-1, 1, 2, 3]), r"labels in \[-1, 3\]"),
+    (LOGITS, torch.tensor([0, 1, 2]), r"shape \(4,\)"),
+    (LOGITS, torch.tensor([0.0, 1, 2, 3]), "integer class indices"),
+    ([z[:0] for z in LOGITS], Y[:0], "empty"),
+])
+@pytest.mark.parametrize("which", ["criterion", "validation"])
+def test_bad_outputs_and_targets(outputs, target, match, which):
+    fn = mw.DenseDistillLoss(3) if which == "criterion" else mw.BalancedValidation(3)
+    with pytest.raises(ValueError, match=match):
+        fn(outputs, target)
+
+
+def make(K=3, **kwargs):
+    model = tiny_net(K)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, opt, mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(K), **kwargs)
+
+
+def snapshot(model, opt, w):
+    return copy.deepcopy((model.state_dict(), opt.state_dict(), w.state_dict()))
+
+
+def assert_same(a, b):
+    for x, y in zip(a[0].values(), b[0].values()):
+        assert torch.equal(x, y)
+    assert str(a[1]) == str(b[1])
+    assert torch.equal(a[2]["gamma"], b[2]["gamma"]) and torch.equal(a[2]["validation"]["expected"], b[2]["validation"]["expected"])
+    assert a[2]["num_meta_steps"] == b[2]["num_meta_steps"]
+
+
+class WrongExits(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)[:2]
+
+
+def test_model_with_wrong_number_of_exits_is_refused_before_anything_changes():
+    net = tiny_net(3)
+    model = WrongExits(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3))
+    before = snapshot(model, opt, w)
+    with pytest.raises(ValueError, match="has 2 exits, but num_exits=3"):
+        w.step(batch(), batch())
+    assert_same(before, snapshot(model, opt, w))
+
+
+def test_nonfinite_validation_loss_raises_and_keeps_gamma_and_average():
+    model, opt, w = make()
+    w.meta_step(batch(), batch())
+    before = snapshot(model, opt, w)
+    x, y = batch()
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="Non-finite meta step.*left unchanged"):
+        w.meta_step(batch(), (x, y))
+    assert_same(before, snapshot(model, opt, w))
+    with pytest.raises(ValueError, match="non-finite training terms"):
+        w.meta_step((x, y), batch())
+    assert_same(before, snapshot(model, opt, w))
+
+
+def test_nonfinite_skip_returns_skipped():
+    model, opt, w = make(nonfinite="skip")
+    before = snapshot(model, opt, w)
+    x, y = batch()
+    x[:] = float("inf")
+    assert w.meta_step(batch(), (x, y))["skipped"] is True
+    assert_same(before, snapshot(model, opt, w))
+
+
+def test_label_out_of_range_in_meta_step_changes_nothing():
+    model, opt, w = make()
+    before = snapshot(model, opt, w)
+    with pytest.raises(ValueError, match=r"labels in \[0, 9\]"):
+        w.step(batch(), (torch.randn(4, 6), torch.tensor([0, 9, 1, 2])))
+    assert_same(before, snapshot(model, opt, w))
+
+
+def test_constructor_checks():
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = mw.DenseDistillLoss(3)
+    with pytest.raises(TypeError, match="`model`"):
+        mw.HarmonizedWeighter(lambda x: x, opt, crit)
+    with pytest.raises(TypeError, match="`optimizer`"):
+        mw.HarmonizedWeighter(model, "sgd", crit)
+    with pytest.raises(TypeError, match="`criterion`"):
+        mw.HarmonizedWeighter(model, opt, nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="num_exits=3 but the validation objective has num_exits=4"):
+        mw.HarmonizedWeighter(model, opt, crit, mw.BalancedValidation(4))
+    with pytest.raises(TypeError, match="cannot replay a `LBFGS`.*learn=False"):
+        mw.HarmonizedWeighter(model, torch.optim.LBFGS(model.parameters()), crit)
+    with pytest.raises(ValueError, match="maximize"):
+        mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1, maximize=True), crit)
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        mw.HarmonizedWeighter(model, torch.optim.SGD(tiny_net(3).parameters(), lr=0.1), crit)
+    with pytest.raises(ValueError, match=r"shape \(6,\)"):
+        mw.HarmonizedWeighter(model, opt, crit, init=torch.ones(5))
+    with pytest.raises(ValueError, match=">= 0"):
+        mw.HarmonizedWeighter(model, opt, crit, init=-torch.ones(6))
+    with pytest.raises(ValueError, match=r"kd\[2->1\]"):
+        mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3, teachers="last"), init=torch.ones(6))
+    with pytest.raises(ValueError, match="init"):
+        mw.HarmonizedWeighter(model, opt, crit, init="ds")
+    with pytest.raises(ValueError, match="gamma_lr"):
+        mw.HarmonizedWeighter(model, opt, crit, gamma_lr=-1)
+    with pytest.raises(ValueError, match="pair"):
+        mw.HarmonizedWeighter(model, opt, crit).meta_step(batch()[0], batch())
+
+
+def test_multiexit_checks():
+    with pytest.raises(ValueError, match="2 stages and 1 heads"):
+        mw.MultiExit([nn.Identity(), nn.Identity()], [nn.Identity()])
+    with pytest.raises(ValueError, match="empty"):
+        mw.MultiExit([], [])
+    with pytest.raises(TypeError, match=r"heads\[0\]"):
+        mw.MultiExit([nn.Identity()], [lambda x: x])

@@ -1,0 +1,73 @@
+"""The examples: MSDNet/BranchyNet shapes and sizes, and the main job end to end on tiny settings."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import metaweight as mw
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from branchynet import branchynet  # noqa: E402
+from msdnet import msdnet_cifar, msdnet_imagenet  # noqa: E402
+
+
+def test_msdnet_cifar_is_the_8_exit_anytime_model():
+    net = msdnet_cifar(100, 8)
+    out = net(torch.randn(2, 3, 32, 32))
+    assert len(out) == 8 and all(z.shape == (2, 100) for z in out)
+    # Huang et al.'s CIFAR MSDNet with 8 blocks (base 4, step 2, growth 6, 16 stem channels): ~3.6 M parameters
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(3.6e6, rel=0.01)
+
+
+def test_msdnet_imagenet_has_5_exits():
+    net = msdnet_imagenet(1000, 5).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 224, 224))
+    assert len(out) == 5 and all(z.shape == (1, 1000) for z in out)
+
+
+def test_iter_exits_computes_the_same_logits_lazily():
+    net = msdnet_cifar(10, 4, channels=8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        full = net(x)
+        first = next(net.iter_exits(x))
+    assert torch.equal(full[0], first)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_branchynet_runs_on_small_and_large_images(shape):
+    net = branchynet(10, shape[0], num_exits=3, width=8)
+    out = net(torch.randn(2, *shape))
+    assert isinstance(net, mw.MultiExit) and len(out) == 3 and out[0].shape == (2, 10)
+
+
+def test_msdnet_meta_step_runs_and_leaves_the_model_unchanged():
+    net = msdnet_cifar(10, 3, channels=4, growth_rate=2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    w = mw.preset("hdkd", 3).weighter(net, opt, gamma_lr=0.1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    out = w.meta_step(batch, batch)
+    assert out["gamma_grad"].abs().sum() > 0
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["hdkd", "msdnet"])
+def test_train_main_job_smoke(method, tmp_path, capsys):
+    import train
+
+    out_file = tmp_path / "result.json"
+    train.main(["--method", method, "--epochs", "1", "--max-steps", "3", "--no-progress", "--out", str(out_file)])
+    printed = capsys.readouterr().out
+    assert "per-exit test accuracy" in printed and "top-1" in printed
+    result = json.loads(out_file.read_text())
+    assert result["iterations"] == 3 and result["num_exits"] == 3
+    assert len(result["test"]["top1"]) == 3 and result["test"]["num_samples"] == 359
+    assert all(0 <= a <= 100 for a in result["test"]["top1"])
+    assert len(result["gamma"]) == len(result["term_names"]) == 6
