@@ -109,12 +109,17 @@ class DenseDistillLoss(nn.Module):
         except ValueError:
             raise ValueError(f"No term named {name!r}. The terms are {self.term_names}.") from None
 
-    def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
+    def forward(
+        self, outputs: Sequence[Tensor], target: Tensor, *, teacher_outputs: Sequence[Tensor] | None = None
+    ) -> Tensor:
         """The vector of all loss terms, in the order of :attr:`term_names`.
 
         Args:
             outputs: ``K`` logits tensors of shape ``[B, C]``, shallow to deep.
             target: class indices of shape ``[B]``.
+            teacher_outputs: logits to take the teachers' soft targets from instead of
+                ``outputs`` (same shapes); used to hold the teachers fixed while the
+                students move, e.g. in finite differences. Always detached.
 
         Returns:
             A float32 (or float64, for float64 logits) tensor of shape ``[num_terms]``.
@@ -136,7 +141,13 @@ class DenseDistillLoss(nn.Module):
         else:
             T = self.temperature
             log_p = F.log_softmax(logits / T, dim=-1)
-            teacher = log_p[self._teacher].detach()
+            if teacher_outputs is None:
+                teacher = log_p[self._teacher].detach()
+            else:
+                fixed = torch.stack(check_exit_outputs(teacher_outputs, K, where="teacher_outputs")).detach()
+                if fixed.shape != logits.shape:
+                    raise ValueError(f"teacher_outputs have shape {tuple(fixed.shape)[1:]}, outputs {tuple(logits.shape)[1:]}.")
+                teacher = F.log_softmax(fixed.to(logits.dtype) / T, dim=-1)[self._teacher]
             student = log_p[self._student]
             kd = (teacher.exp() * (teacher - student)).sum(-1).mean(-1) * (T * T)
             values = torch.cat([ce, kd])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
+from metaweight._hypergradient import BACKENDS, MetaResult, meta_gradient, supports_exact_update
 from metaweight._losses import DenseDistillLoss
 from metaweight._lookahead import (
     check_optimizer_covers_model,
@@ -95,6 +97,11 @@ class HarmonizedWeighter:
         gamma_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
         nonfinite: str = "raise",
         generator: torch.Generator | None = None,
+        backend: str = "jvp",
+        meta_every: int = 1,
+        lookahead_params: Callable[[str], bool] | None = None,
+        reuse_forward: bool = True,
+        fd_epsilon: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
@@ -119,10 +126,33 @@ class HarmonizedWeighter:
             raise ValueError(f"Invalid constraint: {constraint!r}. Expected one of {CONSTRAINTS}.")
         if nonfinite not in NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}. Expected one of {BACKENDS}.")
+        if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
+            raise ValueError(f"Invalid meta_every: {meta_every!r}. Expected an int >= 1.")
+        if fd_epsilon is not None and not (isinstance(fd_epsilon, (int, float)) and fd_epsilon > 0):
+            raise ValueError(f"Invalid fd_epsilon: {fd_epsilon!r}. Expected a number > 0, or None.")
         check_optimizer_covers_model(optimizer, model)
         if learn:
-            differentiable_optimizer_type(optimizer)  # fail now, not at the first meta step
             check_optimizer_options(optimizer)
+            if backend != "higher" and not supports_exact_update(optimizer):
+                warnings.warn(
+                    f"backend={backend!r} knows the update of SGD, Adam and AdamW only; falling back to "
+                    f"backend='higher' for `{type(optimizer).__name__}` (exact, but slower and heavier).",
+                    stacklevel=2,
+                )
+                backend = "higher"
+            if backend == "higher":
+                differentiable_optimizer_type(optimizer)  # fail now, not at the first meta step
+        self._lookahead_names: set[str] | None = None
+        if lookahead_params is not None:
+            if not callable(lookahead_params):
+                raise TypeError("`lookahead_params` should be a callable taking a parameter name and returning a bool.")
+            self._lookahead_names = {n for n, p in model.named_parameters() if p.requires_grad and lookahead_params(n)}
+            if not self._lookahead_names:
+                raise ValueError("`lookahead_params` selects none of the model's trainable parameters.")
+            if learn and backend == "higher":
+                raise ValueError("`lookahead_params` needs backend='jvp' or 'finite_difference'.")
 
         self.model = model
         self.optimizer = optimizer
@@ -132,6 +162,11 @@ class HarmonizedWeighter:
         self.constraint = constraint
         self.nonfinite = nonfinite
         self.gamma_lr = float(gamma_lr)
+        self.backend = backend
+        self.meta_every = meta_every
+        self.reuse_forward = bool(reuse_forward)
+        self.fd_epsilon = fd_epsilon
+        self.num_calls = 0
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.criterion.to(device)
@@ -217,6 +252,8 @@ class HarmonizedWeighter:
     def meta_step(self, train_batch: Batch, val_batch: Batch) -> dict[str, Any]:
         r"""Update :math:`\gamma` by one look-ahead step; leaves the model and optimizer unchanged.
 
+        With ``meta_every=N`` only every N-th call does the look-ahead (the first call does).
+
         Args:
             train_batch: ``(x, y)``: the training inputs and labels of this iteration.
             val_batch: ``(x_val, y_val)``: a held-out validation batch.
@@ -224,12 +261,32 @@ class HarmonizedWeighter:
         Returns:
             A dict with ``val_objective`` (:math:`L_{val}(\theta')`), ``val_exit_losses``
             (per-exit CE at :math:`\theta'`), ``gamma_grad`` and ``skipped``; empty when
-            ``learn=False``.
+            ``learn=False`` or on a call that ``meta_every`` skips.
         """
-        if not self.learn:
-            return {}
-        x, y = _unpack(train_batch, "train_batch")
-        xv, yv = _unpack(val_batch, "val_batch")
+        metrics, _ = self._meta(train_batch, val_batch, keep_graph=False)
+        return metrics
+
+    def _meta(self, train_batch: Batch, val_batch: Batch, keep_graph: bool) -> tuple[dict[str, Any], Tensor | None]:
+        """The meta step; with ``keep_graph`` also the training terms with their graph (jvp/fd backends)."""
+        self.num_calls += 1
+        if not self.learn or (self.num_calls - 1) % self.meta_every:
+            return {}, None
+        train = _unpack(train_batch, "train_batch")
+        val = _unpack(val_batch, "val_batch")
+        if self.backend == "higher":
+            result = self._higher_meta_gradient(train, val)
+        else:
+            result = meta_gradient(
+                self.model, self.optimizer, self.criterion, self.validation, self.gamma.detach(), train, val,
+                backend=self.backend, lookahead_names=self._lookahead_names, keep_graph=keep_graph,
+                fd_epsilon=self.fd_epsilon,
+            )
+        gamma_grad = result.gamma_grad * self._active
+        metrics = self._apply(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
+        return metrics, (result.terms if keep_graph and self.backend != "higher" else None)
+
+    def _higher_meta_gradient(self, train: tuple[Any, Tensor], val: tuple[Any, Tensor]) -> MetaResult:
+        (x, y), (xv, yv) = train, val
         gamma = self.gamma.detach().clone().requires_grad_(True)
         fmodel, diffopt = lookahead(self.model, self.optimizer)
         terms = self.criterion(fmodel(x), y)
@@ -240,9 +297,7 @@ class HarmonizedWeighter:
             (gamma_grad,) = torch.autograd.grad(objective, gamma)
         else:
             gamma_grad = torch.full_like(gamma, math.nan)
-        del fmodel, diffopt
-        gamma_grad = gamma_grad * self._active
-        return self._apply(gamma_grad, objective.detach(), exit_losses.detach(), terms.detach())
+        return MetaResult(gamma_grad, objective.detach(), exit_losses.detach(), terms.detach())
 
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> dict[str, Any]:
         """Check the meta-gradient, then step gamma, project it and update the validation average."""
@@ -286,11 +341,29 @@ class HarmonizedWeighter:
     def step(self, train_batch: Batch, val_batch: Batch) -> dict[str, Any]:
         """One full HDKD iteration: :meth:`meta_step`, then the model's step on :meth:`loss`.
 
+        With the ``jvp``/``finite_difference`` backends and ``reuse_forward=True`` the model's
+        step backpropagates the new weights through the meta step's own training forward
+        (same batch, same parameters, same dropout masks, BatchNorm statistics updated once),
+        so the iteration runs one forward fewer; the price is holding that forward's graph
+        during the validation pass. If anything fails, the model's buffers are restored.
+
         Returns the meta-step metrics plus ``loss``, the weighted training loss.
         """
-        metrics = self.meta_step(train_batch, val_batch)
         x, y = _unpack(train_batch, "train_batch")
-        loss = self.loss(self.model(x), y)
+        keep = self.reuse_forward and self.backend != "higher"
+        saved = {n: b.clone() for n, b in self.model.named_buffers()} if keep else None
+        try:
+            metrics, terms = self._meta(train_batch, val_batch, keep_graph=keep)
+        except Exception:
+            if saved is not None:
+                with torch.no_grad():
+                    for n, b in self.model.named_buffers():
+                        b.copy_(saved[n])
+            raise
+        if terms is None:
+            terms = self.criterion(self.model(x), y)
+        self.last_terms = terms.detach()
+        loss = (self.gamma.detach().to(terms) * terms).sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -338,7 +411,8 @@ class HarmonizedWeighter:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_exits={self.criterion.num_exits}, teachers={self.criterion.teachers!r}, "
-            f"learn={self.learn}, gamma_lr={self.gamma_lr}, constraint={self.constraint!r}, "
+            f"learn={self.learn}, backend={self.backend!r}, meta_every={self.meta_every}, "
+            f"gamma_lr={self.gamma_lr}, constraint={self.constraint!r}, "
             f"optimizer={type(self.optimizer).__name__}, gamma_optimizer={type(self.gamma_optimizer).__name__}, "
             f"validation={self.validation!r})"
         )

@@ -1,0 +1,245 @@
+r"""Exact hypergradients without differentiating through the inner step.
+
+For the look-ahead :math:`\theta' = \theta - U(g)`, :math:`g = \sum_k \gamma_k \nabla L_k(\theta)`,
+with :math:`U` an optimizer update that acts elementwise on the gradient,
+
+.. math::
+    \frac{\partial L_{val}(\theta')}{\partial \gamma_k}
+      = -\big\langle D \odot \nabla L_{val}(\theta'),\; \nabla L_k(\theta) \big\rangle ,
+    \qquad D = \partial U / \partial g \ \text{(diagonal)},
+
+so all :math:`\gamma_k` at once are the directional derivative of the term vector
+:math:`L(\theta)` along :math:`w = D \odot \nabla L_{val}(\theta')`: one forward-mode pass
+(``"jvp"``), or two forwards by central differences with the teachers' soft targets held
+fixed (``"finite_difference"``). :math:`D` is :math:`\xi` for SGD, :math:`\xi(1-\text{dampening})`
+with momentum, :math:`\xi(1+\mu(1-\text{dampening}))` with Nesterov (:math:`\xi` and
+:math:`\xi(1+\mu)` on the first step, when the momentum buffer is created), and the elementwise
+derivative of the step for Adam/AdamW/AMSGrad.
+
+Every forward here runs through ``torch.func.functional_call`` on copies of the buffers,
+so BatchNorm statistics are not touched; the optimizer's state is read, never written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metaweight._losses import DenseDistillLoss
+from metaweight._validation import BalancedValidation
+
+BACKENDS = ("higher", "jvp", "finite_difference")
+EXACT_UPDATE_TYPES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def supports_exact_update(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the jvp/finite-difference backends know this optimizer's update in closed form."""
+    return type(optimizer) in EXACT_UPDATE_TYPES
+
+
+def lookahead_update(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None]
+) -> tuple[list[Tensor], list[Tensor | float]]:
+    """One step of ``optimizer`` from ``params`` with ``grads``, out of place, and its diagonal Jacobian.
+
+    Returns ``(new_params, D)`` with ``new_params[i] = params[i] - U(grads)[i]`` exactly as
+    ``optimizer.step()`` would compute it from its current state, and ``D[i] = dU_i/dg_i``
+    (a tensor, or a float where it is constant). Parameters the optimizer does not hold, or
+    without a gradient, stay where they are with ``D = 0``. Nothing is written anywhere.
+    """
+    where = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    new: list[Tensor] = []
+    jac: list[Tensor | float] = []
+    adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    for p, g in zip(params, grads):
+        group = where.get(id(p))
+        if group is None or g is None:
+            new.append(p.detach())
+            jac.append(0.0)
+            continue
+        state = optimizer.state.get(p, {})  # keyed by the parameter itself: look up before detaching
+        p, g = p.detach(), g.detach()
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        if adam:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            eps = float(group["eps"])
+            step = int(state.get("step", 0)) + 1
+            m0 = state.get("exp_avg")
+            v0 = state.get("exp_avg_sq")
+            base = p
+            d = g
+            if wd:
+                if decoupled:
+                    base = p * (1 - lr * wd)
+                else:
+                    d = g + wd * p
+            m = d * (1 - beta1) if m0 is None else m0 * beta1 + d * (1 - beta1)
+            v = d * d * (1 - beta2) if v0 is None else v0 * beta2 + d * d * (1 - beta2)
+            second, flows = v, v > 0
+            if group.get("amsgrad", False):
+                vmax0 = state.get("max_exp_avg_sq")
+                if vmax0 is not None:
+                    second = torch.maximum(vmax0, v)
+                    flows = flows & (v > vmax0)
+            sq = second.sqrt()
+            bc1, sbc2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
+            denom = sq / sbc2 + eps
+            new.append(base - (lr / bc1) * m / denom)
+            dsq = torch.where(flows, (1 - beta2) * d / torch.where(flows, sq, torch.ones_like(sq)), torch.zeros_like(sq))
+            jac.append((lr / bc1) * ((1 - beta1) / denom - m * (dsq / sbc2) / (denom * denom)))
+        else:
+            mu, damp, nesterov = float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"])
+            d = g + wd * p if wd else g
+            c = 1.0
+            if mu:
+                buf0 = state.get("momentum_buffer")
+                buf, c_buf = (d, 1.0) if buf0 is None else (buf0 * mu + d * (1 - damp), 1 - damp)
+                d, c = (d + mu * buf, 1 + mu * c_buf) if nesterov else (buf, c_buf)
+            new.append(p - lr * d)
+            jac.append(lr * c)
+    return new, jac
+
+
+@contextmanager
+def replay_randomness(device: torch.device) -> Iterator[Callable[[], Any]]:
+    """Lets later forwards draw the same random numbers (dropout masks) as the first one.
+
+    Yields ``replay``: a context manager that rewinds the RNG to where it was on entry and,
+    on exit, puts it back where it was. So the look-ahead's extra forwards use the very
+    masks of the forward whose gradients they differentiate.
+    """
+    cuda = device.type == "cuda"
+    start = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+
+    @contextmanager
+    def replay() -> Iterator[None]:
+        now = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+        torch.set_rng_state(start[0])
+        if cuda:
+            torch.cuda.set_rng_state(start[1], device)
+        try:
+            yield
+        finally:
+            torch.set_rng_state(now[0])
+            if cuda:
+                torch.cuda.set_rng_state(now[1], device)
+
+    yield replay
+
+
+@dataclass
+class MetaResult:
+    """What one meta step computed (internal)."""
+
+    gamma_grad: Tensor
+    objective: Tensor
+    exit_losses: Tensor
+    terms: Tensor  # with its graph when the caller asked to keep it for the model's step
+
+
+def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+def meta_gradient(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: DenseDistillLoss,
+    validation: BalancedValidation,
+    gamma: Tensor,
+    train: tuple[Any, Tensor],
+    val: tuple[Any, Tensor],
+    *,
+    backend: str,
+    lookahead_names: set[str] | None = None,
+    keep_graph: bool = False,
+    fd_epsilon: float | None = None,
+) -> MetaResult:
+    """:math:`\\nabla_\\gamma L_{val}(\\theta - U(\\nabla_\\theta \\sum_k \\gamma_k L_k))` by ``backend``
+    (``"jvp"`` or ``"finite_difference"``).
+
+    ``lookahead_names`` restricts the look-ahead to those parameters (the rest stay at
+    :math:`\\theta`). ``keep_graph=True`` runs the training forward on the model's real buffers
+    (as the model's own step would, updating BatchNorm statistics once) and returns the terms
+    with their graph, so the caller's step can backpropagate the new weights through it
+    instead of running the forward again.
+    """
+    (x, y), (xv, yv) = train, val
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    movable = [(n, p) for n, p in named if lookahead_names is None or n in lookahead_names]
+    device = gamma.device
+    with replay_randomness(device) as replay:
+        buffers = dict(model.named_buffers()) if keep_graph else _clone_buffers(model)
+        params = {n: p for n, p in model.named_parameters()}
+        outputs = functional_call(model, (params, buffers), (x,))
+        terms = criterion(outputs, y)
+        grads = torch.autograd.grad(
+            (gamma.to(terms) * terms).sum(), [p for _, p in movable], allow_unused=True, retain_graph=keep_graph
+        )
+        new, jac = lookahead_update(optimizer, [p for _, p in movable], grads)
+        lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}
+        val_params = {**{n: p.detach() for n, p in model.named_parameters()}, **lookahead}
+        exit_losses = validation.exit_losses(functional_call(model, (val_params, _clone_buffers(model)), (xv,)), yv)
+        objective = validation.objective(exit_losses)
+        if not torch.isfinite(objective):
+            nan = torch.full_like(gamma, math.nan)
+            return MetaResult(nan, objective.detach(), exit_losses.detach(), terms if keep_graph else terms.detach())
+        v = torch.autograd.grad(objective, list(lookahead.values()), allow_unused=True)
+        direction = {
+            n: (vi * d if vi is not None else torch.zeros_like(p))
+            for (n, p), vi, d in zip(movable, v, jac)
+        }
+        base = {n: p.detach() for n, p in model.named_parameters()}
+        if backend == "jvp":
+            with replay():
+                derivative = _jvp(model, criterion, base, direction, x, y)
+        elif backend == "finite_difference":
+            derivative = _central_difference(model, criterion, base, direction, x, y, outputs, fd_epsilon, replay)
+        else:
+            raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}.")
+    return MetaResult(-derivative.to(gamma.dtype), objective.detach(), exit_losses.detach(),
+                      terms if keep_graph else terms.detach())
+
+
+def _jvp(model: nn.Module, criterion: DenseDistillLoss, base: dict[str, Tensor], direction: dict[str, Tensor],
+         x: Any, y: Tensor) -> Tensor:
+    with fwAD.dual_level():
+        dual = {n: (fwAD.make_dual(p, direction[n]) if n in direction else p) for n, p in base.items()}
+        terms = criterion(functional_call(model, (dual, _clone_buffers(model)), (x,)), y)
+        tangent = fwAD.unpack_dual(terms).tangent
+    return torch.zeros_like(terms) if tangent is None else tangent.detach()
+
+
+@torch.no_grad()
+def _central_difference(model: nn.Module, criterion: DenseDistillLoss, base: dict[str, Tensor],
+                        direction: dict[str, Tensor], x: Any, y: Tensor, outputs: Sequence[Tensor],
+                        epsilon: float | None, replay: Callable[[], Any]) -> Tensor:
+    norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))) if direction else 0.0
+    if norm == 0.0:
+        return torch.zeros(criterion.num_terms, device=y.device)
+    if epsilon is None:
+        # central differences: step length cbrt(machine eps) times the parameters' RMS balances
+        # truncation against rounding (about 5e-3 x RMS in float32, 6e-6 x RMS in float64)
+        moved = [base[n] for n in direction]
+        rms = math.sqrt(sum(float((p.double() ** 2).sum()) for p in moved) / sum(p.numel() for p in moved))
+        epsilon = torch.finfo(moved[0].dtype).eps ** (1 / 3) * max(rms, 1e-3)
+    h = epsilon / norm  # a step of length epsilon in parameter space
+    teachers = [o.detach() for o in outputs]
+
+    def terms_at(sign: float) -> Tensor:
+        moved = {n: (p + sign * h * direction[n] if n in direction else p) for n, p in base.items()}
+        with replay():
+            return criterion(functional_call(model, (moved, _clone_buffers(model)), (x,)), y, teacher_outputs=teachers)
+
+    plus = terms_at(1.0)
+    minus = terms_at(-1.0)
+    return (plus.double() - minus.double()) / (2 * h)
