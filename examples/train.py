@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations (smoke tests)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None, help="budget-curve plot file (default runs/budget-METHOD.png)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the budget-curve plot")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -156,17 +158,39 @@ def train(args: argparse.Namespace) -> dict:
     progress.close()
     seconds = time.time() - start
 
-    test = [(split.x_test[i:i + 512], split.y_test[i:i + 512]) for i in range(0, len(split.y_test), 512)]
-    result = mw.anytime_accuracy(model, test, topk=(1, 5), device=device)
+    def chunks(x, y):
+        return [(x[i:i + 512], y[i:i + 512]) for i in range(0, len(y), 512)]
+
+    val_logits, val_labels = mw.collect_logits(model, chunks(split.x_val, split.y_val), device=device)
+    test_logits, test_labels = mw.collect_logits(model, chunks(split.x_test, split.y_test), device=device)
+    result = mw.anytime_accuracy_from_logits(test_logits, test_labels, topk=(1, 5))
+    costs = mw.exit_costs(model, split.x_test[:1].to(device))
+    curve = mw.budgeted_curve(val_logits, val_labels, test_logits, test_labels, costs.macs)
     print(f"\ntrained {step} iterations in {seconds:.1f}s; final loss weights (gamma):")
     for name, value in weighter.gamma_dict().items():
-        if value or method.criterion.active[method.criterion.index(name)]:
+        if method.criterion.active[method.criterion.index(name)]:
             print(f"  {name:>9} {value:.4f}")
+    print("\nbudgeted batch classification (thresholds from the held-out split, accuracy on test):")
+    for point in curve.points[::6] + curve.points[-1:]:
+        print(f"  q={point.q:4.2f}  {point.cost / 1e6:8.3f} MMACs/image  top-1 {point.accuracy:6.2f}%  "
+              f"exits {' '.join(f'{f:.2f}' for f in point.exit_fractions)}")
+    if not args.no_plot:
+        plot = Path(args.plot or f"runs/budget-{args.method}.png")
+        try:
+            mw.plot_budget_curves({args.method: curve}, plot, title=f"{split.name}, {args.method}")
+            print(f"budget curve plot: {plot}")
+        except ImportError as exc:
+            print(f"no budget plot: {exc}")
     print(f"\nper-exit test accuracy ({args.method}, {split.name}, {len(split.y_test)} images):")
-    print(result)
+    table = str(result).splitlines()
+    table[0] += f"{'MMACs':>9}"
+    table[1] += "-" * 9
+    for k, m in enumerate(costs.macs):
+        table[2 + k] += f"{m / 1e6:>9.3f}"
+    print("\n".join(table))
     out = {"config": vars(args), "data": split.name, "num_exits": num_exits, "iterations": step,
            "train_seconds": seconds, "term_names": weighter.term_names, "gamma": weighter.gamma.tolist(),
-           "gamma_history": history, "test": result.to_dict()}
+           "gamma_history": history, "test": result.to_dict(), "costs": costs.to_dict(), "budget": curve.to_dict()}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))

@@ -5,8 +5,21 @@ Architectures", AAAI 2021.
 """
 
 from metaweight._anytime import AnytimeResult, anytime_accuracy, anytime_accuracy_from_logits, collect_logits
+from metaweight._budget import (
+    BudgetCurve,
+    BudgetPoint,
+    budgeted_curve,
+    evaluate_thresholds,
+    exit_assignment,
+    find_thresholds,
+    geometric_exit_distribution,
+    thresholds_for_budget,
+)
+from metaweight._early_exit import EarlyExit
+from metaweight._flops import ExitCosts, exit_costs
 from metaweight._losses import DenseDistillLoss
 from metaweight._multiexit import MultiExit
+from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history
 from metaweight._presets import METHODS, Method, Preset, preset
 from metaweight._validation import BalancedValidation
 from metaweight._weighter import HarmonizedWeighter
@@ -15,8 +28,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnytimeResult",
+    "BudgetCurve",
+    "BudgetPoint",
+    "ExitCosts",
     "BalancedValidation",
     "DenseDistillLoss",
+    "EarlyExit",
     "HarmonizedWeighter",
     "METHODS",
     "Method",
@@ -24,6 +41,16 @@ __all__ = [
     "Preset",
     "anytime_accuracy",
     "anytime_accuracy_from_logits",
+    "budgeted_curve",
     "collect_logits",
+    "evaluate_thresholds",
+    "exit_assignment",
+    "exit_costs",
+    "find_thresholds",
+    "geometric_exit_distribution",
+    "plot_anytime",
+    "plot_budget_curves",
+    "plot_gamma_history",
+    "thresholds_for_budget",
     "preset",
 ]

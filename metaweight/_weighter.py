@@ -70,6 +70,19 @@ class HarmonizedWeighter:
             not finite: ``"raise"`` a ``ValueError`` or ``"skip"`` the meta step; either
             way :math:`\gamma` and the validation average are left unchanged.
         generator: the random generator for ``init="random"``.
+        backend: how the meta-gradient is computed: ``"jvp"`` (exact: one forward-mode
+            pass, the default), ``"finite_difference"`` (two forwards, approximate) or
+            ``"higher"`` (exact: differentiates through the inner step; the reference).
+            ``jvp``/``finite_difference`` know SGD, Adam and AdamW; other optimizers fall
+            back to ``higher`` with a warning.
+        meta_every: run the look-ahead on every N-th call only (gamma stays fixed between).
+        lookahead_params: a callable ``name -> bool`` restricting the look-ahead to some
+            parameters (e.g. the exit heads and the last stage); the others are held at
+            :math:`\theta`. Cheaper; approximates the full look-ahead.
+        reuse_forward: let :meth:`step` reuse the meta step's training forward (faster,
+            more memory; see :meth:`step`).
+        fd_epsilon: step length in parameter space for ``finite_difference``; default
+            :math:`\sqrt[3]{\text{machine eps}}` times the parameters' RMS.
 
     Example:
         >>> import torch, metaweight as mw
@@ -100,7 +113,7 @@ class HarmonizedWeighter:
         backend: str = "jvp",
         meta_every: int = 1,
         lookahead_params: Callable[[str], bool] | None = None,
-        reuse_forward: bool = True,
+        reuse_forward: bool = False,
         fd_epsilon: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -345,7 +358,9 @@ class HarmonizedWeighter:
         step backpropagates the new weights through the meta step's own training forward
         (same batch, same parameters, same dropout masks, BatchNorm statistics updated once),
         so the iteration runs one forward fewer; the price is holding that forward's graph
-        during the validation pass. If anything fails, the model's buffers are restored.
+        during the validation pass (on the CIFAR MSDNet: about 8% less time, but 1.67x instead
+        of 1.15x the peak memory of a plain iteration). If anything fails, the model's buffers
+        are restored.
 
         Returns the meta-step metrics plus ``loss``, the weighted training loss.
         """

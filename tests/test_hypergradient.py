@@ -131,8 +131,9 @@ def test_unknown_optimizer_falls_back_to_higher_with_a_warning():
     assert w.meta_step(batch(), batch())["gamma_grad"].abs().sum() > 0
 
 
-def test_failed_step_restores_batchnorm_statistics():
-    model, optimizer, criterion, validation, weighter = setup("nesterov_wd")
+@pytest.mark.parametrize("reuse", [False, True])
+def test_failed_step_restores_batchnorm_statistics(reuse):
+    model, optimizer, criterion, validation, weighter = setup("nesterov_wd", reuse_forward=reuse)
     before = copy.deepcopy(model.state_dict())
     x, y = batch(dtype=F64)
     x[0, 0] = float("nan")

@@ -164,10 +164,11 @@ def test_normalize_constraint_keeps_the_sum():
     assert float(w.gamma.sum()) == pytest.approx(6.0, rel=1e-5) and (w.gamma >= 0).all()
 
 
-@pytest.mark.parametrize("backend", ["higher", "jvp", "finite_difference"])
-def test_step_equals_meta_step_then_users_own_step(backend):
-    """The one-call form (which reuses the training forward for jvp/fd) equals the two-call form."""
-    model, optimizer, criterion, validation, weighter = setup("nesterov_wd", backend=backend)
+@pytest.mark.parametrize("backend,reuse", [("higher", False), ("jvp", False), ("jvp", True),
+                                           ("finite_difference", False), ("finite_difference", True)])
+def test_step_equals_meta_step_then_users_own_step(backend, reuse):
+    """The one-call form (with or without reusing the training forward) equals the two-call form."""
+    model, optimizer, criterion, validation, weighter = setup("nesterov_wd", backend=backend, reuse_forward=reuse)
     twin = copy.deepcopy((model, optimizer, criterion, validation))
     twin_w = mw.HarmonizedWeighter(*twin, gamma_lr=0.05, init=weighter.gamma.detach().clone(), backend=backend)
     train, val = batch(dtype=F64), batch(dtype=F64)

@@ -1,0 +1,86 @@
+"""Real early exit at inference: stop computing a sample at its first confident exit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Module]]:
+    """The model's stages and exit heads: ``stages``/``heads`` (:class:`MultiExit`) or
+    ``blocks``/``classifiers`` (MSDNet's names)."""
+    for stages, heads in (("stages", "heads"), ("blocks", "classifiers")):
+        if isinstance(getattr(model, stages, None), nn.ModuleList) and isinstance(getattr(model, heads, None), nn.ModuleList):
+            return getattr(model, stages), getattr(model, heads)
+    raise TypeError(
+        f"`{type(model).__name__}` does not expose its stages and heads. Early exit needs `stages` and `heads` "
+        f"(or `blocks` and `classifiers`) ModuleLists, stage k feeding stage k+1 and head k; wrap the model "
+        f"with metaweight.MultiExit."
+    )
+
+
+def _take(features: Any, keep: Tensor) -> Any:
+    """Select samples from a tensor, or from every tensor in nested lists/tuples (MSDNet's scales)."""
+    if isinstance(features, Tensor):
+        return features[keep]
+    if isinstance(features, (list, tuple)):
+        return type(features)(_take(f, keep) for f in features)
+    raise TypeError(f"Cannot select samples from features of type `{type(features).__name__}`.")
+
+
+class EarlyExit(nn.Module):
+    """Runs a multi-exit model so that each sample stops at its first confident exit.
+
+    Stage ``k`` and head ``k`` run only for the samples still in the network; a sample
+    leaves at exit ``k`` when its softmax confidence reaches ``thresholds[k]`` (the last
+    exit takes all). The predictions equal those of taking, from a full forward pass, the
+    first exit over threshold, but the compute of the skipped stages is really saved.
+
+    Args:
+        model: a model with ``stages``/``heads`` (e.g. :class:`MultiExit`) or
+            ``blocks``/``classifiers`` (the examples' MSDNet).
+        thresholds: ``K`` confidence thresholds, e.g. from :func:`find_thresholds` or
+            :func:`thresholds_for_budget`.
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> net = mw.MultiExit([torch.nn.Linear(4, 4)] * 2, [torch.nn.Linear(4, 3)] * 2).eval()
+        >>> predictions, exits = mw.EarlyExit(net, torch.tensor([0.0, -1.0]))(torch.randn(5, 4))
+        >>> exits.tolist()  # a threshold of 0 lets everyone leave at exit 1
+        [0, 0, 0, 0, 0]
+    """
+
+    def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float]) -> None:
+        super().__init__()
+        self.stages, self.heads = exit_parts(model)
+        self.model = model
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+        if thresholds.shape != (len(self.heads),):
+            raise ValueError(f"Expected {len(self.heads)} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
+        self.register_buffer("thresholds", thresholds)
+
+    @torch.no_grad()
+    def forward(self, x: Any) -> tuple[Tensor, Tensor]:
+        """Predicted classes ``[N]`` and the exit each sample left at ``[N]`` (0-based)."""
+        features = x
+        first = x if isinstance(x, Tensor) else next(t for t in x if isinstance(t, Tensor))
+        n = first.shape[0]
+        predictions = torch.empty(n, dtype=torch.long, device=first.device)
+        exits = torch.empty(n, dtype=torch.long, device=first.device)
+        alive = torch.arange(n, device=first.device)
+        last = len(self.heads) - 1
+        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
+            features = stage(features)
+            confidence, classes = torch.softmax(head(features).float(), dim=-1).max(dim=-1)
+            leaving = torch.ones_like(confidence, dtype=torch.bool) if k == last else confidence >= self.thresholds[k]
+            predictions[alive[leaving]] = classes[leaving]
+            exits[alive[leaving]] = k
+            staying = ~leaving
+            if not bool(staying.any()):
+                break
+            alive = alive[staying]
+            features = _take(features, staying)
+        return predictions, exits

@@ -1,0 +1,140 @@
+"""Cost of reaching each exit, measured with PyTorch's own FLOP counting rules.
+
+We run one forward under a dispatch mode that counts every op with the rules of
+``torch.utils.flop_counter`` (matrix multiplications and convolutions; a multiply-add counts
+as 2 FLOPs there) and remembers, for every tensor, which ops and which parameters it depends
+on. The cost of exit ``k`` is then the union of what exits ``1..k`` depend on: the shared trunk
+is counted once, each head on its own, and nothing about the model's structure is assumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from metaweight._checks import check_exit_outputs
+
+
+@dataclass
+class ExitCosts:
+    """What it costs to reach each exit, for one input sample.
+
+    Attributes:
+        macs: cumulative multiply-adds to reach exit ``k`` (every earlier exit evaluated on the
+            way, as in early-exit inference), one entry per exit. ``flops`` is twice that.
+        params: cumulative parameters used to reach exit ``k``.
+        incremental_macs: the multiply-adds exit ``k`` adds to exit ``k-1``.
+    """
+
+    macs: list[int]
+    params: list[int]
+    incremental_macs: list[int]
+
+    @property
+    def flops(self) -> list[int]:
+        """Cumulative FLOPs (2 per multiply-add, the convention of ``torch.utils.flop_counter``)."""
+        return [2 * m for m in self.macs]
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"macs": self.macs, "flops": self.flops, "params": self.params,
+                "incremental_macs": self.incremental_macs}
+
+    def __str__(self) -> str:
+        rows = [f"{'exit':>4} {'MMACs':>10} {'params (M)':>11}"]
+        for k, (m, p) in enumerate(zip(self.macs, self.params)):
+            rows.append(f"{k + 1:>4} {m / 1e6:>10.2f} {p / 1e6:>11.3f}")
+        return "\n".join(rows)
+
+
+class _Tracer(TorchDispatchMode):
+    def __init__(self, params: dict[int, int]) -> None:
+        super().__init__()
+        self.params = params  # id(parameter) -> index
+        self.flops: list[int] = []
+        self.ops: dict[int, int] = {}  # id(tensor) -> bitset of ops it depends on
+        self.uses: dict[int, int] = {}  # id(tensor) -> bitset of parameters it depends on
+        self.keep: list[Tensor] = []  # keep every tensor alive so ids are never reused
+
+    def _deps(self, t: Tensor) -> tuple[int, int]:
+        key = id(t)
+        if key in self.ops:
+            return self.ops[key], self.uses[key]
+        index = self.params.get(key)
+        return 0, (0 if index is None else 1 << index)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in flop_registry and func is not torch.ops.prim.device.default:
+            with self:  # let composite ops decompose into counted ones, as FlopCounterMode does
+                result = func.decompose(*args, **kwargs)
+                if result is not NotImplemented:
+                    return result
+        out = func(*args, **kwargs)
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+        ops, uses = 0, 0
+        for t in inputs:
+            o, u = self._deps(t)
+            ops |= o
+            uses |= u
+        count = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
+        index = len(self.flops)
+        self.flops.append(int(count))
+        ops |= 1 << index
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self.ops[id(t)], self.uses[id(t)] = ops, uses
+                self.keep.append(t)
+        return out
+
+
+@torch.no_grad()
+def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = None) -> ExitCosts:
+    """Multiply-adds and parameters needed to reach each exit of ``model``, per sample.
+
+    Args:
+        model: any multi-exit model (``forward`` returns ``K`` logits tensors).
+        example_input: one input batch; its first dimension is the batch size, and the
+            counts are divided by it (use a batch of 1 when the model's cost depends on it).
+        num_exits: checked against the model's output when given.
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> net = mw.MultiExit([torch.nn.Linear(10, 20), torch.nn.Linear(20, 20)],
+        ...                    [torch.nn.Linear(20, 3), torch.nn.Linear(20, 3)])
+        >>> mw.exit_costs(net, torch.randn(1, 10)).macs  # 10*20 + 20*3, then + 20*20 + 20*3
+        [260, 720]
+    """
+    params = {id(p): i for i, p in enumerate(model.parameters())}
+    sizes = [p.numel() for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    tracer = _Tracer(params)
+    try:
+        with tracer:
+            outputs = model(example_input)
+    finally:
+        model.train(was_training)
+    outputs = check_exit_outputs(outputs, num_exits if num_exits is not None else
+                                 (len(outputs) if isinstance(outputs, (list, tuple)) else 1))
+    batch = outputs[0].shape[0]
+    macs, used, incremental = [], [], []
+    ops_so_far, params_so_far, previous = 0, 0, 0
+    for logits in outputs:
+        o, u = tracer.ops.get(id(logits), 0), tracer.uses.get(id(logits), 0)
+        ops_so_far |= o
+        params_so_far |= u
+        flops = sum(f for i, f in enumerate(tracer.flops) if f and ops_so_far >> i & 1)
+        m = flops // 2 // batch
+        macs.append(m)
+        incremental.append(m - previous)
+        previous = m
+        used.append(sum(s for i, s in enumerate(sizes) if params_so_far >> i & 1))
+    return ExitCosts(macs, used, incremental)

@@ -1,0 +1,91 @@
+"""Plots (matplotlib, an optional dependency, imported only when a plot is asked for)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from metaweight._anytime import AnytimeResult
+from metaweight._budget import BudgetCurve
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("Plotting needs matplotlib: pip install 'metaweight[plot]'.") from exc
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight", dpi=150)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, scale: float = 1e6,
+                       unit: str = "M", title: str | None = None) -> Path:
+    """Accuracy against expected cost per sample, one line per method (the paper's Fig. 2).
+
+    Saved as PNG, SVG or PDF by the suffix of ``path``; returns the path.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, curve in curves.items():
+        points = sorted(curve.points, key=lambda p: p.cost)
+        ax.plot([p.cost / scale for p in points], [p.accuracy for p in points], marker=".", label=name)
+    some = next(iter(curves.values()))
+    ax.set_xlabel(f"average {some.cost_unit} per sample ({unit})" if unit else f"average {some.cost_unit} per sample")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: int = 1,
+                 title: str | None = None) -> Path:
+    """Per-exit top-``k`` accuracy as grouped bars, one colour per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(results)
+    exits = next(iter(results.values())).num_exits
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [e + 1 + (i - (len(names) - 1) / 2) * width for e in range(exits)]
+        ax.bar(xs, results[name].accuracy[k], width=width, label=name)
+    ax.set_xticks(range(1, exits + 1))
+    ax.set_xlabel("exit")
+    ax.set_ylabel(f"top-{k} accuracy (%)")
+    lows = [min(r.accuracy[k]) for r in results.values()]
+    ax.set_ylim(max(0.0, min(lows) - 5), 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], term_names: Sequence[str],
+                       path: str | Path, *, title: str | None = None) -> Path:
+    """The trajectory of every loss weight over training: one line per term (CE solid, KD dashed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for j, name in enumerate(term_names):
+        values = [g[j] for g in gammas]
+        if any(values):
+            ax.plot(steps, values, linestyle="-" if name.startswith("ce") else "--", label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("gamma")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

@@ -1,0 +1,42 @@
+"""The per-sample loop that MSDNet's budgeted evaluation describes: the oracle for tests and benchmarks."""
+
+import math
+
+import torch
+
+
+def loop_thresholds(probs, distribution):
+    """Per-sample reference: walk the samples of each exit from most to least confident, skipping
+    those already gone, and take the confidence of the n-th one still there."""
+    K, N, _ = probs.shape
+    conf = probs.max(dim=2).values
+    order = conf.sort(dim=1, descending=True, stable=True).indices
+    gone = [False] * N
+    T = [1e8] * K
+    for k in range(K - 1):
+        target = math.floor(float(N * distribution[k]))
+        seen = 0
+        for i in order[k].tolist():
+            if not gone[i]:
+                seen += 1
+                if seen == target:
+                    T[k] = float(conf[k, i])
+                    break
+        for i in range(N):
+            if float(conf[k, i]) >= torch.tensor(T[k], dtype=torch.float32).item():
+                gone[i] = True
+    T[K - 1] = -1e8
+    return torch.tensor(T, dtype=torch.float32)
+
+
+def loop_evaluate(probs, labels, T, costs):
+    K, N, _ = probs.shape
+    conf, pred = probs.max(dim=2)
+    correct, taken = 0, [0] * K
+    for i in range(N):
+        for k in range(K):
+            if conf[k, i] >= T[k]:
+                correct += int(pred[k, i] == labels[i])
+                taken[k] += 1
+                break
+    return 100.0 * correct / N, sum(t / N * c for t, c in zip(taken, costs)), [t / N for t in taken]
