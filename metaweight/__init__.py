@@ -17,6 +17,7 @@ from metaweight._budget import (
 )
 from metaweight._early_exit import EarlyExit
 from metaweight._flops import ExitCosts, exit_costs
+from metaweight._logging import CSVLogger, TensorBoardLogger
 from metaweight._losses import DenseDistillLoss
 from metaweight._multiexit import MultiExit
 from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history
@@ -28,17 +29,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnytimeResult",
+    "BalancedValidation",
     "BudgetCurve",
     "BudgetPoint",
-    "ExitCosts",
-    "BalancedValidation",
+    "CSVLogger",
     "DenseDistillLoss",
     "EarlyExit",
+    "ExitCosts",
     "HarmonizedWeighter",
     "METHODS",
     "Method",
     "MultiExit",
     "Preset",
+    "TensorBoardLogger",
     "anytime_accuracy",
     "anytime_accuracy_from_logits",
     "budgeted_curve",
@@ -51,6 +54,6 @@ __all__ = [
     "plot_anytime",
     "plot_budget_curves",
     "plot_gamma_history",
-    "thresholds_for_budget",
     "preset",
+    "thresholds_for_budget",
 ]

@@ -63,6 +63,7 @@ class AnytimeResult:
     Attributes:
         accuracy: ``{k: [acc of exit 1, ..., acc of exit K]}``, in percent.
         num_samples: how many samples were scored.
+        extra: further fields to carry into :meth:`to_dict` (e.g. the data set's name).
     """
 
     accuracy: dict[int, list[float]]
@@ -90,7 +91,13 @@ class AnytimeResult:
 
 
 def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> AnytimeResult:
-    """Top-k accuracy of every exit from collected logits ``[K, N, C]`` and labels ``[N]``."""
+    """Top-k accuracy of every exit from collected logits.
+
+    Args:
+        logits: ``[K, N, C]``, e.g. from :func:`collect_logits`.
+        labels: ``[N]`` class indices.
+        topk: the values of ``k`` to report.
+    """
     if logits.dim() != 3 or labels.shape != (logits.shape[1],):
         raise ValueError(
             f"Expected logits [K, N, C] and labels [N]. Found {tuple(logits.shape)} and {tuple(labels.shape)}."
@@ -108,6 +115,12 @@ def anytime_accuracy(
     device: torch.device | str | None = None,
 ) -> AnytimeResult:
     """Top-k accuracy of every exit of ``model`` over ``loader``, in one pass (eval mode).
+
+    Args:
+        model: a multi-exit model returning ``K`` logits tensors.
+        loader: yields ``(inputs, labels)`` batches.
+        topk: the values of ``k`` to report.
+        device: where to run; defaults to the device of the model's parameters.
 
     Example:
         >>> import torch, metaweight as mw

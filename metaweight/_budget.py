@@ -31,7 +31,12 @@ def _confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def geometric_exit_distribution(q: float, num_exits: int) -> Tensor:
-    """MSDNet's target distribution of samples over exits: proportional to ``q**k``, k = 1..K (float32)."""
+    """MSDNet's target distribution of samples over exits, proportional to ``q**k`` (float32).
+
+    Args:
+        q: the ratio between consecutive exits (< 1 favours early exits).
+        num_exits: ``K``; the distribution is over ``k = 1..K``.
+    """
     k = torch.arange(1, num_exits + 1, dtype=torch.float32)
     probs = torch.exp(torch.log(torch.tensor([q], dtype=torch.float32)) * k)
     return probs / probs.sum()
@@ -51,7 +56,10 @@ def find_thresholds(logits: Tensor, distribution: Tensor) -> Tensor:
     Returns:
         Thresholds ``[K]`` (float32), the last one ``-NO_EXIT``.
     """
-    confidence, _ = _confidence(logits)
+    return _thresholds(_confidence(logits)[0], distribution)
+
+
+def _thresholds(confidence: Tensor, distribution: Tensor) -> Tensor:
     K, N = confidence.shape
     if distribution.shape != (K,):
         raise ValueError(f"distribution should have shape ({K},). Found {tuple(distribution.shape)}.")
@@ -68,8 +76,19 @@ def find_thresholds(logits: Tensor, distribution: Tensor) -> Tensor:
 
 
 def exit_assignment(logits: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
-    """For every sample, the first exit whose confidence reaches its threshold, and that exit's prediction."""
-    confidence, prediction = _confidence(logits)
+    """For every sample, the first exit whose confidence reaches its threshold, and that exit's prediction.
+
+    Args:
+        logits: ``[K, N, C]``.
+        thresholds: ``[K]`` confidence thresholds (the last exit takes every sample left).
+
+    Returns:
+        ``(exit index [N], predicted class [N])``.
+    """
+    return _assign(*_confidence(logits), thresholds)
+
+
+def _assign(confidence: Tensor, prediction: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
     passes = confidence >= thresholds.view(-1, 1).to(confidence)
     passes[-1] = True
     first = passes.to(torch.uint8).argmax(dim=0)
@@ -78,7 +97,17 @@ def exit_assignment(logits: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]
 
 @dataclass
 class BudgetPoint:
-    """One operating point: thresholds, expected cost per sample, accuracy (%), exit fractions."""
+    """One operating point of budgeted classification.
+
+    Attributes:
+        q: the geometric ratio the thresholds were found for (None if given directly).
+        thresholds: the confidence threshold of each exit.
+        cost: the expected cost per sample on the evaluated data.
+        accuracy: top-1 accuracy in percent on the evaluated data.
+        exit_fractions: the share of samples leaving at each exit.
+        val_cost: the expected cost on the held-out data the thresholds came from.
+        val_accuracy: the accuracy on that held-out data.
+    """
 
     q: float | None
     thresholds: list[float]
@@ -93,14 +122,23 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor,
                         costs: Sequence[float]) -> BudgetPoint:
     """Accuracy and expected cost per sample of early exit with ``thresholds``.
 
-    ``costs[k]`` is the cost of reaching exit ``k`` (cumulative, e.g. :attr:`ExitCosts.macs`).
+    Args:
+        logits: ``[K, N, C]``.
+        labels: ``[N]`` class indices.
+        thresholds: ``[K]`` confidence thresholds.
+        costs: ``costs[k]`` is the cost of reaching exit ``k`` (cumulative, e.g. ``ExitCosts.macs``).
     """
-    K, N, _ = logits.shape
+    return _evaluate(*_confidence(logits), labels, thresholds, costs)
+
+
+def _evaluate(confidence: Tensor, prediction: Tensor, labels: Tensor, thresholds: Tensor,
+              costs: Sequence[float]) -> BudgetPoint:
+    K, N = confidence.shape
     if len(costs) != K:
         raise ValueError(f"Expected one cost per exit ({K}). Found {len(costs)}.")
     if labels.shape != (N,):
         raise ValueError(f"labels should have shape ({N},). Found {tuple(labels.shape)}.")
-    first, prediction = exit_assignment(logits, thresholds)
+    first, prediction = _assign(confidence, prediction, thresholds)
     counts = torch.bincount(first, minlength=K).double()
     cost = float((counts / N * torch.tensor([float(c) for c in costs], dtype=torch.float64)).sum())
     accuracy = float((prediction == labels.to(prediction.device)).double().mean() * 100)
@@ -109,7 +147,14 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor,
 
 @dataclass
 class BudgetCurve:
-    """Accuracy against expected cost per sample over a grid of exit distributions."""
+    """Accuracy against expected cost per sample over a grid of exit distributions.
+
+    Attributes:
+        points: one :class:`BudgetPoint` per ``q``.
+        costs: the cost of reaching each exit.
+        cost_unit: what the costs count (``"MACs"`` by default).
+        extra: further fields to carry into :meth:`to_dict`.
+    """
 
     points: list[BudgetPoint]
     costs: list[float]
@@ -142,6 +187,15 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
                    cost_unit: str = "MACs") -> BudgetCurve:
     """MSDNet's budgeted batch classification: thresholds from held-out logits, points on test logits.
 
+    Args:
+        val_logits: held-out logits ``[K, N_val, C]`` (not used for training the weights).
+        val_labels: ``[N_val]``.
+        test_logits: ``[K, N_test, C]``.
+        test_labels: ``[N_test]``.
+        costs: the cost of reaching each exit (cumulative), e.g. ``exit_costs(...).macs``.
+        qs: the geometric ratios; MSDNet's grid ``p/20``, ``p = 1..39`` by default.
+        cost_unit: what the costs count, for labels.
+
     Example:
         >>> import torch, metaweight as mw
         >>> val, test = torch.randn(3, 200, 10), torch.randn(3, 100, 10)
@@ -151,11 +205,13 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
         (39, True)
     """
     K = val_logits.shape[0]
+    val_conf, val_pred = _confidence(val_logits)  # the softmax once, not once per q
+    test_conf, test_pred = _confidence(test_logits)
     points = []
     for q in qs:
-        thresholds = find_thresholds(val_logits, geometric_exit_distribution(q, K))
-        val = evaluate_thresholds(val_logits, val_labels, thresholds, costs)
-        point = evaluate_thresholds(test_logits, test_labels, thresholds, costs)
+        thresholds = _thresholds(val_conf, geometric_exit_distribution(q, K))
+        val = _evaluate(val_conf, val_pred, val_labels, thresholds, costs)
+        point = _evaluate(test_conf, test_pred, test_labels, thresholds, costs)
         point.q, point.val_cost, point.val_accuracy = float(q), val.cost, val.accuracy
         points.append(point)
     return BudgetCurve(points, [float(c) for c in costs], cost_unit)
@@ -167,21 +223,32 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
 
     Bisects MSDNet's geometric ``q`` (a larger ``q`` sends more samples deeper) for the largest
     expected cost at or under ``budget`` on ``val_logits``.
+
+    Args:
+        val_logits: held-out logits ``[K, N, C]``.
+        val_labels: ``[N]``.
+        costs: the cost of reaching each exit (cumulative).
+        budget: the average cost per sample to stay within.
+        iterations: bisection steps over ``log q``.
+
+    Returns:
+        The :class:`BudgetPoint` on the held-out data, with its thresholds.
     """
     K = val_logits.shape[0]
     if budget < costs[0]:
         raise ValueError(f"A budget of {budget} is below the cost of the first exit ({costs[0]}).")
+    confidence, prediction = _confidence(val_logits)
 
     def at(q: float) -> BudgetPoint:
-        point = evaluate_thresholds(val_logits, val_labels, find_thresholds(val_logits, geometric_exit_distribution(q, K)), costs)
+        thresholds = _thresholds(confidence, geometric_exit_distribution(q, K))
+        point = _evaluate(confidence, prediction, val_labels, thresholds, costs)
         point.q = q
         return point
 
     lo, hi = math.log(1e-3), math.log(1e3)
     best = at(math.exp(lo))
     if best.cost > budget:  # even q -> 0 exceeds it: everyone at the first exit
-        thresholds = torch.full((K,), -NO_EXIT)
-        return evaluate_thresholds(val_logits, val_labels, thresholds, costs)
+        return _evaluate(confidence, prediction, val_labels, torch.full((K,), -NO_EXIT), costs)
     for _ in range(iterations):
         mid = (lo + hi) / 2
         point = at(math.exp(mid))

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -136,6 +137,28 @@ def replay_randomness(device: torch.device) -> Iterator[Callable[[], Any]]:
     yield replay
 
 
+class Reducer:
+    """Averages tensors over the ranks of a process group; a no-op when not ``enabled`` or alone."""
+
+    def __init__(self, group: Any = None, *, enabled: bool = True) -> None:
+        self.group = group
+        distributed = enabled and dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size(group) if distributed else 1
+
+    def mean(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        if self.world == 1 or not tensors:
+            return list(tensors)
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64 if tensors[0].dtype == torch.float64
+                                                               else torch.float32)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        flat /= self.world
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
+            offset += t.numel()
+        return out
+
+
 @dataclass
 class MetaResult:
     """What one meta step computed (internal)."""
@@ -144,6 +167,20 @@ class MetaResult:
     objective: Tensor
     exit_losses: Tensor
     terms: Tensor  # with its graph when the caller asked to keep it for the model's step
+
+
+def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Any) -> Any:
+    """``functional_call`` that is sure to put every parameter and buffer object back afterwards.
+
+    ``torch.func.functional_call`` leaves a module used twice in the model (tied weights)
+    holding the substitute tensors; we restore each module's own slots ourselves.
+    """
+    slots = [(m, kind, dict(getattr(m, kind))) for m in model.modules() for kind in ("_parameters", "_buffers")]
+    try:
+        return functional_call(model, (params, buffers), (x,))
+    finally:
+        for module, kind, saved in slots:
+            getattr(module, kind).update(saved)
 
 
 def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
@@ -163,6 +200,7 @@ def meta_gradient(
     lookahead_names: set[str] | None = None,
     keep_graph: bool = False,
     fd_epsilon: float | None = None,
+    reducer: Reducer | None = None,
 ) -> MetaResult:
     """:math:`\\nabla_\\gamma L_{val}(\\theta - U(\\nabla_\\theta \\sum_k \\gamma_k L_k))` by ``backend``
     (``"jvp"`` or ``"finite_difference"``).
@@ -172,7 +210,12 @@ def meta_gradient(
     (as the model's own step would, updating BatchNorm statistics once) and returns the terms
     with their graph, so the caller's step can backpropagate the new weights through it
     instead of running the forward again.
+
+    With a :class:`Reducer` over several ranks (DistributedDataParallel), the training gradient,
+    the validation losses and gradient and the directional derivatives are averaged across
+    ranks, so every rank gets the meta-gradient of the whole (concatenated) batch.
     """
+    reducer = reducer or Reducer(enabled=False)
     (x, y), (xv, yv) = train, val
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     movable = [(n, p) for n, p in named if lookahead_names is None or n in lookahead_names]
@@ -180,20 +223,27 @@ def meta_gradient(
     with replay_randomness(device) as replay:
         buffers = dict(model.named_buffers()) if keep_graph else _clone_buffers(model)
         params = {n: p for n, p in model.named_parameters()}
-        outputs = functional_call(model, (params, buffers), (x,))
+        outputs = call_with(model, params, buffers, x)
         terms = criterion(outputs, y)
         grads = torch.autograd.grad(
             (gamma.to(terms) * terms).sum(), [p for _, p in movable], allow_unused=True, retain_graph=keep_graph
         )
+        if reducer.world > 1:  # the step DDP would take: the gradient averaged over ranks
+            grads = tuple(reducer.mean([g if g is not None else torch.zeros_like(p) for g, (_, p) in zip(grads, movable)]))
         new, jac = lookahead_update(optimizer, [p for _, p in movable], grads)
         lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}
         val_params = {**{n: p.detach() for n, p in model.named_parameters()}, **lookahead}
-        exit_losses = validation.exit_losses(functional_call(model, (val_params, _clone_buffers(model)), (xv,)), yv)
+        local_losses = validation.exit_losses(call_with(model, val_params, _clone_buffers(model), xv), yv)
+        # the objective of the losses averaged over ranks; its gradient through each rank's own losses
+        exit_losses = reducer.mean([local_losses.detach()])[0].requires_grad_(True)
         objective = validation.objective(exit_losses)
         if not torch.isfinite(objective):
             nan = torch.full_like(gamma, math.nan)
             return MetaResult(nan, objective.detach(), exit_losses.detach(), terms if keep_graph else terms.detach())
-        v = torch.autograd.grad(objective, list(lookahead.values()), allow_unused=True)
+        (weights,) = torch.autograd.grad(objective, exit_losses)
+        v = torch.autograd.grad((weights * local_losses).sum(), list(lookahead.values()), allow_unused=True)
+        if reducer.world > 1:
+            v = reducer.mean([vi if vi is not None else torch.zeros_like(p) for vi, (_, p) in zip(v, movable)])
         direction = {
             n: (vi * d if vi is not None else torch.zeros_like(p))
             for (n, p), vi, d in zip(movable, v, jac)
@@ -206,6 +256,7 @@ def meta_gradient(
             derivative = _central_difference(model, criterion, base, direction, x, y, outputs, fd_epsilon, replay)
         else:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}.")
+        derivative = reducer.mean([derivative])[0]
     return MetaResult(-derivative.to(gamma.dtype), objective.detach(), exit_losses.detach(),
                       terms if keep_graph else terms.detach())
 
@@ -214,7 +265,7 @@ def _jvp(model: nn.Module, criterion: DenseDistillLoss, base: dict[str, Tensor],
          x: Any, y: Tensor) -> Tensor:
     with fwAD.dual_level():
         dual = {n: (fwAD.make_dual(p, direction[n]) if n in direction else p) for n, p in base.items()}
-        terms = criterion(functional_call(model, (dual, _clone_buffers(model)), (x,)), y)
+        terms = criterion(call_with(model, dual, _clone_buffers(model), x), y)
         tangent = fwAD.unpack_dual(terms).tangent
     return torch.zeros_like(terms) if tangent is None else tangent.detach()
 
@@ -237,8 +288,9 @@ def _central_difference(model: nn.Module, criterion: DenseDistillLoss, base: dic
 
     def terms_at(sign: float) -> Tensor:
         moved = {n: (p + sign * h * direction[n] if n in direction else p) for n, p in base.items()}
-        with replay():
-            return criterion(functional_call(model, (moved, _clone_buffers(model)), (x,)), y, teacher_outputs=teachers)
+        # differences of half-precision forwards drown in rounding: these two run in full precision
+        with replay(), torch.autocast(y.device.type, enabled=False):
+            return criterion(call_with(model, moved, _clone_buffers(model), x), y, teacher_outputs=teachers)
 
     plus = terms_at(1.0)
     minus = terms_at(-1.0)

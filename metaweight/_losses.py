@@ -47,6 +47,11 @@ class DenseDistillLoss(nn.Module):
         teachers: ``"dense"``, ``"last"`` or ``"none"``.
         label_smoothing: passed to the cross-entropy terms (0 as in the paper).
 
+    Attributes:
+        term_names: the names of the terms, in order (``ce[k]``, then ``kd[i->j]``).
+        active: a bool tensor, which terms the chosen teachers compute.
+        pairs: the (teacher, student) exit indices (0-based) of the KD terms, in order.
+
     Example:
         >>> import torch, metaweight as mw
         >>> criterion = mw.DenseDistillLoss(num_exits=3, temperature=3.0)

@@ -33,7 +33,15 @@ def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, s
                        unit: str = "M", title: str | None = None) -> Path:
     """Accuracy against expected cost per sample, one line per method (the paper's Fig. 2).
 
-    Saved as PNG, SVG or PDF by the suffix of ``path``; returns the path.
+    Args:
+        curves: ``{method name: BudgetCurve}``.
+        path: the file to write; PNG, SVG or PDF by its suffix.
+        scale: costs are divided by it on the x axis (1e6: millions).
+        unit: the label of that scale.
+        title: an optional title.
+
+    Returns:
+        ``path``.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -52,7 +60,14 @@ def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, s
 
 def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: int = 1,
                  title: str | None = None) -> Path:
-    """Per-exit top-``k`` accuracy as grouped bars, one colour per method."""
+    """Per-exit top-``k`` accuracy as grouped bars, one colour per method.
+
+    Args:
+        results: ``{method name: AnytimeResult}``.
+        path: the file to write; PNG, SVG or PDF by its suffix.
+        k: which top-k accuracy to plot.
+        title: an optional title.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(results)
@@ -75,7 +90,15 @@ def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: i
 
 def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], term_names: Sequence[str],
                        path: str | Path, *, title: str | None = None) -> Path:
-    """The trajectory of every loss weight over training: one line per term (CE solid, KD dashed)."""
+    """The trajectory of every loss weight over training: one line per term (CE solid, KD dashed).
+
+    Args:
+        steps: the iteration of each snapshot.
+        gammas: one list of weights per snapshot, in the order of ``term_names``.
+        term_names: the names of the terms (``HarmonizedWeighter.term_names``).
+        path: the file to write; PNG, SVG or PDF by its suffix.
+        title: an optional title.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for j, name in enumerate(term_names):

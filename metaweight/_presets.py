@@ -15,7 +15,15 @@ from metaweight._weighter import HarmonizedWeighter
 
 @dataclass(frozen=True)
 class Method:
-    """How one method sets the shared machinery: which teachers, and whether gamma is learned."""
+    """How one method sets the shared machinery: which teachers, and whether gamma is learned.
+
+    Attributes:
+        name: the preset's name (``"hdkd"``, ...).
+        teachers: ``"dense"``, ``"last"`` or ``"none"`` (see :class:`DenseDistillLoss`).
+        learn: whether gamma is learned by the meta step.
+        description: one line on what the method trains.
+        citation: where the method comes from.
+    """
 
     name: str
     teachers: str

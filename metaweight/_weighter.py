@@ -10,7 +10,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from metaweight._hypergradient import BACKENDS, MetaResult, meta_gradient, supports_exact_update
+from metaweight._hypergradient import BACKENDS, MetaResult, Reducer, meta_gradient, supports_exact_update
 from metaweight._losses import DenseDistillLoss
 from metaweight._lookahead import (
     check_optimizer_covers_model,
@@ -83,6 +83,9 @@ class HarmonizedWeighter:
             more memory; see :meth:`step`).
         fd_epsilon: step length in parameter space for ``finite_difference``; default
             :math:`\sqrt[3]{\text{machine eps}}` times the parameters' RMS.
+        callbacks: called after every successful meta step with a record: ``iteration``,
+            ``meta_step``, ``gamma`` and ``terms`` (dicts by term name), ``val_objective`` and
+            ``val_exit_losses``. See :class:`CSVLogger` and :class:`TensorBoardLogger`.
 
     Example:
         >>> import torch, metaweight as mw
@@ -115,6 +118,7 @@ class HarmonizedWeighter:
         lookahead_params: Callable[[str], bool] | None = None,
         reuse_forward: bool = False,
         fd_epsilon: float | None = None,
+        callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
@@ -139,36 +143,50 @@ class HarmonizedWeighter:
             raise ValueError(f"Invalid constraint: {constraint!r}. Expected one of {CONSTRAINTS}.")
         if nonfinite not in NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
+        inner = _unwrap_optimizer(optimizer)
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Expected one of {BACKENDS}.")
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
             raise ValueError(f"Invalid meta_every: {meta_every!r}. Expected an int >= 1.")
         if fd_epsilon is not None and not (isinstance(fd_epsilon, (int, float)) and fd_epsilon > 0):
             raise ValueError(f"Invalid fd_epsilon: {fd_epsilon!r}. Expected a number > 0, or None.")
-        check_optimizer_covers_model(optimizer, model)
+        check_optimizer_covers_model(inner, model)
+        distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+        module = model.module if distributed else model
+        if isinstance(model, nn.DataParallel):
+            raise TypeError("nn.DataParallel is not supported; use DistributedDataParallel (one process per GPU).")
+        if distributed and learn:
+            if backend == "higher":
+                raise ValueError("With DistributedDataParallel use backend='jvp' or 'finite_difference': higher's "
+                                 "inner step would use each rank's own gradient instead of the averaged one.")
+            if reuse_forward:
+                raise ValueError("reuse_forward=True bypasses DistributedDataParallel's forward; leave it False.")
         if learn:
-            check_optimizer_options(optimizer)
-            if backend != "higher" and not supports_exact_update(optimizer):
+            check_optimizer_options(inner)
+            if backend != "higher" and not supports_exact_update(inner):
                 warnings.warn(
                     f"backend={backend!r} knows the update of SGD, Adam and AdamW only; falling back to "
-                    f"backend='higher' for `{type(optimizer).__name__}` (exact, but slower and heavier).",
+                    f"backend='higher' for `{type(inner).__name__}` (exact, but slower and heavier).",
                     stacklevel=2,
                 )
                 backend = "higher"
             if backend == "higher":
-                differentiable_optimizer_type(optimizer)  # fail now, not at the first meta step
+                differentiable_optimizer_type(inner)  # fail now, not at the first meta step
         self._lookahead_names: set[str] | None = None
         if lookahead_params is not None:
             if not callable(lookahead_params):
                 raise TypeError("`lookahead_params` should be a callable taking a parameter name and returning a bool.")
-            self._lookahead_names = {n for n, p in model.named_parameters() if p.requires_grad and lookahead_params(n)}
+            self._lookahead_names = {n for n, p in module.named_parameters() if p.requires_grad and lookahead_params(n)}
             if not self._lookahead_names:
                 raise ValueError("`lookahead_params` selects none of the model's trainable parameters.")
             if learn and backend == "higher":
                 raise ValueError("`lookahead_params` needs backend='jvp' or 'finite_difference'.")
 
         self.model = model
+        self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
+        self._reducer = Reducer(model.process_group) if distributed else Reducer(enabled=False)
         self.optimizer = optimizer
+        self._inner_optimizer = inner  # what the look-ahead replays (unwrapped from Accelerate/Lightning)
         self.criterion = criterion
         self.validation = validation
         self.learn = bool(learn)
@@ -180,6 +198,7 @@ class HarmonizedWeighter:
         self.reuse_forward = bool(reuse_forward)
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
+        self.callbacks: list[Callable[[dict[str, Any]], None]] = list(callbacks)
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.criterion.to(device)
@@ -290,9 +309,9 @@ class HarmonizedWeighter:
             result = self._higher_meta_gradient(train, val)
         else:
             result = meta_gradient(
-                self.model, self.optimizer, self.criterion, self.validation, self.gamma.detach(), train, val,
+                self.module, self._inner_optimizer, self.criterion, self.validation, self.gamma.detach(), train, val,
                 backend=self.backend, lookahead_names=self._lookahead_names, keep_graph=keep_graph,
-                fd_epsilon=self.fd_epsilon,
+                fd_epsilon=self.fd_epsilon, reducer=self._reducer,
             )
         gamma_grad = result.gamma_grad * self._active
         metrics = self._apply(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
@@ -301,7 +320,7 @@ class HarmonizedWeighter:
     def _higher_meta_gradient(self, train: tuple[Any, Tensor], val: tuple[Any, Tensor]) -> MetaResult:
         (x, y), (xv, yv) = train, val
         gamma = self.gamma.detach().clone().requires_grad_(True)
-        fmodel, diffopt = lookahead(self.model, self.optimizer)
+        fmodel, diffopt = lookahead(self.module, self._inner_optimizer)
         terms = self.criterion(fmodel(x), y)
         diffopt.step((gamma.to(terms) * terms).sum())
         exit_losses = self.validation.exit_losses(fmodel(xv), yv)
@@ -338,6 +357,13 @@ class HarmonizedWeighter:
             "val_exit_losses": exit_losses.tolist(),
             "gamma_grad": gamma_grad.detach(),
         }
+        if self.callbacks:
+            record = {"iteration": self.num_calls, "meta_step": self.num_meta_steps, "gamma": self.gamma_dict(),
+                      "terms": dict(zip(self.term_names, terms.tolist())),
+                      "val_objective": self.last_meta["val_objective"],
+                      "val_exit_losses": self.last_meta["val_exit_losses"]}
+            for callback in self.callbacks:
+                callback(record)
         return self.last_meta
 
     @torch.no_grad()
@@ -394,6 +420,7 @@ class HarmonizedWeighter:
             "gamma_optimizer": self.gamma_optimizer.state_dict(),
             "validation": {k: v.cpu().clone() for k, v in self.validation.state_dict().items()},
             "num_meta_steps": self.num_meta_steps,
+            "num_calls": self.num_calls,
             "gamma_sum": self._gamma_sum,
         }
 
@@ -421,6 +448,7 @@ class HarmonizedWeighter:
             self.gamma.copy_(gamma)
         self.validation.load_state_dict(state_dict["validation"])
         self.num_meta_steps = int(state_dict["num_meta_steps"])
+        self.num_calls = int(state_dict.get("num_calls", self.num_meta_steps))
         self._gamma_sum = float(state_dict["gamma_sum"])
 
     def __repr__(self) -> str:
@@ -431,6 +459,17 @@ class HarmonizedWeighter:
             f"optimizer={type(self.optimizer).__name__}, gamma_optimizer={type(self.gamma_optimizer).__name__}, "
             f"validation={self.validation!r})"
         )
+
+
+def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as Accelerate's AcceleratedOptimizer."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) or not isinstance(
+                inner, torch.optim.Optimizer):
+            return optimizer
+        optimizer = inner
+    return optimizer
 
 
 def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:

@@ -141,3 +141,37 @@ def test_failed_step_restores_batchnorm_statistics(reuse):
         weighter.step((x, y), batch(dtype=F64))
     for k, v in before.items():
         assert torch.equal(v, model.state_dict()[k]), k
+
+
+class TiedHeads(nn.Module):
+    """One module registered under two names, and one Parameter shared by two modules (tied embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(6, 6)
+        self.again = self.block  # the same module under a second name, as [layer] * 2 in a ModuleList
+        self.embed = nn.Linear(6, 6, bias=False)
+        self.head1 = nn.Linear(6, 5)
+        self.head2 = nn.Linear(6, 5)
+        self.head2.weight = self.head1.weight  # shared across two modules
+
+    def forward(self, x):
+        a = torch.tanh(self.block(self.embed(x)))
+        b = torch.tanh(self.again(a))
+        return [self.head1(a), self.head2(b)]
+
+
+@pytest.mark.parametrize("backend", ["jvp", "finite_difference"])
+def test_tied_weights_are_restored_and_the_meta_gradient_is_right(backend):
+    grads = {}
+    for name in ("higher", backend):
+        torch.manual_seed(0)
+        model = TiedHeads().double()
+        params_before = {n: p for n, p in model.named_parameters()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+        w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(2), backend=name)
+        grads[name] = w.meta_step(batch(dtype=F64), batch(dtype=F64))["gamma_grad"]
+        assert all(p is params_before[n] and isinstance(p, nn.Parameter) for n, p in model.named_parameters())
+        assert model.head2.weight is model.head1.weight
+        w.step(batch(dtype=F64), batch(dtype=F64))  # and the model still trains
+    assert rel_err(grads[backend], grads["higher"]) < (1e-6 if backend == "jvp" else 1e-4)

@@ -1,0 +1,107 @@
+"""PyTorch Lightning integration: a callback that runs the meta step before every training batch.
+
+Imported on its own (``from metaweight.lightning import HarmonizedCallback``) so that the core
+package never needs Lightning. Your LightningModule's ``forward`` returns the list of exit
+logits, and its ``training_step`` returns ``self.weighter.loss(self(x), y)``; Lightning does the
+backward and the optimizer step (automatic optimization, AMP and schedulers as usual).
+
+Example::
+
+    class Net(lightning.LightningModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.weighter.loss(self(x), y)
+
+    callback = HarmonizedCallback(mw.preset("hdkd", 3).criterion, val_loader, gamma_lr=0.01)
+    lightning.Trainer(callbacks=[callback]).fit(Net(), train_loader)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import lightning
+import torch
+
+from metaweight._losses import DenseDistillLoss
+from metaweight._validation import BalancedValidation
+from metaweight._weighter import HarmonizedWeighter
+
+__all__ = ["HarmonizedCallback"]
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch
+
+
+def _forever(loader: Iterable[Any]) -> Iterator[Any]:
+    """Batches of ``loader`` without end, iterating it anew each pass (reshuffled, nothing cached)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("The validation dataloader yielded no batch.")
+
+
+class HarmonizedCallback(lightning.Callback):
+    """Builds a :class:`HarmonizedWeighter` at fit start and runs its meta step before each batch.
+
+    Args:
+        criterion: the :class:`DenseDistillLoss` (e.g. ``mw.preset(name, K).criterion``).
+        val_dataloader: held-out ``(x, y)`` batches for the meta step, cycled.
+        validation: the validation objective (default ``BalancedValidation(K)``).
+        attribute: the name under which the weighter is set on the LightningModule.
+        **weighter_options: further :class:`HarmonizedWeighter` arguments (``gamma_lr``,
+            ``learn``, ``init``, ``backend``, ``meta_every``, ...).
+
+    The weighter's state is saved in Lightning checkpoints with the callback's state.
+    """
+
+    def __init__(self, criterion: DenseDistillLoss, val_dataloader: Iterable[Any],
+                 validation: BalancedValidation | None = None, *, attribute: str = "weighter",
+                 **weighter_options: Any) -> None:
+        super().__init__()
+        self.criterion = criterion
+        self.validation = validation
+        self.val_dataloader = val_dataloader
+        self.attribute = attribute
+        self.options = weighter_options
+        self.weighter: HarmonizedWeighter | None = None
+        self._val: Iterator[Any] | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"HarmonizedCallback needs exactly one optimizer; found {len(trainer.optimizers)}.")
+        wrapped = trainer.strategy.model
+        model = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else pl_module
+        self.weighter = HarmonizedWeighter(model, trainer.optimizers[0], self.criterion, self.validation,
+                                           **self.options)
+        if self._pending_state is not None:
+            self.weighter.load_state_dict(self._pending_state)
+            self._pending_state = None
+        setattr(pl_module, self.attribute, self.weighter)
+        self._val = _forever(self.val_dataloader)
+
+    def on_train_batch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        assert self.weighter is not None and self._val is not None
+        self.weighter.meta_step(batch, _to(next(self._val), pl_module.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.weighter.state_dict() if self.weighter is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.weighter is None:
+            self._pending_state = state_dict
+        else:
+            self.weighter.load_state_dict(state_dict)

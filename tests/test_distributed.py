@@ -1,0 +1,88 @@
+"""DistributedDataParallel: 2 processes (gloo, CPU), different data per rank, against one process on the
+concatenated batches. Every rank must hold the same gamma and parameters, equal to the single run's."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import metaweight as mw
+
+STEPS = 3
+
+
+def make_model():
+    torch.manual_seed(0)
+    return mw.MultiExit([nn.Sequential(nn.Linear(6, 10), nn.Tanh()), nn.Sequential(nn.Linear(10, 10), nn.Tanh()),
+                         nn.Sequential(nn.Linear(10, 10), nn.Tanh())],
+                        [nn.Linear(10, 5) for _ in range(3)]).double()
+
+
+def global_batches():
+    g = torch.Generator().manual_seed(1)
+    return [((torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (16,), generator=g)),
+             (torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (12,), generator=g)))
+            for _ in range(STEPS)]
+
+
+def train(model, backend, batches, **options):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3),
+                              gamma_lr=0.5, backend=backend, **options)
+    for train_batch, val_batch in batches:
+        w.step(train_batch, val_batch)
+    return w
+
+
+def _worker(rank, world, init_file, backend, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        local = []
+        for (x, y), (xv, yv) in global_batches():
+            t, v = len(y) // world, len(yv) // world
+            local.append(((x[rank * t:(rank + 1) * t], y[rank * t:(rank + 1) * t]),
+                          (xv[rank * v:(rank + 1) * v], yv[rank * v:(rank + 1) * v])))
+        w = train(model, backend, local)
+        torch.save({"gamma": w.gamma, "params": [p.detach() for p in model.module.parameters()],
+                    "expected": w.validation.expected},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["jvp", "finite_difference"])
+def test_ddp_two_ranks_match_each_other_and_a_single_process(backend, tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), backend, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = train(make_model(), backend, global_batches())
+    assert torch.equal(ranks[0]["gamma"], ranks[1]["gamma"])
+    assert torch.equal(ranks[0]["expected"], ranks[1]["expected"])
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(single.gamma, torch.ones(6))  # gamma moved
+    assert torch.allclose(ranks[0]["gamma"], single.gamma, rtol=0, atol=1e-6)
+    assert torch.allclose(ranks[0]["expected"], single.validation.expected, rtol=1e-6)
+    for a, b in zip(ranks[0]["params"], single.model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_ddp_refuses_higher_and_forward_reuse():
+    # a single-rank process group is enough to build a DDP model
+    import tempfile
+    path = tempfile.mktemp()
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ValueError, match="backend='jvp'"):
+            mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), backend="higher")
+        with pytest.raises(ValueError, match="reuse_forward"):
+            mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), reuse_forward=True)
+        w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3))
+        assert w.module is model.module
+    finally:
+        dist.destroy_process_group()
