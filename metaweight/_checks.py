@@ -52,6 +52,17 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
     return list(outputs)
 
 
+def stack_exit_logits(outputs: object, target: object, num_exits: int, where: str = "model output") -> Tensor:
+    """Check outputs and labels, then stack the logits to ``[K, B, C]`` (half precision raised to float32)."""
+    outputs = check_exit_outputs(outputs, num_exits, where)
+    batch, classes = outputs[0].shape
+    if batch == 0:
+        raise ValueError(f"The batch of the {where} is empty: the losses are means over the batch and need a sample.")
+    check_target(target, batch, classes)
+    logits = torch.stack(outputs)
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def check_target(target: object, batch_size: int, num_classes: int) -> Tensor:
     """Check integer class labels of shape ``[batch_size]`` with values in ``[0, num_classes)``."""
     if not isinstance(target, Tensor):

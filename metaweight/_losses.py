@@ -8,9 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaweight._checks import check_exit_outputs, check_num_exits, check_target
+from metaweight._checks import check_exit_outputs, check_num_exits, stack_exit_logits
 
 TEACHERS = ("dense", "last", "none")
+
+
+def exit_cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """The mean cross-entropy of every exit: logits ``[K, B, C]`` and labels ``[B]`` give ``[K]``."""
+    K, batch, _ = logits.shape
+    return F.cross_entropy(
+        logits.flatten(0, 1), target.repeat(K), reduction="none", label_smoothing=label_smoothing
+    ).view(K, batch).mean(1)
 
 
 class DenseDistillLoss(nn.Module):
@@ -129,18 +137,9 @@ class DenseDistillLoss(nn.Module):
         Returns:
             A float32 (or float64, for float64 logits) tensor of shape ``[num_terms]``.
         """
-        outputs = check_exit_outputs(outputs, self.num_exits)
-        batch, classes = outputs[0].shape
-        if batch == 0:
-            raise ValueError("The batch is empty: the losses are means over the batch and need at least one sample.")
-        check_target(target, batch, classes)
-        logits = torch.stack(outputs)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # the losses in full precision under autocast
+        logits = stack_exit_logits(outputs, target, self.num_exits)  # float32 under autocast
         K = self.num_exits
-        ce = F.cross_entropy(
-            logits.flatten(0, 1), target.repeat(K), reduction="none", label_smoothing=self.label_smoothing
-        ).view(K, batch).mean(1)
+        ce = exit_cross_entropy(logits, target, self.label_smoothing)
         if self._teacher.numel() == 0:
             values = ce
         else:

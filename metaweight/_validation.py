@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaweight._checks import check_exit_outputs, check_num_exits, check_target
+from metaweight._checks import check_num_exits, stack_exit_logits
+from metaweight._losses import exit_cross_entropy
 
 
 class BalancedValidation(nn.Module):
@@ -66,16 +67,8 @@ class BalancedValidation(nn.Module):
 
     def exit_losses(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
         """The cross-entropy of each exit, a tensor of shape ``[num_exits]``."""
-        outputs = check_exit_outputs(outputs, self.num_exits, where="model output on the validation batch")
-        batch, classes = outputs[0].shape
-        if batch == 0:
-            raise ValueError("The validation batch is empty.")
-        check_target(target, batch, classes)
-        logits = torch.stack(outputs)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        K = self.num_exits
-        return F.cross_entropy(logits.flatten(0, 1), target.repeat(K), reduction="none").view(K, batch).mean(1)
+        logits = stack_exit_logits(outputs, target, self.num_exits, where="model output on the validation batch")
+        return exit_cross_entropy(logits, target)
 
     def objective(self, exit_losses: Tensor) -> Tensor:
         """Eq. 10 for given per-exit losses, against the current moving average."""

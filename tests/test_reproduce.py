@@ -1,0 +1,75 @@
+"""The reproduction pipeline end to end on a tiny fake CIFAR-10, and the report's numbers by hand."""
+
+import json
+import pickle
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import report  # noqa: E402
+import reproduce  # noqa: E402
+
+
+def fake_cifar10(root: Path, per_class_per_batch: int = 3, test_per_class: int = 2) -> Path:
+    """The python release's layout and format, with random pixels."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(per_class):
+        labels = [c for c in range(10) for _ in range(per_class)]
+        return {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "labels": labels}
+
+    for i in range(1, 6):
+        with open(base / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(per_class_per_batch), f)
+    with open(base / "test_batch", "wb") as f:
+        pickle.dump(batch(test_per_class), f)
+    return root
+
+
+def test_pipeline_on_a_tiny_setting(tmp_path, capsys):
+    data = fake_cifar10(tmp_path / "data")
+    results = tmp_path / "results"
+    args = ["--grid", "cpu", "--settings", "cifar10-150", "--methods", "msdnet", "hdkd", "--seeds", "0",
+            "--epochs", "1", "--max-steps", "2", "--data-dir", str(data), "--results", str(results)]
+    reproduce.main(args)
+    files = sorted((results / "cifar10-150").glob("*.json"))
+    assert [f.name for f in files] == ["hdkd-seed0.json", "msdnet-seed0.json"]
+    result = json.loads(files[0].read_text())
+    assert result["config"]["method"] == "hdkd" and result["iterations"] == 2 and result["num_exits"] == 8
+    assert result["data"] == "cifar10(150)" and result["test"]["num_samples"] == 20
+    assert len(result["test"]["top1"]) == len(result["test"]["top5"]) == 8
+    assert len(result["costs"]["macs"]) == 8 and len(result["budget"]["points"]) == 39
+    assert len(result["gamma"]) == 8 + 28 and result["gamma_history"]
+    reproduce.main(args)  # finished runs are skipped
+    assert "0 runs to do" in capsys.readouterr().out
+    report.main([str(results), "--write"])
+    text = (results / "cifar10-150" / "report.md").read_text()
+    assert "| exit | MMACs | MSDNet | HDKD |" in text and text.count("\n| ") >= 2 * 9
+    assert (results / "cifar10-150" / "budget.png").stat().st_size > 0
+
+
+def hand_made(method, seed, top1, top5, seconds):
+    return {"config": {"method": method, "seed": seed}, "test": {"top1": top1, "top5": top5, "num_samples": 4},
+            "train_seconds": seconds, "data": "toy", "costs": {"macs": [1e6, 3e6]}}
+
+
+def test_report_statistics_by_hand():
+    runs = {"hdkd": [hand_made("hdkd", 0, [50.0, 75.0], [100.0, 100.0], 10.0),
+                     hand_made("hdkd", 1, [25.0, 75.0], [75.0, 100.0], 14.0)],
+            "msdnet": [hand_made("msdnet", 0, [25.0, 50.0], [75.0, 75.0], 4.0),
+                       hand_made("msdnet", 1, [25.0, 100.0], [75.0, 100.0], 6.0)]}
+    s = report.summarize(runs)
+    assert list(s["methods"]) == ["msdnet", "hdkd"]  # the paper's column order
+    assert s["methods"]["hdkd"]["top1"][0] == pytest.approx((37.5, statistics.stdev([50.0, 25.0])))
+    assert s["methods"]["msdnet"]["top1"][1] == pytest.approx((75.0, 35.35533905932738))
+    assert s["methods"]["hdkd"]["train_seconds"] == pytest.approx((12.0, 2.8284271247461903))
+    text = report.table(s, "top1")
+    assert "| 1 | 1.00 | 25.00 ± 0.00 | **37.50 ± 17.68** |" in text
