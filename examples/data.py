@@ -154,7 +154,7 @@ def _cifar_python(root: Path, hundred: bool) -> tuple[np.ndarray, ...]:
         x = np.concatenate([p["data"] for p in parts])
         y = sum((list(p["labels"]) for p in parts), [])
         xs, ys = te["data"], te["labels"]
-    f = lambda a: np.asarray(a, dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0  # noqa: E731
+    f = lambda a: np.asarray(a, dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0  # noqa: E731 (uint8 rows)
     return f(x), np.asarray(y, dtype=np.int64), f(xs), np.asarray(ys, dtype=np.int64)
 
 
@@ -181,7 +181,7 @@ def _cifar_jpeg(source: Path) -> tuple[np.ndarray, ...]:
     classes = sorted({c for c, _ in images["train"]})
     out = []
     for split in ("train", "test"):
-        xs = np.stack([img for _, img in images[split]]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        xs = np.stack([img for _, img in images[split]]).transpose(0, 3, 1, 2)  # uint8: 4x smaller to cache
         ys = np.array([classes.index(c) for c, _ in images[split]], dtype=np.int64)
         out += [xs, ys]
     return tuple(out)
@@ -216,6 +216,7 @@ def load_cifar(root: str | None = None, *, hundred: bool = False, per_class: int
             if cache:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(cache_file, x=x, y=y, xs=xs, ys=ys)
+        x, xs = x.astype(np.float32) / 255.0, xs.astype(np.float32) / 255.0
     return _make_split(name, x, y, xs, ys, 100 if hundred else 10, per_class, val_fraction, seed)
 
 

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: branchynet for digits, msdnet otherwise")
     p.add_argument("--exits", type=int, default=None, help="number of exits (default 3 branchynet, 8 msdnet)")
     p.add_argument("--width", type=int, default=None, help="channels: branchynet width / msdnet stem channels")
+    p.add_argument("--growth-rate", type=int, default=6, help="msdnet growth rate (6 in the paper)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--val-batch-size", type=int, default=None, help="default: the batch size")
@@ -74,7 +76,8 @@ def build_model(args: argparse.Namespace, split: Split) -> torch.nn.Module:
     if kind == "branchynet":
         return branchynet(split.num_classes, channels, num_exits=args.exits or 3, width=args.width or 16,
                           branch_width=args.width or 16)
-    return msdnet_cifar(split.num_classes, args.exits or 8, channels=args.width or 16, in_channels=channels)
+    return msdnet_cifar(split.num_classes, args.exits or 8, channels=args.width or 16, growth_rate=args.growth_rate,
+                        in_channels=channels)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator,
@@ -118,6 +121,8 @@ class Progress:
 
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     split = load(args)
     print(split.describe())
