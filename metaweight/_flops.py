@@ -9,7 +9,6 @@ is counted once, each head on its own, and nothing about the model's structure i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import metaweight as mw
-from conftest import batch
+
 
 STEPS, SPLIT = 6, 3
 
