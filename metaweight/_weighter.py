@@ -277,7 +277,10 @@ class HarmonizedWeighter:
 
         :math:`\gamma` enters as a constant: the backward reaches the model only.
         """
-        terms = self.criterion(outputs, target)
+        return self._weighted(self.criterion(outputs, target))
+
+    def _weighted(self, terms: Tensor) -> Tensor:
+        """Remember the terms for :meth:`terms_dict` and weight them by gamma, as a constant."""
         self.last_terms = terms.detach()
         return (self.gamma.detach().to(terms) * terms).sum()
 
@@ -315,7 +318,7 @@ class HarmonizedWeighter:
             )
         gamma_grad = result.gamma_grad * self._active
         metrics = self._apply(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
-        return metrics, (result.terms if keep_graph and self.backend != "higher" else None)
+        return metrics, (result.terms if keep_graph else None)
 
     def _higher_meta_gradient(self, train: tuple[Any, Tensor], val: tuple[Any, Tensor]) -> MetaResult:
         (x, y), (xv, yv) = train, val
@@ -403,8 +406,7 @@ class HarmonizedWeighter:
             raise
         if terms is None:
             terms = self.criterion(self.model(x), y)
-        self.last_terms = terms.detach()
-        loss = (self.gamma.detach().to(terms) * terms).sum()
+        loss = self._weighted(terms)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -465,8 +467,7 @@ def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
     """The torch optimizer inside wrappers such as Accelerate's AcceleratedOptimizer."""
     for _ in range(8):
         inner = getattr(optimizer, "optimizer", None)
-        if type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) or not isinstance(
-                inner, torch.optim.Optimizer):
+        if supports_exact_update(optimizer) or not isinstance(inner, torch.optim.Optimizer):
             return optimizer
         optimizer = inner
     return optimizer
