@@ -183,6 +183,11 @@ def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Te
             getattr(module, kind).update(saved)
 
 
+def _or_zeros(tensors: Sequence[Tensor | None], like: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+    """Gradients with zeros where a parameter got none (to average over ranks, or to use as a tangent)."""
+    return [t if t is not None else torch.zeros_like(p) for t, (_, p) in zip(tensors, like)]
+
+
 def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
     return {name: b.clone() for name, b in model.named_buffers()}
 
@@ -229,10 +234,11 @@ def meta_gradient(
             (gamma.to(terms) * terms).sum(), [p for _, p in movable], allow_unused=True, retain_graph=keep_graph
         )
         if reducer.world > 1:  # the step DDP would take: the gradient averaged over ranks
-            grads = tuple(reducer.mean([g if g is not None else torch.zeros_like(p) for g, (_, p) in zip(grads, movable)]))
+            grads = tuple(reducer.mean(_or_zeros(grads, movable)))
         new, jac = lookahead_update(optimizer, [p for _, p in movable], grads)
         lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}
-        val_params = {**{n: p.detach() for n, p in model.named_parameters()}, **lookahead}
+        base = {n: p.detach() for n, p in model.named_parameters()}
+        val_params = {**base, **lookahead}
         local_losses = validation.exit_losses(call_with(model, val_params, _clone_buffers(model), xv), yv)
         # the objective of the losses averaged over ranks; its gradient through each rank's own losses
         exit_losses = reducer.mean([local_losses.detach()])[0].requires_grad_(True)
@@ -242,13 +248,10 @@ def meta_gradient(
             return MetaResult(nan, objective.detach(), exit_losses.detach(), terms if keep_graph else terms.detach())
         (weights,) = torch.autograd.grad(objective, exit_losses)
         v = torch.autograd.grad((weights * local_losses).sum(), list(lookahead.values()), allow_unused=True)
+        v = _or_zeros(v, movable)
         if reducer.world > 1:
-            v = reducer.mean([vi if vi is not None else torch.zeros_like(p) for vi, (_, p) in zip(v, movable)])
-        direction = {
-            n: (vi * d if vi is not None else torch.zeros_like(p))
-            for (n, p), vi, d in zip(movable, v, jac)
-        }
-        base = {n: p.detach() for n, p in model.named_parameters()}
+            v = reducer.mean(v)
+        direction = {n: vi * d for (n, _), vi, d in zip(movable, v, jac)}
         if backend == "jvp":
             with replay():
                 derivative = _jvp(model, criterion, base, direction, x, y)
