@@ -1,17 +1,24 @@
-"""Turn a folder of reproduction results into the paper's Table 2 layout and Fig. 2 plot.
+"""Turn a folder of reproduction results into the paper's Table 2 layout, paired differences and plots.
 
-    python benchmarks/report.py results/cpu                         # prints the tables
-    python benchmarks/report.py results/cpu --write                 # + results/cpu/<setting>/report.md and budget.png
+    python benchmarks/report.py results/cpu                  # prints the tables
+    python benchmarks/report.py results/cpu --write          # + <setting>/report.md, budget.png, gamma.png
 
-Tables: exits as rows, methods as columns, mean +- sample standard deviation (n-1) over seeds
-of the test accuracy (%), top-1 and top-5, with each exit's cost in MMACs. The budget plot
-averages, for every q of MSDNet's grid, the expected cost and the accuracy over seeds.
+Tables: exits as rows, configurations as columns, mean +- sample standard deviation (n-1) over
+seeds of the test accuracy (%), top-1 and top-5, with each exit's cost in MMACs. Paired
+differences: for each exit, the mean over seeds of (HDKD - baseline) on the same seed (same
+data split, same initialisation), with a 95% Student-t interval on n-1 degrees of freedom. The
+budget plot averages, for every q of MSDNet's grid, the expected cost and the accuracy over
+seeds; the gamma plot shows each term's weight over training (seed 0).
+
+A folder of tuning runs (``tune``, with a selection split) gets a table of the selection
+split's accuracy instead: settings are chosen on it, never on the test set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -20,17 +27,32 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ["msdnet", "dbt", "naive_dkd", "hmsdnet", "hdbt", "hdkd"]
+import metaweight as mw  # noqa: E402
+
+METHODS = list(mw.METHODS)
 TITLES = {"msdnet": "MSDNet", "dbt": "DBT", "naive_dkd": "NaiveDKD", "hmsdnet": "HMSDNet", "hdbt": "HDBT",
-          "hdkd": "HDKD"}
+          "hdkd": "HDKD", "msdnet_long": "MSDNet×4 epochs", "hdkd_every4": "HDKD every 4"}
+# Student t quantile t_{0.975, df} (df = 1..30), for 95% intervals without scipy
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (normal beyond 30)."""
+    return T975[df - 1] if 1 <= df <= len(T975) else 1.96
+
+
+def name_of(run: dict[str, Any]) -> str:
+    return run["config"].get("tag") or run["config"]["method"]
 
 
 def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """``{method: [result of each seed]}`` from the JSON files of one setting's folder."""
+    """``{configuration: [result of each seed]}`` from the JSON files of one setting's folder."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for file in sorted(folder.glob("*.json")):
         data = json.loads(file.read_text())
-        runs.setdefault(data["config"]["method"], []).append(data)
+        runs.setdefault(name_of(data), []).append(data)
     return runs
 
 
@@ -38,20 +60,42 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], k: str = "top1") -> list[tuple[float, float, int]]:
+    """Per exit: (mean of a - b over the seeds both have, half-width of its 95% t interval, n)."""
+    by_seed = {r["config"]["seed"]: r for r in b}
+    pairs = [(r, by_seed[r["config"]["seed"]]) for r in a if r["config"]["seed"] in by_seed]
+    if not pairs:
+        return []
+    out = []
+    for e in range(len(pairs[0][0]["test"][k])):
+        diffs = [ra["test"][k][e] - rb["test"][k][e] for ra, rb in pairs]
+        n = len(diffs)
+        half = t975(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+        out.append((statistics.fmean(diffs), half, n))
+    return out
+
+
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per method and exit: mean and std over seeds of top-1/top-5; mean budget curve; wall time."""
+    """Per configuration and exit: mean and std over seeds of top-1/top-5; mean budget curve; wall time."""
     out: dict[str, Any] = {"methods": {}}
-    for method in [m for m in METHODS if m in runs] + [m for m in runs if m not in METHODS]:
+    order = [m for m in TITLES if m in runs] + sorted(m for m in runs if m not in TITLES)
+    for method in order:
         results = runs[method]
         entry: dict[str, Any] = {"seeds": sorted(r["config"]["seed"] for r in results)}
         for k in ("top1", "top5"):
             per_exit = list(zip(*[r["test"][k] for r in results]))
             entry[k] = [mean_std(list(v)) for v in per_exit]
+        for split in ("selection", "val"):
+            if all(split in r for r in results):
+                entry[split] = [mean_std(list(v)) for v in zip(*[r[split]["top1"] for r in results])]
         entry["train_seconds"] = mean_std([r["train_seconds"] for r in results])
         curves = [r["budget"]["points"] for r in results if "budget" in r]
         if curves:
             entry["budget"] = [(statistics.fmean(p["cost"] for p in pts), statistics.fmean(p["accuracy"] for p in pts))
                                for pts in zip(*curves)]
+        moves = [gamma_movement(r) for r in results]
+        if all(m is not None for m in moves):
+            entry["gamma_movement"] = mean_std(moves)  # type: ignore[arg-type]
         out["methods"][method] = entry
     first = next(iter(runs.values()))[0]
     out["macs"] = first.get("costs", {}).get("macs")
@@ -60,11 +104,24 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def table(summary: dict[str, Any], k: str) -> str:
-    methods = list(summary["methods"])
+def gamma_movement(run: dict[str, Any]) -> float | None:
+    """The largest relative change of an active term's gamma from its start (None if gamma is fixed)."""
+    if not run["config"]["method"] in mw.METHODS or not mw.METHODS[run["config"]["method"]].learn:
+        return None
+    history = run.get("gamma_history") or []
+    if not history:
+        return None
+    start = history[0]["gamma"]  # the first record is after the first meta steps; close to the start
+    end = run["gamma"]
+    moved = [abs(e - s) / s for s, e in zip(start, end) if s > 0]
+    return max(moved) if moved else None
+
+
+def table(summary: dict[str, Any], k: str, methods: list[str] | None = None) -> str:
+    methods = methods or list(summary["methods"])
     head = "| exit | MMACs | " + " | ".join(TITLES.get(m, m) for m in methods) + " |"
     rows = [head, "|" + "---|" * (len(methods) + 2)]
-    exits = len(next(iter(summary["methods"].values()))[k])
+    exits = len(summary["methods"][methods[0]][k])
     for e in range(exits):
         cells = []
         best = max(summary["methods"][m][k][e][0] for m in methods)
@@ -77,20 +134,63 @@ def table(summary: dict[str, Any], k: str) -> str:
     return "\n".join(rows)
 
 
-def markdown(summary: dict[str, Any]) -> str:
+def paired_table(runs: dict[str, list[dict[str, Any]]], subject: str, baselines: list[str]) -> str:
+    baselines = [b for b in baselines if b in runs and b != subject]
+    if subject not in runs or not baselines:
+        return ""
+    cols = {b: paired(runs[subject], runs[b]) for b in baselines}
+    n = min(d[0][2] for d in cols.values() if d)
+    rows = [f"| exit | " + " | ".join(f"{TITLES.get(subject, subject)} − {TITLES.get(b, b)}" for b in baselines) + " |",
+            "|" + "---|" * (len(baselines) + 1)]
+    for e in range(len(next(iter(cols.values())))):
+        cells = []
+        for b in baselines:
+            mean, half, _ = cols[b][e]
+            sig = "" if math.isnan(half) or abs(mean) <= half else " *"
+            cells.append(f"{mean:+.2f} ± {half:.2f}{sig}")
+        rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+    return (f"Paired differences in top-1 (points; same seed, same split), mean ± 95% t half-width over {n} "
+            f"seeds; * = interval excludes 0:\n\n" + "\n".join(rows))
+
+
+def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | None = None) -> str:
     seeds = {m: len(v["seeds"]) for m, v in summary["methods"].items()}
     n = min(seeds.values())
     parts = [f"**{summary['data']}**, test accuracy (%) on {summary['test_images']} images, mean ± std over "
              f"{n} seed{'s' if n > 1 else ''} (bold: best mean).", "", "Top-1:", "", table(summary, "top1"), "",
-             "Top-5:", "", table(summary, "top5"), "",
-             "Training time per run (s, mean): " + ", ".join(
-                 f"{TITLES.get(m, m)} {v['train_seconds'][0]:.0f}" for m, v in summary["methods"].items()) + "."]
+             "Top-5:", "", table(summary, "top5"), ""]
+    if runs:
+        for subject in ("hdkd", "hdbt", "hmsdnet"):
+            base = {"hdkd": ["msdnet", "dbt", "naive_dkd", "msdnet_long", "hdkd_every4"],
+                    "hdbt": ["dbt"], "hmsdnet": ["msdnet"]}[subject]
+            text = paired_table(runs, subject, base)
+            if text:
+                parts += [text, ""]
+    moved = {m: v["gamma_movement"] for m, v in summary["methods"].items() if "gamma_movement" in v}
+    if moved:
+        parts += ["Largest relative change of a learned weight over training: " + ", ".join(
+            f"{TITLES.get(m, m)} {100 * v[0]:.0f}%" for m, v in moved.items()) + ".", ""]
+    parts.append("Training time per run (s, mean): " + ", ".join(
+        f"{TITLES.get(m, m)} {v['train_seconds'][0]:.0f}" for m, v in summary["methods"].items()) + ".")
     return "\n".join(parts)
 
 
-def plot(summary: dict[str, Any], path: Path) -> Path:
-    import metaweight as mw
+def tuning_markdown(summary: dict[str, Any]) -> str:
+    """The selection split's per-exit top-1 of each candidate, and how far gamma moved."""
+    methods = list(summary["methods"])
+    exits = len(summary["methods"][methods[0]]["selection"])
+    rows = ["| candidate | " + " | ".join(f"exit {e + 1}" for e in range(exits)) + " | mean | γ moved |",
+            "|" + "---|" * (exits + 3)]
+    for m in methods:
+        sel = [v[0] for v in summary["methods"][m]["selection"]]
+        move = summary["methods"][m].get("gamma_movement", (math.nan, 0))[0]
+        rows.append(f"| {m} | " + " | ".join(f"{a:.2f}" for a in sel) + f" | {statistics.fmean(sel):.2f} | "
+                    f"{100 * move:.0f}% |")
+    return (f"**{summary['data']}**, selection split (training images outside the pool; not the test set), "
+            f"top-1 (%):\n\n" + "\n".join(rows))
 
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
     curves = {}
     for m, v in summary["methods"].items():
         if "budget" in v:
@@ -99,23 +199,59 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return mw.plot_budget_curves(curves, path, title=f"{summary['data']}: budgeted classification (mean over seeds)")
 
 
+def plot_gamma(runs: dict[str, list[dict[str, Any]]], path: Path, configs: list[str]) -> Path | None:
+    """Each term's gamma over training, one panel per configuration (its lowest seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = [c for c in configs if c in runs and runs[c][0].get("gamma_history")]
+    if not configs:
+        return None
+    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.4), squeeze=False)
+    for ax, c in zip(axes[0], configs):
+        run = min(runs[c], key=lambda r: r["config"]["seed"])
+        steps = [h["step"] for h in run["gamma_history"]]
+        gammas = list(zip(*[h["gamma"] for h in run["gamma_history"]]))
+        for name, g in zip(run["term_names"], gammas):
+            if max(g) > 0:
+                ax.plot(steps, g, lw=1.2 if name.startswith("ce") else 0.8,
+                        ls="-" if name.startswith("ce") else "--", label=name)
+        ax.set_title(f"{TITLES.get(c, c)} (seed {run['config']['seed']})")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("γ")
+    axes[0][-1].legend(fontsize=6, ncol=2, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="results/GRID: one sub-folder per setting (or a setting folder itself)")
-    p.add_argument("--write", action="store_true", help="write report.md and budget.png into each setting folder")
+    p.add_argument("--write", action="store_true", help="write report.md, budget.png and gamma.png into each folder")
     args = p.parse_args(argv)
     folder = Path(args.folder)
     settings = [folder] if list(folder.glob("*.json")) else sorted(d for d in folder.iterdir() if d.is_dir())
+    settings += [d for s in list(settings) for d in sorted(s.iterdir()) if d.is_dir() and list(d.glob("*.json"))]
     for setting in settings:
         runs = load(setting)
         if not runs:
             continue
         summary = summarize(runs)
-        text = markdown(summary)
+        tuning = all("selection" in v for v in summary["methods"].values())
+        text = tuning_markdown(summary) if tuning else markdown(summary, runs)
         print(f"## {setting.name}\n\n{text}\n")
         if args.write:
             (setting / "report.md").write_text(text + "\n")
-            plot(summary, setting / "budget.png")
+            if not tuning:
+                plot(summary, setting / "budget.png")
+            plot_gamma(runs, setting / "gamma.png", [m for m in summary["methods"]
+                                                     if m in mw.METHODS and mw.METHODS[m].learn] if not tuning
+                       else list(summary["methods"]))
 
 
 if __name__ == "__main__":

@@ -41,10 +41,14 @@ class Split:
     y_test: Tensor
     num_classes: int
     name: str
+    x_select: Tensor | None = None  # model selection: training-set images outside the CIFAR(X) pool
+    y_select: Tensor | None = None
 
     def describe(self) -> str:
+        select = f", {len(self.y_select)} selection" if self.y_select is not None else ""
         return (f"{self.name}: {len(self.y_train)} train, {len(self.y_val)} validation (held out for the meta "
-                f"step), {len(self.y_test)} test, {self.num_classes} classes, images {tuple(self.x_train.shape[1:])}")
+                f"step){select}, {len(self.y_test)} test, {self.num_classes} classes, "
+                f"images {tuple(self.x_train.shape[1:])}")
 
 
 def per_class_subset(labels: np.ndarray, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -78,13 +82,25 @@ def _normalise(x_train: np.ndarray, *others: np.ndarray) -> list[Tensor]:
 
 
 def _make_split(name: str, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                num_classes: int, per_class: int | None, val_fraction: float, seed: int) -> Split:
+                num_classes: int, per_class: int | None, val_fraction: float, seed: int,
+                select_per_class: int = 0) -> Split:
     rng = np.random.default_rng(seed)
     pool = per_class_subset(y, per_class, rng)
     tr, va = stratified_holdout(y[pool], val_fraction, rng)
     tr, va = pool[tr], pool[va]
-    xt, xv, xs = _normalise(x[tr], x[va], x_test)
     label = name if per_class is None else f"{name}({per_class})"
+    if select_per_class:
+        # a third split for choosing settings, from training images outside the pool: never trained
+        # on, never seen by the meta step, and not the test set (its own generator: the pool is unchanged)
+        rest = np.setdiff1d(np.arange(len(y)), pool)
+        if len(rest) == 0:
+            raise ValueError("select_per_class needs training images outside the pool; pass per_class.")
+        chosen = per_class_subset(y[rest], select_per_class, np.random.default_rng(seed + 7919))
+        se = rest[chosen]
+        xt, xv, xs, xe = _normalise(x[tr], x[va], x_test, x[se])
+        return Split(xt, torch.from_numpy(y[tr]).long(), xv, torch.from_numpy(y[va]).long(), xs,
+                     torch.from_numpy(y_test).long(), num_classes, label, xe, torch.from_numpy(y[se]).long())
+    xt, xv, xs = _normalise(x[tr], x[va], x_test)
     return Split(xt, torch.from_numpy(y[tr]).long(), xv, torch.from_numpy(y[va]).long(), xs,
                  torch.from_numpy(y_test).long(), num_classes, label)
 
@@ -188,10 +204,12 @@ def _cifar_jpeg(source: Path) -> tuple[np.ndarray, ...]:
 
 
 def load_cifar(root: str | None = None, *, hundred: bool = False, per_class: int | None = None,
-               val_fraction: float = 0.1, seed: int = 0, cache: bool = True) -> Split:
+               val_fraction: float = 0.1, seed: int = 0, cache: bool = True, select_per_class: int = 0) -> Split:
     """CIFAR-10/100 from the python release in ``root``, or CIFAR-10 from the JPEG tree/tarball.
 
     ``per_class`` draws CIFAR(X) with a fixed seed; ``val_fraction`` of that pool is held out.
+    ``select_per_class`` adds a selection split of that many images per class from the
+    training images outside the pool (for choosing settings without the test set).
     Decoded JPEG tarballs are cached as ``.npz`` beside the working directory's ``runs/``.
     """
     name = "cifar100" if hundred else "cifar10"
@@ -217,7 +235,7 @@ def load_cifar(root: str | None = None, *, hundred: bool = False, per_class: int
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(cache_file, x=x, y=y, xs=xs, ys=ys)
         x, xs = x.astype(np.float32) / 255.0, xs.astype(np.float32) / 255.0
-    return _make_split(name, x, y, xs, ys, 100 if hundred else 10, per_class, val_fraction, seed)
+    return _make_split(name, x, y, xs, ys, 100 if hundred else 10, per_class, val_fraction, seed, select_per_class)
 
 
 def augment(x: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:

@@ -46,13 +46,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--gamma-lr", type=float, default=0.01)
+    p.add_argument("--gamma-optimizer", default="sgd", choices=["sgd", "adam"], help="the optimizer of gamma")
+    p.add_argument("--gamma-init", default="uniform", choices=["uniform", "last", "random"],
+                   help="gamma's start: uniform (DS-like), last (DBT-like), random")
+    p.add_argument("--constraint", default="clamp", choices=["clamp", "normalize"])
+    p.add_argument("--meta-every", type=int, default=1, help="a meta step every N iterations")
+    p.add_argument("--select-per-class", type=int, default=0,
+                   help="CIFAR: also score a selection split of N images per class from outside the pool")
     p.add_argument("--temperature", type=float, default=3.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations (smoke tests)")
+    p.add_argument("--tag", default=None, help="a name for this configuration, recorded in the JSON (reports)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--checkpoint", default=None,
+                   help="save the run here every --checkpoint-every iterations and resume from it if it exists")
+    p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--plot", default=None, help="budget-curve plot file (default runs/budget-METHOD.png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the budget-curve plot")
     p.add_argument("--no-progress", action="store_true")
@@ -66,7 +77,7 @@ def load(args: argparse.Namespace) -> Split:
         return load_fashion_mnist(args.data_dir, per_class=args.per_class, val_fraction=args.val_fraction,
                                   seed=args.seed)
     return load_cifar(args.data_dir, hundred=args.dataset == "cifar100", per_class=args.per_class,
-                      val_fraction=args.val_fraction, seed=args.seed)
+                      val_fraction=args.val_fraction, seed=args.seed, select_per_class=args.select_per_class)
 
 
 def build_model(args: argparse.Namespace, split: Split) -> torch.nn.Module:
@@ -79,18 +90,35 @@ def build_model(args: argparse.Namespace, split: Split) -> torch.nn.Module:
                         in_channels=channels)
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator,
-            train_augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    order = torch.randperm(len(y), generator=generator)
-    for i in range(0, len(y) - size + 1 if len(y) >= size else 1, size):  # drop the ragged last batch
+def _generator(*parts: int) -> torch.Generator:
+    """A generator seeded from integers: every batch is a function of (seed, epoch, step), so a run
+    resumed from a checkpoint sees exactly the batches it would have seen."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def epoch_batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int, epoch: int, first_step: int,
+                  train_augment: bool, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of one epoch from its ``start``-th on, the ragged last one dropped."""
+    order = torch.randperm(len(y), generator=_generator(seed, 1, epoch))
+    size = min(size, len(y))
+    for b, i in enumerate(range(0, len(y) - size + 1, size)):
+        if b < start:
+            continue
         idx = order[i:i + size]
-        xb = augment(x[idx], generator=generator) if train_augment else x[idx]
+        xb = augment(x[idx], generator=_generator(seed, 2, first_step + b)) if train_augment else x[idx]
         yield xb, y[idx]
 
 
-def forever(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator):
-    while True:
-        yield from batches(x, y, size, generator, False)
+def val_batch(x: torch.Tensor, y: torch.Tensor, size: int, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``index``-th validation batch of an endless un-augmented stream of shuffled epochs."""
+    size = min(size, len(y))
+    per_epoch = len(y) // size
+    epoch, b = divmod(index, per_epoch)
+    idx = torch.randperm(len(y), generator=_generator(seed, 3, epoch))[b * size:(b + 1) * size]
+    return x[idx], y[idx]
 
 
 class Progress:
@@ -118,6 +146,29 @@ class Progress:
             print(file=sys.stderr)
 
 
+def _save_atomically(obj: dict, path: Path) -> None:
+    """Write to a temporary file beside ``path``, then rename: an interrupted save leaves the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The run's settings as recorded: the data folder by name only (no machine paths)."""
+    config = dict(vars(args))
+    for key in ("data_dir", "out", "plot", "checkpoint"):
+        if config.get(key):
+            config[key] = Path(config[key]).name
+    return config
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> mw.AnytimeResult:
+    chunks = [(x[i:i + 512], y[i:i + 512]) for i in range(0, len(y), 512)]
+    logits, labels = mw.collect_logits(model, chunks, device=device)
+    return mw.anytime_accuracy_from_logits(logits, labels, topk=(1, 5))
+
+
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
@@ -129,34 +180,66 @@ def train(args: argparse.Namespace) -> dict:
     num_exits = len(model(split.x_train[:2].to(device)))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
                                 nesterov=True)
-    steps_per_epoch = max(1, len(split.y_train) // args.batch_size)
+    batch_size = min(args.batch_size, len(split.y_train))
+    steps_per_epoch = max(1, len(split.y_train) // batch_size)
     total = steps_per_epoch * args.epochs
     if args.max_steps:
         total = min(total, args.max_steps)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=[int(0.5 * total), int(0.75 * total)], gamma=0.1)  # per iteration: /10 at 50%, 75%
-    method = mw.preset(args.method, num_exits, temperature=args.temperature)
+    method = mw.preset(args.method, num_exits, temperature=args.temperature, init=args.gamma_init)
     validation = mw.BalancedValidation(num_exits, alpha=args.alpha)
-    weighter = method.weighter(model, optimizer, validation, gamma_lr=args.gamma_lr)
+    weighter = method.weighter(model, optimizer, validation, gamma_lr=args.gamma_lr,
+                               gamma_optimizer=args.gamma_optimizer, constraint=args.constraint,
+                               meta_every=args.meta_every, generator=torch.Generator().manual_seed(args.seed))
     print(f"method {args.method}: {method.method.description}; {sum(p.numel() for p in model.parameters())} "
           f"parameters, {num_exits} exits, {method.criterion.active.sum().item()} active loss terms")
 
-    g = torch.Generator().manual_seed(args.seed)
-    val_stream = forever(split.x_val, split.y_val, min(args.val_batch_size or args.batch_size, len(split.y_val)), g)
+    history: list[dict] = []
+    step, seconds = 0, 0.0
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["config"] != _config(args):
+            raise SystemExit(f"{checkpoint} was saved by a run with other settings; remove it or change --checkpoint.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        weighter.load_state_dict(state["weighter"])
+        torch.set_rng_state(state["rng"])
+        step, seconds, history = state["step"], state["seconds"], state["history"]
+        print(f"resumed from {checkpoint} at iteration {step}")
+
+    val_size = min(args.val_batch_size or args.batch_size, len(split.y_val))
     augment_train = args.dataset.startswith("cifar")
     progress = Progress(total, not args.no_progress)
-    history, step, start = [], 0, time.time()
+    record_every = max(1, total // 100)
+    grads: list[torch.Tensor] = []  # d L_val / d gamma of each meta step since the last record
+    start = time.time() - seconds
     model.train()
     while step < total:
-        for xb, yb in batches(split.x_train, split.y_train, args.batch_size, g, augment_train):
-            xv, yv = next(val_stream)
+        epoch, offset = divmod(step, steps_per_epoch)
+        for xb, yb in epoch_batches(split.x_train, split.y_train, batch_size, args.seed, epoch,
+                                    epoch * steps_per_epoch, augment_train, start=offset):
+            xv, yv = val_batch(split.x_val, split.y_val, val_size, args.seed, step)
             metrics = weighter.step((xb.to(device), yb.to(device)), (xv.to(device), yv.to(device)))
+            if "gamma_grad" in metrics:
+                grads.append(metrics["gamma_grad"].detach().cpu())
             scheduler.step()
             step += 1
-            if step % max(1, total // 50) == 0 or step == total:
+            if step % record_every == 0 or step == total:
                 history.append({"step": step, "loss": metrics["loss"], "gamma": weighter.gamma.tolist(),
-                                "val_objective": metrics.get("val_objective")})
+                                "val_objective": weighter.last_meta.get("val_objective"),
+                                "gamma_grad_mean": torch.stack(grads).mean(0).tolist() if grads else None,
+                                "gamma_grad_norm": float(torch.stack(grads).norm(dim=1).mean()) if grads else None,
+                                "lr": optimizer.param_groups[0]["lr"]})
+                grads = []
             progress.update(step, f"loss {metrics['loss']:.3f}", force=step == total)
+            if checkpoint is not None and step % args.checkpoint_every == 0 and step < total:
+                _save_atomically({"config": _config(args), "model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "weighter": weighter.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                                  "seconds": time.time() - start, "history": history}, checkpoint)
             if step >= total:
                 break
     progress.close()
@@ -168,6 +251,9 @@ def train(args: argparse.Namespace) -> dict:
     val_logits, val_labels = mw.collect_logits(model, chunks(split.x_val, split.y_val), device=device)
     test_logits, test_labels = mw.collect_logits(model, chunks(split.x_test, split.y_test), device=device)
     result = mw.anytime_accuracy_from_logits(test_logits, test_labels, topk=(1, 5))
+    val_result = mw.anytime_accuracy_from_logits(val_logits, val_labels, topk=(1, 5))
+    with torch.no_grad():
+        val_exit_losses = validation.exit_losses(list(val_logits), val_labels)
     costs = mw.exit_costs(model, split.x_test[:1].to(device))
     curve = mw.budgeted_curve(val_logits, val_labels, test_logits, test_labels, costs.macs)
     print(f"\ntrained {step} iterations in {seconds:.1f}s; final loss weights (gamma):")
@@ -192,12 +278,21 @@ def train(args: argparse.Namespace) -> dict:
     for k, m in enumerate(costs.macs):
         table[2 + k] += f"{m / 1e6:>9.3f}"
     print("\n".join(table))
-    out = {"config": vars(args), "data": split.name, "num_exits": num_exits, "iterations": step,
+    out = {"config": _config(args), "data": split.name, "num_exits": num_exits, "iterations": step,
            "train_seconds": seconds, "term_names": weighter.term_names, "gamma": weighter.gamma.tolist(),
-           "gamma_history": history, "test": result.to_dict(), "costs": costs.to_dict(), "budget": curve.to_dict()}
+           "gamma_history": history, "test": result.to_dict(), "val": val_result.to_dict(),
+           "held_out": {"exit_losses": val_exit_losses.tolist(),
+                        "objective": float(mw.BalancedValidation(num_exits, alpha=args.alpha).objective(
+                            val_exit_losses))},
+           "costs": costs.to_dict(), "budget": curve.to_dict()}
+    if split.y_select is not None:
+        out["selection"] = _accuracy(model, split.x_select, split.y_select, device).to_dict()
+        print(f"selection split top-1 per exit: {[round(a, 2) for a in out['selection']['top1']]}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()  # the JSON is the finished run
     return out
 
 

@@ -24,6 +24,7 @@ Batch = Sequence[Any]
 GammaInit = Union[str, Tensor, Sequence[float]]
 INITS = ("uniform", "last", "random")
 CONSTRAINTS = ("clamp", "normalize")
+GAMMA_OPTIMIZERS = ("sgd", "adam")
 NONFINITE = ("raise", "skip")
 
 
@@ -55,8 +56,12 @@ class HarmonizedWeighter:
             implements also work).
         criterion: the :class:`DenseDistillLoss` giving the terms :math:`L_k`.
         validation: the validation objective; defaults to ``BalancedValidation(K)``.
-        gamma_lr: :math:`\epsilon`, the learning rate of the default SGD on
-            :math:`\gamma`.
+        gamma_lr: :math:`\epsilon`, the learning rate of the named ``gamma_optimizer``.
+        gamma_optimizer: ``"sgd"`` (the paper: :math:`\gamma \leftarrow \gamma - \epsilon
+            \nabla_\gamma`; the step scales with the model's learning rate and gradients, so it
+            shrinks as the learning rate decays), ``"adam"`` (steps of about :math:`\epsilon`
+            per meta step whatever that scale), or a callable that takes ``[gamma]`` and returns
+            a ``torch.optim.Optimizer`` for it (then ``gamma_lr`` is not used).
         init: ``"uniform"`` (every active term 1: DS-like), ``"last"`` (the CE terms
             and the last exit's KD terms 1, other KD terms 0: DBT-like), ``"random"``
             (uniform in [0, 1) on active terms) or a tensor of ``num_terms`` weights.
@@ -64,8 +69,6 @@ class HarmonizedWeighter:
             :meth:`meta_step` then does nothing.
         constraint: ``"clamp"`` projects :math:`\gamma` onto :math:`\gamma \ge 0`;
             ``"normalize"`` also rescales it to keep the sum it started with.
-        gamma_optimizer: a callable that takes ``[gamma]`` and returns a
-            ``torch.optim.Optimizer`` for it, instead of SGD with ``gamma_lr``.
         nonfinite: what to do when the validation objective or the meta-gradient is
             not finite: ``"raise"`` a ``ValueError`` or ``"skip"`` the meta step; either
             way :math:`\gamma` and the validation average are left unchanged.
@@ -110,7 +113,7 @@ class HarmonizedWeighter:
         init: GammaInit = "uniform",
         learn: bool = True,
         constraint: str = "clamp",
-        gamma_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+        gamma_optimizer: str | Callable[[list[Tensor]], torch.optim.Optimizer] = "sgd",
         nonfinite: str = "raise",
         generator: torch.Generator | None = None,
         backend: str = "jvp",
@@ -139,6 +142,9 @@ class HarmonizedWeighter:
             )
         if not (isinstance(gamma_lr, (int, float)) and gamma_lr >= 0):
             raise ValueError(f"Invalid gamma_lr: {gamma_lr!r}. Expected a number >= 0.")
+        if not (gamma_optimizer is None or callable(gamma_optimizer) or gamma_optimizer in GAMMA_OPTIMIZERS):
+            raise ValueError(f"Invalid gamma_optimizer: {gamma_optimizer!r}. Expected one of {GAMMA_OPTIMIZERS} or "
+                             f"a callable taking [gamma] and returning a torch.optim.Optimizer.")
         if constraint not in CONSTRAINTS:
             raise ValueError(f"Invalid constraint: {constraint!r}. Expected one of {CONSTRAINTS}.")
         if nonfinite not in NONFINITE:
@@ -207,7 +213,12 @@ class HarmonizedWeighter:
         self.gamma: Tensor = self._initial_gamma(init, generator).to(device)  # a plain tensor; its optimizer reads .grad
         self._gamma_sum = float(self.gamma.detach().sum())
         if gamma_optimizer is None:
-            self.gamma_optimizer: torch.optim.Optimizer = torch.optim.SGD([self.gamma], lr=self.gamma_lr)
+            gamma_optimizer = "sgd"
+        if isinstance(gamma_optimizer, str):
+            if gamma_optimizer == "sgd":
+                self.gamma_optimizer: torch.optim.Optimizer = torch.optim.SGD([self.gamma], lr=self.gamma_lr)
+            else:
+                self.gamma_optimizer = torch.optim.Adam([self.gamma], lr=self.gamma_lr)
         else:
             self.gamma_optimizer = gamma_optimizer([self.gamma])
             if not isinstance(self.gamma_optimizer, torch.optim.Optimizer):

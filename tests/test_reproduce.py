@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -43,17 +44,54 @@ def test_pipeline_on_a_tiny_setting(tmp_path, capsys):
     files = sorted((results / "cifar10-150").glob("*.json"))
     assert [f.name for f in files] == ["hdkd-seed0.json", "msdnet-seed0.json"]
     result = json.loads(files[0].read_text())
-    assert result["config"]["method"] == "hdkd" and result["iterations"] == 2 and result["num_exits"] == 8
+    assert result["config"]["method"] == "hdkd" and result["iterations"] == 2 and result["num_exits"] == 4
     assert result["data"] == "cifar10(150)" and result["test"]["num_samples"] == 20
-    assert len(result["test"]["top1"]) == len(result["test"]["top5"]) == 8
-    assert len(result["costs"]["macs"]) == 8 and len(result["budget"]["points"]) == 39
-    assert len(result["gamma"]) == 8 + 28 and result["gamma_history"]
+    assert len(result["test"]["top1"]) == len(result["test"]["top5"]) == len(result["val"]["top1"]) == 4
+    assert len(result["costs"]["macs"]) == 4 and len(result["budget"]["points"]) == 39
+    assert len(result["gamma"]) == 4 + 6 and result["gamma_history"]
+    assert result["config"]["data_dir"] == "data" and result["config"]["tag"] == "hdkd"  # no machine paths
+    assert not list((results / "cifar10-150").glob("*.ckpt"))  # finished runs leave no checkpoint
     reproduce.main(args)  # finished runs are skipped
     assert "0 runs to do" in capsys.readouterr().out
     report.main([str(results), "--write"])
     text = (results / "cifar10-150" / "report.md").read_text()
-    assert "| exit | MMACs | MSDNet | HDKD |" in text and text.count("\n| ") >= 2 * 9
+    assert "| exit | MMACs | MSDNet | HDKD |" in text and text.count("\n| ") >= 2 * 5
+    assert "| exit | HDKD − MSDNet |" in text  # the paired differences (one seed: no interval)
     assert (results / "cifar10-150" / "budget.png").stat().st_size > 0
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    """A run stopped after a checkpoint and started again ends exactly where an uninterrupted one does."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train
+
+    import metaweight as mw
+
+    data = fake_cifar10(tmp_path / "data")
+    base = ["--method", "hdkd", "--dataset", "cifar10", "--per-class", "12", "--data-dir", str(data), "--model",
+            "branchynet", "--exits", "3", "--width", "4", "--epochs", "3", "--batch-size", "16", "--no-plot",
+            "--no-progress", "--gamma-optimizer", "adam", "--select-per-class", "2"]
+    whole = train.train(train.parse_args(base))
+    ckpt = tmp_path / "run.ckpt"
+    real_step, calls = mw.HarmonizedWeighter.step, []
+
+    def failing_step(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(mw.HarmonizedWeighter, "step", failing_step)
+    resumable = base + ["--checkpoint", str(ckpt), "--checkpoint-every", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args(resumable))
+    assert torch.load(ckpt, weights_only=False)["step"] == 4
+    monkeypatch.setattr(mw.HarmonizedWeighter, "step", real_step)
+    resumed = train.train(train.parse_args(resumable))
+    assert not ckpt.exists()
+    assert resumed["iterations"] == whole["iterations"] == 18
+    assert resumed["gamma"] == whole["gamma"] and resumed["test"] == whole["test"]
+    assert resumed["selection"] == whole["selection"] and resumed["gamma_history"] == whole["gamma_history"]
 
 
 def hand_made(method, seed, top1, top5, seconds):
@@ -73,3 +111,8 @@ def test_report_statistics_by_hand():
     assert s["methods"]["hdkd"]["train_seconds"] == pytest.approx((12.0, 2.8284271247461903))
     text = report.table(s, "top1")
     assert "| 1 | 1.00 | 25.00 ± 0.00 | **37.50 ± 17.68** |" in text
+    # paired by seed: exit 1 differences 25, 0; exit 2: 25, -25; t_{0.975,1} = 12.706
+    diffs = report.paired(runs["hdkd"], runs["msdnet"])
+    assert diffs[0] == pytest.approx((12.5, 12.706 * statistics.stdev([25.0, 0.0]) / 2 ** 0.5, 2))
+    assert diffs[1] == pytest.approx((0.0, 12.706 * statistics.stdev([25.0, -25.0]) / 2 ** 0.5, 2))
+    assert report.paired(runs["hdkd"], [hand_made("msdnet", 7, [0.0, 0.0], [0.0, 0.0], 1.0)]) == []
