@@ -67,9 +67,6 @@ TUNE = {
     "tune_sgd_0.3": ("hdkd", ["--gamma-optimizer", "sgd", "--gamma-lr", "0.3"], 1),
     "tune_adam_0.001": ("hdkd", ["--gamma-optimizer", "adam", "--gamma-lr", "0.001"], 1),
     "tune_adam_0.01": ("hdkd", ["--gamma-optimizer", "adam", "--gamma-lr", "0.01"], 1),
-    "tune_adam_0.01_normalize": ("hdkd", ["--gamma-optimizer", "adam", "--gamma-lr", "0.01",
-                                          "--constraint", "normalize"], 1),
-    "tune_adam_0.1": ("hdkd", ["--gamma-optimizer", "adam", "--gamma-lr", "0.1"], 1),
 }
 CONFIGS.update(TUNE)
 

@@ -15,6 +15,7 @@ from metaweight._budget import (
     geometric_exit_distribution,
     thresholds_for_budget,
 )
+from metaweight._checkpoint import load_checkpoint, save_checkpoint
 from metaweight._early_exit import EarlyExit
 from metaweight._flops import ExitCosts, exit_costs
 from metaweight._logging import CSVLogger, TensorBoardLogger
@@ -51,9 +52,11 @@ __all__ = [
     "exit_costs",
     "find_thresholds",
     "geometric_exit_distribution",
+    "load_checkpoint",
     "plot_anytime",
     "plot_budget_curves",
     "plot_gamma_history",
     "preset",
+    "save_checkpoint",
     "thresholds_for_budget",
 ]

@@ -13,6 +13,18 @@ from torch import Tensor, nn
 from metaweight._checks import check_exit_outputs, check_target
 
 
+def to_device(inputs: Any, device: torch.device | str) -> Any:
+    """Move a tensor, or every tensor inside nested tuples, lists and dicts, to ``device``."""
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        moved = [to_device(v, device) for v in inputs]
+        return type(inputs)(*moved) if hasattr(inputs, "_fields") else type(inputs)(moved)
+    return inputs
+
+
 @torch.no_grad()
 def collect_logits(
     model: nn.Module, loader: Iterable[Sequence[Any]], *, device: torch.device | str | None = None
@@ -21,7 +33,9 @@ def collect_logits(
 
     Args:
         model: a multi-exit model returning ``K`` logits tensors.
-        loader: yields ``(inputs, labels)`` batches.
+        loader: yields ``(inputs, labels)`` batches; ``inputs`` may be a tensor or tuples,
+            lists and dicts of tensors (moved to ``device`` and passed to the model as one
+            argument, as the weighter does).
         device: where to run; defaults to the device of the model's parameters.
 
     Returns:
@@ -35,12 +49,18 @@ def collect_logits(
     chunks, labels = [], []
     num_exits = None
     try:
-        for inputs, target in loader:
-            outputs = model(inputs.to(device))
+        for i, item in enumerate(loader):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"The loader's batch {i} should be a pair (inputs, labels). "
+                                 f"Found `{type(item).__name__}`.")
+            inputs, target = item
+            outputs = model(to_device(inputs, device))
             if num_exits is None:
                 num_exits = len(outputs) if isinstance(outputs, (list, tuple)) else 0
             outputs = check_exit_outputs(outputs, num_exits or 1)
-            check_target(target, outputs[0].shape[0], outputs[0].shape[1])
+            target = check_target(target, outputs[0].shape[0], outputs[0].shape[1])
+            if chunks and outputs[0].shape[1] != chunks[0].shape[2]:
+                raise ValueError(f"Batch {i} gives {outputs[0].shape[1]} classes, the first gave {chunks[0].shape[2]}.")
             chunks.append(torch.stack(outputs).float().cpu())
             labels.append(target.cpu())
     finally:
@@ -98,10 +118,21 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         labels: ``[N]`` class indices.
         topk: the values of ``k`` to report.
     """
+    if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError(f"`logits` and `labels` should be Tensors. Found `{type(logits).__name__}` and "
+                        f"`{type(labels).__name__}`.")
     if logits.dim() != 3 or labels.shape != (logits.shape[1],):
         raise ValueError(
             f"Expected logits [K, N, C] and labels [N]. Found {tuple(logits.shape)} and {tuple(labels.shape)}."
         )
+    if logits.shape[0] == 0 or logits.shape[1] == 0 or logits.shape[2] == 0:
+        raise ValueError(f"`logits` {tuple(logits.shape)} hold no exit, sample or class: nothing to score.")
+    if not logits.is_floating_point():
+        raise ValueError(f"`logits` should be floating point. Found {logits.dtype}.")
+    labels = check_target(labels, logits.shape[1], logits.shape[2])
+    ks = list(topk) if isinstance(topk, (list, tuple)) else None
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"Invalid topk: {topk!r}. Expected a non-empty list of ints >= 1.")
     n = labels.shape[0]
     accuracy = {int(k): (topk_correct(logits, labels, int(k)).double().mean(1) * 100).tolist() for k in topk}
     return AnytimeResult(accuracy, n)

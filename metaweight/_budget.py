@@ -20,14 +20,43 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metaweight._checks import check_target
+
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
 
 
-def _confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
+def _confidence(logits: Tensor, name: str = "logits") -> tuple[Tensor, Tensor]:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"`{name}` should be a Tensor [K, N, C]. Found `{type(logits).__name__}`.")
     if logits.dim() != 3:
-        raise ValueError(f"Expected logits of shape [K, N, C]. Found {tuple(logits.shape)}.")
+        raise ValueError(f"Expected `{name}` of shape [K, N, C]. Found {tuple(logits.shape)}.")
+    if 0 in logits.shape:
+        raise ValueError(f"`{name}` {tuple(logits.shape)} hold no exit, sample or class: nothing to evaluate.")
+    if not logits.is_floating_point():
+        raise ValueError(f"`{name}` should be floating point. Found {logits.dtype}.")
     probs = torch.softmax(logits.float(), dim=-1)
     return probs.max(dim=-1)
+
+
+def _check_thresholds(thresholds: object, num_exits: int) -> Tensor:
+    if not isinstance(thresholds, Tensor):
+        raise TypeError(f"`thresholds` should be a Tensor of {num_exits} values. Found `{type(thresholds).__name__}`.")
+    if thresholds.shape != (num_exits,):
+        raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
+    if torch.isnan(thresholds).any():
+        raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
+    return thresholds
+
+
+def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
+    if isinstance(costs, (str, bytes)) or not isinstance(costs, (Sequence, Tensor)):
+        raise TypeError(f"`costs` should be a sequence of {num_exits} numbers. Found `{type(costs).__name__}`.")
+    if len(costs) != num_exits:
+        raise ValueError(f"Expected one cost per exit ({num_exits}). Found {len(costs)}.")
+    values = [float(c) for c in costs]
+    if not all(math.isfinite(c) and c >= 0 for c in values):
+        raise ValueError(f"The costs {values} should be finite and >= 0.")
+    return values
 
 
 def geometric_exit_distribution(q: float, num_exits: int) -> Tensor:
@@ -61,8 +90,12 @@ def find_thresholds(logits: Tensor, distribution: Tensor) -> Tensor:
 
 def _thresholds(confidence: Tensor, distribution: Tensor) -> Tensor:
     K, N = confidence.shape
+    if not isinstance(distribution, Tensor):
+        raise TypeError(f"`distribution` should be a Tensor of {K} fractions. Found `{type(distribution).__name__}`.")
     if distribution.shape != (K,):
         raise ValueError(f"distribution should have shape ({K},). Found {tuple(distribution.shape)}.")
+    if not torch.isfinite(distribution).all() or (distribution < 0).any():
+        raise ValueError(f"distribution {distribution.tolist()} should hold finite fractions >= 0.")
     thresholds = torch.full((K,), NO_EXIT, dtype=torch.float32)
     remaining = torch.ones(N, dtype=torch.bool)
     for k in range(K - 1):
@@ -85,7 +118,8 @@ def exit_assignment(logits: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]
     Returns:
         ``(exit index [N], predicted class [N])``.
     """
-    return _assign(*_confidence(logits), thresholds)
+    confidence, prediction = _confidence(logits)
+    return _assign(confidence, prediction, _check_thresholds(thresholds, confidence.shape[0]))
 
 
 def _assign(confidence: Tensor, prediction: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,19 +162,18 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor,
         thresholds: ``[K]`` confidence thresholds.
         costs: ``costs[k]`` is the cost of reaching exit ``k`` (cumulative, e.g. ``ExitCosts.macs``).
     """
-    return _evaluate(*_confidence(logits), labels, thresholds, costs)
+    confidence, prediction = _confidence(logits)
+    return _evaluate(confidence, prediction, labels, _check_thresholds(thresholds, confidence.shape[0]), costs)
 
 
 def _evaluate(confidence: Tensor, prediction: Tensor, labels: Tensor, thresholds: Tensor,
               costs: Sequence[float]) -> BudgetPoint:
     K, N = confidence.shape
-    if len(costs) != K:
-        raise ValueError(f"Expected one cost per exit ({K}). Found {len(costs)}.")
-    if labels.shape != (N,):
-        raise ValueError(f"labels should have shape ({N},). Found {tuple(labels.shape)}.")
+    costs = _check_costs(costs, K)
+    labels = check_target(labels, N, None)
     first, prediction = _assign(confidence, prediction, thresholds)
     counts = torch.bincount(first, minlength=K).double()
-    cost = float((counts / N * torch.tensor([float(c) for c in costs], dtype=torch.float64)).sum())
+    cost = float((counts / N * torch.tensor(costs, dtype=torch.float64)).sum())
     accuracy = float((prediction == labels.to(prediction.device)).double().mean() * 100)
     return BudgetPoint(None, thresholds.tolist(), cost, accuracy, (counts / N).tolist())
 
@@ -204,9 +237,17 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
         >>> len(curve.points), all(1.0 <= p.cost <= 3.0 for p in curve.points)
         (39, True)
     """
-    K = val_logits.shape[0]
-    val_conf, val_pred = _confidence(val_logits)  # the softmax once, not once per q
-    test_conf, test_pred = _confidence(test_logits)
+    val_conf, val_pred = _confidence(val_logits, "val_logits")  # the softmax once, not once per q
+    test_conf, test_pred = _confidence(test_logits, "test_logits")
+    K = val_conf.shape[0]
+    if test_conf.shape[0] != K or val_logits.shape[2] != test_logits.shape[2]:
+        raise ValueError(f"val_logits {tuple(val_logits.shape)} and test_logits {tuple(test_logits.shape)} should "
+                         f"have the same exits and classes.")
+    costs = _check_costs(costs, K)
+    check_target(val_labels, val_conf.shape[1], val_logits.shape[2], name="val_labels")
+    check_target(test_labels, test_conf.shape[1], test_logits.shape[2], name="test_labels")
+    if isinstance(qs, (str, bytes)) or not len(qs) or not all(math.isfinite(float(q)) and float(q) > 0 for q in qs):
+        raise ValueError(f"Invalid qs: {qs!r}. Expected a non-empty sequence of finite numbers > 0.")
     points = []
     for q in qs:
         thresholds = _thresholds(val_conf, geometric_exit_distribution(q, K))
@@ -234,10 +275,14 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
     Returns:
         The :class:`BudgetPoint` on the held-out data, with its thresholds.
     """
-    K = val_logits.shape[0]
+    confidence, prediction = _confidence(val_logits, "val_logits")
+    K = confidence.shape[0]
+    costs = _check_costs(costs, K)
+    check_target(val_labels, confidence.shape[1], val_logits.shape[2], name="val_labels")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise ValueError(f"Invalid budget: {budget!r}. Expected a finite number.")
     if budget < costs[0]:
         raise ValueError(f"A budget of {budget} is below the cost of the first exit ({costs[0]}).")
-    confidence, prediction = _confidence(val_logits)
 
     def at(q: float) -> BudgetPoint:
         thresholds = _thresholds(confidence, geometric_exit_distribution(q, K))

@@ -26,6 +26,12 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
             f"(shallow to deep). Found `{type(outputs).__name__}`. Make the model's forward return "
             f"`[logits_1, ..., logits_K]`, or wrap it with `metaweight.MultiExit`."
         )
+    if len(outputs) and isinstance(outputs[0], (list, tuple)) and all(isinstance(t, Tensor) for t in outputs[0]):
+        raise ValueError(
+            f"The {where} is a {type(outputs).__name__} whose first element is a list of {len(outputs[0])} tensors: it "
+            f"looks like `(exit_logits, extras)`. Give metaweight the list of exit logits alone, e.g. make the "
+            f"forward return only the logits, or wrap the model: `forward(x) = model(x)[0]`."
+        )
     if len(outputs) != num_exits:
         raise ValueError(
             f"The {where} has {len(outputs)} exits, but num_exits={num_exits}. Build the loss and "
@@ -52,33 +58,40 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
     return list(outputs)
 
 
-def stack_exit_logits(outputs: object, target: object, num_exits: int, where: str = "model output") -> Tensor:
-    """Check outputs and labels, then stack the logits to ``[K, B, C]`` (half precision raised to float32)."""
+def stack_exit_logits(outputs: object, target: object, num_exits: int,
+                      where: str = "model output") -> tuple[Tensor, Tensor]:
+    """Check outputs and labels, then stack the logits to ``[K, B, C]`` (half precision raised to float32);
+    returns them with the labels as ``torch.long``."""
     outputs = check_exit_outputs(outputs, num_exits, where)
     batch, classes = outputs[0].shape
     if batch == 0:
         raise ValueError(f"The batch of the {where} is empty: the losses are means over the batch and need a sample.")
-    check_target(target, batch, classes)
+    target = check_target(target, batch, classes)
     logits = torch.stack(outputs)
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits), target
 
 
-def check_target(target: object, batch_size: int, num_classes: int) -> Tensor:
-    """Check integer class labels of shape ``[batch_size]`` with values in ``[0, num_classes)``."""
+def check_target(target: object, batch_size: int, num_classes: int | None, name: str = "target") -> Tensor:
+    """Check integer class labels of shape ``[batch_size]`` with values in ``[0, num_classes)``.
+
+    Returns them as ``torch.long``: labels of any integer type (int32 from NumPy, uint8, ...) are
+    accepted and cast, as ``cross_entropy`` needs int64; float, bool and complex labels are refused.
+    """
     if not isinstance(target, Tensor):
-        raise ValueError(f"The target should be a Tensor of class indices. Found `{type(target).__name__}`.")
+        raise ValueError(f"The {name} should be a Tensor of class indices. Found `{type(target).__name__}`.")
     if target.dim() != 1 or target.shape[0] != batch_size:
         raise ValueError(
-            f"The target should have shape ({batch_size},) to match the logits' batch size. "
+            f"The {name} should have shape ({batch_size},) to match the logits' batch size. "
             f"Found shape {tuple(target.shape)}."
         )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise ValueError(f"The target should hold integer class indices (torch.long). Found {target.dtype}.")
+        raise ValueError(f"The {name} should hold integer class indices (torch.long). Found {target.dtype}.")
     if batch_size > 0:
         low, high = int(target.min()), int(target.max())
-        if low < 0 or high >= num_classes:
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            bound = f"[0, {num_classes - 1}]" if num_classes is not None else "[0, C)"
             raise ValueError(
-                f"The target holds labels in [{low}, {high}], but the logits have {num_classes} classes, "
-                f"so labels must lie in [0, {num_classes - 1}]."
+                f"The {name} holds labels in [{low}, {high}], but the logits have {num_classes} classes, "
+                f"so labels must lie in {bound}."
             )
-    return target
+    return target.long()

@@ -58,13 +58,27 @@ class EarlyExit(nn.Module):
         self.stages, self.heads = exit_parts(model)
         self.model = model
         thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
-        if thresholds.shape != (len(self.heads),):
+        if thresholds.dim() != 1 or thresholds.shape != (len(self.heads),):
             raise ValueError(f"Expected {len(self.heads)} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
+        if torch.isnan(thresholds).any():
+            raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
         self.register_buffer("thresholds", thresholds)
 
-    @torch.no_grad()
     def forward(self, x: Any) -> tuple[Tensor, Tensor]:
-        """Predicted classes ``[N]`` and the exit each sample left at ``[N]`` (0-based)."""
+        """Predicted classes ``[N]`` and the exit each sample left at ``[N]`` (0-based).
+
+        The model runs in eval mode (BatchNorm's running statistics, no dropout) whatever mode
+        it was left in, and is put back in its mode afterwards: predicting never changes it.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._run(x)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def _run(self, x: Any) -> tuple[Tensor, Tensor]:
         features = x
         first = x if isinstance(x, Tensor) else next(t for t in x if isinstance(t, Tensor))
         n = first.shape[0]

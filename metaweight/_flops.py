@@ -124,6 +124,9 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
     outputs = check_exit_outputs(outputs, num_exits if num_exits is not None else
                                  (len(outputs) if isinstance(outputs, (list, tuple)) else 1))
     batch = outputs[0].shape[0]
+    if batch == 0:
+        raise ValueError("`example_input` holds no sample (batch size 0); the costs are per sample. Pass a batch "
+                         "of at least one input.")
     macs, used, incremental = [], [], []
     ops_so_far, params_so_far, previous = 0, 0, 0
     for logits in outputs:

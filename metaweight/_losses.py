@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -80,10 +81,13 @@ class DenseDistillLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.num_exits = check_num_exits(num_exits)
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"Invalid temperature: {temperature!r}. Expected a number > 0.")
-        if teachers not in TEACHERS:
+        if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                                                  and temperature > 0):
+            raise ValueError(f"Invalid temperature: {temperature!r}. Expected a finite number > 0.")
+        if not isinstance(teachers, str) or teachers not in TEACHERS:
             raise ValueError(f"Invalid teachers: {teachers!r}. Expected one of {TEACHERS}.")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+            raise TypeError(f"Invalid label_smoothing: {label_smoothing!r}. Expected a number in [0, 1).")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"Invalid label_smoothing: {label_smoothing!r}. Expected a number in [0, 1).")
         self.temperature = float(temperature)
@@ -137,7 +141,7 @@ class DenseDistillLoss(nn.Module):
         Returns:
             A float32 (or float64, for float64 logits) tensor of shape ``[num_terms]``.
         """
-        logits = stack_exit_logits(outputs, target, self.num_exits)  # float32 under autocast
+        logits, target = stack_exit_logits(outputs, target, self.num_exits)  # float32 under autocast
         K = self.num_exits
         ce = exit_cross_entropy(logits, target, self.label_smoothing)
         if self._teacher.numel() == 0:

@@ -122,6 +122,8 @@ def preset(name: str, num_exits: int, *, temperature: float = 3.0, init: Any = "
         >>> p.weighter_options
         {'learn': True, 'init': 'uniform'}
     """
+    if not isinstance(name, str):
+        raise TypeError(f"`name` should be a method name, one of {list(METHODS)}. Found `{type(name).__name__}`.")
     key = name.lower().replace("-", "_")
     if key not in METHODS:
         raise ValueError(f"Unknown method {name!r}. Expected one of {list(METHODS)}.")

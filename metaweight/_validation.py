@@ -12,6 +12,9 @@ from metaweight._checks import check_num_exits, stack_exit_logits
 from metaweight._losses import exit_cross_entropy
 
 
+MIN_EXPECTED = 1e-4  # the floor of E[L_k] in the ratio: a cross-entropy of 1e-4 is 99.99% confidence
+
+
 class BalancedValidation(nn.Module):
     r"""Cross-entropy of every exit on held-out data, balanced by a ratio regularizer.
 
@@ -23,7 +26,9 @@ class BalancedValidation(nn.Module):
 
     with :math:`\mathbb{E}[L^{CE}_k]` an exponential moving average (Eq. 9):
     :math:`\mathbb{E} \leftarrow m\,\mathbb{E} + (1-m)\,L^{CE}_k`. The ratio term keeps the
-    large losses of early exits from dominating the meta-gradient.
+    large losses of early exits from dominating the meta-gradient. The average in the ratio is
+    floored at ``1e-4``, so an exit whose held-out loss is exactly 0 (a confident pretrained
+    net, one class) gives a finite objective instead of 0/0.
 
     The average is a buffer (so it is in :meth:`state_dict`). Computing the objective never
     changes it: the :class:`HarmonizedWeighter` calls :meth:`update` once per meta step,
@@ -51,9 +56,9 @@ class BalancedValidation(nn.Module):
     def __init__(self, num_exits: int, alpha: float = 0.5, momentum: float = 0.9) -> None:
         super().__init__()
         self.num_exits = check_num_exits(num_exits)
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"Invalid alpha: {alpha!r}. Expected a number in [0, 1].")
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+        if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"Invalid momentum: {momentum!r}. Expected a number in [0, 1).")
         self.alpha = float(alpha)
         self.momentum = float(momentum)
@@ -67,11 +72,14 @@ class BalancedValidation(nn.Module):
 
     def exit_losses(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
         """The cross-entropy of each exit, a tensor of shape ``[num_exits]``."""
-        logits = stack_exit_logits(outputs, target, self.num_exits, where="model output on the validation batch")
+        logits, target = stack_exit_logits(outputs, target, self.num_exits, where="model output on the validation batch")
         return exit_cross_entropy(logits, target)
 
     def objective(self, exit_losses: Tensor) -> Tensor:
         """Eq. 10 for given per-exit losses, against the current moving average."""
+        if not isinstance(exit_losses, Tensor):
+            raise TypeError(f"`exit_losses` should be a Tensor of {self.num_exits} losses. "
+                            f"Found `{type(exit_losses).__name__}`.")
         if exit_losses.shape != (self.num_exits,):
             raise ValueError(
                 f"Expected one loss per exit, shape ({self.num_exits},). Found {tuple(exit_losses.shape)}."
@@ -80,7 +88,8 @@ class BalancedValidation(nn.Module):
         if self.alpha == 1.0:
             return total
         expected = self.expected.to(exit_losses) if self.initialized else exit_losses.detach()
-        ratio = F.softplus(exit_losses / expected - 1.0).sum()
+        # an exit already at (nearly) zero loss would make the ratio 0/0: its average is floored
+        ratio = F.softplus(exit_losses / expected.clamp_min(MIN_EXPECTED) - 1.0).sum()
         return self.alpha * total + (1.0 - self.alpha) * ratio
 
     def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
@@ -90,6 +99,9 @@ class BalancedValidation(nn.Module):
     @torch.no_grad()
     def update(self, exit_losses: Tensor) -> None:
         """Fold detached per-exit losses into the moving average (Eq. 9)."""
+        if not isinstance(exit_losses, Tensor):
+            raise TypeError(f"`exit_losses` should be a Tensor of {self.num_exits} losses. "
+                            f"Found `{type(exit_losses).__name__}`.")
         losses = exit_losses.detach().to(self.expected)
         if losses.shape != self.expected.shape:
             raise ValueError(f"Expected one loss per exit, shape ({self.num_exits},). Found {tuple(losses.shape)}.")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -140,8 +141,9 @@ class HarmonizedWeighter:
                 f"The criterion has num_exits={criterion.num_exits} but the validation objective has "
                 f"num_exits={validation.num_exits}. Build both for the model's number of exits."
             )
-        if not (isinstance(gamma_lr, (int, float)) and gamma_lr >= 0):
-            raise ValueError(f"Invalid gamma_lr: {gamma_lr!r}. Expected a number >= 0.")
+        if isinstance(gamma_lr, bool) or not (isinstance(gamma_lr, (int, float)) and math.isfinite(gamma_lr)
+                                               and gamma_lr >= 0):
+            raise ValueError(f"Invalid gamma_lr: {gamma_lr!r}. Expected a finite number >= 0.")
         if not (gamma_optimizer is None or callable(gamma_optimizer) or gamma_optimizer in GAMMA_OPTIMIZERS):
             raise ValueError(f"Invalid gamma_optimizer: {gamma_optimizer!r}. Expected one of {GAMMA_OPTIMIZERS} or "
                              f"a callable taking [gamma] and returning a torch.optim.Optimizer.")
@@ -154,8 +156,9 @@ class HarmonizedWeighter:
             raise ValueError(f"Invalid backend: {backend!r}. Expected one of {BACKENDS}.")
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
             raise ValueError(f"Invalid meta_every: {meta_every!r}. Expected an int >= 1.")
-        if fd_epsilon is not None and not (isinstance(fd_epsilon, (int, float)) and fd_epsilon > 0):
-            raise ValueError(f"Invalid fd_epsilon: {fd_epsilon!r}. Expected a number > 0, or None.")
+        if fd_epsilon is not None and not (isinstance(fd_epsilon, (int, float)) and math.isfinite(fd_epsilon)
+                                           and fd_epsilon > 0):
+            raise ValueError(f"Invalid fd_epsilon: {fd_epsilon!r}. Expected a finite number > 0, or None.")
         check_optimizer_covers_model(inner, model)
         distributed = isinstance(model, nn.parallel.DistributedDataParallel)
         module = model.module if distributed else model
@@ -212,6 +215,10 @@ class HarmonizedWeighter:
         self._active = criterion.active.to(device)
         self.gamma: Tensor = self._initial_gamma(init, generator).to(device)  # a plain tensor; its optimizer reads .grad
         self._gamma_sum = float(self.gamma.detach().sum())
+        if self.learn and constraint == "normalize" and self._gamma_sum == 0:
+            raise ValueError("constraint='normalize' keeps the sum of gamma, but `init` gives every term weight 0: "
+                             "gamma could never move. Start from a non-zero init (e.g. 'uniform').")
+        self.num_skipped = 0  # meta steps and model steps refused as non-finite
         if gamma_optimizer is None:
             gamma_optimizer = "sgd"
         if isinstance(gamma_optimizer, str):
@@ -355,14 +362,23 @@ class HarmonizedWeighter:
                 f"validation average were left unchanged. Check the data and the learning rates "
                 f"(or pass nonfinite='skip' to skip such steps)."
             )
-            if self.nonfinite == "raise":
-                raise ValueError(message)
-            return {"skipped": True, "val_objective": float(objective), "val_exit_losses": exit_losses.tolist()}
+            return self._refuse(message, objective, exit_losses)
+        saved_gamma = self.gamma.detach().clone()
+        saved_optimizer = copy.deepcopy(self.gamma_optimizer.state_dict())
         self.gamma_optimizer.zero_grad(set_to_none=True)
         self.gamma.grad = gamma_grad.to(self.gamma)
         self.gamma_optimizer.step()
         self.gamma.grad = None
         self._project()
+        total = float(self.gamma.detach().sum())
+        if not math.isfinite(total) or (self.constraint == "normalize" and total == 0):
+            with torch.no_grad():
+                self.gamma.copy_(saved_gamma)
+            self.gamma_optimizer.load_state_dict(saved_optimizer)
+            message = (f"gamma's own optimizer step gave {'non-finite' if not math.isfinite(total) else 'all-zero'} "
+                       f"weights (meta-gradient {gamma_grad.tolist()}); gamma, its optimizer and the validation "
+                       f"average were left unchanged. Lower gamma_lr or check the gamma optimizer.")
+            return self._refuse(message, objective, exit_losses)
         self.validation.update(exit_losses)
         self.num_meta_steps += 1
         self.last_meta = {
@@ -379,6 +395,14 @@ class HarmonizedWeighter:
             for callback in self.callbacks:
                 callback(record)
         return self.last_meta
+
+    def _refuse(self, message: str, objective: Tensor, exit_losses: Tensor) -> dict[str, Any]:
+        """A meta step that changed nothing: raise, or count it, warn and report it skipped."""
+        if self.nonfinite == "raise":
+            raise ValueError(message)
+        self.num_skipped += 1
+        warnings.warn(f"Skipped a meta step ({self.num_skipped} so far): {message}", RuntimeWarning, stacklevel=4)
+        return {"skipped": True, "val_objective": float(objective), "val_exit_losses": exit_losses.tolist()}
 
     @torch.no_grad()
     def _project(self) -> None:
@@ -402,26 +426,67 @@ class HarmonizedWeighter:
         of 1.15x the peak memory of a plain iteration). If anything fails, the model's buffers
         are restored.
 
-        Returns the meta-step metrics plus ``loss``, the weighted training loss.
+        A step whose weighted loss or gradient is not finite (on any rank) is never taken:
+        the model's parameters, buffers and optimizer state, gamma and the validation
+        average are left as they were before the call; with ``nonfinite="raise"`` a
+        ``ValueError`` says so, with ``"skip"`` a ``RuntimeWarning`` does and
+        :attr:`num_skipped` counts it.
+
+        Returns the meta-step metrics plus ``loss``, the weighted training loss, and
+        ``model_step_skipped``.
         """
         x, y = _unpack(train_batch, "train_batch")
         keep = self.reuse_forward and self.backend != "higher"
-        saved = {n: b.clone() for n, b in self.model.named_buffers()} if keep else None
+        saved = self._snapshot()
         try:
             metrics, terms = self._meta(train_batch, val_batch, keep_graph=keep)
+            if terms is None:
+                terms = self.criterion(self.model(x), y)
+            loss = self._weighted(terms)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
         except Exception:
-            if saved is not None:
-                with torch.no_grad():
-                    for n, b in self.model.named_buffers():
-                        b.copy_(saved[n])
+            self._restore(saved)
             raise
-        if terms is None:
-            terms = self.criterion(self.model(x), y)
-        loss = self._weighted(terms)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if not self._finite_update(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore(saved)
+            message = (f"The weighted training loss ({float(loss.detach())}) or its gradient is not finite "
+                       f"(non-finite terms: {[n for n, t in self.terms_dict().items() if not math.isfinite(t)] or 'none'}"
+                       f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
+                       f"average are as before this call. Check the batch and the learning rate.")
+            if self.nonfinite == "raise":
+                raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
+            self.num_skipped += 1
+            warnings.warn(f"Skipped a model step ({self.num_skipped} skipped so far): {message}", RuntimeWarning,
+                          stacklevel=2)
+            return {**metrics, "loss": float(loss.detach()), "model_step_skipped": True}
         self.optimizer.step()
-        return {**metrics, "loss": float(loss.detach())}
+        return {**metrics, "loss": float(loss.detach()), "model_step_skipped": False}
+
+    def _snapshot(self) -> tuple[dict[str, Tensor], dict[str, Any], int]:
+        """What one call of :meth:`step` may change besides the parameters: buffers and our own state."""
+        buffers = {n: b.clone() for n, b in self.module.named_buffers()}
+        return buffers, self.state_dict(), self.num_calls
+
+    def _restore(self, saved: tuple[dict[str, Tensor], dict[str, Any], int]) -> None:
+        buffers, state, num_calls = saved
+        with torch.no_grad():
+            for n, b in self.module.named_buffers():
+                b.copy_(buffers[n])
+            self.gamma.copy_(state["gamma"].to(self.gamma))
+        self.gamma_optimizer.load_state_dict(state["gamma_optimizer"])
+        self.validation.load_state_dict(state["validation"])
+        self.num_meta_steps, self.num_calls, self.num_skipped = state["num_meta_steps"], num_calls, state["num_skipped"]
+
+    def _finite_update(self, loss: Tensor) -> bool:
+        """Whether the loss and every gradient are finite, on every rank (one all-reduce under DDP)."""
+        finite = torch.isfinite(loss.detach()).all()
+        for p in self.module.parameters():
+            if p.grad is not None:
+                finite = finite & torch.isfinite(p.grad).all()
+        flag = finite.float().reshape(1)
+        return bool(self._reducer.mean([flag])[0].item() == 1.0)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -430,39 +495,102 @@ class HarmonizedWeighter:
             "term_names": list(self.term_names),
             "teachers": self.criterion.teachers,
             "gamma": self.gamma.detach().cpu().clone(),
-            "gamma_optimizer": self.gamma_optimizer.state_dict(),
+            "gamma_optimizer": copy.deepcopy(self.gamma_optimizer.state_dict()),
+            "gamma_optimizer_type": type(self.gamma_optimizer).__name__,
             "validation": {k: v.cpu().clone() for k, v in self.validation.state_dict().items()},
             "num_meta_steps": self.num_meta_steps,
             "num_calls": self.num_calls,
+            "num_skipped": self.num_skipped,
             "gamma_sum": self._gamma_sum,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; refuses one saved for other terms, changing nothing."""
-        names = state_dict.get("term_names")
+        """Restore :meth:`state_dict`. The whole checkpoint is checked first; a checkpoint saved for
+        other terms, with another gamma optimizer, with a key missing or with non-finite or negative
+        values is refused with a ``ValueError`` (a ``TypeError`` for a non-dict), changing nothing."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"`state_dict` should be a dict from HarmonizedWeighter.state_dict(). "
+                            f"Found `{type(state_dict).__name__}`.")
+        required = ("term_names", "teachers", "gamma", "gamma_optimizer", "validation", "num_meta_steps", "gamma_sum")
+        missing = [k for k in required if k not in state_dict]
+        if missing:
+            raise ValueError(f"This checkpoint lacks {missing}: it is not a complete HarmonizedWeighter.state_dict() "
+                             f"(keys found: {sorted(state_dict)}). Nothing was changed.")
+        names = state_dict["term_names"]
         if names != self.term_names:
             raise ValueError(
                 f"This checkpoint is for the terms {names} ({_count_exits(names)} exits), but this weighter "
                 f"has {self.term_names} ({self.criterion.num_exits} exits). Build the weighter with the "
                 f"criterion the checkpoint was saved with."
             )
-        if state_dict.get("teachers") != self.criterion.teachers:
+        if state_dict["teachers"] != self.criterion.teachers:
             raise ValueError(
-                f"This checkpoint was saved with teachers={state_dict.get('teachers')!r}, but this criterion has "
+                f"This checkpoint was saved with teachers={state_dict['teachers']!r}, but this criterion has "
                 f"teachers={self.criterion.teachers!r}."
             )
-        gamma = torch.as_tensor(state_dict["gamma"])
-        if gamma.shape != self.gamma.shape or (gamma[~self.criterion.active] != 0).any():
+        gamma = state_dict["gamma"]
+        if not isinstance(gamma, Tensor) or gamma.shape != self.gamma.shape or not gamma.is_floating_point():
+            raise ValueError(f"The checkpoint's gamma should be a float tensor of shape {tuple(self.gamma.shape)}. "
+                             f"Found {gamma!r}.")
+        if not torch.isfinite(gamma).all() or (gamma < 0).any():
+            raise ValueError(f"The checkpoint's gamma {gamma.tolist()} holds non-finite or negative weights.")
+        if (gamma[~self.criterion.active.cpu()] != 0).any():
             raise ValueError(f"The checkpoint's gamma {gamma.tolist()} does not fit the terms {self.term_names}.")
         validation = BalancedValidation(self.validation.num_exits, self.validation.alpha, self.validation.momentum)
-        validation.load_state_dict(state_dict["validation"])  # check before touching our own
-        self.gamma_optimizer.load_state_dict(state_dict["gamma_optimizer"])
+        if not isinstance(state_dict["validation"], Mapping):
+            raise ValueError("The checkpoint's `validation` should be the validation objective's state_dict.")
+        try:
+            validation.load_state_dict(state_dict["validation"])  # check before touching our own
+        except RuntimeError as exc:
+            raise ValueError(f"The checkpoint's validation average does not fit: {exc}") from None
+        if not torch.isfinite(validation.expected).all() or (validation.expected < 0).any():
+            raise ValueError(f"The checkpoint's validation average {validation.expected.tolist()} is not finite "
+                             f"and >= 0.")
+        self._check_gamma_optimizer_state(state_dict)
+        counts = {k: state_dict.get(k, 0) for k in ("num_meta_steps", "num_calls", "num_skipped")}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
+            raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
+        gamma_sum = state_dict["gamma_sum"]
+        if not (isinstance(gamma_sum, (int, float)) and math.isfinite(gamma_sum) and gamma_sum >= 0):
+            raise ValueError(f"The checkpoint's gamma_sum {gamma_sum!r} should be a finite number >= 0.")
+        # everything checked: now apply
+        self.gamma_optimizer.load_state_dict(copy.deepcopy(state_dict["gamma_optimizer"]))
         with torch.no_grad():
             self.gamma.copy_(gamma)
         self.validation.load_state_dict(state_dict["validation"])
-        self.num_meta_steps = int(state_dict["num_meta_steps"])
+        self.num_meta_steps = counts["num_meta_steps"]
         self.num_calls = int(state_dict.get("num_calls", self.num_meta_steps))
-        self._gamma_sum = float(state_dict["gamma_sum"])
+        self.num_skipped = counts["num_skipped"]
+        self._gamma_sum = float(gamma_sum)
+
+    def _check_gamma_optimizer_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Refuse a gamma-optimizer state that this weighter's gamma optimizer could not use."""
+        saved = state_dict["gamma_optimizer"]
+        mine = type(self.gamma_optimizer).__name__
+        kind = state_dict.get("gamma_optimizer_type")
+        if kind is not None and kind != mine:
+            raise ValueError(f"This checkpoint's gamma optimizer is {kind}, but this weighter's is {mine}. Build the "
+                             f"weighter with the gamma_optimizer the checkpoint was saved with.")
+        if not (isinstance(saved, Mapping) and isinstance(saved.get("param_groups"), list)
+                and isinstance(saved.get("state"), Mapping) and len(saved["param_groups"]) == 1):
+            raise ValueError("The checkpoint's `gamma_optimizer` is not the state_dict of an optimizer of gamma.")
+        # an optimizer's hyper-parameters name its kind: SGD's momentum/nesterov, Adam's betas/eps
+        current = self.gamma_optimizer.state_dict()["param_groups"][0]
+        telling = {"momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "alpha", "centered", "lr_decay",
+                   "rho", "etas", "step_sizes"}
+        if {k for k in saved["param_groups"][0] if k in telling} != {k for k in current if k in telling}:
+            raise ValueError(f"This checkpoint's gamma optimizer has the settings {sorted(saved['param_groups'][0])}, "
+                             f"which are not those of this weighter's {mine}. Build the weighter with the "
+                             f"gamma_optimizer the checkpoint was saved with.")
+        scratch = copy.deepcopy(self.gamma_optimizer)
+        try:
+            scratch.load_state_dict(copy.deepcopy(saved))
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"The checkpoint's gamma optimizer state does not load into {mine}: {exc}") from None
+        for value in saved["state"].values():
+            for t in value.values() if isinstance(value, Mapping) else []:
+                if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError("The checkpoint's gamma optimizer state holds non-finite values.")
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,342 @@
+"""Faults found by an adversarial review (issue 13): each test failed before its fix.
+
+Nothing lost: on every refused input the model, the optimizer state, gamma and the validation
+average stay bitwise as they were; evaluation refuses what it cannot score."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import metaweight as mw
+from conftest import batch, tiny_net
+from test_errors import assert_same, snapshot
+
+
+def make(K=3, optimizer="sgd", **kwargs):
+    model = tiny_net(K)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    return model, opt, mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(K), **kwargs)
+
+
+def nan_batch():
+    x, y = batch()
+    x[0, 0] = float("nan")
+    return x, y
+
+
+# ------------------------------------------------------------------ 1. skip must not destroy the model
+@pytest.mark.parametrize("learn", [True, False])
+def test_skip_leaves_the_model_untouched_on_a_nan_training_batch(learn):
+    model, opt, w = make(nonfinite="skip", learn=learn)
+    w.step(batch(), batch())  # momentum buffers exist
+    before = snapshot(model, opt, w)
+    with pytest.warns(RuntimeWarning, match="Skipped"):
+        metrics = w.step(nan_batch(), batch())
+    assert metrics["model_step_skipped"] is True
+    assert w.num_skipped >= 1
+    assert_same(before, snapshot(model, opt, w))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    w.step(batch(), batch())  # training goes on
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_raise_refuses_a_nan_training_batch_and_changes_nothing(learn):
+    model, opt, w = make(learn=learn)
+    w.step(batch(), batch())
+    before = snapshot(model, opt, w)
+    with pytest.raises(ValueError, match="[Nn]on-finite|not finite"):
+        w.step(nan_batch(), batch())
+    assert_same(before, snapshot(model, opt, w))
+
+
+def test_exploding_learning_rate_is_refused_before_the_parameters_overflow():
+    model, opt, w = make(nonfinite="skip", learn=False)
+    for group in opt.param_groups:
+        group["lr"] = 1e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(6):
+            w.step(batch(), batch())
+    # parameters may have grown huge but never hold inf or NaN
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ 2. balanced objective at zero loss
+def test_balanced_objective_is_finite_when_an_exit_loss_is_exactly_zero():
+    v = mw.BalancedValidation(3, alpha=0.5)
+    losses = torch.tensor([0.0, 0.7, 0.0], requires_grad=True)
+    objective = v.objective(losses)
+    assert torch.isfinite(objective)
+    # by the formula: 0.5 * 0.7 + 0.5 * (softplus(-1) + softplus(0) + softplus(-1)) before the first update
+    expected = 0.5 * 0.7 + 0.5 * (2 * math.log1p(math.exp(-1.0)) + math.log(2.0))
+    assert float(objective.detach()) == pytest.approx(expected, rel=1e-6)
+    (grad,) = torch.autograd.grad(objective, losses)
+    assert torch.isfinite(grad).all()
+
+
+def test_meta_step_learns_when_a_validation_loss_is_exactly_zero():
+    model = tiny_net(2, batchnorm=False)
+    with torch.no_grad():  # the first exit is certain of class 0 on every input: CE exactly 0
+        model.heads[0].weight.zero_()
+        model.heads[0].bias.copy_(torch.tensor([1e4, 0, 0, 0, 0]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(2), gamma_lr=0.1)
+    xv = torch.randn(8, 6)
+    metrics = w.meta_step(batch(), (xv, torch.zeros(8, dtype=torch.long)))
+    assert metrics["skipped"] is False and metrics["val_exit_losses"][0] == 0.0
+    assert math.isfinite(metrics["val_objective"]) and w.num_meta_steps == 1
+
+
+# ------------------------------------------------------------------ 3. checkpoints checked as a whole
+def test_checkpoint_of_another_gamma_optimizer_is_refused():
+    _, _, sgd = make()
+    sgd.step(batch(), batch())
+    model, opt, adam = make(gamma_optimizer="adam")
+    adam.step(batch(), batch())
+    before = snapshot(model, opt, adam)
+    with pytest.raises(ValueError, match="gamma optimizer is SGD.*Adam"):
+        adam.load_state_dict(sgd.state_dict())
+    old_style = sgd.state_dict()
+    del old_style["gamma_optimizer_type"]  # checkpoints written before the type was recorded
+    with pytest.raises(ValueError, match="settings"):
+        adam.load_state_dict(old_style)
+    assert_same(before, snapshot(model, opt, adam))
+    adam.step(batch(), batch())  # still usable
+
+
+@pytest.mark.parametrize("key", ["gamma", "gamma_optimizer", "validation", "num_meta_steps", "gamma_sum",
+                                 "term_names"])
+def test_checkpoint_missing_a_key_is_refused_before_anything_changes(key):
+    model, opt, w = make()
+    w.step(batch(), batch())
+    state = w.state_dict()
+    w.step(batch(), batch())
+    before = snapshot(model, opt, w)
+    del state[key]
+    with pytest.raises(ValueError, match=key):
+        w.load_state_dict(state)
+    assert_same(before, snapshot(model, opt, w))
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda s: s["gamma"].__setitem__(0, float("nan")),
+    lambda s: s["gamma"].__setitem__(1, float("inf")),
+    lambda s: s["gamma"].__setitem__(2, -0.5),
+    lambda s: s["validation"]["expected"].__setitem__(0, float("nan")),
+    lambda s: s.__setitem__("num_meta_steps", -1),
+    lambda s: s.__setitem__("gamma_sum", float("nan")),
+    lambda s: s["gamma_optimizer"]["param_groups"].append({}),
+])
+def test_checkpoint_with_bad_values_is_refused(corrupt):
+    model, opt, w = make()
+    w.step(batch(), batch())
+    state = copy.deepcopy(w.state_dict())
+    corrupt(state)
+    before = snapshot(model, opt, w)
+    with pytest.raises(ValueError):
+        w.load_state_dict(state)
+    assert_same(before, snapshot(model, opt, w))
+
+
+def test_load_state_dict_of_a_non_dict_is_a_type_error():
+    _, _, w = make()
+    with pytest.raises(TypeError, match="state_dict"):
+        w.load_state_dict(None)
+
+
+# ------------------------------------------------------------------ 4. gamma's own step, hyper-parameters
+def test_gamma_optimizer_producing_nan_is_refused_and_gamma_kept():
+    model, opt, w = make(gamma_optimizer=lambda p: torch.optim.SGD(p, lr=float("nan")))
+    before = snapshot(model, opt, w)
+    gamma_opt_state = copy.deepcopy(w.gamma_optimizer.state_dict())
+    with pytest.raises(ValueError, match="gamma's own optimizer step"):
+        w.meta_step(batch(), batch())
+    assert_same(before, snapshot(model, opt, w))
+    assert w.gamma_optimizer.state_dict() == gamma_opt_state
+    assert torch.isfinite(w.gamma).all()
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"gamma_lr": float("inf")}, "gamma_lr"),
+    ({"gamma_lr": float("nan")}, "gamma_lr"),
+    ({"fd_epsilon": float("inf")}, "fd_epsilon"),
+    ({"init": torch.zeros(6), "constraint": "normalize"}, "normalize"),
+    ({"gamma_optimizer": "rmsprop"}, "gamma_optimizer"),
+])
+def test_non_finite_or_useless_settings_are_refused(options, match):
+    model = tiny_net(3)
+    with pytest.raises(ValueError, match=match):
+        mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3), **options)
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), 0, -1, True])
+def test_bad_temperature_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        mw.DenseDistillLoss(3, temperature=temperature)
+
+
+# ------------------------------------------------------------------ 5. evaluation as careful as training
+def test_anytime_accuracy_refuses_out_of_range_labels_and_empty_input():
+    logits = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="labels in"):
+        mw.anytime_accuracy_from_logits(logits, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="no exit, sample or class"):
+        mw.anytime_accuracy_from_logits(torch.randn(2, 0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="topk"):
+        mw.anytime_accuracy_from_logits(logits, torch.tensor([0, 1, 2, 2]), topk=(0,))
+
+
+def test_budget_functions_refuse_empty_nan_and_wrong_thresholds():
+    val, yv = torch.randn(3, 50, 4), torch.randint(0, 4, (50,))
+    costs = [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="no exit, sample or class"):
+        mw.budgeted_curve(torch.randn(3, 0, 4), yv[:0], val, yv, costs)
+    with pytest.raises(ValueError, match="budget"):
+        mw.thresholds_for_budget(val, yv, costs, float("nan"))
+    with pytest.raises(ValueError, match="3 thresholds"):
+        mw.exit_assignment(val, torch.tensor(0.5))  # one threshold would broadcast over every exit
+    with pytest.raises(ValueError, match="3 thresholds"):
+        mw.evaluate_thresholds(val, yv, torch.tensor([0.5, 0.5]), costs)
+    with pytest.raises(ValueError, match="NaN"):
+        mw.evaluate_thresholds(val, yv, torch.tensor([0.5, float("nan"), 0.0]), costs)
+    with pytest.raises(ValueError, match="one cost per exit"):
+        mw.budgeted_curve(val, yv, val, yv, [1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        mw.budgeted_curve(val, yv, val, yv, [1.0, float("nan"), 3.0])
+    with pytest.raises(ValueError, match="labels in"):
+        mw.budgeted_curve(val, yv + 10, val, yv, costs)
+
+
+def test_exit_costs_refuses_an_empty_input():
+    net = mw.MultiExit([nn.Linear(4, 4)], [nn.Linear(4, 2)])
+    with pytest.raises(ValueError, match="batch size 0"):
+        mw.exit_costs(net, torch.randn(0, 4))
+
+
+class PairInput(nn.Module):
+    """A model taking a pair (or a dict) of tensors as its one input, as the weighter allows."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_net(2)
+
+    def forward(self, inputs):
+        a, b = (inputs["a"], inputs["b"]) if isinstance(inputs, dict) else inputs
+        return self.net(a + b)
+
+
+def test_collect_logits_takes_tuple_and_dict_inputs_like_the_weighter():
+    model = PairInput().eval()
+    a, b, y = torch.randn(5, 6), torch.randn(5, 6), torch.randint(0, 5, (5,))
+    reference = torch.stack(model(a + b) if False else model((a, b)))
+    for inputs in ((a, b), [a, b], {"a": a, "b": b}):
+        logits, labels = mw.collect_logits(model, [(inputs, y)])
+        assert torch.equal(logits, reference) and torch.equal(labels, y)
+    w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2))
+    w.step(((a, b), y), ({"a": a, "b": b}, y))
+
+
+def test_early_exit_on_a_model_left_in_train_mode_predicts_in_eval_mode_and_keeps_its_statistics():
+    model = tiny_net(3)
+    model.train()
+    x = torch.randn(20, 6)
+    for _ in range(3):
+        model(torch.randn(32, 6) * 3 + 1)  # running statistics far from the test batch's
+    stats = copy.deepcopy(model.state_dict())
+    thresholds = torch.tensor([0.5, 0.4, 0.0])
+    predictions, exits = mw.EarlyExit(model, thresholds)(x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, stats[k]), k
+    assert model.training  # its mode is given back
+    model.eval()
+    expected_exits, expected_predictions = mw.exit_assignment(torch.stack(model(x)), thresholds)
+    assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected_predictions)
+
+
+# ------------------------------------------------------------------ 6. clear errors
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int8])
+def test_integer_labels_of_any_width_are_accepted_as_long(dtype):
+    logits = [torch.randn(4, 5, dtype=torch.float64) for _ in range(3)]
+    y = torch.tensor([0, 1, 4, 2])
+    criterion, validation = mw.DenseDistillLoss(3), mw.BalancedValidation(3)
+    assert torch.equal(criterion(logits, y.to(dtype)), criterion(logits, y))
+    assert torch.equal(validation(logits, y.to(dtype)), validation(logits, y))
+    result = mw.anytime_accuracy_from_logits(torch.stack(logits), y.to(dtype))
+    assert result.accuracy == mw.anytime_accuracy_from_logits(torch.stack(logits), y).accuracy
+
+
+def test_model_returning_logits_and_features_gets_the_right_advice():
+    logits = [torch.randn(4, 5) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"\(exit_logits, extras\)"):
+        mw.DenseDistillLoss(3)((logits, torch.randn(4, 8)), torch.tensor([0, 1, 2, 3]))
+
+
+def test_wrong_argument_types_name_the_argument():
+    with pytest.raises(TypeError, match="`name`"):
+        mw.preset(None, 3)
+    with pytest.raises(TypeError, match="label_smoothing"):
+        mw.DenseDistillLoss(3, label_smoothing="0.1")
+    with pytest.raises(TypeError, match="exit_losses"):
+        mw.BalancedValidation(3).objective([1.0, 2.0, 3.0])
+    with pytest.raises(TypeError, match="thresholds"):
+        mw.exit_assignment(torch.randn(3, 4, 5), [0.5, 0.5, 0.5])
+    with pytest.raises(TypeError, match="logits"):
+        mw.anytime_accuracy_from_logits([[0.1]], torch.tensor([0]))
+
+
+# ------------------------------------------------------------------ checkpoints on disk
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, opt, w = make()
+    path = tmp_path / "run.pt"
+    mw.save_checkpoint({"weighter": w.state_dict()}, path)
+    good = path.read_bytes()
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt  # the job is killed halfway through writing
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        mw.save_checkpoint({"weighter": w.state_dict()}, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_checkpoint_file_gets_a_clear_error_and_changes_nothing(tmp_path, damage):
+    model, opt, w = make()
+    w.step(batch(), batch())
+    path = tmp_path / "run.pt"
+    mw.save_checkpoint({"weighter": w.state_dict()}, path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00not a checkpoint" * 10,
+                      "empty": b""}[damage])
+    before = snapshot(model, opt, w)
+    with pytest.raises(ValueError, match="damaged"):
+        w.load_state_dict(mw.load_checkpoint(path)["weighter"])
+    assert_same(before, snapshot(model, opt, w))
+
+
+def test_checkpoint_round_trip_resumes_bit_for_bit(tmp_path):
+    model, opt, w = make(gamma_optimizer="adam", gamma_lr=0.05)
+    w.step(batch(), batch())
+    mw.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "weighter": w.state_dict()},
+                       tmp_path / "c.pt")
+    state = mw.load_checkpoint(tmp_path / "c.pt")
+    model2, opt2, w2 = make(gamma_optimizer="adam", gamma_lr=0.05)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["optimizer"])
+    w2.load_state_dict(state["weighter"])
+    b, v = batch(), batch()
+    w.step(b, v)
+    w2.step(b, v)
+    assert torch.equal(w.gamma, w2.gamma)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
