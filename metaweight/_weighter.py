@@ -451,7 +451,8 @@ class HarmonizedWeighter:
         if not self._finite_update(loss):
             self.optimizer.zero_grad(set_to_none=True)
             self._restore(saved)
-            message = (f"The weighted training loss ({float(loss.detach())}) or its gradient is not finite "
+            message = (f"The weighted training loss ({float(loss.detach())}), its gradient or a buffer the forward "
+                       f"updated (e.g. BatchNorm statistics) is not finite "
                        f"(non-finite terms: {[n for n, t in self.terms_dict().items() if not math.isfinite(t)] or 'none'}"
                        f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
                        f"average are as before this call. Check the batch and the learning rate.")
@@ -480,11 +481,15 @@ class HarmonizedWeighter:
         self.num_meta_steps, self.num_calls, self.num_skipped = state["num_meta_steps"], num_calls, state["num_skipped"]
 
     def _finite_update(self, loss: Tensor) -> bool:
-        """Whether the loss and every gradient are finite, on every rank (one all-reduce under DDP)."""
+        """Whether the loss, every gradient and every floating-point buffer (BatchNorm statistics, just
+        updated by the forward) are finite, on every rank (one all-reduce under DDP)."""
         finite = torch.isfinite(loss.detach()).all()
         for p in self.module.parameters():
             if p.grad is not None:
                 finite = finite & torch.isfinite(p.grad).all()
+        for b in self.module.buffers():
+            if b.is_floating_point():
+                finite = finite & torch.isfinite(b).all()
         flag = finite.float().reshape(1)
         return bool(self._reducer.mean([flag])[0].item() == 1.0)
 
@@ -517,13 +522,15 @@ class HarmonizedWeighter:
             raise ValueError(f"This checkpoint lacks {missing}: it is not a complete HarmonizedWeighter.state_dict() "
                              f"(keys found: {sorted(state_dict)}). Nothing was changed.")
         names = state_dict["term_names"]
-        if names != self.term_names:
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"The checkpoint's term_names should be a list of names. Found `{type(names).__name__}`.")
+        if list(names) != self.term_names:
             raise ValueError(
                 f"This checkpoint is for the terms {names} ({_count_exits(names)} exits), but this weighter "
                 f"has {self.term_names} ({self.criterion.num_exits} exits). Build the weighter with the "
                 f"criterion the checkpoint was saved with."
             )
-        if state_dict["teachers"] != self.criterion.teachers:
+        if not isinstance(state_dict["teachers"], str) or state_dict["teachers"] != self.criterion.teachers:
             raise ValueError(
                 f"This checkpoint was saved with teachers={state_dict['teachers']!r}, but this criterion has "
                 f"teachers={self.criterion.teachers!r}."

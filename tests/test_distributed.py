@@ -86,3 +86,63 @@ def test_ddp_refuses_higher_and_forward_reuse():
         assert w.module is model.module
     finally:
         dist.destroy_process_group()
+
+
+def _faulty_worker(rank, world, init_file, mode, learn, out_dir):
+    """Rank 1 gets a NaN training batch at the second step; the ranks must agree and lose nothing."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), gamma_lr=0.5, nonfinite=mode,
+                                  learn=learn)
+        outcome = []
+        for step, ((x, y), (xv, yv)) in enumerate(global_batches()):
+            x, y, xv, yv = x[rank::world].clone(), y[rank::world], xv[rank::world], yv[rank::world]
+            if step == 1 and rank == 1:
+                x[0, 0] = float("nan")
+            before = [p.detach().clone() for p in model.module.parameters()]
+            try:
+                with _quiet_warnings():
+                    metrics = w.step((x, y), (xv, yv))
+                outcome.append("skipped" if metrics.get("model_step_skipped") else "ok")
+            except ValueError:
+                outcome.append("raised")
+                assert all(torch.equal(a, b) for a, b in zip(before, model.module.parameters()))
+        torch.save({"outcome": outcome, "gamma": w.gamma, "skipped": w.num_skipped,
+                    "params": [p.detach() for p in model.module.parameters()]}, os.path.join(out_dir, f"f{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+class _quiet_warnings:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+@pytest.mark.parametrize("learn", [True, False])
+def test_ddp_one_faulty_rank_neither_hangs_nor_diverges(mode, learn, tmp_path):
+    ctx = mp.start_processes(_faulty_worker, args=(2, str(tmp_path / "init"), mode, learn, str(tmp_path)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = 120
+    import time
+    start = time.time()
+    while not ctx.join(timeout=5):
+        if time.time() - start > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"DDP with a faulty rank hung for {deadline}s")
+    ranks = [torch.load(tmp_path / f"f{r}.pt") for r in range(2)]
+    expected = ["ok", "raised" if mode == "raise" else "skipped", "ok"]
+    assert ranks[0]["outcome"] == ranks[1]["outcome"] == expected
+    assert torch.equal(ranks[0]["gamma"], ranks[1]["gamma"]) and torch.isfinite(ranks[0]["gamma"]).all()
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == (1 if mode == "skip" else 0)
