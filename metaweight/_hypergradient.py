@@ -33,9 +33,9 @@ import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
-from metaweight._losses import DenseDistillLoss
-from metaweight._validation import BalancedValidation
+from metaweight._protocols import Objective, Terms
 
 BACKENDS = ("higher", "jvp", "finite_difference")
 EXACT_UPDATE_TYPES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -195,8 +195,8 @@ def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
 def meta_gradient(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    criterion: DenseDistillLoss,
-    validation: BalancedValidation,
+    criterion: Terms,
+    validation: Objective,
     gamma: Tensor,
     train: tuple[Any, Tensor],
     val: tuple[Any, Tensor],
@@ -239,7 +239,7 @@ def meta_gradient(
         lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}
         base = {n: p.detach() for n, p in model.named_parameters()}
         val_params = {**base, **lookahead}
-        local_losses = validation.exit_losses(call_with(model, val_params, _clone_buffers(model), xv), yv)
+        local_losses = validation.losses(call_with(model, val_params, _clone_buffers(model), xv), yv)
         # the objective of the losses averaged over ranks; its gradient through each rank's own losses
         exit_losses = reducer.mean([local_losses.detach()])[0].requires_grad_(True)
         objective = validation.objective(exit_losses)
@@ -264,8 +264,8 @@ def meta_gradient(
                       terms if keep_graph else terms.detach())
 
 
-def _jvp(model: nn.Module, criterion: DenseDistillLoss, base: dict[str, Tensor], direction: dict[str, Tensor],
-         x: Any, y: Tensor) -> Tensor:
+def _jvp(model: nn.Module, criterion: Terms, base: dict[str, Tensor], direction: dict[str, Tensor],
+         x: Any, y: Any) -> Tensor:
     with fwAD.dual_level():
         dual = {n: (fwAD.make_dual(p, direction[n]) if n in direction else p) for n, p in base.items()}
         terms = criterion(call_with(model, dual, _clone_buffers(model), x), y)
@@ -274,12 +274,13 @@ def _jvp(model: nn.Module, criterion: DenseDistillLoss, base: dict[str, Tensor],
 
 
 @torch.no_grad()
-def _central_difference(model: nn.Module, criterion: DenseDistillLoss, base: dict[str, Tensor],
-                        direction: dict[str, Tensor], x: Any, y: Tensor, outputs: Sequence[Tensor],
+def _central_difference(model: nn.Module, criterion: Terms, base: dict[str, Tensor],
+                        direction: dict[str, Tensor], x: Any, y: Any, outputs: Any,
                         epsilon: float | None, replay: Callable[[], Any]) -> Tensor:
+    device = next(iter(base.values())).device
     norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))) if direction else 0.0
     if norm == 0.0:
-        return torch.zeros(criterion.num_terms, device=y.device)
+        return torch.zeros(criterion.num_terms, device=device)
     if epsilon is None:
         # central differences: step length cbrt(machine eps) times the parameters' RMS balances
         # truncation against rounding (about 5e-3 x RMS in float32, 6e-6 x RMS in float64)
@@ -287,12 +288,12 @@ def _central_difference(model: nn.Module, criterion: DenseDistillLoss, base: dic
         rms = math.sqrt(sum(float((p.double() ** 2).sum()) for p in moved) / sum(p.numel() for p in moved))
         epsilon = torch.finfo(moved[0].dtype).eps ** (1 / 3) * max(rms, 1e-3)
     h = epsilon / norm  # a step of length epsilon in parameter space
-    teachers = [o.detach() for o in outputs]
+    teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)  # any nesting of outputs
 
     def terms_at(sign: float) -> Tensor:
         moved = {n: (p + sign * h * direction[n] if n in direction else p) for n, p in base.items()}
         # differences of half-precision forwards drown in rounding: these two run in full precision
-        with replay(), torch.autocast(y.device.type, enabled=False):
+        with replay(), torch.autocast(device.type, enabled=False):
             return criterion(call_with(model, moved, _clone_buffers(model), x), y, teacher_outputs=teachers)
 
     plus = terms_at(1.0)

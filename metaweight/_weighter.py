@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from metaweight._hypergradient import BACKENDS, MetaResult, Reducer, meta_gradient, supports_exact_update
 from metaweight._losses import DenseDistillLoss
+from metaweight._protocols import Objective, Terms
 from metaweight._lookahead import (
     check_optimizer_covers_model,
     check_optimizer_options,
@@ -55,8 +56,14 @@ class HarmonizedWeighter:
         model: the multi-exit network; ``model(x)`` returns ``K`` logits tensors.
         optimizer: the optimizer of ``model`` (SGD, Adam, AdamW; others that `higher`
             implements also work).
-        criterion: the :class:`DenseDistillLoss` giving the terms :math:`L_k`.
-        validation: the validation objective; defaults to ``BalancedValidation(K)``.
+        criterion: the loss terms :math:`L_k`: a :class:`DenseDistillLoss`, or any callable
+            ``criterion(outputs, target) -> Tensor[n]`` with ``term_names`` (see
+            :mod:`metaweight._protocols`: optional ``active`` mask and ``teacher_outputs``
+            keyword). ``outputs`` is whatever the model returns.
+        validation: the validation objective: :class:`BalancedValidation` (the default, built
+            from ``criterion.num_exits``), or any callable ``validation(outputs, target) ->
+            scalar`` to lower.
+        term_names: the names of the criterion's terms, where it has no ``term_names``.
         gamma_lr: :math:`\epsilon`, the learning rate of the named ``gamma_optimizer``.
         gamma_optimizer: ``"sgd"`` (the paper: :math:`\gamma \leftarrow \gamma - \epsilon
             \nabla_\gamma`; the step scales with the model's learning rate and gradients, so it
@@ -107,9 +114,10 @@ class HarmonizedWeighter:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        criterion: DenseDistillLoss,
-        validation: BalancedValidation | None = None,
+        criterion: Any,
+        validation: Any = None,
         *,
+        term_names: Sequence[str] | None = None,
         gamma_lr: float = 0.01,
         init: GammaInit = "uniform",
         learn: bool = True,
@@ -128,18 +136,19 @@ class HarmonizedWeighter:
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` should be a torch.optim.Optimizer. Found `{type(optimizer).__name__}`.")
-        if not isinstance(criterion, DenseDistillLoss):
-            raise TypeError(f"`criterion` should be a metaweight.DenseDistillLoss. Found `{type(criterion).__name__}`.")
+        terms = Terms(criterion, term_names)
         if validation is None:
-            validation = BalancedValidation(criterion.num_exits)
-        if not isinstance(validation, BalancedValidation):
-            raise TypeError(
-                f"`validation` should be a metaweight.BalancedValidation. Found `{type(validation).__name__}`."
-            )
-        if validation.num_exits != criterion.num_exits:
+            num_exits = getattr(criterion, "num_exits", None)
+            if not isinstance(num_exits, int):
+                raise ValueError(f"Pass a validation objective: `{type(criterion).__name__}` has no num_exits to build "
+                                 f"the default BalancedValidation(num_exits) from.")
+            validation = BalancedValidation(num_exits)
+        objective = Objective(validation)
+        k_terms, k_val = getattr(criterion, "num_exits", None), getattr(validation, "num_exits", None)
+        if isinstance(k_terms, int) and isinstance(k_val, int) and k_terms != k_val:
             raise ValueError(
-                f"The criterion has num_exits={criterion.num_exits} but the validation objective has "
-                f"num_exits={validation.num_exits}. Build both for the model's number of exits."
+                f"The criterion has num_exits={k_terms} but the validation objective has "
+                f"num_exits={k_val}. Build both for the model's number of exits."
             )
         if isinstance(gamma_lr, bool) or not (isinstance(gamma_lr, (int, float)) and math.isfinite(gamma_lr)
                                                and gamma_lr >= 0):
@@ -170,6 +179,12 @@ class HarmonizedWeighter:
                                  "inner step would use each rank's own gradient instead of the averaged one.")
             if reuse_forward:
                 raise ValueError("reuse_forward=True bypasses DistributedDataParallel's forward; leave it False.")
+        if learn and backend == "finite_difference" and not terms.fixed_targets:
+            raise ValueError(
+                f"backend='finite_difference' holds detached targets (a teacher's soft labels) fixed through a "
+                f"`teacher_outputs` keyword, which `{type(criterion).__name__}` does not take. Use backend='jvp' (the "
+                f"default; exact) or give its forward a `teacher_outputs=None` argument."
+            )
         if learn:
             check_optimizer_options(inner)
             if backend != "higher" and not supports_exact_update(inner):
@@ -198,6 +213,8 @@ class HarmonizedWeighter:
         self._inner_optimizer = inner  # what the look-ahead replays (unwrapped from Accelerate/Lightning)
         self.criterion = criterion
         self.validation = validation
+        self._terms = terms  # what the weighter asks of them (metaweight._protocols)
+        self._objective = objective
         self.learn = bool(learn)
         self.constraint = constraint
         self.nonfinite = nonfinite
@@ -210,9 +227,10 @@ class HarmonizedWeighter:
         self.callbacks: list[Callable[[dict[str, Any]], None]] = list(callbacks)
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.criterion.to(device)
-        self.validation.to(device)
-        self._active = criterion.active.to(device)
+        for part in (criterion, validation):
+            if isinstance(part, nn.Module):
+                part.to(device)
+        self._active = terms.active.to(device)
         self.gamma: Tensor = self._initial_gamma(init, generator).to(device)  # a plain tensor; its optimizer reads .grad
         self._gamma_sum = float(self.gamma.detach().sum())
         if self.learn and constraint == "normalize" and self._gamma_sum == 0:
@@ -239,12 +257,15 @@ class HarmonizedWeighter:
 
     # ----------------------------------------------------------------------------- set-up
     def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:
-        active = self.criterion.active
-        n = self.criterion.num_terms
+        active = self._terms.active.cpu()
+        n = self._terms.num_terms
         if isinstance(init, str):
             if init == "uniform":
                 gamma = active.float()
             elif init == "last":
+                if not isinstance(self.criterion, DenseDistillLoss):
+                    raise ValueError("init='last' (DBT-like) needs a DenseDistillLoss criterion; give a tensor of "
+                                     "initial weights instead.")
                 K = self.criterion.num_exits
                 gamma = torch.zeros(n)
                 gamma[:K] = 1.0
@@ -260,16 +281,16 @@ class HarmonizedWeighter:
         gamma = torch.as_tensor(init, dtype=torch.float32).detach().clone().cpu()
         if gamma.shape != (n,):
             raise ValueError(
-                f"`init` should hold one weight per term, shape ({n},) for terms {self.criterion.term_names}. "
+                f"`init` should hold one weight per term, shape ({n},) for terms {self._terms.term_names}. "
                 f"Found shape {tuple(gamma.shape)}."
             )
         if not torch.isfinite(gamma).all() or (gamma < 0).any():
             raise ValueError(f"`init` weights should be finite and >= 0. Found {gamma.tolist()}.")
-        inactive = [name for name, a, g in zip(self.criterion.term_names, active, gamma) if not a and g != 0]
+        inactive = [name for name, a, g in zip(self._terms.term_names, active, gamma) if not a and g != 0]
         if inactive:
             raise ValueError(
-                f"`init` gives non-zero weight to terms the criterion does not compute (teachers="
-                f"{self.criterion.teachers!r}): {inactive}. Set them to 0 or use teachers='dense'."
+                f"`init` gives non-zero weight to terms the criterion does not compute (inactive): {inactive}. "
+                f"Set them to 0 (or, for a DenseDistillLoss, use teachers='dense')."
             )
         return gamma
 
@@ -277,7 +298,7 @@ class HarmonizedWeighter:
     @property
     def term_names(self) -> list[str]:
         """The names of the loss terms, in the order of :attr:`gamma`."""
-        return self.criterion.term_names
+        return self._terms.term_names
 
     def gamma_dict(self) -> dict[str, float]:
         """The current loss weights by term name."""
@@ -295,7 +316,7 @@ class HarmonizedWeighter:
 
         :math:`\gamma` enters as a constant: the backward reaches the model only.
         """
-        return self._weighted(self.criterion(outputs, target))
+        return self._weighted(self._terms(outputs, target))
 
     def _weighted(self, terms: Tensor) -> Tensor:
         """Remember the terms for :meth:`terms_dict` and weight them by gamma, as a constant."""
@@ -330,7 +351,7 @@ class HarmonizedWeighter:
             result = self._higher_meta_gradient(train, val)
         else:
             result = meta_gradient(
-                self.module, self._inner_optimizer, self.criterion, self.validation, self.gamma.detach(), train, val,
+                self.module, self._inner_optimizer, self._terms, self._objective, self.gamma.detach(), train, val,
                 backend=self.backend, lookahead_names=self._lookahead_names, keep_graph=keep_graph,
                 fd_epsilon=self.fd_epsilon, reducer=self._reducer,
             )
@@ -342,10 +363,10 @@ class HarmonizedWeighter:
         (x, y), (xv, yv) = train, val
         gamma = self.gamma.detach().clone().requires_grad_(True)
         fmodel, diffopt = lookahead(self.module, self._inner_optimizer)
-        terms = self.criterion(fmodel(x), y)
+        terms = self._terms(fmodel(x), y)
         diffopt.step((gamma.to(terms) * terms).sum())
-        exit_losses = self.validation.exit_losses(fmodel(xv), yv)
-        objective = self.validation.objective(exit_losses)
+        exit_losses = self._objective.losses(fmodel(xv), yv)
+        objective = self._objective.objective(exit_losses)
         if torch.isfinite(objective):
             (gamma_grad,) = torch.autograd.grad(objective, gamma)
         else:
@@ -379,7 +400,7 @@ class HarmonizedWeighter:
                        f"weights (meta-gradient {gamma_grad.tolist()}); gamma, its optimizer and the validation "
                        f"average were left unchanged. Lower gamma_lr or check the gamma optimizer.")
             return self._refuse(message, objective, exit_losses)
-        self.validation.update(exit_losses)
+        self._objective.update(exit_losses)
         self.num_meta_steps += 1
         self.last_meta = {
             "skipped": False,
@@ -441,7 +462,7 @@ class HarmonizedWeighter:
         try:
             metrics, terms = self._meta(train_batch, val_batch, keep_graph=keep)
             if terms is None:
-                terms = self.criterion(self.model(x), y)
+                terms = self._terms(self.model(x), y)
             loss = self._weighted(terms)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
@@ -477,7 +498,7 @@ class HarmonizedWeighter:
                 b.copy_(buffers[n])
             self.gamma.copy_(state["gamma"].to(self.gamma))
         self.gamma_optimizer.load_state_dict(state["gamma_optimizer"])
-        self.validation.load_state_dict(state["validation"])
+        self._objective.load_state_dict(state["validation"])
         self.num_meta_steps, self.num_calls, self.num_skipped = state["num_meta_steps"], num_calls, state["num_skipped"]
 
     def _finite_update(self, loss: Tensor) -> bool:
@@ -498,11 +519,11 @@ class HarmonizedWeighter:
         """The weighter's own state: gamma, its optimizer and the validation average."""
         return {
             "term_names": list(self.term_names),
-            "teachers": self.criterion.teachers,
+            "teachers": getattr(self.criterion, "teachers", None),
             "gamma": self.gamma.detach().cpu().clone(),
             "gamma_optimizer": copy.deepcopy(self.gamma_optimizer.state_dict()),
             "gamma_optimizer_type": type(self.gamma_optimizer).__name__,
-            "validation": {k: v.cpu().clone() for k, v in self.validation.state_dict().items()},
+            "validation": self._objective.state_dict(),
             "num_meta_steps": self.num_meta_steps,
             "num_calls": self.num_calls,
             "num_skipped": self.num_skipped,
@@ -527,13 +548,15 @@ class HarmonizedWeighter:
         if list(names) != self.term_names:
             raise ValueError(
                 f"This checkpoint is for the terms {names} ({_count_exits(names)} exits), but this weighter "
-                f"has {self.term_names} ({self.criterion.num_exits} exits). Build the weighter with the "
+                f"has {self.term_names} ({_count_exits(self.term_names)} exits). Build the weighter with the "
                 f"criterion the checkpoint was saved with."
             )
-        if not isinstance(state_dict["teachers"], str) or state_dict["teachers"] != self.criterion.teachers:
+        teachers = getattr(self.criterion, "teachers", None)
+        if not (state_dict["teachers"] is None or isinstance(state_dict["teachers"], str)) or \
+                state_dict["teachers"] != teachers:
             raise ValueError(
                 f"This checkpoint was saved with teachers={state_dict['teachers']!r}, but this criterion has "
-                f"teachers={self.criterion.teachers!r}."
+                f"teachers={teachers!r}."
             )
         gamma = state_dict["gamma"]
         if not isinstance(gamma, Tensor) or gamma.shape != self.gamma.shape or not gamma.is_floating_point():
@@ -541,18 +564,9 @@ class HarmonizedWeighter:
                              f"Found {gamma!r}.")
         if not torch.isfinite(gamma).all() or (gamma < 0).any():
             raise ValueError(f"The checkpoint's gamma {gamma.tolist()} holds non-finite or negative weights.")
-        if (gamma[~self.criterion.active.cpu()] != 0).any():
+        if (gamma[~self._terms.active.cpu()] != 0).any():
             raise ValueError(f"The checkpoint's gamma {gamma.tolist()} does not fit the terms {self.term_names}.")
-        validation = BalancedValidation(self.validation.num_exits, self.validation.alpha, self.validation.momentum)
-        if not isinstance(state_dict["validation"], Mapping):
-            raise ValueError("The checkpoint's `validation` should be the validation objective's state_dict.")
-        try:
-            validation.load_state_dict(state_dict["validation"])  # check before touching our own
-        except RuntimeError as exc:
-            raise ValueError(f"The checkpoint's validation average does not fit: {exc}") from None
-        if not torch.isfinite(validation.expected).all() or (validation.expected < 0).any():
-            raise ValueError(f"The checkpoint's validation average {validation.expected.tolist()} is not finite "
-                             f"and >= 0.")
+        self._objective.check_state(state_dict["validation"])  # check before touching our own
         self._check_gamma_optimizer_state(state_dict)
         counts = {k: state_dict.get(k, 0) for k in ("num_meta_steps", "num_calls", "num_skipped")}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
@@ -564,7 +578,7 @@ class HarmonizedWeighter:
         self.gamma_optimizer.load_state_dict(copy.deepcopy(state_dict["gamma_optimizer"]))
         with torch.no_grad():
             self.gamma.copy_(gamma)
-        self.validation.load_state_dict(state_dict["validation"])
+        self._objective.load_state_dict(state_dict["validation"])
         self.num_meta_steps = counts["num_meta_steps"]
         self.num_calls = int(state_dict.get("num_calls", self.num_meta_steps))
         self.num_skipped = counts["num_skipped"]
@@ -601,7 +615,7 @@ class HarmonizedWeighter:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(num_exits={self.criterion.num_exits}, teachers={self.criterion.teachers!r}, "
+            f"{type(self).__name__}(terms={self.term_names}, criterion={type(self.criterion).__name__}, "
             f"learn={self.learn}, backend={self.backend!r}, meta_every={self.meta_every}, "
             f"gamma_lr={self.gamma_lr}, constraint={self.constraint!r}, "
             f"optimizer={type(self.optimizer).__name__}, gamma_optimizer={type(self.gamma_optimizer).__name__}, "

@@ -1,0 +1,150 @@
+"""What the weighter needs of the loss terms and of the validation objective: small protocols.
+
+The weighter harmonizes *any* vector of named loss terms against *any* scalar validation
+objective. Two adapters say exactly what it asks of the user's objects and what it falls back
+to when an optional part is missing; :class:`~metaweight.DenseDistillLoss` and
+:class:`~metaweight.BalancedValidation` are one implementation of each.
+
+**Loss terms** — a callable ``criterion(outputs, target) -> Tensor[n]`` (an ``nn.Module`` or a
+function), where ``outputs`` is whatever the model returns. Needed: the names of its ``n``
+terms, as ``criterion.term_names`` or the weighter's ``term_names`` argument. Optional:
+
+* ``criterion.active``: a bool tensor ``[n]``; inactive terms have weight 0 and are never
+  learned (default: all active);
+* a keyword argument ``teacher_outputs`` in its ``forward``/``__call__``: model outputs to take
+  every detached target from (a teacher's soft labels, a feature target) instead of
+  ``outputs``. The ``"finite_difference"`` backend needs it when the criterion detaches
+  anything, to hold those targets fixed while the parameters move (``"jvp"`` and ``"higher"``
+  see ``.detach()`` by themselves).
+
+**Validation objective** — a callable ``validation(outputs, target) -> scalar``. Optional, as a
+set: ``exit_losses(outputs, target) -> Tensor[m]``, ``objective(losses) -> scalar`` and
+``update(losses)``: an objective of per-exit losses with a state that is updated once per
+successful meta step with the losses averaged over ranks (:class:`BalancedValidation`'s moving
+average). If it is an ``nn.Module`` its ``state_dict`` is saved with the weighter's.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def _accepts_keyword(fn: Any, name: str) -> bool:
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+class Terms:
+    """The weighter's view of the user's loss terms (see the module docstring)."""
+
+    def __init__(self, criterion: Any, term_names: Sequence[str] | None = None) -> None:
+        if not callable(criterion):
+            raise TypeError(f"`criterion` should be callable as criterion(outputs, target) -> Tensor of loss terms. "
+                            f"Found `{type(criterion).__name__}`.")
+        names = term_names if term_names is not None else getattr(criterion, "term_names", None)
+        if names is None:
+            raise ValueError(f"Name the loss terms: give `{type(criterion).__name__}` a `term_names` attribute or pass "
+                             f"term_names=[...] to the weighter, one name per entry of the vector it returns.")
+        if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+            raise ValueError(f"`term_names` should be a non-empty list of strings. Found {names!r}.")
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad:
+            raise ValueError(f"Every term name should be a non-empty string. Found {bad!r} in {list(names)}.")
+        duplicates = sorted({n for n in names if list(names).count(n) > 1})
+        if duplicates:
+            raise ValueError(f"Term names should be unique; {duplicates} appear more than once in {list(names)}.")
+        self.criterion = criterion
+        self.term_names: list[str] = list(names)
+        active = getattr(criterion, "active", None)
+        if active is None:
+            active = torch.ones(len(names), dtype=torch.bool)
+        if not isinstance(active, Tensor) or active.dtype != torch.bool or active.shape != (len(names),):
+            raise ValueError(f"`criterion.active` should be a bool tensor of shape ({len(names)},), one entry per "
+                             f"term. Found {active!r}.")
+        self.active = active
+        self.fixed_targets = _accepts_keyword(criterion, "teacher_outputs")
+
+    @property
+    def num_terms(self) -> int:
+        return len(self.term_names)
+
+    def __call__(self, outputs: Any, target: Any, *, teacher_outputs: Any = None) -> Tensor:
+        if teacher_outputs is not None:
+            values = self.criterion(outputs, target, teacher_outputs=teacher_outputs)
+        else:
+            values = self.criterion(outputs, target)
+        if not isinstance(values, Tensor) or values.shape != (self.num_terms,) or not values.is_floating_point():
+            found = f"shape {tuple(values.shape)} ({values.dtype})" if isinstance(values, Tensor) else \
+                f"`{type(values).__name__}`"
+            raise ValueError(f"The criterion should return a float tensor of shape ({self.num_terms},), one loss per "
+                             f"name in {self.term_names}. It returned {found}.")
+        return values
+
+
+class Objective:
+    """The weighter's view of the user's validation objective (see the module docstring)."""
+
+    def __init__(self, validation: Any) -> None:
+        if not callable(validation):
+            raise TypeError(f"`validation` should be callable as validation(outputs, target) -> scalar. Found "
+                            f"`{type(validation).__name__}`.")
+        self.validation = validation
+        self.per_exit = all(callable(getattr(validation, a, None)) for a in ("exit_losses", "objective", "update"))
+
+    def losses(self, outputs: Any, target: Any) -> Tensor:
+        """The vector the objective is a function of: per-exit losses, or the scalar itself as ``[1]``."""
+        if self.per_exit:
+            return self.validation.exit_losses(outputs, target)
+        value = self.validation(outputs, target)
+        if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
+            found = f"shape {tuple(value.shape)} ({value.dtype})" if isinstance(value, Tensor) else \
+                f"`{type(value).__name__}`"
+            raise ValueError(f"The validation objective should return a float scalar tensor (one number to lower). "
+                             f"It returned {found}.")
+        return value.reshape(1)
+
+    def objective(self, losses: Tensor) -> Tensor:
+        return self.validation.objective(losses) if self.per_exit else losses.sum()
+
+    def update(self, losses: Tensor) -> None:
+        if self.per_exit:
+            self.validation.update(losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        if isinstance(self.validation, nn.Module):
+            return {k: v.detach().cpu().clone() for k, v in self.validation.state_dict().items()}
+        return {}
+
+    def check_state(self, state: Any) -> None:
+        """Refuse a saved state this objective could not load, changing nothing."""
+        if not isinstance(state, dict):
+            raise ValueError("The checkpoint's `validation` should be the validation objective's state_dict.")
+        if not isinstance(self.validation, nn.Module):
+            if state:
+                raise ValueError(f"The checkpoint holds a validation state {sorted(state)}, but this validation "
+                                 f"objective has none.")
+            return
+        scratch = copy.deepcopy(self.validation)
+        try:
+            scratch.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"The checkpoint's validation state does not fit: {exc}") from None
+        for name, value in scratch.state_dict().items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                if not torch.isfinite(value).all() or (name == "expected" and (value < 0).any()):
+                    raise ValueError(f"The checkpoint's validation state `{name}` {value.tolist()} is not finite "
+                                     f"and >= 0.")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if isinstance(self.validation, nn.Module):
+            self.validation.load_state_dict(state)

@@ -1,0 +1,200 @@
+"""Any named loss terms against any validation objective (issue 11): the meta-gradient of every backend
+against finite differences of real optimizer steps, on a custom criterion with a detached part, a
+multi-task model that is not multi-exit, and a custom validation objective."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metaweight as mw
+from conftest import batch, tiny_net
+from test_errors import assert_same, snapshot
+from test_weighter import F64, OPTIMIZERS, finite_difference_gamma_grad, rel_err
+
+
+class HintTerms(nn.Module):
+    """Label-smoothed CE per exit, a hint from the last exit's (detached) probabilities to the first,
+    and an auxiliary penalty on the first exit's logits. Holds its detached target fixed when given
+    ``teacher_outputs`` (for the finite-difference backend)."""
+
+    term_names = ("ce[1]", "ce[2]", "ce[3]", "hint[3->1]", "aux")
+
+    def forward(self, outputs, target, teacher_outputs=None):
+        teacher = (teacher_outputs if teacher_outputs is not None else outputs)[2].detach()
+        ce = [F.cross_entropy(z, target, label_smoothing=0.1) for z in outputs]
+        hint = F.mse_loss(outputs[0].softmax(-1), teacher.softmax(-1))
+        aux = outputs[0].pow(2).mean() * 1e-2
+        return torch.stack([*ce, hint, aux])
+
+
+def first_two_exits(outputs, target):
+    """A custom validation objective: plain CE of the first two exits."""
+    return F.cross_entropy(outputs[0], target) + F.cross_entropy(outputs[1], target)
+
+
+class MultiTask(nn.Module):
+    """A shared trunk with a classification and a regression head (not a multi-exit net)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh())
+        self.cls = nn.Linear(12, 4)
+        self.reg = nn.Linear(12, 1)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {"cls": self.cls(h), "reg": self.reg(h).squeeze(-1)}
+
+
+def task_terms(outputs, target, teacher_outputs=None):
+    labels, values = target
+    return torch.stack([F.cross_entropy(outputs["cls"], labels), F.mse_loss(outputs["reg"], values),
+                        outputs["reg"].pow(2).mean() * 0.1])
+
+
+def task_validation(outputs, target):
+    labels, values = target
+    return F.cross_entropy(outputs["cls"], labels) + 0.5 * F.mse_loss(outputs["reg"], values)
+
+
+def task_batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=F64)
+    return x, (torch.randint(0, 4, (n,), generator=g), torch.randn(n, generator=g, dtype=F64))
+
+
+class _Oracle:
+    """Adapts a plain criterion to the finite-difference oracle (which reads ``active``)."""
+
+    def __init__(self, fn, n):
+        self.fn, self.active = fn, torch.ones(n, dtype=torch.bool)
+
+    def __call__(self, outputs, target):
+        return self.fn(outputs, target)
+
+
+def warm(model, optimizer, make_batch, loss):
+    for s in range(2):
+        x, y = make_batch(s)
+        optimizer.zero_grad()
+        loss(model(x), y).backward()
+        optimizer.step()
+
+
+CASES = {
+    "hint_terms": lambda: (tiny_net(3, dtype=F64), HintTerms(), first_two_exits, None,
+                           lambda s: batch(dtype=F64), lambda s: batch(n=12, dtype=F64),
+                           lambda out, y: sum(F.cross_entropy(z, y) for z in out)),
+    "multi_task": lambda: (MultiTask().double(), task_terms, task_validation, ["ce", "mse", "aux"],
+                           lambda s: task_batch(seed=s), lambda s: task_batch(n=12, seed=10 + s),
+                           lambda out, y: task_validation(out, y)),
+}
+
+
+@pytest.mark.parametrize("backend", ["jvp", "higher", "finite_difference"])
+@pytest.mark.parametrize("opt_name", ["nesterov_wd", "adam"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_meta_gradient_of_custom_terms_matches_real_optimizer_steps(case, opt_name, backend):
+    torch.manual_seed(0)
+    model, criterion, validation, names, train_batch, val_batch, warm_loss = CASES[case]()
+    optimizer = OPTIMIZERS[opt_name](model.parameters())
+    warm(model, optimizer, train_batch, warm_loss)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, term_names=names, backend=backend,
+                              init=torch.tensor([1.0, 0.7, 0.4, 1.3, 0.9][:len(names or criterion.term_names)]))
+    train, val = train_batch(5), val_batch(6)
+    oracle = _Oracle(criterion, len(w.term_names))
+    ref = finite_difference_gamma_grad(model, optimizer, oracle, validation, w.gamma.detach().clone(), train, val)
+    before = snapshot(model, optimizer, w)
+    out = w.meta_step(train, val)
+    for a, b in zip(before[0].values(), model.state_dict().values()):  # parameters and buffers untouched
+        assert torch.equal(a, b)
+    assert str(before[1]) == str(optimizer.state_dict())
+    assert ref.norm() > 0 and (ref[3:] != 0).any() if case == "hint_terms" else ref.norm() > 0
+    assert rel_err(out["gamma_grad"], ref) < (2e-2 if backend == "finite_difference" else 1e-6)
+
+
+class IgnoresTeacherOutputs(HintTerms):
+    def forward(self, outputs, target, teacher_outputs=None):
+        return super().forward(outputs, target)
+
+
+def test_detached_part_must_be_held_fixed_by_the_finite_difference_backend():
+    """Holding the hint's detached target fixed is what makes the difference agree with jvp: a criterion
+    that ignores ``teacher_outputs`` differentiates the teacher too, and disagrees."""
+    grads = {}
+    for name, terms, backend in (("jvp", HintTerms(), "jvp"), ("fixed", HintTerms(), "finite_difference"),
+                                 ("moving", IgnoresTeacherOutputs(), "finite_difference")):
+        torch.manual_seed(0)
+        model = tiny_net(3, dtype=F64)
+        w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.2), terms, first_two_exits,
+                                  backend=backend)
+        torch.manual_seed(1)
+        grads[name] = w.meta_step(batch(dtype=F64), batch(n=12, dtype=F64))["gamma_grad"]
+    assert rel_err(grads["fixed"], grads["jvp"]) < 1e-3
+    assert rel_err(grads["moving"], grads["jvp"]) > 10 * rel_err(grads["fixed"], grads["jvp"])
+
+
+def test_plain_function_without_teacher_outputs_is_refused_by_the_finite_difference_backend():
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="teacher_outputs"):
+        mw.HarmonizedWeighter(model, opt, lambda out, y: torch.stack([F.cross_entropy(z, y) for z in out]),
+                              first_two_exits, term_names=["a", "b", "c"], backend="finite_difference")
+
+
+def test_custom_terms_train_save_and_resume():
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, opt, HintTerms(), first_two_exits, gamma_lr=0.1)
+    for _ in range(3):
+        w.step(batch(), batch())
+    assert list(w.gamma_dict()) == list(HintTerms.term_names)
+    state = w.state_dict()
+    assert state["validation"] == {} and state["teachers"] is None
+    twin_model = copy.deepcopy(model)
+    twin = mw.HarmonizedWeighter(twin_model, torch.optim.SGD(twin_model.parameters(), lr=0.1), HintTerms(),
+                                 first_two_exits, gamma_lr=0.1)
+    twin.load_state_dict(state)
+    assert torch.equal(twin.gamma, w.gamma)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: dict(criterion=lambda o, y: torch.zeros(2), term_names=["a", "b", "c"]), r"shape \(3,\)"),
+    (lambda: dict(criterion=lambda o, y: [0.0, 1.0, 2.0], term_names=["a", "b", "c"]), r"shape \(3,\).*list"),
+    (lambda: dict(validation=lambda o, y: torch.stack([F.cross_entropy(z, y) for z in o])), "scalar"),
+    (lambda: dict(validation=lambda o, y: 3.0), "scalar"),
+])
+def test_bad_custom_outputs_are_refused_and_change_nothing(make, match):
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    options = {"criterion": HintTerms(), "validation": first_two_exits, **make()}
+    w = mw.HarmonizedWeighter(model, opt, options.pop("criterion"), options.pop("validation"), **options)
+    before = snapshot(model, opt, w)
+    with pytest.raises(ValueError, match=match):
+        w.step(batch(), batch())
+    assert_same(before, snapshot(model, opt, w))
+
+
+@pytest.mark.parametrize("names,match", [
+    (["a", "a", "b"], "unique"),
+    (["a", "", "b"], "non-empty"),
+    ([1, 2, 3], "non-empty string"),
+    ("abc", "list of strings"),
+    ([], "list of strings"),
+])
+def test_bad_term_names_are_refused(names, match):
+    model = tiny_net(3)
+    with pytest.raises(ValueError, match=match):
+        mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda o, y: torch.zeros(3),
+                              first_two_exits, term_names=names)
+
+
+def test_criterion_without_num_exits_needs_a_validation_objective():
+    model = tiny_net(3)
+    with pytest.raises(ValueError, match="Pass a validation objective"):
+        mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), HintTerms())
