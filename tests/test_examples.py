@@ -71,3 +71,20 @@ def test_train_main_job_smoke(method, tmp_path, capsys):
     assert len(result["test"]["top1"]) == 3 and result["test"]["num_samples"] == 359
     assert all(0 <= a <= 100 for a in result["test"]["top1"])
     assert len(result["gamma"]) == len(result["term_names"]) == 6
+
+
+def test_multitask_example_learns_both_tasks_and_turns_down_the_conflicting_term():
+    import multitask
+
+    out = multitask.main(["--epochs", "6"])
+    assert out["accuracy"] > 80.0 and out["ink_error"] < 0.5  # chance: 10%, and 1.0 for the standardised ink
+    assert out["gamma"]["ink_aux"] < 1.0  # the penalty pulling the ink output to 0 works against the ink task
+
+
+def test_hint_terms_example_harmonizes_kd_and_hint_terms():
+    import hint_terms
+
+    out = hint_terms.main(["--epochs", "2"])
+    assert len(out["top1"]) == 3 and max(out["top1"]) > 30.0
+    assert [n for n in out["gamma"] if n.startswith("hint")] == ["hint[3->1]", "hint[3->2]"]
+    assert len(set(round(g, 6) for g in out["gamma"].values())) > 1  # the weights moved apart
