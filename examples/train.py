@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--gamma-lr", type=float, default=0.01)
-    p.add_argument("--gamma-optimizer", default="sgd", choices=["sgd", "adam"], help="the optimizer of gamma")
+    p.add_argument("--gamma-optimizer", default="adam", choices=["sgd", "adam"],
+                   help="the optimizer of gamma (sgd: the paper's plain SGD)")
     p.add_argument("--gamma-init", default="uniform", choices=["uniform", "last", "random"],
                    help="gamma's start: uniform (DS-like), last (DBT-like), random")
     p.add_argument("--constraint", default="clamp", choices=["clamp", "normalize"])

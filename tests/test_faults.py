@@ -97,7 +97,7 @@ def test_meta_step_learns_when_a_validation_loss_is_exactly_zero():
 
 # ------------------------------------------------------------------ 3. checkpoints checked as a whole
 def test_checkpoint_of_another_gamma_optimizer_is_refused():
-    _, _, sgd = make()
+    _, _, sgd = make(gamma_optimizer="sgd")
     sgd.step(batch(), batch())
     model, opt, adam = make(gamma_optimizer="adam")
     adam.step(batch(), batch())

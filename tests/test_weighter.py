@@ -143,14 +143,24 @@ def test_meta_step_leaves_model_buffers_grads_and_optimizer_state_bitwise_unchan
         assert torch.equal(g0, g1)
 
 
-def test_gamma_update_is_sgd_then_projection_and_masked_terms_stay_zero():
-    model, optimizer, criterion, validation, weighter = setup("momentum", teachers="last")
-    for _ in range(5):
-        gamma = weighter.gamma.detach().clone()
+@pytest.mark.parametrize("gamma_optimizer", ["sgd", "adam"])
+def test_gamma_update_is_its_optimizer_then_projection_and_masked_terms_stay_zero(gamma_optimizer):
+    model, optimizer, criterion, validation, weighter = setup("momentum", teachers="last",
+                                                             gamma_optimizer=gamma_optimizer)
+    m = torch.zeros(criterion.num_terms, dtype=F64)
+    v = torch.zeros(criterion.num_terms, dtype=F64)
+    for t in range(1, 6):
+        gamma = weighter.gamma.detach().clone().to(F64)
         out = weighter.meta_step(batch(dtype=F64), batch(dtype=F64))
-        assert torch.equal(out["gamma_grad"][~criterion.active], torch.zeros((~criterion.active).sum(), dtype=F64))
-        expected = (gamma - 0.05 * out["gamma_grad"].float()).clamp(min=0) * criterion.active
-        assert torch.allclose(weighter.gamma.detach(), expected, atol=1e-7)
+        g = out["gamma_grad"].to(F64)
+        assert torch.equal(g[~criterion.active], torch.zeros((~criterion.active).sum(), dtype=F64))
+        if gamma_optimizer == "sgd":
+            step = 0.05 * g
+        else:  # Adam by hand: betas (0.9, 0.999), eps 1e-8, bias-corrected
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+            step = 0.05 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        expected = (gamma - step).clamp(min=0) * criterion.active
+        assert torch.allclose(weighter.gamma.detach().to(F64), expected, atol=1e-6)
         assert torch.equal(weighter.gamma.detach()[~criterion.active], torch.zeros((~criterion.active).sum()))
     assert weighter.num_meta_steps == 5 and int(validation.num_updates) == 6
 
