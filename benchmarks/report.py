@@ -140,7 +140,7 @@ def paired_table(runs: dict[str, list[dict[str, Any]]], subject: str, baselines:
         return ""
     cols = {b: paired(runs[subject], runs[b]) for b in baselines}
     n = min(d[0][2] for d in cols.values() if d)
-    rows = [f"| exit | " + " | ".join(f"{TITLES.get(subject, subject)} − {TITLES.get(b, b)}" for b in baselines) + " |",
+    rows = ["| exit | " + " | ".join(f"{TITLES.get(subject, subject)} − {TITLES.get(b, b)}" for b in baselines) + " |",
             "|" + "---|" * (len(baselines) + 1)]
     for e in range(len(next(iter(cols.values())))):
         cells = []

@@ -35,81 +35,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from metaweight._optimizers import lookahead_update
 from metaweight._protocols import Objective, Terms
 
 BACKENDS = ("higher", "jvp", "finite_difference")
-EXACT_UPDATE_TYPES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-
-
-def supports_exact_update(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the jvp/finite-difference backends know this optimizer's update in closed form."""
-    return type(optimizer) in EXACT_UPDATE_TYPES
-
-
-def lookahead_update(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None]
-) -> tuple[list[Tensor], list[Tensor | float]]:
-    """One step of ``optimizer`` from ``params`` with ``grads``, out of place, and its diagonal Jacobian.
-
-    Returns ``(new_params, D)`` with ``new_params[i] = params[i] - U(grads)[i]`` exactly as
-    ``optimizer.step()`` would compute it from its current state, and ``D[i] = dU_i/dg_i``
-    (a tensor, or a float where it is constant). Parameters the optimizer does not hold, or
-    without a gradient, stay where they are with ``D = 0``. Nothing is written anywhere.
-    """
-    where = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    new: list[Tensor] = []
-    jac: list[Tensor | float] = []
-    adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-    decoupled = isinstance(optimizer, torch.optim.AdamW)
-    for p, g in zip(params, grads):
-        group = where.get(id(p))
-        if group is None or g is None:
-            new.append(p.detach())
-            jac.append(0.0)
-            continue
-        state = optimizer.state.get(p, {})  # keyed by the parameter itself: look up before detaching
-        p, g = p.detach(), g.detach()
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        if adam:
-            beta1, beta2 = (float(b) for b in group["betas"])
-            eps = float(group["eps"])
-            step = int(state.get("step", 0)) + 1
-            m0 = state.get("exp_avg")
-            v0 = state.get("exp_avg_sq")
-            base = p
-            d = g
-            if wd:
-                if decoupled:
-                    base = p * (1 - lr * wd)
-                else:
-                    d = g + wd * p
-            m = d * (1 - beta1) if m0 is None else m0 * beta1 + d * (1 - beta1)
-            v = d * d * (1 - beta2) if v0 is None else v0 * beta2 + d * d * (1 - beta2)
-            second, flows = v, v > 0
-            if group.get("amsgrad", False):
-                vmax0 = state.get("max_exp_avg_sq")
-                if vmax0 is not None:
-                    second = torch.maximum(vmax0, v)
-                    flows = flows & (v > vmax0)
-            sq = second.sqrt()
-            bc1, sbc2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
-            denom = sq / sbc2 + eps
-            new.append(base - (lr / bc1) * m / denom)
-            dsq = torch.where(flows, (1 - beta2) * d / torch.where(flows, sq, torch.ones_like(sq)), torch.zeros_like(sq))
-            jac.append((lr / bc1) * ((1 - beta1) / denom - m * (dsq / sbc2) / (denom * denom)))
-        else:
-            mu, damp, nesterov = float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"])
-            d = g + wd * p if wd else g
-            c = 1.0
-            if mu:
-                buf0 = state.get("momentum_buffer")
-                buf, c_buf = (d, 1.0) if buf0 is None else (buf0 * mu + d * (1 - damp), 1 - damp)
-                d, c = (d + mu * buf, 1 + mu * c_buf) if nesterov else (buf, c_buf)
-            new.append(p - lr * d)
-            jac.append(lr * c)
-    return new, jac
-
-
 @contextmanager
 def replay_randomness(device: torch.device) -> Iterator[Callable[[], Any]]:
     """Lets later forwards draw the same random numbers (dropout masks) as the first one.

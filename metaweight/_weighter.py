@@ -11,14 +11,16 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from metaweight._hypergradient import BACKENDS, MetaResult, Reducer, meta_gradient, supports_exact_update
+from metaweight._hypergradient import BACKENDS, MetaResult, Reducer, meta_gradient
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms
-from metaweight._lookahead import (
+from metaweight._lookahead import lookahead
+from metaweight._optimizers import (
     check_optimizer_covers_model,
     check_optimizer_options,
     differentiable_optimizer_type,
-    lookahead,
+    supports_exact_update,
+    unwrap_optimizer,
 )
 from metaweight._validation import BalancedValidation
 
@@ -162,7 +164,7 @@ class HarmonizedWeighter:
             raise ValueError(f"Invalid constraint: {constraint!r}. Expected one of {CONSTRAINTS}.")
         if nonfinite not in NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
-        inner = _unwrap_optimizer(optimizer)
+        inner = unwrap_optimizer(optimizer)
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Expected one of {BACKENDS}.")
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
@@ -623,16 +625,6 @@ class HarmonizedWeighter:
             f"optimizer={type(self.optimizer).__name__}, gamma_optimizer={type(self.gamma_optimizer).__name__}, "
             f"validation={self.validation!r})"
         )
-
-
-def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside wrappers such as Accelerate's AcceleratedOptimizer."""
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        if supports_exact_update(optimizer) or not isinstance(inner, torch.optim.Optimizer):
-            return optimizer
-        optimizer = inner
-    return optimizer
 
 
 def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:

@@ -8,7 +8,6 @@ import copy
 import math
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -10,7 +10,7 @@ from torch import nn
 
 import metaweight as mw
 from conftest import batch, tiny_net
-from metaweight._hypergradient import lookahead_update
+from metaweight._optimizers import lookahead_update
 from test_weighter import F64, OPTIMIZERS, rel_err, setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
