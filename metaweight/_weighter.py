@@ -11,17 +11,11 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from metaweight._hypergradient import BACKENDS, MetaResult, Reducer, meta_gradient
+from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
+from metaweight._hypergradient import Reducer
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms
-from metaweight._lookahead import lookahead
-from metaweight._optimizers import (
-    check_optimizer_covers_model,
-    check_optimizer_options,
-    differentiable_optimizer_type,
-    supports_exact_update,
-    unwrap_optimizer,
-)
+from metaweight._optimizers import check_optimizer_covers_model, check_optimizer_options, unwrap_optimizer
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -129,7 +123,7 @@ class HarmonizedWeighter:
         gamma_optimizer: str | Callable[[list[Tensor]], torch.optim.Optimizer] = "adam",
         nonfinite: str = "raise",
         generator: torch.Generator | None = None,
-        backend: str = "jvp",
+        backend: BackendName = "jvp",
         meta_every: int = 1,
         lookahead_params: Callable[[str], bool] | None = None,
         reuse_forward: bool = False,
@@ -165,7 +159,7 @@ class HarmonizedWeighter:
         if nonfinite not in NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
         inner = unwrap_optimizer(optimizer)
-        if backend not in BACKENDS:
+        if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Expected one of {BACKENDS}.")
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
             raise ValueError(f"Invalid meta_every: {meta_every!r}. Expected an int >= 1.")
@@ -177,29 +171,8 @@ class HarmonizedWeighter:
         module = model.module if distributed else model
         if isinstance(model, nn.DataParallel):
             raise TypeError("nn.DataParallel is not supported; use DistributedDataParallel (one process per GPU).")
-        if distributed and learn:
-            if backend == "higher":
-                raise ValueError("With DistributedDataParallel use backend='jvp' or 'finite_difference': higher's "
-                                 "inner step would use each rank's own gradient instead of the averaged one.")
-            if reuse_forward:
-                raise ValueError("reuse_forward=True bypasses DistributedDataParallel's forward; leave it False.")
-        if learn and backend == "finite_difference" and not terms.fixed_targets:
-            raise ValueError(
-                f"backend='finite_difference' holds detached targets (a teacher's soft labels) fixed through a "
-                f"`teacher_outputs` keyword, which `{type(criterion).__name__}` does not take. Use backend='jvp' (the "
-                f"default; exact) or give its forward a `teacher_outputs=None` argument."
-            )
-        if learn:
-            check_optimizer_options(inner)
-            if backend != "higher" and not supports_exact_update(inner):
-                warnings.warn(
-                    f"backend={backend!r} knows the update of SGD, Adam and AdamW only; falling back to "
-                    f"backend='higher' for `{type(inner).__name__}` (exact, but slower and heavier).",
-                    stacklevel=2,
-                )
-                backend = "higher"
-            if backend == "higher":
-                differentiable_optimizer_type(inner)  # fail now, not at the first meta step
+        if distributed and learn and reuse_forward:
+            raise ValueError("reuse_forward=True bypasses DistributedDataParallel's forward; leave it False.")
         self._lookahead_names: set[str] | None = None
         if lookahead_params is not None:
             if not callable(lookahead_params):
@@ -207,8 +180,13 @@ class HarmonizedWeighter:
             self._lookahead_names = {n for n, p in module.named_parameters() if p.requires_grad and lookahead_params(n)}
             if not self._lookahead_names:
                 raise ValueError("`lookahead_params` selects none of the model's trainable parameters.")
-            if learn and backend == "higher":
-                raise ValueError("`lookahead_params` needs backend='jvp' or 'finite_difference'.")
+        self._backend: Backend | None = None
+        if learn:
+            check_optimizer_options(inner)
+            self._backend = make_backend(backend, inner, distributed=distributed,
+                                         restricted=self._lookahead_names is not None, terms=terms,
+                                         fd_epsilon=fd_epsilon)
+            backend = self._backend.name
 
         self.model = model
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
@@ -351,31 +329,14 @@ class HarmonizedWeighter:
             return {}, None
         train = _unpack(train_batch, "train_batch")
         val = _unpack(val_batch, "val_batch")
-        if self.backend == "higher":
-            result = self._higher_meta_gradient(train, val)
-        else:
-            result = meta_gradient(
-                self.module, self._inner_optimizer, self._terms, self._objective, self.gamma.detach(), train, val,
-                backend=self.backend, lookahead_names=self._lookahead_names, keep_graph=keep_graph,
-                fd_epsilon=self.fd_epsilon, reducer=self._reducer,
-            )
+        assert self._backend is not None
+        result = self._backend.meta_gradient(
+            self.module, self._inner_optimizer, self._terms, self._objective, self.gamma.detach(), train, val,
+            lookahead_names=self._lookahead_names, keep_graph=keep_graph, reducer=self._reducer,
+        )
         gamma_grad = result.gamma_grad * self._active
         metrics = self._apply(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
         return metrics, (result.terms if keep_graph else None)
-
-    def _higher_meta_gradient(self, train: tuple[Any, Tensor], val: tuple[Any, Tensor]) -> MetaResult:
-        (x, y), (xv, yv) = train, val
-        gamma = self.gamma.detach().clone().requires_grad_(True)
-        fmodel, diffopt = lookahead(self.module, self._inner_optimizer)
-        terms = self._terms(fmodel(x), y)
-        diffopt.step((gamma.to(terms) * terms).sum())
-        exit_losses = self._objective.losses(fmodel(xv), yv)
-        objective = self._objective.objective(exit_losses)
-        if torch.isfinite(objective):
-            (gamma_grad,) = torch.autograd.grad(objective, gamma)
-        else:
-            gamma_grad = torch.full_like(gamma, math.nan)
-        return MetaResult(gamma_grad, objective.detach(), exit_losses.detach(), terms.detach())
 
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> dict[str, Any]:
         """Check the meta-gradient, then step gamma, project it and update the validation average."""
@@ -461,7 +422,7 @@ class HarmonizedWeighter:
         ``model_step_skipped``.
         """
         x, y = _unpack(train_batch, "train_batch")
-        keep = self.reuse_forward and self.backend != "higher"
+        keep = self.reuse_forward and self._backend is not None and self._backend.reuses_forward
         saved = self._snapshot()
         try:
             metrics, terms = self._meta(train_batch, val_batch, keep_graph=keep)

@@ -1,6 +1,7 @@
 """DistributedDataParallel: 2 processes (gloo, CPU), different data per rank, against one process on the
 concatenated batches. Every rank must hold the same gamma and parameters, equal to the single run's."""
 
+import gc
 import os
 
 import pytest
@@ -50,6 +51,9 @@ def _worker(rank, world, init_file, backend, out_dir):
         torch.save({"gamma": w.gamma, "params": [p.detach() for p in model.module.parameters()],
                     "expected": w.validation.expected},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        del w, model
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
@@ -109,8 +113,12 @@ def _faulty_worker(rank, world, init_file, mode, learn, out_dir):
             except ValueError:
                 outcome.append("raised")
                 assert all(torch.equal(a, b) for a, b in zip(before, model.module.parameters()))
-        torch.save({"outcome": outcome, "gamma": w.gamma, "skipped": w.num_skipped,
-                    "params": [p.detach() for p in model.module.parameters()]}, os.path.join(out_dir, f"f{rank}.pt"))
+        torch.save({"outcome": outcome, "gamma": w.gamma.clone(), "skipped": w.num_skipped,
+                    "params": [p.detach().clone() for p in model.module.parameters()]},
+                   os.path.join(out_dir, f"f{rank}.pt"))
+        dist.barrier()
+        del w, model, optimizer  # free DDP's reducer before its process group (gloo aborts otherwise, at times)
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,143 @@
+"""How the meta-gradient is computed: one object per backend, owning its rules.
+
+A backend knows which optimizers it can replay, what it refuses (under DistributedDataParallel,
+with a restricted look-ahead, with a criterion that cannot hold its targets fixed), and how to
+compute :math:`\\nabla_\\gamma L_{val}(\\theta')`. :func:`make_backend` builds one from its name,
+once, with the fallback to ``higher`` where the fast backends do not know the optimizer; the
+weighter holds the object and never compares names.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from metaweight._hypergradient import MetaResult, Reducer, meta_gradient
+from metaweight._lookahead import lookahead
+from metaweight._optimizers import differentiable_optimizer_type, supports_exact_update
+from metaweight._protocols import Objective, Terms
+
+BackendName = Literal["jvp", "finite_difference", "higher"]
+BACKENDS: tuple[str, ...] = ("higher", "jvp", "finite_difference")
+
+
+class Backend:
+    """The meta-gradient of the validation objective with respect to gamma, one way.
+
+    Attributes:
+        name: the backend's name, as passed to the weighter.
+        reuses_forward: whether the model's step may backpropagate through the meta step's own
+            training forward (``reuse_forward=True``).
+    """
+
+    name: str = ""
+    reuses_forward: bool = False
+
+    def check(self, optimizer: torch.optim.Optimizer, *, distributed: bool, restricted: bool, terms: Terms) -> None:
+        """Raise if this backend cannot serve these settings (called once, at construction)."""
+
+    def meta_gradient(self, module: nn.Module, optimizer: torch.optim.Optimizer, terms: Terms, objective: Objective,
+                      gamma: Tensor, train: tuple[Any, Any], val: tuple[Any, Any], *,
+                      lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
+class HigherBackend(Backend):
+    """Differentiates through a replay of the optimizer's step (`higher`): the reference."""
+
+    name = "higher"
+
+    def check(self, optimizer: torch.optim.Optimizer, *, distributed: bool, restricted: bool, terms: Terms) -> None:
+        if distributed:
+            raise ValueError("With DistributedDataParallel use backend='jvp' or 'finite_difference': higher's "
+                             "inner step would use each rank's own gradient instead of the averaged one.")
+        if restricted:
+            raise ValueError("`lookahead_params` needs backend='jvp' or 'finite_difference'.")
+        differentiable_optimizer_type(optimizer)  # fail now, not at the first meta step
+
+    def meta_gradient(self, module: nn.Module, optimizer: torch.optim.Optimizer, terms: Terms, objective: Objective,
+                      gamma: Tensor, train: tuple[Any, Any], val: tuple[Any, Any], *,
+                      lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
+        (x, y), (xv, yv) = train, val
+        gamma = gamma.detach().clone().requires_grad_(True)
+        fmodel, diffopt = lookahead(module, optimizer)
+        values = terms(fmodel(x), y)
+        diffopt.step((gamma.to(values) * values).sum())
+        losses = objective.losses(fmodel(xv), yv)
+        value = objective.objective(losses)
+        if torch.isfinite(value):
+            (gamma_grad,) = torch.autograd.grad(value, gamma)
+        else:
+            gamma_grad = torch.full_like(gamma, math.nan)
+        return MetaResult(gamma_grad, value.detach(), losses.detach(), values.detach())
+
+
+class _Directional(Backend):
+    """The meta-gradient as one directional derivative of the term vector (see _hypergradient)."""
+
+    reuses_forward = True
+    fd_epsilon: float | None = None
+
+    def meta_gradient(self, module: nn.Module, optimizer: torch.optim.Optimizer, terms: Terms, objective: Objective,
+                      gamma: Tensor, train: tuple[Any, Any], val: tuple[Any, Any], *,
+                      lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
+        return meta_gradient(module, optimizer, terms, objective, gamma, train, val, backend=self.name,
+                             lookahead_names=lookahead_names, keep_graph=keep_graph, fd_epsilon=self.fd_epsilon,
+                             reducer=reducer)
+
+
+class JvpBackend(_Directional):
+    """Exact: one forward-mode pass along the validation gradient mapped through the optimizer."""
+
+    name = "jvp"
+
+
+class FiniteDifferenceBackend(_Directional):
+    """Approximate: two forwards by central differences, the criterion's detached targets held fixed."""
+
+    name = "finite_difference"
+
+    def __init__(self, fd_epsilon: float | None = None) -> None:
+        self.fd_epsilon = fd_epsilon
+
+    def check(self, optimizer: torch.optim.Optimizer, *, distributed: bool, restricted: bool, terms: Terms) -> None:
+        if not terms.fixed_targets:
+            raise ValueError(
+                f"backend='finite_difference' holds detached targets (a teacher's soft labels) fixed through a "
+                f"`teacher_outputs` keyword, which `{type(terms.criterion).__name__}` does not take. Use "
+                f"backend='jvp' (the default; exact) or give its forward a `teacher_outputs=None` argument."
+            )
+
+
+def make_backend(name: str, optimizer: torch.optim.Optimizer, *, distributed: bool, restricted: bool, terms: Terms,
+                 fd_epsilon: float | None = None) -> Backend:
+    """The backend called ``name`` for this optimizer and these settings, checked once.
+
+    The fast backends know SGD, Adam and AdamW in closed form; for another optimizer they fall
+    back to ``higher`` with a warning.
+    """
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"Invalid backend: {name!r}. Expected one of {BACKENDS}.")
+    backend: Backend
+    if name == "higher":
+        backend = HigherBackend()
+    elif not supports_exact_update(optimizer):
+        warnings.warn(
+            f"backend={name!r} knows the update of SGD, Adam and AdamW only; falling back to "
+            f"backend='higher' for `{type(optimizer).__name__}` (exact, but slower and heavier).",
+            stacklevel=3,
+        )
+        backend = HigherBackend()
+    elif name == "jvp":
+        backend = JvpBackend()
+    else:
+        backend = FiniteDifferenceBackend(fd_epsilon)
+    backend.check(optimizer, distributed=distributed, restricted=restricted, terms=terms)
+    return backend
