@@ -23,6 +23,7 @@ from metaweight._losses import DenseDistillLoss
 from metaweight._multiexit import MultiExit
 from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history
 from metaweight._presets import METHODS, Method, Preset, preset
+from metaweight._record import MetaStepRecord
 from metaweight._validation import BalancedValidation
 from metaweight._weighter import HarmonizedWeighter
 
@@ -39,6 +40,7 @@ __all__ = [
     "ExitCosts",
     "HarmonizedWeighter",
     "METHODS",
+    "MetaStepRecord",
     "Method",
     "MultiExit",
     "Preset",

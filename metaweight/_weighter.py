@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from collections import OrderedDict
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._hypergradient import Reducer
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms
+from metaweight._record import MetaStepRecord
 from metaweight._optimizers import check_optimizer_covers_model, check_optimizer_options, unwrap_optimizer
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
-GammaInit = Union[str, Tensor, Sequence[float]]
+GammaInit = Union[Literal["uniform", "last", "random"], Tensor, Sequence[float]]
 INITS = ("uniform", "last", "random")
 CONSTRAINTS = ("clamp", "normalize")
 GAMMA_OPTIMIZERS = ("sgd", "adam")
@@ -92,9 +96,10 @@ class HarmonizedWeighter:
             more memory; see :meth:`step`).
         fd_epsilon: step length in parameter space for ``finite_difference``; default
             :math:`\sqrt[3]{\text{machine eps}}` times the parameters' RMS.
-        callbacks: called after every successful meta step with a record: ``iteration``,
-            ``meta_step``, ``gamma`` and ``terms`` (dicts by term name), ``val_objective`` and
-            ``val_exit_losses``. See :class:`CSVLogger` and :class:`TensorBoardLogger`.
+        callbacks: hooks called after every successful meta step with its
+            :class:`MetaStepRecord` (``iteration``, ``meta_step``, ``gamma`` and ``terms`` by
+            term name, ``val_objective``, ``val_exit_losses``, ...), as if registered with
+            :meth:`register_meta_step_hook`. See :class:`CSVLogger` and :class:`TensorBoardLogger`.
 
     Example:
         >>> import torch, metaweight as mw
@@ -119,16 +124,16 @@ class HarmonizedWeighter:
         gamma_lr: float = 0.01,
         init: GammaInit = "uniform",
         learn: bool = True,
-        constraint: str = "clamp",
-        gamma_optimizer: str | Callable[[list[Tensor]], torch.optim.Optimizer] = "adam",
-        nonfinite: str = "raise",
+        constraint: Literal["clamp", "normalize"] = "clamp",
+        gamma_optimizer: Literal["adam", "sgd"] | Callable[[list[Tensor]], torch.optim.Optimizer] = "adam",
+        nonfinite: Literal["raise", "skip"] = "raise",
         generator: torch.Generator | None = None,
         backend: BackendName = "jvp",
         meta_every: int = 1,
         lookahead_params: Callable[[str], bool] | None = None,
         reuse_forward: bool = False,
         fd_epsilon: float | None = None,
-        callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+        callbacks: Sequence[Callable[[MetaStepRecord], None]] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
@@ -206,7 +211,9 @@ class HarmonizedWeighter:
         self.reuse_forward = bool(reuse_forward)
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
-        self.callbacks: list[Callable[[dict[str, Any]], None]] = list(callbacks)
+        self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
+        for callback in callbacks:
+            self.register_meta_step_hook(callback)
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         for part in (criterion, validation):
@@ -235,7 +242,7 @@ class HarmonizedWeighter:
                 )
         self.num_meta_steps = 0
         self.last_terms: Tensor | None = None
-        self.last_meta: dict[str, Any] = {}
+        self.last_meta: MetaStepRecord = MetaStepRecord(0)
 
     # ----------------------------------------------------------------------------- set-up
     def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:
@@ -305,7 +312,7 @@ class HarmonizedWeighter:
         self.last_terms = terms.detach()
         return (self.gamma.detach().to(terms) * terms).sum()
 
-    def meta_step(self, train_batch: Batch, val_batch: Batch) -> dict[str, Any]:
+    def meta_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
         r"""Update :math:`\gamma` by one look-ahead step; leaves the model and optimizer unchanged.
 
         With ``meta_every=N`` only every N-th call does the look-ahead (the first call does).
@@ -315,18 +322,18 @@ class HarmonizedWeighter:
             val_batch: ``(x_val, y_val)``: a held-out validation batch.
 
         Returns:
-            A dict with ``val_objective`` (:math:`L_{val}(\theta')`), ``val_exit_losses``
-            (per-exit CE at :math:`\theta'`), ``gamma_grad`` and ``skipped``; empty when
-            ``learn=False`` or on a call that ``meta_every`` skips.
+            A :class:`MetaStepRecord`: ``ran``, ``skipped``, ``val_objective``
+            (:math:`L_{val}(\theta')`), ``val_exit_losses``, ``gamma_grad``, ``gamma``, ...
+            (``ran`` is ``False`` with ``learn=False`` or on a call that ``meta_every`` skips).
         """
         metrics, _ = self._meta(train_batch, val_batch, keep_graph=False)
         return metrics
 
-    def _meta(self, train_batch: Batch, val_batch: Batch, keep_graph: bool) -> tuple[dict[str, Any], Tensor | None]:
+    def _meta(self, train_batch: Batch, val_batch: Batch, keep_graph: bool) -> tuple[MetaStepRecord, Tensor | None]:
         """The meta step; with ``keep_graph`` also the training terms with their graph (jvp/fd backends)."""
         self.num_calls += 1
         if not self.learn or (self.num_calls - 1) % self.meta_every:
-            return {}, None
+            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict()), None
         train = _unpack(train_batch, "train_batch")
         val = _unpack(val_batch, "val_batch")
         assert self._backend is not None
@@ -338,7 +345,7 @@ class HarmonizedWeighter:
         metrics = self._apply(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
         return metrics, (result.terms if keep_graph else None)
 
-    def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> dict[str, Any]:
+    def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> MetaStepRecord:
         """Check the meta-gradient, then step gamma, project it and update the validation average."""
         if not (torch.isfinite(objective) and torch.isfinite(gamma_grad).all() and torch.isfinite(exit_losses).all()):
             bad_terms = [n for n, t in zip(self.term_names, terms.tolist()) if not math.isfinite(t)]
@@ -348,7 +355,7 @@ class HarmonizedWeighter:
                 f"validation average were left unchanged. Check the data and the learning rates "
                 f"(or pass nonfinite='skip' to skip such steps)."
             )
-            return self._refuse(message, objective, exit_losses)
+            return self._refuse(message, objective, exit_losses, terms)
         saved_gamma = self.gamma.detach().clone()
         saved_optimizer = copy.deepcopy(self.gamma_optimizer.state_dict())
         self.gamma_optimizer.zero_grad(set_to_none=True)
@@ -364,31 +371,47 @@ class HarmonizedWeighter:
             message = (f"gamma's own optimizer step gave {'non-finite' if not math.isfinite(total) else 'all-zero'} "
                        f"weights (meta-gradient {gamma_grad.tolist()}); gamma, its optimizer and the validation "
                        f"average were left unchanged. Lower gamma_lr or check the gamma optimizer.")
-            return self._refuse(message, objective, exit_losses)
+            return self._refuse(message, objective, exit_losses, terms)
         self._objective.update(exit_losses)
         self.num_meta_steps += 1
-        self.last_meta = {
-            "skipped": False,
-            "val_objective": float(objective),
-            "val_exit_losses": exit_losses.tolist(),
-            "gamma_grad": gamma_grad.detach(),
-        }
-        if self.callbacks:
-            record = {"iteration": self.num_calls, "meta_step": self.num_meta_steps, "gamma": self.gamma_dict(),
-                      "terms": dict(zip(self.term_names, terms.tolist())),
-                      "val_objective": self.last_meta["val_objective"],
-                      "val_exit_losses": self.last_meta["val_exit_losses"]}
-            for callback in self.callbacks:
-                callback(record)
-        return self.last_meta
+        record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
+                                val_objective=float(objective), val_exit_losses=exit_losses.tolist(),
+                                gamma_grad=gamma_grad.detach(), gamma=self.gamma_dict(),
+                                terms=dict(zip(self.term_names, terms.tolist())))
+        self.last_meta = record
+        for hook in list(self._hooks.values()):
+            hook(record)
+        return record
 
-    def _refuse(self, message: str, objective: Tensor, exit_losses: Tensor) -> dict[str, Any]:
+    def _refuse(self, message: str, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> MetaStepRecord:
         """A meta step that changed nothing: raise, or count it, warn and report it skipped."""
         if self.nonfinite == "raise":
             raise ValueError(message)
         self.num_skipped += 1
         warnings.warn(f"Skipped a meta step ({self.num_skipped} so far): {message}", RuntimeWarning, stacklevel=4)
-        return {"skipped": True, "val_objective": float(objective), "val_exit_losses": exit_losses.tolist()}
+        return MetaStepRecord(self.num_calls, ran=True, skipped=True, meta_step=self.num_meta_steps,
+                              val_objective=float(objective), val_exit_losses=exit_losses.tolist(),
+                              gamma=self.gamma_dict(), terms=dict(zip(self.term_names, terms.tolist())),
+                              message=message)
+
+    def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle:
+        """Call ``hook(record)`` after every successful meta step, like
+        ``torch.optim.Optimizer.register_step_post_hook``; ``handle.remove()`` unregisters it.
+
+        Args:
+            hook: a callable taking the :class:`MetaStepRecord` (a mapping with ``iteration``,
+                ``meta_step``, ``gamma``, ``terms``, ``val_objective``, ``val_exit_losses``, ...).
+        """
+        if not callable(hook):
+            raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
+
+    @property
+    def callbacks(self) -> list[Callable[[MetaStepRecord], None]]:
+        """The registered meta-step hooks, in order (the constructor's ``callbacks`` first)."""
+        return list(self._hooks.values())
 
     @torch.no_grad()
     def _project(self) -> None:
@@ -401,7 +424,7 @@ class HarmonizedWeighter:
                 gamma.mul_(self._gamma_sum / total)
 
     # ----------------------------------------------------------------------------- the one call
-    def step(self, train_batch: Batch, val_batch: Batch) -> dict[str, Any]:
+    def step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
         """One full HDKD iteration: :meth:`meta_step`, then the model's step on :meth:`loss`.
 
         With the ``jvp``/``finite_difference`` backends and ``reuse_forward=True`` the model's
@@ -418,8 +441,8 @@ class HarmonizedWeighter:
         ``ValueError`` says so, with ``"skip"`` a ``RuntimeWarning`` does and
         :attr:`num_skipped` counts it.
 
-        Returns the meta-step metrics plus ``loss``, the weighted training loss, and
-        ``model_step_skipped``.
+        Returns the meta step's :class:`MetaStepRecord` with ``loss``, the weighted training
+        loss, ``terms`` and ``model_step_skipped`` filled in.
         """
         x, y = _unpack(train_batch, "train_batch")
         keep = self.reuse_forward and self._backend is not None and self._backend.reuses_forward
@@ -447,9 +470,11 @@ class HarmonizedWeighter:
             self.num_skipped += 1
             warnings.warn(f"Skipped a model step ({self.num_skipped} skipped so far): {message}", RuntimeWarning,
                           stacklevel=2)
-            return {**metrics, "loss": float(loss.detach()), "model_step_skipped": True}
+            return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=True,
+                                       terms=self.terms_dict(), message=message)
         self.optimizer.step()
-        return {**metrics, "loss": float(loss.detach()), "model_step_skipped": False}
+        return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=False,
+                                   terms=self.terms_dict())
 
     def _snapshot(self) -> tuple[dict[str, Tensor], dict[str, Any], int]:
         """What one call of :meth:`step` may change besides the parameters: buffers and our own state."""

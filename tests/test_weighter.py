@@ -197,7 +197,8 @@ def test_learn_false_never_changes_gamma():
     model = tiny_net(3)
     opt = torch.optim.LBFGS(model.parameters())  # no look-ahead needed, so any optimizer is fine
     w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), learn=False)
-    assert w.meta_step(batch(), batch()) == {}
+    record = w.meta_step(batch(), batch())
+    assert record.ran is False and "gamma_grad" not in record and "val_objective" not in record
     assert w.gamma.tolist() == [1.0] * 6
 
 
@@ -237,3 +238,23 @@ def test_repr_shows_settings():
     model = tiny_net(2)
     w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2))
     assert "num_exits=2" in repr(w) and "SGD" in repr(w) and "alpha=0.5" in repr(w)
+
+
+def test_one_record_for_meta_step_step_and_hooks():
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen, late = [], []
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), callbacks=[seen.append])
+    handle = w.register_meta_step_hook(late.append)
+    record = w.meta_step(batch(), batch())
+    assert isinstance(record, mw.MetaStepRecord) and record.ran and not record.skipped
+    assert seen == [record] and late == [record]  # the hooks get the very record meta_step returns
+    assert record["gamma"] == w.gamma_dict() and record.iteration == 1 and record.meta_step == 1
+    assert set(record) >= {"val_objective", "val_exit_losses", "gamma_grad", "terms"} and "loss" not in record
+    handle.remove()
+    full = w.step(batch(), batch())
+    assert len(seen) == 2 and len(late) == 1  # removed hooks are not called
+    assert full.loss == full["loss"] and full.model_step_skipped is False and full.terms == w.terms_dict()
+    assert w.callbacks == [seen.append]
+    with pytest.raises(TypeError, match="hook"):
+        w.register_meta_step_hook("print")

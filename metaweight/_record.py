@@ -1,0 +1,67 @@
+"""One typed record of what a weighter call did, returned by ``meta_step``/``step`` and given to hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class MetaStepRecord(Mapping[str, Any]):
+    """What one call of :meth:`HarmonizedWeighter.meta_step` or :meth:`~HarmonizedWeighter.step` did.
+
+    It reads as a mapping of the fields that say something (``record["gamma_grad"]``,
+    ``record.get("loss")``, ``"val_objective" in record``; fields that are ``None`` are absent),
+    and as attributes.
+
+    Attributes:
+        iteration: how many calls the weighter has had, this one included.
+        ran: whether a look-ahead ran in this call (``False`` with ``learn=False`` and on the
+            calls ``meta_every`` passes over).
+        skipped: whether it ran but was refused as non-finite (``nonfinite="skip"``).
+        meta_step: how many meta steps have succeeded so far.
+        val_objective: :math:`L_{val}(\\theta')`, when a look-ahead ran.
+        val_exit_losses: the validation objective's losses at :math:`\\theta'` (per exit for
+            :class:`BalancedValidation`), when a look-ahead ran.
+        gamma_grad: :math:`\\nabla_\\gamma L_{val}(\\theta')` of a successful meta step.
+        gamma: the loss weights after the call, by term name.
+        terms: the unweighted training terms of this call, by term name, when computed.
+        loss: the weighted training loss (``step`` only).
+        model_step_skipped: whether ``step`` refused the model's step as non-finite.
+        message: what was wrong, for a skipped call.
+    """
+
+    iteration: int
+    ran: bool = False
+    skipped: bool = False
+    meta_step: int = 0
+    val_objective: float | None = None
+    val_exit_losses: list[float] | None = None
+    gamma_grad: Tensor | None = None
+    gamma: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, float] | None = None
+    loss: float | None = None
+    model_step_skipped: bool | None = None
+    message: str | None = None
+
+    def _present(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def __getitem__(self, key: str) -> Any:
+        present = self._present()
+        if key not in present:
+            raise KeyError(key)
+        return present[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._present())
+
+    def __len__(self) -> int:
+        return len(self._present())
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self._present().items() if k not in ("gamma_grad", "gamma", "terms")}
+        return f"MetaStepRecord({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
