@@ -2,7 +2,7 @@
 
 1. Threshold search + budgeted accuracy on 10,000 samples x 8 exits x 100 classes: the
    vectorised metaweight functions against the per-sample Python loop of MSDNet's procedure
-   (tests/budget_reference.py), over the same q values, checking they agree.
+   (references/budget.py), over the same q values, checking they agree.
 2. Early-exit inference on the examples' CIFAR MSDNet (8 exits) against the full forward:
    wall-clock per image (batch 1) and per batch (masking), next to the FLOPs estimate.
 
@@ -22,10 +22,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 import metaweight as mw  # noqa: E402
-from budget_reference import loop_evaluate, loop_thresholds  # noqa: E402
+from references.budget import loop_evaluate, loop_thresholds  # noqa: E402
 from msdnet import msdnet_cifar  # noqa: E402
 
 

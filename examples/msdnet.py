@@ -207,6 +207,10 @@ class MSDNet(nn.Module):
     def num_exits(self) -> int:
         return len(self.classifiers)
 
+    def exit_stages(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """Blocks and classifiers as metaweight's multi-exit protocol names them, for real early exit."""
+        return list(self.blocks), list(self.classifiers)
+
     def iter_exits(self, x: Tensor) -> Iterator[Tensor]:
         """Yield the exit logits one at a time, computing each block only when needed."""
         for block, classifier in zip(self.blocks, self.classifiers):

@@ -10,16 +10,26 @@ from torch import Tensor, nn
 
 
 def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Module]]:
-    """The model's stages and exit heads: ``stages``/``heads`` (:class:`MultiExit`) or
-    ``blocks``/``classifiers`` (MSDNet's names)."""
-    for stages, heads in (("stages", "heads"), ("blocks", "classifiers")):
-        if isinstance(getattr(model, stages, None), nn.ModuleList) and isinstance(getattr(model, heads, None), nn.ModuleList):
-            return getattr(model, stages), getattr(model, heads)
-    raise TypeError(
-        f"`{type(model).__name__}` does not expose its stages and heads. Early exit needs `stages` and `heads` "
-        f"(or `blocks` and `classifiers`) ModuleLists, stage k feeding stage k+1 and head k; wrap the model "
-        f"with metaweight.MultiExit."
-    )
+    """The model's stages and exit heads, by metaweight's multi-exit protocol.
+
+    A model takes part by defining ``exit_stages()`` returning ``(stages, heads)``: stage ``k``
+    maps stage ``k-1``'s output (stage 1 the input) to features, head ``k`` maps them to exit
+    ``k``'s logits. :class:`MultiExit` does, and so can any model: nothing here knows the
+    attribute names of a particular architecture.
+    """
+    parts = getattr(model, "exit_stages", None)
+    if not callable(parts):
+        raise TypeError(
+            f"`{type(model).__name__}` does not expose its stages and heads. Early exit needs "
+            f"`exit_stages()` returning (stages, heads), stage k feeding stage k+1 and head k; build the model "
+            f"with metaweight.MultiExit, or define exit_stages() on it."
+        )
+    stages, heads = parts()
+    stages, heads = list(stages), list(heads)
+    if not stages or len(stages) != len(heads) or not all(isinstance(m, nn.Module) for m in stages + heads):
+        raise TypeError(f"`{type(model).__name__}.exit_stages()` should return two equally long, non-empty lists "
+                        f"of modules. Found {len(stages)} stages and {len(heads)} heads.")
+    return stages, heads
 
 
 def _take(features: Any, keep: Tensor) -> Any:
@@ -40,8 +50,8 @@ class EarlyExit(nn.Module):
     first exit over threshold, but the compute of the skipped stages is really saved.
 
     Args:
-        model: a model with ``stages``/``heads`` (e.g. :class:`MultiExit`) or
-            ``blocks``/``classifiers`` (the examples' MSDNet).
+        model: a model with ``exit_stages()`` returning ``(stages, heads)`` (e.g.
+            :class:`MultiExit`; see :func:`exit_parts`).
         thresholds: ``K`` confidence thresholds, e.g. from :func:`find_thresholds` or
             :func:`thresholds_for_budget`.
 

@@ -52,6 +52,10 @@ class MultiExit(nn.Module):
         """The number of exits ``K``."""
         return len(self.heads)
 
+    def exit_stages(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The stages and heads, for :class:`EarlyExit` (metaweight's multi-exit protocol)."""
+        return list(self.stages), list(self.heads)
+
     def iter_exits(self, x: Tensor) -> Iterator[Tensor]:
         """Yield the exit logits one by one, computing each stage only when asked for the next exit."""
         for stage, head in zip(self.stages, self.heads):

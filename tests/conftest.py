@@ -1,4 +1,6 @@
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,6 +8,8 @@ import torch
 from torch import nn
 
 import metaweight as mw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # references/: the oracles
 
 
 @pytest.fixture(autouse=True)

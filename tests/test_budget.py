@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import metaweight as mw
-from budget_reference import loop_evaluate, loop_thresholds
+from references.budget import loop_evaluate, loop_thresholds
 
 
 def logits_with_ties(K=4, N=300, C=6, seed=0):

@@ -88,3 +88,10 @@ def test_hint_terms_example_harmonizes_kd_and_hint_terms():
     assert len(out["top1"]) == 3 and max(out["top1"]) > 30.0
     assert [n for n in out["gamma"] if n.startswith("hint")] == ["hint[3->1]", "hint[3->2]"]
     assert len(set(round(g, 6) for g in out["gamma"].values())) > 1  # the weights moved apart
+
+
+def test_the_loop_to_copy_trains_every_exit():
+    import loop
+
+    result = loop.main(epochs=3)
+    assert result.num_exits == 3 and min(result.accuracy[1]) > 50.0  # chance: 10%
