@@ -172,9 +172,9 @@ class HarmonizedWeighter:
                                            and fd_epsilon > 0):
             raise ValueError(f"Invalid fd_epsilon: {fd_epsilon!r}. Expected a finite number > 0, or None.")
         check_optimizer_covers_model(inner, model)
-        distributed = isinstance(model, nn.parallel.DistributedDataParallel)
-        module = model.module if distributed else model
-        if isinstance(model, nn.DataParallel):
+        ddp, module = _unwrap_model(model)
+        distributed = ddp is not None
+        if isinstance(module, nn.DataParallel) or isinstance(model, nn.DataParallel):
             raise TypeError("nn.DataParallel is not supported; use DistributedDataParallel (one process per GPU).")
         if distributed and learn and reuse_forward:
             raise ValueError("reuse_forward=True bypasses DistributedDataParallel's forward; leave it False.")
@@ -195,7 +195,7 @@ class HarmonizedWeighter:
 
         self.model = model
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
-        self._reducer = Reducer(model.process_group) if distributed else Reducer(enabled=False)
+        self._reducer = Reducer(ddp.process_group) if ddp is not None else Reducer(enabled=False)
         self.optimizer = optimizer
         self._inner_optimizer = inner  # what the look-ahead replays (unwrapped from Accelerate/Lightning)
         self.criterion = criterion
@@ -611,6 +611,21 @@ class HarmonizedWeighter:
             f"optimizer={type(self.optimizer).__name__}, gamma_optimizer={type(self.gamma_optimizer).__name__}, "
             f"validation={self.validation!r})"
         )
+
+
+def _unwrap_model(model: nn.Module) -> tuple[nn.parallel.DistributedDataParallel | None, nn.Module]:
+    """The DistributedDataParallel wrapper (if any) and the plain module under it and under
+    ``torch.compile``: the look-ahead runs the plain module eagerly (forward-mode AD and
+    ``functional_call`` need it), while the model's own step runs ``model`` as the user built it."""
+    ddp = None
+    for _ in range(4):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            ddp, model = model, model.module
+        elif callable(getattr(model, "_orig_mod", None)) and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            break
+    return ddp, model
 
 
 def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:
