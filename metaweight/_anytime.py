@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._checks import check_exit_outputs, check_target
+from metaweight._protocols import call_model
 
 
 def to_device(inputs: Any, device: torch.device | str) -> Any:
@@ -34,8 +35,8 @@ def collect_logits(
     Args:
         model: a multi-exit model returning ``K`` logits tensors.
         loader: yields ``(inputs, labels)`` batches; ``inputs`` may be a tensor or tuples,
-            lists and dicts of tensors (moved to ``device`` and passed to the model as one
-            argument, as the weighter does).
+            lists and dicts of tensors (moved to ``device``; a dict whose keys the model's
+            ``forward`` takes is passed as keyword arguments, as the weighter does).
         device: where to run; defaults to the device of the model's parameters.
 
     Returns:
@@ -54,7 +55,7 @@ def collect_logits(
                 raise ValueError(f"The loader's batch {i} should be a pair (inputs, labels). "
                                  f"Found `{type(item).__name__}`.")
             inputs, target = item
-            outputs = model(to_device(inputs, device))
+            outputs = call_model(model, to_device(inputs, device))
             if num_exits is None:
                 num_exits = len(outputs) if isinstance(outputs, (list, tuple)) else 0
             outputs = check_exit_outputs(outputs, num_exits or 1)

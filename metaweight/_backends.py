@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from metaweight._hypergradient import MetaResult, Reducer, meta_gradient
 from metaweight._lookahead import lookahead
 from metaweight._optimizers import differentiable_optimizer_type, supports_exact_update
-from metaweight._protocols import Objective, Terms
+from metaweight._protocols import Objective, Terms, model_arguments
 
 BackendName = Literal["jvp", "finite_difference", "higher"]
 BACKENDS: tuple[str, ...] = ("higher", "jvp", "finite_difference")
@@ -68,9 +68,11 @@ class HigherBackend(Backend):
         (x, y), (xv, yv) = train, val
         gamma = gamma.detach().clone().requires_grad_(True)
         fmodel, diffopt = lookahead(module, optimizer)
-        values = terms(fmodel(x), y)
+        args, kwargs = model_arguments(module, x)  # decided on the module: the patched copy's forward is generic
+        values = terms(fmodel(*args, **kwargs), y)
         diffopt.step((gamma.to(values) * values).sum())
-        losses = objective.losses(fmodel(xv), yv)
+        args, kwargs = model_arguments(module, xv)
+        losses = objective.losses(fmodel(*args, **kwargs), yv)
         value = objective.objective(losses)
         if torch.isfinite(value):
             (gamma_grad,) = torch.autograd.grad(value, gamma)

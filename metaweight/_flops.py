@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from metaweight._checks import check_exit_outputs
+from metaweight._protocols import call_model
 
 
 @dataclass
@@ -118,7 +119,7 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
     tracer = _Tracer(params)
     try:
         with tracer:
-            outputs = model(example_input)
+            outputs = call_model(model, example_input)
     finally:
         model.train(was_training)
     outputs = check_exit_outputs(outputs, num_exits if num_exits is not None else

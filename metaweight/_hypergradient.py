@@ -36,7 +36,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from metaweight._optimizers import lookahead_update
-from metaweight._protocols import Objective, Terms
+from metaweight._protocols import Objective, Terms, model_arguments
 
 @contextmanager
 def replay_randomness(device: torch.device) -> Iterator[Callable[[], Any]]:
@@ -105,7 +105,8 @@ def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Te
     """
     slots = [(m, kind, dict(getattr(m, kind))) for m in model.modules() for kind in ("_parameters", "_buffers")]
     try:
-        return functional_call(model, (params, buffers), (x,))
+        args, kwargs = model_arguments(model, x)
+        return functional_call(model, (params, buffers), args, kwargs)
     finally:
         for module, kind, saved in slots:
             getattr(module, kind).update(saved)

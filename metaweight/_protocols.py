@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -148,3 +148,34 @@ class Objective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if isinstance(self.validation, nn.Module):
             self.validation.load_state_dict(state)
+
+
+def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """How to call ``model`` with a batch's inputs: ``model(inputs)``, or ``model(**inputs)``.
+
+    A mapping (a dict, a Hugging Face ``BatchEncoding``) whose keys are all keyword
+    parameters of the model's ``forward`` (or whose ``forward`` takes ``**kwargs``) is passed as
+    keyword arguments, as Hugging Face models expect; anything else, a mapping too, is passed as
+    the one positional argument.
+    """
+    if isinstance(inputs, Mapping) and inputs and all(isinstance(k, str) for k in inputs):
+        target = getattr(model, "_orig_mod", model)
+        target = getattr(target, "module", target) if isinstance(target, nn.parallel.DistributedDataParallel) \
+            else target
+        try:
+            params = inspect.signature(target.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        named = {n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                             inspect.Parameter.KEYWORD_ONLY)}
+        required = {n for n in named if params[n].default is inspect.Parameter.empty}
+        if required <= set(inputs) and (set(inputs) <= named or var_kw):
+            return (), dict(inputs)
+    return (inputs,), {}
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model`` called with a batch's inputs, positionally or as keyword arguments (see :func:`model_arguments`)."""
+    args, kwargs = model_arguments(model, inputs)
+    return model(*args, **kwargs)

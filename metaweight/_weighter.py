@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._hypergradient import Reducer
 from metaweight._losses import DenseDistillLoss
-from metaweight._protocols import Objective, Terms
+from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._optimizers import check_optimizer_covers_model, check_optimizer_options, unwrap_optimizer
 from metaweight._validation import BalancedValidation
@@ -450,7 +450,7 @@ class HarmonizedWeighter:
         try:
             metrics, terms = self._meta(train_batch, val_batch, keep_graph=keep)
             if terms is None:
-                terms = self._terms(self.model(x), y)
+                terms = self._terms(call_model(self.model, x), y)
             loss = self._weighted(terms)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
