@@ -5,6 +5,7 @@ Architectures", AAAI 2021.
 """
 
 from metaweight._anytime import AnytimeResult, anytime_accuracy, anytime_accuracy_from_logits, collect_logits
+from metaweight._attach import AttachedExits, attach_exits
 from metaweight._budget import (
     BudgetCurve,
     BudgetPoint,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnytimeResult",
+    "AttachedExits",
     "BalancedValidation",
     "BudgetCurve",
     "BudgetPoint",
@@ -47,6 +49,7 @@ __all__ = [
     "TensorBoardLogger",
     "anytime_accuracy",
     "anytime_accuracy_from_logits",
+    "attach_exits",
     "budgeted_curve",
     "collect_logits",
     "evaluate_thresholds",

@@ -65,11 +65,17 @@ class EarlyExit(nn.Module):
 
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float]) -> None:
         super().__init__()
-        self.stages, self.heads = exit_parts(model)
         self.model = model
+        self._whole_batch = callable(getattr(model, "run_until", None)) and not callable(getattr(model, "exit_stages",
+                                                                                                  None))
+        if self._whole_batch:  # exits attached by name: stop the forward once every sample has left
+            num_exits = int(model.num_exits)
+        else:
+            self.stages, self.heads = exit_parts(model)
+            num_exits = len(self.heads)
         thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
-        if thresholds.dim() != 1 or thresholds.shape != (len(self.heads),):
-            raise ValueError(f"Expected {len(self.heads)} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
+        if thresholds.dim() != 1 or thresholds.shape != (num_exits,):
+            raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
         if torch.isnan(thresholds).any():
             raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
         self.register_buffer("thresholds", thresholds)
@@ -89,6 +95,8 @@ class EarlyExit(nn.Module):
 
     @torch.no_grad()
     def _run(self, x: Any) -> tuple[Tensor, Tensor]:
+        if self._whole_batch:
+            return self._run_attached(x)
         features = x
         first = x if isinstance(x, Tensor) else next(t for t in x if isinstance(t, Tensor))
         n = first.shape[0]
@@ -108,3 +116,28 @@ class EarlyExit(nn.Module):
             alive = alive[staying]
             features = _take(features, staying)
         return predictions, exits
+
+    def _run_attached(self, x: Any) -> tuple[Tensor, Tensor]:
+        """Exits attached by name: every sample takes its first confident exit; the forward stops
+        at the first exit after which no sample is left."""
+        state: dict[str, Any] = {}
+        last = len(self.thresholds) - 1
+
+        def leave(k: int, logits: Tensor) -> bool:
+            confidence, classes = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+            if not state:
+                n = logits.shape[0]
+                state.update(predictions=torch.empty(n, dtype=torch.long, device=logits.device),
+                             exits=torch.empty(n, dtype=torch.long, device=logits.device),
+                             alive=torch.ones(n, dtype=torch.bool, device=logits.device))
+            alive = state["alive"]
+            leaving = alive & ((confidence >= self.thresholds[k]) | (k == last))
+            state["predictions"][leaving] = classes[leaving]
+            state["exits"][leaving] = k
+            alive &= ~leaving
+            return not bool(alive.any())
+
+        computed = self.model.run_until(x, leave)
+        if len(computed) == last + 1 and (not state or state["alive"].any()):
+            leave(last, computed[-1])  # the model's own output: everyone left takes it
+        return state["predictions"], state["exits"]

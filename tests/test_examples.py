@@ -95,3 +95,10 @@ def test_the_loop_to_copy_trains_every_exit():
 
     result = loop.main(epochs=3)
     assert result.num_exits == 3 and min(result.accuracy[1]) > 50.0  # chance: 10%
+
+
+def test_resnet_example_turns_a_plain_resnet_multi_exit_and_trains_it():
+    import resnet
+
+    result = resnet.main(["--epochs", "2"])
+    assert result.num_exits == 3 and max(result.accuracy[1]) > 30.0  # chance: 10%

@@ -1,0 +1,199 @@
+"""Exits attached to an unmodified model by module name, with forward hooks."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaweight._protocols import model_arguments
+
+HeadFactory = Callable[[str, Tensor], nn.Module]
+
+
+def _features(output: Any) -> Tensor:
+    """The tensor a module's output carries: itself, or the first tensor of a tuple/list (a
+    transformer layer's ``(hidden_states, ...)``), or ``.last_hidden_state``/``.hidden_states``."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    for name in ("last_hidden_state", "hidden_states", "logits"):
+        value = getattr(output, name, None)
+        if isinstance(value, Tensor):
+            return value
+    raise TypeError(f"Cannot find the features in a module output of type `{type(output).__name__}`; "
+                    f"attach the exit to a module that returns a tensor (or a tuple starting with one).")
+
+
+def _logits(output: Any) -> Tensor:
+    """The model's own logits: a tensor, ``.logits`` (Hugging Face outputs), or the first tensor of a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    value = getattr(output, "logits", None)
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"Cannot find logits in the model's output of type `{type(output).__name__}`; pass "
+                    f"include_output=False and attach the last exit by name.")
+
+
+class _StopForward(Exception):
+    """Raised from a hook to stop the wrapped model's forward once every sample has left."""
+
+
+class AttachedExits(nn.Module):
+    """A model with exit heads after named modules, its own code unchanged.
+
+    ``forward`` runs the model once; a forward hook on each named module hands that module's
+    output (a tensor, or the first tensor of a tuple such as a transformer layer's
+    ``(hidden_states, ...)``) to its head. It returns the heads' logits, shallow to deep,
+    followed by the model's own logits when ``include_output`` (a tensor, a Hugging Face
+    output's ``.logits``, or the first tensor of a tuple). The hooks live only during a forward
+    of this wrapper, so ``model`` alone still runs as before, and they work under
+    ``torch.func.functional_call`` (the look-ahead).
+
+    Real early exit (:class:`EarlyExit`) on such a model stops the forward at the first exit
+    after which no sample is left: a batch pays for the deepest exit any of its samples needs.
+    Per-sample savings inside a batch need the stages as separate modules
+    (:class:`MultiExit`, or a model defining ``exit_stages()``), which a model whose forward
+    you do not own cannot give.
+
+    Args:
+        model: any ``nn.Module``.
+        after: names of submodules (as in ``model.named_modules()``), shallow to deep.
+        heads: one module per name, or a factory ``heads(name, features) -> nn.Module`` called
+            with an example of that module's output (needs ``example_input``).
+        include_output: whether the model's own logits are the last exit.
+        example_input: one batch of inputs, to build heads from a factory and check shapes.
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> model = mw.attach_exits(net, ["1", "3"], lambda name, f: nn.Linear(f.shape[-1], 3),
+        ...                         example_input=torch.randn(2, 4))
+        >>> [tuple(z.shape) for z in model(torch.randn(5, 4))]
+        [(5, 3), (5, 3), (5, 3)]
+    """
+
+    def __init__(self, model: nn.Module, after: Sequence[str], heads: Sequence[nn.Module] | HeadFactory, *,
+                 include_output: bool = True, example_input: Any = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
+        if isinstance(after, str) or not isinstance(after, Sequence) or not after:
+            raise ValueError(f"`after` should be a non-empty list of module names. Found {after!r}.")
+        modules = dict(model.named_modules())
+        for name in after:
+            if not isinstance(name, str) or name not in modules or name == "":
+                close = difflib.get_close_matches(str(name), [n for n in modules if n], n=3)
+                raise ValueError(f"`{type(model).__name__}` has no submodule named {name!r}"
+                                 f"{f'; did you mean {close}?' if close else '.'} Names are those of "
+                                 f"model.named_modules().")
+        if len(set(after)) != len(after):
+            raise ValueError(f"Each module may carry one exit; {list(after)} names one twice.")
+        self.model = model
+        self.after = list(after)
+        self.include_output = bool(include_output)
+        if callable(heads) and not isinstance(heads, nn.Module):
+            if example_input is None:
+                raise ValueError("A head factory needs `example_input` to see each module's output.")
+            with torch.no_grad():
+                was = model.training
+                model.eval()
+                try:
+                    captured = self._capture(example_input)
+                finally:
+                    model.train(was)
+            heads = [heads(name, captured[name]) for name in self.after]
+        heads = list(heads)  # type: ignore[arg-type]
+        if len(heads) != len(self.after) or not all(isinstance(h, nn.Module) for h in heads):
+            raise ValueError(f"Give one head module per name in `after` ({len(self.after)}). Found {len(heads)}.")
+        self.heads = nn.ModuleList(heads)
+        if example_input is not None:
+            was = self.training
+            self.eval()
+            try:
+                with torch.no_grad():
+                    shapes = [tuple(z.shape) for z in self(example_input)]
+            finally:
+                self.train(was)
+            if len(set(shapes)) != 1:
+                names = self.after + (["(model output)"] if self.include_output else [])
+                raise ValueError(f"The exits give logits of different shapes: "
+                                 f"{dict(zip(names, shapes))}. Make every head output the model's classes.")
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.after) + int(self.include_output)
+
+    def _capture(self, inputs: Any, on_exit: Callable[[int, Tensor], None] | None = None) -> dict[str, Tensor]:
+        captured: dict[str, Tensor] = {}
+        modules = dict(self.model.named_modules())
+        handles = []
+
+        def hook_for(index: int, name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                captured[name] = _features(output)
+                if on_exit is not None:
+                    on_exit(index, captured[name])
+            return hook
+
+        for index, name in enumerate(self.after):
+            handles.append(modules[name].register_forward_hook(hook_for(index, name)))
+        try:
+            args, kwargs = model_arguments(self.model, inputs)
+            captured["__output__"] = self.model(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    def forward(self, inputs: Any) -> list[Tensor]:
+        """The exits' logits, shallow to deep (the model's own last, with ``include_output``)."""
+        captured = self._capture(inputs)
+        missing = [n for n in self.after if n not in captured]
+        if missing:
+            raise RuntimeError(f"The modules {missing} did not run in the model's forward; attach exits to modules "
+                               f"the forward calls.")
+        logits = [head(captured[name]) for name, head in zip(self.after, self.heads)]
+        if self.include_output:
+            logits.append(_logits(captured["__output__"]))
+        return logits
+
+    def run_until(self, inputs: Any, leave: Callable[[int, Tensor], bool]) -> list[Tensor]:
+        """Run the forward, calling ``leave(k, logits_k)`` at each exit; stop the forward as soon as it
+        returns ``True`` (every sample has left). Returns the logits computed so far."""
+        computed: list[Tensor] = []
+
+        def on_exit(index: int, features: Tensor) -> None:
+            computed.append(self.heads[index](features))
+            if leave(index, computed[-1]):
+                raise _StopForward
+
+        try:
+            captured = self._capture(inputs, on_exit)
+        except _StopForward:
+            return computed
+        if self.include_output:
+            computed.append(_logits(captured["__output__"]))
+        return computed
+
+
+def attach_exits(model: nn.Module, after: Sequence[str], heads: Sequence[nn.Module] | HeadFactory, *,
+                 include_output: bool = True, example_input: Any = None) -> AttachedExits:
+    """Attach exit heads after the named modules of ``model``; see :class:`AttachedExits`.
+
+    Args:
+        model: any ``nn.Module``.
+        after: names of submodules (as in ``model.named_modules()``), shallow to deep.
+        heads: one module per name, or a factory ``heads(name, features) -> nn.Module``.
+        include_output: whether the model's own logits are the last exit.
+        example_input: one batch of inputs (needed with a factory; checks the shapes).
+    """
+    return AttachedExits(model, after, heads, include_output=include_output, example_input=example_input)

@@ -1,0 +1,130 @@
+"""Exits attached by module name: the same logits as a hand-written multi-exit version of the same
+network (float64, BatchNorm and dropout), the meta-gradient against real optimizer steps, early
+exit that stops the forward, and clear errors."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import metaweight as mw
+from test_weighter import F64, OPTIMIZERS, finite_difference_gamma_grad, rel_err
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from resnet import ResNet, exit_head  # noqa: E402
+
+
+def resnet_pair(dropout=0.2):
+    """A ResNet with exits attached by name, and the hand-written MultiExit over the very same modules."""
+    torch.manual_seed(0)
+    resnet = ResNet(5, in_channels=3, width=4, dropout=dropout).double()
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    attached = mw.attach_exits(resnet, ["layer1", "layer2"], lambda n, f: exit_head(n, f, 5).double(),
+                               example_input=x)
+    by_hand = mw.MultiExit(
+        [nn.Sequential(resnet.stem, resnet.layer1), resnet.layer2, resnet.layer3],
+        [attached.heads[0], attached.heads[1], nn.Sequential(resnet.pool, nn.Flatten(), resnet.fc)])
+    return attached, by_hand
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_attached_exits_equal_a_hand_written_multi_exit_network(mode):
+    attached, by_hand = resnet_pair()
+    attached.train(mode == "train")
+    by_hand.train(mode == "train")
+    x = torch.randn(6, 3, 8, 8, dtype=F64)
+    state = copy.deepcopy(attached.state_dict())
+    torch.manual_seed(7)
+    ours = attached(x)
+    after_ours = copy.deepcopy(attached.state_dict())  # BatchNorm statistics moved once (train mode)
+    attached.load_state_dict(state)
+    torch.manual_seed(7)
+    theirs = by_hand(x)
+    assert len(ours) == 3
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    for k, v in attached.state_dict().items():
+        assert torch.equal(v, after_ours[k]), k
+
+
+def test_state_dict_round_trips_and_the_model_still_runs_alone():
+    attached, _ = resnet_pair()
+    twin, _ = resnet_pair()
+    for p in twin.parameters():
+        p.data.add_(1.0)
+    twin.load_state_dict(attached.state_dict())
+    x = torch.randn(3, 3, 8, 8, dtype=F64)
+    attached.eval()
+    twin.eval()
+    assert all(torch.equal(a, b) for a, b in zip(attached(x), twin(x)))
+    assert torch.equal(attached.model(x), attached(x)[-1])  # the original forward, no hooks left behind
+    assert not any(m._forward_hooks for m in attached.model.modules())
+
+
+@pytest.mark.parametrize("backend", ["jvp", "higher"])
+def test_meta_gradient_through_attached_exits_matches_real_optimizer_steps(backend):
+    attached, _ = resnet_pair(dropout=0.0)
+    optimizer = OPTIMIZERS["nesterov_wd"](attached.parameters())
+    criterion = mw.DenseDistillLoss(3, temperature=2.0)
+    validation = mw.BalancedValidation(3)
+    validation.update(torch.tensor([1.7, 1.6, 1.5], dtype=F64))
+    w = mw.HarmonizedWeighter(attached, optimizer, criterion, validation, backend=backend,
+                              init=torch.tensor([1.0, 0.8, 1.2, 0.5, 0.9, 1.1]))
+    g = torch.Generator().manual_seed(3)
+    train = (torch.randn(8, 3, 8, 8, generator=g, dtype=F64), torch.randint(0, 5, (8,), generator=g))
+    val = (torch.randn(6, 3, 8, 8, generator=g, dtype=F64), torch.randint(0, 5, (6,), generator=g))
+    ref = finite_difference_gamma_grad(attached, optimizer, criterion, validation, w.gamma.detach().clone(),
+                                       train, val)
+    out = w.meta_step(train, val)
+    assert ref.norm() > 0 and rel_err(out["gamma_grad"], ref) < 1e-6
+
+
+def test_early_exit_stops_the_forward_once_every_sample_has_left():
+    attached, _ = resnet_pair(dropout=0.0)
+    attached.eval()
+    x = torch.randn(10, 3, 8, 8, dtype=F64)
+    calls = []
+    handle = attached.model.layer3.register_forward_hook(lambda *a: calls.append(1))
+    # everyone confident enough at exit 1: layer2's exit and layer3 never run
+    predictions, exits = mw.EarlyExit(attached, torch.tensor([0.0, 0.0, -1.0]))(x)
+    assert exits.tolist() == [0] * 10 and calls == []
+    # thresholds nobody reaches: everyone takes the model's own output, as the full forward says
+    thresholds = torch.tensor([0.95, 0.95, -1.0])
+    predictions, exits = mw.EarlyExit(attached, thresholds)(x)
+    assert calls == [1]
+    with torch.no_grad():
+        expected_exits, expected = mw.exit_assignment(torch.stack(attached(x)), thresholds)
+    assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
+    handle.remove()
+
+
+def test_mixed_thresholds_agree_with_the_full_forward():
+    attached, _ = resnet_pair(dropout=0.0)
+    attached.eval()
+    x = torch.randn(40, 3, 8, 8, dtype=F64)
+    with torch.no_grad():
+        logits = torch.stack(attached(x))
+    confidence = torch.softmax(logits, -1).max(-1).values
+    thresholds = torch.tensor([float(confidence[0].median()), float(confidence[1].median()), -1.0])
+    predictions, exits = mw.EarlyExit(attached, thresholds)(x)
+    expected_exits, expected = mw.exit_assignment(logits, thresholds)
+    assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
+    assert set(exits.tolist()) == {0, 1, 2}
+
+
+def test_bad_names_and_heads_are_refused():
+    resnet = ResNet(5, width=4)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="no submodule named 'layer4'.*did you mean"):
+        mw.attach_exits(resnet, ["layer1", "layer4"], lambda n, f: exit_head(n, f, 5), example_input=x)
+    with pytest.raises(ValueError, match="different shapes"):
+        mw.attach_exits(resnet, ["layer1"], lambda n, f: exit_head(n, f, 7), example_input=x)
+    with pytest.raises(ValueError, match="example_input"):
+        mw.attach_exits(resnet, ["layer1"], lambda n, f: exit_head(n, f, 5))
+    with pytest.raises(ValueError, match="one head module per name"):
+        mw.attach_exits(resnet, ["layer1", "layer2"], [nn.Linear(4, 5)])
+    with pytest.raises(ValueError, match="twice"):
+        mw.attach_exits(resnet, ["layer1", "layer1"], [nn.Linear(4, 5), nn.Linear(4, 5)])
