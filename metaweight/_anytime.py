@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaweight._checks import check_exit_outputs, check_target
+from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_target
 from metaweight._protocols import call_model
 
 
@@ -28,7 +28,8 @@ def to_device(inputs: Any, device: torch.device | str) -> Any:
 
 @torch.no_grad()
 def collect_logits(
-    model: nn.Module, loader: Iterable[Sequence[Any]], *, device: torch.device | str | None = None
+    model: nn.Module, loader: Iterable[Sequence[Any]], *, device: torch.device | str | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` in eval mode over ``loader`` once and keep every exit's logits.
 
@@ -38,9 +39,12 @@ def collect_logits(
             lists and dicts of tensors (moved to ``device``; a dict whose keys the model's
             ``forward`` takes is passed as keyword arguments, as the weighter does).
         device: where to run; defaults to the device of the model's parameters.
+        ignore_index: positions labelled with it (padding) are left out.
 
     Returns:
-        ``(logits, labels)``: logits of shape ``[K, N, C]`` (float32, on the CPU) and labels ``[N]``.
+        ``(logits, labels)``: logits of shape ``[K, N, C]`` (float32, on the CPU) and labels ``[N]``;
+        for token-level exits (logits ``[B, T, C]``, labels ``[B, T]``) ``N`` counts the scored
+        tokens, so anytime accuracy and the budgeted curve are per token.
         The model's train/eval mode is restored afterwards.
     """
     if device is None:
@@ -59,15 +63,21 @@ def collect_logits(
             if num_exits is None:
                 num_exits = len(outputs) if isinstance(outputs, (list, tuple)) else 0
             outputs = check_exit_outputs(outputs, num_exits or 1)
-            target = check_target(target, outputs[0].shape[0], outputs[0].shape[1])
-            if chunks and outputs[0].shape[1] != chunks[0].shape[2]:
-                raise ValueError(f"Batch {i} gives {outputs[0].shape[1]} classes, the first gave {chunks[0].shape[2]}.")
-            chunks.append(torch.stack(outputs).float().cpu())
-            labels.append(target.cpu())
+            shape = outputs[0].shape
+            target = check_target(target, shape[0], shape[-1], tokens=shape[1] if len(shape) == 3 else None,
+                                  ignore_index=ignore_index)
+            if chunks and shape[-1] != chunks[0].shape[2]:
+                raise ValueError(f"Batch {i} gives {shape[-1]} classes, the first gave {chunks[0].shape[2]}.")
+            logits = torch.stack(outputs).float()
+            if logits.dim() == 4:  # token-level exits: every token is one scored position
+                logits, target = logits.flatten(1, 2), target.flatten()
+            keep = target != ignore_index
+            chunks.append(logits[:, keep].cpu())
+            labels.append(target[keep].cpu())
     finally:
         model.train(was_training)
-    if not chunks:
-        raise ValueError("The loader yielded no batch; there is nothing to evaluate.")
+    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+        raise ValueError("The loader yielded no batch (or only ignored positions); there is nothing to evaluate.")
     return torch.cat(chunks, dim=1), torch.cat(labels)
 
 
@@ -145,14 +155,17 @@ def anytime_accuracy(
     *,
     topk: Sequence[int] = (1, 5),
     device: torch.device | str | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> AnytimeResult:
-    """Top-k accuracy of every exit of ``model`` over ``loader``, in one pass (eval mode).
+    """Top-k accuracy of every exit of ``model`` over ``loader``, in one pass (eval mode); per token
+    for token-level exits, positions labelled ``ignore_index`` left out.
 
     Args:
         model: a multi-exit model returning ``K`` logits tensors.
         loader: yields ``(inputs, labels)`` batches.
         topk: the values of ``k`` to report.
         device: where to run; defaults to the device of the model's parameters.
+        ignore_index: labels to leave out (padding).
 
     Example:
         >>> import torch, metaweight as mw
@@ -162,5 +175,5 @@ def anytime_accuracy(
         >>> result.accuracy
         {1: [50.0, 50.0], 2: [100.0, 100.0]}
     """
-    logits, labels = collect_logits(model, loader, device=device)
+    logits, labels = collect_logits(model, loader, device=device, ignore_index=ignore_index)
     return anytime_accuracy_from_logits(logits, labels, topk)

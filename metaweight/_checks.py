@@ -41,10 +41,10 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
     for k, logits in enumerate(outputs):
         if not isinstance(logits, Tensor):
             raise ValueError(f"Exit {k + 1} of the {where} is `{type(logits).__name__}`, expected a Tensor.")
-        if logits.dim() != 2:
+        if logits.dim() not in (2, 3):
             raise ValueError(
-                f"Exit {k + 1} of the {where} should be a 2-D tensor of logits [batch, classes]. "
-                f"Found shape {tuple(logits.shape)}."
+                f"Exit {k + 1} of the {where} should be a tensor of logits [batch, classes] (or [batch, tokens, "
+                f"classes] for token-level exits). Found shape {tuple(logits.shape)}."
             )
         if not logits.is_floating_point():
             raise ValueError(f"Exit {k + 1} of the {where} should hold floating-point logits. Found {logits.dtype}.")
@@ -58,20 +58,38 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
     return list(outputs)
 
 
-def stack_exit_logits(outputs: object, target: object, num_exits: int,
-                      where: str = "model output") -> tuple[Tensor, Tensor]:
-    """Check outputs and labels, then stack the logits to ``[K, B, C]`` (half precision raised to float32);
-    returns them with the labels as ``torch.long``."""
+IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it are not scored
+
+
+def stack_exit_logits(outputs: object, target: object, num_exits: int, where: str = "model output",
+                      ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """Check outputs and labels, then stack the logits to ``[K, N, C]`` over the scored positions
+    (half precision raised to float32); returns them with the labels ``[N]`` as ``torch.long``.
+
+    Logits ``[B, C]`` with labels ``[B]`` score every sample; token-level logits ``[B, T, C]``
+    with labels ``[B, T]`` score every token. Positions whose label is ``ignore_index``
+    (padding) are left out; a batch with none left is refused.
+    """
     outputs = check_exit_outputs(outputs, num_exits, where)
-    batch, classes = outputs[0].shape
-    if batch == 0:
+    shape = outputs[0].shape
+    if shape[0] == 0 or (len(shape) == 3 and shape[1] == 0):
         raise ValueError(f"The batch of the {where} is empty: the losses are means over the batch and need a sample.")
-    target = check_target(target, batch, classes)
+    target = check_target(target, shape[0], shape[-1], tokens=shape[1] if len(shape) == 3 else None,
+                          ignore_index=ignore_index)
     logits = torch.stack(outputs)
+    if logits.dim() == 4:
+        logits, target = logits.flatten(1, 2), target.flatten()
+    keep = target != ignore_index
+    if not bool(keep.all()):
+        if not bool(keep.any()):
+            raise ValueError(f"Every label of the {where}'s batch is ignore_index={ignore_index} (padding): there is "
+                             f"nothing to score. Check the padding mask or the labels.")
+        logits, target = logits[:, keep], target[keep]
     return (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits), target
 
 
-def check_target(target: object, batch_size: int, num_classes: int | None, name: str = "target") -> Tensor:
+def check_target(target: object, batch_size: int, num_classes: int | None, name: str = "target", *,
+                 tokens: int | None = None, ignore_index: int | None = None) -> Tensor:
     """Check integer class labels of shape ``[batch_size]`` with values in ``[0, num_classes)``.
 
     Returns them as ``torch.long``: labels of any integer type (int32 from NumPy, uint8, ...) are
@@ -79,15 +97,17 @@ def check_target(target: object, batch_size: int, num_classes: int | None, name:
     """
     if not isinstance(target, Tensor):
         raise ValueError(f"The {name} should be a Tensor of class indices. Found `{type(target).__name__}`.")
-    if target.dim() != 1 or target.shape[0] != batch_size:
+    expected = (batch_size,) if tokens is None else (batch_size, tokens)
+    if tuple(target.shape) != expected:
         raise ValueError(
-            f"The {name} should have shape ({batch_size},) to match the logits' batch size. "
-            f"Found shape {tuple(target.shape)}."
+            f"The {name} should have shape {expected} to match the logits' "
+            f"{'batch size' if tokens is None else 'batch and tokens'}. Found shape {tuple(target.shape)}."
         )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"The {name} should hold integer class indices (torch.long). Found {target.dtype}.")
-    if batch_size > 0:
-        low, high = int(target.min()), int(target.max())
+    scored = target if ignore_index is None else target[target != ignore_index]
+    if scored.numel() > 0:
+        low, high = int(scored.min()), int(scored.max())
         if low < 0 or (num_classes is not None and high >= num_classes):
             bound = f"[0, {num_classes - 1}]" if num_classes is not None else "[0, C)"
             raise ValueError(

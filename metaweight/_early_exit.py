@@ -32,6 +32,14 @@ def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Modul
     return stages, heads
 
 
+def _per_sample(logits: Tensor) -> Tensor:
+    if logits.dim() != 2:
+        raise ValueError(f"EarlyExit decides per sample and needs exit logits [batch, classes]; found shape "
+                         f"{tuple(logits.shape)}. Token-level exits are evaluated per token with collect_logits, "
+                         f"anytime_accuracy_from_logits and budgeted_curve.")
+    return logits
+
+
 def _take(features: Any, keep: Tensor) -> Any:
     """Select samples from a tensor, or from every tensor in nested lists/tuples (MSDNet's scales)."""
     if isinstance(features, Tensor):
@@ -106,7 +114,8 @@ class EarlyExit(nn.Module):
         last = len(self.heads) - 1
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
             features = stage(features)
-            confidence, classes = torch.softmax(head(features).float(), dim=-1).max(dim=-1)
+            logits = _per_sample(head(features))
+            confidence, classes = torch.softmax(logits.float(), dim=-1).max(dim=-1)
             leaving = torch.ones_like(confidence, dtype=torch.bool) if k == last else confidence >= self.thresholds[k]
             predictions[alive[leaving]] = classes[leaving]
             exits[alive[leaving]] = k
@@ -124,7 +133,7 @@ class EarlyExit(nn.Module):
         last = len(self.thresholds) - 1
 
         def leave(k: int, logits: Tensor) -> bool:
-            confidence, classes = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+            confidence, classes = torch.softmax(_per_sample(logits).float(), dim=-1).max(dim=-1)
             if not state:
                 n = logits.shape[0]
                 state.update(predictions=torch.empty(n, dtype=torch.long, device=logits.device),

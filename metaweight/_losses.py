@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaweight._checks import check_exit_outputs, check_num_exits, stack_exit_logits
+from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_num_exits, stack_exit_logits
 
 TEACHERS = ("dense", "last", "none")
 
@@ -55,6 +55,12 @@ class DenseDistillLoss(nn.Module):
         temperature: the distillation temperature :math:`T` (> 0).
         teachers: ``"dense"``, ``"last"`` or ``"none"``.
         label_smoothing: passed to the cross-entropy terms (0 as in the paper).
+        ignore_index: labels equal to it (padding) are left out of every term.
+
+    Shapes: logits ``[B, C]`` with labels ``[B]`` (one prediction per sample), or token-level
+    logits ``[B, T, C]`` with labels ``[B, T]`` (an early-exit language model or token
+    classifier). Every term is a mean over the scored positions: samples, or tokens whose
+    label is not ``ignore_index``.
 
     Attributes:
         term_names: the names of the terms, in order (``ce[k]``, then ``kd[i->j]``).
@@ -78,6 +84,7 @@ class DenseDistillLoss(nn.Module):
         teachers: str = "dense",
         *,
         label_smoothing: float = 0.0,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
         self.num_exits = check_num_exits(num_exits)
@@ -93,6 +100,9 @@ class DenseDistillLoss(nn.Module):
         self.temperature = float(temperature)
         self.teachers = teachers
         self.label_smoothing = float(label_smoothing)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"Invalid ignore_index: {ignore_index!r}. Expected an int (labels to leave out).")
+        self.ignore_index = ignore_index
 
         K = num_exits
         self.pairs: list[tuple[int, int]] = [(i, j) for i in range(1, K) for j in range(i)]
@@ -132,8 +142,8 @@ class DenseDistillLoss(nn.Module):
         """The vector of all loss terms, in the order of :attr:`term_names`.
 
         Args:
-            outputs: ``K`` logits tensors of shape ``[B, C]``, shallow to deep.
-            target: class indices of shape ``[B]``.
+            outputs: ``K`` logits tensors of shape ``[B, C]`` (or ``[B, T, C]``), shallow to deep.
+            target: class indices of shape ``[B]`` (or ``[B, T]``).
             teacher_outputs: logits to take the teachers' soft targets from instead of
                 ``outputs`` (same shapes); used to hold the teachers fixed while the
                 students move, e.g. in finite differences. Always detached.
@@ -141,9 +151,9 @@ class DenseDistillLoss(nn.Module):
         Returns:
             A float32 (or float64, for float64 logits) tensor of shape ``[num_terms]``.
         """
-        logits, target = stack_exit_logits(outputs, target, self.num_exits)  # float32 under autocast
+        logits, flat = stack_exit_logits(outputs, target, self.num_exits, ignore_index=self.ignore_index)
         K = self.num_exits
-        ce = exit_cross_entropy(logits, target, self.label_smoothing)
+        ce = exit_cross_entropy(logits, flat, self.label_smoothing)
         if self._teacher.numel() == 0:
             values = ce
         else:
@@ -152,7 +162,13 @@ class DenseDistillLoss(nn.Module):
             if teacher_outputs is None:
                 teacher = log_p[self._teacher].detach()
             else:
-                fixed = torch.stack(check_exit_outputs(teacher_outputs, K, where="teacher_outputs")).detach()
+                check_exit_outputs(teacher_outputs, K, where="teacher_outputs")
+                if teacher_outputs[0].shape != outputs[0].shape:
+                    raise ValueError(f"teacher_outputs have shape {tuple(teacher_outputs[0].shape)}, outputs "
+                                     f"{tuple(outputs[0].shape)}.")
+                fixed, _ = stack_exit_logits(teacher_outputs, target, K, where="teacher_outputs",
+                                             ignore_index=self.ignore_index)
+                fixed = fixed.detach()
                 if fixed.shape != logits.shape:
                     raise ValueError(f"teacher_outputs have shape {tuple(fixed.shape)[1:]}, outputs {tuple(logits.shape)[1:]}.")
                 teacher = F.log_softmax(fixed.to(logits.dtype) / T, dim=-1)[self._teacher]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaweight._checks import check_num_exits, stack_exit_logits
+from metaweight._checks import IGNORE_INDEX, check_num_exits, stack_exit_logits
 from metaweight._losses import exit_cross_entropy
 
 
@@ -40,6 +40,8 @@ class BalancedValidation(nn.Module):
         alpha: the weight :math:`\alpha \in [0, 1]` of the plain cross-entropy
             (1 gives the summed cross-entropy alone).
         momentum: :math:`m \in [0, 1)` of the moving average (0.9 in the paper).
+        ignore_index: labels equal to it (padding) are left out; token-level logits
+            ``[B, T, C]`` with labels ``[B, T]`` are scored per token.
 
     Example:
         >>> import torch, metaweight as mw
@@ -53,13 +55,17 @@ class BalancedValidation(nn.Module):
     expected: Tensor
     num_updates: Tensor
 
-    def __init__(self, num_exits: int, alpha: float = 0.5, momentum: float = 0.9) -> None:
+    def __init__(self, num_exits: int, alpha: float = 0.5, momentum: float = 0.9, *,
+                 ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.num_exits = check_num_exits(num_exits)
         if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"Invalid alpha: {alpha!r}. Expected a number in [0, 1].")
         if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"Invalid momentum: {momentum!r}. Expected a number in [0, 1).")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"Invalid ignore_index: {ignore_index!r}. Expected an int (labels to leave out).")
+        self.ignore_index = ignore_index
         self.alpha = float(alpha)
         self.momentum = float(momentum)
         self.register_buffer("expected", torch.zeros(num_exits))
@@ -72,7 +78,8 @@ class BalancedValidation(nn.Module):
 
     def exit_losses(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
         """The cross-entropy of each exit, a tensor of shape ``[num_exits]``."""
-        logits, target = stack_exit_logits(outputs, target, self.num_exits, where="model output on the validation batch")
+        logits, target = stack_exit_logits(outputs, target, self.num_exits, where="model output on the validation batch",
+                                           ignore_index=self.ignore_index)
         return exit_cross_entropy(logits, target)
 
     def objective(self, exit_losses: Tensor) -> Tensor:
