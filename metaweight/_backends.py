@@ -96,9 +96,53 @@ class _Directional(Backend):
 
 
 class JvpBackend(_Directional):
-    """Exact: one forward-mode pass along the validation gradient mapped through the optimizer."""
+    """Exact: one forward-mode pass along the validation gradient mapped through the optimizer.
+
+    Some operators have no forward-mode derivative (e.g. fused attention kernels such as
+    ``scaled_dot_product_attention`` on the CPU). At the first such failure this backend warns
+    once and continues by central differences (``finite_difference``), which need only
+    forwards, when the criterion can hold its detached targets fixed; otherwise it says what to
+    do.
+    """
 
     name = "jvp"
+
+    def __init__(self) -> None:
+        self.fallback: FiniteDifferenceBackend | None = None
+
+    def meta_gradient(self, module: nn.Module, optimizer: torch.optim.Optimizer, terms: Terms, objective: Objective,
+                      gamma: Tensor, train: tuple[Any, Any], val: tuple[Any, Any], *,
+                      lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
+        if self.fallback is None:
+            rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+                else None
+            try:
+                return super().meta_gradient(module, optimizer, terms, objective, gamma, train, val,
+                                             lookahead_names=lookahead_names, keep_graph=keep_graph, reducer=reducer)
+            except NotImplementedError as exc:
+                if "forward AD" not in str(exc):
+                    raise
+                if not terms.fixed_targets:
+                    raise ValueError(
+                        f"The model uses an operator without a forward-mode derivative ({str(exc).splitlines()[0]}). "
+                        f"Pass backend='higher', or backend='finite_difference' with a criterion that takes "
+                        f"`teacher_outputs`, or use an implementation of that operator made of plain ops (for a "
+                        f"Hugging Face model, attn_implementation='eager')."
+                    ) from None
+                warnings.warn(
+                    f"backend='jvp': the model uses an operator without a forward-mode derivative "
+                    f"({str(exc).splitlines()[0][:160]}); continuing with backend='finite_difference' (two forwards, "
+                    f"approximate). For the exact meta-gradient use backend='higher', or plain-op implementations "
+                    f"(for a Hugging Face model, attn_implementation='eager').",
+                    RuntimeWarning, stacklevel=5,
+                )
+                self.fallback = FiniteDifferenceBackend(self.fd_epsilon)
+                torch.set_rng_state(rng)  # the same dropout masks as if the fallback had run first
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(cuda_rng)
+        return self.fallback.meta_gradient(module, optimizer, terms, objective, gamma, train, val,
+                                           lookahead_names=lookahead_names, keep_graph=keep_graph, reducer=reducer)
 
 
 class FiniteDifferenceBackend(_Directional):
