@@ -102,3 +102,20 @@ def test_resnet_example_turns_a_plain_resnet_multi_exit_and_trains_it():
 
     result = resnet.main(["--epochs", "2"])
     assert result.num_exits == 3 and max(result.accuracy[1]) > 30.0  # chance: 10%
+
+
+def test_huggingface_example_trains_a_bert_style_model_with_exits_by_name():
+    pytest.importorskip("transformers")
+    import huggingface
+
+    result = huggingface.main(["--steps", "40"])
+    assert result.num_exits == 4 and max(result.accuracy[1]) > 45.0  # chance: 33%
+
+
+def test_token_level_example_scores_tokens_not_padding():
+    import token_exits
+
+    ids, tags = token_exits.tagging_task(8, 0)
+    assert (tags[ids == 0] == token_exits.PAD).all() and (tags[ids != 0] >= 0).all()
+    result = token_exits.main(["--steps", "100"])
+    assert result.num_exits == 4 and max(result.accuracy[1]) > 65.0  # the majority tag alone: 48%
