@@ -30,3 +30,16 @@ def test_compiled_model_trains_like_the_eager_one(backend):
         assert torch.allclose(p, q, atol=1e-5)
     logits, labels = mw.collect_logits(compiled, [batch()])
     assert logits.shape == (3, 16, 5)
+
+
+def test_early_exit_and_costs_on_a_compiled_model():
+    torch.manual_seed(0)
+    model = tiny_net(3).eval()
+    compiled = torch.compile(model)
+    x = torch.randn(12, 6)
+    thresholds = torch.tensor([0.3, 0.3, -1.0])
+    predictions, exits = mw.EarlyExit(compiled, thresholds)(x)
+    with torch.no_grad():
+        expected_exits, expected = mw.exit_assignment(torch.stack(model(x)), thresholds)
+    assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
+    assert mw.exit_costs(compiled, x[:1]).macs == mw.exit_costs(model, x[:1]).macs
