@@ -18,6 +18,7 @@ from metaweight._budget import (
 )
 from metaweight._checkpoint import load_checkpoint, save_checkpoint
 from metaweight._early_exit import EarlyExit
+from metaweight._exit_rules import Entropy, ExitRule, Margin, MaxProbability, Patience
 from metaweight._flops import ExitCosts, exit_costs
 from metaweight._logging import CSVLogger, TensorBoardLogger
 from metaweight._losses import DenseDistillLoss
@@ -39,12 +40,17 @@ __all__ = [
     "CSVLogger",
     "DenseDistillLoss",
     "EarlyExit",
+    "Entropy",
     "ExitCosts",
+    "ExitRule",
     "HarmonizedWeighter",
     "METHODS",
+    "Margin",
+    "MaxProbability",
     "MetaStepRecord",
     "Method",
     "MultiExit",
+    "Patience",
     "Preset",
     "TensorBoardLogger",
     "anytime_accuracy",

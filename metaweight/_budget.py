@@ -21,11 +21,14 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import check_target
+from metaweight._exit_rules import ExitRule, as_rule
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
 
 
-def _confidence(logits: Tensor, name: str = "logits") -> tuple[Tensor, Tensor]:
+def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "max_probability"
+                ) -> tuple[Tensor, Tensor]:
+    """Every exit's score under ``rule`` and its predicted class, ``[K, N]`` each."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"`{name}` should be a Tensor [K, N, C]. Found `{type(logits).__name__}`.")
     if logits.dim() != 3:
@@ -34,8 +37,8 @@ def _confidence(logits: Tensor, name: str = "logits") -> tuple[Tensor, Tensor]:
         raise ValueError(f"`{name}` {tuple(logits.shape)} hold no exit, sample or class: nothing to evaluate.")
     if not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating point. Found {logits.dtype}.")
-    probs = torch.softmax(logits.float(), dim=-1)
-    return probs.max(dim=-1)
+    prediction = torch.softmax(logits.float(), dim=-1).max(dim=-1).indices
+    return as_rule(rule).scores(logits).float(), prediction
 
 
 def _check_thresholds(thresholds: object, num_exits: int) -> Tensor:
@@ -71,7 +74,7 @@ def geometric_exit_distribution(q: float, num_exits: int) -> Tensor:
     return probs / probs.sum()
 
 
-def find_thresholds(logits: Tensor, distribution: Tensor) -> Tensor:
+def find_thresholds(logits: Tensor, distribution: Tensor, *, rule: ExitRule | str = "max_probability") -> Tensor:
     """Confidence thresholds that make ``distribution[k]`` of the samples leave at exit ``k``.
 
     Going through exits 1..K-1, the threshold of exit ``k`` is the confidence of the
@@ -81,11 +84,12 @@ def find_thresholds(logits: Tensor, distribution: Tensor) -> Tensor:
     Args:
         logits: held-out logits ``[K, N, C]``.
         distribution: ``[K]`` target fractions.
+        rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
     Returns:
         Thresholds ``[K]`` (float32), the last one ``-NO_EXIT``.
     """
-    return _thresholds(_confidence(logits)[0], distribution)
+    return _thresholds(_confidence(logits, rule=rule)[0], distribution)
 
 
 def _thresholds(confidence: Tensor, distribution: Tensor) -> Tensor:
@@ -101,6 +105,7 @@ def _thresholds(confidence: Tensor, distribution: Tensor) -> Tensor:
     for k in range(K - 1):
         wanted = math.floor(float(N * distribution[k].float()))  # in float32, as the reference computes it
         candidates = confidence[k][remaining]
+        candidates = candidates[~torch.isnan(candidates)]  # a NaN score never passes a threshold
         if 1 <= wanted <= candidates.numel():
             thresholds[k] = candidates.topk(wanted).values[-1]
         remaining &= confidence[k] < thresholds[k]
@@ -108,17 +113,19 @@ def _thresholds(confidence: Tensor, distribution: Tensor) -> Tensor:
     return thresholds
 
 
-def exit_assignment(logits: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
+def exit_assignment(logits: Tensor, thresholds: Tensor, *, rule: ExitRule | str = "max_probability"
+                    ) -> tuple[Tensor, Tensor]:
     """For every sample, the first exit whose confidence reaches its threshold, and that exit's prediction.
 
     Args:
         logits: ``[K, N, C]``.
-        thresholds: ``[K]`` confidence thresholds (the last exit takes every sample left).
+        thresholds: ``[K]`` thresholds on the rule's scores (the last exit takes every sample left).
+        rule: the exit rule (an :class:`ExitRule` or its name).
 
     Returns:
         ``(exit index [N], predicted class [N])``.
     """
-    confidence, prediction = _confidence(logits)
+    confidence, prediction = _confidence(logits, rule=rule)
     return _assign(confidence, prediction, _check_thresholds(thresholds, confidence.shape[0]))
 
 
@@ -153,7 +160,7 @@ class BudgetPoint:
 
 
 def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor,
-                        costs: Sequence[float]) -> BudgetPoint:
+                        costs: Sequence[float], *, rule: ExitRule | str = "max_probability") -> BudgetPoint:
     """Accuracy and expected cost per sample of early exit with ``thresholds``.
 
     Args:
@@ -161,8 +168,9 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor,
         labels: ``[N]`` class indices.
         thresholds: ``[K]`` confidence thresholds.
         costs: ``costs[k]`` is the cost of reaching exit ``k`` (cumulative, e.g. ``ExitCosts.macs``).
+        rule: the exit rule (an :class:`ExitRule` or its name).
     """
-    confidence, prediction = _confidence(logits)
+    confidence, prediction = _confidence(logits, rule=rule)
     return _evaluate(confidence, prediction, labels, _check_thresholds(thresholds, confidence.shape[0]), costs)
 
 
@@ -217,7 +225,7 @@ DEFAULT_QS = tuple(p / 20 for p in range(1, 40))
 
 def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, test_labels: Tensor,
                    costs: Sequence[float], *, qs: Sequence[float] = DEFAULT_QS,
-                   cost_unit: str = "MACs") -> BudgetCurve:
+                   cost_unit: str = "MACs", rule: ExitRule | str = "max_probability") -> BudgetCurve:
     """MSDNet's budgeted batch classification: thresholds from held-out logits, points on test logits.
 
     Args:
@@ -228,6 +236,7 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
         costs: the cost of reaching each exit (cumulative), e.g. ``exit_costs(...).macs``.
         qs: the geometric ratios; MSDNet's grid ``p/20``, ``p = 1..39`` by default.
         cost_unit: what the costs count, for labels.
+        rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
     Example:
         >>> import torch, metaweight as mw
@@ -237,8 +246,8 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
         >>> len(curve.points), all(1.0 <= p.cost <= 3.0 for p in curve.points)
         (39, True)
     """
-    val_conf, val_pred = _confidence(val_logits, "val_logits")  # the softmax once, not once per q
-    test_conf, test_pred = _confidence(test_logits, "test_logits")
+    val_conf, val_pred = _confidence(val_logits, "val_logits", rule)  # the scores once, not once per q
+    test_conf, test_pred = _confidence(test_logits, "test_logits", rule)
     K = val_conf.shape[0]
     if test_conf.shape[0] != K or val_logits.shape[2] != test_logits.shape[2]:
         raise ValueError(f"val_logits {tuple(val_logits.shape)} and test_logits {tuple(test_logits.shape)} should "
@@ -255,11 +264,11 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
         point = _evaluate(test_conf, test_pred, test_labels, thresholds, costs)
         point.q, point.val_cost, point.val_accuracy = float(q), val.cost, val.accuracy
         points.append(point)
-    return BudgetCurve(points, [float(c) for c in costs], cost_unit)
+    return BudgetCurve(points, [float(c) for c in costs], cost_unit, extra={"rule": as_rule(rule).name})
 
 
 def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequence[float], budget: float,
-                          *, iterations: int = 60) -> BudgetPoint:
+                          *, iterations: int = 60, rule: ExitRule | str = "max_probability") -> BudgetPoint:
     """The thresholds that spend the most of an average ``budget`` per sample on held-out data.
 
     Bisects MSDNet's geometric ``q`` (a larger ``q`` sends more samples deeper) for the largest
@@ -271,11 +280,12 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
         costs: the cost of reaching each exit (cumulative).
         budget: the average cost per sample to stay within.
         iterations: bisection steps over ``log q``.
+        rule: the exit rule (an :class:`ExitRule` or its name).
 
     Returns:
         The :class:`BudgetPoint` on the held-out data, with its thresholds.
     """
-    confidence, prediction = _confidence(val_logits, "val_logits")
+    confidence, prediction = _confidence(val_logits, "val_logits", rule)
     K = confidence.shape[0]
     costs = _check_costs(costs, K)
     check_target(val_labels, confidence.shape[1], val_logits.shape[2], name="val_labels")

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaweight._exit_rules import ExitRule, as_rule
+
 
 def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Module]]:
     """The model's stages and exit heads, by metaweight's multi-exit protocol.
@@ -60,8 +62,10 @@ class EarlyExit(nn.Module):
     Args:
         model: a model with ``exit_stages()`` returning ``(stages, heads)`` (e.g.
             :class:`MultiExit`; see :func:`exit_parts`).
-        thresholds: ``K`` confidence thresholds, e.g. from :func:`find_thresholds` or
-            :func:`thresholds_for_budget`.
+        thresholds: ``K`` thresholds on the rule's scores, e.g. from :func:`find_thresholds` or
+            :func:`thresholds_for_budget` with the same rule.
+        rule: the exit rule (:class:`MaxProbability` by default, :class:`Entropy`,
+            :class:`Margin`, :class:`Patience`, or a name).
 
     Example:
         >>> import torch, metaweight as mw
@@ -71,9 +75,11 @@ class EarlyExit(nn.Module):
         [0, 0, 0, 0, 0]
     """
 
-    def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float]) -> None:
+    def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float], *,
+                 rule: ExitRule | str = "max_probability") -> None:
         super().__init__()
         self.model = model
+        self.rule = as_rule(rule)
         self._whole_batch = callable(getattr(model, "run_until", None)) and not callable(getattr(model, "exit_stages",
                                                                                                   None))
         if self._whole_batch:  # exits attached by name: stop the forward once every sample has left
@@ -112,11 +118,14 @@ class EarlyExit(nn.Module):
         exits = torch.empty(n, dtype=torch.long, device=first.device)
         alive = torch.arange(n, device=first.device)
         last = len(self.heads) - 1
+        history: list[Tensor] = []  # earlier exits' logits of the samples still in (rules such as patience)
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
             features = stage(features)
-            logits = _per_sample(head(features))
-            confidence, classes = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-            leaving = torch.ones_like(confidence, dtype=torch.bool) if k == last else confidence >= self.thresholds[k]
+            logits = _per_sample(head(features)).float()
+            history.append(logits)
+            score = self.rule.scores(torch.stack(history))[-1].to(logits.device)
+            classes = torch.softmax(logits, dim=-1).max(dim=-1).indices
+            leaving = torch.ones_like(score, dtype=torch.bool) if k == last else score >= self.thresholds[k]
             predictions[alive[leaving]] = classes[leaving]
             exits[alive[leaving]] = k
             staying = ~leaving
@@ -124,6 +133,7 @@ class EarlyExit(nn.Module):
                 break
             alive = alive[staying]
             features = _take(features, staying)
+            history = [h[staying] for h in history]
         return predictions, exits
 
     def _run_attached(self, x: Any) -> tuple[Tensor, Tensor]:
@@ -132,8 +142,12 @@ class EarlyExit(nn.Module):
         state: dict[str, Any] = {}
         last = len(self.thresholds) - 1
 
+        history: list[Tensor] = []
+
         def leave(k: int, logits: Tensor) -> bool:
-            confidence, classes = torch.softmax(_per_sample(logits).float(), dim=-1).max(dim=-1)
+            history.append(_per_sample(logits).float())
+            confidence = self.rule.scores(torch.stack(history))[-1].to(logits.device)
+            classes = torch.softmax(history[-1], dim=-1).max(dim=-1).indices
             if not state:
                 n = logits.shape[0]
                 state.update(predictions=torch.empty(n, dtype=torch.long, device=logits.device),
@@ -147,6 +161,6 @@ class EarlyExit(nn.Module):
             return not bool(alive.any())
 
         computed = self.model.run_until(x, leave)
-        if len(computed) == last + 1 and (not state or state["alive"].any()):
+        if len(computed) == last + 1 and len(history) == last and (not state or state["alive"].any()):
             leave(last, computed[-1])  # the model's own output: everyone left takes it
         return state["predictions"], state["exits"]

@@ -8,8 +8,13 @@ import torch
 def loop_thresholds(probs, distribution):
     """Per-sample reference: walk the samples of each exit from most to least confident, skipping
     those already gone, and take the confidence of the n-th one still there."""
-    K, N, _ = probs.shape
-    conf = probs.max(dim=2).values
+    return loop_thresholds_from_scores(probs.max(dim=2).values, distribution)
+
+
+def loop_thresholds_from_scores(conf, distribution):
+    """The same walk over any exit scores ``[K, N]`` (NaN scores are never counted nor pass)."""
+    K, N = conf.shape
+    conf = torch.where(torch.isnan(conf), torch.full_like(conf, -math.inf), conf)
     order = conf.sort(dim=1, descending=True, stable=True).indices
     gone = [False] * N
     T = [1e8] * K
@@ -17,7 +22,7 @@ def loop_thresholds(probs, distribution):
         target = math.floor(float(N * distribution[k]))
         seen = 0
         for i in order[k].tolist():
-            if not gone[i]:
+            if not gone[i] and conf[k, i] != -math.inf:
                 seen += 1
                 if seen == target:
                     T[k] = float(conf[k, i])

@@ -1,0 +1,89 @@
+"""Exit rules: how sure each exit is about each sample. A sample leaves at the first exit whose score
+reaches that exit's threshold; the threshold search, the budgeted curve and :class:`EarlyExit` take
+any rule.
+
+Every rule maps exit logits ``[K, N, C]`` to scores ``[K, N]`` (higher: more ready to leave); the
+score of exit ``k`` may depend on exits ``1..k`` only, so that early exit can compute it on the way.
+The prediction at an exit is always its most probable class. Logits holding a NaN give a NaN
+score, which never passes a threshold.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class ExitRule:
+    """The base of the exit rules: ``scores(logits [K, N, C]) -> [K, N]``, higher leaves earlier."""
+
+    name: str = "rule"
+
+    def scores(self, logits: Tensor) -> Tensor:
+        """The score of every exit for every sample, float32 ``[K, N]``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MaxProbability(ExitRule):
+    """The softmax confidence of the predicted class (MSDNet, BranchyNet): ``max_c p_c``."""
+
+    name = "max_probability"
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits.float(), dim=-1).max(dim=-1).values
+
+
+class Entropy(ExitRule):
+    """Minus the entropy of the softmax (DeeBERT): ``sum_c p_c log p_c``; a sample leaves when its
+    entropy is at most ``-threshold``."""
+
+    name = "entropy"
+
+    def scores(self, logits: Tensor) -> Tensor:
+        log_p = torch.log_softmax(logits.float(), dim=-1)
+        return (log_p.exp() * log_p).sum(-1)
+
+
+class Margin(ExitRule):
+    """The gap between the two most probable classes: ``p_(1) - p_(2)`` (1 with a single class)."""
+
+    name = "margin"
+
+    def scores(self, logits: Tensor) -> Tensor:
+        p = torch.softmax(logits.float(), dim=-1)
+        if p.shape[-1] == 1:
+            return torch.ones(p.shape[:-1], device=p.device)
+        top = p.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+
+
+class Patience(ExitRule):
+    """PABEE's counter (Zhou et al. 2020): at exit ``k``, how many exits in a row before it predicted
+    the class exit ``k`` predicts (0 at the first exit, or after a change). With threshold ``t`` a
+    sample leaves once ``t + 1`` consecutive exits agree."""
+
+    name = "patience"
+
+    def scores(self, logits: Tensor) -> Tensor:
+        predictions = torch.softmax(logits.float(), dim=-1).max(dim=-1).indices
+        broken = torch.isnan(logits).any(-1)
+        counts = torch.zeros(predictions.shape, dtype=torch.float32, device=predictions.device)
+        for k in range(1, predictions.shape[0]):
+            same = (predictions[k] == predictions[k - 1]) & ~broken[k - 1]
+            counts[k] = torch.where(same, counts[k - 1] + 1, torch.zeros_like(counts[k]))
+        return counts.masked_fill(broken, float("nan"))
+
+
+RULES = {rule.name: rule for rule in (MaxProbability, Entropy, Margin, Patience)}
+
+
+def as_rule(rule: ExitRule | str) -> ExitRule:
+    """An exit rule from itself or its name."""
+    if isinstance(rule, ExitRule):
+        return rule
+    if isinstance(rule, str) and rule in RULES:
+        return RULES[rule]()
+    raise ValueError(f"Invalid exit rule: {rule!r}. Expected an ExitRule or one of {sorted(RULES)}.")

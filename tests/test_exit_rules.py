@@ -1,0 +1,96 @@
+"""Exit rules (max probability, entropy, margin, patience): scores, threshold search, assignments and
+real early exit, each against a per-sample loop (ties, NaN scores, exits nobody takes)."""
+
+import math
+
+import pytest
+import torch
+
+import metaweight as mw
+from metaweight._exit_rules import as_rule
+from conftest import tiny_net
+from references.budget import loop_thresholds_from_scores
+from references.exit_rules import loop_assign, score
+
+RULES = ["max_probability", "entropy", "margin", "patience"]
+
+
+def tricky_logits(K=4, N=120, C=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(K, N, C, generator=g) * 2
+    logits[:, ::6] = logits[:, 1:2]  # identical samples: tied scores
+    logits[:, 5::9] = logits[0, 5::9]  # the same prediction at every exit: patience grows
+    logits[2, 7] = float("nan")  # a NaN score at one exit
+    labels = torch.randint(0, C, (N,), generator=g)
+    return logits, labels
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_scores_equal_the_per_sample_formula(rule):
+    logits, _ = tricky_logits()
+    scores = as_rule(rule).scores(logits)
+    for k in range(4):
+        for i in range(0, 120, 7):
+            ref = score(rule, [logits[j, i].tolist() for j in range(4)], k)
+            got = float(scores[k, i])
+            assert (math.isnan(ref) and math.isnan(got)) or got == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def separating_thresholds(scores):
+    """Thresholds between distinct scores (so float32 and float64 agree on every side), one exit
+    nobody takes (+inf-like), the last -1e8."""
+    K = scores.shape[0]
+    out = []
+    for k in range(K - 1):
+        values = sorted(set(v for v in scores[k].tolist() if not math.isnan(v)))
+        mid = len(values) // 2
+        out.append((values[mid - 1] + values[mid]) / 2 if k != 1 else 1e8)  # exit 2: nobody
+    return torch.tensor(out + [-1e8])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_assignment_and_early_exit_equal_a_per_sample_loop(rule):
+    logits, labels = tricky_logits()
+    scores = as_rule(rule).scores(logits)
+    thresholds = separating_thresholds(scores)
+    exits, predictions = mw.exit_assignment(logits, thresholds, rule=rule)
+    ref_exits, ref_predictions = loop_assign(rule, logits.tolist(), thresholds.tolist())
+    assert exits.tolist() == ref_exits
+    assert all(r is None or p == r for p, r in zip(predictions.tolist(), ref_predictions))
+    assert 1 not in exits.tolist()  # the exit nobody takes
+    point = mw.evaluate_thresholds(logits, labels, thresholds, [1, 2, 3, 4], rule=rule)
+    assert point.exit_fractions == pytest.approx([ref_exits.count(k) / 120 for k in range(4)])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_threshold_search_reaches_the_wanted_fractions_and_curve_runs(rule):
+    logits, labels = tricky_logits(N=400, seed=1)
+    dist = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    thresholds = mw.find_thresholds(logits, dist, rule=rule)
+    scores = as_rule(rule).scores(logits)  # checked against the formula above
+    assert thresholds.tolist() == loop_thresholds_from_scores(scores, dist).tolist()
+    exits, _ = mw.exit_assignment(logits, thresholds, rule=rule)
+    taken = torch.bincount(exits, minlength=4).tolist()
+    ties = int((scores[0] == thresholds[0]).sum())  # samples sharing the threshold's score all leave
+    assert 160 <= taken[0] <= 160 + max(ties - 1, 0)
+    curve = mw.budgeted_curve(logits, labels, logits, labels, [1.0, 2.0, 3.0, 4.0], rule=rule)
+    assert curve.extra["rule"] == rule and all(1.0 <= p.cost <= 4.0 for p in curve.points)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_real_early_exit_with_each_rule_equals_the_full_forward(rule):
+    torch.manual_seed(0)
+    model = tiny_net(4).eval()
+    x = torch.randn(60, 6) * 3
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    scores = as_rule(rule).scores(logits)
+    thresholds = separating_thresholds(scores)
+    predictions, exits = mw.EarlyExit(model, thresholds, rule=rule)(x)
+    expected_exits, expected = mw.exit_assignment(logits, thresholds, rule=rule)
+    assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="exit rule"):
+        mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([0.5, 0.5]), rule="confidence")
