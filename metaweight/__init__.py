@@ -16,6 +16,7 @@ from metaweight._budget import (
     geometric_exit_distribution,
     thresholds_for_budget,
 )
+from metaweight._calibration import Calibration, calibrate, expected_calibration_error, fit_temperatures
 from metaweight._checkpoint import load_checkpoint, save_checkpoint
 from metaweight._early_exit import EarlyExit
 from metaweight._exit_rules import Entropy, ExitRule, Margin, MaxProbability, Patience
@@ -23,7 +24,7 @@ from metaweight._flops import ExitCosts, exit_costs
 from metaweight._logging import CSVLogger, TensorBoardLogger
 from metaweight._losses import DenseDistillLoss
 from metaweight._multiexit import MultiExit
-from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history
+from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history, plot_reliability
 from metaweight._presets import METHODS, Method, Preset, preset
 from metaweight._record import MetaStepRecord
 from metaweight._validation import BalancedValidation
@@ -38,6 +39,7 @@ __all__ = [
     "BudgetCurve",
     "BudgetPoint",
     "CSVLogger",
+    "Calibration",
     "DenseDistillLoss",
     "EarlyExit",
     "Entropy",
@@ -57,16 +59,20 @@ __all__ = [
     "anytime_accuracy_from_logits",
     "attach_exits",
     "budgeted_curve",
+    "calibrate",
     "collect_logits",
     "evaluate_thresholds",
     "exit_assignment",
     "exit_costs",
+    "expected_calibration_error",
     "find_thresholds",
+    "fit_temperatures",
     "geometric_exit_distribution",
     "load_checkpoint",
     "plot_anytime",
     "plot_budget_curves",
     "plot_gamma_history",
+    "plot_reliability",
     "preset",
     "save_checkpoint",
     "thresholds_for_budget",

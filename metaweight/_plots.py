@@ -112,3 +112,47 @@ def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], 
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures: Sequence[float] | None = None,
+                     bins: int = 15, title: str | None = None) -> Path:
+    """Reliability diagram of every exit: accuracy against confidence per bin, before (and, with
+    ``temperatures``, after) temperature scaling.
+
+    Args:
+        logits: ``[K, N, C]``.
+        labels: ``[N]``.
+        path: the file to write.
+        temperatures: per-exit temperatures (e.g. ``calibrate(...).temperatures``).
+        bins: equal-width confidence bins.
+        title: the figure's title.
+    """
+    import torch
+
+    plt = _pyplot()
+    K = logits.shape[0]
+    fig, axes = plt.subplots(1, K, figsize=(2.6 * K, 2.8), squeeze=False)
+    variants = [("before", logits.double())]
+    if temperatures is not None:
+        variants.append(("after", logits.double() / torch.tensor(list(temperatures), dtype=torch.float64).view(-1, 1, 1)))
+    for k, ax in enumerate(axes[0]):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        for name, z in variants:
+            conf, pred = torch.softmax(z[k], -1).max(-1)
+            correct = (pred == labels).double()
+            index = (conf * bins).ceil().long().clamp(1, bins) - 1
+            xs, ys = [], []
+            for b in range(bins):
+                members = index == b
+                if members.any():
+                    xs.append(float(conf[members].mean()))
+                    ys.append(float(correct[members].mean()))
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.set_title(f"exit {k + 1}")
+        ax.set_xlabel("confidence")
+        if k == 0:
+            ax.set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

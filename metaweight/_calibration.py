@@ -1,0 +1,146 @@
+"""Calibration of every exit: temperature scaling fitted on held-out logits, and the expected
+calibration error. Exit decisions are confidence decisions, so a calibrated confidence means a
+threshold says what it promises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metaweight._checks import check_target
+
+
+def _check(logits: Tensor, labels: Tensor, name: str = "logits") -> Tensor:
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or 0 in logits.shape or not logits.is_floating_point():
+        raise ValueError(f"`{name}` should be floating-point logits [K, N, C] with N, C > 0. Found "
+                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}.")
+    return check_target(labels, logits.shape[1], logits.shape[2], name="labels")
+
+
+def _nll(logits: Tensor, labels: Tensor, beta: float) -> float:
+    return float(torch.nn.functional.cross_entropy(logits * beta, labels))
+
+
+def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int = 100) -> Tensor:
+    """One temperature per exit minimising the held-out negative log-likelihood (Guo et al. 2017).
+
+    The NLL of ``logits / T`` is convex in ``beta = 1/T`` (a log-sum-exp of linear functions),
+    so its minimiser is found by bisection on the derivative's sign over ``beta`` in
+    ``[1e-4, 1e4]``.
+
+    Args:
+        val_logits: held-out logits ``[K, N, C]`` (not used to train the model).
+        val_labels: ``[N]``.
+        iterations: bisection steps on ``log beta``.
+
+    Returns:
+        Temperatures ``[K]`` (float64); divide exit ``k``'s logits by ``T[k]``.
+    """
+    labels = _check(val_logits, val_labels, "val_logits")
+    out = []
+    for z in val_logits.double():
+        z = torch.nan_to_num(z)
+        z_y = z.gather(1, labels[:, None]).squeeze(1)
+
+        def slope(beta: float) -> float:  # d NLL / d beta = mean(E_p[z] - z_y)
+            p = torch.softmax(z * beta, dim=1)
+            return float(((p * z).sum(1) - z_y).mean())
+
+        lo, hi = -4.0 * 2.302585092994046, 4.0 * 2.302585092994046  # log(1e-4), log(1e4)
+        if slope(torch.e ** hi) <= 0:  # the NLL still falls at beta = 1e4: separable data
+            out.append(1e-4)
+            continue
+        if slope(torch.e ** lo) >= 0:
+            out.append(1e4)
+            continue
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            if slope(torch.e ** mid) > 0:
+                hi = mid
+            else:
+                lo = mid
+        out.append(1.0 / torch.e ** ((lo + hi) / 2))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15) -> list[float]:
+    """The expected calibration error of every exit, in percent: ``sum_b |B_b|/N |acc(B_b) - conf(B_b)|``
+    over ``bins`` equal-width bins of the max-softmax confidence (a confidence of exactly ``b/bins``
+    falls in bin ``b-1``, i.e. bins are right-closed).
+
+    Args:
+        logits: ``[K, N, C]``.
+        labels: ``[N]``.
+        bins: the number of equal-width confidence bins in ``[0, 1]``.
+    """
+    labels = _check(logits, labels)
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"Invalid bins: {bins!r}. Expected an int >= 1.")
+    confidence, prediction = torch.softmax(logits.double(), dim=-1).max(dim=-1)
+    correct = (prediction == labels[None]).double()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    out = []
+    for k in range(logits.shape[0]):
+        total = 0.0
+        for b in range(bins):
+            members = index[k] == b
+            if members.any():
+                total += float(members.double().mean() * (correct[k][members].mean() - confidence[k][members].mean()).abs())
+        out.append(100.0 * total)
+    return out
+
+
+@dataclass
+class Calibration:
+    """Per-exit temperatures and what they change, measured on the data given to :func:`calibrate`.
+
+    Attributes:
+        temperatures: one per exit; divide exit ``k``'s logits by ``temperatures[k]``.
+        nll_before, nll_after: negative log-likelihood per exit before and after.
+        ece_before, ece_after: expected calibration error (%) per exit before and after.
+    """
+
+    temperatures: list[float]
+    nll_before: list[float]
+    nll_after: list[float]
+    ece_before: list[float]
+    ece_after: list[float]
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """``logits [K, N, C]`` divided by each exit's temperature."""
+        t = torch.tensor(self.temperatures, dtype=logits.dtype, device=logits.device)
+        return logits / t.view(-1, 1, 1)
+
+    def __str__(self) -> str:
+        rows = [f"{'exit':>4} {'T':>7} {'NLL before':>11} {'after':>7} {'ECE % before':>13} {'after':>7}"]
+        for k, t in enumerate(self.temperatures):
+            rows.append(f"{k + 1:>4} {t:>7.3f} {self.nll_before[k]:>11.4f} {self.nll_after[k]:>7.4f} "
+                        f"{self.ece_before[k]:>13.2f} {self.ece_after[k]:>7.2f}")
+        return "\n".join(rows)
+
+
+def calibrate(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor | None = None,
+              test_labels: Tensor | None = None, *, bins: int = 15) -> Calibration:
+    """Fit per-exit temperatures on held-out logits; report NLL and ECE before and after on the test
+    logits (or, without them, on the held-out ones).
+
+    Args:
+        val_logits: held-out logits ``[K, N, C]`` to fit on.
+        val_labels: ``[N]``.
+        test_logits: logits to measure on (``[K, M, C]``); default the held-out ones.
+        test_labels: ``[M]``.
+        bins: confidence bins of the ECE.
+    """
+    temperatures = fit_temperatures(val_logits, val_labels)
+    logits, labels = (val_logits, val_labels) if test_logits is None else (test_logits, test_labels)
+    labels = _check(logits, labels, "test_logits")
+    scaled = logits.double() / temperatures.view(-1, 1, 1)
+    return Calibration(
+        temperatures.tolist(),
+        [_nll(z.double(), labels, 1.0) for z in logits],
+        [_nll(z, labels, 1.0) for z in scaled],
+        expected_calibration_error(logits, labels, bins=bins),
+        expected_calibration_error(scaled, labels, bins=bins),
+    )

@@ -1,0 +1,68 @@
+"""Temperature scaling per exit against a 1-D grid search of the held-out NLL; the ECE against a
+per-sample loop; the reliability plot."""
+
+import math
+
+import pytest
+import torch
+
+import metaweight as mw
+from references.calibration import loop_ece
+
+
+def overconfident(K=3, N=400, C=5, scale=(3.0, 0.5, 1.0), seed=0):
+    """Labels drawn from softmax(z); the exits report z times a scale (over- or under-confident)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, C, generator=g, dtype=torch.float64) * 1.5
+    labels = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    return torch.stack([z * s for s in scale[:K]]), labels
+
+
+def test_fitted_temperature_minimises_the_nll_like_a_grid_search():
+    logits, labels = overconfident()
+    temperatures = mw.fit_temperatures(logits, labels)
+    grid = torch.logspace(-2, 2, 4001, dtype=torch.float64)
+    for k in range(3):
+        nll = torch.stack([torch.nn.functional.cross_entropy(logits[k] / t, labels) for t in grid])
+        best = int(nll.argmin())
+        fitted = float(torch.nn.functional.cross_entropy(logits[k] / temperatures[k], labels))
+        assert fitted <= float(nll[best]) + 1e-9
+        assert math.log(float(temperatures[k])) == pytest.approx(math.log(float(grid[best])), abs=2e-3)
+    # the data were made with temperatures 3, 0.5 and 1: the fit finds them up to sampling noise
+    assert temperatures.tolist() == pytest.approx([3.0, 0.5, 1.0], rel=0.15)
+
+
+def test_calibration_lowers_the_held_out_nll_and_reports_ece():
+    val, val_labels = overconfident(seed=1)
+    test, test_labels = overconfident(seed=2)
+    result = mw.calibrate(val, val_labels, test, test_labels)
+    assert all(a <= b + 1e-9 for a, b in zip(result.nll_after, result.nll_before))
+    assert result.ece_after[0] < result.ece_before[0] and result.ece_after[1] < result.ece_before[1]
+    assert torch.allclose(result.apply(test), test / torch.tensor(result.temperatures, dtype=torch.float64).view(-1, 1, 1))
+    assert "ECE" in str(result)
+
+
+@pytest.mark.parametrize("bins", [1, 10, 15])
+def test_ece_equals_a_per_sample_loop(bins):
+    logits, labels = overconfident(N=250, seed=3)
+    logits[:, ::10] = 0.0  # uniform rows: confidence exactly 1/C, on a bin edge for bins = 10, 15
+    ece = mw.expected_calibration_error(logits, labels, bins=bins)
+    for k in range(3):
+        rows = torch.softmax(logits[k], 1).tolist()
+        assert ece[k] == pytest.approx(loop_ece(rows, labels.tolist(), bins), abs=1e-9)
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="logits"):
+        mw.fit_temperatures(torch.randn(2, 0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels in"):
+        mw.expected_calibration_error(torch.randn(2, 4, 3), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="bins"):
+        mw.expected_calibration_error(torch.randn(2, 4, 3), torch.tensor([0, 1, 2, 2]), bins=0)
+
+
+def test_reliability_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    logits, labels = overconfident(N=100)
+    path = mw.plot_reliability(logits, labels, tmp_path / "r.png", temperatures=[3.0, 0.5, 1.0])
+    assert path.stat().st_size > 0
