@@ -27,12 +27,14 @@ from metaweight._multiexit import MultiExit
 from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history, plot_reliability
 from metaweight._presets import METHODS, Method, Preset, preset
 from metaweight._record import MetaStepRecord
+from metaweight._risk import AccuracyTarget, thresholds_for_accuracy
 from metaweight._validation import BalancedValidation
 from metaweight._weighter import HarmonizedWeighter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccuracyTarget",
     "AnytimeResult",
     "AttachedExits",
     "BalancedValidation",
@@ -75,5 +77,6 @@ __all__ = [
     "plot_reliability",
     "preset",
     "save_checkpoint",
+    "thresholds_for_accuracy",
     "thresholds_for_budget",
 ]

@@ -1,0 +1,125 @@
+"""Thresholds with a stated accuracy guarantee: keep early exit within delta of the last exit's accuracy
+with a chosen confidence (risk control by fixed-sequence testing with binomial p-values)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metaweight._budget import NO_EXIT, _assign, _check_costs, _confidence
+from metaweight._checks import check_target
+from metaweight._exit_rules import ExitRule
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """``P(Binomial(n, p) <= k)``, summed in log space."""
+    if k >= n:
+        return 1.0
+    if k < 0:
+        return 0.0
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    total = 0.0
+    for j in range(k + 1):
+        total += math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_p + (n - j) * log_q)
+    return min(total, 1.0)
+
+
+@dataclass
+class AccuracyTarget:
+    """Thresholds chosen to keep accuracy within ``delta`` of the last exit.
+
+    Attributes:
+        thresholds: one per exit (the last ``-1e8``: it takes everyone left).
+        delta: the accuracy drop allowed, as a fraction (0.01: one point).
+        confidence: the probability, over the draw of the held-out data, that the guarantee holds.
+        loss_rate: on the held-out data, the share of samples the last exit gets right and early
+            exit gets wrong (it bounds the accuracy drop from above).
+        p_value: the binomial p-value of "the loss rate exceeds delta" for these thresholds.
+        val_accuracy: early exit's accuracy (%) on the held-out data.
+        val_last_accuracy: the last exit's accuracy (%) there.
+        exit_fractions: the share of held-out samples leaving at each exit.
+        val_cost: the expected cost per sample on the held-out data, if costs were given.
+    """
+
+    thresholds: list[float]
+    delta: float
+    confidence: float
+    loss_rate: float
+    p_value: float
+    val_accuracy: float
+    val_last_accuracy: float
+    exit_fractions: list[float]
+    val_cost: float | None = None
+
+
+def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float, *, confidence: float = 0.9,
+                            costs: Sequence[float] | None = None, rule: ExitRule | str = "max_probability",
+                            candidates: int = 200) -> AccuracyTarget:
+    """The most aggressive exit thresholds whose accuracy drop from the last exit is at most ``delta``
+    with probability ``confidence``.
+
+    The bound: for thresholds ``t``, the loss ``l_i(t) = 1[last exit right, early exit wrong]``
+    bounds the accuracy drop ``acc(last) - acc(early exit)`` from above, sample by sample. For a
+    list of candidate thresholds (one shared score threshold ``s`` for exits ``1..K-1``, from the
+    most conservative, nobody leaves early, to the least), each hypothesis "the expected loss
+    exceeds ``delta``" gets the exact binomial p-value ``P(Binomial(n, delta) <= sum_i l_i)``;
+    testing them in that fixed order at level ``1 - confidence`` and stopping at the first one
+    not rejected controls the chance of picking any unsafe candidate at ``1 - confidence``
+    (Bates et al. 2021, Learn then Test; Angelopoulos et al. 2021). The held-out data must not
+    have trained the model, and the guarantee is on the expected drop over new data from the
+    same distribution.
+
+    Args:
+        val_logits: held-out logits ``[K, N, C]``.
+        val_labels: ``[N]``.
+        delta: the accuracy drop allowed, a fraction in ``(0, 1)``.
+        confidence: the probability the guarantee holds, in ``(0, 1)``.
+        costs: the cost of reaching each exit (cumulative), to report ``val_cost``.
+        rule: the exit rule (an :class:`ExitRule` or its name).
+        candidates: how many shared thresholds to test (quantiles of the held-out scores).
+    """
+    scores, prediction = _confidence(val_logits, "val_logits", rule)
+    K, N = scores.shape
+    labels = check_target(val_labels, N, val_logits.shape[2], name="val_labels")
+    for name, value in (("delta", delta), ("confidence", confidence)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise ValueError(f"Invalid {name}: {value!r}. Expected a number in (0, 1).")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"Invalid candidates: {candidates!r}. Expected an int >= 1.")
+    cost_list = _check_costs(costs, K) if costs is not None else None
+    alpha = 1.0 - confidence
+    last_right = prediction[-1] == labels
+    finite = scores[:-1][~torch.isnan(scores[:-1])]
+    levels = torch.quantile(finite.double(), torch.linspace(1, 0, candidates + 1, dtype=torch.float64)[1:]) \
+        if finite.numel() else torch.zeros(0, dtype=torch.float64)
+    grid = [NO_EXIT] + sorted(set(float(v) for v in levels), reverse=True)  # most conservative first
+
+    def evaluate(level: float) -> tuple[Tensor, int, float]:
+        thresholds = torch.full((K,), float(level), dtype=torch.float32)
+        thresholds[-1] = -NO_EXIT
+        first, pred = _assign(scores, prediction, thresholds)
+        losses = int((last_right & (pred != labels)).sum())
+        return thresholds, losses, binomial_cdf(losses, N, delta)
+
+    chosen = evaluate(NO_EXIT)
+    for level in grid[1:]:
+        result = evaluate(level)
+        if result[2] > alpha:  # not rejected: stop, keep the last safe one
+            break
+        chosen = result
+    thresholds, losses, p_value = chosen
+    first, pred = _assign(scores, prediction, thresholds)
+    counts = torch.bincount(first, minlength=K).double() / N
+    val_cost = float(sum(f * c for f, c in zip(counts.tolist(), cost_list))) if cost_list is not None else None
+    return AccuracyTarget(thresholds.tolist(), float(delta), float(confidence), losses / N, p_value,
+                          float((pred == labels).double().mean() * 100), float(last_right.double().mean() * 100),
+                          counts.tolist(), val_cost)
+

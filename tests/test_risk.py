@@ -1,0 +1,61 @@
+"""Accuracy-targeted thresholds: the binomial p-value against a direct sum, the guarantee on synthetic
+data where the truth is known, over many draws."""
+
+import math
+
+import pytest
+import torch
+
+import metaweight as mw
+from metaweight._risk import binomial_cdf
+
+
+def test_binomial_cdf_equals_the_direct_sum():
+    for n, p, k in ((10, 0.3, 3), (50, 0.02, 0), (200, 0.1, 25), (7, 0.5, 7)):
+        direct = sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k + 1))
+        assert binomial_cdf(k, n, p) == pytest.approx(direct, rel=1e-10)
+
+
+def draw(n, g):
+    """A known world: 4 classes, 3 exits whose signal grows with depth, noise the same at each."""
+    y = torch.randint(0, 4, (n,), generator=g)
+    signal = torch.tensor([0.8, 1.6, 3.0]).view(3, 1, 1)
+    logits = signal * torch.nn.functional.one_hot(y, 4).float() + torch.randn(3, n, 4, generator=g)
+    return logits, y
+
+
+def true_risk(thresholds, g, n=100_000):
+    """The expected loss 1[last right, early exit wrong] under the world above, by a large fresh sample."""
+    logits, y = draw(n, g)
+    exits, pred = mw.exit_assignment(logits, torch.tensor(thresholds))
+    last_right = logits[-1].argmax(1) == y
+    return float((last_right & (pred != y)).double().mean())
+
+
+def test_the_guarantee_holds_over_many_draws():
+    delta, confidence, draws = 0.02, 0.9, 60
+    g = torch.Generator().manual_seed(0)
+    truth = torch.Generator().manual_seed(1)
+    violations, early = 0, []
+    for _ in range(draws):
+        val, labels = draw(600, g)
+        target = mw.thresholds_for_accuracy(val, labels, delta, confidence=confidence, candidates=40)
+        violations += true_risk(target.thresholds, truth) > delta
+        early.append(1 - target.exit_fractions[-1])
+    alpha = 1 - confidence
+    assert violations / draws <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / draws)
+    assert sum(early) / draws > 0.05  # not vacuous: samples do leave early (about 15% here)
+
+
+def test_a_tiny_held_out_split_keeps_everyone_to_the_last_exit():
+    g = torch.Generator().manual_seed(0)
+    val, labels = draw(20, g)  # 20 samples cannot certify a drop below 1% at 90%: nobody leaves early
+    target = mw.thresholds_for_accuracy(val, labels, 0.01, confidence=0.9)
+    assert target.exit_fractions[-1] == 1.0 and target.loss_rate == 0.0
+
+
+def test_bad_arguments_are_refused():
+    val, labels = draw(50, torch.Generator().manual_seed(0))
+    for kwargs in ({"delta": 0.0}, {"delta": 1.5}, {"delta": 0.1, "confidence": 1.0}, {"delta": 0.1, "candidates": 0}):
+        with pytest.raises(ValueError):
+            mw.thresholds_for_accuracy(val, labels, **kwargs)
