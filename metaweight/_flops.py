@@ -96,14 +96,27 @@ class _Tracer(TorchDispatchMode):
 
 
 @torch.no_grad()
-def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = None) -> ExitCosts:
+def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = None,
+               executed: bool = False) -> ExitCosts:
     """Multiply-adds and parameters needed to reach each exit of ``model``, per sample.
 
+    Two counts, both with the rules of ``torch.utils.flop_counter``:
+
+    * ``executed=False`` (the default): what exit ``k``'s output *depends on* — the least any
+      early-exit inference must compute (MSDNet's convention: the finer scales that only later
+      exits need are not charged to exit ``k``);
+    * ``executed=True``: what :class:`EarlyExit` *runs* for a sample that leaves at exit ``k`` —
+      whole stages ``1..k`` and heads ``1..k``, counted while it runs. Use these costs in the
+      budgeted curve to predict the FLOPs of real early exit.
+
     Args:
-        model: any multi-exit model (``forward`` returns ``K`` logits tensors).
+        model: any multi-exit model (``forward`` returns ``K`` logits tensors); with
+            ``executed=True`` one :class:`EarlyExit` can run (``exit_stages()`` or
+            :func:`attach_exits`).
         example_input: one input batch; its first dimension is the batch size, and the
             counts are divided by it (use a batch of 1 when the model's cost depends on it).
         num_exits: checked against the model's output when given.
+        executed: count what early exit executes instead of what each exit depends on.
 
     Example:
         >>> import torch, metaweight as mw
@@ -112,6 +125,9 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
         >>> mw.exit_costs(net, torch.randn(1, 10)).macs  # 10*20 + 20*3, then + 20*20 + 20*3
         [260, 720]
     """
+    if executed:
+        lazy = exit_costs(model, example_input, num_exits=num_exits)
+        return _executed_costs(model, example_input, lazy)
     params = {id(p): i for i, p in enumerate(model.parameters())}
     sizes = [p.numel() for p in model.parameters()]
     was_training = model.training
@@ -141,3 +157,24 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
         previous = m
         used.append(sum(s for i, s in enumerate(sizes) if params_so_far >> i & 1))
     return ExitCosts(macs, used, incremental)
+
+
+def _executed_costs(model: nn.Module, example_input: Any, lazy: ExitCosts) -> ExitCosts:
+    """Count the FLOPs :class:`EarlyExit` runs when every sample is made to leave at exit ``k``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from metaweight._budget import NO_EXIT
+    from metaweight._early_exit import EarlyExit
+
+    K = len(lazy.macs)
+    macs = []
+    for k in range(K):
+        thresholds = torch.full((K,), NO_EXIT)
+        thresholds[k] = -NO_EXIT  # everyone leaves at exit k (the last takes all anyway)
+        predictor = EarlyExit(model, thresholds)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            predictions, _ = predictor(example_input)
+        macs.append(counter.get_total_flops() // 2 // predictions.shape[0])
+    incremental = [m - (macs[k - 1] if k else 0) for k, m in enumerate(macs)]
+    return ExitCosts(macs, lazy.params, incremental)
