@@ -80,6 +80,7 @@ class EarlyExit(nn.Module):
         super().__init__()
         self.model = model
         self.rule = as_rule(rule)
+        self._all_modules = list(model.modules())
         self._whole_batch = callable(getattr(model, "run_until", None)) and not callable(getattr(model, "exit_stages",
                                                                                                   None))
         if self._whole_batch:  # exits attached by name: stop the forward once every sample has left
@@ -100,12 +101,14 @@ class EarlyExit(nn.Module):
         The model runs in eval mode (BatchNorm's running statistics, no dropout) whatever mode
         it was left in, and is put back in its mode afterwards: predicting never changes it.
         """
-        was_training = self.model.training
-        self.model.eval()
+        training = [m for m in self._all_modules if m.training]  # a cached list: cheap at batch 1
+        for m in training:
+            m.training = False
         try:
             return self._run(x)
         finally:
-            self.model.train(was_training)
+            for m in training:
+                m.training = True
 
     @torch.no_grad()
     def _run(self, x: Any) -> tuple[Tensor, Tensor]:
@@ -122,15 +125,25 @@ class EarlyExit(nn.Module):
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
             features = stage(features)
             logits = _per_sample(head(features)).float()
-            history.append(logits)
-            score = self.rule.scores(torch.stack(history))[-1].to(logits.device)
+            if self.rule.uses_history:
+                history.append(logits)
+                score = self.rule.scores(torch.stack(history))[-1].to(logits.device)
+            else:
+                score = self.rule.scores(logits[None])[0].to(logits.device)
             classes = torch.softmax(logits, dim=-1).max(dim=-1).indices
-            leaving = torch.ones_like(score, dtype=torch.bool) if k == last else score >= self.thresholds[k]
+            if k == last:
+                predictions[alive] = classes
+                exits[alive] = k
+                break
+            leaving = score >= self.thresholds[k]
+            moving = int(leaving.sum())
+            if moving == 0:
+                continue  # nobody leaves: no bookkeeping, no copy of the features
             predictions[alive[leaving]] = classes[leaving]
             exits[alive[leaving]] = k
-            staying = ~leaving
-            if not bool(staying.any()):
+            if moving == leaving.numel():
                 break
+            staying = ~leaving
             alive = alive[staying]
             features = _take(features, staying)
             history = [h[staying] for h in history]

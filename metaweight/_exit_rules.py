@@ -18,6 +18,7 @@ class ExitRule:
     """The base of the exit rules: ``scores(logits [K, N, C]) -> [K, N]``, higher leaves earlier."""
 
     name: str = "rule"
+    uses_history: bool = False  # whether exit k's score reads exits before k (early exit keeps them then)
 
     def scores(self, logits: Tensor) -> Tensor:
         """The score of every exit for every sample, float32 ``[K, N]``."""
@@ -66,6 +67,7 @@ class Patience(ExitRule):
     sample leaves once ``t + 1`` consecutive exits agree."""
 
     name = "patience"
+    uses_history = True
 
     def scores(self, logits: Tensor) -> Tensor:
         predictions = torch.softmax(logits.float(), dim=-1).max(dim=-1).indices

@@ -1,0 +1,101 @@
+"""Latency of real early exit against the full model: p50/p95 per image at batch 1 and throughput
+at a large batch, next to the FLOPs speed-up, on the machine at hand.
+
+    python benchmarks/latency.py                          # CIFAR MSDNet (8 exits), CPU or GPU
+    python benchmarks/latency.py --batch 256 --repeats 20 --threads 2
+
+Thresholds come from MSDNet's geometric exit distributions (q) on held-out logits of the same
+network (random weights unless --checkpoint gives a state_dict): what matters here is how many
+samples leave where, not accuracy. The FLOPs speed-up uses the costs early exit executes
+(``exit_costs(..., executed=True)``); the wall-clock one is measured, medians over repeats,
+the full model and every q interleaved so machine noise hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import metaweight as mw  # noqa: E402
+from msdnet import msdnet_cifar  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--single", type=int, default=100, help="images timed one by one at batch 1")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--qs", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--checkpoint", default=None, help="a state_dict of msdnet_cifar(10, 8)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = msdnet_cifar(10, 8).to(args.device).eval()
+    if args.checkpoint:
+        model.load_state_dict(torch.load(args.checkpoint, map_location=args.device))
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    x = torch.randn(args.batch, 3, 32, 32, device=args.device)
+    with torch.no_grad():
+        logits = torch.stack(model(x)).cpu()
+    costs = mw.exit_costs(model, x[:1], executed=True).macs
+    predictors = {"full model": None}
+    flops_speedup = {"full model": 1.0}
+    for q in args.qs:
+        thresholds = mw.find_thresholds(logits, mw.geometric_exit_distribution(q, 8))
+        point = mw.evaluate_thresholds(logits, torch.zeros(args.batch, dtype=torch.long), thresholds, costs)
+        name = f"early exit q={q}"
+        predictors[name] = mw.EarlyExit(model, thresholds)
+        flops_speedup[name] = costs[-1] / point.cost
+
+    def run(name: str, inputs: torch.Tensor) -> None:
+        with torch.no_grad():
+            if predictors[name] is None:
+                model(inputs)
+            else:
+                predictors[name](inputs)
+
+    for name in predictors:  # warm-up
+        run(name, x)
+        run(name, x[:1])
+    throughput = {name: [] for name in predictors}
+    single = {name: [] for name in predictors}
+    for _ in range(args.repeats):
+        for name in predictors:
+            sync()
+            start = time.perf_counter()
+            run(name, x)
+            sync()
+            throughput[name].append(args.batch / (time.perf_counter() - start))
+        for name in predictors:
+            for i in range(args.single // args.repeats + 1):
+                sync()
+                start = time.perf_counter()
+                run(name, x[i:i + 1])
+                sync()
+                single[name].append(time.perf_counter() - start)
+    full_tp = statistics.median(throughput["full model"])
+    full_p50 = statistics.median(single["full model"])
+    print(f"CIFAR MSDNet (8 exits), torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads")
+    print(f"{'':<18} {'FLOPs x':>8} {'batch ' + str(args.batch) + ' img/s':>16} {'x':>6} {'b1 p50 ms':>10} "
+          f"{'p95 ms':>8} {'x':>6}")
+    for name in predictors:
+        tp = statistics.median(throughput[name])
+        lat = sorted(single[name])
+        p50, p95 = statistics.median(lat), lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+        print(f"{name:<18} {flops_speedup[name]:>8.2f} {tp:>16.1f} {tp / full_tp:>6.2f} {1e3 * p50:>10.2f} "
+              f"{1e3 * p95:>8.2f} {full_p50 / p50:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
