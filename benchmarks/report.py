@@ -1,7 +1,7 @@
 """Turn a folder of reproduction results into the paper's Table 2 layout, paired differences and plots.
 
     python benchmarks/report.py results/cpu                  # prints the tables
-    python benchmarks/report.py results/cpu --write          # + <setting>/report.md, budget.png, gamma.png
+    python benchmarks/report.py results/cpu --write          # + <setting>/report.md, budget.png, exits.png, gamma.png
 
 Tables: exits as rows, configurations as columns, mean +- sample standard deviation (n-1) over
 seeds of the test accuracy (%), top-1 and top-5, with each exit's cost in MMACs. Paired
@@ -139,8 +139,12 @@ def paired_table(runs: dict[str, list[dict[str, Any]]], subject: str, baselines:
     if subject not in runs or not baselines:
         return ""
     cols = {b: paired(runs[subject], runs[b]) for b in baselines}
-    n = min(d[0][2] for d in cols.values() if d)
-    rows = ["| exit | " + " | ".join(f"{TITLES.get(subject, subject)} − {TITLES.get(b, b)}" for b in baselines) + " |",
+    cols = {b: d for b, d in cols.items() if d}
+    baselines = list(cols)
+    if not cols:
+        return ""
+    rows = ["| exit | " + " | ".join(f"{TITLES.get(subject, subject)} − {TITLES.get(b, b)} (n={cols[b][0][2]})"
+                                     for b in baselines) + " |",
             "|" + "---|" * (len(baselines) + 1)]
     for e in range(len(next(iter(cols.values())))):
         cells = []
@@ -149,15 +153,18 @@ def paired_table(runs: dict[str, list[dict[str, Any]]], subject: str, baselines:
             sig = "" if math.isnan(half) or abs(mean) <= half else " *"
             cells.append(f"{mean:+.2f} ± {half:.2f}{sig}")
         rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
-    return (f"Paired differences in top-1 (points; same seed, same split), mean ± 95% t half-width over {n} "
-            f"seeds; * = interval excludes 0:\n\n" + "\n".join(rows))
+    return ("Paired differences in top-1 (points; same seed, same split), mean ± 95% t half-width over the n "
+            "seeds both have; * = interval excludes 0:\n\n" + "\n".join(rows))
 
 
 def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | None = None) -> str:
     seeds = {m: len(v["seeds"]) for m, v in summary["methods"].items()}
-    n = min(seeds.values())
+    counts = sorted(set(seeds.values()))
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     parts = [f"**{summary['data']}**, test accuracy (%) on {summary['test_images']} images, mean ± std over "
-             f"{n} seed{'s' if n > 1 else ''} (bold: best mean).", "", "Top-1:", "", table(summary, "top1"), "",
+             f"{n} seed{'s' if counts[-1] > 1 else ''} (bold: best mean; seeds per column: "
+             + ", ".join(f"{TITLES.get(m, m)} {c}" for m, c in seeds.items()) + ").", "", "Top-1:", "",
+             table(summary, "top1"), "",
              "Top-5:", "", table(summary, "top5"), ""]
     if runs:
         for subject in ("hdkd", "hdbt", "hmsdnet"):
@@ -197,6 +204,13 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
             points = [mw.BudgetPoint(None, [], cost, acc, []) for cost, acc in v["budget"]]
             curves[TITLES.get(m, m)] = mw.BudgetCurve(points, summary.get("macs") or [])
     return mw.plot_budget_curves(curves, path, title=f"{summary['data']}: budgeted classification (mean over seeds)")
+
+
+def plot_exits(summary: dict[str, Any], path: Path) -> Path:
+    """Mean top-1 per exit over seeds, one bar per configuration (the paper's anytime view)."""
+    results = {TITLES.get(m, m): mw.AnytimeResult({1: [mean for mean, _ in v["top1"]]}, summary["test_images"])
+               for m, v in summary["methods"].items()}
+    return mw.plot_anytime(results, path, title=f"{summary['data']}: top-1 per exit (mean over seeds)")
 
 
 def plot_gamma(runs: dict[str, list[dict[str, Any]]], path: Path, configs: list[str]) -> Path | None:
@@ -249,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             (setting / "report.md").write_text(text + "\n")
             if not tuning:
                 plot(summary, setting / "budget.png")
+                plot_exits(summary, setting / "exits.png")
             plot_gamma(runs, setting / "gamma.png", [m for m in summary["methods"]
                                                      if m in mw.METHODS and mw.METHODS[m].learn] if not tuning
                        else list(summary["methods"]))

@@ -56,7 +56,7 @@ def test_pipeline_on_a_tiny_setting(tmp_path, capsys):
     report.main([str(results), "--write"])
     text = (results / "cifar10-150" / "report.md").read_text()
     assert "| exit | MMACs | MSDNet | HDKD |" in text and text.count("\n| ") >= 2 * 5
-    assert "| exit | HDKD − MSDNet |" in text  # the paired differences (one seed: no interval)
+    assert "| exit | HDKD − MSDNet (n=1) |" in text  # the paired differences (one seed: no interval)
     assert (results / "cifar10-150" / "budget.png").stat().st_size > 0
 
 
