@@ -58,6 +58,9 @@ VARIANTS = {
     "jvp, meta every 4": ({"backend": "jvp", "meta_every": 4}, 64),
     "jvp, validation batch 16": ({"backend": "jvp"}, 16),
     "jvp, look-ahead on heads + last block": ({"backend": "jvp", "lookahead": True}, 64),
+    "fast": ({"mode": "fast"}, 64),
+    "fast, validation batch 16": ({"mode": "fast"}, 16),
+    "fast, meta every 4": ({"mode": "fast", "meta_every": 4}, 64),
 }
 
 

@@ -12,14 +12,21 @@ from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._hypergradient import Reducer
+from metaweight._hypergradient import Reducer, _clone_buffers, call_with, replay_randomness
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
-from metaweight._optimizers import check_optimizer_covers_model, check_optimizer_options, unwrap_optimizer
+from metaweight._optimizers import (
+    check_optimizer_covers_model,
+    check_optimizer_options,
+    lookahead_update,
+    supports_exact_update,
+    unwrap_optimizer,
+)
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -132,6 +139,7 @@ class HarmonizedWeighter:
         meta_every: int = 1,
         lookahead_params: Callable[[str], bool] | None = None,
         reuse_forward: bool = False,
+        mode: Literal["exact", "fast"] = "exact",
         fd_epsilon: float | None = None,
         callbacks: Sequence[Callable[[MetaStepRecord], None]] = (),
     ) -> None:
@@ -176,6 +184,14 @@ class HarmonizedWeighter:
         distributed = ddp is not None
         if isinstance(module, nn.DataParallel) or isinstance(model, nn.DataParallel):
             raise TypeError("nn.DataParallel is not supported; use DistributedDataParallel (one process per GPU).")
+        if mode not in ("exact", "fast"):
+            raise ValueError(f"Invalid mode: {mode!r}. Expected 'exact' (the paper's order) or 'fast'.")
+        if mode == "fast" and learn and not supports_exact_update(inner):
+            raise ValueError(f"mode='fast' replays the step of SGD, Adam or AdamW in closed form; "
+                             f"`{type(inner).__name__}` is none of them. Use mode='exact'.")
+        if mode == "fast" and learn and lookahead_params is not None:
+            raise ValueError("mode='fast' looks ahead with the model's real step, over every parameter; "
+                             "`lookahead_params` applies to mode='exact' only.")
         if distributed and learn and reuse_forward:
             raise ValueError("reuse_forward=True bypasses DistributedDataParallel's forward; leave it False.")
         self._lookahead_names: set[str] | None = None
@@ -209,6 +225,7 @@ class HarmonizedWeighter:
         self.backend = backend
         self.meta_every = meta_every
         self.reuse_forward = bool(reuse_forward)
+        self.mode = mode
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
@@ -326,6 +343,9 @@ class HarmonizedWeighter:
             (:math:`L_{val}(\theta')`), ``val_exit_losses``, ``gamma_grad``, ``gamma``, ...
             (``ran`` is ``False`` with ``learn=False`` or on a call that ``meta_every`` skips).
         """
+        if self.mode == "fast" and self.learn:
+            raise ValueError("With mode='fast' the look-ahead is the model's own step: call step(train_batch, "
+                             "val_batch), which takes it. The two-call form needs mode='exact'.")
         metrics, _ = self._meta(train_batch, val_batch, keep_graph=False)
         return metrics
 
@@ -444,6 +464,8 @@ class HarmonizedWeighter:
         Returns the meta step's :class:`MetaStepRecord` with ``loss``, the weighted training
         loss, ``terms`` and ``model_step_skipped`` filled in.
         """
+        if self.mode == "fast" and self.learn:
+            return self._fast_step(train_batch, val_batch)
         x, y = _unpack(train_batch, "train_batch")
         keep = self.reuse_forward and self._backend is not None and self._backend.reuses_forward
         saved = self._snapshot()
@@ -475,6 +497,85 @@ class HarmonizedWeighter:
         self.optimizer.step()
         return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=False,
                                    terms=self.terms_dict())
+
+    def _fast_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
+        r"""``mode="fast"``: the model steps with the gamma it has (one meta step stale); that step is the
+        look-ahead, :math:`\theta' = \theta - U(g)`. Then :math:`v = \nabla L_{val}(\theta')` at the
+        parameters the model moved to, and the directional derivative of the terms at :math:`\theta`
+        along :math:`w = D \odot v` by one forward difference (teachers and dropout masks held fixed)
+        gives :math:`\nabla_\gamma = -\partial_w L(\theta)`, which updates gamma for the next step."""
+        x, y = _unpack(train_batch, "train_batch")
+        xv, yv = _unpack(val_batch, "val_batch")
+        self.num_calls += 1
+        run_meta = (self.num_calls - 1) % self.meta_every == 0
+        saved = self._snapshot()
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        try:
+            with replay_randomness(next(p.device for _, p in named)) as replay:
+                outputs = call_model(self.model, x)
+                terms = self._terms(outputs, y)
+                loss = self._weighted(terms)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                finite = self._finite_update(loss)
+                if finite and run_meta:
+                    grads = [p.grad for _, p in named]
+                    _, jac = lookahead_update(self._inner_optimizer, [p for _, p in named], grads)
+                    theta = {n: p.detach().clone() for n, p in named}
+                if finite:
+                    self.optimizer.step()
+        except Exception:
+            self._restore(saved)
+            raise
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore(saved)
+            message = (f"The weighted training loss ({float(loss.detach())}), its gradient or an updated buffer is "
+                       f"not finite. The step was not taken: parameters, buffers, optimizer state, gamma and the "
+                       f"validation average are as before this call. Check the batch and the learning rate.")
+            if self.nonfinite == "raise":
+                raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
+            self.num_skipped += 1
+            warnings.warn(f"Skipped a model step ({self.num_skipped} skipped so far): {message}", RuntimeWarning,
+                          stacklevel=2)
+            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
+                                  terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=True,
+                                  message=message)
+        if not run_meta:
+            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
+                                  terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=False)
+        # validation at the parameters the model has now moved to; its buffers are copies
+        params = {n: p for n, p in self.module.named_parameters()}
+        local = self._objective.losses(call_with(self.module, params, _clone_buffers(self.module), xv), yv)
+        exit_losses = self._reducer.mean([local.detach()])[0].requires_grad_(True)
+        objective = self._objective.objective(exit_losses)
+        if torch.isfinite(objective):
+            (weights,) = torch.autograd.grad(objective, exit_losses)
+            v = torch.autograd.grad((weights * local).sum(), [p for _, p in named], allow_unused=True)
+            v = self._reducer.mean([vi if vi is not None else torch.zeros_like(p) for vi, (_, p) in zip(v, named)])
+            direction = {n: vi * d for (n, _), vi, d in zip(named, v, jac)}
+            with torch.no_grad():
+                norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values())))
+                if norm == 0.0:
+                    derivative = torch.zeros_like(terms)
+                else:
+                    rms = math.sqrt(sum(float((t.double() ** 2).sum()) for t in theta.values())
+                                    / sum(t.numel() for t in theta.values()))
+                    h = (self.fd_epsilon or math.sqrt(torch.finfo(next(iter(theta.values())).dtype).eps)
+                         * max(rms, 1e-3)) / norm
+                    moved = {**{n: p.detach() for n, p in self.module.named_parameters()},
+                             **{n: theta[n] + h * direction[n] for n in theta}}
+                    teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
+                    with replay(), torch.autocast(next(iter(theta.values())).device.type, enabled=False):
+                        before = {k: b.clone() for k, b in saved[0].items()}  # the buffers the forward at θ saw
+                        plus = self._terms(call_with(self.module, moved, before, x), y, teacher_outputs=teachers)
+                    derivative = (plus.double() - terms.detach().double()) / h
+                derivative = self._reducer.mean([derivative])[0]
+            gamma_grad = (-derivative).to(self.gamma) * self._active
+        else:
+            gamma_grad = torch.full_like(self.gamma, math.nan)
+        record = self._apply(gamma_grad, objective.detach(), exit_losses.detach(), terms.detach())
+        return dataclasses.replace(record, loss=float(loss.detach()), model_step_skipped=False, terms=self.terms_dict())
 
     def _snapshot(self) -> tuple[dict[str, Tensor], dict[str, Any], int]:
         """What one call of :meth:`step` may change besides the parameters: buffers and our own state."""
