@@ -32,10 +32,14 @@ def global_batches():
 def train(model, backend, batches, **options):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3)
     w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3),
-                              gamma_lr=0.5, backend=backend, **options)
+                              gamma_lr=0.5, **_options(backend), **options)
     for train_batch, val_batch in batches:
         w.step(train_batch, val_batch)
     return w
+
+
+def _options(backend):
+    return {"mode": "fast"} if backend == "fast" else {"backend": backend}
 
 
 def _worker(rank, world, init_file, backend, out_dir):
@@ -58,7 +62,7 @@ def _worker(rank, world, init_file, backend, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["jvp", "finite_difference"])
+@pytest.mark.parametrize("backend", ["jvp", "finite_difference", "fast"])
 def test_ddp_two_ranks_match_each_other_and_a_single_process(backend, tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), backend, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -68,10 +72,11 @@ def test_ddp_two_ranks_match_each_other_and_a_single_process(backend, tmp_path):
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(a, b)
     assert not torch.equal(single.gamma, torch.ones(6))  # gamma moved
-    assert torch.allclose(ranks[0]["gamma"], single.gamma, rtol=0, atol=1e-6)
+    # one-sided differences (fast) amplify the rounding of per-rank sums more than the others
+    assert torch.allclose(ranks[0]["gamma"], single.gamma, rtol=0, atol=1e-4 if backend == "fast" else 1e-6)
     assert torch.allclose(ranks[0]["expected"], single.validation.expected, rtol=1e-6)
     for a, b in zip(ranks[0]["params"], single.model.parameters()):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+        assert torch.allclose(a, b, rtol=1e-9 if backend != "fast" else 1e-6, atol=1e-11 if backend != "fast" else 1e-8)
 
 
 def test_ddp_refuses_higher_and_forward_reuse():
