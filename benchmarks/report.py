@@ -173,6 +173,10 @@ def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | No
             text = paired_table(runs, subject, base)
             if text:
                 parts += [text, ""]
+    if runs:
+        text = sign_table(runs)
+        if text:
+            parts += [text, ""]
     moved = {m: v["gamma_movement"] for m, v in summary["methods"].items() if "gamma_movement" in v}
     if moved:
         parts += ["Largest relative change of a learned weight over training: " + ", ".join(
@@ -180,6 +184,44 @@ def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | No
     parts.append("Training time per run (s, mean): " + ", ".join(
         f"{TITLES.get(m, m)} {v['train_seconds'][0]:.0f}" for m, v in summary["methods"].items()) + ".")
     return "\n".join(parts)
+
+
+def push_down_shares(run: dict[str, Any]) -> dict[str, float] | None:
+    """For each active term, the share of recorded meta-gradients (means over the steps between records)
+    that are positive, i.e. that push the term's weight down."""
+    records = [h["gamma_grad_mean"] for h in run.get("gamma_history", []) if h.get("gamma_grad_mean")]
+    if not records:
+        return None
+    active = [k for k, g in enumerate(run["gamma_history"][0]["gamma"]) if g > 0 or run["gamma"][k] > 0]
+    return {run["term_names"][k]: sum(1 for r in records if r[k] > 0) / len(records) for k in active}
+
+
+def sign_table(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Per learned configuration: how often the one-step meta-gradient pushed CE and KD weights down."""
+    rows = []
+    for m, results in runs.items():
+        shares = [push_down_shares(r) for r in results]
+        shares = [s for s in shares if s]
+        if not shares:
+            continue
+        ce = [v for s in shares for n, v in s.items() if n.startswith("ce")]
+        kd = [v for s in shares for n, v in s.items() if n.startswith("kd")]
+        final = [r["gamma"] for r in results]
+        names = results[0]["term_names"]
+        mean_final = {n: statistics.fmean(f[k] for f in final) for k, n in enumerate(names)}
+        ce_w = statistics.fmean(v for n, v in mean_final.items() if n.startswith("ce"))
+        started = results[0]["gamma_history"][0]["gamma"]  # active terms: weight > 0 at the first record
+        kd_vals = [v for k, (n, v) in enumerate(mean_final.items()) if n.startswith("kd") and started[k] > 0]
+        rows.append(f"| {TITLES.get(m, m)} | {100 * statistics.fmean(ce):.0f}% | "
+                    + (f"{100 * statistics.fmean(kd):.0f}%" if kd else "–") + f" | {ce_w:.2f} | "
+                    + (f"{statistics.fmean(kd_vals):.2f}" if kd_vals else "–") + " |")
+    if not rows:
+        return ""
+    return ("How the one-step meta-gradient pushes the weights: the share of records (each the mean "
+            "meta-gradient over 1% of training) that push a term's weight *down*, averaged over the CE and "
+            "the KD terms and over seeds, and the mean final weight of each group (start: 1):\n\n"
+            "| configuration | CE pushed down | KD pushed down | final CE weight | final KD weight |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def tuning_markdown(summary: dict[str, Any]) -> str:
