@@ -20,7 +20,7 @@ gamma's optimizer (chosen by the ``tune`` grid on a selection split, see docs/re
 
 Configurations (``--configs``): the six presets by name, and
 ``msdnet_long`` (MSDNet for LONG_EPOCHS x the epochs: about HDKD's wall clock), ``hdkd_every4``
-(a meta step every 4 iterations), ``hdkd_init_last`` / ``hdkd_init_random`` (gamma starting
+(a meta step every 4 iterations), ``hdkd_fast`` (``mode="fast"``), ``hdkd_init_last`` / ``hdkd_init_random`` (gamma starting
 DBT-like / random), ``hdkd_alpha0`` / ``hdkd_alpha1`` (the balanced objective's alpha), and
 ``hdkd_sgd`` (the paper's plain SGD on gamma with learning rate 0.01).
 """
@@ -55,6 +55,7 @@ CONFIGS: dict[str, tuple[str, list[str], int]] = {
     **{m: (m, GAMMA if mw.METHODS[m].learn else [], 1) for m in METHODS},
     "msdnet_long": ("msdnet", [], LONG_EPOCHS),
     "hdkd_every4": ("hdkd", GAMMA + ["--meta-every", "4"], 1),
+    "hdkd_fast": ("hdkd", GAMMA + ["--mode", "fast"], 1),
     "hdkd_init_last": ("hdkd", GAMMA + ["--gamma-init", "last"], 1),
     "hdkd_init_random": ("hdkd", GAMMA + ["--gamma-init", "random"], 1),
     "hdkd_alpha0": ("hdkd", GAMMA + ["--alpha", "0"], 1),
@@ -74,7 +75,7 @@ GRIDS = {
     # the examples' 4-exit CNN at width 8: 100 epochs of CIFAR-10(X) fit a CPU
     "cpu": {"settings": ["cifar10-150", "cifar10-500"], "epochs": {"cifar10-150": 100, "cifar10-500": 100},
             "model": ["--model", "branchynet", "--exits", "4", "--width", "8"], "seeds": [0, 1, 2],
-            "configs": METHODS + ["msdnet_long", "hdkd_every4"]},
+            "configs": METHODS + ["msdnet_long", "hdkd_every4", "hdkd_fast"]},
     # Table 3's ablation, on one setting
     "ablation": {"settings": ["cifar10-150"], "epochs": {"cifar10-150": 100},
                  "model": ["--model", "branchynet", "--exits", "4", "--width", "8"], "seeds": [0, 1, 2],

@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gamma's start: uniform (DS-like), last (DBT-like), random")
     p.add_argument("--constraint", default="clamp", choices=["clamp", "normalize"])
     p.add_argument("--meta-every", type=int, default=1, help="a meta step every N iterations")
+    p.add_argument("--mode", default="exact", choices=["exact", "fast"],
+                   help="exact: the paper's order (gamma first, then the model's step); fast: the model steps "
+                        "with the gamma it has and that step is the look-ahead (docs/guides/cost.md)")
     p.add_argument("--select-per-class", type=int, default=0,
                    help="CIFAR: also score a selection split of N images per class from outside the pool")
     p.add_argument("--temperature", type=float, default=3.0)
@@ -194,7 +197,8 @@ def train(args: argparse.Namespace) -> dict:
     validation = mw.BalancedValidation(num_exits, alpha=args.alpha)
     weighter = method.weighter(model, optimizer, validation, gamma_lr=args.gamma_lr,
                                gamma_optimizer=args.gamma_optimizer, constraint=args.constraint,
-                               meta_every=args.meta_every, generator=torch.Generator().manual_seed(args.seed))
+                               meta_every=args.meta_every, mode=args.mode,
+                               generator=torch.Generator().manual_seed(args.seed))
     print(f"method {args.method}: {method.method.description}; {sum(p.numel() for p in model.parameters())} "
           f"parameters, {num_exits} exits, {method.criterion.active.sum().item()} active loss terms")
 
