@@ -5,14 +5,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections import OrderedDict
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
@@ -264,6 +265,10 @@ class HarmonizedWeighter:
         self.num_meta_steps = 0
         self.last_terms: Tensor | None = None
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
+        self._pending: _Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
+        self._step_hook: RemovableHandle | None = None
+        if self.mode == "fast" and self.learn:
+            self._step_hook = inner.register_step_pre_hook(_StepCapture(self))
 
     # ----------------------------------------------------------------------------- set-up
     def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:
@@ -325,8 +330,23 @@ class HarmonizedWeighter:
         r"""The weighted training loss :math:`\sum_k \gamma_k L_k` for the user's own backward.
 
         :math:`\gamma` enters as a constant: the backward reaches the model only.
+
+        With ``mode="fast"`` this is the first of the two calls of an iteration: the terms,
+        the outputs (as fixed teachers) and, when the optimizer steps, its update's Jacobian
+        and the parameters before the step are kept for :meth:`meta_step`, which follows
+        the step.
         """
-        return self._weighted(self._terms(outputs, target))
+        terms = self._terms(outputs, target)
+        if self.mode == "fast" and self.learn:
+            self._pending = None
+            if self.num_calls % self.meta_every == 0:  # the next meta_step call runs a look-ahead
+                device = terms.device.type
+                low = torch.is_autocast_enabled(device) or any(
+                    isinstance(o, Tensor) and o.dtype in (torch.float16, torch.bfloat16)
+                    for o in tree_leaves(outputs))
+                self._pending = _Pending(tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs),
+                                         terms.detach(), target, low)
+        return self._weighted(terms)
 
     def _weighted(self, terms: Tensor) -> Tensor:
         """Remember the terms for :meth:`terms_dict` and weight them by gamma, as a constant."""
@@ -338,6 +358,21 @@ class HarmonizedWeighter:
 
         With ``meta_every=N`` only every N-th call does the look-ahead (the first call does).
 
+        With ``mode="fast"`` the call comes *after* the model's step instead, and the step it
+        took is the look-ahead (see :meth:`step`)::
+
+            loss = weighter.loss(model(x), y)        # gamma as it is
+            loss.backward()                          # or scaler.scale(loss).backward(); clipping, ...
+            optimizer.step()                         # or scaler.step(optimizer)
+            weighter.meta_step((x, y), val_batch)    # gamma for the next iteration
+
+        The weighter sees the optimizer's step through a step pre-hook (the gradients as the
+        optimizer gets them: unscaled by a ``GradScaler``, after your clipping); a step the
+        optimizer did not take (a ``GradScaler`` that found inf/NaN) gives a skipped record
+        and leaves gamma alone. Models with dropout (modules whose class name contains
+        "Drop", in training mode) or a forward under autocast cost one forward more: the
+        difference then recomputes its base point in float32 with the same random numbers.
+
         Args:
             train_batch: ``(x, y)``: the training inputs and labels of this iteration.
             val_batch: ``(x_val, y_val)``: a held-out validation batch.
@@ -348,8 +383,7 @@ class HarmonizedWeighter:
             (``ran`` is ``False`` with ``learn=False`` or on a call that ``meta_every`` skips).
         """
         if self.mode == "fast" and self.learn:
-            raise ValueError("With mode='fast' the look-ahead is the model's own step: call step(train_batch, "
-                             "val_batch), which takes it. The two-call form needs mode='exact'.")
+            return self._fast_meta_step(train_batch, val_batch)
         metrics, _ = self._meta(train_batch, val_batch, keep_graph=False)
         return metrics
 
@@ -513,9 +547,12 @@ class HarmonizedWeighter:
         self.num_calls += 1
         run_meta = (self.num_calls - 1) % self.meta_every == 0
         saved = self._snapshot()
+        self._pending = None
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        device = next(p.device for _, p in named)
+        low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
         try:
-            with replay_randomness(next(p.device for _, p in named)) as replay:
+            with replay_randomness(device) as replay:
                 outputs = call_model(self.model, x)
                 terms = self._terms(outputs, y)
                 loss = self._weighted(terms)
@@ -548,6 +585,51 @@ class HarmonizedWeighter:
         if not run_meta:
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=False)
+        record = self._fast_meta(named, theta, jac, terms.detach(), outputs, x, y, xv, yv, saved[0], replay,
+                                 recompute_base=low)
+        return dataclasses.replace(record, loss=float(loss.detach()), model_step_skipped=False, terms=self.terms_dict())
+
+    def _fast_meta_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
+        """``mode="fast"``, two-call form: the meta step after the user's own step (see :meth:`meta_step`)."""
+        x, y = _unpack(train_batch, "train_batch")
+        xv, yv = _unpack(val_batch, "val_batch")
+        run_meta = self.num_calls % self.meta_every == 0
+        pending = self._pending
+        if run_meta and pending is None:
+            raise ValueError("mode='fast': meta_step comes after the model's step, and needs the training loss from "
+                             "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "
+                             "loss.backward(); optimizer.step(); weighter.meta_step((x, y), val_batch). "
+                             "(Or call weighter.step(train_batch, val_batch), which does all of it.)")
+        if run_meta and not _same_target(pending.target, y):
+            raise ValueError("meta_step got another training batch than the weighter.loss call before it: pass the "
+                             "batch (x, y) whose loss the optimizer just stepped on.")
+        self._pending = None
+        self.num_calls += 1
+        if not run_meta:
+            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict())
+        assert pending is not None
+        if pending.theta is None or pending.jac is None:
+            message = ("The optimizer did not step since weighter.loss (e.g. a GradScaler found inf/NaN gradients "
+                       "and skipped it): there is no look-ahead to score, gamma is unchanged.")
+            return MetaStepRecord(self.num_calls, skipped=True, meta_step=self.num_meta_steps,
+                                  gamma=self.gamma_dict(), message=message)
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        stochastic = any(m.training and "drop" in type(m).__name__.lower() for m in self.module.modules())
+        device = next(p.device for _, p in named)
+        with replay_randomness(device) as replay:
+            return self._fast_meta(named, pending.theta, pending.jac, pending.terms, pending.outputs, x, y, xv, yv,
+                                   _clone_buffers(self.module), replay, recompute_base=pending.low or stochastic)
+
+    def _fast_meta(self, named: list[tuple[str, Tensor]], theta: dict[str, Tensor], jac: list[Tensor | float],
+                   terms: Tensor, outputs: Any, x: Any, y: Any, xv: Any, yv: Any, buffers: dict[str, Tensor],
+                   replay: Callable[[], Any], recompute_base: bool) -> MetaStepRecord:
+        r"""Fast mode's meta-gradient, the model having stepped from ``theta`` to where it is now:
+        :math:`v = \nabla L_{val}` here, and the one-sided difference of the terms at ``theta`` along
+        :math:`w = D \odot v` (``jac`` is D), from ``terms`` (or, with ``recompute_base``, from the terms
+        recomputed in float32 under ``replay``, for half-precision or random forwards)."""
+        reported = terms  # the terms of the training forward, whatever the difference recomputes
+        # the model stepped in place: half-precision copies autocast cached of the old weights are stale
+        torch.clear_autocast_cache()
         # validation at the parameters the model has now moved to; its buffers are copies
         params = {n: p for n, p in self.module.named_parameters()}
         local = self._objective.losses(call_with(self.module, params, _clone_buffers(self.module), xv), yv)
@@ -567,19 +649,28 @@ class HarmonizedWeighter:
                                     / sum(t.numel() for t in theta.values()))
                     h = (self.fd_epsilon or math.sqrt(torch.finfo(next(iter(theta.values())).dtype).eps)
                          * max(rms, 1e-3)) / norm
-                    moved = {**{n: p.detach() for n, p in self.module.named_parameters()},
-                             **{n: theta[n] + h * direction[n] for n in theta}}
+                    device = next(iter(theta.values())).device
+                    here = {n: p.detach() for n, p in self.module.named_parameters()}
+
+                    def outputs_at(moved: dict[str, Tensor]) -> Any:
+                        # differences of half-precision forwards drown in rounding: these run in full precision
+                        with replay(), torch.autocast(device.type, enabled=False):
+                            return call_with(self.module, {**here, **moved},
+                                             {k: b.clone() for k, b in buffers.items()}, x)
+
+                    if recompute_base:  # the base point, and the teachers, from the same masks in float32
+                        outputs = outputs_at(theta)
                     teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
-                    with replay(), torch.autocast(next(iter(theta.values())).device.type, enabled=False):
-                        before = {k: b.clone() for k, b in saved[0].items()}  # the buffers the forward at θ saw
-                        plus = self._terms(call_with(self.module, moved, before, x), y, teacher_outputs=teachers)
-                    derivative = (plus.double() - terms.detach().double()) / h
+                    if recompute_base:
+                        terms = self._terms(outputs, y, teacher_outputs=teachers)
+                    moved = outputs_at({n: theta[n] + h * direction[n] for n in theta})
+                    plus = self._terms(moved, y, teacher_outputs=teachers)
+                    derivative = (plus.double() - terms.double()) / h
                 derivative = self._reducer.mean([derivative])[0]
             gamma_grad = (-derivative).to(self.gamma) * self._active
         else:
             gamma_grad = torch.full_like(self.gamma, math.nan)
-        record = self._apply(gamma_grad, objective.detach(), exit_losses.detach(), terms.detach())
-        return dataclasses.replace(record, loss=float(loss.detach()), model_step_skipped=False, terms=self.terms_dict())
+        return self._apply(gamma_grad, objective.detach(), exit_losses.detach(), reported.detach())
 
     def _snapshot(self) -> tuple[dict[str, Tensor], dict[str, Any], int]:
         """What one call of :meth:`step` may change besides the parameters: buffers and our own state."""
@@ -742,3 +833,66 @@ def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:
 
 def _count_exits(names: Iterable[str] | None) -> int:
     return sum(1 for n in names or [] if n.startswith("ce["))
+
+
+@dataclasses.dataclass
+class _Pending:
+    """``mode="fast"``, two-call form: what :meth:`HarmonizedWeighter.loss` saw, and what the
+    optimizer's step pre-hook captured (the parameters before the step, the update's Jacobian)."""
+
+    outputs: Any
+    terms: Tensor
+    target: Any
+    low: bool
+    theta: dict[str, Tensor] | None = None
+    jac: list[Tensor | float] | None = None
+
+
+class _StepCapture:
+    """The optimizer step pre-hook of ``mode="fast"``: before the step the optimizer is about to take
+    on the weighted loss of :meth:`HarmonizedWeighter.loss`, keep the parameters and the step's
+    diagonal Jacobian. Holds the weighter weakly; copies of the optimizer get an inert hook."""
+
+    def __init__(self, weighter: HarmonizedWeighter) -> None:
+        self._ref: Callable[[], HarmonizedWeighter | None] = weakref.ref(weighter)
+
+    def __deepcopy__(self, memo: dict) -> _StepCapture:
+        inert = _StepCapture.__new__(_StepCapture)
+        inert._ref = lambda: None
+        return inert
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._ref = lambda: None
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        weighter = self._ref()
+        if weighter is None or optimizer is not weighter._inner_optimizer:
+            return
+        pending = weighter._pending
+        if pending is None or pending.theta is not None:
+            return
+        found_inf = getattr(optimizer, "found_inf", None)  # a GradScaler stepping a fused optimizer
+        if found_inf is not None and float(found_inf) > 0:
+            return
+        scale = getattr(optimizer, "grad_scale", None)
+        named = [(n, p) for n, p in weighter.module.named_parameters() if p.requires_grad]
+        grads = [p.grad for _, p in named]
+        if scale is not None:
+            grads = [g / scale.to(g) if g is not None else None for g in grads]
+        with torch.no_grad():
+            _, jac = lookahead_update(optimizer, [p for _, p in named], grads)
+            pending.theta = {n: p.detach().clone() for n, p in named}
+        pending.jac = jac
+
+
+def _same_target(a: Any, b: Any) -> bool:
+    """Whether two label batches (tensors, or nestings of them) are the same, cheaply."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or bool(torch.equal(a, b.to(a.device))))
+    la, lb = tree_leaves(a), tree_leaves(b)
+    return len(la) == len(lb) and all(_same_target(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(la, lb))
