@@ -31,7 +31,11 @@ import metaweight as mw  # noqa: E402
 
 METHODS = list(mw.METHODS)
 TITLES = {"msdnet": "MSDNet", "dbt": "DBT", "naive_dkd": "NaiveDKD", "hmsdnet": "HMSDNet", "hdbt": "HDBT",
-          "hdkd": "HDKD", "msdnet_long": "MSDNet×4 epochs", "hdkd_every4": "HDKD every 4"}
+          "hdkd": "HDKD", "msdnet_long": "MSDNet×4 epochs", "hdkd_every4": "HDKD every 4",
+          "hdkd_fast": "HDKD fast", "hdkd_init_last": "HDKD γ₀ last", "hdkd_init_random": "HDKD γ₀ random",
+          "hdkd_alpha0": "HDKD α=0", "hdkd_alpha1": "HDKD α=1", "hdkd_sgd": "HDKD SGD on γ"}
+# configurations compared with HDKD itself, paired (mode="fast", the ablation)
+VARIANTS = ["hdkd_fast", "hdkd_init_last", "hdkd_init_random", "hdkd_alpha0", "hdkd_alpha1", "hdkd_sgd"]
 # Student t quantile t_{0.975, df} (df = 1..30), for 95% intervals without scipy
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -151,7 +155,7 @@ def paired_table(runs: dict[str, list[dict[str, Any]]], subject: str, baselines:
         for b in baselines:
             mean, half, _ = cols[b][e]
             sig = "" if math.isnan(half) or abs(mean) <= half else " *"
-            cells.append(f"{mean:+.2f} ± {half:.2f}{sig}")
+            cells.append(f"{mean:+.2f}" if math.isnan(half) else f"{mean:+.2f} ± {half:.2f}{sig}")
         rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
     return ("Paired differences in top-1 (points; same seed, same split), mean ± 95% t half-width over the n "
             "seeds both have; * = interval excludes 0:\n\n" + "\n".join(rows))
@@ -173,6 +177,13 @@ def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | No
             text = paired_table(runs, subject, base)
             if text:
                 parts += [text, ""]
+        for subject in VARIANTS:
+            text = paired_table(runs, subject, ["hdkd"])
+            if text:
+                parts += [text, ""]
+        text = trajectory_table(runs, [v for v in VARIANTS if v in runs])
+        if text:
+            parts += [text, ""]
     if runs:
         text = sign_table(runs)
         if text:
@@ -184,6 +195,36 @@ def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | No
     parts.append("Training time per run (s, mean): " + ", ".join(
         f"{TITLES.get(m, m)} {v['train_seconds'][0]:.0f}" for m, v in summary["methods"].items()) + ".")
     return "\n".join(parts)
+
+
+def _trajectory_gap(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Mean over records and active terms of |gamma_a - gamma_b| at the same iteration."""
+    gb = {h["step"]: h["gamma"] for h in b["gamma_history"]}
+    gaps = [abs(x - y) for h in a["gamma_history"] if h["step"] in gb
+            for x, y in zip(h["gamma"], gb[h["step"]]) if x > 0 or y > 0]
+    return statistics.fmean(gaps) if gaps else math.nan
+
+
+def trajectory_table(runs: dict[str, list[dict[str, Any]]], subjects: list[str]) -> str:
+    """How far each variant's gamma trajectory is from HDKD's on the same seed, beside how far HDKD's own
+    trajectories are from each other across seeds (the seed noise of a trajectory)."""
+    if "hdkd" not in runs or not subjects:
+        return ""
+    exact = {r["config"]["seed"]: r for r in runs["hdkd"] if r.get("gamma_history")}
+    seeds = sorted(exact)
+    noise = [_trajectory_gap(exact[i], exact[j]) for i in seeds for j in seeds if i < j]
+    rows = []
+    for m in subjects:
+        gaps = [_trajectory_gap(r, exact[r["config"]["seed"]]) for r in runs[m]
+                if r.get("gamma_history") and r["config"]["seed"] in exact]
+        if gaps:
+            rows.append(f"| {TITLES.get(m, m)} | {statistics.fmean(gaps):.3f} (n={len(gaps)}) |")
+    if not rows:
+        return ""
+    noise_text = f"{statistics.fmean(noise):.3f} (n={len(noise)} pairs)" if noise else "–"
+    return ("γ trajectories against HDKD's: the mean over records and active terms of |γ − γ_HDKD| on the same "
+            "seed; for scale, HDKD against itself on other seeds: " + noise_text + ".\n\n"
+            "| configuration | mean gap to HDKD's γ |\n|---|---|\n" + "\n".join(rows))
 
 
 def push_down_shares(run: dict[str, Any]) -> dict[str, float] | None:
@@ -297,6 +338,10 @@ def main(argv: list[str] | None = None) -> None:
         runs = load(setting)
         if not runs:
             continue
+        if setting.name == "ablation" and "hdkd" not in runs:  # pair the ablation with HDKD's own runs
+            parent = load(setting.parent)
+            if "hdkd" in parent:
+                runs = {"hdkd": parent["hdkd"], **runs}
         summary = summarize(runs)
         tuning = all("selection" in v for v in summary["methods"].values())
         text = tuning_markdown(summary) if tuning else markdown(summary, runs)
@@ -307,8 +352,8 @@ def main(argv: list[str] | None = None) -> None:
                 plot(summary, setting / "budget.png")
                 plot_exits(summary, setting / "exits.png")
             plot_gamma(runs, setting / "gamma.png", [m for m in summary["methods"]
-                                                     if m in mw.METHODS and mw.METHODS[m].learn] if not tuning
-                       else list(summary["methods"]))
+                                                     if (m in mw.METHODS and mw.METHODS[m].learn) or m in VARIANTS]
+                       if not tuning else list(summary["methods"]))
 
 
 if __name__ == "__main__":
