@@ -12,7 +12,7 @@ import metaweight as mw
 STEPS, SPLIT = 6, 3
 
 
-def build(seed):
+def build(seed, mode="exact"):
     torch.manual_seed(seed)
     model = mw.MultiExit([nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Dropout(0.2), nn.Tanh()),
                           nn.Sequential(nn.Linear(12, 12), nn.BatchNorm1d(12), nn.Dropout(0.2), nn.Tanh())],
@@ -20,8 +20,19 @@ def build(seed):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
     weighter = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), mw.BalancedValidation(2),
-                                     gamma_optimizer=lambda p: torch.optim.Adam(p, lr=0.05), meta_every=2)
+                                     gamma_optimizer=lambda p: torch.optim.Adam(p, lr=0.05), meta_every=2,
+                                     mode="fast" if mode.startswith("fast") else "exact")
     return model, optimizer, scheduler, weighter
+
+
+def iteration(form, model, optimizer, weighter, train, val):
+    if form == "fast, two calls":  # the user's own loop
+        optimizer.zero_grad()
+        weighter.loss(model(train[0]), train[1]).backward()
+        optimizer.step()
+        weighter.meta_step(train, val)
+    else:
+        weighter.step(train, val)
 
 
 def data():
@@ -30,25 +41,27 @@ def data():
              (torch.randn(16, 6, generator=g), torch.randint(0, 5, (16,), generator=g))) for _ in range(STEPS)]
 
 
-def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("form", ["exact", "fast", "fast, two calls"])
+def test_resume_from_a_checkpoint_is_bit_for_bit(form, tmp_path):
     batches = data()
-    model, optimizer, scheduler, weighter = build(0)
+    model, optimizer, scheduler, weighter = build(0, form)
     torch.manual_seed(123)
     for train, val in batches:
-        weighter.step(train, val)
+        iteration(form, model, optimizer, weighter, train, val)
         scheduler.step()
     uninterrupted = (model.state_dict(), weighter.gamma.clone(), weighter.validation.expected.clone())
+    assert not torch.equal(uninterrupted[1], torch.ones(3))  # gamma moved
 
-    model, optimizer, scheduler, weighter = build(0)
+    model, optimizer, scheduler, weighter = build(0, form)
     torch.manual_seed(123)
     for train, val in batches[:SPLIT]:
-        weighter.step(train, val)
+        iteration(form, model, optimizer, weighter, train, val)
         scheduler.step()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "weighter": weighter.state_dict(),
                 "rng": torch.get_rng_state()}, tmp_path / "ckpt.pt")
 
-    model, optimizer, scheduler, weighter = build(99)  # a different initialisation, overwritten by the load
+    model, optimizer, scheduler, weighter = build(99, form)  # another initialisation, overwritten by the load
     ckpt = torch.load(tmp_path / "ckpt.pt")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -56,7 +69,7 @@ def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path):
     weighter.load_state_dict(ckpt["weighter"])
     torch.set_rng_state(ckpt["rng"])
     for train, val in batches[SPLIT:]:
-        weighter.step(train, val)
+        iteration(form, model, optimizer, weighter, train, val)
         scheduler.step()
     for name, tensor in uninterrupted[0].items():
         assert torch.equal(tensor, model.state_dict()[name]), name
