@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--method", default="hdkd", choices=list(mw.METHODS))
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="exact", choices=["exact", "fast"],
+                   help="fast: the meta step after each optimizer step (docs/guides/cost.md)")
     args = p.parse_args(argv)
     lightning.seed_everything(args.seed, verbose=False)
     split = load_digits(seed=args.seed)
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     val_loader = DataLoader(TensorDataset(split.x_val, split.y_val), batch_size=64, shuffle=True)
     module = MultiExitModule(branchynet(10, 1, num_exits=3, width=16, branch_width=16))
     method = mw.preset(args.method, 3)
-    callback = HarmonizedCallback(method.criterion, val_loader, **method.weighter_options, gamma_lr=0.01)
+    callback = HarmonizedCallback(method.criterion, val_loader, **method.weighter_options, gamma_lr=0.01,
+                                  mode=args.mode)
     trainer = lightning.Trainer(max_steps=args.max_steps, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
                                 enable_checkpointing=False, enable_model_summary=False,
                                 enable_progress_bar=sys.stderr.isatty())

@@ -867,10 +867,27 @@ class _StepCapture:
     def __setstate__(self, state: dict) -> None:
         self._ref = lambda: None
 
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         weighter = self._ref()
         if weighter is None or optimizer is not weighter._inner_optimizer:
-            return
+            return None
+        # args are step()'s positional arguments, the optimizer itself first
+        closure = (kwargs or {}).get("closure") or (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._capture(weighter, optimizer)
+            return None
+
+        def then_capture() -> Any:  # a closure (Lightning) runs the forward and backward inside step()
+            result = closure()
+            self._capture(weighter, optimizer)
+            return result
+
+        if kwargs and "closure" in kwargs:
+            return args, {**kwargs, "closure": then_capture}
+        return (args[0], then_capture, *args[2:]), kwargs
+
+    @staticmethod
+    def _capture(weighter: HarmonizedWeighter, optimizer: torch.optim.Optimizer) -> None:
         pending = weighter._pending
         if pending is None or pending.theta is not None:
             return

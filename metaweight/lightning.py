@@ -1,4 +1,5 @@
-"""PyTorch Lightning integration: a callback that runs the meta step before every training batch.
+"""PyTorch Lightning integration: a callback that runs the meta step before every training batch
+(after it, with ``mode="fast"``).
 
 Imported on its own (``from metaweight.lightning import HarmonizedCallback``) so that the core
 package never needs Lightning. Your LightningModule's ``forward`` returns the list of exit
@@ -61,7 +62,9 @@ class HarmonizedCallback(lightning.Callback):
         **weighter_options: further :class:`HarmonizedWeighter` arguments (``gamma_lr``,
             ``learn``, ``init``, ``backend``, ``meta_every``, ...).
 
-    The weighter's state is saved in Lightning checkpoints with the callback's state.
+    The weighter's state is saved in Lightning checkpoints with the callback's state. With
+    ``mode="fast"`` the meta step runs after each batch's optimizer step instead (the step it
+    took is the look-ahead); ``training_step`` returns ``self.weighter.loss(...)`` either way.
     """
 
     def __init__(self, criterion: DenseDistillLoss, val_dataloader: Iterable[Any],
@@ -93,7 +96,14 @@ class HarmonizedCallback(lightning.Callback):
     def on_train_batch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         assert self.weighter is not None and self._val is not None
-        self.weighter.meta_step(batch, _to(next(self._val), pl_module.device))
+        if self.weighter.mode != "fast":
+            self.weighter.meta_step(batch, _to(next(self._val), pl_module.device))
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        assert self.weighter is not None and self._val is not None
+        if self.weighter.mode == "fast":
+            self.weighter.meta_step(batch, _to(next(self._val), pl_module.device))
 
     def state_dict(self) -> dict[str, Any]:
         return self.weighter.state_dict() if self.weighter is not None else {}

@@ -281,3 +281,33 @@ def test_two_call_fast_form_with_meta_every_matches_the_one_call_form():
     assert torch.allclose(results[0][0], results[1][0], rtol=0, atol=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_two_call_fast_form_with_a_closure_captures_after_the_closure():
+    """optimizer.step(closure) (as Lightning steps) runs the forward and backward inside the step, after
+    the step pre-hooks: the capture waits for the closure. Same result as the plain two-call loop."""
+    grads = []
+    for with_closure in (False, True):
+        torch.manual_seed(0)
+        model = tiny_net(3, dtype=F64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+        torch.manual_seed(1)
+        for _ in range(2):
+            train, val = batch(dtype=F64), batch(dtype=F64)
+
+            def closure():
+                optimizer.zero_grad()
+                loss = w.loss(model(train[0]), train[1])
+                loss.backward()
+                return loss
+
+            if with_closure:
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
+            record = w.meta_step(train, val)
+            assert record.ran
+        grads.append((record.gamma_grad, w.gamma.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

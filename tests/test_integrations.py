@@ -45,11 +45,12 @@ def test_accelerate_example_runs_a_few_steps():
     assert set(out["gamma"]) == set(mw.DenseDistillLoss(2).term_names)
 
 
-def test_lightning_callback_trains_and_checkpoints(tmp_path):
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_lightning_callback_trains_and_checkpoints(mode, tmp_path):
     pytest.importorskip("lightning")
     import lightning_train
 
-    out = lightning_train.main(["--max-steps", "3"])
+    out = lightning_train.main(["--max-steps", "3", "--mode", mode])
     assert out["steps"] == 3 and len(out["test"]["top1"]) == 3
     assert out["gamma"] != {n: 1.0 for n in out["gamma"]}  # the meta steps ran and moved gamma
 
