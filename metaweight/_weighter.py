@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._hypergradient import Reducer, _clone_buffers, call_with, replay_randomness
+from metaweight._hypergradient import Reducer, _clone_buffers, _or_zeros, call_with, replay_randomness
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
@@ -104,8 +104,8 @@ class HarmonizedWeighter:
             more memory; see :meth:`step`).
         mode: ``"exact"`` (the paper's order: gamma is updated first, then the model steps
             with it) or ``"fast"`` (the model steps with the gamma it has, and that step is the
-            look-ahead: about 2.5x a plain iteration instead of 4x on the CIFAR MSDNet; one-call
-            :meth:`step` only; see the cost guide).
+            look-ahead: about 2.5x a plain iteration instead of 4x on the CIFAR MSDNet; the
+            one-call :meth:`step`, or :meth:`meta_step` after your own step; see the cost guide).
         fd_epsilon: step length in parameter space for ``finite_difference``; default
             :math:`\sqrt[3]{\text{machine eps}}` times the parameters' RMS.
         callbacks: hooks called after every successful meta step with its
@@ -518,23 +518,30 @@ class HarmonizedWeighter:
             self._restore(saved)
             raise
         if not self._finite_update(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._restore(saved)
-            message = (f"The weighted training loss ({float(loss.detach())}), its gradient or a buffer the forward "
-                       f"updated (e.g. BatchNorm statistics) is not finite "
-                       f"(non-finite terms: {[n for n, t in self.terms_dict().items() if not math.isfinite(t)] or 'none'}"
-                       f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
-                       f"average are as before this call. Check the batch and the learning rate.")
-            if self.nonfinite == "raise":
-                raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
-            self.num_skipped += 1
-            warnings.warn(f"Skipped a model step ({self.num_skipped} skipped so far): {message}", RuntimeWarning,
-                          stacklevel=2)
+            message = self._refuse_model_step(loss, saved, stacklevel=3)
             return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=True,
                                        terms=self.terms_dict(), message=message)
         self.optimizer.step()
         return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=False,
                                    terms=self.terms_dict())
+
+    def _refuse_model_step(self, loss: Tensor, saved: tuple[dict[str, Tensor], dict[str, Any], int],
+                           stacklevel: int) -> str:
+        """A non-finite model step: put everything back as ``saved``, then raise or warn and count it.
+        Returns the message (``nonfinite="skip"``)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._restore(saved)
+        message = (f"The weighted training loss ({float(loss.detach())}), its gradient or a buffer the forward "
+                   f"updated (e.g. BatchNorm statistics) is not finite "
+                   f"(non-finite terms: {[n for n, t in self.terms_dict().items() if not math.isfinite(t)] or 'none'}"
+                   f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
+                   f"average are as before this call. Check the batch and the learning rate.")
+        if self.nonfinite == "raise":
+            raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
+        self.num_skipped += 1
+        warnings.warn(f"Skipped a model step ({self.num_skipped} skipped so far): {message}", RuntimeWarning,
+                      stacklevel=stacklevel)
+        return message
 
     def _fast_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
         r"""``mode="fast"``: the model steps with the gamma it has (one meta step stale); that step is the
@@ -560,25 +567,14 @@ class HarmonizedWeighter:
                 loss.backward()
                 finite = self._finite_update(loss)
                 if finite and run_meta:
-                    grads = [p.grad for _, p in named]
-                    _, jac = lookahead_update(self._inner_optimizer, [p for _, p in named], grads)
-                    theta = {n: p.detach().clone() for n, p in named}
+                    theta, jac = _before_step(self._inner_optimizer, named, [p.grad for _, p in named])
                 if finite:
                     self.optimizer.step()
         except Exception:
             self._restore(saved)
             raise
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._restore(saved)
-            message = (f"The weighted training loss ({float(loss.detach())}), its gradient or an updated buffer is "
-                       f"not finite. The step was not taken: parameters, buffers, optimizer state, gamma and the "
-                       f"validation average are as before this call. Check the batch and the learning rate.")
-            if self.nonfinite == "raise":
-                raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
-            self.num_skipped += 1
-            warnings.warn(f"Skipped a model step ({self.num_skipped} skipped so far): {message}", RuntimeWarning,
-                          stacklevel=2)
+            message = self._refuse_model_step(loss, saved, stacklevel=4)
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=True,
                                   message=message)
@@ -638,7 +634,7 @@ class HarmonizedWeighter:
         if torch.isfinite(objective):
             (weights,) = torch.autograd.grad(objective, exit_losses)
             v = torch.autograd.grad((weights * local).sum(), [p for _, p in named], allow_unused=True)
-            v = self._reducer.mean([vi if vi is not None else torch.zeros_like(p) for vi, (_, p) in zip(v, named)])
+            v = self._reducer.mean(_or_zeros(v, named))
             direction = {n: vi * d for (n, _), vi, d in zip(named, v, jac)}
             with torch.no_grad():
                 norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values())))
@@ -899,10 +895,15 @@ class _StepCapture:
         grads = [p.grad for _, p in named]
         if scale is not None:
             grads = [g / scale.to(g) if g is not None else None for g in grads]
-        with torch.no_grad():
-            _, jac = lookahead_update(optimizer, [p for _, p in named], grads)
-            pending.theta = {n: p.detach().clone() for n, p in named}
-        pending.jac = jac
+        pending.theta, pending.jac = _before_step(optimizer, named, grads)
+
+
+@torch.no_grad()
+def _before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]],
+                 grads: list[Tensor | None]) -> tuple[dict[str, Tensor], list[Tensor | float]]:
+    """Fast mode, just before the optimizer's step: the parameters and the step's diagonal Jacobian D."""
+    _, jac = lookahead_update(optimizer, [p for _, p in named], grads)
+    return {n: p.detach().clone() for n, p in named}, jac
 
 
 def _same_target(a: Any, b: Any) -> bool:
