@@ -184,7 +184,6 @@ def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | No
         text = trajectory_table(runs, [v for v in VARIANTS if v in runs])
         if text:
             parts += [text, ""]
-    if runs:
         text = sign_table(runs)
         if text:
             parts += [text, ""]

@@ -35,3 +35,11 @@ def tiny_net(num_exits: int = 3, features: int = 6, width: int = 10, classes: in
 
 def batch(n: int = 16, features: int = 6, classes: int = 5, dtype: torch.dtype = torch.float32):
     return torch.randn(n, features, dtype=dtype), torch.randint(0, classes, (n,))
+
+
+def fast_two_calls(weighter, model, optimizer, train, val):
+    """One iteration of the user's own loop with mode="fast": loss, backward, step, then the meta step."""
+    optimizer.zero_grad()
+    weighter.loss(model(train[0]), train[1]).backward()
+    optimizer.step()
+    return weighter.meta_step(train, val)

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import metaweight as mw
+from conftest import fast_two_calls
 
 STEPS = 3
 
@@ -34,11 +35,8 @@ def train(model, backend, batches, **options):
     w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3),
                               gamma_lr=0.5, **_options(backend), **options)
     for train_batch, val_batch in batches:
-        if backend == "fast, two calls":  # the user's own loop: loss, backward, step, then the meta step
-            optimizer.zero_grad()
-            w.loss(model(train_batch[0]), train_batch[1]).backward()
-            optimizer.step()
-            w.meta_step(train_batch, val_batch)
+        if backend == "fast, two calls":
+            fast_two_calls(w, model, optimizer, train_batch, val_batch)
         else:
             w.step(train_batch, val_batch)
     return w

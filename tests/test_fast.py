@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call
 
 import metaweight as mw
-from conftest import batch, tiny_net
+from conftest import batch, fast_two_calls, tiny_net
 from test_weighter import F64, OPTIMIZERS, rel_err
 
 
@@ -44,24 +44,33 @@ def test_fast_step_moves_the_model_exactly_as_a_plain_step_with_the_old_gamma(op
     assert record.ran and not torch.equal(w.gamma, gamma)  # gamma changed, for the next step
 
 
+def brute_force_parts(model, optimizer, criterion, validation, gamma, train, val, before_step=lambda net, opt: None):
+    """The pieces of fast mode's definition, computed independently: the per-term gradients at theta, and
+    v = grad L_val(theta') with theta' a twin's real step on the gamma-weighted loss (``before_step`` runs
+    between its backward and its step, e.g. clipping; what it returns is handed back)."""
+    params = dict(model.named_parameters())
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    terms = criterion(functional_call(model, (params, buffers), (train[0],)), train[1])
+    per_term = [torch.autograd.grad(terms[k], list(params.values()), retain_graph=True) for k in range(len(terms))]
+    twin, twin_opt = copy.deepcopy((model, optimizer))
+    twin_opt.zero_grad()
+    (gamma * criterion(twin(train[0]), train[1])).sum().backward()
+    extra = before_step(twin, twin_opt)
+    twin_opt.step()
+    tparams = dict(twin.named_parameters())
+    objective = validation(functional_call(twin, (tparams, {k: v.clone() for k, v in model.named_buffers()}),
+                                           (val[0],)), val[1])
+    v = torch.autograd.grad(objective, list(tparams.values()))
+    return per_term, v, twin, extra
+
+
 def test_fast_meta_gradient_equals_a_brute_force_of_its_definition():
     """theta' = a real SGD step with the old gamma; v = grad L_val(theta'); D = lr (1 + mu) for Nesterov
     (lr * c by hand); the derivative at theta from per-term gradients: -<D v, grad L_k(theta)>."""
     model, optimizer, criterion, validation, w = setup("nesterov_wd", "fast")
     train, val = batch(dtype=F64), batch(n=12, dtype=F64)
     gamma = w.gamma.detach().clone().to(F64)
-    params = dict(model.named_parameters())
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    terms = criterion(functional_call(model, (params, buffers), (train[0],)), train[1])
-    per_term = [torch.autograd.grad(terms[k], list(params.values()), retain_graph=True) for k in range(6)]
-    moved, moved_opt = copy.deepcopy((model, optimizer))
-    moved_opt.zero_grad()
-    (gamma * criterion(moved(train[0]), train[1])).sum().backward()
-    moved_opt.step()
-    mparams = dict(moved.named_parameters())
-    objective = validation(functional_call(moved, (mparams, {k: v.clone() for k, v in model.named_buffers()}),
-                                           (val[0],)), val[1])
-    v = torch.autograd.grad(objective, list(mparams.values()))
+    per_term, v, _, _ = brute_force_parts(model, optimizer, criterion, validation, gamma, train, val)
     group = optimizer.param_groups[0]
     c = group["lr"] * (1 + group["momentum"])  # Nesterov, dampening 0, after the first step
     ref = torch.stack([-c * sum((vi * gi).sum() for vi, gi in zip(v, per_term[k])) for k in range(6)])
@@ -134,21 +143,14 @@ def test_two_call_fast_form_with_clipping_equals_a_brute_force_of_its_definition
     model, optimizer, criterion, validation, w = setup("adam", "fast")
     train, val = batch(dtype=F64), batch(n=12, dtype=F64)
     gamma = w.gamma.detach().clone().to(F64)
-    params = dict(model.named_parameters())
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    terms = criterion(functional_call(model, (params, buffers), (train[0],)), train[1])
-    per_term = [torch.autograd.grad(terms[k], list(params.values()), retain_graph=True) for k in range(6)]
-    twin, twin_opt = copy.deepcopy((model, optimizer))
-    twin_opt.zero_grad()
-    (gamma * criterion(twin(train[0]), train[1])).sum().backward()
-    total = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
-    assert total > 0.05  # clipping is active
-    jac = _adam_jacobian(twin_opt, list(twin.parameters()), [p.grad for p in twin.parameters()])
-    twin_opt.step()
-    tparams = dict(twin.named_parameters())
-    objective = validation(functional_call(twin, (tparams, {k: v.clone() for k, v in model.named_buffers()}),
-                                           (val[0],)), val[1])
-    v = torch.autograd.grad(objective, list(tparams.values()))
+
+    def clip_then_jacobian(twin, twin_opt):
+        total = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
+        assert total > 0.05  # clipping is active
+        return _adam_jacobian(twin_opt, list(twin.parameters()), [p.grad for p in twin.parameters()])
+
+    per_term, v, twin, jac = brute_force_parts(model, optimizer, criterion, validation, gamma, train, val,
+                                               clip_then_jacobian)
     ref = torch.stack([-sum((d * vi * gi).sum() for d, vi, gi in zip(jac, v, per_term[k])) for k in range(6)])
 
     optimizer.zero_grad()
@@ -271,10 +273,7 @@ def test_two_call_fast_form_with_meta_every_matches_the_one_call_form():
             if form == "one call":
                 w.step(train, val)
             else:
-                optimizer.zero_grad()
-                w.loss(model(train[0]), train[1]).backward()
-                optimizer.step()
-                w.meta_step(train, val)
+                fast_two_calls(w, model, optimizer, train, val)
         assert w.num_meta_steps == 3 and w.num_calls == 5
         results.append((w.gamma.clone(), [p.detach().clone() for p in model.parameters()]))
     assert not torch.equal(results[0][0], torch.ones(6))
