@@ -33,9 +33,11 @@ METHODS = list(mw.METHODS)
 TITLES = {"msdnet": "MSDNet", "dbt": "DBT", "naive_dkd": "NaiveDKD", "hmsdnet": "HMSDNet", "hdbt": "HDBT",
           "hdkd": "HDKD", "msdnet_long": "MSDNet×4 epochs", "hdkd_every4": "HDKD every 4",
           "hdkd_fast": "HDKD fast", "hdkd_init_last": "HDKD γ₀ last", "hdkd_init_random": "HDKD γ₀ random",
-          "hdkd_alpha0": "HDKD α=0", "hdkd_alpha1": "HDKD α=1", "hdkd_sgd": "HDKD SGD on γ"}
+          "hdkd_alpha0": "HDKD α=0", "hdkd_alpha1": "HDKD α=1", "hdkd_sgd": "HDKD SGD on γ",
+          "hdkd_normalize": "HDKD Σγ held"}
 # configurations compared with HDKD itself, paired (mode="fast", the ablation)
-VARIANTS = ["hdkd_fast", "hdkd_init_last", "hdkd_init_random", "hdkd_alpha0", "hdkd_alpha1", "hdkd_sgd"]
+VARIANTS = ["hdkd_fast", "hdkd_init_last", "hdkd_init_random", "hdkd_alpha0", "hdkd_alpha1", "hdkd_sgd",
+            "hdkd_normalize"]
 # Student t quantile t_{0.975, df} (df = 1..30), for 95% intervals without scipy
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,

@@ -61,6 +61,8 @@ CONFIGS: dict[str, tuple[str, list[str], int]] = {
     "hdkd_alpha0": ("hdkd", GAMMA + ["--alpha", "0"], 1),
     "hdkd_alpha1": ("hdkd", GAMMA + ["--alpha", "1"], 1),
     "hdkd_sgd": ("hdkd", ["--gamma-optimizer", "sgd", "--gamma-lr", "0.01"], 1),
+    # the sum of gamma held at its start: reweighting without the change of scale Adam on gamma brings
+    "hdkd_normalize": ("hdkd", GAMMA + ["--constraint", "normalize"], 1),
 }
 # the candidates for gamma's optimizer, scored on the selection split only
 TUNE = {
@@ -79,7 +81,8 @@ GRIDS = {
     # Table 3's ablation, on one setting
     "ablation": {"settings": ["cifar10-150"], "epochs": {"cifar10-150": 100},
                  "model": ["--model", "branchynet", "--exits", "4", "--width", "8"], "seeds": [0, 1, 2],
-                 "configs": ["hdkd_init_last", "hdkd_init_random", "hdkd_alpha0", "hdkd_alpha1", "hdkd_sgd"]},
+                 "configs": ["hdkd_init_last", "hdkd_init_random", "hdkd_alpha0", "hdkd_alpha1", "hdkd_sgd",
+                             "hdkd_normalize"]},
     # choosing gamma's optimizer: a seed of its own, scored on 100 images per class from outside the pool
     "tune": {"settings": ["cifar10-150"], "epochs": {"cifar10-150": 100},
              "model": ["--model", "branchynet", "--exits", "4", "--width", "8"], "seeds": [100],
