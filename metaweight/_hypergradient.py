@@ -121,6 +121,41 @@ def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
     return {name: b.clone() for name, b in model.named_buffers()}
 
 
+def validation_direction(model: nn.Module, validation: Objective, params: dict[str, Tensor], xv: Any, yv: Any,
+                         movable: Sequence[tuple[str, Tensor]], jac: Sequence[Tensor | float], reducer: Reducer,
+                         ) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
+    """The validation objective at ``params``, the exit losses it was computed from (averaged over
+    ranks), and the direction :math:`w = D \odot \nabla L_{val}` over the ``movable`` parameters
+    (``params[name]`` must require grad for those), or ``None`` when the objective is not finite."""
+    local = validation.losses(call_with(model, params, _clone_buffers(model), xv), yv)
+    # the objective of the losses averaged over ranks; its gradient through each rank's own losses
+    exit_losses = reducer.mean([local.detach()])[0].requires_grad_(True)
+    objective = validation.objective(exit_losses)
+    if not torch.isfinite(objective):
+        return objective.detach(), exit_losses.detach(), None
+    (weights,) = torch.autograd.grad(objective, exit_losses)
+    v = torch.autograd.grad((weights * local).sum(), [params[n] for n, _ in movable], allow_unused=True)
+    v = reducer.mean(_or_zeros(v, movable))
+    return objective.detach(), exit_losses.detach(), {n: vi * d for (n, _), vi, d in zip(movable, v, jac)}
+
+
+def step_length(base: dict[str, Tensor], direction: dict[str, Tensor], epsilon: float | None,
+                order: int) -> float | None:
+    """The ``h`` of a finite difference along ``direction``: ``h * direction`` has length ``epsilon``,
+    by default machine eps ** (1 / (order + 1)) times the moved parameters' RMS (the balance of
+    truncation and rounding for a difference of that order: about 5e-3 x RMS for central, 3e-4 x
+    RMS for one-sided differences in float32). ``None`` when the direction is zero."""
+    with torch.no_grad():
+        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))) if direction else 0.0
+    if norm == 0.0:
+        return None
+    if epsilon is None:
+        moved = [base[n] for n in direction]
+        rms = math.sqrt(sum(float((p.double() ** 2).sum()) for p in moved) / sum(p.numel() for p in moved))
+        epsilon = torch.finfo(moved[0].dtype).eps ** (1 / (order + 1)) * max(rms, 1e-3)
+    return epsilon / norm
+
+
 def meta_gradient(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -167,20 +202,11 @@ def meta_gradient(
         new, jac = lookahead_update(optimizer, [p for _, p in movable], grads)
         lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}
         base = {n: p.detach() for n, p in model.named_parameters()}
-        val_params = {**base, **lookahead}
-        local_losses = validation.losses(call_with(model, val_params, _clone_buffers(model), xv), yv)
-        # the objective of the losses averaged over ranks; its gradient through each rank's own losses
-        exit_losses = reducer.mean([local_losses.detach()])[0].requires_grad_(True)
-        objective = validation.objective(exit_losses)
-        if not torch.isfinite(objective):
+        objective, exit_losses, direction = validation_direction(model, validation, {**base, **lookahead}, xv, yv,
+                                                                 movable, jac, reducer)
+        if direction is None:
             nan = torch.full_like(gamma, math.nan)
-            return MetaResult(nan, objective.detach(), exit_losses.detach(), terms if keep_graph else terms.detach())
-        (weights,) = torch.autograd.grad(objective, exit_losses)
-        v = torch.autograd.grad((weights * local_losses).sum(), list(lookahead.values()), allow_unused=True)
-        v = _or_zeros(v, movable)
-        if reducer.world > 1:
-            v = reducer.mean(v)
-        direction = {n: vi * d for (n, _), vi, d in zip(movable, v, jac)}
+            return MetaResult(nan, objective, exit_losses, terms if keep_graph else terms.detach())
         if backend == "jvp":
             with replay():
                 derivative = _jvp(model, criterion, base, direction, x, y)
@@ -189,8 +215,7 @@ def meta_gradient(
         else:
             raise ValueError(f"Unknown backend {backend!r}; expected 'jvp' or 'finite_difference'.")
         derivative = reducer.mean([derivative])[0]
-    return MetaResult(-derivative.to(gamma.dtype), objective.detach(), exit_losses.detach(),
-                      terms if keep_graph else terms.detach())
+    return MetaResult(-derivative.to(gamma.dtype), objective, exit_losses, terms if keep_graph else terms.detach())
 
 
 def _jvp(model: nn.Module, criterion: Terms, base: dict[str, Tensor], direction: dict[str, Tensor],
@@ -207,16 +232,10 @@ def _central_difference(model: nn.Module, criterion: Terms, base: dict[str, Tens
                         direction: dict[str, Tensor], x: Any, y: Any, outputs: Any,
                         epsilon: float | None, replay: Callable[[], Any]) -> Tensor:
     device = next(iter(base.values())).device
-    norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))) if direction else 0.0
-    if norm == 0.0:
+    # central differences: cbrt(machine eps) balances truncation against rounding
+    h = step_length(base, direction, epsilon, order=2)
+    if h is None:
         return torch.zeros(criterion.num_terms, device=device)
-    if epsilon is None:
-        # central differences: step length cbrt(machine eps) times the parameters' RMS balances
-        # truncation against rounding (about 5e-3 x RMS in float32, 6e-6 x RMS in float64)
-        moved = [base[n] for n in direction]
-        rms = math.sqrt(sum(float((p.double() ** 2).sum()) for p in moved) / sum(p.numel() for p in moved))
-        epsilon = torch.finfo(moved[0].dtype).eps ** (1 / 3) * max(rms, 1e-3)
-    h = epsilon / norm  # a step of length epsilon in parameter space
     teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)  # any nesting of outputs
 
     def terms_at(sign: float) -> Tensor:

@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._hypergradient import Reducer, _clone_buffers, _or_zeros, call_with, replay_randomness
+from metaweight._hypergradient import (Reducer, _clone_buffers, call_with, replay_randomness, step_length,
+                                      validation_direction)
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
@@ -626,47 +627,36 @@ class HarmonizedWeighter:
         reported = terms  # the terms of the training forward, whatever the difference recomputes
         # the model stepped in place: half-precision copies autocast cached of the old weights are stale
         torch.clear_autocast_cache()
-        # validation at the parameters the model has now moved to; its buffers are copies
+        # validation at the parameters the model has now moved to (on copies of its buffers)
         params = {n: p for n, p in self.module.named_parameters()}
-        local = self._objective.losses(call_with(self.module, params, _clone_buffers(self.module), xv), yv)
-        exit_losses = self._reducer.mean([local.detach()])[0].requires_grad_(True)
-        objective = self._objective.objective(exit_losses)
-        if torch.isfinite(objective):
-            (weights,) = torch.autograd.grad(objective, exit_losses)
-            v = torch.autograd.grad((weights * local).sum(), [p for _, p in named], allow_unused=True)
-            v = self._reducer.mean(_or_zeros(v, named))
-            direction = {n: vi * d for (n, _), vi, d in zip(named, v, jac)}
-            with torch.no_grad():
-                norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values())))
-                if norm == 0.0:
-                    derivative = torch.zeros_like(terms)
-                else:
-                    rms = math.sqrt(sum(float((t.double() ** 2).sum()) for t in theta.values())
-                                    / sum(t.numel() for t in theta.values()))
-                    h = (self.fd_epsilon or math.sqrt(torch.finfo(next(iter(theta.values())).dtype).eps)
-                         * max(rms, 1e-3)) / norm
-                    device = next(iter(theta.values())).device
-                    here = {n: p.detach() for n, p in self.module.named_parameters()}
+        objective, exit_losses, direction = validation_direction(self.module, self._objective, params, xv, yv,
+                                                                 named, jac, self._reducer)
+        if direction is None:
+            return self._apply(torch.full_like(self.gamma, math.nan), objective, exit_losses, reported.detach())
+        h = step_length(theta, direction, self.fd_epsilon, order=1)  # one-sided: sqrt(machine eps) x RMS
+        with torch.no_grad():
+            if h is None:
+                derivative = torch.zeros_like(terms)
+            else:
+                device = next(iter(theta.values())).device
+                here = {n: p.detach() for n, p in self.module.named_parameters()}
 
-                    def outputs_at(moved: dict[str, Tensor]) -> Any:
-                        # differences of half-precision forwards drown in rounding: these run in full precision
-                        with replay(), torch.autocast(device.type, enabled=False):
-                            return call_with(self.module, {**here, **moved},
-                                             {k: b.clone() for k, b in buffers.items()}, x)
+                def outputs_at(moved: dict[str, Tensor]) -> Any:
+                    # differences of half-precision forwards drown in rounding: these run in full precision
+                    with replay(), torch.autocast(device.type, enabled=False):
+                        return call_with(self.module, {**here, **moved}, {k: b.clone() for k, b in buffers.items()}, x)
 
-                    if recompute_base:  # the base point, and the teachers, from the same masks in float32
-                        outputs = outputs_at(theta)
-                    teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
-                    if recompute_base:
-                        terms = self._terms(outputs, y, teacher_outputs=teachers)
-                    moved = outputs_at({n: theta[n] + h * direction[n] for n in theta})
-                    plus = self._terms(moved, y, teacher_outputs=teachers)
-                    derivative = (plus.double() - terms.double()) / h
-                derivative = self._reducer.mean([derivative])[0]
-            gamma_grad = (-derivative).to(self.gamma) * self._active
-        else:
-            gamma_grad = torch.full_like(self.gamma, math.nan)
-        return self._apply(gamma_grad, objective.detach(), exit_losses.detach(), reported.detach())
+                if recompute_base:  # the base point, and the teachers, from the same masks in float32
+                    outputs = outputs_at(theta)
+                teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
+                if recompute_base:
+                    terms = self._terms(outputs, y, teacher_outputs=teachers)
+                plus = self._terms(outputs_at({n: theta[n] + h * direction[n] for n in theta}), y,
+                                   teacher_outputs=teachers)
+                derivative = (plus.double() - terms.double()) / h
+            derivative = self._reducer.mean([derivative])[0]
+        gamma_grad = (-derivative).to(self.gamma) * self._active
+        return self._apply(gamma_grad, objective, exit_losses, reported.detach())
 
     def _snapshot(self) -> tuple[dict[str, Tensor], dict[str, Any], int]:
         """What one call of :meth:`step` may change besides the parameters: buffers and our own state."""
