@@ -1,5 +1,7 @@
 import random
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +45,11 @@ def fast_two_calls(weighter, model, optimizer, train, val):
     weighter.loss(model(train[0]), train[1]).backward()
     optimizer.step()
     return weighter.meta_step(train, val)
+
+
+@contextmanager
+def quiet():
+    """Warnings silenced, for calls that warn by design (skipped steps)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

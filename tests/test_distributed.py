@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import metaweight as mw
-from conftest import fast_two_calls
+from conftest import fast_two_calls, quiet
 
 STEPS = 3
 
@@ -116,7 +116,7 @@ def _faulty_worker(rank, world, init_file, mode, learn, out_dir):
                 x[0, 0] = float("nan")
             before = [p.detach().clone() for p in model.module.parameters()]
             try:
-                with _quiet_warnings():
+                with quiet():
                     metrics = w.step((x, y), (xv, yv))
                 outcome.append("skipped" if metrics.get("model_step_skipped") else "ok")
             except ValueError:
@@ -130,17 +130,6 @@ def _faulty_worker(rank, world, init_file, mode, learn, out_dir):
         gc.collect()
     finally:
         dist.destroy_process_group()
-
-
-class _quiet_warnings:
-    def __enter__(self):
-        import warnings
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 @pytest.mark.parametrize("mode", ["raise", "skip"])

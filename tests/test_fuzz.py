@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import metaweight as mw
-from conftest import tiny_net
+from conftest import quiet, tiny_net
 from test_errors import assert_same, snapshot
 
 FUZZ = settings(max_examples=int(os.environ.get("METAWEIGHT_FUZZ_EXAMPLES", "80")), deadline=None, derandomize=True,
@@ -115,7 +115,7 @@ def test_weighter_call_either_trains_or_changes_nothing(call, nonfinite, backend
     before = _state(model, opt, w)
     train, val = call
     try:
-        with _quiet():
+        with quiet():
             metrics = getattr(w, which)(train, val)
     except (ValueError, TypeError, RuntimeError):  # RuntimeError: the model's own (e.g. a wrong input width)
         assert_same(before, _state(model, opt, w))
@@ -130,17 +130,6 @@ def test_weighter_call_either_trains_or_changes_nothing(call, nonfinite, backend
     assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
     assert torch.isfinite(w.gamma).all() and (w.gamma >= 0).all()
     assert torch.isfinite(w.validation.expected).all()
-
-
-class _quiet:
-    def __enter__(self):
-        import warnings
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 @st.composite
