@@ -10,7 +10,6 @@ weighter holds the object and never compares names.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Literal
 
 import torch
@@ -20,6 +19,7 @@ from metaweight._hypergradient import MetaResult, Reducer, meta_gradient
 from metaweight._lookahead import lookahead
 from metaweight._optimizers import differentiable_optimizer_type, supports_exact_update
 from metaweight._protocols import Objective, Terms, model_arguments
+from metaweight._warn import warn_user
 
 BackendName = Literal["jvp", "finite_difference", "higher"]
 BACKENDS: tuple[str, ...] = ("higher", "jvp", "finite_difference")
@@ -130,12 +130,11 @@ class JvpBackend(_Directional):
                         f"`teacher_outputs`, or use an implementation of that operator made of plain ops (for a "
                         f"Hugging Face model, attn_implementation='eager')."
                     ) from None
-                warnings.warn(
+                warn_user(
                     f"backend='jvp': the model uses an operator without a forward-mode derivative "
                     f"({str(exc).splitlines()[0][:160]}); continuing with backend='finite_difference' (two forwards, "
                     f"approximate). For the exact meta-gradient use backend='higher', or plain-op implementations "
-                    f"(for a Hugging Face model, attn_implementation='eager').",
-                    RuntimeWarning, stacklevel=5,
+                    f"(for a Hugging Face model, attn_implementation='eager')."
                 )
                 self.fallback = FiniteDifferenceBackend(self.fd_epsilon)
                 torch.set_rng_state(rng)  # the same dropout masks as if the fallback had run first
@@ -175,10 +174,10 @@ def make_backend(name: str, optimizer: torch.optim.Optimizer, *, distributed: bo
     if name == "higher":
         backend = HigherBackend()
     elif not supports_exact_update(optimizer):
-        warnings.warn(
+        warn_user(
             f"backend={name!r} knows the update of SGD, Adam and AdamW only; falling back to "
             f"backend='higher' for `{type(optimizer).__name__}` (exact, but slower and heavier).",
-            stacklevel=3,
+            UserWarning,
         )
         backend = HigherBackend()
     elif name == "jvp":

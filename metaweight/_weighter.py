@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,6 +21,7 @@ from metaweight._hypergradient import (Reducer, _clone_buffers, call_with, repla
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
+from metaweight._warn import warn_user
 from metaweight._optimizers import (
     check_optimizer_covers_model,
     check_optimizer_options,
@@ -447,7 +447,7 @@ class HarmonizedWeighter:
         if self.nonfinite == "raise":
             raise ValueError(message)
         self.num_skipped += 1
-        warnings.warn(f"Skipped a meta step ({self.num_skipped} so far): {message}", RuntimeWarning, stacklevel=4)
+        warn_user(f"Skipped a meta step ({self.num_skipped} so far): {message}")
         return MetaStepRecord(self.num_calls, ran=True, skipped=True, meta_step=self.num_meta_steps,
                               val_objective=float(objective), val_exit_losses=exit_losses.tolist(),
                               gamma=self.gamma_dict(), terms=dict(zip(self.term_names, terms.tolist())),
@@ -519,15 +519,14 @@ class HarmonizedWeighter:
             self._restore(saved)
             raise
         if not self._finite_update(loss):
-            message = self._refuse_model_step(loss, saved, stacklevel=3)
+            message = self._refuse_model_step(loss, saved)
             return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=True,
                                        terms=self.terms_dict(), message=message)
         self.optimizer.step()
         return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=False,
                                    terms=self.terms_dict())
 
-    def _refuse_model_step(self, loss: Tensor, saved: tuple[dict[str, Tensor], dict[str, Any], int],
-                           stacklevel: int) -> str:
+    def _refuse_model_step(self, loss: Tensor, saved: tuple[dict[str, Tensor], dict[str, Any], int]) -> str:
         """A non-finite model step: put everything back as ``saved``, then raise or warn and count it.
         Returns the message (``nonfinite="skip"``)."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -540,8 +539,7 @@ class HarmonizedWeighter:
         if self.nonfinite == "raise":
             raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
         self.num_skipped += 1
-        warnings.warn(f"Skipped a model step ({self.num_skipped} skipped so far): {message}", RuntimeWarning,
-                      stacklevel=stacklevel)
+        warn_user(f"Skipped a model step ({self.num_skipped} skipped so far): {message}")
         return message
 
     def _fast_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
@@ -575,7 +573,7 @@ class HarmonizedWeighter:
             self._restore(saved)
             raise
         if not finite:
-            message = self._refuse_model_step(loss, saved, stacklevel=4)
+            message = self._refuse_model_step(loss, saved)
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=True,
                                   message=message)

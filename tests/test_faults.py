@@ -340,3 +340,31 @@ def test_checkpoint_round_trip_resumes_bit_for_bit(tmp_path):
     assert torch.equal(w.gamma, w2.gamma)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------ 6. warnings point at the caller's line
+def _two_calls(w, model, opt, train, val):
+    loss = w.loss(model(train[0]), train[1])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return w.meta_step(train, val)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("call,bad", [("step", "train"), ("step", "val"), ("meta_step", "val"), ("two_calls", "val")])
+def test_skip_warnings_point_at_the_callers_line(mode, call, bad):
+    if (call == "two_calls") != (mode == "fast") and call != "step":
+        pytest.skip("fast mode's meta_step is the second of its two calls")
+    model, opt, w = make(nonfinite="skip", mode=mode)
+    w.step(batch(), batch())
+    train, val = (nan_batch(), batch()) if bad == "train" else (batch(), nan_batch())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if call == "two_calls":
+            _two_calls(w, model, opt, train, val)
+        else:
+            getattr(w, call)(train, val)
+    skipped = [c for c in caught if "Skipped" in str(c.message)]
+    assert skipped, [str(c.message) for c in caught]
+    assert {c.filename for c in skipped} == {__file__}, [(c.filename, c.lineno) for c in skipped]

@@ -71,6 +71,7 @@ def test_fused_attention_without_forward_ad_falls_back_to_finite_differences():
             grads[name] = w.meta_step(task(8, 1), task(8, 2)).gamma_grad
         fell_back = [c for c in caught if "continuing with backend='finite_difference'" in str(c.message)]
         assert len(fell_back) == (1 if backend == "jvp" else 0)
+        assert all(c.filename == __file__ for c in fell_back)  # the caller's line, not ours
     assert torch.equal(grads["sdpa-jvp"], grads["sdpa-fd"])  # the same masks, the same difference
 
 
