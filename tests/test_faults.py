@@ -368,3 +368,50 @@ def test_skip_warnings_point_at_the_callers_line(mode, call, bad):
     skipped = [c for c in caught if "Skipped" in str(c.message)]
     assert skipped, [str(c.message) for c in caught]
     assert {c.filename for c in skipped} == {__file__}, [(c.filename, c.lineno) for c in skipped]
+
+
+class _BufferBlowsUp(nn.Module):
+    """A model whose real forward (not the look-ahead's, which runs on copies of the buffers)
+    can be made to write inf into a buffer: the meta step succeeds, the model step is refused."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.register_buffer("seen", torch.zeros(()))
+        self.blow_up = False
+
+    def forward(self, x):
+        if self.training:
+            self.seen.add_(float("inf") if self.blow_up else 1.0)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_refused_model_step_after_a_meta_step_puts_the_validation_average_back(reuse):
+    torch.manual_seed(0)
+    model = _BufferBlowsUp(tiny_net(3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), nonfinite="skip", reuse_forward=reuse)
+    w.step(batch(), batch())
+    w.step(batch(), batch())
+    before = snapshot(model, opt, w)
+    expected = w.validation.expected.clone()
+    model.blow_up = True
+    with pytest.warns(RuntimeWarning, match="Skipped a model step"):
+        record = w.step(batch(), batch())
+    assert record["model_step_skipped"] is True
+    assert torch.equal(w.validation.expected, expected)  # the meta step's update of the average undone
+    assert_same(before, snapshot(model, opt, w))
+    assert str(before[2]["gamma_optimizer"]) == str(w.state_dict()["gamma_optimizer"])
+
+
+def test_state_dict_is_a_copy_that_later_training_does_not_change():
+    model, opt, w = make(gamma_optimizer="adam")
+    w.step(batch(), batch())
+    saved = w.state_dict()
+    kept = copy.deepcopy(saved)
+    w.step(batch(), batch())
+    for k in kept["validation"]:
+        assert torch.equal(saved["validation"][k], kept["validation"][k]), k
+    assert torch.equal(saved["gamma"], kept["gamma"])
+    assert str(saved["gamma_optimizer"]) == str(kept["gamma_optimizer"])
