@@ -61,8 +61,12 @@ def held_out(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[s
         model.eval()
         logits = [torch.cat(z) for z in zip(*(model(x[i:i + 500]) for i in range(0, len(y), 500)))]
         model.train()
+        exits = [float(F.cross_entropy(z, y)) for z in logits]
+        top1 = [float((z.argmax(1) == y).float().mean()) * 100 for z in logits]
         out["eval"] = float(sum(F.cross_entropy(z, y) for z in logits))
         out["eval_top1"] = float(sum((z.argmax(1) == y).float().mean() for z in logits) / len(logits) * 100)
+        out["eval_exit1"], out["eval_top1_exit1"] = exits[0], top1[0]
+        out["eval_last"], out["eval_top1_last"] = exits[-1], top1[-1]
     return out
 
 
@@ -196,11 +200,18 @@ def report(results: dict) -> str:
                                   "meta step scores it); negative: more weight lowers the loss"),
                         ("eval", "held-out loss, eval mode (as the network is used)"),
                         ("eval_top1", "held-out top-1 (mean over exits, points), eval mode; positive: more "
-                                      "weight raises accuracy")):
-        d = "dA/ds" if stat == "eval_top1" else "dL/ds"
+                                      "weight raises accuracy"),
+                        ("eval_exit1", "exit 1's held-out loss, eval mode"),
+                        ("eval_top1_exit1", "exit 1's held-out top-1 (points), eval mode"),
+                        ("eval_last", "the last exit's held-out loss, eval mode"),
+                        ("eval_top1_last", "the last exit's held-out top-1 (points), eval mode")):
+        d = "dA/ds" if "top1" in stat else "dL/ds"
+        have = [c for c in results["cells"] if stat in c["base"]]  # per-exit scores: later runs only
+        if not have:
+            continue
         lines += [f"**{title}**", "", f"| start (lr, n) | H | {d} KD | {d} CE | KD − CE |", "|---|---|---|---|---|"]
-        for start in sorted({c["start"] for c in results["cells"]}):
-            cells = [c for c in results["cells"] if c["start"] == start]
+        for start in sorted({c["start"] for c in have}):
+            cells = [c for c in have if c["start"] == start]
             head = f"{start} ({cells[0]['lr']:g}, {len(cells)})"
             if stat == "batch":
                 ex = {g: [c["exact_one_step"][g] for c in cells] for g in GROUPS}
