@@ -160,6 +160,15 @@ def _save_atomically(obj: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+# settings that do not change what a run computes: a checkpoint resumes under other values of them
+RUN_ONLY = ("threads", "no_progress", "no_plot", "plot", "checkpoint_every")
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    """The settings (outside :data:`RUN_ONLY`) in which a checkpoint's run and this one differ."""
+    return sorted(k for k in set(saved) | set(now) if k not in RUN_ONLY and saved.get(k) != now.get(k))
+
+
 def _config(args: argparse.Namespace) -> dict:
     """The run's settings as recorded: the data folder by name only (no machine paths)."""
     config = dict(vars(args))
@@ -207,8 +216,12 @@ def train(args: argparse.Namespace) -> dict:
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["config"] != _config(args):
-            raise SystemExit(f"{checkpoint} was saved by a run with other settings; remove it or change --checkpoint.")
+        differ = _differences(state["config"], _config(args))
+        if differ:
+            raise SystemExit(f"{checkpoint} was saved by a run with other settings ("
+                             + ", ".join(f"{k}: {state['config'].get(k)!r} there, {_config(args).get(k)!r} here"
+                                         for k in differ)
+                             + "); remove it or change --checkpoint.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

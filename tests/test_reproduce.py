@@ -94,6 +94,36 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert resumed["selection"] == whole["selection"] and resumed["gamma_history"] == whole["gamma_history"]
 
 
+def test_resume_takes_other_thread_counts_and_names_a_setting_that_differs(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train
+
+    import metaweight as mw
+
+    data = fake_cifar10(tmp_path / "data")
+    ckpt = tmp_path / "run.ckpt"
+    base = ["--method", "hdkd", "--dataset", "cifar10", "--per-class", "12", "--data-dir", str(data), "--model",
+            "branchynet", "--exits", "3", "--width", "4", "--epochs", "2", "--batch-size", "16", "--no-plot",
+            "--no-progress", "--checkpoint", str(ckpt), "--checkpoint-every", "2"]
+    real_step, calls = mw.HarmonizedWeighter.step, []
+
+    def failing_step(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(mw.HarmonizedWeighter, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args(base + ["--threads", "2"]))
+    monkeypatch.setattr(mw.HarmonizedWeighter, "step", real_step)
+    with pytest.raises(SystemExit, match="lr: 0.1 there, 0.05 here"):
+        train.train(train.parse_args(base + ["--threads", "2", "--lr", "0.05"]))
+    assert torch.load(ckpt, weights_only=False)["step"] == 2  # the refused run left the checkpoint alone
+    resumed = train.train(train.parse_args(base + ["--threads", "1", "--checkpoint-every", "5"]))
+    assert resumed["iterations"] == 12 and not ckpt.exists()
+
+
 def hand_made(method, seed, top1, top5, seconds):
     return {"config": {"method": method, "seed": seed}, "test": {"top1": top1, "top5": top5, "num_samples": 4},
             "train_seconds": seconds, "data": "toy", "costs": {"macs": [1e6, 3e6]}}
