@@ -58,7 +58,8 @@ def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {}
     for file in sorted(folder.glob("*.json")):
         data = json.loads(file.read_text())
-        runs.setdefault(name_of(data), []).append(data)
+        if "config" in data and "test" in data:  # a training run (not, e.g., horizon.py's measurements)
+            runs.setdefault(name_of(data), []).append(data)
     return runs
 
 
@@ -163,6 +164,30 @@ def paired_table(runs: dict[str, list[dict[str, Any]]], subject: str, baselines:
             "seeds both have; * = interval excludes 0:\n\n" + "\n".join(rows))
 
 
+def best_other_table(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Per exit, HDKD against the other preset with the best mean top-1 there and, where it was run,
+    against the best of those and MSDNet×4 epochs; paired over the seeds both have."""
+    presets = [m for m in summary["methods"] if m in METHODS and m != "hdkd"]
+    if "hdkd" not in runs or not presets:
+        return ""
+    scopes = [("best other preset", presets)]
+    if "msdnet_long" in summary["methods"]:
+        scopes.append(("best of those and MSDNet×4 epochs", presets + ["msdnet_long"]))
+
+    def cell(pool: list[str], e: int) -> str:
+        best = max(pool, key=lambda m: summary["methods"][m]["top1"][e][0])
+        mean, half, n = paired(runs["hdkd"], runs[best])[e]
+        sig = "" if math.isnan(half) or abs(mean) <= half else " *"
+        diff = f"{mean:+.2f}" if math.isnan(half) else f"{mean:+.2f} ± {half:.2f}{sig}"
+        return f"{TITLES.get(best, best)} ({summary['methods'][best]['top1'][e][0]:.2f}): {diff} (n={n})"
+
+    rows = ["| exit | " + " | ".join(f"HDKD − {title}" for title, _ in scopes) + " |", "|---" * (len(scopes) + 1) + "|"]
+    for e in range(len(summary["methods"]["hdkd"]["top1"])):
+        rows.append(f"| {e + 1} | " + " | ".join(cell(pool, e) for _, pool in scopes) + " |")
+    return ("HDKD against the best other method at each exit (its mean top-1; the paired difference, 95% t "
+            "half-width; * = excludes 0):\n\n" + "\n".join(rows))
+
+
 def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | None = None) -> str:
     seeds = {m: len(v["seeds"]) for m, v in summary["methods"].items()}
     counts = sorted(set(seeds.values()))
@@ -174,11 +199,14 @@ def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | No
              "Top-5:", "", table(summary, "top5"), ""]
     if runs:
         for subject in ("hdkd", "hdbt", "hmsdnet"):
-            base = {"hdkd": ["msdnet", "dbt", "naive_dkd", "msdnet_long", "hdkd_every4"],
+            base = {"hdkd": ["msdnet", "dbt", "naive_dkd", "hmsdnet", "hdbt", "msdnet_long", "hdkd_every4"],
                     "hdbt": ["dbt"], "hmsdnet": ["msdnet"]}[subject]
             text = paired_table(runs, subject, base)
             if text:
                 parts += [text, ""]
+        text = best_other_table(summary, runs)
+        if text:
+            parts += [text, ""]
         for subject in VARIANTS:
             text = paired_table(runs, subject, ["hdkd"])
             if text:

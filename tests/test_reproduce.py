@@ -146,3 +146,10 @@ def test_report_statistics_by_hand():
     assert diffs[0] == pytest.approx((12.5, 12.706 * statistics.stdev([25.0, 0.0]) / 2 ** 0.5, 2))
     assert diffs[1] == pytest.approx((0.0, 12.706 * statistics.stdev([25.0, -25.0]) / 2 ** 0.5, 2))
     assert report.paired(runs["hdkd"], [hand_made("msdnet", 7, [0.0, 0.0], [0.0, 0.0], 1.0)]) == []
+    # the best other method per exit: DBT at exit 1 (40 > 25), MSDNet at exit 2 (75 > 60); by hand,
+    # exit 1: HDKD − DBT = 10, -15 (mean -2.5, sd 17.68); exit 2 as above against MSDNet
+    runs["dbt"] = [hand_made("dbt", 0, [40.0, 60.0], [0.0, 0.0], 1.0), hand_made("dbt", 1, [40.0, 60.0], [0.0, 0.0], 1.0)]
+    best = report.best_other_table(report.summarize(runs), runs)
+    half1 = 12.706 * statistics.stdev([10.0, -15.0]) / 2 ** 0.5
+    assert f"| 1 | DBT (40.00): -2.50 ± {half1:.2f} (n=2) |" in best
+    assert f"| 2 | MSDNet (75.00): +0.00 ± {diffs[1][1]:.2f} (n=2) |" in best
