@@ -60,33 +60,42 @@ def test_pipeline_on_a_tiny_setting(tmp_path, capsys):
     assert (results / "cifar10-150" / "budget.png").stat().st_size > 0
 
 
+def tiny_run(data: Path, epochs: int) -> list[str]:
+    """train.py's arguments for a run of a few seconds on the fake CIFAR-10."""
+    return ["--method", "hdkd", "--dataset", "cifar10", "--per-class", "12", "--data-dir", str(data), "--model",
+            "branchynet", "--exits", "3", "--width", "4", "--epochs", str(epochs), "--batch-size", "16", "--no-plot",
+            "--no-progress"]
+
+
+def killed_at(monkeypatch, train, args: list[str], iteration: int) -> None:
+    """Run train.py with ``args`` until its ``iteration``-th step raises KeyboardInterrupt (a killed run)."""
+    import metaweight as mw
+
+    real_step, calls = mw.HarmonizedWeighter.step, []
+
+    def failing_step(self, *a):
+        calls.append(1)
+        if len(calls) == iteration:
+            raise KeyboardInterrupt
+        return real_step(self, *a)
+
+    monkeypatch.setattr(mw.HarmonizedWeighter, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args(args))
+    monkeypatch.setattr(mw.HarmonizedWeighter, "step", real_step)
+
+
 def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     """A run stopped after a checkpoint and started again ends exactly where an uninterrupted one does."""
     sys.path.insert(0, str(ROOT / "examples"))
     import train
 
-    import metaweight as mw
-
-    data = fake_cifar10(tmp_path / "data")
-    base = ["--method", "hdkd", "--dataset", "cifar10", "--per-class", "12", "--data-dir", str(data), "--model",
-            "branchynet", "--exits", "3", "--width", "4", "--epochs", "3", "--batch-size", "16", "--no-plot",
-            "--no-progress", "--gamma-optimizer", "adam", "--select-per-class", "2"]
+    base = tiny_run(fake_cifar10(tmp_path / "data"), 3) + ["--gamma-optimizer", "adam", "--select-per-class", "2"]
     whole = train.train(train.parse_args(base))
     ckpt = tmp_path / "run.ckpt"
-    real_step, calls = mw.HarmonizedWeighter.step, []
-
-    def failing_step(self, *args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_step(self, *args)
-
-    monkeypatch.setattr(mw.HarmonizedWeighter, "step", failing_step)
     resumable = base + ["--checkpoint", str(ckpt), "--checkpoint-every", "2"]
-    with pytest.raises(KeyboardInterrupt):
-        train.train(train.parse_args(resumable))
+    killed_at(monkeypatch, train, resumable, 5)
     assert torch.load(ckpt, weights_only=False)["step"] == 4
-    monkeypatch.setattr(mw.HarmonizedWeighter, "step", real_step)
     resumed = train.train(train.parse_args(resumable))
     assert not ckpt.exists()
     assert resumed["iterations"] == whole["iterations"] == 18
@@ -98,25 +107,9 @@ def test_resume_takes_other_thread_counts_and_names_a_setting_that_differs(tmp_p
     sys.path.insert(0, str(ROOT / "examples"))
     import train
 
-    import metaweight as mw
-
-    data = fake_cifar10(tmp_path / "data")
     ckpt = tmp_path / "run.ckpt"
-    base = ["--method", "hdkd", "--dataset", "cifar10", "--per-class", "12", "--data-dir", str(data), "--model",
-            "branchynet", "--exits", "3", "--width", "4", "--epochs", "2", "--batch-size", "16", "--no-plot",
-            "--no-progress", "--checkpoint", str(ckpt), "--checkpoint-every", "2"]
-    real_step, calls = mw.HarmonizedWeighter.step, []
-
-    def failing_step(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, *args)
-
-    monkeypatch.setattr(mw.HarmonizedWeighter, "step", failing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(train.parse_args(base + ["--threads", "2"]))
-    monkeypatch.setattr(mw.HarmonizedWeighter, "step", real_step)
+    base = tiny_run(fake_cifar10(tmp_path / "data"), 2) + ["--checkpoint", str(ckpt), "--checkpoint-every", "2"]
+    killed_at(monkeypatch, train, base + ["--threads", "2"], 3)
     with pytest.raises(SystemExit, match="lr: 0.1 there, 0.05 here"):
         train.train(train.parse_args(base + ["--threads", "2", "--lr", "0.05"]))
     assert torch.load(ckpt, weights_only=False)["step"] == 2  # the refused run left the checkpoint alone
