@@ -216,10 +216,11 @@ def train(args: argparse.Namespace) -> dict:
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        differ = _differences(state["config"], _config(args))
+        config = _config(args)
+        differ = _differences(state["config"], config)
         if differ:
             raise SystemExit(f"{checkpoint} was saved by a run with other settings ("
-                             + ", ".join(f"{k}: {state['config'].get(k)!r} there, {_config(args).get(k)!r} here"
+                             + ", ".join(f"{k}: {state['config'].get(k)!r} there, {config.get(k)!r} here"
                                          for k in differ)
                              + "); remove it or change --checkpoint.")
         model.load_state_dict(state["model"])
