@@ -141,6 +141,13 @@ def table(summary: dict[str, Any], k: str, methods: list[str] | None = None) -> 
     return "\n".join(rows)
 
 
+def difference(mean: float, half: float) -> str:
+    """A paired difference as ``+m ± h``, starred where the interval excludes 0 (``+m`` alone for one seed)."""
+    if math.isnan(half):
+        return f"{mean:+.2f}"
+    return f"{mean:+.2f} ± {half:.2f}" + ("" if abs(mean) <= half else " *")
+
+
 def paired_table(runs: dict[str, list[dict[str, Any]]], subject: str, baselines: list[str]) -> str:
     baselines = [b for b in baselines if b in runs and b != subject]
     if subject not in runs or not baselines:
@@ -157,8 +164,7 @@ def paired_table(runs: dict[str, list[dict[str, Any]]], subject: str, baselines:
         cells = []
         for b in baselines:
             mean, half, _ = cols[b][e]
-            sig = "" if math.isnan(half) or abs(mean) <= half else " *"
-            cells.append(f"{mean:+.2f}" if math.isnan(half) else f"{mean:+.2f} ± {half:.2f}{sig}")
+            cells.append(difference(mean, half))
         rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
     return ("Paired differences in top-1 (points; same seed, same split), mean ± 95% t half-width over the n "
             "seeds both have; * = interval excludes 0:\n\n" + "\n".join(rows))
@@ -177,9 +183,7 @@ def best_other_table(summary: dict[str, Any], runs: dict[str, list[dict[str, Any
     def cell(pool: list[str], e: int) -> str:
         best = max(pool, key=lambda m: summary["methods"][m]["top1"][e][0])
         mean, half, n = paired(runs["hdkd"], runs[best])[e]
-        sig = "" if math.isnan(half) or abs(mean) <= half else " *"
-        diff = f"{mean:+.2f}" if math.isnan(half) else f"{mean:+.2f} ± {half:.2f}{sig}"
-        return f"{TITLES.get(best, best)} ({summary['methods'][best]['top1'][e][0]:.2f}): {diff} (n={n})"
+        return f"{TITLES.get(best, best)} ({summary['methods'][best]['top1'][e][0]:.2f}): {difference(mean, half)} (n={n})"
 
     rows = ["| exit | " + " | ".join(f"HDKD − {title}" for title, _ in scopes) + " |", "|---" * (len(scopes) + 1) + "|"]
     for e in range(len(summary["methods"]["hdkd"]["top1"])):
