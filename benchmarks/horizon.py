@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,7 +45,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import metaweight as mw  # noqa: E402
 from branchynet import branchynet  # noqa: E402
 from data import load_cifar  # noqa: E402
-from report import t975  # noqa: E402
+from report import half_width  # noqa: E402
 from train import epoch_batches  # noqa: E402
 
 HORIZONS = [1, 10, 100, 400]
@@ -180,12 +182,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _interval(values: list[float]) -> str:
     """``mean ± half-width`` of the 95% t-interval over the replicates."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return f"{mean:+.4f}"
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return f"{mean:+.4f} ± {t975(n - 1) * sd / n ** 0.5:.4f}"
+    mean, half = statistics.fmean(values), half_width(values)
+    return f"{mean:+.4f}" if math.isnan(half) else f"{mean:+.4f} ± {half:.4f}"
 
 
 def report(results: dict) -> str:

@@ -67,6 +67,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def half_width(values: list[float]) -> float:
+    """The half-width of the 95% t interval of the mean of ``values`` (nan for fewer than two)."""
+    n = len(values)
+    return t975(n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else math.nan
+
+
 def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], k: str = "top1") -> list[tuple[float, float, int]]:
     """Per exit: (mean of a - b over the seeds both have, half-width of its 95% t interval, n)."""
     by_seed = {r["config"]["seed"]: r for r in b}
@@ -76,9 +82,7 @@ def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], k: str = "top1") ->
     out = []
     for e in range(len(pairs[0][0]["test"][k])):
         diffs = [ra["test"][k][e] - rb["test"][k][e] for ra, rb in pairs]
-        n = len(diffs)
-        half = t975(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
-        out.append((statistics.fmean(diffs), half, n))
+        out.append((statistics.fmean(diffs), half_width(diffs), len(diffs)))
     return out
 
 
