@@ -65,8 +65,7 @@ def held_out(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[s
         model.train()
         exits = [float(F.cross_entropy(z, y)) for z in logits]
         top1 = [float((z.argmax(1) == y).float().mean()) * 100 for z in logits]
-        out["eval"] = float(sum(F.cross_entropy(z, y) for z in logits))
-        out["eval_top1"] = float(sum((z.argmax(1) == y).float().mean() for z in logits) / len(logits) * 100)
+        out["eval"], out["eval_top1"] = sum(exits), statistics.fmean(top1)
         out["eval_exit1"], out["eval_top1_exit1"] = exits[0], top1[0]
         out["eval_last"], out["eval_top1_last"] = exits[-1], top1[-1]
     return out
@@ -125,10 +124,17 @@ def main(argv: list[str] | None = None) -> None:
                                                      gamma=0.1)
     method = mw.preset("naive_dkd", 4)
     criterion = method.criterion
-    names = mw.HarmonizedWeighter(model, optimizer, criterion, learn=False).term_names
+    names = criterion.term_names
     gamma = criterion.active.float()
     groups = {g: torch.tensor([n.startswith(g.lower()) for n in names]) & criterion.active for g in GROUPS}
     assert all(groups[g].any() for g in GROUPS), names
+
+    def restore(state: tuple[dict, dict, dict]) -> None:
+        """Model, optimizer and schedule back to a start point (``load_state_dict`` keeps the optimizer's
+        tensors, which its steps then change in place: it gets a copy)."""
+        model.load_state_dict(state[0])
+        optimizer.load_state_dict(copy.deepcopy(state[1]))
+        scheduler.load_state_dict(state[2])
     xs, ys = split.x_select, split.y_select
 
     step = 0
@@ -143,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.time()
             batch_seed = 100 + r
             # the exact one-step meta-gradient, on the first batch of this replicate
-            model.load_state_dict(state[0])
-            optimizer.load_state_dict(copy.deepcopy(state[1]))  # load_state_dict keeps the tensors
+            restore(state)
             epoch, offset = divmod(start, steps_per_epoch)
             xb, yb = next(epoch_batches(split.x_train, split.y_train, batch_size, batch_seed, epoch,
                                         epoch * steps_per_epoch, True, start=offset))
@@ -161,9 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                 for sign in (+1, -1):
                     scaled = gamma.clone()
                     scaled[groups[g]] *= 1 + sign * args.delta
-                    model.load_state_dict(state[0])
-                    optimizer.load_state_dict(copy.deepcopy(state[1]))  # load_state_dict keeps the tensors
-                    scheduler.load_state_dict(state[2])
+                    restore(state)
                     scores = {}
                     train_steps(model, optimizer, scheduler, criterion, scaled, split, batch_seed, start,
                                 max(args.horizons), steps_per_epoch, batch_size, evaluate_at=set(args.horizons),
@@ -173,9 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             results["cells"].append(cell)
             result_file.write_text(json.dumps(results, indent=1))
             print(f"start {start} replicate {r}: {cell['seconds']:.0f}s", flush=True)
-        model.load_state_dict(state[0])
-        optimizer.load_state_dict(copy.deepcopy(state[1]))  # load_state_dict keeps the tensors
-        scheduler.load_state_dict(state[2])
+        restore(state)
     (out_dir / "report.md").write_text(report(results))
     print(report(results))
 
