@@ -74,10 +74,7 @@ class HigherBackend(Backend):
         args, kwargs = model_arguments(module, xv)
         losses = objective.losses(fmodel(*args, **kwargs), yv)
         value = objective.objective(losses)
-        if torch.isfinite(value):
-            (gamma_grad,) = torch.autograd.grad(value, gamma)
-        else:
-            gamma_grad = torch.full_like(gamma, math.nan)
+        (gamma_grad,) = torch.autograd.grad(value, gamma)  # non-finite when the objective is: the weighter decides
         return MetaResult(gamma_grad, value.detach(), losses.detach(), values.detach())
 
 

@@ -123,37 +123,79 @@ def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
 
 def validation_direction(model: nn.Module, validation: Objective, params: dict[str, Tensor], xv: Any, yv: Any,
                          movable: Sequence[tuple[str, Tensor]], jac: Sequence[Tensor | float], reducer: Reducer,
-                         ) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
-    """The validation objective at ``params``, the exit losses it was computed from (averaged over
+                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    r"""The validation objective at ``params``, the exit losses it was computed from (averaged over
     ranks), and the direction :math:`w = D \odot \nabla L_{val}` over the ``movable`` parameters
-    (``params[name]`` must require grad for those), or ``None`` when the objective is not finite."""
+    (``params[name]`` must require grad for those). A non-finite objective gives a non-finite
+    direction: the caller decides, with no host read here."""
     local = validation.losses(call_with(model, params, _clone_buffers(model), xv), yv)
     # the objective of the losses averaged over ranks; its gradient through each rank's own losses
     exit_losses = reducer.mean([local.detach()])[0].requires_grad_(True)
     objective = validation.objective(exit_losses)
-    if not torch.isfinite(objective):
-        return objective.detach(), exit_losses.detach(), None
     (weights,) = torch.autograd.grad(objective, exit_losses)
     v = torch.autograd.grad((weights * local).sum(), [params[n] for n, _ in movable], allow_unused=True)
     v = reducer.mean(_or_zeros(v, movable))
-    return objective.detach(), exit_losses.detach(), {n: vi * d for (n, _), vi, d in zip(movable, v, jac)}
+    return objective.detach(), exit_losses.detach(), dict(zip((n for n, _ in movable), scale(v, jac)))
 
 
+def scale(tensors: Sequence[Tensor], factors: Sequence[Tensor | float]) -> list[Tensor]:
+    """``tensors[i] * factors[i]`` for a list: the float factors (SGD's constant D) by one multi-tensor
+    multiply per distinct value, the tensor factors (Adam's D) by one list multiply."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    by_value: dict[float, list[int]] = {}
+    elementwise = []
+    for i, d in enumerate(factors):
+        if isinstance(d, Tensor):
+            elementwise.append(i)
+        else:
+            by_value.setdefault(float(d), []).append(i)
+    for value, idx in by_value.items():
+        for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], value)):
+            out[i] = t
+    if elementwise:
+        for i, t in zip(elementwise, torch._foreach_mul([tensors[i] for i in elementwise],
+                                                        [factors[i] for i in elementwise])):  # type: ignore[misc]
+            out[i] = t
+    return out  # type: ignore[return-value]
+
+
+def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    r""":math:`\sum_i \|t_i\|^2` in float64, on the device: one multi-tensor norm and one sum."""
+    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
+    return torch.stack(norms).square().sum()
+
+
+@torch.no_grad()
 def step_length(base: dict[str, Tensor], direction: dict[str, Tensor], epsilon: float | None,
-                order: int) -> float | None:
-    """The ``h`` of a finite difference along ``direction``: ``h * direction`` has length ``epsilon``,
-    by default machine eps ** (1 / (order + 1)) times the moved parameters' RMS (the balance of
-    truncation and rounding for a difference of that order: about 5e-3 x RMS for central, 3e-4 x
-    RMS for one-sided differences in float32). ``None`` when the direction is zero."""
-    with torch.no_grad():
-        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))) if direction else 0.0
-    if norm == 0.0:
-        return None
+                order: int) -> Tensor:
+    """The ``h`` of a finite difference along ``direction``, a float64 scalar on the device: ``h *
+    direction`` has length ``epsilon``, by default machine eps ** (1 / (order + 1)) times the moved
+    parameters' RMS (the balance of truncation and rounding for a difference of that order: about
+    5e-3 x RMS for central, 3e-4 x RMS for one-sided differences in float32). 0 when the direction
+    is zero (the caller's difference is then 0). No host read."""
+    device = next(iter(base.values())).device
+    if not direction:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norm = _sum_of_squares(list(direction.values())).sqrt()
     if epsilon is None:
         moved = [base[n] for n in direction]
-        rms = math.sqrt(sum(float((p.double() ** 2).sum()) for p in moved) / sum(p.numel() for p in moved))
-        epsilon = torch.finfo(moved[0].dtype).eps ** (1 / (order + 1)) * max(rms, 1e-3)
-    return epsilon / norm
+        rms = (_sum_of_squares(moved) / sum(p.numel() for p in moved)).sqrt()
+        eps = torch.finfo(moved[0].dtype).eps ** (1 / (order + 1)) * rms.clamp_min(1e-3)
+    else:
+        eps = torch.tensor(float(epsilon), dtype=torch.float64, device=device)
+    return torch.where(norm > 0, eps / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+
+
+def along(base: Sequence[Tensor], direction: Sequence[Tensor], h: Tensor) -> list[Tensor]:
+    """``base[i] + h * direction[i]`` for lists, with ``h`` a scalar tensor on the device (no host read)."""
+    return torch._foreach_add(list(base), torch._foreach_mul(list(direction), h.to(direction[0].dtype)))
+
+
+def difference(plus: Tensor, minus: Tensor, h: Tensor, denominator: float) -> Tensor:
+    """``(plus - minus) / (denominator * h)`` in float64, and 0 where ``h`` is 0 (a zero direction)."""
+    step = denominator * h
+    value = (plus.double() - minus.double()) / torch.where(step > 0, step, torch.ones_like(step))
+    return torch.where(step > 0, value, torch.zeros_like(value))
 
 
 def meta_gradient(
@@ -204,9 +246,6 @@ def meta_gradient(
         base = {n: p.detach() for n, p in model.named_parameters()}
         objective, exit_losses, direction = validation_direction(model, validation, {**base, **lookahead}, xv, yv,
                                                                  movable, jac, reducer)
-        if direction is None:
-            nan = torch.full_like(gamma, math.nan)
-            return MetaResult(nan, objective, exit_losses, terms if keep_graph else terms.detach())
         if backend == "jvp":
             with replay():
                 derivative = _jvp(model, criterion, base, direction, x, y)
@@ -234,16 +273,16 @@ def _central_difference(model: nn.Module, criterion: Terms, base: dict[str, Tens
     device = next(iter(base.values())).device
     # central differences: cbrt(machine eps) balances truncation against rounding
     h = step_length(base, direction, epsilon, order=2)
-    if h is None:
-        return torch.zeros(criterion.num_terms, device=device)
     teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)  # any nesting of outputs
+    names = list(direction)
 
     def terms_at(sign: float) -> Tensor:
-        moved = {n: (p + sign * h * direction[n] if n in direction else p) for n, p in base.items()}
+        moved = dict(zip(names, along([base[n] for n in names], [direction[n] for n in names], sign * h)))
         # differences of half-precision forwards drown in rounding: these two run in full precision
         with replay(), torch.autocast(device.type, enabled=False):
-            return criterion(call_with(model, moved, _clone_buffers(model), x), y, teacher_outputs=teachers)
+            return criterion(call_with(model, {**base, **moved}, _clone_buffers(model), x), y,
+                             teacher_outputs=teachers)
 
     plus = terms_at(1.0)
     minus = terms_at(-1.0)
-    return (plus.double() - minus.double()) / (2 * h)
+    return difference(plus, minus, h, 2.0)

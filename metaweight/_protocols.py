@@ -117,8 +117,10 @@ class Objective:
         return self.validation.objective(losses) if self.per_exit else losses.sum()
 
     def update(self, losses: Tensor) -> None:
+        """Fold the losses of a meta step the weighter found finite into the objective's average."""
         if self.per_exit:
-            self.validation.update(losses)
+            fold = getattr(self.validation, "_fold", None)  # BalancedValidation: without the host-side check
+            (fold if callable(fold) else self.validation.update)(losses)
 
     def state_dict(self) -> dict[str, Any]:
         if isinstance(self.validation, nn.Module):

@@ -94,7 +94,8 @@ class BalancedValidation(nn.Module):
         total = exit_losses.sum()
         if self.alpha == 1.0:
             return total
-        expected = self.expected.to(exit_losses) if self.initialized else exit_losses.detach()
+        # before the first update the batch's own losses stand in for the average (no host read)
+        expected = torch.where(self.num_updates > 0, self.expected.to(exit_losses), exit_losses.detach())
         # an exit already at (nearly) zero loss would make the ratio 0/0: its average is floored
         ratio = F.softplus(exit_losses / expected.clamp_min(MIN_EXPECTED) - 1.0).sum()
         return self.alpha * total + (1.0 - self.alpha) * ratio
@@ -114,10 +115,14 @@ class BalancedValidation(nn.Module):
             raise ValueError(f"Expected one loss per exit, shape ({self.num_exits},). Found {tuple(losses.shape)}.")
         if not torch.isfinite(losses).all():
             raise ValueError(f"Refusing to fold non-finite validation losses {losses.tolist()} into the average.")
-        if self.initialized:
-            self.expected.mul_(self.momentum).add_(losses, alpha=1.0 - self.momentum)
-        else:
-            self.expected.copy_(losses)
+        self._fold(losses)
+
+    @torch.no_grad()
+    def _fold(self, losses: Tensor) -> None:
+        """Eq. 9 for losses already checked (shape, finite): on the device, no host read."""
+        losses = losses.detach().to(self.expected)
+        averaged = self.expected.mul(self.momentum).add(losses, alpha=1.0 - self.momentum)
+        self.expected.copy_(torch.where(self.num_updates > 0, averaged, losses))
         self.num_updates += 1
 
     def extra_repr(self) -> str:

@@ -16,11 +16,12 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._hypergradient import (Reducer, _clone_buffers, call_with, replay_randomness, step_length,
-                                      validation_direction)
+from metaweight._hypergradient import (Reducer, _clone_buffers, along, call_with, difference, replay_randomness,
+                                      step_length, validation_direction)
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
+from metaweight._transaction import BufferSnapshot, StateSnapshot, host_read, nonfinite_flag
 from metaweight._warn import warn_user
 from metaweight._optimizers import (
     check_optimizer_covers_model,
@@ -234,6 +235,7 @@ class HarmonizedWeighter:
         self.mode = mode
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
+        self._buffers = BufferSnapshot(module)  # what a refused step puts back, kept between steps
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         for callback in callbacks:
             self.register_meta_step_hook(callback)
@@ -388,11 +390,15 @@ class HarmonizedWeighter:
         metrics, _ = self._meta(train_batch, val_batch, keep_graph=False)
         return metrics
 
-    def _meta(self, train_batch: Batch, val_batch: Batch, keep_graph: bool) -> tuple[MetaStepRecord, Tensor | None]:
-        """The meta step; with ``keep_graph`` also the training terms with their graph (jvp/fd backends)."""
+    def _meta(self, train_batch: Batch, val_batch: Batch, keep_graph: bool, read_gamma: bool = True,
+              ) -> tuple[MetaStepRecord, Tensor | None]:
+        """The meta step; with ``keep_graph`` also the training terms with their graph (jvp/fd backends).
+        A call without a look-ahead reads gamma for its record only with ``read_gamma`` (``step`` reads it
+        with its own decision instead)."""
         self.num_calls += 1
         if not self.learn or (self.num_calls - 1) % self.meta_every:
-            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict()), None
+            gamma = self.gamma_dict() if read_gamma else {}
+            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=gamma), None
         train = _unpack(train_batch, "train_batch")
         val = _unpack(val_batch, "val_batch")
         assert self._backend is not None
@@ -405,52 +411,61 @@ class HarmonizedWeighter:
         return metrics, (result.terms if keep_graph else None)
 
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> MetaStepRecord:
-        """Check the meta-gradient, then step gamma, project it and update the validation average."""
-        if not (torch.isfinite(objective) and torch.isfinite(gamma_grad).all() and torch.isfinite(exit_losses).all()):
-            bad_terms = [n for n, t in zip(self.term_names, terms.tolist()) if not math.isfinite(t)]
-            message = (
-                f"Non-finite meta step: validation objective {float(objective)}, validation exit losses "
-                f"{exit_losses.tolist()}, non-finite training terms {bad_terms or 'none'}. gamma and the "
-                f"validation average were left unchanged. Check the data and the learning rates "
-                f"(or pass nonfinite='skip' to skip such steps)."
-            )
-            return self._refuse(message, objective, exit_losses, terms)
-        saved_gamma = self.gamma.detach().clone()
-        saved_optimizer = copy.deepcopy(self.gamma_optimizer.state_dict())
+        """Step gamma, project it, then decide, in one read back to the host, whether the meta-gradient
+        and the new gamma are finite; a refused step puts gamma and its optimizer back from device
+        copies. Then update the validation average and call the hooks."""
+        saved = StateSnapshot(self.gamma, self.gamma_optimizer, None)
+        finite = torch.isfinite(objective).all() & torch.isfinite(gamma_grad).all() & torch.isfinite(exit_losses).all()
         self.gamma_optimizer.zero_grad(set_to_none=True)
         self.gamma.grad = gamma_grad.to(self.gamma)
         self.gamma_optimizer.step()
         self.gamma.grad = None
-        self._project()
-        total = float(self.gamma.detach().sum())
-        if not math.isfinite(total) or (self.constraint == "normalize" and total == 0):
-            with torch.no_grad():
-                self.gamma.copy_(saved_gamma)
-            self.gamma_optimizer.load_state_dict(saved_optimizer)
-            message = (f"gamma's own optimizer step gave {'non-finite' if not math.isfinite(total) else 'all-zero'} "
-                       f"weights (meta-gradient {gamma_grad.tolist()}); gamma, its optimizer and the validation "
-                       f"average were left unchanged. Lower gamma_lr or check the gamma optimizer.")
-            return self._refuse(message, objective, exit_losses, terms)
+        total = self._project()
+        stepped = torch.isfinite(total) & (total != 0) if self.constraint == "normalize" else torch.isfinite(total)
+        values = host_read([finite, stepped, objective, exit_losses, gamma_grad, self.gamma, terms])
+        n_e, n_g = exit_losses.numel(), self.gamma.numel()
+        ok, ok_step, value = values[0] == 1.0, values[1] == 1.0, values[2]
+        losses = values[3:3 + n_e]
+        grad = values[3 + n_e:3 + n_e + n_g]
+        gamma = values[3 + n_e + n_g:3 + n_e + 2 * n_g]
+        term_values = values[3 + n_e + 2 * n_g:]
+        if not (ok and ok_step):
+            saved.restore(self.gamma)
+            if not ok:
+                bad_terms = [n for n, t in zip(self.term_names, term_values) if not math.isfinite(t)]
+                message = (
+                    f"Non-finite meta step: validation objective {value}, validation exit losses "
+                    f"{losses}, non-finite training terms {bad_terms or 'none'}. gamma and the "
+                    f"validation average were left unchanged. Check the data and the learning rates "
+                    f"(or pass nonfinite='skip' to skip such steps)."
+                )
+            else:
+                kind = "non-finite" if not all(math.isfinite(g) for g in gamma) else "all-zero"
+                message = (f"gamma's own optimizer step gave {kind} weights (meta-gradient {grad}); gamma, its "
+                           f"optimizer and the validation average were left unchanged. Lower gamma_lr or check "
+                           f"the gamma optimizer.")
+            return self._refuse(message, value, losses, term_values)
         self._objective.update(exit_losses)
         self.num_meta_steps += 1
         record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
-                                val_objective=float(objective), val_exit_losses=exit_losses.tolist(),
-                                gamma_grad=gamma_grad.detach(), gamma=self.gamma_dict(),
-                                terms=dict(zip(self.term_names, terms.tolist())))
+                                val_objective=value, val_exit_losses=losses,
+                                gamma_grad=gamma_grad.detach(), gamma=dict(zip(self.term_names, gamma)),
+                                terms=dict(zip(self.term_names, term_values)))
         self.last_meta = record
         for hook in list(self._hooks.values()):
             hook(record)
         return record
 
-    def _refuse(self, message: str, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> MetaStepRecord:
+    def _refuse(self, message: str, objective: float, exit_losses: list[float], terms: list[float],
+                ) -> MetaStepRecord:
         """A meta step that changed nothing: raise, or count it, warn and report it skipped."""
         if self.nonfinite == "raise":
             raise ValueError(message)
         self.num_skipped += 1
         warn_user(f"Skipped a meta step ({self.num_skipped} so far): {message}")
         return MetaStepRecord(self.num_calls, ran=True, skipped=True, meta_step=self.num_meta_steps,
-                              val_objective=float(objective), val_exit_losses=exit_losses.tolist(),
-                              gamma=self.gamma_dict(), terms=dict(zip(self.term_names, terms.tolist())),
+                              val_objective=objective, val_exit_losses=exit_losses,
+                              gamma=self.gamma_dict(), terms=dict(zip(self.term_names, terms)),
                               message=message)
 
     def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle:
@@ -473,14 +488,16 @@ class HarmonizedWeighter:
         return list(self._hooks.values())
 
     @torch.no_grad()
-    def _project(self) -> None:
+    def _project(self) -> Tensor:
+        """Keep gamma >= 0 on the active terms (and its sum, with ``constraint="normalize"``), on the
+        device; returns the sum of the projected gamma."""
         gamma = self.gamma
         gamma.clamp_(min=0.0)
         gamma.mul_(self._active)
         if self.constraint == "normalize":
-            total = float(gamma.sum())
-            if total > 0:
-                gamma.mul_(self._gamma_sum / total)
+            total = gamma.sum().double()
+            gamma.mul_(torch.where(total > 0, self._gamma_sum / total, torch.ones_like(total)))
+        return gamma.sum()
 
     # ----------------------------------------------------------------------------- the one call
     def step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
@@ -509,31 +526,45 @@ class HarmonizedWeighter:
         keep = self.reuse_forward and self._backend is not None and self._backend.reuses_forward
         saved = self._snapshot()
         try:
-            metrics, terms = self._meta(train_batch, val_batch, keep_graph=keep)
+            metrics, terms = self._meta(train_batch, val_batch, keep_graph=keep, read_gamma=False)
             if terms is None:
                 terms = self._terms(call_model(self.model, x), y)
             loss = self._weighted(terms)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
+            step = self._model_step_values(loss, terms)
         except Exception:
             self._restore(saved)
             raise
-        if not self._finite_update(loss):
-            message = self._refuse_model_step(loss, saved)
-            return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=True,
-                                       terms=self.terms_dict(), message=message)
+        if not step.finite:
+            message = self._refuse_model_step(step, saved)
+            return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=True, terms=step.terms,
+                                       gamma=metrics.gamma or step.gamma, message=message)
         self.optimizer.step()
-        return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=False,
-                                   terms=self.terms_dict())
+        return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=False, terms=step.terms,
+                                   gamma=metrics.gamma or step.gamma)
 
-    def _refuse_model_step(self, loss: Tensor, saved: tuple[dict[str, Tensor], dict[str, Any], int]) -> str:
+    def _model_step_values(self, loss: Tensor, terms: Tensor) -> _ModelStep:
+        """The step's one decision and the numbers of its record, in one read back to the host: whether the
+        loss, every gradient and every floating-point buffer are finite on every rank (one all-reduce
+        under DDP), the loss, the terms and gamma."""
+        grads = [p.grad for p in self.module.parameters()]
+        flag = nonfinite_flag(loss, grads + [b for b in self.module.buffers()])
+        flag = self._reducer.mean([flag])[0]
+        values = host_read([flag, loss, terms, self.gamma])
+        n = self.gamma.numel()
+        return _ModelStep(finite=values[0] == 0.0, loss=values[1],
+                          terms=dict(zip(self.term_names, values[2:2 + n])),
+                          gamma=dict(zip(self.term_names, values[2 + n:])))
+
+    def _refuse_model_step(self, step: _ModelStep, saved: _Saved) -> str:
         """A non-finite model step: put everything back as ``saved``, then raise or warn and count it.
         Returns the message (``nonfinite="skip"``)."""
         self.optimizer.zero_grad(set_to_none=True)
         self._restore(saved)
-        message = (f"The weighted training loss ({float(loss.detach())}), its gradient or a buffer the forward "
+        message = (f"The weighted training loss ({step.loss}), its gradient or a buffer the forward "
                    f"updated (e.g. BatchNorm statistics) is not finite "
-                   f"(non-finite terms: {[n for n, t in self.terms_dict().items() if not math.isfinite(t)] or 'none'}"
+                   f"(non-finite terms: {[n for n, t in step.terms.items() if not math.isfinite(t)] or 'none'}"
                    f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
                    f"average are as before this call. Check the batch and the learning rate.")
         if self.nonfinite == "raise":
@@ -564,25 +595,24 @@ class HarmonizedWeighter:
                 loss = self._weighted(terms)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                finite = self._finite_update(loss)
-                if finite and run_meta:
+                step = self._model_step_values(loss, terms)
+                if step.finite and run_meta:
                     theta, jac = _before_step(self._inner_optimizer, named, [p.grad for _, p in named])
-                if finite:
+                if step.finite:
                     self.optimizer.step()
         except Exception:
             self._restore(saved)
             raise
-        if not finite:
-            message = self._refuse_model_step(loss, saved)
-            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
-                                  terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=True,
-                                  message=message)
+        if not step.finite:
+            message = self._refuse_model_step(step, saved)
+            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=step.gamma,
+                                  terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
         if not run_meta:
-            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
-                                  terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=False)
-        record = self._fast_meta(named, theta, jac, terms.detach(), outputs, x, y, xv, yv, saved[0], replay,
-                                 recompute_base=low)
-        return dataclasses.replace(record, loss=float(loss.detach()), model_step_skipped=False, terms=self.terms_dict())
+            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=step.gamma,
+                                  terms=step.terms, loss=step.loss, model_step_skipped=False)
+        record = self._fast_meta(named, theta, jac, terms.detach(), outputs, x, y, xv, yv, self._buffers.as_dict(),
+                                 replay, recompute_base=low)
+        return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
     def _fast_meta_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
         """``mode="fast"``, two-call form: the meta step after the user's own step (see :meth:`meta_step`)."""
@@ -629,60 +659,46 @@ class HarmonizedWeighter:
         params = {n: p for n, p in self.module.named_parameters()}
         objective, exit_losses, direction = validation_direction(self.module, self._objective, params, xv, yv,
                                                                  named, jac, self._reducer)
-        if direction is None:
-            return self._apply(torch.full_like(self.gamma, math.nan), objective, exit_losses, reported.detach())
         h = step_length(theta, direction, self.fd_epsilon, order=1)  # one-sided: sqrt(machine eps) x RMS
         with torch.no_grad():
-            if h is None:
-                derivative = torch.zeros_like(terms)
-            else:
-                device = next(iter(theta.values())).device
-                here = {n: p.detach() for n, p in self.module.named_parameters()}
+            device = next(iter(theta.values())).device
+            here = {n: p.detach() for n, p in self.module.named_parameters()}
 
-                def outputs_at(moved: dict[str, Tensor]) -> Any:
-                    # differences of half-precision forwards drown in rounding: these run in full precision
-                    with replay(), torch.autocast(device.type, enabled=False):
-                        return call_with(self.module, {**here, **moved}, {k: b.clone() for k, b in buffers.items()}, x)
+            def outputs_at(moved: dict[str, Tensor]) -> Any:
+                # differences of half-precision forwards drown in rounding: these run in full precision
+                with replay(), torch.autocast(device.type, enabled=False):
+                    return call_with(self.module, {**here, **moved}, {k: b.clone() for k, b in buffers.items()}, x)
 
-                if recompute_base:  # the base point, and the teachers, from the same masks in float32
-                    outputs = outputs_at(theta)
-                teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
-                if recompute_base:
-                    terms = self._terms(outputs, y, teacher_outputs=teachers)
-                plus = self._terms(outputs_at({n: theta[n] + h * direction[n] for n in theta}), y,
-                                   teacher_outputs=teachers)
-                derivative = (plus.double() - terms.double()) / h
+            if recompute_base:  # the base point, and the teachers, from the same masks in float32
+                outputs = outputs_at(theta)
+            teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
+            if recompute_base:
+                terms = self._terms(outputs, y, teacher_outputs=teachers)
+            names = list(theta)
+            moved = dict(zip(names, along([theta[n] for n in names], [direction[n] for n in names], h)))
+            plus = self._terms(outputs_at(moved), y, teacher_outputs=teachers)
+            derivative = difference(plus, terms, h, 1.0)
             derivative = self._reducer.mean([derivative])[0]
         gamma_grad = (-derivative).to(self.gamma) * self._active
         return self._apply(gamma_grad, objective, exit_losses, reported.detach())
 
-    def _snapshot(self) -> tuple[dict[str, Tensor], dict[str, Any], int]:
-        """What one call of :meth:`step` may change besides the parameters: buffers and our own state."""
-        buffers = {n: b.clone() for n, b in self.module.named_buffers()}
-        return buffers, self.state_dict(), self.num_calls
+    def _snapshot(self) -> _Saved:
+        """What one call of :meth:`step` may change besides the parameters and the optimizer (which change
+        only once the step is decided): the buffers, and with ``learn`` gamma, its optimizer's state and the
+        validation average, all kept on the device; and the counters."""
+        self._buffers.save()
+        state = None
+        if self.learn:
+            state = StateSnapshot(self.gamma, self.gamma_optimizer,
+                                  self.validation if isinstance(self.validation, nn.Module) else None)
+        return _Saved(state, self.num_calls, self.num_meta_steps, self.num_skipped)
 
-    def _restore(self, saved: tuple[dict[str, Tensor], dict[str, Any], int]) -> None:
-        buffers, state, num_calls = saved
-        with torch.no_grad():
-            for n, b in self.module.named_buffers():
-                b.copy_(buffers[n])
-            self.gamma.copy_(state["gamma"].to(self.gamma))
-        self.gamma_optimizer.load_state_dict(state["gamma_optimizer"])
-        self._objective.load_state_dict(state["validation"])
-        self.num_meta_steps, self.num_calls, self.num_skipped = state["num_meta_steps"], num_calls, state["num_skipped"]
-
-    def _finite_update(self, loss: Tensor) -> bool:
-        """Whether the loss, every gradient and every floating-point buffer (BatchNorm statistics, just
-        updated by the forward) are finite, on every rank (one all-reduce under DDP)."""
-        finite = torch.isfinite(loss.detach()).all()
-        for p in self.module.parameters():
-            if p.grad is not None:
-                finite = finite & torch.isfinite(p.grad).all()
-        for b in self.module.buffers():
-            if b.is_floating_point():
-                finite = finite & torch.isfinite(b).all()
-        flag = finite.float().reshape(1)
-        return bool(self._reducer.mean([flag])[0].item() == 1.0)
+    def _restore(self, saved: _Saved) -> None:
+        self._buffers.restore()
+        if saved.state is not None:
+            saved.state.restore(self.gamma)
+        self.num_calls, self.num_meta_steps, self.num_skipped = saved.num_calls, saved.num_meta_steps, \
+            saved.num_skipped
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -817,6 +833,26 @@ def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:
 
 def _count_exits(names: Iterable[str] | None) -> int:
     return sum(1 for n in names or [] if n.startswith("ce["))
+
+
+@dataclasses.dataclass
+class _Saved:
+    """What :meth:`HarmonizedWeighter._restore` puts back besides the buffers (see ``_snapshot``)."""
+
+    state: StateSnapshot | None
+    num_calls: int
+    num_meta_steps: int
+    num_skipped: int
+
+
+@dataclasses.dataclass
+class _ModelStep:
+    """The model step's decision and record numbers, read back to the host together."""
+
+    finite: bool
+    loss: float
+    terms: dict[str, float]
+    gamma: dict[str, float]
 
 
 @dataclasses.dataclass

@@ -1,0 +1,143 @@
+"""The step transaction: what a refused step must put back, kept on the device, and its one decision.
+
+A call of :meth:`HarmonizedWeighter.step` may change the model's buffers (the forward updates
+BatchNorm statistics), gamma, gamma's optimizer state, the validation average and the counters.
+A step found non-finite must leave all of them as they were. This module keeps exactly that:
+
+* :class:`BufferSnapshot` copies the buffers into storage allocated once, with one
+  ``torch._foreach_copy_`` (one multi-tensor launch per device and dtype on a GPU), and copies
+  them back only when a step is refused;
+* :class:`StateSnapshot` keeps gamma, its optimizer's state and the validation objective's
+  state as device copies (a few small tensors), never through ``state_dict()`` or ``.cpu()``;
+* :func:`nonfinite_flag` decides whether a loss, all gradients and all floating-point buffers
+  are finite with one fused kernel per device and dtype
+  (``torch._amp_foreach_non_finite_check_and_unscale_``, as ``torch.amp.GradScaler`` does) and
+  leaves the answer on the device;
+* :func:`host_read` is the one place the weighter reads values back to the host, once per step
+  (the decision and the numbers of the step's record in one transfer).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+HOST_READ = "metaweight::host_read"  # the profiler range around every read back to the host
+
+
+def host_read(values: Sequence[Tensor]) -> list[float]:
+    """The values of ``values`` (scalars or vectors, any float dtype) on the host, in one transfer.
+
+    This is the weighter's only synchronisation with the device per step; it runs under a
+    profiler range named ``metaweight::host_read`` so benchmarks can count it on any device.
+    """
+    with torch.profiler.record_function(HOST_READ):
+        flat = torch.cat([v.detach().reshape(-1).to(torch.float64) for v in values])
+        return flat.cpu().tolist()
+
+
+def _groups(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    grouped: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        grouped.setdefault((t.device, t.dtype), []).append(t)
+    return grouped
+
+
+@torch.no_grad()
+def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
+    """A float tensor of shape ``[1]`` on ``loss``'s device: 1 if ``loss`` or any floating-point
+    entry of ``tensors`` (gradients, buffers; ``None`` and integer tensors are passed over,
+    sparse tensors are checked through their values) is inf or NaN, else 0. No host read.
+
+    The check is ``torch._amp_foreach_non_finite_check_and_unscale_`` with an inverse scale of
+    1, which leaves every value as it is.
+    """
+    found = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+    dense = []
+    for t in tensors:
+        if t is None or not t.is_floating_point():
+            continue
+        dense.append(t._values() if t.is_sparse else t)
+    for (device, _), group in _groups(dense).items():
+        flag = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
+        found = found + flag.to(found.device)
+    return found.clamp_max(1.0)
+
+
+class BufferSnapshot:
+    """The module's buffers before a step, in storage kept between steps (on their device)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._key: tuple[Any, ...] | None = None
+        self._saved: list[Tensor] = []
+        self._live: list[Tensor] = []
+
+    @torch.no_grad()
+    def save(self) -> None:
+        """Copy every buffer (floating point or not) into the snapshot."""
+        live = list(self.module.buffers())
+        key = tuple((id(b), b.shape, b.dtype, b.device) for b in live)
+        if key != self._key:  # buffers replaced, moved or resized since the last step: new storage
+            self._saved = [torch.empty_like(b) for b in live]
+            self._key = key
+        self._live = live
+        if live:
+            torch._foreach_copy_(self._saved, live)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the buffers back as :meth:`save` found them."""
+        if self._live:
+            torch._foreach_copy_(self._live, self._saved)
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """The saved buffers by name (views of the snapshot; valid until the next :meth:`save`)."""
+        index = {id(b): i for i, b in enumerate(self._live)}
+        return {n: self._saved[index[id(b)]] for n, b in self.module.named_buffers() if id(b) in index}
+
+
+class StateSnapshot:
+    """Gamma, its optimizer's state and the validation objective's state, as device copies."""
+
+    def __init__(self, gamma: Tensor, optimizer: torch.optim.Optimizer, objective: nn.Module | None) -> None:
+        self.gamma = gamma.detach().clone()
+        self.optimizer = optimizer
+        self.optimizer_state = {p: _copy_state(s) for p, s in optimizer.state.items()}
+        self.objective = objective
+        self.objective_state = ([b.detach().clone() for b in objective.buffers()]
+                                if isinstance(objective, nn.Module) else None)
+
+    @torch.no_grad()
+    def restore(self, gamma: Tensor) -> None:
+        gamma.copy_(self.gamma)
+        state = self.optimizer.state
+        for p in list(state):
+            if p not in self.optimizer_state:
+                del state[p]
+        for p, saved in self.optimizer_state.items():
+            current = state.get(p)
+            if isinstance(current, dict) and current.keys() == saved.keys():
+                for k, v in saved.items():
+                    if isinstance(v, Tensor) and isinstance(current[k], Tensor) and current[k].shape == v.shape:
+                        current[k].copy_(v)
+                    else:
+                        current[k] = _copy_value(v)
+            else:
+                state[p] = _copy_state(saved)
+        if self.objective_state is not None and isinstance(self.objective, nn.Module):
+            for b, v in zip(self.objective.buffers(), self.objective_state):
+                b.copy_(v)
+
+
+def _copy_value(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+
+
+def _copy_state(state: Any) -> Any:
+    return {k: _copy_value(v) for k, v in state.items()} if isinstance(state, dict) else copy.deepcopy(state)
