@@ -6,10 +6,14 @@ and how to fix it, before any state is touched.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from metaweight._transaction import host_read
 
 
 def check_num_exits(num_exits: int) -> int:
@@ -60,6 +64,32 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
 
 IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it are not scored
 
+# the last labels summarised: one step checks the same label batch several times (the training terms,
+# the look-ahead's forwards, the model's step), and each check would be a read back to the host
+_LAST_LABELS: list[tuple[Any, ...]] = []
+
+
+def _label_summary(target: Tensor, ignore_index: int | None) -> tuple[int, int, int]:
+    """The smallest and largest label and the number of labels that are not ``ignore_index``, in one
+    read back to the host, remembered for the same tensor (same object, unmodified) and ignore_index."""
+    key = (target._version, ignore_index, target.shape, target.dtype, target.device)
+    for ref, k, summary in _LAST_LABELS:
+        if ref() is target and k == key:
+            return summary
+    labels = target.detach().reshape(-1).long()
+    if labels.numel() == 0:
+        summary = (0, 0, 0)
+    else:
+        scored = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+        largest = torch.iinfo(torch.long).max
+        low = torch.where(scored, labels, largest).min()
+        high = torch.where(scored, labels, -largest).max()
+        values = host_read([torch.stack([low, high, scored.sum()]).double()])
+        summary = (int(values[0]), int(values[1]), int(values[2]))
+    _LAST_LABELS.insert(0, (weakref.ref(target), key, summary))
+    del _LAST_LABELS[4:]
+    return summary
+
 
 def stack_exit_logits(outputs: object, target: object, num_exits: int, where: str = "model output",
                       ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
@@ -79,11 +109,12 @@ def stack_exit_logits(outputs: object, target: object, num_exits: int, where: st
     logits = torch.stack(outputs)
     if logits.dim() == 4:
         logits, target = logits.flatten(1, 2), target.flatten()
-    keep = target != ignore_index
-    if not bool(keep.all()):
-        if not bool(keep.any()):
+    scored = _label_summary(target, ignore_index)[2]
+    if scored < target.numel():
+        if scored == 0:
             raise ValueError(f"Every label of the {where}'s batch is ignore_index={ignore_index} (padding): there is "
                              f"nothing to score. Check the padding mask or the labels.")
+        keep = target != ignore_index
         logits, target = logits[:, keep], target[keep]
     return (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits), target
 
@@ -105,9 +136,8 @@ def check_target(target: object, batch_size: int, num_classes: int | None, name:
         )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"The {name} should hold integer class indices (torch.long). Found {target.dtype}.")
-    scored = target if ignore_index is None else target[target != ignore_index]
-    if scored.numel() > 0:
-        low, high = int(scored.min()), int(scored.max())
+    low, high, scored = _label_summary(target, ignore_index)
+    if scored > 0:
         if low < 0 or (num_classes is not None and high >= num_classes):
             bound = f"[0, {num_classes - 1}]" if num_classes is not None else "[0, C)"
             raise ValueError(

@@ -43,8 +43,37 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
+# The options of each optimizer's constructor that the replay reads (or that do not change its
+# arithmetic: implementation choices). An option of the constructor outside this list (one a later
+# PyTorch adds) is refused, never ignored; keys a constructor does not take (a scheduler's
+# "initial_lr", a user's "name") are not options and are left alone.
+REPLAYED_OPTIONS: dict[type, frozenset[str]] = {
+    torch.optim.SGD: frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize",
+                                "foreach", "differentiable", "fused"}),
+    torch.optim.Adam: frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach",
+                                 "capturable", "differentiable", "fused", "decoupled_weight_decay"}),
+}
+REPLAYED_OPTIONS[torch.optim.AdamW] = REPLAYED_OPTIONS[torch.optim.Adam]
+
+
+def decoupled_weight_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether the group's weight decay is decoupled (AdamW's rule), read from the group's own options:
+    ``torch.optim.Adam(..., decoupled_weight_decay=True)`` steps exactly as AdamW does."""
+    return bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+
+
 def check_optimizer_options(optimizer: torch.optim.Optimizer) -> None:
-    """Reject optimizer options the look-ahead would silently get wrong."""
+    """Reject optimizer options the look-ahead would silently get wrong: read every parameter group's
+    options (at construction and again at every meta step, so options set later are seen) and refuse
+    any the replay does not know, naming it."""
+    known = next((v for t, v in REPLAYED_OPTIONS.items() if type(optimizer) is t), None)
+    if known is not None:
+        unknown = sorted(set(optimizer.defaults) - known)
+        if unknown:
+            raise ValueError(
+                f"`{type(optimizer).__name__}` has the option(s) {unknown}, which the look-ahead does not know how to "
+                f"replay (a newer PyTorch?). metaweight replays {sorted(known)}. Use backend='higher' only if "
+                f"higher replays them, or pass learn=False to keep the loss weights fixed.")
     for i, group in enumerate(optimizer.param_groups):
         if group.get("maximize", False):
             raise ValueError(
@@ -86,7 +115,7 @@ def _adam_moments(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, 
     """
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
-    step = int(state.get("step", 0)) + 1
+    step = int(state.get("step", 0)) + 1  # (lookahead_update passes the count read once for many parameters)
     base, d = p, g
     if wd:
         if decoupled:
@@ -136,32 +165,79 @@ def lookahead_update(
     where = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     new: list[Tensor] = []
     jac: list[Tensor | float] = []
+    check_optimizer_options(optimizer)  # options may have been set since construction
     adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-    decoupled = isinstance(optimizer, torch.optim.AdamW)
-    for p, g in zip(params, grads):
+    new: list[Tensor | None] = [None] * len(params)
+    jac: list[Tensor | float] = [0.0] * len(params)
+    # Parameters that step alike (one group, device, dtype, the same state keys and step count) are
+    # updated as one flat vector: a handful of kernels per bucket instead of a handful per parameter.
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    steps = _adam_steps(optimizer, params, grads, where) if adam else {}
+    for i, (p, g) in enumerate(zip(params, grads)):
         group = where.get(id(p))
         if group is None or g is None:
-            new.append(p.detach())
-            jac.append(0.0)
+            new[i] = p.detach()
             continue
         state = optimizer.state.get(p, {})  # keyed by the parameter itself: look up before detaching
-        p, g = p.detach(), g.detach()
+        keys = tuple(sorted(k for k, v in state.items() if isinstance(v, Tensor) and k != "step"))
+        buckets.setdefault((id(group), p.device, p.dtype, g.dtype, keys, steps.get(i)), []).append(i)
+    for (_, _, _, _, _, step), idx in buckets.items():
+        group = where[id(params[idx[0]])]
+        states = [optimizer.state.get(params[i], {}) for i in idx]
+        p = _flat([params[i].detach() for i in idx])
+        g = _flat([grads[i].detach() for i in idx])  # type: ignore[union-attr]
+        state = {k: _flat([s[k] for s in states]) for k in states[0] if isinstance(states[0][k], Tensor)
+                 and k != "step"}
         if adam:
-            a = _adam_moments(p, g, state, group, decoupled)
-            new.append(a["new"])
+            state["step"] = step
+            a = _adam_moments(p, g, state, group, decoupled_weight_decay(optimizer, group))
             sq = a["second"].sqrt()
             flows = a["flows"]
             # d U / d g = lr/bc1 * ((1-beta1)/denom - m * d(denom)/dg / denom^2), d(sqrt v)/dg = (1-beta2) d / sqrt v
             dsq = torch.where(flows, (1 - a["beta2"]) * a["d"] / torch.where(flows, sq, torch.ones_like(sq)),
                               torch.zeros_like(sq))
             beta1 = float(group["betas"][0])
-            jac.append((a["lr"] / a["bc1"]) * ((1 - beta1) / a["denom"]
-                                                - a["exp_avg"] * (dsq / a["sbc2"]) / (a["denom"] * a["denom"])))
+            d = (a["lr"] / a["bc1"]) * ((1 - beta1) / a["denom"]
+                                        - a["exp_avg"] * (dsq / a["sbc2"]) / (a["denom"] * a["denom"]))
+            for i, n, j in zip(idx, _unflat(a["new"], [params[i] for i in idx]),
+                               _unflat(d, [params[i] for i in idx])):
+                new[i], jac[i] = n, j
         else:
             p_new, c = _sgd_step(p, g, state, group)
-            new.append(p_new)
-            jac.append(c)
-    return new, jac
+            for i, n in zip(idx, _unflat(p_new, [params[i] for i in idx])):
+                new[i], jac[i] = n, c
+    return new, jac  # type: ignore[return-value]
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    """One vector of the tensors' entries (a view for a single contiguous tensor)."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflat(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of ``flat`` shaped as ``like``."""
+    if len(like) == 1:
+        return [flat.view(like[0].shape)]
+    return [v.view(t.shape) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+
+
+def _adam_steps(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None],
+                where: dict[int, Any]) -> dict[int, int]:
+    """Each stepping parameter's Adam step count (0 before its first step), read in one transfer."""
+    counted = [(i, optimizer.state.get(p, {}).get("step")) for i, (p, g) in enumerate(zip(params, grads))
+               if id(p) in where and g is not None]
+    tensors = [(i, s) for i, s in counted if isinstance(s, Tensor)]
+    steps = {i: int(s) for i, s in counted if s is not None and not isinstance(s, Tensor)}
+    steps.update({i: 0 for i, s in counted if s is None})
+    if tensors:
+        try:  # step counts live on one device (the CPU unless capturable): one stack, one transfer
+            values = torch.stack([s.detach().reshape(()) for _, s in tensors]).tolist()
+        except RuntimeError:
+            values = [float(s) for _, s in tensors]
+        steps.update({i: int(v) for (i, _), v in zip(tensors, values)})
+    return steps
 
 
 class DifferentiableAdam(higher.optim.DifferentiableOptimizer):
@@ -175,7 +251,7 @@ class DifferentiableAdam(higher.optim.DifferentiableOptimizer):
                 if g is None:
                     continue
                 state = self.state[group_idx][p_idx]
-                a = _adam_moments(p, g, state, group, self.decoupled)
+                a = _adam_moments(p, g, state, group, bool(group.get("decoupled_weight_decay", self.decoupled)))
                 state.update(step=a["step"], exp_avg=a["exp_avg"], exp_avg_sq=a["exp_avg_sq"])
                 if a["max_exp_avg_sq"] is not None:
                     state["max_exp_avg_sq"] = a["max_exp_avg_sq"]
