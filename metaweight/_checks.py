@@ -69,26 +69,40 @@ IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it 
 _LAST_LABELS: list[tuple[Any, ...]] = []
 
 
+def _label_key(target: Tensor, ignore_index: int | None) -> tuple[Any, ...]:
+    return (target._version, ignore_index, target.shape, target.dtype, target.device)
+
+
 def _label_summary(target: Tensor, ignore_index: int | None) -> tuple[int, int, int]:
     """The smallest and largest label and the number of labels that are not ``ignore_index``, in one
     read back to the host, remembered for the same tensor (same object, unmodified) and ignore_index."""
-    key = (target._version, ignore_index, target.shape, target.dtype, target.device)
+    key = _label_key(target, ignore_index)
     for ref, k, summary in _LAST_LABELS:
         if ref() is target and k == key:
             return summary
-    labels = target.detach().reshape(-1).long()
-    if labels.numel() == 0:
-        summary = (0, 0, 0)
-    else:
-        scored = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+    summarize_labels([(target, ignore_index)])
+    return _LAST_LABELS[0][2]
+
+
+def summarize_labels(labels: Sequence[tuple[Tensor, int | None]]) -> None:
+    """Summarise several label tensors (see :func:`_label_summary`) in one read back to the host."""
+    todo = [(t, i) for t, i in labels
+            if not any(ref() is t and k == _label_key(t, i) for ref, k, _ in _LAST_LABELS)]
+    if not todo:
+        return
+    rows = []
+    for target, ignore_index in todo:
+        flat = target.detach().reshape(-1).long()
+        scored = flat != ignore_index if ignore_index is not None else torch.ones_like(flat, dtype=torch.bool)
         largest = torch.iinfo(torch.long).max
-        low = torch.where(scored, labels, largest).min()
-        high = torch.where(scored, labels, -largest).max()
-        values = host_read([torch.stack([low, high, scored.sum()]).double()])
-        summary = (int(values[0]), int(values[1]), int(values[2]))
-    _LAST_LABELS.insert(0, (weakref.ref(target), key, summary))
-    del _LAST_LABELS[4:]
-    return summary
+        low = torch.where(scored, flat, largest).min() if flat.numel() else flat.new_zeros(())
+        high = torch.where(scored, flat, -largest).max() if flat.numel() else flat.new_zeros(())
+        rows.append(torch.stack([low, high, scored.sum()]).double().to(todo[0][0].device))
+    values = host_read(rows)
+    for j, (target, ignore_index) in enumerate(todo):
+        summary = (int(values[3 * j]), int(values[3 * j + 1]), int(values[3 * j + 2]))
+        _LAST_LABELS.insert(0, (weakref.ref(target), _label_key(target, ignore_index), summary))
+    del _LAST_LABELS[8:]
 
 
 def stack_exit_logits(outputs: object, target: object, num_exits: int, where: str = "model output",

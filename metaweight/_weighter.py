@@ -21,6 +21,7 @@ from metaweight._hypergradient import (Reducer, _clone_buffers, along, call_with
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
+from metaweight._checks import IGNORE_INDEX, summarize_labels
 from metaweight._transaction import BufferSnapshot, StateSnapshot, host_read, nonfinite_flag
 from metaweight._warn import warn_user
 from metaweight._optimizers import (
@@ -387,14 +388,22 @@ class HarmonizedWeighter:
         """
         if self.mode == "fast" and self.learn:
             return self._fast_meta_step(train_batch, val_batch)
-        metrics, _ = self._meta(train_batch, val_batch, keep_graph=False)
-        return metrics
+        calls = self.num_calls
+        try:
+            pending, _ = self._meta(train_batch, val_batch, keep_graph=False)
+        except Exception:
+            self.num_calls = calls  # a call that raised counts for nothing
+            raise
+        if isinstance(pending, MetaStepRecord):
+            return pending
+        return self._meta_outcome(pending, host_read(pending.values))
 
     def _meta(self, train_batch: Batch, val_batch: Batch, keep_graph: bool, read_gamma: bool = True,
-              ) -> tuple[MetaStepRecord, Tensor | None]:
-        """The meta step; with ``keep_graph`` also the training terms with their graph (jvp/fd backends).
-        A call without a look-ahead reads gamma for its record only with ``read_gamma`` (``step`` reads it
-        with its own decision instead)."""
+              ) -> tuple[MetaStepRecord | _PendingMeta, Tensor | None]:
+        """The meta step up to its decision, on the device: a :class:`_PendingMeta` for
+        :meth:`_meta_outcome` (or, on a call without a look-ahead, its record); with ``keep_graph`` also
+        the training terms with their graph (jvp/fd backends). A call without a look-ahead reads gamma
+        for its record only with ``read_gamma`` (``step`` reads it with its own decision instead)."""
         self.num_calls += 1
         if not self.learn or (self.num_calls - 1) % self.meta_every:
             gamma = self.gamma_dict() if read_gamma else {}
@@ -407,13 +416,18 @@ class HarmonizedWeighter:
             lookahead_names=self._lookahead_names, keep_graph=keep_graph, reducer=self._reducer,
         )
         gamma_grad = result.gamma_grad * self._active
-        metrics = self._apply(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
-        return metrics, (result.terms if keep_graph else None)
+        pending = self._step_gamma(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
+        return pending, (result.terms if keep_graph else None)
 
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> MetaStepRecord:
-        """Step gamma, project it, then decide, in one read back to the host, whether the meta-gradient
-        and the new gamma are finite; a refused step puts gamma and its optimizer back from device
-        copies. Then update the validation average and call the hooks."""
+        """A whole meta step from its meta-gradient: :meth:`_step_gamma`, one read, :meth:`_meta_outcome`."""
+        pending = self._step_gamma(gamma_grad, objective, exit_losses, terms)
+        return self._meta_outcome(pending, host_read(pending.values))
+
+    def _step_gamma(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor,
+                    ) -> _PendingMeta:
+        """Step gamma and project it, all on the device: gamma keeps its old value where the meta-gradient
+        or the new gamma is not finite (the decision is read later, with whatever else the step reads)."""
         saved = StateSnapshot(self.gamma, self.gamma_optimizer, None)
         finite = torch.isfinite(objective).all() & torch.isfinite(gamma_grad).all() & torch.isfinite(exit_losses).all()
         self.gamma_optimizer.zero_grad(set_to_none=True)
@@ -422,15 +436,23 @@ class HarmonizedWeighter:
         self.gamma.grad = None
         total = self._project()
         stepped = torch.isfinite(total) & (total != 0) if self.constraint == "normalize" else torch.isfinite(total)
-        values = host_read([finite, stepped, objective, exit_losses, gamma_grad, self.gamma, terms])
-        n_e, n_g = exit_losses.numel(), self.gamma.numel()
+        proposed = self.gamma.detach().clone()
+        with torch.no_grad():
+            self.gamma.copy_(torch.where(finite & stepped, self.gamma, saved.gamma))
+        values = [finite, stepped, objective, exit_losses, gamma_grad, proposed, terms]
+        return _PendingMeta(saved, values, gamma_grad.detach(), exit_losses.detach())
+
+    def _meta_outcome(self, pending: _PendingMeta, values: list[float], call_hooks: bool = True) -> MetaStepRecord:
+        """The host side of a meta step, from the values of ``pending`` read back: refuse it (gamma's optimizer
+        put back, then raise or skip) or update the validation average, count it and call the hooks."""
+        n_e, n_g = pending.exit_losses.numel(), self.gamma.numel()
         ok, ok_step, value = values[0] == 1.0, values[1] == 1.0, values[2]
         losses = values[3:3 + n_e]
         grad = values[3 + n_e:3 + n_e + n_g]
         gamma = values[3 + n_e + n_g:3 + n_e + 2 * n_g]
-        term_values = values[3 + n_e + 2 * n_g:]
+        term_values = values[3 + n_e + 2 * n_g:3 + n_e + 2 * n_g + n_g]
         if not (ok and ok_step):
-            saved.restore(self.gamma)
+            pending.saved.restore(self.gamma)
             if not ok:
                 bad_terms = [n for n, t in zip(self.term_names, term_values) if not math.isfinite(t)]
                 message = (
@@ -445,16 +467,20 @@ class HarmonizedWeighter:
                            f"optimizer and the validation average were left unchanged. Lower gamma_lr or check "
                            f"the gamma optimizer.")
             return self._refuse(message, value, losses, term_values)
-        self._objective.update(exit_losses)
+        self._objective.update(pending.exit_losses)
         self.num_meta_steps += 1
         record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
                                 val_objective=value, val_exit_losses=losses,
-                                gamma_grad=gamma_grad.detach(), gamma=dict(zip(self.term_names, gamma)),
+                                gamma_grad=pending.gamma_grad, gamma=dict(zip(self.term_names, gamma)),
                                 terms=dict(zip(self.term_names, term_values)))
         self.last_meta = record
+        if call_hooks:
+            self._call_hooks(record)
+        return record
+
+    def _call_hooks(self, record: MetaStepRecord) -> None:
         for hook in list(self._hooks.values()):
             hook(record)
-        return record
 
     def _refuse(self, message: str, objective: float, exit_losses: list[float], terms: list[float],
                 ) -> MetaStepRecord:
@@ -525,15 +551,23 @@ class HarmonizedWeighter:
         x, y = _unpack(train_batch, "train_batch")
         keep = self.reuse_forward and self._backend is not None and self._backend.reuses_forward
         saved = self._snapshot()
+        self._check_labels(train_batch, val_batch)
         try:
-            metrics, terms = self._meta(train_batch, val_batch, keep_graph=keep, read_gamma=False)
+            pending, terms = self._meta(train_batch, val_batch, keep_graph=keep, read_gamma=False)
             if terms is None:
                 terms = self._terms(call_model(self.model, x), y)
-            loss = self._weighted(terms)
+            loss = self._weighted(terms)  # with the new gamma, or the old one where the meta step is refused
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
-            step = self._model_step_values(loss, terms)
+            # one read for both decisions: the meta step's and the model step's
+            meta_values = pending.values if isinstance(pending, _PendingMeta) else []
+            step = self._model_step_values(loss, terms, meta_values)
+            if isinstance(pending, _PendingMeta):
+                metrics = self._meta_outcome(pending, step.meta, call_hooks=False)  # raises if refused, "raise"
+            else:
+                metrics = pending
         except Exception:
+            self.optimizer.zero_grad(set_to_none=True)
             self._restore(saved)
             raise
         if not step.finite:
@@ -541,21 +575,33 @@ class HarmonizedWeighter:
             return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=True, terms=step.terms,
                                        gamma=metrics.gamma or step.gamma, message=message)
         self.optimizer.step()
+        if metrics.ran and not metrics.skipped:
+            self._call_hooks(metrics)  # once the step it reports stands
         return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=False, terms=step.terms,
                                    gamma=metrics.gamma or step.gamma)
 
-    def _model_step_values(self, loss: Tensor, terms: Tensor) -> _ModelStep:
+    def _check_labels(self, train_batch: Batch, val_batch: Batch) -> None:
+        """Check the training and validation labels (range, padding) in one read back to the host; the
+        losses then find them checked."""
+        labels = []
+        for batch, part in ((train_batch, self.criterion), (val_batch, self.validation)):
+            target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+            if isinstance(target, Tensor) and not target.is_floating_point():
+                labels.append((target, getattr(part, "ignore_index", IGNORE_INDEX)))
+        summarize_labels(labels)
+
+    def _model_step_values(self, loss: Tensor, terms: Tensor, meta: Sequence[Tensor] = ()) -> _ModelStep:
         """The step's one decision and the numbers of its record, in one read back to the host: whether the
         loss, every gradient and every floating-point buffer are finite on every rank (one all-reduce
-        under DDP), the loss, the terms and gamma."""
+        under DDP), the loss, the terms and gamma; and ``meta``, a pending meta step's values."""
         grads = [p.grad for p in self.module.parameters()]
         flag = nonfinite_flag(loss, grads + [b for b in self.module.buffers()])
         flag = self._reducer.mean([flag])[0]
-        values = host_read([flag, loss, terms, self.gamma])
+        values = host_read([flag, loss, terms, self.gamma, *meta])
         n = self.gamma.numel()
         return _ModelStep(finite=values[0] == 0.0, loss=values[1],
                           terms=dict(zip(self.term_names, values[2:2 + n])),
-                          gamma=dict(zip(self.term_names, values[2 + n:])))
+                          gamma=dict(zip(self.term_names, values[2 + n:2 + 2 * n])), meta=values[2 + 2 * n:])
 
     def _refuse_model_step(self, step: _ModelStep, saved: _Saved) -> str:
         """A non-finite model step: put everything back as ``saved``, then raise or warn and count it.
@@ -584,6 +630,7 @@ class HarmonizedWeighter:
         self.num_calls += 1
         run_meta = (self.num_calls - 1) % self.meta_every == 0
         saved = self._snapshot()
+        self._check_labels(train_batch, val_batch)
         self._pending = None
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         device = next(p.device for _, p in named)
@@ -846,6 +893,18 @@ class _Saved:
 
 
 @dataclasses.dataclass
+class _PendingMeta:
+    """A meta step stepped on the device, awaiting its decision (see ``_step_gamma``): the state to put
+    back, the tensors to read (decision flags, objective, exit losses, meta-gradient, proposed gamma,
+    terms) and what the record keeps as tensors."""
+
+    saved: StateSnapshot
+    values: list[Tensor]
+    gamma_grad: Tensor
+    exit_losses: Tensor
+
+
+@dataclasses.dataclass
 class _ModelStep:
     """The model step's decision and record numbers, read back to the host together."""
 
@@ -853,6 +912,7 @@ class _ModelStep:
     loss: float
     terms: dict[str, float]
     gamma: dict[str, float]
+    meta: list[float]
 
 
 @dataclasses.dataclass
