@@ -23,6 +23,7 @@ so BatchNorm statistics are not touched; the optimizer's state is read, never wr
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from torch.utils._pytree import tree_map
 
 from metaweight._optimizers import lookahead_update
 from metaweight._protocols import Objective, Terms, model_arguments
+from metaweight._transaction import BufferSnapshot
 
 @contextmanager
 def replay_randomness(device: torch.device) -> Iterator[Callable[[], Any]]:
@@ -117,8 +119,17 @@ def _or_zeros(tensors: Sequence[Tensor | None], like: Sequence[tuple[str, Tensor
     return [t if t is not None else torch.zeros_like(p) for t, (_, p) in zip(tensors, like)]
 
 
+_SCRATCH: weakref.WeakKeyDictionary[nn.Module, BufferSnapshot] = weakref.WeakKeyDictionary()
+
+
 def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
-    return {name: b.clone() for name, b in model.named_buffers()}
+    """Copies of the model's buffers for one look-ahead forward (which may update them, as BatchNorm
+    does in training mode), in storage kept for the model between calls: valid until the next call."""
+    scratch = _SCRATCH.get(model)
+    if scratch is None:
+        scratch = _SCRATCH[model] = BufferSnapshot(model)
+    scratch.save()
+    return scratch.as_dict()
 
 
 def validation_direction(model: nn.Module, validation: Objective, params: dict[str, Tensor], xv: Any, yv: Any,

@@ -139,6 +139,16 @@ def _adam_moments(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, 
             "lr": lr, "beta2": beta2}
 
 
+def _sgd_jacobian(has_buffer: bool, group: dict[str, Any]) -> float:
+    """SGD's constant dU/dg (as :func:`_sgd_step` computes it), from whether a momentum buffer exists."""
+    mu, damp, nesterov = float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"])
+    c = 1.0
+    if mu:
+        c_buf = 1 - damp if has_buffer else 1.0
+        c = 1 + mu * c_buf if nesterov else c_buf
+    return float(group["lr"]) * c
+
+
 def _sgd_step(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, float]:
     """One SGD step (momentum, dampening, Nesterov, weight decay) and its constant dU/dg."""
     lr, wd = float(group["lr"]), float(group["weight_decay"])
@@ -152,8 +162,10 @@ def _sgd_step(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]
     return p - lr * d, lr * c
 
 
+@torch.no_grad()
 def lookahead_update(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None]
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None], *,
+    jacobian_only: bool = False,
 ) -> tuple[list[Tensor], list[Tensor | float]]:
     """One step of ``optimizer`` from ``params`` with ``grads``, out of place, and its diagonal Jacobian.
 
@@ -161,6 +173,8 @@ def lookahead_update(
     ``optimizer.step()`` would compute it from its current state, and ``D[i] = dU_i/dg_i``
     (a tensor, or a float where it is constant). Parameters the optimizer does not hold, or
     without a gradient, stay where they are with ``D = 0``. Nothing is written anywhere.
+    With ``jacobian_only`` the new parameters are not computed (``new_params`` is then the
+    parameters themselves), which for SGD costs no tensor arithmetic at all.
     """
     where = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     new: list[Tensor] = []
@@ -181,11 +195,16 @@ def lookahead_update(
         state = optimizer.state.get(p, {})  # keyed by the parameter itself: look up before detaching
         keys = tuple(sorted(k for k, v in state.items() if isinstance(v, Tensor) and k != "step"))
         buckets.setdefault((id(group), p.device, p.dtype, g.dtype, keys, steps.get(i)), []).append(i)
-    for (_, _, _, _, _, step), idx in buckets.items():
+    for (_, _, _, _, keys, step), idx in buckets.items():
         group = where[id(params[idx[0]])]
+        if jacobian_only and not adam:
+            c = _sgd_jacobian("momentum_buffer" in keys, group)
+            for i in idx:
+                new[i], jac[i] = params[i], c
+            continue
         states = [optimizer.state.get(params[i], {}) for i in idx]
-        p = _flat([params[i].detach() for i in idx])
-        g = _flat([grads[i].detach() for i in idx])  # type: ignore[union-attr]
+        p = _flat([params[i] for i in idx])  # (no_grad: the arithmetic records no graph)
+        g = _flat([grads[i] for i in idx])  # type: ignore[misc]
         state = {k: _flat([s[k] for s in states]) for k in states[0] if isinstance(states[0][k], Tensor)
                  and k != "step"}
         if adam:

@@ -102,6 +102,25 @@ class BufferSnapshot:
         return {n: self._saved[index[id(b)]] for n, b in self.module.named_buffers() if id(b) in index}
 
 
+class Scratch:
+    """Copies of a dict of tensors in storage kept between calls (valid until the next call)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._storage: list[Tensor] = []
+
+    @torch.no_grad()
+    def copy_of(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        values = list(tensors.values())
+        key = tuple((n, t.shape, t.dtype, t.device) for n, t in tensors.items())
+        if key != self._key:
+            self._storage = [torch.empty_like(t) for t in values]
+            self._key = key
+        if values:
+            torch._foreach_copy_(self._storage, values)
+        return dict(zip(tensors, self._storage))
+
+
 class StateSnapshot:
     """Gamma, its optimizer's state and the validation objective's state, as device copies."""
 

@@ -22,7 +22,7 @@ from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._checks import IGNORE_INDEX, summarize_labels
-from metaweight._transaction import BufferSnapshot, StateSnapshot, host_read, nonfinite_flag
+from metaweight._transaction import BufferSnapshot, Scratch, StateSnapshot, host_read, nonfinite_flag
 from metaweight._warn import warn_user
 from metaweight._optimizers import (
     check_optimizer_covers_model,
@@ -237,6 +237,7 @@ class HarmonizedWeighter:
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
         self._buffers = BufferSnapshot(module)  # what a refused step puts back, kept between steps
+        self._fresh_buffers = Scratch()  # fast mode's forwards at theta start from copies of the saved buffers
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         for callback in callbacks:
             self.register_meta_step_hook(callback)
@@ -709,12 +710,12 @@ class HarmonizedWeighter:
         h = step_length(theta, direction, self.fd_epsilon, order=1)  # one-sided: sqrt(machine eps) x RMS
         with torch.no_grad():
             device = next(iter(theta.values())).device
-            here = {n: p.detach() for n, p in self.module.named_parameters()}
+            here = dict(self.module.named_parameters())  # (no_grad)
 
             def outputs_at(moved: dict[str, Tensor]) -> Any:
                 # differences of half-precision forwards drown in rounding: these run in full precision
                 with replay(), torch.autocast(device.type, enabled=False):
-                    return call_with(self.module, {**here, **moved}, {k: b.clone() for k, b in buffers.items()}, x)
+                    return call_with(self.module, {**here, **moved}, self._fresh_buffers.copy_of(buffers), x)
 
             if recompute_base:  # the base point, and the teachers, from the same masks in float32
                 outputs = outputs_at(theta)
@@ -986,7 +987,7 @@ class _StepCapture:
 def _before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]],
                  grads: list[Tensor | None]) -> tuple[dict[str, Tensor], list[Tensor | float]]:
     """Fast mode, just before the optimizer's step: the parameters and the step's diagonal Jacobian D."""
-    _, jac = lookahead_update(optimizer, [p for _, p in named], grads)
+    _, jac = lookahead_update(optimizer, [p for _, p in named], grads, jacobian_only=True)
     return {n: p.detach().clone() for n, p in named}, jac
 
 
