@@ -576,10 +576,12 @@ class HarmonizedWeighter:
             return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=True, terms=step.terms,
                                        gamma=metrics.gamma or step.gamma, message=message)
         self.optimizer.step()
-        if metrics.ran and not metrics.skipped:
-            self._call_hooks(metrics)  # once the step it reports stands
-        return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=False, terms=step.terms,
-                                   gamma=metrics.gamma or step.gamma)
+        record = dataclasses.replace(metrics, loss=step.loss, model_step_skipped=False, terms=step.terms,
+                                     gamma=metrics.gamma or step.gamma)
+        if record.ran and not record.skipped:
+            self.last_meta = record
+            self._call_hooks(record)  # once the step it reports stands
+        return record
 
     def _check_labels(self, train_batch: Batch, val_batch: Batch) -> None:
         """Check the training and validation labels (range, padding) in one read back to the host; the

@@ -19,6 +19,12 @@ OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
     "amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    # PyTorch's Adam with decoupled weight decay steps exactly as AdamW: replayed from the option, not the class
+    "adam_decoupled": lambda p: torch.optim.Adam(p, lr=2e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    # two parameter groups with their own options (and so two buckets of the flat replay)
+    "adam_groups": lambda p: (lambda ps: torch.optim.Adam(
+        [{"params": ps[:3], "weight_decay": 0.1, "decoupled_weight_decay": True},
+         {"params": ps[3:], "lr": 5e-3, "weight_decay": 1e-2, "amsgrad": True}], lr=1e-2))(list(p)),
 }
 
 

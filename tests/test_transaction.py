@@ -1,0 +1,148 @@
+"""The step transaction (metaweight._transaction) and the hot path's host reads: snapshots put back
+bit for bit, the fused finiteness check against a per-tensor reference, the replay read from each
+parameter group's options, and the reads back to the host that one step makes."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch.profiler import profile
+
+import metaweight as mw
+from conftest import batch, quiet, tiny_net
+from metaweight._transaction import HOST_READ, BufferSnapshot, StateSnapshot, nonfinite_flag
+from test_weighter import F64, setup
+
+
+def test_nonfinite_flag_matches_a_per_tensor_reference_and_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        tensors = []
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            t = torch.randn(int(torch.randint(1, 9, (1,), generator=g)), generator=g).to(dtype)
+            if torch.rand(1, generator=g) < 0.15:
+                t[0] = [float("inf"), float("-inf"), float("nan")][trial % 3]
+            tensors.append(t)
+        tensors += [None, torch.arange(3)]  # no gradient; an integer buffer (BatchNorm's counter)
+        sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, float("nan") if trial % 7 == 0 else 2.0], (4,))
+        tensors.append(sparse)
+        loss = torch.tensor(float("nan") if trial % 11 == 0 else 1.0)
+        before = [t.clone() if t is not None else None for t in tensors]
+        ref = not torch.isfinite(loss) or any(
+            not torch.isfinite(t.coalesce().values() if t.is_sparse else t).all()
+            for t in tensors if t is not None and t.is_floating_point())
+        assert float(nonfinite_flag(loss, tensors)) == float(ref)
+        for t, b in zip(tensors, before):  # values, signs of zero and NaNs left as they were
+            if t is not None:
+                assert torch.equal(torch.nan_to_num(t.to_dense()), torch.nan_to_num(b.to_dense()))
+
+
+def test_buffer_snapshot_puts_buffers_back_bit_for_bit_and_follows_replaced_buffers():
+    model = tiny_net(3)
+    snap = BufferSnapshot(model)
+    for convert in (lambda m: m, lambda m: m.double()):
+        model = convert(model)
+        before = copy.deepcopy(model.state_dict())
+        snap.save()
+        model.train()
+        model(torch.randn(8, 6, dtype=next(model.parameters()).dtype))  # BatchNorm statistics move
+        assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        snap.restore()
+        for k, v in model.state_dict().items():
+            assert torch.equal(before[k], v) and before[k].dtype == v.dtype
+
+
+def test_state_snapshot_restores_gamma_its_optimizer_and_the_validation_average():
+    gamma = torch.tensor([1.0, 0.5, 2.0])
+    opt = torch.optim.Adam([gamma], lr=0.1)
+    validation = mw.BalancedValidation(3)
+    for state_before_first_step in (True, False):
+        saved = StateSnapshot(gamma, opt, validation)
+        reference = (gamma.clone(), copy.deepcopy(opt.state_dict()), copy.deepcopy(validation.state_dict()))
+        gamma.grad = torch.tensor([0.3, -0.2, 0.1])
+        opt.step()
+        validation.update(torch.tensor([1.0, 2.0, 3.0]))
+        saved.restore(gamma)
+        assert torch.equal(gamma, reference[0])
+        assert str(opt.state_dict()) == str(reference[1])
+        assert all(torch.equal(v, reference[2][k]) for k, v in validation.state_dict().items())
+        opt.step()  # now with state, for the second round
+
+
+def reads_per_step(weighter, model, iterations=3, **batch_options):
+    """Reads back to the host per call of step(), with fresh label tensors each time, as a loader gives."""
+    x, y = batch(**batch_options)
+    xv, yv = batch(n=12, **batch_options)
+    weighter.step((x, y.clone()), (xv, yv.clone()))  # warm-up
+    with profile() as prof:
+        for _ in range(iterations):
+            weighter.step((x, y.clone()), (xv, yv.clone()))
+    events = prof.events()
+    reads = sum(e.name in ("aten::_local_scalar_dense", HOST_READ) for e in events)
+    return reads / iterations
+
+
+@pytest.mark.parametrize("options, reads", [
+    ({"learn": False}, 2),                                      # the labels, the step's decision
+    ({"gamma_optimizer": "sgd"}, 2),                            # the meta step decided with the model step
+    ({"gamma_optimizer": "sgd", "backend": "finite_difference"}, 2),
+    ({"gamma_optimizer": "sgd", "mode": "fast"}, 3),            # the model step, then the meta step at theta'
+    ({"gamma_optimizer": "adam"}, 3),                           # + torch's Adam reading its step count (CPU)
+])
+def test_one_step_reads_the_host_a_fixed_number_of_times_whatever_the_number_of_parameters(options, reads):
+    for width in (10, 40):  # the count must not grow with the number of parameters or buffers
+        torch.manual_seed(0)
+        model = tiny_net(3, width=width)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), **options)
+        assert reads_per_step(w, model) == reads
+
+
+def test_an_optimizer_option_the_replay_does_not_know_is_refused_by_name_changing_nothing():
+    model, optimizer, criterion, validation, weighter = setup("adam")
+    gamma, state = weighter.gamma.detach().clone(), copy.deepcopy(weighter.state_dict())
+    params = copy.deepcopy(model.state_dict())
+    optimizer.defaults["future_option"] = 1.0  # an option a later PyTorch adds to Adam's constructor
+    for group in optimizer.param_groups:
+        group["future_option"] = 1.0
+    with pytest.raises(ValueError, match="future_option"):
+        weighter.meta_step(batch(dtype=F64), batch(dtype=F64))
+    with pytest.raises(ValueError, match="future_option"):
+        weighter.step(batch(dtype=F64), batch(dtype=F64))
+    assert torch.equal(weighter.gamma, gamma) and weighter.num_calls == state["num_calls"]
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="future_option"):
+        mw.HarmonizedWeighter(model, optimizer, criterion, validation)
+    # keys a constructor does not take (a scheduler's, a user's) are not options: left alone
+    del optimizer.defaults["future_option"]
+    for group in optimizer.param_groups:
+        group["name"] = "backbone"
+    weighter.meta_step(batch(dtype=F64), batch(dtype=F64))
+
+
+def test_an_option_set_after_construction_is_seen_at_the_next_meta_step():
+    model, optimizer, *_, weighter = setup("nesterov_wd")
+    gamma = weighter.gamma.detach().clone()
+    optimizer.param_groups[0]["maximize"] = True
+    with pytest.raises(ValueError, match="maximize"):
+        weighter.step(batch(dtype=F64), batch(dtype=F64))
+    assert torch.equal(weighter.gamma, gamma) and weighter.num_calls == 0
+
+
+def test_hooks_hear_only_of_steps_that_stand(monkeypatch):
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), nonfinite="skip", callbacks=[seen.append])
+    record = w.step(batch(), batch())
+    assert seen == [record] and record.loss is not None  # the record step() returns, complete
+    gamma, params = w.gamma.detach().clone(), copy.deepcopy(model.state_dict())
+    decide = w._model_step_values
+    # a model step found non-finite after a meta step that was fine: both are undone
+    monkeypatch.setattr(w, "_model_step_values", lambda *a: dataclasses.replace(decide(*a), finite=False))
+    with quiet():
+        refused = w.step(batch(), batch())
+    assert refused.model_step_skipped and refused.ran and len(seen) == 1  # the undone meta step: not reported
+    assert torch.equal(w.gamma, gamma) and w.num_meta_steps == 1
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
