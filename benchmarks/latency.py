@@ -8,7 +8,10 @@ Thresholds come from MSDNet's geometric exit distributions (q) on held-out logit
 network (random weights unless --checkpoint gives a state_dict): what matters here is how many
 samples leave where, not accuracy. The FLOPs speed-up uses the costs early exit executes
 (``exit_costs(..., executed=True)``); the wall-clock one is measured, medians over repeats,
-the full model and every q interleaved so machine noise hits all alike.
+the full model and every q interleaved so machine noise hits all alike. "reads" counts the host
+reads of one call at batch N and at batch 1 with ``torch.profiler``: scalar reads
+(``aten::_local_scalar_dense``) and ``aten::nonzero`` (which sizes its output on the host), each a
+synchronisation on a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -84,17 +88,24 @@ def main(argv: list[str] | None = None) -> None:
                 run(name, x[i:i + 1])
                 sync()
                 single[name].append(time.perf_counter() - start)
+    reads = {}
+    for name in predictors:
+        for inputs in (x, x[:1]):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(name, inputs)
+            reads.setdefault(name, []).append(
+                sum(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in prof.events()))
     full_tp = statistics.median(throughput["full model"])
     full_p50 = statistics.median(single["full model"])
     print(f"CIFAR MSDNet (8 exits), torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads")
     print(f"{'':<18} {'FLOPs x':>8} {'batch ' + str(args.batch) + ' img/s':>16} {'x':>6} {'b1 p50 ms':>10} "
-          f"{'p95 ms':>8} {'x':>6}")
+          f"{'p95 ms':>8} {'x':>6} {'reads b' + str(args.batch):>10} {'reads b1':>9}")
     for name in predictors:
         tp = statistics.median(throughput[name])
         lat = sorted(single[name])
         p50, p95 = statistics.median(lat), lat[min(len(lat) - 1, int(0.95 * len(lat)))]
         print(f"{name:<18} {flops_speedup[name]:>8.2f} {tp:>16.1f} {tp / full_tp:>6.2f} {1e3 * p50:>10.2f} "
-              f"{1e3 * p95:>8.2f} {full_p50 / p50:>6.2f}")
+              f"{1e3 * p95:>8.2f} {full_p50 / p50:>6.2f} {reads[name][0]:>10} {reads[name][1]:>9}")
 
 
 if __name__ == "__main__":

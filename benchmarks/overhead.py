@@ -1,16 +1,26 @@
-"""The cost of the meta step: time and peak memory of a full training iteration per backend and
-schedule, as ratios to a plain multi-exit iteration measured in the same run, and the relative
-error of each backend's gamma gradient against `higher`.
+"""The cost of the meta step: every variant of a training iteration as a ratio to the user's own
+loop (no weighter at all), in wall time, peak memory, leaf ATen ops and host reads, and the
+relative error of each backend's gamma gradient against `higher`.
 
     python benchmarks/overhead.py                      # CIFAR MSDNet (8 exits) and BranchyNet, batch 64
     python benchmarks/overhead.py --models msdnet --rounds 5 --out runs/overhead.json
+    python benchmarks/overhead.py --models msdnet --counts-only   # the profiler counts alone (exact, quick)
 
-"plain" is the same model, loss terms and optimizer with fixed weights (learn=False): the
-difference to it is the meta step alone. Timing: every variant runs one unit of 4 iterations
-per round, round-robin, so machine noise hits all alike; the median over rounds is reported.
-Memory: each variant runs in a fresh subprocess; on CUDA the allocator's peak over its value
-after set-up, on CPU the peak resident set (sampled every ms) over its value after set-up
-(activations and temporaries, the model and optimizer excluded).
+"own loop" is what a user writes without metaweight: ``sum(cross_entropy(o, y) for o in
+model(x))``, backward, ``optimizer.step()``; every ratio is to it. The other variants use
+DenseDistillLoss and BalancedValidation: "two-call, fixed weights" is ``w.loss(model(x), y)`` with
+``learn=False`` and the user's own backward and step; "step, learn=False" is ``w.step()`` with
+nothing to learn; the rest are ``w.step()`` with a meta step.
+
+Timing: every variant runs one unit of 4 iterations per round, round-robin, so machine noise hits
+all alike; the median over rounds is reported. Memory: each variant runs in a fresh subprocess;
+on CUDA the allocator's peak over its value after set-up, on CPU the peak resident set (sampled
+every ms) over its value after set-up (activations and temporaries, the model and optimizer
+excluded). Counts, from ``torch.profiler`` over 4 iterations after 2 of warm-up, per iteration:
+leaf ATen ops (``aten::`` ops with no ``aten::`` op below them: what would launch a kernel) and
+host reads (``aten::_local_scalar_dense``: ``.item()``, ``float(t)``, ``bool(t)``), on any device;
+on CUDA also the GPU kernel time, kernel launches and host synchronisations
+(``cuda*Synchronize`` calls). Counts do not depend on the machine's load; wall times do.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -49,8 +61,13 @@ def build(model_name: str, device: str):
     return model.to(device), last
 
 
+# name -> (options, validation batch size). Options go to HarmonizedWeighter, except "loop": "own"
+# (the user's loop, no weighter), "two-call" (w.loss + the user's own backward and step) or "step"
+# (w.step(), the default), and "lookahead" (look-ahead on the heads and the last block).
 VARIANTS = {
-    "plain": ({"learn": False}, 64),
+    "own loop": ({"loop": "own"}, 64),
+    "two-call, fixed weights": ({"loop": "two-call", "learn": False}, 64),
+    "step, learn=False": ({"learn": False}, 64),
     "higher": ({"backend": "higher"}, 64),
     "jvp": ({"backend": "jvp"}, 64),
     "jvp, forward reuse": ({"backend": "jvp", "reuse_forward": True}, 64),
@@ -62,15 +79,48 @@ VARIANTS = {
     "fast, validation batch 16": ({"mode": "fast"}, 16),
     "fast, meta every 4": ({"mode": "fast", "meta_every": 4}, 64),
 }
+BASELINE = "own loop"
 
 
-def make_weighter(model, last, options, num_exits):
+def make_optimizer(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+
+
+def make_weighter(model, optimizer, last, options, num_exits):
     options = dict(options)
     if options.pop("lookahead", False):
         options["lookahead_params"] = last
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
     return mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(num_exits, 3.0),
                                  mw.BalancedValidation(num_exits), gamma_lr=0.01, **options)
+
+
+def setup(model_name, device, batch_size, name):
+    """A fresh model, optimizer and batches for one variant; returns its one-iteration function."""
+    options, val_size = VARIANTS[name]
+    options = dict(options)
+    loop = options.pop("loop", "step")
+    model, last = build(model_name, device)
+    optimizer = make_optimizer(model)
+    train, val = batches(device, batch_size, val_size)
+    x, y = train
+    if loop == "own":
+        def own_loop():
+            optimizer.zero_grad()
+            loss = sum(F.cross_entropy(o, y) for o in model(x))
+            loss.backward()
+            optimizer.step()
+        return own_loop
+    with torch.no_grad():
+        k = len(model(x[:2]))
+    w = make_weighter(model, optimizer, last, options, k)
+    if loop == "two-call":
+        def two_calls():
+            loss = w.loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return two_calls
+    return lambda: w.step(train, val)
 
 
 def batches(device, batch_size, val_size, classes=100):
@@ -90,40 +140,74 @@ def sync(device):
 def time_variants(model_name, device, batch_size, rounds, names):
     setups = {}
     for name in names:
-        options, val_size = VARIANTS[name]
-        model, last = build(model_name, device)
-        k = len(model(torch.zeros(2, 3, 32, 32, device=device)))
-        w = make_weighter(model, last, options, k)
-        train, val = batches(device, batch_size, val_size)
+        iterate = setup(model_name, device, batch_size, name)
         for _ in range(2):  # warm-up: allocator, optimizer state
-            w.step(train, val)
-        setups[name] = (w, train, val)
+            iterate()
+        setups[name] = iterate
     times = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
-            w, train, val = setups[name]
+            iterate = setups[name]
             sync(device)
             start = time.perf_counter()
             for _ in range(UNIT):
-                w.step(train, val)
+                iterate()
             sync(device)
             times[name].append((time.perf_counter() - start) / UNIT)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+            "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
+
+
+def count(iterate, device, iterations=UNIT):
+    """Per call of ``iterate``, from torch.profiler: leaf ATen ops (``aten::`` ops with no ``aten::``
+    op below them) and host reads (``aten::_local_scalar_dense``); on CUDA also GPU kernel
+    milliseconds, kernel launches and host synchronisations."""
+    cuda = device.startswith("cuda")
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(iterations):
+            iterate()
+    sync(device)
+    events = prof.events()
+    below: dict[int, bool] = {}  # id(event) -> whether an aten:: op runs below it
+
+    def aten_below(event) -> bool:
+        key = id(event)
+        if key not in below:
+            below[key] = any(c.name.startswith("aten::") or aten_below(c) for c in event.cpu_children)
+        return below[key]
+
+    counts = {"leaf_ops": sum(e.name.startswith("aten::") and not aten_below(e) for e in events) / iterations,
+              "host_reads": sum(e.name == "aten::_local_scalar_dense" for e in events) / iterations}
+    if cuda:
+        on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in on_gpu if not e.name.startswith(("Memcpy", "Memset"))]
+        counts["kernel_ms"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / iterations
+        counts["launches"] = sum(e.name in LAUNCHES for e in events) / iterations
+        counts["syncs"] = sum(e.name.startswith("cu") and "Synchronize" in e.name for e in events) / iterations
+    return counts
+
+
+def profile_counts(model_name, device, batch_size, name):
+    """:func:`count` over UNIT iterations of a variant, after 2 of warm-up."""
+    iterate = setup(model_name, device, batch_size, name)
+    for _ in range(2):
+        iterate()
+    return count(iterate, device)
+
+
 def peak_memory_child(model_name, device, batch_size, name):
     """Run in a subprocess: peak memory of UNIT iterations over the post-set-up baseline, in MiB."""
-    options, val_size = VARIANTS[name]
-    model, last = build(model_name, device)
-    k = len(model(torch.zeros(2, 3, 32, 32, device=device)))
-    w = make_weighter(model, last, options, k)
-    train, val = batches(device, batch_size, val_size)
+    iterate = setup(model_name, device, batch_size, name)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         for _ in range(UNIT):
-            w.step(train, val)
+            iterate()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     base = _rss()
@@ -138,7 +222,7 @@ def peak_memory_child(model_name, device, batch_size, name):
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     for _ in range(UNIT):
-        w.step(train, val)
+        iterate()
     done.set()
     thread.join()
     return (max(peak[0], _rss()) - base) / 2**20
@@ -158,7 +242,7 @@ def gamma_grad_errors(model_name, device, batch_size):
             model, last = build(model_name, device)
             model = model.to(dtype)
             k = len(model(torch.zeros(2, 3, 32, 32, device=device, dtype=dtype)))
-            w = make_weighter(model, last, {"backend": backend}, k)
+            w = make_weighter(model, make_optimizer(model), last, {"backend": backend}, k)
             (x, y), (xv, yv) = batches(device, batch_size, batch_size)
             train, val = (x.to(dtype), y), (xv.to(dtype), yv)
             torch.manual_seed(3)
@@ -176,39 +260,58 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--counts-only", action="store_true", help="only the profiler counts: no timing, memory or "
+                                                               "gamma-gradient errors")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(peak_memory_child(args.memory_child[0], args.device, args.batch_size, args.memory_child[1])))
         return
-    names = ["plain"] + [v for v in args.variants if v != "plain"]
+    names = [BASELINE] + [v for v in args.variants if v != BASELINE]
     report = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "batch_size": args.batch_size,
-              "rounds": args.rounds, "models": {}}
+              "rounds": args.rounds, "baseline": BASELINE, "models": {}}
     for model_name in args.models:
-        print(f"\n== {model_name}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads ==",
-              flush=True)
-        times = time_variants(model_name, args.device, args.batch_size, args.rounds, names)
-        memory = {}
+        print(f"\n== {model_name}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads; "
+              f"ratios to {BASELINE!r} ==", flush=True)
+        counts = {name: profile_counts(model_name, args.device, args.batch_size, name) for name in names}
+        rows = {name: dict(counts[name]) for name in names}
+        base = counts[BASELINE]
         for name in names:
-            out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, name, "--device",
-                                  args.device, "--batch-size", str(args.batch_size)],
-                                 capture_output=True, text=True, check=True)
-            memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        errors = gamma_grad_errors(model_name, args.device, args.batch_size)
-        rows = {}
-        print(f"{'variant':40s} {'s/iter':>8s} {'time x':>7s} {'peak MiB':>9s} {'mem x':>6s}")
+            rows[name]["ops_ratio"] = counts[name]["leaf_ops"] / base["leaf_ops"]
+        if not args.counts_only:
+            times = time_variants(model_name, args.device, args.batch_size, args.rounds, names)
+            for name in names:
+                out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, name, "--device",
+                                      args.device, "--batch-size", str(args.batch_size), "--threads",
+                                      str(args.threads)], capture_output=True, text=True, check=True)
+                rows[name]["peak_mib"] = json.loads(out.stdout.strip().splitlines()[-1])
+                rows[name]["seconds_per_iteration"] = times[name]
+            for name in names:
+                rows[name]["time_ratio"] = times[name] / times[BASELINE]
+                rows[name]["memory_ratio"] = rows[name]["peak_mib"] / rows[BASELINE]["peak_mib"]
+        columns = [] if args.counts_only else [("s/iter", "seconds_per_iteration", "{:.3f}"),
+                                               ("time x", "time_ratio", "{:.2f}"), ("peak MiB", "peak_mib", "{:.0f}"),
+                                               ("mem x", "memory_ratio", "{:.2f}")]
+        columns += [("ops/iter", "leaf_ops", "{:.0f}"), ("ops x", "ops_ratio", "{:.2f}"),
+                    ("reads/iter", "host_reads", "{:.1f}")]
+        if "kernel_ms" in base:
+            columns += [("kernel ms", "kernel_ms", "{:.1f}"), ("launches", "launches", "{:.0f}"),
+                        ("syncs", "syncs", "{:.1f}")]
+        print(f"{'variant':40s} " + " ".join(f"{title:>10s}" for title, _, _ in columns))
         for name in names:
-            rows[name] = {"seconds_per_iteration": times[name], "time_ratio": times[name] / times["plain"],
-                          "peak_mib": memory[name], "memory_ratio": memory[name] / memory["plain"]}
-            r = rows[name]
-            print(f"{name:40s} {r['seconds_per_iteration']:8.3f} {r['time_ratio']:7.2f} {r['peak_mib']:9.0f} "
-                  f"{r['memory_ratio']:6.2f}", flush=True)
-        print("gamma-gradient relative error against float64 higher: "
-              + ", ".join(f"{b} {e:.1e}" for b, e in errors.items()))
-        report["models"][model_name] = {"variants": rows, "gamma_grad_rel_error_vs_higher": errors}
+            print(f"{name:40s} " + " ".join(f"{form.format(rows[name][key]):>10s}" for _, key, form in columns),
+                  flush=True)
+        report["models"][model_name] = {"variants": rows}
+        if not args.counts_only:
+            errors = gamma_grad_errors(model_name, args.device, args.batch_size)
+            print("gamma-gradient relative error against float64 higher: "
+                  + ", ".join(f"{b} {e:.1e}" for b, e in errors.items()))
+            report["models"][model_name]["gamma_grad_rel_error_vs_higher"] = errors
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

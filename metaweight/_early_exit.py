@@ -135,15 +135,21 @@ class EarlyExit(nn.Module):
                 predictions[alive] = classes
                 exits[alive] = k
                 break
-            leaving = score >= self.thresholds[k]
-            moving = int(leaving.sum())
-            if moving == 0:
+            leaving = score >= self.thresholds[k]  # a NaN score never leaves
+            # The one host read of the exit: how many samples continue sizes what the next stage
+            # gets. Everything else selects by indices of known size, so no other sync.
+            remaining = alive.numel() - int(leaving.sum())
+            if remaining == alive.numel():
                 continue  # nobody leaves: no bookkeeping, no copy of the features
-            predictions[alive[leaving]] = classes[leaving]
-            exits[alive[leaving]] = k
-            if moving == leaving.numel():
+            if remaining == 0:
+                predictions[alive] = classes
+                exits[alive] = k
                 break
-            staying = ~leaving
+            left = torch.nonzero_static(leaving, size=alive.numel() - remaining)[:, 0]
+            gone = alive[left]
+            predictions[gone] = classes[left]
+            exits[gone] = k
+            staying = torch.nonzero_static(~leaving, size=remaining)[:, 0]
             alive = alive[staying]
             features = _take(features, staying)
             history = [h[staying] for h in history]
@@ -168,12 +174,14 @@ class EarlyExit(nn.Module):
                              alive=torch.ones(n, dtype=torch.bool, device=logits.device))
             alive = state["alive"]
             leaving = alive & ((confidence >= self.thresholds[k]) | (k == last))
-            state["predictions"][leaving] = classes[leaving]
-            state["exits"][leaving] = k
+            # masks, not boolean indexing: the only host read of the exit is whether anyone is left
+            state["predictions"] = torch.where(leaving, classes, state["predictions"])
+            state["exits"].masked_fill_(leaving, k)
             alive &= ~leaving
-            return not bool(alive.any())
+            state["done"] = not bool(alive.any())
+            return state["done"]
 
         computed = self.model.run_until(x, leave)
-        if len(computed) == last + 1 and len(history) == last and (not state or state["alive"].any()):
+        if len(computed) == last + 1 and len(history) == last and not state.get("done", False):
             leave(last, computed[-1])  # the model's own output: everyone left takes it
         return state["predictions"], state["exits"]

@@ -1,0 +1,125 @@
+"""Real early exit against a per-sample loop over the full forward's logits, at every batch size
+and with every rule, and the host reads of its batch path counted with torch.profiler: at most one
+per exit (the count that sizes the samples that continue)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import metaweight as mw
+from conftest import tiny_net
+from metaweight._exit_rules import as_rule
+from references.exit_rules import loop_assign
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from msdnet import msdnet_cifar  # noqa: E402
+
+RULES = ["max_probability", "entropy", "margin", "patience"]
+K = 4
+
+
+def mlp():
+    return tiny_net(K, dtype=torch.float64).eval()
+
+
+def small_msdnet():
+    """4 exits whose stages pass lists of feature maps (MSDNet's scales) from one to the next."""
+    return msdnet_cifar(10, K, channels=4, growth_rate=2).double().eval()
+
+
+def split(scores):
+    """A threshold between the two middle distinct scores (so rounding moves no sample across it),
+    or None when all scores are equal."""
+    values = sorted(set(v for v in scores.tolist() if not math.isnan(v)))
+    mid = len(values) // 2
+    return (values[mid - 1] + values[mid]) / 2 if len(values) > 1 else None
+
+
+def thresholds_with_every_case(scores):
+    """About half the samples leave at the first exit whose scores differ, nobody at the exits
+    before it, everyone still in at the next one (but a sample with NaN scores: it goes on to the
+    last). Patience's first scores are all 0, so its split comes later."""
+    for k in range(K - 1):
+        threshold = split(scores[k])
+        if threshold is not None:
+            return torch.tensor([1e8] * k + [threshold] + [-1e8] * (K - 1 - k))
+    raise AssertionError("no exit separates the samples: the test needs another seed")
+
+
+def inputs_for(model, n):
+    if isinstance(model, mw.MultiExit):
+        x = torch.randn(n, 6, dtype=torch.float64) * 3
+    else:
+        x = torch.randn(n, 3, 32, 32, dtype=torch.float64)
+    x[n // 2] = float("nan")  # a sample whose scores are all NaN: it leaves at the last exit only
+    return x
+
+
+@pytest.mark.parametrize("make, rule", [(mlp, rule) for rule in RULES] + [(small_msdnet, "max_probability")])
+def test_early_exit_equals_a_per_sample_loop_at_every_batch_size(make, rule):
+    model = make()
+    x = inputs_for(model, 16)
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    thresholds = thresholds_with_every_case(as_rule(rule).scores(logits))
+    ref_exits, ref_predictions = loop_assign(rule, logits.tolist(), thresholds.tolist())
+    assert len(set(ref_exits[:8] + ref_exits[9:])) == 2 and ref_exits[8] == K - 1  # mixed; NaN goes to the last
+    predictor = mw.EarlyExit(model, thresholds, rule=rule)
+    for size in (16, 5, 1):  # a mixed batch, small ones, and batch 1 one sample at a time
+        predictions, exits = [], []
+        for start in range(0, 16, size):
+            p, e = predictor(x[start:start + size])
+            predictions += p.tolist()
+            exits += e.tolist()
+        assert exits == ref_exits
+        assert all(r is None or p == r for p, r in zip(predictions, ref_predictions))
+
+
+def host_reads(run):
+    """Host reads of ``run()``: scalar reads (``.item()``, ``int(t)``) and ``nonzero`` (which must
+    size its output on the host: a synchronisation on a GPU)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in prof.events())
+
+
+def test_early_exit_reads_the_host_at_most_once_per_exit():
+    model = small_msdnet()
+    x = torch.randn(32, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        scores = as_rule("max_probability").scores(torch.stack(model(x)))
+    # a quarter of the samples leave at each exit: every exit selects the samples that continue
+    thresholds = torch.tensor([float(scores[k].quantile(0.75)) for k in range(K - 1)] + [-1e8])
+    predictor = mw.EarlyExit(model, thresholds)
+    assert len(set(predictor(x)[1].tolist())) == K
+    assert host_reads(lambda: predictor(x)) <= K - 1  # the last exit takes everyone: no read
+    assert host_reads(lambda: predictor(x[:1])) <= K - 1
+    # a rule that keeps earlier exits' logits for the samples still in
+    model = mlp()
+    x = inputs_for(model, 16)
+    with torch.no_grad():
+        scores = as_rule("patience").scores(torch.stack(model(x)))
+    predictor = mw.EarlyExit(model, thresholds_with_every_case(scores), rule="patience")
+    assert len(set(predictor(x)[1].tolist())) == 3
+    assert host_reads(lambda: predictor(x)) <= K - 1
+
+
+def test_early_exit_with_attached_exits_reads_the_host_at_most_once_per_exit():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 5)).double()
+    attached = mw.attach_exits(body, ["1", "3"], [nn.Linear(10, 5).double(), nn.Linear(10, 5).double()]).eval()
+    x = torch.randn(40, 6, dtype=torch.float64) * 3
+    with torch.no_grad():
+        logits = torch.stack(attached(x))
+    confidence = torch.softmax(logits, -1).max(-1).values
+    thresholds = torch.tensor([float(confidence[0].median()), float(confidence[1].median()), -1.0])
+    predictor = mw.EarlyExit(attached, thresholds)
+    predictions, exits = predictor(x)
+    expected_exits, expected = mw.exit_assignment(logits, thresholds)
+    assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
+    assert host_reads(lambda: predictor(x)) <= 3

@@ -1,0 +1,35 @@
+"""The profiler counts of benchmarks/overhead.py on calls whose ops and host reads are known."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import overhead  # noqa: E402
+
+
+def test_count_gives_leaf_ops_and_host_reads_per_call():
+    x, w = torch.ones(3), torch.ones(3, 2)
+
+    def iterate():
+        y = x + 1
+        with torch.profiler.record_function("a block"):  # not an ATen op, and not a leaf
+            float(y.sum())  # one host read
+        torch.mm(x[None], w)
+
+    counts = overhead.count(iterate, "cpu", iterations=3)
+    with torch.profiler.profile() as prof:
+        iterate()
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    # here every child of an ATen op is an ATen op: the leaves are the ATen ops without children
+    assert all(c.name.startswith("aten::") for e in aten for c in e.cpu_children)
+    assert counts["leaf_ops"] == sum(not e.cpu_children for e in aten) > 3
+    assert counts["host_reads"] == 1
+    assert counts == overhead.count(iterate, "cpu", iterations=2)  # per call, exact
+
+
+def test_the_users_loop_is_the_baseline_and_comes_first():
+    assert overhead.BASELINE == next(iter(overhead.VARIANTS))
+    assert overhead.VARIANTS[overhead.BASELINE][0] == {"loop": "own"}
