@@ -218,6 +218,7 @@ class HarmonizedWeighter:
                                          fd_epsilon=fd_epsilon)
             backend = self._backend.name
             _check_sparse(module, mode, backend)
+            _check_hooks(module, mode, backend)
 
         self.model = model
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
@@ -587,9 +588,9 @@ class HarmonizedWeighter:
         gives :math:`\nabla_\gamma = -\partial_w L(\theta)`, which updates gamma for the next step."""
         x, y = _unpack(train_batch, "train_batch")
         xv, yv = _unpack(val_batch, "val_batch")
+        saved = self._snapshot()  # before the count: anything raised or refused below leaves it as it was
         self.num_calls += 1
         run_meta = (self.num_calls - 1) % self.meta_every == 0
-        saved = self._snapshot()
         self._pending = None
         named = self._trainable()
         device = next(p.device for _, p in named)
@@ -975,6 +976,29 @@ def _check_sparse(module: nn.Module, mode: str, backend: str) -> None:
             f"The modules {sparse} have sparse=True (sparse gradients), which {where} cannot replay. Build them with "
             f"sparse=False, or pass mode='exact' with backend='higher' or backend='finite_difference' and call "
             f"meta_step in your own loop (step() refuses sparse gradients too).")
+
+
+def _check_hooks(module: nn.Module, mode: str, backend: str) -> None:
+    """Refuse, at construction, hooks the look-ahead would not run as the model's step does: gradient
+    hooks on parameters (they change the gradient the optimizer steps on, which the closed-form
+    look-ahead computes without them), and forward hooks under ``higher`` (its patched copy of the
+    model runs the modules' ``forward`` without their hooks)."""
+    hooked = [n for n, p in module.named_parameters() if p.requires_grad and getattr(p, "_backward_hooks", None)]
+    if hooked and (mode == "fast" or backend != "higher"):
+        raise ValueError(
+            f"The parameters {hooked} have gradient hooks (Tensor.register_hook), which may change the gradient the "
+            f"optimizer steps on; {'mode=' + repr(mode) if mode == 'fast' else 'backend=' + repr(backend)} computes "
+            f"the look-ahead's gradient without them. Remove the hooks (transform the gradients between backward and "
+            f"step instead), or use mode='exact' with backend='higher', which runs them.")
+    if mode == "exact" and backend == "higher":
+        forward_hooked = [n or type(m).__name__ for n, m in module.named_modules()
+                          if m._forward_hooks or m._forward_pre_hooks]
+        if forward_hooked or nn.modules.module._global_forward_hooks or \
+                nn.modules.module._global_forward_pre_hooks:
+            raise ValueError(
+                f"The modules {forward_hooked or '(all: global hooks)'} have forward hooks, which backend='higher' "
+                f"does not run (it runs a patched copy of each module's forward). Use backend='jvp' or "
+                f"'finite_difference', which run the model as it is.")
 
 
 def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:

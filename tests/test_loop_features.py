@@ -416,3 +416,147 @@ def test_the_guide_s_table_is_what_the_matrix_checks():
     for feature, outcomes in FEATURES.items():
         assert table[feature] == outcomes, feature
     assert len(CI_CASES) >= 20 and len(SLOW_CASES) > 100
+
+
+# ------------------------------------------------------------------------------------------------ one at a time
+class SparseNet(nn.Module):
+    """Tokens through nn.Embedding(20, 8, sparse=True), then the 3-exit MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8, sparse=True)
+        self.stages = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.heads = nn.ModuleList([nn.Linear(8, 4) for _ in range(3)])
+
+    def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        h, outputs = self.embedding(tokens), []
+        for stage, head in zip(self.stages, self.heads):
+            h = torch.tanh(stage(h))
+            outputs.append(head(h))
+        return outputs
+
+
+def sparse_setup():
+    torch.manual_seed(0)
+    model = SparseNet().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    criterion, validation = mw.DenseDistillLoss(3, temperature=2.0), mw.BalancedValidation(3)
+    validation.update(torch.tensor([1.5, 1.4, 1.3], dtype=F64))  # differences see through a detached average
+    train = (torch.randint(0, 20, (16,)), torch.randint(0, 4, (16,)))
+    val = (torch.randint(0, 20, (16,)), torch.randint(0, 4, (16,)))
+    return model, optimizer, criterion, validation, train, val
+
+
+@pytest.mark.parametrize("form", ["jvp", "fast"])
+def test_sparse_gradients_are_refused_when_the_weighter_is_built_for_what_cannot_replay_them(form):
+    model, optimizer, criterion, validation, _, _ = sparse_setup()
+    kwargs = {"mode": "fast"} if form == "fast" else {"backend": "jvp"}
+    with pytest.raises(ValueError, match=r"\['embedding'\] have sparse=True.*sparse=False.*backend='higher'"):
+        mw.HarmonizedWeighter(model, optimizer, criterion, validation, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["higher", "finite_difference"])
+def test_sparse_gradients_step_is_refused_with_nothing_changed_and_meta_step_is_right(backend):
+    """Issue 21 item 2: step() used to raise from the finiteness check after gamma had moved."""
+    model, optimizer, criterion, validation, train, val = sparse_setup()
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend=backend, gamma_optimizer="sgd",
+                              gamma_lr=0.05, init=torch.tensor(GAMMA))
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match=r"step\(\).*\['embedding'\].*sparse=False.*meta_step"):
+        w.step(train, val)
+    assert same(before, state(model, optimizer, w))
+    twins = copy.deepcopy((model, optimizer, None, validation))
+    rng = torch.get_rng_state()
+    record = w.meta_step(train, val)
+    ref = reference(Case(form="exact, " + backend), *twins[:3], criterion, twins[3], [train], val, rng, None)
+    assert rel_err_of(record.gamma_grad, ref) < 1e-6
+
+
+def rel_err_of(a, b) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def test_an_accumulated_step_scored_on_one_micro_batch_is_refused_and_on_the_whole_batch_is_right():
+    """Issue 21 item 4: each loss() used to overwrite the one before; now both are the step's."""
+    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
+    model, optimizer, criterion, validation, scaler = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    micro = list(zip(x.chunk(2), y.chunk(2)))
+    loop_step(case, model, optimizer, scaler, micro, w.loss)
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match=r"accumulated the gradients of 2 weighter.loss calls.*whole batch"):
+        w.meta_step(micro[-1], (x, y))
+    assert same(before, state(model, optimizer, w))
+    assert w.meta_step((x, y), (x, y)).ran
+
+
+def test_a_zero_grad_between_backwards_starts_the_step_afresh():
+    """A loss the optimizer never stepped on (its gradients zeroed) is not part of the next step."""
+    case = Case(form="fast, two calls")
+    model, optimizer, criterion, validation, _ = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    stale = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    w.loss(model(stale[0]), stale[1]).backward()  # no step: the loop moved on
+    twins = copy.deepcopy((model, optimizer, None, validation))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    val = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    rng = torch.get_rng_state()
+    loop_step(case, model, optimizer, None, [(x, y)], w.loss)
+    val_rng = torch.get_rng_state()
+    record = w.meta_step((x, y), val)
+    ref = reference(case, *twins[:3], criterion, twins[3], [(x, y)], val, rng, val_rng)
+    assert rel_err_of(record.gamma_grad, ref) < 1e-3
+
+
+def test_modes_switched_between_the_training_forward_and_meta_step_are_refused():
+    case = Case(form="fast, two calls", eval_part="batchnorm in train")
+    model, optimizer, criterion, validation, _ = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast")
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    loop_step(case, model, optimizer, None, [(x, y)], w.loss)
+    model.eval()
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match="train and eval mode.*before switching"):
+        w.meta_step((x, y), (x, y))
+    assert same(before, state(model, optimizer, w))
+    model.train()
+    assert w.meta_step((x, y), (x, y)).ran
+
+
+@pytest.mark.parametrize("form", ["exact, jvp", "exact, higher", "fast, step()"])
+def test_an_optimizer_step_that_raises_in_step_leaves_everything_as_it_was(form):
+    model, optimizer, criterion, validation, _ = build(Case(form=form, optimizer="adam"))
+    mode, _, backend = form.partition(", ")
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer="sgd", gamma_lr=0.5,
+                              **({"mode": "fast"} if mode == "fast" else {"backend": backend}))
+    w.step((torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))),
+           (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))))
+
+    def refuse(opt, args, kwargs):
+        raise RuntimeError("the optimizer refuses")
+
+    handle = optimizer.register_step_pre_hook(refuse)
+    before = state(model, optimizer, w)
+    with pytest.raises(RuntimeError, match="refuses"):
+        w.step((torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))),
+               (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))))
+    assert same(before, state(model, optimizer, w))
+    handle.remove()
+
+
+def test_hooks_the_look_ahead_would_not_run_are_refused():
+    model, optimizer, criterion, validation, _ = build(Case())
+    handle = model.stages[1].weight.register_hook(lambda g: 0.5 * g)
+    for kwargs in ({"backend": "jvp"}, {"backend": "finite_difference"}, {"mode": "fast"}):
+        with pytest.raises(ValueError, match=r"\['stages.1.weight'\] have gradient hooks.*backend='higher'"):
+            mw.HarmonizedWeighter(model, optimizer, criterion, validation, **kwargs)
+    mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="higher")  # runs them
+    handle.remove()
+    handle = model.stages[1].register_forward_hook(lambda module, args, out: 2 * out)
+    with pytest.raises(ValueError, match=r"\['stages.1'\] have forward hooks.*backend='jvp'"):
+        mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="higher")
+    mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="jvp")
+    handle.remove()
