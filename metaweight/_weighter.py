@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, clip_direction, module_modes,
-                                 rewound_to, sparse_message, watch_backward)
+                                 rewound_to, rng_state, same_rng_state, sparse_message, watch_backward)
 from metaweight._hypergradient import (Reducer, _clone_buffers, call_with, replay_randomness, step_length,
                                       validation_direction)
 from metaweight._losses import DenseDistillLoss
@@ -394,12 +394,20 @@ class HarmonizedWeighter:
             optimizer.step()                         # or scaler.step(optimizer)
             weighter.meta_step((x, y), val_batch)    # gamma for the next iteration
 
-        The weighter sees the optimizer's step through a step pre-hook (the gradients as the
-        optimizer gets them: unscaled by a ``GradScaler``, after your clipping); a step the
-        optimizer did not take (a ``GradScaler`` that found inf/NaN) gives a skipped record
-        and leaves gamma alone. Models with dropout (modules whose class name contains
-        "Drop", in training mode) or a forward under autocast cost one forward more: the
-        difference then recomputes its base point in float32 with the same random numbers.
+        The meta-gradient is that of the step the loop really took: the weighter reads the loop
+        through a hook on the returned loss (the factor its backward used), the gradients at the
+        end of each backward, an optimizer step pre-hook (the gradients as the optimizer gets
+        them, its state) and forward hooks on the model (the random numbers and modes of the
+        training forward); see :mod:`metaweight._capture`. ``clip_grad_norm_`` over all
+        parameters and a ``GradScaler``'s unscaling are differentiated through; several
+        ``loss()`` calls and backwards before one step (gradient accumulation) are one step,
+        scored on the whole batch, the micro-batches concatenated in order; any other change of
+        the gradients between backward and step is refused with a ``ValueError``, as is a batch
+        or a module mode other than the step's, before anything changes. A step the optimizer
+        did not take (a ``GradScaler`` that found inf/NaN) gives a skipped record and leaves
+        gamma alone. A training forward that drew random numbers (dropout, stochastic depth,
+        whatever the module is called) or ran under autocast costs one forward more: the
+        difference then recomputes its base point in float32 with that forward's random numbers.
 
         Args:
             train_batch: ``(x, y)``: the training inputs and labels of this iteration.
@@ -599,9 +607,9 @@ class HarmonizedWeighter:
             self._watch.paused = True  # this forward's random numbers are replayed below
         try:
             with replay_randomness(device) as replay:
-                start = torch.get_rng_state() if self._compiled and run_meta else None
+                start = rng_state(device) if self._compiled and run_meta else None
                 outputs = call_model(self.model, x)
-                if start is not None and not torch.equal(start, torch.get_rng_state()):
+                if start is not None and not same_rng_state(start, rng_state(device)):
                     raise ValueError(_COMPILED_RANDOM)
                 terms = self._terms(outputs, y)
                 loss = self._weighted(terms)
@@ -712,7 +720,7 @@ class HarmonizedWeighter:
         if pending.rescale is None and pending.inv_scale is None and pending.cleared is None:
             return None
         device = self.gamma.device
-        rescale = pending.rescale if pending.rescale is not None else torch.tensor([1.0, 1.0, 0.0])
+        rescale = pending.rescale if pending.rescale is not None else torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
         inv = pending.inv_scale if pending.inv_scale is not None else torch.ones((), dtype=torch.float64)
         total = sum((m.factor.double().to(device) for m in stepped if m.factor is not None),
                     torch.zeros((), dtype=torch.float64, device=device))

@@ -560,3 +560,20 @@ def test_hooks_the_look_ahead_would_not_run_are_refused():
         mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="higher")
     mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="jvp")
     handle.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["fast, two calls", "fast, step()"])
+def test_a_compiled_model_drawing_random_numbers_is_refused_by_the_fast_mode(form):
+    """Its compiled dropout masks are not those of the eager replay: refused, nothing changed."""
+    model, optimizer, criterion, validation, _ = build(Case(form=form, randomness="dropout"))
+    compiled = torch.compile(model)
+    w = mw.HarmonizedWeighter(compiled, optimizer, criterion, validation, mode="fast")
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    if form == "fast, two calls":
+        w.loss(compiled(x), y).backward()
+        optimizer.step()
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match="compile.*random numbers.*mode='exact'"):
+        w.meta_step((x, y), (x, y)) if form == "fast, two calls" else w.step((x, y), (x, y))
+    assert same(before, state(model, optimizer, w))
