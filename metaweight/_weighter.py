@@ -431,10 +431,14 @@ class HarmonizedWeighter:
         train = _unpack(train_batch, "train_batch")
         val = _unpack(val_batch, "val_batch")
         assert self._backend is not None
-        result = self._backend.meta_gradient(
-            self.module, self._inner_optimizer, self._terms, self._objective, self.gamma.detach(), train, val,
-            lookahead_names=self._lookahead_names, keep_graph=keep_graph, reducer=self._reducer,
-        )
+        try:
+            result = self._backend.meta_gradient(
+                self.module, self._inner_optimizer, self._terms, self._objective, self.gamma.detach(), train, val,
+                lookahead_names=self._lookahead_names, keep_graph=keep_graph, reducer=self._reducer,
+            )
+        except Exception:
+            self.num_calls -= 1  # a meta step that raised did not happen
+            raise
         gamma_grad = result.gamma_grad * self._active
         metrics = self._apply(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
         return metrics, (result.terms if keep_graph else None)

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import metaweight as mw
 
@@ -60,12 +61,16 @@ class Net(nn.Module):
         self.drop = nn.Dropout(0.3)
         self.depth = StochasticDepth(0.3)
         self.norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
+        self.checkpointed = False
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = []
         h = x
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
-            z = torch.tanh(stage(h))
+            if self.checkpointed and k == 1:  # recomputed at backward time
+                z = checkpoint(lambda u, stage=stage: torch.tanh(stage(u)), h, use_reentrant=False)
+            else:
+                z = torch.tanh(stage(h))
             if k == 1:
                 z = self.norm(z)
             if self.randomness == "dropout":
@@ -104,6 +109,7 @@ class Case:
     frozen: bool = False
     randomness: str = "none"  # none | dropout | functional | stochastic depth
     eval_part: str = "none"  # none | batchnorm in train | batchnorm in eval
+    model: str = "plain"  # plain | checkpointing | gradient hook | forward hook | weight norm
 
     def __str__(self) -> str:
         default = Case()
@@ -120,6 +126,13 @@ FEATURES: dict[str, dict[str, str]] = {
     "parameter groups, schedulers, frozen parameters": {form: "right" for form in FORMS},
     "dropout, functional dropout, stochastic depth": {form: "right" for form in FORMS},
     "BatchNorm in train or eval mode": {form: "right" for form in FORMS},
+    "activation checkpointing (use_reentrant=False)": {
+        form: "refused" if form in ("exact, jvp", "exact, finite_difference", "exact, step()") else "right"
+        for form in FORMS},
+    "gradient hooks on parameters (Tensor.register_hook)": {
+        form: "right" if form == "exact, higher" else "refused" for form in FORMS},
+    "forward hooks": {form: "refused" if form == "exact, higher" else "right" for form in FORMS},
+    "parametrizations (weight_norm)": {form: "right" for form in FORMS},
     "clip_grad_norm_ (all parameters)": {"fast, two calls": "right"},
     "clip_grad_value_": {"fast, two calls": "refused"},
     "gradient accumulation (losses divided by their number)": {"fast, two calls": "right"},
@@ -132,6 +145,10 @@ def expected(case: Case) -> str:
     rows = ["SGD (momentum, Nesterov, weight decay, dampening)" if case.optimizer in
             ("sgd", "momentum", "nesterov, wd", "dampening") else
             "maximize=True" if case.optimizer == "maximize" else "Adam, AdamW, AMSGrad, weight decay"]
+    rows += {"checkpointing": ["activation checkpointing (use_reentrant=False)"],
+             "gradient hook": ["gradient hooks on parameters (Tensor.register_hook)"],
+             "forward hook": ["forward hooks"],
+             "weight norm": ["parametrizations (weight_norm)"]}[case.model] if case.model != "plain" else []
     if case.clip in ("norm", "norm, inactive"):
         rows.append("clip_grad_norm_ (all parameters)")
     if case.clip == "value":
@@ -153,6 +170,14 @@ def valid(case: Case) -> bool:
 def build(case: Case):
     torch.manual_seed(0)
     model = Net(case.randomness, batchnorm=case.eval_part != "none").to(F64)
+    if case.model == "checkpointing":
+        model.checkpointed = True
+    elif case.model == "gradient hook":
+        model.stages[1].weight.register_hook(lambda g: 0.5 * g)
+    elif case.model == "forward hook":
+        model.stages[1].register_forward_hook(lambda module, args, out: 2.0 * out)
+    elif case.model == "weight norm":  # built from two parameters by a parametrization
+        torch.nn.utils.parametrizations.weight_norm(model.stages[1])
     if case.frozen:
         for p in model.heads[0].parameters():
             p.requires_grad_(False)
@@ -314,6 +339,7 @@ AXES = {
     "frozen": (False, True),
     "randomness": ("none", "dropout", "functional", "stochastic depth"),
     "eval_part": ("none", "batchnorm in train", "batchnorm in eval"),
+    "model": ("plain", "checkpointing", "gradient hook", "forward hook", "weight norm"),
 }
 
 
@@ -380,6 +406,14 @@ CI_CASES = [
     Case(form="exact, step()", optimizer="adam, wd", randomness="stochastic depth", frozen=True),
     Case(form="exact, step()", optimizer="sgd", groups=True, scheduler=True, eval_part="batchnorm in train"),
     Case(form="exact, jvp", optimizer="maximize"),  # refused
+    Case(form="exact, jvp", model="checkpointing"),  # refused
+    Case(form="exact, higher", model="checkpointing", optimizer="adam"),
+    Case(form="fast, two calls", model="checkpointing", clip="norm"),
+    Case(form="fast, two calls", model="gradient hook"),  # refused
+    Case(form="exact, higher", model="gradient hook"),
+    Case(form="exact, higher", model="forward hook"),  # refused
+    Case(form="exact, finite_difference", model="forward hook"),
+    Case(form="fast, two calls", model="weight norm", optimizer="adamw"),
 ]
 SLOW_CASES = sorted(set(all_pairs()) | set(one_at_a_time()) - set(CI_CASES), key=str)
 
