@@ -642,8 +642,22 @@ class HarmonizedWeighter:
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=False)
         piece = _Piece(x, y, terms.detach(), outputs, replay, low)
-        record = self._fast_meta(named, theta, jac, [piece], xv, yv, saved[0])
+        try:
+            record = self._fast_meta(named, theta, jac, [piece], xv, yv, saved[0])
+        except Exception:
+            # the model's step is taken (a plain step with the gamma it had); the weighter's own state is kept
+            self._restore_own(saved)
+            raise
         return dataclasses.replace(record, loss=float(loss.detach()), model_step_skipped=False, terms=self.terms_dict())
+
+    def _restore_own(self, saved: tuple[dict[str, Tensor], dict[str, Any], int]) -> None:
+        """Put back the weighter's own state from ``saved`` (:meth:`_snapshot`), not the model's buffers."""
+        _, own, num_calls = saved
+        with torch.no_grad():
+            self.gamma.copy_(own["gamma"].to(self.gamma))
+        self.gamma_optimizer.load_state_dict(own["gamma_optimizer"])
+        self._objective.load_state_dict(own["validation"])
+        self.num_meta_steps, self.num_calls, self.num_skipped = own["num_meta_steps"], num_calls, own["num_skipped"]
 
     def _fast_meta_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
         """``mode="fast"``, two-call form: the meta step after the user's own step (see :meth:`meta_step`).
@@ -768,9 +782,11 @@ class HarmonizedWeighter:
         backward used) of the one-sided difference of the terms at ``theta`` along :math:`w`, from each
         loss's own terms (or, with ``recompute``, from the terms recomputed in float32 under its
         ``replay``, for half-precision or random forwards)."""
-        sizes = [float(_batch_size(p.y)) for p in pieces]
         # the terms of the training forwards, whatever the difference recomputes
-        reported = sum(p.terms.double() * (n / sum(sizes)) for p, n in zip(pieces, sizes)).to(pieces[0].terms.dtype)
+        reported = pieces[0].terms
+        if len(pieces) > 1:  # gradient accumulation: the average over the whole batch
+            sizes = [float(_batch_size(p.y)) for p in pieces]
+            reported = sum(p.terms.double() * (n / sum(sizes)) for p, n in zip(pieces, sizes)).to(reported.dtype)
         # the model stepped in place: half-precision copies autocast cached of the old weights are stale
         torch.clear_autocast_cache()
         # validation at the parameters the model has now moved to (on copies of its buffers)
@@ -789,7 +805,7 @@ class HarmonizedWeighter:
                 device = next(iter(theta.values())).device
                 here = {n: p.detach() for n, p in self.module.named_parameters()}
                 moved = {n: theta[n] + h * direction[n] for n in theta}
-                derivative = torch.zeros_like(reported, dtype=torch.float64)
+                differences = []
                 for piece in pieces:
 
                     def outputs_at(at: dict[str, Tensor], piece: _Piece = piece) -> Any:
@@ -802,8 +818,11 @@ class HarmonizedWeighter:
                     teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
                     base = self._terms(outputs, piece.y, teacher_outputs=teachers) if piece.recompute else piece.terms
                     plus = self._terms(outputs_at(moved), piece.y, teacher_outputs=teachers)
-                    factor = piece.factor.double() if isinstance(piece.factor, Tensor) else piece.factor
-                    derivative = derivative + factor * (plus.double() - base.double()) / h
+                    difference = (plus.double() - base.double()) / h
+                    if isinstance(piece.factor, Tensor):  # the factor the loop's backward used
+                        difference = difference * piece.factor.double()
+                    differences.append(difference)
+                derivative = differences[0] if len(differences) == 1 else torch.stack(differences).sum(0)
             derivative = self._reducer.mean([derivative])[0]
         gamma_grad = (-derivative).to(self.gamma) * self._active
         return self._apply(gamma_grad, objective, exit_losses, reported.detach())
@@ -1044,7 +1063,7 @@ class _Piece:
     outputs: Any
     replay: Callable[[], Any]
     recompute: bool
-    factor: Tensor | float | None = 1.0
+    factor: Tensor | None = None  # None: 1
 
 
 def _batch_size(y: Any) -> int:

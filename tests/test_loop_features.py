@@ -352,8 +352,9 @@ def all_pairs(seed: int = 0) -> list[Case]:
     cases = []
     while uncovered:
         best, gain = None, -1
+        pool = sorted(uncovered, key=str)
         for _ in range(60):
-            a, u, b, v = rng.choice(sorted(uncovered, key=str))
+            a, u, b, v = rng.choice(pool)
             candidate = {n: rng.choice(AXES[n]) for n in names}
             candidate.update({a: u, b: v})
             case = Case(**candidate)
@@ -611,3 +612,17 @@ def test_a_compiled_model_drawing_random_numbers_is_refused_by_the_fast_mode(for
     with pytest.raises(ValueError, match="compile.*random numbers.*mode='exact'"):
         w.meta_step((x, y), (x, y)) if form == "fast, two calls" else w.step((x, y), (x, y))
     assert same(before, state(model, optimizer, w))
+
+
+def test_fast_step_whose_validation_pass_fails_keeps_the_weighter_s_state():
+    """The one-call fast form steps the model before its validation pass: a bad validation batch then
+    leaves the model stepped (a plain step with the gamma it had) and the weighter as it was."""
+    model, optimizer, criterion, validation, _ = build(Case(form="fast, step()", optimizer="momentum"))
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd")
+    train = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    w.step(train, train)
+    own = (copy.deepcopy(w.state_dict()), w.num_calls, w.num_meta_steps)
+    with pytest.raises(ValueError):
+        w.step(train, (train[0], torch.full_like(train[1], 7)))  # labels out of range
+    assert same(own, (w.state_dict(), w.num_calls, w.num_meta_steps))
+    assert w.step(train, train).ran
