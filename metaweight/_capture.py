@@ -167,7 +167,6 @@ class Pending:
 
     micro: list[Micro]
     after_backward: GradSnapshot | None = None
-    dropped: int = 0  # micro-batches whose gradients a zero_grad between backwards discarded
     cleared: Tensor | None = None  # on the device: whether what changed between backwards was a zeroing
     theta: dict[str, Tensor] | None = None
     jac: list[Tensor | float] | None = None
@@ -215,7 +214,6 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
                 pending.cleared = zero if pending.cleared is None else pending.cleared & zero
                 for m in earlier:
                     m.factor = None
-                pending.dropped += len(earlier)
         micro.factor = grad.detach().clone() if micro.factor is None else micro.factor + grad.detach()
         # twice deferred: after DistributedDataParallel's own end-of-backward callback has averaged
         Variable._execution_engine.queue_callback(lambda: Variable._execution_engine.queue_callback(snapshot))

@@ -223,6 +223,7 @@ class HarmonizedWeighter:
         self.model = model
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
         self._compiled = _is_compiled(model)
+        self._sparse_modules = _sparse_modules(module)  # refused by step(), before anything changes
         self._reducer = Reducer(ddp.process_group) if ddp is not None else Reducer(enabled=False)
         self.optimizer = optimizer
         self._inner_optimizer = inner  # what the look-ahead replays (unwrapped from Accelerate/Lightning)
@@ -546,7 +547,7 @@ class HarmonizedWeighter:
             return self._fast_step(train_batch, val_batch)
         x, y = _unpack(train_batch, "train_batch")
         keep = self.reuse_forward and self._backend is not None and self._backend.reuses_forward
-        sparse = _sparse_modules(self.module)
+        sparse = self._sparse_modules
         if sparse:
             raise ValueError(f"step() takes the model's step itself, checking every gradient for finiteness, which the "
                              f"sparse gradients of {sparse} (sparse=True) do not allow. Build them with sparse=False, "
