@@ -245,7 +245,9 @@ def rescale_between(before: Sequence[Tensor | None], after: Sequence[Tensor | No
     s = torch.where(aa > 0, ab / torch.where(aa > 0, aa, 1.0), 1.0)
     residual = (b - s * a).square().sum()
     both_zero = (aa == 0) & (bb == 0)
-    common = both_zero | ((residual <= TOLERANCE**2 * bb) & (s > 0) & (aa > 0))
+    # a rescale rounds each entry once: half-precision gradients get a tolerance of their own rounding
+    tolerance = max(TOLERANCE, 16 * max(torch.finfo(t.dtype).eps for t, _ in pairs))
+    common = both_zero | ((residual <= tolerance**2 * bb) & (s > 0) & (aa > 0))
     return torch.stack([common.double(), s, bb])
 
 
