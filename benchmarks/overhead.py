@@ -103,10 +103,13 @@ def setup(model_name, device, batch_size, name):
     optimizer = make_optimizer(model)
     train, val = batches(device, batch_size, val_size)
     x, y = train
+    # every iteration gets new label tensors, as from a data loader (a label check may be remembered
+    # for the same tensor; a benchmark that reused one would not pay for it)
     if loop == "own":
         def own_loop():
             optimizer.zero_grad()
-            loss = sum(F.cross_entropy(o, y) for o in model(x))
+            labels = y.clone()
+            loss = sum(F.cross_entropy(o, labels) for o in model(x))
             loss.backward()
             optimizer.step()
         return own_loop
@@ -115,12 +118,13 @@ def setup(model_name, device, batch_size, name):
     w = make_weighter(model, optimizer, last, options, k)
     if loop == "two-call":
         def two_calls():
-            loss = w.loss(model(x), y)
+            loss = w.loss(model(x), y.clone())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         return two_calls
-    return lambda: w.step(train, val)
+    xv, yv = val
+    return lambda: w.step((x, y.clone()), (xv, yv.clone()))
 
 
 def batches(device, batch_size, val_size, classes=100):
@@ -161,10 +165,23 @@ LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaun
             "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
 
 
+# ATen ops that only describe memory (views, allocations, metadata): no kernel runs for them on a GPU
+METADATA_OPS = frozenset(f"aten::{name}" for name in (
+    "empty", "empty_strided", "view", "_unsafe_view", "as_strided", "as_strided_", "_reshape_alias", "alias",
+    "detach", "detach_", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "slice", "select",
+    "narrow", "split", "split_with_sizes", "unbind", "unflatten", "resize_", "set_", "is_same_size",
+    "_has_same_storage_numel", "result_type", "resolve_conj", "resolve_neg", "_make_dual", "_unpack_dual",
+    "lift_fresh", "_efficientzerotensor", "_conj", "_neg_view", "view_as_real", "to"))
+HOST_READ = "metaweight::host_read"  # the library's one read of a step's values (a .cpu().tolist())
+
+
 def count(iterate, device, iterations=UNIT):
     """Per call of ``iterate``, from torch.profiler: leaf ATen ops (``aten::`` ops with no ``aten::``
-    op below them) and host reads (``aten::_local_scalar_dense``); on CUDA also GPU kernel
-    milliseconds, kernel launches and host synchronisations."""
+    op below them); launch-equivalent ops (the leaf ops that would run a kernel on a GPU: leaf ops
+    less :data:`METADATA_OPS`, and a multi-tensor ``_foreach_*`` op as one, since on a GPU it is one
+    launch where the CPU loops over its tensors); host reads (``aten::_local_scalar_dense`` and the
+    library's ``metaweight::host_read``); on CUDA also GPU kernel milliseconds, kernel launches and host
+    synchronisations."""
     cuda = device.startswith("cuda")
     sync(device)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -180,8 +197,23 @@ def count(iterate, device, iterations=UNIT):
             below[key] = any(c.name.startswith("aten::") or aten_below(c) for c in event.cpu_children)
         return below[key]
 
+    under_foreach: set[int] = set()
+
+    def mark(event) -> None:
+        for c in event.cpu_children:
+            under_foreach.add(id(c))
+            mark(c)
+
+    multi = [e for e in events if e.name.startswith(("aten::_foreach_", "aten::_amp_foreach_", "aten::_fused_"))]
+    for e in multi:
+        mark(e)
+    multi_ids = {id(e) for e in multi}
+    launches = sum(1 for e in multi if id(e) not in under_foreach)
+    launches += sum(e.name.startswith("aten::") and not aten_below(e) and e.name not in METADATA_OPS
+                    and id(e) not in under_foreach and id(e) not in multi_ids for e in events)
     counts = {"leaf_ops": sum(e.name.startswith("aten::") and not aten_below(e) for e in events) / iterations,
-              "host_reads": sum(e.name == "aten::_local_scalar_dense" for e in events) / iterations}
+              "kernel_ops": launches / iterations,
+              "host_reads": sum(e.name in ("aten::_local_scalar_dense", HOST_READ) for e in events) / iterations}
     if cuda:
         on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         kernels = [e for e in on_gpu if not e.name.startswith(("Memcpy", "Memset"))]
@@ -283,6 +315,7 @@ def main(argv=None):
         base = counts[BASELINE]
         for name in names:
             rows[name]["ops_ratio"] = counts[name]["leaf_ops"] / base["leaf_ops"]
+            rows[name]["kernel_ops_ratio"] = counts[name]["kernel_ops"] / base["kernel_ops"]
         if not args.counts_only:
             times = time_variants(model_name, args.device, args.batch_size, args.rounds, names)
             for name in names:
@@ -298,6 +331,7 @@ def main(argv=None):
                                                ("time x", "time_ratio", "{:.2f}"), ("peak MiB", "peak_mib", "{:.0f}"),
                                                ("mem x", "memory_ratio", "{:.2f}")]
         columns += [("ops/iter", "leaf_ops", "{:.0f}"), ("ops x", "ops_ratio", "{:.2f}"),
+                    ("kops/iter", "kernel_ops", "{:.0f}"), ("kops x", "kernel_ops_ratio", "{:.2f}"),
                     ("reads/iter", "host_reads", "{:.1f}")]
         if "kernel_ms" in base:
             columns += [("kernel ms", "kernel_ms", "{:.1f}"), ("launches", "launches", "{:.0f}"),

@@ -9,7 +9,6 @@ weighter holds the object and never compares names.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -87,9 +86,23 @@ class _Directional(Backend):
     def meta_gradient(self, module: nn.Module, optimizer: torch.optim.Optimizer, terms: Terms, objective: Objective,
                       gamma: Tensor, train: tuple[Any, Any], val: tuple[Any, Any], *,
                       lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
-        return meta_gradient(module, optimizer, terms, objective, gamma, train, val, backend=self.name,
-                             lookahead_names=lookahead_names, keep_graph=keep_graph, fd_epsilon=self.fd_epsilon,
-                             reducer=reducer)
+        # activation checkpointing recomputes at backward time, after functional_call has put theta back:
+        # the validation gradient would be taken partly at theta instead of theta'
+        try:
+            with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINTING):
+                return meta_gradient(module, optimizer, terms, objective, gamma, train, val, backend=self.name,
+                                     lookahead_names=lookahead_names, keep_graph=keep_graph,
+                                     fd_epsilon=self.fd_epsilon, reducer=reducer)
+        except RuntimeError as exc:
+            if _CHECKPOINTING not in str(exc):
+                raise
+            raise ValueError(_CHECKPOINTING.format(backend=self.name)) from None
+
+
+_CHECKPOINTING = (
+    "The model uses activation checkpointing (or other saved-tensor hooks), which recompute the forward at backward "
+    "time with the model's own parameters, not the look-ahead's: backend='{backend}' would take the validation "
+    "gradient at the wrong point. Use backend='higher' or mode='fast', or turn checkpointing off for the weighter.")
 
 
 class JvpBackend(_Directional):

@@ -22,7 +22,6 @@ so BatchNorm statistics are not touched; the optimizer's state is read, never wr
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -145,7 +144,7 @@ def validation_direction(model: nn.Module, validation: Objective, params: dict[s
     objective = validation.objective(exit_losses)
     (weights,) = torch.autograd.grad(objective, exit_losses)
     v = torch.autograd.grad((weights * local).sum(), [params[n] for n, _ in movable], allow_unused=True)
-    v = reducer.mean(_or_zeros(v, movable))
+    v = [t.to_dense() if t.layout != torch.strided else t for t in reducer.mean(_or_zeros(v, movable))]  # (embeddings)
     return objective.detach(), exit_losses.detach(), dict(zip((n for n, _ in movable), scale(v, jac)))
 
 

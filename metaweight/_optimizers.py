@@ -194,8 +194,9 @@ def lookahead_update(
             continue
         state = optimizer.state.get(p, {})  # keyed by the parameter itself: look up before detaching
         keys = tuple(sorted(k for k, v in state.items() if isinstance(v, Tensor) and k != "step"))
-        buckets.setdefault((id(group), p.device, p.dtype, g.dtype, keys, steps.get(i)), []).append(i)
-    for (_, _, _, _, keys, step), idx in buckets.items():
+        sparse = i if g.layout != torch.strided else None  # a sparse gradient steps on its own, unflattened
+        buckets.setdefault((id(group), p.device, p.dtype, g.dtype, keys, steps.get(i), sparse), []).append(i)
+    for (_, _, _, _, keys, step, _), idx in buckets.items():
         group = where[id(params[idx[0]])]
         if jacobian_only and not adam:
             c = _sgd_jacobian("momentum_buffer" in keys, group)
@@ -229,16 +230,16 @@ def lookahead_update(
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    """One vector of the tensors' entries (a view for a single contiguous tensor)."""
+    """One vector of the tensors' entries (a single tensor, sparse ones included, as it is)."""
     if len(tensors) == 1:
-        return tensors[0].reshape(-1)
+        return tensors[0]
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _unflat(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Views of ``flat`` shaped as ``like``."""
     if len(like) == 1:
-        return [flat.view(like[0].shape)]
+        return [flat]
     return [v.view(t.shape) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
 
 

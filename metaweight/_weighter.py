@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Union
@@ -16,7 +16,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._hypergradient import (Reducer, _clone_buffers, along, call_with, difference, replay_randomness,
+from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, clip_direction, module_modes,
+                                 rewound_to, rng_state, same_rng_state, sparse_message, watch_backward)
+from metaweight._hypergradient import (Reducer, along, call_with, difference, replay_randomness,
                                       step_length, validation_direction)
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
@@ -216,9 +218,13 @@ class HarmonizedWeighter:
                                          restricted=self._lookahead_names is not None, terms=terms,
                                          fd_epsilon=fd_epsilon)
             backend = self._backend.name
+            _check_sparse(module, mode, backend)
+            _check_hooks(module, mode, backend)
 
         self.model = model
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
+        self._compiled = _is_compiled(model)
+        self._sparse_modules = _sparse_modules(module)  # refused by step(), before anything changes
         self._reducer = Reducer(ddp.process_group) if ddp is not None else Reducer(enabled=False)
         self.optimizer = optimizer
         self._inner_optimizer = inner  # what the look-ahead replays (unwrapped from Accelerate/Lightning)
@@ -270,10 +276,16 @@ class HarmonizedWeighter:
         self.num_meta_steps = 0
         self.last_terms: Tensor | None = None
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
-        self._pending: _Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
+        self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
         self._step_hook: RemovableHandle | None = None
+        self._watch: ForwardWatch | None = None
+        self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn:
-            self._step_hook = inner.register_step_pre_hook(_StepCapture(self))
+            self._step_hook = inner.register_step_pre_hook(StepCapture(self, _before_step))
+            # the training forward's random numbers and modes, for the two-call form's difference
+            self._watch = ForwardWatch(self, device)
+            self._forward_hooks = (model.register_forward_pre_hook(self._watch.before),
+                                   model.register_forward_hook(self._watch.after))
 
     # ----------------------------------------------------------------------------- set-up
     def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:
@@ -342,16 +354,31 @@ class HarmonizedWeighter:
         the step.
         """
         terms = self._terms(outputs, target)
-        if self.mode == "fast" and self.learn:
+        weighted = self._weighted(terms)
+        if self.mode == "fast" and self.learn and weighted.requires_grad:
+            self._keep_for_meta_step(outputs, terms, target, weighted)
+        return weighted
+
+    def _keep_for_meta_step(self, outputs: Any, terms: Tensor, target: Any, weighted: Tensor) -> None:
+        """``mode="fast"``, two-call form: keep this loss for the meta step after the optimizer's step. A
+        loss after another one the optimizer has not stepped on yet is a micro-batch of the same step
+        (gradient accumulation); the hook on ``weighted`` tells which losses the step really used."""
+        if self.num_calls % self.meta_every:
             self._pending = None
-            if self.num_calls % self.meta_every == 0:  # the next meta_step call runs a look-ahead
-                device = terms.device.type
-                low = torch.is_autocast_enabled(device) or any(
-                    isinstance(o, Tensor) and o.dtype in (torch.float16, torch.bfloat16)
-                    for o in tree_leaves(outputs))
-                self._pending = _Pending(tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs),
-                                         terms.detach(), target, low)
-        return self._weighted(terms)
+            return
+        low = torch.is_autocast_enabled(terms.device.type) or any(
+            isinstance(o, Tensor) and o.dtype in (torch.float16, torch.bfloat16) for o in tree_leaves(outputs))
+        record = self._watch.take() if self._watch is not None else None
+        micro = Micro(tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs), terms.detach(), target,
+                      low, record)
+        if self._pending is None or self._pending.theta is not None:
+            self._pending = Pending([micro])
+        else:
+            self._pending.micro.append(micro)
+        watch_backward(self, self._pending, micro, weighted)
+
+    def _trainable(self) -> list[tuple[str, Tensor]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
     def _weighted(self, terms: Tensor) -> Tensor:
         """Remember the terms for :meth:`terms_dict` and weight them by gamma, as a constant."""
@@ -371,12 +398,20 @@ class HarmonizedWeighter:
             optimizer.step()                         # or scaler.step(optimizer)
             weighter.meta_step((x, y), val_batch)    # gamma for the next iteration
 
-        The weighter sees the optimizer's step through a step pre-hook (the gradients as the
-        optimizer gets them: unscaled by a ``GradScaler``, after your clipping); a step the
-        optimizer did not take (a ``GradScaler`` that found inf/NaN) gives a skipped record
-        and leaves gamma alone. Models with dropout (modules whose class name contains
-        "Drop", in training mode) or a forward under autocast cost one forward more: the
-        difference then recomputes its base point in float32 with the same random numbers.
+        The meta-gradient is that of the step the loop really took: the weighter reads the loop
+        through a hook on the returned loss (the factor its backward used), the gradients at the
+        end of each backward, an optimizer step pre-hook (the gradients as the optimizer gets
+        them, its state) and forward hooks on the model (the random numbers and modes of the
+        training forward); see :mod:`metaweight._capture`. ``clip_grad_norm_`` over all
+        parameters and a ``GradScaler``'s unscaling are differentiated through; several
+        ``loss()`` calls and backwards before one step (gradient accumulation) are one step,
+        scored on the whole batch, the micro-batches concatenated in order; any other change of
+        the gradients between backward and step is refused with a ``ValueError``, as is a batch
+        or a module mode other than the step's, before anything changes. A step the optimizer
+        did not take (a ``GradScaler`` that found inf/NaN) gives a skipped record and leaves
+        gamma alone. A training forward that drew random numbers (dropout, stochastic depth,
+        whatever the module is called) or ran under autocast costs one forward more: the
+        difference then recomputes its base point in float32 with that forward's random numbers.
 
         Args:
             train_batch: ``(x, y)``: the training inputs and labels of this iteration.
@@ -412,10 +447,14 @@ class HarmonizedWeighter:
         train = _unpack(train_batch, "train_batch")
         val = _unpack(val_batch, "val_batch")
         assert self._backend is not None
-        result = self._backend.meta_gradient(
-            self.module, self._inner_optimizer, self._terms, self._objective, self.gamma.detach(), train, val,
-            lookahead_names=self._lookahead_names, keep_graph=keep_graph, reducer=self._reducer,
-        )
+        try:
+            result = self._backend.meta_gradient(
+                self.module, self._inner_optimizer, self._terms, self._objective, self.gamma.detach(), train, val,
+                lookahead_names=self._lookahead_names, keep_graph=keep_graph, reducer=self._reducer,
+            )
+        except Exception:
+            self.num_calls -= 1  # a meta step that raised did not happen
+            raise
         gamma_grad = result.gamma_grad * self._active
         pending = self._step_gamma(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
         return pending, (result.terms if keep_graph else None)
@@ -551,6 +590,12 @@ class HarmonizedWeighter:
             return self._fast_step(train_batch, val_batch)
         x, y = _unpack(train_batch, "train_batch")
         keep = self.reuse_forward and self._backend is not None and self._backend.reuses_forward
+        sparse = self._sparse_modules
+        if sparse:
+            raise ValueError(f"step() takes the model's step itself, checking every gradient for finiteness, which the "
+                             f"sparse gradients of {sparse} (sparse=True) do not allow. Build them with sparse=False, "
+                             f"or call meta_step (backend='higher' or 'finite_difference') in your own loop. Nothing "
+                             f"was changed.")
         saved = self._snapshot()
         self._check_labels(train_batch, val_batch)
         try:
@@ -567,15 +612,19 @@ class HarmonizedWeighter:
                 metrics = self._meta_outcome(pending, step.meta, call_hooks=False)  # raises if refused, "raise"
             else:
                 metrics = pending
-        except Exception:
+            if step.finite:  # torch's optimizers check their input before writing anything
+                self.optimizer.step()
+        except Exception as exc:
             self.optimizer.zero_grad(set_to_none=True)
             self._restore(saved)
-            raise
+            explained = _explained(exc, self._trainable(), "step() checks every gradient for finiteness")
+            if explained is exc:
+                raise
+            raise explained from exc
         if not step.finite:
             message = self._refuse_model_step(step, saved)
             return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=True, terms=step.terms,
                                        gamma=metrics.gamma or step.gamma, message=message)
-        self.optimizer.step()
         record = dataclasses.replace(metrics, loss=step.loss, model_step_skipped=False, terms=step.terms,
                                      gamma=metrics.gamma or step.gamma)
         if record.ran and not record.skipped:
@@ -630,17 +679,22 @@ class HarmonizedWeighter:
         gives :math:`\nabla_\gamma = -\partial_w L(\theta)`, which updates gamma for the next step."""
         x, y = _unpack(train_batch, "train_batch")
         xv, yv = _unpack(val_batch, "val_batch")
+        saved = self._snapshot()  # before the count: anything raised or refused below leaves it as it was
         self.num_calls += 1
         run_meta = (self.num_calls - 1) % self.meta_every == 0
-        saved = self._snapshot()
         self._check_labels(train_batch, val_batch)
         self._pending = None
-        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        named = self._trainable()
         device = next(p.device for _, p in named)
         low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
+        if self._watch is not None:
+            self._watch.paused = True  # this forward's random numbers are replayed below
         try:
             with replay_randomness(device) as replay:
+                start = rng_state(device) if self._compiled and run_meta else None
                 outputs = call_model(self.model, x)
+                if start is not None and not same_rng_state(start, rng_state(device)):
+                    raise ValueError(_COMPILED_RANDOM)
                 terms = self._terms(outputs, y)
                 loss = self._weighted(terms)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -650,9 +704,15 @@ class HarmonizedWeighter:
                     theta, jac = _before_step(self._inner_optimizer, named, [p.grad for _, p in named])
                 if step.finite:
                     self.optimizer.step()
-        except Exception:
+        except Exception as exc:
             self._restore(saved)
-            raise
+            explained = _explained(exc, named, "mode='fast' replays the optimizer's step on dense gradients only")
+            if explained is exc:
+                raise
+            raise explained from exc
+        finally:
+            if self._watch is not None:
+                self._watch.paused = False
         if not step.finite:
             message = self._refuse_model_step(step, saved)
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=step.gamma,
@@ -660,12 +720,25 @@ class HarmonizedWeighter:
         if not run_meta:
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=step.gamma,
                                   terms=step.terms, loss=step.loss, model_step_skipped=False)
-        record = self._fast_meta(named, theta, jac, terms.detach(), outputs, x, y, xv, yv, self._buffers.as_dict(),
-                                 replay, recompute_base=low)
+        piece = _Piece(x, y, terms.detach(), outputs, replay, low)
+        try:
+            record = self._fast_meta(named, theta, jac, [piece], xv, yv, self._buffers.as_dict())
+        except Exception:
+            # the model's step is taken (a plain step with the gamma it had); the weighter's own state is kept
+            self._restore_own(saved)
+            raise
         return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
+    def _restore_own(self, saved: _Saved) -> None:
+        """Put back the weighter's own state from ``saved`` (:meth:`_snapshot`), not the model's buffers."""
+        if saved.state is not None:
+            saved.state.restore(self.gamma)
+        self.num_calls, self.num_meta_steps, self.num_skipped = saved.num_calls, saved.num_meta_steps, \
+            saved.num_skipped
+
     def _fast_meta_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
-        """``mode="fast"``, two-call form: the meta step after the user's own step (see :meth:`meta_step`)."""
+        """``mode="fast"``, two-call form: the meta step after the user's own step (see :meth:`meta_step`).
+        Everything it can refuse is checked before anything changes."""
         x, y = _unpack(train_batch, "train_batch")
         xv, yv = _unpack(val_batch, "val_batch")
         run_meta = self.num_calls % self.meta_every == 0
@@ -675,59 +748,153 @@ class HarmonizedWeighter:
                              "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "
                              "loss.backward(); optimizer.step(); weighter.meta_step((x, y), val_batch). "
                              "(Or call weighter.step(train_batch, val_batch), which does all of it.)")
-        if run_meta and not _same_target(pending.target, y):
-            raise ValueError("meta_step got another training batch than the weighter.loss call before it: pass the "
-                             "batch (x, y) whose loss the optimizer just stepped on.")
+        plan = self._fast_plan(pending, x, y) if run_meta else None
         self._pending = None
         self.num_calls += 1
         if not run_meta:
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict())
-        assert pending is not None
-        if pending.theta is None or pending.jac is None:
+        if plan is None:
             message = ("The optimizer did not step since weighter.loss (e.g. a GradScaler found inf/NaN gradients "
                        "and skipped it): there is no look-ahead to score, gamma is unchanged.")
             return MetaStepRecord(self.num_calls, skipped=True, meta_step=self.num_meta_steps,
                                   gamma=self.gamma_dict(), message=message)
-        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
-        stochastic = any(m.training and "drop" in type(m).__name__.lower() for m in self.module.modules())
+        assert pending is not None and pending.theta is not None and pending.jac is not None
+        stepped, inputs, transform = plan
+        named = self._trainable()
         device = next(p.device for _, p in named)
-        with replay_randomness(device) as replay:
-            return self._fast_meta(named, pending.theta, pending.jac, pending.terms, pending.outputs, x, y, xv, yv,
-                                   _clone_buffers(self.module), replay, recompute_base=pending.low or stochastic)
+        try:
+            with replay_randomness(device) as replay:
+                pieces = []
+                for micro, (xi, yi) in zip(stepped, inputs):
+                    record = micro.forward
+                    if record is not None:  # replay the training forward's own random numbers
+                        again = functools.partial(rewound_to, record.start, device)
+                        pieces.append(_Piece(xi, yi, micro.terms, micro.outputs, again, micro.low or record.drew,
+                                             micro.factor))
+                    else:  # a forward the hooks did not see: a consistent difference from our own numbers
+                        pieces.append(_Piece(xi, yi, micro.terms, micro.outputs, replay, True, micro.factor))
+                return self._fast_meta(named, pending.theta, pending.jac, pieces, xv, yv,
+                                       dict(self.module.named_buffers()), transform)  # (copied per forward)
+        except Exception:
+            self._pending, self.num_calls = pending, self.num_calls - 1
+            raise
+
+    def _fast_plan(self, pending: Pending, x: Any, y: Any
+                   ) -> tuple[list[Micro], list[tuple[Any, Any]], Callable[[dict[str, Tensor]], dict[str, Tensor]] | None
+                              ] | None:
+        """Check what the two-call form's loop did and say how to score its step: the losses the step
+        used, their inputs, and the map :math:`w \\mapsto J_T^\\top w` of what happened to the gradients
+        between backward and step (``None`` for none). ``None`` when the optimizer did not step.
+        Raises a ``ValueError`` for what cannot be scored, before anything changes."""
+        if pending.error is not None:
+            raise ValueError(pending.error + " gamma is unchanged.")
+        stepped = pending.stepped()
+        if pending.theta is None:
+            last = stepped[-1] if stepped else pending.micro[-1]
+            if len(stepped) <= 1 and not _same_target(last.target, y):
+                raise ValueError(_OTHER_BATCH)
+            return None
+        if not stepped:
+            raise ValueError("The optimizer stepped, but no backward went through the loss weighter.loss returned "
+                             "(backpropagate that loss, or a multiple of it, before optimizer.step()). gamma is "
+                             "unchanged.")
+        inputs = _micro_inputs(stepped, x, y)
+        modes = module_modes(self.module)
+        if any(m.forward is not None and m.forward.modes != modes for m in stepped):
+            raise ValueError("Some modules changed between train and eval mode since the training forward: the "
+                             "look-ahead must run them as the step did. Call meta_step before switching modes "
+                             "(e.g. before model.eval()). gamma is unchanged.")
+        if self._compiled and any(m.forward is not None and m.forward.drew for m in stepped):
+            raise ValueError(_COMPILED_RANDOM)
+        return stepped, inputs, self._gradient_transform(pending, stepped)
+
+    def _gradient_transform(self, pending: Pending, stepped: list[Micro]
+                            ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
+        """How the gradients the optimizer stepped on came from those backward left (see
+        :mod:`metaweight._capture`), as the map applied to the direction; one host read."""
+        if pending.rescale is None and pending.inv_scale is None and pending.cleared is None:
+            return None
+        device = self.gamma.device
+        rescale = pending.rescale if pending.rescale is not None else torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+        inv = pending.inv_scale if pending.inv_scale is not None else torch.ones((), dtype=torch.float64)
+        total = sum((m.factor.double().to(device) for m in stepped if m.factor is not None),
+                    torch.zeros((), dtype=torch.float64, device=device))
+        cleared = pending.cleared if pending.cleared is not None else torch.tensor(True)
+        common, s_t, norm2, s, r, ok = torch.stack([
+            rescale[0].to(device), rescale[1].to(device), rescale[2].to(device), (rescale[1].to(device) * inv.to(device)),
+            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double()]).tolist()
+        if not ok:
+            raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
+                             "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
+                             "Transform the gradients once, after the last backward. gamma is unchanged.")
+        if not common:
+            raise ValueError("Between loss.backward() and optimizer.step() the gradients changed by something other "
+                             "than one common rescale of all of them (e.g. clip_grad_value_, or clip_grad_norm_ over "
+                             "only some parameters): mode='fast' cannot differentiate through that step. Use "
+                             "clip_grad_norm_ over all parameters (or a GradScaler), or mode='exact'. gamma is "
+                             "unchanged.")
+        if abs(s - 1) <= TOLERANCE:
+            return None
+        if abs(r - 1) <= 10 * TOLERANCE:  # unscaling (a GradScaler): the step used the losses' own gradient
+            return lambda direction: {n: w * s for n, w in direction.items()}
+        if r > 1:
+            raise ValueError(f"The optimizer got gradients {r:.4g} times those of the losses weighter.loss returned "
+                             f"(with the factors their backwards used): a rescale that is neither unscaling nor norm "
+                             f"clipping (e.g. several undivided micro-batch losses under a GradScaler). Divide each "
+                             f"accumulated loss by their number. gamma is unchanged.")
+        seen = pending.seen
+        assert seen is not None
+        named = self._trainable()
+        norm = math.sqrt(norm2) * (s / s_t if s_t else 1.0)
+        unclipped = norm / r  # |u|: the gradient clip_grad_norm_ got, whose rescale by r the step used
+        rho = unclipped / (unclipped + 1e-6)  # torch.nn.utils.clip_grad_norm_ divides by |u| + 1e-6
+        return lambda direction: clip_direction(direction, named, seen, torch.tensor(s, dtype=torch.float64), rho)
 
     def _fast_meta(self, named: list[tuple[str, Tensor]], theta: dict[str, Tensor], jac: list[Tensor | float],
-                   terms: Tensor, outputs: Any, x: Any, y: Any, xv: Any, yv: Any, buffers: dict[str, Tensor],
-                   replay: Callable[[], Any], recompute_base: bool) -> MetaStepRecord:
+                   pieces: list[_Piece], xv: Any, yv: Any, buffers: dict[str, Tensor],
+                   transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> MetaStepRecord:
         r"""Fast mode's meta-gradient, the model having stepped from ``theta`` to where it is now:
-        :math:`v = \nabla L_{val}` here, and the one-sided difference of the terms at ``theta`` along
-        :math:`w = D \odot v` (``jac`` is D), from ``terms`` (or, with ``recompute_base``, from the terms
-        recomputed in float32 under ``replay``, for half-precision or random forwards)."""
-        reported = terms  # the terms of the training forward, whatever the difference recomputes
+        :math:`v = \nabla L_{val}` here, :math:`w = J_T^\top (D \odot v)` (``jac`` is D, ``transform``
+        :math:`J_T^\top`), and the sum over the step's losses (``pieces``, each with the factor its
+        backward used) of the one-sided difference of the terms at ``theta`` along :math:`w`, from each
+        loss's own terms (or, with ``recompute``, from the terms recomputed in float32 under its
+        ``replay``, for half-precision or random forwards)."""
+        # the terms of the training forwards, whatever the difference recomputes
+        reported = pieces[0].terms
+        if len(pieces) > 1:  # gradient accumulation: the average over the whole batch
+            sizes = [float(_batch_size(p.y)) for p in pieces]
+            reported = sum(p.terms.double() * (n / sum(sizes)) for p, n in zip(pieces, sizes)).to(reported.dtype)
         # the model stepped in place: half-precision copies autocast cached of the old weights are stale
         torch.clear_autocast_cache()
         # validation at the parameters the model has now moved to (on copies of its buffers)
         params = {n: p for n, p in self.module.named_parameters()}
         objective, exit_losses, direction = validation_direction(self.module, self._objective, params, xv, yv,
                                                                  named, jac, self._reducer)
+        if transform is not None:
+            direction = transform(direction)
         h = step_length(theta, direction, self.fd_epsilon, order=1)  # one-sided: sqrt(machine eps) x RMS
         with torch.no_grad():
             device = next(iter(theta.values())).device
             here = dict(self.module.named_parameters())  # (no_grad)
-
-            def outputs_at(moved: dict[str, Tensor]) -> Any:
-                # differences of half-precision forwards drown in rounding: these run in full precision
-                with replay(), torch.autocast(device.type, enabled=False):
-                    return call_with(self.module, {**here, **moved}, self._fresh_buffers.copy_of(buffers), x)
-
-            if recompute_base:  # the base point, and the teachers, from the same masks in float32
-                outputs = outputs_at(theta)
-            teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
-            if recompute_base:
-                terms = self._terms(outputs, y, teacher_outputs=teachers)
             names = list(theta)
             moved = dict(zip(names, along([theta[n] for n in names], [direction[n] for n in names], h)))
-            plus = self._terms(outputs_at(moved), y, teacher_outputs=teachers)
-            derivative = difference(plus, terms, h, 1.0)
+            differences = []
+            for piece in pieces:
+
+                def outputs_at(at: dict[str, Tensor], piece: _Piece = piece) -> Any:
+                    # differences of half-precision forwards drown in rounding: these run in full precision
+                    with piece.replay(), torch.autocast(device.type, enabled=False):
+                        return call_with(self.module, {**here, **at}, self._fresh_buffers.copy_of(buffers), piece.x)
+
+                outputs = outputs_at(theta) if piece.recompute else piece.outputs
+                teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
+                base = self._terms(outputs, piece.y, teacher_outputs=teachers) if piece.recompute else piece.terms
+                plus = self._terms(outputs_at(moved), piece.y, teacher_outputs=teachers)
+                change = difference(plus, base, h, 1.0)
+                if isinstance(piece.factor, Tensor):  # the factor the loop's backward used
+                    change = change * piece.factor.double()
+                differences.append(change)
+            derivative = differences[0] if len(differences) == 1 else torch.stack(differences).sum(0)
             derivative = self._reducer.mean([derivative])[0]
         gamma_grad = (-derivative).to(self.gamma) * self._active
         return self._apply(gamma_grad, objective, exit_losses, reported.detach())
@@ -874,6 +1041,59 @@ def _unwrap_model(model: nn.Module) -> tuple[nn.parallel.DistributedDataParallel
     return ddp, model
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``torch.compile`` wraps the model (under DistributedDataParallel or not)."""
+    for _ in range(4):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif callable(getattr(model, "_orig_mod", None)) and isinstance(model._orig_mod, nn.Module):
+            return True
+        else:
+            break
+    return False
+
+
+def _sparse_modules(module: nn.Module) -> list[str]:
+    """The embeddings that give their weight a sparse gradient."""
+    return [name or type(m).__name__ for name, m in module.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+
+
+def _check_sparse(module: nn.Module, mode: str, backend: str) -> None:
+    """Refuse, at construction, sparse gradients where the look-ahead cannot replay them: the fast
+    mode's closed-form step and the ``jvp`` backend's forward-mode pass need dense gradients."""
+    sparse = _sparse_modules(module)
+    if sparse and (mode == "fast" or backend == "jvp"):
+        where = "mode='fast'" if mode == "fast" else "backend='jvp'"
+        raise ValueError(
+            f"The modules {sparse} have sparse=True (sparse gradients), which {where} cannot replay. Build them with "
+            f"sparse=False, or pass mode='exact' with backend='higher' or backend='finite_difference' and call "
+            f"meta_step in your own loop (step() refuses sparse gradients too).")
+
+
+def _check_hooks(module: nn.Module, mode: str, backend: str) -> None:
+    """Refuse, at construction, hooks the look-ahead would not run as the model's step does: gradient
+    hooks on parameters (they change the gradient the optimizer steps on, which the closed-form
+    look-ahead computes without them), and forward hooks under ``higher`` (its patched copy of the
+    model runs the modules' ``forward`` without their hooks)."""
+    hooked = [n for n, p in module.named_parameters() if p.requires_grad and getattr(p, "_backward_hooks", None)]
+    if hooked and (mode == "fast" or backend != "higher"):
+        raise ValueError(
+            f"The parameters {hooked} have gradient hooks (Tensor.register_hook), which may change the gradient the "
+            f"optimizer steps on; {'mode=' + repr(mode) if mode == 'fast' else 'backend=' + repr(backend)} computes "
+            f"the look-ahead's gradient without them. Remove the hooks (transform the gradients between backward and "
+            f"step instead), or use mode='exact' with backend='higher', which runs them.")
+    if mode == "exact" and backend == "higher":
+        forward_hooked = [n or type(m).__name__ for n, m in module.named_modules()
+                          if m._forward_hooks or m._forward_pre_hooks]
+        if forward_hooked or nn.modules.module._global_forward_hooks or \
+                nn.modules.module._global_forward_pre_hooks:
+            raise ValueError(
+                f"The modules {forward_hooked or '(all: global hooks)'} have forward hooks, which backend='higher' "
+                f"does not run (it runs a patched copy of each module's forward). Use backend='jvp' or "
+                f"'finite_difference', which run the model as it is.")
+
+
 def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError(f"`{name}` should be a pair (inputs, labels). Found `{type(batch).__name__}`"
@@ -883,6 +1103,14 @@ def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:
 
 def _count_exits(names: Iterable[str] | None) -> int:
     return sum(1 for n in names or [] if n.startswith("ce["))
+
+
+_OTHER_BATCH = ("meta_step got another training batch than the weighter.loss call before it: pass the batch (x, y) "
+                "whose loss the optimizer just stepped on.")
+_COMPILED_RANDOM = ("The torch.compile'd model drew random numbers (dropout or the like) in its training forward: "
+                    "mode='fast' replays that forward eagerly, whose random numbers differ from the compiled ones. "
+                    "Use mode='exact', or compile a model without random layers (or call the weighter with the "
+                    "uncompiled model).")
 
 
 @dataclasses.dataclass
@@ -919,70 +1147,63 @@ class _ModelStep:
 
 
 @dataclasses.dataclass
-class _Pending:
-    """``mode="fast"``, two-call form: what :meth:`HarmonizedWeighter.loss` saw, and what the
-    optimizer's step pre-hook captured (the parameters before the step, the update's Jacobian)."""
+class _Piece:
+    """One loss of the model's step, for fast mode's one-sided difference: its inputs and labels, its
+    terms and outputs, how to replay its forward's random numbers, whether to recompute its base
+    point, and the factor its backward used."""
 
-    outputs: Any
+    x: Any
+    y: Any
     terms: Tensor
-    target: Any
-    low: bool
-    theta: dict[str, Tensor] | None = None
-    jac: list[Tensor | float] | None = None
+    outputs: Any
+    replay: Callable[[], Any]
+    recompute: bool
+    factor: Tensor | None = None  # None: 1
 
 
-class _StepCapture:
-    """The optimizer step pre-hook of ``mode="fast"``: before the step the optimizer is about to take
-    on the weighted loss of :meth:`HarmonizedWeighter.loss`, keep the parameters and the step's
-    diagonal Jacobian. Holds the weighter weakly; copies of the optimizer get an inert hook."""
+def _batch_size(y: Any) -> int:
+    leaves = [t for t in tree_leaves(y) if isinstance(t, Tensor) and t.dim() > 0]
+    return int(leaves[0].shape[0]) if leaves else 1
 
-    def __init__(self, weighter: HarmonizedWeighter) -> None:
-        self._ref: Callable[[], HarmonizedWeighter | None] = weakref.ref(weighter)
 
-    def __deepcopy__(self, memo: dict) -> _StepCapture:
-        inert = _StepCapture.__new__(_StepCapture)
-        inert._ref = lambda: None
-        return inert
+def _micro_inputs(stepped: list[Micro], x: Any, y: Any) -> list[tuple[Any, Any]]:
+    """The inputs and labels of each loss the step used: the batch itself for one loss; for several
+    (gradient accumulation) the batch must be the micro-batches concatenated in order."""
+    if len(stepped) == 1:
+        if not _same_target(stepped[0].target, y):
+            raise ValueError(_OTHER_BATCH)
+        return [(x, y)]
+    targets = [m.target for m in stepped]
+    sizes = [int(t.shape[0]) if isinstance(t, Tensor) and t.dim() > 0 else -1 for t in targets]
+    total = sum(sizes)
+    whole = (isinstance(y, Tensor) and min(sizes) > 0 and y.dim() > 0 and y.shape[0] == total
+             and _same_target(torch.cat([t.to(y.device) for t in targets]), y))
+    if not whole:
+        raise ValueError(
+            f"This optimizer step accumulated the gradients of {len(stepped)} weighter.loss calls (micro-batches of "
+            f"{sizes} samples): pass meta_step the whole batch, the micro-batches' inputs and labels concatenated in "
+            f"order (e.g. (torch.cat(xs), torch.cat(ys))). It got labels of shape "
+            f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}. gamma is unchanged.")
+    out, start = [], 0
+    for n in sizes:
+        cut = functools.partial(_narrow, start=start, length=n, total=total)
+        out.append((tree_map(cut, x), tree_map(cut, y)))
+        start += n
+    return out
 
-    def __getstate__(self) -> dict:
-        return {}
 
-    def __setstate__(self, state: dict) -> None:
-        self._ref = lambda: None
+def _narrow(t: Any, *, start: int, length: int, total: int) -> Any:
+    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == total:
+        return t.narrow(0, start, length)
+    return t
 
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-        weighter = self._ref()
-        if weighter is None or optimizer is not weighter._inner_optimizer:
-            return None
-        # args are step()'s positional arguments, the optimizer itself first
-        closure = (kwargs or {}).get("closure") or (args[1] if len(args) > 1 else None)
-        if closure is None:
-            self._capture(weighter, optimizer)
-            return None
 
-        def then_capture() -> Any:  # a closure (Lightning) runs the forward and backward inside step()
-            result = closure()
-            self._capture(weighter, optimizer)
-            return result
-
-        if kwargs and "closure" in kwargs:
-            return args, {**kwargs, "closure": then_capture}
-        return (args[0], then_capture, *args[2:]), kwargs
-
-    @staticmethod
-    def _capture(weighter: HarmonizedWeighter, optimizer: torch.optim.Optimizer) -> None:
-        pending = weighter._pending
-        if pending is None or pending.theta is not None:
-            return
-        found_inf = getattr(optimizer, "found_inf", None)  # a GradScaler stepping a fused optimizer
-        if found_inf is not None and float(found_inf) > 0:
-            return
-        scale = getattr(optimizer, "grad_scale", None)
-        named = [(n, p) for n, p in weighter.module.named_parameters() if p.requires_grad]
-        grads = [p.grad for _, p in named]
-        if scale is not None:
-            grads = [g / scale.to(g) if g is not None else None for g in grads]
-        pending.theta, pending.jac = _before_step(optimizer, named, grads)
+def _explained(exc: Exception, named: list[tuple[str, Tensor]], why: str) -> Exception:
+    """``exc``, or a ValueError saying what to do where sparse gradients caused it."""
+    if any(p.grad is not None and p.grad.layout != torch.strided for _, p in named):
+        return ValueError(sparse_message(named, why) + " gamma, the parameters, buffers and optimizer state are "
+                                                       "unchanged.")
+    return exc
 
 
 @torch.no_grad()

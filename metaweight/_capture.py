@@ -1,0 +1,326 @@
+r"""``mode="fast"``, two-call form: how the user's own step was taken, read from the loop itself.
+
+In the two-call form the look-ahead *is* the user's step, :math:`\theta' = \theta - U(T(g))`,
+where :math:`g` is what the backwards left in ``.grad`` and :math:`T` whatever the loop did to
+it before ``optimizer.step()``. The meta-gradient of that step is
+
+.. math::
+    \frac{\partial L_{val}(\theta')}{\partial \gamma_k}
+      = -\sum_i m_i \big\langle J_T^\top (D \odot v),\; \nabla L_k^{(i)}(\theta) \big\rangle ,
+
+summed over the losses :math:`i` that :meth:`HarmonizedWeighter.loss` returned and the loop
+backpropagated with the factor :math:`m_i` (``(loss / 4).backward()``: 1/4; a ``GradScaler``: its
+scale), :math:`v = \nabla L_{val}(\theta')` and :math:`D` the optimizer's diagonal Jacobian. What
+this module reads, without changing anything the loop sees:
+
+* :math:`m_i`: a hook on each returned loss tensor (the gradient it receives in backward);
+* :math:`g`: the gradients at the end of each backward (an engine callback), kept by value;
+* :math:`T`: at the optimizer's step pre-hook, the gradients the optimizer gets are compared
+  with :math:`g`. Unchanged: :math:`J_T = I`. A common rescale :math:`s` of every gradient
+  (``GradScaler.unscale_``, ``clip_grad_norm_``): with :math:`r = s \sum_i m_i` (the rescale
+  relative to the losses' own scale), :math:`r = 1` is read as unscaling (:math:`J_T = sI`) and
+  :math:`r < 1` as norm clipping, :math:`c\,u / (\lVert u\rVert + 10^{-6})`, whose Jacobian is
+  :math:`J_T = s\,(I - \rho\,\hat u \hat u^\top)`, :math:`\rho = \lVert u\rVert / (\lVert u\rVert + 10^{-6})`.
+  Anything else (value clipping, clipping part of the parameters, noise) is refused;
+* the random numbers and train/eval modes of the training forward: a forward pre-hook and hook
+  on the model record the generators' states before it and whether it drew from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Variable
+
+RngState = tuple[Tensor, Tensor | None]
+TOLERANCE = 1e-6  # relative: a rescale that far from 1 is a rescale; a residual that large is no rescale
+
+
+def rng_state(device: torch.device) -> RngState:
+    """The CPU generator's state and, on a CUDA device, that device's (host tensors: no synchronisation)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def same_rng_state(a: RngState, b: RngState) -> bool:
+    return torch.equal(a[0], b[0]) and (a[1] is None or b[1] is None or torch.equal(a[1], b[1]))
+
+
+@contextmanager
+def rewound_to(state: RngState, device: torch.device) -> Iterator[None]:
+    """Run the block from the generators' ``state``, then put them back where they were."""
+    now = rng_state(device)
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(now[0])
+        if now[1] is not None:
+            torch.cuda.set_rng_state(now[1], device)
+
+
+def module_modes(module: nn.Module) -> tuple[bool, ...]:
+    return tuple(m.training for m in module.modules())
+
+
+@dataclasses.dataclass
+class ForwardRecord:
+    """One forward of the user's model: the generators' state before it, whether it drew random
+    numbers (dropout, stochastic depth, functional dropout: any consumer), the modules' modes."""
+
+    start: RngState
+    drew: bool
+    modes: tuple[bool, ...]
+
+
+class _Inert:
+    """Copies and pickles of the user's model or optimizer carry our hooks inert."""
+
+    _ref: Callable[[], Any]
+
+    def __deepcopy__(self, memo: dict) -> _Inert:
+        inert = type(self).__new__(type(self))
+        inert._ref = lambda: None
+        return inert
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._ref = lambda: None
+
+
+class ForwardWatch(_Inert):
+    """A forward pre-hook and hook on the user's model, ``mode="fast"`` only: the record of its last
+    forward, for :meth:`HarmonizedWeighter.loss` to take. Cheap: two reads of the generators' state."""
+
+    def __init__(self, weighter: Any, device: torch.device) -> None:
+        self._ref = weakref.ref(weighter)
+        self.device = device
+        self._start: RngState | None = None
+        self.last: ForwardRecord | None = None
+        self.paused = False  # the weighter's own forwards (the one-call form) need no record
+
+    def before(self, module: nn.Module, args: Any) -> None:
+        if self._ref() is not None and not self.paused:
+            self._start = rng_state(self.device)
+
+    def after(self, module: nn.Module, args: Any, output: Any) -> None:
+        weighter = self._ref()
+        if weighter is None or self.paused or self._start is None:
+            return
+        start, self._start = self._start, None
+        self.last = ForwardRecord(start, not same_rng_state(start, rng_state(self.device)),
+                                  module_modes(weighter.module))
+
+    def take(self) -> ForwardRecord | None:
+        record, self.last = self.last, None
+        return record
+
+
+@dataclasses.dataclass
+class Micro:
+    """One loss that :meth:`HarmonizedWeighter.loss` returned: ``factor`` is the gradient it got in
+    backward (``None`` until then)."""
+
+    outputs: Any
+    terms: Tensor
+    target: Any
+    low: bool
+    forward: ForwardRecord | None
+    factor: Tensor | None = None
+
+
+@dataclasses.dataclass
+class GradSnapshot:
+    """The gradients at the end of a backward: the objects and their versions (to see cheaply whether
+    anything touched them since) and their values."""
+
+    refs: list[tuple[Tensor | None, int]]
+    values: list[Tensor | None]
+
+    @staticmethod
+    def of(grads: Sequence[Tensor | None]) -> GradSnapshot:
+        present = [g for g in grads if g is not None]
+        copies = iter(torch._foreach_mul(present, 1.0) if present else [])
+        return GradSnapshot([(g, g._version if g is not None else -1) for g in grads],
+                            [next(copies) if g is not None else None for g in grads])
+
+    def changed(self, grads: Sequence[Tensor | None]) -> bool:
+        return len(grads) != len(self.refs) or any(
+            g is not ref or (g is not None and g._version != version) for g, (ref, version) in zip(grads, self.refs))
+
+
+@dataclasses.dataclass
+class Pending:
+    """From :meth:`HarmonizedWeighter.loss` to :meth:`HarmonizedWeighter.meta_step`: the losses, the
+    gradients as backward left them, and what the step pre-hook captured: the parameters before
+    the step (``theta``), the step's diagonal Jacobian (``jac``), and the gradients' rescale."""
+
+    micro: list[Micro]
+    after_backward: GradSnapshot | None = None
+    cleared: Tensor | None = None  # on the device: whether what changed between backwards was a zeroing
+    theta: dict[str, Tensor] | None = None
+    jac: list[Tensor | float] | None = None
+    rescale: Tensor | None = None  # on the device: [is a common rescale, s, |T(g)|^2]
+    seen: list[Tensor | None] | None = None  # g, whose direction a common rescale keeps
+    inv_scale: Tensor | None = None  # 1 / the scale a fused optimizer unscales by inside its step
+    error: str | None = None
+
+    def stepped(self) -> list[Micro]:
+        """The losses whose backward the step used, in order."""
+        return [m for m in self.micro if m.factor is not None]
+
+
+def grads_of(named: Sequence[tuple[str, Tensor]]) -> list[Tensor | None]:
+    return [p.grad for _, p in named]
+
+
+def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) -> None:
+    """Hook ``loss`` so that its backward records its factor and, at the end, the gradients."""
+    ref = weakref.ref(weighter)
+
+    def snapshot() -> None:
+        w = ref()
+        if w is None or w._pending is not pending or pending.theta is not None:
+            return
+        named = w._trainable()
+        grads = grads_of(named)
+        if any(g is not None and g.layout != torch.strided for g in grads):
+            pending.error = sparse_message(named)
+            return
+        pending.after_backward = GradSnapshot.of(grads)
+
+    def on_gradient(grad: Tensor) -> None:
+        w = ref()
+        if w is None or w._pending is not pending or pending.theta is not None:
+            return
+        earlier = [m for m in pending.micro if m.factor is not None and m is not micro]
+        if earlier and pending.after_backward is not None:
+            named = w._trainable()
+            grads = grads_of(named)
+            if pending.after_backward.changed(grads):
+                # a zero_grad between two backwards: the earlier losses are not in this step
+                present = [g for g in grads if g is not None]
+                zero = torch.stack(torch._foreach_norm(present)).sum() == 0 if present else torch.tensor(True)
+                pending.cleared = zero if pending.cleared is None else pending.cleared & zero
+                for m in earlier:
+                    m.factor = None
+        micro.factor = grad.detach().clone() if micro.factor is None else micro.factor + grad.detach()
+        # twice deferred: after DistributedDataParallel's own end-of-backward callback has averaged
+        Variable._execution_engine.queue_callback(lambda: Variable._execution_engine.queue_callback(snapshot))
+
+    loss.register_hook(on_gradient)
+
+
+def sparse_message(named: Sequence[tuple[str, Tensor]],
+                   why: str = "mode='fast' replays the optimizer's step on dense gradients only") -> str:
+    sparse = [n for n, p in named if p.grad is not None and p.grad.layout != torch.strided]
+    return (f"The parameters {sparse} have sparse gradients (e.g. nn.Embedding(..., sparse=True)): {why}. Build the "
+            f"embedding with sparse=False, or use mode='exact' with backend='higher' or 'finite_difference' and call "
+            f"meta_step in your own loop.")
+
+
+@torch.no_grad()
+def rescale_between(before: Sequence[Tensor | None], after: Sequence[Tensor | None]) -> Tensor:
+    """``[is a common rescale, s, |after|^2]`` on the device, float64: whether ``after = s * before``
+    for one ``s > 0`` (to :data:`TOLERANCE` relative), with ``s`` fitted by least squares."""
+    pairs = [(a, b) for a, b in zip(before, after) if a is not None or b is not None]
+    if not pairs:
+        return torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    device = next(t for pair in pairs for t in pair if t is not None).device
+    if any((a is None) != (b is None) for a, b in pairs):
+        return torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64, device=device)
+    a = torch.cat([t.reshape(-1).double() for t, _ in pairs])
+    b = torch.cat([t.reshape(-1).double() for _, t in pairs])
+    aa, ab, bb = a @ a, a @ b, b @ b
+    s = torch.where(aa > 0, ab / torch.where(aa > 0, aa, 1.0), 1.0)
+    residual = (b - s * a).square().sum()
+    both_zero = (aa == 0) & (bb == 0)
+    # a rescale rounds each entry once: half-precision gradients get a tolerance of their own rounding
+    tolerance = max(TOLERANCE, 16 * max(torch.finfo(t.dtype).eps for t, _ in pairs))
+    common = both_zero | ((residual <= tolerance**2 * bb) & (s > 0) & (aa > 0))
+    return torch.stack([common.double(), s, bb])
+
+
+class StepCapture(_Inert):
+    """The optimizer step pre-hook of ``mode="fast"``: before the step the optimizer is about to take
+    on the weighted loss of :meth:`HarmonizedWeighter.loss`, keep the parameters, the step's
+    diagonal Jacobian and how the gradients it gets differ from what backward left. Holds the
+    weighter weakly; copies of the optimizer get an inert hook. Never raises into the user's step:
+    what it cannot read is reported by ``meta_step``."""
+
+    def __init__(self, weighter: Any, before_step: Callable[..., tuple[dict[str, Tensor], list[Tensor | float]]]
+                 ) -> None:
+        self._ref = weakref.ref(weighter)
+        self._before_step = before_step
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        weighter = self._ref()
+        if weighter is None or optimizer is not weighter._inner_optimizer:
+            return None
+        # args are step()'s positional arguments, the optimizer itself first
+        closure = (kwargs or {}).get("closure") or (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._capture(weighter, optimizer)
+            return None
+
+        def then_capture() -> Any:  # a closure (Lightning) runs the forward and backward inside step()
+            result = closure()
+            self._capture(weighter, optimizer)
+            return result
+
+        if kwargs and "closure" in kwargs:
+            return args, {**kwargs, "closure": then_capture}
+        return (args[0], then_capture, *args[2:]), kwargs
+
+    def _capture(self, weighter: Any, optimizer: torch.optim.Optimizer) -> None:
+        pending: Pending | None = weighter._pending
+        if pending is None or pending.theta is not None or pending.error is not None:
+            return
+        found_inf = getattr(optimizer, "found_inf", None)  # a GradScaler stepping a fused optimizer
+        if found_inf is not None and float(found_inf) > 0:
+            return
+        try:
+            named = weighter._trainable()
+            grads = grads_of(named)
+            if any(g is not None and g.layout != torch.strided for g in grads):
+                pending.error = sparse_message(named)
+                return
+            scale = getattr(optimizer, "grad_scale", None)
+            if scale is not None:
+                pending.inv_scale = 1.0 / scale.double()
+                grads = [g / scale.to(g) if g is not None else None for g in grads]
+            snapshot = pending.after_backward
+            if snapshot is not None:  # compared by value: GradScaler.unscale_ leaves the versions as they were
+                pending.rescale = rescale_between(snapshot.values, grads_of(named))
+                pending.seen = snapshot.values  # a common rescale keeps the direction
+            pending.theta, pending.jac = self._before_step(optimizer, named, grads)
+        except Exception as exc:  # noqa: BLE001 - the user's step must go on; meta_step reports it
+            pending.theta = None
+            pending.error = f"The weighter could not read the optimizer's step ({type(exc).__name__}: {exc})."
+
+
+def clip_direction(direction: dict[str, Tensor], named: Sequence[tuple[str, Tensor]],
+                   seen: Sequence[Tensor | None], s: Tensor, rho: Tensor | float) -> dict[str, Tensor]:
+    r""":math:`s (w - \rho\,\hat u \langle \hat u, w\rangle)`: the transpose of norm clipping's Jacobian
+    applied to ``direction``, :math:`\hat u` the direction of the clipped gradients ``seen``."""
+    names = [n for n, _ in named]
+    pairs = [(n, g) for n, g in zip(names, seen) if g is not None and n in direction]
+    norm2 = sum((g.double().square().sum() for _, g in pairs), torch.zeros((), dtype=torch.float64))
+    dot = sum(((direction[n].double() * g.double()).sum() for n, g in pairs), torch.zeros((), dtype=torch.float64))
+    along = torch.where(norm2 > 0, dot / torch.where(norm2 > 0, norm2, 1.0), 0.0) * rho
+    out = {}
+    for n, w in direction.items():
+        g = dict(pairs).get(n)
+        moved = w.double() - along * g.double() if g is not None else w.double()
+        out[n] = (s * moved).to(w.dtype)
+    return out

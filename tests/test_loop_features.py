@@ -1,0 +1,628 @@
+"""The loop features a user combines (issue 21): every combination either gives the meta-gradient of the
+step the loop really takes, or is refused with a ValueError/TypeError that changes nothing.
+
+Reference, written independently of the weighter: central differences in float64, in each gamma_k, of
+the validation objective after one real optimizer step on deep copies of the model, optimizer and
+GradScaler, taken the way the loop takes it (its micro-batches, clipping, unscaling, random numbers).
+For mode="exact" the look-ahead is, by definition, the optimizer's own step on the whole batch (the
+meta step comes before the loop's step and cannot see its clipping): the reference takes that step.
+
+The table in docs/guides/loop.md says which features each mode supports; test_the_guide_s_table_...
+checks it against FEATURES below, and every case checks its outcome against FEATURES.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import metaweight as mw
+
+F64 = torch.float64
+GAMMA = (1.0, 0.7, 1.3, 0.5, 0.9, 1.1)
+FORMS = ("exact, jvp", "exact, higher", "exact, finite_difference", "exact, step()", "fast, two calls",
+         "fast, step()")
+TWO_CALL_ONLY = ("clip", "accumulate", "amp")  # features of the user's own loop: no meaning for step()
+
+
+class StochasticDepth(nn.Module):
+    """Drops a residual branch per sample: random, and its name does not say so."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x + branch
+        keep = (torch.rand(x.shape[0], 1, dtype=x.dtype) >= self.p).to(x.dtype) / (1 - self.p)
+        return x + keep * branch
+
+
+class Net(nn.Module):
+    """The issue's 3-exit MLP (Linear 6->8->8->8, tanh, heads 8->4), with optional randomness and a
+    BatchNorm whose mode can differ from the rest."""
+
+    def __init__(self, randomness: str, batchnorm: bool) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.heads = nn.ModuleList([nn.Linear(8, 4) for _ in range(3)])
+        self.randomness = randomness
+        self.drop = nn.Dropout(0.3)
+        self.depth = StochasticDepth(0.3)
+        self.norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
+        self.checkpointed = False
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        h = x
+        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
+            if self.checkpointed and k == 1:  # recomputed at backward time
+                z = checkpoint(lambda u, stage=stage: torch.tanh(stage(u)), h, use_reentrant=False)
+            else:
+                z = torch.tanh(stage(h))
+            if k == 1:
+                z = self.norm(z)
+            if self.randomness == "dropout":
+                z = self.drop(z)
+            elif self.randomness == "functional":  # as Hugging Face attention applies it
+                z = F.dropout(z, 0.3, training=self.training)
+            elif self.randomness == "stochastic depth" and k > 0:
+                z = self.depth(h, z)
+            h = z
+            outputs.append(head(h))
+        return outputs
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "nesterov, wd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "dampening": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.02),
+    "adam, wd": lambda ps: torch.optim.Adam(ps, lr=0.02, weight_decay=0.1),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.02, weight_decay=0.1),
+    "amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.02, amsgrad=True),
+    "maximize": lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    form: str = "fast, two calls"
+    optimizer: str = "sgd"
+    clip: str = "none"  # none | norm | norm, inactive | value
+    accumulate: int = 1
+    amp: bool = False
+    scheduler: bool = False
+    groups: bool = False
+    frozen: bool = False
+    randomness: str = "none"  # none | dropout | functional | stochastic depth
+    eval_part: str = "none"  # none | batchnorm in train | batchnorm in eval
+    model: str = "plain"  # plain | checkpointing | gradient hook | forward hook | weight norm
+
+    def __str__(self) -> str:
+        default = Case()
+        return "|".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                        if f.name == "form" or getattr(self, f.name) != getattr(default, f.name))
+
+
+# what each form supports: "right" (the meta-gradient of the real step) or "refused" (a clear error that
+# changes nothing). The guide's table is checked against this; each case's outcome against the guide.
+FEATURES: dict[str, dict[str, str]] = {
+    "SGD (momentum, Nesterov, weight decay, dampening)": {form: "right" for form in FORMS},
+    "Adam, AdamW, AMSGrad, weight decay": {form: "right" for form in FORMS},
+    "maximize=True": {form: "refused" for form in FORMS},
+    "parameter groups, schedulers, frozen parameters": {form: "right" for form in FORMS},
+    "dropout, functional dropout, stochastic depth": {form: "right" for form in FORMS},
+    "BatchNorm in train or eval mode": {form: "right" for form in FORMS},
+    "activation checkpointing (use_reentrant=False)": {
+        form: "refused" if form in ("exact, jvp", "exact, finite_difference", "exact, step()") else "right"
+        for form in FORMS},
+    "gradient hooks on parameters (Tensor.register_hook)": {
+        form: "right" if form == "exact, higher" else "refused" for form in FORMS},
+    "forward hooks": {form: "refused" if form == "exact, higher" else "right" for form in FORMS},
+    "parametrizations (weight_norm)": {form: "right" for form in FORMS},
+    "clip_grad_norm_ (all parameters)": {"fast, two calls": "right"},
+    "clip_grad_value_": {"fast, two calls": "refused"},
+    "gradient accumulation (losses divided by their number)": {"fast, two calls": "right"},
+    "GradScaler": {"fast, two calls": "right"},
+}
+
+
+def expected(case: Case) -> str:
+    """What FEATURES promises for this combination: refused if any of its features is refused."""
+    rows = ["SGD (momentum, Nesterov, weight decay, dampening)" if case.optimizer in
+            ("sgd", "momentum", "nesterov, wd", "dampening") else
+            "maximize=True" if case.optimizer == "maximize" else "Adam, AdamW, AMSGrad, weight decay"]
+    rows += {"checkpointing": ["activation checkpointing (use_reentrant=False)"],
+             "gradient hook": ["gradient hooks on parameters (Tensor.register_hook)"],
+             "forward hook": ["forward hooks"],
+             "weight norm": ["parametrizations (weight_norm)"]}[case.model] if case.model != "plain" else []
+    if case.clip in ("norm", "norm, inactive"):
+        rows.append("clip_grad_norm_ (all parameters)")
+    if case.clip == "value":
+        rows.append("clip_grad_value_")
+    if case.accumulate > 1:
+        rows.append("gradient accumulation (losses divided by their number)")
+    if case.amp:
+        rows.append("GradScaler")
+    outcomes = [FEATURES[row].get(case.form, "right") for row in rows]
+    return "refused" if "refused" in outcomes else "right"
+
+
+def valid(case: Case) -> bool:
+    two_calls = case.form == "fast, two calls"
+    return two_calls or (case.clip == "none" and case.accumulate == 1 and not case.amp)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def build(case: Case):
+    torch.manual_seed(0)
+    model = Net(case.randomness, batchnorm=case.eval_part != "none").to(F64)
+    if case.model == "checkpointing":
+        model.checkpointed = True
+    elif case.model == "gradient hook":
+        model.stages[1].weight.register_hook(lambda g: 0.5 * g)
+    elif case.model == "forward hook":
+        model.stages[1].register_forward_hook(lambda module, args, out: 2.0 * out)
+    elif case.model == "weight norm":  # built from two parameters by a parametrization
+        torch.nn.utils.parametrizations.weight_norm(model.stages[1])
+    if case.frozen:
+        for p in model.heads[0].parameters():
+            p.requires_grad_(False)
+    if case.groups:
+        params = [{"params": list(model.stages.parameters()) + list(model.norm.parameters())},
+                  {"params": list(model.heads.parameters()), "lr": 0.05 if "sgd" in case.optimizer else 0.01,
+                   "weight_decay": 0.05}]
+    else:
+        params = list(model.parameters())
+    optimizer = OPTIMIZERS[case.optimizer](params)
+    scheduler = None
+    if case.scheduler:
+        max_lr = [g["lr"] for g in optimizer.param_groups]
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=20)
+    for _ in range(2):  # real optimizer state, and a schedule under way
+        x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+        optimizer.zero_grad()
+        sum(F.cross_entropy(z, y) for z in model(x)).backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    model.train()
+    if case.eval_part == "batchnorm in eval":
+        model.norm.eval()
+    criterion, validation = mw.DenseDistillLoss(3, temperature=2.0), mw.BalancedValidation(3)
+    validation.update(torch.tensor([1.5, 1.4, 1.3], dtype=F64))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if case.amp else None
+    return model, optimizer, criterion, validation, scaler
+
+
+def loop_step(case: Case, model, optimizer, scaler, micro, loss_of) -> None:
+    """The user's loop from its first forward to its optimizer step."""
+    optimizer.zero_grad()
+    for x, y in micro:
+        loss = loss_of(model(x), y) / len(micro)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    if case.clip != "none" and scaler is not None:
+        scaler.unscale_(optimizer)
+    if case.clip == "norm":
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        assert total > 0.05  # clipping is active
+    elif case.clip == "norm, inactive":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e3)
+    elif case.clip == "value":
+        torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def reference(case: Case, model, optimizer, scaler, criterion, validation, micro, val, train_rng, val_rng):
+    """d L_val(theta') / d gamma by central differences, theta' the step the loop takes with gamma."""
+    def objective(gamma: torch.Tensor) -> float:
+        net, opt, sc, objective_fn = copy.deepcopy((model, optimizer, scaler, validation))
+        torch.set_rng_state(train_rng)
+        if case.form.startswith("exact"):  # the optimizer's own step on the whole batch
+            x = torch.cat([m[0] for m in micro])
+            y = torch.cat([m[1] for m in micro])
+            opt.zero_grad()
+            (gamma * criterion(net(x), y)).sum().backward()
+            opt.step()
+        else:
+            loop_step(case, net, opt, sc, micro, lambda outputs, y: (gamma * criterion(outputs, y)).sum())
+        if val_rng is not None:
+            torch.set_rng_state(val_rng)
+        with torch.no_grad():
+            return float(objective_fn(net(val[0]), val[1]))
+
+    gamma = torch.tensor(GAMMA).to(F64)  # the weighter holds gamma in float32
+    grad = torch.zeros(6, dtype=F64)
+    for k in range(6):
+        delta = 1e-5
+        e = torch.zeros(6, dtype=F64)
+        e[k] = delta
+        grad[k] = (objective(gamma + e) - objective(gamma - e)) / (2 * delta)
+    return grad
+
+
+def state(model, optimizer, w) -> dict:
+    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "weighter": copy.deepcopy(w.state_dict()), "calls": (w.num_calls, w.num_meta_steps, w.num_skipped)}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and \
+            torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    return a == b
+
+
+def run(case: Case):
+    """Run one combination; returns ("right", relative error) or ("refused", message)."""
+    model, optimizer, criterion, validation, scaler = build(case)
+    mode, _, backend = case.form.partition(", ")
+    kwargs = {"mode": "fast"} if mode == "fast" else (
+        {"backend": backend} if backend in ("jvp", "higher", "finite_difference") else {})
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    micro = list(zip(x.chunk(case.accumulate), y.chunk(case.accumulate)))
+    before_build = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    try:
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer="sgd", gamma_lr=0.05,
+                                  init=torch.tensor(GAMMA), **kwargs)
+    except (ValueError, TypeError) as exc:
+        assert same(before_build, (model.state_dict(), optimizer.state_dict()))
+        return "refused", str(exc)
+    twins = copy.deepcopy((model, optimizer, scaler, validation))
+    train_rng = torch.get_rng_state()
+    val_rng = None
+    before = state(model, optimizer, w)
+    try:
+        if case.form == "fast, two calls":
+            loop_step(case, model, optimizer, scaler, micro, w.loss)
+            val_rng = torch.get_rng_state()
+            twins = (*twins[:3], copy.deepcopy(validation))
+            before = state(model, optimizer, w)  # the loop's own step is the user's: meta_step changes nothing
+            record = w.meta_step((x, y), val)
+        elif case.form.endswith("step()"):
+            record = w.step((x, y), val)
+        else:
+            record = w.meta_step((x, y), val)
+    except (ValueError, TypeError) as exc:
+        assert same(before, state(model, optimizer, w)), f"{case}: refused, but something changed"
+        return "refused", str(exc)
+    assert record.ran and not record.skipped, record.message
+    ref = reference(case, *twins[:3], criterion, twins[3], micro, val, train_rng, val_rng)
+    assert ref.norm() > 0
+    return "right", float((record.gamma_grad.double() - ref).norm() / ref.norm())
+
+
+def check(case: Case) -> None:
+    outcome, detail = run(case)
+    promised = expected(case)
+    assert outcome == promised, f"{case}: {outcome} ({detail}), but the guide says {promised}"
+    if outcome == "right":
+        tolerance = 1e-3 if case.form.startswith("fast") else 1e-6
+        assert detail < tolerance, f"{case}: relative error {detail:.3g}"
+    else:
+        assert re.search(r"[Uu]se |[Pp]ass |[Dd]ivide |[Bb]uild |[Cc]all ", detail), f"{case}: says not what to do: " \
+                                                                                    f"{detail}"
+
+
+# ------------------------------------------------------------------------------------------------ the matrix
+AXES = {
+    "form": FORMS,
+    "optimizer": tuple(OPTIMIZERS),
+    "clip": ("none", "norm", "norm, inactive", "value"),
+    "accumulate": (1, 2),
+    "amp": (False, True),
+    "scheduler": (False, True),
+    "groups": (False, True),
+    "frozen": (False, True),
+    "randomness": ("none", "dropout", "functional", "stochastic depth"),
+    "eval_part": ("none", "batchnorm in train", "batchnorm in eval"),
+    "model": ("plain", "checkpointing", "gradient hook", "forward hook", "weight norm"),
+}
+
+
+def all_pairs(seed: int = 0) -> list[Case]:
+    """A covering array: every pair of values of any two axes appears in some valid case (greedy)."""
+    rng = random.Random(seed)
+    names = list(AXES)
+    uncovered = {(a, u, b, v) for a, b in itertools.combinations(names, 2) for u in AXES[a] for v in AXES[b]}
+    uncovered = {p for p in uncovered if valid(replace(Case(), **{p[0]: p[1], p[2]: p[3]}))}
+    cases = []
+    while uncovered:
+        best, gain = None, -1
+        pool = sorted(uncovered, key=str)
+        for _ in range(60):
+            a, u, b, v = rng.choice(pool)
+            candidate = {n: rng.choice(AXES[n]) for n in names}
+            candidate.update({a: u, b: v})
+            case = Case(**candidate)
+            if not valid(case):
+                case = replace(case, clip="none", accumulate=1, amp=False) if case.form != "fast, two calls" \
+                    else case
+            covered = {(p, case.__dict__[p], q, case.__dict__[q]) for p, q in itertools.combinations(names, 2)}
+            g = len(covered & uncovered)
+            if g > gain:
+                best, gain = case, g
+        assert best is not None
+        cases.append(best)
+        uncovered -= {(p, best.__dict__[p], q, best.__dict__[q]) for p, q in itertools.combinations(names, 2)}
+    return cases
+
+
+def one_at_a_time() -> list[Case]:
+    """Each value of each axis alone, in every form it applies to."""
+    cases = {Case(form=form) for form in FORMS}
+    for name, values in AXES.items():
+        for value in values:
+            for form in FORMS:
+                case = replace(Case(form=form), **{name: value}) if name != "form" else Case(form=value)
+                if valid(case):
+                    cases.add(case)
+    return sorted(cases, key=str)
+
+
+# the issue's scenarios and their neighbours, a few seconds in all: the CI sample
+CI_CASES = [
+    Case(form="fast, two calls", clip="norm", optimizer="adam"),  # item 3
+    Case(form="fast, two calls", clip="norm", amp=True, optimizer="momentum"),
+    Case(form="fast, two calls", clip="norm, inactive"),
+    Case(form="fast, two calls", clip="value"),  # refused
+    Case(form="fast, two calls", accumulate=2, optimizer="nesterov, wd"),  # item 4
+    Case(form="fast, two calls", accumulate=2, amp=True, clip="norm", optimizer="adamw"),
+    Case(form="fast, two calls", amp=True, optimizer="amsgrad", scheduler=True, groups=True),
+    Case(form="fast, two calls", randomness="stochastic depth"),  # item 5
+    Case(form="fast, two calls", randomness="functional", accumulate=2),
+    Case(form="fast, two calls", randomness="dropout", eval_part="batchnorm in eval", frozen=True),
+    Case(form="fast, step()", randomness="stochastic depth", optimizer="adam, wd"),
+    Case(form="fast, step()", eval_part="batchnorm in train", groups=True, scheduler=True),
+    Case(form="fast, two calls", optimizer="maximize"),  # refused
+    Case(form="exact, jvp", optimizer="dampening", randomness="stochastic depth", frozen=True),
+    Case(form="exact, jvp", optimizer="amsgrad", groups=True, scheduler=True, eval_part="batchnorm in eval"),
+    Case(form="exact, higher", optimizer="adamw", randomness="functional", frozen=True),
+    Case(form="exact, higher", optimizer="nesterov, wd", eval_part="batchnorm in train"),
+    Case(form="exact, finite_difference", optimizer="adam", randomness="dropout", groups=True),
+    Case(form="exact, finite_difference", optimizer="momentum", scheduler=True, eval_part="batchnorm in eval"),
+    Case(form="exact, step()", optimizer="adam, wd", randomness="stochastic depth", frozen=True),
+    Case(form="exact, step()", optimizer="sgd", groups=True, scheduler=True, eval_part="batchnorm in train"),
+    Case(form="exact, jvp", optimizer="maximize"),  # refused
+    Case(form="exact, jvp", model="checkpointing"),  # refused
+    Case(form="exact, higher", model="checkpointing", optimizer="adam"),
+    Case(form="fast, two calls", model="checkpointing", clip="norm"),
+    Case(form="fast, two calls", model="gradient hook"),  # refused
+    Case(form="exact, higher", model="gradient hook"),
+    Case(form="exact, higher", model="forward hook"),  # refused
+    Case(form="exact, finite_difference", model="forward hook"),
+    Case(form="fast, two calls", model="weight norm", optimizer="adamw"),
+]
+SLOW_CASES = sorted(set(all_pairs()) | set(one_at_a_time()) - set(CI_CASES), key=str)
+
+
+@pytest.mark.parametrize("case", CI_CASES, ids=str)
+def test_loop_features_sample(case):
+    check(case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW_CASES, ids=str)
+def test_loop_features_matrix(case):
+    check(case)
+
+
+# ------------------------------------------------------------------------------------------------ the guide
+def guide_table() -> dict[str, dict[str, str]]:
+    """The table of docs/guides/loop.md: feature -> form -> "right"/"refused" ("-" cells left out)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "loop.md").read_text()
+    start = text.index("<!-- loop-features -->")
+    lines = [line for line in text[start:].splitlines()[1:] if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    table = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        marks = {"✓": "right", "refused": "refused"}
+        table[cells[0]] = {form: marks[c] for form, c in zip(header[1:], cells[1:]) if c in marks}
+    return table
+
+
+def test_the_guide_s_table_is_what_the_matrix_checks():
+    table = guide_table()
+    assert list(table) == list(FEATURES)
+    for feature, outcomes in FEATURES.items():
+        assert table[feature] == outcomes, feature
+    assert len(CI_CASES) >= 20 and len(SLOW_CASES) > 100
+
+
+# ------------------------------------------------------------------------------------------------ one at a time
+class SparseNet(nn.Module):
+    """Tokens through nn.Embedding(20, 8, sparse=True), then the 3-exit MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8, sparse=True)
+        self.stages = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.heads = nn.ModuleList([nn.Linear(8, 4) for _ in range(3)])
+
+    def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        h, outputs = self.embedding(tokens), []
+        for stage, head in zip(self.stages, self.heads):
+            h = torch.tanh(stage(h))
+            outputs.append(head(h))
+        return outputs
+
+
+def sparse_setup():
+    torch.manual_seed(0)
+    model = SparseNet().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    criterion, validation = mw.DenseDistillLoss(3, temperature=2.0), mw.BalancedValidation(3)
+    validation.update(torch.tensor([1.5, 1.4, 1.3], dtype=F64))  # differences see through a detached average
+    train = (torch.randint(0, 20, (16,)), torch.randint(0, 4, (16,)))
+    val = (torch.randint(0, 20, (16,)), torch.randint(0, 4, (16,)))
+    return model, optimizer, criterion, validation, train, val
+
+
+@pytest.mark.parametrize("form", ["jvp", "fast"])
+def test_sparse_gradients_are_refused_when_the_weighter_is_built_for_what_cannot_replay_them(form):
+    model, optimizer, criterion, validation, _, _ = sparse_setup()
+    kwargs = {"mode": "fast"} if form == "fast" else {"backend": "jvp"}
+    with pytest.raises(ValueError, match=r"\['embedding'\] have sparse=True.*sparse=False.*backend='higher'"):
+        mw.HarmonizedWeighter(model, optimizer, criterion, validation, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["higher", "finite_difference"])
+def test_sparse_gradients_step_is_refused_with_nothing_changed_and_meta_step_is_right(backend):
+    """Issue 21 item 2: step() used to raise from the finiteness check after gamma had moved."""
+    model, optimizer, criterion, validation, train, val = sparse_setup()
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend=backend, gamma_optimizer="sgd",
+                              gamma_lr=0.05, init=torch.tensor(GAMMA))
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match=r"step\(\).*\['embedding'\].*sparse=False.*meta_step"):
+        w.step(train, val)
+    assert same(before, state(model, optimizer, w))
+    twins = copy.deepcopy((model, optimizer, None, validation))
+    rng = torch.get_rng_state()
+    record = w.meta_step(train, val)
+    ref = reference(Case(form="exact, " + backend), *twins[:3], criterion, twins[3], [train], val, rng, None)
+    assert rel_err_of(record.gamma_grad, ref) < 1e-6
+
+
+def rel_err_of(a, b) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def test_an_accumulated_step_scored_on_one_micro_batch_is_refused_and_on_the_whole_batch_is_right():
+    """Issue 21 item 4: each loss() used to overwrite the one before; now both are the step's."""
+    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
+    model, optimizer, criterion, validation, scaler = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    micro = list(zip(x.chunk(2), y.chunk(2)))
+    loop_step(case, model, optimizer, scaler, micro, w.loss)
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match=r"accumulated the gradients of 2 weighter.loss calls.*whole batch"):
+        w.meta_step(micro[-1], (x, y))
+    assert same(before, state(model, optimizer, w))
+    assert w.meta_step((x, y), (x, y)).ran
+
+
+def test_a_zero_grad_between_backwards_starts_the_step_afresh():
+    """A loss the optimizer never stepped on (its gradients zeroed) is not part of the next step."""
+    case = Case(form="fast, two calls")
+    model, optimizer, criterion, validation, _ = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    stale = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    w.loss(model(stale[0]), stale[1]).backward()  # no step: the loop moved on
+    twins = copy.deepcopy((model, optimizer, None, validation))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    val = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    rng = torch.get_rng_state()
+    loop_step(case, model, optimizer, None, [(x, y)], w.loss)
+    val_rng = torch.get_rng_state()
+    record = w.meta_step((x, y), val)
+    ref = reference(case, *twins[:3], criterion, twins[3], [(x, y)], val, rng, val_rng)
+    assert rel_err_of(record.gamma_grad, ref) < 1e-3
+
+
+def test_modes_switched_between_the_training_forward_and_meta_step_are_refused():
+    case = Case(form="fast, two calls", eval_part="batchnorm in train")
+    model, optimizer, criterion, validation, _ = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast")
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    loop_step(case, model, optimizer, None, [(x, y)], w.loss)
+    model.eval()
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match="train and eval mode.*before switching"):
+        w.meta_step((x, y), (x, y))
+    assert same(before, state(model, optimizer, w))
+    model.train()
+    assert w.meta_step((x, y), (x, y)).ran
+
+
+@pytest.mark.parametrize("form", ["exact, jvp", "exact, higher", "fast, step()"])
+def test_an_optimizer_step_that_raises_in_step_leaves_everything_as_it_was(form):
+    model, optimizer, criterion, validation, _ = build(Case(form=form, optimizer="adam"))
+    mode, _, backend = form.partition(", ")
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer="sgd", gamma_lr=0.5,
+                              **({"mode": "fast"} if mode == "fast" else {"backend": backend}))
+    w.step((torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))),
+           (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))))
+
+    def refuse(opt, args, kwargs):
+        raise RuntimeError("the optimizer refuses")
+
+    handle = optimizer.register_step_pre_hook(refuse)
+    before = state(model, optimizer, w)
+    with pytest.raises(RuntimeError, match="refuses"):
+        w.step((torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))),
+               (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))))
+    assert same(before, state(model, optimizer, w))
+    handle.remove()
+
+
+def test_hooks_the_look_ahead_would_not_run_are_refused():
+    model, optimizer, criterion, validation, _ = build(Case())
+    handle = model.stages[1].weight.register_hook(lambda g: 0.5 * g)
+    for kwargs in ({"backend": "jvp"}, {"backend": "finite_difference"}, {"mode": "fast"}):
+        with pytest.raises(ValueError, match=r"\['stages.1.weight'\] have gradient hooks.*backend='higher'"):
+            mw.HarmonizedWeighter(model, optimizer, criterion, validation, **kwargs)
+    mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="higher")  # runs them
+    handle.remove()
+    handle = model.stages[1].register_forward_hook(lambda module, args, out: 2 * out)
+    with pytest.raises(ValueError, match=r"\['stages.1'\] have forward hooks.*backend='jvp'"):
+        mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="higher")
+    mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="jvp")
+    handle.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["fast, two calls", "fast, step()"])
+def test_a_compiled_model_drawing_random_numbers_is_refused_by_the_fast_mode(form):
+    """Its compiled dropout masks are not those of the eager replay: refused, nothing changed."""
+    model, optimizer, criterion, validation, _ = build(Case(form=form, randomness="dropout"))
+    compiled = torch.compile(model)
+    w = mw.HarmonizedWeighter(compiled, optimizer, criterion, validation, mode="fast")
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    if form == "fast, two calls":
+        w.loss(compiled(x), y).backward()
+        optimizer.step()
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match="compile.*random numbers.*mode='exact'"):
+        w.meta_step((x, y), (x, y)) if form == "fast, two calls" else w.step((x, y), (x, y))
+    assert same(before, state(model, optimizer, w))
+
+
+def test_fast_step_whose_validation_pass_fails_keeps_the_weighter_s_state():
+    """The one-call fast form steps the model before its validation pass: a bad validation batch then
+    leaves the model stepped (a plain step with the gamma it had) and the weighter as it was."""
+    model, optimizer, criterion, validation, _ = build(Case(form="fast, step()", optimizer="momentum"))
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd")
+    train = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    w.step(train, train)
+    own = (copy.deepcopy(w.state_dict()), w.num_calls, w.num_meta_steps)
+    with pytest.raises(ValueError):
+        w.step(train, (train[0], torch.full_like(train[1], 7)))  # labels out of range
+    assert same(own, (w.state_dict(), w.num_calls, w.num_meta_steps))
+    assert w.step(train, train).ran
