@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from metaweight._checks import check_exit_outputs
+from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
 
@@ -130,14 +131,9 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
         return _executed_costs(model, example_input, lazy)
     params = {id(p): i for i, p in enumerate(model.parameters())}
     sizes = [p.numel() for p in model.parameters()]
-    was_training = model.training
-    model.eval()
     tracer = _Tracer(params)
-    try:
-        with tracer:
-            outputs = call_model(model, example_input)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tracer:
+        outputs = call_model(model, example_input)
     outputs = check_exit_outputs(outputs, num_exits if num_exits is not None else
                                  (len(outputs) if isinstance(outputs, (list, tuple)) else 1))
     batch = outputs[0].shape[0]

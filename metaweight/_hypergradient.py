@@ -124,7 +124,7 @@ def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
 def validation_direction(model: nn.Module, validation: Objective, params: dict[str, Tensor], xv: Any, yv: Any,
                          movable: Sequence[tuple[str, Tensor]], jac: Sequence[Tensor | float], reducer: Reducer,
                          ) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
-    """The validation objective at ``params``, the exit losses it was computed from (averaged over
+    r"""The validation objective at ``params``, the exit losses it was computed from (averaged over
     ranks), and the direction :math:`w = D \odot \nabla L_{val}` over the ``movable`` parameters
     (``params[name]`` must require grad for those), or ``None`` when the objective is not finite."""
     local = validation.losses(call_with(model, params, _clone_buffers(model), xv), yv)

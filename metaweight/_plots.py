@@ -134,7 +134,8 @@ def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures
     fig, axes = plt.subplots(1, K, figsize=(2.6 * K, 2.8), squeeze=False)
     variants = [("before", logits.double())]
     if temperatures is not None:
-        variants.append(("after", logits.double() / torch.tensor(list(temperatures), dtype=torch.float64).view(-1, 1, 1)))
+        variants.append(("after", logits.double() / torch.tensor(list(temperatures), dtype=torch.float64,
+                                                                   device=logits.device).view(-1, 1, 1)))
     for k, ax in enumerate(axes[0]):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
         for name, z in variants:

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
+from metaweight._checks import IGNORE_INDEX
 from metaweight._hypergradient import (Reducer, _clone_buffers, call_with, replay_randomness, step_length,
                                       validation_direction)
 from metaweight._losses import DenseDistillLoss
@@ -70,7 +71,7 @@ class HarmonizedWeighter:
             :mod:`metaweight._protocols`: optional ``active`` mask and ``teacher_outputs``
             keyword). ``outputs`` is whatever the model returns.
         validation: the validation objective: :class:`BalancedValidation` (the default, built
-            from ``criterion.num_exits``), or any callable ``validation(outputs, target) ->
+            from ``criterion.num_exits`` and ``criterion.ignore_index``), or any callable ``validation(outputs, target) ->
             scalar`` to lower.
         term_names: the names of the criterion's terms, where it has no ``term_names``.
         gamma_lr: :math:`\epsilon`, the learning rate of the named ``gamma_optimizer``.
@@ -159,7 +160,10 @@ class HarmonizedWeighter:
             if not isinstance(num_exits, int):
                 raise ValueError(f"Pass a validation objective: `{type(criterion).__name__}` has no num_exits to build "
                                  f"the default BalancedValidation(num_exits) from.")
-            validation = BalancedValidation(num_exits)
+            # the criterion's padding label is the objective's too: padding is neither refused nor scored
+            ignore_index = getattr(criterion, "ignore_index", IGNORE_INDEX)
+            validation = BalancedValidation(num_exits, ignore_index=ignore_index if isinstance(ignore_index, int)
+                                            and not isinstance(ignore_index, bool) else IGNORE_INDEX)
         objective = Objective(validation)
         k_terms, k_val = getattr(criterion, "num_exits", None), getattr(validation, "num_exits", None)
         if isinstance(k_terms, int) and isinstance(k_val, int) and k_terms != k_val:
@@ -235,6 +239,7 @@ class HarmonizedWeighter:
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
+        self._deferring, self._unreported = False, None  # see _report
         for callback in callbacks:
             self.register_meta_step_hook(callback)
 
@@ -438,9 +443,18 @@ class HarmonizedWeighter:
                                 gamma_grad=gamma_grad.detach(), gamma=self.gamma_dict(),
                                 terms=dict(zip(self.term_names, terms.tolist())))
         self.last_meta = record
-        for hook in list(self._hooks.values()):
-            hook(record)
+        self._unreported = record
+        if not self._deferring:
+            self._report()
         return record
+
+    def _report(self) -> None:
+        """Hand the meta step's record to the hooks, once it stands (:meth:`step` defers this until the
+        model's step is taken: a step it undoes is never logged)."""
+        record, self._unreported = self._unreported, None
+        if record is not None:
+            for hook in list(self._hooks.values()):
+                hook(record)
 
     def _refuse(self, message: str, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> MetaStepRecord:
         """A meta step that changed nothing: raise, or count it, warn and report it skipped."""
@@ -508,6 +522,7 @@ class HarmonizedWeighter:
         x, y = _unpack(train_batch, "train_batch")
         keep = self.reuse_forward and self._backend is not None and self._backend.reuses_forward
         saved = self._snapshot()
+        self._deferring, self._unreported = True, None  # the hooks hear of the meta step once the model step stands
         try:
             metrics, terms = self._meta(train_batch, val_batch, keep_graph=keep)
             if terms is None:
@@ -515,14 +530,20 @@ class HarmonizedWeighter:
             loss = self._weighted(terms)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
+            finite = self._finite_update(loss)
         except Exception:
+            self._unreported = None
             self._restore(saved)
             raise
-        if not self._finite_update(loss):
+        finally:
+            self._deferring = False
+        if not finite:
+            self._unreported = None  # the meta step is undone with the model step: nothing to report
             message = self._refuse_model_step(loss, saved)
             return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=True,
                                        terms=self.terms_dict(), message=message)
         self.optimizer.step()
+        self._report()
         return dataclasses.replace(metrics, loss=float(loss.detach()), model_step_skipped=False,
                                    terms=self.terms_dict())
 
