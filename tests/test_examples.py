@@ -66,6 +66,7 @@ def test_train_main_job_smoke(method, tmp_path, capsys):
     train.main(["--method", method, "--epochs", "1", "--max-steps", "3", "--no-progress", "--out", str(out_file)])
     printed = capsys.readouterr().out
     assert "per-exit test accuracy" in printed and "top-1" in printed
+    assert f"runs/budget-digits-{method}.png" in printed or "no budget plot" in printed  # runs do not collide
     result = json.loads(out_file.read_text())
     assert result["iterations"] == 3 and result["num_exits"] == 3
     assert len(result["test"]["top1"]) == 3 and result["test"]["num_samples"] == 359
@@ -119,3 +120,25 @@ def test_token_level_example_scores_tokens_not_padding():
     assert (tags[ids == 0] == token_exits.PAD).all() and (tags[ids != 0] >= 0).all()
     result = token_exits.main(["--steps", "100"])
     assert result.num_exits == 4 and max(result.accuracy[1]) > 65.0  # the majority tag alone: 48%
+
+
+def test_train_help_shows_every_option_with_help_and_default(capsys):
+    import train
+
+    parser = train.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) > 30
+    assert [a.dest for a in options if not a.help] == []
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert text.count("(default:") == len(options)  # ArgumentDefaultsHelpFormatter: every default shown
+
+
+def test_train_threads_default_to_one_on_the_small_data_sets():
+    import train
+
+    assert train.default_threads("digits") == train.default_threads("fashion-mnist") == 1
+    assert train.default_threads("cifar10") >= 1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--threads", "0"])

@@ -350,3 +350,18 @@ def test_every_python_file_compiles_without_warnings():
 def test_arguments_are_judged_before_torch_sees_them(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_the_plot_command_writes_under_runs_by_default_and_says_where(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from metaweight.__main__ import main
+
+    curve = mw.budgeted_curve(torch.randn(2, 20, 3), torch.randint(0, 3, (20,)), torch.randn(2, 10, 3),
+                              torch.randint(0, 3, (10,)), [1.0, 2.0], qs=[0.5, 1.0])
+    result = tmp_path / "hdkd.json"
+    result.write_text(__import__("json").dumps({"config": {"method": "hdkd"}, "budget": curve.to_dict()}))
+    monkeypatch.chdir(tmp_path)
+    main(["plot", str(result)])
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(Path("runs") / "plots" / "budget.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hdkd.json", "runs"]  # nothing beside runs/
