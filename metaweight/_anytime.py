@@ -48,8 +48,18 @@ def collect_logits(
         tokens, so anytime accuracy and the budgeted curve are per token.
         Every module's own train/eval mode is restored afterwards.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
+    if not isinstance(loader, Iterable) or isinstance(loader, (str, bytes, Tensor)):
+        raise TypeError(f"`loader` should be an iterable of (inputs, labels) batches (a DataLoader, a list). Found "
+                        f"`{type(loader).__name__}`.")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Invalid device: {device!r}. Expected a torch.device or a name such as 'cpu' or "
+                         f"'cuda:0'.") from None
     chunks, labels = [], []
     num_exits = None
     with eval_mode(model):

@@ -265,7 +265,7 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
     costs = _check_costs(costs, K)
     check_target(val_labels, val_conf.shape[1], val_logits.shape[2], name="val_labels")
     check_target(test_labels, test_conf.shape[1], test_logits.shape[2], name="test_labels")
-    if isinstance(qs, (str, bytes)) or not len(qs) or not all(math.isfinite(float(q)) and float(q) > 0 for q in qs):
+    if isinstance(qs, (str, bytes)) or not isinstance(qs, (Sequence, Tensor)) or not len(qs) or not all(math.isfinite(float(q)) and float(q) > 0 for q in qs):
         raise ValueError(f"Invalid qs: {qs!r}. Expected a non-empty sequence of finite numbers > 0.")
     points = []
     for q in qs:
@@ -301,6 +301,8 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
     check_target(val_labels, confidence.shape[1], val_logits.shape[2], name="val_labels")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
         raise ValueError(f"Invalid budget: {budget!r}. Expected a finite number.")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps over log q).")
     if budget < costs[0]:
         raise ValueError(f"A budget of {budget} is below the cost of the first exit ({costs[0]}).")
 

@@ -29,6 +29,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     """
     if not isinstance(state, dict):
         raise TypeError(f"`state` should be a dict of what to save. Found `{type(state).__name__}`.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -96,6 +98,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
     """
     if not isinstance(weights_only, bool):
         raise TypeError(f"`weights_only` should be a bool. Found {weights_only!r}.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")

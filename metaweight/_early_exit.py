@@ -97,6 +97,8 @@ class EarlyExit(nn.Module):
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float], *,
                  rule: ExitRule | str = "max_probability") -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
         self.model = model
         self.rule = as_rule(rule)
         self._all_modules = list(model.modules())
@@ -108,7 +110,11 @@ class EarlyExit(nn.Module):
             self.stages, self.heads = exit_parts(model)
             num_exits = len(self.heads)
         device = next((p.device for p in model.parameters()), None)
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device)  # where the scores will be
+        try:
+            thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device)  # where the scores will be
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"`thresholds` should be {num_exits} numbers (a tensor or a list). Found "
+                            f"{thresholds!r}.") from None
         if thresholds.dim() != 1 or thresholds.shape != (num_exits,):
             raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
         if torch.isnan(thresholds).any():

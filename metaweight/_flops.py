@@ -126,6 +126,10 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
         >>> mw.exit_costs(net, torch.randn(1, 10)).macs  # 10*20 + 20*3, then + 20*20 + 20*3
         [260, 720]
     """
+    if num_exits is not None and (isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1):
+        raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int, or None to take the model's.")
+    if not isinstance(executed, bool):
+        raise TypeError(f"`executed` should be a bool. Found {executed!r}.")
     if executed:
         lazy = exit_costs(model, example_input, num_exits=num_exits)
         return _executed_costs(model, example_input, lazy)

@@ -96,6 +96,11 @@ class TensorBoardLogger:
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
             log_dir_or_writer = SummaryWriter(str(log_dir_or_writer))
+        if not callable(getattr(log_dir_or_writer, "add_scalar", None)):
+            raise TypeError(f"`log_dir_or_writer` should be a log folder (str or Path) or a SummaryWriter. Found "
+                            f"`{type(log_dir_or_writer).__name__}`.")
+        if not isinstance(prefix, str):
+            raise TypeError(f"`prefix` should be a str. Found {prefix!r}.")
         self.writer = log_dir_or_writer
         self.prefix = prefix
 

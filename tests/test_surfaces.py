@@ -346,6 +346,22 @@ def test_every_python_file_compiles_without_warnings():
     (lambda: mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([1, 0])), "finite fractions"),
     (lambda: mw.CSVLogger(3), "path"),
     (lambda: mw.load_checkpoint(__file__, weights_only="yes"), "weights_only"),
+    (lambda: mw.load_checkpoint(3), "`path`"),
+    (lambda: mw.save_checkpoint({}, 3), "`path`"),
+    (lambda: mw.EarlyExit("net", [0.5, -1.0]), "`model`"),
+    (lambda: mw.EarlyExit(tiny_net(2), "abc"), "`thresholds`"),
+    (lambda: mw.exit_costs(tiny_net(2), torch.randn(1, 6), num_exits="2"), "num_exits"),
+    (lambda: mw.budgeted_curve(torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long), torch.randn(2, 5, 3),
+                               torch.zeros(5, dtype=torch.long), [1, 2], qs=None), "qs"),
+    (lambda: mw.thresholds_for_budget(torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long), [1, 2], 1.5,
+                                      iterations=-1), "iterations"),
+    (lambda: mw.collect_logits(tiny_net(2), [(torch.randn(2, 6), torch.zeros(2, dtype=torch.long))],
+                               device="nope"), "device"),
+    (lambda: mw.collect_logits(tiny_net(2), 3), "`loader`"),
+    (lambda: mw.TensorBoardLogger(3), "log_dir_or_writer"),
+    (lambda: mw.plot_budget_curves({}, "unused.png"), "`curves`"),  # was a bare StopIteration
+    (lambda: mw.plot_anytime({}, "unused.png"), "`results`"),
+    (lambda: mw.geometric_exit_distribution(-1.0, 3), "q"),
 ])
 def test_arguments_are_judged_before_torch_sees_them(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
