@@ -84,25 +84,39 @@ class CSVLogger:
 class TensorBoardLogger:
     """Writes every scalar of a meta-step record to TensorBoard (needs the ``tensorboard`` package).
 
+    Given a folder, the writer (and the folder) is created at the first record, not before.
+
     Args:
         log_dir_or_writer: a log folder, or an existing ``torch.utils.tensorboard.SummaryWriter``.
         prefix: prepended to every tag.
     """
 
     def __init__(self, log_dir_or_writer: Any, prefix: str = "metaweight/") -> None:
-        if isinstance(log_dir_or_writer, (str, Path)):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:  # pragma: no cover - depends on the environment
-                raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
-            log_dir_or_writer = SummaryWriter(str(log_dir_or_writer))
-        if not callable(getattr(log_dir_or_writer, "add_scalar", None)):
-            raise TypeError(f"`log_dir_or_writer` should be a log folder (str or Path) or a SummaryWriter. Found "
-                            f"`{type(log_dir_or_writer).__name__}`.")
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` should be a str. Found {prefix!r}.")
-        self.writer = log_dir_or_writer
+        self._log_dir: str | None = None
+        self._writer: Any = None
+        if isinstance(log_dir_or_writer, (str, Path)):
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (fail here, not at the first record)
+            except ImportError as exc:  # pragma: no cover - depends on the environment
+                raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
+            self._log_dir = str(log_dir_or_writer)  # the folder is created with the writer, at the first record
+        elif callable(getattr(log_dir_or_writer, "add_scalar", None)):
+            self._writer = log_dir_or_writer
+        else:
+            raise TypeError(f"`log_dir_or_writer` should be a log folder (str or Path) or a SummaryWriter. Found "
+                            f"`{type(log_dir_or_writer).__name__}`.")
         self.prefix = prefix
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``: the one given, or one made on ``log_dir`` when first needed."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self._log_dir)
+        return self._writer
 
     def __call__(self, record: dict[str, Any]) -> None:
         flat = flatten_record(record)
