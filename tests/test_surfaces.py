@@ -161,6 +161,7 @@ def test_what_the_library_creates_follows_the_device_and_dtype_it_is_given():
     x = torch.randn(8, 6, dtype=torch.float64)
     criterion = mw.DenseDistillLoss(2)
     predictor = mw.EarlyExit(net, torch.tensor([0.4, -1.0]))
+    given = torch.tensor([0.5, 0.5, -1.0])
 
     def run():
         temperatures = mw.fit_temperatures(val, yv)
@@ -169,7 +170,8 @@ def test_what_the_library_creates_follows_the_device_and_dtype_it_is_given():
                 mw.thresholds_for_budget(val, yv, [1.0, 2.0, 3.0], 1.5).thresholds,
                 mw.thresholds_for_accuracy(val, yv, 0.2, candidates=5).thresholds,
                 mw.Entropy().scores(val), predictor(x), criterion(net(x), yt[:8]),
-                mw.expected_calibration_error(val, yv)]
+                mw.expected_calibration_error(val, yv), mw.anytime_accuracy_from_logits(val, yv).accuracy,
+                mw.evaluate_thresholds(val, yv, given, [1.0, 2.0, 3.0])]
 
     plain = run()
     with torch.device("meta"):
