@@ -47,6 +47,7 @@ def test_branchynet_runs_on_small_and_large_images(shape):
     assert isinstance(net, mw.MultiExit) and len(out) == 3 and out[0].shape == (2, 10)
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_msdnet_meta_step_runs_and_leaves_the_model_unchanged():
     net = msdnet_cifar(10, 3, channels=4, growth_rate=2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -82,6 +83,7 @@ def test_multitask_example_learns_both_tasks_and_turns_down_the_conflicting_term
     assert out["gamma"]["ink_aux"] < 1.0  # the penalty pulling the ink output to 0 works against the ink task
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_hint_terms_example_harmonizes_kd_and_hint_terms():
     import hint_terms
 
@@ -91,6 +93,7 @@ def test_hint_terms_example_harmonizes_kd_and_hint_terms():
     assert len(set(round(g, 6) for g in out["gamma"].values())) > 1  # the weights moved apart
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_the_loop_to_copy_trains_every_exit():
     import loop
 
@@ -98,6 +101,7 @@ def test_the_loop_to_copy_trains_every_exit():
     assert result.num_exits == 3 and min(result.accuracy[1]) > 50.0  # chance: 10%
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_resnet_example_turns_a_plain_resnet_multi_exit_and_trains_it():
     import resnet
 
@@ -105,6 +109,7 @@ def test_resnet_example_turns_a_plain_resnet_multi_exit_and_trains_it():
     assert result.num_exits == 3 and max(result.accuracy[1]) > 30.0  # chance: 10%
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_huggingface_example_trains_a_bert_style_model_with_exits_by_name():
     pytest.importorskip("transformers")
     import huggingface
@@ -113,6 +118,7 @@ def test_huggingface_example_trains_a_bert_style_model_with_exits_by_name():
     assert result.num_exits == 4 and max(result.accuracy[1]) > 45.0  # chance: 33%
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_token_level_example_scores_tokens_not_padding():
     import token_exits
 
