@@ -60,9 +60,11 @@ def held_out(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[s
         probe = copy.deepcopy(model).train()  # a copy: its running statistics move, the model's do not
         logits = probe(x)
         out["batch"] = float(sum(F.cross_entropy(z, y) for z in logits))
+        training = [m for m in model.modules() if m.training]  # each module's own mode comes back, not model's
         model.eval()
         logits = [torch.cat(z) for z in zip(*(model(x[i:i + 500]) for i in range(0, len(y), 500)))]
-        model.train()
+        for m in training:
+            m.train()
         exits = [float(F.cross_entropy(z, y)) for z in logits]
         top1 = [float((z.argmax(1) == y).float().mean()) * 100 for z in logits]
         out["eval"], out["eval_top1"] = sum(exits), statistics.fmean(top1)

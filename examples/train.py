@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,50 +29,88 @@ from data import Split, augment, load_cifar, load_digits, load_fashion_mnist  # 
 from msdnet import msdnet_cifar  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="hdkd", choices=list(mw.METHODS))
-    p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist", "cifar10", "cifar100"])
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default shown, the module docstring kept as written."""
+
+
+SMALL_DATASETS = ("digits", "fashion-mnist")
+
+
+def default_threads(dataset: str) -> int:
+    """1 thread for the small data sets; half the usable cores (at least 1) for CIFAR.
+
+    The small models' ops are too small to split across threads, and on a machine another job
+    keeps busy, spinning OpenMP threads fight over the cores: with 60 iterations of the default
+    digits job on 2 busy cores, 1 thread took 26 s and 2 threads 147 s.
+    """
+    if dataset in SMALL_DATASETS:
+        return 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable // 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every option with its help and default (``--help``)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--method", default="hdkd", choices=list(mw.METHODS), help="the training method (a preset)")
+    p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist", "cifar10", "cifar100"],
+                   help="the data set; the CIFAR-10 JPEG folder/tarball is decoded once into runs/cache/SOURCE.npz "
+                        "under the working folder (about 176 MiB: 60,000 images of 3,072 bytes), see "
+                        "examples/data.py")
     p.add_argument("--data-dir", default=None, help="where the data set lives (see examples/data.py)")
     p.add_argument("--per-class", type=int, default=None, help="use X random images per class: CIFAR(X)")
     p.add_argument("--model", default=None, choices=["branchynet", "msdnet"],
-                   help="default: branchynet for digits, msdnet otherwise")
-    p.add_argument("--exits", type=int, default=None, help="number of exits (default 3 branchynet, 8 msdnet)")
-    p.add_argument("--width", type=int, default=None, help="channels: branchynet width / msdnet stem channels")
+                   help="the network (None: branchynet for digits, msdnet otherwise)")
+    p.add_argument("--exits", type=int, default=None, help="number of exits (None: 3 branchynet, 8 msdnet)")
+    p.add_argument("--width", type=int, default=None, help="channels: branchynet width / msdnet stem channels "
+                                                          "(None: the model's default)")
     p.add_argument("--growth-rate", type=int, default=6, help="msdnet growth rate (6 in the paper)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--val-batch-size", type=int, default=None, help="default: the batch size")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--gamma-lr", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (None: 1 for digits and fashion-mnist, half the usable cores for CIFAR; "
+                        "more threads than free cores slow a run down many times over)")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--val-batch-size", type=int, default=None, help="meta step's held-out batch size (None: the "
+                                                                   "batch size)")
+    p.add_argument("--lr", type=float, default=0.1, help="the model's SGD learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="the model's SGD weight decay")
+    p.add_argument("--gamma-lr", type=float, default=0.01, help="the learning rate of the loss weights gamma")
     p.add_argument("--gamma-optimizer", default="adam", choices=["sgd", "adam"],
                    help="the optimizer of gamma (sgd: the paper's plain SGD)")
     p.add_argument("--gamma-init", default="uniform", choices=["uniform", "last", "random"],
                    help="gamma's start: uniform (DS-like), last (DBT-like), random")
-    p.add_argument("--constraint", default="clamp", choices=["clamp", "normalize"])
+    p.add_argument("--constraint", default="clamp", choices=["clamp", "normalize"],
+                   help="how gamma is kept valid after each step: clamp at 0, or also normalise to sum 1")
     p.add_argument("--meta-every", type=int, default=1, help="a meta step every N iterations")
     p.add_argument("--mode", default="exact", choices=["exact", "fast"],
                    help="exact: the paper's order (gamma first, then the model's step); fast: the model steps "
                         "with the gamma it has and that step is the look-ahead (docs/guides/cost.md)")
     p.add_argument("--select-per-class", type=int, default=0,
                    help="CIFAR: also score a selection split of N images per class from outside the pool")
-    p.add_argument("--temperature", type=float, default=3.0)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--temperature", type=float, default=3.0, help="the distillation temperature T")
+    p.add_argument("--alpha", type=float, default=0.5, help="the balanced validation objective's alpha (Eq. 10)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training pool held out for the "
+                                                                   "meta step")
+    p.add_argument("--seed", type=int, default=0, help="the random seed (data split, initialisation, batches)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations (smoke tests)")
     p.add_argument("--tag", default=None, help="a name for this configuration, recorded in the JSON (reports)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--checkpoint", default=None,
                    help="save the run here every --checkpoint-every iterations and resume from it if it exists")
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--plot", default=None, help="budget-curve plot file (default runs/budget-METHOD.png)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="iterations between checkpoints")
+    p.add_argument("--plot", default=None, help="budget-curve plot file (None: runs/budget-DATASET-METHOD.png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the budget-curve plot")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="do not print the progress line")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads should be at least 1 (or left out for the default). Found {args.threads}.")
+    return args
 
 
 def load(args: argparse.Namespace) -> Split:
@@ -186,8 +225,8 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: 
 
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or default_threads(args.dataset)
+    torch.set_num_threads(threads)
     device = torch.device(args.device)
     split = load(args)
     print(split.describe())
@@ -294,7 +333,7 @@ def train(args: argparse.Namespace) -> dict:
           f"test top-1 {kept.accuracy:.2f}% at {kept.cost / 1e6:.3f} MMACs/image, exits "
           f"{' '.join(f'{f:.2f}' for f in kept.exit_fractions)}")
     if not args.no_plot:
-        plot = Path(args.plot or f"runs/budget-{args.method}.png")
+        plot = Path(args.plot or f"runs/budget-{args.dataset}-{args.method}.png")  # runs do not overwrite each other
         try:
             mw.plot_budget_curves({args.method: curve}, plot, title=f"{split.name}, {args.method}")
             print(f"budget curve plot: {plot}")

@@ -2,6 +2,29 @@
 
 Wang & Li, "Harmonized Dense Knowledge Distillation Training for Multi-Exit
 Architectures", AAAI 2021.
+
+Quick start: a model returning a list of ``K`` exit logits (shallow to deep), the dense
+distillation terms, and a weighter that learns one weight per term on held-out batches, inside
+your own loop:
+
+    >>> import torch, metaweight as mw
+    >>> model = mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()),
+    ...                       torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())],
+    ...                      [torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)])
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> weighter = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(num_exits=2))
+    >>> train, val = (torch.randn(32, 8), torch.randint(0, 3, (32,))), (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    >>> record = weighter.meta_step(train, val)        # learns the weights gamma; the model is untouched
+    >>> loss = weighter.loss(model(train[0]), train[1])  # sum of gamma * terms
+    >>> optimizer.zero_grad(); loss.backward(); optimizer.step()
+    >>> sorted(weighter.gamma_dict())
+    ['ce[1]', 'ce[2]', 'kd[2->1]']
+
+Then evaluate every exit (:func:`collect_logits`, :func:`anytime_accuracy_from_logits`), set
+exit thresholds for a compute budget (:func:`budgeted_curve`, :func:`thresholds_for_budget`)
+and run real early exit (:class:`EarlyExit`). ``weighter.step(train, val)`` does the meta step
+and the model's step in one call; :func:`preset` builds the paper's baselines. The README and
+``docs/`` have the guides; ``examples/loop.py`` is the loop to copy.
 """
 
 from metaweight._anytime import AnytimeResult, anytime_accuracy, anytime_accuracy_from_logits, collect_logits

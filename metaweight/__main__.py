@@ -3,7 +3,8 @@
 The result files are those ``examples/train.py --out`` writes: per-exit accuracy
 (``test``), a budget curve (``budget``) and the loss-weight history (``gamma_history``).
 Writes ``budget.png``, ``anytime.png`` and one ``gamma-<name>.png`` per file (``--format svg``
-for SVG).
+for SVG) into ``--out`` (``runs/plots`` by default, beside the runs, which git ignores), and
+prints the path of every file written.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_histo
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m metaweight", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     sub = parser.add_subparsers(dest="command", required=True)
-    plot = sub.add_parser("plot", help="plot training result files")
+    plot = sub.add_parser("plot", help="plot training result files", formatter_class=defaults)
     plot.add_argument("results", nargs="+", help="JSON files written by examples/train.py --out")
-    plot.add_argument("--out", default="plots", help="output folder")
-    plot.add_argument("--format", default="png", choices=["png", "svg", "pdf"])
+    plot.add_argument("--out", default=str(Path("runs") / "plots"), help="output folder (created if missing)")
+    plot.add_argument("--format", default="png", choices=["png", "svg", "pdf"], help="image format")
     args = parser.parse_args(argv)
     runs = {}
     for file in args.results:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_target
+from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
 
@@ -42,18 +43,26 @@ def collect_logits(
         ignore_index: positions labelled with it (padding) are left out.
 
     Returns:
-        ``(logits, labels)``: logits of shape ``[K, N, C]`` (float32, on the CPU) and labels ``[N]``;
+        ``(logits, labels)``: logits of shape ``[K, N, C]`` (float32, or float64 for a float64 model; on the CPU) and labels ``[N]``;
         for token-level exits (logits ``[B, T, C]``, labels ``[B, T]``) ``N`` counts the scored
         tokens, so anytime accuracy and the budgeted curve are per token.
-        The model's train/eval mode is restored afterwards.
+        Every module's own train/eval mode is restored afterwards.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
+    if not isinstance(loader, Iterable) or isinstance(loader, (str, bytes, Tensor)):
+        raise TypeError(f"`loader` should be an iterable of (inputs, labels) batches (a DataLoader, a list). Found "
+                        f"`{type(loader).__name__}`.")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Invalid device: {device!r}. Expected a torch.device or a name such as 'cpu' or "
+                         f"'cuda:0'.") from None
     chunks, labels = [], []
     num_exits = None
-    try:
+    with eval_mode(model):
         for i, item in enumerate(loader):
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise ValueError(f"The loader's batch {i} should be a pair (inputs, labels). "
@@ -68,14 +77,13 @@ def collect_logits(
                                   ignore_index=ignore_index)
             if chunks and shape[-1] != chunks[0].shape[2]:
                 raise ValueError(f"Batch {i} gives {shape[-1]} classes, the first gave {chunks[0].shape[2]}.")
-            logits = torch.stack(outputs).float()
+            logits = torch.stack(outputs)
+            logits = logits if logits.dtype == torch.float64 else logits.float()  # half raised, float64 kept
             if logits.dim() == 4:  # token-level exits: every token is one scored position
                 logits, target = logits.flatten(1, 2), target.flatten()
-            keep = target != ignore_index
+            keep = (target != ignore_index).to(logits.device)
             chunks.append(logits[:, keep].cpu())
             labels.append(target[keep].cpu())
-    finally:
-        model.train(was_training)
     if not chunks or sum(c.shape[1] for c in chunks) == 0:
         raise ValueError("The loader yielded no batch (or only ignored positions); there is nothing to evaluate.")
     return torch.cat(chunks, dim=1), torch.cat(labels)
@@ -140,7 +148,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         raise ValueError(f"`logits` {tuple(logits.shape)} hold no exit, sample or class: nothing to score.")
     if not logits.is_floating_point():
         raise ValueError(f"`logits` should be floating point. Found {logits.dtype}.")
-    labels = check_target(labels, logits.shape[1], logits.shape[2])
+    labels = check_target(labels, logits.shape[1], logits.shape[2]).to(logits.device)
     ks = list(topk) if isinstance(topk, (list, tuple)) else None
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"Invalid topk: {topk!r}. Expected a non-empty list of ints >= 1.")

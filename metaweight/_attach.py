@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaweight._modes import eval_mode
 from metaweight._protocols import model_arguments
 
 HeadFactory = Callable[[str, Tensor], nn.Module]
@@ -29,15 +30,20 @@ def _features(output: Any) -> Tensor:
                     f"attach the exit to a module that returns a tensor (or a tuple starting with one).")
 
 
-def _logits(output: Any) -> Tensor:
-    """The model's own logits: a tensor, ``.logits`` (Hugging Face outputs), or the first tensor of a tuple."""
+def _logits(output: Any) -> list[Tensor]:
+    """The model's own exits: a tensor, ``.logits`` (Hugging Face outputs), a list or tuple of
+    equally shaped tensors (a multi-exit model's exits, kept in order), or else the first tensor of
+    a tuple (``(logits, hidden_states, ...)``)."""
     if isinstance(output, Tensor):
-        return output
+        return [output]
     value = getattr(output, "logits", None)
     if isinstance(value, Tensor):
-        return value
+        return [value]
+    if isinstance(output, (tuple, list)) and output and all(isinstance(t, Tensor) for t in output) \
+            and len({tuple(t.shape) for t in output}) == 1:
+        return list(output)
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
+        return [output[0]]
     raise TypeError(f"Cannot find logits in the model's output of type `{type(output).__name__}`; pass "
                     f"include_output=False and attach the last exit by name.")
 
@@ -53,9 +59,18 @@ class AttachedExits(nn.Module):
     output (a tensor, or the first tensor of a tuple such as a transformer layer's
     ``(hidden_states, ...)``) to its head. It returns the heads' logits, shallow to deep,
     followed by the model's own logits when ``include_output`` (a tensor, a Hugging Face
-    output's ``.logits``, or the first tensor of a tuple). The hooks live only during a forward
-    of this wrapper, so ``model`` alone still runs as before, and they work under
+    output's ``.logits``, or the first tensor of a tuple). A model that already returns a list
+    of exits (a :class:`MultiExit`, or ``attach_exits`` applied twice) keeps all of them, in its
+    order, after the attached ones; pass ``example_input`` (or give the model a ``num_exits``)
+    so that :attr:`num_exits` is known before the first forward. The hooks live only during a
+    forward of this wrapper, so ``model`` alone still runs as before, and they work under
     ``torch.func.functional_call`` (the look-ahead).
+
+    A named module must run once per forward: an exit after a module applied twice (a
+    weight-shared block) is refused with a ``ValueError`` naming it and its number of calls.
+    Heads built by a factory are moved to the device and dtype of the features they read;
+    building them, and the shape check on ``example_input``, run in eval mode and give every
+    module its own train/eval mode back.
 
     Real early exit (:class:`EarlyExit`) on such a model stops the forward at the first exit
     after which no sample is left: a batch pays for the deepest exit any of its samples needs.
@@ -100,45 +115,55 @@ class AttachedExits(nn.Module):
         self.model = model
         self.after = list(after)
         self.include_output = bool(include_output)
+        known = getattr(model, "num_exits", None)  # a multi-exit model (MultiExit, attach_exits again) says
+        self._output_exits = int(self.include_output) * (known if isinstance(known, int) and known > 0 else 1)
         if callable(heads) and not isinstance(heads, nn.Module):
             if example_input is None:
                 raise ValueError("A head factory needs `example_input` to see each module's output.")
-            with torch.no_grad():
-                was = model.training
-                model.eval()
-                try:
-                    captured = self._capture(example_input)
-                finally:
-                    model.train(was)
-            heads = [heads(name, captured[name]) for name in self.after]
+            with torch.no_grad(), eval_mode(model):
+                captured = self._capture(example_input)
+            built = []
+            for name in self.after:
+                features = captured[name]
+                head = heads(name, features)
+                if not isinstance(head, nn.Module):
+                    raise TypeError(f"The head factory should return an nn.Module; for {name!r} it returned "
+                                    f"`{type(head).__name__}`.")
+                # a head the factory built on the CPU in float32 goes where the features are, in their dtype
+                built.append(head.to(device=features.device,
+                                     dtype=features.dtype if features.is_floating_point() else None))
+            heads = built
         heads = list(heads)  # type: ignore[arg-type]
         if len(heads) != len(self.after) or not all(isinstance(h, nn.Module) for h in heads):
             raise ValueError(f"Give one head module per name in `after` ({len(self.after)}). Found {len(heads)}.")
         self.heads = nn.ModuleList(heads)
         if example_input is not None:
-            was = self.training
-            self.eval()
-            try:
-                with torch.no_grad():
-                    shapes = [tuple(z.shape) for z in self(example_input)]
-            finally:
-                self.train(was)
+            with torch.no_grad(), eval_mode(self):
+                self._output_exits = 0 if not self.include_output else None  # type: ignore[assignment]
+                shapes = [tuple(z.shape) for z in self(example_input)]
             if len(set(shapes)) != 1:
-                names = self.after + (["(model output)"] if self.include_output else [])
+                names = self.after + [f"(model output {k + 1})" for k in range(self._output_exits)]
                 raise ValueError(f"The exits give logits of different shapes: "
                                  f"{dict(zip(names, shapes))}. Make every head output the model's classes.")
 
     @property
     def num_exits(self) -> int:
-        return len(self.after) + int(self.include_output)
+        """The attached exits, then the model's own (one, or as many as a multi-exit model returns)."""
+        return len(self.after) + self._output_exits
 
-    def _capture(self, inputs: Any, on_exit: Callable[[int, Tensor], None] | None = None) -> dict[str, Tensor]:
-        captured: dict[str, Tensor] = {}
+    def _capture(self, inputs: Any, on_exit: Callable[[int, Tensor], None] | None = None) -> dict[str, Any]:
+        captured: dict[str, Any] = {}
+        calls = dict.fromkeys(self.after, 0)
         modules = dict(self.model.named_modules())
         handles = []
 
         def hook_for(index: int, name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
+                calls[name] += 1
+                if calls[name] > 1:  # a module applied twice: which call's features? refused below
+                    if on_exit is not None:  # early exit cannot run the rest of the forward to count
+                        self._refuse_repeats({name: calls[name]}, at_least=True)
+                    return
                 captured[name] = _features(output)
                 if on_exit is not None:
                     on_exit(index, captured[name])
@@ -152,10 +177,31 @@ class AttachedExits(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+        repeated = {name: n for name, n in calls.items() if n > 1}
+        if repeated:
+            self._refuse_repeats(repeated)
         return captured
 
+    def _refuse_repeats(self, repeated: dict[str, int], at_least: bool = False) -> None:
+        calls = ", ".join(f"`{name}` {'at least ' if at_least else ''}{n} times" for name, n in repeated.items())
+        raise ValueError(f"An exit is attached after a module that runs more than once in one forward of "
+                         f"`{type(self.model).__name__}` ({calls}; e.g. a weight-shared block applied twice), so "
+                         f"which call's features it should take is ambiguous. Attach the exit to a module that "
+                         f"runs once per forward (wrap each application in its own module).")
+
+    def _own_exits(self, output: Any) -> list[Tensor]:
+        exits = _logits(output)
+        if self._output_exits is None:  # the check forward in __init__ learns how many the model gives
+            self._output_exits = len(exits)
+        elif len(exits) != self._output_exits:
+            raise ValueError(f"`{type(self.model).__name__}` returned {len(exits)} exits of its own, but "
+                             f"{self._output_exits} were expected when the exits were attached. Pass "
+                             f"example_input=... to attach_exits so it sees the model's output.")
+        return exits
+
     def forward(self, inputs: Any) -> list[Tensor]:
-        """The exits' logits, shallow to deep (the model's own last, with ``include_output``)."""
+        """The exits' logits: the attached ones in the order of ``after``, then (with ``include_output``)
+        the model's own, in the model's order."""
         captured = self._capture(inputs)
         missing = [n for n in self.after if n not in captured]
         if missing:
@@ -163,12 +209,13 @@ class AttachedExits(nn.Module):
                                f"the forward calls.")
         logits = [head(captured[name]) for name, head in zip(self.after, self.heads)]
         if self.include_output:
-            logits.append(_logits(captured["__output__"]))
+            logits.extend(self._own_exits(captured["__output__"]))
         return logits
 
     def run_until(self, inputs: Any, leave: Callable[[int, Tensor], bool]) -> list[Tensor]:
-        """Run the forward, calling ``leave(k, logits_k)`` at each exit; stop the forward as soon as it
-        returns ``True`` (every sample has left). Returns the logits computed so far."""
+        """Run the forward, calling ``leave(k, logits_k)`` at each attached exit; stop the forward as soon
+        as it returns ``True`` (every sample has left). Returns the logits computed so far, the model's
+        own exits included when the forward ran to the end (``leave`` is not called for those)."""
         computed: list[Tensor] = []
 
         def on_exit(index: int, features: Tensor) -> None:
@@ -181,7 +228,7 @@ class AttachedExits(nn.Module):
         except _StopForward:
             return computed
         if self.include_output:
-            computed.append(_logits(captured["__output__"]))
+            computed.extend(self._own_exits(captured["__output__"]))
         return computed
 
 

@@ -62,15 +62,20 @@ def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
     return values
 
 
-def geometric_exit_distribution(q: float, num_exits: int) -> Tensor:
+def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.device | str | None = None) -> Tensor:
     """MSDNet's target distribution of samples over exits, proportional to ``q**k`` (float32).
 
     Args:
         q: the ratio between consecutive exits (< 1 favours early exits).
         num_exits: ``K``; the distribution is over ``k = 1..K``.
+        device: where to create it (the default device if ``None``).
     """
-    k = torch.arange(1, num_exits + 1, dtype=torch.float32)
-    probs = torch.exp(torch.log(torch.tensor([q], dtype=torch.float32)) * k)
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not (math.isfinite(q) and q > 0):
+        raise ValueError(f"Invalid q: {q!r}. Expected a finite number > 0.")
+    if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
+        raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int.")
+    k = torch.arange(1, num_exits + 1, dtype=torch.float32, device=device)
+    probs = torch.exp(torch.log(torch.tensor([q], dtype=torch.float32, device=device)) * k)
     return probs / probs.sum()
 
 
@@ -83,7 +88,8 @@ def find_thresholds(logits: Tensor, distribution: Tensor, *, rule: ExitRule | st
 
     Args:
         logits: held-out logits ``[K, N, C]``.
-        distribution: ``[K]`` target fractions.
+        distribution: ``[K]`` target fractions, summing to 1 (within ``1e-4``; anything else is
+            refused: ``[4, 3, 2, 1]`` is not a distribution).
         rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
     Returns:
@@ -98,10 +104,14 @@ def _thresholds(confidence: Tensor, distribution: Tensor) -> Tensor:
         raise TypeError(f"`distribution` should be a Tensor of {K} fractions. Found `{type(distribution).__name__}`.")
     if distribution.shape != (K,):
         raise ValueError(f"distribution should have shape ({K},). Found {tuple(distribution.shape)}.")
-    if not torch.isfinite(distribution).all() or (distribution < 0).any():
+    if not distribution.is_floating_point() or not torch.isfinite(distribution).all() or (distribution < 0).any():
         raise ValueError(f"distribution {distribution.tolist()} should hold finite fractions >= 0.")
-    thresholds = torch.full((K,), NO_EXIT, dtype=torch.float32)
-    remaining = torch.ones(N, dtype=torch.bool)
+    total = float(distribution.double().sum())
+    if abs(total - 1.0) > 1e-4:
+        raise ValueError(f"distribution {distribution.tolist()} should sum to 1 (the share of the samples leaving "
+                         f"at each exit); it sums to {total:.6g}. Normalise it: distribution / distribution.sum().")
+    thresholds = torch.full((K,), NO_EXIT, dtype=torch.float32, device=confidence.device)
+    remaining = torch.ones(N, dtype=torch.bool, device=confidence.device)
     for k in range(K - 1):
         wanted = math.floor(float(N * distribution[k].float()))  # in float32, as the reference computes it
         candidates = confidence[k][remaining]
@@ -181,7 +191,7 @@ def _evaluate(confidence: Tensor, prediction: Tensor, labels: Tensor, thresholds
     labels = check_target(labels, N, None)
     first, prediction = _assign(confidence, prediction, thresholds)
     counts = torch.bincount(first, minlength=K).double()
-    cost = float((counts / N * torch.tensor(costs, dtype=torch.float64)).sum())
+    cost = float((counts / N * torch.tensor(costs, dtype=torch.float64, device=counts.device)).sum())
     accuracy = float((prediction == labels.to(prediction.device)).double().mean() * 100)
     return BudgetPoint(None, thresholds.tolist(), cost, accuracy, (counts / N).tolist())
 
@@ -255,11 +265,11 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
     costs = _check_costs(costs, K)
     check_target(val_labels, val_conf.shape[1], val_logits.shape[2], name="val_labels")
     check_target(test_labels, test_conf.shape[1], test_logits.shape[2], name="test_labels")
-    if isinstance(qs, (str, bytes)) or not len(qs) or not all(math.isfinite(float(q)) and float(q) > 0 for q in qs):
+    if isinstance(qs, (str, bytes)) or not isinstance(qs, (Sequence, Tensor)) or not len(qs) or not all(math.isfinite(float(q)) and float(q) > 0 for q in qs):
         raise ValueError(f"Invalid qs: {qs!r}. Expected a non-empty sequence of finite numbers > 0.")
     points = []
     for q in qs:
-        thresholds = _thresholds(val_conf, geometric_exit_distribution(q, K))
+        thresholds = _thresholds(val_conf, geometric_exit_distribution(float(q), K, device=val_conf.device))
         val = _evaluate(val_conf, val_pred, val_labels, thresholds, costs)
         point = _evaluate(test_conf, test_pred, test_labels, thresholds, costs)
         point.q, point.val_cost, point.val_accuracy = float(q), val.cost, val.accuracy
@@ -291,11 +301,13 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
     check_target(val_labels, confidence.shape[1], val_logits.shape[2], name="val_labels")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
         raise ValueError(f"Invalid budget: {budget!r}. Expected a finite number.")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps over log q).")
     if budget < costs[0]:
         raise ValueError(f"A budget of {budget} is below the cost of the first exit ({costs[0]}).")
 
     def at(q: float) -> BudgetPoint:
-        thresholds = _thresholds(confidence, geometric_exit_distribution(q, K))
+        thresholds = _thresholds(confidence, geometric_exit_distribution(q, K, device=confidence.device))
         point = _evaluate(confidence, prediction, val_labels, thresholds, costs)
         point.q = q
         return point
@@ -303,7 +315,8 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
     lo, hi = math.log(1e-3), math.log(1e3)
     best = at(math.exp(lo))
     if best.cost > budget:  # even q -> 0 exceeds it: everyone at the first exit
-        return _evaluate(confidence, prediction, val_labels, torch.full((K,), -NO_EXIT), costs)
+        return _evaluate(confidence, prediction, val_labels, torch.full((K,), -NO_EXIT, device=confidence.device),
+                         costs)
     for _ in range(iterations):
         mid = (lo + hi) / 2
         point = at(math.exp(mid))

@@ -36,9 +36,12 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
         iterations: bisection steps on ``log beta``.
 
     Returns:
-        Temperatures ``[K]`` (float64); divide exit ``k``'s logits by ``T[k]``.
+        Temperatures ``[K]`` (float64, on the device of ``val_logits``); divide exit ``k``'s logits
+        by ``T[k]``.
     """
-    labels = _check(val_logits, val_labels, "val_logits")
+    labels = _check(val_logits, val_labels, "val_logits").to(val_logits.device)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps).")
     out = []
     for z in val_logits.double():
         z = torch.nan_to_num(z)
@@ -62,7 +65,7 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
             else:
                 lo = mid
         out.append(1.0 / torch.e ** ((lo + hi) / 2))
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor(out, dtype=torch.float64, device=val_logits.device)
 
 
 def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15) -> list[float]:
@@ -75,7 +78,7 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15
         labels: ``[N]``.
         bins: the number of equal-width confidence bins in ``[0, 1]``.
     """
-    labels = _check(logits, labels)
+    labels = _check(logits, labels).to(logits.device)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"Invalid bins: {bins!r}. Expected an int >= 1.")
     confidence, prediction = torch.softmax(logits.double(), dim=-1).max(dim=-1)
@@ -133,10 +136,17 @@ def calibrate(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor | None
         test_labels: ``[M]``.
         bins: confidence bins of the ECE.
     """
-    temperatures = fit_temperatures(val_logits, val_labels)
+    if (test_logits is None) != (test_labels is None):
+        raise ValueError("Pass `test_logits` and `test_labels` together (or neither, to measure on the held-out "
+                         "data).")
     logits, labels = (val_logits, val_labels) if test_logits is None else (test_logits, test_labels)
-    labels = _check(logits, labels, "test_logits")
-    scaled = logits.double() / temperatures.view(-1, 1, 1)
+    labels = _check(logits, labels, "test_logits").to(logits.device)
+    _check(val_logits, val_labels, "val_logits")
+    if logits.shape[0] != val_logits.shape[0] or logits.shape[2] != val_logits.shape[2]:
+        raise ValueError(f"`test_logits` {tuple(logits.shape)} and `val_logits` {tuple(val_logits.shape)} should "
+                         f"have the same exits and classes ([K, N, C]).")
+    temperatures = fit_temperatures(val_logits, val_labels)
+    scaled = logits.double() / temperatures.to(logits.device).view(-1, 1, 1)
     return Calibration(
         temperatures.tolist(),
         [_nll(z.double(), labels, 1.0) for z in logits],

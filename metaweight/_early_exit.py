@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metaweight._exit_rules import ExitRule, as_rule
+from metaweight._protocols import call_model
 
 
 def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Module]]:
@@ -42,10 +43,28 @@ def _per_sample(logits: Tensor) -> Tensor:
     return logits
 
 
+def _first_tensor(x: Any) -> Tensor:
+    """The first tensor of an input: itself, or the first inside nested lists, tuples and dicts."""
+    stack = [x]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, Tensor):
+            return item
+        if isinstance(item, Mapping):
+            stack[:0] = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack[:0] = list(item)
+    raise TypeError(f"EarlyExit needs a batch holding at least one tensor (its first dimension is the batch). "
+                    f"Found `{type(x).__name__}` with none.")
+
+
 def _take(features: Any, keep: Tensor) -> Any:
-    """Select samples from a tensor, or from every tensor in nested lists/tuples (MSDNet's scales)."""
+    """Select samples from a tensor, or from every tensor in nested lists/tuples/dicts (MSDNet's scales,
+    keyword inputs)."""
     if isinstance(features, Tensor):
         return features[keep]
+    if isinstance(features, Mapping):
+        return {k: _take(v, keep) for k, v in features.items()}
     if isinstance(features, (list, tuple)):
         return type(features)(_take(f, keep) for f in features)
     raise TypeError(f"Cannot select samples from features of type `{type(features).__name__}`.")
@@ -78,6 +97,8 @@ class EarlyExit(nn.Module):
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float], *,
                  rule: ExitRule | str = "max_probability") -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
         self.model = model
         self.rule = as_rule(rule)
         self._all_modules = list(model.modules())
@@ -88,7 +109,12 @@ class EarlyExit(nn.Module):
         else:
             self.stages, self.heads = exit_parts(model)
             num_exits = len(self.heads)
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+        device = next((p.device for p in model.parameters()), None)
+        try:
+            thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device)  # where the scores will be
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"`thresholds` should be {num_exits} numbers (a tensor or a list). Found "
+                            f"{thresholds!r}.") from None
         if thresholds.dim() != 1 or thresholds.shape != (num_exits,):
             raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
         if torch.isnan(thresholds).any():
@@ -115,7 +141,7 @@ class EarlyExit(nn.Module):
         if self._whole_batch:
             return self._run_attached(x)
         features = x
-        first = x if isinstance(x, Tensor) else next(t for t in x if isinstance(t, Tensor))
+        first = _first_tensor(x)
         n = first.shape[0]
         predictions = torch.empty(n, dtype=torch.long, device=first.device)
         exits = torch.empty(n, dtype=torch.long, device=first.device)
@@ -123,7 +149,8 @@ class EarlyExit(nn.Module):
         last = len(self.heads) - 1
         history: list[Tensor] = []  # earlier exits' logits of the samples still in (rules such as patience)
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
-            features = stage(features)
+            # the first stage takes the batch as the model would (a dict of keyword inputs included)
+            features = call_model(stage, features) if k == 0 else stage(features)
             logits = _per_sample(head(features)).float()
             if self.rule.uses_history:
                 history.append(logits)
@@ -135,7 +162,7 @@ class EarlyExit(nn.Module):
                 predictions[alive] = classes
                 exits[alive] = k
                 break
-            leaving = score >= self.thresholds[k]  # a NaN score never leaves
+            leaving = score >= self.thresholds[k].to(score.device)  # a NaN score never leaves
             # The one host read of the exit: how many samples continue sizes what the next stage
             # gets. Everything else selects by indices of known size, so no other sync.
             remaining = alive.numel() - int(leaving.sum())
@@ -173,7 +200,7 @@ class EarlyExit(nn.Module):
                              exits=torch.empty(n, dtype=torch.long, device=logits.device),
                              alive=torch.ones(n, dtype=torch.bool, device=logits.device))
             alive = state["alive"]
-            leaving = alive & ((confidence >= self.thresholds[k]) | (k == last))
+            leaving = alive & ((confidence >= self.thresholds[k].to(confidence.device)) | (k == last))
             # masks, not boolean indexing: the only host read of the exit is whether anyone is left
             state["predictions"] = torch.where(leaving, classes, state["predictions"])
             state["exits"].masked_fill_(leaving, k)
@@ -181,7 +208,13 @@ class EarlyExit(nn.Module):
             state["done"] = not bool(alive.any())
             return state["done"]
 
+        _first_tensor(x)  # a batch without a tensor is refused here, not by a bare StopIteration
         computed = self.model.run_until(x, leave)
-        if len(computed) == last + 1 and len(history) == last and not state.get("done", False):
-            leave(last, computed[-1])  # the model's own output: everyone left takes it
+        for k in range(len(history), len(computed)):  # the model's own exits, available at the end
+            if k > last or state.get("done", False):
+                break
+            leave(k, computed[k])
+        if not state.get("done", False):  # never hand back what torch.empty held
+            raise RuntimeError(f"EarlyExit assigned no exit to some samples: the model gave {len(computed)} of its "
+                               f"{last + 1} exits. Check the model's num_exits against its output.")
         return state["predictions"], state["exits"]

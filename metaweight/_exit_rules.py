@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from metaweight._numerics import p_log_q
+
 
 class ExitRule:
     """The base of the exit rules: ``scores(logits [K, N, C]) -> [K, N]``, higher leaves earlier."""
@@ -39,13 +41,14 @@ class MaxProbability(ExitRule):
 
 class Entropy(ExitRule):
     """Minus the entropy of the softmax (DeeBERT): ``sum_c p_c log p_c``; a sample leaves when its
-    entropy is at most ``-threshold``."""
+    entropy is at most ``-threshold``. A class with probability 0 (a logit of ``-inf``, a masked
+    class) adds 0, the limit of ``p log p``."""
 
     name = "entropy"
 
     def scores(self, logits: Tensor) -> Tensor:
         log_p = torch.log_softmax(logits.float(), dim=-1)
-        return (log_p.exp() * log_p).sum(-1)
+        return p_log_q(log_p.exp(), log_p).sum(-1)  # 0 log 0 = 0: a masked class (-inf logit) adds nothing
 
 
 class Margin(ExitRule):

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from metaweight._checks import check_exit_outputs
+from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
 
@@ -125,19 +126,18 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
         >>> mw.exit_costs(net, torch.randn(1, 10)).macs  # 10*20 + 20*3, then + 20*20 + 20*3
         [260, 720]
     """
+    if num_exits is not None and (isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1):
+        raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int, or None to take the model's.")
+    if not isinstance(executed, bool):
+        raise TypeError(f"`executed` should be a bool. Found {executed!r}.")
     if executed:
         lazy = exit_costs(model, example_input, num_exits=num_exits)
         return _executed_costs(model, example_input, lazy)
     params = {id(p): i for i, p in enumerate(model.parameters())}
     sizes = [p.numel() for p in model.parameters()]
-    was_training = model.training
-    model.eval()
     tracer = _Tracer(params)
-    try:
-        with tracer:
-            outputs = call_model(model, example_input)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tracer:
+        outputs = call_model(model, example_input)
     outputs = check_exit_outputs(outputs, num_exits if num_exits is not None else
                                  (len(outputs) if isinstance(outputs, (list, tuple)) else 1))
     batch = outputs[0].shape[0]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_num_exits, stack_exit_logits
+from metaweight._numerics import p_log_q
 
 TEACHERS = ("dense", "last", "none")
 
@@ -34,7 +35,8 @@ class DenseDistillLoss(nn.Module):
       .. math:: L^{KD}_{i \to j} = T^2 \, \mathrm{KL}\big(\mathrm{softmax}(z_i/T) \,\|\,
                 \mathrm{softmax}(z_j/T)\big),
 
-      averaged over the batch, with the teacher :math:`z_i` detached.
+      averaged over the batch, with the teacher :math:`z_i` detached. A class the teacher gives
+      probability 0 (a masked class, logit ``-inf``) adds 0, the limit of :math:`p \log(p/q)`.
 
     The order is the CE terms first, then the KD terms in the order of Eq. 5's double sum
     (teacher ``i`` outer, student ``j`` inner): ``kd[2->1], kd[3->1], kd[3->2], kd[4->1], ...``.
@@ -160,7 +162,7 @@ class DenseDistillLoss(nn.Module):
             T = self.temperature
             log_p = F.log_softmax(logits / T, dim=-1)
             if teacher_outputs is None:
-                teacher = log_p[self._teacher].detach()
+                teacher = log_p[self._teacher.to(log_p.device)].detach()
             else:
                 check_exit_outputs(teacher_outputs, K, where="teacher_outputs")
                 if teacher_outputs[0].shape != outputs[0].shape:
@@ -171,13 +173,14 @@ class DenseDistillLoss(nn.Module):
                 fixed = fixed.detach()
                 if fixed.shape != logits.shape:
                     raise ValueError(f"teacher_outputs have shape {tuple(fixed.shape)[1:]}, outputs {tuple(logits.shape)[1:]}.")
-                teacher = F.log_softmax(fixed.to(logits.dtype) / T, dim=-1)[self._teacher]
-            student = log_p[self._student]
-            kd = (teacher.exp() * (teacher - student)).sum(-1).mean(-1) * (T * T)
+                teacher = F.log_softmax(fixed.to(logits.dtype) / T, dim=-1)[self._teacher.to(logits.device)]
+            student = log_p[self._student.to(log_p.device)]
+            p_teacher = teacher.exp()  # classes the teacher gives 0 (masked, -inf) add 0, the limit of p log(p/q)
+            kd = p_log_q(p_teacher, teacher - student).sum(-1).mean(-1) * (T * T)
             values = torch.cat([ce, kd])
         if values.numel() == self.num_terms:
             return values
-        return values.new_zeros(self.num_terms).index_copy(0, self._active_index, values)
+        return values.new_zeros(self.num_terms).index_copy(0, self._active_index.to(values.device), values)
 
     def extra_repr(self) -> str:
         return f"num_exits={self.num_exits}, temperature={self.temperature}, teachers={self.teachers!r}"

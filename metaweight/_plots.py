@@ -43,6 +43,8 @@ def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, s
     Returns:
         ``path``.
     """
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError(f"`curves` should be a non-empty dict {{method name: BudgetCurve}}. Found {curves!r}.")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, curve in curves.items():
@@ -68,6 +70,11 @@ def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: i
         k: which top-k accuracy to plot.
         title: an optional title.
     """
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError(f"`results` should be a non-empty dict {{method name: AnytimeResult}}. Found {results!r}.")
+    missing = [name for name, r in results.items() if k not in r.accuracy]
+    if missing:
+        raise ValueError(f"No top-{k} accuracy in the results of {missing}; pass k= one of the top-k they hold.")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(results)
@@ -134,7 +141,8 @@ def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures
     fig, axes = plt.subplots(1, K, figsize=(2.6 * K, 2.8), squeeze=False)
     variants = [("before", logits.double())]
     if temperatures is not None:
-        variants.append(("after", logits.double() / torch.tensor(list(temperatures), dtype=torch.float64).view(-1, 1, 1)))
+        variants.append(("after", logits.double() / torch.tensor(list(temperatures), dtype=torch.float64,
+                                                                   device=logits.device).view(-1, 1, 1)))
     for k, ax in enumerate(axes[0]):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
         for name, z in variants:

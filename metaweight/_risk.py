@@ -88,7 +88,7 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     """
     scores, prediction = _confidence(val_logits, "val_logits", rule)
     K, N = scores.shape
-    labels = check_target(val_labels, N, val_logits.shape[2], name="val_labels")
+    labels = check_target(val_labels, N, val_logits.shape[2], name="val_labels").to(prediction.device)
     for name, value in (("delta", delta), ("confidence", confidence)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
             raise ValueError(f"Invalid {name}: {value!r}. Expected a number in (0, 1).")
@@ -98,12 +98,13 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     alpha = 1.0 - confidence
     last_right = prediction[-1] == labels
     finite = scores[:-1][~torch.isnan(scores[:-1])]
-    levels = torch.quantile(finite.double(), torch.linspace(1, 0, candidates + 1, dtype=torch.float64)[1:]) \
+    levels = torch.quantile(finite.double(), torch.linspace(1, 0, candidates + 1, dtype=torch.float64,
+                                                            device=finite.device)[1:]) \
         if finite.numel() else torch.zeros(0, dtype=torch.float64)
     grid = [NO_EXIT] + sorted(set(float(v) for v in levels), reverse=True)  # most conservative first
 
     def evaluate(level: float) -> tuple[Tensor, int, float]:
-        thresholds = torch.full((K,), float(level), dtype=torch.float32)
+        thresholds = torch.full((K,), float(level), dtype=torch.float32, device=scores.device)
         thresholds[-1] = -NO_EXIT
         first, pred = _assign(scores, prediction, thresholds)
         losses = int((last_right & (pred != labels)).sum())

@@ -74,7 +74,7 @@ class HarmonizedWeighter:
             :mod:`metaweight._protocols`: optional ``active`` mask and ``teacher_outputs``
             keyword). ``outputs`` is whatever the model returns.
         validation: the validation objective: :class:`BalancedValidation` (the default, built
-            from ``criterion.num_exits``), or any callable ``validation(outputs, target) ->
+            from ``criterion.num_exits`` and ``criterion.ignore_index``), or any callable ``validation(outputs, target) ->
             scalar`` to lower.
         term_names: the names of the criterion's terms, where it has no ``term_names``.
         gamma_lr: :math:`\epsilon`, the learning rate of the named ``gamma_optimizer``.
@@ -163,7 +163,10 @@ class HarmonizedWeighter:
             if not isinstance(num_exits, int):
                 raise ValueError(f"Pass a validation objective: `{type(criterion).__name__}` has no num_exits to build "
                                  f"the default BalancedValidation(num_exits) from.")
-            validation = BalancedValidation(num_exits)
+            # the criterion's padding label is the objective's too: padding is neither refused nor scored
+            ignore_index = getattr(criterion, "ignore_index", IGNORE_INDEX)
+            validation = BalancedValidation(num_exits, ignore_index=ignore_index if isinstance(ignore_index, int)
+                                            and not isinstance(ignore_index, bool) else IGNORE_INDEX)
         objective = Objective(validation)
         k_terms, k_val = getattr(criterion, "num_exits", None), getattr(validation, "num_exits", None)
         if isinstance(k_terms, int) and isinstance(k_val, int) and k_terms != k_val:

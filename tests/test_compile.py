@@ -10,6 +10,7 @@ from conftest import batch, tiny_net
 from test_weighter import rel_err
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 @pytest.mark.parametrize("backend", ["jvp", "finite_difference", "higher"])
 def test_compiled_model_trains_like_the_eager_one(backend):
     torch.manual_seed(0)

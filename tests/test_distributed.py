@@ -66,6 +66,7 @@ def _worker(rank, world, init_file, backend, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 @pytest.mark.parametrize("backend", ["jvp", "finite_difference", "fast", "fast, two calls"])
 def test_ddp_two_ranks_match_each_other_and_a_single_process(backend, tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), backend, str(tmp_path)), nprocs=2, join=True)
@@ -132,6 +133,7 @@ def _faulty_worker(rank, world, init_file, mode, learn, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 @pytest.mark.parametrize("mode", ["raise", "skip"])
 @pytest.mark.parametrize("learn", [True, False])
 def test_ddp_one_faulty_rank_neither_hangs_nor_diverges(mode, learn, tmp_path):

@@ -47,6 +47,7 @@ def test_branchynet_runs_on_small_and_large_images(shape):
     assert isinstance(net, mw.MultiExit) and len(out) == 3 and out[0].shape == (2, 10)
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_msdnet_meta_step_runs_and_leaves_the_model_unchanged():
     net = msdnet_cifar(10, 3, channels=4, growth_rate=2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -66,6 +67,7 @@ def test_train_main_job_smoke(method, tmp_path, capsys):
     train.main(["--method", method, "--epochs", "1", "--max-steps", "3", "--no-progress", "--out", str(out_file)])
     printed = capsys.readouterr().out
     assert "per-exit test accuracy" in printed and "top-1" in printed
+    assert f"runs/budget-digits-{method}.png" in printed or "no budget plot" in printed  # runs do not collide
     result = json.loads(out_file.read_text())
     assert result["iterations"] == 3 and result["num_exits"] == 3
     assert len(result["test"]["top1"]) == 3 and result["test"]["num_samples"] == 359
@@ -81,6 +83,7 @@ def test_multitask_example_learns_both_tasks_and_turns_down_the_conflicting_term
     assert out["gamma"]["ink_aux"] < 1.0  # the penalty pulling the ink output to 0 works against the ink task
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_hint_terms_example_harmonizes_kd_and_hint_terms():
     import hint_terms
 
@@ -90,6 +93,7 @@ def test_hint_terms_example_harmonizes_kd_and_hint_terms():
     assert len(set(round(g, 6) for g in out["gamma"].values())) > 1  # the weights moved apart
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_the_loop_to_copy_trains_every_exit():
     import loop
 
@@ -97,6 +101,7 @@ def test_the_loop_to_copy_trains_every_exit():
     assert result.num_exits == 3 and min(result.accuracy[1]) > 50.0  # chance: 10%
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_resnet_example_turns_a_plain_resnet_multi_exit_and_trains_it():
     import resnet
 
@@ -104,6 +109,7 @@ def test_resnet_example_turns_a_plain_resnet_multi_exit_and_trains_it():
     assert result.num_exits == 3 and max(result.accuracy[1]) > 30.0  # chance: 10%
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_huggingface_example_trains_a_bert_style_model_with_exits_by_name():
     pytest.importorskip("transformers")
     import huggingface
@@ -112,6 +118,7 @@ def test_huggingface_example_trains_a_bert_style_model_with_exits_by_name():
     assert result.num_exits == 4 and max(result.accuracy[1]) > 45.0  # chance: 33%
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_token_level_example_scores_tokens_not_padding():
     import token_exits
 
@@ -119,3 +126,25 @@ def test_token_level_example_scores_tokens_not_padding():
     assert (tags[ids == 0] == token_exits.PAD).all() and (tags[ids != 0] >= 0).all()
     result = token_exits.main(["--steps", "100"])
     assert result.num_exits == 4 and max(result.accuracy[1]) > 65.0  # the majority tag alone: 48%
+
+
+def test_train_help_shows_every_option_with_help_and_default(capsys):
+    import train
+
+    parser = train.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) > 30
+    assert [a.dest for a in options if not a.help] == []
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert text.count("(default:") == len(options)  # ArgumentDefaultsHelpFormatter: every default shown
+
+
+def test_train_threads_default_to_one_on_the_small_data_sets():
+    import train
+
+    assert train.default_threads("digits") == train.default_threads("fashion-mnist") == 1
+    assert train.default_threads("cifar10") >= 1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--threads", "0"])

@@ -75,6 +75,7 @@ def test_fused_attention_without_forward_ad_falls_back_to_finite_differences():
     assert torch.equal(grads["sdpa-jvp"], grads["sdpa-fd"])  # the same masks, the same difference
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_hdkd_trains_a_transformers_classifier_and_evaluates_it():
     model = bert(dropout=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

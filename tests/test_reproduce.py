@@ -35,6 +35,7 @@ def fake_cifar10(root: Path, per_class_per_batch: int = 3, test_per_class: int =
     return root
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_pipeline_on_a_tiny_setting(tmp_path, capsys):
     data = fake_cifar10(tmp_path / "data")
     results = tmp_path / "results"
@@ -103,6 +104,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert resumed["selection"] == whole["selection"] and resumed["gamma_history"] == whole["gamma_history"]
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_resume_takes_other_thread_counts_and_names_a_setting_that_differs(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "examples"))
     import train

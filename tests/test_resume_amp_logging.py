@@ -144,6 +144,7 @@ def test_tensorboard_logger_writes_every_scalar():
 def test_tensorboard_logger_with_real_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     logger = mw.TensorBoardLogger(tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()  # nothing written before the first record
     logger({"iteration": 1, "meta_step": 1, "val_objective": 1.0, "val_exit_losses": [1.0],
             "gamma": {"ce[1]": 1.0}, "terms": {"ce[1]": 2.0}})
     logger.writer.flush()

@@ -32,6 +32,7 @@ def true_risk(thresholds, g, n=100_000):
     return float((last_right & (pred != y)).double().mean())
 
 
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
 def test_the_guarantee_holds_over_many_draws():
     delta, confidence, draws = 0.02, 0.9, 60
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,385 @@
+"""Nothing silently wrong outside the training step: attached exits, evaluation, early exit, logging,
+checkpoints, devices and masked classes. Each test pins the right value, against an independent
+computation where there is one."""
+
+import argparse
+import copy
+import csv
+import datetime
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import metaweight as mw
+from conftest import batch, tiny_net
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TwiceShared(nn.Module):
+    """A weight-shared block applied ``calls`` times."""
+
+    def __init__(self, calls: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.block = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+        self.calls = calls
+
+    def forward(self, x):
+        h = self.stem(x)
+        for _ in range(self.calls):
+            h = torch.tanh(self.block(h))
+        return self.fc(h)
+
+
+def test_an_exit_after_a_module_called_twice_is_refused_with_its_name_and_count():
+    with pytest.raises(ValueError, match=r"`block` 3 times"):
+        mw.attach_exits(TwiceShared(3), ["block"], [nn.Linear(8, 3)], example_input=torch.randn(2, 4))
+    model = mw.attach_exits(TwiceShared(2), ["block"], [nn.Linear(8, 3)])  # no example: refused at the first forward
+    with pytest.raises(ValueError, match=r"`block` 2 times"):
+        model(torch.randn(5, 4))
+    predictor = mw.EarlyExit(model, torch.tensor([2.0, -1.0]))  # nobody leaves at the attached exit
+    with pytest.raises(ValueError, match=r"`block` at least 2 times"):
+        predictor(torch.randn(50, 4))
+
+
+def test_attaching_to_a_multi_exit_model_keeps_all_its_exits_in_order():
+    torch.manual_seed(0)
+    inner = tiny_net(num_exits=2, batchnorm=False)
+    x = torch.randn(7, 6)
+    head = nn.Linear(10, 5)
+    for example in (None, x):  # MultiExit tells its num_exits; the example shows it too
+        model = mw.attach_exits(inner, ["stages.0"], [head], example_input=example)
+        assert model.num_exits == 3
+        got = model(x)
+        expected = [head(inner.stages[0](x))] + inner(x)  # independent: the modules called by hand
+        assert len(got) == 3 and all(torch.equal(g, e) for g, e in zip(got, expected))
+    twice = mw.attach_exits(model, ["model.stages.1"], [nn.Linear(10, 5)], example_input=x)
+    assert twice.num_exits == 4 and len(twice(x)) == 4
+    # early exit over them: the same exits and predictions as the first confident exit of a full forward
+    thresholds = torch.tensor([0.5, 0.3, 0.4, -1.0])
+    predictions, exits = mw.EarlyExit(twice, thresholds)(x)
+    with torch.no_grad():
+        first, classes = mw.exit_assignment(torch.stack(twice(x)), thresholds)
+    assert torch.equal(exits, first) and torch.equal(predictions, classes)
+    plain = nn.Sequential(nn.Linear(6, 5))
+    plain.num_exits = 2  # says 2 exits, returns a tensor
+    lying = mw.attach_exits(plain, ["0"], [nn.Linear(5, 5)])
+    with pytest.raises(ValueError, match="returned 1 exits of its own, but 2 were expected"):
+        lying(x)
+
+
+def frozen_bn_model():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm in a training model
+    return model
+
+
+def modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_helpers_that_switch_to_eval_give_each_module_its_own_mode_back():
+    model = frozen_bn_model()
+    before = modes(model)
+    attached = mw.attach_exits(model, ["2"], lambda name, f: nn.Linear(f.shape[-1], 3),
+                               example_input=torch.randn(4, 4))
+    assert modes(model) == before
+    attached.train()
+    model[1].eval()
+    wrapped = modes(attached)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    mw.collect_logits(attached, [(x, y)])
+    assert modes(attached) == wrapped
+    mw.exit_costs(attached, x[:1])
+    assert modes(attached) == wrapped
+    mw.exit_costs(attached, x[:1], executed=True)
+    assert modes(attached) == wrapped
+    mw.EarlyExit(attached, torch.tensor([0.9, -1.0]))(x)
+    assert modes(attached) == wrapped
+    stats = model[1].running_mean.clone()
+    attached(x)  # a training forward: the frozen BatchNorm's statistics do not move
+    assert torch.equal(model[1].running_mean, stats)
+
+
+class KeywordStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 10)
+
+    def forward(self, x, scale=None):
+        return torch.tanh(self.linear(x if scale is None else x * scale))
+
+
+class KeywordNet(mw.MultiExit):
+    """A multi-exit model called with keyword inputs, ``model(**{"x": ..., "scale": ...})``."""
+
+    def __init__(self) -> None:
+        super().__init__([KeywordStage(), nn.Sequential(nn.Linear(10, 10), nn.Tanh())],
+                         [nn.Linear(10, 5), nn.Linear(10, 5)])
+
+    def forward(self, x, scale=None):
+        features = self.stages[0](x, scale)
+        return [self.heads[0](features), self.heads[1](self.stages[1](features))]
+
+
+def test_early_exit_and_executed_costs_take_dict_inputs():
+    net = KeywordNet().eval()
+    inputs = {"x": torch.randn(9, 6), "scale": torch.full((9, 1), 2.0)}
+    thresholds = torch.tensor([0.3, -1.0])
+    predictions, exits = mw.EarlyExit(net, thresholds)(inputs)
+    with torch.no_grad():
+        first, classes = mw.exit_assignment(torch.stack(net(**inputs)), thresholds)
+    assert torch.equal(exits, first) and torch.equal(predictions, classes)
+    assert 0 < int((exits == 0).sum()) < 9  # some leave early, some do not: samples were selected in the dict
+    attached = mw.attach_exits(net, ["stages.0"], [nn.Linear(10, 5)], example_input=inputs)
+    p, e = mw.EarlyExit(attached, torch.tensor([0.3, 0.3, -1.0]))(inputs)
+    assert p.shape == e.shape == (9,)
+    executed = mw.exit_costs(net, {k: v[:1] for k, v in inputs.items()}, executed=True)
+    assert executed.macs == mw.exit_costs(net, {k: v[:1] for k, v in inputs.items()}).macs == [6 * 10 + 10 * 5, 6 * 10 + 10 * 5 + 10 * 10 + 10 * 5]
+    predictor = mw.EarlyExit(net, thresholds)
+    with pytest.raises(TypeError, match="at least one tensor"):
+        list(map(predictor, [{"x": "not a tensor"}]))  # not a silent [] from a StopIteration
+
+
+def test_what_the_library_creates_follows_the_device_and_dtype_it_is_given():
+    """Under ``torch.device("meta")`` as the default device, any tensor the library made without
+    saying where would land on ``meta`` and clash with the CPU inputs; the results must come out on
+    the CPU, equal to those computed without the context."""
+    torch.manual_seed(0)
+    val, test = torch.randn(3, 60, 4, dtype=torch.float64), torch.randn(3, 40, 4, dtype=torch.float64)
+    yv, yt = torch.randint(0, 4, (60,)), torch.randint(0, 4, (40,))
+    distribution = torch.tensor([0.5, 0.3, 0.2])
+    net = tiny_net(2, batchnorm=False, dtype=torch.float64).eval()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    criterion = mw.DenseDistillLoss(2)
+    predictor = mw.EarlyExit(net, torch.tensor([0.4, -1.0]))
+    given = torch.tensor([0.5, 0.5, -1.0])
+
+    def run():
+        temperatures = mw.fit_temperatures(val, yv)
+        return [temperatures, mw.calibrate(val, yv, test, yt).ece_after, mw.find_thresholds(val, distribution),
+                mw.budgeted_curve(val, yv, test, yt, [1.0, 2.0, 3.0], qs=[0.5, 1.0]).to_dict()["points"],
+                mw.thresholds_for_budget(val, yv, [1.0, 2.0, 3.0], 1.5).thresholds,
+                mw.thresholds_for_accuracy(val, yv, 0.2, candidates=5).thresholds,
+                mw.Entropy().scores(val), predictor(x), criterion(net(x), yt[:8]),
+                mw.expected_calibration_error(val, yv), mw.anytime_accuracy_from_logits(val, yv).accuracy,
+                mw.evaluate_thresholds(val, yv, given, [1.0, 2.0, 3.0])]
+
+    plain = run()
+    with torch.device("meta"):
+        placed = run()
+    for a, b in zip(plain, placed):
+        assert repr(a) == repr(b)  # tensors print their device when it is not the CPU
+    assert plain[0].dtype == torch.float64 and plain[0].device == val.device
+    attached = mw.attach_exits(tiny_net(2, batchnorm=False).double(), ["stages.0"],
+                               lambda name, f: nn.Linear(f.shape[-1], 5), example_input=x)
+    assert attached.heads[0].weight.dtype == torch.float64  # the factory's float32 head follows the features
+
+
+def entropy_without(logits, masked):
+    """Minus the entropy over the classes that are not masked (an independent computation)."""
+    keep = [c for c in range(logits.shape[-1]) if c not in masked]
+    p = torch.softmax(logits[..., keep].double(), -1)
+    return (p * p.log()).sum(-1)
+
+
+def test_masked_classes_take_the_limit_zero_log_zero():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 20, 6)
+    masked = logits.clone()
+    masked[..., [1, 4]] = -math.inf
+    scores = mw.Entropy().scores(masked)
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores.double(), entropy_without(logits, [1, 4]), rtol=1e-5, atol=1e-6)
+    thresholds = mw.find_thresholds(masked, mw.geometric_exit_distribution(0.5, 3), rule="entropy")
+    first, _ = mw.exit_assignment(masked, thresholds, rule="entropy")
+    assert (first == 0).any()  # samples leave early again
+    nan = masked.clone()
+    nan[0, 0, 0] = math.nan
+    assert torch.isnan(mw.Entropy().scores(nan)[0, 0])  # a NaN logit still gives a NaN score
+
+    criterion = mw.DenseDistillLoss(3, temperature=2.0)
+    outputs = [z.clone().double().requires_grad_(True) for z in masked]
+    labels = torch.randint(0, 6, (20,))
+    labels[labels == 1] = 0
+    labels[labels == 4] = 0
+    values = criterion(outputs, labels)
+    kept = [z.double()[:, [0, 2, 3, 5]] for z in logits]
+    reference = mw.DenseDistillLoss(3, temperature=2.0)(kept, torch.tensor([[0, 0, 1, 2, 0, 3][c] for c in labels]))
+    torch.testing.assert_close(values, reference)
+    values.sum().backward()
+    assert all(torch.isfinite(z.grad).all() for z in outputs)
+
+
+def test_the_default_validation_objective_ignores_what_the_criterion_ignores():
+    net = tiny_net(2, batchnorm=False)
+    criterion = mw.DenseDistillLoss(2, ignore_index=-1)
+    weighter = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), criterion)
+    assert weighter.validation.ignore_index == -1
+    x, y = batch(8)
+    padded = y.clone()
+    padded[5:] = -1
+    objective = weighter.validation(net(x), padded)  # not refused: -1 is padding
+    reference = mw.BalancedValidation(2)([z[:5] for z in net(x)], y[:5])
+    torch.testing.assert_close(objective, reference)
+
+
+@pytest.mark.parametrize("distribution", [[4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.1, 0.1, 0.1, 0.1]])
+def test_find_thresholds_refuses_a_distribution_not_summing_to_one(distribution):
+    logits = torch.randn(4, 30, 5)
+    with pytest.raises(ValueError, match="should sum to 1"):
+        mw.find_thresholds(logits, torch.tensor(distribution))
+    normalised = torch.tensor(distribution) / sum(distribution)
+    assert mw.find_thresholds(logits, normalised).shape == (4,)
+
+
+def record(iteration):
+    return {"iteration": iteration, "meta_step": iteration, "val_objective": 1.0 / iteration,
+            "val_exit_losses": [1.0, 2.0], "gamma": {"ce[1]": 1.0}, "terms": {"ce[1]": 0.5}}
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_csv_logger_appends_on_resume_and_never_truncates_unasked(tmp_path):
+    path = tmp_path / "logs" / "run.csv"
+    logger = mw.CSVLogger(path)
+    assert not path.parent.exists()  # nothing written before the first record
+    for i in (1, 2, 3):
+        logger(record(i))
+    resumed = mw.CSVLogger(path)  # a resumed run, a new logger on the same path
+    for i in (4, 5):
+        resumed(record(i))
+    table = rows(path)
+    assert table[0][:3] == ["iteration", "meta_step", "val_objective"]
+    assert [r[0] for r in table[1:]] == ["1", "2", "3", "4", "5"]  # one header, every row
+    other = dict(record(6), gamma={"kd[2->1]": 1.0})
+    before = path.read_text()
+    with pytest.raises(ValueError, match="has the columns"):
+        mw.CSVLogger(path)(other)
+    assert path.read_text() == before
+    fresh = mw.CSVLogger(path, overwrite=True)
+    assert path.read_text() == before  # not truncated until a record comes
+    fresh(record(1))
+    assert [r[0] for r in rows(path)] == ["iteration", "1"]
+
+
+class Flaky(nn.Module):
+    """DenseDistillLoss whose ``fail_at``-th call gives non-finite terms."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.inner = mw.DenseDistillLoss(2)
+        self.term_names, self.num_exits, self.active = self.inner.term_names, 2, self.inner.active
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward(self, outputs, target, *, teacher_outputs=None):
+        self.calls += 1
+        values = self.inner(outputs, target, teacher_outputs=teacher_outputs)
+        return values * math.inf if self.calls == self.fail_at else values
+
+
+def test_a_meta_step_undone_with_its_model_step_is_never_logged(tmp_path):
+    torch.manual_seed(0)
+    net = tiny_net(2, batchnorm=False)
+    train, val = batch(8), batch(8)
+    probe = Flaky(fail_at=0)
+    copied = copy.deepcopy(net)
+    mw.HarmonizedWeighter(copied, torch.optim.SGD(copied.parameters(), lr=0.1), probe).step(train, val)
+    heard = []
+    criterion = Flaky(fail_at=probe.calls)  # the model step's own terms, the last call of step()
+    weighter = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), criterion,
+                                     nonfinite="skip", callbacks=[heard.append])
+    gamma = weighter.gamma.detach().clone()
+    with pytest.warns(RuntimeWarning):
+        result = weighter.step(train, val)
+    assert result.model_step_skipped and torch.equal(weighter.gamma.detach(), gamma)
+    assert heard == []  # the meta step was undone with the model step: nothing reported
+    weighter.step(train, val)
+    assert len(heard) == 1 and heard[0].meta_step == 1
+
+
+@pytest.mark.parametrize("value", [np.float64(0.25), np.int64(3), argparse.Namespace(lr=0.1, out=Path("runs")),
+                                   Path("runs/x.ckpt"), np.arange(3.0)])
+def test_load_checkpoint_loads_common_safe_types_with_weights_only(tmp_path, value):
+    path = mw.save_checkpoint({"value": value, "weights": torch.ones(2)}, tmp_path / "c.ckpt")
+    loaded = mw.load_checkpoint(path)["value"]
+    assert type(loaded) is type(value) and repr(loaded) == repr(value)
+
+
+def test_load_checkpoint_tells_an_intact_file_needing_trust_from_a_damaged_one(tmp_path):
+    path = mw.save_checkpoint({"when": datetime.datetime(2024, 1, 1)}, tmp_path / "c.ckpt")
+    with pytest.raises(ValueError, match=r"is intact.*datetime\.datetime.*weights_only=False"):
+        mw.load_checkpoint(path)
+    assert mw.load_checkpoint(path, weights_only=False)["when"].year == 2024
+    damaged = tmp_path / "d.ckpt"
+    damaged.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="is damaged"):
+        mw.load_checkpoint(damaged)
+
+
+def test_every_python_file_compiles_without_warnings():
+    files = [p for d in ("metaweight", "examples", "benchmarks", "tests", "references", "docs")
+             for p in (ROOT / d).rglob("*.py")]
+    assert len(files) > 20
+    for path in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # SyntaxWarning (3.12+) / DeprecationWarning: invalid escapes
+            compile(path.read_text(), str(path), "exec")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: mw.calibrate(torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long), torch.randn(2, 5, 3)),
+     "together"),
+    (lambda: mw.calibrate(torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long), torch.randn(3, 5, 3),
+                          torch.zeros(5, dtype=torch.long)), "same exits"),
+    (lambda: mw.fit_temperatures(torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long), iterations=0),
+     "iterations"),
+    (lambda: mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([1, 0])), "finite fractions"),
+    (lambda: mw.CSVLogger(3), "path"),
+    (lambda: mw.load_checkpoint(__file__, weights_only="yes"), "weights_only"),
+    (lambda: mw.load_checkpoint(3), "`path`"),
+    (lambda: mw.save_checkpoint({}, 3), "`path`"),
+    (lambda: mw.EarlyExit("net", [0.5, -1.0]), "`model`"),
+    (lambda: mw.EarlyExit(tiny_net(2), "abc"), "`thresholds`"),
+    (lambda: mw.exit_costs(tiny_net(2), torch.randn(1, 6), num_exits="2"), "num_exits"),
+    (lambda: mw.budgeted_curve(torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long), torch.randn(2, 5, 3),
+                               torch.zeros(5, dtype=torch.long), [1, 2], qs=None), "qs"),
+    (lambda: mw.thresholds_for_budget(torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long), [1, 2], 1.5,
+                                      iterations=-1), "iterations"),
+    (lambda: mw.collect_logits(tiny_net(2), [(torch.randn(2, 6), torch.zeros(2, dtype=torch.long))],
+                               device="nope"), "device"),
+    (lambda: mw.collect_logits(tiny_net(2), 3), "`loader`"),
+    (lambda: mw.TensorBoardLogger(3), "log_dir_or_writer"),
+    (lambda: mw.plot_budget_curves({}, "unused.png"), "`curves`"),  # was a bare StopIteration
+    (lambda: mw.plot_anytime({}, "unused.png"), "`results`"),
+    (lambda: mw.geometric_exit_distribution(-1.0, 3), "q"),
+])
+def test_arguments_are_judged_before_torch_sees_them(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_the_plot_command_writes_under_runs_by_default_and_says_where(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from metaweight.__main__ import main
+
+    curve = mw.budgeted_curve(torch.randn(2, 20, 3), torch.randint(0, 3, (20,)), torch.randn(2, 10, 3),
+                              torch.randint(0, 3, (10,)), [1.0, 2.0], qs=[0.5, 1.0])
+    result = tmp_path / "hdkd.json"
+    result.write_text(__import__("json").dumps({"config": {"method": "hdkd"}, "budget": curve.to_dict()}))
+    monkeypatch.chdir(tmp_path)
+    main(["plot", str(result)])
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(Path("runs") / "plots" / "budget.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hdkd.json", "runs"]  # nothing beside runs/
