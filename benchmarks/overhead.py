@@ -4,6 +4,7 @@ error of each backend's gamma gradient against `higher`.
 
     python benchmarks/overhead.py                      # CIFAR MSDNet (8 exits) and BranchyNet, batch 64
     python benchmarks/overhead.py --models msdnet --rounds 5 --out runs/overhead.json
+    python benchmarks/overhead.py --models branchynet --variants "weighting uw" "weighting famo"   # the weightings
 
 "plain" is the same model, loss terms and optimizer with fixed weights (learn=False): the
 difference to it is the meta step alone. Timing: every variant runs one unit of 4 iterations
@@ -62,9 +63,23 @@ VARIANTS = {
     "fast, validation batch 16": ({"mode": "fast"}, 16),
     "fast, meta every 4": ({"mode": "fast", "meta_every": 4}, 64),
 }
+# the other loss weightings (mw.WEIGHTINGS) on the same terms, each timed through its one-call step()
+VARIANTS.update({f"weighting {w}": ({"weighting": w}, 64) for w in mw.WEIGHTINGS})
+
+
+def make_weighting(model, name, num_exits):
+    """A loss weighting of mw.WEIGHTINGS with its defaults; GradNorm on the last conv of the first stage/block."""
+    first = model.stages[0] if hasattr(model, "stages") else model.blocks[0]
+    shared = [[m for m in first.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight]
+    options = {"dwa": {"window": 20}, "gradnorm": {"shared_parameters": shared},
+               "sdn": {"epochs": 100, "steps_per_epoch": 20}}.get(name, {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    return mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(num_exits, 3.0), **options)
 
 
 def make_weighter(model, last, options, num_exits):
+    if "weighting" in options:
+        return make_weighting(model, options["weighting"], num_exits)
     options = dict(options)
     if options.pop("lookahead", False):
         options["lookahead_params"] = last
