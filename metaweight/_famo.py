@@ -56,8 +56,8 @@ class FAMO(Weighting):
     :meth:`meta_step` needs ``train_batch`` (the batch of the step just taken) and runs one
     forward without gradient on it, with the model's buffers copied (BatchNorm statistics are
     not updated twice) and the random state restored (dropout draws are not consumed): the
-    method's one extra cost. Under DDP both loss vectors are averaged over the ranks, so every
-    rank holds the same :math:`\xi`.
+    method's one extra cost; it runs under the autocast the :meth:`loss` call ran under. Under DDP
+    both loss vectors are averaged over the ranks, so every rank holds the same :math:`\xi`.
 
     Args:
         model: the network; ``model(x)`` returns what ``criterion`` takes.
@@ -108,6 +108,12 @@ class FAMO(Weighting):
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"logits": self.logits, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
+    def loss(self, outputs: Any, target: Any) -> Tensor:
+        device = self.device.type
+        # the terms after the step are computed under the same autocast as these, so that delta compares like with like
+        self._autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return super().loss(outputs, target)
+
     def _combine(self, terms: Tensor) -> Tensor:
         z = self.gamma.detach()
         d = torch.where(self._active, terms - self.min_losses.to(terms) + EPS, torch.ones_like(terms))
@@ -128,7 +134,8 @@ class FAMO(Weighting):
         state = {**dict(module.named_parameters()),
                  **{n: b.clone() for n, b in module.named_buffers()}}
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        enabled, dtype = getattr(self, "_autocast", (False, None))
+        with torch.random.fork_rng(devices=devices), torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
             args, kwargs = model_arguments(module, x)
             outputs = functional_call(module, state, args, kwargs)
         return self._terms(outputs, y).float()

@@ -366,6 +366,18 @@ def test_famo_extra_forward_leaves_buffers_and_random_state_alone():
     assert torch.equal(rng, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_famo_without_a_step_sees_no_change(autocast):
+    """No model step between the two forwards: delta is 0 and xi stays 0, also when only loss() ran under
+    autocast (the forward after the step repeats it)."""
+    w, model, _ = build("famo")
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        w.loss(model(x), y)
+    w.meta_step((x, y))
+    assert torch.equal(w.logits, torch.zeros_like(w.logits))
+
+
 def test_gradnorm_refuses_a_loss_without_graph():
     w, model, _ = build("gradnorm")
     x, y = batch()
