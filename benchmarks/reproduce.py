@@ -76,9 +76,9 @@ TUNE = {
     "tune_adam_0.01": ("hdkd", ["--gamma-optimizer", "adam", "--gamma-lr", "0.01"], 1),
 }
 CONFIGS.update(TUNE)
-# the other loss weightings (mw.WEIGHTINGS), each with its paper's defaults: on the dense-KD terms (as HDKD), and
-# on the exits' cross-entropies alone (``_ce``: what UW, DWA, GradNorm, RLW and FAMO weigh in their papers, the
-# terms SDN schedules); train.py sets the options that depend on the run (DWA's window = one epoch, ...)
+# the other loss weightings (mw.WEIGHTINGS), each with its paper's defaults: on the dense-KD terms (as HDKD),
+# and on the exits' cross-entropies alone (``_ce``: what UW, DWA, GradNorm, RLW and FAMO weigh in their papers,
+# the terms SDN schedules); train.py sets the options that depend on the run (DWA's window = one epoch, ...)
 WEIGHTING_CONFIGS = {
     **{w: (w, [], 1) for w in mw.WEIGHTINGS},
     **{f"{w}_ce": (w, ["--teachers", "none"], 1) for w in mw.WEIGHTINGS},

@@ -22,7 +22,8 @@ def famo_softmax(logits: Tensor, active: Tensor) -> Tensor:
 
 
 def famo_logit_gradient(logits: Tensor, before: Tensor, after: Tensor, min_losses: Tensor, active: Tensor) -> Tensor:
-    r""":math:`J_{\mathrm{softmax}}(\xi)^\top \delta`, :math:`\delta_k = \log(L_k^{before} - L_k^*) - \log(L_k^{after} - L_k^*)`."""
+    r""":math:`J_{\mathrm{softmax}}(\xi)^\top \delta` with
+    :math:`\delta_k = \log(L_k^{before} - L_k^*) - \log(L_k^{after} - L_k^*)` (0 on inactive terms)."""
     z = famo_softmax(logits, active)
     delta = torch.where(active, (before - min_losses + EPS).log() - (after - min_losses + EPS).log(),
                         torch.zeros_like(before))

@@ -13,7 +13,7 @@ from metaweight._weighting import Weighting
 
 
 def rlw_weights(draws: Tensor, active: Tensor) -> Tensor:
-    r""":math:`\mathrm{softmax}(\lambda)` over the active terms (``draws`` holds one :math:`\lambda_k` per active term)."""
+    r""":math:`\mathrm{softmax}(\lambda)` over the active terms (``draws``: one :math:`\lambda_k` per active term)."""
     logits = torch.full(active.shape, -torch.inf, dtype=draws.dtype, device=draws.device)
     logits[active] = draws
     return torch.softmax(logits, 0)

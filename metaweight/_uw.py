@@ -13,7 +13,7 @@ from metaweight._weighting import Weighting, adam_update, check_number
 
 
 def uw_gradient(log_vars: Tensor, terms: Tensor, active: Tensor) -> Tensor:
-    r"""The gradient of :math:`\sum_k e^{-s_k} L_k + s_k/2` in :math:`s`: :math:`-e^{-s_k} L_k + 1/2` (0 where inactive)."""
+    r"""The gradient of :math:`\sum_k e^{-s_k} L_k + s_k/2` in :math:`s`: :math:`1/2 - e^{-s_k} L_k` (0 if inactive)."""
     return (0.5 - torch.exp(-log_vars) * terms) * active
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import metaweight as mw
-from conftest import batch, quiet, tiny_net
+from conftest import batch, tiny_net
 from references import weightings as ref
 
 NAMES = list(mw.WEIGHTINGS)

@@ -39,7 +39,8 @@ def _worker(rank, world, init_file, out_dir):
         for name in NAMES:
             model = nn.parallel.DistributedDataParallel(make_model())
             w = train(name, model, local)
-            results[name] = {"gamma": w.gamma.clone(), "params": [p.detach().clone() for p in model.module.parameters()]}
+            results[name] = {"gamma": w.gamma.clone(),
+                             "params": [p.detach().clone() for p in model.module.parameters()]}
             del w, model
             gc.collect()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
