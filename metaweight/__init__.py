@@ -32,7 +32,7 @@ from metaweight._presets import METHODS, WEIGHTINGS, Method, Preset, preset
 from metaweight._rlw import RLW
 from metaweight._sdn import SDNSchedule
 from metaweight._uw import UW
-from metaweight._weighting import Weighting
+from metaweight._weighting import LossWeighting, Weighting
 from metaweight._record import MetaStepRecord
 from metaweight._risk import AccuracyTarget, thresholds_for_accuracy
 from metaweight._validation import BalancedValidation
@@ -58,6 +58,7 @@ __all__ = [
     "FAMO",
     "GradNorm",
     "HarmonizedWeighter",
+    "LossWeighting",
     "METHODS",
     "Margin",
     "MaxProbability",

@@ -34,7 +34,7 @@ import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,42 @@ from metaweight._warn import warn_user
 
 Batch = Sequence[Any]
 NONFINITE = ("raise", "skip")
+
+
+@runtime_checkable
+class LossWeighting(Protocol):
+    """What every loss weighting offers, :class:`HarmonizedWeighter` and each :class:`Weighting` alike.
+
+    ``loss(outputs, target)`` gives the weighted scalar for the user's backward;
+    ``meta_step(train_batch, val_batch)`` updates the weights (after the optimizer's step, or
+    before it for ``HarmonizedWeighter`` in ``mode="exact"``); ``step(train_batch, val_batch)`` is
+    the one-call iteration; both return a :class:`MetaStepRecord`, also given to the hooks.
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> net = mw.MultiExit([torch.nn.Linear(4, 8)] * 2, [torch.nn.Linear(8, 3)] * 2)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> all(isinstance(w, mw.LossWeighting) for w in (mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2)),
+        ...                                               mw.RLW(net, opt, mw.DenseDistillLoss(2))))
+        True
+    """
+
+    @property
+    def term_names(self) -> list[str]: ...
+
+    def loss(self, outputs: Any, target: Any) -> Tensor: ...
+
+    def meta_step(self, train_batch: Any, val_batch: Any) -> MetaStepRecord: ...
+
+    def step(self, train_batch: Any, val_batch: Any) -> MetaStepRecord: ...
+
+    def gamma_dict(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Any) -> None: ...
+
+    def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle: ...
 
 
 def unwrap_model(model: nn.Module) -> tuple[nn.parallel.DistributedDataParallel | None, nn.Module]:

@@ -479,3 +479,11 @@ def test_repr_names_the_settings(name):
     w, *_ = build(name)
     text = repr(w)
     assert text.startswith(type(w).__name__) and "ce[1]" in text
+
+
+def test_every_method_and_the_harmonized_weighter_satisfy_one_protocol():
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert isinstance(mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3)), mw.LossWeighting)
+    for name in NAMES:
+        assert isinstance(build(name)[0], mw.LossWeighting), name
