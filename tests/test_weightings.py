@@ -487,3 +487,21 @@ def test_every_method_and_the_harmonized_weighter_satisfy_one_protocol():
     assert isinstance(mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3)), mw.LossWeighting)
     for name in NAMES:
         assert isinstance(build(name)[0], mw.LossWeighting), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_grad_scaler_changes_nothing(name):
+    """The weights never see the scaled loss: with a GradScaler (a power of 2, so exact in float32) the
+    weights and the model follow the unscaled run bit for bit."""
+    w1, m1, o1 = build(name)
+    w2, m2, o2 = build(name)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for x, y in batches(4):
+        w1.step((x, y))
+        o2.zero_grad()
+        scaler.scale(w2.loss(m2(x), y)).backward()
+        scaler.step(o2)
+        scaler.update()
+        w2.meta_step((x, y))
+    assert torch.equal(w1.gamma, w2.gamma)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
