@@ -5,6 +5,7 @@ relative error of each backend's gamma gradient against `higher`.
     python benchmarks/overhead.py                      # CIFAR MSDNet (8 exits) and BranchyNet, batch 64
     python benchmarks/overhead.py --models msdnet --rounds 5 --out runs/overhead.json
     python benchmarks/overhead.py --models msdnet --counts-only   # the profiler counts alone (exact, quick)
+    python benchmarks/overhead.py --models branchynet --variants "weighting uw" "weighting famo"   # the weightings
 
 "own loop" is what a user writes without metaweight: ``sum(cross_entropy(o, y) for o in
 model(x))``, backward, ``optimizer.step()``; every ratio is to it. The other variants use
@@ -80,13 +81,26 @@ VARIANTS = {
     "fast, meta every 4": ({"mode": "fast", "meta_every": 4}, 64),
 }
 BASELINE = "own loop"
+# the other loss weightings (mw.WEIGHTINGS) on the same terms, each timed through its one-call step()
+VARIANTS.update({f"weighting {w}": ({"weighting": w}, 64) for w in mw.WEIGHTINGS})
 
 
 def make_optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
 
 
+def make_weighting(model, optimizer, name, num_exits):
+    """A loss weighting of mw.WEIGHTINGS with its defaults; GradNorm on the last conv of the first stage/block."""
+    first = model.stages[0] if hasattr(model, "stages") else model.blocks[0]
+    shared = [[m for m in first.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight]
+    options = {"dwa": {"window": 20}, "gradnorm": {"shared_parameters": shared},
+               "sdn": {"epochs": 100, "steps_per_epoch": 20}}.get(name, {})
+    return mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(num_exits, 3.0), **options)
+
+
 def make_weighter(model, optimizer, last, options, num_exits):
+    if "weighting" in options:
+        return make_weighting(model, optimizer, options["weighting"], num_exits)
     options = dict(options)
     if options.pop("lookahead", False):
         options["lookahead_params"] = last

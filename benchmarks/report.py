@@ -35,6 +35,10 @@ TITLES = {"msdnet": "MSDNet", "dbt": "DBT", "naive_dkd": "NaiveDKD", "hmsdnet": 
           "hdkd_fast": "HDKD fast", "hdkd_init_last": "HDKD γ₀ last", "hdkd_init_random": "HDKD γ₀ random",
           "hdkd_alpha0": "HDKD α=0", "hdkd_alpha1": "HDKD α=1", "hdkd_sgd": "HDKD SGD on γ",
           "hdkd_normalize": "HDKD Σγ held"}
+# the other loss weightings (benchmarks/reproduce.py's weightings grid): on the dense-KD terms, and on the CE terms
+WEIGHTING_TITLES = {"uw": "UW", "dwa": "DWA", "gradnorm": "GradNorm", "rlw": "RLW", "famo": "FAMO",
+                    "sdn": "SDN schedule"}
+TITLES.update({**WEIGHTING_TITLES, **{f"{w}_ce": f"{t} (CE)" for w, t in WEIGHTING_TITLES.items()}})
 # configurations compared with HDKD itself, paired (mode="fast", the ablation)
 VARIANTS = ["hdkd_fast", "hdkd_init_last", "hdkd_init_random", "hdkd_alpha0", "hdkd_alpha1", "hdkd_sgd",
             "hdkd_normalize"]

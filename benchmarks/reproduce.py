@@ -22,7 +22,11 @@ Configurations (``--configs``): the six presets by name, and
 ``msdnet_long`` (MSDNet for LONG_EPOCHS x the epochs: about HDKD's wall clock), ``hdkd_every4``
 (a meta step every 4 iterations), ``hdkd_fast`` (``mode="fast"``), ``hdkd_init_last`` / ``hdkd_init_random`` (gamma starting
 DBT-like / random), ``hdkd_alpha0`` / ``hdkd_alpha1`` (the balanced objective's alpha), and
-``hdkd_sgd`` (the paper's plain SGD on gamma with learning rate 0.01).
+``hdkd_sgd`` (the paper's plain SGD on gamma with learning rate 0.01); the other loss weightings by name
+(``uw``, ``dwa``, ``gradnorm``, ``rlw``, ``famo``, ``sdn``: on the dense-KD terms) and with ``_ce`` (on the exits'
+cross-entropies only), all in the ``weightings`` grid:
+
+    python benchmarks/reproduce.py --grid weightings --jobs 2     # beside the cpu grid's runs, same seeds
 """
 
 from __future__ import annotations
@@ -72,12 +76,24 @@ TUNE = {
     "tune_adam_0.01": ("hdkd", ["--gamma-optimizer", "adam", "--gamma-lr", "0.01"], 1),
 }
 CONFIGS.update(TUNE)
+# the other loss weightings (mw.WEIGHTINGS), each with its paper's defaults: on the dense-KD terms (as HDKD),
+# and on the exits' cross-entropies alone (``_ce``: what UW, DWA, GradNorm, RLW and FAMO weigh in their papers,
+# the terms SDN schedules); train.py sets the options that depend on the run (DWA's window = one epoch, ...)
+WEIGHTING_CONFIGS = {
+    **{w: (w, [], 1) for w in mw.WEIGHTINGS},
+    **{f"{w}_ce": (w, ["--teachers", "none"], 1) for w in mw.WEIGHTINGS},
+}
+CONFIGS.update(WEIGHTING_CONFIGS)
 
 GRIDS = {
     # the examples' 4-exit CNN at width 8: 100 epochs of CIFAR-10(X) fit a CPU
     "cpu": {"settings": ["cifar10-150", "cifar10-500"], "epochs": {"cifar10-150": 100, "cifar10-500": 100},
             "model": ["--model", "branchynet", "--exits", "4", "--width", "8"], "seeds": [0, 1, 2],
             "configs": METHODS + ["msdnet_long", "hdkd_every4", "hdkd_fast"]},
+    # the other loss weightings, on the cpu grid's settings, model and seeds (same folders: paired with its runs)
+    "weightings": {"settings": ["cifar10-150", "cifar10-500"], "epochs": {"cifar10-150": 100, "cifar10-500": 100},
+                   "model": ["--model", "branchynet", "--exits", "4", "--width", "8"], "seeds": [0, 1, 2],
+                   "configs": list(WEIGHTING_CONFIGS)},
     # Table 3's ablation, on one setting
     "ablation": {"settings": ["cifar10-150"], "epochs": {"cifar10-150": 100},
                  "model": ["--model", "branchynet", "--exits", "4", "--width", "8"], "seeds": [0, 1, 2],

@@ -2,6 +2,7 @@
 
     pip install lightning
     python examples/lightning_train.py --method hdkd --max-steps 300
+    python examples/lightning_train.py --method famo --max-steps 300    # or uw, dwa, gradnorm, rlw, sdn
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metaweight as mw  # noqa: E402
 from branchynet import branchynet  # noqa: E402
 from data import load_digits  # noqa: E402
-from metaweight.lightning import HarmonizedCallback  # noqa: E402
+from metaweight.lightning import HarmonizedCallback, WeightingCallback  # noqa: E402
 
 
 class MultiExitModule(lightning.LightningModule):
@@ -45,7 +46,7 @@ class MultiExitModule(lightning.LightningModule):
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="hdkd", choices=list(mw.METHODS))
+    p.add_argument("--method", default="hdkd", choices=list(mw.METHODS) + list(mw.WEIGHTINGS))
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="exact", choices=["exact", "fast"],
@@ -56,9 +57,18 @@ def main(argv: list[str] | None = None) -> dict:
     train_loader = DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=64, shuffle=True, drop_last=True)
     val_loader = DataLoader(TensorDataset(split.x_val, split.y_val), batch_size=64, shuffle=True)
     module = MultiExitModule(branchynet(10, 1, num_exits=3, width=16, branch_width=16))
-    method = mw.preset(args.method, 3)
-    callback = HarmonizedCallback(method.criterion, val_loader, **method.weighter_options, gamma_lr=0.01,
-                                  mode=args.mode)
+    if args.method in mw.WEIGHTINGS:
+        criterion = mw.DenseDistillLoss(3)
+        steps = len(train_loader)
+        options = {"dwa": {"window": steps}, "rlw": {"seed": args.seed},
+                   "gradnorm": {"shared_parameters": [module.net.stages[0][3].weight]},  # stage 1's last conv
+                   "sdn": {"epochs": -(-args.max_steps // steps), "steps_per_epoch": steps}}.get(args.method, {})
+        callback = WeightingCallback(lambda model, optimizer: mw.WEIGHTINGS[args.method](model, optimizer, criterion,
+                                                                                          **options))
+    else:
+        method = mw.preset(args.method, 3)
+        callback = HarmonizedCallback(method.criterion, val_loader, **method.weighter_options, gamma_lr=0.01,
+                                      mode=args.mode)
     trainer = lightning.Trainer(max_steps=args.max_steps, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
                                 enable_checkpointing=False, enable_model_summary=False,
                                 enable_progress_bar=sys.stderr.isatty())

@@ -2,6 +2,8 @@
 
     python examples/train.py                       # HDKD, BranchyNet-style CNN, scikit-learn digits
     python examples/train.py --method msdnet       # the uniform-CE baseline, same everything else
+    python examples/train.py --method famo         # another weighting of the dense-KD terms (mw.WEIGHTINGS)
+    python examples/train.py --method uw --teachers none   # ... or of the exits' cross-entropies only
     python examples/train.py --dataset cifar10 --data-dir PATH --model msdnet --epochs 30
 
 A stratified 10% of the training pool is held out, never augmented, and feeds the meta step
@@ -52,7 +54,11 @@ def default_threads(dataset: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The command line: every option with its help and default (``--help``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    p.add_argument("--method", default="hdkd", choices=list(mw.METHODS), help="the training method (a preset)")
+    p.add_argument("--method", default="hdkd", choices=list(mw.METHODS) + list(mw.WEIGHTINGS),
+                   help="one of the HDKD paper's presets, or a loss weighting (uw, dwa, gradnorm, rlw, famo, sdn)")
+    p.add_argument("--teachers", default=None, choices=["dense", "last", "none"],
+                   help="the terms a loss weighting weighs (None: dense, CE + KD between every pair of exits; "
+                        "none: the exits' CE only); the presets fix their own")
     p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist", "cifar10", "cifar100"],
                    help="the data set; the CIFAR-10 JPEG folder/tarball is decoded once into runs/cache/SOURCE.npz "
                         "under the working folder (about 176 MiB: 60,000 images of 3,072 bytes), see "
@@ -223,6 +229,27 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: 
     return mw.anytime_accuracy_from_logits(logits, labels, topk=(1, 5))
 
 
+def shared_layer(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """GradNorm's shared layer for the examples' models: the last convolution of the first stage
+    (BranchyNet) or block (MSDNet), the deepest weights every exit's loss depends on."""
+    first = model.stages[0] if hasattr(model, "stages") else model.blocks[0]
+    convs = [m for m in first.modules() if isinstance(m, torch.nn.Conv2d)]
+    return [convs[-1].weight]
+
+
+def weighting(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              criterion: mw.DenseDistillLoss, steps_per_epoch: int, total: int) -> mw.Weighting:
+    """A loss weighting of ``mw.WEIGHTINGS`` with the papers' defaults; the options that depend on the run."""
+    epochs = max(1, -(-total // steps_per_epoch))  # the epochs this run trains (fewer with --max-steps)
+    options = {
+        "dwa": {"window": steps_per_epoch},  # the paper's per-epoch averages
+        "gradnorm": {"shared_parameters": shared_layer(model)},
+        "rlw": {"seed": args.seed},
+        "sdn": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
+    }.get(args.method, {})
+    return mw.WEIGHTINGS[args.method](model, optimizer, criterion, **options)
+
+
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     threads = args.threads or default_threads(args.dataset)
@@ -241,14 +268,23 @@ def train(args: argparse.Namespace) -> dict:
         total = min(total, args.max_steps)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=[int(0.5 * total), int(0.75 * total)], gamma=0.1)  # per iteration: /10 at 50%, 75%
-    method = mw.preset(args.method, num_exits, temperature=args.temperature, init=args.gamma_init)
     validation = mw.BalancedValidation(num_exits, alpha=args.alpha)
-    weighter = method.weighter(model, optimizer, validation, gamma_lr=args.gamma_lr,
-                               gamma_optimizer=args.gamma_optimizer, constraint=args.constraint,
-                               meta_every=args.meta_every, mode=args.mode,
-                               generator=torch.Generator().manual_seed(args.seed))
-    print(f"method {args.method}: {method.method.description}; {sum(p.numel() for p in model.parameters())} "
-          f"parameters, {num_exits} exits, {method.criterion.active.sum().item()} active loss terms")
+    if args.method in mw.WEIGHTINGS:
+        criterion = mw.DenseDistillLoss(num_exits, temperature=args.temperature, teachers=args.teachers or "dense")
+        weighter = weighting(args, model, optimizer, criterion, steps_per_epoch, total)
+        description = f"{weighter!r} on the {criterion.teachers} terms"
+    else:
+        if args.teachers is not None:
+            raise SystemExit(f"--teachers is for the loss weightings; the preset {args.method!r} fixes its own.")
+        method = mw.preset(args.method, num_exits, temperature=args.temperature, init=args.gamma_init)
+        criterion = method.criterion
+        weighter = method.weighter(model, optimizer, validation, gamma_lr=args.gamma_lr,
+                                   gamma_optimizer=args.gamma_optimizer, constraint=args.constraint,
+                                   meta_every=args.meta_every, mode=args.mode,
+                                   generator=torch.Generator().manual_seed(args.seed))
+        description = method.method.description
+    print(f"method {args.method}: {description}; {sum(p.numel() for p in model.parameters())} "
+          f"parameters, {num_exits} exits, {criterion.active.sum().item()} active loss terms")
 
     history: list[dict] = []
     step, seconds = 0, 0.0
@@ -318,7 +354,7 @@ def train(args: argparse.Namespace) -> dict:
     curve = mw.budgeted_curve(val_logits, val_labels, test_logits, test_labels, costs.macs)
     print(f"\ntrained {step} iterations in {seconds:.1f}s; final loss weights (gamma):")
     for name, value in weighter.gamma_dict().items():
-        if method.criterion.active[method.criterion.index(name)]:
+        if criterion.active[criterion.index(name)]:
             print(f"  {name:>9} {value:.4f}")
     print("\nbudgeted batch classification (thresholds from the held-out split, accuracy on test):")
     for point in curve.points[::6] + curve.points[-1:]:

@@ -48,7 +48,14 @@ from metaweight._logging import CSVLogger, TensorBoardLogger
 from metaweight._losses import DenseDistillLoss
 from metaweight._multiexit import MultiExit
 from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history, plot_reliability
-from metaweight._presets import METHODS, Method, Preset, preset
+from metaweight._dwa import DWA
+from metaweight._famo import FAMO
+from metaweight._gradnorm import GradNorm
+from metaweight._presets import METHODS, WEIGHTINGS, Method, Preset, preset
+from metaweight._rlw import RLW
+from metaweight._sdn import SDNSchedule
+from metaweight._uw import UW
+from metaweight._weighting import LossWeighting, Weighting
 from metaweight._record import MetaStepRecord
 from metaweight._risk import AccuracyTarget, thresholds_for_accuracy
 from metaweight._validation import BalancedValidation
@@ -65,12 +72,16 @@ __all__ = [
     "BudgetPoint",
     "CSVLogger",
     "Calibration",
+    "DWA",
     "DenseDistillLoss",
     "EarlyExit",
     "Entropy",
     "ExitCosts",
     "ExitRule",
+    "FAMO",
+    "GradNorm",
     "HarmonizedWeighter",
+    "LossWeighting",
     "METHODS",
     "Margin",
     "MaxProbability",
@@ -79,7 +90,12 @@ __all__ = [
     "MultiExit",
     "Patience",
     "Preset",
+    "RLW",
+    "SDNSchedule",
     "TensorBoardLogger",
+    "UW",
+    "WEIGHTINGS",
+    "Weighting",
     "anytime_accuracy",
     "anytime_accuracy_from_logits",
     "attach_exits",

@@ -1,4 +1,4 @@
-"""Logging hooks: the weighter calls each callback with a record after every meta step."""
+"""Logging hooks: a weighter or weighting calls each callback with a record after every meta step."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from typing import Any
 
 def flatten_record(record: dict[str, Any]) -> dict[str, float]:
     """A meta-step record as flat scalars: ``gamma/ce[1]``, ``term/kd[2->1]``, ``val_ce[1]``, ..."""
-    flat: dict[str, float] = {"iteration": record["iteration"], "meta_step": record["meta_step"],
-                              "val_objective": record["val_objective"]}
-    for k, value in enumerate(record["val_exit_losses"]):
+    flat: dict[str, float] = {"iteration": record["iteration"], "meta_step": record["meta_step"]}
+    if record.get("val_objective") is not None:  # HarmonizedWeighter's; the other weightings have none
+        flat["val_objective"] = record["val_objective"]
+    for k, value in enumerate(record.get("val_exit_losses") or []):
         flat[f"val_ce[{k + 1}]"] = value
     for name, value in record["gamma"].items():
         flat[f"gamma/{name}"] = value
-    for name, value in record["terms"].items():
+    for name, value in (record.get("terms") or {}).items():
         flat[f"term/{name}"] = value
     return flat
 

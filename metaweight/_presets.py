@@ -8,9 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from metaweight._dwa import DWA
+from metaweight._famo import FAMO
+from metaweight._gradnorm import GradNorm
 from metaweight._losses import DenseDistillLoss
+from metaweight._rlw import RLW
+from metaweight._sdn import SDNSchedule
+from metaweight._uw import UW
 from metaweight._validation import BalancedValidation
 from metaweight._weighter import HarmonizedWeighter
+from metaweight._weighting import Weighting
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,18 @@ METHODS: dict[str, Method] = {
         Method("hdkd", "dense", True, "dense distillation with harmonized weights (Eq. 5-10)",
                "Wang & Li, HDKD, AAAI 2021"),
     )
+}
+
+
+# the loss-weighting methods beside HDKD's, by the names LibMTL and the papers use; each class takes
+# (model, optimizer, criterion, *, options) and any criterion of named terms
+WEIGHTINGS: dict[str, type[Weighting]] = {
+    "uw": UW,
+    "dwa": DWA,
+    "gradnorm": GradNorm,
+    "rlw": RLW,
+    "famo": FAMO,
+    "sdn": SDNSchedule,
 }
 
 

@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning
@@ -28,8 +28,9 @@ import torch
 from metaweight._losses import DenseDistillLoss
 from metaweight._validation import BalancedValidation
 from metaweight._weighter import HarmonizedWeighter
+from metaweight._weighting import Weighting
 
-__all__ = ["HarmonizedCallback"]
+__all__ = ["HarmonizedCallback", "WeightingCallback"]
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -115,3 +116,66 @@ class HarmonizedCallback(lightning.Callback):
             self._pending_state = state_dict
         else:
             self.weighter.load_state_dict(state_dict)
+
+
+class WeightingCallback(lightning.Callback):
+    """Builds a loss weighting (:class:`~metaweight.UW`, :class:`~metaweight.FAMO`, ...) at fit start
+    and calls its :meth:`~metaweight.Weighting.meta_step` after each training batch.
+
+    As with :class:`HarmonizedCallback`, ``training_step`` returns ``self.weighter.loss(self(x), y)``
+    and Lightning does the backward and the optimizer's step; the weighting's state is saved in
+    Lightning checkpoints with the callback's.
+
+    Args:
+        weighting: a callable ``(model, optimizer) -> Weighting``, e.g.
+            ``lambda model, optimizer: mw.FAMO(model, optimizer, criterion)``; ``model`` is the
+            LightningModule (or its ``DistributedDataParallel`` wrapper).
+        attribute: the name under which the weighting is set on the LightningModule.
+
+    Example::
+
+        callback = WeightingCallback(lambda model, opt: mw.DWA(model, opt, criterion, window=len(loader)))
+        lightning.Trainer(callbacks=[callback]).fit(Net(), loader)
+    """
+
+    def __init__(self, weighting: Callable[[torch.nn.Module, torch.optim.Optimizer], Weighting], *,
+                 attribute: str = "weighter") -> None:
+        super().__init__()
+        if not callable(weighting):
+            raise TypeError(f"`weighting` should be a callable (model, optimizer) -> Weighting. "
+                            f"Found `{type(weighting).__name__}`.")
+        self.factory = weighting
+        self.attribute = attribute
+        self.weighting: Weighting | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"WeightingCallback needs exactly one optimizer; found {len(trainer.optimizers)}.")
+        wrapped = trainer.strategy.model
+        model = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else pl_module
+        weighting = self.factory(model, trainer.optimizers[0])
+        if not isinstance(weighting, Weighting):
+            raise TypeError(f"`weighting` should return a metaweight Weighting. It returned "
+                            f"`{type(weighting).__name__}`.")
+        self.weighting = weighting
+        if self._pending_state is not None:
+            self.weighting.load_state_dict(self._pending_state)
+            self._pending_state = None
+        setattr(pl_module, self.attribute, self.weighting)
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        assert self.weighting is not None
+        self.weighting.meta_step(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.weighting.state_dict() if self.weighting is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.weighting is None:
+            self._pending_state = state_dict
+        else:
+            self.weighting.load_state_dict(state_dict)

@@ -59,7 +59,7 @@ def test_msdnet_meta_step_runs_and_leaves_the_model_unchanged():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
-@pytest.mark.parametrize("method", ["hdkd", "msdnet"])
+@pytest.mark.parametrize("method", ["hdkd", "msdnet", "gradnorm", "sdn"])
 def test_train_main_job_smoke(method, tmp_path, capsys):
     import train
 

@@ -60,3 +60,18 @@ def test_lightning_callback_trains_and_checkpoints(mode, tmp_path):
     assert cb.state_dict() == {}
     cb.load_state_dict({"gamma": torch.ones(6)})  # kept until the weighter exists
     assert cb._pending_state is not None
+
+
+@pytest.mark.parametrize("method,start", [("famo", 1 / 6), ("gradnorm", 1.0)])
+def test_lightning_weighting_callback_trains(method, start):
+    pytest.importorskip("lightning")
+    import lightning_train
+
+    out = lightning_train.main(["--max-steps", "3", "--method", method])
+    assert out["steps"] == 3 and len(out["test"]["top1"]) == 3
+    assert any(abs(v - start) > 1e-6 for v in out["gamma"].values())  # the updates ran and moved the weights
+
+    from metaweight.lightning import WeightingCallback
+
+    with pytest.raises(TypeError, match="callable"):
+        WeightingCallback("famo")

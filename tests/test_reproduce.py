@@ -68,11 +68,12 @@ def tiny_run(data: Path, epochs: int) -> list[str]:
             "--no-progress"]
 
 
-def killed_at(monkeypatch, train, args: list[str], iteration: int) -> None:
+def killed_at(monkeypatch, train, args: list[str], iteration: int, cls=None) -> None:
     """Run train.py with ``args`` until its ``iteration``-th step raises KeyboardInterrupt (a killed run)."""
     import metaweight as mw
 
-    real_step, calls = mw.HarmonizedWeighter.step, []
+    cls = cls or mw.HarmonizedWeighter
+    real_step, calls = cls.step, []
 
     def failing_step(self, *a):
         calls.append(1)
@@ -80,10 +81,10 @@ def killed_at(monkeypatch, train, args: list[str], iteration: int) -> None:
             raise KeyboardInterrupt
         return real_step(self, *a)
 
-    monkeypatch.setattr(mw.HarmonizedWeighter, "step", failing_step)
+    monkeypatch.setattr(cls, "step", failing_step)
     with pytest.raises(KeyboardInterrupt):
         train.train(train.parse_args(args))
-    monkeypatch.setattr(mw.HarmonizedWeighter, "step", real_step)
+    monkeypatch.setattr(cls, "step", real_step)
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
@@ -102,6 +103,39 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert resumed["iterations"] == whole["iterations"] == 18
     assert resumed["gamma"] == whole["gamma"] and resumed["test"] == whole["test"]
     assert resumed["selection"] == whole["selection"] and resumed["gamma_history"] == whole["gamma_history"]
+
+
+@pytest.mark.parametrize("method", ["famo", "rlw", "dwa"])
+@pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow
+def test_interrupted_weighting_run_resumes_exactly(method, tmp_path, monkeypatch):
+    """The same for the other loss weightings: their state (logits and moments, generator, window sums) resumes."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train
+
+    import metaweight as mw
+
+    base = tiny_run(fake_cifar10(tmp_path / "data"), 2) + ["--teachers", "none"]
+    base[base.index("hdkd")] = method
+    whole = train.train(train.parse_args(base))
+    ckpt = tmp_path / "run.ckpt"
+    resumable = base + ["--checkpoint", str(ckpt), "--checkpoint-every", "2"]
+    killed_at(monkeypatch, train, resumable, 8, cls=mw.Weighting)
+    resumed = train.train(train.parse_args(resumable))
+    assert resumed["iterations"] == whole["iterations"] == 12
+    assert resumed["gamma"] == whole["gamma"] and resumed["test"] == whole["test"]
+    assert resumed["gamma_history"] == whole["gamma_history"]
+
+
+def test_every_weighting_has_a_dense_and_a_ce_configuration():
+    import metaweight as mw
+
+    for w in mw.WEIGHTINGS:
+        assert reproduce.CONFIGS[w] == (w, [], 1) and reproduce.CONFIGS[f"{w}_ce"] == (w, ["--teachers", "none"], 1)
+        assert {w, f"{w}_ce"} <= set(reproduce.GRIDS["weightings"]["configs"])
+    cmd = reproduce.command("cifar10-500", "famo_ce", 1, 100, reproduce.GRIDS["weightings"], Path("x.json"), None,
+                            "cpu", 1, None)
+    assert cmd[cmd.index("--method") + 1] == "famo" and cmd[cmd.index("--tag") + 1] == "famo_ce"
+    assert cmd[cmd.index("--teachers") + 1] == "none" and cmd[cmd.index("--per-class") + 1] == "500"
 
 
 @pytest.mark.slow  # a training run or end-to-end job: python -m pytest -m slow

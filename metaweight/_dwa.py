@@ -1,0 +1,91 @@
+"""Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from metaweight._record import MetaStepRecord
+from metaweight._weighting import Weighting, check_int, check_number
+
+
+def dwa_weights(last: Tensor, before: Tensor, active: Tensor, temperature: float) -> Tensor:
+    r""":math:`K\,\mathrm{softmax}_k(r_k/T)` over the active terms, :math:`r_k = \bar L_k(t-1)/\bar L_k(t-2)`."""
+    ratio = torch.where(active, last / torch.where(active, before, torch.ones_like(before)), torch.zeros_like(last))
+    logits = torch.where(active, ratio / temperature, torch.full_like(ratio, -torch.inf))
+    return int(active.sum()) * torch.softmax(logits, 0)
+
+
+class DWA(Weighting):
+    r"""Dynamic Weight Average: weights from the rate at which each term's average loss falls.
+
+    Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019, Eq. 7:
+
+    .. math::
+        \gamma_k(t) = \frac{K \exp(r_k(t-1)/T)}{\sum_i \exp(r_i(t-1)/T)}, \qquad
+        r_k(t-1) = \frac{\bar L_k(t-1)}{\bar L_k(t-2)},
+
+    where :math:`\bar L_k(t)` is the average of term :math:`k` over window :math:`t` (the paper's
+    epoch), :math:`K` the number of (active) terms, so the weights sum to :math:`K`, and
+    :math:`T = 2` the paper's temperature. The first two windows use :math:`\gamma_k = 1`.
+
+    ``window`` is the number of iterations averaged: your iterations per epoch for the
+    paper's rule, or fewer for a per-window variant. The sums are kept on the device; under DDP
+    the terms are averaged over the ranks first (one all-reduce of the term vector).
+
+    Args:
+        model: the network; ``model(x)`` returns what ``criterion`` takes.
+        optimizer: the model's optimizer (used by :meth:`step` only).
+        criterion: the loss terms (any criterion with ``term_names``; see :class:`Weighting`).
+        window: iterations per averaging window (the paper: one epoch).
+        temperature: :math:`T` (2 in the paper).
+        term_names: the criterion's term names, where it has none.
+        nonfinite: ``"raise"`` or ``"skip"`` a non-finite update or model step.
+        callbacks: hooks called with each update's :class:`MetaStepRecord`.
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> net = mw.MultiExit([torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)], [torch.nn.Linear(8, 3)] * 2)
+        >>> w = mw.DWA(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2), window=2)
+        >>> for _ in range(6):
+        ...     _ = w.step((torch.randn(8, 4), torch.randint(0, 3, (8,))))
+        >>> round(sum(w.gamma_dict().values()), 4)
+        3.0
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *, window: int,
+                 temperature: float = 2.0, term_names: Sequence[str] | None = None,
+                 nonfinite: Literal["raise", "skip"] = "raise",
+                 callbacks: Sequence[Callable[[MetaStepRecord], None]] = ()) -> None:
+        self.window = check_int("window", window)
+        self.temperature = check_number("temperature", temperature, strict=True)
+        super().__init__(model, optimizer, criterion, term_names=term_names, nonfinite=nonfinite,
+                         callbacks=callbacks)
+        n = self._terms.num_terms
+        self.running_sum = torch.zeros(n, device=self.device)
+        self.last_average = torch.zeros(n, device=self.device)  # window t-1
+        self.previous_average = torch.zeros(n, device=self.device)  # window t-2
+        self.num_windows = torch.zeros((), dtype=torch.int64)  # complete windows so far
+        self._setup()
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {"running_sum": self.running_sum, "last_average": self.last_average,
+                "previous_average": self.previous_average, "num_windows": self.num_windows}
+
+    def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
+        assert terms is not None
+        running = self.running_sum + terms.to(self.running_sum) * self._active
+        if (self.num_calls + 1) % self.window:
+            return {"running_sum": running}
+        average = running / self.window
+        windows = self.num_windows + 1
+        gamma = dwa_weights(average, self.last_average, self._active, self.temperature) if int(windows) >= 2 \
+            else self.gamma
+        return {"running_sum": torch.zeros_like(running), "last_average": average,
+                "previous_average": self.last_average.clone(), "num_windows": windows, "gamma": gamma}
+
+    def _options(self) -> str:
+        return f"window={self.window}, temperature={self.temperature}"

@@ -1,0 +1,155 @@
+"""FAMO: Fast Adaptive Multitask Optimization (Liu, Liu, Jin, Stone & Liu, NeurIPS 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metaweight._protocols import model_arguments
+from metaweight._record import MetaStepRecord
+from metaweight._weighting import Weighting, adam_update, check_number
+
+EPS = 1e-8  # as the official implementation: keeps log(L - L*) finite at the bound
+
+
+def famo_softmax(logits: Tensor, active: Tensor) -> Tensor:
+    """:math:`z = \\mathrm{softmax}(\\xi)` over the active terms (0 on the others)."""
+    return torch.softmax(torch.where(active, logits, torch.full_like(logits, -torch.inf)), 0)
+
+
+def famo_logit_gradient(logits: Tensor, before: Tensor, after: Tensor, min_losses: Tensor, active: Tensor) -> Tensor:
+    r""":math:`J_{\mathrm{softmax}}(\xi)^\top \delta` with
+    :math:`\delta_k = \log(L_k^{before} - L_k^*) - \log(L_k^{after} - L_k^*)` (0 on inactive terms)."""
+    z = famo_softmax(logits, active)
+    delta = torch.where(active, (before - min_losses + EPS).log() - (after - min_losses + EPS).log(),
+                        torch.zeros_like(before))
+    return z * (delta - (z * delta).sum())
+
+
+class FAMO(Weighting):
+    r"""FAMO: weights that make every term's log-loss fall at the same rate, in :math:`O(1)` time and memory.
+
+    Liu, Liu, Jin, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
+    following the official implementation (``famo.py`` in ``Cranial-XIX/FAMO``). With logits
+    :math:`\xi` (one per term, starting at 0), :math:`z = \mathrm{softmax}(\xi)` and
+    :math:`D_k = L_k - L_k^* + 10^{-8}`, the model steps on
+
+    .. math::
+        \mathcal{L} = \frac{1}{c} \sum_k z_k \log D_k, \qquad c = \sum_k z_k / D_k
+        \ \text{(a constant)},
+
+    i.e. on :math:`\sum_k \frac{z_k}{c D_k} L_k`. After the model's step the terms are computed
+    again on the same batch at the new parameters, and
+
+    .. math::
+        \delta_k = \log D_k^{\text{before}} - \log D_k^{\text{after}}, \qquad
+        \xi \leftarrow \mathrm{Adam}\big(\xi,\ J_{\mathrm{softmax}}(\xi)^\top \delta\big)
+
+    with learning rate ``lr`` (:math:`\beta` in the paper, 0.025) and L2 decay ``weight_decay``
+    (the paper's regularisation :math:`\gamma`; 1e-3 here, the official ``famo.py`` example uses
+    0.01). :attr:`gamma` and :meth:`gamma_dict` report :math:`z`, the paper's weights (a softmax:
+    positive, sum 1); the weight each raw term gets in the gradient is :math:`z_k / (c D_k)`.
+
+    :meth:`meta_step` needs ``train_batch`` (the batch of the step just taken) and runs one
+    forward without gradient on it, with the model's buffers copied (BatchNorm statistics are
+    not updated twice) and the random state restored (dropout draws are not consumed): the
+    method's one extra cost; it runs under the autocast the :meth:`loss` call ran under. Under DDP
+    both loss vectors are averaged over the ranks, so every rank holds the same :math:`\xi`.
+
+    Args:
+        model: the network; ``model(x)`` returns what ``criterion`` takes.
+        optimizer: the model's optimizer (used by :meth:`step` only).
+        criterion: the loss terms (any criterion with ``term_names``; see :class:`Weighting`).
+        lr: the learning rate of the logits' Adam (the paper's :math:`\beta`).
+        weight_decay: the logits' L2 regularisation (the paper's :math:`\gamma`).
+        min_losses: :math:`L^*`, a lower bound of each term (default 0: cross-entropies and
+            distillation terms are >= 0).
+        term_names: the criterion's term names, where it has none.
+        nonfinite: ``"raise"`` or ``"skip"`` a non-finite update or model step.
+        callbacks: hooks called with each update's :class:`MetaStepRecord`.
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> net = mw.MultiExit([torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)], [torch.nn.Linear(8, 3)] * 2)
+        >>> w = mw.FAMO(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2))
+        >>> record = w.step((torch.randn(8, 4), torch.randint(0, 3, (8,))))
+        >>> round(sum(record.gamma.values()), 6)
+        1.0
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *, lr: float = 0.025,
+                 weight_decay: float = 1e-3, min_losses: Sequence[float] | Tensor | None = None,
+                 term_names: Sequence[str] | None = None, nonfinite: Literal["raise", "skip"] = "raise",
+                 callbacks: Sequence[Callable[[MetaStepRecord], None]] = ()) -> None:
+        self.lr = check_number("lr", lr)
+        self.weight_decay = check_number("weight_decay", weight_decay)
+        super().__init__(model, optimizer, criterion, term_names=term_names, nonfinite=nonfinite,
+                         callbacks=callbacks)
+        n = self._terms.num_terms
+        if min_losses is None:
+            bound = torch.zeros(n)
+        else:
+            bound = torch.as_tensor(min_losses, dtype=torch.float32).detach().clone().cpu()
+            if bound.shape != (n,) or not torch.isfinite(bound).all():
+                raise ValueError(f"`min_losses` should hold one finite lower bound per term, shape ({n},) for "
+                                 f"{self.term_names}. Found {min_losses!r}.")
+        self.min_losses = bound.to(self.device)
+        self.logits = torch.zeros(n, device=self.device)
+        self.exp_avg = torch.zeros(n, device=self.device)
+        self.exp_avg_sq = torch.zeros(n, device=self.device)
+        self._setup()
+
+    def _initial_gamma(self) -> Tensor:
+        return famo_softmax(torch.zeros(self._terms.num_terms), self._terms.active.cpu())
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {"logits": self.logits, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def loss(self, outputs: Any, target: Any) -> Tensor:
+        device = self.device.type
+        # the terms after the step are computed under the same autocast as these, so that delta compares like with like
+        self._autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return super().loss(outputs, target)
+
+    def _combine(self, terms: Tensor) -> Tensor:
+        z = self.gamma.detach()
+        d = torch.where(self._active, terms - self.min_losses.to(terms) + EPS, torch.ones_like(terms))
+        c = (z / d).sum().detach()
+        return (z * d.log()).sum() / c
+
+    def _check_batch(self, train_batch: Any) -> None:
+        if train_batch is None:
+            raise ValueError("FAMO.meta_step(train_batch) needs the batch of the step just taken, to compute the "
+                             "terms again at the new parameters: weighting.meta_step((x, y)). Nothing was changed.")
+        super()._check_batch(train_batch)
+
+    @torch.no_grad()
+    def _terms_after_step(self, train_batch: Any) -> Tensor:
+        """The terms on ``train_batch`` at the current parameters, leaving buffers and random state as they were."""
+        x, y = train_batch
+        module = self.module
+        state = {**dict(module.named_parameters()),
+                 **{n: b.clone() for n, b in module.named_buffers()}}
+        devices = [self.device] if self.device.type == "cuda" else []
+        enabled, dtype = getattr(self, "_autocast", (False, None))
+        with torch.random.fork_rng(devices=devices), torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
+            args, kwargs = model_arguments(module, x)
+            outputs = functional_call(module, state, args, kwargs)
+        return self._terms(outputs, y).float()
+
+    def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
+        assert terms is not None
+        after = self._mean_over_ranks(self._terms_after_step(train_batch))
+        grad = famo_logit_gradient(self.logits, terms.to(self.logits), after.to(self.logits), self.min_losses,
+                                   self._active)
+        xi, m, v = adam_update(self.logits, grad, self.exp_avg, self.exp_avg_sq, self.num_meta_steps + 1,
+                               lr=self.lr, weight_decay=self.weight_decay)
+        xi = xi * self._active
+        return {"logits": xi, "exp_avg": m, "exp_avg_sq": v, "gamma": famo_softmax(xi, self._active)}
+
+    def _options(self) -> str:
+        return f"lr={self.lr}, weight_decay={self.weight_decay}"

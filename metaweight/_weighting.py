@@ -1,0 +1,471 @@
+"""What every loss-weighting method shares: the two calls, the one call, state, hooks and DDP.
+
+A weighting gives one weight per named loss term. The user's loop is the same for every
+method (and for :class:`~metaweight.HarmonizedWeighter` with ``mode="fast"``)::
+
+    loss = weighting.loss(model(x), y)       # the weighted sum, for your own backward
+    loss.backward()                          # or scaler.scale(loss).backward(); clipping, ...
+    optimizer.step()                         # or scaler.step(optimizer)
+    weighting.meta_step((x, y))              # the weights for the next iteration
+
+or ``weighting.step((x, y))``, which does all four. :meth:`Weighting.meta_step` is the shared
+name of "the call after the model's step" (a validation batch, which only
+:class:`~metaweight.HarmonizedWeighter` uses, is accepted and ignored). Each method is a
+subclass in its own module; the maths of its update is a plain function of tensors in that
+module, so the class only holds state.
+
+Design choices every method follows:
+
+* the weights enter :meth:`Weighting.loss` as constants, and a method whose weights are
+  learned by gradient descent (UW, GradNorm, FAMO) computes that gradient in closed form from
+  the detached terms: nothing the user does to the loss (a ``GradScaler``, gradient
+  accumulation, clipping) reaches the weights, and the user's optimizer is never changed;
+* a method's update is computed as new values first and committed only when every value is
+  finite, so a refused update (``nonfinite="raise"`` or ``"skip"``) changes nothing;
+* under ``DistributedDataParallel`` the terms an update reads are averaged over the ranks
+  (one all-reduce), so every rank holds the same weights;
+* inactive terms (``criterion.active``) have weight 0 and take no part in any update; "the
+  number of terms" in a paper's rule is the number of active terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from metaweight._protocols import Terms, call_model
+from metaweight._record import MetaStepRecord
+from metaweight._warn import warn_user
+
+Batch = Sequence[Any]
+NONFINITE = ("raise", "skip")
+
+
+@runtime_checkable
+class LossWeighting(Protocol):
+    """What every loss weighting offers, :class:`HarmonizedWeighter` and each :class:`Weighting` alike.
+
+    ``loss(outputs, target)`` gives the weighted scalar for the user's backward;
+    ``meta_step(train_batch, val_batch)`` updates the weights (after the optimizer's step, or
+    before it for ``HarmonizedWeighter`` in ``mode="exact"``); ``step(train_batch, val_batch)`` is
+    the one-call iteration; both return a :class:`MetaStepRecord`, also given to the hooks.
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> net = mw.MultiExit([torch.nn.Linear(4, 8)] * 2, [torch.nn.Linear(8, 3)] * 2)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> all(isinstance(w, mw.LossWeighting) for w in (mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2)),
+        ...                                               mw.RLW(net, opt, mw.DenseDistillLoss(2))))
+        True
+    """
+
+    @property
+    def term_names(self) -> list[str]: ...
+
+    def loss(self, outputs: Any, target: Any) -> Tensor: ...
+
+    def meta_step(self, train_batch: Any, val_batch: Any) -> MetaStepRecord: ...
+
+    def step(self, train_batch: Any, val_batch: Any) -> MetaStepRecord: ...
+
+    def gamma_dict(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Any) -> None: ...
+
+    def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle: ...
+
+
+def unwrap_model(model: nn.Module) -> tuple[nn.parallel.DistributedDataParallel | None, nn.Module]:
+    """The ``DistributedDataParallel`` wrapper (if any) and the plain module under it and under ``torch.compile``."""
+    ddp = None
+    for _ in range(4):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            ddp, model = model, model.module
+        elif callable(getattr(model, "_orig_mod", None)) and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return ddp, model
+
+
+def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, lr: float,
+                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                weight_decay: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of ``torch.optim.Adam`` (L2 ``weight_decay`` added to the gradient), as new tensors.
+
+    ``step`` counts this step (1 for the first). Returns the new parameter and moments; nothing
+    is changed in place, so a caller can check the result before keeping it.
+    """
+    if weight_decay:
+        grad = grad + weight_decay * param
+    exp_avg = exp_avg * betas[0] + (1 - betas[0]) * grad
+    exp_avg_sq = exp_avg_sq * betas[1] + (1 - betas[1]) * grad * grad
+    bias1 = 1 - betas[0] ** step
+    bias2 = 1 - betas[1] ** step
+    denom = exp_avg_sq.sqrt() / math.sqrt(bias2) + eps
+    return param - (lr / bias1) * exp_avg / denom, exp_avg, exp_avg_sq
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` when it is not a finite number above ``low``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
+        value > low if strict else value >= low)
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r}. Expected a finite number {'>' if strict else '>='} {low}.")
+    return float(value)
+
+
+def check_int(name: str, value: Any, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r}. Expected an int >= {low}.")
+    return value
+
+
+class Weighting:
+    r"""The base of every loss-weighting method: one weight :math:`\gamma_k` per named loss term.
+
+    Subclasses set :meth:`_initial_gamma` and, when their weights move, :meth:`_propose` (the
+    update as new tensors); a method whose weighted loss is not :math:`\sum_k \gamma_k L_k`
+    overrides :meth:`_combine`. Everything else (checks, the two calls and the one call,
+    ``state_dict``, hooks, DDP) is here.
+
+    Args:
+        model: the network; ``model(x)`` returns what ``criterion`` takes.
+        optimizer: the optimizer of ``model`` (used by :meth:`step` only; never changed otherwise).
+        criterion: the loss terms: any callable ``criterion(outputs, target) -> Tensor[n]`` with
+            ``term_names`` (see :mod:`metaweight._protocols`), e.g. a :class:`DenseDistillLoss`.
+        term_names: the names of the criterion's terms, where it has no ``term_names``.
+        nonfinite: ``"raise"`` a ``ValueError`` or ``"skip"`` (warn and count) an update or a model
+            step that is not finite; either way nothing is changed.
+        callbacks: hooks called with the :class:`MetaStepRecord` of every successful update.
+    """
+
+    needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *,
+                 term_names: Sequence[str] | None = None, nonfinite: Literal["raise", "skip"] = "raise",
+                 callbacks: Sequence[Callable[[MetaStepRecord], None]] = ()) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
+        if not isinstance(optimizer, torch.optim.Optimizer) and not isinstance(
+                getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` should be a torch.optim.Optimizer. Found `{type(optimizer).__name__}`.")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
+        if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence) or \
+                not all(callable(c) for c in callbacks):
+            raise TypeError("`callbacks` should be a sequence of callables taking a MetaStepRecord.")
+        terms = Terms(criterion, term_names)
+        ddp, module = unwrap_model(model)
+        self.model = model
+        self.module = module
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.nonfinite = nonfinite
+        self._terms = terms
+        self._group = ddp.process_group if ddp is not None else None
+        self._world = dist.get_world_size(self._group) if ddp is not None and dist.is_initialized() else 1
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if isinstance(criterion, nn.Module):
+            criterion.to(self.device)
+        self._active = terms.active.to(self.device)
+        self.num_active = int(terms.active.sum())
+        if self.num_active == 0:
+            raise ValueError(f"The criterion has no active term (criterion.active is all False for "
+                             f"{terms.term_names}): there is nothing to weight.")
+        self.num_calls = 0  # meta_step calls
+        self.num_meta_steps = 0  # updates that were kept
+        self.num_skipped = 0
+        self.last_terms: Tensor | None = None
+        self._pending: Tensor | None = None  # the detached terms of the last loss() call
+        self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
+        self.last_meta = MetaStepRecord(0)
+        for callback in callbacks:
+            self.register_meta_step_hook(callback)
+
+    def _setup(self) -> None:
+        """Subclasses call this at the end of their ``__init__``, once their options are set."""
+        self.gamma: Tensor = self._initial_gamma().to(self.device, torch.float32) * self._active
+
+    # ------------------------------------------------------------------ what subclasses define
+    def _initial_gamma(self) -> Tensor:
+        """The weights of the first iteration, shape ``[num_terms]`` (inactive entries are zeroed)."""
+        return torch.ones(self._terms.num_terms)
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        """The method's own state besides ``gamma`` (tensors saved by :meth:`state_dict`)."""
+        return {}
+
+    def _propose(self, terms: Tensor | None, train_batch: Batch | None) -> dict[str, Tensor]:
+        """New values for ``gamma`` and the state tensors after one model step; ``terms`` are the
+        (rank-averaged) terms of the ``loss`` call before it. Must not change anything itself."""
+        return {}
+
+    def _combine(self, terms: Tensor) -> Tensor:
+        """The weighted loss the user backpropagates: :math:`\\sum_k \\gamma_k L_k` by default."""
+        return (self.gamma.detach() * terms).sum()
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Non-tensor state a method saves (e.g. a generator's state)."""
+        return {}
+
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse extra state this method could not load (a ``ValueError``), changing nothing."""
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Apply extra state already checked by :meth:`_check_extra_state`."""
+
+    # ------------------------------------------------------------------ naming and logging
+    @property
+    def term_names(self) -> list[str]:
+        """The names of the loss terms, in the order of :attr:`gamma`."""
+        return self._terms.term_names
+
+    def gamma_dict(self) -> dict[str, float]:
+        """The current loss weights by term name."""
+        return dict(zip(self.term_names, self.gamma.detach().cpu().tolist()))
+
+    def terms_dict(self) -> dict[str, float]:
+        """The unweighted loss terms of the last :meth:`loss` call, by term name (empty before it)."""
+        if self.last_terms is None:
+            return {}
+        return dict(zip(self.term_names, self.last_terms.cpu().tolist()))
+
+    def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle:
+        """Call ``hook(record)`` after every successful :meth:`meta_step`; ``handle.remove()`` unregisters it."""
+        if not callable(hook):
+            raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
+
+    @property
+    def callbacks(self) -> list[Callable[[MetaStepRecord], None]]:
+        """The registered hooks, in order."""
+        return list(self._hooks.values())
+
+    # ------------------------------------------------------------------ the two calls
+    def loss(self, outputs: Any, target: Any) -> Tensor:
+        """The weighted training loss for the user's own backward (the weights as constants).
+
+        The first of the two calls of an iteration: the detached terms are kept for
+        :meth:`meta_step`, which follows the optimizer's step.
+        """
+        terms = self._terms(outputs, target)
+        if terms.dtype in (torch.float16, torch.bfloat16):  # weigh half-precision terms in float32
+            terms = terms.float()
+        combined = self._combine(terms)
+        self.last_terms = terms.detach()
+        self._pending = self.last_terms
+        return combined
+
+    def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
+        """Update the weights from the iteration that just ended; call it after the optimizer's step.
+
+        The method's rule reads the terms of the :meth:`loss` call of this iteration (averaged
+        over ranks under DDP); FAMO also reads ``train_batch`` again at the new parameters.
+        ``val_batch`` is accepted for the signature :class:`HarmonizedWeighter` shares and not used.
+
+        Returns:
+            A :class:`MetaStepRecord`: ``iteration``, ``ran``, ``meta_step``, ``gamma`` and
+            ``terms`` by term name; ``skipped`` and ``message`` for a refused update.
+        """
+        if self.needs_terms and self._pending is None:
+            raise ValueError(f"{type(self).__name__}.meta_step reads the terms of this iteration: call "
+                             f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
+                             f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
+                             f"Nothing was changed.")
+        self._check_batch(train_batch)
+        local = self._pending
+        terms = self._mean_over_ranks(local) if local is not None and self.needs_terms else None
+        proposal = self._propose(terms, train_batch)
+        gamma = proposal.get("gamma", self.gamma)
+        shown = terms if terms is not None else local
+        checked = torch.cat([gamma.detach().float().reshape(-1)] +
+                            [v.detach().float().reshape(-1) for v in proposal.values() if v.is_floating_point()] +
+                            ([shown.float()] if shown is not None else []))
+        values = checked.cpu().tolist()  # the one host read of the call
+        n = self._terms.num_terms
+        named = dict(zip(self.term_names, values[-n:])) if shown is not None else None
+        # the terms count when the rule reads them (RLW and SDN do not)
+        judged = values if terms is not None or shown is None else values[:-n]
+        if not all(math.isfinite(v) for v in judged):
+            message = (f"{type(self).__name__}: the update from the terms {named} gave non-finite values; the "
+                       f"weights and the method's state were left unchanged. Check the data and the learning rates "
+                       f"(or pass nonfinite='skip' to skip such updates).")
+            if self.nonfinite == "raise":
+                raise ValueError(message)
+            self.num_calls += 1
+            self.num_skipped += 1
+            self._pending = None
+            warn_user(f"Skipped an update ({self.num_skipped} so far): {message}")
+            return MetaStepRecord(self.num_calls, ran=True, skipped=True, meta_step=self.num_meta_steps,
+                                  gamma=self.gamma_dict(), terms=named, message=message)
+        self.num_calls += 1
+        with torch.no_grad():
+            for name, value in proposal.items():
+                self._set_state(name, value)
+        self._pending = None
+        self.num_meta_steps += 1
+        record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
+                                gamma=dict(zip(self.term_names, values[:n])), terms=named)
+        self.last_meta = record
+        for hook in list(self._hooks.values()):
+            hook(record)
+        return record
+
+    def _named(self, terms: Tensor | None) -> dict[str, float] | None:
+        return None if terms is None else dict(zip(self.term_names, terms.detach().cpu().tolist()))
+
+    def _check_batch(self, train_batch: Batch | None) -> None:
+        """Refuse a malformed ``train_batch`` before anything changes (FAMO needs one)."""
+        if train_batch is not None and (not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2):
+            raise ValueError(f"`train_batch` should be a pair (inputs, labels). Found `{type(train_batch).__name__}`"
+                             f"{f' of length {len(train_batch)}' if isinstance(train_batch, (tuple, list)) else ''}.")
+
+    def _set_state(self, name: str, value: Tensor) -> None:
+        current = getattr(self, name)
+        if isinstance(current, Tensor) and current.shape == value.shape:
+            current.copy_(value)
+        else:
+            setattr(self, name, value.detach().clone())
+
+    def _mean_over_ranks(self, tensor: Tensor) -> Tensor:
+        """``tensor`` averaged over the DDP ranks (one all-reduce; itself when alone)."""
+        if self._world == 1:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self._group)
+        return out / self._world
+
+    # ------------------------------------------------------------------ the one call
+    def step(self, train_batch: Batch, val_batch: Batch | None = None) -> MetaStepRecord:
+        """One training iteration: forward, :meth:`loss`, backward, the optimizer's step, :meth:`meta_step`.
+
+        A step whose loss or gradient is not finite (on any rank) is not taken: the model's
+        parameters, buffers and optimizer state and the weights are left as they were; with
+        ``nonfinite="raise"`` a ``ValueError`` says so, with ``"skip"`` a warning does.
+
+        Returns the :class:`MetaStepRecord` of :meth:`meta_step` with ``loss`` and
+        ``model_step_skipped`` filled in.
+        """
+        if not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
+            self._check_batch(train_batch if train_batch is not None else ())
+        x, y = train_batch
+        buffers = [b.detach().clone() for b in self.module.buffers()]
+        try:
+            loss = self.loss(call_model(self.model, x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except Exception:
+            self._restore_buffers(buffers)
+            self._pending = None
+            raise
+        if not self._finite_update(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore_buffers(buffers)
+            self._pending = None
+            message = (f"The weighted training loss ({float(loss.detach())}) or its gradient is not finite "
+                       f"(terms {self.terms_dict()}). The step was not taken: parameters, buffers, optimizer "
+                       f"state and weights are as before this call. Check the batch and the learning rate.")
+            if self.nonfinite == "raise":
+                raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
+            self.num_skipped += 1
+            warn_user(f"Skipped a model step ({self.num_skipped} skipped so far): {message}")
+            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
+                                  terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=True,
+                                  message=message)
+        self.optimizer.step()
+        record = self.meta_step(train_batch, val_batch)
+        return dataclasses.replace(record, loss=float(loss.detach()), model_step_skipped=False)
+
+    def _restore_buffers(self, saved: list[Tensor]) -> None:
+        with torch.no_grad():
+            for b, s in zip(self.module.buffers(), saved):
+                b.copy_(s)
+
+    def _finite_update(self, loss: Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).all()
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads)
+            finite = finite & torch.isfinite(torch.stack(norms)).all()
+        flag = self._mean_over_ranks(finite.float().reshape(1))
+        return bool(flag.item() == 1.0)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state: the weights, its counters and whatever its rule keeps."""
+        return {
+            "weighting": type(self).__name__,
+            "term_names": list(self.term_names),
+            "gamma": self.gamma.detach().cpu().clone(),
+            **{name: t.detach().cpu().clone() for name, t in self._state_tensors().items()},
+            "extra": self._extra_state(),
+            "num_calls": self.num_calls,
+            "num_meta_steps": self.num_meta_steps,
+            "num_skipped": self.num_skipped,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Everything is checked first: a checkpoint of another method,
+        for other terms, with a key missing or with non-finite values is refused with a
+        ``ValueError`` (a ``TypeError`` for a non-mapping), changing nothing."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"`state_dict` should be a dict from {type(self).__name__}.state_dict(). "
+                            f"Found `{type(state_dict).__name__}`.")
+        mine = self._state_tensors()
+        required = ["weighting", "term_names", "gamma", "extra", "num_calls", "num_meta_steps", "num_skipped",
+                    *mine]
+        missing = [k for k in required if k not in state_dict]
+        if missing:
+            raise ValueError(f"This checkpoint lacks {missing}: it is not a complete {type(self).__name__}."
+                             f"state_dict() (keys found: {sorted(state_dict)}). Nothing was changed.")
+        if state_dict["weighting"] != type(self).__name__:
+            raise ValueError(f"This checkpoint is of the weighting {state_dict['weighting']!r}, not "
+                             f"{type(self).__name__!r}. Build the weighting the checkpoint was saved with.")
+        if list(state_dict["term_names"]) != self.term_names:
+            raise ValueError(f"This checkpoint is for the terms {state_dict['term_names']}, but this weighting has "
+                             f"{self.term_names}. Build it with the criterion the checkpoint was saved with.")
+        for name, current in {"gamma": self.gamma, **mine}.items():
+            saved = state_dict[name]
+            if not isinstance(saved, Tensor) or saved.shape != current.shape or saved.dtype != current.dtype:
+                raise ValueError(f"The checkpoint's `{name}` should be a {current.dtype} tensor of shape "
+                                 f"{tuple(current.shape)}. Found {saved!r}.")
+            if saved.is_floating_point() and not torch.isfinite(saved).all():
+                raise ValueError(f"The checkpoint's `{name}` {saved.tolist()} holds non-finite values.")
+        if (state_dict["gamma"] < 0).any() or (state_dict["gamma"][~self._terms.active.cpu()] != 0).any():
+            raise ValueError(f"The checkpoint's gamma {state_dict['gamma'].tolist()} should be >= 0, and 0 on the "
+                             f"inactive terms of {self.term_names}.")
+        counts = {k: state_dict[k] for k in ("num_calls", "num_meta_steps", "num_skipped")}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
+            raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
+        if not isinstance(state_dict["extra"], Mapping):
+            raise ValueError("The checkpoint's `extra` should be a dict.")
+        self._check_extra_state(state_dict["extra"])
+        # everything checked: now apply
+        with torch.no_grad():
+            for name in ["gamma", *mine]:
+                self._set_state(name, state_dict[name].to(self.device))
+        self._load_extra_state(state_dict["extra"])
+        self.num_calls, self.num_meta_steps, self.num_skipped = (counts["num_calls"], counts["num_meta_steps"],
+                                                                 counts["num_skipped"])
+        self._pending = None
+
+    def _options(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        options = self._options()
+        return (f"{type(self).__name__}(terms={self.term_names}, criterion={type(self.criterion).__name__}"
+                f"{', ' + options if options else ''}, optimizer={type(self.optimizer).__name__})")

@@ -1,0 +1,507 @@
+"""The loss-weighting methods (UW, DWA, GradNorm, RLW, FAMO, SDN's schedule) against per-step references
+written from the papers (references/weightings.py), and the properties every method shares: the two
+calls equal step(), bit-exact resume, bad input refused with nothing changed, AMP, hooks and loggers."""
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import metaweight as mw
+from conftest import batch, tiny_net
+from references import weightings as ref
+
+NAMES = list(mw.WEIGHTINGS)
+
+
+def options(name, model):
+    """The options each method needs (the others take the papers' defaults)."""
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {"dwa": {"window": 2}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
+            "gradnorm": {"shared_parameters": list(module.stages[0].parameters())},
+            "rlw": {"seed": 3}}.get(name, {})
+
+
+def build(name, *, teachers="dense", seed=0, **extra):
+    torch.manual_seed(seed)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3, teachers=teachers),
+                            **options(name, model), **extra)
+    return w, model, optimizer
+
+
+def batches(n=6, size=16):
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randn(size, 6, generator=g), torch.randint(0, 5, (size,), generator=g)) for _ in range(n)]
+
+
+# ------------------------------------------------------------------ against the references
+class Scripted(nn.Module):
+    """A 'model' whose outputs are loss terms written by hand: x = (values [K], gradients [K, P]) gives
+    terms equal to the values, whose gradients on ``shared`` are the rows of the gradients."""
+
+    def __init__(self, P=3):
+        super().__init__()
+        self.shared = nn.Parameter(torch.zeros(P, dtype=torch.float64))
+
+    def forward(self, x):
+        values, grads = x
+        return values + grads @ self.shared
+
+
+def scripted(name, K, **kw):
+    model = Scripted()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    names = [f"ce[{k + 1}]" for k in range(K)]
+    return mw.WEIGHTINGS[name](model, opt, lambda outputs, target: outputs, term_names=names, **kw), model
+
+
+LOSSES = [[2.3, 1.9, 0.7], [2.1, 1.5, 0.72], [1.8, 1.4, 0.5], [1.7, 1.0, 0.52], [1.2, 0.9, 0.3], [1.1, 0.5, 0.31],
+          [0.9, 0.45, 0.2], [0.8, 0.44, 0.19]]
+AFTER = [[v * f for v, f in zip(L, (0.97, 0.9, 1.01))] for L in LOSSES]
+GRADS = [[[0.5, -1.0, 2.0], [0.1, 0.2, 0.3], [1.5, 0.0, -0.5]], [[0.4, -0.9, 1.5], [0.2, 0.2, 0.2], [1.0, 0.1, -0.4]],
+         [[0.3, -0.5, 1.0], [0.3, 0.1, 0.2], [0.9, 0.1, -0.2]], [[0.2, -0.4, 0.9], [0.5, 0.1, 0.1], [0.5, 0.1, -0.1]],
+         [[0.2, -0.3, 0.5], [0.6, 0.1, 0.0], [0.3, 0.2, -0.1]], [[0.1, -0.2, 0.4], [0.5, 0.2, 0.1], [0.2, 0.1, 0.0]],
+         [[0.1, -0.1, 0.3], [0.4, 0.2, 0.1], [0.2, 0.0, 0.1]], [[0.1, -0.1, 0.2], [0.4, 0.1, 0.1], [0.1, 0.1, 0.1]]]
+
+
+def run_scripted(w, before=LOSSES, after=None, grads=None):
+    """Feed the terms by hand through the two calls; the weights of every iteration (and the last's)."""
+    zeros = torch.zeros(3, 3, dtype=torch.float64)
+    out = [w.gamma.tolist()]
+    for t, L in enumerate(before):
+        g = torch.tensor(grads[t], dtype=torch.float64) if grads else zeros
+        w.loss(w.model((torch.tensor(L, dtype=torch.float64), g)), None)
+        train = ((torch.tensor(after[t], dtype=torch.float64), zeros), None) if after else None
+        w.meta_step(train)
+        out.append(w.gamma.tolist())
+    return out
+
+
+def assert_close(got, expected, rtol=1e-5, atol=1e-7):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, rel=rtol, abs=atol), (got, expected)
+
+
+def test_uw_matches_the_reference():
+    w, _ = scripted("uw", 3)
+    assert_close(run_scripted(w), ref.uw(LOSSES, lr=0.01))
+    w, _ = scripted("uw", 3, lr=0.3)  # a larger step, so the weights move far from 1
+    got = run_scripted(w)
+    assert_close(got, ref.uw(LOSSES, lr=0.3))
+    assert max(abs(v - 1) for v in got[-1]) > 0.5
+
+
+def test_uw_loss_is_the_papers_classification_form():
+    w, model = scripted("uw", 3, lr=0.3)
+    run_scripted(w)
+    L = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    s = w.log_vars.double()
+    assert float(w.loss(L, None)) == pytest.approx(float((torch.exp(-s) * L + s / 2).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_dwa_matches_the_reference_and_sums_to_the_number_of_terms(window):
+    w, _ = scripted("dwa", 3, window=window)
+    got = run_scripted(w)
+    assert_close(got, ref.dwa(LOSSES, window))
+    for g in got:
+        assert sum(g) == pytest.approx(3, rel=1e-6)
+    assert got[-1] != [1.0, 1.0, 1.0]
+
+
+def test_dwa_temperature():
+    w, _ = scripted("dwa", 3, window=1, temperature=0.5)
+    assert_close(run_scripted(w), ref.dwa(LOSSES, 1, temperature=0.5))
+
+
+def test_rlw_matches_the_reference_softmax_of_its_seeded_draws():
+    w, _ = scripted("rlw", 3, seed=5)
+    got = run_scripted(w)
+    g = torch.Generator().manual_seed(5)
+    draws = [torch.randn(3, generator=g).tolist() for _ in range(len(got))]
+    assert_close(got, ref.rlw(draws), rtol=1e-6)
+    for v in got:
+        assert all(x > 0 for x in v) and sum(v) == pytest.approx(1, rel=1e-6)
+
+
+def test_famo_matches_the_reference():
+    w, _ = scripted("famo", 3)
+    got = run_scripted(w, after=AFTER)
+    zs, _ = ref.famo(LOSSES, AFTER)
+    assert_close(got, zs)
+    w, _ = scripted("famo", 3, lr=0.5, weight_decay=0.01, min_losses=[0.1, 0.0, 0.05])
+    got = run_scripted(w, after=AFTER)
+    zs, effective = ref.famo(LOSSES, AFTER, lr=0.5, weight_decay=0.01, min_losses=[0.1, 0.0, 0.05])
+    assert_close(got, zs)
+    assert max(got[-1]) - min(got[-1]) > 0.05  # the weights moved
+
+
+def test_famo_gradient_weights_each_term_by_z_over_c_d():
+    w, _ = scripted("famo", 3, lr=0.5)
+    zs, effective = ref.famo(LOSSES, AFTER, lr=0.5)
+    zeros = torch.zeros(3, 3, dtype=torch.float64)
+    for t, L in enumerate(LOSSES):
+        terms = torch.tensor(L, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(w.loss(terms, None), terms)
+        assert_close(grad.tolist(), effective[t])
+        w.meta_step(((torch.tensor(AFTER[t], dtype=torch.float64), zeros), None))
+
+
+@pytest.mark.parametrize("alpha", [1.5, 0.5])
+def test_gradnorm_matches_the_reference(alpha):
+    w, _ = scripted_gradnorm(alpha)
+    got = run_scripted(w, grads=GRADS)
+    norms = [[math.sqrt(sum(v * v for v in row)) for row in G] for G in GRADS]
+    assert_close(got, ref.gradnorm(LOSSES, norms, alpha=alpha, lr=0.01))
+    for g in got:
+        assert sum(g) == pytest.approx(3, rel=1e-6)
+
+
+def scripted_gradnorm(alpha, lr=0.01):
+    model = Scripted()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.GradNorm(model, opt, lambda outputs, target: outputs, term_names=["a", "b", "c"],
+                    shared_parameters=[model.shared], alpha=alpha, lr=lr)
+    return w, model
+
+
+def test_gradnorm_per_term_loop_equals_the_batched_backward():
+    w1, _ = scripted_gradnorm(1.5, lr=0.1)
+    w2, _ = scripted_gradnorm(1.5, lr=0.1)
+    w2._batched = False
+    assert run_scripted(w1, grads=GRADS) == run_scripted(w2, grads=GRADS)
+
+
+def test_sdn_matches_the_authors_schedule():
+    model = Scripted()
+    w = mw.SDNSchedule(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda o, t: o,
+                       term_names=["ce[1]", "ce[2]", "ce[3]", "ce[4]"], epochs=3, steps_per_epoch=2)
+    got = [w.gamma.tolist()]
+    for _ in range(8):
+        w.meta_step()
+        got.append(w.gamma.tolist())
+    assert_close(got, ref.sdn([0.25, 0.5, 0.75, None], 3, 2, 9))
+    assert got[-1] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # held at C_k after the last epoch
+
+
+def test_sdn_max_weights_by_name():
+    w, *_ = build("sdn", teachers="none", max_weights={"ce[1]": 0.15, "ce[2]": 0.3})
+    assert w.gamma_dict()["ce[1]"] == pytest.approx(0.01 + 0.15 / 3)
+    assert w.gamma_dict()["ce[3]"] == 1.0 and w.gamma_dict()["kd[2->1]"] == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.floats(0.01, 10.0), min_size=4, max_size=4), min_size=2, max_size=6),
+       st.floats(0.1, 5.0))
+def test_invariances_dwa_sums_to_k_famo_is_a_softmax(losses, temperature):
+    w, _ = scripted("dwa", 4, window=1, temperature=temperature)
+    z = torch.zeros(4, 3, dtype=torch.float64)
+    f, _ = scripted("famo", 4, lr=0.3)
+    for L in losses:
+        v = torch.tensor(L, dtype=torch.float64)
+        w.loss(v, None)
+        w.meta_step()
+        assert float(w.gamma.sum()) == pytest.approx(4, rel=1e-5) and (w.gamma >= 0).all()
+        f.loss(v, None)
+        f.meta_step(((v * 0.9, z), None))
+        assert torch.allclose(f.gamma, torch.softmax(f.logits, 0)) and float(f.gamma.sum()) == pytest.approx(1)
+
+
+# ------------------------------------------------------------------ properties every method has
+def same_state(a, b):
+    """Whether two state dicts hold the same values, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_calls_equal_step(name):
+    w1, m1, o1 = build(name)
+    w2, m2, o2 = build(name)
+    for x, y in batches(5):
+        r1 = w1.step((x, y))
+        o2.zero_grad()
+        loss = w2.loss(m2(x), y)
+        loss.backward()
+        o2.step()
+        r2 = w2.meta_step((x, y))
+        assert r1.gamma == r2.gamma and r1.loss == float(loss.detach())
+    assert torch.equal(w1.gamma, w2.gamma)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_finite_non_negative_and_zero_on_inactive_terms(name):
+    w, *_ = build(name, teachers="last")
+    for b in batches(6):
+        record = w.step(b)
+    active = w.criterion.active
+    assert torch.isfinite(w.gamma).all() and (w.gamma >= 0).all()
+    assert (w.gamma[~active] == 0).all() and (w.gamma[active] > 0).all()
+    assert record.iteration == 6 and record.ran and set(record.gamma) == set(w.term_names)
+    assert w.num_meta_steps == 6
+    total = {"dwa": 5, "gradnorm": 5, "rlw": 1, "famo": 1}.get(name)
+    if total is not None:
+        assert float(w.gamma.sum()) == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_is_bit_exact(name):
+    data = batches(7)
+    w, model, opt = build(name)
+    for b in data[:3]:
+        w.step(b)
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(w.state_dict()))
+    for b in data[3:]:
+        w.step(b)
+    w2, model2, opt2 = build(name, seed=123)  # a fresh start elsewhere: everything comes from the checkpoint
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    w2.load_state_dict(saved[2])
+    for b in data[3:]:
+        w2.step(b)
+    assert torch.equal(w.gamma, w2.gamma)
+    assert same_state(w.state_dict(), w2.state_dict())
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_checkpoints_are_refused_changing_nothing(name):
+    w, *_ = build(name)
+    for b in batches(3):
+        w.step(b)
+    good = w.state_dict()
+    other = "uw" if name != "uw" else "dwa"
+    bad = [
+        ([], TypeError, "should be a dict"),
+        ({k: v for k, v in good.items() if k != "gamma"}, ValueError, "lacks"),
+        ({**good, "weighting": "Other"}, ValueError, "weighting 'Other'"),
+        ({**good, "term_names": good["term_names"][::-1]}, ValueError, "for the terms"),
+        ({**good, "gamma": good["gamma"][:2]}, ValueError, "shape"),
+        ({**good, "gamma": torch.full_like(good["gamma"], math.nan)}, ValueError, "non-finite"),
+        ({**good, "num_calls": -1}, ValueError, "counters"),
+        (build(other)[0].state_dict(), ValueError, "weighting"),
+    ]
+    for w_ in batches(1):
+        w.loss(w.model(w_[0]), w_[1])
+    before = copy.deepcopy(w.state_dict())
+    for state, error, match in bad:
+        with pytest.raises(error, match=match):
+            w.load_state_dict(state)
+        assert same_state(before, w.state_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_finite_terms_are_refused_changing_nothing(name):
+    w, model, opt = build(name)
+    x, y = batch()
+    for b in batches(2):
+        w.step(b)
+    before = copy.deepcopy(w.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    bad_x = x.clone()
+    bad_x[0, 0] = math.nan
+    with pytest.raises(ValueError, match="not finite"):
+        w.step((bad_x, y))
+    assert same_state(before, w.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    if w.needs_terms and name != "famo":  # the update itself refuses non-finite terms
+        w.loss([o * math.nan for o in model(x)], y)
+        with pytest.raises(ValueError, match="non-finite"):
+            w.meta_step((x, y))
+        assert same_state(before, w.state_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skip_counts_and_warns(name):
+    w, *_ = build(name, nonfinite="skip")
+    x, y = batch()
+    x[0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match="Skipped"):
+        record = w.step((x, y))
+    assert record.model_step_skipped and w.num_skipped == 1 and w.num_meta_steps == 0
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if mw.WEIGHTINGS[n].needs_terms])
+def test_meta_step_before_loss_is_refused(name):
+    w, *_ = build(name)
+    before = copy.deepcopy(w.state_dict())
+    with pytest.raises(ValueError, match="call loss = weighting.loss"):
+        w.meta_step(batch())
+    assert torch.equal(before["gamma"], w.state_dict()["gamma"]) and w.num_calls == 0
+
+
+def test_famo_needs_the_train_batch():
+    w, model, _ = build("famo")
+    x, y = batch()
+    w.loss(model(x), y)
+    with pytest.raises(ValueError, match="needs the batch"):
+        w.meta_step()
+    with pytest.raises(ValueError, match="pair"):
+        w.meta_step([x])
+    w.meta_step((x, y))  # the pending terms survived the refusals
+
+
+def test_famo_extra_forward_leaves_buffers_and_random_state_alone():
+    w, model, opt = build("famo")
+    x, y = batch()
+    w.loss(model(x), y).backward()
+    opt.step()
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    w.meta_step((x, y))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_famo_without_a_step_sees_no_change(autocast):
+    """No model step between the two forwards: delta is 0 and xi stays 0, also when only loss() ran under
+    autocast (the forward after the step repeats it)."""
+    w, model, _ = build("famo")
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        w.loss(model(x), y)
+    w.meta_step((x, y))
+    assert torch.equal(w.logits, torch.zeros_like(w.logits))
+
+
+def test_gradnorm_refuses_a_loss_without_graph():
+    w, model, _ = build("gradnorm")
+    x, y = batch()
+    with torch.no_grad():
+        w.loss(model(x), y)
+    with pytest.raises(ValueError, match="no graph"):
+        w.meta_step((x, y))
+
+
+BAD_OPTIONS = [
+    ("uw", {"lr": -1}, "Invalid lr"),
+    ("uw", {"betas": (0.9, 1.0)}, "Invalid betas"),
+    ("dwa", {"window": 0}, "Invalid window"),
+    ("dwa", {"window": 2, "temperature": 0}, "Invalid temperature"),
+    ("famo", {"weight_decay": math.nan}, "Invalid weight_decay"),
+    ("famo", {"min_losses": [0.0]}, "min_losses"),
+    ("rlw", {"seed": -1}, "Invalid seed"),
+    ("rlw", {"nonfinite": "ignore"}, "Invalid nonfinite"),
+    ("sdn", {"epochs": 0, "steps_per_epoch": 1}, "Invalid epochs"),
+    ("sdn", {"epochs": 2, "steps_per_epoch": 1, "max_weights": {"ce[9]": 0.5}}, "does not have"),
+    ("sdn", {"epochs": 2, "steps_per_epoch": 1, "max_weights": {"ce[1]": -0.5}}, "> 0"),
+    ("gradnorm", {"shared_parameters": []}, "shared_parameters"),
+    ("gradnorm", {"shared_parameters": [torch.zeros(3, requires_grad=True)]}, "parameters of `model`"),
+    ("gradnorm", {"shared_parameters": [torch.zeros(3)], "alpha": -1.0}, "Invalid alpha"),
+]
+
+
+@pytest.mark.parametrize("name,bad,match", BAD_OPTIONS)
+def test_bad_options_are_refused(name, bad, match):
+    model = tiny_net(3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        mw.WEIGHTINGS[name](model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3), **bad)
+
+
+def test_bad_model_optimizer_and_criterion_are_refused():
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="`model`"):
+        mw.UW("net", opt, mw.DenseDistillLoss(3))
+    with pytest.raises(TypeError, match="`optimizer`"):
+        mw.UW(model, None, mw.DenseDistillLoss(3))
+    with pytest.raises(ValueError, match="Name the loss terms"):
+        mw.UW(model, opt, lambda o, t: torch.zeros(3))
+    with pytest.raises(ValueError, match="named ce"):
+        mw.SDNSchedule(model, opt, lambda o, t: torch.zeros(2), term_names=["a", "b"], epochs=1, steps_per_epoch=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_any_terms_criterion_works(name):
+    """A custom criterion of named terms (two heads' CE and an L2 penalty), not a DenseDistillLoss."""
+    torch.manual_seed(0)
+    model = tiny_net(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def criterion(outputs, target):
+        ce = torch.stack([nn.functional.cross_entropy(o, target) for o in outputs])
+        return torch.cat([ce, (outputs[-1] ** 2).mean().reshape(1)])
+
+    extra = {"dwa": {"window": 2}, "gradnorm": {"shared_parameters": list(model.stages[0].parameters())},
+             "sdn": {"epochs": 2, "steps_per_epoch": 2}}.get(name, {})
+    w = mw.WEIGHTINGS[name](model, opt, criterion, term_names=["ce[1]", "ce[2]", "l2"], **extra)
+    for b in batches(4):
+        record = w.step(b)
+    assert set(record.gamma) == {"ce[1]", "ce[2]", "l2"} and torch.isfinite(w.gamma).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_amp_autocast_two_calls(name):
+    w, model, opt = build(name)
+    for x, y in batches(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = w.loss(model(x), y)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        opt.step()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            record = w.meta_step((x, y))
+    assert record.ran and torch.isfinite(w.gamma).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hooks_and_loggers_receive_the_record(name, tmp_path):
+    seen = []
+    path = tmp_path / "log.csv"
+    w, *_ = build(name, callbacks=[mw.CSVLogger(path)])
+    handle = w.register_meta_step_hook(seen.append)
+    for b in batches(3):
+        w.step(b)
+    handle.remove()
+    w.step(batches(1)[0])
+    assert len(seen) == 3 and all(isinstance(r, mw.MetaStepRecord) for r in seen)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 5 and "gamma/ce[1]" in lines[0] and "term/kd[2->1]" in lines[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_repr_names_the_settings(name):
+    w, *_ = build(name)
+    text = repr(w)
+    assert text.startswith(type(w).__name__) and "ce[1]" in text
+
+
+def test_every_method_and_the_harmonized_weighter_satisfy_one_protocol():
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert isinstance(mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3)), mw.LossWeighting)
+    for name in NAMES:
+        assert isinstance(build(name)[0], mw.LossWeighting), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_grad_scaler_changes_nothing(name):
+    """The weights never see the scaled loss: with a GradScaler (a power of 2, so exact in float32) the
+    weights and the model follow the unscaled run bit for bit."""
+    w1, m1, o1 = build(name)
+    w2, m2, o2 = build(name)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for x, y in batches(4):
+        w1.step((x, y))
+        o2.zero_grad()
+        scaler.scale(w2.loss(m2(x), y)).backward()
+        scaler.step(o2)
+        scaler.update()
+        w2.meta_step((x, y))
+    assert torch.equal(w1.gamma, w2.gamma)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
