@@ -92,6 +92,8 @@ OPTIMIZERS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=0.02),
     "adam, wd": lambda ps: torch.optim.Adam(ps, lr=0.02, weight_decay=0.1),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.02, weight_decay=0.1),
+    # item 1: torch's Adam stepping as AdamW does, replayed from the option, not the class
+    "adam, decoupled": lambda ps: torch.optim.Adam(ps, lr=0.02, weight_decay=0.1, decoupled_weight_decay=True),
     "amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.02, amsgrad=True),
     "maximize": lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True),
 }
@@ -415,6 +417,9 @@ CI_CASES = [
     Case(form="exact, higher", model="forward hook"),  # refused
     Case(form="exact, finite_difference", model="forward hook"),
     Case(form="fast, two calls", model="weight norm", optimizer="adamw"),
+    Case(form="exact, jvp", optimizer="adam, decoupled"),  # item 1
+    Case(form="exact, higher", optimizer="adam, decoupled", groups=True),
+    Case(form="fast, two calls", optimizer="adam, decoupled", clip="norm"),
 ]
 SLOW_CASES = sorted(set(all_pairs()) | set(one_at_a_time()) - set(CI_CASES), key=str)
 
