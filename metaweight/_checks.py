@@ -64,8 +64,11 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
 
 IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it are not scored
 
-# the last labels summarised: one step checks the same label batch several times (the training terms,
-# the look-ahead's forwards, the model's step), and each check would be a read back to the host
+# The labels of the current weighter step, summarised once at its start (summarize_labels) and
+# forgotten at its end (forget_labels): one step checks the same label batch several times (the
+# training terms, the look-ahead's forwards, the model's step), and each check would be a read back
+# to the host. Outside a step nothing is remembered: a label tensor changed in place without a
+# version bump (through ``.data`` or NumPy) is checked afresh.
 _LAST_LABELS: list[tuple[Any, ...]] = []
 
 
@@ -75,34 +78,41 @@ def _label_key(target: Tensor, ignore_index: int | None) -> tuple[Any, ...]:
 
 def _label_summary(target: Tensor, ignore_index: int | None) -> tuple[int, int, int]:
     """The smallest and largest label and the number of labels that are not ``ignore_index``, in one
-    read back to the host, remembered for the same tensor (same object, unmodified) and ignore_index."""
-    key = _label_key(target, ignore_index)
-    for ref, k, summary in _LAST_LABELS:
-        if ref() is target and k == key:
-            return summary
-    summarize_labels([(target, ignore_index)])
-    return _LAST_LABELS[0][2]
+    read back to the host (none for labels the current weighter step has summarised already)."""
+    if not target.is_inference():
+        key = _label_key(target, ignore_index)
+        for ref, k, summary in _LAST_LABELS:
+            if ref() is target and k == key:
+                return summary
+    return _summaries([(target, ignore_index)])[0]
+
+
+def forget_labels() -> None:
+    """End of a weighter step: labels are checked afresh from now on."""
+    _LAST_LABELS.clear()
 
 
 def summarize_labels(labels: Sequence[tuple[Tensor, int | None]]) -> None:
-    """Summarise several label tensors (see :func:`_label_summary`) in one read back to the host."""
-    todo = [(t, i) for t, i in labels
-            if not any(ref() is t and k == _label_key(t, i) for ref, k, _ in _LAST_LABELS)]
-    if not todo:
-        return
+    """Start of a weighter step: summarise its label tensors (see :func:`_label_summary`) in one read
+    back to the host and remember them until :func:`forget_labels`."""
+    forget_labels()
+    todo = [(t, i) for t, i in labels if not t.is_inference()]  # (no version counter to key on)
+    if todo:
+        for (target, ignore_index), summary in zip(todo, _summaries(todo)):
+            _LAST_LABELS.append((weakref.ref(target), _label_key(target, ignore_index), summary))
+
+
+def _summaries(labels: Sequence[tuple[Tensor, int | None]]) -> list[tuple[int, int, int]]:
     rows = []
-    for target, ignore_index in todo:
+    for target, ignore_index in labels:
         flat = target.detach().reshape(-1).long()
         scored = flat != ignore_index if ignore_index is not None else torch.ones_like(flat, dtype=torch.bool)
         largest = torch.iinfo(torch.long).max
         low = torch.where(scored, flat, largest).min() if flat.numel() else flat.new_zeros(())
         high = torch.where(scored, flat, -largest).max() if flat.numel() else flat.new_zeros(())
-        rows.append(torch.stack([low, high, scored.sum()]).double().to(todo[0][0].device))
+        rows.append(torch.stack([low, high, scored.sum()]).double().to(labels[0][0].device))
     values = host_read(rows)
-    for j, (target, ignore_index) in enumerate(todo):
-        summary = (int(values[3 * j]), int(values[3 * j + 1]), int(values[3 * j + 2]))
-        _LAST_LABELS.insert(0, (weakref.ref(target), _label_key(target, ignore_index), summary))
-    del _LAST_LABELS[8:]
+    return [(int(values[3 * j]), int(values[3 * j + 1]), int(values[3 * j + 2])) for j in range(len(labels))]
 
 
 def stack_exit_logits(outputs: object, target: object, num_exits: int, where: str = "model output",

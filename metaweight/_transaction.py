@@ -77,29 +77,44 @@ class BufferSnapshot:
         self._key: tuple[Any, ...] | None = None
         self._saved: list[Tensor] = []
         self._live: list[Tensor] = []
+        self._names: list[str] = []
 
     @torch.no_grad()
     def save(self) -> None:
         """Copy every buffer (floating point or not) into the snapshot."""
-        live = list(self.module.buffers())
-        key = tuple((id(b), b.shape, b.dtype, b.device) for b in live)
+        named = list(self.module.named_buffers())
+        live = [b for _, b in named]
+        key = tuple((n, id(b), b.shape, b.dtype, b.device) for n, b in named)
         if key != self._key:  # buffers replaced, moved or resized since the last step: new storage
             self._saved = [torch.empty_like(b) for b in live]
             self._key = key
+        self._names = [n for n, _ in named]
         self._live = live
         if live:
             torch._foreach_copy_(self._saved, live)
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put the buffers back as :meth:`save` found them."""
-        if self._live:
+        """Put the buffers back as :meth:`save` found them; a buffer the forward re-assigned (``self.b =
+        self.b + 1``) is put back under its name."""
+        if not self._live:
+            return
+        current = dict(self.module.named_buffers())
+        if all(current.get(n) is b for n, b in zip(self._names, self._live)):
             torch._foreach_copy_(self._live, self._saved)
+            return
+        for name, old, saved in zip(self._names, self._live, self._saved):
+            now = current.get(name)
+            if now is old:
+                old.copy_(saved)
+            else:
+                owner, _, leaf = name.rpartition(".")
+                self.module.get_submodule(owner)._buffers[leaf] = old
+                old.copy_(saved)
 
     def as_dict(self) -> dict[str, Tensor]:
         """The saved buffers by name (views of the snapshot; valid until the next :meth:`save`)."""
-        index = {id(b): i for i, b in enumerate(self._live)}
-        return {n: self._saved[index[id(b)]] for n, b in self.module.named_buffers() if id(b) in index}
+        return dict(zip(self._names, self._saved))
 
 
 class Scratch:

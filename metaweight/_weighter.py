@@ -23,7 +23,7 @@ from metaweight._hypergradient import (Reducer, along, call_with, difference, re
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
-from metaweight._checks import IGNORE_INDEX, summarize_labels
+from metaweight._checks import IGNORE_INDEX, forget_labels, summarize_labels
 from metaweight._transaction import BufferSnapshot, Scratch, StateSnapshot, host_read, nonfinite_flag
 from metaweight._warn import warn_user
 from metaweight._optimizers import (
@@ -589,6 +589,13 @@ class HarmonizedWeighter:
         Returns the meta step's :class:`MetaStepRecord` with ``loss``, the weighted training
         loss, ``terms`` and ``model_step_skipped`` filled in.
         """
+        try:
+            return self._step_once(train_batch, val_batch)
+        finally:
+            forget_labels()  # labels are remembered for one step only
+
+    def _step_once(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
+        """:meth:`step`, its labels summarised at the start."""
         if self.mode == "fast" and self.learn:
             return self._fast_step(train_batch, val_batch)
         x, y = _unpack(train_batch, "train_batch")
@@ -615,7 +622,7 @@ class HarmonizedWeighter:
                 metrics = self._meta_outcome(pending, step.meta, call_hooks=False)  # raises if refused, "raise"
             else:
                 metrics = pending
-            if step.finite:  # torch's optimizers check their input before writing anything
+            if step.finite:  # (an optimizer that raises part-way may have written to its own state)
                 self.optimizer.step()
         except Exception as exc:
             self.optimizer.zero_grad(set_to_none=True)

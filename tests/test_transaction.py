@@ -146,3 +146,50 @@ def test_hooks_hear_only_of_steps_that_stand(monkeypatch):
     assert refused.model_step_skipped and refused.ran and len(seen) == 1  # the undone meta step: not reported
     assert torch.equal(w.gamma, gamma) and w.num_meta_steps == 1
     assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+
+
+def test_labels_are_checked_afresh_after_a_step_and_inference_labels_work():
+    """Labels are remembered for one step only: a tensor changed without a version bump (``.data``)
+    is checked again; labels made under inference_mode (no version counter) are accepted."""
+    model = tiny_net(2, dtype=F64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(2), gamma_lr=0.01)
+    (x, y), val = batch(dtype=F64), batch(dtype=F64)
+    with torch.inference_mode():
+        pseudo = torch.randint(0, 5, (16,))
+    w.step((x, pseudo), val)
+    w.loss(model(x), pseudo)
+    y.data[:8] = -100  # padding written without a version bump, after a step saw these labels
+    w.step((x, y.clone()), val)  # (so the cache holds the unpadded summary of y's object below)
+    labels = y.clone()
+    w.step((x, labels), val)
+    labels.data[:8] = 3
+    criterion = mw.DenseDistillLoss(2)
+    assert torch.equal(criterion(model(x), labels), criterion(model(x), labels.clone()))
+
+
+def test_a_buffer_the_forward_reassigns_is_put_back_on_a_refused_step():
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("count", torch.zeros((), dtype=F64))
+
+        def forward(self, h):
+            if self.training:
+                self.count = self.count + 1  # out of place: a new tensor under the same name
+            return h
+
+    for mode in ("exact", "fast"):
+        model = tiny_net(2, dtype=F64)
+        model.stages[0].append(Counter())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(2), nonfinite="skip", mode=mode)
+        (x, y), val = batch(dtype=F64), batch(dtype=F64)
+        w.step((x, y), val)
+        before = copy.deepcopy(model.state_dict())
+        bad = x.clone()
+        bad[0, 0] = float("nan")
+        with quiet():
+            assert w.step((bad, y), val).model_step_skipped
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), (mode, k)
