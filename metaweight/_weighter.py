@@ -26,6 +26,7 @@ from metaweight._record import MetaStepRecord
 from metaweight._checks import IGNORE_INDEX, forget_labels, summarize_labels
 from metaweight._transaction import BufferSnapshot, Scratch, StateSnapshot, host_read, nonfinite_flag
 from metaweight._warn import warn_user
+from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._optimizers import (
     check_optimizer_covers_model,
     check_optimizer_options,
@@ -43,7 +44,7 @@ GAMMA_OPTIMIZERS = ("sgd", "adam")
 NONFINITE = ("raise", "skip")
 
 
-class HarmonizedWeighter:
+class HarmonizedWeighter(NamedWeights):
     r"""Learns one weight :math:`\gamma_k \ge 0` per loss term by a one-step look-ahead.
 
     Wang & Li (AAAI 2021), Alg. 1. Each meta step computes, on a training batch and a
@@ -193,7 +194,7 @@ class HarmonizedWeighter:
                                            and fd_epsilon > 0):
             raise ValueError(f"Invalid fd_epsilon: {fd_epsilon!r}. Expected a finite number > 0, or None.")
         check_optimizer_covers_model(inner, model)
-        ddp, module = _unwrap_model(model)
+        ddp, module = unwrap_model(model)
         distributed = ddp is not None
         if isinstance(module, nn.DataParallel) or isinstance(model, nn.DataParallel):
             raise TypeError("nn.DataParallel is not supported; use DistributedDataParallel (one process per GPU).")
@@ -329,22 +330,7 @@ class HarmonizedWeighter:
             )
         return gamma
 
-    # ----------------------------------------------------------------------------- logging
-    @property
-    def term_names(self) -> list[str]:
-        """The names of the loss terms, in the order of :attr:`gamma`."""
-        return self._terms.term_names
-
-    def gamma_dict(self) -> dict[str, float]:
-        """The current loss weights by term name."""
-        return dict(zip(self.term_names, self.gamma.detach().cpu().tolist()))
-
-    def terms_dict(self) -> dict[str, float]:
-        """The unweighted loss terms of the last :meth:`loss` call, by term name (empty before it)."""
-        if self.last_terms is None:
-            return {}
-        return dict(zip(self.term_names, self.last_terms.cpu().tolist()))
-
+    # ----------------------------------------------------------------------------- logging: term_names, gamma_dict, terms_dict and the hooks come from NamedWeights
     # ----------------------------------------------------------------------------- the two calls
     def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
         r"""The weighted training loss :math:`\sum_k \gamma_k L_k` for the user's own backward.
@@ -537,24 +523,6 @@ class HarmonizedWeighter:
                               gamma=self.gamma_dict(), terms=dict(zip(self.term_names, terms)),
                               message=message)
 
-    def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle:
-        """Call ``hook(record)`` after every successful meta step, like
-        ``torch.optim.Optimizer.register_step_post_hook``; ``handle.remove()`` unregisters it.
-
-        Args:
-            hook: a callable taking the :class:`MetaStepRecord` (a mapping with ``iteration``,
-                ``meta_step``, ``gamma``, ``terms``, ``val_objective``, ``val_exit_losses``, ...).
-        """
-        if not callable(hook):
-            raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
-        handle = RemovableHandle(self._hooks)
-        self._hooks[handle.id] = hook
-        return handle
-
-    @property
-    def callbacks(self) -> list[Callable[[MetaStepRecord], None]]:
-        """The registered meta-step hooks, in order (the constructor's ``callbacks`` first)."""
-        return list(self._hooks.values())
 
     @torch.no_grad()
     def _project(self) -> Tensor:
@@ -1034,21 +1002,6 @@ class HarmonizedWeighter:
             f"optimizer={type(self.optimizer).__name__}, gamma_optimizer={type(self.gamma_optimizer).__name__}, "
             f"validation={self.validation!r})"
         )
-
-
-def _unwrap_model(model: nn.Module) -> tuple[nn.parallel.DistributedDataParallel | None, nn.Module]:
-    """The DistributedDataParallel wrapper (if any) and the plain module under it and under
-    ``torch.compile``: the look-ahead runs the plain module eagerly (forward-mode AD and
-    ``functional_call`` need it), while the model's own step runs ``model`` as the user built it."""
-    ddp = None
-    for _ in range(4):
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            ddp, model = model, model.module
-        elif callable(getattr(model, "_orig_mod", None)) and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod  # torch.compile's OptimizedModule
-        else:
-            break
-    return ddp, model
 
 
 def _is_compiled(model: nn.Module) -> bool:

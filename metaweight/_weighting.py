@@ -131,7 +131,52 @@ def check_int(name: str, value: Any, *, low: int = 1) -> int:
     return value
 
 
-class Weighting:
+class NamedWeights:
+    """What every loss weighting shares for naming and logging: :attr:`term_names`,
+    :meth:`gamma_dict`, :meth:`terms_dict` and the meta-step hooks (of ``HarmonizedWeighter`` and
+    :class:`Weighting`). Needs ``_terms``, ``gamma``, ``last_terms`` and ``_hooks``."""
+
+    _terms: Terms
+    gamma: Tensor
+    last_terms: Tensor | None
+    _hooks: OrderedDict[int, Callable[[MetaStepRecord], None]]
+
+    @property
+    def term_names(self) -> list[str]:
+        """The names of the loss terms, in the order of :attr:`gamma`."""
+        return self._terms.term_names
+
+    def gamma_dict(self) -> dict[str, float]:
+        """The current loss weights by term name."""
+        return dict(zip(self.term_names, self.gamma.detach().cpu().tolist()))
+
+    def terms_dict(self) -> dict[str, float]:
+        """The unweighted loss terms of the last :meth:`loss` call, by term name (empty before it)."""
+        if self.last_terms is None:
+            return {}
+        return dict(zip(self.term_names, self.last_terms.cpu().tolist()))
+
+    def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle:
+        """Call ``hook(record)`` after every successful meta step, like
+        ``torch.optim.Optimizer.register_step_post_hook``; ``handle.remove()`` unregisters it.
+
+        Args:
+            hook: a callable taking the :class:`MetaStepRecord` (a mapping with ``iteration``,
+                ``meta_step``, ``gamma``, ``terms``, ...).
+        """
+        if not callable(hook):
+            raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
+
+    @property
+    def callbacks(self) -> list[Callable[[MetaStepRecord], None]]:
+        """The registered meta-step hooks, in order (the constructor's ``callbacks`` first)."""
+        return list(self._hooks.values())
+
+
+class Weighting(NamedWeights):
     r"""The base of every loss-weighting method: one weight :math:`\gamma_k` per named loss term.
 
     Subclasses set :meth:`_initial_gamma` and, when their weights move, :meth:`_propose` (the
@@ -225,34 +270,6 @@ class Weighting:
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         """Apply extra state already checked by :meth:`_check_extra_state`."""
 
-    # ------------------------------------------------------------------ naming and logging
-    @property
-    def term_names(self) -> list[str]:
-        """The names of the loss terms, in the order of :attr:`gamma`."""
-        return self._terms.term_names
-
-    def gamma_dict(self) -> dict[str, float]:
-        """The current loss weights by term name."""
-        return dict(zip(self.term_names, self.gamma.detach().cpu().tolist()))
-
-    def terms_dict(self) -> dict[str, float]:
-        """The unweighted loss terms of the last :meth:`loss` call, by term name (empty before it)."""
-        if self.last_terms is None:
-            return {}
-        return dict(zip(self.term_names, self.last_terms.cpu().tolist()))
-
-    def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle:
-        """Call ``hook(record)`` after every successful :meth:`meta_step`; ``handle.remove()`` unregisters it."""
-        if not callable(hook):
-            raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
-        handle = RemovableHandle(self._hooks)
-        self._hooks[handle.id] = hook
-        return handle
-
-    @property
-    def callbacks(self) -> list[Callable[[MetaStepRecord], None]]:
-        """The registered hooks, in order."""
-        return list(self._hooks.values())
 
     # ------------------------------------------------------------------ the two calls
     def loss(self, outputs: Any, target: Any) -> Tensor:
