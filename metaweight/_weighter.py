@@ -330,7 +330,7 @@ class HarmonizedWeighter(NamedWeights):
             )
         return gamma
 
-    # ----------------------------------------------------------------------------- logging: term_names, gamma_dict, terms_dict and the hooks come from NamedWeights
+    # ------------------------------------------------------------------ logging: from NamedWeights
     # ----------------------------------------------------------------------------- the two calls
     def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
         r"""The weighted training loss :math:`\sum_k \gamma_k L_k` for the user's own backward.
