@@ -4,9 +4,8 @@ A call of :meth:`HarmonizedWeighter.step` may change the model's buffers (the fo
 BatchNorm statistics), gamma, gamma's optimizer state, the validation average and the counters.
 A step found non-finite must leave all of them as they were. This module keeps exactly that:
 
-* :class:`BufferSnapshot` copies the buffers into storage allocated once, with one
-  ``torch._foreach_copy_`` (one multi-tensor launch per device and dtype on a GPU), and copies
-  them back only when a step is refused;
+* :class:`BufferSnapshot` copies the buffers into flat storage allocated once, with one
+  ``torch.cat`` per device and dtype, and copies them back only when a step is refused;
 * :class:`StateSnapshot` keeps gamma, its optimizer's state and the validation objective's
   state as device copies (a few small tensors), never through ``state_dict()`` or ``.cpu()``;
 * :func:`nonfinite_flag` decides whether a loss, all gradients and all floating-point buffers
@@ -70,14 +69,37 @@ def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
 
 
 class BufferSnapshot:
-    """The module's buffers before a step, in storage kept between steps (on their device)."""
+    """The module's buffers before a step, in flat storage kept between steps (on their device).
+
+    The buffers of one device and dtype are saved with one ``torch.cat`` into one flat tensor
+    (``torch.stack`` for 0-d buffers such as BatchNorm's ``num_batches_tracked``): one launch
+    per device and dtype on a GPU, and one op on any device, where a per-buffer copy would be
+    one op per buffer (a CPU ``torch._foreach_copy_`` runs one ``copy_`` per tensor).
+    """
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self._key: tuple[Any, ...] | None = None
-        self._saved: list[Tensor] = []
+        self._plan: list[tuple[list[Tensor], Tensor, bool]] = []  # (sources, flat storage, 0-d?)
+        self._saved: list[Tensor] = []  # views of the flat storage, one per buffer, its shape
         self._live: list[Tensor] = []
         self._names: list[str] = []
+
+    def _allocate(self, live: list[Tensor]) -> None:
+        views: dict[int, Tensor] = {}
+        self._plan = []
+        scalars: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        tensors: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, b in enumerate(live):
+            (scalars if b.dim() == 0 else tensors).setdefault((b.device, b.dtype), []).append(i)
+        for zero_d, grouped in ((True, scalars), (False, tensors)):
+            for (device, dtype), index in grouped.items():
+                sizes = [live[i].numel() for i in index]
+                flat = torch.empty(sum(sizes) if not zero_d else len(index), device=device, dtype=dtype)
+                for i, piece in zip(index, flat.split([1] * len(index) if zero_d else sizes)):
+                    views[i] = piece.view(live[i].shape)
+                self._plan.append(([live[i] for i in index], flat, zero_d))
+        self._saved = [views[i] for i in range(len(live))]
 
     @torch.no_grad()
     def save(self) -> None:
@@ -86,12 +108,17 @@ class BufferSnapshot:
         live = [b for _, b in named]
         key = tuple((n, id(b), b.shape, b.dtype, b.device) for n, b in named)
         if key != self._key:  # buffers replaced, moved or resized since the last step: new storage
-            self._saved = [torch.empty_like(b) for b in live]
+            self._allocate(live)
             self._key = key
         self._names = [n for n, _ in named]
         self._live = live
-        if live:
-            torch._foreach_copy_(self._saved, live)
+        for sources, flat, zero_d in self._plan:
+            if zero_d:
+                torch.stack(sources, out=flat)
+            elif all(s.dim() == 1 for s in sources):
+                torch.cat(sources, out=flat)
+            else:
+                torch.cat([s.reshape(-1) for s in sources], out=flat)
 
     @torch.no_grad()
     def restore(self) -> None:

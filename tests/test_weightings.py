@@ -89,6 +89,27 @@ def assert_close(got, expected, rtol=1e-5, atol=1e-7):
         assert g == pytest.approx(e, rel=rtol, abs=atol), (got, expected)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_update_is_torch_adams_step(weight_decay):
+    """The methods' own Adam step (pure: new tensors, nothing in place) equals ``torch.optim.Adam``'s."""
+    from metaweight._weighting import adam_update
+
+    g = torch.Generator().manual_seed(0)
+    param = torch.randn(5, dtype=torch.float64, generator=g)
+    real = param.clone().requires_grad_(True)
+    adam = torch.optim.Adam([real], lr=0.03, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
+    m, v = torch.zeros_like(param), torch.zeros_like(param)
+    for step in range(1, 6):
+        grad = torch.randn(5, dtype=torch.float64, generator=g)
+        real.grad = grad.clone()
+        adam.step()
+        param, m, v = adam_update(param, grad, m, v, step, lr=0.03, betas=(0.8, 0.99), eps=1e-6,
+                                  weight_decay=weight_decay)
+        torch.testing.assert_close(param, real.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(m, adam.state[real]["exp_avg"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(v, adam.state[real]["exp_avg_sq"], rtol=1e-12, atol=1e-14)
+
+
 def test_uw_matches_the_reference():
     w, _ = scripted("uw", 3)
     assert_close(run_scripted(w), ref.uw(LOSSES, lr=0.01))
