@@ -200,15 +200,58 @@ def best_other_table(summary: dict[str, Any], runs: dict[str, list[dict[str, Any
             "half-width; * = excludes 0):\n\n" + "\n".join(rows))
 
 
+FIXED = ["msdnet", "dbt", "naive_dkd"]  # the presets with fixed (uniform) weights
+
+
+def weighting_table(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Every loss weighting (and HDKD) against the best fixed preset at each exit: its mean top-1 and
+    the paired difference (95% t half-width over the seeds both have), and its mean training time
+    relative to MSDNet's. The best preset is picked per exit by its mean test top-1, which favours
+    the preset: a difference that is not significant here is not one either way."""
+    subjects = [m for m in ["hdkd", *WEIGHTING_TITLES, *(f"{w}_ce" for w in WEIGHTING_TITLES)] if m in runs]
+    fixed = [m for m in FIXED if m in runs]
+    if not fixed or not any(m in WEIGHTING_TITLES or m.endswith("_ce") for m in subjects):
+        return ""
+    methods = summary["methods"]
+    exits = len(methods[fixed[0]]["top1"])
+    best = [max(fixed, key=lambda m: methods[m]["top1"][e][0]) for e in range(exits)]
+    base_seconds = methods["msdnet"]["train_seconds"][0] if "msdnet" in methods else None
+    head = "| method | terms | n | " + " | ".join(f"exit {e + 1}" for e in range(exits)) + " | time ÷ MSDNet |"
+    rows = [head, "|" + "---|" * (exits + 4),
+            "| best fixed preset | | | " + " | ".join(
+                f"{TITLES[best[e]]} {methods[best[e]]['top1'][e][0]:.2f}" for e in range(exits)) + " | |"]
+    for m in subjects:
+        cells = []
+        for e in range(exits):
+            diffs = paired(runs[m], runs[best[e]])
+            if not diffs:
+                cells.append(f"{methods[m]['top1'][e][0]:.2f}")
+                continue
+            mean, half, _ = diffs[e]
+            cells.append(f"{methods[m]['top1'][e][0]:.2f} ({difference(mean, half)})")
+        n = len(methods[m]["seeds"])
+        terms = "CE" if m.endswith("_ce") else "CE + dense KD"
+        ratio = f"{methods[m]['train_seconds'][0] / base_seconds:.2f}" if base_seconds else ""
+        title = TITLES.get(m, m).replace(" (CE)", "")
+        rows.append(f"| {title} | {terms} | {n} | " + " | ".join(cells) + f" | {ratio} |")
+    return ("Loss weightings against the best fixed-weight preset (MSDNet, DBT, NaiveDKD) at each exit: mean "
+            "top-1 (%) and, in brackets, the paired difference to that preset (points, same seeds, 95% t "
+            "half-width; * = the interval excludes 0). The preset is the best by mean test top-1 at that exit, "
+            "which favours it. Time: mean training wall time relative to MSDNet's (runs two at a time beside "
+            "other work: noisy; the per-iteration cost is in docs/guides/cost.md).\n\n" + "\n".join(rows))
+
+
 def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | None = None) -> str:
     seeds = {m: len(v["seeds"]) for m, v in summary["methods"].items()}
     counts = sorted(set(seeds.values()))
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    weightings = set(WEIGHTING_TITLES) | {f"{w}_ce" for w in WEIGHTING_TITLES}  # in their own table below
+    main = [m for m in summary["methods"] if m not in weightings] or list(summary["methods"])
     parts = [f"**{summary['data']}**, test accuracy (%) on {summary['test_images']} images, mean ± std over "
              f"{n} seed{'s' if counts[-1] > 1 else ''} (bold: best mean; seeds per column: "
              + ", ".join(f"{TITLES.get(m, m)} {c}" for m, c in seeds.items()) + ").", "", "Top-1:", "",
-             table(summary, "top1"), "",
-             "Top-5:", "", table(summary, "top5"), ""]
+             table(summary, "top1", main), "",
+             "Top-5:", "", table(summary, "top5", main), ""]
     if runs:
         for subject in ("hdkd", "hdbt", "hmsdnet"):
             base = {"hdkd": ["msdnet", "dbt", "naive_dkd", "hmsdnet", "hdbt", "msdnet_long", "hdkd_every4"],
@@ -217,6 +260,9 @@ def markdown(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | No
             if text:
                 parts += [text, ""]
         text = best_other_table(summary, runs)
+        if text:
+            parts += [text, ""]
+        text = weighting_table(summary, runs)
         if text:
             parts += [text, ""]
         for subject in VARIANTS:

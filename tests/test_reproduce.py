@@ -182,3 +182,21 @@ def test_report_statistics_by_hand():
     half1 = 12.706 * statistics.stdev([10.0, -15.0]) / 2 ** 0.5
     assert f"| 1 | DBT (40.00): -2.50 ± {half1:.2f} (n=2) |" in best
     assert f"| 2 | MSDNet (75.00): +0.00 ± {diffs[1][1]:.2f} (n=2) |" in best
+
+
+def test_weighting_table_by_hand():
+    """Each weighting against the best fixed preset at each exit, paired by seed, with its time ratio."""
+    runs = {"msdnet": [hand_made("msdnet", 0, [25.0, 50.0], [0.0, 0.0], 4.0),
+                       hand_made("msdnet", 1, [25.0, 100.0], [0.0, 0.0], 6.0)],
+            "dbt": [hand_made("dbt", 0, [40.0, 60.0], [0.0, 0.0], 5.0),
+                    hand_made("dbt", 1, [40.0, 60.0], [0.0, 0.0], 5.0)],
+            "famo_ce": [hand_made("famo", 0, [50.0, 75.0], [0.0, 0.0], 10.0),
+                        hand_made("famo", 1, [20.0, 75.0], [0.0, 0.0], 10.0)]}
+    presets = {k: runs[k] for k in ("msdnet", "dbt")}
+    assert report.weighting_table(report.summarize(presets), presets) == ""  # no weighting run: no table
+    text = report.weighting_table(report.summarize(runs), runs)
+    # exit 1: best preset DBT (40 > 25): differences 10, -20; exit 2: MSDNet (75 > 60): 0, -25
+    half1 = 12.706 * statistics.stdev([10.0, -20.0]) / 2 ** 0.5
+    half2 = 12.706 * statistics.stdev([0.0, -25.0]) / 2 ** 0.5
+    assert "| best fixed preset | | | DBT 40.00 | MSDNet 75.00 | |" in text
+    assert f"| FAMO | CE | 2 | 35.00 (-5.00 ± {half1:.2f}) | 75.00 (-12.50 ± {half2:.2f}) | 2.00 |" in text
