@@ -195,8 +195,8 @@ def test_weighting_table_by_hand():
     presets = {k: runs[k] for k in ("msdnet", "dbt")}
     assert report.weighting_table(report.summarize(presets), presets) == ""  # no weighting run: no table
     text = report.weighting_table(report.summarize(runs), runs)
-    # exit 1: best preset DBT (40 > 25): differences 10, -20; exit 2: MSDNet (75 > 60): 0, -25
+    # exit 1: best preset DBT (40 > 25): differences 10, -20; exit 2: MSDNet (75 > 60): 25, -25
     half1 = 12.706 * statistics.stdev([10.0, -20.0]) / 2 ** 0.5
-    half2 = 12.706 * statistics.stdev([0.0, -25.0]) / 2 ** 0.5
+    half2 = 12.706 * statistics.stdev([25.0, -25.0]) / 2 ** 0.5
     assert "| best fixed preset | | | DBT 40.00 | MSDNet 75.00 | |" in text
-    assert f"| FAMO | CE | 2 | 35.00 (-5.00 ± {half1:.2f}) | 75.00 (-12.50 ± {half2:.2f}) | 2.00 |" in text
+    assert f"| FAMO | CE | 2 | 35.00 (-5.00 ± {half1:.2f}) | 75.00 (+0.00 ± {half2:.2f}) | 2.00 |" in text
