@@ -41,6 +41,7 @@ from metaweight._budget import (
 )
 from metaweight._calibration import Calibration, calibrate, expected_calibration_error, fit_temperatures
 from metaweight._checkpoint import load_checkpoint, save_checkpoint
+from metaweight._clipping import ClipGradNorm
 from metaweight._early_exit import EarlyExit
 from metaweight._exit_rules import Entropy, ExitRule, Margin, MaxProbability, Patience
 from metaweight._flops import ExitCosts, exit_costs
@@ -72,6 +73,7 @@ __all__ = [
     "BudgetPoint",
     "CSVLogger",
     "Calibration",
+    "ClipGradNorm",
     "DWA",
     "DenseDistillLoss",
     "EarlyExit",

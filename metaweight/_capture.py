@@ -16,55 +16,33 @@ this module reads, without changing anything the loop sees:
 * :math:`m_i`: a hook on each returned loss tensor (the gradient it receives in backward);
 * :math:`g`: the gradients at the end of each backward (an engine callback), kept by value;
 * :math:`T`: at the optimizer's step pre-hook, the gradients the optimizer gets are compared
-  with :math:`g`. Unchanged: :math:`J_T = I`. A common rescale :math:`s` of every gradient
-  (``GradScaler.unscale_``, ``clip_grad_norm_``): with :math:`r = s \sum_i m_i` (the rescale
-  relative to the losses' own scale), :math:`r = 1` is read as unscaling (:math:`J_T = sI`) and
-  :math:`r < 1` as norm clipping, :math:`c\,u / (\lVert u\rVert + 10^{-6})`, whose Jacobian is
-  :math:`J_T = s\,(I - \rho\,\hat u \hat u^\top)`, :math:`\rho = \lVert u\rVert / (\lVert u\rVert + 10^{-6})`.
-  Anything else (value clipping, clipping part of the parameters, noise) is refused;
+  with :math:`g`. Unchanged: :math:`J_T = I`. A common rescale :math:`s` of every gradient, with
+  :math:`r = s \sum_i m_i` (the rescale relative to the losses' own scale): :math:`r = 1` is
+  unscaling (``GradScaler.unscale_``; :math:`J_T = sI`); clipping by norm declared with
+  :class:`~metaweight.ClipGradNorm` is checked against the gradients the optimizer got and
+  differentiated through (:mod:`metaweight._clipping`). Any other rescale is refused: from one
+  step, a factor below 1 fits ``clip_grad_norm_`` of every norm and ``p.grad.mul_(c)`` alike, each
+  with another Jacobian. So is anything that is not a common rescale (value clipping, clipping
+  part of the parameters, noise);
 * the random numbers and train/eval modes of the training forward: a forward pre-hook and hook
-  on the model record the generators' states before it and whether it drew from them.
+  on the model record the state of every generator it can draw from (the global ones and the
+  model's own, :mod:`metaweight._randomness`) before it, and whether it drew from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
 
-RngState = tuple[Tensor, Tensor | None]
+from metaweight._randomness import RngState, rng_state, same_rng_state
+
 TOLERANCE = 1e-6  # relative: a rescale that far from 1 is a rescale; a residual that large is no rescale
-
-
-def rng_state(device: torch.device) -> RngState:
-    """The CPU generator's state and, on a CUDA device, that device's (host tensors: no synchronisation)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def same_rng_state(a: RngState, b: RngState) -> bool:
-    return torch.equal(a[0], b[0]) and (a[1] is None or b[1] is None or torch.equal(a[1], b[1]))
-
-
-@contextmanager
-def rewound_to(state: RngState, device: torch.device) -> Iterator[None]:
-    """Run the block from the generators' ``state``, then put them back where they were."""
-    now = rng_state(device)
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(now[0])
-        if now[1] is not None:
-            torch.cuda.set_rng_state(now[1], device)
 
 
 def module_modes(module: nn.Module) -> tuple[bool, ...]:
@@ -100,25 +78,26 @@ class _Inert:
 
 class ForwardWatch(_Inert):
     """A forward pre-hook and hook on the user's model, ``mode="fast"`` only: the record of its last
-    forward, for :meth:`HarmonizedWeighter.loss` to take. Cheap: two reads of the generators' state."""
+    forward, for :meth:`HarmonizedWeighter.loss` to take. Cheap: two reads of each generator's state."""
 
-    def __init__(self, weighter: Any, device: torch.device) -> None:
+    def __init__(self, weighter: Any, device: torch.device, generators: tuple[torch.Generator, ...]) -> None:
         self._ref = weakref.ref(weighter)
         self.device = device
+        self.generators = generators
         self._start: RngState | None = None
         self.last: ForwardRecord | None = None
         self.paused = False  # the weighter's own forwards (the one-call form) need no record
 
     def before(self, module: nn.Module, args: Any) -> None:
         if self._ref() is not None and not self.paused:
-            self._start = rng_state(self.device)
+            self._start = rng_state(self.device, self.generators)
 
     def after(self, module: nn.Module, args: Any, output: Any) -> None:
         weighter = self._ref()
         if weighter is None or self.paused or self._start is None:
             return
         start, self._start = self._start, None
-        self.last = ForwardRecord(start, not same_rng_state(start, rng_state(self.device)),
+        self.last = ForwardRecord(start, not same_rng_state(start, rng_state(self.device, self.generators)),
                                   module_modes(weighter.module))
 
     def take(self) -> ForwardRecord | None:
@@ -307,20 +286,3 @@ class StepCapture(_Inert):
         except Exception as exc:  # noqa: BLE001 - the user's step must go on; meta_step reports it
             pending.theta = None
             pending.error = f"The weighter could not read the optimizer's step ({type(exc).__name__}: {exc})."
-
-
-def clip_direction(direction: dict[str, Tensor], named: Sequence[tuple[str, Tensor]],
-                   seen: Sequence[Tensor | None], s: Tensor, rho: Tensor | float) -> dict[str, Tensor]:
-    r""":math:`s (w - \rho\,\hat u \langle \hat u, w\rangle)`: the transpose of norm clipping's Jacobian
-    applied to ``direction``, :math:`\hat u` the direction of the clipped gradients ``seen``."""
-    names = [n for n, _ in named]
-    pairs = [(n, g) for n, g in zip(names, seen) if g is not None and n in direction]
-    norm2 = sum((g.double().square().sum() for _, g in pairs), torch.zeros((), dtype=torch.float64))
-    dot = sum(((direction[n].double() * g.double()).sum() for n, g in pairs), torch.zeros((), dtype=torch.float64))
-    along = torch.where(norm2 > 0, dot / torch.where(norm2 > 0, norm2, 1.0), 0.0) * rho
-    out = {}
-    for n, w in direction.items():
-        g = dict(pairs).get(n)
-        moved = w.double() - along * g.double() if g is not None else w.double()
-        out[n] = (s * moved).to(w.dtype)
-    return out

@@ -23,8 +23,7 @@ so BatchNorm statistics are not touched; the optimizer's state is read, never wr
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,33 +36,8 @@ from torch.utils._pytree import tree_map
 
 from metaweight._optimizers import lookahead_update
 from metaweight._protocols import Objective, Terms, model_arguments
+from metaweight._randomness import model_generators, replay_randomness
 from metaweight._transaction import BufferSnapshot
-
-@contextmanager
-def replay_randomness(device: torch.device) -> Iterator[Callable[[], Any]]:
-    """Lets later forwards draw the same random numbers (dropout masks) as the first one.
-
-    Yields ``replay``: a context manager that rewinds the RNG to where it was on entry and,
-    on exit, puts it back where it was. So the look-ahead's extra forwards use the very
-    masks of the forward whose gradients they differentiate.
-    """
-    cuda = device.type == "cuda"
-    start = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
-
-    @contextmanager
-    def replay() -> Iterator[None]:
-        now = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
-        torch.set_rng_state(start[0])
-        if cuda:
-            torch.cuda.set_rng_state(start[1], device)
-        try:
-            yield
-        finally:
-            torch.set_rng_state(now[0])
-            if cuda:
-                torch.cuda.set_rng_state(now[1], device)
-
-    yield replay
 
 
 class Reducer:
@@ -241,7 +215,7 @@ def meta_gradient(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     movable = [(n, p) for n, p in named if lookahead_names is None or n in lookahead_names]
     device = gamma.device
-    with replay_randomness(device) as replay:
+    with replay_randomness(device, model_generators(model)) as replay:
         buffers = dict(model.named_buffers()) if keep_graph else _clone_buffers(model)
         params = {n: p for n, p in model.named_parameters()}
         outputs = call_with(model, params, buffers, x)

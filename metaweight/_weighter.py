@@ -16,10 +16,11 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, clip_direction, module_modes,
-                                 rewound_to, rng_state, same_rng_state, sparse_message, watch_backward)
-from metaweight._hypergradient import (Reducer, along, call_with, difference, replay_randomness,
-                                      step_length, validation_direction)
+from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes, sparse_message,
+                                 watch_backward)
+from metaweight._clipping import EPSILON, ClipGradNorm, clip_transpose, total_norm
+from metaweight._hypergradient import Reducer, along, call_with, difference, step_length, validation_direction
+from metaweight._randomness import model_generators, replay_randomness, rewound_to, rng_state, same_rng_state
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms, call_model
 from metaweight._record import MetaStepRecord
@@ -112,6 +113,12 @@ class HarmonizedWeighter(NamedWeights):
             with it) or ``"fast"`` (the model steps with the gamma it has, and that step is the
             look-ahead: about 2.5x a plain iteration instead of 4x on the CIFAR MSDNet; the
             one-call :meth:`step`, or :meth:`meta_step` after your own step; see the cost guide).
+        clip_grad_norm: the clipping of the model's step by the total norm of its gradients, a
+            :class:`ClipGradNorm` (or a number: its ``max_norm``, with ``norm_type=2``), with
+            ``mode="fast"`` (or ``learn=False``): :meth:`step` clips so before the model's step, and
+            the two-call form's :meth:`meta_step` checks that your loop's ``clip_grad_norm_`` did;
+            the meta-gradient goes through the clipping. In the two-call form any rescale of the
+            gradients between backward and step other than unscaling is refused unless declared here.
         fd_epsilon: step length in parameter space for ``finite_difference``; default
             :math:`\sqrt[3]{\text{machine eps}}` times the parameters' RMS.
         callbacks: hooks called after every successful meta step with its
@@ -151,6 +158,7 @@ class HarmonizedWeighter(NamedWeights):
         lookahead_params: Callable[[str], bool] | None = None,
         reuse_forward: bool = False,
         mode: Literal["exact", "fast"] = "exact",
+        clip_grad_norm: ClipGradNorm | float | None = None,
         fd_epsilon: float | None = None,
         callbacks: Sequence[Callable[[MetaStepRecord], None]] = (),
     ) -> None:
@@ -206,6 +214,16 @@ class HarmonizedWeighter(NamedWeights):
         if mode == "fast" and learn and lookahead_params is not None:
             raise ValueError("mode='fast' looks ahead with the model's real step, over every parameter; "
                              "`lookahead_params` applies to mode='exact' only.")
+        if clip_grad_norm is not None and not isinstance(clip_grad_norm, ClipGradNorm):
+            if isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)):
+                raise TypeError(f"`clip_grad_norm` should be a metaweight.ClipGradNorm(max_norm, norm_type) or a "
+                                f"number (max_norm). Found `{type(clip_grad_norm).__name__}`.")
+            clip_grad_norm = ClipGradNorm(clip_grad_norm)
+        if clip_grad_norm is not None and mode == "exact" and learn:
+            raise ValueError("clip_grad_norm is for mode='fast', whose look-ahead is the model's real (clipped) step; "
+                             "mode='exact' looks ahead, before the model's step, with the optimizer's own unclipped "
+                             "step. Use mode='fast', or clip in your own loop with mode='exact' (meta_step, then "
+                             "backward, clip_grad_norm_ and optimizer.step()).")
         if distributed and learn and reuse_forward:
             raise ValueError("reuse_forward=True bypasses DistributedDataParallel's forward; leave it False.")
         self._lookahead_names: set[str] | None = None
@@ -244,6 +262,7 @@ class HarmonizedWeighter(NamedWeights):
         self.meta_every = meta_every
         self.reuse_forward = bool(reuse_forward)
         self.mode = mode
+        self.clip_grad_norm: ClipGradNorm | None = clip_grad_norm
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
         self._buffers = BufferSnapshot(module)  # what a refused step puts back, kept between steps
@@ -287,7 +306,7 @@ class HarmonizedWeighter(NamedWeights):
         if self.mode == "fast" and self.learn:
             self._step_hook = inner.register_step_pre_hook(StepCapture(self, _before_step))
             # the training forward's random numbers and modes, for the two-call form's difference
-            self._watch = ForwardWatch(self, device)
+            self._watch = ForwardWatch(self, device, model_generators(module))
             self._forward_hooks = (model.register_forward_pre_hook(self._watch.before),
                                    model.register_forward_hook(self._watch.after))
 
@@ -392,14 +411,16 @@ class HarmonizedWeighter(NamedWeights):
         end of each backward, an optimizer step pre-hook (the gradients as the optimizer gets
         them, its state) and forward hooks on the model (the random numbers and modes of the
         training forward); see :mod:`metaweight._capture`. ``clip_grad_norm_`` over all
-        parameters and a ``GradScaler``'s unscaling are differentiated through; several
+        parameters, declared with ``clip_grad_norm`` and checked, and a ``GradScaler``'s unscaling
+        are differentiated through (an undeclared rescale of the gradients is refused); several
         ``loss()`` calls and backwards before one step (gradient accumulation) are one step,
         scored on the whole batch, the micro-batches concatenated in order; any other change of
         the gradients between backward and step is refused with a ``ValueError``, as is a batch
         or a module mode other than the step's, before anything changes. A step the optimizer
         did not take (a ``GradScaler`` that found inf/NaN) gives a skipped record and leaves
         gamma alone. A training forward that drew random numbers (dropout, stochastic depth,
-        whatever the module is called) or ran under autocast costs one forward more: the
+        whatever the module is called, from the global generators or a ``torch.Generator`` a
+        module holds) or ran under autocast costs one forward more: the
         difference then recomputes its base point in float32 with that forward's random numbers.
 
         Args:
@@ -591,6 +612,8 @@ class HarmonizedWeighter(NamedWeights):
             else:
                 metrics = pending
             if step.finite:  # (an optimizer that raises part-way may have written to its own state)
+                if self.clip_grad_norm is not None:
+                    self.clip_grad_norm(p for _, p in self._trainable())
                 self.optimizer.step()
         except Exception as exc:
             self.optimizer.zero_grad(set_to_none=True)
@@ -665,19 +688,25 @@ class HarmonizedWeighter(NamedWeights):
         named = self._trainable()
         device = next(p.device for _, p in named)
         low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
+        generators = model_generators(self.module)
+        transform = None
         if self._watch is not None:
             self._watch.paused = True  # this forward's random numbers are replayed below
         try:
-            with replay_randomness(device) as replay:
-                start = rng_state(device) if self._compiled and run_meta else None
+            with replay_randomness(device, generators) as replay:
+                start = rng_state(device, generators) if self._compiled and run_meta else None
                 outputs = call_model(self.model, x)
-                if start is not None and not same_rng_state(start, rng_state(device)):
+                if start is not None and not same_rng_state(start, rng_state(device, generators)):
                     raise ValueError(_COMPILED_RANDOM)
                 terms = self._terms(outputs, y)
                 loss = self._weighted(terms)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 step = self._model_step_values(loss, terms)
+                if step.finite and self.clip_grad_norm is not None:
+                    transform = self._clip_in_step(named) if run_meta else None
+                    if not run_meta:
+                        self.clip_grad_norm(p for _, p in named)
                 if step.finite and run_meta:
                     theta, jac = _before_step(self._inner_optimizer, named, [p.grad for _, p in named])
                 if step.finite:
@@ -700,7 +729,7 @@ class HarmonizedWeighter(NamedWeights):
                                   terms=step.terms, loss=step.loss, model_step_skipped=False)
         piece = _Piece(x, y, terms.detach(), outputs, replay, low)
         try:
-            record = self._fast_meta(named, theta, jac, [piece], xv, yv, self._buffers.as_dict())
+            record = self._fast_meta(named, theta, jac, [piece], xv, yv, self._buffers.as_dict(), transform)
         except Exception:
             # the model's step is taken (a plain step with the gamma it had); the weighter's own state is kept
             self._restore_own(saved)
@@ -741,7 +770,7 @@ class HarmonizedWeighter(NamedWeights):
         named = self._trainable()
         device = next(p.device for _, p in named)
         try:
-            with replay_randomness(device) as replay:
+            with replay_randomness(device, model_generators(self.module)) as replay:
                 pieces = []
                 for micro, (xi, yi) in zip(stepped, inputs):
                     record = micro.forward
@@ -789,7 +818,9 @@ class HarmonizedWeighter(NamedWeights):
     def _gradient_transform(self, pending: Pending, stepped: list[Micro]
                             ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
         """How the gradients the optimizer stepped on came from those backward left (see
-        :mod:`metaweight._capture`), as the map applied to the direction; one host read."""
+        :mod:`metaweight._capture`), as the map applied to the direction; one host read. A declared
+        clipping is checked against what the optimizer got (:mod:`metaweight._clipping`)."""
+        clip = self.clip_grad_norm
         if pending.rescale is None and pending.inv_scale is None and pending.cleared is None:
             return None
         device = self.gamma.device
@@ -798,9 +829,13 @@ class HarmonizedWeighter(NamedWeights):
         total = sum((m.factor.double().to(device) for m in stepped if m.factor is not None),
                     torch.zeros((), dtype=torch.float64, device=device))
         cleared = pending.cleared if pending.cleared is not None else torch.tensor(True)
-        common, s_t, norm2, s, r, ok = torch.stack([
-            rescale[0].to(device), rescale[1].to(device), rescale[2].to(device), (rescale[1].to(device) * inv.to(device)),
-            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double()]).tolist()
+        seen = pending.seen
+        # the norm of what the optimizer got (what clip_grad_norm_ returned), in the declared norm
+        norm = total_norm(seen, clip.norm_type).to(device) * rescale[1].to(device) \
+            if clip is not None and seen is not None else torch.zeros((), dtype=torch.float64, device=device)
+        common, s_t, s, r, ok, clipped_norm = torch.stack([
+            rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
+            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(), norm]).tolist()
         if not ok:
             raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
                              "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
@@ -809,24 +844,61 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError("Between loss.backward() and optimizer.step() the gradients changed by something other "
                              "than one common rescale of all of them (e.g. clip_grad_value_, or clip_grad_norm_ over "
                              "only some parameters): mode='fast' cannot differentiate through that step. Use "
-                             "clip_grad_norm_ over all parameters (or a GradScaler), or mode='exact'. gamma is "
-                             "unchanged.")
+                             "clip_grad_norm_ over all parameters (declared with clip_grad_norm=), or mode='exact'. "
+                             "gamma is unchanged.")
+        plain = abs(s - 1) <= TOLERANCE or abs(r - 1) <= 10 * TOLERANCE  # unchanged, or unscaled (a GradScaler)
+        if clip is not None:
+            dtype = next((g.dtype for g in seen or [] if g is not None), torch.float32)
+            slack = clip.max_norm * max(10 * TOLERANCE, 16 * torch.finfo(dtype).eps)  # the norms' rounding
+            if plain and clipped_norm > clip.max_norm + slack:
+                raise ValueError(f"The weighter was told the loop clips by {clip.describe()}, but the gradients the "
+                                 f"optimizer got were not clipped (their norm: {clipped_norm:.6g}). Clip them so "
+                                 f"after backward, or build the weighter with the clipping your loop does. gamma is "
+                                 f"unchanged.")
+            if not plain:  # a clipped step: its norm is max_norm * rho, within 1e-6 of max_norm
+                if abs(clipped_norm - clip.max_norm) > EPSILON + slack:
+                    raise ValueError(
+                        f"The gradients the optimizer got were rescaled by {r:.6g} (relative to the losses' own "
+                        f"scale) to a norm of {clipped_norm:.6g} (norm_type={clip.norm_type:g}), which "
+                        f"{clip.describe()}, as the weighter was told, does not give (its clipped gradients have "
+                        f"norm max_norm). Build the weighter with the max_norm and norm_type your loop clips by, "
+                        f"and clip nothing else. gamma is unchanged.")
+                assert seen is not None
+                names = [n for n, _ in self._trainable()]
+                rho = min(1.0, clipped_norm / clip.max_norm)
+                return lambda direction: clip_transpose(direction, names, seen, s, rho, clip.norm_type)
         if abs(s - 1) <= TOLERANCE:
             return None
         if abs(r - 1) <= 10 * TOLERANCE:  # unscaling (a GradScaler): the step used the losses' own gradient
             return lambda direction: {n: w * s for n, w in direction.items()}
         if r > 1:
             raise ValueError(f"The optimizer got gradients {r:.4g} times those of the losses weighter.loss returned "
-                             f"(with the factors their backwards used): a rescale that is neither unscaling nor norm "
-                             f"clipping (e.g. several undivided micro-batch losses under a GradScaler). Divide each "
-                             f"accumulated loss by their number. gamma is unchanged.")
-        seen = pending.seen
-        assert seen is not None
-        named = self._trainable()
-        norm = math.sqrt(norm2) * (s / s_t if s_t else 1.0)
-        unclipped = norm / r  # |u|: the gradient clip_grad_norm_ got, whose rescale by r the step used
-        rho = unclipped / (unclipped + 1e-6)  # torch.nn.utils.clip_grad_norm_ divides by |u| + 1e-6
-        return lambda direction: clip_direction(direction, named, seen, torch.tensor(s, dtype=torch.float64), rho)
+                             f"(with the factors their backwards used): a rescale that is neither unscaling nor "
+                             f"declared clipping (e.g. several undivided micro-batch losses under a GradScaler). "
+                             f"Divide each accumulated loss by their number. gamma is unchanged.")
+        raise ValueError(f"Between loss.backward() and optimizer.step() every gradient was multiplied by {r:.6g} "
+                         f"(relative to the losses' own scale), and the weighter was told of no clipping: from one "
+                         f"step that factor fits clip_grad_norm_ of any norm_type and a plain p.grad.mul_ alike, each "
+                         f"with another meta-gradient. If it is torch.nn.utils.clip_grad_norm_, declare it: build "
+                         f"the weighter with clip_grad_norm=mw.ClipGradNorm(max_norm, norm_type); for a rescale of "
+                         f"your own, scale the loss before backward (or the learning rate) instead. gamma is "
+                         f"unchanged.")
+
+    def _clip_in_step(self, named: list[tuple[str, Tensor]]) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+        r""":meth:`step`'s own clipping (``clip_grad_norm``): clip the gradients in place, and return the map
+        :math:`w \mapsto J_T^\top w` of that clipping, all on the device."""
+        clip = self.clip_grad_norm
+        assert clip is not None
+        grads = [p.grad for _, p in named]
+        norm = clip(p for _, p in named)
+        coef = torch.clamp(clip.max_norm / (norm + EPSILON), max=1.0).double()  # as clip_grad_norm_ computes it
+        norm = norm.double()
+        rho = torch.where(coef < 1, norm / (norm + EPSILON), torch.zeros_like(norm))
+        present = [g for g in grads if g is not None]
+        copies = iter(torch._foreach_mul(present, 1.0) if present else [])
+        seen = [next(copies) if g is not None else None for g in grads]  # clipped: a positive multiple of u
+        names = [n for n, _ in named]
+        return lambda direction: clip_transpose(direction, names, seen, coef, rho, clip.norm_type)
 
     def _fast_meta(self, named: list[tuple[str, Tensor]], theta: dict[str, Tensor], jac: list[Tensor | float],
                    pieces: list[_Piece], xv: Any, yv: Any, buffers: dict[str, Tensor],
@@ -998,8 +1070,9 @@ class HarmonizedWeighter(NamedWeights):
         return (
             f"{type(self).__name__}(terms={self.term_names}, criterion={type(self.criterion).__name__}, "
             f"learn={self.learn}, backend={self.backend!r}, meta_every={self.meta_every}, "
-            f"gamma_lr={self.gamma_lr}, constraint={self.constraint!r}, "
-            f"optimizer={type(self.optimizer).__name__}, gamma_optimizer={type(self.gamma_optimizer).__name__}, "
+            f"gamma_lr={self.gamma_lr}, constraint={self.constraint!r}, mode={self.mode!r}, "
+            f"clip_grad_norm={self.clip_grad_norm!r}, optimizer={type(self.optimizer).__name__}, "
+            f"gamma_optimizer={type(self.gamma_optimizer).__name__}, "
             f"validation={self.validation!r})"
         )
 

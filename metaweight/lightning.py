@@ -66,6 +66,8 @@ class HarmonizedCallback(lightning.Callback):
     The weighter's state is saved in Lightning checkpoints with the callback's state. With
     ``mode="fast"`` the meta step runs after each batch's optimizer step instead (the step it
     took is the look-ahead); ``training_step`` returns ``self.weighter.loss(...)`` either way.
+    The Trainer's norm clipping (``gradient_clip_val=c``) is then declared to the weighter as
+    ``clip_grad_norm=mw.ClipGradNorm(c)`` (an undeclared clipping is refused).
     """
 
     def __init__(self, criterion: DenseDistillLoss, val_dataloader: Iterable[Any],

@@ -12,7 +12,7 @@ from conftest import batch, fast_two_calls, tiny_net
 from test_weighter import F64, OPTIMIZERS, rel_err
 
 
-def setup(opt_name, mode):
+def setup(opt_name, mode, **options):
     torch.manual_seed(0)
     model = tiny_net(3, dtype=F64)
     optimizer = OPTIMIZERS[opt_name](model.parameters())
@@ -24,7 +24,7 @@ def setup(opt_name, mode):
     criterion, validation = mw.DenseDistillLoss(3, temperature=2.0), mw.BalancedValidation(3)
     validation.update(torch.tensor([1.7, 1.6, 1.5], dtype=F64))
     w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode=mode, gamma_optimizer="sgd",
-                              gamma_lr=0.05, init=torch.tensor([1.0, 0.7, 1.3, 0.5, 0.9, 1.1]))
+                              gamma_lr=0.05, init=torch.tensor([1.0, 0.7, 1.3, 0.5, 0.9, 1.1]), **options)
     return model, optimizer, criterion, validation, w
 
 
@@ -118,10 +118,10 @@ def test_fast_mode_trains_and_skips_bad_batches_without_losing_anything():
 
 
 def test_two_call_fast_form_with_clipping_gives_the_meta_gradient_of_the_clipped_step():
-    """The user's own loop: loss, backward, clip_grad_norm_ (active), Adam's step, then meta_step: the
-    meta-gradient of that clipped step (issue 21, item 3). Reference: central differences in gamma of the
+    """The user's own loop: loss, backward, clip_grad_norm_ (active, declared), Adam's step, then meta_step:
+    the meta-gradient of that clipped step (issue 21, item 3). Reference: central differences in gamma of the
     validation objective after a twin's real clipped step; and it differs from the unclipped step's."""
-    model, optimizer, criterion, validation, w = setup("adam", "fast")
+    model, optimizer, criterion, validation, w = setup("adam", "fast", clip_grad_norm=mw.ClipGradNorm(0.05))
     train, val = batch(dtype=F64), batch(n=12, dtype=F64)
     gamma = w.gamma.detach().clone().to(F64)
 

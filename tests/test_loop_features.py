@@ -49,6 +49,20 @@ class StochasticDepth(nn.Module):
         return x + keep * branch
 
 
+class GeneratorDropout(nn.Module):
+    """Dropout from the module's own torch.Generator, not the global one: random all the same."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.g = torch.Generator().manual_seed(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * (torch.rand(x.shape, generator=self.g, dtype=x.dtype) >= self.p).to(x.dtype) / (1 - self.p)
+
+
 class Net(nn.Module):
     """The issue's 3-exit MLP (Linear 6->8->8->8, tanh, heads 8->4), with optional randomness and a
     BatchNorm whose mode can differ from the rest."""
@@ -60,6 +74,7 @@ class Net(nn.Module):
         self.randomness = randomness
         self.drop = nn.Dropout(0.3)
         self.depth = StochasticDepth(0.3)
+        self.own = GeneratorDropout(0.3)
         self.norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
         self.checkpointed = False
 
@@ -79,6 +94,8 @@ class Net(nn.Module):
                 z = F.dropout(z, 0.3, training=self.training)
             elif self.randomness == "stochastic depth" and k > 0:
                 z = self.depth(h, z)
+            elif self.randomness == "own generator":
+                z = self.own(z)
             h = z
             outputs.append(head(h))
         return outputs
@@ -100,16 +117,44 @@ OPTIMIZERS = {
 
 
 @dataclass(frozen=True)
+class Clip:
+    """What the loop does to the gradients between backward and step, and what it declares."""
+
+    max_norm: float | None = None  # clip_grad_norm_(..., max_norm, norm_type)
+    norm_type: float = 2.0
+    active: bool = True  # the loop asserts whether it clips
+    declared: tuple[float, float] | None = None  # HarmonizedWeighter(clip_grad_norm=ClipGradNorm(*declared))
+    value: float | None = None  # clip_grad_value_
+    scale: float | None = None  # for p in params: p.grad.mul_(scale)
+
+
+INF = float("inf")
+CLIPS = {
+    "none": Clip(),
+    "norm": Clip(0.05, declared=(0.05, 2.0)),
+    "norm 1": Clip(0.05, 1.0, declared=(0.05, 1.0)),
+    "norm inf": Clip(0.01, INF, declared=(0.01, INF)),
+    "norm, inactive": Clip(1e3, active=False),  # no declaration needed
+    "norm, undeclared": Clip(0.05),
+    "norm inf, undeclared": Clip(0.01, INF),
+    "norm 1, declared 2": Clip(0.05, 1.0, declared=(0.05, 2.0)),
+    "value": Clip(value=0.01),
+    "scale": Clip(scale=0.3),
+}
+DECLARED = ("none", "norm", "norm 1", "norm inf")  # what step() itself can take
+
+
+@dataclass(frozen=True)
 class Case:
     form: str = "fast, two calls"
     optimizer: str = "sgd"
-    clip: str = "none"  # none | norm | norm, inactive | value
+    clip: str = "none"  # a key of CLIPS
     accumulate: int = 1
     amp: bool = False
     scheduler: bool = False
     groups: bool = False
     frozen: bool = False
-    randomness: str = "none"  # none | dropout | functional | stochastic depth
+    randomness: str = "none"  # none | dropout | functional | stochastic depth | own generator
     eval_part: str = "none"  # none | batchnorm in train | batchnorm in eval
     model: str = "plain"  # plain | checkpointing | gradient hook | forward hook | weight norm
 
@@ -127,6 +172,7 @@ FEATURES: dict[str, dict[str, str]] = {
     "maximize=True": {form: "refused" for form in FORMS},
     "parameter groups, schedulers, frozen parameters": {form: "right" for form in FORMS},
     "dropout, functional dropout, stochastic depth": {form: "right" for form in FORMS},
+    "random numbers from a module's own torch.Generator": {form: "right" for form in FORMS},
     "BatchNorm in train or eval mode": {form: "right" for form in FORMS},
     "activation checkpointing (use_reentrant=False)": {
         form: "refused" if form in ("exact, jvp", "exact, finite_difference", "exact, step()") else "right"
@@ -135,8 +181,13 @@ FEATURES: dict[str, dict[str, str]] = {
         form: "right" if form == "exact, higher" else "refused" for form in FORMS},
     "forward hooks": {form: "refused" if form == "exact, higher" else "right" for form in FORMS},
     "parametrizations (weight_norm)": {form: "right" for form in FORMS},
-    "clip_grad_norm_ (all parameters)": {"fast, two calls": "right"},
+    "clip_grad_norm_ declared (norm_type 1, 2, inf)": {
+        form: "right" if form.startswith("fast") else "refused" for form in FORMS},
+    "clip_grad_norm_ declared, another norm_type used": {"fast, two calls": "refused"},
+    "clip_grad_norm_ not declared, clipping": {"fast, two calls": "refused"},
+    "clip_grad_norm_ not declared, not clipping": {"fast, two calls": "right"},
     "clip_grad_value_": {"fast, two calls": "refused"},
+    "a rescale of the gradients (p.grad.mul_)": {"fast, two calls": "refused"},
     "gradient accumulation (losses divided by their number)": {"fast, two calls": "right"},
     "GradScaler": {"fast, two calls": "right"},
 }
@@ -151,10 +202,18 @@ def expected(case: Case) -> str:
              "gradient hook": ["gradient hooks on parameters (Tensor.register_hook)"],
              "forward hook": ["forward hooks"],
              "weight norm": ["parametrizations (weight_norm)"]}[case.model] if case.model != "plain" else []
-    if case.clip in ("norm", "norm, inactive"):
-        rows.append("clip_grad_norm_ (all parameters)")
-    if case.clip == "value":
-        rows.append("clip_grad_value_")
+    rows += {"norm": ["clip_grad_norm_ declared (norm_type 1, 2, inf)"],
+             "norm 1": ["clip_grad_norm_ declared (norm_type 1, 2, inf)"],
+             "norm inf": ["clip_grad_norm_ declared (norm_type 1, 2, inf)"],
+             "norm 1, declared 2": ["clip_grad_norm_ declared, another norm_type used"],
+             "norm, inactive": ["clip_grad_norm_ not declared, not clipping"],
+             "norm, undeclared": ["clip_grad_norm_ not declared, clipping"],
+             "norm inf, undeclared": ["clip_grad_norm_ not declared, clipping"],
+             "value": ["clip_grad_value_"],
+             "scale": ["a rescale of the gradients (p.grad.mul_)"],
+             "none": []}[case.clip]
+    if case.randomness == "own generator":
+        rows.append("random numbers from a module's own torch.Generator")
     if case.accumulate > 1:
         rows.append("gradient accumulation (losses divided by their number)")
     if case.amp:
@@ -164,8 +223,9 @@ def expected(case: Case) -> str:
 
 
 def valid(case: Case) -> bool:
+    """The loop's own features exist in the two-call form only; step() takes a declared clipping."""
     two_calls = case.form == "fast, two calls"
-    return two_calls or (case.clip == "none" and case.accumulate == 1 and not case.amp)
+    return two_calls or (case.clip in DECLARED and case.accumulate == 1 and not case.amp)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -216,15 +276,18 @@ def loop_step(case: Case, model, optimizer, scaler, micro, loss_of) -> None:
     for x, y in micro:
         loss = loss_of(model(x), y) / len(micro)
         (scaler.scale(loss) if scaler is not None else loss).backward()
+    clip = CLIPS[case.clip]
     if case.clip != "none" and scaler is not None:
         scaler.unscale_(optimizer)
-    if case.clip == "norm":
-        total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        assert total > 0.05  # clipping is active
-    elif case.clip == "norm, inactive":
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e3)
-    elif case.clip == "value":
-        torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+    if clip.max_norm is not None:
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), clip.max_norm, clip.norm_type)
+        assert (total > clip.max_norm) == clip.active  # clipping is active, or not
+    elif clip.value is not None:
+        torch.nn.utils.clip_grad_value_(model.parameters(), clip.value)
+    elif clip.scale is not None:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(clip.scale)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -282,6 +345,9 @@ def run(case: Case):
     mode, _, backend = case.form.partition(", ")
     kwargs = {"mode": "fast"} if mode == "fast" else (
         {"backend": backend} if backend in ("jvp", "higher", "finite_difference") else {})
+    declared = CLIPS[case.clip].declared
+    if declared is not None:
+        kwargs["clip_grad_norm"] = mw.ClipGradNorm(*declared)
     torch.manual_seed(1)
     x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
     val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
@@ -333,13 +399,13 @@ def check(case: Case) -> None:
 AXES = {
     "form": FORMS,
     "optimizer": tuple(OPTIMIZERS),
-    "clip": ("none", "norm", "norm, inactive", "value"),
+    "clip": tuple(CLIPS),
     "accumulate": (1, 2),
     "amp": (False, True),
     "scheduler": (False, True),
     "groups": (False, True),
     "frozen": (False, True),
-    "randomness": ("none", "dropout", "functional", "stochastic depth"),
+    "randomness": ("none", "dropout", "functional", "stochastic depth", "own generator"),
     "eval_part": ("none", "batchnorm in train", "batchnorm in eval"),
     "model": ("plain", "checkpointing", "gradient hook", "forward hook", "weight norm"),
 }
@@ -420,6 +486,15 @@ CI_CASES = [
     Case(form="exact, jvp", optimizer="adam, decoupled"),  # item 1
     Case(form="exact, higher", optimizer="adam, decoupled", groups=True),
     Case(form="fast, two calls", optimizer="adam, decoupled", clip="norm"),
+    # clipping by any norm, declared and checked; an undeclared rescale refused, whatever it is
+    Case(form="fast, two calls", clip="norm inf", amp=True, optimizer="adam"),
+    Case(form="fast, step()", clip="norm 1", optimizer="momentum"),
+    Case(form="fast, two calls", clip="norm, undeclared"),  # refused
+    Case(form="fast, two calls", clip="scale"),  # refused
+    Case(form="exact, step()", clip="norm"),  # refused
+    # random numbers from a module's own generator
+    Case(form="fast, two calls", randomness="own generator", accumulate=2),
+    Case(form="exact, finite_difference", randomness="own generator"),
 ]
 SLOW_CASES = sorted(set(all_pairs()) | set(one_at_a_time()) - set(CI_CASES), key=str)
 
@@ -631,3 +706,23 @@ def test_fast_step_whose_validation_pass_fails_keeps_the_weighter_s_state():
         w.step(train, (train[0], torch.full_like(train[1], 7)))  # labels out of range
     assert same(own, (w.state_dict(), w.num_calls, w.num_meta_steps))
     assert w.step(train, train).ran
+
+
+@pytest.mark.parametrize("loop_clips, match", [
+    (None, r"told the loop clips by clip_grad_norm_\(max_norm=0.05, norm_type=2\).*not clipped.*[Cc]lip them"),
+    (0.02, r"rescaled by .* to a norm of 0.02 .*clip_grad_norm_\(max_norm=0.05.*Build the weighter"),
+])
+def test_a_declared_clipping_the_loop_does_not_do_is_refused_with_nothing_changed(loop_clips, match):
+    model, optimizer, criterion, validation, _ = build(Case())
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA), clip_grad_norm=mw.ClipGradNorm(0.05))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    optimizer.zero_grad()
+    w.loss(model(x), y).backward()
+    if loop_clips is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), loop_clips)
+    optimizer.step()
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match=match):
+        w.meta_step((x, y), (x, y))
+    assert same(before, state(model, optimizer, w))
