@@ -4,8 +4,9 @@ The meta step asks the backend (:mod:`metaweight._backends`) for :math:`\\nabla_
 L_{val}(\\theta')` on the parameters as they are, without changing the model or its optimizer, and
 steps gamma on the device; :meth:`ExactMode.step` then takes the model's step on the loss weighted
 by the new gamma, inside the step transaction (:mod:`metaweight._transaction`), with one read for
-both decisions. This module owns that order and what it refuses: sparse gradients in ``step()``,
-and ``reuse_forward`` where the backend cannot reuse its training forward.
+both decisions. This module owns that order and its rules: ``meta_every``'s calls without a
+look-ahead, ``step()``'s refusal of sparse gradients, and ``reuse_forward`` (the model's step
+backpropagates through the meta step's training forward, where the backend keeps its graph).
 """
 
 from __future__ import annotations
