@@ -102,6 +102,18 @@ def summarize_labels(labels: Sequence[tuple[Tensor, int | None]]) -> None:
             _LAST_LABELS.append((weakref.ref(target), _label_key(target, ignore_index), summary))
 
 
+def summarize_step_labels(train_batch: Any, val_batch: Any, criterion: Any, validation: Any) -> None:
+    """Start of a weighter step: its training and validation labels (range, padding), each with the
+    padding label of the loss that reads it, in one read back to the host; the losses then find them
+    checked."""
+    labels = []
+    for batch, part in ((train_batch, criterion), (val_batch, validation)):
+        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+        if isinstance(target, Tensor) and not target.is_floating_point():
+            labels.append((target, getattr(part, "ignore_index", IGNORE_INDEX)))
+    summarize_labels(labels)
+
+
 def _summaries(labels: Sequence[tuple[Tensor, int | None]]) -> list[tuple[int, int, int]]:
     rows = []
     for target, ignore_index in labels:
@@ -169,3 +181,11 @@ def check_target(target: object, batch_size: int, num_classes: int | None, name:
                 f"so labels must lie in {bound}."
             )
     return target.long()
+
+
+def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:
+    """The inputs and labels of a weighter's batch argument ``name``, which must be a pair."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"`{name}` should be a pair (inputs, labels). Found `{type(batch).__name__}`"
+                         f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}.")
+    return batch[0], batch[1]

@@ -13,17 +13,27 @@ A step found non-finite must leave all of them as they were. This module keeps e
   (``torch._amp_foreach_non_finite_check_and_unscale_``, as ``torch.amp.GradScaler`` does) and
   leaves the answer on the device;
 * :func:`host_read` is the one place the weighter reads values back to the host, once per step
-  (the decision and the numbers of the step's record in one transfer).
+  (the decision and the numbers of the step's record in one transfer);
+* :class:`StepTransaction` is one call of ``step()`` built from them, for both modes: ``begin``
+  (snapshot), ``decide`` (the one read), and ``rollback`` or ``refuse`` (put everything back).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from metaweight._capture import sparse_message
+from metaweight._warn import warn_user
+
+if TYPE_CHECKING:  # (it imports this module's snapshots)
+    from metaweight._hypergradient import Reducer
 
 HOST_READ = "metaweight::host_read"  # the profiler range around every read back to the host
 
@@ -202,3 +212,123 @@ def _copy_value(v: Any) -> Any:
 
 def _copy_state(state: Any) -> Any:
     return {k: _copy_value(v) for k, v in state.items()} if isinstance(state, dict) else copy.deepcopy(state)
+
+
+class Owner(Protocol):
+    """What the transaction reads and puts back of the weighter (:class:`HarmonizedWeighter`)."""
+
+    gamma: Tensor
+    gamma_optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer
+    validation: Any
+    learn: bool
+    nonfinite: str
+    num_calls: int
+    num_meta_steps: int
+    num_skipped: int
+
+    @property
+    def term_names(self) -> list[str]: ...
+
+
+@dataclasses.dataclass
+class Saved:
+    """What :meth:`StepTransaction.rollback` puts back besides the buffers (see ``begin``)."""
+
+    state: StateSnapshot | None
+    num_calls: int
+    num_meta_steps: int
+    num_skipped: int
+
+
+@dataclasses.dataclass
+class PendingMeta:
+    """A meta step stepped on the device, awaiting its decision (see ``HarmonizedWeighter._step_gamma``):
+    the state to put back, the tensors to read (decision flags, objective, exit losses, meta-gradient,
+    proposed gamma, terms) and what the record keeps as tensors."""
+
+    saved: StateSnapshot
+    values: list[Tensor]
+    gamma_grad: Tensor
+    exit_losses: Tensor
+
+
+@dataclasses.dataclass
+class ModelStep:
+    """The model step's decision and record numbers, read back to the host together."""
+
+    finite: bool
+    loss: float
+    terms: dict[str, float]
+    gamma: dict[str, float]
+    meta: list[float]
+
+
+class StepTransaction:
+    """One call of ``step()``, in either mode: what it may change is kept on the device before it
+    (:meth:`begin`), its one decision is one read (:meth:`decide`), and a step that raised or was
+    refused puts everything back (:meth:`rollback`, :meth:`refuse`). The parameters and the
+    optimizer's state need no copy: the optimizer steps only once the step is decided."""
+
+    def __init__(self, module: nn.Module, reducer: Reducer) -> None:
+        self.module = module
+        self.reducer = reducer
+        self.buffers = BufferSnapshot(module)  # what a refused step puts back, kept between steps
+
+    def begin(self, owner: Owner) -> Saved:
+        """What one call may change besides the parameters and the optimizer: the buffers, and with
+        ``learn`` gamma, its optimizer's state and the validation average, all kept on the device; and
+        the counters."""
+        self.buffers.save()
+        state = None
+        if owner.learn:
+            state = StateSnapshot(owner.gamma, owner.gamma_optimizer,
+                                  owner.validation if isinstance(owner.validation, nn.Module) else None)
+        return Saved(state, owner.num_calls, owner.num_meta_steps, owner.num_skipped)
+
+    def rollback(self, owner: Owner, saved: Saved, *, buffers: bool = True) -> None:
+        """Put back ``saved``: the buffers (unless ``buffers=False``: the weighter's own state only), gamma,
+        its optimizer, the validation average and the counters."""
+        if buffers:
+            self.buffers.restore()
+        if saved.state is not None:
+            saved.state.restore(owner.gamma)
+        owner.num_calls, owner.num_meta_steps, owner.num_skipped = saved.num_calls, saved.num_meta_steps, \
+            saved.num_skipped
+
+    def decide(self, owner: Owner, loss: Tensor, terms: Tensor, meta: Sequence[Tensor] = ()) -> ModelStep:
+        """The step's one decision and the numbers of its record, in one read back to the host: whether the
+        loss, every gradient and every floating-point buffer are finite on every rank (one all-reduce
+        under DDP), the loss, the terms and gamma; and ``meta``, a pending meta step's values."""
+        grads = [p.grad for p in self.module.parameters()]
+        flag = nonfinite_flag(loss, grads + [b for b in self.module.buffers()])
+        flag = self.reducer.mean([flag])[0]
+        values = host_read([flag, loss, terms, owner.gamma, *meta])
+        n = owner.gamma.numel()
+        return ModelStep(finite=values[0] == 0.0, loss=values[1],
+                         terms=dict(zip(owner.term_names, values[2:2 + n])),
+                         gamma=dict(zip(owner.term_names, values[2 + n:2 + 2 * n])), meta=values[2 + 2 * n:])
+
+    def refuse(self, owner: Owner, step: ModelStep, saved: Saved) -> str:
+        """A non-finite model step: put everything back as ``saved``, then raise or warn and count it.
+        Returns the message (``nonfinite="skip"``)."""
+        owner.optimizer.zero_grad(set_to_none=True)
+        self.rollback(owner, saved)
+        message = (f"The weighted training loss ({step.loss}), its gradient or a buffer the forward "
+                   f"updated (e.g. BatchNorm statistics) is not finite "
+                   f"(non-finite terms: {[n for n, t in step.terms.items() if not math.isfinite(t)] or 'none'}"
+                   f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
+                   f"average are as before this call. Check the batch and the learning rate.")
+        if owner.nonfinite == "raise":
+            raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
+        owner.num_skipped += 1
+        warn_user(f"Skipped a model step ({owner.num_skipped} skipped so far): {message}")
+        return message
+
+
+def explained(exc: Exception, named: list[tuple[str, Tensor]], why: str) -> Exception:
+    """``exc``, or a ValueError saying what to do where sparse gradients caused it."""
+    if any(p.grad is not None and p.grad.layout != torch.strided for _, p in named):
+        return ValueError(sparse_message(named, why) + " gamma, the parameters, buffers and optimizer state are "
+                                                       "unchanged.")
+    return exc

@@ -1,4 +1,13 @@
-"""Harmonized loss weights learned by a one-step look-ahead (HDKD Eq. 6-8, Alg. 1)."""
+"""Harmonized loss weights learned by a one-step look-ahead (HDKD Eq. 6-8, Alg. 1).
+
+:class:`HarmonizedWeighter` is the orchestration: it checks its arguments, holds gamma and the
+weighter's own state, weights the loss, steps gamma from a meta-gradient and decides on it, and
+hands each call to its mode: :mod:`metaweight._exact` (the paper's order, a meta step by a
+backend of :mod:`metaweight._backends`) or :mod:`metaweight._fast` (the model's step as the
+look-ahead); ``step()`` runs inside the transaction of :mod:`metaweight._transaction`. The fast
+mode's two-call form (``loss``, the user's own step, ``meta_step``) is still read here, with
+:mod:`metaweight._capture`.
+"""
 
 from __future__ import annotations
 
@@ -16,25 +25,22 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes, sparse_message,
-                                 watch_backward)
+from metaweight._capture import TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes, watch_backward
+from metaweight._checks import IGNORE_INDEX, forget_labels
+from metaweight._checks import unpack_batch as _unpack  # (the names the two-call form's capture uses)
 from metaweight._clipping import EPSILON, ClipGradNorm, clip_transpose, total_norm
-from metaweight._hypergradient import Reducer, along, call_with, difference, step_length, validation_direction
-from metaweight._randomness import model_generators, replay_randomness, rewound_to, rng_state, same_rng_state
+from metaweight._exact import ExactMode
+from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
+from metaweight._fast import FastMode, before_step
+from metaweight._hypergradient import Reducer
+from metaweight._randomness import model_generators, replay_randomness, rewound_to
 from metaweight._losses import DenseDistillLoss
-from metaweight._protocols import Objective, Terms, call_model
+from metaweight._protocols import Objective, Terms
 from metaweight._record import MetaStepRecord
-from metaweight._checks import IGNORE_INDEX, forget_labels, summarize_labels
-from metaweight._transaction import BufferSnapshot, Scratch, StateSnapshot, host_read, nonfinite_flag
+from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read
 from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
-from metaweight._optimizers import (
-    check_optimizer_covers_model,
-    check_optimizer_options,
-    lookahead_update,
-    supports_exact_update,
-    unwrap_optimizer,
-)
+from metaweight._optimizers import check_optimizer_covers_model, check_optimizer_options, unwrap_optimizer
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -208,12 +214,8 @@ class HarmonizedWeighter(NamedWeights):
             raise TypeError("nn.DataParallel is not supported; use DistributedDataParallel (one process per GPU).")
         if mode not in ("exact", "fast"):
             raise ValueError(f"Invalid mode: {mode!r}. Expected 'exact' (the paper's order) or 'fast'.")
-        if mode == "fast" and learn and not supports_exact_update(inner):
-            raise ValueError(f"mode='fast' replays the step of SGD, Adam or AdamW in closed form; "
-                             f"`{type(inner).__name__}` is none of them. Use mode='exact'.")
-        if mode == "fast" and learn and lookahead_params is not None:
-            raise ValueError("mode='fast' looks ahead with the model's real step, over every parameter; "
-                             "`lookahead_params` applies to mode='exact' only.")
+        if mode == "fast" and learn:
+            FastMode.check(inner, lookahead_params)
         if clip_grad_norm is not None and not isinstance(clip_grad_norm, ClipGradNorm):
             if isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)):
                 raise TypeError(f"`clip_grad_norm` should be a metaweight.ClipGradNorm(max_norm, norm_type) or a "
@@ -226,20 +228,19 @@ class HarmonizedWeighter(NamedWeights):
                              "backward, clip_grad_norm_ and optimizer.step()).")
         if distributed and learn and reuse_forward:
             raise ValueError("reuse_forward=True bypasses DistributedDataParallel's forward; leave it False.")
-        self._lookahead_names: set[str] | None = None
+        lookahead_names: set[str] | None = None
         if lookahead_params is not None:
             if not callable(lookahead_params):
                 raise TypeError("`lookahead_params` should be a callable taking a parameter name and returning a bool.")
-            self._lookahead_names = {n for n, p in module.named_parameters() if p.requires_grad and lookahead_params(n)}
-            if not self._lookahead_names:
+            lookahead_names = {n for n, p in module.named_parameters() if p.requires_grad and lookahead_params(n)}
+            if not lookahead_names:
                 raise ValueError("`lookahead_params` selects none of the model's trainable parameters.")
-        self._backend: Backend | None = None
+        chosen: Backend | None = None
         if learn:
             check_optimizer_options(inner)
-            self._backend = make_backend(backend, inner, distributed=distributed,
-                                         restricted=self._lookahead_names is not None, terms=terms,
-                                         fd_epsilon=fd_epsilon)
-            backend = self._backend.name
+            chosen = make_backend(backend, inner, distributed=distributed, restricted=lookahead_names is not None,
+                                  terms=terms, fd_epsilon=fd_epsilon)
+            backend = chosen.name
             _check_sparse(module, mode, backend)
             _check_hooks(module, mode, backend)
 
@@ -265,8 +266,9 @@ class HarmonizedWeighter(NamedWeights):
         self.clip_grad_norm: ClipGradNorm | None = clip_grad_norm
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
-        self._buffers = BufferSnapshot(module)  # what a refused step puts back, kept between steps
-        self._fresh_buffers = Scratch()  # fast mode's forwards at theta start from copies of the saved buffers
+        self._transaction = StepTransaction(module, self._reducer)  # step()'s snapshot, decision and rollback
+        self._exact = ExactMode(chosen, lookahead_names)  # what meta_step and step do with mode="exact"
+        self._fast = FastMode(_Piece)  # ... with mode="fast"
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         for callback in callbacks:
             self.register_meta_step_hook(callback)
@@ -304,7 +306,7 @@ class HarmonizedWeighter(NamedWeights):
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn:
-            self._step_hook = inner.register_step_pre_hook(StepCapture(self, _before_step))
+            self._step_hook = inner.register_step_pre_hook(StepCapture(self, before_step))
             # the training forward's random numbers and modes, for the two-call form's difference
             self._watch = ForwardWatch(self, device, model_generators(module))
             self._forward_hooks = (model.register_forward_pre_hook(self._watch.before),
@@ -349,7 +351,6 @@ class HarmonizedWeighter(NamedWeights):
             )
         return gamma
 
-    # ------------------------------------------------------------------ logging: from NamedWeights
     # ----------------------------------------------------------------------------- the two calls
     def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
         r"""The weighted training loss :math:`\sum_k \gamma_k L_k` for the user's own backward.
@@ -434,48 +435,16 @@ class HarmonizedWeighter(NamedWeights):
         """
         if self.mode == "fast" and self.learn:
             return self._fast_meta_step(train_batch, val_batch)
-        calls = self.num_calls
-        try:
-            pending, _ = self._meta(train_batch, val_batch, keep_graph=False)
-        except Exception:
-            self.num_calls = calls  # a call that raised counts for nothing
-            raise
-        if isinstance(pending, MetaStepRecord):
-            return pending
-        return self._meta_outcome(pending, host_read(pending.values))
+        return self._exact.meta_step(self, train_batch, val_batch)
 
-    def _meta(self, train_batch: Batch, val_batch: Batch, keep_graph: bool, read_gamma: bool = True,
-              ) -> tuple[MetaStepRecord | _PendingMeta, Tensor | None]:
-        """The meta step up to its decision, on the device: a :class:`_PendingMeta` for
-        :meth:`_meta_outcome` (or, on a call without a look-ahead, its record); with ``keep_graph`` also
-        the training terms with their graph (jvp/fd backends). A call without a look-ahead reads gamma
-        for its record only with ``read_gamma`` (``step`` reads it with its own decision instead)."""
-        self.num_calls += 1
-        if not self.learn or (self.num_calls - 1) % self.meta_every:
-            gamma = self.gamma_dict() if read_gamma else {}
-            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=gamma), None
-        train = _unpack(train_batch, "train_batch")
-        val = _unpack(val_batch, "val_batch")
-        assert self._backend is not None
-        try:
-            result = self._backend.meta_gradient(
-                self.module, self._inner_optimizer, self._terms, self._objective, self.gamma.detach(), train, val,
-                lookahead_names=self._lookahead_names, keep_graph=keep_graph, reducer=self._reducer,
-            )
-        except Exception:
-            self.num_calls -= 1  # a meta step that raised did not happen
-            raise
-        gamma_grad = result.gamma_grad * self._active
-        pending = self._step_gamma(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
-        return pending, (result.terms if keep_graph else None)
-
+    # ------------------------------------------------------------- gamma's step, for both modes
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> MetaStepRecord:
         """A whole meta step from its meta-gradient: :meth:`_step_gamma`, one read, :meth:`_meta_outcome`."""
         pending = self._step_gamma(gamma_grad, objective, exit_losses, terms)
         return self._meta_outcome(pending, host_read(pending.values))
 
     def _step_gamma(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor,
-                    ) -> _PendingMeta:
+                    ) -> PendingMeta:
         """Step gamma and project it, all on the device: gamma keeps its old value where the meta-gradient
         or the new gamma is not finite (the decision is read later, with whatever else the step reads)."""
         saved = StateSnapshot(self.gamma, self.gamma_optimizer, None)
@@ -490,9 +459,9 @@ class HarmonizedWeighter(NamedWeights):
         with torch.no_grad():
             self.gamma.copy_(torch.where(finite & stepped, self.gamma, saved.gamma))
         values = [finite, stepped, objective, exit_losses, gamma_grad, proposed, terms]
-        return _PendingMeta(saved, values, gamma_grad.detach(), exit_losses.detach())
+        return PendingMeta(saved, values, gamma_grad.detach(), exit_losses.detach())
 
-    def _meta_outcome(self, pending: _PendingMeta, values: list[float], call_hooks: bool = True) -> MetaStepRecord:
+    def _meta_outcome(self, pending: PendingMeta, values: list[float], call_hooks: bool = True) -> MetaStepRecord:
         """The host side of a meta step, from the values of ``pending`` read back: refuse it (gamma's optimizer
         put back, then raise or skip) or update the validation average, count it and call the hooks."""
         n_e, n_g = pending.exit_losses.numel(), self.gamma.numel()
@@ -544,7 +513,6 @@ class HarmonizedWeighter(NamedWeights):
                               gamma=self.gamma_dict(), terms=dict(zip(self.term_names, terms)),
                               message=message)
 
-
     @torch.no_grad()
     def _project(self) -> Tensor:
         """Keep gamma >= 0 on the active terms (and its sum, with ``constraint="normalize"``), on the
@@ -579,170 +547,13 @@ class HarmonizedWeighter(NamedWeights):
         loss, ``terms`` and ``model_step_skipped`` filled in.
         """
         try:
-            return self._step_once(train_batch, val_batch)
+            if self.mode == "fast" and self.learn:
+                return self._fast.step(self, train_batch, val_batch)
+            return self._exact.step(self, train_batch, val_batch)
         finally:
             forget_labels()  # labels are remembered for one step only
 
-    def _step_once(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
-        """:meth:`step`, its labels summarised at the start."""
-        if self.mode == "fast" and self.learn:
-            return self._fast_step(train_batch, val_batch)
-        x, y = _unpack(train_batch, "train_batch")
-        keep = self.reuse_forward and self._backend is not None and self._backend.reuses_forward
-        sparse = self._sparse_modules
-        if sparse:
-            raise ValueError(f"step() takes the model's step itself, checking every gradient for finiteness, which the "
-                             f"sparse gradients of {sparse} (sparse=True) do not allow. Build them with sparse=False, "
-                             f"or call meta_step (backend='higher' or 'finite_difference') in your own loop. Nothing "
-                             f"was changed.")
-        saved = self._snapshot()
-        self._check_labels(train_batch, val_batch)
-        try:
-            pending, terms = self._meta(train_batch, val_batch, keep_graph=keep, read_gamma=False)
-            if terms is None:
-                terms = self._terms(call_model(self.model, x), y)
-            loss = self._weighted(terms)  # with the new gamma, or the old one where the meta step is refused
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
-            # one read for both decisions: the meta step's and the model step's
-            meta_values = pending.values if isinstance(pending, _PendingMeta) else []
-            step = self._model_step_values(loss, terms, meta_values)
-            if isinstance(pending, _PendingMeta):
-                metrics = self._meta_outcome(pending, step.meta, call_hooks=False)  # raises if refused, "raise"
-            else:
-                metrics = pending
-            if step.finite:  # (an optimizer that raises part-way may have written to its own state)
-                if self.clip_grad_norm is not None:
-                    self.clip_grad_norm(p for _, p in self._trainable())
-                self.optimizer.step()
-        except Exception as exc:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._restore(saved)
-            explained = _explained(exc, self._trainable(), "step() checks every gradient for finiteness")
-            if explained is exc:
-                raise
-            raise explained from exc
-        if not step.finite:
-            message = self._refuse_model_step(step, saved)
-            return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=True, terms=step.terms,
-                                       gamma=metrics.gamma or step.gamma, message=message)
-        record = dataclasses.replace(metrics, loss=step.loss, model_step_skipped=False, terms=step.terms,
-                                     gamma=metrics.gamma or step.gamma)
-        if record.ran and not record.skipped:
-            self.last_meta = record
-            self._call_hooks(record)  # once the step it reports stands
-        return record
-
-    def _check_labels(self, train_batch: Batch, val_batch: Batch) -> None:
-        """Check the training and validation labels (range, padding) in one read back to the host; the
-        losses then find them checked."""
-        labels = []
-        for batch, part in ((train_batch, self.criterion), (val_batch, self.validation)):
-            target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
-            if isinstance(target, Tensor) and not target.is_floating_point():
-                labels.append((target, getattr(part, "ignore_index", IGNORE_INDEX)))
-        summarize_labels(labels)
-
-    def _model_step_values(self, loss: Tensor, terms: Tensor, meta: Sequence[Tensor] = ()) -> _ModelStep:
-        """The step's one decision and the numbers of its record, in one read back to the host: whether the
-        loss, every gradient and every floating-point buffer are finite on every rank (one all-reduce
-        under DDP), the loss, the terms and gamma; and ``meta``, a pending meta step's values."""
-        grads = [p.grad for p in self.module.parameters()]
-        flag = nonfinite_flag(loss, grads + [b for b in self.module.buffers()])
-        flag = self._reducer.mean([flag])[0]
-        values = host_read([flag, loss, terms, self.gamma, *meta])
-        n = self.gamma.numel()
-        return _ModelStep(finite=values[0] == 0.0, loss=values[1],
-                          terms=dict(zip(self.term_names, values[2:2 + n])),
-                          gamma=dict(zip(self.term_names, values[2 + n:2 + 2 * n])), meta=values[2 + 2 * n:])
-
-    def _refuse_model_step(self, step: _ModelStep, saved: _Saved) -> str:
-        """A non-finite model step: put everything back as ``saved``, then raise or warn and count it.
-        Returns the message (``nonfinite="skip"``)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self._restore(saved)
-        message = (f"The weighted training loss ({step.loss}), its gradient or a buffer the forward "
-                   f"updated (e.g. BatchNorm statistics) is not finite "
-                   f"(non-finite terms: {[n for n, t in step.terms.items() if not math.isfinite(t)] or 'none'}"
-                   f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
-                   f"average are as before this call. Check the batch and the learning rate.")
-        if self.nonfinite == "raise":
-            raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
-        self.num_skipped += 1
-        warn_user(f"Skipped a model step ({self.num_skipped} skipped so far): {message}")
-        return message
-
-    def _fast_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
-        r"""``mode="fast"``: the model steps with the gamma it has (one meta step stale); that step is the
-        look-ahead, :math:`\theta' = \theta - U(g)`. Then :math:`v = \nabla L_{val}(\theta')` at the
-        parameters the model moved to, and the directional derivative of the terms at :math:`\theta`
-        along :math:`w = D \odot v` by one forward difference (teachers and dropout masks held fixed)
-        gives :math:`\nabla_\gamma = -\partial_w L(\theta)`, which updates gamma for the next step."""
-        x, y = _unpack(train_batch, "train_batch")
-        xv, yv = _unpack(val_batch, "val_batch")
-        saved = self._snapshot()  # before the count: anything raised or refused below leaves it as it was
-        self.num_calls += 1
-        run_meta = (self.num_calls - 1) % self.meta_every == 0
-        self._check_labels(train_batch, val_batch)
-        self._pending = None
-        named = self._trainable()
-        device = next(p.device for _, p in named)
-        low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
-        generators = model_generators(self.module)
-        transform = None
-        if self._watch is not None:
-            self._watch.paused = True  # this forward's random numbers are replayed below
-        try:
-            with replay_randomness(device, generators) as replay:
-                start = rng_state(device, generators) if self._compiled and run_meta else None
-                outputs = call_model(self.model, x)
-                if start is not None and not same_rng_state(start, rng_state(device, generators)):
-                    raise ValueError(_COMPILED_RANDOM)
-                terms = self._terms(outputs, y)
-                loss = self._weighted(terms)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                step = self._model_step_values(loss, terms)
-                if step.finite and self.clip_grad_norm is not None:
-                    transform = self._clip_in_step(named) if run_meta else None
-                    if not run_meta:
-                        self.clip_grad_norm(p for _, p in named)
-                if step.finite and run_meta:
-                    theta, jac = _before_step(self._inner_optimizer, named, [p.grad for _, p in named])
-                if step.finite:
-                    self.optimizer.step()
-        except Exception as exc:
-            self._restore(saved)
-            explained = _explained(exc, named, "mode='fast' replays the optimizer's step on dense gradients only")
-            if explained is exc:
-                raise
-            raise explained from exc
-        finally:
-            if self._watch is not None:
-                self._watch.paused = False
-        if not step.finite:
-            message = self._refuse_model_step(step, saved)
-            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=step.gamma,
-                                  terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
-        if not run_meta:
-            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=step.gamma,
-                                  terms=step.terms, loss=step.loss, model_step_skipped=False)
-        piece = _Piece(x, y, terms.detach(), outputs, replay, low)
-        try:
-            record = self._fast_meta(named, theta, jac, [piece], xv, yv, self._buffers.as_dict(), transform)
-        except Exception:
-            # the model's step is taken (a plain step with the gamma it had); the weighter's own state is kept
-            self._restore_own(saved)
-            raise
-        return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
-
-    def _restore_own(self, saved: _Saved) -> None:
-        """Put back the weighter's own state from ``saved`` (:meth:`_snapshot`), not the model's buffers."""
-        if saved.state is not None:
-            saved.state.restore(self.gamma)
-        self.num_calls, self.num_meta_steps, self.num_skipped = saved.num_calls, saved.num_meta_steps, \
-            saved.num_skipped
-
+    # ------------------------------------------------------------ mode="fast", the two-call form
     def _fast_meta_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
         """``mode="fast"``, two-call form: the meta step after the user's own step (see :meth:`meta_step`).
         Everything it can refuse is checked before anything changes."""
@@ -903,69 +714,8 @@ class HarmonizedWeighter(NamedWeights):
     def _fast_meta(self, named: list[tuple[str, Tensor]], theta: dict[str, Tensor], jac: list[Tensor | float],
                    pieces: list[_Piece], xv: Any, yv: Any, buffers: dict[str, Tensor],
                    transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> MetaStepRecord:
-        r"""Fast mode's meta-gradient, the model having stepped from ``theta`` to where it is now:
-        :math:`v = \nabla L_{val}` here, :math:`w = J_T^\top (D \odot v)` (``jac`` is D, ``transform``
-        :math:`J_T^\top`), and the sum over the step's losses (``pieces``, each with the factor its
-        backward used) of the one-sided difference of the terms at ``theta`` along :math:`w`, from each
-        loss's own terms (or, with ``recompute``, from the terms recomputed in float32 under its
-        ``replay``, for half-precision or random forwards)."""
-        # the terms of the training forwards, whatever the difference recomputes
-        reported = pieces[0].terms
-        if len(pieces) > 1:  # gradient accumulation: the average over the whole batch
-            sizes = [float(_batch_size(p.y)) for p in pieces]
-            reported = sum(p.terms.double() * (n / sum(sizes)) for p, n in zip(pieces, sizes)).to(reported.dtype)
-        # the model stepped in place: half-precision copies autocast cached of the old weights are stale
-        torch.clear_autocast_cache()
-        # validation at the parameters the model has now moved to (on copies of its buffers)
-        params = {n: p for n, p in self.module.named_parameters()}
-        objective, exit_losses, direction = validation_direction(self.module, self._objective, params, xv, yv,
-                                                                 named, jac, self._reducer)
-        if transform is not None:
-            direction = transform(direction)
-        h = step_length(theta, direction, self.fd_epsilon, order=1)  # one-sided: sqrt(machine eps) x RMS
-        with torch.no_grad():
-            device = next(iter(theta.values())).device
-            here = dict(self.module.named_parameters())  # (no_grad)
-            names = list(theta)
-            moved = dict(zip(names, along([theta[n] for n in names], [direction[n] for n in names], h)))
-            differences = []
-            for piece in pieces:
-
-                def outputs_at(at: dict[str, Tensor], piece: _Piece = piece) -> Any:
-                    # differences of half-precision forwards drown in rounding: these run in full precision
-                    with piece.replay(), torch.autocast(device.type, enabled=False):
-                        return call_with(self.module, {**here, **at}, self._fresh_buffers.copy_of(buffers), piece.x)
-
-                outputs = outputs_at(theta) if piece.recompute else piece.outputs
-                teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
-                base = self._terms(outputs, piece.y, teacher_outputs=teachers) if piece.recompute else piece.terms
-                plus = self._terms(outputs_at(moved), piece.y, teacher_outputs=teachers)
-                change = difference(plus, base, h, 1.0)
-                if isinstance(piece.factor, Tensor):  # the factor the loop's backward used
-                    change = change * piece.factor.double()
-                differences.append(change)
-            derivative = differences[0] if len(differences) == 1 else torch.stack(differences).sum(0)
-            derivative = self._reducer.mean([derivative])[0]
-        gamma_grad = (-derivative).to(self.gamma) * self._active
-        return self._apply(gamma_grad, objective, exit_losses, reported.detach())
-
-    def _snapshot(self) -> _Saved:
-        """What one call of :meth:`step` may change besides the parameters and the optimizer (which change
-        only once the step is decided): the buffers, and with ``learn`` gamma, its optimizer's state and the
-        validation average, all kept on the device; and the counters."""
-        self._buffers.save()
-        state = None
-        if self.learn:
-            state = StateSnapshot(self.gamma, self.gamma_optimizer,
-                                  self.validation if isinstance(self.validation, nn.Module) else None)
-        return _Saved(state, self.num_calls, self.num_meta_steps, self.num_skipped)
-
-    def _restore(self, saved: _Saved) -> None:
-        self._buffers.restore()
-        if saved.state is not None:
-            saved.state.restore(self.gamma)
-        self.num_calls, self.num_meta_steps, self.num_skipped = saved.num_calls, saved.num_meta_steps, \
-            saved.num_skipped
+        """The two-call form's way into the fast mode's meta-gradient, :meth:`FastMode.meta`."""
+        return self._fast.meta(self, named, theta, jac, pieces, xv, yv, buffers, transform)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -1130,56 +880,12 @@ def _check_hooks(module: nn.Module, mode: str, backend: str) -> None:
                 f"'finite_difference', which run the model as it is.")
 
 
-def _unpack(batch: Batch, name: str) -> tuple[Any, Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError(f"`{name}` should be a pair (inputs, labels). Found `{type(batch).__name__}`"
-                         f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}.")
-    return batch[0], batch[1]
-
-
 def _count_exits(names: Iterable[str] | None) -> int:
     return sum(1 for n in names or [] if n.startswith("ce["))
 
 
 _OTHER_BATCH = ("meta_step got another training batch than the weighter.loss call before it: pass the batch (x, y) "
                 "whose loss the optimizer just stepped on.")
-_COMPILED_RANDOM = ("The torch.compile'd model drew random numbers (dropout or the like) in its training forward: "
-                    "mode='fast' replays that forward eagerly, whose random numbers differ from the compiled ones. "
-                    "Use mode='exact', or compile a model without random layers (or call the weighter with the "
-                    "uncompiled model).")
-
-
-@dataclasses.dataclass
-class _Saved:
-    """What :meth:`HarmonizedWeighter._restore` puts back besides the buffers (see ``_snapshot``)."""
-
-    state: StateSnapshot | None
-    num_calls: int
-    num_meta_steps: int
-    num_skipped: int
-
-
-@dataclasses.dataclass
-class _PendingMeta:
-    """A meta step stepped on the device, awaiting its decision (see ``_step_gamma``): the state to put
-    back, the tensors to read (decision flags, objective, exit losses, meta-gradient, proposed gamma,
-    terms) and what the record keeps as tensors."""
-
-    saved: StateSnapshot
-    values: list[Tensor]
-    gamma_grad: Tensor
-    exit_losses: Tensor
-
-
-@dataclasses.dataclass
-class _ModelStep:
-    """The model step's decision and record numbers, read back to the host together."""
-
-    finite: bool
-    loss: float
-    terms: dict[str, float]
-    gamma: dict[str, float]
-    meta: list[float]
 
 
 @dataclasses.dataclass
@@ -1195,11 +901,6 @@ class _Piece:
     replay: Callable[[], Any]
     recompute: bool
     factor: Tensor | None = None  # None: 1
-
-
-def _batch_size(y: Any) -> int:
-    leaves = [t for t in tree_leaves(y) if isinstance(t, Tensor) and t.dim() > 0]
-    return int(leaves[0].shape[0]) if leaves else 1
 
 
 def _micro_inputs(stepped: list[Micro], x: Any, y: Any) -> list[tuple[Any, Any]]:
@@ -1232,22 +933,6 @@ def _narrow(t: Any, *, start: int, length: int, total: int) -> Any:
     if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == total:
         return t.narrow(0, start, length)
     return t
-
-
-def _explained(exc: Exception, named: list[tuple[str, Tensor]], why: str) -> Exception:
-    """``exc``, or a ValueError saying what to do where sparse gradients caused it."""
-    if any(p.grad is not None and p.grad.layout != torch.strided for _, p in named):
-        return ValueError(sparse_message(named, why) + " gamma, the parameters, buffers and optimizer state are "
-                                                       "unchanged.")
-    return exc
-
-
-@torch.no_grad()
-def _before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]],
-                 grads: list[Tensor | None]) -> tuple[dict[str, Tensor], list[Tensor | float]]:
-    """Fast mode, just before the optimizer's step: the parameters and the step's diagonal Jacobian D."""
-    _, jac = lookahead_update(optimizer, [p for _, p in named], grads, jacobian_only=True)
-    return {n: p.detach().clone() for n, p in named}, jac
 
 
 def _same_target(a: Any, b: Any) -> bool:

@@ -138,9 +138,9 @@ def test_hooks_hear_only_of_steps_that_stand(monkeypatch):
     record = w.step(batch(), batch())
     assert seen == [record] and record.loss is not None  # the record step() returns, complete
     gamma, params = w.gamma.detach().clone(), copy.deepcopy(model.state_dict())
-    decide = w._model_step_values
+    decide = w._transaction.decide
     # a model step found non-finite after a meta step that was fine: both are undone
-    monkeypatch.setattr(w, "_model_step_values", lambda *a: dataclasses.replace(decide(*a), finite=False))
+    monkeypatch.setattr(w._transaction, "decide", lambda *a: dataclasses.replace(decide(*a), finite=False))
     with quiet():
         refused = w.step(batch(), batch())
     assert refused.model_step_skipped and refused.ran and len(seen) == 1  # the undone meta step: not reported

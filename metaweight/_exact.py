@@ -1,0 +1,126 @@
+"""``mode="exact"``: the paper's order (HDKD Alg. 1), gamma's meta step first, then the model's step.
+
+The meta step asks the backend (:mod:`metaweight._backends`) for :math:`\\nabla_\\gamma
+L_{val}(\\theta')` on the parameters as they are, without changing the model or its optimizer, and
+steps gamma on the device; :meth:`ExactMode.step` then takes the model's step on the loss weighted
+by the new gamma, inside the step transaction (:mod:`metaweight._transaction`), with one read for
+both decisions. This module owns that order and its rules: ``meta_every``'s calls without a
+look-ahead, ``step()``'s refusal of sparse gradients, and ``reuse_forward`` (the model's step
+backpropagates through the meta step's training forward, where the backend keeps its graph).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from metaweight._backends import Backend
+from metaweight._checks import summarize_step_labels, unpack_batch
+from metaweight._protocols import call_model
+from metaweight._record import MetaStepRecord
+from metaweight._transaction import PendingMeta, explained, host_read
+
+if TYPE_CHECKING:  # (the weighter imports this module)
+    from metaweight._weighter import HarmonizedWeighter
+
+
+class ExactMode:
+    """The meta step by a backend on the parameters as they are, then the model's step with its gamma.
+
+    Args:
+        backend: how the meta-gradient is computed (``None`` with ``learn=False``).
+        lookahead_names: the parameters the look-ahead moves (``None``: all; ``lookahead_params``).
+    """
+
+    def __init__(self, backend: Backend | None, lookahead_names: set[str] | None) -> None:
+        self.backend = backend
+        self.lookahead_names = lookahead_names
+
+    def meta_step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> MetaStepRecord:
+        """:meth:`HarmonizedWeighter.meta_step`: the look-ahead and its decision, the model untouched."""
+        calls = w.num_calls
+        try:
+            pending, _ = self.lookahead(w, train_batch, val_batch, keep_graph=False)
+        except Exception:
+            w.num_calls = calls  # a call that raised counts for nothing
+            raise
+        if isinstance(pending, MetaStepRecord):
+            return pending
+        return w._meta_outcome(pending, host_read(pending.values))
+
+    def lookahead(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any, keep_graph: bool,
+                  read_gamma: bool = True) -> tuple[MetaStepRecord | PendingMeta, Tensor | None]:
+        """The meta step up to its decision, on the device: a :class:`PendingMeta` for
+        ``_meta_outcome`` (or, on a call without a look-ahead, its record); with ``keep_graph`` also
+        the training terms with their graph (jvp/fd backends). A call without a look-ahead reads gamma
+        for its record only with ``read_gamma`` (``step`` reads it with its own decision instead)."""
+        w.num_calls += 1
+        if not w.learn or (w.num_calls - 1) % w.meta_every:
+            gamma = w.gamma_dict() if read_gamma else {}
+            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=gamma), None
+        train = unpack_batch(train_batch, "train_batch")
+        val = unpack_batch(val_batch, "val_batch")
+        assert self.backend is not None
+        try:
+            result = self.backend.meta_gradient(
+                w.module, w._inner_optimizer, w._terms, w._objective, w.gamma.detach(), train, val,
+                lookahead_names=self.lookahead_names, keep_graph=keep_graph, reducer=w._reducer,
+            )
+        except Exception:
+            w.num_calls -= 1  # a meta step that raised did not happen
+            raise
+        gamma_grad = result.gamma_grad * w._active
+        pending = w._step_gamma(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
+        return pending, (result.terms if keep_graph else None)
+
+    def step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> MetaStepRecord:
+        """:meth:`HarmonizedWeighter.step`: the meta step, then the model's step on the loss weighted by
+        the new gamma (by the old one where the meta step is refused); one read decides both."""
+        x, y = unpack_batch(train_batch, "train_batch")
+        keep = w.reuse_forward and self.backend is not None and self.backend.reuses_forward
+        sparse = w._sparse_modules
+        if sparse:
+            raise ValueError(f"step() takes the model's step itself, checking every gradient for finiteness, which the "
+                             f"sparse gradients of {sparse} (sparse=True) do not allow. Build them with sparse=False, "
+                             f"or call meta_step (backend='higher' or 'finite_difference') in your own loop. Nothing "
+                             f"was changed.")
+        transaction = w._transaction
+        saved = transaction.begin(w)
+        summarize_step_labels(train_batch, val_batch, w.criterion, w.validation)
+        try:
+            pending, terms = self.lookahead(w, train_batch, val_batch, keep_graph=keep, read_gamma=False)
+            if terms is None:
+                terms = w._terms(call_model(w.model, x), y)
+            loss = w._weighted(terms)  # with the new gamma, or the old one where the meta step is refused
+            w.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
+            # one read for both decisions: the meta step's and the model step's
+            meta_values = pending.values if isinstance(pending, PendingMeta) else []
+            step = transaction.decide(w, loss, terms, meta_values)
+            if isinstance(pending, PendingMeta):
+                metrics = w._meta_outcome(pending, step.meta, call_hooks=False)  # raises if refused, "raise"
+            else:
+                metrics = pending
+            if step.finite:  # (an optimizer that raises part-way may have written to its own state)
+                if w.clip_grad_norm is not None:  # (learn=False: exact mode with learning refuses clipping)
+                    w.clip_grad_norm(p for _, p in w._trainable())
+                w.optimizer.step()
+        except Exception as exc:
+            w.optimizer.zero_grad(set_to_none=True)
+            transaction.rollback(w, saved)
+            why = explained(exc, w._trainable(), "step() checks every gradient for finiteness")
+            if why is exc:
+                raise
+            raise why from exc
+        if not step.finite:
+            message = transaction.refuse(w, step, saved)
+            return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=True, terms=step.terms,
+                                       gamma=metrics.gamma or step.gamma, message=message)
+        record = dataclasses.replace(metrics, loss=step.loss, model_step_skipped=False, terms=step.terms,
+                                     gamma=metrics.gamma or step.gamma)
+        if record.ran and not record.skipped:
+            w.last_meta = record
+            w._call_hooks(record)  # once the step it reports stands
+        return record

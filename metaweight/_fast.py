@@ -1,0 +1,187 @@
+r"""``mode="fast"``: the model's real step is the look-ahead, and gamma learns from it for the next one.
+
+The model steps with the gamma it has (one meta step stale), :math:`\theta' = \theta - U(g)`; then
+:math:`v = \nabla L_{val}(\theta')` at the parameters it moved to, and the directional derivative of
+the terms at :math:`\theta` along :math:`w = D \odot v` (:math:`D` the step's diagonal Jacobian) by
+one forward difference gives :math:`\nabla_\gamma = -\partial_w L(\theta)`. This module owns the
+mode's rules: what it refuses at construction, the one-call :meth:`FastMode.step` (the model's step
+inside the step transaction, :mod:`metaweight._transaction`), and :meth:`FastMode.meta`, the
+meta-gradient of a step taken, which the two-call form (``loss``, the user's own step,
+``meta_step``; its capture is :mod:`metaweight._capture`) uses too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_leaves, tree_map
+
+from metaweight._checks import summarize_step_labels, unpack_batch
+from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
+from metaweight._optimizers import lookahead_update, supports_exact_update
+from metaweight._protocols import call_model
+from metaweight._randomness import model_generators, replay_randomness, rng_state, same_rng_state
+from metaweight._record import MetaStepRecord
+from metaweight._transaction import Scratch, explained
+
+if TYPE_CHECKING:  # (the weighter imports this module)
+    from metaweight._weighter import HarmonizedWeighter
+
+COMPILED_RANDOM = ("The torch.compile'd model drew random numbers (dropout or the like) in its training forward: "
+                   "mode='fast' replays that forward eagerly, whose random numbers differ from the compiled ones. "
+                   "Use mode='exact', or compile a model without random layers (or call the weighter with the "
+                   "uncompiled model).")
+
+
+class FastMode:
+    """The model's step as the look-ahead: the one-call step and the meta-gradient of a step taken.
+
+    Args:
+        piece: the record of one loss of the step (``x``, ``y``, ``terms``, ``outputs``, ``replay``,
+            ``recompute``, ``factor``) that :meth:`meta` reads; the two-call form's capture, in
+            :mod:`metaweight._weighter`, defines it.
+    """
+
+    def __init__(self, piece: Callable[..., Any]) -> None:
+        self._piece = piece
+        self._fresh_buffers = Scratch()  # forwards at theta start from copies of the saved buffers
+
+    @staticmethod
+    def check(optimizer: torch.optim.Optimizer, lookahead_params: Any) -> None:
+        """Refuse, at construction, what the mode cannot look ahead with: an optimizer whose step it
+        cannot replay in closed form, and a look-ahead restricted to some parameters."""
+        if not supports_exact_update(optimizer):
+            raise ValueError(f"mode='fast' replays the step of SGD, Adam or AdamW in closed form; "
+                             f"`{type(optimizer).__name__}` is none of them. Use mode='exact'.")
+        if lookahead_params is not None:
+            raise ValueError("mode='fast' looks ahead with the model's real step, over every parameter; "
+                             "`lookahead_params` applies to mode='exact' only.")
+
+    def step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> MetaStepRecord:
+        r""":meth:`HarmonizedWeighter.step`: the model steps with the gamma it has; that step is the
+        look-ahead, :math:`\theta' = \theta - U(g)`, scored by :meth:`meta`, which updates gamma for the
+        next step."""
+        x, y = unpack_batch(train_batch, "train_batch")
+        xv, yv = unpack_batch(val_batch, "val_batch")
+        transaction = w._transaction
+        saved = transaction.begin(w)  # before the count: anything raised or refused below leaves it as it was
+        w.num_calls += 1
+        run_meta = (w.num_calls - 1) % w.meta_every == 0
+        summarize_step_labels(train_batch, val_batch, w.criterion, w.validation)
+        w._pending = None
+        named = w._trainable()
+        device = next(p.device for _, p in named)
+        low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
+        generators = model_generators(w.module)
+        transform = None
+        if w._watch is not None:
+            w._watch.paused = True  # this forward's random numbers are replayed below
+        try:
+            with replay_randomness(device, generators) as replay:
+                start = rng_state(device, generators) if w._compiled and run_meta else None
+                outputs = call_model(w.model, x)
+                if start is not None and not same_rng_state(start, rng_state(device, generators)):
+                    raise ValueError(COMPILED_RANDOM)
+                terms = w._terms(outputs, y)
+                loss = w._weighted(terms)
+                w.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                step = transaction.decide(w, loss, terms)
+                if step.finite and w.clip_grad_norm is not None:
+                    transform = w._clip_in_step(named) if run_meta else None
+                    if not run_meta:
+                        w.clip_grad_norm(p for _, p in named)
+                if step.finite and run_meta:
+                    theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named])
+                if step.finite:
+                    w.optimizer.step()
+        except Exception as exc:
+            transaction.rollback(w, saved)
+            why = explained(exc, named, "mode='fast' replays the optimizer's step on dense gradients only")
+            if why is exc:
+                raise
+            raise why from exc
+        finally:
+            if w._watch is not None:
+                w._watch.paused = False
+        if not step.finite:
+            message = transaction.refuse(w, step, saved)
+            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
+                                  terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
+        if not run_meta:
+            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
+                                  terms=step.terms, loss=step.loss, model_step_skipped=False)
+        piece = self._piece(x, y, terms.detach(), outputs, replay, low)
+        try:
+            record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform)
+        except Exception:
+            # the model's step is taken (a plain step with the gamma it had); the weighter's own state is kept
+            transaction.rollback(w, saved, buffers=False)
+            raise
+        return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
+
+    def meta(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
+             jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],
+             transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> MetaStepRecord:
+        r"""The meta-gradient, the model having stepped from ``theta`` to where it is now:
+        :math:`v = \nabla L_{val}` here, :math:`w = J_T^\top (D \odot v)` (``jac`` is D, ``transform``
+        :math:`J_T^\top`), and the sum over the step's losses (``pieces``, each with the factor its
+        backward used) of the one-sided difference of the terms at ``theta`` along :math:`w`, from each
+        loss's own terms (or, with ``recompute``, from the terms recomputed in float32 under its
+        ``replay``, for half-precision or random forwards); then gamma's step from it."""
+        # the terms of the training forwards, whatever the difference recomputes
+        reported = pieces[0].terms
+        if len(pieces) > 1:  # gradient accumulation: the average over the whole batch
+            sizes = [float(_batch_size(p.y)) for p in pieces]
+            reported = sum(p.terms.double() * (n / sum(sizes)) for p, n in zip(pieces, sizes)).to(reported.dtype)
+        # the model stepped in place: half-precision copies autocast cached of the old weights are stale
+        torch.clear_autocast_cache()
+        # validation at the parameters the model has now moved to (on copies of its buffers)
+        params = {n: p for n, p in w.module.named_parameters()}
+        objective, exit_losses, direction = validation_direction(w.module, w._objective, params, xv, yv,
+                                                                 named, jac, w._reducer)
+        if transform is not None:
+            direction = transform(direction)
+        h = step_length(theta, direction, w.fd_epsilon, order=1)  # one-sided: sqrt(machine eps) x RMS
+        with torch.no_grad():
+            device = next(iter(theta.values())).device
+            here = dict(w.module.named_parameters())  # (no_grad)
+            names = list(theta)
+            moved = dict(zip(names, along([theta[n] for n in names], [direction[n] for n in names], h)))
+            differences = []
+            for piece in pieces:
+
+                def outputs_at(at: dict[str, Tensor], piece: Any = piece) -> Any:
+                    # differences of half-precision forwards drown in rounding: these run in full precision
+                    with piece.replay(), torch.autocast(device.type, enabled=False):
+                        return call_with(w.module, {**here, **at}, self._fresh_buffers.copy_of(buffers), piece.x)
+
+                outputs = outputs_at(theta) if piece.recompute else piece.outputs
+                teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
+                base = w._terms(outputs, piece.y, teacher_outputs=teachers) if piece.recompute else piece.terms
+                plus = w._terms(outputs_at(moved), piece.y, teacher_outputs=teachers)
+                change = difference(plus, base, h, 1.0)
+                if isinstance(piece.factor, Tensor):  # the factor the loop's backward used
+                    change = change * piece.factor.double()
+                differences.append(change)
+            derivative = differences[0] if len(differences) == 1 else torch.stack(differences).sum(0)
+            derivative = w._reducer.mean([derivative])[0]
+        gamma_grad = (-derivative).to(w.gamma) * w._active
+        return w._apply(gamma_grad, objective, exit_losses, reported.detach())
+
+
+@torch.no_grad()
+def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]],
+                grads: list[Tensor | None]) -> tuple[dict[str, Tensor], list[Tensor | float]]:
+    """Just before the optimizer's step: the parameters and the step's diagonal Jacobian D."""
+    _, jac = lookahead_update(optimizer, [p for _, p in named], grads, jacobian_only=True)
+    return {n: p.detach().clone() for n, p in named}, jac
+
+
+def _batch_size(y: Any) -> int:
+    leaves = [t for t in tree_leaves(y) if isinstance(t, Tensor) and t.dim() > 0]
+    return int(leaves[0].shape[0]) if leaves else 1
