@@ -9,15 +9,17 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._exit_rules import ExitRule, as_rule
-from metaweight._protocols import call_model
+from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
 
 def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Module]]:
     """The model's stages and exit heads, by metaweight's multi-exit protocol.
 
     A model takes part by defining ``exit_stages()`` returning ``(stages, heads)``: stage ``k``
-    maps stage ``k-1``'s output (stage 1 the input) to features, head ``k`` maps them to exit
-    ``k``'s logits. :class:`MultiExit` does, and so can any model: nothing here knows the
+    maps stage ``k-1``'s output to features, head ``k`` maps them to exit ``k``'s logits. Stage 1
+    takes the model's inputs: the one argument of a call that binds to one parameter of the
+    model's ``forward`` (``MultiExit.forward(x)``'s ``x``, given as ``x``, ``x=...`` or
+    ``{"x": ...}``), or else the arguments the model is called with. :class:`MultiExit` does, and so can any model: nothing here knows the
     attribute names of a particular architecture.
     """
     parts = getattr(model, "exit_stages", None)
@@ -121,12 +123,22 @@ class EarlyExit(nn.Module):
             raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
         self.register_buffer("thresholds", thresholds)
 
-    def forward(self, x: Any) -> tuple[Tensor, Tensor]:
+    def _inputs_target(self) -> nn.Module:
+        """The model this wrapper passes its inputs to (how a dict of inputs is passed is decided on it)."""
+        return self.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Predicted classes ``[N]`` and the exit each sample left at ``[N]`` (0-based).
 
-        The model runs in eval mode (BatchNorm's running statistics, no dropout) whatever mode
+        Takes what the model takes: ``predictor(x)``, ``predictor(x=x)``, ``predictor(a, b)``, or
+        one dict of the forward's keyword arguments (passed as keywords, as the weighter and
+        :func:`collect_logits` pass a batch); ``N`` is the first dimension of the first tensor in
+        them. A call the model's ``forward`` cannot take is refused with a ``TypeError`` before it
+        runs. The model runs in eval mode (BatchNorm's running statistics, no dropout) whatever mode
         it was left in, and is put back in its mode afterwards: predicting never changes it.
         """
+        x = wrapper_call(self.model, args, kwargs, "EarlyExit")
+        _first_tensor(x)  # a call without a tensor is refused here, not by a bare StopIteration
         training = [m for m in self._all_modules if m.training]  # a cached list: cheap at batch 1
         for m in training:
             m.training = False
@@ -137,10 +149,10 @@ class EarlyExit(nn.Module):
                 m.training = True
 
     @torch.no_grad()
-    def _run(self, x: Any) -> tuple[Tensor, Tensor]:
+    def _run(self, x: ModelCall) -> tuple[Tensor, Tensor]:
         if self._whole_batch:
             return self._run_attached(x)
-        features = x
+        features: Any = None
         first = _first_tensor(x)
         n = first.shape[0]
         predictions = torch.empty(n, dtype=torch.long, device=first.device)
@@ -149,8 +161,11 @@ class EarlyExit(nn.Module):
         last = len(self.heads) - 1
         history: list[Tensor] = []  # earlier exits' logits of the samples still in (rules such as patience)
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
-            # the first stage takes the batch as the model would (a dict of keyword inputs included)
-            features = call_model(stage, features) if k == 0 else stage(features)
+            if k == 0:  # the first stage takes the model's inputs (see exit_parts)
+                call = first_stage_call(self.model, x)
+                features = stage(*call.args, **call.kwargs)
+            else:
+                features = stage(features)
             logits = _per_sample(head(features)).float()
             if self.rule.uses_history:
                 history.append(logits)
@@ -182,7 +197,7 @@ class EarlyExit(nn.Module):
             history = [h[staying] for h in history]
         return predictions, exits
 
-    def _run_attached(self, x: Any) -> tuple[Tensor, Tensor]:
+    def _run_attached(self, x: ModelCall) -> tuple[Tensor, Tensor]:
         """Exits attached by name: every sample takes its first confident exit; the forward stops
         at the first exit after which no sample is left."""
         state: dict[str, Any] = {}
@@ -208,7 +223,6 @@ class EarlyExit(nn.Module):
             state["done"] = not bool(alive.any())
             return state["done"]
 
-        _first_tensor(x)  # a batch without a tensor is refused here, not by a bare StopIteration
         computed = self.model.run_until(x, leave)
         for k in range(len(history), len(computed)):  # the model's own exits, available at the end
             if k > last or state.get("done", False):

@@ -149,6 +149,85 @@ def test_early_exit_and_executed_costs_take_dict_inputs():
         list(map(predictor, [{"x": "not a tensor"}]))  # not a silent [] from a StopIteration
 
 
+class TwoInputs(nn.Module):
+    """A model called as ``model(x, mask)`` or ``model(x=..., mask=...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 10)
+        self.fc = nn.Linear(10, 5)
+
+    def forward(self, x, mask=None):
+        h = torch.tanh(self.body(x if mask is None else x * mask))
+        return self.fc(h)
+
+
+def _same_call_forms(x, **extra):
+    """Every way a user calls a model with inputs ``x`` (and keyword inputs ``extra``)."""
+    named = {"x": x, **extra}
+    forms = [((named,), {}), ((), named)]  # one dict of the forward's keywords, and keywords
+    if not extra:
+        forms.append(((x,), {}))  # a tensor
+    else:
+        forms.append(((x, *extra.values()), {}))  # positionally
+    return forms
+
+
+def test_every_wrapper_takes_the_input_forms_its_model_takes():
+    """AttachedExits, EarlyExit (on MultiExit and on attached exits) and executed exit_costs are
+    called in every form the model takes (a tensor, x=..., a dict, several arguments) and give
+    what the model's own forward gives."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(9, 6), (torch.rand(9, 6) > 0.3).float()
+    net = mw.MultiExit([nn.Sequential(nn.Linear(6, 10), nn.Tanh()), nn.Sequential(nn.Linear(10, 10), nn.Tanh())],
+                       [nn.Linear(10, 5), nn.Linear(10, 5)]).eval()  # stage 1 a plain Linear: takes no dict
+    thresholds = torch.tensor([0.3, -1.0])
+    expected = mw.exit_assignment(torch.stack(net(x)).detach(), thresholds)
+    predictor = mw.EarlyExit(net, thresholds)
+    for args, kwargs in _same_call_forms(x):
+        exits, classes = expected
+        predictions, got = predictor(*args, **kwargs)
+        assert torch.equal(got, exits) and torch.equal(predictions, classes), (args, kwargs)
+    assert 0 < int((expected[0] == 0).sum()) < 9
+    reference = mw.exit_costs(net, x[:1]).macs
+    assert mw.exit_costs(net, {"x": x[:1]}, executed=True).macs == reference == [6 * 10 + 10 * 5,
+                                                                                  6 * 10 + 10 * 5 + 10 * 10 + 10 * 5]
+
+    base = TwoInputs().eval()
+    head = nn.Linear(10, 5)
+    attached = mw.attach_exits(base, ["body"], [head]).eval()
+    with torch.no_grad():
+        want = [head(base.body(x * mask)), base(x, mask)]  # independent: the head on the module's output
+        for args, kwargs in _same_call_forms(x, mask=mask):
+            got = attached(*args, **kwargs)
+            assert len(got) == 2 and all(torch.allclose(g, w) for g, w in zip(got, want)), (args, kwargs)
+    early = mw.EarlyExit(attached, torch.tensor([0.3, -1.0]))
+    reference = mw.exit_assignment(torch.stack(want), torch.tensor([0.3, -1.0]))
+    for args, kwargs in _same_call_forms(x, mask=mask):
+        predictions, exits = early(*args, **kwargs)
+        assert torch.equal(exits, reference[0]) and torch.equal(predictions, reference[1]), (args, kwargs)
+    twice = mw.attach_exits(attached, ["model.body"], [nn.Linear(10, 5)])
+    assert len(twice(x=x, mask=mask)) == 3  # a wrapper of a wrapper forwards keywords too
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: mw.EarlyExit(mw.MultiExit([nn.Linear(6, 5)], [nn.Linear(5, 5)]), [-1.0])(y=torch.randn(2, 6)),
+     r"MultiExit.forward\(x\)`, which cannot take \(y=\)"),
+    (lambda: mw.attach_exits(TwoInputs(), ["body"], [nn.Linear(10, 5)])(torch.randn(2, 6), nope=1),
+     r"TwoInputs.forward\(x, mask=None\)`.*unexpected keyword argument 'nope'"),
+    (lambda: mw.EarlyExit(tiny_net(2), [0.5, -1.0])(torch.randn(2, 6), torch.randn(2, 6)), "too many positional"),
+])
+def test_a_call_the_model_cannot_take_is_refused_before_it_runs(call, message):
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_attaching_to_a_wrapped_model_suggests_the_prefixed_name():
+    once = mw.attach_exits(TwoInputs(), ["body"], [nn.Linear(10, 5)])
+    with pytest.raises(ValueError, match=r"did you mean \['model.body'\]\?.*prefix: `model.`"):
+        mw.attach_exits(once, ["body"], [nn.Linear(10, 5)])
+
+
 def test_what_the_library_creates_follows_the_device_and_dtype_it_is_given():
     """Under ``torch.device("meta")`` as the default device, any tensor the library made without
     saying where would land on ``meta`` and clash with the CPU inputs; the results must come out on
