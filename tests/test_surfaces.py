@@ -353,6 +353,91 @@ def test_csv_logger_appends_on_resume_and_never_truncates_unasked(tmp_path):
     assert [r[0] for r in rows(path)] == ["iteration", "1"]
 
 
+def _run(weighter, batches, keep_at=None):
+    """Steps over ``batches``; the state after step ``keep_at`` (a checkpoint), if asked."""
+    saved = None
+    for i, (train, val) in enumerate(batches, start=1):
+        weighter.step(train, val)
+        if i == keep_at:
+            saved = copy.deepcopy({"model": weighter.model.state_dict(), "optimizer": weighter.optimizer.state_dict(),
+                                   "weighter": weighter.state_dict()})
+    return saved
+
+
+def _logged(kind, where):
+    """What a logger's file or folder holds: ``[(iteration, val_objective)]`` as a reader sees it."""
+    if kind == "csv":
+        return [(int(r["iteration"]), float(r["val_objective"])) for r in csv.DictReader(open(where, newline=""))]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(where))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("metaweight/val_objective")]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_a_resumed_run_logs_every_iteration_once_with_the_values_that_stand(tmp_path, kind):
+    """Iterations 1-5 logged, the checkpoint at 3, a crash; the resumed run logs 4 and 5 again. Every
+    logger then shows 1-5 once: 1-3 of the first attempt, 4-5 of the resumed run (the values its
+    own records carry)."""
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    where = tmp_path / ("log.csv" if kind == "csv" else "tb")
+    make = (lambda: mw.CSVLogger(where)) if kind == "csv" else (lambda: mw.TensorBoardLogger(where))
+    torch.manual_seed(0)
+    batches = [(batch(8), batch(8)) for _ in range(5)]
+
+    def weighter(heard, logger):
+        torch.manual_seed(1)
+        net = tiny_net(2, batchnorm=False)
+        return mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                     callbacks=[heard.append, logger])
+
+    first_heard, first_logger = [], make()
+    checkpoint = _run(weighter(first_heard, first_logger), batches, keep_at=3)
+    if kind == "tensorboard":
+        first_logger.writer.close()
+        __import__("time").sleep(1.1)  # event files are named by the second they were opened
+    resumed_heard, resumed_logger = [], make()
+    resumed = weighter(resumed_heard, resumed_logger)
+    resumed.model.load_state_dict(checkpoint["model"])
+    resumed.optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed.load_state_dict(checkpoint["weighter"])
+    torch.manual_seed(2)
+    _run(resumed, [(batch(8), batch(8)) for _ in range(2)])  # other batches (another shuffle): other values
+    if kind == "tensorboard":
+        resumed_logger.writer.close()
+    expected = [(r.iteration, r.val_objective) for r in first_heard[:3] + resumed_heard]
+    assert [i for i, _ in expected] == [1, 2, 3, 4, 5]
+    assert all(abs(a.val_objective - b.val_objective) > 1e-4 for a, b in zip(first_heard[3:], resumed_heard))
+    got = _logged(kind, where)
+    assert [i for i, _ in got] == [1, 2, 3, 4, 5]
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+def test_csv_logger_drops_a_torn_last_line_and_refuses_to_drop_a_whole_log(tmp_path):
+    path = tmp_path / "run.csv"
+    logger = mw.CSVLogger(path)
+    for i in (1, 2, 3):
+        logger(record(i))
+    text = path.read_text()
+    path.write_text(text + "4,4,0.2")  # a crash in the middle of writing row 4: no newline
+    mw.CSVLogger(path)(record(4))  # resumed from iteration 3: the partial row is no record
+    table = rows(path)
+    assert [r[0] for r in table] == ["iteration", "1", "2", "3", "4"]
+    assert all(len(r) == len(table[0]) for r in table) and float(table[-1][2]) == 1.0 / 4
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"iterations 1 to 4.*iteration 1.*overwrite=True"):
+        mw.CSVLogger(path)(record(1))  # a new run on an old log: nothing to resume, nothing dropped
+    assert path.read_bytes() == before
+    rolled = mw.CSVLogger(path)
+    rolled(record(5))
+    rolled(record(3))  # the weighter rolled back in this process: rows 3 and later were undone
+    assert [r[0] for r in rows(path)] == ["iteration", "1", "2", "3"]
+    assert float(rows(path)[-1][2]) == 1.0 / 3
+    assert not [p for p in tmp_path.iterdir() if p.name != "run.csv"]  # no temporary file left behind
+
+
 class Flaky(nn.Module):
     """DenseDistillLoss whose ``fail_at``-th call gives non-finite terms."""
 
