@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -104,10 +105,18 @@ class CSVLogger:
         return next(csv.reader([lines[0]])), lines[1:], torn
 
     def _rewrite(self, fields: list[str], kept: list[str], row: dict[str, float]) -> None:
-        """Write the header, the kept rows and ``row`` to a temporary file, then put it in place."""
+        """Write the header, the kept rows and ``row`` to a temporary file, then put it in place of the
+        log (a new log is simply written)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.is_file():  # nothing to keep safe: a new file, with the permissions open() gives
+            with self.path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerow(row)
+            return
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
+            os.chmod(tmp, stat.S_IMODE(self.path.stat().st_mode))  # the log's own (mkstemp's are owner-only)
             with os.fdopen(fd, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
