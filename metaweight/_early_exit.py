@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaweight._checks import UNDEFINED_SOFTMAX_FIX, softmax_undefined
 from metaweight._exit_rules import ExitRule, as_rule
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
@@ -19,8 +20,8 @@ def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Modul
     maps stage ``k-1``'s output to features, head ``k`` maps them to exit ``k``'s logits. Stage 1
     takes the model's inputs: the one argument of a call that binds to one parameter of the
     model's ``forward`` (``MultiExit.forward(x)``'s ``x``, given as ``x``, ``x=...`` or
-    ``{"x": ...}``), or else the arguments the model is called with. :class:`MultiExit` does, and so can any model: nothing here knows the
-    attribute names of a particular architecture.
+    ``{"x": ...}``), or else the arguments the model is called with. :class:`MultiExit` does, and
+    so can any model: nothing here knows the attribute names of a particular architecture.
     """
     parts = getattr(model, "exit_stages", None)
     if not callable(parts):
@@ -43,6 +44,12 @@ def _per_sample(logits: Tensor) -> Tensor:
                          f"{tuple(logits.shape)}. Token-level exits are evaluated per token with collect_logits, "
                          f"anytime_accuracy_from_logits and budgeted_curve.")
     return logits
+
+
+def _refuse_undefined(k: int, count: int) -> None:
+    raise ValueError(f"Exit {k + 1} gave {count} sample(s) logits that are all -inf (every class masked) or hold "
+                     f"+inf: such a row has no softmax, so no confidence and no prediction; EarlyExit refuses "
+                     f"rather than guess. {UNDEFINED_SOFTMAX_FIX}")
 
 
 def _first_tensor(x: Any) -> Tensor:
@@ -134,8 +141,10 @@ class EarlyExit(nn.Module):
         one dict of the forward's keyword arguments (passed as keywords, as the weighter and
         :func:`collect_logits` pass a batch); ``N`` is the first dimension of the first tensor in
         them. A call the model's ``forward`` cannot take is refused with a ``TypeError`` before it
-        runs. The model runs in eval mode (BatchNorm's running statistics, no dropout) whatever mode
-        it was left in, and is put back in its mode afterwards: predicting never changes it.
+        runs. A sample whose logits at an exit it reaches are all ``-inf`` (every class masked) or
+        hold ``+inf`` has no softmax: a ``ValueError`` says so rather than guess. The model runs in
+        eval mode (BatchNorm's running statistics, no dropout) whatever mode it was left in, and is
+        put back in its mode afterwards: predicting never changes it.
         """
         x = wrapper_call(self.model, args, kwargs, "EarlyExit")
         _first_tensor(x)  # a call without a tensor is refused here, not by a bare StopIteration
@@ -173,14 +182,21 @@ class EarlyExit(nn.Module):
             else:
                 score = self.rule.scores(logits[None])[0].to(logits.device)
             classes = torch.softmax(logits, dim=-1).max(dim=-1).indices
+            undefined = softmax_undefined(logits).sum()
             if k == last:
+                if int(undefined):  # the one host read of the last exit
+                    _refuse_undefined(k, int(undefined))
                 predictions[alive] = classes
                 exits[alive] = k
                 break
             leaving = score >= self.thresholds[k].to(score.device)  # a NaN score never leaves
             # The one host read of the exit: how many samples continue sizes what the next stage
-            # gets. Everything else selects by indices of known size, so no other sync.
-            remaining = alive.numel() - int(leaving.sum())
+            # gets (and whether a row had no softmax). Everything else selects by indices of known
+            # size, so no other sync.
+            leaving_count, undefined_count = torch.stack([leaving.sum(), undefined]).tolist()
+            if undefined_count:
+                _refuse_undefined(k, undefined_count)
+            remaining = alive.numel() - leaving_count
             if remaining == alive.numel():
                 continue  # nobody leaves: no bookkeeping, no copy of the features
             if remaining == 0:
@@ -220,7 +236,11 @@ class EarlyExit(nn.Module):
             state["predictions"] = torch.where(leaving, classes, state["predictions"])
             state["exits"].masked_fill_(leaving, k)
             alive &= ~leaving
-            state["done"] = not bool(alive.any())
+            undefined = softmax_undefined(history[-1]).sum()
+            any_alive, undefined_count = torch.stack([alive.any().long(), undefined]).tolist()
+            if undefined_count:  # read with the exit's one host read
+                _refuse_undefined(k, undefined_count)
+            state["done"] = not any_alive
             return state["done"]
 
         computed = self.model.run_until(x, leave)

@@ -229,7 +229,8 @@ def wrapper_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             signature.bind(*args, **kwargs)
         except TypeError as exc:
             given = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
-            params = ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in signature.parameters.values())
+            params = ", ".join(str(p.replace(annotation=inspect.Parameter.empty))
+                               for p in signature.parameters.values())
             raise TypeError(f"{wrapper} passes its inputs to `{type(_call_target(model)).__name__}.forward"
                             f"({params})`, which cannot take ({', '.join(given)}): {exc}. Call {wrapper} as you "
                             f"call the model: with the inputs as one argument (a tensor, a tuple, or a dict of "

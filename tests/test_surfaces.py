@@ -422,7 +422,9 @@ def test_csv_logger_drops_a_torn_last_line_and_refuses_to_drop_a_whole_log(tmp_p
         logger(record(i))
     text = path.read_text()
     path.write_text(text + "4,4,0.2")  # a crash in the middle of writing row 4: no newline
+    path.chmod(0o640)
     mw.CSVLogger(path)(record(4))  # resumed from iteration 3: the partial row is no record
+    assert path.stat().st_mode & 0o777 == 0o640  # rewritten in place of the old: its permissions kept
     table = rows(path)
     assert [r[0] for r in table] == ["iteration", "1", "2", "3", "4"]
     assert all(len(r) == len(table[0]) for r in table) and float(table[-1][2]) == 1.0 / 4
@@ -492,6 +494,108 @@ def test_load_checkpoint_tells_an_intact_file_needing_trust_from_a_damaged_one(t
         mw.load_checkpoint(damaged)
 
 
+def _all_masked_row(k=0, n=2):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 4)
+    logits[k, n] = -math.inf  # every class of one sample masked at one exit
+    return logits
+
+
+@pytest.mark.parametrize("call", [
+    lambda L, y: mw.find_thresholds(L, torch.tensor([0.5, 0.5])),
+    lambda L, y: mw.exit_assignment(L, torch.tensor([0.5, -1.0])),
+    lambda L, y: mw.evaluate_thresholds(L, y, torch.tensor([0.5, -1.0]), [1, 2]),
+    lambda L, y: mw.budgeted_curve(L, y, L, y, [1, 2]),
+    lambda L, y: mw.thresholds_for_budget(L, y, [1, 2], 1.5),
+    lambda L, y: mw.thresholds_for_accuracy(L, y, 0.1, costs=[1, 2]),
+    lambda L, y: mw.anytime_accuracy_from_logits(L, y),
+    lambda L, y: mw.fit_temperatures(L, y),
+    lambda L, y: mw.calibrate(L, y),
+    lambda L, y: mw.expected_calibration_error(L, y),
+    lambda L, y: mw.find_thresholds(L, [0.5, 0.5], rule="entropy"),
+])
+def test_a_row_with_every_class_masked_is_refused_by_what_decides_with_it(call):
+    """0/0 has no softmax: no confidence, no prediction. Every function that decides with exit scores
+    refuses it and names the row, instead of a NaN score that silently keeps the sample in."""
+    logits, labels = _all_masked_row(0, 2), torch.arange(6) % 4
+    with pytest.raises(ValueError, match=r"\[0, 2\] \(exit 1, sample 2\) are all -inf"):
+        call(logits, labels)
+    overflow = logits.clone()
+    overflow[0, 2] = torch.tensor([0.0, math.inf, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"exit 1, sample 2\) hold \+inf"):
+        call(overflow, labels)
+    partly = logits.clone()
+    partly[0, 2, 1] = 0.0  # one class left: defined, and accepted
+    call(partly, labels)
+
+
+class MaskedHead(nn.Module):
+    """A head that masks every class of sample ``masked`` (at a given exit)."""
+
+    def __init__(self, masked):
+        super().__init__()
+        self.fc, self.masked = nn.Linear(10, 5), masked
+
+    def forward(self, h):
+        z = self.fc(h)
+        return z.index_fill(0, torch.tensor(self.masked, dtype=torch.long), -math.inf) if self.masked else z
+
+
+@pytest.mark.parametrize("masked_at", [0, 1])
+def test_early_exit_refuses_a_sample_with_every_class_masked(masked_at):
+    torch.manual_seed(0)
+    heads = [MaskedHead([3] if k == masked_at else []) for k in range(2)]
+    net = mw.MultiExit([nn.Sequential(nn.Linear(6, 10), nn.Tanh()), nn.Sequential(nn.Linear(10, 10), nn.Tanh())],
+                       heads).eval()
+    x = torch.randn(8, 6)
+    for predictor in (mw.EarlyExit(net, [2.0, -1.0]),  # nobody leaves early: both exits run
+                      mw.EarlyExit(mw.attach_exits(nn.Sequential(net.stages[0], net.stages[1], heads[1]),
+                                                   ["0"], [heads[0]]), [2.0, -1.0])):
+        with pytest.raises(ValueError, match=rf"Exit {masked_at + 1} gave 1 sample\(s\) logits that are all -inf"):
+            predictor(x)
+    heads[masked_at].masked = []
+    assert mw.EarlyExit(net, [2.0, -1.0])(x)[1].tolist() == [1] * 8
+
+
+def test_find_thresholds_takes_int_proportions_and_lists():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40, 5)
+    assert torch.equal(mw.find_thresholds(logits, [0, 0, 1]), mw.find_thresholds(logits, torch.tensor([0.0, 0.0, 1.0])))
+    assert mw.find_thresholds(logits, torch.tensor([0, 0, 1])).tolist() == [1e8, 1e8, -1e8]  # all at the last exit
+    assert torch.equal(mw.find_thresholds(logits, [0.5, 0.25, 0.25]),
+                       mw.find_thresholds(logits, torch.tensor([0.5, 0.25, 0.25])))
+    with pytest.raises(ValueError, match=r"sums to 10\. Normalise it"):
+        mw.find_thresholds(logits, [4, 3, 3])  # counts are not a distribution: said so, not "finite fractions"
+    thresholds = mw.find_thresholds(logits, [0.5, 0.25, 0.25])
+    assert all(torch.equal(a, b) for a, b in zip(mw.exit_assignment(logits, thresholds.tolist()),
+                                                 mw.exit_assignment(logits, thresholds)))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda good: b"", r"is empty \(0 bytes\).*earlier checkpoint"),
+    (lambda good: good[: len(good) // 2], r"is damaged: it starts as a torch.save archive but its end is missing"),
+    (lambda good: good[:100] + bytes(50) + good[150:], r"is damaged: .*'archive/data.pkl' fails its checksum"),
+    (lambda good: b"step,loss\n1,0.5\n" * 20, r"is not a torch checkpoint.*starts with b'step,los'.*Check the path"),
+    (lambda good: __import__("pickle").dumps({"a": 1}), r"is a pickle stream.*pickle.load"),
+])
+def test_load_checkpoint_says_what_is_wrong_with_a_file_in_full(tmp_path, damage, message):
+    good = mw.save_checkpoint({"weights": torch.arange(300.0)}, tmp_path / "good.ckpt").read_bytes()
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(damage(good))
+    with pytest.raises(ValueError, match=message) as caught:
+        mw.load_checkpoint(path)
+    text = str(caught.value)
+    assert text.startswith(f"The checkpoint {path} ") and text.endswith(".")  # the file named; nothing cut short
+
+
+def test_load_checkpoint_calls_an_intact_file_intact_when_loading_fails_elsewhere(tmp_path):
+    path = mw.save_checkpoint({"weights": torch.ones(2)}, tmp_path / "c.ckpt")
+    with pytest.raises(ValueError, match=r"is an intact torch.save archive.*tagged with nowhere"):
+        mw.load_checkpoint(path, map_location="nowhere")
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        mw.load_checkpoint(tmp_path)
+
+
 def test_every_python_file_compiles_without_warnings():
     files = [p for d in ("metaweight", "examples", "benchmarks", "tests", "references", "docs")
              for p in (ROOT / d).rglob("*.py")]
@@ -509,7 +613,8 @@ def test_every_python_file_compiles_without_warnings():
                           torch.zeros(5, dtype=torch.long)), "same exits"),
     (lambda: mw.fit_temperatures(torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long), iterations=0),
      "iterations"),
-    (lambda: mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([1, 0])), "finite fractions"),
+    (lambda: mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([True, False])), "real numbers"),
+    (lambda: mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([-1.0, 2.0])), "finite fractions"),
     (lambda: mw.CSVLogger(3), "path"),
     (lambda: mw.load_checkpoint(__file__, weights_only="yes"), "weights_only"),
     (lambda: mw.load_checkpoint(3), "`path`"),
