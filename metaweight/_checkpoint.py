@@ -111,7 +111,7 @@ def _file_problem(path: Path) -> str | None:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
-                    weights_only: bool = True) -> dict[str, Any]:
+                    weights_only: bool = True, verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or ``torch.save``).
 
     With ``weights_only=True`` (the default, safe for files from elsewhere) the common harmless
@@ -123,11 +123,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
     checkpoint at all (check the path; a pickle is said to be one). The diagnosis is read from the
     file itself; torch's own error is chained to it, never cut short.
 
+    ``torch.load`` does not check the CRC-32 that a ``torch.save`` archive stores for each member,
+    so a flipped byte inside the tensor data would load as a wrong weight without a word; with
+    ``verify=True`` (the default) every member's checksum is checked first, one extra read of the
+    file, and a mismatch is refused as damaged.
+
     Args:
         path: the checkpoint file.
         map_location: passed to ``torch.load`` (e.g. ``"cpu"``).
         weights_only: passed to ``torch.load``; ``True`` (tensors, dicts, numbers, strings and the
             types above only) is safe for files from elsewhere.
+        verify: check every member's CRC-32 before loading (zip archives; the legacy pickle
+            format has no checksums).
 
     Returns:
         The dict that was saved.
@@ -135,16 +142,21 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
     Raises:
         FileNotFoundError: nothing (or a folder) at ``path``.
         ValueError: the file cannot be loaded (see above), or holds something other than a dict.
-        TypeError: ``path`` is not a path, or ``weights_only`` not a bool.
+        TypeError: ``path`` is not a path, or ``weights_only`` or ``verify`` not a bool.
     """
-    if not isinstance(weights_only, bool):
-        raise TypeError(f"`weights_only` should be a bool. Found {weights_only!r}.")
+    for name, flag in (("weights_only", weights_only), ("verify", verify)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` should be a bool. Found {flag!r}.")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is a folder, not a checkpoint file; give the file's path." if path.is_dir()
                                 else f"No checkpoint at {path}.")
+    if verify and zipfile.is_zipfile(path):  # torch.load would not notice a member failing its checksum
+        problem = _file_problem(path)
+        if problem is not None:
+            raise ValueError(f"The checkpoint {path} {problem}")
     allow = getattr(torch.serialization, "safe_globals", None)
     try:
         if weights_only and allow is not None:

@@ -588,6 +588,21 @@ def test_load_checkpoint_says_what_is_wrong_with_a_file_in_full(tmp_path, damage
     assert text.startswith(f"The checkpoint {path} ") and text.endswith(".")  # the file named; nothing cut short
 
 
+def test_load_checkpoint_refuses_a_flipped_byte_in_the_weights_that_torch_load_takes(tmp_path):
+    path = mw.save_checkpoint({"weights": torch.arange(1000.0)}, tmp_path / "c.ckpt")
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(torch.arange(1000.0)[500:502].numpy().tobytes())  # inside the tensor's bytes
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    loaded = torch.load(path, weights_only=True)["weights"]  # torch itself: a wrong weight, no word said
+    assert not torch.equal(loaded, torch.arange(1000.0))
+    with pytest.raises(ValueError, match=r"is damaged: .*/data/0' fails its checksum"):
+        mw.load_checkpoint(path)
+    assert not torch.equal(mw.load_checkpoint(path, verify=False)["weights"], torch.arange(1000.0))  # asked for
+    with pytest.raises(TypeError, match="`verify`"):
+        mw.load_checkpoint(path, verify="no")
+
+
 def test_load_checkpoint_calls_an_intact_file_intact_when_loading_fails_elsewhere(tmp_path):
     path = mw.save_checkpoint({"weights": torch.ones(2)}, tmp_path / "c.ckpt")
     with pytest.raises(ValueError, match=r"is an intact torch.save archive.*tagged with nowhere"):
