@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_target
+from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_softmax_rows, check_target
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -149,6 +149,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
     if not logits.is_floating_point():
         raise ValueError(f"`logits` should be floating point. Found {logits.dtype}.")
     labels = check_target(labels, logits.shape[1], logits.shape[2]).to(logits.device)
+    check_softmax_rows(logits)  # a row with every class masked has no prediction to score
     ks = list(topk) if isinstance(topk, (list, tuple)) else None
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"Invalid topk: {topk!r}. Expected a non-empty list of ints >= 1.")

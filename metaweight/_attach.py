@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._modes import eval_mode
-from metaweight._protocols import model_arguments
+from metaweight._protocols import ModelCall, wrapper_call
 
 HeadFactory = Callable[[str, Tensor], nn.Module]
 
@@ -106,9 +106,13 @@ class AttachedExits(nn.Module):
         modules = dict(model.named_modules())
         for name in after:
             if not isinstance(name, str) or name not in modules or name == "":
-                close = difflib.get_close_matches(str(name), [n for n in modules if n], n=3)
+                # a wrapper (attach_exits again, DDP, torch.compile) puts the model's names under a prefix
+                nested = [n for n in modules if isinstance(name, str) and name and n.endswith("." + name)]
+                close = nested or difflib.get_close_matches(str(name), [n for n in modules if n], n=3)
+                why = (f" (the names of a wrapped model carry the wrapper's prefix: "
+                       f"`{nested[0][: -len(name) - 1]}.`)") if nested else ""
                 raise ValueError(f"`{type(model).__name__}` has no submodule named {name!r}"
-                                 f"{f'; did you mean {close}?' if close else '.'} Names are those of "
+                                 f"{f'; did you mean {close}?' if close else '.'}{why} Names are those of "
                                  f"model.named_modules().")
         if len(set(after)) != len(after):
             raise ValueError(f"Each module may carry one exit; {list(after)} names one twice.")
@@ -121,7 +125,7 @@ class AttachedExits(nn.Module):
             if example_input is None:
                 raise ValueError("A head factory needs `example_input` to see each module's output.")
             with torch.no_grad(), eval_mode(model):
-                captured = self._capture(example_input)
+                captured = self._capture(wrapper_call(model, (example_input,), {}, "attach_exits(example_input=...)"))
             built = []
             for name in self.after:
                 features = captured[name]
@@ -151,7 +155,11 @@ class AttachedExits(nn.Module):
         """The attached exits, then the model's own (one, or as many as a multi-exit model returns)."""
         return len(self.after) + self._output_exits
 
-    def _capture(self, inputs: Any, on_exit: Callable[[int, Tensor], None] | None = None) -> dict[str, Any]:
+    def _inputs_target(self) -> nn.Module:
+        """The model this wrapper passes its inputs to (how a dict of inputs is passed is decided on it)."""
+        return self.model
+
+    def _capture(self, call: ModelCall, on_exit: Callable[[int, Tensor], None] | None = None) -> dict[str, Any]:
         captured: dict[str, Any] = {}
         calls = dict.fromkeys(self.after, 0)
         modules = dict(self.model.named_modules())
@@ -172,8 +180,7 @@ class AttachedExits(nn.Module):
         for index, name in enumerate(self.after):
             handles.append(modules[name].register_forward_hook(hook_for(index, name)))
         try:
-            args, kwargs = model_arguments(self.model, inputs)
-            captured["__output__"] = self.model(*args, **kwargs)
+            captured["__output__"] = self.model(*call.args, **call.kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -199,10 +206,16 @@ class AttachedExits(nn.Module):
                              f"example_input=... to attach_exits so it sees the model's output.")
         return exits
 
-    def forward(self, inputs: Any) -> list[Tensor]:
+    def forward(self, *args: Any, **kwargs: Any) -> list[Tensor]:
         """The exits' logits: the attached ones in the order of ``after``, then (with ``include_output``)
-        the model's own, in the model's order."""
-        captured = self._capture(inputs)
+        the model's own, in the model's order.
+
+        Takes what the model takes: ``model(x)``, ``model(x=x, mask=m)``, ``model(a, b)``, or one
+        dict of the forward's keyword arguments (passed as keywords, as the weighter passes a
+        batch). A call the model's ``forward`` cannot take is refused with a ``TypeError``
+        before it runs.
+        """
+        captured = self._capture(wrapper_call(self.model, args, kwargs, "AttachedExits"))
         missing = [n for n in self.after if n not in captured]
         if missing:
             raise RuntimeError(f"The modules {missing} did not run in the model's forward; attach exits to modules "
@@ -215,7 +228,10 @@ class AttachedExits(nn.Module):
     def run_until(self, inputs: Any, leave: Callable[[int, Tensor], bool]) -> list[Tensor]:
         """Run the forward, calling ``leave(k, logits_k)`` at each attached exit; stop the forward as soon
         as it returns ``True`` (every sample has left). Returns the logits computed so far, the model's
-        own exits included when the forward ran to the end (``leave`` is not called for those)."""
+        own exits included when the forward ran to the end (``leave`` is not called for those).
+
+        ``inputs`` is one batch's inputs, passed to the model as :meth:`forward` passes one argument.
+        """
         computed: list[Tensor] = []
 
         def on_exit(index: int, features: Tensor) -> None:
@@ -224,7 +240,9 @@ class AttachedExits(nn.Module):
                 raise _StopForward
 
         try:
-            captured = self._capture(inputs, on_exit)
+            call = inputs if isinstance(inputs, ModelCall) else wrapper_call(self.model, (inputs,), {},
+                                                                             "AttachedExits.run_until")
+            captured = self._capture(call, on_exit)
         except _StopForward:
             return computed
         if self.include_output:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaweight._checks import check_target
+from metaweight._checks import check_softmax_rows, check_target
 from metaweight._exit_rules import ExitRule, as_rule
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
@@ -37,13 +37,25 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
         raise ValueError(f"`{name}` {tuple(logits.shape)} hold no exit, sample or class: nothing to evaluate.")
     if not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating point. Found {logits.dtype}.")
+    check_softmax_rows(logits, name)
     prediction = torch.softmax(logits.float(), dim=-1).max(dim=-1).indices
     return as_rule(rule).scores(logits).float(), prediction
 
 
+def _numbers(value: object, name: str, what: str) -> Tensor:
+    """A tensor or a sequence of real numbers (ints included), as a tensor; bools and anything else refused."""
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a {value.dtype} tensor.")
+        return value.detach()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"`{name}` should be a tensor or a list of {what}. Found {value!r}.")
+    return torch.tensor([float(v) for v in value])
+
+
 def _check_thresholds(thresholds: object, num_exits: int) -> Tensor:
-    if not isinstance(thresholds, Tensor):
-        raise TypeError(f"`thresholds` should be a Tensor of {num_exits} values. Found `{type(thresholds).__name__}`.")
+    thresholds = _numbers(thresholds, "thresholds", f"{num_exits} thresholds, one per exit")
     if thresholds.shape != (num_exits,):
         raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
     if torch.isnan(thresholds).any():
@@ -79,7 +91,8 @@ def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.devic
     return probs / probs.sum()
 
 
-def find_thresholds(logits: Tensor, distribution: Tensor, *, rule: ExitRule | str = "max_probability") -> Tensor:
+def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
+                    rule: ExitRule | str = "max_probability") -> Tensor:
     """Confidence thresholds that make ``distribution[k]`` of the samples leave at exit ``k``.
 
     Going through exits 1..K-1, the threshold of exit ``k`` is the confidence of the
@@ -89,22 +102,30 @@ def find_thresholds(logits: Tensor, distribution: Tensor, *, rule: ExitRule | st
     Args:
         logits: held-out logits ``[K, N, C]``.
         distribution: ``[K]`` target fractions, summing to 1 (within ``1e-4``; anything else is
-            refused: ``[4, 3, 2, 1]`` is not a distribution).
+            refused: ``[4, 3, 2, 1]`` is not a distribution), as a tensor or a list; integers
+            are fractions too (``[0, 0, 1]``: everyone at the last exit).
         rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
     Returns:
         Thresholds ``[K]`` (float32), the last one ``-NO_EXIT``.
+
+    Raises:
+        ValueError: logits not ``[K, N, C]`` floats, or with a row that has no softmax (all
+            ``-inf``: every class masked); a distribution of another length, negative, or not
+            summing to 1.
+        TypeError: a distribution that is not numbers (bools included).
     """
     return _thresholds(_confidence(logits, rule=rule)[0], distribution)
 
 
-def _thresholds(confidence: Tensor, distribution: Tensor) -> Tensor:
+def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float]) -> Tensor:
     K, N = confidence.shape
-    if not isinstance(distribution, Tensor):
-        raise TypeError(f"`distribution` should be a Tensor of {K} fractions. Found `{type(distribution).__name__}`.")
+    distribution = _numbers(distribution, "distribution", f"{K} fractions, one per exit")
     if distribution.shape != (K,):
         raise ValueError(f"distribution should have shape ({K},). Found {tuple(distribution.shape)}.")
-    if not distribution.is_floating_point() or not torch.isfinite(distribution).all() or (distribution < 0).any():
+    if not distribution.is_floating_point():  # [0, 0, 1] as ints: the same proportions
+        distribution = distribution.float()
+    if not torch.isfinite(distribution).all() or (distribution < 0).any():
         raise ValueError(f"distribution {distribution.tolist()} should hold finite fractions >= 0.")
     total = float(distribution.double().sum())
     if abs(total - 1.0) > 1e-4:
@@ -123,13 +144,14 @@ def _thresholds(confidence: Tensor, distribution: Tensor) -> Tensor:
     return thresholds
 
 
-def exit_assignment(logits: Tensor, thresholds: Tensor, *, rule: ExitRule | str = "max_probability"
+def exit_assignment(logits: Tensor, thresholds: Tensor | Sequence[float], *, rule: ExitRule | str = "max_probability"
                     ) -> tuple[Tensor, Tensor]:
     """For every sample, the first exit whose confidence reaches its threshold, and that exit's prediction.
 
     Args:
         logits: ``[K, N, C]``.
-        thresholds: ``[K]`` thresholds on the rule's scores (the last exit takes every sample left).
+        thresholds: ``[K]`` thresholds on the rule's scores (the last exit takes every sample left), a
+            tensor or a list.
         rule: the exit rule (an :class:`ExitRule` or its name).
 
     Returns:
@@ -169,14 +191,14 @@ class BudgetPoint:
     val_accuracy: float | None = None
 
 
-def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor,
+def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor | Sequence[float],
                         costs: Sequence[float], *, rule: ExitRule | str = "max_probability") -> BudgetPoint:
     """Accuracy and expected cost per sample of early exit with ``thresholds``.
 
     Args:
         logits: ``[K, N, C]``.
         labels: ``[N]`` class indices.
-        thresholds: ``[K]`` confidence thresholds.
+        thresholds: ``[K]`` thresholds on the rule's scores, a tensor or a list.
         costs: ``costs[k]`` is the cost of reaching exit ``k`` (cumulative, e.g. ``ExitCosts.macs``).
         rule: the exit rule (an :class:`ExitRule` or its name).
     """

@@ -9,14 +9,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metaweight._checks import check_target
+from metaweight._checks import check_softmax_rows, check_target
 
 
 def _check(logits: Tensor, labels: Tensor, name: str = "logits") -> Tensor:
     if not isinstance(logits, Tensor) or logits.dim() != 3 or 0 in logits.shape or not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating-point logits [K, N, C] with N, C > 0. Found "
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}.")
-    return check_target(labels, logits.shape[1], logits.shape[2], name="labels")
+    labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels")
+    check_softmax_rows(logits, name)
+    return labels
 
 
 def _nll(logits: Tensor, labels: Tensor, beta: float) -> float:

@@ -79,30 +79,84 @@ def _refused_globals(path: Path) -> list[str]:
         return []
 
 
+def _file_problem(path: Path) -> str | None:
+    """What is wrong with the file at ``path`` itself, and what to do; ``None`` for an intact
+    ``torch.save`` archive (every member passes its checksum)."""
+    size = path.stat().st_size
+    if size == 0:
+        return ("is empty (0 bytes): nothing was ever written to it. Resume from an earlier checkpoint, or check "
+                "the path.")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()  # the first member whose checksum fails, None if all pass
+        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError) as exc:
+            damaged = f"? ({type(exc).__name__})"
+        if damaged is None:
+            return None
+        return (f"is damaged: a torch.save archive ({size} bytes) whose member {damaged!r} fails its checksum. "
+                f"Resume from an earlier checkpoint.")
+    if head.startswith(b"PK"):
+        return (f"is damaged: it starts as a torch.save archive but its end is missing ({size} bytes; truncated, e.g. "
+                f"a copy or a save that did not finish). Resume from an earlier checkpoint.")
+    if head[:1] == b"\x80":
+        return (f"is a pickle stream ({size} bytes), not the zip archive torch.save writes: written by pickle.dump, "
+                f"or by torch.save before torch 1.6 (or with _use_new_zipfile_serialization=False), or damaged. If "
+                f"you trust it, load it with load_checkpoint(path, weights_only=False) (an old torch.save) or "
+                f"pickle.load (a pickle.dump).")
+    return (f"is not a torch checkpoint: torch.save writes a zip archive (starting with b'PK'), this file ({size} "
+            f"bytes) starts with {head!r}. Check the path.")
+
+
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
-                    weights_only: bool = True) -> dict[str, Any]:
+                    weights_only: bool = True, verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or ``torch.save``).
 
     With ``weights_only=True`` (the default, safe for files from elsewhere) the common harmless
     types of training checkpoints load too: NumPy scalars and arrays, ``argparse.Namespace`` and
     ``pathlib`` paths (an allow-list, ``torch.serialization.safe_globals``). Two failures are told
     apart, each with a ``ValueError`` that names the file and what to do: an intact file holding
-    other types (named; load it with ``weights_only=False`` if you trust it), and a missing,
-    truncated or otherwise damaged file (resume from an earlier checkpoint).
+    other types (named; load it with ``weights_only=False`` if you trust it), and a file that is
+    empty, truncated, fails its checksums (resume from an earlier checkpoint) or is no torch
+    checkpoint at all (check the path; a pickle is said to be one). The diagnosis is read from the
+    file itself; torch's own error is chained to it, never cut short.
+
+    ``torch.load`` does not check the CRC-32 that a ``torch.save`` archive stores for each member,
+    so a flipped byte inside the tensor data would load as a wrong weight without a word; with
+    ``verify=True`` (the default) every member's checksum is checked first, one extra read of the
+    file, and a mismatch is refused as damaged.
 
     Args:
         path: the checkpoint file.
         map_location: passed to ``torch.load`` (e.g. ``"cpu"``).
         weights_only: passed to ``torch.load``; ``True`` (tensors, dicts, numbers, strings and the
             types above only) is safe for files from elsewhere.
+        verify: check every member's CRC-32 before loading (zip archives; the legacy pickle
+            format has no checksums).
+
+    Returns:
+        The dict that was saved.
+
+    Raises:
+        FileNotFoundError: nothing (or a folder) at ``path``.
+        ValueError: the file cannot be loaded (see above), or holds something other than a dict.
+        TypeError: ``path`` is not a path, or ``weights_only`` or ``verify`` not a bool.
     """
-    if not isinstance(weights_only, bool):
-        raise TypeError(f"`weights_only` should be a bool. Found {weights_only!r}.")
+    for name, flag in (("weights_only", weights_only), ("verify", verify)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` should be a bool. Found {flag!r}.")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}.")
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file; give the file's path." if path.is_dir()
+                                else f"No checkpoint at {path}.")
+    if verify and zipfile.is_zipfile(path):  # torch.load would not notice a member failing its checksum
+        problem = _file_problem(path)
+        if problem is not None:
+            raise ValueError(f"The checkpoint {path} {problem}")
     allow = getattr(torch.serialization, "safe_globals", None)
     try:
         if weights_only and allow is not None:
@@ -110,15 +164,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
                 state = torch.load(path, map_location=map_location, weights_only=True)
         else:
             state = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # a damaged pickle raises anything (KeyError, UnicodeDecodeError, ...)
+        problem = _file_problem(path)  # read from the file: a damaged one is never called intact
+        if problem is not None:
+            raise ValueError(f"The checkpoint {path} {problem}") from exc  # torch's own words chained below
         refused = _refused_globals(path) if weights_only and isinstance(exc, pickle.UnpicklingError) else []
         if refused:
             raise ValueError(f"The checkpoint {path} is intact, but holds types that loading with weights_only=True "
                              f"refuses: {refused}. If you trust the file, load it with "
                              f"load_checkpoint(path, weights_only=False); or allow those types with "
                              f"torch.serialization.add_safe_globals([...]) before loading.") from None
-        raise ValueError(f"The checkpoint {path} is damaged or not a torch checkpoint ({type(exc).__name__}: "
-                         f"{str(exc)[:200]}). Resume from an earlier checkpoint.") from None
+        raise ValueError(f"The checkpoint {path} is an intact torch.save archive, but torch.load failed on it: "
+                         f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict):
         raise ValueError(f"The checkpoint {path} holds a `{type(state).__name__}`, not a dict of states.")
     return state

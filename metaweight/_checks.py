@@ -62,6 +62,30 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
     return list(outputs)
 
 
+def softmax_undefined(logits: Tensor) -> Tensor:
+    """Where a row of logits ``[..., C]`` has no softmax, ``[...]`` bool: its largest logit is ``-inf``
+    (every class masked: 0/0) or ``+inf`` (inf/inf). A row holding NaN is not flagged (the exit
+    rules' convention: a NaN score never leaves)."""
+    return torch.isinf(logits.detach().amax(-1))
+
+
+UNDEFINED_SOFTMAX_FIX = ("A sample needs at least one class with a finite logit: masking classes with -inf is "
+                         "fine as long as one class stays. Drop such samples, or fix the mask (or the overflow).")
+
+
+def check_softmax_rows(logits: Tensor, name: str = "logits") -> None:
+    """Refuse logits ``[K, N, C]`` with a row that has no softmax (see :func:`softmax_undefined`),
+    naming the first one; one read back to the host."""
+    undefined = softmax_undefined(logits)
+    if bool(undefined.any()):
+        where = [int(i) for i in undefined.nonzero()[0]]
+        top = float(logits[tuple(where)].amax())
+        what = "are all -inf (every class masked)" if top < 0 else "hold +inf"
+        position = f"exit {where[0] + 1}, sample {where[1]}" if len(where) == 2 else f"index {where}"
+        raise ValueError(f"`{name}`{where} ({position}) {what}: that row has no softmax, so it has no confidence "
+                         f"and no prediction ({int(undefined.sum())} such rows in all). {UNDEFINED_SOFTMAX_FIX}")
+
+
 IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it are not scored
 
 # The labels of the current weighter step, summarised once at its start (summarize_labels) and

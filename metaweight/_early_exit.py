@@ -8,17 +8,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaweight._checks import UNDEFINED_SOFTMAX_FIX, softmax_undefined
 from metaweight._exit_rules import ExitRule, as_rule
-from metaweight._protocols import call_model
+from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
 
 def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Module]]:
     """The model's stages and exit heads, by metaweight's multi-exit protocol.
 
     A model takes part by defining ``exit_stages()`` returning ``(stages, heads)``: stage ``k``
-    maps stage ``k-1``'s output (stage 1 the input) to features, head ``k`` maps them to exit
-    ``k``'s logits. :class:`MultiExit` does, and so can any model: nothing here knows the
-    attribute names of a particular architecture.
+    maps stage ``k-1``'s output to features, head ``k`` maps them to exit ``k``'s logits. Stage 1
+    takes the model's inputs: the one argument of a call that binds to one parameter of the
+    model's ``forward`` (``MultiExit.forward(x)``'s ``x``, given as ``x``, ``x=...`` or
+    ``{"x": ...}``), or else the arguments the model is called with. :class:`MultiExit` does, and
+    so can any model: nothing here knows the attribute names of a particular architecture.
     """
     parts = getattr(model, "exit_stages", None)
     if not callable(parts):
@@ -41,6 +44,12 @@ def _per_sample(logits: Tensor) -> Tensor:
                          f"{tuple(logits.shape)}. Token-level exits are evaluated per token with collect_logits, "
                          f"anytime_accuracy_from_logits and budgeted_curve.")
     return logits
+
+
+def _refuse_undefined(k: int, count: int) -> None:
+    raise ValueError(f"Exit {k + 1} gave {count} sample(s) logits that are all -inf (every class masked) or hold "
+                     f"+inf: such a row has no softmax, so no confidence and no prediction; EarlyExit refuses "
+                     f"rather than guess. {UNDEFINED_SOFTMAX_FIX}")
 
 
 def _first_tensor(x: Any) -> Tensor:
@@ -121,12 +130,24 @@ class EarlyExit(nn.Module):
             raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
         self.register_buffer("thresholds", thresholds)
 
-    def forward(self, x: Any) -> tuple[Tensor, Tensor]:
+    def _inputs_target(self) -> nn.Module:
+        """The model this wrapper passes its inputs to (how a dict of inputs is passed is decided on it)."""
+        return self.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Predicted classes ``[N]`` and the exit each sample left at ``[N]`` (0-based).
 
-        The model runs in eval mode (BatchNorm's running statistics, no dropout) whatever mode
-        it was left in, and is put back in its mode afterwards: predicting never changes it.
+        Takes what the model takes: ``predictor(x)``, ``predictor(x=x)``, ``predictor(a, b)``, or
+        one dict of the forward's keyword arguments (passed as keywords, as the weighter and
+        :func:`collect_logits` pass a batch); ``N`` is the first dimension of the first tensor in
+        them. A call the model's ``forward`` cannot take is refused with a ``TypeError`` before it
+        runs. A sample whose logits at an exit it reaches are all ``-inf`` (every class masked) or
+        hold ``+inf`` has no softmax: a ``ValueError`` says so rather than guess. The model runs in
+        eval mode (BatchNorm's running statistics, no dropout) whatever mode it was left in, and is
+        put back in its mode afterwards: predicting never changes it.
         """
+        x = wrapper_call(self.model, args, kwargs, "EarlyExit")
+        _first_tensor(x)  # a call without a tensor is refused here, not by a bare StopIteration
         training = [m for m in self._all_modules if m.training]  # a cached list: cheap at batch 1
         for m in training:
             m.training = False
@@ -137,10 +158,10 @@ class EarlyExit(nn.Module):
                 m.training = True
 
     @torch.no_grad()
-    def _run(self, x: Any) -> tuple[Tensor, Tensor]:
+    def _run(self, x: ModelCall) -> tuple[Tensor, Tensor]:
         if self._whole_batch:
             return self._run_attached(x)
-        features = x
+        features: Any = None
         first = _first_tensor(x)
         n = first.shape[0]
         predictions = torch.empty(n, dtype=torch.long, device=first.device)
@@ -149,8 +170,11 @@ class EarlyExit(nn.Module):
         last = len(self.heads) - 1
         history: list[Tensor] = []  # earlier exits' logits of the samples still in (rules such as patience)
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
-            # the first stage takes the batch as the model would (a dict of keyword inputs included)
-            features = call_model(stage, features) if k == 0 else stage(features)
+            if k == 0:  # the first stage takes the model's inputs (see exit_parts)
+                call = first_stage_call(self.model, x)
+                features = stage(*call.args, **call.kwargs)
+            else:
+                features = stage(features)
             logits = _per_sample(head(features)).float()
             if self.rule.uses_history:
                 history.append(logits)
@@ -158,14 +182,21 @@ class EarlyExit(nn.Module):
             else:
                 score = self.rule.scores(logits[None])[0].to(logits.device)
             classes = torch.softmax(logits, dim=-1).max(dim=-1).indices
+            undefined = softmax_undefined(logits).sum()
             if k == last:
+                if int(undefined):  # the one host read of the last exit
+                    _refuse_undefined(k, int(undefined))
                 predictions[alive] = classes
                 exits[alive] = k
                 break
             leaving = score >= self.thresholds[k].to(score.device)  # a NaN score never leaves
             # The one host read of the exit: how many samples continue sizes what the next stage
-            # gets. Everything else selects by indices of known size, so no other sync.
-            remaining = alive.numel() - int(leaving.sum())
+            # gets (and whether a row had no softmax). Everything else selects by indices of known
+            # size, so no other sync.
+            leaving_count, undefined_count = torch.stack([leaving.sum(), undefined]).tolist()
+            if undefined_count:
+                _refuse_undefined(k, undefined_count)
+            remaining = alive.numel() - leaving_count
             if remaining == alive.numel():
                 continue  # nobody leaves: no bookkeeping, no copy of the features
             if remaining == 0:
@@ -182,7 +213,7 @@ class EarlyExit(nn.Module):
             history = [h[staying] for h in history]
         return predictions, exits
 
-    def _run_attached(self, x: Any) -> tuple[Tensor, Tensor]:
+    def _run_attached(self, x: ModelCall) -> tuple[Tensor, Tensor]:
         """Exits attached by name: every sample takes its first confident exit; the forward stops
         at the first exit after which no sample is left."""
         state: dict[str, Any] = {}
@@ -205,10 +236,13 @@ class EarlyExit(nn.Module):
             state["predictions"] = torch.where(leaving, classes, state["predictions"])
             state["exits"].masked_fill_(leaving, k)
             alive &= ~leaving
-            state["done"] = not bool(alive.any())
+            undefined = softmax_undefined(history[-1]).sum()
+            any_alive, undefined_count = torch.stack([alive.any().long(), undefined]).tolist()
+            if undefined_count:  # read with the exit's one host read
+                _refuse_undefined(k, undefined_count)
+            state["done"] = not any_alive
             return state["done"]
 
-        _first_tensor(x)  # a batch without a tensor is refused here, not by a bare StopIteration
         computed = self.model.run_until(x, leave)
         for k in range(len(history), len(computed)):  # the model's own exits, available at the end
             if k > last or state.get("done", False):

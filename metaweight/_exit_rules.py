@@ -5,7 +5,10 @@ any rule.
 Every rule maps exit logits ``[K, N, C]`` to scores ``[K, N]`` (higher: more ready to leave); the
 score of exit ``k`` may depend on exits ``1..k`` only, so that early exit can compute it on the way.
 The prediction at an exit is always its most probable class. Logits holding a NaN give a NaN
-score, which never passes a threshold.
+score, which never passes a threshold. A row with no softmax (all ``-inf``: every class masked; or a
+``+inf``) gives a NaN score here too, but the functions that decide with the scores
+(:func:`find_thresholds`, :func:`budgeted_curve`, :class:`EarlyExit`, calibration, ...) refuse
+such logits with a ``ValueError`` naming the row: no sample is silently kept in the network.
 """
 
 from __future__ import annotations

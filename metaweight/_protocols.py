@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -152,22 +152,49 @@ class Objective:
             self.validation.load_state_dict(state)
 
 
+class ModelCall(NamedTuple):
+    """The positional and keyword arguments of one call of a model, as a wrapper received them."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _call_target(model: Any) -> Any:
+    """The module whose ``forward`` decides how inputs are passed: through ``torch.compile``, DDP and
+    metaweight's own wrappers (which define ``_inputs_target``) to the model they forward to."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            follow = getattr(type(model), "_inputs_target", None)
+            inner = follow(model) if callable(follow) else None
+        if inner is None or inner is model:
+            return model
+        model = inner
+
+
+def _forward_signature(model: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(_call_target(model).forward)
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
 def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """How to call ``model`` with a batch's inputs: ``model(inputs)``, or ``model(**inputs)``.
 
     A mapping (a dict, a Hugging Face ``BatchEncoding``) whose keys are all keyword
     parameters of the model's ``forward`` (or whose ``forward`` takes ``**kwargs``) is passed as
     keyword arguments, as Hugging Face models expect; anything else, a mapping too, is passed as
-    the one positional argument.
+    the one positional argument. A :class:`ModelCall` (what a wrapper was called with) is passed
+    as it is.
     """
+    if isinstance(inputs, ModelCall):
+        return tuple(inputs.args), dict(inputs.kwargs)
     if isinstance(inputs, Mapping) and inputs and all(isinstance(k, str) for k in inputs):
-        target = getattr(model, "_orig_mod", model)
-        target = getattr(target, "module", target) if isinstance(target, nn.parallel.DistributedDataParallel) \
-            else target
-        try:
-            params = inspect.signature(target.forward).parameters
-        except (TypeError, ValueError):
-            params = {}
+        signature = _forward_signature(model)
+        params = signature.parameters if signature is not None else {}
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         named = {n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                              inspect.Parameter.KEYWORD_ONLY)}
@@ -181,3 +208,54 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     """``model`` called with a batch's inputs, positionally or as keyword arguments (see :func:`model_arguments`)."""
     args, kwargs = model_arguments(model, inputs)
     return model(*args, **kwargs)
+
+
+def wrapper_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], wrapper: str) -> ModelCall:
+    """How a wrapper called as ``wrapper(*args, **kwargs)`` calls the ``model`` it wraps.
+
+    Every wrapper (:class:`AttachedExits`, :class:`EarlyExit`) takes what the model takes: one
+    positional argument is a batch's inputs, passed as :func:`model_arguments` decides (a dict of
+    the model's keyword parameters as keywords, as the weighter and ``collect_logits`` pass it);
+    any other call (``wrapper(x=t)``, ``wrapper(a, b)``) goes to the model as it is. A call the
+    model's ``forward`` cannot bind is refused here with a ``TypeError``, before the model runs.
+    """
+    if len(args) == 1 and not kwargs:
+        args, kwargs = model_arguments(model, args[0])
+        if len(args) == 1 and not kwargs:  # the common case, a tensor: nothing to bind (no cost at batch 1)
+            return ModelCall(args, kwargs)
+    signature = _forward_signature(model)
+    if signature is not None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            given = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
+            params = ", ".join(str(p.replace(annotation=inspect.Parameter.empty))
+                               for p in signature.parameters.values())
+            raise TypeError(f"{wrapper} passes its inputs to `{type(_call_target(model)).__name__}.forward"
+                            f"({params})`, which cannot take ({', '.join(given)}): {exc}. Call {wrapper} as you "
+                            f"call the model: with the inputs as one argument (a tensor, a tuple, or a dict of "
+                            f"the forward's keyword arguments), or with the forward's own arguments.") from None
+    return ModelCall(tuple(args), dict(kwargs))
+
+
+def first_stage_call(model: nn.Module, call: ModelCall) -> ModelCall:
+    """How stage 1 of a model with ``exit_stages()`` is called for a call of the model.
+
+    A call that binds to one argument of the model's ``forward`` (``MultiExit.forward(x)``, given
+    ``x`` positionally or as ``x=``, or a dict ``{"x": ...}``) hands that argument to stage 1;
+    any other call hands stage 1 the model's own arguments.
+    """
+    if call.args or len(call.kwargs) != 1:  # one positional argument is stage 1's already
+        return call
+    signature = _forward_signature(model)
+    if signature is not None:
+        try:
+            bound = signature.bind(*call.args, **call.kwargs)
+        except TypeError:
+            return call
+        if len(bound.arguments) == 1:
+            (name, value), = bound.arguments.items()
+            if signature.parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                       inspect.Parameter.VAR_KEYWORD):
+                return ModelCall((value,), {})
+    return call

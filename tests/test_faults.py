@@ -287,7 +287,7 @@ def test_wrong_argument_types_name_the_argument():
     with pytest.raises(TypeError, match="exit_losses"):
         mw.BalancedValidation(3).objective([1.0, 2.0, 3.0])
     with pytest.raises(TypeError, match="thresholds"):
-        mw.exit_assignment(torch.randn(3, 4, 5), [0.5, 0.5, 0.5])
+        mw.exit_assignment(torch.randn(3, 4, 5), ["0.5", "0.5", "0.5"])  # a list of numbers is fine, as for EarlyExit
     with pytest.raises(TypeError, match="logits"):
         mw.anytime_accuracy_from_logits([[0.1]], torch.tensor([0]))
 

@@ -149,6 +149,85 @@ def test_early_exit_and_executed_costs_take_dict_inputs():
         list(map(predictor, [{"x": "not a tensor"}]))  # not a silent [] from a StopIteration
 
 
+class TwoInputs(nn.Module):
+    """A model called as ``model(x, mask)`` or ``model(x=..., mask=...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 10)
+        self.fc = nn.Linear(10, 5)
+
+    def forward(self, x, mask=None):
+        h = torch.tanh(self.body(x if mask is None else x * mask))
+        return self.fc(h)
+
+
+def _same_call_forms(x, **extra):
+    """Every way a user calls a model with inputs ``x`` (and keyword inputs ``extra``)."""
+    named = {"x": x, **extra}
+    forms = [((named,), {}), ((), named)]  # one dict of the forward's keywords, and keywords
+    if not extra:
+        forms.append(((x,), {}))  # a tensor
+    else:
+        forms.append(((x, *extra.values()), {}))  # positionally
+    return forms
+
+
+def test_every_wrapper_takes_the_input_forms_its_model_takes():
+    """AttachedExits, EarlyExit (on MultiExit and on attached exits) and executed exit_costs are
+    called in every form the model takes (a tensor, x=..., a dict, several arguments) and give
+    what the model's own forward gives."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(9, 6), (torch.rand(9, 6) > 0.3).float()
+    net = mw.MultiExit([nn.Sequential(nn.Linear(6, 10), nn.Tanh()), nn.Sequential(nn.Linear(10, 10), nn.Tanh())],
+                       [nn.Linear(10, 5), nn.Linear(10, 5)]).eval()  # stage 1 a plain Linear: takes no dict
+    thresholds = torch.tensor([0.3, -1.0])
+    expected = mw.exit_assignment(torch.stack(net(x)).detach(), thresholds)
+    predictor = mw.EarlyExit(net, thresholds)
+    for args, kwargs in _same_call_forms(x):
+        exits, classes = expected
+        predictions, got = predictor(*args, **kwargs)
+        assert torch.equal(got, exits) and torch.equal(predictions, classes), (args, kwargs)
+    assert 0 < int((expected[0] == 0).sum()) < 9
+    reference = mw.exit_costs(net, x[:1]).macs
+    assert mw.exit_costs(net, {"x": x[:1]}, executed=True).macs == reference == [6 * 10 + 10 * 5,
+                                                                                  6 * 10 + 10 * 5 + 10 * 10 + 10 * 5]
+
+    base = TwoInputs().eval()
+    head = nn.Linear(10, 5)
+    attached = mw.attach_exits(base, ["body"], [head]).eval()
+    with torch.no_grad():
+        want = [head(base.body(x * mask)), base(x, mask)]  # independent: the head on the module's output
+        for args, kwargs in _same_call_forms(x, mask=mask):
+            got = attached(*args, **kwargs)
+            assert len(got) == 2 and all(torch.allclose(g, w) for g, w in zip(got, want)), (args, kwargs)
+    early = mw.EarlyExit(attached, torch.tensor([0.3, -1.0]))
+    reference = mw.exit_assignment(torch.stack(want), torch.tensor([0.3, -1.0]))
+    for args, kwargs in _same_call_forms(x, mask=mask):
+        predictions, exits = early(*args, **kwargs)
+        assert torch.equal(exits, reference[0]) and torch.equal(predictions, reference[1]), (args, kwargs)
+    twice = mw.attach_exits(attached, ["model.body"], [nn.Linear(10, 5)])
+    assert len(twice(x=x, mask=mask)) == 3  # a wrapper of a wrapper forwards keywords too
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: mw.EarlyExit(mw.MultiExit([nn.Linear(6, 5)], [nn.Linear(5, 5)]), [-1.0])(y=torch.randn(2, 6)),
+     r"MultiExit.forward\(x\)`, which cannot take \(y=\)"),
+    (lambda: mw.attach_exits(TwoInputs(), ["body"], [nn.Linear(10, 5)])(torch.randn(2, 6), nope=1),
+     r"TwoInputs.forward\(x, mask=None\)`.*unexpected keyword argument 'nope'"),
+    (lambda: mw.EarlyExit(tiny_net(2), [0.5, -1.0])(torch.randn(2, 6), torch.randn(2, 6)), "too many positional"),
+])
+def test_a_call_the_model_cannot_take_is_refused_before_it_runs(call, message):
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_attaching_to_a_wrapped_model_suggests_the_prefixed_name():
+    once = mw.attach_exits(TwoInputs(), ["body"], [nn.Linear(10, 5)])
+    with pytest.raises(ValueError, match=r"did you mean \['model.body'\]\?.*prefix: `model.`"):
+        mw.attach_exits(once, ["body"], [nn.Linear(10, 5)])
+
+
 def test_what_the_library_creates_follows_the_device_and_dtype_it_is_given():
     """Under ``torch.device("meta")`` as the default device, any tensor the library made without
     saying where would land on ``meta`` and clash with the CPU inputs; the results must come out on
@@ -274,6 +353,93 @@ def test_csv_logger_appends_on_resume_and_never_truncates_unasked(tmp_path):
     assert [r[0] for r in rows(path)] == ["iteration", "1"]
 
 
+def _run(weighter, batches, keep_at=None):
+    """Steps over ``batches``; the state after step ``keep_at`` (a checkpoint), if asked."""
+    saved = None
+    for i, (train, val) in enumerate(batches, start=1):
+        weighter.step(train, val)
+        if i == keep_at:
+            saved = copy.deepcopy({"model": weighter.model.state_dict(), "optimizer": weighter.optimizer.state_dict(),
+                                   "weighter": weighter.state_dict()})
+    return saved
+
+
+def _logged(kind, where):
+    """What a logger's file or folder holds: ``[(iteration, val_objective)]`` as a reader sees it."""
+    if kind == "csv":
+        return [(int(r["iteration"]), float(r["val_objective"])) for r in csv.DictReader(open(where, newline=""))]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(where))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("metaweight/val_objective")]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_a_resumed_run_logs_every_iteration_once_with_the_values_that_stand(tmp_path, kind):
+    """Iterations 1-5 logged, the checkpoint at 3, a crash; the resumed run logs 4 and 5 again. Every
+    logger then shows 1-5 once: 1-3 of the first attempt, 4-5 of the resumed run (the values its
+    own records carry)."""
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    where = tmp_path / ("log.csv" if kind == "csv" else "tb")
+    make = (lambda: mw.CSVLogger(where)) if kind == "csv" else (lambda: mw.TensorBoardLogger(where))
+    torch.manual_seed(0)
+    batches = [(batch(8), batch(8)) for _ in range(5)]
+
+    def weighter(heard, logger):
+        torch.manual_seed(1)
+        net = tiny_net(2, batchnorm=False)
+        return mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                     callbacks=[heard.append, logger])
+
+    first_heard, first_logger = [], make()
+    checkpoint = _run(weighter(first_heard, first_logger), batches, keep_at=3)
+    if kind == "tensorboard":
+        first_logger.writer.close()
+        __import__("time").sleep(1.1)  # event files are named by the second they were opened
+    resumed_heard, resumed_logger = [], make()
+    resumed = weighter(resumed_heard, resumed_logger)
+    resumed.model.load_state_dict(checkpoint["model"])
+    resumed.optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed.load_state_dict(checkpoint["weighter"])
+    torch.manual_seed(2)
+    _run(resumed, [(batch(8), batch(8)) for _ in range(2)])  # other batches (another shuffle): other values
+    if kind == "tensorboard":
+        resumed_logger.writer.close()
+    expected = [(r.iteration, r.val_objective) for r in first_heard[:3] + resumed_heard]
+    assert [i for i, _ in expected] == [1, 2, 3, 4, 5]
+    assert all(abs(a.val_objective - b.val_objective) > 1e-4 for a, b in zip(first_heard[3:], resumed_heard))
+    got = _logged(kind, where)
+    assert [i for i, _ in got] == [1, 2, 3, 4, 5]
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+def test_csv_logger_drops_a_torn_last_line_and_refuses_to_drop_a_whole_log(tmp_path):
+    path = tmp_path / "run.csv"
+    logger = mw.CSVLogger(path)
+    for i in (1, 2, 3):
+        logger(record(i))
+    text = path.read_text()
+    path.write_text(text + "4,4,0.2")  # a crash in the middle of writing row 4: no newline
+    path.chmod(0o640)
+    mw.CSVLogger(path)(record(4))  # resumed from iteration 3: the partial row is no record
+    assert path.stat().st_mode & 0o777 == 0o640  # rewritten in place of the old: its permissions kept
+    table = rows(path)
+    assert [r[0] for r in table] == ["iteration", "1", "2", "3", "4"]
+    assert all(len(r) == len(table[0]) for r in table) and float(table[-1][2]) == 1.0 / 4
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"iterations 1 to 4.*iteration 1.*overwrite=True"):
+        mw.CSVLogger(path)(record(1))  # a new run on an old log: nothing to resume, nothing dropped
+    assert path.read_bytes() == before
+    rolled = mw.CSVLogger(path)
+    rolled(record(5))
+    rolled(record(3))  # the weighter rolled back in this process: rows 3 and later were undone
+    assert [r[0] for r in rows(path)] == ["iteration", "1", "2", "3"]
+    assert float(rows(path)[-1][2]) == 1.0 / 3
+    assert not [p for p in tmp_path.iterdir() if p.name != "run.csv"]  # no temporary file left behind
+
+
 class Flaky(nn.Module):
     """DenseDistillLoss whose ``fail_at``-th call gives non-finite terms."""
 
@@ -328,6 +494,123 @@ def test_load_checkpoint_tells_an_intact_file_needing_trust_from_a_damaged_one(t
         mw.load_checkpoint(damaged)
 
 
+def _all_masked_row(k=0, n=2):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 4)
+    logits[k, n] = -math.inf  # every class of one sample masked at one exit
+    return logits
+
+
+@pytest.mark.parametrize("call", [
+    lambda L, y: mw.find_thresholds(L, torch.tensor([0.5, 0.5])),
+    lambda L, y: mw.exit_assignment(L, torch.tensor([0.5, -1.0])),
+    lambda L, y: mw.evaluate_thresholds(L, y, torch.tensor([0.5, -1.0]), [1, 2]),
+    lambda L, y: mw.budgeted_curve(L, y, L, y, [1, 2]),
+    lambda L, y: mw.thresholds_for_budget(L, y, [1, 2], 1.5),
+    lambda L, y: mw.thresholds_for_accuracy(L, y, 0.1, costs=[1, 2]),
+    lambda L, y: mw.anytime_accuracy_from_logits(L, y),
+    lambda L, y: mw.fit_temperatures(L, y),
+    lambda L, y: mw.calibrate(L, y),
+    lambda L, y: mw.expected_calibration_error(L, y),
+    lambda L, y: mw.find_thresholds(L, [0.5, 0.5], rule="entropy"),
+])
+def test_a_row_with_every_class_masked_is_refused_by_what_decides_with_it(call):
+    """0/0 has no softmax: no confidence, no prediction. Every function that decides with exit scores
+    refuses it and names the row, instead of a NaN score that silently keeps the sample in."""
+    logits, labels = _all_masked_row(0, 2), torch.arange(6) % 4
+    with pytest.raises(ValueError, match=r"\[0, 2\] \(exit 1, sample 2\) are all -inf"):
+        call(logits, labels)
+    overflow = logits.clone()
+    overflow[0, 2] = torch.tensor([0.0, math.inf, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"exit 1, sample 2\) hold \+inf"):
+        call(overflow, labels)
+    partly = logits.clone()
+    partly[0, 2, 1] = 0.0  # one class left: defined, and accepted
+    call(partly, labels)
+
+
+class MaskedHead(nn.Module):
+    """A head that masks every class of sample ``masked`` (at a given exit)."""
+
+    def __init__(self, masked):
+        super().__init__()
+        self.fc, self.masked = nn.Linear(10, 5), masked
+
+    def forward(self, h):
+        z = self.fc(h)
+        return z.index_fill(0, torch.tensor(self.masked, dtype=torch.long), -math.inf) if self.masked else z
+
+
+@pytest.mark.parametrize("masked_at", [0, 1])
+def test_early_exit_refuses_a_sample_with_every_class_masked(masked_at):
+    torch.manual_seed(0)
+    heads = [MaskedHead([3] if k == masked_at else []) for k in range(2)]
+    net = mw.MultiExit([nn.Sequential(nn.Linear(6, 10), nn.Tanh()), nn.Sequential(nn.Linear(10, 10), nn.Tanh())],
+                       heads).eval()
+    x = torch.randn(8, 6)
+    for predictor in (mw.EarlyExit(net, [2.0, -1.0]),  # nobody leaves early: both exits run
+                      mw.EarlyExit(mw.attach_exits(nn.Sequential(net.stages[0], net.stages[1], heads[1]),
+                                                   ["0"], [heads[0]]), [2.0, -1.0])):
+        with pytest.raises(ValueError, match=rf"Exit {masked_at + 1} gave 1 sample\(s\) logits that are all -inf"):
+            predictor(x)
+    heads[masked_at].masked = []
+    assert mw.EarlyExit(net, [2.0, -1.0])(x)[1].tolist() == [1] * 8
+
+
+def test_find_thresholds_takes_int_proportions_and_lists():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40, 5)
+    assert torch.equal(mw.find_thresholds(logits, [0, 0, 1]), mw.find_thresholds(logits, torch.tensor([0.0, 0.0, 1.0])))
+    assert mw.find_thresholds(logits, torch.tensor([0, 0, 1])).tolist() == [1e8, 1e8, -1e8]  # all at the last exit
+    assert torch.equal(mw.find_thresholds(logits, [0.5, 0.25, 0.25]),
+                       mw.find_thresholds(logits, torch.tensor([0.5, 0.25, 0.25])))
+    with pytest.raises(ValueError, match=r"sums to 10\. Normalise it"):
+        mw.find_thresholds(logits, [4, 3, 3])  # counts are not a distribution: said so, not "finite fractions"
+    thresholds = mw.find_thresholds(logits, [0.5, 0.25, 0.25])
+    assert all(torch.equal(a, b) for a, b in zip(mw.exit_assignment(logits, thresholds.tolist()),
+                                                 mw.exit_assignment(logits, thresholds)))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda good: b"", r"is empty \(0 bytes\).*earlier checkpoint"),
+    (lambda good: good[: len(good) // 2], r"is damaged: it starts as a torch.save archive but its end is missing"),
+    (lambda good: good[:100] + bytes(50) + good[150:], r"is damaged: .*'archive/data.pkl' fails its checksum"),
+    (lambda good: b"step,loss\n1,0.5\n" * 20, r"is not a torch checkpoint.*starts with b'step,los'.*Check the path"),
+    (lambda good: __import__("pickle").dumps({"a": 1}), r"is a pickle stream.*pickle.load"),
+])
+def test_load_checkpoint_says_what_is_wrong_with_a_file_in_full(tmp_path, damage, message):
+    good = mw.save_checkpoint({"weights": torch.arange(300.0)}, tmp_path / "good.ckpt").read_bytes()
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(damage(good))
+    with pytest.raises(ValueError, match=message) as caught:
+        mw.load_checkpoint(path)
+    text = str(caught.value)
+    assert text.startswith(f"The checkpoint {path} ") and text.endswith(".")  # the file named; nothing cut short
+
+
+def test_load_checkpoint_refuses_a_flipped_byte_in_the_weights_that_torch_load_takes(tmp_path):
+    path = mw.save_checkpoint({"weights": torch.arange(1000.0)}, tmp_path / "c.ckpt")
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(torch.arange(1000.0)[500:502].numpy().tobytes())  # inside the tensor's bytes
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    loaded = torch.load(path, weights_only=True)["weights"]  # torch itself: a wrong weight, no word said
+    assert not torch.equal(loaded, torch.arange(1000.0))
+    with pytest.raises(ValueError, match=r"is damaged: .*/data/0' fails its checksum"):
+        mw.load_checkpoint(path)
+    assert not torch.equal(mw.load_checkpoint(path, verify=False)["weights"], torch.arange(1000.0))  # asked for
+    with pytest.raises(TypeError, match="`verify`"):
+        mw.load_checkpoint(path, verify="no")
+
+
+def test_load_checkpoint_calls_an_intact_file_intact_when_loading_fails_elsewhere(tmp_path):
+    path = mw.save_checkpoint({"weights": torch.ones(2)}, tmp_path / "c.ckpt")
+    with pytest.raises(ValueError, match=r"is an intact torch.save archive.*tagged with nowhere"):
+        mw.load_checkpoint(path, map_location="nowhere")
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        mw.load_checkpoint(tmp_path)
+
+
 def test_every_python_file_compiles_without_warnings():
     files = [p for d in ("metaweight", "examples", "benchmarks", "tests", "references", "docs")
              for p in (ROOT / d).rglob("*.py")]
@@ -345,7 +628,8 @@ def test_every_python_file_compiles_without_warnings():
                           torch.zeros(5, dtype=torch.long)), "same exits"),
     (lambda: mw.fit_temperatures(torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long), iterations=0),
      "iterations"),
-    (lambda: mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([1, 0])), "finite fractions"),
+    (lambda: mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([True, False])), "real numbers"),
+    (lambda: mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([-1.0, 2.0])), "finite fractions"),
     (lambda: mw.CSVLogger(3), "path"),
     (lambda: mw.load_checkpoint(__file__, weights_only="yes"), "weights_only"),
     (lambda: mw.load_checkpoint(3), "`path`"),
