@@ -124,17 +124,21 @@ def validation_direction(model: nn.Module, validation: Objective, params: dict[s
 
 def scale(tensors: Sequence[Tensor], factors: Sequence[Tensor | float]) -> list[Tensor]:
     """``tensors[i] * factors[i]`` for a list: the float factors (SGD's constant D) by one multi-tensor
-    multiply per distinct value, the tensor factors (Adam's D) by one list multiply."""
+    multiply per distinct value (and dtype and device), the tensor factors (Adam's D) by one list
+    multiply."""
     out: list[Tensor | None] = [None] * len(tensors)
-    by_value: dict[float, list[int]] = {}
+    by_value: dict[tuple[float, torch.dtype, torch.device], list[int]] = {}
     elementwise = []
     for i, d in enumerate(factors):
         if isinstance(d, Tensor):
             elementwise.append(i)
         else:
-            by_value.setdefault(float(d), []).append(i)
-    for value, idx in by_value.items():
-        for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], value)):
+            by_value.setdefault((float(d), tensors[i].dtype, tensors[i].device), []).append(i)
+    for (value, dtype, device), idx in by_value.items():
+        # the factor as a 0-d tensor: one multiply per tensor (a Python number makes the CPU's
+        # multi-tensor fallback copy each tensor first); the same float multiply either way
+        factor = torch.full((), value, dtype=dtype, device=device)
+        for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], factor)):
             out[i] = t
     if elementwise:
         for i, t in zip(elementwise, torch._foreach_mul([tensors[i] for i in elementwise],
@@ -144,9 +148,15 @@ def scale(tensors: Sequence[Tensor], factors: Sequence[Tensor | float]) -> list[
 
 
 def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
-    r""":math:`\sum_i \|t_i\|^2` in float64, on the device: one multi-tensor norm and one sum."""
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
-    return torch.stack(norms).square().sum()
+    r""":math:`\sum_i \|t_i\|^2` in float64, on the first tensor's device: the tensors of one device
+    and dtype concatenated into one flat vector (views and one copy), one float64 norm of it."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t.reshape(-1))
+    device = tensors[0].device
+    parts = [torch.linalg.vector_norm(torch.cat(flat) if len(flat) > 1 else flat[0], dtype=torch.float64).square()
+             for flat in groups.values()]
+    return parts[0] if len(parts) == 1 else torch.stack([p.to(device) for p in parts]).sum()
 
 
 @torch.no_grad()

@@ -4,8 +4,9 @@ A call of :meth:`HarmonizedWeighter.step` may change the model's buffers (the fo
 BatchNorm statistics), gamma, gamma's optimizer state, the validation average and the counters.
 A step found non-finite must leave all of them as they were. This module keeps exactly that:
 
-* :class:`BufferSnapshot` copies the buffers into flat storage allocated once, with one
-  ``torch.cat`` per device and dtype, and copies them back only when a step is refused;
+* :class:`BufferSnapshot` copies the buffers into flat storage allocated once
+  (:class:`FlatCopies`: one ``torch.cat`` per device and dtype), and copies them back only when a
+  step is refused;
 * :class:`StateSnapshot` keeps gamma, its optimizer's state and the validation objective's
   state as device copies (a few small tensors), never through ``state_dict()`` or ``.cpu()``;
 * :func:`nonfinite_flag` decides whether a loss, all gradients and all floating-point buffers
@@ -78,57 +79,69 @@ def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
     return found.clamp_max(1.0)
 
 
-class BufferSnapshot:
-    """The module's buffers before a step, in flat storage kept between steps (on their device).
+class FlatCopies:
+    """Copies of a list of tensors in flat storage allocated once and kept between calls (on their
+    devices): one ``torch.cat`` per device and dtype (``torch.stack`` for 0-d tensors, such as
+    BatchNorm's ``num_batches_tracked``) copies them all, one op and one launch where a per-tensor
+    copy is one op per tensor (a CPU ``torch._foreach_copy_`` runs one ``copy_`` per tensor).
+    :attr:`copies` are views of the storage, shaped as the sources, valid until the next copy."""
 
-    The buffers of one device and dtype are saved with one ``torch.cat`` into one flat tensor
-    (``torch.stack`` for 0-d buffers such as BatchNorm's ``num_batches_tracked``): one launch
-    per device and dtype on a GPU, and one op on any device, where a per-buffer copy would be
-    one op per buffer (a CPU ``torch._foreach_copy_`` runs one ``copy_`` per tensor).
-    """
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._plan: list[tuple[list[int], Tensor, bool]] = []  # (source positions, flat storage, 0-d?)
+        self.copies: list[Tensor] = []
+
+    @torch.no_grad()
+    def copy(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Copy ``tensors`` into the storage (new storage when their shapes, dtypes or devices
+        changed) and return the copies."""
+        key = tuple((t.shape, t.dtype, t.device) for t in tensors)
+        if key != self._key:
+            self._allocate(tensors)
+            self._key = key
+        for index, flat, zero_d in self._plan:
+            sources = [tensors[i] for i in index]
+            if zero_d:
+                torch.stack(sources, out=flat)
+            elif all(t.dim() == 1 for t in sources):
+                torch.cat(sources, out=flat)
+            else:
+                torch.cat([t.reshape(-1) for t in sources], out=flat)
+        return self.copies
+
+    def _allocate(self, tensors: Sequence[Tensor]) -> None:
+        views: dict[int, Tensor] = {}
+        self._plan = []
+        scalars: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        others: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(tensors):
+            (scalars if t.dim() == 0 else others).setdefault((t.device, t.dtype), []).append(i)
+        for zero_d, grouped in ((True, scalars), (False, others)):
+            for (device, dtype), index in grouped.items():
+                sizes = [1 if zero_d else tensors[i].numel() for i in index]
+                flat = torch.empty(sum(sizes), device=device, dtype=dtype)
+                for i, piece in zip(index, flat.split(sizes)):
+                    views[i] = piece.view(tensors[i].shape)
+                self._plan.append((index, flat, zero_d))
+        self.copies = [views[i] for i in range(len(tensors))]
+
+
+class BufferSnapshot:
+    """The module's buffers before a step, in flat storage kept between steps (:class:`FlatCopies`)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self._key: tuple[Any, ...] | None = None
-        self._plan: list[tuple[list[Tensor], Tensor, bool]] = []  # (sources, flat storage, 0-d?)
+        self._flat = FlatCopies()
         self._saved: list[Tensor] = []  # views of the flat storage, one per buffer, its shape
         self._live: list[Tensor] = []
         self._names: list[str] = []
 
-    def _allocate(self, live: list[Tensor]) -> None:
-        views: dict[int, Tensor] = {}
-        self._plan = []
-        scalars: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        tensors: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, b in enumerate(live):
-            (scalars if b.dim() == 0 else tensors).setdefault((b.device, b.dtype), []).append(i)
-        for zero_d, grouped in ((True, scalars), (False, tensors)):
-            for (device, dtype), index in grouped.items():
-                sizes = [live[i].numel() for i in index]
-                flat = torch.empty(sum(sizes) if not zero_d else len(index), device=device, dtype=dtype)
-                for i, piece in zip(index, flat.split([1] * len(index) if zero_d else sizes)):
-                    views[i] = piece.view(live[i].shape)
-                self._plan.append(([live[i] for i in index], flat, zero_d))
-        self._saved = [views[i] for i in range(len(live))]
-
-    @torch.no_grad()
     def save(self) -> None:
         """Copy every buffer (floating point or not) into the snapshot."""
         named = list(self.module.named_buffers())
-        live = [b for _, b in named]
-        key = tuple((n, id(b), b.shape, b.dtype, b.device) for n, b in named)
-        if key != self._key:  # buffers replaced, moved or resized since the last step: new storage
-            self._allocate(live)
-            self._key = key
         self._names = [n for n, _ in named]
-        self._live = live
-        for sources, flat, zero_d in self._plan:
-            if zero_d:
-                torch.stack(sources, out=flat)
-            elif all(s.dim() == 1 for s in sources):
-                torch.cat(sources, out=flat)
-            else:
-                torch.cat([s.reshape(-1) for s in sources], out=flat)
+        self._live = [b for _, b in named]
+        self._saved = self._flat.copy(self._live)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -155,22 +168,14 @@ class BufferSnapshot:
 
 
 class Scratch:
-    """Copies of a dict of tensors in storage kept between calls (valid until the next call)."""
+    """Copies of a dict of tensors in flat storage kept between calls (:class:`FlatCopies`; valid
+    until the next call)."""
 
     def __init__(self) -> None:
-        self._key: tuple[Any, ...] | None = None
-        self._storage: list[Tensor] = []
+        self._flat = FlatCopies()
 
-    @torch.no_grad()
     def copy_of(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        values = list(tensors.values())
-        key = tuple((n, t.shape, t.dtype, t.device) for n, t in tensors.items())
-        if key != self._key:
-            self._storage = [torch.empty_like(t) for t in values]
-            self._key = key
-        if values:
-            torch._foreach_copy_(self._storage, values)
-        return dict(zip(tensors, self._storage))
+        return dict(zip(tensors, self._flat.copy(list(tensors.values()))))
 
 
 class StateSnapshot:
