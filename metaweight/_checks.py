@@ -164,12 +164,11 @@ def stack_exit_logits(outputs: object, target: object, num_exits: int, where: st
     shape = outputs[0].shape
     if shape[0] == 0 or (len(shape) == 3 and shape[1] == 0):
         raise ValueError(f"The batch of the {where} is empty: the losses are means over the batch and need a sample.")
-    target = check_target(target, shape[0], shape[-1], tokens=shape[1] if len(shape) == 3 else None,
-                          ignore_index=ignore_index)
+    target, (_, _, scored) = _checked_target(target, shape[0], shape[-1], "target",
+                                             tokens=shape[1] if len(shape) == 3 else None, ignore_index=ignore_index)
     logits = torch.stack(outputs)
     if logits.dim() == 4:
         logits, target = logits.flatten(1, 2), target.flatten()
-    scored = _label_summary(target, ignore_index)[2]
     if scored < target.numel():
         if scored == 0:
             raise ValueError(f"Every label of the {where}'s batch is ignore_index={ignore_index} (padding): there is "
@@ -186,6 +185,12 @@ def check_target(target: object, batch_size: int, num_classes: int | None, name:
     Returns them as ``torch.long``: labels of any integer type (int32 from NumPy, uint8, ...) are
     accepted and cast, as ``cross_entropy`` needs int64; float, bool and complex labels are refused.
     """
+    return _checked_target(target, batch_size, num_classes, name, tokens=tokens, ignore_index=ignore_index)[0]
+
+
+def _checked_target(target: object, batch_size: int, num_classes: int | None, name: str, *,
+                    tokens: int | None, ignore_index: int | None) -> tuple[Tensor, tuple[int, int, int]]:
+    """:func:`check_target`, and the labels' summary it read (smallest, largest, number scored)."""
     if not isinstance(target, Tensor):
         raise ValueError(f"The {name} should be a Tensor of class indices. Found `{type(target).__name__}`.")
     expected = (batch_size,) if tokens is None else (batch_size, tokens)
@@ -204,7 +209,7 @@ def check_target(target: object, batch_size: int, num_classes: int | None, name:
                 f"The {name} holds labels in [{low}, {high}], but the logits have {num_classes} classes, "
                 f"so labels must lie in {bound}."
             )
-    return target.long()
+    return target.long(), (low, high, scored)
 
 
 def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:
