@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaweight._exit_rules import predict
 from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_softmax_rows, check_target
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
@@ -90,9 +91,19 @@ def collect_logits(
 
 
 def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
-    """Per exit and sample, whether the label is among the ``k`` highest logits: bool ``[K, N]``."""
-    k = min(k, logits.shape[-1])
-    return (logits.topk(k, dim=-1).indices == labels.view(1, -1, 1)).any(-1)
+    """Per exit and sample, whether the label is among the ``k`` highest logits: bool ``[K, N]``.
+
+    Ties are broken as :func:`~metaweight.predict` breaks them (the lower class index ranks
+    first; a NaN ranks above every number, as in ``torch.argmax``), so top-1 is exactly
+    ``predict(logits) == labels``: the label's rank is the number of classes with a larger
+    logit plus those of lower index with an equal one."""
+    if k == 1:
+        return predict(logits) == labels.view(1, -1)
+    z = logits.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    z_y = z.gather(-1, labels.view(1, -1, 1).expand(z.shape[0], -1, 1))
+    lower = torch.arange(z.shape[-1], device=z.device) < labels.view(1, -1, 1)
+    rank = (z > z_y).sum(-1) + ((z == z_y) & lower).sum(-1)
+    return rank < k
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import check_softmax_rows, check_target
-from metaweight._exit_rules import ExitRule, as_rule
+from metaweight._exit_rules import ExitRule, as_rule, predict
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
 
@@ -38,7 +38,7 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
     if not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating point. Found {logits.dtype}.")
     check_softmax_rows(logits, name)
-    prediction = torch.softmax(logits.float(), dim=-1).max(dim=-1).indices
+    prediction = predict(logits)
     return as_rule(rule).scores(logits).float(), prediction
 
 

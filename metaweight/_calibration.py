@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import check_softmax_rows, check_target
+from metaweight._exit_rules import predict
 
 
 def _check(logits: Tensor, labels: Tensor, name: str = "logits") -> Tensor:
@@ -83,7 +84,7 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15
     labels = _check(logits, labels).to(logits.device)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"Invalid bins: {bins!r}. Expected an int >= 1.")
-    confidence, prediction = torch.softmax(logits.double(), dim=-1).max(dim=-1)
+    confidence, prediction = torch.softmax(logits.double(), dim=-1).amax(dim=-1), predict(logits)
     correct = (prediction == labels[None]).double()
     index = (confidence * bins).ceil().long().clamp(1, bins) - 1
     out = []

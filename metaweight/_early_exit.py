@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._checks import UNDEFINED_SOFTMAX_FIX, softmax_undefined
-from metaweight._exit_rules import ExitRule, as_rule
+from metaweight._exit_rules import ExitRule, as_rule, predict
+from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
 
@@ -117,6 +118,7 @@ class EarlyExit(nn.Module):
             num_exits = int(model.num_exits)
         else:
             self.stages, self.heads = exit_parts(model)
+            check_head_classes(self.heads, f"`{type(model).__name__}`")
             num_exits = len(self.heads)
         device = next((p.device for p in model.parameters()), None)
         try:
@@ -169,6 +171,7 @@ class EarlyExit(nn.Module):
         alive = torch.arange(n, device=first.device)
         last = len(self.heads) - 1
         history: list[Tensor] = []  # earlier exits' logits of the samples still in (rules such as patience)
+        first_logits: Tensor | None = None
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
             if k == 0:  # the first stage takes the model's inputs (see exit_parts)
                 call = first_stage_call(self.model, x)
@@ -176,12 +179,14 @@ class EarlyExit(nn.Module):
             else:
                 features = stage(features)
             logits = _per_sample(head(features)).float()
+            first_logits = logits if first_logits is None else first_logits
+            check_exit_classes([first_logits] * k + [logits], f"`{type(self.model).__name__}`")
             if self.rule.uses_history:
                 history.append(logits)
                 score = self.rule.scores(torch.stack(history))[-1].to(logits.device)
             else:
                 score = self.rule.scores(logits[None])[0].to(logits.device)
-            classes = torch.softmax(logits, dim=-1).max(dim=-1).indices
+            classes = predict(logits)
             undefined = softmax_undefined(logits).sum()
             if k == last:
                 if int(undefined):  # the one host read of the last exit
@@ -224,7 +229,7 @@ class EarlyExit(nn.Module):
         def leave(k: int, logits: Tensor) -> bool:
             history.append(_per_sample(logits).float())
             confidence = self.rule.scores(torch.stack(history))[-1].to(logits.device)
-            classes = torch.softmax(history[-1], dim=-1).max(dim=-1).indices
+            classes = predict(history[-1])
             if not state:
                 n = logits.shape[0]
                 state.update(predictions=torch.empty(n, dtype=torch.long, device=logits.device),

@@ -44,9 +44,12 @@ def test_an_exit_after_a_module_called_twice_is_refused_with_its_name_and_count(
     model = mw.attach_exits(TwiceShared(2), ["block"], [nn.Linear(8, 3)])  # no example: refused at the first forward
     with pytest.raises(ValueError, match=r"`block` 2 times"):
         model(torch.randn(5, 4))
-    predictor = mw.EarlyExit(model, torch.tensor([2.0, -1.0]))  # nobody leaves at the attached exit
-    with pytest.raises(ValueError, match=r"`block` at least 2 times"):
-        predictor(torch.randn(50, 4))
+    for thresholds in ([2.0, -1.0], [-1.0, -1.0]):  # nobody leaves at the attached exit; everyone does
+        predictor = mw.EarlyExit(model, torch.tensor(thresholds))  # its first call runs the whole forward
+        with pytest.raises(ValueError, match=r"`block` 2 times"):
+            predictor(torch.randn(50, 4))
+        with pytest.raises(ValueError, match=r"`block` 2 times"):
+            mw.exit_costs(model, torch.randn(1, 4), executed=True)
 
 
 def test_attaching_to_a_multi_exit_model_keeps_all_its_exits_in_order():
