@@ -159,7 +159,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         raise ValueError(f"`logits` {tuple(logits.shape)} hold no exit, sample or class: nothing to score.")
     if not logits.is_floating_point():
         raise ValueError(f"`logits` should be floating point. Found {logits.dtype}.")
-    labels = check_target(labels, logits.shape[1], logits.shape[2]).to(logits.device)
+    labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels").to(logits.device)
     check_softmax_rows(logits)  # a row with every class masked has no prediction to score
     ks = list(topk) if isinstance(topk, (list, tuple)) else None
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):

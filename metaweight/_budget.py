@@ -203,6 +203,7 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor | Seq
         rule: the exit rule (an :class:`ExitRule` or its name).
     """
     confidence, prediction = _confidence(logits, rule=rule)
+    check_target(labels, confidence.shape[1], logits.shape[2], name="labels")
     return _evaluate(confidence, prediction, labels, _check_thresholds(thresholds, confidence.shape[0]), costs)
 
 

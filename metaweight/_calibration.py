@@ -115,7 +115,15 @@ class Calibration:
     ece_after: list[float]
 
     def apply(self, logits: Tensor) -> Tensor:
-        """``logits [K, N, C]`` divided by each exit's temperature."""
+        """``logits [K, N, C]`` divided by each exit's temperature; ``K`` must be the number of
+        fitted exits (a ``ValueError`` otherwise: no broadcast of one exit's logits to all)."""
+        K = len(self.temperatures)
+        if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[0] != K \
+                or not logits.is_floating_point():
+            found = f"shape {tuple(logits.shape)} ({logits.dtype})" if isinstance(logits, Tensor) else \
+                f"`{type(logits).__name__}`"
+            raise ValueError(f"`logits` should be floating-point logits [K, N, C] of the {K} exits the temperatures "
+                             f"were fitted on. Found {found}. Stack the exits' logits (torch.stack) in exit order.")
         t = torch.tensor(self.temperatures, dtype=logits.dtype, device=logits.device)
         return logits / t.view(-1, 1, 1)
 
