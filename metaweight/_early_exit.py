@@ -86,7 +86,13 @@ class EarlyExit(nn.Module):
     Stage ``k`` and head ``k`` run only for the samples still in the network; a sample
     leaves at exit ``k`` when its softmax confidence reaches ``thresholds[k]`` (the last
     exit takes all). The predictions equal those of taking, from a full forward pass, the
-    first exit over threshold, but the compute of the skipped stages is really saved.
+    first exit over threshold (:func:`exit_assignment`), but the compute of the skipped stages
+    is really saved; equal up to rounding: a stage run on the sub-batch still in the network
+    may round its output differently in the last bit than on the whole batch (a matrix
+    multiply over fewer rows; one float32 ulp of a logit, about 6e-8, seen on CPU), so a sample
+    whose score lies that close to a threshold can leave at the neighbouring exit. Thresholds
+    from :func:`find_thresholds` on the very logits evaluated sit exactly on some samples'
+    scores, so there a few such samples are expected; on other data they are rare.
 
     Args:
         model: a model with ``exit_stages()`` returning ``(stages, heads)`` (e.g.
