@@ -61,6 +61,10 @@ def collect_logits(
     except (RuntimeError, TypeError):
         raise ValueError(f"Invalid device: {device!r}. Expected a torch.device or a name such as 'cpu' or "
                          f"'cuda:0'.") from None
+    if device.type == "meta" or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError(f"collect_logits (and anytime_accuracy) keep the logits' values, and "
+                         f"{'device=meta' if device.type == 'meta' else 'the model is on the meta device'} has none "
+                         f"(shapes only). Load the weights and pass a real device (e.g. 'cpu', 'cuda').")
     chunks, labels = [], []
     num_exits = None
     with eval_mode(model):

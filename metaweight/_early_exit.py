@@ -39,6 +39,29 @@ def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Modul
     return stages, heads
 
 
+def refuse_meta(model: nn.Module, inputs: Any, what: str) -> None:
+    """Refuse, before anything runs, a model or inputs on the meta device: early exit decides from
+    the values of the scores, which meta tensors do not have."""
+    on_meta = [f"the parameters of `{type(model).__name__}`"] if any(
+        t.is_meta for t in [*model.parameters(), *model.buffers()]) else []
+    if inputs is not None and _any_meta(inputs):
+        on_meta.append("the inputs")
+    if on_meta:
+        raise ValueError(f"{what} needs values, and {' and '.join(on_meta)} are on the meta device (shapes "
+                         f"only). Load the weights (e.g. model.to_empty(device='cpu') and load_state_dict) and "
+                         f"pass real inputs; exit_costs(..., executed=False) counts the costs on meta tensors.")
+
+
+def _any_meta(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.is_meta
+    if isinstance(x, Mapping):
+        return any(_any_meta(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_any_meta(v) for v in x)
+    return False
+
+
 def _per_sample(logits: Tensor) -> Tensor:
     if logits.dim() != 2:
         raise ValueError(f"EarlyExit decides per sample and needs exit logits [batch, classes]; found shape "
@@ -115,6 +138,7 @@ class EarlyExit(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
+        refuse_meta(model, None, "EarlyExit")
         self.model = model
         self.rule = as_rule(rule)
         self._all_modules = list(model.modules())
@@ -156,6 +180,8 @@ class EarlyExit(nn.Module):
         """
         x = wrapper_call(self.model, args, kwargs, "EarlyExit")
         _first_tensor(x)  # a call without a tensor is refused here, not by a bare StopIteration
+        if _any_meta(x):
+            refuse_meta(self.model, x, "EarlyExit")
         training = [m for m in self._all_modules if m.training]  # a cached list: cheap at batch 1
         for m in training:
             m.training = False
