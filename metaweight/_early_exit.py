@@ -206,7 +206,7 @@ class EarlyExit(nn.Module):
         first_logits: Tensor | None = None
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
             if k == 0:  # the first stage takes the model's inputs (see exit_parts)
-                call = first_stage_call(self.model, x)
+                call = first_stage_call(self.model, x, stage)
                 features = stage(*call.args, **call.kwargs)
             else:
                 features = stage(features)
