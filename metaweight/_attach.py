@@ -90,6 +90,8 @@ class AttachedExits(nn.Module):
 
     Real early exit (:class:`EarlyExit`) on such a model stops the forward at the first exit
     after which no sample is left: a batch pays for the deepest exit any of its samples needs.
+    Its first call runs the whole forward once to check the structure above, unless
+    ``example_input`` was given or the wrapper's own forward already ran.
     Per-sample savings inside a batch need the stages as separate modules
     (:class:`MultiExit`, or a model defining ``exit_stages()``), which a model whose forward
     you do not own cannot give.
