@@ -43,7 +43,7 @@ from metaweight._calibration import Calibration, calibrate, expected_calibration
 from metaweight._checkpoint import load_checkpoint, save_checkpoint
 from metaweight._clipping import ClipGradNorm
 from metaweight._early_exit import EarlyExit
-from metaweight._exit_rules import Entropy, ExitRule, Margin, MaxProbability, Patience
+from metaweight._exit_rules import Entropy, ExitRule, Margin, MaxProbability, Patience, predict
 from metaweight._flops import ExitCosts, exit_costs
 from metaweight._logging import CSVLogger, TensorBoardLogger
 from metaweight._losses import DenseDistillLoss
@@ -116,6 +116,7 @@ __all__ = [
     "plot_budget_curves",
     "plot_gamma_history",
     "plot_reliability",
+    "predict",
     "preset",
     "save_checkpoint",
     "thresholds_for_accuracy",

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaweight._exit_rules import predict
 from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_softmax_rows, check_target
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
@@ -60,6 +61,10 @@ def collect_logits(
     except (RuntimeError, TypeError):
         raise ValueError(f"Invalid device: {device!r}. Expected a torch.device or a name such as 'cpu' or "
                          f"'cuda:0'.") from None
+    if device.type == "meta" or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError(f"collect_logits (and anytime_accuracy) keep the logits' values, and "
+                         f"{'device=meta' if device.type == 'meta' else 'the model is on the meta device'} has none "
+                         f"(shapes only). Load the weights and pass a real device (e.g. 'cpu', 'cuda').")
     chunks, labels = [], []
     num_exits = None
     with eval_mode(model):
@@ -90,9 +95,19 @@ def collect_logits(
 
 
 def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
-    """Per exit and sample, whether the label is among the ``k`` highest logits: bool ``[K, N]``."""
-    k = min(k, logits.shape[-1])
-    return (logits.topk(k, dim=-1).indices == labels.view(1, -1, 1)).any(-1)
+    """Per exit and sample, whether the label is among the ``k`` highest logits: bool ``[K, N]``.
+
+    Ties are broken as :func:`~metaweight.predict` breaks them (the lower class index ranks
+    first; a NaN ranks above every number, as in ``torch.argmax``), so top-1 is exactly
+    ``predict(logits) == labels``: the label's rank is the number of classes with a larger
+    logit plus those of lower index with an equal one."""
+    if k == 1:
+        return predict(logits) == labels.view(1, -1)
+    z = logits.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    z_y = z.gather(-1, labels.view(1, -1, 1).expand(z.shape[0], -1, 1))
+    lower = torch.arange(z.shape[-1], device=z.device) < labels.view(1, -1, 1)
+    rank = (z > z_y).sum(-1) + ((z == z_y) & lower).sum(-1)
+    return rank < k
 
 
 @dataclass
@@ -148,7 +163,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         raise ValueError(f"`logits` {tuple(logits.shape)} hold no exit, sample or class: nothing to score.")
     if not logits.is_floating_point():
         raise ValueError(f"`logits` should be floating point. Found {logits.dtype}.")
-    labels = check_target(labels, logits.shape[1], logits.shape[2]).to(logits.device)
+    labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels").to(logits.device)
     check_softmax_rows(logits)  # a row with every class masked has no prediction to score
     ks = list(topk) if isinstance(topk, (list, tuple)) else None
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):

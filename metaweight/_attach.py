@@ -48,6 +48,17 @@ def _logits(output: Any) -> list[Tensor]:
                     f"include_output=False and attach the last exit by name.")
 
 
+def _head_dtype(model: nn.Module, features: Tensor) -> torch.dtype | None:
+    """The dtype of a head the library builds: the model's (its first floating-point parameter's);
+    for a model without one, the features' outside autocast, the default dtype under it."""
+    if not features.is_floating_point():
+        return None
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype() if torch.is_autocast_enabled(features.device.type) else features.dtype
+
+
 class _StopForward(Exception):
     """Raised from a hook to stop the wrapped model's forward once every sample has left."""
 
@@ -66,14 +77,21 @@ class AttachedExits(nn.Module):
     forward of this wrapper, so ``model`` alone still runs as before, and they work under
     ``torch.func.functional_call`` (the look-ahead).
 
-    A named module must run once per forward: an exit after a module applied twice (a
-    weight-shared block) is refused with a ``ValueError`` naming it and its number of calls.
-    Heads built by a factory are moved to the device and dtype of the features they read;
+    A named module must run once per forward, in the order of ``after``: an exit after a module
+    applied twice (a weight-shared block) is refused with a ``ValueError`` naming it and its
+    number of calls; modules that run in another order than ``after`` with one naming the order
+    they ran in (pass that order); a module the forward skips (a conditional forward) with a
+    ``RuntimeError``; exits giving logits of different shapes (another number of classes) with a
+    ``ValueError``. With ``example_input`` these are seen when attaching, else at the first forward.
+    Heads built by a factory are moved to the device of the features they read and the dtype
+    of the model's parameters (not that of features computed under ``torch.autocast``);
     building them, and the shape check on ``example_input``, run in eval mode and give every
     module its own train/eval mode back.
 
     Real early exit (:class:`EarlyExit`) on such a model stops the forward at the first exit
     after which no sample is left: a batch pays for the deepest exit any of its samples needs.
+    Its first call runs the whole forward once to check the structure above, unless
+    ``example_input`` was given or the wrapper's own forward already ran.
     Per-sample savings inside a batch need the stages as separate modules
     (:class:`MultiExit`, or a model defining ``exit_stages()``), which a model whose forward
     you do not own cannot give.
@@ -121,6 +139,7 @@ class AttachedExits(nn.Module):
         self.include_output = bool(include_output)
         known = getattr(model, "num_exits", None)  # a multi-exit model (MultiExit, attach_exits again) says
         self._output_exits = int(self.include_output) * (known if isinstance(known, int) and known > 0 else 1)
+        self._checked = False  # whether one whole forward showed the structure (order, each module once, classes)
         if callable(heads) and not isinstance(heads, nn.Module):
             if example_input is None:
                 raise ValueError("A head factory needs `example_input` to see each module's output.")
@@ -133,9 +152,9 @@ class AttachedExits(nn.Module):
                 if not isinstance(head, nn.Module):
                     raise TypeError(f"The head factory should return an nn.Module; for {name!r} it returned "
                                     f"`{type(head).__name__}`.")
-                # a head the factory built on the CPU in float32 goes where the features are, in their dtype
-                built.append(head.to(device=features.device,
-                                     dtype=features.dtype if features.is_floating_point() else None))
+                # a head the factory built on the CPU in float32 goes where the features are, in the dtype of
+                # the model's parameters (not the features': under autocast they are bf16 for this call only)
+                built.append(head.to(device=features.device, dtype=_head_dtype(model, features)))
             heads = built
         heads = list(heads)  # type: ignore[arg-type]
         if len(heads) != len(self.after) or not all(isinstance(h, nn.Module) for h in heads):
@@ -145,10 +164,6 @@ class AttachedExits(nn.Module):
             with torch.no_grad(), eval_mode(self):
                 self._output_exits = 0 if not self.include_output else None  # type: ignore[assignment]
                 shapes = [tuple(z.shape) for z in self(example_input)]
-            if len(set(shapes)) != 1:
-                names = self.after + [f"(model output {k + 1})" for k in range(self._output_exits)]
-                raise ValueError(f"The exits give logits of different shapes: "
-                                 f"{dict(zip(names, shapes))}. Make every head output the model's classes.")
 
     @property
     def num_exits(self) -> int:
@@ -160,8 +175,14 @@ class AttachedExits(nn.Module):
         return self.model
 
     def _capture(self, call: ModelCall, on_exit: Callable[[int, Tensor], None] | None = None) -> dict[str, Any]:
+        """Run the model once with the hooks; ``on_exit(k, features)`` at each attached exit (early exit).
+
+        The hooks see the order the modules run in: ``on_exit`` is called only while it is the
+        order of ``after`` with none missing. Once it is not, the forward runs to its end and the
+        structure is refused (:meth:`_check_structure`), never answered from the wrong exit."""
         captured: dict[str, Any] = {}
         calls = dict.fromkeys(self.after, 0)
+        order: list[str] = []
         modules = dict(self.model.named_modules())
         handles = []
 
@@ -173,7 +194,8 @@ class AttachedExits(nn.Module):
                         self._refuse_repeats({name: calls[name]}, at_least=True)
                     return
                 captured[name] = _features(output)
-                if on_exit is not None:
+                order.append(name)
+                if on_exit is not None and order == self.after[:len(order)]:
                     on_exit(index, captured[name])
             return hook
 
@@ -184,10 +206,23 @@ class AttachedExits(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+        self._check_structure(calls, order)
+        return captured
+
+    def _check_structure(self, calls: dict[str, int], order: list[str]) -> None:
+        """Refuse a forward in which a named module ran twice, not at all, or out of ``after``'s order."""
         repeated = {name: n for name, n in calls.items() if n > 1}
         if repeated:
             self._refuse_repeats(repeated)
-        return captured
+        missing = [n for n in self.after if calls[n] == 0]
+        if missing:
+            raise RuntimeError(f"The modules {missing} did not run in this forward of `{type(self.model).__name__}` "
+                               f"(a conditional forward?), so their exits have no features; attach exits to modules "
+                               f"the forward calls on every input.")
+        if order != self.after:
+            raise ValueError(f"The attached modules run in the order {order}, but `after` lists them as "
+                             f"{self.after}. Exits are numbered in `after`'s order and early exit needs that to be "
+                             f"the order they run in: pass after={order} (and the heads in that order).")
 
     def _refuse_repeats(self, repeated: dict[str, int], at_least: bool = False) -> None:
         calls = ", ".join(f"`{name}` {'at least ' if at_least else ''}{n} times" for name, n in repeated.items())
@@ -195,6 +230,13 @@ class AttachedExits(nn.Module):
                          f"`{type(self.model).__name__}` ({calls}; e.g. a weight-shared block applied twice), so "
                          f"which call's features it should take is ambiguous. Attach the exit to a module that "
                          f"runs once per forward (wrap each application in its own module).")
+
+    def _check_classes(self, logits: Sequence[Tensor]) -> None:
+        shapes = [tuple(z.shape) for z in logits]
+        if len(set(shapes)) > 1:
+            names = self.after + [f"(model output {k + 1})" for k in range(len(shapes) - len(self.after))]
+            raise ValueError(f"The exits give logits of different shapes: "
+                             f"{dict(zip(names, shapes))}. Make every head output the model's classes.")
 
     def _own_exits(self, output: Any) -> list[Tensor]:
         exits = _logits(output)
@@ -216,13 +258,11 @@ class AttachedExits(nn.Module):
         before it runs.
         """
         captured = self._capture(wrapper_call(self.model, args, kwargs, "AttachedExits"))
-        missing = [n for n in self.after if n not in captured]
-        if missing:
-            raise RuntimeError(f"The modules {missing} did not run in the model's forward; attach exits to modules "
-                               f"the forward calls.")
         logits = [head(captured[name]) for name, head in zip(self.after, self.heads)]
         if self.include_output:
             logits.extend(self._own_exits(captured["__output__"]))
+        self._check_classes(logits)
+        self._checked = True
         return logits
 
     def run_until(self, inputs: Any, leave: Callable[[int, Tensor], bool]) -> list[Tensor]:
@@ -231,22 +271,36 @@ class AttachedExits(nn.Module):
         own exits included when the forward ran to the end (``leave`` is not called for those).
 
         ``inputs`` is one batch's inputs, passed to the model as :meth:`forward` passes one argument.
+        The first call of this wrapper that is not a :meth:`forward` (or the check forward of
+        ``example_input``) runs the whole forward, to see that every named module runs once, in
+        the order of ``after``, and that the heads give the model's classes; later calls stop
+        early, and still refuse a named module that runs out of order or not at all before the stop.
         """
+        call = inputs if isinstance(inputs, ModelCall) else wrapper_call(self.model, (inputs,), {},
+                                                                         "AttachedExits.run_until")
+        if not self._checked:
+            # The first call runs the whole forward: a module that runs twice or not at all, exits out of
+            # order and heads of other classes are seen only then (an early stop would hide them).
+            computed = self.forward(*call.args, **call.kwargs)
+            for k in range(len(self.after)):
+                if leave(k, computed[k]):
+                    return computed[:k + 1]
+            return computed
         computed: list[Tensor] = []
 
         def on_exit(index: int, features: Tensor) -> None:
             computed.append(self.heads[index](features))
+            self._check_classes(computed)
             if leave(index, computed[-1]):
                 raise _StopForward
 
         try:
-            call = inputs if isinstance(inputs, ModelCall) else wrapper_call(self.model, (inputs,), {},
-                                                                             "AttachedExits.run_until")
             captured = self._capture(call, on_exit)
         except _StopForward:
             return computed
         if self.include_output:
             computed.extend(self._own_exits(captured["__output__"]))
+        self._check_classes(computed)
         return computed
 
 

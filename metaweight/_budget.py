@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import check_softmax_rows, check_target
-from metaweight._exit_rules import ExitRule, as_rule
+from metaweight._exit_rules import ExitRule, as_rule, predict
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
 
@@ -38,7 +38,7 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
     if not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating point. Found {logits.dtype}.")
     check_softmax_rows(logits, name)
-    prediction = torch.softmax(logits.float(), dim=-1).max(dim=-1).indices
+    prediction = predict(logits)
     return as_rule(rule).scores(logits).float(), prediction
 
 
@@ -203,6 +203,7 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor | Seq
         rule: the exit rule (an :class:`ExitRule` or its name).
     """
     confidence, prediction = _confidence(logits, rule=rule)
+    check_target(labels, confidence.shape[1], logits.shape[2], name="labels")
     return _evaluate(confidence, prediction, labels, _check_thresholds(thresholds, confidence.shape[0]), costs)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import check_softmax_rows, check_target
+from metaweight._exit_rules import predict
 
 
 def _check(logits: Tensor, labels: Tensor, name: str = "logits") -> Tensor:
@@ -83,7 +84,7 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15
     labels = _check(logits, labels).to(logits.device)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"Invalid bins: {bins!r}. Expected an int >= 1.")
-    confidence, prediction = torch.softmax(logits.double(), dim=-1).max(dim=-1)
+    confidence, prediction = torch.softmax(logits.double(), dim=-1).amax(dim=-1), predict(logits)
     correct = (prediction == labels[None]).double()
     index = (confidence * bins).ceil().long().clamp(1, bins) - 1
     out = []
@@ -114,7 +115,15 @@ class Calibration:
     ece_after: list[float]
 
     def apply(self, logits: Tensor) -> Tensor:
-        """``logits [K, N, C]`` divided by each exit's temperature."""
+        """``logits [K, N, C]`` divided by each exit's temperature; ``K`` must be the number of
+        fitted exits (a ``ValueError`` otherwise: no broadcast of one exit's logits to all)."""
+        K = len(self.temperatures)
+        if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[0] != K \
+                or not logits.is_floating_point():
+            found = f"shape {tuple(logits.shape)} ({logits.dtype})" if isinstance(logits, Tensor) else \
+                f"`{type(logits).__name__}`"
+            raise ValueError(f"`logits` should be floating-point logits [K, N, C] of the {K} exits the temperatures "
+                             f"were fitted on. Found {found}. Stack the exits' logits (torch.stack) in exit order.")
         t = torch.tensor(self.temperatures, dtype=logits.dtype, device=logits.device)
         return logits / t.view(-1, 1, 1)
 

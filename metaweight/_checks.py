@@ -204,11 +204,15 @@ def _checked_target(target: object, batch_size: int, num_classes: int | None, na
     low, high, scored = _label_summary(target, ignore_index)
     if scored > 0:
         if low < 0 or (num_classes is not None and high >= num_classes):
-            bound = f"[0, {num_classes - 1}]" if num_classes is not None else "[0, C)"
-            raise ValueError(
-                f"The {name} holds labels in [{low}, {high}], but the logits have {num_classes} classes, "
-                f"so labels must lie in {bound}."
-            )
+            what = (f"the logits have {num_classes} classes, so labels must lie in [0, {num_classes - 1}]"
+                    if num_classes is not None else "class indices must be >= 0")
+            hint = ""
+            if low < 0:  # most often padding: say how to leave it out
+                hint = (f" If {low} marks padding, pass ignore_index={low} (it is {ignore_index} now)."
+                        if ignore_index is not None else
+                        f" If {low} marks padding, leave those positions out first (collect_logits(..., "
+                        f"ignore_index={low}) does).")
+            raise ValueError(f"The {name} holds labels in [{low}, {high}], but {what}.{hint}")
     return target.long(), (low, high, scored)
 
 

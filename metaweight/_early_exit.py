@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._checks import UNDEFINED_SOFTMAX_FIX, softmax_undefined
-from metaweight._exit_rules import ExitRule, as_rule
+from metaweight._exit_rules import ExitRule, as_rule, predict
+from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
 
@@ -36,6 +37,29 @@ def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Modul
         raise TypeError(f"`{type(model).__name__}.exit_stages()` should return two equally long, non-empty lists "
                         f"of modules. Found {len(stages)} stages and {len(heads)} heads.")
     return stages, heads
+
+
+def refuse_meta(model: nn.Module, inputs: Any, what: str) -> None:
+    """Refuse, before anything runs, a model or inputs on the meta device: early exit decides from
+    the values of the scores, which meta tensors do not have."""
+    on_meta = [f"the parameters of `{type(model).__name__}`"] if any(
+        t.is_meta for t in [*model.parameters(), *model.buffers()]) else []
+    if inputs is not None and _any_meta(inputs):
+        on_meta.append("the inputs")
+    if on_meta:
+        raise ValueError(f"{what} needs values, and {' and '.join(on_meta)} are on the meta device (shapes "
+                         f"only). Load the weights (e.g. model.to_empty(device='cpu') and load_state_dict) and "
+                         f"pass real inputs; exit_costs(..., executed=False) counts the costs on meta tensors.")
+
+
+def _any_meta(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.is_meta
+    if isinstance(x, Mapping):
+        return any(_any_meta(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_any_meta(v) for v in x)
+    return False
 
 
 def _per_sample(logits: Tensor) -> Tensor:
@@ -85,7 +109,13 @@ class EarlyExit(nn.Module):
     Stage ``k`` and head ``k`` run only for the samples still in the network; a sample
     leaves at exit ``k`` when its softmax confidence reaches ``thresholds[k]`` (the last
     exit takes all). The predictions equal those of taking, from a full forward pass, the
-    first exit over threshold, but the compute of the skipped stages is really saved.
+    first exit over threshold (:func:`exit_assignment`), but the compute of the skipped stages
+    is really saved; equal up to rounding: a stage run on the sub-batch still in the network
+    may round its output differently in the last bit than on the whole batch (a matrix
+    multiply over fewer rows; one float32 ulp of a logit, about 6e-8, seen on CPU), so a sample
+    whose score lies that close to a threshold can leave at the neighbouring exit. Thresholds
+    from :func:`find_thresholds` on the very logits evaluated sit exactly on some samples'
+    scores, so there a few such samples are expected; on other data they are rare.
 
     Args:
         model: a model with ``exit_stages()`` returning ``(stages, heads)`` (e.g.
@@ -108,6 +138,7 @@ class EarlyExit(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
+        refuse_meta(model, None, "EarlyExit")
         self.model = model
         self.rule = as_rule(rule)
         self._all_modules = list(model.modules())
@@ -117,6 +148,7 @@ class EarlyExit(nn.Module):
             num_exits = int(model.num_exits)
         else:
             self.stages, self.heads = exit_parts(model)
+            check_head_classes(self.heads, f"`{type(model).__name__}`")
             num_exits = len(self.heads)
         device = next((p.device for p in model.parameters()), None)
         try:
@@ -148,6 +180,8 @@ class EarlyExit(nn.Module):
         """
         x = wrapper_call(self.model, args, kwargs, "EarlyExit")
         _first_tensor(x)  # a call without a tensor is refused here, not by a bare StopIteration
+        if _any_meta(x):
+            refuse_meta(self.model, x, "EarlyExit")
         training = [m for m in self._all_modules if m.training]  # a cached list: cheap at batch 1
         for m in training:
             m.training = False
@@ -169,19 +203,22 @@ class EarlyExit(nn.Module):
         alive = torch.arange(n, device=first.device)
         last = len(self.heads) - 1
         history: list[Tensor] = []  # earlier exits' logits of the samples still in (rules such as patience)
+        first_logits: Tensor | None = None
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
             if k == 0:  # the first stage takes the model's inputs (see exit_parts)
-                call = first_stage_call(self.model, x)
+                call = first_stage_call(self.model, x, stage)
                 features = stage(*call.args, **call.kwargs)
             else:
                 features = stage(features)
             logits = _per_sample(head(features)).float()
+            first_logits = logits if first_logits is None else first_logits
+            check_exit_classes([first_logits] * k + [logits], f"`{type(self.model).__name__}`")
             if self.rule.uses_history:
                 history.append(logits)
                 score = self.rule.scores(torch.stack(history))[-1].to(logits.device)
             else:
                 score = self.rule.scores(logits[None])[0].to(logits.device)
-            classes = torch.softmax(logits, dim=-1).max(dim=-1).indices
+            classes = predict(logits)
             undefined = softmax_undefined(logits).sum()
             if k == last:
                 if int(undefined):  # the one host read of the last exit
@@ -224,7 +261,7 @@ class EarlyExit(nn.Module):
         def leave(k: int, logits: Tensor) -> bool:
             history.append(_per_sample(logits).float())
             confidence = self.rule.scores(torch.stack(history))[-1].to(logits.device)
-            classes = torch.softmax(history[-1], dim=-1).max(dim=-1).indices
+            classes = predict(history[-1])
             if not state:
                 n = logits.shape[0]
                 state.update(predictions=torch.empty(n, dtype=torch.long, device=logits.device),

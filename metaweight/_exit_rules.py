@@ -4,7 +4,7 @@ any rule.
 
 Every rule maps exit logits ``[K, N, C]`` to scores ``[K, N]`` (higher: more ready to leave); the
 score of exit ``k`` may depend on exits ``1..k`` only, so that early exit can compute it on the way.
-The prediction at an exit is always its most probable class. Logits holding a NaN give a NaN
+The prediction at an exit is always its most probable class, the first on ties (:func:`predict`). Logits holding a NaN give a NaN
 score, which never passes a threshold. A row with no softmax (all ``-inf``: every class masked; or a
 ``+inf``) gives a NaN score here too, but the functions that decide with the scores
 (:func:`find_thresholds`, :func:`budgeted_curve`, :class:`EarlyExit`, calibration, ...) refuse
@@ -17,6 +17,22 @@ import torch
 from torch import Tensor
 
 from metaweight._numerics import p_log_q
+
+
+def predict(logits: Tensor) -> Tensor:
+    """The predicted class at every exit: the index of the largest logit, the first on ties
+    (``torch.argmax``'s rule; the softmax is monotone, so it is the most probable class).
+    Every public function that predicts a class uses this one rule.
+
+    Args:
+        logits: ``[..., C]``.
+
+    Example:
+        >>> import torch, metaweight as mw
+        >>> mw.predict(torch.tensor([[1.0, 3.0, 3.0], [0.0, 0.0, 0.0]])).tolist()  # ties: the first
+        [1, 0]
+    """
+    return logits.argmax(dim=-1)
 
 
 class ExitRule:
@@ -76,7 +92,7 @@ class Patience(ExitRule):
     uses_history = True
 
     def scores(self, logits: Tensor) -> Tensor:
-        predictions = torch.softmax(logits.float(), dim=-1).max(dim=-1).indices
+        predictions = predict(logits)
         broken = torch.isnan(logits).any(-1)
         counts = torch.zeros(predictions.shape, dtype=torch.float32, device=predictions.device)
         for k in range(1, predictions.shape[0]):

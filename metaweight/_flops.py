@@ -131,6 +131,9 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
     if not isinstance(executed, bool):
         raise TypeError(f"`executed` should be a bool. Found {executed!r}.")
     if executed:
+        from metaweight._early_exit import refuse_meta
+
+        refuse_meta(model, example_input, "exit_costs(..., executed=True) runs EarlyExit, which")
         lazy = exit_costs(model, example_input, num_exits=num_exits)
         return _executed_costs(model, example_input, lazy)
     params = {id(p): i for i, p in enumerate(model.parameters())}

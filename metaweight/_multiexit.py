@@ -7,6 +7,33 @@ from collections.abc import Iterator, Sequence
 from torch import Tensor, nn
 
 
+def declared_classes(head: nn.Module) -> int | None:
+    """The number of classes a head declares, where its type says so: an ``nn.Linear`` (its
+    ``out_features``), or an ``nn.Sequential`` ending in one; ``None`` where it cannot be known
+    before it runs."""
+    while isinstance(head, nn.Sequential) and len(head):
+        head = head[-1]
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+def check_head_classes(heads: Sequence[nn.Module], where: str) -> None:
+    """Refuse heads that declare different numbers of classes (see :func:`declared_classes`)."""
+    declared = {k: c for k, c in enumerate(declared_classes(h) for h in heads) if c is not None}
+    if len(set(declared.values())) > 1:
+        raise ValueError(f"The heads of {where} give different numbers of classes: "
+                         f"{ {f'exit {k + 1}': c for k, c in declared.items()} }. Every exit must predict the same "
+                         f"classes; make every head output the model's classes.")
+
+
+def check_exit_classes(logits: Sequence[Tensor], where: str) -> None:
+    """Refuse exit logits whose last dimension (the classes) differs, naming each exit's."""
+    counts = [z.shape[-1] for z in logits]
+    if len(set(counts)) > 1:
+        raise ValueError(f"The exits of {where} give different numbers of classes: "
+                         f"{ {f'exit {k + 1}': c for k, c in enumerate(counts)} }. Every exit must predict the "
+                         f"same classes; make every head output the model's classes.")
+
+
 class MultiExit(nn.Module):
     """A backbone cut into ``K`` stages, with an exit head after each stage.
 
@@ -17,7 +44,9 @@ class MultiExit(nn.Module):
 
     Args:
         stages: ``K`` modules; stage ``k`` takes stage ``k-1``'s output (stage 1 the input).
-        heads: ``K`` modules; head ``k`` maps stage ``k``'s output to logits ``[B, C]``.
+        heads: ``K`` modules; head ``k`` maps stage ``k``'s output to logits ``[B, C]``, ``C``
+            the same for every head (refused at construction where the heads declare it, e.g.
+            ``nn.Linear``, else at the first forward).
 
     Example:
         >>> import torch
@@ -44,6 +73,7 @@ class MultiExit(nn.Module):
             for k, m in enumerate(modules):
                 if not isinstance(m, nn.Module):
                     raise TypeError(f"`{name}[{k}]` should be an nn.Module. Found `{type(m).__name__}`.")
+        check_head_classes(heads, "MultiExit")
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
 
@@ -63,5 +93,7 @@ class MultiExit(nn.Module):
             yield head(x)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """The logits of every exit, shallow to deep."""
-        return list(self.iter_exits(x))
+        """The logits of every exit, shallow to deep; exits of different numbers of classes are refused."""
+        logits = list(self.iter_exits(x))
+        check_exit_classes(logits, "MultiExit")
+        return logits

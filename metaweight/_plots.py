@@ -8,6 +8,7 @@ from typing import Any
 
 from metaweight._anytime import AnytimeResult
 from metaweight._budget import BudgetCurve
+from metaweight._exit_rules import predict
 
 
 def _pyplot() -> Any:
@@ -146,7 +147,7 @@ def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures
     for k, ax in enumerate(axes[0]):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
         for name, z in variants:
-            conf, pred = torch.softmax(z[k], -1).max(-1)
+            conf, pred = torch.softmax(z[k], -1).amax(-1), predict(z[k])
             correct = (pred == labels).double()
             index = (conf * bins).ceil().long().clamp(1, bins) - 1
             xs, ys = [], []

@@ -187,7 +187,9 @@ def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dic
     A mapping (a dict, a Hugging Face ``BatchEncoding``) whose keys are all keyword
     parameters of the model's ``forward`` (or whose ``forward`` takes ``**kwargs``) is passed as
     keyword arguments, as Hugging Face models expect; anything else, a mapping too, is passed as
-    the one positional argument. A :class:`ModelCall` (what a wrapper was called with) is passed
+    the one positional argument. One case reads both ways: a forward of one parameter ``p``
+    given ``{"p": value}``; the annotation of ``p`` decides (``Tensor``: the value as ``p=``;
+    ``dict``/``Mapping``: the dict), and without one the call is refused with a ``TypeError``. A :class:`ModelCall` (what a wrapper was called with) is passed
     as it is.
     """
     if isinstance(inputs, ModelCall):
@@ -200,8 +202,39 @@ def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dic
                                                              inspect.Parameter.KEYWORD_ONLY)}
         required = {n for n in named if params[n].default is inspect.Parameter.empty}
         if required <= set(inputs) and (set(inputs) <= named or var_kw):
+            if len(params) == 1 and set(inputs) == set(params):  # forward(batch) given {"batch": ...}
+                return _one_key_dict(model, inputs, params[next(iter(inputs))])
             return (), dict(inputs)
     return (inputs,), {}
+
+
+def _annotation_kind(annotation: Any) -> str | None:
+    """``"mapping"`` or ``"tensor"`` where a parameter's annotation says which, else ``None``."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__qualname__", None) or repr(annotation)
+    for prefix in ("typing.", "collections.abc.", "torch.", "transformers."):
+        text = text.replace(prefix, "")
+    if text.startswith(("dict", "Dict", "Mapping", "MutableMapping", "OrderedDict", "BatchEncoding")):
+        return "mapping"
+    return "tensor" if "Tensor" in text else None
+
+
+def _one_key_dict(model: Any, inputs: Mapping[str, Any], param: inspect.Parameter) -> tuple[tuple[Any, ...],
+                                                                                         dict[str, Any]]:
+    """A dict whose one key is the one parameter of the forward: the dict itself (a forward that
+    reads ``batch["batch"]``) or its value as that keyword (``{"x": tensor}`` for ``forward(x)``)?
+    The parameter's annotation decides; without one the call is refused, naming both readings."""
+    kind = _annotation_kind(param.annotation)
+    if kind == "mapping":
+        return (inputs,), {}
+    if kind == "tensor":
+        return (), dict(inputs)
+    name = type(_call_target(model)).__name__
+    raise TypeError(f"`{name}.forward({param.name})` was given the dict {{'{param.name}': ...}}, whose one key is the "
+                    f"name of its one parameter: it could mean forward({param.name}=<the value>) or forward(<the "
+                    f"dict>). Say which with the parameter's annotation: `{param.name}: Tensor` (the value) or "
+                    f"`{param.name}: dict` (the dict); or pass the value itself rather than a dict, or use another key.")
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -238,24 +271,41 @@ def wrapper_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return ModelCall(tuple(args), dict(kwargs))
 
 
-def first_stage_call(model: nn.Module, call: ModelCall) -> ModelCall:
+def first_stage_call(model: nn.Module, call: ModelCall, stage: nn.Module | None = None) -> ModelCall:
     """How stage 1 of a model with ``exit_stages()`` is called for a call of the model.
 
     A call that binds to one argument of the model's ``forward`` (``MultiExit.forward(x)``, given
     ``x`` positionally or as ``x=``, or a dict ``{"x": ...}``) hands that argument to stage 1;
-    any other call hands stage 1 the model's own arguments.
+    any other call hands stage 1 the model's own arguments, refused with a ``TypeError`` when
+    ``stage`` (stage 1) cannot take them.
     """
-    if call.args or len(call.kwargs) != 1:  # one positional argument is stage 1's already
+    if len(call.args) == 1 and not call.kwargs:  # one positional argument is stage 1's already
         return call
     signature = _forward_signature(model)
     if signature is not None:
         try:
             bound = signature.bind(*call.args, **call.kwargs)
         except TypeError:
-            return call
-        if len(bound.arguments) == 1:
+            bound = None
+        if bound is not None and len(bound.arguments) == 1:
             (name, value), = bound.arguments.items()
             if signature.parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL,
                                                        inspect.Parameter.VAR_KEYWORD):
                 return ModelCall((value,), {})
+    if stage is not None:  # stage 1 gets the model's arguments: refuse here what it cannot take
+        try:
+            stage_signature = inspect.signature(stage.forward)
+        except (TypeError, ValueError, AttributeError):
+            return call
+        try:
+            stage_signature.bind(*call.args, **call.kwargs)
+        except TypeError as exc:
+            given = [type(a).__name__ for a in call.args] + [f"{k}=" for k in call.kwargs]
+            params = ", ".join(str(p.replace(annotation=inspect.Parameter.empty))
+                               for p in stage_signature.parameters.values())
+            raise TypeError(f"EarlyExit hands stage 1 of `{type(_call_target(model)).__name__}` "
+                            f"(`{type(stage).__name__}.forward({params})`) the model's inputs ({', '.join(given)}), "
+                            f"which it cannot take ({exc}): the model's own forward uses them in a way early exit "
+                            f"cannot see. Make stage 1 a module that takes the model's arguments (the first of "
+                            f"exit_stages()' stages), or call with the one input stage 1 takes.") from None
     return call

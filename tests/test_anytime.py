@@ -43,3 +43,40 @@ def test_empty_loader_is_refused():
     net = mw.MultiExit([torch.nn.Identity()], [torch.nn.Identity()])
     with pytest.raises(ValueError, match="no batch"):
         mw.anytime_accuracy(net, [])
+
+
+def first_index_rank(row, label):
+    """The label's rank with ties to the lower class index (argmax's rule), written as a loop."""
+    return sum(1 for c in range(len(row)) if row[c] > row[label] or (row[c] == row[label] and c < label))
+
+
+def test_every_public_prediction_breaks_ties_to_the_first_class():
+    """Tied logits: anytime accuracy (from logits and from a model), evaluate_thresholds,
+    budgeted_curve, thresholds_for_budget, exit_assignment, EarlyExit and the ECE all predict as
+    ``predict`` does (argmax's first index), checked against a per-sample loop."""
+    rows = torch.tensor([[0.0, 5.0, 5.0, 0.0], [0.0, 5.0, 5.0, 0.0], [3.0, 3.0, 3.0, 3.0],
+                         [3.0, 3.0, 3.0, 3.0], [1.0, 2.0, 1.0, 2.0], [2.0, 0.0, 2.0, 0.0]])
+    labels = torch.tensor([1, 2, 0, 3, 3, 0])
+    logits = rows[None].repeat(2, 1, 1)
+    want = {k: 100.0 * sum(first_index_rank(r.tolist(), int(y)) < k for r, y in zip(rows, labels)) / 6
+            for k in (1, 2, 3)}
+    assert want[1] == 50.0  # rows 0, 2 and 5 right: the first of the tied classes is predicted
+    assert mw.predict(rows).tolist() == [1, 1, 0, 0, 1, 0]
+    result = mw.anytime_accuracy_from_logits(logits, labels, topk=(1, 2, 3)).accuracy
+    assert all(result[k] == pytest.approx([v, v], abs=1e-12) for k, v in want.items())
+    net = mw.MultiExit([torch.nn.Identity()] * 2, [torch.nn.Identity()] * 2)
+    result = mw.anytime_accuracy(net, [(rows, labels)], topk=(1, 2)).accuracy
+    assert result[1] == [want[1]] * 2 and result[2] == pytest.approx([want[2]] * 2, abs=1e-12)
+    thresholds = [0.0, 0.0]
+    assert mw.evaluate_thresholds(logits, labels, thresholds, [1.0, 2.0]).accuracy == want[1]
+    assert mw.budgeted_curve(logits, labels, logits, labels, [1.0, 2.0]).points[0].accuracy == want[1]
+    assert mw.thresholds_for_budget(logits, labels, [1.0, 2.0], 1.0).accuracy == want[1]
+    exits, predictions = mw.exit_assignment(logits, thresholds)
+    assert predictions.tolist() == [1, 1, 0, 0, 1, 0]
+    got, _ = mw.EarlyExit(net, thresholds)(rows)
+    assert got.tolist() == [1, 1, 0, 0, 1, 0]
+    confidence = torch.softmax(rows.double(), -1).amax(-1)  # the ECE's accuracy side uses the same predictions
+    correct = (mw.predict(rows) == labels).double()
+    ece = 100.0 * sum(float(((confidence == c).double().mean()) * (correct[confidence == c].mean() - c).abs())
+                      for c in confidence.unique())  # each distinct confidence falls in its own bin here
+    assert mw.expected_calibration_error(logits, labels, bins=15) == pytest.approx([ece, ece])

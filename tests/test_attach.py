@@ -128,3 +128,112 @@ def test_bad_names_and_heads_are_refused():
         mw.attach_exits(resnet, ["layer1", "layer2"], [nn.Linear(4, 5)])
     with pytest.raises(ValueError, match="twice"):
         mw.attach_exits(resnet, ["layer1", "layer1"], [nn.Linear(4, 5), nn.Linear(4, 5)])
+
+
+class Conditional(nn.Module):
+    """``a -> b -> c -> out``, where ``skip`` names a module the forward then leaves out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.skip = None
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        for name in ("b", "c"):
+            if self.skip != name:
+                h = torch.tanh(getattr(self, name)(h))
+        return self.out(h)
+
+
+def test_exits_attached_out_of_execution_order_are_refused_with_the_order_seen():
+    """Every path that runs the forward (attaching with an example, forward, EarlyExit's first call,
+    executed costs) refuses ``after`` listed deep to shallow, and says what to pass; in the order
+    given, EarlyExit equals the full forward + exit_assignment."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x = torch.randn(400, 4) * 3
+    heads = [nn.Linear(8, 3), nn.Linear(8, 3)]
+    message = r"run in the order \['1', '3'\], but `after` lists them as \['3', '1'\].*pass after=\['1', '3'\]"
+    with pytest.raises(ValueError, match=message):
+        mw.attach_exits(net, ["3", "1"], heads, example_input=x[:2])
+    runs = [lambda m: m(x), lambda m: mw.EarlyExit(m, [0.0, 0.0, 0.0])(x), lambda m: mw.EarlyExit(m, [2.0, 2.0, 0.0])(x),
+            lambda m: mw.exit_costs(m, x[:1], executed=True), lambda m: mw.exit_costs(m, x[:1])]
+    for run in runs:
+        with pytest.raises(ValueError, match=message):
+            run(mw.attach_exits(net, ["3", "1"], heads))  # no example: the first forward
+    model = mw.attach_exits(net, ["1", "3"], heads[::-1], example_input=x[:2])
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    thresholds = mw.find_thresholds(logits, [0.3, 0.3, 0.4])
+    exits, predictions = mw.exit_assignment(logits, thresholds)
+    got_predictions, got_exits = mw.EarlyExit(model, thresholds)(x)
+    assert torch.equal(got_exits, exits) and torch.equal(got_predictions, predictions)
+    assert torch.bincount(exits, minlength=3).tolist() == [120, 120, 160]
+    costs = mw.exit_costs(model, x[:1], executed=True).macs
+    assert costs == sorted(costs)
+
+
+@pytest.mark.parametrize("with_example", [True, False])
+def test_a_module_the_forward_skips_is_refused_by_every_path(with_example):
+    """A conditional forward that leaves out a named module: forward, EarlyExit at every threshold
+    that reaches past it, and executed costs refuse it alike; no exit is mislabelled."""
+    torch.manual_seed(0)
+    base = Conditional().eval()
+    x = torch.randn(6, 4)
+    for skip in ("b", "c"):
+        model = mw.attach_exits(base, ["b", "c"], [nn.Linear(8, 3), nn.Linear(8, 3)],
+                                example_input=x[:2] if with_example else None)
+        base.skip = skip
+        runs = [lambda: model(x), lambda: mw.EarlyExit(model, [2.0, 0.0, 0.0])(x),
+                lambda: mw.EarlyExit(model, [2.0, 2.0, 0.0])(x), lambda: mw.exit_costs(model, x[:1], executed=True)]
+        if skip == "b" or not with_example:  # before anyone left (or at the first, whole forward)
+            runs.append(lambda: mw.EarlyExit(model, [0.0, 0.0, 0.0])(x))
+        for run in runs:
+            with pytest.raises(RuntimeError, match=rf"\['{skip}'\] did not run"):
+                run()
+        base.skip = None
+    if with_example:  # everyone leaves at b before c would run: the answer is exit b's, and right
+        base.skip = "c"
+        predictions, exits = mw.EarlyExit(model, [0.0, 0.0, 0.0])(x)
+        base.skip = None
+        with torch.no_grad():
+            assert torch.equal(predictions, mw.predict(model(x)[0])) and exits.tolist() == [0] * 6
+
+
+def test_exits_of_different_classes_are_refused_at_construction_or_first_forward():
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"different numbers of classes.*'exit 1': 3, 'exit 2': 5"):
+        mw.MultiExit([nn.Linear(4, 4)] * 2, [nn.Linear(4, 3), nn.Sequential(nn.ReLU(), nn.Linear(4, 5))])
+    undeclared = mw.MultiExit([nn.Linear(4, 4)] * 2, [nn.Linear(4, 3), nn.Sequential(nn.Linear(4, 5), nn.Tanh())])
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        undeclared(x)
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        mw.EarlyExit(undeclared, [2.0, 0.0])(x)  # a sample reaches exit 2
+
+
+    class Parts(nn.Module):  # a model of its own speaking the protocol: its heads are checked by EarlyExit
+        def exit_stages(self):
+            return [nn.Linear(4, 4)] * 2, [nn.Linear(4, 3), nn.Linear(4, 5)]
+
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        mw.EarlyExit(Parts(), [0.0, 0.0])
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="different shapes"):
+        mw.attach_exits(net, ["1"], [nn.Linear(8, 5)], example_input=x)
+    for thresholds in ([0.0, 0.0], [2.0, 0.0]):  # everyone would leave at the attached exit; nobody would
+        with pytest.raises(ValueError, match=r"different shapes.*\(5, 5\).*\(5, 3\)"):
+            mw.EarlyExit(mw.attach_exits(net, ["1"], [nn.Linear(8, 5)]), thresholds)(x)
+
+
+def test_factory_heads_take_the_models_dtype_not_autocasts():
+    """Heads built from features computed under ``torch.autocast`` (bf16 for that call only) are
+    in the dtype of the model's parameters, so the model runs outside autocast afterwards."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    for dtype in (torch.float32, torch.float64):
+        net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model = mw.attach_exits(net, ["0"], lambda name, f: nn.Linear(f.shape[-1], 3), example_input=x.to(dtype))
+        assert model.heads[0].weight.dtype == dtype
+        assert [z.dtype for z in model(x.to(dtype))] == [dtype, dtype]

@@ -68,3 +68,28 @@ def test_curve_round_trips_through_json():
     import json
     again = mw.BudgetCurve.from_dict(json.loads(curve.to_json()))
     assert again.points == curve.points
+
+
+def test_every_label_check_names_the_classes_and_the_padding_fix():
+    """evaluate_thresholds checks labels against C as the others do; a negative label (padding)
+    gets the hint to pass ignore_index (where the function takes one) or to leave it out."""
+    logits, labels = torch.randn(3, 8, 4), torch.randint(0, 4, (8,))
+    net = mw.MultiExit([torch.nn.Identity()] * 3, [torch.nn.Identity()] * 3)
+    too_high, padded = labels.clone(), labels.clone()
+    too_high[0], padded[0] = 4, -1
+    takes_labels = [
+        lambda y: mw.evaluate_thresholds(logits, y, [0.5, 0.5, 0.0], [1.0, 2.0, 3.0]),
+        lambda y: mw.budgeted_curve(logits, y, logits, y, [1.0, 2.0, 3.0]),
+        lambda y: mw.anytime_accuracy_from_logits(logits, y),
+        lambda y: mw.expected_calibration_error(logits, y),
+    ]
+    for run in takes_labels:
+        with pytest.raises(ValueError, match=r"labels in \[0, 4\], but the logits have 4 classes.*\[0, 3\]"):
+            run(too_high)
+        with pytest.raises(ValueError, match=r"labels in \[-1, 3\].*If -1 marks padding, leave those positions out"):
+            run(padded)
+    for run in (lambda y: mw.collect_logits(net, [(logits[0], y)]), lambda y: mw.anytime_accuracy(net, [(logits[0], y)])):
+        with pytest.raises(ValueError, match=r"If -1 marks padding, pass ignore_index=-1 \(it is -100 now\)"):
+            run(padded)
+        assert mw.collect_logits(net, [(logits[0], padded)], ignore_index=-1)[1].tolist() == \
+            labels[1:].tolist()

@@ -67,3 +67,16 @@ def test_reliability_plot_is_written(tmp_path):
     logits, labels = overconfident(N=100)
     path = mw.plot_reliability(logits, labels, tmp_path / "r.png", temperatures=[3.0, 0.5, 1.0])
     assert path.stat().st_size > 0
+
+
+def test_apply_refuses_logits_of_another_number_of_exits():
+    """No broadcast: [N, C], [1, N, C] or [K', N, C] with K' != the fitted exits is refused; the
+    fitted K divides each exit by its own temperature."""
+    logits, labels = overconfident(K=3, N=60)
+    calibration = mw.calibrate(logits, labels)
+    for bad in (logits[0], logits[:1], logits[:2], torch.randn(4, 8, 5)):
+        with pytest.raises(ValueError, match=r"logits \[K, N, C\] of the 3 exits.*Found shape"):
+            calibration.apply(bad)
+    scaled = calibration.apply(logits)
+    for k in range(3):
+        assert torch.allclose(scaled[k], logits[k] / calibration.temperatures[k])

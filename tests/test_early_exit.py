@@ -123,3 +123,24 @@ def test_early_exit_with_attached_exits_reads_the_host_at_most_once_per_exit():
     expected_exits, expected = mw.exit_assignment(logits, thresholds)
     assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
     assert host_reads(lambda: predictor(x)) <= 3
+
+
+def test_meta_tensors_are_refused_up_front_where_values_are_needed():
+    """EarlyExit, executed costs and collect_logits/anytime_accuracy need values: a model or
+    inputs on the meta device are refused with a ValueError before anything runs; the dependency
+    costs (executed=False) still count on meta tensors."""
+    meta = mw.MultiExit([nn.Linear(6, 6, device="meta") for _ in range(2)],
+                        [nn.Linear(6, 5, device="meta") for _ in range(2)])
+    real = mw.MultiExit([nn.Linear(6, 6) for _ in range(2)], [nn.Linear(6, 5) for _ in range(2)])
+    x, y = torch.randn(3, 6), torch.zeros(3, dtype=torch.long)
+    assert mw.exit_costs(meta, torch.randn(1, 6, device="meta")).macs == [66, 132]
+    attached = mw.attach_exits(nn.Sequential(nn.Linear(6, 6, device="meta"), nn.Linear(6, 5, device="meta")), ["0"],
+                               [nn.Linear(6, 5, device="meta")])
+    runs = [lambda: mw.EarlyExit(meta, [0.5, 0.0]), lambda: mw.EarlyExit(attached, [0.5, 0.0]),
+            lambda: mw.EarlyExit(real, [0.5, 0.0])(x.to("meta")),
+            lambda: mw.exit_costs(meta, torch.randn(1, 6, device="meta"), executed=True),
+            lambda: mw.exit_costs(real, torch.randn(1, 6, device="meta"), executed=True),
+            lambda: mw.anytime_accuracy(real, [(x, y)], device="meta"), lambda: mw.collect_logits(meta, [(x, y)])]
+    for run in runs:
+        with pytest.raises(ValueError, match="meta device|device=meta"):
+            run()

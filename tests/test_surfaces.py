@@ -44,9 +44,12 @@ def test_an_exit_after_a_module_called_twice_is_refused_with_its_name_and_count(
     model = mw.attach_exits(TwiceShared(2), ["block"], [nn.Linear(8, 3)])  # no example: refused at the first forward
     with pytest.raises(ValueError, match=r"`block` 2 times"):
         model(torch.randn(5, 4))
-    predictor = mw.EarlyExit(model, torch.tensor([2.0, -1.0]))  # nobody leaves at the attached exit
-    with pytest.raises(ValueError, match=r"`block` at least 2 times"):
-        predictor(torch.randn(50, 4))
+    for thresholds in ([2.0, -1.0], [-1.0, -1.0]):  # nobody leaves at the attached exit; everyone does
+        predictor = mw.EarlyExit(model, torch.tensor(thresholds))  # its first call runs the whole forward
+        with pytest.raises(ValueError, match=r"`block` 2 times"):
+            predictor(torch.randn(50, 4))
+        with pytest.raises(ValueError, match=r"`block` 2 times"):
+            mw.exit_costs(model, torch.randn(1, 4), executed=True)
 
 
 def test_attaching_to_a_multi_exit_model_keeps_all_its_exits_in_order():
@@ -667,3 +670,74 @@ def test_the_plot_command_writes_under_runs_by_default_and_says_where(tmp_path, 
     printed = capsys.readouterr().out.split()
     assert printed == [str(Path("runs") / "plots" / "budget.png")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hdkd.json", "runs"]  # nothing beside runs/
+
+
+class BatchDict(nn.Module):
+    """``forward(batch)`` reading ``batch["batch"]``: a dict whose one key is its one parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.fc = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, batch):
+        return self.fc(torch.relu(self.body(batch["batch"])))
+
+
+class BatchDictAnnotated(BatchDict):
+    def forward(self, batch: dict):
+        return self.fc(torch.relu(self.body(batch["batch"])))
+
+
+class TensorAnnotated(BatchDict):
+    def forward(self, batch: torch.Tensor):
+        return self.fc(torch.relu(self.body(batch)))
+
+
+def test_a_dict_keyed_by_the_one_parameter_is_read_by_its_annotation_or_refused():
+    """{"batch": v} for forward(batch): the annotation decides (dict: the dict; Tensor: the value as
+    batch=), else attach_exits, the wrapper and collect_logits refuse naming both readings; the
+    answer equals the model's own forward called by hand."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.zeros(6, dtype=torch.long)
+    head = nn.Linear(8, 3)
+    for cls, by_hand in ((BatchDictAnnotated, lambda m: m({"batch": x})), (TensorAnnotated, lambda m: m(x))):
+        model = cls()
+        attached = mw.attach_exits(model, ["body"], [head], example_input={"batch": x[:2]})
+        with torch.no_grad():
+            want = [head(model.body(x)), by_hand(model)]
+            assert all(torch.equal(a, b) for a, b in zip(attached({"batch": x}), want))
+            logits, _ = mw.collect_logits(attached, [({"batch": x}, y)])
+        assert torch.allclose(logits, torch.stack(want))
+    model = BatchDict()
+    message = r"one key is the name of its one parameter.*`batch: Tensor`.*`batch: dict`"
+    with pytest.raises(TypeError, match=message):
+        mw.attach_exits(model, ["body"], [head], example_input={"batch": x[:2]})
+    attached = mw.attach_exits(model, ["body"], [head])
+    for run in (lambda: attached({"batch": x}), lambda: mw.collect_logits(attached, [({"batch": x}, y)]),
+                lambda: mw.EarlyExit(attached, [0.5, 0.0])({"batch": x})):
+        with pytest.raises(TypeError, match=message):
+            run()
+
+
+class MaskedNet(mw.MultiExit):
+    """A multi-exit model whose forward takes ``(x, mask)`` while its stage 1 takes ``x`` alone."""
+
+    def __init__(self) -> None:
+        super().__init__([nn.Linear(6, 10), nn.Linear(10, 10)], [nn.Linear(10, 5), nn.Linear(10, 5)])
+
+    def forward(self, x, mask=None):
+        return super().forward(x if mask is None else x * mask)
+
+
+def test_stage_one_that_cannot_take_the_models_arguments_is_refused_clearly():
+    torch.manual_seed(0)
+    net, x, mask = MaskedNet().eval(), torch.randn(9, 6), torch.ones(9, 6)
+    predictor = mw.EarlyExit(net, [0.3, -1.0])
+    for args, kwargs in (((x, mask), {}), (({"x": x, "mask": mask},), {}), ((), {"x": x, "mask": mask})):
+        with pytest.raises(TypeError, match=r"stage 1 of `MaskedNet` \(`Linear.forward\(input\)`\).*cannot take"):
+            predictor(*args, **kwargs)
+    with torch.no_grad():
+        want = mw.exit_assignment(torch.stack(net(x)), [0.3, -1.0])
+    for args, kwargs in (((x,), {}), ((), {"x": x})):  # the one input stage 1 takes
+        predictions, exits = predictor(*args, **kwargs)
+        assert torch.equal(exits, want[0]) and torch.equal(predictions, want[1])
