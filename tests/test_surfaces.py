@@ -336,17 +336,24 @@ def test_csv_logger_appends_on_resume_and_never_truncates_unasked(tmp_path):
     assert not path.parent.exists()  # nothing written before the first record
     for i in (1, 2, 3):
         logger(record(i))
+    with pytest.raises(ValueError, match="Another CSVLogger"):
+        mw.CSVLogger(path)  # two live loggers on one file would each write every row
+    logger.close()
     resumed = mw.CSVLogger(path)  # a resumed run, a new logger on the same path
     for i in (4, 5):
         resumed(record(i))
     table = rows(path)
     assert table[0][:3] == ["iteration", "meta_step", "val_objective"]
     assert [r[0] for r in table[1:]] == ["1", "2", "3", "4", "5"]  # one header, every row
+    resumed.close()
     other = dict(record(6), gamma={"kd[2->1]": 1.0})
     before = path.read_text()
-    with pytest.raises(ValueError, match="has the columns"):
-        mw.CSVLogger(path)(other)
-    assert path.read_text() == before
+    diverted = mw.CSVLogger(path)
+    with pytest.warns(RuntimeWarning, match="has the columns.*left as it is"):
+        diverted(other)  # after the step: no raise, the old log kept, this run's beside it
+    assert path.read_text() == before and diverted.path == path.with_name("run-2.csv")
+    assert [r[0] for r in rows(diverted.path)] == ["iteration", "6"]
+    diverted.close()
     fresh = mw.CSVLogger(path, overwrite=True)
     assert path.read_text() == before  # not truncated until a record comes
     fresh(record(1))
@@ -395,8 +402,8 @@ def test_a_resumed_run_logs_every_iteration_once_with_the_values_that_stand(tmp_
 
     first_heard, first_logger = [], make()
     checkpoint = _run(weighter(first_heard, first_logger), batches, keep_at=3)
+    first_logger.close()  # the path is given up for the resumed run's logger
     if kind == "tensorboard":
-        first_logger.writer.close()
         __import__("time").sleep(1.1)  # event files are named by the second they were opened
     resumed_heard, resumed_logger = [], make()
     resumed = weighter(resumed_heard, resumed_logger)
@@ -420,6 +427,7 @@ def test_csv_logger_drops_a_torn_last_line_and_refuses_to_drop_a_whole_log(tmp_p
     logger = mw.CSVLogger(path)
     for i in (1, 2, 3):
         logger(record(i))
+    logger.close()
     text = path.read_text()
     path.write_text(text + "4,4,0.2")  # a crash in the middle of writing row 4: no newline
     path.chmod(0o640)
@@ -429,15 +437,98 @@ def test_csv_logger_drops_a_torn_last_line_and_refuses_to_drop_a_whole_log(tmp_p
     assert [r[0] for r in table] == ["iteration", "1", "2", "3", "4"]
     assert all(len(r) == len(table[0]) for r in table) and float(table[-1][2]) == 1.0 / 4
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=r"iterations 1 to 4.*iteration 1.*overwrite=True"):
-        mw.CSVLogger(path)(record(1))  # a new run on an old log: nothing to resume, nothing dropped
+    new_run = mw.CSVLogger(path)
+    with pytest.warns(RuntimeWarning, match=r"iterations 1 to 4.*iteration 1.*overwrite=True"):
+        new_run(record(1))  # a new run on an old log: nothing to resume, nothing dropped
     assert path.read_bytes() == before
+    assert [r[0] for r in rows(tmp_path / "run-2.csv")] == ["iteration", "1"]
+    new_run.close()
+    (tmp_path / "run-2.csv").unlink()
     rolled = mw.CSVLogger(path)
     rolled(record(5))
     rolled(record(3))  # the weighter rolled back in this process: rows 3 and later were undone
     assert [r[0] for r in rows(path)] == ["iteration", "1", "2", "3"]
     assert float(rows(path)[-1][2]) == 1.0 / 3
     assert not [p for p in tmp_path.iterdir() if p.name != "run.csv"]  # no temporary file left behind
+
+
+def _bad_logs(tmp_path):
+    """(what, make the path, the error expected): everything the file alone tells."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "afile").write_text("x")
+    return [("folder", tmp_path / "folder", "is a folder"),
+            ("other columns", tmp_path / "other.csv", "not a metaweight log"),
+            ("under a file", tmp_path / "afile" / "log.csv", "is a file, not a folder")]
+
+
+def test_csv_logger_refuses_bad_files_when_made_and_a_weighter_never_steps_twice(tmp_path):
+    """Every refusal comes from the constructor, before any step; a file on disk stays as it was."""
+    for what, path, message in _bad_logs(tmp_path):
+        before = path.read_bytes() if path.is_file() else None
+        with pytest.raises(ValueError, match=message):
+            mw.CSVLogger(path)
+        assert (path.read_bytes() if path.is_file() else None) == before, what
+    assert mw.CSVLogger(tmp_path / "other.csv", overwrite=True).path.name == "other.csv"  # asked for: allowed
+    # a new run on an old log: judged only at the first record, after the step; the step is taken
+    # once, the old log kept, the new run logged beside it (a retry would otherwise step twice)
+    old = tmp_path / "old.csv"
+
+    def weighter(logger):
+        torch.manual_seed(0)
+        net = tiny_net(2, batchnorm=False)
+        return mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                     callbacks=[logger])
+
+    first = mw.CSVLogger(old)
+    run_a = weighter(first)
+    for _ in range(3):
+        run_a.step(batch(8), batch(8))
+    first.close()
+    before = old.read_bytes()
+    w = weighter(mw.CSVLogger(old))
+    with pytest.raises(ValueError, match="Another CSVLogger"):  # a second logger on the same file
+        mw.CSVLogger(old)
+    with pytest.warns(RuntimeWarning, match="new run"):
+        w.step(batch(8), batch(8))
+    w.step(batch(8), batch(8))
+    assert w.num_calls == 2 and old.read_bytes() == before
+    assert [r[0] for r in rows(tmp_path / "old-2.csv")] == ["iteration", "1", "2"]
+
+
+def test_tensorboard_logger_keeps_another_run_and_refuses_bad_folders(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def steps(folder):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return [e.step for e in events.Scalars("metaweight/val_objective")]
+
+    (tmp_path / "afile").write_text("x")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "tb"):
+        with pytest.raises(ValueError, match="is a file"):
+            mw.TensorBoardLogger(bad)
+    folder = tmp_path / "tb"
+    first = mw.TensorBoardLogger(folder)
+    with pytest.raises(ValueError, match="Another TensorBoardLogger"):
+        mw.TensorBoardLogger(folder)
+    for i in (1, 2, 3):
+        first(record(i))
+    first.close()
+    assert steps(folder) == [1, 2, 3]
+    second = mw.TensorBoardLogger(folder)
+    with pytest.warns(RuntimeWarning, match="new run"):
+        second(record(1))  # a new run from iteration 1 would hide run A: it goes beside it
+    second.close()
+    assert steps(folder) == [1, 2, 3] and second.log_dir == str(tmp_path / "tb-2")
+    assert steps(tmp_path / "tb-2") == [1]
+    resumed = mw.TensorBoardLogger(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed(record(3))  # resumed from the checkpoint at 2: hides 3 only
+    resumed.close()
+    assert resumed.log_dir == str(folder)
 
 
 class Flaky(nn.Module):
