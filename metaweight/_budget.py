@@ -74,8 +74,27 @@ def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
     return values
 
 
+def _check_device(device: object, name: str = "device") -> torch.device | None:
+    """``device`` as a ``torch.device`` (``None`` kept), or a ValueError that names it."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, (str, int)) or isinstance(device, bool):
+        raise TypeError(f"`{name}` should be a torch.device, a str such as 'cpu' or 'cuda:0', or None. "
+                        f"Found `{type(device).__name__}`.")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"Invalid {name}: {device!r}. Expected a device such as 'cpu' or 'cuda:0' "
+                         f"({exc}).") from None
+
+
 def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.device | str | None = None) -> Tensor:
     """MSDNet's target distribution of samples over exits, proportional to ``q**k`` (float32).
+
+    Computed as MSDNet's code computes it (``exp(log(q) * k)`` in float32, normalised), so its
+    thresholds are MSDNet's, wherever every ``q**k`` fits a float32; beyond (``q = 1000`` with
+    13 exits, ``q = 1e30``), where float32 would overflow to ``inf / inf = NaN``, in log space
+    and float64, then rounded to float32.
 
     Args:
         q: the ratio between consecutive exits (< 1 favours early exits).
@@ -86,9 +105,14 @@ def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.devic
         raise ValueError(f"Invalid q: {q!r}. Expected a finite number > 0.")
     if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
         raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int.")
-    k = torch.arange(1, num_exits + 1, dtype=torch.float32, device=device)
-    probs = torch.exp(torch.log(torch.tensor([q], dtype=torch.float32, device=device)) * k)
-    return probs / probs.sum()
+    device = _check_device(device)
+    if num_exits * abs(math.log(q)) <= 80.0:  # every q**k a normal float32 (exp(88.7) overflows)
+        k = torch.arange(1, num_exits + 1, dtype=torch.float32, device=device)
+        probs = torch.exp(torch.log(torch.tensor([q], dtype=torch.float32, device=device)) * k)
+        return probs / probs.sum()
+    log_probs = torch.arange(1, num_exits + 1, dtype=torch.float64, device=device) * math.log(q)
+    probs = torch.exp(log_probs - log_probs.max())
+    return (probs / probs.sum()).float()
 
 
 def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
@@ -101,8 +125,8 @@ def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
 
     Args:
         logits: held-out logits ``[K, N, C]``.
-        distribution: ``[K]`` target fractions, summing to 1 (within ``1e-4``; anything else is
-            refused: ``[4, 3, 2, 1]`` is not a distribution), as a tensor or a list; integers
+        distribution: ``[K]`` target fractions, summing to 1 (within ``1e-4``, or ``K`` times the
+            machine epsilon of a float16/bfloat16 distribution; anything else is refused: ``[4, 3, 2, 1]`` is not a distribution), as a tensor or a list; integers
             are fractions too (``[0, 0, 1]``: everyone at the last exit).
         rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
@@ -128,9 +152,12 @@ def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float]) -> T
     if not torch.isfinite(distribution).all() or (distribution < 0).any():
         raise ValueError(f"distribution {distribution.tolist()} should hold finite fractions >= 0.")
     total = float(distribution.double().sum())
-    if abs(total - 1.0) > 1e-4:
+    # each fraction rounded to the input's precision: fp16's [1/3] * 3 sums to 0.999756, bf16's to 1.00195
+    tolerance = max(1e-4, K * torch.finfo(distribution.dtype).eps)
+    if abs(total - 1.0) > tolerance:
         raise ValueError(f"distribution {distribution.tolist()} should sum to 1 (the share of the samples leaving "
-                         f"at each exit); it sums to {total:.6g}. Normalise it: distribution / distribution.sum().")
+                         f"at each exit, within {tolerance:.3g} for {distribution.dtype}); it sums to {total:.6g}. "
+                         f"Normalise it: distribution / distribution.sum().")
     thresholds = torch.full((K,), NO_EXIT, dtype=torch.float32, device=confidence.device)
     remaining = torch.ones(N, dtype=torch.bool, device=confidence.device)
     for k in range(K - 1):

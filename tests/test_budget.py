@@ -68,3 +68,49 @@ def test_curve_round_trips_through_json():
     import json
     again = mw.BudgetCurve.from_dict(json.loads(curve.to_json()))
     assert again.points == curve.points
+
+
+def _exact_geometric(q, num_exits):
+    """q**k / sum q**j in exact rationals, then as floats: the reference, free of overflow."""
+    from fractions import Fraction
+
+    powers = [Fraction(q) ** k for k in range(1, num_exits + 1)]
+    total = sum(powers)
+    return [float(p / total) for p in powers]
+
+
+@pytest.mark.parametrize("q, num_exits", [(1000.0, 13), (1e30, 3), (50.0, 24), (1e-30, 3), (0.5, 4), (1.95, 40),
+                                          (0.05, 30), (1.0, 7)])
+def test_geometric_distribution_never_overflows(q, num_exits):
+    d = mw.geometric_exit_distribution(q, num_exits)
+    assert d.dtype == torch.float32 and torch.isfinite(d).all()
+    expected = torch.tensor(_exact_geometric(q, num_exits), dtype=torch.float64)
+    assert torch.allclose(d.double(), expected, rtol=1e-5, atol=1e-30)  # float32 exp(k log q): ~k ulp
+
+
+@pytest.mark.parametrize("num_exits", [13, 16])
+def test_budget_at_the_last_exit_with_many_exits(num_exits):
+    """A budget of K with costs 1..K asks q=1000: its distribution used to be NaN and refused."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(num_exits, 200, 10) * 3, torch.randint(0, 10, (200,))
+    result = mw.thresholds_for_budget(logits, labels, list(range(1, num_exits + 1)), float(num_exits))
+    assert result.cost <= num_exits
+
+
+def test_find_thresholds_takes_half_precision_distributions():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100, 5)
+    expected = mw.find_thresholds(logits, [1 / 3] * 3)
+    for dtype in (torch.float16, torch.bfloat16):
+        thirds = torch.full((3,), 1 / 3).to(dtype)
+        assert abs(float(thirds.double().sum()) - 1) > 1e-4  # what the float32 tolerance refused
+        assert torch.equal(mw.find_thresholds(logits, thirds), expected)  # floor(100 * 0.3333) either way
+        assert mw.find_thresholds(logits, thirds / thirds.sum()).shape == (3,)
+    with pytest.raises(ValueError, match="should sum to 1"):
+        mw.find_thresholds(logits, torch.tensor([0.5, 0.5, 0.1]).half())  # a wrong sum is still refused
+
+
+@pytest.mark.parametrize("device, error", [("nodev", ValueError), (3.5, TypeError)])
+def test_geometric_distribution_refuses_a_bad_device(device, error):
+    with pytest.raises(error, match="device"):
+        mw.geometric_exit_distribution(0.5, 3, device=device)
