@@ -63,12 +63,28 @@ def _check_thresholds(thresholds: object, num_exits: int) -> Tensor:
     return thresholds
 
 
+def _reals(values: object, name: str, what: str) -> list[float]:
+    """A 1-d tensor or a flat sequence of real numbers (0-d tensors included) as floats; anything else
+    (``None``, strings, bools, nested lists, a 2-d tensor) refused with a TypeError naming ``name``."""
+    if isinstance(values, Tensor):
+        if values.dim() != 1 or values.dtype == torch.bool or values.is_complex():
+            raise TypeError(f"`{name}` should be {what}: a 1-d tensor of real numbers or a list. Found a "
+                            f"{values.dtype} tensor of shape {tuple(values.shape)}.")
+        return [float(v) for v in values.detach().double().cpu().tolist()]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"`{name}` should be {what}. Found `{type(values).__name__}`.")
+    bad = [v for v in values if isinstance(v, bool) or not (isinstance(v, (int, float)) or
+                                                             (isinstance(v, Tensor) and v.numel() == 1 and
+                                                              v.dtype != torch.bool and not v.is_complex()))]
+    if bad:
+        raise TypeError(f"`{name}` should be {what}. Found {bad[0]!r} in {list(values)!r}.")
+    return [float(v) for v in values]
+
+
 def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
-    if isinstance(costs, (str, bytes)) or not isinstance(costs, (Sequence, Tensor)):
-        raise TypeError(f"`costs` should be a sequence of {num_exits} numbers. Found `{type(costs).__name__}`.")
-    if len(costs) != num_exits:
-        raise ValueError(f"Expected one cost per exit ({num_exits}). Found {len(costs)}.")
-    values = [float(c) for c in costs]
+    values = _reals(costs, "costs", f"{num_exits} numbers, one cost per exit")
+    if len(values) != num_exits:
+        raise ValueError(f"Expected one cost per exit ({num_exits}). Found {len(values)}.")
     if not all(math.isfinite(c) and c >= 0 for c in values):
         raise ValueError(f"The costs {values} should be finite and >= 0.")
     return values
@@ -314,7 +330,8 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
     costs = _check_costs(costs, K)
     check_target(val_labels, val_conf.shape[1], val_logits.shape[2], name="val_labels")
     check_target(test_labels, test_conf.shape[1], test_logits.shape[2], name="test_labels")
-    if isinstance(qs, (str, bytes)) or not isinstance(qs, (Sequence, Tensor)) or not len(qs) or not all(math.isfinite(float(q)) and float(q) > 0 for q in qs):
+    qs = _reals(qs, "qs", "the geometric ratios, numbers > 0")
+    if not qs or not all(math.isfinite(q) and q > 0 for q in qs):
         raise ValueError(f"Invalid qs: {qs!r}. Expected a non-empty sequence of finite numbers > 0.")
     points = []
     for q in qs:

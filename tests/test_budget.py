@@ -114,3 +114,31 @@ def test_find_thresholds_takes_half_precision_distributions():
 def test_geometric_distribution_refuses_a_bad_device(device, error):
     with pytest.raises(error, match="device"):
         mw.geometric_exit_distribution(0.5, 3, device=device)
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=["a"]), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[None]), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[[0.5]]), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=torch.ones(2, 2)), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[True]), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[]), ValueError, "qs"),
+    (lambda z, y: mw.evaluate_thresholds(z, y, [0.5, 0.5, 0], [1, None, 3]), TypeError, "costs"),
+    (lambda z, y: mw.evaluate_thresholds(z, y, [0.5, 0.5, 0], torch.ones(3, 1)), TypeError, "costs"),
+    (lambda z, y: mw.thresholds_for_budget(z, y, [1, "2", 3], 2.0), TypeError, "costs"),
+    (lambda z, y: mw.thresholds_for_accuracy(z, y, 0.1, costs=[1, [2], 3]), TypeError, "costs"),
+])
+def test_bad_qs_and_costs_are_named(call, error, name):
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 8, 4), torch.randint(0, 4, (8,))
+    with pytest.raises(error, match=f"`?{name}`?"):
+        call(logits, labels)
+
+
+def test_qs_and_costs_as_tensors_are_the_lists():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 50, 4), torch.randint(0, 4, (50,))
+    as_list = mw.budgeted_curve(logits, labels, logits, labels, [1, 2, 3], qs=[0.5, 1.5])
+    as_tensor = mw.budgeted_curve(logits, labels, logits, labels, torch.tensor([1.0, 2, 3]),
+                                  qs=torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert [p.cost for p in as_list.points] == [p.cost for p in as_tensor.points]

@@ -585,6 +585,76 @@ def test_load_checkpoint_tells_an_intact_file_needing_trust_from_a_damaged_one(t
         mw.load_checkpoint(damaged)
 
 
+def test_load_checkpoint_tells_other_zips_damage_and_pickles_apart(tmp_path):
+    import pickle
+    import zipfile
+
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w") as archive:
+        archive.writestr("hello.txt", "hi")
+    np.savez(tmp_path / "arr.npz", a=np.arange(3))
+    pickled = tmp_path / "p.pkl"
+    pickled.write_bytes(pickle.dumps({"a": 1}))
+    for path, weights_only, message in [(plain, True, "not one torch.save writes"),
+                                        (tmp_path / "arr.npz", True, "numpy.load"),
+                                        (pickled, True, "weights_only=False"),
+                                        (pickled, False, "even with weights_only=False.*pickle.load")]:
+        with pytest.raises(ValueError, match=message) as caught:
+            mw.load_checkpoint(path, weights_only=weights_only)
+        assert "intact" not in str(caught.value)
+    if True:  # told to use weights_only=False when it was: no
+        with pytest.raises(ValueError) as caught:
+            mw.load_checkpoint(pickled, weights_only=False)
+        assert "load it with load_checkpoint(path, weights_only=False)" not in str(caught.value)
+
+
+def test_every_single_byte_flip_of_a_checkpoint_loads_the_same_or_is_called_damaged(tmp_path):
+    """Walk every byte of a small checkpoint: a flip either changes nothing that was saved, or is
+    refused as damaged; never loaded different, never called intact."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "step": 3}
+    raw = mw.save_checkpoint(state, tmp_path / "ok.pt").read_bytes()
+    flipped, outcomes = tmp_path / "flip.pt", {"same": 0, "damaged": 0}
+    for position in range(len(raw)):
+        damaged = bytearray(raw)
+        damaged[position] ^= 0x01
+        flipped.write_bytes(bytes(damaged))
+        try:
+            loaded = mw.load_checkpoint(flipped)
+        except ValueError as error:
+            assert "is damaged" in str(error) and "intact" not in str(error), (position, str(error))
+            outcomes["damaged"] += 1
+        else:
+            assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3, position
+            outcomes["same"] += 1
+    assert outcomes["damaged"] > len(raw) // 2
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda p: mw.load_checkpoint(p, map_location="nodevice"), ValueError, "map_location"),
+    (lambda p: mw.load_checkpoint(p, map_location={"cpu": "nodevice"}), ValueError, "map_location"),
+    (lambda p: mw.load_checkpoint(p, map_location=3.5), TypeError, "map_location"),
+    (lambda p: mw.save_checkpoint({"a": 1}, p.parent), ValueError, "is a folder"),
+    (lambda p: mw.save_checkpoint({"a": 1}, p / "x.pt"), ValueError, "is a file, not a folder"),
+])
+def test_checkpoint_arguments_are_refused_before_anything_changes(tmp_path, call, error, name):
+    path = mw.save_checkpoint({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    with pytest.raises(error, match=name):
+        call(path)
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+    assert torch.equal(mw.load_checkpoint(path, map_location="cpu")["w"], torch.ones(2))
+
+
+def test_balanced_validation_refuses_a_state_of_another_number_of_exits():
+    two, three = mw.BalancedValidation(2), mw.BalancedValidation(3)
+    three.update(torch.tensor([1.0, 2.0, 3.0]))
+    before = {k: v.clone() for k, v in two.state_dict().items()}
+    with pytest.raises(ValueError, match="3 exits.*num_exits=2"):
+        two.load_state_dict(three.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in two.state_dict().items())
+    two.load_state_dict(mw.BalancedValidation(2).state_dict())  # the same number: loads
+
+
 def _all_masked_row(k=0, n=2):
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 4)
@@ -696,7 +766,12 @@ def test_load_checkpoint_refuses_a_flipped_byte_in_the_weights_that_torch_load_t
 
 def test_load_checkpoint_calls_an_intact_file_intact_when_loading_fails_elsewhere(tmp_path):
     path = mw.save_checkpoint({"weights": torch.ones(2)}, tmp_path / "c.ckpt")
-    with pytest.raises(ValueError, match=r"is an intact torch.save archive.*tagged with nowhere"):
+    def fails(storage, location):
+        raise RuntimeError("no such device here")
+
+    with pytest.raises(ValueError, match=r"is an intact torch.save archive.*no such device here"):
+        mw.load_checkpoint(path, map_location=fails)
+    with pytest.raises(ValueError, match=r"Invalid map_location: 'nowhere'"):  # judged before the file is read
         mw.load_checkpoint(path, map_location="nowhere")
     with pytest.raises(FileNotFoundError, match="is a folder"):
         mw.load_checkpoint(tmp_path)
