@@ -37,6 +37,7 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
         raise ValueError(f"`{name}` {tuple(logits.shape)} hold no exit, sample or class: nothing to evaluate.")
     if not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating point. Found {logits.dtype}.")
+    logits = logits.detach()  # evaluation: thresholds and scores carry no graph (and no grad warnings)
     check_softmax_rows(logits, name)
     prediction = torch.softmax(logits.float(), dim=-1).max(dim=-1).indices
     return as_rule(rule).scores(logits).float(), prediction

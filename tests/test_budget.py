@@ -142,3 +142,25 @@ def test_qs_and_costs_as_tensors_are_the_lists():
     as_tensor = mw.budgeted_curve(logits, labels, logits, labels, torch.tensor([1.0, 2, 3]),
                                   qs=torch.tensor([0.5, 1.5], dtype=torch.float64))
     assert [p.cost for p in as_list.points] == [p.cost for p in as_tensor.points]
+
+
+@pytest.mark.parametrize("call", [
+    lambda z, y: mw.find_thresholds(z, [0.3, 0.3, 0.4]),
+    lambda z, y: mw.exit_assignment(z, [0.5, 0.5, 0.0]),
+    lambda z, y: mw.evaluate_thresholds(z, y, [0.5, 0.5, 0.0], [1, 2, 3]),
+    lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[0.5, 1.5]),
+    lambda z, y: mw.thresholds_for_budget(z, y, [1, 2, 3], 2.0),
+    lambda z, y: mw.thresholds_for_accuracy(z, y, 0.1),
+])
+def test_logits_that_require_grad_give_plain_values_without_warnings(call):
+    import warnings
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 20, 4), torch.randint(0, 4, (20,))
+    expected = call(logits, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True to a scalar"
+        got = call(logits.clone().requires_grad_(True), labels)
+    tensors = [v for v in (got if isinstance(got, tuple) else (got,)) if isinstance(v, torch.Tensor)]
+    assert all(t.grad_fn is None and not t.requires_grad for t in tensors)
+    assert repr(got) == repr(expected)
