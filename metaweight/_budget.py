@@ -331,6 +331,8 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
     costs = _check_costs(costs, K)
     check_target(val_labels, val_conf.shape[1], val_logits.shape[2], name="val_labels")
     check_target(test_labels, test_conf.shape[1], test_logits.shape[2], name="test_labels")
+    if not isinstance(cost_unit, str):
+        raise TypeError(f"`cost_unit` should be a str naming what the costs count (e.g. 'MACs'). Found {cost_unit!r}.")
     qs = _reals(qs, "qs", "the geometric ratios, numbers > 0")
     if not qs or not all(math.isfinite(q) and q > 0 for q in qs):
         raise ValueError(f"Invalid qs: {qs!r}. Expected a non-empty sequence of finite numbers > 0.")

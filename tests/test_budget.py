@@ -124,6 +124,7 @@ def test_geometric_distribution_refuses_a_bad_device(device, error):
     (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[True]), TypeError, "qs"),
     (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[]), ValueError, "qs"),
     (lambda z, y: mw.evaluate_thresholds(z, y, [0.5, 0.5, 0], [1, None, 3]), TypeError, "costs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], cost_unit=5), TypeError, "cost_unit"),
     (lambda z, y: mw.evaluate_thresholds(z, y, [0.5, 0.5, 0], torch.ones(3, 1)), TypeError, "costs"),
     (lambda z, y: mw.thresholds_for_budget(z, y, [1, "2", 3], 2.0), TypeError, "costs"),
     (lambda z, y: mw.thresholds_for_accuracy(z, y, 0.1, costs=[1, [2], 3]), TypeError, "costs"),
