@@ -37,6 +37,7 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
         raise ValueError(f"`{name}` {tuple(logits.shape)} hold no exit, sample or class: nothing to evaluate.")
     if not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating point. Found {logits.dtype}.")
+    logits = logits.detach()  # evaluation: thresholds and scores carry no graph (and no grad warnings)
     check_softmax_rows(logits, name)
     prediction = predict(logits)
     return as_rule(rule).scores(logits).float(), prediction
@@ -63,19 +64,54 @@ def _check_thresholds(thresholds: object, num_exits: int) -> Tensor:
     return thresholds
 
 
+def _reals(values: object, name: str, what: str) -> list[float]:
+    """A 1-d tensor or a flat sequence of real numbers (0-d tensors included) as floats; anything else
+    (``None``, strings, bools, nested lists, a 2-d tensor) refused with a TypeError naming ``name``."""
+    if isinstance(values, Tensor):
+        if values.dim() != 1 or values.dtype == torch.bool or values.is_complex():
+            raise TypeError(f"`{name}` should be {what}: a 1-d tensor of real numbers or a list. Found a "
+                            f"{values.dtype} tensor of shape {tuple(values.shape)}.")
+        return [float(v) for v in values.detach().double().cpu().tolist()]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"`{name}` should be {what}. Found `{type(values).__name__}`.")
+    bad = [v for v in values if isinstance(v, bool) or not (isinstance(v, (int, float)) or
+                                                             (isinstance(v, Tensor) and v.numel() == 1 and
+                                                              v.dtype != torch.bool and not v.is_complex()))]
+    if bad:
+        raise TypeError(f"`{name}` should be {what}. Found {bad[0]!r} in {list(values)!r}.")
+    return [float(v) for v in values]
+
+
 def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
-    if isinstance(costs, (str, bytes)) or not isinstance(costs, (Sequence, Tensor)):
-        raise TypeError(f"`costs` should be a sequence of {num_exits} numbers. Found `{type(costs).__name__}`.")
-    if len(costs) != num_exits:
-        raise ValueError(f"Expected one cost per exit ({num_exits}). Found {len(costs)}.")
-    values = [float(c) for c in costs]
+    values = _reals(costs, "costs", f"{num_exits} numbers, one cost per exit")
+    if len(values) != num_exits:
+        raise ValueError(f"Expected one cost per exit ({num_exits}). Found {len(values)}.")
     if not all(math.isfinite(c) and c >= 0 for c in values):
         raise ValueError(f"The costs {values} should be finite and >= 0.")
     return values
 
 
+def _check_device(device: object, name: str = "device") -> torch.device | None:
+    """``device`` as a ``torch.device`` (``None`` kept), or a ValueError that names it."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, (str, int)) or isinstance(device, bool):
+        raise TypeError(f"`{name}` should be a torch.device, a str such as 'cpu' or 'cuda:0', or None. "
+                        f"Found `{type(device).__name__}`.")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"Invalid {name}: {device!r}. Expected a device such as 'cpu' or 'cuda:0' "
+                         f"({exc}).") from None
+
+
 def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.device | str | None = None) -> Tensor:
     """MSDNet's target distribution of samples over exits, proportional to ``q**k`` (float32).
+
+    Computed as MSDNet's code computes it (``exp(log(q) * k)`` in float32, normalised), so its
+    thresholds are MSDNet's, wherever every ``q**k`` fits a float32; beyond (``q = 1000`` with
+    13 exits, ``q = 1e30``), where float32 would overflow to ``inf / inf = NaN``, in log space
+    and float64, then rounded to float32.
 
     Args:
         q: the ratio between consecutive exits (< 1 favours early exits).
@@ -86,9 +122,14 @@ def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.devic
         raise ValueError(f"Invalid q: {q!r}. Expected a finite number > 0.")
     if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
         raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int.")
-    k = torch.arange(1, num_exits + 1, dtype=torch.float32, device=device)
-    probs = torch.exp(torch.log(torch.tensor([q], dtype=torch.float32, device=device)) * k)
-    return probs / probs.sum()
+    device = _check_device(device)
+    if num_exits * abs(math.log(q)) <= 80.0:  # every q**k a normal float32 (exp(88.7) overflows)
+        k = torch.arange(1, num_exits + 1, dtype=torch.float32, device=device)
+        probs = torch.exp(torch.log(torch.tensor([q], dtype=torch.float32, device=device)) * k)
+        return probs / probs.sum()
+    log_probs = torch.arange(1, num_exits + 1, dtype=torch.float64, device=device) * math.log(q)
+    probs = torch.exp(log_probs - log_probs.max())
+    return (probs / probs.sum()).float()
 
 
 def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
@@ -101,8 +142,8 @@ def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
 
     Args:
         logits: held-out logits ``[K, N, C]``.
-        distribution: ``[K]`` target fractions, summing to 1 (within ``1e-4``; anything else is
-            refused: ``[4, 3, 2, 1]`` is not a distribution), as a tensor or a list; integers
+        distribution: ``[K]`` target fractions, summing to 1 (within ``1e-4``, or ``K`` times the
+            machine epsilon of a float16/bfloat16 distribution; anything else is refused: ``[4, 3, 2, 1]`` is not a distribution), as a tensor or a list; integers
             are fractions too (``[0, 0, 1]``: everyone at the last exit).
         rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
@@ -128,9 +169,12 @@ def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float]) -> T
     if not torch.isfinite(distribution).all() or (distribution < 0).any():
         raise ValueError(f"distribution {distribution.tolist()} should hold finite fractions >= 0.")
     total = float(distribution.double().sum())
-    if abs(total - 1.0) > 1e-4:
+    # each fraction rounded to the input's precision: fp16's [1/3] * 3 sums to 0.999756, bf16's to 1.00195
+    tolerance = max(1e-4, K * torch.finfo(distribution.dtype).eps)
+    if abs(total - 1.0) > tolerance:
         raise ValueError(f"distribution {distribution.tolist()} should sum to 1 (the share of the samples leaving "
-                         f"at each exit); it sums to {total:.6g}. Normalise it: distribution / distribution.sum().")
+                         f"at each exit, within {tolerance:.3g} for {distribution.dtype}); it sums to {total:.6g}. "
+                         f"Normalise it: distribution / distribution.sum().")
     thresholds = torch.full((K,), NO_EXIT, dtype=torch.float32, device=confidence.device)
     remaining = torch.ones(N, dtype=torch.bool, device=confidence.device)
     for k in range(K - 1):
@@ -288,7 +332,10 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
     costs = _check_costs(costs, K)
     check_target(val_labels, val_conf.shape[1], val_logits.shape[2], name="val_labels")
     check_target(test_labels, test_conf.shape[1], test_logits.shape[2], name="test_labels")
-    if isinstance(qs, (str, bytes)) or not isinstance(qs, (Sequence, Tensor)) or not len(qs) or not all(math.isfinite(float(q)) and float(q) > 0 for q in qs):
+    if not isinstance(cost_unit, str):
+        raise TypeError(f"`cost_unit` should be a str naming what the costs count (e.g. 'MACs'). Found {cost_unit!r}.")
+    qs = _reals(qs, "qs", "the geometric ratios, numbers > 0")
+    if not qs or not all(math.isfinite(q) and q > 0 for q in qs):
         raise ValueError(f"Invalid qs: {qs!r}. Expected a non-empty sequence of finite numbers > 0.")
     points = []
     for q in qs:

@@ -32,6 +32,14 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'checkpoint.pt'}. "
+                         f"Nothing was written.")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"`path` {path} cannot be created: {ancestor} is a file, not a folder. Nothing was written.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -79,21 +87,74 @@ def _refused_globals(path: Path) -> list[str]:
         return []
 
 
-def _file_problem(path: Path) -> str | None:
+def _is_zip(path: Path) -> bool:
+    """``zipfile.is_zipfile``, which raises (instead of answering) for some damaged end records."""
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # an end record was found, and it is broken
+        return True
+
+
+def _not_torch_zip(archive: zipfile.ZipFile) -> str | None:
+    """Why a readable zip is not a ``torch.save`` archive (``None`` if it has that layout): torch puts
+    every member under one folder, with the pickle at ``FOLDER/data.pkl``."""
+    names = archive.namelist()
+    folders = {name.split("/", 1)[0] for name in names}
+    if len(folders) == 1 and all("/" in name for name in names) and f"{folders.pop()}/data.pkl" in names:
+        return None
+    shown = names[:5] + (["..."] if len(names) > 5 else [])
+    npz = names and all(name.endswith(".npy") for name in names)
+    return (f"is a zip archive, but not one torch.save writes (its members {shown} are not one folder holding "
+            f"data.pkl)" + ("; it looks like NumPy's .npz: load it with numpy.load" if npz else "") +
+            ". Check the path.")
+
+
+def _inconsistent(path: Path, archive: zipfile.ZipFile) -> str | None:
+    """A disagreement between the zip's central directory and the rest of the file (which Python's
+    zipfile tolerates and torch's reader refuses), or ``None``."""
+    data = path.read_bytes()
+    end = data.rfind(b"PK\x05\x06")
+    if end < 0 or len(data) < end + 22:
+        return "its end-of-archive record is missing"
+    disk, start_disk, on_disk, total = (int.from_bytes(data[end + i:end + i + 2], "little") for i in (4, 6, 8, 10))
+    if disk or start_disk or on_disk != total or total != len(archive.infolist()):
+        return "its end-of-archive record is inconsistent"
+    for info in archive.infolist():
+        at = info.header_offset
+        header = data[at:at + 30]
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            return f"the local header of member {info.filename!r} is missing"
+        method = int.from_bytes(header[8:10], "little")
+        length = int.from_bytes(header[26:28], "little")
+        if method != info.compress_type or data[at + 30:at + 30 + length] != info.filename.encode():
+            return f"the local header of member {info.filename!r} disagrees with the central directory"
+    return None
+
+
+def _file_problem(path: Path, weights_only: bool = True) -> str | None:
     """What is wrong with the file at ``path`` itself, and what to do; ``None`` for an intact
-    ``torch.save`` archive (every member passes its checksum)."""
+    ``torch.save`` archive (its layout, its headers and every member's checksum)."""
     size = path.stat().st_size
     if size == 0:
         return ("is empty (0 bytes): nothing was ever written to it. Resume from an earlier checkpoint, or check "
                 "the path.")
     with path.open("rb") as f:
         head = f.read(8)
-    if zipfile.is_zipfile(path):
+    if _is_zip(path):
         try:
             with zipfile.ZipFile(path) as archive:
                 damaged = archive.testzip()  # the first member whose checksum fails, None if all pass
-        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError) as exc:
-            damaged = f"? ({type(exc).__name__})"
+                if damaged is None:
+                    broken = _inconsistent(path, archive)
+                    if broken is not None:
+                        return (f"is damaged: a zip archive ({size} bytes) whose structure is broken ({broken}). "
+                                f"Resume from an earlier checkpoint.")
+                    other = _not_torch_zip(archive)  # intact, but another kind of zip
+                    if other is not None:
+                        return other
+        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError, NotImplementedError) as exc:
+            return (f"is damaged: a zip archive ({size} bytes) whose structure is broken ({type(exc).__name__}: "
+                    f"{exc}). Resume from an earlier checkpoint.")
         if damaged is None:
             return None
         return (f"is damaged: a torch.save archive ({size} bytes) whose member {damaged!r} fails its checksum. "
@@ -102,12 +163,31 @@ def _file_problem(path: Path) -> str | None:
         return (f"is damaged: it starts as a torch.save archive but its end is missing ({size} bytes; truncated, e.g. "
                 f"a copy or a save that did not finish). Resume from an earlier checkpoint.")
     if head[:1] == b"\x80":
+        if not weights_only:  # torch.load already failed on it with weights_only=False: no old torch.save
+            return (f"is a pickle stream ({size} bytes) that torch.load cannot read even with weights_only=False: "
+                    f"not the zip archive torch.save writes, nor an old (pre-1.6) torch.save; written by "
+                    f"pickle.dump (if you trust it, read it with pickle.load), or damaged.")
         return (f"is a pickle stream ({size} bytes), not the zip archive torch.save writes: written by pickle.dump, "
                 f"or by torch.save before torch 1.6 (or with _use_new_zipfile_serialization=False), or damaged. If "
                 f"you trust it, load it with load_checkpoint(path, weights_only=False) (an old torch.save) or "
                 f"pickle.load (a pickle.dump).")
     return (f"is not a torch checkpoint: torch.save writes a zip archive (starting with b'PK'), this file ({size} "
             f"bytes) starts with {head!r}. Check the path.")
+
+
+def _check_map_location(map_location: Any) -> None:
+    """Refuse a device name torch cannot parse before the file is read (torch.load would blame the file)."""
+    names = map_location.values() if isinstance(map_location, dict) else [map_location]
+    for name in names:
+        if isinstance(name, str):
+            try:
+                torch.device(name)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"Invalid map_location: {map_location!r}. Expected a device such as 'cpu' or "
+                                 f"'cuda:0', a torch.device, a dict of them or a function.") from None
+        elif not (name is None or isinstance(name, torch.device) or callable(name)):
+            raise TypeError(f"`map_location` should be a device (str or torch.device), a dict of them, a function "
+                            f"or None. Found `{type(map_location).__name__}`.")
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
@@ -149,11 +229,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
             raise TypeError(f"`{name}` should be a bool. Found {flag!r}.")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
+    _check_map_location(map_location)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is a folder, not a checkpoint file; give the file's path." if path.is_dir()
                                 else f"No checkpoint at {path}.")
-    if verify and zipfile.is_zipfile(path):  # torch.load would not notice a member failing its checksum
+    if verify and _is_zip(path):  # torch.load would not notice a member failing its checksum
         problem = _file_problem(path)
         if problem is not None:
             raise ValueError(f"The checkpoint {path} {problem}")
@@ -165,7 +246,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
         else:
             state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # a damaged pickle raises anything (KeyError, UnicodeDecodeError, ...)
-        problem = _file_problem(path)  # read from the file: a damaged one is never called intact
+        problem = _file_problem(path, weights_only)  # read from the file: a damaged one is never called intact
+        if problem is None and "zip archive" in str(exc):  # torch's zip reader refused a structure we passed
+            problem = (f"is damaged: torch's zip reader refuses its structure ({str(exc).splitlines()[0][:120]}). "
+                       f"Resume from an earlier checkpoint.")
         if problem is not None:
             raise ValueError(f"The checkpoint {path} {problem}") from exc  # torch's own words chained below
         refused = _refused_globals(path) if weights_only and isinstance(exc, pickle.UnpicklingError) else []

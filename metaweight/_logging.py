@@ -6,8 +6,11 @@ import csv
 import os
 import stat
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
+
+from metaweight._warn import warn_user
 
 
 def flatten_record(record: dict[str, Any]) -> dict[str, float]:
@@ -37,12 +40,68 @@ def _before(lines: list[str], step: float) -> list[str]:
     return [line for line in lines if (s := _step_of(line)) is None or s < step]
 
 
+_HELD: dict[str, weakref.ReferenceType[Any]] = {}  # path -> the live logger writing there, in this process
+
+
+def _key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _holder(path: Path) -> Any:
+    ref = _HELD.get(_key(path))
+    return None if ref is None else ref()
+
+
+def _hold(path: Path, owner: Any) -> None:
+    """Make ``owner`` the one logger writing to ``path`` in this process, or refuse (changing nothing)
+    while another live one holds it: two loggers on one file would each write every row."""
+    other = _holder(path)
+    if other is not None and other is not owner:
+        import gc
+
+        gc.collect()  # a logger of a dropped weighter may only wait for the cycle collector
+        other = _holder(path)
+    if other is not None and other is not owner:
+        raise ValueError(f"Another {type(other).__name__} in this process writes to {path}: two loggers on one "
+                         f"log would each write every row. Use that logger, call its close() (or drop the weighter "
+                         f"holding it) first, or log to another path.")
+    _HELD[_key(path)] = weakref.ref(owner)
+
+
+def _release(path: Path, owner: Any) -> None:
+    if _holder(path) is owner:
+        del _HELD[_key(path)]
+
+
+def _check_can_create(path: Path, what: str) -> None:
+    """Refuse a path that cannot be written: a file where a folder must be, or no write permission."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"`{what}` {path} cannot be created: {ancestor} is a file, not a folder. Pass a path "
+                         f"under a folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"`{what}` {path} cannot be written: no write permission on the folder {ancestor}. "
+                         f"Pass a path you can write to.")
+
+
+def _fresh(path: Path, suffix: str = "") -> Path:
+    """The first of ``stem-2``, ``stem-3``, ... beside ``path`` that neither exists nor is held."""
+    stem = path.name[:-len(suffix)] if suffix and path.name.endswith(suffix) else path.name
+    n = 2
+    while True:
+        candidate = path.with_name(f"{stem}-{n}{suffix}")
+        if not candidate.exists() and _holder(candidate) is None:
+            return candidate
+        n += 1
+
+
 class CSVLogger:
     """Writes one row per meta step to a CSV file, with one header; resumes where the run resumes.
 
     The column ``iteration`` is the step. A file that already exists is continued under the
-    header it has (a file whose header names other columns is refused, changing nothing), as
-    TensorBoard's ``SummaryWriter(purge_step=...)`` continues an event log:
+    header it has, as TensorBoard's ``SummaryWriter(purge_step=...)`` continues an event log:
 
     * the first record this logger gets says where the run stands: rows of the file at or after
       its iteration were logged after the checkpoint the run resumed from, by steps that were
@@ -50,24 +109,33 @@ class CSVLogger:
       at 3 logs 4 and 5 again: the file holds 1-5 once); the same holds for any later record
       whose iteration is not past the last row (a weighter rolled back in the same process);
     * a last line without its newline is what a crash in the middle of a write leaves: an
-      incomplete record, dropped;
-    * a file whose every row would be dropped (a new run from iteration 1 on an old log) is
-      refused with a ``ValueError``, changing nothing: pass ``overwrite=True`` to replace it.
+      incomplete record, dropped.
+
+    What the file alone tells is judged here, when the logger is made, and refused with a
+    ``ValueError`` that changes nothing: a folder, a path that cannot be written, a file that is
+    not a metaweight log (its first columns are not ``iteration,meta_step``), a path another
+    live logger of this process writes to. Two things can only be judged at the first record,
+    which a weighter hands over after its step has been taken: a log with the columns of another
+    run (other loss terms) and a new run on an old log (every row would be dropped). A hook must
+    not raise then (the step stands; a retry would take it twice), and the old log must not be
+    lost, so the logger leaves the old file as it is, writes to the first free ``NAME-2.csv``,
+    ``NAME-3.csv``, ... beside it, warns, and shows the new path in :attr:`path`.
+    ``overwrite=True`` starts the file afresh at the first record instead.
 
     Dropping rewrites the file whole: a temporary file beside it, then ``os.replace`` (atomic),
     so an interruption leaves the old log or the new one, never a mix. Without anything to drop
-    a row is appended. ``overwrite=True`` starts the file afresh at the first record. Nothing is
-    written (no folder, no file) until the first record: the weighter calls its hooks only for
-    meta steps that stand.
+    a row is appended. Nothing is written (no folder, no file) until the first record: the
+    weighter calls its hooks only for meta steps that stand. :meth:`close` gives the path up
+    for another logger of this process.
 
     Args:
         path: the CSV file; created (with its folder) at the first record.
         overwrite: start a new file at the first record instead of continuing an existing one.
 
     Raises:
-        ValueError: at the first record, for a file whose header differs from the record's
-            columns, or whose every row is at or after the record's iteration (unless
-            ``overwrite``).
+        TypeError: ``path`` is not a str or Path, or ``overwrite`` not a bool.
+        ValueError: ``path`` is a folder, cannot be written, is not a metaweight log (unless
+            ``overwrite``), or another live logger of this process writes to it.
 
     Example:
         >>> import tempfile, torch, metaweight as mw
@@ -86,10 +154,31 @@ class CSVLogger:
             raise TypeError(f"`path` should be a file path (str or Path). Found {path!r}.")
         if not isinstance(overwrite, bool):
             raise TypeError(f"`overwrite` should be a bool. Found {overwrite!r}.")
-        self.path = Path(path)
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'log.csv'}.")
+        _check_can_create(path, "path")
+        if path.exists():
+            if not os.access(path, os.R_OK | os.W_OK):
+                raise ValueError(f"`path` {path} exists but cannot be read and written: check its permissions, or "
+                                 f"log to another path.")
+            if not os.access(path.parent, os.W_OK | os.X_OK):  # a rewrite puts a new file in its place
+                raise ValueError(f"`path` {path} cannot be rewritten: no write permission on its folder "
+                                 f"{path.parent}. Log to another path.")
+        self.path = path
         self.overwrite = overwrite
+        header, _, _ = (None, [], False) if overwrite else self._existing()
+        if header is not None and header[:2] != ["iteration", "meta_step"]:
+            raise ValueError(f"`path` {path} holds a CSV with the columns {header[:6]}, not a metaweight log (its "
+                             f"first columns are iteration,meta_step); nothing was changed. Log to another path, "
+                             f"or pass overwrite=True to replace it.")
+        _hold(path, self)
         self._fields: list[str] | None = None
         self._last_step: float | None = None  # the iteration of the last row this logger wrote
+
+    def close(self) -> None:
+        """Give the path up, so that another logger of this process may write to it."""
+        _release(self.path, self)
 
     def _existing(self) -> tuple[list[str] | None, list[str], bool]:
         """The file's header, its complete rows (raw lines) and whether its last line was torn."""
@@ -102,7 +191,7 @@ class CSVLogger:
             lines.pop()
         if not lines:
             return None, [], torn
-        return next(csv.reader([lines[0]])), lines[1:], torn
+        return next(csv.reader([lines[0]]), []), lines[1:], torn
 
     def _rewrite(self, fields: list[str], kept: list[str], row: dict[str, float]) -> None:
         """Write the header, the kept rows and ``row`` to a temporary file, then put it in place of the
@@ -130,22 +219,37 @@ class CSVLogger:
                 os.unlink(tmp)
             raise
 
+    def _divert(self, why: str) -> None:
+        """Leave the old log as it is and write this run's beside it (called after the step: never raise)."""
+        old, new = self.path, _fresh(self.path, self.path.suffix)
+        _release(old, self)
+        _hold(new, self)
+        self.path = new
+        warn_user(f"{why} The old log {old} was left as it is; this run logs to {new} instead. Pass "
+                  f"overwrite=True to replace the old log, or a path of its own.")
+
     def __call__(self, record: dict[str, Any]) -> None:
         row = flatten_record(record)
         fields, step = list(row), float(row["iteration"])
+        if _holder(self.path) is not self:  # closed: take the path back, unless another logger has it
+            if _holder(self.path) is not None:
+                warn_user(f"This CSVLogger was closed and another logger now writes to {self.path}: iteration "
+                          f"{step:g} was not logged by it.")
+                return
+            _hold(self.path, self)
         if self._fields is None:  # the first record: a new file, or continue the one there
             header, lines, torn = (None, [], False) if self.overwrite else self._existing()
             if header is not None and header != fields:
-                raise ValueError(f"The log {self.path} has the columns {header}, but this run records {fields}; "
-                                 f"appending would mix them. Log to another path, or pass overwrite=True to start "
-                                 f"{self.path.name} afresh.")
+                self._divert(f"The log {self.path} has the columns {header}, but this run records {fields}; "
+                             f"appending would mix them.")
+                header, lines, torn = None, [], False
             kept = _before(lines, step)
             if lines and not kept:
                 logged = [s for s in map(_step_of, lines) if s is not None]
-                raise ValueError(f"The log {self.path} holds iterations {min(logged):g} to {max(logged):g}, and this "
-                                 f"run's first record is iteration {step:g}: every row would be dropped as undone, "
-                                 f"so this is a new run, not one resumed from a checkpoint. Pass overwrite=True "
-                                 f"to replace the log, or log to another path.")
+                self._divert(f"The log {self.path} holds iterations {min(logged):g} to {max(logged):g}, and this "
+                             f"run's first record is iteration {step:g}: every row would be dropped as undone, "
+                             f"so this is a new run, not one resumed from a checkpoint.")
+                header, lines, kept, torn = None, [], [], False
             if header is None or torn or len(kept) < len(lines):
                 self._rewrite(fields, kept, row)
             else:
@@ -164,6 +268,19 @@ class CSVLogger:
             csv.DictWriter(f, fieldnames=fields).writerow(row)
 
 
+def _logged_steps(folder: Path) -> list[int]:
+    """The steps of the scalars the event files directly in ``folder`` hold."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps: list[int] = []
+    for file in sorted(folder.glob("*tfevents*")):
+        try:
+            steps.extend(e.step for e in EventFileLoader(str(file)).Load() if e.HasField("summary"))
+        except Exception:  # noqa: BLE001 - a torn last event: what was read stands
+            pass
+    return steps
+
+
 class TensorBoardLogger:
     """Writes every scalar of a meta-step record to TensorBoard (needs the ``tensorboard`` package).
 
@@ -172,36 +289,74 @@ class TensorBoardLogger:
     ``SummaryWriter(log_dir, purge_step=iteration of that record)``: a run resumed from its
     checkpoint hides the events an earlier attempt logged at or after that iteration (steps that
     were undone), as :class:`CSVLogger` drops those rows. TensorBoard hides them, it deletes no
-    file. Given a writer, nothing is purged: create it with ``purge_step`` yourself when you
-    resume.
+    file. A new run on a folder holding another run's events (every one of its points at or
+    after the first record's iteration) would hide that whole run: as :class:`CSVLogger` does,
+    the logger then leaves the folder as it is, writes to the first free ``NAME-2``, ``NAME-3``,
+    ... beside it and warns (it cannot refuse then: the weighter hands the record over after its
+    step). ``overwrite=True`` hides the old run instead. A folder that cannot be written, a file
+    in its place, or a folder another live logger of this process writes to are refused when the
+    logger is made. Given a writer, nothing is purged: create it with ``purge_step`` yourself when
+    you resume.
 
     Args:
         log_dir_or_writer: a log folder, or an existing ``torch.utils.tensorboard.SummaryWriter``
             (anything with ``add_scalar(tag, value, step)``).
         prefix: prepended to every tag.
+        overwrite: with a folder, let a new run hide the events already there.
 
     Raises:
         TypeError: ``log_dir_or_writer`` is neither a folder nor a writer, or ``prefix`` is not a str.
+        ValueError: the folder is a file, cannot be written, or another live logger of this
+            process writes to it.
         ImportError: a folder is given and ``tensorboard`` is not installed.
     """
 
-    def __init__(self, log_dir_or_writer: Any, prefix: str = "metaweight/") -> None:
+    def __init__(self, log_dir_or_writer: Any, prefix: str = "metaweight/", *, overwrite: bool = False) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` should be a str. Found {prefix!r}.")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"`overwrite` should be a bool. Found {overwrite!r}.")
         self._log_dir: str | None = None
         self._writer: Any = None
+        self._old_steps: list[int] = []
+        self.overwrite = overwrite
         if isinstance(log_dir_or_writer, (str, Path)):
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (fail here, not at the first record)
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
-            self._log_dir = str(log_dir_or_writer)  # the folder is created with the writer, at the first record
+            folder = Path(log_dir_or_writer)
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"`log_dir_or_writer` {folder} is a file, not a folder. Pass a folder for the "
+                                 f"event files.")
+            if folder.is_dir():
+                if not os.access(folder, os.W_OK | os.X_OK):
+                    raise ValueError(f"`log_dir_or_writer` {folder} cannot be written: no write permission. Pass "
+                                     f"a folder you can write to.")
+                self._old_steps = [] if overwrite else _logged_steps(folder)
+            else:
+                _check_can_create(folder, "log_dir_or_writer")
+            _hold(folder, self)
+            self._log_dir = str(folder)  # the folder is created with the writer, at the first record
         elif callable(getattr(log_dir_or_writer, "add_scalar", None)):
             self._writer = log_dir_or_writer
         else:
             raise TypeError(f"`log_dir_or_writer` should be a log folder (str or Path) or a SummaryWriter. Found "
                             f"`{type(log_dir_or_writer).__name__}`.")
         self.prefix = prefix
+
+    @property
+    def log_dir(self) -> str | None:
+        """The folder written to (``None`` for a writer given); another one than asked for if a new run
+        was kept away from an old one."""
+        return self._log_dir
+
+    def close(self) -> None:
+        """Close the writer made here, and give the folder up for another logger of this process."""
+        if self._log_dir is not None:
+            if self._writer is not None:
+                self._writer.close()
+            _release(Path(self._log_dir), self)
 
     @property
     def writer(self) -> Any:
@@ -213,6 +368,17 @@ class TensorBoardLogger:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            if purge_step is not None and self._old_steps and purge_step <= min(self._old_steps):
+                old = Path(self._log_dir)  # type: ignore[arg-type]
+                new = _fresh(old)
+                _release(old, self)
+                _hold(new, self)
+                self._log_dir = str(new)
+                warn_user(f"The TensorBoard folder {old} holds a run logged at steps {min(self._old_steps)} to "
+                          f"{max(self._old_steps)}, and this run's first record is step {purge_step}: it would hide "
+                          f"that whole run, so this is a new run, not one resumed from a checkpoint. The folder was "
+                          f"left as it is; this run logs to {new} instead. Pass overwrite=True to hide the old run, "
+                          f"or a folder of its own.")
             self._writer = SummaryWriter(self._log_dir, purge_step=purge_step)
         return self._writer
 

@@ -56,7 +56,10 @@ class DenseDistillLoss(nn.Module):
         num_exits: the number of exits :math:`K`.
         temperature: the distillation temperature :math:`T` (> 0).
         teachers: ``"dense"``, ``"last"`` or ``"none"``.
-        label_smoothing: passed to the cross-entropy terms (0 as in the paper).
+        label_smoothing: passed to the cross-entropy terms (0 as in the paper). Smoothing spreads
+            target mass over all ``C`` classes, so with a class masked to ``-inf`` in the logits
+            every CE term is infinite (``F.cross_entropy`` does the same): mask by leaving the
+            class out of the logits, or use no smoothing with masked classes.
         ignore_index: labels equal to it (padding) are left out of every term.
 
     Shapes: logits ``[B, C]`` with labels ``[B]`` (one prediction per sample), or token-level

@@ -68,6 +68,16 @@ class Terms:
         active = getattr(criterion, "active", None)
         if active is None:
             active = torch.ones(len(names), dtype=torch.bool)
+        own = getattr(criterion, "term_names", None)
+        if term_names is not None and isinstance(own, Sequence) and not isinstance(own, str) and \
+                len(own) != len(names):
+            raise ValueError(f"`term_names` has {len(names)} names, but `{type(criterion).__name__}` has "
+                             f"{len(own)} terms {list(own)}. Pass one name per term, or leave term_names out "
+                             f"to use the criterion's.")
+        if isinstance(active, Tensor) and active.dim() == 1 and active.numel() != len(names) and \
+                term_names is not None:
+            raise ValueError(f"`term_names` has {len(names)} names, but `criterion.active` marks {active.numel()} "
+                             f"terms. Pass one name per term of the vector the criterion returns.")
         if not isinstance(active, Tensor) or active.dtype != torch.bool or active.shape != (len(names),):
             raise ValueError(f"`criterion.active` should be a bool tensor of shape ({len(names)},), one entry per "
                              f"term. Found {active!r}.")

@@ -60,6 +60,16 @@ class AccuracyTarget:
     val_cost: float | None = None
 
 
+def _quantiles(values: Tensor, q: Tensor) -> Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) for a 1-d tensor of any length: by a sort
+    and an index, where ``torch.quantile`` refuses inputs over 2**24 elements."""
+    ordered = values.sort().values
+    position = q.to(ordered.dtype) * (ordered.numel() - 1)
+    low = position.floor().long()
+    high = position.ceil().long()
+    return torch.lerp(ordered[low], ordered[high], position - low.to(ordered.dtype))
+
+
 def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float, *, confidence: float = 0.9,
                             costs: Sequence[float] | None = None, rule: ExitRule | str = "max_probability",
                             candidates: int = 200) -> AccuracyTarget:
@@ -98,8 +108,8 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     alpha = 1.0 - confidence
     last_right = prediction[-1] == labels
     finite = scores[:-1][~torch.isnan(scores[:-1])]
-    levels = torch.quantile(finite.double(), torch.linspace(1, 0, candidates + 1, dtype=torch.float64,
-                                                            device=finite.device)[1:]) \
+    levels = _quantiles(finite.double(), torch.linspace(1, 0, candidates + 1, dtype=torch.float64,
+                                                        device=finite.device)[1:]) \
         if finite.numel() else torch.zeros(0, dtype=torch.float64)
     grid = [NO_EXIT] + sorted(set(float(v) for v in levels), reverse=True)  # most conservative first
 

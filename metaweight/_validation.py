@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,15 @@ class BalancedValidation(nn.Module):
         averaged = self.expected.mul(self.momentum).add(losses, alpha=1.0 - self.momentum)
         self.expected.copy_(torch.where(self.num_updates > 0, averaged, losses))
         self.num_updates += 1
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, refusing (changing nothing) a state of another number of exits."""
+        expected = state_dict.get("expected") if isinstance(state_dict, Mapping) else None
+        if isinstance(expected, Tensor) and expected.shape != (self.num_exits,):
+            raise ValueError(f"This state is of a BalancedValidation with {expected.numel()} exits (`expected` of "
+                             f"shape {tuple(expected.shape)}), but this one has num_exits={self.num_exits}. Build it "
+                             f"with num_exits={expected.numel()}, or load the state saved for this model.")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
         return f"num_exits={self.num_exits}, alpha={self.alpha}, momentum={self.momentum}"

@@ -93,3 +93,100 @@ def test_every_label_check_names_the_classes_and_the_padding_fix():
             run(padded)
         assert mw.collect_logits(net, [(logits[0], padded)], ignore_index=-1)[1].tolist() == \
             labels[1:].tolist()
+
+
+def _exact_geometric(q, num_exits):
+    """q**k / sum q**j in exact rationals, then as floats: the reference, free of overflow."""
+    from fractions import Fraction
+
+    powers = [Fraction(q) ** k for k in range(1, num_exits + 1)]
+    total = sum(powers)
+    return [float(p / total) for p in powers]
+
+
+@pytest.mark.parametrize("q, num_exits", [(1000.0, 13), (1e30, 3), (50.0, 24), (1e-30, 3), (0.5, 4), (1.95, 40),
+                                          (0.05, 30), (1.0, 7)])
+def test_geometric_distribution_never_overflows(q, num_exits):
+    d = mw.geometric_exit_distribution(q, num_exits)
+    assert d.dtype == torch.float32 and torch.isfinite(d).all()
+    expected = torch.tensor(_exact_geometric(q, num_exits), dtype=torch.float64)
+    assert torch.allclose(d.double(), expected, rtol=1e-5, atol=1e-30)  # float32 exp(k log q): ~k ulp
+
+
+@pytest.mark.parametrize("num_exits", [13, 16])
+def test_budget_at_the_last_exit_with_many_exits(num_exits):
+    """A budget of K with costs 1..K asks q=1000: its distribution used to be NaN and refused."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(num_exits, 200, 10) * 3, torch.randint(0, 10, (200,))
+    result = mw.thresholds_for_budget(logits, labels, list(range(1, num_exits + 1)), float(num_exits))
+    assert result.cost <= num_exits
+
+
+def test_find_thresholds_takes_half_precision_distributions():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100, 5)
+    expected = mw.find_thresholds(logits, [1 / 3] * 3)
+    for dtype in (torch.float16, torch.bfloat16):
+        thirds = torch.full((3,), 1 / 3).to(dtype)
+        assert abs(float(thirds.double().sum()) - 1) > 1e-4  # what the float32 tolerance refused
+        assert torch.equal(mw.find_thresholds(logits, thirds), expected)  # floor(100 * 0.3333) either way
+        assert mw.find_thresholds(logits, thirds / thirds.sum()).shape == (3,)
+    with pytest.raises(ValueError, match="should sum to 1"):
+        mw.find_thresholds(logits, torch.tensor([0.5, 0.5, 0.1]).half())  # a wrong sum is still refused
+
+
+@pytest.mark.parametrize("device, error", [("nodev", ValueError), (3.5, TypeError)])
+def test_geometric_distribution_refuses_a_bad_device(device, error):
+    with pytest.raises(error, match="device"):
+        mw.geometric_exit_distribution(0.5, 3, device=device)
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=["a"]), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[None]), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[[0.5]]), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=torch.ones(2, 2)), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[True]), TypeError, "qs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[]), ValueError, "qs"),
+    (lambda z, y: mw.evaluate_thresholds(z, y, [0.5, 0.5, 0], [1, None, 3]), TypeError, "costs"),
+    (lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], cost_unit=5), TypeError, "cost_unit"),
+    (lambda z, y: mw.evaluate_thresholds(z, y, [0.5, 0.5, 0], torch.ones(3, 1)), TypeError, "costs"),
+    (lambda z, y: mw.thresholds_for_budget(z, y, [1, "2", 3], 2.0), TypeError, "costs"),
+    (lambda z, y: mw.thresholds_for_accuracy(z, y, 0.1, costs=[1, [2], 3]), TypeError, "costs"),
+])
+def test_bad_qs_and_costs_are_named(call, error, name):
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 8, 4), torch.randint(0, 4, (8,))
+    with pytest.raises(error, match=f"`?{name}`?"):
+        call(logits, labels)
+
+
+def test_qs_and_costs_as_tensors_are_the_lists():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 50, 4), torch.randint(0, 4, (50,))
+    as_list = mw.budgeted_curve(logits, labels, logits, labels, [1, 2, 3], qs=[0.5, 1.5])
+    as_tensor = mw.budgeted_curve(logits, labels, logits, labels, torch.tensor([1.0, 2, 3]),
+                                  qs=torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert [p.cost for p in as_list.points] == [p.cost for p in as_tensor.points]
+
+
+@pytest.mark.parametrize("call", [
+    lambda z, y: mw.find_thresholds(z, [0.3, 0.3, 0.4]),
+    lambda z, y: mw.exit_assignment(z, [0.5, 0.5, 0.0]),
+    lambda z, y: mw.evaluate_thresholds(z, y, [0.5, 0.5, 0.0], [1, 2, 3]),
+    lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[0.5, 1.5]),
+    lambda z, y: mw.thresholds_for_budget(z, y, [1, 2, 3], 2.0),
+    lambda z, y: mw.thresholds_for_accuracy(z, y, 0.1),
+])
+def test_logits_that_require_grad_give_plain_values_without_warnings(call):
+    import warnings
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 20, 4), torch.randint(0, 4, (20,))
+    expected = call(logits, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True to a scalar"
+        got = call(logits.clone().requires_grad_(True), labels)
+    tensors = [v for v in (got if isinstance(got, tuple) else (got,)) if isinstance(v, torch.Tensor)]
+    assert all(t.grad_fn is None and not t.requires_grad for t in tensors)
+    assert repr(got) == repr(expected)

@@ -110,3 +110,16 @@ def test_label_smoothing_matches_torch():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mw.DenseDistillLoss(**kwargs)
+
+
+def test_label_smoothing_with_a_masked_class_is_infinite_as_documented():
+    """Smoothing puts target mass on every class, a -inf class included: CE is inf, as F.cross_entropy's."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5)
+    logits[:, 1] = -float("inf")
+    labels = torch.tensor([0, 2, 3, 4])
+    terms = mw.DenseDistillLoss(2, label_smoothing=0.1)([logits, logits], labels)
+    assert torch.isinf(terms[:2]).all() and torch.isinf(F.cross_entropy(logits, labels, label_smoothing=0.1))
+    assert torch.isfinite(mw.DenseDistillLoss(2)([logits, logits], labels)[:2]).all()

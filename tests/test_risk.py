@@ -60,3 +60,17 @@ def test_bad_arguments_are_refused():
     for kwargs in ({"delta": 0.0}, {"delta": 1.5}, {"delta": 0.1, "confidence": 1.0}, {"delta": 0.1, "candidates": 0}):
         with pytest.raises(ValueError):
             mw.thresholds_for_accuracy(val, labels, **kwargs)
+
+
+def test_quantiles_are_torchs_and_scale_past_its_limit():
+    from metaweight._risk import _quantiles
+
+    torch.manual_seed(0)
+    q = torch.linspace(1, 0, 201, dtype=torch.float64)[1:]
+    for n in (1, 2, 7, 1001):
+        for values in (torch.randn(n, dtype=torch.float64), torch.randint(0, 3, (n,)).double()):  # ties too
+            assert torch.equal(_quantiles(values, q), torch.quantile(values, q))
+    big = torch.arange(2 ** 24 + 8, dtype=torch.float64).flip(0)  # torch.quantile refuses this many
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(big, q)
+    assert torch.equal(_quantiles(big, q), q * (big.numel() - 1))  # the sorted values are 0..n-1

@@ -339,17 +339,24 @@ def test_csv_logger_appends_on_resume_and_never_truncates_unasked(tmp_path):
     assert not path.parent.exists()  # nothing written before the first record
     for i in (1, 2, 3):
         logger(record(i))
+    with pytest.raises(ValueError, match="Another CSVLogger"):
+        mw.CSVLogger(path)  # two live loggers on one file would each write every row
+    logger.close()
     resumed = mw.CSVLogger(path)  # a resumed run, a new logger on the same path
     for i in (4, 5):
         resumed(record(i))
     table = rows(path)
     assert table[0][:3] == ["iteration", "meta_step", "val_objective"]
     assert [r[0] for r in table[1:]] == ["1", "2", "3", "4", "5"]  # one header, every row
+    resumed.close()
     other = dict(record(6), gamma={"kd[2->1]": 1.0})
     before = path.read_text()
-    with pytest.raises(ValueError, match="has the columns"):
-        mw.CSVLogger(path)(other)
-    assert path.read_text() == before
+    diverted = mw.CSVLogger(path)
+    with pytest.warns(RuntimeWarning, match="has the columns.*left as it is"):
+        diverted(other)  # after the step: no raise, the old log kept, this run's beside it
+    assert path.read_text() == before and diverted.path == path.with_name("run-2.csv")
+    assert [r[0] for r in rows(diverted.path)] == ["iteration", "6"]
+    diverted.close()
     fresh = mw.CSVLogger(path, overwrite=True)
     assert path.read_text() == before  # not truncated until a record comes
     fresh(record(1))
@@ -398,8 +405,8 @@ def test_a_resumed_run_logs_every_iteration_once_with_the_values_that_stand(tmp_
 
     first_heard, first_logger = [], make()
     checkpoint = _run(weighter(first_heard, first_logger), batches, keep_at=3)
+    first_logger.close()  # the path is given up for the resumed run's logger
     if kind == "tensorboard":
-        first_logger.writer.close()
         __import__("time").sleep(1.1)  # event files are named by the second they were opened
     resumed_heard, resumed_logger = [], make()
     resumed = weighter(resumed_heard, resumed_logger)
@@ -423,6 +430,7 @@ def test_csv_logger_drops_a_torn_last_line_and_refuses_to_drop_a_whole_log(tmp_p
     logger = mw.CSVLogger(path)
     for i in (1, 2, 3):
         logger(record(i))
+    logger.close()
     text = path.read_text()
     path.write_text(text + "4,4,0.2")  # a crash in the middle of writing row 4: no newline
     path.chmod(0o640)
@@ -432,15 +440,98 @@ def test_csv_logger_drops_a_torn_last_line_and_refuses_to_drop_a_whole_log(tmp_p
     assert [r[0] for r in table] == ["iteration", "1", "2", "3", "4"]
     assert all(len(r) == len(table[0]) for r in table) and float(table[-1][2]) == 1.0 / 4
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=r"iterations 1 to 4.*iteration 1.*overwrite=True"):
-        mw.CSVLogger(path)(record(1))  # a new run on an old log: nothing to resume, nothing dropped
+    new_run = mw.CSVLogger(path)
+    with pytest.warns(RuntimeWarning, match=r"iterations 1 to 4.*iteration 1.*overwrite=True"):
+        new_run(record(1))  # a new run on an old log: nothing to resume, nothing dropped
     assert path.read_bytes() == before
+    assert [r[0] for r in rows(tmp_path / "run-2.csv")] == ["iteration", "1"]
+    new_run.close()
+    (tmp_path / "run-2.csv").unlink()
     rolled = mw.CSVLogger(path)
     rolled(record(5))
     rolled(record(3))  # the weighter rolled back in this process: rows 3 and later were undone
     assert [r[0] for r in rows(path)] == ["iteration", "1", "2", "3"]
     assert float(rows(path)[-1][2]) == 1.0 / 3
     assert not [p for p in tmp_path.iterdir() if p.name != "run.csv"]  # no temporary file left behind
+
+
+def _bad_logs(tmp_path):
+    """(what, make the path, the error expected): everything the file alone tells."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "afile").write_text("x")
+    return [("folder", tmp_path / "folder", "is a folder"),
+            ("other columns", tmp_path / "other.csv", "not a metaweight log"),
+            ("under a file", tmp_path / "afile" / "log.csv", "is a file, not a folder")]
+
+
+def test_csv_logger_refuses_bad_files_when_made_and_a_weighter_never_steps_twice(tmp_path):
+    """Every refusal comes from the constructor, before any step; a file on disk stays as it was."""
+    for what, path, message in _bad_logs(tmp_path):
+        before = path.read_bytes() if path.is_file() else None
+        with pytest.raises(ValueError, match=message):
+            mw.CSVLogger(path)
+        assert (path.read_bytes() if path.is_file() else None) == before, what
+    assert mw.CSVLogger(tmp_path / "other.csv", overwrite=True).path.name == "other.csv"  # asked for: allowed
+    # a new run on an old log: judged only at the first record, after the step; the step is taken
+    # once, the old log kept, the new run logged beside it (a retry would otherwise step twice)
+    old = tmp_path / "old.csv"
+
+    def weighter(logger):
+        torch.manual_seed(0)
+        net = tiny_net(2, batchnorm=False)
+        return mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                     callbacks=[logger])
+
+    first = mw.CSVLogger(old)
+    run_a = weighter(first)
+    for _ in range(3):
+        run_a.step(batch(8), batch(8))
+    first.close()
+    before = old.read_bytes()
+    w = weighter(mw.CSVLogger(old))
+    with pytest.raises(ValueError, match="Another CSVLogger"):  # a second logger on the same file
+        mw.CSVLogger(old)
+    with pytest.warns(RuntimeWarning, match="new run"):
+        w.step(batch(8), batch(8))
+    w.step(batch(8), batch(8))
+    assert w.num_calls == 2 and old.read_bytes() == before
+    assert [r[0] for r in rows(tmp_path / "old-2.csv")] == ["iteration", "1", "2"]
+
+
+def test_tensorboard_logger_keeps_another_run_and_refuses_bad_folders(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def steps(folder):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return [e.step for e in events.Scalars("metaweight/val_objective")]
+
+    (tmp_path / "afile").write_text("x")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "tb"):
+        with pytest.raises(ValueError, match="is a file"):
+            mw.TensorBoardLogger(bad)
+    folder = tmp_path / "tb"
+    first = mw.TensorBoardLogger(folder)
+    with pytest.raises(ValueError, match="Another TensorBoardLogger"):
+        mw.TensorBoardLogger(folder)
+    for i in (1, 2, 3):
+        first(record(i))
+    first.close()
+    assert steps(folder) == [1, 2, 3]
+    second = mw.TensorBoardLogger(folder)
+    with pytest.warns(RuntimeWarning, match="new run"):
+        second(record(1))  # a new run from iteration 1 would hide run A: it goes beside it
+    second.close()
+    assert steps(folder) == [1, 2, 3] and second.log_dir == str(tmp_path / "tb-2")
+    assert steps(tmp_path / "tb-2") == [1]
+    resumed = mw.TensorBoardLogger(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed(record(3))  # resumed from the checkpoint at 2: hides 3 only
+    resumed.close()
+    assert resumed.log_dir == str(folder)
 
 
 class Flaky(nn.Module):
@@ -495,6 +586,76 @@ def test_load_checkpoint_tells_an_intact_file_needing_trust_from_a_damaged_one(t
     damaged.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="is damaged"):
         mw.load_checkpoint(damaged)
+
+
+def test_load_checkpoint_tells_other_zips_damage_and_pickles_apart(tmp_path):
+    import pickle
+    import zipfile
+
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w") as archive:
+        archive.writestr("hello.txt", "hi")
+    np.savez(tmp_path / "arr.npz", a=np.arange(3))
+    pickled = tmp_path / "p.pkl"
+    pickled.write_bytes(pickle.dumps({"a": 1}))
+    for path, weights_only, message in [(plain, True, "not one torch.save writes"),
+                                        (tmp_path / "arr.npz", True, "numpy.load"),
+                                        (pickled, True, "weights_only=False"),
+                                        (pickled, False, "even with weights_only=False.*pickle.load")]:
+        with pytest.raises(ValueError, match=message) as caught:
+            mw.load_checkpoint(path, weights_only=weights_only)
+        assert "intact" not in str(caught.value)
+    if True:  # told to use weights_only=False when it was: no
+        with pytest.raises(ValueError) as caught:
+            mw.load_checkpoint(pickled, weights_only=False)
+        assert "load it with load_checkpoint(path, weights_only=False)" not in str(caught.value)
+
+
+def test_every_single_byte_flip_of_a_checkpoint_loads_the_same_or_is_called_damaged(tmp_path):
+    """Walk every byte of a small checkpoint: a flip either changes nothing that was saved, or is
+    refused as damaged; never loaded different, never called intact."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "step": 3}
+    raw = mw.save_checkpoint(state, tmp_path / "ok.pt").read_bytes()
+    flipped, outcomes = tmp_path / "flip.pt", {"same": 0, "damaged": 0}
+    for position in range(len(raw)):
+        damaged = bytearray(raw)
+        damaged[position] ^= 0x01
+        flipped.write_bytes(bytes(damaged))
+        try:
+            loaded = mw.load_checkpoint(flipped)
+        except ValueError as error:
+            assert "is damaged" in str(error) and "intact" not in str(error), (position, str(error))
+            outcomes["damaged"] += 1
+        else:
+            assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3, position
+            outcomes["same"] += 1
+    assert outcomes["damaged"] > len(raw) // 2
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda p: mw.load_checkpoint(p, map_location="nodevice"), ValueError, "map_location"),
+    (lambda p: mw.load_checkpoint(p, map_location={"cpu": "nodevice"}), ValueError, "map_location"),
+    (lambda p: mw.load_checkpoint(p, map_location=3.5), TypeError, "map_location"),
+    (lambda p: mw.save_checkpoint({"a": 1}, p.parent), ValueError, "is a folder"),
+    (lambda p: mw.save_checkpoint({"a": 1}, p / "x.pt"), ValueError, "is a file, not a folder"),
+])
+def test_checkpoint_arguments_are_refused_before_anything_changes(tmp_path, call, error, name):
+    path = mw.save_checkpoint({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    with pytest.raises(error, match=name):
+        call(path)
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+    assert torch.equal(mw.load_checkpoint(path, map_location="cpu")["w"], torch.ones(2))
+
+
+def test_balanced_validation_refuses_a_state_of_another_number_of_exits():
+    two, three = mw.BalancedValidation(2), mw.BalancedValidation(3)
+    three.update(torch.tensor([1.0, 2.0, 3.0]))
+    before = {k: v.clone() for k, v in two.state_dict().items()}
+    with pytest.raises(ValueError, match="3 exits.*num_exits=2"):
+        two.load_state_dict(three.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in two.state_dict().items())
+    two.load_state_dict(mw.BalancedValidation(2).state_dict())  # the same number: loads
 
 
 def _all_masked_row(k=0, n=2):
@@ -608,7 +769,12 @@ def test_load_checkpoint_refuses_a_flipped_byte_in_the_weights_that_torch_load_t
 
 def test_load_checkpoint_calls_an_intact_file_intact_when_loading_fails_elsewhere(tmp_path):
     path = mw.save_checkpoint({"weights": torch.ones(2)}, tmp_path / "c.ckpt")
-    with pytest.raises(ValueError, match=r"is an intact torch.save archive.*tagged with nowhere"):
+    def fails(storage, location):
+        raise RuntimeError("no such device here")
+
+    with pytest.raises(ValueError, match=r"is an intact torch.save archive.*no such device here"):
+        mw.load_checkpoint(path, map_location=fails)
+    with pytest.raises(ValueError, match=r"Invalid map_location: 'nowhere'"):  # judged before the file is read
         mw.load_checkpoint(path, map_location="nowhere")
     with pytest.raises(FileNotFoundError, match="is a folder"):
         mw.load_checkpoint(tmp_path)

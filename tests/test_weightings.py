@@ -526,3 +526,17 @@ def test_a_grad_scaler_changes_nothing(name):
         w2.meta_step((x, y))
     assert torch.equal(w1.gamma, w2.gamma)
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("name", ["HarmonizedWeighter"] + sorted(mw.WEIGHTINGS))
+def test_term_names_of_another_length_are_named(name):
+    """term_names with fewer or more names than the criterion's terms: the lengths, not the mask."""
+    model = tiny_net(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    make = mw.HarmonizedWeighter if name == "HarmonizedWeighter" else mw.WEIGHTINGS[name]
+    extra = {} if name == "HarmonizedWeighter" else options(name, model)
+    for names in (["a"], ["a", "b", "c", "d"]):
+        with pytest.raises(ValueError, match=rf"`term_names` has {len(names)} names, but `DenseDistillLoss` has 3"):
+            make(model, optimizer, mw.DenseDistillLoss(2), term_names=names, **extra)
+    same = ["ce[1]", "ce[2]", "kd[2->1]"]  # as many names as terms: taken as given
+    assert make(model, optimizer, mw.DenseDistillLoss(2), term_names=same, **extra).term_names == same
