@@ -324,14 +324,14 @@ class HarmonizedWeighter(NamedWeights):
                     raise ValueError("init='last' (DBT-like) needs a DenseDistillLoss criterion; give a tensor of "
                                      "initial weights instead.")
                 K = self.criterion.num_exits
-                gamma = torch.zeros(n)
+                gamma = torch.zeros(n, dtype=torch.float32)
                 gamma[:K] = 1.0
                 for idx, (i, _) in enumerate(self.criterion.pairs):
                     if i == K - 1:
                         gamma[K + idx] = 1.0
                 gamma = gamma * active
             elif init == "random":
-                gamma = torch.rand(n, generator=generator) * active
+                gamma = torch.rand(n, generator=generator, dtype=torch.float32) * active
             else:
                 raise ValueError(f"Invalid init: {init!r}. Expected one of {INITS} or a tensor of {n} weights.")
             return gamma

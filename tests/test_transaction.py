@@ -10,7 +10,7 @@ import torch
 from torch.profiler import profile
 
 import metaweight as mw
-from conftest import batch, quiet, tiny_net
+from conftest import batch, fast_two_calls, quiet, tiny_net
 from metaweight._transaction import HOST_READ, BufferSnapshot, StateSnapshot, nonfinite_flag
 from test_weighter import F64, setup
 
@@ -193,3 +193,33 @@ def test_a_buffer_the_forward_reassigns_is_put_back_on_a_refused_step():
             assert w.step((bad, y), val).model_step_skipped
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k]), (mode, k)
+
+
+@pytest.fixture
+def float64_default():
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_every_form_runs_under_a_float64_default_dtype(float64_default, mode):
+    # the tensors the library makes (the finiteness flag, gamma, the validation average) carry their own dtype
+    model = tiny_net(3, dtype=torch.get_default_dtype())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode=mode, init="last")
+    for init in ("uniform", "random"):
+        assert mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), init=init).gamma.dtype == torch.float32
+    train, val = batch(dtype=torch.float64), batch(dtype=torch.float64)
+    assert w.step(train, val).ran and w.gamma.dtype == torch.float32
+    if mode == "fast":
+        record = fast_two_calls(w, model, optimizer, train, val)
+    else:
+        record = w.meta_step(train, val)
+        optimizer.zero_grad()
+        w.loss(model(train[0]), train[1]).backward()
+        optimizer.step()
+    assert record.ran and not record.skipped and w.num_meta_steps == 2
+    assert w.validation.expected.dtype == torch.float32
