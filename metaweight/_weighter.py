@@ -104,7 +104,15 @@ class HarmonizedWeighter(NamedWeights):
             ``"normalize"`` also rescales it to keep the sum it started with.
         nonfinite: what to do when the validation objective or the meta-gradient is
             not finite: ``"raise"`` a ``ValueError`` or ``"skip"`` the meta step; either
-            way :math:`\gamma` and the validation average are left unchanged.
+            way :math:`\gamma` and the validation average are left unchanged. With
+            ``mode="fast"``, :meth:`step` takes the model's step before the meta step: a
+            non-finite validation *input* is found before it (``"raise"``: nothing is changed;
+            ``"skip"``: the model steps, the meta step is skipped), but a validation objective or
+            meta-gradient found non-finite after it is always skipped (a ``RuntimeWarning``,
+            :attr:`num_skipped` counts it, gamma unchanged): the model's step, finite and taken
+            with the gamma it had, stands, and a raise must leave everything as it was. An error
+            of that validation pass other than a non-finite value (e.g. labels out of range)
+            propagates with the model's step taken and the weighter's own state unchanged.
         generator: the random generator for ``init="random"``.
         backend: how the meta-gradient is computed: ``"jvp"`` (exact: one forward-mode
             pass, the default), ``"finite_difference"`` (two forwards, approximate) or
@@ -565,6 +573,14 @@ class HarmonizedWeighter(NamedWeights):
         average are left as they were before the call; with ``nonfinite="raise"`` a
         ``ValueError`` says so, with ``"skip"`` a ``RuntimeWarning`` does and
         :attr:`num_skipped` counts it.
+
+        Whatever ``step()`` refuses or raises leaves the model's parameters, buffers and optimizer
+        state, gamma, its optimizer, the validation average and the counters as they were. What it
+        refuses before its backward (options or hooks the look-ahead cannot replay, sparse
+        gradients) leaves the gradients too; once its backward has run, a refused or failed step
+        leaves every ``p.grad`` ``None`` (the gradients before the call are gone: ``step()``
+        computes its own, and keeping the old ones would hold one more copy of them), in either
+        mode. With ``mode="fast"`` the model steps before the meta step: see ``nonfinite``.
 
         Returns the meta step's :class:`MetaStepRecord` with ``loss``, the weighted training
         loss, ``terms`` and ``model_step_skipped`` filled in.

@@ -677,6 +677,8 @@ def test_an_optimizer_step_that_raises_in_step_leaves_everything_as_it_was(form)
         w.step((torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))),
                (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))))
     assert same(before, state(model, optimizer, w))
+    # the gradients step() computed are dropped, in either mode (those before the call were replaced by them)
+    assert all(p.grad is None for p in model.parameters())
     handle.remove()
 
 
