@@ -52,7 +52,7 @@ def _numbers(value: object, name: str, what: str) -> Tensor:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
             not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise TypeError(f"`{name}` should be a tensor or a list of {what}. Found {value!r}.")
-    return torch.tensor([float(v) for v in value])
+    return torch.tensor([float(v) for v in value], dtype=torch.float32)
 
 
 def _check_thresholds(thresholds: object, num_exits: int) -> Tensor:

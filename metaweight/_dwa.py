@@ -65,9 +65,9 @@ class DWA(Weighting):
         super().__init__(model, optimizer, criterion, term_names=term_names, nonfinite=nonfinite,
                          callbacks=callbacks)
         n = self._terms.num_terms
-        self.running_sum = torch.zeros(n, device=self.device)
-        self.last_average = torch.zeros(n, device=self.device)  # window t-1
-        self.previous_average = torch.zeros(n, device=self.device)  # window t-2
+        self.running_sum = torch.zeros(n, device=self.device, dtype=torch.float32)
+        self.last_average = torch.zeros(n, device=self.device, dtype=torch.float32)  # window t-1
+        self.previous_average = torch.zeros(n, device=self.device, dtype=torch.float32)  # window t-2
         self.num_windows = torch.zeros((), dtype=torch.int64)  # complete windows so far
         self._setup()
 

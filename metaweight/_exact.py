@@ -56,6 +56,8 @@ class ExactMode:
         ``_meta_outcome`` (or, on a call without a look-ahead, its record); with ``keep_graph`` also
         the training terms with their graph (jvp/fd backends). A call without a look-ahead reads gamma
         for its record only with ``read_gamma`` (``step`` reads it with its own decision instead)."""
+        if w.learn and w.num_calls % w.meta_every == 0:
+            w._check_loop()  # options and hooks set since the last meta step, before anything changes
         w.num_calls += 1
         if not w.learn or (w.num_calls - 1) % w.meta_every:
             gamma = w.gamma_dict() if read_gamma else {}
@@ -86,6 +88,8 @@ class ExactMode:
                              f"sparse gradients of {sparse} (sparse=True) do not allow. Build them with sparse=False, "
                              f"or call meta_step (backend='higher' or 'finite_difference') in your own loop. Nothing "
                              f"was changed.")
+        if w.learn and w.num_calls % w.meta_every == 0:
+            w._check_loop()  # before the transaction: a refusal leaves the gradients as they are too
         transaction = w._transaction
         saved = transaction.begin(w)
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation)

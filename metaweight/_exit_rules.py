@@ -78,7 +78,7 @@ class Margin(ExitRule):
     def scores(self, logits: Tensor) -> Tensor:
         p = torch.softmax(logits.float(), dim=-1)
         if p.shape[-1] == 1:
-            return torch.ones(p.shape[:-1], device=p.device)
+            return torch.ones(p.shape[:-1], device=p.device, dtype=p.dtype)
         top = p.topk(2, dim=-1).values
         return top[..., 0] - top[..., 1]
 

@@ -91,20 +91,20 @@ class FAMO(Weighting):
                          callbacks=callbacks)
         n = self._terms.num_terms
         if min_losses is None:
-            bound = torch.zeros(n)
+            bound = torch.zeros(n, dtype=torch.float32)
         else:
             bound = torch.as_tensor(min_losses, dtype=torch.float32).detach().clone().cpu()
             if bound.shape != (n,) or not torch.isfinite(bound).all():
                 raise ValueError(f"`min_losses` should hold one finite lower bound per term, shape ({n},) for "
                                  f"{self.term_names}. Found {min_losses!r}.")
         self.min_losses = bound.to(self.device)
-        self.logits = torch.zeros(n, device=self.device)
-        self.exp_avg = torch.zeros(n, device=self.device)
-        self.exp_avg_sq = torch.zeros(n, device=self.device)
+        self.logits = torch.zeros(n, device=self.device, dtype=torch.float32)
+        self.exp_avg = torch.zeros(n, device=self.device, dtype=torch.float32)
+        self.exp_avg_sq = torch.zeros(n, device=self.device, dtype=torch.float32)
         self._setup()
 
     def _initial_gamma(self) -> Tensor:
-        return famo_softmax(torch.zeros(self._terms.num_terms), self._terms.active.cpu())
+        return famo_softmax(torch.zeros(self._terms.num_terms, dtype=torch.float32), self._terms.active.cpu())
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"logits": self.logits, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}

@@ -13,6 +13,7 @@ meta-gradient of a step taken, which the two-call form (``loss``, the user's own
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from metaweight._optimizers import lookahead_update, supports_exact_update
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, replay_randomness, rng_state, same_rng_state
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import Scratch, explained
+from metaweight._transaction import Scratch, explained, nonfinite_flag
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import HarmonizedWeighter
@@ -35,6 +36,15 @@ COMPILED_RANDOM = ("The torch.compile'd model drew random numbers (dropout or th
                    "mode='fast' replays that forward eagerly, whose random numbers differ from the compiled ones. "
                    "Use mode='exact', or compile a model without random layers (or call the weighter with the "
                    "uncompiled model).")
+
+
+_NONFINITE_VAL = ("The validation batch's inputs hold inf or NaN: the meta step cannot be scored. Check the validation "
+                  "data (or pass nonfinite='skip' to skip such meta steps). gamma and the validation average are "
+                  "unchanged.")
+
+
+def _float_leaves(x: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(x) if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 class FastMode:
@@ -67,6 +77,8 @@ class FastMode:
         next step."""
         x, y = unpack_batch(train_batch, "train_batch")
         xv, yv = unpack_batch(val_batch, "val_batch")
+        if w.num_calls % w.meta_every == 0:
+            w._check_loop()  # options, hooks and parameters set since the last meta step, before anything changes
         transaction = w._transaction
         saved = transaction.begin(w)  # before the count: anything raised or refused below leaves it as it was
         w.num_calls += 1
@@ -90,7 +102,15 @@ class FastMode:
                 loss = w._weighted(terms)
                 w.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                step = transaction.decide(w, loss, terms)
+                # a non-finite validation input is known now: it joins the step's one decision, so that a
+                # refusal comes before the model's step and changes nothing
+                checked = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))]) \
+                    if run_meta else []  # (every rank decides alike)
+                step = transaction.decide(w, loss, terms, checked)
+                bad_val = step.finite and run_meta and step.meta[0] != 0.0
+                if bad_val and w.nonfinite == "raise":
+                    raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
+                                     "optimizer state and counters are as before this call.")
                 if step.finite and w.clip_grad_norm is not None:
                     transform = w._clip_in_step(named) if run_meta else None
                     if not run_meta:
@@ -100,6 +120,7 @@ class FastMode:
                 if step.finite:
                     w.optimizer.step()
         except Exception as exc:
+            w.optimizer.zero_grad(set_to_none=True)  # as the exact mode's step(): the call's gradients are dropped
             transaction.rollback(w, saved)
             why = explained(exc, named, "mode='fast' replays the optimizer's step on dense gradients only")
             if why is exc:
@@ -115,24 +136,31 @@ class FastMode:
         if not run_meta:
             return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
                                   terms=step.terms, loss=step.loss, model_step_skipped=False)
+        if bad_val:  # nonfinite="skip": the model's step stands, the meta step is skipped
+            record = w._refuse(_NONFINITE_VAL, math.nan, [], list(step.terms.values()), after_step=True)
+            return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
         piece = self._piece(x, y, terms.detach(), outputs, replay, low)
         try:
-            record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform)
+            record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform,
+                               after_step=True)
         except Exception:
-            # the model's step is taken (a plain step with the gamma it had); the weighter's own state is kept
+            # an error of the validation pass other than a non-finite value (e.g. labels out of range): the
+            # model's step is taken (a plain step with the gamma it had); the weighter's own state is kept
             transaction.rollback(w, saved, buffers=False)
             raise
         return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
     def meta(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
              jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],
-             transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> MetaStepRecord:
+             transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None, *,
+             after_step: bool = False) -> MetaStepRecord:
         r"""The meta-gradient, the model having stepped from ``theta`` to where it is now:
         :math:`v = \nabla L_{val}` here, :math:`w = J_T^\top (D \odot v)` (``jac`` is D, ``transform``
         :math:`J_T^\top`), and the sum over the step's losses (``pieces``, each with the factor its
         backward used) of the one-sided difference of the terms at ``theta`` along :math:`w`, from each
         loss's own terms (or, with ``recompute``, from the terms recomputed in float32 under its
         ``replay``, for half-precision or random forwards); then gamma's step from it."""
+        w._check_loop()  # the two-call form: the step is the user's; gamma and the weighter's state are kept
         # the terms of the training forwards, whatever the difference recomputes
         reported = pieces[0].terms
         if len(pieces) > 1:  # gradient accumulation: the average over the whole batch
@@ -171,7 +199,7 @@ class FastMode:
             derivative = differences[0] if len(differences) == 1 else torch.stack(differences).sum(0)
             derivative = w._reducer.mean([derivative])[0]
         gamma_grad = (-derivative).to(w.gamma) * w._active
-        return w._apply(gamma_grad, objective, exit_losses, reported.detach())
+        return w._apply(gamma_grad, objective, exit_losses, reported.detach(), after_step=after_step)
 
 
 @torch.no_grad()

@@ -172,7 +172,7 @@ def _executed_costs(model: nn.Module, example_input: Any, lazy: ExitCosts) -> Ex
     K = len(lazy.macs)
     macs = []
     for k in range(K):
-        thresholds = torch.full((K,), NO_EXIT)
+        thresholds = torch.full((K,), NO_EXIT, dtype=torch.float32)
         thresholds[k] = -NO_EXIT  # everyone leaves at exit k (the last takes all anyway)
         predictor = EarlyExit(model, thresholds)
         counter = FlopCounterMode(display=False)

@@ -107,9 +107,9 @@ class GradNorm(Weighting):
         self.shared_parameters = shared
         n = self._terms.num_terms
         self._index = torch.nonzero(self._terms.active).flatten().tolist()
-        self.initial_losses = torch.zeros(n, device=self.device)
-        self.exp_avg = torch.zeros(n, device=self.device)
-        self.exp_avg_sq = torch.zeros(n, device=self.device)
+        self.initial_losses = torch.zeros(n, device=self.device, dtype=torch.float32)
+        self.exp_avg = torch.zeros(n, device=self.device, dtype=torch.float32)
+        self.exp_avg_sq = torch.zeros(n, device=self.device, dtype=torch.float32)
         self._norms: Tensor | None = None
         self._batched = True  # vectorised per-term backward, until autograd refuses it once
         self._setup()
@@ -135,14 +135,14 @@ class GradNorm(Weighting):
             grads = [None if all(g[j] is None for g in per_term) else
                      torch.stack([g[j] if g[j] is not None else torch.zeros_like(p) for g in per_term])
                      for j, p in enumerate(self.shared_parameters)]
-        flat = [g.reshape(count, -1) if g is not None else torch.zeros(count, p.numel(), device=p.device)
+        flat = [g.reshape(count, -1) if g is not None else torch.zeros(count, p.numel(), device=p.device, dtype=p.dtype)
                 for g, p in zip(grads, self.shared_parameters)]
         return torch.cat(flat, 1).float()
 
     def _combine(self, terms: Tensor) -> Tensor:
         if terms.requires_grad:
             grads = self._mean_over_ranks(self._term_gradients(terms))
-            norms = torch.zeros(self._terms.num_terms, device=terms.device)
+            norms = torch.zeros(self._terms.num_terms, device=terms.device, dtype=torch.float32)
             norms[self._index] = torch.linalg.vector_norm(grads, dim=1)
             self._norms = norms
         else:

@@ -43,15 +43,24 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-# The options of each optimizer's constructor that the replay reads (or that do not change its
-# arithmetic: implementation choices). An option of the constructor outside this list (one a later
-# PyTorch adds) is refused, never ignored; keys a constructor does not take (a scheduler's
-# "initial_lr", a user's "name") are not options and are left alone.
+# The options of each optimizer's constructor that its replay reads: the closed form of
+# :func:`lookahead_update` for SGD, Adam and AdamW (and the same arithmetic in `higher`:
+# DifferentiableSGD, DifferentiableAdam/AdamW below), higher's own differentiable optimizers for the
+# others (Adagrad's initial_accumulator_value lives in the state the replay copies). Options that
+# choose an implementation, not the arithmetic, are known too. ``maximize`` is known and replayed by
+# none: refused when set. Any other option of the constructor (one a later PyTorch adds) is refused,
+# never ignored; keys a constructor does not take (a scheduler's "initial_lr", a user's "name") are
+# not options and are left alone.
+IMPLEMENTATION_OPTIONS = frozenset({"foreach", "capturable", "differentiable", "fused"})
 REPLAYED_OPTIONS: dict[type, frozenset[str]] = {
-    torch.optim.SGD: frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize",
-                                "foreach", "differentiable", "fused"}),
-    torch.optim.Adam: frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach",
-                                 "capturable", "differentiable", "fused", "decoupled_weight_decay"}),
+    torch.optim.SGD: frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov"}),
+    torch.optim.Adam: frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay"}),
+    torch.optim.Adadelta: frozenset({"lr", "rho", "eps", "weight_decay"}),
+    torch.optim.Adagrad: frozenset({"lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"}),
+    torch.optim.Adamax: frozenset({"lr", "betas", "eps", "weight_decay"}),
+    torch.optim.ASGD: frozenset({"lr", "lambd", "alpha", "t0", "weight_decay"}),
+    torch.optim.RMSprop: frozenset({"lr", "alpha", "eps", "weight_decay", "momentum", "centered"}),
+    torch.optim.Rprop: frozenset({"lr", "etas", "step_sizes"}),
 }
 REPLAYED_OPTIONS[torch.optim.AdamW] = REPLAYED_OPTIONS[torch.optim.Adam]
 
@@ -63,25 +72,43 @@ def decoupled_weight_decay(optimizer: torch.optim.Optimizer, group: dict[str, An
 
 
 def check_optimizer_options(optimizer: torch.optim.Optimizer) -> None:
-    """Reject optimizer options the look-ahead would silently get wrong: read every parameter group's
-    options (at construction and again at every meta step, so options set later are seen) and refuse
-    any the replay does not know, naming it."""
-    known = next((v for t, v in REPLAYED_OPTIONS.items() if type(optimizer) is t), None)
-    if known is not None:
+    """Reject optimizer options the look-ahead would silently get wrong: read the optimizer's options
+    and every parameter group's values (at construction and again before every meta step, for every
+    backend and mode, so options set later are seen) and refuse, naming it, any option the replay of
+    this optimizer class does not replay (:data:`REPLAYED_OPTIONS`), and ``maximize=True``. An
+    optimizer class with no replay is refused by the backend (:func:`differentiable_optimizer_type`)."""
+    replayed = next((v for t, v in REPLAYED_OPTIONS.items() if type(optimizer) is t), None)
+    if replayed is not None:
+        known = replayed | IMPLEMENTATION_OPTIONS | {"maximize"}
         unknown = sorted(set(optimizer.defaults) - known)
         if unknown:
             raise ValueError(
                 f"`{type(optimizer).__name__}` has the option(s) {unknown}, which the look-ahead does not know how to "
-                f"replay (a newer PyTorch?). metaweight replays {sorted(known)}. Use backend='higher' only if "
-                f"higher replays them, or pass learn=False to keep the loss weights fixed.")
+                f"replay (a newer PyTorch?). For `{type(optimizer).__name__}` it replays {sorted(replayed)} (and "
+                f"ignores the implementation choices {sorted(IMPLEMENTATION_OPTIONS)}). Remove the option, or pass "
+                f"learn=False to keep the loss weights fixed. Nothing was changed.")
     for i, group in enumerate(optimizer.param_groups):
         if group.get("maximize", False):
             raise ValueError(
                 f"Parameter group {i} of the optimizer has maximize=True; the look-ahead assumes the "
-                f"optimizer minimizes the training loss. Use maximize=False."
+                f"optimizer minimizes the training loss. Use maximize=False. Nothing was changed."
             )
         if isinstance(optimizer, torch.optim.SGD) and group.get("dampening", 0) and group.get("nesterov", False):
             raise ValueError("Nesterov momentum requires dampening=0, as in torch.optim.SGD.")
+
+
+def check_optimizer_holds_trainable(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
+    """``mode="fast"``: every trainable parameter of the model must be in the optimizer whose step is the
+    look-ahead (a parameter another optimizer moves would move where the meta-gradient does not look)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    outside = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in held]
+    if outside:
+        raise ValueError(
+            f"mode='fast' scores the step of the optimizer given to the weighter, but the trainable parameters "
+            f"{outside[:8]}{' ...' if len(outside) > 8 else ''} are not in it: if another optimizer steps them, the "
+            f"meta-gradient would miss their move. Give the weighter one optimizer holding every trainable "
+            f"parameter (parameter groups for different settings), set requires_grad=False on the parameters that "
+            f"do not train, or use mode='exact'. gamma and everything else are unchanged.")
 
 
 def check_optimizer_covers_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

@@ -93,7 +93,7 @@ class SDNSchedule(Weighting):
             raise ValueError(f"`max_weights` should map term names to finite numbers > 0. Found {bad}.")
         self.max_weights = {n: float(c) for n, c in max_weights.items()}
         self._scheduled = torch.tensor([n in self.max_weights for n in names])
-        self._max = torch.tensor([self.max_weights.get(n, 1.0) for n in names])
+        self._max = torch.tensor([self.max_weights.get(n, 1.0) for n in names], dtype=torch.float32)
         self._setup()
 
     def _weights_at(self, iteration: int) -> Tensor:

@@ -73,8 +73,8 @@ def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
             continue
         dense.append(t._values() if t.is_sparse else t)
     for (device, _), group in _groups(dense).items():
-        flag = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
+        flag = torch.zeros(1, device=device, dtype=torch.float32)  # (the kernel wants float32, whatever the default dtype)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device, dtype=torch.float32))
         found = found + flag.to(found.device)
     return found.clamp_max(1.0)
 

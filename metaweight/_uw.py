@@ -69,9 +69,9 @@ class UW(Weighting):
         super().__init__(model, optimizer, criterion, term_names=term_names, nonfinite=nonfinite,
                          callbacks=callbacks)
         n = self._terms.num_terms
-        self.log_vars = torch.zeros(n, device=self.device)
-        self.exp_avg = torch.zeros(n, device=self.device)
-        self.exp_avg_sq = torch.zeros(n, device=self.device)
+        self.log_vars = torch.zeros(n, device=self.device, dtype=torch.float32)
+        self.exp_avg = torch.zeros(n, device=self.device, dtype=torch.float32)
+        self.exp_avg_sq = torch.zeros(n, device=self.device, dtype=torch.float32)
         self._setup()
 
     def _state_tensors(self) -> dict[str, Tensor]:

@@ -69,7 +69,7 @@ class BalancedValidation(nn.Module):
         self.ignore_index = ignore_index
         self.alpha = float(alpha)
         self.momentum = float(momentum)
-        self.register_buffer("expected", torch.zeros(num_exits))
+        self.register_buffer("expected", torch.zeros(num_exits, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     @property

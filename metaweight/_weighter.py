@@ -40,7 +40,9 @@ from metaweight._record import MetaStepRecord
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read
 from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
-from metaweight._optimizers import check_optimizer_covers_model, check_optimizer_options, unwrap_optimizer
+from metaweight._hooks import check_hooks
+from metaweight._optimizers import (check_optimizer_covers_model, check_optimizer_holds_trainable,
+                                    check_optimizer_options, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -102,7 +104,15 @@ class HarmonizedWeighter(NamedWeights):
             ``"normalize"`` also rescales it to keep the sum it started with.
         nonfinite: what to do when the validation objective or the meta-gradient is
             not finite: ``"raise"`` a ``ValueError`` or ``"skip"`` the meta step; either
-            way :math:`\gamma` and the validation average are left unchanged.
+            way :math:`\gamma` and the validation average are left unchanged. With
+            ``mode="fast"``, :meth:`step` takes the model's step before the meta step: a
+            non-finite validation *input* is found before it (``"raise"``: nothing is changed;
+            ``"skip"``: the model steps, the meta step is skipped), but a validation objective or
+            meta-gradient found non-finite after it is always skipped (a ``RuntimeWarning``,
+            :attr:`num_skipped` counts it, gamma unchanged): the model's step, finite and taken
+            with the gamma it had, stands, and a raise must leave everything as it was. An error
+            of that validation pass other than a non-finite value (e.g. labels out of range)
+            propagates with the model's step taken and the weighter's own state unchanged.
         generator: the random generator for ``init="random"``.
         backend: how the meta-gradient is computed: ``"jvp"`` (exact: one forward-mode
             pass, the default), ``"finite_difference"`` (two forwards, approximate) or
@@ -242,7 +252,9 @@ class HarmonizedWeighter(NamedWeights):
                                   terms=terms, fd_epsilon=fd_epsilon)
             backend = chosen.name
             _check_sparse(module, mode, backend)
-            _check_hooks(module, mode, backend)
+            check_hooks(module, mode, backend)
+            if mode == "fast":
+                check_optimizer_holds_trainable(inner, module)
 
         self.model = model
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
@@ -324,14 +336,14 @@ class HarmonizedWeighter(NamedWeights):
                     raise ValueError("init='last' (DBT-like) needs a DenseDistillLoss criterion; give a tensor of "
                                      "initial weights instead.")
                 K = self.criterion.num_exits
-                gamma = torch.zeros(n)
+                gamma = torch.zeros(n, dtype=torch.float32)
                 gamma[:K] = 1.0
                 for idx, (i, _) in enumerate(self.criterion.pairs):
                     if i == K - 1:
                         gamma[K + idx] = 1.0
                 gamma = gamma * active
             elif init == "random":
-                gamma = torch.rand(n, generator=generator) * active
+                gamma = torch.rand(n, generator=generator, dtype=torch.float32) * active
             else:
                 raise ValueError(f"Invalid init: {init!r}. Expected one of {INITS} or a tensor of {n} weights.")
             return gamma
@@ -437,11 +449,23 @@ class HarmonizedWeighter(NamedWeights):
             return self._fast_meta_step(train_batch, val_batch)
         return self._exact.meta_step(self, train_batch, val_batch)
 
+    def _check_loop(self) -> None:
+        """Before every meta step (and at construction), what may have changed since the weighter was built
+        and the look-ahead cannot replay: the optimizer's options, the model's hooks, and in ``mode="fast"``
+        trainable parameters the optimizer does not hold. Reads Python objects only (no tensor op, no host
+        read); raises a ``ValueError`` naming what it found, before anything changes."""
+        check_optimizer_options(self._inner_optimizer)
+        check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
+        if self.mode == "fast":
+            check_optimizer_holds_trainable(self._inner_optimizer, self.module)
+
     # ------------------------------------------------------------- gamma's step, for both modes
-    def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor) -> MetaStepRecord:
-        """A whole meta step from its meta-gradient: :meth:`_step_gamma`, one read, :meth:`_meta_outcome`."""
+    def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor, *,
+               after_step: bool = False) -> MetaStepRecord:
+        """A whole meta step from its meta-gradient: :meth:`_step_gamma`, one read, :meth:`_meta_outcome`
+        (``after_step``: see there)."""
         pending = self._step_gamma(gamma_grad, objective, exit_losses, terms)
-        return self._meta_outcome(pending, host_read(pending.values))
+        return self._meta_outcome(pending, host_read(pending.values), after_step=after_step)
 
     def _step_gamma(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor,
                     ) -> PendingMeta:
@@ -461,9 +485,12 @@ class HarmonizedWeighter(NamedWeights):
         values = [finite, stepped, objective, exit_losses, gamma_grad, proposed, terms]
         return PendingMeta(saved, values, gamma_grad.detach(), exit_losses.detach())
 
-    def _meta_outcome(self, pending: PendingMeta, values: list[float], call_hooks: bool = True) -> MetaStepRecord:
+    def _meta_outcome(self, pending: PendingMeta, values: list[float], call_hooks: bool = True, *,
+                      after_step: bool = False) -> MetaStepRecord:
         """The host side of a meta step, from the values of ``pending`` read back: refuse it (gamma's optimizer
-        put back, then raise or skip) or update the validation average, count it and call the hooks."""
+        put back, then raise or skip) or update the validation average, count it and call the hooks. With
+        ``after_step`` (the fast mode's one-call ``step()``, whose model step was taken and stands) a refused
+        meta step is skipped, never raised."""
         n_e, n_g = pending.exit_losses.numel(), self.gamma.numel()
         ok, ok_step, value = values[0] == 1.0, values[1] == 1.0, values[2]
         losses = values[3:3 + n_e]
@@ -485,7 +512,7 @@ class HarmonizedWeighter(NamedWeights):
                 message = (f"gamma's own optimizer step gave {kind} weights (meta-gradient {grad}); gamma, its "
                            f"optimizer and the validation average were left unchanged. Lower gamma_lr or check "
                            f"the gamma optimizer.")
-            return self._refuse(message, value, losses, term_values)
+            return self._refuse(message, value, losses, term_values, after_step=after_step)
         self._objective.update(pending.exit_losses)
         self.num_meta_steps += 1
         record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
@@ -501,10 +528,14 @@ class HarmonizedWeighter(NamedWeights):
         for hook in list(self._hooks.values()):
             hook(record)
 
-    def _refuse(self, message: str, objective: float, exit_losses: list[float], terms: list[float],
-                ) -> MetaStepRecord:
-        """A meta step that changed nothing: raise, or count it, warn and report it skipped."""
-        if self.nonfinite == "raise":
+    def _refuse(self, message: str, objective: float, exit_losses: list[float], terms: list[float], *,
+                after_step: bool = False) -> MetaStepRecord:
+        """A meta step that changed nothing: raise, or count it, warn and report it skipped (always skipped
+        ``after_step``: a raise must leave everything as it was, and the model's step stands)."""
+        if after_step:
+            message += (" The model's step (finite, taken with the gamma it had) stands: mode='fast' steps the model "
+                        "before the meta step, so this meta step was skipped, not raised.")
+        elif self.nonfinite == "raise":
             raise ValueError(message)
         self.num_skipped += 1
         warn_user(f"Skipped a meta step ({self.num_skipped} so far): {message}")
@@ -542,6 +573,14 @@ class HarmonizedWeighter(NamedWeights):
         average are left as they were before the call; with ``nonfinite="raise"`` a
         ``ValueError`` says so, with ``"skip"`` a ``RuntimeWarning`` does and
         :attr:`num_skipped` counts it.
+
+        Whatever ``step()`` refuses or raises leaves the model's parameters, buffers and optimizer
+        state, gamma, its optimizer, the validation average and the counters as they were. What it
+        refuses before its backward (options or hooks the look-ahead cannot replay, sparse
+        gradients) leaves the gradients too; once its backward has run, a refused or failed step
+        leaves every ``p.grad`` ``None`` (the gradients before the call are gone: ``step()``
+        computes its own, and keeping the old ones would hold one more copy of them), in either
+        mode. With ``mode="fast"`` the model steps before the meta step: see ``nonfinite``.
 
         Returns the meta step's :class:`MetaStepRecord` with ``loss``, the weighted training
         loss, ``terms`` and ``model_step_skipped`` filled in.
@@ -855,29 +894,6 @@ def _check_sparse(module: nn.Module, mode: str, backend: str) -> None:
             f"The modules {sparse} have sparse=True (sparse gradients), which {where} cannot replay. Build them with "
             f"sparse=False, or pass mode='exact' with backend='higher' or backend='finite_difference' and call "
             f"meta_step in your own loop (step() refuses sparse gradients too).")
-
-
-def _check_hooks(module: nn.Module, mode: str, backend: str) -> None:
-    """Refuse, at construction, hooks the look-ahead would not run as the model's step does: gradient
-    hooks on parameters (they change the gradient the optimizer steps on, which the closed-form
-    look-ahead computes without them), and forward hooks under ``higher`` (its patched copy of the
-    model runs the modules' ``forward`` without their hooks)."""
-    hooked = [n for n, p in module.named_parameters() if p.requires_grad and getattr(p, "_backward_hooks", None)]
-    if hooked and (mode == "fast" or backend != "higher"):
-        raise ValueError(
-            f"The parameters {hooked} have gradient hooks (Tensor.register_hook), which may change the gradient the "
-            f"optimizer steps on; {'mode=' + repr(mode) if mode == 'fast' else 'backend=' + repr(backend)} computes "
-            f"the look-ahead's gradient without them. Remove the hooks (transform the gradients between backward and "
-            f"step instead), or use mode='exact' with backend='higher', which runs them.")
-    if mode == "exact" and backend == "higher":
-        forward_hooked = [n or type(m).__name__ for n, m in module.named_modules()
-                          if m._forward_hooks or m._forward_pre_hooks]
-        if forward_hooked or nn.modules.module._global_forward_hooks or \
-                nn.modules.module._global_forward_pre_hooks:
-            raise ValueError(
-                f"The modules {forward_hooked or '(all: global hooks)'} have forward hooks, which backend='higher' "
-                f"does not run (it runs a patched copy of each module's forward). Use backend='jvp' or "
-                f"'finite_difference', which run the model as it is.")
 
 
 def _count_exits(names: Iterable[str] | None) -> int:

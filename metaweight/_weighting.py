@@ -245,7 +245,7 @@ class Weighting(NamedWeights):
     # ------------------------------------------------------------------ what subclasses define
     def _initial_gamma(self) -> Tensor:
         """The weights of the first iteration, shape ``[num_terms]`` (inactive entries are zeroed)."""
-        return torch.ones(self._terms.num_terms)
+        return torch.ones(self._terms.num_terms, dtype=torch.float32)
 
     def _state_tensors(self) -> dict[str, Tensor]:
         """The method's own state besides ``gamma`` (tensors saved by :meth:`state_dict`)."""

@@ -156,7 +156,8 @@ class Case:
     frozen: bool = False
     randomness: str = "none"  # none | dropout | functional | stochastic depth | own generator
     eval_part: str = "none"  # none | batchnorm in train | batchnorm in eval
-    model: str = "plain"  # plain | checkpointing | gradient hook | forward hook | weight norm
+    model: str = "plain"  # plain | checkpointing | gradient hook | accumulate hook | backward hook | forward hook
+    #                       | weight norm
 
     def __str__(self) -> str:
         default = Case()
@@ -177,8 +178,9 @@ FEATURES: dict[str, dict[str, str]] = {
     "activation checkpointing (use_reentrant=False)": {
         form: "refused" if form in ("exact, jvp", "exact, finite_difference", "exact, step()") else "right"
         for form in FORMS},
-    "gradient hooks on parameters (Tensor.register_hook)": {
-        form: "right" if form == "exact, higher" else "refused" for form in FORMS},
+    "gradient hooks on parameters (register_hook, register_post_accumulate_grad_hook)": {
+        form: "refused" for form in FORMS},
+    "module backward hooks (register_full_backward_hook, ...)": {form: "refused" for form in FORMS},
     "forward hooks": {form: "refused" if form == "exact, higher" else "right" for form in FORMS},
     "parametrizations (weight_norm)": {form: "right" for form in FORMS},
     "clip_grad_norm_ declared (norm_type 1, 2, inf)": {
@@ -199,7 +201,9 @@ def expected(case: Case) -> str:
             ("sgd", "momentum", "nesterov, wd", "dampening") else
             "maximize=True" if case.optimizer == "maximize" else "Adam, AdamW, AMSGrad, weight decay"]
     rows += {"checkpointing": ["activation checkpointing (use_reentrant=False)"],
-             "gradient hook": ["gradient hooks on parameters (Tensor.register_hook)"],
+             "gradient hook": ["gradient hooks on parameters (register_hook, register_post_accumulate_grad_hook)"],
+             "accumulate hook": ["gradient hooks on parameters (register_hook, register_post_accumulate_grad_hook)"],
+             "backward hook": ["module backward hooks (register_full_backward_hook, ...)"],
              "forward hook": ["forward hooks"],
              "weight norm": ["parametrizations (weight_norm)"]}[case.model] if case.model != "plain" else []
     rows += {"norm": ["clip_grad_norm_ declared (norm_type 1, 2, inf)"],
@@ -234,8 +238,11 @@ def build(case: Case):
     model = Net(case.randomness, batchnorm=case.eval_part != "none").to(F64)
     if case.model == "checkpointing":
         model.checkpointed = True
-    elif case.model == "gradient hook":
-        model.stages[1].weight.register_hook(lambda g: 0.5 * g)
+    elif case.model in ("gradient hook", "accumulate hook"):
+        tensor_hooks(case, model)
+    elif case.model == "backward hook":
+        model.stages[1].register_full_backward_hook(lambda module, grad_in, grad_out: tuple(
+            None if g is None else 0.5 * g for g in grad_in))
     elif case.model == "forward hook":
         model.stages[1].register_forward_hook(lambda module, args, out: 2.0 * out)
     elif case.model == "weight norm":  # built from two parameters by a parametrization
@@ -270,6 +277,14 @@ def build(case: Case):
     return model, optimizer, criterion, validation, scaler
 
 
+def tensor_hooks(case: Case, model) -> None:
+    """The case's hooks on a parameter tensor: copy.deepcopy drops them, so the reference adds them again."""
+    if case.model == "gradient hook":
+        model.stages[1].weight.register_hook(lambda g: 0.5 * g)
+    elif case.model == "accumulate hook":
+        model.stages[1].weight.register_post_accumulate_grad_hook(lambda p: (p.grad.mul_(0.5), None)[1])
+
+
 def loop_step(case: Case, model, optimizer, scaler, micro, loss_of) -> None:
     """The user's loop from its first forward to its optimizer step."""
     optimizer.zero_grad()
@@ -299,6 +314,7 @@ def reference(case: Case, model, optimizer, scaler, criterion, validation, micro
     """d L_val(theta') / d gamma by central differences, theta' the step the loop takes with gamma."""
     def objective(gamma: torch.Tensor) -> float:
         net, opt, sc, objective_fn = copy.deepcopy((model, optimizer, scaler, validation))
+        tensor_hooks(case, net)  # (module hooks survive the copy; tensor hooks do not)
         torch.set_rng_state(train_rng)
         if case.form.startswith("exact"):  # the optimizer's own step on the whole batch
             x = torch.cat([m[0] for m in micro])
@@ -407,7 +423,8 @@ AXES = {
     "frozen": (False, True),
     "randomness": ("none", "dropout", "functional", "stochastic depth", "own generator"),
     "eval_part": ("none", "batchnorm in train", "batchnorm in eval"),
-    "model": ("plain", "checkpointing", "gradient hook", "forward hook", "weight norm"),
+    "model": ("plain", "checkpointing", "gradient hook", "accumulate hook", "backward hook", "forward hook",
+              "weight norm"),
 }
 
 
@@ -479,7 +496,8 @@ CI_CASES = [
     Case(form="exact, higher", model="checkpointing", optimizer="adam"),
     Case(form="fast, two calls", model="checkpointing", clip="norm"),
     Case(form="fast, two calls", model="gradient hook"),  # refused
-    Case(form="exact, higher", model="gradient hook"),
+    Case(form="exact, higher", model="gradient hook"),  # refused: higher's copy of the parameters has no hooks
+    Case(form="fast, step()", model="backward hook"),  # refused
     Case(form="exact, higher", model="forward hook"),  # refused
     Case(form="exact, finite_difference", model="forward hook"),
     Case(form="fast, two calls", model="weight norm", optimizer="adamw"),
@@ -659,22 +677,83 @@ def test_an_optimizer_step_that_raises_in_step_leaves_everything_as_it_was(form)
         w.step((torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))),
                (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))))
     assert same(before, state(model, optimizer, w))
+    # the gradients step() computed are dropped, in either mode (those before the call were replaced by them)
+    assert all(p.grad is None for p in model.parameters())
     handle.remove()
 
 
 def test_hooks_the_look_ahead_would_not_run_are_refused():
     model, optimizer, criterion, validation, _ = build(Case())
     handle = model.stages[1].weight.register_hook(lambda g: 0.5 * g)
-    for kwargs in ({"backend": "jvp"}, {"backend": "finite_difference"}, {"mode": "fast"}):
-        with pytest.raises(ValueError, match=r"\['stages.1.weight'\] have gradient hooks.*backend='higher'"):
+    for kwargs in ({"backend": "jvp"}, {"backend": "finite_difference"}, {"backend": "higher"}, {"mode": "fast"}):
+        with pytest.raises(ValueError, match=r"gradient hooks \(Tensor.register_hook\) on \['stages.1.weight'\]"):
             mw.HarmonizedWeighter(model, optimizer, criterion, validation, **kwargs)
-    mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="higher")  # runs them
     handle.remove()
     handle = model.stages[1].register_forward_hook(lambda module, args, out: 2 * out)
     with pytest.raises(ValueError, match=r"\['stages.1'\] have forward hooks.*backend='jvp'"):
         mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="higher")
     mw.HarmonizedWeighter(model, optimizer, criterion, validation, backend="jvp")
     handle.remove()
+
+
+def _hook_later(kind: str, model) -> torch.utils.hooks.RemovableHandle:
+    stage = model.stages[1]
+    if kind == "gradient":
+        return stage.weight.register_hook(lambda g: 0.5 * g)
+    if kind == "post-accumulate":
+        return stage.weight.register_post_accumulate_grad_hook(lambda p: (p.grad.mul_(0.5), None)[1])
+    if kind == "backward":
+        return stage.register_full_backward_hook(lambda m, gi, go: tuple(None if g is None else 0.5 * g for g in gi))
+    if kind == "backward pre":
+        return stage.register_full_backward_pre_hook(lambda m, go: tuple(None if g is None else 0.5 * g for g in go))
+    if kind == "global backward":
+        return torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
+    if kind == "forward":
+        return stage.register_forward_hook(lambda module, args, out: 2.0 * out)
+    assert kind == "global forward"
+    return torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+
+
+LATER = [(kind, form) for kind in ("gradient", "post-accumulate", "backward", "backward pre", "global backward")
+         for form in FORMS] + [("forward", "exact, higher"), ("global forward", "exact, higher")]
+
+
+@pytest.mark.parametrize("kind, form", LATER[::7], ids=str)
+def test_a_hook_added_after_construction_is_refused_at_the_next_meta_step_changing_nothing(kind, form):
+    """Every kind of hook is read before every meta step: one the form cannot replay is refused by name."""
+    check_hook_added_later(kind, form)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, form", [c for i, c in enumerate(LATER) if i % 7], ids=str)
+def test_a_hook_added_after_construction_is_refused_matrix(kind, form):
+    check_hook_added_later(kind, form)
+
+
+def check_hook_added_later(kind: str, form: str) -> None:
+    model, optimizer, criterion, validation, _ = build(Case(form=form))
+    mode, _, backend = form.partition(", ")
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer="sgd",
+                              **({"mode": "fast"} if mode == "fast" else
+                                 {"backend": backend} if backend != "step()" else {}))
+    train, val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))), \
+        (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    handle = _hook_later(kind, model)
+    try:
+        if form == "fast, two calls":
+            optimizer.zero_grad()
+            w.loss(model(train[0]), train[1]).backward()
+            optimizer.step()
+        before = state(model, optimizer, w)
+        grads = [p.grad for p in model.parameters()]
+        with pytest.raises(ValueError, match="forward hooks, which backend='higher'" if "forward" in kind else
+                           r"hooks .*does not replay them.*Remove the hooks"):
+            w.step(train, val) if form.endswith("step()") else w.meta_step(train, val)
+        assert same(before, state(model, optimizer, w))
+        assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # refused before any backward
+    finally:
+        handle.remove()
+    assert (w.step(train, val) if form.endswith("step()") else w.meta_step(train, val)).ran
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ bit for bit, the fused finiteness check against a per-tensor reference, the repl
 parameter group's options, and the reads back to the host that one step makes."""
 
 import copy
+import math
 import dataclasses
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torch.profiler import profile
 
 import metaweight as mw
-from conftest import batch, quiet, tiny_net
+from conftest import batch, fast_two_calls, quiet, tiny_net
 from metaweight._transaction import HOST_READ, BufferSnapshot, StateSnapshot, nonfinite_flag
 from test_weighter import F64, setup
 
@@ -193,3 +194,141 @@ def test_a_buffer_the_forward_reassigns_is_put_back_on_a_refused_step():
             assert w.step((bad, y), val).model_step_skipped
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k]), (mode, k)
+
+
+@pytest.fixture
+def float64_default():
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_every_form_runs_under_a_float64_default_dtype(float64_default, mode):
+    # the tensors the library makes (the finiteness flag, gamma, the validation average) carry their own dtype
+    model = tiny_net(3, dtype=torch.get_default_dtype())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode=mode, init="last")
+    for init in ("uniform", "random"):
+        assert mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), init=init).gamma.dtype == torch.float32
+    train, val = batch(dtype=torch.float64), batch(dtype=torch.float64)
+    assert w.step(train, val).ran and w.gamma.dtype == torch.float32
+    if mode == "fast":
+        record = fast_two_calls(w, model, optimizer, train, val)
+    else:
+        record = w.meta_step(train, val)
+        optimizer.zero_grad()
+        w.loss(model(train[0]), train[1]).backward()
+        optimizer.step()
+    assert record.ran and not record.skipped and w.num_meta_steps == 2
+    assert w.validation.expected.dtype == torch.float32
+
+
+def _everything(model, optimizer, w):
+    return copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict(),
+                          (w.num_calls, w.num_meta_steps, w.num_skipped)))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    return a == b
+
+
+@pytest.mark.parametrize("backend", ["higher", "jvp", "finite_difference", "step()"])
+def test_maximize_set_after_construction_is_refused_by_every_backend_changing_nothing(backend):
+    model, optimizer, *_, w = setup("momentum", backend="jvp" if backend == "step()" else backend)
+    for group in optimizer.param_groups:
+        group["maximize"] = True
+    before = _everything(model, optimizer, w)
+    grads = [p.grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="maximize=True"):
+        w.step(batch(dtype=F64), batch(dtype=F64)) if backend == "step()" else \
+            w.meta_step(batch(dtype=F64), batch(dtype=F64))
+    assert _same(before, _everything(model, optimizer, w))
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+
+
+@pytest.mark.parametrize("name", ["RMSprop", "Adagrad", "Adadelta"])
+def test_an_unknown_option_is_refused_for_the_optimizers_higher_replays_too(name):
+    # the replay of each optimizer class knows its own options: an option a later PyTorch adds is refused
+    model = tiny_net(3, dtype=F64)
+    optimizer = getattr(torch.optim, name)(model.parameters(), lr=0.01)
+    criterion = mw.DenseDistillLoss(3)
+    with quiet():  # (jvp falls back to higher for these, with a warning)
+        w = mw.HarmonizedWeighter(model, optimizer, criterion)
+    optimizer.defaults["future_option"] = True
+    for group in optimizer.param_groups:
+        group["future_option"] = True
+    before = _everything(model, optimizer, w)
+    for call in (w.meta_step, w.step):
+        with pytest.raises(ValueError, match=rf"`{name}` has the option\(s\) \['future_option'\]"):
+            call(batch(dtype=F64), batch(dtype=F64))
+        assert _same(before, _everything(model, optimizer, w))
+    with pytest.raises(ValueError, match="future_option"), quiet():
+        mw.HarmonizedWeighter(model, optimizer, criterion, backend="higher")
+
+
+def test_fast_mode_refuses_parameters_another_optimizer_steps():
+    model = tiny_net(3, dtype=F64)
+    trunk = torch.optim.SGD(model.stages.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"trainable parameters \['heads.0.weight'.*are not in it.*one optimizer"):
+        mw.HarmonizedWeighter(model, trunk, mw.DenseDistillLoss(3), mode="fast")
+    # frozen instead: accepted; made trainable later: refused at the next meta step, nothing changed
+    for p in model.heads.parameters():
+        p.requires_grad_(False)
+    w = mw.HarmonizedWeighter(model, trunk, mw.DenseDistillLoss(3), mode="fast")
+    assert w.step(batch(dtype=F64), batch(dtype=F64)).ran
+    for p in model.heads[0].parameters():
+        p.requires_grad_(True)
+    before = _everything(model, trunk, w)
+    with pytest.raises(ValueError, match=r"\['heads.0.weight', 'heads.0.bias'\] are not in it"):
+        w.step(batch(dtype=F64), batch(dtype=F64))
+    assert _same(before, _everything(model, trunk, w))
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_fast_step_with_a_non_finite_validation_input_decides_before_the_model_s_step(nonfinite):
+    """raise: refused, everything as it was; skip: the model steps, the meta step is skipped."""
+    model, optimizer, *_, w = setup("momentum", mode="fast", nonfinite=nonfinite)
+    w.step(batch(dtype=F64), batch(dtype=F64))
+    xv, yv = batch(dtype=F64)
+    xv[3, 1] = float("nan")
+    before = _everything(model, optimizer, w)
+    if nonfinite == "raise":
+        with pytest.raises(ValueError, match="validation batch's inputs hold inf or NaN.*step was not taken"):
+            w.step(batch(dtype=F64), (xv, yv))
+        assert _same(before, _everything(model, optimizer, w))
+        return
+    with pytest.warns(RuntimeWarning, match="Skipped a meta step.*inf or NaN"):
+        record = w.step(batch(dtype=F64), (xv, yv))
+    assert record.skipped and not record.model_step_skipped
+    assert _same(before[2]["gamma"], w.state_dict()["gamma"]) and not _same(before[0], model.state_dict())
+    assert (w.num_calls, w.num_meta_steps, w.num_skipped) == (2, 1, 1)
+
+
+def test_fast_step_whose_meta_step_is_non_finite_after_the_model_s_step_skips_it():
+    """A validation objective non-finite at theta' is known only after the model's step, which stands:
+    the meta step is skipped with a warning, never raised (nonfinite='raise' too)."""
+    model = tiny_net(3, dtype=F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def objective(outputs, y):  # finite on the first meta step, inf on the second
+        calls.append(1)
+        return sum(torch.nn.functional.cross_entropy(o, y) for o in outputs) * (1.0 if len(calls) == 1 else math.inf)
+
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), objective, mode="fast")
+    w.step(batch(dtype=F64), batch(dtype=F64))
+    gamma, weights = w.gamma.clone(), copy.deepcopy(model.state_dict())
+    with pytest.warns(RuntimeWarning, match="Non-finite meta step.*model's step .* stands"):
+        record = w.step(batch(dtype=F64), batch(dtype=F64))
+    assert record.skipped and not record.model_step_skipped and torch.equal(w.gamma, gamma)
+    assert not _same(weights, model.state_dict())
+    assert (w.num_calls, w.num_meta_steps, w.num_skipped) == (2, 1, 1)

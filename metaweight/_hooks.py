@@ -1,0 +1,80 @@
+"""Hooks in the user's model: which ones the look-ahead can replay, checked at every meta step.
+
+A hook changes what the model computes, or the gradient its optimizer steps on, outside what the
+weighter can see: the look-ahead must compute at :math:`\\theta'` what the model computes there and
+take the step the model takes. Hooks can be added at any time, so :func:`check_hooks` reads every
+kind of hook at construction and again before every meta step, reading only Python dicts (no
+tensor operation, no host read), and refuses, with a ``ValueError`` naming the hooks, those it
+cannot replay:
+
+* gradient hooks on parameters (``Tensor.register_hook``) and post-accumulate-grad hooks
+  (``Tensor.register_post_accumulate_grad_hook``) change the gradient the optimizer steps on in
+  ways no replay knows (``higher`` runs a copy of the parameters that carries no hooks; the
+  closed-form replays and the fast mode's difference know the optimizer, not the hook): refused in
+  every mode and backend;
+* module backward hooks and pre-hooks (``register_full_backward_hook``,
+  ``register_full_backward_pre_hook``, ``register_backward_hook``, and the global ones of
+  ``torch.nn.modules.module``) change the gradients flowing through the model: refused in every
+  mode and backend;
+* module forward hooks and pre-hooks (and the global ones) change the model's outputs: the
+  ``jvp`` and ``finite_difference`` backends and the fast mode run the model through
+  ``functional_call``, which runs them; ``higher`` runs a patched copy of each module's
+  ``forward`` without them: refused there.
+
+The weighter's own hooks (the fast mode's forward hooks on the model) are passed over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from torch import nn
+from torch.nn.modules import module as _module
+
+_REMOVE = ("Remove the hooks (hook.remove() on the handle register_* returned) for the weighter's meta steps: scale "
+           "the loss or the learning rate instead of the gradients, clip with torch.nn.utils.clip_grad_norm_ "
+           "declared by clip_grad_norm= (mode='fast'), or pass learn=False to keep the loss weights fixed. gamma and "
+           "everything else are unchanged.")
+
+
+def _names(found: list[str]) -> list[str]:
+    return [n or "(the model)" for n in found]
+
+
+def check_hooks(module: nn.Module, mode: str, backend: str | None, own: Collection[int] = ()) -> None:
+    """Raise a ``ValueError`` naming the hooks of ``module`` (and the global module hooks) that the
+    look-ahead of ``mode`` (``backend`` for ``mode="exact"``) would not run as the model's step
+    does; ``own`` are the ids of the weighter's own hook handles."""
+    gradient = [n for n, p in module.named_parameters() if p.requires_grad and p._backward_hooks]
+    accumulate = [n for n, p in module.named_parameters()
+                  if p.requires_grad and getattr(p, "_post_accumulate_grad_hooks", None)]
+    where = f"mode={mode!r}" if mode == "fast" else f"backend={backend!r}"
+    if gradient or accumulate:
+        kinds = ([f"gradient hooks (Tensor.register_hook) on {gradient}"] if gradient else []) + \
+            ([f"post-accumulate-grad hooks (Tensor.register_post_accumulate_grad_hook) on {accumulate}"]
+             if accumulate else [])
+        raise ValueError(
+            f"The parameters have {' and '.join(kinds)}, which change the gradient the optimizer steps on; the "
+            f"look-ahead ({where}; no mode or backend can) does not replay them, so its meta-gradient would be that "
+            f"of another step. {_REMOVE}")
+    backward = [n for n, m in module.named_modules()
+                if _foreign(m._backward_hooks, own) or _foreign(m._backward_pre_hooks, own)]
+    if backward or _module._global_backward_hooks or _module._global_backward_pre_hooks:
+        raise ValueError(
+            f"The modules {_names(backward) or '(all: global hooks of torch.nn.modules.module)'} have backward "
+            f"hooks (register_full_backward_hook, register_full_backward_pre_hook or register_backward_hook), which "
+            f"change the gradients flowing through the model; the look-ahead ({where}; no mode or backend can) "
+            f"does not replay them. {_REMOVE}")
+    if mode == "exact" and backend == "higher":
+        forward = [n for n, m in module.named_modules()
+                   if _foreign(m._forward_hooks, own) or _foreign(m._forward_pre_hooks, own)]
+        if forward or _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            raise ValueError(
+                f"The modules {_names(forward) or '(all: global hooks of torch.nn.modules.module)'} have forward "
+                f"hooks, which backend='higher' does not run (it runs a patched copy of each module's forward). Use "
+                f"backend='jvp' or 'finite_difference', which run the model as it is. gamma and everything else "
+                f"are unchanged.")
+
+
+def _foreign(hooks: dict[int, object] | None, own: Collection[int]) -> bool:
+    return bool(hooks) and any(k not in own for k in hooks)  # type: ignore[union-attr]
