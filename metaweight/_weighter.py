@@ -642,11 +642,14 @@ class HarmonizedWeighter(NamedWeights):
         cleared = pending.cleared if pending.cleared is not None else torch.tensor(True)
         seen = pending.seen
         # the norm of what the optimizer got (what clip_grad_norm_ returned), in the declared norm
-        norm = total_norm(seen, clip.norm_type).to(device) * rescale[1].to(device) \
+        seen_norm = total_norm(seen, clip.norm_type).to(device) \
             if clip is not None and seen is not None else torch.zeros((), dtype=torch.float64, device=device)
-        common, s_t, s, r, ok, clipped_norm = torch.stack([
+        # and the norm clip_grad_norm_ saw: the losses' own gradient, before any clipping
+        unclipped = seen_norm / torch.where(total > 0, total, torch.ones_like(total))
+        common, s_t, s, r, ok, clipped_norm, unclipped = torch.stack([
             rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
-            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(), norm]).tolist()
+            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(),
+            seen_norm * rescale[1].to(device), unclipped]).tolist()
         if not ok:
             raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
                              "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
@@ -661,13 +664,17 @@ class HarmonizedWeighter(NamedWeights):
         if clip is not None:
             dtype = next((g.dtype for g in seen or [] if g is not None), torch.float32)
             slack = clip.max_norm * max(10 * TOLERANCE, 16 * torch.finfo(dtype).eps)  # the norms' rounding
-            if plain and clipped_norm > clip.max_norm + slack:
+            # whether clip_grad_norm_ clipped is decided by the norm it saw, as torch decides it: a factor
+            # within rounding of 1 may still be a clipping (a norm just above max_norm), with its Jacobian
+            coef = min(1.0, clip.max_norm / (unclipped + EPSILON))
+            clipped = coef < 1 and abs(r - coef) <= abs(r - 1)
+            if coef < 1 and not clipped and unclipped > clip.max_norm + slack:
                 raise ValueError(f"The weighter was told the loop clips by {clip.describe()}, but the gradients the "
                                  f"optimizer got were not clipped (their norm: {clipped_norm:.6g}). Clip them so "
                                  f"after backward, or build the weighter with the clipping your loop does. gamma is "
                                  f"unchanged.")
-            if not plain:  # a clipped step: its norm is max_norm * rho, within 1e-6 of max_norm
-                if abs(clipped_norm - clip.max_norm) > EPSILON + slack:
+            if clipped or not plain:  # a clipped step: its norm is max_norm * rho, within 1e-6 of max_norm
+                if not clipped or abs(clipped_norm - clip.max_norm) > EPSILON + slack:
                     raise ValueError(
                         f"The gradients the optimizer got were rescaled by {r:.6g} (relative to the losses' own "
                         f"scale) to a norm of {clipped_norm:.6g} (norm_type={clip.norm_type:g}), which "
@@ -676,7 +683,7 @@ class HarmonizedWeighter(NamedWeights):
                         f"and clip nothing else. gamma is unchanged.")
                 assert seen is not None
                 names = [n for n, _ in self._trainable()]
-                rho = min(1.0, clipped_norm / clip.max_norm)
+                rho = unclipped / (unclipped + EPSILON)
                 return lambda direction: clip_transpose(direction, names, seen, s, rho, clip.norm_type)
         if abs(s - 1) <= TOLERANCE:
             return None

@@ -726,3 +726,33 @@ def test_a_declared_clipping_the_loop_does_not_do_is_refused_with_nothing_change
     with pytest.raises(ValueError, match=match):
         w.meta_step((x, y), (x, y))
     assert same(before, state(model, optimizer, w))
+
+
+def test_a_declared_clipping_that_barely_clips_is_differentiated_as_clipping():
+    """A gradient norm 3e-6 above max_norm: torch clips by a factor within 1e-5 of 1, which used to be
+    taken for unscaling (the unclipped meta-gradient, 0.48 off); the norm clip_grad_norm_ saw decides."""
+    case = Case(clip="norm")
+    model, optimizer, criterion, validation, _ = build(case)
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    net = copy.deepcopy(model)
+    (torch.tensor(GAMMA, dtype=F64) * criterion(net(x), y)).sum().backward()
+    max_norm = float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()])) / (1 + 3e-6)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA), clip_grad_norm=mw.ClipGradNorm(max_norm))
+    twins = copy.deepcopy((model, optimizer, None, validation))
+    rng = torch.get_rng_state()
+
+    def clipped_step(net, opt, sc, micro, loss_of):
+        opt.zero_grad()
+        loss_of(net(micro[0][0]), micro[0][1]).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)
+        opt.step()
+
+    clipped_step(model, optimizer, None, [(x, y)], w.loss)
+    record = w.meta_step((x, y), val)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(globals(), "loop_step", lambda case, *args: clipped_step(*args))
+        ref = reference(case, *twins[:3], criterion, twins[3], [(x, y)], val, rng, None)
+    assert rel_err_of(record.gamma_grad, ref) < 1e-3
