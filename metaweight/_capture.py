@@ -125,13 +125,14 @@ class GradSnapshot:
 
     refs: list[tuple[Tensor | None, int]]
     values: list[Tensor | None]
+    names: list[str] | None = None  # the parameters that required gradients then
 
     @staticmethod
-    def of(grads: Sequence[Tensor | None]) -> GradSnapshot:
+    def of(grads: Sequence[Tensor | None], names: list[str] | None = None) -> GradSnapshot:
         present = [g for g in grads if g is not None]
         copies = iter(torch._foreach_mul(present, 1.0) if present else [])
         return GradSnapshot([(g, g._version if g is not None else -1) for g in grads],
-                            [next(copies) if g is not None else None for g in grads])
+                            [next(copies) if g is not None else None for g in grads], names)
 
     def changed(self, grads: Sequence[Tensor | None]) -> bool:
         return len(grads) != len(self.refs) or any(
@@ -153,6 +154,8 @@ class Pending:
     seen: list[Tensor | None] | None = None  # g, whose direction a common rescale keeps
     inv_scale: Tensor | None = None  # 1 / the scale a fused optimizer unscales by inside its step
     error: str | None = None
+    names: list[str] | None = None  # the parameters that required gradients at the step
+    presence: list[str] | None = None  # those with a gradient at the step but none after backward, or the reverse
 
     def stepped(self) -> list[Micro]:
         """The losses whose backward the step used, in order."""
@@ -176,7 +179,7 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
         if any(g is not None and g.layout != torch.strided for g in grads):
             pending.error = sparse_message(named)
             return
-        pending.after_backward = GradSnapshot.of(grads)
+        pending.after_backward = GradSnapshot.of(grads, [n for n, _ in named])
 
     def on_gradient(grad: Tensor) -> None:
         w = ref()
@@ -206,6 +209,15 @@ def sparse_message(named: Sequence[tuple[str, Tensor]],
     return (f"The parameters {sparse} have sparse gradients (e.g. nn.Embedding(..., sparse=True)): {why}. Build the "
             f"embedding with sparse=False, or use mode='exact' with backend='higher' or 'finite_difference' and call "
             f"meta_step in your own loop.")
+
+
+def requires_grad_message(before: Sequence[str], after: Sequence[str], between: str) -> str:
+    """Which parameters started or stopped requiring gradients between two points of the loop."""
+    started = [n for n in after if n not in set(before)]
+    stopped = [n for n in before if n not in set(after)]
+    return (f"Between {between} the parameters that require gradients changed (now requiring them: {started}; no "
+            f"longer: {stopped}): the step's meta-gradient is over the parameters it stepped. Change requires_grad "
+            f"after meta_step (or before the iteration's forward).")
 
 
 @torch.no_grad()
@@ -278,8 +290,15 @@ class StepCapture(_Inert):
             if scale is not None:
                 pending.inv_scale = 1.0 / scale.double()
                 grads = [g / scale.to(g) if g is not None else None for g in grads]
+            names = [n for n, _ in named]
+            pending.names = names
             snapshot = pending.after_backward
+            if snapshot is not None and snapshot.names is not None and snapshot.names != names:
+                pending.error = requires_grad_message(snapshot.names, names, "loss.backward() and optimizer.step()")
+                return
             if snapshot is not None:  # compared by value: GradScaler.unscale_ leaves the versions as they were
+                pending.presence = [n for n, a, b in zip(names, snapshot.values, grads_of(named))
+                                    if (a is None) != (b is None)]
                 pending.rescale = rescale_between(snapshot.values, grads_of(named))
                 pending.seen = snapshot.values  # a common rescale keeps the direction
             pending.theta, pending.jac = self._before_step(optimizer, named, grads)

@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._capture import TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes, watch_backward
+from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes,
+                                requires_grad_message, watch_backward)
 from metaweight._checks import IGNORE_INDEX, forget_labels
 from metaweight._checks import unpack_batch as _unpack  # (the names the two-call form's capture uses)
 from metaweight._clipping import EPSILON, ClipGradNorm, clip_transpose, total_norm
@@ -616,6 +617,10 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError("The optimizer stepped, but no backward went through the loss weighter.loss returned "
                              "(backpropagate that loss, or a multiple of it, before optimizer.step()). gamma is "
                              "unchanged.")
+        names = [n for n, _ in self._trainable()]
+        if pending.names is not None and names != pending.names:
+            raise ValueError(requires_grad_message(pending.names, names, "optimizer.step() and meta_step") +
+                             " gamma is unchanged.")
         inputs = _micro_inputs(stepped, x, y)
         modes = module_modes(self.module)
         if any(m.forward is not None and m.forward.modes != modes for m in stepped):
@@ -654,10 +659,18 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
                              "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
                              "Transform the gradients once, after the last backward. gamma is unchanged.")
+        if pending.presence:
+            raise ValueError(f"The gradients the optimizer stepped on are not what backward left: the parameters "
+                             f"{pending.presence[:8]}{' ...' if len(pending.presence) > 8 else ''} had no gradient "
+                             f"when the backward through weighter.loss ended and one at optimizer.step(), or the "
+                             f"reverse (e.g. gradients from torch.autograd.grad assigned to p.grad). mode='fast' "
+                             f"scores the gradients loss.backward() accumulates: call loss.backward(), or use "
+                             f"mode='exact'. gamma is unchanged.")
         if not common:
             raise ValueError("Between loss.backward() and optimizer.step() the gradients changed by something other "
-                             "than one common rescale of all of them (e.g. clip_grad_value_, or clip_grad_norm_ over "
-                             "only some parameters): mode='fast' cannot differentiate through that step. Use "
+                             "than one common rescale of all of them (e.g. clip_grad_value_, clip_grad_norm_ over "
+                             "only some parameters, or gradients assigned to p.grad that are not what backward "
+                             "left): mode='fast' cannot differentiate through that step. Use "
                              "clip_grad_norm_ over all parameters (declared with clip_grad_norm=), or mode='exact'. "
                              "gamma is unchanged.")
         plain = abs(s - 1) <= TOLERANCE or abs(r - 1) <= 10 * TOLERANCE  # unchanged, or unscaled (a GradScaler)

@@ -756,3 +756,44 @@ def test_a_declared_clipping_that_barely_clips_is_differentiated_as_clipping():
         patch.setitem(globals(), "loop_step", lambda case, *args: clipped_step(*args))
         ref = reference(case, *twins[:3], criterion, twins[3], [(x, y)], val, rng, None)
     assert rel_err_of(record.gamma_grad, ref) < 1e-3
+
+
+def two_call_setup(case: Case = Case(), **kwargs):
+    model, optimizer, criterion, validation, _ = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA), **kwargs)
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    return model, optimizer, criterion, validation, w, (x, y), val
+
+
+def refused_unchanged(model, optimizer, w, match, *args) -> None:
+    before = state(model, optimizer, w)
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        w.meta_step(*args)
+    assert same(before, state(model, optimizer, w))
+    assert same(grads, [p.grad for p in model.parameters()])
+
+
+@pytest.mark.parametrize("change", ["unfreeze", "freeze"])
+def test_requires_grad_changed_between_step_and_meta_step_is_refused(change):
+    case = Case(frozen=change == "unfreeze")
+    model, optimizer, _, _, w, train, val = two_call_setup(case)
+    loop_step(case, model, optimizer, None, [train], w.loss)
+    for p in model.heads[0 if change == "unfreeze" else 2].parameters():
+        p.requires_grad_(change == "unfreeze")
+    refused_unchanged(model, optimizer, w, r"optimizer.step\(\) and meta_step the parameters that require "
+                      r"gradients changed.*heads\.\d\.weight.*after meta_step", train, val)
+
+
+def test_gradients_assigned_from_autograd_grad_are_refused_naming_what_was_seen():
+    model, optimizer, _, _, w, (x, y), val = two_call_setup()
+    optimizer.zero_grad(set_to_none=True)
+    params = list(model.parameters())
+    for p, g in zip(params, torch.autograd.grad(w.loss(model(x), y), params)):
+        p.grad = g
+    optimizer.step()
+    refused_unchanged(model, optimizer, w, r"not what backward left.*stages\.0\.weight.*autograd\.grad.*call "
+                      r"loss\.backward\(\)", (x, y), val)
