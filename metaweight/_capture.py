@@ -302,6 +302,7 @@ class StepCapture(_Inert):
                 pending.rescale = rescale_between(snapshot.values, grads_of(named))
                 pending.seen = snapshot.values  # a common rescale keeps the direction
             pending.theta, pending.jac = self._before_step(optimizer, named, grads)
+            weighter._stepped = None  # an earlier step, superseded
         except Exception as exc:  # noqa: BLE001 - the user's step must go on; meta_step reports it
             pending.theta = None
             pending.error = f"The weighter could not read the optimizer's step ({type(exc).__name__}: {exc})."

@@ -72,7 +72,7 @@ class FastMode:
         w.num_calls += 1
         run_meta = (w.num_calls - 1) % w.meta_every == 0
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation)
-        w._pending = None
+        w._pending = w._stepped = None
         named = w._trainable()
         device = next(p.device for _, p in named)
         low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32

@@ -303,6 +303,7 @@ class HarmonizedWeighter(NamedWeights):
         self.last_terms: Tensor | None = None
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
+        self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
         self._step_hook: RemovableHandle | None = None
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
@@ -382,6 +383,8 @@ class HarmonizedWeighter(NamedWeights):
         micro = Micro(tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs), terms.detach(), target,
                       low, record)
         if self._pending is None or self._pending.theta is not None:
+            if self._pending is not None:  # a loss after the step (logging it): meta_step still scores the step
+                self._stepped = self._pending
             self._pending = Pending([micro])
         else:
             self._pending.micro.append(micro)
@@ -561,14 +564,16 @@ class HarmonizedWeighter(NamedWeights):
         x, y = _unpack(train_batch, "train_batch")
         xv, yv = _unpack(val_batch, "val_batch")
         run_meta = self.num_calls % self.meta_every == 0
-        pending = self._pending
+        pending, stepped_before = self._pending, self._stepped
+        if self._stepped is not None and (pending is None or pending.theta is None):
+            pending = self._stepped  # what came after the step (a loss() to log) was not stepped on
         if run_meta and pending is None:
             raise ValueError("mode='fast': meta_step comes after the model's step, and needs the training loss from "
                              "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "
                              "loss.backward(); optimizer.step(); weighter.meta_step((x, y), val_batch). "
                              "(Or call weighter.step(train_batch, val_batch), which does all of it.)")
         plan = self._fast_plan(pending, x, y) if run_meta else None
-        self._pending = None
+        pending_now, self._pending, self._stepped = self._pending, None, None
         self.num_calls += 1
         if not run_meta:
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict())
@@ -595,7 +600,7 @@ class HarmonizedWeighter(NamedWeights):
                 return self._fast_meta(named, pending.theta, pending.jac, pieces, xv, yv,
                                        dict(self.module.named_buffers()), transform)  # (copied per forward)
         except Exception:
-            self._pending, self.num_calls = pending, self.num_calls - 1
+            self._pending, self._stepped, self.num_calls = pending_now, stepped_before, self.num_calls - 1
             raise
 
     def _fast_plan(self, pending: Pending, x: Any, y: Any

@@ -741,8 +741,6 @@ def test_a_declared_clipping_that_barely_clips_is_differentiated_as_clipping():
     max_norm = float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()])) / (1 + 3e-6)
     w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
                               init=torch.tensor(GAMMA), clip_grad_norm=mw.ClipGradNorm(max_norm))
-    twins = copy.deepcopy((model, optimizer, None, validation))
-    rng = torch.get_rng_state()
 
     def clipped_step(net, opt, sc, micro, loss_of):
         opt.zero_grad()
@@ -750,12 +748,22 @@ def test_a_declared_clipping_that_barely_clips_is_differentiated_as_clipping():
         torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)
         opt.step()
 
-    clipped_step(model, optimizer, None, [(x, y)], w.loss)
-    record = w.meta_step((x, y), val)
+    assert own_loop_error(clipped_step, model, optimizer, criterion, validation, w, (x, y), val) < 1e-3
+
+
+def own_loop_error(step, model, optimizer, criterion, validation, w, train, val, meta_batch=None) -> float:
+    """The relative error of the two-call form's meta-gradient after ``step(model, optimizer, None, [train],
+    w.loss)``, a loop of the test's own, against central differences of that loop on copies."""
+    twins = copy.deepcopy((model, optimizer, None, validation))
+    rng = torch.get_rng_state()
+    step(model, optimizer, None, [train], w.loss)
+    val_rng = torch.get_rng_state()
+    record = w.meta_step(meta_batch or train, val)
+    assert record.ran and not record.skipped, record.message
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(globals(), "loop_step", lambda case, *args: clipped_step(*args))
-        ref = reference(case, *twins[:3], criterion, twins[3], [(x, y)], val, rng, None)
-    assert rel_err_of(record.gamma_grad, ref) < 1e-3
+        patch.setitem(globals(), "loop_step", lambda case, *args: step(*args))
+        ref = reference(Case(), *twins[:3], criterion, twins[3], [train], val, rng, val_rng)
+    return rel_err_of(record.gamma_grad, ref)
 
 
 def two_call_setup(case: Case = Case(), **kwargs):
@@ -797,3 +805,18 @@ def test_gradients_assigned_from_autograd_grad_are_refused_naming_what_was_seen(
     optimizer.step()
     refused_unchanged(model, optimizer, w, r"not what backward left.*stages\.0\.weight.*autograd\.grad.*call "
                       r"loss\.backward\(\)", (x, y), val)
+
+
+@pytest.mark.parametrize("logged", ["same batch", "another batch"])
+def test_a_loss_logged_after_the_step_leaves_the_step_to_be_scored(logged):
+    """w.loss after optimizer.step() (to log the new loss) used to replace the step's record: gamma stopped
+    learning (a skipped record, or "another training batch")."""
+    model, optimizer, criterion, validation, w, train, val = two_call_setup()
+    other = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+
+    def step_then_log(net, opt, sc, micro, loss_of, plain=loop_step):  # (the reference patches loop_step)
+        plain(Case(), net, opt, sc, micro, loss_of)
+        logged_batch = micro[0] if logged == "same batch" else other
+        float(loss_of(net(logged_batch[0]), logged_batch[1]).detach())
+
+    assert own_loop_error(step_then_log, model, optimizer, criterion, validation, w, train, val) < 1e-3
