@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.utils._pytree import tree_leaves
 
-from metaweight._randomness import RngState, rng_state, same_rng_state
+from metaweight._randomness import RngState, model_generators, new_generators, rng_state, same_rng_state
 
 TOLERANCE = 1e-6  # relative: a rescale that far from 1 is a rescale; a residual that large is no rescale
 
@@ -52,11 +53,41 @@ def module_modes(module: nn.Module) -> tuple[bool, ...]:
 @dataclasses.dataclass
 class ForwardRecord:
     """One forward of the user's model: the generators' state before it, whether it drew random
-    numbers (dropout, stochastic depth, functional dropout: any consumer), the modules' modes."""
+    numbers (dropout, stochastic depth, functional dropout: any consumer), the modules' modes, the
+    inputs it got (the tensors and their versions), its outputs (weakly, to be told apart from other
+    forwards') and where a generator was created or replaced during it (its start state unknown)."""
 
     start: RngState
     drew: bool
     modes: tuple[bool, ...]
+    inputs: list[tuple[Tensor, int]] = dataclasses.field(default_factory=list)
+    outputs: list[weakref.ref] = dataclasses.field(default_factory=list)
+    appeared: list[str] = dataclasses.field(default_factory=list)
+
+    def made(self, leaves: list[Tensor]) -> bool:
+        """Whether these tensors are this forward's outputs (or computed from them, a few steps on)."""
+        mine = [t for t in (r() for r in self.outputs) if t is not None]
+        ids = {id(t) for t in mine}
+        if any(id(t) in ids for t in leaves):
+            return True
+        nodes = {id(t.grad_fn) for t in mine if t.grad_fn is not None}
+        if not nodes:
+            return False
+        seen: set[int] = set()
+        todo = [t.grad_fn for t in leaves if t.grad_fn is not None]
+        while todo and len(seen) < 256:  # outputs post-processed (o.float(), a slice): a short walk back
+            node = todo.pop()
+            if id(node) in nodes:
+                return True
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            todo.extend(f for f, _ in node.next_functions if f is not None)
+        return False
+
+
+def tensor_leaves(tree: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(tree) if isinstance(t, Tensor)]
 
 
 class _Inert:
@@ -77,32 +108,54 @@ class _Inert:
 
 
 class ForwardWatch(_Inert):
-    """A forward pre-hook and hook on the user's model, ``mode="fast"`` only: the record of its last
-    forward, for :meth:`HarmonizedWeighter.loss` to take. Cheap: two reads of each generator's state."""
+    """A forward pre-hook and hook on the user's model, ``mode="fast"`` only: the records of its last
+    few forwards with gradients enabled, for :meth:`HarmonizedWeighter.loss` to take the one its
+    outputs came from. Each forward costs a scan of the modules' attributes for generators and two
+    reads of every generator's state."""
 
-    def __init__(self, weighter: Any, device: torch.device, generators: tuple[torch.Generator, ...]) -> None:
+    KEEP = 4  # forwards between the training forward and loss() (logging, another view)
+
+    def __init__(self, weighter: Any, device: torch.device) -> None:
         self._ref = weakref.ref(weighter)
         self.device = device
-        self.generators = generators
-        self._start: RngState | None = None
-        self.last: ForwardRecord | None = None
-        self.paused = False  # the weighter's own forwards (the one-call form) need no record
+        self._open: list[tuple[RngState, tuple[torch.Generator, ...], list[tuple[Tensor, int]]] | None] = []
+        self.records: list[ForwardRecord] = []
+        self.paused = False  # the weighter's own forwards need no record
 
-    def before(self, module: nn.Module, args: Any) -> None:
-        if self._ref() is not None and not self.paused:
-            self._start = rng_state(self.device, self.generators)
-
-    def after(self, module: nn.Module, args: Any, output: Any) -> None:
+    def before(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         weighter = self._ref()
-        if weighter is None or self.paused or self._start is None:
+        if weighter is None:  # a copy's inert hook
             return
-        start, self._start = self._start, None
-        self.last = ForwardRecord(start, not same_rng_state(start, rng_state(self.device, self.generators)),
-                                  module_modes(weighter.module))
+        if self.paused or not torch.is_grad_enabled():
+            self._open.append(None)
+            return
+        generators = model_generators(weighter.module)
+        inputs = [(t, t._version) for t in tensor_leaves((args, kwargs))]
+        self._open.append((rng_state(self.device, generators), generators, inputs))
 
-    def take(self) -> ForwardRecord | None:
-        record, self.last = self.last, None
-        return record
+    def after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        weighter = self._ref()
+        if weighter is None:
+            return
+        opened = self._open.pop() if self._open else None
+        if opened is None:
+            return
+        start, generators, inputs = opened
+        drew = not same_rng_state(start, rng_state(self.device, generators))
+        record = ForwardRecord(start, drew, module_modes(weighter.module), inputs,
+                               [weakref.ref(t) for t in tensor_leaves(output)],
+                               new_generators(weighter.module, generators))
+        self.records = [*self.records[-(self.KEEP - 1):], record]
+
+    def take(self, outputs: Any) -> ForwardRecord | None:
+        """The record of the forward ``outputs`` came from, and forget it and those before it."""
+        leaves = tensor_leaves(outputs)
+        for k in range(len(self.records) - 1, -1, -1):
+            if self.records[k].made(leaves):
+                record = self.records[k]
+                self.records = self.records[k + 1:]
+                return record
+        return None
 
 
 @dataclasses.dataclass

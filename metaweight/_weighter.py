@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes,
+from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes, tensor_leaves,
                                 requires_grad_message, watch_backward)
 from metaweight._checks import IGNORE_INDEX, forget_labels
 from metaweight._checks import unpack_batch as _unpack  # (the names the two-call form's capture uses)
@@ -34,9 +34,9 @@ from metaweight._exact import ExactMode
 from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
 from metaweight._fast import FastMode, before_step
 from metaweight._hypergradient import Reducer
-from metaweight._randomness import model_generators, replay_randomness, rewound_to
+from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._losses import DenseDistillLoss
-from metaweight._protocols import Objective, Terms
+from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read
 from metaweight._warn import warn_user
@@ -310,9 +310,9 @@ class HarmonizedWeighter(NamedWeights):
         if self.mode == "fast" and self.learn:
             self._step_hook = inner.register_step_pre_hook(StepCapture(self, before_step))
             # the training forward's random numbers and modes, for the two-call form's difference
-            self._watch = ForwardWatch(self, device, model_generators(module))
-            self._forward_hooks = (model.register_forward_pre_hook(self._watch.before),
-                                   model.register_forward_hook(self._watch.after))
+            self._watch = ForwardWatch(self, device)
+            self._forward_hooks = (model.register_forward_pre_hook(self._watch.before, with_kwargs=True),
+                                   model.register_forward_hook(self._watch.after, with_kwargs=True))
 
     # ----------------------------------------------------------------------------- set-up
     def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:
@@ -379,7 +379,7 @@ class HarmonizedWeighter(NamedWeights):
             return
         low = torch.is_autocast_enabled(terms.device.type) or any(
             isinstance(o, Tensor) and o.dtype in (torch.float16, torch.bfloat16) for o in tree_leaves(outputs))
-        record = self._watch.take() if self._watch is not None else None
+        record = self._watch.take(outputs) if self._watch is not None else None
         micro = Micro(tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs), terms.detach(), target,
                       low, record)
         if self._pending is None or self._pending.theta is not None:
@@ -586,6 +586,8 @@ class HarmonizedWeighter(NamedWeights):
         stepped, inputs, transform = plan
         named = self._trainable()
         device = next(p.device for _, p in named)
+        if self._watch is not None:
+            self._watch.paused = True  # the look-ahead's forwards are not the user's
         try:
             with replay_randomness(device, model_generators(self.module)) as replay:
                 pieces = []
@@ -602,6 +604,9 @@ class HarmonizedWeighter(NamedWeights):
         except Exception:
             self._pending, self._stepped, self.num_calls = pending_now, stepped_before, self.num_calls - 1
             raise
+        finally:
+            if self._watch is not None:
+                self._watch.paused = False
 
     def _fast_plan(self, pending: Pending, x: Any, y: Any
                    ) -> tuple[list[Micro], list[tuple[Any, Any]], Callable[[dict[str, Tensor]], dict[str, Tensor]] | None
@@ -627,6 +632,12 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(requires_grad_message(pending.names, names, "optimizer.step() and meta_step") +
                              " gamma is unchanged.")
         inputs = _micro_inputs(stepped, x, y)
+        if any(m.forward is None for m in stepped):
+            raise ValueError(_UNSEEN_FORWARD)
+        appeared = [name for m in stepped for name in m.forward.appeared]
+        if appeared:
+            raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared)))
+        self._check_inputs(stepped, inputs)
         modes = module_modes(self.module)
         if any(m.forward is not None and m.forward.modes != modes for m in stepped):
             raise ValueError("Some modules changed between train and eval mode since the training forward: the "
@@ -635,6 +646,33 @@ class HarmonizedWeighter(NamedWeights):
         if self._compiled and any(m.forward is not None and m.forward.drew for m in stepped):
             raise ValueError(_COMPILED_RANDOM)
         return stepped, inputs, self._gradient_transform(pending, stepped)
+
+    def _check_inputs(self, stepped: list[Micro], inputs: list[tuple[Any, Any]]) -> None:
+        """Refuses inputs other than those the training forward got: the same tensors (free), or equal
+        ones (one host read for all of them)."""
+        pairs = []
+        for micro, (xi, _) in zip(stepped, inputs):
+            assert micro.forward is not None
+            args, kwargs = model_arguments(self.model, xi)
+            now, then = tensor_leaves((args, kwargs)), micro.forward.inputs
+            if len(now) != len(then):
+                raise ValueError(_OTHER_INPUTS.format(why=f"{len(now)} input tensors, where the model got {len(then)}"))
+            for t, (seen, version) in zip(now, then):
+                if t is seen:
+                    if t._version != version:
+                        raise ValueError(_OTHER_INPUTS.format(why="inputs changed in place since the forward"))
+                elif t.shape != seen.shape or t.dtype != seen.dtype:
+                    raise ValueError(_OTHER_INPUTS.format(
+                        why=f"inputs of shape {tuple(t.shape)} ({t.dtype}) where the model got {tuple(seen.shape)} "
+                            f"({seen.dtype})"))
+                else:
+                    pairs.append((seen, t))
+        if pairs:
+            device = pairs[0][0].device
+            equal = torch.stack([((a == b.to(a.device)) | ((a != a) & (b.to(a.device) != b.to(a.device)))).all().to(
+                device) for a, b in pairs]).all()
+            if not host_read([equal])[0]:
+                raise ValueError(_OTHER_INPUTS.format(why="inputs whose values differ from those the model got"))
 
     def _gradient_transform(self, pending: Pending, stepped: list[Micro]
                             ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
@@ -911,6 +949,13 @@ def _count_exits(names: Iterable[str] | None) -> int:
 
 _OTHER_BATCH = ("meta_step got another training batch than the weighter.loss call before it: pass the batch (x, y) "
                 "whose loss the optimizer just stepped on.")
+_OTHER_INPUTS = ("meta_step got other training inputs than the model's training forward ({why}), e.g. a batch "
+                 "augmented before model(x): pass meta_step the inputs the model was called with, "
+                 "meta_step((x_augmented, y), val_batch). gamma is unchanged.")
+_UNSEEN_FORWARD = ("The outputs given to weighter.loss came from no forward of the model the weighter watched (with "
+                   "gradients enabled): mode='fast' reads the training forward's random numbers, modes and inputs "
+                   "through the model's forward hooks. Call model(x), not model.forward(x), and pass weighter.loss "
+                   "its outputs. gamma is unchanged.")
 
 
 @dataclasses.dataclass
