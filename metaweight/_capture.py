@@ -24,9 +24,11 @@ this module reads, without changing anything the loop sees:
   step, a factor below 1 fits ``clip_grad_norm_`` of every norm and ``p.grad.mul_(c)`` alike, each
   with another Jacobian. So is anything that is not a common rescale (value clipping, clipping
   part of the parameters, noise);
-* the random numbers and train/eval modes of the training forward: a forward pre-hook and hook
-  on the model record the state of every generator it can draw from (the global ones and the
-  model's own, :mod:`metaweight._randomness`) before it, and whether it drew from them.
+* the random numbers, train/eval modes and inputs of the training forward: a forward pre-hook
+  and hook on the model record, for each forward with gradients enabled, the state of every
+  generator it can draw from (:mod:`metaweight._randomness`) before it, whether it drew from
+  them, whether a generator appeared during it, and its inputs; ``loss()`` takes the record of
+  the forward its outputs came from.
 """
 
 from __future__ import annotations

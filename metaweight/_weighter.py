@@ -423,9 +423,13 @@ class HarmonizedWeighter(NamedWeights):
         the gradients between backward and step is refused with a ``ValueError``, as is a batch
         or a module mode other than the step's, before anything changes. A step the optimizer
         did not take (a ``GradScaler`` that found inf/NaN) gives a skipped record and leaves
-        gamma alone. A training forward that drew random numbers (dropout, stochastic depth,
-        whatever the module is called, from the global generators or a ``torch.Generator`` a
-        module holds) or ran under autocast costs one forward more: the
+        gamma alone. The record of the training forward is that of the forward the outputs given
+        to ``loss()`` came from (outputs from no forward the hooks saw, ``model.forward(x)``, are
+        refused), and ``meta_step`` must get the inputs that forward got; a ``loss()`` after the
+        step (logging) leaves the step's record. A training forward that drew random numbers
+        (dropout, stochastic depth, whatever the module is called, from torch's global generators,
+        NumPy's or Python's, or a ``torch.Generator`` a module holds) or ran under autocast costs
+        one forward more: the
         difference then recomputes its base point in float32 with that forward's random numbers.
 
         Args:

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,7 @@ class Net(nn.Module):
         self.own = GeneratorDropout(0.3)
         self.norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
         self.checkpointed = False
+        self.nested = {"generators": [[torch.Generator().manual_seed(6)]]}  # found inside containers too
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = []
@@ -96,6 +98,13 @@ class Net(nn.Module):
                 z = self.depth(h, z)
             elif self.randomness == "own generator":
                 z = self.own(z)
+            elif self.randomness == "nested generator" and self.training:
+                keep = torch.rand(z.shape, generator=self.nested["generators"][0][0], dtype=z.dtype) >= 0.3
+                z = z * keep.to(z.dtype) / 0.7
+            elif self.randomness == "numpy" and self.training:
+                z = z * torch.from_numpy(np.random.rand(*z.shape) >= 0.3).to(z.dtype) / 0.7
+            elif self.randomness == "python random" and self.training:
+                z = z * (0.5 + random.random())
             h = z
             outputs.append(head(h))
         return outputs
@@ -154,7 +163,8 @@ class Case:
     scheduler: bool = False
     groups: bool = False
     frozen: bool = False
-    randomness: str = "none"  # none | dropout | functional | stochastic depth | own generator
+    randomness: str = "none"  # none | dropout | functional | stochastic depth | own generator | nested generator
+    #                           | numpy | python random
     eval_part: str = "none"  # none | batchnorm in train | batchnorm in eval
     model: str = "plain"  # plain | checkpointing | gradient hook | forward hook | weight norm
 
@@ -173,6 +183,8 @@ FEATURES: dict[str, dict[str, str]] = {
     "parameter groups, schedulers, frozen parameters": {form: "right" for form in FORMS},
     "dropout, functional dropout, stochastic depth": {form: "right" for form in FORMS},
     "random numbers from a module's own torch.Generator": {form: "right" for form in FORMS},
+    "random numbers from NumPy or Python's random, or a torch.Generator in nested containers": {
+        form: "right" for form in FORMS},
     "BatchNorm in train or eval mode": {form: "right" for form in FORMS},
     "activation checkpointing (use_reentrant=False)": {
         form: "refused" if form in ("exact, jvp", "exact, finite_difference", "exact, step()") else "right"
@@ -214,6 +226,8 @@ def expected(case: Case) -> str:
              "none": []}[case.clip]
     if case.randomness == "own generator":
         rows.append("random numbers from a module's own torch.Generator")
+    if case.randomness in ("nested generator", "numpy", "python random"):
+        rows.append("random numbers from NumPy or Python's random, or a torch.Generator in nested containers")
     if case.accumulate > 1:
         rows.append("gradient accumulation (losses divided by their number)")
     if case.amp:
@@ -295,11 +309,25 @@ def loop_step(case: Case, model, optimizer, scaler, micro, loss_of) -> None:
         optimizer.step()
 
 
+def all_rng():
+    """torch's global random state, NumPy's and Python's (a model may draw from any of them)."""
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def set_rng(state) -> None:
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    random.setstate(state[2])
+
+
 def reference(case: Case, model, optimizer, scaler, criterion, validation, micro, val, train_rng, val_rng):
     """d L_val(theta') / d gamma by central differences, theta' the step the loop takes with gamma."""
     def objective(gamma: torch.Tensor) -> float:
         net, opt, sc, objective_fn = copy.deepcopy((model, optimizer, scaler, validation))
-        torch.set_rng_state(train_rng)
+        set_rng(train_rng)
         if case.form.startswith("exact"):  # the optimizer's own step on the whole batch
             x = torch.cat([m[0] for m in micro])
             y = torch.cat([m[1] for m in micro])
@@ -309,7 +337,7 @@ def reference(case: Case, model, optimizer, scaler, criterion, validation, micro
         else:
             loop_step(case, net, opt, sc, micro, lambda outputs, y: (gamma * criterion(outputs, y)).sum())
         if val_rng is not None:
-            torch.set_rng_state(val_rng)
+            set_rng(val_rng)
         with torch.no_grad():
             return float(objective_fn(net(val[0]), val[1]))
 
@@ -360,13 +388,13 @@ def run(case: Case):
         assert same(before_build, (model.state_dict(), optimizer.state_dict()))
         return "refused", str(exc)
     twins = copy.deepcopy((model, optimizer, scaler, validation))
-    train_rng = torch.get_rng_state()
+    train_rng = all_rng()
     val_rng = None
     before = state(model, optimizer, w)
     try:
         if case.form == "fast, two calls":
             loop_step(case, model, optimizer, scaler, micro, w.loss)
-            val_rng = torch.get_rng_state()
+            val_rng = all_rng()
             twins = (*twins[:3], copy.deepcopy(validation))
             before = state(model, optimizer, w)  # the loop's own step is the user's: meta_step changes nothing
             record = w.meta_step((x, y), val)
@@ -405,7 +433,8 @@ AXES = {
     "scheduler": (False, True),
     "groups": (False, True),
     "frozen": (False, True),
-    "randomness": ("none", "dropout", "functional", "stochastic depth", "own generator"),
+    "randomness": ("none", "dropout", "functional", "stochastic depth", "own generator", "nested generator", "numpy",
+                   "python random"),
     "eval_part": ("none", "batchnorm in train", "batchnorm in eval"),
     "model": ("plain", "checkpointing", "gradient hook", "forward hook", "weight norm"),
 }
@@ -495,6 +524,8 @@ CI_CASES = [
     # random numbers from a module's own generator
     Case(form="fast, two calls", randomness="own generator", accumulate=2),
     Case(form="exact, finite_difference", randomness="own generator"),
+    Case(form="fast, two calls", randomness="numpy", optimizer="momentum"),
+    Case(form="exact, jvp", randomness="python random"),
 ]
 SLOW_CASES = sorted(set(all_pairs()) | set(one_at_a_time()) - set(CI_CASES), key=str)
 
@@ -755,9 +786,9 @@ def own_loop_error(step, model, optimizer, criterion, validation, w, train, val,
     """The relative error of the two-call form's meta-gradient after ``step(model, optimizer, None, [train],
     w.loss)``, a loop of the test's own, against central differences of that loop on copies."""
     twins = copy.deepcopy((model, optimizer, None, validation))
-    rng = torch.get_rng_state()
+    rng = all_rng()
     step(model, optimizer, None, [train], w.loss)
-    val_rng = torch.get_rng_state()
+    val_rng = all_rng()
     record = w.meta_step(meta_batch or train, val)
     assert record.ran and not record.skipped, record.message
     with pytest.MonkeyPatch.context() as patch:
@@ -820,3 +851,95 @@ def test_a_loss_logged_after_the_step_leaves_the_step_to_be_scored(logged):
         float(loss_of(net(logged_batch[0]), logged_batch[1]).detach())
 
     assert own_loop_error(step_then_log, model, optimizer, criterion, validation, w, train, val) < 1e-3
+
+
+def test_meta_step_with_other_inputs_than_the_training_forward_s_is_refused():
+    """An augmentation outside the model (model(aug(x)), then meta_step((x, y))) was scored as if the model had
+    trained on x (1e7 off); equal inputs in another tensor are taken."""
+    model, optimizer, criterion, validation, w, (x, y), val = two_call_setup(Case(randomness="dropout"))
+    augmented = x + 0.1 * torch.randn_like(x)
+    optimizer.zero_grad()
+    w.loss(model(augmented), y).backward()
+    optimizer.step()
+    refused_unchanged(model, optimizer, w, r"other training inputs than the model's training forward.*"
+                      r"values differ.*pass meta_step the inputs", (x, y), val)
+    assert w.meta_step((augmented.clone(), y), val).ran
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_an_extra_forward_between_the_training_forward_and_loss_is_told_apart(grad):
+    """loss() takes the record of the forward its outputs came from, not the last forward's (0.65 off)."""
+    model, optimizer, criterion, validation, w, train, val = two_call_setup(Case(randomness="dropout"))
+    other = torch.randn(16, 6, dtype=F64)
+
+    def step(net, opt, sc, micro, loss_of):
+        opt.zero_grad()
+        outputs = net(micro[0][0])
+        with torch.set_grad_enabled(grad):
+            net(other)  # logging, another view
+        loss_of([o.clone() for o in outputs], micro[0][1]).backward()  # (post-processed outputs are followed)
+        opt.step()
+
+    assert own_loop_error(step, model, optimizer, criterion, validation, w, train, val) < 1e-3
+
+
+def test_outputs_from_a_forward_the_hooks_did_not_see_are_refused():
+    model, optimizer, criterion, validation, w, (x, y), val = two_call_setup(Case(randomness="dropout"))
+    optimizer.zero_grad()
+    w.loss(model.forward(x), y).backward()
+    optimizer.step()
+    refused_unchanged(model, optimizer, w, r"came from no forward.*Call model\(x\), not model.forward\(x\)",
+                      (x, y), val)
+
+
+class LazyGenerator(Net):
+    """Creates its generator in its first training forward, as some stochastic-depth code does."""
+
+    def forward(self, x):
+        if not hasattr(self, "lazy"):
+            self.lazy = torch.Generator().manual_seed(3)
+        keep = torch.rand(x.shape, generator=self.lazy, dtype=x.dtype) >= 0.3
+        return super().forward(x * keep.to(x.dtype) / 0.7)
+
+
+@pytest.mark.parametrize("form", ["fast, two calls", "fast, step()", "exact, jvp", "exact, finite_difference"])
+def test_a_generator_created_during_the_forward_is_refused(form):
+    torch.manual_seed(0)
+    model = LazyGenerator("none", batchnorm=False).to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mode, _, backend = form.partition(", ")
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3),
+                              **({"mode": "fast"} if mode == "fast" else {"backend": backend}))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    if form == "fast, two calls":
+        w.loss(model(x), y).backward()
+        optimizer.step()
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match=r"torch.Generator the model holds \(lazy\) was created or replaced during "
+                                         r"the training forward.*in __init__"):
+        w.step((x, y), (x, y)) if form == "fast, step()" else w.meta_step((x, y), (x, y))
+    assert same(before, state(model, optimizer, w))
+
+
+@pytest.mark.parametrize("form", ["fast, two calls", "exact, jvp"])
+def test_a_generator_re_created_between_iterations_is_the_one_replayed(form):
+    """The generators were found once per model: a new one (a new epoch, re-created) was not replayed."""
+    case = Case(form=form, randomness="own generator", optimizer="momentum")
+    model, optimizer, criterion, validation, _ = build(case)
+    mode, _, backend = form.partition(", ")
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA), **({"mode": "fast"} if mode == "fast" else {"backend": backend}))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    w.step((x, y), (x, y))  # an iteration with the first generator
+    with torch.no_grad():
+        w.gamma.copy_(torch.tensor(GAMMA))  # where the reference looks
+    model.own.g = torch.Generator().manual_seed(11)
+    if mode == "fast":
+        assert own_loop_error(lambda *args, plain=loop_step: plain(case, *args), model, optimizer, criterion,
+                              validation, w, (x, y), (x, y)) < 1e-3
+    else:
+        twins = copy.deepcopy((model, optimizer, None, validation))
+        rng = all_rng()
+        record = w.meta_step((x, y), (x, y))
+        ref = reference(case, *twins[:3], criterion, twins[3], [(x, y)], (x, y), rng, None)
+        assert rel_err_of(record.gamma_grad, ref) < 1e-6
