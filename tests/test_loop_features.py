@@ -525,7 +525,6 @@ CI_CASES = [
     Case(form="fast, two calls", randomness="own generator", accumulate=2),
     Case(form="exact, finite_difference", randomness="own generator"),
     Case(form="fast, two calls", randomness="numpy", optimizer="momentum"),
-    Case(form="exact, jvp", randomness="python random"),
 ]
 SLOW_CASES = sorted(set(all_pairs()) | set(one_at_a_time()) - set(CI_CASES), key=str)
 
@@ -838,7 +837,7 @@ def test_gradients_assigned_from_autograd_grad_are_refused_naming_what_was_seen(
                       r"loss\.backward\(\)", (x, y), val)
 
 
-@pytest.mark.parametrize("logged", ["same batch", "another batch"])
+@pytest.mark.parametrize("logged", [pytest.param("same batch", marks=pytest.mark.slow), "another batch"])
 def test_a_loss_logged_after_the_step_leaves_the_step_to_be_scored(logged):
     """w.loss after optimizer.step() (to log the new loss) used to replace the step's record: gamma stopped
     learning (a skipped record, or "another training batch")."""
@@ -866,7 +865,7 @@ def test_meta_step_with_other_inputs_than_the_training_forward_s_is_refused():
     assert w.meta_step((augmented.clone(), y), val).ran
 
 
-@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("grad", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_an_extra_forward_between_the_training_forward_and_loss_is_told_apart(grad):
     """loss() takes the record of the forward its outputs came from, not the last forward's (0.65 off)."""
     model, optimizer, criterion, validation, w, train, val = two_call_setup(Case(randomness="dropout"))
@@ -921,7 +920,7 @@ def test_a_generator_created_during_the_forward_is_refused(form):
     assert same(before, state(model, optimizer, w))
 
 
-@pytest.mark.parametrize("form", ["fast, two calls", "exact, jvp"])
+@pytest.mark.parametrize("form", ["fast, two calls", pytest.param("exact, jvp", marks=pytest.mark.slow)])
 def test_a_generator_re_created_between_iterations_is_the_one_replayed(form):
     """The generators were found once per model: a new one (a new epoch, re-created) was not replayed."""
     case = Case(form=form, randomness="own generator", optimizer="momentum")
