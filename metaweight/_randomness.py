@@ -5,9 +5,11 @@ global ``np.random`` state and Python's ``random`` module, for models that draw 
 any ``torch.Generator`` a module of the model holds (``torch.rand(..., generator=self.g)``). The
 look-ahead's extra forwards must draw what the training forward drew, so each of these is read
 before it, and rewound to that state for each replay. The modules' generators are found at every
-call, by scanning their attributes (directly, or inside lists, tuples, sets and dicts, nested), so
-a generator re-created between iterations is the one read. What cannot be seen: a generator held
-by some other object (``self.helper.g``), or a ``numpy.random.Generator``; a generator that first
+call, by scanning their attributes (directly, inside lists, tuples, sets and dicts, nested, or as
+an attribute of a plain object a module holds, ``self.helper.g``), so a generator re-created
+between iterations is the one read. What cannot be seen: a generator deeper in other objects
+(``self.helper.inner.g``), in a container of more than 64 entries, or a
+``numpy.random.Generator``; a generator that first
 appears during a forward (created lazily) is seen, but not the state it started from, and is refused
 (:data:`NEW_GENERATOR`).
 """
@@ -15,7 +17,9 @@ appears during a forward (created lazily) is seen, but not the state it started 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,14 +40,31 @@ NEW_GENERATOR = ("A torch.Generator the model holds ({names}) was created or rep
                  "unchanged.")
 
 
+_GENERATOR = torch.Generator
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+_WIDE = 64  # a container or object with more entries than this holds no generator we look for (and costs)
+_PLAIN = {type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size}
+_INTERNAL = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping: parameters, buffers, hooks
+
+
 def _generators_in(value: Any, depth: int, found: dict[int, tuple[str, torch.Generator]], name: str) -> None:
-    if isinstance(value, torch.Generator):
+    kind = type(value)  # type tests: isinstance(x, torch.Generator) goes through a slow metaclass check
+    if kind is _GENERATOR:
         found.setdefault(id(value), (name, value))
-    elif depth > 0 and isinstance(value, (list, tuple, set, frozenset, dict)) and not isinstance(value, nn.Module):
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if isinstance(item, (torch.Generator, list, tuple, set, frozenset, dict)):
+    elif depth <= 0 or kind in _PLAIN:
+        return
+    elif kind in _CONTAINERS or isinstance(value, _CONTAINERS):
+        if len(value) <= _WIDE:
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
                 _generators_in(item, depth - 1, found, f"{name}[{key!r}]")
+    elif not isinstance(value, (nn.Module, Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
+                                types.BuiltinFunctionType, functools.partial)):
+        attributes = getattr(value, "__dict__", None)  # a plain object a module holds (a helper): one level
+        if type(attributes) is dict and len(attributes) <= _WIDE:
+            for attr, item in attributes.items():
+                if type(item) is _GENERATOR or isinstance(item, _CONTAINERS):
+                    _generators_in(item, min(depth - 1, 1), found, f"{name}.{attr}")
 
 
 def named_generators(model: nn.Module) -> list[tuple[str, torch.Generator]]:
@@ -51,9 +72,8 @@ def named_generators(model: nn.Module) -> list[tuple[str, torch.Generator]]:
     found: dict[int, tuple[str, torch.Generator]] = {}
     for prefix, module in model.named_modules():
         for attr, value in vars(module).items():
-            if attr in ("_parameters", "_buffers", "_modules") or attr.endswith("hooks"):
-                continue
-            _generators_in(value, _DEPTH, found, f"{prefix}.{attr}" if prefix else attr)
+            if attr not in _INTERNAL and type(value) not in _PLAIN:
+                _generators_in(value, _DEPTH, found, f"{prefix}.{attr}" if prefix else attr)
     return list(found.values())
 
 

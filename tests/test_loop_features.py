@@ -64,6 +64,13 @@ class GeneratorDropout(nn.Module):
         return x * (torch.rand(x.shape, generator=self.g, dtype=x.dtype) >= self.p).to(x.dtype) / (1 - self.p)
 
 
+class Helper:
+    """A plain object holding a generator, as some augmentation helpers do."""
+
+    def __init__(self) -> None:
+        self.g = torch.Generator().manual_seed(8)
+
+
 class Net(nn.Module):
     """The issue's 3-exit MLP (Linear 6->8->8->8, tanh, heads 8->4), with optional randomness and a
     BatchNorm whose mode can differ from the rest."""
@@ -79,6 +86,7 @@ class Net(nn.Module):
         self.norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
         self.checkpointed = False
         self.nested = {"generators": [[torch.Generator().manual_seed(6)]]}  # found inside containers too
+        self.helper = Helper()  # and as a plain object's attribute
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = []
@@ -100,6 +108,9 @@ class Net(nn.Module):
                 z = self.own(z)
             elif self.randomness == "nested generator" and self.training:
                 keep = torch.rand(z.shape, generator=self.nested["generators"][0][0], dtype=z.dtype) >= 0.3
+                z = z * keep.to(z.dtype) / 0.7
+            elif self.randomness == "helper generator" and self.training:
+                keep = torch.rand(z.shape, generator=self.helper.g, dtype=z.dtype) >= 0.3
                 z = z * keep.to(z.dtype) / 0.7
             elif self.randomness == "numpy" and self.training:
                 z = z * torch.from_numpy(np.random.rand(*z.shape) >= 0.3).to(z.dtype) / 0.7
@@ -164,7 +175,7 @@ class Case:
     groups: bool = False
     frozen: bool = False
     randomness: str = "none"  # none | dropout | functional | stochastic depth | own generator | nested generator
-    #                           | numpy | python random
+    #                           | helper generator | numpy | python random
     eval_part: str = "none"  # none | batchnorm in train | batchnorm in eval
     model: str = "plain"  # plain | checkpointing | gradient hook | forward hook | weight norm
 
@@ -183,7 +194,7 @@ FEATURES: dict[str, dict[str, str]] = {
     "parameter groups, schedulers, frozen parameters": {form: "right" for form in FORMS},
     "dropout, functional dropout, stochastic depth": {form: "right" for form in FORMS},
     "random numbers from a module's own torch.Generator": {form: "right" for form in FORMS},
-    "random numbers from NumPy or Python's random, or a torch.Generator in nested containers": {
+    "random numbers from NumPy or Python's random, a torch.Generator in nested containers or a helper object": {
         form: "right" for form in FORMS},
     "BatchNorm in train or eval mode": {form: "right" for form in FORMS},
     "activation checkpointing (use_reentrant=False)": {
@@ -226,8 +237,8 @@ def expected(case: Case) -> str:
              "none": []}[case.clip]
     if case.randomness == "own generator":
         rows.append("random numbers from a module's own torch.Generator")
-    if case.randomness in ("nested generator", "numpy", "python random"):
-        rows.append("random numbers from NumPy or Python's random, or a torch.Generator in nested containers")
+    if case.randomness in ("nested generator", "helper generator", "numpy", "python random"):
+        rows.append("random numbers from NumPy or Python's random, a torch.Generator in nested containers or a helper object")
     if case.accumulate > 1:
         rows.append("gradient accumulation (losses divided by their number)")
     if case.amp:
@@ -433,8 +444,8 @@ AXES = {
     "scheduler": (False, True),
     "groups": (False, True),
     "frozen": (False, True),
-    "randomness": ("none", "dropout", "functional", "stochastic depth", "own generator", "nested generator", "numpy",
-                   "python random"),
+    "randomness": ("none", "dropout", "functional", "stochastic depth", "own generator", "nested generator",
+                   "helper generator", "numpy", "python random"),
     "eval_part": ("none", "batchnorm in train", "batchnorm in eval"),
     "model": ("plain", "checkpointing", "gradient hook", "forward hook", "weight norm"),
 }
