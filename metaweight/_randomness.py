@@ -122,7 +122,8 @@ def same_rng_state(a: RngState, b: RngState) -> bool:
         _same_numpy(a.numpy, b.numpy) and a.python == b.python
 
 
-def _set(state: RngState, device: torch.device) -> None:
+def set_rng_state(state: RngState, device: torch.device) -> None:
+    """Put every generator in ``state`` back to it."""
     torch.set_rng_state(state.cpu)
     if state.cuda is not None:
         torch.cuda.set_rng_state(state.cuda, device)
@@ -138,11 +139,11 @@ def _set(state: RngState, device: torch.device) -> None:
 def rewound_to(state: RngState, device: torch.device) -> Iterator[None]:
     """Run the block from the generators' ``state``, then put them back where they were."""
     now = rng_state(device, tuple(g for g, _ in state.own))
-    _set(state, device)
+    set_rng_state(state, device)
     try:
         yield
     finally:
-        _set(now, device)
+        set_rng_state(now, device)
 
 
 @contextmanager
