@@ -163,7 +163,7 @@ class AttachedExits(nn.Module):
         if example_input is not None:
             with torch.no_grad(), eval_mode(self):
                 self._output_exits = 0 if not self.include_output else None  # type: ignore[assignment]
-                shapes = [tuple(z.shape) for z in self(example_input)]
+                self(example_input)  # (the first forward checks the exits and their order)
 
     @property
     def num_exits(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._hypergradient import MetaResult, Reducer, meta_gradient
 from metaweight._lookahead import lookahead
 from metaweight._optimizers import differentiable_optimizer_type, supports_exact_update
@@ -124,7 +125,8 @@ class JvpBackend(_Directional):
                       gamma: Tensor, train: tuple[Any, Any], val: tuple[Any, Any], *,
                       lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
         if self.fallback is None:
-            rng = torch.get_rng_state()
+            device = gamma.device
+            rng = rng_state(device, model_generators(module))  # the model's own generators, NumPy's, Python's
             cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
                 else None
             try:
@@ -147,7 +149,7 @@ class JvpBackend(_Directional):
                     f"(for a Hugging Face model, attn_implementation='eager')."
                 )
                 self.fallback = FiniteDifferenceBackend(self.fd_epsilon)
-                torch.set_rng_state(rng)  # the same dropout masks as if the fallback had run first
+                set_rng_state(rng, device)  # the same dropout masks as if the fallback had run first
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state_all(cuda_rng)
         return self.fallback.meta_gradient(module, optimizer, terms, objective, gamma, train, val,

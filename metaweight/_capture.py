@@ -24,9 +24,11 @@ this module reads, without changing anything the loop sees:
   step, a factor below 1 fits ``clip_grad_norm_`` of every norm and ``p.grad.mul_(c)`` alike, each
   with another Jacobian. So is anything that is not a common rescale (value clipping, clipping
   part of the parameters, noise);
-* the random numbers and train/eval modes of the training forward: a forward pre-hook and hook
-  on the model record the state of every generator it can draw from (the global ones and the
-  model's own, :mod:`metaweight._randomness`) before it, and whether it drew from them.
+* the random numbers, train/eval modes and inputs of the training forward: a forward pre-hook
+  and hook on the model record, for each forward with gradients enabled, the state of every
+  generator it can draw from (:mod:`metaweight._randomness`) before it, whether it drew from
+  them, whether a generator appeared during it, and its inputs; ``loss()`` takes the record of
+  the forward its outputs came from.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.utils._pytree import tree_leaves
 
-from metaweight._randomness import RngState, rng_state, same_rng_state
+from metaweight._randomness import RngState, model_generators, new_generators, rng_state, same_rng_state
 
 TOLERANCE = 1e-6  # relative: a rescale that far from 1 is a rescale; a residual that large is no rescale
 
@@ -52,11 +55,41 @@ def module_modes(module: nn.Module) -> tuple[bool, ...]:
 @dataclasses.dataclass
 class ForwardRecord:
     """One forward of the user's model: the generators' state before it, whether it drew random
-    numbers (dropout, stochastic depth, functional dropout: any consumer), the modules' modes."""
+    numbers (dropout, stochastic depth, functional dropout: any consumer), the modules' modes, the
+    inputs it got (the tensors and their versions), its outputs (weakly, to be told apart from other
+    forwards') and where a generator was created or replaced during it (its start state unknown)."""
 
     start: RngState
     drew: bool
     modes: tuple[bool, ...]
+    inputs: list[tuple[Tensor, int]] = dataclasses.field(default_factory=list)
+    outputs: list[weakref.ref] = dataclasses.field(default_factory=list)
+    appeared: list[str] = dataclasses.field(default_factory=list)
+
+    def made(self, leaves: list[Tensor]) -> bool:
+        """Whether these tensors are this forward's outputs (or computed from them, a few steps on)."""
+        mine = [t for t in (r() for r in self.outputs) if t is not None]
+        ids = {id(t) for t in mine}
+        if any(id(t) in ids for t in leaves):
+            return True
+        nodes = {id(t.grad_fn) for t in mine if t.grad_fn is not None}
+        if not nodes:
+            return False
+        seen: set[int] = set()
+        todo = [t.grad_fn for t in leaves if t.grad_fn is not None]
+        while todo and len(seen) < 256:  # outputs post-processed (o.float(), a slice): a short walk back
+            node = todo.pop()
+            if id(node) in nodes:
+                return True
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            todo.extend(f for f, _ in node.next_functions if f is not None)
+        return False
+
+
+def tensor_leaves(tree: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(tree) if isinstance(t, Tensor)]
 
 
 class _Inert:
@@ -77,32 +110,54 @@ class _Inert:
 
 
 class ForwardWatch(_Inert):
-    """A forward pre-hook and hook on the user's model, ``mode="fast"`` only: the record of its last
-    forward, for :meth:`HarmonizedWeighter.loss` to take. Cheap: two reads of each generator's state."""
+    """A forward pre-hook and hook on the user's model, ``mode="fast"`` only: the records of its last
+    few forwards with gradients enabled, for :meth:`HarmonizedWeighter.loss` to take the one its
+    outputs came from. Each forward costs a scan of the modules' attributes for generators and two
+    reads of every generator's state."""
 
-    def __init__(self, weighter: Any, device: torch.device, generators: tuple[torch.Generator, ...]) -> None:
+    KEEP = 4  # forwards between the training forward and loss() (logging, another view)
+
+    def __init__(self, weighter: Any, device: torch.device) -> None:
         self._ref = weakref.ref(weighter)
         self.device = device
-        self.generators = generators
-        self._start: RngState | None = None
-        self.last: ForwardRecord | None = None
-        self.paused = False  # the weighter's own forwards (the one-call form) need no record
+        self._open: list[tuple[RngState, tuple[torch.Generator, ...], list[tuple[Tensor, int]]] | None] = []
+        self.records: list[ForwardRecord] = []
+        self.paused = False  # the weighter's own forwards need no record
 
-    def before(self, module: nn.Module, args: Any) -> None:
-        if self._ref() is not None and not self.paused:
-            self._start = rng_state(self.device, self.generators)
-
-    def after(self, module: nn.Module, args: Any, output: Any) -> None:
+    def before(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         weighter = self._ref()
-        if weighter is None or self.paused or self._start is None:
+        if weighter is None:  # a copy's inert hook
             return
-        start, self._start = self._start, None
-        self.last = ForwardRecord(start, not same_rng_state(start, rng_state(self.device, self.generators)),
-                                  module_modes(weighter.module))
+        if self.paused or not torch.is_grad_enabled():
+            self._open.append(None)
+            return
+        generators = model_generators(weighter.module)
+        inputs = [(t, t._version) for t in tensor_leaves((args, kwargs))]
+        self._open.append((rng_state(self.device, generators), generators, inputs))
 
-    def take(self) -> ForwardRecord | None:
-        record, self.last = self.last, None
-        return record
+    def after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        weighter = self._ref()
+        if weighter is None:
+            return
+        opened = self._open.pop() if self._open else None
+        if opened is None:
+            return
+        start, generators, inputs = opened
+        drew = not same_rng_state(start, rng_state(self.device, generators))
+        record = ForwardRecord(start, drew, module_modes(weighter.module), inputs,
+                               [weakref.ref(t) for t in tensor_leaves(output)],
+                               new_generators(weighter.module, generators))
+        self.records = [*self.records[-(self.KEEP - 1):], record]
+
+    def take(self, outputs: Any) -> ForwardRecord | None:
+        """The record of the forward ``outputs`` came from, and forget it and those before it."""
+        leaves = tensor_leaves(outputs)
+        for k in range(len(self.records) - 1, -1, -1):
+            if self.records[k].made(leaves):
+                record = self.records[k]
+                self.records = self.records[k + 1:]
+                return record
+        return None
 
 
 @dataclasses.dataclass
@@ -125,13 +180,14 @@ class GradSnapshot:
 
     refs: list[tuple[Tensor | None, int]]
     values: list[Tensor | None]
+    names: list[str] | None = None  # the parameters that required gradients then
 
     @staticmethod
-    def of(grads: Sequence[Tensor | None]) -> GradSnapshot:
+    def of(grads: Sequence[Tensor | None], names: list[str] | None = None) -> GradSnapshot:
         present = [g for g in grads if g is not None]
         copies = iter(torch._foreach_mul(present, 1.0) if present else [])
         return GradSnapshot([(g, g._version if g is not None else -1) for g in grads],
-                            [next(copies) if g is not None else None for g in grads])
+                            [next(copies) if g is not None else None for g in grads], names)
 
     def changed(self, grads: Sequence[Tensor | None]) -> bool:
         return len(grads) != len(self.refs) or any(
@@ -153,6 +209,8 @@ class Pending:
     seen: list[Tensor | None] | None = None  # g, whose direction a common rescale keeps
     inv_scale: Tensor | None = None  # 1 / the scale a fused optimizer unscales by inside its step
     error: str | None = None
+    names: list[str] | None = None  # the parameters that required gradients at the step
+    presence: list[str] | None = None  # those with a gradient at the step but none after backward, or the reverse
 
     def stepped(self) -> list[Micro]:
         """The losses whose backward the step used, in order."""
@@ -176,7 +234,7 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
         if any(g is not None and g.layout != torch.strided for g in grads):
             pending.error = sparse_message(named)
             return
-        pending.after_backward = GradSnapshot.of(grads)
+        pending.after_backward = GradSnapshot.of(grads, [n for n, _ in named])
 
     def on_gradient(grad: Tensor) -> None:
         w = ref()
@@ -206,6 +264,15 @@ def sparse_message(named: Sequence[tuple[str, Tensor]],
     return (f"The parameters {sparse} have sparse gradients (e.g. nn.Embedding(..., sparse=True)): {why}. Build the "
             f"embedding with sparse=False, or use mode='exact' with backend='higher' or 'finite_difference' and call "
             f"meta_step in your own loop.")
+
+
+def requires_grad_message(before: Sequence[str], after: Sequence[str], between: str) -> str:
+    """Which parameters started or stopped requiring gradients between two points of the loop."""
+    started = [n for n in after if n not in set(before)]
+    stopped = [n for n in before if n not in set(after)]
+    return (f"Between {between} the parameters that require gradients changed (now requiring them: {started}; no "
+            f"longer: {stopped}): the step's meta-gradient is over the parameters it stepped. Change requires_grad "
+            f"after meta_step (or before the iteration's forward).")
 
 
 @torch.no_grad()
@@ -278,11 +345,19 @@ class StepCapture(_Inert):
             if scale is not None:
                 pending.inv_scale = 1.0 / scale.double()
                 grads = [g / scale.to(g) if g is not None else None for g in grads]
+            names = [n for n, _ in named]
+            pending.names = names
             snapshot = pending.after_backward
+            if snapshot is not None and snapshot.names is not None and snapshot.names != names:
+                pending.error = requires_grad_message(snapshot.names, names, "loss.backward() and optimizer.step()")
+                return
             if snapshot is not None:  # compared by value: GradScaler.unscale_ leaves the versions as they were
+                pending.presence = [n for n, a, b in zip(names, snapshot.values, grads_of(named))
+                                    if (a is None) != (b is None)]
                 pending.rescale = rescale_between(snapshot.values, grads_of(named))
                 pending.seen = snapshot.values  # a common rescale keeps the direction
             pending.theta, pending.jac = self._before_step(optimizer, named, grads)
+            weighter._stepped = None  # an earlier step, superseded
         except Exception as exc:  # noqa: BLE001 - the user's step must go on; meta_step reports it
             pending.theta = None
             pending.error = f"The weighter could not read the optimizer's step ({type(exc).__name__}: {exc})."

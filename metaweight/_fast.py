@@ -25,7 +25,8 @@ from metaweight._checks import summarize_step_labels, unpack_batch
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
 from metaweight._optimizers import lookahead_update, supports_exact_update
 from metaweight._protocols import call_model
-from metaweight._randomness import model_generators, replay_randomness, rng_state, same_rng_state
+from metaweight._randomness import (NEW_GENERATOR, model_generators, new_generators, replay_randomness, rng_state,
+                                   same_rng_state)
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import Scratch, explained, nonfinite_flag
 
@@ -84,7 +85,7 @@ class FastMode:
         w.num_calls += 1
         run_meta = (w.num_calls - 1) % w.meta_every == 0
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation)
-        w._pending = None
+        w._pending = w._stepped = None
         named = w._trainable()
         device = next(p.device for _, p in named)
         low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
@@ -96,6 +97,9 @@ class FastMode:
             with replay_randomness(device, generators) as replay:
                 start = rng_state(device, generators) if w._compiled and run_meta else None
                 outputs = call_model(w.model, x)
+                appeared = new_generators(w.module, generators) if run_meta else []
+                if appeared:  # before the step: its random numbers could not be drawn again
+                    raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared)))
                 if start is not None and not same_rng_state(start, rng_state(device, generators)):
                     raise ValueError(COMPILED_RANDOM)
                 terms = w._terms(outputs, y)

@@ -225,7 +225,7 @@ def meta_gradient(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     movable = [(n, p) for n, p in named if lookahead_names is None or n in lookahead_names]
     device = gamma.device
-    with replay_randomness(device, model_generators(model)) as replay:
+    with replay_randomness(device, model_generators(model), model) as replay:
         buffers = dict(model.named_buffers()) if keep_graph else _clone_buffers(model)
         params = {n: p for n, p in model.named_parameters()}
         outputs = call_with(model, params, buffers, x)

@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._capture import TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes, watch_backward
+from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes, tensor_leaves,
+                                requires_grad_message, watch_backward)
 from metaweight._checks import IGNORE_INDEX, forget_labels
 from metaweight._checks import unpack_batch as _unpack  # (the names the two-call form's capture uses)
 from metaweight._clipping import EPSILON, ClipGradNorm, clip_transpose, total_norm
@@ -33,9 +34,9 @@ from metaweight._exact import ExactMode
 from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
 from metaweight._fast import FastMode, before_step
 from metaweight._hypergradient import Reducer
-from metaweight._randomness import model_generators, replay_randomness, rewound_to
+from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._losses import DenseDistillLoss
-from metaweight._protocols import Objective, Terms
+from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read
 from metaweight._warn import warn_user
@@ -314,15 +315,16 @@ class HarmonizedWeighter(NamedWeights):
         self.last_terms: Tensor | None = None
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
+        self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
         self._step_hook: RemovableHandle | None = None
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn:
             self._step_hook = inner.register_step_pre_hook(StepCapture(self, before_step))
             # the training forward's random numbers and modes, for the two-call form's difference
-            self._watch = ForwardWatch(self, device, model_generators(module))
-            self._forward_hooks = (model.register_forward_pre_hook(self._watch.before),
-                                   model.register_forward_hook(self._watch.after))
+            self._watch = ForwardWatch(self, device)
+            self._forward_hooks = (model.register_forward_pre_hook(self._watch.before, with_kwargs=True),
+                                   model.register_forward_hook(self._watch.after, with_kwargs=True))
 
     # ----------------------------------------------------------------------------- set-up
     def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:
@@ -389,10 +391,12 @@ class HarmonizedWeighter(NamedWeights):
             return
         low = torch.is_autocast_enabled(terms.device.type) or any(
             isinstance(o, Tensor) and o.dtype in (torch.float16, torch.bfloat16) for o in tree_leaves(outputs))
-        record = self._watch.take() if self._watch is not None else None
+        record = self._watch.take(outputs) if self._watch is not None else None
         micro = Micro(tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs), terms.detach(), target,
                       low, record)
         if self._pending is None or self._pending.theta is not None:
+            if self._pending is not None:  # a loss after the step (logging it): meta_step still scores the step
+                self._stepped = self._pending
             self._pending = Pending([micro])
         else:
             self._pending.micro.append(micro)
@@ -431,9 +435,13 @@ class HarmonizedWeighter(NamedWeights):
         the gradients between backward and step is refused with a ``ValueError``, as is a batch
         or a module mode other than the step's, before anything changes. A step the optimizer
         did not take (a ``GradScaler`` that found inf/NaN) gives a skipped record and leaves
-        gamma alone. A training forward that drew random numbers (dropout, stochastic depth,
-        whatever the module is called, from the global generators or a ``torch.Generator`` a
-        module holds) or ran under autocast costs one forward more: the
+        gamma alone. The record of the training forward is that of the forward the outputs given
+        to ``loss()`` came from (outputs from no forward the hooks saw, ``model.forward(x)``, are
+        refused), and ``meta_step`` must get the inputs that forward got; a ``loss()`` after the
+        step (logging) leaves the step's record. A training forward that drew random numbers
+        (dropout, stochastic depth, whatever the module is called, from torch's global generators,
+        NumPy's or Python's, or a ``torch.Generator`` a module holds) or ran under autocast costs
+        one forward more: the
         difference then recomputes its base point in float32 with that forward's random numbers.
 
         Args:
@@ -599,14 +607,16 @@ class HarmonizedWeighter(NamedWeights):
         x, y = _unpack(train_batch, "train_batch")
         xv, yv = _unpack(val_batch, "val_batch")
         run_meta = self.num_calls % self.meta_every == 0
-        pending = self._pending
+        pending, stepped_before = self._pending, self._stepped
+        if self._stepped is not None and (pending is None or pending.theta is None):
+            pending = self._stepped  # what came after the step (a loss() to log) was not stepped on
         if run_meta and pending is None:
             raise ValueError("mode='fast': meta_step comes after the model's step, and needs the training loss from "
                              "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "
                              "loss.backward(); optimizer.step(); weighter.meta_step((x, y), val_batch). "
                              "(Or call weighter.step(train_batch, val_batch), which does all of it.)")
         plan = self._fast_plan(pending, x, y) if run_meta else None
-        self._pending = None
+        pending_now, self._pending, self._stepped = self._pending, None, None
         self.num_calls += 1
         if not run_meta:
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict())
@@ -619,6 +629,8 @@ class HarmonizedWeighter(NamedWeights):
         stepped, inputs, transform = plan
         named = self._trainable()
         device = next(p.device for _, p in named)
+        if self._watch is not None:
+            self._watch.paused = True  # the look-ahead's forwards are not the user's
         try:
             with replay_randomness(device, model_generators(self.module)) as replay:
                 pieces = []
@@ -633,8 +645,11 @@ class HarmonizedWeighter(NamedWeights):
                 return self._fast_meta(named, pending.theta, pending.jac, pieces, xv, yv,
                                        dict(self.module.named_buffers()), transform)  # (copied per forward)
         except Exception:
-            self._pending, self.num_calls = pending, self.num_calls - 1
+            self._pending, self._stepped, self.num_calls = pending_now, stepped_before, self.num_calls - 1
             raise
+        finally:
+            if self._watch is not None:
+                self._watch.paused = False
 
     def _fast_plan(self, pending: Pending, x: Any, y: Any
                    ) -> tuple[list[Micro], list[tuple[Any, Any]], Callable[[dict[str, Tensor]], dict[str, Tensor]] | None
@@ -655,7 +670,17 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError("The optimizer stepped, but no backward went through the loss weighter.loss returned "
                              "(backpropagate that loss, or a multiple of it, before optimizer.step()). gamma is "
                              "unchanged.")
+        names = [n for n, _ in self._trainable()]
+        if pending.names is not None and names != pending.names:
+            raise ValueError(requires_grad_message(pending.names, names, "optimizer.step() and meta_step") +
+                             " gamma is unchanged.")
         inputs = _micro_inputs(stepped, x, y)
+        if any(m.forward is None for m in stepped):
+            raise ValueError(_UNSEEN_FORWARD)
+        appeared = [name for m in stepped for name in m.forward.appeared]
+        if appeared:
+            raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared)))
+        self._check_inputs(stepped, inputs)
         modes = module_modes(self.module)
         if any(m.forward is not None and m.forward.modes != modes for m in stepped):
             raise ValueError("Some modules changed between train and eval mode since the training forward: the "
@@ -664,6 +689,33 @@ class HarmonizedWeighter(NamedWeights):
         if self._compiled and any(m.forward is not None and m.forward.drew for m in stepped):
             raise ValueError(_COMPILED_RANDOM)
         return stepped, inputs, self._gradient_transform(pending, stepped)
+
+    def _check_inputs(self, stepped: list[Micro], inputs: list[tuple[Any, Any]]) -> None:
+        """Refuses inputs other than those the training forward got: the same tensors (free), or equal
+        ones (one host read for all of them)."""
+        pairs = []
+        for micro, (xi, _) in zip(stepped, inputs):
+            assert micro.forward is not None
+            args, kwargs = model_arguments(self.model, xi)
+            now, then = tensor_leaves((args, kwargs)), micro.forward.inputs
+            if len(now) != len(then):
+                raise ValueError(_OTHER_INPUTS.format(why=f"{len(now)} input tensors, where the model got {len(then)}"))
+            for t, (seen, version) in zip(now, then):
+                if t is seen:
+                    if t._version != version:
+                        raise ValueError(_OTHER_INPUTS.format(why="inputs changed in place since the forward"))
+                elif t.shape != seen.shape or t.dtype != seen.dtype:
+                    raise ValueError(_OTHER_INPUTS.format(
+                        why=f"inputs of shape {tuple(t.shape)} ({t.dtype}) where the model got {tuple(seen.shape)} "
+                            f"({seen.dtype})"))
+                else:
+                    pairs.append((seen, t))
+        if pairs:
+            device = pairs[0][0].device
+            equal = torch.stack([((a == b.to(a.device)) | ((a != a) & (b.to(a.device) != b.to(a.device)))).all().to(
+                device) for a, b in pairs]).all()
+            if not host_read([equal])[0]:
+                raise ValueError(_OTHER_INPUTS.format(why="inputs whose values differ from those the model got"))
 
     def _gradient_transform(self, pending: Pending, stepped: list[Micro]
                             ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
@@ -681,32 +733,47 @@ class HarmonizedWeighter(NamedWeights):
         cleared = pending.cleared if pending.cleared is not None else torch.tensor(True)
         seen = pending.seen
         # the norm of what the optimizer got (what clip_grad_norm_ returned), in the declared norm
-        norm = total_norm(seen, clip.norm_type).to(device) * rescale[1].to(device) \
+        seen_norm = total_norm(seen, clip.norm_type).to(device) \
             if clip is not None and seen is not None else torch.zeros((), dtype=torch.float64, device=device)
-        common, s_t, s, r, ok, clipped_norm = torch.stack([
+        # and the norm clip_grad_norm_ saw: the losses' own gradient, before any clipping
+        unclipped = seen_norm / torch.where(total > 0, total, torch.ones_like(total))
+        common, s_t, s, r, ok, clipped_norm, unclipped = torch.stack([
             rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
-            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(), norm]).tolist()
+            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(),
+            seen_norm * rescale[1].to(device), unclipped]).tolist()
         if not ok:
             raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
                              "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
                              "Transform the gradients once, after the last backward. gamma is unchanged.")
+        if pending.presence:
+            raise ValueError(f"The gradients the optimizer stepped on are not what backward left: the parameters "
+                             f"{pending.presence[:8]}{' ...' if len(pending.presence) > 8 else ''} had no gradient "
+                             f"when the backward through weighter.loss ended and one at optimizer.step(), or the "
+                             f"reverse (e.g. gradients from torch.autograd.grad assigned to p.grad). mode='fast' "
+                             f"scores the gradients loss.backward() accumulates: call loss.backward(), or use "
+                             f"mode='exact'. gamma is unchanged.")
         if not common:
             raise ValueError("Between loss.backward() and optimizer.step() the gradients changed by something other "
-                             "than one common rescale of all of them (e.g. clip_grad_value_, or clip_grad_norm_ over "
-                             "only some parameters): mode='fast' cannot differentiate through that step. Use "
+                             "than one common rescale of all of them (e.g. clip_grad_value_, clip_grad_norm_ over "
+                             "only some parameters, or gradients assigned to p.grad that are not what backward "
+                             "left): mode='fast' cannot differentiate through that step. Use "
                              "clip_grad_norm_ over all parameters (declared with clip_grad_norm=), or mode='exact'. "
                              "gamma is unchanged.")
         plain = abs(s - 1) <= TOLERANCE or abs(r - 1) <= 10 * TOLERANCE  # unchanged, or unscaled (a GradScaler)
         if clip is not None:
             dtype = next((g.dtype for g in seen or [] if g is not None), torch.float32)
             slack = clip.max_norm * max(10 * TOLERANCE, 16 * torch.finfo(dtype).eps)  # the norms' rounding
-            if plain and clipped_norm > clip.max_norm + slack:
+            # whether clip_grad_norm_ clipped is decided by the norm it saw, as torch decides it: a factor
+            # within rounding of 1 may still be a clipping (a norm just above max_norm), with its Jacobian
+            coef = min(1.0, clip.max_norm / (unclipped + EPSILON))
+            clipped = coef < 1 and abs(r - coef) <= abs(r - 1)
+            if coef < 1 and not clipped and unclipped > clip.max_norm + slack:
                 raise ValueError(f"The weighter was told the loop clips by {clip.describe()}, but the gradients the "
                                  f"optimizer got were not clipped (their norm: {clipped_norm:.6g}). Clip them so "
                                  f"after backward, or build the weighter with the clipping your loop does. gamma is "
                                  f"unchanged.")
-            if not plain:  # a clipped step: its norm is max_norm * rho, within 1e-6 of max_norm
-                if abs(clipped_norm - clip.max_norm) > EPSILON + slack:
+            if clipped or not plain:  # a clipped step: its norm is max_norm * rho, within 1e-6 of max_norm
+                if not clipped or abs(clipped_norm - clip.max_norm) > EPSILON + slack:
                     raise ValueError(
                         f"The gradients the optimizer got were rescaled by {r:.6g} (relative to the losses' own "
                         f"scale) to a norm of {clipped_norm:.6g} (norm_type={clip.norm_type:g}), which "
@@ -715,7 +782,7 @@ class HarmonizedWeighter(NamedWeights):
                         f"and clip nothing else. gamma is unchanged.")
                 assert seen is not None
                 names = [n for n, _ in self._trainable()]
-                rho = min(1.0, clipped_norm / clip.max_norm)
+                rho = unclipped / (unclipped + EPSILON)
                 return lambda direction: clip_transpose(direction, names, seen, s, rho, clip.norm_type)
         if abs(s - 1) <= TOLERANCE:
             return None
@@ -902,6 +969,13 @@ def _count_exits(names: Iterable[str] | None) -> int:
 
 _OTHER_BATCH = ("meta_step got another training batch than the weighter.loss call before it: pass the batch (x, y) "
                 "whose loss the optimizer just stepped on.")
+_OTHER_INPUTS = ("meta_step got other training inputs than the model's training forward ({why}), e.g. a batch "
+                 "augmented before model(x): pass meta_step the inputs the model was called with, "
+                 "meta_step((x_augmented, y), val_batch). gamma is unchanged.")
+_UNSEEN_FORWARD = ("The outputs given to weighter.loss came from no forward of the model the weighter watched (with "
+                   "gradients enabled): mode='fast' reads the training forward's random numbers, modes and inputs "
+                   "through the model's forward hooks. Call model(x), not model.forward(x), and pass weighter.loss "
+                   "its outputs. gamma is unchanged.")
 
 
 @dataclasses.dataclass

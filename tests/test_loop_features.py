@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,13 @@ class GeneratorDropout(nn.Module):
         return x * (torch.rand(x.shape, generator=self.g, dtype=x.dtype) >= self.p).to(x.dtype) / (1 - self.p)
 
 
+class Helper:
+    """A plain object holding a generator, as some augmentation helpers do."""
+
+    def __init__(self) -> None:
+        self.g = torch.Generator().manual_seed(8)
+
+
 class Net(nn.Module):
     """The issue's 3-exit MLP (Linear 6->8->8->8, tanh, heads 8->4), with optional randomness and a
     BatchNorm whose mode can differ from the rest."""
@@ -77,6 +85,8 @@ class Net(nn.Module):
         self.own = GeneratorDropout(0.3)
         self.norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
         self.checkpointed = False
+        self.nested = {"generators": [[torch.Generator().manual_seed(6)]]}  # found inside containers too
+        self.helper = Helper()  # and as a plain object's attribute
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = []
@@ -96,6 +106,16 @@ class Net(nn.Module):
                 z = self.depth(h, z)
             elif self.randomness == "own generator":
                 z = self.own(z)
+            elif self.randomness == "nested generator" and self.training:
+                keep = torch.rand(z.shape, generator=self.nested["generators"][0][0], dtype=z.dtype) >= 0.3
+                z = z * keep.to(z.dtype) / 0.7
+            elif self.randomness == "helper generator" and self.training:
+                keep = torch.rand(z.shape, generator=self.helper.g, dtype=z.dtype) >= 0.3
+                z = z * keep.to(z.dtype) / 0.7
+            elif self.randomness == "numpy" and self.training:
+                z = z * torch.from_numpy(np.random.rand(*z.shape) >= 0.3).to(z.dtype) / 0.7
+            elif self.randomness == "python random" and self.training:
+                z = z * (0.5 + random.random())
             h = z
             outputs.append(head(h))
         return outputs
@@ -154,7 +174,8 @@ class Case:
     scheduler: bool = False
     groups: bool = False
     frozen: bool = False
-    randomness: str = "none"  # none | dropout | functional | stochastic depth | own generator
+    randomness: str = "none"  # none | dropout | functional | stochastic depth | own generator | nested generator
+    #                           | helper generator | numpy | python random
     eval_part: str = "none"  # none | batchnorm in train | batchnorm in eval
     model: str = "plain"  # plain | checkpointing | gradient hook | accumulate hook | backward hook | forward hook
     #                       | weight norm
@@ -174,6 +195,8 @@ FEATURES: dict[str, dict[str, str]] = {
     "parameter groups, schedulers, frozen parameters": {form: "right" for form in FORMS},
     "dropout, functional dropout, stochastic depth": {form: "right" for form in FORMS},
     "random numbers from a module's own torch.Generator": {form: "right" for form in FORMS},
+    "random numbers from NumPy or Python's random, a torch.Generator in nested containers or a helper object": {
+        form: "right" for form in FORMS},
     "BatchNorm in train or eval mode": {form: "right" for form in FORMS},
     "activation checkpointing (use_reentrant=False)": {
         form: "refused" if form in ("exact, jvp", "exact, finite_difference", "exact, step()") else "right"
@@ -218,6 +241,8 @@ def expected(case: Case) -> str:
              "none": []}[case.clip]
     if case.randomness == "own generator":
         rows.append("random numbers from a module's own torch.Generator")
+    if case.randomness in ("nested generator", "helper generator", "numpy", "python random"):
+        rows.append("random numbers from NumPy or Python's random, a torch.Generator in nested containers or a helper object")
     if case.accumulate > 1:
         rows.append("gradient accumulation (losses divided by their number)")
     if case.amp:
@@ -310,12 +335,26 @@ def loop_step(case: Case, model, optimizer, scaler, micro, loss_of) -> None:
         optimizer.step()
 
 
+def all_rng():
+    """torch's global random state, NumPy's and Python's (a model may draw from any of them)."""
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def set_rng(state) -> None:
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    random.setstate(state[2])
+
+
 def reference(case: Case, model, optimizer, scaler, criterion, validation, micro, val, train_rng, val_rng):
     """d L_val(theta') / d gamma by central differences, theta' the step the loop takes with gamma."""
     def objective(gamma: torch.Tensor) -> float:
         net, opt, sc, objective_fn = copy.deepcopy((model, optimizer, scaler, validation))
         tensor_hooks(case, net)  # (module hooks survive the copy; tensor hooks do not)
-        torch.set_rng_state(train_rng)
+        set_rng(train_rng)
         if case.form.startswith("exact"):  # the optimizer's own step on the whole batch
             x = torch.cat([m[0] for m in micro])
             y = torch.cat([m[1] for m in micro])
@@ -325,7 +364,7 @@ def reference(case: Case, model, optimizer, scaler, criterion, validation, micro
         else:
             loop_step(case, net, opt, sc, micro, lambda outputs, y: (gamma * criterion(outputs, y)).sum())
         if val_rng is not None:
-            torch.set_rng_state(val_rng)
+            set_rng(val_rng)
         with torch.no_grad():
             return float(objective_fn(net(val[0]), val[1]))
 
@@ -376,13 +415,13 @@ def run(case: Case):
         assert same(before_build, (model.state_dict(), optimizer.state_dict()))
         return "refused", str(exc)
     twins = copy.deepcopy((model, optimizer, scaler, validation))
-    train_rng = torch.get_rng_state()
+    train_rng = all_rng()
     val_rng = None
     before = state(model, optimizer, w)
     try:
         if case.form == "fast, two calls":
             loop_step(case, model, optimizer, scaler, micro, w.loss)
-            val_rng = torch.get_rng_state()
+            val_rng = all_rng()
             twins = (*twins[:3], copy.deepcopy(validation))
             before = state(model, optimizer, w)  # the loop's own step is the user's: meta_step changes nothing
             record = w.meta_step((x, y), val)
@@ -421,7 +460,8 @@ AXES = {
     "scheduler": (False, True),
     "groups": (False, True),
     "frozen": (False, True),
-    "randomness": ("none", "dropout", "functional", "stochastic depth", "own generator"),
+    "randomness": ("none", "dropout", "functional", "stochastic depth", "own generator", "nested generator",
+                   "helper generator", "numpy", "python random"),
     "eval_part": ("none", "batchnorm in train", "batchnorm in eval"),
     "model": ("plain", "checkpointing", "gradient hook", "accumulate hook", "backward hook", "forward hook",
               "weight norm"),
@@ -513,6 +553,7 @@ CI_CASES = [
     # random numbers from a module's own generator
     Case(form="fast, two calls", randomness="own generator", accumulate=2),
     Case(form="exact, finite_difference", randomness="own generator"),
+    Case(form="fast, two calls", randomness="numpy", optimizer="momentum"),
 ]
 SLOW_CASES = sorted(set(all_pairs()) | set(one_at_a_time()) - set(CI_CASES), key=str)
 
@@ -805,3 +846,189 @@ def test_a_declared_clipping_the_loop_does_not_do_is_refused_with_nothing_change
     with pytest.raises(ValueError, match=match):
         w.meta_step((x, y), (x, y))
     assert same(before, state(model, optimizer, w))
+
+
+def test_a_declared_clipping_that_barely_clips_is_differentiated_as_clipping():
+    """A gradient norm 3e-6 above max_norm: torch clips by a factor within 1e-5 of 1, which used to be
+    taken for unscaling (the unclipped meta-gradient, 0.48 off); the norm clip_grad_norm_ saw decides."""
+    case = Case(clip="norm")
+    model, optimizer, criterion, validation, _ = build(case)
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    net = copy.deepcopy(model)
+    (torch.tensor(GAMMA, dtype=F64) * criterion(net(x), y)).sum().backward()
+    max_norm = float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()])) / (1 + 3e-6)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA), clip_grad_norm=mw.ClipGradNorm(max_norm))
+
+    def clipped_step(net, opt, sc, micro, loss_of):
+        opt.zero_grad()
+        loss_of(net(micro[0][0]), micro[0][1]).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)
+        opt.step()
+
+    assert own_loop_error(clipped_step, model, optimizer, criterion, validation, w, (x, y), val) < 1e-3
+
+
+def own_loop_error(step, model, optimizer, criterion, validation, w, train, val, meta_batch=None) -> float:
+    """The relative error of the two-call form's meta-gradient after ``step(model, optimizer, None, [train],
+    w.loss)``, a loop of the test's own, against central differences of that loop on copies."""
+    twins = copy.deepcopy((model, optimizer, None, validation))
+    rng = all_rng()
+    step(model, optimizer, None, [train], w.loss)
+    val_rng = all_rng()
+    record = w.meta_step(meta_batch or train, val)
+    assert record.ran and not record.skipped, record.message
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(globals(), "loop_step", lambda case, *args: step(*args))
+        ref = reference(Case(), *twins[:3], criterion, twins[3], [train], val, rng, val_rng)
+    return rel_err_of(record.gamma_grad, ref)
+
+
+def two_call_setup(case: Case = Case(), **kwargs):
+    model, optimizer, criterion, validation, _ = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA), **kwargs)
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    return model, optimizer, criterion, validation, w, (x, y), val
+
+
+def refused_unchanged(model, optimizer, w, match, *args) -> None:
+    before = state(model, optimizer, w)
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        w.meta_step(*args)
+    assert same(before, state(model, optimizer, w))
+    assert same(grads, [p.grad for p in model.parameters()])
+
+
+@pytest.mark.parametrize("change", ["unfreeze", "freeze"])
+def test_requires_grad_changed_between_step_and_meta_step_is_refused(change):
+    case = Case(frozen=change == "unfreeze")
+    model, optimizer, _, _, w, train, val = two_call_setup(case)
+    loop_step(case, model, optimizer, None, [train], w.loss)
+    for p in model.heads[0 if change == "unfreeze" else 2].parameters():
+        p.requires_grad_(change == "unfreeze")
+    refused_unchanged(model, optimizer, w, r"optimizer.step\(\) and meta_step the parameters that require "
+                      r"gradients changed.*heads\.\d\.weight.*after meta_step", train, val)
+
+
+def test_gradients_assigned_from_autograd_grad_are_refused_naming_what_was_seen():
+    model, optimizer, _, _, w, (x, y), val = two_call_setup()
+    optimizer.zero_grad(set_to_none=True)
+    params = list(model.parameters())
+    for p, g in zip(params, torch.autograd.grad(w.loss(model(x), y), params)):
+        p.grad = g
+    optimizer.step()
+    refused_unchanged(model, optimizer, w, r"not what backward left.*stages\.0\.weight.*autograd\.grad.*call "
+                      r"loss\.backward\(\)", (x, y), val)
+
+
+@pytest.mark.parametrize("logged", [pytest.param("same batch", marks=pytest.mark.slow), "another batch"])
+def test_a_loss_logged_after_the_step_leaves_the_step_to_be_scored(logged):
+    """w.loss after optimizer.step() (to log the new loss) used to replace the step's record: gamma stopped
+    learning (a skipped record, or "another training batch")."""
+    model, optimizer, criterion, validation, w, train, val = two_call_setup()
+    other = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+
+    def step_then_log(net, opt, sc, micro, loss_of, plain=loop_step):  # (the reference patches loop_step)
+        plain(Case(), net, opt, sc, micro, loss_of)
+        logged_batch = micro[0] if logged == "same batch" else other
+        float(loss_of(net(logged_batch[0]), logged_batch[1]).detach())
+
+    assert own_loop_error(step_then_log, model, optimizer, criterion, validation, w, train, val) < 1e-3
+
+
+def test_meta_step_with_other_inputs_than_the_training_forward_s_is_refused():
+    """An augmentation outside the model (model(aug(x)), then meta_step((x, y))) was scored as if the model had
+    trained on x (1e7 off); equal inputs in another tensor are taken."""
+    model, optimizer, criterion, validation, w, (x, y), val = two_call_setup(Case(randomness="dropout"))
+    augmented = x + 0.1 * torch.randn_like(x)
+    optimizer.zero_grad()
+    w.loss(model(augmented), y).backward()
+    optimizer.step()
+    refused_unchanged(model, optimizer, w, r"other training inputs than the model's training forward.*"
+                      r"values differ.*pass meta_step the inputs", (x, y), val)
+    assert w.meta_step((augmented.clone(), y), val).ran
+
+
+@pytest.mark.parametrize("grad", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_an_extra_forward_between_the_training_forward_and_loss_is_told_apart(grad):
+    """loss() takes the record of the forward its outputs came from, not the last forward's (0.65 off)."""
+    model, optimizer, criterion, validation, w, train, val = two_call_setup(Case(randomness="dropout"))
+    other = torch.randn(16, 6, dtype=F64)
+
+    def step(net, opt, sc, micro, loss_of):
+        opt.zero_grad()
+        outputs = net(micro[0][0])
+        with torch.set_grad_enabled(grad):
+            net(other)  # logging, another view
+        loss_of([o.clone() for o in outputs], micro[0][1]).backward()  # (post-processed outputs are followed)
+        opt.step()
+
+    assert own_loop_error(step, model, optimizer, criterion, validation, w, train, val) < 1e-3
+
+
+def test_outputs_from_a_forward_the_hooks_did_not_see_are_refused():
+    model, optimizer, criterion, validation, w, (x, y), val = two_call_setup(Case(randomness="dropout"))
+    optimizer.zero_grad()
+    w.loss(model.forward(x), y).backward()
+    optimizer.step()
+    refused_unchanged(model, optimizer, w, r"came from no forward.*Call model\(x\), not model.forward\(x\)",
+                      (x, y), val)
+
+
+class LazyGenerator(Net):
+    """Creates its generator in its first training forward, as some stochastic-depth code does."""
+
+    def forward(self, x):
+        if not hasattr(self, "lazy"):
+            self.lazy = torch.Generator().manual_seed(3)
+        keep = torch.rand(x.shape, generator=self.lazy, dtype=x.dtype) >= 0.3
+        return super().forward(x * keep.to(x.dtype) / 0.7)
+
+
+@pytest.mark.parametrize("form", ["fast, two calls", "fast, step()", "exact, jvp", "exact, finite_difference"])
+def test_a_generator_created_during_the_forward_is_refused(form):
+    torch.manual_seed(0)
+    model = LazyGenerator("none", batchnorm=False).to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mode, _, backend = form.partition(", ")
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3),
+                              **({"mode": "fast"} if mode == "fast" else {"backend": backend}))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    if form == "fast, two calls":
+        w.loss(model(x), y).backward()
+        optimizer.step()
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match=r"torch.Generator the model holds \(lazy\) was created or replaced during "
+                                         r"the training forward.*in __init__"):
+        w.step((x, y), (x, y)) if form == "fast, step()" else w.meta_step((x, y), (x, y))
+    assert same(before, state(model, optimizer, w))
+
+
+@pytest.mark.parametrize("form", ["fast, two calls", pytest.param("exact, jvp", marks=pytest.mark.slow)])
+def test_a_generator_re_created_between_iterations_is_the_one_replayed(form):
+    """The generators were found once per model: a new one (a new epoch, re-created) was not replayed."""
+    case = Case(form=form, randomness="own generator", optimizer="momentum")
+    model, optimizer, criterion, validation, _ = build(case)
+    mode, _, backend = form.partition(", ")
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA), **({"mode": "fast"} if mode == "fast" else {"backend": backend}))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    w.step((x, y), (x, y))  # an iteration with the first generator
+    with torch.no_grad():
+        w.gamma.copy_(torch.tensor(GAMMA))  # where the reference looks
+    model.own.g = torch.Generator().manual_seed(11)
+    if mode == "fast":
+        assert own_loop_error(lambda *args, plain=loop_step: plain(case, *args), model, optimizer, criterion,
+                              validation, w, (x, y), (x, y)) < 1e-3
+    else:
+        twins = copy.deepcopy((model, optimizer, None, validation))
+        rng = all_rng()
+        record = w.meta_step((x, y), (x, y))
+        ref = reference(case, *twins[:3], criterion, twins[3], [(x, y)], (x, y), rng, None)
+        assert rel_err_of(record.gamma_grad, ref) < 1e-6
