@@ -4,7 +4,7 @@ Your model, data, optimizer and schedule stay yours; metaweight adds a held-out 
 iteration and two calls. (``examples/train.py`` is the full command-line job behind the
 reproduction; this file is what to read first.)
 
-    python examples/loop.py                 # scikit-learn digits, a 3-exit CNN; ~20 s on 2 CPU cores
+    python examples/loop.py                 # scikit-learn digits, a 3-exit CNN; about 40 s on one CPU core of a busy machine
 """
 
 from __future__ import annotations
@@ -51,4 +51,7 @@ def main(epochs: int = 15) -> mw.AnytimeResult:
 
 
 if __name__ == "__main__":
+    # this model's ops are too small to split across threads: one is fastest, and on a busy machine
+    # several threads fight over the cores (as examples/train.py's --threads says)
+    torch.set_num_threads(1)
     main()

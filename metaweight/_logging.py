@@ -229,6 +229,13 @@ class CSVLogger:
                   f"overwrite=True to replace the old log, or a path of its own.")
 
     def __call__(self, record: dict[str, Any]) -> None:
+        try:
+            self._record(record)
+        except OSError as exc:  # the step this reports stands: say the row is lost, never raise from the hook
+            warn_user(f"CSVLogger could not write iteration {record.get('iteration')} to {self.path} ({exc}); the "
+                      f"training step stands, this row is not in the log.")
+
+    def _record(self, record: dict[str, Any]) -> None:
         row = flatten_record(record)
         fields, step = list(row), float(row["iteration"])
         if _holder(self.path) is not self:  # closed: take the path back, unless another logger has it
@@ -383,6 +390,13 @@ class TensorBoardLogger:
         return self._writer
 
     def __call__(self, record: dict[str, Any]) -> None:
+        try:
+            self._record(record)
+        except OSError as exc:  # the step this reports stands: say so, never raise from the hook
+            warn_user(f"TensorBoardLogger could not write iteration {record.get('iteration')} ({exc}); the "
+                      f"training step stands, this record is not in the log.")
+
+    def _record(self, record: dict[str, Any]) -> None:
         flat = flatten_record(record)
         step = int(flat.pop("iteration"))
         writer = self._writer_from(step)  # the first record's iteration: where a resumed run continues

@@ -200,6 +200,14 @@ class HarmonizedWeighter(NamedWeights):
                 f"The criterion has num_exits={k_terms} but the validation objective has "
                 f"num_exits={k_val}. Build both for the model's number of exits."
             )
+        i_terms, i_val = getattr(criterion, "ignore_index", None), getattr(validation, "ignore_index", None)
+        if isinstance(i_terms, int) and isinstance(i_val, int) and i_terms != i_val:
+            raise ValueError(
+                f"The criterion leaves out labels equal to ignore_index={i_terms} (padding), but the validation "
+                f"objective leaves out {i_val}: the meta step would score the training padding as a class, or refuse "
+                f"it. Build both with one ignore_index, e.g. {type(validation).__name__}({k_val}, "
+                f"ignore_index={i_terms}), or leave `validation` out to get it from the criterion."
+            )
         if isinstance(gamma_lr, bool) or not (isinstance(gamma_lr, (int, float)) and math.isfinite(gamma_lr)
                                                and gamma_lr >= 0):
             raise ValueError(f"Invalid gamma_lr: {gamma_lr!r}. Expected a finite number >= 0.")

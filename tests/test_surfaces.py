@@ -907,3 +907,42 @@ def test_stage_one_that_cannot_take_the_models_arguments_is_refused_clearly():
     for args, kwargs in (((x,), {}), ((), {"x": x})):  # the one input stage 1 takes
         predictions, exits = predictor(*args, **kwargs)
         assert torch.equal(exits, want[0]) and torch.equal(predictions, want[1])
+
+
+def test_a_validation_objective_that_scores_the_criterions_padding_is_refused():
+    """An explicit BalancedValidation with another ignore_index than the criterion's would score the
+    padding as a class: refused at construction; with one ignore_index, the meta step's validation
+    losses leave the padding out (per-exit CE over the other samples, computed independently)."""
+    torch.manual_seed(0)
+    net = tiny_net(2, batchnorm=False)  # (BatchNorm's batch statistics would see the padded samples)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    crit = mw.DenseDistillLoss(2, ignore_index=0)
+    with pytest.raises(ValueError, match=r"ignore_index=0.*leaves out -100.*BalancedValidation\(2, ignore_index=0\)"):
+        mw.HarmonizedWeighter(net, opt, crit, mw.BalancedValidation(2))
+    x, y = batch(16)
+    y[:8] = 0
+    net2, opt2 = copy.deepcopy((net, opt))
+    w = mw.HarmonizedWeighter(net, opt, crit, mw.BalancedValidation(2, ignore_index=0))
+    record = w.meta_step((x, y), (x, y))
+    # the same look-ahead scored on the validation samples without padding
+    alone = mw.HarmonizedWeighter(net2, opt2, crit, mw.BalancedValidation(2, ignore_index=0))
+    expected = alone.meta_step((x, y), (x[8:], y[8:]))["val_exit_losses"]
+    assert record["val_exit_losses"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_logger_that_cannot_write_warns_and_never_raises_after_the_step(tmp_path):
+    import shutil
+
+    torch.manual_seed(0)
+    net = tiny_net(2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    folder = tmp_path / "logs"
+    logger = mw.CSVLogger(folder / "log.csv")
+    w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), callbacks=[logger])
+    b = batch(16)
+    w.step(b, b)
+    shutil.rmtree(folder)
+    with pytest.warns(RuntimeWarning, match="could not write iteration 2.*training step stands"):
+        w.step(b, b)
+    assert w.num_calls == 2
+    logger.close()
