@@ -72,7 +72,10 @@ class AttachedExits(nn.Module):
     followed by the model's own logits when ``include_output`` (a tensor, a Hugging Face
     output's ``.logits``, or the first tensor of a tuple). A model that already returns a list
     of exits (a :class:`MultiExit`, or ``attach_exits`` applied twice) keeps all of them, in its
-    order, after the attached ones; pass ``example_input`` (or give the model a ``num_exits``)
+    order, after the attached ones, which must therefore all run before its first exit (for
+    attached exits, the module the first is attached after; for a :class:`MultiExit`, its first
+    head): a deeper one is refused with a ``ValueError``, as it would be numbered before
+    shallower exits. Pass ``example_input`` (or give the model a ``num_exits``)
     so that :attr:`num_exits` is known before the first forward. The hooks live only during a
     forward of this wrapper, so ``model`` alone still runs as before, and they work under
     ``torch.func.functional_call`` (the look-ahead).
@@ -201,12 +204,28 @@ class AttachedExits(nn.Module):
 
         for index, name in enumerate(self.after):
             handles.append(modules[name].register_forward_hook(hook_for(index, name)))
+        first = _first_exit_module(self.model) if self.include_output else None
+        if first is not None:  # the model has exits of its own: the attached ones must all run before them
+            def own_first(module: nn.Module, args: Any, output: Any) -> None:
+                if "__own_first__" not in captured:
+                    captured["__own_first__"] = len(order)  # attached modules that ran before its first exit
+            handles.append(first.register_forward_hook(own_first))
         try:
             captured["__output__"] = self.model(*call.args, **call.kwargs)
         finally:
             for handle in handles:
                 handle.remove()
         self._check_structure(calls, order)
+        before = captured.pop("__own_first__", None)
+        if before is not None and before < len(self.after):
+            late = self.after[before:]
+            fix = ("attach all the exits in one call to the model they wrap: attach_exits(exits.model, after=[every "
+                   "name, in the order they run], heads=[...])" if isinstance(self.model, AttachedExits) else
+                   "make the new exit one of its stages and heads")
+            raise ValueError(f"The modules {late} run after `{type(self.model).__name__}`'s own first exit, so "
+                             f"their exits would be numbered before exits shallower than they are (exits go "
+                             f"shallow to deep, the attached ones first). Attach only modules that run before its "
+                             f"first exit, or {fix}.")
         return captured
 
     def _check_structure(self, calls: dict[str, int], order: list[str]) -> None:
@@ -302,6 +321,16 @@ class AttachedExits(nn.Module):
             computed.extend(self._own_exits(captured["__output__"]))
         self._check_classes(computed)
         return computed
+
+
+def _first_exit_module(model: nn.Module) -> nn.Module | None:
+    """The module whose output makes a multi-exit model's first exit: for attached exits, the module
+    the first is attached after; for a model with a ``heads`` list (``MultiExit``), its first head;
+    None for other models (their exits' depths are not known)."""
+    if isinstance(model, AttachedExits) and model.after:
+        return model.model.get_submodule(model.after[0])
+    heads = getattr(model, "heads", None)
+    return heads[0] if isinstance(heads, nn.ModuleList) and len(heads) > 0 else None
 
 
 def attach_exits(model: nn.Module, after: Sequence[str], heads: Sequence[nn.Module] | HeadFactory, *,

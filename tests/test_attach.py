@@ -237,3 +237,24 @@ def test_factory_heads_take_the_models_dtype_not_autocasts():
             model = mw.attach_exits(net, ["0"], lambda name, f: nn.Linear(f.shape[-1], 3), example_input=x.to(dtype))
         assert model.heads[0].weight.dtype == dtype
         assert [z.dtype for z in model(x.to(dtype))] == [dtype, dtype]
+
+
+def test_exits_attached_to_a_multi_exit_model_must_run_before_its_own():
+    """Attached exits are numbered before the model's own; one that runs after the model's first exit
+    would break the shallow-to-deep order: refused (attach twice, or to a MultiExit); shallower ones
+    keep the order, as the costs of the exits show (each at least the one before)."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    example = torch.randn(2, 4)
+    once = mw.attach_exits(net, ["1"], [nn.Linear(8, 3)], example_input=example)
+    with pytest.raises(ValueError, match=r"\['model.3'\] run after `AttachedExits`'s own first exit.*in one call"):
+        mw.attach_exits(once, ["model.3"], [nn.Linear(8, 3)], example_input=example)
+    twice = mw.attach_exits(once, ["model.0"], [nn.Linear(8, 3)], example_input=example)
+    macs = mw.exit_costs(twice, example[:1]).macs
+    assert macs == sorted(macs) and len(macs) == 3
+    stages = [nn.Sequential(nn.Linear(4 if k == 0 else 8, 8), nn.ReLU()) for k in range(3)]
+    multi = mw.MultiExit(stages, [nn.Linear(8, 3) for _ in range(3)])
+    with pytest.raises(ValueError, match=r"\['stages.2'\] run after `MultiExit`'s own first exit"):
+        mw.attach_exits(multi, ["stages.2"], [nn.Linear(8, 3)], example_input=example)
+    shallow = mw.attach_exits(multi, ["stages.0.0"], [nn.Linear(8, 3)], example_input=example)
+    macs = mw.exit_costs(shallow, example[:1]).macs
+    assert macs == sorted(macs) and len(macs) == 4

@@ -63,7 +63,10 @@ def test_attaching_to_a_multi_exit_model_keeps_all_its_exits_in_order():
         got = model(x)
         expected = [head(inner.stages[0](x))] + inner(x)  # independent: the modules called by hand
         assert len(got) == 3 and all(torch.equal(g, e) for g, e in zip(got, expected))
-    twice = mw.attach_exits(model, ["model.stages.1"], [nn.Linear(10, 5)], example_input=x)
+    # attached again: only before the first exit (deeper ones would be numbered out of depth order)
+    with pytest.raises(ValueError, match="run after `AttachedExits`'s own first exit"):
+        mw.attach_exits(model, ["model.stages.1"], [nn.Linear(10, 5)], example_input=x)
+    twice = mw.attach_exits(model, ["model.stages.0.0"], [nn.Linear(10, 5)], example_input=x)
     assert twice.num_exits == 4 and len(twice(x)) == 4
     # early exit over them: the same exits and predictions as the first confident exit of a full forward
     thresholds = torch.tensor([0.5, 0.3, 0.4, -1.0])
