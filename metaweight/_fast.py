@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from metaweight._checks import summarize_step_labels, unpack_batch
+from metaweight._checks import check_target, summarize_step_labels, unpack_batch
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
 from metaweight._optimizers import lookahead_update, supports_exact_update
 from metaweight._protocols import call_model
@@ -103,6 +103,8 @@ class FastMode:
                 if start is not None and not same_rng_state(start, rng_state(device, generators)):
                     raise ValueError(COMPILED_RANDOM)
                 terms = w._terms(outputs, y)
+                if run_meta:
+                    _check_val_labels(w, outputs, xv, yv)  # before the model's step, which a refusal then spares
                 loss = w._weighted(terms)
                 w.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -148,9 +150,12 @@ class FastMode:
             record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform,
                                after_step=True)
         except Exception:
-            # an error of the validation pass other than a non-finite value (e.g. labels out of range): the
-            # model's step is taken (a plain step with the gamma it had); the weighter's own state is kept
+            # an error of the validation pass that could not be judged before the step, or a hook that raised:
+            # the model's step is taken (a plain step with the gamma it had) and counted; gamma, its optimizer
+            # and the validation average are as before
+            calls = w.num_calls
             transaction.rollback(w, saved, buffers=False)
+            w.num_calls = calls
             raise
         return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
@@ -217,3 +222,24 @@ def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
 def _batch_size(y: Any) -> int:
     leaves = [t for t in tree_leaves(y) if isinstance(t, Tensor) and t.dim() > 0]
     return int(leaves[0].shape[0]) if leaves else 1
+
+
+def _check_val_labels(w: HarmonizedWeighter, outputs: Any, xv: Any, yv: Any) -> None:
+    """The fast step scores its validation batch after the model's step: refuse before it what can be
+    judged now. For class labels scored by the library's own objective (``BalancedValidation``):
+    integer labels, one per input (when the inputs are one tensor), in the classes the training
+    outputs have (the labels' summary is already read: no host read)."""
+    from metaweight._validation import BalancedValidation
+
+    if not isinstance(w.validation, BalancedValidation) or not isinstance(outputs, (list, tuple)) or not outputs \
+            or not isinstance(outputs[0], Tensor) or outputs[0].dim() not in (2, 3):
+        return
+    if isinstance(xv, Tensor) and isinstance(yv, Tensor) and xv.dim() > 0 and yv.dim() > 0 \
+            and xv.shape[0] != yv.shape[0]:
+        raise ValueError(f"The validation batch has {xv.shape[0]} inputs but {yv.shape[0]} labels. Pass one label "
+                         f"per input. Nothing was changed (mode='fast' checks this before the model's step).")
+    tokens = outputs[0].shape[1] if outputs[0].dim() == 3 else None
+    size = yv.shape[0] if isinstance(yv, Tensor) and yv.dim() > 0 else 0
+    check_target(yv, size, outputs[0].shape[-1], "validation target",
+                 tokens=yv.shape[1] if tokens is not None and isinstance(yv, Tensor) and yv.dim() == 2 else tokens,
+                 ignore_index=w.validation.ignore_index)

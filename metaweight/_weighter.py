@@ -111,9 +111,11 @@ class HarmonizedWeighter(NamedWeights):
             ``"skip"``: the model steps, the meta step is skipped), but a validation objective or
             meta-gradient found non-finite after it is always skipped (a ``RuntimeWarning``,
             :attr:`num_skipped` counts it, gamma unchanged): the model's step, finite and taken
-            with the gamma it had, stands, and a raise must leave everything as it was. An error
-            of that validation pass other than a non-finite value (e.g. labels out of range)
-            propagates with the model's step taken and the weighter's own state unchanged.
+            with the gamma it had, stands, and a raise must leave everything as it was. The
+            validation labels (one per input, integer, in the outputs' classes) are checked before
+            the model's step too (a ``ValueError``, nothing changed); an error found only after it
+            (or a hook that raises) propagates with the model's step taken and counted in
+            :attr:`num_calls`, gamma, its optimizer and the validation average as before.
         generator: the random generator for ``init="random"``.
         backend: how the meta-gradient is computed: ``"jvp"`` (exact: one forward-mode
             pass, the default), ``"finite_difference"`` (two forwards, approximate) or

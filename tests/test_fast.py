@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.func import functional_call
 
 import metaweight as mw
@@ -298,3 +299,34 @@ def test_two_call_fast_form_with_a_closure_captures_after_the_closure():
             assert record.ran
         grads.append((record.gamma_grad, w.gamma.clone()))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_fast_step_refuses_a_bad_validation_batch_before_the_model_steps():
+    """The fast step scores its validation batch after the model's step; what can be judged before
+    (one label per input, integer labels, in the outputs' classes) is refused before, nothing changed;
+    a hook that raises after the step leaves the step counted and gamma as it was."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
+                       [nn.Linear(8, 3), nn.Linear(8, 3)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    seen = []
+
+    def hook(record):
+        seen.append(record)
+        if len(seen) == 2:
+            raise RuntimeError("a user's hook failed")
+
+    w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), mode="fast", callbacks=[hook])
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    w.step((x, y), (x, y))
+    state, momentum, gamma = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()), w.gamma.clone()
+    for bad, match in (((x, y[:7]), "8 inputs but 7 labels"), ((x, y.float()), "integer class indices"),
+                       ((x, y + 3), r"labels in \[3, 5\].*3 classes")):
+        with pytest.raises(ValueError, match=match):
+            w.step((x, y), bad)
+        assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+        assert str(opt.state_dict()) == str(momentum) and torch.equal(w.gamma, gamma) and w.num_calls == 1
+    with pytest.raises(RuntimeError, match="hook failed"):
+        w.step((x, y), (x, y))
+    assert w.num_calls == 2 and w.num_meta_steps == 1 and torch.equal(w.gamma, gamma)
+    assert not all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # the step stands, counted
