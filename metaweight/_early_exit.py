@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -124,6 +125,11 @@ class EarlyExit(nn.Module):
             :func:`thresholds_for_budget` with the same rule.
         rule: the exit rule (:class:`MaxProbability` by default, :class:`Entropy`,
             :class:`Margin`, :class:`Patience`, or a name).
+        temperatures: scores from calibrated logits: a :class:`Calibration` (from
+            :func:`calibrate`) or ``K`` positive temperatures; exit ``k``'s logits are divided by
+            the ``k``-th before the rule scores them (the predictions do not change). Use it when
+            the thresholds were found on calibrated logits
+            (``find_thresholds(calibration.apply(logits), ...)``). ``None``: raw logits.
 
     Example:
         >>> import torch, metaweight as mw
@@ -134,7 +140,7 @@ class EarlyExit(nn.Module):
     """
 
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float], *,
-                 rule: ExitRule | str = "max_probability") -> None:
+                 rule: ExitRule | str = "max_probability", temperatures: Any = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
@@ -161,6 +167,7 @@ class EarlyExit(nn.Module):
         if torch.isnan(thresholds).any():
             raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
         self.register_buffer("thresholds", thresholds)
+        self.temperatures: list[float] | None = _check_temperatures(temperatures, num_exits)
 
     def _inputs_target(self) -> nn.Module:
         """The model this wrapper passes its inputs to (how a dict of inputs is passed is decided on it)."""
@@ -211,6 +218,8 @@ class EarlyExit(nn.Module):
             else:
                 features = stage(features)
             logits = _per_sample(head(features)).float()
+            if self.temperatures is not None:  # calibrated scores (the predictions are the same)
+                logits = logits / self.temperatures[k]
             first_logits = logits if first_logits is None else first_logits
             check_exit_classes([first_logits] * k + [logits], f"`{type(self.model).__name__}`")
             if self.rule.uses_history:
@@ -259,7 +268,7 @@ class EarlyExit(nn.Module):
         history: list[Tensor] = []
 
         def leave(k: int, logits: Tensor) -> bool:
-            history.append(_per_sample(logits).float())
+            history.append(_per_sample(logits).float() / (self.temperatures[k] if self.temperatures else 1.0))
             confidence = self.rule.scores(torch.stack(history))[-1].to(logits.device)
             classes = predict(history[-1])
             if not state:
@@ -289,3 +298,18 @@ class EarlyExit(nn.Module):
             raise RuntimeError(f"EarlyExit assigned no exit to some samples: the model gave {len(computed)} of its "
                                f"{last + 1} exits. Check the model's num_exits against its output.")
         return state["predictions"], state["exits"]
+
+
+def _check_temperatures(temperatures: Any, num_exits: int) -> list[float] | None:
+    """``temperatures`` (a :class:`Calibration`, or ``num_exits`` positive finite numbers) as floats."""
+    if temperatures is None:
+        return None
+    values = getattr(temperatures, "temperatures", temperatures)  # a Calibration holds them
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().reshape(-1).tolist()
+    ok = isinstance(values, (list, tuple)) and all(
+        not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in values)
+    if not ok or len(values) != num_exits:
+        raise ValueError(f"`temperatures` should be a Calibration or {num_exits} positive finite numbers, one per "
+                         f"exit. Found {temperatures!r}.")
+    return [float(t) for t in values]

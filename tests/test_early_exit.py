@@ -144,3 +144,28 @@ def test_meta_tensors_are_refused_up_front_where_values_are_needed():
     for run in runs:
         with pytest.raises(ValueError, match="meta device|device=meta"):
             run()
+
+
+def test_early_exit_scores_calibrated_logits_when_given_the_temperatures():
+    """Thresholds found on calibrated logits deploy with the same temperatures: the exits equal
+    exit_assignment on the calibrated logits of a full forward (raw scores would not)."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Linear(4, 8), nn.Sequential(nn.Tanh(), nn.Linear(8, 8)),
+                        nn.Sequential(nn.Tanh(), nn.Linear(8, 8))], [nn.Linear(8, 3) for _ in range(3)]).eval()
+    with torch.no_grad():
+        for head in net.heads:
+            head.weight.mul_(8)  # over-confident heads: temperatures well above 1
+        x, y = torch.randn(600, 4), torch.randint(0, 3, (600,))
+        z = torch.stack(net(x))
+    calibration = mw.calibrate(z, y)
+    thresholds = mw.find_thresholds(calibration.apply(z), [0.5, 0.3, 0.2])
+    expected_exits, expected_classes = mw.exit_assignment(calibration.apply(z), thresholds)
+    with torch.no_grad():
+        for given in (calibration, calibration.temperatures):
+            predictions, exits = mw.EarlyExit(net, thresholds, temperatures=given)(x)
+            assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected_classes)
+        raw = mw.EarlyExit(net, thresholds)(x)[1]
+    assert not torch.equal(raw, expected_exits)
+    for bad in ([1.0, 2.0], [1.0, 0.0, 1.0], "warm"):
+        with pytest.raises(ValueError, match="temperatures"):
+            mw.EarlyExit(net, thresholds, temperatures=bad)
