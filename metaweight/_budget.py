@@ -83,11 +83,20 @@ def _reals(values: object, name: str, what: str) -> list[float]:
 
 
 def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
-    values = _reals(costs, "costs", f"{num_exits} numbers, one cost per exit")
+    """The cumulative cost of reaching each exit as floats (an :class:`ExitCosts` gives its ``macs``)."""
+    from metaweight._flops import ExitCosts
+
+    if isinstance(costs, ExitCosts):
+        costs = costs.macs
+    values = _reals(costs, "costs", f"{num_exits} numbers, one cost per exit (or an ExitCosts)")
     if len(values) != num_exits:
         raise ValueError(f"Expected one cost per exit ({num_exits}). Found {len(values)}.")
     if not all(math.isfinite(c) and c >= 0 for c in values):
         raise ValueError(f"The costs {values} should be finite and >= 0.")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"The costs {values} decrease, but costs[k] is the cumulative cost of reaching exit k (every "
+                         f"earlier exit is passed on the way), so they never do: pass cumulative costs, e.g. "
+                         f"exit_costs(model, x).macs.")
     return values
 
 

@@ -190,3 +190,15 @@ def test_logits_that_require_grad_give_plain_values_without_warnings(call):
     tensors = [v for v in (got if isinstance(got, tuple) else (got,)) if isinstance(v, torch.Tensor)]
     assert all(t.grad_fn is None and not t.requires_grad for t in tensors)
     assert repr(got) == repr(expected)
+
+
+def test_costs_take_an_exit_costs_and_refuse_decreasing_ones():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 50, 4), torch.randint(0, 4, (50,))
+    net = mw.MultiExit([torch.nn.Linear(3, 8), torch.nn.Linear(8, 8)], [torch.nn.Linear(8, 4)] * 2)
+    costs = mw.exit_costs(net, torch.randn(1, 3))
+    thresholds = torch.tensor([0.5, 0.0])
+    assert mw.evaluate_thresholds(logits, labels, thresholds, costs) == \
+        mw.evaluate_thresholds(logits, labels, thresholds, [float(c) for c in costs.macs])
+    with pytest.raises(ValueError, match=r"decrease.*cumulative"):
+        mw.evaluate_thresholds(logits, labels, thresholds, [3.0, 2.0])
