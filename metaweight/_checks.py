@@ -22,8 +22,10 @@ def check_num_exits(num_exits: int) -> int:
     return num_exits
 
 
-def check_exit_outputs(outputs: object, num_exits: int, where: str = "model output") -> list[Tensor]:
-    """Check that ``outputs`` is a list/tuple of ``num_exits`` logits tensors of one shape ``[B, C]``."""
+def check_exit_outputs(outputs: object, num_exits: int, where: str = "model output",
+                       fix: str = "Build the loss and the validation objective with num_exits={n}") -> list[Tensor]:
+    """Check that ``outputs`` is a list/tuple of ``num_exits`` logits tensors of one shape ``[B, C]``;
+    ``fix`` (with ``{n}``, the exits found) says what to change when their number differs."""
     if isinstance(outputs, Tensor) or not isinstance(outputs, Sequence):
         raise ValueError(
             f"The {where} should be a list or tuple of {num_exits} logits tensors, one per exit "
@@ -38,8 +40,8 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
         )
     if len(outputs) != num_exits:
         raise ValueError(
-            f"The {where} has {len(outputs)} exits, but num_exits={num_exits}. Build the loss and "
-            f"the validation objective with num_exits={len(outputs)}, or check the model's forward."
+            f"The {where} has {len(outputs)} exits, but num_exits={num_exits}. {fix.format(n=len(outputs))}, or "
+            f"check the model's forward."
         )
     shape = None
     for k, logits in enumerate(outputs):

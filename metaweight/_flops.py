@@ -142,7 +142,8 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
     with eval_mode(model), tracer:
         outputs = call_model(model, example_input)
     outputs = check_exit_outputs(outputs, num_exits if num_exits is not None else
-                                 (len(outputs) if isinstance(outputs, (list, tuple)) else 1))
+                                 (len(outputs) if isinstance(outputs, (list, tuple)) else 1),
+                                 fix="Pass exit_costs num_exits={n} (or leave it out to take the model's)")
     batch = outputs[0].shape[0]
     if batch == 0:
         raise ValueError("`example_input` holds no sample (batch size 0); the costs are per sample. Pass a batch "
