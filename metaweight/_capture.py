@@ -67,25 +67,31 @@ class ForwardRecord:
     appeared: list[str] = dataclasses.field(default_factory=list)
 
     def made(self, leaves: list[Tensor]) -> bool:
-        """Whether these tensors are this forward's outputs (or computed from them, a few steps on)."""
-        mine = [t for t in (r() for r in self.outputs) if t is not None]
-        ids = {id(t) for t in mine}
-        if any(id(t) in ids for t in leaves):
-            return True
-        nodes = {id(t.grad_fn) for t in mine if t.grad_fn is not None}
-        if not nodes:
-            return False
-        seen: set[int] = set()
-        todo = [t.grad_fn for t in leaves if t.grad_fn is not None]
-        while todo and len(seen) < 256:  # outputs post-processed (o.float(), a slice): a short walk back
-            node = todo.pop()
-            if id(node) in nodes:
-                return True
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            todo.extend(f for f, _ in node.next_functions if f is not None)
+        """Whether these tensors are this forward's outputs as it returned them: the same tensors (or
+        equal values, e.g. a copy or a cast to float32), in the forward's order (some may be left out).
+        Outputs transformed before the loss (a temperature, a prior added, exits reordered) are not:
+        the look-ahead recomputes the forward's own outputs, so their meta-gradient would be another."""
+        mine = [r() for r in self.outputs]
+        j = 0
+        for leaf in leaves:
+            while j < len(mine) and not _same_output(mine[j], leaf):
+                j += 1
+            if j == len(mine):
+                return False
+            j += 1
+        return bool(leaves)
+
+
+def _same_output(output: Tensor | None, leaf: Tensor) -> bool:
+    if output is None:  # the forward's output is gone: what the loss got was made from it, not it
         return False
+    if output is leaf:
+        return True
+    if output.shape != leaf.shape or output.device != leaf.device:
+        return False
+    with torch.no_grad():  # a copy or a cast: equal values (one read, off the usual path)
+        return bool(torch.equal(output.detach().to(leaf.dtype), leaf.detach())) and bool(
+            torch.equal(leaf.detach().to(output.dtype), output.detach()))
 
 
 def tensor_leaves(tree: Any) -> list[Tensor]:
@@ -171,6 +177,15 @@ class Micro:
     low: bool
     forward: ForwardRecord | None
     factor: Tensor | None = None
+    target_versions: tuple[int, ...] = ()  # the labels' versions at loss(): changed in place since, if they differ
+
+    def __post_init__(self) -> None:
+        if not self.target_versions:
+            self.target_versions = tuple(t._version for t in tensor_leaves(self.target))
+
+    def target_changed(self) -> bool:
+        """Whether the labels were changed in place since :meth:`HarmonizedWeighter.loss` got them."""
+        return tuple(t._version for t in tensor_leaves(self.target)) != self.target_versions
 
 
 @dataclasses.dataclass

@@ -463,9 +463,10 @@ class HarmonizedWeighter(NamedWeights):
             (:math:`L_{val}(\theta')`), ``val_exit_losses``, ``gamma_grad``, ``gamma``, ...
             (``ran`` is ``False`` with ``learn=False`` or on a call that ``meta_every`` skips).
         """
-        if self.mode == "fast" and self.learn:
-            return self._fast_meta_step(train_batch, val_batch)
-        return self._exact.meta_step(self, train_batch, val_batch)
+        with torch.enable_grad():  # (called under torch.no_grad(), the meta-gradient still needs autograd)
+            if self.mode == "fast" and self.learn:
+                return self._fast_meta_step(train_batch, val_batch)
+            return self._exact.meta_step(self, train_batch, val_batch)
 
     def _check_loop(self) -> None:
         """Before every meta step (and at construction), what may have changed since the weighter was built
@@ -604,9 +605,10 @@ class HarmonizedWeighter(NamedWeights):
         loss, ``terms`` and ``model_step_skipped`` filled in.
         """
         try:
-            if self.mode == "fast" and self.learn:
-                return self._fast.step(self, train_batch, val_batch)
-            return self._exact.step(self, train_batch, val_batch)
+            with torch.enable_grad():  # (called under torch.no_grad(), the step still needs its gradients)
+                if self.mode == "fast" and self.learn:
+                    return self._fast.step(self, train_batch, val_batch)
+                return self._exact.step(self, train_batch, val_batch)
         finally:
             forget_labels()  # labels are remembered for one step only
 
@@ -673,7 +675,7 @@ class HarmonizedWeighter(NamedWeights):
         stepped = pending.stepped()
         if pending.theta is None:
             last = stepped[-1] if stepped else pending.micro[-1]
-            if len(stepped) <= 1 and not _same_target(last.target, y):
+            if len(stepped) <= 1 and (last.target_changed() or not _same_target(last.target, y)):
                 raise ValueError(_OTHER_BATCH)
             return None
         if not stepped:
@@ -979,13 +981,19 @@ def _count_exits(names: Iterable[str] | None) -> int:
 
 _OTHER_BATCH = ("meta_step got another training batch than the weighter.loss call before it: pass the batch (x, y) "
                 "whose loss the optimizer just stepped on.")
+_CHANGED_LABELS = ("The labels given to weighter.loss were changed in place since (e.g. y.copy_(...)): the step was "
+                   "taken on the labels they held then, which are gone. Change labels before weighter.loss, or on a "
+                   "copy. gamma is unchanged.")
 _OTHER_INPUTS = ("meta_step got other training inputs than the model's training forward ({why}), e.g. a batch "
                  "augmented before model(x): pass meta_step the inputs the model was called with, "
                  "meta_step((x_augmented, y), val_batch). gamma is unchanged.")
 _UNSEEN_FORWARD = ("The outputs given to weighter.loss came from no forward of the model the weighter watched (with "
                    "gradients enabled): mode='fast' reads the training forward's random numbers, modes and inputs "
-                   "through the model's forward hooks. Call model(x), not model.forward(x), and pass weighter.loss "
-                   "its outputs. gamma is unchanged.")
+                   "through the model's forward hooks, and recomputes that forward's outputs. Call model(x), not "
+                   "model.forward(x), and pass weighter.loss its outputs as they are, in the model's order: outputs "
+                   "transformed first (a temperature, a prior added, exits reordered or repeated) have another "
+                   "meta-gradient; put such a change in the model's forward (or use mode='exact'). gamma is "
+                   "unchanged.")
 
 
 @dataclasses.dataclass
@@ -1006,6 +1014,8 @@ class _Piece:
 def _micro_inputs(stepped: list[Micro], x: Any, y: Any) -> list[tuple[Any, Any]]:
     """The inputs and labels of each loss the step used: the batch itself for one loss; for several
     (gradient accumulation) the batch must be the micro-batches concatenated in order."""
+    if any(m.target_changed() for m in stepped):
+        raise ValueError(_CHANGED_LABELS)
     if len(stepped) == 1:
         if not _same_target(stepped[0].target, y):
             raise ValueError(_OTHER_BATCH)

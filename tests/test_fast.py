@@ -330,3 +330,39 @@ def test_fast_step_refuses_a_bad_validation_batch_before_the_model_steps():
         w.step((x, y), (x, y))
     assert w.num_calls == 2 and w.num_meta_steps == 1 and torch.equal(w.gamma, gamma)
     assert not all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # the step stands, counted
+
+
+def test_fast_two_calls_refuse_transformed_outputs_and_relabelled_batches():
+    """The look-ahead recomputes the forward's own outputs on the labels loss() got: outputs changed
+    before the loss (a temperature, exits reordered) and labels changed in place after it are
+    refused, nothing changed; a copy of the outputs is accepted; both calls run under no_grad."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
+                       [nn.Linear(8, 3), nn.Linear(8, 3)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), mode="fast")
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for change in (lambda outs: [z / 2 for z in outs], lambda outs: outs[::-1]):
+        outs = net(x)
+        with pytest.raises(ValueError, match="outputs as they are, in the model's order"):
+            w.loss(change(outs), y).backward()
+            opt.step()
+            w.meta_step((x, y), (x, y))
+        assert w.num_meta_steps == 0 and torch.equal(w.gamma, torch.ones_like(w.gamma))
+        opt.zero_grad()
+    labels = y.clone()
+    w.loss(net(x), labels).backward()
+    opt.step()
+    labels.copy_((labels + 1) % 3)
+    with pytest.raises(ValueError, match="changed in place"):
+        w.meta_step((x, labels), (x, y))
+    assert w.num_meta_steps == 0
+    opt.zero_grad()
+    outs = net(x)
+    w.loss([z.clone() for z in outs], y).backward()  # a copy of the outputs (kept): the same values
+    opt.step()
+    with torch.no_grad():
+        record = w.meta_step((x, y), (x, y))
+        assert not record["skipped"] and w.num_meta_steps == 1
+        w.step((x, y), (x, y))
+    assert w.num_meta_steps == 2
