@@ -21,7 +21,11 @@ cannot replay:
   ``functional_call``, which runs them; ``higher`` runs a patched copy of each module's
   ``forward`` without them: refused there.
 
-The weighter's own hooks (the fast mode's forward hooks on the model) are passed over.
+Optimizer step hooks (per optimizer or global, pre or post: :func:`check_optimizer_hooks`) can
+change the gradients a step uses or the parameters it leaves: refused in every mode and backend.
+
+The weighter's own hooks (the fast mode's forward hooks on the model and step hook on the
+optimizer) are passed over.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from collections.abc import Collection
 
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.optim import Optimizer
+from torch.optim import optimizer as _optim
 
 _REMOVE = ("Remove the hooks (hook.remove() on the handle register_* returned) for the weighter's meta steps: scale "
            "the loss or the learning rate instead of the gradients, clip with torch.nn.utils.clip_grad_norm_ "
@@ -74,6 +80,23 @@ def check_hooks(module: nn.Module, mode: str, backend: str | None, own: Collecti
                 f"hooks, which backend='higher' does not run (it runs a patched copy of each module's forward). Use "
                 f"backend='jvp' or 'finite_difference', which run the model as it is. gamma and everything else "
                 f"are unchanged.")
+
+
+def check_optimizer_hooks(optimizer: Optimizer, own: Collection[int] = ()) -> None:
+    """Raise a ``ValueError`` if ``optimizer`` (or every optimizer: the global hooks of
+    ``torch.optim.optimizer``) has step pre- or post-hooks other than the weighter's own (``own``,
+    handle ids): a pre-hook can change the gradients the step uses, a post-hook the parameters it
+    leaves (e.g. a value clip, a clamp), and no look-ahead replays either."""
+    mine = [k for k in getattr(optimizer, "_optimizer_step_pre_hooks", {}) if k not in own] + \
+        [k for k in getattr(optimizer, "_optimizer_step_post_hooks", {}) if k not in own]
+    shared = bool(_optim._global_optimizer_pre_hooks) or bool(_optim._global_optimizer_post_hooks)
+    if mine or shared:
+        where = ("the optimizer has step hooks (register_step_pre_hook / register_step_post_hook)" if mine else
+                 "every optimizer has step hooks (torch.optim.optimizer.register_optimizer_step_pre_hook / "
+                 "register_optimizer_step_post_hook)")
+        raise ValueError(f"{where[0].upper()}{where[1:]}: they can change the gradients a step uses or the parameters "
+                         f"it leaves, which the look-ahead does not replay, so its meta-gradient would be that of "
+                         f"another step. {_REMOVE}")
 
 
 def _foreign(hooks: dict[int, object] | None, own: Collection[int]) -> bool:

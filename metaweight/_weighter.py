@@ -41,7 +41,7 @@ from metaweight._record import MetaStepRecord
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read
 from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
-from metaweight._hooks import check_hooks
+from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._optimizers import (check_optimizer_covers_model, check_optimizer_holds_trainable,
                                     check_optimizer_options, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
@@ -475,6 +475,7 @@ class HarmonizedWeighter(NamedWeights):
         read); raises a ``ValueError`` naming what it found, before anything changes."""
         check_optimizer_options(self._inner_optimizer)
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
+        check_optimizer_hooks(self._inner_optimizer, {self._step_hook.id} if self._step_hook is not None else ())
         if self.mode == "fast":
             check_optimizer_holds_trainable(self._inner_optimizer, self.module)
 

@@ -366,3 +366,35 @@ def test_fast_two_calls_refuse_transformed_outputs_and_relabelled_batches():
         assert not record["skipped"] and w.num_meta_steps == 1
         w.step((x, y), (x, y))
     assert w.num_meta_steps == 2
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_optimizer_step_hooks_are_refused_in_every_mode(mode):
+    """A step hook (per optimizer or global, pre or post) can change the gradients a step uses or the
+    parameters it leaves; no look-ahead replays it: refused at the meta step, nothing changed."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
+                       [nn.Linear(8, 3), nn.Linear(8, 3)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), mode=mode)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    w.step((x, y), (x, y))  # the weighter's own step hook (fast mode) is passed over
+    state = copy.deepcopy(net.state_dict())
+
+    def halve(optimizer, args, kwargs):
+        for p in net.parameters():
+            if p.grad is not None:
+                p.grad.mul_(0.5)
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    for register in (opt.register_step_pre_hook, register_optimizer_step_post_hook):
+        handle = register(halve if register is opt.register_step_pre_hook else lambda *a: None)
+        try:
+            with pytest.raises(ValueError, match="step hooks"):
+                w.step((x, y), (x, y))
+        finally:
+            handle.remove()
+        assert all(torch.equal(state[k], v) for k, v in net.state_dict().items()) and w.num_calls == 1
+    w.step((x, y), (x, y))
+    assert w.num_calls == 2
