@@ -319,6 +319,8 @@ class StepCapture(_Inert):
     weighter weakly; copies of the optimizer get an inert hook. Never raises into the user's step:
     what it cannot read is reported by ``meta_step``."""
 
+    metaweight_own = True  # (a weighter's own step hook: the hook checks pass over it, another weighter's too)
+
     def __init__(self, weighter: Any, before_step: Callable[..., tuple[dict[str, Tensor], list[Tensor | float]]]
                  ) -> None:
         self._ref = weakref.ref(weighter)

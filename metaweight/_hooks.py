@@ -87,8 +87,9 @@ def check_optimizer_hooks(optimizer: Optimizer, own: Collection[int] = ()) -> No
     ``torch.optim.optimizer``) has step pre- or post-hooks other than the weighter's own (``own``,
     handle ids): a pre-hook can change the gradients the step uses, a post-hook the parameters it
     leaves (e.g. a value clip, a clamp), and no look-ahead replays either."""
-    mine = [k for k in getattr(optimizer, "_optimizer_step_pre_hooks", {}) if k not in own] + \
-        [k for k in getattr(optimizer, "_optimizer_step_post_hooks", {}) if k not in own]
+    hooks = {**getattr(optimizer, "_optimizer_step_pre_hooks", {}),
+             **getattr(optimizer, "_optimizer_step_post_hooks", {})}
+    mine = [k for k, hook in hooks.items() if k not in own and not getattr(hook, "metaweight_own", False)]
     shared = bool(_optim._global_optimizer_pre_hooks) or bool(_optim._global_optimizer_post_hooks)
     if mine or shared:
         where = ("the optimizer has step hooks (register_step_pre_hook / register_step_post_hook)" if mine else
