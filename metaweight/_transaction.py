@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._capture import sparse_message
-from metaweight._warn import warn_user
+from metaweight._warn import raise_or_skip_step
 
 if TYPE_CHECKING:  # (it imports this module's snapshots)
     from metaweight._hypergradient import Reducer
@@ -324,10 +324,7 @@ class StepTransaction:
                    f"(non-finite terms: {[n for n, t in step.terms.items() if not math.isfinite(t)] or 'none'}"
                    f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
                    f"average are as before this call. Check the batch and the learning rate.")
-        if owner.nonfinite == "raise":
-            raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
-        owner.num_skipped += 1
-        warn_user(f"Skipped a model step ({owner.num_skipped} skipped so far): {message}")
+        raise_or_skip_step(owner, message)
         return message
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Any
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -22,3 +23,12 @@ def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def raise_or_skip_step(owner: Any, message: str) -> None:
+    """A refused model step, by ``owner.nonfinite``: ``"raise"`` raises a ``ValueError`` with
+    ``message``; ``"skip"`` counts it in ``owner.num_skipped`` and warns."""
+    if owner.nonfinite == "raise":
+        raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
+    owner.num_skipped += 1
+    warn_user(f"Skipped a model step ({owner.num_skipped} skipped so far): {message}")

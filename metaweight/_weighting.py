@@ -43,7 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
-from metaweight._warn import warn_user
+from metaweight._warn import raise_or_skip_step, warn_user
 
 Batch = Sequence[Any]
 NONFINITE = ("raise", "skip")
@@ -395,10 +395,7 @@ class Weighting(NamedWeights):
             message = (f"The weighted training loss ({float(loss.detach())}) or its gradient is not finite "
                        f"(terms {self.terms_dict()}). The step was not taken: parameters, buffers, optimizer "
                        f"state and weights are as before this call. Check the batch and the learning rate.")
-            if self.nonfinite == "raise":
-                raise ValueError(message + " (Pass nonfinite='skip' to skip such steps.)")
-            self.num_skipped += 1
-            warn_user(f"Skipped a model step ({self.num_skipped} skipped so far): {message}")
+            raise_or_skip_step(self, message)
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=True,
                                   message=message)
