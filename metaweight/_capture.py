@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 from torch.utils._pytree import tree_leaves
 
+from metaweight._moves import fingerprint, moved
 from metaweight._randomness import RngState, model_generators, new_generators, rng_state, same_rng_state
 
 TOLERANCE = 1e-6  # relative: a rescale that far from 1 is a rescale; a residual that large is no rescale
@@ -65,6 +66,18 @@ class ForwardRecord:
     inputs: list[tuple[Tensor, int]] = dataclasses.field(default_factory=list)
     outputs: list[weakref.ref] = dataclasses.field(default_factory=list)
     appeared: list[str] = dataclasses.field(default_factory=list)
+    # an output that died before loss() (the loop kept only a copy of it, [o.clone() for o in model(x)]):
+    # its shape and value fingerprint, taken as it died
+    gone: dict[int, tuple[torch.Size, torch.device, Tensor]] = dataclasses.field(default_factory=dict)
+    taken: bool = False
+
+    def watch_outputs(self, leaves: list[Tensor]) -> None:
+        """Hold the outputs weakly; an output that dies while this record waits for ``loss()`` leaves its
+        fingerprint (two reductions, only then)."""
+        self.outputs = [weakref.ref(t) for t in leaves]
+        me = weakref.ref(self)
+        for i, t in enumerate(leaves):
+            weakref.finalize(t, _output_died, me, i, t.detach())
 
     def made(self, leaves: list[Tensor]) -> bool:
         """Whether these tensors are this forward's outputs as it returned them: the same tensors (or
@@ -74,7 +87,7 @@ class ForwardRecord:
         mine = [r() for r in self.outputs]
         j = 0
         for leaf in leaves:
-            while j < len(mine) and not _same_output(mine[j], leaf):
+            while j < len(mine) and not _same_output(mine[j], leaf, self.gone.get(j)):
                 j += 1
             if j == len(mine):
                 return False
@@ -82,9 +95,24 @@ class ForwardRecord:
         return bool(leaves)
 
 
-def _same_output(output: Tensor | None, leaf: Tensor) -> bool:
-    if output is None:  # the forward's output is gone: what the loss got was made from it, not it
-        return False
+def _value_print(t: Tensor) -> Tensor:
+    with torch.no_grad():
+        return torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)])
+
+
+def _output_died(record: weakref.ref, i: int, alias: Tensor) -> None:
+    r = record()
+    if r is not None and not r.taken and alias.is_floating_point():
+        r.gone[i] = (alias.shape, alias.device, _value_print(alias))
+
+
+def _same_output(output: Tensor | None, leaf: Tensor,
+                 gone: tuple[torch.Size, torch.device, Tensor] | None = None) -> bool:
+    if output is None:  # the forward's output is gone: a copy of it (equal values), or something made from it
+        if gone is None or gone[0] != leaf.shape or gone[1] != leaf.device or not leaf.is_floating_point():
+            return False
+        a, b = gone[2], _value_print(leaf.detach())
+        return bool(torch.allclose(a, b, rtol=1e-12, atol=0.0, equal_nan=True))  # (off the usual path)
     if output is leaf:
         return True
     if output.shape != leaf.shape or output.device != leaf.device:
@@ -150,9 +178,9 @@ class ForwardWatch(_Inert):
             return
         start, generators, inputs = opened
         drew = not same_rng_state(start, rng_state(self.device, generators))
-        record = ForwardRecord(start, drew, module_modes(weighter.module), inputs,
-                               [weakref.ref(t) for t in tensor_leaves(output)],
+        record = ForwardRecord(start, drew, module_modes(weighter.module), inputs, [],
                                new_generators(weighter.module, generators))
+        record.watch_outputs(tensor_leaves(output))
         self.records = [*self.records[-(self.KEEP - 1):], record]
 
     def take(self, outputs: Any) -> ForwardRecord | None:
@@ -161,6 +189,8 @@ class ForwardWatch(_Inert):
         for k in range(len(self.records) - 1, -1, -1):
             if self.records[k].made(leaves):
                 record = self.records[k]
+                for r in self.records[:k + 1]:
+                    r.taken = True  # (no fingerprint for outputs dying from now on)
                 self.records = self.records[k + 1:]
                 return record
         return None
@@ -226,6 +256,9 @@ class Pending:
     error: str | None = None
     names: list[str] | None = None  # the parameters that required gradients at the step
     presence: list[str] | None = None  # those with a gradient at the step but none after backward, or the reverse
+    start_print: Tensor | None = None  # the parameters' fingerprint at the first loss() (metaweight._moves)
+    moved_before: Tensor | None = None  # on the device: whether they moved between loss() and the step
+    end_print: Tensor | None = None  # their fingerprint as the step left them
 
     def stepped(self) -> list[Micro]:
         """The losses whose backward the step used, in order."""
@@ -374,7 +407,31 @@ class StepCapture(_Inert):
                 pending.rescale = rescale_between(snapshot.values, grads_of(named))
                 pending.seen = snapshot.values  # a common rescale keeps the direction
             pending.theta, pending.jac = self._before_step(optimizer, named, grads)
+            pending.moved_before = moved(pending.start_print, fingerprint([p for _, p in named]))
             weighter._stepped = None  # an earlier step, superseded
         except Exception as exc:  # noqa: BLE001 - the user's step must go on; meta_step reports it
             pending.theta = None
             pending.error = f"The weighter could not read the optimizer's step ({type(exc).__name__}: {exc})."
+
+
+class StepEnd(_Inert):
+    """The optimizer step post-hook of ``mode="fast"``: the parameters' fingerprint as the step the
+    pre-hook captured left them, for ``meta_step`` to see whether anything moved them since
+    (:mod:`metaweight._moves`)."""
+
+    metaweight_own = True
+
+    def __init__(self, weighter: Any) -> None:
+        self._ref = weakref.ref(weighter)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        weighter = self._ref()
+        if weighter is None or optimizer is not weighter._inner_optimizer:
+            return
+        pending: Pending | None = weighter._pending
+        if pending is None or pending.theta is None or pending.end_print is not None:
+            return
+        try:
+            pending.end_print = fingerprint([p for _, p in weighter._trainable()])
+        except Exception as exc:  # noqa: BLE001 - the user's step must go on; meta_step reports it
+            pending.error = f"The weighter could not read the parameters after the step ({type(exc).__name__}: {exc})."

@@ -19,6 +19,7 @@ from torch import Tensor
 from metaweight._backends import Backend
 from metaweight._checks import summarize_step_labels, unpack_batch
 from metaweight._protocols import call_model
+from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import PendingMeta, explained, host_read
 
@@ -65,6 +66,11 @@ class ExactMode:
         train = unpack_batch(train_batch, "train_batch")
         val = unpack_batch(val_batch, "val_batch")
         assert self.backend is not None
+        device = w.gamma.device
+        # the look-ahead's training forward draws the random numbers (dropout masks) the model's own forward
+        # of this iteration then draws again: the generators are put back where they were, so that the step
+        # taken is the step looked ahead with (unless the model's step reuses the look-ahead's forward)
+        start = None if keep_graph else rng_state(device, model_generators(w.module))
         try:
             result = self.backend.meta_gradient(
                 w.module, w._inner_optimizer, w._terms, w._objective, w.gamma.detach(), train, val,
@@ -73,6 +79,9 @@ class ExactMode:
         except Exception:
             w.num_calls -= 1  # a meta step that raised did not happen
             raise
+        finally:
+            if start is not None:
+                set_rng_state(start, device)
         gamma_grad = result.gamma_grad * w._active
         pending = w._step_gamma(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
         return pending, (result.terms if keep_graph else None)

@@ -97,20 +97,6 @@ def check_optimizer_options(optimizer: torch.optim.Optimizer) -> None:
             raise ValueError("Nesterov momentum requires dampening=0, as in torch.optim.SGD.")
 
 
-def check_optimizer_holds_trainable(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
-    """``mode="fast"``: every trainable parameter of the model must be in the optimizer whose step is the
-    look-ahead (a parameter another optimizer moves would move where the meta-gradient does not look)."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    outside = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in held]
-    if outside:
-        raise ValueError(
-            f"mode='fast' scores the step of the optimizer given to the weighter, but the trainable parameters "
-            f"{outside[:8]}{' ...' if len(outside) > 8 else ''} are not in it: if another optimizer steps them, the "
-            f"meta-gradient would miss their move. Give the weighter one optimizer holding every trainable "
-            f"parameter (parameter groups for different settings), set requires_grad=False on the parameters that "
-            f"do not train, or use mode='exact'. gamma and everything else are unchanged.")
-
-
 def check_optimizer_covers_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     """Every parameter the optimizer updates must be a parameter of the model."""
     model_params = {id(p) for p in model.parameters()}

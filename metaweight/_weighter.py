@@ -25,8 +25,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, module_modes, tensor_leaves,
-                                requires_grad_message, watch_backward)
+from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, StepEnd, module_modes,
+                                requires_grad_message, tensor_leaves, watch_backward)
 from metaweight._checks import IGNORE_INDEX, forget_labels
 from metaweight._checks import unpack_batch as _unpack  # (the names the two-call form's capture uses)
 from metaweight._clipping import EPSILON, ClipGradNorm, clip_transpose, total_norm
@@ -42,7 +42,8 @@ from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction,
 from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
-from metaweight._optimizers import (check_optimizer_covers_model, check_optimizer_holds_trainable,
+from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, OUTSIDE_MOVED, fingerprint, moved, outside_optimizer
+from metaweight._optimizers import (check_optimizer_covers_model,
                                     check_optimizer_options, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
 
@@ -264,8 +265,6 @@ class HarmonizedWeighter(NamedWeights):
             backend = chosen.name
             _check_sparse(module, mode, backend)
             check_hooks(module, mode, backend)
-            if mode == "fast":
-                check_optimizer_holds_trainable(inner, module)
 
         self.model = model
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
@@ -326,11 +325,14 @@ class HarmonizedWeighter(NamedWeights):
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
         self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
-        self._step_hook: RemovableHandle | None = None
+        self._step_hooks: tuple[RemovableHandle, ...] = ()
+        self._outside_print: tuple[list[str], Tensor] | None = None  # see _check_outside
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn:
-            self._step_hook = inner.register_step_pre_hook(StepCapture(self, before_step))
+            capture = StepCapture(self, before_step)
+            self._step_hooks = (inner.register_step_pre_hook(capture),
+                                inner.register_step_post_hook(StepEnd(self)))
             # the training forward's random numbers and modes, for the two-call form's difference
             self._watch = ForwardWatch(self, device)
             self._forward_hooks = (model.register_forward_pre_hook(self._watch.before, with_kwargs=True),
@@ -407,7 +409,8 @@ class HarmonizedWeighter(NamedWeights):
         if self._pending is None or self._pending.theta is not None:
             if self._pending is not None:  # a loss after the step (logging it): meta_step still scores the step
                 self._stepped = self._pending
-            self._pending = Pending([micro])
+            # the parameters the gradients are taken at: the step must start from them (see _moves)
+            self._pending = Pending([micro], start_print=fingerprint([p for _, p in self._trainable()]))
         else:
             self._pending.micro.append(micro)
         watch_backward(self, self._pending, micro, weighted)
@@ -469,15 +472,29 @@ class HarmonizedWeighter(NamedWeights):
             return self._exact.meta_step(self, train_batch, val_batch)
 
     def _check_loop(self) -> None:
-        """Before every meta step (and at construction), what may have changed since the weighter was built
-        and the look-ahead cannot replay: the optimizer's options, the model's hooks, and in ``mode="fast"``
-        trainable parameters the optimizer does not hold. Reads Python objects only (no tensor op, no host
-        read); raises a ``ValueError`` naming what it found, before anything changes."""
+        """Before every meta step, what may have changed since the weighter was built and the look-ahead
+        cannot replay: the optimizer's options, the model's hooks (Python objects only), and trainable
+        parameters the optimizer does not hold that moved (:meth:`_check_outside`); raises a
+        ``ValueError`` naming what it found, before anything changes."""
         check_optimizer_options(self._inner_optimizer)
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
-        check_optimizer_hooks(self._inner_optimizer, {self._step_hook.id} if self._step_hook is not None else ())
-        if self.mode == "fast":
-            check_optimizer_holds_trainable(self._inner_optimizer, self.module)
+        check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})
+        self._check_outside()
+
+    def _check_outside(self) -> None:
+        """Trainable parameters the optimizer does not hold may stay fixed (frozen by leaving them out), never
+        move between two meta steps (:mod:`metaweight._moves`): one host read, only where there are such
+        parameters; a ``ValueError`` before anything changes."""
+        outside = outside_optimizer(self._inner_optimizer, self._trainable())
+        if not outside:
+            self._outside_print = None
+            return
+        names = [n for n, _ in outside]
+        now = fingerprint([p for _, p in outside])
+        before = self._outside_print
+        if before is not None and before[0] == names and host_read([moved(before[1], now)])[0]:
+            raise ValueError(OUTSIDE_MOVED.format(names=f"{names[:8]}{' ...' if len(names) > 8 else ''}"))
+        self._outside_print = (names, now)
 
     # ------------------------------------------------------------- gamma's step, for both modes
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor, *,
@@ -701,7 +718,11 @@ class HarmonizedWeighter(NamedWeights):
                              "(e.g. before model.eval()). gamma is unchanged.")
         if self._compiled and any(m.forward is not None and m.forward.drew for m in stepped):
             raise ValueError(_COMPILED_RANDOM)
-        return stepped, inputs, self._gradient_transform(pending, stepped)
+        now = fingerprint([p for _, p in self._trainable()])
+        before = pending.moved_before if pending.moved_before is not None else torch.zeros((), dtype=torch.bool)
+        moves = torch.stack([before.to(now.device), moved(pending.end_print, now).to(now.device)]) \
+            if now is not None else None
+        return stepped, inputs, self._gradient_transform(pending, stepped, moves)
 
     def _check_inputs(self, stepped: list[Micro], inputs: list[tuple[Any, Any]]) -> None:
         """Refuses inputs other than those the training forward got: the same tensors (free), or equal
@@ -730,15 +751,19 @@ class HarmonizedWeighter(NamedWeights):
             if not host_read([equal])[0]:
                 raise ValueError(_OTHER_INPUTS.format(why="inputs whose values differ from those the model got"))
 
-    def _gradient_transform(self, pending: Pending, stepped: list[Micro]
+    def _gradient_transform(self, pending: Pending, stepped: list[Micro], moves: Tensor | None = None
                             ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
         """How the gradients the optimizer stepped on came from those backward left (see
-        :mod:`metaweight._capture`), as the map applied to the direction; one host read. A declared
-        clipping is checked against what the optimizer got (:mod:`metaweight._clipping`)."""
+        :mod:`metaweight._capture`), as the map applied to the direction; one host read, which also
+        decides whether anything but the step moved the parameters (``moves``: [before the step, after
+        it], :mod:`metaweight._moves`). A declared clipping is checked against what the optimizer got
+        (:mod:`metaweight._clipping`)."""
         clip = self.clip_grad_norm
-        if pending.rescale is None and pending.inv_scale is None and pending.cleared is None:
-            return None
         device = self.gamma.device
+        moves = moves.to(device).double() if moves is not None else torch.zeros(2, dtype=torch.float64, device=device)
+        if pending.rescale is None and pending.inv_scale is None and pending.cleared is None:
+            _check_moves(host_read([moves]))
+            return None
         rescale = pending.rescale if pending.rescale is not None else torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
         inv = pending.inv_scale if pending.inv_scale is not None else torch.ones((), dtype=torch.float64)
         total = sum((m.factor.double().to(device) for m in stepped if m.factor is not None),
@@ -750,10 +775,11 @@ class HarmonizedWeighter(NamedWeights):
             if clip is not None and seen is not None else torch.zeros((), dtype=torch.float64, device=device)
         # and the norm clip_grad_norm_ saw: the losses' own gradient, before any clipping
         unclipped = seen_norm / torch.where(total > 0, total, torch.ones_like(total))
-        common, s_t, s, r, ok, clipped_norm, unclipped = torch.stack([
+        common, s_t, s, r, ok, clipped_norm, unclipped, *moved_flags = host_read([torch.stack([
             rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
             rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(),
-            seen_norm * rescale[1].to(device), unclipped]).tolist()
+            seen_norm * rescale[1].to(device), unclipped]), moves])
+        _check_moves(moved_flags)
         if not ok:
             raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
                              "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
@@ -767,11 +793,12 @@ class HarmonizedWeighter(NamedWeights):
                              f"mode='exact'. gamma is unchanged.")
         if not common:
             raise ValueError("Between loss.backward() and optimizer.step() the gradients changed by something other "
-                             "than one common rescale of all of them (e.g. clip_grad_value_, clip_grad_norm_ over "
-                             "only some parameters, or gradients assigned to p.grad that are not what backward "
-                             "left): mode='fast' cannot differentiate through that step. Use "
-                             "clip_grad_norm_ over all parameters (declared with clip_grad_norm=), or mode='exact'. "
-                             "gamma is unchanged.")
+                             "than one common rescale of all of them: a backward of another loss after the one "
+                             "weighter.loss returned (backpropagate their sum, (loss + other).backward(), or the "
+                             "other loss first), clip_grad_value_, clip_grad_norm_ over only some parameters, or "
+                             "gradients assigned to p.grad that are not what backward left. mode='fast' cannot "
+                             "differentiate through that step; for clipping, use clip_grad_norm_ over all parameters "
+                             "(declared with clip_grad_norm=), or mode='exact'. gamma is unchanged.")
         plain = abs(s - 1) <= TOLERANCE or abs(r - 1) <= 10 * TOLERANCE  # unchanged, or unscaled (a GradScaler)
         if clip is not None:
             dtype = next((g.dtype for g in seen or [] if g is not None), torch.float32)
@@ -956,6 +983,14 @@ def _is_compiled(model: nn.Module) -> bool:
         else:
             break
     return False
+
+
+def _check_moves(flags: list[float]) -> None:
+    """Refuse a step whose parameters moved by something other than the optimizer's step."""
+    if flags[0]:
+        raise ValueError(MOVED_BEFORE_STEP)
+    if flags[1]:
+        raise ValueError(MOVED_AFTER_STEP)
 
 
 def _sparse_modules(module: nn.Module) -> list[str]:

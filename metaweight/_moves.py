@@ -1,0 +1,76 @@
+"""Parameters that move outside the step the weighter scores, seen from fingerprints taken on the device.
+
+The meta-gradient is that of one optimizer's step: :math:`\\theta' = \\theta - U(g)` over the
+parameters that optimizer holds, the others fixed. Anything else that moves the parameters makes
+that step another one, which no look-ahead replays: a second optimizer over some of the model's
+parameters (an optimizer over the heads, another over the trunk), weight decay written by hand
+between ``backward()`` and ``optimizer.step()``, a ``p.clamp_()`` or a projection after the step and
+before ``meta_step``. Such moves are seen by comparing a fingerprint of the parameters, the
+float64 norm of each (``torch._foreach_norm``: a few kernels on a GPU, no host read), at the points
+of the loop between which nothing may move them:
+
+* the trainable parameters the optimizer does not hold, at each meta step: between two meta steps
+  nothing may move them (every mode and form; frozen by leaving them out of the optimizer is fine);
+* in ``mode="fast"``'s two-call form, every trainable parameter between ``loss()`` and the optimizer's
+  step (the gradients were taken at the parameters the step starts from) and between the end of the
+  step and ``meta_step`` (the validation gradient is taken at the parameters the step left).
+
+What a norm cannot see: a move that keeps every parameter's norm to the last bit of float64 (a
+permutation of a tensor's entries, a sign flip of a whole tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def fingerprint(params: Sequence[Tensor]) -> Tensor | None:
+    """The float64 norm of each of ``params``, stacked on the first one's device (``None`` for none)."""
+    if not params:
+        return None
+    device = params[0].device
+    norms = torch._foreach_norm([p.detach() for p in params], 2, dtype=torch.float64)
+    return torch.stack([n.to(device) for n in norms])
+
+
+def moved(before: Tensor | None, after: Tensor | None) -> Tensor:
+    """On the device: whether any parameter's fingerprint differs (NaN equal to NaN: a parameter that
+    was already NaN did not move by being NaN)."""
+    if before is None or after is None:
+        return torch.zeros((), dtype=torch.bool)
+    if before.shape != after.shape:
+        return torch.ones((), dtype=torch.bool, device=after.device)
+    after = after.to(before.device)
+    return ((before != after) & ~(before.isnan() & after.isnan())).any()
+
+
+def outside_optimizer(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, Tensor]]
+                      ) -> list[tuple[str, Tensor]]:
+    """The parameters of ``named`` that ``optimizer`` does not hold."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [(n, p) for n, p in named if id(p) not in held]
+
+
+OUTSIDE_MOVED = (
+    "The trainable parameters {names} are not in the weighter's optimizer, and they moved since the last meta step "
+    "(e.g. another optimizer steps them): the meta-gradient is that of the weighter's optimizer's step, which keeps "
+    "them fixed, so it would miss their move. Give the weighter one optimizer holding every parameter that trains "
+    "(parameter groups for different settings), or set requires_grad=False on the parameters that do not train. "
+    "gamma and everything else are unchanged.")
+
+MOVED_BEFORE_STEP = (
+    "The parameters changed between weighter.loss() and optimizer.step() by something other than the optimizer (e.g. "
+    "weight decay written by hand, p.mul_(1 - lr * wd), or another optimizer's step): the gradients were taken at "
+    "other parameters than those the step started from, and mode='fast' cannot score that step. Let the optimizer do "
+    "it (weight_decay=, or AdamW for decoupled decay), do it after meta_step, or use mode='exact'. gamma is "
+    "unchanged.")
+
+MOVED_AFTER_STEP = (
+    "The parameters changed between optimizer.step() and meta_step by something other than the step (e.g. "
+    "p.clamp_(), a projection or renormalisation, another optimizer's step): mode='fast' scores the parameters the "
+    "step left, and the change is not part of it. Call meta_step right after optimizer.step() and change the "
+    "parameters after it. gamma is unchanged.")
