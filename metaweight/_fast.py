@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
 from metaweight._checks import check_target, summarize_step_labels, unpack_batch
+from metaweight._clipping import EPSILON, clip_transpose
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
 from metaweight._optimizers import lookahead_update, supports_exact_update
 from metaweight._protocols import call_model
@@ -51,14 +52,10 @@ def _float_leaves(x: Any) -> list[Tensor]:
 class FastMode:
     """The model's step as the look-ahead: the one-call step and the meta-gradient of a step taken.
 
-    Args:
-        piece: the record of one loss of the step (``x``, ``y``, ``terms``, ``outputs``, ``replay``,
-            ``recompute``, ``factor``) that :meth:`meta` reads; the two-call form's capture, in
-            :mod:`metaweight._weighter`, defines it.
+    :meth:`meta` reads each loss of the step as a :class:`Piece`.
     """
 
-    def __init__(self, piece: Callable[..., Any]) -> None:
-        self._piece = piece
+    def __init__(self) -> None:
         self._fresh_buffers = Scratch()  # forwards at theta start from copies of the saved buffers
 
     @staticmethod
@@ -118,7 +115,7 @@ class FastMode:
                     raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
                                      "optimizer state and counters are as before this call.")
                 if step.finite and w.clip_grad_norm is not None:
-                    transform = w._clip_in_step(named) if run_meta else None
+                    transform = clip_in_step(w, named) if run_meta else None
                     if not run_meta:
                         w.clip_grad_norm(p for _, p in named)
                 if step.finite and run_meta:
@@ -145,7 +142,7 @@ class FastMode:
         if bad_val:  # nonfinite="skip": the model's step stands, the meta step is skipped
             record = w._refuse(_NONFINITE_VAL, math.nan, [], list(step.terms.values()), after_step=True)
             return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
-        piece = self._piece(x, y, terms.detach(), outputs, replay, low)
+        piece = Piece(x, y, terms.detach(), outputs, replay, low)
         try:
             record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform,
                                after_step=True)
@@ -210,6 +207,39 @@ class FastMode:
             derivative = w._reducer.mean([derivative])[0]
         gamma_grad = (-derivative).to(w.gamma) * w._active
         return w._apply(gamma_grad, objective, exit_losses, reported.detach(), after_step=after_step)
+
+
+@dataclasses.dataclass
+class Piece:
+    """One loss of the model's step, for fast mode's one-sided difference: its inputs and labels, its
+    terms and outputs, how to replay its forward's random numbers, whether to recompute its base
+    point, and the factor its backward used."""
+
+    x: Any
+    y: Any
+    terms: Tensor
+    outputs: Any
+    replay: Callable[[], Any]
+    recompute: bool
+    factor: Tensor | None = None  # None: 1
+
+
+
+def clip_in_step(w: HarmonizedWeighter, named: list[tuple[str, Tensor]]) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    r""":meth:`step`'s own clipping (``clip_grad_norm``): clip the gradients in place, and return the map
+    :math:`w \mapsto J_T^\top w` of that clipping, all on the device."""
+    clip = w.clip_grad_norm
+    assert clip is not None
+    grads = [p.grad for _, p in named]
+    norm = clip(p for _, p in named)
+    coef = torch.clamp(clip.max_norm / (norm + EPSILON), max=1.0).double()  # as clip_grad_norm_ computes it
+    norm = norm.double()
+    rho = torch.where(coef < 1, norm / (norm + EPSILON), torch.zeros_like(norm))
+    present = [g for g in grads if g is not None]
+    copies = iter(torch._foreach_mul(present, 1.0) if present else [])
+    seen = [next(copies) if g is not None else None for g in grads]  # clipped: a positive multiple of u
+    names = [n for n, _ in named]
+    return lambda direction: clip_transpose(direction, names, seen, coef, rho, clip.norm_type)
 
 
 @torch.no_grad()

@@ -5,15 +5,13 @@ weighter's own state, weights the loss, steps gamma from a meta-gradient and dec
 hands each call to its mode: :mod:`metaweight._exact` (the paper's order, a meta step by a
 backend of :mod:`metaweight._backends`) or :mod:`metaweight._fast` (the model's step as the
 look-ahead); ``step()`` runs inside the transaction of :mod:`metaweight._transaction`. The fast
-mode's two-call form (``loss``, the user's own step, ``meta_step``) is still read here, with
-:mod:`metaweight._capture`.
+mode's two-call form (``loss``, the user's own step, ``meta_step``) is read by
+:mod:`metaweight._capture` and scored by :mod:`metaweight._twocall`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,24 +23,21 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
-from metaweight._capture import (TOLERANCE, ForwardWatch, Micro, Pending, StepCapture, StepEnd, module_modes,
-                                requires_grad_message, tensor_leaves, watch_backward)
+from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
 from metaweight._checks import IGNORE_INDEX, forget_labels
-from metaweight._checks import unpack_batch as _unpack  # (the names the two-call form's capture uses)
-from metaweight._clipping import EPSILON, ClipGradNorm, clip_transpose, total_norm
+from metaweight._clipping import ClipGradNorm
 from metaweight._exact import ExactMode
-from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
 from metaweight._fast import FastMode, before_step
 from metaweight._hypergradient import Reducer
-from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._losses import DenseDistillLoss
-from metaweight._protocols import Objective, Terms, model_arguments
+from metaweight._protocols import Objective, Terms
 from metaweight._record import MetaStepRecord
+from metaweight._twocall import TwoCall
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read
 from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
-from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, OUTSIDE_MOVED, fingerprint, moved, outside_optimizer
+from metaweight._moves import OUTSIDE_MOVED, fingerprint, moved, outside_optimizer
 from metaweight._optimizers import (check_optimizer_covers_model,
                                     check_optimizer_options, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
@@ -290,7 +285,8 @@ class HarmonizedWeighter(NamedWeights):
         self.num_calls = 0
         self._transaction = StepTransaction(module, self._reducer)  # step()'s snapshot, decision and rollback
         self._exact = ExactMode(chosen, lookahead_names)  # what meta_step and step do with mode="exact"
-        self._fast = FastMode(_Piece)  # ... with mode="fast"
+        self._fast = FastMode()  # ... with mode="fast"
+        self._two_call = TwoCall()  # ... and its two-call form
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         for callback in callbacks:
             self.register_meta_step_hook(callback)
@@ -468,7 +464,7 @@ class HarmonizedWeighter(NamedWeights):
         """
         with torch.enable_grad():  # (called under torch.no_grad(), the meta-gradient still needs autograd)
             if self.mode == "fast" and self.learn:
-                return self._fast_meta_step(train_batch, val_batch)
+                return self._two_call.meta_step(self, train_batch, val_batch)
             return self._exact.meta_step(self, train_batch, val_batch)
 
     def _check_loop(self) -> None:
@@ -630,239 +626,6 @@ class HarmonizedWeighter(NamedWeights):
         finally:
             forget_labels()  # labels are remembered for one step only
 
-    # ------------------------------------------------------------ mode="fast", the two-call form
-    def _fast_meta_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
-        """``mode="fast"``, two-call form: the meta step after the user's own step (see :meth:`meta_step`).
-        Everything it can refuse is checked before anything changes."""
-        x, y = _unpack(train_batch, "train_batch")
-        xv, yv = _unpack(val_batch, "val_batch")
-        run_meta = self.num_calls % self.meta_every == 0
-        pending, stepped_before = self._pending, self._stepped
-        if self._stepped is not None and (pending is None or pending.theta is None):
-            pending = self._stepped  # what came after the step (a loss() to log) was not stepped on
-        if run_meta and pending is None:
-            raise ValueError("mode='fast': meta_step comes after the model's step, and needs the training loss from "
-                             "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "
-                             "loss.backward(); optimizer.step(); weighter.meta_step((x, y), val_batch). "
-                             "(Or call weighter.step(train_batch, val_batch), which does all of it.)")
-        plan = self._fast_plan(pending, x, y) if run_meta else None
-        pending_now, self._pending, self._stepped = self._pending, None, None
-        self.num_calls += 1
-        if not run_meta:
-            return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict())
-        if plan is None:
-            message = ("The optimizer did not step since weighter.loss (e.g. a GradScaler found inf/NaN gradients "
-                       "and skipped it): there is no look-ahead to score, gamma is unchanged.")
-            return MetaStepRecord(self.num_calls, skipped=True, meta_step=self.num_meta_steps,
-                                  gamma=self.gamma_dict(), message=message)
-        assert pending is not None and pending.theta is not None and pending.jac is not None
-        stepped, inputs, transform = plan
-        named = self._trainable()
-        device = next(p.device for _, p in named)
-        if self._watch is not None:
-            self._watch.paused = True  # the look-ahead's forwards are not the user's
-        try:
-            with replay_randomness(device, model_generators(self.module)) as replay:
-                pieces = []
-                for micro, (xi, yi) in zip(stepped, inputs):
-                    record = micro.forward
-                    if record is not None:  # replay the training forward's own random numbers
-                        again = functools.partial(rewound_to, record.start, device)
-                        pieces.append(_Piece(xi, yi, micro.terms, micro.outputs, again, micro.low or record.drew,
-                                             micro.factor))
-                    else:  # a forward the hooks did not see: a consistent difference from our own numbers
-                        pieces.append(_Piece(xi, yi, micro.terms, micro.outputs, replay, True, micro.factor))
-                return self._fast_meta(named, pending.theta, pending.jac, pieces, xv, yv,
-                                       dict(self.module.named_buffers()), transform)  # (copied per forward)
-        except Exception:
-            self._pending, self._stepped, self.num_calls = pending_now, stepped_before, self.num_calls - 1
-            raise
-        finally:
-            if self._watch is not None:
-                self._watch.paused = False
-
-    def _fast_plan(self, pending: Pending, x: Any, y: Any
-                   ) -> tuple[list[Micro], list[tuple[Any, Any]], Callable[[dict[str, Tensor]], dict[str, Tensor]] | None
-                              ] | None:
-        """Check what the two-call form's loop did and say how to score its step: the losses the step
-        used, their inputs, and the map :math:`w \\mapsto J_T^\\top w` of what happened to the gradients
-        between backward and step (``None`` for none). ``None`` when the optimizer did not step.
-        Raises a ``ValueError`` for what cannot be scored, before anything changes."""
-        if pending.error is not None:
-            raise ValueError(pending.error + " gamma is unchanged.")
-        stepped = pending.stepped()
-        if pending.theta is None:
-            last = stepped[-1] if stepped else pending.micro[-1]
-            if len(stepped) <= 1 and (last.target_changed() or not _same_target(last.target, y)):
-                raise ValueError(_OTHER_BATCH)
-            return None
-        if not stepped:
-            raise ValueError("The optimizer stepped, but no backward went through the loss weighter.loss returned "
-                             "(backpropagate that loss, or a multiple of it, before optimizer.step()). gamma is "
-                             "unchanged.")
-        names = [n for n, _ in self._trainable()]
-        if pending.names is not None and names != pending.names:
-            raise ValueError(requires_grad_message(pending.names, names, "optimizer.step() and meta_step") +
-                             " gamma is unchanged.")
-        inputs = _micro_inputs(stepped, x, y)
-        if any(m.forward is None for m in stepped):
-            raise ValueError(_UNSEEN_FORWARD)
-        appeared = [name for m in stepped for name in m.forward.appeared]
-        if appeared:
-            raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared)))
-        self._check_inputs(stepped, inputs)
-        modes = module_modes(self.module)
-        if any(m.forward is not None and m.forward.modes != modes for m in stepped):
-            raise ValueError("Some modules changed between train and eval mode since the training forward: the "
-                             "look-ahead must run them as the step did. Call meta_step before switching modes "
-                             "(e.g. before model.eval()). gamma is unchanged.")
-        if self._compiled and any(m.forward is not None and m.forward.drew for m in stepped):
-            raise ValueError(_COMPILED_RANDOM)
-        now = fingerprint([p for _, p in self._trainable()])
-        before = pending.moved_before if pending.moved_before is not None else torch.zeros((), dtype=torch.bool)
-        moves = torch.stack([before.to(now.device), moved(pending.end_print, now).to(now.device)]) \
-            if now is not None else None
-        return stepped, inputs, self._gradient_transform(pending, stepped, moves)
-
-    def _check_inputs(self, stepped: list[Micro], inputs: list[tuple[Any, Any]]) -> None:
-        """Refuses inputs other than those the training forward got: the same tensors (free), or equal
-        ones (one host read for all of them)."""
-        pairs = []
-        for micro, (xi, _) in zip(stepped, inputs):
-            assert micro.forward is not None
-            args, kwargs = model_arguments(self.model, xi)
-            now, then = tensor_leaves((args, kwargs)), micro.forward.inputs
-            if len(now) != len(then):
-                raise ValueError(_OTHER_INPUTS.format(why=f"{len(now)} input tensors, where the model got {len(then)}"))
-            for t, (seen, version) in zip(now, then):
-                if t is seen:
-                    if t._version != version:
-                        raise ValueError(_OTHER_INPUTS.format(why="inputs changed in place since the forward"))
-                elif t.shape != seen.shape or t.dtype != seen.dtype:
-                    raise ValueError(_OTHER_INPUTS.format(
-                        why=f"inputs of shape {tuple(t.shape)} ({t.dtype}) where the model got {tuple(seen.shape)} "
-                            f"({seen.dtype})"))
-                else:
-                    pairs.append((seen, t))
-        if pairs:
-            device = pairs[0][0].device
-            equal = torch.stack([((a == b.to(a.device)) | ((a != a) & (b.to(a.device) != b.to(a.device)))).all().to(
-                device) for a, b in pairs]).all()
-            if not host_read([equal])[0]:
-                raise ValueError(_OTHER_INPUTS.format(why="inputs whose values differ from those the model got"))
-
-    def _gradient_transform(self, pending: Pending, stepped: list[Micro], moves: Tensor | None = None
-                            ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
-        """How the gradients the optimizer stepped on came from those backward left (see
-        :mod:`metaweight._capture`), as the map applied to the direction; one host read, which also
-        decides whether anything but the step moved the parameters (``moves``: [before the step, after
-        it], :mod:`metaweight._moves`). A declared clipping is checked against what the optimizer got
-        (:mod:`metaweight._clipping`)."""
-        clip = self.clip_grad_norm
-        device = self.gamma.device
-        moves = moves.to(device).double() if moves is not None else torch.zeros(2, dtype=torch.float64, device=device)
-        if pending.rescale is None and pending.inv_scale is None and pending.cleared is None:
-            _check_moves(host_read([moves]))
-            return None
-        rescale = pending.rescale if pending.rescale is not None else torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
-        inv = pending.inv_scale if pending.inv_scale is not None else torch.ones((), dtype=torch.float64)
-        total = sum((m.factor.double().to(device) for m in stepped if m.factor is not None),
-                    torch.zeros((), dtype=torch.float64, device=device))
-        cleared = pending.cleared if pending.cleared is not None else torch.tensor(True)
-        seen = pending.seen
-        # the norm of what the optimizer got (what clip_grad_norm_ returned), in the declared norm
-        seen_norm = total_norm(seen, clip.norm_type).to(device) \
-            if clip is not None and seen is not None else torch.zeros((), dtype=torch.float64, device=device)
-        # and the norm clip_grad_norm_ saw: the losses' own gradient, before any clipping
-        unclipped = seen_norm / torch.where(total > 0, total, torch.ones_like(total))
-        common, s_t, s, r, ok, clipped_norm, unclipped, *moved_flags = host_read([torch.stack([
-            rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
-            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(),
-            seen_norm * rescale[1].to(device), unclipped]), moves])
-        _check_moves(moved_flags)
-        if not ok:
-            raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
-                             "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
-                             "Transform the gradients once, after the last backward. gamma is unchanged.")
-        if pending.presence:
-            raise ValueError(f"The gradients the optimizer stepped on are not what backward left: the parameters "
-                             f"{pending.presence[:8]}{' ...' if len(pending.presence) > 8 else ''} had no gradient "
-                             f"when the backward through weighter.loss ended and one at optimizer.step(), or the "
-                             f"reverse (e.g. gradients from torch.autograd.grad assigned to p.grad). mode='fast' "
-                             f"scores the gradients loss.backward() accumulates: call loss.backward(), or use "
-                             f"mode='exact'. gamma is unchanged.")
-        if not common:
-            raise ValueError("Between loss.backward() and optimizer.step() the gradients changed by something other "
-                             "than one common rescale of all of them: a backward of another loss after the one "
-                             "weighter.loss returned (backpropagate their sum, (loss + other).backward(), or the "
-                             "other loss first), clip_grad_value_, clip_grad_norm_ over only some parameters, or "
-                             "gradients assigned to p.grad that are not what backward left. mode='fast' cannot "
-                             "differentiate through that step; for clipping, use clip_grad_norm_ over all parameters "
-                             "(declared with clip_grad_norm=), or mode='exact'. gamma is unchanged.")
-        plain = abs(s - 1) <= TOLERANCE or abs(r - 1) <= 10 * TOLERANCE  # unchanged, or unscaled (a GradScaler)
-        if clip is not None:
-            dtype = next((g.dtype for g in seen or [] if g is not None), torch.float32)
-            slack = clip.max_norm * max(10 * TOLERANCE, 16 * torch.finfo(dtype).eps)  # the norms' rounding
-            # whether clip_grad_norm_ clipped is decided by the norm it saw, as torch decides it: a factor
-            # within rounding of 1 may still be a clipping (a norm just above max_norm), with its Jacobian
-            coef = min(1.0, clip.max_norm / (unclipped + EPSILON))
-            clipped = coef < 1 and abs(r - coef) <= abs(r - 1)
-            if coef < 1 and not clipped and unclipped > clip.max_norm + slack:
-                raise ValueError(f"The weighter was told the loop clips by {clip.describe()}, but the gradients the "
-                                 f"optimizer got were not clipped (their norm: {clipped_norm:.6g}). Clip them so "
-                                 f"after backward, or build the weighter with the clipping your loop does. gamma is "
-                                 f"unchanged.")
-            if clipped or not plain:  # a clipped step: its norm is max_norm * rho, within 1e-6 of max_norm
-                if not clipped or abs(clipped_norm - clip.max_norm) > EPSILON + slack:
-                    raise ValueError(
-                        f"The gradients the optimizer got were rescaled by {r:.6g} (relative to the losses' own "
-                        f"scale) to a norm of {clipped_norm:.6g} (norm_type={clip.norm_type:g}), which "
-                        f"{clip.describe()}, as the weighter was told, does not give (its clipped gradients have "
-                        f"norm max_norm). Build the weighter with the max_norm and norm_type your loop clips by, "
-                        f"and clip nothing else. gamma is unchanged.")
-                assert seen is not None
-                names = [n for n, _ in self._trainable()]
-                rho = unclipped / (unclipped + EPSILON)
-                return lambda direction: clip_transpose(direction, names, seen, s, rho, clip.norm_type)
-        if abs(s - 1) <= TOLERANCE:
-            return None
-        if abs(r - 1) <= 10 * TOLERANCE:  # unscaling (a GradScaler): the step used the losses' own gradient
-            return lambda direction: {n: w * s for n, w in direction.items()}
-        if r > 1:
-            raise ValueError(f"The optimizer got gradients {r:.4g} times those of the losses weighter.loss returned "
-                             f"(with the factors their backwards used): a rescale that is neither unscaling nor "
-                             f"declared clipping (e.g. several undivided micro-batch losses under a GradScaler). "
-                             f"Divide each accumulated loss by their number. gamma is unchanged.")
-        raise ValueError(f"Between loss.backward() and optimizer.step() every gradient was multiplied by {r:.6g} "
-                         f"(relative to the losses' own scale), and the weighter was told of no clipping: from one "
-                         f"step that factor fits clip_grad_norm_ of any norm_type and a plain p.grad.mul_ alike, each "
-                         f"with another meta-gradient. If it is torch.nn.utils.clip_grad_norm_, declare it: build "
-                         f"the weighter with clip_grad_norm=mw.ClipGradNorm(max_norm, norm_type); for a rescale of "
-                         f"your own, scale the loss before backward (or the learning rate) instead. gamma is "
-                         f"unchanged.")
-
-    def _clip_in_step(self, named: list[tuple[str, Tensor]]) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-        r""":meth:`step`'s own clipping (``clip_grad_norm``): clip the gradients in place, and return the map
-        :math:`w \mapsto J_T^\top w` of that clipping, all on the device."""
-        clip = self.clip_grad_norm
-        assert clip is not None
-        grads = [p.grad for _, p in named]
-        norm = clip(p for _, p in named)
-        coef = torch.clamp(clip.max_norm / (norm + EPSILON), max=1.0).double()  # as clip_grad_norm_ computes it
-        norm = norm.double()
-        rho = torch.where(coef < 1, norm / (norm + EPSILON), torch.zeros_like(norm))
-        present = [g for g in grads if g is not None]
-        copies = iter(torch._foreach_mul(present, 1.0) if present else [])
-        seen = [next(copies) if g is not None else None for g in grads]  # clipped: a positive multiple of u
-        names = [n for n, _ in named]
-        return lambda direction: clip_transpose(direction, names, seen, coef, rho, clip.norm_type)
-
-    def _fast_meta(self, named: list[tuple[str, Tensor]], theta: dict[str, Tensor], jac: list[Tensor | float],
-                   pieces: list[_Piece], xv: Any, yv: Any, buffers: dict[str, Tensor],
-                   transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> MetaStepRecord:
-        """The two-call form's way into the fast mode's meta-gradient, :meth:`FastMode.meta`."""
-        return self._fast.meta(self, named, theta, jac, pieces, xv, yv, buffers, transform)
-
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The weighter's own state: gamma, its optimizer and the validation average."""
@@ -985,14 +748,6 @@ def _is_compiled(model: nn.Module) -> bool:
     return False
 
 
-def _check_moves(flags: list[float]) -> None:
-    """Refuse a step whose parameters moved by something other than the optimizer's step."""
-    if flags[0]:
-        raise ValueError(MOVED_BEFORE_STEP)
-    if flags[1]:
-        raise ValueError(MOVED_AFTER_STEP)
-
-
 def _sparse_modules(module: nn.Module) -> list[str]:
     """The embeddings that give their weight a sparse gradient."""
     return [name or type(m).__name__ for name, m in module.named_modules()
@@ -1013,79 +768,3 @@ def _check_sparse(module: nn.Module, mode: str, backend: str) -> None:
 
 def _count_exits(names: Iterable[str] | None) -> int:
     return sum(1 for n in names or [] if n.startswith("ce["))
-
-
-_OTHER_BATCH = ("meta_step got another training batch than the weighter.loss call before it: pass the batch (x, y) "
-                "whose loss the optimizer just stepped on.")
-_CHANGED_LABELS = ("The labels given to weighter.loss were changed in place since (e.g. y.copy_(...)): the step was "
-                   "taken on the labels they held then, which are gone. Change labels before weighter.loss, or on a "
-                   "copy. gamma is unchanged.")
-_OTHER_INPUTS = ("meta_step got other training inputs than the model's training forward ({why}), e.g. a batch "
-                 "augmented before model(x): pass meta_step the inputs the model was called with, "
-                 "meta_step((x_augmented, y), val_batch). gamma is unchanged.")
-_UNSEEN_FORWARD = ("The outputs given to weighter.loss came from no forward of the model the weighter watched (with "
-                   "gradients enabled): mode='fast' reads the training forward's random numbers, modes and inputs "
-                   "through the model's forward hooks, and recomputes that forward's outputs. Call model(x), not "
-                   "model.forward(x), and pass weighter.loss its outputs as they are, in the model's order: outputs "
-                   "transformed first (a temperature, a prior added, exits reordered or repeated) have another "
-                   "meta-gradient; put such a change in the model's forward (or use mode='exact'). gamma is "
-                   "unchanged.")
-
-
-@dataclasses.dataclass
-class _Piece:
-    """One loss of the model's step, for fast mode's one-sided difference: its inputs and labels, its
-    terms and outputs, how to replay its forward's random numbers, whether to recompute its base
-    point, and the factor its backward used."""
-
-    x: Any
-    y: Any
-    terms: Tensor
-    outputs: Any
-    replay: Callable[[], Any]
-    recompute: bool
-    factor: Tensor | None = None  # None: 1
-
-
-def _micro_inputs(stepped: list[Micro], x: Any, y: Any) -> list[tuple[Any, Any]]:
-    """The inputs and labels of each loss the step used: the batch itself for one loss; for several
-    (gradient accumulation) the batch must be the micro-batches concatenated in order."""
-    if any(m.target_changed() for m in stepped):
-        raise ValueError(_CHANGED_LABELS)
-    if len(stepped) == 1:
-        if not _same_target(stepped[0].target, y):
-            raise ValueError(_OTHER_BATCH)
-        return [(x, y)]
-    targets = [m.target for m in stepped]
-    sizes = [int(t.shape[0]) if isinstance(t, Tensor) and t.dim() > 0 else -1 for t in targets]
-    total = sum(sizes)
-    whole = (isinstance(y, Tensor) and min(sizes) > 0 and y.dim() > 0 and y.shape[0] == total
-             and _same_target(torch.cat([t.to(y.device) for t in targets]), y))
-    if not whole:
-        raise ValueError(
-            f"This optimizer step accumulated the gradients of {len(stepped)} weighter.loss calls (micro-batches of "
-            f"{sizes} samples): pass meta_step the whole batch, the micro-batches' inputs and labels concatenated in "
-            f"order (e.g. (torch.cat(xs), torch.cat(ys))). It got labels of shape "
-            f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}. gamma is unchanged.")
-    out, start = [], 0
-    for n in sizes:
-        cut = functools.partial(_narrow, start=start, length=n, total=total)
-        out.append((tree_map(cut, x), tree_map(cut, y)))
-        start += n
-    return out
-
-
-def _narrow(t: Any, *, start: int, length: int, total: int) -> Any:
-    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == total:
-        return t.narrow(0, start, length)
-    return t
-
-
-def _same_target(a: Any, b: Any) -> bool:
-    """Whether two label batches (tensors, or nestings of them) are the same, cheaply."""
-    if a is b:
-        return True
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or bool(torch.equal(a, b.to(a.device))))
-    la, lb = tree_leaves(a), tree_leaves(b)
-    return len(la) == len(lb) and all(_same_target(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(la, lb))

@@ -1,0 +1,317 @@
+"""``mode="fast"``, two-call form: the meta step after the user's own step, from what the capture read.
+
+The loop is ``loss = w.loss(model(x), y)``, its own backward, clipping, accumulation and
+``optimizer.step()``, then ``w.meta_step((x, y), val_batch)``. :mod:`metaweight._capture` reads the
+loop as it runs (the losses' factors, the gradients, the step, the training forwards),
+:mod:`metaweight._moves` whether anything but the step moved the parameters; :class:`TwoCall`
+checks that record against the batch ``meta_step`` gets, refuses what cannot be scored before
+anything changes, and hands the step to :meth:`metaweight._fast.FastMode.meta`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_leaves, tree_map
+
+from metaweight._capture import TOLERANCE, Micro, Pending, module_modes, requires_grad_message, tensor_leaves
+from metaweight._checks import unpack_batch as _unpack
+from metaweight._clipping import EPSILON, clip_transpose, total_norm
+from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
+from metaweight._fast import Piece
+from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, moved
+from metaweight._protocols import model_arguments
+from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
+from metaweight._record import MetaStepRecord
+from metaweight._transaction import host_read
+
+if TYPE_CHECKING:  # (the weighter imports this module)
+    from metaweight._weighter import Batch, HarmonizedWeighter
+
+
+class TwoCall:
+    """:meth:`HarmonizedWeighter.meta_step` with ``mode="fast"``: the meta-gradient of the step the
+    loop took since :meth:`HarmonizedWeighter.loss`, or a ``ValueError`` before anything changes."""
+
+    def meta_step(self, w: HarmonizedWeighter, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
+        """``mode="fast"``, two-call form: the meta step after the user's own step (see :meth:`meta_step`).
+        Everything it can refuse is checked before anything changes."""
+        x, y = _unpack(train_batch, "train_batch")
+        xv, yv = _unpack(val_batch, "val_batch")
+        run_meta = w.num_calls % w.meta_every == 0
+        pending, stepped_before = w._pending, w._stepped
+        if w._stepped is not None and (pending is None or pending.theta is None):
+            pending = w._stepped  # what came after the step (a loss() to log) was not stepped on
+        if run_meta and pending is None:
+            raise ValueError("mode='fast': meta_step comes after the model's step, and needs the training loss from "
+                             "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "
+                             "loss.backward(); optimizer.step(); weighter.meta_step((x, y), val_batch). "
+                             "(Or call weighter.step(train_batch, val_batch), which does all of it.)")
+        plan = self._plan(w, pending, x, y) if run_meta else None
+        pending_now, w._pending, w._stepped = w._pending, None, None
+        w.num_calls += 1
+        if not run_meta:
+            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=w.gamma_dict())
+        if plan is None:
+            message = ("The optimizer did not step since weighter.loss (e.g. a GradScaler found inf/NaN gradients "
+                       "and skipped it): there is no look-ahead to score, gamma is unchanged.")
+            return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps,
+                                  gamma=w.gamma_dict(), message=message)
+        assert pending is not None and pending.theta is not None and pending.jac is not None
+        stepped, inputs, transform = plan
+        named = w._trainable()
+        device = next(p.device for _, p in named)
+        if w._watch is not None:
+            w._watch.paused = True  # the look-ahead's forwards are not the user's
+        try:
+            with replay_randomness(device, model_generators(w.module)) as replay:
+                pieces = []
+                for micro, (xi, yi) in zip(stepped, inputs):
+                    record = micro.forward
+                    if record is not None:  # replay the training forward's own random numbers
+                        again = functools.partial(rewound_to, record.start, device)
+                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, again, micro.low or record.drew,
+                                             micro.factor))
+                    else:  # a forward the hooks did not see: a consistent difference from our own numbers
+                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, replay, True, micro.factor))
+                return w._fast.meta(w, named, pending.theta, pending.jac, pieces, xv, yv,
+                                       dict(w.module.named_buffers()), transform)  # (copied per forward)
+        except Exception:
+            w._pending, w._stepped, w.num_calls = pending_now, stepped_before, w.num_calls - 1
+            raise
+        finally:
+            if w._watch is not None:
+                w._watch.paused = False
+
+    def _plan(self, w: HarmonizedWeighter, pending: Pending, x: Any, y: Any
+                   ) -> tuple[list[Micro], list[tuple[Any, Any]], Callable[[dict[str, Tensor]], dict[str, Tensor]] | None
+                              ] | None:
+        """Check what the two-call form's loop did and say how to score its step: the losses the step
+        used, their inputs, and the map :math:`w \\mapsto J_T^\\top w` of what happened to the gradients
+        between backward and step (``None`` for none). ``None`` when the optimizer did not step.
+        Raises a ``ValueError`` for what cannot be scored, before anything changes."""
+        if pending.error is not None:
+            raise ValueError(pending.error + " gamma is unchanged.")
+        stepped = pending.stepped()
+        if pending.theta is None:
+            last = stepped[-1] if stepped else pending.micro[-1]
+            if len(stepped) <= 1 and (last.target_changed() or not _same_target(last.target, y)):
+                raise ValueError(_OTHER_BATCH)
+            return None
+        if not stepped:
+            raise ValueError("The optimizer stepped, but no backward went through the loss weighter.loss returned "
+                             "(backpropagate that loss, or a multiple of it, before optimizer.step()). gamma is "
+                             "unchanged.")
+        names = [n for n, _ in w._trainable()]
+        if pending.names is not None and names != pending.names:
+            raise ValueError(requires_grad_message(pending.names, names, "optimizer.step() and meta_step") +
+                             " gamma is unchanged.")
+        inputs = _micro_inputs(stepped, x, y)
+        if any(m.forward is None for m in stepped):
+            raise ValueError(_UNSEEN_FORWARD)
+        appeared = [name for m in stepped for name in m.forward.appeared]
+        if appeared:
+            raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared)))
+        self._check_inputs(w, stepped, inputs)
+        modes = module_modes(w.module)
+        if any(m.forward is not None and m.forward.modes != modes for m in stepped):
+            raise ValueError("Some modules changed between train and eval mode since the training forward: the "
+                             "look-ahead must run them as the step did. Call meta_step before switching modes "
+                             "(e.g. before model.eval()). gamma is unchanged.")
+        if w._compiled and any(m.forward is not None and m.forward.drew for m in stepped):
+            raise ValueError(_COMPILED_RANDOM)
+        now = fingerprint([p for _, p in w._trainable()])
+        before = pending.moved_before if pending.moved_before is not None else torch.zeros((), dtype=torch.bool)
+        moves = torch.stack([before.to(now.device), moved(pending.end_print, now).to(now.device)]) \
+            if now is not None else None
+        return stepped, inputs, self._gradient_transform(w, pending, stepped, moves)
+
+    def _check_inputs(self, w: HarmonizedWeighter, stepped: list[Micro], inputs: list[tuple[Any, Any]]) -> None:
+        """Refuses inputs other than those the training forward got: the same tensors (free), or equal
+        ones (one host read for all of them)."""
+        pairs = []
+        for micro, (xi, _) in zip(stepped, inputs):
+            assert micro.forward is not None
+            args, kwargs = model_arguments(w.model, xi)
+            now, then = tensor_leaves((args, kwargs)), micro.forward.inputs
+            if len(now) != len(then):
+                raise ValueError(_OTHER_INPUTS.format(why=f"{len(now)} input tensors, where the model got {len(then)}"))
+            for t, (seen, version) in zip(now, then):
+                if t is seen:
+                    if t._version != version:
+                        raise ValueError(_OTHER_INPUTS.format(why="inputs changed in place since the forward"))
+                elif t.shape != seen.shape or t.dtype != seen.dtype:
+                    raise ValueError(_OTHER_INPUTS.format(
+                        why=f"inputs of shape {tuple(t.shape)} ({t.dtype}) where the model got {tuple(seen.shape)} "
+                            f"({seen.dtype})"))
+                else:
+                    pairs.append((seen, t))
+        if pairs:
+            device = pairs[0][0].device
+            equal = torch.stack([((a == b.to(a.device)) | ((a != a) & (b.to(a.device) != b.to(a.device)))).all().to(
+                device) for a, b in pairs]).all()
+            if not host_read([equal])[0]:
+                raise ValueError(_OTHER_INPUTS.format(why="inputs whose values differ from those the model got"))
+
+    def _gradient_transform(self, w: HarmonizedWeighter, pending: Pending, stepped: list[Micro], moves: Tensor | None = None
+                            ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
+        """How the gradients the optimizer stepped on came from those backward left (see
+        :mod:`metaweight._capture`), as the map applied to the direction; one host read, which also
+        decides whether anything but the step moved the parameters (``moves``: [before the step, after
+        it], :mod:`metaweight._moves`). A declared clipping is checked against what the optimizer got
+        (:mod:`metaweight._clipping`)."""
+        clip = w.clip_grad_norm
+        device = w.gamma.device
+        moves = moves.to(device).double() if moves is not None else torch.zeros(2, dtype=torch.float64, device=device)
+        if pending.rescale is None and pending.inv_scale is None and pending.cleared is None:
+            _check_moves(host_read([moves]))
+            return None
+        rescale = pending.rescale if pending.rescale is not None else torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+        inv = pending.inv_scale if pending.inv_scale is not None else torch.ones((), dtype=torch.float64)
+        total = sum((m.factor.double().to(device) for m in stepped if m.factor is not None),
+                    torch.zeros((), dtype=torch.float64, device=device))
+        cleared = pending.cleared if pending.cleared is not None else torch.tensor(True)
+        seen = pending.seen
+        # the norm of what the optimizer got (what clip_grad_norm_ returned), in the declared norm
+        seen_norm = total_norm(seen, clip.norm_type).to(device) \
+            if clip is not None and seen is not None else torch.zeros((), dtype=torch.float64, device=device)
+        # and the norm clip_grad_norm_ saw: the losses' own gradient, before any clipping
+        unclipped = seen_norm / torch.where(total > 0, total, torch.ones_like(total))
+        common, s_t, s, r, ok, clipped_norm, unclipped, *moved_flags = host_read([torch.stack([
+            rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
+            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(),
+            seen_norm * rescale[1].to(device), unclipped]), moves])
+        _check_moves(moved_flags)
+        if not ok:
+            raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
+                             "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
+                             "Transform the gradients once, after the last backward. gamma is unchanged.")
+        if pending.presence:
+            raise ValueError(f"The gradients the optimizer stepped on are not what backward left: the parameters "
+                             f"{pending.presence[:8]}{' ...' if len(pending.presence) > 8 else ''} had no gradient "
+                             f"when the backward through weighter.loss ended and one at optimizer.step(), or the "
+                             f"reverse (e.g. gradients from torch.autograd.grad assigned to p.grad). mode='fast' "
+                             f"scores the gradients loss.backward() accumulates: call loss.backward(), or use "
+                             f"mode='exact'. gamma is unchanged.")
+        if not common:
+            raise ValueError("Between loss.backward() and optimizer.step() the gradients changed by something other "
+                             "than one common rescale of all of them: a backward of another loss after the one "
+                             "weighter.loss returned (backpropagate their sum, (loss + other).backward(), or the "
+                             "other loss first), clip_grad_value_, clip_grad_norm_ over only some parameters, or "
+                             "gradients assigned to p.grad that are not what backward left. mode='fast' cannot "
+                             "differentiate through that step; for clipping, use clip_grad_norm_ over all parameters "
+                             "(declared with clip_grad_norm=), or mode='exact'. gamma is unchanged.")
+        plain = abs(s - 1) <= TOLERANCE or abs(r - 1) <= 10 * TOLERANCE  # unchanged, or unscaled (a GradScaler)
+        if clip is not None:
+            dtype = next((g.dtype for g in seen or [] if g is not None), torch.float32)
+            slack = clip.max_norm * max(10 * TOLERANCE, 16 * torch.finfo(dtype).eps)  # the norms' rounding
+            # whether clip_grad_norm_ clipped is decided by the norm it saw, as torch decides it: a factor
+            # within rounding of 1 may still be a clipping (a norm just above max_norm), with its Jacobian
+            coef = min(1.0, clip.max_norm / (unclipped + EPSILON))
+            clipped = coef < 1 and abs(r - coef) <= abs(r - 1)
+            if coef < 1 and not clipped and unclipped > clip.max_norm + slack:
+                raise ValueError(f"The weighter was told the loop clips by {clip.describe()}, but the gradients the "
+                                 f"optimizer got were not clipped (their norm: {clipped_norm:.6g}). Clip them so "
+                                 f"after backward, or build the weighter with the clipping your loop does. gamma is "
+                                 f"unchanged.")
+            if clipped or not plain:  # a clipped step: its norm is max_norm * rho, within 1e-6 of max_norm
+                if not clipped or abs(clipped_norm - clip.max_norm) > EPSILON + slack:
+                    raise ValueError(
+                        f"The gradients the optimizer got were rescaled by {r:.6g} (relative to the losses' own "
+                        f"scale) to a norm of {clipped_norm:.6g} (norm_type={clip.norm_type:g}), which "
+                        f"{clip.describe()}, as the weighter was told, does not give (its clipped gradients have "
+                        f"norm max_norm). Build the weighter with the max_norm and norm_type your loop clips by, "
+                        f"and clip nothing else. gamma is unchanged.")
+                assert seen is not None
+                names = [n for n, _ in w._trainable()]
+                rho = unclipped / (unclipped + EPSILON)
+                return lambda direction: clip_transpose(direction, names, seen, s, rho, clip.norm_type)
+        if abs(s - 1) <= TOLERANCE:
+            return None
+        if abs(r - 1) <= 10 * TOLERANCE:  # unscaling (a GradScaler): the step used the losses' own gradient
+            return lambda direction: {n: w * s for n, w in direction.items()}
+        if r > 1:
+            raise ValueError(f"The optimizer got gradients {r:.4g} times those of the losses weighter.loss returned "
+                             f"(with the factors their backwards used): a rescale that is neither unscaling nor "
+                             f"declared clipping (e.g. several undivided micro-batch losses under a GradScaler). "
+                             f"Divide each accumulated loss by their number. gamma is unchanged.")
+        raise ValueError(f"Between loss.backward() and optimizer.step() every gradient was multiplied by {r:.6g} "
+                         f"(relative to the losses' own scale), and the weighter was told of no clipping: from one "
+                         f"step that factor fits clip_grad_norm_ of any norm_type and a plain p.grad.mul_ alike, each "
+                         f"with another meta-gradient. If it is torch.nn.utils.clip_grad_norm_, declare it: build "
+                         f"the weighter with clip_grad_norm=mw.ClipGradNorm(max_norm, norm_type); for a rescale of "
+                         f"your own, scale the loss before backward (or the learning rate) instead. gamma is "
+                         f"unchanged.")
+
+
+def _check_moves(flags: list[float]) -> None:
+    """Refuse a step whose parameters moved by something other than the optimizer's step."""
+    if flags[0]:
+        raise ValueError(MOVED_BEFORE_STEP)
+    if flags[1]:
+        raise ValueError(MOVED_AFTER_STEP)
+
+
+_OTHER_BATCH = ("meta_step got another training batch than the weighter.loss call before it: pass the batch (x, y) "
+                "whose loss the optimizer just stepped on.")
+_CHANGED_LABELS = ("The labels given to weighter.loss were changed in place since (e.g. y.copy_(...)): the step was "
+                   "taken on the labels they held then, which are gone. Change labels before weighter.loss, or on a "
+                   "copy. gamma is unchanged.")
+_OTHER_INPUTS = ("meta_step got other training inputs than the model's training forward ({why}), e.g. a batch "
+                 "augmented before model(x): pass meta_step the inputs the model was called with, "
+                 "meta_step((x_augmented, y), val_batch). gamma is unchanged.")
+_UNSEEN_FORWARD = ("The outputs given to weighter.loss came from no forward of the model the weighter watched (with "
+                   "gradients enabled): mode='fast' reads the training forward's random numbers, modes and inputs "
+                   "through the model's forward hooks, and recomputes that forward's outputs. Call model(x), not "
+                   "model.forward(x), and pass weighter.loss its outputs as they are, in the model's order: outputs "
+                   "transformed first (a temperature, a prior added, exits reordered or repeated) have another "
+                   "meta-gradient; put such a change in the model's forward (or use mode='exact'). gamma is "
+                   "unchanged.")
+
+
+def _micro_inputs(stepped: list[Micro], x: Any, y: Any) -> list[tuple[Any, Any]]:
+    """The inputs and labels of each loss the step used: the batch itself for one loss; for several
+    (gradient accumulation) the batch must be the micro-batches concatenated in order."""
+    if any(m.target_changed() for m in stepped):
+        raise ValueError(_CHANGED_LABELS)
+    if len(stepped) == 1:
+        if not _same_target(stepped[0].target, y):
+            raise ValueError(_OTHER_BATCH)
+        return [(x, y)]
+    targets = [m.target for m in stepped]
+    sizes = [int(t.shape[0]) if isinstance(t, Tensor) and t.dim() > 0 else -1 for t in targets]
+    total = sum(sizes)
+    whole = (isinstance(y, Tensor) and min(sizes) > 0 and y.dim() > 0 and y.shape[0] == total
+             and _same_target(torch.cat([t.to(y.device) for t in targets]), y))
+    if not whole:
+        raise ValueError(
+            f"This optimizer step accumulated the gradients of {len(stepped)} weighter.loss calls (micro-batches of "
+            f"{sizes} samples): pass meta_step the whole batch, the micro-batches' inputs and labels concatenated in "
+            f"order (e.g. (torch.cat(xs), torch.cat(ys))). It got labels of shape "
+            f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}. gamma is unchanged.")
+    out, start = [], 0
+    for n in sizes:
+        cut = functools.partial(_narrow, start=start, length=n, total=total)
+        out.append((tree_map(cut, x), tree_map(cut, y)))
+        start += n
+    return out
+
+
+def _narrow(t: Any, *, start: int, length: int, total: int) -> Any:
+    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == total:
+        return t.narrow(0, start, length)
+    return t
+
+
+def _same_target(a: Any, b: Any) -> bool:
+    """Whether two label batches (tensors, or nestings of them) are the same, cheaply."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or bool(torch.equal(a, b.to(a.device))))
+    la, lb = tree_leaves(a), tree_leaves(b)
+    return len(la) == len(lb) and all(_same_target(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(la, lb))
