@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._exit_rules import predict
-from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_softmax_rows, check_target
+from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_has_values, check_softmax_rows, check_target
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -151,6 +151,10 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         logits: ``[K, N, C]``, e.g. from :func:`collect_logits`.
         labels: ``[N]`` class indices.
         topk: the values of ``k`` to report.
+
+    Raises:
+        ValueError: logits or labels on the meta device (no values to score), or of the wrong
+            shapes; a row with no softmax.
     """
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"`logits` and `labels` should be Tensors. Found `{type(logits).__name__}` and "
@@ -159,6 +163,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         raise ValueError(
             f"Expected logits [K, N, C] and labels [N]. Found {tuple(logits.shape)} and {tuple(labels.shape)}."
         )
+    check_has_values(logits, "`logits`", "anytime_accuracy_from_logits")
     if logits.shape[0] == 0 or logits.shape[1] == 0 or logits.shape[2] == 0:
         raise ValueError(f"`logits` {tuple(logits.shape)} hold no exit, sample or class: nothing to score.")
     if not logits.is_floating_point():

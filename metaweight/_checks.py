@@ -7,7 +7,7 @@ and how to fix it, before any state is touched.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -88,6 +88,47 @@ def check_softmax_rows(logits: Tensor, name: str = "logits") -> None:
                          f"and no prediction ({int(undefined.sum())} such rows in all). {UNDEFINED_SOFTMAX_FIX}")
 
 
+def holds_meta(value: Any) -> bool:
+    """Whether a tensor, or any tensor inside nested lists, tuples and dicts, is on the meta device."""
+    if isinstance(value, Tensor):
+        return value.is_meta
+    if isinstance(value, Mapping):
+        return any(holds_meta(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(holds_meta(v) for v in value)
+    return False
+
+
+MATERIALIZE_FIX = ("Pass real tensors: materialize the model first (e.g. model.to_empty(device='cpu'), then "
+                   "load_state_dict with its weights) and compute them again.")
+
+
+def check_has_values(value: Any, name: str, what: str) -> None:
+    """Refuse ``value`` (a tensor, or tensors nested in lists, tuples and dicts) on the meta device,
+    naming the argument (``name``, as it is to be shown: "`logits`", "The target"): ``what`` (e.g. ``"calibrate"``) reads values, which meta tensors do not
+    have; torch would fail later with ``Tensor.item() cannot be called on meta tensors``."""
+    if holds_meta(value):
+        raise ValueError(f"{name} is on the meta device: it has shapes but no values, and {what} reads values. "
+                         f"{MATERIALIZE_FIX}")
+
+
+def check_fit_logits(logits: Tensor, name: str, what: str) -> None:
+    """Refuse logits ``[K, N, C]`` that ``what`` (a fit: temperatures, thresholds) cannot use: on the
+    meta device, holding NaN (counted per exit), or a row with no softmax (``+inf``, or every class
+    ``-inf``: :func:`check_softmax_rows`). ``-inf`` masking some classes is fine. One read back to
+    the host when all is well."""
+    check_has_values(logits, f"`{name}`", what)
+    nan = torch.isnan(logits.detach())
+    counts = torch.stack([nan.flatten(1).sum(1), nan.any(-1).flatten(1).sum(1)], 1).tolist()
+    bad = [f"exit {k + 1}: {n} NaN values, in {rows} sample(s)" for k, (n, rows) in enumerate(counts) if n]
+    if bad:
+        raise ValueError(f"`{name}` hold NaN logits ({'; '.join(bad)}), and {what} would give a silently wrong "
+                         f"value from them. Find where the model's outputs turn NaN (a lower learning rate, float32 "
+                         f"instead of half precision), or leave those samples out. (-inf for a masked class is "
+                         f"fine.)")
+    check_softmax_rows(logits, name)
+
+
 IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it are not scored
 
 # The labels of the current weighter step, summarised once at its start (summarize_labels) and
@@ -163,6 +204,7 @@ def stack_exit_logits(outputs: object, target: object, num_exits: int, where: st
     (padding) are left out; a batch with none left is refused.
     """
     outputs = check_exit_outputs(outputs, num_exits, where)
+    check_has_values(outputs, f"The {where}", "the loss")
     shape = outputs[0].shape
     if shape[0] == 0 or (len(shape) == 3 and shape[1] == 0):
         raise ValueError(f"The batch of the {where} is empty: the losses are means over the batch and need a sample.")
@@ -195,6 +237,7 @@ def _checked_target(target: object, batch_size: int, num_classes: int | None, na
     """:func:`check_target`, and the labels' summary it read (smallest, largest, number scored)."""
     if not isinstance(target, Tensor):
         raise ValueError(f"The {name} should be a Tensor of class indices. Found `{type(target).__name__}`.")
+    check_has_values(target, f"The {name}", "checking the labels' range")
     expected = (batch_size,) if tokens is None else (batch_size, tokens)
     if tuple(target.shape) != expected:
         raise ValueError(
