@@ -73,7 +73,7 @@ def collect_logits(
                 raise ValueError(f"The loader's batch {i} should be a pair (inputs, labels). "
                                  f"Found `{type(item).__name__}`.")
             inputs, target = item
-            outputs = call_model(model, to_device(inputs, device))
+            outputs = call_model(model, to_device(inputs, device), "collect_logits")
             if num_exits is None:
                 num_exits = len(outputs) if isinstance(outputs, (list, tuple)) else 0
             outputs = check_exit_outputs(outputs, num_exits or 1)

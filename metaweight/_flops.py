@@ -146,7 +146,7 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
     sizes = [p.numel() for p in model.parameters()]
     tracer = _Tracer(params)
     with eval_mode(model), tracer:
-        outputs = call_model(model, example_input)
+        outputs = call_model(model, example_input, "exit_costs")
     outputs = check_exit_outputs(outputs, num_exits if num_exits is not None else
                                  (len(outputs) if isinstance(outputs, (list, tuple)) else 1),
                                  fix="Pass exit_costs num_exits={n} (or leave it out to take the model's)")
