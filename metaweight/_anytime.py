@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._exit_rules import predict
-from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_has_values, check_softmax_rows, check_target
+from metaweight._checks import (IGNORE_INDEX, check_device_available, check_exit_outputs, check_has_values,
+                                check_softmax_rows, check_target)
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -61,6 +62,7 @@ def collect_logits(
     except (RuntimeError, TypeError):
         raise ValueError(f"Invalid device: {device!r}. Expected a torch.device or a name such as 'cpu' or "
                          f"'cuda:0'.") from None
+    check_device_available(device)
     if device.type == "meta" or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ValueError(f"collect_logits (and anytime_accuracy) keep the logits' values, and "
                          f"{'device=meta' if device.type == 'meta' else 'the model is on the meta device'} has none "

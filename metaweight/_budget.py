@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaweight._checks import check_fit_logits, check_has_values, check_softmax_rows, check_target
+from metaweight._checks import check_device_available, check_fit_logits, check_has_values, check_softmax_rows, check_target
 from metaweight._exit_rules import ExitRule, as_rule, predict
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
@@ -109,16 +109,18 @@ def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
 
 def _check_device(device: object, name: str = "device") -> torch.device | None:
     """``device`` as a ``torch.device`` (``None`` kept), or a ValueError that names it."""
-    if device is None or isinstance(device, torch.device):
+    if device is None:
         return device
-    if not isinstance(device, (str, int)) or isinstance(device, bool):
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
         raise TypeError(f"`{name}` should be a torch.device, a str such as 'cpu' or 'cuda:0', or None. "
                         f"Found `{type(device).__name__}`.")
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"Invalid {name}: {device!r}. Expected a device such as 'cpu' or 'cuda:0' "
                          f"({exc}).") from None
+    check_device_available(parsed, name)
+    return parsed
 
 
 def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.device | str | None = None) -> Tensor:

@@ -129,6 +129,31 @@ def check_fit_logits(logits: Tensor, name: str, what: str) -> None:
     check_softmax_rows(logits, name)
 
 
+def check_device_available(device: torch.device, name: str = "device") -> None:
+    """Refuse a device that parses but that this machine cannot hold tensors on: ``cpu:1`` (the CPU
+    is one device), an accelerator this torch build or machine lacks, or an index past the last
+    one. torch would fail later, from inside the library (``don't know how to restore data
+    location ... cpu:1``, ``Torch not compiled with CUDA enabled``)."""
+    kind, index = device.type, device.index
+    if kind == "meta":
+        return
+    if kind == "cpu":
+        if index not in (None, 0):
+            raise ValueError(f"Invalid {name}: '{device}'. The CPU is one device: use 'cpu' (or 'cpu:0').")
+        return
+    module = getattr(torch, kind, None)
+    available = getattr(module, "is_available", None)
+    if not callable(available):
+        return  # a backend torch does not describe: left to it
+    if not available():
+        raise ValueError(f"Invalid {name}: '{device}'. No {kind} device is available here (torch.{kind}."
+                         f"is_available() is False). Use 'cpu', or a device this machine has.")
+    count = getattr(module, "device_count", None)
+    if index is not None and callable(count) and index >= count():
+        raise ValueError(f"Invalid {name}: '{device}'. This machine has {count()} {kind} device(s), numbered from "
+                         f"0: use '{kind}:0' to '{kind}:{count() - 1}'.")
+
+
 IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it are not scored
 
 # The labels of the current weighter step, summarised once at its start (summarize_labels) and
