@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._exit_rules import predict
-from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_softmax_rows, check_target
+from metaweight._checks import (IGNORE_INDEX, check_device_available, check_exit_outputs, check_has_values,
+                                check_softmax_rows, check_target)
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -61,6 +62,7 @@ def collect_logits(
     except (RuntimeError, TypeError):
         raise ValueError(f"Invalid device: {device!r}. Expected a torch.device or a name such as 'cpu' or "
                          f"'cuda:0'.") from None
+    check_device_available(device)
     if device.type == "meta" or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ValueError(f"collect_logits (and anytime_accuracy) keep the logits' values, and "
                          f"{'device=meta' if device.type == 'meta' else 'the model is on the meta device'} has none "
@@ -73,7 +75,7 @@ def collect_logits(
                 raise ValueError(f"The loader's batch {i} should be a pair (inputs, labels). "
                                  f"Found `{type(item).__name__}`.")
             inputs, target = item
-            outputs = call_model(model, to_device(inputs, device))
+            outputs = call_model(model, to_device(inputs, device), "collect_logits")
             if num_exits is None:
                 num_exits = len(outputs) if isinstance(outputs, (list, tuple)) else 0
             outputs = check_exit_outputs(outputs, num_exits or 1)
@@ -151,6 +153,10 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         logits: ``[K, N, C]``, e.g. from :func:`collect_logits`.
         labels: ``[N]`` class indices.
         topk: the values of ``k`` to report.
+
+    Raises:
+        ValueError: logits or labels on the meta device (no values to score), or of the wrong
+            shapes; a row with no softmax.
     """
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"`logits` and `labels` should be Tensors. Found `{type(logits).__name__}` and "
@@ -159,6 +165,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         raise ValueError(
             f"Expected logits [K, N, C] and labels [N]. Found {tuple(logits.shape)} and {tuple(labels.shape)}."
         )
+    check_has_values(logits, "`logits`", "anytime_accuracy_from_logits")
     if logits.shape[0] == 0 or logits.shape[1] == 0 or logits.shape[2] == 0:
         raise ValueError(f"`logits` {tuple(logits.shape)} hold no exit, sample or class: nothing to score.")
     if not logits.is_floating_point():

@@ -20,15 +20,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaweight._checks import check_softmax_rows, check_target
+from metaweight._checks import check_device_available, check_fit_logits, check_has_values, check_softmax_rows, check_target
 from metaweight._exit_rules import ExitRule, as_rule, predict
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
 
 
-def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "max_probability"
-                ) -> tuple[Tensor, Tensor]:
-    """Every exit's score under ``rule`` and its predicted class, ``[K, N]`` each."""
+def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "max_probability", *,
+                fit: str | None = None, what: str = "evaluating exit thresholds") -> tuple[Tensor, Tensor]:
+    """Every exit's score under ``rule`` and its predicted class, ``[K, N]`` each. ``fit`` (the
+    function's name) marks logits that thresholds are fitted on: NaN and ``+inf`` are refused there
+    (see :func:`check_fit_logits`); logits only evaluated keep the exit rules' convention that a NaN
+    score never leaves, as in :class:`EarlyExit`."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"`{name}` should be a Tensor [K, N, C]. Found `{type(logits).__name__}`.")
     if logits.dim() != 3:
@@ -38,7 +41,11 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
     if not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating point. Found {logits.dtype}.")
     logits = logits.detach()  # evaluation: thresholds and scores carry no graph (and no grad warnings)
-    check_softmax_rows(logits, name)
+    if fit is not None:
+        check_fit_logits(logits, name, fit)
+    else:
+        check_has_values(logits, f"`{name}`", what)
+        check_softmax_rows(logits, name)
     prediction = predict(logits)
     return as_rule(rule).scores(logits).float(), prediction
 
@@ -102,16 +109,18 @@ def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
 
 def _check_device(device: object, name: str = "device") -> torch.device | None:
     """``device`` as a ``torch.device`` (``None`` kept), or a ValueError that names it."""
-    if device is None or isinstance(device, torch.device):
+    if device is None:
         return device
-    if not isinstance(device, (str, int)) or isinstance(device, bool):
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
         raise TypeError(f"`{name}` should be a torch.device, a str such as 'cpu' or 'cuda:0', or None. "
                         f"Found `{type(device).__name__}`.")
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"Invalid {name}: {device!r}. Expected a device such as 'cpu' or 'cuda:0' "
                          f"({exc}).") from None
+    check_device_available(parsed, name)
+    return parsed
 
 
 def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.device | str | None = None) -> Tensor:
@@ -160,12 +169,13 @@ def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
         Thresholds ``[K]`` (float32), the last one ``-NO_EXIT``.
 
     Raises:
-        ValueError: logits not ``[K, N, C]`` floats, or with a row that has no softmax (all
-            ``-inf``: every class masked); a distribution of another length, negative, or not
+        ValueError: logits not ``[K, N, C]`` floats, on the meta device, holding NaN (counted per
+            exit), or with a row that has no softmax (``+inf``, or all ``-inf``: every class masked;
+            ``-inf`` for some classes is fine); a distribution of another length, negative, or not
             summing to 1.
         TypeError: a distribution that is not numbers (bools included).
     """
-    return _thresholds(_confidence(logits, rule=rule)[0], distribution)
+    return _thresholds(_confidence(logits, rule=rule, fit="find_thresholds")[0], distribution)
 
 
 def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float]) -> Tensor:
@@ -210,7 +220,7 @@ def exit_assignment(logits: Tensor, thresholds: Tensor | Sequence[float], *, rul
     Returns:
         ``(exit index [N], predicted class [N])``.
     """
-    confidence, prediction = _confidence(logits, rule=rule)
+    confidence, prediction = _confidence(logits, rule=rule, what="exit_assignment")
     return _assign(confidence, prediction, _check_thresholds(thresholds, confidence.shape[0]))
 
 
@@ -255,7 +265,7 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor | Seq
         costs: ``costs[k]`` is the cost of reaching exit ``k`` (cumulative, e.g. ``ExitCosts.macs``).
         rule: the exit rule (an :class:`ExitRule` or its name).
     """
-    confidence, prediction = _confidence(logits, rule=rule)
+    confidence, prediction = _confidence(logits, rule=rule, what="evaluate_thresholds")
     check_target(labels, confidence.shape[1], logits.shape[2], name="labels")
     return _evaluate(confidence, prediction, labels, _check_thresholds(thresholds, confidence.shape[0]), costs)
 
@@ -324,6 +334,11 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
         cost_unit: what the costs count, for labels.
         rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
+    Raises:
+        ValueError: ``val_logits`` on the meta device or holding NaN or ``+inf`` (the thresholds
+            are fitted on them; ``-inf`` for a masked class is fine), ``test_logits`` on the meta
+            device, or other bad arguments.
+
     Example:
         >>> import torch, metaweight as mw
         >>> val, test = torch.randn(3, 200, 10), torch.randn(3, 100, 10)
@@ -332,8 +347,8 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
         >>> len(curve.points), all(1.0 <= p.cost <= 3.0 for p in curve.points)
         (39, True)
     """
-    val_conf, val_pred = _confidence(val_logits, "val_logits", rule)  # the scores once, not once per q
-    test_conf, test_pred = _confidence(test_logits, "test_logits", rule)
+    val_conf, val_pred = _confidence(val_logits, "val_logits", rule, fit="budgeted_curve")  # the scores once, not once per q
+    test_conf, test_pred = _confidence(test_logits, "test_logits", rule, what="budgeted_curve")
     K = val_conf.shape[0]
     if test_conf.shape[0] != K or val_logits.shape[2] != test_logits.shape[2]:
         raise ValueError(f"val_logits {tuple(val_logits.shape)} and test_logits {tuple(test_logits.shape)} should "
@@ -373,8 +388,12 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
 
     Returns:
         The :class:`BudgetPoint` on the held-out data, with its thresholds.
+
+    Raises:
+        ValueError: ``val_logits`` on the meta device or holding NaN or ``+inf`` (thresholds are
+            not fitted on them; ``-inf`` for a masked class is fine), or other bad arguments.
     """
-    confidence, prediction = _confidence(val_logits, "val_logits", rule)
+    confidence, prediction = _confidence(val_logits, "val_logits", rule, fit="thresholds_for_budget")
     K = confidence.shape[0]
     costs = _check_costs(costs, K)
     check_target(val_labels, confidence.shape[1], val_logits.shape[2], name="val_labels")

@@ -9,16 +9,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metaweight._checks import check_softmax_rows, check_target
+from metaweight._checks import check_fit_logits, check_has_values, check_target
 from metaweight._exit_rules import predict
 
 
-def _check(logits: Tensor, labels: Tensor, name: str = "logits") -> Tensor:
+def _check(logits: Tensor, labels: Tensor, name: str = "logits", what: str = "calibration") -> Tensor:
+    """Check logits ``[K, N, C]`` and labels ``[N]`` (values: NaN and +inf refused, see
+    :func:`check_fit_logits`); return the labels as ``torch.long``."""
     if not isinstance(logits, Tensor) or logits.dim() != 3 or 0 in logits.shape or not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating-point logits [K, N, C] with N, C > 0. Found "
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}.")
+    check_has_values(logits, f"`{name}`", what)
     labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels")
-    check_softmax_rows(logits, name)
+    check_fit_logits(logits, name, what)
     return labels
 
 
@@ -41,13 +44,18 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     Returns:
         Temperatures ``[K]`` (float64, on the device of ``val_logits``); divide exit ``k``'s logits
         by ``T[k]``.
+
+    Raises:
+        ValueError: logits or labels on the meta device, logits holding NaN (counted per exit) or
+            ``+inf``, or a row with every class masked (``-inf`` for some classes is fine), labels
+            out of range, or a bad ``iterations``.
     """
-    labels = _check(val_logits, val_labels, "val_logits").to(val_logits.device)
+    labels = _check(val_logits, val_labels, "val_logits", "fit_temperatures").to(val_logits.device)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps).")
     out = []
     for z in val_logits.double():
-        z = torch.nan_to_num(z)
+        z = z.clamp(min=torch.finfo(z.dtype).min)  # a masked class (-inf): p * z = 0 * (-max), not 0 * -inf = NaN
         z_y = z.gather(1, labels[:, None]).squeeze(1)
 
         def slope(beta: float) -> float:  # d NLL / d beta = mean(E_p[z] - z_y)
@@ -80,8 +88,11 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15
         logits: ``[K, N, C]``.
         labels: ``[N]``.
         bins: the number of equal-width confidence bins in ``[0, 1]``.
+
+    Raises:
+        ValueError: as :func:`fit_temperatures` (NaN, ``+inf``, meta tensors), or a bad ``bins``.
     """
-    labels = _check(logits, labels).to(logits.device)
+    labels = _check(logits, labels, what="expected_calibration_error").to(logits.device)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"Invalid bins: {bins!r}. Expected an int >= 1.")
     confidence, prediction = torch.softmax(logits.double(), dim=-1).amax(dim=-1), predict(logits)
@@ -146,13 +157,17 @@ def calibrate(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor | None
         test_logits: logits to measure on (``[K, M, C]``); default the held-out ones.
         test_labels: ``[M]``.
         bins: confidence bins of the ECE.
+
+    Raises:
+        ValueError: as :func:`fit_temperatures`, for the held-out and the test logits alike.
     """
     if (test_logits is None) != (test_labels is None):
         raise ValueError("Pass `test_logits` and `test_labels` together (or neither, to measure on the held-out "
                          "data).")
     logits, labels = (val_logits, val_labels) if test_logits is None else (test_logits, test_labels)
-    labels = _check(logits, labels, "test_logits").to(logits.device)
-    _check(val_logits, val_labels, "val_logits")
+    labels = _check(logits, labels, "test_logits" if test_logits is not None else "val_logits", "calibrate"
+                    ).to(logits.device)
+    _check(val_logits, val_labels, "val_logits", "calibrate")
     if logits.shape[0] != val_logits.shape[0] or logits.shape[2] != val_logits.shape[2]:
         raise ValueError(f"`test_logits` {tuple(logits.shape)} and `val_logits` {tuple(val_logits.shape)} should "
                          f"have the same exits and classes ([K, N, C]).")

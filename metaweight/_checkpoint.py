@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from metaweight._checks import check_device_available
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -26,6 +30,12 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        TypeError: ``state`` is not a dict, ``path`` not a path, or ``state`` holds something that
+            cannot be pickled (a lambda, an open file): the entry is named, e.g. ``state['f']``,
+            and nothing is written (a checkpoint already at ``path`` is left as it was).
+        ValueError: ``path`` is a folder, or under a file.
     """
     if not isinstance(state, dict):
         raise TypeError(f"`state` should be a dict of what to save. Found `{type(state).__name__}`.")
@@ -40,6 +50,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"`path` {path} cannot be created: {ancestor} is a file, not a folder. Nothing was written.")
+    missing = path.parent.relative_to(ancestor).parts
+    created = [ancestor.joinpath(*missing[:i + 1]) for i in range(len(missing))]  # the folders this save makes
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -48,11 +60,53 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        for folder in reversed(created):  # the folders this save made: gone again, as if never called
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, (pickle.PicklingError, TypeError, AttributeError)):
+            where = _unpicklable(state, "state")
+            if where is not None:
+                raise TypeError(f"{where[0]} cannot be saved: {where[1]}. A checkpoint holds data (tensors, "
+                                f"numbers, strings, lists, dicts, state_dict()s), not functions, lambdas, open files "
+                                f"or locks: save what rebuilds it instead (e.g. its settings). Nothing was written "
+                                f"({path} is as it was).") from exc
         raise
     return path
+
+
+class _Sink:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _pickles(value: Any) -> BaseException | None:
+    """Why ``value`` cannot be pickled (tensors stand in as ids: their data are not copied), or ``None``."""
+    pickler = pickle.Pickler(_Sink(), protocol=pickle.DEFAULT_PROTOCOL)
+    pickler.persistent_id = lambda obj: id(obj) if isinstance(obj, (torch.Tensor, torch.UntypedStorage)) else None
+    try:
+        pickler.dump(value)
+    except Exception as exc:  # pickle raises PicklingError, TypeError or AttributeError, and __reduce__ anything
+        return exc
+    return None
+
+
+def _unpicklable(value: Any, where: str) -> tuple[str, str] | None:
+    """The deepest entry of nested dicts, lists and tuples that cannot be pickled, as
+    ``('state["optimizer"]["fn"]', why)``, or ``None`` when all of ``value`` pickles."""
+    why = _pickles(value)
+    if why is None:
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else []
+    for key, item in items:
+        inner = _unpicklable(item, f"{where}[{key!r}]")
+        if inner is not None:
+            return inner
+    return f"`{where}` (a {type(value).__name__})", f"{type(why).__name__}: {why}"
 
 
 def _safe_types() -> list[Any]:
@@ -131,7 +185,40 @@ def _inconsistent(path: Path, archive: zipfile.ZipFile) -> str | None:
     return None
 
 
-def _file_problem(path: Path, weights_only: bool = True) -> str | None:
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a torch.save before torch 1.6
+TRUNCATED = "truncated, e.g. a copy or a save that did not finish"
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def _pickle_stream(data: bytes) -> tuple[bool, str | None]:
+    """Whether ``data`` is an old-format ``torch.save`` (its first pickle is torch's magic number),
+    and what cuts its pickles short, if anything: walked opcode by opcode (nothing is unpickled
+    but that one number), the five pickles of an old torch.save, or the one of a pickle.dump."""
+    stream, ends, legacy = io.BytesIO(data), [], False
+    while len(ends) < (5 if legacy else 1) and stream.tell() < len(data):
+        try:
+            for _ in pickletools.genops(stream):
+                pass
+        except Exception as exc:  # pickletools says ValueError; a broken stream may say anything
+            if stream.tell() >= len(data):
+                return legacy, f"its pickled data end early, at byte {len(data)} ({TRUNCATED})"
+            return legacy, f"its pickled data are corrupt near byte {stream.tell()} ({exc})"
+        ends.append(stream.tell())
+        if len(ends) == 1:
+            try:
+                legacy = _NoGlobals(io.BytesIO(data[:ends[0]])).load() == LEGACY_MAGIC
+            except Exception:
+                legacy = False
+    if legacy and len(ends) < 5:
+        return legacy, f"it holds {len(ends)} of the 5 pickles of an old torch.save ({TRUNCATED})"
+    return legacy, None
+
+
+def _file_problem(path: Path, weights_only: bool = True, error: BaseException | None = None) -> str | None:
     """What is wrong with the file at ``path`` itself, and what to do; ``None`` for an intact
     ``torch.save`` archive (its layout, its headers and every member's checksum)."""
     size = path.stat().st_size
@@ -163,6 +250,13 @@ def _file_problem(path: Path, weights_only: bool = True) -> str | None:
         return (f"is damaged: it starts as a torch.save archive but its end is missing ({size} bytes; truncated, e.g. "
                 f"a copy or a save that did not finish). Resume from an earlier checkpoint.")
     if head[:1] == b"\x80":
+        legacy, broken = _pickle_stream(path.read_bytes())
+        if broken is None and legacy and "unexpected EOF" in str(error):  # the tensor data after the pickles
+            broken = f"its tensor data end early ({TRUNCATED})"
+        if broken is not None:
+            kind = (f"an old-format torch.save ({size} bytes; the format before torch 1.6, or with "
+                    f"_use_new_zipfile_serialization=False)" if legacy else f"a pickle stream ({size} bytes)")
+            return f"is damaged: {kind} whose end is missing or broken: {broken}. Resume from an earlier checkpoint."
         if not weights_only:  # torch.load already failed on it with weights_only=False: no old torch.save
             return (f"is a pickle stream ({size} bytes) that torch.load cannot read even with weights_only=False: "
                     f"not the zip archive torch.save writes, nor an old (pre-1.6) torch.save; written by "
@@ -176,15 +270,17 @@ def _file_problem(path: Path, weights_only: bool = True) -> str | None:
 
 
 def _check_map_location(map_location: Any) -> None:
-    """Refuse a device name torch cannot parse before the file is read (torch.load would blame the file)."""
+    """Refuse a device torch cannot parse, or one this machine does not have (``cpu:1``, a missing GPU),
+    before the file is read (torch.load would fail restoring the first tensor)."""
     names = map_location.values() if isinstance(map_location, dict) else [map_location]
     for name in names:
-        if isinstance(name, str):
+        if isinstance(name, (str, torch.device)):
             try:
-                torch.device(name)
+                device = torch.device(name)
             except (RuntimeError, ValueError):
                 raise ValueError(f"Invalid map_location: {map_location!r}. Expected a device such as 'cpu' or "
                                  f"'cuda:0', a torch.device, a dict of them or a function.") from None
+            check_device_available(device, "map_location")
         elif not (name is None or isinstance(name, torch.device) or callable(name)):
             raise TypeError(f"`map_location` should be a device (str or torch.device), a dict of them, a function "
                             f"or None. Found `{type(map_location).__name__}`.")
@@ -222,6 +318,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
     Raises:
         FileNotFoundError: nothing (or a folder) at ``path``.
         ValueError: the file cannot be loaded (see above), or holds something other than a dict.
+        ValueError: ``map_location`` names a device that does not parse or that this machine
+            does not have (``"cpu:1"``, ``"cuda"`` without a GPU), before the file is read.
         TypeError: ``path`` is not a path, or ``weights_only`` or ``verify`` not a bool.
     """
     for name, flag in (("weights_only", weights_only), ("verify", verify)):
@@ -246,7 +344,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
         else:
             state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # a damaged pickle raises anything (KeyError, UnicodeDecodeError, ...)
-        problem = _file_problem(path, weights_only)  # read from the file: a damaged one is never called intact
+        problem = _file_problem(path, weights_only, exc)  # read from the file: a damaged one is never called intact
         if problem is None and "zip archive" in str(exc):  # torch's zip reader refused a structure we passed
             problem = (f"is damaged: torch's zip reader refuses its structure ({str(exc).splitlines()[0][:120]}). "
                        f"Resume from an earlier checkpoint.")

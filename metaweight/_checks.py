@@ -7,7 +7,7 @@ and how to fix it, before any state is touched.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -88,6 +88,72 @@ def check_softmax_rows(logits: Tensor, name: str = "logits") -> None:
                          f"and no prediction ({int(undefined.sum())} such rows in all). {UNDEFINED_SOFTMAX_FIX}")
 
 
+def holds_meta(value: Any) -> bool:
+    """Whether a tensor, or any tensor inside nested lists, tuples and dicts, is on the meta device."""
+    if isinstance(value, Tensor):
+        return value.is_meta
+    if isinstance(value, Mapping):
+        return any(holds_meta(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(holds_meta(v) for v in value)
+    return False
+
+
+MATERIALIZE_FIX = ("Pass real tensors: materialize the model first (e.g. model.to_empty(device='cpu'), then "
+                   "load_state_dict with its weights) and compute them again.")
+
+
+def check_has_values(value: Any, name: str, what: str) -> None:
+    """Refuse ``value`` (a tensor, or tensors nested in lists, tuples and dicts) on the meta device,
+    naming the argument (``name``, as it is to be shown: "`logits`", "The target"): ``what`` (e.g. ``"calibrate"``) reads values, which meta tensors do not
+    have; torch would fail later with ``Tensor.item() cannot be called on meta tensors``."""
+    if holds_meta(value):
+        raise ValueError(f"{name} is on the meta device: it has shapes but no values, and {what} reads values. "
+                         f"{MATERIALIZE_FIX}")
+
+
+def check_fit_logits(logits: Tensor, name: str, what: str) -> None:
+    """Refuse logits ``[K, N, C]`` that ``what`` (a fit: temperatures, thresholds) cannot use: on the
+    meta device, holding NaN (counted per exit), or a row with no softmax (``+inf``, or every class
+    ``-inf``: :func:`check_softmax_rows`). ``-inf`` masking some classes is fine. One read back to
+    the host when all is well."""
+    check_has_values(logits, f"`{name}`", what)
+    nan = torch.isnan(logits.detach())
+    counts = torch.stack([nan.flatten(1).sum(1), nan.any(-1).flatten(1).sum(1)], 1).tolist()
+    bad = [f"exit {k + 1}: {n} NaN values, in {rows} sample(s)" for k, (n, rows) in enumerate(counts) if n]
+    if bad:
+        raise ValueError(f"`{name}` hold NaN logits ({'; '.join(bad)}), and {what} would give a silently wrong "
+                         f"value from them. Find where the model's outputs turn NaN (a lower learning rate, float32 "
+                         f"instead of half precision), or leave those samples out. (-inf for a masked class is "
+                         f"fine.)")
+    check_softmax_rows(logits, name)
+
+
+def check_device_available(device: torch.device, name: str = "device") -> None:
+    """Refuse a device that parses but that this machine cannot hold tensors on: ``cpu:1`` (the CPU
+    is one device), an accelerator this torch build or machine lacks, or an index past the last
+    one. torch would fail later, from inside the library (``don't know how to restore data
+    location ... cpu:1``, ``Torch not compiled with CUDA enabled``)."""
+    kind, index = device.type, device.index
+    if kind == "meta":
+        return
+    if kind == "cpu":
+        if index not in (None, 0):
+            raise ValueError(f"Invalid {name}: '{device}'. The CPU is one device: use 'cpu' (or 'cpu:0').")
+        return
+    module = getattr(torch, kind, None)
+    available = getattr(module, "is_available", None)
+    if not callable(available):
+        return  # a backend torch does not describe: left to it
+    if not available():
+        raise ValueError(f"Invalid {name}: '{device}'. No {kind} device is available here (torch.{kind}."
+                         f"is_available() is False). Use 'cpu', or a device this machine has.")
+    count = getattr(module, "device_count", None)
+    if index is not None and callable(count) and index >= count():
+        raise ValueError(f"Invalid {name}: '{device}'. This machine has {count()} {kind} device(s), numbered from "
+                         f"0: use '{kind}:0' to '{kind}:{count() - 1}'.")
+
+
 IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it are not scored
 
 # The labels of the current weighter step, summarised once at its start (summarize_labels) and
@@ -163,6 +229,7 @@ def stack_exit_logits(outputs: object, target: object, num_exits: int, where: st
     (padding) are left out; a batch with none left is refused.
     """
     outputs = check_exit_outputs(outputs, num_exits, where)
+    check_has_values(outputs, f"The {where}", "the loss")
     shape = outputs[0].shape
     if shape[0] == 0 or (len(shape) == 3 and shape[1] == 0):
         raise ValueError(f"The batch of the {where} is empty: the losses are means over the batch and need a sample.")
@@ -195,6 +262,7 @@ def _checked_target(target: object, batch_size: int, num_classes: int | None, na
     """:func:`check_target`, and the labels' summary it read (smallest, largest, number scored)."""
     if not isinstance(target, Tensor):
         raise ValueError(f"The {name} should be a Tensor of class indices. Found `{type(target).__name__}`.")
+    check_has_values(target, f"The {name}", "checking the labels' range")
     expected = (batch_size,) if tokens is None else (batch_size, tokens)
     if tuple(target.shape) != expected:
         raise ValueError(

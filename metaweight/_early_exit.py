@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaweight._checks import UNDEFINED_SOFTMAX_FIX, softmax_undefined
+from metaweight._checks import UNDEFINED_SOFTMAX_FIX, holds_meta, softmax_undefined
 from metaweight._exit_rules import ExitRule, as_rule, predict
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
@@ -45,22 +45,12 @@ def refuse_meta(model: nn.Module, inputs: Any, what: str) -> None:
     the values of the scores, which meta tensors do not have."""
     on_meta = [f"the parameters of `{type(model).__name__}`"] if any(
         t.is_meta for t in [*model.parameters(), *model.buffers()]) else []
-    if inputs is not None and _any_meta(inputs):
+    if inputs is not None and holds_meta(inputs):
         on_meta.append("the inputs")
     if on_meta:
         raise ValueError(f"{what} needs values, and {' and '.join(on_meta)} are on the meta device (shapes "
                          f"only). Load the weights (e.g. model.to_empty(device='cpu') and load_state_dict) and "
                          f"pass real inputs; exit_costs(..., executed=False) counts the costs on meta tensors.")
-
-
-def _any_meta(x: Any) -> bool:
-    if isinstance(x, Tensor):
-        return x.is_meta
-    if isinstance(x, Mapping):
-        return any(_any_meta(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return any(_any_meta(v) for v in x)
-    return False
 
 
 def _per_sample(logits: Tensor) -> Tensor:
@@ -187,7 +177,7 @@ class EarlyExit(nn.Module):
         """
         x = wrapper_call(self.model, args, kwargs, "EarlyExit")
         _first_tensor(x)  # a call without a tensor is refused here, not by a bare StopIteration
-        if _any_meta(x):
+        if holds_meta(x):
             refuse_meta(self.model, x, "EarlyExit")
         training = [m for m in self._all_modules if m.training]  # a cached list: cheap at batch 1
         for m in training:

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from metaweight._checks import check_exit_outputs
+from metaweight._checks import check_exit_outputs, holds_meta
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -119,6 +119,11 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
         num_exits: checked against the model's output when given.
         executed: count what early exit executes instead of what each exit depends on.
 
+    Raises:
+        ValueError: the model's parameters on the meta device and ``example_input`` not (or the
+            other way round): counting needs both there, or both real; ``executed=True`` with
+            either on the meta device.
+
     Example:
         >>> import torch, metaweight as mw
         >>> net = mw.MultiExit([torch.nn.Linear(10, 20), torch.nn.Linear(20, 20)],
@@ -136,11 +141,12 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
         refuse_meta(model, example_input, "exit_costs(..., executed=True) runs EarlyExit, which")
         lazy = exit_costs(model, example_input, num_exits=num_exits)
         return _executed_costs(model, example_input, lazy)
+    _check_meta_agrees(model, example_input)
     params = {id(p): i for i, p in enumerate(model.parameters())}
     sizes = [p.numel() for p in model.parameters()]
     tracer = _Tracer(params)
     with eval_mode(model), tracer:
-        outputs = call_model(model, example_input)
+        outputs = call_model(model, example_input, "exit_costs")
     outputs = check_exit_outputs(outputs, num_exits if num_exits is not None else
                                  (len(outputs) if isinstance(outputs, (list, tuple)) else 1),
                                  fix="Pass exit_costs num_exits={n} (or leave it out to take the model's)")
@@ -161,6 +167,21 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
         previous = m
         used.append(sum(s for i, s in enumerate(sizes) if params_so_far >> i & 1))
     return ExitCosts(macs, used, incremental)
+
+
+def _check_meta_agrees(model: nn.Module, example_input: Any) -> None:
+    """Counting runs one forward, which torch cannot run with the model on the meta device and the
+    input on another (or the other way round): refuse that before it runs, saying which is where."""
+    tensors = [*model.parameters(), *model.buffers()]
+    model_meta = any(t.is_meta for t in tensors)
+    input_meta = holds_meta(example_input)
+    if tensors and model_meta != input_meta:
+        where = ("the model's parameters are on the meta device, `example_input` is not" if model_meta else
+                 "`example_input` is on the meta device, the model's parameters are not")
+        raise ValueError(f"exit_costs runs one forward of the model on `example_input`, and {where}. Counting needs "
+                         f"shapes only, so either pass `example_input` on the meta device too (e.g. "
+                         f"torch.empty(shape, device='meta')), or materialize the model (e.g. "
+                         f"model.to_empty(device='cpu'), then load_state_dict) and pass real inputs.")
 
 
 def _executed_costs(model: nn.Module, example_input: Any, lazy: ExitCosts) -> ExitCosts:

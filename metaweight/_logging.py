@@ -73,6 +73,21 @@ def _release(path: Path, owner: Any) -> None:
         del _HELD[_key(path)]
 
 
+def other_rank() -> int | None:
+    """This process's rank when ``torch.distributed`` runs several processes and this is not rank 0;
+    ``None`` otherwise (one process, or rank 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() != 0:
+        return dist.get_rank()
+    return None
+
+
+def _check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` should be a bool. Found {value!r}.")
+
+
 def _check_can_create(path: Path, what: str) -> None:
     """Refuse a path that cannot be written: a file where a folder must be, or no write permission."""
     ancestor = path.parent
@@ -122,6 +137,14 @@ class CSVLogger:
     ``NAME-3.csv``, ... beside it, warns, and shows the new path in :attr:`path`.
     ``overwrite=True`` starts the file afresh at the first record instead.
 
+    Under ``torch.distributed`` (a process group initialized with more than one process) only
+    rank 0 writes: after a meta step every rank holds the same gamma (its meta-gradient is
+    averaged over the ranks), so the same logger built on every rank (as a weighter's callbacks
+    are) writes each row once, rank 0's (its loss terms are those of rank 0's batch), not once
+    per rank into one file. The rank is read at each record, so a logger
+    made before ``init_process_group`` follows it too. ``all_ranks=True`` writes on every rank:
+    give each rank its own path then (e.g. ``f"log-{rank}.csv"``).
+
     Dropping rewrites the file whole: a temporary file beside it, then ``os.replace`` (atomic),
     so an interruption leaves the old log or the new one, never a mix. Without anything to drop
     a row is appended. Nothing is written (no folder, no file) until the first record: the
@@ -131,9 +154,10 @@ class CSVLogger:
     Args:
         path: the CSV file; created (with its folder) at the first record.
         overwrite: start a new file at the first record instead of continuing an existing one.
+        all_ranks: write on every rank of a distributed run, not on rank 0 only.
 
     Raises:
-        TypeError: ``path`` is not a str or Path, or ``overwrite`` not a bool.
+        TypeError: ``path`` is not a str or Path, or ``overwrite`` or ``all_ranks`` not a bool.
         ValueError: ``path`` is a folder, cannot be written, is not a metaweight log (unless
             ``overwrite``), or another live logger of this process writes to it.
 
@@ -149,11 +173,12 @@ class CSVLogger:
         ['iteration', 'meta_step', 'val_objective']
     """
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, *, overwrite: bool = False, all_ranks: bool = False) -> None:
         if not isinstance(path, (str, Path)) or not str(path):
             raise TypeError(f"`path` should be a file path (str or Path). Found {path!r}.")
-        if not isinstance(overwrite, bool):
-            raise TypeError(f"`overwrite` should be a bool. Found {overwrite!r}.")
+        _check_flag(overwrite, "overwrite")
+        _check_flag(all_ranks, "all_ranks")
+        self.all_ranks = all_ranks
         path = Path(path)
         if path.is_dir():
             raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'log.csv'}.")
@@ -229,6 +254,8 @@ class CSVLogger:
                   f"overwrite=True to replace the old log, or a path of its own.")
 
     def __call__(self, record: dict[str, Any]) -> None:
+        if not self.all_ranks and other_rank() is not None:  # rank 0 writes the row
+            return
         try:
             self._record(record)
         except OSError as exc:  # the step this reports stands: say the row is lost, never raise from the hook
@@ -305,24 +332,36 @@ class TensorBoardLogger:
     logger is made. Given a writer, nothing is purged: create it with ``purge_step`` yourself when
     you resume.
 
+    Under ``torch.distributed`` (a process group initialized with more than one process) only
+    rank 0 writes: after a meta step every rank holds the same gamma (its meta-gradient is
+    averaged over the ranks), so the same logger built on every rank (as a weighter's callbacks
+    are) writes each row once, rank 0's (its loss terms are those of rank 0's batch), not once
+    per rank into one file. The rank is read at each record, so a logger
+    made before ``init_process_group`` follows it too. ``all_ranks=True`` writes on every rank:
+    give each rank its own path then (e.g. ``f"log-{rank}.csv"``).
+
     Args:
         log_dir_or_writer: a log folder, or an existing ``torch.utils.tensorboard.SummaryWriter``
             (anything with ``add_scalar(tag, value, step)``).
         prefix: prepended to every tag.
         overwrite: with a folder, let a new run hide the events already there.
+        all_ranks: write on every rank of a distributed run, not on rank 0 only.
 
     Raises:
-        TypeError: ``log_dir_or_writer`` is neither a folder nor a writer, or ``prefix`` is not a str.
+        TypeError: ``log_dir_or_writer`` is neither a folder nor a writer, ``prefix`` is not a str,
+            or ``overwrite`` or ``all_ranks`` not a bool.
         ValueError: the folder is a file, cannot be written, or another live logger of this
             process writes to it.
         ImportError: a folder is given and ``tensorboard`` is not installed.
     """
 
-    def __init__(self, log_dir_or_writer: Any, prefix: str = "metaweight/", *, overwrite: bool = False) -> None:
+    def __init__(self, log_dir_or_writer: Any, prefix: str = "metaweight/", *, overwrite: bool = False,
+                 all_ranks: bool = False) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` should be a str. Found {prefix!r}.")
-        if not isinstance(overwrite, bool):
-            raise TypeError(f"`overwrite` should be a bool. Found {overwrite!r}.")
+        _check_flag(overwrite, "overwrite")
+        _check_flag(all_ranks, "all_ranks")
+        self.all_ranks = all_ranks
         self._log_dir: str | None = None
         self._writer: Any = None
         self._old_steps: list[int] = []
@@ -390,6 +429,8 @@ class TensorBoardLogger:
         return self._writer
 
     def __call__(self, record: dict[str, Any]) -> None:
+        if not self.all_ranks and other_rank() is not None:  # rank 0 writes the events
+            return
         try:
             self._record(record)
         except OSError as exc:  # the step this reports stands: say so, never raise from the hook

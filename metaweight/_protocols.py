@@ -191,7 +191,58 @@ def _forward_signature(model: Any) -> inspect.Signature | None:
         return None
 
 
-def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _only_tensor(annotation: Any) -> bool:
+    """Whether a parameter's annotation is ``Tensor`` itself (not a union or a container of it)."""
+    if annotation is Tensor:
+        return True
+    return isinstance(annotation, str) and annotation.replace(" ", "") in ("Tensor", "torch.Tensor")
+
+
+HOW_INPUTS_ARE_PASSED = ("metaweight passes a batch's inputs as the model is called: a tensor, a tuple or list, or "
+                         "a dict is passed as the forward's one positional argument, except a dict whose keys are "
+                         "the forward's keyword parameters (all the required ones), which is passed as keyword "
+                         "arguments (forward(**inputs)).")
+
+
+def check_one_input(target: Any, value: Any, who: str, signature: inspect.Signature | None = None) -> None:
+    """Refuse, before anything runs, a non-tensor input (a dict, a tuple, a list) handed as the one
+    positional argument of ``target``'s ``forward`` when that parameter is annotated ``Tensor``: the
+    forward says it cannot take it, and torch would fail deep inside (``linear(): argument 'input'
+    must be Tensor, not dict``). An unannotated parameter is left to the forward."""
+    if isinstance(value, Tensor) or not isinstance(value, (Mapping, list, tuple)):
+        return
+    if signature is None:
+        signature = _forward_signature(target)
+    if signature is None:
+        return
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                inspect.Parameter.VAR_POSITIONAL)]
+    if not positional or positional[0].kind is inspect.Parameter.VAR_POSITIONAL or \
+            not _only_tensor(positional[0].annotation):
+        return
+    first = positional[0].name
+    names = [n for n, p in signature.parameters.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                                      inspect.Parameter.KEYWORD_ONLY)]
+    params = ", ".join(str(p) for p in signature.parameters.values())
+    if isinstance(value, Mapping):
+        keys = list(value)
+        unknown = [k for k in keys if k not in names]
+        found = (f"a dict with keys {keys}" + (f", of which {unknown} are not parameters of the forward" if unknown
+                                               else ", which leaves out a required parameter"))
+        fix = (f"Name the keys after the forward's parameters {names} to pass them as keywords, or pass the tensor "
+               f"itself.")
+    else:
+        found = f"a {type(value).__name__} of {len(value)}"
+        fix = (f"Pass the tensor itself, or call {who} with the forward's own arguments ({who}(a, b)), or give a "
+               f"dict of its keyword parameters {names}.")
+    raise TypeError(f"{who} was given {found}, and would pass it as the one positional argument `{first}` of "
+                    f"`{type(_call_target(target)).__name__}.forward({params})`, which takes a Tensor there. "
+                    f"{HOW_INPUTS_ARE_PASSED} {fix}")
+
+
+def model_arguments(model: nn.Module, inputs: Any, who: str = "metaweight"
+                    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """How to call ``model`` with a batch's inputs: ``model(inputs)``, or ``model(**inputs)``.
 
     A mapping (a dict, a Hugging Face ``BatchEncoding``) whose keys are all keyword
@@ -200,7 +251,9 @@ def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dic
     the one positional argument. One case reads both ways: a forward of one parameter ``p``
     given ``{"p": value}``; the annotation of ``p`` decides (``Tensor``: the value as ``p=``;
     ``dict``/``Mapping``: the dict), and without one the call is refused with a ``TypeError``. A :class:`ModelCall` (what a wrapper was called with) is passed
-    as it is.
+    as it is. A dict, tuple or list passed positionally to a forward whose first parameter is
+    annotated ``Tensor`` is refused with a ``TypeError`` (see :func:`check_one_input`); ``who``
+    names the caller in it.
     """
     if isinstance(inputs, ModelCall):
         return tuple(inputs.args), dict(inputs.kwargs)
@@ -215,6 +268,7 @@ def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dic
             if len(params) == 1 and set(inputs) == set(params):  # forward(batch) given {"batch": ...}
                 return _one_key_dict(model, inputs, params[next(iter(inputs))])
             return (), dict(inputs)
+    check_one_input(model, inputs, who)
     return (inputs,), {}
 
 
@@ -247,9 +301,10 @@ def _one_key_dict(model: Any, inputs: Mapping[str, Any], param: inspect.Paramete
                     f"`{param.name}: dict` (the dict); or pass the value itself rather than a dict, or use another key.")
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model`` called with a batch's inputs, positionally or as keyword arguments (see :func:`model_arguments`)."""
-    args, kwargs = model_arguments(model, inputs)
+def call_model(model: nn.Module, inputs: Any, who: str = "metaweight") -> Any:
+    """``model`` called with a batch's inputs, positionally or as keyword arguments (see
+    :func:`model_arguments`; ``who`` names the caller in its errors)."""
+    args, kwargs = model_arguments(model, inputs, who)
     return model(*args, **kwargs)
 
 
@@ -263,7 +318,7 @@ def wrapper_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     model's ``forward`` cannot bind is refused here with a ``TypeError``, before the model runs.
     """
     if len(args) == 1 and not kwargs:
-        args, kwargs = model_arguments(model, args[0])
+        args, kwargs = model_arguments(model, args[0], wrapper)
         if len(args) == 1 and not kwargs:  # the common case, a tensor: nothing to bind (no cost at batch 1)
             return ModelCall(args, kwargs)
     signature = _forward_signature(model)
@@ -290,6 +345,8 @@ def first_stage_call(model: nn.Module, call: ModelCall, stage: nn.Module | None 
     ``stage`` (stage 1) cannot take them.
     """
     if len(call.args) == 1 and not call.kwargs:  # one positional argument is stage 1's already
+        if stage is not None:
+            check_one_input(stage, call.args[0], "EarlyExit (stage 1)")
         return call
     signature = _forward_signature(model)
     if signature is not None:
@@ -301,6 +358,8 @@ def first_stage_call(model: nn.Module, call: ModelCall, stage: nn.Module | None 
             (name, value), = bound.arguments.items()
             if signature.parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL,
                                                        inspect.Parameter.VAR_KEYWORD):
+                if stage is not None:
+                    check_one_input(stage, value, "EarlyExit (stage 1)")
                 return ModelCall((value,), {})
     if stage is not None:  # stage 1 gets the model's arguments: refuse here what it cannot take
         try:

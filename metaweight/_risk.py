@@ -95,8 +95,12 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
         costs: the cost of reaching each exit (cumulative), to report ``val_cost``.
         rule: the exit rule (an :class:`ExitRule` or its name).
         candidates: how many shared thresholds to test (quantiles of the held-out scores).
+
+    Raises:
+        ValueError: ``val_logits`` on the meta device or holding NaN (counted per exit) or ``+inf``
+            (``-inf`` for a masked class is fine), or other bad arguments.
     """
-    scores, prediction = _confidence(val_logits, "val_logits", rule)
+    scores, prediction = _confidence(val_logits, "val_logits", rule, fit="thresholds_for_accuracy")
     K, N = scores.shape
     labels = check_target(val_labels, N, val_logits.shape[2], name="val_labels").to(prediction.device)
     for name, value in (("delta", delta), ("confidence", confidence)):

@@ -80,3 +80,47 @@ def test_apply_refuses_logits_of_another_number_of_exits():
     scaled = calibration.apply(logits)
     for k in range(3):
         assert torch.allclose(scaled[k], logits[k] / calibration.temperatures[k])
+
+
+FITS = {  # every entry point that fits (or measures) on logits, called on held-out logits z, labels y
+    "fit_temperatures": lambda z, y: mw.fit_temperatures(z, y),
+    "calibrate": lambda z, y: mw.calibrate(z, y),
+    "expected_calibration_error": lambda z, y: mw.expected_calibration_error(z, y),
+    "find_thresholds": lambda z, y: mw.find_thresholds(z, [0.5, 0.3, 0.2]),
+    "budgeted_curve": lambda z, y: mw.budgeted_curve(z, y, z, y, [1.0, 2.0, 3.0], qs=(0.5, 1.0)),
+    "thresholds_for_budget": lambda z, y: mw.thresholds_for_budget(z, y, [1.0, 2.0, 3.0], 2.0, iterations=8),
+    "thresholds_for_accuracy": lambda z, y: mw.thresholds_for_accuracy(z, y, 0.1, candidates=20),
+}
+
+
+@pytest.mark.parametrize("value,match", [(float("nan"), r"hold NaN logits \(exit 2: 2 NaN values, in 1 sample"),
+                                         (float("inf"), r"\[1, 7\] \(exit 2, sample 7\) hold \+inf")])
+@pytest.mark.parametrize("name", sorted(FITS))
+def test_fits_refuse_nan_and_plus_inf_logits_naming_the_exit(name, value, match):
+    """NaN logits were silently replaced (nan_to_num) or scored: now refused with the exit and how
+    many values, like +inf (a row with no softmax); the caller's logits are left as they were."""
+    logits, labels = overconfident()
+    logits[1, 7, :2] = value  # exit 2, one sample, two values
+    before = logits.clone()
+    with pytest.raises(ValueError, match=match) as info:
+        FITS[name](logits, labels)
+    if math.isnan(value):
+        assert "exit 1" not in str(info.value) and name in str(info.value)
+    assert torch.equal(logits.isnan(), before.isnan()) and torch.equal(logits.nan_to_num(), before.nan_to_num())
+
+
+@pytest.mark.parametrize("name", sorted(FITS))
+def test_a_class_masked_with_minus_inf_fits_as_if_it_were_absent(name):
+    """-inf for a masked class stays legitimate: every fit equals the fit on the logits without
+    that class (the softmax is the same)."""
+    logits, labels = overconfident()
+    labels = labels.clamp(max=3)  # class 4 is masked: no sample is labelled with it
+    masked = logits.clone()
+    masked[..., 4] = float("-inf")
+    got, ref = FITS[name](masked, labels), FITS[name](logits[..., :4].contiguous(), labels)
+    if isinstance(got, torch.Tensor):
+        assert torch.allclose(got.double(), ref.double(), rtol=1e-6)
+    elif isinstance(got, list):
+        assert got == pytest.approx(ref, rel=1e-6)
+    else:
+        assert str(got) == str(ref)

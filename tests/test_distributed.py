@@ -154,3 +154,44 @@ def test_ddp_one_faulty_rank_neither_hangs_nor_diverges(mode, learn, tmp_path):
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(a, b) and torch.isfinite(a).all()
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == (1 if mode == "skip" else 0)
+
+
+def _record(iteration):
+    return {"iteration": iteration, "meta_step": iteration, "val_objective": 1.0 / iteration,
+            "gamma": {"ce[1]": 0.5, "ce[2]": 0.5}, "terms": {"ce[1]": 2.0, "ce[2]": 1.0}}
+
+
+def _logging_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        loggers = [mw.CSVLogger(os.path.join(out_dir, "log.csv")), mw.TensorBoardLogger(os.path.join(out_dir, "tb")),
+                   mw.CSVLogger(os.path.join(out_dir, f"log-{rank}.csv"), all_ranks=True)]
+        for iteration in (1, 2, 3):
+            for logger in loggers:
+                logger(_record(iteration))
+            dist.barrier()
+        for logger in loggers:
+            logger.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loggers_on_every_rank_write_one_log_once(tmp_path):
+    """The same CSVLogger and TensorBoardLogger built on every rank (as a weighter's callbacks are)
+    on one path: rank 0 writes, each row once, one event file, no second log; all_ranks=True writes
+    on every rank."""
+    mp.spawn(_logging_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # before: rank 1 found rank 0's rows, took its run for another and wrote log-2.csv and tb-2 beside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log-0.csv", "log-1.csv", "log.csv", "tb"]  # (the init file is gone)
+    lines = (tmp_path / "log.csv").read_text().splitlines()
+    assert lines[0].startswith("iteration,meta_step") and [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]
+    for rank in (0, 1):
+        assert [line.split(",")[0] for line in (tmp_path / f"log-{rank}.csv").read_text().splitlines()[1:]] == \
+            ["1", "2", "3"]
+    events = list((tmp_path / "tb").glob("*tfevents*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = sorted(e.step for e in EventFileLoader(str(events[0])).Load()
+                   if e.HasField("summary") and e.summary.value[0].tag == "metaweight/gamma/ce[1]")
+    assert steps == [1, 2, 3]

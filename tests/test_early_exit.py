@@ -2,6 +2,7 @@
 and with every rule, and the host reads of its batch path counted with torch.profiler: at most one
 per exit (the count that sizes the samples that continue)."""
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -169,3 +170,46 @@ def test_early_exit_scores_calibrated_logits_when_given_the_temperatures():
     for bad in ([1.0, 2.0], [1.0, 0.0, 1.0], "warm"):
         with pytest.raises(ValueError, match="temperatures"):
             mw.EarlyExit(net, thresholds, temperatures=bad)
+
+
+class MaskedForward(nn.Module):
+    """A multi-exit model whose forward takes ``(x, mask=None)``, stages and heads from MultiExit."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+
+    def forward(self, x, mask=None):
+        return self.net(x)
+
+    def exit_stages(self):
+        return self.net.exit_stages()
+
+
+def test_inputs_the_forward_cannot_take_are_refused_saying_how_inputs_are_passed():
+    """A dict whose keys are not the forward's parameters, or a tuple, handed to a forward (or a
+    stage 1) annotated to take a Tensor: a TypeError that names the input, the forward and how
+    inputs are passed, before anything runs; not torch's `linear(): ... must be Tensor, not dict`."""
+    torch.manual_seed(0)
+    masked, net = MaskedForward().eval(), mw.MultiExit([nn.Linear(4, 4)] * 2, [nn.Linear(4, 3)] * 2).train()
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    before = [copy.deepcopy(m.state_dict()) for m in (masked, net)]
+    cases = [
+        (lambda: mw.EarlyExit(masked, [0.5, 0.0])({"inp": x}), r"dict with keys \['inp'\].*`Linear.forward\(input"),
+        (lambda: mw.EarlyExit(net, [0.5, 0.0])({"inp": x}), r"dict with keys \['inp'\].*`MultiExit.forward\(x"),
+        (lambda: mw.exit_costs(net, (x, x)), r"exit_costs was given a tuple of 2.*`MultiExit.forward\(x"),
+        (lambda: mw.exit_costs(net, (x, x), executed=True), r"tuple of 2.*`MultiExit.forward\(x"),
+        (lambda: mw.collect_logits(net, [((x, x), y)]), r"collect_logits was given a tuple of 2"),
+    ]
+    for call, match in cases:
+        with pytest.raises(TypeError, match=match) as info:
+            call()
+        assert "passed as keyword arguments" in str(info.value) and "takes a Tensor there" in str(info.value)
+    for model, state in zip((masked, net), before):
+        assert all(torch.equal(a, b) for a, b in zip(state.values(), model.state_dict().values()))
+    assert not masked.training and net.training and all(m.training for m in net.modules())
+    # what the forward does take still runs, and agrees with the tensor itself
+    for model in (masked, net):
+        expected = mw.EarlyExit(model, [0.5, 0.0])(x)
+        for got in (mw.EarlyExit(model, [0.5, 0.0])({"x": x}), mw.EarlyExit(model, [0.5, 0.0])(x=x)):
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))

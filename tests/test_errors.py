@@ -147,3 +147,60 @@ def test_multiexit_checks():
         mw.MultiExit([], [])
     with pytest.raises(TypeError, match=r"heads\[0\]"):
         mw.MultiExit([nn.Identity()], [lambda x: x])
+
+
+def _meta_calls():
+    """Every public function that reads the values of logits, labels or a model's outputs, each
+    given meta tensors in one argument (the argument's name as the message shows it)."""
+    K, N, C = 2, 6, 3
+    z, y = torch.randn(K, N, C), torch.randint(0, C, (N,))
+    zm, ym = z.to("meta"), y.to("meta")
+    costs = [1.0, 2.0]
+    return [
+        ("calibrate", "`val_logits`", lambda: mw.calibrate(zm, y)),
+        ("calibrate test", "`test_logits`", lambda: mw.calibrate(z, y, zm, y)),
+        ("fit_temperatures", "`val_logits`", lambda: mw.fit_temperatures(zm, y)),
+        ("expected_calibration_error", "`logits`", lambda: mw.expected_calibration_error(zm, y)),
+        ("calibrate labels", "The labels", lambda: mw.calibrate(z, ym)),
+        ("anytime_accuracy_from_logits", "`logits`", lambda: mw.anytime_accuracy_from_logits(zm, y)),
+        ("anytime labels", "The labels", lambda: mw.anytime_accuracy_from_logits(z, ym)),
+        ("find_thresholds", "`logits`", lambda: mw.find_thresholds(zm, [0.5, 0.5])),
+        ("exit_assignment", "`logits`", lambda: mw.exit_assignment(zm, [0.5, 0.0])),
+        ("evaluate_thresholds", "`logits`", lambda: mw.evaluate_thresholds(zm, y, [0.5, 0.0], costs)),
+        ("budgeted_curve val", "`val_logits`", lambda: mw.budgeted_curve(zm, y, z, y, costs)),
+        ("budgeted_curve test", "`test_logits`", lambda: mw.budgeted_curve(z, y, zm, y, costs)),
+        ("thresholds_for_budget", "`val_logits`", lambda: mw.thresholds_for_budget(zm, y, costs, 1.5)),
+        ("thresholds_for_accuracy", "`val_logits`", lambda: mw.thresholds_for_accuracy(zm, y, 0.1)),
+        ("DenseDistillLoss", "The model output", lambda: mw.DenseDistillLoss(K)(list(zm), y)),
+        ("DenseDistillLoss labels", "The target", lambda: mw.DenseDistillLoss(K)(list(z), ym)),
+        ("BalancedValidation", "The model output on the validation batch",
+         lambda: mw.BalancedValidation(K)(list(zm), y)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_meta_calls())), ids=[c[0] for c in _meta_calls()])
+def test_meta_tensors_are_refused_by_name_where_values_are_read(index):
+    """Logits and labels on the meta device (shapes, no values) are refused up front with a
+    ValueError naming the argument and saying how to get real tensors: no torch error about
+    .item() or a device mismatch from inside the library."""
+    _, name, call = _meta_calls()[index]
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(f"{name} is on the meta device") and "to_empty" in message and "load_state_dict" in message
+
+
+def test_exit_costs_refuses_a_meta_model_with_real_inputs_and_the_reverse():
+    """exit_costs counts on meta tensors when the model and the input are both there; one without
+    the other is refused before the forward runs, saying both ways out."""
+    meta = mw.MultiExit([nn.Linear(6, 6, device="meta") for _ in range(2)],
+                        [nn.Linear(6, 5, device="meta") for _ in range(2)])
+    real = mw.MultiExit([nn.Linear(6, 6) for _ in range(2)], [nn.Linear(6, 5) for _ in range(2)])
+    before = copy.deepcopy(real.state_dict())
+    for model, x, where in ((meta, torch.randn(1, 6), "the model's parameters are on the meta device"),
+                            (real, torch.randn(1, 6, device="meta"), "`example_input` is on the meta device")):
+        with pytest.raises(ValueError, match=where) as info:
+            mw.exit_costs(model, x)
+        assert "device='meta'" in str(info.value) and "to_empty" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), real.state_dict().values()))
+    assert mw.exit_costs(meta, torch.randn(1, 6, device="meta")).macs == [66, 132]

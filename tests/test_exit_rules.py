@@ -15,12 +15,13 @@ from references.exit_rules import loop_assign, score
 RULES = ["max_probability", "entropy", "margin", "patience"]
 
 
-def tricky_logits(K=4, N=120, C=5, seed=0):
+def tricky_logits(K=4, N=120, C=5, seed=0, nan=True):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(K, N, C, generator=g) * 2
     logits[:, ::6] = logits[:, 1:2]  # identical samples: tied scores
     logits[:, 5::9] = logits[0, 5::9]  # the same prediction at every exit: patience grows
-    logits[2, 7] = float("nan")  # a NaN score at one exit
+    if nan:
+        logits[2, 7] = float("nan")  # a NaN score at one exit
     labels = torch.randint(0, C, (N,), generator=g)
     return logits, labels
 
@@ -64,8 +65,10 @@ def test_assignment_and_early_exit_equal_a_per_sample_loop(rule):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_threshold_search_reaches_the_wanted_fractions_and_curve_runs(rule):
-    logits, labels = tricky_logits(N=400, seed=1)
+    logits, labels = tricky_logits(N=400, seed=1, nan=False)  # thresholds are not fitted on NaN (refused)
     dist = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    with pytest.raises(ValueError, match=r"exit 3: 5 NaN values, in 1 sample"):
+        mw.find_thresholds(tricky_logits(N=400, seed=1)[0], dist, rule=rule)
     thresholds = mw.find_thresholds(logits, dist, rule=rule)
     scores = as_rule(rule).scores(logits)  # checked against the formula above
     assert thresholds.tolist() == loop_thresholds_from_scores(scores, dist).tolist()

@@ -639,6 +639,17 @@ def test_every_single_byte_flip_of_a_checkpoint_loads_the_same_or_is_called_dama
     (lambda p: mw.load_checkpoint(p, map_location="nodevice"), ValueError, "map_location"),
     (lambda p: mw.load_checkpoint(p, map_location={"cpu": "nodevice"}), ValueError, "map_location"),
     (lambda p: mw.load_checkpoint(p, map_location=3.5), TypeError, "map_location"),
+    (lambda p: mw.load_checkpoint(p, map_location="cpu:1"), ValueError, r"Invalid map_location: 'cpu:1'.*one device"),
+    (lambda p: mw.load_checkpoint(p, map_location=torch.device("cpu", 1)), ValueError, "'cpu:1'.*use 'cpu'"),
+    (lambda p: mw.load_checkpoint(p, map_location={"cpu": "cpu:1"}), ValueError, "map_location: 'cpu:1'"),
+    (lambda p: mw.load_checkpoint(p, map_location=f"cuda:{torch.cuda.device_count()}"), ValueError,
+     "Invalid map_location: 'cuda:.*(is_available|numbered from 0)"),
+    (lambda p: mw.save_checkpoint({"w": torch.zeros(2), "f": lambda: 0}, p), TypeError,
+     r"`state\['f'\]` \(a function\) cannot be saved.*Nothing was written"),
+    (lambda p: mw.save_checkpoint({"opt": [1, {"lock": __import__("threading").Lock()}]}, p), TypeError,
+     r"`state\['opt'\]\[1\]\['lock'\]` \(a lock\) cannot be saved"),
+    (lambda p: mw.save_checkpoint({"f": lambda: 0}, p.parent / "new" / "deeper" / "c.pt"), TypeError,
+     r"`state\['f'\]`"),
     (lambda p: mw.save_checkpoint({"a": 1}, p.parent), ValueError, "is a folder"),
     (lambda p: mw.save_checkpoint({"a": 1}, p / "x.pt"), ValueError, "is a file, not a folder"),
 ])
@@ -647,7 +658,7 @@ def test_checkpoint_arguments_are_refused_before_anything_changes(tmp_path, call
     before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
     with pytest.raises(error, match=name):
         call(path)
-    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before  # no temp file, no folder
     assert torch.equal(mw.load_checkpoint(path, map_location="cpu")["w"], torch.ones(2))
 
 
@@ -738,12 +749,41 @@ def test_find_thresholds_takes_int_proportions_and_lists():
                                                  mw.exit_assignment(logits, thresholds)))
 
 
+def _old_format(tmp_path):
+    torch.save({"weights": torch.arange(300.0), "step": 3}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
+    return (tmp_path / "old.ckpt").read_bytes()
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_a_truncated_old_format_checkpoint_is_called_damaged_like_a_new_one(tmp_path, weights_only):
+    """An old-format torch.save (five pickles, then the tensor data) cut anywhere after its first
+    pickle: called damaged and truncated, as a cut zip archive is, whichever part the cut falls in;
+    not "a pickle stream ... written by pickle.dump". The intact file loads."""
+    good = _old_format(tmp_path)
+    assert mw.load_checkpoint(tmp_path / "old.ckpt", weights_only=weights_only)["step"] == 3
+    path = tmp_path / "cut.ckpt"
+    for cut in (15, 16, 100, len(good) // 2, len(good) - 1200, len(good) - 1):
+        path.write_bytes(good[:cut])
+        with pytest.raises(ValueError) as caught:
+            mw.load_checkpoint(path, weights_only=weights_only)
+        text = str(caught.value)
+        assert text.startswith(f"The checkpoint {path} is damaged: an old-format torch.save ({cut} bytes;"), (cut, text)
+        assert "truncated" in text and text.endswith("Resume from an earlier checkpoint."), (cut, text)
+    corrupt = bytearray(good)
+    corrupt[40] = 0xFF  # an opcode pickle does not have, inside the second pickle
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match=r"is damaged: an old-format torch.save.*corrupt near byte"):
+        mw.load_checkpoint(path, weights_only=weights_only)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda good: b"", r"is empty \(0 bytes\).*earlier checkpoint"),
     (lambda good: good[: len(good) // 2], r"is damaged: it starts as a torch.save archive but its end is missing"),
     (lambda good: good[:100] + bytes(50) + good[150:], r"is damaged: .*'archive/data.pkl' fails its checksum"),
     (lambda good: b"step,loss\n1,0.5\n" * 20, r"is not a torch checkpoint.*starts with b'step,los'.*Check the path"),
     (lambda good: __import__("pickle").dumps({"a": 1}), r"is a pickle stream.*pickle.load"),
+    (lambda good: __import__("pickle").dumps({"a": list(range(50))})[:60],
+     r"is damaged: a pickle stream \(60 bytes\).*end early.*truncated.*earlier checkpoint"),
 ])
 def test_load_checkpoint_says_what_is_wrong_with_a_file_in_full(tmp_path, damage, message):
     good = mw.save_checkpoint({"weights": torch.arange(300.0)}, tmp_path / "good.ckpt").read_bytes()
