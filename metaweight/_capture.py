@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 from torch.utils._pytree import tree_leaves
 
-from metaweight._moves import fingerprint, moved
+from metaweight._moves import FROZEN_WITH_GRAD, fingerprint, frozen_with_grad, moved
 from metaweight._randomness import RngState, model_generators, new_generators, rng_state, same_rng_state
 
 TOLERANCE = 1e-6  # relative: a rescale that far from 1 is a rescale; a residual that large is no rescale
@@ -395,6 +395,10 @@ class StepCapture(_Inert):
             if scale is not None:
                 pending.inv_scale = 1.0 / scale.double()
                 grads = [g / scale.to(g) if g is not None else None for g in grads]
+            frozen = frozen_with_grad(optimizer, weighter.module)
+            if frozen:
+                pending.error = FROZEN_WITH_GRAD.format(names=frozen[:8])
+                return
             names = [n for n, _ in named]
             pending.names = names
             snapshot = pending.after_backward

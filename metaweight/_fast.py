@@ -166,8 +166,6 @@ class FastMode:
         backward used) of the one-sided difference of the terms at ``theta`` along :math:`w`, from each
         loss's own terms (or, with ``recompute``, from the terms recomputed in float32 under its
         ``replay``, for half-precision or random forwards); then gamma's step from it."""
-        if not after_step:  # (step() checked before the model's step)
-            w._check_loop()  # the two-call form: the step is the user's; gamma and the weighter's state are kept
         # the terms of the training forwards, whatever the difference recomputes
         reported = pieces[0].terms
         if len(pieces) > 1:  # gradient accumulation: the average over the whole batch

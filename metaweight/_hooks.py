@@ -90,7 +90,8 @@ def check_optimizer_hooks(optimizer: Optimizer, own: Collection[int] = ()) -> No
     hooks = {**getattr(optimizer, "_optimizer_step_pre_hooks", {}),
              **getattr(optimizer, "_optimizer_step_post_hooks", {})}
     mine = [k for k, hook in hooks.items() if k not in own and not getattr(hook, "metaweight_own", False)]
-    shared = bool(_optim._global_optimizer_pre_hooks) or bool(_optim._global_optimizer_post_hooks)
+    shared = any(not getattr(hook, "metaweight_own", False) for hook in
+                 (*_optim._global_optimizer_pre_hooks.values(), *_optim._global_optimizer_post_hooks.values()))
     if mine or shared:
         where = ("the optimizer has step hooks (register_step_pre_hook / register_step_post_hook)" if mine else
                  "every optimizer has step hooks (torch.optim.optimizer.register_optimizer_step_pre_hook / "

@@ -15,16 +15,26 @@ of the loop between which nothing may move them:
   step (the gradients were taken at the parameters the step starts from) and between the end of the
   step and ``meta_step`` (the validation gradient is taken at the parameters the step left).
 
+Another optimizer's step is also seen as it happens: one process-wide optimizer step post-hook
+(``torch.optim.optimizer.register_optimizer_step_post_hook``, registered with the first weighter)
+notes, for each weighter alive, a step of any other optimizer holding one of its model's parameters
+(a second optimizer over the heads while the weighter's holds everything); the next meta step
+refuses. It costs an identity test per optimizer step, and a scan of the parameters of optimizers
+other than the weighters'.
+
 What a norm cannot see: a move that keeps every parameter's norm to the last bit of float64 (a
 permutation of a tensor's entries, a sign flip of a whole tensor).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 @torch.no_grad()
@@ -55,6 +65,21 @@ def outside_optimizer(optimizer: torch.optim.Optimizer, named: Sequence[tuple[st
     return [(n, p) for n, p in named if id(p) not in held]
 
 
+def frozen_with_grad(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> list[str]:
+    """Parameters the optimizer holds that do not require gradients but have a ``.grad`` (zeroed with
+    ``zero_grad(set_to_none=False)`` after being frozen): torch's optimizers step every parameter with a
+    gradient, so weight decay, momentum and Adam's moments still move them (Python objects only)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [n for n, p in module.named_parameters() if not p.requires_grad and p.grad is not None and id(p) in held]
+
+
+FROZEN_WITH_GRAD = (
+    "The parameters {names} do not require gradients but have a .grad tensor (frozen, then zeroed with "
+    "zero_grad(set_to_none=False)): torch's optimizer still steps them (weight decay, momentum, Adam's moments move "
+    "a parameter whose gradient is zero), a move the meta-gradient does not see. Zero with "
+    "optimizer.zero_grad(set_to_none=True) (the default), set their .grad to None when you freeze them, or take them "
+    "out of the optimizer.")
+
 OUTSIDE_MOVED = (
     "The trainable parameters {names} are not in the weighter's optimizer, and they moved since the last meta step "
     "(e.g. another optimizer steps them): the meta-gradient is that of the weighter's optimizer's step, which keeps "
@@ -74,3 +99,35 @@ MOVED_AFTER_STEP = (
     "p.clamp_(), a projection or renormalisation, another optimizer's step): mode='fast' scores the parameters the "
     "step left, and the change is not part of it. Call meta_step right after optimizer.step() and change the "
     "parameters after it. gamma is unchanged.")
+
+
+FOREIGN_STEP = (
+    "Another optimizer ({name}) stepped parameters of the model since the last meta step: the meta-gradient is that of "
+    "the weighter's optimizer's step, and a second optimizer's move of the same model (it depends on gamma too, "
+    "through the gradients) is not part of it. Give the weighter the one optimizer that steps the model (parameter "
+    "groups for different settings); if you replaced the optimizer, build a new weighter with it (load the old "
+    "one's state_dict to keep gamma). gamma and everything else are unchanged.")
+
+
+class ForeignSteps:
+    """The process-wide optimizer step post-hook: marks the weighters whose model another optimizer
+    stepped (``weighter._foreign_step``, the optimizer's class name), for :data:`FOREIGN_STEP`."""
+
+    metaweight_own = True  # (passed over by the hook checks)
+    watched: weakref.WeakSet = weakref.WeakSet()
+    handle: Any = None
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for weighter in list(self.watched):
+            if optimizer is weighter._inner_optimizer or weighter._foreign_step is not None:
+                continue
+            mine = {id(p) for p in weighter.module.parameters()}
+            if any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
+                weighter._foreign_step = type(optimizer).__name__
+
+    @classmethod
+    def watch(cls, weighter: Any) -> None:
+        """Watch ``weighter``'s model from now on (weakly)."""
+        if cls.handle is None:
+            cls.handle = register_optimizer_step_post_hook(cls())
+        cls.watched.add(weighter)

@@ -51,6 +51,8 @@ class TwoCall:
                              "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "
                              "loss.backward(); optimizer.step(); weighter.meta_step((x, y), val_batch). "
                              "(Or call weighter.step(train_batch, val_batch), which does all of it.)")
+        if run_meta:
+            w._check_loop()  # options, hooks, other optimizers' steps: before anything changes
         plan = self._plan(w, pending, x, y) if run_meta else None
         pending_now, w._pending, w._stepped = w._pending, None, None
         w.num_calls += 1

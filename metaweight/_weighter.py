@@ -37,7 +37,7 @@ from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction,
 from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
-from metaweight._moves import OUTSIDE_MOVED, fingerprint, moved, outside_optimizer
+from metaweight._moves import FOREIGN_STEP, OUTSIDE_MOVED, ForeignSteps, fingerprint, moved, outside_optimizer
 from metaweight._optimizers import (check_optimizer_covers_model,
                                     check_optimizer_options, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
@@ -323,6 +323,9 @@ class HarmonizedWeighter(NamedWeights):
         self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
         self._step_hooks: tuple[RemovableHandle, ...] = ()
         self._outside_print: tuple[list[str], Tensor] | None = None  # see _check_outside
+        self._foreign_step: str | None = None  # another optimizer stepped the model (metaweight._moves)
+        if self.learn:
+            ForeignSteps.watch(self)
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn:
@@ -402,7 +405,7 @@ class HarmonizedWeighter(NamedWeights):
         record = self._watch.take(outputs) if self._watch is not None else None
         micro = Micro(tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs), terms.detach(), target,
                       low, record)
-        if self._pending is None or self._pending.theta is not None:
+        if self._pending is None or self._pending.theta is not None or self._pending.error is not None:
             if self._pending is not None:  # a loss after the step (logging it): meta_step still scores the step
                 self._stepped = self._pending
             # the parameters the gradients are taken at: the step must start from them (see _moves)
@@ -475,6 +478,9 @@ class HarmonizedWeighter(NamedWeights):
         check_optimizer_options(self._inner_optimizer)
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
         check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})
+        if self._foreign_step is not None:
+            name, self._foreign_step = self._foreign_step, None  # (refused once: the next meta step sees anew)
+            raise ValueError(FOREIGN_STEP.format(name=name))
         self._check_outside()
 
     def _check_outside(self) -> None:
