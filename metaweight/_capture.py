@@ -63,7 +63,7 @@ class ForwardRecord:
     start: RngState
     drew: bool
     modes: tuple[bool, ...]
-    inputs: list[tuple[Tensor, int]] = dataclasses.field(default_factory=list)
+    inputs: list[tuple[Tensor, int, Tensor | None]] = dataclasses.field(default_factory=list)
     outputs: list[weakref.ref] = dataclasses.field(default_factory=list)
     appeared: list[str] = dataclasses.field(default_factory=list)
     # an output that died before loss() (the loop kept only a copy of it, [o.clone() for o in model(x)]):
@@ -95,15 +95,29 @@ class ForwardRecord:
         return bool(leaves)
 
 
-def _value_print(t: Tensor) -> Tensor:
+def value_print(t: Tensor) -> Tensor:
+    """On the device, float64: the sum and the norm of ``t``'s values (any dtype), to tell equal values
+    from changed ones without a read."""
     with torch.no_grad():
+        t = t.detach()
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
         return torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)])
+
+
+def values_print(tree: Any) -> Tensor | None:
+    """:func:`value_print` of every tensor in ``tree``, concatenated (``None`` for none)."""
+    leaves = [t for t in tensor_leaves(tree) if not t.is_complex()]
+    if not leaves:
+        return None
+    device = leaves[0].device
+    return torch.cat([value_print(t).to(device) for t in leaves])
 
 
 def _output_died(record: weakref.ref, i: int, alias: Tensor) -> None:
     r = record()
     if r is not None and not r.taken and alias.is_floating_point():
-        r.gone[i] = (alias.shape, alias.device, _value_print(alias))
+        r.gone[i] = (alias.shape, alias.device, value_print(alias))
 
 
 def _same_output(output: Tensor | None, leaf: Tensor,
@@ -111,7 +125,7 @@ def _same_output(output: Tensor | None, leaf: Tensor,
     if output is None:  # the forward's output is gone: a copy of it (equal values), or something made from it
         if gone is None or gone[0] != leaf.shape or gone[1] != leaf.device or not leaf.is_floating_point():
             return False
-        a, b = gone[2], _value_print(leaf.detach())
+        a, b = gone[2], value_print(leaf.detach())
         return bool(torch.allclose(a, b, rtol=1e-12, atol=0.0, equal_nan=True))  # (off the usual path)
     if output is leaf:
         return True
@@ -154,7 +168,8 @@ class ForwardWatch(_Inert):
     def __init__(self, weighter: Any, device: torch.device) -> None:
         self._ref = weakref.ref(weighter)
         self.device = device
-        self._open: list[tuple[RngState, tuple[torch.Generator, ...], list[tuple[Tensor, int]]] | None] = []
+        self._open: list[tuple[RngState, tuple[torch.Generator, ...], list[tuple[Tensor, int, Tensor | None]]] | None] \
+            = []
         self.records: list[ForwardRecord] = []
         self.paused = False  # the weighter's own forwards need no record
 
@@ -166,7 +181,10 @@ class ForwardWatch(_Inert):
             self._open.append(None)
             return
         generators = model_generators(weighter.module)
-        inputs = [(t, t._version) for t in tensor_leaves((args, kwargs))]
+        # the inputs, their versions and values (a loader may write the next batch into the same buffer
+        # without a version change: torch.from_numpy, .data)
+        inputs = [(t, t._version, value_print(t) if not t.is_complex() else None)
+                  for t in tensor_leaves((args, kwargs))]
         self._open.append((rng_state(self.device, generators), generators, inputs))
 
     def after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -208,10 +226,13 @@ class Micro:
     forward: ForwardRecord | None
     factor: Tensor | None = None
     target_versions: tuple[int, ...] = ()  # the labels' versions at loss(): changed in place since, if they differ
+    target_print: Tensor | None = None  # and their values' fingerprint (a buffer rewritten without a version)
 
     def __post_init__(self) -> None:
         if not self.target_versions:
             self.target_versions = tuple(t._version for t in tensor_leaves(self.target))
+        if self.target_print is None:
+            self.target_print = values_print(self.target)
 
     def target_changed(self) -> bool:
         """Whether the labels were changed in place since :meth:`HarmonizedWeighter.loss` got them."""
@@ -406,10 +427,14 @@ class StepCapture(_Inert):
                 pending.error = requires_grad_message(snapshot.names, names, "loss.backward() and optimizer.step()")
                 return
             if snapshot is not None:  # compared by value: GradScaler.unscale_ leaves the versions as they were
-                pending.presence = [n for n, a, b in zip(names, snapshot.values, grads_of(named))
-                                    if (a is None) != (b is None)]
-                pending.rescale = rescale_between(snapshot.values, grads_of(named))
-                pending.seen = snapshot.values  # a common rescale keeps the direction
+                # the gradients of parameters the optimizer does not hold move nothing (held fixed): left out
+                held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+                inside = [id(p) in held for _, p in named]
+                then = [g if k else None for g, k in zip(snapshot.values, inside)]
+                now = [g if k else None for g, k in zip(grads_of(named), inside)]
+                pending.presence = [n for n, a, b in zip(names, then, now) if (a is None) != (b is None)]
+                pending.rescale = rescale_between(then, now)
+                pending.seen = then  # a common rescale keeps the direction
             pending.theta, pending.jac = self._before_step(optimizer, named, grads)
             pending.moved_before = moved(pending.start_print, fingerprint([p for _, p in named]))
             weighter._stepped = None  # an earlier step, superseded

@@ -146,13 +146,19 @@ class FastMode:
         try:
             record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform,
                                after_step=True)
-        except Exception:
+        except Exception as exc:
             # an error of the validation pass that could not be judged before the step, or a hook that raised:
             # the model's step is taken (a plain step with the gamma it had) and counted; gamma, its optimizer
             # and the validation average are as before
             calls = w.num_calls
             transaction.rollback(w, saved, buffers=False)
             w.num_calls = calls
+            if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
+                exc.add_note(
+                    f"metaweight: this error came after the model's step, which mode='fast' takes before scoring "
+                    f"it: the step stands and is counted (num_calls={calls}); gamma, its optimizer and the "
+                    f"validation average are as before. Do not call step() again on this batch (the model would "
+                    f"step twice): fix the validation batch or objective and go on with the next batch.")
             raise
         return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from metaweight._capture import TOLERANCE, Micro, Pending, module_modes, requires_grad_message, tensor_leaves
+from metaweight._capture import (TOLERANCE, Micro, Pending, module_modes, requires_grad_message, tensor_leaves,
+                                value_print, values_print)
 from metaweight._checks import unpack_batch as _unpack
 from metaweight._clipping import EPSILON, clip_transpose, total_norm
 from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
@@ -118,7 +119,7 @@ class TwoCall:
         appeared = [name for m in stepped for name in m.forward.appeared]
         if appeared:
             raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared)))
-        self._check_inputs(w, stepped, inputs)
+        differ = self._check_inputs(w, stepped, inputs)
         modes = module_modes(w.module)
         if any(m.forward is not None and m.forward.modes != modes for m in stepped):
             raise ValueError("Some modules changed between train and eval mode since the training forward: the "
@@ -127,37 +128,47 @@ class TwoCall:
         if w._compiled and any(m.forward is not None and m.forward.drew for m in stepped):
             raise ValueError(_COMPILED_RANDOM)
         now = fingerprint([p for _, p in w._trainable()])
-        before = pending.moved_before if pending.moved_before is not None else torch.zeros((), dtype=torch.bool)
-        moves = torch.stack([before.to(now.device), moved(pending.end_print, now).to(now.device)]) \
-            if now is not None else None
+        device = now.device if now is not None else w.gamma.device
+        no = torch.zeros((), dtype=torch.bool, device=device)
+        before = pending.moved_before if pending.moved_before is not None else no
+        after = moved(pending.end_print, now) if now is not None else no
+        moves = torch.stack([before.to(device), after.to(device), (differ if differ is not None else no).to(device)])
         return stepped, inputs, self._gradient_transform(w, pending, stepped, moves)
 
-    def _check_inputs(self, w: HarmonizedWeighter, stepped: list[Micro], inputs: list[tuple[Any, Any]]) -> None:
-        """Refuses inputs other than those the training forward got: the same tensors (free), or equal
-        ones (one host read for all of them)."""
-        pairs = []
-        for micro, (xi, _) in zip(stepped, inputs):
+    def _check_inputs(self, w: HarmonizedWeighter, stepped: list[Micro], inputs: list[tuple[Any, Any]]
+                      ) -> Tensor | None:
+        """Refuses inputs other than those the training forward got, and labels other than those
+        ``loss()`` got: what Python can judge here; the values on the device, returned as one flag
+        (read with the step's one read): the same tensors must hold the values they held then (a
+        loader may refill its buffer without a version change), other tensors equal ones."""
+        flags = []
+        for micro, (xi, yi) in zip(stepped, inputs):
             assert micro.forward is not None
             args, kwargs = model_arguments(w.model, xi)
             now, then = tensor_leaves((args, kwargs)), micro.forward.inputs
             if len(now) != len(then):
                 raise ValueError(_OTHER_INPUTS.format(why=f"{len(now)} input tensors, where the model got {len(then)}"))
-            for t, (seen, version) in zip(now, then):
+            for t, (seen, version, print_) in zip(now, then):
                 if t is seen:
                     if t._version != version:
                         raise ValueError(_OTHER_INPUTS.format(why="inputs changed in place since the forward"))
+                    if print_ is not None:
+                        flags.append((print_ != value_print(t)).any())
                 elif t.shape != seen.shape or t.dtype != seen.dtype:
                     raise ValueError(_OTHER_INPUTS.format(
                         why=f"inputs of shape {tuple(t.shape)} ({t.dtype}) where the model got {tuple(seen.shape)} "
                             f"({seen.dtype})"))
                 else:
-                    pairs.append((seen, t))
-        if pairs:
-            device = pairs[0][0].device
-            equal = torch.stack([((a == b.to(a.device)) | ((a != a) & (b.to(a.device) != b.to(a.device)))).all().to(
-                device) for a, b in pairs]).all()
-            if not host_read([equal])[0]:
-                raise ValueError(_OTHER_INPUTS.format(why="inputs whose values differ from those the model got"))
+                    a, b = seen, t.to(seen.device)
+                    flags.append(~((a == b) | ((a != a) & (b != b))).all())
+            if micro.target_print is not None:
+                now_print = values_print(yi)
+                flags.append(torch.ones((), dtype=torch.bool) if now_print is None or now_print.shape !=
+                             micro.target_print.shape else (now_print != micro.target_print.to(now_print.device)).any())
+        if not flags:
+            return None
+        device = flags[0].device
+        return torch.stack([f.to(device) for f in flags]).any()
 
     def _gradient_transform(self, w: HarmonizedWeighter, pending: Pending, stepped: list[Micro], moves: Tensor | None = None
                             ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
@@ -168,7 +179,7 @@ class TwoCall:
         (:mod:`metaweight._clipping`)."""
         clip = w.clip_grad_norm
         device = w.gamma.device
-        moves = moves.to(device).double() if moves is not None else torch.zeros(2, dtype=torch.float64, device=device)
+        moves = moves.to(device).double() if moves is not None else torch.zeros(3, dtype=torch.float64, device=device)
         if pending.rescale is None and pending.inv_scale is None and pending.cleared is None:
             _check_moves(host_read([moves]))
             return None
@@ -251,7 +262,12 @@ class TwoCall:
 
 
 def _check_moves(flags: list[float]) -> None:
-    """Refuse a step whose parameters moved by something other than the optimizer's step."""
+    """Refuse a step whose inputs or labels are not those of its training forward and ``loss()`` (``flags[2]``),
+    or whose parameters moved by something other than the optimizer's step (``flags[0:2]``)."""
+    if flags[2]:
+        raise ValueError(_OTHER_INPUTS.format(why="inputs or labels whose values differ from those the model and "
+                                                  "weighter.loss got: another batch, or a buffer the loader refilled "
+                                                  "in place (e.g. through torch.from_numpy or .data)"))
     if flags[0]:
         raise ValueError(MOVED_BEFORE_STEP)
     if flags[1]:
@@ -271,8 +287,9 @@ _UNSEEN_FORWARD = ("The outputs given to weighter.loss came from no forward of t
                    "through the model's forward hooks, and recomputes that forward's outputs. Call model(x), not "
                    "model.forward(x), and pass weighter.loss its outputs as they are, in the model's order: outputs "
                    "transformed first (a temperature, a prior added, exits reordered or repeated) have another "
-                   "meta-gradient; put such a change in the model's forward (or use mode='exact'). gamma is "
-                   "unchanged.")
+                   "meta-gradient; put such a change in the model's forward (or use mode='exact'). A forward hook "
+                   "on the model that replaces its outputs and was registered after the weighter runs after the "
+                   "weighter's own hook: register it before building the weighter. gamma is unchanged.")
 
 
 def _micro_inputs(stepped: list[Micro], x: Any, y: Any) -> list[tuple[Any, Any]]:

@@ -224,6 +224,10 @@ FEATURES: dict[str, dict[str, str]] = {
     "another loss backpropagated after the weighted one": {"fast, two calls": "refused"},
     "another loss backpropagated with (summed) or before the weighted one": {"fast, two calls": "right"},
     "outputs copied before loss() ([o.clone() for o in model(x)])": {"fast, two calls": "right"},
+    "frozen parameters holding a zero .grad (zero_grad(set_to_none=False))": {
+        form: "refused" for form in FORMS if not form.endswith("step()")},
+    "clip_grad_norm_ over the optimizer's parameters, the rest held fixed": {"fast, two calls": "right"},
+    "a batch buffer refilled in place before meta_step (torch.from_numpy)": {"fast, two calls": "refused"},
 }
 
 
@@ -1171,7 +1175,7 @@ def test_a_second_optimizer_over_parameters_the_weighter_s_optimizer_holds_too_i
     assert same(before, state(model, optimizer, w))
 
 
-@pytest.mark.parametrize("form", ["exact, jvp", "fast, two calls"])
+@pytest.mark.parametrize("form", ["exact, jvp", "exact, higher", "exact, finite_difference", "fast, two calls"])
 def test_frozen_parameters_with_a_zero_gradient_tensor_are_refused(form):
     """requires_grad_(False) on heads.0, zero_grad(set_to_none=False): torch's SGD with weight decay still moves
     them; the fast mode scored the step 3e5 off, the exact 2e-4."""
@@ -1179,7 +1183,7 @@ def test_frozen_parameters_with_a_zero_gradient_tensor_are_refused(form):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01)
     mode = "fast" if form.startswith("fast") else "exact"
     w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode=mode, gamma_optimizer="sgd",
-                              init=torch.tensor(GAMMA))
+                              init=torch.tensor(GAMMA), backend=form.split(", ")[1] if mode == "exact" else "jvp")
     torch.manual_seed(1)
     train = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
     val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
@@ -1273,3 +1277,62 @@ def test_the_exact_meta_step_leaves_the_random_numbers_to_the_step_it_looked_ahe
     twin_opt.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("what", ["inputs", "labels"])
+def test_a_batch_buffer_refilled_without_a_version_change_is_refused(what):
+    """A loader that writes the next batch into the buffer behind torch.from_numpy (no version change) before
+    meta_step: scored 3e8 off."""
+    model, optimizer, _, _, w, (x, y), val = two_call_setup()
+    xs, ys = x.numpy().copy(), y.numpy().copy()
+    x, y = torch.from_numpy(xs), torch.from_numpy(ys)
+    optimizer.zero_grad()
+    w.loss(model(x), y).backward()
+    optimizer.step()
+    if what == "inputs":
+        xs[:] = np.random.RandomState(0).randn(*xs.shape)
+    else:
+        ys[:] = (ys + 1) % 4
+    refused_unchanged(model, optimizer, w, r"values differ from those the model and weighter.loss got.*refilled",
+                      (x, y), val)
+
+
+def test_clipping_over_the_optimizer_s_parameters_with_the_rest_held_fixed_is_right():
+    """clip_grad_norm_ over exactly the parameters the optimizer holds, the trunk trainable but in no optimizer:
+    one common rescale of the gradients the step uses (refused before: the trunk's unclipped gradients were
+    compared too)."""
+    model, _, criterion, validation, _ = build(Case())
+    heads, _ = _heads_and_trunk(model)
+    optimizer = torch.optim.SGD(heads, lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA), clip_grad_norm=mw.ClipGradNorm(0.05))
+    torch.manual_seed(1)
+    train = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+
+    def clipped(net, opt, sc, micro, loss_of):
+        opt.zero_grad()
+        loss_of(net(micro[0][0]), micro[0][1]).backward()
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 0.05)
+        opt.step()
+
+    assert own_loop_error(clipped, model, optimizer, criterion, validation, w, train, val) < 1e-3
+
+
+def test_a_fast_step_whose_validation_pass_fails_after_the_model_s_step_says_so():
+    """The fast step() takes the model's step before scoring it: an error of the validation pass then comes with
+    a note that the step stands and must not be retried."""
+    model, optimizer, criterion, _, _ = build(Case())
+
+    def objective(outputs, y):
+        return F.cross_entropy(outputs[-1], y)  # a plain callable: its labels cannot be judged before the step
+
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, objective, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    train = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    val = (torch.randn(16, 6, dtype=F64), torch.full((16,), 7))
+    gamma = w.gamma.clone()
+    with pytest.raises(IndexError) as info:
+        w.step(train, val)
+    assert "the step stands and is counted (num_calls=1)" in "".join(getattr(info.value, "__notes__", []))
+    assert torch.equal(w.gamma, gamma) and w.num_calls == 1
