@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_map
 from metaweight._optimizers import lookahead_update
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness
+from metaweight._tangents import ShortTangents
 from metaweight._transaction import BufferSnapshot, FlatCopies
 
 
@@ -135,6 +136,15 @@ def validation_direction(model: nn.Module, validation: Objective, params: dict[s
     (``params[name]`` must require grad for those). A non-finite objective gives a non-finite
     direction: the caller decides, with no host read here. The forward runs on ``buffers`` (by
     default a copy of the model's)."""
+    objective, exit_losses, v = validation_gradient(model, validation, params, xv, yv, movable, reducer, buffers)
+    return objective, exit_losses, dict(zip((n for n, _ in movable), scale(v, jac)))
+
+
+def validation_gradient(model: nn.Module, validation: Objective, params: dict[str, Tensor], xv: Any, yv: Any,
+                        movable: Sequence[tuple[str, Tensor]], reducer: Reducer,
+                        buffers: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    r""":func:`validation_direction` before :math:`D`: the objective, the exit losses and
+    :math:`\nabla L_{val}` over the ``movable`` parameters, in their order."""
     buffers = _clone_buffers(model) if buffers is None else buffers
     local = validation.losses(call_with(model, params, buffers, xv), yv)
     # the objective of the losses averaged over ranks; its gradient through each rank's own losses
@@ -143,7 +153,15 @@ def validation_direction(model: nn.Module, validation: Objective, params: dict[s
     (weights,) = torch.autograd.grad(objective, exit_losses)
     v = torch.autograd.grad((weights * local).sum(), [params[n] for n, _ in movable], allow_unused=True)
     v = [t.to_dense() if t.layout != torch.strided else t for t in reducer.mean(_or_zeros(v, movable))]  # (embeddings)
-    return objective.detach(), exit_losses.detach(), dict(zip((n for n, _ in movable), scale(v, jac)))
+    return objective.detach(), exit_losses.detach(), v
+
+
+def common_factor(factors: Sequence[Tensor | float]) -> float | None:
+    """The one float all ``factors`` are (SGD's D when every moved parameter steps alike), else ``None``."""
+    values = {float(d) for d in factors if not isinstance(d, Tensor)}
+    if len(values) != 1 or any(isinstance(d, Tensor) for d in factors):
+        return None
+    return values.pop()
 
 
 def scale(tensors: Sequence[Tensor], factors: Sequence[Tensor | float]) -> list[Tensor]:
@@ -267,11 +285,16 @@ def meta_gradient(
         lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}
         # the parameters that stay at theta, detached (the validation gradient is taken at the others)
         fixed = {n: p.detach() for n, p in params.items() if n not in lookahead}
-        objective, exit_losses, direction = validation_direction(model, validation, {**fixed, **lookahead}, xv, yv,
-                                                                 movable, jac, reducer, scratch.fresh())
+        objective, exit_losses, v = validation_gradient(model, validation, {**fixed, **lookahead}, xv, yv, movable,
+                                                        reducer, scratch.fresh())
+        # the jvp is linear in its tangent: a D that is one number scales the K derivatives, not every v
+        factor = common_factor(jac) if backend == "jvp" else None
+        direction = dict(zip((n for n, _ in movable), v if factor is not None else scale(v, jac)))
         if backend == "jvp":
             with replay():
                 derivative = _jvp(model, criterion, params, direction, x, y, scratch)
+            if factor is not None:
+                derivative = derivative * factor
         elif backend == "finite_difference":
             derivative = _central_difference(model, criterion, params, direction, x, y, outputs, fd_epsilon, replay,
                                              scratch)
@@ -286,7 +309,8 @@ def _jvp(model: nn.Module, criterion: Terms, base: dict[str, Tensor], direction:
          x: Any, y: Any, scratch: LookaheadBuffers) -> Tensor:
     with fwAD.dual_level():
         dual = {n: (fwAD.make_dual(p, direction[n]) if n in direction else p) for n, p in base.items()}
-        terms = criterion(call_with(model, dual, scratch.fresh(), x), y)
+        with ShortTangents():  # BatchNorm's tangent in fewer ops than ATen's formula (see _tangents)
+            terms = criterion(call_with(model, dual, scratch.fresh(), x), y)
         tangent = fwAD.unpack_dual(terms).tangent
     return torch.zeros_like(terms) if tangent is None else tangent.detach()
 
