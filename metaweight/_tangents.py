@@ -51,14 +51,16 @@ def batch_norm_dual(input: Tensor, running_mean: Tensor | None, running_var: Ten
                     momentum: float = 0.1, eps: float = 1e-5) -> Tensor | None:
     """``F.batch_norm`` with batch statistics on dual tensors, its tangent by the formula above; ``None``
     where ATen's own is used (eval mode, no tangent anywhere, fewer than 2 dimensions)."""
-    if not training or not isinstance(input, Tensor) or input.dim() < 2:
+    if not training or not isinstance(input, Tensor) or input.dim() < 2 \
+            or torch.is_autocast_enabled(input.device.type):  # (autocast casts at aten::batch_norm, not below)
         return None
     x, x_t = _unpack(input)
     w, w_t = _unpack(weight)
     b, b_t = _unpack(bias)
     if x_t is None and w_t is None and b_t is None:
         return None
-    assert x is not None
+    if any(t is not None and t.dtype != x.dtype for t in (x_t, w, w_t, b, b_t)):
+        return None  # mixed precision: ATen's own rules
     y, mean, invstd, _, _ = torch._batch_norm_impl_index(x, w, b, running_mean, running_var, True, momentum, eps,
                                                          torch.backends.cudnn.enabled)
     if mean.dtype != x.dtype:  # (cuDNN keeps half-precision statistics in float32)

@@ -69,3 +69,12 @@ def test_short_tangents_through_a_model():
             results.append((unpacked.primal.clone(), unpacked.tangent.clone()))
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-10)
+
+
+def test_autocast_and_mixed_dtypes_are_left_to_aten():
+    x, w = torch.randn(4, 3), torch.randn(3)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert batch_norm_dual(dual, torch.zeros(3), torch.ones(3), w, None, True) is None
+        assert batch_norm_dual(dual, torch.zeros(3), torch.ones(3), w.double(), None, True) is None
