@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 
 class ShortTangents(TorchFunctionMode):
-    """``F.batch_norm`` in training mode with the tangent of :func:`batch_norm_tangent`; the rest as is."""
+    """``F.batch_norm`` in training mode with the tangent of :func:`batch_norm_dual`; the rest as is."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

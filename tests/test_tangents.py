@@ -78,3 +78,16 @@ def test_autocast_and_mixed_dtypes_are_left_to_aten():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert batch_norm_dual(dual, torch.zeros(3), torch.ones(3), w, None, True) is None
         assert batch_norm_dual(dual, torch.zeros(3), torch.ones(3), w.double(), None, True) is None
+
+
+def test_channels_last_without_running_statistics():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    xt, w, wt = torch.randn(4, 3, 5, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64), \
+        torch.randn(3, dtype=torch.float64)
+    outs = []
+    for f in (F.batch_norm, batch_norm_dual):
+        with torch.no_grad(), fwAD.dual_level():
+            out = fwAD.unpack_dual(f(fwAD.make_dual(x, xt), None, None, fwAD.make_dual(w, wt), None, True, 0.1, 1e-5))
+            outs.append((out.primal.clone(), out.tangent.clone()))
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-12, atol=1e-12)
