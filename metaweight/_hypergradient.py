@@ -37,7 +37,8 @@ from torch.utils._pytree import tree_map
 from metaweight._optimizers import lookahead_update
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness
-from metaweight._transaction import BufferSnapshot
+from metaweight._tangents import ShortTangents
+from metaweight._transaction import BufferSnapshot, FlatCopies
 
 
 class Reducer:
@@ -92,34 +93,75 @@ def _or_zeros(tensors: Sequence[Tensor | None], like: Sequence[tuple[str, Tensor
     return [t if t is not None else torch.zeros_like(p) for t, (_, p) in zip(tensors, like)]
 
 
-_SCRATCH: weakref.WeakKeyDictionary[nn.Module, BufferSnapshot] = weakref.WeakKeyDictionary()
+class LookaheadBuffers:
+    """The model's buffers as the look-ahead's forwards start from them: copied once (:meth:`save`),
+    then a fresh copy for each forward (which may update it, as BatchNorm does in training mode) by one
+    flat copy per device and dtype (:meth:`fresh`), in storage kept for the model between calls."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.origin = BufferSnapshot(model)
+        self._scratch = FlatCopies()
+
+    def save(self) -> None:
+        self.origin.save()
+
+    def fresh(self) -> dict[str, Tensor]:
+        """A copy of the saved buffers by name, valid until the next :meth:`fresh` or :meth:`save`."""
+        return dict(zip(self.origin.names, self._scratch.copy_from(self.origin.flat)))
+
+
+_SCRATCH: weakref.WeakKeyDictionary[nn.Module, LookaheadBuffers] = weakref.WeakKeyDictionary()
+
+
+def _scratch(model: nn.Module) -> LookaheadBuffers:
+    scratch = _SCRATCH.get(model)
+    if scratch is None:
+        scratch = _SCRATCH[model] = LookaheadBuffers(model)
+    return scratch
 
 
 def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
     """Copies of the model's buffers for one look-ahead forward (which may update them, as BatchNorm
     does in training mode), in storage kept for the model between calls: valid until the next call."""
-    scratch = _SCRATCH.get(model)
-    if scratch is None:
-        scratch = _SCRATCH[model] = BufferSnapshot(model)
+    scratch = _scratch(model)
     scratch.save()
-    return scratch.as_dict()
+    return scratch.origin.as_dict()
 
 
 def validation_direction(model: nn.Module, validation: Objective, params: dict[str, Tensor], xv: Any, yv: Any,
                          movable: Sequence[tuple[str, Tensor]], jac: Sequence[Tensor | float], reducer: Reducer,
-                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                         buffers: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     r"""The validation objective at ``params``, the exit losses it was computed from (averaged over
     ranks), and the direction :math:`w = D \odot \nabla L_{val}` over the ``movable`` parameters
     (``params[name]`` must require grad for those). A non-finite objective gives a non-finite
-    direction: the caller decides, with no host read here."""
-    local = validation.losses(call_with(model, params, _clone_buffers(model), xv), yv)
+    direction: the caller decides, with no host read here. The forward runs on ``buffers`` (by
+    default a copy of the model's)."""
+    objective, exit_losses, v = validation_gradient(model, validation, params, xv, yv, movable, reducer, buffers)
+    return objective, exit_losses, dict(zip((n for n, _ in movable), scale(v, jac)))
+
+
+def validation_gradient(model: nn.Module, validation: Objective, params: dict[str, Tensor], xv: Any, yv: Any,
+                        movable: Sequence[tuple[str, Tensor]], reducer: Reducer,
+                        buffers: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    r""":func:`validation_direction` before :math:`D`: the objective, the exit losses and
+    :math:`\nabla L_{val}` over the ``movable`` parameters, in their order."""
+    buffers = _clone_buffers(model) if buffers is None else buffers
+    local = validation.losses(call_with(model, params, buffers, xv), yv)
     # the objective of the losses averaged over ranks; its gradient through each rank's own losses
     exit_losses = reducer.mean([local.detach()])[0].requires_grad_(True)
     objective = validation.objective(exit_losses)
     (weights,) = torch.autograd.grad(objective, exit_losses)
     v = torch.autograd.grad((weights * local).sum(), [params[n] for n, _ in movable], allow_unused=True)
     v = [t.to_dense() if t.layout != torch.strided else t for t in reducer.mean(_or_zeros(v, movable))]  # (embeddings)
-    return objective.detach(), exit_losses.detach(), dict(zip((n for n, _ in movable), scale(v, jac)))
+    return objective.detach(), exit_losses.detach(), v
+
+
+def common_factor(factors: Sequence[Tensor | float]) -> float | None:
+    """The one float all ``factors`` are (SGD's D when every moved parameter steps alike), else ``None``."""
+    values = {float(d) for d in factors if not isinstance(d, Tensor)}
+    if len(values) != 1 or any(isinstance(d, Tensor) for d in factors):
+        return None
+    return values.pop()
 
 
 def scale(tensors: Sequence[Tensor], factors: Sequence[Tensor | float]) -> list[Tensor]:
@@ -225,10 +267,14 @@ def meta_gradient(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     movable = [(n, p) for n, p in named if lookahead_names is None or n in lookahead_names]
     device = gamma.device
+    scratch = _scratch(model)
     with replay_randomness(device, model_generators(model), model) as replay:
-        buffers = dict(model.named_buffers()) if keep_graph else _clone_buffers(model)
+        if not keep_graph:
+            scratch.save()  # (the later forwards start from the same buffers: the training forward's are a copy)
         params = {n: p for n, p in model.named_parameters()}
-        outputs = call_with(model, params, buffers, x)
+        outputs = call_with(model, params, scratch.fresh() if not keep_graph else dict(model.named_buffers()), x)
+        if keep_graph:
+            scratch.save()  # the buffers as this forward left them, as the model's own step would see them
         terms = criterion(outputs, y)
         grads = torch.autograd.grad(
             (gamma.to(terms) * terms).sum(), [p for _, p in movable], allow_unused=True, retain_graph=keep_graph
@@ -237,25 +283,34 @@ def meta_gradient(
             grads = tuple(reducer.mean(_or_zeros(grads, movable)))
         new, jac = lookahead_update(optimizer, [p for _, p in movable], grads)
         lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}
-        base = {n: p.detach() for n, p in model.named_parameters()}
-        objective, exit_losses, direction = validation_direction(model, validation, {**base, **lookahead}, xv, yv,
-                                                                 movable, jac, reducer)
+        # the parameters that stay at theta, detached (the validation gradient is taken at the others)
+        fixed = {n: p.detach() for n, p in params.items() if n not in lookahead}
+        objective, exit_losses, v = validation_gradient(model, validation, {**fixed, **lookahead}, xv, yv, movable,
+                                                        reducer, scratch.fresh())
+        # the jvp is linear in its tangent: a D that is one number scales the K derivatives, not every v
+        factor = common_factor(jac) if backend == "jvp" else None
+        direction = dict(zip((n for n, _ in movable), v if factor is not None else scale(v, jac)))
         if backend == "jvp":
             with replay():
-                derivative = _jvp(model, criterion, base, direction, x, y)
+                derivative = _jvp(model, criterion, params, direction, x, y, scratch)
+            if factor is not None:
+                derivative = derivative * factor
         elif backend == "finite_difference":
-            derivative = _central_difference(model, criterion, base, direction, x, y, outputs, fd_epsilon, replay)
+            derivative = _central_difference(model, criterion, params, direction, x, y, outputs, fd_epsilon, replay,
+                                             scratch)
         else:
             raise ValueError(f"Unknown backend {backend!r}; expected 'jvp' or 'finite_difference'.")
         derivative = reducer.mean([derivative])[0]
     return MetaResult(-derivative.to(gamma.dtype), objective, exit_losses, terms if keep_graph else terms.detach())
 
 
+@torch.no_grad()  # forward-mode AD records no graph: the parameters serve as primals, no detach each
 def _jvp(model: nn.Module, criterion: Terms, base: dict[str, Tensor], direction: dict[str, Tensor],
-         x: Any, y: Any) -> Tensor:
+         x: Any, y: Any, scratch: LookaheadBuffers) -> Tensor:
     with fwAD.dual_level():
         dual = {n: (fwAD.make_dual(p, direction[n]) if n in direction else p) for n, p in base.items()}
-        terms = criterion(call_with(model, dual, _clone_buffers(model), x), y)
+        with ShortTangents():  # BatchNorm's tangent in fewer ops than ATen's formula (see _tangents)
+            terms = criterion(call_with(model, dual, scratch.fresh(), x), y)
         tangent = fwAD.unpack_dual(terms).tangent
     return torch.zeros_like(terms) if tangent is None else tangent.detach()
 
@@ -263,7 +318,7 @@ def _jvp(model: nn.Module, criterion: Terms, base: dict[str, Tensor], direction:
 @torch.no_grad()
 def _central_difference(model: nn.Module, criterion: Terms, base: dict[str, Tensor],
                         direction: dict[str, Tensor], x: Any, y: Any, outputs: Any,
-                        epsilon: float | None, replay: Callable[[], Any]) -> Tensor:
+                        epsilon: float | None, replay: Callable[[], Any], scratch: LookaheadBuffers) -> Tensor:
     device = next(iter(base.values())).device
     # central differences: cbrt(machine eps) balances truncation against rounding
     h = step_length(base, direction, epsilon, order=2)
@@ -274,7 +329,7 @@ def _central_difference(model: nn.Module, criterion: Terms, base: dict[str, Tens
         moved = dict(zip(names, along([base[n] for n in names], [direction[n] for n in names], sign * h)))
         # differences of half-precision forwards drown in rounding: these two run in full precision
         with replay(), torch.autocast(device.type, enabled=False):
-            return criterion(call_with(model, {**base, **moved}, _clone_buffers(model), x), y,
+            return criterion(call_with(model, {**base, **moved}, scratch.fresh(), x), y,
                              teacher_outputs=teachers)
 
     plus = terms_at(1.0)

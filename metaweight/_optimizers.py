@@ -243,17 +243,32 @@ def lookahead_update(
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    """One vector of the tensors' entries (a single tensor, sparse ones included, as it is)."""
+    """One vector of the tensors' entries (a single tensor, sparse ones included, as it is); 1-D tensors
+    go into the ``cat`` as they are (a ``reshape`` is one more op per tensor)."""
     if len(tensors) == 1:
         return tensors[0]
-    return torch.cat([t.reshape(-1) for t in tensors])
+    return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])
 
 
 def _unflat(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Views of ``flat`` shaped as ``like``."""
+    """Views of ``flat`` shaped as ``like``: one ``as_strided`` each (``split`` and ``view`` are two)."""
     if len(like) == 1:
         return [flat]
-    return [v.view(t.shape) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+    if flat.dim() != 1 or flat.stride(0) != 1:
+        return [v.view(t.shape) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+    views, offset = [], flat.storage_offset()
+    for t in like:
+        views.append(flat.as_strided(t.shape, _contiguous_strides(t.shape), offset))
+        offset += t.numel()
+    return views
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _adam_steps(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None],

@@ -109,6 +109,17 @@ class FlatCopies:
                 torch.cat([t.reshape(-1) for t in sources], out=flat)
         return self.copies
 
+    @torch.no_grad()
+    def copy_from(self, other: FlatCopies) -> list[Tensor]:
+        """Copy ``other``'s copies into this storage (allocated as ``other``'s): one ``copy_`` per device and
+        dtype, where :meth:`copy` from the tensors themselves is one view per tensor and a ``cat``."""
+        if self._key != other._key:
+            self._allocate(other.copies)
+            self._key = other._key
+        for (_, flat, _), (_, source, _) in zip(self._plan, other._plan):
+            flat.copy_(source)
+        return self.copies
+
     def _allocate(self, tensors: Sequence[Tensor]) -> None:
         views: dict[int, Tensor] = {}
         self._plan = []
@@ -142,6 +153,16 @@ class BufferSnapshot:
         self._names = [n for n, _ in named]
         self._live = [b for _, b in named]
         self._saved = self._flat.copy(self._live)
+
+    @property
+    def names(self) -> list[str]:
+        """The buffers' names as the last :meth:`save` found them."""
+        return self._names
+
+    @property
+    def flat(self) -> FlatCopies:
+        """The flat storage of the last :meth:`save`."""
+        return self._flat
 
     @torch.no_grad()
     def restore(self) -> None:

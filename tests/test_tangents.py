@@ -1,0 +1,93 @@
+"""The jvp backend's BatchNorm tangent (metaweight._tangents) against ATen's forward-mode formula, in float64."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+
+from metaweight._tangents import ShortTangents, batch_norm_dual
+
+
+def _dual(t, tangent):
+    return t if tangent is None else fwAD.make_dual(t, tangent)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 4, 3), (4, 4, 3, 2), (3, 4, 2, 2, 2)])
+@pytest.mark.parametrize("which", ["input", "weight", "bias", "all", "no affine"])
+def test_batch_norm_tangent_is_atens(shape, which):
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64)
+    w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    xt, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    if which == "no affine":
+        w = b = wt = bt = None
+    tangents = {"input": (xt, None, None), "weight": (None, wt, None), "bias": (None, None, bt),
+                "all": (xt, wt, bt), "no affine": (xt, None, None)}[which]
+    outs, stats = [], []
+    for f in (F.batch_norm, batch_norm_dual):
+        rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+        with torch.no_grad(), fwAD.dual_level():
+            args = [_dual(x, tangents[0]), rm, rv, _dual(w, tangents[1]) if w is not None else None,
+                    _dual(b, tangents[2]) if b is not None else None, True, 0.1, 1e-5]
+            out = fwAD.unpack_dual(f(*args))
+            outs.append((out.primal.clone(), out.tangent.clone()))
+        stats.append((rm, rv))
+    (p0, t0), (p1, t1) = outs
+    assert torch.equal(p0, p1)  # the primal is ATen's own
+    torch.testing.assert_close(t1, t0, rtol=1e-12, atol=1e-12)
+    for s0, s1 in zip(*stats):
+        assert torch.equal(s0, s1)  # the running statistics updated alike
+
+
+def test_eval_mode_and_plain_tensors_are_left_to_aten():
+    x = torch.randn(4, 3)
+    assert batch_norm_dual(x, torch.zeros(3), torch.ones(3), training=True) is None  # no tangent anywhere
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        assert batch_norm_dual(dual, torch.zeros(3), torch.ones(3), training=False) is None
+
+
+def test_short_tangents_through_a_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2),
+                          nn.BatchNorm1d(2)).double().train()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    params = dict(model.named_parameters())
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    results = []
+    for short in (False, True):
+        with torch.no_grad(), fwAD.dual_level():
+            dual = {n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()}
+            buffers = {n: b.clone() for n, b in model.named_buffers()}
+            if short:
+                with ShortTangents():
+                    out = torch.func.functional_call(model, (dual, buffers), (x,))
+            else:
+                out = torch.func.functional_call(model, (dual, buffers), (x,))
+            unpacked = fwAD.unpack_dual(out)
+            results.append((unpacked.primal.clone(), unpacked.tangent.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-10)
+
+
+def test_autocast_and_mixed_dtypes_are_left_to_aten():
+    x, w = torch.randn(4, 3), torch.randn(3)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert batch_norm_dual(dual, torch.zeros(3), torch.ones(3), w, None, True) is None
+        assert batch_norm_dual(dual, torch.zeros(3), torch.ones(3), w.double(), None, True) is None
+
+
+def test_channels_last_without_running_statistics():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    xt, w, wt = torch.randn(4, 3, 5, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64), \
+        torch.randn(3, dtype=torch.float64)
+    outs = []
+    for f in (F.batch_norm, batch_norm_dual):
+        with torch.no_grad(), fwAD.dual_level():
+            out = fwAD.unpack_dual(f(fwAD.make_dual(x, xt), None, None, fwAD.make_dual(w, wt), None, True, 0.1, 1e-5))
+            outs.append((out.primal.clone(), out.tangent.clone()))
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-12, atol=1e-12)
