@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from metaweight._exit_rules import predict
 from metaweight._checks import (IGNORE_INDEX, check_device_available, check_exit_outputs, check_has_values,
-                                check_softmax_rows, check_target)
+                                check_ignore_index, check_softmax_rows, check_target)
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -41,22 +41,33 @@ def collect_logits(
         loader: yields ``(inputs, labels)`` batches; ``inputs`` may be a tensor or tuples,
             lists and dicts of tensors (moved to ``device``; a dict whose keys the model's
             ``forward`` takes is passed as keyword arguments, as the weighter does).
-        device: where to run; defaults to the device of the model's parameters.
-        ignore_index: positions labelled with it (padding) are left out.
+        device: where the inputs go; defaults to the device of the model's parameters, and must
+            be that device when given (the model is not moved: ``model.to(device)`` first).
+        ignore_index: positions labelled with it (padding) are left out (an int).
 
     Returns:
         ``(logits, labels)``: logits of shape ``[K, N, C]`` (float32, or float64 for a float64 model; on the CPU) and labels ``[N]``;
         for token-level exits (logits ``[B, T, C]``, labels ``[B, T]``) ``N`` counts the scored
         tokens, so anytime accuracy and the budgeted curve are per token.
-        Every module's own train/eval mode is restored afterwards.
+        Every module's own train/eval mode is restored afterwards. The labels may live on
+        another device than the model (CPU labels for a GPU model).
+
+    Raises:
+        TypeError: a model that is not an ``nn.Module``, a loader that is not an iterable of
+            batches, an ``ignore_index`` that is not an int (``True``, ``1.0``, ``None``).
+        ValueError: a device this machine lacks, or other than the model's; a model or device on
+            the meta device; batches that are not ``(inputs, labels)`` pairs, or outputs that are
+            not every exit's logits; labels out of range; no batch.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
     if not isinstance(loader, Iterable) or isinstance(loader, (str, bytes, Tensor)):
         raise TypeError(f"`loader` should be an iterable of (inputs, labels) batches (a DataLoader, a list). Found "
                         f"`{type(loader).__name__}`.")
+    ignore_index = check_ignore_index(ignore_index)
+    model_device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)
     if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = model_device or torch.device("cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -67,6 +78,11 @@ def collect_logits(
         raise ValueError(f"collect_logits (and anytime_accuracy) keep the logits' values, and "
                          f"{'device=meta' if device.type == 'meta' else 'the model is on the meta device'} has none "
                          f"(shapes only). Load the weights and pass a real device (e.g. 'cpu', 'cuda').")
+    if model_device is not None and not _same_device(model_device, device):
+        raise ValueError(f"collect_logits was given device='{device}', but the model's parameters are on "
+                         f"'{model_device}'. The device is where the inputs go; the model is not moved (that would "
+                         f"change the caller's model): call model.to('{device}') first, or leave device=None to run "
+                         f"where the model is.")
     chunks, labels = [], []
     num_exits = None
     with eval_mode(model):
@@ -88,8 +104,8 @@ def collect_logits(
             logits = logits if logits.dtype == torch.float64 else logits.float()  # half raised, float64 kept
             if logits.dim() == 4:  # token-level exits: every token is one scored position
                 logits, target = logits.flatten(1, 2), target.flatten()
-            keep = (target != ignore_index).to(logits.device)
-            chunks.append(logits[:, keep].cpu())
+            keep = target != ignore_index  # on the labels' device (CPU labels of a GPU model are fine)
+            chunks.append(logits[:, keep.to(logits.device)].cpu())
             labels.append(target[keep].cpu())
     if not chunks or sum(c.shape[1] for c in chunks) == 0:
         raise ValueError("The loader yielded no batch (or only ignored positions); there is nothing to evaluate.")
@@ -146,6 +162,25 @@ class AnytimeResult:
         return "\n".join(rows)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one (``cuda`` and ``cuda:0`` are, when 0 is the current device)."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = getattr(getattr(torch, a.type, None), "current_device", None)
+        index = current() if callable(current) and a.type != "cpu" else 0
+        return (a.index if a.index is not None else index) == (b.index if b.index is not None else index)
+    return a.index == b.index
+
+
+def check_topk(topk: object) -> list[int]:
+    """``topk`` as a list of ints >= 1: a non-empty list, tuple or range of ints (not bools)."""
+    ks = list(topk) if isinstance(topk, (list, tuple, range)) else None
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"Invalid topk: {topk!r}. Expected a non-empty list of ints >= 1, e.g. (1, 5).")
+    return list(dict.fromkeys(int(k) for k in ks))
+
+
 def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> AnytimeResult:
     """Top-k accuracy of every exit from collected logits.
 
@@ -156,7 +191,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
 
     Raises:
         ValueError: logits or labels on the meta device (no values to score), or of the wrong
-            shapes; a row with no softmax.
+            shapes; a row with no softmax; ``topk`` not a non-empty list of ints >= 1.
     """
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"`logits` and `labels` should be Tensors. Found `{type(logits).__name__}` and "
@@ -170,13 +205,11 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         raise ValueError(f"`logits` {tuple(logits.shape)} hold no exit, sample or class: nothing to score.")
     if not logits.is_floating_point():
         raise ValueError(f"`logits` should be floating point. Found {logits.dtype}.")
+    ks = check_topk(topk)
     labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels").to(logits.device)
     check_softmax_rows(logits)  # a row with every class masked has no prediction to score
-    ks = list(topk) if isinstance(topk, (list, tuple)) else None
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise ValueError(f"Invalid topk: {topk!r}. Expected a non-empty list of ints >= 1.")
     n = labels.shape[0]
-    accuracy = {int(k): (topk_correct(logits, labels, int(k)).double().mean(1) * 100).tolist() for k in topk}
+    accuracy = {k: (topk_correct(logits, labels, k).double().mean(1) * 100).tolist() for k in ks}
     return AnytimeResult(accuracy, n)
 
 
@@ -195,8 +228,13 @@ def anytime_accuracy(
         model: a multi-exit model returning ``K`` logits tensors.
         loader: yields ``(inputs, labels)`` batches.
         topk: the values of ``k`` to report.
-        device: where to run; defaults to the device of the model's parameters.
+        device: where the inputs go; the model's device by default (see :func:`collect_logits`).
         ignore_index: labels to leave out (padding).
+
+    Raises:
+        ValueError: ``topk`` not a non-empty list of ints >= 1 (refused before any batch is
+            read), and everything :func:`collect_logits` refuses.
+        TypeError: as :func:`collect_logits`.
 
     Example:
         >>> import torch, metaweight as mw
@@ -206,5 +244,6 @@ def anytime_accuracy(
         >>> result.accuracy
         {1: [50.0, 50.0], 2: [100.0, 100.0]}
     """
+    check_topk(topk)  # before the loader is consumed
     logits, labels = collect_logits(model, loader, device=device, ignore_index=ignore_index)
     return anytime_accuracy_from_logits(logits, labels, topk)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaweight._checks import check_flag
 from metaweight._modes import eval_mode
 from metaweight._protocols import ModelCall, wrapper_call
 
@@ -30,19 +31,40 @@ def _features(output: Any) -> Tensor:
                     f"attach the exit to a module that returns a tensor (or a tuple starting with one).")
 
 
-def _logits(output: Any) -> list[Tensor]:
-    """The model's own exits: a tensor, ``.logits`` (Hugging Face outputs), a list or tuple of
-    equally shaped tensors (a multi-exit model's exits, kept in order), or else the first tensor of
-    a tuple (``(logits, hidden_states, ...)``)."""
+def declared_exits(model: nn.Module) -> int | None:
+    """How many exits ``model`` says it returns (its ``num_exits``: a :class:`MultiExit`, attached
+    exits, or any model given that attribute), or None when it does not say."""
+    known = getattr(model, "num_exits", None)
+    return known if isinstance(known, int) and not isinstance(known, bool) and known > 0 else None
+
+
+def _logits(output: Any, declared: int | None = None, model_name: str = "model") -> list[Tensor]:
+    """The model's own exits: a tensor, ``.logits`` (Hugging Face outputs); for a list or tuple of
+    tensors, the first ``declared`` of them when the model declares its ``num_exits`` (a
+    multi-exit model's exits, kept in order; ``num_exits = 1``: ``(logits, extras...)``), else
+    its first tensor when the others are of other shapes (``(logits, hidden_states, ...)``). An
+    undeclared tuple of several equally shaped tensors (exits? ``(logits, probabilities)``?) is
+    refused with a ``ValueError`` saying how to declare it: never guessed."""
     if isinstance(output, Tensor):
         return [output]
     value = getattr(output, "logits", None)
     if isinstance(value, Tensor):
         return [value]
-    if isinstance(output, (tuple, list)) and output and all(isinstance(t, Tensor) for t in output) \
-            and len({tuple(t.shape) for t in output}) == 1:
-        return list(output)
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        tensors = [t for t in output if isinstance(t, Tensor)]
+        if declared is not None:
+            if len(output) >= declared and all(isinstance(t, Tensor) for t in output[:declared]):
+                return list(output[:declared])
+            return tensors  # fewer than declared: the caller names the mismatch
+        same = [t for t in tensors if t.shape == output[0].shape]
+        if len(same) > 1:
+            raise ValueError(
+                f"`{model_name}` returns a {type(output).__name__} of {len(output)} values, {len(same)} of them "
+                f"tensors of one shape {tuple(output[0].shape)}: they could be its exits (shallow to deep) or its "
+                f"logits followed by tensors of the same shape (probabilities, hidden states), and metaweight does "
+                f"not guess. Declare what it returns: set `model.num_exits = {len(same)}` if they are all exits, "
+                f"or `model.num_exits = 1` if only the first is the logits (or make its forward return the logits "
+                f"alone, or pass include_output=False and attach the last exit by name).")
         return [output[0]]
     raise TypeError(f"Cannot find logits in the model's output of type `{type(output).__name__}`; pass "
                     f"include_output=False and attach the last exit by name.")
@@ -70,8 +92,12 @@ class AttachedExits(nn.Module):
     output (a tensor, or the first tensor of a tuple such as a transformer layer's
     ``(hidden_states, ...)``) to its head. It returns the heads' logits, shallow to deep,
     followed by the model's own logits when ``include_output`` (a tensor, a Hugging Face
-    output's ``.logits``, or the first tensor of a tuple). A model that already returns a list
-    of exits (a :class:`MultiExit`, or ``attach_exits`` applied twice) keeps all of them, in its
+    output's ``.logits``, or the first tensor of a tuple whose other tensors have other shapes,
+    such as ``(logits, hidden_states)``). What a model returns is never guessed: a tuple of
+    several tensors of one shape (its exits? ``(logits, probabilities)``?) is refused with a
+    ``ValueError`` unless the model declares ``num_exits`` (its first ``num_exits`` tensors are
+    its exits; ``model.num_exits = 1`` for ``(logits, probabilities)``). A model that returns a list
+    of exits and says so (a :class:`MultiExit`, or ``attach_exits`` applied twice) keeps all of them, in its
     order, after the attached ones, which must therefore all run before its first exit (for
     attached exits, the module the first is attached after; for a :class:`MultiExit`, its first
     head): a deeper one is refused with a ``ValueError``, as it would be numbered before
@@ -87,7 +113,10 @@ class AttachedExits(nn.Module):
     ``RuntimeError``; exits giving logits of different shapes (another number of classes) with a
     ``ValueError``. With ``example_input`` these are seen when attaching, else at the first forward.
     Heads built by a factory are moved to the device of the features they read and the dtype
-    of the model's parameters (not that of features computed under ``torch.autocast``);
+    of the model's parameters (not that of features computed under ``torch.autocast``); heads
+    you pass are used as given, and one whose parameters are of another dtype or device than
+    its features (a float32 head on a float64 model) is refused with a ``ValueError`` naming it;
+    
     building them, and the shape check on ``example_input``, run in eval mode and give every
     module its own train/eval mode back.
 
@@ -104,8 +133,13 @@ class AttachedExits(nn.Module):
         after: names of submodules (as in ``model.named_modules()``), shallow to deep.
         heads: one module per name, or a factory ``heads(name, features) -> nn.Module`` called
             with an example of that module's output (needs ``example_input``).
-        include_output: whether the model's own logits are the last exit.
+        include_output: whether the model's own logits are the last exit (a bool).
         example_input: one batch of inputs, to build heads from a factory and check shapes.
+
+    Raises:
+        TypeError: ``include_output`` not a bool; a factory returning something else than a module.
+        ValueError: names not in the model, heads not one per name, or any of the structural
+            faults above (with ``example_input`` when attaching, else at the first forward).
 
     Example:
         >>> import torch, metaweight as mw
@@ -139,9 +173,10 @@ class AttachedExits(nn.Module):
             raise ValueError(f"Each module may carry one exit; {list(after)} names one twice.")
         self.model = model
         self.after = list(after)
-        self.include_output = bool(include_output)
-        known = getattr(model, "num_exits", None)  # a multi-exit model (MultiExit, attach_exits again) says
-        self._output_exits = int(self.include_output) * (known if isinstance(known, int) and known > 0 else 1)
+        self.include_output = check_flag(include_output, "include_output")
+        # a multi-exit model (MultiExit, attach_exits again) says how many exits it returns, and so may any model
+        self._declared = declared_exits(model)
+        self._output_exits = int(self.include_output) * (self._declared or 1)
         self._checked = False  # whether one whole forward showed the structure (order, each module once, classes)
         if callable(heads) and not isinstance(heads, nn.Module):
             if example_input is None:
@@ -257,8 +292,26 @@ class AttachedExits(nn.Module):
             raise ValueError(f"The exits give logits of different shapes: "
                              f"{dict(zip(names, shapes))}. Make every head output the model's classes.")
 
+    def _head(self, index: int, features: Tensor) -> Tensor:
+        """Head ``index`` on its features, once it is seen to hold parameters of their dtype and device
+        (a user's float32 head on a float64 model, a CPU head on a GPU model): refused naming both."""
+        head = self.heads[index]
+        param = next((p for p in head.parameters() if p.is_floating_point()), None)
+        if param is not None and features.is_floating_point():
+            autocast = torch.is_autocast_enabled(features.device.type)
+            wrong_dtype = param.dtype != features.dtype and not autocast
+            if wrong_dtype or param.device != features.device:
+                name = self.after[index]
+                raise ValueError(
+                    f"The head of exit {index + 1} (after {name!r}) holds {param.dtype} parameters on "
+                    f"'{param.device}', but the features of {name!r} are {features.dtype} on '{features.device}'. "
+                    f"Heads you pass are used as given: move it, e.g. heads[{index}].to(dtype={features.dtype}, "
+                    f"device='{features.device}') (or pass a factory, whose heads follow the model's dtype and "
+                    f"device).")
+        return head(features)
+
     def _own_exits(self, output: Any) -> list[Tensor]:
-        exits = _logits(output)
+        exits = _logits(output, self._declared, type(self.model).__name__)
         if self._output_exits is None:  # the check forward in __init__ learns how many the model gives
             self._output_exits = len(exits)
         elif len(exits) != self._output_exits:
@@ -277,7 +330,7 @@ class AttachedExits(nn.Module):
         before it runs.
         """
         captured = self._capture(wrapper_call(self.model, args, kwargs, "AttachedExits"))
-        logits = [head(captured[name]) for name, head in zip(self.after, self.heads)]
+        logits = [self._head(k, captured[name]) for k, name in enumerate(self.after)]
         if self.include_output:
             logits.extend(self._own_exits(captured["__output__"]))
         self._check_classes(logits)
@@ -308,7 +361,7 @@ class AttachedExits(nn.Module):
         computed: list[Tensor] = []
 
         def on_exit(index: int, features: Tensor) -> None:
-            computed.append(self.heads[index](features))
+            computed.append(self._head(index, features))
             self._check_classes(computed)
             if leave(index, computed[-1]):
                 raise _StopForward

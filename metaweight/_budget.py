@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaweight._checks import check_device_available, check_fit_logits, check_has_values, check_softmax_rows, check_target
-from metaweight._exit_rules import ExitRule, as_rule, predict
+from metaweight._checks import (check_device_available, check_fit_logits, check_has_values, check_softmax_rows,
+                                check_target, real_scalar)
+from metaweight._exit_rules import ExitRule, as_rule, predict, reaches
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
 
@@ -47,19 +48,28 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
         check_has_values(logits, f"`{name}`", what)
         check_softmax_rows(logits, name)
     prediction = predict(logits)
-    return as_rule(rule).scores(logits).float(), prediction
+    return as_rule(rule).scores(logits), prediction  # float32, float64 for float64 logits
 
 
 def _numbers(value: object, name: str, what: str) -> Tensor:
-    """A tensor or a sequence of real numbers (ints included), as a tensor; bools and anything else refused."""
+    """A tensor, a NumPy array or a sequence of real numbers (ints, NumPy scalars, one-number tensors),
+    as a tensor (a list as float64: its numbers exactly); bools, meta tensors and anything else
+    refused, naming ``name``."""
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        if getattr(value, "dtype", None) is None or value.dtype.kind not in "iuf":  # type: ignore[attr-defined]
+            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a NumPy array of "
+                            f"{value.dtype}.")  # type: ignore[attr-defined]
+        value = torch.as_tensor(value)
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"`{name}` should hold {what} (real numbers). Found a {value.dtype} tensor.")
+        check_has_values(value, f"`{name}`", "choosing exits")
         return value.detach()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
-            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    numbers = [real_scalar(v) for v in value] if isinstance(value, Sequence) and not isinstance(
+        value, (str, bytes)) else None
+    if numbers is None or any(v is None for v in numbers):
         raise TypeError(f"`{name}` should be a tensor or a list of {what}. Found {value!r}.")
-    return torch.tensor([float(v) for v in value], dtype=torch.float32)
+    return torch.tensor(numbers, dtype=torch.float64)
 
 
 def _check_thresholds(thresholds: object, num_exits: int) -> Tensor:
@@ -74,19 +84,22 @@ def _check_thresholds(thresholds: object, num_exits: int) -> Tensor:
 def _reals(values: object, name: str, what: str) -> list[float]:
     """A 1-d tensor or a flat sequence of real numbers (0-d tensors included) as floats; anything else
     (``None``, strings, bools, nested lists, a 2-d tensor) refused with a TypeError naming ``name``."""
+    if type(values).__module__ == "numpy" and type(values).__name__ == "ndarray" and \
+            values.dtype.kind in "iuf":  # type: ignore[attr-defined]
+        values = torch.as_tensor(values)
     if isinstance(values, Tensor):
+        check_has_values(values, f"`{name}`", "choosing exits")
         if values.dim() != 1 or values.dtype == torch.bool or values.is_complex():
             raise TypeError(f"`{name}` should be {what}: a 1-d tensor of real numbers or a list. Found a "
                             f"{values.dtype} tensor of shape {tuple(values.shape)}.")
         return [float(v) for v in values.detach().double().cpu().tolist()]
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"`{name}` should be {what}. Found `{type(values).__name__}`.")
-    bad = [v for v in values if isinstance(v, bool) or not (isinstance(v, (int, float)) or
-                                                             (isinstance(v, Tensor) and v.numel() == 1 and
-                                                              v.dtype != torch.bool and not v.is_complex()))]
+    numbers = [real_scalar(v) for v in values]
+    bad = [v for v, number in zip(values, numbers) if number is None]
     if bad:
         raise TypeError(f"`{name}` should be {what}. Found {bad[0]!r} in {list(values)!r}.")
-    return [float(v) for v in values]
+    return [float(v) for v in numbers]  # type: ignore[arg-type]
 
 
 def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
@@ -136,8 +149,11 @@ def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.devic
         num_exits: ``K``; the distribution is over ``k = 1..K``.
         device: where to create it (the default device if ``None``).
     """
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not (math.isfinite(q) and q > 0):
-        raise ValueError(f"Invalid q: {q!r}. Expected a finite number > 0.")
+    value = real_scalar(q)
+    if value is None or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"Invalid q: {q!r}. Expected a finite number > 0 (an int, a float, a NumPy or 0-d "
+                         f"tensor scalar).")
+    q = value
     if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
         raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int.")
     device = _check_device(device)
@@ -166,13 +182,14 @@ def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
         rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
     Returns:
-        Thresholds ``[K]`` (float32), the last one ``-NO_EXIT``.
+        Thresholds ``[K]`` in the scores' dtype (float32; float64 for float64 logits), the last
+        one ``-NO_EXIT``.
 
     Raises:
-        ValueError: logits not ``[K, N, C]`` floats, on the meta device, holding NaN (counted per
-            exit), or with a row that has no softmax (``+inf``, or all ``-inf``: every class masked;
-            ``-inf`` for some classes is fine); a distribution of another length, negative, or not
-            summing to 1.
+        ValueError: logits or a distribution on the meta device; logits not ``[K, N, C]`` floats,
+            holding NaN (counted per exit), or with a row that has no softmax (``+inf``, or all
+            ``-inf``: every class masked; ``-inf`` for some classes is fine); a distribution of
+            another length, negative, or not summing to 1.
         TypeError: a distribution that is not numbers (bools included).
     """
     return _thresholds(_confidence(logits, rule=rule, fit="find_thresholds")[0], distribution)
@@ -194,7 +211,7 @@ def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float]) -> T
         raise ValueError(f"distribution {distribution.tolist()} should sum to 1 (the share of the samples leaving "
                          f"at each exit, within {tolerance:.3g} for {distribution.dtype}); it sums to {total:.6g}. "
                          f"Normalise it: distribution / distribution.sum().")
-    thresholds = torch.full((K,), NO_EXIT, dtype=torch.float32, device=confidence.device)
+    thresholds = torch.full((K,), NO_EXIT, dtype=confidence.dtype, device=confidence.device)
     remaining = torch.ones(N, dtype=torch.bool, device=confidence.device)
     for k in range(K - 1):
         wanted = math.floor(float(N * distribution[k].float()))  # in float32, as the reference computes it
@@ -225,7 +242,7 @@ def exit_assignment(logits: Tensor, thresholds: Tensor | Sequence[float], *, rul
 
 
 def _assign(confidence: Tensor, prediction: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
-    passes = confidence >= thresholds.view(-1, 1).to(confidence)
+    passes = reaches(confidence, thresholds.view(-1, 1))
     passes[-1] = True
     first = passes.to(torch.uint8).argmax(dim=0)
     return first, prediction.gather(0, first.view(1, -1)).squeeze(0)
@@ -307,7 +324,9 @@ class BudgetCurve:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BudgetCurve:
-        return cls([BudgetPoint(**p) for p in d["points"]], list(d["costs"]), d.get("cost_unit", "MACs"))
+        """The curve :meth:`to_dict` wrote, its extra fields (the exit rule, a data set's name) included."""
+        extra = {k: v for k, v in d.items() if k not in ("points", "costs", "cost_unit")}
+        return cls([BudgetPoint(**p) for p in d["points"]], list(d["costs"]), d.get("cost_unit", "MACs"), extra)
 
     def __str__(self) -> str:
         rows = [f"{'q':>5} {'cost':>12} {'accuracy':>9}"]
@@ -397,8 +416,11 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
     K = confidence.shape[0]
     costs = _check_costs(costs, K)
     check_target(val_labels, confidence.shape[1], val_logits.shape[2], name="val_labels")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
-        raise ValueError(f"Invalid budget: {budget!r}. Expected a finite number.")
+    value = real_scalar(budget)
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"Invalid budget: {budget!r}. Expected a finite number (an int, a float, a NumPy or 0-d "
+                         f"tensor scalar).")
+    budget = value
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps over log q).")
     if budget < costs[0]:

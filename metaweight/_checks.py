@@ -156,6 +156,47 @@ def check_device_available(device: torch.device, name: str = "device") -> None:
 
 IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it are not scored
 
+
+def check_ignore_index(ignore_index: object) -> int:
+    """The one check of an ``ignore_index`` argument (the losses, the validation objectives,
+    :func:`collect_logits`): an int, never a bool (``True == 1`` would silently drop every class-1
+    label), a float, ``None`` or a string."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"Invalid ignore_index: {ignore_index!r}. Expected an int (labels to leave out), e.g. "
+                        f"{IGNORE_INDEX} (the default, as in torch's cross_entropy) or -1.")
+    return int(ignore_index)
+
+
+def _numpy_bool(value: object) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+
+
+def check_flag(value: object, name: str) -> bool:
+    """A bool option: ``True`` or ``False`` (NumPy's bools too), never a truthy string such as ``"no"``
+    or a number standing in for one."""
+    if isinstance(value, bool) or _numpy_bool(value):
+        return bool(value)
+    raise TypeError(f"`{name}` should be a bool (True or False). Found {value!r}.")
+
+
+def real_scalar(value: object) -> float | None:
+    """A real number as a float: a Python int or float, a NumPy scalar, or a tensor holding one real
+    number (0-d or one element), as ``costs`` accepts them; ``None`` for anything else (bools,
+    strings, complex numbers, a meta tensor, several numbers)."""
+    if isinstance(value, bool) or _numpy_bool(value):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_meta or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.detach().reshape(()).double().cpu())
+    kind = type(value)
+    if kind.__module__ == "numpy" and hasattr(value, "dtype") and getattr(value, "ndim", None) == 0 \
+            and value.dtype.kind in "iuf":  # np.float32(0.5), np.int64(2)
+        return float(value)  # type: ignore[arg-type]
+    return None
+
 # The labels of the current weighter step, summarised once at its start (summarize_labels) and
 # forgotten at its end (forget_labels): one step checks the same label batch several times (the
 # training terms, the look-ahead's forwards, the model's step), and each check would be a read back
@@ -236,6 +277,7 @@ def stack_exit_logits(outputs: object, target: object, num_exits: int, where: st
     target, (_, _, scored) = _checked_target(target, shape[0], shape[-1], "target",
                                              tokens=shape[1] if len(shape) == 3 else None, ignore_index=ignore_index)
     logits = torch.stack(outputs)
+    target = target.to(logits.device)  # CPU labels for a GPU model: the logits' device decides
     if logits.dim() == 4:
         logits, target = logits.flatten(1, 2), target.flatten()
     if scored < target.numel():

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._checks import UNDEFINED_SOFTMAX_FIX, holds_meta, softmax_undefined
-from metaweight._exit_rules import ExitRule, as_rule, predict
+from metaweight._exit_rules import ExitRule, as_rule, predict, reaches, score_dtype
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
@@ -61,6 +61,18 @@ def _per_sample(logits: Tensor) -> Tensor:
     return logits
 
 
+def _check_batch(k: int, logits: Tensor, expected: int, first: Tensor) -> None:
+    """Refuse exit logits whose rows are not the samples still in the network: the batch is the first
+    dimension of the inputs (sequence-first inputs ``[T, B, H]`` would have samples selected along
+    ``T``)."""
+    if logits.shape[0] != expected:
+        raise ValueError(f"EarlyExit takes the batch as the first dimension of the inputs ({first.shape[0]} samples "
+                         f"in an input of shape {tuple(first.shape)}), but exit {k + 1} gave logits of shape "
+                         f"{tuple(logits.shape)} for {expected} samples. Put the batch first: for sequence-first "
+                         f"layers ([T, B, H], nn.TransformerEncoderLayer's default) build them with batch_first=True, "
+                         f"or give the model a first stage that transposes [B, T, H] inputs.")
+
+
 def _refuse_undefined(k: int, count: int) -> None:
     raise ValueError(f"Exit {k + 1} gave {count} sample(s) logits that are all -inf (every class masked) or hold "
                      f"+inf: such a row has no softmax, so no confidence and no prediction; EarlyExit refuses "
@@ -101,8 +113,13 @@ class EarlyExit(nn.Module):
     leaves at exit ``k`` when its softmax confidence reaches ``thresholds[k]`` (the last
     exit takes all). The predictions equal those of taking, from a full forward pass, the
     first exit over threshold (:func:`exit_assignment`), but the compute of the skipped stages
-    is really saved; equal up to rounding: a stage run on the sub-batch still in the network
-    may round its output differently in the last bit than on the whole batch (a matrix
+    is really saved. Both decide alike in every dtype: the prediction is the argmax of the
+    head's logits in their own dtype, the scores are computed in float32 (float64 for a float64
+    model) and compared with the thresholds in float64, which are kept as given (float64) when
+    the predictor is cast (``.half()``, ``.bfloat16()``, ``.double()`` cast the model, never the
+    thresholds). The structure is read at every call (``exit_stages()`` and the modules' modes),
+    so a head or stage replaced after construction is the one used. Equal up to rounding: a
+    stage run on the sub-batch still in the network may round its output differently in the last bit than on the whole batch (a matrix
     multiply over fewer rows; one float32 ulp of a logit, about 6e-8, seen on CPU), so a sample
     whose score lies that close to a threshold can leave at the neighbouring exit. Thresholds
     from :func:`find_thresholds` on the very logits evaluated sit exactly on some samples'
@@ -127,6 +144,13 @@ class EarlyExit(nn.Module):
         >>> predictions, exits = mw.EarlyExit(net, torch.tensor([0.0, -1.0]))(torch.randn(5, 4))
         >>> exits.tolist()  # a threshold of 0 lets everyone leave at exit 1
         [0, 0, 0, 0, 0]
+
+    Raises:
+        TypeError: a model that is not an ``nn.Module`` or exposes no stages; thresholds that are
+            not numbers.
+        ValueError: a model on the meta device; thresholds not one per exit, or NaN; temperatures
+            not one positive number per exit. At a call: the batch not in the first dimension,
+            a row of logits with no softmax, a model whose number of exits changed.
     """
 
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float], *,
@@ -137,18 +161,19 @@ class EarlyExit(nn.Module):
         refuse_meta(model, None, "EarlyExit")
         self.model = model
         self.rule = as_rule(rule)
-        self._all_modules = list(model.modules())
         self._whole_batch = callable(getattr(model, "run_until", None)) and not callable(getattr(model, "exit_stages",
                                                                                                   None))
         if self._whole_batch:  # exits attached by name: stop the forward once every sample has left
             num_exits = int(model.num_exits)
         else:
-            self.stages, self.heads = exit_parts(model)
-            check_head_classes(self.heads, f"`{type(model).__name__}`")
-            num_exits = len(self.heads)
+            _, heads = exit_parts(model)
+            check_head_classes(heads, f"`{type(model).__name__}`")
+            num_exits = len(heads)
         device = next((p.device for p in model.parameters()), None)
-        try:
-            thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device)  # where the scores will be
+        try:  # float64 holds a list's numbers and any float tensor's exactly; where the scores will be
+            if isinstance(thresholds, Tensor):
+                thresholds = thresholds.detach()
+            thresholds = torch.as_tensor(thresholds, dtype=torch.float64).to(device)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"`thresholds` should be {num_exits} numbers (a tensor or a list). Found "
                             f"{thresholds!r}.") from None
@@ -159,6 +184,24 @@ class EarlyExit(nn.Module):
         self.register_buffer("thresholds", thresholds)
         self.temperatures: list[float] | None = _check_temperatures(temperatures, num_exits)
 
+    @property
+    def stages(self) -> Sequence[nn.Module]:
+        """The model's stages, read now (see :func:`exit_parts`)."""
+        return exit_parts(self.model)[0]
+
+    @property
+    def heads(self) -> Sequence[nn.Module]:
+        """The model's exit heads, read now (see :func:`exit_parts`)."""
+        return exit_parts(self.model)[1]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EarlyExit:
+        """Move and cast the model as ``nn.Module`` does; the thresholds follow the device only: a cast
+        (``.half()``, ``.bfloat16()``) would round them (0.2013 to 0.20117) and change exits."""
+        kept = self.thresholds
+        super()._apply(fn, recurse)
+        if self.thresholds.dtype != kept.dtype:
+            self.thresholds = kept.to(self.thresholds.device)
+        return self
     def _inputs_target(self) -> nn.Module:
         """The model this wrapper passes its inputs to (how a dict of inputs is passed is decided on it)."""
         return self.model
@@ -179,7 +222,7 @@ class EarlyExit(nn.Module):
         _first_tensor(x)  # a call without a tensor is refused here, not by a bare StopIteration
         if holds_meta(x):
             refuse_meta(self.model, x, "EarlyExit")
-        training = [m for m in self._all_modules if m.training]  # a cached list: cheap at batch 1
+        training = [m for m in self.model.modules() if m.training]  # read now: a module replaced later counts
         for m in training:
             m.training = False
         try:
@@ -195,19 +238,27 @@ class EarlyExit(nn.Module):
         features: Any = None
         first = _first_tensor(x)
         n = first.shape[0]
+        stages, heads = exit_parts(self.model)  # read at every call: a head replaced later is the one used
+        if len(heads) != self.thresholds.numel():
+            raise ValueError(f"`{type(self.model).__name__}` now has {len(heads)} exits, but this EarlyExit holds "
+                             f"{self.thresholds.numel()} thresholds: build a new EarlyExit with one per exit.")
+        check_head_classes(heads, f"`{type(self.model).__name__}`")
         predictions = torch.empty(n, dtype=torch.long, device=first.device)
         exits = torch.empty(n, dtype=torch.long, device=first.device)
         alive = torch.arange(n, device=first.device)
-        last = len(self.heads) - 1
+        last = len(heads) - 1
         history: list[Tensor] = []  # earlier exits' logits of the samples still in (rules such as patience)
         first_logits: Tensor | None = None
-        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
+        for k, (stage, head) in enumerate(zip(stages, heads)):
             if k == 0:  # the first stage takes the model's inputs (see exit_parts)
                 call = first_stage_call(self.model, x, stage)
                 features = stage(*call.args, **call.kwargs)
             else:
                 features = stage(features)
-            logits = _per_sample(head(features)).float()
+            raw = _per_sample(head(features))
+            _check_batch(k, raw, alive.numel(), first)
+            classes = predict(raw)  # in the logits' own dtype, as exit_assignment predicts
+            logits = score_dtype(raw)
             if self.temperatures is not None:  # calibrated scores (the predictions are the same)
                 logits = logits / self.temperatures[k]
             first_logits = logits if first_logits is None else first_logits
@@ -217,7 +268,6 @@ class EarlyExit(nn.Module):
                 score = self.rule.scores(torch.stack(history))[-1].to(logits.device)
             else:
                 score = self.rule.scores(logits[None])[0].to(logits.device)
-            classes = predict(logits)
             undefined = softmax_undefined(logits).sum()
             if k == last:
                 if int(undefined):  # the one host read of the last exit
@@ -225,7 +275,7 @@ class EarlyExit(nn.Module):
                 predictions[alive] = classes
                 exits[alive] = k
                 break
-            leaving = score >= self.thresholds[k].to(score.device)  # a NaN score never leaves
+            leaving = reaches(score, self.thresholds[k])  # a NaN score never leaves
             # The one host read of the exit: how many samples continue sizes what the next stage
             # gets (and whether a row had no softmax). Everything else selects by indices of known
             # size, so no other sync.
@@ -257,17 +307,21 @@ class EarlyExit(nn.Module):
 
         history: list[Tensor] = []
 
+        first = _first_tensor(x)
+
         def leave(k: int, logits: Tensor) -> bool:
-            history.append(_per_sample(logits).float() / (self.temperatures[k] if self.temperatures else 1.0))
+            _check_batch(k, _per_sample(logits), first.shape[0], first)
+            scoring = score_dtype(logits)
+            history.append(scoring / self.temperatures[k] if self.temperatures else scoring)
             confidence = self.rule.scores(torch.stack(history))[-1].to(logits.device)
-            classes = predict(history[-1])
+            classes = predict(logits)  # in the logits' own dtype, as exit_assignment predicts
             if not state:
                 n = logits.shape[0]
                 state.update(predictions=torch.empty(n, dtype=torch.long, device=logits.device),
                              exits=torch.empty(n, dtype=torch.long, device=logits.device),
                              alive=torch.ones(n, dtype=torch.bool, device=logits.device))
             alive = state["alive"]
-            leaving = alive & ((confidence >= self.thresholds[k].to(confidence.device)) | (k == last))
+            leaving = alive & (reaches(confidence, self.thresholds[k]) | (k == last))
             # masks, not boolean indexing: the only host read of the exit is whether anyone is left
             state["predictions"] = torch.where(leaving, classes, state["predictions"])
             state["exits"].masked_fill_(leaving, k)

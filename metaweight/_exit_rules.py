@@ -19,19 +19,40 @@ from torch import Tensor
 from metaweight._numerics import p_log_q
 
 
+def score_dtype(logits: Tensor) -> Tensor:
+    """The logits in the precision scores are computed in: their own for float64 (and wider), float32
+    for float32, float16 and bfloat16 (a softmax in half precision would round the scores)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def reaches(scores: Tensor, thresholds: Tensor) -> Tensor:
+    """``scores >= thresholds`` compared exactly: both in float64 (a float32 score against a float64
+    threshold such as ``0.2013``), float32 on a device without float64 (MPS). Every function that
+    decides an exit compares with this one rule, so :class:`EarlyExit` and :func:`exit_assignment`
+    agree on every sample."""
+    dtype = torch.float32 if scores.device.type == "mps" else torch.float64
+    return scores.to(dtype) >= thresholds.to(device=scores.device, dtype=dtype)
+
+
 def predict(logits: Tensor) -> Tensor:
     """The predicted class at every exit: the index of the largest logit, the first on ties
     (``torch.argmax``'s rule; the softmax is monotone, so it is the most probable class).
     Every public function that predicts a class uses this one rule.
 
     Args:
-        logits: ``[..., C]``.
+        logits: ``[..., C]``, in any floating dtype (the argmax is taken in that dtype).
+
+    Raises:
+        TypeError: ``logits`` not a tensor.
 
     Example:
         >>> import torch, metaweight as mw
         >>> mw.predict(torch.tensor([[1.0, 3.0, 3.0], [0.0, 0.0, 0.0]])).tolist()  # ties: the first
         [1, 0]
     """
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"`logits` should be a Tensor [..., C] (e.g. torch.as_tensor(logits)). Found "
+                        f"`{type(logits).__name__}`.")
     return logits.argmax(dim=-1)
 
 
@@ -42,7 +63,8 @@ class ExitRule:
     uses_history: bool = False  # whether exit k's score reads exits before k (early exit keeps them then)
 
     def scores(self, logits: Tensor) -> Tensor:
-        """The score of every exit for every sample, float32 ``[K, N]``."""
+        """The score of every exit for every sample ``[K, N]``: float32, float64 for float64 logits
+        (see :func:`score_dtype`)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -55,7 +77,7 @@ class MaxProbability(ExitRule):
     name = "max_probability"
 
     def scores(self, logits: Tensor) -> Tensor:
-        return torch.softmax(logits.float(), dim=-1).max(dim=-1).values
+        return torch.softmax(score_dtype(logits), dim=-1).max(dim=-1).values
 
 
 class Entropy(ExitRule):
@@ -66,7 +88,7 @@ class Entropy(ExitRule):
     name = "entropy"
 
     def scores(self, logits: Tensor) -> Tensor:
-        log_p = torch.log_softmax(logits.float(), dim=-1)
+        log_p = torch.log_softmax(score_dtype(logits), dim=-1)
         return p_log_q(log_p.exp(), log_p).sum(-1)  # 0 log 0 = 0: a masked class (-inf logit) adds nothing
 
 
@@ -76,7 +98,7 @@ class Margin(ExitRule):
     name = "margin"
 
     def scores(self, logits: Tensor) -> Tensor:
-        p = torch.softmax(logits.float(), dim=-1)
+        p = torch.softmax(score_dtype(logits), dim=-1)
         if p.shape[-1] == 1:
             return torch.ones(p.shape[:-1], device=p.device, dtype=p.dtype)
         top = p.topk(2, dim=-1).values
@@ -94,7 +116,7 @@ class Patience(ExitRule):
     def scores(self, logits: Tensor) -> Tensor:
         predictions = predict(logits)
         broken = torch.isnan(logits).any(-1)
-        counts = torch.zeros(predictions.shape, dtype=torch.float32, device=predictions.device)
+        counts = torch.zeros(predictions.shape, dtype=score_dtype(logits[:0]).dtype, device=predictions.device)
         for k in range(1, predictions.shape[0]):
             same = (predictions[k] == predictions[k - 1]) & ~broken[k - 1]
             counts[k] = torch.where(same, counts[k - 1] + 1, torch.zeros_like(counts[k]))

@@ -10,6 +10,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from metaweight._checks import check_flag
 from metaweight._warn import warn_user
 
 
@@ -84,8 +85,7 @@ def other_rank() -> int | None:
 
 
 def _check_flag(value: Any, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` should be a bool. Found {value!r}.")
+    check_flag(value, name)  # the library's one check of a bool option
 
 
 def _check_can_create(path: Path, what: str) -> None:

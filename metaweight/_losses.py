@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaweight._checks import IGNORE_INDEX, check_exit_outputs, check_num_exits, stack_exit_logits
+from metaweight._checks import check_ignore_index, IGNORE_INDEX, check_exit_outputs, check_num_exits, stack_exit_logits
 from metaweight._numerics import p_log_q
 
 TEACHERS = ("dense", "last", "none")
@@ -105,9 +105,7 @@ class DenseDistillLoss(nn.Module):
         self.temperature = float(temperature)
         self.teachers = teachers
         self.label_smoothing = float(label_smoothing)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"Invalid ignore_index: {ignore_index!r}. Expected an int (labels to leave out).")
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
 
         K = num_exits
         self.pairs: list[tuple[int, int]] = [(i, j) for i in range(1, K) for j in range(i)]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from metaweight._budget import NO_EXIT, _assign, _check_costs, _confidence
-from metaweight._checks import check_target
+from metaweight._checks import check_target, real_scalar
 from metaweight._exit_rules import ExitRule
 
 
@@ -103,9 +103,12 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     scores, prediction = _confidence(val_logits, "val_logits", rule, fit="thresholds_for_accuracy")
     K, N = scores.shape
     labels = check_target(val_labels, N, val_logits.shape[2], name="val_labels").to(prediction.device)
-    for name, value in (("delta", delta), ("confidence", confidence)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            raise ValueError(f"Invalid {name}: {value!r}. Expected a number in (0, 1).")
+    for name, given in (("delta", delta), ("confidence", confidence)):
+        value = real_scalar(given)
+        if value is None or not 0.0 < value < 1.0:
+            raise ValueError(f"Invalid {name}: {given!r}. Expected a number in (0, 1) (an int, a float, a NumPy "
+                             f"or 0-d tensor scalar).")
+    delta, confidence = float(real_scalar(delta)), float(real_scalar(confidence))  # type: ignore[arg-type]
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"Invalid candidates: {candidates!r}. Expected an int >= 1.")
     cost_list = _check_costs(costs, K) if costs is not None else None

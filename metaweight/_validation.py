@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaweight._checks import IGNORE_INDEX, check_num_exits, stack_exit_logits
+from metaweight._checks import check_ignore_index, IGNORE_INDEX, check_num_exits, stack_exit_logits
 from metaweight._losses import exit_cross_entropy
 
 
@@ -64,9 +64,7 @@ class BalancedValidation(nn.Module):
             raise ValueError(f"Invalid alpha: {alpha!r}. Expected a number in [0, 1].")
         if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"Invalid momentum: {momentum!r}. Expected a number in [0, 1).")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"Invalid ignore_index: {ignore_index!r}. Expected an int (labels to leave out).")
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
         self.alpha = float(alpha)
         self.momentum = float(momentum)
         self.register_buffer("expected", torch.zeros(num_exits, dtype=torch.float32))

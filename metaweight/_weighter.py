@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
-from metaweight._checks import IGNORE_INDEX, forget_labels
+from metaweight._checks import check_flag, IGNORE_INDEX, forget_labels
 from metaweight._clipping import ClipGradNorm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -181,6 +181,8 @@ class HarmonizedWeighter(NamedWeights):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` should be a torch.optim.Optimizer. Found `{type(optimizer).__name__}`.")
+        learn = check_flag(learn, "learn")  # learn="no" would be truthy: flags are bools
+        reuse_forward = check_flag(reuse_forward, "reuse_forward")
         terms = Terms(criterion, term_names)
         if validation is None:
             num_exits = getattr(criterion, "num_exits", None)
