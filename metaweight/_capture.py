@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.autograd import Variable
 from torch.utils._pytree import tree_leaves
 
@@ -70,11 +71,14 @@ class ForwardRecord:
     # its shape and value fingerprint, taken as it died
     gone: dict[int, tuple[torch.Size, torch.device, Tensor]] = dataclasses.field(default_factory=dict)
     taken: bool = False
+    stateful: bool = False  # it changed buffers other than BatchNorm's statistics (spectral_norm's vectors)
+    versions: list[int] = dataclasses.field(default_factory=list)
 
     def watch_outputs(self, leaves: list[Tensor]) -> None:
         """Hold the outputs weakly; an output that dies while this record waits for ``loss()`` leaves its
         fingerprint (two reductions, only then)."""
         self.outputs = [weakref.ref(t) for t in leaves]
+        self.versions = [t._version for t in leaves]  # (changed in place before loss(): not the forward's outputs)
         me = weakref.ref(self)
         for i, t in enumerate(leaves):
             weakref.finalize(t, _output_died, me, i, t.detach())
@@ -87,7 +91,8 @@ class ForwardRecord:
         mine = [r() for r in self.outputs]
         j = 0
         for leaf in leaves:
-            while j < len(mine) and not _same_output(mine[j], leaf, self.gone.get(j)):
+            while j < len(mine) and not _same_output(mine[j], leaf, self.gone.get(j),
+                                                    self.versions[j] if j < len(self.versions) else None):
                 j += 1
             if j == len(mine):
                 return False
@@ -121,19 +126,26 @@ def _output_died(record: weakref.ref, i: int, alias: Tensor) -> None:
 
 
 def _same_output(output: Tensor | None, leaf: Tensor,
-                 gone: tuple[torch.Size, torch.device, Tensor] | None = None) -> bool:
+                 gone: tuple[torch.Size, torch.device, Tensor] | None = None, version: int | None = None) -> bool:
     if output is None:  # the forward's output is gone: a copy of it (equal values), or something made from it
         if gone is None or gone[0] != leaf.shape or gone[1] != leaf.device or not leaf.is_floating_point():
             return False
         a, b = gone[2], value_print(leaf.detach())
         return bool(torch.allclose(a, b, rtol=1e-12, atol=0.0, equal_nan=True))  # (off the usual path)
     if output is leaf:
-        return True
+        return version is None or leaf._version == version  # (z /= 2 in place: another output)
     if output.shape != leaf.shape or output.device != leaf.device:
         return False
     with torch.no_grad():  # a copy or a cast: equal values (one read, off the usual path)
         return bool(torch.equal(output.detach().to(leaf.dtype), leaf.detach())) and bool(
             torch.equal(leaf.detach().to(output.dtype), output.detach()))
+
+
+def _state_buffers(module: nn.Module) -> list[tuple[Tensor, int]]:
+    """The buffers a forward may change and read (all but BatchNorm's running statistics, which a
+    training-mode forward writes and does not read), with their versions."""
+    return [(b, b._version) for m in module.modules() if not isinstance(m, _BatchNorm)
+            for b in m._buffers.values() if b is not None]
 
 
 def tensor_leaves(tree: Any) -> list[Tensor]:
@@ -168,8 +180,7 @@ class ForwardWatch(_Inert):
     def __init__(self, weighter: Any, device: torch.device) -> None:
         self._ref = weakref.ref(weighter)
         self.device = device
-        self._open: list[tuple[RngState, tuple[torch.Generator, ...], list[tuple[Tensor, int, Tensor | None]]] | None] \
-            = []
+        self._open: list[Any] = []  # per open forward: generators' state, generators, inputs, buffers
         self.records: list[ForwardRecord] = []
         self.paused = False  # the weighter's own forwards need no record
 
@@ -185,7 +196,7 @@ class ForwardWatch(_Inert):
         # without a version change: torch.from_numpy, .data)
         inputs = [(t, t._version, value_print(t) if not t.is_complex() else None)
                   for t in tensor_leaves((args, kwargs))]
-        self._open.append((rng_state(self.device, generators), generators, inputs))
+        self._open.append((rng_state(self.device, generators), generators, inputs, _state_buffers(weighter.module)))
 
     def after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         weighter = self._ref()
@@ -194,10 +205,11 @@ class ForwardWatch(_Inert):
         opened = self._open.pop() if self._open else None
         if opened is None:
             return
-        start, generators, inputs = opened
+        start, generators, inputs, buffers = opened
         drew = not same_rng_state(start, rng_state(self.device, generators))
         record = ForwardRecord(start, drew, module_modes(weighter.module), inputs, [],
                                new_generators(weighter.module, generators))
+        record.stateful = any(b._version != v for b, v in buffers)
         record.watch_outputs(tensor_leaves(output))
         self.records = [*self.records[-(self.KEEP - 1):], record]
 
@@ -227,6 +239,7 @@ class Micro:
     factor: Tensor | None = None
     target_versions: tuple[int, ...] = ()  # the labels' versions at loss(): changed in place since, if they differ
     target_print: Tensor | None = None  # and their values' fingerprint (a buffer rewritten without a version)
+    params_print: Tensor | None = None  # the parameters' fingerprint at this loss() (metaweight._moves)
 
     def __post_init__(self) -> None:
         if not self.target_versions:
@@ -436,7 +449,13 @@ class StepCapture(_Inert):
                 pending.rescale = rescale_between(then, now)
                 pending.seen = then  # a common rescale keeps the direction
             pending.theta, pending.jac = self._before_step(optimizer, named, grads)
-            pending.moved_before = moved(pending.start_print, fingerprint([p for _, p in named]))
+            # every loss the step used was taken at the parameters the step starts from (not at a perturbed
+            # point, as sharpness-aware minimization's second forward is)
+            now_print = fingerprint([p for _, p in named])
+            prints = [m.params_print for m in pending.micro if m.factor is not None and m.params_print is not None] \
+                or [pending.start_print]
+            flags = [moved(q, now_print) for q in prints]
+            pending.moved_before = torch.stack([f.to(flags[0].device) for f in flags]).any()
             weighter._stepped = None  # an earlier step, superseded
         except Exception as exc:  # noqa: BLE001 - the user's step must go on; meta_step reports it
             pending.theta = None

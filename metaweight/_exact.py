@@ -18,7 +18,6 @@ from torch import Tensor
 
 from metaweight._backends import Backend
 from metaweight._checks import summarize_step_labels, unpack_batch
-from metaweight._moves import FROZEN_WITH_GRAD, frozen_with_grad
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
@@ -42,10 +41,6 @@ class ExactMode:
 
     def meta_step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> MetaStepRecord:
         """:meth:`HarmonizedWeighter.meta_step`: the look-ahead and its decision, the model untouched."""
-        if w.learn and w.num_calls % w.meta_every == 0:
-            frozen = frozen_with_grad(w._inner_optimizer, w.module)  # (step() clears every gradient itself)
-            if frozen:
-                raise ValueError(FROZEN_WITH_GRAD.format(names=frozen[:8]) + " gamma is unchanged.")
         calls = w.num_calls
         try:
             pending, _ = self.lookahead(w, train_batch, val_batch, keep_graph=False)

@@ -29,7 +29,7 @@ from metaweight._protocols import call_model
 from metaweight._randomness import (NEW_GENERATOR, model_generators, new_generators, replay_randomness, rng_state,
                                    same_rng_state)
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import Scratch, explained, nonfinite_flag
+from metaweight._transaction import Scratch, explained, host_read, nonfinite_flag
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import HarmonizedWeighter
@@ -39,6 +39,13 @@ COMPILED_RANDOM = ("The torch.compile'd model drew random numbers (dropout or th
                    "Use mode='exact', or compile a model without random layers (or call the weighter with the "
                    "uncompiled model).")
 
+
+NOT_REPRODUCED = (
+    "The training forward could not be reproduced: run again at the step's parameters with its own random numbers, "
+    "it gives other terms than weighter.loss got. It depends on something the look-ahead does not replay: Python "
+    "state the forward changes (a call counter, a drop-rate schedule stepped inside forward) or buffers it updates "
+    "and reads (spectral_norm's power iteration). mode='fast' cannot score that step: step such schedules in your "
+    "loop instead of in forward, or use mode='exact' with backend='higher'. gamma is unchanged.")
 
 _NONFINITE_VAL = ("The validation batch's inputs hold inf or NaN: the meta step cannot be scored. Check the validation "
                   "data (or pass nonfinite='skip' to skip such meta steps). gamma and the validation average are "
@@ -191,7 +198,7 @@ class FastMode:
             here = dict(w.module.named_parameters())  # (no_grad)
             names = list(theta)
             moved = dict(zip(names, along([theta[n] for n in names], [direction[n] for n in names], h)))
-            differences = []
+            differences, unlike = [], []
             for piece in pieces:
 
                 def outputs_at(at: dict[str, Tensor], piece: Any = piece) -> Any:
@@ -202,11 +209,16 @@ class FastMode:
                 outputs = outputs_at(theta) if piece.recompute else piece.outputs
                 teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
                 base = w._terms(outputs, piece.y, teacher_outputs=teachers) if piece.recompute else piece.terms
+                if piece.check:  # the training forward, replayed, must give its own terms again
+                    unlike.append(~torch.isclose(base.double(), piece.terms.double().to(base.device), rtol=1e-4,
+                                                 atol=1e-7).all())
                 plus = w._terms(outputs_at(moved), piece.y, teacher_outputs=teachers)
                 change = difference(plus, base, h, 1.0)
                 if isinstance(piece.factor, Tensor):  # the factor the loop's backward used
                     change = change * piece.factor.double()
                 differences.append(change)
+            if unlike and host_read([torch.stack([u.to(device) for u in unlike]).any()])[0]:
+                raise ValueError(NOT_REPRODUCED)
             derivative = differences[0] if len(differences) == 1 else torch.stack(differences).sum(0)
             derivative = w._reducer.mean([derivative])[0]
         gamma_grad = (-derivative).to(w.gamma) * w._active
@@ -226,6 +238,7 @@ class Piece:
     replay: Callable[[], Any]
     recompute: bool
     factor: Tensor | None = None  # None: 1
+    check: bool = False  # the recomputed base point must reproduce ``terms`` (a full-precision forward)
 
 
 

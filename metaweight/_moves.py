@@ -5,17 +5,17 @@ parameters that optimizer holds, the others fixed. Anything else that moves the 
 that step another one, which no look-ahead replays: a second optimizer over some of the model's
 parameters (an optimizer over the heads, another over the trunk), weight decay written by hand
 between ``backward()`` and ``optimizer.step()``, a ``p.clamp_()`` or a projection after the step and
-before ``meta_step``. Such moves are seen by comparing a fingerprint of the parameters, the
-float64 norm of each (``torch._foreach_norm``: a few kernels on a GPU, no host read), at the points
-of the loop between which nothing may move them:
+before ``meta_step``. Such moves are seen in two ways.
 
-* the trainable parameters the optimizer does not hold, at each meta step: between two meta steps
-  nothing may move them (every mode and form; frozen by leaving them out of the optimizer is fine);
-* in ``mode="fast"``'s two-call form, every trainable parameter between ``loss()`` and the optimizer's
-  step (the gradients were taken at the parameters the step starts from) and between the end of the
-  step and ``meta_step`` (the validation gradient is taken at the parameters the step left).
+Within the fast two-call form's step, by comparing a fingerprint of the trainable parameters, the
+float64 norm of each (``torch._foreach_norm``: a few kernels on a GPU, no host read of its own), at
+each ``loss()`` (the gradients were taken there: a loss at a perturbed point, as
+sharpness-aware minimization's second forward, is another step), before and after the optimizer's
+step, and at ``meta_step`` (the validation gradient is taken at the parameters the step left); the
+comparison is read with the step's one read. Between iterations the parameters may change (a
+checkpoint reloaded, a projection after ``meta_step``): the next step starts from where they are.
 
-Another optimizer's step is also seen as it happens: one process-wide optimizer step post-hook
+Another optimizer's step, as it happens: one process-wide optimizer step post-hook
 (``torch.optim.optimizer.register_optimizer_step_post_hook``, registered with the first weighter)
 notes, for each weighter alive, a step of any other optimizer holding one of its model's parameters
 (a second optimizer over the heads while the weighter's holds everything); the next meta step
@@ -58,19 +58,13 @@ def moved(before: Tensor | None, after: Tensor | None) -> Tensor:
     return ((before != after) & ~(before.isnan() & after.isnan())).any()
 
 
-def outside_optimizer(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, Tensor]]
-                      ) -> list[tuple[str, Tensor]]:
-    """The parameters of ``named`` that ``optimizer`` does not hold."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    return [(n, p) for n, p in named if id(p) not in held]
-
-
 def frozen_with_grad(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> list[str]:
     """Parameters the optimizer holds that do not require gradients but have a ``.grad`` (zeroed with
     ``zero_grad(set_to_none=False)`` after being frozen): torch's optimizers step every parameter with a
     gradient, so weight decay, momentum and Adam's moments still move them (Python objects only)."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    return [n for n, p in module.named_parameters() if not p.requires_grad and p.grad is not None and id(p) in held]
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]
+               if not p.requires_grad and p.grad is not None}
+    return [n for n, p in module.named_parameters() if id(p) in stepped] if stepped else []
 
 
 FROZEN_WITH_GRAD = (
@@ -79,13 +73,6 @@ FROZEN_WITH_GRAD = (
     "a parameter whose gradient is zero), a move the meta-gradient does not see. Zero with "
     "optimizer.zero_grad(set_to_none=True) (the default), set their .grad to None when you freeze them, or take them "
     "out of the optimizer.")
-
-OUTSIDE_MOVED = (
-    "The trainable parameters {names} are not in the weighter's optimizer, and they moved since the last meta step "
-    "(e.g. another optimizer steps them): the meta-gradient is that of the weighter's optimizer's step, which keeps "
-    "them fixed, so it would miss their move. Give the weighter one optimizer holding every parameter that trains "
-    "(parameter groups for different settings), or set requires_grad=False on the parameters that do not train. "
-    "gamma and everything else are unchanged.")
 
 MOVED_BEFORE_STEP = (
     "The parameters changed between weighter.loss() and optimizer.step() by something other than the optimizer (e.g. "
@@ -111,7 +98,9 @@ FOREIGN_STEP = (
 
 class ForeignSteps:
     """The process-wide optimizer step post-hook: marks the weighters whose model another optimizer
-    stepped (``weighter._foreign_step``, the optimizer's class name), for :data:`FOREIGN_STEP`."""
+    stepped (``weighter._foreign_step``, the optimizer's class name), for :data:`FOREIGN_STEP`; and, in
+    the exact mode, those whose own optimizer stepped frozen parameters holding a ``.grad``
+    (``weighter._frozen_step``, their names), for :data:`FROZEN_WITH_GRAD`."""
 
     metaweight_own = True  # (passed over by the hook checks)
     watched: weakref.WeakSet = weakref.WeakSet()
@@ -119,8 +108,11 @@ class ForeignSteps:
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for weighter in list(self.watched):
-            if optimizer is weighter._inner_optimizer or optimizer is weighter.gamma_optimizer \
-                    or weighter._foreign_step is not None:
+            if optimizer is weighter._inner_optimizer:
+                if weighter.mode == "exact" and weighter._frozen_step is None:  # (the fast mode's capture checks)
+                    weighter._frozen_step = frozen_with_grad(optimizer, weighter.module) or None
+                continue
+            if optimizer is weighter.gamma_optimizer or weighter._foreign_step is not None:
                 continue
             if self._holds(optimizer, weighter):
                 weighter._foreign_step = type(optimizer).__name__

@@ -77,8 +77,9 @@ class TwoCall:
                     record = micro.forward
                     if record is not None:  # replay the training forward's own random numbers
                         again = functools.partial(rewound_to, record.start, device)
-                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, again, micro.low or record.drew,
-                                             micro.factor))
+                        varies = record.drew or record.stateful  # (a base point recomputed must match)
+                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, again, micro.low or varies,
+                                            micro.factor, check=varies and not micro.low))
                     else:  # a forward the hooks did not see: a consistent difference from our own numbers
                         pieces.append(Piece(xi, yi, micro.terms, micro.outputs, replay, True, micro.factor))
                 return w._fast.meta(w, named, pending.theta, pending.jac, pieces, xv, yv,

@@ -37,7 +37,7 @@ from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction,
 from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
-from metaweight._moves import FOREIGN_STEP, OUTSIDE_MOVED, ForeignSteps, fingerprint, moved, outside_optimizer
+from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
 from metaweight._optimizers import (check_optimizer_covers_model,
                                     check_optimizer_options, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
@@ -324,8 +324,8 @@ class HarmonizedWeighter(NamedWeights):
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
         self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
         self._step_hooks: tuple[RemovableHandle, ...] = ()
-        self._outside_print: tuple[list[str], Tensor] | None = None  # see _check_outside
         self._foreign_step: str | None = None  # another optimizer stepped the model (metaweight._moves)
+        self._frozen_step: list[str] | None = None  # the exact mode's optimizer stepped frozen parameters
         if self.learn:
             ForeignSteps.watch(self)
         self._watch: ForwardWatch | None = None
@@ -406,12 +406,12 @@ class HarmonizedWeighter(NamedWeights):
             isinstance(o, Tensor) and o.dtype in (torch.float16, torch.bfloat16) for o in tree_leaves(outputs))
         record = self._watch.take(outputs) if self._watch is not None else None
         micro = Micro(tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs), terms.detach(), target,
-                      low, record)
+                      low, record, params_print=fingerprint([p for _, p in self._trainable()]))
         if self._pending is None or self._pending.theta is not None or self._pending.error is not None:
             if self._pending is not None:  # a loss after the step (logging it): meta_step still scores the step
                 self._stepped = self._pending
             # the parameters the gradients are taken at: the step must start from them (see _moves)
-            self._pending = Pending([micro], start_print=fingerprint([p for _, p in self._trainable()]))
+            self._pending = Pending([micro], start_print=micro.params_print)
         else:
             self._pending.micro.append(micro)
         watch_backward(self, self._pending, micro, weighted)
@@ -474,31 +474,19 @@ class HarmonizedWeighter(NamedWeights):
 
     def _check_loop(self) -> None:
         """Before every meta step, what may have changed since the weighter was built and the look-ahead
-        cannot replay: the optimizer's options, the model's hooks (Python objects only), and trainable
-        parameters the optimizer does not hold that moved (:meth:`_check_outside`); raises a
-        ``ValueError`` naming what it found, before anything changes."""
+        cannot replay: the optimizer's options, the model's hooks and another optimizer's step of the model
+        (:mod:`metaweight._moves`; Python objects only); raises a ``ValueError`` naming what it found,
+        before anything changes."""
         check_optimizer_options(self._inner_optimizer)
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
         check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})
         if self._foreign_step is not None:
             name, self._foreign_step = self._foreign_step, None  # (refused once: the next meta step sees anew)
             raise ValueError(FOREIGN_STEP.format(name=name))
-        self._check_outside()
-
-    def _check_outside(self) -> None:
-        """Trainable parameters the optimizer does not hold may stay fixed (frozen by leaving them out), never
-        move between two meta steps (:mod:`metaweight._moves`): one host read, only where there are such
-        parameters; a ``ValueError`` before anything changes."""
-        outside = outside_optimizer(self._inner_optimizer, self._trainable())
-        if not outside:
-            self._outside_print = None
-            return
-        names = [n for n, _ in outside]
-        now = fingerprint([p for _, p in outside])
-        before = self._outside_print
-        if before is not None and before[0] == names and host_read([moved(before[1], now)])[0]:
-            raise ValueError(OUTSIDE_MOVED.format(names=f"{names[:8]}{' ...' if len(names) > 8 else ''}"))
-        self._outside_print = (names, now)
+        if self._frozen_step is not None:
+            names, self._frozen_step = self._frozen_step, None
+            raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step.) gamma "
+                             "and everything else are unchanged.")
 
     # ------------------------------------------------------------- gamma's step, for both modes
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor, *,
