@@ -989,3 +989,80 @@ def test_a_logger_that_cannot_write_warns_and_never_raises_after_the_step(tmp_pa
         w.step(b, b)
     assert w.num_calls == 2
     logger.close()
+
+
+def test_csv_logger_never_loses_rows_nor_raises_for_what_it_meets_mid_run(tmp_path):
+    """Each thing a logger meets after its first row: a new weighter on it (iterations from 1 again),
+    a record with new columns, one without some, the file deleted, a record it cannot read. Rows are
+    never lost unasked and nothing raises out of the hook (the step it reports stands)."""
+    # a new weighter counting from 1 with the same logger: every row would go -> NAME-2.csv, warned
+    path = tmp_path / "run.csv"
+    logger = mw.CSVLogger(path)
+    for i in (1, 2, 3, 4):
+        logger(record(i))
+    before = path.read_bytes()
+    with pytest.warns(RuntimeWarning, match=r"iterations 1 to 4.*iteration 1.*new run.*run-2\.csv"):
+        logger(record(1))
+    logger(record(2))
+    assert path.read_bytes() == before and logger.path == tmp_path / "run-2.csv"
+    assert [r[0] for r in rows(logger.path)] == ["iteration", "1", "2"]
+    logger.close()
+    # a real new weighter handed the same logger (a second stage of training)
+    path = tmp_path / "stages.csv"
+    logger = mw.CSVLogger(path)
+    for lr in (0.1, 0.01):
+        torch.manual_seed(0)
+        net = tiny_net(2, batchnorm=False)
+        w = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=lr), mw.DenseDistillLoss(2),
+                                  callbacks=[logger])
+        with warnings.catch_warnings(record=True) as heard:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                w.step(batch(8), batch(8))
+        assert [str(h.message) for h in heard if "new run" in str(h.message)] == ([] if lr == 0.1 else [
+            str(heard[0].message)])
+    assert [r[0] for r in rows(path)] == ["iteration", "1", "2", "3"]
+    assert [r[0] for r in rows(tmp_path / "stages-2.csv")] == ["iteration", "1", "2", "3"]
+    logger.close()
+    # new columns mid-run (RLW: a meta_step without loss() has no terms, the next step() has)
+    path = tmp_path / "columns.csv"
+    torch.manual_seed(0)
+    net = tiny_net(2, batchnorm=False)
+    logger = mw.CSVLogger(path)
+    w = mw.RLW(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2), callbacks=[logger])
+    b = batch(8)
+    w.meta_step(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing lost, nothing to warn about
+        second = w.step(b)
+    table = list(csv.DictReader(open(path, newline="")))
+    assert [r["iteration"] for r in table] == ["1", "2"] and w.num_calls == 2
+    assert table[0]["term/ce[1]"] == "" and float(table[1]["term/ce[1]"]) == pytest.approx(second["terms"]["ce[1]"])
+    header = rows(path)[0]
+    assert header[:2] == ["iteration", "meta_step"] and all(len(r) == len(header) for r in rows(path))
+    # a record without some columns: blanks, under the same header
+    short = {k: v for k, v in dict(second).items() if k != "terms"}
+    logger(dict(short, iteration=3))
+    assert rows(path)[0] == header and rows(path)[-1][0] == "3" and rows(path)[-1][-1] == ""
+    # the file deleted mid-run: it starts again with its header, warned
+    path.unlink()
+    with pytest.warns(RuntimeWarning, match="deleted or emptied"):
+        logger(record(4))
+    assert rows(path)[0][:len(header)] == header and "val_objective" in rows(path)[0]
+    assert [r[0] for r in rows(path)] == ["iteration", "4"]
+    # a record the logger cannot read: warned, never raised
+    with pytest.warns(RuntimeWarning, match="could not write iteration None.*training step stands"):
+        logger({"iteration": None, "meta_step": 0, "gamma": {}})
+    logger.close()
+
+
+def test_tensorboard_logger_never_raises_out_of_the_hook(tmp_path):
+    pytest.importorskip("tensorboard")
+
+    class Broken:
+        def add_scalar(self, tag, value, step):
+            raise RuntimeError("the writer is closed")
+
+    logger = mw.TensorBoardLogger(Broken())
+    with pytest.warns(RuntimeWarning, match="could not write iteration 1.*RuntimeError.*training step stands"):
+        logger(record(1))
