@@ -1066,3 +1066,60 @@ def test_tensorboard_logger_never_raises_out_of_the_hook(tmp_path):
     logger = mw.TensorBoardLogger(Broken())
     with pytest.warns(RuntimeWarning, match="could not write iteration 1.*RuntimeError.*training step stands"):
         logger(record(1))
+
+
+def test_a_file_rewritten_in_place_keeps_its_permissions_and_its_symbolic_link(tmp_path):
+    """What ``open(path, "w")`` / ``torch.save(state, path)`` keep, every atomic rewrite keeps: the
+    replaced file's permissions, a new file's permissions from the umask (not mkstemp's 0o600), and a
+    symbolic link at the path (its target is written)."""
+    import os
+    import stat
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(0o027)
+    try:
+        fresh = mw.save_checkpoint({"a": 1}, tmp_path / "new.pt")
+        assert mode(fresh) == 0o640  # as open() under this umask
+    finally:
+        os.umask(old)
+    existing = tmp_path / "c.pt"
+    torch.save({"a": 1}, existing)
+    existing.chmod(0o604)
+    mw.save_checkpoint({"a": 2}, existing)
+    assert mode(existing) == 0o604 and mw.load_checkpoint(existing) == {"a": 2}
+    (tmp_path / "run3").mkdir()
+    target = mw.save_checkpoint({"a": 3}, tmp_path / "run3" / "ckpt.pt")
+    link = tmp_path / "latest.pt"
+    link.symlink_to(Path("run3") / "ckpt.pt")
+    assert mw.save_checkpoint({"a": 4}, link) == link
+    assert link.is_symlink() and torch.load(target)["a"] == 4
+    assert sorted(p.name for p in (tmp_path / "run3").iterdir()) == ["ckpt.pt"]  # no temporary file left
+    # the CSV log's rewrite (a torn last line dropped) through a link, and its permissions
+    log = tmp_path / "logs" / "run.csv"
+    log.parent.mkdir()
+    log.write_text("iteration,meta_step,val_objective,val_ce[1],val_ce[2],gamma/ce[1],term/ce[1]\n"
+                   "1,1,1.0,1.0,2.0,1.0,0.5\n2,2,0.5")
+    log.chmod(0o604)
+    (tmp_path / "log.csv").symlink_to(log)
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    logger(record(2))
+    logger.close()
+    assert (tmp_path / "log.csv").is_symlink() and mode(log) == 0o604
+    assert [r[0] for r in rows(log)] == ["iteration", "1", "2"]
+
+
+@pytest.mark.parametrize("make", ["calibration", "budget_curve", "budget_point", "anytime"])
+def test_the_librarys_own_results_load_with_weights_only(tmp_path, make):
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 30, 3), torch.randint(0, 3, (30,))
+    value = {
+        "calibration": lambda: mw.calibrate(logits, labels),
+        "budget_curve": lambda: mw.budgeted_curve(logits, labels, logits, labels, [1.0, 2.0], qs=[0.5, 1.0]),
+        "budget_point": lambda: mw.evaluate_thresholds(logits, labels, [0.5, 0.0], [1.0, 2.0]),
+        "anytime": lambda: mw.anytime_accuracy_from_logits(logits, labels, topk=[1, 2]),
+    }[make]()
+    path = mw.save_checkpoint({"result": value}, tmp_path / "r.pt")
+    loaded = mw.load_checkpoint(path)["result"]  # weights_only=True, the default
+    assert type(loaded) is type(value) and loaded == value
