@@ -1123,3 +1123,30 @@ def test_the_librarys_own_results_load_with_weights_only(tmp_path, make):
     path = mw.save_checkpoint({"result": value}, tmp_path / "r.pt")
     loaded = mw.load_checkpoint(path)["result"]  # weights_only=True, the default
     assert type(loaded) is type(value) and loaded == value
+
+
+def test_the_lightning_callback_moves_validation_batches_as_the_library_does():
+    """One mover for every batch form (namedtuple, dict of inputs, nested lists): the callback uses the
+    library's ``to_device``, not a copy of its own."""
+    import collections
+    import types
+
+    pytest.importorskip("lightning")
+    from metaweight import _anytime
+    from metaweight import lightning as mwl
+
+    assert not hasattr(mwl, "_to")
+    Pair = collections.namedtuple("Pair", "x y")
+    batches = [Pair(torch.randn(2, 4), torch.tensor([0, 1])),
+               ({"x": torch.randn(2, 4), "mask": [torch.ones(2)]}, torch.tensor([0, 1]))]
+    callback = mwl.HarmonizedCallback(mw.DenseDistillLoss(2), batches)
+    heard = []
+    callback.weighter = types.SimpleNamespace(mode="exact", meta_step=lambda train, val: heard.append(val))
+    callback._val = iter(batches)
+    module = types.SimpleNamespace(device=torch.device("meta"))
+    for _ in batches:
+        callback.on_train_batch_start(None, module, None, 0)
+    assert type(heard[0]) is Pair and heard[0].x.is_meta and heard[0].y.is_meta
+    assert heard[1][0]["x"].is_meta and heard[1][0]["mask"][0].is_meta and heard[1][1].is_meta
+    expected = _anytime.to_device(batches[1], "meta")
+    assert heard[1][0].keys() == expected[0].keys()
