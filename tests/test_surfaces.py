@@ -1150,3 +1150,45 @@ def test_the_lightning_callback_moves_validation_batches_as_the_library_does():
     assert heard[1][0]["x"].is_meta and heard[1][0]["mask"][0].is_meta and heard[1][1].is_meta
     expected = _anytime.to_device(batches[1], "meta")
     assert heard[1][0].keys() == expected[0].keys()
+
+
+def test_the_plot_command_labels_every_run_apart_and_names_a_bad_file(tmp_path, capsys, monkeypatch):
+    """Three runs of one method (seeds in s0, s1, s2) are three labelled runs, none overwritten; a
+    missing file, a file that is not JSON, and a result lacking ``num_samples`` each stop the command
+    with a message naming the file, before anything is written."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    import metaweight.__main__ as cli
+
+    files = []
+    for seed in range(3):
+        (tmp_path / f"s{seed}").mkdir()
+        files.append(tmp_path / f"s{seed}" / "result.json")
+        files[-1].write_text(json.dumps({"config": {"method": "hdkd"},
+                                         "test": {"num_samples": 10, "top1": [10.0 + seed, 20.0 + seed]},
+                                         "gamma_history": [{"step": 1, "gamma": [0.5, 0.5]}],
+                                         "term_names": ["ce[1]", "ce[2]"]}))
+    other = tmp_path / "uw.json"
+    other.write_text(json.dumps({"config": {"method": "uw"}, "test": {"num_samples": 10, "top1": [1.0, 2.0]}}))
+    seen = {}
+    real = cli.plot_anytime
+    monkeypatch.setattr(cli, "plot_anytime", lambda results, path, **k: (seen.update(results), real(results, path,
+                                                                                                      **k))[1])
+    out = tmp_path / "plots"
+    cli.main(["plot", *map(str, files), str(other), "--out", str(out)])
+    assert {n: r.accuracy[1] for n, r in seen.items()} == {
+        "hdkd (s0)": [10.0, 20.0], "hdkd (s1)": [11.0, 21.0], "hdkd (s2)": [12.0, 22.0], "uw": [1.0, 2.0]}
+    assert sorted(p.name for p in out.iterdir()) == ["anytime.png", "gamma-hdkd__s0_.png", "gamma-hdkd__s1_.png",
+                                                     "gamma-hdkd__s2_.png"]
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text(json.dumps({"test": {"top1": [1.0]}}))
+    (tmp_path / "text.json").write_text("not json")
+    for argv, message in [([str(tmp_path / "missing.json")], "missing.json: no such file"),
+                          ([str(tmp_path / "text.json")], "text.json is not a JSON file"),
+                          ([str(tmp_path / "bad.json")], "bad.json: its 'test' entry lacks the key 'num_samples'"),
+                          ([str(files[0]), str(files[0])], "given twice")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["plot", *argv, "--out", str(tmp_path / "never")])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "never").exists()
