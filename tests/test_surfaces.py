@@ -1192,3 +1192,69 @@ def test_the_plot_command_labels_every_run_apart_and_names_a_bad_file(tmp_path, 
             cli.main(["plot", *argv, "--out", str(tmp_path / "never")])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
         assert not (tmp_path / "never").exists()
+
+
+def _plot_calls(tmp_path):
+    """(what, call, error, message): every plot_* argument the library can judge before drawing."""
+    torch.manual_seed(0)
+    L, y = torch.randn(3, 50, 4), torch.randint(0, 4, (50,))
+    curve = mw.budgeted_curve(L, y, L, y, [1.0, 2.0, 3.0], qs=[0.5, 1.0])
+    a3 = mw.anytime_accuracy_from_logits(L, y, topk=[1])
+    a2 = mw.anytime_accuracy_from_logits(L[:2], y, topk=[1])
+    out = tmp_path / "new" / "deeper"
+    nan = L.clone()
+    nan[1, 3, 2] = float("nan")
+    other_unit = mw.BudgetCurve(curve.points, curve.costs, cost_unit="FLOPs")
+    return [
+        ("one temperature for 3 exits", lambda: mw.plot_reliability(L, y, out / "r.png", temperatures=[2.0]),
+         ValueError, "3 positive finite numbers"),
+        ("negative temperature", lambda: mw.plot_reliability(L, y, out / "r.png", temperatures=[-1.0, 0.0, 1.0]),
+         ValueError, "positive finite"),
+        ("labels [N, 1]", lambda: mw.plot_reliability(L, y[:, None], out / "r.png"), ValueError, r"shape \(50,\)"),
+        ("bins 0", lambda: mw.plot_reliability(L, y, out / "r.png", bins=0), ValueError, "Invalid bins"),
+        ("NaN logits", lambda: mw.plot_reliability(nan, y, out / "r.png"), ValueError, "exit 2: 1 NaN"),
+        ("logits [N, C]", lambda: mw.plot_reliability(L[0], y, out / "r.png"), ValueError, r"\[K, N, C\]"),
+        ("bad suffix", lambda: mw.plot_budget_curves({"a": curve}, out / "x.unknownext"), ValueError,
+         "suffix of an image format"),
+        ("a folder", lambda: mw.plot_budget_curves({"a": curve}, tmp_path), ValueError, "is a folder"),
+        ("scale 0", lambda: mw.plot_budget_curves({"a": curve}, out / "b.png", scale=0), ValueError,
+         "Invalid scale"),
+        ("not a curve", lambda: mw.plot_budget_curves({"a": [1, 2]}, out / "b.png"), TypeError, "BudgetCurve"),
+        ("two cost units", lambda: mw.plot_budget_curves({"a": curve, "b": other_unit}, out / "b.png"), ValueError,
+         "different costs"),
+        ("exits differ", lambda: mw.plot_anytime({"a": a3, "b": a2}, out / "a.png"), ValueError,
+         r"different numbers of exits \{'a': 3, 'b': 2\}"),
+        ("not a result", lambda: mw.plot_anytime({"a": {1: [1.0]}}, out / "a.png"), TypeError, "AnytimeResult"),
+        ("k not an int", lambda: mw.plot_anytime({"a": a3}, out / "a.png", k="1"), TypeError, "`k`"),
+        ("steps and gammas", lambda: mw.plot_gamma_history([1, 2], [[0.1, 0.2]], ["ce[1]", "ce[2]"], out / "g.png"),
+         ValueError, "one snapshot per step"),
+        ("gammas and names", lambda: mw.plot_gamma_history([1], [[0.1, 0.2]], ["ce[1]", "ce[2]", "kd[2->1]"],
+                                                           out / "g.png"), ValueError, "3 finite weights"),
+        ("title", lambda: mw.plot_anytime({"a": a3}, out / "a.png", title=3), TypeError, "`title`"),
+    ]
+
+
+def test_plots_judge_every_argument_before_drawing_and_leave_no_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    for what, call, error, message in _plot_calls(tmp_path):
+        with pytest.raises(error, match=message):
+            call()
+        assert not (tmp_path / "new").exists(), what
+    # a save that fails after all: the folders made for it are gone again
+    import matplotlib.figure
+
+    torch.manual_seed(0)
+    L, y = torch.randn(3, 50, 4), torch.randint(0, 4, (50,))
+    cal = mw.calibrate(L, y)
+    original = matplotlib.figure.Figure.savefig
+    try:
+        matplotlib.figure.Figure.savefig = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+        with pytest.raises(OSError, match="disk full"):
+            mw.plot_reliability(L, y, tmp_path / "new" / "r.png", temperatures=cal)
+    finally:
+        matplotlib.figure.Figure.savefig = original
+    assert not (tmp_path / "new").exists()
+    # a Calibration is the temperatures it holds: the same figure as its list
+    a = mw.plot_reliability(L, y, tmp_path / "a.svg", temperatures=cal)
+    b = mw.plot_reliability(L, y, tmp_path / "b.svg", temperatures=cal.temperatures)
+    assert a.is_file() and b.is_file()
