@@ -15,6 +15,15 @@ def write_target(path: Path) -> Path:
 
 
 def _umask() -> int:
+    """This process's umask: read from ``/proc`` where there is one (Linux), since ``os.umask`` can only
+    be read by setting it, which another thread creating a file meanwhile would see."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
