@@ -4,7 +4,9 @@ The result files are those ``examples/train.py --out`` writes: per-exit accuracy
 (``test``), a budget curve (``budget``) and the loss-weight history (``gamma_history``).
 Writes ``budget.png``, ``anytime.png`` and one ``gamma-<name>.png`` per file (``--format svg``
 for SVG) into ``--out`` (``runs/plots`` by default, beside the runs, which git ignores), and
-prints the path of every file written.
+prints the path of every file written. Every run is labelled by its method; runs of one
+method by their folder too (``hdkd (s0)``, ``hdkd (s1)``), so none hides another. A missing or
+malformed result file stops the command with a message naming it, before anything is written.
 """
 
 from __future__ import annotations
@@ -12,13 +14,56 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from metaweight._anytime import AnytimeResult
 from metaweight._budget import BudgetCurve
 from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history
 
 
+def _labels(files: list[Path], methods: list[str]) -> list[str]:
+    """One label per result file, all different: the method's name, and for files sharing one, their
+    folder (``hdkd (s0)``), else their path."""
+    labels = list(methods)
+    for method in set(methods):
+        same = [i for i, m in enumerate(methods) if m == method]
+        if len(same) < 2:
+            continue
+        folders = [files[i].resolve().parent.name for i in same]
+        parts = folders if len(set(folders)) == len(folders) else [str(files[i]) for i in same]
+        for i, part in zip(same, parts):
+            labels[i] = f"{method} ({part})"
+    return labels
+
+
+def _read(file: str, parser: argparse.ArgumentParser) -> dict:
+    path = Path(file)
+    if not path.is_file():
+        parser.error(f"{file}: no such file" + (" (it is a folder)" if path.is_dir() else "") +
+                     "; pass the JSON files examples/train.py --out wrote.")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        parser.error(f"{file} is not a JSON file ({exc}); pass the JSON files examples/train.py --out wrote.")
+    if not isinstance(data, dict):
+        parser.error(f"{file} holds a JSON {type(data).__name__}, not the object examples/train.py --out writes.")
+    return data
+
+
+def _parse(file: str, what: str, parser: argparse.ArgumentParser, make: Any) -> Any:
+    """``make()``, or a clear error naming the file and the entry that is missing or malformed."""
+    try:
+        return make()
+    except KeyError as exc:
+        parser.error(f"{file}: its {what!r} entry lacks the key {exc}; is it a result file examples/train.py "
+                     f"--out wrote?")
+    except (TypeError, ValueError, AttributeError, StopIteration) as exc:
+        parser.error(f"{file}: its {what!r} entry is malformed ({type(exc).__name__}: {exc}); is it a result file "
+                     f"examples/train.py --out wrote?")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run the command line; a bad argument or result file exits with a message naming it (status 2)."""
     parser = argparse.ArgumentParser(prog="python -m metaweight", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = argparse.ArgumentDefaultsHelpFormatter
@@ -28,28 +73,39 @@ def main(argv: list[str] | None = None) -> None:
     plot.add_argument("--out", default=str(Path("runs") / "plots"), help="output folder (created if missing)")
     plot.add_argument("--format", default="png", choices=["png", "svg", "pdf"], help="image format")
     args = parser.parse_args(argv)
-    runs = {}
+    files = [Path(f) for f in args.results]
+    seen: dict[Path, str] = {}
     for file in args.results:
-        data = json.loads(Path(file).read_text())
-        name = data.get("config", {}).get("method", Path(file).stem)
-        if name in runs:
-            name = f"{name} ({Path(file).stem})"
-        runs[name] = data
+        key = Path(file).resolve()
+        if key in seen:
+            plot.error(f"{file} is given twice (as {seen[key]} before); pass each result file once.")
+        seen[key] = file
+    datas = [_read(file, plot) for file in args.results]
+    configs = [d.get("config") if isinstance(d.get("config"), dict) else {} for d in datas]
+    methods = [str(c.get("method", Path(file).stem)) for c, file in zip(configs, args.results)]
+    runs = dict(zip(_labels(files, methods), zip(args.results, datas)))
     out = Path(args.out)
     written = []
-    curves = {n: BudgetCurve.from_dict(d["budget"]) for n, d in runs.items() if "budget" in d}
+    curves = {n: _parse(f, "budget", plot, lambda d=d: BudgetCurve.from_dict(d["budget"]))
+              for n, (f, d) in runs.items() if "budget" in d}
+    anytime = {n: _parse(f, "test", plot, lambda d=d: AnytimeResult(
+        {int(k[3:]): list(v) for k, v in d["test"].items() if k.startswith("top")}, int(d["test"]["num_samples"])))
+        for n, (f, d) in runs.items() if "test" in d}
+    histories = {n: _parse(f, "gamma_history", plot, lambda d=d: (
+        [h["step"] for h in d["gamma_history"]], [h["gamma"] for h in d["gamma_history"]], d["term_names"]))
+        for n, (f, d) in runs.items() if d.get("gamma_history")}
     if curves:
         written.append(plot_budget_curves(curves, out / f"budget.{args.format}"))
-    anytime = {n: AnytimeResult({int(k[3:]): v for k, v in d["test"].items() if k.startswith("top")},
-                                d["test"]["num_samples"]) for n, d in runs.items() if "test" in d}
     if anytime:
         written.append(plot_anytime(anytime, out / f"anytime.{args.format}"))
-    for n, d in runs.items():
-        history = d.get("gamma_history")
-        if history:
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in n)
-            written.append(plot_gamma_history([h["step"] for h in history], [h["gamma"] for h in history],
-                                              d["term_names"], out / f"gamma-{safe}.{args.format}", title=n))
+    names: set[str] = set()
+    for n, (steps, gammas, term_names) in histories.items():
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in n)
+        stem, i = safe, 2
+        while stem in names:  # two labels that read alike once made safe for a file name
+            stem, i = f"{safe}-{i}", i + 1
+        names.add(stem)
+        written.append(plot_gamma_history(steps, gammas, term_names, out / f"gamma-{stem}.{args.format}", title=n))
     for path in written:
         print(path)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metaweight._checks import check_fit_logits, check_has_values, check_target
+from metaweight._checks import check_bins, check_fit_logits, check_has_values, check_target
 from metaweight._exit_rules import predict
 
 
@@ -93,8 +93,7 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15
         ValueError: as :func:`fit_temperatures` (NaN, ``+inf``, meta tensors), or a bad ``bins``.
     """
     labels = _check(logits, labels, what="expected_calibration_error").to(logits.device)
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"Invalid bins: {bins!r}. Expected an int >= 1.")
+    check_bins(bins)
     confidence, prediction = torch.softmax(logits.double(), dim=-1).amax(dim=-1), predict(logits)
     correct = (prediction == labels[None]).double()
     index = (confidence * bins).ceil().long().clamp(1, bins) - 1

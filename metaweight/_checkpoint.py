@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from metaweight._checks import check_device_available
+from metaweight._files import file_mode, write_target
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -21,7 +22,9 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
 
     The rename is atomic on POSIX and Windows file systems, so a save interrupted at any point
     (a crash, a full disk, a killed job) leaves the previous checkpoint at ``path`` intact and
-    never a half-written one.
+    never a half-written one. What ``torch.save(state, path)`` keeps is kept: the permissions of
+    the file replaced (a new file gets those ``open`` gives under the umask), and a symbolic link
+    at ``path`` (``latest.pt -> run3/ckpt.pt``) stays a link: its target is replaced.
 
     Args:
         state: what to save, e.g. ``{"model": model.state_dict(), "optimizer": ...,
@@ -41,10 +44,11 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
         raise TypeError(f"`state` should be a dict of what to save. Found `{type(state).__name__}`.")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
-    path = Path(path)
+    given = path = Path(path)
     if path.is_dir():
         raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'checkpoint.pt'}. "
                          f"Nothing was written.")
+    path = write_target(path)  # a symbolic link (latest.pt -> run3/ckpt.pt) stays a link to the new file
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -55,6 +59,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, file_mode(path))  # the old file's permissions, or open()'s (mkstemp's are owner-only)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -74,9 +79,9 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
                 raise TypeError(f"{where[0]} cannot be saved: {where[1]}. A checkpoint holds data (tensors, "
                                 f"numbers, strings, lists, dicts, state_dict()s), not functions, lambdas, open files "
                                 f"or locks: save what rebuilds it instead (e.g. its settings). Nothing was written "
-                                f"({path} is as it was).") from exc
+                                f"({given} is as it was).") from exc
         raise
-    return path
+    return given
 
 
 class _Sink:
@@ -111,12 +116,17 @@ def _unpicklable(value: Any, where: str) -> tuple[str, str] | None:
 
 def _safe_types() -> list[Any]:
     """Types common in training checkpoints that hold data and run no code of their own when
-    unpickled: NumPy scalars, dtypes and arrays (their items go through the same restricted
+    unpickled: the library's own results (:class:`Calibration`, :class:`BudgetCurve` and its
+    :class:`BudgetPoint`, :class:`AnytimeResult`: dataclasses of numbers, lists and strings), NumPy scalars, dtypes and arrays (their items go through the same restricted
     unpickler), ``argparse.Namespace`` (plain attributes) and ``pathlib`` paths (strings)."""
     import argparse
     import pathlib
 
-    types: list[Any] = [argparse.Namespace, pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
+    from metaweight._anytime import AnytimeResult
+    from metaweight._budget import BudgetCurve, BudgetPoint
+    from metaweight._calibration import Calibration
+
+    types: list[Any] = [Calibration, BudgetCurve, BudgetPoint, AnytimeResult, argparse.Namespace, pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
                         pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath]
     try:
         import numpy as np
@@ -290,8 +300,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
                     weights_only: bool = True, verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or ``torch.save``).
 
-    With ``weights_only=True`` (the default, safe for files from elsewhere) the common harmless
-    types of training checkpoints load too: NumPy scalars and arrays, ``argparse.Namespace`` and
+    With ``weights_only=True`` (the default, safe for files from elsewhere) the library's own
+    results (``Calibration``, ``BudgetCurve``, ``BudgetPoint``, ``AnytimeResult``) and the common
+    harmless types of training checkpoints load too: NumPy scalars and arrays, ``argparse.Namespace`` and
     ``pathlib`` paths (an allow-list, ``torch.serialization.safe_globals``). Two failures are told
     apart, each with a ``ValueError`` that names the file and what to do: an intact file holding
     other types (named; load it with ``weights_only=False`` if you trust it), and a file that is

@@ -6,6 +6,7 @@ and how to fix it, before any state is touched.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -334,3 +335,25 @@ def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:
         raise ValueError(f"`{name}` should be a pair (inputs, labels). Found `{type(batch).__name__}`"
                          f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}.")
     return batch[0], batch[1]
+
+
+def check_temperatures(temperatures: Any, num_exits: int) -> list[float] | None:
+    """``temperatures`` (a :class:`Calibration`, or ``num_exits`` positive finite numbers) as floats."""
+    if temperatures is None:
+        return None
+    values = getattr(temperatures, "temperatures", temperatures)  # a Calibration holds them
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().reshape(-1).tolist()
+    ok = isinstance(values, (list, tuple)) and all(
+        not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in values)
+    if not ok or len(values) != num_exits:
+        raise ValueError(f"`temperatures` should be a Calibration or {num_exits} positive finite numbers, one per "
+                         f"exit. Found {temperatures!r}.")
+    return [float(t) for t in values]
+
+
+def check_bins(bins: Any) -> int:
+    """The number of equal-width confidence bins: an int >= 1."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"Invalid bins: {bins!r}. Expected an int >= 1.")
+    return bins

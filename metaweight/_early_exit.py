@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from metaweight._checks import UNDEFINED_SOFTMAX_FIX, holds_meta, softmax_undefined
+from metaweight._checks import UNDEFINED_SOFTMAX_FIX, check_temperatures, holds_meta, softmax_undefined
 from metaweight._exit_rules import ExitRule, as_rule, predict, reaches, score_dtype
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
@@ -182,7 +181,7 @@ class EarlyExit(nn.Module):
         if torch.isnan(thresholds).any():
             raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
         self.register_buffer("thresholds", thresholds)
-        self.temperatures: list[float] | None = _check_temperatures(temperatures, num_exits)
+        self.temperatures: list[float] | None = check_temperatures(temperatures, num_exits)
 
     @property
     def stages(self) -> Sequence[nn.Module]:
@@ -342,18 +341,3 @@ class EarlyExit(nn.Module):
             raise RuntimeError(f"EarlyExit assigned no exit to some samples: the model gave {len(computed)} of its "
                                f"{last + 1} exits. Check the model's num_exits against its output.")
         return state["predictions"], state["exits"]
-
-
-def _check_temperatures(temperatures: Any, num_exits: int) -> list[float] | None:
-    """``temperatures`` (a :class:`Calibration`, or ``num_exits`` positive finite numbers) as floats."""
-    if temperatures is None:
-        return None
-    values = getattr(temperatures, "temperatures", temperatures)  # a Calibration holds them
-    if isinstance(values, Tensor):
-        values = values.detach().cpu().reshape(-1).tolist()
-    ok = isinstance(values, (list, tuple)) and all(
-        not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in values)
-    if not ok or len(values) != num_exits:
-        raise ValueError(f"`temperatures` should be a Calibration or {num_exits} positive finite numbers, one per "
-                         f"exit. Found {temperatures!r}.")
-    return [float(t) for t in values]

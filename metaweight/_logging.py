@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
-import stat
 import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
 
 from metaweight._checks import check_flag
+from metaweight._files import file_mode, write_target
 from metaweight._warn import warn_user
 
 
@@ -26,6 +26,14 @@ def flatten_record(record: dict[str, Any]) -> dict[str, float]:
     for name, value in (record.get("terms") or {}).items():
         flat[f"term/{name}"] = value
     return flat
+
+
+def _iteration(record: Any) -> Any:
+    """The iteration a record says it reports, for a warning about it (whatever the record is)."""
+    try:
+        return record.get("iteration")
+    except Exception:  # noqa: BLE001 - not a mapping: named as it is
+        return repr(record)[:80]
 
 
 def _step_of(line: str) -> float | None:
@@ -135,7 +143,17 @@ class CSVLogger:
     not raise then (the step stands; a retry would take it twice), and the old log must not be
     lost, so the logger leaves the old file as it is, writes to the first free ``NAME-2.csv``,
     ``NAME-3.csv``, ... beside it, warns, and shows the new path in :attr:`path`.
-    ``overwrite=True`` starts the file afresh at the first record instead.
+    ``overwrite=True`` starts the file afresh at the first record instead. The same holds for one
+    logger handed to a new weighter, whose iterations count from 1 again: every row would be
+    dropped, so the new run goes to ``NAME-2.csv``, with a warning.
+
+    A record with columns the header lacks (loss terms first logged at a later step, as a
+    weighting's ``meta_step`` without ``loss()`` has none) widens the header: the file is
+    rewritten with the new columns after the others, earlier rows blank there. A record without
+    some columns leaves them blank. A file deleted (or emptied) while the logger writes to it
+    starts again with its header, with a warning. Nothing a logger meets after the step raises
+    out of the hook: a row that cannot be written (a folder removed, a disk full, a record it
+    cannot read) is reported lost in a ``RuntimeWarning``, and training goes on.
 
     Under ``torch.distributed`` (a process group initialized with more than one process) only
     rank 0 writes: after a meta step every rank holds the same gamma (its meta-gradient is
@@ -228,9 +246,10 @@ class CSVLogger:
                 writer.writeheader()
                 writer.writerow(row)
             return
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        target = write_target(self.path)  # through a symbolic link: the link stays, its target is rewritten
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
-            os.chmod(tmp, stat.S_IMODE(self.path.stat().st_mode))  # the log's own (mkstemp's are owner-only)
+            os.chmod(tmp, file_mode(target))  # the log's own (mkstemp's are owner-only)
             with os.fdopen(fd, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
@@ -238,7 +257,7 @@ class CSVLogger:
                 writer.writerow(row)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -258,9 +277,9 @@ class CSVLogger:
             return
         try:
             self._record(record)
-        except OSError as exc:  # the step this reports stands: say the row is lost, never raise from the hook
-            warn_user(f"CSVLogger could not write iteration {record.get('iteration')} to {self.path} ({exc}); the "
-                      f"training step stands, this row is not in the log.")
+        except Exception as exc:  # noqa: BLE001 - the step this reports stands: never raise from the hook
+            warn_user(f"CSVLogger could not write iteration {_iteration(record)} to {self.path} "
+                      f"({type(exc).__name__}: {exc}); the training step stands, this row is not in the log.")
 
     def _record(self, record: dict[str, Any]) -> None:
         row = flatten_record(record)
@@ -273,7 +292,9 @@ class CSVLogger:
             _hold(self.path, self)
         if self._fields is None:  # the first record: a new file, or continue the one there
             header, lines, torn = (None, [], False) if self.overwrite else self._existing()
-            if header is not None and header != fields:
+            if header is not None and set(fields) <= set(header):  # a record without some columns: blanks
+                fields = header
+            elif header is not None:
                 self._divert(f"The log {self.path} has the columns {header}, but this run records {fields}; "
                              f"appending would mix them.")
                 header, lines, torn = None, [], False
@@ -290,16 +311,53 @@ class CSVLogger:
                 self._append(fields, row)
             self._fields, self._last_step = fields, step
             return
-        if self._last_step is not None and step <= self._last_step:  # rolled back in this process
+        if self._last_step is not None and step <= self._last_step:  # went back, in this process
             _, lines, _ = self._existing()
-            self._rewrite(self._fields, _before(lines, step), row)
+            kept = _before(lines, step)
+            if lines and not kept:  # every row would go: not a rollback to a checkpoint, a new run
+                logged = [s for s in map(_step_of, lines) if s is not None]
+                self._divert(f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {self.path} "
+                             f"and now gets iteration {step:g}: every row would be dropped as undone, so this is a "
+                             f"new run (e.g. a new weighter counting from 1 with the same logger), not a weighter "
+                             f"rolled back to a checkpoint.")
+                self._fields = fields
+                self._rewrite(fields, [], row)
+            else:  # rolled back to a checkpoint: the rows of the steps undone go
+                widened = self._widen(fields)
+                self._rewrite(self._fields, [_pad(line, widened) for line in kept], row)
+        elif not self.path.is_file() or self.path.stat().st_size == 0:
+            if not self.path.parent.is_dir():
+                raise FileNotFoundError(f"its folder {self.path.parent} is gone")
+            warn_user(f"The log {self.path} was deleted or emptied while this CSVLogger wrote to it: it starts "
+                      f"again at iteration {step:g}, with its header; the rows before are not in it.")
+            self._widen(fields)
+            self._rewrite(self._fields, [], row)
+        elif any(name not in self._fields for name in fields):  # new columns: widen the header, rows kept
+            widened = self._widen(fields)
+            _, lines, _ = self._existing()
+            self._rewrite(self._fields, [_pad(line, widened) for line in lines], row)
         else:
             self._append(self._fields, row)
         self._last_step = step
 
+    def _widen(self, fields: list[str]) -> int:
+        """Add the columns of ``fields`` the header lacks, after the others; how many were added."""
+        assert self._fields is not None
+        new = [name for name in fields if name not in self._fields]
+        self._fields = self._fields + new
+        return len(new)
+
     def _append(self, fields: list[str], row: dict[str, float]) -> None:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields).writerow(row)
+
+
+def _pad(line: str, columns: int) -> str:
+    """A logged row with ``columns`` empty values added at its end (columns added after it was logged)."""
+    if not columns:
+        return line
+    body = line.rstrip("\r\n")
+    return body + "," * columns + line[len(body):]
 
 
 def _logged_steps(folder: Path) -> list[int]:
@@ -433,9 +491,9 @@ class TensorBoardLogger:
             return
         try:
             self._record(record)
-        except OSError as exc:  # the step this reports stands: say so, never raise from the hook
-            warn_user(f"TensorBoardLogger could not write iteration {record.get('iteration')} ({exc}); the "
-                      f"training step stands, this record is not in the log.")
+        except Exception as exc:  # noqa: BLE001 - the step this reports stands: never raise from the hook
+            warn_user(f"TensorBoardLogger could not write iteration {_iteration(record)} "
+                      f"({type(exc).__name__}: {exc}); the training step stands, this record is not in the log.")
 
     def _record(self, record: dict[str, Any]) -> None:
         flat = flatten_record(record)

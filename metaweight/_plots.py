@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from metaweight._anytime import AnytimeResult
 from metaweight._budget import BudgetCurve
+from metaweight._calibration import _check as check_logits_and_labels
+from metaweight._checks import check_bins, check_temperatures
 from metaweight._exit_rules import predict
 
 
@@ -22,12 +26,73 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def _check_path(path: Any) -> Path:
+    """Refuse, before any figure is drawn, a path the figure cannot be saved to: not a path, a folder, a
+    suffix matplotlib does not write, or under a file."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"`path` should be a file path (str or Path). Found {path!r}.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight", dpi=150)
-    _pyplot().close(fig)
+    if path.is_dir():
+        raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'plot.png'}.")
+    _pyplot()  # matplotlib's own ImportError hint first
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"`path` {path} should end with the suffix of an image format matplotlib writes "
+                         f"({', '.join('.' + f for f in formats)}), which gives the format. Found "
+                         f"{path.suffix or 'no suffix'!r}.")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"`path` {path} cannot be created: {ancestor} is a file, not a folder.")
     return path
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Save and close ``fig``; the folders made for it are removed again if the save fails."""
+    plt = _pyplot()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    missing = path.parent.relative_to(ancestor).parts
+    created = [ancestor.joinpath(*missing[:i + 1]) for i in range(len(missing))]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, bbox_inches="tight", dpi=150)
+    except BaseException:
+        for folder in reversed(created):  # as if never called
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _check_title(title: Any) -> None:
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"`title` should be a str or None. Found {title!r}.")
+
+
+def _check_named(values: Any, kind: type, name: str, what: str) -> None:
+    """``values`` is a non-empty ``{name: kind}`` with str names."""
+    if not isinstance(values, Mapping) or not values:
+        raise ValueError(f"`{name}` should be a non-empty dict {{method name: {what}}}. Found {values!r}.")
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise TypeError(f"`{name}` should be keyed by method names (str). Found the key {key!r}.")
+        if not isinstance(value, kind):
+            raise TypeError(f"`{name}[{key!r}]` should be a {what}. Found `{type(value).__name__}`.")
+
+
+def _positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid {name}: {value!r}. Expected a positive finite number.")
+    return float(value)
 
 
 def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, scale: float = 1e6,
@@ -43,9 +108,27 @@ def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, s
 
     Returns:
         ``path``.
+
+    Raises:
+        ValueError: ``curves`` empty, a curve without points, curves counting different costs
+            (``cost_unit``), ``scale`` not a positive finite number, or a ``path`` that cannot be
+            written (a folder, an image format matplotlib does not write, under a file).
+        TypeError: a value of ``curves`` that is not a :class:`BudgetCurve`, ``unit`` or ``title``
+            not a str.
     """
-    if not isinstance(curves, Mapping) or not curves:
-        raise ValueError(f"`curves` should be a non-empty dict {{method name: BudgetCurve}}. Found {curves!r}.")
+    _check_named(curves, BudgetCurve, "curves", "BudgetCurve")
+    empty = [name for name, curve in curves.items() if not curve.points]
+    if empty:
+        raise ValueError(f"The curves of {empty} have no points: nothing to plot. Pass curves from budgeted_curve.")
+    units = {name: curve.cost_unit for name, curve in curves.items()}
+    if len(set(units.values())) > 1:
+        raise ValueError(f"The curves count different costs {units}: one x axis cannot show them. Plot each cost "
+                         f"unit on its own.")
+    scale = _positive(scale, "scale")
+    if not isinstance(unit, str):
+        raise TypeError(f"`unit` should be a str (the label of `scale`). Found {unit!r}.")
+    _check_title(title)
+    path = _check_path(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, curve in curves.items():
@@ -70,12 +153,28 @@ def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: i
         path: the file to write; PNG, SVG or PDF by its suffix.
         k: which top-k accuracy to plot.
         title: an optional title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``results`` empty, a result without top-``k`` accuracy, results of different
+            numbers of exits, or a ``path`` that cannot be written.
+        TypeError: a value of ``results`` that is not an :class:`AnytimeResult`, ``k`` not an int,
+            ``title`` not a str.
     """
-    if not isinstance(results, Mapping) or not results:
-        raise ValueError(f"`results` should be a non-empty dict {{method name: AnytimeResult}}. Found {results!r}.")
+    _check_named(results, AnytimeResult, "results", "AnytimeResult")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"`k` should be an int (which top-k accuracy). Found {k!r}.")
     missing = [name for name, r in results.items() if k not in r.accuracy]
     if missing:
         raise ValueError(f"No top-{k} accuracy in the results of {missing}; pass k= one of the top-k they hold.")
+    exits = {name: len(r.accuracy[k]) for name, r in results.items()}
+    if len(set(exits.values())) > 1:
+        raise ValueError(f"The results have different numbers of exits {exits}: their bars cannot share the exit "
+                         f"axis. Plot models of one number of exits together.")
+    _check_title(title)
+    path = _check_path(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(results)
@@ -106,7 +205,32 @@ def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], 
         term_names: the names of the terms (``HarmonizedWeighter.term_names``).
         path: the file to write; PNG, SVG or PDF by its suffix.
         title: an optional title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``steps`` empty or not numbers, ``gammas`` not one snapshot per step, a
+            snapshot not one weight per term, a weight not a finite number, or a ``path`` that
+            cannot be written.
+        TypeError: ``term_names`` not strs, ``title`` not a str.
     """
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence) or not steps or not all(
+            not isinstance(s, bool) and isinstance(s, (int, float)) for s in steps):
+        raise ValueError(f"`steps` should be a non-empty list of iterations (numbers). Found {steps!r}.")
+    if isinstance(term_names, (str, bytes)) or not isinstance(term_names, Sequence) or not term_names or \
+            not all(isinstance(n, str) for n in term_names):
+        raise TypeError(f"`term_names` should be a non-empty list of term names (str). Found {term_names!r}.")
+    if not isinstance(gammas, Sequence) or len(gammas) != len(steps):
+        raise ValueError(f"`gammas` should hold one snapshot per step ({len(steps)}). Found "
+                         f"{len(gammas) if isinstance(gammas, Sequence) else type(gammas).__name__}.")
+    for i, g in enumerate(gammas):
+        if not isinstance(g, Sequence) or len(g) != len(term_names) or not all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in g):
+            raise ValueError(f"`gammas[{i}]` should be {len(term_names)} finite weights, one per term of "
+                             f"`term_names`. Found {g!r}.")
+    _check_title(title)
+    path = _check_path(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for j, name in enumerate(term_names):
@@ -122,7 +246,7 @@ def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], 
     return _save(fig, path)
 
 
-def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures: Sequence[float] | None = None,
+def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures: Any = None,
                      bins: int = 15, title: str | None = None) -> Path:
     """Reliability diagram of every exit: accuracy against confidence per bin, before (and, with
     ``temperatures``, after) temperature scaling.
@@ -131,18 +255,33 @@ def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures
         logits: ``[K, N, C]``.
         labels: ``[N]``.
         path: the file to write.
-        temperatures: per-exit temperatures (e.g. ``calibrate(...).temperatures``).
+        temperatures: a :class:`Calibration` (from :func:`calibrate`) or ``K`` positive
+            temperatures, one per exit (none is broadcast to every exit).
         bins: equal-width confidence bins.
         title: the figure's title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: as :func:`calibrate` for the logits and labels (shape ``[K, N, C]`` and
+            ``[N]``, NaN, ``+inf``, labels out of range), ``temperatures`` not ``K`` positive
+            finite numbers, a bad ``bins``, or a ``path`` that cannot be written.
+        TypeError: ``title`` not a str.
     """
     import torch
 
-    plt = _pyplot()
+    labels = check_logits_and_labels(logits, labels, "logits", "plot_reliability").to(logits.device)
     K = logits.shape[0]
+    scale = check_temperatures(temperatures, K)
+    check_bins(bins)
+    _check_title(title)
+    path = _check_path(path)
+    plt = _pyplot()
     fig, axes = plt.subplots(1, K, figsize=(2.6 * K, 2.8), squeeze=False)
     variants = [("before", logits.double())]
-    if temperatures is not None:
-        variants.append(("after", logits.double() / torch.tensor(list(temperatures), dtype=torch.float64,
+    if scale is not None:
+        variants.append(("after", logits.double() / torch.tensor(scale, dtype=torch.float64,
                                                                    device=logits.device).view(-1, 1, 1)))
     for k, ax in enumerate(axes[0]):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")

@@ -25,20 +25,13 @@ from typing import Any
 import lightning
 import torch
 
+from metaweight._anytime import to_device
 from metaweight._losses import DenseDistillLoss
 from metaweight._validation import BalancedValidation
 from metaweight._weighter import HarmonizedWeighter
 from metaweight._weighting import Weighting
 
 __all__ = ["HarmonizedCallback", "WeightingCallback"]
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
-    return batch
 
 
 def _forever(loader: Iterable[Any]) -> Iterator[Any]:
@@ -100,13 +93,13 @@ class HarmonizedCallback(lightning.Callback):
                              batch: Any, batch_idx: int) -> None:
         assert self.weighter is not None and self._val is not None
         if self.weighter.mode != "fast":
-            self.weighter.meta_step(batch, _to(next(self._val), pl_module.device))
+            self.weighter.meta_step(batch, to_device(next(self._val), pl_module.device))
 
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.weighter is not None and self._val is not None
         if self.weighter.mode == "fast":
-            self.weighter.meta_step(batch, _to(next(self._val), pl_module.device))
+            self.weighter.meta_step(batch, to_device(next(self._val), pl_module.device))
 
     def state_dict(self) -> dict[str, Any]:
         return self.weighter.state_dict() if self.weighter is not None else {}

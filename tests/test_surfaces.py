@@ -989,3 +989,272 @@ def test_a_logger_that_cannot_write_warns_and_never_raises_after_the_step(tmp_pa
         w.step(b, b)
     assert w.num_calls == 2
     logger.close()
+
+
+def test_csv_logger_never_loses_rows_nor_raises_for_what_it_meets_mid_run(tmp_path):
+    """Each thing a logger meets after its first row: a new weighter on it (iterations from 1 again),
+    a record with new columns, one without some, the file deleted, a record it cannot read. Rows are
+    never lost unasked and nothing raises out of the hook (the step it reports stands)."""
+    # a new weighter counting from 1 with the same logger: every row would go -> NAME-2.csv, warned
+    path = tmp_path / "run.csv"
+    logger = mw.CSVLogger(path)
+    for i in (1, 2, 3, 4):
+        logger(record(i))
+    before = path.read_bytes()
+    with pytest.warns(RuntimeWarning, match=r"iterations 1 to 4.*iteration 1.*new run.*run-2\.csv"):
+        logger(record(1))
+    logger(record(2))
+    assert path.read_bytes() == before and logger.path == tmp_path / "run-2.csv"
+    assert [r[0] for r in rows(logger.path)] == ["iteration", "1", "2"]
+    logger.close()
+    # a real new weighter handed the same logger (a second stage of training)
+    path = tmp_path / "stages.csv"
+    logger = mw.CSVLogger(path)
+    for lr in (0.1, 0.01):
+        torch.manual_seed(0)
+        net = tiny_net(2, batchnorm=False)
+        w = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=lr), mw.DenseDistillLoss(2),
+                                  callbacks=[logger])
+        with warnings.catch_warnings(record=True) as heard:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                w.step(batch(8), batch(8))
+        assert [str(h.message) for h in heard if "new run" in str(h.message)] == ([] if lr == 0.1 else [
+            str(heard[0].message)])
+    assert [r[0] for r in rows(path)] == ["iteration", "1", "2", "3"]
+    assert [r[0] for r in rows(tmp_path / "stages-2.csv")] == ["iteration", "1", "2", "3"]
+    logger.close()
+    # new columns mid-run (RLW: a meta_step without loss() has no terms, the next step() has)
+    path = tmp_path / "columns.csv"
+    torch.manual_seed(0)
+    net = tiny_net(2, batchnorm=False)
+    logger = mw.CSVLogger(path)
+    w = mw.RLW(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2), callbacks=[logger])
+    b = batch(8)
+    w.meta_step(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing lost, nothing to warn about
+        second = w.step(b)
+    table = list(csv.DictReader(open(path, newline="")))
+    assert [r["iteration"] for r in table] == ["1", "2"] and w.num_calls == 2
+    assert table[0]["term/ce[1]"] == "" and float(table[1]["term/ce[1]"]) == pytest.approx(second["terms"]["ce[1]"])
+    header = rows(path)[0]
+    assert header[:2] == ["iteration", "meta_step"] and all(len(r) == len(header) for r in rows(path))
+    # a record without some columns: blanks, under the same header
+    short = {k: v for k, v in dict(second).items() if k != "terms"}
+    logger(dict(short, iteration=3))
+    assert rows(path)[0] == header and rows(path)[-1][0] == "3" and rows(path)[-1][-1] == ""
+    # the file deleted mid-run: it starts again with its header, warned
+    path.unlink()
+    with pytest.warns(RuntimeWarning, match="deleted or emptied"):
+        logger(record(4))
+    assert rows(path)[0][:len(header)] == header and "val_objective" in rows(path)[0]
+    assert [r[0] for r in rows(path)] == ["iteration", "4"]
+    # a record the logger cannot read: warned, never raised
+    with pytest.warns(RuntimeWarning, match="could not write iteration None.*training step stands"):
+        logger({"iteration": None, "meta_step": 0, "gamma": {}})
+    logger.close()
+
+
+def test_tensorboard_logger_never_raises_out_of_the_hook(tmp_path):
+    pytest.importorskip("tensorboard")
+
+    class Broken:
+        def add_scalar(self, tag, value, step):
+            raise RuntimeError("the writer is closed")
+
+    logger = mw.TensorBoardLogger(Broken())
+    with pytest.warns(RuntimeWarning, match="could not write iteration 1.*RuntimeError.*training step stands"):
+        logger(record(1))
+
+
+def test_a_file_rewritten_in_place_keeps_its_permissions_and_its_symbolic_link(tmp_path):
+    """What ``open(path, "w")`` / ``torch.save(state, path)`` keep, every atomic rewrite keeps: the
+    replaced file's permissions, a new file's permissions from the umask (not mkstemp's 0o600), and a
+    symbolic link at the path (its target is written)."""
+    import os
+    import stat
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(0o027)
+    try:
+        fresh = mw.save_checkpoint({"a": 1}, tmp_path / "new.pt")
+        assert mode(fresh) == 0o640  # as open() under this umask
+    finally:
+        os.umask(old)
+    existing = tmp_path / "c.pt"
+    torch.save({"a": 1}, existing)
+    existing.chmod(0o604)
+    mw.save_checkpoint({"a": 2}, existing)
+    assert mode(existing) == 0o604 and mw.load_checkpoint(existing) == {"a": 2}
+    (tmp_path / "run3").mkdir()
+    target = mw.save_checkpoint({"a": 3}, tmp_path / "run3" / "ckpt.pt")
+    link = tmp_path / "latest.pt"
+    link.symlink_to(Path("run3") / "ckpt.pt")
+    assert mw.save_checkpoint({"a": 4}, link) == link
+    assert link.is_symlink() and torch.load(target)["a"] == 4
+    assert sorted(p.name for p in (tmp_path / "run3").iterdir()) == ["ckpt.pt"]  # no temporary file left
+    # the CSV log's rewrite (a torn last line dropped) through a link, and its permissions
+    log = tmp_path / "logs" / "run.csv"
+    log.parent.mkdir()
+    log.write_text("iteration,meta_step,val_objective,val_ce[1],val_ce[2],gamma/ce[1],term/ce[1]\n"
+                   "1,1,1.0,1.0,2.0,1.0,0.5\n2,2,0.5")
+    log.chmod(0o604)
+    (tmp_path / "log.csv").symlink_to(log)
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    logger(record(2))
+    logger.close()
+    assert (tmp_path / "log.csv").is_symlink() and mode(log) == 0o604
+    assert [r[0] for r in rows(log)] == ["iteration", "1", "2"]
+
+
+@pytest.mark.parametrize("make", ["calibration", "budget_curve", "budget_point", "anytime"])
+def test_the_librarys_own_results_load_with_weights_only(tmp_path, make):
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 30, 3), torch.randint(0, 3, (30,))
+    value = {
+        "calibration": lambda: mw.calibrate(logits, labels),
+        "budget_curve": lambda: mw.budgeted_curve(logits, labels, logits, labels, [1.0, 2.0], qs=[0.5, 1.0]),
+        "budget_point": lambda: mw.evaluate_thresholds(logits, labels, [0.5, 0.0], [1.0, 2.0]),
+        "anytime": lambda: mw.anytime_accuracy_from_logits(logits, labels, topk=[1, 2]),
+    }[make]()
+    path = mw.save_checkpoint({"result": value}, tmp_path / "r.pt")
+    loaded = mw.load_checkpoint(path)["result"]  # weights_only=True, the default
+    assert type(loaded) is type(value) and loaded == value
+
+
+def test_the_lightning_callback_moves_validation_batches_as_the_library_does():
+    """One mover for every batch form (namedtuple, dict of inputs, nested lists): the callback uses the
+    library's ``to_device``, not a copy of its own."""
+    import collections
+    import types
+
+    pytest.importorskip("lightning")
+    from metaweight import _anytime
+    from metaweight import lightning as mwl
+
+    assert not hasattr(mwl, "_to")
+    Pair = collections.namedtuple("Pair", "x y")
+    batches = [Pair(torch.randn(2, 4), torch.tensor([0, 1])),
+               ({"x": torch.randn(2, 4), "mask": [torch.ones(2)]}, torch.tensor([0, 1]))]
+    callback = mwl.HarmonizedCallback(mw.DenseDistillLoss(2), batches)
+    heard = []
+    callback.weighter = types.SimpleNamespace(mode="exact", meta_step=lambda train, val: heard.append(val))
+    callback._val = iter(batches)
+    module = types.SimpleNamespace(device=torch.device("meta"))
+    for _ in batches:
+        callback.on_train_batch_start(None, module, None, 0)
+    assert type(heard[0]) is Pair and heard[0].x.is_meta and heard[0].y.is_meta
+    assert heard[1][0]["x"].is_meta and heard[1][0]["mask"][0].is_meta and heard[1][1].is_meta
+    expected = _anytime.to_device(batches[1], "meta")
+    assert heard[1][0].keys() == expected[0].keys()
+
+
+def test_the_plot_command_labels_every_run_apart_and_names_a_bad_file(tmp_path, capsys, monkeypatch):
+    """Three runs of one method (seeds in s0, s1, s2) are three labelled runs, none overwritten; a
+    missing file, a file that is not JSON, and a result lacking ``num_samples`` each stop the command
+    with a message naming the file, before anything is written."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    import metaweight.__main__ as cli
+
+    files = []
+    for seed in range(3):
+        (tmp_path / f"s{seed}").mkdir()
+        files.append(tmp_path / f"s{seed}" / "result.json")
+        files[-1].write_text(json.dumps({"config": {"method": "hdkd"},
+                                         "test": {"num_samples": 10, "top1": [10.0 + seed, 20.0 + seed]},
+                                         "gamma_history": [{"step": 1, "gamma": [0.5, 0.5]}],
+                                         "term_names": ["ce[1]", "ce[2]"]}))
+    other = tmp_path / "uw.json"
+    other.write_text(json.dumps({"config": {"method": "uw"}, "test": {"num_samples": 10, "top1": [1.0, 2.0]}}))
+    seen = {}
+    real = cli.plot_anytime
+    monkeypatch.setattr(cli, "plot_anytime", lambda results, path, **k: (seen.update(results), real(results, path,
+                                                                                                      **k))[1])
+    out = tmp_path / "plots"
+    cli.main(["plot", *map(str, files), str(other), "--out", str(out)])
+    assert {n: r.accuracy[1] for n, r in seen.items()} == {
+        "hdkd (s0)": [10.0, 20.0], "hdkd (s1)": [11.0, 21.0], "hdkd (s2)": [12.0, 22.0], "uw": [1.0, 2.0]}
+    assert sorted(p.name for p in out.iterdir()) == ["anytime.png", "gamma-hdkd__s0_.png", "gamma-hdkd__s1_.png",
+                                                     "gamma-hdkd__s2_.png"]
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text(json.dumps({"test": {"top1": [1.0]}}))
+    (tmp_path / "text.json").write_text("not json")
+    for argv, message in [([str(tmp_path / "missing.json")], "missing.json: no such file"),
+                          ([str(tmp_path / "text.json")], "text.json is not a JSON file"),
+                          ([str(tmp_path / "bad.json")], "bad.json: its 'test' entry lacks the key 'num_samples'"),
+                          ([str(files[0]), str(files[0])], "given twice")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["plot", *argv, "--out", str(tmp_path / "never")])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "never").exists()
+
+
+def _plot_calls(tmp_path):
+    """(what, call, error, message): every plot_* argument the library can judge before drawing."""
+    torch.manual_seed(0)
+    L, y = torch.randn(3, 50, 4), torch.randint(0, 4, (50,))
+    curve = mw.budgeted_curve(L, y, L, y, [1.0, 2.0, 3.0], qs=[0.5, 1.0])
+    a3 = mw.anytime_accuracy_from_logits(L, y, topk=[1])
+    a2 = mw.anytime_accuracy_from_logits(L[:2], y, topk=[1])
+    out = tmp_path / "new" / "deeper"
+    nan = L.clone()
+    nan[1, 3, 2] = float("nan")
+    other_unit = mw.BudgetCurve(curve.points, curve.costs, cost_unit="FLOPs")
+    return [
+        ("one temperature for 3 exits", lambda: mw.plot_reliability(L, y, out / "r.png", temperatures=[2.0]),
+         ValueError, "3 positive finite numbers"),
+        ("negative temperature", lambda: mw.plot_reliability(L, y, out / "r.png", temperatures=[-1.0, 0.0, 1.0]),
+         ValueError, "positive finite"),
+        ("labels [N, 1]", lambda: mw.plot_reliability(L, y[:, None], out / "r.png"), ValueError, r"shape \(50,\)"),
+        ("bins 0", lambda: mw.plot_reliability(L, y, out / "r.png", bins=0), ValueError, "Invalid bins"),
+        ("NaN logits", lambda: mw.plot_reliability(nan, y, out / "r.png"), ValueError, "exit 2: 1 NaN"),
+        ("logits [N, C]", lambda: mw.plot_reliability(L[0], y, out / "r.png"), ValueError, r"\[K, N, C\]"),
+        ("bad suffix", lambda: mw.plot_budget_curves({"a": curve}, out / "x.unknownext"), ValueError,
+         "suffix of an image format"),
+        ("a folder", lambda: mw.plot_budget_curves({"a": curve}, tmp_path), ValueError, "is a folder"),
+        ("scale 0", lambda: mw.plot_budget_curves({"a": curve}, out / "b.png", scale=0), ValueError,
+         "Invalid scale"),
+        ("not a curve", lambda: mw.plot_budget_curves({"a": [1, 2]}, out / "b.png"), TypeError, "BudgetCurve"),
+        ("two cost units", lambda: mw.plot_budget_curves({"a": curve, "b": other_unit}, out / "b.png"), ValueError,
+         "different costs"),
+        ("exits differ", lambda: mw.plot_anytime({"a": a3, "b": a2}, out / "a.png"), ValueError,
+         r"different numbers of exits \{'a': 3, 'b': 2\}"),
+        ("not a result", lambda: mw.plot_anytime({"a": {1: [1.0]}}, out / "a.png"), TypeError, "AnytimeResult"),
+        ("k not an int", lambda: mw.plot_anytime({"a": a3}, out / "a.png", k="1"), TypeError, "`k`"),
+        ("steps and gammas", lambda: mw.plot_gamma_history([1, 2], [[0.1, 0.2]], ["ce[1]", "ce[2]"], out / "g.png"),
+         ValueError, "one snapshot per step"),
+        ("gammas and names", lambda: mw.plot_gamma_history([1], [[0.1, 0.2]], ["ce[1]", "ce[2]", "kd[2->1]"],
+                                                           out / "g.png"), ValueError, "3 finite weights"),
+        ("title", lambda: mw.plot_anytime({"a": a3}, out / "a.png", title=3), TypeError, "`title`"),
+    ]
+
+
+def test_plots_judge_every_argument_before_drawing_and_leave_no_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    for what, call, error, message in _plot_calls(tmp_path):
+        with pytest.raises(error, match=message):
+            call()
+        assert not (tmp_path / "new").exists(), what
+    # a save that fails after all: the folders made for it are gone again
+    import matplotlib.figure
+
+    torch.manual_seed(0)
+    L, y = torch.randn(3, 50, 4), torch.randint(0, 4, (50,))
+    cal = mw.calibrate(L, y)
+    original = matplotlib.figure.Figure.savefig
+    try:
+        matplotlib.figure.Figure.savefig = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+        with pytest.raises(OSError, match="disk full"):
+            mw.plot_reliability(L, y, tmp_path / "new" / "r.png", temperatures=cal)
+    finally:
+        matplotlib.figure.Figure.savefig = original
+    assert not (tmp_path / "new").exists()
+    # a Calibration is the temperatures it holds: the same figure as its list
+    a = mw.plot_reliability(L, y, tmp_path / "a.svg", temperatures=cal)
+    b = mw.plot_reliability(L, y, tmp_path / "b.svg", temperatures=cal.temperatures)
+    assert a.is_file() and b.is_file()

@@ -1,0 +1,38 @@
+"""Files written in place of an old one: where the write goes, and the permissions it keeps."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+def write_target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: a symbolic link's target (followed to the end), so that the
+    link stays a link to the new file, as ``open(path, "w")`` would write through it; ``path`` itself
+    otherwise."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _umask() -> int:
+    """This process's umask: read from ``/proc`` where there is one (Linux), since ``os.umask`` can only
+    be read by setting it, which another thread creating a file meanwhile would see."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits a file rewritten at ``path`` keeps: those of the file there, or for a new file
+    those ``open(path, "w")`` gives (0o666 less the umask), never ``mkstemp``'s owner-only 0o600."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
