@@ -71,7 +71,8 @@ class ForwardRecord:
     # its shape and value fingerprint, taken as it died
     gone: dict[int, tuple[torch.Size, torch.device, Tensor]] = dataclasses.field(default_factory=dict)
     taken: bool = False
-    stateful: bool = False  # it changed buffers other than BatchNorm's statistics (spectral_norm's vectors)
+    stateful: list[str] = dataclasses.field(default_factory=list)  # buffers it changed, BatchNorm's statistics
+    #                                                                     aside (spectral_norm's vectors)
     versions: list[int] = dataclasses.field(default_factory=list)
 
     def watch_outputs(self, leaves: list[Tensor]) -> None:
@@ -141,11 +142,11 @@ def _same_output(output: Tensor | None, leaf: Tensor,
             torch.equal(leaf.detach().to(output.dtype), output.detach()))
 
 
-def _state_buffers(module: nn.Module) -> list[tuple[Tensor, int]]:
+def _state_buffers(module: nn.Module) -> list[tuple[str, Tensor, int]]:
     """The buffers a forward may change and read (all but BatchNorm's running statistics, which a
-    training-mode forward writes and does not read), with their versions."""
-    return [(b, b._version) for m in module.modules() if not isinstance(m, _BatchNorm)
-            for b in m._buffers.values() if b is not None]
+    training-mode forward writes and does not read), with their names and versions."""
+    return [(f"{prefix}.{name}" if prefix else name, b, b._version) for prefix, m in module.named_modules()
+            if not isinstance(m, _BatchNorm) for name, b in m._buffers.items() if b is not None]
 
 
 def tensor_leaves(tree: Any) -> list[Tensor]:
@@ -209,7 +210,7 @@ class ForwardWatch(_Inert):
         drew = not same_rng_state(start, rng_state(self.device, generators))
         record = ForwardRecord(start, drew, module_modes(weighter.module), inputs, [],
                                new_generators(weighter.module, generators))
-        record.stateful = any(b._version != v for b, v in buffers)
+        record.stateful = [n for n, b, v in buffers if b._version != v]
         record.watch_outputs(tensor_leaves(output))
         self.records = [*self.records[-(self.KEEP - 1):], record]
 

@@ -49,7 +49,11 @@ class ExactMode:
             raise
         if isinstance(pending, MetaStepRecord):
             return pending
-        return w._meta_outcome(pending, host_read(pending.values))
+        try:
+            return w._meta_outcome(pending, host_read(pending.values))
+        except Exception:
+            w.num_calls = calls  # a refused meta step (nonfinite="raise") counts for nothing either
+            raise
 
     def lookahead(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any, keep_graph: bool,
                   read_gamma: bool = True) -> tuple[MetaStepRecord | PendingMeta, Tensor | None]:

@@ -77,7 +77,7 @@ class TwoCall:
                     record = micro.forward
                     if record is not None:  # replay the training forward's own random numbers
                         again = functools.partial(rewound_to, record.start, device)
-                        varies = record.drew or record.stateful  # (a base point recomputed must match)
+                        varies = record.drew  # (a base point recomputed must match)
                         pieces.append(Piece(xi, yi, micro.terms, micro.outputs, again, micro.low or varies,
                                             micro.factor, check=varies and not micro.low))
                     else:  # a forward the hooks did not see: a consistent difference from our own numbers
@@ -117,6 +117,9 @@ class TwoCall:
         inputs = _micro_inputs(stepped, x, y)
         if any(m.forward is None for m in stepped):
             raise ValueError(_UNSEEN_FORWARD)
+        stateful = [m for m in stepped if m.forward.stateful]
+        if stateful:
+            raise ValueError(_STATEFUL.format(names=stateful[0].forward.stateful))
         appeared = [name for m in stepped for name in m.forward.appeared]
         if appeared:
             raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared)))
@@ -283,6 +286,10 @@ _CHANGED_LABELS = ("The labels given to weighter.loss were changed in place sinc
 _OTHER_INPUTS = ("meta_step got other training inputs than the model's training forward ({why}), e.g. a batch "
                  "augmented before model(x): pass meta_step the inputs the model was called with, "
                  "meta_step((x_augmented, y), val_batch). gamma is unchanged.")
+_STATEFUL = ("The training forward changed buffers it also reads ({names}; e.g. spectral_norm's power-iteration "
+             "vectors): the look-ahead's forwards would start from the buffers as that forward left them, not as it "
+             "found them, and the step's meta-gradient would be another (their values barely change the loss, but "
+             "its gradient). mode='fast' refuses such forwards; use mode='exact'. gamma is unchanged.")
 _UNSEEN_FORWARD = ("The outputs given to weighter.loss came from no forward of the model the weighter watched (with "
                    "gradients enabled): mode='fast' reads the training forward's random numbers, modes and inputs "
                    "through the model's forward hooks, and recomputes that forward's outputs. Call model(x), not "
