@@ -150,6 +150,8 @@ class FastMode:
             record = w._refuse(_NONFINITE_VAL, math.nan, [], list(step.terms.values()), after_step=True)
             return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
         piece = Piece(x, y, terms.detach(), outputs, replay, low)
+        if w._watch is not None:
+            w._watch.paused = True  # the meta step's forwards are not the user's (no record, no fingerprint)
         try:
             record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform,
                                after_step=True)
@@ -167,6 +169,9 @@ class FastMode:
                     f"validation average are as before. Do not call step() again on this batch (the model would "
                     f"step twice): fix the validation batch or objective and go on with the next batch.")
             raise
+        finally:
+            if w._watch is not None:
+                w._watch.paused = False
         return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
     def meta(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
