@@ -41,11 +41,14 @@ COMPILED_RANDOM = ("The torch.compile'd model drew random numbers (dropout or th
 
 
 NOT_REPRODUCED = (
-    "The training forward could not be reproduced: run again at the step's parameters with its own random numbers, "
-    "it gives other terms than weighter.loss got. It depends on something the look-ahead does not replay: Python "
-    "state the forward changes (a call counter, a drop-rate schedule stepped inside forward) or buffers it updates "
-    "and reads (spectral_norm's power iteration). mode='fast' cannot score that step: step such schedules in your "
-    "loop instead of in forward, or use mode='exact' with backend='higher'. gamma is unchanged.")
+    "The training forward could not be reproduced: run again at the step's parameters, inputs and random numbers, "
+    "the model and criterion give other terms than weighter.loss got. Something they depend on changed since "
+    "loss(), or changes at each call, which the look-ahead does not replay: an attribute set between loss() and "
+    "meta_step (a temperature, a prior, a KD temperature of the criterion), a buffer or frozen weights updated "
+    "(an EMA teacher), a forward argument that is not a tensor (model(x, scale=0.5) but meta_step((x, y))), random "
+    "numbers the criterion draws, or Python state the forward changes (a call counter setting a drop rate). "
+    "mode='fast' cannot score that step: change such state after meta_step, pass the same arguments, or use "
+    "mode='exact'. gamma is unchanged.")
 
 _NONFINITE_VAL = ("The validation batch's inputs hold inf or NaN: the meta step cannot be scored. Check the validation "
                   "data (or pass nonfinite='skip' to skip such meta steps). gamma and the validation average are "
@@ -206,18 +209,26 @@ class FastMode:
             differences, unlike = [], []
             for piece in pieces:
 
-                def outputs_at(at: dict[str, Tensor], piece: Any = piece) -> Any:
-                    # differences of half-precision forwards drown in rounding: these run in full precision
+                def terms_at(at: dict[str, Tensor], teachers: Any = None, piece: Any = piece) -> tuple[Tensor, Any]:
+                    # the forward and the criterion under the training forward's random numbers, in its order
+                    # (a criterion may draw too); differences of half-precision forwards drown in rounding:
+                    # these run in full precision
                     with piece.replay(), torch.autocast(device.type, enabled=False):
-                        return call_with(w.module, {**here, **at}, self._fresh_buffers.copy_of(buffers), piece.x)
+                        outputs = call_with(w.module, {**here, **at}, self._fresh_buffers.copy_of(buffers), piece.x)
+                        if teachers is None:
+                            teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
+                        return w._terms(outputs, piece.y, teacher_outputs=teachers), teachers
 
-                outputs = outputs_at(theta) if piece.recompute else piece.outputs
-                teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
-                base = w._terms(outputs, piece.y, teacher_outputs=teachers) if piece.recompute else piece.terms
-                if piece.check:  # the training forward, replayed, must give its own terms again
-                    unlike.append(~torch.isclose(base.double(), piece.terms.double().to(base.device), rtol=1e-4,
-                                                 atol=1e-7).all())
-                plus = w._terms(outputs_at(moved), piece.y, teacher_outputs=teachers)
+                if piece.recompute:
+                    base, teachers = terms_at(theta)
+                else:
+                    base = piece.terms
+                    teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, piece.outputs)
+                if piece.check:  # the training forward, replayed, must give its own terms again (to rounding)
+                    tol = 64 * torch.finfo(piece.terms.dtype).eps
+                    unlike.append(~torch.isclose(base.double(), piece.terms.double().to(base.device), rtol=tol,
+                                                 atol=tol).all())
+                plus, _ = terms_at(moved, teachers)
                 change = difference(plus, base, h, 1.0)
                 if isinstance(piece.factor, Tensor):  # the factor the loop's backward used
                     change = change * piece.factor.double()

@@ -77,9 +77,12 @@ class TwoCall:
                     record = micro.forward
                     if record is not None:  # replay the training forward's own random numbers
                         again = functools.partial(rewound_to, record.start, device)
-                        varies = record.drew  # (a base point recomputed must match)
-                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, again, micro.low or varies,
-                                            micro.factor, check=varies and not micro.low))
+                        # the base point recomputed here, with the model and criterion as they are now, must give
+                        # the terms loss() got (to rounding): anything else that changed since (a temperature, a
+                        # buffer, frozen weights, a counter, the criterion's own random numbers, other arguments)
+                        # would make the difference quotient, divided by h ~ 1e-8, meaningless
+                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, again, True, micro.factor,
+                                            check=not micro.low))
                     else:  # a forward the hooks did not see: a consistent difference from our own numbers
                         pieces.append(Piece(xi, yi, micro.terms, micro.outputs, replay, True, micro.factor))
                 return w._fast.meta(w, named, pending.theta, pending.jac, pieces, xv, yv,
@@ -242,7 +245,9 @@ class TwoCall:
                         f"scale) to a norm of {clipped_norm:.6g} (norm_type={clip.norm_type:g}), which "
                         f"{clip.describe()}, as the weighter was told, does not give (its clipped gradients have "
                         f"norm max_norm). Build the weighter with the max_norm and norm_type your loop clips by, "
-                        f"and clip nothing else. gamma is unchanged.")
+                        f"and clip nothing else; with gradient accumulation, divide each micro-batch's loss by "
+                        f"their number (undivided or multiplied losses under a declared clipping are not read). "
+                        f"gamma is unchanged.")
                 assert seen is not None
                 names = [n for n, _ in w._trainable()]
                 rho = unclipped / (unclipped + EPSILON)

@@ -336,7 +336,9 @@ class HarmonizedWeighter(NamedWeights):
                                 inner.register_step_post_hook(StepEnd(self)))
             # the training forward's random numbers and modes, for the two-call form's difference
             self._watch = ForwardWatch(self, device)
-            self._forward_hooks = (model.register_forward_pre_hook(self._watch.before, with_kwargs=True),
+            # (first of the pre-hooks: the inputs as the loop passed them, which meta_step gets; a pre-hook of the
+            # user's that changes them runs again in every replayed forward)
+            self._forward_hooks = (model.register_forward_pre_hook(self._watch.before, with_kwargs=True, prepend=True),
                                    model.register_forward_hook(self._watch.after, with_kwargs=True))
 
     # ----------------------------------------------------------------------------- set-up

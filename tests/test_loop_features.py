@@ -1448,3 +1448,113 @@ def test_a_non_finite_refusal_of_the_exact_meta_step_leaves_the_count():
     with pytest.raises(ValueError, match="Non-finite meta step"):
         w.meta_step(train, bad)
     assert w.num_calls == 0 and w.num_meta_steps == 0
+
+
+class Tempered(Net):
+    """Logits divided by a temperature attribute, and a frozen EMA teacher head added to the last exit."""
+
+    def __init__(self) -> None:
+        super().__init__("none", False)
+        self.T = 1.0
+        self.teacher = nn.Linear(8, 4)
+        self.teacher.requires_grad_(False)
+        self.register_buffer("prior", torch.zeros(4))
+
+    def forward(self, x, scale: float = 1.0):
+        outputs, h = [], x * scale
+        for stage, head in zip(self.stages, self.heads):
+            h = torch.tanh(stage(h))
+            outputs.append(head(h) / self.T + self.prior)
+        outputs[-1] = outputs[-1] + 0.1 * self.teacher(h)
+        return outputs
+
+
+CHANGES = {
+    "a temperature attribute annealed": lambda m, c: setattr(m, "T", 1.5),
+    "a buffer updated outside forward": lambda m, c: m.prior.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0])),
+    "frozen EMA weights updated": lambda m, c: m.teacher.weight.mul_(0.9),
+    "the criterion's temperature changed": lambda m, c: setattr(c, "temperature", 3.0),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_state_changed_between_loss_and_meta_step_is_refused(change):
+    """The fast two-call form's base point is recomputed at meta_step and must give the terms loss() got: an
+    attribute, a buffer, frozen weights or the criterion changed in between were scored 1e6-1e8 off."""
+    torch.manual_seed(0)
+    model = Tempered().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    criterion = mw.DenseDistillLoss(3, temperature=2.0)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, mw.BalancedValidation(3), mode="fast",
+                              gamma_optimizer="sgd", init=torch.tensor(GAMMA))
+    train = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    optimizer.zero_grad()
+    w.loss(model(train[0]), train[1]).backward()
+    optimizer.step()
+    with torch.no_grad():
+        CHANGES[change](model, criterion)
+    refused_unchanged(model, optimizer, w, r"training forward could not be reproduced", train, val)
+
+
+def test_a_forward_argument_that_is_not_a_tensor_must_be_the_same():
+    torch.manual_seed(0)
+    model = Tempered().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), mode="fast",
+                              gamma_optimizer="sgd", init=torch.tensor(GAMMA))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    optimizer.zero_grad()
+    w.loss(model(x, scale=0.5), y).backward()
+    optimizer.step()
+    refused_unchanged(model, optimizer, w, r"training forward could not be reproduced", (x, y), val)
+    assert w.meta_step(({"x": x, "scale": 0.5}, y), val).ran  # the arguments the forward got: scored
+
+
+class RandomCriterion(mw.DenseDistillLoss):
+    """Drops a random half of the samples from each term (random masking in the loss)."""
+
+    def forward(self, outputs, target, *, teacher_outputs=None):
+        keep = torch.rand(target.shape[0]) < 0.5
+        return super().forward([o[keep] for o in outputs], target[keep],
+                               teacher_outputs=None if teacher_outputs is None else [t[keep] for t in teacher_outputs])
+
+
+@pytest.mark.parametrize("form", ["fast, two calls", "fast, step()"])
+def test_a_criterion_drawing_random_numbers_is_replayed_with_the_forward(form):
+    """The criterion's random numbers were drawn anew for the difference's other point (1.2e8 off)."""
+    model, optimizer, _, validation, _ = build(Case())
+    criterion = RandomCriterion(3, temperature=2.0)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    torch.manual_seed(1)
+    train = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    twins = copy.deepcopy((model, optimizer, validation))
+    rng = all_rng()
+    if form == "fast, step()":
+        record = w.step(train, val)
+    else:
+        optimizer.zero_grad()
+        w.loss(model(train[0]), train[1]).backward()
+        optimizer.step()
+        record = w.meta_step(train, val)
+    assert record.ran and not record.skipped, record.message
+    ref = reference(Case(form="exact, jvp"), twins[0], twins[1], None, criterion, twins[2], [train], val, rng, None)
+    assert rel_err_of(record.gamma_grad, ref) < 1e-3
+
+
+def test_a_forward_pre_hook_registered_before_the_weighter_is_replayed_not_refused():
+    model, optimizer, criterion, validation, _ = build(Case())
+    model.register_forward_pre_hook(lambda m, a: (a[0] * 0.5,))
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    torch.manual_seed(1)
+    train = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+
+    def plain_step(m, opt, sc, micro, loss_of, plain=loop_step):
+        plain(Case(), m, opt, sc, micro, loss_of)
+
+    assert own_loop_error(plain_step, model, optimizer, criterion, validation, w, train, val) < 1e-3
