@@ -462,7 +462,12 @@ class TensorBoardLogger:
     are) writes each row once, rank 0's (its loss terms are those of rank 0's batch), not once
     per rank into one file. The rank is read at each record, so a logger
     made before ``init_process_group`` follows it too. ``all_ranks=True`` writes on every rank:
-    give each rank its own path then (e.g. ``f"log-{rank}.csv"``).
+    give each rank its own path then (e.g. ``f"log-{rank}.csv"``). The :attr:`writer` of a
+    folder is never made on another rank either: asking for it there raises a ``RuntimeError``.
+
+    :meth:`close` closes the writer and gives the folder up; a record after it takes the folder
+    back with a new writer if it is free, and is skipped with a warning if another logger of this
+    process now writes there (two writers on one folder would interleave two runs).
 
     Args:
         log_dir_or_writer: a log folder, or an existing ``torch.utils.tensorboard.SummaryWriter``
@@ -522,16 +527,46 @@ class TensorBoardLogger:
         return self._log_dir
 
     def close(self) -> None:
-        """Close the writer made here, and give the folder up for another logger of this process."""
+        """Close the writer made here, and give the folder up for another logger of this process. A
+        record after this takes the folder back (with a new writer) if no other logger holds it, and is
+        skipped with a warning if one does, as :class:`CSVLogger` does."""
         if self._log_dir is not None:
             if self._writer is not None:
-                self._writer.close()
+                self._writer.close()  # a closed SummaryWriter would open a new event file at its next scalar
+                self._writer = None
             _release(Path(self._log_dir), self)
+
+    def _take_back(self) -> bool:
+        """Whether this logger may write to its folder: it holds it, or takes it back after close()."""
+        if self._log_dir is None:
+            return True
+        folder = Path(self._log_dir)
+        if _holder(folder) is self:
+            return True
+        if _holder(folder) is not None:
+            return False
+        _hold(folder, self)
+        return True
 
     @property
     def writer(self) -> Any:
         """The ``SummaryWriter``: the one given, or the one made on ``log_dir`` at the first record
-        (made here without ``purge_step`` if asked for before any record)."""
+        (made here without ``purge_step`` if asked for before any record).
+
+        Raises:
+            RuntimeError: the writer would be made here on a rank other than 0 of a distributed
+                run (only rank 0 writes, unless ``all_ranks``), or this logger was closed and
+                another logger of this process now writes to its folder.
+        """
+        if self._log_dir is not None:
+            rank = None if self.all_ranks else other_rank()
+            if rank is not None:
+                raise RuntimeError(f"This TensorBoardLogger writes on rank 0 only, and this is rank {rank}: its "
+                                   f"writer would create files in {self._log_dir} here. Use it on rank 0 "
+                                   f"(`if dist.get_rank() == 0:`), or pass all_ranks=True with a folder per rank.")
+            if not self._take_back():
+                raise RuntimeError(f"This TensorBoardLogger was closed and another logger now writes to "
+                                   f"{self._log_dir}. Use that logger's writer.")
         return self._writer_from(None)
 
     def _writer_from(self, purge_step: int | None) -> Any:
@@ -550,6 +585,7 @@ class TensorBoardLogger:
                           f"left as it is; this run logs to {new} instead. Pass overwrite=True to hide the old run, "
                           f"or a folder of its own.")
             self._writer = SummaryWriter(self._log_dir, purge_step=purge_step)
+            self._old_steps = []  # judged once: the folder now holds this run (taken back after close())
         return self._writer
 
     def __call__(self, record: dict[str, Any]) -> None:
@@ -564,6 +600,10 @@ class TensorBoardLogger:
     def _record(self, record: dict[str, Any]) -> None:
         flat = flatten_record(record)
         step = int(flat.pop("iteration"))
+        if not self._take_back():
+            warn_user(f"This TensorBoardLogger was closed and another logger now writes to {self._log_dir}: "
+                      f"iteration {step} was not logged by it.")
+            return
         writer = self._writer_from(step)  # the first record's iteration: where a resumed run continues
         for tag, value in flat.items():
             writer.add_scalar(self.prefix + tag, value, step)

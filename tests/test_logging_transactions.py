@@ -169,3 +169,43 @@ def test_a_first_record_that_drops_rows_says_how_many_and_how_to_keep_them(tmp_p
     again = mw.CSVLogger(path)
     assert heard(lambda: again(record(5))) == []
     again.close()
+
+
+def _event_files(folder):
+    return sorted(f for f in os.listdir(folder) if "tfevents" in f)
+
+
+def test_a_closed_tensorboard_logger_never_writes_into_a_folder_another_holds(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    a(record(1))
+    a.close()
+    b = mw.TensorBoardLogger(folder, overwrite=True)  # the folder is free now
+    b(record(1))
+    files = _event_files(folder)
+    got = heard(lambda: a(record(2)))  # as a weighter still holding it would
+    assert any("was closed and another logger now writes" in w and "iteration 2" in w for w in got)
+    assert _event_files(folder) == files  # no second writer on b's folder
+    with pytest.raises(RuntimeError, match="was closed and another logger"):
+        a.writer
+    b.close()
+    a(record(3))  # free again: taken back, with a writer of its own
+    a.writer.flush()
+    assert len(_event_files(folder)) == len(files) + 1
+    a.close()
+
+
+def test_the_writer_of_a_folder_is_never_made_on_another_rank(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.setattr(_logging, "other_rank", lambda: 1)
+    folder = tmp_path / "tb"
+    logger = mw.TensorBoardLogger(folder)
+    with pytest.raises(RuntimeError, match="rank 0 only, and this is rank 1"):
+        logger.writer
+    logger(record(1))
+    assert not folder.exists()  # nothing created on rank 1, by a record or by .writer
+    logger.close()
+    every = mw.TensorBoardLogger(folder, all_ranks=True)
+    assert every.writer is not None and folder.is_dir()  # asked for on every rank: made
+    every.close()
