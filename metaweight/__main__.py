@@ -6,7 +6,9 @@ Writes ``budget.png``, ``anytime.png`` and one ``gamma-<name>.png`` per file (``
 for SVG) into ``--out`` (``runs/plots`` by default, beside the runs, which git ignores), and
 prints the path of every file written. Every run is labelled by its method; runs of one
 method by their folder too (``hdkd (s0)``, ``hdkd (s1)``), so none hides another. A missing or
-malformed result file stops the command with a message naming it, before anything is written.
+malformed result file, results that cannot be plotted together (different numbers of exits) or an
+``--out`` that is not a folder stop the command with a message naming it (status 2), before
+anything is written.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 
 from metaweight._anytime import AnytimeResult
 from metaweight._budget import BudgetCurve
-from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history
+from metaweight._plots import (_check_anytime, _check_budget_curves, _check_gamma_history, plot_anytime,
+                               plot_budget_curves, plot_gamma_history)
 
 
 def _labels(files: list[Path], methods: list[str]) -> list[str]:
@@ -33,7 +36,15 @@ def _labels(files: list[Path], methods: list[str]) -> list[str]:
         parts = folders if len(set(folders)) == len(folders) else [str(files[i]) for i in same]
         for i, part in zip(same, parts):
             labels[i] = f"{method} ({part})"
-    return labels
+    # a label built above may still read as another (a method named "hdkd (s0)"): a counter, never a
+    # label shared, so that no run replaces another
+    unique: list[str] = []
+    for label in labels:
+        new, n = label, 2
+        while new in unique or (new != label and new in labels):
+            new, n = f"{label} #{n}", n + 1
+        unique.append(new)
+    return unique
 
 
 def _read(file: str, parser: argparse.ArgumentParser) -> dict:
@@ -85,7 +96,6 @@ def main(argv: list[str] | None = None) -> None:
     methods = [str(c.get("method", Path(file).stem)) for c, file in zip(configs, args.results)]
     runs = dict(zip(_labels(files, methods), zip(args.results, datas)))
     out = Path(args.out)
-    written = []
     curves = {n: _parse(f, "budget", plot, lambda d=d: BudgetCurve.from_dict(d["budget"]))
               for n, (f, d) in runs.items() if "budget" in d}
     anytime = {n: _parse(f, "test", plot, lambda d=d: AnytimeResult(
@@ -94,10 +104,22 @@ def main(argv: list[str] | None = None) -> None:
     histories = {n: _parse(f, "gamma_history", plot, lambda d=d: (
         [h["step"] for h in d["gamma_history"]], [h["gamma"] for h in d["gamma_history"]], d["term_names"]))
         for n, (f, d) in runs.items() if d.get("gamma_history")}
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        plot.error(f"--out {out} cannot be a folder: {ancestor} is a file. Pass a folder for the plots (created if "
+                   f"missing).")
+    # every plot is judged (its arguments, its path) before the first is drawn: a problem stops the
+    # command with a usage error and nothing written
+    together = ", ".join(f for f, _ in runs.values())
+    jobs: list[tuple[Any, Any, tuple, dict, str]] = []
     if curves:
-        written.append(plot_budget_curves(curves, out / f"budget.{args.format}"))
+        jobs.append((plot_budget_curves, _check_budget_curves, (curves, out / f"budget.{args.format}"),
+                     {}, f"the 'budget' entries of {together} cannot be plotted together"))
     if anytime:
-        written.append(plot_anytime(anytime, out / f"anytime.{args.format}"))
+        jobs.append((plot_anytime, _check_anytime, (anytime, out / f"anytime.{args.format}"),
+                     {}, f"the 'test' entries of {together} cannot be plotted together"))
     names: set[str] = set()
     for n, (steps, gammas, term_names) in histories.items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in n)
@@ -105,7 +127,18 @@ def main(argv: list[str] | None = None) -> None:
         while stem in names:  # two labels that read alike once made safe for a file name
             stem, i = f"{safe}-{i}", i + 1
         names.add(stem)
-        written.append(plot_gamma_history(steps, gammas, term_names, out / f"gamma-{stem}.{args.format}", title=n))
+        jobs.append((plot_gamma_history, _check_gamma_history,
+                     (steps, gammas, term_names, out / f"gamma-{stem}.{args.format}"), {"title": n},
+                     f"{runs[n][0]}: its 'gamma_history' entry cannot be plotted"))
+    defaults = {plot_budget_curves: {"scale": 1e6, "unit": "M", "title": None}, plot_anytime: {"k": 1, "title": None},
+                plot_gamma_history: {"title": None}}
+    for draw, check, positional, keywords, what in jobs:
+        try:
+            check(*positional, **{**defaults[draw], **keywords})
+        except (TypeError, ValueError) as exc:
+            plot.error(f"{what} ({exc}); is each a result file examples/train.py --out wrote? Plot files that "
+                       f"cannot share a figure in separate commands.")
+    written = [draw(*positional, **keywords) for draw, _, positional, keywords, _ in jobs]
     for path in written:
         print(path)
 

@@ -131,15 +131,23 @@ class CSVLogger:
       undone, and are dropped (a run that logged iterations 1-5 and resumes from its checkpoint
       at 3 logs 4 and 5 again: the file holds 1-5 once); the same holds for any later record
       whose iteration is not past the last row (a weighter rolled back in the same process);
-    * a last line without its newline is what a crash in the middle of a write leaves: an
-      incomplete record, dropped.
+    * a last line without its newline is what a crash (or a disk full) in the middle of a write
+      leaves: an incomplete record, dropped before the next row is written, at any record.
+
+    The iteration alone cannot tell a resumed run from a new run whose first record falls inside
+    an old log (a warm-up without meta steps, a new run on an old path): the rule is that a
+    first record whose iteration is past some rows and not others is a resume, and the rows at
+    or after it are dropped, with a ``RuntimeWarning`` that says how many and which iterations.
+    A run that must not touch an old log gives a path of its own (or ``overwrite=True`` to
+    start afresh).
 
     What the file alone tells is judged here, when the logger is made, and refused with a
     ``ValueError`` that changes nothing: a folder, a path that cannot be written, a file that is
     not a metaweight log (its first columns are not ``iteration,meta_step``), a path another
     live logger of this process writes to. Two things can only be judged at the first record,
-    which a weighter hands over after its step has been taken: a log with the columns of another
-    run (other loss terms) and a new run on an old log (every row would be dropped). A hook must
+    which a weighter hands over after its step has been taken: a log of another run (other loss
+    terms: its ``gamma/`` columns differ) and a new run on an old log (every row would be
+    dropped). A hook must
     not raise then (the step stands; a retry would take it twice), and the old log must not be
     lost, so the logger leaves the old file as it is, writes to the first free ``NAME-2.csv``,
     ``NAME-3.csv``, ... beside it, warns, and shows the new path in :attr:`path`.
@@ -148,8 +156,9 @@ class CSVLogger:
     dropped, so the new run goes to ``NAME-2.csv``, with a warning.
 
     A record with columns the header lacks (loss terms first logged at a later step, as a
-    weighting's ``meta_step`` without ``loss()`` has none) widens the header: the file is
-    rewritten with the new columns after the others, earlier rows blank there. A record without
+    weighting's ``meta_step`` without ``loss()`` has none) widens the header, whether it is this
+    logger's first record (a resumed run) or a later one: the file is rewritten with the new
+    columns after the others, earlier rows blank there. A record without
     some columns leaves them blank. A file deleted (or emptied) while the logger writes to it
     starts again with its header, with a warning. Nothing a logger meets after the step raises
     out of the hook: a row that cannot be written (a folder removed, a disk full, a record it
@@ -164,7 +173,9 @@ class CSVLogger:
     give each rank its own path then (e.g. ``f"log-{rank}.csv"``).
 
     Dropping rewrites the file whole: a temporary file beside it, then ``os.replace`` (atomic),
-    so an interruption leaves the old log or the new one, never a mix. Without anything to drop
+    so an interruption leaves the old log or the new one, never a mix. A write that fails changes
+    nothing the logger holds (its columns, its path, its last iteration): the next record is
+    judged against the file as it is, and no warning reports what did not happen. Without anything to drop
     a row is appended. Nothing is written (no folder, no file) until the first record: the
     weighter calls its hooks only for meta steps that stand. :meth:`close` gives the path up
     for another logger of this process.
@@ -177,7 +188,8 @@ class CSVLogger:
     Raises:
         TypeError: ``path`` is not a str or Path, or ``overwrite`` or ``all_ranks`` not a bool.
         ValueError: ``path`` is a folder, cannot be written, is not a metaweight log (unless
-            ``overwrite``), or another live logger of this process writes to it.
+            ``overwrite``), is a symbolic link into a folder that does not exist, or another live
+            logger of this process writes to it.
 
     Example:
         >>> import tempfile, torch, metaweight as mw
@@ -201,6 +213,12 @@ class CSVLogger:
         if path.is_dir():
             raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'log.csv'}.")
         _check_can_create(path, "path")
+        if path.is_symlink() and not path.exists():  # a link to a file not there yet: written through
+            target = Path(os.path.realpath(path))
+            if not target.parent.is_dir():
+                raise ValueError(f"`path` {path} is a symbolic link to {target}, whose folder {target.parent} does "
+                                 f"not exist: every row would be lost. Create that folder, or log to another path.")
+            _check_can_create(target, "path")
         if path.exists():
             if not os.access(path, os.R_OK | os.W_OK):
                 raise ValueError(f"`path` {path} exists but cannot be read and written: check its permissions, or "
@@ -236,17 +254,17 @@ class CSVLogger:
             return None, [], torn
         return next(csv.reader([lines[0]]), []), lines[1:], torn
 
-    def _rewrite(self, fields: list[str], kept: list[str], row: dict[str, float]) -> None:
+    def _rewrite(self, fields: list[str], kept: list[str], row: dict[str, float], path: Path) -> None:
         """Write the header, the kept rows and ``row`` to a temporary file, then put it in place of the
-        log (a new log is simply written)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.is_file():  # nothing to keep safe: a new file, with the permissions open() gives
-            with self.path.open("w", newline="") as f:
+        log at ``path`` (a new log is simply written)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():  # nothing to keep safe: a new file, with the permissions open() gives
+            with path.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerow(row)
             return
-        target = write_target(self.path)  # through a symbolic link: the link stays, its target is rewritten
+        target = write_target(path)  # through a symbolic link: the link stays, its target is rewritten
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             os.chmod(tmp, file_mode(target))  # the log's own (mkstemp's are owner-only)
@@ -263,15 +281,6 @@ class CSVLogger:
                 os.unlink(tmp)
             raise
 
-    def _divert(self, why: str) -> None:
-        """Leave the old log as it is and write this run's beside it (called after the step: never raise)."""
-        old, new = self.path, _fresh(self.path, self.path.suffix)
-        _release(old, self)
-        _hold(new, self)
-        self.path = new
-        warn_user(f"{why} The old log {old} was left as it is; this run logs to {new} instead. Pass "
-                  f"overwrite=True to replace the old log, or a path of its own.")
-
     def __call__(self, record: dict[str, Any]) -> None:
         if not self.all_ranks and other_rank() is not None:  # rank 0 writes the row
             return
@@ -283,73 +292,130 @@ class CSVLogger:
 
     def _record(self, record: dict[str, Any]) -> None:
         row = flatten_record(record)
-        fields, step = list(row), float(row["iteration"])
+        step = float(row["iteration"])
         if _holder(self.path) is not self:  # closed: take the path back, unless another logger has it
             if _holder(self.path) is not None:
                 warn_user(f"This CSVLogger was closed and another logger now writes to {self.path}: iteration "
                           f"{step:g} was not logged by it.")
                 return
             _hold(self.path, self)
+        # A transaction: the new state (path, columns, last step) and the warnings are worked out first,
+        # the file is written, and only then is the state kept and the warnings given; a write that
+        # fails leaves the logger as it was, so the next row is judged against the file as it is.
+        path, fields, kept, notes = self._plan(row, step)
+        if path != self.path:
+            _hold(path, self)
+        try:
+            if kept is None:  # only ever on the path this logger holds
+                self._append(fields, row)
+            else:
+                self._rewrite(fields, kept, row, path)
+        except BaseException:
+            if path != self.path:
+                _release(path, self)
+            raise
+        if path != self.path:
+            _release(self.path, self)
+            self.path = path
+        self._fields, self._last_step = fields, step
+        for note in notes:
+            warn_user(note)
+
+    def _plan(self, row: dict[str, float], step: float) -> tuple[Path, list[str], list[str] | None, list[str]]:
+        """Where ``row`` goes, under which columns, the complete rows kept before it (``None``: append to
+        the file as it is) and the warnings to give once it is written. Changes nothing."""
+        fields = list(row)
+        path = self.path
         if self._fields is None:  # the first record: a new file, or continue the one there
             header, lines, torn = (None, [], False) if self.overwrite else self._existing()
-            if header is not None and set(fields) <= set(header):  # a record without some columns: blanks
-                fields = header
-            elif header is not None:
-                self._divert(f"The log {self.path} has the columns {header}, but this run records {fields}; "
-                             f"appending would mix them.")
-                header, lines, torn = None, [], False
+            if header is not None and not _same_terms(header, fields):
+                new = _fresh(path, path.suffix)
+                return new, fields, [], [
+                    f"The log {path} has the columns {header}, but this run records {fields}: other loss "
+                    f"terms, so another run; appending would mix them. {_diverted(path, new)}"]
+            if header is None:
+                return path, fields, [], []
+            columns = _widened(header, fields)
             kept = _before(lines, step)
+            logged = [s for s in map(_step_of, lines) if s is not None]
             if lines and not kept:
-                logged = [s for s in map(_step_of, lines) if s is not None]
-                self._divert(f"The log {self.path} holds iterations {min(logged):g} to {max(logged):g}, and this "
-                             f"run's first record is iteration {step:g}: every row would be dropped as undone, "
-                             f"so this is a new run, not one resumed from a checkpoint.")
-                header, lines, kept, torn = None, [], [], False
-            if header is None or torn or len(kept) < len(lines):
-                self._rewrite(fields, kept, row)
-            else:
-                self._append(fields, row)
-            self._fields, self._last_step = fields, step
-            return
-        if self._last_step is not None and step <= self._last_step:  # went back, in this process
-            _, lines, _ = self._existing()
+                new = _fresh(path, path.suffix)
+                return new, fields, [], [
+                    f"The log {path} holds iterations {min(logged):g} to {max(logged):g}, and this run's first "
+                    f"record is iteration {step:g}: every row would be dropped as undone, so this is a new run, "
+                    f"not one resumed from a checkpoint. {_diverted(path, new)}"]
+            notes = []
+            if len(kept) < len(lines):
+                dropped = [s for s in map(_step_of, lines) if s is not None and s >= step]
+                notes.append(
+                    f"The log {path} holds rows up to iteration {max(logged):g}, and this run's first record is "
+                    f"iteration {step:g}: taken for a run resumed from its checkpoint, the {len(dropped)} rows of "
+                    f"iterations {min(dropped):g} to {max(dropped):g} (steps taken after that checkpoint, undone) "
+                    f"were dropped. If this is a new run, not a resumed one, those rows were another run's: give "
+                    f"each new run a path of its own (or overwrite=True) to keep a run's log whole.")
+            extra = len(columns) - len(header)
+            if torn or extra or len(kept) < len(lines):
+                return path, columns, [_pad(line, extra) for line in kept], notes
+            return path, columns, None, notes
+        size, torn = _tail(path)
+        if not size:  # deleted or emptied while this logger writes to it
+            if not path.parent.is_dir():
+                raise FileNotFoundError(f"its folder {path.parent} is gone")
+            return path, _widened(self._fields, fields), [], [
+                f"The log {path} was deleted or emptied while this CSVLogger wrote to it: it starts again at "
+                f"iteration {step:g}, with its header; the rows before are not in it."]
+        columns = _widened(self._fields, fields)
+        extra = len(columns) - len(self._fields)
+        went_back = self._last_step is not None and step <= self._last_step
+        if not (went_back or extra or torn):
+            return path, columns, None, []  # the common case: appended, the file not read
+        _, lines, _ = self._existing()  # a torn last line (a failed append) is left out of ``lines``
+        if went_back:  # in this process
             kept = _before(lines, step)
             if lines and not kept:  # every row would go: not a rollback to a checkpoint, a new run
                 logged = [s for s in map(_step_of, lines) if s is not None]
-                self._divert(f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {self.path} "
-                             f"and now gets iteration {step:g}: every row would be dropped as undone, so this is a "
-                             f"new run (e.g. a new weighter counting from 1 with the same logger), not a weighter "
-                             f"rolled back to a checkpoint.")
-                self._fields = fields
-                self._rewrite(fields, [], row)
-            else:  # rolled back to a checkpoint: the rows of the steps undone go
-                widened = self._widen(fields)
-                self._rewrite(self._fields, [_pad(line, widened) for line in kept], row)
-        elif not self.path.is_file() or self.path.stat().st_size == 0:
-            if not self.path.parent.is_dir():
-                raise FileNotFoundError(f"its folder {self.path.parent} is gone")
-            warn_user(f"The log {self.path} was deleted or emptied while this CSVLogger wrote to it: it starts "
-                      f"again at iteration {step:g}, with its header; the rows before are not in it.")
-            self._widen(fields)
-            self._rewrite(self._fields, [], row)
-        elif any(name not in self._fields for name in fields):  # new columns: widen the header, rows kept
-            widened = self._widen(fields)
-            _, lines, _ = self._existing()
-            self._rewrite(self._fields, [_pad(line, widened) for line in lines], row)
-        else:
-            self._append(self._fields, row)
-        self._last_step = step
-
-    def _widen(self, fields: list[str]) -> int:
-        """Add the columns of ``fields`` the header lacks, after the others; how many were added."""
-        assert self._fields is not None
-        new = [name for name in fields if name not in self._fields]
-        self._fields = self._fields + new
-        return len(new)
+                new = _fresh(path, path.suffix)
+                return new, fields, [], [
+                    f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {path} and now gets "
+                    f"iteration {step:g}: every row would be dropped as undone, so this is a new run (e.g. a new "
+                    f"weighter counting from 1 with the same logger), not a weighter rolled back to a checkpoint. "
+                    f"{_diverted(path, new)}"]
+            return path, columns, [_pad(line, extra) for line in kept], []  # rolled back: undone rows go
+        return path, columns, [_pad(line, extra) for line in lines], []  # header widened / torn line dropped
 
     def _append(self, fields: list[str], row: dict[str, float]) -> None:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields).writerow(row)
+
+
+def _tail(path: Path) -> tuple[int, bool]:
+    """The size of the file at ``path`` (0 if there is none) and whether its last line is torn (no newline:
+    an append that failed half-way, or a crash in the middle of one)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if not size:
+                return 0, False
+            f.seek(size - 1)
+            return size, f.read(1) != b"\n"
+    except FileNotFoundError:
+        return 0, False
+
+
+def _widened(header: list[str], fields: list[str]) -> list[str]:
+    """``header`` with the columns of ``fields`` it lacks added after the others."""
+    return header + [name for name in fields if name not in header]
+
+
+def _same_terms(header: list[str], fields: list[str]) -> bool:
+    """Whether a log's header and a record weight the same loss terms (the ``gamma/`` columns): a run
+    weights the same terms throughout, while other columns (``term/``, ``val_``) may come later."""
+    return {f for f in header if f.startswith("gamma/")} == {f for f in fields if f.startswith("gamma/")}
+
+
+def _diverted(old: Path, new: Path) -> str:
+    return (f"The old log {old} was left as it is; this run logs to {new} instead. Pass overwrite=True to "
+            f"replace the old log, or a path of its own.")
 
 
 def _pad(line: str, columns: int) -> str:
@@ -396,7 +462,12 @@ class TensorBoardLogger:
     are) writes each row once, rank 0's (its loss terms are those of rank 0's batch), not once
     per rank into one file. The rank is read at each record, so a logger
     made before ``init_process_group`` follows it too. ``all_ranks=True`` writes on every rank:
-    give each rank its own path then (e.g. ``f"log-{rank}.csv"``).
+    give each rank its own path then (e.g. ``f"log-{rank}.csv"``). The :attr:`writer` of a
+    folder is never made on another rank either: asking for it there raises a ``RuntimeError``.
+
+    :meth:`close` closes the writer and gives the folder up; a record after it takes the folder
+    back with a new writer if it is free, and is skipped with a warning if another logger of this
+    process now writes there (two writers on one folder would interleave two runs).
 
     Args:
         log_dir_or_writer: a log folder, or an existing ``torch.utils.tensorboard.SummaryWriter``
@@ -456,16 +527,46 @@ class TensorBoardLogger:
         return self._log_dir
 
     def close(self) -> None:
-        """Close the writer made here, and give the folder up for another logger of this process."""
+        """Close the writer made here, and give the folder up for another logger of this process. A
+        record after this takes the folder back (with a new writer) if no other logger holds it, and is
+        skipped with a warning if one does, as :class:`CSVLogger` does."""
         if self._log_dir is not None:
             if self._writer is not None:
-                self._writer.close()
+                self._writer.close()  # a closed SummaryWriter would open a new event file at its next scalar
+                self._writer = None
             _release(Path(self._log_dir), self)
+
+    def _take_back(self) -> bool:
+        """Whether this logger may write to its folder: it holds it, or takes it back after close()."""
+        if self._log_dir is None:
+            return True
+        folder = Path(self._log_dir)
+        if _holder(folder) is self:
+            return True
+        if _holder(folder) is not None:
+            return False
+        _hold(folder, self)
+        return True
 
     @property
     def writer(self) -> Any:
         """The ``SummaryWriter``: the one given, or the one made on ``log_dir`` at the first record
-        (made here without ``purge_step`` if asked for before any record)."""
+        (made here without ``purge_step`` if asked for before any record).
+
+        Raises:
+            RuntimeError: the writer would be made here on a rank other than 0 of a distributed
+                run (only rank 0 writes, unless ``all_ranks``), or this logger was closed and
+                another logger of this process now writes to its folder.
+        """
+        if self._log_dir is not None:
+            rank = None if self.all_ranks else other_rank()
+            if rank is not None:
+                raise RuntimeError(f"This TensorBoardLogger writes on rank 0 only, and this is rank {rank}: its "
+                                   f"writer would create files in {self._log_dir} here. Use it on rank 0 "
+                                   f"(`if dist.get_rank() == 0:`), or pass all_ranks=True with a folder per rank.")
+            if not self._take_back():
+                raise RuntimeError(f"This TensorBoardLogger was closed and another logger now writes to "
+                                   f"{self._log_dir}. Use that logger's writer.")
         return self._writer_from(None)
 
     def _writer_from(self, purge_step: int | None) -> Any:
@@ -484,6 +585,7 @@ class TensorBoardLogger:
                           f"left as it is; this run logs to {new} instead. Pass overwrite=True to hide the old run, "
                           f"or a folder of its own.")
             self._writer = SummaryWriter(self._log_dir, purge_step=purge_step)
+            self._old_steps = []  # judged once: the folder now holds this run (taken back after close())
         return self._writer
 
     def __call__(self, record: dict[str, Any]) -> None:
@@ -498,6 +600,10 @@ class TensorBoardLogger:
     def _record(self, record: dict[str, Any]) -> None:
         flat = flatten_record(record)
         step = int(flat.pop("iteration"))
+        if not self._take_back():
+            warn_user(f"This TensorBoardLogger was closed and another logger now writes to {self._log_dir}: "
+                      f"iteration {step} was not logged by it.")
+            return
         writer = self._writer_from(step)  # the first record's iteration: where a resumed run continues
         for tag, value in flat.items():
             writer.add_scalar(self.prefix + tag, value, step)

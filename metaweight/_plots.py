@@ -116,19 +116,7 @@ def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, s
         TypeError: a value of ``curves`` that is not a :class:`BudgetCurve`, ``unit`` or ``title``
             not a str.
     """
-    _check_named(curves, BudgetCurve, "curves", "BudgetCurve")
-    empty = [name for name, curve in curves.items() if not curve.points]
-    if empty:
-        raise ValueError(f"The curves of {empty} have no points: nothing to plot. Pass curves from budgeted_curve.")
-    units = {name: curve.cost_unit for name, curve in curves.items()}
-    if len(set(units.values())) > 1:
-        raise ValueError(f"The curves count different costs {units}: one x axis cannot show them. Plot each cost "
-                         f"unit on its own.")
-    scale = _positive(scale, "scale")
-    if not isinstance(unit, str):
-        raise TypeError(f"`unit` should be a str (the label of `scale`). Found {unit!r}.")
-    _check_title(title)
-    path = _check_path(path)
+    path, scale = _check_budget_curves(curves, path, scale=scale, unit=unit, title=title)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, curve in curves.items():
@@ -142,6 +130,23 @@ def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, s
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def _check_budget_curves(curves: Any, path: Any, *, scale: Any, unit: Any, title: Any) -> tuple[Path, float]:
+    """Every check of :func:`plot_budget_curves`, nothing drawn: the path and the scale."""
+    _check_named(curves, BudgetCurve, "curves", "BudgetCurve")
+    empty = [name for name, curve in curves.items() if not curve.points]
+    if empty:
+        raise ValueError(f"The curves of {empty} have no points: nothing to plot. Pass curves from budgeted_curve.")
+    units = {name: curve.cost_unit for name, curve in curves.items()}
+    if len(set(units.values())) > 1:
+        raise ValueError(f"The curves count different costs {units}: one x axis cannot show them. Plot each cost "
+                         f"unit on its own.")
+    scale = _positive(scale, "scale")
+    if not isinstance(unit, str):
+        raise TypeError(f"`unit` should be a str (the label of `scale`). Found {unit!r}.")
+    _check_title(title)
+    return _check_path(path), scale
 
 
 def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: int = 1,
@@ -163,18 +168,7 @@ def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: i
         TypeError: a value of ``results`` that is not an :class:`AnytimeResult`, ``k`` not an int,
             ``title`` not a str.
     """
-    _check_named(results, AnytimeResult, "results", "AnytimeResult")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"`k` should be an int (which top-k accuracy). Found {k!r}.")
-    missing = [name for name, r in results.items() if k not in r.accuracy]
-    if missing:
-        raise ValueError(f"No top-{k} accuracy in the results of {missing}; pass k= one of the top-k they hold.")
-    exits = {name: len(r.accuracy[k]) for name, r in results.items()}
-    if len(set(exits.values())) > 1:
-        raise ValueError(f"The results have different numbers of exits {exits}: their bars cannot share the exit "
-                         f"axis. Plot models of one number of exits together.")
-    _check_title(title)
-    path = _check_path(path)
+    path = _check_anytime(results, path, k=k, title=title)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(results)
@@ -193,6 +187,22 @@ def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: i
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def _check_anytime(results: Any, path: Any, *, k: Any, title: Any) -> Path:
+    """Every check of :func:`plot_anytime`, nothing drawn: the path."""
+    _check_named(results, AnytimeResult, "results", "AnytimeResult")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"`k` should be an int (which top-k accuracy). Found {k!r}.")
+    missing = [name for name, r in results.items() if k not in r.accuracy]
+    if missing:
+        raise ValueError(f"No top-{k} accuracy in the results of {missing}; pass k= one of the top-k they hold.")
+    exits = {name: len(r.accuracy[k]) for name, r in results.items()}
+    if len(set(exits.values())) > 1:
+        raise ValueError(f"The results have different numbers of exits {exits}: their bars cannot share the exit "
+                         f"axis. Plot models of one number of exits together.")
+    _check_title(title)
+    return _check_path(path)
 
 
 def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], term_names: Sequence[str],
@@ -215,6 +225,24 @@ def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], 
             cannot be written.
         TypeError: ``term_names`` not strs, ``title`` not a str.
     """
+    path = _check_gamma_history(steps, gammas, term_names, path, title=title)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for j, name in enumerate(term_names):
+        values = [g[j] for g in gammas]
+        if any(values):
+            ax.plot(steps, values, linestyle="-" if name.startswith("ce") else "--", label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("gamma")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def _check_gamma_history(steps: Any, gammas: Any, term_names: Any, path: Any, *, title: Any) -> Path:
+    """Every check of :func:`plot_gamma_history`, nothing drawn: the path."""
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence) or not steps or not all(
             not isinstance(s, bool) and isinstance(s, (int, float)) for s in steps):
         raise ValueError(f"`steps` should be a non-empty list of iterations (numbers). Found {steps!r}.")
@@ -230,20 +258,7 @@ def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], 
             raise ValueError(f"`gammas[{i}]` should be {len(term_names)} finite weights, one per term of "
                              f"`term_names`. Found {g!r}.")
     _check_title(title)
-    path = _check_path(path)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for j, name in enumerate(term_names):
-        values = [g[j] for g in gammas]
-        if any(values):
-            ax.plot(steps, values, linestyle="-" if name.startswith("ce") else "--", label=name)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("gamma")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small", ncol=2)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
+    return _check_path(path)
 
 
 def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures: Any = None,

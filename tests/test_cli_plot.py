@@ -1,0 +1,63 @@
+"""``python -m metaweight plot``: no run replaced by another with the same label, and every plot judged
+(its arguments, its path) before the first figure is written: a usage error (status 2), nothing written."""
+
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from metaweight import __main__ as cli  # noqa: E402
+
+
+def result(path, method, top1, gamma_history=None, term_names=("ce[1]",)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"config": {"method": method}, "test": {"num_samples": 10, "top1": top1}}
+    if gamma_history is not None:
+        data["gamma_history"], data["term_names"] = gamma_history, list(term_names)
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_labels_that_coincide_once_built_never_drop_a_run(tmp_path, monkeypatch):
+    files = [result(tmp_path / "s0" / "r.json", "hdkd", [10.0, 20.0]),
+             result(tmp_path / "s1" / "r.json", "hdkd", [30.0, 40.0]),
+             result(tmp_path / "x.json", "hdkd (s0)", [50.0, 60.0])]  # reads as the first file's label
+    seen = {}
+    real = cli.plot_anytime
+    monkeypatch.setattr(cli, "plot_anytime", lambda results, path, **k: (seen.update(results),
+                                                                          real(results, path, **k))[1])
+    cli.main(["plot", *files, "--out", str(tmp_path / "out")])
+    assert {n: r.accuracy[1] for n, r in seen.items()} == {
+        "hdkd (s0)": [10.0, 20.0], "hdkd (s1)": [30.0, 40.0], "hdkd (s0) #2": [50.0, 60.0]}
+
+
+def test_a_snapshot_of_the_wrong_length_stops_before_any_plot_is_written(tmp_path, capsys):
+    bad = result(tmp_path / "a.json", "hdkd", [10.0, 20.0], gamma_history=[{"step": 1, "gamma": [0.5, 0.5]}])
+    err = usage_error(["plot", bad, "--out", str(tmp_path / "out")], capsys)
+    assert "a.json: its 'gamma_history' entry cannot be plotted" in err and "gammas[0]" in err
+    assert not (tmp_path / "out").exists()  # anytime.png, drawn first before, is not written either
+
+
+def test_results_that_cannot_share_a_figure_are_a_usage_error(tmp_path, capsys):
+    a = result(tmp_path / "a.json", "a", [10.0, 20.0])
+    b = result(tmp_path / "b.json", "b", [10.0, 20.0, 30.0])
+    err = usage_error(["plot", a, b, "--out", str(tmp_path / "out")], capsys)
+    assert "cannot be plotted together" in err and "different numbers of exits" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])
+def test_an_out_that_cannot_be_a_folder_is_a_usage_error(tmp_path, capsys, out):
+    (tmp_path / "afile").write_text("x")
+    a = result(tmp_path / "a.json", "a", [10.0, 20.0])
+    err = usage_error(["plot", a, "--out", str(tmp_path / out)], capsys)
+    assert "--out" in err and "is a file" in err
+    assert (tmp_path / "afile").read_text() == "x"

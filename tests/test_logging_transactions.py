@@ -1,0 +1,211 @@
+"""CSVLogger and TensorBoardLogger: a failed write changes nothing the logger holds, a torn line is
+repaired before the next row, a resumed run's record is judged as the same record mid-run, and no
+file is written where it cannot be read back (issue 22, third review)."""
+
+import csv
+import os
+import warnings
+
+import pytest
+
+import metaweight as mw
+from metaweight import _logging
+
+
+def record(iteration, terms=None, gamma=None):
+    return {"iteration": iteration, "meta_step": iteration, "gamma": gamma or {"ce[1]": 0.5},
+            "terms": {} if terms is None else terms}
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def heard(call):
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in got]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_failed_widening_leaves_the_columns_as_they_were(tmp_path, monkeypatch):
+    path = tmp_path / "log.csv"
+    logger = mw.CSVLogger(path)
+    logger(record(1))
+    with monkeypatch.context() as m:
+        m.setattr(_logging.tempfile, "mkstemp", _disk_full)
+        assert any("could not write iteration 2" in w for w in heard(lambda: logger(record(2, {"ce[1]": 1.0}))))
+    assert logger._fields == ["iteration", "meta_step", "gamma/ce[1]"]  # not widened: the file was not
+    logger(record(3, {"ce[1]": 2.0}))
+    table = rows(path)
+    assert table[0] == ["iteration", "meta_step", "gamma/ce[1]", "term/ce[1]"]
+    assert table[1:] == [["1", "1", "0.5", ""], ["3", "3", "0.5", "2.0"]]  # every row as long as the header
+    logger.close()
+
+
+def test_a_failed_rollback_or_restart_changes_nothing_the_logger_holds(tmp_path, monkeypatch):
+    # a rollback (iteration back to 2) whose rewrite fails: the last step stays 3
+    path = tmp_path / "roll.csv"
+    logger = mw.CSVLogger(path)
+    for i in (1, 2, 3):
+        logger(record(i))
+    before = path.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(_logging.tempfile, "mkstemp", _disk_full)
+        heard(lambda: logger(record(2, {"ce[1]": 1.0})))
+    assert path.read_bytes() == before and logger._last_step == 3 and len(logger._fields) == 3
+    logger(record(4))  # appended under the header the file has
+    assert all(len(r) == 3 for r in rows(path)) and [r[0] for r in rows(path)] == ["iteration", "1", "2", "3", "4"]
+    logger.close()
+    # the file deleted, and its restart fails (the folder made read-only): no warning that it starts
+    # again, the columns not widened; the next record starts it once it can
+    path = tmp_path / "gone" / "log.csv"
+    logger = mw.CSVLogger(path)
+    logger(record(1))
+    path.unlink()
+    with monkeypatch.context() as m:
+        m.setattr(_logging.CSVLogger, "_rewrite", lambda *a: _disk_full())
+        got = heard(lambda: logger(record(2, {"ce[1]": 1.0})))
+    assert not any("starts again" in w for w in got) and any("could not write iteration 2" in w for w in got)
+    assert len(logger._fields) == 3 and logger._last_step == 1
+    assert any("starts again at iteration 3" in w for w in heard(lambda: logger(record(3))))
+    assert [r[0] for r in rows(path)] == ["iteration", "3"]
+    logger.close()
+
+
+def test_a_failed_divert_keeps_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "run.csv"
+    first = mw.CSVLogger(path)
+    for i in (1, 2):
+        first(record(i))
+    first.close()
+    logger = mw.CSVLogger(path)
+    with monkeypatch.context() as m:
+        m.setattr(_logging.CSVLogger, "_rewrite", lambda *a: _disk_full())
+        got = heard(lambda: logger(record(1)))  # a new run: would go to run-2.csv, but the write fails
+    assert not any("left as it is" in w for w in got) and logger.path == path
+    assert _logging._holder(tmp_path / "run-2.csv") is None and not (tmp_path / "run-2.csv").exists()
+    assert any("run-2.csv" in w for w in heard(lambda: logger(record(1))))
+    assert logger.path == tmp_path / "run-2.csv"
+    logger.close()
+
+
+def test_a_torn_append_is_dropped_before_the_next_row(tmp_path, monkeypatch):
+    path = tmp_path / "log.csv"
+    logger = mw.CSVLogger(path)
+    logger(record(1))
+
+    def half(self, fields, row):
+        with self.path.open("a", newline="") as f:
+            f.write("2,2,0.")  # what the disk took before it was full
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(_logging.CSVLogger, "_append", half)
+        heard(lambda: logger(record(2)))
+    logger(record(3))
+    assert rows(path) == [["iteration", "meta_step", "gamma/ce[1]"], ["1", "1", "0.5"], ["3", "3", "0.5"]]
+    logger(record(4))  # and appended again after the repair
+    assert [r[0] for r in rows(path)] == ["iteration", "1", "3", "4"]
+    logger.close()
+
+
+def test_a_resumed_run_with_a_new_column_widens_as_the_same_record_mid_run_does(tmp_path):
+    mid_run, resumed = tmp_path / "mid.csv", tmp_path / "resumed.csv"
+    a = mw.CSVLogger(mid_run)
+    for i in (1, 2, 3):
+        a(record(i))
+    b = mw.CSVLogger(resumed)
+    for i in (1, 2, 3):
+        b(record(i))
+    b.close()
+    b = mw.CSVLogger(resumed)
+    assert heard(lambda: a(record(4, {"ce[1]": 1.0}))) == []
+    assert heard(lambda: b(record(4, {"ce[1]": 1.0}))) == []
+    assert b.path == resumed and sorted(os.listdir(tmp_path)) == ["mid.csv", "resumed.csv"]
+    assert rows(resumed) == rows(mid_run) and rows(resumed)[-1] == ["4", "4", "0.5", "1.0"]
+    assert rows(resumed)[1] == ["1", "1", "0.5", ""]
+    # other loss terms (its gamma columns differ): another run, kept apart, warned
+    b.close()
+    c = mw.CSVLogger(resumed)
+    assert any("other loss terms" in w for w in heard(lambda: c(record(5, gamma={"kd[2->1]": 1.0}))))
+    assert c.path == tmp_path / "resumed-2.csv"
+    c.close()
+    a.close()
+
+
+def test_a_link_into_a_missing_folder_is_refused_when_made(tmp_path):
+    link = tmp_path / "link.csv"
+    link.symlink_to(tmp_path / "nowhere" / "log.csv")
+    with pytest.raises(ValueError, match=r"symbolic link to .*nowhere.*does not exist.*Create that folder"):
+        mw.CSVLogger(link)
+    assert not (tmp_path / "nowhere").exists() and link.is_symlink()
+    (tmp_path / "nowhere").mkdir()  # the fix the message names
+    logger = mw.CSVLogger(link)
+    assert heard(lambda: logger(record(1))) == []
+    assert link.is_symlink() and [r[0] for r in rows(tmp_path / "nowhere" / "log.csv")] == ["iteration", "1"]
+    logger.close()
+
+
+def test_a_first_record_that_drops_rows_says_how_many_and_how_to_keep_them(tmp_path):
+    path = tmp_path / "b.csv"
+    old = mw.CSVLogger(path)
+    for i in range(1, 6):
+        old(record(i))
+    old.close()
+    new = mw.CSVLogger(path)
+    got = heard(lambda: new(record(3)))
+    assert len(got) == 1
+    assert "the 3 rows of iterations 3 to 5" in got[0] and "a path of its own" in got[0]
+    assert [r[0] for r in rows(path)] == ["iteration", "1", "2", "3"]  # the documented rule: a resume
+    assert heard(lambda: new(record(4))) == []  # said once, at the first record
+    new.close()
+    # a resume past every row drops nothing and says nothing
+    again = mw.CSVLogger(path)
+    assert heard(lambda: again(record(5))) == []
+    again.close()
+
+
+def _event_files(folder):
+    return sorted(f for f in os.listdir(folder) if "tfevents" in f)
+
+
+def test_a_closed_tensorboard_logger_never_writes_into_a_folder_another_holds(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    a(record(1))
+    a.close()
+    b = mw.TensorBoardLogger(folder, overwrite=True)  # the folder is free now
+    b(record(1))
+    files = _event_files(folder)
+    got = heard(lambda: a(record(2)))  # as a weighter still holding it would
+    assert any("was closed and another logger now writes" in w and "iteration 2" in w for w in got)
+    assert _event_files(folder) == files  # no second writer on b's folder
+    with pytest.raises(RuntimeError, match="was closed and another logger"):
+        a.writer
+    b.close()
+    a(record(3))  # free again: taken back, with a writer of its own
+    a.writer.flush()
+    assert len(_event_files(folder)) == len(files) + 1
+    a.close()
+
+
+def test_the_writer_of_a_folder_is_never_made_on_another_rank(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.setattr(_logging, "other_rank", lambda: 1)
+    folder = tmp_path / "tb"
+    logger = mw.TensorBoardLogger(folder)
+    with pytest.raises(RuntimeError, match="rank 0 only, and this is rank 1"):
+        logger.writer
+    logger(record(1))
+    assert not folder.exists()  # nothing created on rank 1, by a record or by .writer
+    logger.close()
+    every = mw.TensorBoardLogger(folder, all_ranks=True)
+    assert every.writer is not None and folder.is_dir()  # asked for on every rank: made
+    every.close()
