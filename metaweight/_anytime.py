@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Iterable, Sequence
+from collections import UserDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,20 +14,47 @@ from torch import Tensor, nn
 
 from metaweight._exit_rules import predict
 from metaweight._checks import (IGNORE_INDEX, check_device_available, check_exit_outputs, check_has_values,
-                                check_ignore_index, check_softmax_rows, check_target)
+                                check_ignore_index, check_softmax_rows, check_target, integer_value)
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
 
 def to_device(inputs: Any, device: torch.device | str) -> Any:
-    """Move a tensor, or every tensor inside nested tuples, lists and dicts, to ``device``."""
+    """Move a tensor, or every tensor inside nested mappings, lists and tuples, to ``device``.
+
+    Containers keep their type where it can be rebuilt: a namedtuple, a ``dict`` subclass or a
+    ``UserDict`` (Hugging Face's ``BatchEncoding``, with its other attributes) stays what it was;
+    any other ``Mapping`` that cannot be rebuilt from a dict becomes a plain ``dict``, which
+    :func:`call_model` passes as keyword arguments all the same. The given containers are not
+    changed.
+    """
     if isinstance(inputs, Tensor):
         return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, Mapping):
+        moved = {k: to_device(v, device) for k, v in inputs.items()}
+        if type(inputs) is dict:
+            return moved
+        if isinstance(inputs, (dict, UserDict)):  # copy.copy gives them storage of their own
+            try:
+                rebuilt = copy.copy(inputs)
+                for k, v in moved.items():
+                    rebuilt[k] = v
+                return rebuilt
+            except Exception:  # a subclass that refuses copying or item assignment
+                return moved
+        try:
+            rebuilt = type(inputs)(moved)  # type: ignore[call-arg]
+        except Exception:
+            return moved
+        return rebuilt if isinstance(rebuilt, Mapping) and list(rebuilt.keys()) == list(moved) else moved
     if isinstance(inputs, (list, tuple)):
-        moved = [to_device(v, device) for v in inputs]
-        return type(inputs)(*moved) if hasattr(inputs, "_fields") else type(inputs)(moved)
+        moved_items = [to_device(v, device) for v in inputs]
+        if type(inputs) in (list, tuple):
+            return type(inputs)(moved_items)
+        try:
+            return type(inputs)(*moved_items) if hasattr(inputs, "_fields") else type(inputs)(moved_items)
+        except Exception:  # a subclass whose constructor takes something else
+            return tuple(moved_items) if isinstance(inputs, tuple) else moved_items
     return inputs
 
 
@@ -176,7 +205,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 def check_topk(topk: object) -> list[int]:
     """``topk`` as a list of ints >= 1: a non-empty list, tuple or range of ints (not bools)."""
     ks = list(topk) if isinstance(topk, (list, tuple, range)) else None
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+    if not ks or any(integer_value(k) is None or k < 1 for k in ks):
         raise ValueError(f"Invalid topk: {topk!r}. Expected a non-empty list of ints >= 1, e.g. (1, 5).")
     return list(dict.fromkeys(int(k) for k in ks))
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaweight._checks import check_flag
+from metaweight._checks import check_flag, integer_value
 from metaweight._modes import eval_mode
 from metaweight._protocols import ModelCall, wrapper_call
 
@@ -34,8 +34,8 @@ def _features(output: Any) -> Tensor:
 def declared_exits(model: nn.Module) -> int | None:
     """How many exits ``model`` says it returns (its ``num_exits``: a :class:`MultiExit`, attached
     exits, or any model given that attribute), or None when it does not say."""
-    known = getattr(model, "num_exits", None)
-    return known if isinstance(known, int) and not isinstance(known, bool) and known > 0 else None
+    known = integer_value(getattr(model, "num_exits", None))  # np.int64(2) as well as 2
+    return known if known is not None and known > 0 else None
 
 
 def _logits(output: Any, declared: int | None = None, model_name: str = "model") -> list[Tensor]:
@@ -312,12 +312,18 @@ class AttachedExits(nn.Module):
 
     def _own_exits(self, output: Any) -> list[Tensor]:
         exits = _logits(output, self._declared, type(self.model).__name__)
+        if self._declared is not None and len(exits) != self._declared:
+            raise ValueError(f"`{type(self.model).__name__}` declares num_exits={self._declared}, but its forward "
+                             f"returned {len(exits)} exit(s) (logits tensors) of its own. Set its num_exits to the "
+                             f"number of exits its forward returns ({len(exits)}), or make the forward return "
+                             f"{self._declared}.")
         if self._output_exits is None:  # the check forward in __init__ learns how many the model gives
             self._output_exits = len(exits)
         elif len(exits) != self._output_exits:
             raise ValueError(f"`{type(self.model).__name__}` returned {len(exits)} exits of its own, but "
-                             f"{self._output_exits} were expected when the exits were attached. Pass "
-                             f"example_input=... to attach_exits so it sees the model's output.")
+                             f"{self._output_exits} were expected when the exits were attached (its num_exits changed since?). "
+                             f"Attach the exits again (with example_input=... so attach_exits sees the model's "
+                             f"output).")
         return exits
 
     def forward(self, *args: Any, **kwargs: Any) -> list[Tensor]:

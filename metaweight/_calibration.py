@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metaweight._checks import check_bins, check_fit_logits, check_has_values, check_target
-from metaweight._exit_rules import predict
+from metaweight._checks import check_bins, check_fit_logits, check_has_values, check_target, integer_value
+from metaweight._exit_rules import calibrated, decision_dtype, predict
+from metaweight._warn import warn_user
 
 
 def _check(logits: Tensor, labels: Tensor, name: str = "logits", what: str = "calibration") -> Tensor:
@@ -25,6 +26,11 @@ def _check(logits: Tensor, labels: Tensor, name: str = "logits", what: str = "ca
     return labels
 
 
+def _wide(logits: Tensor) -> Tensor:
+    """Logits in the widest dtype their device holds (float64; float32 on MPS)."""
+    return logits.to(decision_dtype(logits.device))
+
+
 def _nll(logits: Tensor, labels: Tensor, beta: float) -> float:
     return float(torch.nn.functional.cross_entropy(logits * beta, labels))
 
@@ -34,7 +40,10 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
 
     The NLL of ``logits / T`` is convex in ``beta = 1/T`` (a log-sum-exp of linear functions),
     so its minimiser is found by bisection on the derivative's sign over ``beta`` in
-    ``[1e-4, 1e4]``.
+    ``[1e-4, 1e4]``. An exit whose minimiser lies outside (``1e-4``: its held-out predictions are
+    all right, so the NLL falls as far as ``T`` goes; ``1e4``: they are worse than chance) gets the
+    bound, with a warning: such a temperature says more about the held-out set than about the
+    exit.
 
     Args:
         val_logits: held-out logits ``[K, N, C]`` (not used to train the model).
@@ -42,8 +51,8 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
         iterations: bisection steps on ``log beta``.
 
     Returns:
-        Temperatures ``[K]`` (float64, on the device of ``val_logits``); divide exit ``k``'s logits
-        by ``T[k]``.
+        Temperatures ``[K]`` (float64, float32 on MPS; on the device of ``val_logits``); divide exit
+        ``k``'s logits by ``T[k]``.
 
     Raises:
         ValueError: logits or labels on the meta device, logits holding NaN (counted per exit) or
@@ -51,10 +60,11 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
             out of range, or a bad ``iterations``.
     """
     labels = _check(val_logits, val_labels, "val_logits", "fit_temperatures").to(val_logits.device)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    if integer_value(iterations) is None or iterations < 1:
         raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps).")
+    iterations = int(iterations)
     out = []
-    for z in val_logits.double():
+    for z in _wide(val_logits):
         z = z.clamp(min=torch.finfo(z.dtype).min)  # a masked class (-inf): p * z = 0 * (-max), not 0 * -inf = NaN
         z_y = z.gather(1, labels[:, None]).squeeze(1)
 
@@ -66,7 +76,7 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
         if slope(torch.e ** hi) <= 0:  # the NLL still falls at beta = 1e4: separable data
             out.append(1e-4)
             continue
-        if slope(torch.e ** lo) >= 0:
+        if slope(torch.e ** lo) >= 0:  # still falls at beta = 1e-4: predictions worse than chance
             out.append(1e4)
             continue
         for _ in range(iterations):
@@ -76,7 +86,14 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
             else:
                 lo = mid
         out.append(1.0 / torch.e ** ((lo + hi) / 2))
-    return torch.tensor(out, dtype=torch.float64, device=val_logits.device)
+    bounded = [f"exit {k + 1}: T = {t:g}" for k, t in enumerate(out) if t in (1e-4, 1e4)]
+    if bounded:
+        warn_user(f"fit_temperatures reached the bound of its search [1e-4, 1e4] ({'; '.join(bounded)}): the "
+                  f"held-out NLL still falls beyond it (1e-4: every held-out prediction of the exit is right, the "
+                  f"data are separable; 1e4: its predictions are worse than chance). Such a temperature fits this "
+                  f"held-out set, not the exit: use more (or other) held-out data, or leave that exit "
+                  f"uncalibrated.", UserWarning)
+    return torch.tensor(out, dtype=decision_dtype(val_logits.device), device=val_logits.device)
 
 
 def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15) -> list[float]:
@@ -93,9 +110,9 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15
         ValueError: as :func:`fit_temperatures` (NaN, ``+inf``, meta tensors), or a bad ``bins``.
     """
     labels = _check(logits, labels, what="expected_calibration_error").to(logits.device)
-    check_bins(bins)
-    confidence, prediction = torch.softmax(logits.double(), dim=-1).amax(dim=-1), predict(logits)
-    correct = (prediction == labels[None]).double()
+    bins = check_bins(bins)
+    confidence, prediction = torch.softmax(_wide(logits), dim=-1).amax(dim=-1), predict(logits)
+    correct = (prediction == labels[None]).to(confidence.dtype)
     index = (confidence * bins).ceil().long().clamp(1, bins) - 1
     out = []
     for k in range(logits.shape[0]):
@@ -103,7 +120,7 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15
         for b in range(bins):
             members = index[k] == b
             if members.any():
-                total += float(members.double().mean() * (correct[k][members].mean() - confidence[k][members].mean()).abs())
+                total += float(members.to(confidence.dtype).mean() * (correct[k][members].mean() - confidence[k][members].mean()).abs())
         out.append(100.0 * total)
     return out
 
@@ -126,7 +143,13 @@ class Calibration:
 
     def apply(self, logits: Tensor) -> Tensor:
         """``logits [K, N, C]`` divided by each exit's temperature; ``K`` must be the number of
-        fitted exits (a ``ValueError`` otherwise: no broadcast of one exit's logits to all)."""
+        fitted exits (a ``ValueError`` otherwise: no broadcast of one exit's logits to all).
+
+        Returns float32 for float16, bfloat16 and float32 logits (the quotient of half precision
+        logits is computed and kept in float32: ``T`` may be as small as ``1e-4``, which overflows
+        float16, and bfloat16 would round it), float64 for float64 ones: the very scores
+        :class:`EarlyExit` computes with ``temperatures=`` this calibration, so thresholds found on
+        ``apply(logits)`` decide there exactly as found."""
         K = len(self.temperatures)
         if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[0] != K \
                 or not logits.is_floating_point():
@@ -134,8 +157,7 @@ class Calibration:
                 f"`{type(logits).__name__}`"
             raise ValueError(f"`logits` should be floating-point logits [K, N, C] of the {K} exits the temperatures "
                              f"were fitted on. Found {found}. Stack the exits' logits (torch.stack) in exit order.")
-        t = torch.tensor(self.temperatures, dtype=logits.dtype, device=logits.device)
-        return logits / t.view(-1, 1, 1)
+        return calibrated(logits, self.temperatures)
 
     def __str__(self) -> str:
         rows = [f"{'exit':>4} {'T':>7} {'NLL before':>11} {'after':>7} {'ECE % before':>13} {'after':>7}"]
@@ -171,10 +193,10 @@ def calibrate(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor | None
         raise ValueError(f"`test_logits` {tuple(logits.shape)} and `val_logits` {tuple(val_logits.shape)} should "
                          f"have the same exits and classes ([K, N, C]).")
     temperatures = fit_temperatures(val_logits, val_labels)
-    scaled = logits.double() / temperatures.to(logits.device).view(-1, 1, 1)
+    scaled = _wide(logits) / temperatures.to(logits.device).view(-1, 1, 1)
     return Calibration(
         temperatures.tolist(),
-        [_nll(z.double(), labels, 1.0) for z in logits],
+        [_nll(z, labels, 1.0) for z in _wide(logits)],
         [_nll(z, labels, 1.0) for z in scaled],
         expected_calibration_error(logits, labels, bins=bins),
         expected_calibration_error(scaled, labels, bins=bins),

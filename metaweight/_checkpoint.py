@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from metaweight._checks import check_device_available
+from metaweight._checks import check_device_available, check_flag
 from metaweight._files import file_mode, write_target
 
 
@@ -333,9 +333,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
             does not have (``"cpu:1"``, ``"cuda"`` without a GPU), before the file is read.
         TypeError: ``path`` is not a path, or ``weights_only`` or ``verify`` not a bool.
     """
-    for name, flag in (("weights_only", weights_only), ("verify", verify)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"`{name}` should be a bool. Found {flag!r}.")
+    weights_only, verify = check_flag(weights_only, "weights_only"), check_flag(verify, "verify")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
     _check_map_location(map_location)

@@ -18,9 +18,10 @@ from metaweight._transaction import host_read
 
 
 def check_num_exits(num_exits: int) -> int:
-    if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
+    value = integer_value(num_exits)
+    if value is None or value < 1:
         raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int.")
-    return num_exits
+    return value
 
 
 def check_exit_outputs(outputs: object, num_exits: int, where: str = "model output",
@@ -162,10 +163,11 @@ def check_ignore_index(ignore_index: object) -> int:
     """The one check of an ``ignore_index`` argument (the losses, the validation objectives,
     :func:`collect_logits`): an int, never a bool (``True == 1`` would silently drop every class-1
     label), a float, ``None`` or a string."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    value = integer_value(ignore_index)
+    if value is None:
         raise TypeError(f"Invalid ignore_index: {ignore_index!r}. Expected an int (labels to leave out), e.g. "
                         f"{IGNORE_INDEX} (the default, as in torch's cross_entropy) or -1.")
-    return int(ignore_index)
+    return value
 
 
 def _numpy_bool(value: object) -> bool:
@@ -178,6 +180,40 @@ def check_flag(value: object, name: str) -> bool:
     if isinstance(value, bool) or _numpy_bool(value):
         return bool(value)
     raise TypeError(f"`{name}` should be a bool (True or False). Found {value!r}.")
+
+
+def integer_value(value: object) -> int | None:
+    """An integer as an int: a Python int or a NumPy integer scalar (``np.int64(2)``, as NumPy
+    arithmetic gives them); ``None`` for anything else (bools, floats, strings). The one rule for
+    every integer option and attribute (``num_exits``, ``k``, ``bins``, ``iterations``)."""
+    if isinstance(value, bool) or _numpy_bool(value):
+        return None
+    if isinstance(value, int):
+        return int(value)
+    kind = type(value)
+    if kind.__module__ == "numpy" and getattr(value, "ndim", None) == 0 and value.dtype.kind in "iu":  # type: ignore[attr-defined]
+        return int(value)  # type: ignore[call-overload]
+    return None
+
+
+def real_numbers(values: object) -> list[float] | None:
+    """A list of real numbers as floats: a list or tuple of numbers :func:`real_scalar` accepts
+    (Python, NumPy, one-number tensors), a 1-d NumPy array or a 1-d tensor of reals; ``None``
+    for anything else (a string, a dict, a bool among them, a meta tensor). The one rule for
+    every list of numbers (temperatures, steps, weights, accuracies); what the numbers may be
+    (finite, positive) is the caller's check."""
+    if isinstance(values, Tensor):
+        if values.dim() != 1 or values.is_meta or values.dtype == torch.bool or values.is_complex():
+            return None
+        return [float(v) for v in values.detach().double().cpu().tolist()]
+    if type(values).__module__ == "numpy" and type(values).__name__ == "ndarray":
+        if values.ndim != 1 or values.dtype.kind not in "iuf":  # type: ignore[attr-defined]
+            return None
+        return [float(v) for v in values.tolist()]  # type: ignore[attr-defined]
+    if not isinstance(values, (list, tuple)):
+        return None
+    numbers = [real_scalar(v) for v in values]
+    return None if any(v is None for v in numbers) else numbers  # type: ignore[return-value]
 
 
 def real_scalar(value: object) -> float | None:
@@ -341,19 +377,16 @@ def check_temperatures(temperatures: Any, num_exits: int) -> list[float] | None:
     """``temperatures`` (a :class:`Calibration`, or ``num_exits`` positive finite numbers) as floats."""
     if temperatures is None:
         return None
-    values = getattr(temperatures, "temperatures", temperatures)  # a Calibration holds them
-    if isinstance(values, Tensor):
-        values = values.detach().cpu().reshape(-1).tolist()
-    ok = isinstance(values, (list, tuple)) and all(
-        not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in values)
-    if not ok or len(values) != num_exits:
+    values = real_numbers(getattr(temperatures, "temperatures", temperatures))  # a Calibration holds them
+    if values is None or len(values) != num_exits or not all(math.isfinite(t) and t > 0 for t in values):
         raise ValueError(f"`temperatures` should be a Calibration or {num_exits} positive finite numbers, one per "
-                         f"exit. Found {temperatures!r}.")
-    return [float(t) for t in values]
+                         f"exit (a list, a NumPy array or a tensor). Found {temperatures!r}.")
+    return values
 
 
 def check_bins(bins: Any) -> int:
     """The number of equal-width confidence bins: an int >= 1."""
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+    value = integer_value(bins)
+    if value is None or value < 1:
         raise ValueError(f"Invalid bins: {bins!r}. Expected an int >= 1.")
-    return bins
+    return value

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._checks import UNDEFINED_SOFTMAX_FIX, check_temperatures, holds_meta, softmax_undefined
-from metaweight._exit_rules import ExitRule, as_rule, predict, reaches, score_dtype
+from metaweight._exit_rules import ExitRule, as_rule, calibrated, decision_dtype, predict, reaches, score_dtype
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
@@ -114,7 +114,8 @@ class EarlyExit(nn.Module):
     first exit over threshold (:func:`exit_assignment`), but the compute of the skipped stages
     is really saved. Both decide alike in every dtype: the prediction is the argmax of the
     head's logits in their own dtype, the scores are computed in float32 (float64 for a float64
-    model) and compared with the thresholds in float64, which are kept as given (float64) when
+    model; calibrated logits divided as :meth:`Calibration.apply` divides them) and compared with
+    the thresholds in float64 (float32 on MPS, which has no float64), which are kept so when
     the predictor is cast (``.half()``, ``.bfloat16()``, ``.double()`` cast the model, never the
     thresholds). The structure is read at every call (``exit_stages()`` and the modules' modes),
     so a head or stage replaced after construction is the one used. Equal up to rounding: a
@@ -168,14 +169,15 @@ class EarlyExit(nn.Module):
             _, heads = exit_parts(model)
             check_head_classes(heads, f"`{type(model).__name__}`")
             num_exits = len(heads)
-        device = next((p.device for p in model.parameters()), None)
-        try:  # float64 holds a list's numbers and any float tensor's exactly; where the scores will be
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        try:  # float64 holds a list's numbers and any float tensor's exactly (read on the CPU: MPS has no float64)
             if isinstance(thresholds, Tensor):
-                thresholds = thresholds.detach()
-            thresholds = torch.as_tensor(thresholds, dtype=torch.float64).to(device)
+                thresholds = thresholds.detach().cpu()
+            thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"`thresholds` should be {num_exits} numbers (a tensor or a list). Found "
                             f"{thresholds!r}.") from None
+        thresholds = thresholds.to(dtype=decision_dtype(device)).to(device)  # where the scores will be
         if thresholds.dim() != 1 or thresholds.shape != (num_exits,):
             raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
         if torch.isnan(thresholds).any():
@@ -194,13 +196,19 @@ class EarlyExit(nn.Module):
         return exit_parts(self.model)[1]
 
     def _apply(self, fn: Any, recurse: bool = True) -> EarlyExit:
-        """Move and cast the model as ``nn.Module`` does; the thresholds follow the device only: a cast
-        (``.half()``, ``.bfloat16()``) would round them (0.2013 to 0.20117) and change exits."""
-        kept = self.thresholds
-        super()._apply(fn, recurse)
-        if self.thresholds.dtype != kept.dtype:
-            self.thresholds = kept.to(self.thresholds.device)
+        """Move and cast the model as ``nn.Module`` does; the thresholds follow the device only, in its
+        :func:`decision_dtype` (float64; float32 on MPS, which has no float64): a cast (``.half()``,
+        ``.bfloat16()``) would round them (0.2013 to 0.20117) and change exits."""
+        kept = self._buffers.pop("thresholds")
+        try:
+            super()._apply(fn, recurse)
+            target = fn(kept.to(torch.float32)).device  # where fn sends a tensor (a cast keeps the device)
+            self._buffers["thresholds"] = kept.to(dtype=decision_dtype(target)).to(target)
+        except BaseException:
+            self._buffers["thresholds"] = kept
+            raise
         return self
+
     def _inputs_target(self) -> nn.Module:
         """The model this wrapper passes its inputs to (how a dict of inputs is passed is decided on it)."""
         return self.model
@@ -257,9 +265,9 @@ class EarlyExit(nn.Module):
             raw = _per_sample(head(features))
             _check_batch(k, raw, alive.numel(), first)
             classes = predict(raw)  # in the logits' own dtype, as exit_assignment predicts
-            logits = score_dtype(raw)
-            if self.temperatures is not None:  # calibrated scores (the predictions are the same)
-                logits = logits / self.temperatures[k]
+            # calibrated scores as Calibration.apply gives them (the predictions are the same)
+            logits = score_dtype(raw) if self.temperatures is None else \
+                calibrated(raw[None], self.temperatures[k:k + 1])[0]
             first_logits = logits if first_logits is None else first_logits
             check_exit_classes([first_logits] * k + [logits], f"`{type(self.model).__name__}`")
             if self.rule.uses_history:
@@ -310,8 +318,8 @@ class EarlyExit(nn.Module):
 
         def leave(k: int, logits: Tensor) -> bool:
             _check_batch(k, _per_sample(logits), first.shape[0], first)
-            scoring = score_dtype(logits)
-            history.append(scoring / self.temperatures[k] if self.temperatures else scoring)
+            history.append(score_dtype(logits) if self.temperatures is None
+                           else calibrated(logits[None], self.temperatures[k:k + 1])[0])
             confidence = self.rule.scores(torch.stack(history))[-1].to(logits.device)
             classes = predict(logits)  # in the logits' own dtype, as exit_assignment predicts
             if not state:

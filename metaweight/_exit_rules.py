@@ -13,10 +13,24 @@ such logits with a ``ValueError`` naming the row: no sample is silently kept in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from metaweight._numerics import p_log_q
+
+
+def supports_float64(device: torch.device | str) -> bool:
+    """Whether ``device`` holds float64 tensors (Apple's MPS does not)."""
+    return torch.device(device).type != "mps"
+
+
+def decision_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype thresholds are kept and compared in on ``device``: float64 (a float32 score against a
+    float64 threshold such as ``0.2013`` compares exactly), float32 where the device has no float64
+    (MPS). :class:`EarlyExit`'s thresholds and :func:`reaches` both use this one rule."""
+    return torch.float64 if supports_float64(device) else torch.float32
 
 
 def score_dtype(logits: Tensor) -> Tensor:
@@ -25,13 +39,24 @@ def score_dtype(logits: Tensor) -> Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+def calibrated(logits: Tensor, temperatures: Sequence[float] | Tensor) -> Tensor:
+    """Exit logits ``[K, ...]`` divided by one temperature per exit, in the precision scores are
+    computed in (:func:`score_dtype`: float32 for half precision, so that ``logits / 1e-4`` does not
+    overflow float16, and bfloat16 does not round the quotient). :meth:`Calibration.apply` and
+    :class:`EarlyExit` (``temperatures=``) both divide with this one rule, so thresholds found on
+    ``calibration.apply(logits)`` score exactly as the predictor does."""
+    z = score_dtype(logits)
+    t = torch.as_tensor(temperatures, dtype=z.dtype, device=z.device) if not isinstance(temperatures, Tensor) \
+        else temperatures.detach().to(dtype=z.dtype).to(z.device)
+    return z / t.reshape(-1, *([1] * (z.dim() - 1)))
+
+
 def reaches(scores: Tensor, thresholds: Tensor) -> Tensor:
-    """``scores >= thresholds`` compared exactly: both in float64 (a float32 score against a float64
-    threshold such as ``0.2013``), float32 on a device without float64 (MPS). Every function that
-    decides an exit compares with this one rule, so :class:`EarlyExit` and :func:`exit_assignment`
-    agree on every sample."""
-    dtype = torch.float32 if scores.device.type == "mps" else torch.float64
-    return scores.to(dtype) >= thresholds.to(device=scores.device, dtype=dtype)
+    """``scores >= thresholds`` compared exactly: both in :func:`decision_dtype` (float64; float32
+    on a device without float64, MPS). Every function that decides an exit compares with this one
+    rule, so :class:`EarlyExit` and :func:`exit_assignment` agree on every sample."""
+    dtype = decision_dtype(scores.device)
+    return scores.to(dtype) >= thresholds.to(dtype=dtype).to(scores.device)
 
 
 def predict(logits: Tensor) -> Tensor:

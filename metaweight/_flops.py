@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from metaweight._checks import check_exit_outputs, holds_meta
+from metaweight._checks import check_exit_outputs, check_flag, holds_meta, integer_value
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -131,10 +131,12 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
         >>> mw.exit_costs(net, torch.randn(1, 10)).macs  # 10*20 + 20*3, then + 20*20 + 20*3
         [260, 720]
     """
-    if num_exits is not None and (isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1):
-        raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int, or None to take the model's.")
-    if not isinstance(executed, bool):
-        raise TypeError(f"`executed` should be a bool. Found {executed!r}.")
+    if num_exits is not None:
+        if integer_value(num_exits) is None or num_exits < 1:
+            raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int, or None to take the "
+                             f"model's.")
+        num_exits = int(num_exits)
+    executed = check_flag(executed, "executed")
     if executed:
         from metaweight._early_exit import refuse_meta
 

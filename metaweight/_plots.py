@@ -11,7 +11,7 @@ from typing import Any
 from metaweight._anytime import AnytimeResult
 from metaweight._budget import BudgetCurve
 from metaweight._calibration import _check as check_logits_and_labels
-from metaweight._checks import check_bins, check_temperatures
+from metaweight._checks import check_bins, check_temperatures, integer_value, real_numbers
 from metaweight._exit_rules import predict
 
 
@@ -163,12 +163,13 @@ def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: i
         ``path``.
 
     Raises:
-        ValueError: ``results`` empty, a result without top-``k`` accuracy, results of different
+        ValueError: ``results`` empty, a result without top-``k`` accuracy, accuracies that are
+            not one percentage in ``[0, 100]`` per exit (none, NaN, ``250``), results of different
             numbers of exits, or a ``path`` that cannot be written.
         TypeError: a value of ``results`` that is not an :class:`AnytimeResult`, ``k`` not an int,
             ``title`` not a str.
     """
-    path = _check_anytime(results, path, k=k, title=title)
+    path, k, accuracy = _check_anytime(results, path, k=k, title=title)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(results)
@@ -176,11 +177,11 @@ def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: i
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs = [e + 1 + (i - (len(names) - 1) / 2) * width for e in range(exits)]
-        ax.bar(xs, results[name].accuracy[k], width=width, label=name)
+        ax.bar(xs, accuracy[name], width=width, label=name)
     ax.set_xticks(range(1, exits + 1))
     ax.set_xlabel("exit")
     ax.set_ylabel(f"top-{k} accuracy (%)")
-    lows = [min(r.accuracy[k]) for r in results.values()]
+    lows = [min(values) for values in accuracy.values()]  # type: ignore[type-var]
     ax.set_ylim(max(0.0, min(lows) - 5), 100)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
@@ -189,20 +190,28 @@ def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: i
     return _save(fig, path)
 
 
-def _check_anytime(results: Any, path: Any, *, k: Any, title: Any) -> Path:
-    """Every check of :func:`plot_anytime`, nothing drawn: the path."""
+def _check_anytime(results: Any, path: Any, *, k: Any, title: Any) -> tuple[Path, int, dict[str, list[float]]]:
+    """Every check of :func:`plot_anytime`, nothing drawn: the path, ``k`` and the accuracies."""
     _check_named(results, AnytimeResult, "results", "AnytimeResult")
-    if isinstance(k, bool) or not isinstance(k, int):
+    if integer_value(k) is None:
         raise TypeError(f"`k` should be an int (which top-k accuracy). Found {k!r}.")
+    k = int(k)
     missing = [name for name, r in results.items() if k not in r.accuracy]
     if missing:
         raise ValueError(f"No top-{k} accuracy in the results of {missing}; pass k= one of the top-k they hold.")
+    accuracy = {name: real_numbers(r.accuracy[k]) for name, r in results.items()}
+    for name, values in accuracy.items():
+        if not values or not all(0.0 <= v <= 100.0 for v in values):  # (NaN fails both comparisons)
+            raise ValueError(f"`results[{name!r}]` should hold one top-{k} accuracy per exit, each a percentage in "
+                             f"[0, 100]. Found {results[name].accuracy[k]!r}. Pass the AnytimeResult that "
+                             f"anytime_accuracy or anytime_accuracy_from_logits returned (accuracies in percent, "
+                             f"not fractions of 1).")
     exits = {name: len(r.accuracy[k]) for name, r in results.items()}
     if len(set(exits.values())) > 1:
         raise ValueError(f"The results have different numbers of exits {exits}: their bars cannot share the exit "
                          f"axis. Plot models of one number of exits together.")
     _check_title(title)
-    return _check_path(path)
+    return _check_path(path), k, accuracy
 
 
 def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], term_names: Sequence[str],
@@ -220,18 +229,22 @@ def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], 
         ``path``.
 
     Raises:
-        ValueError: ``steps`` empty or not numbers, ``gammas`` not one snapshot per step, a
+        ValueError: ``steps`` empty or not finite numbers, ``gammas`` not one snapshot per step, a
             snapshot not one weight per term, a weight not a finite number, or a ``path`` that
             cannot be written.
         TypeError: ``term_names`` not strs, ``title`` not a str.
     """
-    path = _check_gamma_history(steps, gammas, term_names, path, title=title)
+    path, steps, gammas = _check_gamma_history(steps, gammas, term_names, path, title=title)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    drawn = 0
     for j, name in enumerate(term_names):
         values = [g[j] for g in gammas]
-        if any(values):
+        if any(values):  # a term whose weight stays 0 (switched off) is left out of the legend
             ax.plot(steps, values, linestyle="-" if name.startswith("ce") else "--", label=name)
+            drawn += 1
+    if not drawn:  # every weight 0 throughout: say so on the figure rather than leave it blank
+        ax.plot(steps, [0.0] * len(steps), color="0.5", label="every term: 0")
     ax.set_xlabel("iteration")
     ax.set_ylabel("gamma")
     ax.grid(alpha=0.3)
@@ -241,24 +254,30 @@ def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], 
     return _save(fig, path)
 
 
-def _check_gamma_history(steps: Any, gammas: Any, term_names: Any, path: Any, *, title: Any) -> Path:
-    """Every check of :func:`plot_gamma_history`, nothing drawn: the path."""
-    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence) or not steps or not all(
-            not isinstance(s, bool) and isinstance(s, (int, float)) for s in steps):
-        raise ValueError(f"`steps` should be a non-empty list of iterations (numbers). Found {steps!r}.")
+def _check_gamma_history(steps: Any, gammas: Any, term_names: Any, path: Any, *, title: Any
+                         ) -> tuple[Path, list[float], list[list[float]]]:
+    """Every check of :func:`plot_gamma_history`, nothing drawn: the path, the steps and the snapshots."""
+    numbers = real_numbers(steps)
+    if not numbers or not all(math.isfinite(s) for s in numbers):
+        raise ValueError(f"`steps` should be a non-empty list of iterations (finite numbers: ints, floats, NumPy "
+                         f"numbers or an array). Found {steps!r}.")
+    steps = numbers
     if isinstance(term_names, (str, bytes)) or not isinstance(term_names, Sequence) or not term_names or \
             not all(isinstance(n, str) for n in term_names):
         raise TypeError(f"`term_names` should be a non-empty list of term names (str). Found {term_names!r}.")
-    if not isinstance(gammas, Sequence) or len(gammas) != len(steps):
+    if isinstance(gammas, (str, bytes)) or not hasattr(gammas, "__len__") or len(gammas) != len(steps):
         raise ValueError(f"`gammas` should hold one snapshot per step ({len(steps)}). Found "
-                         f"{len(gammas) if isinstance(gammas, Sequence) else type(gammas).__name__}.")
+                         f"{len(gammas) if hasattr(gammas, '__len__') else type(gammas).__name__}.")
+    snapshots = []
     for i, g in enumerate(gammas):
-        if not isinstance(g, Sequence) or len(g) != len(term_names) or not all(
-                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in g):
+        values = real_numbers(g)
+        if values is None or len(values) != len(term_names) or not all(math.isfinite(v) for v in values):
             raise ValueError(f"`gammas[{i}]` should be {len(term_names)} finite weights, one per term of "
                              f"`term_names`. Found {g!r}.")
+        snapshots.append(values)
+    gammas = snapshots
     _check_title(title)
-    return _check_path(path)
+    return _check_path(path), steps, gammas
 
 
 def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures: Any = None,
@@ -289,7 +308,7 @@ def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures
     labels = check_logits_and_labels(logits, labels, "logits", "plot_reliability").to(logits.device)
     K = logits.shape[0]
     scale = check_temperatures(temperatures, K)
-    check_bins(bins)
+    bins = check_bins(bins)
     _check_title(title)
     path = _check_path(path)
     plt = _pyplot()

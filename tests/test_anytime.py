@@ -80,3 +80,40 @@ def test_every_public_prediction_breaks_ties_to_the_first_class():
     ece = 100.0 * sum(float(((confidence == c).double().mean()) * (correct[confidence == c].mean() - c).abs())
                       for c in confidence.unique())  # each distinct confidence falls in its own bin here
     assert mw.expected_calibration_error(logits, labels, bins=15) == pytest.approx([ece, ece])
+
+
+def test_to_device_moves_tensors_inside_every_mapping_and_sequence_keeping_their_types():
+    """A Hugging Face BatchEncoding is a UserDict, not a dict: its tensors were left where they were
+    (on the CPU for a GPU model). Every Mapping, namedtuple, list and tuple, nested, is moved; the
+    given containers are not changed."""
+    from collections import OrderedDict, UserDict, defaultdict, namedtuple
+    from types import MappingProxyType
+    from metaweight._anytime import to_device
+
+    class Encoding(UserDict):  # as BatchEncoding: a UserDict with attributes of its own
+        def __init__(self, data=None, encodings="kept"):
+            super().__init__(data)
+            self.encodings = encodings
+
+    Pair = namedtuple("Pair", "a b")
+    t = lambda: torch.randn(2, 3)  # noqa: E731
+    batch = {"enc": Encoding({"input_ids": t(), "mask": [t(), (t(),)]}, encodings="mine"),
+             "od": OrderedDict(x=t()), "dd": defaultdict(list, y=t()), "proxy": MappingProxyType({"z": t()}),
+             "pair": Pair(t(), {"w": t()}), "n": 3}
+    moved = to_device(batch, "meta")
+
+    def devices(value):
+        if isinstance(value, torch.Tensor):
+            return [value.device.type]
+        if isinstance(value, dict) or hasattr(value, "keys"):
+            return [d for v in value.values() for d in devices(v)]
+        if isinstance(value, (list, tuple)):
+            return [d for v in value for d in devices(v)]
+        return []
+
+    assert set(devices(moved)) == {"meta"} and len(devices(moved)) == 8
+    assert set(devices(batch)) == {"cpu"}  # the given containers are left as they were
+    assert type(moved["enc"]) is Encoding and moved["enc"].encodings == "mine"
+    assert type(moved["od"]) is OrderedDict and type(moved["dd"]) is defaultdict and moved["dd"].default_factory is list
+    assert isinstance(moved["proxy"], MappingProxyType) and type(moved["pair"]) is Pair and moved["n"] == 3
+    assert isinstance(moved["enc"]["mask"][1], tuple)

@@ -258,3 +258,31 @@ def test_exits_attached_to_a_multi_exit_model_must_run_before_its_own():
     shallow = mw.attach_exits(multi, ["stages.0.0"], [nn.Linear(8, 3)], example_input=example)
     macs = mw.exit_costs(shallow, example[:1]).macs
     assert macs == sorted(macs) and len(macs) == 4
+
+
+class _DeclaresExits(nn.Module):
+    def __init__(self, declared):
+        super().__init__()
+        self.body, self.a, self.b, self.num_exits = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 3), declared
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.a(h), self.b(h)
+
+
+@pytest.mark.parametrize("with_example", [True, False])
+def test_a_declared_num_exits_the_output_does_not_have_is_refused_naming_both(with_example):
+    """num_exits=3 on a model returning 2 exits was accepted with example_input (3 exits claimed, 3
+    returned by accident of counting) and blamed on a missing example_input without one."""
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"declares num_exits=3, but its forward returned 2 exit"):
+        exits = mw.attach_exits(_DeclaresExits(3), ["body"], [nn.Linear(4, 3)],
+                                example_input=x if with_example else None)
+        exits(x)
+
+
+def test_a_numpy_integer_num_exits_is_a_declaration():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(5, 4)
+    exits = mw.attach_exits(_DeclaresExits(np.int64(2)), ["body"], [nn.Linear(4, 3)], example_input=x)
+    assert exits.num_exits == 3 and len(exits(x)) == 3

@@ -124,3 +124,43 @@ def test_a_class_masked_with_minus_inf_fits_as_if_it_were_absent(name):
         assert got == pytest.approx(ref, rel=1e-6)
     else:
         assert str(got) == str(ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_apply_divides_half_precision_logits_in_float32(dtype):
+    """float16 logits / T = 1e-4 overflowed to inf in their own dtype (every function after refused
+    them); apply divides in float32 and returns float32, the quotient of the float32 logits."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 100, 4) * 3
+    y = z[1].argmax(-1)  # exit 2 separates the labels: its temperature is the bound, 1e-4
+    with pytest.warns(UserWarning, match=r"bound of its search.*exit 2: T = 0.0001"):
+        c = mw.calibrate(z, y)
+    assert c.temperatures[1] == 1e-4
+    applied = c.apply(z.to(dtype))
+    expected = z.to(dtype).float() / torch.tensor(c.temperatures, dtype=torch.float32).view(-1, 1, 1)
+    assert applied.dtype == torch.float32 and torch.isfinite(applied).all()
+    assert torch.equal(applied, expected)
+    assert c.apply(z.double()).dtype == torch.float64
+    mw.find_thresholds(applied, [0.5, 0.5])  # finite: accepted
+
+
+def test_fit_temperatures_warns_only_at_its_bounds():
+    z, labels = overconfident()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mw.fit_temperatures(z, labels)  # inside the bounds: silent
+    with pytest.warns(UserWarning, match=r"exit 1: T = 10000"):
+        mw.fit_temperatures(-z[:1], labels)  # worse than chance: the NLL falls as T grows
+
+
+def test_calibration_runs_in_float32_where_the_device_has_no_float64(monkeypatch):
+    """MPS has no float64: the temperatures and the fit use the device's widest dtype (one helper
+    decides, monkeypatched here to say the CPU lacks float64)."""
+    from metaweight import _exit_rules
+    z, labels = overconfident()
+    monkeypatch.setattr(_exit_rules, "supports_float64", lambda device: False)
+    t = mw.fit_temperatures(z.float(), labels)
+    assert t.dtype == torch.float32
+    monkeypatch.undo()
+    assert torch.allclose(t.double(), mw.fit_temperatures(z, labels), rtol=1e-3)

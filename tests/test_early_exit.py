@@ -213,3 +213,68 @@ def test_inputs_the_forward_cannot_take_are_refused_saying_how_inputs_are_passed
         expected = mw.EarlyExit(model, [0.5, 0.0])(x)
         for got in (mw.EarlyExit(model, [0.5, 0.0])({"x": x}), mw.EarlyExit(model, [0.5, 0.0])(x=x)):
             assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_calibrated_half_precision_logits_score_alike_in_find_thresholds_and_early_exit(dtype):
+    """The documented recipe on a half-precision model: find_thresholds(calibration.apply(z)) then
+    EarlyExit(temperatures=calibration). apply divided in bfloat16 and EarlyExit in float32 (58 of
+    20,000 samples left at another exit); both now divide with one rule, in float32."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Linear(4, 16), nn.Sequential(nn.Tanh(), nn.Linear(16, 16)),
+                        nn.Sequential(nn.Tanh(), nn.Linear(16, 16))], [nn.Linear(16, 10) for _ in range(3)]).eval()
+    with torch.no_grad():
+        for k, head in enumerate(net.heads):
+            head.weight.mul_(6 * (k + 1))
+        net = net.to(dtype)
+        x = torch.randn(4000, 4, dtype=dtype)
+        z = torch.stack(net(x))
+    y = torch.randint(0, 10, (4000,))
+    y[:2000] = z[2, :2000].argmax(-1)
+    calibration = mw.calibrate(z, y)
+    applied = calibration.apply(z)
+    assert applied.dtype == torch.float32
+    thresholds = mw.find_thresholds(applied, [0.4, 0.3, 0.3])
+    expected_exits, expected_classes = mw.exit_assignment(applied, thresholds)
+    with torch.no_grad():
+        predictions, exits = mw.EarlyExit(net, thresholds, temperatures=calibration)(x)
+    differ = (exits != expected_exits).nonzero().flatten()
+    # at most a tie: a stage run on a sub-batch rounding a logit in the last bit (see EarlyExit)
+    scores = mw.MaxProbability().scores(applied)
+    for n in differ.tolist():
+        k = int(min(exits[n], expected_exits[n]))
+        assert abs(float(scores[k, n]) - float(thresholds[k])) < 1e-6
+    assert differ.numel() <= 2
+    same = exits == expected_exits
+    assert torch.equal(predictions[same], expected_classes[same])
+
+
+def test_thresholds_use_float32_on_a_device_without_float64(monkeypatch):
+    """MPS has no float64: EarlyExit converted its thresholds to float64 on the model's device (a
+    TypeError there, reported as "`thresholds` should be K numbers"), and .to() kept them float64.
+    One helper (decision_dtype) decides for EarlyExit and reaches; monkeypatched to say the CPU
+    lacks float64, the thresholds are float32, and a device problem is not blamed on them."""
+    from metaweight import _exit_rules
+    net = tiny_net(num_exits=2).eval()
+    monkeypatch.setattr(_exit_rules, "supports_float64", lambda device: False)
+    predictor = mw.EarlyExit(net, [0.5, 0.0])
+    assert predictor.thresholds.dtype == torch.float32
+    assert predictor.to("cpu").thresholds.dtype == torch.float32
+    assert predictor.double().thresholds.dtype == torch.float32  # a cast never changes them
+    x = torch.randn(8, 6, dtype=torch.float64)
+    assert predictor(x)[1].shape == (8,)
+    monkeypatch.undo()
+    assert predictor.to("cpu").thresholds.dtype == torch.float64  # back where float64 exists
+    assert predictor.half().thresholds.dtype == torch.float64
+    assert mw.EarlyExit(net, torch.tensor([0.5, 0.0])).thresholds.dtype == torch.float64
+
+
+def test_temperatures_accept_numpy_numbers_and_arrays_as_tensors_are():
+    np = pytest.importorskip("numpy")
+    net = tiny_net(num_exits=2).eval()
+    for given in (np.array([1.5, 2.0]), list(np.array([1.5, 2.0], np.float32)), torch.tensor([1.5, 2.0]),
+                  (np.float64(1.5), 2)):
+        assert mw.EarlyExit(net, [0.5, 0.0], temperatures=given).temperatures == [1.5, 2.0]
+    for bad in (np.array([1.5, np.nan]), np.array([[1.5, 2.0]]), [np.True_, 2.0], np.array(["a", "b"])):
+        with pytest.raises(ValueError, match="temperatures"):
+            mw.EarlyExit(net, [0.5, 0.0], temperatures=bad)

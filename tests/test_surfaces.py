@@ -77,7 +77,7 @@ def test_attaching_to_a_multi_exit_model_keeps_all_its_exits_in_order():
     plain = nn.Sequential(nn.Linear(6, 5))
     plain.num_exits = 2  # says 2 exits, returns a tensor
     lying = mw.attach_exits(plain, ["0"], [nn.Linear(5, 5)])
-    with pytest.raises(ValueError, match="returned 1 exits of its own, but 2 were expected"):
+    with pytest.raises(ValueError, match=r"declares num_exits=2, but its forward returned 1 exit\(s\)"):
         lying(x)
 
 
