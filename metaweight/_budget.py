@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import (check_device_available, check_fit_logits, check_has_values, check_softmax_rows,
-                                check_target, real_numbers, real_scalar)
+                                check_target, integer_value, real_numbers,
+                                real_scalar)
 from metaweight._exit_rules import ExitRule, as_rule, predict, reaches
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
@@ -154,8 +155,10 @@ def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.devic
         raise ValueError(f"Invalid q: {q!r}. Expected a finite number > 0 (an int, a float, a NumPy or 0-d "
                          f"tensor scalar).")
     q = value
-    if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
-        raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int.")
+    if integer_value(num_exits) is None or integer_value(num_exits) < 1:  # type: ignore[operator]
+        raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int (a Python or NumPy int, or a "
+                         f"0-d integer tensor).")
+    num_exits = int(integer_value(num_exits))  # type: ignore[arg-type]
     device = _check_device(device)
     if num_exits * abs(math.log(q)) <= 80.0:  # every q**k a normal float32 (exp(88.7) overflows)
         k = torch.arange(1, num_exits + 1, dtype=torch.float32, device=device)
@@ -483,8 +486,9 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
         raise ValueError(f"Invalid budget: {budget!r}. Expected a finite number (an int, a float, a NumPy or 0-d "
                          f"tensor scalar).")
     budget = value
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    if integer_value(iterations) is None or integer_value(iterations) < 1:  # type: ignore[operator]
         raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps over log q).")
+    iterations = int(integer_value(iterations))  # type: ignore[arg-type]
     if budget < costs[0]:
         raise ValueError(f"A budget of {budget} is below the cost of the first exit ({costs[0]}).")
 
