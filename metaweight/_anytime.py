@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._exit_rules import predict
 from metaweight._checks import (IGNORE_INDEX, check_device_available, check_exit_outputs, check_has_values,
@@ -27,8 +28,15 @@ def to_device(inputs: Any, device: torch.device | str) -> Any:
     any other ``Mapping`` that cannot be rebuilt from a dict becomes a plain ``dict``, which
     :func:`call_model` passes as keyword arguments all the same. The given containers are not
     changed.
+
+    An object that moves itself (a ``.to(device)`` method) and is not a plain container is moved
+    by that method: a ``PackedSequence`` (a tuple whose ``batch_sizes`` must stay on the CPU), a
+    graph batch of a geometry library. Modules are left as they are (their ``.to`` moves them in
+    place: move the model itself).
     """
-    if isinstance(inputs, Tensor):
+    if isinstance(inputs, (Tensor, PackedSequence)):
+        return inputs.to(device)
+    if not isinstance(inputs, (Mapping, list, tuple, nn.Module, str, bytes)) and callable(getattr(inputs, "to", None)):
         return inputs.to(device)
     if isinstance(inputs, Mapping):
         moved = {k: to_device(v, device) for k, v in inputs.items()}

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from metaweight._checks import (check_device_available, check_fit_logits, check_has_values, check_softmax_rows,
-                                check_target, real_scalar)
+                                check_target, integer_value, real_numbers,
+                                real_scalar)
 from metaweight._exit_rules import ExitRule, as_rule, predict, reaches
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
@@ -154,8 +155,10 @@ def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.devic
         raise ValueError(f"Invalid q: {q!r}. Expected a finite number > 0 (an int, a float, a NumPy or 0-d "
                          f"tensor scalar).")
     q = value
-    if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
-        raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int.")
+    if integer_value(num_exits) is None or integer_value(num_exits) < 1:  # type: ignore[operator]
+        raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int (a Python or NumPy int, or a "
+                         f"0-d integer tensor).")
+    num_exits = int(integer_value(num_exits))  # type: ignore[arg-type]
     device = _check_device(device)
     if num_exits * abs(math.log(q)) <= 80.0:  # every q**k a normal float32 (exp(88.7) overflows)
         k = torch.arange(1, num_exits + 1, dtype=torch.float32, device=device)
@@ -248,6 +251,21 @@ def _assign(confidence: Tensor, prediction: Tensor, thresholds: Tensor) -> tuple
     return first, prediction.gather(0, first.view(1, -1)).squeeze(0)
 
 
+def check_point_values(cost: object, accuracy: object, where: str) -> tuple[float, float]:
+    """A budget point's cost and accuracy as floats, or a ValueError naming ``where``: the cost a
+    finite number >= 0, the accuracy a percentage in ``[0, 100]`` (not a str, not NaN)."""
+    number = real_scalar(cost)
+    if number is None or not math.isfinite(number) or number < 0:
+        raise ValueError(f"The cost of {where} should be a finite number >= 0 (the expected cost per sample). "
+                         f"Found {cost!r}.")
+    percent = real_scalar(accuracy)
+    if percent is None or not 0.0 <= percent <= 100.0:  # (NaN fails both comparisons)
+        raise ValueError(f"The accuracy of {where} should be a percentage in [0, 100]. Found {accuracy!r}. "
+                         f"Accuracies are in percent, not fractions of 1 (evaluate_thresholds and budgeted_curve "
+                         f"give them so).")
+    return number, percent
+
+
 @dataclass
 class BudgetPoint:
     """One operating point of budgeted classification.
@@ -324,9 +342,56 @@ class BudgetCurve:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BudgetCurve:
-        """The curve :meth:`to_dict` wrote, its extra fields (the exit rule, a data set's name) included."""
+        """The curve :meth:`to_dict` wrote, its extra fields (the exit rule, a data set's name) included.
+
+        Raises:
+            ValueError: ``d`` not such a dict: a missing or unknown key, a cost or an accuracy that
+                is not a number (``"50.0"``), a cost that is negative or not finite, an accuracy
+                outside ``[0, 100]`` percent or NaN.
+        """
+        fix = "Pass what BudgetCurve.to_dict (or budgeted_curve(...).to_dict()) wrote, unchanged."
+        if not isinstance(d, Mapping):
+            raise ValueError(f"BudgetCurve.from_dict needs a dict with 'points' and 'costs'. Found "
+                             f"`{type(d).__name__}`. {fix}")
+        for key in ("points", "costs"):
+            if key not in d:
+                raise ValueError(f"The budget curve's dict lacks the key {key!r}. {fix}")
+        raw = d["points"]
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+            raise ValueError(f"The budget curve's 'points' should be a list of dicts, one per point. Found "
+                             f"`{type(raw).__name__}`. {fix}")
+        names = [f.name for f in fields(BudgetPoint)]
+        required = [f.name for f in fields(BudgetPoint) if f.name not in ("val_cost", "val_accuracy")]
+        points = []
+        for i, p in enumerate(raw):
+            if not isinstance(p, Mapping):
+                raise ValueError(f"Point {i} of the budget curve should be a dict. Found `{type(p).__name__}`. {fix}")
+            missing = [k for k in required if k not in p]
+            unknown = [k for k in p if k not in names]
+            if missing or unknown:
+                raise ValueError(f"Point {i} of the budget curve has the keys {sorted(map(str, p))}: "
+                                 f"{'missing ' + str(missing) if missing else ''}"
+                                 f"{', ' if missing and unknown else ''}"
+                                 f"{'unknown ' + str(unknown) if unknown else ''}. A point has {names}. {fix}")
+            values = dict(p)
+            values["cost"], values["accuracy"] = check_point_values(p["cost"], p["accuracy"], f"point {i}")
+            for key in ("val_cost", "val_accuracy", "q"):
+                if values.get(key) is not None:
+                    number = real_scalar(values[key])
+                    if number is None or not math.isfinite(number):
+                        raise ValueError(f"Point {i} of the budget curve has {key}={values[key]!r}: expected a "
+                                         f"finite number or None. {fix}")
+                    values[key] = number
+            points.append(BudgetPoint(**values))
+        costs = real_numbers(d["costs"])
+        if costs is None or not all(math.isfinite(c) and c >= 0 for c in costs):
+            raise ValueError(f"The budget curve's 'costs' should be finite numbers >= 0, one per exit. Found "
+                             f"{d['costs']!r}. {fix}")
+        unit = d.get("cost_unit", "MACs")
+        if not isinstance(unit, str):
+            raise ValueError(f"The budget curve's 'cost_unit' should be a str (e.g. 'MACs'). Found {unit!r}. {fix}")
         extra = {k: v for k, v in d.items() if k not in ("points", "costs", "cost_unit")}
-        return cls([BudgetPoint(**p) for p in d["points"]], list(d["costs"]), d.get("cost_unit", "MACs"), extra)
+        return cls(points, costs, unit, extra)
 
     def __str__(self) -> str:
         rows = [f"{'q':>5} {'cost':>12} {'accuracy':>9}"]
@@ -421,8 +486,9 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
         raise ValueError(f"Invalid budget: {budget!r}. Expected a finite number (an int, a float, a NumPy or 0-d "
                          f"tensor scalar).")
     budget = value
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    if integer_value(iterations) is None or integer_value(iterations) < 1:  # type: ignore[operator]
         raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps over log q).")
+    iterations = int(integer_value(iterations))  # type: ignore[arg-type]
     if budget < costs[0]:
         raise ValueError(f"A budget of {budget} is below the cost of the first exit ({costs[0]}).")
 

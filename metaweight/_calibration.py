@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metaweight._checks import check_bins, check_fit_logits, check_has_values, check_target, integer_value
+from metaweight._checks import (check_bins, check_fit_logits, check_has_values, check_target, check_temperatures,
+                                integer_value, real_numbers)
 from metaweight._exit_rules import calibrated, decision_dtype, predict
 from metaweight._warn import warn_user
 
@@ -125,6 +126,22 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15
     return out
 
 
+def _own_temperatures(temperatures: object) -> list[float]:
+    """A :class:`Calibration`'s temperatures as floats, by the rule ``EarlyExit(temperatures=)``
+    applies (:func:`check_temperatures`): one positive finite number per exit. ``T = 0`` gives
+    infinite logits, ``T < 0`` flips every prediction, NaN gives NaN, all without an error."""
+    values = real_numbers(temperatures)
+    try:
+        if not values:
+            raise ValueError
+        return check_temperatures(values, len(values))  # type: ignore[return-value]
+    except ValueError:
+        raise ValueError(f"A Calibration's temperatures should be one positive finite number per exit. Found "
+                         f"{temperatures!r}: 0 would give infinite logits, a negative one flip the predictions, "
+                         f"NaN give NaN. Use the Calibration that calibrate returned (or fit_temperatures' "
+                         f"values), or load the one it saved unchanged.") from None
+
+
 @dataclass
 class Calibration:
     """Per-exit temperatures and what they change, measured on the data given to :func:`calibrate`.
@@ -141,6 +158,9 @@ class Calibration:
     ece_before: list[float]
     ece_after: list[float]
 
+    def __post_init__(self) -> None:
+        self.temperatures = _own_temperatures(self.temperatures)
+
     def apply(self, logits: Tensor) -> Tensor:
         """``logits [K, N, C]`` divided by each exit's temperature; ``K`` must be the number of
         fitted exits (a ``ValueError`` otherwise: no broadcast of one exit's logits to all).
@@ -149,15 +169,21 @@ class Calibration:
         logits is computed and kept in float32: ``T`` may be as small as ``1e-4``, which overflows
         float16, and bfloat16 would round it), float64 for float64 ones: the very scores
         :class:`EarlyExit` computes with ``temperatures=`` this calibration, so thresholds found on
-        ``apply(logits)`` decide there exactly as found."""
-        K = len(self.temperatures)
+        ``apply(logits)`` decide there exactly as found.
+
+        Raises:
+            ValueError: ``logits`` not ``[K, N, C]`` floating-point logits, or temperatures that
+                are not ``K`` positive finite numbers (changed after the calibration was made):
+                the same rule as ``EarlyExit(temperatures=)``."""
+        temperatures = _own_temperatures(self.temperatures)
+        K = len(temperatures)
         if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[0] != K \
                 or not logits.is_floating_point():
             found = f"shape {tuple(logits.shape)} ({logits.dtype})" if isinstance(logits, Tensor) else \
                 f"`{type(logits).__name__}`"
             raise ValueError(f"`logits` should be floating-point logits [K, N, C] of the {K} exits the temperatures "
                              f"were fitted on. Found {found}. Stack the exits' logits (torch.stack) in exit order.")
-        return calibrated(logits, self.temperatures)
+        return calibrated(logits, temperatures)
 
     def __str__(self) -> str:
         rows = [f"{'exit':>4} {'T':>7} {'NLL before':>11} {'after':>7} {'ECE % before':>13} {'after':>7}"]

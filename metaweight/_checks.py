@@ -183,13 +183,19 @@ def check_flag(value: object, name: str) -> bool:
 
 
 def integer_value(value: object) -> int | None:
-    """An integer as an int: a Python int or a NumPy integer scalar (``np.int64(2)``, as NumPy
-    arithmetic gives them); ``None`` for anything else (bools, floats, strings). The one rule for
-    every integer option and attribute (``num_exits``, ``k``, ``bins``, ``iterations``)."""
+    """An integer as an int: a Python int, a NumPy integer scalar (``np.int64(2)``, as NumPy
+    arithmetic gives them) or a 0-d integer tensor (``torch.tensor(2)``, not on the meta device);
+    ``None`` for anything else (bools, floats, strings, a tensor of several numbers). The one rule
+    for every integer option and attribute (``num_exits``, ``k``, ``bins``, ``iterations``, ``seed``)."""
     if isinstance(value, bool) or _numpy_bool(value):
         return None
     if isinstance(value, int):
         return int(value)
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_meta or value.is_floating_point() or value.is_complex() \
+                or value.dtype == torch.bool:
+            return None
+        return int(value.item())
     kind = type(value)
     if kind.__module__ == "numpy" and getattr(value, "ndim", None) == 0 and value.dtype.kind in "iu":  # type: ignore[attr-defined]
         return int(value)  # type: ignore[call-overload]

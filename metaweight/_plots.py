@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from metaweight._anytime import AnytimeResult
-from metaweight._budget import BudgetCurve
+from metaweight._budget import BudgetCurve, BudgetPoint, check_point_values
 from metaweight._calibration import _check as check_logits_and_labels
-from metaweight._checks import check_bins, check_temperatures, integer_value, real_numbers
+from metaweight._checks import check_bins, check_temperatures, integer_value, real_numbers, real_scalar
 from metaweight._exit_rules import predict
 
 
@@ -90,9 +90,10 @@ def _check_named(values: Any, kind: type, name: str, what: str) -> None:
 
 
 def _positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    number = real_scalar(value)
+    if number is None or not math.isfinite(number) or number <= 0:
         raise ValueError(f"Invalid {name}: {value!r}. Expected a positive finite number.")
-    return float(value)
+    return number
 
 
 def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, scale: float = 1e6,
@@ -110,18 +111,20 @@ def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, s
         ``path``.
 
     Raises:
-        ValueError: ``curves`` empty, a curve without points, curves counting different costs
-            (``cost_unit``), ``scale`` not a positive finite number, or a ``path`` that cannot be
-            written (a folder, an image format matplotlib does not write, under a file).
-        TypeError: a value of ``curves`` that is not a :class:`BudgetCurve`, ``unit`` or ``title``
-            not a str.
+        ValueError: ``curves`` empty, a curve without points, a point whose cost is not a finite
+            number >= 0 or whose accuracy is not a percentage in ``[0, 100]`` (NaN, ``250``, a str),
+            curves counting different costs (``cost_unit``), ``scale`` not a positive finite
+            number, or a ``path`` that cannot be written (a folder, an image format matplotlib
+            does not write, under a file).
+        TypeError: a value of ``curves`` that is not a :class:`BudgetCurve`, a point that is not a
+            :class:`BudgetPoint`, ``unit`` or ``title`` not a str.
     """
     path, scale = _check_budget_curves(curves, path, scale=scale, unit=unit, title=title)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, curve in curves.items():
-        points = sorted(curve.points, key=lambda p: p.cost)
-        ax.plot([p.cost / scale for p in points], [p.accuracy for p in points], marker=".", label=name)
+        points = sorted(check_point_values(p.cost, p.accuracy, "") for p in curve.points)
+        ax.plot([cost / scale for cost, _ in points], [accuracy for _, accuracy in points], marker=".", label=name)
     some = next(iter(curves.values()))
     ax.set_xlabel(f"average {some.cost_unit} per sample ({unit})" if unit else f"average {some.cost_unit} per sample")
     ax.set_ylabel("accuracy (%)")
@@ -138,6 +141,12 @@ def _check_budget_curves(curves: Any, path: Any, *, scale: Any, unit: Any, title
     empty = [name for name, curve in curves.items() if not curve.points]
     if empty:
         raise ValueError(f"The curves of {empty} have no points: nothing to plot. Pass curves from budgeted_curve.")
+    for name, curve in curves.items():
+        for i, point in enumerate(curve.points):
+            if not isinstance(point, BudgetPoint):
+                raise TypeError(f"`curves[{name!r}].points[{i}]` should be a BudgetPoint. Found "
+                                f"`{type(point).__name__}`.")
+            check_point_values(point.cost, point.accuracy, f"`curves[{name!r}].points[{i}]`")
     units = {name: curve.cost_unit for name, curve in curves.items()}
     if len(set(units.values())) > 1:
         raise ValueError(f"The curves count different costs {units}: one x axis cannot show them. Plot each cost "

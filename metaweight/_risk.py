@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from metaweight._budget import NO_EXIT, _assign, _check_costs, _confidence
-from metaweight._checks import check_target, real_scalar
+from metaweight._checks import check_target, integer_value, real_scalar
 from metaweight._exit_rules import ExitRule
 
 
@@ -109,8 +109,9 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
             raise ValueError(f"Invalid {name}: {given!r}. Expected a number in (0, 1) (an int, a float, a NumPy "
                              f"or 0-d tensor scalar).")
     delta, confidence = float(real_scalar(delta)), float(real_scalar(confidence))  # type: ignore[arg-type]
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+    if integer_value(candidates) is None or integer_value(candidates) < 1:  # type: ignore[operator]
         raise ValueError(f"Invalid candidates: {candidates!r}. Expected an int >= 1.")
+    candidates = int(integer_value(candidates))  # type: ignore[arg-type]
     cost_list = _check_costs(costs, K) if costs is not None else None
     alpha = 1.0 - confidence
     last_right = prediction[-1] == labels

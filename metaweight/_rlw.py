@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from metaweight._checks import integer_value
 from metaweight._record import MetaStepRecord
 from metaweight._weighting import Weighting
 
@@ -60,8 +61,9 @@ class RLW(Weighting):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *, seed: int = 0,
                  term_names: Sequence[str] | None = None, nonfinite: Literal["raise", "skip"] = "raise",
                  callbacks: Sequence[Callable[[MetaStepRecord], None]] = ()) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if integer_value(seed) is None or integer_value(seed) < 0:  # type: ignore[operator]
             raise ValueError(f"Invalid seed: {seed!r}. Expected an int >= 0.")
+        seed = int(integer_value(seed))  # type: ignore[arg-type]
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         super().__init__(model, optimizer, criterion, term_names=term_names, nonfinite=nonfinite,

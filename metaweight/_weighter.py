@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
-from metaweight._checks import check_flag, IGNORE_INDEX, forget_labels
+from metaweight._checks import check_flag, IGNORE_INDEX, forget_labels, integer_value
 from metaweight._clipping import ClipGradNorm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -185,8 +185,8 @@ class HarmonizedWeighter(NamedWeights):
         reuse_forward = check_flag(reuse_forward, "reuse_forward")
         terms = Terms(criterion, term_names)
         if validation is None:
-            num_exits = getattr(criterion, "num_exits", None)
-            if not isinstance(num_exits, int):
+            num_exits = integer_value(getattr(criterion, "num_exits", None))
+            if num_exits is None:
                 raise ValueError(f"Pass a validation objective: `{type(criterion).__name__}` has no num_exits to build "
                                  f"the default BalancedValidation(num_exits) from.")
             # the criterion's padding label is the objective's too: padding is neither refused nor scored
@@ -194,8 +194,9 @@ class HarmonizedWeighter(NamedWeights):
             validation = BalancedValidation(num_exits, ignore_index=ignore_index if isinstance(ignore_index, int)
                                             and not isinstance(ignore_index, bool) else IGNORE_INDEX)
         objective = Objective(validation)
-        k_terms, k_val = getattr(criterion, "num_exits", None), getattr(validation, "num_exits", None)
-        if isinstance(k_terms, int) and isinstance(k_val, int) and k_terms != k_val:
+        k_terms = integer_value(getattr(criterion, "num_exits", None))
+        k_val = integer_value(getattr(validation, "num_exits", None))
+        if k_terms is not None and k_val is not None and k_terms != k_val:
             raise ValueError(
                 f"The criterion has num_exits={k_terms} but the validation objective has "
                 f"num_exits={k_val}. Build both for the model's number of exits."
@@ -221,8 +222,9 @@ class HarmonizedWeighter(NamedWeights):
         inner = unwrap_optimizer(optimizer)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Expected one of {BACKENDS}.")
-        if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
+        if integer_value(meta_every) is None or integer_value(meta_every) < 1:  # type: ignore[operator]
             raise ValueError(f"Invalid meta_every: {meta_every!r}. Expected an int >= 1.")
+        meta_every = int(integer_value(meta_every))  # type: ignore[arg-type]
         if fd_epsilon is not None and not (isinstance(fd_epsilon, (int, float)) and math.isfinite(fd_epsilon)
                                            and fd_epsilon > 0):
             raise ValueError(f"Invalid fd_epsilon: {fd_epsilon!r}. Expected a finite number > 0, or None.")

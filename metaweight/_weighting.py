@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from metaweight._checks import integer_value
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._warn import raise_or_skip_step, warn_user
@@ -126,9 +127,10 @@ def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = Fals
 
 
 def check_int(name: str, value: Any, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    number = integer_value(value)
+    if number is None or number < low:
         raise ValueError(f"Invalid {name}: {value!r}. Expected an int >= {low}.")
-    return value
+    return number
 
 
 class NamedWeights:

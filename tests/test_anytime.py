@@ -117,3 +117,27 @@ def test_to_device_moves_tensors_inside_every_mapping_and_sequence_keeping_their
     assert type(moved["od"]) is OrderedDict and type(moved["dd"]) is defaultdict and moved["dd"].default_factory is list
     assert isinstance(moved["proxy"], MappingProxyType) and type(moved["pair"]) is Pair and moved["n"] == 3
     assert isinstance(moved["enc"]["mask"][1], tuple)
+
+
+def test_to_device_moves_objects_that_move_themselves_by_their_own_to():
+    """A PackedSequence is a namedtuple whose batch_sizes must stay on the CPU: it was rebuilt as a
+    plain tuple (and could not be rebuilt as a PackedSequence with batch_sizes moved). It, and any
+    non-container with a .to method, is moved by that method; a module is left alone."""
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+    from metaweight._anytime import to_device
+    packed = pack_padded_sequence(torch.randn(3, 4, 2), torch.tensor([4, 3, 1]), batch_first=True)
+    moved = to_device({"x": packed}, "meta")["x"]
+    assert isinstance(moved, PackedSequence) and moved.data.is_meta and moved.batch_sizes.device.type == "cpu"
+    assert torch.equal(moved.batch_sizes, packed.batch_sizes) and not packed.data.is_meta
+
+    class Graph:
+        def __init__(self, x):
+            self.x = x
+
+        def to(self, device):
+            return Graph(self.x.to(device))
+
+    assert to_device([Graph(torch.ones(2))], "meta")[0].x.is_meta
+    layer = torch.nn.Linear(2, 2)
+    assert to_device((layer,), "meta")[0] is layer and not layer.weight.is_meta

@@ -70,6 +70,49 @@ def test_curve_round_trips_through_json():
     assert again.points == curve.points
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"accuracy": "50.0"}, "accuracy of point 0 should be a percentage"),
+    ({"accuracy": float("nan")}, "accuracy of point 0 should be a percentage"),
+    ({"accuracy": 250.0}, "in percent, not fractions"),
+    ({"cost": -1.0}, "cost of point 0 should be a finite number >= 0"),
+    ({"cost": float("inf")}, "cost of point 0"),
+    ({"q": "0.5"}, "q='0.5'"),
+    ({"extra_key": 1}, "unknown \\['extra_key'\\]"),
+])
+def test_curve_from_dict_refuses_what_to_dict_never_writes(change, match):
+    """A hand-edited or damaged dict is refused with the point and the field named, never drawn
+    (a str accuracy as a category, NaN as a gap, 250 % off the axis)."""
+    val, labels = logits_with_ties(N=50)
+    d = mw.budgeted_curve(val, labels, val, labels, [1, 2, 3, 4], qs=(0.5, 1.0)).to_dict()
+    d["points"][0].update(change)
+    with pytest.raises(ValueError, match=match):
+        mw.BudgetCurve.from_dict(d)
+    for bad, match in [([], "a dict with 'points'"), ({"points": []}, "lacks the key 'costs'"),
+                       ({"points": "x", "costs": [1]}, "list of dicts"),
+                       ({"points": [], "costs": [1, float("nan")]}, "'costs' should be finite")]:
+        with pytest.raises(ValueError, match=match):
+            mw.BudgetCurve.from_dict(bad)
+
+
+@pytest.mark.parametrize("cost, accuracy, match", [
+    (1e6, float("nan"), "accuracy of `curves\\['m'\\].points\\[0\\]`"), (1e6, 250.0, "percentage in \\[0, 100\\]"),
+    (1e6, "50.0", "percentage"), (-1e6, 50.0, "cost of"), (float("inf"), 50.0, "finite number >= 0"),
+])
+def test_plot_budget_curves_refuses_points_out_of_range(tmp_path, cost, accuracy, match):
+    """plot_budget_curves (and the command line, through its check function) refuses a point it
+    would draw silently wrong; nothing is written."""
+    pytest.importorskip("matplotlib")
+    from metaweight._budget import BudgetPoint
+    from metaweight._plots import _check_budget_curves
+    point = BudgetPoint(q=0.5, thresholds=[0.5, 0.0], cost=cost, accuracy=accuracy, exit_fractions=[0.5, 0.5])
+    curves = {"m": mw.BudgetCurve([point], [1.0, 2.0])}
+    with pytest.raises(ValueError, match=match):
+        mw.plot_budget_curves(curves, tmp_path / "b.png")
+    with pytest.raises(ValueError, match=match):
+        _check_budget_curves(curves, tmp_path / "b.png", scale=1e6, unit="M", title=None)
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_every_label_check_names_the_classes_and_the_padding_fix():
     """evaluate_thresholds checks labels against C as the others do; a negative label (padding)
     gets the hint to pass ignore_index (where the function takes one) or to leave it out."""

@@ -164,3 +164,21 @@ def test_calibration_runs_in_float32_where_the_device_has_no_float64(monkeypatch
     assert t.dtype == torch.float32
     monkeypatch.undo()
     assert torch.allclose(t.double(), mw.fit_temperatures(z, labels), rtol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [[0.0, 1.0], [-1.0, 1.0], [float("nan"), 1.0], [float("inf"), 1.0], []])
+def test_calibration_refuses_temperatures_early_exit_refuses(bad):
+    """A Calibration built by hand (or changed after it was made) with T = 0, T < 0, NaN or inf is
+    refused at construction and by apply, by the rule EarlyExit(temperatures=) applies; apply never
+    returns infinite, NaN or sign-flipped logits."""
+    z = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="one positive finite number per exit"):
+        mw.Calibration(bad, [0.0] * 2, [0.0] * 2, [0.0] * 2, [0.0] * 2)
+    cal = mw.Calibration([1.0, 2.0], [0.0] * 2, [0.0] * 2, [0.0] * 2, [0.0] * 2)
+    assert torch.equal(cal.apply(z), z / torch.tensor([1.0, 2.0]).view(-1, 1, 1))
+    cal.temperatures = bad
+    with pytest.raises(ValueError, match="one positive finite number per exit"):
+        cal.apply(z)
+    net = mw.MultiExit([torch.nn.Identity()] * 2, [torch.nn.Linear(3, 3)] * 2)
+    with pytest.raises(ValueError, match="positive finite"):
+        mw.EarlyExit(net, [0.5, 0.0], temperatures=cal)

@@ -14,7 +14,9 @@ np = pytest.importorskip("numpy")
 
 def test_integer_value_and_real_numbers():
     assert integer_value(2) == 2 and integer_value(np.int64(2)) == 2 and integer_value(np.uint8(3)) == 3
-    for bad in (True, np.True_, 2.0, np.float32(2), "2", None, torch.tensor(2)):
+    assert integer_value(torch.tensor(2)) == 2 and type(integer_value(torch.tensor(2))) is int  # a 0-d integer tensor
+    for bad in (True, np.True_, 2.0, np.float32(2), "2", None, torch.tensor(2.0), torch.tensor(True),
+                torch.tensor([2]), torch.tensor(2, device="meta")):
         assert integer_value(bad) is None
     assert real_numbers([1, 2.5, np.float32(0.5), np.int64(3), torch.tensor(4.0)]) == [1.0, 2.5, 0.5, 3.0, 4.0]
     assert real_numbers(np.arange(3)) == [0.0, 1.0, 2.0] and real_numbers(torch.tensor([1.5, 2.0])) == [1.5, 2.0]
