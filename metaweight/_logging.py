@@ -550,7 +550,9 @@ class TensorBoardLogger:
     after the first record's iteration) would hide that whole run: as :class:`CSVLogger` does,
     the logger then leaves the folder as it is, writes to the first free ``NAME-2``, ``NAME-3``,
     ... beside it and warns (it cannot refuse then: the weighter hands the record over after its
-    step). ``overwrite=True`` hides the old run instead. A folder that cannot be written, a file
+    step). The :attr:`writer` asked for before the first record is judged the same way: made then,
+    it cannot purge, so on a folder holding events it goes to ``NAME-2`` too, with a warning.
+    ``overwrite=True`` hides the old run instead. A folder that cannot be written, a file
     in its place, or a folder another live logger of this process writes to are refused when the
     logger is made. Given a writer, nothing is purged: create it with ``purge_step`` yourself when
     you resume.
@@ -649,8 +651,10 @@ class TensorBoardLogger:
 
     @property
     def writer(self) -> Any:
-        """The ``SummaryWriter``: the one given, or the one made on ``log_dir`` at the first record
-        (made here without ``purge_step`` if asked for before any record).
+        """The ``SummaryWriter``: the one given, or the one made on ``log_dir`` at the first record.
+        Asked for before any record, it is made here without ``purge_step``; if the folder holds
+        events already, that cannot be told from a new run, so the run goes to ``NAME-2``, ... as a
+        new run's first record does, with a warning (log the first record first to resume there).
 
         Raises:
             RuntimeError: the writer would be made here on a rank other than 0 of a distributed
@@ -672,17 +676,22 @@ class TensorBoardLogger:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            if purge_step is not None and self._old_steps and purge_step <= min(self._old_steps):
+            early = purge_step is None and bool(self._old_steps)  # asked for before any record
+            if early or (purge_step is not None and self._old_steps and purge_step <= min(self._old_steps)):
                 old = Path(self._log_dir)  # type: ignore[arg-type]
                 new = _fresh(old)
                 _release(old, self)
                 _hold(new, self)
                 self._log_dir = str(new)
+                why = (f"this TensorBoardLogger's writer was asked for before its first record, so it cannot tell "
+                       f"a run resumed from its checkpoint (whose first record hides the steps undone) from a new "
+                       f"run, and would mix this run into it. To resume in {old}, log the first record before "
+                       f"asking for the writer." if early else
+                       f"this run's first record is step {purge_step}: it would hide that whole run, so this is a "
+                       f"new run, not one resumed from a checkpoint.")
                 warn_user(f"The TensorBoard folder {old} holds a run logged at steps {min(self._old_steps)} to "
-                          f"{max(self._old_steps)}, and this run's first record is step {purge_step}: it would hide "
-                          f"that whole run, so this is a new run, not one resumed from a checkpoint. The folder was "
-                          f"left as it is; this run logs to {new} instead. Pass overwrite=True to hide the old run, "
-                          f"or a folder of its own.")
+                          f"{max(self._old_steps)}, and {why} The folder was left as it is; this run logs to {new} "
+                          f"instead. Pass overwrite=True to hide the old run, or a folder of its own.")
             self._writer = SummaryWriter(self._log_dir, purge_step=purge_step)
             self._old_steps = []  # judged once: the folder now holds this run (taken back after close())
         return self._writer

@@ -287,3 +287,21 @@ def test_a_file_that_is_not_text_is_refused_as_not_a_log(tmp_path):
     assert path.read_bytes() == b"\x89PNG\r\n\x1a\n\x00\x00"
     mw.CSVLogger(path, overwrite=True)(record(1))
     assert _steps(path) == ["1"]
+
+
+def test_a_tensorboard_writer_asked_for_before_the_first_record_keeps_an_old_run_apart(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    [a(record(i)) for i in range(1, 6)]
+    a.close()
+    before = sorted(set(_logging._logged_steps(folder)))
+    b = mw.TensorBoardLogger(folder)
+    said = heard(lambda: b.writer.add_text("note", "run B"))
+    heard(lambda: (b(record(1)), b(record(2))))
+    b.close()
+    assert b.log_dir == str(tmp_path / "tb-2") and len(said) == 1 and "before its first record" in said[0]
+    assert sorted(set(_logging._logged_steps(folder))) == before == [1, 2, 3, 4, 5]
+    c = mw.TensorBoardLogger(tmp_path / "fresh")  # an empty folder: the writer is made there, no warning
+    assert heard(lambda: c.writer) == [] and c.log_dir == str(tmp_path / "fresh")
+    c.close()
