@@ -3,11 +3,13 @@
 The result files are those ``examples/train.py --out`` writes: per-exit accuracy
 (``test``), a budget curve (``budget``) and the loss-weight history (``gamma_history``).
 Writes ``budget.png``, ``anytime.png`` and one ``gamma-<name>.png`` per file (``--format svg``
-for SVG) into ``--out`` (``runs/plots`` by default, beside the runs, which git ignores), and
-prints the path of every file written. Every run is labelled by its method; runs of one
+for SVG) into ``--out`` (``runs/plots`` under the current folder by default; git ignores ``runs/`` at the
+root of a metaweight checkout only), and
+prints the path of every file written. Plot files already in ``--out`` (from an earlier command)
+stop the command unless ``--overwrite`` is given: they may be plots of other result files. Every run is labelled by its method; runs of one
 method by their folder too (``hdkd (s0)``, ``hdkd (s1)``), so none hides another. A missing or
 malformed result file, results that cannot be plotted together (different numbers of exits) or an
-``--out`` that is not a folder stop the command with a message naming it (status 2), before
+``--out`` that is not a folder (or a file name too long for it) stop the command with a message naming it (status 2), before
 anything is written.
 """
 
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     plot.add_argument("results", nargs="+", help="JSON files written by examples/train.py --out")
     plot.add_argument("--out", default=str(Path("runs") / "plots"), help="output folder (created if missing)")
     plot.add_argument("--format", default="png", choices=["png", "svg", "pdf"], help="image format")
+    plot.add_argument("--overwrite", action="store_true",
+                      help="replace plot files already in --out (from an earlier command) instead of stopping")
     args = parser.parse_args(argv)
     files = [Path(f) for f in args.results]
     seen: dict[Path, str] = {}
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                      {}, f"the 'test' entries of {together} cannot be plotted together"))
     names: set[str] = set()
     for n, (steps, gammas, term_names) in histories.items():
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in n)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in n)[:100]  # a file name, not a title
         stem, i = safe, 2
         while stem in names:  # two labels that read alike once made safe for a file name
             stem, i = f"{safe}-{i}", i + 1
@@ -138,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         except (TypeError, ValueError) as exc:
             plot.error(f"{what} ({exc}); is each a result file examples/train.py --out wrote? Plot files that "
                        f"cannot share a figure in separate commands.")
+    there = [str(job[2][-1]) for job in jobs if Path(job[2][-1]).exists()]  # job[2]: the draw's arguments
+    if there and not args.overwrite:
+        plot.error(f"--out {out} already holds {', '.join(there)} (from an earlier command, perhaps of other result "
+                   f"files); nothing was written. Pass --overwrite to replace them, or another --out.")
     written = [draw(*positional, **keywords) for draw, _, positional, keywords, _ in jobs]
     for path in written:
         print(path)

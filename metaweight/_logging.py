@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import tempfile
 import weakref
 from pathlib import Path
@@ -47,6 +48,38 @@ def _step_of(line: str) -> float | None:
 def _before(lines: list[str], step: float) -> list[str]:
     """The rows logged before ``step``; a row whose step cannot be read is kept, not ours to judge."""
     return [line for line in lines if (s := _step_of(line)) is None or s < step]
+
+
+def _read_log(path: Path) -> tuple[list[str] | None, list[str], bool]:
+    """A log's header, its complete rows (raw lines, blank lines left out: nothing to keep) and whether
+    its last line was torn. Raises ``UnicodeDecodeError`` for a file that is not text."""
+    with path.open(newline="", encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    torn = bool(lines) and not lines[-1].endswith("\n")
+    if torn:
+        lines.pop()
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        return None, [], torn
+    return next(csv.reader([lines[0]]), []), lines[1:], torn
+
+
+def _readable(lines: list[str]) -> list[float]:
+    """The iterations of the rows that can be read (a row that cannot is kept, but says nothing)."""
+    return [s for s in map(_step_of, lines) if s is not None]
+
+
+def _siblings(path: Path) -> list[Path]:
+    """The logs ``NAME-2.csv``, ``NAME-3.csv``, ... beside ``path`` (where new runs were diverted), in order."""
+    stem, suffix = path.stem, path.suffix
+    pattern = re.compile(re.escape(stem) + r"-([0-9]+)" + re.escape(suffix) + "$")
+    found = []
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            match = pattern.match(entry.name)
+            if match and int(match.group(1)) >= 2 and entry.is_file():
+                found.append((int(match.group(1)), entry))
+    return [entry for _, entry in sorted(found)]
 
 
 _HELD: dict[str, weakref.ReferenceType[Any]] = {}  # path -> the live logger writing there, in this process
@@ -135,15 +168,29 @@ class CSVLogger:
       leaves: an incomplete record, dropped before the next row is written, at any record.
 
     The iteration alone cannot tell a resumed run from a new run whose first record falls inside
-    an old log (a warm-up without meta steps, a new run on an old path): the rule is that a
-    first record whose iteration is past some rows and not others is a resume, and the rows at
-    or after it are dropped, with a ``RuntimeWarning`` that says how many and which iterations.
-    A run that must not touch an old log gives a path of its own (or ``overwrite=True`` to
-    start afresh).
+    an old log (a warm-up without meta steps, a new run on an old path), so rows are dropped at a
+    first record only from a log that can be shown to be this run's. The logs this run may
+    continue are the file at ``path`` and the ``NAME-2.csv``, ``NAME-3.csv``, ... beside it (where
+    new runs on ``path`` were diverted: a diverted run resumed with the same code asks for
+    ``path`` again), those of the same loss terms (``gamma/`` columns). Of these, in order:
+
+    1. a log whose rows all end before the record is continued, nothing dropped: ``path``, or a
+       diverted log whose last row is at most one of its own strides (the largest gap between its
+       rows) before the record; of several, the one that ends nearest before it (``path`` first
+       on a tie);
+    2. else, if exactly one log holds rows both before and at or after the record, it is taken
+       for the run resumed from its checkpoint, and its rows at or after the record are dropped,
+       with a ``RuntimeWarning`` that says how many and which iterations;
+    3. else (no log with rows before the record: a new run; or two logs that could each be the
+       run resumed) nothing is dropped anywhere: the run is diverted as below.
+
+    Only rows whose iteration can be read count (a blank line, or a row edited by hand, decides
+    nothing; blank lines are left out when the file is rewritten). A run that must not touch an
+    old log gives a path of its own (or ``overwrite=True`` to start afresh).
 
     What the file alone tells is judged here, when the logger is made, and refused with a
     ``ValueError`` that changes nothing: a folder, a path that cannot be written, a file that is
-    not a metaweight log (its first columns are not ``iteration,meta_step``), a path another
+    not a metaweight log (not UTF-8 text, or its first columns are not ``iteration,meta_step``), a path another
     live logger of this process writes to. Two things can only be judged at the first record,
     which a weighter hands over after its step has been taken: a log of another run (other loss
     terms: its ``gamma/`` columns differ) and a new run on an old log (every row would be
@@ -228,7 +275,12 @@ class CSVLogger:
                                  f"{path.parent}. Log to another path.")
         self.path = path
         self.overwrite = overwrite
-        header, _, _ = (None, [], False) if overwrite else self._existing()
+        try:
+            header, _, _ = (None, [], False) if overwrite else self._existing()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"`path` {path} holds a file that is not text ({exc.reason} at byte {exc.start}: not "
+                             f"UTF-8; a compressed log or an image?), so not a metaweight log; nothing was changed. "
+                             f"Log to another path, or pass overwrite=True to replace it.") from None
         if header is not None and header[:2] != ["iteration", "meta_step"]:
             raise ValueError(f"`path` {path} holds a CSV with the columns {header[:6]}, not a metaweight log (its "
                              f"first columns are iteration,meta_step); nothing was changed. Log to another path, "
@@ -245,14 +297,7 @@ class CSVLogger:
         """The file's header, its complete rows (raw lines) and whether its last line was torn."""
         if not self.path.is_file():
             return None, [], False
-        with self.path.open(newline="") as f:
-            lines = f.read().splitlines(keepends=True)
-        torn = bool(lines) and not lines[-1].endswith("\n")
-        if torn:
-            lines.pop()
-        if not lines:
-            return None, [], torn
-        return next(csv.reader([lines[0]]), []), lines[1:], torn
+        return _read_log(self.path)
 
     def _rewrite(self, fields: list[str], kept: list[str], row: dict[str, float], path: Path) -> None:
         """Write the header, the kept rows and ``row`` to a temporary file, then put it in place of the
@@ -327,36 +372,7 @@ class CSVLogger:
         fields = list(row)
         path = self.path
         if self._fields is None:  # the first record: a new file, or continue the one there
-            header, lines, torn = (None, [], False) if self.overwrite else self._existing()
-            if header is not None and not _same_terms(header, fields):
-                new = _fresh(path, path.suffix)
-                return new, fields, [], [
-                    f"The log {path} has the columns {header}, but this run records {fields}: other loss "
-                    f"terms, so another run; appending would mix them. {_diverted(path, new)}"]
-            if header is None:
-                return path, fields, [], []
-            columns = _widened(header, fields)
-            kept = _before(lines, step)
-            logged = [s for s in map(_step_of, lines) if s is not None]
-            if lines and not kept:
-                new = _fresh(path, path.suffix)
-                return new, fields, [], [
-                    f"The log {path} holds iterations {min(logged):g} to {max(logged):g}, and this run's first "
-                    f"record is iteration {step:g}: every row would be dropped as undone, so this is a new run, "
-                    f"not one resumed from a checkpoint. {_diverted(path, new)}"]
-            notes = []
-            if len(kept) < len(lines):
-                dropped = [s for s in map(_step_of, lines) if s is not None and s >= step]
-                notes.append(
-                    f"The log {path} holds rows up to iteration {max(logged):g}, and this run's first record is "
-                    f"iteration {step:g}: taken for a run resumed from its checkpoint, the {len(dropped)} rows of "
-                    f"iterations {min(dropped):g} to {max(dropped):g} (steps taken after that checkpoint, undone) "
-                    f"were dropped. If this is a new run, not a resumed one, those rows were another run's: give "
-                    f"each new run a path of its own (or overwrite=True) to keep a run's log whole.")
-            extra = len(columns) - len(header)
-            if torn or extra or len(kept) < len(lines):
-                return path, columns, [_pad(line, extra) for line in kept], notes
-            return path, columns, None, notes
+            return self._plan_first(fields, step)
         size, torn = _tail(path)
         if not size:  # deleted or emptied while this logger writes to it
             if not path.parent.is_dir():
@@ -372,8 +388,8 @@ class CSVLogger:
         _, lines, _ = self._existing()  # a torn last line (a failed append) is left out of ``lines``
         if went_back:  # in this process
             kept = _before(lines, step)
-            if lines and not kept:  # every row would go: not a rollback to a checkpoint, a new run
-                logged = [s for s in map(_step_of, lines) if s is not None]
+            logged = _readable(lines)
+            if logged and min(logged) >= step:  # every row would go: not a rollback to a checkpoint, a new run
                 new = _fresh(path, path.suffix)
                 return new, fields, [], [
                     f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {path} and now gets "
@@ -382,6 +398,89 @@ class CSVLogger:
                     f"{_diverted(path, new)}"]
             return path, columns, [_pad(line, extra) for line in kept], []  # rolled back: undone rows go
         return path, columns, [_pad(line, extra) for line in lines], []  # header widened / torn line dropped
+
+    def _plan_first(self, fields: list[str], step: float
+                    ) -> tuple[Path, list[str], list[str] | None, list[str]]:
+        """:meth:`_plan` for this logger's first record: which log it continues (or a new one), judged
+        from the file at :attr:`path` and the logs diverted beside it."""
+        path = self.path
+        if self.overwrite:
+            return path, fields, [], []
+        header, lines, torn = self._existing()
+        if header is None:
+            return path, fields, [], []
+        # every log this run may continue: the path and the logs new runs were diverted to beside it
+        # (a diverted run resumed with the same code asks for the path again); those of other loss
+        # terms, not metaweight logs, unreadable or held by another logger are not this run's
+        candidates: list[tuple[Path, list[str], list[str], bool]] = []
+        for file in [path, *_siblings(path)]:
+            if file != path and _holder(file) not in (None, self):
+                continue
+            try:
+                other = (header, lines, torn) if file == path else _read_log(file)
+            except (OSError, UnicodeDecodeError):
+                continue
+            if other[0] is not None and other[0][:2] == ["iteration", "meta_step"] and _same_terms(other[0], fields):
+                candidates.append((file, *other))  # type: ignore[arg-type]
+
+        def last(lines: list[str]) -> float:
+            logged = _readable(lines)
+            return max(logged) if logged else float("-inf")
+
+        def leads_here(lines: list[str]) -> bool:  # its last row is one of its own strides before this record
+            logged = sorted(_readable(lines))
+            stride = max([b - a for a, b in zip(logged, logged[1:])] or [1.0])
+            return bool(logged) and 0 < step - logged[-1] <= stride
+
+        # a log whose rows all end before this record continues without dropping a row: the path, or a
+        # diverted log whose rows lead to this record; the one that ends nearest before it (the path
+        # first, then NAME-2, ... on a tie)
+        clean = [c for c in candidates if last(c[2]) < step and (c[0] == path or leads_here(c[2]))]
+        if clean:
+            file, old_header, old_lines, old_torn = max(clean, key=lambda c: last(c[2]))  # first of the nearest
+            columns = _widened(old_header, fields)
+            extra = len(columns) - len(old_header)
+            notes = []
+            if file != path:
+                notes.append(f"The log {path} is not this run's continuation (its rows or loss terms do not lead "
+                             f"to iteration {step:g}), but {file}, where a new run on {path} was diverted, ends at "
+                             f"iteration {last(old_lines):g}: taken for that run resumed, this run continues "
+                             f"{file}. {path} was left as it is.")
+            if file != path or old_torn or extra:
+                return file, columns, [_pad(line, extra) for line in old_lines], notes
+            return file, columns, None, notes
+        # a log with rows before this record and rows at or after it: a run resumed from its checkpoint,
+        # whose undone rows go; only if exactly one log can be that run's, else nothing is dropped
+        resumable = [c for c in candidates if _readable(c[2]) and min(_readable(c[2])) < step <= last(c[2])]
+        if len(resumable) == 1:
+            file, old_header, old_lines, _ = resumable[0]
+            columns = _widened(old_header, fields)
+            extra = len(columns) - len(old_header)
+            dropped = [s for s in _readable(old_lines) if s >= step]
+            notes = [f"The log {file} holds rows up to iteration {max(dropped):g}, and this run's first record is "
+                     f"iteration {step:g}: taken for a run resumed from its checkpoint, the {len(dropped)} rows of "
+                     f"iterations {min(dropped):g} to {max(dropped):g} (steps taken after that checkpoint, undone) "
+                     f"were dropped. If this is a new run, not a resumed one, those rows were another run's: give "
+                     f"each new run a path of its own (or overwrite=True) to keep a run's log whole."]
+            if file != path:
+                notes.insert(0, f"The log {path} is another run's; {file}, where a new run on {path} was diverted, "
+                                f"is taken for this run's and continued.")
+            return file, columns, [_pad(line, extra) for line in _before(old_lines, step)], notes
+        new = _fresh(path, path.suffix)
+        if not _same_terms(header, fields):
+            why = (f"The log {path} has the columns {header}, but this run records {fields}: other loss terms, so "
+                   f"another run; appending would mix them.")
+        elif not resumable:
+            logged = _readable(lines) or [step]
+            why = (f"The log {path} holds iterations {min(logged):g} to {max(logged):g}, and this run's first "
+                   f"record is iteration {step:g}: every row would be dropped as undone, so this is a new run, not "
+                   f"one resumed from a checkpoint.")
+        else:
+            why = (f"This run's first record is iteration {step:g}, and the logs "
+                   f"{', '.join(str(c[0]) for c in resumable)} each hold rows before and after it: any of them could "
+                   f"be the run resumed here, so none is cut (rows are dropped at a resume only when one log can be "
+                   f"this run's).")
+        return new, fields, [], [f"{why} {_diverted(path, new)}"]
 
     def _append(self, fields: list[str], row: dict[str, float]) -> None:
         with self.path.open("a", newline="") as f:
@@ -451,7 +550,9 @@ class TensorBoardLogger:
     after the first record's iteration) would hide that whole run: as :class:`CSVLogger` does,
     the logger then leaves the folder as it is, writes to the first free ``NAME-2``, ``NAME-3``,
     ... beside it and warns (it cannot refuse then: the weighter hands the record over after its
-    step). ``overwrite=True`` hides the old run instead. A folder that cannot be written, a file
+    step). The :attr:`writer` asked for before the first record is judged the same way: made then,
+    it cannot purge, so on a folder holding events it goes to ``NAME-2`` too, with a warning.
+    ``overwrite=True`` hides the old run instead. A folder that cannot be written, a file
     in its place, or a folder another live logger of this process writes to are refused when the
     logger is made. Given a writer, nothing is purged: create it with ``purge_step`` yourself when
     you resume.
@@ -550,8 +651,10 @@ class TensorBoardLogger:
 
     @property
     def writer(self) -> Any:
-        """The ``SummaryWriter``: the one given, or the one made on ``log_dir`` at the first record
-        (made here without ``purge_step`` if asked for before any record).
+        """The ``SummaryWriter``: the one given, or the one made on ``log_dir`` at the first record.
+        Asked for before any record, it is made here without ``purge_step``; if the folder holds
+        events already, that cannot be told from a new run, so the run goes to ``NAME-2``, ... as a
+        new run's first record does, with a warning (log the first record first to resume there).
 
         Raises:
             RuntimeError: the writer would be made here on a rank other than 0 of a distributed
@@ -573,17 +676,22 @@ class TensorBoardLogger:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            if purge_step is not None and self._old_steps and purge_step <= min(self._old_steps):
+            early = purge_step is None and bool(self._old_steps)  # asked for before any record
+            if early or (purge_step is not None and self._old_steps and purge_step <= min(self._old_steps)):
                 old = Path(self._log_dir)  # type: ignore[arg-type]
                 new = _fresh(old)
                 _release(old, self)
                 _hold(new, self)
                 self._log_dir = str(new)
+                why = (f"this TensorBoardLogger's writer was asked for before its first record, so it cannot tell "
+                       f"a run resumed from its checkpoint (whose first record hides the steps undone) from a new "
+                       f"run, and would mix this run into it. To resume in {old}, log the first record before "
+                       f"asking for the writer." if early else
+                       f"this run's first record is step {purge_step}: it would hide that whole run, so this is a "
+                       f"new run, not one resumed from a checkpoint.")
                 warn_user(f"The TensorBoard folder {old} holds a run logged at steps {min(self._old_steps)} to "
-                          f"{max(self._old_steps)}, and this run's first record is step {purge_step}: it would hide "
-                          f"that whole run, so this is a new run, not one resumed from a checkpoint. The folder was "
-                          f"left as it is; this run logs to {new} instead. Pass overwrite=True to hide the old run, "
-                          f"or a folder of its own.")
+                          f"{max(self._old_steps)}, and {why} The folder was left as it is; this run logs to {new} "
+                          f"instead. Pass overwrite=True to hide the old run, or a folder of its own.")
             self._writer = SummaryWriter(self._log_dir, purge_step=purge_step)
             self._old_steps = []  # judged once: the folder now holds this run (taken back after close())
         return self._writer

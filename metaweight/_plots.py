@@ -28,7 +28,7 @@ def _pyplot() -> Any:
 
 def _check_path(path: Any) -> Path:
     """Refuse, before any figure is drawn, a path the figure cannot be saved to: not a path, a folder, a
-    suffix matplotlib does not write, or under a file."""
+    suffix matplotlib does not write, under a file, or with a name longer than the file system takes."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise TypeError(f"`path` should be a file path (str or Path). Found {path!r}.")
     path = Path(path)
@@ -47,6 +47,15 @@ def _check_path(path: Any) -> Path:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"`path` {path} cannot be created: {ancestor} is a file, not a folder.")
+    try:
+        name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not known here (or not POSIX): the common limit
+        name_max = 255
+    for part in path.relative_to(ancestor).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ValueError(f"`path` {path} cannot be created: its part {part[:40]!r}... is "
+                             f"{len(os.fsencode(part))} bytes long, and this file system takes names of at most "
+                             f"{name_max}. Pass a shorter file name.")
     return path
 
 

@@ -61,3 +61,30 @@ def test_an_out_that_cannot_be_a_folder_is_a_usage_error(tmp_path, capsys, out):
     err = usage_error(["plot", a, "--out", str(tmp_path / out)], capsys)
     assert "--out" in err and "is a file" in err
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_name_too_long_for_the_file_system_is_refused_before_drawing(tmp_path):
+    import metaweight as mw
+
+    result = mw.AnytimeResult({1: [40.0, 50.0]}, 10)
+    with pytest.raises(ValueError, match="bytes long.*at most.*shorter file name"):
+        mw.plot_anytime({"m": result}, tmp_path / "out" / ("x" * 300 + ".png"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_method_name_is_plotted_under_a_shorter_file_name(tmp_path, capsys):
+    a = result(tmp_path / "a.json", "x" * 300, [40.0, 50.0], [{"step": 1, "gamma": [1.0]}])
+    cli.main(["plot", a, "--out", str(tmp_path / "out")])
+    assert sorted(len(p.name) <= 255 for p in (tmp_path / "out").iterdir()) == [True, True]
+
+
+def test_plots_of_an_earlier_command_are_replaced_only_with_overwrite(tmp_path, capsys):
+    a = result(tmp_path / "a.json", "hdkd", [40.0, 50.0])
+    b = result(tmp_path / "b.json", "uw", [10.0, 20.0])
+    out = tmp_path / "out"
+    cli.main(["plot", a, "--out", str(out)])
+    before = (out / "anytime.png").read_bytes()
+    err = usage_error(["plot", b, "--out", str(out)], capsys)
+    assert "already holds" in err and "--overwrite" in err and (out / "anytime.png").read_bytes() == before
+    cli.main(["plot", b, "--out", str(out), "--overwrite"])
+    assert (out / "anytime.png").read_bytes() != before

@@ -209,3 +209,99 @@ def test_the_writer_of_a_folder_is_never_made_on_another_rank(tmp_path, monkeypa
     every = mw.TensorBoardLogger(folder, all_ranks=True)
     assert every.writer is not None and folder.is_dir()  # asked for on every rank: made
     every.close()
+
+
+# fourth review: a resumed run never cuts another run's log; blank lines and binary files
+
+
+def _steps(path):
+    return [r[0] for r in rows(path)[1:] if r]
+
+
+def test_a_diverted_run_resumed_on_the_old_path_continues_its_own_log(tmp_path):
+    path = tmp_path / "log.csv"
+    a = mw.CSVLogger(path)
+    for i in range(1, 11):  # run A: 1-10
+        a(record(i))
+    a.close()
+    b = mw.CSVLogger(path)
+    assert any("log-2.csv" in m for m in heard(lambda: [b(record(i)) for i in (1, 2, 3)]))  # run B: diverted
+    b.close()
+    b2 = mw.CSVLogger(path)  # run B resumed from its checkpoint at 3, with the same code
+    said = heard(lambda: (b2(record(4)), b2(record(5))))
+    assert _steps(path) == [str(i) for i in range(1, 11)]  # A's log whole
+    assert _steps(tmp_path / "log-2.csv") == ["1", "2", "3", "4", "5"]  # B's log whole, in one file
+    assert b2.path == tmp_path / "log-2.csv" and len(said) == 1 and "log-2.csv" in said[0]
+    b2.close()
+    a2 = mw.CSVLogger(path)  # run A resumed at 11: its own log, no warning
+    assert heard(lambda: a2(record(11))) == [] and _steps(path)[-1] == "11" and a2.path == path
+    a2.close()
+    b3 = mw.CSVLogger(path)  # run A resumed at 9 (B's log 1-5 does not lead there): A's 9-11 are undone
+    said = heard(lambda: b3(record(9)))
+    assert b3.path == path and _steps(path) == [str(i) for i in range(1, 10)] and "3 rows" in said[0]
+    assert _steps(tmp_path / "log-2.csv") == ["1", "2", "3", "4", "5"]
+
+
+def test_a_first_record_inside_two_logs_cuts_neither(tmp_path):
+    path = tmp_path / "log.csv"
+    a = mw.CSVLogger(path)
+    [a(record(i)) for i in range(1, 11)]
+    a.close()
+    b = mw.CSVLogger(path)
+    heard(lambda: [b(record(i)) for i in range(1, 8)])  # B in log-2.csv: 1-7
+    b.close()
+    c = mw.CSVLogger(path)  # resumed at 6: A's or B's? neither is cut
+    said = heard(lambda: c(record(6)))
+    assert _steps(path) == [str(i) for i in range(1, 11)]
+    assert _steps(tmp_path / "log-2.csv") == [str(i) for i in range(1, 8)]
+    assert c.path == tmp_path / "log-3.csv" and _steps(c.path) == ["6"]
+    assert len(said) == 1 and "none is cut" in said[0]
+
+
+def test_a_blank_line_neither_makes_a_new_run_a_resume_nor_stays_in_a_rewrite(tmp_path):
+    path = tmp_path / "log.csv"
+    a = mw.CSVLogger(path)
+    [a(record(i)) for i in range(1, 6)]
+    a.close()
+    with open(path, "a") as f:
+        f.write("\n")
+    b = mw.CSVLogger(path)
+    said = heard(lambda: b(record(1)))  # a new run: diverted, the old log kept whole
+    assert b.path == tmp_path / "log-2.csv" and _steps(path) == ["1", "2", "3", "4", "5"] and len(said) == 1
+    path = tmp_path / "other" / "log.csv"
+    a = mw.CSVLogger(path)
+    [a(record(i)) for i in range(1, 6)]
+    a.close()
+    with open(path, "a") as f:
+        f.write("\n")
+    c = mw.CSVLogger(path)  # resumed at 4: 4-5 dropped, the rewrite has no blank line
+    heard(lambda: c(record(4)))
+    assert c.path == path and [r[0] for r in rows(path)] == ["iteration", "1", "2", "3", "4"]
+
+
+def test_a_file_that_is_not_text_is_refused_as_not_a_log(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ValueError, match="not text.*not a metaweight log.*another path"):
+        mw.CSVLogger(path)
+    assert path.read_bytes() == b"\x89PNG\r\n\x1a\n\x00\x00"
+    mw.CSVLogger(path, overwrite=True)(record(1))
+    assert _steps(path) == ["1"]
+
+
+def test_a_tensorboard_writer_asked_for_before_the_first_record_keeps_an_old_run_apart(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    [a(record(i)) for i in range(1, 6)]
+    a.close()
+    before = sorted(set(_logging._logged_steps(folder)))
+    b = mw.TensorBoardLogger(folder)
+    said = heard(lambda: b.writer.add_text("note", "run B"))
+    heard(lambda: (b(record(1)), b(record(2))))
+    b.close()
+    assert b.log_dir == str(tmp_path / "tb-2") and len(said) == 1 and "before its first record" in said[0]
+    assert sorted(set(_logging._logged_steps(folder))) == before == [1, 2, 3, 4, 5]
+    c = mw.TensorBoardLogger(tmp_path / "fresh")  # an empty folder: the writer is made there, no warning
+    assert heard(lambda: c.writer) == [] and c.log_dir == str(tmp_path / "fresh")
+    c.close()
