@@ -117,20 +117,20 @@ class ForeignSteps:
             if self._holds(optimizer, weighter):
                 weighter._foreign_step = type(optimizer).__name__
 
-    _seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {weighter id: (sizes, holds)}
+    _seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {weighter: (sizes, holds)}
 
     def _holds(self, optimizer: torch.optim.Optimizer, weighter: Any) -> bool:
         """Whether ``optimizer`` holds a parameter of ``weighter``'s model; the scan is redone only when
         the optimizer's parameter groups or the model's parameters change in number."""
         sizes = (tuple(len(group["params"]) for group in optimizer.param_groups),
                  sum(1 for _ in weighter.module.parameters()))
-        known = self._seen.setdefault(optimizer, {})
-        cached = known.get(id(weighter))
+        known = self._seen.setdefault(optimizer, weakref.WeakKeyDictionary())  # (by the weighter: an id is reused)
+        cached = known.get(weighter)
         if cached is not None and cached[0] == sizes:
             return cached[1]
         mine = {id(p) for p in weighter.module.parameters()}
         holds = any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
-        known[id(weighter)] = (sizes, holds)
+        known[weighter] = (sizes, holds)
         return holds
 
     @classmethod
