@@ -328,12 +328,14 @@ class EarlyExit(nn.Module):
                              exits=torch.empty(n, dtype=torch.long, device=logits.device),
                              alive=torch.ones(n, dtype=torch.bool, device=logits.device))
             alive = state["alive"]
+            # only the samples that reach this exit: the forward computes every sample, including
+            # those that already left, whose rows here decide nothing (as the staged path sees them)
+            undefined = (softmax_undefined(history[-1]) & alive).sum()
             leaving = alive & (reaches(confidence, self.thresholds[k]) | (k == last))
             # masks, not boolean indexing: the only host read of the exit is whether anyone is left
             state["predictions"] = torch.where(leaving, classes, state["predictions"])
             state["exits"].masked_fill_(leaving, k)
             alive &= ~leaving
-            undefined = softmax_undefined(history[-1]).sum()
             any_alive, undefined_count = torch.stack([alive.any().long(), undefined]).tolist()
             if undefined_count:  # read with the exit's one host read
                 _refuse_undefined(k, undefined_count)

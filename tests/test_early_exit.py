@@ -278,3 +278,34 @@ def test_temperatures_accept_numpy_numbers_and_arrays_as_tensors_are():
     for bad in (np.array([1.5, np.nan]), np.array([[1.5, 2.0]]), [np.True_, 2.0], np.array(["a", "b"])):
         with pytest.raises(ValueError, match="temperatures"):
             mw.EarlyExit(net, [0.5, 0.0], temperatures=bad)
+
+
+class _MaskLargeFirstFeature(nn.Module):
+    """A head that masks every class (all -inf) of each sample whose first feature is over 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, h):
+        return self.fc(h).masked_fill((h[:, 0] > 10)[:, None], -math.inf)
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_a_sample_that_left_is_not_refused_for_a_later_exit_with_no_softmax(attached):
+    """Sample 0 leaves at exit 1; exit 2 masks all its classes. Attached exits compute exit 2 for
+    every sample, but only those that reach it count: predicted, as MultiExit predicts it. Once
+    sample 0 reaches exit 2, both refuse it."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 3, bias=False), _MaskLargeFirstFeature()
+    first.weight.data = torch.eye(3)
+    x = torch.randn(4, 3)
+    x[0] = torch.tensor([50.0, -50.0, 0.0])  # confident at exit 1, masked at exit 2
+    if attached:
+        model = mw.attach_exits(nn.Sequential(nn.Identity(), second), ["0"], heads=[first], example_input=x)
+    else:
+        model = mw.MultiExit([nn.Identity(), nn.Identity()], [first, second])
+    predictions, exits = mw.EarlyExit(model, [0.999, 0.0])(x)
+    assert exits.tolist() == [0, 1, 1, 1] and predictions[0].item() == 0
+    with pytest.raises(ValueError, match=r"Exit 2 gave 1 sample\(s\) logits that are all -inf"):
+        mw.EarlyExit(model, [2.0, 0.0])(x)  # nobody leaves at exit 1: sample 0 reaches exit 2
