@@ -37,7 +37,8 @@ class AccuracyTarget:
     """Thresholds chosen to keep accuracy within ``delta`` of the last exit.
 
     Attributes:
-        thresholds: one per exit (the last ``-1e8``: it takes everyone left).
+        thresholds: one per exit (the last ``-1e8``: it takes everyone left), values of the scores'
+            dtype as :func:`find_thresholds` gives them (float32; float64 for float64 logits).
         delta: the accuracy drop allowed, as a fraction (0.01: one point).
         confidence: the probability, over the draw of the held-out data, that the guarantee holds.
         loss_rate: on the held-out data, the share of samples the last exit gets right and early
@@ -122,7 +123,7 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     grid = [NO_EXIT] + sorted(set(float(v) for v in levels), reverse=True)  # most conservative first
 
     def evaluate(level: float) -> tuple[Tensor, int, float]:
-        thresholds = torch.full((K,), float(level), dtype=torch.float32, device=scores.device)
+        thresholds = torch.full((K,), float(level), dtype=scores.dtype, device=scores.device)  # as find_thresholds
         thresholds[-1] = -NO_EXIT
         first, pred = _assign(scores, prediction, thresholds)
         losses = int((last_right & (pred != labels)).sum())

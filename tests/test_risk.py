@@ -74,3 +74,20 @@ def test_quantiles_are_torchs_and_scale_past_its_limit():
     with pytest.raises(RuntimeError, match="too large"):
         torch.quantile(big, q)
     assert torch.equal(_quantiles(big, q), q * (big.numel() - 1))  # the sorted values are 0..n-1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_thresholds_are_in_the_scores_dtype_as_find_thresholds_gives_them(dtype):
+    """float64 logits give float64 thresholds (not rounded to float32), as find_thresholds does; and
+    the thresholds reproduce the reported exit fractions."""
+    val, labels = draw(600, torch.Generator().manual_seed(0))
+    val = val.to(dtype)
+    target = mw.thresholds_for_accuracy(val, labels, 0.05, confidence=0.9, candidates=40)
+    assert mw.find_thresholds(val, [0.5, 0.25, 0.25]).dtype == dtype
+    early = target.thresholds[:-1]
+    assert early[0] < 1e8  # some samples leave early: the thresholds are quantiles of the scores
+    assert torch.tensor(early, dtype=dtype).tolist() == early  # values of the scores' dtype
+    rounded = torch.tensor(early, dtype=torch.float32).tolist()
+    assert (rounded == early) == (dtype == torch.float32)  # float64 ones are not float32's
+    first, _ = mw.exit_assignment(val, torch.tensor(target.thresholds, dtype=dtype))
+    assert (torch.bincount(first, minlength=3).double() / 600).tolist() == target.exit_fractions
