@@ -82,6 +82,12 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _legend_label(name: str) -> str:
+    """``name`` as a legend label matplotlib shows: it leaves out of the legend every label starting
+    with ``_`` (a method ``_baseline``, a term ``_aux``), so such a name gets a leading space."""
+    return " " + name if name.startswith("_") else name
+
+
 def _check_title(title: Any) -> None:
     if title is not None and not isinstance(title, str):
         raise TypeError(f"`title` should be a str or None. Found {title!r}.")
@@ -133,7 +139,8 @@ def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, s
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, curve in curves.items():
         points = sorted(check_point_values(p.cost, p.accuracy, "") for p in curve.points)
-        ax.plot([cost / scale for cost, _ in points], [accuracy for _, accuracy in points], marker=".", label=name)
+        ax.plot([cost / scale for cost, _ in points], [accuracy for _, accuracy in points], marker=".",
+                label=_legend_label(name))
     some = next(iter(curves.values()))
     ax.set_xlabel(f"average {some.cost_unit} per sample ({unit})" if unit else f"average {some.cost_unit} per sample")
     ax.set_ylabel("accuracy (%)")
@@ -195,7 +202,7 @@ def plot_anytime(results: Mapping[str, AnytimeResult], path: str | Path, *, k: i
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs = [e + 1 + (i - (len(names) - 1) / 2) * width for e in range(exits)]
-        ax.bar(xs, accuracy[name], width=width, label=name)
+        ax.bar(xs, accuracy[name], width=width, label=_legend_label(name))
     ax.set_xticks(range(1, exits + 1))
     ax.set_xlabel("exit")
     ax.set_ylabel(f"top-{k} accuracy (%)")
@@ -259,7 +266,8 @@ def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], 
     for j, name in enumerate(term_names):
         values = [g[j] for g in gammas]
         if any(values):  # a term whose weight stays 0 (switched off) is left out of the legend
-            ax.plot(steps, values, linestyle="-" if name.startswith("ce") else "--", label=name)
+            ax.plot(steps, values, linestyle="-" if name.startswith("ce") else "--",
+                    label=_legend_label(name))
             drawn += 1
     if not drawn:  # every weight 0 throughout: say so on the figure rather than leave it blank
         ax.plot(steps, [0.0] * len(steps), color="0.5", label="every term: 0")
@@ -347,7 +355,7 @@ def plot_reliability(logits: Any, labels: Any, path: str | Path, *, temperatures
                 if members.any():
                     xs.append(float(conf[members].mean()))
                     ys.append(float(correct[members].mean()))
-            ax.plot(xs, ys, marker="o", ms=3, label=name)
+            ax.plot(xs, ys, marker="o", ms=3, label=_legend_label(name))
         ax.set_title(f"exit {k + 1}")
         ax.set_xlabel("confidence")
         if k == 0:

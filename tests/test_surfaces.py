@@ -1234,6 +1234,31 @@ def _plot_calls(tmp_path):
     ]
 
 
+def test_every_name_is_in_the_legend_even_one_starting_with_an_underscore(tmp_path, monkeypatch):
+    """matplotlib leaves labels starting with "_" out of a legend: a method "_baseline" or a term
+    "_aux" is drawn and still named."""
+    pytest.importorskip("matplotlib")
+    import metaweight._plots as plots
+
+    legends, save = {}, plots._save
+
+    def spy(fig, path):
+        legends[path.name] = " | ".join(t.get_text() for ax in fig.axes if ax.get_legend()
+                                        for t in ax.get_legend().get_texts())
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    result = mw.AnytimeResult({1: [40.0, 50.0]}, 10)
+    point = mw.BudgetPoint(q=0.5, thresholds=[0.5, 0.0], cost=1.5, accuracy=60.0, exit_fractions=[0.5, 0.5])
+    mw.plot_anytime({"_baseline": result, "hdkd": result}, tmp_path / "a.png")
+    curve = mw.BudgetCurve([point], [1.0, 2.0])
+    mw.plot_budget_curves({"_baseline": curve, "hdkd": curve}, tmp_path / "b.png")
+    mw.plot_gamma_history([1, 2], [[0.5, 0.5], [0.4, 0.6]], ["_aux", "ce[2]"], tmp_path / "g.png")
+    for file, names in (("a.png", ["_baseline", "hdkd"]), ("b.png", ["_baseline", "hdkd"]),
+                        ("g.png", ["_aux", "ce[2]"])):
+        assert all(name in legends[file] for name in names), (file, legends[file])
+
+
 def test_plots_judge_every_argument_before_drawing_and_leave_no_folder(tmp_path):
     pytest.importorskip("matplotlib")
     for what, call, error, message in _plot_calls(tmp_path):
