@@ -125,6 +125,18 @@ def other_rank() -> int | None:
     return None
 
 
+def _write_standing(logger: Any, record: dict[str, Any], where: str, item: str) -> None:
+    """A logger's meta-step hook: on rank 0 only (unless ``logger.all_ranks``), ``logger._record(record)``;
+    any error is warned, never raised: the step the record reports stands."""
+    if not logger.all_ranks and other_rank() is not None:
+        return
+    try:
+        logger._record(record)
+    except Exception as exc:  # noqa: BLE001 - the step this reports stands: never raise from the hook
+        warn_user(f"{type(logger).__name__} could not write iteration {_iteration(record)} {where}"
+                  f"({type(exc).__name__}: {exc}); the training step stands, this {item} is not in the log.")
+
+
 def _check_flag(value: Any, name: str) -> None:
     check_flag(value, name)  # the library's one check of a bool option
 
@@ -327,13 +339,7 @@ class CSVLogger:
             raise
 
     def __call__(self, record: dict[str, Any]) -> None:
-        if not self.all_ranks and other_rank() is not None:  # rank 0 writes the row
-            return
-        try:
-            self._record(record)
-        except Exception as exc:  # noqa: BLE001 - the step this reports stands: never raise from the hook
-            warn_user(f"CSVLogger could not write iteration {_iteration(record)} to {self.path} "
-                      f"({type(exc).__name__}: {exc}); the training step stands, this row is not in the log.")
+        _write_standing(self, record, f"to {self.path} ", "row")
 
     def _record(self, record: dict[str, Any]) -> None:
         row = flatten_record(record)
@@ -697,13 +703,7 @@ class TensorBoardLogger:
         return self._writer
 
     def __call__(self, record: dict[str, Any]) -> None:
-        if not self.all_ranks and other_rank() is not None:  # rank 0 writes the events
-            return
-        try:
-            self._record(record)
-        except Exception as exc:  # noqa: BLE001 - the step this reports stands: never raise from the hook
-            warn_user(f"TensorBoardLogger could not write iteration {_iteration(record)} "
-                      f"({type(exc).__name__}: {exc}); the training step stands, this record is not in the log.")
+        _write_standing(self, record, "", "record")
 
     def _record(self, record: dict[str, Any]) -> None:
         flat = flatten_record(record)
