@@ -291,7 +291,6 @@ class Pending:
     error: str | None = None
     names: list[str] | None = None  # the parameters that required gradients at the step
     presence: list[str] | None = None  # those with a gradient at the step but none after backward, or the reverse
-    start_print: Tensor | None = None  # the parameters' fingerprint at the first loss() (metaweight._moves)
     moved_before: Tensor | None = None  # on the device: whether they moved between loss() and the step
     end_print: Tensor | None = None  # their fingerprint as the step left them
 
@@ -454,7 +453,7 @@ class StepCapture(_Inert):
             # point, as sharpness-aware minimization's second forward is)
             now_print = fingerprint([p for _, p in named])
             prints = [m.params_print for m in pending.micro if m.factor is not None and m.params_print is not None] \
-                or [pending.start_print]
+                or [pending.micro[0].params_print]
             flags = [moved(q, now_print) for q in prints]
             pending.moved_before = torch.stack([f.to(flags[0].device) for f in flags]).any()
             weighter._stepped = None  # an earlier step, superseded

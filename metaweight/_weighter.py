@@ -415,7 +415,7 @@ class HarmonizedWeighter(NamedWeights):
             if self._pending is not None:  # a loss after the step (logging it): meta_step still scores the step
                 self._stepped = self._pending
             # the parameters the gradients are taken at: the step must start from them (see _moves)
-            self._pending = Pending([micro], start_print=micro.params_print)
+            self._pending = Pending([micro])
         else:
             self._pending.micro.append(micro)
         watch_backward(self, self._pending, micro, weighted)
