@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -239,6 +239,17 @@ def real_scalar(value: object) -> float | None:
             and value.dtype.kind in "iuf":  # np.float32(0.5), np.int64(2)
         return float(value)  # type: ignore[arg-type]
     return None
+
+
+def real_option(value: object, name: str, expected: str, accept: Callable[[float], bool] = math.isfinite) -> float:
+    """The one check of a real-number option (``temperature``, ``alpha``, ``lr``, ``max_norm``, ...): its
+    value as a float when :func:`real_scalar` reads one (a Python, NumPy or one-number tensor real) and
+    ``accept`` takes it, else ``Invalid {name}: {value!r}. Expected {expected}.`` NaN fails every
+    comparison, so a range check in ``accept`` refuses it too."""
+    number = real_scalar(value)
+    if number is None or not accept(number):
+        raise ValueError(f"Invalid {name}: {value!r}. Expected {expected}.")
+    return number
 
 # The labels of the current weighter step, summarised once at its start (summarize_labels) and
 # forgotten at its end (forget_labels): one step checks the same label batch several times (the
