@@ -77,14 +77,20 @@ UNDEFINED_SOFTMAX_FIX = ("A sample needs at least one class with a finite logit:
                          "fine as long as one class stays. Drop such samples, or fix the mask (or the overflow).")
 
 
-def check_softmax_rows(logits: Tensor, name: str = "logits") -> None:
+def check_softmax_rows(logits: Tensor, name: str = "logits", reached: Tensor | None = None) -> None:
     """Refuse logits ``[K, N, C]`` with a row that has no softmax (see :func:`softmax_undefined`),
-    naming the first one; one read back to the host."""
+    naming the first one; one read back to the host. With ``reached`` (``[K, N]`` bool: the exits
+    each sample reaches under early exit), only those rows count: a sample that left earlier is
+    never judged on a later exit's logits, as :class:`EarlyExit` never computes them."""
     undefined = softmax_undefined(logits)
+    if reached is not None:
+        undefined = undefined & reached.to(undefined.device)
     if bool(undefined.any()):
         where = [int(i) for i in undefined.nonzero()[0]]
         top = float(logits[tuple(where)].amax())
         what = "are all -inf (every class masked)" if top < 0 else "hold +inf"
+        if reached is not None:
+            what += ", at an exit that sample reaches"
         position = f"exit {where[0] + 1}, sample {where[1]}" if len(where) == 2 else f"index {where}"
         raise ValueError(f"`{name}`{where} ({position}) {what}: that row has no softmax, so it has no confidence "
                          f"and no prediction ({int(undefined.sum())} such rows in all). {UNDEFINED_SOFTMAX_FIX}")
