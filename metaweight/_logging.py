@@ -633,6 +633,8 @@ class TensorBoardLogger:
         self._log_dir: str | None = None
         self._writer: Any = None
         self._judge = False  # whether the folder's old events are yet to be judged (at the first writer)
+        self._floor: int | None = None  # the first step the folder written to shows (its old run's, or ours)
+        self._last_step: int | None = None  # the last step this logger wrote
         self.overwrite = overwrite
         if isinstance(log_dir_or_writer, (str, Path)):
             try:
@@ -767,6 +769,7 @@ class TensorBoardLogger:
                        f"only when one folder can be this run's).")
             return self._divert(old, seen + why)
         folder = logs[chosen][0]
+        self._floor = min(logs[chosen][1]) if logs[chosen][1] else None
         if folder != old:
             _release(old, self)
             _hold(folder, self)
@@ -799,6 +802,20 @@ class TensorBoardLogger:
                       f"iteration {step} was not logged by it.")
             return
         terms = {self.prefix + tag for tag in flat if tag.startswith("gamma/")}
+        if self._log_dir is not None and self._writer is not None and self._last_step is not None \
+                and step <= self._last_step:  # went back in this process: CSVLogger's rule
+            old = Path(self._log_dir)
+            self._writer.close()
+            self._writer = None
+            if self._floor is not None and self._floor >= step:  # every point would be hidden: a new run
+                self._divert(old, f"This TensorBoardLogger logged steps {self._floor} to {self._last_step} to "
+                                  f"{old} and now gets step {step}: every point would be hidden as undone, so this "
+                                  f"is a new run (e.g. a new weighter counting from 1 with the same logger), not a "
+                                  f"weighter rolled back to a checkpoint.")
+                self._floor = None
+            # else rolled back to a checkpoint: a new writer purges the undone steps from view
         writer = self._writer_from(step, terms)  # the first record's iteration: where a resumed run continues
         for tag, value in flat.items():
             writer.add_scalar(self.prefix + tag, value, step)
+        self._floor = step if self._floor is None else min(self._floor, step)
+        self._last_step = step

@@ -363,3 +363,21 @@ def test_a_first_tensorboard_record_inside_two_runs_hides_neither(tmp_path):
     assert _shown(folder) == list(range(1, 11)) and _shown(tmp_path / "tb-2") == list(range(1, 8))
     assert c.log_dir == str(tmp_path / "tb-3") and _shown(c.log_dir) == [6]
     assert len(said) == 1 and "none is hidden" in said[0]
+
+
+def test_a_tensorboard_logger_handed_to_a_new_run_keeps_the_old_one_apart_as_csv_does(tmp_path):
+    """As CSVLogger: a logger reused by a new weighter counting from 1 again goes to NAME-2 with a warning
+    (it would hide the whole first run); one rolled back to a checkpoint hides only the undone steps."""
+    pytest.importorskip("tensorboard")
+    import time
+
+    folder = tmp_path / "tb"
+    logger = mw.TensorBoardLogger(folder)
+    [logger(record(i)) for i in range(1, 6)]
+    said = heard(lambda: [logger(record(i)) for i in (1, 2)])  # a new run, same logger
+    assert len(said) == 1 and "new run" in said[0] and logger.log_dir == str(tmp_path / "tb-2")
+    time.sleep(1.1)
+    logger(record(3))
+    said = heard(lambda: logger(record(2)))  # rolled back to the checkpoint at 1: step 2 again, 3 undone
+    logger.close()
+    assert said == [] and _shown(folder) == [1, 2, 3, 4, 5] and _shown(tmp_path / "tb-2") == [1, 2]
