@@ -29,11 +29,13 @@ NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
 
 
 def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "max_probability", *,
-                fit: str | None = None, what: str = "evaluating exit thresholds") -> tuple[Tensor, Tensor]:
+                fit: str | None = None, what: str = "evaluating exit thresholds",
+                every_row: bool = True) -> tuple[Tensor, Tensor]:
     """Every exit's score under ``rule`` and its predicted class, ``[K, N]`` each. ``fit`` (the
     function's name) marks logits that thresholds are fitted on: NaN and ``+inf`` are refused there
     (see :func:`check_fit_logits`); logits only evaluated keep the exit rules' convention that a NaN
-    score never leaves, as in :class:`EarlyExit`."""
+    score never leaves, as in :class:`EarlyExit`. ``every_row=False`` leaves rows with no softmax to
+    the caller, which checks only the rows samples reach (:func:`_assigned`)."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"`{name}` should be a Tensor [K, N, C]. Found `{type(logits).__name__}`.")
     if logits.dim() != 3:
@@ -47,7 +49,8 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
         check_fit_logits(logits, name, fit)
     else:
         check_has_values(logits, f"`{name}`", what)
-        check_softmax_rows(logits, name)
+        if every_row:
+            check_softmax_rows(logits, name)
     prediction = predict(logits)
     return as_rule(rule).scores(logits), prediction  # float32, float64 for float64 logits
 
@@ -240,8 +243,21 @@ def exit_assignment(logits: Tensor, thresholds: Tensor | Sequence[float], *, rul
     Returns:
         ``(exit index [N], predicted class [N])``.
     """
-    confidence, prediction = _confidence(logits, rule=rule, what="exit_assignment")
-    return _assign(confidence, prediction, _check_thresholds(thresholds, confidence.shape[0]))
+    return _assigned(logits, thresholds, rule, "exit_assignment")[3:]
+
+
+def _assigned(logits: Tensor, thresholds: object, rule: ExitRule | str, what: str
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The scores, predictions, thresholds, exits and exits' predictions of early exit on ``logits``,
+    refusing, as :class:`EarlyExit` does, a row with no softmax at an exit its sample reaches (its own
+    or an earlier one); the rows of exits after the one a sample takes are never judged, as
+    :class:`EarlyExit` never computes them."""
+    confidence, prediction = _confidence(logits, rule=rule, what=what, every_row=False)
+    checked = _check_thresholds(thresholds, confidence.shape[0])
+    first, chosen = _assign(confidence, prediction, checked)
+    reached = torch.arange(confidence.shape[0], device=first.device)[:, None] <= first[None]
+    check_softmax_rows(logits.detach(), "logits", reached=reached)
+    return confidence, prediction, checked, first, chosen
 
 
 def _assign(confidence: Tensor, prediction: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,9 +316,9 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor | Seq
         costs: ``costs[k]`` is the cost of reaching exit ``k`` (cumulative, e.g. ``ExitCosts.macs``).
         rule: the exit rule (an :class:`ExitRule` or its name).
     """
-    confidence, prediction = _confidence(logits, rule=rule, what="evaluate_thresholds")
+    confidence, prediction, checked, _, _ = _assigned(logits, thresholds, rule, "evaluate_thresholds")
     check_target(labels, confidence.shape[1], logits.shape[2], name="labels")
-    return _evaluate(confidence, prediction, labels, _check_thresholds(thresholds, confidence.shape[0]), costs)
+    return _evaluate(confidence, prediction, labels, checked, costs)
 
 
 def _evaluate(confidence: Tensor, prediction: Tensor, labels: Tensor, thresholds: Tensor,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -77,14 +77,20 @@ UNDEFINED_SOFTMAX_FIX = ("A sample needs at least one class with a finite logit:
                          "fine as long as one class stays. Drop such samples, or fix the mask (or the overflow).")
 
 
-def check_softmax_rows(logits: Tensor, name: str = "logits") -> None:
+def check_softmax_rows(logits: Tensor, name: str = "logits", reached: Tensor | None = None) -> None:
     """Refuse logits ``[K, N, C]`` with a row that has no softmax (see :func:`softmax_undefined`),
-    naming the first one; one read back to the host."""
+    naming the first one; one read back to the host. With ``reached`` (``[K, N]`` bool: the exits
+    each sample reaches under early exit), only those rows count: a sample that left earlier is
+    never judged on a later exit's logits, as :class:`EarlyExit` never computes them."""
     undefined = softmax_undefined(logits)
+    if reached is not None:
+        undefined = undefined & reached.to(undefined.device)
     if bool(undefined.any()):
         where = [int(i) for i in undefined.nonzero()[0]]
         top = float(logits[tuple(where)].amax())
         what = "are all -inf (every class masked)" if top < 0 else "hold +inf"
+        if reached is not None:
+            what += ", at an exit that sample reaches"
         position = f"exit {where[0] + 1}, sample {where[1]}" if len(where) == 2 else f"index {where}"
         raise ValueError(f"`{name}`{where} ({position}) {what}: that row has no softmax, so it has no confidence "
                          f"and no prediction ({int(undefined.sum())} such rows in all). {UNDEFINED_SOFTMAX_FIX}")
@@ -239,6 +245,17 @@ def real_scalar(value: object) -> float | None:
             and value.dtype.kind in "iuf":  # np.float32(0.5), np.int64(2)
         return float(value)  # type: ignore[arg-type]
     return None
+
+
+def real_option(value: object, name: str, expected: str, accept: Callable[[float], bool] = math.isfinite) -> float:
+    """The one check of a real-number option (``temperature``, ``alpha``, ``lr``, ``max_norm``, ...): its
+    value as a float when :func:`real_scalar` reads one (a Python, NumPy or one-number tensor real) and
+    ``accept`` takes it, else ``Invalid {name}: {value!r}. Expected {expected}.`` NaN fails every
+    comparison, so a range check in ``accept`` refuses it too."""
+    number = real_scalar(value)
+    if number is None or not accept(number):
+        raise ValueError(f"Invalid {name}: {value!r}. Expected {expected}.")
+    return number
 
 # The labels of the current weighter step, summarised once at its start (summarize_labels) and
 # forgotten at its end (forget_labels): one step checks the same label batch several times (the

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from metaweight._checks import real_option
+
 EPSILON = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by the total norm + 1e-6
 
 
@@ -70,16 +72,13 @@ class ClipGradNorm:
 
     def __post_init__(self) -> None:
         max_norm, norm_type = self.max_norm, self.norm_type
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) \
-                or max_norm <= 0:
-            raise ValueError(f"Invalid max_norm: {max_norm!r}. Expected a finite number > 0.")
+        max_norm = real_option(max_norm, "max_norm", "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
         if isinstance(norm_type, str) and norm_type.lower() in ("inf", "+inf"):
             norm_type = math.inf
-        if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type >= 1:
-            raise ValueError(f"Invalid norm_type: {norm_type!r}. Expected a number >= 1 or float('inf') (the "
-                             f"norms whose clipping the weighter differentiates).")
-        object.__setattr__(self, "max_norm", float(max_norm))
-        object.__setattr__(self, "norm_type", float(norm_type))
+        norm_type = real_option(norm_type, "norm_type", "a number >= 1 or float('inf') (the norms whose clipping "
+                                "the weighter differentiates)", lambda v: v >= 1)
+        object.__setattr__(self, "max_norm", max_norm)
+        object.__setattr__(self, "norm_type", norm_type)
 
     def __call__(self, parameters: Iterable[Tensor]) -> Tensor:
         """Clip the gradients of ``parameters`` in place; returns their total norm before clipping."""

@@ -69,15 +69,17 @@ def _readable(lines: list[str]) -> list[float]:
     return [s for s in map(_step_of, lines) if s is not None]
 
 
-def _siblings(path: Path) -> list[Path]:
-    """The logs ``NAME-2.csv``, ``NAME-3.csv``, ... beside ``path`` (where new runs were diverted), in order."""
-    stem, suffix = path.stem, path.suffix
+def _siblings(path: Path, suffix: str | None = None, folders: bool = False) -> list[Path]:
+    """The logs ``NAME-2.csv``, ``NAME-3.csv``, ... (or folders ``NAME-2``, ... with ``suffix=""`` and
+    ``folders``) beside ``path``, where new runs were diverted (:func:`_fresh`), in order."""
+    suffix = path.suffix if suffix is None else suffix
+    stem = path.name[:-len(suffix)] if suffix and path.name.endswith(suffix) else path.name
     pattern = re.compile(re.escape(stem) + r"-([0-9]+)" + re.escape(suffix) + "$")
     found = []
     if path.parent.is_dir():
         for entry in path.parent.iterdir():
             match = pattern.match(entry.name)
-            if match and int(match.group(1)) >= 2 and entry.is_file():
+            if match and int(match.group(1)) >= 2 and (entry.is_dir() if folders else entry.is_file()):
                 found.append((int(match.group(1)), entry))
     return [entry for _, entry in sorted(found)]
 
@@ -152,6 +154,36 @@ def _check_can_create(path: Path, what: str) -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"`{what}` {path} cannot be written: no write permission on the folder {ancestor}. "
                          f"Pass a path you can write to.")
+
+
+def _last(steps: list[float]) -> float:
+    return max(steps) if steps else float("-inf")
+
+
+def _continued_log(step: float, logs: list[tuple[bool, list[float]]]) -> tuple[int | None, bool, list[int]]:
+    """The one rule both loggers follow at their first record (step ``step``) to tell a resumed run from a
+    new one. ``logs``: the logs this run may continue, each as (whether it is the path asked for, the
+    steps it holds): the path first, then the ``NAME-2``, ``NAME-3``, ... beside it where new runs were
+    diverted, those of the same loss terms only. Returns the index of the log to continue (``None``:
+    divert the run to a new log), whether that log's steps at or after ``step`` are undone (a resumed
+    run: a CSV drops those rows, TensorBoard purges them from view), and the indices of the logs that
+    hold steps both before and at or after ``step``. See :class:`CSVLogger` for the rule in words."""
+    def leads_here(steps: list[float]) -> bool:  # its last step is one of its own strides before this record
+        logged = sorted(steps)
+        stride = max([b - a for a, b in zip(logged, logged[1:])] or [1.0])
+        return bool(logged) and 0 < step - logged[-1] <= stride
+
+    # a log whose steps all end before this record continues with nothing undone: the path, or a diverted
+    # log that leads here; the one that ends nearest before it (the path first, then NAME-2, ... on a tie)
+    clean = [i for i, (is_path, steps) in enumerate(logs) if _last(steps) < step and (is_path or leads_here(steps))]
+    if clean:
+        return max(clean, key=lambda i: _last(logs[i][1])), False, []  # max: the first of the nearest
+    # a log with steps before this record and at or after it: a run resumed from its checkpoint, whose undone
+    # steps go; only if exactly one log can be that run's, else nothing is undone anywhere
+    resumable = [i for i, (_, steps) in enumerate(logs) if steps and min(steps) < step <= _last(steps)]
+    if len(resumable) == 1:
+        return resumable[0], True, resumable
+    return None, False, resumable
 
 
 def _fresh(path: Path, suffix: str = "") -> Path:
@@ -430,20 +462,11 @@ class CSVLogger:
                 candidates.append((file, *other))  # type: ignore[arg-type]
 
         def last(lines: list[str]) -> float:
-            logged = _readable(lines)
-            return max(logged) if logged else float("-inf")
+            return _last(_readable(lines))
 
-        def leads_here(lines: list[str]) -> bool:  # its last row is one of its own strides before this record
-            logged = sorted(_readable(lines))
-            stride = max([b - a for a, b in zip(logged, logged[1:])] or [1.0])
-            return bool(logged) and 0 < step - logged[-1] <= stride
-
-        # a log whose rows all end before this record continues without dropping a row: the path, or a
-        # diverted log whose rows lead to this record; the one that ends nearest before it (the path
-        # first, then NAME-2, ... on a tie)
-        clean = [c for c in candidates if last(c[2]) < step and (c[0] == path or leads_here(c[2]))]
-        if clean:
-            file, old_header, old_lines, old_torn = max(clean, key=lambda c: last(c[2]))  # first of the nearest
+        chosen, resumed, resumable_at = _continued_log(step, [(c[0] == path, _readable(c[2])) for c in candidates])
+        if chosen is not None and not resumed:
+            file, old_header, old_lines, old_torn = candidates[chosen]
             columns = _widened(old_header, fields)
             extra = len(columns) - len(old_header)
             notes = []
@@ -455,11 +478,9 @@ class CSVLogger:
             if file != path or old_torn or extra:
                 return file, columns, [_pad(line, extra) for line in old_lines], notes
             return file, columns, None, notes
-        # a log with rows before this record and rows at or after it: a run resumed from its checkpoint,
-        # whose undone rows go; only if exactly one log can be that run's, else nothing is dropped
-        resumable = [c for c in candidates if _readable(c[2]) and min(_readable(c[2])) < step <= last(c[2])]
-        if len(resumable) == 1:
-            file, old_header, old_lines, _ = resumable[0]
+        resumable = [candidates[i] for i in resumable_at]
+        if chosen is not None:
+            file, old_header, old_lines, _ = candidates[chosen]
             columns = _widened(old_header, fields)
             extra = len(columns) - len(old_header)
             dropped = [s for s in _readable(old_lines) if s >= step]
@@ -531,17 +552,24 @@ def _pad(line: str, columns: int) -> str:
     return body + "," * columns + line[len(body):]
 
 
-def _logged_steps(folder: Path) -> list[int]:
-    """The steps of the scalars the event files directly in ``folder`` hold."""
+def _logged_events(folder: Path) -> list[tuple[int, str]]:
+    """(step, tag) of every value the event files directly in ``folder`` hold."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    steps: list[int] = []
+    events: list[tuple[int, str]] = []
     for file in sorted(folder.glob("*tfevents*")):
         try:
-            steps.extend(e.step for e in EventFileLoader(str(file)).Load() if e.HasField("summary"))
+            for e in EventFileLoader(str(file)).Load():
+                if e.HasField("summary"):
+                    events.extend((e.step, v.tag) for v in e.summary.value)
         except Exception:  # noqa: BLE001 - a torn last event: what was read stands
             pass
-    return steps
+    return events
+
+
+def _logged_steps(folder: Path) -> list[int]:
+    """The steps of the scalars the event files directly in ``folder`` hold."""
+    return [step for step, _ in _logged_events(folder)]
 
 
 class TensorBoardLogger:
@@ -552,11 +580,15 @@ class TensorBoardLogger:
     ``SummaryWriter(log_dir, purge_step=iteration of that record)``: a run resumed from its
     checkpoint hides the events an earlier attempt logged at or after that iteration (steps that
     were undone), as :class:`CSVLogger` drops those rows. TensorBoard hides them, it deletes no
-    file. A new run on a folder holding another run's events (every one of its points at or
-    after the first record's iteration) would hide that whole run: as :class:`CSVLogger` does,
-    the logger then leaves the folder as it is, writes to the first free ``NAME-2``, ``NAME-3``,
-    ... beside it and warns (it cannot refuse then: the weighter hands the record over after its
-    step). The :attr:`writer` asked for before the first record is judged the same way: made then,
+    file. Which folder a first record continues, and whether it hides anything, follows
+    :class:`CSVLogger`'s rule, over the folder asked for and the ``NAME-2``, ``NAME-3``, ... beside
+    it (where new runs were diverted), those with the same ``gamma/`` tags: a run diverted to
+    ``tb-2`` and resumed with the folder ``tb`` continues ``tb-2`` and hides nothing of ``tb``. A
+    new run on a folder holding another run's events (other loss terms, every one of its points
+    at or after the first record's iteration, or a first record that two folders could each be
+    resumed at) would hide another run: the logger then leaves the folder as it is, writes to the
+    first free ``NAME-2``, ``NAME-3``, ... beside it and warns (it cannot refuse then: the
+    weighter hands the record over after its step). The :attr:`writer` asked for before the first record is judged the same way: made then,
     it cannot purge, so on a folder holding events it goes to ``NAME-2`` too, with a warning.
     ``overwrite=True`` hides the old run instead. A folder that cannot be written, a file
     in its place, or a folder another live logger of this process writes to are refused when the
@@ -600,7 +632,9 @@ class TensorBoardLogger:
         self.all_ranks = all_ranks
         self._log_dir: str | None = None
         self._writer: Any = None
-        self._old_steps: list[int] = []
+        self._judge = False  # whether the folder's old events are yet to be judged (at the first writer)
+        self._floor: int | None = None  # the first step the folder written to shows (its old run's, or ours)
+        self._last_step: int | None = None  # the last step this logger wrote
         self.overwrite = overwrite
         if isinstance(log_dir_or_writer, (str, Path)):
             try:
@@ -615,7 +649,7 @@ class TensorBoardLogger:
                 if not os.access(folder, os.W_OK | os.X_OK):
                     raise ValueError(f"`log_dir_or_writer` {folder} cannot be written: no write permission. Pass "
                                      f"a folder you can write to.")
-                self._old_steps = [] if overwrite else _logged_steps(folder)
+                self._judge = not overwrite
             else:
                 _check_can_create(folder, "log_dir_or_writer")
             _hold(folder, self)
@@ -678,29 +712,84 @@ class TensorBoardLogger:
                                    f"{self._log_dir}. Use that logger's writer.")
         return self._writer_from(None)
 
-    def _writer_from(self, purge_step: int | None) -> Any:
+    def _writer_from(self, step: int | None, terms: set[str] | None = None) -> Any:
+        """The writer; made here if there is none, as ``SummaryWriter(log_dir, purge_step=...)`` with the
+        first record's ``step`` (``None``: asked for before any record) and its ``gamma/`` tags."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            early = purge_step is None and bool(self._old_steps)  # asked for before any record
-            if early or (purge_step is not None and self._old_steps and purge_step <= min(self._old_steps)):
-                old = Path(self._log_dir)  # type: ignore[arg-type]
-                new = _fresh(old)
-                _release(old, self)
-                _hold(new, self)
-                self._log_dir = str(new)
-                why = (f"this TensorBoardLogger's writer was asked for before its first record, so it cannot tell "
-                       f"a run resumed from its checkpoint (whose first record hides the steps undone) from a new "
-                       f"run, and would mix this run into it. To resume in {old}, log the first record before "
-                       f"asking for the writer." if early else
-                       f"this run's first record is step {purge_step}: it would hide that whole run, so this is a "
-                       f"new run, not one resumed from a checkpoint.")
-                warn_user(f"The TensorBoard folder {old} holds a run logged at steps {min(self._old_steps)} to "
-                          f"{max(self._old_steps)}, and {why} The folder was left as it is; this run logs to {new} "
-                          f"instead. Pass overwrite=True to hide the old run, or a folder of its own.")
+            purge_step = step
+            if self._judge:
+                purge_step = self._plan_first(step, terms or set())
+                self._judge = False  # judged once: the folder now holds this run (taken back after close())
             self._writer = SummaryWriter(self._log_dir, purge_step=purge_step)
-            self._old_steps = []  # judged once: the folder now holds this run (taken back after close())
         return self._writer
+
+    def _plan_first(self, step: int | None, terms: set[str]) -> int | None:
+        """Which folder this run writes to, by :class:`CSVLogger`'s rule (:func:`_continued_log`) over
+        the folder asked for and the ``NAME-2``, ``NAME-3``, ... beside it, and the ``purge_step`` to
+        make its writer with; moves :attr:`log_dir` there and warns as it says."""
+        old = Path(self._log_dir)  # type: ignore[arg-type]
+        events = _logged_events(old)
+        if not events:
+            return step
+        steps = [s for s, _ in events]
+        seen = f"The TensorBoard folder {old} holds a run logged at steps {min(steps)} to {max(steps)}, and "
+        if step is None:  # the writer asked for before any record: cannot purge
+            return self._divert(old, seen + (
+                f"this TensorBoardLogger's writer was asked for before its first record, so it cannot tell a run "
+                f"resumed from its checkpoint (whose first record hides the steps undone) from a new run, and "
+                f"would mix this run into it. To resume in {old}, log the first record before asking for the "
+                f"writer."))
+
+        def gammas(tags: set[str]) -> set[str]:
+            return {t for t in tags if t.startswith(self.prefix + "gamma/")}
+
+        logs: list[tuple[Path, list[int]]] = []
+        same_terms = gammas({t for _, t in events}) == terms
+        if same_terms:
+            logs.append((old, steps))
+        for folder in _siblings(old, "", folders=True):
+            if _holder(folder) in (None, self):
+                found = _logged_events(folder)
+                if found and gammas({t for _, t in found}) == terms:
+                    logs.append((folder, [s for s, _ in found]))
+        chosen, resumed, resumable = _continued_log(step, [(f == old, [float(s) for s in s_]) for f, s_ in logs])
+        if chosen is None:
+            if not same_terms:
+                why = (f"its loss terms ({sorted(gammas({t for _, t in events}))}) are not this run's "
+                       f"({sorted(terms)}): another run; logging here would mix them.")
+            elif not resumable:
+                why = (f"this run's first record is step {step}: it would hide that whole run, so this is a new "
+                       f"run, not one resumed from a checkpoint.")
+            else:
+                why = (f"this run's first record is step {step}, and the folders "
+                       f"{', '.join(str(logs[i][0]) for i in resumable)} each hold steps before and after it: any "
+                       f"of them could be the run resumed here, so none is hidden (steps are hidden at a resume "
+                       f"only when one folder can be this run's).")
+            return self._divert(old, seen + why)
+        folder = logs[chosen][0]
+        self._floor = min(logs[chosen][1]) if logs[chosen][1] else None
+        if folder != old:
+            _release(old, self)
+            _hold(folder, self)
+            self._log_dir = str(folder)
+            warn_user(f"The TensorBoard folder {old} is not this run's continuation (its steps or loss terms do not "
+                      f"lead to step {step}), but {folder}, where a new run on {old} was diverted, "
+                      f"{'holds steps before and after it' if resumed else 'leads to it'}: taken for that run "
+                      f"resumed, this run continues {folder}"
+                      f"{f' (hiding its steps from {step} on, undone)' if resumed else ''}. {old} was left as it "
+                      f"is.")
+        return step if resumed else None
+
+    def _divert(self, old: Path, why: str) -> None:
+        """Move this run to the first free ``NAME-2``, ``NAME-3``, ... beside ``old``, with a warning."""
+        new = _fresh(old)
+        _release(old, self)
+        _hold(new, self)
+        self._log_dir = str(new)
+        warn_user(f"{why} The folder was left as it is; this run logs to {new} instead. Pass overwrite=True to "
+                  f"hide the old run, or a folder of its own.")
 
     def __call__(self, record: dict[str, Any]) -> None:
         _write_standing(self, record, "", "record")
@@ -712,6 +801,21 @@ class TensorBoardLogger:
             warn_user(f"This TensorBoardLogger was closed and another logger now writes to {self._log_dir}: "
                       f"iteration {step} was not logged by it.")
             return
-        writer = self._writer_from(step)  # the first record's iteration: where a resumed run continues
+        terms = {self.prefix + tag for tag in flat if tag.startswith("gamma/")}
+        if self._log_dir is not None and self._writer is not None and self._last_step is not None \
+                and step <= self._last_step:  # went back in this process: CSVLogger's rule
+            old = Path(self._log_dir)
+            self._writer.close()
+            self._writer = None
+            if self._floor is not None and self._floor >= step:  # every point would be hidden: a new run
+                self._divert(old, f"This TensorBoardLogger logged steps {self._floor} to {self._last_step} to "
+                                  f"{old} and now gets step {step}: every point would be hidden as undone, so this "
+                                  f"is a new run (e.g. a new weighter counting from 1 with the same logger), not a "
+                                  f"weighter rolled back to a checkpoint.")
+                self._floor = None
+            # else rolled back to a checkpoint: a new writer purges the undone steps from view
+        writer = self._writer_from(step, terms)  # the first record's iteration: where a resumed run continues
         for tag, value in flat.items():
             writer.add_scalar(self.prefix + tag, value, step)
+        self._floor = step if self._floor is None else min(self._floor, step)
+        self._last_step = step

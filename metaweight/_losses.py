@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaweight._checks import check_ignore_index, IGNORE_INDEX, check_exit_outputs, check_num_exits, stack_exit_logits
+from metaweight._checks import (check_ignore_index, IGNORE_INDEX, check_exit_outputs, check_num_exits, real_option,
+                                real_scalar, stack_exit_logits)
 from metaweight._numerics import p_log_q
 
 TEACHERS = ("dense", "last", "none")
@@ -93,18 +94,17 @@ class DenseDistillLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.num_exits = check_num_exits(num_exits)
-        if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                                                  and temperature > 0):
-            raise ValueError(f"Invalid temperature: {temperature!r}. Expected a finite number > 0.")
+        temperature_value = real_option(temperature, "temperature", "a finite number > 0",
+                                        lambda v: math.isfinite(v) and v > 0)
         if not isinstance(teachers, str) or teachers not in TEACHERS:
             raise ValueError(f"Invalid teachers: {teachers!r}. Expected one of {TEACHERS}.")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        if real_scalar(label_smoothing) is None:  # not a number at all: a type error, as before
             raise TypeError(f"Invalid label_smoothing: {label_smoothing!r}. Expected a number in [0, 1).")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"Invalid label_smoothing: {label_smoothing!r}. Expected a number in [0, 1).")
-        self.temperature = float(temperature)
+        label_smoothing = real_option(label_smoothing, "label_smoothing", "a number in [0, 1)",
+                                      lambda v: 0.0 <= v < 1.0)
+        self.temperature = temperature_value
         self.teachers = teachers
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = label_smoothing
         self.ignore_index = check_ignore_index(ignore_index)
 
         K = num_exits

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._record import MetaStepRecord
+from metaweight._checks import real_scalar
 from metaweight._weighting import Weighting, check_int
 
 _CE = re.compile(r"^ce\[(\d+)\]$")
@@ -87,11 +88,11 @@ class SDNSchedule(Weighting):
         unknown = [n for n in max_weights if n not in names]
         if unknown:
             raise ValueError(f"`max_weights` names terms {unknown} that the criterion does not have ({names}).")
-        bad = {n: c for n, c in max_weights.items()
-               if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1e6}
+        values = {n: real_scalar(c) for n, c in max_weights.items()}
+        bad = {n: max_weights[n] for n, c in values.items() if c is None or not 0 < c <= 1e6}
         if bad:
             raise ValueError(f"`max_weights` should map term names to finite numbers > 0. Found {bad}.")
-        self.max_weights = {n: float(c) for n, c in max_weights.items()}
+        self.max_weights: dict[str, float] = values  # type: ignore[assignment]
         self._scheduled = torch.tensor([n in self.max_weights for n in names])
         self._max = torch.tensor([self.max_weights.get(n, 1.0) for n in names], dtype=torch.float32)
         self._setup()

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._record import MetaStepRecord
+from metaweight._checks import real_numbers
 from metaweight._weighting import Weighting, adam_update, check_number
 
 
@@ -62,10 +63,10 @@ class UW(Weighting):
                  nonfinite: Literal["raise", "skip"] = "raise",
                  callbacks: Sequence[Callable[[MetaStepRecord], None]] = ()) -> None:
         self.lr = check_number("lr", lr)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and
-                all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        values = real_numbers(betas)
+        if values is None or len(values) != 2 or not all(0 <= b < 1 for b in values):
             raise ValueError(f"Invalid betas: {betas!r}. Expected two numbers in [0, 1).")
-        self.betas = (float(betas[0]), float(betas[1]))
+        self.betas = (values[0], values[1])
         super().__init__(model, optimizer, criterion, term_names=term_names, nonfinite=nonfinite,
                          callbacks=callbacks)
         n = self._terms.num_terms

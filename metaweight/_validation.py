@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaweight._checks import check_ignore_index, IGNORE_INDEX, check_num_exits, stack_exit_logits
+from metaweight._checks import check_ignore_index, IGNORE_INDEX, check_num_exits, real_option, stack_exit_logits
 from metaweight._losses import exit_cross_entropy
 
 
@@ -60,13 +60,11 @@ class BalancedValidation(nn.Module):
                  ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.num_exits = check_num_exits(num_exits)
-        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise ValueError(f"Invalid alpha: {alpha!r}. Expected a number in [0, 1].")
-        if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"Invalid momentum: {momentum!r}. Expected a number in [0, 1).")
+        alpha = real_option(alpha, "alpha", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        momentum = real_option(momentum, "momentum", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
         self.ignore_index = check_ignore_index(ignore_index)
-        self.alpha = float(alpha)
-        self.momentum = float(momentum)
+        self.alpha = alpha
+        self.momentum = momentum
         self.register_buffer("expected", torch.zeros(num_exits, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 

@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
-from metaweight._checks import check_flag, IGNORE_INDEX, forget_labels, integer_value
+from metaweight._checks import check_flag, IGNORE_INDEX, forget_labels, integer_value, real_option, real_scalar
 from metaweight._clipping import ClipGradNorm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -225,9 +225,7 @@ class HarmonizedWeighter(NamedWeights):
                 f"it. Build both with one ignore_index, e.g. {type(validation).__name__}({k_val}, "
                 f"ignore_index={i_terms}), or leave `validation` out to get it from the criterion."
             )
-        if isinstance(gamma_lr, bool) or not (isinstance(gamma_lr, (int, float)) and math.isfinite(gamma_lr)
-                                               and gamma_lr >= 0):
-            raise ValueError(f"Invalid gamma_lr: {gamma_lr!r}. Expected a finite number >= 0.")
+        gamma_lr = real_option(gamma_lr, "gamma_lr", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
         if not (gamma_optimizer is None or callable(gamma_optimizer) or gamma_optimizer in GAMMA_OPTIMIZERS):
             raise ValueError(f"Invalid gamma_optimizer: {gamma_optimizer!r}. Expected one of {GAMMA_OPTIMIZERS} or "
                              f"a callable taking [gamma] and returning a torch.optim.Optimizer.")
@@ -243,9 +241,9 @@ class HarmonizedWeighter(NamedWeights):
         if integer_value(meta_every) is None or integer_value(meta_every) < 1:  # type: ignore[operator]
             raise ValueError(f"Invalid meta_every: {meta_every!r}. Expected an int >= 1.")
         meta_every = int(integer_value(meta_every))  # type: ignore[arg-type]
-        if fd_epsilon is not None and not (isinstance(fd_epsilon, (int, float)) and math.isfinite(fd_epsilon)
-                                           and fd_epsilon > 0):
-            raise ValueError(f"Invalid fd_epsilon: {fd_epsilon!r}. Expected a finite number > 0, or None.")
+        if fd_epsilon is not None:
+            fd_epsilon = real_option(fd_epsilon, "fd_epsilon", "a finite number > 0, or None",
+                                     lambda v: math.isfinite(v) and v > 0)
         check_optimizer_covers_model(inner, model)
         ddp, module = unwrap_model(model)
         distributed = ddp is not None
@@ -256,7 +254,7 @@ class HarmonizedWeighter(NamedWeights):
         if mode == "fast" and learn:
             FastMode.check(inner, lookahead_params)
         if clip_grad_norm is not None and not isinstance(clip_grad_norm, ClipGradNorm):
-            if isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)):
+            if real_scalar(clip_grad_norm) is None:
                 raise TypeError(f"`clip_grad_norm` should be a metaweight.ClipGradNorm(max_norm, norm_type) or a "
                                 f"number (max_norm). Found `{type(clip_grad_norm).__name__}`.")
             clip_grad_norm = ClipGradNorm(clip_grad_norm)

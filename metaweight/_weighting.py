@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from metaweight._checks import integer_value
+from metaweight._checks import integer_value, real_option
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._warn import raise_or_skip_step, warn_user
@@ -119,11 +119,8 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
 
 def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> float:
     """``value`` as a float, or a ``ValueError`` naming ``name`` when it is not a finite number above ``low``."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
-        value > low if strict else value >= low)
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r}. Expected a finite number {'>' if strict else '>='} {low}.")
-    return float(value)
+    return real_option(value, name, f"a finite number {'>' if strict else '>='} {low}",
+                       lambda v: math.isfinite(v) and (v > low if strict else v >= low))
 
 
 def check_int(name: str, value: Any, *, low: int = 1) -> int:

@@ -309,3 +309,59 @@ def test_a_sample_that_left_is_not_refused_for_a_later_exit_with_no_softmax(atta
     assert exits.tolist() == [0, 1, 1, 1] and predictions[0].item() == 0
     with pytest.raises(ValueError, match=r"Exit 2 gave 1 sample\(s\) logits that are all -inf"):
         mw.EarlyExit(model, [2.0, 0.0])(x)  # nobody leaves at exit 1: sample 0 reaches exit 2
+
+
+class _Lookup(nn.Module):
+    """Exit ``k``'s head: the logits ``table[k]`` of the samples whose indices the features carry."""
+
+    def __init__(self, table, k):
+        super().__init__()
+        self.table, self.k = table, k
+
+    def forward(self, index):
+        return self.table[self.k][index[:, 0].long()]
+
+
+def _lookup_model(table):
+    K = table.shape[0]
+    return mw.MultiExit([nn.Identity() for _ in range(K)], [_Lookup(table, k) for k in range(K)])
+
+
+@pytest.mark.parametrize("rule", sorted(__import__("metaweight._exit_rules", fromlist=["RULES"]).RULES))
+def test_rows_after_the_exit_a_sample_takes_are_never_judged_as_early_exit_never_computes_them(rule):
+    """exit_assignment and evaluate_thresholds see every sample at every exit; EarlyExit computes an exit
+    only for the samples still in. A row with no softmax (all -inf) after the exit a sample takes must
+    not refuse it; one at an exit the sample reaches is refused by both."""
+    g = torch.Generator().manual_seed(3)
+    K, N, C = 4, 96, 5
+    clean = torch.randn(K, N, C, generator=g, dtype=torch.float64) * 2
+    clean += 1.5 * torch.nn.functional.one_hot(torch.randint(0, C, (N,), generator=g), C)  # exits often agree
+    thresholds = (torch.tensor([1.0, 1.0, 1.0, 0.0]) if rule == "patience" else  # leave once two exits agree
+                  mw.find_thresholds(clean, mw.geometric_exit_distribution(1.0, K), rule=rule))
+    exits, predictions = mw.exit_assignment(clean, thresholds, rule=rule)
+    assert 0 < int((exits < K - 1).sum()) and exits.unique().numel() > 2  # samples leave at several exits
+    logits = clean.clone()
+    after = torch.arange(K)[:, None] > exits[None]
+    chosen = after & (torch.rand(K, N, generator=g) < 0.7)
+    logits[chosen] = -math.inf  # whole rows: no softmax, at exits those samples never reach
+    assert int(chosen.sum()) > N // 4
+    index = torch.arange(N, dtype=torch.float64)[:, None]
+    got_exits, got_predictions = mw.exit_assignment(logits, thresholds, rule=rule)
+    ee_predictions, ee_exits = mw.EarlyExit(_lookup_model(logits), thresholds, rule=rule)(index)
+    assert torch.equal(got_exits, exits) and torch.equal(got_predictions, predictions)
+    assert torch.equal(ee_exits, exits) and torch.equal(ee_predictions, predictions)
+    labels = torch.randint(0, C, (N,), generator=g)
+    costs = [1.0, 2.0, 3.0, 4.0]
+    assert mw.evaluate_thresholds(logits, labels, thresholds, costs, rule=rule) == \
+        mw.evaluate_thresholds(clean, labels, thresholds, costs, rule=rule)
+    # a row with no softmax at an exit the sample reaches (the one it takes, or one before): both refuse
+    late = int((exits == K - 1).nonzero()[0])
+    for k, n in ((int(exits[0]), 0), (0, late), (K - 1, late)):
+        bad = logits.clone()
+        bad[k, n] = -math.inf
+        with pytest.raises(ValueError, match="no softmax"):
+            mw.exit_assignment(bad, thresholds, rule=rule)
+        with pytest.raises(ValueError, match="no softmax"):
+            mw.evaluate_thresholds(bad, labels, thresholds, costs, rule=rule)
+        with pytest.raises(ValueError, match="no softmax"):
+            mw.EarlyExit(_lookup_model(bad), thresholds, rule=rule)(index)

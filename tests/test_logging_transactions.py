@@ -305,3 +305,79 @@ def test_a_tensorboard_writer_asked_for_before_the_first_record_keeps_an_old_run
     c = mw.TensorBoardLogger(tmp_path / "fresh")  # an empty folder: the writer is made there, no warning
     assert heard(lambda: c.writer) == [] and c.log_dir == str(tmp_path / "fresh")
     c.close()
+
+
+def _shown(folder):
+    """The steps TensorBoard shows for a run's folder (purged points left out), in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [e.step for e in events.Scalars("metaweight/gamma/ce[1]")]
+
+
+def test_a_diverted_tensorboard_run_resumed_on_the_old_folder_continues_its_own_folder(tmp_path):
+    """As the CSVLogger's test above: run B, diverted to tb-2, resumed with the folder tb, continues tb-2
+    and never hides run A's points; run A resumed continues tb, and hides only its own undone steps."""
+    pytest.importorskip("tensorboard")
+    import time
+
+    folder, other = tmp_path / "tb", tmp_path / "tb-2"
+    a = mw.TensorBoardLogger(folder)
+    [a(record(i)) for i in range(1, 11)]  # run A: 1-10
+    a.close()
+    b = mw.TensorBoardLogger(folder)
+    assert any("tb-2" in m for m in heard(lambda: [b(record(i)) for i in (1, 2, 3)]))  # run B: diverted
+    b.close()
+    time.sleep(1.1)  # event files are named by the second they were opened: keep them in order
+    b2 = mw.TensorBoardLogger(folder)  # run B resumed from its checkpoint at 3, with the same code
+    said = heard(lambda: (b2(record(4)), b2(record(5))))
+    b2.close()
+    assert _shown(folder) == list(range(1, 11))  # A's points all shown
+    assert _shown(other) == [1, 2, 3, 4, 5]  # B's run whole, in its own folder
+    assert b2.log_dir == str(other) and len(said) == 1 and "tb-2" in said[0]
+    time.sleep(1.1)
+    a2 = mw.TensorBoardLogger(folder)  # run A resumed at 11: its own folder, no warning
+    assert heard(lambda: a2(record(11))) == [] and a2.log_dir == str(folder)
+    a2.close()
+    time.sleep(1.1)
+    a3 = mw.TensorBoardLogger(folder)  # run A resumed at 9 (B's 1-5 does not lead there): A's 9-11 undone
+    heard(lambda: a3(record(9)))
+    a3.close()
+    assert a3.log_dir == str(folder) and _shown(folder) == list(range(1, 10))
+    assert _shown(other) == [1, 2, 3, 4, 5]
+
+
+def test_a_first_tensorboard_record_inside_two_runs_hides_neither(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    [a(record(i)) for i in range(1, 11)]
+    a.close()
+    b = mw.TensorBoardLogger(folder)
+    heard(lambda: [b(record(i)) for i in range(1, 8)])  # B in tb-2: 1-7
+    b.close()
+    c = mw.TensorBoardLogger(folder)  # resumed at 6: A's or B's? neither is hidden
+    said = heard(lambda: c(record(6)))
+    c.close()
+    assert _shown(folder) == list(range(1, 11)) and _shown(tmp_path / "tb-2") == list(range(1, 8))
+    assert c.log_dir == str(tmp_path / "tb-3") and _shown(c.log_dir) == [6]
+    assert len(said) == 1 and "none is hidden" in said[0]
+
+
+def test_a_tensorboard_logger_handed_to_a_new_run_keeps_the_old_one_apart_as_csv_does(tmp_path):
+    """As CSVLogger: a logger reused by a new weighter counting from 1 again goes to NAME-2 with a warning
+    (it would hide the whole first run); one rolled back to a checkpoint hides only the undone steps."""
+    pytest.importorskip("tensorboard")
+    import time
+
+    folder = tmp_path / "tb"
+    logger = mw.TensorBoardLogger(folder)
+    [logger(record(i)) for i in range(1, 6)]
+    said = heard(lambda: [logger(record(i)) for i in (1, 2)])  # a new run, same logger
+    assert len(said) == 1 and "new run" in said[0] and logger.log_dir == str(tmp_path / "tb-2")
+    time.sleep(1.1)
+    logger(record(3))
+    said = heard(lambda: logger(record(2)))  # rolled back to the checkpoint at 1: step 2 again, 3 undone
+    logger.close()
+    assert said == [] and _shown(folder) == [1, 2, 3, 4, 5] and _shown(tmp_path / "tb-2") == [1, 2]

@@ -1,0 +1,107 @@
+"""Every public real-number option takes what NumPy arithmetic and torch give for a real (a NumPy
+float scalar, a 0-d array, a 0-d tensor) as it takes a Python float, through the one rule
+(``real_scalar`` / ``real_option``), and stores it as that float; bools, strings and values the
+option forbids are refused, with the option named and the message the plain float gets, before
+anything changes (as ``test_integer_options.py`` does for integers)."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import metaweight as mw
+from metaweight._plots import _check_budget_curves
+
+torch.manual_seed(0)
+NET = mw.MultiExit([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)], [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)])
+OPT = torch.optim.SGD(NET.parameters(), lr=0.1, momentum=0.9)
+
+
+def _weighter(cls, **options):
+    return cls(NET, OPT, mw.DenseDistillLoss(2), **options)
+
+
+LABELS = torch.arange(64) % 4
+LOGITS = torch.randn(3, 64, 4, generator=torch.Generator().manual_seed(0)) + 2 * torch.nn.functional.one_hot(LABELS, 4)
+CURVE = mw.BudgetCurve([mw.BudgetPoint(0.5, [0.5, 0.5, 0.0], 2.0, 50.0, [0.5, 0.25, 0.25])], [1.0, 2.0, 3.0])
+
+# (option, a call building with its value -> the stored value as a float, a good value, a bad value).
+# Good values are exact in float32, so np.float32(good) holds the same number.
+OPTIONS = [
+    ("alpha", lambda v: mw.BalancedValidation(2, alpha=v).alpha, 0.25, 1.5),
+    ("momentum", lambda v: mw.BalancedValidation(2, momentum=v).momentum, 0.75, 1.0),
+    ("max_norm", lambda v: mw.ClipGradNorm(v).max_norm, 1.5, 0.0),
+    ("norm_type", lambda v: mw.ClipGradNorm(1.0, norm_type=v).norm_type, 3.0, 0.5),
+    ("temperature", lambda v: mw.DenseDistillLoss(2, temperature=v).temperature, 2.5, -1.0),
+    ("label_smoothing", lambda v: mw.DenseDistillLoss(2, label_smoothing=v).label_smoothing, 0.125, 1.0),
+    ("temperature", lambda v: mw.preset("hdkd", 2, temperature=v).criterion.temperature, 2.5, math.inf),
+    ("temperature", lambda v: _weighter(mw.DWA, window=2, temperature=v).temperature, 2.5, 0.0),
+    ("lr", lambda v: _weighter(mw.FAMO, lr=v).lr, 0.03125, -0.5),
+    ("weight_decay", lambda v: _weighter(mw.FAMO, weight_decay=v).weight_decay, 0.0625, math.nan),
+    ("alpha", lambda v: _weighter(mw.GradNorm, shared_parameters=NET.stages[0].parameters(), alpha=v).alpha,
+     1.5, -1.0),
+    ("lr", lambda v: _weighter(mw.GradNorm, shared_parameters=NET.stages[0].parameters(), lr=v).lr, 0.03125,
+     math.inf),
+    ("lr", lambda v: _weighter(mw.UW, lr=v).lr, 0.03125, -1.0),
+    ("betas", lambda v: _weighter(mw.UW, betas=(v, 0.5)).betas[0], 0.75, 1.0),
+    ("max_weights", lambda v: _weighter(mw.SDNSchedule, epochs=2, steps_per_epoch=3,
+                                        max_weights={"kd[2->1]": v}).max_weights["kd[2->1]"], 0.5, 0.0),
+    ("gamma_lr", lambda v: _weighter(mw.HarmonizedWeighter, gamma_lr=v).gamma_lr, 0.03125, -1.0),
+    ("fd_epsilon", lambda v: _weighter(mw.HarmonizedWeighter, backend="finite_difference",
+                                       fd_epsilon=v).fd_epsilon, 0.0009765625, 0.0),
+    ("max_norm", lambda v: _weighter(mw.HarmonizedWeighter, mode="fast", clip_grad_norm=v).clip_grad_norm.max_norm,
+     1.5, -1.0),
+    ("q", lambda v: mw.geometric_exit_distribution(v, 3).tolist(), 0.5, 0.0),
+    ("budget", lambda v: mw.thresholds_for_budget(LOGITS, LABELS, [1, 2, 3], v, iterations=5).cost, 2.0, math.nan),
+    ("delta", lambda v: mw.thresholds_for_accuracy(LOGITS, LABELS, v, candidates=10).delta, 0.25, 1.0),
+    ("confidence", lambda v: mw.thresholds_for_accuracy(LOGITS, LABELS, 0.25, confidence=v,
+                                                        candidates=10).confidence, 0.75, 0.0),
+    ("scale", lambda v: _check_budget_curves({"a": CURVE}, "x.png", scale=v, unit="M", title=None)[1], 1024.0, 0.0),
+]
+IDS = [f"{o[0]}-{i}" for i, o in enumerate(OPTIONS)]
+
+
+def _forms(x):
+    return [np.float32(x), np.float64(x), np.array(x), torch.tensor(x), torch.tensor(x, dtype=torch.float64)]
+
+
+def _floats(value):
+    return [_floats(v) for v in value] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("name, call, good, bad", OPTIONS, ids=IDS)
+def test_real_options_take_numpy_and_tensor_reals(name, call, good, bad):
+    plain = call(good)
+    for value in _forms(good):
+        stored = call(value)
+        assert stored == plain, (name, value)
+        assert type(stored) is type(plain), (name, value, type(stored))
+    if isinstance(plain, float) and name != "budget":  # (the budget's result is the cost reached)
+        assert plain == good
+
+
+def _state():
+    return copy.deepcopy((NET.state_dict(), OPT.state_dict()))
+
+
+def _message(call, value):
+    with pytest.raises((ValueError, TypeError)) as info:
+        call(value)
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("name, call, good, bad", OPTIONS, ids=IDS)
+def test_real_options_refuse_bad_values_alike(name, call, good, bad):
+    before = _state()
+    kind, message = _message(call, bad)
+    assert name in message
+    for value in _forms(bad):
+        # the same refusal, the value shown as it came
+        assert _message(call, value) == (kind, message.replace(repr(bad), repr(value), 1)), (name, value)
+    for value in (True, np.bool_(False), str(good), torch.tensor([good, good]), torch.tensor(1 + 0.5j)):
+        with pytest.raises((ValueError, TypeError), match=name):
+            call(value)
+    after = _state()
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
