@@ -145,7 +145,7 @@ class HarmonizedWeighter(NamedWeights):
             its values, and the meta-gradient would take one of them for both. Measured at every
             meta step along its direction :math:`w` as :math:`|\sum_k \gamma_k \dot L_k -
             \langle g, w\rangle| / (\|g\|\|w\|)` (:math:`\dot L_k` the derivative of term k's
-            value, :math:`g` autograd's gradient), against 1e-4 (``jvp``) or 5e-3
+            value, :math:`g` autograd's gradient), against 1e-4 (``jvp``) or 1e-3
             (``finite_difference``), or 4 machine epsilons of the gradient's precision if more
             (autocast, TF32 on CUDA). ``"raise"`` (the default): refuse with ``ValueError``, nothing
             changed; ``"ignore"``: go on with that approximation. Not measured by ``mode="fast"``

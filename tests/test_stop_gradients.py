@@ -156,7 +156,7 @@ def reference(model, optimizer, train, val) -> torch.Tensor:
 
 
 # (kind, form) pairs whose share along the meta step's direction is under the backend's tolerance: the
-# no_grad rescale changes 7.7e-4 of it, under finite_difference's 5e-3 (jvp's is 1e-4); documented
+# no_grad rescale changes 7.7e-4 of it, under finite_difference's 1e-3 (jvp's is 1e-4); documented
 UNDER_TOLERANCE = {("no_grad scale", "exact, finite_difference")}
 
 
