@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map
 from metaweight._optimizers import lookahead_update
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness
-from metaweight._tangents import ShortTangents, ValueTangents
+from metaweight._tangents import ShortTangents
 from metaweight._transaction import BufferSnapshot, FlatCopies
 
 
@@ -71,8 +71,6 @@ class MetaResult:
     objective: Tensor
     exit_losses: Tensor
     terms: Tensor  # with its graph when the caller asked to keep it for the model's step
-    mismatch: Tensor | None = None  # stop_gradient_mismatch's measure (None: not measured by this backend)
-    tolerance: float = 1.0  # the largest mismatch taken for rounding (see mismatch_tolerance)
 
 
 def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Any) -> Any:
@@ -295,86 +293,15 @@ def meta_gradient(
         if backend == "jvp":
             with replay():
                 derivative = _jvp(model, criterion, params, direction, x, y, scratch)
+            if factor is not None:
+                derivative = derivative * factor
         elif backend == "finite_difference":
             derivative = _central_difference(model, criterion, params, direction, x, y, outputs, fd_epsilon, replay,
                                              scratch)
         else:
             raise ValueError(f"Unknown backend {backend!r}; expected 'jvp' or 'finite_difference'.")
         derivative = reducer.mean([derivative])[0]
-        # the derivative of the terms' values along the direction against autograd's gradient along it
-        mismatch = stop_gradient_mismatch(gamma, derivative, grads, [direction[n] for n, _ in movable])
-        if factor is not None:
-            derivative = derivative * factor
-    return MetaResult(-derivative.to(gamma.dtype), objective, exit_losses, terms if keep_graph else terms.detach(),
-                      mismatch, mismatch_tolerance(device, backend))
-
-
-STOP_GRADIENT_TOLERANCE = {"jvp": 1e-4, "finite_difference": 1e-3}
-STOP_GRADIENT = (
-    "The model's gradient is not the derivative of its values: along the meta step's direction, autograd's gradient "
-    "of the weighted terms and the derivative of their values differ by {share:.3g} of its size (rounding allows "
-    "{tol:.3g}). A stop-gradient or a custom backward inside the model does this: heads reading h.detach(), "
-    "gradient equilibrium's a * h + (1 - a) * h.detach(), x.data, torch.no_grad() around part of the forward, an "
-    "autograd.Function whose backward rescales. The model's step uses autograd's gradient, the validation objective's "
-    "derivative is that of its values, and the meta-gradient would take one of them for both (off by about that "
-    "share). Nothing was changed. Keep stop-gradients out of the forward the weighter sees (e.g. rescale gradients "
-    "in the optimizer, not the forward), or pass stop_gradients='ignore' to go on with that approximation."
-)
-
-
-def mismatch_tolerance(device: torch.device, backend: str) -> float:
-    """The largest :func:`stop_gradient_mismatch` taken for rounding: 1e-4 for ``jvp`` (forward- and
-    reverse-mode derivatives of the same ops; 2.4e-7 the largest seen in float32 over the test suite),
-    1e-3 for ``finite_difference`` (central differences: 1.2e-4 the largest seen in float32); where
-    the gradient is computed in lower precision, 4 machine epsilons of it if more: under autocast
-    (bf16: 0.031, fp16: 0.0039) or TF32 on CUDA (0.0039; cuDNN convolutions use TF32 by default)."""
-    tolerance = STOP_GRADIENT_TOLERANCE[backend]
-    if torch.is_autocast_enabled(device.type):
-        tolerance = max(tolerance, 4 * torch.finfo(torch.get_autocast_dtype(device.type)).eps)
-    if device.type == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
-        tolerance = max(tolerance, 4 * 2.0 ** -10)  # (TF32: a 10-bit mantissa)
-    return tolerance
-
-
-def stop_gradient_mismatch(gamma: Tensor, derivative: Tensor, grads: Sequence[Tensor | None],
-                           direction: Sequence[Tensor]) -> Tensor:
-    r"""How far autograd's gradient is from the derivative of the values along one direction
-    :math:`w`: :math:`|\sum_k \gamma_k \dot L_k - \langle g, w \rangle| / (\|g\|\,\|w\|)`, a float64
-    scalar on the device (0 when either norm is 0), with :math:`\dot L_k` the derivative of term k's
-    value along :math:`w` (forward-mode through the model's stop-gradients, or a difference of
-    values) and :math:`g` autograd's gradient of the weighted terms (``None`` entries: no gradient).
-
-    Within rounding of 0 for a model whose gradient is the derivative of its values; a stop-gradient
-    or a custom backward inside the model (``h.detach()`` heads, gradient equilibrium's
-    ``a * h + (1 - a) * h.detach()``) makes it the share of the gradient they change along
-    :math:`w`. :math:`\langle g, w \rangle` by polarization of the norms of :math:`g \pm s w`, with
-    :math:`s = \|g\| / \|w\|`: a fixed number of multi-tensor ops and no host read.
-    """
-    pairs = [(g if g.layout == torch.strided else g.to_dense(), d) for g, d in zip(grads, direction)
-             if g is not None]  # (an embedding's sparse gradient: dense for the product)
-    device = derivative.device
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    if not pairs:
-        return zero
-    g, d = [a for a, _ in pairs], [b for _, b in pairs]
-
-    def squared_norm(tensors: list[Tensor]) -> Tensor:
-        norms = torch._foreach_norm(tensors)
-        if len({(n.device, n.dtype) for n in norms}) > 1:
-            norms = [n.to(device=device, dtype=torch.float64) for n in norms]
-        return torch.stack(norms).to(device=device, dtype=torch.float64).square().sum()
-
-    g2, d2 = squared_norm(g), squared_norm(d)
-    both = (g2 > 0) & (d2 > 0)
-    scale = torch.where(both, g2 / torch.where(both, d2, torch.ones_like(d2)), torch.ones_like(d2)).sqrt()
-    scaled = torch._foreach_mul(d, scale.to(d[0].dtype))
-    plus = torch._foreach_add(g, scaled)
-    first = squared_norm(plus)
-    torch._foreach_add_(plus, scaled, alpha=-2.0)  # g - s w
-    dot = (first - squared_norm(plus)) / 4  # <g, s w>
-    size = (g2 * d2).sqrt() * scale  # s ||g|| ||w||
-    values = (gamma.to(device=device, dtype=torch.float64) * derivative.double()).sum() * scale
-    return torch.where(both, (values - dot).abs() / torch.where(both, size, torch.ones_like(size)), zero)
+    return MetaResult(-derivative.to(gamma.dtype), objective, exit_losses, terms if keep_graph else terms.detach())
 
 
 @torch.no_grad()  # forward-mode AD records no graph: the parameters serve as primals, no detach each
@@ -383,9 +310,7 @@ def _jvp(model: nn.Module, criterion: Terms, base: dict[str, Tensor], direction:
     with fwAD.dual_level():
         dual = {n: (fwAD.make_dual(p, direction[n]) if n in direction else p) for n, p in base.items()}
         with ShortTangents():  # BatchNorm's tangent in fewer ops than ATen's formula (see _tangents)
-            with ValueTangents():  # the derivative of the model's values, through its stop-gradients
-                outputs = call_with(model, dual, scratch.fresh(), x)
-            terms = criterion(outputs, y)
+            terms = criterion(call_with(model, dual, scratch.fresh(), x), y)
         tangent = fwAD.unpack_dual(terms).tangent
     return torch.zeros_like(terms) if tangent is None else tangent.detach()
 

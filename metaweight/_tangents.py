@@ -80,27 +80,3 @@ def batch_norm_dual(input: Tensor, running_mean: Tensor | None, running_var: Ten
     if b_t is not None:
         tangent = b_t.view(shape).expand_as(y).clone() if tangent is None else tangent + b_t.view(shape)
     return fwAD.make_dual(y, tangent)
-
-
-_STOPS = (torch.Tensor.detach, torch.detach)
-_DATA = torch.Tensor.data  # (its __get__ is a new method-wrapper at each access: compared by owner)
-
-
-class ValueTangents(TorchFunctionMode):
-    """Tangents through the model's stop-gradients: ``x.detach()``, ``torch.detach(x)`` and ``x.data``
-    of a tensor with a tangent give ``x`` itself (a view) while this mode is active, so that the
-    tangent forward computes the derivative of the values. Forward-mode AD already carries tangents
-    through ``torch.no_grad()`` blocks; a custom ``autograd.Function`` uses its own ``jvp``.
-
-    Autograd's gradient of a model with a stop-gradient (early heads on ``h.detach()``, gradient
-    equilibrium's ``a * h + (1 - a) * h.detach()``) is not the derivative of its values; the
-    ``jvp`` backend compares the two along its direction (:func:`stop_gradient_mismatch`).
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        stop = any(func is s for s in _STOPS) or getattr(func, "__self__", None) is _DATA
-        if stop and len(args) == 1 and isinstance(args[0], Tensor) \
-                and fwAD.unpack_dual(args[0]).tangent is not None:
-            return args[0].view_as(args[0])
-        return func(*args, **kwargs)

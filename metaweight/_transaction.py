@@ -277,7 +277,6 @@ class PendingMeta:
     values: list[Tensor]
     gamma_grad: Tensor
     exit_losses: Tensor
-    tolerance: float = 1.0  # the largest stop-gradient mismatch (the last value) taken for rounding
 
 
 @dataclasses.dataclass

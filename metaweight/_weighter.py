@@ -28,7 +28,7 @@ from metaweight._checks import check_flag, IGNORE_INDEX, forget_labels, integer_
 from metaweight._clipping import ClipGradNorm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
-from metaweight._hypergradient import STOP_GRADIENT, Reducer
+from metaweight._hypergradient import Reducer
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms
 from metaweight._record import MetaStepRecord
@@ -48,7 +48,6 @@ INITS = ("uniform", "last", "random")
 CONSTRAINTS = ("clamp", "normalize")
 GAMMA_OPTIMIZERS = ("sgd", "adam")
 NONFINITE = ("raise", "skip")
-STOP_GRADIENTS = ("raise", "ignore")
 
 
 class HarmonizedWeighter(NamedWeights):
@@ -137,20 +136,6 @@ class HarmonizedWeighter(NamedWeights):
             gradients between backward and step other than unscaling is refused unless declared here.
         fd_epsilon: step length in parameter space for ``finite_difference``; default
             :math:`\sqrt[3]{\text{machine eps}}` times the parameters' RMS.
-        stop_gradients: what the exact meta step (``jvp`` and ``finite_difference`` backends) does
-            when the model's gradient is not the derivative of its values: a stop-gradient or a
-            custom backward inside the model (heads on ``h.detach()``, gradient equilibrium's
-            ``a * h + (1 - a) * h.detach()``, an ``autograd.Function`` rescaling its gradient).
-            The step uses autograd's gradient, the validation objective's derivative is that of
-            its values, and the meta-gradient would take one of them for both. Measured at every
-            meta step along its direction :math:`w` as :math:`|\sum_k \gamma_k \dot L_k -
-            \langle g, w\rangle| / (\|g\|\|w\|)` (:math:`\dot L_k` the derivative of term k's
-            value, :math:`g` autograd's gradient), against 1e-4 (``jvp``) or 1e-3
-            (``finite_difference``), or 4 machine epsilons of the gradient's precision if more
-            (autocast, TF32 on CUDA). ``"raise"`` (the default): refuse with ``ValueError``, nothing
-            changed; ``"ignore"``: go on with that approximation. Not measured by ``mode="fast"``
-            (its one-sided difference is too coarse to tell) nor ``backend="higher"``; see
-            docs/guides/loop.md.
         callbacks: hooks called after every successful meta step with its
             :class:`MetaStepRecord` (``iteration``, ``meta_step``, ``gamma`` and ``terms`` by
             term name, ``val_objective``, ``val_exit_losses``, ...), as if registered with
@@ -190,7 +175,6 @@ class HarmonizedWeighter(NamedWeights):
         mode: Literal["exact", "fast"] = "exact",
         clip_grad_norm: ClipGradNorm | float | None = None,
         fd_epsilon: float | None = None,
-        stop_gradients: Literal["raise", "ignore"] = "raise",
         callbacks: Sequence[Callable[[MetaStepRecord], None]] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -233,8 +217,6 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"Invalid constraint: {constraint!r}. Expected one of {CONSTRAINTS}.")
         if nonfinite not in NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
-        if not isinstance(stop_gradients, str) or stop_gradients not in STOP_GRADIENTS:
-            raise ValueError(f"Invalid stop_gradients: {stop_gradients!r}. Expected one of {STOP_GRADIENTS}.")
         inner = unwrap_optimizer(optimizer)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Expected one of {BACKENDS}.")
@@ -302,7 +284,6 @@ class HarmonizedWeighter(NamedWeights):
         self.mode = mode
         self.clip_grad_norm: ClipGradNorm | None = clip_grad_norm
         self.fd_epsilon = fd_epsilon
-        self.stop_gradients = stop_gradients
         self.num_calls = 0
         self._transaction = StepTransaction(module, self._reducer)  # step()'s snapshot, decision and rollback
         self._exact = ExactMode(chosen, lookahead_names)  # what meta_step and step do with mode="exact"
@@ -518,17 +499,11 @@ class HarmonizedWeighter(NamedWeights):
         return self._meta_outcome(pending, host_read(pending.values), after_step=after_step)
 
     def _step_gamma(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor,
-                    mismatch: Tensor | None = None, tolerance: float = 1.0) -> PendingMeta:
+                    ) -> PendingMeta:
         """Step gamma and project it, all on the device: gamma keeps its old value where the meta-gradient
-        or the new gamma is not finite, or where ``mismatch`` (see :func:`stop_gradient_mismatch`) is over
-        the tolerance and ``stop_gradients="raise"`` (the decision is read later, with whatever else the
-        step reads)."""
+        or the new gamma is not finite (the decision is read later, with whatever else the step reads)."""
         saved = StateSnapshot(self.gamma, self.gamma_optimizer, None)
         finite = torch.isfinite(objective).all() & torch.isfinite(gamma_grad).all() & torch.isfinite(exit_losses).all()
-        if mismatch is None:
-            mismatch = torch.zeros((), dtype=torch.float64, device=gamma_grad.device)
-        if self.stop_gradients == "raise":
-            finite = finite & ~(mismatch > tolerance)  # (NaN: the finiteness check's)
         self.gamma_optimizer.zero_grad(set_to_none=True)
         self.gamma.grad = gamma_grad.to(self.gamma)
         self.gamma_optimizer.step()
@@ -538,8 +513,8 @@ class HarmonizedWeighter(NamedWeights):
         proposed = self.gamma.detach().clone()
         with torch.no_grad():
             self.gamma.copy_(torch.where(finite & stepped, self.gamma, saved.gamma))
-        values = [finite, stepped, objective, exit_losses, gamma_grad, proposed, terms, mismatch]
-        return PendingMeta(saved, values, gamma_grad.detach(), exit_losses.detach(), tolerance)
+        values = [finite, stepped, objective, exit_losses, gamma_grad, proposed, terms]
+        return PendingMeta(saved, values, gamma_grad.detach(), exit_losses.detach())
 
     def _meta_outcome(self, pending: PendingMeta, values: list[float], call_hooks: bool = True, *,
                       after_step: bool = False) -> MetaStepRecord:
@@ -553,10 +528,6 @@ class HarmonizedWeighter(NamedWeights):
         grad = values[3 + n_e:3 + n_e + n_g]
         gamma = values[3 + n_e + n_g:3 + n_e + 2 * n_g]
         term_values = values[3 + n_e + 2 * n_g:3 + n_e + 2 * n_g + n_g]
-        mismatch = values[3 + n_e + 3 * n_g]
-        if self.stop_gradients == "raise" and mismatch > pending.tolerance:
-            pending.saved.restore(self.gamma)
-            raise ValueError(STOP_GRADIENT.format(share=mismatch, tol=pending.tolerance))
         if not (ok and ok_step):
             pending.saved.restore(self.gamma)
             if not ok:
