@@ -56,7 +56,7 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
 
 
 def _numbers(value: object, name: str, what: str) -> Tensor:
-    """A tensor, a NumPy array or a sequence of real numbers (ints, NumPy scalars, one-number tensors),
+    """A tensor, a NumPy array or a sequence of real numbers (ints, NumPy scalars, 0-d tensors),
     as a tensor (a list as float64: its numbers exactly); bools, meta tensors and anything else
     refused, naming ``name``."""
     if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
