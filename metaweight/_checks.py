@@ -259,6 +259,21 @@ def real_scalar(value: object) -> float | None:
     return None
 
 
+def in_dtype(values: Sequence[float], dtype: torch.dtype, name: str) -> Tensor:
+    """``values`` (finite floats, already checked) as a CPU tensor of ``dtype``, the one they are
+    stored in; a number that ``dtype`` cannot hold is refused, naming ``name``: a finite one that
+    becomes inf (overflow), and a non-zero one that becomes 0 (underflow: a weight of ``1e-50``
+    stored as 0 would switch its term off)."""
+    tensor = torch.tensor(list(values), dtype=torch.float64).to(dtype)
+    lost = [(v, float(t)) for v, t in zip(values, tensor.tolist()) if (v != 0 and t == 0) or math.isinf(t)]
+    if lost:
+        info = torch.finfo(dtype)
+        raise ValueError(f"`{name}` holds {', '.join(f'{v!r} (stored as {t!r})' for v, t in lost)}: {dtype} holds "
+                         f"non-zero magnitudes from {info.tiny * info.eps:.3g} to {info.max:.3g}. Give numbers in "
+                         f"that range, or exactly 0.")
+    return tensor
+
+
 def real_option(value: object, name: str, expected: str, accept: Callable[[float], bool] = math.isfinite) -> float:
     """The one check of a real-number option (``temperature``, ``alpha``, ``lr``, ``max_norm``, ...): its
     value as a float when :func:`real_scalar` reads one (a Python, NumPy or 0-d tensor real) and
@@ -406,6 +421,43 @@ def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:
         raise ValueError(f"`{name}` should be a pair (inputs, labels). Found `{type(batch).__name__}`"
                          f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}.")
     return batch[0], batch[1]
+
+
+def real_tensor(value: object, name: str, what: str) -> Tensor:
+    """A tensor, a NumPy array or a sequence of real numbers (:func:`real_scalar`'s: ints, NumPy
+    scalars, 0-d tensors), as a tensor (a list as float64: its numbers exactly; a tensor keeps its
+    dtype); bools, complex numbers, strings, meta and sparse tensors and anything else refused,
+    naming ``name``. The one reading of thresholds and distributions (what shape and values they
+    may have is the caller's check)."""
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        if getattr(value, "dtype", None) is None or value.dtype.kind not in "iuf":  # type: ignore[attr-defined]
+            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a NumPy array of "
+                            f"{value.dtype}.")  # type: ignore[attr-defined]
+        value = torch.as_tensor(value)
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a {value.dtype} tensor.")
+        check_has_values(value, f"`{name}`", "choosing exits")
+        if value.layout != torch.strided:
+            raise TypeError(f"`{name}` should hold {what} in a dense tensor. Found a {value.layout} tensor: pass "
+                            f"`.to_dense()`.")
+        return value.detach()
+    numbers = [real_scalar(v) for v in value] if isinstance(value, Sequence) and not isinstance(
+        value, (str, bytes)) else None
+    if numbers is None or any(v is None for v in numbers):
+        raise TypeError(f"`{name}` should be a tensor or a list of {what}. Found {value!r}.")
+    return torch.tensor(numbers, dtype=torch.float64)
+
+
+def check_thresholds(thresholds: object, num_exits: int) -> Tensor:
+    """The one check of exit thresholds (:class:`EarlyExit`, :func:`exit_assignment`,
+    :func:`evaluate_thresholds`): ``num_exits`` real numbers (:func:`real_tensor`), none NaN."""
+    thresholds = real_tensor(thresholds, "thresholds", f"{num_exits} thresholds, one per exit")
+    if thresholds.shape != (num_exits,):
+        raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
+    if torch.isnan(thresholds).any():
+        raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
+    return thresholds
 
 
 def check_temperatures(temperatures: Any, num_exits: int) -> list[float] | None:
