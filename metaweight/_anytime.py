@@ -210,25 +210,45 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.index == b.index
 
 
-def check_topk(topk: object) -> list[int]:
-    """``topk`` as a list of ints >= 1: a non-empty list, tuple or range of ints (not bools)."""
+DEFAULT_TOPK = (1, 5)
+
+
+def check_topk(topk: object, num_classes: int | None = None) -> list[int]:
+    """``topk`` as a list of distinct ints >= 1 (a repeated ``k`` once, in its first place): a
+    non-empty list, tuple or range of ints (not bools). ``None``: :data:`DEFAULT_TOPK`, leaving
+    out a ``k`` that is not below ``num_classes``. Given explicitly, a ``k > 1`` with ``k >=
+    num_classes`` is refused: every label is among the ``k`` highest logits then, and the accuracy
+    would read 100% at every exit whatever the model does (top-1 is always the prediction's
+    accuracy, kept)."""
+    if topk is None:
+        return [k for k in DEFAULT_TOPK if k == 1 or num_classes is None or k < num_classes]
     ks = list(topk) if isinstance(topk, (list, tuple, range)) else None
     if not ks or any(integer_value(k) is None or k < 1 for k in ks):
-        raise ValueError(f"Invalid topk: {topk!r}. Expected a non-empty list of ints >= 1, e.g. (1, 5).")
-    return list(dict.fromkeys(int(k) for k in ks))
+        raise ValueError(f"Invalid topk: {topk!r}. Expected a non-empty list of ints >= 1, e.g. (1, 5), or None "
+                         f"(the default: top-1, and top-5 with more than 5 classes).")
+    ks = list(dict.fromkeys(int(k) for k in ks))
+    trivial = [k for k in ks if k > 1 and num_classes is not None and k >= num_classes]
+    if trivial:
+        raise ValueError(f"Invalid topk: {topk!r}. The logits have {num_classes} classes, so top-{trivial[0]} holds "
+                         f"every label and would read 100% at every exit whatever the model predicts. Ask for k < "
+                         f"{num_classes} (e.g. topk=(1,)), or leave topk out: the default reports top-5 only with "
+                         f"more than 5 classes.")
+    return ks
 
 
-def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> AnytimeResult:
+def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[int] | None = None) -> AnytimeResult:
     """Top-k accuracy of every exit from collected logits.
 
     Args:
         logits: ``[K, N, C]``, e.g. from :func:`collect_logits`.
         labels: ``[N]`` class indices.
-        topk: the values of ``k`` to report.
+        topk: the values of ``k`` to report (a ``k`` given twice, once). ``None`` (the default):
+            top-1, and top-5 when there are more than 5 classes (with 5 or fewer it would be 100%).
 
     Raises:
         ValueError: logits or labels on the meta device (no values to score), or of the wrong
-            shapes; a row with no softmax; ``topk`` not a non-empty list of ints >= 1.
+            shapes; a row with no softmax; ``topk`` not a non-empty list of ints >= 1, or asking
+            for a ``k > 1`` not below the number of classes (its accuracy would be 100%).
     """
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"`logits` and `labels` should be Tensors. Found `{type(logits).__name__}` and "
@@ -242,7 +262,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         raise ValueError(f"`logits` {tuple(logits.shape)} hold no exit, sample or class: nothing to score.")
     if not logits.is_floating_point():
         raise ValueError(f"`logits` should be floating point. Found {logits.dtype}.")
-    ks = check_topk(topk)
+    ks = check_topk(topk, logits.shape[2])
     labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels").to(logits.device)
     check_softmax_rows(logits)  # a row with every class masked has no prediction to score
     n = labels.shape[0]
@@ -254,7 +274,7 @@ def anytime_accuracy(
     model: nn.Module,
     loader: Iterable[Sequence[Any]],
     *,
-    topk: Sequence[int] = (1, 5),
+    topk: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> AnytimeResult:
@@ -264,13 +284,15 @@ def anytime_accuracy(
     Args:
         model: a multi-exit model returning ``K`` logits tensors.
         loader: yields ``(inputs, labels)`` batches.
-        topk: the values of ``k`` to report.
+        topk: the values of ``k`` to report, as in :func:`anytime_accuracy_from_logits` (by default
+            top-1, and top-5 when there are more than 5 classes).
         device: where the inputs go; the model's device by default (see :func:`collect_logits`).
         ignore_index: labels to leave out (padding).
 
     Raises:
         ValueError: ``topk`` not a non-empty list of ints >= 1 (refused before any batch is
-            read), and everything :func:`collect_logits` refuses.
+            read), or asking for a ``k > 1`` not below the number of classes (refused once the
+            logits are collected), and everything :func:`collect_logits` refuses.
         TypeError: as :func:`collect_logits`.
 
     Example:

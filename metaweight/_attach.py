@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from metaweight._checks import check_flag, integer_value
 from metaweight._modes import eval_mode
-from metaweight._protocols import ModelCall, wrapper_call
+from metaweight._protocols import ModelCall, mapping_misread, wrapper_call
 
 HeadFactory = Callable[[str, Tensor], nn.Module]
 
@@ -247,6 +247,11 @@ class AttachedExits(nn.Module):
             handles.append(first.register_forward_hook(own_first))
         try:
             captured["__output__"] = self.model(*call.args, **call.kwargs)
+        except (TypeError, AttributeError) as exc:
+            misread = mapping_misread(self.model, call, exc, "AttachedExits")
+            if misread is None:
+                raise
+            raise misread from exc
         finally:
             for handle in handles:
                 handle.remove()

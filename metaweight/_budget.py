@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import (check_device_available, check_fit_logits, check_has_values, check_softmax_rows,
-                                check_target, integer_value, real_numbers,
-                                real_scalar)
+                                check_target, check_thresholds, integer_value, real_numbers, real_scalar,
+                                real_tensor)
 from metaweight._exit_rules import ExitRule, as_rule, predict, reaches
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
@@ -55,36 +55,6 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
     return as_rule(rule).scores(logits), prediction  # float32, float64 for float64 logits
 
 
-def _numbers(value: object, name: str, what: str) -> Tensor:
-    """A tensor, a NumPy array or a sequence of real numbers (ints, NumPy scalars, one-number tensors),
-    as a tensor (a list as float64: its numbers exactly); bools, meta tensors and anything else
-    refused, naming ``name``."""
-    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
-        if getattr(value, "dtype", None) is None or value.dtype.kind not in "iuf":  # type: ignore[attr-defined]
-            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a NumPy array of "
-                            f"{value.dtype}.")  # type: ignore[attr-defined]
-        value = torch.as_tensor(value)
-    if isinstance(value, Tensor):
-        if value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a {value.dtype} tensor.")
-        check_has_values(value, f"`{name}`", "choosing exits")
-        return value.detach()
-    numbers = [real_scalar(v) for v in value] if isinstance(value, Sequence) and not isinstance(
-        value, (str, bytes)) else None
-    if numbers is None or any(v is None for v in numbers):
-        raise TypeError(f"`{name}` should be a tensor or a list of {what}. Found {value!r}.")
-    return torch.tensor(numbers, dtype=torch.float64)
-
-
-def _check_thresholds(thresholds: object, num_exits: int) -> Tensor:
-    thresholds = _numbers(thresholds, "thresholds", f"{num_exits} thresholds, one per exit")
-    if thresholds.shape != (num_exits,):
-        raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
-    if torch.isnan(thresholds).any():
-        raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
-    return thresholds
-
-
 def _reals(values: object, name: str, what: str) -> list[float]:
     """A 1-d tensor or a flat sequence of real numbers (0-d tensors included) as floats; anything else
     (``None``, strings, bools, nested lists, a 2-d tensor) refused with a TypeError naming ``name``."""
@@ -93,9 +63,9 @@ def _reals(values: object, name: str, what: str) -> list[float]:
         values = torch.as_tensor(values)
     if isinstance(values, Tensor):
         check_has_values(values, f"`{name}`", "choosing exits")
-        if values.dim() != 1 or values.dtype == torch.bool or values.is_complex():
+        if values.dim() != 1 or values.dtype == torch.bool or values.is_complex() or values.layout != torch.strided:
             raise TypeError(f"`{name}` should be {what}: a 1-d tensor of real numbers or a list. Found a "
-                            f"{values.dtype} tensor of shape {tuple(values.shape)}.")
+                            f"{values.dtype} {values.layout} tensor of shape {tuple(values.shape)}.")
         return [float(v) for v in values.detach().double().cpu().tolist()]
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"`{name}` should be {what}. Found `{type(values).__name__}`.")
@@ -203,7 +173,7 @@ def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
 
 def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float]) -> Tensor:
     K, N = confidence.shape
-    distribution = _numbers(distribution, "distribution", f"{K} fractions, one per exit")
+    distribution = real_tensor(distribution, "distribution", f"{K} fractions, one per exit")
     if distribution.shape != (K,):
         raise ValueError(f"distribution should have shape ({K},). Found {tuple(distribution.shape)}.")
     if not distribution.is_floating_point():  # [0, 0, 1] as ints: the same proportions
@@ -253,7 +223,7 @@ def _assigned(logits: Tensor, thresholds: object, rule: ExitRule | str, what: st
     or an earlier one); the rows of exits after the one a sample takes are never judged, as
     :class:`EarlyExit` never computes them."""
     confidence, prediction = _confidence(logits, rule=rule, what=what, every_row=False)
-    checked = _check_thresholds(thresholds, confidence.shape[0])
+    checked = check_thresholds(thresholds, confidence.shape[0])
     first, chosen = _assign(confidence, prediction, checked)
     reached = torch.arange(confidence.shape[0], device=first.device)[:, None] <= first[None]
     check_softmax_rows(logits.detach(), "logits", reached=reached)

@@ -188,6 +188,13 @@ def check_flag(value: object, name: str) -> bool:
     raise TypeError(f"`{name}` should be a bool (True or False). Found {value!r}.")
 
 
+def _has_plain_values(value: Tensor) -> bool:
+    """Whether a tensor's numbers can be read as they are: not on the meta device (no values) and
+    in the plain (strided) layout; a sparse tensor is refused rather than read through torch errors
+    (``reshape is not implemented for sparse tensors``)."""
+    return not value.is_meta and value.layout == torch.strided
+
+
 def integer_value(value: object) -> int | None:
     """An integer as an int: a Python int, a NumPy integer scalar (``np.int64(2)``, as NumPy
     arithmetic gives them) or a 0-d integer tensor (``torch.tensor(2)``, not on the meta device);
@@ -198,7 +205,7 @@ def integer_value(value: object) -> int | None:
     if isinstance(value, int):
         return int(value)
     if isinstance(value, Tensor):
-        if value.dim() != 0 or value.is_meta or value.is_floating_point() or value.is_complex() \
+        if value.dim() != 0 or not _has_plain_values(value) or value.is_floating_point() or value.is_complex() \
                 or value.dtype == torch.bool:
             return None
         return int(value.item())
@@ -210,12 +217,12 @@ def integer_value(value: object) -> int | None:
 
 def real_numbers(values: object) -> list[float] | None:
     """A list of real numbers as floats: a list or tuple of numbers :func:`real_scalar` accepts
-    (Python, NumPy, one-number tensors), a 1-d NumPy array or a 1-d tensor of reals; ``None``
+    (Python, NumPy, 0-d tensors), a 1-d NumPy array or a 1-d tensor of reals; ``None``
     for anything else (a string, a dict, a bool among them, a meta tensor). The one rule for
     every list of numbers (temperatures, steps, weights, accuracies); what the numbers may be
     (finite, positive) is the caller's check."""
     if isinstance(values, Tensor):
-        if values.dim() != 1 or values.is_meta or values.dtype == torch.bool or values.is_complex():
+        if values.dim() != 1 or not _has_plain_values(values) or values.dtype == torch.bool or values.is_complex():
             return None
         return [float(v) for v in values.detach().double().cpu().tolist()]
     if type(values).__module__ == "numpy" and type(values).__name__ == "ndarray":
@@ -229,17 +236,22 @@ def real_numbers(values: object) -> list[float] | None:
 
 
 def real_scalar(value: object) -> float | None:
-    """A real number as a float: a Python int or float, a NumPy scalar, or a tensor holding one real
-    number (0-d or one element), as ``costs`` accepts them; ``None`` for anything else (bools,
-    strings, complex numbers, a meta tensor, several numbers)."""
+    """A real number as a float: a Python int or float, a NumPy scalar or 0-d array, or a 0-d tensor
+    of a real dtype; ``None`` for anything else (bools, strings, complex numbers, a meta or sparse
+    tensor, an int beyond the float range such as ``10**400``, and a tensor or array with a
+    dimension, ``torch.tensor([0.5])`` as ``np.array([0.5])``: one shape rule for both, as
+    :func:`integer_value` has)."""
     if isinstance(value, bool) or _numpy_bool(value):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_meta or value.dtype == torch.bool or value.is_complex():
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range: not a number an option can hold
             return None
-        return float(value.detach().reshape(()).double().cpu())
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not _has_plain_values(value) or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.detach().double().cpu())
     kind = type(value)
     if kind.__module__ == "numpy" and hasattr(value, "dtype") and getattr(value, "ndim", None) == 0 \
             and value.dtype.kind in "iuf":  # np.float32(0.5), np.int64(2)
@@ -247,9 +259,24 @@ def real_scalar(value: object) -> float | None:
     return None
 
 
+def in_dtype(values: Sequence[float], dtype: torch.dtype, name: str) -> Tensor:
+    """``values`` (finite floats, already checked) as a CPU tensor of ``dtype``, the one they are
+    stored in; a number that ``dtype`` cannot hold is refused, naming ``name``: a finite one that
+    becomes inf (overflow), and a non-zero one that becomes 0 (underflow: a weight of ``1e-50``
+    stored as 0 would switch its term off)."""
+    tensor = torch.tensor(list(values), dtype=torch.float64).to(dtype)
+    lost = [(v, float(t)) for v, t in zip(values, tensor.tolist()) if (v != 0 and t == 0) or math.isinf(t)]
+    if lost:
+        info = torch.finfo(dtype)
+        raise ValueError(f"`{name}` holds {', '.join(f'{v!r} (stored as {t!r})' for v, t in lost)}: {dtype} holds "
+                         f"non-zero magnitudes from {info.tiny * info.eps:.3g} to {info.max:.3g}. Give numbers in "
+                         f"that range, or exactly 0.")
+    return tensor
+
+
 def real_option(value: object, name: str, expected: str, accept: Callable[[float], bool] = math.isfinite) -> float:
     """The one check of a real-number option (``temperature``, ``alpha``, ``lr``, ``max_norm``, ...): its
-    value as a float when :func:`real_scalar` reads one (a Python, NumPy or one-number tensor real) and
+    value as a float when :func:`real_scalar` reads one (a Python, NumPy or 0-d tensor real) and
     ``accept`` takes it, else ``Invalid {name}: {value!r}. Expected {expected}.`` NaN fails every
     comparison, so a range check in ``accept`` refuses it too."""
     number = real_scalar(value)
@@ -394,6 +421,43 @@ def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:
         raise ValueError(f"`{name}` should be a pair (inputs, labels). Found `{type(batch).__name__}`"
                          f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}.")
     return batch[0], batch[1]
+
+
+def real_tensor(value: object, name: str, what: str) -> Tensor:
+    """A tensor, a NumPy array or a sequence of real numbers (:func:`real_scalar`'s: ints, NumPy
+    scalars, 0-d tensors), as a tensor (a list as float64: its numbers exactly; a tensor keeps its
+    dtype); bools, complex numbers, strings, meta and sparse tensors and anything else refused,
+    naming ``name``. The one reading of thresholds and distributions (what shape and values they
+    may have is the caller's check)."""
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        if getattr(value, "dtype", None) is None or value.dtype.kind not in "iuf":  # type: ignore[attr-defined]
+            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a NumPy array of "
+                            f"{value.dtype}.")  # type: ignore[attr-defined]
+        value = torch.as_tensor(value)
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a {value.dtype} tensor.")
+        check_has_values(value, f"`{name}`", "choosing exits")
+        if value.layout != torch.strided:
+            raise TypeError(f"`{name}` should hold {what} in a dense tensor. Found a {value.layout} tensor: pass "
+                            f"`.to_dense()`.")
+        return value.detach()
+    numbers = [real_scalar(v) for v in value] if isinstance(value, Sequence) and not isinstance(
+        value, (str, bytes)) else None
+    if numbers is None or any(v is None for v in numbers):
+        raise TypeError(f"`{name}` should be a tensor or a list of {what}. Found {value!r}.")
+    return torch.tensor(numbers, dtype=torch.float64)
+
+
+def check_thresholds(thresholds: object, num_exits: int) -> Tensor:
+    """The one check of exit thresholds (:class:`EarlyExit`, :func:`exit_assignment`,
+    :func:`evaluate_thresholds`): ``num_exits`` real numbers (:func:`real_tensor`), none NaN."""
+    thresholds = real_tensor(thresholds, "thresholds", f"{num_exits} thresholds, one per exit")
+    if thresholds.shape != (num_exits,):
+        raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
+    if torch.isnan(thresholds).any():
+        raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
+    return thresholds
 
 
 def check_temperatures(temperatures: Any, num_exits: int) -> list[float] | None:

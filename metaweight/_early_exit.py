@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaweight._checks import UNDEFINED_SOFTMAX_FIX, check_temperatures, holds_meta, softmax_undefined
+from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_temperatures, check_thresholds, holds_meta,
+                               softmax_undefined)
 from metaweight._exit_rules import ExitRule, as_rule, calibrated, decision_dtype, predict, reaches, score_dtype
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
@@ -170,18 +171,9 @@ class EarlyExit(nn.Module):
             check_head_classes(heads, f"`{type(model).__name__}`")
             num_exits = len(heads)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        try:  # float64 holds a list's numbers and any float tensor's exactly (read on the CPU: MPS has no float64)
-            if isinstance(thresholds, Tensor):
-                thresholds = thresholds.detach().cpu()
-            thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"`thresholds` should be {num_exits} numbers (a tensor or a list). Found "
-                            f"{thresholds!r}.") from None
+        # float64 holds a list's numbers and any float tensor's exactly (cast on the CPU: MPS has no float64)
+        thresholds = check_thresholds(thresholds, num_exits).cpu()
         thresholds = thresholds.to(dtype=decision_dtype(device)).to(device)  # where the scores will be
-        if thresholds.dim() != 1 or thresholds.shape != (num_exits,):
-            raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
-        if torch.isnan(thresholds).any():
-            raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
         self.register_buffer("thresholds", thresholds)
         self.temperatures: list[float] | None = check_temperatures(temperatures, num_exits)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metaweight._checks import check_has_values, in_dtype, real_numbers
 from metaweight._protocols import model_arguments
 from metaweight._record import MetaStepRecord
 from metaweight._weighting import Weighting, adam_update, check_number
@@ -93,10 +95,12 @@ class FAMO(Weighting):
         if min_losses is None:
             bound = torch.zeros(n, dtype=torch.float32)
         else:
-            bound = torch.as_tensor(min_losses, dtype=torch.float32).detach().clone().cpu()
-            if bound.shape != (n,) or not torch.isfinite(bound).all():
+            check_has_values(min_losses, "`min_losses`", "FAMO")
+            values = real_numbers(min_losses)  # bools, complex numbers, strings: not bounds
+            if values is None or len(values) != n or not all(math.isfinite(v) for v in values):
                 raise ValueError(f"`min_losses` should hold one finite lower bound per term, shape ({n},) for "
                                  f"{self.term_names}. Found {min_losses!r}.")
+            bound = in_dtype(values, torch.float32, "min_losses")
         self.min_losses = bound.to(self.device)
         self.logits = torch.zeros(n, device=self.device, dtype=torch.float32)
         self.exp_avg = torch.zeros(n, device=self.device, dtype=torch.float32)

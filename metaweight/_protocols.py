@@ -241,6 +241,36 @@ def check_one_input(target: Any, value: Any, who: str, signature: inspect.Signat
                     f"{HOW_INPUTS_ARE_PASSED} {fix}")
 
 
+class MisreadInputs(TypeError):
+    """A forward failed on a mapping it was handed as its one argument (see :func:`mapping_misread`)."""
+
+
+def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> TypeError | None:
+    """A clear error for a forward that failed on a mapping handed to it as its one positional
+    argument (its keys not the forward's keyword parameters, its first parameter not annotated, so
+    :func:`check_one_input` could not refuse it up front), when torch's error names the mapping's
+    type (``linear(): argument 'input' must be Tensor, not dict``); ``None`` for any other error,
+    which is the model's own. The caller raises it ``from`` the original."""
+    if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Mapping) or \
+            not isinstance(error, (TypeError, AttributeError)) or isinstance(error, MisreadInputs):
+        return None  # (a wrapper inside has explained it already)
+    value = call.args[0]
+    kind = type(value).__name__
+    if not any(f in str(error) for f in (f"not {kind}", f"'{kind}' object", f"({kind}", f" {kind})")):
+        return None
+    signature = _forward_signature(model)
+    params = signature.parameters if signature is not None else {}
+    names = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [k for k in value if k not in names]
+    first = next(iter(params), "input")
+    return MisreadInputs(f"{who} was given a {kind} with keys {list(value)}, of which {unknown} are not parameters of the "
+                     f"forward, so it passed the {kind} as the one positional argument `{first}` of "
+                     f"`{type(_call_target(model)).__name__}.forward({', '.join(str(p) for p in params.values())})`, "
+                     f"which failed on it ({type(error).__name__}: {error}). {HOW_INPUTS_ARE_PASSED} Name the keys "
+                     f"after the forward's parameters {names} to pass them as keywords, or pass the tensor itself.")
+
+
 def model_arguments(model: nn.Module, inputs: Any, who: str = "metaweight"
                     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """How to call ``model`` with a batch's inputs: ``model(inputs)``, or ``model(**inputs)``.
@@ -305,7 +335,13 @@ def call_model(model: nn.Module, inputs: Any, who: str = "metaweight") -> Any:
     """``model`` called with a batch's inputs, positionally or as keyword arguments (see
     :func:`model_arguments`; ``who`` names the caller in its errors)."""
     args, kwargs = model_arguments(model, inputs, who)
-    return model(*args, **kwargs)
+    try:
+        return model(*args, **kwargs)
+    except (TypeError, AttributeError) as exc:
+        misread = mapping_misread(model, ModelCall(args, kwargs), exc, who)
+        if misread is None:
+            raise
+        raise misread from exc
 
 
 def wrapper_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], wrapper: str) -> ModelCall:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._record import MetaStepRecord
-from metaweight._checks import real_scalar
+from metaweight._checks import in_dtype, real_scalar
 from metaweight._weighting import Weighting, check_int
 
 _CE = re.compile(r"^ce\[(\d+)\]$")
@@ -94,7 +94,7 @@ class SDNSchedule(Weighting):
             raise ValueError(f"`max_weights` should map term names to finite numbers > 0. Found {bad}.")
         self.max_weights: dict[str, float] = values  # type: ignore[assignment]
         self._scheduled = torch.tensor([n in self.max_weights for n in names])
-        self._max = torch.tensor([self.max_weights.get(n, 1.0) for n in names], dtype=torch.float32)
+        self._max = in_dtype([self.max_weights.get(n, 1.0) for n in names], torch.float32, "max_weights")
         self._setup()
 
     def _weights_at(self, iteration: int) -> Tensor:

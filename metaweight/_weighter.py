@@ -24,7 +24,8 @@ from torch.utils.hooks import RemovableHandle
 
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
-from metaweight._checks import check_flag, IGNORE_INDEX, forget_labels, integer_value, real_option, real_scalar
+from metaweight._checks import (check_flag, check_has_values, IGNORE_INDEX, forget_labels, in_dtype, integer_value,
+                               real_numbers, real_option, real_scalar)
 from metaweight._clipping import ClipGradNorm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -345,6 +346,9 @@ class HarmonizedWeighter(NamedWeights):
     def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:
         active = self._terms.active.cpu()
         n = self._terms.num_terms
+        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
+            raise TypeError(f"`generator` should be None or a CPU torch.Generator (init='random' draws on the CPU), "
+                            f"e.g. torch.Generator().manual_seed(0). Found {generator!r}.")
         if isinstance(init, str):
             if init == "uniform":
                 gamma = active.float()
@@ -364,14 +368,19 @@ class HarmonizedWeighter(NamedWeights):
             else:
                 raise ValueError(f"Invalid init: {init!r}. Expected one of {INITS} or a tensor of {n} weights.")
             return gamma
-        gamma = torch.as_tensor(init, dtype=torch.float32).detach().clone().cpu()
-        if gamma.shape != (n,):
+        check_has_values(init, "`init`", "setting the initial weights")
+        values = real_numbers(init)
+        if values is None:
+            raise TypeError(f"Invalid init: {init!r}. Expected one of {INITS}, or {n} real numbers >= 0, one weight "
+                            f"per term {self._terms.term_names} (a list, a 1-d NumPy array or a 1-d tensor).")
+        if len(values) != n:
             raise ValueError(
                 f"`init` should hold one weight per term, shape ({n},) for terms {self._terms.term_names}. "
-                f"Found shape {tuple(gamma.shape)}."
+                f"Found {len(values)} weights."
             )
-        if not torch.isfinite(gamma).all() or (gamma < 0).any():
-            raise ValueError(f"`init` weights should be finite and >= 0. Found {gamma.tolist()}.")
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"`init` weights should be finite and >= 0. Found {values}.")
+        gamma = in_dtype(values, torch.float32, "init")
         inactive = [name for name, a, g in zip(self._terms.term_names, active, gamma) if not a and g != 0]
         if inactive:
             raise ValueError(

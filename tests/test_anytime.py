@@ -141,3 +141,23 @@ def test_to_device_moves_objects_that_move_themselves_by_their_own_to():
     assert to_device([Graph(torch.ones(2))], "meta")[0].x.is_meta
     layer = torch.nn.Linear(2, 2)
     assert to_device((layer,), "meta")[0] is layer and not layer.weight.is_meta
+
+
+def test_topk_not_below_the_number_of_classes_is_left_out_by_default_and_refused_when_asked():
+    """The default topk=(1, 5) reported top-5 = 100% at every exit with 5 or fewer classes, whatever
+    the model predicts. By default such a k is left out; asked for explicitly, it is refused (top-1
+    always kept); a repeated k is reported once. Counted against the brute-force ranks."""
+    for C in (1, 2, 4, 5, 6, 10):
+        logits, labels = torch.randn(3, 20, C), torch.randint(0, C, (20,))
+        result = mw.anytime_accuracy_from_logits(logits, labels)
+        assert list(result.accuracy) == ([1, 5] if C > 5 else [1]), C
+        for k in result.accuracy:
+            assert result.accuracy[k] == pytest.approx(brute_force_topk(logits, labels, k))
+        net = mw.MultiExit([torch.nn.Identity()] * 3, [torch.nn.Identity()] * 3)
+        assert list(mw.anytime_accuracy(net, [(logits[0], labels)]).accuracy) == list(result.accuracy)
+        for topk in [(1, C)] * (C > 1) + [(C + 1,), (2, 1, 5)] * (C <= 5):
+            with pytest.raises(ValueError, match=rf"Invalid topk.*{C} classes.*100%"):
+                mw.anytime_accuracy_from_logits(logits, labels, topk=topk)
+            with pytest.raises(ValueError, match=rf"Invalid topk.*{C} classes.*100%"):
+                mw.anytime_accuracy(net, [(logits[0], labels)], topk=topk)
+    assert list(mw.anytime_accuracy_from_logits(logits, labels, topk=(5, 1, 5)).accuracy) == [5, 1]

@@ -286,3 +286,52 @@ def test_a_numpy_integer_num_exits_is_a_declaration():
     x = torch.randn(5, 4)
     exits = mw.attach_exits(_DeclaresExits(np.int64(2)), ["body"], [nn.Linear(4, 3)], example_input=x)
     assert exits.num_exits == 3 and len(exits(x)) == 3
+
+
+class _KeywordNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x, scale=1.0):  # unannotated: a dict could be what it reads
+        return self.out(self.b(self.a(x) * scale))
+
+
+class _ReadsDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, batch):
+        return self.out(self.a(batch["features"]))
+
+
+def test_a_dict_whose_keys_the_forward_does_not_take_is_explained_at_every_entry():
+    """Through attach_exits' wrapper, a dict batch whose keys are not the forward's parameters went to
+    the forward as its one argument and torch failed inside (``linear(): argument 'input' must be
+    Tensor, not dict``), where MultiExit's annotated forward gets the library's message. Every entry
+    that runs the model (collect_logits, anytime_accuracy, EarlyExit, the wrapper itself) now says
+    which keys are not parameters and how inputs are passed; a forward that does read a dict still
+    runs, and an error of the model's own is left as it is."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 6), torch.zeros(4, dtype=torch.long)
+    models = [mw.attach_exits(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)), ["0"], [nn.Linear(8, 3)]),
+              mw.attach_exits(_KeywordNet(), ["a"], [nn.Linear(8, 3)])]
+    for model in models:
+        model.eval()
+        before = copy.deepcopy(model.state_dict())
+        for call in (lambda: mw.collect_logits(model, [({"y": x}, y)]),
+                     lambda: mw.anytime_accuracy(model, [({"y": x}, y)], topk=(1,)),
+                     lambda: mw.EarlyExit(model, [0.5, 0.0])({"y": x}),
+                     lambda: model({"y": x})):
+            with pytest.raises(TypeError, match=r"a dict with keys \['y'\], of which \['y'\] are not parameters of "
+                                                r"the forward.*Name the keys after the forward's parameters"):
+                call()
+        torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+    keyword = models[1]
+    assert torch.equal(mw.EarlyExit(keyword, [0.5, 0.0])({"x": x, "scale": 2.0})[0],
+                       mw.EarlyExit(keyword, [0.5, 0.0])(x, scale=2.0)[0])
+    reads = mw.attach_exits(_ReadsDict(), ["a"], [nn.Linear(8, 3)]).eval()
+    assert mw.collect_logits(reads, [({"features": x}, y)])[0].shape == (2, 4, 3)
+    with pytest.raises(KeyError):  # the model's own error, not rewritten
+        mw.collect_logits(reads, [({"y": x}, y)])

@@ -1,7 +1,9 @@
 """One rule for flags, integers and lists of numbers at every public argument: NumPy's bools,
 integers and floats, NumPy arrays and tensors are accepted where Python's are, and refused alike
 where they are not numbers (bools for numbers, NaN, strings)."""
+import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -79,3 +81,48 @@ def test_plot_anytime_refuses_accuracies_that_are_not_percentages(tmp_path):
         with pytest.raises(ValueError, match=r"percentage in \[0, 100\]"):
             mw.plot_anytime({"a": mw.AnytimeResult({1: accuracy}, 10)}, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def _vector_entries():
+    """Every public entry that takes a list of numbers (thresholds, temperatures, costs, a
+    distribution, bounds, initial weights): a call taking the list, and a list it takes."""
+    net = mw.MultiExit([torch.nn.Linear(4, 4)] * 2, [torch.nn.Linear(4, 3)] * 2).eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    z, y = torch.randn(2, 6, 3), torch.arange(6) % 3
+
+    def weighter(cls, **options):
+        return lambda v: cls(net, opt, mw.DenseDistillLoss(2), **{next(iter(options)): v})
+
+    return net, opt, [
+        ("thresholds", [0.5, 0.0], lambda v: mw.EarlyExit(net, v)),
+        ("thresholds", [0.5, 0.0], lambda v: mw.exit_assignment(z, v)),
+        ("thresholds", [0.5, 0.0], lambda v: mw.evaluate_thresholds(z, y, v, [1.0, 2.0])),
+        ("costs", [1.0, 2.0], lambda v: mw.evaluate_thresholds(z, y, [0.5, 0.0], v)),
+        ("costs", [1.0, 2.0], lambda v: mw.thresholds_for_budget(z, y, v, 1.5, iterations=3)),
+        ("distribution", [0.5, 0.5], lambda v: mw.find_thresholds(z, v)),
+        ("temperatures", [1.5, 2.0], lambda v: mw.EarlyExit(net, [0.5, 0.0], temperatures=v)),
+        ("min_losses", [0.5, 0.5, 0.0], weighter(mw.FAMO, min_losses=None)),
+        ("init", [0.5, 0.5, 0.0], weighter(mw.HarmonizedWeighter, init=None)),
+    ]
+
+
+def test_lists_of_numbers_are_refused_alike_at_every_entry():
+    """EarlyExit read its thresholds with torch.as_tensor: bools taken as 1 and 0, a complex number's
+    imaginary part dropped (with torch's warning), where exit_assignment refused them. Every entry
+    taking a list of numbers reads it by one rule, and refuses these naming the argument, with no
+    torch error or warning, changing nothing."""
+    net, opt, entries = _vector_entries()
+    before = copy.deepcopy((net.state_dict(), opt.state_dict()))
+    for name, good, call in entries:
+        call(good)
+        n = len(good)
+        bad = [[True] * n, torch.ones(n, dtype=torch.bool), np.array([0.5 + 3j] + [0.0] * (n - 1)),
+               ["0.5"] * n, torch.tensor(good).to_sparse(), [10**400] + good[1:], np.array(good, dtype=object),
+               [torch.tensor([0.5])] * n]
+        for value in bad:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with pytest.raises((TypeError, ValueError), match=name) as info:
+                    call(value)
+            assert type(info.value) in (TypeError, ValueError), (name, value)
+    torch.testing.assert_close(copy.deepcopy((net.state_dict(), opt.state_dict())), before, rtol=0, atol=0)

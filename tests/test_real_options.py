@@ -100,7 +100,10 @@ def test_real_options_refuse_bad_values_alike(name, call, good, bad):
     for value in _forms(bad):
         # the same refusal, the value shown as it came
         assert _message(call, value) == (kind, message.replace(repr(bad), repr(value), 1)), (name, value)
-    for value in (True, np.bool_(False), str(good), torch.tensor([good, good]), torch.tensor(1 + 0.5j)):
+    for value in (True, np.bool_(False), str(good), torch.tensor([good, good]), torch.tensor(1 + 0.5j),
+                  # past float's range, sparse, and a number with a dimension (tensor and array alike)
+                  10**400, -10**400, torch.tensor(good).to_sparse(), torch.tensor([good]).to_sparse(),
+                  torch.tensor([good]), np.array([good])):
         with pytest.raises((ValueError, TypeError), match=name):
             call(value)
     after = _state()

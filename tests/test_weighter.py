@@ -1,6 +1,7 @@
 """HarmonizedWeighter: the meta-gradient against independent references, and what it must not touch."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -264,3 +265,26 @@ def test_one_record_for_meta_step_step_and_hooks():
     assert w.callbacks == [seen.append]
     with pytest.raises(TypeError, match="hook"):
         w.register_meta_step_hook("print")
+
+
+def test_weights_that_float32_cannot_hold_and_bad_generators_are_refused():
+    """HarmonizedWeighter stored init=[1e-50, 1, 1] as [0, 1, 1] (its first term silently switched
+    off) and 1e39 as inf; generator=5 with init='random' gave torch's own error. Every weighting
+    that stores given weights in float32 (the initial gamma, FAMO's bounds, the SDN schedule's
+    C_k) refuses a number float32 turns to 0 or inf, naming it."""
+    net = tiny_net(num_exits=2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = copy.deepcopy((net.state_dict(), opt.state_dict()))
+    calls = [("init", lambda v: mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), init=[v, 1.0, 1.0])),
+             ("min_losses", lambda v: mw.FAMO(net, opt, mw.DenseDistillLoss(2), min_losses=[v, 0.0, 0.0])),
+             ("max_weights", lambda v: mw.SDNSchedule(net, opt, mw.DenseDistillLoss(2), epochs=2, steps_per_epoch=2,
+                                                      max_weights={"ce[1]": v}))]
+    for name, call in calls:
+        call(1e-30)  # small, but a float32
+        for value in (1e-50, 1e39) if name != "max_weights" else (1e-50,):  # (C_k is at most 1e6)
+            with pytest.raises(ValueError, match=rf"`{name}` holds {re.escape(repr(value))} \(stored as (0.0|inf)\)"):
+                call(value)
+    for generator in (5, "x", torch.Generator().get_state()):
+        with pytest.raises(TypeError, match="`generator` should be None or a CPU torch.Generator"):
+            mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), init="random", generator=generator)
+    torch.testing.assert_close(copy.deepcopy((net.state_dict(), opt.state_dict())), before, rtol=0, atol=0)
