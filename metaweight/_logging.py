@@ -186,6 +186,20 @@ def _continued_log(step: float, logs: list[tuple[bool, list[float]]]) -> tuple[i
     return None, False, resumable
 
 
+def _went_back(last_step: float | None, first_logged: float | None, step: float) -> str | None:
+    """The one rule both loggers follow at a record after their first, closed or not in between:
+    whether ``step`` goes back in the log this logger wrote (its last step ``last_step``, its first
+    ``first_logged``). ``None``: it does not (the record is appended); ``"rolled back"``: a weighter
+    rolled back to a checkpoint, the steps at or after ``step`` are undone; ``"new run"``: every step
+    logged would go (e.g. a new weighter counting from 1 with the same logger), so the record goes to a
+    new log, the old one kept whole. Whether a writer is open at that moment plays no part."""
+    if last_step is None or step > last_step:
+        return None
+    if first_logged is not None and first_logged >= step:
+        return "new run"
+    return "rolled back"
+
+
 def _fresh(path: Path, suffix: str = "") -> Path:
     """The first of ``stem-2``, ``stem-3``, ... beside ``path`` that neither exists nor is held."""
     stem = path.name[:-len(suffix)] if suffix and path.name.endswith(suffix) else path.name
@@ -427,7 +441,7 @@ class CSVLogger:
         if went_back:  # in this process
             kept = _before(lines, step)
             logged = _readable(lines)
-            if logged and min(logged) >= step:  # every row would go: not a rollback to a checkpoint, a new run
+            if _went_back(self._last_step, min(logged, default=None), step) == "new run":
                 new = _fresh(path, path.suffix)
                 return new, fields, [], [
                     f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {path} and now gets "
@@ -606,7 +620,10 @@ class TensorBoardLogger:
 
     :meth:`close` closes the writer and gives the folder up; a record after it takes the folder
     back with a new writer if it is free, and is skipped with a warning if another logger of this
-    process now writes there (two writers on one folder would interleave two runs).
+    process now writes there (two writers on one folder would interleave two runs). A record taken
+    back this way is judged as one without ``close()`` in between: one that goes back to before all
+    this logger wrote is a new run (to ``NAME-2``, with a warning), one that goes back less is a
+    weighter rolled back to a checkpoint (only its undone steps hidden), as :class:`CSVLogger` does.
 
     Args:
         log_dir_or_writer: a log folder, or an existing ``torch.utils.tensorboard.SummaryWriter``
@@ -802,12 +819,13 @@ class TensorBoardLogger:
                       f"iteration {step} was not logged by it.")
             return
         terms = {self.prefix + tag for tag in flat if tag.startswith("gamma/")}
-        if self._log_dir is not None and self._writer is not None and self._last_step is not None \
-                and step <= self._last_step:  # went back in this process: CSVLogger's rule
-            old = Path(self._log_dir)
-            self._writer.close()
-            self._writer = None
-            if self._floor is not None and self._floor >= step:  # every point would be hidden: a new run
+        back = _went_back(self._last_step, self._floor, step) if self._log_dir is not None else None
+        if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
+            old = Path(self._log_dir)  # type: ignore[arg-type]
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None  # the new writer purges the undone steps from view
+            if back == "new run":  # every point would be hidden
                 self._divert(old, f"This TensorBoardLogger logged steps {self._floor} to {self._last_step} to "
                                   f"{old} and now gets step {step}: every point would be hidden as undone, so this "
                                   f"is a new run (e.g. a new weighter counting from 1 with the same logger), not a "

@@ -381,3 +381,38 @@ def test_a_tensorboard_logger_handed_to_a_new_run_keeps_the_old_one_apart_as_csv
     said = heard(lambda: logger(record(2)))  # rolled back to the checkpoint at 1: step 2 again, 3 undone
     logger.close()
     assert said == [] and _shown(folder) == [1, 2, 3, 4, 5] and _shown(tmp_path / "tb-2") == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_a_logger_reused_after_close_goes_back_by_the_same_rule_as_without_close(tmp_path, kind):
+    """close() in between changes nothing of the "went back" rule: the same logger handed to a new run
+    (counting from 1 again) keeps the old run whole and goes to NAME-2 with a warning; one rolled back to a
+    checkpoint after close() drops (hides) only the undone steps, with no warning."""
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+        import time
+
+        folder = tmp_path / "tb"
+        make, shown, where = mw.TensorBoardLogger, _shown, (lambda logger: logger.log_dir)
+    else:
+        import time
+
+        folder = tmp_path / "tb.csv"
+        make, where = mw.CSVLogger, (lambda logger: str(logger.path))
+        shown = lambda path: [int(s) for s in _steps(path)]  # noqa: E731
+    logger = make(folder)
+    [logger(record(i)) for i in range(1, 6)]
+    logger.close()
+    time.sleep(1.1)  # event files are named by the second they were opened: keep them in order
+    said = heard(lambda: [logger(record(i)) for i in (1, 2)])  # a new run, same logger, after close()
+    logger.close()
+    new = tmp_path / ("tb-2" if kind == "tensorboard" else "tb-2.csv")
+    assert len(said) == 1 and "new run" in said[0] and where(logger) == str(new)
+    assert shown(folder) == [1, 2, 3, 4, 5] and shown(new) == [1, 2]
+    rolled = make(tmp_path / ("r" if kind == "tensorboard" else "r.csv"))
+    [rolled(record(i)) for i in range(1, 6)]
+    rolled.close()
+    time.sleep(1.1)
+    said = heard(lambda: rolled(record(3)))  # rolled back to the checkpoint at 2: 3-5 undone
+    rolled.close()
+    assert said == [] and shown(where(rolled)) == [1, 2, 3] and where(rolled).endswith(("r", "r.csv"))
