@@ -805,8 +805,9 @@ class TensorBoardLogger:
         folder, logged = logs[chosen]
         self._floor = min(logged) if logged else None
         hidden = sorted({s for s in logged if s >= step}) if resumed else []
-        said = (f" hiding from view its {len(hidden)} steps {hidden[0]} to {hidden[-1]} (steps taken after that "
-                f"checkpoint, undone; TensorBoard's purge_step: no event file is deleted, they are only hidden)"
+        said = (f" hiding from view the points of its {len(hidden)} step{'s' if len(hidden) > 1 else ''} "
+                f"{hidden[0]} to {hidden[-1]} (taken after that checkpoint, undone; TensorBoard's purge_step: no "
+                f"event file is deleted, they are only hidden)"
                 if hidden else "")
         if folder != old:
             _release(old, self)
