@@ -8,7 +8,9 @@ root of a metaweight checkout only), and
 prints the path of every file written. Plot files already in ``--out`` (from an earlier command)
 stop the command unless ``--overwrite`` is given: they may be plots of other result files. Every run is labelled by its method; runs of one
 method by their folder too (``hdkd (s0)``, ``hdkd (s1)``), so none hides another. A missing or
-malformed result file, results that cannot be plotted together (different numbers of exits) or an
+malformed result file (``num_samples`` not a positive integer, a ``top<k>`` key without a positive
+``k``, loss-weight snapshots whose steps do not increase or terms named twice), a file with nothing to
+plot (none of the entries above), results that cannot be plotted together (different numbers of exits) or an
 ``--out`` that is not a folder (or a file name too long for it) stop the command with a message naming it (status 2), before
 anything is written.
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 from metaweight._anytime import AnytimeResult
 from metaweight._budget import BudgetCurve
+from metaweight._checks import integer_value
 from metaweight._plots import (_check_anytime, _check_budget_curves, _check_gamma_history, plot_anytime,
                                plot_budget_curves, plot_gamma_history)
 
@@ -75,6 +78,30 @@ def _parse(file: str, what: str, parser: argparse.ArgumentParser, make: Any) -> 
                      f"examples/train.py --out wrote?")
 
 
+_PLOTTED = ("budget", "test", "gamma_history")  # the entries of a result file this command plots
+
+
+def _anytime(test: Any) -> AnytimeResult:
+    """The ``test`` entry of a result file as an :class:`AnytimeResult`: ``num_samples`` a positive
+    integer and each ``top<k>`` key a positive ``k``, refused (``ValueError``) rather than rounded."""
+    num_samples = test["num_samples"]
+    if integer_value(num_samples) is None or num_samples < 1:
+        raise ValueError(f"'num_samples' should be a positive integer (how many samples were scored). Found "
+                         f"{num_samples!r}.")
+    accuracy = {}
+    for key, values in test.items():
+        if not key.startswith("top"):
+            continue
+        k = key[3:]
+        if not (k.isascii() and k.isdigit()) or int(k) < 1:
+            raise ValueError(f"{key!r} is not a top-k accuracy key: they are 'top1', 'top5', ... (k a positive "
+                             f"integer).")
+        accuracy[int(k)] = list(values)
+    if not accuracy:
+        raise ValueError("it holds no top-k accuracy ('top1', 'top5', ...).")
+    return AnytimeResult(accuracy, int(num_samples))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; a bad argument or result file exits with a message naming it (status 2)."""
     parser = argparse.ArgumentParser(prog="python -m metaweight", description=__doc__,
@@ -102,9 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     curves = {n: _parse(f, "budget", plot, lambda d=d: BudgetCurve.from_dict(d["budget"]))
               for n, (f, d) in runs.items() if "budget" in d}
-    anytime = {n: _parse(f, "test", plot, lambda d=d: AnytimeResult(
-        {int(k[3:]): list(v) for k, v in d["test"].items() if k.startswith("top")}, int(d["test"]["num_samples"])))
-        for n, (f, d) in runs.items() if "test" in d}
+    empty = [f for f, d in runs.values() if not any(d.get(key) for key in _PLOTTED)]
+    if empty:
+        plot.error(f"nothing to plot in {', '.join(empty)}: it holds no {', '.join(map(repr, _PLOTTED))} entry (or "
+                   f"only empty ones), the entries this command plots; nothing was written. Pass result files "
+                   f"examples/train.py --out wrote.")
+    anytime = {n: _parse(f, "test", plot, lambda d=d: _anytime(d["test"]))
+               for n, (f, d) in runs.items() if "test" in d}
     histories = {n: _parse(f, "gamma_history", plot, lambda d=d: (
         [h["step"] for h in d["gamma_history"]], [h["gamma"] for h in d["gamma_history"]], d["term_names"]))
         for n, (f, d) in runs.items() if d.get("gamma_history")}

@@ -166,24 +166,49 @@ def _continued_log(step: float, logs: list[tuple[bool, list[float]]]) -> tuple[i
     steps it holds): the path first, then the ``NAME-2``, ``NAME-3``, ... beside it where new runs were
     diverted, those of the same loss terms only. Returns the index of the log to continue (``None``:
     divert the run to a new log), whether that log's steps at or after ``step`` are undone (a resumed
-    run: a CSV drops those rows, TensorBoard purges them from view), and the indices of the logs that
-    hold steps both before and at or after ``step``. See :class:`CSVLogger` for the rule in words."""
+    run: a CSV drops those rows, TensorBoard purges them from view), and, when no log is continued, the
+    indices of the logs that could each have been this run's (two or more: ambiguous; none: a new run).
+    See :class:`CSVLogger` for the rule in words."""
     def leads_here(steps: list[float]) -> bool:  # its last step is one of its own strides before this record
         logged = sorted(steps)
         stride = max([b - a for a, b in zip(logged, logged[1:])] or [1.0])
         return bool(logged) and 0 < step - logged[-1] <= stride
 
     # a log whose steps all end before this record continues with nothing undone: the path, or a diverted
-    # log that leads here; the one that ends nearest before it (the path first, then NAME-2, ... on a tie)
+    # log that leads here; of several, those that lead here (the path counts only if it does)
     clean = [i for i, (is_path, steps) in enumerate(logs) if _last(steps) < step and (is_path or leads_here(steps))]
-    if clean:
-        return max(clean, key=lambda i: _last(logs[i][1])), False, []  # max: the first of the nearest
-    # a log with steps before this record and at or after it: a run resumed from its checkpoint, whose undone
-    # steps go; only if exactly one log can be that run's, else nothing is undone anywhere
+    if len(clean) > 1:
+        clean = [i for i in clean if leads_here(logs[i][1])]
+    # a log with steps before this record and at or after it: a run resumed from its checkpoint, whose
+    # undone steps go
     resumable = [i for i, (_, steps) in enumerate(logs) if steps and min(steps) < step <= _last(steps)]
-    if len(resumable) == 1:
-        return resumable[0], True, resumable
-    return None, False, resumable
+    candidates = clean + resumable
+    if len(candidates) != 1:  # none: a new run; several: any could be this run's, so none is touched
+        return None, False, candidates
+    return candidates[0], bool(resumable), []
+
+
+def _candidates_said(step: float, logs: list[tuple[Any, list[float]]], unit: str) -> str:
+    """The logs that could each be a run's whose first record is ``step``, named with why, for a warning."""
+    said = []
+    for name, steps in logs:
+        how = "before and after it" if _last(steps) >= step else "leading to it"
+        said.append(f"{name} ({unit}s {min(steps):g} to {max(steps):g}, {how})")
+    return ", ".join(said)
+
+
+def _went_back(last_step: float | None, first_logged: float | None, step: float) -> str | None:
+    """The one rule both loggers follow at a record after their first, closed or not in between:
+    whether ``step`` goes back in the log this logger wrote (its last step ``last_step``, its first
+    ``first_logged``). ``None``: it does not (the record is appended); ``"rolled back"``: a weighter
+    rolled back to a checkpoint, the steps at or after ``step`` are undone; ``"new run"``: every step
+    logged would go (e.g. a new weighter counting from 1 with the same logger), so the record goes to a
+    new log, the old one kept whole. Whether a writer is open at that moment plays no part."""
+    if last_step is None or step > last_step:
+        return None
+    if first_logged is not None and first_logged >= step:
+        return "new run"
+    return "rolled back"
 
 
 def _fresh(path: Path, suffix: str = "") -> Path:
@@ -218,15 +243,18 @@ class CSVLogger:
     new runs on ``path`` were diverted: a diverted run resumed with the same code asks for
     ``path`` again), those of the same loss terms (``gamma/`` columns). Of these, in order:
 
-    1. a log whose rows all end before the record is continued, nothing dropped: ``path``, or a
-       diverted log whose last row is at most one of its own strides (the largest gap between its
-       rows) before the record; of several, the one that ends nearest before it (``path`` first
-       on a tie);
-    2. else, if exactly one log holds rows both before and at or after the record, it is taken
-       for the run resumed from its checkpoint, and its rows at or after the record are dropped,
-       with a ``RuntimeWarning`` that says how many and which iterations;
-    3. else (no log with rows before the record: a new run; or two logs that could each be the
-       run resumed) nothing is dropped anywhere: the run is diverted as below.
+    1. a log whose rows all end before the record could be continued, nothing dropped: ``path``,
+       or a diverted log whose last row is at most one of its own strides (the largest gap between
+       its rows) before the record (of several, only those that lead there so: ``path`` counts
+       then only if it does too);
+    2. a log that holds rows both before and at or after the record could be the run resumed
+       from its checkpoint, its rows at or after the record dropped;
+    3. if exactly one log could be this run's by 1 or 2, it is taken (a resumed one with a
+       ``RuntimeWarning`` that says how many rows and which iterations were dropped); if none
+       (a new run) or several (e.g. run A's log 1-10 and a run diverted from it to ``NAME-2``
+       with 1-3, for a record at 4: A resumed at its checkpoint, or the other continued?) nothing
+       is written to any of them: the run is diverted as below, and the warning names the
+       candidates.
 
     Only rows whose iteration can be read count (a blank line, or a row edited by hand, decides
     nothing; blank lines are left out when the file is rewritten). A run that must not touch an
@@ -427,7 +455,7 @@ class CSVLogger:
         if went_back:  # in this process
             kept = _before(lines, step)
             logged = _readable(lines)
-            if logged and min(logged) >= step:  # every row would go: not a rollback to a checkpoint, a new run
+            if _went_back(self._last_step, min(logged, default=None), step) == "new run":
                 new = _fresh(path, path.suffix)
                 return new, fields, [], [
                     f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {path} and now gets "
@@ -503,10 +531,11 @@ class CSVLogger:
                    f"record is iteration {step:g}: every row would be dropped as undone, so this is a new run, not "
                    f"one resumed from a checkpoint.")
         else:
-            why = (f"This run's first record is iteration {step:g}, and the logs "
-                   f"{', '.join(str(c[0]) for c in resumable)} each hold rows before and after it: any of them could "
-                   f"be the run resumed here, so none is cut (rows are dropped at a resume only when one log can be "
-                   f"this run's).")
+            named = _candidates_said(step, [(c[0], _readable(c[2])) for c in resumable], "iteration")
+            why = (f"This run's first record is iteration {step:g}, and the logs {named} could each be this run's "
+                   f"(continued, or resumed from a checkpoint): writing to one would put this run's rows into "
+                   f"another run's log, so none is continued and none is cut (a log is continued only when "
+                   f"exactly one can be this run's).")
         return new, fields, [], [f"{why} {_diverted(path, new)}"]
 
     def _append(self, fields: list[str], row: dict[str, float]) -> None:
@@ -583,10 +612,11 @@ class TensorBoardLogger:
     file. Which folder a first record continues, and whether it hides anything, follows
     :class:`CSVLogger`'s rule, over the folder asked for and the ``NAME-2``, ``NAME-3``, ... beside
     it (where new runs were diverted), those with the same ``gamma/`` tags: a run diverted to
-    ``tb-2`` and resumed with the folder ``tb`` continues ``tb-2`` and hides nothing of ``tb``. A
-    new run on a folder holding another run's events (other loss terms, every one of its points
-    at or after the first record's iteration, or a first record that two folders could each be
-    resumed at) would hide another run: the logger then leaves the folder as it is, writes to the
+    ``tb-2`` and resumed with the folder ``tb`` continues ``tb-2`` and hides nothing of ``tb``.
+    Steps hidden at a resume are named in a ``RuntimeWarning``. A
+    new run on a folder holding another run's events (other loss terms or another ``prefix``,
+    every one of its points at or after the first record's iteration, or a first record that two
+    folders could each take) would hide or join another run: the logger then leaves the folder as it is, writes to the
     first free ``NAME-2``, ``NAME-3``, ... beside it and warns (it cannot refuse then: the
     weighter hands the record over after its step). The :attr:`writer` asked for before the first record is judged the same way: made then,
     it cannot purge, so on a folder holding events it goes to ``NAME-2`` too, with a warning.
@@ -606,7 +636,10 @@ class TensorBoardLogger:
 
     :meth:`close` closes the writer and gives the folder up; a record after it takes the folder
     back with a new writer if it is free, and is skipped with a warning if another logger of this
-    process now writes there (two writers on one folder would interleave two runs).
+    process now writes there (two writers on one folder would interleave two runs). A record taken
+    back this way is judged as one without ``close()`` in between: one that goes back to before all
+    this logger wrote is a new run (to ``NAME-2``, with a warning), one that goes back less is a
+    weighter rolled back to a checkpoint (only its undone steps hidden), as :class:`CSVLogger` does.
 
     Args:
         log_dir_or_writer: a log folder, or an existing ``torch.utils.tensorboard.SummaryWriter``
@@ -757,19 +790,25 @@ class TensorBoardLogger:
         chosen, resumed, resumable = _continued_log(step, [(f == old, [float(s) for s in s_]) for f, s_ in logs])
         if chosen is None:
             if not same_terms:
-                why = (f"its loss terms ({sorted(gammas({t for _, t in events}))}) are not this run's "
-                       f"({sorted(terms)}): another run; logging here would mix them.")
+                why = self._other_terms(events, terms)
             elif not resumable:
                 why = (f"this run's first record is step {step}: it would hide that whole run, so this is a new "
                        f"run, not one resumed from a checkpoint.")
             else:
-                why = (f"this run's first record is step {step}, and the folders "
-                       f"{', '.join(str(logs[i][0]) for i in resumable)} each hold steps before and after it: any "
-                       f"of them could be the run resumed here, so none is hidden (steps are hidden at a resume "
-                       f"only when one folder can be this run's).")
+                named = _candidates_said(step, [(logs[i][0], [float(s) for s in logs[i][1]]) for i in resumable],
+                                         "step")
+                why = (f"this run's first record is step {step}, and the folders {named} could each be this run's "
+                       f"(continued, or resumed from a checkpoint): writing to one would put this run's points "
+                       f"into another run, so none is continued and none is hidden (a folder is continued only "
+                       f"when exactly one can be this run's).")
             return self._divert(old, seen + why)
-        folder = logs[chosen][0]
-        self._floor = min(logs[chosen][1]) if logs[chosen][1] else None
+        folder, logged = logs[chosen]
+        self._floor = min(logged) if logged else None
+        hidden = sorted({s for s in logged if s >= step}) if resumed else []
+        said = (f" hiding from view the points of its {len(hidden)} step{'s' if len(hidden) > 1 else ''} "
+                f"{hidden[0]} to {hidden[-1]} (taken after that checkpoint, undone; TensorBoard's purge_step: no "
+                f"event file is deleted, they are only hidden)"
+                if hidden else "")
         if folder != old:
             _release(old, self)
             _hold(folder, self)
@@ -777,10 +816,30 @@ class TensorBoardLogger:
             warn_user(f"The TensorBoard folder {old} is not this run's continuation (its steps or loss terms do not "
                       f"lead to step {step}), but {folder}, where a new run on {old} was diverted, "
                       f"{'holds steps before and after it' if resumed else 'leads to it'}: taken for that run "
-                      f"resumed, this run continues {folder}"
-                      f"{f' (hiding its steps from {step} on, undone)' if resumed else ''}. {old} was left as it "
-                      f"is.")
+                      f"resumed, this run continues {folder}{',' if said else ''}{said}. {old} was left as it is.")
+        elif hidden:
+            warn_user(f"The TensorBoard folder {folder} holds steps up to {hidden[-1]}, and this run's first record "
+                      f"is step {step}: taken for a run resumed from its checkpoint, this run continues it,{said}. "
+                      f"If this is a new run, not a resumed one, those points were another run's: give each new "
+                      f"run a folder of its own (or overwrite=True) to keep a run's points whole.")
         return step if resumed else None
+
+    def _other_terms(self, events: list[tuple[int, str]], terms: set[str]) -> str:
+        """Why a folder's events are another run's: what differs, its loss terms or only the tags' prefix."""
+        def split(tag: str) -> tuple[str, str] | None:  # (prefix, term) of a gamma tag
+            at = tag.find("gamma/")
+            return None if at < 0 else (tag[:at], tag[at + len("gamma/"):])
+
+        theirs = {p for p in map(split, {t for _, t in events}) if p is not None}
+        ours = {p for p in map(split, terms) if p is not None}
+        their_terms, our_terms = sorted({t for _, t in theirs}), sorted({t for _, t in ours})
+        their_prefixes = sorted({p for p, _ in theirs})
+        if their_terms == our_terms and their_prefixes != [self.prefix]:
+            return (f"its tags are under the prefix {', '.join(map(repr, their_prefixes))}, and this run's under "
+                    f"{self.prefix!r} (the same loss terms {our_terms}): its points and this run's would show as "
+                    f"separate charts. To continue that run, pass prefix={their_prefixes[0]!r}.")
+        return (f"its loss terms ({their_terms or 'none'}) are not this run's ({our_terms}): another run; "
+                f"logging here would mix them.")
 
     def _divert(self, old: Path, why: str) -> None:
         """Move this run to the first free ``NAME-2``, ``NAME-3``, ... beside ``old``, with a warning."""
@@ -802,12 +861,13 @@ class TensorBoardLogger:
                       f"iteration {step} was not logged by it.")
             return
         terms = {self.prefix + tag for tag in flat if tag.startswith("gamma/")}
-        if self._log_dir is not None and self._writer is not None and self._last_step is not None \
-                and step <= self._last_step:  # went back in this process: CSVLogger's rule
-            old = Path(self._log_dir)
-            self._writer.close()
-            self._writer = None
-            if self._floor is not None and self._floor >= step:  # every point would be hidden: a new run
+        back = _went_back(self._last_step, self._floor, step) if self._log_dir is not None else None
+        if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
+            old = Path(self._log_dir)  # type: ignore[arg-type]
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None  # the new writer purges the undone steps from view
+            if back == "new run":  # every point would be hidden
                 self._divert(old, f"This TensorBoardLogger logged steps {self._floor} to {self._last_step} to "
                                   f"{old} and now gets step {step}: every point would be hidden as undone, so this "
                                   f"is a new run (e.g. a new weighter counting from 1 with the same logger), not a "

@@ -254,7 +254,8 @@ def plot_gamma_history(steps: Sequence[int], gammas: Sequence[Sequence[float]], 
         ``path``.
 
     Raises:
-        ValueError: ``steps`` empty or not finite numbers, ``gammas`` not one snapshot per step, a
+        ValueError: ``steps`` empty, not finite numbers or not increasing, a term named twice in
+            ``term_names``, ``gammas`` not one snapshot per step, a
             snapshot not one weight per term, a weight not a finite number, or a ``path`` that
             cannot be written.
         TypeError: ``term_names`` not strs, ``title`` not a str.
@@ -288,9 +289,19 @@ def _check_gamma_history(steps: Any, gammas: Any, term_names: Any, path: Any, *,
         raise ValueError(f"`steps` should be a non-empty list of iterations (finite numbers: ints, floats, NumPy "
                          f"numbers or an array). Found {steps!r}.")
     steps = numbers
+    back = [(a, b) for a, b in zip(steps, steps[1:]) if b <= a]
+    if back:
+        raise ValueError(f"`steps` should increase from one snapshot to the next (one snapshot per iteration, in "
+                         f"order). Found {back[0][1]:g} after {back[0][0]:g} ({len(back)} such pair(s)): a history "
+                         f"logged twice, or of two runs joined? Pass one run's snapshots in the order they were "
+                         f"taken.")
     if isinstance(term_names, (str, bytes)) or not isinstance(term_names, Sequence) or not term_names or \
             not all(isinstance(n, str) for n in term_names):
         raise TypeError(f"`term_names` should be a non-empty list of term names (str). Found {term_names!r}.")
+    repeated = sorted({n for n in term_names if list(term_names).count(n) > 1})
+    if repeated:
+        raise ValueError(f"`term_names` should name each term once: {repeated} repeated in {list(term_names)!r}, so "
+                         f"their lines would share one label. Pass the names the loss gives its terms.")
     if isinstance(gammas, (str, bytes)) or not hasattr(gammas, "__len__") or len(gammas) != len(steps):
         raise ValueError(f"`gammas` should hold one snapshot per step ({len(steps)}). Found "
                          f"{len(gammas) if hasattr(gammas, '__len__') else type(gammas).__name__}.")

@@ -88,3 +88,38 @@ def test_plots_of_an_earlier_command_are_replaced_only_with_overwrite(tmp_path, 
     assert "already holds" in err and "--overwrite" in err and (out / "anytime.png").read_bytes() == before
     cli.main(["plot", b, "--out", str(out), "--overwrite"])
     assert (out / "anytime.png").read_bytes() != before
+
+
+_GAMMA = {"gamma_history": [{"step": 1, "gamma": [0.5, 0.5]}, {"step": 2, "gamma": [0.4, 0.6]}],
+          "term_names": ["a", "b"]}
+
+
+@pytest.mark.parametrize("entries, expected", [
+    ({}, r"nothing to plot in .*'budget', 'test', 'gamma_history'"),
+    ({"gamma_history": []}, r"nothing to plot"),
+    ({"test": {"top1": [50.0, 60.0], "num_samples": 10.7}}, r"'num_samples' should be a positive integer.*10\.7"),
+    ({"test": {"top1": [50.0, 60.0], "num_samples": 0}}, r"'num_samples' should be a positive integer.*Found 0"),
+    ({"test": {"top1": [50.0, 60.0], "num_samples": True}}, r"'num_samples' should be a positive integer"),
+    ({"test": {"top1": [50.0, 60.0], "top0": [1.0, 2.0], "num_samples": 10}}, r"'top0' is not a top-k"),
+    ({"test": {"num_samples": 10}}, r"no top-k accuracy"),
+    ({**_GAMMA, "gamma_history": [_GAMMA["gamma_history"][0]] * 2}, r"`steps` should increase.*1 after 1"),
+    ({**_GAMMA, "gamma_history": _GAMMA["gamma_history"][::-1]}, r"`steps` should increase.*1 after 2"),
+    ({**_GAMMA, "term_names": ["a", "a"]}, r"`term_names` should name each term once: \['a'\]"),
+])
+def test_a_result_file_with_nothing_or_something_wrong_to_plot_is_a_usage_error(tmp_path, capsys, entries,
+                                                                               expected):
+    """Issue 22: nothing to plot exited 0 in silence; 10.7 samples were read as 10, a top-0 accuracy, repeated
+    or decreasing steps and repeated term names were plotted as if right. Each stops with status 2, naming
+    what is wrong, and nothing is written."""
+    import re
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"config": {"method": "hdkd"}, **entries}))
+    out = tmp_path / "out"
+    err = usage_error(["plot", str(path), "--out", str(out)], capsys)
+    assert re.search(expected, err.replace("\n", " ")), err
+    assert not out.exists()
+    path.write_text(json.dumps({"config": {"method": "hdkd"}, "test": {"top1": [50.0, 60.0], "num_samples": 10},
+                                **_GAMMA}))
+    cli.main(["plot", str(path), "--out", str(out)])  # the same file made right: plotted
+    assert sorted(p.name for p in out.iterdir()) == ["anytime.png", "gamma-hdkd.png"]

@@ -221,25 +221,43 @@ def _steps(path):
 def test_a_diverted_run_resumed_on_the_old_path_continues_its_own_log(tmp_path):
     path = tmp_path / "log.csv"
     a = mw.CSVLogger(path)
+    for i in range(1, 4):  # run A: 1-3
+        a(record(i))
+    a.close()
+    b = mw.CSVLogger(path)
+    assert any("log-2.csv" in m for m in heard(lambda: [b(record(i)) for i in range(1, 6)]))  # run B: diverted
+    b.close()
+    b2 = mw.CSVLogger(path)  # run B resumed from its checkpoint at 5, with the same code
+    said = heard(lambda: (b2(record(6)), b2(record(7))))
+    assert _steps(path) == ["1", "2", "3"]  # A's log whole
+    assert _steps(tmp_path / "log-2.csv") == [str(i) for i in range(1, 8)]  # B's log whole, in one file
+    assert b2.path == tmp_path / "log-2.csv" and len(said) == 1 and "log-2.csv" in said[0]
+
+
+def test_a_first_record_that_two_logs_could_take_goes_to_a_log_of_its_own(tmp_path):
+    """Run A logs 1-10, a new run B is diverted to log-2 (1-3); a run starting at 4 may be B continued or
+    A resumed from its checkpoint at 3: it is written into neither (issue 22: A's rows went into B's log)."""
+    path = tmp_path / "log.csv"
+    a = mw.CSVLogger(path)
     for i in range(1, 11):  # run A: 1-10
         a(record(i))
     a.close()
     b = mw.CSVLogger(path)
-    assert any("log-2.csv" in m for m in heard(lambda: [b(record(i)) for i in (1, 2, 3)]))  # run B: diverted
+    heard(lambda: [b(record(i)) for i in (1, 2, 3)])  # run B: diverted to log-2.csv
     b.close()
-    b2 = mw.CSVLogger(path)  # run B resumed from its checkpoint at 3, with the same code
-    said = heard(lambda: (b2(record(4)), b2(record(5))))
-    assert _steps(path) == [str(i) for i in range(1, 11)]  # A's log whole
-    assert _steps(tmp_path / "log-2.csv") == ["1", "2", "3", "4", "5"]  # B's log whole, in one file
-    assert b2.path == tmp_path / "log-2.csv" and len(said) == 1 and "log-2.csv" in said[0]
-    b2.close()
-    a2 = mw.CSVLogger(path)  # run A resumed at 11: its own log, no warning
+    c = mw.CSVLogger(path)
+    said = heard(lambda: (c(record(4)), c(record(5))))
+    assert _steps(path) == [str(i) for i in range(1, 11)] and _steps(tmp_path / "log-2.csv") == ["1", "2", "3"]
+    assert c.path == tmp_path / "log-3.csv" and _steps(c.path) == ["4", "5"]
+    assert len(said) == 1 and "log.csv (iterations 1 to 10" in said[0] and "log-2.csv (iterations 1 to 3" in said[0]
+    c.close()
+    a2 = mw.CSVLogger(path)  # run A resumed at 11: only its own log leads there, no warning
     assert heard(lambda: a2(record(11))) == [] and _steps(path)[-1] == "11" and a2.path == path
     a2.close()
-    b3 = mw.CSVLogger(path)  # run A resumed at 9 (B's log 1-5 does not lead there): A's 9-11 are undone
-    said = heard(lambda: b3(record(9)))
-    assert b3.path == path and _steps(path) == [str(i) for i in range(1, 10)] and "3 rows" in said[0]
-    assert _steps(tmp_path / "log-2.csv") == ["1", "2", "3", "4", "5"]
+    a3 = mw.CSVLogger(path)  # run A resumed at 9 (no other log leads there): A's 9-11 are undone
+    said = heard(lambda: a3(record(9)))
+    assert a3.path == path and _steps(path) == [str(i) for i in range(1, 10)] and "3 rows" in said[0]
+    assert _steps(tmp_path / "log-2.csv") == ["1", "2", "3"]
 
 
 def test_a_first_record_inside_two_logs_cuts_neither(tmp_path):
@@ -318,7 +336,28 @@ def _shown(folder):
 
 def test_a_diverted_tensorboard_run_resumed_on_the_old_folder_continues_its_own_folder(tmp_path):
     """As the CSVLogger's test above: run B, diverted to tb-2, resumed with the folder tb, continues tb-2
-    and never hides run A's points; run A resumed continues tb, and hides only its own undone steps."""
+    and never hides run A's points."""
+    pytest.importorskip("tensorboard")
+    import time
+
+    folder, other = tmp_path / "tb", tmp_path / "tb-2"
+    a = mw.TensorBoardLogger(folder)
+    [a(record(i)) for i in range(1, 4)]  # run A: 1-3
+    a.close()
+    b = mw.TensorBoardLogger(folder)
+    assert any("tb-2" in m for m in heard(lambda: [b(record(i)) for i in range(1, 6)]))  # run B: diverted
+    b.close()
+    time.sleep(1.1)  # event files are named by the second they were opened: keep them in order
+    b2 = mw.TensorBoardLogger(folder)  # run B resumed from its checkpoint at 5, with the same code
+    said = heard(lambda: (b2(record(6)), b2(record(7))))
+    b2.close()
+    assert _shown(folder) == [1, 2, 3]  # A's points all shown
+    assert _shown(other) == list(range(1, 8))  # B's run whole, in its own folder
+    assert b2.log_dir == str(other) and len(said) == 1 and "tb-2" in said[0]
+
+
+def test_a_first_tensorboard_record_that_two_folders_could_take_goes_to_a_folder_of_its_own(tmp_path):
+    """As CSVLogger: after A's 1-10 in tb and B's 1-3 diverted to tb-2, a run at 4 goes to neither."""
     pytest.importorskip("tensorboard")
     import time
 
@@ -327,25 +366,54 @@ def test_a_diverted_tensorboard_run_resumed_on_the_old_folder_continues_its_own_
     [a(record(i)) for i in range(1, 11)]  # run A: 1-10
     a.close()
     b = mw.TensorBoardLogger(folder)
-    assert any("tb-2" in m for m in heard(lambda: [b(record(i)) for i in (1, 2, 3)]))  # run B: diverted
+    heard(lambda: [b(record(i)) for i in (1, 2, 3)])  # run B: diverted to tb-2
     b.close()
-    time.sleep(1.1)  # event files are named by the second they were opened: keep them in order
-    b2 = mw.TensorBoardLogger(folder)  # run B resumed from its checkpoint at 3, with the same code
-    said = heard(lambda: (b2(record(4)), b2(record(5))))
-    b2.close()
-    assert _shown(folder) == list(range(1, 11))  # A's points all shown
-    assert _shown(other) == [1, 2, 3, 4, 5]  # B's run whole, in its own folder
-    assert b2.log_dir == str(other) and len(said) == 1 and "tb-2" in said[0]
+    time.sleep(1.1)
+    c = mw.TensorBoardLogger(folder)
+    said = heard(lambda: (c(record(4)), c(record(5))))
+    c.close()
+    assert _shown(folder) == list(range(1, 11)) and _shown(other) == [1, 2, 3]
+    assert c.log_dir == str(tmp_path / "tb-3") and _shown(c.log_dir) == [4, 5]
+    assert len(said) == 1 and "tb (steps 1 to 10" in said[0] and "tb-2 (steps 1 to 3" in said[0]
     time.sleep(1.1)
     a2 = mw.TensorBoardLogger(folder)  # run A resumed at 11: its own folder, no warning
     assert heard(lambda: a2(record(11))) == [] and a2.log_dir == str(folder)
     a2.close()
     time.sleep(1.1)
-    a3 = mw.TensorBoardLogger(folder)  # run A resumed at 9 (B's 1-5 does not lead there): A's 9-11 undone
-    heard(lambda: a3(record(9)))
+    a3 = mw.TensorBoardLogger(folder)  # run A resumed at 9: A's 9-11 hidden, with a warning saying so
+    said = heard(lambda: a3(record(9)))
     a3.close()
-    assert a3.log_dir == str(folder) and _shown(folder) == list(range(1, 10))
-    assert _shown(other) == [1, 2, 3, 4, 5]
+    assert a3.log_dir == str(folder) and _shown(folder) == list(range(1, 10)) and _shown(other) == [1, 2, 3]
+    assert len(said) == 1 and "3 steps 9 to 11" in said[0] and "no event file is deleted" in said[0]
+
+
+def test_a_tensorboard_resume_says_what_it_hides_as_csv_says_what_it_drops(tmp_path):
+    pytest.importorskip("tensorboard")
+    import time
+
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    [a(record(i)) for i in range(1, 6)]
+    a.close()
+    time.sleep(1.1)
+    b = mw.TensorBoardLogger(folder)  # resumed from its checkpoint at 2: 3-5 undone
+    said = heard(lambda: (b(record(3)), b(record(4))))
+    b.close()
+    assert _shown(folder) == [1, 2, 3, 4] and b.log_dir == str(folder)
+    assert len(said) == 1 and "3 steps 3 to 5" in said[0] and "no event file is deleted" in said[0]
+
+
+def test_a_tensorboard_prefix_changed_on_resume_is_named_as_what_differs(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    [a(record(i)) for i in range(1, 4)]
+    a.close()
+    b = mw.TensorBoardLogger(folder, prefix="mw/")
+    said = heard(lambda: b(record(4)))
+    b.close()
+    assert b.log_dir == str(tmp_path / "tb-2") and len(said) == 1
+    assert "prefix 'metaweight/'" in said[0] and "'mw/'" in said[0] and "[]" not in said[0]
 
 
 def test_a_first_tensorboard_record_inside_two_runs_hides_neither(tmp_path):
@@ -381,3 +449,38 @@ def test_a_tensorboard_logger_handed_to_a_new_run_keeps_the_old_one_apart_as_csv
     said = heard(lambda: logger(record(2)))  # rolled back to the checkpoint at 1: step 2 again, 3 undone
     logger.close()
     assert said == [] and _shown(folder) == [1, 2, 3, 4, 5] and _shown(tmp_path / "tb-2") == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_a_logger_reused_after_close_goes_back_by_the_same_rule_as_without_close(tmp_path, kind):
+    """close() in between changes nothing of the "went back" rule: the same logger handed to a new run
+    (counting from 1 again) keeps the old run whole and goes to NAME-2 with a warning; one rolled back to a
+    checkpoint after close() drops (hides) only the undone steps, with no warning."""
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+        import time
+
+        folder = tmp_path / "tb"
+        make, shown, where = mw.TensorBoardLogger, _shown, (lambda logger: logger.log_dir)
+    else:
+        import time
+
+        folder = tmp_path / "tb.csv"
+        make, where = mw.CSVLogger, (lambda logger: str(logger.path))
+        shown = lambda path: [int(s) for s in _steps(path)]  # noqa: E731
+    logger = make(folder)
+    [logger(record(i)) for i in range(1, 6)]
+    logger.close()
+    time.sleep(1.1)  # event files are named by the second they were opened: keep them in order
+    said = heard(lambda: [logger(record(i)) for i in (1, 2)])  # a new run, same logger, after close()
+    logger.close()
+    new = tmp_path / ("tb-2" if kind == "tensorboard" else "tb-2.csv")
+    assert len(said) == 1 and "new run" in said[0] and where(logger) == str(new)
+    assert shown(folder) == [1, 2, 3, 4, 5] and shown(new) == [1, 2]
+    rolled = make(tmp_path / ("r" if kind == "tensorboard" else "r.csv"))
+    [rolled(record(i)) for i in range(1, 6)]
+    rolled.close()
+    time.sleep(1.1)
+    said = heard(lambda: rolled(record(3)))  # rolled back to the checkpoint at 2: 3-5 undone
+    rolled.close()
+    assert said == [] and shown(where(rolled)) == [1, 2, 3] and where(rolled).endswith(("r", "r.csv"))
