@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, ValuesView
 from typing import Any, Callable
 
 import torch
@@ -216,8 +216,9 @@ def integer_value(value: object) -> int | None:
 
 
 def real_numbers(values: object) -> list[float] | None:
-    """A list of real numbers as floats: a list or tuple of numbers :func:`real_scalar` accepts
-    (Python, NumPy, 0-d tensors), a 1-d NumPy array or a 1-d tensor of reals; ``None``
+    """A list of real numbers as floats: a list, tuple or other sequence, or a dict's
+    ``.values()``, of numbers :func:`real_scalar` accepts (Python, NumPy, 0-d tensors), a 1-d
+    NumPy array or a 1-d tensor of reals; ``None``
     for anything else (a string, a dict, a bool among them, a meta tensor). The one rule for
     every list of numbers (temperatures, steps, weights, accuracies); what the numbers may be
     (finite, positive) is the caller's check."""
@@ -229,10 +230,29 @@ def real_numbers(values: object) -> list[float] | None:
         if values.ndim != 1 or values.dtype.kind not in "iuf":  # type: ignore[attr-defined]
             return None
         return [float(v) for v in values.tolist()]  # type: ignore[attr-defined]
-    if not isinstance(values, (list, tuple)):
-        return None
+    if not isinstance(values, (Sequence, ValuesView)) or isinstance(values, (str, bytes)):
+        return None  # (ordered collections only: a set has no order, a generator can be read once)
     numbers = [real_scalar(v) for v in values]
     return None if any(v is None for v in numbers) else numbers  # type: ignore[return-value]
+
+
+def per_term(values: Any, names: Sequence[str], name: str) -> Any:
+    """``values`` given one per term, in the order of ``names``: a mapping from term name to value
+    (``weighter.gamma_dict()``, as ``SDNSchedule(max_weights=)`` takes) as the list of its values
+    in that order, refused with a ``ValueError`` naming the terms it leaves out and the names it
+    has that are not terms; anything else as it came (a list, an array, a tensor: the caller
+    reads it with :func:`real_numbers`). The one reading of per-term numbers (``init``,
+    ``min_losses``)."""
+    if not isinstance(values, Mapping):
+        return values
+    unknown = [k for k in values if k not in names]
+    missing = [n for n in names if n not in values]
+    if unknown or missing:
+        raise ValueError(f"`{name}` should map every term name {list(names)} to a number. "
+                         + (f"It names {unknown}, which are not terms. " if unknown else "")
+                         + (f"It leaves out {missing}. " if missing else "")
+                         + "Give one entry per term (or a list in the order of the terms).")
+    return [values[n] for n in names]
 
 
 def real_scalar(value: object) -> float | None:
