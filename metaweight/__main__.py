@@ -10,7 +10,8 @@ stop the command unless ``--overwrite`` is given: they may be plots of other res
 method by their folder too (``hdkd (s0)``, ``hdkd (s1)``), so none hides another. A missing or
 malformed result file (``num_samples`` not a positive integer, a ``top<k>`` key without a positive
 ``k``, loss-weight snapshots whose steps do not increase or terms named twice), a file with nothing to
-plot (none of the entries above; an entry that is ``null``, ``[]`` or ``{}`` is absent, one rule for all three), results that cannot be plotted together (different numbers of exits) or an
+plot (none of the entries above; an entry that is ``null``, ``[]`` or ``{}`` is absent,
+one rule for all three), results that cannot be plotted together (different numbers of exits) or an
 ``--out`` that is not a folder (or a file name too long for it) stop the command with a message naming it (status 2), before
 anything is written.
 """

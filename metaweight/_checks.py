@@ -290,7 +290,8 @@ def lost_in(value: float, dtype: torch.dtype) -> float | None:
 def dtype_range(dtype: torch.dtype) -> str:
     """What ``dtype`` can hold, for messages: ``float32 holds non-zero magnitudes from 1.4e-45 to 3.4e+38``."""
     info = torch.finfo(dtype)
-    return f"{str(dtype).replace('torch.', '')} holds non-zero magnitudes from {info.tiny * info.eps:.3g} to {info.max:.3g}"
+    kind = str(dtype).replace("torch.", "")
+    return f"{kind} holds non-zero magnitudes from {info.tiny * info.eps:.3g} to {info.max:.3g}"
 
 
 def in_dtype(values: Sequence[float], dtype: torch.dtype, name: str) -> Tensor:
@@ -335,8 +336,8 @@ def real_option(value: object, name: str, expected: str, accept: Callable[[float
                 raise ValueError(
                     f"Invalid {name}: {value!r}. Expected {expected}, one that {kind} arithmetic can use: it computes "
                     f"with {', '.join(uses)} in {kind}, where {_USES[p].format(name)} = {used!r} becomes {stored!r} "
-                    f"({dtype_range(dtype)}). Give a value for which {', '.join(uses)} {'lie' if len(uses) > 1 else 'lies'} "
-                    f"in that range.")
+                    f"({dtype_range(dtype)}). Give a value for which {', '.join(uses)} "
+                    f"{'lie' if len(uses) > 1 else 'lies'} in that range.")
     return number
 
 # The labels of the current weighter step, summarised once at its start (summarize_labels) and

@@ -96,7 +96,8 @@ class FAMO(Weighting):
             bound = torch.zeros(n, dtype=torch.float32)
         else:
             check_has_values(min_losses, "`min_losses`", "FAMO")
-            values = real_numbers(per_term(min_losses, self.term_names, "min_losses"))  # bools, complex numbers, strings: not bounds
+            # bools, complex numbers, strings: not bounds
+            values = real_numbers(per_term(min_losses, self.term_names, "min_losses"))
             if values is None or len(values) != n or not all(math.isfinite(v) for v in values):
                 raise ValueError(f"`min_losses` should hold one finite lower bound per term, shape ({n},) for "
                                  f"{self.term_names}. Found {min_losses!r}.")
