@@ -10,7 +10,8 @@ stop the command unless ``--overwrite`` is given: they may be plots of other res
 method by their folder too (``hdkd (s0)``, ``hdkd (s1)``), so none hides another. A missing or
 malformed result file (``num_samples`` not a positive integer, a ``top<k>`` key without a positive
 ``k``, loss-weight snapshots whose steps do not increase or terms named twice), a file with nothing to
-plot (none of the entries above), results that cannot be plotted together (different numbers of exits) or an
+plot (none of the entries above; an entry that is ``null``, ``[]`` or ``{}`` is absent,
+one rule for all three), results that cannot be plotted together (different numbers of exits) or an
 ``--out`` that is not a folder (or a file name too long for it) stop the command with a message naming it (status 2), before
 anything is written.
 """
@@ -81,6 +82,14 @@ def _parse(file: str, what: str, parser: argparse.ArgumentParser, make: Any) -> 
 _PLOTTED = ("budget", "test", "gamma_history")  # the entries of a result file this command plots
 
 
+def _present(data: dict[str, Any], key: str) -> bool:
+    """The one rule for an entry: ``null``, ``[]`` and ``{}`` are absent (a run without a budget or
+    a loss-weight history writes nothing to plot there); anything else is plotted, or refused as
+    malformed."""
+    value = data.get(key)
+    return not (value is None or (isinstance(value, (list, dict)) and not value))
+
+
 def _anytime(test: Any) -> AnytimeResult:
     """The ``test`` entry of a result file as an :class:`AnytimeResult`: ``num_samples`` a positive
     integer and each ``top<k>`` key a positive ``k``, refused (``ValueError``) rather than rounded."""
@@ -128,17 +137,17 @@ def main(argv: list[str] | None = None) -> None:
     runs = dict(zip(_labels(files, methods), zip(args.results, datas)))
     out = Path(args.out)
     curves = {n: _parse(f, "budget", plot, lambda d=d: BudgetCurve.from_dict(d["budget"]))
-              for n, (f, d) in runs.items() if "budget" in d}
-    empty = [f for f, d in runs.values() if not any(d.get(key) for key in _PLOTTED)]
+              for n, (f, d) in runs.items() if _present(d, "budget")}
+    empty = [f for f, d in runs.values() if not any(_present(d, key) for key in _PLOTTED)]
     if empty:
         plot.error(f"nothing to plot in {', '.join(empty)}: it holds no {', '.join(map(repr, _PLOTTED))} entry (or "
                    f"only empty ones), the entries this command plots; nothing was written. Pass result files "
                    f"examples/train.py --out wrote.")
     anytime = {n: _parse(f, "test", plot, lambda d=d: _anytime(d["test"]))
-               for n, (f, d) in runs.items() if "test" in d}
+               for n, (f, d) in runs.items() if _present(d, "test")}
     histories = {n: _parse(f, "gamma_history", plot, lambda d=d: (
         [h["step"] for h in d["gamma_history"]], [h["gamma"] for h in d["gamma_history"]], d["term_names"]))
-        for n, (f, d) in runs.items() if d.get("gamma_history")}
+        for n, (f, d) in runs.items() if _present(d, "gamma_history")}
     ancestor = out
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, ValuesView
 from typing import Any, Callable
 
 import torch
@@ -216,8 +216,9 @@ def integer_value(value: object) -> int | None:
 
 
 def real_numbers(values: object) -> list[float] | None:
-    """A list of real numbers as floats: a list or tuple of numbers :func:`real_scalar` accepts
-    (Python, NumPy, 0-d tensors), a 1-d NumPy array or a 1-d tensor of reals; ``None``
+    """A list of real numbers as floats: a list, tuple or other sequence, or a dict's
+    ``.values()``, of numbers :func:`real_scalar` accepts (Python, NumPy, 0-d tensors), a 1-d
+    NumPy array or a 1-d tensor of reals; ``None``
     for anything else (a string, a dict, a bool among them, a meta tensor). The one rule for
     every list of numbers (temperatures, steps, weights, accuracies); what the numbers may be
     (finite, positive) is the caller's check."""
@@ -229,10 +230,29 @@ def real_numbers(values: object) -> list[float] | None:
         if values.ndim != 1 or values.dtype.kind not in "iuf":  # type: ignore[attr-defined]
             return None
         return [float(v) for v in values.tolist()]  # type: ignore[attr-defined]
-    if not isinstance(values, (list, tuple)):
-        return None
+    if not isinstance(values, (Sequence, ValuesView)) or isinstance(values, (str, bytes)):
+        return None  # (ordered collections only: a set has no order, a generator can be read once)
     numbers = [real_scalar(v) for v in values]
     return None if any(v is None for v in numbers) else numbers  # type: ignore[return-value]
+
+
+def per_term(values: Any, names: Sequence[str], name: str) -> Any:
+    """``values`` given one per term, in the order of ``names``: a mapping from term name to value
+    (``weighter.gamma_dict()``, as ``SDNSchedule(max_weights=)`` takes) as the list of its values
+    in that order, refused with a ``ValueError`` naming the terms it leaves out and the names it
+    has that are not terms; anything else as it came (a list, an array, a tensor: the caller
+    reads it with :func:`real_numbers`). The one reading of per-term numbers (``init``,
+    ``min_losses``)."""
+    if not isinstance(values, Mapping):
+        return values
+    unknown = [k for k in values if k not in names]
+    missing = [n for n in names if n not in values]
+    if unknown or missing:
+        raise ValueError(f"`{name}` should map every term name {list(names)} to a number. "
+                         + (f"It names {unknown}, which are not terms. " if unknown else "")
+                         + (f"It leaves out {missing}. " if missing else "")
+                         + "Give one entry per term (or a list in the order of the terms).")
+    return [values[n] for n in names]
 
 
 def real_scalar(value: object) -> float | None:
@@ -259,29 +279,65 @@ def real_scalar(value: object) -> float | None:
     return None
 
 
+def lost_in(value: float, dtype: torch.dtype) -> float | None:
+    """What ``dtype`` makes of ``value`` when it loses it, else ``None``: a non-zero number stored
+    as 0 (underflow) or a finite one stored as inf (overflow). The one rule of :func:`in_dtype`
+    and :func:`real_option`; an infinite or NaN ``value`` is the caller's to allow or refuse."""
+    stored = float(torch.tensor(value, dtype=torch.float64).to(dtype))
+    return stored if (value != 0 and stored == 0) or (math.isfinite(value) and math.isinf(stored)) else None
+
+
+def dtype_range(dtype: torch.dtype) -> str:
+    """What ``dtype`` can hold, for messages: ``float32 holds non-zero magnitudes from 1.4e-45 to 3.4e+38``."""
+    info = torch.finfo(dtype)
+    kind = str(dtype).replace("torch.", "")
+    return f"{kind} holds non-zero magnitudes from {info.tiny * info.eps:.3g} to {info.max:.3g}"
+
+
 def in_dtype(values: Sequence[float], dtype: torch.dtype, name: str) -> Tensor:
     """``values`` (finite floats, already checked) as a CPU tensor of ``dtype``, the one they are
     stored in; a number that ``dtype`` cannot hold is refused, naming ``name``: a finite one that
     becomes inf (overflow), and a non-zero one that becomes 0 (underflow: a weight of ``1e-50``
     stored as 0 would switch its term off)."""
     tensor = torch.tensor(list(values), dtype=torch.float64).to(dtype)
-    lost = [(v, float(t)) for v, t in zip(values, tensor.tolist()) if (v != 0 and t == 0) or math.isinf(t)]
+    lost = [(v, t) for v in values if (t := lost_in(v, dtype)) is not None]
     if lost:
-        info = torch.finfo(dtype)
-        raise ValueError(f"`{name}` holds {', '.join(f'{v!r} (stored as {t!r})' for v, t in lost)}: {dtype} holds "
-                         f"non-zero magnitudes from {info.tiny * info.eps:.3g} to {info.max:.3g}. Give numbers in "
-                         f"that range, or exactly 0.")
+        raise ValueError(f"`{name}` holds {', '.join(f'{v!r} (stored as {t!r})' for v, t in lost)}: "
+                         f"{dtype_range(dtype)}. Give numbers in that range, or exactly 0.")
     return tensor
 
 
-def real_option(value: object, name: str, expected: str, accept: Callable[[float], bool] = math.isfinite) -> float:
+_USES = {1: "{}", -1: "1/{}", 2: "{}²"}
+
+
+def real_option(value: object, name: str, expected: str, accept: Callable[[float], bool] = math.isfinite, *,
+                dtype: torch.dtype = torch.float32, powers: Sequence[int] = (1,)) -> float:
     """The one check of a real-number option (``temperature``, ``alpha``, ``lr``, ``max_norm``, ...): its
     value as a float when :func:`real_scalar` reads one (a Python, NumPy or 0-d tensor real) and
     ``accept`` takes it, else ``Invalid {name}: {value!r}. Expected {expected}.`` NaN fails every
-    comparison, so a range check in ``accept`` refuses it too."""
+    comparison, so a range check in ``accept`` refuses it too.
+
+    Every option is used in ``dtype`` arithmetic (float32: the weights, the losses, the logits),
+    as ``value ** p`` for each of ``powers`` (a temperature divides logits, 1/T, and scales the
+    distillation term by T², so ``(1, -1, 2)``). A finite value that ``dtype`` turns into 0 or inf
+    there (:func:`lost_in`) is refused as well, also where tiny values would be harmless (a
+    learning rate of ``1e-50``, 0 in float32, learns nothing): a number that is not the one the
+    arithmetic uses is never what was meant, and ``0`` itself stays allowed where it is."""
     number = real_scalar(value)
     if number is None or not accept(number):
         raise ValueError(f"Invalid {name}: {value!r}. Expected {expected}.")
+    if math.isfinite(number) and number != 0:
+        for p in powers:
+            used = float(torch.tensor(number, dtype=torch.float64) ** p)
+            stored = lost_in(used, dtype) if math.isfinite(used) and used != 0 else used
+            if stored is not None:
+                uses = [_USES[q].format(name) for q in powers]
+                kind = str(dtype).replace("torch.", "")
+                raise ValueError(
+                    f"Invalid {name}: {value!r}. Expected {expected}, one that {kind} arithmetic can use: it computes "
+                    f"with {', '.join(uses)} in {kind}, where {_USES[p].format(name)} = {used!r} becomes {stored!r} "
+                    f"({dtype_range(dtype)}). Give a value for which {', '.join(uses)} "
+                    f"{'lie' if len(uses) > 1 else 'lies'} in that range.")
     return number
 
 # The labels of the current weighter step, summarised once at its start (summarize_labels) and
@@ -468,6 +524,8 @@ def check_temperatures(temperatures: Any, num_exits: int) -> list[float] | None:
     if values is None or len(values) != num_exits or not all(math.isfinite(t) and t > 0 for t in values):
         raise ValueError(f"`temperatures` should be a Calibration or {num_exits} positive finite numbers, one per "
                          f"exit (a list, a NumPy array or a tensor). Found {temperatures!r}.")
+    for k, t in enumerate(values):  # logits are divided by T in float32 (score_dtype), the rule of every option
+        real_option(t, f"temperatures[{k}]", "a positive finite number", powers=(1, -1))
     return values
 
 

@@ -61,7 +61,7 @@ class DWA(Weighting):
                  nonfinite: Literal["raise", "skip"] = "raise",
                  callbacks: Sequence[Callable[[MetaStepRecord], None]] = ()) -> None:
         self.window = check_int("window", window)
-        self.temperature = check_number("temperature", temperature, strict=True)
+        self.temperature = check_number("temperature", temperature, strict=True, powers=(1, -1))  # ratio / T
         super().__init__(model, optimizer, criterion, term_names=term_names, nonfinite=nonfinite,
                          callbacks=callbacks)
         n = self._terms.num_terms

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metaweight._checks import check_has_values, in_dtype, real_numbers
+from metaweight._checks import check_has_values, in_dtype, per_term, real_numbers
 from metaweight._protocols import model_arguments
 from metaweight._record import MetaStepRecord
 from metaweight._weighting import Weighting, adam_update, check_number
@@ -69,7 +69,7 @@ class FAMO(Weighting):
         lr: the learning rate of the logits' Adam (the paper's :math:`\beta`).
         weight_decay: the logits' L2 regularisation (the paper's :math:`\gamma`).
         min_losses: :math:`L^*`, a lower bound of each term (default 0: cross-entropies and
-            distillation terms are >= 0).
+            distillation terms are >= 0): one per term, or a dict from term name to bound.
         term_names: the criterion's term names, where it has none.
         nonfinite: ``"raise"`` or ``"skip"`` a non-finite update or model step.
         callbacks: hooks called with each update's :class:`MetaStepRecord`.
@@ -84,7 +84,7 @@ class FAMO(Weighting):
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *, lr: float = 0.025,
-                 weight_decay: float = 1e-3, min_losses: Sequence[float] | Tensor | None = None,
+                 weight_decay: float = 1e-3, min_losses: Sequence[float] | Mapping[str, float] | Tensor | None = None,
                  term_names: Sequence[str] | None = None, nonfinite: Literal["raise", "skip"] = "raise",
                  callbacks: Sequence[Callable[[MetaStepRecord], None]] = ()) -> None:
         self.lr = check_number("lr", lr)
@@ -96,7 +96,8 @@ class FAMO(Weighting):
             bound = torch.zeros(n, dtype=torch.float32)
         else:
             check_has_values(min_losses, "`min_losses`", "FAMO")
-            values = real_numbers(min_losses)  # bools, complex numbers, strings: not bounds
+            # bools, complex numbers, strings: not bounds
+            values = real_numbers(per_term(min_losses, self.term_names, "min_losses"))
             if values is None or len(values) != n or not all(math.isfinite(v) for v in values):
                 raise ValueError(f"`min_losses` should hold one finite lower bound per term, shape ({n},) for "
                                  f"{self.term_names}. Found {min_losses!r}.")

@@ -95,7 +95,7 @@ class DenseDistillLoss(nn.Module):
         super().__init__()
         self.num_exits = check_num_exits(num_exits)
         temperature_value = real_option(temperature, "temperature", "a finite number > 0",
-                                        lambda v: math.isfinite(v) and v > 0)
+                                        lambda v: math.isfinite(v) and v > 0, powers=(1, -1, 2))  # logits / T, KD * T²
         if not isinstance(teachers, str) or teachers not in TEACHERS:
             raise ValueError(f"Invalid teachers: {teachers!r}. Expected one of {TEACHERS}.")
         if real_scalar(label_smoothing) is None:  # not a number at all: a type error, as before

@@ -245,18 +245,36 @@ class MisreadInputs(TypeError):
     """A forward failed on a mapping it was handed as its one argument (see :func:`mapping_misread`)."""
 
 
+def _failed_holding(error: BaseException, value: Any) -> bool:
+    """Whether the innermost Python frame of ``error``'s traceback (the code that called the torch
+    op that raised it: ``nn.Linear.forward``'s ``F.linear(input, ...)``) holds ``value`` itself."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return any(v is value for v in tb.tb_frame.f_locals.values())
+
+
 def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> TypeError | None:
     """A clear error for a forward that failed on a mapping handed to it as its one positional
     argument (its keys not the forward's keyword parameters, its first parameter not annotated, so
-    :func:`check_one_input` could not refuse it up front), when torch's error names the mapping's
-    type (``linear(): argument 'input' must be Tensor, not dict``); ``None`` for any other error,
-    which is the model's own. The caller raises it ``from`` the original."""
+    :func:`check_one_input` could not refuse it up front), when the mapping itself is what failed:
+    an ``AttributeError`` on that very object (``x.shape``), or torch's ``TypeError`` naming the
+    mapping's type (``linear(): argument 'input' must be Tensor, not dict``) raised where the code
+    that called the op holds that very object. ``None`` for any other error, which is the model's
+    own (a forward that takes the dict and fails on a dict inside it, ``batch["meta"].shape``).
+    The caller raises it ``from`` the original."""
     if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Mapping) or \
             not isinstance(error, (TypeError, AttributeError)) or isinstance(error, MisreadInputs):
         return None  # (a wrapper inside has explained it already)
     value = call.args[0]
     kind = type(value).__name__
-    if not any(f in str(error) for f in (f"not {kind}", f"'{kind}' object", f"({kind}", f" {kind})")):
+    if isinstance(error, AttributeError):  # the mapping itself read as a tensor (x.shape): Python names it (3.10+)
+        if getattr(error, "obj", None) is not value:
+            return None  # (a dict inside it, or anything else: the model's own error)
+    elif not any(f in str(error) for f in (f"not {kind}", f"got {kind}", f"({kind}", f" {kind})")) or \
+            not _failed_holding(error, value):
         return None
     signature = _forward_signature(model)
     params = signature.parameters if signature is not None else {}

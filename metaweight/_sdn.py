@@ -91,7 +91,8 @@ class SDNSchedule(Weighting):
         values = {n: real_scalar(c) for n, c in max_weights.items()}
         bad = {n: max_weights[n] for n, c in values.items() if c is None or not 0 < c <= 1e6}
         if bad:
-            raise ValueError(f"`max_weights` should map term names to finite numbers > 0. Found {bad}.")
+            raise ValueError(f"`max_weights` should map term names to numbers C_k > 0 and at most 1e6 (the cap on a "
+                             f"term's weight). Found {bad}.")
         self.max_weights: dict[str, float] = values  # type: ignore[assignment]
         self._scheduled = torch.tensor([n in self.max_weights for n in names])
         self._max = in_dtype([self.max_weights.get(n, 1.0) for n in names], torch.float32, "max_weights")

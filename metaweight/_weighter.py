@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
 from metaweight._checks import (check_flag, check_has_values, IGNORE_INDEX, forget_labels, in_dtype, integer_value,
-                               real_numbers, real_option, real_scalar)
+                               per_term, real_numbers, real_option, real_scalar)
 from metaweight._clipping import ClipGradNorm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -44,7 +44,7 @@ from metaweight._optimizers import (check_optimizer_covers_model,
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
-GammaInit = Union[Literal["uniform", "last", "random"], Tensor, Sequence[float]]
+GammaInit = Union[Literal["uniform", "last", "random"], Tensor, Sequence[float], Mapping[str, float]]
 INITS = ("uniform", "last", "random")
 CONSTRAINTS = ("clamp", "normalize")
 GAMMA_OPTIMIZERS = ("sgd", "adam")
@@ -95,7 +95,8 @@ class HarmonizedWeighter(NamedWeights):
             chosen on held-out data; docs/results.md gives the evidence.
         init: ``"uniform"`` (every active term 1: DS-like), ``"last"`` (the CE terms
             and the last exit's KD terms 1, other KD terms 0: DBT-like), ``"random"``
-            (uniform in [0, 1) on active terms) or a tensor of ``num_terms`` weights.
+            (uniform in [0, 1) on active terms), ``num_terms`` weights (a tensor, a list, a
+            dict's ``.values()``) or a dict from term name to weight (``gamma_dict()``).
         learn: ``False`` keeps :math:`\gamma` fixed (the non-harmonized baselines);
             :meth:`meta_step` then does nothing.
         constraint: ``"clamp"`` projects :math:`\gamma` onto :math:`\gamma \ge 0`;
@@ -369,10 +370,11 @@ class HarmonizedWeighter(NamedWeights):
                 raise ValueError(f"Invalid init: {init!r}. Expected one of {INITS} or a tensor of {n} weights.")
             return gamma
         check_has_values(init, "`init`", "setting the initial weights")
-        values = real_numbers(init)
+        values = real_numbers(per_term(init, self._terms.term_names, "init"))
         if values is None:
             raise TypeError(f"Invalid init: {init!r}. Expected one of {INITS}, or {n} real numbers >= 0, one weight "
-                            f"per term {self._terms.term_names} (a list, a 1-d NumPy array or a 1-d tensor).")
+                            f"per term {self._terms.term_names} (a list, a 1-d NumPy array, a 1-d tensor, or a dict "
+                            f"from term name to weight such as gamma_dict()).")
         if len(values) != n:
             raise ValueError(
                 f"`init` should hold one weight per term, shape ({n},) for terms {self._terms.term_names}. "

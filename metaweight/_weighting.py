@@ -117,10 +117,12 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     return param - (lr / bias1) * exp_avg / denom, exp_avg, exp_avg_sq
 
 
-def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> float:
-    """``value`` as a float, or a ``ValueError`` naming ``name`` when it is not a finite number above ``low``."""
+def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = False,
+                 powers: tuple[int, ...] = (1,)) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` when it is not a finite number above ``low``
+    (or float32 loses it as used, ``value ** p`` for each of ``powers``: :func:`real_option`)."""
     return real_option(value, name, f"a finite number {'>' if strict else '>='} {low}",
-                       lambda v: math.isfinite(v) and (v > low if strict else v >= low))
+                       lambda v: math.isfinite(v) and (v > low if strict else v >= low), powers=powers)
 
 
 def check_int(name: str, value: Any, *, low: int = 1) -> int:

@@ -335,3 +335,47 @@ def test_a_dict_whose_keys_the_forward_does_not_take_is_explained_at_every_entry
     assert mw.collect_logits(reads, [({"features": x}, y)])[0].shape == (2, 4, 3)
     with pytest.raises(KeyError):  # the model's own error, not rewritten
         mw.collect_logits(reads, [({"y": x}, y)])
+
+
+class _NestedDict(nn.Module):
+    """Takes a dict batch as it should; fails on a dict inside it (its own bug), or on the batch itself."""
+
+    def __init__(self, fail):
+        super().__init__()
+        self.fail, self.a, self.b = fail, nn.Linear(4, 3), nn.Linear(4, 3)
+        self.num_exits = 2
+
+    def forward(self, batch):
+        x = batch["image"]
+        if self.fail == "attribute":
+            batch["meta"].shape  # 'dict' object has no attribute 'shape': the inner dict
+        elif self.fail == "torch":
+            self.b(batch["meta"])  # linear(): ... must be Tensor, not dict: the inner dict
+        elif self.fail == "itself":
+            batch.shape  # the batch itself read as a tensor
+        return [self.a(x), self.b(x)]
+
+
+def test_a_models_own_error_on_a_dict_inside_its_batch_is_left_as_it_is():
+    """A forward that takes a dict legitimately and fails on a dict inside it (``batch["meta"].shape``,
+    ``linear(batch["meta"])``) was re-raised as "keys not parameters of the forward", with advice
+    to rename keys; only an error on the very mapping passed (an AttributeError on that object, or
+    torch's TypeError raised where the calling code holds it) is explained so now."""
+    y = torch.zeros(5, dtype=torch.long)
+    good = {"image": torch.randn(5, 4), "meta": torch.zeros(5, 4)}
+    bad = {"image": torch.randn(5, 4), "meta": {"id": torch.zeros(5)}}
+    assert mw.collect_logits(_NestedDict(None), [(good, y)])[0].shape == (2, 5, 3)
+    for fail, kind, own in (("attribute", AttributeError, "'dict' object has no attribute 'shape'"),
+                            ("torch", TypeError, "must be Tensor, not dict")):
+        model = _NestedDict(fail)
+        with pytest.raises(kind) as plain:
+            model(bad)
+        assert own in str(plain.value)
+        for run in (lambda: mw.collect_logits(model, [(bad, y)]),
+                    lambda: mw.attach_exits(model, ["a"], [nn.Linear(3, 3)], example_input=good)(bad)):
+            with pytest.raises(kind) as info:
+                run()
+            assert type(info.value) is kind and str(info.value) == str(plain.value)  # the model's own, unchanged
+    with pytest.raises(TypeError, match=r"a dict with keys \['image', 'meta'\], of which \['image', 'meta'\] are not "
+                                        r"parameters of the forward.*'dict' object has no attribute 'shape'"):
+        mw.collect_logits(_NestedDict("itself"), [(good, y)])

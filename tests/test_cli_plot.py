@@ -123,3 +123,20 @@ def test_a_result_file_with_nothing_or_something_wrong_to_plot_is_a_usage_error(
                                 **_GAMMA}))
     cli.main(["plot", str(path), "--out", str(out)])  # the same file made right: plotted
     assert sorted(p.name for p in out.iterdir()) == ["anytime.png", "gamma-hdkd.png"]
+
+
+@pytest.mark.parametrize("key", ["budget", "test", "gamma_history"])
+@pytest.mark.parametrize("empty", [None, [], {}])
+def test_a_null_or_empty_entry_is_absent_under_one_rule(tmp_path, capsys, key, empty):
+    """``"budget": null`` stopped the command as malformed while ``"gamma_history": []`` was read as
+    absent: one rule now, for every entry the command plots: ``null``, ``[]`` and ``{}`` are absent.
+    Beside another entry the file is plotted without it; alone, it is "nothing to plot"."""
+    other = {"test": {"num_samples": 10, "top1": [50.0, 60.0]}} if key != "test" else _GAMMA
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"config": {"method": "hdkd"}, **other, key: empty}))
+    out = tmp_path / "out"
+    cli.main(["plot", str(path), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == (["anytime.png"] if key != "test" else ["gamma-hdkd.png"])
+    path.write_text(json.dumps({"config": {"method": "hdkd"}, key: empty}))
+    assert "nothing to plot" in usage_error(["plot", str(path), "--out", str(tmp_path / "out2")], capsys)
+    assert not (tmp_path / "out2").exists()

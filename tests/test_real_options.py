@@ -6,6 +6,7 @@ anything changes (as ``test_integer_options.py`` does for integers)."""
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -108,3 +109,48 @@ def test_real_options_refuse_bad_values_alike(name, call, good, bad):
             call(value)
     after = _state()
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def _float32_loses(x):
+    """An independent reading of float32 (NumPy's): a non-zero number it stores as 0, a finite one as inf."""
+    with np.errstate(over="ignore", under="ignore"):
+        stored = np.float32(x)
+    return (x != 0 and stored == 0) or (math.isfinite(x) and math.isinf(stored))
+
+
+# options computed with in float32, by name: the values to try beyond float32 (as the option, or as
+# 1/T and T² for a temperature), each of which the option's own range allows.
+LOST = {"alpha": (1e-50,), "momentum": (1e-50,), "max_norm": (1e-50, 1e39), "norm_type": (1e39,),
+        "label_smoothing": (1e-50,), "lr": (1e-50, 1e39), "weight_decay": (1e-50, 1e39),
+        "gamma_lr": (1e-50, 1e39), "fd_epsilon": (1e-50, 1e39), "temperature": (1e-50, 1e-45, 1e-40, 1e39, 1e300)}
+
+
+@pytest.mark.parametrize("name, call, good, bad", [o for o in OPTIONS if o[0] in LOST],
+                         ids=[i for i, o in zip(IDS, OPTIONS) if o[0] in LOST])
+def test_real_options_refuse_values_float32_turns_to_0_or_inf(name, call, good, bad):
+    """``DenseDistillLoss(2, temperature=1e-50)`` was accepted and every KD term was NaN, blamed
+    later on the data and the learning rates; an option used in float32 arithmetic now refuses,
+    up front, a value that float32 turns into 0 or inf (as ``init`` does), saying what float32
+    holds. A temperature divides logits and scales KD by T² (DWA divides by T), so T = 1e-40,
+    which float32 holds, is refused there too: 1/T is beyond it."""
+    before = _state()
+    for value in LOST[name]:
+        with pytest.raises(ValueError, match=rf"Invalid {name}: {re.escape(repr(value))}\..*"
+                                             r"float32 holds non-zero magnitudes "
+                                             r"from 1\.4e-45 to 3\.4e\+38"):
+            call(value)
+    assert _float32_loses(1e-50) and _float32_loses(1e39) and not _float32_loses(1e-40)
+    assert _float32_loses(1 / 1e-40) and _float32_loses(1e-45 ** -1)
+    call(0.5 if name in ("alpha", "momentum", "label_smoothing") else 2.0)  # in range: taken
+    torch.testing.assert_close(_state(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("temperatures", [[1e-50, 1.0], [1e-40, 1.0], [1.0, 1e39], [1.0, 1e300]])
+def test_exit_temperatures_refuse_values_float32_turns_to_0_or_inf(temperatures):
+    """``EarlyExit(net, thr, temperatures=[1e-50, 1.0])`` was accepted, then every forward blamed
+    the model's logits: the logits are divided by T in float32, so T (and 1/T) must be numbers
+    float32 holds; the exit with the bad temperature is named."""
+    k = next(i for i, t in enumerate(temperatures) if t != 1.0)
+    with pytest.raises(ValueError, match=rf"Invalid temperatures\[{k}\]: .*float32 holds non-zero magnitudes"):
+        mw.EarlyExit(NET, [0.5, 0.0], temperatures=temperatures)
+    assert mw.EarlyExit(NET, [0.5, 0.0], temperatures=[1e-30, 1e30]).temperatures == [1e-30, 1e30]

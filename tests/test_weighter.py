@@ -3,6 +3,7 @@
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
@@ -287,4 +288,38 @@ def test_weights_that_float32_cannot_hold_and_bad_generators_are_refused():
     for generator in (5, "x", torch.Generator().get_state()):
         with pytest.raises(TypeError, match="`generator` should be None or a CPU torch.Generator"):
             mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), init="random", generator=generator)
+    torch.testing.assert_close(copy.deepcopy((net.state_dict(), opt.state_dict())), before, rtol=0, atol=0)
+
+
+def test_initial_weights_take_a_dict_by_term_name_and_its_values():
+    """``HarmonizedWeighter(init=w.gamma_dict())`` and ``init=w.gamma_dict().values()`` were refused
+    with a TypeError; per-term numbers (``init``, FAMO's ``min_losses``) now take any ordered
+    collection of numbers (a dict's ``.values()``) and a dict by term name, in any key order (as
+    ``SDNSchedule(max_weights=)`` does), whose missing and unknown names are refused, named."""
+    net = tiny_net(num_exits=2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    names = ["ce[1]", "ce[2]", "kd[2->1]"]
+    given = {"kd[2->1]": 0.25, "ce[2]": 0.5, "ce[1]": 2.0}  # not in the terms' order
+    expected = [given[n] for n in names]  # the order of the terms, written out independently
+
+    def init(v):
+        return mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), init=v).gamma.tolist()
+
+    def bounds(v):
+        return mw.FAMO(net, opt, mw.DenseDistillLoss(2), min_losses=v).min_losses.tolist()
+
+    for read in (init, bounds):
+        assert read(given) == expected
+        assert read({n: given[n] for n in names}.values()) == expected
+        assert read(dict(zip(names, [np.float32(2.0), torch.tensor(0.5), 0.25]))) == expected
+    w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), init=expected)
+    assert init(w.gamma_dict()) == init(w.gamma_dict().values()) == expected
+    before = copy.deepcopy((net.state_dict(), opt.state_dict()))
+    for read, name in ((init, "init"), (bounds, "min_losses")):
+        with pytest.raises(ValueError, match=rf"`{name}` should map every term name .*It leaves out \['kd\[2->1\]'\]"):
+            read({"ce[1]": 1.0, "ce[2]": 1.0})
+        with pytest.raises(ValueError, match=rf"`{name}` .*It names \['ce\[3\]'\], which are not terms"):
+            read({**given, "ce[3]": 1.0})
+        with pytest.raises((TypeError, ValueError), match=name):
+            read({1.0, 2.0, 3.0})  # a set has no order
     torch.testing.assert_close(copy.deepcopy((net.state_dict(), opt.state_dict())), before, rtol=0, atol=0)

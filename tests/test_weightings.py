@@ -420,6 +420,8 @@ BAD_OPTIONS = [
     ("sdn", {"epochs": 0, "steps_per_epoch": 1}, "Invalid epochs"),
     ("sdn", {"epochs": 2, "steps_per_epoch": 1, "max_weights": {"ce[9]": 0.5}}, "does not have"),
     ("sdn", {"epochs": 2, "steps_per_epoch": 1, "max_weights": {"ce[1]": -0.5}}, "> 0"),
+    # the cap is named, not only "> 0" (2e6 is > 0)
+    ("sdn", {"epochs": 2, "steps_per_epoch": 1, "max_weights": {"ce[1]": 2e6}}, r"at most 1e6.*2000000\.0"),
     ("gradnorm", {"shared_parameters": []}, "shared_parameters"),
     ("gradnorm", {"shared_parameters": [torch.zeros(3, requires_grad=True)]}, "parameters of `model`"),
     ("gradnorm", {"shared_parameters": [torch.zeros(3)], "alpha": -1.0}, "Invalid alpha"),
