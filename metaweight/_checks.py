@@ -283,7 +283,7 @@ def lost_in(value: float, dtype: torch.dtype) -> float | None:
     """What ``dtype`` makes of ``value`` when it loses it, else ``None``: a non-zero number stored
     as 0 (underflow) or a finite one stored as inf (overflow). The one rule of :func:`in_dtype`
     and :func:`real_option`; an infinite or NaN ``value`` is the caller's to allow or refuse."""
-    stored = float(torch.tensor(value, dtype=torch.float64).to(dtype))
+    stored = float(torch.tensor(value, dtype=torch.float64, device="cpu").to(dtype))
     return stored if (value != 0 and stored == 0) or (math.isfinite(value) and math.isinf(stored)) else None
 
 
@@ -299,7 +299,7 @@ def in_dtype(values: Sequence[float], dtype: torch.dtype, name: str) -> Tensor:
     stored in; a number that ``dtype`` cannot hold is refused, naming ``name``: a finite one that
     becomes inf (overflow), and a non-zero one that becomes 0 (underflow: a weight of ``1e-50``
     stored as 0 would switch its term off)."""
-    tensor = torch.tensor(list(values), dtype=torch.float64).to(dtype)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device="cpu").to(dtype)
     lost = [(v, t) for v in values if (t := lost_in(v, dtype)) is not None]
     if lost:
         raise ValueError(f"`{name}` holds {', '.join(f'{v!r} (stored as {t!r})' for v, t in lost)}: "
@@ -328,7 +328,7 @@ def real_option(value: object, name: str, expected: str, accept: Callable[[float
         raise ValueError(f"Invalid {name}: {value!r}. Expected {expected}.")
     if math.isfinite(number) and number != 0:
         for p in powers:
-            used = float(torch.tensor(number, dtype=torch.float64) ** p)
+            used = float(torch.tensor(number, dtype=torch.float64, device="cpu") ** p)
             stored = lost_in(used, dtype) if math.isfinite(used) and used != 0 else used
             if stored is not None:
                 uses = [_USES[q].format(name) for q in powers]
