@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import tempfile
-import uuid
 import weakref
 from pathlib import Path
 from typing import Any
@@ -158,74 +156,45 @@ def _check_can_create(path: Path, what: str) -> None:
                          f"Pass a path you can write to.")
 
 
-def _new_run_id() -> str:
-    return uuid.uuid4().hex
+def _last(steps: list[float]) -> float:
+    return max(steps) if steps else float("-inf")
 
 
-def _csv_sidecar(path: Path) -> Path:
-    """Where a CSV log's run identity is kept: ``.NAME.csv.metaweight`` beside it (the CSV stays plain)."""
-    return path.with_name(f".{path.name}.metaweight")
+def _continued_log(step: float, logs: list[tuple[bool, list[float]]]) -> tuple[int | None, bool, list[int]]:
+    """The one rule both loggers follow at their first record (step ``step``) to tell a resumed run from a
+    new one. ``logs``: the logs this run may continue, each as (whether it is the path asked for, the
+    steps it holds): the path first, then the ``NAME-2``, ``NAME-3``, ... beside it where new runs were
+    diverted, those of the same loss terms only. Returns the index of the log to continue (``None``:
+    divert the run to a new log), whether that log's steps at or after ``step`` are undone (a resumed
+    run: a CSV drops those rows, TensorBoard purges them from view), and, when no log is continued, the
+    indices of the logs that could each have been this run's (two or more: ambiguous; none: a new run).
+    See :class:`CSVLogger` for the rule in words."""
+    def leads_here(steps: list[float]) -> bool:  # its last step is one of its own strides before this record
+        logged = sorted(steps)
+        stride = max([b - a for a, b in zip(logged, logged[1:])] or [1.0])
+        return bool(logged) and 0 < step - logged[-1] <= stride
+
+    # a log whose steps all end before this record continues with nothing undone: the path, or a diverted
+    # log that leads here; of several, those that lead here (the path counts only if it does)
+    clean = [i for i, (is_path, steps) in enumerate(logs) if _last(steps) < step and (is_path or leads_here(steps))]
+    if len(clean) > 1:
+        clean = [i for i in clean if leads_here(logs[i][1])]
+    # a log with steps before this record and at or after it: a run resumed from its checkpoint, whose
+    # undone steps go
+    resumable = [i for i, (_, steps) in enumerate(logs) if steps and min(steps) < step <= _last(steps)]
+    candidates = clean + resumable
+    if len(candidates) != 1:  # none: a new run; several: any could be this run's, so none is touched
+        return None, False, candidates
+    return candidates[0], bool(resumable), []
 
 
-def _tb_sidecar(folder: Path) -> Path:
-    """Where a TensorBoard folder's run identity is kept: a file inside it."""
-    return folder / "metaweight-run.json"
-
-
-def _run_of(sidecar: Path) -> str | None:
-    """The run id a log's sidecar names; ``None`` without one (a log of an older version, or not ours)."""
-    try:
-        found = json.loads(sidecar.read_text(encoding="utf-8")).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return found if isinstance(found, str) else None
-
-
-def _claim(sidecar: Path, run_id: str) -> None:
-    """Name ``run_id`` as the run of the log beside ``sidecar`` (a temporary file, then ``os.replace``)."""
-    sidecar.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=sidecar.name, suffix=".tmp", dir=sidecar.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"run_id": run_id}, f)
-        os.replace(tmp, sidecar)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _steps_said(steps: list[float], unit: str) -> str:
-    """``"the 3 rows of iterations 6 to 96"``-like words for the steps a warning names."""
-    if len(steps) == 1:
-        return f"{unit} {steps[0]:g}"
-    return f"{len(steps)} {unit}s {min(steps):g} to {max(steps):g}"
-
-
-def _undone(steps: list[float], last_step: float | None, step: float) -> list[float]:
-    """The steps of a run's own log undone at a resume: those after the checkpoint's last logged step
-    (all of them when the checkpoint was taken before any record) or at or after the first record."""
-    return sorted({s for s in steps if (last_step is None or s > last_step) or s >= step})
-
-
-def _check_logger_state(owner: Any, state: Any, key: str) -> None:
-    """Refuse a logger state that is not ``type(owner).state_dict()``'s, changing nothing."""
-    name = type(owner).__name__
-    if not isinstance(state, dict):
-        raise TypeError(f"`state_dict` should be a dict from {name}.state_dict(). Found `{type(state).__name__}`.")
-    missing = [k for k in ("logger", "run_id", key, "last_step") if k not in state]
-    if missing:
-        raise ValueError(f"This state lacks {missing}: it is not a {name}.state_dict() (keys found: "
-                         f"{sorted(state)}). Nothing was changed.")
-    if state["logger"] != name:
-        raise ValueError(f"This state is a {state['logger']}'s, not a {name}'s. Nothing was changed.")
-    if not isinstance(state["run_id"], str) or not state["run_id"]:
-        raise ValueError(f"The state's run_id should be a non-empty str. Found {state['run_id']!r}.")
-    if state[key] is not None and not isinstance(state[key], str):
-        raise ValueError(f"The state's {key} should be a str or None. Found {state[key]!r}.")
-    last = state["last_step"]
-    if last is not None and (isinstance(last, bool) or not isinstance(last, (int, float))):
-        raise ValueError(f"The state's last_step should be a number or None. Found {last!r}.")
+def _candidates_said(step: float, logs: list[tuple[Any, list[float]]], unit: str) -> str:
+    """The logs that could each be a run's whose first record is ``step``, named with why, for a warning."""
+    said = []
+    for name, steps in logs:
+        how = "before and after it" if _last(steps) >= step else "leading to it"
+        said.append(f"{name} ({unit}s {min(steps):g} to {max(steps):g}, {how})")
+    return ", ".join(said)
 
 
 def _went_back(last_step: float | None, first_logged: float | None, step: float) -> str | None:
@@ -256,42 +225,54 @@ def _fresh(path: Path, suffix: str = "") -> Path:
 class CSVLogger:
     """Writes one row per meta step to a CSV file, with one header; resumes where the run resumes.
 
-    The column ``iteration`` is the step. Which log a run writes is known by the run's identity,
-    never guessed from the steps a file holds: every logger is a run with a run id, named in a
-    small file beside its log (``.NAME.csv.metaweight``, JSON; the CSV itself stays plain), and
-    :meth:`state_dict` holds that id, the log written and the last iteration logged. A weighter's
-    ``state_dict()`` carries the state of the loggers among its callbacks and its
-    ``load_state_dict()`` gives it back, so a checkpoint saved with ``save_checkpoint`` and loaded
-    with ``load_checkpoint`` resumes the log too:
+    The column ``iteration`` is the step. A file that already exists is continued under the
+    header it has, as TensorBoard's ``SummaryWriter(purge_step=...)`` continues an event log:
 
-    * a resumed run (its state restored, before its next record) continues its own log under the
-      header it has, as TensorBoard's ``SummaryWriter(purge_step=...)`` continues an event log:
-      the rows logged after its checkpoint (steps undone) are dropped, with a ``RuntimeWarning``
-      that names them (a run that logged iterations 1-5 and resumes from its checkpoint at 3
-      logs 4 and 5 again: the file holds 1-5 once); a record whose iteration is not past the last
-      row, in the same process, is a weighter rolled back: the rows at or after it go, named in a
-      warning too;
-    * a logger with nothing restored is a new run: on a path that holds a log already (another
-      run's, or one without a run id, made by an older version or by hand) it writes to the
-      first free ``NAME-2.csv``, ``NAME-3.csv``, ... beside it instead, with a warning, never
-      into that log nor truncating it (``overwrite=True`` starts the file afresh instead); a
-      resumed run whose log now holds another run (or is held by another logger of this process)
-      goes beside it the same way;
+    * the first record this logger gets says where the run stands: rows of the file at or after
+      its iteration were logged after the checkpoint the run resumed from, by steps that were
+      undone, and are dropped (a run that logged iterations 1-5 and resumes from its checkpoint
+      at 3 logs 4 and 5 again: the file holds 1-5 once); the same holds for any later record
+      whose iteration is not past the last row (a weighter rolled back in the same process);
     * a last line without its newline is what a crash (or a disk full) in the middle of a write
       leaves: an incomplete record, dropped before the next row is written, at any record.
 
-    Only rows whose iteration can be read are dropped (a blank line, or a row edited by hand, is
-    kept as it is; blank lines are left out when the file is rewritten).
+    The iteration alone cannot tell a resumed run from a new run whose first record falls inside
+    an old log (a warm-up without meta steps, a new run on an old path), so rows are dropped at a
+    first record only from a log that can be shown to be this run's. The logs this run may
+    continue are the file at ``path`` and the ``NAME-2.csv``, ``NAME-3.csv``, ... beside it (where
+    new runs on ``path`` were diverted: a diverted run resumed with the same code asks for
+    ``path`` again), those of the same loss terms (``gamma/`` columns). Of these, in order:
+
+    1. a log whose rows all end before the record could be continued, nothing dropped: ``path``,
+       or a diverted log whose last row is at most one of its own strides (the largest gap between
+       its rows) before the record (of several, only those that lead there so: ``path`` counts
+       then only if it does too);
+    2. a log that holds rows both before and at or after the record could be the run resumed
+       from its checkpoint, its rows at or after the record dropped;
+    3. if exactly one log could be this run's by 1 or 2, it is taken (a resumed one with a
+       ``RuntimeWarning`` that says how many rows and which iterations were dropped); if none
+       (a new run) or several (e.g. run A's log 1-10 and a run diverted from it to ``NAME-2``
+       with 1-3, for a record at 4: A resumed at its checkpoint, or the other continued?) nothing
+       is written to any of them: the run is diverted as below, and the warning names the
+       candidates.
+
+    Only rows whose iteration can be read count (a blank line, or a row edited by hand, decides
+    nothing; blank lines are left out when the file is rewritten). A run that must not touch an
+    old log gives a path of its own (or ``overwrite=True`` to start afresh).
 
     What the file alone tells is judged here, when the logger is made, and refused with a
     ``ValueError`` that changes nothing: a folder, a path that cannot be written, a file that is
-    not a metaweight log (not UTF-8 text, or its first columns are not ``iteration,meta_step``), a
-    path another live logger of this process writes to. Where the run goes is decided at the first
-    record, which a weighter hands over after its step has been taken: a hook must not raise then
-    (the step stands; a retry would take it twice), and no log may be lost, so a run kept away
-    from a log warns and shows the new path in :attr:`path`. The same holds for one logger handed
-    to a new weighter, whose iterations count from 1 again: every row would be dropped, so the new
-    run (with a new run id) goes to ``NAME-2.csv``, with a warning.
+    not a metaweight log (not UTF-8 text, or its first columns are not ``iteration,meta_step``), a path another
+    live logger of this process writes to. Two things can only be judged at the first record,
+    which a weighter hands over after its step has been taken: a log of another run (other loss
+    terms: its ``gamma/`` columns differ) and a new run on an old log (every row would be
+    dropped). A hook must
+    not raise then (the step stands; a retry would take it twice), and the old log must not be
+    lost, so the logger leaves the old file as it is, writes to the first free ``NAME-2.csv``,
+    ``NAME-3.csv``, ... beside it, warns, and shows the new path in :attr:`path`.
+    ``overwrite=True`` starts the file afresh at the first record instead. The same holds for one
+    logger handed to a new weighter, whose iterations count from 1 again: every row would be
+    dropped, so the new run goes to ``NAME-2.csv``, with a warning.
 
     A record with columns the header lacks (loss terms first logged at a later step, as a
     weighting's ``meta_step`` without ``loss()`` has none) widens the header, whether it is this
@@ -320,8 +301,7 @@ class CSVLogger:
 
     Args:
         path: the CSV file; created (with its folder) at the first record.
-        overwrite: a new run (nothing restored) starts the file at ``path`` afresh at its first record
-            instead of going beside an existing log; a resumed run continues its own log either way.
+        overwrite: start a new file at the first record instead of continuing an existing one.
         all_ranks: write on every rank of a distributed run, not on rank 0 only.
 
     Raises:
@@ -378,34 +358,12 @@ class CSVLogger:
                              f"first columns are iteration,meta_step); nothing was changed. Log to another path, "
                              f"or pass overwrite=True to replace it.")
         _hold(path, self)
-        self._asked = path  # the path asked for; :attr:`path` is the one written to
         self._fields: list[str] | None = None
         self._last_step: float | None = None  # the iteration of the last row this logger wrote
-        self._run_id = _new_run_id()  # this run's identity, named beside every log it writes
-        self._restored: dict[str, Any] | None = None  # a state to resume from, applied at the next record
 
     def close(self) -> None:
         """Give the path up, so that another logger of this process may write to it."""
         _release(self.path, self)
-
-    def state_dict(self) -> dict[str, Any]:
-        """This run's identity and the log it writes: ``{"logger", "run_id", "path", "last_step"}``
-        (``path`` ``None`` before the first record). A weighter's ``state_dict()`` carries it for the
-        loggers among its callbacks, so a checkpoint knows its run's log."""
-        if self._restored is not None:  # not applied yet: still this state
-            return dict(self._restored)
-        return {"logger": type(self).__name__, "run_id": self._run_id,
-                "path": None if self._fields is None else str(self.path), "last_step": self._last_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the run of :meth:`state_dict`: its next record continues that run's own log (found by
-        its run id), dropping only the rows logged after the checkpoint, with a warning naming them;
-        never another run's log. Checked first: a wrong state raises and changes nothing."""
-        self._check_state(state_dict)
-        self._restored = dict(state_dict)
-
-    def _check_state(self, state_dict: Any) -> None:
-        _check_logger_state(self, state_dict, "path")
 
     def _existing(self) -> tuple[list[str] | None, list[str], bool]:
         """The file's header, its complete rows (raw lines) and whether its last line was torn."""
@@ -455,40 +413,31 @@ class CSVLogger:
         # A transaction: the new state (path, columns, last step) and the warnings are worked out first,
         # the file is written, and only then is the state kept and the warnings given; a write that
         # fails leaves the logger as it was, so the next row is judged against the file as it is.
-        path, fields, kept, notes, run_id = self._plan(row, step)
+        path, fields, kept, notes = self._plan(row, step)
         if path != self.path:
             _hold(path, self)
-        sidecar = _csv_sidecar(write_target(path))
-        claimed = False
         try:
-            if kept is None:  # only ever on this run's own log, the path this logger holds
+            if kept is None:  # only ever on the path this logger holds
                 self._append(fields, row)
             else:
-                if _run_of(sidecar) != run_id:  # named before the rows go in: a log is never left without
-                    _claim(sidecar, run_id)
-                    claimed = True
                 self._rewrite(fields, kept, row, path)
         except BaseException:
-            if claimed and not path.exists():
-                sidecar.unlink(missing_ok=True)
             if path != self.path:
                 _release(path, self)
             raise
         if path != self.path:
             _release(self.path, self)
             self.path = path
-        self._fields, self._last_step, self._run_id, self._restored = fields, step, run_id, None
+        self._fields, self._last_step = fields, step
         for note in notes:
             warn_user(note)
 
-    def _plan(self, row: dict[str, float], step: float
-              ) -> tuple[Path, list[str], list[str] | None, list[str], str]:
+    def _plan(self, row: dict[str, float], step: float) -> tuple[Path, list[str], list[str] | None, list[str]]:
         """Where ``row`` goes, under which columns, the complete rows kept before it (``None``: append to
-        the file as it is), the warnings to give once it is written and the run id the log is named
-        for. Changes nothing."""
+        the file as it is) and the warnings to give once it is written. Changes nothing."""
         fields = list(row)
         path = self.path
-        if self._fields is None or self._restored is not None:  # a first record, or one resumed
+        if self._fields is None:  # the first record: a new file, or continue the one there
             return self._plan_first(fields, step)
         size, torn = _tail(path)
         if not size:  # deleted or emptied while this logger writes to it
@@ -496,12 +445,12 @@ class CSVLogger:
                 raise FileNotFoundError(f"its folder {path.parent} is gone")
             return path, _widened(self._fields, fields), [], [
                 f"The log {path} was deleted or emptied while this CSVLogger wrote to it: it starts again at "
-                f"iteration {step:g}, with its header; the rows before are not in it."], self._run_id
+                f"iteration {step:g}, with its header; the rows before are not in it."]
         columns = _widened(self._fields, fields)
         extra = len(columns) - len(self._fields)
         went_back = self._last_step is not None and step <= self._last_step
         if not (went_back or extra or torn):
-            return path, columns, None, [], self._run_id  # the common case: appended, the file not read
+            return path, columns, None, []  # the common case: appended, the file not read
         _, lines, _ = self._existing()  # a torn last line (a failed append) is left out of ``lines``
         if went_back:  # in this process
             kept = _before(lines, step)
@@ -512,62 +461,82 @@ class CSVLogger:
                     f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {path} and now gets "
                     f"iteration {step:g}: every row would be dropped as undone, so this is a new run (e.g. a new "
                     f"weighter counting from 1 with the same logger), not a weighter rolled back to a checkpoint. "
-                    f"{_diverted(path, new)}"], _new_run_id()
-            dropped = sorted(s for s in logged if s >= step)
-            notes = [f"This CSVLogger logged up to iteration {self._last_step:g} to {path} and now gets iteration "
-                     f"{step:g}: taken for a weighter rolled back to a checkpoint, the "
-                     f"{_steps_said(dropped, 'row')} (steps undone) were dropped."] if dropped else []
-            return path, columns, [_pad(line, extra) for line in kept], notes, self._run_id
-        return path, columns, [_pad(line, extra) for line in lines], [], self._run_id  # widened / torn dropped
+                    f"{_diverted(path, new)}"]
+            return path, columns, [_pad(line, extra) for line in kept], []  # rolled back: undone rows go
+        return path, columns, [_pad(line, extra) for line in lines], []  # header widened / torn line dropped
 
     def _plan_first(self, fields: list[str], step: float
-                    ) -> tuple[Path, list[str], list[str] | None, list[str], str]:
-        """:meth:`_plan` for a first record, or the first after :meth:`load_state_dict`: a resumed run
-        continues its own log, known by its run id, never another run's; a new run writes to the path
-        asked for unless a log is there already."""
-        asked = self._asked
-        restored = self._restored
-        if restored is None:
-            run_id = self._run_id
-            if self.overwrite or _read_header(asked) is None:
-                return asked, fields, [], [], run_id
-            why = (f"The log {asked} is {_whose(_run_of(_csv_sidecar(asked)))}, and this CSVLogger starts a new run "
-                   f"(nothing restored by load_state_dict(), as a weighter's load_state_dict() does for its "
-                   f"callbacks).")
-            new = _fresh(asked, asked.suffix)
-            return new, fields, [], [f"{why} {_diverted(asked, new)}"], run_id
-        run_id, last = restored["run_id"], restored["last_step"]
-        own = Path(restored["path"]) if restored["path"] is not None else next(
-            (f for f in [asked, *_siblings(asked)] if _run_of(_csv_sidecar(write_target(f))) == run_id), None)
-        if own is None:  # the checkpoint was taken before any record, and none was written after it
-            if _read_header(asked) is None:
-                return asked, fields, [], [], run_id
-            new = _fresh(asked, asked.suffix)
-            return new, fields, [], [f"The log {asked} is {_whose(_run_of(_csv_sidecar(asked)))}, not this resumed "
-                                     f"run's. {_diverted(asked, new)}"], run_id
-        held = _holder(own) not in (None, self)
-        if not held and own.is_file() and _run_of(_csv_sidecar(write_target(own))) == run_id:
-            header, lines, torn = _read_log(own)
-            if header is None:
-                return own, fields, [], [], run_id
-            columns = _widened(header, fields)
-            extra = len(columns) - len(header)
-            dropped = _undone(_readable(lines), last, step)
-            if not dropped and not torn and not extra and own == self.path and self._fields is not None:
-                return own, columns, None, [], run_id
-            kept = [line for line in lines if (s := _step_of(line)) is None or s not in dropped]
-            notes = [f"The log {own} is this run's (run id {run_id}); resumed from its checkpoint (last row "
-                     f"{'none' if last is None else format(last, 'g')}), it drops the "
-                     f"{_steps_said(dropped, 'row')} logged after it (steps undone) and continues at iteration "
-                     f"{step:g}."] if dropped else []
-            return own, columns, [_pad(line, extra) for line in kept], notes, run_id
-        if not held and not own.exists():
-            return own, fields, [], [f"This resumed run's log {own} is not there (deleted or moved?): it starts "
-                                     f"again at iteration {step:g}; the rows before are not in it."], run_id
-        new = _fresh(own, own.suffix)
-        whose = "held by another logger of this process" if held else _whose(_run_of(_csv_sidecar(own)))
-        return new, fields, [], [f"This resumed run's log {own} is {whose}, not this run's (run id {run_id}). "
-                                 f"{_diverted(own, new)}"], run_id
+                    ) -> tuple[Path, list[str], list[str] | None, list[str]]:
+        """:meth:`_plan` for this logger's first record: which log it continues (or a new one), judged
+        from the file at :attr:`path` and the logs diverted beside it."""
+        path = self.path
+        if self.overwrite:
+            return path, fields, [], []
+        header, lines, torn = self._existing()
+        if header is None:
+            return path, fields, [], []
+        # every log this run may continue: the path and the logs new runs were diverted to beside it
+        # (a diverted run resumed with the same code asks for the path again); those of other loss
+        # terms, not metaweight logs, unreadable or held by another logger are not this run's
+        candidates: list[tuple[Path, list[str], list[str], bool]] = []
+        for file in [path, *_siblings(path)]:
+            if file != path and _holder(file) not in (None, self):
+                continue
+            try:
+                other = (header, lines, torn) if file == path else _read_log(file)
+            except (OSError, UnicodeDecodeError):
+                continue
+            if other[0] is not None and other[0][:2] == ["iteration", "meta_step"] and _same_terms(other[0], fields):
+                candidates.append((file, *other))  # type: ignore[arg-type]
+
+        def last(lines: list[str]) -> float:
+            return _last(_readable(lines))
+
+        chosen, resumed, resumable_at = _continued_log(step, [(c[0] == path, _readable(c[2])) for c in candidates])
+        if chosen is not None and not resumed:
+            file, old_header, old_lines, old_torn = candidates[chosen]
+            columns = _widened(old_header, fields)
+            extra = len(columns) - len(old_header)
+            notes = []
+            if file != path:
+                notes.append(f"The log {path} is not this run's continuation (its rows or loss terms do not lead "
+                             f"to iteration {step:g}), but {file}, where a new run on {path} was diverted, ends at "
+                             f"iteration {last(old_lines):g}: taken for that run resumed, this run continues "
+                             f"{file}. {path} was left as it is.")
+            if file != path or old_torn or extra:
+                return file, columns, [_pad(line, extra) for line in old_lines], notes
+            return file, columns, None, notes
+        resumable = [candidates[i] for i in resumable_at]
+        if chosen is not None:
+            file, old_header, old_lines, _ = candidates[chosen]
+            columns = _widened(old_header, fields)
+            extra = len(columns) - len(old_header)
+            dropped = [s for s in _readable(old_lines) if s >= step]
+            notes = [f"The log {file} holds rows up to iteration {max(dropped):g}, and this run's first record is "
+                     f"iteration {step:g}: taken for a run resumed from its checkpoint, the {len(dropped)} rows of "
+                     f"iterations {min(dropped):g} to {max(dropped):g} (steps taken after that checkpoint, undone) "
+                     f"were dropped. If this is a new run, not a resumed one, those rows were another run's: give "
+                     f"each new run a path of its own (or overwrite=True) to keep a run's log whole."]
+            if file != path:
+                notes.insert(0, f"The log {path} is another run's; {file}, where a new run on {path} was diverted, "
+                                f"is taken for this run's and continued.")
+            return file, columns, [_pad(line, extra) for line in _before(old_lines, step)], notes
+        new = _fresh(path, path.suffix)
+        if not _same_terms(header, fields):
+            why = (f"The log {path} has the columns {header}, but this run records {fields}: other loss terms, so "
+                   f"another run; appending would mix them.")
+        elif not resumable:
+            logged = _readable(lines) or [step]
+            why = (f"The log {path} holds iterations {min(logged):g} to {max(logged):g}, and this run's first "
+                   f"record is iteration {step:g}: every row would be dropped as undone, so this is a new run, not "
+                   f"one resumed from a checkpoint.")
+        else:
+            named = _candidates_said(step, [(c[0], _readable(c[2])) for c in resumable], "iteration")
+            why = (f"This run's first record is iteration {step:g}, and the logs {named} could each be this run's "
+                   f"(continued, or resumed from a checkpoint): writing to one would put this run's rows into "
+                   f"another run's log, so none is continued and none is cut (a log is continued only when "
+                   f"exactly one can be this run's).")
+        return new, fields, [], [f"{why} {_diverted(path, new)}"]
 
     def _append(self, fields: list[str], row: dict[str, float]) -> None:
         with self.path.open("a", newline="") as f:
@@ -593,24 +562,15 @@ def _widened(header: list[str], fields: list[str]) -> list[str]:
     return header + [name for name in fields if name not in header]
 
 
+def _same_terms(header: list[str], fields: list[str]) -> bool:
+    """Whether a log's header and a record weight the same loss terms (the ``gamma/`` columns): a run
+    weights the same terms throughout, while other columns (``term/``, ``val_``) may come later."""
+    return {f for f in header if f.startswith("gamma/")} == {f for f in fields if f.startswith("gamma/")}
+
+
 def _diverted(old: Path, new: Path) -> str:
     return (f"The old log {old} was left as it is; this run logs to {new} instead. Pass overwrite=True to "
             f"replace the old log, or a path of its own.")
-
-
-def _read_header(path: Path) -> list[str] | None:
-    """The header of the log at ``path``; ``None`` when there is no log there (no file, or an empty one)."""
-    if not path.is_file():
-        return None
-    try:
-        return _read_log(path)[0]
-    except (OSError, UnicodeDecodeError):
-        return ["?"]  # something is there that is not ours to judge: kept
-
-
-def _whose(run_id: str | None) -> str:
-    return (f"another run's (run id {run_id})" if run_id is not None
-            else "a log without a run id (another run's, or made by an older version)")
 
 
 def _pad(line: str, columns: int) -> str:
@@ -622,28 +582,18 @@ def _pad(line: str, columns: int) -> str:
 
 
 def _logged_events(folder: Path) -> list[tuple[int, str]]:
-    """(step, tag) of every value the event files directly in ``folder`` show: a writer made with
-    ``purge_step`` (its ``SessionLog.START`` event) hides the events before it at or after that step,
-    as TensorBoard does, so points hidden already are not counted again."""
+    """(step, tag) of every value the event files directly in ``folder`` hold."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.compat.proto.event_pb2 import SessionLog
 
     events: list[tuple[int, str]] = []
     for file in sorted(folder.glob("*tfevents*")):
         try:
             for e in EventFileLoader(str(file)).Load():
-                if e.HasField("session_log") and e.session_log.status == SessionLog.START:
-                    events = [(s, t) for s, t in events if s < e.step]
-                elif e.HasField("summary"):
+                if e.HasField("summary"):
                     events.extend((e.step, v.tag) for v in e.summary.value)
         except Exception:  # noqa: BLE001 - a torn last event: what was read stands
             pass
     return events
-
-
-def _has_events(folder: Path) -> bool:
-    """Whether ``folder`` holds a run's log: events, or a run id named in it."""
-    return folder.is_dir() and (any(folder.glob("*tfevents*")) or _tb_sidecar(folder).exists())
 
 
 def _logged_steps(folder: Path) -> list[int]:
@@ -655,23 +605,25 @@ class TensorBoardLogger:
     """Writes every scalar of a meta-step record to TensorBoard (needs the ``tensorboard`` package).
 
     The step of every scalar is the record's ``iteration``. Given a folder, the writer (and the
-    folder) is created at the first record, not before. Which folder a run writes is known by its
-    identity, as :class:`CSVLogger`'s log is: the run id is named in ``metaweight-run.json``
-    inside the folder (TensorBoard reads only event files), and :meth:`state_dict` (carried by a
-    weighter's ``state_dict()``) holds it with the folder written and the last step logged. A run
-    resumed from its checkpoint (its state restored) continues its own folder as
-    ``SummaryWriter(log_dir, purge_step=...)``, hiding the points it logged after that checkpoint
-    (steps undone), named in a ``RuntimeWarning`` (only points still shown are counted: those an
-    earlier resume hid are not named again); TensorBoard hides them, it deletes no file. A logger
-    with nothing restored is a new run: on a folder holding a log already (another run's, or one
-    without a run id, made by an older version) it leaves the folder as it is, writes to the first
-    free ``NAME-2``, ``NAME-3``, ... beside it and warns (it cannot refuse then: the weighter hands
-    the record over after its step). The :attr:`writer` asked for before the first record is
-    judged the same way (a resumed run's purges after its checkpoint's last step).
-    ``overwrite=True`` lets a new run hide the old run instead. A folder that cannot be written, a
-    file in its place, or a folder another live logger of this process writes to are refused when
-    the logger is made. Given a writer, nothing is purged: create it with ``purge_step`` yourself
-    when you resume.
+    folder) is created at the first record, not before, as
+    ``SummaryWriter(log_dir, purge_step=iteration of that record)``: a run resumed from its
+    checkpoint hides the events an earlier attempt logged at or after that iteration (steps that
+    were undone), as :class:`CSVLogger` drops those rows. TensorBoard hides them, it deletes no
+    file. Which folder a first record continues, and whether it hides anything, follows
+    :class:`CSVLogger`'s rule, over the folder asked for and the ``NAME-2``, ``NAME-3``, ... beside
+    it (where new runs were diverted), those with the same ``gamma/`` tags: a run diverted to
+    ``tb-2`` and resumed with the folder ``tb`` continues ``tb-2`` and hides nothing of ``tb``.
+    Steps hidden at a resume are named in a ``RuntimeWarning``. A
+    new run on a folder holding another run's events (other loss terms or another ``prefix``,
+    every one of its points at or after the first record's iteration, or a first record that two
+    folders could each take) would hide or join another run: the logger then leaves the folder as it is, writes to the
+    first free ``NAME-2``, ``NAME-3``, ... beside it and warns (it cannot refuse then: the
+    weighter hands the record over after its step). The :attr:`writer` asked for before the first record is judged the same way: made then,
+    it cannot purge, so on a folder holding events it goes to ``NAME-2`` too, with a warning.
+    ``overwrite=True`` hides the old run instead. A folder that cannot be written, a file
+    in its place, or a folder another live logger of this process writes to are refused when the
+    logger is made. Given a writer, nothing is purged: create it with ``purge_step`` yourself when
+    you resume.
 
     Under ``torch.distributed`` (a process group initialized with more than one process) only
     rank 0 writes: after a meta step every rank holds the same gamma (its meta-gradient is
@@ -687,8 +639,7 @@ class TensorBoardLogger:
     process now writes there (two writers on one folder would interleave two runs). A record taken
     back this way is judged as one without ``close()`` in between: one that goes back to before all
     this logger wrote is a new run (to ``NAME-2``, with a warning), one that goes back less is a
-    weighter rolled back to a checkpoint (only its undone steps hidden, named in a warning), as
-    :class:`CSVLogger` does.
+    weighter rolled back to a checkpoint (only its undone steps hidden), as :class:`CSVLogger` does.
 
     Args:
         log_dir_or_writer: a log folder, or an existing ``torch.utils.tensorboard.SummaryWriter``
@@ -714,10 +665,7 @@ class TensorBoardLogger:
         self.all_ranks = all_ranks
         self._log_dir: str | None = None
         self._writer: Any = None
-        self._asked_dir: Path | None = None
-        self._planned = False  # whether the folder this run writes to was chosen (at the first writer)
-        self._run_id = _new_run_id()  # this run's identity, named inside every folder it writes
-        self._restored: dict[str, Any] | None = None  # a state to resume from, applied at the next writer
+        self._judge = False  # whether the folder's old events are yet to be judged (at the first writer)
         self._floor: int | None = None  # the first step the folder written to shows (its old run's, or ours)
         self._last_step: int | None = None  # the last step this logger wrote
         self.overwrite = overwrite
@@ -734,10 +682,10 @@ class TensorBoardLogger:
                 if not os.access(folder, os.W_OK | os.X_OK):
                     raise ValueError(f"`log_dir_or_writer` {folder} cannot be written: no write permission. Pass "
                                      f"a folder you can write to.")
+                self._judge = not overwrite
             else:
                 _check_can_create(folder, "log_dir_or_writer")
             _hold(folder, self)
-            self._asked_dir = folder
             self._log_dir = str(folder)  # the folder is created with the writer, at the first record
         elif callable(getattr(log_dir_or_writer, "add_scalar", None)):
             self._writer = log_dir_or_writer
@@ -761,31 +709,6 @@ class TensorBoardLogger:
                 self._writer.close()  # a closed SummaryWriter would open a new event file at its next scalar
                 self._writer = None
             _release(Path(self._log_dir), self)
-
-    def state_dict(self) -> dict[str, Any]:
-        """This run's identity and the folder it writes: ``{"logger", "run_id", "log_dir",
-        "last_step"}`` (``log_dir`` ``None`` before the first writer, or for a writer given). A
-        weighter's ``state_dict()`` carries it for the loggers among its callbacks."""
-        if self._restored is not None:  # not applied yet: still this state
-            return dict(self._restored)
-        return {"logger": type(self).__name__, "run_id": self._run_id,
-                "log_dir": self._log_dir if self._planned else None, "last_step": self._last_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the run of :meth:`state_dict`: its next record continues that run's own folder (found
-        by its run id), hiding only the points logged after the checkpoint, with a warning naming
-        them; never another run's folder. Checked first: a wrong state raises and changes nothing."""
-        self._check_state(state_dict)
-        if self._asked_dir is None:  # a writer given: nothing to choose, nothing purged
-            self._run_id, self._last_step = state_dict["run_id"], state_dict["last_step"]
-            return
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._restored = dict(state_dict)
-
-    def _check_state(self, state_dict: Any) -> None:
-        _check_logger_state(self, state_dict, "log_dir")
 
     def _take_back(self) -> bool:
         """Whether this logger may write to its folder: it holds it, or takes it back after close()."""
@@ -822,86 +745,110 @@ class TensorBoardLogger:
                                    f"{self._log_dir}. Use that logger's writer.")
         return self._writer_from(None)
 
-    def _writer_from(self, step: int | None) -> Any:
+    def _writer_from(self, step: int | None, terms: set[str] | None = None) -> Any:
         """The writer; made here if there is none, as ``SummaryWriter(log_dir, purge_step=...)`` with the
-        first record's ``step`` (``None``: asked for before any record)."""
+        first record's ``step`` (``None``: asked for before any record) and its ``gamma/`` tags."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             purge_step = step
-            if self._log_dir is not None and (not self._planned or self._restored is not None):
-                purge_step = self._plan_first(step)
+            if self._judge:
+                purge_step = self._plan_first(step, terms or set())
+                self._judge = False  # judged once: the folder now holds this run (taken back after close())
             self._writer = SummaryWriter(self._log_dir, purge_step=purge_step)
-            if self._log_dir is not None:
-                sidecar = _tb_sidecar(Path(self._log_dir))
-                if _run_of(sidecar) != self._run_id:
-                    _claim(sidecar, self._run_id)
-                self._planned, self._restored = True, None
         return self._writer
 
-    def _plan_first(self, step: int | None) -> int | None:
-        """The folder this run writes to and the ``purge_step`` of its writer, at its first writer or the
-        first after :meth:`load_state_dict`: a resumed run continues its own folder, known by its run id,
-        never another run's; a new run writes to the folder asked for unless a log is there already.
-        Moves :attr:`log_dir` there and warns as it says."""
-        asked = self._asked_dir
-        assert asked is not None
-        restored = self._restored
-        if restored is None:
-            if self.overwrite or not _has_events(asked):
-                self._move_to(asked)
-                return step
-            return self._divert(asked, f"The TensorBoard folder {asked} is {_whose(_run_of(_tb_sidecar(asked)))}"
-                                       f", and this TensorBoardLogger starts a new run (nothing restored by "
-                                       f"load_state_dict(), as a weighter's load_state_dict() does for its "
-                                       f"callbacks).")
-        run_id, last = restored["run_id"], restored["last_step"]
-        self._run_id = run_id
-        own = Path(restored["log_dir"]) if restored["log_dir"] is not None else next(
-            (f for f in [asked, *_siblings(asked, "", folders=True)] if _run_of(_tb_sidecar(f)) == run_id), None)
-        if own is None:  # the checkpoint was taken before any record, and none was written after it
-            if not _has_events(asked):
-                self._move_to(asked)
-                return step
-            return self._divert(asked, f"The TensorBoard folder {asked} is {_whose(_run_of(_tb_sidecar(asked)))}"
-                                       f", not this resumed run's.")
-        held = _holder(own) not in (None, self)
-        if not held and own.is_dir() and _run_of(_tb_sidecar(own)) == run_id:
-            self._move_to(own)
-            shown = _logged_steps(own)
-            hidden = _undone([float(s) for s in shown], last, float("inf") if step is None else step)
-            self._floor = min((s for s in shown if s not in hidden), default=None)
-            if hidden:
-                warn_user(f"The TensorBoard folder {own} is this run's (run id {run_id}); resumed from its "
-                          f"checkpoint (last step {'none' if last is None else format(last, 'g')}), it hides from "
-                          f"view the points of the {_steps_said(hidden, 'step')} logged after it (steps undone; "
-                          f"TensorBoard's purge_step: no event file is deleted, they are only hidden).")
-                return int(min(hidden))
+    def _plan_first(self, step: int | None, terms: set[str]) -> int | None:
+        """Which folder this run writes to, by :class:`CSVLogger`'s rule (:func:`_continued_log`) over
+        the folder asked for and the ``NAME-2``, ``NAME-3``, ... beside it, and the ``purge_step`` to
+        make its writer with; moves :attr:`log_dir` there and warns as it says."""
+        old = Path(self._log_dir)  # type: ignore[arg-type]
+        events = _logged_events(old)
+        if not events:
             return step
-        if not held and not own.exists():
-            self._move_to(own)
-            warn_user(f"This resumed run's TensorBoard folder {own} is not there (deleted or moved?): it starts "
-                      f"again; the points before are not in it.")
-            return step
-        whose = "held by another logger of this process" if held else _whose(_run_of(_tb_sidecar(own)))
-        return self._divert(own, f"This resumed run's TensorBoard folder {own} is {whose}, not this run's "
-                                 f"(run id {run_id}).")
+        steps = [s for s, _ in events]
+        seen = f"The TensorBoard folder {old} holds a run logged at steps {min(steps)} to {max(steps)}, and "
+        if step is None:  # the writer asked for before any record: cannot purge
+            return self._divert(old, seen + (
+                f"this TensorBoardLogger's writer was asked for before its first record, so it cannot tell a run "
+                f"resumed from its checkpoint (whose first record hides the steps undone) from a new run, and "
+                f"would mix this run into it. To resume in {old}, log the first record before asking for the "
+                f"writer."))
 
-    def _move_to(self, folder: Path) -> None:
-        """Write to ``folder`` from now on (held for this logger)."""
-        if self._log_dir is not None and Path(self._log_dir) != folder:
-            _release(Path(self._log_dir), self)
-        _hold(folder, self)
-        self._log_dir = str(folder)
+        def gammas(tags: set[str]) -> set[str]:
+            return {t for t in tags if t.startswith(self.prefix + "gamma/")}
+
+        logs: list[tuple[Path, list[int]]] = []
+        same_terms = gammas({t for _, t in events}) == terms
+        if same_terms:
+            logs.append((old, steps))
+        for folder in _siblings(old, "", folders=True):
+            if _holder(folder) in (None, self):
+                found = _logged_events(folder)
+                if found and gammas({t for _, t in found}) == terms:
+                    logs.append((folder, [s for s, _ in found]))
+        chosen, resumed, resumable = _continued_log(step, [(f == old, [float(s) for s in s_]) for f, s_ in logs])
+        if chosen is None:
+            if not same_terms:
+                why = self._other_terms(events, terms)
+            elif not resumable:
+                why = (f"this run's first record is step {step}: it would hide that whole run, so this is a new "
+                       f"run, not one resumed from a checkpoint.")
+            else:
+                named = _candidates_said(step, [(logs[i][0], [float(s) for s in logs[i][1]]) for i in resumable],
+                                         "step")
+                why = (f"this run's first record is step {step}, and the folders {named} could each be this run's "
+                       f"(continued, or resumed from a checkpoint): writing to one would put this run's points "
+                       f"into another run, so none is continued and none is hidden (a folder is continued only "
+                       f"when exactly one can be this run's).")
+            return self._divert(old, seen + why)
+        folder, logged = logs[chosen]
+        self._floor = min(logged) if logged else None
+        hidden = sorted({s for s in logged if s >= step}) if resumed else []
+        said = (f" hiding from view the points of its {len(hidden)} step{'s' if len(hidden) > 1 else ''} "
+                f"{hidden[0]} to {hidden[-1]} (taken after that checkpoint, undone; TensorBoard's purge_step: no "
+                f"event file is deleted, they are only hidden)"
+                if hidden else "")
+        if folder != old:
+            _release(old, self)
+            _hold(folder, self)
+            self._log_dir = str(folder)
+            warn_user(f"The TensorBoard folder {old} is not this run's continuation (its steps or loss terms do not "
+                      f"lead to step {step}), but {folder}, where a new run on {old} was diverted, "
+                      f"{'holds steps before and after it' if resumed else 'leads to it'}: taken for that run "
+                      f"resumed, this run continues {folder}{',' if said else ''}{said}. {old} was left as it is.")
+        elif hidden:
+            warn_user(f"The TensorBoard folder {folder} holds steps up to {hidden[-1]}, and this run's first record "
+                      f"is step {step}: taken for a run resumed from its checkpoint, this run continues it,{said}. "
+                      f"If this is a new run, not a resumed one, those points were another run's: give each new "
+                      f"run a folder of its own (or overwrite=True) to keep a run's points whole.")
+        return step if resumed else None
+
+    def _other_terms(self, events: list[tuple[int, str]], terms: set[str]) -> str:
+        """Why a folder's events are another run's: what differs, its loss terms or only the tags' prefix."""
+        def split(tag: str) -> tuple[str, str] | None:  # (prefix, term) of a gamma tag
+            at = tag.find("gamma/")
+            return None if at < 0 else (tag[:at], tag[at + len("gamma/"):])
+
+        theirs = {p for p in map(split, {t for _, t in events}) if p is not None}
+        ours = {p for p in map(split, terms) if p is not None}
+        their_terms, our_terms = sorted({t for _, t in theirs}), sorted({t for _, t in ours})
+        their_prefixes = sorted({p for p, _ in theirs})
+        if their_terms == our_terms and their_prefixes != [self.prefix]:
+            return (f"its tags are under the prefix {', '.join(map(repr, their_prefixes))}, and this run's under "
+                    f"{self.prefix!r} (the same loss terms {our_terms}): its points and this run's would show as "
+                    f"separate charts. To continue that run, pass prefix={their_prefixes[0]!r}.")
+        return (f"its loss terms ({their_terms or 'none'}) are not this run's ({our_terms}): another run; "
+                f"logging here would mix them.")
 
     def _divert(self, old: Path, why: str) -> None:
         """Move this run to the first free ``NAME-2``, ``NAME-3``, ... beside ``old``, with a warning."""
         new = _fresh(old)
-        self._move_to(new)
-        self._floor = None
+        _release(old, self)
+        _hold(new, self)
+        self._log_dir = str(new)
         warn_user(f"{why} The folder was left as it is; this run logs to {new} instead. Pass overwrite=True to "
                   f"hide the old run, or a folder of its own.")
-        return None
 
     def __call__(self, record: dict[str, Any]) -> None:
         _write_standing(self, record, "", "record")
@@ -913,9 +860,8 @@ class TensorBoardLogger:
             warn_user(f"This TensorBoardLogger was closed and another logger now writes to {self._log_dir}: "
                       f"iteration {step} was not logged by it.")
             return
-        back = None
-        if self._log_dir is not None and self._restored is None:
-            back = _went_back(self._last_step, self._floor, step)
+        terms = {self.prefix + tag for tag in flat if tag.startswith("gamma/")}
+        back = _went_back(self._last_step, self._floor, step) if self._log_dir is not None else None
         if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
             old = Path(self._log_dir)  # type: ignore[arg-type]
             if self._writer is not None:
@@ -926,14 +872,9 @@ class TensorBoardLogger:
                                   f"{old} and now gets step {step}: every point would be hidden as undone, so this "
                                   f"is a new run (e.g. a new weighter counting from 1 with the same logger), not a "
                                   f"weighter rolled back to a checkpoint.")
-                self._floor, self._run_id = None, _new_run_id()
-            else:  # rolled back to a checkpoint: a new writer purges the undone steps from view
-                hidden = sorted({float(s) for s in _logged_steps(old) if s >= step})
-                if hidden:
-                    warn_user(f"This TensorBoardLogger logged up to step {self._last_step} to {old} and now gets step "
-                              f"{step}: taken for a weighter rolled back to a checkpoint, the points of the "
-                              f"{_steps_said(hidden, 'step')} (steps undone) are hidden from view.")
-        writer = self._writer_from(step)  # the first record's iteration: where a resumed run continues
+                self._floor = None
+            # else rolled back to a checkpoint: a new writer purges the undone steps from view
+        writer = self._writer_from(step, terms)  # the first record's iteration: where a resumed run continues
         for tag, value in flat.items():
             writer.add_scalar(self.prefix + tag, value, step)
         self._floor = step if self._floor is None else min(self._floor, step)

@@ -637,10 +637,7 @@ class HarmonizedWeighter(NamedWeights):
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The weighter's own state: gamma, its optimizer and the validation average; under ``hooks``,
-        the state of its callbacks that have one (a :class:`CSVLogger`'s run and log), so that a run
-        resumed from this checkpoint continues its own log. A checkpoint without ``hooks`` (an older
-        version's) still loads: its loggers then start new runs, beside any log already there."""
+        """The weighter's own state: gamma, its optimizer and the validation average."""
         return {
             "term_names": list(self.term_names),
             "teachers": getattr(self.criterion, "teachers", None),
@@ -652,7 +649,6 @@ class HarmonizedWeighter(NamedWeights):
             "num_calls": self.num_calls,
             "num_skipped": self.num_skipped,
             "gamma_sum": self._gamma_sum,
-            "hooks": self._hook_states(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -693,7 +689,6 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"The checkpoint's gamma {gamma.tolist()} does not fit the terms {self.term_names}.")
         self._objective.check_state(state_dict["validation"])  # check before touching our own
         self._check_gamma_optimizer_state(state_dict)
-        hooks = self._check_hook_states(state_dict.get("hooks"))
         counts = {k: state_dict.get(k, 0) for k in ("num_meta_steps", "num_calls", "num_skipped")}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
             raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
@@ -709,8 +704,6 @@ class HarmonizedWeighter(NamedWeights):
         self.num_calls = int(state_dict.get("num_calls", self.num_meta_steps))
         self.num_skipped = counts["num_skipped"]
         self._gamma_sum = float(gamma_sum)
-        for hook, state in hooks:
-            hook.load_state_dict(state)
 
     def _check_gamma_optimizer_state(self, state_dict: Mapping[str, Any]) -> None:
         """Refuse a gamma-optimizer state that this weighter's gamma optimizer could not use."""

@@ -176,39 +176,6 @@ class NamedWeights:
         """The registered meta-step hooks, in order (the constructor's ``callbacks`` first)."""
         return list(self._hooks.values())
 
-    def _stateful_hooks(self) -> list[Any]:
-        """The meta-step hooks with a state of their own (the loggers: their run and its log), in order;
-        a module is left out (its state is the user's to save)."""
-        return [h for h in self._hooks.values() if not isinstance(h, nn.Module)
-                and callable(getattr(h, "state_dict", None)) and callable(getattr(h, "load_state_dict", None))]
-
-    def _hook_states(self) -> list[dict[str, Any]]:
-        """The ``hooks`` entry of ``state_dict()``: each stateful hook's kind and state, in order."""
-        return [{"hook": type(h).__name__, "state": h.state_dict()} for h in self._stateful_hooks()]
-
-    def _check_hook_states(self, saved: Any) -> list[tuple[Any, Any]]:
-        """The (hook, state) pairs to restore from a checkpoint's ``hooks`` entry (absent in a checkpoint
-        of an older version: nothing), checked first; a hook whose saved kind differs is left as it is,
-        with a warning (a logger then starts a new run)."""
-        if saved is None:
-            return []
-        if not isinstance(saved, (list, tuple)) or not all(
-                isinstance(e, Mapping) and isinstance(e.get("hook"), str) and "state" in e for e in saved):
-            raise ValueError("The checkpoint's `hooks` should be a list of {'hook': name, 'state': ...}, as "
-                             "state_dict() writes it. Nothing was changed.")
-        hooks = self._stateful_hooks()
-        pairs = [(h, e["state"]) for h, e in zip(hooks, saved) if type(h).__name__ == e["hook"]]
-        for hook, state in pairs:
-            check = getattr(hook, "_check_state", None)
-            if callable(check):
-                check(state)
-        if len(pairs) != max(len(hooks), len(saved)):
-            warn_user(f"This checkpoint holds the state of the callbacks {[e['hook'] for e in saved]}, and this "
-                      f"{type(self).__name__} has {[type(h).__name__ for h in hooks]}: only the first "
-                      f"{len(pairs)} of the same kind, in order, were restored (a logger not restored starts a "
-                      f"new run, in a log of its own).")
-        return pairs
-
 
 class Weighting(NamedWeights):
     r"""The base of every loss-weighting method: one weight :math:`\gamma_k` per named loss term.
@@ -453,9 +420,7 @@ class Weighting(NamedWeights):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The method's own state: the weights, its counters and whatever its rule keeps; under
-        ``hooks``, the state of its callbacks that have one (the loggers' run and log: see
-        ``HarmonizedWeighter.state_dict``)."""
+        """The method's own state: the weights, its counters and whatever its rule keeps."""
         return {
             "weighting": type(self).__name__,
             "term_names": list(self.term_names),
@@ -465,7 +430,6 @@ class Weighting(NamedWeights):
             "num_calls": self.num_calls,
             "num_meta_steps": self.num_meta_steps,
             "num_skipped": self.num_skipped,
-            "hooks": self._hook_states(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -504,7 +468,6 @@ class Weighting(NamedWeights):
         if not isinstance(state_dict["extra"], Mapping):
             raise ValueError("The checkpoint's `extra` should be a dict.")
         self._check_extra_state(state_dict["extra"])
-        hooks = self._check_hook_states(state_dict.get("hooks"))
         # everything checked: now apply
         with torch.no_grad():
             for name in ["gamma", *mine]:
@@ -513,8 +476,6 @@ class Weighting(NamedWeights):
         self.num_calls, self.num_meta_steps, self.num_skipped = (counts["num_calls"], counts["num_meta_steps"],
                                                                  counts["num_skipped"])
         self._pending = None
-        for hook, state in hooks:
-            hook.load_state_dict(state)
 
     def _options(self) -> str:
         return ""

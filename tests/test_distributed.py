@@ -184,7 +184,7 @@ def test_loggers_on_every_rank_write_one_log_once(tmp_path):
     # before: rank 1 found rank 0's rows, took its run for another and wrote log-2.csv and tb-2 beside
     # (the test's own rendezvous file, "init", is removed by torch's FileStore when its last user goes, which may
     # come after join: not the library's)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "init" and not p.name.startswith(".")) == ["log-0.csv", "log-1.csv", "log.csv",
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "init") == ["log-0.csv", "log-1.csv", "log.csv",
                                                                               "tb"]
     lines = (tmp_path / "log.csv").read_text().splitlines()
     assert lines[0].startswith("iteration,meta_step") and [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]

@@ -123,27 +123,20 @@ def test_a_resumed_run_with_a_new_column_widens_as_the_same_record_mid_run_does(
     b = mw.CSVLogger(resumed)
     for i in (1, 2, 3):
         b(record(i))
-    saved = b.state_dict()  # what the weighter's checkpoint carries
     b.close()
     b = mw.CSVLogger(resumed)
-    b.load_state_dict(saved)
     assert heard(lambda: a(record(4, {"ce[1]": 1.0}))) == []
     assert heard(lambda: b(record(4, {"ce[1]": 1.0}))) == []
-    assert b.path == resumed and _logs(tmp_path) == ["mid.csv", "resumed.csv"]
+    assert b.path == resumed and sorted(os.listdir(tmp_path)) == ["mid.csv", "resumed.csv"]
     assert rows(resumed) == rows(mid_run) and rows(resumed)[-1] == ["4", "4", "0.5", "1.0"]
     assert rows(resumed)[1] == ["1", "1", "0.5", ""]
-    # a logger with nothing restored is a new run: another run's log is kept apart, warned
+    # other loss terms (its gamma columns differ): another run, kept apart, warned
     b.close()
     c = mw.CSVLogger(resumed)
-    assert any("another run's" in w for w in heard(lambda: c(record(5, gamma={"kd[2->1]": 1.0}))))
+    assert any("other loss terms" in w for w in heard(lambda: c(record(5, gamma={"kd[2->1]": 1.0}))))
     assert c.path == tmp_path / "resumed-2.csv"
     c.close()
     a.close()
-
-
-def _logs(folder):
-    """The logs in ``folder``, without the hidden files naming their runs."""
-    return sorted(f for f in os.listdir(folder) if not f.startswith("."))
 
 
 def test_a_link_into_a_missing_folder_is_refused_when_made(tmp_path):
@@ -162,27 +155,19 @@ def test_a_link_into_a_missing_folder_is_refused_when_made(tmp_path):
 def test_a_first_record_that_drops_rows_says_how_many_and_how_to_keep_them(tmp_path):
     path = tmp_path / "b.csv"
     old = mw.CSVLogger(path)
-    old(record(1))
-    old(record(2))
-    saved = old.state_dict()  # the checkpoint at 2
-    for i in range(3, 6):
+    for i in range(1, 6):
         old(record(i))
     old.close()
     new = mw.CSVLogger(path)
-    new.load_state_dict(saved)
     got = heard(lambda: new(record(3)))
     assert len(got) == 1
-    assert "3 rows 3 to 5" in got[0] and "this run's" in got[0]
-    assert [r[0] for r in rows(path)] == ["iteration", "1", "2", "3"]  # its own undone rows only
+    assert "the 3 rows of iterations 3 to 5" in got[0] and "a path of its own" in got[0]
+    assert [r[0] for r in rows(path)] == ["iteration", "1", "2", "3"]  # the documented rule: a resume
     assert heard(lambda: new(record(4))) == []  # said once, at the first record
-    for i in (5, 6):
-        new(record(i))
-    saved = new.state_dict()
     new.close()
     # a resume past every row drops nothing and says nothing
     again = mw.CSVLogger(path)
-    again.load_state_dict(saved)
-    assert heard(lambda: again(record(7))) == []
+    assert heard(lambda: again(record(5))) == []
     again.close()
 
 
@@ -241,47 +226,54 @@ def test_a_diverted_run_resumed_on_the_old_path_continues_its_own_log(tmp_path):
     a.close()
     b = mw.CSVLogger(path)
     assert any("log-2.csv" in m for m in heard(lambda: [b(record(i)) for i in range(1, 6)]))  # run B: diverted
-    saved = b.state_dict()
     b.close()
     b2 = mw.CSVLogger(path)  # run B resumed from its checkpoint at 5, with the same code
-    b2.load_state_dict(saved)
     said = heard(lambda: (b2(record(6)), b2(record(7))))
     assert _steps(path) == ["1", "2", "3"]  # A's log whole
     assert _steps(tmp_path / "log-2.csv") == [str(i) for i in range(1, 8)]  # B's log whole, in one file
-    assert b2.path == tmp_path / "log-2.csv" and said == []  # nothing undone, nothing to say
+    assert b2.path == tmp_path / "log-2.csv" and len(said) == 1 and "log-2.csv" in said[0]
 
 
-def test_a_run_is_known_by_its_identity_never_by_its_steps(tmp_path):
-    """Run A logs 1-10, a new run B is diverted to log-2 (1-3). A logger with nothing restored is a new
-    run, whatever its first iteration (4 "leads on" from B, 6 falls inside both): it touches neither log;
-    A resumed (its state restored) continues log.csv, dropping only its own undone rows, never B's
-    (issue 22: guessed from the steps, A's rows went into B's log or were cut)."""
+def test_a_first_record_that_two_logs_could_take_goes_to_a_log_of_its_own(tmp_path):
+    """Run A logs 1-10, a new run B is diverted to log-2 (1-3); a run starting at 4 may be B continued or
+    A resumed from its checkpoint at 3: it is written into neither (issue 22: A's rows went into B's log)."""
     path = tmp_path / "log.csv"
     a = mw.CSVLogger(path)
-    [a(record(i)) for i in range(1, 9)]
-    at_8 = a.state_dict()
-    [a(record(i)) for i in (9, 10)]
-    at_10 = a.state_dict()
+    for i in range(1, 11):  # run A: 1-10
+        a(record(i))
     a.close()
     b = mw.CSVLogger(path)
     heard(lambda: [b(record(i)) for i in (1, 2, 3)])  # run B: diverted to log-2.csv
     b.close()
-    for first, name in ((4, "log-3.csv"), (6, "log-4.csv")):
-        c = mw.CSVLogger(path)
-        said = heard(lambda: c(record(first)))
-        c.close()
-        assert c.path == tmp_path / name and _steps(c.path) == [str(first)]
-        assert len(said) == 1 and "another run's" in said[0]
+    c = mw.CSVLogger(path)
+    said = heard(lambda: (c(record(4)), c(record(5))))
     assert _steps(path) == [str(i) for i in range(1, 11)] and _steps(tmp_path / "log-2.csv") == ["1", "2", "3"]
-    a2 = mw.CSVLogger(path)  # run A resumed at 11: its own log, no warning
-    a2.load_state_dict(at_10)
+    assert c.path == tmp_path / "log-3.csv" and _steps(c.path) == ["4", "5"]
+    assert len(said) == 1 and "log.csv (iterations 1 to 10" in said[0] and "log-2.csv (iterations 1 to 3" in said[0]
+    c.close()
+    a2 = mw.CSVLogger(path)  # run A resumed at 11: only its own log leads there, no warning
     assert heard(lambda: a2(record(11))) == [] and _steps(path)[-1] == "11" and a2.path == path
     a2.close()
-    a3 = mw.CSVLogger(path)  # run A resumed from its checkpoint at 8: its 9-11 are undone
-    a3.load_state_dict(at_8)
+    a3 = mw.CSVLogger(path)  # run A resumed at 9 (no other log leads there): A's 9-11 are undone
     said = heard(lambda: a3(record(9)))
-    assert a3.path == path and _steps(path) == [str(i) for i in range(1, 10)] and "3 rows 9 to 11" in said[0]
+    assert a3.path == path and _steps(path) == [str(i) for i in range(1, 10)] and "3 rows" in said[0]
     assert _steps(tmp_path / "log-2.csv") == ["1", "2", "3"]
+
+
+def test_a_first_record_inside_two_logs_cuts_neither(tmp_path):
+    path = tmp_path / "log.csv"
+    a = mw.CSVLogger(path)
+    [a(record(i)) for i in range(1, 11)]
+    a.close()
+    b = mw.CSVLogger(path)
+    heard(lambda: [b(record(i)) for i in range(1, 8)])  # B in log-2.csv: 1-7
+    b.close()
+    c = mw.CSVLogger(path)  # resumed at 6: A's or B's? neither is cut
+    said = heard(lambda: c(record(6)))
+    assert _steps(path) == [str(i) for i in range(1, 11)]
+    assert _steps(tmp_path / "log-2.csv") == [str(i) for i in range(1, 8)]
+    assert c.path == tmp_path / "log-3.csv" and _steps(c.path) == ["6"]
+    assert len(said) == 1 and "none is cut" in said[0]
 
 
 def test_a_blank_line_neither_makes_a_new_run_a_resume_nor_stays_in_a_rewrite(tmp_path):
@@ -296,14 +288,11 @@ def test_a_blank_line_neither_makes_a_new_run_a_resume_nor_stays_in_a_rewrite(tm
     assert b.path == tmp_path / "log-2.csv" and _steps(path) == ["1", "2", "3", "4", "5"] and len(said) == 1
     path = tmp_path / "other" / "log.csv"
     a = mw.CSVLogger(path)
-    [a(record(i)) for i in range(1, 4)]
-    saved = a.state_dict()
-    [a(record(i)) for i in (4, 5)]
+    [a(record(i)) for i in range(1, 6)]
     a.close()
     with open(path, "a") as f:
         f.write("\n")
     c = mw.CSVLogger(path)  # resumed at 4: 4-5 dropped, the rewrite has no blank line
-    c.load_state_dict(saved)
     heard(lambda: c(record(4)))
     assert c.path == path and [r[0] for r in rows(path)] == ["iteration", "1", "2", "3", "4"]
 
@@ -329,7 +318,7 @@ def test_a_tensorboard_writer_asked_for_before_the_first_record_keeps_an_old_run
     said = heard(lambda: b.writer.add_text("note", "run B"))
     heard(lambda: (b(record(1)), b(record(2))))
     b.close()
-    assert b.log_dir == str(tmp_path / "tb-2") and len(said) == 1 and "another run's" in said[0]
+    assert b.log_dir == str(tmp_path / "tb-2") and len(said) == 1 and "before its first record" in said[0]
     assert sorted(set(_logging._logged_steps(folder))) == before == [1, 2, 3, 4, 5]
     c = mw.TensorBoardLogger(tmp_path / "fresh")  # an empty folder: the writer is made there, no warning
     assert heard(lambda: c.writer) == [] and c.log_dir == str(tmp_path / "fresh")
@@ -357,48 +346,41 @@ def test_a_diverted_tensorboard_run_resumed_on_the_old_folder_continues_its_own_
     a.close()
     b = mw.TensorBoardLogger(folder)
     assert any("tb-2" in m for m in heard(lambda: [b(record(i)) for i in range(1, 6)]))  # run B: diverted
-    saved = b.state_dict()
     b.close()
     time.sleep(1.1)  # event files are named by the second they were opened: keep them in order
     b2 = mw.TensorBoardLogger(folder)  # run B resumed from its checkpoint at 5, with the same code
-    b2.load_state_dict(saved)
     said = heard(lambda: (b2(record(6)), b2(record(7))))
     b2.close()
     assert _shown(folder) == [1, 2, 3]  # A's points all shown
     assert _shown(other) == list(range(1, 8))  # B's run whole, in its own folder
-    assert b2.log_dir == str(other) and said == []  # nothing undone, nothing to say
+    assert b2.log_dir == str(other) and len(said) == 1 and "tb-2" in said[0]
 
 
-def test_a_tensorboard_run_is_known_by_its_identity_never_by_its_steps(tmp_path):
-    """As CSVLogger: after A's 1-10 in tb and B's 1-3 diverted to tb-2, a logger with nothing restored
-    goes to neither; A resumed continues tb, hiding only its own undone points."""
+def test_a_first_tensorboard_record_that_two_folders_could_take_goes_to_a_folder_of_its_own(tmp_path):
+    """As CSVLogger: after A's 1-10 in tb and B's 1-3 diverted to tb-2, a run at 4 goes to neither."""
     pytest.importorskip("tensorboard")
     import time
 
     folder, other = tmp_path / "tb", tmp_path / "tb-2"
     a = mw.TensorBoardLogger(folder)
-    [a(record(i)) for i in range(1, 9)]
-    at_8 = a.state_dict()
-    [a(record(i)) for i in (9, 10)]
-    at_10 = a.state_dict()
+    [a(record(i)) for i in range(1, 11)]  # run A: 1-10
     a.close()
     b = mw.TensorBoardLogger(folder)
     heard(lambda: [b(record(i)) for i in (1, 2, 3)])  # run B: diverted to tb-2
     b.close()
+    time.sleep(1.1)
     c = mw.TensorBoardLogger(folder)
     said = heard(lambda: (c(record(4)), c(record(5))))
     c.close()
     assert _shown(folder) == list(range(1, 11)) and _shown(other) == [1, 2, 3]
     assert c.log_dir == str(tmp_path / "tb-3") and _shown(c.log_dir) == [4, 5]
-    assert len(said) == 1 and "another run's" in said[0]
+    assert len(said) == 1 and "tb (steps 1 to 10" in said[0] and "tb-2 (steps 1 to 3" in said[0]
     time.sleep(1.1)
     a2 = mw.TensorBoardLogger(folder)  # run A resumed at 11: its own folder, no warning
-    a2.load_state_dict(at_10)
     assert heard(lambda: a2(record(11))) == [] and a2.log_dir == str(folder)
     a2.close()
     time.sleep(1.1)
-    a3 = mw.TensorBoardLogger(folder)  # run A resumed from its checkpoint at 8: its 9-11 hidden, said so
-    a3.load_state_dict(at_8)
+    a3 = mw.TensorBoardLogger(folder)  # run A resumed at 9: A's 9-11 hidden, with a warning saying so
     said = heard(lambda: a3(record(9)))
     a3.close()
     assert a3.log_dir == str(folder) and _shown(folder) == list(range(1, 10)) and _shown(other) == [1, 2, 3]
@@ -411,17 +393,44 @@ def test_a_tensorboard_resume_says_what_it_hides_as_csv_says_what_it_drops(tmp_p
 
     folder = tmp_path / "tb"
     a = mw.TensorBoardLogger(folder)
-    [a(record(i)) for i in (1, 2)]
-    saved = a.state_dict()
-    [a(record(i)) for i in (3, 4, 5)]
+    [a(record(i)) for i in range(1, 6)]
     a.close()
     time.sleep(1.1)
     b = mw.TensorBoardLogger(folder)  # resumed from its checkpoint at 2: 3-5 undone
-    b.load_state_dict(saved)
     said = heard(lambda: (b(record(3)), b(record(4))))
     b.close()
     assert _shown(folder) == [1, 2, 3, 4] and b.log_dir == str(folder)
     assert len(said) == 1 and "3 steps 3 to 5" in said[0] and "no event file is deleted" in said[0]
+
+
+def test_a_tensorboard_prefix_changed_on_resume_is_named_as_what_differs(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    [a(record(i)) for i in range(1, 4)]
+    a.close()
+    b = mw.TensorBoardLogger(folder, prefix="mw/")
+    said = heard(lambda: b(record(4)))
+    b.close()
+    assert b.log_dir == str(tmp_path / "tb-2") and len(said) == 1
+    assert "prefix 'metaweight/'" in said[0] and "'mw/'" in said[0] and "[]" not in said[0]
+
+
+def test_a_first_tensorboard_record_inside_two_runs_hides_neither(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    [a(record(i)) for i in range(1, 11)]
+    a.close()
+    b = mw.TensorBoardLogger(folder)
+    heard(lambda: [b(record(i)) for i in range(1, 8)])  # B in tb-2: 1-7
+    b.close()
+    c = mw.TensorBoardLogger(folder)  # resumed at 6: A's or B's? neither is hidden
+    said = heard(lambda: c(record(6)))
+    c.close()
+    assert _shown(folder) == list(range(1, 11)) and _shown(tmp_path / "tb-2") == list(range(1, 8))
+    assert c.log_dir == str(tmp_path / "tb-3") and _shown(c.log_dir) == [6]
+    assert len(said) == 1 and "none is hidden" in said[0]
 
 
 def test_a_tensorboard_logger_handed_to_a_new_run_keeps_the_old_one_apart_as_csv_does(tmp_path):
@@ -439,14 +448,14 @@ def test_a_tensorboard_logger_handed_to_a_new_run_keeps_the_old_one_apart_as_csv
     logger(record(3))
     said = heard(lambda: logger(record(2)))  # rolled back to the checkpoint at 1: step 2 again, 3 undone
     logger.close()
-    assert len(said) == 1 and "2 steps 2 to 3" in said[0] and _shown(folder) == [1, 2, 3, 4, 5] and _shown(tmp_path / "tb-2") == [1, 2]
+    assert said == [] and _shown(folder) == [1, 2, 3, 4, 5] and _shown(tmp_path / "tb-2") == [1, 2]
 
 
 @pytest.mark.parametrize("kind", ["csv", "tensorboard"])
 def test_a_logger_reused_after_close_goes_back_by_the_same_rule_as_without_close(tmp_path, kind):
     """close() in between changes nothing of the "went back" rule: the same logger handed to a new run
     (counting from 1 again) keeps the old run whole and goes to NAME-2 with a warning; one rolled back to a
-    checkpoint after close() drops (hides) only the undone steps, with a warning naming them."""
+    checkpoint after close() drops (hides) only the undone steps, with no warning."""
     if kind == "tensorboard":
         pytest.importorskip("tensorboard")
         import time
@@ -474,4 +483,4 @@ def test_a_logger_reused_after_close_goes_back_by_the_same_rule_as_without_close
     time.sleep(1.1)
     said = heard(lambda: rolled(record(3)))  # rolled back to the checkpoint at 2: 3-5 undone
     rolled.close()
-    assert len(said) == 1 and "3 to 5" in said[0] and shown(where(rolled)) == [1, 2, 3] and where(rolled).endswith(("r", "r.csv"))
+    assert said == [] and shown(where(rolled)) == [1, 2, 3] and where(rolled).endswith(("r", "r.csv"))
