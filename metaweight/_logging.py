@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import tempfile
@@ -170,8 +171,9 @@ def _continued_log(step: float, logs: list[tuple[bool, list[float]]]) -> tuple[i
     indices of the logs that could each have been this run's (two or more: ambiguous; none: a new run).
     See :class:`CSVLogger` for the rule in words."""
     def leads_here(steps: list[float]) -> bool:  # its last step is one of its own strides before this record
-        logged = sorted(steps)
-        stride = max([b - a for a, b in zip(logged, logged[1:])] or [1.0])
+        logged = sorted(set(steps))  # (a TensorBoard folder lists a step once per tag)
+        # one step tells no stride (meta_every=5 logs 1, 6, 11, ...): any later record may be its next
+        stride = max([b - a for a, b in zip(logged, logged[1:])] or [math.inf])
         return bool(logged) and 0 < step - logged[-1] <= stride
 
     # a log whose steps all end before this record continues with nothing undone: the path, or a diverted

@@ -4,6 +4,7 @@ file is written where it cannot be read back (issue 22, third review)."""
 
 import csv
 import os
+import time
 import warnings
 
 import pytest
@@ -258,6 +259,44 @@ def test_a_first_record_that_two_logs_could_take_goes_to_a_log_of_its_own(tmp_pa
     said = heard(lambda: a3(record(9)))
     assert a3.path == path and _steps(path) == [str(i) for i in range(1, 10)] and "3 rows" in said[0]
     assert _steps(tmp_path / "log-2.csv") == ["1", "2", "3"]
+
+
+def test_a_log_of_one_row_may_lead_to_any_later_record_so_no_other_log_is_cut(tmp_path):
+    """meta_every=5: run A logs 1, 6, ..., 96; run B (same path) is diverted to log-2.csv, logs 1 and
+    resumes at 6. One row tells no stride: log-2 may lead to 6, so A's log (resumable at 6) is not the
+    only candidate and neither is touched (issue 22 review: A's rows 6-96 were dropped, B's went in)."""
+    path = tmp_path / "log.csv"
+    a = mw.CSVLogger(path)
+    for i in range(1, 100, 5):
+        a(record(i))
+    a.close()
+    b = mw.CSVLogger(path)
+    heard(lambda: b(record(1)))  # run B: diverted to log-2.csv
+    b.close()
+    b2 = mw.CSVLogger(path)
+    said = heard(lambda: (b2(record(6)), b2(record(11))))
+    assert _steps(path) == [str(i) for i in range(1, 100, 5)]  # A's log whole
+    assert _steps(tmp_path / "log-2.csv") == ["1"] and b2.path == tmp_path / "log-3.csv"
+    assert _steps(b2.path) == ["6", "11"] and len(said) == 1 and "log-2.csv (iterations 1 to 1" in said[0]
+
+
+def test_a_tensorboard_folder_of_one_step_may_lead_to_any_later_record_so_no_other_folder_is_hidden(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    a = mw.TensorBoardLogger(folder)
+    for i in range(1, 100, 5):
+        a(record(i))
+    a.close()
+    time.sleep(1.1)  # (event files are ordered by the second they were opened)
+    b = mw.TensorBoardLogger(folder)
+    heard(lambda: b(record(1)))
+    b.close()
+    time.sleep(1.1)
+    b2 = mw.TensorBoardLogger(folder)
+    heard(lambda: (b2(record(6)), b2(record(11))))
+    b2.close()
+    assert _shown(folder) == list(range(1, 100, 5)) and _shown(tmp_path / "tb-2") == [1]
+    assert _shown(tmp_path / "tb-3") == [6, 11]
 
 
 def test_a_first_record_inside_two_logs_cuts_neither(tmp_path):
