@@ -491,10 +491,8 @@ class CSVLogger:
             if other[0] is not None and other[0][:2] == ["iteration", "meta_step"] and _same_terms(other[0], fields):
                 candidates.append((file, *other))  # type: ignore[arg-type]
 
-        def last(lines: list[str]) -> float:
-            return _last(_readable(lines))
-
-        chosen, resumed, resumable_at = _continued_log(step, [(c[0] == path, _readable(c[2])) for c in candidates])
+        steps = [_readable(c[2]) for c in candidates]  # each candidate's iterations, read once
+        chosen, resumed, resumable_at = _continued_log(step, [(c[0] == path, s) for c, s in zip(candidates, steps)])
         if chosen is not None and not resumed:
             file, old_header, old_lines, old_torn = candidates[chosen]
             columns = _widened(old_header, fields)
@@ -503,17 +501,16 @@ class CSVLogger:
             if file != path:
                 notes.append(f"The log {path} is not this run's continuation (its rows or loss terms do not lead "
                              f"to iteration {step:g}), but {file}, where a new run on {path} was diverted, ends at "
-                             f"iteration {last(old_lines):g}: taken for that run resumed, this run continues "
+                             f"iteration {_last(steps[chosen]):g}: taken for that run resumed, this run continues "
                              f"{file}. {path} was left as it is.")
             if file != path or old_torn or extra:
                 return file, columns, [_pad(line, extra) for line in old_lines], notes
             return file, columns, None, notes
-        resumable = [candidates[i] for i in resumable_at]
         if chosen is not None:
             file, old_header, old_lines, _ = candidates[chosen]
             columns = _widened(old_header, fields)
             extra = len(columns) - len(old_header)
-            dropped = [s for s in _readable(old_lines) if s >= step]
+            dropped = [s for s in steps[chosen] if s >= step]
             notes = [f"The log {file} holds rows up to iteration {max(dropped):g}, and this run's first record is "
                      f"iteration {step:g}: taken for a run resumed from its checkpoint, the {len(dropped)} rows of "
                      f"iterations {min(dropped):g} to {max(dropped):g} (steps taken after that checkpoint, undone) "
@@ -527,13 +524,13 @@ class CSVLogger:
         if not _same_terms(header, fields):
             why = (f"The log {path} has the columns {header}, but this run records {fields}: other loss terms, so "
                    f"another run; appending would mix them.")
-        elif not resumable:
+        elif not resumable_at:
             logged = _readable(lines) or [step]
             why = (f"The log {path} holds iterations {min(logged):g} to {max(logged):g}, and this run's first "
                    f"record is iteration {step:g}: every row would be dropped as undone, so this is a new run, not "
                    f"one resumed from a checkpoint.")
         else:
-            named = _candidates_said(step, [(c[0], _readable(c[2])) for c in resumable], "iteration")
+            named = _candidates_said(step, [(candidates[i][0], steps[i]) for i in resumable_at], "iteration")
             why = (f"This run's first record is iteration {step:g}, and the logs {named} could each be this run's "
                    f"(continued, or resumed from a checkpoint): writing to one would put this run's rows into "
                    f"another run's log, so none is continued and none is cut (a log is continued only when "
@@ -789,7 +786,8 @@ class TensorBoardLogger:
                 found = _logged_events(folder)
                 if found and gammas({t for _, t in found}) == terms:
                     logs.append((folder, [s for s, _ in found]))
-        chosen, resumed, resumable = _continued_log(step, [(f == old, [float(s) for s in s_]) for f, s_ in logs])
+        as_floats = [[float(s) for s in s_] for _, s_ in logs]
+        chosen, resumed, resumable = _continued_log(step, [(f == old, s_) for (f, _), s_ in zip(logs, as_floats)])
         if chosen is None:
             if not same_terms:
                 why = self._other_terms(events, terms)
@@ -797,8 +795,7 @@ class TensorBoardLogger:
                 why = (f"this run's first record is step {step}: it would hide that whole run, so this is a new "
                        f"run, not one resumed from a checkpoint.")
             else:
-                named = _candidates_said(step, [(logs[i][0], [float(s) for s in logs[i][1]]) for i in resumable],
-                                         "step")
+                named = _candidates_said(step, [(logs[i][0], as_floats[i]) for i in resumable], "step")
                 why = (f"this run's first record is step {step}, and the folders {named} could each be this run's "
                        f"(continued, or resumed from a checkpoint): writing to one would put this run's points "
                        f"into another run, so none is continued and none is hidden (a folder is continued only "
