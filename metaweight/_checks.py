@@ -498,9 +498,8 @@ def real_tensor(value: object, name: str, what: str) -> Tensor:
             raise TypeError(f"`{name}` should hold {what} in a dense tensor. Found a {value.layout} tensor: pass "
                             f"`.to_dense()`.")
         return value.detach()
-    numbers = [real_scalar(v) for v in value] if isinstance(value, Sequence) and not isinstance(
-        value, (str, bytes)) else None
-    if numbers is None or any(v is None for v in numbers):
+    numbers = real_numbers(value) if isinstance(value, Sequence) else None  # (the one reading of a list)
+    if numbers is None:
         raise TypeError(f"`{name}` should be a tensor or a list of {what}. Found {value!r}.")
     return torch.tensor(numbers, dtype=torch.float64)
 
