@@ -63,6 +63,7 @@ class ExactMode:
         for its record only with ``read_gamma`` (``step`` reads it with its own decision instead)."""
         if w.learn and w.num_calls % w.meta_every == 0:
             w._check_loop()  # options and hooks set since the last meta step, before anything changes
+            w._check_gradients(train_batch, val_batch)  # (once)
         w.num_calls += 1
         if not w.learn or (w.num_calls - 1) % w.meta_every:
             gamma = w.gamma_dict() if read_gamma else {}
@@ -103,6 +104,7 @@ class ExactMode:
                              f"was changed.")
         if w.learn and w.num_calls % w.meta_every == 0:
             w._check_loop()  # before the transaction: a refusal leaves the gradients as they are too
+            w._check_gradients(train_batch, val_batch)  # (once)
         transaction = w._transaction
         saved = transaction.begin(w)
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation)

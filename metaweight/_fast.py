@@ -87,6 +87,7 @@ class FastMode:
         xv, yv = unpack_batch(val_batch, "val_batch")
         if w.num_calls % w.meta_every == 0:
             w._check_loop()  # options, hooks and parameters set since the last meta step, before anything changes
+            w._check_gradients(train_batch, val_batch)  # (once)
         transaction = w._transaction
         saved = transaction.begin(w)  # before the count: anything raised or refused below leaves it as it was
         w.num_calls += 1

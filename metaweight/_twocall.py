@@ -55,6 +55,8 @@ class TwoCall:
         if run_meta:
             w._check_loop()  # options, hooks, other optimizers' steps: before anything changes
         plan = self._plan(w, pending, x, y) if run_meta else None
+        if plan is not None:
+            w._check_gradients(train_batch, val_batch)  # (once; after the plan's own refusals, which say more)
         pending_now, w._pending, w._stepped = w._pending, None, None
         w.num_calls += 1
         if not run_meta:

@@ -22,16 +22,19 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
-from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
+from metaweight._backends import (BACKENDS, Backend, BackendName, FiniteDifferenceBackend, HigherBackend, JvpBackend,
+                                  make_backend)
+from metaweight._gradcheck import gradient_mismatch
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
 from metaweight._checks import (check_flag, check_has_values, IGNORE_INDEX, forget_labels, in_dtype, integer_value,
-                               per_term, real_numbers, real_option, real_scalar)
+                               per_term, real_numbers, real_option, real_scalar, unpack_batch)
 from metaweight._clipping import ClipGradNorm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
 from metaweight._hypergradient import Reducer
 from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms
+from metaweight._randomness import NEW_GENERATOR, model_generators, new_generators
 from metaweight._record import MetaStepRecord
 from metaweight._twocall import TwoCall
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read
@@ -142,6 +145,13 @@ class HarmonizedWeighter(NamedWeights):
             :class:`MetaStepRecord` (``iteration``, ``meta_step``, ``gamma`` and ``terms`` by
             term name, ``val_objective``, ``val_exit_losses``, ...), as if registered with
             :meth:`register_meta_step_hook`. See :class:`CSVLogger` and :class:`TensorBoardLogger`.
+        check_gradients: at the first meta step, before anything changes, check on float64 copies
+            (the model untouched; about one forward and backward of each batch and a dozen forwards,
+            once) that autograd's gradients are the derivatives of the values where the meta-gradient
+            relies on it (:mod:`metaweight._gradcheck`): a stop-gradient or custom backward inside the
+            model (detached heads, ``.data``, ``.item()`` rescales, a straight-through estimator) is
+            refused with a ``ValueError``, nothing changed. A model that cannot run on float64 copies,
+            or rounds below float64 inside, is not checked (a warning says so). ``False`` skips it.
 
     Example:
         >>> import torch, metaweight as mw
@@ -178,6 +188,7 @@ class HarmonizedWeighter(NamedWeights):
         clip_grad_norm: ClipGradNorm | float | None = None,
         fd_epsilon: float | None = None,
         callbacks: Sequence[Callable[[MetaStepRecord], None]] = (),
+        check_gradients: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
@@ -185,6 +196,7 @@ class HarmonizedWeighter(NamedWeights):
             raise TypeError(f"`optimizer` should be a torch.optim.Optimizer. Found `{type(optimizer).__name__}`.")
         learn = check_flag(learn, "learn")  # learn="no" would be truthy: flags are bools
         reuse_forward = check_flag(reuse_forward, "reuse_forward")
+        check_gradients = check_flag(check_gradients, "check_gradients")
         terms = Terms(criterion, term_names)
         if validation is None:
             num_exits = integer_value(getattr(criterion, "num_exits", None))
@@ -287,6 +299,9 @@ class HarmonizedWeighter(NamedWeights):
         self.clip_grad_norm: ClipGradNorm | None = clip_grad_norm
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
+        self.check_gradients = check_gradients
+        self._gradients_checked = not (check_gradients and learn)  # once, at the first meta step
+        self._gradcheck_failed: tuple[int, str] | None = None  # (meta steps then, the error) of a check that raised
         self._transaction = StepTransaction(module, self._reducer)  # step()'s snapshot, decision and rollback
         self._exact = ExactMode(chosen, lookahead_names)  # what meta_step and step do with mode="exact"
         self._fast = FastMode()  # ... with mode="fast"
@@ -500,6 +515,62 @@ class HarmonizedWeighter(NamedWeights):
             names, self._frozen_step = self._frozen_step, None
             raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step.) gamma "
                              "and everything else are unchanged.")
+
+    def _check_gradients(self, train_batch: Batch, val_batch: Batch) -> None:
+        """Once, at the first meta step, before anything changes: autograd's gradients against the
+        derivatives of the values, on float64 copies (:mod:`metaweight._gradcheck`). Raises a
+        ``ValueError`` where they differ (and checks again at the next meta step); warns where the
+        model cannot be checked (where the float64 copies raised, at the next meta step, once one went through:
+        an error of the model's own comes from the step itself first)."""
+        if self._gradients_checked:
+            return
+        backend = self._exact.backend
+        if self.mode == "fast" or isinstance(backend, FiniteDifferenceBackend) or \
+                (isinstance(backend, JvpBackend) and backend.fallback is not None):
+            derivative = "values"
+        else:
+            derivative = "autograd" if isinstance(backend, HigherBackend) else "forward"
+        watch = self._watch
+
+        def run(compute: Callable[[], Any]) -> Any:
+            paused = watch is not None and watch.paused
+            if watch is not None:
+                watch.paused = True  # the check's forwards are not the user's
+            try:
+                return compute()
+            finally:
+                if watch is not None:
+                    watch.paused = paused
+
+        train = unpack_batch(train_batch, "train_batch")
+        val = unpack_batch(val_batch, "val_batch")
+        generators = model_generators(self.module)
+        try:
+            found = gradient_mismatch(self.module, self._terms, self._objective, train, val, derivative=derivative,
+                                      movable=self._exact.lookahead_names if self.mode == "exact" else None,
+                                      active=self._active, reducer=self._reducer, run=run)
+        except Exception as exc:
+            appeared = new_generators(self.module, generators)
+            if appeared:  # the look-ahead could not replay this model's random numbers either
+                raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared))) from None
+            first = (str(exc).splitlines() or [""])[0][:200]
+            failed, self._gradcheck_failed = self._gradcheck_failed, (self.num_meta_steps, f"{type(exc).__name__}: "
+                                                                                          f"{first}")
+            # an error of the model's or the data's comes again from the step itself, which says it: only once a
+            # meta step went through since is the failure the float64 copies' own, and said
+            if failed is not None and self.num_meta_steps > failed[0]:
+                self._gradients_checked = True
+                warn_user(f"metaweight could not check the model's gradients against the derivatives of its values "
+                          f"on float64 copies ({failed[1]}). The meta-gradient is exact only if the model has no "
+                          f"stop-gradient or custom backward (detach, .data, no_grad, .item() rescales, "
+                          f"straight-through estimators) on the path to its exits; pass check_gradients=False to "
+                          f"silence this.")
+            return
+        if found.refusal is not None:
+            raise ValueError(found.refusal)
+        self._gradients_checked = found.finite  # (non-finite data, which the step refuses: checked next time)
+        if found.inconclusive is not None:
+            warn_user(found.inconclusive)
 
     # ------------------------------------------------------------- gamma's step, for both modes
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor, *,

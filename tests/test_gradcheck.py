@@ -1,0 +1,327 @@
+"""Stop-gradients and custom backwards inside the model (issue 21): right or refused.
+
+Every spelling of a stop-gradient a model may hold, in every mode and backend: the meta-gradient
+of ``step()`` is compared with central differences of the validation objective after real SGD
+steps on copies of the model (the step autograd's gradients take), float64. A model the check
+accepts must be right; one it refuses must have been wrong without the check
+(``check_gradients=False``), and the refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import metaweight as mw
+
+F64 = torch.float64
+LR = 0.1
+GAMMA = [1.0, 0.8, 0.6, 1.2, 0.9, 0.7]  # DenseDistillLoss(3): 3 CE and 3 KD terms
+
+
+class HalfBackward(torch.autograd.Function):
+    """A custom backward that is not the derivative of the forward (half of it); no jvp."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5
+
+
+class RightBackward(torch.autograd.Function):
+    """A custom Function whose backward and jvp are the derivative of its forward: right."""
+
+    @staticmethod
+    def forward(x):
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * (s + x * s * (1 - s))
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return tangent * (s + x * s * (1 - s))
+
+
+def stop(spelling: str, h: torch.Tensor) -> torch.Tensor:
+    """The features the first two exits read, through one spelling of a stop-gradient."""
+    if spelling == "detach":
+        return h.detach()
+    if spelling == "data":
+        return h.data
+    if spelling == "detach_":
+        return h.clone().detach_()
+    if spelling == "gradient equilibrium":
+        return 0.5 * h + 0.5 * h.detach()
+    if spelling == "item rescale":
+        return h / h.norm().item()
+    if spelling == "no_grad rescale":
+        with torch.no_grad():
+            scale = h.abs().mean()
+        return h / scale
+    if spelling == "inference_mode rescale":
+        with torch.inference_mode():
+            scale = h.abs().mean()
+        return h / scale.clone()
+    if spelling == "tolist copy":
+        return torch.tensor(h.tolist(), dtype=h.dtype)
+    if spelling == "numpy copy":
+        return torch.from_numpy(np.array(h.detach().numpy()))
+    if spelling == "straight-through":
+        return h + (torch.round(h * 4) / 4 - h).detach()
+    if spelling == "custom backward":
+        return HalfBackward.apply(h)
+    if spelling == "custom, right backward":  # right: accepted
+        return RightBackward.apply(h)
+    assert spelling == "none"
+    return h
+
+
+class Net(nn.Module):
+    """The issue's 3-exit MLP (Linear 6->8->8->8, tanh, heads 8->4); ``spelling`` on the first two exits."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.blocks = nn.ModuleList([nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.heads = nn.ModuleList([nn.Linear(8, 4) for _ in range(3)])
+
+    def forward(self, x):
+        outputs, h = [], x
+        for i, (block, head) in enumerate(zip(self.blocks, self.heads)):
+            h = torch.tanh(block(h))
+            outputs.append(head(stop(self.spelling, h) if i < 2 else h))
+        return outputs
+
+
+SPELLINGS = ["detach", "data", "detach_", "gradient equilibrium", "item rescale", "no_grad rescale",
+             "inference_mode rescale", "tolist copy", "numpy copy", "straight-through", "custom backward"]
+RIGHT = ["none", "custom, right backward"]
+FORMS = [("exact", "jvp"), ("exact", "finite_difference"), ("exact", "higher"), ("fast", "jvp")]
+
+
+def data():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 6, generator=g, dtype=F64), torch.randint(0, 4, (16,), generator=g)
+    xv, yv = torch.randn(16, 6, generator=g, dtype=F64), torch.randint(0, 4, (16,), generator=g)
+    return (x, y), (xv, yv)
+
+
+def setup(spelling: str, mode: str, backend: str, **kwargs):
+    torch.manual_seed(0)
+    model = Net(spelling).to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    criterion = mw.DenseDistillLoss(3, temperature=2.0)
+    validation = mw.BalancedValidation(3, alpha=1.0)  # the exits' summed cross-entropy
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode=mode, backend=backend,
+                              gamma_optimizer="sgd", init=torch.tensor(GAMMA, dtype=F64), **kwargs)
+    return model, optimizer, criterion, validation, w
+
+
+def reference(model, criterion, validation, train, val, delta: float = 1e-5) -> torch.Tensor:
+    """d L_val(theta') / d gamma by central differences, theta' = one real SGD step of autograd's
+    gradients of sum_k gamma_k L_k at theta (the step both modes score)."""
+    (x, y), (xv, yv) = train, val
+
+    def after_step(gamma):
+        twin = copy.deepcopy(model)
+        opt = torch.optim.SGD(twin.parameters(), lr=LR)
+        (torch.tensor(gamma, dtype=F64) * criterion(twin(x), y)).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            return float(validation(twin(xv), yv))
+
+    grads = []
+    for k in range(len(GAMMA)):
+        plus, minus = list(GAMMA), list(GAMMA)
+        plus[k] += delta
+        minus[k] -= delta
+        grads.append((after_step(plus) - after_step(minus)) / (2 * delta))
+    return torch.tensor(grads, dtype=F64)
+
+
+def state(model, optimizer, w):
+    return copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict(), w.num_calls,
+                          w.num_meta_steps, w.num_skipped))
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+    return a == b
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("mode,backend", FORMS)
+@pytest.mark.parametrize("spelling", SPELLINGS + RIGHT)
+def test_a_stop_gradient_inside_the_model_is_refused_changing_nothing_or_the_meta_gradient_is_right(
+        spelling, mode, backend):
+    train, val = data()
+    model, optimizer, criterion, validation, w = setup(spelling, mode, backend, check_gradients=False)
+    ref = reference(model, criterion, validation, train, val)
+    unchecked = rel_err(w.step(train, val).gamma_grad, ref)  # what the weighter gives without the check
+
+    model, optimizer, criterion, validation, w = setup(spelling, mode, backend)
+    before = state(model, optimizer, w)
+    try:
+        record = w.step(train, val)
+    except ValueError as exc:
+        assert "stop-gradient" in str(exc) and "check_gradients=False" in str(exc)
+        assert spelling not in RIGHT, str(exc)
+        assert unchecked > 1e-3, f"refused, but the meta-gradient was right: {unchecked:.2e}"
+        assert same(before, state(model, optimizer, w))
+        assert all(p.grad is None for p in model.parameters())
+        with pytest.raises(ValueError, match="stop-gradient"):  # refused again: nothing was taken as checked
+            w.step(train, val)
+        return
+    tolerance = 1e-6 if (mode, backend) in (("exact", "jvp"), ("exact", "higher")) else 1e-3
+    assert rel_err(record.gamma_grad, ref) < tolerance, (spelling, rel_err(record.gamma_grad, ref))
+
+
+def test_every_spelling_is_refused_in_some_form_and_each_form_refuses_what_it_gets_wrong():
+    """The walk above accepts a right answer; this pins that the stop-gradients are not right by luck:
+    each spelling is refused by every form (the validation objective sees the first two exits)."""
+    train, val = data()
+    for spelling in SPELLINGS:
+        for mode, backend in FORMS:
+            _, _, _, _, w = setup(spelling, mode, backend)
+            with pytest.raises(ValueError, match="stop-gradient"):
+                w.step(train, val)
+
+
+def test_the_two_call_form_and_meta_step_are_checked_too():
+    train, val = data()
+    model, optimizer, _, _, w = setup("detach", "exact", "jvp")
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match="validation losses differs"):
+        w.meta_step(train, val)
+    assert same(before, state(model, optimizer, w))
+
+    model, optimizer, _, _, w = setup("detach", "fast", "jvp")
+    loss = w.loss(model(train[0]), train[1])
+    loss.backward()
+    optimizer.step()
+    gamma = w.gamma.clone()
+    with pytest.raises(ValueError, match="stop-gradient"):
+        w.meta_step(train, val)
+    assert torch.equal(gamma, w.gamma) and w.num_meta_steps == 0
+
+
+def test_a_detached_teacher_inside_the_model_that_the_validation_does_not_score_is_not_refused():
+    """A teacher the model detaches itself (the KD target of a criterion of the user's) that the
+    validation objective does not read: autograd's step and the jvp's tangent both stop there, so
+    backend='jvp' is right, and 'higher' differentiates autograd's step: neither is refused, and both
+    give the reference."""
+
+    class WithTeacher(Net):
+        def forward(self, x):
+            outputs = super().forward(x)
+            return outputs, torch.softmax(outputs[2] / 2.0, dim=1).detach()
+
+    def criterion(outputs, target):
+        exits, teacher = outputs
+        ce = [nn.functional.cross_entropy(o, target) for o in exits]
+        kd = [-(teacher * torch.log_softmax(o / 2.0, dim=1)).sum(1).mean() for o in exits[:2]]
+        return torch.stack(ce + kd)
+
+    names = ["ce1", "ce2", "ce3", "kd1", "kd2"]
+    gamma = torch.tensor(GAMMA[:5], dtype=F64)
+    validation = mw.BalancedValidation(3, alpha=1.0)
+    train, val = data()
+    for backend in ("jvp", "higher"):
+        torch.manual_seed(0)
+        model = WithTeacher("none").to(F64)
+        twin = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, lambda o, y: validation(o[0], y), term_names=names,
+                                  backend=backend, gamma_optimizer="sgd", init=gamma.clone())
+        got = w.step(train, val).gamma_grad
+
+        def after_step(g):
+            net = copy.deepcopy(twin)
+            opt = torch.optim.SGD(net.parameters(), lr=LR)
+            (g * criterion(net(train[0]), train[1])).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                return float(validation(net(val[0])[0], val[1]))
+
+        eye = torch.eye(5, dtype=F64) * 1e-5
+        ref = torch.tensor([(after_step(gamma + e) - after_step(gamma - e)) / 2e-5 for e in eye], dtype=F64)
+        assert rel_err(got, ref) < 1e-6, backend
+
+
+def test_the_check_runs_once_draws_no_random_numbers_of_the_user_s_and_leaves_buffers_alone():
+    train, val = data()
+
+    class WithBatchNormAndDropout(Net):
+        def __init__(self):
+            super().__init__("none")
+            self.bn = nn.BatchNorm1d(8)
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x):
+            return super().forward(self.drop(x @ torch.ones(6, 6, dtype=x.dtype) / 6))
+
+    runs = []
+    for check in (True, False):
+        torch.manual_seed(0)
+        model = WithBatchNormAndDropout().to(F64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), gamma_optimizer="sgd",
+                                  check_gradients=check)
+        torch.manual_seed(5)
+        records = [w.step(train, val) for _ in range(3)]
+        runs.append((torch.rand(()), [r.gamma_grad for r in records], copy.deepcopy(model.state_dict())))
+    (r1, g1, s1), (r2, g2, s2) = runs
+    assert torch.equal(r1, r2)  # the check put the generators back
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert same(s1, s2)
+
+
+def test_a_model_that_cannot_run_in_float64_is_not_checked_and_says_so():
+    class Float32Inside(Net):
+        def forward(self, x):
+            outputs = super().forward(x)
+            return [o @ torch.eye(4) for o in outputs]  # a float32 constant: no float64 forward
+
+    torch.manual_seed(0)
+    model = Float32Inside("none")
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3))
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    w.step((x, y), (x, y))  # (an error of the model's own would come from the step: said once one went through)
+    with pytest.warns(RuntimeWarning, match="could not check"):
+        w.step((x, y), (x, y))
+    assert w.num_meta_steps == 2 and w._gradients_checked
+
+
+def test_check_gradients_is_a_flag():
+    model = Net("none")
+    with pytest.raises(TypeError, match="check_gradients"):
+        mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3),
+                              check_gradients="yes")
