@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import (check_device_available, check_fit_logits, check_has_values, check_softmax_rows,
-                                check_target, check_thresholds, integer_value, real_numbers, real_scalar,
-                                real_tensor)
+                                check_target, check_thresholds, integer_value, real_list, real_numbers,
+                                real_option, real_scalar, real_tensor)
 from metaweight._exit_rules import ExitRule, as_rule, predict, reaches
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
@@ -55,34 +55,14 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
     return as_rule(rule).scores(logits), prediction  # float32, float64 for float64 logits
 
 
-def _reals(values: object, name: str, what: str) -> list[float]:
-    """A 1-d tensor or a flat sequence of real numbers (0-d tensors included) as floats; anything else
-    (``None``, strings, bools, nested lists, a 2-d tensor) refused with a TypeError naming ``name``."""
-    if type(values).__module__ == "numpy" and type(values).__name__ == "ndarray" and \
-            values.dtype.kind in "iuf":  # type: ignore[attr-defined]
-        values = torch.as_tensor(values)
-    if isinstance(values, Tensor):
-        check_has_values(values, f"`{name}`", "choosing exits")
-        if values.dim() != 1 or values.dtype == torch.bool or values.is_complex() or values.layout != torch.strided:
-            raise TypeError(f"`{name}` should be {what}: a 1-d tensor of real numbers or a list. Found a "
-                            f"{values.dtype} {values.layout} tensor of shape {tuple(values.shape)}.")
-        return [float(v) for v in values.detach().double().cpu().tolist()]
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"`{name}` should be {what}. Found `{type(values).__name__}`.")
-    numbers = [real_scalar(v) for v in values]
-    bad = [v for v, number in zip(values, numbers) if number is None]
-    if bad:
-        raise TypeError(f"`{name}` should be {what}. Found {bad[0]!r} in {list(values)!r}.")
-    return [float(v) for v in numbers]  # type: ignore[arg-type]
-
-
 def _check_costs(costs: Sequence[float], num_exits: int) -> list[float]:
     """The cumulative cost of reaching each exit as floats (an :class:`ExitCosts` gives its ``macs``)."""
     from metaweight._flops import ExitCosts
 
     if isinstance(costs, ExitCosts):
         costs = costs.macs
-    values = _reals(costs, "costs", f"{num_exits} numbers, one cost per exit (or an ExitCosts)")
+    values = real_list(costs, "costs", f"{num_exits} numbers, one cost per exit (or an ExitCosts)",
+                       "choosing exits")
     if len(values) != num_exits:
         raise ValueError(f"Expected one cost per exit ({num_exits}). Found {len(values)}.")
     if not all(math.isfinite(c) and c >= 0 for c in values):
@@ -123,11 +103,9 @@ def geometric_exit_distribution(q: float, num_exits: int, *, device: torch.devic
         num_exits: ``K``; the distribution is over ``k = 1..K``.
         device: where to create it (the default device if ``None``).
     """
-    value = real_scalar(q)
-    if value is None or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"Invalid q: {q!r}. Expected a finite number > 0 (an int, a float, a NumPy or 0-d "
-                         f"tensor scalar).")
-    q = value
+    # q meets float32 only where every q**k is a normal float32, float64 (log space) beyond: no float32 rule
+    q = real_option(q, "q", "a finite number > 0 (an int, a float, a NumPy or 0-d tensor scalar)",
+                    lambda v: math.isfinite(v) and v > 0, dtype=torch.float64)
     if integer_value(num_exits) is None or integer_value(num_exits) < 1:  # type: ignore[operator]
         raise ValueError(f"Invalid num_exits: {num_exits!r}. Expected a positive int (a Python or NumPy int, or a "
                          f"0-d integer tensor).")
@@ -428,7 +406,7 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
     check_target(test_labels, test_conf.shape[1], test_logits.shape[2], name="test_labels")
     if not isinstance(cost_unit, str):
         raise TypeError(f"`cost_unit` should be a str naming what the costs count (e.g. 'MACs'). Found {cost_unit!r}.")
-    qs = _reals(qs, "qs", "the geometric ratios, numbers > 0")
+    qs = real_list(qs, "qs", "the geometric ratios, numbers > 0", "choosing exits")
     if not qs or not all(math.isfinite(q) and q > 0 for q in qs):
         raise ValueError(f"Invalid qs: {qs!r}. Expected a non-empty sequence of finite numbers > 0.")
     points = []
@@ -467,11 +445,8 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
     K = confidence.shape[0]
     costs = _check_costs(costs, K)
     check_target(val_labels, confidence.shape[1], val_logits.shape[2], name="val_labels")
-    value = real_scalar(budget)
-    if value is None or not math.isfinite(value):
-        raise ValueError(f"Invalid budget: {budget!r}. Expected a finite number (an int, a float, a NumPy or 0-d "
-                         f"tensor scalar).")
-    budget = value
+    budget = real_option(budget, "budget", "a finite number (an int, a float, a NumPy or 0-d tensor scalar)",
+                         dtype=torch.float64)  # compared with costs in Python floats: no float32 rule
     if integer_value(iterations) is None or integer_value(iterations) < 1:  # type: ignore[operator]
         raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps over log q).")
     iterations = int(integer_value(iterations))  # type: ignore[arg-type]

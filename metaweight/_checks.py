@@ -236,6 +236,29 @@ def real_numbers(values: object) -> list[float] | None:
     return None if any(v is None for v in numbers) else numbers  # type: ignore[return-value]
 
 
+def real_list(values: object, name: str, what: str, use: str) -> list[float]:
+    """:func:`real_numbers`' reading of ``values`` (the one reading of a list of numbers), or a
+    ``TypeError`` naming ``name``, what it should be (``what``) and what is not a real number in it:
+    the first item that is not (``'a' in [1, 'a']``), or the tensor's dtype and shape, or the type
+    of what came. A tensor on the meta device is refused as :func:`check_has_values` refuses it
+    (``use`` says what reads its values). What the numbers may be is the caller's check."""
+    numbers = real_numbers(values)
+    if numbers is not None:
+        return numbers
+    if isinstance(values, Tensor):
+        check_has_values(values, f"`{name}`", use)
+        found = f"a {values.dtype} {values.layout} tensor of shape {tuple(values.shape)}"
+    elif isinstance(values, (Sequence, ValuesView)) and not isinstance(values, (str, bytes)):
+        items = list(values)
+        found = next((f"{v!r} in {items!r}" for v in items if real_scalar(v) is None), repr(items))
+    elif type(values).__module__ == "numpy" and type(values).__name__ == "ndarray":
+        found = f"a NumPy array of {values.dtype} of shape {values.shape}"  # type: ignore[attr-defined]
+    else:
+        found = f"`{type(values).__name__}`"
+    raise TypeError(f"`{name}` should be {what}: a list, a 1-d NumPy array or a 1-d tensor of real numbers. "
+                    f"Found {found}.")
+
+
 def per_term(values: Any, names: Sequence[str], name: str) -> Any:
     """``values`` given one per term, in the order of ``names``: a mapping from term name to value
     (``weighter.gamma_dict()``, as ``SDNSchedule(max_weights=)`` takes) as the list of its values

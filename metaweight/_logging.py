@@ -234,7 +234,8 @@ class CSVLogger:
       its iteration were logged after the checkpoint the run resumed from, by steps that were
       undone, and are dropped (a run that logged iterations 1-5 and resumes from its checkpoint
       at 3 logs 4 and 5 again: the file holds 1-5 once); the same holds for any later record
-      whose iteration is not past the last row (a weighter rolled back in the same process);
+      whose iteration is not past the last row (a weighter rolled back in the same process),
+      with a ``RuntimeWarning`` naming the file and the iterations dropped;
     * a last line without its newline is what a crash (or a disk full) in the middle of a write
       leaves: an incomplete record, dropped before the next row is written, at any record.
 
@@ -464,7 +465,13 @@ class CSVLogger:
                     f"iteration {step:g}: every row would be dropped as undone, so this is a new run (e.g. a new "
                     f"weighter counting from 1 with the same logger), not a weighter rolled back to a checkpoint. "
                     f"{_diverted(path, new)}"]
-            return path, columns, [_pad(line, extra) for line in kept], []  # rolled back: undone rows go
+            # rolled back: the undone rows go, and the warning says which (none dropped: nothing to say)
+            dropped = [s for s in logged if s >= step]
+            notes = [f"This CSVLogger logged up to iteration {self._last_step:g} to {path} and now gets iteration "
+                     f"{step:g}: taken for a weighter rolled back to a checkpoint in this process, the "
+                     f"{_rows(len(dropped))} of iterations {min(dropped):g} to {max(dropped):g} (undone) were "
+                     f"dropped from {path}. If this is a new run, give it a logger of its own."] if dropped else []
+            return path, columns, [_pad(line, extra) for line in kept], notes
         return path, columns, [_pad(line, extra) for line in lines], []  # header widened / torn line dropped
 
     def _plan_first(self, fields: list[str], step: float
@@ -572,6 +579,11 @@ def _diverted(old: Path, new: Path) -> str:
             f"replace the old log, or a path of its own.")
 
 
+def _rows(count: int, what: str = "row") -> str:
+    """``count`` and ``what``, plural where it is: ``1 row``, ``3 rows``."""
+    return f"{count} {what}{'s' if count != 1 else ''}"
+
+
 def _pad(line: str, columns: int) -> str:
     """A logged row with ``columns`` empty values added at its end (columns added after it was logged)."""
     if not columns:
@@ -593,11 +605,6 @@ def _logged_events(folder: Path) -> list[tuple[int, str]]:
         except Exception:  # noqa: BLE001 - a torn last event: what was read stands
             pass
     return events
-
-
-def _logged_steps(folder: Path) -> list[int]:
-    """The steps of the scalars the event files directly in ``folder`` hold."""
-    return [step for step, _ in _logged_events(folder)]
 
 
 class TensorBoardLogger:
@@ -638,7 +645,8 @@ class TensorBoardLogger:
     process now writes there (two writers on one folder would interleave two runs). A record taken
     back this way is judged as one without ``close()`` in between: one that goes back to before all
     this logger wrote is a new run (to ``NAME-2``, with a warning), one that goes back less is a
-    weighter rolled back to a checkpoint (only its undone steps hidden), as :class:`CSVLogger` does.
+    weighter rolled back to a checkpoint (only its undone steps hidden, and named in a warning), as
+    :class:`CSVLogger` does.
 
     Args:
         log_dir_or_writer: a log folder, or an existing ``torch.utils.tensorboard.SummaryWriter``
@@ -667,6 +675,7 @@ class TensorBoardLogger:
         self._judge = False  # whether the folder's old events are yet to be judged (at the first writer)
         self._floor: int | None = None  # the first step the folder written to shows (its old run's, or ours)
         self._last_step: int | None = None  # the last step this logger wrote
+        self._shown: set[int] = set()  # the steps its folder shows, as far as this logger knows (to say what it hides)
         self.overwrite = overwrite
         if isinstance(log_dir_or_writer, (str, Path)):
             try:
@@ -803,6 +812,7 @@ class TensorBoardLogger:
             return self._divert(old, seen + why)
         folder, logged = logs[chosen]
         self._floor = min(logged) if logged else None
+        self._shown = {s for s in logged if s < step} if resumed else set(logged)
         hidden = sorted({s for s in logged if s >= step}) if resumed else []
         said = (f" hiding from view the points of its {len(hidden)} step{'s' if len(hidden) > 1 else ''} "
                 f"{hidden[0]} to {hidden[-1]} (taken after that checkpoint, undone; TensorBoard's purge_step: no "
@@ -861,6 +871,7 @@ class TensorBoardLogger:
             return
         terms = {self.prefix + tag for tag in flat if tag.startswith("gamma/")}
         back = _went_back(self._last_step, self._floor, step) if self._log_dir is not None else None
+        hidden: list[int] = []
         if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
             old = Path(self._log_dir)  # type: ignore[arg-type]
             if self._writer is not None:
@@ -872,9 +883,18 @@ class TensorBoardLogger:
                                   f"is a new run (e.g. a new weighter counting from 1 with the same logger), not a "
                                   f"weighter rolled back to a checkpoint.")
                 self._floor = None
-            # else rolled back to a checkpoint: a new writer purges the undone steps from view
+                self._shown = set()
+            else:  # rolled back to a checkpoint: a new writer purges the undone steps from view
+                hidden = sorted(s for s in self._shown if s >= step)
         writer = self._writer_from(step, terms)  # the first record's iteration: where a resumed run continues
         for tag, value in flat.items():
             writer.add_scalar(self.prefix + tag, value, step)
         self._floor = step if self._floor is None else min(self._floor, step)
         self._last_step = step
+        self._shown = {s for s in self._shown if s < step} | {step}
+        if hidden:  # said once the record is written, as CSVLogger says what it drops
+            warn_user(f"This TensorBoardLogger logged up to step {hidden[-1]} to {self._log_dir} and now gets step "
+                      f"{step}: taken for a weighter rolled back to a checkpoint in this process, the points of its "
+                      f"{_rows(len(hidden), 'step')} {hidden[0]} to {hidden[-1]} (undone) are hidden from view "
+                      f"(TensorBoard's purge_step: no event file is deleted). If this is a new run, give it a logger "
+                      f"of its own.")

@@ -11,7 +11,7 @@ from typing import Any
 from metaweight._anytime import AnytimeResult
 from metaweight._budget import BudgetCurve, BudgetPoint, check_point_values
 from metaweight._calibration import _check as check_logits_and_labels
-from metaweight._checks import check_bins, check_temperatures, integer_value, real_numbers, real_scalar
+from metaweight._checks import check_bins, check_temperatures, integer_value, real_numbers, real_option
 from metaweight._exit_rules import predict
 
 
@@ -105,10 +105,11 @@ def _check_named(values: Any, kind: type, name: str, what: str) -> None:
 
 
 def _positive(value: Any, name: str) -> float:
-    number = real_scalar(value)
-    if number is None or not math.isfinite(number) or number <= 0:
-        raise ValueError(f"Invalid {name}: {value!r}. Expected a positive finite number.")
-    return number
+    import torch
+
+    # (a plot's scale divides NumPy float64 costs: no float32 rule)
+    return real_option(value, name, "a positive finite number", lambda v: math.isfinite(v) and v > 0,
+                       dtype=torch.float64)
 
 
 def plot_budget_curves(curves: Mapping[str, BudgetCurve], path: str | Path, *, scale: float = 1e6,

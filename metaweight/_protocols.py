@@ -256,6 +256,15 @@ def _failed_holding(error: BaseException, value: Any) -> bool:
     return any(v is value for v in tb.tb_frame.f_locals.values())
 
 
+def _holds_kind(value: Any, kind: str, depth: int = 4) -> bool:
+    """Whether a value inside ``value`` (through nested mappings, lists and tuples, ``depth`` levels)
+    is of a type named ``kind``: then torch's "must be Tensor, not dict" may be about that value."""
+    if depth == 0:
+        return False
+    inside = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    return any(type(v).__name__ == kind or _holds_kind(v, kind, depth - 1) for v in inside)
+
+
 def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> TypeError | None:
     """A clear error for a forward that failed on a mapping handed to it as its one positional
     argument (its keys not the forward's keyword parameters, its first parameter not annotated, so
@@ -264,7 +273,10 @@ def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> 
     mapping's type (``linear(): argument 'input' must be Tensor, not dict``) raised where the code
     that called the op holds that very object. ``None`` for any other error, which is the model's
     own (a forward that takes the dict and fails on a dict inside it, ``batch["meta"].shape``).
-    The caller raises it ``from`` the original."""
+    Torch's message names only the type, and the calling frame holds the mapping whenever the
+    forward reads a key of it inline (``torch.relu(batch["meta"])``), so where the mapping holds a
+    value of the type named (a dict inside a dict) the error may be about that value: it is then
+    the model's own, left as torch raised it. The caller raises it ``from`` the original."""
     if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Mapping) or \
             not isinstance(error, (TypeError, AttributeError)) or isinstance(error, MisreadInputs):
         return None  # (a wrapper inside has explained it already)
@@ -274,8 +286,8 @@ def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> 
         if getattr(error, "obj", None) is not value:
             return None  # (a dict inside it, or anything else: the model's own error)
     elif not any(f in str(error) for f in (f"not {kind}", f"got {kind}", f"({kind}", f" {kind})")) or \
-            not _failed_holding(error, value):
-        return None
+            not _failed_holding(error, value) or _holds_kind(value, kind):
+        return None  # (not the mapping, or maybe a value inside it of its type: the model's own error)
     signature = _forward_signature(model)
     params = signature.parameters if signature is not None else {}
     names = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from metaweight._budget import NO_EXIT, _assign, _check_costs, _confidence
-from metaweight._checks import check_target, integer_value, real_scalar
+from metaweight._checks import check_target, integer_value, real_option
 from metaweight._exit_rules import ExitRule
 
 
@@ -104,12 +104,10 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     scores, prediction = _confidence(val_logits, "val_logits", rule, fit="thresholds_for_accuracy")
     K, N = scores.shape
     labels = check_target(val_labels, N, val_logits.shape[2], name="val_labels").to(prediction.device)
-    for name, given in (("delta", delta), ("confidence", confidence)):
-        value = real_scalar(given)
-        if value is None or not 0.0 < value < 1.0:
-            raise ValueError(f"Invalid {name}: {given!r}. Expected a number in (0, 1) (an int, a float, a NumPy "
-                             f"or 0-d tensor scalar).")
-    delta, confidence = float(real_scalar(delta)), float(real_scalar(confidence))  # type: ignore[arg-type]
+    # both used in Python floats (the binomial p-values): no float32 rule
+    delta, confidence = (real_option(given, name, "a number in (0, 1) (an int, a float, a NumPy or 0-d tensor "
+                                     "scalar)", lambda v: 0.0 < v < 1.0, dtype=torch.float64)
+                         for name, given in (("delta", delta), ("confidence", confidence)))
     if integer_value(candidates) is None or integer_value(candidates) < 1:  # type: ignore[operator]
         raise ValueError(f"Invalid candidates: {candidates!r}. Expected an int >= 1.")
     candidates = int(integer_value(candidates))  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._record import MetaStepRecord
-from metaweight._checks import real_numbers
+from metaweight._checks import real_numbers, real_option
 from metaweight._weighting import Weighting, adam_update, check_number
 
 
@@ -63,10 +63,12 @@ class UW(Weighting):
                  nonfinite: Literal["raise", "skip"] = "raise",
                  callbacks: Sequence[Callable[[MetaStepRecord], None]] = ()) -> None:
         self.lr = check_number("lr", lr)
-        values = real_numbers(betas)
-        if values is None or len(values) != 2 or not all(0 <= b < 1 for b in values):
+        if real_numbers(betas) is None or len(real_numbers(betas)) != 2:  # type: ignore[arg-type]
             raise ValueError(f"Invalid betas: {betas!r}. Expected two numbers in [0, 1).")
-        self.betas = (values[0], values[1])
+        # each scales Adam's float32 moments (and 1 - beta the gradient): the rule of every real option
+        b1, b2 = (real_option(b, f"betas[{i}]", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+                  for i, b in enumerate(list(betas)))  # type: ignore[call-overload]
+        self.betas = (b1, b2)
         super().__init__(model, optimizer, criterion, term_names=term_names, nonfinite=nonfinite,
                          callbacks=callbacks)
         n = self._terms.num_terms

@@ -763,9 +763,9 @@ class HarmonizedWeighter(NamedWeights):
         counts = {k: state_dict.get(k, 0) for k in ("num_meta_steps", "num_calls", "num_skipped")}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
             raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
-        gamma_sum = state_dict["gamma_sum"]
-        if not (isinstance(gamma_sum, (int, float)) and math.isfinite(gamma_sum) and gamma_sum >= 0):
-            raise ValueError(f"The checkpoint's gamma_sum {gamma_sum!r} should be a finite number >= 0.")
+        gamma_sum = real_scalar(state_dict["gamma_sum"])  # (the one reading of a number: a bool is none)
+        if gamma_sum is None or not (math.isfinite(gamma_sum) and gamma_sum >= 0):
+            raise ValueError(f"The checkpoint's gamma_sum {state_dict['gamma_sum']!r} should be a finite number >= 0.")
         # everything checked: now apply
         self.gamma_optimizer.load_state_dict(copy.deepcopy(state_dict["gamma_optimizer"]))
         with torch.no_grad():

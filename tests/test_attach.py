@@ -353,6 +353,10 @@ class _NestedDict(nn.Module):
             self.b(batch["meta"])  # linear(): ... must be Tensor, not dict: the inner dict
         elif self.fail == "itself":
             batch.shape  # the batch itself read as a tensor
+        elif self.fail == "inline":
+            torch.relu(batch["meta"])  # relu(): ... must be Tensor, not dict, raised in this very frame
+        elif self.fail == "inline itself":
+            torch.relu(batch)  # the batch itself handed to a torch op
         return [self.a(x), self.b(x)]
 
 
@@ -379,3 +383,26 @@ def test_a_models_own_error_on_a_dict_inside_its_batch_is_left_as_it_is():
     with pytest.raises(TypeError, match=r"a dict with keys \['image', 'meta'\], of which \['image', 'meta'\] are not "
                                         r"parameters of the forward.*'dict' object has no attribute 'shape'"):
         mw.collect_logits(_NestedDict("itself"), [(good, y)])
+
+
+def test_a_models_own_inline_torch_error_on_a_dict_inside_its_batch_is_left_as_it_is():
+    """``torch.relu(batch["meta"])`` inline in the forward, ``batch["meta"]`` a dict: torch's "must be
+    Tensor, not dict" is raised in the forward's own frame, which holds the batch, so it was re-raised
+    as "keys not parameters of the forward". Torch names only the type and the batch holds a dict, so
+    the error is the model's own and is left as torch raised it; the batch itself handed to a torch op
+    (nothing of its type inside) is still explained."""
+    y = torch.zeros(5, dtype=torch.long)
+    good = {"image": torch.randn(5, 4), "meta": torch.zeros(5, 4)}
+    bad = {"image": torch.randn(5, 4), "meta": {"id": torch.zeros(5)}}
+    model = _NestedDict("inline")
+    with pytest.raises(TypeError) as plain:
+        model(bad)
+    assert "must be Tensor, not dict" in str(plain.value)
+    for run in (lambda: mw.collect_logits(model, [(bad, y)]),
+                lambda: mw.attach_exits(model, ["a"], [nn.Linear(3, 3)], example_input=good)(bad)):
+        with pytest.raises(TypeError) as info:
+            run()
+        assert type(info.value) is TypeError and str(info.value) == str(plain.value)  # the model's own, unchanged
+    with pytest.raises(TypeError, match=r"a dict with keys \['image', 'meta'\], of which \['image', 'meta'\] are not "
+                                        r"parameters of the forward.*must be Tensor, not dict"):
+        mw.collect_logits(_NestedDict("inline itself"), [(good, y)])

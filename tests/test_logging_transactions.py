@@ -352,13 +352,13 @@ def test_a_tensorboard_writer_asked_for_before_the_first_record_keeps_an_old_run
     a = mw.TensorBoardLogger(folder)
     [a(record(i)) for i in range(1, 6)]
     a.close()
-    before = sorted(set(_logging._logged_steps(folder)))
+    before = _shown(folder)
     b = mw.TensorBoardLogger(folder)
     said = heard(lambda: b.writer.add_text("note", "run B"))
     heard(lambda: (b(record(1)), b(record(2))))
     b.close()
     assert b.log_dir == str(tmp_path / "tb-2") and len(said) == 1 and "before its first record" in said[0]
-    assert sorted(set(_logging._logged_steps(folder))) == before == [1, 2, 3, 4, 5]
+    assert _shown(folder) == before == [1, 2, 3, 4, 5]
     c = mw.TensorBoardLogger(tmp_path / "fresh")  # an empty folder: the writer is made there, no warning
     assert heard(lambda: c.writer) == [] and c.log_dir == str(tmp_path / "fresh")
     c.close()
@@ -487,14 +487,15 @@ def test_a_tensorboard_logger_handed_to_a_new_run_keeps_the_old_one_apart_as_csv
     logger(record(3))
     said = heard(lambda: logger(record(2)))  # rolled back to the checkpoint at 1: step 2 again, 3 undone
     logger.close()
-    assert said == [] and _shown(folder) == [1, 2, 3, 4, 5] and _shown(tmp_path / "tb-2") == [1, 2]
+    assert len(said) == 1 and "rolled back" in said[0] and "2 steps 2 to 3" in said[0]
+    assert _shown(folder) == [1, 2, 3, 4, 5] and _shown(tmp_path / "tb-2") == [1, 2]
 
 
 @pytest.mark.parametrize("kind", ["csv", "tensorboard"])
 def test_a_logger_reused_after_close_goes_back_by_the_same_rule_as_without_close(tmp_path, kind):
     """close() in between changes nothing of the "went back" rule: the same logger handed to a new run
     (counting from 1 again) keeps the old run whole and goes to NAME-2 with a warning; one rolled back to a
-    checkpoint after close() drops (hides) only the undone steps, with no warning."""
+    checkpoint after close() drops (hides) only the undone steps, and says which."""
     if kind == "tensorboard":
         pytest.importorskip("tensorboard")
         import time
@@ -522,4 +523,32 @@ def test_a_logger_reused_after_close_goes_back_by_the_same_rule_as_without_close
     time.sleep(1.1)
     said = heard(lambda: rolled(record(3)))  # rolled back to the checkpoint at 2: 3-5 undone
     rolled.close()
-    assert said == [] and shown(where(rolled)) == [1, 2, 3] and where(rolled).endswith(("r", "r.csv"))
+    assert len(said) == 1 and "rolled back" in said[0]
+    assert ("rows of iterations 3 to 5" if kind == "csv" else "3 steps 3 to 5") in said[0], said[0]
+    assert shown(where(rolled)) == [1, 2, 3] and where(rolled).endswith(("r", "r.csv"))
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_a_rollback_in_the_same_process_says_which_rows_it_drops(tmp_path, kind):
+    """A weighter rolled back to a checkpoint in this process logs an iteration at or before the last
+    one logged: the later rows (points) were undone and go, as before, but no longer silently: one
+    warning names the file and the iterations dropped (first to last, how many), given once the row
+    is written; the rows kept are read back independently (csv, TensorBoard's own EventAccumulator)."""
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+        where = tmp_path / "tb"
+        logger = mw.TensorBoardLogger(where)
+        shown = lambda: _shown(where)  # noqa: E731
+        said_dropped = "the points of its 3 steps 3 to 5 (undone) are hidden"
+    else:
+        where = tmp_path / "log.csv"
+        logger = mw.CSVLogger(where)
+        shown = lambda: [int(r[0]) for r in rows(where)[1:]]  # noqa: E731
+        said_dropped = "the 3 rows of iterations 3 to 5 (undone) were dropped"
+    assert heard(lambda: [logger(record(i)) for i in range(1, 6)]) == []
+    said = heard(lambda: logger(record(3)))  # rolled back to the checkpoint at 2: 3, 4, 5 undone
+    assert len(said) == 1, said
+    assert str(where) in said[0] and "rolled back" in said[0] and said_dropped in said[0], said[0]
+    assert heard(lambda: logger(record(4))) == []  # going on from there: appended, nothing to say
+    logger.close()
+    assert shown() == [1, 2, 3, 4]

@@ -122,7 +122,8 @@ def _float32_loses(x):
 # 1/T and T² for a temperature), each of which the option's own range allows.
 LOST = {"alpha": (1e-50,), "momentum": (1e-50,), "max_norm": (1e-50, 1e39), "norm_type": (1e39,),
         "label_smoothing": (1e-50,), "lr": (1e-50, 1e39), "weight_decay": (1e-50, 1e39),
-        "gamma_lr": (1e-50, 1e39), "fd_epsilon": (1e-50, 1e39), "temperature": (1e-50, 1e-45, 1e-40, 1e39, 1e300)}
+        "gamma_lr": (1e-50, 1e39), "fd_epsilon": (1e-50, 1e39), "temperature": (1e-50, 1e-45, 1e-40, 1e39, 1e300),
+        "betas": (1e-50,)}  # (UW's betas scale its float32 Adam moments)
 
 
 @pytest.mark.parametrize("name, call, good, bad", [o for o in OPTIONS if o[0] in LOST],
@@ -135,13 +136,13 @@ def test_real_options_refuse_values_float32_turns_to_0_or_inf(name, call, good, 
     which float32 holds, is refused there too: 1/T is beyond it."""
     before = _state()
     for value in LOST[name]:
-        with pytest.raises(ValueError, match=rf"Invalid {name}: {re.escape(repr(value))}\..*"
+        with pytest.raises(ValueError, match=rf"Invalid {name}(\[0\])?: {re.escape(repr(value))}\..*"
                                              r"float32 holds non-zero magnitudes "
                                              r"from 1\.4e-45 to 3\.4e\+38"):
             call(value)
     assert _float32_loses(1e-50) and _float32_loses(1e39) and not _float32_loses(1e-40)
     assert _float32_loses(1 / 1e-40) and _float32_loses(1e-45 ** -1)
-    call(0.5 if name in ("alpha", "momentum", "label_smoothing") else 2.0)  # in range: taken
+    call(0.5 if name in ("alpha", "momentum", "label_smoothing", "betas") else 2.0)  # in range: taken
     torch.testing.assert_close(_state(), before, rtol=0, atol=0)
 
 
@@ -154,3 +155,54 @@ def test_exit_temperatures_refuse_values_float32_turns_to_0_or_inf(temperatures)
     with pytest.raises(ValueError, match=rf"Invalid temperatures\[{k}\]: .*float32 holds non-zero magnitudes"):
         mw.EarlyExit(NET, [0.5, 0.0], temperatures=temperatures)
     assert mw.EarlyExit(NET, [0.5, 0.0], temperatures=[1e-30, 1e30]).temperatures == [1e-30, 1e30]
+
+
+# options used only in Python (float64) arithmetic, never in float32: the float32 rule does not apply,
+# and a value float32 cannot hold is taken (q: float32 only where every q**k is a normal float32,
+# log space in float64 beyond; budget: compared with the costs; delta, confidence: binomial p-values;
+# scale: divides NumPy float64 costs)
+FLOAT64 = {"q": (1e-50, 1e39), "budget": (1e39,), "delta": (1e-50,), "confidence": (1e-50,), "scale": (1e-50, 1e39)}
+
+
+@pytest.mark.parametrize("name, call, good, bad", [o for o in OPTIONS if o[0] in FLOAT64],
+                         ids=[i for i, o in zip(IDS, OPTIONS) if o[0] in FLOAT64])
+def test_options_used_in_float64_take_values_float32_cannot_hold(name, call, good, bad):
+    for value in FLOAT64[name]:
+        assert _float32_loses(value)
+        call(value)
+    assert mw.geometric_exit_distribution(1e-50, 3).tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("name, call", [
+    ("costs", lambda v: mw.evaluate_thresholds(LOGITS, LABELS, [0.5, 0.5, 0.0], v)),
+    ("costs", lambda v: mw.thresholds_for_budget(LOGITS, LABELS, v, 2.0, iterations=3)),
+    ("qs", lambda v: mw.budgeted_curve(LOGITS, LABELS, LOGITS, LABELS, [1, 2, 3], qs=v))])
+def test_lists_of_numbers_are_read_by_the_one_reader(name, call):
+    """``costs`` and ``qs`` had a reader of their own beside ``real_numbers``, the one reading of a list
+    of numbers: they now take what every other list option takes (a dict's ``.values()`` too, which
+    they refused), and refuse what it refuses, naming the option and the item that is not a number."""
+    good = [1.0, 2.0, 3.0] if name == "costs" else [0.5, 1.0, 2.0]
+    expected = call(good)
+    for same in (tuple(good), np.array(good), torch.tensor(good), [np.float32(v) for v in good],
+                 [torch.tensor(v) for v in good], dict(zip("abc", good)).values()):
+        assert repr(call(same)) == repr(expected), same
+    for bad, item in (([good[0], "2", good[2]], "'2'"), ([good[0], True, good[2]], "True"),
+                      ([good[0], [2.0], good[2]], r"\[2.0\]"), ([good[0], torch.tensor([2.0]), good[2]], r"tensor\(\[2\.\]\)")):
+        with pytest.raises(TypeError, match=rf"`{name}` should be .*Found {item} in \["):
+            call(bad)
+    for bad, found in (("1,2,3", "`str`"), (torch.ones(3, 1), r"a torch.float32 torch.strided tensor of shape \(3, 1\)"),
+                       (np.ones((3, 1)), r"a NumPy array of float64 of shape \(3, 1\)"), ({1, 2, 3}, "`set`")):
+        with pytest.raises(TypeError, match=rf"`{name}` should be .*Found {found}\."):
+            call(bad)
+
+
+def test_a_checkpoints_gamma_sum_is_read_as_every_number_is():
+    """``load_state_dict`` read ``gamma_sum`` with an ``isinstance(..., (int, float))`` of its own, which took
+    ``True`` for 1 and refused a NumPy or 0-d tensor number; it is read by ``real_scalar`` now."""
+    weighter = _weighter(mw.HarmonizedWeighter)
+    state = weighter.state_dict()
+    for value in (True, "1.0", math.nan, -1.0):
+        with pytest.raises(ValueError, match="gamma_sum"):
+            weighter.load_state_dict({**state, "gamma_sum": value})
+    for value in (np.float64(state["gamma_sum"]), torch.tensor(state["gamma_sum"])):
+        weighter.load_state_dict({**state, "gamma_sum": value})
