@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from metaweight._hypergradient import Reducer, call_with
 from metaweight._protocols import ModelCall, Objective, Terms
@@ -57,17 +57,18 @@ RELATIVE = 1e-4  # a gap below this fraction of the derivative is not refused
 NOISE = 10.0  # ... nor one below this many times the differences' own error
 STEPS = ((1e-8, 1e-9), (1e-3, 1e-4))  # pairs of step lengths, relative to each tensor's RMS (float64; and a model
 # that rounds below float64 inside, whose best steps are longer): the pair that agrees best is used
-SAMPLES = 8  # the check runs on the first samples of each batch (any inputs show a stop-gradient)
+SAMPLES = 8  # the check runs on this many samples of each batch, spread over it
+OFFSET = 1e-4  # the base point: theta moved by this fraction of each tensor's RMS, off exact zeros
 RESOLUTION = 0.01  # a check whose differences cannot resolve a gap of this fraction says it could not conclude
 
 MISMATCH = (
-    "{what} ({measure}; gap {gap:.3g} of {size:.3g} along a random direction, in float64): the model has a "
-    "stop-gradient or a custom backward on that path (h.detach(), h.data, detach_(), torch.no_grad() or "
-    "inference_mode(), a rescale read with .item(), a copy through .tolist() or NumPy, a straight-through "
-    "estimator, an autograd.Function whose backward is not the derivative of its forward). {consequence} Move the "
-    "stop-gradient out of the model (a teacher's detach belongs in the criterion, which may take "
-    "`teacher_outputs`), or pass check_gradients=False to accept an approximate meta-gradient. gamma and "
-    "everything else are unchanged.")
+    "{what} ({measure}; gap {gap:.3g} of {size:.3g} along a random direction, in float64): the model, the "
+    "criterion or the validation objective has a stop-gradient or a custom backward on that path (h.detach(), "
+    "h.data, detach_(), torch.no_grad() or inference_mode(), a rescale read with .item(), a copy through "
+    ".tolist() or NumPy, a straight-through estimator, an autograd.Function whose backward is not the derivative "
+    "of its forward). {consequence} Move the stop-gradient out (a teacher's detach belongs in the criterion, "
+    "which may take `teacher_outputs`), or pass check_gradients=False to accept an approximate meta-gradient. "
+    "gamma and everything else are unchanged.")
 
 
 def _wide(value: Any) -> Any:
@@ -83,22 +84,56 @@ def _wide_inputs(inputs: Any) -> Any:
     return tree_map(_wide, inputs)
 
 
+class ReentrantCheckpoint(Exception):
+    """The training forward holds reentrant activation checkpointing (a refusal, not a failure)."""
+
+
+REENTRANT = (
+    "The model uses reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True), whose "
+    "backward recomputes the forward with the module's own parameters, not the look-ahead's, and accumulates "
+    "their gradients as a side effect: every mode and backend would take the meta-gradient at the wrong point "
+    "(about 0.3 off, relative, on a 3-exit MLP). Use use_reentrant=False with mode='fast' or backend='higher', or "
+    "turn checkpointing off for the weighter. gamma and everything else are unchanged.")
+
+
+def _reentrant_checkpoint(value: Tensor, limit: int = 200_000) -> bool:
+    """Whether ``value``'s autograd graph holds a reentrant checkpoint's node (``CheckpointFunctionBackward``)."""
+    seen, stack = set(), [value.grad_fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
 def _changed(first: Tensor, again: Tensor) -> Tensor:
     """1 where ``again`` is not ``first`` to float64 rounding (a forward that changed state it reads), else 0."""
     tol = 64 * torch.finfo(torch.float64).eps * first.detach().abs().clamp_min(1e-300)
     return ((again.detach() - first.detach()).abs() > tol).to(torch.float64)
 
 
-def _first(batch: tuple[Any, Any], samples: int) -> tuple[Any, Any]:
-    """The batch's first ``samples`` samples (every tensor whose first dimension is the labels'), or the
-    batch as it is when its labels are not one tensor with a batch dimension."""
+def _spread(batch: tuple[Any, Any], samples: int) -> tuple[Any, Any]:
+    """``samples`` samples spread evenly over the batch (every tensor whose first dimension is the
+    labels', in inputs and labels: a stop-gradient on part of the batch, replayed samples at its end,
+    is met), or the batch as it is when its labels are not one tensor with a batch dimension that some
+    input tensor shares (labels flattened over tokens)."""
     x, y = batch
     if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] <= samples:
         return batch
     total = y.shape[0]
+    inputs = [t for t in tree_leaves((x.args, x.kwargs) if isinstance(x, ModelCall) else x) if isinstance(t, Tensor)]
+    if not any(t.dim() > 0 and t.shape[0] == total for t in inputs):
+        return batch
+    index = torch.linspace(0, total - 1, samples).round().long()
 
     def cut(t: Any) -> Any:
-        return t.narrow(0, 0, samples) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == total else t
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == total:
+            return t.index_select(0, index.to(t.device))
+        return t
 
     if isinstance(x, ModelCall):
         return ModelCall(tree_map(cut, tuple(x.args)), tree_map(cut, dict(x.kwargs))), cut(y)
@@ -132,40 +167,68 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
     Raises:
         whatever the model's forward raises on float64 copies (the caller decides).
     """
-    (x, y), (xv, yv) = _first(train, SAMPLES), _first(val, SAMPLES)
     named = [(n, p) for n, p in model.named_parameters()
              if p.requires_grad and p.is_floating_point() and (movable is None or n in movable)]
     if not named:
         return GradientCheck(None, None)
     device = named[0][1].device
-    params = {n: _wide(p) for n, p in model.named_parameters()}
-    for n, _ in named:
-        params[n].requires_grad_(True)
-    leaves = [params[n] for n, _ in named]
-    saved = {n: _wide(b) for n, b in model.named_buffers()}
-    x, y, xv, yv = _wide_inputs(x), tree_map(_wide, y), _wide_inputs(xv), tree_map(_wide, yv)
+    (x0, y0), (xv0, yv0) = _spread(train, SAMPLES), _spread(val, SAMPLES)
+    x, y, xv, yv = _wide_inputs(x0), tree_map(_wide, y0), _wide_inputs(xv0), tree_map(_wide, yv0)
     generator = torch.Generator(device=device).manual_seed(20210202)  # its own: the user's random numbers untouched
+    params = {n: _wide(p) for n, p in model.named_parameters()}
     with torch.no_grad():
-        rms = [p.square().mean().sqrt() if p.numel() else p.new_zeros(()) for p in leaves]
+        wide = [params[n] for n, _ in named]
+        rms = [p.square().mean().sqrt() if p.numel() else p.new_zeros(()) for p in wide]
         floor = torch.stack(rms).max().clamp_min(1e-3)  # (a tensor of zeros, a bias at init, moves at the others')
-        direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64, device=device)
-                     * torch.where(r > 1e-3 * floor, r, floor) for p, r in zip(leaves, rms)]
+        scales = [torch.where(r > 1e-3 * floor, r, floor) for r in rms]
+        # the base point: theta moved by OFFSET of each tensor's RMS, off exact zeros (a ReLU of a zero bias
+        # on a zero input, a BatchNorm weight initialised at 0), where autograd's one-sided derivative is no
+        # stop-gradient and a difference would say it is; a stop-gradient is one at any point
+        for (n, _), p, r in zip(named, wide, scales):
+            params[n] = p + OFFSET * r * torch.randn(p.shape, generator=generator, dtype=torch.float64, device=device)
+    leaves = [params[n].requires_grad_(True) for n, _ in named]
+    size = torch.stack([p.detach().square().sum() for p in leaves]).sum().sqrt().clamp_min(1e-3)
+    saved = {n: _wide(b) for n, b in model.named_buffers()}
     weights = torch.randn(active.numel(), generator=generator, dtype=torch.float64, device=device) \
         * active.to(device=device, dtype=torch.float64)
 
     def fresh() -> dict[str, Tensor]:
         return {n: b.clone() if isinstance(b, Tensor) else b for n, b in saved.items()}
 
-    def moved(t: float) -> dict[str, Tensor]:
-        return {**params, **{n: (p + t * d).detach() for (n, _), p, d in zip(named, leaves, direction)}}
-
-    def difference(value: Callable[[dict[str, Tensor]], Tensor]) -> list[Tensor]:
-        """Central differences of ``value`` along the direction, at every step length of :data:`STEPS`."""
+    def along(gradient: list[Tensor]) -> list[Tensor]:
+        """A direction generic within ``gradient``'s support (each element scaled by a random factor in
+        [0.5, 1.5]), as long as the parameters: the meta-gradient pairs the validation gradient only with
+        the training terms' gradients and those only with it, so a parameter no gradient reaches (an
+        embedding's padding row, a teacher under no_grad, a block reentrant checkpointing cuts) is no
+        concern of the check."""
         with torch.no_grad():
-            return [(value(moved(h)) - value(moved(-h))) / (2 * h) for pair in STEPS for h in pair]
+            out = [g * (0.5 + torch.rand(g.shape, generator=generator, dtype=torch.float64, device=device))
+                   for g in gradient]
+            norm = torch.stack([d.square().sum() for d in out]).sum().sqrt()
+            return [d * torch.where(norm > 0, size / torch.where(norm > 0, norm, 1.0), 0.0) for d in out]
+
+    def difference(value: Callable[[dict[str, Tensor]], Tensor], direction: list[Tensor]) -> list[Tensor]:
+        """Central differences of ``value`` along ``direction`` at every step length of :data:`STEPS`;
+        nan where the two values differ by less than their rounding (a loss rounded to float32 inside:
+        such a difference tells nothing), unless even the longest step leaves the value as it is (a
+        value that does not move: its derivative is 0)."""
+        with torch.no_grad():
+            ends = [[value({**params, **{n: (p + t * d).detach() for (n, _), p, d in zip(named, leaves, direction)}})
+                     for t in (h, -h)] for pair in STEPS for h in pair]
+            steps = [h for pair in STEPS for h in pair]
+            longest = max(range(len(steps)), key=lambda i: steps[i])
+            still = ends[longest][0] == ends[longest][1]
+            out = []
+            for h, (plus, minus) in zip(steps, ends):
+                resolved = still | ((plus - minus).abs() > 1024 * torch.finfo(torch.float64).eps
+                                    * (plus.abs() + minus.abs()))
+                out.append(torch.where(resolved, (plus - minus) / (2 * h), float("nan")))
+        return out
 
     numbers: list[Tensor] = []
     kind = [derivative]  # (the forward mode may give way to differences, as the jvp backend does)
+    failure: Exception | None = None
+    refusal: str | None = None
     with replay_randomness(device, model_generators(model), model) as replay, \
             torch.autocast(device.type, enabled=False):
 
@@ -182,10 +245,35 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
             with replay():
                 return objective.losses(call_with(model, at, fresh(), xv), yv).to(torch.float64)
 
+        def gradient(value: Tensor) -> list[Tensor]:
+            found = torch.autograd.grad(value, leaves, allow_unused=True)
+            return [torch.zeros_like(p) if g is None else (g.to_dense() if g.layout != torch.strided else g)
+                    for g, p in zip(found, leaves)]
+
         def compute() -> None:
-            if derivative != "autograd":  # the training side: [autograd, the jvp's tangent (or nan), differences]
-                value, teachers = train_value(params)
-                numbers.append(_dot(torch.autograd.grad(value, leaves, allow_unused=True), direction))
+            # a forward in the model's own dtype first (under no_grad, on copies of the buffers): state a model
+            # builds at its first forward (a cached table) is built as the user's own forward would build it
+            with torch.no_grad(), replay():
+                call_with(model, dict(model.named_parameters()), {n: b.clone() for n, b in model.named_buffers()}, x0)
+            value, teachers = train_value(params)
+            reentrant = _reentrant_checkpoint(value)
+            if reentrant:
+                raise ReentrantCheckpoint(REENTRANT)
+            train_grad = gradient(value)
+            with torch.no_grad():  # the same value again: a forward that is a function of the parameters
+                train_changed = _changed(value, train_value(params)[0])
+            # the objective's own weighting of the exits' losses, as the meta step takes it (a balance it
+            # holds fixed by design is not the model's); the model's part, the losses, is compared
+            losses = val_losses(params)
+            held = losses.detach().requires_grad_(True)
+            (exits,) = torch.autograd.grad(objective.objective(held), held)
+            val_value = (exits * losses).sum()
+            val_grad = gradient(val_value)
+            with torch.no_grad():
+                val_changed = _changed(val_value, (exits * val_losses(params)).sum())
+            if derivative != "autograd":  # [autograd, the jvp's tangent (or nan), changed, differences]
+                direction = along(val_grad)
+                numbers.append(_dot(train_grad, direction))
                 tangent = torch.full((), float("nan"), dtype=torch.float64, device=device)
                 if kind[0] == "forward":
                     try:
@@ -200,31 +288,39 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
                         if "forward AD" not in str(exc) and "forward mode AD" not in str(exc):
                             raise
                         kind[0] = "values"  # as the jvp backend does: it continues by differences
-                numbers.append(tangent.reshape(()).to(torch.float64))
-                with torch.no_grad():  # the same value again: a forward that is a function of the parameters
-                    numbers.append(_changed(value, train_value(params)[0]))
-                numbers.extend(difference(lambda at: train_value(at, teachers)[0]))
-            # the validation side: the objective's own weighting of the exits' losses, as the meta step takes
-            # it (a balance it holds fixed by design is not the model's), then the model's part, the losses
-            losses = val_losses(params)
-            held = losses.detach().requires_grad_(True)
-            (exits,) = torch.autograd.grad(objective.objective(held), held)
-            value = (exits * losses).sum()
-            numbers.append(_dot(torch.autograd.grad(value, leaves, allow_unused=True), direction))
-            numbers.append(torch.full((), float("nan"), dtype=torch.float64, device=device))
-            with torch.no_grad():
-                numbers.append(_changed(value, (exits * val_losses(params)).sum()))
-            numbers.extend(difference(lambda at: (exits * val_losses(at)).sum()))
+                numbers.extend([tangent.reshape(()).to(torch.float64), train_changed])
+                numbers.extend(difference(lambda at: train_value(at, teachers)[0], direction))
+            direction = along(train_grad)
+            numbers.extend([_dot(val_grad, direction), torch.full((), float("nan"), dtype=torch.float64,
+                                                                    device=device), val_changed])
+            numbers.extend(difference(lambda at: (exits * val_losses(at)).sum(), direction))
 
         with torch.enable_grad():
-            run(compute)
-    flat = reducer.mean([torch.stack([n.detach().reshape(()) for n in numbers])])[0].tolist()
+            try:
+                run(compute)
+            except ReentrantCheckpoint as exc:
+                refusal = str(exc)
+            except Exception as exc:  # (decided below, alike on every rank)
+                failure = exc
     width = 3 + 2 * len(STEPS)
-    sides = [flat[i:i + width] for i in range(0, len(flat), width)]
+    sides = 1 if derivative == "autograd" else 2
+    ok = torch.full((), 0.0 if failure is not None else 2.0 if refusal is not None else 1.0, dtype=torch.float64,
+                    device=device)  # (1 on every rank: compared; 2: refused; less: failed somewhere)
+    if failure is not None or refusal is not None or len(numbers) != sides * width:
+        numbers = [torch.zeros((), dtype=torch.float64, device=device)] * (sides * width)
+    flat = reducer.mean([torch.stack([ok, *[n.detach().reshape(()).to(torch.float64) for n in numbers]])])[0]
+    flat = flat.tolist()
+    if failure is not None:
+        raise failure
+    if flat[0] < 1.0:  # another rank's check raised: every rank leaves it alike
+        raise RuntimeError("the gradient check failed on another rank")
+    if flat[0] > 1.0:
+        return GradientCheck(refusal or REENTRANT, None)
+    sides_numbers = [flat[1 + i:1 + i + width] for i in range(0, sides * width, width)]
     found = []
-    if kind[0] != "autograd":
-        found.append(_judge(sides.pop(0), kind[0] == "forward", TRAIN_SIDE[kind[0]]))
-    found.append(_judge(sides[0], False, VAL_SIDE))
+    if derivative != "autograd":
+        found.append(_judge(sides_numbers.pop(0), kind[0] == "forward", TRAIN_SIDE[kind[0]]))
+    found.append(_judge(sides_numbers[0], False, VAL_SIDE))
     refusals = [f for f in found if f.refused]
     return GradientCheck(refusals[0].message if refusals else None,
                          next((f.message for f in found if f.inconclusive), None) if not refusals else None,
@@ -256,17 +352,24 @@ def _judge(numbers: list[float], forward: bool, words: tuple[str, str, str, str]
     reference is the tangent (``forward``) or the difference of the pair of steps that agree best;
     the error the noise of that pair."""
     autograd, tangent, changed, rest = numbers[0], numbers[1], numbers[2], numbers[3:]
+    if not math.isfinite(autograd) or (forward and not math.isfinite(tangent)):
+        return _Side(False, False, "", finite=False)  # (non-finite data: the step refuses it; checked next time)
     if changed > 0:
         return _Side(False, True, INCONCLUSIVE.format(
             what=words[3], why="the forward gave other values when run again at the same parameters, inputs and "
                                "random numbers: it changes state it reads, e.g. a call counter"))
-    pairs = [(rest[i], rest[i + 1]) for i in range(0, len(rest), 2)]
-    first, second = min(pairs, key=lambda p: abs(p[0] - p[1]) if math.isfinite(p[0] - p[1]) else math.inf)
-    noise = abs(first - second)
-    reference = tangent if forward else first
+    # the pairs whose two differences both resolved (a nan: the values differed by less than their rounding)
+    pairs = [(rest[i], rest[i + 1]) for i in range(0, len(rest), 2)
+             if math.isfinite(rest[i]) and math.isfinite(rest[i + 1])]
+    if forward:  # forward against reverse mode: both exact, whatever the differences resolve
+        noise, reference = 0.0, tangent
+    elif not pairs:
+        return _Side(False, True, INCONCLUSIVE.format(what=words[3], why=(
+            "its differences in float64 did not resolve: the model rounds below float64 inside")))
+    else:
+        reference, second = min(pairs, key=lambda p: abs(p[0] - p[1]))
+        noise = abs(reference - second)
     gap, size = abs(autograd - reference), max(abs(autograd), abs(reference))
-    if not all(math.isfinite(v) for v in (gap, size, noise)):
-        return _Side(False, False, "", finite=False)  # (non-finite data: the step refuses it; checked next time)
     refused = gap > RELATIVE * size and gap > NOISE * noise
     inconclusive = not refused and NOISE * noise > RESOLUTION * size
     if refused:

@@ -300,6 +300,7 @@ class HarmonizedWeighter(NamedWeights):
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
         self.check_gradients = check_gradients
+        self._built_to_learn = bool(learn)
         self._gradients_checked = not (check_gradients and learn)  # once, at the first meta step
         self._gradcheck_failed: tuple[int, str] | None = None  # (meta steps then, the error) of a check that raised
         self._transaction = StepTransaction(module, self._reducer)  # step()'s snapshot, decision and rollback
@@ -495,6 +496,7 @@ class HarmonizedWeighter(NamedWeights):
             (:math:`L_{val}(\theta')`), ``val_exit_losses``, ``gamma_grad``, ``gamma``, ...
             (``ran`` is ``False`` with ``learn=False`` or on a call that ``meta_every`` skips).
         """
+        self._check_learn()
         with torch.enable_grad():  # (called under torch.no_grad(), the meta-gradient still needs autograd)
             if self.mode == "fast" and self.learn:
                 return self._two_call.meta_step(self, train_batch, val_batch)
@@ -515,6 +517,14 @@ class HarmonizedWeighter(NamedWeights):
             names, self._frozen_step = self._frozen_step, None
             raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step.) gamma "
                              "and everything else are unchanged.")
+
+    def _check_learn(self) -> None:
+        """``learn`` may be switched off and on again, not on for a weighter built without it."""
+        if self.learn and not self._built_to_learn:
+            raise ValueError("This weighter was built with learn=False, so it has no meta-gradient backend (nor, with "
+                             "mode='fast', the hooks that read the loop): setting weighter.learn = True cannot start "
+                             "learning. Build it with learn=True and set weighter.learn = False to pause learning. "
+                             "Nothing was changed.")
 
     def _check_gradients(self, train_batch: Batch, val_batch: Batch) -> None:
         """Once, at the first meta step, before anything changes: autograd's gradients against the
@@ -698,6 +708,7 @@ class HarmonizedWeighter(NamedWeights):
         Returns the meta step's :class:`MetaStepRecord` with ``loss``, the weighted training
         loss, ``terms`` and ``model_step_skipped`` filled in.
         """
+        self._check_learn()
         try:
             with torch.enable_grad():  # (called under torch.no_grad(), the step still needs its gradients)
                 if self.mode == "fast" and self.learn:

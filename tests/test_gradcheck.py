@@ -325,3 +325,170 @@ def test_check_gradients_is_a_flag():
     with pytest.raises(TypeError, match="check_gradients"):
         mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3),
                               check_gradients="yes")
+
+
+class RightNet(Net):
+    """Right models a check of autograd against differences could mistake for stop-gradients (a fresh review
+    of the check found each refused): a ReLU of an exact zero (zero bias, zero inputs: autograd's one-sided
+    derivative), an embedding's padding row (no gradient by design), a teacher's parameters under no_grad
+    that no optimizer holds, a block reentrant checkpointing leaves without gradient."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__("none")
+        self.kind = kind
+        if kind == "relu of an exact zero":
+            nn.init.zeros_(self.blocks[0].bias)
+        self.embedding = nn.Embedding(10, 8, padding_idx=0)
+        self.teacher = nn.Linear(6, 4)
+
+    def forward(self, x):
+        outputs, h = [], x
+        for i, (block, head) in enumerate(zip(self.blocks, self.heads)):
+            if i == 0 and self.kind == "reentrant checkpoint, input without grad":
+                h = torch.tanh(torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True))
+            elif i == 0 and self.kind == "relu of an exact zero":
+                h = torch.relu(block(h))
+            else:
+                h = torch.tanh(block(h))
+            if i == 0 and self.kind == "embedding padding row":
+                h = h + self.embedding((x[:, :2].abs() * 3).long() % 10).sum(1)
+            outputs.append(head(h))
+        if self.kind == "teacher under no_grad":
+            with torch.no_grad():
+                soft = self.teacher(x)
+            outputs[2] = outputs[2] + 0.1 * soft
+        return outputs
+
+
+RIGHT_MODELS = ["relu of an exact zero", "embedding padding row", "teacher under no_grad",
+                "reentrant checkpoint, input without grad"]
+
+
+@pytest.mark.parametrize("mode,backend", FORMS)
+@pytest.mark.parametrize("kind", RIGHT_MODELS)
+def test_right_models_with_parameters_or_points_autograd_leaves_alone_are_not_refused(kind, mode, backend):
+    (x, y), val = data()
+    if kind == "relu of an exact zero":
+        x = x.clone()
+        x[:4] = 0.0  # (a zero background)
+    torch.manual_seed(0)
+    model = RightNet(kind).to(F64)
+    params = [p for n, p in model.named_parameters() if not n.startswith("teacher")]
+    optimizer = torch.optim.SGD(params, lr=LR)
+    criterion = mw.DenseDistillLoss(3, temperature=2.0)
+    validation = mw.BalancedValidation(3, alpha=1.0)
+    ref = reference(model, criterion, validation, (x, y), val)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode=mode, backend=backend,
+                              gamma_optimizer="sgd", init=torch.tensor(GAMMA, dtype=F64))
+    record = w.step((x, y), val)  # not refused
+    if (mode, backend) in (("exact", "jvp"), ("exact", "higher")):
+        assert rel_err(record.gamma_grad, ref) < 1e-6
+
+
+def test_reentrant_checkpointing_is_refused_where_the_look_ahead_would_take_it_at_the_wrong_point():
+    """With the input made to require grad (the usual workaround for reentrant checkpointing) the block's
+    gradients are taken at the module's own parameters at backward time: every form 0.3 off unchecked."""
+
+    class Checkpointed(Net):
+        def forward(self, x):
+            x = x.detach().requires_grad_(True)
+            outputs, h = [], x
+            for i, (block, head) in enumerate(zip(self.blocks, self.heads)):
+                h = torch.tanh(torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True) if i == 0 else block(h))
+                outputs.append(head(h))
+            return outputs
+
+    train, val = data()
+    for mode, backend in FORMS:
+        torch.manual_seed(0)
+        model = Checkpointed("none").to(F64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode=mode, backend=backend)
+        before = state(model, optimizer, w)
+        with pytest.raises(ValueError, match="reentrant activation checkpointing"):
+            w.step(train, val)
+        assert same(before, state(model, optimizer, w))
+
+
+def test_labels_flattened_over_tokens_are_checked_on_the_whole_batch():
+    """Labels of shape (B*T,) for inputs (B, T): no sample cut applies (none would match), the check runs."""
+
+    class Tokens(Net):
+        def forward(self, x):  # x: (B, T, 6) -> exits (B*T, 4)
+            return [o.reshape(-1, 4) for o in super().forward(x.reshape(-1, 6))]
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 10, 6, generator=g, dtype=F64), torch.randint(0, 4, (120,), generator=g)
+    for spelling, refused in (("none", False), ("detach", True)):
+        torch.manual_seed(0)
+        model = Tokens(spelling).to(F64)
+        w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=LR), mw.DenseDistillLoss(3))
+        if refused:
+            with pytest.raises(ValueError, match="stop-gradient"):
+                w.step((x, y), (x, y))
+        else:
+            w.step((x, y), (x, y))
+            assert w._gradients_checked
+
+
+def test_state_a_model_builds_at_its_first_forward_is_built_in_the_model_s_own_dtype():
+    """A table cached at the first forward (rotary embeddings' pattern) is built by a forward in the model's
+    dtype before the check's float64 copies run: the user's step is not broken by a float64 table."""
+
+    class Cached(Net):
+        table = None
+
+        def forward(self, x):
+            if self.table is None:
+                self.table = torch.eye(6, dtype=x.dtype, device=x.device)
+            return super().forward(x @ self.table)
+
+    torch.manual_seed(0)
+    model = Cached("none")
+    w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=LR), mw.DenseDistillLoss(3))
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    for _ in range(2):
+        w.step((x, y), (x, y))
+    assert model.table.dtype == torch.float32
+
+
+def test_learn_switched_on_for_a_weighter_built_without_it_is_refused_clearly():
+    for mode in ("exact", "fast"):
+        model = Net("none")
+        w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=LR), mw.DenseDistillLoss(3),
+                                  learn=False, mode=mode)
+        w.learn = True
+        x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+        with pytest.raises(ValueError, match="built with learn=False"):
+            w.step((x, y), (x, y))
+        w.learn = False
+        w.step((x, y), (x, y))  # (and off again: fine)
+
+
+def test_the_fast_mode_takes_a_criterion_without_teacher_outputs_and_checks_it():
+    """A criterion without a `teacher_outputs` keyword raised a TypeError after the model's step; now its
+    terms are differenced as it computes them: right where it holds no detached target (per-exit
+    cross-entropies), refused before the model's step where it does (a KD target it detaches itself)."""
+    def plain(outputs, y):
+        return torch.stack([nn.functional.cross_entropy(o, y) for o in outputs])
+
+    def own_kd(outputs, y):
+        target = torch.softmax(outputs[-1].detach(), dim=1)
+        kd = [-(target * torch.log_softmax(o, dim=1)).sum(1).mean() for o in outputs[:-1]]
+        return torch.stack([nn.functional.cross_entropy(o, y) for o in outputs] + kd)
+
+    train, val = data()
+    validation = mw.BalancedValidation(3, alpha=1.0)
+    for criterion, names in ((plain, ["a", "b", "c"]), (own_kd, ["a", "b", "c", "d", "e"])):
+        torch.manual_seed(0)
+        model = Net("none").to(F64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, term_names=names, mode="fast",
+                                  gamma_optimizer="sgd")
+        if criterion is plain:
+            w.step(train, val)
+        else:
+            before = state(model, optimizer, w)
+            with pytest.raises(ValueError, match="training terms differs"):
+                w.step(train, val)
+            assert same(before, state(model, optimizer, w))
