@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metaweight._checks import check_flag
-from metaweight._files import file_mode, write_target
+from metaweight._files import file_mode, user_path, write_target
 from metaweight._warn import warn_user
 
 
@@ -331,7 +331,7 @@ class CSVLogger:
         _check_flag(overwrite, "overwrite")
         _check_flag(all_ranks, "all_ranks")
         self.all_ranks = all_ranks
-        path = Path(path)
+        path = user_path(path)
         if path.is_dir():
             raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'log.csv'}.")
         _check_can_create(path, "path")
@@ -682,7 +682,7 @@ class TensorBoardLogger:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (fail here, not at the first record)
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
-            folder = Path(log_dir_or_writer)
+            folder = user_path(log_dir_or_writer)
             if folder.exists() and not folder.is_dir():
                 raise ValueError(f"`log_dir_or_writer` {folder} is a file, not a folder. Pass a folder for the "
                                  f"event files.")
