@@ -51,18 +51,59 @@ def _before(lines: list[str], step: float) -> list[str]:
     return [line for line in lines if (s := _step_of(line)) is None or s < step]
 
 
-def _read_log(path: Path) -> tuple[list[str] | None, list[str], bool]:
-    """A log's header, its complete rows (raw lines, blank lines left out: nothing to keep) and whether
-    its last line was torn. Raises ``UnicodeDecodeError`` for a file that is not text."""
+def _read_log(path: Path) -> tuple[list[str] | None, list[str], bool, str | None]:
+    """A log's header, its complete rows (raw lines, blank lines left out: nothing to keep), whether its
+    last line lacks its newline (the file must then be rewritten, not appended to) and the text of a
+    torn last line, dropped (``None``: none). A last row without its newline that reads as a complete
+    row (:func:`_complete`: a hand edit, another tool) is kept, its newline added; one that does not
+    is what a crash (or a full disk) in the middle of a write leaves, and is dropped. A lone line
+    without its newline is the header, unless it is a torn start of one (``iteration,met``): a file
+    of another kind is returned as it is, for the caller to refuse. Raises ``UnicodeDecodeError``
+    for a file that is not text."""
     with path.open(newline="", encoding="utf-8") as f:
         lines = f.read().splitlines(keepends=True)
-    torn = bool(lines) and not lines[-1].endswith("\n")
-    if torn:
-        lines.pop()
+    unended = bool(lines) and not lines[-1].endswith("\n")
+    dropped = None
+    if unended and len(lines) > 1:
+        last = lines.pop()
+        width = len(next(csv.reader([lines[0]]), []))
+        if _complete(last, width):
+            before = lines[-1]
+            lines.append(last.rstrip("\r\n") + (before[len(before.rstrip("\r\n")):] or "\r\n"))
+        elif last.strip():
+            dropped = last.rstrip("\r\n")
+    elif unended and _HEADER.startswith(lines[0]) and lines[0] != _HEADER:  # a header torn in its first write
+        dropped = lines.pop()
     lines = [line for line in lines if line.strip()]
     if not lines:
-        return None, [], torn
-    return next(csv.reader([lines[0]]), []), lines[1:], torn
+        return None, [], unended, dropped
+    return next(csv.reader([lines[0]]), []), lines[1:], unended, dropped
+
+
+_HEADER = "iteration,meta_step,"  # how every metaweight log starts
+
+
+def _complete(line: str, width: int) -> bool:
+    """Whether a logged line without its newline reads as a complete row of a log whose header has
+    ``width`` columns: that many values, each a number or blank (a column the record lacked), its
+    iteration a number, and its last value a number as Python writes one (``0.5``, ``1e-05``, ``3``):
+    a write cut short ends inside its last value, and a cut float mostly does not read as one
+    (``0.``, ``1e-0``). A cut that leaves a number as written (``0.5`` of ``0.55``) cannot be told
+    from a complete row, and is kept."""
+    try:
+        values = next(csv.reader([line.rstrip("\r\n")]))
+        numbers = [float(v) for v in values if v != ""]
+    except (csv.Error, StopIteration, ValueError):
+        return False
+    last = values[-1] if values else ""
+    written = last != "" and (repr(float(last)) == last or last.lstrip("-").isdigit())
+    return len(values) == width and values[0] != "" and written and all(map(math.isfinite, numbers[:2]))
+
+
+def _torn_note(path: Path, dropped: str) -> str:
+    return (f"The last line of the log {path}, {dropped!r}, has no newline and does not read as a complete row "
+            f"(its header's columns, each a number): what a crash or a full disk in the middle of a write leaves. "
+            f"It was dropped from {path}; the rows before it are kept.")
 
 
 def _readable(lines: list[str]) -> list[float]:
@@ -237,7 +278,9 @@ class CSVLogger:
       whose iteration is not past the last row (a weighter rolled back in the same process),
       with a ``RuntimeWarning`` naming the file and the iterations dropped;
     * a last line without its newline is what a crash (or a disk full) in the middle of a write
-      leaves: an incomplete record, dropped before the next row is written, at any record.
+      leaves, or a hand edit: before the next row is written (at any record) it is kept, its
+      newline added, if it reads as a complete row (the header's number of values, each a number
+      or blank), and dropped otherwise, with a ``RuntimeWarning`` naming the file and the text.
 
     The iteration alone cannot tell a resumed run from a new run whose first record falls inside
     an old log (a warm-up without meta steps, a new run on an old path), so rows are dropped at a
@@ -351,7 +394,7 @@ class CSVLogger:
         self.path = path
         self.overwrite = overwrite
         try:
-            header, _, _ = (None, [], False) if overwrite else self._existing()
+            header, _, _, _ = (None, [], False, None) if overwrite else self._existing()
         except UnicodeDecodeError as exc:
             raise ValueError(f"`path` {path} holds a file that is not text ({exc.reason} at byte {exc.start}: not "
                              f"UTF-8; a compressed log or an image?), so not a metaweight log; nothing was changed. "
@@ -368,10 +411,10 @@ class CSVLogger:
         """Give the path up, so that another logger of this process may write to it."""
         _release(self.path, self)
 
-    def _existing(self) -> tuple[list[str] | None, list[str], bool]:
-        """The file's header, its complete rows (raw lines) and whether its last line was torn."""
+    def _existing(self) -> tuple[list[str] | None, list[str], bool, str | None]:
+        """:func:`_read_log` of the file at :attr:`path` (no header, no rows if there is none)."""
         if not self.path.is_file():
-            return None, [], False
+            return None, [], False, None
         return _read_log(self.path)
 
     def _rewrite(self, fields: list[str], kept: list[str], row: dict[str, float], path: Path) -> None:
@@ -454,7 +497,8 @@ class CSVLogger:
         went_back = self._last_step is not None and step <= self._last_step
         if not (went_back or extra or torn):
             return path, columns, None, []  # the common case: appended, the file not read
-        _, lines, _ = self._existing()  # a torn last line (a failed append) is left out of ``lines``
+        _, lines, _, dropped = self._existing()  # a torn last line (a failed append) is left out of ``lines``
+        torn_notes = [_torn_note(path, dropped)] if dropped is not None else []
         if went_back:  # in this process
             kept = _before(lines, step)
             logged = _readable(lines)
@@ -471,8 +515,8 @@ class CSVLogger:
                      f"{step:g}: taken for a weighter rolled back to a checkpoint in this process, the "
                      f"{_rows(len(dropped))} of iterations {min(dropped):g} to {max(dropped):g} (undone) were "
                      f"dropped from {path}. If this is a new run, give it a logger of its own."] if dropped else []
-            return path, columns, [_pad(line, extra) for line in kept], notes
-        return path, columns, [_pad(line, extra) for line in lines], []  # header widened / torn line dropped
+            return path, columns, [_pad(line, extra) for line in kept], notes + torn_notes
+        return path, columns, [_pad(line, extra) for line in lines], torn_notes  # header widened / newline fixed
 
     def _plan_first(self, fields: list[str], step: float
                     ) -> tuple[Path, list[str], list[str] | None, list[str]]:
@@ -481,18 +525,18 @@ class CSVLogger:
         path = self.path
         if self.overwrite:
             return path, fields, [], []
-        header, lines, torn = self._existing()
+        header, lines, unended, dropped = self._existing()
         if header is None:
-            return path, fields, [], []
+            return path, fields, [], [_torn_note(path, dropped)] if dropped is not None else []
         # every log this run may continue: the path and the logs new runs were diverted to beside it
         # (a diverted run resumed with the same code asks for the path again); those of other loss
         # terms, not metaweight logs, unreadable or held by another logger are not this run's
-        candidates: list[tuple[Path, list[str], list[str], bool]] = []
+        candidates: list[tuple[Path, list[str], list[str], bool, str | None]] = []
         for file in [path, *_siblings(path)]:
             if file != path and _holder(file) not in (None, self):
                 continue
             try:
-                other = (header, lines, torn) if file == path else _read_log(file)
+                other = (header, lines, unended, dropped) if file == path else _read_log(file)
             except (OSError, UnicodeDecodeError):
                 continue
             if other[0] is not None and other[0][:2] == ["iteration", "meta_step"] and _same_terms(other[0], fields):
@@ -501,20 +545,20 @@ class CSVLogger:
         steps = [_readable(c[2]) for c in candidates]  # each candidate's iterations, read once
         chosen, resumed, resumable_at = _continued_log(step, [(c[0] == path, s) for c, s in zip(candidates, steps)])
         if chosen is not None and not resumed:
-            file, old_header, old_lines, old_torn = candidates[chosen]
+            file, old_header, old_lines, old_unended, old_dropped = candidates[chosen]
             columns = _widened(old_header, fields)
             extra = len(columns) - len(old_header)
-            notes = []
+            notes = [_torn_note(file, old_dropped)] if old_dropped is not None else []
             if file != path:
                 notes.append(f"The log {path} is not this run's continuation (its rows or loss terms do not lead "
                              f"to iteration {step:g}), but {file}, where a new run on {path} was diverted, ends at "
                              f"iteration {_last(steps[chosen]):g}: taken for that run resumed, this run continues "
                              f"{file}. {path} was left as it is.")
-            if file != path or old_torn or extra:
+            if file != path or old_unended or extra:
                 return file, columns, [_pad(line, extra) for line in old_lines], notes
             return file, columns, None, notes
         if chosen is not None:
-            file, old_header, old_lines, _ = candidates[chosen]
+            file, old_header, old_lines, _, old_dropped = candidates[chosen]
             columns = _widened(old_header, fields)
             extra = len(columns) - len(old_header)
             dropped = [s for s in steps[chosen] if s >= step]
@@ -523,6 +567,8 @@ class CSVLogger:
                      f"iterations {min(dropped):g} to {max(dropped):g} (steps taken after that checkpoint, undone) "
                      f"were dropped. If this is a new run, not a resumed one, those rows were another run's: give "
                      f"each new run a path of its own (or overwrite=True) to keep a run's log whole."]
+            if old_dropped is not None:
+                notes.append(_torn_note(file, old_dropped))
             if file != path:
                 notes.insert(0, f"The log {path} is another run's; {file}, where a new run on {path} was diverted, "
                                 f"is taken for this run's and continued.")

@@ -109,7 +109,8 @@ def test_a_torn_append_is_dropped_before_the_next_row(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(_logging.CSVLogger, "_append", half)
         heard(lambda: logger(record(2)))
-    logger(record(3))
+    with pytest.warns(RuntimeWarning, match=rf"The last line of the log {path}, '2,2,0\.', has no newline.*dropped"):
+        logger(record(3))
     assert rows(path) == [["iteration", "meta_step", "gamma/ce[1]"], ["1", "1", "0.5"], ["3", "3", "0.5"]]
     logger(record(4))  # and appended again after the repair
     assert [r[0] for r in rows(path)] == ["iteration", "1", "3", "4"]
@@ -552,3 +553,36 @@ def test_a_rollback_in_the_same_process_says_which_rows_it_drops(tmp_path, kind)
     assert heard(lambda: logger(record(4))) == []  # going on from there: appended, nothing to say
     logger.close()
     assert shown() == [1, 2, 3, 4]
+
+
+def test_a_last_row_without_its_newline_is_kept_if_complete_and_dropped_with_a_warning_if_torn(tmp_path):
+    """``1,1,0.5`` without its newline (a hand edit, another tool) was dropped silently at the next
+    record, and a torn ``6,6,0.`` too: a complete row is kept now (its newline added), a torn one is
+    dropped with a warning naming the file and the text, at a first record (a resume) as at a later one."""
+    for last, kept in (("3,3,0.5", True), ("3,3,1e-05", True), ("3,3,0.", False), ("3,3,1e-0", False),
+                       ("3,3", False), ("3,", False)):
+        path = tmp_path / f"log{len(list(tmp_path.iterdir()))}.csv"
+        path.write_text("iteration,meta_step,gamma/ce[1]\r\n1,1,0.5\r\n2,2,0.5\r\n" + last, newline="")
+        logger = mw.CSVLogger(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logger(record(4))
+        said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert [r[0] for r in rows(path)] == ["iteration", "1", "2", *(["3"] if kept else []), "4"], last
+        if kept:
+            assert rows(path)[3] == last.split(",") and said == [], last
+        else:
+            assert len(said) == 1 and f"The last line of the log {path}, {last!r}, has no newline" in said[0], said
+        logger.close()
+    path = tmp_path / "lone.csv"  # a log torn in its very first write: its header cut short
+    path.write_text("iteration,met", newline="")
+    logger = mw.CSVLogger(path)
+    with pytest.warns(RuntimeWarning, match="'iteration,met', has no newline"):
+        logger(record(1))
+    assert rows(path) == [["iteration", "meta_step", "gamma/ce[1]"], ["1", "1", "0.5"]]
+    logger.close()
+    other = tmp_path / "notes.csv"  # a file of another kind, one line without its newline: refused, kept whole
+    other.write_text("name,score", newline="")
+    with pytest.raises(ValueError, match="not a metaweight log"):
+        mw.CSVLogger(other)
+    assert other.read_text() == "name,score"
