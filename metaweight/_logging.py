@@ -757,12 +757,40 @@ class TensorBoardLogger:
     def close(self) -> None:
         """Close the writer made here, and give the folder up for another logger of this process. A
         record after this takes the folder back (with a new writer) if no other logger holds it, and is
-        skipped with a warning if one does, as :class:`CSVLogger` does."""
+        skipped with a warning if one does, as :class:`CSVLogger` does. Calling it again does nothing;
+        it never raises: a writer whose folder was deleted cannot flush its last points, and a
+        ``RuntimeWarning`` says so."""
         if self._log_dir is not None:
-            if self._writer is not None:
-                self._writer.close()  # a closed SummaryWriter would open a new event file at its next scalar
-                self._writer = None
+            failed = self._drop_writer()  # a closed SummaryWriter would open a new event file at its next scalar
             _release(Path(self._log_dir), self)
+            if failed is not None:
+                warn_user(f"The TensorBoardLogger's writer on {self._log_dir} could not be closed ({failed}): "
+                          f"{self._gone() or 'its event file could not be written'}, so the points it held "
+                          f"unwritten are lost. The logger is closed.")
+
+    def _drop_writer(self) -> str | None:
+        """Close and forget the writer made here (if any); what failed in closing it, as text, or ``None``.
+        Never raises: a writer whose folder was deleted fails to flush (its thread died on it)."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return None
+        try:
+            writer.close()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller; the writer is gone either way
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _gone(self) -> str | None:
+        """What was deleted of what this logger wrote: its folder, or the event file its writer writes
+        to (``None``: nothing, or nothing written yet)."""
+        if self._log_dir is None or self._last_step is None:
+            return None
+        if not os.path.isdir(self._log_dir):
+            return f"the folder {self._log_dir} was deleted"
+        file = getattr(getattr(getattr(self._writer, "file_writer", None), "event_writer", None), "_file_name", None)
+        if isinstance(file, str) and not os.path.exists(file):
+            return f"its event file {file} was deleted"
+        return None
 
     def _take_back(self) -> bool:
         """Whether this logger may write to its folder: it holds it, or takes it back after close()."""
@@ -916,13 +944,15 @@ class TensorBoardLogger:
                       f"iteration {step} was not logged by it.")
             return
         terms = {self.prefix + tag for tag in flat if tag.startswith("gamma/")}
+        gone = self._gone()
+        if gone is not None:  # deleted while this logger wrote there: a new writer starts it again
+            self._drop_writer()  # (whatever it held unwritten is lost with the folder)
+            self._shown = set()
         back = _went_back(self._last_step, self._floor, step) if self._log_dir is not None else None
         hidden: list[int] = []
         if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
             old = Path(self._log_dir)  # type: ignore[arg-type]
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None  # the new writer purges the undone steps from view
+            self._drop_writer()  # the new writer purges the undone steps from view
             if back == "new run":  # every point would be hidden
                 self._divert(old, f"This TensorBoardLogger logged steps {self._floor} to {self._last_step} to "
                                   f"{old} and now gets step {step}: every point would be hidden as undone, so this "
@@ -935,9 +965,14 @@ class TensorBoardLogger:
         writer = self._writer_from(step, terms)  # the first record's iteration: where a resumed run continues
         for tag, value in flat.items():
             writer.add_scalar(self.prefix + tag, value, step)
+        if self._log_dir is not None:  # on disk before the hook returns: a failure is warned here, not in
+            writer.flush()  # the writer's thread (which dies on it), and a folder deleted later loses nothing held
         self._floor = step if self._floor is None else min(self._floor, step)
         self._last_step = step
         self._shown = {s for s in self._shown if s < step} | {step}
+        if gone is not None:  # said once the record is written, as CSVLogger says a deleted log starts again
+            warn_user(f"While this TensorBoardLogger wrote to {self._log_dir}, {gone}: it starts again at step "
+                      f"{step} with a new event file; the points logged before are not in it.")
         if hidden:  # said once the record is written, as CSVLogger says what it drops
             warn_user(f"This TensorBoardLogger logged up to step {hidden[-1]} to {self._log_dir} and now gets step "
                       f"{step}: taken for a weighter rolled back to a checkpoint in this process, the points of its "

@@ -586,3 +586,50 @@ def test_a_last_row_without_its_newline_is_kept_if_complete_and_dropped_with_a_w
     with pytest.raises(ValueError, match="not a metaweight log"):
         mw.CSVLogger(other)
     assert other.read_text() == "name,score"
+
+
+def _tb_steps(folder, tag="metaweight/gamma/ce[1]"):
+    """The steps TensorBoard itself shows for ``tag`` (its own reader, purge rule and all)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return [e.step for e in accumulator.Scalars(tag)] if tag in accumulator.Tags()["scalars"] else []
+
+
+def test_a_tensorboard_folder_deleted_mid_run_starts_again_as_a_csv_log_does(tmp_path, monkeypatch):
+    """``rm -rf`` of a TensorBoardLogger's folder mid-run lost every later point (the writer's thread died
+    on it with a traceback, later records warned a raw FileNotFoundError) and ``close()`` raised that raw
+    error at every call. Now, as CSVLogger recreates a deleted log: a new writer starts the folder again
+    at the next record, with one warning that the earlier points are not in it; close() never raises and
+    does nothing the second time."""
+    pytest.importorskip("tensorboard")
+    import shutil
+    import threading
+
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
+    folder = tmp_path / "tb"
+    logger = mw.TensorBoardLogger(folder)
+    for i in (1, 2, 3):
+        logger(record(i))
+    logger.close()
+    logger(record(4))  # a second writer, as after a resume in this process
+    shutil.rmtree(folder)
+    said = heard(lambda: logger(record(5)))
+    assert len(said) == 1 and f"the folder {folder} was deleted: it starts again at step 5" in said[0], said
+    assert heard(lambda: logger(record(6))) == [] and heard(lambda: logger(record(7))) == []
+    assert heard(logger.close) == [] and heard(logger.close) == []
+    assert _tb_steps(folder) == [5, 6, 7] and died == []
+
+    other = mw.TensorBoardLogger(tmp_path / "tb2")  # a writer that fails to close: warned, never raised
+    other(record(1))
+
+    def fails():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(other._writer, "close", fails)
+    shutil.rmtree(tmp_path / "tb2")
+    said = heard(other.close)
+    assert len(said) == 1 and "could not be closed (FileNotFoundError" in said[0] and "was deleted" in said[0], said
+    assert heard(other.close) == []
