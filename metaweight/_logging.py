@@ -639,15 +639,35 @@ def _pad(line: str, columns: int) -> str:
 
 
 def _logged_events(folder: Path) -> list[tuple[int, str]]:
-    """(step, tag) of every value the event files directly in ``folder`` hold."""
+    """(step, tag) of every value TensorBoard shows from the event files directly in ``folder``: the
+    files read in its order (by name), and TensorBoard's purge rule applied (its ``EventAccumulator``'s),
+    so that points an earlier resume hid are not counted: in files of version 2 (a ``SummaryWriter``'s),
+    a restart marker (``SessionLog.START`` at step ``s``: ``purge_step=s``) hides every value read before
+    it at step ``s`` or later; in files of no version, a value whose step goes back hides the values
+    of its tag read before it at that step or later."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
 
     events: list[tuple[int, str]] = []
+    version = 0.0
+    latest: int | None = None  # the step of the last value read (for files of no version)
     for file in sorted(folder.glob("*tfevents*")):
         try:
             for e in EventFileLoader(str(file)).Load():
+                if e.HasField("file_version"):
+                    try:
+                        version = float(e.file_version.split(":")[-1])
+                    except ValueError:
+                        pass
+                if version >= 2:
+                    if e.HasField("session_log") and e.session_log.status == SessionLog.START:
+                        events = [(s, t) for s, t in events if s < e.step]
+                elif e.HasField("summary") and latest is not None and e.step < latest:
+                    tags = {v.tag for v in e.summary.value}
+                    events = [(s, t) for s, t in events if s < e.step or t not in tags]
                 if e.HasField("summary"):
                     events.extend((e.step, v.tag) for v in e.summary.value)
+                    latest = e.step
         except Exception:  # noqa: BLE001 - a torn last event: what was read stands
             pass
     return events

@@ -633,3 +633,33 @@ def test_a_tensorboard_folder_deleted_mid_run_starts_again_as_a_csv_log_does(tmp
     said = heard(other.close)
     assert len(said) == 1 and "could not be closed (FileNotFoundError" in said[0] and "was deleted" in said[0], said
     assert heard(other.close) == []
+
+
+def test_tensorboard_warnings_count_only_the_points_tensorboard_shows(tmp_path):
+    """A folder logged at 1-10, resumed at 4 (hiding 4-10) and logged to 5: a second resume at 6 was told
+    it hid "5 steps 6 to 10" (hidden already), and a new run was told the folder "holds a run logged at
+    steps 1 to 10", because the old points were counted though TensorBoard no longer shows them. The
+    folder's points are now read with TensorBoard's purge rule, checked against TensorBoard's own reader."""
+    pytest.importorskip("tensorboard")
+    tag = "metaweight/gamma/ce[1]"
+    for second, expected in ((6, None), (1, "holds a run logged at steps 1 to 5,")):
+        folder = tmp_path / f"tb{second}"
+        first = mw.TensorBoardLogger(folder)
+        for i in range(1, 11):
+            first(record(i))
+        first.close()
+        resumed = mw.TensorBoardLogger(folder)
+        said = heard(lambda: resumed(record(4)))
+        assert len(said) == 1 and "7 steps 4 to 10" in said[0], said
+        resumed(record(5))
+        resumed.close()
+        shown = _tb_steps(folder)
+        assert shown == [1, 2, 3, 4, 5]
+        assert sorted(s for s, t in _logging._logged_events(folder) if t == tag) == shown
+        again = mw.TensorBoardLogger(folder)
+        said = heard(lambda: again(record(second)))
+        if expected is None:  # continues the folder, hiding nothing
+            assert said == [] and again.log_dir == str(folder), said
+        else:  # a new run, diverted; the folder said to hold what it shows
+            assert len(said) == 1 and expected in said[0] and again.log_dir == str(folder) + "-2", said
+        again.close()
