@@ -149,8 +149,13 @@ def _hold(path: Path, owner: Any) -> None:
         other = _holder(path)
     if other is not None and other is not owner:
         raise ValueError(f"Another {type(other).__name__} in this process writes to {path}: two loggers on one "
-                         f"log would each write every row. Use that logger, call its close() (or drop the weighter "
-                         f"holding it) first, or log to another path.")
+                         f"log would each write every row. If this is a notebook cell run again, the weighter its "
+                         f"last run made still holds that logger (`w = HarmonizedWeighter(...)` rebinds `w` only "
+                         f"once this line has run): close its loggers first, `for c in w.callbacks: c.close()` "
+                         f"(a closed logger gives the path up; that weighter's later records are then skipped with "
+                         f"a warning, never written twice), or `del w` and run the cell again (with no other "
+                         f"reference to it left, such as IPython's `_` or `Out`). Otherwise use that logger, call "
+                         f"its close(), or log to another path.")
     _HELD[_key(path)] = weakref.ref(owner)
 
 

@@ -663,3 +663,42 @@ def test_tensorboard_warnings_count_only_the_points_tensorboard_shows(tmp_path):
         else:  # a new run, diverted; the folder said to hold what it shows
             assert len(said) == 1 and expected in said[0] and again.log_dir == str(folder) + "-2", said
         again.close()
+
+
+def _weighter_logging_to(path):
+    import torch
+    from torch import nn
+
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    return mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                 callbacks=[mw.CSVLogger(path)])
+
+
+def test_a_notebook_cell_run_again_is_told_exactly_how_to_free_its_log(tmp_path):
+    """``w = HarmonizedWeighter(..., callbacks=[CSVLogger("nb.csv")])`` run twice: the old weighter, still
+    bound to ``w`` while the line runs, holds the old logger, and the refusal said only "use that logger,
+    call its close() (or drop the weighter holding it)". It now says how to reach it, and each way out it
+    gives works; two live writers on one file stay refused."""
+    import gc
+
+    import torch
+
+    path = tmp_path / "nb.csv"
+    w = _weighter_logging_to(path)
+    with pytest.raises(ValueError) as info:
+        w = _weighter_logging_to(path)
+    said = str(info.value)
+    assert "notebook cell run again" in said and "`for c in w.callbacks: c.close()`" in said and "`del w`" in said
+    for c in w.callbacks:  # the first way out, as said
+        c.close()
+    old, w = w, _weighter_logging_to(path)
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    w.step(batch, batch)
+    said = heard(lambda: old.step(batch, batch))  # the old weighter's record is skipped, not written twice
+    assert any("was closed and another logger now writes to" in s for s in said), said
+    assert [r[0] for r in rows(path)] == ["iteration", "1"]
+    del old, w  # the second way out, as said
+    gc.collect()
+    w = _weighter_logging_to(path)
+    for c in w.callbacks:
+        c.close()
