@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    for name in ("data_dir", "out", "checkpoint", "plot"):  # ~ as a shell reads it (it leaves --out=~/x as it is)
+        if getattr(args, name) is not None:
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads should be at least 1 (or left out for the default). Found {args.threads}.")
     return args

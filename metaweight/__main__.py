@@ -26,6 +26,7 @@ from typing import Any
 from metaweight._anytime import AnytimeResult
 from metaweight._budget import BudgetCurve
 from metaweight._checks import integer_value
+from metaweight._files import user_path
 from metaweight._plots import (_check_anytime, _check_budget_curves, _check_gamma_history, plot_anytime,
                                plot_budget_curves, plot_gamma_history)
 
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     plot.add_argument("--overwrite", action="store_true",
                       help="replace plot files already in --out (from an earlier command) instead of stopping")
     args = parser.parse_args(argv)
+    args.results = [str(user_path(f)) for f in args.results]  # ~ as a shell expands it (--out=~/x it does not)
+    args.out = str(user_path(args.out))
     files = [Path(f) for f in args.results]
     seen: dict[Path, str] = {}
     for file in args.results:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from metaweight._checks import check_device_available, check_flag
-from metaweight._files import file_mode, write_target
+from metaweight._files import file_mode, user_path, write_target
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -44,7 +44,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
         raise TypeError(f"`state` should be a dict of what to save. Found `{type(state).__name__}`.")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
-    given = path = Path(path)
+    given = path = user_path(path)
     if path.is_dir():
         raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'checkpoint.pt'}. "
                          f"Nothing was written.")
@@ -337,7 +337,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
     _check_map_location(map_location)
-    path = Path(path)
+    path = user_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is a folder, not a checkpoint file; give the file's path." if path.is_dir()
                                 else f"No checkpoint at {path}.")

@@ -503,27 +503,20 @@ def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:
 
 
 def real_tensor(value: object, name: str, what: str) -> Tensor:
-    """A tensor, a NumPy array or a sequence of real numbers (:func:`real_scalar`'s: ints, NumPy
-    scalars, 0-d tensors), as a tensor (a list as float64: its numbers exactly; a tensor keeps its
-    dtype); bools, complex numbers, strings, meta and sparse tensors and anything else refused,
-    naming ``name``. The one reading of thresholds and distributions (what shape and values they
-    may have is the caller's check)."""
-    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
-        if getattr(value, "dtype", None) is None or value.dtype.kind not in "iuf":  # type: ignore[attr-defined]
-            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a NumPy array of "
-                            f"{value.dtype}.")  # type: ignore[attr-defined]
-        value = torch.as_tensor(value)
+    """A list of real numbers as :func:`real_list` reads every list option (a list, tuple, a dict's
+    ``.values()``, a 1-d NumPy array or a 1-d tensor of reals; bools, complex numbers, strings, sets,
+    generators, meta and sparse tensors refused with its ``TypeError``, naming ``name``), as a tensor:
+    a tensor keeps its dtype and device, an array its dtype, a list is float64 (its numbers exactly).
+    The one reading of thresholds and distributions (what length and values they may have is the
+    caller's check)."""
+    if isinstance(value, Tensor) and value.layout != torch.strided and value.device.type != "meta":
+        raise TypeError(f"`{name}` should be {what} in a dense tensor. Found a {value.layout} tensor: pass "
+                        f"`.to_dense()`.")
+    numbers = real_list(value, name, what, "choosing exits")  # the one reading of a list of numbers
     if isinstance(value, Tensor):
-        if value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"`{name}` should hold {what} (real numbers). Found a {value.dtype} tensor.")
-        check_has_values(value, f"`{name}`", "choosing exits")
-        if value.layout != torch.strided:
-            raise TypeError(f"`{name}` should hold {what} in a dense tensor. Found a {value.layout} tensor: pass "
-                            f"`.to_dense()`.")
         return value.detach()
-    numbers = real_numbers(value) if isinstance(value, Sequence) else None  # (the one reading of a list)
-    if numbers is None:
-        raise TypeError(f"`{name}` should be a tensor or a list of {what}. Found {value!r}.")
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        return torch.as_tensor(value)
     return torch.tensor(numbers, dtype=torch.float64)
 
 

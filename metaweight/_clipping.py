@@ -39,6 +39,12 @@ from metaweight._checks import real_option
 EPSILON = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by the total norm + 1e-6
 
 
+def check_max_norm(value: object, name: str) -> float:
+    """The one check of a clipping's ``max_norm``, named as the user passed it: ``max_norm`` of
+    :class:`ClipGradNorm`, or a weighter's ``clip_grad_norm`` given as a number."""
+    return real_option(value, name, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipGradNorm:
     r"""Clipping of all gradients by their total norm, as ``torch.nn.utils.clip_grad_norm_`` does it.
@@ -72,7 +78,7 @@ class ClipGradNorm:
 
     def __post_init__(self) -> None:
         max_norm, norm_type = self.max_norm, self.norm_type
-        max_norm = real_option(max_norm, "max_norm", "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+        max_norm = check_max_norm(max_norm, "max_norm")
         if isinstance(norm_type, str) and norm_type.lower() in ("inf", "+inf"):
             norm_type = math.inf
         norm_type = real_option(norm_type, "norm_type", "a number >= 1 or float('inf') (the norms whose clipping "

@@ -7,6 +7,13 @@ import stat
 from pathlib import Path
 
 
+def user_path(path: str | os.PathLike[str]) -> Path:
+    """A path the user gave, as a ``Path`` with a leading ``~`` (or ``~user``) expanded to the home
+    folder, as a shell would: ``CSVLogger("~/log.csv")`` writes in the home folder, not in a folder
+    named ``~``. The one reading of every path the library takes from its users."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 def write_target(path: Path) -> Path:
     """The file a write to ``path`` replaces: a symbolic link's target (followed to the end), so that the
     link stays a link to the new file, as ``open(path, "w")`` would write through it; ``path`` itself

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metaweight._checks import check_flag
-from metaweight._files import file_mode, write_target
+from metaweight._files import file_mode, user_path, write_target
 from metaweight._warn import warn_user
 
 
@@ -51,18 +51,59 @@ def _before(lines: list[str], step: float) -> list[str]:
     return [line for line in lines if (s := _step_of(line)) is None or s < step]
 
 
-def _read_log(path: Path) -> tuple[list[str] | None, list[str], bool]:
-    """A log's header, its complete rows (raw lines, blank lines left out: nothing to keep) and whether
-    its last line was torn. Raises ``UnicodeDecodeError`` for a file that is not text."""
+def _read_log(path: Path) -> tuple[list[str] | None, list[str], bool, str | None]:
+    """A log's header, its complete rows (raw lines, blank lines left out: nothing to keep), whether its
+    last line lacks its newline (the file must then be rewritten, not appended to) and the text of a
+    torn last line, dropped (``None``: none). A last row without its newline that reads as a complete
+    row (:func:`_complete`: a hand edit, another tool) is kept, its newline added; one that does not
+    is what a crash (or a full disk) in the middle of a write leaves, and is dropped. A lone line
+    without its newline is the header, unless it is a torn start of one (``iteration,met``): a file
+    of another kind is returned as it is, for the caller to refuse. Raises ``UnicodeDecodeError``
+    for a file that is not text."""
     with path.open(newline="", encoding="utf-8") as f:
         lines = f.read().splitlines(keepends=True)
-    torn = bool(lines) and not lines[-1].endswith("\n")
-    if torn:
-        lines.pop()
+    unended = bool(lines) and not lines[-1].endswith("\n")
+    dropped = None
+    if unended and len(lines) > 1:
+        last = lines.pop()
+        width = len(next(csv.reader([lines[0]]), []))
+        if _complete(last, width):
+            before = lines[-1]
+            lines.append(last.rstrip("\r\n") + (before[len(before.rstrip("\r\n")):] or "\r\n"))
+        elif last.strip():
+            dropped = last.rstrip("\r\n")
+    elif unended and _HEADER.startswith(lines[0]) and lines[0] != _HEADER:  # a header torn in its first write
+        dropped = lines.pop()
     lines = [line for line in lines if line.strip()]
     if not lines:
-        return None, [], torn
-    return next(csv.reader([lines[0]]), []), lines[1:], torn
+        return None, [], unended, dropped
+    return next(csv.reader([lines[0]]), []), lines[1:], unended, dropped
+
+
+_HEADER = "iteration,meta_step,"  # how every metaweight log starts
+
+
+def _complete(line: str, width: int) -> bool:
+    """Whether a logged line without its newline reads as a complete row of a log whose header has
+    ``width`` columns: that many values, each a number or blank (a column the record lacked), its
+    iteration a number, and its last value a number as Python writes one (``0.5``, ``1e-05``, ``3``):
+    a write cut short ends inside its last value, and a cut float mostly does not read as one
+    (``0.``, ``1e-0``). A cut that leaves a number as written (``0.5`` of ``0.55``) cannot be told
+    from a complete row, and is kept."""
+    try:
+        values = next(csv.reader([line.rstrip("\r\n")]))
+        numbers = [float(v) for v in values if v != ""]
+    except (csv.Error, StopIteration, ValueError):
+        return False
+    last = values[-1] if values else ""
+    written = last != "" and (repr(float(last)) == last or last.lstrip("-").isdigit())
+    return len(values) == width and values[0] != "" and written and all(map(math.isfinite, numbers[:2]))
+
+
+def _torn_note(path: Path, dropped: str) -> str:
+    return (f"The last line of the log {path}, {dropped!r}, has no newline and does not read as a complete row "
+            f"(its header's columns, each a number): what a crash or a full disk in the middle of a write leaves. "
+            f"It was dropped from {path}; the rows before it are kept.")
 
 
 def _readable(lines: list[str]) -> list[float]:
@@ -108,8 +149,13 @@ def _hold(path: Path, owner: Any) -> None:
         other = _holder(path)
     if other is not None and other is not owner:
         raise ValueError(f"Another {type(other).__name__} in this process writes to {path}: two loggers on one "
-                         f"log would each write every row. Use that logger, call its close() (or drop the weighter "
-                         f"holding it) first, or log to another path.")
+                         f"log would each write every row. If this is a notebook cell run again, the weighter its "
+                         f"last run made still holds that logger (`w = HarmonizedWeighter(...)` rebinds `w` only "
+                         f"once this line has run): close its loggers first, `for c in w.callbacks: c.close()` "
+                         f"(a closed logger gives the path up; that weighter's later records are then skipped with "
+                         f"a warning, never written twice), or `del w` and run the cell again (with no other "
+                         f"reference to it left, such as IPython's `_` or `Out`). Otherwise use that logger, call "
+                         f"its close(), or log to another path.")
     _HELD[_key(path)] = weakref.ref(owner)
 
 
@@ -237,7 +283,9 @@ class CSVLogger:
       whose iteration is not past the last row (a weighter rolled back in the same process),
       with a ``RuntimeWarning`` naming the file and the iterations dropped;
     * a last line without its newline is what a crash (or a disk full) in the middle of a write
-      leaves: an incomplete record, dropped before the next row is written, at any record.
+      leaves, or a hand edit: before the next row is written (at any record) it is kept, its
+      newline added, if it reads as a complete row (the header's number of values, each a number
+      or blank), and dropped otherwise, with a ``RuntimeWarning`` naming the file and the text.
 
     The iteration alone cannot tell a resumed run from a new run whose first record falls inside
     an old log (a warm-up without meta steps, a new run on an old path), so rows are dropped at a
@@ -331,7 +379,7 @@ class CSVLogger:
         _check_flag(overwrite, "overwrite")
         _check_flag(all_ranks, "all_ranks")
         self.all_ranks = all_ranks
-        path = Path(path)
+        path = user_path(path)
         if path.is_dir():
             raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'log.csv'}.")
         _check_can_create(path, "path")
@@ -351,7 +399,7 @@ class CSVLogger:
         self.path = path
         self.overwrite = overwrite
         try:
-            header, _, _ = (None, [], False) if overwrite else self._existing()
+            header, _, _, _ = (None, [], False, None) if overwrite else self._existing()
         except UnicodeDecodeError as exc:
             raise ValueError(f"`path` {path} holds a file that is not text ({exc.reason} at byte {exc.start}: not "
                              f"UTF-8; a compressed log or an image?), so not a metaweight log; nothing was changed. "
@@ -368,10 +416,10 @@ class CSVLogger:
         """Give the path up, so that another logger of this process may write to it."""
         _release(self.path, self)
 
-    def _existing(self) -> tuple[list[str] | None, list[str], bool]:
-        """The file's header, its complete rows (raw lines) and whether its last line was torn."""
+    def _existing(self) -> tuple[list[str] | None, list[str], bool, str | None]:
+        """:func:`_read_log` of the file at :attr:`path` (no header, no rows if there is none)."""
         if not self.path.is_file():
-            return None, [], False
+            return None, [], False, None
         return _read_log(self.path)
 
     def _rewrite(self, fields: list[str], kept: list[str], row: dict[str, float], path: Path) -> None:
@@ -454,7 +502,8 @@ class CSVLogger:
         went_back = self._last_step is not None and step <= self._last_step
         if not (went_back or extra or torn):
             return path, columns, None, []  # the common case: appended, the file not read
-        _, lines, _ = self._existing()  # a torn last line (a failed append) is left out of ``lines``
+        _, lines, _, dropped = self._existing()  # a torn last line (a failed append) is left out of ``lines``
+        torn_notes = [_torn_note(path, dropped)] if dropped is not None else []
         if went_back:  # in this process
             kept = _before(lines, step)
             logged = _readable(lines)
@@ -471,8 +520,8 @@ class CSVLogger:
                      f"{step:g}: taken for a weighter rolled back to a checkpoint in this process, the "
                      f"{_rows(len(dropped))} of iterations {min(dropped):g} to {max(dropped):g} (undone) were "
                      f"dropped from {path}. If this is a new run, give it a logger of its own."] if dropped else []
-            return path, columns, [_pad(line, extra) for line in kept], notes
-        return path, columns, [_pad(line, extra) for line in lines], []  # header widened / torn line dropped
+            return path, columns, [_pad(line, extra) for line in kept], notes + torn_notes
+        return path, columns, [_pad(line, extra) for line in lines], torn_notes  # header widened / newline fixed
 
     def _plan_first(self, fields: list[str], step: float
                     ) -> tuple[Path, list[str], list[str] | None, list[str]]:
@@ -481,18 +530,18 @@ class CSVLogger:
         path = self.path
         if self.overwrite:
             return path, fields, [], []
-        header, lines, torn = self._existing()
+        header, lines, unended, dropped = self._existing()
         if header is None:
-            return path, fields, [], []
+            return path, fields, [], [_torn_note(path, dropped)] if dropped is not None else []
         # every log this run may continue: the path and the logs new runs were diverted to beside it
         # (a diverted run resumed with the same code asks for the path again); those of other loss
         # terms, not metaweight logs, unreadable or held by another logger are not this run's
-        candidates: list[tuple[Path, list[str], list[str], bool]] = []
+        candidates: list[tuple[Path, list[str], list[str], bool, str | None]] = []
         for file in [path, *_siblings(path)]:
             if file != path and _holder(file) not in (None, self):
                 continue
             try:
-                other = (header, lines, torn) if file == path else _read_log(file)
+                other = (header, lines, unended, dropped) if file == path else _read_log(file)
             except (OSError, UnicodeDecodeError):
                 continue
             if other[0] is not None and other[0][:2] == ["iteration", "meta_step"] and _same_terms(other[0], fields):
@@ -501,20 +550,20 @@ class CSVLogger:
         steps = [_readable(c[2]) for c in candidates]  # each candidate's iterations, read once
         chosen, resumed, resumable_at = _continued_log(step, [(c[0] == path, s) for c, s in zip(candidates, steps)])
         if chosen is not None and not resumed:
-            file, old_header, old_lines, old_torn = candidates[chosen]
+            file, old_header, old_lines, old_unended, old_dropped = candidates[chosen]
             columns = _widened(old_header, fields)
             extra = len(columns) - len(old_header)
-            notes = []
+            notes = [_torn_note(file, old_dropped)] if old_dropped is not None else []
             if file != path:
                 notes.append(f"The log {path} is not this run's continuation (its rows or loss terms do not lead "
                              f"to iteration {step:g}), but {file}, where a new run on {path} was diverted, ends at "
                              f"iteration {_last(steps[chosen]):g}: taken for that run resumed, this run continues "
                              f"{file}. {path} was left as it is.")
-            if file != path or old_torn or extra:
+            if file != path or old_unended or extra:
                 return file, columns, [_pad(line, extra) for line in old_lines], notes
             return file, columns, None, notes
         if chosen is not None:
-            file, old_header, old_lines, _ = candidates[chosen]
+            file, old_header, old_lines, _, old_dropped = candidates[chosen]
             columns = _widened(old_header, fields)
             extra = len(columns) - len(old_header)
             dropped = [s for s in steps[chosen] if s >= step]
@@ -523,6 +572,8 @@ class CSVLogger:
                      f"iterations {min(dropped):g} to {max(dropped):g} (steps taken after that checkpoint, undone) "
                      f"were dropped. If this is a new run, not a resumed one, those rows were another run's: give "
                      f"each new run a path of its own (or overwrite=True) to keep a run's log whole."]
+            if old_dropped is not None:
+                notes.append(_torn_note(file, old_dropped))
             if file != path:
                 notes.insert(0, f"The log {path} is another run's; {file}, where a new run on {path} was diverted, "
                                 f"is taken for this run's and continued.")
@@ -593,15 +644,35 @@ def _pad(line: str, columns: int) -> str:
 
 
 def _logged_events(folder: Path) -> list[tuple[int, str]]:
-    """(step, tag) of every value the event files directly in ``folder`` hold."""
+    """(step, tag) of every value TensorBoard shows from the event files directly in ``folder``: the
+    files read in its order (by name), and TensorBoard's purge rule applied (its ``EventAccumulator``'s),
+    so that points an earlier resume hid are not counted: in files of version 2 (a ``SummaryWriter``'s),
+    a restart marker (``SessionLog.START`` at step ``s``: ``purge_step=s``) hides every value read before
+    it at step ``s`` or later; in files of no version, a value whose step goes back hides the values
+    of its tag read before it at that step or later."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
 
     events: list[tuple[int, str]] = []
+    version = 0.0
+    latest: int | None = None  # the step of the last value read (for files of no version)
     for file in sorted(folder.glob("*tfevents*")):
         try:
             for e in EventFileLoader(str(file)).Load():
+                if e.HasField("file_version"):
+                    try:
+                        version = float(e.file_version.split(":")[-1])
+                    except ValueError:
+                        pass
+                if version >= 2:
+                    if e.HasField("session_log") and e.session_log.status == SessionLog.START:
+                        events = [(s, t) for s, t in events if s < e.step]
+                elif e.HasField("summary") and latest is not None and e.step < latest:
+                    tags = {v.tag for v in e.summary.value}
+                    events = [(s, t) for s, t in events if s < e.step or t not in tags]
                 if e.HasField("summary"):
                     events.extend((e.step, v.tag) for v in e.summary.value)
+                    latest = e.step
         except Exception:  # noqa: BLE001 - a torn last event: what was read stands
             pass
     return events
@@ -682,7 +753,7 @@ class TensorBoardLogger:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (fail here, not at the first record)
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
-            folder = Path(log_dir_or_writer)
+            folder = user_path(log_dir_or_writer)
             if folder.exists() and not folder.is_dir():
                 raise ValueError(f"`log_dir_or_writer` {folder} is a file, not a folder. Pass a folder for the "
                                  f"event files.")
@@ -711,12 +782,40 @@ class TensorBoardLogger:
     def close(self) -> None:
         """Close the writer made here, and give the folder up for another logger of this process. A
         record after this takes the folder back (with a new writer) if no other logger holds it, and is
-        skipped with a warning if one does, as :class:`CSVLogger` does."""
+        skipped with a warning if one does, as :class:`CSVLogger` does. Calling it again does nothing;
+        it never raises: a writer whose folder was deleted cannot flush its last points, and a
+        ``RuntimeWarning`` says so."""
         if self._log_dir is not None:
-            if self._writer is not None:
-                self._writer.close()  # a closed SummaryWriter would open a new event file at its next scalar
-                self._writer = None
+            failed = self._drop_writer()  # a closed SummaryWriter would open a new event file at its next scalar
             _release(Path(self._log_dir), self)
+            if failed is not None:
+                warn_user(f"The TensorBoardLogger's writer on {self._log_dir} could not be closed ({failed}): "
+                          f"{self._gone() or 'its event file could not be written'}, so the points it held "
+                          f"unwritten are lost. The logger is closed.")
+
+    def _drop_writer(self) -> str | None:
+        """Close and forget the writer made here (if any); what failed in closing it, as text, or ``None``.
+        Never raises: a writer whose folder was deleted fails to flush (its thread died on it)."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return None
+        try:
+            writer.close()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller; the writer is gone either way
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _gone(self) -> str | None:
+        """What was deleted of what this logger wrote: its folder, or the event file its writer writes
+        to (``None``: nothing, or nothing written yet)."""
+        if self._log_dir is None or self._last_step is None:
+            return None
+        if not os.path.isdir(self._log_dir):
+            return f"the folder {self._log_dir} was deleted"
+        file = getattr(getattr(getattr(self._writer, "file_writer", None), "event_writer", None), "_file_name", None)
+        if isinstance(file, str) and not os.path.exists(file):
+            return f"its event file {file} was deleted"
+        return None
 
     def _take_back(self) -> bool:
         """Whether this logger may write to its folder: it holds it, or takes it back after close()."""
@@ -870,13 +969,15 @@ class TensorBoardLogger:
                       f"iteration {step} was not logged by it.")
             return
         terms = {self.prefix + tag for tag in flat if tag.startswith("gamma/")}
+        gone = self._gone()
+        if gone is not None:  # deleted while this logger wrote there: a new writer starts it again
+            self._drop_writer()  # (whatever it held unwritten is lost with the folder)
+            self._shown = set()
         back = _went_back(self._last_step, self._floor, step) if self._log_dir is not None else None
         hidden: list[int] = []
         if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
             old = Path(self._log_dir)  # type: ignore[arg-type]
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None  # the new writer purges the undone steps from view
+            self._drop_writer()  # the new writer purges the undone steps from view
             if back == "new run":  # every point would be hidden
                 self._divert(old, f"This TensorBoardLogger logged steps {self._floor} to {self._last_step} to "
                                   f"{old} and now gets step {step}: every point would be hidden as undone, so this "
@@ -889,9 +990,14 @@ class TensorBoardLogger:
         writer = self._writer_from(step, terms)  # the first record's iteration: where a resumed run continues
         for tag, value in flat.items():
             writer.add_scalar(self.prefix + tag, value, step)
+        if self._log_dir is not None:  # on disk before the hook returns: a failure is warned here, not in
+            writer.flush()  # the writer's thread (which dies on it), and a folder deleted later loses nothing held
         self._floor = step if self._floor is None else min(self._floor, step)
         self._last_step = step
         self._shown = {s for s in self._shown if s < step} | {step}
+        if gone is not None:  # said once the record is written, as CSVLogger says a deleted log starts again
+            warn_user(f"While this TensorBoardLogger wrote to {self._log_dir}, {gone}: it starts again at step "
+                      f"{step} with a new event file; the points logged before are not in it.")
         if hidden:  # said once the record is written, as CSVLogger says what it drops
             warn_user(f"This TensorBoardLogger logged up to step {hidden[-1]} to {self._log_dir} and now gets step "
                       f"{step}: taken for a weighter rolled back to a checkpoint in this process, the points of its "

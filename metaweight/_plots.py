@@ -13,6 +13,7 @@ from metaweight._budget import BudgetCurve, BudgetPoint, check_point_values
 from metaweight._calibration import _check as check_logits_and_labels
 from metaweight._checks import check_bins, check_temperatures, integer_value, real_numbers, real_option
 from metaweight._exit_rules import predict
+from metaweight._files import user_path
 
 
 def _pyplot() -> Any:
@@ -31,7 +32,7 @@ def _check_path(path: Any) -> Path:
     suffix matplotlib does not write, under a file, or with a name longer than the file system takes."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise TypeError(f"`path` should be a file path (str or Path). Found {path!r}.")
-    path = Path(path)
+    path = user_path(path)
     if path.is_dir():
         raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'plot.png'}.")
     _pyplot()  # matplotlib's own ImportError hint first

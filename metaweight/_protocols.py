@@ -26,8 +26,10 @@ average). If it is an ``nn.Module`` its ``state_dict`` is saved with the weighte
 
 from __future__ import annotations
 
+import ast
 import copy
 import inspect
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -265,6 +267,44 @@ def _holds_kind(value: Any, kind: str, depth: int = 4) -> bool:
     return any(type(v).__name__ == kind or _holds_kind(v, kind, depth - 1) for v in inside)
 
 
+_MAPPING_METHODS = frozenset({"get", "items", "keys", "values"})
+
+
+def _reads_as_mapping(fn: Any) -> bool:
+    """Whether the source of ``fn`` (a forward) uses its first parameter as a mapping: ``batch[...]``,
+    ``batch.get/items/keys/values``, ``**batch`` or ``... in batch``. Such a forward takes the mapping
+    it is given, so an error that names the mapping's type is the model's own (it passed the whole
+    mapping on), not a misread call. ``False`` when the source cannot be read (a built-in, a lambda
+    in an interactive session): nothing is known then."""
+    try:
+        signature = inspect.signature(fn)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (TypeError, ValueError, OSError, SyntaxError, IndentationError):
+        return False
+    first = next((n for n, p in signature.parameters.items() if p.kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)), None)
+    defs = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if first is None or not defs:
+        return False
+
+    def named(node: ast.AST) -> bool:
+        return isinstance(node, ast.Name) and node.id == first
+
+    for node in ast.walk(defs[0]):  # the forward itself (its source starts with its def)
+        if isinstance(node, ast.Subscript) and named(node.value):
+            return True
+        if isinstance(node, ast.Attribute) and node.attr in _MAPPING_METHODS and named(node.value):
+            return True
+        if isinstance(node, ast.Call) and any(k.arg is None and named(k.value) for k in node.keywords):
+            return True
+        if isinstance(node, ast.Dict) and any(k is None and named(v) for k, v in zip(node.keys, node.values)):
+            return True  # {**batch}
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) and named(right)
+                                                 for op, right in zip(node.ops, node.comparators)):
+            return True
+    return False
+
+
 def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> TypeError | None:
     """A clear error for a forward that failed on a mapping handed to it as its one positional
     argument (its keys not the forward's keyword parameters, its first parameter not annotated, so
@@ -276,7 +316,9 @@ def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> 
     Torch's message names only the type, and the calling frame holds the mapping whenever the
     forward reads a key of it inline (``torch.relu(batch["meta"])``), so where the mapping holds a
     value of the type named (a dict inside a dict) the error may be about that value: it is then
-    the model's own, left as torch raised it. The caller raises it ``from`` the original."""
+    the model's own, left as torch raised it. So is an error of a forward whose source uses its first
+    parameter as a mapping (:func:`_reads_as_mapping`: ``batch["x"]``): it took the mapping, and its
+    own code passed it on whole. The caller raises it ``from`` the original."""
     if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Mapping) or \
             not isinstance(error, (TypeError, AttributeError)) or isinstance(error, MisreadInputs):
         return None  # (a wrapper inside has explained it already)
@@ -288,6 +330,8 @@ def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> 
     elif not any(f in str(error) for f in (f"not {kind}", f"got {kind}", f"({kind}", f" {kind})")) or \
             not _failed_holding(error, value) or _holds_kind(value, kind):
         return None  # (not the mapping, or maybe a value inside it of its type: the model's own error)
+    if _reads_as_mapping(getattr(_call_target(model), "forward", None)):
+        return None  # (the forward takes the mapping, batch["x"]: what failed is the model's own code)
     signature = _forward_signature(model)
     params = signature.parameters if signature is not None else {}
     names = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,

@@ -28,7 +28,7 @@ from metaweight._gradcheck import gradient_mismatch
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
 from metaweight._checks import (check_flag, check_has_values, IGNORE_INDEX, forget_labels, in_dtype, integer_value,
                                per_term, real_numbers, real_option, real_scalar, unpack_batch)
-from metaweight._clipping import ClipGradNorm
+from metaweight._clipping import ClipGradNorm, check_max_norm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
 from metaweight._hypergradient import Reducer
@@ -253,7 +253,7 @@ class HarmonizedWeighter(NamedWeights):
             if real_scalar(clip_grad_norm) is None:
                 raise TypeError(f"`clip_grad_norm` should be a metaweight.ClipGradNorm(max_norm, norm_type) or a "
                                 f"number (max_norm). Found `{type(clip_grad_norm).__name__}`.")
-            clip_grad_norm = ClipGradNorm(clip_grad_norm)
+            clip_grad_norm = ClipGradNorm(check_max_norm(clip_grad_norm, "clip_grad_norm"))  # named as passed
         if clip_grad_norm is not None and mode == "exact" and learn:
             raise ValueError("clip_grad_norm is for mode='fast', whose look-ahead is the model's real (clipped) step; "
                              "mode='exact' looks ahead, before the model's step, with the optimizer's own unclipped "

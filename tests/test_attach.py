@@ -360,6 +360,22 @@ class _NestedDict(nn.Module):
         return [self.a(x), self.b(x)]
 
 
+class _TensorForward(nn.Module):
+    """A forward written for a tensor (it never reads its argument as a mapping), given a dict."""
+
+    def __init__(self, fail):
+        super().__init__()
+        self.fail, self.a, self.b = fail, nn.Linear(4, 3), nn.Linear(4, 3)
+        self.num_exits = 2
+
+    def forward(self, x):
+        if self.fail == "itself":
+            x.shape  # the batch itself read as a tensor
+        else:
+            torch.relu(x)  # the batch itself handed to a torch op
+        return [self.a(x), self.b(x)]
+
+
 def test_a_models_own_error_on_a_dict_inside_its_batch_is_left_as_it_is():
     """A forward that takes a dict legitimately and fails on a dict inside it (``batch["meta"].shape``,
     ``linear(batch["meta"])``) was re-raised as "keys not parameters of the forward", with advice
@@ -382,7 +398,7 @@ def test_a_models_own_error_on_a_dict_inside_its_batch_is_left_as_it_is():
             assert type(info.value) is kind and str(info.value) == str(plain.value)  # the model's own, unchanged
     with pytest.raises(TypeError, match=r"a dict with keys \['image', 'meta'\], of which \['image', 'meta'\] are not "
                                         r"parameters of the forward.*'dict' object has no attribute 'shape'"):
-        mw.collect_logits(_NestedDict("itself"), [(good, y)])
+        mw.collect_logits(_TensorForward("itself"), [(good, y)])
 
 
 def test_a_models_own_inline_torch_error_on_a_dict_inside_its_batch_is_left_as_it_is():
@@ -405,4 +421,45 @@ def test_a_models_own_inline_torch_error_on_a_dict_inside_its_batch_is_left_as_i
         assert type(info.value) is TypeError and str(info.value) == str(plain.value)  # the model's own, unchanged
     with pytest.raises(TypeError, match=r"a dict with keys \['image', 'meta'\], of which \['image', 'meta'\] are not "
                                         r"parameters of the forward.*must be Tensor, not dict"):
-        mw.collect_logits(_NestedDict("inline itself"), [(good, y)])
+        mw.collect_logits(_TensorForward("inline itself"), [(good, y)])
+
+
+class _PassesItsDictOn(nn.Module):
+    """Takes the dict (reads ``batch["x"]``); its own bug then hands the whole dict to a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, batch):
+        return [self.a(batch["x"]), self.b(batch)]
+
+
+def _gets(batch): return batch.get("x")  # noqa: E704 - each a forward that uses its argument as a mapping
+def _items(batch): return [v for _, v in batch.items()]  # noqa: E704
+def _tests_in(batch): return "x" in batch  # noqa: E704
+def _unpacks(batch): return dict(**batch)  # noqa: E704
+def _spreads(batch): return {**batch}  # noqa: E704
+
+
+_MAPPING_USES = (_gets, _items, _tests_in, _unpacks, _spreads)
+
+
+def test_a_forward_that_takes_the_dict_gets_torchs_error_when_its_own_code_passes_the_dict_on():
+    """A forward that reads ``batch["x"]`` takes the dict; ``self.b(batch)`` is the model's own bug. The
+    dict's keys are not the forward's parameters, so it was re-raised as "the dict was passed as the one
+    positional argument ... Name the keys after the forward's parameters", advice that cannot help. The
+    forward's source uses its argument as a mapping, so torch's error is left as it is; a forward that
+    never reads it as a mapping (``_TensorForward``) is still explained."""
+    x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+    model = _PassesItsDictOn()
+    with pytest.raises(TypeError) as plain:
+        model({"x": x, "y2": x})
+    with pytest.raises(TypeError) as info:
+        mw.collect_logits(model, [({"x": x, "y2": x}, y)])
+    assert type(info.value) is TypeError and str(info.value) == str(plain.value)
+    assert "must be Tensor, not dict" in str(info.value)
+    for forward in _MAPPING_USES:
+        assert mw._protocols._reads_as_mapping(forward), forward.__name__
+    assert mw._protocols._reads_as_mapping(_PassesItsDictOn().forward)
+    assert not mw._protocols._reads_as_mapping(_TensorForward("itself").forward)

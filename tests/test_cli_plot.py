@@ -140,3 +140,15 @@ def test_a_null_or_empty_entry_is_absent_under_one_rule(tmp_path, capsys, key, e
     path.write_text(json.dumps({"config": {"method": "hdkd"}, key: empty}))
     assert "nothing to plot" in usage_error(["plot", str(path), "--out", str(tmp_path / "out2")], capsys)
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_tilde_in_the_paths_means_the_home_folder(tmp_path, monkeypatch):
+    """``--out=~/plots`` (no shell expands a ``~`` after ``=``) made a folder named ``~``; every path is
+    read as a shell reads it: ``~`` is the home folder."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    result(home / "r.json", "hdkd", [10.0, 20.0])
+    cli.main(["plot", "~/r.json", "--out=~/plots"])
+    assert list((home / "plots").iterdir()) and not (work / "~").exists()

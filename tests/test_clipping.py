@@ -73,6 +73,20 @@ def test_the_weighter_takes_the_declaration_for_the_fast_mode_only():
         mw.HarmonizedWeighter(model, optimizer, criterion, clip_grad_norm=0.5)
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, 1e-46, 1e39, -0.0, 0.0, -1.0])
+def test_a_bad_clip_grad_norm_number_is_named_as_the_user_passed_it(value):
+    """``clip_grad_norm=nan`` said "Invalid max_norm: nan": the name of ClipGradNorm's field, which the
+    user never passed. Every refusal of the number names ``clip_grad_norm`` (the float32 range check
+    too); ``ClipGradNorm(max_norm=...)`` itself still says ``max_norm``."""
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError) as info:
+        mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), mode="fast", clip_grad_norm=value)
+    assert str(info.value).startswith(f"Invalid clip_grad_norm: {value!r}.") and "max_norm" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^Invalid max_norm: "):
+        mw.ClipGradNorm(value)
+
+
 @pytest.mark.parametrize("norm_type", [1.0, math.inf])
 def test_step_clips_the_model_s_step_as_declared_bit_for_bit(norm_type):
     """learn=False: step() is a plain step of the weighted loss, clipped by torch's clip_grad_norm_."""

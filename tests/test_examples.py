@@ -148,3 +148,13 @@ def test_train_threads_default_to_one_on_the_small_data_sets():
     assert train.default_threads("cifar10") >= 1
     with pytest.raises(SystemExit):
         train.parse_args(["--threads", "0"])
+
+
+def test_train_py_reads_a_tilde_in_its_paths_as_the_home_folder(tmp_path, monkeypatch):
+    """``--out=~/r.json`` (a shell expands no ``~`` after ``=``) wrote under a folder named ``~``."""
+    import train
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = train.parse_args(["--out=~/r.json", "--plot=~/p.png", "--checkpoint=~/c.pt", "--data-dir=~/data"])
+    assert [args.out, args.plot, args.checkpoint, args.data_dir] == [
+        str(tmp_path / "r.json"), str(tmp_path / "p.png"), str(tmp_path / "c.pt"), str(tmp_path / "data")]

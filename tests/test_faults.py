@@ -201,7 +201,7 @@ def test_budget_functions_refuse_empty_nan_and_wrong_thresholds():
         mw.budgeted_curve(torch.randn(3, 0, 4), yv[:0], val, yv, costs)
     with pytest.raises(ValueError, match="budget"):
         mw.thresholds_for_budget(val, yv, costs, float("nan"))
-    with pytest.raises(ValueError, match="3 thresholds"):
+    with pytest.raises(TypeError, match="3 thresholds.*1-d tensor"):  # refused as a 0-d `costs` is: not a list
         mw.exit_assignment(val, torch.tensor(0.5))  # one threshold would broadcast over every exit
     with pytest.raises(ValueError, match="3 thresholds"):
         mw.evaluate_thresholds(val, yv, torch.tensor([0.5, 0.5]), costs)

@@ -109,7 +109,8 @@ def test_a_torn_append_is_dropped_before_the_next_row(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(_logging.CSVLogger, "_append", half)
         heard(lambda: logger(record(2)))
-    logger(record(3))
+    with pytest.warns(RuntimeWarning, match=rf"The last line of the log {path}, '2,2,0\.', has no newline.*dropped"):
+        logger(record(3))
     assert rows(path) == [["iteration", "meta_step", "gamma/ce[1]"], ["1", "1", "0.5"], ["3", "3", "0.5"]]
     logger(record(4))  # and appended again after the repair
     assert [r[0] for r in rows(path)] == ["iteration", "1", "3", "4"]
@@ -552,3 +553,152 @@ def test_a_rollback_in_the_same_process_says_which_rows_it_drops(tmp_path, kind)
     assert heard(lambda: logger(record(4))) == []  # going on from there: appended, nothing to say
     logger.close()
     assert shown() == [1, 2, 3, 4]
+
+
+def test_a_last_row_without_its_newline_is_kept_if_complete_and_dropped_with_a_warning_if_torn(tmp_path):
+    """``1,1,0.5`` without its newline (a hand edit, another tool) was dropped silently at the next
+    record, and a torn ``6,6,0.`` too: a complete row is kept now (its newline added), a torn one is
+    dropped with a warning naming the file and the text, at a first record (a resume) as at a later one."""
+    for last, kept in (("3,3,0.5", True), ("3,3,1e-05", True), ("3,3,0.", False), ("3,3,1e-0", False),
+                       ("3,3", False), ("3,", False)):
+        path = tmp_path / f"log{len(list(tmp_path.iterdir()))}.csv"
+        path.write_text("iteration,meta_step,gamma/ce[1]\r\n1,1,0.5\r\n2,2,0.5\r\n" + last, newline="")
+        logger = mw.CSVLogger(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logger(record(4))
+        said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert [r[0] for r in rows(path)] == ["iteration", "1", "2", *(["3"] if kept else []), "4"], last
+        if kept:
+            assert rows(path)[3] == last.split(",") and said == [], last
+        else:
+            assert len(said) == 1 and f"The last line of the log {path}, {last!r}, has no newline" in said[0], said
+        logger.close()
+    path = tmp_path / "lone.csv"  # a log torn in its very first write: its header cut short
+    path.write_text("iteration,met", newline="")
+    logger = mw.CSVLogger(path)
+    with pytest.warns(RuntimeWarning, match="'iteration,met', has no newline"):
+        logger(record(1))
+    assert rows(path) == [["iteration", "meta_step", "gamma/ce[1]"], ["1", "1", "0.5"]]
+    logger.close()
+    other = tmp_path / "notes.csv"  # a file of another kind, one line without its newline: refused, kept whole
+    other.write_text("name,score", newline="")
+    with pytest.raises(ValueError, match="not a metaweight log"):
+        mw.CSVLogger(other)
+    assert other.read_text() == "name,score"
+
+
+def _tb_steps(folder, tag="metaweight/gamma/ce[1]"):
+    """The steps TensorBoard itself shows for ``tag`` (its own reader, purge rule and all)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return [e.step for e in accumulator.Scalars(tag)] if tag in accumulator.Tags()["scalars"] else []
+
+
+def test_a_tensorboard_folder_deleted_mid_run_starts_again_as_a_csv_log_does(tmp_path, monkeypatch):
+    """``rm -rf`` of a TensorBoardLogger's folder mid-run lost every later point (the writer's thread died
+    on it with a traceback, later records warned a raw FileNotFoundError) and ``close()`` raised that raw
+    error at every call. Now, as CSVLogger recreates a deleted log: a new writer starts the folder again
+    at the next record, with one warning that the earlier points are not in it; close() never raises and
+    does nothing the second time."""
+    pytest.importorskip("tensorboard")
+    import shutil
+    import threading
+
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
+    folder = tmp_path / "tb"
+    logger = mw.TensorBoardLogger(folder)
+    for i in (1, 2, 3):
+        logger(record(i))
+    logger.close()
+    logger(record(4))  # a second writer, as after a resume in this process
+    shutil.rmtree(folder)
+    said = heard(lambda: logger(record(5)))
+    assert len(said) == 1 and f"the folder {folder} was deleted: it starts again at step 5" in said[0], said
+    assert heard(lambda: logger(record(6))) == [] and heard(lambda: logger(record(7))) == []
+    assert heard(logger.close) == [] and heard(logger.close) == []
+    assert _tb_steps(folder) == [5, 6, 7] and died == []
+
+    other = mw.TensorBoardLogger(tmp_path / "tb2")  # a writer that fails to close: warned, never raised
+    other(record(1))
+
+    def fails():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(other._writer, "close", fails)
+    shutil.rmtree(tmp_path / "tb2")
+    said = heard(other.close)
+    assert len(said) == 1 and "could not be closed (FileNotFoundError" in said[0] and "was deleted" in said[0], said
+    assert heard(other.close) == []
+
+
+def test_tensorboard_warnings_count_only_the_points_tensorboard_shows(tmp_path):
+    """A folder logged at 1-10, resumed at 4 (hiding 4-10) and logged to 5: a second resume at 6 was told
+    it hid "5 steps 6 to 10" (hidden already), and a new run was told the folder "holds a run logged at
+    steps 1 to 10", because the old points were counted though TensorBoard no longer shows them. The
+    folder's points are now read with TensorBoard's purge rule, checked against TensorBoard's own reader."""
+    pytest.importorskip("tensorboard")
+    tag = "metaweight/gamma/ce[1]"
+    for second, expected in ((6, None), (1, "holds a run logged at steps 1 to 5,")):
+        folder = tmp_path / f"tb{second}"
+        first = mw.TensorBoardLogger(folder)
+        for i in range(1, 11):
+            first(record(i))
+        first.close()
+        resumed = mw.TensorBoardLogger(folder)
+        said = heard(lambda: resumed(record(4)))
+        assert len(said) == 1 and "7 steps 4 to 10" in said[0], said
+        resumed(record(5))
+        resumed.close()
+        shown = _tb_steps(folder)
+        assert shown == [1, 2, 3, 4, 5]
+        assert sorted(s for s, t in _logging._logged_events(folder) if t == tag) == shown
+        again = mw.TensorBoardLogger(folder)
+        said = heard(lambda: again(record(second)))
+        if expected is None:  # continues the folder, hiding nothing
+            assert said == [] and again.log_dir == str(folder), said
+        else:  # a new run, diverted; the folder said to hold what it shows
+            assert len(said) == 1 and expected in said[0] and again.log_dir == str(folder) + "-2", said
+        again.close()
+
+
+def _weighter_logging_to(path):
+    import torch
+    from torch import nn
+
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    return mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                 callbacks=[mw.CSVLogger(path)])
+
+
+def test_a_notebook_cell_run_again_is_told_exactly_how_to_free_its_log(tmp_path):
+    """``w = HarmonizedWeighter(..., callbacks=[CSVLogger("nb.csv")])`` run twice: the old weighter, still
+    bound to ``w`` while the line runs, holds the old logger, and the refusal said only "use that logger,
+    call its close() (or drop the weighter holding it)". It now says how to reach it, and each way out it
+    gives works; two live writers on one file stay refused."""
+    import gc
+
+    import torch
+
+    path = tmp_path / "nb.csv"
+    w = _weighter_logging_to(path)
+    with pytest.raises(ValueError) as info:
+        w = _weighter_logging_to(path)
+    said = str(info.value)
+    assert "notebook cell run again" in said and "`for c in w.callbacks: c.close()`" in said and "`del w`" in said
+    for c in w.callbacks:  # the first way out, as said
+        c.close()
+    old, w = w, _weighter_logging_to(path)
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    w.step(batch, batch)
+    said = heard(lambda: old.step(batch, batch))  # the old weighter's record is skipped, not written twice
+    assert any("was closed and another logger now writes to" in s for s in said), said
+    assert [r[0] for r in rows(path)] == ["iteration", "1"]
+    del old, w  # the second way out, as said
+    gc.collect()
+    w = _weighter_logging_to(path)
+    for c in w.callbacks:
+        c.close()

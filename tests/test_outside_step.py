@@ -260,3 +260,28 @@ def test_user_heads_of_another_dtype_are_named():
     built = mw.attach_exits(net, ["1"], lambda name, f: nn.Linear(f.shape[-1], 3), example_input=x)
     assert built.heads[0].weight.dtype == torch.float64
     assert math.isfinite(float(built(x)[0].detach().sum()))
+
+
+def test_a_tilde_in_a_path_means_the_home_folder(tmp_path, monkeypatch):
+    """``CSVLogger("~/x.csv")`` created a folder literally named ``~`` in the working folder; every path
+    the library takes from its users (loggers, checkpoints, plots) reads ``~`` as the home folder."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    record = {"iteration": 1, "meta_step": 1, "gamma": {"a": 1.0}}
+    csv_logger = mw.CSVLogger("~/log.csv")
+    csv_logger(record)
+    csv_logger.close()
+    assert csv_logger.path == home / "log.csv" and (home / "log.csv").is_file()
+    pytest.importorskip("tensorboard")
+    tb_logger = mw.TensorBoardLogger("~/tb")
+    tb_logger(record)
+    tb_logger.close()
+    assert tb_logger.log_dir == str(home / "tb") and list((home / "tb").glob("*tfevents*"))
+    mw.save_checkpoint({"step": 3}, "~/ck.pt")
+    assert (home / "ck.pt").is_file() and mw.load_checkpoint("~/ck.pt")["step"] == 3
+    pytest.importorskip("matplotlib")
+    assert mw.plot_gamma_history([1, 2], [[0.5], [0.6]], ["ce[1]"], "~/gamma.png") == home / "gamma.png"
+    assert (home / "gamma.png").is_file() and not (work / "~").exists()

@@ -52,7 +52,8 @@ OPTIONS = [
     ("gamma_lr", lambda v: _weighter(mw.HarmonizedWeighter, gamma_lr=v).gamma_lr, 0.03125, -1.0),
     ("fd_epsilon", lambda v: _weighter(mw.HarmonizedWeighter, backend="finite_difference",
                                        fd_epsilon=v).fd_epsilon, 0.0009765625, 0.0),
-    ("max_norm", lambda v: _weighter(mw.HarmonizedWeighter, mode="fast", clip_grad_norm=v).clip_grad_norm.max_norm,
+    ("clip_grad_norm", lambda v: _weighter(mw.HarmonizedWeighter, mode="fast",
+                                           clip_grad_norm=v).clip_grad_norm.max_norm,
      1.5, -1.0),
     ("q", lambda v: mw.geometric_exit_distribution(v, 3).tolist(), 0.5, 0.0),
     ("budget", lambda v: mw.thresholds_for_budget(LOGITS, LABELS, [1, 2, 3], v, iterations=5).cost, 2.0, math.nan),
@@ -120,7 +121,7 @@ def _float32_loses(x):
 
 # options computed with in float32, by name: the values to try beyond float32 (as the option, or as
 # 1/T and T² for a temperature), each of which the option's own range allows.
-LOST = {"alpha": (1e-50,), "momentum": (1e-50,), "max_norm": (1e-50, 1e39), "norm_type": (1e39,),
+LOST = {"alpha": (1e-50,), "momentum": (1e-50,), "max_norm": (1e-50, 1e39), "clip_grad_norm": (1e-50, 1e39), "norm_type": (1e39,),
         "label_smoothing": (1e-50,), "lr": (1e-50, 1e39), "weight_decay": (1e-50, 1e39),
         "gamma_lr": (1e-50, 1e39), "fd_epsilon": (1e-50, 1e39), "temperature": (1e-50, 1e-45, 1e-40, 1e39, 1e300),
         "betas": (1e-50,)}  # (UW's betas scale its float32 Adam moments)
@@ -176,12 +177,18 @@ def test_options_used_in_float64_take_values_float32_cannot_hold(name, call, goo
 @pytest.mark.parametrize("name, call", [
     ("costs", lambda v: mw.evaluate_thresholds(LOGITS, LABELS, [0.5, 0.5, 0.0], v)),
     ("costs", lambda v: mw.thresholds_for_budget(LOGITS, LABELS, v, 2.0, iterations=3)),
-    ("qs", lambda v: mw.budgeted_curve(LOGITS, LABELS, LOGITS, LABELS, [1, 2, 3], qs=v))])
+    ("qs", lambda v: mw.budgeted_curve(LOGITS, LABELS, LOGITS, LABELS, [1, 2, 3], qs=v)),
+    ("distribution", lambda v: mw.find_thresholds(LOGITS, v)),
+    ("thresholds", lambda v: mw.exit_assignment(LOGITS, v)),
+    ("thresholds", lambda v: mw.evaluate_thresholds(LOGITS, LABELS, v, [1, 2, 3]))])
 def test_lists_of_numbers_are_read_by_the_one_reader(name, call):
     """``costs`` and ``qs`` had a reader of their own beside ``real_numbers``, the one reading of a list
     of numbers: they now take what every other list option takes (a dict's ``.values()`` too, which
-    they refused), and refuse what it refuses, naming the option and the item that is not a number."""
-    good = [1.0, 2.0, 3.0] if name == "costs" else [0.5, 1.0, 2.0]
+    they refused), and refuse what it refuses, naming the option and the item that is not a number.
+    So do ``distribution`` and ``thresholds`` (``real_tensor`` read only a Sequence: a dict's
+    ``.values()`` was refused, and a 2-d array got past it to a shape error)."""
+    good = {"costs": [1.0, 2.0, 3.0], "qs": [0.5, 1.0, 2.0], "distribution": [0.25, 0.25, 0.5],
+            "thresholds": [0.5, 0.5, 0.0]}[name]
     expected = call(good)
     for same in (tuple(good), np.array(good), torch.tensor(good), [np.float32(v) for v in good],
                  [torch.tensor(v) for v in good], dict(zip("abc", good)).values()):
