@@ -116,8 +116,8 @@ def check_labels_unmasked(logits: Tensor, labels: Tensor, name: str, labels_name
         count = int(samples.sum())
         raise ValueError(
             f"{count} of the {labels.shape[0]} labels in `{labels_name}` {'sits' if count == 1 else 'sit'} on a "
-            f"class masked (-inf) in `{name}` ({per_exit}; the first: sample {first}, class {int(labels[first])}). The negative "
-            f"log-likelihood of such a label is infinite at every temperature, so {what} would fit or report inf "
+            f"class masked (-inf) in `{name}` ({per_exit}; the first: sample {first}, class {int(labels[first])}). "
+            f"The negative log-likelihood of such a label is infinite at every temperature, so {what} would fit or report inf "
             f"(nothing was changed). {MASKED_LABEL_FIX}")
 
 
