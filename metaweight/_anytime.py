@@ -155,14 +155,17 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     Ties are broken as :func:`~metaweight.predict` breaks them (the lower class index ranks
     first; a NaN ranks above every number, as in ``torch.argmax``), so top-1 is exactly
     ``predict(logits) == labels``: the label's rank is the number of classes with a larger
-    logit plus those of lower index with an equal one."""
+    logit plus those of lower index with an equal one. A label on a class masked at that exit
+    (logit ``-inf``, probability 0) is never among them, even with fewer than ``k`` unmasked
+    classes: the ``-inf`` ties beyond those are no prediction, and counting one would credit a
+    class the exit rules out."""
     if k == 1:
         return predict(logits) == labels.view(1, -1)
     z = logits.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
     z_y = z.gather(-1, labels.view(1, -1, 1).expand(z.shape[0], -1, 1))
     lower = torch.arange(z.shape[-1], device=z.device) < labels.view(1, -1, 1)
     rank = (z > z_y).sum(-1) + ((z == z_y) & lower).sum(-1)
-    return rank < k
+    return (rank < k) & ~torch.isneginf(z_y.squeeze(-1))
 
 
 @dataclass

@@ -7,6 +7,11 @@ over the grid ``q = p/20``, ``p = 1..39``. Applied to test logits, every ``q`` g
 point (expected cost per sample, accuracy). The reference code loops over samples in
 Python; here every step is a tensor op over all samples, and the results agree exactly
 (tested against a per-sample loop, ties included).
+
+Every value here is an accuracy or a cost, never a log-likelihood: a label on a class masked
+(``-inf``) at an exit is a wrong prediction there (the exit never predicts that class), a finite
+value, so such labels are scored, not refused (:func:`fit_temperatures` refuses them: their NLL is
+infinite).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from metaweight._checks import (check_device_available, check_fit_logits, check_
                                 check_target, check_thresholds, integer_value, real_list, real_numbers,
                                 real_option, real_scalar, real_tensor)
 from metaweight._exit_rules import ExitRule, as_rule, predict, reaches
+from metaweight._warn import warn_user
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
 
@@ -135,9 +141,17 @@ def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
             are fractions too (``[0, 0, 1]``: everyone at the last exit).
         rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
+    Every sample whose score equals a threshold leaves there, so tied scores (PABEE's patience,
+    0 for every sample at exit 1; a softmax saturated at exactly 1.0) can send more than the share
+    asked, and later exits fewer. The shares these thresholds realise are computed with the rule
+    :func:`exit_assignment` and :class:`EarlyExit` use; where one differs from its target
+    (``floor(N * distribution[k])`` samples, the last exit the rest) by more than one sample, a
+    ``RuntimeWarning`` names the asked and realised shares and the exits whose scores tie.
+
     Returns:
         Thresholds ``[K]`` in the scores' dtype (float32; float64 for float64 logits), the last
-        one ``-NO_EXIT``.
+        one ``-NO_EXIT``. (The realised shares: ``exit_assignment`` on the same logits, or
+        :func:`evaluate_thresholds`' ``exit_fractions``.)
 
     Raises:
         ValueError: logits or a distribution on the meta device; logits not ``[K, N, C]`` floats,
@@ -146,11 +160,50 @@ def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
             another length, negative, or not summing to 1.
         TypeError: a distribution that is not numbers (bools included).
     """
-    return _thresholds(_confidence(logits, rule=rule, fit="find_thresholds")[0], distribution)
+    confidence, prediction = _confidence(logits, rule=rule, fit="find_thresholds")
+    distribution = _distribution(distribution, confidence.shape[0])
+    taken: list[tuple[int, int, int]] = []
+    thresholds = _thresholds(confidence, distribution, taken)
+    _warn_unrealised(confidence, prediction, thresholds, distribution, taken, as_rule(rule).name)
+    return thresholds
 
 
-def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float]) -> Tensor:
+def _warn_unrealised(confidence: Tensor, prediction: Tensor, thresholds: Tensor, distribution: Tensor,
+                     taken: list[tuple[int, int, int]], rule: str) -> None:
+    """Warn when the shares ``thresholds`` realise (:func:`_assign`, the rule of :func:`exit_assignment`
+    and :class:`EarlyExit`) differ from the targets of :func:`_thresholds` by more than one sample;
+    ``taken`` is its record per exit ``1..K-1``: (samples wanted, samples left to choose from,
+    samples that reached the threshold)."""
     K, N = confidence.shape
+    first, _ = _assign(confidence, prediction, thresholds)
+    realised = torch.bincount(first, minlength=K).tolist()
+    targets = [wanted for wanted, _, _ in taken]
+    targets.append(N - sum(targets))
+    if all(abs(r - t) <= 1 for r, t in zip(realised, targets)):
+        return
+    causes = []
+    for k, (wanted, available, leaving) in enumerate(taken):
+        if leaving > wanted + 1:
+            tied = int((confidence[k] == thresholds[k]).sum())
+            causes.append(f"tied {rule} scores at exit {k + 1}: {tied} samples score exactly "
+                          f"{float(thresholds[k]):.9g}, the threshold, so {leaving} left where {wanted} were asked")
+        elif available < wanted:
+            causes.append(f"exit {k + 1}: {wanted} asked to leave, {available} samples left to take")
+    asked = [round(float(d), 4) for d in distribution]
+    got = [round(r / N, 4) for r in realised]
+    fix = ("a rule whose scores vary continuously ('entropy', 'max_probability', 'margin'): patience scores are "
+           "counts, 0 for every sample at exit 1" if rule == "patience" else
+           "logits divided by temperatures (calibrate: T > 1 undoes a softmax saturated at 1.0), float64 logits, or "
+           "a rule whose scores saturate less ('entropy')")
+    warn_user(f"find_thresholds could not realise the distribution: of the {N} samples, shares {asked} were asked "
+              f"to leave at exits 1..{K}, the thresholds send {got} (the rule of exit_assignment and EarlyExit). "
+              f"Cause: {'; '.join(causes)}. A threshold cannot split samples with one score: all of them leave, "
+              f"and exits after have fewer to take. Use {fix}; or ask for shares the ties allow.", RuntimeWarning)
+
+
+def _distribution(distribution: Tensor | Sequence[float], K: int) -> Tensor:
+    """The checked target shares of :func:`find_thresholds` (``K`` finite fractions >= 0 summing to 1)
+    as a floating-point tensor; a tensor so returned passes again unchanged."""
     distribution = real_tensor(distribution, "distribution", f"{K} fractions, one per exit")
     if distribution.shape != (K,):
         raise ValueError(f"distribution should have shape ({K},). Found {tuple(distribution.shape)}.")
@@ -165,6 +218,16 @@ def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float]) -> T
         raise ValueError(f"distribution {distribution.tolist()} should sum to 1 (the share of the samples leaving "
                          f"at each exit, within {tolerance:.3g} for {distribution.dtype}); it sums to {total:.6g}. "
                          f"Normalise it: distribution / distribution.sum().")
+    return distribution
+
+
+def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float],
+                taken: list[tuple[int, int, int]] | None = None) -> Tensor:
+    """The thresholds of :func:`find_thresholds` on scores ``[K, N]``; with ``taken``, one record per exit
+    ``1..K-1`` appended to it: (samples wanted there, samples left to choose from, samples that reach
+    the threshold among them)."""
+    K, N = confidence.shape
+    distribution = _distribution(distribution, K)
     thresholds = torch.full((K,), NO_EXIT, dtype=confidence.dtype, device=confidence.device)
     remaining = torch.ones(N, dtype=torch.bool, device=confidence.device)
     for k in range(K - 1):
@@ -173,6 +236,8 @@ def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float]) -> T
         candidates = candidates[~torch.isnan(candidates)]  # a NaN score never passes a threshold
         if 1 <= wanted <= candidates.numel():
             thresholds[k] = candidates.topk(wanted).values[-1]
+        if taken is not None:
+            taken.append((wanted, candidates.numel(), int((candidates >= thresholds[k]).sum())))
         remaining &= confidence[k] < thresholds[k]
     thresholds[K - 1] = -NO_EXIT
     return thresholds

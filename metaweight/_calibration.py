@@ -9,21 +9,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metaweight._checks import (check_bins, check_fit_logits, check_has_values, check_target, check_temperatures,
-                                integer_value, real_numbers)
+from metaweight._checks import (check_bins, check_fit_logits, check_has_values, check_labels_unmasked, check_target,
+                                check_temperatures, integer_value, real_numbers)
 from metaweight._exit_rules import calibrated, decision_dtype, predict
 from metaweight._warn import warn_user
 
 
-def _check(logits: Tensor, labels: Tensor, name: str = "logits", what: str = "calibration") -> Tensor:
+def _check(logits: Tensor, labels: Tensor, name: str = "logits", what: str = "calibration", *,
+           labels_name: str = "labels", likelihood: bool = False) -> Tensor:
     """Check logits ``[K, N, C]`` and labels ``[N]`` (values: NaN and +inf refused, see
-    :func:`check_fit_logits`); return the labels as ``torch.long``."""
+    :func:`check_fit_logits`; with ``likelihood``, labels on a masked class too, see
+    :func:`check_labels_unmasked`); return the labels as ``torch.long``."""
     if not isinstance(logits, Tensor) or logits.dim() != 3 or 0 in logits.shape or not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating-point logits [K, N, C] with N, C > 0. Found "
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}.")
     check_has_values(logits, f"`{name}`", what)
     labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels")
     check_fit_logits(logits, name, what)
+    if likelihood:
+        check_labels_unmasked(logits, labels, name, labels_name, what)
     return labels
 
 
@@ -58,9 +62,11 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     Raises:
         ValueError: logits or labels on the meta device, logits holding NaN (counted per exit) or
             ``+inf``, or a row with every class masked (``-inf`` for some classes is fine), labels
-            out of range, or a bad ``iterations``.
+            out of range or on a class masked (``-inf``) at some exit (their NLL is infinite at every
+            temperature: the fit would run to its bound), or a bad ``iterations``.
     """
-    labels = _check(val_logits, val_labels, "val_logits", "fit_temperatures").to(val_logits.device)
+    labels = _check(val_logits, val_labels, "val_logits", "fit_temperatures", labels_name="val_labels",
+                    likelihood=True).to(val_logits.device)
     if integer_value(iterations) is None or iterations < 1:
         raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps).")
     iterations = int(iterations)
@@ -106,6 +112,9 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, *, bins: int = 15
         logits: ``[K, N, C]``.
         labels: ``[N]``.
         bins: the number of equal-width confidence bins in ``[0, 1]``.
+
+    A label on a class masked (``-inf``) at an exit is allowed here: the exit never predicts that
+    class, so the sample counts as wrong, a finite value (no log-likelihood is taken).
 
     Raises:
         ValueError: as :func:`fit_temperatures` (NaN, ``+inf``, meta tensors), or a bad ``bins``.
@@ -206,15 +215,17 @@ def calibrate(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor | None
         bins: confidence bins of the ECE.
 
     Raises:
-        ValueError: as :func:`fit_temperatures`, for the held-out and the test logits alike.
+        ValueError: as :func:`fit_temperatures`, for the held-out and the test logits alike (a
+            label on a masked class in either: its NLL is infinite), before anything is fitted.
     """
     if (test_logits is None) != (test_labels is None):
         raise ValueError("Pass `test_logits` and `test_labels` together (or neither, to measure on the held-out "
                          "data).")
     logits, labels = (val_logits, val_labels) if test_logits is None else (test_logits, test_labels)
-    labels = _check(logits, labels, "test_logits" if test_logits is not None else "val_logits", "calibrate"
-                    ).to(logits.device)
-    _check(val_logits, val_labels, "val_logits", "calibrate")
+    _check(val_logits, val_labels, "val_logits", "calibrate", labels_name="val_labels", likelihood=True)
+    tested = test_logits is not None
+    labels = _check(logits, labels, "test_logits" if tested else "val_logits", "calibrate",
+                    labels_name="test_labels" if tested else "val_labels", likelihood=True).to(logits.device)
     if logits.shape[0] != val_logits.shape[0] or logits.shape[2] != val_logits.shape[2]:
         raise ValueError(f"`test_logits` {tuple(logits.shape)} and `val_logits` {tuple(val_logits.shape)} should "
                          f"have the same exits and classes ([K, N, C]).")

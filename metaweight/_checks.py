@@ -96,6 +96,45 @@ def check_softmax_rows(logits: Tensor, name: str = "logits", reached: Tensor | N
                          f"and no prediction ({int(undefined.sum())} such rows in all). {UNDEFINED_SOFTMAX_FIX}")
 
 
+MASKED_LABEL_FIX = ("Drop those samples from the held-out data, or do not mask the true class: mask (-inf) only "
+                    "classes a sample cannot have.")
+
+
+def check_labels_unmasked(logits: Tensor, labels: Tensor, name: str, labels_name: str, what: str) -> None:
+    """Refuse labels ``[N]`` that sit on a class masked (``-inf``) in logits ``[K, N, C]``, at any exit,
+    where ``what`` scores a log-likelihood: ``-log softmax(z)_y`` is ``+inf`` there at every
+    temperature, so a fit has no minimiser (the search runs to its bound) and a reported NLL is
+    ``inf``. Names how many labels at which exits, and the first one. Accuracies are not refused
+    (such a label is a wrong prediction, a finite value). One read back to the host."""
+    on_masked = torch.isneginf(logits.detach().gather(
+        -1, labels.to(logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1))  # [K, N]
+    counts = on_masked.sum(1).tolist()
+    if any(counts):
+        samples = on_masked.any(0)
+        first = int(samples.nonzero()[0])
+        per_exit = "; ".join(f"exit {k + 1}: {n}" for k, n in enumerate(counts) if n)
+        count = int(samples.sum())
+        raise ValueError(
+            f"{count} of the {labels.shape[0]} labels in `{labels_name}` {'sits' if count == 1 else 'sit'} on a "
+            f"class masked (-inf) in `{name}` ({per_exit}; the first: sample {first}, class {int(labels[first])}). "
+            f"The negative log-likelihood of such a label is infinite at every temperature, so {what} would fit or report inf "
+            f"(nothing was changed). {MASKED_LABEL_FIX}")
+
+
+def masked_label_hint(cross_entropies: Mapping[str, float] | Sequence[float]) -> str:
+    """The cause of a refused step to name when one of its cross-entropies (a sequence, or terms by
+    name, of which the ``ce[k]`` ones count) is ``+inf``, not NaN: a label on a class masked
+    (``-inf``) at that exit, which :func:`check_labels_unmasked` refuses where held-out labels are
+    fitted on; ``""`` otherwise. Read from values the step reads anyway: no extra host read."""
+    values = [v for n, v in cross_entropies.items() if str(n).startswith("ce[")] \
+        if isinstance(cross_entropies, Mapping) else list(cross_entropies)
+    if not any(v == math.inf for v in values):
+        return ""
+    return (" An infinite (not NaN) cross-entropy means a label sits on a class whose logit is -inf at that exit "
+            "(a masked class): drop those samples from the batch, or do not mask the true class (mask only "
+            "classes a sample cannot have).")
+
+
 def holds_meta(value: Any) -> bool:
     """Whether a tensor, or any tensor inside nested lists, tuples and dicts, is on the meta device."""
     if isinstance(value, Tensor):

@@ -63,6 +63,12 @@ class DenseDistillLoss(nn.Module):
             class out of the logits, or use no smoothing with masked classes.
         ignore_index: labels equal to it (padding) are left out of every term.
 
+    A label on a class masked (``-inf``) at an exit makes that exit's CE term ``+inf``, as
+    ``F.cross_entropy`` gives it (its likelihood is 0): not refused here, where checking would cost a
+    read back to the host every step, but the value says so, and :class:`HarmonizedWeighter`
+    refuses such a step, naming the cause. Held-out fits (:func:`fit_temperatures`,
+    :func:`calibrate`) refuse such labels before fitting.
+
     Shapes: logits ``[B, C]`` with labels ``[B]`` (one prediction per sample), or token-level
     logits ``[B, T, C]`` with labels ``[B, T]`` (an early-exit language model or token
     classifier). Every term is a mean over the scored positions: samples, or tokens whose

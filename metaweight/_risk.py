@@ -86,7 +86,8 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     not rejected controls the chance of picking any unsafe candidate at ``1 - confidence``
     (Bates et al. 2021, Learn then Test; Angelopoulos et al. 2021). The held-out data must not
     have trained the model, and the guarantee is on the expected drop over new data from the
-    same distribution.
+    same distribution. The loss is 0 or 1, never a log-likelihood: a label on a class masked
+    (``-inf``) at an exit is a wrong prediction there, scored as such (a finite value).
 
     Args:
         val_logits: held-out logits ``[K, N, C]``.

@@ -338,13 +338,16 @@ class StepTransaction:
     def refuse(self, owner: Owner, step: ModelStep, saved: Saved) -> str:
         """A non-finite model step: put everything back as ``saved``, then raise or warn and count it.
         Returns the message (``nonfinite="skip"``)."""
+        from metaweight._checks import masked_label_hint  # (_checks reads values through host_read, from here)
+
         owner.optimizer.zero_grad(set_to_none=True)
         self.rollback(owner, saved)
         message = (f"The weighted training loss ({step.loss}), its gradient or a buffer the forward "
                    f"updated (e.g. BatchNorm statistics) is not finite "
                    f"(non-finite terms: {[n for n, t in step.terms.items() if not math.isfinite(t)] or 'none'}"
                    f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
-                   f"average are as before this call. Check the batch and the learning rate.")
+                   f"average are as before this call. Check the batch and the learning rate."
+                   f"{masked_label_hint(step.terms)}")
         raise_or_skip_step(owner, message)
         return message
 

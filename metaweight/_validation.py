@@ -44,6 +44,11 @@ class BalancedValidation(nn.Module):
         ignore_index: labels equal to it (padding) are left out; token-level logits
             ``[B, T, C]`` with labels ``[B, T]`` are scored per token.
 
+    A validation label on a class masked (``-inf``) at an exit gives that exit an infinite
+    cross-entropy and the objective ``+inf``, as in :class:`DenseDistillLoss`; the
+    :class:`HarmonizedWeighter` refuses (or, with ``nonfinite="skip"``, skips) such a meta step with
+    a message naming the cause, and :meth:`update` refuses the value: it never enters the average.
+
     Example:
         >>> import torch, metaweight as mw
         >>> validation = mw.BalancedValidation(num_exits=2, alpha=0.5)

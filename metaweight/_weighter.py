@@ -27,7 +27,7 @@ from metaweight._backends import (BACKENDS, Backend, BackendName, FiniteDifferen
 from metaweight._gradcheck import gradient_mismatch
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
 from metaweight._checks import (check_flag, check_has_values, IGNORE_INDEX, forget_labels, in_dtype, integer_value,
-                               per_term, real_numbers, real_option, real_scalar, unpack_batch)
+                               masked_label_hint, per_term, real_numbers, real_option, real_scalar, unpack_batch)
 from metaweight._clipping import ClipGradNorm, check_max_norm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -629,7 +629,7 @@ class HarmonizedWeighter(NamedWeights):
                     f"{losses}, non-finite training terms {bad_terms or 'none'}. gamma and the "
                     f"validation average were left unchanged. Check the data and the learning rates "
                     f"(or pass nonfinite='skip' to skip such steps)."
-                )
+                ) + masked_label_hint(losses + [t for n, t in zip(self.term_names, term_values) if n.startswith("ce[")])
             else:
                 kind = "non-finite" if not all(math.isfinite(g) for g in gamma) else "all-zero"
                 message = (f"gamma's own optimizer step gave {kind} weights (meta-gradient {grad}); gamma, its "

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from metaweight._checks import integer_value, real_option
+from metaweight._checks import integer_value, masked_label_hint, real_option
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._warn import raise_or_skip_step, warn_user
@@ -395,7 +395,8 @@ class Weighting(NamedWeights):
             self._pending = None
             message = (f"The weighted training loss ({float(loss.detach())}) or its gradient is not finite "
                        f"(terms {self.terms_dict()}). The step was not taken: parameters, buffers, optimizer "
-                       f"state and weights are as before this call. Check the batch and the learning rate.")
+                       f"state and weights are as before this call. Check the batch and the learning rate."
+                       f"{masked_label_hint(self.terms_dict())}")
             raise_or_skip_step(self, message)
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=True,

@@ -161,3 +161,12 @@ def test_topk_not_below_the_number_of_classes_is_left_out_by_default_and_refused
             with pytest.raises(ValueError, match=rf"Invalid topk.*{C} classes.*100%"):
                 mw.anytime_accuracy(net, [(logits[0], labels)], topk=topk)
     assert list(mw.anytime_accuracy_from_logits(logits, labels, topk=(5, 1, 5)).accuracy) == [5, 1]
+
+
+def test_a_label_on_a_masked_class_is_never_in_the_top_k():
+    """With fewer unmasked classes than k, the -inf ties filled the top-k and a label on a masked
+    class counted as a hit. By hand: logits [2, 1, -inf, -inf], labels 0..3, top-3: classes 0 and 1
+    are hits, the masked 2 and 3 are not (the old count gave 2 a hit: 75%)."""
+    logits = torch.tensor([2.0, 1.0, -float("inf"), -float("inf")]).expand(1, 4, 4)
+    result = mw.anytime_accuracy_from_logits(logits, torch.tensor([0, 1, 2, 3]), topk=(1, 3))
+    assert result.accuracy == {1: [25.0], 3: [50.0]}

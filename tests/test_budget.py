@@ -1,5 +1,7 @@
 """Budgeted batch classification against a straightforward per-sample loop (MSDNet's procedure)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -245,3 +247,62 @@ def test_costs_take_an_exit_costs_and_refuse_decreasing_ones():
         mw.evaluate_thresholds(logits, labels, thresholds, [float(c) for c in costs.macs])
     with pytest.raises(ValueError, match=r"decrease.*cumulative"):
         mw.evaluate_thresholds(logits, labels, thresholds, [3.0, 2.0])
+
+
+def loop_shares(scores, thresholds):
+    """The share of samples leaving at each exit, sample by sample: the first exit whose score reaches
+    its threshold, the last exit for everyone left."""
+    K, N = scores.shape
+    counts = [0] * K
+    for n in range(N):
+        for k in range(K):
+            if k == K - 1 or float(scores[k, n]) >= float(thresholds[k]):
+                counts[k] += 1
+                break
+    return [round(c / N, 4) for c in counts]
+
+
+def saturated_logits(N=100, seed=0):
+    """Half the samples with a logit gap of 200 at exit 1 (softmax exactly 1.0 in float32: tied)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, N, 5, generator=g)
+    logits[0, : N // 2, 0] += 200.0
+    return logits
+
+
+@pytest.mark.parametrize("logits, rule, asked, cause", [
+    (saturated_logits(), "max_probability", [0.1, 0.2, 0.7],
+     r"tied max_probability scores at exit 1: 50 samples score exactly 1, the threshold, so 50 left where 10 were "
+     r"asked.*temperatures"),
+    (torch.randn(3, 200, 5, generator=torch.Generator().manual_seed(1)), "patience", [0.3, 0.3, 0.4],
+     r"tied patience scores at exit 1: 200 samples score exactly 0, the threshold, so 200 left where 60 were "
+     r"asked; exit 2: 60 asked to leave, 0 samples left to take.*patience scores are counts"),
+], ids=["saturated_softmax", "patience"])
+def test_find_thresholds_warns_when_ties_keep_it_from_the_shares_asked(logits, rule, asked, cause):
+    """Tied scores sent [0.5, 0.2, 0.3] for [0.1, 0.2, 0.7] (a saturated softmax) and everyone to exit 1
+    for [0.3, 0.3, 0.4] (patience), silently. Now a RuntimeWarning names the asked shares and the
+    realised ones, which equal a per-sample loop's, and the tied exit."""
+    with pytest.warns(RuntimeWarning, match=cause) as caught:
+        thresholds = mw.find_thresholds(logits, asked, rule=rule)
+    realised = loop_shares({"max_probability": mw.MaxProbability(), "patience": mw.Patience()}[rule].scores(logits),
+                           thresholds)
+    assert realised != asked
+    message = str(caught[0].message)
+    assert f"shares {asked} were asked" in message and f"the thresholds send {realised}" in message
+    exits, _ = mw.exit_assignment(logits, thresholds, rule=rule)  # the realised shares are exit_assignment's
+    assert (torch.bincount(exits, minlength=3) / logits.shape[1]).tolist() == pytest.approx(realised)
+
+
+def test_find_thresholds_is_silent_when_the_shares_are_met():
+    """Without ties the shares asked are met (the loop's), and nothing is said; one sample off (two
+    samples tied at a threshold) is within what the sample count allows."""
+    logits = torch.randn(3, 100, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        thresholds = mw.find_thresholds(logits, [0.1, 0.2, 0.7])
+        assert loop_shares(mw.MaxProbability().scores(logits), thresholds) == [0.1, 0.2, 0.7]
+        scores = mw.MaxProbability().scores(logits)
+        order = scores[0].argsort(descending=True)
+        logits[0, order[10]] = logits[0, order[9]]  # the 11th most confident ties the 10th: 11 leave, not 10
+        thresholds = mw.find_thresholds(logits, [0.1, 0.2, 0.7])
+        assert loop_shares(mw.MaxProbability().scores(logits), thresholds)[0] == 0.11

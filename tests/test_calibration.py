@@ -2,6 +2,7 @@
 per-sample loop; the reliability plot."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -182,3 +183,45 @@ def test_calibration_refuses_temperatures_early_exit_refuses(bad):
     net = mw.MultiExit([torch.nn.Identity()] * 2, [torch.nn.Linear(3, 3)] * 2)
     with pytest.raises(ValueError, match="positive finite"):
         mw.EarlyExit(net, [0.5, 0.0], temperatures=cal)
+
+
+def _labels_on_masked_classes():
+    """K=2, N=6, C=4: class 2 masked (-inf) at both exits, class 3 at exit 1 only. By hand: sample 1
+    (label 3) sits on a masked class at exit 1, sample 3 (label 2) at exits 1 and 2: 2 labels of 6,
+    2 at exit 1, 1 at exit 2, the first sample 1 with class 3."""
+    logits = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits[:, :, 2] = -math.inf
+    logits[0, :, 3] = -math.inf
+    return logits, torch.tensor([0, 3, 1, 2, 0, 1])
+
+
+@pytest.mark.parametrize("call, names", [
+    (lambda z, y, zc, yc: mw.fit_temperatures(z, y), ("val_labels", "val_logits", "fit_temperatures")),
+    (lambda z, y, zc, yc: mw.calibrate(z, y), ("val_labels", "val_logits", "calibrate")),
+    (lambda z, y, zc, yc: mw.calibrate(zc, yc, z, y), ("test_labels", "test_logits", "calibrate")),
+])
+def test_labels_on_masked_classes_are_refused_before_any_fit(call, names):
+    """A label on a -inf logit has an infinite NLL at every temperature: the fit ran to its bound
+    (T = 1e4 at every exit) with a warning blaming the data's size, and calibrate reported NLL inf.
+    Now refused before fitting, with the counts per exit computed by hand, and nothing changed."""
+    logits, labels = _labels_on_masked_classes()
+    clean_logits, clean_labels = logits[:, [0, 2, 4, 5]], labels[[0, 2, 4, 5]]  # the fix the message names
+    before = logits.clone(), labels.clone()
+    labels_name, logits_name, what = names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fit ran: no warning about its bound
+        with pytest.raises(ValueError, match=rf"^2 of the 6 labels in `{labels_name}` sit on a class masked "
+                                             rf"\(-inf\) in `{logits_name}` \(exit 1: 2; exit 2: 1; the first: "
+                                             rf"sample 1, class 3\)\. .*infinite at every temperature, so {what} "
+                                             rf".*Drop those samples"):
+            call(logits, labels, clean_logits, clean_labels)
+    assert torch.equal(logits, before[0]) and torch.equal(labels, before[1])
+    result = mw.calibrate(clean_logits, clean_labels)  # those samples dropped: finite values
+    assert all(math.isfinite(v) for v in result.nll_before + result.nll_after + result.temperatures)
+
+
+def test_accuracies_score_a_label_on_a_masked_class_as_wrong():
+    """No log-likelihood in the ECE: a label on a masked class is a wrong prediction, kept. By hand:
+    logits [0, 0, -inf], label 2: confidence 1/2, wrong, so the ECE is |0 - 1/2| = 50%."""
+    logits = torch.tensor([[[0.0, 0.0, -math.inf]]])
+    assert mw.expected_calibration_error(logits, torch.tensor([2])) == pytest.approx([50.0])

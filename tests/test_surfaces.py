@@ -705,7 +705,7 @@ def test_a_row_with_every_class_masked_is_refused_by_what_decides_with_it(call):
     with pytest.raises(ValueError, match=r"exit 1, sample 2\) hold \+inf"):
         call(overflow, labels)
     partly = logits.clone()
-    partly[0, 2, 1] = 0.0  # one class left: defined, and accepted
+    partly[0, 2, 2] = 0.0  # one class left, the label's (a label on a masked class is refused by the NLL fits)
     call(partly, labels)
 
 
@@ -1285,3 +1285,32 @@ def test_plots_judge_every_argument_before_drawing_and_leave_no_folder(tmp_path)
     a = mw.plot_reliability(L, y, tmp_path / "a.svg", temperatures=cal)
     b = mw.plot_reliability(L, y, tmp_path / "b.svg", temperatures=cal.temperatures)
     assert a.is_file() and b.is_file()
+
+
+class _MaskLast(nn.Module):
+    """An exit head whose last class is masked (-inf) for every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).masked_fill(torch.arange(3) == 2, -math.inf)
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_a_step_refused_for_a_label_on_a_masked_class_names_the_cause(where):
+    """A label on a -inf logit makes its CE term +inf (not NaN); the refused step said only "check the
+    data and the learning rates". Now it names the masked class and the fix; nothing is changed."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [_MaskLast(), _MaskLast()])
+    weighter = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2))
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    bad = y.clone()
+    bad[0] = 2
+    before = copy.deepcopy(net.state_dict())
+    batches = ((x, bad), (x, y)) if where == "train" else ((x, y), (x, bad))
+    with pytest.raises(ValueError, match=r"infinite \(not NaN\) cross-entropy means a label sits on a class whose "
+                                         r"logit is -inf .*do not mask the true class"):
+        weighter.step(*batches)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
