@@ -54,11 +54,13 @@ from metaweight._randomness import model_generators, replay_randomness
 from metaweight._tangents import ShortTangents
 
 RELATIVE = 1e-4  # a gap below this fraction of the derivative is not refused
+RELATIVE_OWN = 1e-2  # ... in the model's own dtype (a model that cannot run on float64 copies)
 NOISE = 10.0  # ... nor one below this many times the differences' own error
 STEPS = ((1e-8, 1e-9), (1e-3, 1e-4))  # pairs of step lengths, relative to each tensor's RMS (float64; and a model
 # that rounds below float64 inside, whose best steps are longer): the pair that agrees best is used
 SAMPLES = 8  # the check runs on this many samples of each batch, spread over it
 OFFSET = 1e-4  # the base point: theta moved by this fraction of each tensor's RMS, off exact zeros
+STEPS_OWN = ((1e-2, 1e-3), (1e-3, 1e-4))  # ... in the model's own dtype (float32 rounds at 6e-8)
 RESOLUTION = 0.01  # a check whose differences cannot resolve a gap of this fraction says it could not conclude
 
 MISMATCH = (
@@ -71,17 +73,20 @@ MISMATCH = (
     "gamma and everything else are unchanged.")
 
 
-def _wide(value: Any) -> Any:
-    """A float64 copy of a floating tensor (detached), anything else as it is."""
+def _wide(value: Any, wide: bool = True) -> Any:
+    """A float64 copy of a floating tensor (detached; with ``wide=False`` a copy in its own dtype),
+    anything else as it is."""
     if isinstance(value, Tensor) and value.is_floating_point():
-        return value.detach().to(torch.float64)
+        return value.detach().to(torch.float64) if wide else value.detach().clone()
     return value
 
 
-def _wide_inputs(inputs: Any) -> Any:
+def _wide_inputs(inputs: Any, wide: bool = True) -> Any:
+    def one(v: Any) -> Any:
+        return _wide(v, wide) if wide else v
     if isinstance(inputs, ModelCall):
-        return ModelCall(tree_map(_wide, tuple(inputs.args)), tree_map(_wide, dict(inputs.kwargs)))
-    return tree_map(_wide, inputs)
+        return ModelCall(tree_map(one, tuple(inputs.args)), tree_map(one, dict(inputs.kwargs)))
+    return tree_map(one, inputs)
 
 
 class ReentrantCheckpoint(Exception):
@@ -118,37 +123,45 @@ def _changed(first: Tensor, again: Tensor) -> Tensor:
 
 def _spread(batch: tuple[Any, Any], samples: int) -> tuple[Any, Any]:
     """``samples`` samples spread evenly over the batch (every tensor whose first dimension is the
-    labels', in inputs and labels: a stop-gradient on part of the batch, replayed samples at its end,
-    is met), or the batch as it is when its labels are not one tensor with a batch dimension that some
-    input tensor shares (labels flattened over tokens)."""
+    batch's, in inputs and labels: a stop-gradient on part of the batch, replayed samples at its end,
+    is met). Labels flattened over tokens (``(B*T,)`` for inputs ``(B, T)``) are cut by rows of ``T``;
+    labels that are not one tensor, or that share no first dimension with the inputs, leave the batch
+    as it is."""
     x, y = batch
-    if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] <= samples:
+    if not isinstance(y, Tensor) or y.dim() == 0:
         return batch
+    inputs = [t for t in tree_leaves((x.args, x.kwargs) if isinstance(x, ModelCall) else x)
+              if isinstance(t, Tensor) and t.dim() > 0]
     total = y.shape[0]
-    inputs = [t for t in tree_leaves((x.args, x.kwargs) if isinstance(x, ModelCall) else x) if isinstance(t, Tensor)]
-    if not any(t.dim() > 0 and t.shape[0] == total for t in inputs):
+    rows = total if any(t.shape[0] == total for t in inputs) else \
+        next((t.shape[0] for t in inputs if 0 < t.shape[0] < total and total % t.shape[0] == 0), None)
+    if rows is None or rows <= samples:
         return batch
-    index = torch.linspace(0, total - 1, samples).round().long()
+    index = torch.linspace(0, rows - 1, samples).round().long()
 
     def cut(t: Any) -> Any:
-        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == total:
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == rows:
             return t.index_select(0, index.to(t.device))
         return t
 
+    per = total // rows  # (1, or the tokens of a row for flattened labels)
+    labels = y.index_select(0, index.to(y.device)) if per == 1 else \
+        y.reshape(rows, per, *y.shape[1:]).index_select(0, index.to(y.device)).reshape(-1, *y.shape[1:])
     if isinstance(x, ModelCall):
-        return ModelCall(tree_map(cut, tuple(x.args)), tree_map(cut, dict(x.kwargs))), cut(y)
-    return tree_map(cut, x), cut(y)
+        return ModelCall(tree_map(cut, tuple(x.args)), tree_map(cut, dict(x.kwargs))), labels
+    return tree_map(cut, x), labels
 
 
 def _dot(grads: Sequence[Tensor | None], direction: Sequence[Tensor]) -> Tensor:
-    parts = [(g.to_dense() if g.layout != torch.strided else g).mul(d).sum()
+    parts = [(g.to_dense() if g.layout != torch.strided else g).mul(d).sum().double()
              for g, d in zip(grads, direction) if g is not None]
     return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=direction[0].device)
 
 
 def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, train: tuple[Any, Any],
                       val: tuple[Any, Any], *, derivative: str, movable: set[str] | None, active: Tensor,
-                      reducer: Reducer, run: Callable[[Callable[[], Any]], Any] = lambda f: f()) -> GradientCheck:
+                      reducer: Reducer, run: Callable[[Callable[[], Any]], Any] = lambda f: f(),
+                      wide: bool = True) -> GradientCheck:
     """Whether autograd's gradients are those of the values where the meta step relies on it (see the
     module's docstring): a :class:`GradientCheck` with the refusal's message, if any.
 
@@ -163,6 +176,8 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
         active: the terms' mask (1 on active terms).
         reducer: averages the compared numbers over ranks.
         run: calls the function it is given (to run the forwards with the weighter's capture paused).
+        wide: run on float64 copies (``False``: copies in the model's own dtypes, for a model that cannot
+            run in float64: coarser, see :data:`RELATIVE_OWN`).
 
     Raises:
         whatever the model's forward raises on float64 copies (the caller decides).
@@ -173,9 +188,10 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
         return GradientCheck(None, None)
     device = named[0][1].device
     (x0, y0), (xv0, yv0) = _spread(train, SAMPLES), _spread(val, SAMPLES)
-    x, y, xv, yv = _wide_inputs(x0), tree_map(_wide, y0), _wide_inputs(xv0), tree_map(_wide, yv0)
+    x, y, xv, yv = _wide_inputs(x0, wide), tree_map(lambda v: _wide(v, wide), y0), _wide_inputs(xv0, wide), \
+        tree_map(lambda v: _wide(v, wide), yv0)
     generator = torch.Generator(device=device).manual_seed(20210202)  # its own: the user's random numbers untouched
-    params = {n: _wide(p) for n, p in model.named_parameters()}
+    params = {n: _wide(p, wide) for n, p in model.named_parameters()}
     with torch.no_grad():
         wide = [params[n] for n, _ in named]
         rms = [p.square().mean().sqrt() if p.numel() else p.new_zeros(()) for p in wide]
@@ -185,10 +201,13 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
         # on a zero input, a BatchNorm weight initialised at 0), where autograd's one-sided derivative is no
         # stop-gradient and a difference would say it is; a stop-gradient is one at any point
         for (n, _), p, r in zip(named, wide, scales):
-            params[n] = p + OFFSET * r * torch.randn(p.shape, generator=generator, dtype=torch.float64, device=device)
+            params[n] = p + (OFFSET * r * torch.randn(p.shape, generator=generator, dtype=torch.float64,
+                                                      device=device)).to(p.dtype)
     leaves = [params[n].requires_grad_(True) for n, _ in named]
-    size = torch.stack([p.detach().square().sum() for p in leaves]).sum().sqrt().clamp_min(1e-3)
-    saved = {n: _wide(b) for n, b in model.named_buffers()}
+    size = torch.stack([p.detach().double().square().sum() for p in leaves]).sum().sqrt().clamp_min(1e-3)
+    saved = {n: _wide(b, wide) for n, b in model.named_buffers()}
+    eps = torch.finfo(leaves[0].dtype).eps  # the rounding of the values the differences take
+    steps_used = STEPS if wide else STEPS_OWN
     weights = torch.randn(active.numel(), generator=generator, dtype=torch.float64, device=device) \
         * active.to(device=device, dtype=torch.float64)
 
@@ -202,10 +221,11 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
         embedding's padding row, a teacher under no_grad, a block reentrant checkpointing cuts) is no
         concern of the check."""
         with torch.no_grad():
-            out = [g * (0.5 + torch.rand(g.shape, generator=generator, dtype=torch.float64, device=device))
+            out = [g * (0.5 + torch.rand(g.shape, generator=generator, dtype=torch.float64, device=device)).to(g.dtype)
                    for g in gradient]
             norm = torch.stack([d.square().sum() for d in out]).sum().sqrt()
-            return [d * torch.where(norm > 0, size / torch.where(norm > 0, norm, 1.0), 0.0) for d in out]
+            factor = torch.where(norm > 0, size / torch.where(norm > 0, norm, 1.0), 0.0)
+            return [d * factor.to(d.dtype) for d in out]
 
     def difference(value: Callable[[dict[str, Tensor]], Tensor], direction: list[Tensor]) -> list[Tensor]:
         """Central differences of ``value`` along ``direction`` at every step length of :data:`STEPS`;
@@ -214,14 +234,13 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
         value that does not move: its derivative is 0)."""
         with torch.no_grad():
             ends = [[value({**params, **{n: (p + t * d).detach() for (n, _), p, d in zip(named, leaves, direction)}})
-                     for t in (h, -h)] for pair in STEPS for h in pair]
-            steps = [h for pair in STEPS for h in pair]
+                     for t in (h, -h)] for pair in steps_used for h in pair]
+            steps = [h for pair in steps_used for h in pair]
             longest = max(range(len(steps)), key=lambda i: steps[i])
             still = ends[longest][0] == ends[longest][1]
             out = []
             for h, (plus, minus) in zip(steps, ends):
-                resolved = still | ((plus - minus).abs() > 1024 * torch.finfo(torch.float64).eps
-                                    * (plus.abs() + minus.abs()))
+                resolved = still | ((plus - minus).abs() > 64 * eps * (plus.abs() + minus.abs()))
                 out.append(torch.where(resolved, (plus - minus) / (2 * h), float("nan")))
         return out
 
@@ -232,14 +251,16 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
     with replay_randomness(device, model_generators(model), model) as replay, \
             torch.autocast(device.type, enabled=False):
 
-        def train_value(at: dict[str, Tensor], teachers: Any = None) -> tuple[Tensor, Any]:
+        def train_value(at: dict[str, Tensor], teachers: Any = None, weighting: Tensor | None = None
+                        ) -> tuple[Tensor, Any]:
             """The weighted terms at ``at``: as the model's step computes them (``teachers`` None; with the
             detached outputs, for the differences), or with ``teachers`` held fixed, as the differences do."""
             with replay():
                 outputs = call_with(model, at, fresh(), x)
                 held = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)
                 fixed = teachers if teachers is not None and terms.fixed_targets else None
-                return (weights * terms(outputs, y, teacher_outputs=fixed).to(torch.float64)).sum(), held
+                c = weights if weighting is None else weighting
+                return (c * terms(outputs, y, teacher_outputs=fixed).to(torch.float64)).sum(), held
 
         def val_losses(at: dict[str, Tensor]) -> Tensor:
             with replay():
@@ -290,6 +311,18 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
                         kind[0] = "values"  # as the jvp backend does: it continues by differences
                 numbers.extend([tangent.reshape(()).to(torch.float64), train_changed])
                 numbers.extend(difference(lambda at: train_value(at, teachers)[0], direction))
+            else:  # higher differentiates autograd's gradient in the weights: [<g, d>, its derivative . c, ...]
+                direction = along(val_grad)
+                weighting = weights.clone().requires_grad_(True)
+                value, _ = train_value(params, weighting=weighting)
+                grads = torch.autograd.grad(value, leaves, allow_unused=True, create_graph=True)
+                inner = _dot(list(grads), direction)
+                second = None
+                if inner.requires_grad:
+                    (second,) = torch.autograd.grad(inner, weighting, allow_unused=True)
+                again = torch.zeros_like(inner) if second is None else (second * weighting).sum()
+                numbers.extend([inner.detach(), again.detach(), train_changed])
+                numbers.extend([torch.full((), float("nan"), dtype=torch.float64, device=device)] * (2 * len(steps_used)))
             direction = along(train_grad)
             numbers.extend([_dot(val_grad, direction), torch.full((), float("nan"), dtype=torch.float64,
                                                                     device=device), val_changed])
@@ -302,8 +335,8 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
                 refusal = str(exc)
             except Exception as exc:  # (decided below, alike on every rank)
                 failure = exc
-    width = 3 + 2 * len(STEPS)
-    sides = 1 if derivative == "autograd" else 2
+    width = 3 + 2 * len(steps_used)
+    sides = 2
     ok = torch.full((), 0.0 if failure is not None else 2.0 if refusal is not None else 1.0, dtype=torch.float64,
                     device=device)  # (1 on every rank: compared; 2: refused; less: failed somewhere)
     if failure is not None or refusal is not None or len(numbers) != sides * width:
@@ -317,10 +350,9 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
     if flat[0] > 1.0:
         return GradientCheck(refusal or REENTRANT, None)
     sides_numbers = [flat[1 + i:1 + i + width] for i in range(0, sides * width, width)]
-    found = []
-    if derivative != "autograd":
-        found.append(_judge(sides_numbers.pop(0), kind[0] == "forward", TRAIN_SIDE[kind[0]]))
-    found.append(_judge(sides_numbers[0], False, VAL_SIDE))
+    relative = RELATIVE if wide else RELATIVE_OWN
+    found = [_judge(sides_numbers[0], kind[0] in ("forward", "autograd"), TRAIN_SIDE[kind[0]], relative),
+             _judge(sides_numbers[1], False, VAL_SIDE, relative)]
     refusals = [f for f in found if f.refused]
     return GradientCheck(refusals[0].message if refusals else None,
                          next((f.message for f in found if f.inconclusive), None) if not refusals else None,
@@ -346,7 +378,7 @@ class _Side:
     finite: bool = True
 
 
-def _judge(numbers: list[float], forward: bool, words: tuple[str, str, str, str]) -> _Side:
+def _judge(numbers: list[float], forward: bool, words: tuple[str, str, str, str], relative: float = 1e-4) -> _Side:
     """One side's verdict from ``[autograd, tangent, changed, differences at each step of STEPS...]``
     (``changed``: the value at the parameters recomputed differs, see :func:`_changed`): the
     reference is the tangent (``forward``) or the difference of the pair of steps that agree best;
@@ -370,7 +402,7 @@ def _judge(numbers: list[float], forward: bool, words: tuple[str, str, str, str]
         reference, second = min(pairs, key=lambda p: abs(p[0] - p[1]))
         noise = abs(reference - second)
     gap, size = abs(autograd - reference), max(abs(autograd), abs(reference))
-    refused = gap > RELATIVE * size and gap > NOISE * noise
+    refused = gap > relative * size and gap > NOISE * noise
     inconclusive = not refused and NOISE * noise > RESOLUTION * size
     if refused:
         return _Side(True, False, MISMATCH.format(what=words[0], measure=words[1], gap=gap, size=size,
@@ -380,6 +412,13 @@ def _judge(numbers: list[float], forward: bool, words: tuple[str, str, str, str]
 
 
 TRAIN_SIDE = {
+    "autograd": ("backend='higher' differentiates autograd's gradient of the training terms in their weights, and "
+                 "that derivative differs from the gradient itself",
+                 "a backward that is not itself differentiable: a custom autograd.Function with "
+                 "@once_differentiable or a backward under torch.no_grad(), as fused kernels have",
+                 "backend='higher' would take gamma's meta-gradient through a cut; backend='jvp' needs no second "
+                 "derivative.",
+                 "the derivative of autograd's gradient in the terms' weights (backend='higher')"),
     "forward": ("The forward-mode derivative of the training terms (backend='jvp') differs from autograd's gradient",
                 "the model's step uses autograd's",
                 "backend='jvp' would differentiate a step the model does not take; backend='higher' differentiates "
@@ -387,8 +426,8 @@ TRAIN_SIDE = {
                 "the forward-mode derivative of the training terms (backend='jvp')"),
     "values": ("Autograd's gradient of the training terms differs from the derivative of their values",
                "the model's step uses autograd's; backend='finite_difference' and mode='fast' take the values'",
-               "The meta-gradient would be that of a step the model does not take; backend='jvp' or 'higher' "
-               "(mode='exact') may differentiate autograd's step.",
+               "The meta-gradient would be that of a step the model does not take; backend='higher' "
+               "(mode='exact') differentiates autograd's step itself.",
                "autograd's gradient of the training terms"),
 }
 VAL_SIDE = ("Autograd's gradient of the validation losses differs from the derivative of their values",

@@ -532,7 +532,7 @@ class HarmonizedWeighter(NamedWeights):
         ``ValueError`` where they differ (and checks again at the next meta step); warns where the
         model cannot be checked (where the float64 copies raised, at the next meta step, once one went through:
         an error of the model's own comes from the step itself first)."""
-        if self._gradients_checked:
+        if self._gradients_checked or not self.check_gradients:
             return
         backend = self._exact.backend
         if self.mode == "fast" or isinstance(backend, FiniteDifferenceBackend) or \
@@ -555,10 +555,18 @@ class HarmonizedWeighter(NamedWeights):
         train = unpack_batch(train_batch, "train_batch")
         val = unpack_batch(val_batch, "val_batch")
         generators = model_generators(self.module)
+        def check(wide: bool) -> Any:
+            return gradient_mismatch(self.module, self._terms, self._objective, train, val, derivative=derivative,
+                                     movable=self._exact.lookahead_names if self.mode == "exact" else None,
+                                     active=self._active, reducer=self._reducer, run=run, wide=wide)
+
         try:
-            found = gradient_mismatch(self.module, self._terms, self._objective, train, val, derivative=derivative,
-                                      movable=self._exact.lookahead_names if self.mode == "exact" else None,
-                                      active=self._active, reducer=self._reducer, run=run)
+            try:
+                found = check(True)
+            except Exception:  # (every rank alike) a model that cannot run on float64 copies: its own dtype
+                if new_generators(self.module, generators):
+                    raise
+                found = check(False)
         except Exception as exc:
             appeared = new_generators(self.module, generators)
             if appeared:  # the look-ahead could not replay this model's random numbers either
