@@ -62,7 +62,7 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     Raises:
         ValueError: logits or labels on the meta device, logits holding NaN (counted per exit) or
             ``+inf``, or a row with every class masked (``-inf`` for some classes is fine), labels
-            out of range or on a class masked (``-inf``) at some exit (their NLL is infinite at every
+            out of range or on a class masked (``-inf``, or 1e3 or more below the row's largest logit) at some exit (their NLL is infinite at every
             temperature: the fit would run to its bound), or a bad ``iterations``.
     """
     labels = _check(val_logits, val_labels, "val_logits", "fit_temperatures", labels_name="val_labels",
