@@ -329,8 +329,8 @@ class CSVLogger:
     weighting's ``meta_step`` without ``loss()`` has none) widens the header, whether it is this
     logger's first record (a resumed run) or a later one: the file is rewritten with the new
     columns after the others, earlier rows blank there. A record without
-    some columns leaves them blank. A file deleted (or emptied) while the logger writes to it
-    starts again with its header, with a warning. Nothing a logger meets after the step raises
+    some columns leaves them blank. A file deleted (or emptied), or its folder deleted, while the
+    logger writes to it starts again with its header (the folder made again), with a warning. Nothing a logger meets after the step raises
     out of the hook: a row that cannot be written (a folder removed, a disk full, a record it
     cannot read) is reported lost in a ``RuntimeWarning``, and training goes on.
 
@@ -491,12 +491,13 @@ class CSVLogger:
         if self._fields is None:  # the first record: a new file, or continue the one there
             return self._plan_first(fields, step)
         size, torn = _tail(path)
-        if not size:  # deleted or emptied while this logger writes to it
-            if not path.parent.is_dir():
-                raise FileNotFoundError(f"its folder {path.parent} is gone")
+        if not size:  # deleted or emptied while this logger writes to it; a folder deleted is made again
+            what = (f"The log {path} was deleted or emptied" if path.parent.is_dir() else
+                    f"The folder {path.parent} of the log {path} was deleted")  # as TensorBoardLogger does
             return path, _widened(self._fields, fields), [], [
-                f"The log {path} was deleted or emptied while this CSVLogger wrote to it: it starts again at "
-                f"iteration {step:g}, with its header; the rows before are not in it."]
+                f"{what} while this CSVLogger wrote to it: it starts again at iteration {step:g}, with its "
+                f"header{'' if path.parent.is_dir() else ', in that folder made again'}; the rows before are "
+                f"not in it."]
         columns = _widened(self._fields, fields)
         extra = len(columns) - len(self._fields)
         went_back = self._last_step is not None and step <= self._last_step

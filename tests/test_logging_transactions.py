@@ -635,6 +635,26 @@ def test_a_tensorboard_folder_deleted_mid_run_starts_again_as_a_csv_log_does(tmp
     assert heard(other.close) == []
 
 
+def test_a_csv_folder_deleted_mid_run_is_made_again_as_a_tensorboard_one_is(tmp_path):
+    """``rm -rf`` of a CSVLogger's folder mid-run dropped every later row ("its folder is gone", one
+    warning per row) where TensorBoardLogger starts its folder again. Now the folder and the file (with
+    its header) are made again at the next record, with one warning that the earlier rows are not in it."""
+    import shutil
+
+    folder = tmp_path / "sub"
+    logger = mw.CSVLogger(folder / "log.csv")
+    for i in (1, 2):
+        logger(record(i))
+    shutil.rmtree(folder)
+    said = heard(lambda: logger(record(3)))
+    assert len(said) == 1 and f"The folder {folder} of the log {folder / 'log.csv'} was deleted" in said[0] \
+        and "starts again at iteration 3" in said[0] and "the rows before are not in it" in said[0], said
+    assert heard(lambda: logger(record(4))) == []
+    table = list(csv.DictReader(open(folder / "log.csv", newline="")))
+    assert [r["iteration"] for r in table] == ["3", "4"]
+    logger.close()
+
+
 def test_tensorboard_warnings_count_only_the_points_tensorboard_shows(tmp_path):
     """A folder logged at 1-10, resumed at 4 (hiding 4-10) and logged to 5: a second resume at 6 was told
     it hid "5 steps 6 to 10" (hidden already), and a new run was told the folder "holds a run logged at
