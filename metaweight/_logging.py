@@ -373,13 +373,11 @@ class CSVLogger:
         ['iteration', 'meta_step', 'val_objective']
     """
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False, all_ranks: bool = False) -> None:
-        if not isinstance(path, (str, Path)) or not str(path):
-            raise TypeError(f"`path` should be a file path (str or Path). Found {path!r}.")
+    def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False, all_ranks: bool = False) -> None:
+        path = user_path(path)
         _check_flag(overwrite, "overwrite")
         _check_flag(all_ranks, "all_ranks")
         self.all_ranks = all_ranks
-        path = user_path(path)
         if path.is_dir():
             raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'log.csv'}.")
         _check_can_create(path, "path")
@@ -749,12 +747,12 @@ class TensorBoardLogger:
         self._last_step: int | None = None  # the last step this logger wrote
         self._shown: set[int] = set()  # the steps its folder shows, as far as this logger knows (to say what it hides)
         self.overwrite = overwrite
-        if isinstance(log_dir_or_writer, (str, Path)):
+        if isinstance(log_dir_or_writer, (str, os.PathLike)):
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (fail here, not at the first record)
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
-            folder = user_path(log_dir_or_writer)
+            folder = user_path(log_dir_or_writer, "log_dir_or_writer")
             if folder.exists() and not folder.is_dir():
                 raise ValueError(f"`log_dir_or_writer` {folder} is a file, not a folder. Pass a folder for the "
                                  f"event files.")
