@@ -24,7 +24,7 @@ def _check(logits: Tensor, labels: Tensor, name: str = "logits", what: str = "ca
         raise ValueError(f"`{name}` should be floating-point logits [K, N, C] with N, C > 0. Found "
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}.")
     check_has_values(logits, f"`{name}`", what)
-    labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels")
+    labels = check_target(labels, logits.shape[1], logits.shape[2], name=labels_name)
     check_fit_logits(logits, name, what)
     if likelihood:
         check_labels_unmasked(logits, labels, name, labels_name, what)

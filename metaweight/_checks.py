@@ -524,17 +524,18 @@ def check_target(target: object, batch_size: int, num_classes: int | None, name:
 def _checked_target(target: object, batch_size: int, num_classes: int | None, name: str, *,
                     tokens: int | None, ignore_index: int | None) -> tuple[Tensor, tuple[int, int, int]]:
     """:func:`check_target`, and the labels' summary it read (smallest, largest, number scored)."""
+    subject = f"`{name}`" if name.isidentifier() else f"The {name}"  # the argument, named as the caller has it
     if not isinstance(target, Tensor):
-        raise ValueError(f"The {name} should be a Tensor of class indices. Found `{type(target).__name__}`.")
-    check_has_values(target, f"The {name}", "checking the labels' range")
+        raise ValueError(f"{subject} should be a Tensor of class indices. Found `{type(target).__name__}`.")
+    check_has_values(target, subject, "checking the labels' range")
     expected = (batch_size,) if tokens is None else (batch_size, tokens)
     if tuple(target.shape) != expected:
         raise ValueError(
-            f"The {name} should have shape {expected} to match the logits' "
+            f"{subject} should have shape {expected} to match the logits' "
             f"{'batch size' if tokens is None else 'batch and tokens'}. Found shape {tuple(target.shape)}."
         )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise ValueError(f"The {name} should hold integer class indices (torch.long). Found {target.dtype}.")
+        raise ValueError(f"{subject} should hold integer class indices (torch.long). Found {target.dtype}.")
     low, high, scored = _label_summary(target, ignore_index)
     if scored > 0:
         if low < 0 or (num_classes is not None and high >= num_classes):
@@ -546,7 +547,7 @@ def _checked_target(target: object, batch_size: int, num_classes: int | None, na
                         if ignore_index is not None else
                         f" If {low} marks padding, leave those positions out first (collect_logits(..., "
                         f"ignore_index={low}) does).")
-            raise ValueError(f"The {name} holds labels in [{low}, {high}], but {what}.{hint}")
+            raise ValueError(f"{subject} has labels in [{low}, {high}], but {what}.{hint}")
     return target.long(), (low, high, scored)
 
 

@@ -260,3 +260,24 @@ def test_a_logit_less_than_1e3_below_the_top_is_not_masked():
     logits[0, 0, 2] = 1.0 - 1000.0
     with pytest.raises(ValueError, match=r"^1 of the 2 labels in `val_labels` sit"):
         mw.fit_temperatures(logits, labels)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda z, y, bad: mw.fit_temperatures(z, bad), "val_labels"),
+    (lambda z, y, bad: mw.calibrate(z, bad), "val_labels"),
+    (lambda z, y, bad: mw.calibrate(z, y, z, bad), "test_labels"),
+    (lambda z, y, bad: mw.expected_calibration_error(z, bad), "labels"),
+    (lambda z, y, bad: None if bad is y else mw.evaluate_thresholds(z, bad, [0.5, 0.0], [1.0, 2.0]), "labels"),
+    (lambda z, y, bad: mw.anytime_accuracy_from_logits(z, bad), "labels"),
+])
+def test_label_errors_name_the_argument(call, name):
+    """"The labels should have shape (20,)" did not say which argument (calibrate's val_labels or
+    test_labels), and "The labels holds labels" was bad grammar: each error now names the argument."""
+    z, y = torch.randn(2, 20, 3), torch.randint(0, 3, (20,))
+    if name != "labels" or call(z, y, y) is None:  # evaluate_thresholds' own check names `labels [N]` first
+        with pytest.raises(ValueError, match=rf"^`{name}` should have shape \(20,\) to match"):
+            call(z, y, torch.randint(0, 3, (21,)))
+    out_of_range = y.clone()
+    out_of_range[0] = 7
+    with pytest.raises(ValueError, match=rf"^`{name}` has labels in \[0, 7\], but the logits have 3 classes"):
+        call(z, y, out_of_range)
