@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     plot.add_argument("--overwrite", action="store_true",
                       help="replace plot files already in --out (from an earlier command) instead of stopping")
     args = parser.parse_args(argv)
-    args.results = [str(user_path(f)) for f in args.results]  # ~ as a shell expands it (--out=~/x it does not)
-    args.out = str(user_path(args.out))
+    args.results = [str(user_path(f, absolute=False)) for f in args.results]  # ~ as a shell expands it (--out=~/x it does not)
+    args.out = str(user_path(args.out, absolute=False))
     files = [Path(f) for f in args.results]
     seen: dict[Path, str] = {}
     for file in args.results:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._exit_rules import predict
-from metaweight._checks import (IGNORE_INDEX, check_device_available, check_exit_outputs, check_has_values,
+from metaweight._checks import (IGNORE_INDEX, masked_classes, check_device_available, check_exit_outputs, check_has_values,
                                 check_ignore_index, check_softmax_rows, check_target, integer_value)
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
@@ -156,16 +156,18 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     first; a NaN ranks above every number, as in ``torch.argmax``), so top-1 is exactly
     ``predict(logits) == labels``: the label's rank is the number of classes with a larger
     logit plus those of lower index with an equal one. A label on a class masked at that exit
-    (logit ``-inf``, probability 0) is never among them, even with fewer than ``k`` unmasked
-    classes: the ``-inf`` ties beyond those are no prediction, and counting one would credit a
-    class the exit rules out."""
+    (:func:`~metaweight._checks.masked_classes`: ``-inf``, or ``finfo.min``/``-1e9``-style masks
+    1e4 or more below the row's largest logit; probability 0) is never among them, even with
+    fewer than ``k`` unmasked classes: the masked ties beyond those are no prediction, and
+    counting one would credit a class the exit rules out."""
     if k == 1:
         return predict(logits) == labels.view(1, -1)
     z = logits.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
     z_y = z.gather(-1, labels.view(1, -1, 1).expand(z.shape[0], -1, 1))
     lower = torch.arange(z.shape[-1], device=z.device) < labels.view(1, -1, 1)
     rank = (z > z_y).sum(-1) + ((z == z_y) & lower).sum(-1)
-    return (rank < k) & ~torch.isneginf(z_y.squeeze(-1))
+    on_masked = masked_classes(logits).gather(-1, labels.view(1, -1, 1).expand(z.shape[0], -1, 1)).squeeze(-1)
+    return (rank < k) & ~on_masked
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from metaweight._checks import check_flag, integer_value
 from metaweight._modes import eval_mode
-from metaweight._protocols import ModelCall, mapping_misread, wrapper_call
+from metaweight._protocols import ModelCall, note_mapping_misread, wrapper_call
 
 HeadFactory = Callable[[str, Tensor], nn.Module]
 
@@ -248,10 +248,8 @@ class AttachedExits(nn.Module):
         try:
             captured["__output__"] = self.model(*call.args, **call.kwargs)
         except (TypeError, AttributeError) as exc:
-            misread = mapping_misread(self.model, call, exc, "AttachedExits")
-            if misread is None:
-                raise
-            raise misread from exc
+            note_mapping_misread(self.model, call, exc, "AttachedExits")
+            raise
         finally:
             for handle in handles:
                 handle.remove()

@@ -24,7 +24,7 @@ def _check(logits: Tensor, labels: Tensor, name: str = "logits", what: str = "ca
         raise ValueError(f"`{name}` should be floating-point logits [K, N, C] with N, C > 0. Found "
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}.")
     check_has_values(logits, f"`{name}`", what)
-    labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels")
+    labels = check_target(labels, logits.shape[1], logits.shape[2], name=labels_name)
     check_fit_logits(logits, name, what)
     if likelihood:
         check_labels_unmasked(logits, labels, name, labels_name, what)
@@ -62,7 +62,7 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     Raises:
         ValueError: logits or labels on the meta device, logits holding NaN (counted per exit) or
             ``+inf``, or a row with every class masked (``-inf`` for some classes is fine), labels
-            out of range or on a class masked (``-inf``) at some exit (their NLL is infinite at every
+            out of range or on a class masked (``-inf``, or 1e3 or more below the row's largest logit) at some exit (their NLL is infinite at every
             temperature: the fit would run to its bound), or a bad ``iterations``.
     """
     labels = _check(val_logits, val_labels, "val_logits", "fit_temperatures", labels_name="val_labels",

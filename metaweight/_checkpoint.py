@@ -42,8 +42,6 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     """
     if not isinstance(state, dict):
         raise TypeError(f"`state` should be a dict of what to save. Found `{type(state).__name__}`.")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
     given = path = user_path(path)
     if path.is_dir():
         raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'checkpoint.pt'}. "
@@ -334,10 +332,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
         TypeError: ``path`` is not a path, or ``weights_only`` or ``verify`` not a bool.
     """
     weights_only, verify = check_flag(weights_only, "weights_only"), check_flag(verify, "verify")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` should be a file path (str or Path). Found `{type(path).__name__}`.")
-    _check_map_location(map_location)
     path = user_path(path)
+    _check_map_location(map_location)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is a folder, not a checkpoint file; give the file's path." if path.is_dir()
                                 else f"No checkpoint at {path}.")

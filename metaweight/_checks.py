@@ -96,18 +96,35 @@ def check_softmax_rows(logits: Tensor, name: str = "logits", reached: Tensor | N
                          f"and no prediction ({int(undefined.sum())} such rows in all). {UNDEFINED_SOFTMAX_FIX}")
 
 
-MASKED_LABEL_FIX = ("Drop those samples from the held-out data, or do not mask the true class: mask (-inf) only "
+MASK_GAP = 1e3
+MASKED = "masked (-inf, or 1e3 or more below the row's largest logit, as finfo.min, -1e9 or -1e4 masks are)"
+
+
+def masked_classes(logits: Tensor) -> Tensor:
+    """Where a class is masked out in logits ``[..., C]``, bool of the same shape: its logit is
+    ``-inf``, or at least :data:`MASK_GAP` below its row's largest (NaN-free) logit. Code in the
+    Hugging Face style masks with ``torch.finfo(dtype).min``, ``-1e9`` or ``-1e4`` rather than
+    ``-inf``; no genuine prediction has a gap of ``1e3`` (its probability ``exp(-1e3)`` is 0 in
+    every dtype). The gap is 1e3, not 1e4, so that a ``-1e4`` mask counts in a row whose largest
+    logit is negative. A row whose largest logit is ``+inf`` or NaN-only is judged by ``-inf`` alone
+    (it has no softmax; :func:`check_softmax_rows` names it)."""
+    z = logits.detach()
+    top = z.nan_to_num(nan=float("-inf")).amax(-1, keepdim=True)
+    return torch.isneginf(z) | (torch.isfinite(top) & (z <= top - MASK_GAP))
+
+
+MASKED_LABEL_FIX = ("Drop those samples from the held-out data, or do not mask the true class: mask only "
                     "classes a sample cannot have.")
 
 
 def check_labels_unmasked(logits: Tensor, labels: Tensor, name: str, labels_name: str, what: str) -> None:
-    """Refuse labels ``[N]`` that sit on a class masked (``-inf``) in logits ``[K, N, C]``, at any exit,
-    where ``what`` scores a log-likelihood: ``-log softmax(z)_y`` is ``+inf`` there at every
-    temperature, so a fit has no minimiser (the search runs to its bound) and a reported NLL is
+    """Refuse labels ``[N]`` that sit on a class masked (:func:`masked_classes`) in logits ``[K, N, C]``, at any exit,
+    where ``what`` scores a log-likelihood: ``-log softmax(z)_y`` is ``+inf`` (or a mask's huge
+    finite value) there at every temperature, so a fit has no minimiser (the search runs to its bound) and a reported NLL is
     ``inf``. Names how many labels at which exits, and the first one. Accuracies are not refused
     (such a label is a wrong prediction, a finite value). One read back to the host."""
-    on_masked = torch.isneginf(logits.detach().gather(
-        -1, labels.to(logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1))  # [K, N]
+    on_masked = masked_classes(logits).gather(
+        -1, labels.to(logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)  # [K, N]
     counts = on_masked.sum(1).tolist()
     if any(counts):
         samples = on_masked.any(0)
@@ -116,8 +133,8 @@ def check_labels_unmasked(logits: Tensor, labels: Tensor, name: str, labels_name
         count = int(samples.sum())
         raise ValueError(
             f"{count} of the {labels.shape[0]} labels in `{labels_name}` {'sits' if count == 1 else 'sit'} on a "
-            f"class masked (-inf) in `{name}` ({per_exit}; the first: sample {first}, class {int(labels[first])}). "
-            f"The negative log-likelihood of such a label is infinite at every temperature, so {what} would fit or report inf "
+            f"class {MASKED} in `{name}` ({per_exit}; the first: sample {first}, class {int(labels[first])}). "
+            f"The negative log-likelihood of such a label is infinite (or as large as the mask) at every temperature, so {what} would fit or report inf "
             f"(nothing was changed). {MASKED_LABEL_FIX}")
 
 
@@ -507,17 +524,18 @@ def check_target(target: object, batch_size: int, num_classes: int | None, name:
 def _checked_target(target: object, batch_size: int, num_classes: int | None, name: str, *,
                     tokens: int | None, ignore_index: int | None) -> tuple[Tensor, tuple[int, int, int]]:
     """:func:`check_target`, and the labels' summary it read (smallest, largest, number scored)."""
+    subject = f"`{name}`" if name.isidentifier() else f"The {name}"  # the argument, named as the caller has it
     if not isinstance(target, Tensor):
-        raise ValueError(f"The {name} should be a Tensor of class indices. Found `{type(target).__name__}`.")
-    check_has_values(target, f"The {name}", "checking the labels' range")
+        raise ValueError(f"{subject} should be a Tensor of class indices. Found `{type(target).__name__}`.")
+    check_has_values(target, subject, "checking the labels' range")
     expected = (batch_size,) if tokens is None else (batch_size, tokens)
     if tuple(target.shape) != expected:
         raise ValueError(
-            f"The {name} should have shape {expected} to match the logits' "
+            f"{subject} should have shape {expected} to match the logits' "
             f"{'batch size' if tokens is None else 'batch and tokens'}. Found shape {tuple(target.shape)}."
         )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise ValueError(f"The {name} should hold integer class indices (torch.long). Found {target.dtype}.")
+        raise ValueError(f"{subject} should hold integer class indices (torch.long). Found {target.dtype}.")
     low, high, scored = _label_summary(target, ignore_index)
     if scored > 0:
         if low < 0 or (num_classes is not None and high >= num_classes):
@@ -529,7 +547,7 @@ def _checked_target(target: object, batch_size: int, num_classes: int | None, na
                         if ignore_index is not None else
                         f" If {low} marks padding, leave those positions out first (collect_logits(..., "
                         f"ignore_index={low}) does).")
-            raise ValueError(f"The {name} holds labels in [{low}, {high}], but {what}.{hint}")
+            raise ValueError(f"{subject} has labels in [{low}, {high}], but {what}.{hint}")
     return target.long(), (low, high, scored)
 
 

@@ -7,11 +7,29 @@ import stat
 from pathlib import Path
 
 
-def user_path(path: str | os.PathLike[str]) -> Path:
-    """A path the user gave, as a ``Path`` with a leading ``~`` (or ``~user``) expanded to the home
-    folder, as a shell would: ``CSVLogger("~/log.csv")`` writes in the home folder, not in a folder
-    named ``~``. The one reading of every path the library takes from its users."""
-    return Path(os.path.expanduser(os.fspath(path)))
+def is_path(value: object) -> bool:
+    """Whether ``value`` is a path a user may give: a non-empty ``str`` or ``os.PathLike`` (``Path``,
+    pytest's ``tmpdir``) that reads as a ``str``."""
+    if not isinstance(value, (str, os.PathLike)):
+        return False
+    text = os.fspath(value)
+    return isinstance(text, str) and bool(text)
+
+
+def user_path(path: str | os.PathLike[str], name: str = "path", *, absolute: bool = True) -> Path:
+    """A path the user gave (``name``: the argument, for the error), as an absolute ``Path`` with a
+    leading ``~`` (or ``~user``) expanded to the home folder, as a shell would:
+    ``CSVLogger("~/log.csv")`` writes in the home folder, not in a folder named ``~``. Made absolute
+    against the working folder of the call, so an object holding it (a logger) keeps writing there
+    after an ``os.chdir``; with ``absolute=False`` left relative, for a one-shot call (a figure saved,
+    the ``plot`` CLI) that holds no path across time and shows paths as they were typed. The one
+    reading of every path the library takes from its users; anything but a non-empty ``str`` or
+    ``os.PathLike`` is a ``TypeError``."""
+    if not is_path(path):
+        raise TypeError(f"`{name}` should be a file path (a non-empty str, Path or other os.PathLike). "
+                        f"Found {path!r}.")
+    path = Path(os.path.expanduser(os.fspath(path)))
+    return path.absolute() if absolute else path
 
 
 def write_target(path: Path) -> Path:

@@ -329,8 +329,8 @@ class CSVLogger:
     weighting's ``meta_step`` without ``loss()`` has none) widens the header, whether it is this
     logger's first record (a resumed run) or a later one: the file is rewritten with the new
     columns after the others, earlier rows blank there. A record without
-    some columns leaves them blank. A file deleted (or emptied) while the logger writes to it
-    starts again with its header, with a warning. Nothing a logger meets after the step raises
+    some columns leaves them blank. A file deleted (or emptied), or its folder deleted, while the
+    logger writes to it starts again with its header (the folder made again), with a warning. Nothing a logger meets after the step raises
     out of the hook: a row that cannot be written (a folder removed, a disk full, a record it
     cannot read) is reported lost in a ``RuntimeWarning``, and training goes on.
 
@@ -373,13 +373,11 @@ class CSVLogger:
         ['iteration', 'meta_step', 'val_objective']
     """
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False, all_ranks: bool = False) -> None:
-        if not isinstance(path, (str, Path)) or not str(path):
-            raise TypeError(f"`path` should be a file path (str or Path). Found {path!r}.")
+    def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False, all_ranks: bool = False) -> None:
+        path = user_path(path)
         _check_flag(overwrite, "overwrite")
         _check_flag(all_ranks, "all_ranks")
         self.all_ranks = all_ranks
-        path = user_path(path)
         if path.is_dir():
             raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'log.csv'}.")
         _check_can_create(path, "path")
@@ -491,12 +489,13 @@ class CSVLogger:
         if self._fields is None:  # the first record: a new file, or continue the one there
             return self._plan_first(fields, step)
         size, torn = _tail(path)
-        if not size:  # deleted or emptied while this logger writes to it
-            if not path.parent.is_dir():
-                raise FileNotFoundError(f"its folder {path.parent} is gone")
+        if not size:  # deleted or emptied while this logger writes to it; a folder deleted is made again
+            what = (f"The log {path} was deleted or emptied" if path.parent.is_dir() else
+                    f"The folder {path.parent} of the log {path} was deleted")  # as TensorBoardLogger does
             return path, _widened(self._fields, fields), [], [
-                f"The log {path} was deleted or emptied while this CSVLogger wrote to it: it starts again at "
-                f"iteration {step:g}, with its header; the rows before are not in it."]
+                f"{what} while this CSVLogger wrote to it: it starts again at iteration {step:g}, with its "
+                f"header{'' if path.parent.is_dir() else ', in that folder made again'}; the rows before are "
+                f"not in it."]
         columns = _widened(self._fields, fields)
         extra = len(columns) - len(self._fields)
         went_back = self._last_step is not None and step <= self._last_step
@@ -748,12 +747,12 @@ class TensorBoardLogger:
         self._last_step: int | None = None  # the last step this logger wrote
         self._shown: set[int] = set()  # the steps its folder shows, as far as this logger knows (to say what it hides)
         self.overwrite = overwrite
-        if isinstance(log_dir_or_writer, (str, Path)):
+        if isinstance(log_dir_or_writer, (str, os.PathLike)):
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (fail here, not at the first record)
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from exc
-            folder = user_path(log_dir_or_writer)
+            folder = user_path(log_dir_or_writer, "log_dir_or_writer")
             if folder.exists() and not folder.is_dir():
                 raise ValueError(f"`log_dir_or_writer` {folder} is a file, not a folder. Pass a folder for the "
                                  f"event files.")

@@ -30,9 +30,7 @@ def _pyplot() -> Any:
 def _check_path(path: Any) -> Path:
     """Refuse, before any figure is drawn, a path the figure cannot be saved to: not a path, a folder, a
     suffix matplotlib does not write, under a file, or with a name longer than the file system takes."""
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise TypeError(f"`path` should be a file path (str or Path). Found {path!r}.")
-    path = user_path(path)
+    path = user_path(path, absolute=False)  # saved at once, not held: shown as given
     if path.is_dir():
         raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'plot.png'}.")
     _pyplot()  # matplotlib's own ImportError hint first

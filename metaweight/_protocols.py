@@ -243,10 +243,6 @@ def check_one_input(target: Any, value: Any, who: str, signature: inspect.Signat
                     f"{HOW_INPUTS_ARE_PASSED} {fix}")
 
 
-class MisreadInputs(TypeError):
-    """A forward failed on a mapping it was handed as its one argument (see :func:`mapping_misread`)."""
-
-
 def _failed_holding(error: BaseException, value: Any) -> bool:
     """Whether the innermost Python frame of ``error``'s traceback (the code that called the torch
     op that raised it: ``nn.Linear.forward``'s ``F.linear(input, ...)``) holds ``value`` itself."""
@@ -305,8 +301,8 @@ def _reads_as_mapping(fn: Any) -> bool:
     return False
 
 
-def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> TypeError | None:
-    """A clear error for a forward that failed on a mapping handed to it as its one positional
+def _mapping_note(model: Any, call: ModelCall, error: BaseException, who: str) -> str | None:
+    """What to add to an error of a forward that failed on a mapping handed to it as its one positional
     argument (its keys not the forward's keyword parameters, its first parameter not annotated, so
     :func:`check_one_input` could not refuse it up front), when the mapping itself is what failed:
     an ``AttributeError`` on that very object (``x.shape``), or torch's ``TypeError`` naming the
@@ -315,13 +311,14 @@ def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> 
     own (a forward that takes the dict and fails on a dict inside it, ``batch["meta"].shape``).
     Torch's message names only the type, and the calling frame holds the mapping whenever the
     forward reads a key of it inline (``torch.relu(batch["meta"])``), so where the mapping holds a
-    value of the type named (a dict inside a dict) the error may be about that value: it is then
-    the model's own, left as torch raised it. So is an error of a forward whose source uses its first
-    parameter as a mapping (:func:`_reads_as_mapping`: ``batch["x"]``): it took the mapping, and its
-    own code passed it on whole. The caller raises it ``from`` the original."""
+    value of the type named (a dict inside a dict) the error may be about that value: no note then.
+    Nor for a forward whose source uses its first parameter as a mapping (:func:`_reads_as_mapping`:
+    ``batch["x"]``). What is left cannot be told apart from a forward that takes the mapping
+    (delegating it, ``self.body(batch)``, or reading it by attribute, ``batch.x``) and whose own code
+    misuses it, so the note is worded as a possibility and the error is never replaced."""
     if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], Mapping) or \
-            not isinstance(error, (TypeError, AttributeError)) or isinstance(error, MisreadInputs):
-        return None  # (a wrapper inside has explained it already)
+            not isinstance(error, (TypeError, AttributeError)):
+        return None
     value = call.args[0]
     kind = type(value).__name__
     if isinstance(error, AttributeError):  # the mapping itself read as a tensor (x.shape): Python names it (3.10+)
@@ -338,11 +335,27 @@ def mapping_misread(model: Any, call: ModelCall, error: Exception, who: str) -> 
                                                         inspect.Parameter.KEYWORD_ONLY)]
     unknown = [k for k in value if k not in names]
     first = next(iter(params), "input")
-    return MisreadInputs(f"{who} was given a {kind} with keys {list(value)}, of which {unknown} are not parameters of the "
-                     f"forward, so it passed the {kind} as the one positional argument `{first}` of "
-                     f"`{type(_call_target(model)).__name__}.forward({', '.join(str(p) for p in params.values())})`, "
-                     f"which failed on it ({type(error).__name__}: {error}). {HOW_INPUTS_ARE_PASSED} Name the keys "
-                     f"after the forward's parameters {names} to pass them as keywords, or pass the tensor itself.")
+    return (f"{who}: metaweight passed the {kind} with keys {list(value)} (of which {unknown} are not parameters "
+            f"of the forward) as the one positional argument `{first}` of "
+            f"`{type(_call_target(model)).__name__}.forward({', '.join(str(p) for p in params.values())})`; if the "
+            f"forward does not take a mapping, name the keys after its parameters {names} to pass them as "
+            f"keywords, or pass the tensor itself. {HOW_INPUTS_ARE_PASSED}")
+
+
+def note_mapping_misread(model: Any, call: ModelCall, error: BaseException, who: str) -> None:
+    """Add to ``error`` (raised by ``model`` called as ``call``), in place, the note of
+    :func:`_mapping_note` where it applies, once (a wrapper inside may have added it already). The
+    caller re-raises ``error`` itself: its type and message are the model's or torch's. Python 3.11+
+    shows the note under the message (PEP 678); before, it is the error's ``__cause__``, shown above it."""
+    note = _mapping_note(model, call, error, who)
+    if note is None or any("metaweight passed the" in n for n in getattr(error, "__notes__", ())):
+        return
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # pragma: no cover - Python < 3.11
+        error.__notes__ = [*getattr(error, "__notes__", ()), note]
+        if error.__cause__ is None:
+            error.__cause__ = TypeError(note)
 
 
 def model_arguments(model: nn.Module, inputs: Any, who: str = "metaweight"
@@ -412,10 +425,8 @@ def call_model(model: nn.Module, inputs: Any, who: str = "metaweight") -> Any:
     try:
         return model(*args, **kwargs)
     except (TypeError, AttributeError) as exc:
-        misread = mapping_misread(model, ModelCall(args, kwargs), exc, who)
-        if misread is None:
-            raise
-        raise misread from exc
+        note_mapping_misread(model, ModelCall(args, kwargs), exc, who)
+        raise
 
 
 def wrapper_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], wrapper: str) -> ModelCall:

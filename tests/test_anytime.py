@@ -170,3 +170,14 @@ def test_a_label_on_a_masked_class_is_never_in_the_top_k():
     logits = torch.tensor([2.0, 1.0, -float("inf"), -float("inf")]).expand(1, 4, 4)
     result = mw.anytime_accuracy_from_logits(logits, torch.tensor([0, 1, 2, 3]), topk=(1, 3))
     assert result.accuracy == {1: [25.0], 3: [50.0]}
+
+
+@pytest.mark.parametrize("mask", [torch.finfo(torch.float32).min, -1e9, -1e4])
+def test_a_label_on_a_class_masked_with_a_large_finite_value_is_never_in_the_top_k(mask):
+    """Hugging Face-style masks (finfo.min, -1e9, -1e4) counted as hits where -inf did not (top-5
+    read 100% with every label masked). By hand: logits [-2, -3, m, m] (the largest negative, so a
+    -1e4 mask lies less than 1e4 below it), labels 0..3, top-3: classes 0 and 1 are hits, 2 and 3
+    not."""
+    logits = torch.tensor([-2.0, -3.0, mask, mask]).expand(1, 4, 4)
+    result = mw.anytime_accuracy_from_logits(logits, torch.tensor([0, 1, 2, 3]), topk=(1, 3))
+    assert result.accuracy == {1: [25.0], 3: [50.0]}

@@ -2,7 +2,9 @@
 network (float64, BatchNorm and dropout), the meta-gradient against real optimizer steps, early
 exit that stops the forward, and clear errors."""
 
+import collections
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -297,6 +299,14 @@ class _KeywordNet(nn.Module):
         return self.out(self.b(self.a(x) * scale))
 
 
+def _assert_noted(error, mapping):
+    """``error`` is torch's or Python's own, with metaweight's one note on the mapping it passed (PEP 678)."""
+    notes = getattr(error, "__notes__", [])
+    assert len(notes) == 1 and re.search(rf"metaweight passed {mapping}.*as the one positional argument .*; if the "
+                                         rf"forward does not take a mapping, name the keys after its parameters",
+                                         notes[0]), notes
+
+
 class _ReadsDict(nn.Module):
     def __init__(self):
         super().__init__()
@@ -324,9 +334,10 @@ def test_a_dict_whose_keys_the_forward_does_not_take_is_explained_at_every_entry
                      lambda: mw.anytime_accuracy(model, [({"y": x}, y)], topk=(1,)),
                      lambda: mw.EarlyExit(model, [0.5, 0.0])({"y": x}),
                      lambda: model({"y": x})):
-            with pytest.raises(TypeError, match=r"a dict with keys \['y'\], of which \['y'\] are not parameters of "
-                                                r"the forward.*Name the keys after the forward's parameters"):
+            with pytest.raises(TypeError, match=r"must be Tensor, not dict") as info:
                 call()
+            _assert_noted(info.value, r"the dict with keys \['y'\] \(of which \['y'\] are not parameters of the "
+                                      r"forward\)")
         torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
     keyword = models[1]
     assert torch.equal(mw.EarlyExit(keyword, [0.5, 0.0])({"x": x, "scale": 2.0})[0],
@@ -396,9 +407,11 @@ def test_a_models_own_error_on_a_dict_inside_its_batch_is_left_as_it_is():
             with pytest.raises(kind) as info:
                 run()
             assert type(info.value) is kind and str(info.value) == str(plain.value)  # the model's own, unchanged
-    with pytest.raises(TypeError, match=r"a dict with keys \['image', 'meta'\], of which \['image', 'meta'\] are not "
-                                        r"parameters of the forward.*'dict' object has no attribute 'shape'"):
+            assert getattr(info.value, "__notes__", []) == []
+    with pytest.raises(AttributeError) as info:
         mw.collect_logits(_TensorForward("itself"), [(good, y)])
+    assert str(info.value) == "'dict' object has no attribute 'shape'"  # Python's own message
+    _assert_noted(info.value, r"the dict with keys \['image', 'meta'\] \(of which \['image', 'meta'\] are not")
 
 
 def test_a_models_own_inline_torch_error_on_a_dict_inside_its_batch_is_left_as_it_is():
@@ -419,9 +432,11 @@ def test_a_models_own_inline_torch_error_on_a_dict_inside_its_batch_is_left_as_i
         with pytest.raises(TypeError) as info:
             run()
         assert type(info.value) is TypeError and str(info.value) == str(plain.value)  # the model's own, unchanged
-    with pytest.raises(TypeError, match=r"a dict with keys \['image', 'meta'\], of which \['image', 'meta'\] are not "
-                                        r"parameters of the forward.*must be Tensor, not dict"):
+        assert getattr(info.value, "__notes__", []) == []
+    with pytest.raises(TypeError) as info:
         mw.collect_logits(_TensorForward("inline itself"), [(good, y)])
+    assert str(info.value).endswith("must be Tensor, not dict")  # torch's own message
+    _assert_noted(info.value, r"the dict with keys \['image', 'meta'\] \(of which \['image', 'meta'\] are not")
 
 
 class _PassesItsDictOn(nn.Module):
@@ -463,3 +478,59 @@ def test_a_forward_that_takes_the_dict_gets_torchs_error_when_its_own_code_passe
         assert mw._protocols._reads_as_mapping(forward), forward.__name__
     assert mw._protocols._reads_as_mapping(_PassesItsDictOn().forward)
     assert not mw._protocols._reads_as_mapping(_TensorForward("itself").forward)
+
+
+class _Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, batch):
+        return [self.a(batch["x"]), self.b(batch)]  # the model's own bug: passes the whole dict on
+
+
+class _Delegates(nn.Module):
+    """A forward that takes the dict and delegates it (``self.body(batch)``): its source never indexes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.num_exits = _Body(), 2
+
+    def forward(self, batch):
+        return self.body(batch)
+
+
+class _AttributeDict(collections.UserDict):
+    """Keys read as attributes, as Hugging Face's BatchEncoding allows."""
+
+    def __getattr__(self, key):
+        try:
+            return self.data[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class _ReadsAttributes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.num_exits = nn.Linear(4, 3), nn.Linear(4, 3), 2
+
+    def forward(self, batch):
+        return [self.a(batch.x), self.b(batch)]  # reads the mapping by attribute; its own bug after
+
+
+@pytest.mark.parametrize("model, inputs", [(_Delegates(), {"x": torch.randn(5, 4)}),
+                                           (_ReadsAttributes(), _AttributeDict(x=torch.randn(5, 4)))],
+                         ids=["delegates", "attribute access"])
+def test_a_mapping_error_keeps_torchs_type_and_message_with_a_conditional_note(model, inputs):
+    """A forward that takes the mapping (delegating it, or reading it as ``batch.x``) and whose own code
+    then misuses it had torch's error replaced by "passed the dict as the one positional argument ...
+    Name the keys after the forward's parameters", advice that cannot help. The error is now torch's
+    own, same type and message, with a note worded as a possibility."""
+    y = torch.zeros(5, dtype=torch.long)
+    with pytest.raises(TypeError) as plain:
+        model(inputs)
+    with pytest.raises(TypeError) as info:
+        mw.collect_logits(model, [(inputs, y)])
+    assert type(info.value) is TypeError and str(info.value) == str(plain.value)
+    _assert_noted(info.value, rf"the {type(inputs).__name__} with keys \['x'\]")

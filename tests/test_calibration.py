@@ -211,8 +211,9 @@ def test_labels_on_masked_classes_are_refused_before_any_fit(call, names):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fit ran: no warning about its bound
         with pytest.raises(ValueError, match=rf"^2 of the 6 labels in `{labels_name}` sit on a class masked "
-                                             rf"\(-inf\) in `{logits_name}` \(exit 1: 2; exit 2: 1; the first: "
-                                             rf"sample 1, class 3\)\. .*infinite at every temperature, so {what} "
+                                             rf"\(-inf, or 1e3 or more below the row's largest logit, as "
+                                             rf"finfo\.min, -1e9 or -1e4 masks are\) in `{logits_name}` \(exit 1: 2; "
+                                             rf"exit 2: 1; the first: sample 1, class 3\)\. .*at every temperature, so {what} "
                                              rf".*Drop those samples"):
             call(logits, labels, clean_logits, clean_labels)
     assert torch.equal(logits, before[0]) and torch.equal(labels, before[1])
@@ -225,3 +226,58 @@ def test_accuracies_score_a_label_on_a_masked_class_as_wrong():
     logits [0, 0, -inf], label 2: confidence 1/2, wrong, so the ECE is |0 - 1/2| = 50%."""
     logits = torch.tensor([[[0.0, 0.0, -math.inf]]])
     assert mw.expected_calibration_error(logits, torch.tensor([2])) == pytest.approx([50.0])
+
+
+@pytest.mark.parametrize("mask", [-math.inf, torch.finfo(torch.float64).min, torch.finfo(torch.float32).min, -1e9, -1e4])
+@pytest.mark.parametrize("call, names", [
+    (lambda z, y: mw.fit_temperatures(z, y), ("val_labels", "val_logits")),
+    (lambda z, y: mw.calibrate(z[:, [0, 2, 4, 5]], y[[0, 2, 4, 5]], z, y), ("test_labels", "test_logits")),
+])
+def test_labels_on_classes_masked_with_a_large_finite_value_are_refused_too(mask, call, names):
+    """Hugging Face-style code masks with finfo.min, -1e9 or -1e4, not -inf: the fit ran to its
+    bound (T = 1e4 at every exit, a warning blaming the data) where -inf was refused. The same
+    labels as above (counts by hand there), with the rows' largest logits negative so a -1e4 mask
+    lies less than 1e4 below them."""
+    logits, labels = _labels_on_masked_classes()
+    logits = logits - 3.0  # every unmasked logit negative
+    logits[logits == -math.inf] = mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=rf"^2 of the 6 labels in `{names[0]}` sit on a class masked .* in "
+                                             rf"`{names[1]}` \(exit 1: 2; exit 2: 1; the first: sample 1, class 3\)"):
+            call(logits, labels)
+
+
+def test_a_logit_less_than_1e3_below_the_top_is_not_masked():
+    """The mask rule's boundary: a label 999 below its row's largest logit is a genuine (if hopeless)
+    prediction and is fitted; 1000 below is masked and refused."""
+    logits, labels = torch.zeros(1, 2, 3, dtype=torch.float64), torch.tensor([2, 0])
+    logits[0, :, 0] = 1.0
+    logits[0, 0, 2] = 1.0 - 999.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # such a label is worse than chance: the fit runs to its bound
+        mw.fit_temperatures(logits, labels)
+    logits[0, 0, 2] = 1.0 - 1000.0
+    with pytest.raises(ValueError, match=r"^1 of the 2 labels in `val_labels` sit"):
+        mw.fit_temperatures(logits, labels)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda z, y, bad: mw.fit_temperatures(z, bad), "val_labels"),
+    (lambda z, y, bad: mw.calibrate(z, bad), "val_labels"),
+    (lambda z, y, bad: mw.calibrate(z, y, z, bad), "test_labels"),
+    (lambda z, y, bad: mw.expected_calibration_error(z, bad), "labels"),
+    (lambda z, y, bad: None if bad is y else mw.evaluate_thresholds(z, bad, [0.5, 0.0], [1.0, 2.0]), "labels"),
+    (lambda z, y, bad: mw.anytime_accuracy_from_logits(z, bad), "labels"),
+])
+def test_label_errors_name_the_argument(call, name):
+    """"The labels should have shape (20,)" did not say which argument (calibrate's val_labels or
+    test_labels), and "The labels holds labels" was bad grammar: each error now names the argument."""
+    z, y = torch.randn(2, 20, 3), torch.randint(0, 3, (20,))
+    if name != "labels" or call(z, y, y) is None:  # evaluate_thresholds' own check names `labels [N]` first
+        with pytest.raises(ValueError, match=rf"^`{name}` should have shape \(20,\) to match"):
+            call(z, y, torch.randint(0, 3, (21,)))
+    out_of_range = y.clone()
+    out_of_range[0] = 7
+    with pytest.raises(ValueError, match=rf"^`{name}` has labels in \[0, 7\], but the logits have 3 classes"):
+        call(z, y, out_of_range)

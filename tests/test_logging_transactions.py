@@ -635,6 +635,87 @@ def test_a_tensorboard_folder_deleted_mid_run_starts_again_as_a_csv_log_does(tmp
     assert heard(other.close) == []
 
 
+def test_a_csv_folder_deleted_mid_run_is_made_again_as_a_tensorboard_one_is(tmp_path):
+    """``rm -rf`` of a CSVLogger's folder mid-run dropped every later row ("its folder is gone", one
+    warning per row) where TensorBoardLogger starts its folder again. Now the folder and the file (with
+    its header) are made again at the next record, with one warning that the earlier rows are not in it."""
+    import shutil
+
+    folder = tmp_path / "sub"
+    logger = mw.CSVLogger(folder / "log.csv")
+    for i in (1, 2):
+        logger(record(i))
+    shutil.rmtree(folder)
+    said = heard(lambda: logger(record(3)))
+    assert len(said) == 1 and f"The folder {folder} of the log {folder / 'log.csv'} was deleted" in said[0] \
+        and "starts again at iteration 3" in said[0] and "the rows before are not in it" in said[0], said
+    assert heard(lambda: logger(record(4))) == []
+    table = list(csv.DictReader(open(folder / "log.csv", newline="")))
+    assert [r["iteration"] for r in table] == ["3", "4"]
+    logger.close()
+
+
+def test_relative_paths_are_fixed_at_construction_so_a_chdir_does_not_move_the_log(tmp_path, monkeypatch):
+    """A relative CSVLogger path read again after ``os.chdir`` split the log in two folders (with a false
+    "deleted" warning) and left the first path held after close(); a relative TensorBoardLogger folder
+    split the same way. Now every user path is made absolute when the logger is built."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    tensorboard = _has_tensorboard()
+    csv_logger, tb_logger = mw.CSVLogger("log.csv"), mw.TensorBoardLogger("tb") if tensorboard else None
+    for i in (1, 2):
+        csv_logger(record(i))
+        if tensorboard:
+            tb_logger(record(i))
+    monkeypatch.chdir(tmp_path / "b")
+    assert heard(lambda: csv_logger(record(3))) == []
+    if tensorboard:
+        assert heard(lambda: tb_logger(record(3))) == []
+        tb_logger.close()
+        assert _tb_steps(tmp_path / "a" / "tb") == [1, 2, 3] and not (tmp_path / "b" / "tb").exists()
+    assert csv_logger.path == tmp_path / "a" / "log.csv" and not (tmp_path / "b" / "log.csv").exists()
+    assert [r["iteration"] for r in csv.DictReader(open(tmp_path / "a" / "log.csv", newline=""))] == ["1", "2", "3"]
+    csv_logger.close()
+    mw.CSVLogger(tmp_path / "a" / "log.csv").close()  # the path was given up, not held under its relative name
+
+
+class _PathLike:
+    """An ``os.PathLike`` that is not a ``Path`` (as pytest's ``tmpdir`` is)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __fspath__(self):
+        return self.path
+
+
+def test_any_os_pathlike_is_a_path(tmp_path):
+    """CSVLogger refused an os.PathLike that save_checkpoint took (TypeError "str or Path"), and
+    TensorBoardLogger took it for a writer; every path argument now goes through one reader."""
+    logger = mw.CSVLogger(_PathLike(tmp_path / "log.csv"))
+    logger(record(1))
+    assert logger.path == tmp_path / "log.csv" and (tmp_path / "log.csv").is_file()
+    logger.close()
+    if _has_tensorboard():
+        tb = mw.TensorBoardLogger(_PathLike(tmp_path / "tb"))
+        tb(record(1))
+        tb.close()
+        assert _tb_steps(tmp_path / "tb") == [1]
+    for bad in (3, "", _PathLike(""), b"log.csv"):
+        with pytest.raises(TypeError, match=r"`path` should be a file path \(a non-empty str, Path or other "
+                                            r"os\.PathLike\)\. Found"):
+            mw.CSVLogger(bad)
+
+
+def _has_tensorboard():
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_tensorboard_warnings_count_only_the_points_tensorboard_shows(tmp_path):
     """A folder logged at 1-10, resumed at 4 (hiding 4-10) and logged to 5: a second resume at 6 was told
     it hid "5 steps 6 to 10" (hidden already), and a new run was told the folder "holds a run logged at

@@ -987,6 +987,7 @@ def test_a_logger_that_cannot_write_warns_and_never_raises_after_the_step(tmp_pa
     b = batch(16)
     w.step(b, b)
     shutil.rmtree(folder)
+    folder.write_text("a file where the folder was")  # a deleted folder is made again; this cannot be
     with pytest.warns(RuntimeWarning, match="could not write iteration 2.*training step stands"):
         w.step(b, b)
     assert w.num_calls == 2
