@@ -337,19 +337,20 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
                 failure = exc
     width = 3 + 2 * len(steps_used)
     sides = 2
-    ok = torch.full((), 0.0 if failure is not None else 2.0 if refusal is not None else 1.0, dtype=torch.float64,
-                    device=device)  # (1 on every rank: compared; 2: refused; less: failed somewhere)
+    # (above 0 after the average: failed, or refused, on some rank; a failure anywhere wins)
+    flags = [torch.full((), float(flag), dtype=torch.float64, device=device)
+             for flag in (failure is not None, refusal is not None)]
     if failure is not None or refusal is not None or len(numbers) != sides * width:
         numbers = [torch.zeros((), dtype=torch.float64, device=device)] * (sides * width)
-    flat = reducer.mean([torch.stack([ok, *[n.detach().reshape(()).to(torch.float64) for n in numbers]])])[0]
+    flat = reducer.mean([torch.stack([*flags, *[n.detach().reshape(()).to(torch.float64) for n in numbers]])])[0]
     flat = flat.tolist()
     if failure is not None:
         raise failure
-    if flat[0] < 1.0:  # another rank's check raised: every rank leaves it alike
+    if flat[0] > 0.0:  # another rank's check raised: every rank leaves it alike
         raise RuntimeError("the gradient check failed on another rank")
-    if flat[0] > 1.0:
+    if flat[1] > 0.0:
         return GradientCheck(refusal or REENTRANT, None)
-    sides_numbers = [flat[1 + i:1 + i + width] for i in range(0, sides * width, width)]
+    sides_numbers = [flat[2 + i:2 + i + width] for i in range(0, sides * width, width)]
     relative = RELATIVE if wide else RELATIVE_OWN
     found = [_judge(sides_numbers[0], kind[0] in ("forward", "autograd"), TRAIN_SIDE[kind[0]], relative),
              _judge(sides_numbers[1], False, VAL_SIDE, relative)]
