@@ -15,9 +15,10 @@ nothing to learn; the rest are ``w.step()`` with a meta step.
 
 Timing: every variant runs one unit of 4 iterations per round, round-robin, so machine noise hits
 all alike; the median over rounds is reported. Memory: each variant runs in a fresh subprocess;
-on CUDA the allocator's peak over its value after set-up, on CPU the peak resident set (sampled
-every ms) over its value after set-up (activations and temporaries, the model and optimizer
-excluded). Counts, from ``torch.profiler`` over 4 iterations after 2 of warm-up, per iteration:
+the allocator's peak over its value after set-up (activations, temporaries and the optimizer's
+state; the model excluded): on CUDA ``max_memory_allocated``, on CPU the bytes glibc's malloc has
+handed out (``mallinfo2``, sampled every ms); on CPU also the peak resident set ("rss x"), which
+keeps what malloc freed without returning it to the system. Counts, from ``torch.profiler`` over 4 iterations after 2 of warm-up, per iteration:
 leaf ATen ops (``aten::`` ops with no ``aten::`` op below them: what would launch a kernel) and
 host reads (``aten::_local_scalar_dense``: ``.item()``, ``float(t)``, ``bool(t)``), on any device;
 on CUDA also the GPU kernel time, kernel launches and host synchronisations
@@ -27,6 +28,7 @@ on CUDA also the GPU kernel time, kernel launches and host synchronisations
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import os
@@ -246,7 +248,12 @@ def profile_counts(model_name, device, batch_size, name):
 
 
 def peak_memory_child(model_name, device, batch_size, name):
-    """Run in a subprocess: peak memory of UNIT iterations over the post-set-up baseline, in MiB."""
+    """Run in a subprocess: peak memory of UNIT iterations over the post-set-up baseline, in MiB, as
+    ``{"allocated": ..., "rss": ...}``. CUDA: the caching allocator's bytes allocated
+    (``max_memory_allocated``; rss None). CPU: the bytes malloc has handed out and not taken back
+    (glibc's ``mallinfo2``: ``uordblks + hblkhd``, the CPU's counterpart of CUDA's allocated bytes;
+    None without glibc) and the resident set (which also keeps what malloc freed but did not return
+    to the system), both sampled every millisecond."""
     iterate = setup(model_name, device, batch_size, name)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -255,14 +262,17 @@ def peak_memory_child(model_name, device, batch_size, name):
         for _ in range(UNIT):
             iterate()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _rss()
-    peak = [base]
+        return {"allocated": (torch.cuda.max_memory_allocated() - base) / 2**20, "rss": None}
+    probes = {"rss": _rss, "allocated": _malloc_in_use()}
+    probes = {k: f for k, f in probes.items() if f is not None}
+    base = {k: f() for k, f in probes.items()}
+    peak = dict(base)
     done = threading.Event()
 
-    def sample():  # the peak of the resident set, sampled every millisecond
+    def sample():  # the peaks, sampled every millisecond
         while not done.is_set():
-            peak[0] = max(peak[0], _rss())
+            for k, f in probes.items():
+                peak[k] = max(peak[k], f())
             time.sleep(0.001)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -271,12 +281,32 @@ def peak_memory_child(model_name, device, batch_size, name):
         iterate()
     done.set()
     thread.join()
-    return (max(peak[0], _rss()) - base) / 2**20
+    return {k: (max(peak[k], probes[k]()) - base[k]) / 2**20 if k in probes else None for k in ("allocated", "rss")}
 
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_in_use():
+    """A function giving the bytes glibc's malloc has handed out (``mallinfo2``), or None elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        info = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    info.restype = MallInfo2
+
+    def in_use() -> int:
+        m = info()
+        return m.uordblks + m.hblkhd
+    return in_use
 
 
 def gamma_grad_errors(model_name, device, batch_size):
@@ -336,14 +366,20 @@ def main(argv=None):
                 out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, name, "--device",
                                       args.device, "--batch-size", str(args.batch_size), "--threads",
                                       str(args.threads)], capture_output=True, text=True, check=True)
-                rows[name]["peak_mib"] = json.loads(out.stdout.strip().splitlines()[-1])
+                peaks = json.loads(out.stdout.strip().splitlines()[-1])
+                rows[name]["peak_mib"] = peaks["allocated"] if peaks["allocated"] is not None else peaks["rss"]
+                rows[name]["peak_rss_mib"] = peaks["rss"]
                 rows[name]["seconds_per_iteration"] = times[name]
             for name in names:
                 rows[name]["time_ratio"] = times[name] / times[BASELINE]
                 rows[name]["memory_ratio"] = rows[name]["peak_mib"] / rows[BASELINE]["peak_mib"]
+                if rows[name]["peak_rss_mib"] is not None:
+                    rows[name]["rss_ratio"] = rows[name]["peak_rss_mib"] / rows[BASELINE]["peak_rss_mib"]
         columns = [] if args.counts_only else [("s/iter", "seconds_per_iteration", "{:.3f}"),
                                                ("time x", "time_ratio", "{:.2f}"), ("peak MiB", "peak_mib", "{:.0f}"),
                                                ("mem x", "memory_ratio", "{:.2f}")]
+        if not args.counts_only and rows[BASELINE].get("rss_ratio") is not None:
+            columns += [("rss x", "rss_ratio", "{:.2f}")]
         columns += [("ops/iter", "leaf_ops", "{:.0f}"), ("ops x", "ops_ratio", "{:.2f}"),
                     ("kops/iter", "kernel_ops", "{:.0f}"), ("kops x", "kernel_ops_ratio", "{:.2f}"),
                     ("reads/iter", "host_reads", "{:.1f}")]

@@ -13,6 +13,7 @@ from torch.func import functional_call
 from metaweight._checks import check_has_values, in_dtype, per_term, real_numbers
 from metaweight._protocols import model_arguments
 from metaweight._record import MetaStepRecord
+from metaweight._transaction import Scratch
 from metaweight._weighting import Weighting, adam_update, check_number
 
 EPS = 1e-8  # as the official implementation: keeps log(L - L*) finite at the bound
@@ -106,6 +107,7 @@ class FAMO(Weighting):
         self.logits = torch.zeros(n, device=self.device, dtype=torch.float32)
         self.exp_avg = torch.zeros(n, device=self.device, dtype=torch.float32)
         self.exp_avg_sq = torch.zeros(n, device=self.device, dtype=torch.float32)
+        self._scratch = Scratch()  # the buffers' copy for the forward after the step, kept between steps
         self._setup()
 
     def _initial_gamma(self) -> Tensor:
@@ -137,8 +139,7 @@ class FAMO(Weighting):
         """The terms on ``train_batch`` at the current parameters, leaving buffers and random state as they were."""
         x, y = train_batch
         module = self.module
-        state = {**dict(module.named_parameters()),
-                 **{n: b.clone() for n, b in module.named_buffers()}}
+        state = {**dict(module.named_parameters()), **self._scratch.copy_of(dict(module.named_buffers()))}
         devices = [self.device] if self.device.type == "cuda" else []
         enabled, dtype = getattr(self, "_autocast", (False, None))
         with torch.random.fork_rng(devices=devices), torch.autocast(self.device.type, dtype=dtype, enabled=enabled):

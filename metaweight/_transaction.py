@@ -9,7 +9,7 @@ A step found non-finite must leave all of them as they were. This module keeps e
   step is refused;
 * :class:`StateSnapshot` keeps gamma, its optimizer's state and the validation objective's
   state as device copies (a few small tensors), never through ``state_dict()`` or ``.cpu()``;
-* :func:`nonfinite_flag` decides whether a loss, all gradients and all floating-point buffers
+* :func:`nonfinite_flag` decides whether a loss and all gradients
   are finite with one fused kernel per device and dtype
   (``torch._amp_foreach_non_finite_check_and_unscale_``, as ``torch.amp.GradScaler`` does) and
   leaves the answer on the device;
@@ -143,6 +143,7 @@ class BufferSnapshot:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self._flat = FlatCopies()
+        self._now = FlatCopies()  # the buffers after the step, for became_nonfinite
         self._saved: list[Tensor] = []  # views of the flat storage, one per buffer, its shape
         self._live: list[Tensor] = []
         self._names: list[str] = []
@@ -186,6 +187,39 @@ class BufferSnapshot:
     def as_dict(self) -> dict[str, Tensor]:
         """The saved buffers by name (views of the snapshot; valid until the next :meth:`save`)."""
         return dict(zip(self._names, self._saved))
+
+    @torch.no_grad()
+    def became_nonfinite(self, device: torch.device) -> Tensor:
+        """A float tensor of shape ``[1]`` on ``device``: 1 if an entry of a floating-point buffer is inf or NaN
+        now and was finite at :meth:`save`, else 0. No host read.
+
+        A buffer that holds non-finite values by design (an attention mask of ``-inf``) is left to the
+        model: only what the step made non-finite (BatchNorm statistics of a diverging forward) counts.
+        The buffers are compared through flat storage kept between calls: one ``torch.cat`` per device
+        and dtype, and a handful of elementwise ops on each flat vector. A buffer the forward replaced
+        by one of another shape, or added, counts wherever it is non-finite.
+        """
+        found = torch.zeros(1, device=device, dtype=torch.float32)
+        current = dict(self.module.named_buffers())
+        now = [current.get(n) for n in self._names]
+        pairs: list[tuple[Tensor, Tensor | None]] = []
+        if len(current) == len(now) and all(b is not None and b.shape == s.shape and b.dtype == s.dtype and
+                                            b.device == s.device for b, s in zip(now, self._saved)):
+            # the floating-point buffers only (not BatchNorm's integer counters), flat: their groups come in
+            # the snapshot's order, so that the two flat vectors of a group hold the same buffers
+            self._now.copy([b for b in now if b is not None and b.is_floating_point()])
+            before = [flat for _, flat, _ in self._flat._plan if flat.is_floating_point()]
+            pairs = list(zip([flat for _, flat, _ in self._now._plan], before))
+        else:  # a buffer replaced by one of another shape, added or removed: compared one by one
+            saved = dict(zip(self._names, self._saved))
+            pairs = [(b.reshape(-1), saved[n].reshape(-1) if n in saved and saved[n].shape == b.shape else None)
+                     for n, b in current.items() if b.is_floating_point()]
+        for after, before in pairs:
+            bad = ~torch.isfinite(after)
+            if before is not None:
+                bad = bad & torch.isfinite(before)
+            found = found + bad.any().to(device=device, dtype=torch.float32)
+        return found.clamp_max(1.0)
 
 
 class Scratch:
@@ -327,7 +361,8 @@ class StepTransaction:
         loss, every gradient and every floating-point buffer are finite on every rank (one all-reduce
         under DDP), the loss, the terms and gamma; and ``meta``, a pending meta step's values."""
         grads = [p.grad for p in self.module.parameters()]
-        flag = nonfinite_flag(loss, grads + [b for b in self.module.buffers()])
+        flag = nonfinite_flag(loss, grads)
+        flag = (flag + self.buffers.became_nonfinite(flag.device)).clamp_max(1.0)
         flag = self.reducer.mean([flag])[0]
         values = host_read([flag, loss, terms, owner.gamma, *meta])
         n = owner.gamma.numel()

@@ -699,7 +699,9 @@ class HarmonizedWeighter(NamedWeights):
         of 1.15x the peak memory of a plain iteration). If anything fails, the model's buffers
         are restored.
 
-        A step whose weighted loss or gradient is not finite (on any rank) is never taken:
+        A step whose weighted loss or gradient is not finite, or whose forward made a buffer
+        non-finite (BatchNorm statistics; a buffer non-finite by design, such as a mask of
+        ``-inf``, is left alone), on any rank, is never taken:
         the model's parameters, buffers and optimizer state, gamma and the validation
         average are left as they were before the call; with ``nonfinite="raise"`` a
         ``ValueError`` says so, with ``"skip"`` a ``RuntimeWarning`` does and

@@ -44,6 +44,7 @@ from torch.utils.hooks import RemovableHandle
 from metaweight._checks import integer_value, masked_label_hint, real_option
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
+from metaweight._transaction import BufferSnapshot, host_read, nonfinite_flag
 from metaweight._warn import raise_or_skip_step, warn_user
 
 Batch = Sequence[Any]
@@ -236,6 +237,7 @@ class Weighting(NamedWeights):
         self._pending: Tensor | None = None  # the detached terms of the last loss() call
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         self.last_meta = MetaStepRecord(0)
+        self._buffers = BufferSnapshot(module)  # step()'s copy of the buffers, kept between steps
         for callback in callbacks:
             self.register_meta_step_hook(callback)
 
@@ -370,9 +372,12 @@ class Weighting(NamedWeights):
     def step(self, train_batch: Batch, val_batch: Batch | None = None) -> MetaStepRecord:
         """One training iteration: forward, :meth:`loss`, backward, the optimizer's step, :meth:`meta_step`.
 
-        A step whose loss or gradient is not finite (on any rank) is not taken: the model's
-        parameters, buffers and optimizer state and the weights are left as they were; with
-        ``nonfinite="raise"`` a ``ValueError`` says so, with ``"skip"`` a warning does.
+        A step whose loss or gradient is not finite, or whose forward made a buffer non-finite (BatchNorm
+        statistics; a buffer non-finite by design, such as a mask of ``-inf``, is left alone), on any rank,
+        is not taken: the model's parameters, buffers and optimizer state and the weights are left as
+        they were; with ``nonfinite="raise"`` a ``ValueError`` says so, with ``"skip"`` a warning does.
+        The buffers are kept for that in flat storage on their device, and the decision, the loss and the
+        terms come back to the host in one read (as :class:`HarmonizedWeighter`'s step transaction).
 
         Returns the :class:`MetaStepRecord` of :meth:`meta_step` with ``loss`` and
         ``model_step_skipped`` filled in.
@@ -380,44 +385,35 @@ class Weighting(NamedWeights):
         if not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
             self._check_batch(train_batch if train_batch is not None else ())
         x, y = train_batch
-        buffers = [b.detach().clone() for b in self.module.buffers()]
+        snapshot = self._buffers
+        snapshot.save()
         try:
             loss = self.loss(call_model(self.model, x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         except Exception:
-            self._restore_buffers(buffers)
+            snapshot.restore()
             self._pending = None
             raise
-        if not self._finite_update(loss):
+        flag = nonfinite_flag(loss, [p.grad for p in self.module.parameters()])
+        flag = self._mean_over_ranks((flag + snapshot.became_nonfinite(flag.device)).clamp_max(1.0))
+        values = host_read([flag, loss, self.last_terms])  # the decision and the record's numbers, one read
+        value = values[1]
+        if values[0] != 0.0:
             self.optimizer.zero_grad(set_to_none=True)
-            self._restore_buffers(buffers)
+            snapshot.restore()
             self._pending = None
-            message = (f"The weighted training loss ({float(loss.detach())}) or its gradient is not finite "
-                       f"(terms {self.terms_dict()}). The step was not taken: parameters, buffers, optimizer "
-                       f"state and weights are as before this call. Check the batch and the learning rate."
-                       f"{masked_label_hint(self.terms_dict())}")
+            terms = dict(zip(self.term_names, values[2:]))
+            message = (f"The weighted training loss ({value}), its gradient or a buffer the forward updated "
+                       f"(e.g. BatchNorm statistics) is not finite (terms {terms}). The step was not taken: "
+                       f"parameters, buffers, optimizer state and weights are as before this call. Check the "
+                       f"batch and the learning rate.{masked_label_hint(terms)}")
             raise_or_skip_step(self, message)
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
-                                  terms=self.terms_dict(), loss=float(loss.detach()), model_step_skipped=True,
-                                  message=message)
+                                  terms=terms, loss=value, model_step_skipped=True, message=message)
         self.optimizer.step()
         record = self.meta_step(train_batch, val_batch)
-        return dataclasses.replace(record, loss=float(loss.detach()), model_step_skipped=False)
-
-    def _restore_buffers(self, saved: list[Tensor]) -> None:
-        with torch.no_grad():
-            for b, s in zip(self.module.buffers(), saved):
-                b.copy_(s)
-
-    def _finite_update(self, loss: Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).all()
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if grads:
-            norms = torch._foreach_norm(grads)
-            finite = finite & torch.isfinite(torch.stack(norms)).all()
-        flag = self._mean_over_ranks(finite.float().reshape(1))
-        return bool(flag.item() == 1.0)
+        return dataclasses.replace(record, loss=value, model_step_skipped=False)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -334,3 +334,76 @@ def test_fast_step_whose_meta_step_is_non_finite_after_the_model_s_step_skips_it
     assert record.skipped and not record.model_step_skipped and torch.equal(w.gamma, gamma)
     assert not _same(weights, model.state_dict())
     assert (w.num_calls, w.num_meta_steps, w.num_skipped) == (2, 1, 1)
+
+
+class Masked(torch.nn.Module):
+    """A layer holding a buffer non-finite by design (an additive mask of -inf, as attention masks are),
+    and a buffer its forward updates (a running mean, as BatchNorm's), which a NaN input makes NaN."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("mask", torch.tensor([0.0, float("-inf")] * (width // 2)))
+        self.register_buffer("running", torch.zeros(width))
+
+    def forward(self, h):
+        if self.training:
+            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return h + torch.where(torch.isinf(self.mask), torch.zeros_like(h), self.mask)
+
+
+def one_call_steps():
+    """Every weighter's one-call step(): HDKD's modes and backends and each loss weighting."""
+    from test_weightings import options
+    made = [(f"hdkd {o}", lambda m, opt, o=o: mw.HarmonizedWeighter(m, opt, mw.DenseDistillLoss(2), **o))
+            for o in ({}, {"backend": "finite_difference"}, {"mode": "fast"}, {"learn": False})]
+    made += [(name, lambda m, opt, name=name: mw.WEIGHTINGS[name](m, opt, mw.DenseDistillLoss(2), **options(name, m)))
+             for name in mw.WEIGHTINGS]
+    return made
+
+
+@pytest.mark.parametrize("name, make", one_call_steps(), ids=[n for n, _ in one_call_steps()])
+def test_a_buffer_nonfinite_by_design_trains_and_a_buffer_the_step_made_nonfinite_is_refused(name, make):
+    """Only what the step made non-finite decides: a -inf mask the model holds does not refuse every step
+    (it did, for HarmonizedWeighter), and a running statistic a NaN batch poisons is refused, putting
+    back the model, its optimizer and the weights bit for bit (the loss stays finite: the NaN reaches
+    only the buffer)."""
+    torch.manual_seed(0)
+    model = tiny_net(2, batchnorm=False)
+    model.stages[0].append(Masked(10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = make(model, opt)
+    w.nonfinite = "skip"
+    (x, y), val = batch(), batch()
+    for _ in range(2):
+        before = copy.deepcopy(model.state_dict())
+        record = w.step((x, y.clone()), val)
+        assert not record.model_step_skipped, name
+        assert not torch.equal(model.state_dict()["stages.0.0.weight"], before["stages.0.0.weight"])
+    assert torch.isinf(model.stages[0][2].mask).any()
+    params, state, gamma = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), w.gamma.clone()
+
+    def poison(module, args):
+        module.running.fill_(float("nan")) if module.training else None
+    handle = model.stages[0][2].register_forward_pre_hook(poison)
+    with quiet():
+        refused = w.step((x, y.clone()), val)
+    handle.remove()
+    assert refused.model_step_skipped and math.isfinite(refused.loss), name
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), (name, k)
+    assert str(opt.state_dict()) == str(state) and torch.equal(w.gamma, gamma)
+
+
+@pytest.mark.parametrize("name", list(mw.WEIGHTINGS))
+def test_a_loss_weighting_step_reads_the_host_at_most_three_times_whatever_the_number_of_parameters(name):
+    """The labels, the step's decision with its loss and terms, and the method's update (FAMO: its
+    forward after the step adds the labels' check of that forward)."""
+    from test_weightings import options
+    counts = []
+    for width in (10, 40):
+        torch.manual_seed(0)
+        model = tiny_net(3, width=width)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        w = mw.WEIGHTINGS[name](model, opt, mw.DenseDistillLoss(3), **options(name, model))
+        counts.append(reads_per_step(w, model))
+    assert counts[0] == counts[1] <= 3, counts
