@@ -21,10 +21,11 @@ A step found non-finite must leave all of them as they were. This module keeps e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -137,6 +138,24 @@ class FlatCopies:
         self.copies = [views[i] for i in range(len(tensors))]
 
 
+def remove_buffers(module: nn.Module, names: Iterable[str]) -> None:
+    """Remove the buffers ``names`` (dotted, as ``named_buffers`` gives them) from ``module``'s submodules."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        del module.get_submodule(owner)._buffers[leaf]
+
+
+@contextlib.contextmanager
+def registered_buffers_removed(module: nn.Module) -> Iterator[None]:
+    """On exit, remove every buffer registered in ``module`` inside the block (a mask or a table a model builds
+    at its first forward): for forwards outside the user's step, which must leave the model as they found it."""
+    names = {n for n, _ in module.named_buffers()}
+    try:
+        yield
+    finally:
+        remove_buffers(module, [n for n, _ in module.named_buffers() if n not in names])
+
+
 class BufferSnapshot:
     """The module's buffers before a step, in flat storage kept between steps (:class:`FlatCopies`)."""
 
@@ -167,22 +186,20 @@ class BufferSnapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put the buffers back as :meth:`save` found them; a buffer the forward re-assigned (``self.b =
-        self.b + 1``) is put back under its name."""
-        if not self._live:
-            return
+        """Put the buffers back as :meth:`save` found them: a buffer the forward re-assigned (``self.b =
+        self.b + 1``) or registered anew (a mask grown to a longer sequence) is put back under its name, and
+        a buffer the forward registered (a mask built on the first call) is removed."""
         current = dict(self.module.named_buffers())
-        if all(current.get(n) is b for n, b in zip(self._names, self._live)):
-            torch._foreach_copy_(self._live, self._saved)
+        if len(current) == len(self._names) and all(current.get(n) is b for n, b in zip(self._names, self._live)):
+            if self._live:
+                torch._foreach_copy_(self._live, self._saved)
             return
+        remove_buffers(self.module, current.keys() - set(self._names))
         for name, old, saved in zip(self._names, self._live, self._saved):
-            now = current.get(name)
-            if now is old:
-                old.copy_(saved)
-            else:
+            if current.get(name) is not old:
                 owner, _, leaf = name.rpartition(".")
                 self.module.get_submodule(owner)._buffers[leaf] = old
-                old.copy_(saved)
+            old.copy_(saved)
 
     def as_dict(self) -> dict[str, Tensor]:
         """The saved buffers by name (views of the snapshot; valid until the next :meth:`save`)."""
@@ -190,14 +207,16 @@ class BufferSnapshot:
 
     @torch.no_grad()
     def became_nonfinite(self, device: torch.device) -> Tensor:
-        """A float tensor of shape ``[1]`` on ``device``: 1 if an entry of a floating-point buffer is inf or NaN
-        now and was finite at :meth:`save`, else 0. No host read.
+        """A float tensor of shape ``[1]`` on ``device``: 1 if the step made an entry of a floating-point buffer
+        non-finite, else 0. No host read.
 
-        A buffer that holds non-finite values by design (an attention mask of ``-inf``) is left to the
-        model: only what the step made non-finite (BatchNorm statistics of a diverging forward) counts.
-        The buffers are compared through flat storage kept between calls: one ``torch.cat`` per device
-        and dtype, and a handful of elementwise ops on each flat vector. A buffer the forward replaced
-        by one of another shape, or added, counts wherever it is non-finite.
+        An entry counts where it is inf or NaN now and was different at :meth:`save`, finite or not, unless it
+        was NaN then: a buffer that holds non-finite values by design (an attention mask of ``-inf``) is left
+        to the model, and what the step made non-finite (BatchNorm statistics of a diverging forward, a mask
+        entry turned NaN) counts. A buffer the forward registered, or registered anew at another shape (a
+        mask built on the first call, or grown to a longer sequence), has nothing to compare with: it counts
+        where it is NaN, never a value by design. The buffers are compared through flat storage kept between
+        calls: one ``torch.cat`` per device and dtype, and a handful of elementwise ops on each flat vector.
         """
         found = torch.zeros(1, device=device, dtype=torch.float32)
         current = dict(self.module.named_buffers())
@@ -210,14 +229,16 @@ class BufferSnapshot:
             self._now.copy([b for b in now if b is not None and b.is_floating_point()])
             before = [flat for _, flat, _ in self._flat._plan if flat.is_floating_point()]
             pairs = list(zip([flat for _, flat, _ in self._now._plan], before))
-        else:  # a buffer replaced by one of another shape, added or removed: compared one by one
+        else:  # a buffer registered, or registered anew at another shape or dtype: compared one by one
             saved = dict(zip(self._names, self._saved))
-            pairs = [(b.reshape(-1), saved[n].reshape(-1) if n in saved and saved[n].shape == b.shape else None)
+            pairs = [(b, saved[n] if n in saved and saved[n].shape == b.shape and saved[n].dtype == b.dtype
+                      and saved[n].device == b.device else None)
                      for n, b in current.items() if b.is_floating_point()]
         for after, before in pairs:
-            bad = ~torch.isfinite(after)
-            if before is not None:
-                bad = bad & torch.isfinite(before)
+            if before is None:
+                bad = torch.isnan(after)
+            else:  # non-finite now, changed (NaN != NaN), and not NaN before
+                bad = ~torch.isfinite(after) & (after != before) & ~torch.isnan(before)
             found = found + bad.any().to(device=device, dtype=torch.float32)
         return found.clamp_max(1.0)
 

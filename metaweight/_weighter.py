@@ -37,7 +37,7 @@ from metaweight._protocols import Objective, Terms
 from metaweight._randomness import NEW_GENERATOR, model_generators, new_generators
 from metaweight._record import MetaStepRecord
 from metaweight._twocall import TwoCall
-from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read
+from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read, registered_buffers_removed
 from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
@@ -560,30 +560,31 @@ class HarmonizedWeighter(NamedWeights):
                                      movable=self._exact.lookahead_names if self.mode == "exact" else None,
                                      active=self._active, reducer=self._reducer, run=run, wide=wide)
 
-        try:
+        with registered_buffers_removed(self.module):  # (a mask built by the check's first forward)
             try:
-                found = check(True)
-            except Exception:  # (every rank alike) a model that cannot run on float64 copies: its own dtype
-                if new_generators(self.module, generators):
-                    raise
-                found = check(False)
-        except Exception as exc:
-            appeared = new_generators(self.module, generators)
-            if appeared:  # the look-ahead could not replay this model's random numbers either
-                raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared))) from None
-            first = (str(exc).splitlines() or [""])[0][:200]
-            failed, self._gradcheck_failed = self._gradcheck_failed, (self.num_meta_steps, f"{type(exc).__name__}: "
-                                                                                          f"{first}")
-            # an error of the model's or the data's comes again from the step itself, which says it: only once a
-            # meta step went through since is the failure the float64 copies' own, and said
-            if failed is not None and self.num_meta_steps > failed[0]:
-                self._gradients_checked = True
-                warn_user(f"metaweight could not check the model's gradients against the derivatives of its values "
-                          f"on float64 copies ({failed[1]}). The meta-gradient is exact only if the model has no "
-                          f"stop-gradient or custom backward (detach, .data, no_grad, .item() rescales, "
-                          f"straight-through estimators) on the path to its exits; pass check_gradients=False to "
-                          f"silence this.")
-            return
+                try:
+                    found = check(True)
+                except Exception:  # (every rank alike) a model that cannot run on float64 copies: its own dtype
+                    if new_generators(self.module, generators):
+                        raise
+                    found = check(False)
+            except Exception as exc:
+                appeared = new_generators(self.module, generators)
+                if appeared:  # the look-ahead could not replay this model's random numbers either
+                    raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared))) from None
+                first = (str(exc).splitlines() or [""])[0][:200]
+                failed, self._gradcheck_failed = self._gradcheck_failed, (self.num_meta_steps, f"{type(exc).__name__}: "
+                                                                                              f"{first}")
+                # an error of the model's or the data's comes again from the step itself, which says it: only once a
+                # meta step went through since is the failure the float64 copies' own, and said
+                if failed is not None and self.num_meta_steps > failed[0]:
+                    self._gradients_checked = True
+                    warn_user(f"metaweight could not check the model's gradients against the derivatives of its values "
+                              f"on float64 copies ({failed[1]}). The meta-gradient is exact only if the model has no "
+                              f"stop-gradient or custom backward (detach, .data, no_grad, .item() rescales, "
+                              f"straight-through estimators) on the path to its exits; pass check_gradients=False to "
+                              f"silence this.")
+                return
         if found.refusal is not None:
             raise ValueError(found.refusal)
         self._gradients_checked = found.finite  # (non-finite data, which the step refuses: checked next time)
@@ -701,7 +702,8 @@ class HarmonizedWeighter(NamedWeights):
 
         A step whose weighted loss or gradient is not finite, or whose forward made a buffer
         non-finite (BatchNorm statistics; a buffer non-finite by design, such as a mask of
-        ``-inf``, is left alone), on any rank, is never taken:
+        ``-inf``, is left alone, and one the forward registers or grows counts only where it is
+        NaN: the loop guide's rule), on any rank, is never taken:
         the model's parameters, buffers and optimizer state, gamma and the validation
         average are left as they were before the call; with ``nonfinite="raise"`` a
         ``ValueError`` says so, with ``"skip"`` a ``RuntimeWarning`` does and

@@ -373,7 +373,8 @@ class Weighting(NamedWeights):
         """One training iteration: forward, :meth:`loss`, backward, the optimizer's step, :meth:`meta_step`.
 
         A step whose loss or gradient is not finite, or whose forward made a buffer non-finite (BatchNorm
-        statistics; a buffer non-finite by design, such as a mask of ``-inf``, is left alone), on any rank,
+        statistics; a buffer non-finite by design, such as a mask of ``-inf``, is left alone, and one the forward
+        registers or grows counts only where it is NaN: the loop guide's rule), on any rank,
         is not taken: the model's parameters, buffers and optimizer state and the weights are left as
         they were; with ``nonfinite="raise"`` a ``ValueError`` says so, with ``"skip"`` a warning does.
         The buffers are kept for that in flat storage on their device, and the decision, the loss and the

@@ -348,7 +348,7 @@ class Masked(torch.nn.Module):
     def forward(self, h):
         if self.training:
             self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
-        return h + torch.where(torch.isinf(self.mask), torch.zeros_like(h), self.mask)
+        return h + torch.where(torch.isfinite(self.mask), self.mask, torch.zeros_like(h))
 
 
 def one_call_steps():
@@ -364,9 +364,9 @@ def one_call_steps():
 @pytest.mark.parametrize("name, make", one_call_steps(), ids=[n for n, _ in one_call_steps()])
 def test_a_buffer_nonfinite_by_design_trains_and_a_buffer_the_step_made_nonfinite_is_refused(name, make):
     """Only what the step made non-finite decides: a -inf mask the model holds does not refuse every step
-    (it did, for HarmonizedWeighter), and a running statistic a NaN batch poisons is refused, putting
-    back the model, its optimizer and the weights bit for bit (the loss stays finite: the NaN reaches
-    only the buffer)."""
+    (it did, for HarmonizedWeighter), and a running statistic a NaN batch poisons, or a mask entry turned
+    from -inf to NaN, is refused, putting back the model, its optimizer and the weights bit for bit (the
+    loss stays finite: the NaN reaches only the buffer)."""
     torch.manual_seed(0)
     model = tiny_net(2, batchnorm=False)
     model.stages[0].append(Masked(10))
@@ -384,14 +384,17 @@ def test_a_buffer_nonfinite_by_design_trains_and_a_buffer_the_step_made_nonfinit
 
     def poison(module, args):
         module.running.fill_(float("nan")) if module.training else None
-    handle = model.stages[0][2].register_forward_pre_hook(poison)
-    with quiet():
-        refused = w.step((x, y.clone()), val)
-    handle.remove()
-    assert refused.model_step_skipped and math.isfinite(refused.loss), name
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, params[k]), (name, k)
-    assert str(opt.state_dict()) == str(state) and torch.equal(w.gamma, gamma)
+    def unmask(module, args):  # a mask entry -inf by design turned NaN
+        module.mask.masked_fill_(torch.isinf(module.mask), float("nan")) if module.training else None
+    for hook in (poison, unmask):
+        handle = model.stages[0][2].register_forward_pre_hook(hook)
+        with quiet():
+            refused = w.step((x, y.clone()), val)
+        handle.remove()
+        assert refused.model_step_skipped and math.isfinite(refused.loss), (name, hook)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, params[k]), (name, k)
+        assert str(opt.state_dict()) == str(state) and torch.equal(w.gamma, gamma)
 
 
 @pytest.mark.parametrize("name", list(mw.WEIGHTINGS))
@@ -407,3 +410,59 @@ def test_a_loss_weighting_step_reads_the_host_at_most_three_times_whatever_the_n
         w = mw.WEIGHTINGS[name](model, opt, mw.DenseDistillLoss(3), **options(name, model))
         counts.append(reads_per_step(w, model))
     assert counts[0] == counts[1] <= 3, counts
+
+
+class Growing(torch.nn.Module):
+    """A layer that builds its additive mask (rows alternately 0 and -inf) in its forward, registering it
+    on the first call and anew, larger, when a larger batch comes (as causal-mask and rotary caches grow
+    with the sequence), and a running mean its forward updates."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("running", torch.zeros(width))
+
+    def forward(self, h):
+        n = h.shape[0]
+        if getattr(self, "mask", None) is None or self.mask.shape[0] < n:
+            mask = torch.zeros(n, 1, dtype=h.dtype)
+            mask[1::2] = float("-inf")
+            self.register_buffer("mask", mask)
+        if self.training:
+            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        mask = self.mask[:n]
+        return h + torch.where(torch.isinf(mask), torch.zeros_like(h), mask)
+
+
+@pytest.mark.parametrize("name, make", one_call_steps(), ids=[n for n, _ in one_call_steps()])
+def test_a_mask_the_forward_registers_or_grows_trains_and_a_refusal_puts_back_the_buffers_as_they_were(name, make):
+    """A -inf mask registered in the first forward (training batch of 8) and registered anew at the
+    validation batch's 12 rows does not refuse the step; a refused step then puts back every buffer as it
+    was, the mask at its size before the call and, on a first call, no mask at all."""
+    torch.manual_seed(0)
+    model = tiny_net(2, batchnorm=False)
+    model.stages[0].append(Growing(10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = make(model, opt)
+    w.nonfinite = "skip"
+    train, val = batch(8), batch(12)
+
+    def poison(module, args):
+        module.running.fill_(float("nan")) if module.training else None
+
+    handle = model.stages[0][2].register_forward_pre_hook(poison)
+    with quiet():
+        assert w.step(train, val).model_step_skipped, name
+    handle.remove()
+    assert "stages.0.2.mask" not in model.state_dict(), name
+    for _ in range(2):
+        before = copy.deepcopy(model.state_dict())
+        assert not w.step(train, val).model_step_skipped, name
+        assert not torch.equal(model.state_dict()["stages.0.0.weight"], before["stages.0.0.weight"])
+    params = copy.deepcopy(model.state_dict())
+    handle = model.stages[0][2].register_forward_pre_hook(poison)
+    with quiet():
+        assert w.step(batch(16), val).model_step_skipped, name  # (the forward grows the mask to 16 rows)
+    handle.remove()
+    assert model.state_dict().keys() == params.keys(), name
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), (name, k)
