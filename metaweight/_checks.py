@@ -221,6 +221,18 @@ def check_device_available(device: torch.device, name: str = "device") -> None:
 IGNORE_INDEX = -100  # as torch.nn.functional.cross_entropy: labels equal to it are not scored
 
 
+def check_initialized(module: torch.nn.Module) -> None:
+    """Refuse a model holding lazy (uninitialized) parameters or buffers (``nn.LazyLinear``,
+    ``nn.LazyBatchNorm1d``): their shapes come with the first forward, after the optimizer was built."""
+    from torch.nn.parameter import is_lazy
+
+    lazy = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if is_lazy(t)]
+    if lazy:
+        raise ValueError(f"The model holds uninitialized (lazy) parameters or buffers: {lazy[:5]}"
+                         f"{' ...' if len(lazy) > 5 else ''}. Run one forward pass (model(x) on a batch) before "
+                         f"building the optimizer and the weighter, as PyTorch advises for lazy modules.")
+
+
 def check_ignore_index(ignore_index: object) -> int:
     """The one check of an ``ignore_index`` argument (the losses, the validation objectives,
     :func:`collect_logits`): an int, never a bool (``True == 1`` would silently drop every class-1

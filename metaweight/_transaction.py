@@ -138,22 +138,56 @@ class FlatCopies:
         self.copies = [views[i] for i in range(len(tensors))]
 
 
-def remove_buffers(module: nn.Module, names: Iterable[str]) -> None:
-    """Remove the buffers ``names`` (dotted, as ``named_buffers`` gives them) from ``module``'s submodules."""
-    for name in names:
-        owner, _, leaf = name.rpartition(".")
-        del module.get_submodule(owner)._buffers[leaf]
+class Layout:
+    """A module's buffers by name, with which submodules it holds and which buffer slots are empty
+    (``register_buffer(name, None)``, a cache filled at the first forward), from one walk over its modules:
+    what :meth:`put_back` needs to undo what a forward built (a buffer registered, a submodule created)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.names: list[str] = []
+        self.buffers: list[Tensor] = []
+        self.modules: set[int] = set()
+        self.empty: set[tuple[int, str]] = set()
+        seen: set[int] = set()
+        for prefix, m in module.named_modules():  # (named_buffers' order and its removal of duplicates)
+            self.modules.add(id(m))
+            for leaf, b in m._buffers.items():
+                if b is None:
+                    self.empty.add((id(m), leaf))
+                elif id(b) not in seen:
+                    seen.add(id(b))
+                    self.names.append(f"{prefix}.{leaf}" if prefix else leaf)
+                    self.buffers.append(b)
+
+    def put_back(self, module: nn.Module) -> None:
+        """Undo what was built since: remove the submodules created (whole) and the buffers registered, and
+        empty again the slots that were empty. Buffers that were there are left to the caller."""
+        for m in list(module.modules()):
+            if id(m) in self.modules:
+                for key, child in list(m._modules.items()):
+                    if child is not None and id(child) not in self.modules:
+                        del m._modules[key]
+        known = set(self.names)
+        for name, _ in list(module.named_buffers()):
+            if name not in known:
+                owner, _, leaf = name.rpartition(".")
+                m = module.get_submodule(owner)
+                if (id(m), leaf) in self.empty:
+                    m._buffers[leaf] = None
+                else:
+                    del m._buffers[leaf]
 
 
 @contextlib.contextmanager
 def registered_buffers_removed(module: nn.Module) -> Iterator[None]:
-    """On exit, remove every buffer registered in ``module`` inside the block (a mask or a table a model builds
-    at its first forward): for forwards outside the user's step, which must leave the model as they found it."""
-    names = {n for n, _ in module.named_buffers()}
+    """On exit, undo every buffer registered and submodule created in ``module`` inside the block (a mask, a
+    table or a layer a model builds at its first forward; :meth:`Layout.put_back`): for forwards outside the
+    user's step, which must leave the model as they found it."""
+    layout = Layout(module)
     try:
         yield
     finally:
-        remove_buffers(module, [n for n, _ in module.named_buffers() if n not in names])
+        layout.put_back(module)
 
 
 class BufferSnapshot:
@@ -166,12 +200,12 @@ class BufferSnapshot:
         self._saved: list[Tensor] = []  # views of the flat storage, one per buffer, its shape
         self._live: list[Tensor] = []
         self._names: list[str] = []
+        self._layout: Layout | None = None
 
     def save(self) -> None:
         """Copy every buffer (floating point or not) into the snapshot."""
-        named = list(self.module.named_buffers())
-        self._names = [n for n, _ in named]
-        self._live = [b for _, b in named]
+        self._layout = Layout(self.module)
+        self._names, self._live = self._layout.names, self._layout.buffers
         self._saved = self._flat.copy(self._live)
 
     @property
@@ -188,18 +222,27 @@ class BufferSnapshot:
     def restore(self) -> None:
         """Put the buffers back as :meth:`save` found them: a buffer the forward re-assigned (``self.b =
         self.b + 1``) or registered anew (a mask grown to a longer sequence) is put back under its name, and
-        a buffer the forward registered (a mask built on the first call) is removed."""
+        a buffer the forward registered (a mask built on the first call) or a submodule it created is removed,
+        a slot it filled (``register_buffer(name, None)``) emptied again, and a buffer it resized in place
+        (``self.mask.data = bigger``) given back its size."""
+        if self._layout is None:
+            return
         current = dict(self.module.named_buffers())
-        if len(current) == len(self._names) and all(current.get(n) is b for n, b in zip(self._names, self._live)):
+        if len(current) == len(self._names) and all(current.get(n) is b and b.shape == s.shape for n, b, s in
+                                                    zip(self._names, self._live, self._saved)) and \
+                Layout(self.module).modules == self._layout.modules:
             if self._live:
                 torch._foreach_copy_(self._live, self._saved)
             return
-        remove_buffers(self.module, current.keys() - set(self._names))
+        self._layout.put_back(self.module)
         for name, old, saved in zip(self._names, self._live, self._saved):
             if current.get(name) is not old:
                 owner, _, leaf = name.rpartition(".")
                 self.module.get_submodule(owner)._buffers[leaf] = old
-            old.copy_(saved)
+            if old.shape != saved.shape:
+                old.data = saved.clone()
+            else:
+                old.copy_(saved)
 
     def as_dict(self) -> dict[str, Tensor]:
         """The saved buffers by name (views of the snapshot; valid until the next :meth:`save`)."""

@@ -26,8 +26,9 @@ from metaweight._backends import (BACKENDS, Backend, BackendName, FiniteDifferen
                                   make_backend)
 from metaweight._gradcheck import gradient_mismatch
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
-from metaweight._checks import (check_flag, check_has_values, IGNORE_INDEX, forget_labels, in_dtype, integer_value,
-                               masked_label_hint, per_term, real_numbers, real_option, real_scalar, unpack_batch)
+from metaweight._checks import (check_flag, check_initialized, check_has_values, IGNORE_INDEX, forget_labels,
+                               in_dtype, integer_value, masked_label_hint, per_term, real_numbers, real_option,
+                               real_scalar, unpack_batch)
 from metaweight._clipping import ClipGradNorm, check_max_norm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -242,6 +243,7 @@ class HarmonizedWeighter(NamedWeights):
                                      lambda v: math.isfinite(v) and v > 0)
         check_optimizer_covers_model(inner, model)
         ddp, module = unwrap_model(model)
+        check_initialized(module)
         distributed = ddp is not None
         if isinstance(module, nn.DataParallel) or isinstance(model, nn.DataParallel):
             raise TypeError("nn.DataParallel is not supported; use DistributedDataParallel (one process per GPU).")

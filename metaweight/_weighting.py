@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from metaweight._checks import integer_value, masked_label_hint, real_option
+from metaweight._checks import check_initialized, integer_value, masked_label_hint, real_option
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import BufferSnapshot, host_read, nonfinite_flag
@@ -214,6 +214,7 @@ class Weighting(NamedWeights):
             raise TypeError("`callbacks` should be a sequence of callables taking a MetaStepRecord.")
         terms = Terms(criterion, term_names)
         ddp, module = unwrap_model(model)
+        check_initialized(module)
         self.model = model
         self.module = module
         self.optimizer = optimizer

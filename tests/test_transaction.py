@@ -466,3 +466,89 @@ def test_a_mask_the_forward_registers_or_grows_trains_and_a_refusal_puts_back_th
     assert model.state_dict().keys() == params.keys(), name
     for k, v in model.state_dict().items():
         assert torch.equal(v, params[k]), (name, k)
+
+
+class FilledSlot(torch.nn.Module):
+    """A cache declared empty (``register_buffer("mask", None)``) and filled by the first forward."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("running", torch.zeros(width))
+        self.register_buffer("mask", None, persistent=False)
+
+    def forward(self, h):
+        if self.mask is None:
+            self.mask = torch.zeros(h.shape[1])
+        if self.training:
+            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return h + self.mask
+
+
+class BuiltLayer(torch.nn.Module):
+    """A normalization layer the first forward creates (with its buffers), and a running mean."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("running", torch.zeros(width))
+
+    def forward(self, h):
+        if not hasattr(self, "norm"):
+            self.norm = torch.nn.BatchNorm1d(h.shape[1], affine=False)
+        if self.training:
+            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return self.norm(h)
+
+
+class ResizedInPlace(torch.nn.Module):
+    """A mask grown in place (``self.mask.data = bigger``: the same buffer, another shape) when a larger batch comes."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("running", torch.zeros(width))
+        self.register_buffer("mask", torch.zeros(8, 1))
+
+    def forward(self, h):
+        if self.mask.shape[0] < h.shape[0]:
+            self.mask.data = torch.zeros(h.shape[0], 1)
+        if self.training:
+            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return h + self.mask[:h.shape[0]]
+
+
+@pytest.mark.parametrize("layer", [FilledSlot, BuiltLayer, ResizedInPlace], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name, make", one_call_steps(), ids=[n for n, _ in one_call_steps()])
+def test_a_refused_step_undoes_what_its_forward_built_and_training_goes_on(name, make, layer):
+    """What a forward builds besides values (a filled empty slot, a created submodule, a buffer resized in
+    place) is undone by a refused step, the model left as before the call (the slot empty again, no
+    submodule, the mask at its size), and the steps after it train."""
+    torch.manual_seed(0)
+    model = tiny_net(2, batchnorm=False)
+    model.stages[0].append(layer(10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = make(model, opt)
+    w.nonfinite = "skip"
+    before = copy.deepcopy(model.state_dict())
+    modules = [n for n, _ in model.named_modules()]
+
+    def poison(module, args):
+        module.running.fill_(float("nan")) if module.training else None
+
+    handle = model.stages[0][2].register_forward_pre_hook(poison)
+    with quiet():
+        assert w.step(batch(16), batch(12)).model_step_skipped, name
+    handle.remove()
+    assert [n for n, _ in model.named_modules()] == modules and model.state_dict().keys() == before.keys(), name
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), (name, k)
+    if layer is FilledSlot:
+        assert "mask" in model.stages[0][2]._buffers and model.stages[0][2].mask is None
+    for _ in range(2):
+        assert not w.step(batch(16), batch(12)).model_step_skipped, name
+
+
+@pytest.mark.parametrize("name, make", one_call_steps(), ids=[n for n, _ in one_call_steps()])
+def test_a_model_with_lazy_modules_is_refused_at_construction_saying_to_run_a_forward_first(name, make):
+    model = tiny_net(2, batchnorm=False)
+    model.stages[0].append(torch.nn.LazyBatchNorm1d(affine=False))
+    with pytest.raises(ValueError, match="uninitialized \\(lazy\\).*stages.0.2.running_mean.*Run one forward pass"):
+        make(model, torch.optim.SGD(model.parameters(), lr=0.1))
