@@ -6,6 +6,8 @@ relative error of each backend's gamma gradient against `higher`.
     python benchmarks/overhead.py --models msdnet --rounds 5 --out runs/overhead.json
     python benchmarks/overhead.py --models msdnet --counts-only   # the profiler counts alone (exact, quick)
     python benchmarks/overhead.py --models branchynet --variants "weighting uw" "weighting famo"   # the weightings
+    python benchmarks/overhead.py --models msdnet --variants "own loop, fused SGD" "fast, capturable" \
+        "own loop, fused SGD, CUDA graph" "fast, capturable, CUDA graph"   # capturable=True (graphs: CUDA only)
 
 "own loop" is what a user writes without metaweight: ``sum(cross_entropy(o, y) for o in
 model(x))``, backward, ``optimizer.step()``; every ratio is to it. The other variants use
@@ -81,14 +83,24 @@ VARIANTS = {
     "fast": ({"mode": "fast"}, 64),
     "fast, validation batch 16": ({"mode": "fast"}, 16),
     "fast, meta every 4": ({"mode": "fast", "meta_every": 4}, 64),
+    # capturable=True (the fast mode's step with its decisions on the device) needs a fused SGD: beside it,
+    # the user's loop with that optimizer; on CUDA both also captured whole in a CUDA graph and replayed
+    "own loop, fused SGD": ({"loop": "own", "fused": True}, 64),
+    "fast, capturable": ({"mode": "fast", "capturable": True, "nonfinite": "skip", "fused": True,
+                          "loop": "device"}, 64),
+    "own loop, fused SGD, CUDA graph": ({"loop": "own", "fused": True, "graph": True}, 64),
+    "fast, capturable, CUDA graph": ({"mode": "fast", "capturable": True, "nonfinite": "skip", "fused": True,
+                                      "loop": "device", "graph": True}, 64),
 }
+CUDA_ONLY = {"own loop, fused SGD, CUDA graph", "fast, capturable, CUDA graph"}
 BASELINE = "own loop"
 # the other loss weightings (mw.WEIGHTINGS) on the same terms, each timed through its one-call step()
 VARIANTS.update({f"weighting {w}": ({"weighting": w}, 64) for w in mw.WEIGHTINGS})
 
 
-def make_optimizer(model):
-    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+def make_optimizer(model, fused=False):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True,
+                           fused=fused or None)
 
 
 def make_weighting(model, optimizer, name, num_exits):
@@ -115,8 +127,9 @@ def setup(model_name, device, batch_size, name):
     options, val_size = VARIANTS[name]
     options = dict(options)
     loop = options.pop("loop", "step")
+    graph = options.pop("graph", False)
     model, last = build(model_name, device)
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, fused=options.pop("fused", False))
     train, val = batches(device, batch_size, val_size)
     x, y = train
     # every iteration gets new label tensors, as from a data loader (a label check may be remembered
@@ -128,7 +141,7 @@ def setup(model_name, device, batch_size, name):
             loss = sum(F.cross_entropy(o, labels) for o in model(x))
             loss.backward()
             optimizer.step()
-        return own_loop
+        return captured(own_loop, train, val) if graph else own_loop
     with torch.no_grad():
         k = len(model(x[:2]))
     w = make_weighter(model, optimizer, last, options, k)
@@ -140,7 +153,32 @@ def setup(model_name, device, batch_size, name):
             optimizer.step()
         return two_calls
     xv, yv = val
+    if loop == "device":  # the step a CUDA graph replays: no read back to the host (its first call: the eager warm-up)
+        device_step = lambda: w.device_step((x, y), (xv, yv))  # noqa: E731
+        return captured(device_step, train, val) if graph else device_step
     return lambda: w.step((x, y.clone()), (xv, yv.clone()))
+
+
+def captured(iterate, train, val):
+    """``iterate`` captured whole in a CUDA graph, after three warm-up calls on a side stream (as
+    torch.cuda.graphs asks); returns one iteration: new inputs copied into the captured ones (from
+    tensors already on the GPU, as a prefetching loader gives them), then the replay."""
+    fresh = [t.clone() for t in (*train, *val)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            iterate()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        iterate()
+
+    def replay():
+        for static, new in zip((*train, *val), fresh):
+            static.copy_(new)
+        graph.replay()
+    return replay
 
 
 def batches(device, batch_size, val_size, classes=100):
@@ -347,7 +385,8 @@ def main(argv=None):
     if args.memory_child:
         print(json.dumps(peak_memory_child(args.memory_child[0], args.device, args.batch_size, args.memory_child[1])))
         return
-    names = [BASELINE] + [v for v in args.variants if v != BASELINE]
+    names = [BASELINE] + [v for v in args.variants if v != BASELINE and (v not in CUDA_ONLY or
+                                                                          args.device.startswith("cuda"))]
     report = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "batch_size": args.batch_size,
               "rounds": args.rounds, "baseline": BASELINE, "models": {}}
@@ -363,6 +402,9 @@ def main(argv=None):
         if not args.counts_only:
             times = time_variants(model_name, args.device, args.batch_size, args.rounds, names)
             for name in names:
+                if name in CUDA_ONLY:  # (its graph's memory pool is allocated at capture, in the set-up: not comparable)
+                    rows[name].update(peak_mib=float("nan"), peak_rss_mib=None, seconds_per_iteration=times[name])
+                    continue
                 out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, name, "--device",
                                       args.device, "--batch-size", str(args.batch_size), "--threads",
                                       str(args.threads)], capture_output=True, text=True, check=True)

@@ -57,6 +57,7 @@ from metaweight._rlw import RLW
 from metaweight._sdn import SDNSchedule
 from metaweight._uw import UW
 from metaweight._weighting import LossWeighting, Weighting
+from metaweight._capturable import DeviceRecord
 from metaweight._record import MetaStepRecord
 from metaweight._risk import AccuracyTarget, thresholds_for_accuracy
 from metaweight._validation import BalancedValidation
@@ -76,6 +77,7 @@ __all__ = [
     "ClipGradNorm",
     "DWA",
     "DenseDistillLoss",
+    "DeviceRecord",
     "EarlyExit",
     "Entropy",
     "ExitCosts",

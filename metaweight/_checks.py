@@ -6,9 +6,10 @@ and how to fix it, before any state is touched.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Mapping, Sequence, ValuesView
+from collections.abc import Iterator, Mapping, Sequence, ValuesView
 from typing import Any, Callable
 
 import torch
@@ -443,9 +444,27 @@ def _label_key(target: Tensor, ignore_index: int | None) -> tuple[Any, ...]:
     return (target._version, ignore_index, target.shape, target.dtype, target.device)
 
 
+_UNCHECKED: list[bool] = []  # inside unchecked_labels()
+
+
+@contextlib.contextmanager
+def unchecked_labels() -> Iterator[None]:
+    """Inside the block the losses take their labels as valid and every one scored (no padding), with no read
+    back to the host: for the capturable step (:mod:`metaweight._capturable`), whose warm-up checked them and
+    which a CUDA graph replays without Python."""
+    _UNCHECKED.append(True)
+    try:
+        yield
+    finally:
+        _UNCHECKED.pop()
+
+
 def _label_summary(target: Tensor, ignore_index: int | None) -> tuple[int, int, int]:
     """The smallest and largest label and the number of labels that are not ``ignore_index``, in one
-    read back to the host (none for labels the current weighter step has summarised already)."""
+    read back to the host (none for labels the current weighter step has summarised already, or inside
+    :func:`unchecked_labels`, where they are taken as valid and all scored)."""
+    if _UNCHECKED:
+        return 0, 0, target.numel()
     if not target.is_inference():
         key = _label_key(target, ignore_index)
         for ref, k, summary in _LAST_LABELS:

@@ -182,12 +182,23 @@ class FastMode:
              jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],
              transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None, *,
              after_step: bool = False) -> MetaStepRecord:
+        """:meth:`meta_gradient`, then gamma's step from it (one read decides it)."""
+        gamma_grad, objective, exit_losses, reported = self.meta_gradient(w, named, theta, jac, pieces, xv, yv,
+                                                                          buffers, transform)
+        return w._apply(gamma_grad, objective, exit_losses, reported, after_step=after_step)
+
+    def meta_gradient(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
+                      jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],
+                      transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         r"""The meta-gradient, the model having stepped from ``theta`` to where it is now:
         :math:`v = \nabla L_{val}` here, :math:`w = J_T^\top (D \odot v)` (``jac`` is D, ``transform``
         :math:`J_T^\top`), and the sum over the step's losses (``pieces``, each with the factor its
         backward used) of the one-sided difference of the terms at ``theta`` along :math:`w`, from each
         loss's own terms (or, with ``recompute``, from the terms recomputed in float32 under its
-        ``replay``, for half-precision or random forwards); then gamma's step from it."""
+        ``replay``, for half-precision or random forwards). Returns gamma's gradient, the validation
+        objective, its exit losses and the step's terms, on the device (a host read only for a piece
+        with ``check``)."""
         # the terms of the training forwards, whatever the difference recomputes
         reported = pieces[0].terms
         if len(pieces) > 1:  # gradient accumulation: the average over the whole batch
@@ -242,7 +253,7 @@ class FastMode:
             derivative = differences[0] if len(differences) == 1 else torch.stack(differences).sum(0)
             derivative = w._reducer.mean([derivative])[0]
         gamma_grad = (-derivative).to(w.gamma) * w._active
-        return w._apply(gamma_grad, objective, exit_losses, reported.detach(), after_step=after_step)
+        return gamma_grad, objective, exit_losses, reported.detach()
 
 
 @dataclasses.dataclass

@@ -218,7 +218,7 @@ def step_length(base: dict[str, Tensor], direction: dict[str, Tensor], epsilon: 
         rms = (_sum_of_squares(moved) / sum(p.numel() for p in moved)).sqrt()
         eps = torch.finfo(moved[0].dtype).eps ** (1 / (order + 1)) * rms.clamp_min(1e-3)
     else:
-        eps = torch.tensor(float(epsilon), dtype=torch.float64, device=device)
+        eps = torch.full((), float(epsilon), dtype=torch.float64, device=device)  # (a fill: no copy from the host)
     return torch.where(norm > 0, eps / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
 
 

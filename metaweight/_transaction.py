@@ -197,6 +197,7 @@ class BufferSnapshot:
         self.module = module
         self._flat = FlatCopies()
         self._now = FlatCopies()  # the buffers after the step, for became_nonfinite
+        self._current: FlatCopies | None = None  # every buffer after the step, for restore_where
         self._saved: list[Tensor] = []  # views of the flat storage, one per buffer, its shape
         self._live: list[Tensor] = []
         self._names: list[str] = []
@@ -243,6 +244,27 @@ class BufferSnapshot:
                 old.data = saved.clone()
             else:
                 old.copy_(saved)
+
+    def unchanged(self) -> bool:
+        """Whether the module holds the very buffers :meth:`save` found (none registered, replaced or removed)."""
+        current = list(self.module.named_buffers())
+        return len(current) == len(self._names) and all(n == m and b is c for (n, b), m, c in
+                                                        zip(current, self._names, self._live))
+
+    @torch.no_grad()
+    def restore_where(self, refused: Tensor) -> None:
+        """Put the buffers back as :meth:`save` found them if ``refused`` (a bool tensor of one element) is
+        true, else leave them: one flat copy, one ``torch.where`` and one multi-tensor copy per device and
+        dtype, with no host read and the same operations whatever ``refused`` holds (for
+        :mod:`metaweight._capturable`). The buffers must be those :meth:`save` found (:meth:`unchanged`)."""
+        if not self._live:
+            return
+        if self._current is None:
+            self._current = FlatCopies()
+        now = self._current.copy(self._live)
+        for (_, after, _), (_, before, _) in zip(self._current._plan, self._flat._plan):
+            torch.where(refused.to(after.device), before, after, out=after)
+        torch._foreach_copy_(self._live, now)
 
     def as_dict(self) -> dict[str, Tensor]:
         """The saved buffers by name (views of the snapshot; valid until the next :meth:`save`)."""

@@ -38,6 +38,8 @@ from metaweight._protocols import Objective, Terms
 from metaweight._randomness import NEW_GENERATOR, model_generators, new_generators
 from metaweight._record import MetaStepRecord
 from metaweight._twocall import TwoCall
+from metaweight._capturable import CapturableFast, DeviceRecord, check as check_capturable
+from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read, registered_buffers_removed
 from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
@@ -153,6 +155,12 @@ class HarmonizedWeighter(NamedWeights):
             model (detached heads, ``.data``, ``.item()`` rescales, a straight-through estimator) is
             refused with a ``ValueError``, nothing changed. A model that cannot run on float64 copies,
             or rounds below float64 inside, is not checked (a warning says so). ``False`` skips it.
+        capturable: with ``mode="fast"``, make :meth:`device_step` (and :meth:`step`, which reads its
+            record) safe to capture in a CUDA graph (PyTorch's term, as ``torch.optim.Adam(capturable=True)``):
+            no host read and the same operations whatever the data, the decisions applied on the device
+            (:mod:`metaweight._capturable`). Needs ``nonfinite="skip"``, ``meta_every=1``, a model optimizer
+            ``torch.optim.SGD(..., fused=True)`` and the model's training forward drawing no random numbers;
+            gamma's optimizer is built fused. See the cost guide's section on CUDA graphs.
 
     Example:
         >>> import torch, metaweight as mw
@@ -190,6 +198,7 @@ class HarmonizedWeighter(NamedWeights):
         fd_epsilon: float | None = None,
         callbacks: Sequence[Callable[[MetaStepRecord], None]] = (),
         check_gradients: bool = True,
+        capturable: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
@@ -198,6 +207,7 @@ class HarmonizedWeighter(NamedWeights):
         learn = check_flag(learn, "learn")  # learn="no" would be truthy: flags are bools
         reuse_forward = check_flag(reuse_forward, "reuse_forward")
         check_gradients = check_flag(check_gradients, "check_gradients")
+        capturable = check_flag(capturable, "capturable")
         terms = Terms(criterion, term_names)
         if validation is None:
             num_exits = integer_value(getattr(criterion, "num_exits", None))
@@ -326,7 +336,9 @@ class HarmonizedWeighter(NamedWeights):
         self.num_skipped = 0  # meta steps and model steps refused as non-finite
         if gamma_optimizer is None:
             gamma_optimizer = "adam"
-        if isinstance(gamma_optimizer, str):
+        if isinstance(gamma_optimizer, str) and capturable:
+            self.gamma_optimizer = capturable_gamma_optimizer(gamma_optimizer, self.gamma, self.gamma_lr)
+        elif isinstance(gamma_optimizer, str):
             if gamma_optimizer == "sgd":
                 self.gamma_optimizer: torch.optim.Optimizer = torch.optim.SGD([self.gamma], lr=self.gamma_lr)
             else:
@@ -339,6 +351,10 @@ class HarmonizedWeighter(NamedWeights):
                     f"It returned `{type(self.gamma_optimizer).__name__}`."
                 )
         self.num_meta_steps = 0
+        self._capturable: CapturableFast | None = None
+        if capturable:
+            check_capturable(self)  # before the hooks below: a refusal leaves the model and optimizer as they were
+            self._capturable = CapturableFast()
         self.last_terms: Tensor | None = None
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
@@ -350,7 +366,7 @@ class HarmonizedWeighter(NamedWeights):
             ForeignSteps.watch(self)
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
-        if self.mode == "fast" and self.learn:
+        if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's, which capturable refuses)
             capture = StepCapture(self, before_step)
             self._step_hooks = (inner.register_step_pre_hook(capture),
                                 inner.register_step_post_hook(StepEnd(self)))
@@ -499,6 +515,10 @@ class HarmonizedWeighter(NamedWeights):
             (``ran`` is ``False`` with ``learn=False`` or on a call that ``meta_every`` skips).
         """
         self._check_learn()
+        if self._capturable is not None:
+            raise ValueError("This weighter was built with capturable=True, whose step is the one-call device_step() "
+                             "(or step()); the two-call form's meta_step is not capturable. Call step() or "
+                             "device_step(), or build the weighter with capturable=False. Nothing was changed.")
         with torch.enable_grad():  # (called under torch.no_grad(), the meta-gradient still needs autograd)
             if self.mode == "fast" and self.learn:
                 return self._two_call.meta_step(self, train_batch, val_batch)
@@ -723,6 +743,14 @@ class HarmonizedWeighter(NamedWeights):
         loss, ``terms`` and ``model_step_skipped`` filled in.
         """
         self._check_learn()
+        if self._capturable is not None:  # the device's step, read back (once) and reported to the hooks
+            on_device = self._capturable.ready(self)  # (else the eager warm-up, which reports itself)
+            record, (self.num_calls, self.num_meta_steps, self.num_skipped) = \
+                self.device_step(train_batch, val_batch).read_with_counts()
+            if on_device and record.ran and not record.skipped:
+                self.last_meta = record
+                self._call_hooks(record)
+            return record
         try:
             with torch.enable_grad():  # (called under torch.no_grad(), the step still needs its gradients)
                 if self.mode == "fast" and self.learn:
@@ -731,9 +759,48 @@ class HarmonizedWeighter(NamedWeights):
         finally:
             forget_labels()  # labels are remembered for one step only
 
+    def device_step(self, train_batch: Batch, val_batch: Batch) -> DeviceRecord:
+        """:meth:`step` with ``capturable=True``, safe to capture in a CUDA graph: no read back to the host and
+        the same operations whatever the data. A non-finite model step is skipped on the device (parameters,
+        buffers and optimizer state as before it; the gradients are left as computed), a non-finite meta step
+        too (gamma, its optimizer and the validation average as before it), as ``nonfinite="skip"`` does, without
+        a warning: the returned :class:`DeviceRecord` holds the step's numbers, whether each step was taken and
+        the counts, as tensors on the device; ``record.read()`` gives the :class:`MetaStepRecord` (one read).
+
+        The calls before the optimizers hold state (normally the first) run the eager step, which checks the
+        labels, the model's gradients (``check_gradients``) and that the training forward draws no random numbers,
+        and reads the host: run them before capturing. ``num_calls``, ``num_meta_steps`` and ``num_skipped`` are
+        counted on the device: :meth:`sync_counts` (or :meth:`state_dict`) brings them to the host. Raises a
+        ``ValueError`` for a forward that draws random numbers or changes its buffers' set or shapes.
+
+        A whole iteration under a CUDA graph (shapes static, as ``torch.cuda.graphs`` asks)::
+
+            weighter.device_step(train, val)                 # warm-up: eager, its checks read the host
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                record = weighter.device_step(static_train, static_val)
+            for (x, y), (xv, yv) in batches:
+                static_train[0].copy_(x); static_train[1].copy_(y)
+                static_val[0].copy_(xv); static_val[1].copy_(yv)
+                graph.replay()                               # record's tensors now hold this iteration's
+        """
+        if self._capturable is None:
+            raise ValueError("device_step() is the step of a weighter built with capturable=True (mode='fast'); "
+                             "this one was not: call step(), or build it with capturable=True.")
+        self._check_learn()
+        with torch.enable_grad():
+            return self._capturable.step(self, train_batch, val_batch)
+
+    def sync_counts(self) -> None:
+        """With ``capturable=True``: bring ``num_calls``, ``num_meta_steps`` and ``num_skipped``, which
+        :meth:`device_step` counts on the device, to the host (one read; not while capturing). Otherwise nothing."""
+        if self._capturable is not None:
+            self._capturable.sync(self)
+
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The weighter's own state: gamma, its optimizer and the validation average."""
+        self.sync_counts()
         return {
             "term_names": list(self.term_names),
             "teachers": getattr(self.criterion, "teachers", None),
@@ -800,6 +867,8 @@ class HarmonizedWeighter(NamedWeights):
         self.num_calls = int(state_dict.get("num_calls", self.num_meta_steps))
         self.num_skipped = counts["num_skipped"]
         self._gamma_sum = float(gamma_sum)
+        if self._capturable is not None and self._capturable.counts is not None:
+            self._capturable.reset(self)
 
     def _check_gamma_optimizer_state(self, state_dict: Mapping[str, Any]) -> None:
         """Refuse a gamma-optimizer state that this weighter's gamma optimizer could not use."""

@@ -1,0 +1,362 @@
+r"""``capturable=True``: ``mode="fast"``'s step with no host read and the same operations whatever the data.
+
+A CUDA graph (``torch.cuda.graph``) records a fixed sequence of kernels and replays it without running
+Python: what it captures must not read a value back to the host (a synchronisation, not allowed while
+capturing) nor branch in Python on one (the branch taken at capture would be replayed for every batch).
+:class:`CapturableFast` is the fast mode's one-call step (:mod:`metaweight._fast`) kept to those rules.
+Every decision the eager step reads back to the host is applied on the device instead:
+
+* the model's step is skipped on the device by its fused optimizer, which reads the step's non-finite
+  flag from its ``found_inf`` attribute (as ``torch.amp.GradScaler`` has it skip a step), and the
+  model's buffers are put back by ``torch.where`` (:meth:`BufferSnapshot.restore_where`);
+* gamma, its optimizer's state and the validation average step, then are put back by ``torch.where``
+  where the meta step is refused (non-finite objective or meta-gradient, gamma non-finite or, with
+  ``constraint="normalize"``, all zero after its step, a non-finite validation input, or the model's
+  step refused);
+* the numbers of the step and the counts of calls, meta steps and skipped steps stay on the device
+  (:class:`DeviceRecord`; :meth:`HarmonizedWeighter.sync_counts` brings the counts to the host).
+
+The calls before the optimizers hold state (normally the first) run the eager step, whose checks read
+the host (the labels, the first meta step's gradient check) and which checks once that the training
+forward draws no random numbers (the difference's forward could not draw the same ones without
+rewinding the generators, which a capture cannot do). So warm up outside the capture, as
+``torch.cuda.graphs`` asks anyway; the labels are not checked after that (on a GPU a label out of range
+is a device-side assert).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+from metaweight._checks import unchecked_labels, unpack_batch
+from metaweight._fast import Piece, _float_leaves, before_step, clip_in_step
+from metaweight._hypergradient import call_with
+from metaweight._protocols import call_model
+from metaweight._randomness import model_generators, rng_state, same_rng_state, set_rng_state
+from metaweight._record import MetaStepRecord
+from metaweight._transaction import FlatCopies, host_read, nonfinite_flag
+
+if TYPE_CHECKING:  # (the weighter imports this module)
+    from metaweight._weighter import HarmonizedWeighter
+
+RANDOM = ("capturable=True: the training forward draws random numbers (dropout or the like). The meta step's "
+          "difference needs the forward's own random numbers again, which it gets by rewinding the generators, and "
+          "a CUDA graph cannot rewind them. Use capturable=False (the eager mode='fast' replays them), or a model "
+          "that draws none in training.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeviceRecord:
+    """What one call of :meth:`HarmonizedWeighter.device_step` did, as tensors on the model's device that
+    no one has read (under a CUDA graph's replay, the same tensors, rewritten by each replay).
+
+    Attributes:
+        term_names: the names of the training terms, in the order of ``terms`` and ``gamma``.
+        loss: ``[]``, the weighted training loss.
+        terms: ``[K]``, the unweighted training terms.
+        gamma: ``[K]``, the loss weights after the call.
+        gamma_grad: ``[K]``, the meta-gradient this call computed (meaningful where ``meta_step_taken``).
+        val_objective: ``[]``, :math:`L_{val}(\\theta')`.
+        val_exit_losses: ``[E]``, the validation objective's losses at :math:`\\theta'`.
+        model_step_taken: ``[]`` bool, whether the model stepped (its loss, gradients and updated buffers
+            finite on every rank).
+        meta_step_taken: ``[]`` bool, whether gamma stepped.
+        counts: ``[3]`` int64, the weighter's ``num_calls``, ``num_meta_steps`` and ``num_skipped`` after the
+            call (a call whose model step was refused is not counted, as the eager step does not).
+    """
+
+    term_names: list[str]
+    loss: Tensor
+    terms: Tensor
+    gamma: Tensor
+    gamma_grad: Tensor
+    val_objective: Tensor
+    val_exit_losses: Tensor
+    model_step_taken: Tensor
+    meta_step_taken: Tensor
+    counts: Tensor
+
+    def read(self) -> MetaStepRecord:
+        """The record's values on the host, in one transfer, as a :class:`MetaStepRecord`."""
+        return self.read_with_counts()[0]
+
+    def read_with_counts(self) -> tuple[MetaStepRecord, tuple[int, int, int]]:
+        """:meth:`read`, and ``counts`` (calls, meta steps, skipped) from the same transfer."""
+        k, e = len(self.term_names), self.val_exit_losses.numel()
+        values = host_read([self.loss, self.terms, self.gamma, self.gamma_grad, self.val_objective,
+                            self.val_exit_losses, self.model_step_taken, self.meta_step_taken, self.counts])
+        loss, terms, gamma = values[0], values[1:1 + k], values[1 + k:1 + 2 * k]  # (then gamma_grad's k)
+        objective, losses = values[1 + 3 * k], values[2 + 3 * k:2 + 3 * k + e]
+        model_taken, meta_taken = values[2 + 3 * k + e] == 1.0, values[3 + 3 * k + e] == 1.0
+        calls, meta_steps, skipped = (int(v) for v in values[4 + 3 * k + e:7 + 3 * k + e])
+        message = None
+        if not model_taken:
+            message = ("The weighted training loss, its gradient or a buffer the forward updated is not finite: the "
+                       "step was skipped on the device (parameters, buffers, optimizer state, gamma and the "
+                       "validation average as before it).")
+        elif not meta_taken:
+            message = ("The meta step was not finite (validation input, objective, meta-gradient or gamma after "
+                       "its step): skipped on the device; the model's step stands.")
+        return MetaStepRecord(calls, ran=model_taken, skipped=model_taken and not meta_taken, meta_step=meta_steps,
+                              val_objective=objective if model_taken else None,
+                              val_exit_losses=losses if model_taken else None,
+                              gamma_grad=self.gamma_grad.detach().clone() if meta_taken else None,
+                              gamma=dict(zip(self.term_names, gamma)), terms=dict(zip(self.term_names, terms)),
+                              loss=loss, model_step_skipped=not model_taken, message=message), \
+            (calls, meta_steps, skipped)
+
+
+def check(w: HarmonizedWeighter) -> None:
+    """Refuse, at construction, what the capturable step cannot do, saying what to do instead."""
+    from metaweight._validation import BalancedValidation
+
+    fix = "Build the weighter with capturable=False, or"
+    if w.mode != "fast" or not w.learn:
+        raise ValueError(f"capturable=True is the one-call step of mode='fast' with learn=True (got mode="
+                         f"{w.mode!r}, learn={w.learn}). {fix} with mode='fast'.")
+    if w.meta_every != 1:
+        raise ValueError(f"capturable=True takes a meta step at every call (a schedule is a Python branch, which a "
+                         f"captured graph replays as captured); got meta_every={w.meta_every}. {fix} with "
+                         f"meta_every=1.")
+    if w.nonfinite != "skip":
+        raise ValueError("capturable=True skips a non-finite step on the device and cannot raise (raising needs the "
+                         "decision on the host). Pass nonfinite='skip'.")
+    inner = w._inner_optimizer
+    if type(inner) is not torch.optim.SGD or not all(g.get("fused") for g in inner.param_groups):
+        raise ValueError(f"capturable=True skips a refused step on the device through the optimizer's `found_inf` "
+                         f"(as torch.amp.GradScaler does), which only fused optimizers read, and replays the step "
+                         f"without reading the host, which Adam's step count would need: use "
+                         f"torch.optim.SGD(..., fused=True) (momentum, Nesterov, weight decay as you like); got "
+                         f"{type(inner).__name__}"
+                         f"{'' if type(inner) is not torch.optim.SGD else ' without fused=True'}.")
+    validation = w._objective
+    if validation.per_exit and not isinstance(w.validation, BalancedValidation):
+        raise ValueError(f"capturable=True folds the validation average on the device; "
+                         f"`{type(w.validation).__name__}.update` may read the host. Use BalancedValidation, or an "
+                         f"objective without exit_losses (no average).")
+    gamma_optimizer = w.gamma_optimizer
+    if type(gamma_optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) or (
+            type(gamma_optimizer) is not torch.optim.SGD and not all(g.get("fused") or g.get("capturable")
+                                                                    for g in gamma_optimizer.param_groups)):
+        raise ValueError(f"capturable=True steps gamma on the device: its optimizer must be SGD, or Adam/AdamW with "
+                         f"fused=True or capturable=True (whose step count stays on the device); got "
+                         f"{type(gamma_optimizer).__name__}. Pass gamma_optimizer='adam' or 'sgd' (built so).")
+
+
+def gamma_optimizer(name: str, gamma: Tensor, lr: float) -> torch.optim.Optimizer:
+    """gamma's optimizer for ``capturable=True``: fused (and on CUDA capturable, as a graph needs) Adam, or SGD."""
+    if name == "sgd":
+        return torch.optim.SGD([gamma], lr=lr)
+    return torch.optim.Adam([gamma], lr=lr, fused=True, capturable=gamma.device.type == "cuda")
+
+
+class CapturableFast:
+    """The fast mode's one-call step with its decisions on the device (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._state = FlatCopies()  # gamma, its optimizer's state, the validation average: before the meta step
+        self._held: list[Tensor] = []
+        self.counts: Tensor | None = None  # [calls, meta steps, skipped], int64 on the device
+        self._fresh = FlatCopies()  # the difference's forward starts from a copy of the buffers before the step
+        self._checked_randomness = False
+        self._model_stepped = False  # a warm-up step was taken
+
+    def ready(self, w: HarmonizedWeighter) -> bool:
+        """Whether the device step can run: the optimizers hold state (their first step creates it, on the host)."""
+        momentum = any(g.get("momentum", 0) for g in w._inner_optimizer.param_groups)
+        model_ready = not momentum or self._model_stepped  # (its momentum buffers made by a step taken)
+        gamma_ready = type(w.gamma_optimizer) is torch.optim.SGD and not any(
+            g.get("momentum", 0) for g in w.gamma_optimizer.param_groups) or w.gamma in w.gamma_optimizer.state
+        return self.counts is not None and model_ready and gamma_ready
+
+    def sync(self, w: HarmonizedWeighter) -> None:
+        """The device's counts into the weighter's ``num_calls``, ``num_meta_steps``, ``num_skipped`` (one read)."""
+        if self.counts is not None:
+            w.num_calls, w.num_meta_steps, w.num_skipped = (int(v) for v in host_read([self.counts]))
+
+    def reset(self, w: HarmonizedWeighter) -> None:
+        """The device's counts from the weighter's (after a warm-up step or a checkpoint's load; not captured)."""
+        values = torch.tensor([w.num_calls, w.num_meta_steps, w.num_skipped], dtype=torch.int64)
+        if self.counts is None:
+            self.counts = values.to(w.gamma.device)
+        else:
+            self.counts.copy_(values)
+
+    def step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> DeviceRecord:
+        """:meth:`HarmonizedWeighter.device_step`."""
+        if not self.ready(w):
+            return self._warm_up(w, train_batch, val_batch)
+        with unchecked_labels():  # (checked in the warm-up)
+            return self._device_step(w, train_batch, val_batch)
+
+    def _device_step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> DeviceRecord:
+        x, y = unpack_batch(train_batch, "train_batch")
+        xv, yv = unpack_batch(val_batch, "val_batch")
+        named = w._trainable()
+        device = next(p.device for _, p in named)
+        counts = self.counts
+        assert counts is not None
+        elsewhere = [tuple(t.shape) for t in tree_leaves((x, y, xv, yv)) if isinstance(t, Tensor) and t.device != device]
+        if elsewhere:
+            raise ValueError(f"capturable=True: the batches hold tensors of shapes {elsewhere} off the model's device "
+                             f"({device}); a captured graph cannot copy from the host. Move them to {device} first "
+                             f"(into the tensors the graph captured). Nothing was changed.")
+        low = torch.is_autocast_enabled(device.type)
+        buffers = w._transaction.buffers
+        buffers.save()
+        w._pending = w._stepped = None
+        if w._watch is not None:
+            w._watch.paused = True  # (the two-call form's watch: these forwards are the step's own)
+        try:
+            outputs = call_model(w.model, x)
+            if not buffers.unchanged():
+                raise ValueError("capturable=True: the forward registered, replaced or removed a buffer; a captured "
+                                 "step needs the same buffers at every call (a mask built once, at its largest "
+                                 "size). Use capturable=False for this model. The model's parameters and optimizer "
+                                 "are unchanged; its buffers are as the forward left them.")
+            terms = w._terms(outputs, y)
+            loss = w._weighted(terms)
+            w.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for p in w.module.parameters()]
+            flag = nonfinite_flag(loss, grads)
+            flag = (flag + buffers.became_nonfinite(flag.device)).clamp_max(1.0)
+            bad_val = nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))
+            flag, bad_val = w._reducer.mean([flag, bad_val])
+            refused = flag.reshape(()) > 0  # the model's step
+            transform = clip_in_step(w, named) if w.clip_grad_norm is not None else None
+            theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named])
+        except Exception:  # before the model's step: nothing changed but what the forward did to the buffers
+            w.optimizer.zero_grad(set_to_none=True)
+            buffers.restore()
+            raise
+        try:
+            _step_unless(w.optimizer, w._inner_optimizer, refused)
+            buffers.restore_where(refused)
+        finally:
+            if w._watch is not None:
+                w._watch.paused = False
+        # the meta step at the parameters the model moved to (or did not: then refused below)
+        piece = Piece(x, y, terms.detach(), outputs, contextlib.nullcontext, low)
+        if w._watch is not None:
+            w._watch.paused = True
+        try:
+            gamma_grad, objective, exit_losses, reported = w._fast.meta_gradient(
+                w, named, theta, jac, [piece], xv, yv, buffers.as_dict(), transform)
+            taken = self._step_gamma(w, gamma_grad, objective, exit_losses, refused | (bad_val.reshape(()) > 0))
+        except Exception as exc:  # after the model's step, which stands (as in the eager fast step)
+            with torch.no_grad():
+                counts[0] += (~refused).to(torch.int64)
+            if hasattr(exc, "add_note"):
+                exc.add_note("metaweight: this error came after the model's step (capturable=True), which stands "
+                             "where it was finite and is counted; gamma, its optimizer and the validation average "
+                             "are as before. Do not call the step again on this batch.")
+            raise
+        finally:
+            if w._watch is not None:
+                w._watch.paused = False
+        with torch.no_grad():
+            # as the eager step counts: a refused model step is not a call, a refused step of either kind is skipped
+            counts.add_(torch.stack([~refused, taken, ~taken]).to(torch.int64))
+        return DeviceRecord(list(w.term_names), loss.detach(), reported, w.gamma.detach().clone(),
+                            gamma_grad.detach(), objective.detach(), exit_losses.detach(), ~refused, taken,
+                            counts.clone())
+
+    @torch.no_grad()
+    def _step_gamma(self, w: HarmonizedWeighter, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor,
+                    refused: Tensor) -> Tensor:
+        """gamma's step and the validation average's update, put back where refused: returns whether taken
+        (``[]`` bool), as :meth:`HarmonizedWeighter._step_gamma` and ``_meta_outcome`` decide, on the device."""
+        held = [w.gamma] + [v for s in w.gamma_optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+        if isinstance(w.validation, torch.nn.Module):
+            held += list(w.validation.buffers())
+        saved = self._state.copy(held)
+        finite = torch.isfinite(objective).all() & torch.isfinite(gamma_grad).all() & torch.isfinite(exit_losses).all()
+        try:
+            w.gamma_optimizer.zero_grad(set_to_none=True)
+            w.gamma.grad = gamma_grad.to(w.gamma)
+            w.gamma_optimizer.step()
+            total = w._project()
+            stepped = torch.isfinite(total) & (total != 0) if w.constraint == "normalize" else torch.isfinite(total)
+            w._objective.update(exit_losses)
+        except Exception:
+            for now, before in zip(held, saved):
+                now.copy_(before)
+            raise
+        finally:
+            w.gamma.grad = None
+        taken = finite & stepped & ~refused
+        for now, before in zip(held, saved):
+            now.copy_(torch.where(taken, now, before))
+        return taken
+
+    def _warm_up(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> DeviceRecord:
+        """The eager step (its checks read the host), once the training forward is found to draw no random
+        numbers; then the device's counts and storage for the device step."""
+        if not self._checked_randomness:
+            self._check_randomness(w, train_batch)
+        record = w._fast.step(w, train_batch, val_batch)
+        self._model_stepped = self._model_stepped or not record.model_step_skipped
+        self.reset(w)
+        return _from_record(w, record, self.counts)  # type: ignore[arg-type]
+
+    def _check_randomness(self, w: HarmonizedWeighter, train_batch: Any) -> None:
+        x, _ = unpack_batch(train_batch, "train_batch")
+        device = next(p.device for p in w.module.parameters())
+        generators = model_generators(w.module)
+        start = rng_state(device, generators)
+        try:
+            with torch.no_grad():
+                call_with(w.module, dict(w.module.named_parameters()),
+                          {n: b.clone() for n, b in w.module.named_buffers()}, x)
+            drew = not same_rng_state(start, rng_state(device, generators))
+        finally:
+            set_rng_state(start, device)
+        if drew:
+            raise ValueError(RANDOM + " Nothing was changed.")
+        self._checked_randomness = True
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, inner: torch.optim.Optimizer, refused: Tensor) -> None:
+    """The optimizer's step, skipped on the device where ``refused``: the fused kernels read ``found_inf``
+    (a float32 ``[]`` tensor), as they do when ``torch.amp.GradScaler`` steps them."""
+    before = {k: inner.__dict__[k] for k in ("found_inf", "grad_scale") if k in inner.__dict__}
+    inner.found_inf = refused.to(torch.float32)  # type: ignore[attr-defined]
+    inner.grad_scale = None  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        for k in ("found_inf", "grad_scale"):
+            if k in before:
+                setattr(inner, k, before[k])
+            else:
+                delattr(inner, k)
+
+
+def _from_record(w: HarmonizedWeighter, record: MetaStepRecord, counts: Tensor) -> DeviceRecord:
+    """A record of the eager step as a :class:`DeviceRecord` (the warm-up's)."""
+    device = w.gamma.device
+
+    def vector(values: Sequence[float] | None, n: int) -> Tensor:
+        return torch.tensor(list(values) if values is not None else [float("nan")] * n, dtype=torch.float64,
+                            device=device)
+
+    names = list(w.term_names)
+    terms = record.terms or {}
+    grad = record.gamma_grad if record.gamma_grad is not None else vector(None, len(names))
+    losses = record.val_exit_losses
+    return DeviceRecord(names, vector([record.loss if record.loss is not None else float("nan")], 1)[0],
+                        vector([terms.get(n, float("nan")) for n in names], len(names)),
+                        w.gamma.detach().clone(), grad.detach().to(device),
+                        vector([record.val_objective if record.val_objective is not None else float("nan")], 1)[0],
+                        vector(losses, 1 if losses is None else len(losses)),
+                        torch.tensor(not record.model_step_skipped, device=device),
+                        torch.tensor(record.ran and not record.skipped, device=device), counts.clone())
+

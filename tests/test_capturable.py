@@ -1,0 +1,213 @@
+"""capturable=True (metaweight._capturable): the fast mode's step with its decisions on the device, checked
+on the CPU by the rules a CUDA graph capture needs (no read back to the host, the same operations whatever
+the data) and against the eager step it stands for (the same numbers, bit for bit, refused steps included)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.profiler import profile
+
+import metaweight as mw
+from conftest import batch, quiet, tiny_net
+from metaweight._transaction import HOST_READ
+
+
+def fused_sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, fused=True)
+
+
+def pair(gamma_optimizer="adam", **options):
+    """The same model twice: an eager fast-mode weighter and a capturable one, alike in everything else."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    twin = copy.deepcopy(model)
+    eager_gamma = (lambda p: torch.optim.Adam(p, lr=0.01, fused=True)) if gamma_optimizer == "adam" else "sgd"
+    eager = mw.HarmonizedWeighter(model, fused_sgd(model), mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+                                  gamma_optimizer=eager_gamma, **options)
+    capturable = mw.HarmonizedWeighter(twin, fused_sgd(twin), mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+                                       gamma_optimizer=gamma_optimizer, capturable=True, **options)
+    return eager, capturable
+
+
+def batches(seed=1):
+    """Training and validation batches: clean ones, then a training input NaN (the model's step refused),
+    a validation input NaN (the meta step skipped, the model's step stands), and clean ones again."""
+    torch.manual_seed(seed)
+    out = []
+    for kind in ("clean", "clean", "clean", "nan train", "clean", "nan val", "clean", "clean"):
+        (x, y), (xv, yv) = batch(), batch(12)
+        if kind == "nan train":
+            x[2, 1] = float("nan")
+        if kind == "nan val":
+            xv[0, 0] = float("nan")
+        out.append(((x, y), (xv, yv)))
+    return out
+
+
+def state(w):
+    opt = {k: v.clone() for s in w.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v)}
+    gamma_opt = [v.clone() for s in w.gamma_optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return (copy.deepcopy(w.model.state_dict()), list(opt.values()), w.gamma.clone(), gamma_opt,
+            [b.clone() for b in w.validation.buffers()])
+
+
+def alike(a, b):
+    """Equal, NaN equal to NaN (the numbers of a refused step)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(alike(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(alike(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def same(a, b):
+    if torch.is_tensor(a):
+        return a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("gamma_optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_the_capturable_step_gives_the_eager_step_s_numbers_bit_for_bit_refusals_included(gamma_optimizer, clip):
+    eager, capturable = pair(gamma_optimizer, clip_grad_norm=clip)
+    for i, (train, val) in enumerate(batches()):
+        with quiet():
+            expected = eager.step(*copy.deepcopy((train, val)))
+        got = capturable.step(*copy.deepcopy((train, val)))
+        assert same(state(eager), state(capturable)), i
+        for field in ("iteration", "ran", "skipped", "meta_step", "model_step_skipped", "loss", "terms", "gamma"):
+            assert alike(getattr(got, field), getattr(expected, field)), (i, field, getattr(got, field),
+                                                                     getattr(expected, field))
+        if expected.ran and not expected.skipped:  # (a skipped one: what was computed, or nothing)
+            assert alike(got.val_objective, expected.val_objective), i
+            assert alike(got.val_exit_losses, expected.val_exit_losses), i
+            assert torch.equal(got.gamma_grad, expected.gamma_grad), i
+    assert expected.model_step_skipped is False and capturable.num_skipped == eager.num_skipped == 2
+    assert (capturable.num_calls, capturable.num_meta_steps) == (eager.num_calls, eager.num_meta_steps) == (7, 6)
+
+
+def _reads_outside_fused_kernels(prof):
+    """Reads back to the host, less those inside torch's fused optimizer kernels on the CPU (which read
+    their step count there; their CUDA kernels read it on the device)."""
+    count = 0
+    for e in prof.events():
+        if e.name not in ("aten::_local_scalar_dense", HOST_READ):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::_fused_"):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
+@pytest.mark.parametrize("gamma_optimizer", ["adam", "sgd"])
+def test_the_capturable_step_reads_nothing_back_and_runs_the_same_ops_whatever_the_data(gamma_optimizer):
+    """After the warm-up, device_step makes no read back to the host, and a clean step, a refused model
+    step and a skipped meta step run the very same ATen ops in the same order (allocations included,
+    once the first device step has allocated its storage): nothing a CUDA graph could not replay."""
+    _, w = pair(gamma_optimizer)
+    data = batches()
+    w.step(*data[0])  # the warm-up: eager
+    w.device_step(*data[2])  # the first device step allocates the storage the next ones reuse
+    sequences = {}
+    for i in (1, 3, 5):  # clean, NaN training input, NaN validation input
+        with profile() as prof:
+            record = w.device_step(*data[i])
+        assert _reads_outside_fused_kernels(prof) == 0, i
+        sequences[i] = [e.name for e in prof.events()]
+        assert isinstance(record.loss, torch.Tensor) and record.counts.dtype == torch.int64
+    assert sequences[1] == sequences[3] == sequences[5]
+    w.sync_counts()
+    assert (w.num_calls, w.num_meta_steps, w.num_skipped) == (4, 3, 2)
+
+
+def test_what_a_capturable_step_cannot_do_is_refused_at_construction_leaving_model_and_optimizer_alone():
+    def build(model, optimizer=None, **options):
+        optimizer = optimizer or fused_sgd(model)
+        settings = {"mode": "fast", "nonfinite": "skip", "capturable": True, **options}
+        return mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), **settings)
+
+    cases = [
+        ({"mode": "exact"}, None, "mode='fast'"),
+        ({"learn": False}, None, "learn=True"),
+        ({"meta_every": 2}, None, "meta_every=1"),
+        ({"nonfinite": "raise"}, None, "nonfinite='skip'"),
+        ({}, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), "without fused=True"),
+        ({}, lambda m: torch.optim.Adam(m.parameters(), lr=0.1, fused=True), "got Adam"),
+        ({"gamma_optimizer": lambda p: torch.optim.Adam(p, lr=0.01)}, None, "fused=True or capturable=True"),
+    ]
+    for options, optimizer, message in cases:
+        model = tiny_net(3)
+        opt = optimizer(model) if optimizer else fused_sgd(model)
+        with pytest.raises(ValueError, match=message):
+            build(model, opt, **options)
+        assert not model._forward_hooks and not model._forward_pre_hooks and not opt._optimizer_step_pre_hooks
+
+
+def test_a_forward_that_draws_random_numbers_is_refused_at_the_first_call_changing_nothing():
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    model.stages[1].append(torch.nn.Dropout(0.2))
+    w = mw.HarmonizedWeighter(model, fused_sgd(model), mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+                              capturable=True)
+    before = copy.deepcopy(model.state_dict())
+    train, val = batch(), batch(12)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="draws random numbers.*capturable=False.*Nothing was changed"):
+        w.step(train, val)
+    assert same(before, model.state_dict()) and torch.equal(rng, torch.get_rng_state())
+    assert w.num_calls == 0 and not w.optimizer.state
+
+
+def test_the_two_call_form_and_device_step_of_a_plain_weighter_are_refused_by_name():
+    _, w = pair()
+    with pytest.raises(ValueError, match="capturable=True.*meta_step is not capturable"):
+        w.meta_step(batch(), batch(12))
+    model = tiny_net(3)
+    plain = mw.HarmonizedWeighter(model, fused_sgd(model), mw.DenseDistillLoss(3), mode="fast")
+    with pytest.raises(ValueError, match="device_step\\(\\) is the step of a weighter built with capturable=True"):
+        plain.device_step(batch(), batch(12))
+
+
+def test_counts_hooks_and_checkpoints_of_a_capturable_weighter():
+    """The counts kept on the device come to the host with sync_counts() and state_dict(); a checkpoint
+    loads into a fresh capturable weighter, which goes on counting from it; step() reports to the hooks
+    the meta steps that stand."""
+    _, w = pair()
+    heard = []
+    w.register_meta_step_hook(lambda r: heard.append(r.meta_step))
+    for train, val in batches()[:6]:
+        w.step(train, val)
+    saved = w.state_dict()
+    assert (saved["num_calls"], saved["num_meta_steps"], saved["num_skipped"]) == (5, 4, 2)
+    assert heard == [1, 2, 3, 4]
+    _, fresh = pair()
+    fresh.step(*batches()[0])  # (warmed up, then the checkpoint)
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.gamma, w.gamma)
+    record = fresh.device_step(*batches(2)[0]).read()
+    assert (record.iteration, record.meta_step) == (6, 5)
+
+
+def test_an_error_in_the_device_step_s_forward_changes_nothing():
+    """A forward that raises part-way (BatchNorm statistics already updated) leaves the parameters, buffers,
+    optimizer state, gamma and the counts as they were."""
+    _, w = pair()
+    data = batches()
+    w.step(*data[0])
+    w.device_step(*data[1])
+    before = state(w)
+    counts = w._capturable.counts.clone()
+
+    def fail(module, args, output):
+        raise RuntimeError("a layer failed")
+    handle = w.model.stages[2].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="a layer failed"):
+        w.device_step(*data[2])
+    handle.remove()
+    assert same(before, state(w)) and torch.equal(counts, w._capturable.counts)
+    assert not w.device_step(*data[2]).read().model_step_skipped
