@@ -19,9 +19,10 @@ Every decision the eager step reads back to the host is applied on the device in
 The calls before the optimizers hold state (normally the first) run the eager step, whose checks read
 the host (the labels, the first meta step's gradient check) and which checks once that the training
 forward draws no random numbers (the difference's forward could not draw the same ones without
-rewinding the generators, which a capture cannot do). So warm up outside the capture, as
-``torch.cuda.graphs`` asks anyway; the labels are not checked after that (on a GPU a label out of range
-is a device-side assert).
+rewinding the generators, which a capture cannot do) and that the labels hold no padding. So warm up
+outside the capture, as ``torch.cuda.graphs`` asks anyway; the labels are not checked after that: they
+must lie in range (on a GPU a label out of range is a device-side assert) and hold no padding (the
+device step scores every label).
 """
 
 from __future__ import annotations
@@ -302,6 +303,7 @@ class CapturableFast:
         numbers; then the device's counts and storage for the device step."""
         if not self._checked_randomness:
             self._check_randomness(w, train_batch)
+        _check_no_padding(w, train_batch, val_batch)
         record = w._fast.step(w, train_batch, val_batch)
         self._model_stepped = self._model_stepped or not record.model_step_skipped
         self.reset(w)
@@ -322,6 +324,22 @@ class CapturableFast:
         if drew:
             raise ValueError(RANDOM + " Nothing was changed.")
         self._checked_randomness = True
+
+
+def _check_no_padding(w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> None:
+    """Refuse labels holding padding (``ignore_index``) in a warm-up batch: the device step scores every
+    label (leaving padding out is a selection whose size depends on the data, which a graph cannot hold)."""
+    padded = []
+    for name, batch, part in (("train_batch", train_batch, w.criterion), ("val_batch", val_batch, w.validation)):
+        _, y = unpack_batch(batch, name)
+        index = getattr(part, "ignore_index", None)
+        if isinstance(y, Tensor) and not y.is_floating_point() and isinstance(index, int) and \
+                bool(host_read([(y == index).any()])[0]):
+            padded.append(f"{name} (ignore_index={index})")
+    if padded:
+        raise ValueError(f"capturable=True: the labels of {', '.join(padded)} hold padding. The device step scores "
+                         f"every label: leaving padding out is a selection whose size depends on the data, which a "
+                         f"captured graph cannot hold. Use capturable=False for padded batches. Nothing was changed.")
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, inner: torch.optim.Optimizer, refused: Tensor) -> None:

@@ -211,3 +211,13 @@ def test_an_error_in_the_device_step_s_forward_changes_nothing():
     handle.remove()
     assert same(before, state(w)) and torch.equal(counts, w._capturable.counts)
     assert not w.device_step(*data[2]).read().model_step_skipped
+
+
+def test_padded_labels_are_refused_at_the_warm_up_changing_nothing():
+    _, w = pair()
+    (x, y), val = batch(), batch(12)
+    y[3] = -100
+    before = state(w)
+    with pytest.raises(ValueError, match="train_batch \\(ignore_index=-100\\) hold padding.*capturable=False"):
+        w.step((x, y), val)
+    assert same(before, state(w)) and w.num_calls == 0
