@@ -129,26 +129,30 @@ def check(w: HarmonizedWeighter) -> None:
     if w.nonfinite != "skip":
         raise ValueError("capturable=True skips a non-finite step on the device and cannot raise (raising needs the "
                          "decision on the host). Pass nonfinite='skip'.")
-    inner = w._inner_optimizer
+    check_optimizer(w._inner_optimizer)
+    if w._objective.per_exit and not isinstance(w.validation, BalancedValidation):
+        raise ValueError(f"capturable=True folds the validation average on the device; "
+                         f"`{type(w.validation).__name__}.update` may read the host. Use BalancedValidation, or an "
+                         f"objective without exit_losses (no average).")
+    gamma_optimizer = w.gamma_optimizer
+    on_cuda = w.gamma.device.type == "cuda"
+    if type(gamma_optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) or (
+            type(gamma_optimizer) is not torch.optim.SGD and not all(
+                g.get("fused") or (g.get("capturable") and on_cuda) for g in gamma_optimizer.param_groups)):
+        raise ValueError(f"capturable=True steps gamma on the device: its optimizer must be SGD, or Adam/AdamW with "
+                         f"fused=True (or capturable=True, on CUDA), whose step count stays on the device; got "
+                         f"{type(gamma_optimizer).__name__}. Pass gamma_optimizer='adam' or 'sgd' (built so).")
+
+
+def check_optimizer(inner: torch.optim.Optimizer) -> None:
+    """The model's optimizer must be a fused SGD (at construction, and at every call: an option set since)."""
     if type(inner) is not torch.optim.SGD or not all(g.get("fused") for g in inner.param_groups):
         raise ValueError(f"capturable=True skips a refused step on the device through the optimizer's `found_inf` "
                          f"(as torch.amp.GradScaler does), which only fused optimizers read, and replays the step "
                          f"without reading the host, which Adam's step count would need: use "
                          f"torch.optim.SGD(..., fused=True) (momentum, Nesterov, weight decay as you like); got "
                          f"{type(inner).__name__}"
-                         f"{'' if type(inner) is not torch.optim.SGD else ' without fused=True'}.")
-    validation = w._objective
-    if validation.per_exit and not isinstance(w.validation, BalancedValidation):
-        raise ValueError(f"capturable=True folds the validation average on the device; "
-                         f"`{type(w.validation).__name__}.update` may read the host. Use BalancedValidation, or an "
-                         f"objective without exit_losses (no average).")
-    gamma_optimizer = w.gamma_optimizer
-    if type(gamma_optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) or (
-            type(gamma_optimizer) is not torch.optim.SGD and not all(g.get("fused") or g.get("capturable")
-                                                                    for g in gamma_optimizer.param_groups)):
-        raise ValueError(f"capturable=True steps gamma on the device: its optimizer must be SGD, or Adam/AdamW with "
-                         f"fused=True or capturable=True (whose step count stays on the device); got "
-                         f"{type(gamma_optimizer).__name__}. Pass gamma_optimizer='adam' or 'sgd' (built so).")
+                         f"{'' if type(inner) is not torch.optim.SGD else ' without fused=True'}. Nothing was changed.")
 
 
 def gamma_optimizer(name: str, gamma: Tensor, lr: float) -> torch.optim.Optimizer:
@@ -170,12 +174,12 @@ class CapturableFast:
         self._model_stepped = False  # a warm-up step was taken
 
     def ready(self, w: HarmonizedWeighter) -> bool:
-        """Whether the device step can run: the optimizers hold state (their first step creates it, on the host)."""
-        momentum = any(g.get("momentum", 0) for g in w._inner_optimizer.param_groups)
-        model_ready = not momentum or self._model_stepped  # (its momentum buffers made by a step taken)
+        """Whether the device step can run: a warm-up step was taken (the optimizers' state made, on the host), the
+        gradient check done (``check_gradients``)."""
         gamma_ready = type(w.gamma_optimizer) is torch.optim.SGD and not any(
             g.get("momentum", 0) for g in w.gamma_optimizer.param_groups) or w.gamma in w.gamma_optimizer.state
-        return self.counts is not None and model_ready and gamma_ready
+        # a model step taken (its momentum buffers made) and the first meta step's gradient check done
+        return self.counts is not None and self._model_stepped and w._gradients_checked and gamma_ready
 
     def sync(self, w: HarmonizedWeighter) -> None:
         """The device's counts into the weighter's ``num_calls``, ``num_meta_steps``, ``num_skipped`` (one read)."""
@@ -198,13 +202,16 @@ class CapturableFast:
             return self._device_step(w, train_batch, val_batch)
 
     def _device_step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> DeviceRecord:
+        check_optimizer(w._inner_optimizer)  # (Python objects only, as the loop's check: no read)
+        w._check_loop()
         x, y = unpack_batch(train_batch, "train_batch")
         xv, yv = unpack_batch(val_batch, "val_batch")
         named = w._trainable()
         device = next(p.device for _, p in named)
         counts = self.counts
         assert counts is not None
-        elsewhere = [tuple(t.shape) for t in tree_leaves((x, y, xv, yv)) if isinstance(t, Tensor) and t.device != device]
+        leaves = tree_leaves((x, y, xv, yv))
+        elsewhere = [tuple(t.shape) for t in leaves if isinstance(t, Tensor) and t.device != device]
         if elsewhere:
             raise ValueError(f"capturable=True: the batches hold tensors of shapes {elsewhere} off the model's device "
                              f"({device}); a captured graph cannot copy from the host. Move them to {device} first "
@@ -218,10 +225,10 @@ class CapturableFast:
         try:
             outputs = call_model(w.model, x)
             if not buffers.unchanged():
-                raise ValueError("capturable=True: the forward registered, replaced or removed a buffer; a captured "
-                                 "step needs the same buffers at every call (a mask built once, at its largest "
-                                 "size). Use capturable=False for this model. The model's parameters and optimizer "
-                                 "are unchanged; its buffers are as the forward left them.")
+                raise ValueError("capturable=True: the forward registered, replaced, removed or resized a buffer; a "
+                                 "captured step needs the same buffers at every call (a mask built once, at its "
+                                 "largest size). Use capturable=False for this model. Nothing was changed (the "
+                                 "buffers are put back).")
             terms = w._terms(outputs, y)
             loss = w._weighted(terms)
             w.optimizer.zero_grad(set_to_none=True)
@@ -241,6 +248,10 @@ class CapturableFast:
         try:
             _step_unless(w.optimizer, w._inner_optimizer, refused)
             buffers.restore_where(refused)
+        except Exception:  # (the fused step raises before it writes)
+            w.optimizer.zero_grad(set_to_none=True)
+            buffers.restore()
+            raise
         finally:
             if w._watch is not None:
                 w._watch.paused = False

@@ -246,10 +246,11 @@ class BufferSnapshot:
                 old.copy_(saved)
 
     def unchanged(self) -> bool:
-        """Whether the module holds the very buffers :meth:`save` found (none registered, replaced or removed)."""
+        """Whether the module holds the very buffers :meth:`save` found, at their shapes (none registered, replaced,
+        removed or resized)."""
         current = list(self.module.named_buffers())
-        return len(current) == len(self._names) and all(n == m and b is c for (n, b), m, c in
-                                                        zip(current, self._names, self._live))
+        return len(current) == len(self._names) and all(n == m and b is c and b.shape == v.shape for (n, b), m, c, v in
+                                                        zip(current, self._names, self._live, self._saved))
 
     @torch.no_grad()
     def restore_where(self, refused: Tensor) -> None:

@@ -160,7 +160,7 @@ class HarmonizedWeighter(NamedWeights):
             no host read and the same operations whatever the data, the decisions applied on the device
             (:mod:`metaweight._capturable`). Needs ``nonfinite="skip"``, ``meta_every=1``, a model optimizer
             ``torch.optim.SGD(..., fused=True)`` and the model's training forward drawing no random numbers;
-            gamma's optimizer is built fused. See the cost guide's section on CUDA graphs.
+            gamma's Adam is built fused. See the cost guide's section "CUDA graphs: capturable=True".
 
     Example:
         >>> import torch, metaweight as mw
@@ -366,7 +366,7 @@ class HarmonizedWeighter(NamedWeights):
             ForeignSteps.watch(self)
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
-        if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's, which capturable refuses)
+        if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's; capturable refuses it)
             capture = StepCapture(self, before_step)
             self._step_hooks = (inner.register_step_pre_hook(capture),
                                 inner.register_step_post_hook(StepEnd(self)))
@@ -767,11 +767,18 @@ class HarmonizedWeighter(NamedWeights):
         a warning: the returned :class:`DeviceRecord` holds the step's numbers, whether each step was taken and
         the counts, as tensors on the device; ``record.read()`` gives the :class:`MetaStepRecord` (one read).
 
-        The calls before the optimizers hold state (normally the first) run the eager step, which checks the
-        labels, the model's gradients (``check_gradients``) and that the training forward draws no random numbers,
-        and reads the host: run them before capturing. ``num_calls``, ``num_meta_steps`` and ``num_skipped`` are
-        counted on the device: :meth:`sync_counts` (or :meth:`state_dict`) brings them to the host. Raises a
-        ``ValueError`` for a forward that draws random numbers or changes its buffers' set or shapes.
+        The calls until a step was taken and the gradient check done (normally the first) run the eager step,
+        which checks the labels (in range, no padding), the model's gradients (``check_gradients``) and, once,
+        that the training forward draws no random numbers, and reads the host: run them before capturing. After
+        that the labels are not checked (out of range: torch's own error, on a GPU a device-side assert; padding
+        would be scored) and a forward that starts drawing random numbers is not noticed. ``num_calls``,
+        ``num_meta_steps`` and ``num_skipped`` are counted on the device: :meth:`sync_counts` (or
+        :meth:`state_dict`) brings them to the host. No hook is called and ``last_meta`` is not set (nothing
+        is read): :meth:`step` does both. The learning rates are read as Python numbers: a captured graph
+        keeps those of its capture (capture again after a scheduler changes them; a tensor ``lr`` would be
+        read back). Raises a ``ValueError``, changing nothing, for a forward that draws random numbers (first
+        call) or registers, replaces or resizes a buffer, for batches off the model's device, and for an
+        optimizer option or hook the step cannot replay (as :meth:`step`).
 
         A whole iteration under a CUDA graph (shapes static, as ``torch.cuda.graphs`` asks)::
 

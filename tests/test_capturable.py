@@ -138,7 +138,7 @@ def test_what_a_capturable_step_cannot_do_is_refused_at_construction_leaving_mod
         ({"nonfinite": "raise"}, None, "nonfinite='skip'"),
         ({}, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), "without fused=True"),
         ({}, lambda m: torch.optim.Adam(m.parameters(), lr=0.1, fused=True), "got Adam"),
-        ({"gamma_optimizer": lambda p: torch.optim.Adam(p, lr=0.01)}, None, "fused=True or capturable=True"),
+        ({"gamma_optimizer": lambda p: torch.optim.Adam(p, lr=0.01)}, None, "fused=True \\(or capturable=True"),
     ]
     for options, optimizer, message in cases:
         model = tiny_net(3)
@@ -221,3 +221,47 @@ def test_padded_labels_are_refused_at_the_warm_up_changing_nothing():
     with pytest.raises(ValueError, match="train_batch \\(ignore_index=-100\\) hold padding.*capturable=False"):
         w.step((x, y), val)
     assert same(before, state(w)) and w.num_calls == 0
+
+
+def test_the_gradient_check_runs_before_the_device_step_even_when_the_first_call_is_refused():
+    """A first call refused for its data leaves the warm-up (and its gradient check) to the next call: a
+    model with a stop-gradient on the path to an exit is refused there, as the eager step refuses it."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    model.heads[1].register_forward_pre_hook(lambda m, args: (args[0].detach(),))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)  # (momentum=0: no state to wait for)
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+                              gamma_optimizer="sgd", capturable=True)
+    (x, y), val = batch(), batch(12)
+    x[0, 0] = float("nan")
+    with quiet():
+        w.step((x, y), val)
+    with pytest.raises(ValueError):
+        w.step(batch(), batch(12))
+
+
+def test_what_changed_since_the_warm_up_is_refused_by_the_device_step_changing_nothing():
+    """An optimizer option set since (fused=False), a step pre-hook on the optimizer, and a buffer the
+    forward resizes in place: each refused with a ValueError, the model, optimizer and gamma as they were."""
+    for change in ("unfused", "hook", "resize"):
+        _, w = pair()
+        data = batches()
+        w.step(*data[0])
+        w.device_step(*data[1])
+        before = state(w)
+        undo = None
+        if change == "unfused":
+            w.optimizer.param_groups[0]["fused"] = False
+            match = "without fused=True"
+        elif change == "hook":
+            undo = w.optimizer.register_step_pre_hook(lambda opt, args, kwargs: None)
+            match = "hook"
+        else:
+            bn = w.model.stages[0][1]
+            undo = bn.register_forward_hook(lambda m, a, o: setattr(m.running_mean, "data", torch.zeros(11)))
+            match = "registered, replaced, removed or resized a buffer"
+        with pytest.raises(ValueError, match=match):
+            w.device_step(*data[2])
+        if undo is not None:
+            undo.remove()
+        assert same(before, state(w)), change
