@@ -167,9 +167,7 @@ class CapturableFast:
 
     def __init__(self) -> None:
         self._state = FlatCopies()  # gamma, its optimizer's state, the validation average: before the meta step
-        self._held: list[Tensor] = []
         self.counts: Tensor | None = None  # [calls, meta steps, skipped], int64 on the device
-        self._fresh = FlatCopies()  # the difference's forward starts from a copy of the buffers before the step
         self._checked_randomness = False
         self._model_stepped = False  # a warm-up step was taken
 
