@@ -217,9 +217,7 @@ class CapturableFast:
         low = torch.is_autocast_enabled(device.type)
         buffers = w._transaction.buffers
         buffers.save()
-        w._pending = w._stepped = None
-        if w._watch is not None:
-            w._watch.paused = True  # (the two-call form's watch: these forwards are the step's own)
+        w._pending = w._stepped = None  # (no two-call form: a capturable weighter registers none of its hooks)
         try:
             outputs = call_model(w.model, x)
             if not buffers.unchanged():
@@ -239,24 +237,14 @@ class CapturableFast:
             refused = flag.reshape(()) > 0  # the model's step
             transform = clip_in_step(w, named) if w.clip_grad_norm is not None else None
             theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named])
-        except Exception:  # before the model's step: nothing changed but what the forward did to the buffers
-            w.optimizer.zero_grad(set_to_none=True)
-            buffers.restore()
-            raise
-        try:
             _step_unless(w.optimizer, w._inner_optimizer, refused)
             buffers.restore_where(refused)
-        except Exception:  # (the fused step raises before it writes)
+        except Exception:  # up to the model's step (a fused step raises before it writes): only the buffers moved
             w.optimizer.zero_grad(set_to_none=True)
             buffers.restore()
             raise
-        finally:
-            if w._watch is not None:
-                w._watch.paused = False
         # the meta step at the parameters the model moved to (or did not: then refused below)
         piece = Piece(x, y, terms.detach(), outputs, contextlib.nullcontext, low)
-        if w._watch is not None:
-            w._watch.paused = True
         try:
             gamma_grad, objective, exit_losses, reported = w._fast.meta_gradient(
                 w, named, theta, jac, [piece], xv, yv, buffers.as_dict(), transform)
@@ -269,9 +257,6 @@ class CapturableFast:
                              "where it was finite and is counted; gamma, its optimizer and the validation average "
                              "are as before. Do not call the step again on this batch.")
             raise
-        finally:
-            if w._watch is not None:
-                w._watch.paused = False
         with torch.no_grad():
             # as the eager step counts: a refused model step is not a call, a refused step of either kind is skipped
             counts.add_(torch.stack([~refused, taken, ~taken]).to(torch.int64))
@@ -288,20 +273,13 @@ class CapturableFast:
         if isinstance(w.validation, torch.nn.Module):
             held += list(w.validation.buffers())
         saved = self._state.copy(held)
-        finite = torch.isfinite(objective).all() & torch.isfinite(gamma_grad).all() & torch.isfinite(exit_losses).all()
         try:
-            w.gamma_optimizer.zero_grad(set_to_none=True)
-            w.gamma.grad = gamma_grad.to(w.gamma)
-            w.gamma_optimizer.step()
-            total = w._project()
-            stepped = torch.isfinite(total) & (total != 0) if w.constraint == "normalize" else torch.isfinite(total)
+            finite, stepped = w._gamma_step(gamma_grad, objective, exit_losses)
             w._objective.update(exit_losses)
         except Exception:
             for now, before in zip(held, saved):
                 now.copy_(before)
             raise
-        finally:
-            w.gamma.grad = None
         taken = finite & stepped & ~refused
         for now, before in zip(held, saved):
             now.copy_(torch.where(taken, now, before))

@@ -228,13 +228,11 @@ class BufferSnapshot:
         (``self.mask.data = bigger``) given back its size."""
         if self._layout is None:
             return
-        current = dict(self.module.named_buffers())
-        if len(current) == len(self._names) and all(current.get(n) is b and b.shape == s.shape for n, b, s in
-                                                    zip(self._names, self._live, self._saved)) and \
-                Layout(self.module).modules == self._layout.modules:
+        if self.unchanged() and Layout(self.module).modules == self._layout.modules:
             if self._live:
                 torch._foreach_copy_(self._live, self._saved)
             return
+        current = dict(self.module.named_buffers())
         self._layout.put_back(self.module)
         for name, old, saved in zip(self._names, self._live, self._saved):
             if current.get(name) is not old:

@@ -626,18 +626,27 @@ class HarmonizedWeighter(NamedWeights):
         """Step gamma and project it, all on the device: gamma keeps its old value where the meta-gradient
         or the new gamma is not finite (the decision is read later, with whatever else the step reads)."""
         saved = StateSnapshot(self.gamma, self.gamma_optimizer, None)
-        finite = torch.isfinite(objective).all() & torch.isfinite(gamma_grad).all() & torch.isfinite(exit_losses).all()
-        self.gamma_optimizer.zero_grad(set_to_none=True)
-        self.gamma.grad = gamma_grad.to(self.gamma)
-        self.gamma_optimizer.step()
-        self.gamma.grad = None
-        total = self._project()
-        stepped = torch.isfinite(total) & (total != 0) if self.constraint == "normalize" else torch.isfinite(total)
+        finite, stepped = self._gamma_step(gamma_grad, objective, exit_losses)
         proposed = self.gamma.detach().clone()
         with torch.no_grad():
             self.gamma.copy_(torch.where(finite & stepped, self.gamma, saved.gamma))
         values = [finite, stepped, objective, exit_losses, gamma_grad, proposed, terms]
         return PendingMeta(saved, values, gamma_grad.detach(), exit_losses.detach())
+
+    def _gamma_step(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor) -> tuple[Tensor, Tensor]:
+        """gamma's optimizer step on ``gamma_grad`` and its projection, in place on the device, and the two
+        conditions for keeping it (``[]`` bool tensors, no host read): the objective, its exit losses and
+        the meta-gradient finite; gamma finite (and, with ``constraint="normalize"``, not all zero) after it."""
+        finite = torch.isfinite(objective).all() & torch.isfinite(gamma_grad).all() & torch.isfinite(exit_losses).all()
+        self.gamma_optimizer.zero_grad(set_to_none=True)
+        self.gamma.grad = gamma_grad.to(self.gamma)
+        try:
+            self.gamma_optimizer.step()
+        finally:
+            self.gamma.grad = None
+        total = self._project()
+        stepped = torch.isfinite(total) & (total != 0) if self.constraint == "normalize" else torch.isfinite(total)
+        return finite, stepped
 
     def _meta_outcome(self, pending: PendingMeta, values: list[float], call_hooks: bool = True, *,
                       after_step: bool = False) -> MetaStepRecord:

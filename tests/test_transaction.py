@@ -336,18 +336,47 @@ def test_fast_step_whose_meta_step_is_non_finite_after_the_model_s_step_skips_it
     assert (w.num_calls, w.num_meta_steps, w.num_skipped) == (2, 1, 1)
 
 
-class Masked(torch.nn.Module):
+class Running(torch.nn.Module):
+    """A running mean its forward updates in training (as BatchNorm's), which a NaN batch makes NaN:
+    the layers below hold one, for :func:`poison` to make a step the model's buffers refuse."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("running", torch.zeros(width))
+
+    def track(self, h):
+        if self.training:
+            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+
+
+def poison(module, args):
+    """A forward pre-hook: the layer's running mean NaN in training forwards (the loss stays finite)."""
+    if module.training:
+        module.running.fill_(float("nan"))
+
+
+def with_layer(make, layer):
+    """A 2-exit MLP with ``layer`` after its first stage, an SGD with momentum, and ``make``'s weighter
+    skipping what it refuses."""
+    torch.manual_seed(0)
+    model = tiny_net(2, batchnorm=False)
+    model.stages[0].append(layer)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = make(model, opt)
+    w.nonfinite = "skip"
+    return model, opt, w
+
+
+class Masked(Running):
     """A layer holding a buffer non-finite by design (an additive mask of -inf, as attention masks are),
     and a buffer its forward updates (a running mean, as BatchNorm's), which a NaN input makes NaN."""
 
     def __init__(self, width):
-        super().__init__()
+        super().__init__(width)
         self.register_buffer("mask", torch.tensor([0.0, float("-inf")] * (width // 2)))
-        self.register_buffer("running", torch.zeros(width))
 
     def forward(self, h):
-        if self.training:
-            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        self.track(h)
         return h + torch.where(torch.isfinite(self.mask), self.mask, torch.zeros_like(h))
 
 
@@ -367,12 +396,7 @@ def test_a_buffer_nonfinite_by_design_trains_and_a_buffer_the_step_made_nonfinit
     (it did, for HarmonizedWeighter), and a running statistic a NaN batch poisons, or a mask entry turned
     from -inf to NaN, is refused, putting back the model, its optimizer and the weights bit for bit (the
     loss stays finite: the NaN reaches only the buffer)."""
-    torch.manual_seed(0)
-    model = tiny_net(2, batchnorm=False)
-    model.stages[0].append(Masked(10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    w = make(model, opt)
-    w.nonfinite = "skip"
+    model, opt, w = with_layer(make, Masked(10))
     (x, y), val = batch(), batch()
     for _ in range(2):
         before = copy.deepcopy(model.state_dict())
@@ -382,8 +406,6 @@ def test_a_buffer_nonfinite_by_design_trains_and_a_buffer_the_step_made_nonfinit
     assert torch.isinf(model.stages[0][2].mask).any()
     params, state, gamma = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), w.gamma.clone()
 
-    def poison(module, args):
-        module.running.fill_(float("nan")) if module.training else None
     def unmask(module, args):  # a mask entry -inf by design turned NaN
         module.mask.masked_fill_(torch.isinf(module.mask), float("nan")) if module.training else None
     for hook in (poison, unmask):
@@ -412,14 +434,10 @@ def test_a_loss_weighting_step_reads_the_host_at_most_three_times_whatever_the_n
     assert counts[0] == counts[1] <= 3, counts
 
 
-class Growing(torch.nn.Module):
+class Growing(Running):
     """A layer that builds its additive mask (rows alternately 0 and -inf) in its forward, registering it
     on the first call and anew, larger, when a larger batch comes (as causal-mask and rotary caches grow
     with the sequence), and a running mean its forward updates."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.register_buffer("running", torch.zeros(width))
 
     def forward(self, h):
         n = h.shape[0]
@@ -427,8 +445,7 @@ class Growing(torch.nn.Module):
             mask = torch.zeros(n, 1, dtype=h.dtype)
             mask[1::2] = float("-inf")
             self.register_buffer("mask", mask)
-        if self.training:
-            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        self.track(h)
         mask = self.mask[:n]
         return h + torch.where(torch.isinf(mask), torch.zeros_like(h), mask)
 
@@ -438,17 +455,8 @@ def test_a_mask_the_forward_registers_or_grows_trains_and_a_refusal_puts_back_th
     """A -inf mask registered in the first forward (training batch of 8) and registered anew at the
     validation batch's 12 rows does not refuse the step; a refused step then puts back every buffer as it
     was, the mask at its size before the call and, on a first call, no mask at all."""
-    torch.manual_seed(0)
-    model = tiny_net(2, batchnorm=False)
-    model.stages[0].append(Growing(10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    w = make(model, opt)
-    w.nonfinite = "skip"
+    model, _, w = with_layer(make, Growing(10))
     train, val = batch(8), batch(12)
-
-    def poison(module, args):
-        module.running.fill_(float("nan")) if module.training else None
-
     handle = model.stages[0][2].register_forward_pre_hook(poison)
     with quiet():
         assert w.step(train, val).model_step_skipped, name
@@ -468,50 +476,41 @@ def test_a_mask_the_forward_registers_or_grows_trains_and_a_refusal_puts_back_th
         assert torch.equal(v, params[k]), (name, k)
 
 
-class FilledSlot(torch.nn.Module):
+class FilledSlot(Running):
     """A cache declared empty (``register_buffer("mask", None)``) and filled by the first forward."""
 
     def __init__(self, width):
-        super().__init__()
-        self.register_buffer("running", torch.zeros(width))
+        super().__init__(width)
         self.register_buffer("mask", None, persistent=False)
 
     def forward(self, h):
         if self.mask is None:
             self.mask = torch.zeros(h.shape[1])
-        if self.training:
-            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        self.track(h)
         return h + self.mask
 
 
-class BuiltLayer(torch.nn.Module):
+class BuiltLayer(Running):
     """A normalization layer the first forward creates (with its buffers), and a running mean."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.register_buffer("running", torch.zeros(width))
 
     def forward(self, h):
         if not hasattr(self, "norm"):
             self.norm = torch.nn.BatchNorm1d(h.shape[1], affine=False)
-        if self.training:
-            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        self.track(h)
         return self.norm(h)
 
 
-class ResizedInPlace(torch.nn.Module):
+class ResizedInPlace(Running):
     """A mask grown in place (``self.mask.data = bigger``: the same buffer, another shape) when a larger batch comes."""
 
     def __init__(self, width):
-        super().__init__()
-        self.register_buffer("running", torch.zeros(width))
+        super().__init__(width)
         self.register_buffer("mask", torch.zeros(8, 1))
 
     def forward(self, h):
         if self.mask.shape[0] < h.shape[0]:
             self.mask.data = torch.zeros(h.shape[0], 1)
-        if self.training:
-            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        self.track(h)
         return h + self.mask[:h.shape[0]]
 
 
@@ -521,17 +520,9 @@ def test_a_refused_step_undoes_what_its_forward_built_and_training_goes_on(name,
     """What a forward builds besides values (a filled empty slot, a created submodule, a buffer resized in
     place) is undone by a refused step, the model left as before the call (the slot empty again, no
     submodule, the mask at its size), and the steps after it train."""
-    torch.manual_seed(0)
-    model = tiny_net(2, batchnorm=False)
-    model.stages[0].append(layer(10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    w = make(model, opt)
-    w.nonfinite = "skip"
+    model, _, w = with_layer(make, layer(10))
     before = copy.deepcopy(model.state_dict())
     modules = [n for n, _ in model.named_modules()]
-
-    def poison(module, args):
-        module.running.fill_(float("nan")) if module.training else None
 
     handle = model.stages[0][2].register_forward_pre_hook(poison)
     with quiet():
