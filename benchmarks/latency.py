@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):  # fp32, as issue 20 measured: no TF32 in convolutions or matrix products
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model = msdnet_cifar(10, 8).to(args.device).eval()
     if args.checkpoint:

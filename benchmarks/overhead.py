@@ -377,11 +377,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--counts-only", action="store_true", help="only the profiler counts: no timing, memory or "
                                                                "gamma-gradient errors")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (a fresh process per variant)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):  # fp32, as issue 20 measured: no TF32 in convolutions or matrix products
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args.memory_child:
         print(json.dumps(peak_memory_child(args.memory_child[0], args.device, args.batch_size, args.memory_child[1])))
         return
@@ -402,7 +405,7 @@ def main(argv=None):
         if not args.counts_only:
             times = time_variants(model_name, args.device, args.batch_size, args.rounds, names)
             for name in names:
-                if name in CUDA_ONLY:  # (its graph's memory pool is allocated at capture, in the set-up: not comparable)
+                if name in CUDA_ONLY or args.no_memory:  # (a graph's memory pool is allocated at capture: not comparable)
                     rows[name].update(peak_mib=float("nan"), peak_rss_mib=None, seconds_per_iteration=times[name])
                     continue
                 out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, name, "--device",

@@ -46,9 +46,10 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     The NLL of ``logits / T`` is convex in ``beta = 1/T`` (a log-sum-exp of linear functions),
     so its minimiser is found by bisection on the derivative's sign over ``beta`` in
     ``[1e-4, 1e4]``. An exit whose minimiser lies outside (``1e-4``: its held-out predictions are
-    all right, so the NLL falls as far as ``T`` goes; ``1e4``: they are worse than chance) gets the
+    all right, so the NLL falls as far as ``T`` goes; ``1e4``: they are no better than chance) gets the
     bound, with a warning: such a temperature says more about the held-out set than about the
-    exit.
+    exit. An exit whose logits are the same for every class in every row (its NLL is the same at
+    every temperature) gets ``T = 1``, with a warning.
 
     Args:
         val_logits: held-out logits ``[K, N, C]`` (not used to train the model).
@@ -70,9 +71,13 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     if integer_value(iterations) is None or iterations < 1:
         raise ValueError(f"Invalid iterations: {iterations!r}. Expected an int >= 1 (bisection steps).")
     iterations = int(iterations)
-    out = []
-    for z in _wide(val_logits):
+    out, flat = [], []
+    for k, z in enumerate(_wide(val_logits)):
         z = z.clamp(min=torch.finfo(z.dtype).min)  # a masked class (-inf): p * z = 0 * (-max), not 0 * -inf = NaN
+        if bool((z == z[:, :1]).all()):  # every row one value: softmax(z / T) is uniform whatever T is
+            out.append(1.0)
+            flat.append(k)
+            continue
         z_y = z.gather(1, labels[:, None]).squeeze(1)
 
         def slope(beta: float) -> float:  # d NLL / d beta = mean(E_p[z] - z_y)
@@ -83,7 +88,7 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
         if slope(torch.e ** hi) <= 0:  # the NLL still falls at beta = 1e4: separable data
             out.append(1e-4)
             continue
-        if slope(torch.e ** lo) >= 0:  # still falls at beta = 1e-4: predictions worse than chance
+        if slope(torch.e ** lo) >= 0:  # the NLL still falls as beta goes below 1e-4: predictions no better than chance
             out.append(1e4)
             continue
         for _ in range(iterations):
@@ -97,9 +102,14 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     if bounded:
         warn_user(f"fit_temperatures reached the bound of its search [1e-4, 1e4] ({'; '.join(bounded)}): the "
                   f"held-out NLL still falls beyond it (1e-4: every held-out prediction of the exit is right, the "
-                  f"data are separable; 1e4: its predictions are worse than chance). Such a temperature fits this "
+                  f"data are separable; 1e4: its predictions are no better than chance). Such a temperature fits this "
                   f"held-out set, not the exit: use more (or other) held-out data, or leave that exit "
                   f"uncalibrated.", UserWarning)
+    if flat:
+        warn_user(f"fit_temperatures: the logits of exit(s) {', '.join(str(k + 1) for k in flat)} are the same for "
+                  f"every class in every held-out row, so no temperature changes their probabilities (uniform) and "
+                  f"the NLL does not depend on it: T = 1 was returned. The exit predicts nothing yet: train it, or "
+                  f"check that these are its logits.", UserWarning)
     return torch.tensor(out, dtype=decision_dtype(val_logits.device), device=val_logits.device)
 
 

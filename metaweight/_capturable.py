@@ -145,14 +145,16 @@ def check(w: HarmonizedWeighter) -> None:
 
 
 def check_optimizer(inner: torch.optim.Optimizer) -> None:
-    """The model's optimizer must be a fused SGD (at construction, and at every call: an option set since)."""
-    if type(inner) is not torch.optim.SGD or not all(g.get("fused") for g in inner.param_groups):
+    """The model's optimizer must be a fused SGD, Adam or AdamW (at construction, and at every call: an option set
+    since)."""
+    kinds = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+    if type(inner) not in kinds or not all(g.get("fused") for g in inner.param_groups):
         raise ValueError(f"capturable=True skips a refused step on the device through the optimizer's `found_inf` "
-                         f"(as torch.amp.GradScaler does), which only fused optimizers read, and replays the step "
-                         f"without reading the host, which Adam's step count would need: use "
-                         f"torch.optim.SGD(..., fused=True) (momentum, Nesterov, weight decay as you like); got "
-                         f"{type(inner).__name__}"
-                         f"{'' if type(inner) is not torch.optim.SGD else ' without fused=True'}. Nothing was changed.")
+                         f"(as torch.amp.GradScaler does), which only fused optimizers read: use "
+                         f"torch.optim.SGD, Adam or AdamW with fused=True (on CUDA, Adam and AdamW with "
+                         f"capturable=True too, which torch asks of an optimizer a CUDA graph captures); got "
+                         f"{type(inner).__name__}{' without fused=True' if type(inner) in kinds else ''}. Nothing "
+                         f"was changed.")
 
 
 def gamma_optimizer(name: str, gamma: Tensor, lr: float) -> torch.optim.Optimizer:

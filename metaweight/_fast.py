@@ -293,8 +293,9 @@ def clip_in_step(w: HarmonizedWeighter, named: list[tuple[str, Tensor]]) -> Call
 @torch.no_grad()
 def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]],
                 grads: list[Tensor | None]) -> tuple[dict[str, Tensor], list[Tensor | float]]:
-    """Just before the optimizer's step: the parameters and the step's diagonal Jacobian D."""
-    _, jac = lookahead_update(optimizer, [p for _, p in named], grads, jacobian_only=True)
+    """Just before the optimizer's step: the parameters and the step's diagonal Jacobian D (a fused Adam's
+    step counts read on the device, not the host)."""
+    _, jac = lookahead_update(optimizer, [p for _, p in named], grads, jacobian_only=True, device_counts=True)
     return {n: p.detach().clone() for n, p in named}, jac
 
 

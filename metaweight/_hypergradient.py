@@ -281,7 +281,7 @@ def meta_gradient(
         )
         if reducer.world > 1:  # the step DDP would take: the gradient averaged over ranks
             grads = tuple(reducer.mean(_or_zeros(grads, movable)))
-        new, jac = lookahead_update(optimizer, [p for _, p in movable], grads)
+        new, jac = lookahead_update(optimizer, [p for _, p in movable], grads, device_counts=True)
         lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}
         # the parameters that stay at theta, detached (the validation gradient is taken at the others)
         fixed = {n: p.detach() for n, p in params.items() if n not in lookahead}

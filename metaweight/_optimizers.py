@@ -128,7 +128,8 @@ def _adam_moments(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, 
     """
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
-    step = int(state.get("step", 0)) + 1  # (lookahead_update passes the count read once for many parameters)
+    counted = state.get("step", 0)  # (lookahead_update passes the count read once for many parameters)
+    step = counted if isinstance(counted, _DeviceCounts) else int(counted) + 1
     base, d = p, g
     if wd:
         if decoupled:
@@ -145,11 +146,15 @@ def _adam_moments(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, 
             second = torch.maximum(vmax0, v)
             flows = flows & (v > vmax0)
         vmax = second
-    bc1, sbc2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
+    if isinstance(step, _DeviceCounts):  # the bias corrections of each parameter's own count, on the device
+        bc1, sbc2, lr_bc1 = step.corrections(beta1, beta2, lr, p.dtype)
+    else:
+        bc1, sbc2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
+        lr_bc1 = lr / bc1
     denom = _safe_sqrt(second) / sbc2 + eps
-    return {"new": base - (lr / bc1) * m / denom, "exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vmax,
+    return {"new": base - lr_bc1 * m / denom, "exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vmax,
             "step": step, "d": d, "second": second, "flows": flows, "denom": denom, "bc1": bc1, "sbc2": sbc2,
-            "lr": lr, "beta2": beta2}
+            "lr": lr, "lr_bc1": lr_bc1, "beta2": beta2}
 
 
 def _sgd_jacobian(has_buffer: bool, group: dict[str, Any]) -> float:
@@ -175,10 +180,57 @@ def _sgd_step(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]
     return p - lr * d, lr * c
 
 
+class _DeviceCounts:
+    """The Adam step counts of one bucket of parameters flattened together, as tensors on their device (a
+    fused or capturable Adam keeps them there): the bias corrections of the step about to be taken, for each
+    parameter from its own count, spread over its entries, with no read back to the host.
+
+    The host computes each correction from the count read back (``1 - beta ** t`` with Python floats); here
+    it is computed in float64 for all the bucket's counts at once: the same to the last bit or two of
+    float64 (a vectorised ``pow`` may round its last bit otherwise), then stored in the parameters' dtype,
+    as the host's number is when it multiplies or divides them."""
+
+    def __init__(self, counts: Sequence[Tensor], sizes: Sequence[int]) -> None:
+        self.counts, self.sizes = list(counts), tuple(sizes)
+
+    def corrections(self, beta1: float, beta2: float, lr: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``(1 - beta1**t, sqrt(1 - beta2**t), lr / (1 - beta1**t))`` with ``t`` each count plus one: the first
+        one per parameter in float64, the other two one per entry of the flat bucket in ``dtype`` (a 0-d tensor
+        for a bucket of one parameter, which is not flattened)."""
+        t = torch.stack(self.counts).to(torch.float64).reshape(-1) + 1
+        bc1 = 1 - torch.pow(beta1, t)
+        sbc2 = torch.sqrt(1 - torch.pow(beta2, t)).to(dtype)
+        lr_bc1 = (lr / bc1).to(dtype)
+        if len(self.sizes) == 1:
+            return bc1, sbc2[0], lr_bc1[0]
+        sizes, total = _sizes(self.sizes, bc1.device), sum(self.sizes)
+        return bc1, torch.repeat_interleave(sbc2, sizes, output_size=total), \
+            torch.repeat_interleave(lr_bc1, sizes, output_size=total)
+
+
+_SIZES: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+
+def _sizes(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """``sizes`` as a tensor on ``device``, made once (a copy from the host, which a CUDA graph could not
+    capture: made at the first device step, before any capture)."""
+    key = (sizes, device)
+    if key not in _SIZES:
+        if len(_SIZES) > 64:  # (models come and go: keep a few)
+            _SIZES.clear()
+        _SIZES[key] = torch.tensor(sizes, dtype=torch.long, device=device)
+    return _SIZES[key]
+
+
+def _on_device_counts(group: dict[str, Any]) -> bool:
+    """Whether this group's Adam keeps its step counts on the parameters' device (fused or capturable)."""
+    return bool(group.get("fused") or group.get("capturable"))
+
+
 @torch.no_grad()
 def lookahead_update(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None], *,
-    jacobian_only: bool = False,
+    jacobian_only: bool = False, device_counts: bool = False,
 ) -> tuple[list[Tensor], list[Tensor | float]]:
     """One step of ``optimizer`` from ``params`` with ``grads``, out of place, and its diagonal Jacobian.
 
@@ -187,7 +239,10 @@ def lookahead_update(
     (a tensor, or a float where it is constant). Parameters the optimizer does not hold, or
     without a gradient, stay where they are with ``D = 0``. Nothing is written anywhere.
     With ``jacobian_only`` the new parameters are not computed (``new_params`` is then the
-    parameters themselves), which for SGD costs no tensor arithmetic at all.
+    parameters themselves), which for SGD costs no tensor arithmetic at all. With ``device_counts``
+    the step counts of a fused or capturable Adam/AdamW (tensors on the parameters' device) are not
+    read back to the host: each parameter's bias corrections are computed from its own count there
+    (the same numbers on the CPU; ``capturable=True``'s step, which a CUDA graph may capture).
     """
     where = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     new: list[Tensor] = []
@@ -199,7 +254,10 @@ def lookahead_update(
     # Parameters that step alike (one group, device, dtype, the same state keys and step count) are
     # updated as one flat vector: a handful of kernels per bucket instead of a handful per parameter.
     buckets: dict[tuple[Any, ...], list[int]] = {}
-    steps = _adam_steps(optimizer, params, grads, where) if adam else {}
+    on_device = {i for i, p in enumerate(params) if adam and device_counts and id(p) in where
+                 and _on_device_counts(where[id(p)])}
+    steps: dict[int, Any] = _adam_steps(optimizer, params, grads, where, skip=on_device) if adam else {}
+    steps.update({i: "device" for i in on_device})  # (one bucket for all: each parameter's count is its own)
     for i, (p, g) in enumerate(zip(params, grads)):
         group = where.get(id(p))
         if group is None or g is None:
@@ -222,7 +280,10 @@ def lookahead_update(
         state = {k: _flat([s[k] for s in states]) for k in states[0] if isinstance(states[0][k], Tensor)
                  and k != "step"}
         if adam:
-            state["step"] = step
+            counts = [s.get("step") for s in states]
+            state["step"] = step if step != "device" else _DeviceCounts(
+                [c if isinstance(c, Tensor) else torch.zeros((), device=p.device) for c in counts],
+                [params[i].numel() for i in idx])
             a = _adam_moments(p, g, state, group, decoupled_weight_decay(optimizer, group))
             sq = a["second"].sqrt()
             flows = a["flows"]
@@ -230,8 +291,7 @@ def lookahead_update(
             dsq = torch.where(flows, (1 - a["beta2"]) * a["d"] / torch.where(flows, sq, torch.ones_like(sq)),
                               torch.zeros_like(sq))
             beta1 = float(group["betas"][0])
-            d = (a["lr"] / a["bc1"]) * ((1 - beta1) / a["denom"]
-                                        - a["exp_avg"] * (dsq / a["sbc2"]) / (a["denom"] * a["denom"]))
+            d = a["lr_bc1"] * ((1 - beta1) / a["denom"] - a["exp_avg"] * (dsq / a["sbc2"]) / (a["denom"] * a["denom"]))
             for i, n, j in zip(idx, _unflat(a["new"], [params[i] for i in idx]),
                                _unflat(d, [params[i] for i in idx])):
                 new[i], jac[i] = n, j
@@ -272,10 +332,11 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _adam_steps(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None],
-                where: dict[int, Any]) -> dict[int, int]:
-    """Each stepping parameter's Adam step count (0 before its first step), read in one transfer."""
+                where: dict[int, Any], skip: set[int] = frozenset()) -> dict[int, int]:  # type: ignore[assignment]
+    """Each stepping parameter's Adam step count (0 before its first step), read in one transfer (but
+    those in ``skip``)."""
     counted = [(i, optimizer.state.get(p, {}).get("step")) for i, (p, g) in enumerate(zip(params, grads))
-               if id(p) in where and g is not None]
+               if id(p) in where and g is not None and i not in skip]
     tensors = [(i, s) for i, s in counted if isinstance(s, Tensor)]
     steps = {i: int(s) for i, s in counted if s is not None and not isinstance(s, Tensor)}
     steps.update({i: 0 for i, s in counted if s is None})

@@ -159,8 +159,10 @@ class HarmonizedWeighter(NamedWeights):
             record) safe to capture in a CUDA graph (PyTorch's term, as ``torch.optim.Adam(capturable=True)``):
             no host read and the same operations whatever the data, the decisions applied on the device
             (:mod:`metaweight._capturable`). Needs ``nonfinite="skip"``, ``meta_every=1``, a model optimizer
-            ``torch.optim.SGD(..., fused=True)`` and the model's training forward drawing no random numbers;
-            gamma's Adam is built fused. See the cost guide's section "CUDA graphs: capturable=True".
+            ``torch.optim.SGD``, ``Adam`` or ``AdamW`` with ``fused=True`` (on CUDA, Adam and AdamW also
+            ``capturable=True`` for a capture, as torch asks) and the model's training forward drawing no
+            random numbers; gamma's Adam is built fused. See the cost guide's section "CUDA graphs:
+            capturable=True".
 
     Example:
         >>> import torch, metaweight as mw

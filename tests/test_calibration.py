@@ -155,6 +155,19 @@ def test_fit_temperatures_warns_only_at_its_bounds():
         mw.fit_temperatures(-z[:1], labels)  # worse than chance: the NLL falls as T grows
 
 
+def test_fit_temperatures_of_logits_equal_in_every_row_is_one():
+    """Logits equal across the classes of every row (an untrained exit, a head of zeros): their NLL, log C, is
+    the same at every temperature; the fit says so and returns 1 instead of a bound of its search (whose
+    warning would call the predictions all right, or worse than chance)."""
+    z, labels = overconfident()
+    flat = torch.stack([z[0], torch.full_like(z[0], 2.5)])  # exit 2: one value in every row
+    for t in (0.01, 1.0, 100.0):  # (the premise: the NLL does not depend on T)
+        assert torch.nn.functional.cross_entropy(flat[1] / t, labels).item() == pytest.approx(math.log(z.shape[-1]))
+    with pytest.warns(UserWarning, match=r"exit\(s\) 2 are the same for every class.*T = 1 was returned"):
+        t = mw.fit_temperatures(flat, labels)
+    assert t[1] == 1.0 and t[0] == mw.fit_temperatures(z[:1], labels)[0]
+
+
 def test_calibration_runs_in_float32_where_the_device_has_no_float64(monkeypatch):
     """MPS has no float64: the temperatures and the fit use the device's widest dtype (one helper
     decides, monkeypatched here to say the CPU lacks float64)."""

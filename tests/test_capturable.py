@@ -18,15 +18,26 @@ def fused_sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, fused=True)
 
 
-def pair(gamma_optimizer="adam", **options):
+# the model's optimizers a capturable step takes: fused, as only fused kernels read found_inf
+MODEL_OPTIMIZERS = {
+    "sgd": fused_sgd,
+    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=0.01, amsgrad=True, weight_decay=1e-3, fused=True),
+    "adamw": lambda m: torch.optim.AdamW([{"params": list(m.stages.parameters()), "lr": 0.02},
+                                          {"params": list(m.heads.parameters())}], lr=0.01, weight_decay=0.05,
+                                         fused=True),
+}
+
+
+def pair(gamma_optimizer="adam", model_optimizer="sgd", **options):
     """The same model twice: an eager fast-mode weighter and a capturable one, alike in everything else."""
     torch.manual_seed(0)
     model = tiny_net(3)
     twin = copy.deepcopy(model)
+    build = MODEL_OPTIMIZERS[model_optimizer]
     eager_gamma = (lambda p: torch.optim.Adam(p, lr=0.01, fused=True)) if gamma_optimizer == "adam" else "sgd"
-    eager = mw.HarmonizedWeighter(model, fused_sgd(model), mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+    eager = mw.HarmonizedWeighter(model, build(model), mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
                                   gamma_optimizer=eager_gamma, **options)
-    capturable = mw.HarmonizedWeighter(twin, fused_sgd(twin), mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+    capturable = mw.HarmonizedWeighter(twin, build(twin), mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
                                        gamma_optimizer=gamma_optimizer, capturable=True, **options)
     return eager, capturable
 
@@ -70,10 +81,12 @@ def same(a, b):
     return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("model_optimizer", list(MODEL_OPTIMIZERS))
 @pytest.mark.parametrize("gamma_optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("clip", [None, 0.5])
-def test_the_capturable_step_gives_the_eager_step_s_numbers_bit_for_bit_refusals_included(gamma_optimizer, clip):
-    eager, capturable = pair(gamma_optimizer, clip_grad_norm=clip)
+def test_the_capturable_step_gives_the_eager_step_s_numbers_bit_for_bit_refusals_included(gamma_optimizer, clip,
+                                                                                          model_optimizer):
+    eager, capturable = pair(gamma_optimizer, model_optimizer, clip_grad_norm=clip)
     for i, (train, val) in enumerate(batches()):
         with quiet():
             expected = eager.step(*copy.deepcopy((train, val)))
@@ -90,26 +103,35 @@ def test_the_capturable_step_gives_the_eager_step_s_numbers_bit_for_bit_refusals
     assert (capturable.num_calls, capturable.num_meta_steps) == (eager.num_calls, eager.num_meta_steps) == (7, 6)
 
 
+def _inside_fused_kernel(event):
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith("aten::_fused_"):
+        parent = parent.cpu_parent
+    return parent is not None
+
+
 def _reads_outside_fused_kernels(prof):
     """Reads back to the host, less those inside torch's fused optimizer kernels on the CPU (which read
     their step count there; their CUDA kernels read it on the device)."""
-    count = 0
-    for e in prof.events():
-        if e.name not in ("aten::_local_scalar_dense", HOST_READ):
-            continue
-        parent = e.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::_fused_"):
-            parent = parent.cpu_parent
-        count += parent is None
-    return count
+    return sum(e.name in ("aten::_local_scalar_dense", HOST_READ) and not _inside_fused_kernel(e)
+               for e in prof.events())
 
 
+def _ops_outside_fused_kernels(prof):
+    """The ops in their order, less those a fused optimizer's CPU kernel calls inside itself (Adam's reads its
+    step counts there, and returns before reading them where ``found_inf`` is set; its CUDA kernel is one
+    launch whatever the flag)."""
+    return [e.name for e in prof.events() if not _inside_fused_kernel(e)]
+
+
+@pytest.mark.parametrize("model_optimizer", list(MODEL_OPTIMIZERS))
 @pytest.mark.parametrize("gamma_optimizer", ["adam", "sgd"])
-def test_the_capturable_step_reads_nothing_back_and_runs_the_same_ops_whatever_the_data(gamma_optimizer):
+def test_the_capturable_step_reads_nothing_back_and_runs_the_same_ops_whatever_the_data(gamma_optimizer,
+                                                                                       model_optimizer):
     """After the warm-up, device_step makes no read back to the host, and a clean step, a refused model
     step and a skipped meta step run the very same ATen ops in the same order (allocations included,
     once the first device step has allocated its storage): nothing a CUDA graph could not replay."""
-    _, w = pair(gamma_optimizer)
+    _, w = pair(gamma_optimizer, model_optimizer)
     data = batches()
     w.step(*data[0])  # the warm-up: eager
     w.device_step(*data[2])  # the first device step allocates the storage the next ones reuse
@@ -118,7 +140,7 @@ def test_the_capturable_step_reads_nothing_back_and_runs_the_same_ops_whatever_t
         with profile() as prof:
             record = w.device_step(*data[i])
         assert _reads_outside_fused_kernels(prof) == 0, i
-        sequences[i] = [e.name for e in prof.events()]
+        sequences[i] = _ops_outside_fused_kernels(prof)
         assert isinstance(record.loss, torch.Tensor) and record.counts.dtype == torch.int64
     assert sequences[1] == sequences[3] == sequences[5]
     w.sync_counts()
@@ -137,7 +159,8 @@ def test_what_a_capturable_step_cannot_do_is_refused_at_construction_leaving_mod
         ({"meta_every": 2}, None, "meta_every=1"),
         ({"nonfinite": "raise"}, None, "nonfinite='skip'"),
         ({}, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), "without fused=True"),
-        ({}, lambda m: torch.optim.Adam(m.parameters(), lr=0.1, fused=True), "got Adam"),
+        ({}, lambda m: torch.optim.Adam(m.parameters(), lr=0.1), "got Adam without fused=True"),
+        ({}, lambda m: torch.optim.AdamW(m.parameters(), lr=0.1, foreach=True), "got AdamW without fused=True"),
         ({"gamma_optimizer": lambda p: torch.optim.Adam(p, lr=0.01)}, None, "fused=True \\(or capturable=True"),
     ]
     for options, optimizer, message in cases:

@@ -31,6 +31,49 @@ def test_lookahead_update_is_a_real_optimizer_step(opt_name):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("kind", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True, "weight_decay": 0.05}])
+def test_a_fused_adams_step_counts_are_read_on_the_device_giving_the_host_s_numbers(kind, options, monkeypatch):
+    """A fused Adam keeps its step counts on the parameters' device: with ``device_counts`` the look-ahead takes
+    each parameter's bias corrections from its own count there (the counts differ: a parameter that went
+    without a gradient for a step lags), with no read back to the host, and gives the numbers of the counts
+    read back (the reference: the same function reading them) and of the optimizer's own step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Linear(3, 3))
+    optimizer = kind(model.parameters(), lr=0.01, fused=True, **options)
+    params = list(model.parameters())
+    for i in range(6):
+        model.zero_grad()
+        model(torch.randn(4, 5)).square().sum().backward()
+        if i in (1, 4):
+            params[3].grad = None  # (its count lags by two)
+        if i == 2:
+            params[5].grad = None
+        optimizer.step()
+    assert len({int(optimizer.state[p]["step"]) for p in params}) == 3
+    grads = [torch.randn_like(p) for p in params]
+    grads[1] = None  # a parameter with no gradient: left where it is
+    reference = lookahead_update(optimizer, params, grads)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("read back to the host")
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_read)
+    monkeypatch.setattr(torch.Tensor, "__float__", no_read)
+    monkeypatch.setattr(torch.Tensor, "__int__", no_read)
+    with torch.profiler.profile() as prof:
+        new, jac = lookahead_update(optimizer, params, grads, device_counts=True)
+    monkeypatch.undo()
+    assert not [e for e in prof.events() if e.name == "aten::_local_scalar_dense"]
+    for a, b in zip(reference[0] + reference[1], new + jac):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    for p, g in zip(params, grads):
+        p.grad = g
+    optimizer.step()
+    for p, q in zip(params, new):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 def test_lookahead_jacobian_matches_finite_differences(opt_name):
     model, optimizer, *_ = setup(opt_name)

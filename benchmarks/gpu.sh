@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 20's GPU measurements in one run (at most 9 minutes, about 5 expected, on an H200): the overhead table (wall, kernel ms,
+# launches, syncs, host reads per iteration for the user's loop, two-call, step(learn=False), exact jvp, fast,
+# higher), the capturable step and the CUDA-graph variants, and EarlyExit's latency at batch 256 and 1.
+#
+#     bash benchmarks/gpu.sh OUTDIR            # on a machine with CUDA; results and logs land in OUTDIR
+#     DEVICE=cpu ROUNDS=1 bash benchmarks/gpu.sh /tmp/dry   # the same commands on the CPU (a dry run)
+#
+# Each part runs on its own, under its own time limit, so one that fails (the CUDA-graph capture has never
+# run before its first GPU session) leaves the others' results; the capturable variants are run again
+# without the graphs if the run with them fails. fp32 with TF32 off (the overhead and latency scripts turn
+# it off on CUDA), as issue 20 measured. `higher` is imported by metaweight: where it is not installed, a
+# wheel in .whl/ is installed into a private folder first (`pip download higher==0.2.1 -d .whl`).
+set -uo pipefail
+out=${1:-${OUT:-runs/gpu}}
+device=${DEVICE:-cuda}
+rounds=${ROUNDS:-5}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import higher" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/metaweight-site .whl/*.whl \
+        || { echo "higher is not installed and no wheel of it is in .whl/"; exit 1; }
+    export PYTHONPATH=/tmp/metaweight-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 - <<'EOF' 2>&1 | tee "$out/environment.txt"
+import platform, torch, metaweight
+print("python", platform.python_version(), "torch", torch.__version__, "metaweight", metaweight.__version__)
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0), "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+EOF
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null | tee -a "$out/environment.txt"
+
+part() {  # NAME SECONDS COMMAND...: run COMMAND under a time limit, its output in OUT/NAME.log; its status
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local status=${PIPESTATUS[0]}
+    echo "== $name: exit $status"
+    return "$status"
+}
+
+part overhead 270 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" \
+    --variants "own loop" "two-call, fixed weights" "step, learn=False" jvp fast higher "fast, validation batch 16" \
+    --out "$out/overhead.json"
+part capture 120 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
+    --variants "own loop" "own loop, fused SGD" "fast, capturable" "own loop, fused SGD, CUDA graph" \
+    "fast, capturable, CUDA graph" --out "$out/capture.json" \
+|| part capturable 90 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
+    --variants "own loop" "own loop, fused SGD" "fast, capturable" --out "$out/capturable.json"
+part latency 60 python3 benchmarks/latency.py --device "$device" --batch 256 --repeats 7
+exit 0
