@@ -124,7 +124,8 @@ def _adam_moments(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, 
     Returns the new parameter (``new``), the new moments (``exp_avg``, ``exp_avg_sq``,
     ``max_exp_avg_sq`` with AMSGrad), ``step``, and what the Jacobian needs: ``d`` (the gradient
     after coupled weight decay), ``second`` (the second moment used), ``flows`` (where it depends
-    on this step's gradient), ``denom``, ``bc1``, ``sbc2`` and ``lr``.
+    on this step's gradient), ``denom``, ``sbc2`` (the square root of the second bias correction) and
+    ``lr_bc1`` (the learning rate over the first).
     """
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
@@ -147,14 +148,14 @@ def _adam_moments(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, 
             flows = flows & (v > vmax0)
         vmax = second
     if isinstance(step, _DeviceCounts):  # the bias corrections of each parameter's own count, on the device
-        bc1, sbc2, lr_bc1 = step.corrections(beta1, beta2, lr, p.dtype)
+        sbc2, lr_bc1 = step.corrections(beta1, beta2, lr, p.dtype)
     else:
         bc1, sbc2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
         lr_bc1 = lr / bc1
     denom = _safe_sqrt(second) / sbc2 + eps
     return {"new": base - lr_bc1 * m / denom, "exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vmax,
-            "step": step, "d": d, "second": second, "flows": flows, "denom": denom, "bc1": bc1, "sbc2": sbc2,
-            "lr": lr, "lr_bc1": lr_bc1, "beta2": beta2}
+            "step": step, "d": d, "second": second, "flows": flows, "denom": denom, "sbc2": sbc2,
+            "lr_bc1": lr_bc1, "beta2": beta2}
 
 
 def _sgd_jacobian(has_buffer: bool, group: dict[str, Any]) -> float:
@@ -193,18 +194,18 @@ class _DeviceCounts:
     def __init__(self, counts: Sequence[Tensor], sizes: Sequence[int]) -> None:
         self.counts, self.sizes = list(counts), tuple(sizes)
 
-    def corrections(self, beta1: float, beta2: float, lr: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """``(1 - beta1**t, sqrt(1 - beta2**t), lr / (1 - beta1**t))`` with ``t`` each count plus one: the first
-        one per parameter in float64, the other two one per entry of the flat bucket in ``dtype`` (a 0-d tensor
-        for a bucket of one parameter, which is not flattened)."""
+    def corrections(self, beta1: float, beta2: float, lr: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(sqrt(1 - beta2**t), lr / (1 - beta1**t))`` with ``t`` each count plus one (computed in float64),
+        one entry per entry of the flat bucket in ``dtype`` (a 0-d tensor for a bucket of one parameter, which
+        is not flattened)."""
         t = torch.stack(self.counts).to(torch.float64).reshape(-1) + 1
         bc1 = 1 - torch.pow(beta1, t)
         sbc2 = torch.sqrt(1 - torch.pow(beta2, t)).to(dtype)
         lr_bc1 = (lr / bc1).to(dtype)
         if len(self.sizes) == 1:
-            return bc1, sbc2[0], lr_bc1[0]
+            return sbc2[0], lr_bc1[0]
         sizes, total = _sizes(self.sizes, bc1.device), sum(self.sizes)
-        return bc1, torch.repeat_interleave(sbc2, sizes, output_size=total), \
+        return torch.repeat_interleave(sbc2, sizes, output_size=total), \
             torch.repeat_interleave(lr_bc1, sizes, output_size=total)
 
 
