@@ -16,7 +16,10 @@ Every decision the eager step reads back to the host is applied on the device in
 * the numbers of the step and the counts of calls, meta steps and skipped steps stay on the device
   (:class:`DeviceRecord`; :meth:`HarmonizedWeighter.sync_counts` brings the counts to the host).
 
-The calls before the optimizers hold state (normally the first) run the eager step, whose checks read
+The calls before the optimizers hold state (normally the first), and a call in which a parameter group of a
+fused SGD with momentum gets its first gradients (parameters unfrozen later, in a group of their own: torch makes
+their buffers with ``empty_like`` and fills them in the kernel, which a refused step leaves unwritten), run the
+eager step, whose checks read
 the host (the labels, the first meta step's gradient check) and which checks once that the training
 forward draws no random numbers (the difference's forward could not draw the same ones without
 rewinding the generators, which a capture cannot do) and that the labels hold no padding. So warm up
@@ -115,25 +118,27 @@ class DeviceRecord:
 
 
 def check(w: HarmonizedWeighter) -> None:
-    """Refuse, at construction, what the capturable step cannot do, saying what to do instead."""
+    """Refuse what the capturable step cannot do, saying what to do instead: at construction, and at every
+    call (an option set since: ``learn``, ``mode``, ``meta_every``, ``nonfinite``, an optimizer's options).
+    Python objects only: no read."""
     from metaweight._validation import BalancedValidation
 
     fix = "Build the weighter with capturable=False, or"
     if w.mode != "fast" or not w.learn:
         raise ValueError(f"capturable=True is the one-call step of mode='fast' with learn=True (got mode="
-                         f"{w.mode!r}, learn={w.learn}). {fix} with mode='fast'.")
+                         f"{w.mode!r}, learn={w.learn}). {fix} with mode='fast'. Nothing was changed.")
     if w.meta_every != 1:
         raise ValueError(f"capturable=True takes a meta step at every call (a schedule is a Python branch, which a "
                          f"captured graph replays as captured); got meta_every={w.meta_every}. {fix} with "
-                         f"meta_every=1.")
+                         f"meta_every=1. Nothing was changed.")
     if w.nonfinite != "skip":
         raise ValueError("capturable=True skips a non-finite step on the device and cannot raise (raising needs the "
-                         "decision on the host). Pass nonfinite='skip'.")
+                         "decision on the host). Pass nonfinite='skip'. Nothing was changed.")
     check_optimizer(w._inner_optimizer)
     if w._objective.per_exit and not isinstance(w.validation, BalancedValidation):
         raise ValueError(f"capturable=True folds the validation average on the device; "
                          f"`{type(w.validation).__name__}.update` may read the host. Use BalancedValidation, or an "
-                         f"objective without exit_losses (no average).")
+                         f"objective without exit_losses (no average). Nothing was changed.")
     gamma_optimizer = w.gamma_optimizer
     on_cuda = w.gamma.device.type == "cuda"
     if type(gamma_optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) or (
@@ -141,13 +146,18 @@ def check(w: HarmonizedWeighter) -> None:
                 g.get("fused") or (g.get("capturable") and on_cuda) for g in gamma_optimizer.param_groups)):
         raise ValueError(f"capturable=True steps gamma on the device: its optimizer must be SGD, or Adam/AdamW with "
                          f"fused=True (or capturable=True, on CUDA), whose step count stays on the device; got "
-                         f"{type(gamma_optimizer).__name__}. Pass gamma_optimizer='adam' or 'sgd' (built so).")
+                         f"{type(gamma_optimizer).__name__}{'' if type(gamma_optimizer) is torch.optim.SGD else ' not so'}. Pass "
+                         f"gamma_optimizer='adam' or 'sgd' (built so). Nothing was changed.")
 
 
 def check_optimizer(inner: torch.optim.Optimizer) -> None:
     """The model's optimizer must be a fused SGD, Adam or AdamW (at construction, and at every call: an option set
     since)."""
     kinds = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+    if type(inner) in kinds and any(g.get("fused") and g.get("foreach") for g in inner.param_groups):
+        raise ValueError(f"The {type(inner).__name__}'s parameter groups have fused=True and foreach=True (foreach "
+                         f"set since construction, which torch refuses alongside fused=True): set foreach=False "
+                         f"(or None). Nothing was changed.")
     if type(inner) not in kinds or not all(g.get("fused") for g in inner.param_groups):
         raise ValueError(f"capturable=True skips a refused step on the device through the optimizer's `found_inf` "
                          f"(as torch.amp.GradScaler does), which only fused optimizers read: use "
@@ -172,6 +182,7 @@ class CapturableFast:
         self.counts: Tensor | None = None  # [calls, meta steps, skipped], int64 on the device
         self._checked_randomness = False
         self._model_stepped = False  # a warm-up step was taken
+        self.eager = False  # whether the last call ran the eager step
 
     def ready(self, w: HarmonizedWeighter) -> bool:
         """Whether the device step can run: a warm-up step was taken (the optimizers' state made, on the host), the
@@ -195,14 +206,19 @@ class CapturableFast:
             self.counts.copy_(values)
 
     def step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> DeviceRecord:
-        """:meth:`HarmonizedWeighter.device_step`."""
-        if not self.ready(w):
+        """:meth:`HarmonizedWeighter.device_step` (``eager`` says afterwards whether it ran the eager step)."""
+        check(w)  # (Python objects only, no read: options set since construction are refused at every call)
+        self.eager = not self.ready(w)
+        if self.eager:
             return self._warm_up(w, train_batch, val_batch)
-        with unchecked_labels():  # (checked in the warm-up)
-            return self._device_step(w, train_batch, val_batch)
+        try:
+            with unchecked_labels():  # (checked in the warm-up)
+                return self._device_step(w, train_batch, val_batch)
+        except _FirstMomentumStep:  # nothing changed: this call is the eager step
+            self.eager = True
+            return self._warm_up(w, train_batch, val_batch)
 
     def _device_step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> DeviceRecord:
-        check_optimizer(w._inner_optimizer)  # (Python objects only, as the loop's check: no read)
         w._check_loop()
         x, y = unpack_batch(train_batch, "train_batch")
         xv, yv = unpack_batch(val_batch, "val_batch")
@@ -231,6 +247,7 @@ class CapturableFast:
             loss = w._weighted(terms)
             w.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            _check_momentum_buffers(w._inner_optimizer)
             grads = [p.grad for p in w.module.parameters()]
             flag = nonfinite_flag(loss, grads)
             flag = (flag + buffers.became_nonfinite(flag.device)).clamp_max(1.0)
@@ -271,9 +288,7 @@ class CapturableFast:
                     refused: Tensor) -> Tensor:
         """gamma's step and the validation average's update, put back where refused: returns whether taken
         (``[]`` bool), as :meth:`HarmonizedWeighter._step_gamma` and ``_meta_outcome`` decide, on the device."""
-        held = [w.gamma] + [v for s in w.gamma_optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
-        if isinstance(w.validation, torch.nn.Module):
-            held += list(w.validation.buffers())
+        held = _held(w)
         saved = self._state.copy(held)
         try:
             finite, stepped = w._gamma_step(gamma_grad, objective, exit_losses)
@@ -286,6 +301,18 @@ class CapturableFast:
         for now, before in zip(held, saved):
             now.copy_(torch.where(taken, now, before))
         return taken
+
+    @torch.no_grad()
+    def undo_meta_step(self, w: HarmonizedWeighter) -> None:
+        """Put gamma, its optimizer's state and the validation average back as they were before the last device
+        step's meta step, and uncount it (for :meth:`HarmonizedWeighter.step`, whose hook raised on it, as the
+        eager step puts back a meta step whose hook raised). Not captured: call it after a :meth:`step` whose
+        meta step was taken, before the next."""
+        assert self.counts is not None
+        for now, before in zip(_held(w), self._state.copies):
+            now.copy_(before)
+        self.counts[1] -= 1
+        w.num_meta_steps -= 1
 
     def _warm_up(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> DeviceRecord:
         """The eager step (its checks read the host), once the training forward is found to draw no random
@@ -315,6 +342,14 @@ class CapturableFast:
         self._checked_randomness = True
 
 
+def _held(w: HarmonizedWeighter) -> list[Tensor]:
+    """What a refused meta step puts back: gamma, its optimizer's state tensors, the validation average."""
+    held = [w.gamma] + [v for s in w.gamma_optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+    if isinstance(w.validation, torch.nn.Module):
+        held += list(w.validation.buffers())
+    return held
+
+
 def _check_no_padding(w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> None:
     """Refuse labels holding padding (``ignore_index``) in a warm-up batch: the device step scores every
     label (leaving padding out is a selection whose size depends on the data, which a graph cannot hold)."""
@@ -329,6 +364,44 @@ def _check_no_padding(w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -
         raise ValueError(f"capturable=True: the labels of {', '.join(padded)} hold padding. The device step scores "
                          f"every label: leaving padding out is a selection whose size depends on the data, which a "
                          f"captured graph cannot hold. Use capturable=False for padded batches. Nothing was changed.")
+
+
+class _FirstMomentumStep(Exception):
+    """A parameter group's first momentum step, which the device step hands to the eager step (see
+    :func:`_check_momentum_buffers`)."""
+
+
+def _check_momentum_buffers(inner: torch.optim.Optimizer) -> None:
+    """Before the model's step, from the gradients backward left (Python objects only): a fused SGD with
+    momentum whose parameter group gets its first gradients now makes its momentum buffers with
+    ``torch.empty_like`` and fills them in the kernel, which a refused step (``found_inf``) leaves unwritten:
+    garbage the next step would add in. Raises :class:`_FirstMomentumStep` for such a step (outside a CUDA
+    graph capture the call runs the eager step, which takes no refused step; under a capture a ``ValueError``),
+    and a ``ValueError`` for a group where some parameters have momentum buffers and others get their first
+    gradient (which torch's fused SGD cannot step). Adam's first step is safe: its state starts at zero."""
+    if not isinstance(inner, torch.optim.SGD):
+        return
+    for i, group in enumerate(inner.param_groups):
+        if not group.get("momentum", 0):
+            continue
+        stepped = [p for p in group["params"] if p.grad is not None]
+        started = ["momentum_buffer" in inner.state.get(p, {}) for p in stepped]
+        if all(started):
+            continue
+        if any(started):
+            raise ValueError(
+                f"Parameter group {i} of the fused SGD holds parameters with momentum buffers and "
+                f"{started.count(False)} that get their first gradient now (unfrozen, or used for the first time): "
+                f"torch's fused SGD cannot step such a group (it starts the momentum of a whole group at once). Put "
+                f"parameters that start training later in a parameter group of their own "
+                f"(optimizer.add_param_group). Nothing was changed.")
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                f"Parameter group {i} of the fused SGD takes its first momentum step in this call: its momentum "
+                f"buffers are made now, which a captured graph cannot hold (a refused step would leave them "
+                f"unwritten). Run one step of the new parameters outside the capture (device_step() runs it as the "
+                f"eager step), then capture again. Nothing was changed.")
+        raise _FirstMomentumStep
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, inner: torch.optim.Optimizer, refused: Tensor) -> None:

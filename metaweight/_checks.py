@@ -513,6 +513,12 @@ def _summaries(labels: Sequence[tuple[Tensor, int | None]]) -> list[tuple[int, i
     return [(int(values[3 * j]), int(values[3 * j + 1]), int(values[3 * j + 2])) for j in range(len(labels))]
 
 
+def all_padding_message(where: str, ignore_index: int) -> str:
+    """The refusal of a batch whose every label is padding (``ignore_index``): nothing to score."""
+    return (f"Every label given with the {where} is ignore_index={ignore_index} (padding): there is nothing to "
+            f"score. Check the padding mask or the labels.")
+
+
 def stack_exit_logits(outputs: object, target: object, num_exits: int, where: str = "model output",
                       ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
     """Check outputs and labels, then stack the logits to ``[K, N, C]`` over the scored positions
@@ -527,7 +533,7 @@ def stack_exit_logits(outputs: object, target: object, num_exits: int, where: st
     shape = outputs[0].shape
     if shape[0] == 0 or (len(shape) == 3 and shape[1] == 0):
         raise ValueError(f"The batch of the {where} is empty: the losses are means over the batch and need a sample.")
-    target, (_, _, scored) = _checked_target(target, shape[0], shape[-1], "target",
+    target, (_, _, scored) = checked_target(target, shape[0], shape[-1], "target",
                                              tokens=shape[1] if len(shape) == 3 else None, ignore_index=ignore_index)
     logits = torch.stack(outputs)
     target = target.to(logits.device)  # CPU labels for a GPU model: the logits' device decides
@@ -535,8 +541,7 @@ def stack_exit_logits(outputs: object, target: object, num_exits: int, where: st
         logits, target = logits.flatten(1, 2), target.flatten()
     if scored < target.numel():
         if scored == 0:
-            raise ValueError(f"Every label of the {where}'s batch is ignore_index={ignore_index} (padding): there is "
-                             f"nothing to score. Check the padding mask or the labels.")
+            raise ValueError(all_padding_message(where, ignore_index))
         keep = target != ignore_index
         logits, target = logits[:, keep], target[keep]
     return (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits), target
@@ -549,10 +554,10 @@ def check_target(target: object, batch_size: int, num_classes: int | None, name:
     Returns them as ``torch.long``: labels of any integer type (int32 from NumPy, uint8, ...) are
     accepted and cast, as ``cross_entropy`` needs int64; float, bool and complex labels are refused.
     """
-    return _checked_target(target, batch_size, num_classes, name, tokens=tokens, ignore_index=ignore_index)[0]
+    return checked_target(target, batch_size, num_classes, name, tokens=tokens, ignore_index=ignore_index)[0]
 
 
-def _checked_target(target: object, batch_size: int, num_classes: int | None, name: str, *,
+def checked_target(target: object, batch_size: int, num_classes: int | None, name: str, *,
                     tokens: int | None, ignore_index: int | None) -> tuple[Tensor, tuple[int, int, int]]:
     """:func:`check_target`, and the labels' summary it read (smallest, largest, number scored)."""
     subject = f"`{name}`" if name.isidentifier() else f"The {name}"  # the argument, named as the caller has it

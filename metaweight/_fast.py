@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from metaweight._checks import check_target, summarize_step_labels, unpack_batch
+from metaweight._checks import all_padding_message, checked_target, summarize_step_labels, unpack_batch
 from metaweight._clipping import EPSILON, clip_transpose
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
 from metaweight._optimizers import lookahead_update, supports_exact_update
@@ -320,6 +320,10 @@ def _check_val_labels(w: HarmonizedWeighter, outputs: Any, xv: Any, yv: Any) -> 
                          f"per input. Nothing was changed (mode='fast' checks this before the model's step).")
     tokens = outputs[0].shape[1] if outputs[0].dim() == 3 else None
     size = yv.shape[0] if isinstance(yv, Tensor) and yv.dim() > 0 else 0
-    check_target(yv, size, outputs[0].shape[-1], "validation target",
-                 tokens=yv.shape[1] if tokens is not None and isinstance(yv, Tensor) and yv.dim() == 2 else tokens,
-                 ignore_index=w.validation.ignore_index)
+    _, (_, _, scored) = checked_target(
+        yv, size, outputs[0].shape[-1], "validation target",
+        tokens=yv.shape[1] if tokens is not None and isinstance(yv, Tensor) and yv.dim() == 2 else tokens,
+        ignore_index=w.validation.ignore_index)
+    if scored == 0 and size > 0 and (tokens is None or tokens > 0):
+        raise ValueError(all_padding_message("validation batch", w.validation.ignore_index) +
+                         " Nothing was changed (mode='fast' checks this before the model's step).")

@@ -95,6 +95,29 @@ def check_optimizer_options(optimizer: torch.optim.Optimizer) -> None:
             )
         if isinstance(optimizer, torch.optim.SGD) and group.get("dampening", 0) and group.get("nesterov", False):
             raise ValueError("Nesterov momentum requires dampening=0, as in torch.optim.SGD.")
+    check_optimizer_state(optimizer)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimizer state (momentum buffers, Adam's moments) in another dtype or on another device than
+    its parameter: what ``model.to(torch.bfloat16)`` or ``model.to("cuda")`` after the optimizer's first
+    step leaves (torch casts state to its parameter only in ``Optimizer.load_state_dict``). The look-ahead
+    would replay a step whose arithmetic mixes them, which torch's own step does otherwise or refuses
+    (Adam's ``lerp_``). Metadata only: no tensor is read."""
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point() \
+                        and (value.dtype != p.dtype or value.device != p.device):
+                    raise ValueError(
+                        f"The optimizer's state {key!r} of a parameter of shape {tuple(p.shape)} (group {i}) is "
+                        f"{value.dtype} on {value.device}, but the parameter is {p.dtype} on {p.device}: the model "
+                        f"was converted (e.g. model.to(torch.bfloat16) or model.to('cuda')) after the optimizer had "
+                        f"stepped, and the state was not. The look-ahead replays the optimizer's step on its state "
+                        f"as it is, which would mix the two (torch's Adam refuses to). Convert the state with the "
+                        f"parameters: optimizer.load_state_dict(optimizer.state_dict()) casts each state tensor to "
+                        f"its parameter's dtype and device (or build the optimizer after converting the model). "
+                        f"Nothing was changed.")
 
 
 def check_optimizer_covers_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

@@ -11,6 +11,7 @@ anything changes, and hands the step to :meth:`metaweight._fast.FastMode.meta`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -55,10 +56,14 @@ class TwoCall:
         if run_meta:
             w._check_loop()  # options, hooks, other optimizers' steps: before anything changes
         plan = self._plan(w, pending, x, y) if run_meta else None
-        if plan is not None:
+        if isinstance(plan, _NonFinite) and w.nonfinite == "raise":
+            raise ValueError(plan.message)
+        if plan is not None and not isinstance(plan, _NonFinite):
             w._check_gradients(train_batch, val_batch)  # (once; after the plan's own refusals, which say more)
         pending_now, w._pending, w._stepped = w._pending, None, None
         w.num_calls += 1
+        if isinstance(plan, _NonFinite):  # nonfinite="skip": counted and reported, nothing else changes
+            return w._refuse(plan.message, math.nan, [], plan.terms)
         if not run_meta:
             return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=w.gamma_dict())
         if plan is None:
@@ -98,10 +103,12 @@ class TwoCall:
 
     def _plan(self, w: HarmonizedWeighter, pending: Pending, x: Any, y: Any
                    ) -> tuple[list[Micro], list[tuple[Any, Any]], Callable[[dict[str, Tensor]], dict[str, Tensor]] | None
-                              ] | None:
+                              ] | _NonFinite | None:
         """Check what the two-call form's loop did and say how to score its step: the losses the step
         used, their inputs, and the map :math:`w \\mapsto J_T^\\top w` of what happened to the gradients
-        between backward and step (``None`` for none). ``None`` when the optimizer did not step.
+        between backward and step (``None`` for none). ``None`` when the optimizer did not step; a
+        :class:`_NonFinite` when the losses it stepped on or their gradients were not finite (decided
+        before the checks of what moved and rescaled, which non-finite values would fail).
         Raises a ``ValueError`` for what cannot be scored, before anything changes."""
         if pending.error is not None:
             raise ValueError(pending.error + " gamma is unchanged.")
@@ -142,7 +149,10 @@ class TwoCall:
         before = pending.moved_before if pending.moved_before is not None else no
         after = moved(pending.end_print, now) if now is not None else no
         moves = torch.stack([before.to(device), after.to(device), (differ if differ is not None else no).to(device)])
-        return stepped, inputs, self._gradient_transform(w, pending, stepped, moves)
+        try:
+            return stepped, inputs, self._gradient_transform(w, pending, stepped, moves)
+        except _NonFinite as exc:
+            return exc
 
     def _check_inputs(self, w: HarmonizedWeighter, stepped: list[Micro], inputs: list[tuple[Any, Any]]
                       ) -> Tensor | None:
@@ -162,7 +172,7 @@ class TwoCall:
                     if t._version != version:
                         raise ValueError(_OTHER_INPUTS.format(why="inputs changed in place since the forward"))
                     if print_ is not None:
-                        flags.append((print_ != value_print(t)).any())
+                        flags.append(moved(print_, value_print(t)))  # (NaN inputs equal to themselves)
                 elif t.shape != seen.shape or t.dtype != seen.dtype:
                     raise ValueError(_OTHER_INPUTS.format(
                         why=f"inputs of shape {tuple(t.shape)} ({t.dtype}) where the model got {tuple(seen.shape)} "
@@ -173,7 +183,7 @@ class TwoCall:
             if micro.target_print is not None:
                 now_print = values_print(yi)
                 flags.append(torch.ones((), dtype=torch.bool) if now_print is None or now_print.shape !=
-                             micro.target_print.shape else (now_print != micro.target_print.to(now_print.device)).any())
+                             micro.target_print.shape else moved(micro.target_print, now_print))
         if not flags:
             return None
         device = flags[0].device
@@ -189,8 +199,15 @@ class TwoCall:
         clip = w.clip_grad_norm
         device = w.gamma.device
         moves = moves.to(device).double() if moves is not None else torch.zeros(3, dtype=torch.float64, device=device)
+        # the losses the step used and the gradients it got, finite: [every term finite, |T(g)|^2 finite]
+        terms = torch.stack([m.terms.detach().to(device, torch.float64) for m in stepped])
+        finite = torch.stack([terms.isfinite().all().double(),
+                              pending.rescale[2].to(device).isfinite().double() if pending.rescale is not None
+                              else torch.ones((), dtype=torch.float64, device=device)])
         if pending.rescale is None and pending.inv_scale is None and pending.cleared is None:
-            _check_moves(host_read([moves]))
+            values = host_read([finite, terms.reshape(-1), moves])
+            _check_finite(w, values[:2], values[2:2 + terms.numel()], len(stepped))
+            _check_moves(values[2 + terms.numel():])
             return None
         rescale = pending.rescale if pending.rescale is not None else torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
         inv = pending.inv_scale if pending.inv_scale is not None else torch.ones((), dtype=torch.float64)
@@ -203,11 +220,12 @@ class TwoCall:
             if clip is not None and seen is not None else torch.zeros((), dtype=torch.float64, device=device)
         # and the norm clip_grad_norm_ saw: the losses' own gradient, before any clipping
         unclipped = seen_norm / torch.where(total > 0, total, torch.ones_like(total))
-        common, s_t, s, r, ok, clipped_norm, unclipped, *moved_flags = host_read([torch.stack([
+        common, s_t, s, r, ok, clipped_norm, unclipped, *rest = host_read([torch.stack([
             rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
             rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(),
-            seen_norm * rescale[1].to(device), unclipped]), moves])
-        _check_moves(moved_flags)
+            seen_norm * rescale[1].to(device), unclipped]), finite, terms.reshape(-1), moves])
+        _check_finite(w, rest[:2], rest[2:2 + terms.numel()], len(stepped))
+        _check_moves(rest[2 + terms.numel():])
         if not ok:
             raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
                              "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
@@ -270,6 +288,31 @@ class TwoCall:
                          f"the weighter with clip_grad_norm=mw.ClipGradNorm(max_norm, norm_type); for a rescale of "
                          f"your own, scale the loss before backward (or the learning rate) instead. gamma is "
                          f"unchanged.")
+
+
+class _NonFinite(Exception):
+    """A step whose losses or gradients were not finite: refused (``nonfinite="raise"``) or skipped."""
+
+    def __init__(self, message: str, terms: list[float]) -> None:
+        super().__init__(message)
+        self.message, self.terms = message, terms
+
+
+def _check_finite(w: HarmonizedWeighter, flags: list[float], terms: list[float], losses: int) -> None:
+    """Raise :class:`_NonFinite` when the losses the step used (``terms``: each loss's terms, in order)
+    or the gradients the optimizer got (``flags``: [terms finite, gradients finite]) were not finite."""
+    if flags[0] == 1.0 and flags[1] == 1.0:
+        return
+    n = len(w.term_names)
+    bad = sorted({name for i in range(losses) for name, t in zip(w.term_names, terms[i * n:(i + 1) * n])
+                  if not math.isfinite(t)}, key=w.term_names.index)
+    mean = [sum(terms[i * n + j] for i in range(losses)) / losses for j in range(n)]
+    raise _NonFinite(
+        f"The training losses weighter.loss returned (non-finite terms: {bad or 'none'}) or the gradients the "
+        f"optimizer stepped on were not finite: the step taken has no meta-gradient, and the model's parameters may "
+        f"now be non-finite too (weighter.step() refuses such a step before taking it). Check the data, the "
+        f"learning rate and the parameters (or pass nonfinite='skip' to skip such meta steps). gamma and the "
+        f"validation average are unchanged.", mean)
 
 
 def _check_moves(flags: list[float]) -> None:

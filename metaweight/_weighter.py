@@ -12,6 +12,7 @@ mode's two-call form (``loss``, the user's own step, ``meta_step``) is read by
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,7 +46,7 @@ from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
-from metaweight._optimizers import (check_optimizer_covers_model,
+from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
                                     check_optimizer_options, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
 
@@ -755,12 +756,23 @@ class HarmonizedWeighter(NamedWeights):
         """
         self._check_learn()
         if self._capturable is not None:  # the device's step, read back (once) and reported to the hooks
-            on_device = self._capturable.ready(self)  # (else the eager warm-up, which reports itself)
             record, (self.num_calls, self.num_meta_steps, self.num_skipped) = \
                 self.device_step(train_batch, val_batch).read_with_counts()
-            if on_device and record.ran and not record.skipped:
-                self.last_meta = record
-                self._call_hooks(record)
+            if self._capturable.eager:  # (the eager step, a warm-up or a first momentum step, reports itself)
+                return record
+            if record.message is not None:  # a step refused on the device: warned of, as the eager step warns
+                kind = "model step ({} skipped so far)" if record.model_step_skipped else "meta step ({} so far)"
+                warn_user(f"Skipped a {kind.format(self.num_skipped)}: {record.message}")
+            elif record.ran:
+                self.last_meta = dataclasses.replace(record, loss=None, model_step_skipped=None)
+                try:
+                    self._call_hooks(self.last_meta)
+                except Exception as exc:  # as the eager step: the model's step stands and is counted, the meta
+                    self._capturable.undo_meta_step(self)  # step is put back
+                    if hasattr(exc, "add_note"):
+                        exc.add_note("metaweight: a meta step hook raised; the model's step stands and is counted, "
+                                     "gamma, its optimizer and the validation average are as before the call.")
+                    raise
             return record
         try:
             with torch.enable_grad():  # (called under torch.no_grad(), the step still needs its gradients)
@@ -778,7 +790,9 @@ class HarmonizedWeighter(NamedWeights):
         a warning: the returned :class:`DeviceRecord` holds the step's numbers, whether each step was taken and
         the counts, as tensors on the device; ``record.read()`` gives the :class:`MetaStepRecord` (one read).
 
-        The calls until a step was taken and the gradient check done (normally the first) run the eager step,
+        The calls until a step was taken and the gradient check done (normally the first), and a call in which a
+        parameter group of a fused SGD with momentum gets its first gradients (its momentum buffers are made then),
+        run the eager step,
         which checks the labels (in range, no padding), the model's gradients (``check_gradients``) and, once,
         that the training forward draws no random numbers, and reads the host: run them before capturing. After
         that the labels are not checked (out of range: torch's own error, on a GPU a device-side assert; padding
@@ -877,7 +891,7 @@ class HarmonizedWeighter(NamedWeights):
         if gamma_sum is None or not (math.isfinite(gamma_sum) and gamma_sum >= 0):
             raise ValueError(f"The checkpoint's gamma_sum {state_dict['gamma_sum']!r} should be a finite number >= 0.")
         # everything checked: now apply
-        self.gamma_optimizer.load_state_dict(copy.deepcopy(state_dict["gamma_optimizer"]))
+        self.gamma_optimizer.load_state_dict(self._own_implementation(state_dict["gamma_optimizer"]))
         with torch.no_grad():
             self.gamma.copy_(gamma)
         self._objective.load_state_dict(state_dict["validation"])
@@ -887,6 +901,18 @@ class HarmonizedWeighter(NamedWeights):
         self._gamma_sum = float(gamma_sum)
         if self._capturable is not None and self._capturable.counts is not None:
             self._capturable.reset(self)
+
+    def _own_implementation(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of a gamma-optimizer state dict with this weighter's implementation options (fused, capturable,
+        foreach, differentiable) in place of the saved ones: torch's ``load_state_dict`` takes a parameter group's
+        options from the state it loads, and a checkpoint of an eager weighter would un-fuse the gamma optimizer of a
+        ``capturable=True`` one (or of one built on another device)."""
+        out = copy.deepcopy(dict(saved))
+        built = self.gamma_optimizer.param_groups[0]
+        for group in out.get("param_groups", []):
+            if isinstance(group, dict):
+                group.update({k: built[k] for k in IMPLEMENTATION_OPTIONS if k in built})
+        return out
 
     def _check_gamma_optimizer_state(self, state_dict: Mapping[str, Any]) -> None:
         """Refuse a gamma-optimizer state that this weighter's gamma optimizer could not use."""
@@ -909,7 +935,7 @@ class HarmonizedWeighter(NamedWeights):
                              f"gamma_optimizer the checkpoint was saved with.")
         scratch = copy.deepcopy(self.gamma_optimizer)
         try:
-            scratch.load_state_dict(copy.deepcopy(saved))
+            scratch.load_state_dict(self._own_implementation(saved))
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"The checkpoint's gamma optimizer state does not load into {mine}: {exc}") from None
         for value in saved["state"].values():

@@ -2,6 +2,7 @@
 on the CPU by the rules a CUDA graph capture needs (no read back to the host, the same operations whatever
 the data) and against the eager step it stands for (the same numbers, bit for bit, refused steps included)."""
 
+import contextlib
 import copy
 import math
 
@@ -264,9 +265,13 @@ def test_the_gradient_check_runs_before_the_device_step_even_when_the_first_call
 
 
 def test_what_changed_since_the_warm_up_is_refused_by_the_device_step_changing_nothing():
-    """An optimizer option set since (fused=False), a step pre-hook on the optimizer, and a buffer the
-    forward resizes in place: each refused with a ValueError, the model, optimizer and gamma as they were."""
-    for change in ("unfused", "hook", "resize"):
+    """An optimizer option set since (fused=False; foreach=True), a weighter option set since (learn, mode,
+    meta_every, nonfinite; gamma's Adam no longer fused), a step pre-hook on the optimizer, and a buffer the
+    forward resizes in place: each refused with a ValueError by step() and device_step(), the model, optimizer
+    and gamma as they were."""
+    weighter_options = {"learn": (False, "learn=False"), "mode": ("exact", "mode='exact'"),
+                        "meta_every": (2, "meta_every=2"), "nonfinite": ("raise", "nonfinite='skip'")}
+    for change in ("unfused", "foreach", "gamma unfused", "hook", "resize", *weighter_options):
         _, w = pair()
         data = batches()
         w.step(*data[0])
@@ -276,6 +281,15 @@ def test_what_changed_since_the_warm_up_is_refused_by_the_device_step_changing_n
         if change == "unfused":
             w.optimizer.param_groups[0]["fused"] = False
             match = "without fused=True"
+        elif change == "foreach":
+            w.optimizer.param_groups[0]["foreach"] = True
+            match = "fused=True and foreach=True"
+        elif change == "gamma unfused":
+            w.gamma_optimizer.param_groups[0]["fused"] = False
+            match = "gamma on the device.*Adam not so"
+        elif change in weighter_options:
+            value, match = weighter_options[change]
+            setattr(w, change, value)
         elif change == "hook":
             undo = w.optimizer.register_step_pre_hook(lambda opt, args, kwargs: None)
             match = "hook"
@@ -283,8 +297,105 @@ def test_what_changed_since_the_warm_up_is_refused_by_the_device_step_changing_n
             bn = w.model.stages[0][1]
             undo = bn.register_forward_hook(lambda m, a, o: setattr(m.running_mean, "data", torch.zeros(11)))
             match = "registered, replaced, removed or resized a buffer"
-        with pytest.raises(ValueError, match=match):
-            w.device_step(*data[2])
+        for call in (w.device_step, w.step):
+            with pytest.raises(ValueError, match=match + ".*(Nothing was changed|unchanged)" if change != "resize" else match):
+                call(*data[2])
         if undo is not None:
             undo.remove()
         assert same(before, state(w)), change
+
+
+def test_a_parameter_group_s_first_momentum_step_runs_eagerly_so_a_refused_one_leaves_no_garbage():
+    """Progressive unfreezing: a head trained from the fifth call on, in a parameter group of its own. Its first
+    momentum step (torch's fused SGD makes the buffers with empty_like and fills them in the kernel, which a
+    refused step leaves unwritten) runs as the eager step: a refused one leaves no buffer, as the eager weighter
+    leaves none, and every call gives the eager numbers bit for bit. A group mixing started and new
+    parameters, which torch's fused SGD cannot step, is refused by name, changing nothing."""
+    def build(model):
+        head = list(model.heads[2].parameters())
+        rest = [p for p in model.parameters() if all(p is not q for q in head)]
+        return torch.optim.SGD([{"params": rest}, {"params": head}], lr=0.1, momentum=0.9, fused=True)
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    twin = copy.deepcopy(model)
+    weighters = [mw.HarmonizedWeighter(m, build(m), mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+                                       gamma_optimizer=g, capturable=c)
+                 for m, g, c in ((model, lambda p: torch.optim.Adam(p, lr=0.01, fused=True), False),
+                                 (twin, "adam", True))]
+    for m in (model, twin):
+        m.heads[2].requires_grad_(False)
+    data = batches()  # the fifth call's training input holds a NaN: the head's first step is refused
+    with quiet():
+        for i, (train, val) in enumerate(data):
+            if i == 3:
+                for m in (model, twin):
+                    m.heads[2].requires_grad_(True)
+            records = [w.step(*copy.deepcopy((train, val))) for w in weighters]
+            assert alike(records[0].gamma, records[1].gamma) and same(state(weighters[0]), state(weighters[1])), i
+            if i == 3:
+                assert records[1].model_step_skipped and weighters[1]._capturable.eager
+                assert all(p not in w.optimizer.state for w in weighters for p in w.model.heads[2].parameters())
+    assert not weighters[1]._capturable.eager and weighters[1].num_meta_steps == weighters[0].num_meta_steps == 6
+    _, w = pair()  # one parameter group: the head unfrozen later shares it with started parameters
+    w.model.heads[2].requires_grad_(False)
+    w.step(*data[0])
+    w.device_step(*data[1])
+    w.model.heads[2].requires_grad_(True)
+    before = state(w)
+    with pytest.raises(ValueError, match="group 0 of the fused SGD holds parameters with momentum buffers and 2 "
+                                         "that get their first gradient.*add_param_group.*Nothing was changed"):
+        w.device_step(*data[2])
+    assert same(before, state(w))
+
+
+def test_step_warns_of_refused_steps_and_puts_back_a_meta_step_whose_hook_raised_as_the_eager_step():
+    """step() of a capturable weighter after its warm-up: a refused model step and a skipped meta step warn as
+    the eager step's do; a hook that raises leaves the model's step counted and gamma, its optimizer and the
+    validation average as before, as the eager step leaves them; the hooks hear the same records."""
+    eager, capturable = pair()
+    heard = {id(eager): [], id(capturable): []}
+    for w in (eager, capturable):
+        def hook(record, w=w):
+            heard[id(w)].append(record)
+            if len(heard[id(w)]) == 2:
+                raise RuntimeError("a user's hook failed")
+        w.register_meta_step_hook(hook)
+    for i, (train, val) in enumerate(batches()):
+        said = []
+        for w in (eager, capturable):
+            with pytest.warns() if i in (3, 5) else contextlib.nullcontext() as caught:
+                if i == 1:
+                    with pytest.raises(RuntimeError, match="hook failed"):
+                        w.step(*copy.deepcopy((train, val)))
+                else:
+                    w.step(*copy.deepcopy((train, val)))
+            said.append([str(c.message).split(":")[0] for c in caught] if caught is not None else [])
+        assert said[0] == said[1], (i, said)
+        assert i not in (3, 5) or said[0] == ["Skipped a model step (1 skipped so far)" if i == 3 else
+                                              "Skipped a meta step (2 so far)"]
+        assert same(state(eager), state(capturable)), i
+        assert (eager.num_calls, eager.num_meta_steps, eager.num_skipped) == \
+            (capturable.num_calls, capturable.num_meta_steps, capturable.num_skipped), i
+    assert [r.meta_step for r in heard[id(eager)]] == [r.meta_step for r in heard[id(capturable)]]
+    assert alike(eager.last_meta.gamma, capturable.last_meta.gamma)
+    assert capturable.last_meta.loss is None and capturable.last_meta.model_step_skipped is None
+
+
+def test_a_checkpoint_of_an_eager_weighter_keeps_the_capturable_gamma_optimizer_fused():
+    """torch's load_state_dict takes a group's options from the state it loads: a checkpoint of an eager
+    weighter (gamma's Adam not fused) would un-fuse a capturable weighter's gamma optimizer, which its device
+    step then refuses. The weighter keeps its own implementation options; gamma and its moments load."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    plain = mw.HarmonizedWeighter(model, fused_sgd(model), mw.DenseDistillLoss(3), mode="fast")
+    plain.step(*batches()[0])
+    assert not plain.gamma_optimizer.param_groups[0].get("fused")
+    saved = plain.state_dict()
+    _, w = pair()
+    w.step(*batches()[1])
+    w.load_state_dict(saved)
+    assert w.gamma_optimizer.param_groups[0]["fused"] and torch.equal(w.gamma, plain.gamma)
+    moments = plain.gamma_optimizer.state[plain.gamma]
+    assert torch.equal(w.gamma_optimizer.state[w.gamma]["exp_avg"], moments["exp_avg"])
+    assert not w.device_step(*batches()[2]).read().model_step_skipped

@@ -204,3 +204,29 @@ def test_exit_costs_refuses_a_meta_model_with_real_inputs_and_the_reverse():
         assert "device='meta'" in str(info.value) and "to_empty" in str(info.value)
     assert all(torch.equal(a, b) for a, b in zip(before.values(), real.state_dict().values()))
     assert mw.exit_costs(meta, torch.randn(1, 6, device="meta")).macs == [66, 132]
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_optimizer_state_left_in_another_dtype_by_model_to_is_refused_before_anything_changes(mode, opt_name):
+    """``model.to(torch.bfloat16)`` after the optimizer stepped leaves its state in float32: the look-ahead
+    would mix the two (torch's Adam refuses to step). A clear refusal naming the state and the fix, nothing
+    changed; after the fix the step runs."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_name == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), mode=mode)
+    w.step(batch(), batch())
+    model.to(torch.bfloat16)
+    x, y = batch()
+    bf16 = (x.bfloat16(), y)
+    before = snapshot(model, opt, w)
+    state = "momentum_buffer" if opt_name == "sgd" else "exp_avg"
+    with pytest.raises(ValueError, match=rf"state '{state}' .* is torch.float32 on cpu, but the parameter is "
+                                         rf"torch.bfloat16.*optimizer.load_state_dict\(optimizer.state_dict\(\)\)"):
+        w.step(bf16, bf16)
+    assert_same(before, snapshot(model, opt, w))
+    assert w.num_calls == 1
+    opt.load_state_dict(opt.state_dict())  # the fix the message gives
+    assert w.step(bf16, bf16).ran and w.num_meta_steps == 2

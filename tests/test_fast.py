@@ -303,7 +303,8 @@ def test_two_call_fast_form_with_a_closure_captures_after_the_closure():
 
 def test_fast_step_refuses_a_bad_validation_batch_before_the_model_steps():
     """The fast step scores its validation batch after the model's step; what can be judged before
-    (one label per input, integer labels, in the outputs' classes) is refused before, nothing changed;
+    (one label per input, integer labels, in the outputs' classes, not all padding) is refused before,
+    nothing changed;
     a hook that raises after the step leaves the step counted and gamma as it was."""
     torch.manual_seed(0)
     net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
@@ -321,7 +322,8 @@ def test_fast_step_refuses_a_bad_validation_batch_before_the_model_steps():
     w.step((x, y), (x, y))
     state, momentum, gamma = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()), w.gamma.clone()
     for bad, match in (((x, y[:7]), "8 inputs but 7 labels"), ((x, y.float()), "integer class indices"),
-                       ((x, y + 3), r"labels in \[3, 5\].*3 classes")):
+                       ((x, y + 3), r"labels in \[3, 5\].*3 classes"),
+                       ((x, torch.full_like(y, -100)), "Every label given with the validation batch is ignore_index")):
         with pytest.raises(ValueError, match=match):
             w.step((x, y), bad)
         assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
@@ -398,3 +400,48 @@ def test_optimizer_step_hooks_are_refused_in_every_mode(mode):
         assert all(torch.equal(state[k], v) for k, v in net.state_dict().items()) and w.num_calls == 1
     w.step((x, y), (x, y))
     assert w.num_calls == 2
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("case", ["nan input", "inf parameter", "nan in one accumulated micro-batch"])
+def test_two_call_fast_form_refuses_or_skips_a_non_finite_step_as_such(case, nonfinite):
+    """A non-finite loss or gradient in the user's own step is a non-finite meta step (raised, or skipped with
+    ``nonfinite="skip"``): not a false "other inputs" (NaN != NaN) or "not one common rescale" (NaN
+    gradients). gamma and the validation average are unchanged; the next clean iteration trains."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast", nonfinite=nonfinite)
+    fast_two_calls(w, model, optimizer, batch(), batch())
+    gamma, average = w.gamma.detach().clone(), w.validation.state_dict()
+    x, y = batch()
+    if case == "nan input":
+        x[0, 0] = float("nan")
+    elif case == "inf parameter":
+        with torch.no_grad():
+            next(model.parameters())[0, 0] = float("inf")
+    optimizer.zero_grad()
+    if case.startswith("nan in one"):
+        x[5, 0] = float("nan")
+        for part in (slice(0, 8), slice(8, 16)):
+            (w.loss(model(x[part]), y[part]) / 2).backward()
+    else:
+        w.loss(model(x), y).backward()
+    optimizer.step()
+    if nonfinite == "raise":
+        with pytest.raises(ValueError, match="were not finite: the step taken has no meta-gradient"):
+            w.meta_step((x, y), batch())
+        assert w.num_skipped == 0
+    else:
+        with pytest.warns(RuntimeWarning, match="Skipped a meta step .*were not finite"):
+            record = w.meta_step((x, y), batch())
+        assert record.skipped and record.ran and w.num_skipped == 1 and w.num_meta_steps == 1
+        assert "ce[1]" in record.message and not all(v == v for v in record.terms.values())
+    assert torch.equal(w.gamma, gamma) and str(w.validation.state_dict()) == str(average)
+    torch.manual_seed(1)
+    model2 = tiny_net(3)
+    with torch.no_grad():  # the next clean iteration, from finite parameters, trains
+        for p, q in zip(model.parameters(), model2.parameters()):
+            p.copy_(q)
+    optimizer.state.clear()
+    assert fast_two_calls(w, model, optimizer, batch(), batch()).ran and w.num_meta_steps == 2
