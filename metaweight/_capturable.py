@@ -154,10 +154,11 @@ def check_optimizer(inner: torch.optim.Optimizer) -> None:
     """The model's optimizer must be a fused SGD, Adam or AdamW (at construction, and at every call: an option set
     since)."""
     kinds = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-    if type(inner) in kinds and any(g.get("fused") and g.get("foreach") for g in inner.param_groups):
-        raise ValueError(f"The {type(inner).__name__}'s parameter groups have fused=True and foreach=True (foreach "
-                         f"set since construction, which torch refuses alongside fused=True): set foreach=False "
-                         f"(or None). Nothing was changed.")
+    both = sorted({k for g in inner.param_groups if g.get("fused") for k in ("foreach", "differentiable") if g.get(k)})
+    if type(inner) in kinds and both:
+        raise ValueError(f"The {type(inner).__name__}'s parameter groups have fused=True and {both[0]}=True (set "
+                         f"since construction: torch refuses them together): set {both[0]}=False. Nothing was "
+                         f"changed.")
     if type(inner) not in kinds or not all(g.get("fused") for g in inner.param_groups):
         raise ValueError(f"capturable=True skips a refused step on the device through the optimizer's `found_inf` "
                          f"(as torch.amp.GradScaler does), which only fused optimizers read: use "
@@ -320,9 +321,12 @@ class CapturableFast:
         if not self._checked_randomness:
             self._check_randomness(w, train_batch)
         _check_no_padding(w, train_batch, val_batch)
-        record = w._fast.step(w, train_batch, val_batch)
+        self.sync(w)  # the eager step counts on the host from the device's counts (device_step() reads none)
+        try:
+            record = w._fast.step(w, train_batch, val_batch)
+        finally:  # (an error after the eager model's step, a hook's, leaves that step counted: on the device too)
+            self.reset(w)
         self._model_stepped = self._model_stepped or not record.model_step_skipped
-        self.reset(w)
         return _from_record(w, record, self.counts)  # type: ignore[arg-type]
 
     def _check_randomness(self, w: HarmonizedWeighter, train_batch: Any) -> None:

@@ -320,10 +320,14 @@ def _check_val_labels(w: HarmonizedWeighter, outputs: Any, xv: Any, yv: Any) -> 
                          f"per input. Nothing was changed (mode='fast' checks this before the model's step).")
     tokens = outputs[0].shape[1] if outputs[0].dim() == 3 else None
     size = yv.shape[0] if isinstance(yv, Tensor) and yv.dim() > 0 else 0
+    if isinstance(yv, Tensor) and yv.numel() == 0:
+        raise ValueError(f"The validation batch is empty (labels of shape {tuple(yv.shape)}): the validation "
+                         f"objective is a mean over its samples and needs one. Nothing was changed (mode='fast' "
+                         f"checks this before the model's step).")
     _, (_, _, scored) = checked_target(
         yv, size, outputs[0].shape[-1], "validation target",
         tokens=yv.shape[1] if tokens is not None and isinstance(yv, Tensor) and yv.dim() == 2 else tokens,
         ignore_index=w.validation.ignore_index)
-    if scored == 0 and size > 0 and (tokens is None or tokens > 0):
+    if scored == 0:
         raise ValueError(all_padding_message("validation batch", w.validation.ignore_index) +
                          " Nothing was changed (mode='fast' checks this before the model's step).")

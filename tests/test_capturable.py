@@ -265,13 +265,13 @@ def test_the_gradient_check_runs_before_the_device_step_even_when_the_first_call
 
 
 def test_what_changed_since_the_warm_up_is_refused_by_the_device_step_changing_nothing():
-    """An optimizer option set since (fused=False; foreach=True), a weighter option set since (learn, mode,
+    """An optimizer option set since (fused=False; foreach or differentiable=True), a weighter option set since (learn, mode,
     meta_every, nonfinite; gamma's Adam no longer fused), a step pre-hook on the optimizer, and a buffer the
     forward resizes in place: each refused with a ValueError by step() and device_step(), the model, optimizer
     and gamma as they were."""
     weighter_options = {"learn": (False, "learn=False"), "mode": ("exact", "mode='exact'"),
                         "meta_every": (2, "meta_every=2"), "nonfinite": ("raise", "nonfinite='skip'")}
-    for change in ("unfused", "foreach", "gamma unfused", "hook", "resize", *weighter_options):
+    for change in ("unfused", "foreach", "differentiable", "gamma unfused", "hook", "resize", *weighter_options):
         _, w = pair()
         data = batches()
         w.step(*data[0])
@@ -281,9 +281,9 @@ def test_what_changed_since_the_warm_up_is_refused_by_the_device_step_changing_n
         if change == "unfused":
             w.optimizer.param_groups[0]["fused"] = False
             match = "without fused=True"
-        elif change == "foreach":
-            w.optimizer.param_groups[0]["foreach"] = True
-            match = "fused=True and foreach=True"
+        elif change in ("foreach", "differentiable"):
+            w.optimizer.param_groups[0][change] = True
+            match = f"fused=True and {change}=True"
         elif change == "gamma unfused":
             w.gamma_optimizer.param_groups[0]["fused"] = False
             match = "gamma on the device.*Adam not so"
@@ -305,12 +305,8 @@ def test_what_changed_since_the_warm_up_is_refused_by_the_device_step_changing_n
         assert same(before, state(w)), change
 
 
-def test_a_parameter_group_s_first_momentum_step_runs_eagerly_so_a_refused_one_leaves_no_garbage():
-    """Progressive unfreezing: a head trained from the fifth call on, in a parameter group of its own. Its first
-    momentum step (torch's fused SGD makes the buffers with empty_like and fills them in the kernel, which a
-    refused step leaves unwritten) runs as the eager step: a refused one leaves no buffer, as the eager weighter
-    leaves none, and every call gives the eager numbers bit for bit. A group mixing started and new
-    parameters, which torch's fused SGD cannot step, is refused by name, changing nothing."""
+def unfreezing_pair():
+    """An eager and a capturable weighter whose optimizers hold heads[2] in a parameter group of its own, frozen."""
     def build(model):
         head = list(model.heads[2].parameters())
         rest = [p for p in model.parameters() if all(p is not q for q in head)]
@@ -325,12 +321,22 @@ def test_a_parameter_group_s_first_momentum_step_runs_eagerly_so_a_refused_one_l
                                  (twin, "adam", True))]
     for m in (model, twin):
         m.heads[2].requires_grad_(False)
+    return weighters
+
+
+def test_a_parameter_group_s_first_momentum_step_runs_eagerly_so_a_refused_one_leaves_no_garbage():
+    """Progressive unfreezing: a head trained from the fifth call on, in a parameter group of its own. Its first
+    momentum step (torch's fused SGD makes the buffers with empty_like and fills them in the kernel, which a
+    refused step leaves unwritten) runs as the eager step: a refused one leaves no buffer, as the eager weighter
+    leaves none, and every call gives the eager numbers bit for bit. A group mixing started and new
+    parameters, which torch's fused SGD cannot step, is refused by name, changing nothing."""
+    weighters = unfreezing_pair()
     data = batches()  # the fifth call's training input holds a NaN: the head's first step is refused
     with quiet():
         for i, (train, val) in enumerate(data):
             if i == 3:
-                for m in (model, twin):
-                    m.heads[2].requires_grad_(True)
+                for w in weighters:
+                    w.model.heads[2].requires_grad_(True)
             records = [w.step(*copy.deepcopy((train, val))) for w in weighters]
             assert alike(records[0].gamma, records[1].gamma) and same(state(weighters[0]), state(weighters[1])), i
             if i == 3:
@@ -399,3 +405,30 @@ def test_a_checkpoint_of_an_eager_weighter_keeps_the_capturable_gamma_optimizer_
     moments = plain.gamma_optimizer.state[plain.gamma]
     assert torch.equal(w.gamma_optimizer.state[w.gamma]["exp_avg"], moments["exp_avg"])
     assert not w.device_step(*batches()[2]).read().model_step_skipped
+
+
+def test_the_eager_call_of_a_device_step_loop_counts_on_from_the_device_s_counts():
+    """device_step() reads nothing back, so the host's counts lag; the eager call a first momentum step makes
+    starts from the device's, and the device's take its count even when a hook raised after its model step."""
+    weighters = unfreezing_pair()
+    failing = []
+
+    def hook(record):
+        if failing:
+            raise RuntimeError("a user's hook failed")
+    for w in weighters:
+        w.step(*batches()[0])  # (the warm-up)
+        w.register_meta_step_hook(hook)
+    for i, (train, val) in enumerate(batches(3)):
+        failing[:] = [True] if i == 4 else []
+        if i == 4:
+            for w in weighters:
+                w.model.heads[2].requires_grad_(True)
+        for w, call in zip(weighters, (weighters[0].step, weighters[1].device_step)):
+            with pytest.raises(RuntimeError, match="hook failed") if i == 4 else contextlib.nullcontext():
+                with quiet():
+                    call(*copy.deepcopy((train, val)))
+        weighters[1].sync_counts()
+        assert [(w.num_calls, w.num_meta_steps, w.num_skipped) for w in weighters[:1]] == \
+            [(weighters[1].num_calls, weighters[1].num_meta_steps, weighters[1].num_skipped)], i
+        assert same(state(weighters[0]), state(weighters[1])), i

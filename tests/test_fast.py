@@ -303,7 +303,7 @@ def test_two_call_fast_form_with_a_closure_captures_after_the_closure():
 
 def test_fast_step_refuses_a_bad_validation_batch_before_the_model_steps():
     """The fast step scores its validation batch after the model's step; what can be judged before
-    (one label per input, integer labels, in the outputs' classes, not all padding) is refused before,
+    (one label per input, integer labels, in the outputs' classes, not all padding, not empty) is refused before,
     nothing changed;
     a hook that raises after the step leaves the step counted and gamma as it was."""
     torch.manual_seed(0)
@@ -323,7 +323,8 @@ def test_fast_step_refuses_a_bad_validation_batch_before_the_model_steps():
     state, momentum, gamma = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()), w.gamma.clone()
     for bad, match in (((x, y[:7]), "8 inputs but 7 labels"), ((x, y.float()), "integer class indices"),
                        ((x, y + 3), r"labels in \[3, 5\].*3 classes"),
-                       ((x, torch.full_like(y, -100)), "Every label given with the validation batch is ignore_index")):
+                       ((x, torch.full_like(y, -100)), "Every label given with the validation batch is ignore_index"),
+                       ((x[:0], y[:0]), r"validation batch is empty \(labels of shape \(0,\)\)")):
         with pytest.raises(ValueError, match=match):
             w.step((x, y), bad)
         assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
