@@ -101,16 +101,24 @@ def check_optimizer_options(optimizer: torch.optim.Optimizer, *, state: bool = T
         check_optimizer_state(optimizer)
 
 
+_SCALAR_STATE = frozenset({"step", "eta", "mu", "mu_product"})  # torch's 0-d state in its scalar dtype, by design
+
+
 def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Refuse optimizer state (momentum buffers, Adam's moments) in another dtype or on another device than
     its parameter: what ``model.to(torch.bfloat16)`` or ``model.to("cuda")`` after the optimizer's first
     step leaves (torch casts state to its parameter only in ``Optimizer.load_state_dict``). The look-ahead
     would replay a step whose arithmetic mixes them, which torch's own step does otherwise or refuses
-    (Adam's ``lerp_``). Metadata only: no tensor is read."""
+    (Adam's ``lerp_``). State with dimensions only: 0-d state (step counts, ASGD's ``eta``, NAdam's
+    ``mu_product``) is kept in torch's scalar dtype by design. Metadata only: no tensor is read."""
     for i, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                if key != "step" and isinstance(value, Tensor) and value.is_floating_point() \
+                # (0-d state, a step count or ASGD's eta and NAdam's mu_product, is kept in torch's scalar dtype and
+                # may live on the CPU by design: it enters the arithmetic as a scalar; a 0-d parameter's moments not)
+                per_entry = value.dim() > 0 or (p.dim() == 0 and key not in _SCALAR_STATE) \
+                    if isinstance(value, Tensor) else False
+                if per_entry and value.is_floating_point() \
                         and (value.dtype != p.dtype or value.device != p.device):
                     raise ValueError(
                         f"The optimizer's state {key!r} of a parameter of shape {tuple(p.shape)} (group {i}) is "

@@ -91,7 +91,7 @@ def test_the_capturable_step_gives_the_eager_step_s_numbers_bit_for_bit_refusals
     for i, (train, val) in enumerate(batches()):
         with quiet():
             expected = eager.step(*copy.deepcopy((train, val)))
-        got = capturable.step(*copy.deepcopy((train, val)))
+            got = capturable.step(*copy.deepcopy((train, val)))
         assert same(state(eager), state(capturable)), i
         for field in ("iteration", "ran", "skipped", "meta_step", "model_step_skipped", "loss", "terms", "gamma"):
             assert alike(getattr(got, field), getattr(expected, field)), (i, field, getattr(got, field),
@@ -205,7 +205,8 @@ def test_counts_hooks_and_checkpoints_of_a_capturable_weighter():
     heard = []
     w.register_meta_step_hook(lambda r: heard.append(r.meta_step))
     for train, val in batches()[:6]:
-        w.step(train, val)
+        with quiet():
+            w.step(train, val)
     saved = w.state_dict()
     assert (saved["num_calls"], saved["num_meta_steps"], saved["num_skipped"]) == (5, 4, 2)
     assert heard == [1, 2, 3, 4]

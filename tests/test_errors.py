@@ -230,3 +230,32 @@ def test_optimizer_state_left_in_another_dtype_by_model_to_is_refused_before_any
     assert w.num_calls == 1
     opt.load_state_dict(opt.state_dict())  # the fix the message gives
     assert w.step(bf16, bf16).ran and w.num_meta_steps == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_optimizer_state_check_refuses_no_state_torch_s_own_optimizers_make(dtype):
+    """torch keeps 0-d state (step counts, ASGD's eta and mu, NAdam's mu_product) in its scalar dtype, whatever the
+    parameters' (a scalar parameter included): not a conversion left behind, not refused. Converting the model
+    after the step is, for every optimizer with state of the parameters' shape."""
+    from metaweight._optimizers import check_optimizer_state
+
+    kinds = [c for c in vars(torch.optim).values() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+             and c.__name__ not in ("Optimizer", "LBFGS", "SparseAdam", "Muon")]  # (closures, sparse, 2-d only)
+    assert len(kinds) >= 12
+    for kind in kinds:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2).to(dtype)
+        scale = nn.Parameter(torch.ones((), dtype=dtype))
+        opt = kind([*model.parameters(), scale], **({"lr": 0.1, "momentum": 0.9} if kind is torch.optim.SGD else {}))
+        (model(torch.randn(4, 3, dtype=dtype)).sum() * scale).backward()
+        opt.step()
+        check_optimizer_state(opt)
+        if any(v.dim() > 0 for s in opt.state.values() for v in s.values() if torch.is_tensor(v)):
+            model.to(torch.float32)
+            with pytest.raises(ValueError, match="the model was converted"):
+                check_optimizer_state(opt)
+            model.to(dtype)
+        if "exp_avg" in opt.state[scale]:  # a 0-d parameter's moments are its own, not scalars by design
+            scale.data = scale.data.float()
+            with pytest.raises(ValueError, match="'exp_avg' of a parameter of shape \\(\\)"):
+                check_optimizer_state(opt)
