@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._exit_rules import predict
 from metaweight._checks import (IGNORE_INDEX, masked_classes, check_device_available, check_exit_outputs, check_has_values,
-                                check_ignore_index, check_softmax_rows, check_target, integer_value)
+                                check_fit_logits, check_ignore_index, check_target, integer_value)
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -252,7 +252,8 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
 
     Raises:
         ValueError: logits or labels on the meta device (no values to score), or of the wrong
-            shapes; a row with no softmax; ``topk`` not a non-empty list of ints >= 1, or asking
+            shapes; logits holding NaN (counted per exit: a NaN row has no prediction, and its
+            argmax would be scored as class 0); a row with no softmax; ``topk`` not a non-empty list of ints >= 1, or asking
             for a ``k > 1`` not below the number of classes (its accuracy would be 100%).
     """
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
@@ -269,7 +270,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         raise ValueError(f"`logits` should be floating point. Found {logits.dtype}.")
     ks = check_topk(topk, logits.shape[2])
     labels = check_target(labels, logits.shape[1], logits.shape[2], name="labels").to(logits.device)
-    check_softmax_rows(logits)  # a row with every class masked has no prediction to score
+    check_fit_logits(logits, "logits", "anytime accuracy")  # a NaN row or one with no softmax has no prediction
     n = labels.shape[0]
     accuracy = {k: (topk_correct(logits, labels, k).double().mean(1) * 100).tolist() for k in ks}
     return AnytimeResult(accuracy, n)

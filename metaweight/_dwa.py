@@ -87,5 +87,9 @@ class DWA(Weighting):
         return {"running_sum": torch.zeros_like(running), "last_average": average,
                 "previous_average": self.last_average.clone(), "num_windows": windows, "gamma": gamma}
 
+    def _state_options(self) -> dict[str, Any]:
+        # the running sums are over windows of this many steps
+        return {**super()._state_options(), "window": self.window}
+
     def _options(self) -> str:
         return f"window={self.window}, temperature={self.temperature}"

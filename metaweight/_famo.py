@@ -14,7 +14,7 @@ from metaweight._checks import check_has_values, in_dtype, per_term, real_number
 from metaweight._protocols import model_arguments
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import Scratch
-from metaweight._weighting import Weighting, adam_update, check_number
+from metaweight._weighting import Weighting, adam_update, batch_samples, check_number
 
 EPS = 1e-8  # as the official implementation: keeps log(L - L*) finite at the bound
 
@@ -133,6 +133,13 @@ class FAMO(Weighting):
             raise ValueError("FAMO.meta_step(train_batch) needs the batch of the step just taken, to compute the "
                              "terms again at the new parameters: weighting.meta_step((x, y)). Nothing was changed.")
         super()._check_batch(train_batch)
+        given = batch_samples(train_batch[1])
+        if self._calls > 1 and given != self._samples:
+            raise ValueError(f"FAMO.meta_step got a batch of {given} samples, but this iteration's {self._calls} "
+                             f"loss() calls (gradient accumulation) scored {self._samples}: FAMO compares the terms "
+                             f"before and after the step on the same samples. Pass the whole batch, the "
+                             f"micro-batches concatenated in order: weighting.meta_step((torch.cat(xs), "
+                             f"torch.cat(ys))). Nothing was changed.")
 
     @torch.no_grad()
     def _terms_after_step(self, train_batch: Any) -> Tensor:

@@ -111,6 +111,7 @@ class GradNorm(Weighting):
         self.exp_avg = torch.zeros(n, device=self.device, dtype=torch.float32)
         self.exp_avg_sq = torch.zeros(n, device=self.device, dtype=torch.float32)
         self._norms: Tensor | None = None
+        self._grads: Tensor | None = None  # the last loss() call's term gradients
         self._batched = True  # vectorised per-term backward, until autograd refuses it once
         self._setup()
 
@@ -140,23 +141,41 @@ class GradNorm(Weighting):
         return torch.cat(flat, 1).float()
 
     def _combine(self, terms: Tensor) -> Tensor:
-        if terms.requires_grad:
-            grads = self._mean_over_ranks(self._term_gradients(terms))
-            norms = torch.zeros(self._terms.num_terms, device=terms.device, dtype=torch.float32)
-            norms[self._index] = torch.linalg.vector_norm(grads, dim=1)
-            self._norms = norms
-        else:
-            self._norms = None
+        self._grads = self._mean_over_ranks(self._term_gradients(terms)) if terms.requires_grad else None
         return super()._combine(terms)
 
+    def _per_call(self, terms: Tensor) -> dict[str, Tensor]:
+        assert self._grads is not None  # (a training loss: its terms have a graph)
+        return {"terms": terms, "grads": self._grads}  # (with accumulation: the whole batch's gradients)
+
     def meta_step(self, train_batch: Any = None, val_batch: Any = None) -> MetaStepRecord:
-        if self._pending is not None and self._norms is None:
+        grads = self._accumulated("grads")
+        if self._pending is not None and grads is None:
             raise ValueError("GradNorm.meta_step needs the gradients of the terms, but the last loss() call had no "
                              "graph (was it under torch.no_grad()?). Call weighting.loss(model(x), y) with autograd "
                              "on before the step. Nothing was changed.")
-        record = super().meta_step(train_batch, val_batch)
-        self._norms = None
-        return record
+        if grads is not None:
+            norms = torch.zeros(self._terms.num_terms, device=grads.device, dtype=torch.float32)
+            norms[self._index] = torch.linalg.vector_norm(grads, dim=1)
+            if self.num_calls == 0:  # (once: which terms reach the shared parameters is the model's wiring)
+                self._check_reach(norms)
+            self._norms = norms
+        try:
+            return super().meta_step(train_batch, val_batch)
+        finally:
+            self._norms = None
+
+    def _check_reach(self, norms: Tensor) -> None:
+        """Refuse shared parameters some active term does not reach (its gradient there exactly 0: e.g. a later
+        stage, which an early exit's terms never pass through): GradNorm would raise that term's weight without
+        bound while the others fall. One read, at the first meta step."""
+        zero = [n for n, g, a in zip(self.term_names, norms.tolist(), self._active.tolist()) if a and g == 0.0]
+        if zero:
+            raise ValueError(f"GradNorm: the terms {zero} have a gradient of exactly 0 on the shared parameters: they "
+                             f"do not reach them (an early exit's terms do not pass through a later stage), and "
+                             f"GradNorm would raise their weights without bound while the others fall. Give "
+                             f"shared_parameters that every term depends on, the last layer all exits share (e.g. "
+                             f"the first stage's last layer). Nothing was changed.")
 
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         assert terms is not None and self._norms is not None

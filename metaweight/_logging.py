@@ -373,6 +373,9 @@ class CSVLogger:
         ['iteration', 'meta_step', 'val_objective']
     """
 
+    _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
+    _metaweight_passed_over: Any = None  # (the last weighter whose records it was not given: one warning each)
+
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False, all_ranks: bool = False) -> None:
         path = user_path(path)
         _check_flag(overwrite, "overwrite")
@@ -732,6 +735,9 @@ class TensorBoardLogger:
             process writes to it.
         ImportError: a folder is given and ``tensorboard`` is not installed.
     """
+
+    _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
+    _metaweight_passed_over: Any = None  # (the last weighter whose records it was not given: one warning each)
 
     def __init__(self, log_dir_or_writer: Any, prefix: str = "metaweight/", *, overwrite: bool = False,
                  all_ranks: bool = False) -> None:

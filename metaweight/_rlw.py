@@ -96,5 +96,9 @@ class RLW(Weighting):
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
 
+    def _state_options(self) -> dict[str, Any]:
+        # the generator's state is that seed's stream
+        return {**super()._state_options(), "seed": self.seed}
+
     def _options(self) -> str:
         return f"seed={self.seed}"

@@ -108,5 +108,9 @@ class SDNSchedule(Weighting):
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         return {"gamma": self._weights_at(self.num_calls + 1).to(self.device) * self._active}
 
+    def _state_options(self) -> dict[str, Any]:
+        # the schedule's position
+        return {**super()._state_options(), "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch}
+
     def _options(self) -> str:
         return f"epochs={self.epochs}, steps_per_epoch={self.steps_per_epoch}, max_weights={self.max_weights}"

@@ -690,10 +690,6 @@ class HarmonizedWeighter(NamedWeights):
             self._call_hooks(record)
         return record
 
-    def _call_hooks(self, record: MetaStepRecord) -> None:
-        for hook in list(self._hooks.values()):
-            hook(record)
-
     def _refuse(self, message: str, objective: float, exit_losses: list[float], terms: list[float], *,
                 after_step: bool = False) -> MetaStepRecord:
         """A meta step that changed nothing: raise, or count it, warn and report it skipped (always skipped

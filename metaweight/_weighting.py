@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -118,6 +119,13 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     return param - (lr / bias1) * exp_avg / denom, exp_avg, exp_avg_sq
 
 
+def batch_samples(target: Any) -> int:
+    """The samples of a batch's labels (the first dimension of its first tensor with one; 1 for none)."""
+    from torch.utils._pytree import tree_leaves
+
+    return next((int(t.shape[0]) for t in tree_leaves(target) if isinstance(t, Tensor) and t.dim() > 0), 1)
+
+
 def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = False,
                  powers: tuple[int, ...] = (1,)) -> float:
     """``value`` as a float, or a ``ValueError`` naming ``name`` when it is not a finite number above ``low``
@@ -170,7 +178,27 @@ class NamedWeights:
             raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
         handle = RemovableHandle(self._hooks)
         self._hooks[handle.id] = hook
+        if hasattr(hook, "_metaweight_owner"):  # the library's loggers log the weighter given them last
+            hook._metaweight_owner = weakref.ref(self)
         return handle
+
+    def _call_hooks(self, record: MetaStepRecord) -> None:
+        """Every hook with ``record``; a logger of the library given to another weighter since (a second stage of
+        training, or two weighters compared side by side) logs that one's run alone: this weighter's records
+        would read to it as its run going back to a checkpoint and drop its rows, so they are not written (a
+        warning says so, once per logger)."""
+        for hook in list(self._hooks.values()):
+            owner = getattr(hook, "_metaweight_owner", None)
+            other = owner() if owner is not None else None
+            if other is not None and other is not self:
+                if getattr(hook, "_metaweight_passed_over", None) is not self:
+                    hook._metaweight_passed_over = self  # (one warning per logger and weighter passed over)
+                    warn_user(f"This weighter's {type(hook).__name__} was given to another {type(other).__name__} "
+                              f"since, and logs that one's run: this one's records (iteration {record.iteration} on) "
+                              f"are not written to it (two weighters' iterations 1, 2, ... in one log would read as "
+                              f"a run going back to a checkpoint and drop rows). Give each weighter its own logger.")
+                continue
+            hook(record)
 
     @property
     def callbacks(self) -> list[Callable[[MetaStepRecord], None]]:
@@ -235,7 +263,11 @@ class Weighting(NamedWeights):
         self.num_meta_steps = 0  # updates that were kept
         self.num_skipped = 0
         self.last_terms: Tensor | None = None
-        self._pending: Tensor | None = None  # the detached terms of the last loss() call
+        self._pending: Tensor | None = None  # this iteration's terms: its loss() calls', mean by their samples
+        self._sums: dict[str, Tensor] = {}  # what each of those calls gave (_per_call), times its samples, summed
+        self._samples = 0  # the samples in _sums
+        self._calls = 0  # and the calls
+        self._versions = 0  # the parameters' versions at the first of them (an optimizer step since: a new iteration)
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         self.last_meta = MetaStepRecord(0)
         self._buffers = BufferSnapshot(module)  # step()'s copy of the buffers, kept between steps
@@ -264,9 +296,21 @@ class Weighting(NamedWeights):
         """The weighted loss the user backpropagates: :math:`\\sum_k \\gamma_k L_k` by default."""
         return (self.gamma.detach() * terms).sum()
 
+    def _per_call(self, terms: Tensor) -> dict[str, Tensor]:
+        """What one training :meth:`loss` call gives the update, averaged over the iteration's calls (gradient
+        accumulation) by their samples: the detached terms, and what else a method reads (GradNorm: the terms'
+        gradients on the shared parameters)."""
+        return {"terms": terms}
+
     def _extra_state(self) -> dict[str, Any]:
         """Non-tensor state a method saves (e.g. a generator's state)."""
         return {}
+
+    def _state_options(self) -> dict[str, Any]:
+        """The options the method's state depends on (DWA's window, SDN's epochs, RLW's seed), saved with it and
+        required equal on load; options of the rule alone (a learning rate, a temperature) may change. Always:
+        which terms the criterion computes (``criterion.active``)."""
+        return {"active": self._terms.active.tolist()}
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         """Refuse extra state this method could not load (a ``ValueError``), changing nothing."""
@@ -287,14 +331,40 @@ class Weighting(NamedWeights):
             terms = terms.float()
         combined = self._combine(terms)
         self.last_terms = terms.detach()
-        self._pending = self.last_terms
+        if combined.requires_grad:  # a training loss (one under torch.no_grad(), for logging, is not summed)
+            self._accumulate(self._per_call(self.last_terms), batch_samples(target))
+        elif self._calls == 0:
+            self._pending = self.last_terms
         return combined
+
+    def _accumulate(self, values: dict[str, Tensor], samples: int) -> None:
+        """Add one training :meth:`loss` call's values to the iteration's (gradient accumulation: several calls,
+        one optimizer step, one :meth:`meta_step`); after an optimizer step that no :meth:`meta_step` followed,
+        a new iteration starts (the parameters' in-place versions tell, Python objects only)."""
+        versions = sum(p._version for p in self.module.parameters())
+        if self._calls and versions != self._versions:
+            self._reset_pending()
+        if not self._calls:
+            self._versions = versions
+        self._sums = {k: v * samples + self._sums[k] if k in self._sums else v * samples for k, v in values.items()}
+        self._samples += samples
+        self._calls += 1
+        self._pending = self._sums["terms"] / self._samples
+
+    def _accumulated(self, name: str) -> Tensor | None:
+        """The iteration's mean of ``name`` (:meth:`_per_call`) over its training :meth:`loss` calls."""
+        return self._sums[name] / self._samples if name in self._sums else None
+
+    def _reset_pending(self) -> None:
+        self._pending, self._sums, self._samples, self._calls = None, {}, 0, 0
 
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
         """Update the weights from the iteration that just ended; call it after the optimizer's step.
 
-        The method's rule reads the terms of the :meth:`loss` call of this iteration (averaged
-        over ranks under DDP); FAMO also reads ``train_batch`` again at the new parameters.
+        The method's rule reads the terms of this iteration's :meth:`loss` calls (averaged over ranks
+        under DDP; with gradient accumulation, their mean weighted by their batch sizes: the whole
+        batch's terms, for losses that are means over their samples); FAMO also reads ``train_batch``
+        again at the new parameters (the whole batch: the micro-batches concatenated).
         ``val_batch`` is accepted for the signature :class:`HarmonizedWeighter` shares and not used.
 
         Returns:
@@ -328,7 +398,7 @@ class Weighting(NamedWeights):
                 raise ValueError(message)
             self.num_calls += 1
             self.num_skipped += 1
-            self._pending = None
+            self._reset_pending()
             warn_user(f"Skipped an update ({self.num_skipped} so far): {message}")
             return MetaStepRecord(self.num_calls, ran=True, skipped=True, meta_step=self.num_meta_steps,
                                   gamma=self.gamma_dict(), terms=named, message=message)
@@ -336,13 +406,12 @@ class Weighting(NamedWeights):
         with torch.no_grad():
             for name, value in proposal.items():
                 self._set_state(name, value)
-        self._pending = None
+        self._reset_pending()
         self.num_meta_steps += 1
         record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
                                 gamma=dict(zip(self.term_names, values[:n])), terms=named)
         self.last_meta = record
-        for hook in list(self._hooks.values()):
-            hook(record)
+        self._call_hooks(record)
         return record
 
     def _named(self, terms: Tensor | None) -> dict[str, float] | None:
@@ -387,6 +456,7 @@ class Weighting(NamedWeights):
         if not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
             self._check_batch(train_batch if train_batch is not None else ())
         x, y = train_batch
+        self._reset_pending()  # (loss() calls of the user's own before this step are not part of it)
         snapshot = self._buffers
         snapshot.save()
         try:
@@ -395,7 +465,7 @@ class Weighting(NamedWeights):
             loss.backward()
         except Exception:
             snapshot.restore()
-            self._pending = None
+            self._reset_pending()
             raise
         flag = nonfinite_flag(loss, [p.grad for p in self.module.parameters()])
         flag = self._mean_over_ranks((flag + snapshot.became_nonfinite(flag.device)).clamp_max(1.0))
@@ -404,7 +474,7 @@ class Weighting(NamedWeights):
         if values[0] != 0.0:
             self.optimizer.zero_grad(set_to_none=True)
             snapshot.restore()
-            self._pending = None
+            self._reset_pending()
             terms = dict(zip(self.term_names, values[2:]))
             message = (f"The weighted training loss ({value}), its gradient or a buffer the forward updated "
                        f"(e.g. BatchNorm statistics) is not finite (terms {terms}). The step was not taken: "
@@ -426,6 +496,7 @@ class Weighting(NamedWeights):
             "gamma": self.gamma.detach().cpu().clone(),
             **{name: t.detach().cpu().clone() for name, t in self._state_tensors().items()},
             "extra": self._extra_state(),
+            "options": self._state_options(),
             "num_calls": self.num_calls,
             "num_meta_steps": self.num_meta_steps,
             "num_skipped": self.num_skipped,
@@ -439,15 +510,32 @@ class Weighting(NamedWeights):
             raise TypeError(f"`state_dict` should be a dict from {type(self).__name__}.state_dict(). "
                             f"Found `{type(state_dict).__name__}`.")
         mine = self._state_tensors()
+        if "weighting" in state_dict and state_dict["weighting"] != type(self).__name__:
+            raise ValueError(f"This checkpoint is of the weighting {state_dict['weighting']!r}, not "
+                             f"{type(self).__name__!r}. Build the weighting the checkpoint was saved with. Nothing "
+                             f"was changed.")
         required = ["weighting", "term_names", "gamma", "extra", "num_calls", "num_meta_steps", "num_skipped",
                     *mine]
         missing = [k for k in required if k not in state_dict]
         if missing:
             raise ValueError(f"This checkpoint lacks {missing}: it is not a complete {type(self).__name__}."
                              f"state_dict() (keys found: {sorted(state_dict)}). Nothing was changed.")
-        if state_dict["weighting"] != type(self).__name__:
-            raise ValueError(f"This checkpoint is of the weighting {state_dict['weighting']!r}, not "
-                             f"{type(self).__name__!r}. Build the weighting the checkpoint was saved with.")
+        saved_options, options = state_dict.get("options", {}), self._state_options()  # (none in older checkpoints)
+        if not isinstance(saved_options, Mapping):
+            raise ValueError("The checkpoint's `options` should be a dict. Nothing was changed.")
+        differ = {k: (saved_options[k], v) for k, v in options.items() if k in saved_options and saved_options[k] != v}
+        if "active" in differ:
+            saved = [n for n, a in zip(self.term_names, differ["active"][0]) if a]
+            raise ValueError(f"This checkpoint was saved with a criterion computing the terms {saved}; this "
+                             f"weighting's computes {[n for n, a in zip(self.term_names, options['active']) if a]} "
+                             f"(criterion.active differs: e.g. DenseDistillLoss(teachers='dense') saved, "
+                             f"teachers='last' now). Build it with the criterion the checkpoint was saved with. "
+                             f"Nothing was changed.")
+        if differ:
+            said = ", ".join(f"{k}={a!r} (this one: {b!r})" for k, (a, b) in differ.items())
+            raise ValueError(f"This checkpoint was saved by a {type(self).__name__} with {said}: its state depends on "
+                             f"them. Build the weighting with the options the checkpoint was saved with. Nothing was "
+                             f"changed.")
         if list(state_dict["term_names"]) != self.term_names:
             raise ValueError(f"This checkpoint is for the terms {state_dict['term_names']}, but this weighting has "
                              f"{self.term_names}. Build it with the criterion the checkpoint was saved with.")
@@ -458,9 +546,15 @@ class Weighting(NamedWeights):
                                  f"{tuple(current.shape)}. Found {saved!r}.")
             if saved.is_floating_point() and not torch.isfinite(saved).all():
                 raise ValueError(f"The checkpoint's `{name}` {saved.tolist()} holds non-finite values.")
-        if (state_dict["gamma"] < 0).any() or (state_dict["gamma"][~self._terms.active.cpu()] != 0).any():
-            raise ValueError(f"The checkpoint's gamma {state_dict['gamma'].tolist()} should be >= 0, and 0 on the "
-                             f"inactive terms of {self.term_names}.")
+        if (state_dict["gamma"] < 0).any():
+            raise ValueError(f"The checkpoint's gamma {state_dict['gamma'].tolist()} should be >= 0.")
+        inactive = [n for n, g, a in zip(self.term_names, state_dict["gamma"].tolist(), self._terms.active.tolist())
+                    if g != 0 and not a]
+        if inactive:
+            raise ValueError(f"The checkpoint weights the terms {inactive}, which this weighting's criterion does not "
+                             f"compute (criterion.active differs: e.g. DenseDistillLoss(teachers='dense') saved, "
+                             f"teachers='last' now). Build it with the criterion the checkpoint was saved with. "
+                             f"Nothing was changed.")
         counts = {k: state_dict[k] for k in ("num_calls", "num_meta_steps", "num_skipped")}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
             raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
@@ -474,7 +568,7 @@ class Weighting(NamedWeights):
         self._load_extra_state(state_dict["extra"])
         self.num_calls, self.num_meta_steps, self.num_skipped = (counts["num_calls"], counts["num_meta_steps"],
                                                                  counts["num_skipped"])
-        self._pending = None
+        self._reset_pending()
 
     def _options(self) -> str:
         return ""

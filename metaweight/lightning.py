@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from metaweight._anytime import to_device
 from metaweight._losses import DenseDistillLoss
@@ -32,6 +33,34 @@ from metaweight._weighter import HarmonizedWeighter
 from metaweight._weighting import Weighting
 
 __all__ = ["HarmonizedCallback", "WeightingCallback"]
+
+
+def _accumulates(trainer: lightning.Trainer) -> bool:
+    """Whether the optimizer does not step after the current batch (``accumulate_grad_batches``): Lightning's own
+    decision (its training loop's ``_should_accumulate``, valid from ``on_train_batch_start`` to
+    ``on_train_batch_end``)."""
+    if trainer.accumulate_grad_batches == 1:
+        return False
+    should = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
+    if should is None:
+        raise ValueError("With accumulate_grad_batches > 1 the callback needs Lightning's decision of which batches "
+                         "end an optimizer step (the training loop's _should_accumulate), which this Lightning "
+                         "version lacks. Use accumulate_grad_batches=1, or the weighter's two calls in your own loop.")
+    return bool(should())
+
+
+def _whole(parts: list[Any]) -> Any:
+    """The batches of one optimizer step as one: their tensors concatenated along the first dimension."""
+    if len(parts) == 1:
+        return parts[0]
+    leaves = [tree_flatten(part) for part in parts]
+    spec = leaves[0][1]
+    if any(other != spec for _, other in leaves[1:]):
+        raise ValueError("The batches of one optimizer step (accumulate_grad_batches) differ in structure: they "
+                         "cannot be concatenated into the step's whole batch.")
+    joined = [torch.cat(column) if isinstance(column[0], torch.Tensor) and column[0].dim() > 0 else column[0]
+              for column in zip(*(flat for flat, _ in leaves))]
+    return tree_unflatten(joined, spec)
 
 
 def _forever(loader: Iterable[Any]) -> Iterator[Any]:
@@ -59,6 +88,9 @@ class HarmonizedCallback(lightning.Callback):
     The weighter's state is saved in Lightning checkpoints with the callback's state. With
     ``mode="fast"`` the meta step runs after each batch's optimizer step instead (the step it
     took is the look-ahead); ``training_step`` returns ``self.weighter.loss(...)`` either way.
+    With ``accumulate_grad_batches=N`` there is one meta step per optimizer step: before the
+    first batch of the N (``mode="exact"``: its look-ahead on that batch), or after the step on
+    the N batches concatenated (``mode="fast"``: the step's whole batch).
     The Trainer's norm clipping (``gradient_clip_val=c``) is then declared to the weighter as
     ``clip_grad_norm=mw.ClipGradNorm(c)`` (an undeclared clipping is refused).
     """
@@ -75,6 +107,7 @@ class HarmonizedCallback(lightning.Callback):
         self.weighter: HarmonizedWeighter | None = None
         self._val: Iterator[Any] | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._parts: list[Any] = []  # the batches of the optimizer step under way (accumulate_grad_batches)
 
     def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -88,18 +121,23 @@ class HarmonizedCallback(lightning.Callback):
             self._pending_state = None
         setattr(pl_module, self.attribute, self.weighter)
         self._val = _forever(self.val_dataloader)
+        self._parts = []
 
     def on_train_batch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         assert self.weighter is not None and self._val is not None
-        if self.weighter.mode != "fast":
+        if self.weighter.mode != "fast" and not self._parts:  # (the first batch of an optimizer step)
             self.weighter.meta_step(batch, to_device(next(self._val), pl_module.device))
 
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.weighter is not None and self._val is not None
+        self._parts.append(batch if self.weighter.mode == "fast" else None)
+        if _accumulates(trainer):
+            return
+        parts, self._parts = self._parts, []
         if self.weighter.mode == "fast":
-            self.weighter.meta_step(batch, to_device(next(self._val), pl_module.device))
+            self.weighter.meta_step(_whole(parts), to_device(next(self._val), pl_module.device))
 
     def state_dict(self) -> dict[str, Any]:
         return self.weighter.state_dict() if self.weighter is not None else {}
@@ -115,7 +153,8 @@ class HarmonizedCallback(lightning.Callback):
 
 class WeightingCallback(lightning.Callback):
     """Builds a loss weighting (:class:`~metaweight.UW`, :class:`~metaweight.FAMO`, ...) at fit start
-    and calls its :meth:`~metaweight.Weighting.meta_step` after each training batch.
+    and calls its :meth:`~metaweight.Weighting.meta_step` after each optimizer step (with
+    ``accumulate_grad_batches=N``, after every N batches, on the N concatenated).
 
     As with :class:`HarmonizedCallback`, ``training_step`` returns ``self.weighter.loss(self(x), y)``
     and Lightning does the backward and the optimizer's step; the weighting's state is saved in
@@ -143,6 +182,7 @@ class WeightingCallback(lightning.Callback):
         self.attribute = attribute
         self.weighting: Weighting | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._parts: list[Any] = []  # the batches of the optimizer step under way (accumulate_grad_batches)
 
     def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -158,11 +198,16 @@ class WeightingCallback(lightning.Callback):
             self.weighting.load_state_dict(self._pending_state)
             self._pending_state = None
         setattr(pl_module, self.attribute, self.weighting)
+        self._parts = []
 
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.weighting is not None
-        self.weighting.meta_step(batch)
+        self._parts.append(batch)
+        if _accumulates(trainer):
+            return
+        parts, self._parts = self._parts, []
+        self.weighting.meta_step(_whole(parts))  # (the step's whole batch: FAMO scores it again)
 
     def state_dict(self) -> dict[str, Any]:
         return self.weighting.state_dict() if self.weighting is not None else {}

@@ -181,3 +181,14 @@ def test_a_label_on_a_class_masked_with_a_large_finite_value_is_never_in_the_top
     logits = torch.tensor([-2.0, -3.0, mask, mask]).expand(1, 4, 4)
     result = mw.anytime_accuracy_from_logits(logits, torch.tensor([0, 1, 2, 3]), topk=(1, 3))
     assert result.accuracy == {1: [25.0], 3: [50.0]}
+
+
+def test_nan_logits_are_refused_not_scored_as_class_0():
+    """A NaN row has no prediction (its argmax is the first NaN: class 0 here, a hit for label 0, which read 75%
+    where 50% is right). Refused, counted per exit, as the threshold and temperature fits refuse them."""
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 5.0], [0.0, 5.0]]).expand(2, 4, 2).clone()
+    logits[1, 3] = float("nan")
+    labels = torch.tensor([0, 1, 0, 0])
+    assert mw.anytime_accuracy_from_logits(logits[:1], labels).accuracy == {1: [50.0]}
+    with pytest.raises(ValueError, match=r"NaN logits \(exit 2: 2 NaN values, in 1 sample\(s\)\).*anytime accuracy"):
+        mw.anytime_accuracy_from_logits(logits, labels)

@@ -75,3 +75,60 @@ def test_lightning_weighting_callback_trains(method, start):
 
     with pytest.raises(TypeError, match="callable"):
         WeightingCallback("famo")
+
+
+@pytest.mark.parametrize("kind", ["famo", "dwa", "hdkd exact", "hdkd fast"])
+def test_lightning_callbacks_take_one_meta_step_per_optimizer_step_under_gradient_accumulation(kind):
+    """accumulate_grad_batches=2: one meta step per optimizer step, as the two calls give it in a loop of one's
+    own: the weightings and the fast mode after the step on the two batches concatenated (the step's whole
+    batch), the exact mode before the first of the two. Before, every batch took one (FAMO scoring a step not
+    taken, the fast mode refusing every step)."""
+    lightning = pytest.importorskip("lightning")
+    from lightning_train import MultiExitModule
+    from metaweight.lightning import HarmonizedCallback, WeightingCallback
+
+    def net():
+        torch.manual_seed(0)
+        return mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()),
+                             torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
+                            [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)])
+
+    g = torch.Generator().manual_seed(5)
+    train = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(6)]
+    val = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    criterion = mw.DenseDistillLoss(2)
+    method, _, mode = kind.partition(" ")
+
+    def build(model, optimizer):
+        if method == "hdkd":
+            return mw.HarmonizedWeighter(model, optimizer, criterion, mode=mode, gamma_lr=0.05)
+        return mw.WEIGHTINGS[method](model, optimizer, criterion, **({"window": 1} if method == "dwa" else {}))
+
+    module = MultiExitModule(net(), lr=0.1)
+    callback = (HarmonizedCallback(criterion, val, mode=mode, gamma_lr=0.05) if method == "hdkd" else
+                WeightingCallback(build))
+    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
+                                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                                accumulate_grad_batches=2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat([x for x, _ in train]),
+                                                                        torch.cat([y for _, y in train])), batch_size=8)
+    trainer.fit(module, loader)
+    assert trainer.global_step == 3
+
+    model = net()  # the same steps in a loop of one's own
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    w = build(model, optimizer)
+    for step in range(3):
+        parts, v = train[2 * step:2 * step + 2], val[step]
+        if mode == "exact":
+            w.meta_step(parts[0], v)
+        optimizer.zero_grad()
+        for x, y in parts:
+            (w.loss(model(x), y) / 2).backward()
+        optimizer.step()
+        whole = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        if mode != "exact":
+            w.meta_step(whole, v)
+    assert w.num_meta_steps == module.weighter.num_meta_steps == 3
+    got, expected = module.weighter.gamma_dict(), w.gamma_dict()
+    assert all(abs(got[k] - expected[k]) <= 1e-5 * max(1.0, abs(expected[k])) for k in got), (got, expected)

@@ -542,3 +542,128 @@ def test_term_names_of_another_length_are_named(name):
             make(model, optimizer, mw.DenseDistillLoss(2), term_names=names, **extra)
     same = ["ce[1]", "ce[2]", "kd[2->1]"]  # as many names as terms: taken as given
     assert make(model, optimizer, mw.DenseDistillLoss(2), term_names=same, **extra).term_names == same
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
+    """Four micro-batch losses, each divided by four, backpropagated before one optimizer step: meta_step reads
+    the iteration's terms (and GradNorm its terms' gradients) as the whole batch gives them, their mean over the
+    loss() calls by samples, not the last call's. A loss() under torch.no_grad() (logging) between is not summed,
+    and loss() calls of an iteration whose meta_step never came are not carried into the next."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Sequential(nn.Linear(6, 16), nn.Tanh()), nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
+                        nn.Sequential(nn.Linear(16, 16), nn.Tanh())], [nn.Linear(16, 5) for _ in range(3)]).double()
+    runs = {}
+    for form in ("whole", "accumulated", "accumulated, stale"):
+        model = copy.deepcopy(net)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), **options(name, model))
+        gammas = []
+        for i, (x, y) in enumerate(batches(4, size=16)):
+            x = x.double()
+            optimizer.zero_grad()
+            if form == "whole":
+                w.loss(model(x), y).backward()
+            else:
+                if form.endswith("stale") and i == 2:  # an iteration whose meta_step never came (undone)
+                    previous = [p.detach().clone() for p in model.parameters()]
+                    w.loss(model(x), y).backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    with torch.no_grad():
+                        for p, q in zip(model.parameters(), previous):
+                            p.copy_(q)
+                for part in range(4):
+                    cut = slice(4 * part, 4 * part + 4)
+                    (w.loss(model(x[cut]), y[cut]) / 4).backward()
+                    with torch.no_grad():
+                        w.loss(model(x[:1]), y[:1])  # logged, not summed
+            optimizer.step()
+            gammas.append(w.meta_step((x, y)).gamma)
+        runs[form] = gammas
+    # FAMO's loss is not linear in the terms (log D_k, D_k the micro-batch's own): the model's accumulated step is
+    # not the whole batch's, and the weights follow it to about 1e-6 (reading the last call's terms: 1e-1)
+    tolerance = 1e-4 if name == "famo" else 1e-9
+    for form in ("accumulated", "accumulated, stale"):
+        for a, b in zip(runs["whole"], runs[form]):
+            assert all(math.isclose(a[k], b[k], rel_tol=tolerance, abs_tol=1e-12) for k in a), (form, a, b)
+
+
+def test_famo_refuses_a_part_of_an_accumulated_batch_changing_nothing():
+    w, model, optimizer = build("famo")
+    (x, y), _ = batches(2)
+    for part in (slice(0, 8), slice(8, 16)):
+        (w.loss(model(x[part]), y[part]) / 2).backward()
+    optimizer.step()
+    before = copy.deepcopy(w.state_dict())
+    with pytest.raises(ValueError, match="got a batch of 8 samples, but this iteration's 2 loss\\(\\) calls .* scored "
+                                         "16.*torch.cat\\(xs\\).*Nothing was changed"):
+        w.meta_step((x[8:], y[8:]))
+    assert str(w.state_dict()) == str(before)
+    assert w.meta_step((x, y)).ran
+
+
+def test_a_logger_given_to_a_second_weighter_logs_that_one_alone(tmp_path):
+    """Two weightings compared side by side with one CSVLogger: the second's records (its own iterations 1, 2, ...)
+    read to the logger as the first's run going back to a checkpoint, which dropped the first's rows. The logger
+    logs the weighter given it last; the other's records are not written (one warning), no row is dropped."""
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    first, _, _ = build("uw", callbacks=[logger])
+    second, _, _ = build("dwa", callbacks=[logger])
+    import warnings
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        for x, y in batches(4):
+            first.step((x, y))
+            second.step((x, y))
+    said = [str(h.message) for h in heard]
+    assert len(said) == 1 and "UWs CSVLogger" not in said[0] and "given to another DWA since" in said[0], said
+    with open(logger.path) as f:
+        rows = [line.split(",")[0] for line in f.read().splitlines()]
+    assert logger.path == tmp_path / "log.csv" and rows == ["iteration", "1", "2", "3", "4"]
+    assert first.num_meta_steps == 4  # (the first weighting's own updates go on)
+
+
+def test_gradnorm_refuses_shared_parameters_some_term_does_not_reach():
+    """Shared parameters in the second stage: the first exit's terms (ce[1], kd[2->1], kd[3->1]) never pass through
+    them, their gradient norm there is exactly 0, and GradNorm would raise their weights without bound. Refused
+    at the first meta step by name, nothing changed."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.GradNorm(model, optimizer, mw.DenseDistillLoss(3), shared_parameters=list(model.stages[1].parameters()))
+    x, y = batches(1)[0]
+    w.loss(model(x), y).backward()
+    optimizer.step()
+    gamma = w.gamma.clone()
+    with pytest.raises(ValueError, match=r"terms \['ce\[1\]', 'kd\[2->1\]', 'kd\[3->1\]'\] have a gradient of exactly "
+                                         r"0 on the shared parameters.*Nothing was changed"):
+        w.meta_step((x, y))
+    assert torch.equal(w.gamma, gamma) and w.num_calls == 0
+
+
+def test_a_checkpoint_loads_only_into_the_options_its_state_depends_on():
+    """DWA's window, SDN's epochs, RLW's seed and which terms the criterion computes give the saved state its
+    meaning: a checkpoint saved under others is refused by name, nothing changed. Another method's checkpoint
+    is named as such; a learning rate may change on resume."""
+    cases = [("dwa", {"window": 5}, r"window=2 \(this one: 5\)"), ("sdn", {"epochs": 50}, r"epochs=3 \(this one: 50\)"),
+             ("rlw", {"seed": 7}, r"seed=3 \(this one: 7\)"), ("uw", {"teachers": "last"}, "criterion.active differs")]
+    for name, changed, match in cases:
+        w, _, _ = build(name)
+        w.step(batches(1)[0])
+        saved = w.state_dict()
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        teachers = changed.pop("teachers", "dense")
+        other = mw.WEIGHTINGS[name](model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    mw.DenseDistillLoss(3, teachers=teachers), **{**options(name, model), **changed})
+        before = copy.deepcopy(other.state_dict())
+        with pytest.raises(ValueError, match=match + ".*Nothing was changed"):
+            other.load_state_dict(saved)
+        assert str(other.state_dict()) == str(before)
+    uw, _, _ = build("uw")
+    dwa, _, _ = build("dwa")
+    with pytest.raises(ValueError, match="is of the weighting 'UW', not 'DWA'"):
+        dwa.load_state_dict(uw.state_dict())
+    faster, _, _ = build("uw", lr=0.1)
+    faster.load_state_dict(uw.state_dict())
