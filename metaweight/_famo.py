@@ -84,6 +84,8 @@ class FAMO(Weighting):
         1.0
     """
 
+    reads_train_batch = True
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *, lr: float = 0.025,
                  weight_decay: float = 1e-3, min_losses: Sequence[float] | Mapping[str, float] | Tensor | None = None,
                  term_names: Sequence[str] | None = None, nonfinite: Literal["raise", "skip"] = "raise",
@@ -133,10 +135,10 @@ class FAMO(Weighting):
             raise ValueError("FAMO.meta_step(train_batch) needs the batch of the step just taken, to compute the "
                              "terms again at the new parameters: weighting.meta_step((x, y)). Nothing was changed.")
         super()._check_batch(train_batch)
-        given = batch_samples(train_batch[1])
-        if self._calls > 1 and given != self._samples:
-            raise ValueError(f"FAMO.meta_step got a batch of {given} samples, but this iteration's {self._calls} "
-                             f"loss() calls (gradient accumulation) scored {self._samples}: FAMO compares the terms "
+        given, group = batch_samples(train_batch[1]), self._iteration()
+        if group is not None and group.calls > 1 and given != group.samples:
+            raise ValueError(f"FAMO.meta_step got a batch of {given} samples, but this iteration's {group.calls} "
+                             f"loss() calls (gradient accumulation) scored {group.samples}: FAMO compares the terms "
                              f"before and after the step on the same samples. Pass the whole batch, the "
                              f"micro-batches concatenated in order: weighting.meta_step((torch.cat(xs), "
                              f"torch.cat(ys))). Nothing was changed.")

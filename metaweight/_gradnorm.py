@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._record import MetaStepRecord
+from metaweight._warn import warn_user
 from metaweight._weighting import Weighting, adam_update, check_number
 
 
@@ -33,6 +34,9 @@ def renormalize(weights: Tensor, active: Tensor) -> Tensor:
     """Clamped at 0 and scaled to sum to the number of active terms (GradNorm's renormalisation)."""
     w = weights.clamp(min=0) * active
     return w * (active.sum() / w.sum())
+
+
+WATCHED = 3  # the first meta steps at which a term's gradient norm of exactly 0 is watched for
 
 
 class GradNorm(Weighting):
@@ -112,6 +116,7 @@ class GradNorm(Weighting):
         self.exp_avg_sq = torch.zeros(n, device=self.device, dtype=torch.float32)
         self._norms: Tensor | None = None
         self._grads: Tensor | None = None  # the last loss() call's term gradients
+        self._zero: set[str] | None = None  # the terms whose norm was 0 at every meta step so far (the first few)
         self._batched = True  # vectorised per-term backward, until autograd refuses it once
         self._setup()
 
@@ -150,32 +155,34 @@ class GradNorm(Weighting):
 
     def meta_step(self, train_batch: Any = None, val_batch: Any = None) -> MetaStepRecord:
         grads = self._accumulated("grads")
-        if self._pending is not None and grads is None:
+        if self._iteration_terms() is not None and grads is None:
             raise ValueError("GradNorm.meta_step needs the gradients of the terms, but the last loss() call had no "
                              "graph (was it under torch.no_grad()?). Call weighting.loss(model(x), y) with autograd "
                              "on before the step. Nothing was changed.")
         if grads is not None:
             norms = torch.zeros(self._terms.num_terms, device=grads.device, dtype=torch.float32)
             norms[self._index] = torch.linalg.vector_norm(grads, dim=1)
-            if self.num_calls == 0:  # (once: which terms reach the shared parameters is the model's wiring)
-                self._check_reach(norms)
+            if self.num_calls < WATCHED:
+                self._watch_zero_norms(norms)
             self._norms = norms
         try:
             return super().meta_step(train_batch, val_batch)
         finally:
             self._norms = None
 
-    def _check_reach(self, norms: Tensor) -> None:
-        """Refuse shared parameters some active term does not reach (its gradient there exactly 0: e.g. a later
-        stage, which an early exit's terms never pass through): GradNorm would raise that term's weight without
-        bound while the others fall. One read, at the first meta step."""
-        zero = [n for n, g, a in zip(self.term_names, norms.tolist(), self._active.tolist()) if a and g == 0.0]
-        if zero:
-            raise ValueError(f"GradNorm: the terms {zero} have a gradient of exactly 0 on the shared parameters: they "
-                             f"do not reach them (an early exit's terms do not pass through a later stage), and "
-                             f"GradNorm would raise their weights without bound while the others fall. Give "
-                             f"shared_parameters that every term depends on, the last layer all exits share (e.g. "
-                             f"the first stage's last layer). Nothing was changed.")
+    def _watch_zero_norms(self, norms: Tensor) -> None:
+        """Warn, once, where an active term's gradient norm on the shared parameters was exactly 0 at each of the
+        first :data:`WATCHED` meta steps: it does not reach them (an early exit's terms do not pass through a later
+        stage), and GradNorm would raise its weight without bound while the others fall. A 0 at one step (heads
+        initialised to zero) passes. One read at each of those steps, none after."""
+        zero = {n for n, z in zip(self.term_names, ((norms == 0) & self._active).tolist()) if z}
+        self._zero = zero if self._zero is None else self._zero & zero
+        if self.num_calls + 1 == WATCHED and self._zero:
+            warn_user(f"GradNorm: the terms {sorted(self._zero, key=self.term_names.index)} had a gradient of exactly "
+                      f"0 on the shared parameters at each of the first {WATCHED} meta steps: they do not depend on "
+                      f"them (an early exit's terms do not pass through a later stage), and GradNorm raises their "
+                      f"weights without bound while the others fall. Give shared_parameters that every term depends "
+                      f"on, the last layer all exits share (e.g. the first stage's last layer).")
 
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         assert terms is not None and self._norms is not None

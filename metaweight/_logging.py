@@ -374,7 +374,7 @@ class CSVLogger:
     """
 
     _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
-    _metaweight_passed_over: Any = None  # (the last weighter whose records it was not given: one warning each)
+    _metaweight_passed_over: Any = None  # (weighters it was taken from, weakly: whether each was warned)
 
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False, all_ranks: bool = False) -> None:
         path = user_path(path)
@@ -737,7 +737,7 @@ class TensorBoardLogger:
     """
 
     _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
-    _metaweight_passed_over: Any = None  # (the last weighter whose records it was not given: one warning each)
+    _metaweight_passed_over: Any = None  # (weighters it was taken from, weakly: whether each was warned)
 
     def __init__(self, log_dir_or_writer: Any, prefix: str = "metaweight/", *, overwrite: bool = False,
                  all_ranks: bool = False) -> None:

@@ -40,9 +40,12 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._checks import check_initialized, integer_value, masked_label_hint, real_option
+from metaweight._optimizers import unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import BufferSnapshot, host_read, nonfinite_flag
@@ -119,10 +122,49 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     return param - (lr / bias1) * exp_avg / denom, exp_avg, exp_avg_sq
 
 
+@dataclasses.dataclass
+class _Calls:
+    """Training :meth:`Weighting.loss` calls between two optimizer steps: what they gave (``_per_call``) times
+    their scored labels, summed; the labels (a tensor, or an int), samples and calls."""
+
+    sums: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    weight: Tensor | int = 0
+    samples: int = 0
+    calls: int = 0
+
+
+class _StepCounter:
+    """The process-wide optimizer step post-hook counting each optimizer's steps (every ``torch.optim``
+    optimizer, fused or not, and every subclass: torch calls the global hooks from ``Optimizer.step``'s
+    wrapper)."""
+
+    metaweight_own = True  # (passed over by the hook checks)
+    counts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    handle: Any = None
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.counts[optimizer] = self.counts.get(optimizer, 0) + 1
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """How many times ``optimizer`` stepped since the counter was registered (at the first call)."""
+    if _StepCounter.handle is None:
+        _StepCounter.handle = register_optimizer_step_post_hook(_StepCounter())
+    return _StepCounter.counts.get(optimizer, 0)
+
+
+def _scored(target: Any, ignore_index: Any) -> Tensor | int:
+    """How many labels of ``target`` a criterion with ``ignore_index`` scores (a tensor on the labels' device:
+    no read), or its samples where it has no integer ``ignore_index`` or no integer labels."""
+    labels = next((t for t in tree_leaves(target) if isinstance(t, Tensor)), None)
+    if isinstance(ignore_index, int) and not isinstance(ignore_index, bool) and labels is not None \
+            and labels.dim() > 0 and not labels.is_floating_point() and not labels.is_complex():
+        return (labels != ignore_index).sum()
+    return batch_samples(target)
+
+
 def batch_samples(target: Any) -> int:
     """The samples of a batch's labels (the first dimension of its first tensor with one; 1 for none)."""
-    from torch.utils._pytree import tree_leaves
-
     return next((int(t.shape[0]) for t in tree_leaves(target) if isinstance(t, Tensor) and t.dim() > 0), 1)
 
 
@@ -179,6 +221,14 @@ class NamedWeights:
         handle = RemovableHandle(self._hooks)
         self._hooks[handle.id] = hook
         if hasattr(hook, "_metaweight_owner"):  # the library's loggers log the weighter given them last
+            if hook._metaweight_owner is not None and hook._metaweight_owner() is not self:
+                if hook._metaweight_passed_over is None:
+                    hook._metaweight_passed_over = weakref.WeakKeyDictionary()
+                previous = hook._metaweight_owner()
+                if previous is not None:  # (handed over for good: not given back when the new one is gone)
+                    hook._metaweight_passed_over[previous] = False
+            if hook._metaweight_passed_over is not None:
+                hook._metaweight_passed_over.pop(self, None)
             hook._metaweight_owner = weakref.ref(self)
         return handle
 
@@ -188,15 +238,14 @@ class NamedWeights:
         would read to it as its run going back to a checkpoint and drop its rows, so they are not written (a
         warning says so, once per logger)."""
         for hook in list(self._hooks.values()):
-            owner = getattr(hook, "_metaweight_owner", None)
-            other = owner() if owner is not None else None
-            if other is not None and other is not self:
-                if getattr(hook, "_metaweight_passed_over", None) is not self:
-                    hook._metaweight_passed_over = self  # (one warning per logger and weighter passed over)
-                    warn_user(f"This weighter's {type(hook).__name__} was given to another {type(other).__name__} "
-                              f"since, and logs that one's run: this one's records (iteration {record.iteration} on) "
-                              f"are not written to it (two weighters' iterations 1, 2, ... in one log would read as "
-                              f"a run going back to a checkpoint and drop rows). Give each weighter its own logger.")
+            passed = getattr(hook, "_metaweight_passed_over", None)
+            if passed is not None and self in passed:
+                if not passed[self]:  # (one warning per logger and weighter passed over)
+                    passed[self] = True
+                    warn_user(f"This weighter's {type(hook).__name__} was given to another weighter since, and logs "
+                              f"that one's run: this one's records (iteration {record.iteration} on) are not written "
+                              f"to it (two weighters' iterations 1, 2, ... in one log would read as a run going back "
+                              f"to a checkpoint and drop rows). Give each weighter its own logger.")
                 continue
             hook(record)
 
@@ -226,6 +275,7 @@ class Weighting(NamedWeights):
     """
 
     needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
+    reads_train_batch: ClassVar[bool] = False  # whether meta_step reads its train_batch (FAMO: the terms again)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *,
                  term_names: Sequence[str] | None = None, nonfinite: Literal["raise", "skip"] = "raise",
@@ -263,11 +313,10 @@ class Weighting(NamedWeights):
         self.num_meta_steps = 0  # updates that were kept
         self.num_skipped = 0
         self.last_terms: Tensor | None = None
-        self._pending: Tensor | None = None  # this iteration's terms: its loss() calls', mean by their samples
-        self._sums: dict[str, Tensor] = {}  # what each of those calls gave (_per_call), times its samples, summed
-        self._samples = 0  # the samples in _sums
-        self._calls = 0  # and the calls
-        self._versions = 0  # the parameters' versions at the first of them (an optimizer step since: a new iteration)
+        self._pending: Tensor | None = None  # a loss() call's terms under no_grad: read where no training call came
+        self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
+        self._inner_optimizer = unwrap_optimizer(optimizer)
+        optimizer_steps(self._inner_optimizer)  # (the process-wide step counter, registered before the first step)
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         self.last_meta = MetaStepRecord(0)
         self._buffers = BufferSnapshot(module)  # step()'s copy of the buffers, kept between steps
@@ -332,31 +381,45 @@ class Weighting(NamedWeights):
         combined = self._combine(terms)
         self.last_terms = terms.detach()
         if combined.requires_grad:  # a training loss (one under torch.no_grad(), for logging, is not summed)
-            self._accumulate(self._per_call(self.last_terms), batch_samples(target))
-        elif self._calls == 0:
+            self._accumulate(self._per_call(self.last_terms), target)
+        elif not self._groups:
             self._pending = self.last_terms
         return combined
 
-    def _accumulate(self, values: dict[str, Tensor], samples: int) -> None:
-        """Add one training :meth:`loss` call's values to the iteration's (gradient accumulation: several calls,
-        one optimizer step, one :meth:`meta_step`); after an optimizer step that no :meth:`meta_step` followed,
-        a new iteration starts (the parameters' in-place versions tell, Python objects only)."""
-        versions = sum(p._version for p in self.module.parameters())
-        if self._calls and versions != self._versions:
-            self._reset_pending()
-        if not self._calls:
-            self._versions = versions
-        self._sums = {k: v * samples + self._sums[k] if k in self._sums else v * samples for k, v in values.items()}
-        self._samples += samples
-        self._calls += 1
-        self._pending = self._sums["terms"] / self._samples
+    def _accumulate(self, values: dict[str, Tensor], target: Any) -> None:
+        """Add one training :meth:`loss` call's values to those of the calls since the optimizer's last step
+        (gradient accumulation: several calls, one step, one :meth:`meta_step`), weighted by the labels it
+        scores (those not ``criterion.ignore_index``; its samples where the criterion has none). Calls before
+        an earlier step that no :meth:`meta_step` followed are dropped. The steps are counted by a process-wide
+        optimizer step hook (:func:`optimizer_steps`): Python objects only."""
+        steps = optimizer_steps(self._inner_optimizer)
+        for old in [k for k in self._groups if k < steps - 1]:
+            del self._groups[old]
+        group = self._groups.setdefault(steps, _Calls())
+        weight = _scored(target, getattr(self.criterion, "ignore_index", None))
+        group.sums = {k: v * weight + group.sums[k] if k in group.sums else v * weight for k, v in values.items()}
+        group.weight = group.weight + weight
+        group.samples += batch_samples(target)
+        group.calls += 1
+
+    def _iteration(self) -> _Calls | None:
+        """The training :meth:`loss` calls of the step just taken: those before the optimizer's last step (or,
+        where it took none since them, e.g. a ``GradScaler`` skipped it, those since)."""
+        steps = optimizer_steps(self._inner_optimizer)
+        return self._groups.get(steps - 1) or self._groups.get(steps)
 
     def _accumulated(self, name: str) -> Tensor | None:
         """The iteration's mean of ``name`` (:meth:`_per_call`) over its training :meth:`loss` calls."""
-        return self._sums[name] / self._samples if name in self._sums else None
+        group = self._iteration()
+        return group.sums[name] / group.weight if group is not None and name in group.sums else None
+
+    def _iteration_terms(self) -> Tensor | None:
+        """The terms :meth:`meta_step` reads: the iteration's (:meth:`_accumulated`), or a ``no_grad`` call's."""
+        terms = self._accumulated("terms")
+        return terms if terms is not None else self._pending
 
     def _reset_pending(self) -> None:
-        self._pending, self._sums, self._samples, self._calls = None, {}, 0, 0
+        self._pending, self._groups = None, {}
 
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
         """Update the weights from the iteration that just ended; call it after the optimizer's step.
@@ -371,13 +434,13 @@ class Weighting(NamedWeights):
             A :class:`MetaStepRecord`: ``iteration``, ``ran``, ``meta_step``, ``gamma`` and
             ``terms`` by term name; ``skipped`` and ``message`` for a refused update.
         """
-        if self.needs_terms and self._pending is None:
+        local = self._iteration_terms()
+        if self.needs_terms and local is None:
             raise ValueError(f"{type(self).__name__}.meta_step reads the terms of this iteration: call "
                              f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
                              f"Nothing was changed.")
         self._check_batch(train_batch)
-        local = self._pending
         terms = self._mean_over_ranks(local) if local is not None and self.needs_terms else None
         proposal = self._propose(terms, train_batch)
         gamma = proposal.get("gamma", self.gamma)
@@ -510,6 +573,9 @@ class Weighting(NamedWeights):
             raise TypeError(f"`state_dict` should be a dict from {type(self).__name__}.state_dict(). "
                             f"Found `{type(state_dict).__name__}`.")
         mine = self._state_tensors()
+        if "weighting" not in state_dict and "gamma_optimizer" in state_dict and "validation" in state_dict:
+            raise ValueError(f"This checkpoint is a HarmonizedWeighter's, not a {type(self).__name__}'s. Build the "
+                             f"weighting the checkpoint was saved with. Nothing was changed.")
         if "weighting" in state_dict and state_dict["weighting"] != type(self).__name__:
             raise ValueError(f"This checkpoint is of the weighting {state_dict['weighting']!r}, not "
                              f"{type(self).__name__!r}. Build the weighting the checkpoint was saved with. Nothing "

@@ -203,11 +203,12 @@ class WeightingCallback(lightning.Callback):
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.weighting is not None
-        self._parts.append(batch)
+        reads = type(self.weighting).reads_train_batch  # (FAMO scores the step's whole batch again; the others
+        self._parts.append(batch if reads else None)  # read no batch: any batch structure is fine for them)
         if _accumulates(trainer):
             return
         parts, self._parts = self._parts, []
-        self.weighting.meta_step(_whole(parts))  # (the step's whole batch: FAMO scores it again)
+        self.weighting.meta_step(_whole(parts) if reads else None)
 
     def state_dict(self) -> dict[str, Any]:
         return self.weighting.state_dict() if self.weighting is not None else {}

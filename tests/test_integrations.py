@@ -132,3 +132,32 @@ def test_lightning_callbacks_take_one_meta_step_per_optimizer_step_under_gradien
     assert w.num_meta_steps == module.weighter.num_meta_steps == 3
     got, expected = module.weighter.gamma_dict(), w.gamma_dict()
     assert all(abs(got[k] - expected[k]) <= 1e-5 * max(1.0, abs(expected[k])) for k in got), (got, expected)
+
+
+def test_lightning_weighting_callback_takes_batches_of_any_structure_for_methods_that_read_none():
+    """A dict batch (or (x, y, index)): the weightings but FAMO read no batch in meta_step, so none is handed
+    to them (before, every method refused it after the first step: "train_batch should be a pair")."""
+    lightning = pytest.importorskip("lightning")
+    from metaweight.lightning import WeightingCallback
+
+    class DictModule(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = mw.MultiExit([torch.nn.Linear(6, 8), torch.nn.Linear(8, 8)], [torch.nn.Linear(8, 3)] * 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.weighter.loss(self.net(batch["x"]), batch["y"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = [{"x": torch.randn(8, 6), "y": torch.randint(0, 3, (8,))} for _ in range(4)]
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    module = DictModule()
+    callback = WeightingCallback(lambda model, opt: mw.UW(model, opt, mw.DenseDistillLoss(2)))
+    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
+                                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                                accumulate_grad_batches=2)
+    trainer.fit(module, loader)
+    assert module.weighter.num_meta_steps == trainer.global_step == 2
