@@ -376,6 +376,11 @@ class CSVLogger:
     _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
     _metaweight_passed_over: Any = None  # (weighters it was taken from, weakly: whether each was warned)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the weak references to the weighters it logs (which a weighter pickled with it
+        sets again when it registers the copy)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_metaweight_owner", "_metaweight_passed_over")}
+
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False, all_ranks: bool = False) -> None:
         path = user_path(path)
         _check_flag(overwrite, "overwrite")
@@ -738,6 +743,11 @@ class TensorBoardLogger:
 
     _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
     _metaweight_passed_over: Any = None  # (weighters it was taken from, weakly: whether each was warned)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the weak references to the weighters it logs (which a weighter pickled with it
+        sets again when it registers the copy)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_metaweight_owner", "_metaweight_passed_over")}
 
     def __init__(self, log_dir_or_writer: Any, prefix: str = "metaweight/", *, overwrite: bool = False,
                  all_ranks: bool = False) -> None:

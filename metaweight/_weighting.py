@@ -134,22 +134,27 @@ class _Calls:
 
 
 class _StepCounter:
-    """The process-wide optimizer step post-hook counting each optimizer's steps (every ``torch.optim``
+    """The process-wide optimizer step post-hook noting that an optimizer stepped (every ``torch.optim``
     optimizer, fused or not, and every subclass: torch calls the global hooks from ``Optimizer.step``'s
-    wrapper)."""
+    wrapper). Counted when read: the steps between two reads count as one, so a subclass whose ``step()``
+    calls ``super().step()`` (the hook runs once per level) steps once."""
 
     metaweight_own = True  # (passed over by the hook checks)
+    stepped: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> stepped since the last read
     counts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     handle: Any = None
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.counts[optimizer] = self.counts.get(optimizer, 0) + 1
+        self.stepped[optimizer] = True
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
-    """How many times ``optimizer`` stepped since the counter was registered (at the first call)."""
+    """How many times ``optimizer`` was seen to have stepped since the counter was registered (at the first
+    call): at most one more at each call (steps between two calls count as one)."""
     if _StepCounter.handle is None:
         _StepCounter.handle = register_optimizer_step_post_hook(_StepCounter())
+    if _StepCounter.stepped.pop(optimizer, False):
+        _StepCounter.counts[optimizer] = _StepCounter.counts.get(optimizer, 0) + 1
     return _StepCounter.counts.get(optimizer, 0)
 
 
@@ -390,11 +395,15 @@ class Weighting(NamedWeights):
         """Add one training :meth:`loss` call's values to those of the calls since the optimizer's last step
         (gradient accumulation: several calls, one step, one :meth:`meta_step`), weighted by the labels it
         scores (those not ``criterion.ignore_index``; its samples where the criterion has none). Calls before
-        an earlier step that no :meth:`meta_step` followed are dropped. The steps are counted by a process-wide
-        optimizer step hook (:func:`optimizer_steps`): Python objects only."""
+        an earlier step that no :meth:`meta_step` followed are dropped, and so are calls whose gradients were
+        cleared since (``zero_grad()``, to ``None``: an iteration whose step was skipped, e.g. on a non-finite
+        loss, without a :meth:`meta_step`). The steps are counted by a process-wide optimizer step hook
+        (:func:`optimizer_steps`): Python objects only."""
         steps = optimizer_steps(self._inner_optimizer)
         for old in [k for k in self._groups if k < steps - 1]:
             del self._groups[old]
+        if steps in self._groups and not any(p.grad is not None for p in self.module.parameters()):
+            del self._groups[steps]  # the gradients were cleared since those calls: an iteration without a step
         group = self._groups.setdefault(steps, _Calls())
         weight = _scored(target, getattr(self.criterion, "ignore_index", None))
         group.sums = {k: v * weight + group.sums[k] if k in group.sums else v * weight for k, v in values.items()}
@@ -420,6 +429,11 @@ class Weighting(NamedWeights):
 
     def _reset_pending(self) -> None:
         self._pending, self._groups = None, {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
+        count of this optimizer object: a copy starts a new iteration."""
+        return {**self.__dict__, "_groups": {}, "_pending": None}
 
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
         """Update the weights from the iteration that just ended; call it after the optimizer's step.

@@ -3,6 +3,7 @@ written from the papers (references/weightings.py), and the properties every met
 calls equal step(), bit-exact resume, bad input refused with nothing changed, AMP, hooks and loggers."""
 
 import copy
+import functools
 import math
 
 import pytest
@@ -549,15 +550,23 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
     """Four micro-batch losses, each divided by four, backpropagated before one optimizer step: meta_step reads
     the iteration's terms (and GradNorm its terms' gradients) as the whole batch gives them, their mean over the
     loss() calls by samples, not the last call's. A loss() under torch.no_grad() (logging) between is not summed,
-    loss() calls of an iteration whose meta_step never came are not carried into the next (a fused optimizer's
-    step counted too), and a parameter changed in place between micro-batches (a clamp) starts no new one."""
+    loss() calls of an iteration whose meta_step never came, or whose step was skipped (zero_grad after them), are
+    not carried into the next (a fused optimizer's step counted, a subclass's chained step() counted once), and a
+    parameter changed in place between micro-batches (a clamp) starts no new one."""
     torch.manual_seed(0)
     net = mw.MultiExit([nn.Sequential(nn.Linear(6, 16), nn.Tanh()), nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
                         nn.Sequential(nn.Linear(16, 16), nn.Tanh())], [nn.Linear(16, 5) for _ in range(3)]).double()
     runs = {}
-    for form in ("whole", "accumulated", "accumulated, stale", "accumulated, clamped"):
+    class ChainedSGD(torch.optim.SGD):  # (torch runs the step hooks once per level of step())
+        def step(self, closure=None):
+            return super().step(closure)
+
+    forms = ("whole", "accumulated", "accumulated, stale", "accumulated, clamped", "accumulated, skipped",
+             "accumulated, chained")
+    for form in forms:
         model = copy.deepcopy(net)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)  # (its kernel bumps no versions)
+        kind = ChainedSGD if form.endswith("chained") else functools.partial(torch.optim.SGD, fused=True)
+        optimizer = kind(model.parameters(), lr=0.1)  # (a fused kernel bumps no parameter versions)
         w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), **options(name, model))
         gammas = []
         for i, (x, y) in enumerate(batches(4, size=16)):
@@ -566,6 +575,10 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
             if form == "whole":
                 w.loss(model(x), y).backward()
             else:
+                if form.endswith("skipped") and i == 2:  # an iteration whose step was skipped, and its meta_step
+                    for part in range(4):
+                        (w.loss(model(x[4 * part:4 * part + 4]), y[4 * part:4 * part + 4]) / 4).backward()
+                    optimizer.zero_grad()
                 if form.endswith("stale") and i == 2:  # an iteration whose meta_step never came (undone)
                     previous = [p.detach().clone() for p in model.parameters()]
                     w.loss(model(x), y).backward()
@@ -588,7 +601,7 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
     # FAMO's loss is not linear in the terms (log D_k, D_k the micro-batch's own): the model's accumulated step is
     # not the whole batch's, and the weights follow it to about 1e-6 (reading the last call's terms: 1e-1)
     tolerance = 1e-4 if name == "famo" else 1e-9
-    for form in ("accumulated", "accumulated, stale", "accumulated, clamped"):
+    for form in forms[1:]:
         for a, b in zip(runs["whole"], runs[form]):
             assert all(math.isclose(a[k], b[k], rel_tol=tolerance, abs_tol=1e-12) for k in a), (form, a, b)
 
@@ -626,6 +639,9 @@ def test_a_logger_given_to_a_second_weighter_logs_that_one_alone(tmp_path):
         rows = [line.split(",")[0] for line in f.read().splitlines()]
     assert logger.path == tmp_path / "log.csv" and rows == ["iteration", "1", "2", "3", "4"]
     assert first.num_meta_steps == 4  # (the first weighting's own updates go on)
+    import pickle
+    copied = pickle.loads(pickle.dumps(second))  # (the loggers' weak references are not pickled)
+    assert copied.callbacks[0]._metaweight_owner is None and copy.deepcopy(second).num_meta_steps == 4
     del second  # handed over for good: the first's records do not come back when the second is gone
     import gc
     gc.collect()
@@ -709,3 +725,16 @@ def test_accumulated_token_terms_are_weighted_by_their_scored_labels():
     w.optimizer.step()
     record = w.meta_step((x, y))
     assert all(math.isclose(record.terms[n], float(t), rel_tol=1e-6) for n, t in zip(w.term_names, whole))
+
+
+def test_a_copy_of_a_weighting_starts_a_new_iteration():
+    """The pending loss() calls are keyed by the original optimizer's step count: a deepcopy (or a pickle) holds
+    none, and asks for its own loss() (it read a stale earlier call before)."""
+    w, model, optimizer = build("uw")
+    x, y = batches(1)[0]
+    w.loss(model(x), y).backward()
+    copied = copy.deepcopy(w)
+    with pytest.raises(ValueError, match="call loss = weighting.loss"):
+        copied.meta_step((x, y))
+    optimizer.step()
+    assert w.meta_step((x, y)).ran
