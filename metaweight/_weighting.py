@@ -320,6 +320,7 @@ class Weighting(NamedWeights):
         self.last_terms: Tensor | None = None
         self._pending: Tensor | None = None  # a loss() call's terms under no_grad: read where no training call came
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
+        self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
         self._inner_optimizer = unwrap_optimizer(optimizer)
         optimizer_steps(self._inner_optimizer)  # (the process-wide step counter, registered before the first step)
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
@@ -385,30 +386,34 @@ class Weighting(NamedWeights):
             terms = terms.float()
         combined = self._combine(terms)
         self.last_terms = terms.detach()
-        if combined.requires_grad:  # a training loss (one under torch.no_grad(), for logging, is not summed)
-            self._accumulate(self._per_call(self.last_terms), target)
-        elif not self._groups:
-            self._pending = self.last_terms
+        self._pending = self.last_terms  # (read where no backward went through a loss() call since the last step)
+        self._last_values = None
+        if combined.requires_grad:  # counted when a backward reaches it: not a loss for logging, nor one under no_grad
+            values = self._last_values = self._per_call(self.last_terms)
+            weight = _scored(target, getattr(self.criterion, "ignore_index", None))
+            samples = batch_samples(target)
+            combined.register_hook(lambda grad: self._accumulate(values, weight, samples))
         return combined
 
-    def _accumulate(self, values: dict[str, Tensor], target: Any) -> None:
-        """Add one training :meth:`loss` call's values to those of the calls since the optimizer's last step
-        (gradient accumulation: several calls, one step, one :meth:`meta_step`), weighted by the labels it
-        scores (those not ``criterion.ignore_index``; its samples where the criterion has none). Calls before
-        an earlier step that no :meth:`meta_step` followed are dropped, and so are calls whose gradients were
-        cleared since (``zero_grad()``, to ``None``: an iteration whose step was skipped, e.g. on a non-finite
-        loss, without a :meth:`meta_step`). The steps are counted by a process-wide optimizer step hook
-        (:func:`optimizer_steps`): Python objects only."""
+    def _accumulate(self, values: dict[str, Tensor], weight: Tensor | int, samples: int) -> None:
+        """When a backward reaches a training :meth:`loss` (before it writes any gradient): add the call's values
+        to those of the calls since the optimizer's last step (gradient accumulation: several calls, one step,
+        one :meth:`meta_step`), weighted by the labels it scores (those not ``criterion.ignore_index``; its
+        samples where the criterion has none). Calls before an earlier step that no :meth:`meta_step` followed
+        are dropped, and so are calls whose gradients the optimizer's ``zero_grad()`` cleared since (to ``None``,
+        the default: an iteration whose step was skipped, e.g. on a non-finite loss, without a :meth:`meta_step`).
+        The steps are counted by a process-wide optimizer step hook (:func:`optimizer_steps`): Python objects
+        only."""
         steps = optimizer_steps(self._inner_optimizer)
         for old in [k for k in self._groups if k < steps - 1]:
             del self._groups[old]
-        if steps in self._groups and not any(p.grad is not None for p in self.module.parameters()):
+        if steps in self._groups and not any(p.grad is not None for group in self._inner_optimizer.param_groups
+                                             for p in group["params"]):
             del self._groups[steps]  # the gradients were cleared since those calls: an iteration without a step
         group = self._groups.setdefault(steps, _Calls())
-        weight = _scored(target, getattr(self.criterion, "ignore_index", None))
         group.sums = {k: v * weight + group.sums[k] if k in group.sums else v * weight for k, v in values.items()}
         group.weight = group.weight + weight
-        group.samples += batch_samples(target)
+        group.samples += samples
         group.calls += 1
 
     def _iteration(self) -> _Calls | None:
@@ -418,9 +423,12 @@ class Weighting(NamedWeights):
         return self._groups.get(steps - 1) or self._groups.get(steps)
 
     def _accumulated(self, name: str) -> Tensor | None:
-        """The iteration's mean of ``name`` (:meth:`_per_call`) over its training :meth:`loss` calls."""
+        """The iteration's mean of ``name`` (:meth:`_per_call`) over its training :meth:`loss` calls (with no
+        backward through any, the last call's)."""
         group = self._iteration()
-        return group.sums[name] / group.weight if group is not None and name in group.sums else None
+        if group is None:
+            return self._last_values.get(name) if self._last_values is not None else None
+        return group.sums[name] / group.weight if name in group.sums else None
 
     def _iteration_terms(self) -> Tensor | None:
         """The terms :meth:`meta_step` reads: the iteration's (:meth:`_accumulated`), or a ``no_grad`` call's."""
@@ -428,12 +436,12 @@ class Weighting(NamedWeights):
         return terms if terms is not None else self._pending
 
     def _reset_pending(self) -> None:
-        self._pending, self._groups = None, {}
+        self._pending, self._groups, self._last_values = None, {}, None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
         count of this optimizer object: a copy starts a new iteration."""
-        return {**self.__dict__, "_groups": {}, "_pending": None}
+        return {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None}
 
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
         """Update the weights from the iteration that just ended; call it after the optimizer's step.

@@ -738,3 +738,35 @@ def test_a_copy_of_a_weighting_starts_a_new_iteration():
         copied.meta_step((x, y))
     optimizer.step()
     assert w.meta_step((x, y)).ran
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_an_iteration_whose_step_was_skipped_is_not_read_by_the_next_in_the_guide_s_order(probe):
+    """The guide's loop, loss = w.loss(...); optimizer.zero_grad(); loss.backward(), with the usual guard
+    `if torch.isfinite(loss): optimizer.step(); w.meta_step(...)`: a NaN batch's iteration takes no step and no
+    meta step, and the next meta step reads its own iteration's terms (it read the mean with the NaN one, and
+    raised). With `probe` the optimizer holds the heads only (the stages keep requires_grad and their gradients:
+    what the optimizer's zero_grad clears decides). A loss() evaluated with autograd on and never
+    backpropagated (a validation loss) is not read either."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    params = model.heads.parameters() if probe else model.parameters()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    w = mw.UW(model, optimizer, mw.DenseDistillLoss(3))
+    read = []
+    for i, (x, y) in enumerate(batches(4)):
+        if i == 1:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        loss = w.loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            expected = w.criterion(model(x), y)
+        w.loss(model(batches(1)[0][0]), batches(1)[0][1])  # a validation loss, autograd on, no backward
+        if torch.isfinite(loss):
+            optimizer.step()
+            read.append((w.meta_step((x, y)).terms, expected))
+    assert len(read) == 3
+    for got, expected in read:
+        assert all(math.isclose(got[n], float(e), rel_tol=1e-6) for n, e in zip(w.term_names, expected)), got
