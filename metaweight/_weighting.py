@@ -131,6 +131,7 @@ class _Calls:
     weight: Tensor | int = 0
     samples: int = 0
     calls: int = 0
+    wrote: bool = False  # whether their backwards wrote gradients (then cleared ones mean a zero_grad since)
 
 
 class _StepCounter:
@@ -318,7 +319,7 @@ class Weighting(NamedWeights):
         self.num_meta_steps = 0  # updates that were kept
         self.num_skipped = 0
         self.last_terms: Tensor | None = None
-        self._pending: Tensor | None = None  # a loss() call's terms under no_grad: read where no training call came
+        self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
         self._inner_optimizer = unwrap_optimizer(optimizer)
@@ -353,8 +354,8 @@ class Weighting(NamedWeights):
 
     def _per_call(self, terms: Tensor) -> dict[str, Tensor]:
         """What one training :meth:`loss` call gives the update, averaged over the iteration's calls (gradient
-        accumulation) by their samples: the detached terms, and what else a method reads (GradNorm: the terms'
-        gradients on the shared parameters)."""
+        accumulation) by the labels they score: the detached terms, and what else a method reads (GradNorm: the
+        terms' gradients on the shared parameters)."""
         return {"terms": terms}
 
     def _extra_state(self) -> dict[str, Any]:
@@ -392,7 +393,14 @@ class Weighting(NamedWeights):
             values = self._last_values = self._per_call(self.last_terms)
             weight = _scored(target, getattr(self.criterion, "ignore_index", None))
             samples = batch_samples(target)
-            combined.register_hook(lambda grad: self._accumulate(values, weight, samples))
+            counted: list[bool] = []
+
+            def count(grad: Tensor) -> None:
+                if not counted:  # (once: a second backward through a retained graph is not another call)
+                    counted.append(True)
+                    self._accumulate(values, weight, samples)
+
+            combined.register_hook(count)
         return combined
 
     def _accumulate(self, values: dict[str, Tensor], weight: Tensor | int, samples: int) -> None:
@@ -400,21 +408,30 @@ class Weighting(NamedWeights):
         to those of the calls since the optimizer's last step (gradient accumulation: several calls, one step,
         one :meth:`meta_step`), weighted by the labels it scores (those not ``criterion.ignore_index``; its
         samples where the criterion has none). Calls before an earlier step that no :meth:`meta_step` followed
-        are dropped, and so are calls whose gradients the optimizer's ``zero_grad()`` cleared since (to ``None``,
-        the default: an iteration whose step was skipped, e.g. on a non-finite loss, without a :meth:`meta_step`).
+        are dropped, and so are calls whose backward wrote gradients that the optimizer's ``zero_grad()`` cleared
+        since (to ``None``, the default: an iteration whose step was skipped, e.g. on a non-finite loss, without
+        a :meth:`meta_step`); several calls in one backward, or through ``torch.autograd.grad``, all count.
         The steps are counted by a process-wide optimizer step hook (:func:`optimizer_steps`): Python objects
         only."""
         steps = optimizer_steps(self._inner_optimizer)
         for old in [k for k in self._groups if k < steps - 1]:
             del self._groups[old]
-        if steps in self._groups and not any(p.grad is not None for group in self._inner_optimizer.param_groups
-                                             for p in group["params"]):
-            del self._groups[steps]  # the gradients were cleared since those calls: an iteration without a step
+        if steps in self._groups and self._groups[steps].wrote and not self._any_gradient():
+            del self._groups[steps]  # the gradients those calls' backward wrote were cleared: no step came of them
         group = self._groups.setdefault(steps, _Calls())
         group.sums = {k: v * weight + group.sums[k] if k in group.sums else v * weight for k, v in values.items()}
         group.weight = group.weight + weight
         group.samples += samples
         group.calls += 1
+
+        def ended() -> None:  # at the end of this backward: whether it wrote gradients (autograd.grad writes none)
+            group.wrote = group.wrote or self._any_gradient()
+
+        torch.autograd.Variable._execution_engine.queue_callback(ended)
+
+    def _any_gradient(self) -> bool:
+        """Whether any parameter the optimizer holds has a ``.grad`` (Python objects only)."""
+        return any(p.grad is not None for group in self._inner_optimizer.param_groups for p in group["params"])
 
     def _iteration(self) -> _Calls | None:
         """The training :meth:`loss` calls of the step just taken: those before the optimizer's last step (or,
@@ -446,10 +463,11 @@ class Weighting(NamedWeights):
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
         """Update the weights from the iteration that just ended; call it after the optimizer's step.
 
-        The method's rule reads the terms of this iteration's :meth:`loss` calls (averaged over ranks
-        under DDP; with gradient accumulation, their mean weighted by their batch sizes: the whole
-        batch's terms, for losses that are means over their samples); FAMO also reads ``train_batch``
-        again at the new parameters (the whole batch: the micro-batches concatenated).
+        The method's rule reads the terms of this iteration's :meth:`loss` calls, those a backward went
+        through (averaged over ranks under DDP; with gradient accumulation, their mean weighted by the
+        labels they score: the whole batch's terms, for losses that are means over their labels); FAMO
+        also reads ``train_batch`` again at the new parameters (the whole batch: the micro-batches
+        concatenated).
         ``val_batch`` is accepted for the signature :class:`HarmonizedWeighter` shares and not used.
 
         Returns:

@@ -770,3 +770,38 @@ def test_an_iteration_whose_step_was_skipped_is_not_read_by_the_next_in_the_guid
     assert len(read) == 3
     for got, expected in read:
         assert all(math.isclose(got[n], float(e), rel_tol=1e-6) for n, e in zip(w.term_names, expected)), got
+
+
+@pytest.mark.parametrize("how", ["one backward", "autograd.grad", "retained graph"])
+def test_calls_backpropagated_together_or_through_autograd_grad_count_once_each(how):
+    """Two loss() calls in one backward (a sum of two micro-batches' losses), micro-batches through
+    torch.autograd.grad (which writes no .grad), and one call backpropagated twice through a retained graph:
+    meta_step reads the whole batch's terms, and FAMO takes the whole batch (it dropped a call, or counted one
+    twice)."""
+    for name in ("uw", "famo"):
+        torch.manual_seed(0)
+        model = tiny_net(3, batchnorm=False)  # (halves give the whole batch's terms)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3))
+        x, y = batches(1)[0]
+        with torch.no_grad():
+            expected = w.criterion(model(x), y)
+        halves = (slice(0, 8), slice(8, 16))
+        if how == "one backward":
+            (w.loss(model(x[halves[0]]), y[halves[0]]) / 2 + w.loss(model(x[halves[1]]), y[halves[1]]) / 2).backward()
+        elif how == "autograd.grad":
+            params = list(model.parameters())
+            summed = [torch.zeros_like(p) for p in params]
+            for half in halves:
+                grads = torch.autograd.grad(w.loss(model(x[half]), y[half]) / 2, params, allow_unused=True)
+                summed = [s if g is None else s + g for s, g in zip(summed, grads)]
+            for p, g in zip(params, summed):  # (into .grad once all micro-batches are through)
+                p.grad = g
+        else:
+            loss = w.loss(model(x), y) / 2
+            loss.backward(retain_graph=True)
+            loss.backward()
+        optimizer.step()
+        record = w.meta_step((x, y))
+        assert all(math.isclose(record.terms[n], float(e), rel_tol=1e-5) for n, e in zip(w.term_names, expected)), \
+            (name, record.terms)
