@@ -253,8 +253,9 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
     Raises:
         ValueError: logits or labels on the meta device (no values to score), or of the wrong
             shapes; logits holding NaN (counted per exit: a NaN row has no prediction, and its
-            argmax would be scored as class 0); a row with no softmax; ``topk`` not a non-empty list of ints >= 1, or asking
-            for a ``k > 1`` not below the number of classes (its accuracy would be 100%).
+            argmax would be scored as class 0); a row with no softmax; ``topk`` not a non-empty list
+            of ints >= 1, or asking for a ``k > 1`` not below the number of classes (its accuracy
+            would be 100%).
     """
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"`logits` and `labels` should be Tensors. Found `{type(logits).__name__}` and "

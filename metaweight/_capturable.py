@@ -144,9 +144,10 @@ def check(w: HarmonizedWeighter) -> None:
     if type(gamma_optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) or (
             type(gamma_optimizer) is not torch.optim.SGD and not all(
                 g.get("fused") or (g.get("capturable") and on_cuda) for g in gamma_optimizer.param_groups)):
+        without = "" if type(gamma_optimizer) is torch.optim.SGD else " without them"
         raise ValueError(f"capturable=True steps gamma on the device: its optimizer must be SGD, or Adam/AdamW with "
                          f"fused=True (or capturable=True, on CUDA), whose step count stays on the device; got "
-                         f"{type(gamma_optimizer).__name__}{'' if type(gamma_optimizer) is torch.optim.SGD else ' not so'}. Pass "
+                         f"{type(gamma_optimizer).__name__}{without}. Pass "
                          f"gamma_optimizer='adam' or 'sgd' (built so). Nothing was changed.")
 
 
