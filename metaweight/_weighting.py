@@ -261,6 +261,10 @@ class NamedWeights:
         return list(self._hooks.values())
 
 
+_OTHER_CRITERION = ("(criterion.active differs: e.g. DenseDistillLoss(teachers='dense') saved, teachers='last' now). "
+                    "Build it with the criterion the checkpoint was saved with. Nothing was changed.")
+
+
 class Weighting(NamedWeights):
     r"""The base of every loss-weighting method: one weight :math:`\gamma_k` per named loss term.
 
@@ -634,9 +638,7 @@ class Weighting(NamedWeights):
             saved = [n for n, a in zip(self.term_names, differ["active"][0]) if a]
             raise ValueError(f"This checkpoint was saved with a criterion computing the terms {saved}; this "
                              f"weighting's computes {[n for n, a in zip(self.term_names, options['active']) if a]} "
-                             f"(criterion.active differs: e.g. DenseDistillLoss(teachers='dense') saved, "
-                             f"teachers='last' now). Build it with the criterion the checkpoint was saved with. "
-                             f"Nothing was changed.")
+                             f"{_OTHER_CRITERION}")
         if differ:
             said = ", ".join(f"{k}={a!r} (this one: {b!r})" for k, (a, b) in differ.items())
             raise ValueError(f"This checkpoint was saved by a {type(self).__name__} with {said}: its state depends on "
@@ -658,9 +660,7 @@ class Weighting(NamedWeights):
                     if g != 0 and not a]
         if inactive:
             raise ValueError(f"The checkpoint weights the terms {inactive}, which this weighting's criterion does not "
-                             f"compute (criterion.active differs: e.g. DenseDistillLoss(teachers='dense') saved, "
-                             f"teachers='last' now). Build it with the criterion the checkpoint was saved with. "
-                             f"Nothing was changed.")
+                             f"compute {_OTHER_CRITERION}")
         counts = {k: state_dict[k] for k in ("num_calls", "num_meta_steps", "num_skipped")}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
             raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
