@@ -534,3 +534,76 @@ def test_a_mapping_error_keeps_torchs_type_and_message_with_a_conditional_note(m
         mw.collect_logits(model, [(inputs, y)])
     assert type(info.value) is TypeError and str(info.value) == str(plain.value)
     _assert_noted(info.value, rf"the {type(inputs).__name__} with keys \['x'\]")
+
+
+class _InPlaceBlock(nn.Module):
+    """torchvision's residual block order: bn2, then ``out += identity`` and ``relu(inplace=True)`` on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+def _in_place_net():
+    torch.manual_seed(0)
+    return nn.Sequential(_InPlaceBlock(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).double()
+
+
+def _by_hand(net, x):
+    """The features after bn1 and bn2 and the model's output, computed without any in-place op."""
+    block = net[0]
+    bn1 = block.bn1(block.conv1(x))
+    bn2 = block.bn2(block.conv2(bn1.relu()))
+    return bn1, bn2, net[2](net[1]((bn2 + x).relu()))
+
+
+@pytest.mark.parametrize("head_in_place", [False, True])
+def test_heads_read_the_features_as_the_module_returned_them_whatever_changes_them_in_place(head_in_place):
+    # an in-place op after the named module (ReLU(inplace=True) after bn1, `out += identity` after bn2) must not
+    # change what the head reads, and a head that changes its input in place must not change the forward after it;
+    # the reference is the same network computed by hand without in-place ops, in training (gradients) and by
+    # early exit, at the first forward (every head reads a copy) and after it (only those that need one)
+    def head():
+        layers = [nn.ReLU(inplace=True)] if head_in_place else []
+        return nn.Sequential(*layers, nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(2 * 4 * 4, 5)).double()
+
+    net = _in_place_net()
+    heads = [head(), head()]
+    attached = mw.attach_exits(net, ["0.bn1", "0.bn2"], heads)
+    reference = copy.deepcopy(attached)
+    for call in range(3):
+        x = torch.randn(6, 3, 4, 4, dtype=F64, requires_grad=True)
+        attached.zero_grad()
+        reference.zero_grad()
+        logits = attached(x)
+        features1, features2, output = _by_hand(reference.model, x.detach().clone().requires_grad_())
+        expected = [reference.heads[0](features1.clone()), reference.heads[1](features2.clone()), output]
+        for got, want in zip(logits, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        sum((z * torch.arange(5, dtype=F64)).sum() for z in logits).backward()
+        sum((z * torch.arange(5, dtype=F64)).sum() for z in expected).backward()
+        for (name, p), q in zip(attached.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+        # BatchNorm in train mode updated its statistics alike in both
+        for a, b in zip(attached.buffers(), reference.buffers()):
+            assert torch.equal(a, b)
+    attached.eval()
+    reference.eval()
+    x = torch.randn(40, 3, 4, 4, dtype=F64)
+    with torch.no_grad():
+        features1, features2, output = _by_hand(reference.model, x)
+        logits = torch.stack([reference.heads[0](features1.clone()), reference.heads[1](features2.clone()), output])
+    confidence = torch.softmax(logits, -1).max(-1).values
+    thresholds = torch.tensor([float(confidence[0].median()), float(confidence[1].median()), -1.0])
+    predictions, exits = mw.EarlyExit(attached, thresholds)(x)
+    expected_exits, expected = mw.exit_assignment(logits, thresholds)
+    assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
+    assert set(exits.tolist()) == {0, 1, 2}
