@@ -74,26 +74,30 @@ class ForwardRecord:
     stateful: list[str] = dataclasses.field(default_factory=list)  # buffers it changed, BatchNorm's statistics
     #                                                                     aside (spectral_norm's vectors)
     versions: list[int] = dataclasses.field(default_factory=list)
+    grads: list[bool] = dataclasses.field(default_factory=list)
 
     def watch_outputs(self, leaves: list[Tensor]) -> None:
         """Hold the outputs weakly; an output that dies while this record waits for ``loss()`` leaves its
         fingerprint (two reductions, only then)."""
         self.outputs = [weakref.ref(t) for t in leaves]
         self.versions = [t._version for t in leaves]  # (changed in place before loss(): not the forward's outputs)
+        self.grads = [t.requires_grad for t in leaves]  # (a copy of one that did must carry its gradient)
         me = weakref.ref(self)
         for i, t in enumerate(leaves):
             weakref.finalize(t, _output_died, me, i, t.detach())
 
     def made(self, leaves: list[Tensor]) -> bool:
         """Whether these tensors are this forward's outputs as it returned them: the same tensors (or
-        equal values, e.g. a copy or a cast to float32), in the forward's order (some may be left out).
-        Outputs transformed before the loss (a temperature, a prior added, exits reordered) are not:
-        the look-ahead recomputes the forward's own outputs, so their meta-gradient would be another."""
+        copies of them: a clone, a cast to float32), in the forward's order (some may be left out).
+        Outputs transformed before the loss (a temperature, a prior added, exits reordered) are not,
+        nor outputs whose gradient path was cut (``.detach()``, on all or part of them): the look-ahead
+        recomputes the forward's own outputs, so their meta-gradient would be another."""
         mine = [r() for r in self.outputs]
         j = 0
         for leaf in leaves:
             while j < len(mine) and not _same_output(mine[j], leaf, self.gone.get(j),
-                                                    self.versions[j] if j < len(self.versions) else None):
+                                                    self.versions[j] if j < len(self.versions) else None,
+                                                    j < len(self.grads) and self.grads[j]):
                 j += 1
             if j == len(mine):
                 return False
@@ -126,16 +130,42 @@ def _output_died(record: weakref.ref, i: int, alias: Tensor) -> None:
         r.gone[i] = (alias.shape, alias.device, value_print(alias))
 
 
+# the autograd nodes of a copy of a tensor (same values and shape, the same gradient): clone, a cast, a view
+_COPIES = frozenset({"CloneBackward0", "ToCopyBackward0", "AliasBackward0", "ViewBackward0", "UnsafeViewBackward0",
+                     "ReshapeAliasBackward0", "ExpandBackward0"})
+
+
+def _copied_from(leaf: Tensor, output: Tensor | None) -> bool:
+    """Whether ``leaf`` is made from ``output`` by copies alone (:data:`_COPIES`); for an output that is
+    gone, from some tensor by at least one copy."""
+    node, target, copies = leaf.grad_fn, None if output is None else output.grad_fn, 0
+    while node is not None:
+        if output is not None and (node is target or getattr(node, "variable", None) is output):
+            return True
+        if type(node).__name__ not in _COPIES:
+            return output is None and copies > 0
+        inputs = [f for f, _ in node.next_functions if f is not None]
+        if len(inputs) != 1:
+            return False
+        node, copies = inputs[0], copies + 1
+    return False
+
+
 def _same_output(output: Tensor | None, leaf: Tensor,
-                 gone: tuple[torch.Size, torch.device, Tensor] | None = None, version: int | None = None) -> bool:
+                 gone: tuple[torch.Size, torch.device, Tensor] | None = None, version: int | None = None,
+                 grad: bool = False) -> bool:
     if output is None:  # the forward's output is gone: a copy of it (equal values), or something made from it
         if gone is None or gone[0] != leaf.shape or gone[1] != leaf.device or not leaf.is_floating_point():
+            return False
+        if grad and not _copied_from(leaf, None):  # (its gradient path cut, or not a copy)
             return False
         a, b = gone[2], value_print(leaf.detach())
         return bool(torch.allclose(a, b, rtol=1e-12, atol=0.0, equal_nan=True))  # (off the usual path)
     if output is leaf:
         return version is None or leaf._version == version  # (z /= 2 in place: another output)
     if output.shape != leaf.shape or output.device != leaf.device:
+        return False
+    if output.requires_grad and not _copied_from(leaf, output):  # detached, or made by more than copies
         return False
     with torch.no_grad():  # a copy or a cast: equal values (one read, off the usual path)
         return bool(torch.equal(output.detach().to(leaf.dtype), leaf.detach())) and bool(

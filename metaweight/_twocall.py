@@ -344,8 +344,9 @@ _UNSEEN_FORWARD = ("The outputs given to weighter.loss came from no forward of t
                    "gradients enabled): mode='fast' reads the training forward's random numbers, modes and inputs "
                    "through the model's forward hooks, and recomputes that forward's outputs. Call model(x), not "
                    "model.forward(x), and pass weighter.loss its outputs as they are, in the model's order: outputs "
-                   "transformed first (a temperature, a prior added, exits reordered or repeated) have another "
-                   "meta-gradient; put such a change in the model's forward (or use mode='exact'). A forward hook "
+                   "transformed first (a temperature, a prior added, exits reordered or repeated) or detached "
+                   "(.detach() on an exit, or on part of one: a stop-gradient) have another meta-gradient; put such "
+                   "a change in the model's forward (or use mode='exact'). A forward hook "
                    "on the model that replaces its outputs and was registered after the weighter runs after the "
                    "weighter's own hook: register it before building the weighter. gamma is unchanged.")
 

@@ -230,6 +230,7 @@ FEATURES: dict[str, dict[str, str]] = {
     "a batch buffer refilled in place before meta_step (torch.from_numpy)": {"fast, two calls": "refused"},
     "a loss at perturbed parameters (sharpness-aware minimization)": {"fast, two calls": "refused"},
     "outputs changed in place before loss() (z /= T)": {"fast, two calls": "refused"},
+    "outputs detached, whole or in part, before loss() (a stop-gradient)": {"fast, two calls": "refused"},
     "a forward changing buffers it reads (spectral_norm) or drawing as a counter it keeps says": {
         "fast, two calls": "refused"},
 }
@@ -1385,6 +1386,42 @@ def test_outputs_changed_in_place_before_loss_are_refused():
     w.loss(outputs, train[1]).backward()
     optimizer.step()
     refused_unchanged(model, optimizer, w, r"came from no forward.*transformed first", train, val)
+
+
+DETACHED = {  # an exit's gradient path cut, whole or in part, its values unchanged: another step, another gradient
+    "detached": lambda z: z.detach(),
+    "detached, then copied": lambda z: z.detach().clone(),
+    "part detached": lambda z: torch.cat([z[:, :2].detach(), z[:, 2:]], 1),
+    "masked detach": lambda z: torch.where(torch.arange(z.shape[0])[:, None] % 2 == 0, z.detach(), z),
+    "detached plus a zero": lambda z: z.detach() * 1.0 + 0.0 * z,
+}
+COPIED = {  # the same values and gradient: accepted, whether the forward's outputs are kept or not
+    "cloned": lambda z: z.clone(),
+    "cast": lambda z: z.to(torch.float64),
+    "viewed as itself": lambda z: z.view(z.shape),
+    "cloned twice": lambda z: z.clone().clone(),
+}
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("name", list(DETACHED) + list(COPIED))
+def test_outputs_detached_before_loss_are_refused_and_copies_accepted(name, keep):
+    """One exit detached between model(x) and loss() (values equal, so it passed as 'a copy'): the step
+    taken has no gradient from that exit's terms, the look-ahead recomputed them with it (gamma_grad 5.7e-4
+    where finite differences of the real step give 0). Copies carry the gradient and are scored."""
+    model, optimizer, _, _, w, (x, y), val = two_call_setup()
+    change = {**DETACHED, **COPIED}[name]
+    optimizer.zero_grad()
+    outputs = model(x)
+    given = [outputs[0], change(outputs[1]), outputs[2]]
+    if not keep:
+        del outputs
+    w.loss(given, y).backward()
+    optimizer.step()
+    if name in DETACHED:
+        refused_unchanged(model, optimizer, w, r"came from no forward.*detached", (x, y), val)
+    else:
+        assert w.meta_step((x, y), val).meta_step == 1
 
 
 class CountedDropout(Net):
