@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ def declared_exits(model: nn.Module) -> int | None:
 
 
 def _logits(output: Any, declared: int | None = None, model_name: str = "model") -> list[Tensor]:
-    """The model's own exits: a tensor, ``.logits`` (Hugging Face outputs); for a list or tuple of
+    """The model's own exits: a tensor, ``.logits`` (Hugging Face outputs), a mapping's ``"logits"``; for a list or tuple of
     tensors, the first ``declared`` of them when the model declares its ``num_exits`` (a
     multi-exit model's exits, kept in order; ``num_exits = 1``: ``(logits, extras...)``), else
     its first tensor when the others are of other shapes (``(logits, hidden_states, ...)``). An
@@ -50,6 +50,8 @@ def _logits(output: Any, declared: int | None = None, model_name: str = "model")
     value = getattr(output, "logits", None)
     if isinstance(value, Tensor):
         return [value]
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):  # {"logits": ..., "aux": ...}
+        return [output["logits"]]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         tensors = [t for t in output if isinstance(t, Tensor)]
         if declared is not None:
@@ -66,8 +68,11 @@ def _logits(output: Any, declared: int | None = None, model_name: str = "model")
                 f"or `model.num_exits = 1` if only the first is the logits (or make its forward return the logits "
                 f"alone, or pass include_output=False and attach the last exit by name).")
         return [output[0]]
-    raise TypeError(f"Cannot find logits in the model's output of type `{type(output).__name__}`; pass "
-                    f"include_output=False and attach the last exit by name.")
+    keys = f" (keys {list(output)[:8]}, none of them 'logits')" if isinstance(output, Mapping) else ""
+    raise TypeError(f"Cannot find logits in the model's output of type `{type(output).__name__}`{keys}: metaweight "
+                    f"reads a tensor, a `.logits` attribute or 'logits' key, or a tuple starting with the logits. "
+                    f"Make the forward return one of those, or pass include_output=False and attach the last exit "
+                    f"by name.")
 
 
 def _head_dtype(model: nn.Module, features: Tensor) -> torch.dtype | None:
@@ -140,7 +145,8 @@ class AttachedExits(nn.Module):
 
     Raises:
         TypeError: ``include_output`` not a bool; a factory returning something else than a module.
-        ValueError: names not in the model, heads not one per name, or any of the structural
+        ValueError: a ``torch.compile``'d model (attach first, then compile); names not in the model,
+            heads not one per name, or any of the structural
             faults above (with ``example_input`` when attaching, else at the first forward).
 
     Example:
@@ -160,6 +166,10 @@ class AttachedExits(nn.Module):
             raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
         if isinstance(after, str) or not isinstance(after, Sequence) or not after:
             raise ValueError(f"`after` should be a non-empty list of module names. Found {after!r}.")
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+            raise ValueError("`model` is compiled (torch.compile): its compiled forward does not run the forward "
+                             "hooks the exits are attached with. Attach the exits first, then compile the result: "
+                             "torch.compile(mw.attach_exits(model, after, heads)).")
         modules = dict(model.named_modules())
         for name in after:
             if not isinstance(name, str) or name not in modules or name == "":

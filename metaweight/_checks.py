@@ -565,6 +565,11 @@ def checked_target(target: object, batch_size: int, num_classes: int | None, nam
         raise ValueError(f"{subject} should be a Tensor of class indices. Found `{type(target).__name__}`.")
     check_has_values(target, subject, "checking the labels' range")
     expected = (batch_size,) if tokens is None else (batch_size, tokens)
+    if tuple(target.shape) == (*expected, num_classes) and num_classes is not None:
+        raise ValueError(
+            f"{subject} has shape {tuple(target.shape)}: one row of {num_classes} per sample, as one-hot or soft "
+            f"(probability) targets are. The losses take class indices of shape {expected}: pass "
+            f"target.argmax(-1) for one-hot targets; soft targets are not supported.")
     if tuple(target.shape) != expected:
         raise ValueError(
             f"{subject} should have shape {expected} to match the logits' "

@@ -210,7 +210,8 @@ def check_one_input(target: Any, value: Any, who: str, signature: inspect.Signat
     """Refuse, before anything runs, a non-tensor input (a dict, a tuple, a list) handed as the one
     positional argument of ``target``'s ``forward`` when that parameter is annotated ``Tensor``: the
     forward says it cannot take it, and torch would fail deep inside (``linear(): argument 'input'
-    must be Tensor, not dict``). An unannotated parameter is left to the forward."""
+    must be Tensor, not dict``); and when the forward cannot take one argument at all
+    (``forward(x, mask)`` given the tuple ``(x, mask)``). An unannotated parameter is left to the forward."""
     if isinstance(value, Tensor) or not isinstance(value, (Mapping, list, tuple)):
         return
     if signature is None:
@@ -220,10 +221,15 @@ def check_one_input(target: Any, value: Any, who: str, signature: inspect.Signat
     positional = [p for p in signature.parameters.values()
                   if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                 inspect.Parameter.VAR_POSITIONAL)]
-    if not positional or positional[0].kind is inspect.Parameter.VAR_POSITIONAL or \
-            not _only_tensor(positional[0].annotation):
+    try:  # a forward of two required parameters given a tuple (x, mask): Python would refuse it, less clearly
+        signature.bind(value)
+        unbound = None
+    except TypeError as exc:
+        unbound = str(exc)
+    if unbound is None and (not positional or positional[0].kind is inspect.Parameter.VAR_POSITIONAL or
+                            not _only_tensor(positional[0].annotation)):
         return
-    first = positional[0].name
+    first = positional[0].name if positional else "(none)"
     names = [n for n, p in signature.parameters.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                                       inspect.Parameter.KEYWORD_ONLY)]
     params = ", ".join(str(p) for p in signature.parameters.values())
@@ -236,10 +242,14 @@ def check_one_input(target: Any, value: Any, who: str, signature: inspect.Signat
                f"itself.")
     else:
         found = f"a {type(value).__name__} of {len(value)}"
+        keywords = "{" + ", ".join(f"'{n}': ..." for n in names) + "}"
         fix = (f"Pass the tensor itself, or call {who} with the forward's own arguments ({who}(a, b)), or give a "
-               f"dict of its keyword parameters {names}.")
+               f"dict of its keyword parameters {names}." if who in ("AttachedExits", "EarlyExit") else
+               f"Pass the inputs as a dict of the forward's keyword parameters, {keywords} (a batch: "
+               f"({keywords}, labels)), or the tensor itself.")
+    cannot = "which takes a Tensor there" if unbound is None else f"which cannot take it alone ({unbound})"
     raise TypeError(f"{who} was given {found}, and would pass it as the one positional argument `{first}` of "
-                    f"`{type(_call_target(target)).__name__}.forward({params})`, which takes a Tensor there. "
+                    f"`{type(_call_target(target)).__name__}.forward({params})`, {cannot}. "
                     f"{HOW_INPUTS_ARE_PASSED} {fix}")
 
 

@@ -607,3 +607,35 @@ def test_heads_read_the_features_as_the_module_returned_them_whatever_changes_th
     expected_exits, expected = mw.exit_assignment(logits, thresholds)
     assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
     assert set(exits.tolist()) == {0, 1, 2}
+
+
+def test_a_compiled_model_is_refused_saying_to_attach_first():
+    """torch.compile's forward runs no hooks on the modules inside: attached to a compiled model, the exits
+    were refused as 'did not run (a conditional forward?)' after the _orig_mod. prefix the name check hinted."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"compiled.*torch.compile\(mw.attach_exits\(model"):
+        mw.attach_exits(torch.compile(net), ["_orig_mod.0"], [nn.Linear(8, 3)])
+
+
+def test_a_models_own_output_as_a_dict_is_read_by_its_logits_key():
+    """A forward returning {"logits": ..., "aux": ...} (the key Hugging Face outputs carry): was refused as
+    'Cannot find logits ... type dict'; a dict without that key is refused naming its keys."""
+    torch.manual_seed(0)
+
+    class DictOut(nn.Module):
+        def __init__(self, key):
+            super().__init__()
+            self.body, self.fc, self.key = nn.Linear(4, 8), nn.Linear(8, 3), key
+
+        def forward(self, x):
+            h = self.body(x)
+            return {"hidden": h, self.key: self.fc(h.relu())}
+
+    net = DictOut("logits")
+    attached = mw.attach_exits(net, ["body"], [nn.Linear(8, 3)])
+    x = torch.randn(5, 4)
+    logits = attached(x)
+    assert len(logits) == 2 and torch.equal(logits[1], net(x)["logits"])
+    assert torch.equal(logits[0], attached.heads[0](net.body(x)))
+    with pytest.raises(TypeError, match=r"keys \['hidden', 'scores'\], none of them 'logits'"):
+        mw.attach_exits(DictOut("scores"), ["body"], [nn.Linear(8, 3)])(x)

@@ -365,3 +365,42 @@ def test_rows_after_the_exit_a_sample_takes_are_never_judged_as_early_exit_never
             mw.evaluate_thresholds(bad, labels, thresholds, costs, rule=rule)
         with pytest.raises(ValueError, match="no softmax"):
             mw.EarlyExit(_lookup_model(bad), thresholds, rule=rule)(index)
+
+
+class TwoArguments(nn.Module):
+    """forward(x, mask): two required parameters, neither annotated."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+
+    def forward(self, x, mask):
+        return self.net(x * mask)
+
+
+def test_inputs_a_forward_of_two_arguments_cannot_take_alone_are_refused_naming_the_dict_to_pass():
+    """forward(x, mask) given the batch ((x, mask), y), [x, mask], or a dict with a key the forward does not
+    take: Python's bare "forward() missing 1 required positional argument: 'mask'" from inside the model
+    (after the weighter had begun its step); now a TypeError before anything runs, naming the dict to pass."""
+    torch.manual_seed(0)
+    model = TwoArguments()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), mw.BalancedValidation(2))
+    x, mask, y = torch.randn(6, 4), torch.ones(6, 4), torch.randint(0, 3, (6,))
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
+    for inputs in [(x, mask), [x, mask], {"x": x, "mask": mask, "scale": 2.0}]:
+        for call, who in [(lambda: w.step((inputs, y), (inputs, y)), "metaweight"),
+                          (lambda: mw.collect_logits(model, [(inputs, y)]), "collect_logits"),
+                          (lambda: mw.exit_costs(model, inputs), "exit_costs")]:
+            with pytest.raises(TypeError, match=rf"{who} was given .*`TwoArguments.forward\(x, mask\)`, which cannot "
+                                                r"take it alone .*'mask'.*\{'x': \.\.\., 'mask': \.\.\.\}|"
+                                                r"keys \['x', 'mask', 'scale'\].*\['scale'\].*cannot take it alone"):
+                call()
+    after = (model.state_dict(), optimizer.state_dict(), w.state_dict())
+    assert repr(before) == repr(after) and w.num_calls == 0
+    # the dict of the forward's keyword parameters runs, and agrees with the call by hand
+    record = w.step(({"x": x, "mask": mask}, y), ({"x": x, "mask": mask}, y))
+    assert record.meta_step == 1
+    with torch.no_grad():
+        expected = torch.stack(model(x, mask))
+    assert torch.equal(mw.collect_logits(model, [({"x": x, "mask": mask}, y)])[0], expected)
