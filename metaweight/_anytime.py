@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._exit_rules import predict
-from metaweight._checks import (IGNORE_INDEX, masked_classes, check_device_available, check_exit_outputs, check_has_values,
+from metaweight._checks import (IGNORE_INDEX, check_device_available, check_exit_outputs, check_has_values,
                                 check_fit_logits, check_ignore_index, check_target, integer_value)
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
@@ -152,22 +152,28 @@ def collect_logits(
 def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     """Per exit and sample, whether the label is among the ``k`` highest logits: bool ``[K, N]``.
 
-    Ties are broken as :func:`~metaweight.predict` breaks them (the lower class index ranks
-    first; a NaN ranks above every number, as in ``torch.argmax``), so top-1 is exactly
-    ``predict(logits) == labels``: the label's rank is the number of classes with a larger
-    logit plus those of lower index with an equal one. A label on a class masked at that exit
-    (:func:`~metaweight._checks.masked_classes`: ``-inf``, or ``finfo.min``/``-1e9``-style masks
-    1e4 or more below the row's largest logit; probability 0) is never among them, even with
-    fewer than ``k`` unmasked classes: the masked ties beyond those are no prediction, and
-    counting one would credit a class the exit rules out."""
+    Decided by ranks alone, so it does not change when the logits are scaled (``logits * s``,
+    ``s > 0``; :meth:`Calibration.apply` at any temperature) or shifted. Ties are broken as
+    :func:`~metaweight.predict` breaks them (the lower class index ranks first; a NaN ranks above
+    every number, as in ``torch.argmax``), so top-1 is exactly ``predict(logits) == labels``: the
+    label's rank is the number of classes with a larger logit plus those of lower index with an
+    equal one. One exception, the classes a row ranks last: a label whose logit equals its row's
+    smallest, when that is below the row's largest, is never among the ``k`` (with ``k > 1``).
+    Masked classes sit there (``-inf``, or a constant ``finfo.min``/``-1e9``/``-1e4`` mask), and
+    when fewer than ``k`` classes rank above them, the tie-break would fill the top-k with masked
+    classes by index: no prediction, and counting one would credit a class the exit rules out.
+    Where every class of a row ties (the row's smallest is its largest), the tie-break stands, as
+    it does for top-1."""
     if k == 1:
         return predict(logits) == labels.view(1, -1)
     z = logits.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
-    z_y = z.gather(-1, labels.view(1, -1, 1).expand(z.shape[0], -1, 1))
+    index = labels.view(1, -1, 1).expand(z.shape[0], -1, 1)
+    z_y = z.gather(-1, index)
     lower = torch.arange(z.shape[-1], device=z.device) < labels.view(1, -1, 1)
     rank = (z > z_y).sum(-1) + ((z == z_y) & lower).sum(-1)
-    on_masked = masked_classes(logits).gather(-1, labels.view(1, -1, 1).expand(z.shape[0], -1, 1)).squeeze(-1)
-    return (rank < k) & ~on_masked
+    smallest, largest = z.amin(-1, keepdim=True), z.amax(-1, keepdim=True)
+    ranked_last = ((z_y == smallest) & (smallest < largest)).squeeze(-1)
+    return (rank < k) & ~ranked_last
 
 
 @dataclass
@@ -249,6 +255,9 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         labels: ``[N]`` class indices.
         topk: the values of ``k`` to report (a ``k`` given twice, once). ``None`` (the default):
             top-1, and top-5 when there are more than 5 classes (with 5 or fewer it would be 100%).
+            Decided by each row's ranks alone (:func:`topk_correct`): the same for ``logits * s``
+            (``s > 0``) and calibrated logits; classes tied at a row's lowest logit (masked with
+            ``-inf`` or a constant) are never among the ``k``.
 
     Raises:
         ValueError: logits or labels on the meta device (no values to score), or of the wrong

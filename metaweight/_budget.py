@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaweight._checks import (check_device_available, check_fit_logits, check_has_values, check_softmax_rows,
-                                check_target, check_thresholds, integer_value, real_list, real_numbers,
-                                real_option, real_scalar, real_tensor)
+from metaweight._checks import (check_device_available, check_fit_logits, check_has_values, check_nan_logits,
+                                check_softmax_rows, check_target, check_thresholds, integer_value, real_list,
+                                real_numbers, real_option, real_scalar, real_tensor)
 from metaweight._exit_rules import ExitRule, as_rule, predict, reaches
 from metaweight._warn import warn_user
 
@@ -40,8 +40,9 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
     """Every exit's score under ``rule`` and its predicted class, ``[K, N]`` each. ``fit`` (the
     function's name) marks logits that thresholds are fitted on: NaN and ``+inf`` are refused there
     (see :func:`check_fit_logits`); logits only evaluated keep the exit rules' convention that a NaN
-    score never leaves, as in :class:`EarlyExit`. ``every_row=False`` leaves rows with no softmax to
-    the caller, which checks only the rows samples reach (:func:`_assigned`)."""
+    score never leaves, as in :class:`EarlyExit`, and the caller refuses NaN rows a prediction is
+    taken from (:func:`check_nan_logits`, once the exits are known). ``every_row=False`` leaves rows
+    with no softmax to the caller, which checks only the rows samples reach (:func:`_assigned`)."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"`{name}` should be a Tensor [K, N, C]. Found `{type(logits).__name__}`.")
     if logits.dim() != 3:
@@ -146,7 +147,8 @@ def find_thresholds(logits: Tensor, distribution: Tensor | Sequence[float], *,
     asked, and later exits fewer. The shares these thresholds realise are computed with the rule
     :func:`exit_assignment` and :class:`EarlyExit` use; where one differs from its target
     (``floor(N * distribution[k])`` samples, the last exit the rest) by more than one sample, a
-    ``RuntimeWarning`` names the asked and realised shares and the exits whose scores tie.
+    ``RuntimeWarning`` names the asked and realised shares and the exits whose scores tie
+    (:func:`budgeted_curve` and :func:`thresholds_for_budget` warn alike).
 
     Returns:
         Thresholds ``[K]`` in the scores' dtype (float32; float64 for float64 logits), the last
@@ -174,31 +176,58 @@ def _warn_unrealised(confidence: Tensor, prediction: Tensor, thresholds: Tensor,
     and :class:`EarlyExit`) differ from the targets of :func:`_thresholds` by more than one sample;
     ``taken`` is its record per exit ``1..K-1``: (samples wanted, samples left to choose from,
     samples that reached the threshold)."""
+    found = _unrealised(confidence, prediction, thresholds, distribution, taken, rule)
+    if found is None:
+        return
+    shares, causes = found
+    warn_user(f"find_thresholds could not realise the distribution: {shares}. Cause: {causes}. A threshold cannot "
+              f"split samples with one score: all of them leave, and exits after have fewer to take. Use "
+              f"{_tie_fix(rule)}; or ask for shares the ties allow.", RuntimeWarning)
+
+
+def _unrealised(confidence: Tensor, prediction: Tensor, thresholds: Tensor, distribution: Tensor,
+                taken: list[tuple[int, int, int]], rule: str, *, ties_only: bool = False
+                ) -> tuple[str, str] | None:
+    """``None`` when the shares ``thresholds`` realise are the targets within one sample per exit
+    (with ``ties_only``: also when no exit sends more than asked because of tied scores); else the
+    asked and realised shares and the causes, as text."""
     K, N = confidence.shape
     first, _ = _assign(confidence, prediction, thresholds)
     realised = torch.bincount(first, minlength=K).tolist()
     targets = [wanted for wanted, _, _ in taken]
     targets.append(N - sum(targets))
     if all(abs(r - t) <= 1 for r, t in zip(realised, targets)):
-        return
+        return None
     causes = []
+    tied = False
     for k, (wanted, available, leaving) in enumerate(taken):
         if leaving > wanted + 1:
-            tied = int((confidence[k] == thresholds[k]).sum())
-            causes.append(f"tied {rule} scores at exit {k + 1}: {tied} samples score exactly "
+            tied = True
+            count = int((confidence[k] == thresholds[k]).sum())
+            causes.append(f"tied {rule} scores at exit {k + 1}: {count} samples score exactly "
                           f"{float(thresholds[k]):.9g}, the threshold, so {leaving} left where {wanted} were asked")
         elif available < wanted:
             causes.append(f"exit {k + 1}: {wanted} asked to leave, {available} samples left to take")
+    if ties_only and not tied:
+        return None
     asked = [round(float(d), 4) for d in distribution]
     got = [round(r / N, 4) for r in realised]
-    fix = ("a rule whose scores vary continuously ('entropy', 'max_probability', 'margin'): patience scores are "
-           "counts, 0 for every sample at exit 1" if rule == "patience" else
-           "logits divided by temperatures (calibrate: T > 1 undoes a softmax saturated at 1.0), float64 logits, or "
-           "a rule whose scores saturate less ('entropy')")
-    warn_user(f"find_thresholds could not realise the distribution: of the {N} samples, shares {asked} were asked "
-              f"to leave at exits 1..{K}, the thresholds send {got} (the rule of exit_assignment and EarlyExit). "
-              f"Cause: {'; '.join(causes)}. A threshold cannot split samples with one score: all of them leave, "
-              f"and exits after have fewer to take. Use {fix}; or ask for shares the ties allow.", RuntimeWarning)
+    return (f"of the {N} samples, shares {asked} were asked to leave at exits 1..{K}, the thresholds send {got} "
+            f"(the rule of exit_assignment and EarlyExit)", "; ".join(causes))
+
+
+def _tie_fix(rule: str) -> str:
+    """What to use instead when ``rule``'s tied scores keep thresholds from realising the shares."""
+    if rule == "patience":
+        return ("a rule whose scores vary continuously ('entropy', 'max_probability', 'margin'): patience scores are "
+                "counts, 0 for every sample at exit 1")
+    return ("logits divided by temperatures (calibrate: T > 1 undoes a softmax saturated at 1.0), float64 logits, or "
+            "a rule whose scores saturate less ('entropy')")
+
+
+PATIENCE_POINTS = ("PABEE's own operating points are one patience t at every exit (a sample leaves once t + 1 exits "
+                   "in a row agree): evaluate_thresholds(logits, labels, [t] * K, costs, rule='patience') for "
+                   "t = 0..K-1")
 
 
 def _distribution(distribution: Tensor | Sequence[float], K: int) -> Tensor:
@@ -255,6 +284,13 @@ def exit_assignment(logits: Tensor, thresholds: Tensor | Sequence[float], *, rul
 
     Returns:
         ``(exit index [N], predicted class [N])``.
+
+    Raises:
+        ValueError: logits not ``[K, N, C]`` floats or on the meta device; a row with no softmax at
+            an exit its sample reaches; NaN logits at the exit a sample is predicted at (counted per
+            exit: the argmax of a NaN row is not a prediction; a NaN score never leaves an earlier
+            exit, so such a sample reaches the last one, which takes everyone). NaN at an exit a
+            sample goes on from is kept: it decides nothing.
     """
     return _assigned(logits, thresholds, rule, "exit_assignment")[3:]
 
@@ -263,13 +299,14 @@ def _assigned(logits: Tensor, thresholds: object, rule: ExitRule | str, what: st
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The scores, predictions, thresholds, exits and exits' predictions of early exit on ``logits``,
     refusing, as :class:`EarlyExit` does, a row with no softmax at an exit its sample reaches (its own
-    or an earlier one); the rows of exits after the one a sample takes are never judged, as
-    :class:`EarlyExit` never computes them."""
+    or an earlier one), and a NaN row at the exit a sample is predicted at; the rows of exits after
+    the one a sample takes are never judged, as :class:`EarlyExit` never computes them."""
     confidence, prediction = _confidence(logits, rule=rule, what=what, every_row=False)
     checked = check_thresholds(thresholds, confidence.shape[0])
     first, chosen = _assign(confidence, prediction, checked)
-    reached = torch.arange(confidence.shape[0], device=first.device)[:, None] <= first[None]
-    check_softmax_rows(logits.detach(), "logits", reached=reached)
+    exits = torch.arange(confidence.shape[0], device=first.device)[:, None]
+    check_softmax_rows(logits.detach(), "logits", reached=exits <= first[None])
+    check_nan_logits(logits, "logits", what, scored=exits == first[None])  # where a prediction is taken
     return confidence, prediction, checked, first, chosen
 
 
@@ -328,6 +365,10 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor | Seq
         thresholds: ``[K]`` thresholds on the rule's scores, a tensor or a list.
         costs: ``costs[k]`` is the cost of reaching exit ``k`` (cumulative, e.g. ``ExitCosts.macs``).
         rule: the exit rule (an :class:`ExitRule` or its name).
+
+    Raises:
+        ValueError: as :func:`exit_assignment` (NaN logits at the exit a sample is predicted at
+            among them: such a sample would be scored as class 0), or bad labels or costs.
     """
     confidence, prediction, checked, _, _ = _assigned(logits, thresholds, rule, "evaluate_thresholds")
     check_target(labels, confidence.shape[1], logits.shape[2], name="labels")
@@ -335,11 +376,15 @@ def evaluate_thresholds(logits: Tensor, labels: Tensor, thresholds: Tensor | Seq
 
 
 def _evaluate(confidence: Tensor, prediction: Tensor, labels: Tensor, thresholds: Tensor,
-              costs: Sequence[float]) -> BudgetPoint:
+              costs: Sequence[float], scored: Tensor | None = None) -> BudgetPoint:
+    """The point of ``thresholds``; with ``scored`` (``[K, N]`` bool), the rows predictions are taken
+    from are marked in it (for :func:`check_nan_logits`)."""
     K, N = confidence.shape
     costs = _check_costs(costs, K)
     labels = check_target(labels, N, None)
     first, prediction = _assign(confidence, prediction, thresholds)
+    if scored is not None:
+        scored |= torch.arange(K, device=first.device)[:, None] == first[None]
     counts = torch.bincount(first, minlength=K).double()
     cost = float((counts / N * torch.tensor(costs, dtype=torch.float64, device=counts.device)).sum())
     accuracy = float((prediction == labels.to(prediction.device)).double().mean() * 100)
@@ -447,10 +492,19 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
         cost_unit: what the costs count, for labels.
         rule: the exit rule whose scores are thresholded (an :class:`ExitRule` or its name).
 
+    Thresholds are MSDNet's: the score of the ``floor(N * share)``-th most confident sample, every
+    sample at or above it leaving. Where tied scores keep them from realising the shares asked on
+    ``val_logits`` (PABEE's patience: 0 for every sample at exit 1, so its threshold there is 0 and
+    everyone leaves at exit 1 for every ``q``), a ``RuntimeWarning`` says at how many ``q`` and why,
+    as :func:`find_thresholds` warns: a threshold cannot split samples with one score. For the
+    patience rule, PABEE's own operating points are one patience ``t`` at every exit:
+    ``evaluate_thresholds(logits, labels, [t] * K, costs, rule="patience")``.
+
     Raises:
         ValueError: ``val_logits`` on the meta device or holding NaN or ``+inf`` (the thresholds
             are fitted on them; ``-inf`` for a masked class is fine), ``test_logits`` on the meta
-            device, or other bad arguments.
+            device or holding NaN at an exit a sample is predicted at for some ``q`` (it would be
+            scored as class 0), or other bad arguments.
 
     Example:
         >>> import torch, metaweight as mw
@@ -475,13 +529,31 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
     if not qs or not all(math.isfinite(q) and q > 0 for q in qs):
         raise ValueError(f"Invalid qs: {qs!r}. Expected a non-empty sequence of finite numbers > 0.")
     points = []
+    name = as_rule(rule).name
+    scored = torch.zeros(test_conf.shape, dtype=torch.bool, device=test_conf.device)  # rows a prediction is taken from
+    unrealised: list[tuple[float, tuple[str, str]]] = []
     for q in qs:
-        thresholds = _thresholds(val_conf, geometric_exit_distribution(float(q), K, device=val_conf.device))
+        distribution = geometric_exit_distribution(float(q), K, device=val_conf.device)
+        taken: list[tuple[int, int, int]] = []
+        thresholds = _thresholds(val_conf, distribution, taken)
+        found = _unrealised(val_conf, val_pred, thresholds, distribution, taken, name, ties_only=True)
+        if found is not None:
+            unrealised.append((float(q), found))
         val = _evaluate(val_conf, val_pred, val_labels, thresholds, costs)
-        point = _evaluate(test_conf, test_pred, test_labels, thresholds, costs)
+        point = _evaluate(test_conf, test_pred, test_labels, thresholds, costs, scored)
         point.q, point.val_cost, point.val_accuracy = float(q), val.cost, val.accuracy
         points.append(point)
-    return BudgetCurve(points, [float(c) for c in costs], cost_unit, extra={"rule": as_rule(rule).name})
+    check_nan_logits(test_logits, "test_logits", "budgeted_curve", scored=scored)
+    if unrealised:
+        q, (shares, causes) = unrealised[0]
+        distinct = sorted({round(p.val_cost, 6) for p in points})
+        warn_user(f"budgeted_curve could not realise MSDNet's distribution on `val_logits` at {len(unrealised)} of the "
+                  f"{len(points)} values of q, because of tied scores: at q={q:g}, {shares}; {causes}. A threshold "
+                  f"cannot split samples with one score: all of them leave, and exits after have fewer to take, so "
+                  f"those points are not the shares asked (held-out costs over the curve: "
+                  f"{distinct[:6]}{' ...' if len(distinct) > 6 else ''}). Use {_tie_fix(name)}"
+                  f"{'. ' + PATIENCE_POINTS if name == 'patience' else ''}.", RuntimeWarning)
+    return BudgetCurve(points, [float(c) for c in costs], cost_unit, extra={"rule": name})
 
 
 def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequence[float], budget: float,
@@ -500,7 +572,10 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
         rule: the exit rule (an :class:`ExitRule` or its name).
 
     Returns:
-        The :class:`BudgetPoint` on the held-out data, with its thresholds.
+        The :class:`BudgetPoint` on the held-out data, with its thresholds. Where tied scores keep
+        its thresholds from realising MSDNet's shares (the patience rule: everyone leaves at exit
+        1), the cost jumps past the budget between neighbouring ``q`` and the point may spend far
+        less than the budget: a ``RuntimeWarning`` says so (see :func:`budgeted_curve`).
 
     Raises:
         ValueError: ``val_logits`` on the meta device or holding NaN or ``+inf`` (thresholds are
@@ -524,6 +599,22 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
         point.q = q
         return point
 
+    def warn_if_tied(point: BudgetPoint) -> BudgetPoint:
+        """Warn when tied scores kept the chosen thresholds from realising MSDNet's shares."""
+        distribution = geometric_exit_distribution(point.q, K, device=confidence.device)  # type: ignore[arg-type]
+        taken: list[tuple[int, int, int]] = []
+        thresholds = _thresholds(confidence, distribution, taken)
+        name = as_rule(rule).name
+        found = _unrealised(confidence, prediction, thresholds, distribution, taken, name, ties_only=True)
+        if found is not None:
+            shares, causes = found
+            warn_user(f"thresholds_for_budget(budget={budget:g}) reached a cost of {point.cost:.6g} on `val_logits`, "
+                      f"and tied scores kept its thresholds from realising MSDNet's distribution (q={point.q:.6g}): "
+                      f"{shares}; {causes}. A threshold cannot split samples with one score, so the cost jumps past "
+                      f"the budget between values of q, and the point may spend far less than the budget. Use "
+                      f"{_tie_fix(name)}{'. ' + PATIENCE_POINTS if name == 'patience' else ''}.", RuntimeWarning)
+        return point
+
     lo, hi = math.log(1e-3), math.log(1e3)
     best = at(math.exp(lo))
     if best.cost > budget:  # even q -> 0 exceeds it: everyone at the first exit
@@ -536,4 +627,4 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
             lo, best = mid, point if point.cost >= best.cost else best
         else:
             hi = mid
-    return best
+    return warn_if_tied(best)

@@ -63,8 +63,12 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     Raises:
         ValueError: logits or labels on the meta device, logits holding NaN (counted per exit) or
             ``+inf``, or a row with every class masked (``-inf`` for some classes is fine), labels
-            out of range or on a class masked (``-inf``, or 1e3 or more below the row's largest logit) at some exit (their NLL is infinite at every
-            temperature: the fit would run to its bound), or a bad ``iterations``.
+            out of range or on a class masked at some exit (``-inf``, or a ``finfo.min``/``-1e9``/
+            ``-1e4``-style mask: 1e3 or more below the row's largest logit, in a cluster far below the
+            row's other classes, see :func:`~metaweight._checks.masked_classes`; their NLL is infinite
+            or as large as the mask at every temperature: the fit would run to its bound), or a bad
+            ``iterations``. An over-confident exit's wrong labels, however far below the top
+            (``logits * 400``), are fitted: that is what a temperature corrects.
     """
     labels = _check(val_logits, val_labels, "val_logits", "fit_temperatures", labels_name="val_labels",
                     likelihood=True).to(val_logits.device)

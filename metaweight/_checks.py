@@ -98,20 +98,46 @@ def check_softmax_rows(logits: Tensor, name: str = "logits", reached: Tensor | N
 
 
 MASK_GAP = 1e3
+MASK_RATIO = 10.0
 MASKED = "masked (-inf, or 1e3 or more below the row's largest logit, as finfo.min, -1e9 or -1e4 masks are)"
 
 
 def masked_classes(logits: Tensor) -> Tensor:
     """Where a class is masked out in logits ``[..., C]``, bool of the same shape: its logit is
-    ``-inf``, or at least :data:`MASK_GAP` below its row's largest (NaN-free) logit. Code in the
-    Hugging Face style masks with ``torch.finfo(dtype).min``, ``-1e9`` or ``-1e4`` rather than
-    ``-inf``; no genuine prediction has a gap of ``1e3`` (its probability ``exp(-1e3)`` is 0 in
-    every dtype). The gap is 1e3, not 1e4, so that a ``-1e4`` mask counts in a row whose largest
-    logit is negative. A row whose largest logit is ``+inf`` or NaN-only is judged by ``-inf`` alone
-    (it has no softmax; :func:`check_softmax_rows` names it)."""
+    ``-inf``, or it lies below a gap in its row's sorted logits that is at least :data:`MASK_GAP`
+    below the row's largest logit and at least :data:`MASK_RATIO` times as wide as the spread of
+    the logits on either side of it. Code in the Hugging Face style masks with
+    ``torch.finfo(dtype).min``, ``-1e9`` or ``-1e4`` (a constant, or added to the logits) rather
+    than ``-inf``: such classes sit in a cluster far below the others. An over-confident exit's
+    logits are spread over all classes instead: ``logits * 400`` puts wrong labels 1e3 or more
+    below the top, but nowhere near a gap ten times the row's spread, so they are not taken for
+    masks (the gap alone, the rule before, refused exactly the logits calibration is for).
+    With two classes no spread tells a mask from a large margin: a class 1e3 or more below the
+    other counts as masked. The absolute floor of 1e3 keeps a genuine prediction from ever
+    counting (its probability ``exp(-1e3)`` is 0 in every dtype); it is 1e3, not 1e4, so that a
+    ``-1e4`` mask counts in a row whose largest logit is negative. A row whose largest logit is
+    ``+inf`` or NaN-only is judged by ``-inf`` alone (it has no softmax; :func:`check_softmax_rows`
+    names it); NaN logits are left out of the sort."""
     z = logits.detach()
-    top = z.nan_to_num(nan=float("-inf")).amax(-1, keepdim=True)
-    return torch.isneginf(z) | (torch.isfinite(top) & (z <= top - MASK_GAP))
+    wide = z if z.dtype == torch.float64 else z.float()
+    finite = torch.isfinite(wide)
+    v = wide.masked_fill(~finite, float("-inf")).sort(-1, descending=True).values  # finite first
+    count = finite.sum(-1, keepdim=True)  # [..., 1]
+    masked = torch.isneginf(z)
+    if z.shape[-1] < 2:
+        return masked
+    top = v[..., :1]
+    position = torch.arange(z.shape[-1] - 1, device=z.device)
+    valid = position + 1 < count  # a gap between two finite logits: v[i] above, v[i + 1] below
+    lowest = v.gather(-1, (count - 1).clamp(min=0))
+    upper, lower = v[..., :-1], v[..., 1:]
+    gap = torch.where(valid, upper - lower, torch.zeros_like(upper))  # (-inf - -inf = NaN left out)
+    spread = torch.maximum(top - upper, torch.where(valid, lower - lowest, torch.zeros_like(lower)))
+    split = valid & (top - lower >= MASK_GAP) & (gap >= MASK_RATIO * spread)
+    # the highest such gap: every finite logit at or below the value under it is masked
+    below = torch.where(split, lower, torch.full_like(lower, float("-inf"))).amax(-1, keepdim=True)
+    row_ok = torch.isfinite(top) & torch.isfinite(below)
+    return masked | (row_ok & finite & (wide <= below))
 
 
 MASKED_LABEL_FIX = ("Drop those samples from the held-out data, or do not mask the true class: mask only "
@@ -135,7 +161,10 @@ def check_labels_unmasked(logits: Tensor, labels: Tensor, name: str, labels_name
         raise ValueError(
             f"{count} of the {labels.shape[0]} labels in `{labels_name}` {'sits' if count == 1 else 'sit'} on a "
             f"class {MASKED} in `{name}` ({per_exit}; the first: sample {first}, class {int(labels[first])}). "
-            f"The negative log-likelihood of such a label is infinite (or as large as the mask) at every temperature, so {what} would fit or report inf "
+            f"(A finite logit counts as masked in a cluster that far below the row's other classes, at least "
+            f"{MASK_RATIO:g} times as far as their spread; an over-confident exit's wrong labels do not.) The negative "
+            f"log-likelihood of such a label is infinite (or as large as the mask) at every temperature, so {what} "
+            f"would fit or report inf "
             f"(nothing was changed). {MASKED_LABEL_FIX}")
 
 
@@ -177,20 +206,48 @@ def check_has_values(value: Any, name: str, what: str) -> None:
                          f"{MATERIALIZE_FIX}")
 
 
-def check_fit_logits(logits: Tensor, name: str, what: str) -> None:
-    """Refuse logits ``[K, N, C]`` that ``what`` (a fit: temperatures, thresholds) cannot use: on the
-    meta device, holding NaN (counted per exit), or a row with no softmax (``+inf``, or every class
-    ``-inf``: :func:`check_softmax_rows`). ``-inf`` masking some classes is fine. One read back to
-    the host when all is well."""
-    check_has_values(logits, f"`{name}`", what)
+NAN_FIX = ("Find where the model's outputs turn NaN (a lower learning rate, float32 instead of half precision), "
+           "or leave those samples out.")
+
+
+def check_nan_logits(logits: Tensor, name: str, what: str, scored: Tensor | None = None) -> None:
+    """Refuse logits ``[K, N, C]`` holding NaN where ``what`` turns them into a prediction or an
+    accuracy, counted per exit: a NaN row has no prediction (its argmax is the first NaN: class 0
+    for an all-NaN row), so the value would be silently wrong. With ``scored`` (``[K, N]`` bool:
+    the rows a prediction is taken from, e.g. the exit each sample leaves at under early exit),
+    only those rows count: a NaN score never passes a threshold, so a NaN row at an exit a
+    sample goes on from decides nothing. One read back to the host when all is well. The one
+    NaN check of every function that predicts or scores from logits."""
     nan = torch.isnan(logits.detach())
-    counts = torch.stack([nan.flatten(1).sum(1), nan.any(-1).flatten(1).sum(1)], 1).tolist()
-    bad = [f"exit {k + 1}: {n} NaN values, in {rows} sample(s)" for k, (n, rows) in enumerate(counts) if n]
+    rows = nan.any(-1)
+    if scored is not None:
+        scored = scored.to(rows.device)
+        rows = rows & scored
+        nan = nan & scored[..., None]
+    counts = torch.stack([nan.flatten(1).sum(1), rows.flatten(1).sum(1)], 1).tolist()
+    refuse_nan_logits(name, what, {k: c for k, c in enumerate(counts) if c[0]}, scored is not None)
+
+
+def refuse_nan_logits(name: str, what: str, counts: Mapping[int, Sequence[int]], predicted: bool, *,
+                      quoted: bool = True) -> None:
+    """The ValueError of :func:`check_nan_logits` (and of :class:`EarlyExit`, which counts on the device
+    with its own host read): ``counts`` maps a 0-based exit to (NaN values, samples); nothing when
+    it is empty. ``quoted``: ``name`` is an argument's name, shown in backquotes."""
+    where = " predicted there" if predicted else ""
+    bad = [f"exit {k + 1}: {n} NaN values, in {r} sample(s){where}" for k, (n, r) in counts.items() if n]
     if bad:
-        raise ValueError(f"`{name}` hold NaN logits ({'; '.join(bad)}), and {what} would give a silently wrong "
-                         f"value from them. Find where the model's outputs turn NaN (a lower learning rate, float32 "
-                         f"instead of half precision), or leave those samples out. (-inf for a masked class is "
-                         f"fine.)")
+        raise ValueError(f"{f'`{name}`' if quoted else name} hold NaN logits ({'; '.join(bad)}), and {what} would "
+                         f"give a silently wrong value from them (the argmax of a NaN row is not a prediction: class "
+                         f"0 for an all-NaN row). {NAN_FIX} (-inf for a masked class is fine.)")
+
+
+def check_fit_logits(logits: Tensor, name: str, what: str) -> None:
+    """Refuse logits ``[K, N, C]`` that ``what`` (a fit: temperatures, thresholds; or a score of
+    every exit) cannot use: on the meta device, holding NaN (:func:`check_nan_logits`, counted per
+    exit), or a row with no softmax (``+inf``, or every class ``-inf``: :func:`check_softmax_rows`).
+    ``-inf`` masking some classes is fine. One read back to the host when all is well."""
+    check_has_values(logits, f"`{name}`", what)
+    check_nan_logits(logits, name, what)
     check_softmax_rows(logits, name)
 
 

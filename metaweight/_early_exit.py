@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_temperatures, check_thresholds, holds_meta,
-                               softmax_undefined)
+                               refuse_nan_logits, softmax_undefined)
 from metaweight._exit_rules import ExitRule, as_rule, calibrated, decision_dtype, predict, reaches, score_dtype
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
@@ -77,6 +77,15 @@ def _refuse_undefined(k: int, count: int) -> None:
     raise ValueError(f"Exit {k + 1} gave {count} sample(s) logits that are all -inf (every class masked) or hold "
                      f"+inf: such a row has no softmax, so no confidence and no prediction; EarlyExit refuses "
                      f"rather than guess. {UNDEFINED_SOFTMAX_FIX}")
+
+
+def _refuse_nan(model: nn.Module, k: int, counts: Sequence[int]) -> None:
+    """Refuse exit ``k``'s logits when ``counts`` (NaN values, samples) of the samples it predicts
+    hold NaN: the argmax of a NaN row (class 0) would be returned as a prediction. A NaN score
+    never leaves an exit (the built-in rules all give one), so such a sample reaches the last exit,
+    which takes everyone; a rule that scores a NaN row is caught where the sample leaves."""
+    refuse_nan_logits(f"The exit logits of `{type(model).__name__}`", "EarlyExit (the last exit predicts every "
+                      "sample still in)", {k: counts}, True, quoted=False)
 
 
 def _first_tensor(x: Any) -> Tensor:
@@ -151,7 +160,8 @@ class EarlyExit(nn.Module):
             not numbers.
         ValueError: a model on the meta device; thresholds not one per exit, or NaN; temperatures
             not one positive number per exit. At a call: the batch not in the first dimension,
-            a row of logits with no softmax, a model whose number of exits changed.
+            a row of logits with no softmax, NaN logits at the last exit (which predicts every
+            sample still in), a model whose number of exits changed.
     """
 
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float], *,
@@ -213,7 +223,10 @@ class EarlyExit(nn.Module):
         :func:`collect_logits` pass a batch); ``N`` is the first dimension of the first tensor in
         them. A call the model's ``forward`` cannot take is refused with a ``TypeError`` before it
         runs. A sample whose logits at an exit it reaches are all ``-inf`` (every class masked) or
-        hold ``+inf`` has no softmax: a ``ValueError`` says so rather than guess. The model runs in
+        hold ``+inf`` has no softmax: a ``ValueError`` says so rather than guess. A NaN score never
+        leaves an exit, so a sample with NaN logits goes on; at the last exit, which takes every
+        sample left, its prediction would be the argmax of NaN (class 0): a ``ValueError`` names the
+        exit and how many samples, as :func:`exit_assignment` does. The model runs in
         eval mode (BatchNorm's running statistics, no dropout) whatever mode it was left in, and is
         put back in its mode afterwards: predicting never changes it.
         """
@@ -268,17 +281,23 @@ class EarlyExit(nn.Module):
             else:
                 score = self.rule.scores(logits[None])[0].to(logits.device)
             undefined = softmax_undefined(logits).sum()
-            if k == last:
-                if int(undefined):  # the one host read of the last exit
-                    _refuse_undefined(k, int(undefined))
+            if k == last:  # everyone still in is predicted here: a NaN row too, so it is counted
+                nan = torch.isnan(raw)
+                counts = torch.stack([undefined, nan.sum(), nan.any(-1).sum()]).tolist()  # the exit's one host read
+                _refuse_nan(self.model, k, counts[1:])
+                if counts[0]:
+                    _refuse_undefined(k, counts[0])
                 predictions[alive] = classes
                 exits[alive] = k
                 break
             leaving = reaches(score, self.thresholds[k])  # a NaN score never leaves
+            nan = torch.isnan(raw) & leaving[:, None]  # predicted here: a rule that scores NaN rows
             # The one host read of the exit: how many samples continue sizes what the next stage
-            # gets (and whether a row had no softmax). Everything else selects by indices of known
-            # size, so no other sync.
-            leaving_count, undefined_count = torch.stack([leaving.sum(), undefined]).tolist()
+            # gets (and whether a row had no softmax or a leaving one NaN). Everything else selects
+            # by indices of known size, so no other sync.
+            leaving_count, undefined_count, *nan_counts = torch.stack(
+                [leaving.sum(), undefined, nan.sum(), nan.any(-1).sum()]).tolist()
+            _refuse_nan(self.model, k, nan_counts)
             if undefined_count:
                 _refuse_undefined(k, undefined_count)
             remaining = alive.numel() - leaving_count
@@ -324,12 +343,15 @@ class EarlyExit(nn.Module):
             # those that already left, whose rows here decide nothing (as the staged path sees them)
             undefined = (softmax_undefined(history[-1]) & alive).sum()
             leaving = alive & (reaches(confidence, self.thresholds[k]) | (k == last))
+            nan = torch.isnan(logits) & leaving[:, None]  # predicted here (at the last exit, everyone left)
             # masks, not boolean indexing: the only host read of the exit is whether anyone is left
             state["predictions"] = torch.where(leaving, classes, state["predictions"])
             state["exits"].masked_fill_(leaving, k)
             alive &= ~leaving
-            any_alive, undefined_count = torch.stack([alive.any().long(), undefined]).tolist()
-            if undefined_count:  # read with the exit's one host read
+            any_alive, undefined_count, *nan_counts = torch.stack(
+                [alive.any().long(), undefined, nan.sum(), nan.any(-1).sum()]).tolist()
+            _refuse_nan(self.model, k, nan_counts)  # read with the exit's one host read
+            if undefined_count:
                 _refuse_undefined(k, undefined_count)
             state["done"] = not any_alive
             return state["done"]

@@ -5,10 +5,14 @@ any rule.
 Every rule maps exit logits ``[K, N, C]`` to scores ``[K, N]`` (higher: more ready to leave); the
 score of exit ``k`` may depend on exits ``1..k`` only, so that early exit can compute it on the way.
 The prediction at an exit is always its most probable class, the first on ties (:func:`predict`). Logits holding a NaN give a NaN
-score, which never passes a threshold. A row with no softmax (all ``-inf``: every class masked; or a
-``+inf``) gives a NaN score here too, but the functions that decide with the scores
-(:func:`find_thresholds`, :func:`budgeted_curve`, :class:`EarlyExit`, calibration, ...) refuse
-such logits with a ``ValueError`` naming the row: no sample is silently kept in the network.
+score, which never passes a threshold: the sample goes on to the next exit. The last exit takes every
+sample left, so a NaN row there would be predicted as its argmax (class 0 for an all-NaN row): the
+functions that predict or score (:class:`EarlyExit`, :func:`exit_assignment`,
+:func:`evaluate_thresholds`, :func:`budgeted_curve`, anytime accuracy, calibration, ...) refuse NaN
+logits wherever a prediction would be taken from them (the fits, wherever they are), with a
+``ValueError`` naming the exit and the count. A row with no softmax (all ``-inf``: every class
+masked; or a ``+inf``) gives a NaN score here too, and is refused by the same functions at any exit
+its sample reaches: no sample is silently kept in the network.
 """
 
 from __future__ import annotations
@@ -62,7 +66,9 @@ def reaches(scores: Tensor, thresholds: Tensor) -> Tensor:
 def predict(logits: Tensor) -> Tensor:
     """The predicted class at every exit: the index of the largest logit, the first on ties
     (``torch.argmax``'s rule; the softmax is monotone, so it is the most probable class).
-    Every public function that predicts a class uses this one rule.
+    Every public function that predicts a class uses this one rule. This primitive does not
+    check its input (no host read): a row holding NaN gives the index of its first NaN, which
+    the functions built on it refuse to return or score.
 
     Args:
         logits: ``[..., C]``, in any floating dtype (the argmax is taken in that dtype).

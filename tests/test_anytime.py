@@ -192,3 +192,49 @@ def test_nan_logits_are_refused_not_scored_as_class_0():
     assert mw.anytime_accuracy_from_logits(logits[:1], labels).accuracy == {1: [50.0]}
     with pytest.raises(ValueError, match=r"NaN logits \(exit 2: 2 NaN values, in 1 sample\(s\)\).*anytime accuracy"):
         mw.anytime_accuracy_from_logits(logits, labels)
+
+
+def sorted_topk(logits, labels, k):
+    """Top-k accuracy by sorting each row (stable: lower class index first on ties), independent of
+    the library's rank count."""
+    K, N, C = logits.shape
+    acc = []
+    for e in range(K):
+        hits = 0
+        for n in range(N):
+            order = sorted(range(C), key=lambda c: -float(logits[e, n, c]))  # stable sort: ties by index
+            hits += int(labels[n]) in order[:k]
+        acc.append(100.0 * hits / N)
+    return acc
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e2, 1e4])
+def test_top_k_depends_on_the_ranks_only_not_on_the_scale_of_the_logits(scale):
+    """A class 1e3 or more below its row's largest logit counted as masked and was never in the top k:
+    top-5 read 49.8% on logits and 12.7% on logits * 1e4 (Calibration.apply at T = 1e-4), with the
+    same ranks. Now the same as sorting the rows, at every scale."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 300, 10, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, 10, (300,), generator=g)
+    expected = {k: sorted_topk(logits, labels, k) for k in (1, 3, 5)}
+    result = mw.anytime_accuracy_from_logits(logits * scale, labels, topk=(1, 3, 5))
+    for k in (1, 3, 5):
+        assert result.accuracy[k] == pytest.approx(expected[k], abs=1e-12), k
+    calibration = mw.Calibration([1e-4, 1e-2], [0.0] * 2, [0.0] * 2, [0.0] * 2, [0.0] * 2)
+    applied = mw.anytime_accuracy_from_logits(calibration.apply(logits), labels, topk=(1, 3, 5))
+    assert applied.accuracy == result.accuracy
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_classes_tied_at_the_bottom_of_a_row_are_never_in_the_top_k_at_any_scale(scale):
+    """The masked classes of the tests above, by rank: [-2, -3, m, m] with m = -1e4, and the same row
+    divided by 1e4 ([-2e-4, -3e-4, -1, -1]: 1 below the top, which the gap rule did not call masked,
+    so label 2 was a hit: 75%). By hand: classes 0 and 1 are the row's only classes above its lowest,
+    top-3 holds them alone: 50%. A row whose classes all tie keeps the tie-break of top-1 (class 0
+    first): labels 0..3 of [0, 0, 0, 0, 0] are in the top 4, label 4 is not."""
+    logits = (torch.tensor([-2.0, -3.0, -1e4, -1e4], dtype=torch.float64) * scale).expand(1, 4, 4)
+    result = mw.anytime_accuracy_from_logits(logits, torch.tensor([0, 1, 2, 3]), topk=(1, 3))
+    assert result.accuracy == {1: [25.0], 3: [50.0]}
+    flat = torch.zeros(1, 5, 5)
+    result = mw.anytime_accuracy_from_logits(flat, torch.tensor([0, 1, 2, 3, 4]), topk=(1, 4))
+    assert result.accuracy == {1: [20.0], 4: [80.0]}

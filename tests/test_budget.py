@@ -306,3 +306,85 @@ def test_find_thresholds_is_silent_when_the_shares_are_met():
         logits[0, order[10]] = logits[0, order[9]]  # the 11th most confident ties the 10th: 11 leave, not 10
         thresholds = mw.find_thresholds(logits, [0.1, 0.2, 0.7])
         assert loop_shares(mw.MaxProbability().scores(logits), thresholds)[0] == 0.11
+
+
+def _nan_at_the_last_exit():
+    """K=2, N=5, C=3; sample 2 all NaN at both exits (a NaN input), label 0; threshold 2.0 at exit 1
+    (above any probability): everyone goes on to exit 2, which takes all. By hand, exit 2's
+    predictions of the other samples are 1, 2, 1, 0 for labels 1, 2, 0, 0: 3 of 4 right, 75%."""
+    logits = torch.tensor([[[2.0, 1.0, 0.0]] * 5,
+                           [[0.0, 3.0, 1.0], [0.0, 1.0, 4.0], [0.0, 0.0, 0.0], [1.0, 2.0, 0.0], [5.0, 1.0, 2.0]]])
+    logits[:, 2] = float("nan")
+    return logits, torch.tensor([1, 2, 0, 0, 0])
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda z, y: mw.exit_assignment(z, [2.0, 0.0]), "logits"),
+    (lambda z, y: mw.evaluate_thresholds(z, y, [2.0, 0.0], [1.0, 2.0]), "logits"),
+    (lambda z, y: mw.budgeted_curve(z[:, [0, 1, 3, 4]], y[[0, 1, 3, 4]], z, y, [1.0, 2.0], qs=(0.5, 1.0)),
+     "test_logits"),
+])
+def test_a_sample_predicted_from_nan_logits_is_refused_not_scored_as_class_0(call, name):
+    """The NaN sample reached the last exit (a NaN score never leaves) and was predicted class 0 there,
+    a hit for its label 0: evaluate_thresholds read 80% (4 of 5) where 75% is right for the 4 real
+    samples. Refused now as anytime accuracy refuses NaN, naming the input, the exit and the count."""
+    logits, labels = _nan_at_the_last_exit()
+    with pytest.raises(ValueError, match=rf"^`{name}` hold NaN logits \(exit 2: 3 NaN values, in 1 sample\(s\) "
+                                         rf"predicted there\).*leave those samples out"):
+        call(logits, labels)
+    kept = [0, 1, 3, 4]  # the fix the message names
+    point = mw.evaluate_thresholds(logits[:, kept], labels[kept], [2.0, 0.0], [1.0, 2.0])
+    assert point.accuracy == 75.0 and point.exit_fractions == [0.0, 1.0]
+    # NaN at an exit a sample goes on from is kept: a NaN score never passes a threshold, and the
+    # prediction comes from the next exit's finite logits. By hand: sample 2's exit-2 logits [0, 0, 9]
+    # (class 2, its label); threshold 0.5: samples 0, 1, 3, 4 leave at exit 1 (probability of
+    # [2, 1, 0]: 0.665) predicting 0 (labels 1, 2, 0, 0: 2 right), sample 2 at exit 2, right: 60%.
+    logits[1, 2], labels[2] = torch.tensor([0.0, 0.0, 9.0]), 2
+    point = mw.evaluate_thresholds(logits, labels, [0.5, 0.0], [1.0, 2.0])
+    assert point.accuracy == 60.0 and point.exit_fractions == [0.8, 0.2]
+    exits, predictions = mw.exit_assignment(logits, [0.5, 0.0])
+    assert exits.tolist() == [0, 0, 1, 0, 0] and predictions.tolist() == [0, 0, 2, 0, 0]
+
+
+def patience_points(logits, labels, t, costs):
+    """PABEE with patience t by a per-sample loop: leave at the first exit where t + 1 exits in a row
+    (ending there) predict one class, else at the last. Returns (cost, accuracy %)."""
+    K, N = logits.shape[0], logits.shape[1]
+    predictions = logits.argmax(-1).tolist()
+    cost = correct = 0
+    for n in range(N):
+        run = 0
+        for k in range(K):
+            run = run + 1 if k and predictions[k][n] == predictions[k - 1][n] else 0
+            if run >= t or k == K - 1:
+                cost += costs[k]
+                correct += predictions[k][n] == int(labels[n])
+                break
+    return cost / N, 100.0 * correct / N
+
+
+def test_patience_budget_warns_that_the_tied_first_exit_takes_everyone():
+    """Patience scores at exit 1 are all 0, so MSDNet's threshold there is 0 for every q: all 39
+    points were 'cost 1.0, everyone at exit 1' and thresholds_for_budget(budget=2.0) gave cost 1.0,
+    silently. Now both warn, as find_thresholds does, naming the tie and PABEE's own points, which
+    evaluate_thresholds gives (checked against a per-sample loop)."""
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(3, 200, 4, generator=g), torch.randint(0, 4, (200,), generator=g)
+    logits[1:, :120] = logits[0, :120]  # 120 samples agree at every exit: patience grows for them
+    costs = [1.0, 2.0, 3.0]
+    with pytest.warns(RuntimeWarning, match=r"budgeted_curve could not realise MSDNet's distribution on `val_logits` "
+                                            r"at 39 of the 39 values of q, because of tied scores: .*tied patience "
+                                            r"scores at exit 1: 200 samples score exactly 0.*held-out costs over the "
+                                            r"curve: \[1\.0\]\).*rule='patience'\) for t = 0..K-1"):
+        curve = mw.budgeted_curve(logits, labels, logits, labels, costs, rule="patience")
+    assert {p.cost for p in curve.points} == {1.0}  # what the warning says
+    with pytest.warns(RuntimeWarning, match=r"thresholds_for_budget\(budget=2\) reached a cost of 1 .*tied patience "
+                                            r"scores at exit 1"):
+        assert mw.thresholds_for_budget(logits, labels, costs, 2.0, rule="patience").cost == 1.0
+    for t in range(3):
+        point = mw.evaluate_thresholds(logits, labels, [t] * 3, costs, rule="patience")
+        assert (point.cost, point.accuracy) == pytest.approx(patience_points(logits, labels, t, costs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # continuous scores without ties: no warning
+        mw.budgeted_curve(logits, labels, logits, labels, costs, rule="entropy")
+        mw.thresholds_for_budget(logits, labels, costs, 2.0, rule="entropy")

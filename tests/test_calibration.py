@@ -294,3 +294,26 @@ def test_label_errors_name_the_argument(call, name):
     out_of_range[0] = 7
     with pytest.raises(ValueError, match=rf"^`{name}` has labels in \[0, 7\], but the logits have 3 classes"):
         call(z, y, out_of_range)
+
+
+def test_an_over_confident_exit_is_calibrated_not_refused_as_masked():
+    """Logits 400 times too sharp put some wrong labels 1e3 or more below the row's top, and the gap
+    rule took them for masked classes: calibrate refused the very case calibration is for. A mask is
+    a cluster far below the rest of the row; these labels are spread among the other classes. The
+    NLL of logits * s / T is that of logits / (T / s), so the fitted temperatures scale with s
+    (checked against the fit on the unscaled logits), and a -1e9 mask on the sharp logits is still
+    refused."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (1000,), generator=g)
+    logits = torch.randn(2, 1000, 10, generator=g, dtype=torch.float64)
+    logits[:, torch.arange(1000), labels] += 2.0
+    gaps = logits.amax(-1) * 400 - (logits * 400).gather(-1, labels.expand(2, -1)[..., None]).squeeze(-1)
+    assert int((gaps >= 1e3).sum()) == 17  # labels the gap rule took for masked
+    reference = mw.fit_temperatures(logits, labels)
+    assert mw.fit_temperatures(logits * 400, labels).tolist() == pytest.approx((reference * 400).tolist(), rel=1e-6)
+    result = mw.calibrate(logits * 400, labels)
+    assert result.nll_after == pytest.approx(mw.calibrate(logits, labels).nll_after, rel=1e-6)
+    masked = logits * 400
+    masked[0, 3, labels[3]] = -1e9
+    with pytest.raises(ValueError, match=r"^1 of the 1000 labels in `val_labels` sits on a class masked"):
+        mw.calibrate(masked, labels)

@@ -74,9 +74,19 @@ def test_early_exit_equals_a_per_sample_loop_at_every_batch_size(make, rule):
     for size in (16, 5, 1):  # a mixed batch, small ones, and batch 1 one sample at a time
         predictions, exits = [], []
         for start in range(0, 16, size):
-            p, e = predictor(x[start:start + size])
-            predictions += p.tolist()
-            exits += e.tolist()
+            if start <= 8 < start + size:  # the NaN sample would be predicted (class 0) at the last exit: refused
+                with pytest.raises(ValueError, match=rf"exit {K}: \d+ NaN values, in 1 sample\(s\) predicted there"):
+                    predictor(x[start:start + size])
+                batch = torch.cat([x[start:8], x[9:start + size]])
+                p, e = predictor(batch) if len(batch) else (torch.zeros(0), torch.zeros(0))
+                p, e = p.tolist(), e.tolist()
+                p[8 - start:8 - start] = [None]  # where the refused sample was
+                e[8 - start:8 - start] = [K - 1]  # the loop's exit for it (checked above)
+            else:
+                p, e = predictor(x[start:start + size])
+                p, e = p.tolist(), e.tolist()
+            predictions += p
+            exits += e
         assert exits == ref_exits
         assert all(r is None or p == r for p, r in zip(predictions, ref_predictions))
 
@@ -103,9 +113,13 @@ def test_early_exit_reads_the_host_at_most_once_per_exit():
     # a rule that keeps earlier exits' logits for the samples still in
     model = mlp()
     x = inputs_for(model, 16)
+    x = torch.cat([x[:8], x[9:]])  # without the NaN sample (refused at the last exit, where it went)
     with torch.no_grad():
         scores = as_rule("patience").scores(torch.stack(model(x)))
-    predictor = mw.EarlyExit(model, thresholds_with_every_case(scores), rule="patience")
+    thresholds = thresholds_with_every_case(scores)
+    k = int((thresholds != 1e8).nonzero()[0])  # the first exit that splits the samples
+    thresholds[k + 1] = split(scores[k + 1][scores[k] < thresholds[k]])  # the next splits those left: 3 exits taken
+    predictor = mw.EarlyExit(model, thresholds, rule="patience")
     assert len(set(predictor(x)[1].tolist())) == 3
     assert host_reads(lambda: predictor(x)) <= K - 1
 
@@ -404,3 +418,31 @@ def test_inputs_a_forward_of_two_arguments_cannot_take_alone_are_refused_naming_
     with torch.no_grad():
         expected = torch.stack(model(x, mask))
     assert torch.equal(mw.collect_logits(model, [({"x": x, "mask": mask}, y)])[0], expected)
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_early_exit_refuses_a_sample_it_would_predict_from_nan_logits(attached):
+    """A NaN input gives NaN logits at every exit; a NaN score never leaves, so the sample reached the
+    last exit, which takes everyone, and EarlyExit returned class 0 for it (the argmax of NaN), as it
+    refuses an all -inf row "rather than guess". Refused now, naming the exit and the count; the
+    other samples are predicted as exit_assignment predicts them (the reference of the tests above)."""
+    torch.manual_seed(0)
+    if attached:
+        body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        model = mw.attach_exits(body, ["1"], [nn.Linear(8, 3)]).eval()
+    else:
+        model = mw.MultiExit([nn.Linear(4, 8), nn.Linear(8, 8)], [nn.Linear(8, 3), nn.Linear(8, 3)]).eval()
+    x = torch.randn(5, 4)
+    x[2, 0] = float("nan")
+    predictor = mw.EarlyExit(model, [2.0, 0.0])  # nobody leaves at exit 1: all predicted at exit 2
+    with pytest.raises(ValueError, match=r"^The exit logits of `\w+` hold NaN logits \(exit 2: 3 NaN values, in 1 "
+                                         r"sample\(s\) predicted there\), and EarlyExit .*leave those samples out"):
+        predictor(x)
+    kept = x[[0, 1, 3, 4]]
+    predictions, exits = predictor(kept)
+    with torch.no_grad():
+        logits = torch.stack(model(kept))
+    assert exits.tolist() == [1] * 4 and predictions.tolist() == logits[1].argmax(-1).tolist()
+    if not attached:  # a sample with NaN only at an exit it goes on from is predicted from the next one
+        x[2, 0] = 0.0
+        assert predictor(x)[1].tolist() == [1] * 5
