@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_temperatures, check_thresholds, holds_meta,
                                refuse_nan_logits, softmax_undefined)
@@ -61,16 +63,81 @@ def _per_sample(logits: Tensor) -> Tensor:
     return logits
 
 
-def _check_batch(k: int, logits: Tensor, expected: int, first: Tensor) -> None:
-    """Refuse exit logits whose rows are not the samples still in the network: the batch is the first
-    dimension of the inputs (sequence-first inputs ``[T, B, H]`` would have samples selected along
-    ``T``)."""
-    if logits.shape[0] != expected:
-        raise ValueError(f"EarlyExit takes the batch as the first dimension of the inputs ({first.shape[0]} samples "
-                         f"in an input of shape {tuple(first.shape)}), but exit {k + 1} gave logits of shape "
-                         f"{tuple(logits.shape)} for {expected} samples. Put the batch first: for sequence-first "
-                         f"layers ([T, B, H], nn.TransformerEncoderLayer's default) build them with batch_first=True, "
-                         f"or give the model a first stage that transposes [B, T, H] inputs.")
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors of an input: itself, or those inside nested lists, tuples and dicts, in order."""
+    found, stack = [], [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            found.append(item)
+        elif isinstance(item, Mapping):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+    return found
+
+
+def _shapes(tensors: Sequence[Tensor], limit: int = 6) -> str:
+    shown = ", ".join(str(tuple(t.shape)) for t in tensors[:limit])
+    return shown + (f" and {len(tensors) - limit} more" if len(tensors) > limit else "")
+
+
+_BATCH_FIRST_FIX = ("Put the batch first: for sequence-first layers ([T, B, H], nn.TransformerEncoderLayer's default) "
+                    "build them with batch_first=True, or give the model a first stage that transposes [B, T, H] "
+                    "inputs.")
+
+
+def _check_inputs_batch(logits: Tensor, inputs: Sequence[Tensor]) -> None:
+    """Refuse inputs none of whose tensors has the samples in its first dimension. Exit 1's logits
+    say how many samples there are (stage 1 and head 1 see every one); a sequence-first input
+    ``[T, B, H]`` shows here as no input with ``B`` rows (``T == B`` is seen once samples leave)."""
+    n = logits.shape[0]
+    if not any(t.dim() > 0 and t.shape[0] == n for t in inputs):
+        raise ValueError(f"EarlyExit takes the batch as the first dimension of the inputs, but exit 1 gave logits "
+                         f"of shape {tuple(logits.shape)} for {n} samples and no tensor of the inputs has {n} as its "
+                         f"first dimension (found {_shapes(inputs)}). {_BATCH_FIRST_FIX}")
+
+
+def _refuse_unselected(k: int, logits: Tensor, expected: int, passed: Sequence[tuple[str, Tensor]]) -> None:
+    """Exit ``k`` gave logits for other samples than those still in: its stage was given features in
+    which the samples were not (or wrongly) selected."""
+    kept = "; ".join(f"{path} {tuple(t.shape)}" for path, t in passed[:6]) or "nothing"
+    raise ValueError(f"Exit {k + 1} gave logits of shape {tuple(logits.shape)}, but {expected} samples are still "
+                     f"in the network: the features stage {k + 1} was given did not hold exactly those samples. "
+                     f"EarlyExit takes the batch as the first dimension of the inputs and of every per-sample tensor "
+                     f"of the features: between stages it keeps the samples still in from each tensor (in tuples, "
+                     f"lists and dicts) whose first dimension is the number of samples in the network, and passes "
+                     f"every other value on unchanged (passed on unchanged at the last selection: {kept}). "
+                     f"{_BATCH_FIRST_FIX}")
+
+
+def _uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` normalises with the statistics of the batch it is given in eval mode: a
+    BatchNorm without running statistics (torch's own test, ``_BatchNorm.forward``)."""
+    return isinstance(module, _BatchNorm) and module.running_mean is None and module.running_var is None
+
+
+def refuse_batch_statistics(model: nn.Module, stages: Sequence[nn.Module], heads: Sequence[nn.Module]) -> None:
+    """Refuse a model whose stages 2..K or heads 2..K hold a module that computes batch statistics
+    in eval mode: EarlyExit runs them on the samples still in the network, where such a module
+    computes other values than on the whole batch, so the predictions would differ from the full
+    forward's without a sign."""
+    later = {id(m): m for part in [*stages[1:], *heads[1:]] for m in part.modules()}
+    found = [m for m in later.values() if _uses_batch_statistics(m)]
+    if not found:
+        return
+    names = {id(m): name for name, m in model.named_modules()}
+    listed = ", ".join(f"`{names.get(id(m), '(not a registered submodule)')}` ({type(m).__name__}, track_running_stats="
+                       f"{m.track_running_stats})" for m in found)
+    raise ValueError(f"`{type(model).__name__}` holds {listed} in a stage or head after the first, which "
+                     f"normalise(s) with the statistics of the batch it is given, in eval mode too (a BatchNorm "
+                     f"without running statistics). EarlyExit runs those stages and heads on the samples still in the "
+                     f"network only, where such a layer computes other values than on the whole batch, so its "
+                     f"predictions would differ from the model's (exit_assignment on a full forward). Build the "
+                     f"layer with track_running_stats=True and learn its running statistics (a pass over training "
+                     f"data in train mode; EarlyExit then runs it in eval mode, as model.eval() does), or use a "
+                     f"per-sample normalisation (nn.GroupNorm, nn.LayerNorm); exits attached with attach_exits run "
+                     f"the whole batch through the forward (saving less).")
 
 
 def _refuse_undefined(k: int, count: int) -> None:
@@ -88,31 +155,69 @@ def _refuse_nan(model: nn.Module, k: int, counts: Sequence[int]) -> None:
                       "sample still in)", {k: counts}, True, quoted=False)
 
 
-def _first_tensor(x: Any) -> Tensor:
-    """The first tensor of an input: itself, or the first inside nested lists, tuples and dicts."""
-    stack = [x]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, Tensor):
-            return item
-        if isinstance(item, Mapping):
-            stack[:0] = list(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack[:0] = list(item)
-    raise TypeError(f"EarlyExit needs a batch holding at least one tensor (its first dimension is the batch). "
-                    f"Found `{type(x).__name__}` with none.")
+def _batch_inputs(x: Any) -> list[Tensor]:
+    """The tensors of a call's inputs; refuse a call with no tensor, or with none that has a first
+    dimension (a batch), before anything runs."""
+    tensors = _tensors(x)
+    if not tensors:
+        raise TypeError(f"EarlyExit needs a batch holding at least one tensor (its first dimension is the batch). "
+                        f"Found `{type(x).__name__}` with none.")
+    if all(t.dim() == 0 for t in tensors):
+        raise ValueError(f"EarlyExit takes the batch as the first dimension of a tensor of the inputs, and the "
+                         f"inputs hold only 0-d tensors ({len(tensors)}). Pass the samples as a tensor [batch, ...].")
+    return tensors
 
 
-def _take(features: Any, keep: Tensor) -> Any:
-    """Select samples from a tensor, or from every tensor in nested lists/tuples/dicts (MSDNet's scales,
-    keyword inputs)."""
-    if isinstance(features, Tensor):
-        return features[keep]
-    if isinstance(features, Mapping):
-        return {k: _take(v, keep) for k, v in features.items()}
-    if isinstance(features, (list, tuple)):
-        return type(features)(_take(f, keep) for f in features)
-    raise TypeError(f"Cannot select samples from features of type `{type(features).__name__}`.")
+class _Selection:
+    """Keeps the samples still in the network from the features a stage hands to the next.
+
+    Per sample: a tensor whose first dimension is the number of samples in the network before the
+    selection, at any depth of tuples, lists (namedtuples too) and dicts. Passed on unchanged:
+    every other value (``None``, numbers, 0-d tensors, a broadcast ``[1, T]`` mask, a table of
+    another first dimension), and, whatever their first dimension, a parameter of the model
+    (an ``nn.Parameter`` itself), an input tensor whose first dimension is not the batch, and any
+    tensor already passed on unchanged at an earlier exit of this call (a table carried through the
+    stages). Another tensor that is not per sample (a buffer, a table a stage computes) whose first
+    dimension happens to equal the number of samples in the network cannot be told apart: it is
+    selected."""
+
+    def __init__(self, inputs: Sequence[Tensor], n: int) -> None:
+        # held (not only their ids) for the whole call, so no id is reused by another tensor
+        self.fixed: dict[int, Tensor] = {id(t): t for t in inputs if t.dim() == 0 or t.shape[0] != n}
+        self.passed: list[tuple[str, Tensor]] = []  # what the last selection passed on unchanged
+
+    def __call__(self, features: Any, keep: Tensor, before: int, stage: int) -> Any:
+        self.passed = []
+        return self._take(features, keep, before, "features", stage)
+
+    def _take(self, value: Any, keep: Tensor, before: int, path: str, stage: int) -> Any:
+        if isinstance(value, Tensor):
+            if value.dim() > 0 and value.shape[0] == before and not isinstance(value, nn.Parameter) and \
+                    self.fixed.get(id(value)) is not value:
+                return value[keep]
+            self.fixed[id(value)] = value
+            self.passed.append((path, value))
+            return value
+        if isinstance(value, PackedSequence):
+            raise TypeError(f"Stage {stage} returned a PackedSequence ({path}), whose samples EarlyExit cannot select "
+                            f"(they are interleaved by time step). Return padded tensors [batch, T, ...] between "
+                            f"stages (torch.nn.utils.rnn.pad_packed_sequence with batch_first=True).")
+        if isinstance(value, Mapping):
+            return {k: self._take(v, keep, before, f"{path}[{k!r}]", stage) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            items = [self._take(v, keep, before, f"{path}[{i}]", stage) for i, v in enumerate(value)]
+            if type(value) in (list, tuple):
+                return type(value)(items)
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        inner = getattr(value, "__dict__", None)
+        if isinstance(inner, dict) and not isinstance(value, nn.Module) and any(
+                t.dim() > 0 and t.shape[0] == before for t in _tensors(list(inner.values()))):
+            raise TypeError(f"Stage {stage} returned a `{type(value).__name__}` ({path}) holding tensors whose first "
+                            f"dimension is the number of samples in the network ({before}): EarlyExit selects "
+                            f"samples in tensors and in tuples, lists and dicts of them, and would pass this object "
+                            f"on with the samples that left. Return its tensors in a tuple, list or dict (or a "
+                            f"namedtuple).")
+        return value
 
 
 class EarlyExit(nn.Module):
@@ -134,6 +239,32 @@ class EarlyExit(nn.Module):
     whose score lies that close to a threshold can leave at the neighbouring exit. Thresholds
     from :func:`find_thresholds` on the very logits evaluated sit exactly on some samples'
     scores, so there a few such samples are expected; on other data they are rare.
+
+    What is per sample. The batch is the samples of exit 1's logits (stage 1 and head 1 see
+    every sample): ``N`` rows, and some tensor of the inputs must have ``N`` as its first
+    dimension (a sequence-first ``[T, B, H]`` input is refused), wherever it comes in them: after
+    a 0-d or ``[1]`` scale, in any order of a dict. Between stages, the samples still in are
+    kept from every tensor of the features (at any depth of tuples, lists, namedtuples and dicts)
+    whose first dimension is the number of samples in the network; every other value goes on
+    unchanged: ``None``, numbers and strings, 0-d tensors, broadcast tensors (``[1, T]`` masks),
+    tensors of another first dimension (a table), and, whatever their first dimension, the
+    model's parameters (an ``nn.Parameter`` itself), input tensors whose first dimension is not
+    ``N`` and tensors already passed on unchanged at an earlier exit of the call (a table carried
+    through the stages). The limit: a tensor that is not per sample, made by a stage or a buffer,
+    whose first dimension happens to equal the number of samples in the network is selected as if
+    it were (nothing tells them apart); pass it on from stage 1, keep it in the module, or give
+    it another first dimension (a leading 1). A per-sample tensor inside another object is
+    refused (``TypeError``), as is a ``PackedSequence``: EarlyExit could not select its samples.
+
+    Layers that compute statistics of the batch at inference would compute other values on the
+    samples still in than on the whole batch: a BatchNorm without running statistics
+    (``track_running_stats=False``, or ``running_mean``/``running_var`` set to ``None``) in a stage
+    or head after the first is refused with a ``ValueError`` naming it, when built and at every
+    call, rather than warned about: the predictions would silently differ from the model's, which
+    the equality above promises (exits attached with :func:`attach_exits` run the whole batch
+    through the forward, so nothing is refused there). BatchNorm with running statistics is fine
+    in any mode, since EarlyExit runs the model in eval mode. Statistics over the batch computed by
+    the model's own code (``x - x.mean(0)``) cannot be seen and break the equality the same way.
 
     Args:
         model: a model with ``exit_stages()`` returning ``(stages, heads)`` (e.g.
@@ -157,12 +288,17 @@ class EarlyExit(nn.Module):
 
     Raises:
         TypeError: a model that is not an ``nn.Module`` or exposes no stages; thresholds that are
-            not numbers.
+            not numbers. At a call: inputs holding no tensor; features whose per-sample tensors
+            cannot be selected (inside another object, a ``PackedSequence``).
         ValueError: a model on the meta device; thresholds not one per exit, or NaN; temperatures
-            not one positive number per exit. At a call: the batch not in the first dimension,
-            a row of logits with no softmax, NaN logits at the last exit (which predicts every
-            sample still in), a model whose number of exits changed.
+            not one positive number per exit; a BatchNorm without running statistics in a stage
+            or head after the first (also at a call). At a call: the batch not in the first
+            dimension (of the inputs, or of the features: a later exit with other rows than the
+            samples still in), a row of logits with no softmax, NaN logits at the last exit (which
+            predicts every sample still in), a model whose number of exits changed.
     """
+
+    _check_statistics = True  # (off for exit_costs(executed=True): every sample leaves at one exit there)
 
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float], *,
                  rule: ExitRule | str = "max_probability", temperatures: Any = None) -> None:
@@ -177,8 +313,10 @@ class EarlyExit(nn.Module):
         if self._whole_batch:  # exits attached by name: stop the forward once every sample has left
             num_exits = int(model.num_exits)
         else:
-            _, heads = exit_parts(model)
+            stages, heads = exit_parts(model)
             check_head_classes(heads, f"`{type(model).__name__}`")
+            if self._check_statistics:
+                refuse_batch_statistics(model, stages, heads)
             num_exits = len(heads)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         # float64 holds a list's numbers and any float tensor's exactly (cast on the CPU: MPS has no float64)
@@ -220,44 +358,52 @@ class EarlyExit(nn.Module):
 
         Takes what the model takes: ``predictor(x)``, ``predictor(x=x)``, ``predictor(a, b)``, or
         one dict of the forward's keyword arguments (passed as keywords, as the weighter and
-        :func:`collect_logits` pass a batch); ``N`` is the first dimension of the first tensor in
-        them. A call the model's ``forward`` cannot take is refused with a ``TypeError`` before it
-        runs. A sample whose logits at an exit it reaches are all ``-inf`` (every class masked) or
-        hold ``+inf`` has no softmax: a ``ValueError`` says so rather than guess. A NaN score never
-        leaves an exit, so a sample with NaN logits goes on; at the last exit, which takes every
-        sample left, its prediction would be the argmax of NaN (class 0): a ``ValueError`` names the
-        exit and how many samples, as :func:`exit_assignment` does. The model runs in
-        eval mode (BatchNorm's running statistics, no dropout) whatever mode it was left in, and is
+        :func:`collect_logits` pass a batch); ``N`` is the number of rows of exit 1's logits, the
+        first dimension of some tensor of the inputs (the others, a 0-d scale, a ``[1]`` one, a
+        table, may come before it; see the class). A call the model's ``forward`` cannot take is
+        refused with a ``TypeError`` before it runs. A sample whose logits at an exit it reaches are
+        all ``-inf`` (every class masked) or hold ``+inf`` has no softmax: a ``ValueError`` says so
+        rather than guess. A NaN score never leaves an exit, so a sample with NaN logits goes on; at
+        the last exit, which takes every sample left, its prediction would be the argmax of NaN
+        (class 0): a ``ValueError`` names the exit and how many samples, as :func:`exit_assignment`
+        does. The model runs in eval mode (BatchNorm's running statistics, no dropout) whatever mode
+        it was left in, and is
         put back in its mode afterwards: predicting never changes it.
         """
         x = wrapper_call(self.model, args, kwargs, "EarlyExit")
-        _first_tensor(x)  # a call without a tensor is refused here, not by a bare StopIteration
+        inputs = _batch_inputs(x)  # a call without a tensor is refused here, not by a bare StopIteration
         if holds_meta(x):
             refuse_meta(self.model, x, "EarlyExit")
-        training = [m for m in self.model.modules() if m.training]  # read now: a module replaced later counts
+        # read at every call, before anything runs: a head or stage replaced later is the one used
+        parts = None if self._whole_batch else exit_parts(self.model)
+        training, batch_statistics = [], False
+        for m in self.model.modules():  # one pass over the modules (the cost of a call at batch 1)
+            if m.training:
+                training.append(m)
+            if isinstance(m, _BatchNorm) and m.running_mean is None and m.running_var is None:
+                batch_statistics = True  # (in which stage, only looked up then)
+        if batch_statistics and parts is not None and self._check_statistics:
+            refuse_batch_statistics(self.model, *parts)
         for m in training:
             m.training = False
         try:
-            return self._run(x)
+            return self._run(x, inputs, parts)
         finally:
             for m in training:
                 m.training = True
 
     @torch.no_grad()
-    def _run(self, x: ModelCall) -> tuple[Tensor, Tensor]:
-        if self._whole_batch:
-            return self._run_attached(x)
+    def _run(self, x: ModelCall, inputs: list[Tensor], parts: Any) -> tuple[Tensor, Tensor]:
+        if parts is None:
+            return self._run_attached(x, inputs)
         features: Any = None
-        first = _first_tensor(x)
-        n = first.shape[0]
-        stages, heads = exit_parts(self.model)  # read at every call: a head replaced later is the one used
+        stages, heads = parts
         if len(heads) != self.thresholds.numel():
             raise ValueError(f"`{type(self.model).__name__}` now has {len(heads)} exits, but this EarlyExit holds "
                              f"{self.thresholds.numel()} thresholds: build a new EarlyExit with one per exit.")
         check_head_classes(heads, f"`{type(self.model).__name__}`")
-        predictions = torch.empty(n, dtype=torch.long, device=first.device)
-        exits = torch.empty(n, dtype=torch.long, device=first.device)
-        alive = torch.arange(n, device=first.device)
+        predictions = exits = alive = torch.empty(0, dtype=torch.long)
+        select: _Selection | None = None
         last = len(heads) - 1
         history: list[Tensor] = []  # earlier exits' logits of the samples still in (rules such as patience)
         first_logits: Tensor | None = None
@@ -268,7 +414,16 @@ class EarlyExit(nn.Module):
             else:
                 features = stage(features)
             raw = _per_sample(head(features))
-            _check_batch(k, raw, alive.numel(), first)
+            if k == 0:  # stage 1 and head 1 see every sample: exit 1's rows are the batch
+                _check_inputs_batch(raw, inputs)
+                n = raw.shape[0]
+                device = next(t.device for t in inputs if t.dim() > 0 and t.shape[0] == n)
+                predictions = torch.empty(n, dtype=torch.long, device=device)
+                exits = torch.empty(n, dtype=torch.long, device=device)
+                alive = torch.arange(n, device=device)
+                select = _Selection(inputs, n)
+            elif raw.shape[0] != alive.numel():
+                _refuse_unselected(k, raw, alive.numel(), select.passed if select is not None else [])
             classes = predict(raw)  # in the logits' own dtype, as exit_assignment predicts
             # calibrated scores as Calibration.apply gives them (the predictions are the same)
             logits = score_dtype(raw) if self.temperatures is None else \
@@ -312,12 +467,12 @@ class EarlyExit(nn.Module):
             predictions[gone] = classes[left]
             exits[gone] = k
             staying = torch.nonzero_static(~leaving, size=remaining)[:, 0]
+            features = select(features, staying, alive.numel(), k + 1)
             alive = alive[staying]
-            features = _take(features, staying)
             history = [h[staying] for h in history]
         return predictions, exits
 
-    def _run_attached(self, x: ModelCall) -> tuple[Tensor, Tensor]:
+    def _run_attached(self, x: ModelCall, inputs: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Exits attached by name: every sample takes its first confident exit; the forward stops
         at the first exit after which no sample is left."""
         state: dict[str, Any] = {}
@@ -325,10 +480,14 @@ class EarlyExit(nn.Module):
 
         history: list[Tensor] = []
 
-        first = _first_tensor(x)
-
         def leave(k: int, logits: Tensor) -> bool:
-            _check_batch(k, _per_sample(logits), first.shape[0], first)
+            _per_sample(logits)
+            if k == 0:  # exit 1's rows are the batch; the forward runs every sample to the last exit it computes
+                _check_inputs_batch(logits, inputs)
+            elif logits.shape[0] != history[0].shape[0]:
+                raise ValueError(f"Exit {k + 1} gave logits of shape {tuple(logits.shape)}, but exit 1 gave "
+                                 f"{history[0].shape[0]} rows (samples): every exit should give one row per sample "
+                                 f"of the batch. {_BATCH_FIRST_FIX}")
             history.append(score_dtype(logits) if self.temperatures is None
                            else calibrated(logits[None], self.temperatures[k:k + 1])[0])
             confidence = self.rule.scores(torch.stack(history))[-1].to(logits.device)
@@ -365,3 +524,11 @@ class EarlyExit(nn.Module):
             raise RuntimeError(f"EarlyExit assigned no exit to some samples: the model gave {len(computed)} of its "
                                f"{last + 1} exits. Check the model's num_exits against its output.")
         return state["predictions"], state["exits"]
+
+
+class _CostProbe(EarlyExit):
+    """An :class:`EarlyExit` that :func:`exit_costs` (``executed=True``) runs with every sample leaving
+    at one exit: no stage runs on a sub-batch, so a layer using batch statistics computes what the
+    full forward does, and is not refused (the FLOPs do not depend on it)."""
+
+    _check_statistics = False

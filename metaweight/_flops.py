@@ -550,14 +550,14 @@ def _check_meta_agrees(model: nn.Module, example_input: Any) -> None:
 def _executed_costs(model: nn.Module, example_input: Any, lazy: ExitCosts, uncounted: dict[str, int]) -> ExitCosts:
     """Count the FLOPs :class:`EarlyExit` runs when every sample is made to leave at exit ``k``."""
     from metaweight._budget import NO_EXIT
-    from metaweight._early_exit import EarlyExit
+    from metaweight._early_exit import _CostProbe
 
     K = len(lazy.macs)
     macs = []
     for k in range(K):
         thresholds = torch.full((K,), NO_EXIT, dtype=torch.float32)
         thresholds[k] = -NO_EXIT  # everyone leaves at exit k (the last takes all anyway)
-        predictor = EarlyExit(model, thresholds)
+        predictor = _CostProbe(model, thresholds)
         counter = _Counter()
         with counter:
             predictions, _ = predictor(example_input)

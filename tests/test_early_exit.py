@@ -5,11 +5,12 @@ per exit (the count that sizes the samples that continue)."""
 import copy
 import math
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 import metaweight as mw
@@ -446,3 +447,281 @@ def test_early_exit_refuses_a_sample_it_would_predict_from_nan_logits(attached):
     if not attached:  # a sample with NaN only at an exit it goes on from is predicted from the next one
         x[2, 0] = 0.0
         assert predictor(x)[1].tolist() == [1] * 5
+
+
+# ------------------------------------------------------- what is per sample in inputs and features
+def per_sample_reference(model, calls, thresholds):
+    """Exits and predictions from the full model run on each sample alone (``calls``: one model call
+    per sample), assigned by the plain loop: no batch, so nothing to select."""
+    with torch.no_grad():
+        logits = torch.stack([torch.stack(call(model)) for call in calls], 1)[:, :, 0]  # [K, N, C]
+    return loop_assign("max_probability", logits.tolist(), thresholds.tolist())
+
+
+def leave_in_thirds(model, x):
+    """Thresholds sending a third of the samples out at exit 1 and half the rest at exit 2 (of 3),
+    each halfway between two distinct scores, from a full forward."""
+    with torch.no_grad():
+        scores = as_rule("max_probability").scores(torch.stack(model(x)))
+    n = x.shape[0]
+    one = scores[0].sort(descending=True).values
+    t1 = float(one[n // 3 - 1] + one[n // 3]) / 2
+    rest = scores[1][scores[0] < t1].sort(descending=True).values
+    m = rest.numel() // 2
+    return torch.tensor([t1, float(rest[m - 1] + rest[m]) / 2, -1.0], dtype=torch.float64)
+
+
+class _Extras(nn.Module):
+    """A stage returning ``(h, extra)``; the next reads ``extra`` where it is a tensor (a table to
+    sum, a mask to broadcast), as a transformer layer reads its mask or position table."""
+
+    def __init__(self, make_extra, first):
+        super().__init__()
+        self.linear = nn.Linear(5 if first else 6, 6).double()
+        self.make_extra, self.first = make_extra, first
+        self.table = nn.Parameter(torch.randn(24, 6, dtype=torch.float64))  # as many rows as the batch
+
+    def forward(self, f):
+        h, extra = (f, None) if self.first else (f[0], f[1])
+        if isinstance(extra, tuple):  # a namedtuple: read its field
+            extra = extra.rows
+        if isinstance(extra, dict):
+            extra = extra["rows"]
+        if isinstance(extra, Tensor) and extra.dim() > 0:
+            h = h + extra.sum(0) if extra.shape[0] != 1 else h * extra
+        out = torch.tanh(self.linear(h))
+        return out, (self.make_extra(self) if self.first else f[1])  # extras are made once, carried on
+
+
+_Rows = namedtuple("_Rows", "rows")
+
+
+_EXTRAS = {
+    "None": lambda s: None,
+    "int": lambda s: 7,
+    "str": lambda s: "tokens",
+    "0-d tensor": lambda s: torch.tensor(2.0, dtype=torch.float64),
+    "broadcast mask [1, H]": lambda s: torch.ones(1, 6, dtype=torch.float64) * 0.5,
+    "parameter with the batch's rows": lambda s: s.table,
+    "table made once, rows = samples left after exit 1": lambda s: s.table[:16] * 0.1,
+    "namedtuple of a table": lambda s: _Rows(s.table[:16] * 0.1),
+    "dict of a table": lambda s: {"rows": s.table[:16] * 0.1, "note": None},
+}
+
+
+@pytest.mark.parametrize("extra", list(_EXTRAS))
+def test_features_that_are_not_per_sample_pass_on_unchanged(extra):
+    """A stage's features beside the per-sample tensor: non-tensors were refused, a [1, H] mask gave a
+    bare IndexError, and a table with as many rows as the samples in the network was indexed by
+    sample as if batch-first (predictions differing from the full forward, no error). Now only
+    per-sample tensors are selected: exits and predictions equal the model run on each sample alone.
+    The table of 16 rows is carried from stage 1: 16 samples are in the network when exit 2 selects."""
+    torch.manual_seed(0)
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 4).double()
+
+        def forward(self, f):
+            return self.linear(f[0]) * 3
+
+    stages = [_Extras(_EXTRAS[extra], first=(k == 0)) for k in range(3)]
+    model = mw.MultiExit(stages, [Head() for _ in range(3)]).eval()
+    x = torch.randn(24, 5, dtype=torch.float64)
+    thresholds = leave_in_thirds(model, x)
+    ref_exits, ref_predictions = per_sample_reference(model, [lambda m, i=i: m(x[i:i + 1]) for i in range(24)],
+                                                      thresholds)
+    assert ref_exits.count(0) == 8 and ref_exits.count(1) == 8  # 16 in at exit 2, which selects 8
+    predictions, exits = mw.EarlyExit(model, thresholds)(x)
+    assert exits.tolist() == ref_exits and predictions.tolist() == ref_predictions
+
+
+class _ScaleFirst(nn.Module):
+    """A stage 1 taking the model's two inputs, a scale (0-d, [1] or a [10] table) before the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(5, 6).double()
+
+    def forward(self, scale, x):
+        return torch.tanh(self.linear(x) * scale.sum())
+
+
+class _ScaleFirstNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([_ScaleFirst(), nn.Sequential(nn.Linear(6, 6), nn.Tanh()).double(),
+                                     nn.Sequential(nn.Linear(6, 6), nn.Tanh()).double()])
+        self.heads = nn.ModuleList([nn.Linear(6, 4).double() for _ in range(3)])
+
+    def exit_stages(self):
+        return list(self.stages), list(self.heads)
+
+    def forward(self, scale, x):
+        h, out = self.stages[0](scale, x), []
+        for k, head in enumerate(self.heads):
+            h = h if k == 0 else self.stages[k](h)
+            out.append(head(h))
+        return out
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(2.0), torch.tensor([2.0]), torch.full((10,), 0.2)],
+                         ids=["0-d", "[1]", "[10]"])
+@pytest.mark.parametrize("call", ["positional", "dict, scale first", "keywords"])
+def test_the_batch_is_the_samples_of_exit_1_whatever_the_order_of_the_inputs(scale, call):
+    """The batch was the first dimension of the first tensor of the inputs: a 0-d scale before it gave
+    a bare IndexError, a [1] one a 'put the batch first' error. Now the batch is the rows of exit 1's
+    logits (stage 1 and head 1 see every sample), found as the first dimension of an input; at
+    batch 1 too, beside a [10] input."""
+    torch.manual_seed(0)
+    model = _ScaleFirstNet().eval()
+    scale = scale.double()
+    x = torch.randn(24, 5, dtype=torch.float64)
+    with torch.no_grad():
+        scores = as_rule("max_probability").scores(torch.stack(model(scale, x)))
+    thresholds = torch.tensor([split(scores[0]), split(scores[1]), -1.0], dtype=torch.float64)
+    ref_exits, ref_predictions = per_sample_reference(
+        model, [lambda m, i=i: m(scale, x[i:i + 1]) for i in range(24)], thresholds)
+    assert len(set(ref_exits)) == 3
+    predictor = mw.EarlyExit(model, thresholds)
+    for size in (24, 1):
+        got_exits, got_predictions = [], []
+        for start in range(0, 24, size):
+            batch = x[start:start + size]
+            p, e = {"positional": lambda: predictor(scale, batch),
+                    "dict, scale first": lambda: predictor({"scale": scale, "x": batch}),
+                    "keywords": lambda: predictor(scale=scale, x=batch)}[call]()
+            got_exits += e.tolist()
+            got_predictions += p.tolist()
+        assert got_exits == ref_exits and got_predictions == ref_predictions
+
+
+def test_inputs_without_the_batch_first_are_refused_saying_what_was_found():
+    model = _ScaleFirstNet().eval()
+    predictor = mw.EarlyExit(model, [0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match=r"only 0-d tensors \(2\)"):
+        predictor(torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    # a batch of 6 in the second dimension: exit 1 has 6 rows, no input has 6 in its first dimension
+    class Transposed(_ScaleFirst):
+        def forward(self, scale, x):
+            return super().forward(scale, x.T)
+
+    model.stages[0] = Transposed().double()
+    with pytest.raises(ValueError, match=r"for 6 samples and no tensor of the inputs has 6 as its first dimension "
+                                         r"\(found \(\), \(5, 6\)\).*batch_first=True"):
+        predictor(torch.tensor(2.0, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64))
+
+
+class _Holder:
+    def __init__(self, h):
+        self.h = h
+
+
+class _Wraps(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.linear, self.wrap = nn.Linear(4, 4), wrap
+
+    def forward(self, f):
+        h = f if isinstance(f, Tensor) else f.h if isinstance(f, _Holder) else \
+            torch.nn.utils.rnn.pad_packed_sequence(f, batch_first=True)[0][:, 0]
+        h = torch.tanh(self.linear(h))
+        return self.wrap(h)
+
+
+class _HeadOf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, f):
+        h = f if isinstance(f, Tensor) else f.h if isinstance(f, _Holder) else \
+            torch.nn.utils.rnn.pad_packed_sequence(f, batch_first=True)[0][:, 0]
+        return self.linear(h)
+
+
+@pytest.mark.parametrize("wrap, match", [
+    (_Holder, r"Stage 1 returned a `_Holder` \(features\) holding tensors whose first dimension is the number of "
+              r"samples in the network \(8\).*tuple, list or dict"),
+    (lambda h: torch.nn.utils.rnn.pack_sequence(list(h[:, None])), r"Stage 1 returned a PackedSequence.*padded"),
+])
+def test_features_whose_samples_cannot_be_selected_are_refused_naming_them(wrap, match):
+    """Per-sample tensors inside an object EarlyExit does not look into, or interleaved in a
+    PackedSequence, would go on with the samples that left (a PackedSequence's `sorted_indices`,
+    [batch], would be selected alone): refused with a TypeError naming what to return instead."""
+    torch.manual_seed(0)
+    model = mw.MultiExit([_Wraps(wrap) for _ in range(2)], [_HeadOf() for _ in range(2)]).eval()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        scores = as_rule("max_probability").scores(torch.stack(model(x)))
+    with pytest.raises(TypeError, match=match):
+        mw.EarlyExit(model, [float(scores[0].median()), 0.0])(x)
+
+
+# ------------------------------------------------------- layers that use the statistics of the batch
+def _bn_net(where, **options):
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(4, 8), nn.ReLU()) for _ in range(3)]
+    stages[1:] = [nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)]
+    heads = [nn.Linear(8, 3) for _ in range(3)]
+    norm = nn.BatchNorm1d(8, **options)
+    if where == "stage 1":
+        stages[0] = nn.Sequential(nn.Linear(4, 8), norm, nn.ReLU())
+    elif where == "stage 2":
+        stages[1] = nn.Sequential(nn.Linear(8, 8), norm, nn.ReLU())
+    else:
+        heads[2] = nn.Sequential(norm, nn.Linear(8, 3))
+    return mw.MultiExit(stages, heads).double().eval()
+
+
+def test_batch_statistics_are_refused_where_a_layer_runs_on_the_samples_still_in():
+    """A BatchNorm without running statistics normalises with the batch's statistics in eval mode
+    too: on the samples still in, EarlyExit gave other predictions than the full forward (11 of 31
+    at exit 2), with no sign. In a stage or head after the first it is refused with a ValueError
+    naming the layer and the fix, when built and at a call where such a layer was put in later,
+    changing nothing. Stage 1 and head 1 see the whole batch, and exit_costs(executed=True) makes
+    every sample leave at one exit: there batch statistics give the full forward's values and run.
+    A BatchNorm with running statistics left in train mode runs in eval mode, as the full forward in
+    eval mode."""
+    for where, name in (("stage 2", "stages.1.1"), ("head 3", "heads.2.0")):
+        match = rf"`{name}` \(BatchNorm1d, track_running_stats=False\).*track_running_stats=True"
+        with pytest.raises(ValueError, match=match):
+            mw.EarlyExit(_bn_net(where, track_running_stats=False), [0.5, 0.5, 0.0])
+        model = _bn_net(where)
+        predictor = mw.EarlyExit(model, [0.5, 0.5, 0.0])
+        model.train()
+        part = model.stages[1] if where == "stage 2" else model.heads[2]
+        part[int(name[-1])] = nn.BatchNorm1d(8, track_running_stats=False).double()
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(ValueError, match=match):
+            predictor(torch.randn(6, 4, dtype=torch.float64))
+        assert all(m.training for m in model.modules())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        # running statistics set to None: torch's own test for batch statistics in eval mode
+        model = _bn_net(where)
+        norm = model.get_submodule(name)
+        norm.running_mean = norm.running_var = None
+        with pytest.raises(ValueError, match=rf"`{name}` \(BatchNorm1d, track_running_stats=True\)"):
+            mw.EarlyExit(model, [0.5, 0.5, 0.0])
+    # where every sample is still in: accepted, as the full forward
+    model = _bn_net("stage 1", track_running_stats=False)
+    x = torch.randn(30, 4, dtype=torch.float64) * 2
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    thresholds = torch.tensor([split(as_rule("max_probability").scores(logits)[k]) for k in range(2)] + [-1.0],
+                              dtype=torch.float64)
+    expected_exits, expected = mw.exit_assignment(logits, thresholds)
+    predictions, exits = mw.EarlyExit(model, thresholds)(x)
+    assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
+    batch_statistics = _bn_net("stage 2", track_running_stats=False)
+    assert mw.exit_costs(batch_statistics, x[:2], executed=True).macs == \
+        mw.exit_costs(_bn_net("stage 2"), x[:2], executed=True).macs
+    model = _bn_net("stage 2").train()
+    with torch.no_grad():
+        model(torch.randn(64, 4, dtype=torch.float64) + 1)  # running statistics other than x's
+    predictions, exits = mw.EarlyExit(model, thresholds)(x)
+    assert model.training
+    with torch.no_grad():
+        expected_exits, expected = mw.exit_assignment(torch.stack(model.eval()(x)), thresholds)
+    assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
+    assert len(set(exits.tolist())) == 3
