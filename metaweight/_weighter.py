@@ -339,6 +339,7 @@ class HarmonizedWeighter(NamedWeights):
         self.num_skipped = 0  # meta steps and model steps refused as non-finite
         if gamma_optimizer is None:
             gamma_optimizer = "adam"
+        self._named_gamma_optimizer = isinstance(gamma_optimizer, str)
         if isinstance(gamma_optimizer, str) and capturable:
             self.gamma_optimizer = capturable_gamma_optimizer(gamma_optimizer, self.gamma, self.gamma_lr)
         elif isinstance(gamma_optimizer, str):
@@ -905,9 +906,13 @@ class HarmonizedWeighter(NamedWeights):
         ``capturable=True`` one (or of one built on another device)."""
         out = copy.deepcopy(dict(saved))
         built = self.gamma_optimizer.param_groups[0]
+        # a gamma optimizer built by name steps at this weighter's gamma_lr, a resumed run's too (as the weightings'
+        # learning rates); one the user built keeps torch's rule: the checkpoint's
+        kept = [*IMPLEMENTATION_OPTIONS, "lr"] if getattr(self, "_named_gamma_optimizer", False) else \
+            IMPLEMENTATION_OPTIONS
         for group in out.get("param_groups", []):
             if isinstance(group, dict):
-                group.update({k: built[k] for k in IMPLEMENTATION_OPTIONS if k in built})
+                group.update({k: built[k] for k in kept if k in built})
         return out
 
     def _check_gamma_optimizer_state(self, state_dict: Mapping[str, Any]) -> None:
@@ -935,9 +940,13 @@ class HarmonizedWeighter(NamedWeights):
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"The checkpoint's gamma optimizer state does not load into {mine}: {exc}") from None
         for value in saved["state"].values():
-            for t in value.values() if isinstance(value, Mapping) else []:
+            for name, t in value.items() if isinstance(value, Mapping) else []:
                 if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
                     raise ValueError("The checkpoint's gamma optimizer state holds non-finite values.")
+                if isinstance(t, Tensor) and t.dim() > 0 and t.shape != self.gamma.shape:  # (0-d: step counts)
+                    raise ValueError(f"The checkpoint's gamma optimizer state {name!r} has shape {tuple(t.shape)}, "
+                                     f"but gamma has {tuple(self.gamma.shape)}: it is not the state of this "
+                                     f"weighter's gamma. Nothing was changed.")
 
     def __repr__(self) -> str:
         return (

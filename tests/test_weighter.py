@@ -242,6 +242,49 @@ def test_state_dict_round_trip_and_mismatch_refused():
         last.load_state_dict(state)
 
 
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_a_resumed_weighter_steps_gamma_at_its_own_gamma_lr(name):
+    """Resumed with a new gamma_lr, the weighter kept stepping at the checkpoint's (torch's load_state_dict
+    restores a group's lr) while reporting the new one. Reference: the same gamma optimizer built by hand at the
+    new rate, loaded with the checkpoint's state, stepped on the resumed weighter's own meta-gradient."""
+    model, optimizer, criterion, validation, _ = setup("momentum")
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_lr=0.01, gamma_optimizer=name)
+    for _ in range(2):
+        w.meta_step(batch(dtype=F64), batch(dtype=F64))
+    state = copy.deepcopy(w.state_dict())
+    resumed = mw.HarmonizedWeighter(model, optimizer, criterion, mw.BalancedValidation(3), gamma_lr=0.5,
+                                    gamma_optimizer=name)
+    resumed.load_state_dict(state)
+    assert resumed.gamma_optimizer.param_groups[0]["lr"] == resumed.gamma_lr == 0.5
+    gamma = state["gamma"].clone()
+    by_hand = (torch.optim.Adam if name == "adam" else torch.optim.SGD)([gamma], lr=0.5)
+    saved = copy.deepcopy(state["gamma_optimizer"])
+    saved["param_groups"][0]["lr"] = 0.5
+    by_hand.load_state_dict(saved)
+    record = resumed.meta_step(batch(dtype=F64), batch(dtype=F64))
+    gamma.grad = record.gamma_grad.detach().clone().to(gamma.dtype)
+    by_hand.step()
+    torch.testing.assert_close(resumed.gamma, gamma.clamp(min=0))
+    if name == "adam":  # a gamma optimizer the user built keeps torch's rule: the checkpoint's rate
+        mine = mw.HarmonizedWeighter(model, optimizer, criterion, mw.BalancedValidation(3),
+                                     gamma_optimizer=lambda p: torch.optim.Adam(p, lr=0.5))
+        mine.load_state_dict(copy.deepcopy(w.state_dict()))
+        assert mine.gamma_optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_a_gamma_optimizer_state_of_another_shape_is_refused_changing_nothing():
+    """exp_avg of 5 values for 6 terms loaded, then every step failed with torch's 'The size of tensor a (5) must
+    match the size of tensor b (6)'."""
+    model, optimizer, criterion, validation, w = setup("momentum")
+    w.meta_step(batch(dtype=F64), batch(dtype=F64))
+    state = copy.deepcopy(w.state_dict())
+    state["gamma_optimizer"]["state"][0]["exp_avg"] = state["gamma_optimizer"]["state"][0]["exp_avg"][:-1]
+    before = copy.deepcopy(w.state_dict())
+    with pytest.raises(ValueError, match=r"state 'exp_avg' has shape \(5,\), but gamma has \(6,\)"):
+        w.load_state_dict(state)
+    assert repr(w.state_dict()) == repr(before)
+
+
 def test_repr_shows_settings():
     model = tiny_net(2)
     w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2))
