@@ -522,12 +522,21 @@ def _label_summary(target: Tensor, ignore_index: int | None) -> tuple[int, int, 
     :func:`unchecked_labels`, where they are taken as valid and all scored)."""
     if _UNCHECKED:
         return 0, 0, target.numel()
-    if not target.is_inference():
-        key = _label_key(target, ignore_index)
-        for ref, k, summary in _LAST_LABELS:
-            if ref() is target and k == key:
-                return summary
-    return _summaries([(target, ignore_index)])[0]
+    remembered = _remembered(target, ignore_index)
+    if remembered is not None:
+        return remembered[0]
+    return _summaries([(target, ignore_index)])[0][0]
+
+
+def _remembered(target: Tensor, ignore_index: int | None) -> tuple[tuple[int, int, int], Any] | None:
+    """The summary of ``target`` remembered in this step, and the ranks' (or ``None``): see :func:`summarize_labels`."""
+    if target.is_inference():
+        return None
+    key = _label_key(target, ignore_index)
+    for ref, k, summary, ranks in _LAST_LABELS:
+        if ref() is target and k == key:
+            return summary, ranks
+    return None
 
 
 def forget_labels() -> None:
@@ -535,29 +544,69 @@ def forget_labels() -> None:
     _LAST_LABELS.clear()
 
 
-def summarize_labels(labels: Sequence[tuple[Tensor, int | None]]) -> None:
+def summarize_labels(labels: Sequence[tuple[Tensor, int | None]], ranks: Any = None) -> None:
     """Start of a weighter step: summarise its label tensors (see :func:`_label_summary`) in one read
-    back to the host and remember them until :func:`forget_labels`."""
+    back to the host and remember them until :func:`forget_labels`. With ``ranks`` (a
+    :class:`~metaweight._hypergradient.Reducer` of more than one rank) the ranks' summaries are
+    combined too (one all-reduce), so that a refusal of one rank's labels is every rank's
+    (:func:`checked_target`)."""
     forget_labels()
+    _remember(labels, ranks)
+
+
+def _remember(labels: Sequence[tuple[Tensor, int | None]], ranks: Any) -> list[tuple[Any, ...]]:
     todo = [(t, i) for t, i in labels if not t.is_inference()]  # (no version counter to key on)
+    added = []
     if todo:
-        for (target, ignore_index), summary in zip(todo, _summaries(todo)):
-            _LAST_LABELS.append((weakref.ref(target), _label_key(target, ignore_index), summary))
+        for (target, ignore_index), (summary, combined) in zip(todo, _summaries(todo, ranks)):
+            added.append((weakref.ref(target), _label_key(target, ignore_index), summary, combined))
+    _LAST_LABELS.extend(added)
+    return added
 
 
-def summarize_step_labels(train_batch: Any, val_batch: Any, criterion: Any, validation: Any) -> None:
-    """Start of a weighter step: its training and validation labels (range, padding), each with the
-    padding label of the loss that reads it, in one read back to the host; the losses then find them
-    checked."""
+def _step_labels(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Tensor, int | None]]:
+    """The integer label tensors of ``(batch, loss)`` pairs, each with the padding label of its loss."""
     labels = []
-    for batch, part in ((train_batch, criterion), (val_batch, validation)):
+    for batch, part in batches:
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
         if isinstance(target, Tensor) and not target.is_floating_point():
             labels.append((target, getattr(part, "ignore_index", IGNORE_INDEX)))
-    summarize_labels(labels)
+    return labels
 
 
-def _summaries(labels: Sequence[tuple[Tensor, int | None]]) -> list[tuple[int, int, int]]:
+def summarize_step_labels(train_batch: Any, val_batch: Any, criterion: Any, validation: Any, ranks: Any = None
+                          ) -> None:
+    """Start of a weighter step: its training and validation labels (range, padding), each with the
+    padding label of the loss that reads it, in one read back to the host; the losses then find them
+    checked (with ``ranks``: the ranks' too, see :func:`summarize_labels`)."""
+    summarize_labels(_step_labels([(train_batch, criterion), (val_batch, validation)]), ranks)
+
+
+@contextlib.contextmanager
+def labels_agreed(target: Any, loss: Any, ranks: Any) -> Iterator[None]:
+    """Inside the block, ``target``'s summary is the ranks' too, as in a weighter step (one all-reduce,
+    under DDP only, and only for labels no step summarised): for a loss computed outside a step (the
+    two-call form's ``loss()``), whose refusal on one rank would leave the others waiting in DDP's
+    gradient all-reduce. Forgotten after the block."""
+    labels = _step_labels([((None, target), loss)])
+    if ranks is None or getattr(ranks, "world", 1) == 1 or not labels or \
+            _remembered(*labels[0]) is not None or _UNCHECKED:
+        yield
+        return
+    added = _remember(labels, ranks)
+    try:
+        yield
+    finally:
+        for entry in added:
+            if entry in _LAST_LABELS:
+                _LAST_LABELS.remove(entry)
+
+
+def _summaries(labels: Sequence[tuple[Tensor, int | None]], ranks: Any = None
+               ) -> list[tuple[tuple[int, int, int], tuple[int, int, int] | None]]:
+    """Each label tensor's smallest and largest scored label and number scored, and (with ``ranks``
+    of more than one rank) the same over every rank's tensor in that place: smallest, largest, and
+    the fewest scored on one rank; one read back to the host."""
     rows = []
     for target, ignore_index in labels:
         flat = target.detach().reshape(-1).long()
@@ -566,8 +615,25 @@ def _summaries(labels: Sequence[tuple[Tensor, int | None]]) -> list[tuple[int, i
         low = torch.where(scored, flat, largest).min() if flat.numel() else flat.new_zeros(())
         high = torch.where(scored, flat, -largest).max() if flat.numel() else flat.new_zeros(())
         rows.append(torch.stack([low, high, scored.sum()]).double().to(labels[0][0].device))
+    n = len(labels)
+    if ranks is not None and getattr(ranks, "world", 1) > 1:
+        import torch.distributed as dist
+
+        local = torch.stack(rows)  # [n, 3]
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(ranks.group) == "nccl" \
+            else local.device
+        combined = (local * torch.tensor([-1.0, 1.0, -1.0], dtype=local.dtype, device=local.device)).to(device)
+        dist.all_reduce(combined, op=dist.ReduceOp.MAX, group=ranks.group)
+        rows.append((combined * torch.tensor([-1.0, 1.0, -1.0], dtype=combined.dtype, device=device)).reshape(-1)
+                    .to(local.device))
     values = host_read(rows)
-    return [(int(values[3 * j]), int(values[3 * j + 1]), int(values[3 * j + 2])) for j in range(len(labels))]
+    out = []
+    for j in range(n):
+        summary = (int(values[3 * j]), int(values[3 * j + 1]), int(values[3 * j + 2]))
+        combined_summary = (int(values[3 * (n + j)]), int(values[3 * (n + j) + 1]), int(values[3 * (n + j) + 2])) \
+            if len(values) > 3 * n else None
+        out.append((summary, combined_summary))
+    return out
 
 
 def all_padding_message(where: str, ignore_index: int) -> str:
@@ -646,7 +712,29 @@ def checked_target(target: object, batch_size: int, num_classes: int | None, nam
                         f" If {low} marks padding, leave those positions out first (collect_logits(..., "
                         f"ignore_index={low}) does).")
             raise ValueError(f"{subject} has labels in [{low}, {high}], but {what}.{hint}")
+    remembered = None if _UNCHECKED else _remembered(target, ignore_index)
+    if remembered is not None and remembered[1] is not None:  # under DDP: another rank's refusal is this one's
+        _refuse_for_another_rank(subject, remembered[1], scored, num_classes, ignore_index)
     return target.long(), (low, high, scored)
+
+
+ANOTHER_RANK = ("Every rank refuses this step together, so that none is left waiting for the others in a collective "
+                "(DDP's gradient all-reduce, the weighter's): nothing was changed on any rank. Fix that rank's data (or "
+                "leave such batches out on every rank).")
+
+
+def _refuse_for_another_rank(subject: str, ranks: tuple[int, int, int], scored: int, num_classes: int | None,
+                             ignore_index: int | None) -> None:
+    """The refusal, on a rank whose own labels are fine, of labels another rank refuses in the same place:
+    ``ranks`` is the ranks' combined summary (smallest, largest, fewest scored on one rank)."""
+    low, high, fewest = ranks
+    if fewest == 0 and scored > 0:
+        raise ValueError(f"{subject}: on another rank every label in this place is ignore_index={ignore_index} "
+                         f"(padding): that rank has nothing to score. {ANOTHER_RANK}")
+    if fewest > 0 and (low < 0 or (num_classes is not None and high >= num_classes)):
+        what = f"[0, {num_classes - 1}]" if num_classes is not None else "class indices >= 0"
+        raise ValueError(f"{subject}: another rank's labels in this place lie in [{low}, {high}], outside {what}. "
+                         f"{ANOTHER_RANK}")
 
 
 def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:

@@ -107,7 +107,7 @@ class ExactMode:
             w._check_gradients(train_batch, val_batch)  # (once)
         transaction = w._transaction
         saved = transaction.begin(w)
-        summarize_step_labels(train_batch, val_batch, w.criterion, w.validation)
+        summarize_step_labels(train_batch, val_batch, w.criterion, w.validation, w._reducer)
         try:
             pending, terms = self.lookahead(w, train_batch, val_batch, keep_graph=keep, read_gamma=False)
             if terms is None:

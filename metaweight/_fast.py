@@ -92,7 +92,7 @@ class FastMode:
         saved = transaction.begin(w)  # before the count: anything raised or refused below leaves it as it was
         w.num_calls += 1
         run_meta = (w.num_calls - 1) % w.meta_every == 0
-        summarize_step_labels(train_batch, val_batch, w.criterion, w.validation)
+        summarize_step_labels(train_batch, val_batch, w.criterion, w.validation, w._reducer)
         w._pending = w._stepped = None
         named = w._trainable()
         device = next(p.device for _, p in named)

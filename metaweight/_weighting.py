@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._checks import check_initialized, integer_value, masked_label_hint, real_option
+from metaweight._hypergradient import Reducer
 from metaweight._optimizers import unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
@@ -311,6 +312,8 @@ class Weighting(NamedWeights):
         self._terms = terms
         self._group = ddp.process_group if ddp is not None else None
         self._world = dist.get_world_size(self._group) if ddp is not None and dist.is_initialized() else 1
+        if self._world > 1:  # a refusal of one rank's labels is every rank's
+            terms.ranks = Reducer(self._group)
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if isinstance(criterion, nn.Module):
             criterion.to(self.device)

@@ -198,3 +198,76 @@ def test_loggers_on_every_rank_write_one_log_once(tmp_path):
     steps = sorted(e.step for e in EventFileLoader(str(events[0])).Load()
                    if e.HasField("summary") and e.summary.value[0].tag == "metaweight/gamma/ce[1]")
     assert steps == [1, 2, 3]
+
+
+BAD_LABEL_FORMS = ["jvp", "fast", "fast, two calls", "uw"]
+
+
+def _bad_labels_worker(rank, world, init_file, out_dir):
+    """Rank 1's training labels are all padding at step 1 and out of range at step 2, its validation labels all
+    padding at step 3 (the weightings read none): rank 1's refusal must be every rank's, before any collective."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for form in BAD_LABEL_FORMS:
+            model = nn.parallel.DistributedDataParallel(make_model())
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+            if form == "uw":
+                w = mw.UW(model, optimizer, mw.DenseDistillLoss(3))
+            else:
+                w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), gamma_lr=0.5,
+                                          **_options(form))
+            outcome = []
+            for step, ((x, y), (xv, yv)) in enumerate(global_batches() + global_batches()[:1]):
+                x, y, xv, yv = x[rank::world], y[rank::world].clone(), xv[rank::world], yv[rank::world].clone()
+                if rank == 1 and step == 1:
+                    y[:] = -100
+                if rank == 1 and step == 2:
+                    y[0] = 9
+                if rank == 1 and step == 3:
+                    yv[:] = -100
+                before = [p.detach().clone() for p in model.module.parameters()] + [w.gamma.clone()]
+                try:
+                    with quiet():
+                        if form == "fast, two calls":
+                            fast_two_calls(w, model, optimizer, (x, y), (xv, yv))
+                        else:
+                            w.step((x, y), (xv, yv) if form != "uw" else None)
+                    outcome.append("ok")
+                except ValueError as exc:
+                    outcome.append("another rank" if "another rank" in str(exc) else "raised")
+                    after = [p.detach() for p in model.module.parameters()] + [w.gamma]
+                    if form == "fast, two calls" and step == 3:  # meta_step's refusal follows the loop's own step
+                        before, after = before[-1:], after[-1:]
+                    assert all(torch.equal(a, b) for a, b in zip(before, after)), (form, step)
+            results[form] = {"outcome": outcome, "gamma": w.gamma.clone(),
+                             "params": [p.detach().clone() for p in model.module.parameters()]}
+            del w, model, optimizer
+            gc.collect()
+        torch.save(results, os.path.join(out_dir, f"labels{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_ranks_bad_labels_are_refused_by_every_rank_at_once(tmp_path):
+    """An all-padding or out-of-range label batch on one rank was refused on that rank only, before the
+    collectives: the other rank went on into them (gloo: 'Is there a distributed collective mismatch', or two
+    iterations mixed; NCCL: a hang). Now every rank refuses that step, naming the other rank, and none changes."""
+    ctx = mp.start_processes(_bad_labels_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    import time
+    start = time.time()
+    while not ctx.join(timeout=5):
+        if time.time() - start > 150:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP with one rank's bad labels hung for 150 s")
+    ranks = [torch.load(tmp_path / f"labels{r}.pt") for r in range(2)]
+    for form in BAD_LABEL_FORMS:
+        a, b = ranks[0][form], ranks[1][form]
+        last = "ok" if form == "uw" else "another rank"  # (the weightings read no validation batch)
+        assert a["outcome"] == ["ok", "another rank", "another rank", last], form
+        assert b["outcome"] == ["ok", "raised", "raised", "ok" if form == "uw" else "raised"], form
+        assert torch.equal(a["gamma"], b["gamma"]), form
+        assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])), form
