@@ -95,9 +95,10 @@ class AttachedExits(nn.Module):
 
     ``forward`` runs the model once; a forward hook on each named module hands that module's
     output (a tensor, or the first tensor of a tuple such as a transformer layer's
-    ``(hidden_states, ...)``) to its head, which runs inside the hook on the output as the module
-    returned it (a copy where an in-place op changes it later in the forward, or the head changes
-    it: seen at the first forward, which copies for every head). It returns the heads' logits, shallow to deep,
+    ``(hidden_states, ...)``) to its head. An output changed in place later in the forward
+    (``nn.ReLU(inplace=True)`` after the module, ``out += identity``), and a head that changes
+    its input in place, are refused with a ``ValueError``: early exit runs the heads as the
+    modules return, so the heads would read other values there than in training. It returns the heads' logits, shallow to deep,
     followed by the model's own logits when ``include_output`` (a tensor, a Hugging Face
     output's ``.logits``, or the first tensor of a tuple whose other tensors have other shapes,
     such as ``(logits, hidden_states)``). What a model returns is never guessed: a tuple of
@@ -190,9 +191,6 @@ class AttachedExits(nn.Module):
         self._declared = declared_exits(model)
         self._output_exits = int(self.include_output) * (self._declared or 1)
         self._checked = False  # whether one whole forward showed the structure (order, each module once, classes)
-        # per exit, whether its head reads a copy of the features (None: not known yet, every head does): one
-        # whose features an in-place op changes, later in the forward or in the head itself (see _run_head)
-        self._copies: list[bool] | None = None
         if callable(heads) and not isinstance(heads, nn.Module):
             if example_input is None:
                 raise ValueError("A head factory needs `example_input` to see each module's output.")
@@ -227,21 +225,14 @@ class AttachedExits(nn.Module):
         """The model this wrapper passes its inputs to (how a dict of inputs is passed is decided on it)."""
         return self.model
 
-    def _capture(self, call: ModelCall, on_exit: Callable[..., None] | None = None, *,
-                 heads: dict[str, Tensor] | None = None) -> dict[str, Any]:
-        """Run the model once with the hooks; ``on_exit(k, features, versions, seen)`` at each attached exit
-        (early exit; the last two for :meth:`_run_head`).
+    def _capture(self, call: ModelCall, on_exit: Callable[[int, Tensor], None] | None = None) -> dict[str, Any]:
+        """Run the model once with the hooks; ``on_exit(k, features)`` at each attached exit (early exit).
 
         The hooks see the order the modules run in: ``on_exit`` is called only while it is the
         order of ``after`` with none missing. Once it is not, the forward runs to its end and the
-        structure is refused (:meth:`_check_structure`), never answered from the wrong exit.
-        ``heads``, a dict, gets each exit's logits by module name, its head run inside the hook on
-        the module's output as the module returned it (an in-place op later in the forward, as
-        ``ReLU(inplace=True)`` or ``out += identity``, changes that tensor afterwards)."""
+        structure is refused (:meth:`_check_structure`), never answered from the wrong exit."""
         captured: dict[str, Any] = {}
-        # exit -> (features, their version after its head ran); the exits seen to need a copy, in this forward
-        versions: dict[int, tuple[Tensor, int]] = {}
-        seen: set[int] = set()
+        versions: dict[str, int] = {}  # each named module's output's version as the module returned it
         calls = dict.fromkeys(self.after, 0)
         order: list[str] = []
         modules = dict(self.model.named_modules())
@@ -255,11 +246,11 @@ class AttachedExits(nn.Module):
                         self._refuse_repeats({name: calls[name]}, at_least=True)
                     return
                 captured[name] = _features(output)
+                if not torch.compiler.is_compiling() and not captured[name].is_inference():
+                    versions[name] = captured[name]._version  # (checked in eager forwards, where a hook runs eagerly)
                 order.append(name)
                 if on_exit is not None and order == self.after[:len(order)]:
-                    on_exit(index, captured[name], versions, seen)
-                elif heads is not None:
-                    heads[name] = self._run_head(index, captured[name], versions, seen)
+                    on_exit(index, captured[name])
             return hook
 
         for index, name in enumerate(self.after):
@@ -278,11 +269,15 @@ class AttachedExits(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-            seen.update(k for k, (features, version) in versions.items() if features._version != version)
-            if seen:  # (from the next forward on: this one's heads read what the flags said at its start)
-                self._copies = [k in seen or (self._copies is not None and self._copies[k])
-                                for k in range(len(self.after))]
         self._check_structure(calls, order)
+        changed = [name for name, version in versions.items() if captured[name]._version != version]
+        if changed:
+            raise ValueError(
+                f"The output of {changed[0]!r} was changed in place later in the forward of "
+                f"`{type(self.model).__name__}` (by an in-place op on it: nn.ReLU(inplace=True) after it, "
+                f"`out += identity`, ...), so the head attached after it would read other values in training than in "
+                f"early exit, which runs the head as soon as {changed[0]!r} returns. Attach the exit after the module "
+                f"that makes the change (the activation, or the whole block), or make that op out of place.")
         before = captured.pop("__own_first__", None)
         if before is not None and before < len(self.after):
             late = self.after[before:]
@@ -340,26 +335,15 @@ class AttachedExits(nn.Module):
                     f"Heads you pass are used as given: move it, e.g. heads[{index}].to(dtype={features.dtype}, "
                     f"device='{features.device}') (or pass a factory, whose heads follow the model's dtype and "
                     f"device).")
-        return head(features)
-
-    def _run_head(self, index: int, features: Tensor, versions: dict[int, tuple[Tensor, int]],
-                  seen: set[int]) -> Tensor:
-        """Head ``index`` inside its hook, on the features as the module returned them.
-
-        An in-place op on them later in the forward (``ReLU(inplace=True)``, ``out += identity``) would
-        change what the head's backward reads, and one in the head would change what the rest of the
-        forward reads: the head of an exit where either was seen reads a copy from then on
-        (:attr:`_copies`; in the first forward, every head does). Inference tensors, which keep no
-        version, are read as the copies say."""
-        copy = self._copies is None or self._copies[index]
-        given = features.clone() if copy else features
-        if features.is_inference():
-            return self._head(index, given)
-        before = given._version
-        logits = self._head(index, given)
-        if given._version != before:  # the head changed its input in place
-            seen.add(index)
-        versions[index] = (features, features._version)
+        if torch.compiler.is_compiling() or features.is_inference():  # (no version to compare)
+            return head(features)
+        version = features._version
+        logits = head(features)
+        if features._version != version:  # early exit runs it inside the forward, whose next layers read them
+            raise ValueError(f"The head of exit {index + 1} (after {self.after[index]!r}) changes its input in place "
+                             f"(its first layer an nn.ReLU(inplace=True)? an in-place op in its forward?): early exit "
+                             f"runs the head inside the model's forward, whose next layers read those features. Make "
+                             f"the head's ops out of place (nn.ReLU() rather than nn.ReLU(inplace=True)).")
         return logits
 
     def _own_exits(self, output: Any) -> list[Tensor]:
@@ -387,12 +371,8 @@ class AttachedExits(nn.Module):
         batch). A call the model's ``forward`` cannot take is refused with a ``TypeError``
         before it runs.
         """
-        # each head runs inside its hook, on the features as the module returned them (as early exit runs it)
-        by_name: dict[str, Tensor] = {}
-        captured = self._capture(wrapper_call(self.model, args, kwargs, "AttachedExits"), heads=by_name)
-        logits = [by_name[name] for name in self.after]
-        if self._copies is None:  # the first forward saw which features change in place (none)
-            self._copies = [False] * len(self.after)
+        captured = self._capture(wrapper_call(self.model, args, kwargs, "AttachedExits"))
+        logits = [self._head(k, captured[name]) for k, name in enumerate(self.after)]
         if self.include_output:
             logits.extend(self._own_exits(captured["__output__"]))
         self._check_classes(logits)
@@ -422,8 +402,8 @@ class AttachedExits(nn.Module):
             return computed
         computed: list[Tensor] = []
 
-        def on_exit(index: int, features: Tensor, versions: dict[int, tuple[Tensor, int]], seen: set[int]) -> None:
-            computed.append(self._run_head(index, features, versions, seen))
+        def on_exit(index: int, features: Tensor) -> None:
+            computed.append(self._head(index, features))
             self._check_classes(computed)
             if leave(index, computed[-1]):
                 raise _StopForward
