@@ -157,13 +157,13 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     :func:`~metaweight.predict` breaks them (the lower class index ranks first; a NaN ranks above
     every number, as in ``torch.argmax``), so top-1 is exactly ``predict(logits) == labels``: the
     label's rank is the number of classes with a larger logit plus those of lower index with an
-    equal one. One exception, the classes a row ranks last: a label whose logit equals its row's
-    smallest, when that is below the row's largest, is never among the ``k`` (with ``k > 1``).
-    Masked classes sit there (``-inf``, or a constant ``finfo.min``/``-1e9``/``-1e4`` mask), and
-    when fewer than ``k`` classes rank above them, the tie-break would fill the top-k with masked
-    classes by index: no prediction, and counting one would credit a class the exit rules out.
-    Where every class of a row ties (the row's smallest is its largest), the tie-break stands, as
-    it does for top-1."""
+    equal one. One exception, classes masked with a constant: a label whose logit equals its
+    row's smallest, when that is below the row's largest and is ``-inf`` or ``-1e4`` or less (a
+    ``finfo.min``/``-1e9``/``-1e4`` mask), is never among the ``k`` (with ``k > 1``): when fewer
+    than ``k`` classes rank above the masked ones, the tie-break would fill the top-k with masked
+    classes by index, no prediction, and counting one would credit a class the exit rules out.
+    Ties at a row's smallest logit that no mask made (ReLU'd, quantized or saturated logits, all
+    0 but a few) are ranked by the tie-break, as for top-1."""
     if k == 1:
         return predict(logits) == labels.view(1, -1)
     z = logits.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
@@ -172,8 +172,11 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     lower = torch.arange(z.shape[-1], device=z.device) < labels.view(1, -1, 1)
     rank = (z > z_y).sum(-1) + ((z == z_y) & lower).sum(-1)
     smallest, largest = z.amin(-1, keepdim=True), z.amax(-1, keepdim=True)
-    ranked_last = ((z_y == smallest) & (smallest < largest)).squeeze(-1)
-    return (rank < k) & ~ranked_last
+    masked = ((z_y == smallest) & (smallest < largest) & (smallest <= MASK_VALUE)).squeeze(-1)
+    return (rank < k) & ~masked
+
+
+MASK_VALUE = -1e4  # the largest constant a mask is taken to be (-1e4, -1e9 and finfo.min masks; -inf)
 
 
 @dataclass
@@ -255,9 +258,9 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         labels: ``[N]`` class indices.
         topk: the values of ``k`` to report (a ``k`` given twice, once). ``None`` (the default):
             top-1, and top-5 when there are more than 5 classes (with 5 or fewer it would be 100%).
-            Decided by each row's ranks alone (:func:`topk_correct`): the same for ``logits * s``
-            (``s > 0``) and calibrated logits; classes tied at a row's lowest logit (masked with
-            ``-inf`` or a constant) are never among the ``k``.
+            Decided by each row's ranks (:func:`topk_correct`): the same for ``logits * s``
+            (``s > 0``) and calibrated logits; classes masked with a constant (tied at a row's
+            lowest logit, ``-inf`` or ``-1e4`` or less) are never among the ``k``.
 
     Raises:
         ValueError: logits or labels on the meta device (no values to score), or of the wrong

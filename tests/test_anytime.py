@@ -225,16 +225,24 @@ def test_top_k_depends_on_the_ranks_only_not_on_the_scale_of_the_logits(scale):
     assert applied.accuracy == result.accuracy
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e-4])
-def test_classes_tied_at_the_bottom_of_a_row_are_never_in_the_top_k_at_any_scale(scale):
-    """The masked classes of the tests above, by rank: [-2, -3, m, m] with m = -1e4, and the same row
-    divided by 1e4 ([-2e-4, -3e-4, -1, -1]: 1 below the top, which the gap rule did not call masked,
-    so label 2 was a hit: 75%). By hand: classes 0 and 1 are the row's only classes above its lowest,
-    top-3 holds them alone: 50%. A row whose classes all tie keeps the tie-break of top-1 (class 0
-    first): labels 0..3 of [0, 0, 0, 0, 0] are in the top 4, label 4 is not."""
+@pytest.mark.parametrize("scale", [1.0, 10.0, 1e5])
+def test_classes_masked_with_a_constant_are_never_in_the_top_k_and_other_ties_are_ranked(scale):
+    """The masked classes of the tests above, by rank: [-2, -3, m, m] with m = -1e4 (and the row times 10 or
+    1e5: the mask stays -1e4 or less). By hand: classes 0 and 1 are the row's only classes above the mask,
+    top-3 holds them alone: 50%. Ties at a row's bottom that no mask made (a ReLU'd row, all 0 but a few;
+    saturated fp16 logits) are ranked as top-1 ranks them, by index (review: [4, 1, 1, 1, 1, 1, 1], label 1,
+    ranks second, was not counted in the top 5). A row whose classes all tie keeps the tie-break of top-1
+    (class 0 first): labels 0..3 of [0, 0, 0, 0, 0] are in the top 4, label 4 is not."""
     logits = (torch.tensor([-2.0, -3.0, -1e4, -1e4], dtype=torch.float64) * scale).expand(1, 4, 4)
     result = mw.anytime_accuracy_from_logits(logits, torch.tensor([0, 1, 2, 3]), topk=(1, 3))
     assert result.accuracy == {1: [25.0], 3: [50.0]}
     flat = torch.zeros(1, 5, 5)
     result = mw.anytime_accuracy_from_logits(flat, torch.tensor([0, 1, 2, 3, 4]), topk=(1, 4))
     assert result.accuracy == {1: [20.0], 4: [80.0]}
+    saturated = torch.tensor([4.0, 1, 1, 1, 1, 1, 1]).half().float().expand(1, 7, 7)
+    result = mw.anytime_accuracy_from_logits(saturated, torch.arange(7), topk=(1, 5))
+    assert result.accuracy[5] == [pytest.approx(500 / 7)]  # labels 0..4: ranks 0..4 (1..4 by index)
+    relu = torch.zeros(1, 2, 100)
+    relu[0, :, 5], relu[0, :, 7] = 3.0, 2.0
+    result = mw.anytime_accuracy_from_logits(relu * scale, torch.tensor([0, 4]), topk=(1, 5))
+    assert result.accuracy[5] == [50.0]  # class 0 ranks third (after 5 and 7), class 4 seventh
