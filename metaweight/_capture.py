@@ -130,9 +130,13 @@ def _output_died(record: weakref.ref, i: int, alias: Tensor) -> None:
         r.gone[i] = (alias.shape, alias.device, value_print(alias))
 
 
-# the autograd nodes of a copy of a tensor (same values and shape, the same gradient): clone, a cast, a view
+# the autograd nodes that move values without computing (a clone, a cast, views, reshapes): made of the output
+# by these alone, a tensor of its shape and values carries its gradient unchanged (shape and values are checked)
 _COPIES = frozenset({"CloneBackward0", "ToCopyBackward0", "AliasBackward0", "ViewBackward0", "UnsafeViewBackward0",
-                     "ReshapeAliasBackward0", "ExpandBackward0"})
+                     "ReshapeAliasBackward0", "ExpandBackward0", "SqueezeBackward0", "SqueezeBackward1",
+                     "SqueezeBackward2", "UnsqueezeBackward0", "SliceBackward0", "SelectBackward0", "TBackward0",
+                     "TransposeBackward0", "PermuteBackward0", "AsStridedBackward0", "UnbindBackward0",
+                     "SplitBackward0", "SplitWithSizesBackward0"})
 
 
 def _copied_from(leaf: Tensor, output: Tensor | None) -> bool:

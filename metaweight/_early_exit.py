@@ -12,7 +12,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_temperatures, check_thresholds, holds_meta,
                                refuse_nan_logits, softmax_undefined)
-from metaweight._exit_rules import ExitRule, as_rule, calibrated, decision_dtype, predict, reaches, score_dtype
+from metaweight._exit_rules import (Entropy, ExitRule, Margin, MaxProbability, as_rule, calibrated, decision_dtype,
+                                   predict, reaches, score_dtype)
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
@@ -144,6 +145,9 @@ def _refuse_undefined(k: int, count: int) -> None:
     raise ValueError(f"Exit {k + 1} gave {count} sample(s) logits that are all -inf (every class masked) or hold "
                      f"+inf: such a row has no softmax, so no confidence and no prediction; EarlyExit refuses "
                      f"rather than guess. {UNDEFINED_SOFTMAX_FIX}")
+
+
+_NAN_STAYS = (MaxProbability, Entropy, Margin)  # the rules whose score of a NaN row is NaN, which never leaves
 
 
 def _refuse_nan(model: nn.Module, k: int, counts: Sequence[int]) -> None:
@@ -446,13 +450,16 @@ class EarlyExit(nn.Module):
                 exits[alive] = k
                 break
             leaving = reaches(score, self.thresholds[k])  # a NaN score never leaves
-            nan = torch.isnan(raw) & leaving[:, None]  # predicted here: a rule that scores NaN rows
             # The one host read of the exit: how many samples continue sizes what the next stage
             # gets (and whether a row had no softmax or a leaving one NaN). Everything else selects
             # by indices of known size, so no other sync.
-            leaving_count, undefined_count, *nan_counts = torch.stack(
-                [leaving.sum(), undefined, nan.sum(), nan.any(-1).sum()]).tolist()
-            _refuse_nan(self.model, k, nan_counts)
+            if type(self.rule) in _NAN_STAYS:  # a NaN row scores NaN, which never leaves: no leaving row is NaN
+                leaving_count, undefined_count = torch.stack([leaving.sum(), undefined]).tolist()
+            else:  # (patience counts agreeing argmaxes, a NaN row's too; a rule of the user's may score it)
+                nan = torch.isnan(raw) & leaving[:, None]
+                leaving_count, undefined_count, *nan_counts = torch.stack(
+                    [leaving.sum(), undefined, nan.sum(), nan.any(-1).sum()]).tolist()
+                _refuse_nan(self.model, k, nan_counts)
             if undefined_count:
                 _refuse_undefined(k, undefined_count)
             remaining = alive.numel() - leaving_count
@@ -502,14 +509,17 @@ class EarlyExit(nn.Module):
             # those that already left, whose rows here decide nothing (as the staged path sees them)
             undefined = (softmax_undefined(history[-1]) & alive).sum()
             leaving = alive & (reaches(confidence, self.thresholds[k]) | (k == last))
-            nan = torch.isnan(logits) & leaving[:, None]  # predicted here (at the last exit, everyone left)
             # masks, not boolean indexing: the only host read of the exit is whether anyone is left
             state["predictions"] = torch.where(leaving, classes, state["predictions"])
             state["exits"].masked_fill_(leaving, k)
             alive &= ~leaving
-            any_alive, undefined_count, *nan_counts = torch.stack(
-                [alive.any().long(), undefined, nan.sum(), nan.any(-1).sum()]).tolist()
-            _refuse_nan(self.model, k, nan_counts)  # read with the exit's one host read
+            if k != last and type(self.rule) in _NAN_STAYS:  # (see _run)
+                any_alive, undefined_count = torch.stack([alive.any().long(), undefined]).tolist()
+            else:  # predicted here (at the last exit, everyone left)
+                nan = torch.isnan(logits) & leaving[:, None]
+                any_alive, undefined_count, *nan_counts = torch.stack(
+                    [alive.any().long(), undefined, nan.sum(), nan.any(-1).sum()]).tolist()
+                _refuse_nan(self.model, k, nan_counts)  # read with the exit's one host read
             if undefined_count:
                 _refuse_undefined(k, undefined_count)
             state["done"] = not any_alive

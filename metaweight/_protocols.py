@@ -228,11 +228,12 @@ def check_one_input(target: Any, value: Any, who: str, signature: inspect.Signat
     positional = [p for p in signature.parameters.values()
                   if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                 inspect.Parameter.VAR_POSITIONAL)]
-    try:  # a forward of two required parameters given a tuple (x, mask): Python would refuse it, less clearly
-        signature.bind(value)
-        unbound = None
-    except TypeError as exc:
-        unbound = str(exc)
+    unbound = None
+    if not _rewrites_inputs(target):  # (a forward pre-hook may unpack the tuple itself)
+        try:  # a forward of two required parameters given a tuple (x, mask): Python would refuse it, less clearly
+            signature.bind(value)
+        except TypeError as exc:
+            unbound = str(exc)
     if unbound is None and (not positional or positional[0].kind is inspect.Parameter.VAR_POSITIONAL or
                             not _only_tensor(positional[0].annotation)):
         return
@@ -258,6 +259,29 @@ def check_one_input(target: Any, value: Any, who: str, signature: inspect.Signat
     raise TypeError(f"{who} was given {found}, and would pass it as the one positional argument `{first}` of "
                     f"`{type(_call_target(target)).__name__}.forward({params})`, {cannot}. "
                     f"{HOW_INPUTS_ARE_PASSED} {fix}")
+
+
+def _rewrites_inputs(target: Any) -> bool:
+    """Whether a forward pre-hook (the user's, not metaweight's own) may change what ``target``'s
+    ``forward`` is called with, on it, on a module wrapping it, or globally."""
+    from torch.nn.modules.module import _global_forward_pre_hooks
+
+    def theirs(hooks: Any) -> bool:
+        return any(not type(getattr(h, "__self__", None)).__module__.startswith("metaweight") for h in hooks.values())
+
+    module = target
+    while True:  # the wrappers _call_target goes through, and the module it ends at
+        if isinstance(module, nn.Module) and theirs(module._forward_pre_hooks):
+            return True
+        inner = getattr(module, "_orig_mod", None)
+        if inner is None and isinstance(module, nn.parallel.DistributedDataParallel):
+            inner = module.module
+        if inner is None:
+            follow = getattr(type(module), "_inputs_target", None)
+            inner = follow(module) if callable(follow) else None
+        if inner is None or inner is module:
+            return theirs(_global_forward_pre_hooks)
+        module = inner
 
 
 def _failed_holding(error: BaseException, value: Any) -> bool:

@@ -725,3 +725,17 @@ def test_batch_statistics_are_refused_where_a_layer_runs_on_the_samples_still_in
         expected_exits, expected = mw.exit_assignment(torch.stack(model.eval()(x)), thresholds)
     assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected)
     assert len(set(exits.tolist())) == 3
+
+
+def test_a_forward_pre_hook_that_unpacks_the_inputs_is_left_to_do_so():
+    """forward(x, mask) given (x, mask) through a forward pre-hook that unpacks it: the signature check must not
+    refuse what the hook makes callable (review of the check: it did)."""
+    torch.manual_seed(0)
+    model = TwoArguments()
+    model.register_forward_pre_hook(lambda module, args: args[0] if len(args) == 1 else args)
+    x, mask, y = torch.randn(6, 4), torch.ones(6, 4), torch.randint(0, 3, (6,))
+    with torch.no_grad():
+        expected = torch.stack(model(x, mask))
+    assert torch.equal(mw.collect_logits(model, [((x, mask), y)])[0], expected)
+    w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2))
+    assert w.step(((x, mask), y), ((x, mask), y)).meta_step == 1

@@ -1400,6 +1400,9 @@ COPIED = {  # the same values and gradient: accepted, whether the forward's outp
     "cast": lambda z: z.to(torch.float64),
     "viewed as itself": lambda z: z.view(z.shape),
     "cloned twice": lambda z: z.clone().clone(),
+    "squeezed": lambda z: z.unsqueeze(0).squeeze(0),
+    "sliced whole": lambda z: z[:],
+    "transposed twice": lambda z: z.t().t(),
 }
 
 
