@@ -29,7 +29,7 @@ from metaweight._gradcheck import gradient_mismatch
 from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
 from metaweight._checks import (check_flag, check_initialized, check_has_values, IGNORE_INDEX, forget_labels,
                                in_dtype, integer_value, masked_label_hint, per_term, real_numbers, real_option,
-                               real_scalar, unpack_batch)
+                               real_scalar, summarize_step_labels, unpack_batch)
 from metaweight._clipping import ClipGradNorm, check_max_norm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -525,10 +525,15 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError("This weighter was built with capturable=True, whose step is the one-call device_step() "
                              "(or step()); the two-call form's meta_step is not capturable. Call step() or "
                              "device_step(), or build the weighter with capturable=False. Nothing was changed.")
-        with torch.enable_grad():  # (called under torch.no_grad(), the meta-gradient still needs autograd)
-            if self.mode == "fast" and self.learn:
-                return self._two_call.meta_step(self, train_batch, val_batch)
-            return self._exact.meta_step(self, train_batch, val_batch)
+        # the batches' labels summarised once (under DDP, with the ranks': one rank's refusal is every rank's)
+        summarize_step_labels(train_batch, val_batch, self.criterion, self.validation, self._reducer)
+        try:
+            with torch.enable_grad():  # (called under torch.no_grad(), the meta-gradient still needs autograd)
+                if self.mode == "fast" and self.learn:
+                    return self._two_call.meta_step(self, train_batch, val_batch)
+                return self._exact.meta_step(self, train_batch, val_batch)
+        finally:
+            forget_labels()  # labels are remembered for one call only
 
     def _check_loop(self) -> None:
         """Before every meta step, what may have changed since the weighter was built and the look-ahead
