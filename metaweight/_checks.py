@@ -582,26 +582,6 @@ def summarize_step_labels(train_batch: Any, val_batch: Any, criterion: Any, vali
     summarize_labels(_step_labels([(train_batch, criterion), (val_batch, validation)]), ranks)
 
 
-@contextlib.contextmanager
-def labels_agreed(target: Any, loss: Any, ranks: Any) -> Iterator[None]:
-    """Inside the block, ``target``'s summary is the ranks' too, as in a weighter step (one all-reduce,
-    under DDP only, and only for labels no step summarised): for a loss computed outside a step (the
-    two-call form's ``loss()``), whose refusal on one rank would leave the others waiting in DDP's
-    gradient all-reduce. Forgotten after the block."""
-    labels = _step_labels([((None, target), loss)])
-    if ranks is None or getattr(ranks, "world", 1) == 1 or not labels or \
-            _remembered(*labels[0]) is not None or _UNCHECKED:
-        yield
-        return
-    added = _remember(labels, ranks)
-    try:
-        yield
-    finally:
-        for entry in added:
-            if entry in _LAST_LABELS:
-                _LAST_LABELS.remove(entry)
-
-
 def _summaries(labels: Sequence[tuple[Tensor, int | None]], ranks: Any = None
                ) -> list[tuple[tuple[int, int, int], tuple[int, int, int] | None]]:
     """Each label tensor's smallest and largest scored label and number scored, and (with ``ranks``

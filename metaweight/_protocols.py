@@ -36,8 +36,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from metaweight._checks import labels_agreed
-
 
 def _accepts_keyword(fn: Any, name: str) -> bool:
     target = fn.forward if isinstance(fn, nn.Module) else fn
@@ -87,7 +85,6 @@ class Terms:
                              f"term. Found {active!r}.")
         self.active = active
         self.fixed_targets = _accepts_keyword(criterion, "teacher_outputs")
-        self.ranks: Any = None  # under DDP, the weighter's Reducer: the ranks agree on refusing labels
 
 
     @property
@@ -95,11 +92,10 @@ class Terms:
         return len(self.term_names)
 
     def __call__(self, outputs: Any, target: Any, *, teacher_outputs: Any = None) -> Tensor:
-        with labels_agreed(target, self.criterion, self.ranks):
-            if teacher_outputs is not None:
-                values = self.criterion(outputs, target, teacher_outputs=teacher_outputs)
-            else:
-                values = self.criterion(outputs, target)
+        if teacher_outputs is not None:
+            values = self.criterion(outputs, target, teacher_outputs=teacher_outputs)
+        else:
+            values = self.criterion(outputs, target)
         if not isinstance(values, Tensor) or values.shape != (self.num_terms,) or not values.is_floating_point():
             found = f"shape {tuple(values.shape)} ({values.dtype})" if isinstance(values, Tensor) else \
                 f"`{type(values).__name__}`"
@@ -117,14 +113,12 @@ class Objective:
                             f"`{type(validation).__name__}`.")
         self.validation = validation
         self.per_exit = all(callable(getattr(validation, a, None)) for a in ("exit_losses", "objective", "update"))
-        self.ranks: Any = None  # under DDP, the weighter's Reducer: the ranks agree on refusing labels
 
     def losses(self, outputs: Any, target: Any) -> Tensor:
         """The vector the objective is a function of: per-exit losses, or the scalar itself as ``[1]``."""
-        with labels_agreed(target, self.validation, self.ranks):
-            if self.per_exit:
-                return self.validation.exit_losses(outputs, target)
-            value = self.validation(outputs, target)
+        if self.per_exit:
+            return self.validation.exit_losses(outputs, target)
+        value = self.validation(outputs, target)
         if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
             found = f"shape {tuple(value.shape)} ({value.dtype})" if isinstance(value, Tensor) else \
                 f"`{type(value).__name__}`"

@@ -303,8 +303,6 @@ class HarmonizedWeighter(NamedWeights):
         self.validation = validation
         self._terms = terms  # what the weighter asks of them (metaweight._protocols)
         self._objective = objective
-        if self._reducer.world > 1:  # a refusal of one rank's labels is every rank's
-            terms.ranks = objective.ranks = self._reducer
         self.learn = bool(learn)
         self.constraint = constraint
         self.nonfinite = nonfinite

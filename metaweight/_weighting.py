@@ -44,7 +44,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
-from metaweight._checks import check_initialized, integer_value, masked_label_hint, real_option
+from metaweight._checks import (check_initialized, forget_labels, integer_value, masked_label_hint, real_option,
+                               summarize_step_labels)
 from metaweight._hypergradient import Reducer
 from metaweight._optimizers import unwrap_optimizer
 from metaweight._protocols import Terms, call_model
@@ -312,8 +313,8 @@ class Weighting(NamedWeights):
         self._terms = terms
         self._group = ddp.process_group if ddp is not None else None
         self._world = dist.get_world_size(self._group) if ddp is not None and dist.is_initialized() else 1
-        if self._world > 1:  # a refusal of one rank's labels is every rank's
-            terms.ranks = Reducer(self._group)
+        # under DDP, step() combines the ranks' label summaries: a refusal of one rank's labels is every rank's
+        self._ranks = Reducer(self._group) if self._world > 1 else None
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if isinstance(criterion, nn.Module):
             criterion.to(self.device)
@@ -570,6 +571,7 @@ class Weighting(NamedWeights):
         snapshot = self._buffers
         snapshot.save()
         try:
+            summarize_step_labels(train_batch, None, self.criterion, None, getattr(self, "_ranks", None))  # (see above)
             loss = self.loss(call_model(self.model, x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -577,6 +579,8 @@ class Weighting(NamedWeights):
             snapshot.restore()
             self._reset_pending()
             raise
+        finally:
+            forget_labels()
         flag = nonfinite_flag(loss, [p.grad for p in self.module.parameters()])
         flag = self._mean_over_ranks((flag + snapshot.became_nonfinite(flag.device)).clamp_max(1.0))
         values = host_read([flag, loss, self.last_terms])  # the decision and the record's numbers, one read
