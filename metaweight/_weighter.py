@@ -92,7 +92,9 @@ class HarmonizedWeighter(NamedWeights):
             from ``criterion.num_exits`` and ``criterion.ignore_index``), or any callable ``validation(outputs, target) ->
             scalar`` to lower.
         term_names: the names of the criterion's terms, where it has no ``term_names``.
-        gamma_lr: :math:`\epsilon`, the learning rate of the named ``gamma_optimizer``.
+        gamma_lr: :math:`\epsilon`, the learning rate of the named ``gamma_optimizer``
+            (:meth:`load_state_dict` restores the checkpoint's, as torch's optimizers do, and
+            :attr:`gamma_lr` then reports it).
         gamma_optimizer: ``"adam"`` (the default: steps of about :math:`\epsilon` per meta
             step whatever the scale of the meta-gradient), ``"sgd"`` (the paper's
             :math:`\gamma \leftarrow \gamma - \epsilon \nabla_\gamma`; the meta-gradient is
@@ -339,7 +341,6 @@ class HarmonizedWeighter(NamedWeights):
         self.num_skipped = 0  # meta steps and model steps refused as non-finite
         if gamma_optimizer is None:
             gamma_optimizer = "adam"
-        self._named_gamma_optimizer = isinstance(gamma_optimizer, str)
         if isinstance(gamma_optimizer, str) and capturable:
             self.gamma_optimizer = capturable_gamma_optimizer(gamma_optimizer, self.gamma, self.gamma_lr)
         elif isinstance(gamma_optimizer, str):
@@ -894,6 +895,9 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"The checkpoint's gamma_sum {state_dict['gamma_sum']!r} should be a finite number >= 0.")
         # everything checked: now apply
         self.gamma_optimizer.load_state_dict(self._own_implementation(state_dict["gamma_optimizer"]))
+        lr = real_scalar(self.gamma_optimizer.param_groups[0].get("lr"))
+        if lr is not None:  # torch's rule: the checkpoint's rate (a scheduler's too); gamma_lr says which
+            self.gamma_lr = lr
         with torch.no_grad():
             self.gamma.copy_(gamma)
         self._objective.load_state_dict(state_dict["validation"])
@@ -911,13 +915,9 @@ class HarmonizedWeighter(NamedWeights):
         ``capturable=True`` one (or of one built on another device)."""
         out = copy.deepcopy(dict(saved))
         built = self.gamma_optimizer.param_groups[0]
-        # a gamma optimizer built by name steps at this weighter's gamma_lr, a resumed run's too (as the weightings'
-        # learning rates); one the user built keeps torch's rule: the checkpoint's
-        kept = [*IMPLEMENTATION_OPTIONS, "lr"] if getattr(self, "_named_gamma_optimizer", False) else \
-            IMPLEMENTATION_OPTIONS
         for group in out.get("param_groups", []):
             if isinstance(group, dict):
-                group.update({k: built[k] for k in kept if k in built})
+                group.update({k: built[k] for k in IMPLEMENTATION_OPTIONS if k in built})
         return out
 
     def _check_gamma_optimizer_state(self, state_dict: Mapping[str, Any]) -> None:
