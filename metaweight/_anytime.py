@@ -152,18 +152,18 @@ def collect_logits(
 def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     """Per exit and sample, whether the label is among the ``k`` highest logits: bool ``[K, N]``.
 
-    Decided by ranks alone, so it does not change when the logits are scaled (``logits * s``,
-    ``s > 0``; :meth:`Calibration.apply` at any temperature) or shifted. Ties are broken as
-    :func:`~metaweight.predict` breaks them (the lower class index ranks first; a NaN ranks above
-    every number, as in ``torch.argmax``), so top-1 is exactly ``predict(logits) == labels``: the
-    label's rank is the number of classes with a larger logit plus those of lower index with an
-    equal one. One exception, classes masked with a constant: a label whose logit equals its
-    row's smallest, when that is below the row's largest and is ``-inf`` or ``-1e4`` or less (a
-    ``finfo.min``/``-1e9``/``-1e4`` mask), is never among the ``k`` (with ``k > 1``): when fewer
-    than ``k`` classes rank above the masked ones, the tie-break would fill the top-k with masked
-    classes by index, no prediction, and counting one would credit a class the exit rules out.
-    Ties at a row's smallest logit that no mask made (ReLU'd, quantized or saturated logits, all
-    0 but a few) are ranked by the tie-break, as for top-1."""
+    Decided by ranks. Ties are broken as :func:`~metaweight.predict` breaks them (the lower class
+    index ranks first; a NaN ranks above every number, as in ``torch.argmax``), so top-1 is exactly
+    ``predict(logits) == labels``: the label's rank is the number of classes with a larger logit
+    plus those of lower index with an equal one. One exception, classes masked with a constant: a
+    label whose logit is below the row's largest and is ``-inf``, or ``-1e4`` or less and shared
+    with another class (a ``finfo.min``/``-1e9``/``-1e4`` mask), is never among the ``k`` (with
+    ``k > 1``): when fewer than ``k`` classes rank above the masked ones, the tie-break would fill
+    the top-k with masked classes by index, no prediction, and counting one would credit a class
+    the exit rules out. Ties no mask made (ReLU'd, quantized or saturated logits, all 0 but a few)
+    are ranked by the tie-break, as for top-1. So scaling or shifting the logits
+    (:meth:`Calibration.apply`) changes nothing unless it moves tied classes across ``-1e4`` (a
+    ``-1e4`` mask divided by a temperature above 1 is then ranked, not masked)."""
     if k == 1:
         return predict(logits) == labels.view(1, -1)
     z = logits.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
@@ -171,9 +171,10 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     z_y = z.gather(-1, index)
     lower = torch.arange(z.shape[-1], device=z.device) < labels.view(1, -1, 1)
     rank = (z > z_y).sum(-1) + ((z == z_y) & lower).sum(-1)
-    smallest, largest = z.amin(-1, keepdim=True), z.amax(-1, keepdim=True)
-    masked = ((z_y == smallest) & (smallest < largest) & (smallest <= MASK_VALUE)).squeeze(-1)
-    return (rank < k) & ~masked
+    largest = z.amax(-1, keepdim=True)
+    tied = (z == z_y).sum(-1, keepdim=True) > 1
+    masked = (torch.isneginf(z_y) | (tied & (z_y <= MASK_VALUE))) & (z_y < largest)
+    return (rank < k) & ~masked.squeeze(-1)
 
 
 MASK_VALUE = -1e4  # the largest constant a mask is taken to be (-1e4, -1e9 and finfo.min masks; -inf)
@@ -258,9 +259,8 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         labels: ``[N]`` class indices.
         topk: the values of ``k`` to report (a ``k`` given twice, once). ``None`` (the default):
             top-1, and top-5 when there are more than 5 classes (with 5 or fewer it would be 100%).
-            Decided by each row's ranks (:func:`topk_correct`): the same for ``logits * s``
-            (``s > 0``) and calibrated logits; classes masked with a constant (tied at a row's
-            lowest logit, ``-inf`` or ``-1e4`` or less) are never among the ``k``.
+            Decided by each row's ranks (:func:`topk_correct`); classes masked with a constant
+            (``-inf``, or ``-1e4`` or less and shared by several classes) are never among the ``k``.
 
     Raises:
         ValueError: logits or labels on the meta device (no values to score), or of the wrong
