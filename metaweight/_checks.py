@@ -551,17 +551,10 @@ def summarize_labels(labels: Sequence[tuple[Tensor, int | None]], ranks: Any = N
     combined too (one all-reduce), so that a refusal of one rank's labels is every rank's
     (:func:`checked_target`)."""
     forget_labels()
-    _remember(labels, ranks)
-
-
-def _remember(labels: Sequence[tuple[Tensor, int | None]], ranks: Any) -> list[tuple[Any, ...]]:
     todo = [(t, i) for t, i in labels if not t.is_inference()]  # (no version counter to key on)
-    added = []
     if todo:
         for (target, ignore_index), (summary, combined) in zip(todo, _summaries(todo, ranks)):
-            added.append((weakref.ref(target), _label_key(target, ignore_index), summary, combined))
-    _LAST_LABELS.extend(added)
-    return added
+            _LAST_LABELS.append((weakref.ref(target), _label_key(target, ignore_index), summary, combined))
 
 
 def _step_labels(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Tensor, int | None]]:
@@ -698,9 +691,9 @@ def checked_target(target: object, batch_size: int, num_classes: int | None, nam
     return target.long(), (low, high, scored)
 
 
-ANOTHER_RANK = ("Every rank refuses this step together, so that none is left waiting for the others in a collective "
-                "(DDP's gradient all-reduce, the weighter's): nothing was changed on any rank. Fix that rank's data (or "
-                "leave such batches out on every rank).")
+ANOTHER_RANK = ("Every rank refuses this call together, so that none is left waiting for the others in a collective "
+                "(DDP's gradient all-reduce, the weighter's): the weighter changed nothing on any rank. Fix that rank's "
+                "data (or leave such batches out on every rank).")
 
 
 def _refuse_for_another_rank(subject: str, ranks: tuple[int, int, int], scored: int, num_classes: int | None,
