@@ -81,7 +81,9 @@ def test_ddp_two_ranks_match_each_other_and_a_single_process(backend, tmp_path):
     assert torch.allclose(ranks[0]["gamma"], single.gamma, rtol=0, atol=1e-4 if backend.startswith("fast") else 1e-6)
     assert torch.allclose(ranks[0]["expected"], single.validation.expected, rtol=1e-6)
     for a, b in zip(ranks[0]["params"], single.model.parameters()):
-        assert torch.allclose(a, b, **({"rtol": 1e-6, "atol": 1e-8} if backend.startswith("fast") else {"rtol": 1e-9, "atol": 1e-11}))
+        # (fast: gamma is float32 and its one-sided difference is 2.4e-6 from the single run's, measured; the steps
+        # it weighs, at lr 0.2, move the parameters 6e-8 apart: within what gamma's tolerance allows)
+        assert torch.allclose(a, b, **({"rtol": 1e-6, "atol": 1e-6} if backend.startswith("fast") else {"rtol": 1e-9, "atol": 1e-11}))
 
 
 def test_ddp_refuses_higher_and_forward_reuse():

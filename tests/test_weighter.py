@@ -366,3 +366,17 @@ def test_initial_weights_take_a_dict_by_term_name_and_its_values():
         with pytest.raises((TypeError, ValueError), match=name):
             read({1.0, 2.0, 3.0})  # a set has no order
     torch.testing.assert_close(copy.deepcopy((net.state_dict(), opt.state_dict())), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_negative_learning_rate_set_after_construction_is_refused_like_maximize(mode):
+    """lr set below 0 after the weighter was built (a scheduler gone wrong) turned the look-ahead into gradient
+    ascent while maximize=True was refused."""
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode=mode)
+    optimizer.param_groups[0]["lr"] = -0.1
+    before = [p.detach().clone() for p in model.parameters()] + [w.gamma.clone()]
+    with pytest.raises(ValueError, match=r"lr=-0.1, below 0.*ascend"):
+        w.step(batch(), batch())
+    assert all(torch.equal(a, b) for a, b in zip(before, [*model.parameters(), w.gamma]))
