@@ -7,6 +7,7 @@ and how to fix it, before any state is touched.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence, ValuesView
@@ -31,9 +32,11 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
     ``fix`` (with ``{n}``, the exits found) says what to change when their number differs."""
     if isinstance(outputs, Tensor) or not isinstance(outputs, Sequence):
         raise ValueError(
-            f"The {where} should be a list or tuple of {num_exits} logits tensors, one per exit "
-            f"(shallow to deep). Found `{type(outputs).__name__}`. Make the model's forward return "
-            f"`[logits_1, ..., logits_K]`, or wrap it with `metaweight.MultiExit`."
+            f"The {where} should be a list or tuple of {num_exits} logits tensor{'s' if num_exits != 1 else ''}, "
+            f"one per exit (shallow to deep). Found `{type(outputs).__name__}`"
+            f"{' (a generator: make it a list)' if inspect.isgenerator(outputs) else ''}"
+            f"{f' with keys {list(outputs)[:6]}' if isinstance(outputs, Mapping) else ''}. Make the model's forward "
+            f"return `[logits_1, ..., logits_K]`, or wrap it with `metaweight.MultiExit`."
         )
     if len(outputs) and isinstance(outputs[0], (list, tuple)) and all(isinstance(t, Tensor) for t in outputs[0]):
         raise ValueError(
