@@ -46,7 +46,7 @@ from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
-from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
+from metaweight._optimizers import (_SCALAR_STATE, IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
                                     check_optimizer_options, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
 
@@ -92,9 +92,10 @@ class HarmonizedWeighter(NamedWeights):
             from ``criterion.num_exits`` and ``criterion.ignore_index``), or any callable ``validation(outputs, target) ->
             scalar`` to lower.
         term_names: the names of the criterion's terms, where it has no ``term_names``.
-        gamma_lr: :math:`\epsilon`, the learning rate of the named ``gamma_optimizer``
-            (:meth:`load_state_dict` restores the checkpoint's, as torch's optimizers do, and
-            :attr:`gamma_lr` then reports it).
+        gamma_lr: :math:`\epsilon`, the learning rate the named ``gamma_optimizer`` is built with
+            (:attr:`gamma_lr` keeps it; the rate gamma steps at is
+            ``gamma_optimizer.param_groups[0]["lr"]``, which a scheduler changes and
+            :meth:`load_state_dict` restores from the checkpoint, as torch's optimizers do).
         gamma_optimizer: ``"adam"`` (the default: steps of about :math:`\epsilon` per meta
             step whatever the scale of the meta-gradient), ``"sgd"`` (the paper's
             :math:`\gamma \leftarrow \gamma - \epsilon \nabla_\gamma`; the meta-gradient is
@@ -895,9 +896,6 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"The checkpoint's gamma_sum {state_dict['gamma_sum']!r} should be a finite number >= 0.")
         # everything checked: now apply
         self.gamma_optimizer.load_state_dict(self._own_implementation(state_dict["gamma_optimizer"]))
-        lr = real_scalar(self.gamma_optimizer.param_groups[0].get("lr"))
-        if lr is not None:  # torch's rule: the checkpoint's rate (a scheduler's too); gamma_lr says which
-            self.gamma_lr = lr
         with torch.no_grad():
             self.gamma.copy_(gamma)
         self._objective.load_state_dict(state_dict["validation"])
@@ -939,6 +937,10 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"This checkpoint's gamma optimizer has the settings {sorted(saved['param_groups'][0])}, "
                              f"which are not those of this weighter's {mine}. Build the weighter with the "
                              f"gamma_optimizer the checkpoint was saved with.")
+        lr = real_scalar(saved["param_groups"][0].get("lr"))
+        if lr is not None and not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"The checkpoint's gamma optimizer has lr={lr}: gamma would step against its meta-gradient "
+                             f"(or not at all). Expected a finite number >= 0. Nothing was changed.")
         scratch = copy.deepcopy(self.gamma_optimizer)
         try:
             scratch.load_state_dict(self._own_implementation(saved))
@@ -948,7 +950,7 @@ class HarmonizedWeighter(NamedWeights):
             for name, t in value.items() if isinstance(value, Mapping) else []:
                 if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
                     raise ValueError("The checkpoint's gamma optimizer state holds non-finite values.")
-                if isinstance(t, Tensor) and t.dim() > 0 and t.shape != self.gamma.shape:  # (0-d: step counts)
+                if isinstance(t, Tensor) and name not in _SCALAR_STATE and t.shape != self.gamma.shape:
                     raise ValueError(f"The checkpoint's gamma optimizer state {name!r} has shape {tuple(t.shape)}, "
                                      f"but gamma has {tuple(self.gamma.shape)}: it is not the state of this "
                                      f"weighter's gamma. Nothing was changed.")

@@ -245,8 +245,7 @@ def test_state_dict_round_trip_and_mismatch_refused():
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_a_resumed_weighter_steps_gamma_as_the_uninterrupted_run_and_reports_the_rate(name):
     """A scheduler on gamma's optimizer resumes exactly (torch's rule: the checkpoint's learning rate), whatever
-    gamma_lr the resumed weighter was built with; gamma_lr reports the rate it steps at (it reported the
-    constructor's while the checkpoint's was used)."""
+    gamma_lr the resumed weighter was built with (gamma_lr keeps the rate it was built with, as documented)."""
     model, optimizer, criterion, _, _ = setup("momentum")  # (exact meta_step leaves the model as it is)
 
     def build(lr):
@@ -264,7 +263,7 @@ def test_a_resumed_weighter_steps_gamma_as_the_uninterrupted_run_and_reports_the
     resumed, resumed_schedule = build(0.5)
     resumed.load_state_dict(state[0])
     resumed_schedule.load_state_dict(state[1])
-    assert resumed.gamma_lr == resumed.gamma_optimizer.param_groups[0]["lr"] == pytest.approx(0.0025)
+    assert resumed.gamma_optimizer.param_groups[0]["lr"] == pytest.approx(0.0025) and resumed.gamma_lr == 0.5
     for train, val in batches[2:]:
         for w, schedule in ((whole, whole_schedule), (resumed, resumed_schedule)):
             w.meta_step(train, val)
@@ -277,10 +276,16 @@ def test_a_gamma_optimizer_state_of_another_shape_is_refused_changing_nothing():
     match the size of tensor b (6)'."""
     model, optimizer, criterion, validation, w = setup("momentum")
     w.meta_step(batch(dtype=F64), batch(dtype=F64))
-    state = copy.deepcopy(w.state_dict())
-    state["gamma_optimizer"]["state"][0]["exp_avg"] = state["gamma_optimizer"]["state"][0]["exp_avg"][:-1]
     before = copy.deepcopy(w.state_dict())
-    with pytest.raises(ValueError, match=r"state 'exp_avg' has shape \(5,\), but gamma has \(6,\)"):
+    for change, match in [(lambda m: m[:-1], r"state 'exp_avg' has shape \(5,\), but gamma has \(6,\)"),
+                          (lambda m: m.sum(), r"state 'exp_avg' has shape \(\), but gamma has \(6,\)")]:
+        state = copy.deepcopy(w.state_dict())
+        state["gamma_optimizer"]["state"][0]["exp_avg"] = change(state["gamma_optimizer"]["state"][0]["exp_avg"])
+        with pytest.raises(ValueError, match=match):
+            w.load_state_dict(state)
+    state = copy.deepcopy(w.state_dict())
+    state["gamma_optimizer"]["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"lr=-1.0: gamma would step against its meta-gradient"):
         w.load_state_dict(state)
     assert repr(w.state_dict()) == repr(before)
 
