@@ -156,14 +156,16 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     index ranks first; a NaN ranks above every number, as in ``torch.argmax``), so top-1 is exactly
     ``predict(logits) == labels``: the label's rank is the number of classes with a larger logit
     plus those of lower index with an equal one. One exception, classes masked with a constant: a
-    label whose logit is below the row's largest and is ``-inf``, or ``-1e4`` or less and shared
-    with another class (a ``finfo.min``/``-1e9``/``-1e4`` mask), is never among the ``k`` (with
+    label whose logit is below the row's largest and is ``-inf``, or ``-9e3`` or less and shared
+    with another class (a ``finfo.min``/``-1e9``/``-1e4`` mask, ``-1e4`` being ``-9984`` in
+    bfloat16), is never among the ``k`` (with
     ``k > 1``): when fewer than ``k`` classes rank above the masked ones, the tie-break would fill
     the top-k with masked classes by index, no prediction, and counting one would credit a class
     the exit rules out. Ties no mask made (ReLU'd, quantized or saturated logits, all 0 but a few)
-    are ranked by the tie-break, as for top-1. So scaling or shifting the logits
-    (:meth:`Calibration.apply`) changes nothing unless it moves tied classes across ``-1e4`` (a
-    ``-1e4`` mask divided by a temperature above 1 is then ranked, not masked)."""
+    are ranked by the tie-break, as for top-1, and so is a mask added to the logits (``logits - 1e4``
+    on the masked classes leaves them untied). So scaling or shifting the logits
+    (:meth:`Calibration.apply`) changes nothing unless it moves tied classes across ``-9e3`` (a
+    ``-1e4`` mask divided by a temperature above 1.1 is then ranked, not masked)."""
     if k == 1:
         return predict(logits) == labels.view(1, -1)
     z = logits.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
@@ -177,7 +179,7 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     return (rank < k) & ~masked.squeeze(-1)
 
 
-MASK_VALUE = -1e4  # the largest constant a mask is taken to be (-1e4, -1e9 and finfo.min masks; -inf)
+MASK_VALUE = -9e3  # the largest constant a mask is taken to be: -1e4 (-9984 as bfloat16 stores it), -1e9, finfo.min
 
 
 @dataclass
@@ -260,7 +262,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         topk: the values of ``k`` to report (a ``k`` given twice, once). ``None`` (the default):
             top-1, and top-5 when there are more than 5 classes (with 5 or fewer it would be 100%).
             Decided by each row's ranks (:func:`topk_correct`); classes masked with a constant
-            (``-inf``, or ``-1e4`` or less and shared by several classes) are never among the ``k``.
+            (``-inf``, or ``-9e3`` or less and shared by several classes) are never among the ``k``.
 
     Raises:
         ValueError: logits or labels on the meta device (no values to score), or of the wrong

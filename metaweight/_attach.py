@@ -98,7 +98,9 @@ class AttachedExits(nn.Module):
     ``(hidden_states, ...)``) to its head. An output changed in place later in the forward
     (``nn.ReLU(inplace=True)`` after the module, ``out += identity``), and a head that changes
     its input in place, are refused with a ``ValueError``: early exit runs the heads as the
-    modules return, so the heads would read other values there than in training. It returns the heads' logits, shallow to deep,
+    modules return, so the heads would read other values there than in training (seen by version
+    counters: not for tensors made under ``torch.inference_mode()``, nor inside a compiled
+    forward). It returns the heads' logits, shallow to deep,
     followed by the model's own logits when ``include_output`` (a tensor, a Hugging Face
     output's ``.logits``, or the first tensor of a tuple whose other tensors have other shapes,
     such as ``(logits, hidden_states)``). What a model returns is never guessed: a tuple of

@@ -501,7 +501,10 @@ _LAST_LABELS: list[tuple[Any, ...]] = []
 
 
 def _label_key(target: Tensor, ignore_index: int | None) -> tuple[Any, ...]:
-    return (target._version, ignore_index, target.shape, target.dtype, target.device)
+    # (an inference tensor keeps no version: within one step nothing but the user's own inference-mode code could
+    # change it in place)
+    version = None if target.is_inference() else target._version
+    return (version, ignore_index, target.shape, target.dtype, target.device)
 
 
 _UNCHECKED: list[bool] = []  # inside unchecked_labels()
@@ -533,8 +536,6 @@ def _label_summary(target: Tensor, ignore_index: int | None) -> tuple[int, int, 
 
 def _remembered(target: Tensor, ignore_index: int | None) -> tuple[tuple[int, int, int], Any] | None:
     """The summary of ``target`` remembered in this step, and the ranks' (or ``None``): see :func:`summarize_labels`."""
-    if target.is_inference():
-        return None
     key = _label_key(target, ignore_index)
     for ref, k, summary, ranks in _LAST_LABELS:
         if ref() is target and k == key:
@@ -554,9 +555,8 @@ def summarize_labels(labels: Sequence[tuple[Tensor, int | None]], ranks: Any = N
     combined too (one all-reduce), so that a refusal of one rank's labels is every rank's
     (:func:`checked_target`)."""
     forget_labels()
-    todo = [(t, i) for t, i in labels if not t.is_inference()]  # (no version counter to key on)
-    if todo:
-        for (target, ignore_index), (summary, combined) in zip(todo, _summaries(todo, ranks)):
+    if labels:
+        for (target, ignore_index), (summary, combined) in zip(labels, _summaries(labels, ranks)):
             _LAST_LABELS.append((weakref.ref(target), _label_key(target, ignore_index), summary, combined))
 
 
@@ -565,7 +565,8 @@ def _step_labels(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Tensor, int |
     labels = []
     for batch, part in batches:
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
-        if isinstance(target, Tensor) and not target.is_floating_point():
+        if isinstance(target, Tensor) and not target.is_floating_point() and not target.is_meta and \
+                target.layout == torch.strided:  # (meta or sparse labels: refused by the losses' own checks)
             labels.append((target, getattr(part, "ignore_index", IGNORE_INDEX)))
     return labels
 
@@ -663,6 +664,9 @@ def checked_target(target: object, batch_size: int, num_classes: int | None, nam
     if not isinstance(target, Tensor):
         raise ValueError(f"{subject} should be a Tensor of class indices. Found `{type(target).__name__}`.")
     check_has_values(target, subject, "checking the labels' range")
+    if target.layout != torch.strided:
+        raise ValueError(f"{subject} is a {str(target.layout).replace('torch.', '')} tensor; the losses take a dense "
+                         f"tensor of class indices: pass target.to_dense().")
     expected = (batch_size,) if tokens is None else (batch_size, tokens)
     if tuple(target.shape) == (*expected, num_classes) and num_classes is not None:
         raise ValueError(

@@ -65,7 +65,7 @@ class FAMO(Weighting):
     raw terms' weights :math:`z_k / (c D_k)` in :meth:`loss` are each rank's own (no collective in
     :meth:`loss`, which ranks may call unevenly: logging, uneven accumulation, ``Join``), so the
     model's step is close to, not equal to, that of one process on the ranks' batches together
-    (3.8e-5 apart in the parameters after one step of a test with two ranks).
+    (every rank's the same).
 
     Args:
         model: the network; ``model(x)`` returns what ``criterion`` takes.

@@ -246,6 +246,8 @@ def test_classes_masked_with_a_constant_are_never_in_the_top_k_and_other_ties_ar
     relu[0, :, 5], relu[0, :, 7] = 3.0, 2.0
     result = mw.anytime_accuracy_from_logits(relu * scale, torch.tensor([0, 4]), topk=(1, 5))
     assert result.accuracy[5] == [50.0]  # class 0 ranks third (after 5 and 7), class 4 seventh
+    stored = torch.tensor([-2.0, -3.0, -1e4, -1e4]).bfloat16().float().expand(1, 4, 4)  # -1e4 kept as -9984
+    assert mw.anytime_accuracy_from_logits(stored, torch.arange(4), topk=(1, 3)).accuracy[3] == [50.0]
     mixed = torch.tensor([3.0, -1e9, -1e9, float("-inf")]).expand(1, 4, 4)  # two masks in one row (review)
     result = mw.anytime_accuracy_from_logits(mixed, torch.arange(4), topk=(1, 3))
     assert result.accuracy[3] == [25.0]  # only class 0: the -1e9 pair is masked too, not only the row's lowest

@@ -228,6 +228,9 @@ def _bad_labels_worker(rank, world, init_file, out_dir):
                     y[0] = 9
                 if rank == 1 and step == 3:
                     yv[:] = -100
+                if step == 3:  # labels made under inference mode (no version to key a summary on)
+                    with torch.inference_mode():
+                        yv = yv.clone()
                 before = [p.detach().clone() for p in model.module.parameters()] + [w.gamma.clone()]
                 try:
                     with quiet():

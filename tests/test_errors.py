@@ -28,6 +28,7 @@ Y = torch.tensor([0, 1, 2, 4])
     (LOGITS, torch.tensor([0.0, 1, 2, 3]), "integer class indices"),
     (LOGITS, torch.softmax(torch.randn(4, 5), -1), r"shape \(4, 5\).*soft.*class indices of shape \(4,\)"),
     (LOGITS, torch.nn.functional.one_hot(Y, 5), r"one-hot.*target.argmax\(-1\)"),
+    (LOGITS, Y.to_sparse(), r"sparse_coo tensor.*target.to_dense\(\)"),
     ([z[:0] for z in LOGITS], Y[:0], "empty"),
 ])
 @pytest.mark.parametrize("which", ["criterion", "validation"])
