@@ -183,6 +183,12 @@ def _state_buffers(module: nn.Module) -> list[tuple[str, Tensor, int]]:
             if not isinstance(m, _BatchNorm) for name, b in m._buffers.items() if b is not None]
 
 
+def version_of(t: Tensor) -> int | None:
+    """``t``'s version counter; ``None`` for a tensor made under ``torch.inference_mode()``, which keeps none (a
+    change to it is seen by the values' fingerprint alone)."""
+    return None if t.is_inference() else t._version
+
+
 def tensor_leaves(tree: Any) -> list[Tensor]:
     return [t for t in tree_leaves(tree) if isinstance(t, Tensor)]
 
@@ -229,7 +235,7 @@ class ForwardWatch(_Inert):
         generators = model_generators(weighter.module)
         # the inputs, their versions and values (a loader may write the next batch into the same buffer
         # without a version change: torch.from_numpy, .data)
-        inputs = [(t, t._version, value_print(t) if not t.is_complex() else None)
+        inputs = [(t, version_of(t), value_print(t) if not t.is_complex() else None)
                   for t in tensor_leaves((args, kwargs))]
         self._open.append((rng_state(self.device, generators), generators, inputs, _state_buffers(weighter.module)))
 
@@ -272,19 +278,19 @@ class Micro:
     low: bool
     forward: ForwardRecord | None
     factor: Tensor | None = None
-    target_versions: tuple[int, ...] = ()  # the labels' versions at loss(): changed in place since, if they differ
+    target_versions: tuple[int | None, ...] = ()  # the labels' versions at loss(): changed in place since, if they differ
     target_print: Tensor | None = None  # and their values' fingerprint (a buffer rewritten without a version)
     params_print: Tensor | None = None  # the parameters' fingerprint at this loss() (metaweight._moves)
 
     def __post_init__(self) -> None:
         if not self.target_versions:
-            self.target_versions = tuple(t._version for t in tensor_leaves(self.target))
+            self.target_versions = tuple(version_of(t) for t in tensor_leaves(self.target))
         if self.target_print is None:
             self.target_print = values_print(self.target)
 
     def target_changed(self) -> bool:
         """Whether the labels were changed in place since :meth:`HarmonizedWeighter.loss` got them."""
-        return tuple(t._version for t in tensor_leaves(self.target)) != self.target_versions
+        return tuple(version_of(t) for t in tensor_leaves(self.target)) != self.target_versions
 
 
 @dataclasses.dataclass

@@ -565,10 +565,15 @@ def _step_labels(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Tensor, int |
     labels = []
     for batch, part in batches:
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
-        if isinstance(target, Tensor) and not target.is_floating_point() and not target.is_meta and \
-                target.layout == torch.strided:  # (meta or sparse labels: refused by the losses' own checks)
+        if isinstance(target, Tensor) and not target.is_floating_point():
             labels.append((target, getattr(part, "ignore_index", IGNORE_INDEX)))
     return labels
+
+
+def _unreadable(target: Tensor) -> bool:
+    """Labels without values to summarise (meta) or that do not reshape (sparse): refused by the losses' own
+    checks; summarised as a placeholder that tells the other ranks."""
+    return target.is_meta or target.layout != torch.strided
 
 
 def summarize_step_labels(train_batch: Any, val_batch: Any, criterion: Any, validation: Any, ranks: Any = None
@@ -585,13 +590,17 @@ def _summaries(labels: Sequence[tuple[Tensor, int | None]], ranks: Any = None
     of more than one rank) the same over every rank's tensor in that place: smallest, largest, and
     the fewest scored on one rank; one read back to the host."""
     rows = []
+    device = next((t.device for t, _ in labels if not _unreadable(t)), torch.device("cpu"))
     for target, ignore_index in labels:
+        if _unreadable(target):  # (scored -1: the other ranks refuse too; this rank's own check says why)
+            rows.append(torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64, device=device))
+            continue
         flat = target.detach().reshape(-1).long()
         scored = flat != ignore_index if ignore_index is not None else torch.ones_like(flat, dtype=torch.bool)
         largest = torch.iinfo(torch.long).max
         low = torch.where(scored, flat, largest).min() if flat.numel() else flat.new_zeros(())
         high = torch.where(scored, flat, -largest).max() if flat.numel() else flat.new_zeros(())
-        rows.append(torch.stack([low, high, scored.sum()]).double().to(labels[0][0].device))
+        rows.append(torch.stack([low, high, scored.sum()]).double().to(device))
     n = len(labels)
     if ranks is not None and getattr(ranks, "world", 1) > 1:
         import torch.distributed as dist
@@ -708,6 +717,9 @@ def _refuse_for_another_rank(subject: str, ranks: tuple[int, int, int], scored: 
     """The refusal, on a rank whose own labels are fine, of labels another rank refuses in the same place:
     ``ranks`` is the ranks' combined summary (smallest, largest, fewest scored on one rank)."""
     low, high, fewest = ranks
+    if fewest < 0:
+        raise ValueError(f"{subject}: another rank's labels in this place have no values to check (on the meta "
+                         f"device, or sparse). {ANOTHER_RANK}")
     if fewest == 0 and scored > 0:
         raise ValueError(f"{subject}: on another rank every label in this place is ignore_index={ignore_index} "
                          f"(padding): that rank has nothing to score. {ANOTHER_RANK}")

@@ -25,6 +25,8 @@ import higher.optim
 import torch
 from torch import Tensor, nn
 
+from metaweight._checks import real_scalar
+
 EXACT_UPDATE_TYPES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
@@ -97,7 +99,8 @@ def check_optimizer_options(optimizer: torch.optim.Optimizer, *, state: bool = T
                 f"optimizer minimizes the training loss. Use maximize=False. Nothing was changed."
             )
         lr = group.get("lr")
-        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr < 0:  # (a tensor lr: not read back)
+        lr = None if isinstance(lr, torch.Tensor) else real_scalar(lr)  # (a tensor lr is not read back to the host)
+        if lr is not None and lr < 0:
             raise ValueError(
                 f"Parameter group {i} of the optimizer has lr={lr}, below 0: its step would ascend the training "
                 f"loss, which the look-ahead assumes it descends (as maximize=True would). Set lr >= 0 (a scheduler "

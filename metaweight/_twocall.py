@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
 from metaweight._capture import (TOLERANCE, Micro, Pending, module_modes, requires_grad_message, tensor_leaves,
-                                value_print, values_print)
+                                value_print, values_print, version_of)
 from metaweight._checks import unpack_batch as _unpack
 from metaweight._clipping import EPSILON, clip_transpose, total_norm
 from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
@@ -169,7 +169,7 @@ class TwoCall:
                 raise ValueError(_OTHER_INPUTS.format(why=f"{len(now)} input tensors, where the model got {len(then)}"))
             for t, (seen, version, print_) in zip(now, then):
                 if t is seen:
-                    if t._version != version:
+                    if version_of(t) != version:
                         raise ValueError(_OTHER_INPUTS.format(why="inputs changed in place since the forward"))
                     if print_ is not None:
                         flags.append(moved(print_, value_print(t)))  # (NaN inputs equal to themselves)

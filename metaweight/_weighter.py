@@ -541,6 +541,11 @@ class HarmonizedWeighter(NamedWeights):
         (:mod:`metaweight._moves`; Python objects only); raises a ``ValueError`` naming what it found,
         before anything changes."""
         check_optimizer_options(self._inner_optimizer)
+        lr = self.gamma_optimizer.param_groups[0].get("lr")
+        lr = None if isinstance(lr, Tensor) else real_scalar(lr)  # (a tensor lr is not read back to the host)
+        if lr is not None and lr < 0:  # (a scheduler on it gone wrong; a non-finite one is refused at its step)
+            raise ValueError(f"gamma's optimizer has lr={lr}: gamma would step against its meta-gradient. Set "
+                             f"weighter.gamma_optimizer.param_groups[0]['lr'] to a number >= 0. Nothing was changed.")
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
         check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})
         if self._foreign_step is not None:

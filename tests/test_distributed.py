@@ -206,8 +206,9 @@ BAD_LABEL_FORMS = ["jvp", "fast", "uw"]  # (the two-call loss() is the loop's ow
 
 
 def _bad_labels_worker(rank, world, init_file, out_dir):
-    """Rank 1's training labels are all padding at step 1 and out of range at step 2, its validation labels all
-    padding at step 3 (the weightings read none): rank 1's refusal must be every rank's, before any collective."""
+    """Rank 1's training labels are all padding at step 1, out of range at step 2 and sparse at step 4, its
+    validation labels (made under inference mode) all padding at step 3 (the weightings read none): rank 1's
+    refusal must be every rank's, before any collective."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
@@ -220,7 +221,7 @@ def _bad_labels_worker(rank, world, init_file, out_dir):
                 w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), gamma_lr=0.5,
                                           **_options(form))
             outcome = []
-            for step, ((x, y), (xv, yv)) in enumerate(global_batches() + global_batches()[:1]):
+            for step, ((x, y), (xv, yv)) in enumerate(global_batches() + global_batches()[:2]):
                 x, y, xv, yv = x[rank::world], y[rank::world].clone(), xv[rank::world], yv[rank::world].clone()
                 if rank == 1 and step == 1:
                     y[:] = -100
@@ -231,6 +232,8 @@ def _bad_labels_worker(rank, world, init_file, out_dir):
                 if step == 3:  # labels made under inference mode (no version to key a summary on)
                     with torch.inference_mode():
                         yv = yv.clone()
+                if rank == 1 and step == 4:  # no values to summarise: the other rank must refuse too
+                    y = y.to_sparse()
                 before = [p.detach().clone() for p in model.module.parameters()] + [w.gamma.clone()]
                 try:
                     with quiet():
@@ -267,7 +270,7 @@ def test_one_ranks_bad_labels_are_refused_by_every_rank_at_once(tmp_path):
     for form in BAD_LABEL_FORMS:
         a, b = ranks[0][form], ranks[1][form]
         last = "ok" if form == "uw" else "another rank"  # (the weightings read no validation batch)
-        assert a["outcome"] == ["ok", "another rank", "another rank", last], form
-        assert b["outcome"] == ["ok", "raised", "raised", "ok" if form == "uw" else "raised"], form
+        assert a["outcome"] == ["ok", "another rank", "another rank", last, "another rank"], form
+        assert b["outcome"] == ["ok", "raised", "raised", "ok" if form == "uw" else "raised", "raised"], form
         assert torch.equal(a["gamma"], b["gamma"]), form
         assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])), form

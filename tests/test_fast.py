@@ -446,3 +446,27 @@ def test_two_call_fast_form_refuses_or_skips_a_non_finite_step_as_such(case, non
             p.copy_(q)
     optimizer.state.clear()
     assert fast_two_calls(w, model, optimizer, batch(), batch()).ran and w.num_meta_steps == 2
+
+
+def test_the_two_call_form_takes_labels_made_under_inference_mode():
+    """Labels from a loader run under torch.inference_mode() keep no version counter: loss() crashed reading it
+    ('Inference tensors do not track version counter'). The same steps as with ordinary labels, gamma bit for bit."""
+    gammas = []
+    for inference in (False, True):
+        torch.manual_seed(0)
+        net = mw.MultiExit([nn.Linear(4, 8), nn.Linear(8, 8)], [nn.Linear(8, 3), nn.Linear(8, 3)])
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), mode="fast")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, xv = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+            y, yv = torch.randint(0, 3, (8,), generator=g), torch.randint(0, 3, (8,), generator=g)
+            if inference:
+                with torch.inference_mode():
+                    y, yv = y.clone(), yv.clone()
+            opt.zero_grad()
+            w.loss(net(x), y).backward()
+            opt.step()
+            w.meta_step((x, y), (xv, yv))
+        gammas.append(w.gamma.clone())
+    assert torch.equal(*gammas)

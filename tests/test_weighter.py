@@ -380,8 +380,13 @@ def test_a_negative_learning_rate_set_after_construction_is_refused_like_maximiz
     model = tiny_net(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode=mode)
-    optimizer.param_groups[0]["lr"] = -0.1
     before = [p.detach().clone() for p in model.parameters()] + [w.gamma.clone()]
-    with pytest.raises(ValueError, match=r"lr=-0.1, below 0.*ascend"):
+    for lr in (-0.1, np.float32(-0.1)):
+        optimizer.param_groups[0]["lr"] = lr
+        with pytest.raises(ValueError, match=r"lr=-0.1\d*, below 0.*ascend"):
+            w.step(batch(), batch())
+    optimizer.param_groups[0]["lr"] = 0.1
+    w.gamma_optimizer.param_groups[0]["lr"] = -0.5  # gamma's own (a scheduler on it)
+    with pytest.raises(ValueError, match=r"gamma's optimizer has lr=-0.5"):
         w.step(batch(), batch())
     assert all(torch.equal(a, b) for a, b in zip(before, [*model.parameters(), w.gamma]))
