@@ -172,9 +172,10 @@ class ModelCall(NamedTuple):
     kwargs: dict[str, Any]
 
 
-def _call_target(model: Any) -> Any:
-    """The module whose ``forward`` decides how inputs are passed: through ``torch.compile``, DDP and
-    metaweight's own wrappers (which define ``_inputs_target``) to the model they forward to."""
+def _wrapper_chain(model: Any) -> list[Any]:
+    """``model`` and the models it forwards its inputs to, outermost first: through ``torch.compile``,
+    DDP and metaweight's own wrappers (which define ``_inputs_target``)."""
+    chain = [model]
     while True:
         inner = getattr(model, "_orig_mod", None)
         if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
@@ -183,8 +184,14 @@ def _call_target(model: Any) -> Any:
             follow = getattr(type(model), "_inputs_target", None)
             inner = follow(model) if callable(follow) else None
         if inner is None or inner is model:
-            return model
+            return chain
         model = inner
+        chain.append(model)
+
+
+def _call_target(model: Any) -> Any:
+    """The module whose ``forward`` decides how inputs are passed: the innermost of :func:`_wrapper_chain`."""
+    return _wrapper_chain(model)[-1]
 
 
 def _forward_signature(model: Any) -> inspect.Signature | None:
@@ -263,19 +270,8 @@ def _rewrites_inputs(target: Any) -> bool:
     def theirs(hooks: Any) -> bool:
         return any(not type(getattr(h, "__self__", None)).__module__.startswith("metaweight") for h in hooks.values())
 
-    module = target
-    while True:  # the wrappers _call_target goes through, and the module it ends at
-        if isinstance(module, nn.Module) and theirs(module._forward_pre_hooks):
-            return True
-        inner = getattr(module, "_orig_mod", None)
-        if inner is None and isinstance(module, nn.parallel.DistributedDataParallel):
-            inner = module.module
-        if inner is None:
-            follow = getattr(type(module), "_inputs_target", None)
-            inner = follow(module) if callable(follow) else None
-        if inner is None or inner is module:
-            return theirs(_global_forward_pre_hooks)
-        module = inner
+    return any(isinstance(m, nn.Module) and theirs(m._forward_pre_hooks) for m in _wrapper_chain(target)) or \
+        theirs(_global_forward_pre_hooks)
 
 
 def _failed_holding(error: BaseException, value: Any) -> bool:
