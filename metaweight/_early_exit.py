@@ -384,7 +384,7 @@ class EarlyExit(nn.Module):
         for m in self.model.modules():  # one pass over the modules (the cost of a call at batch 1)
             if m.training:
                 training.append(m)
-            if isinstance(m, _BatchNorm) and m.running_mean is None and m.running_var is None:
+            if _uses_batch_statistics(m):
                 batch_statistics = True  # (in which stage, only looked up then)
         if batch_statistics and parts is not None and self._check_statistics:
             refuse_batch_statistics(self.model, *parts)
