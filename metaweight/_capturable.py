@@ -257,7 +257,7 @@ class CapturableFast:
             flag, bad_val = w._reducer.mean([flag, bad_val])
             refused = flag.reshape(()) > 0  # the model's step
             transform = clip_in_step(w, named) if w.clip_grad_norm is not None else None
-            theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named])
+            theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named], w.gamma, w._active)
             _step_unless(w.optimizer, w._inner_optimizer, refused)
             buffers.restore_where(refused)
         except Exception:  # up to the model's step (a fused step raises before it writes): only the buffers moved

@@ -488,7 +488,7 @@ class StepCapture(_Inert):
                 pending.presence = [n for n, a, b in zip(names, then, now) if (a is None) != (b is None)]
                 pending.rescale = rescale_between(then, now)
                 pending.seen = then  # a common rescale keeps the direction
-            pending.theta, pending.jac = self._before_step(optimizer, named, grads)
+            pending.theta, pending.jac = self._before_step(optimizer, named, grads, weighter.gamma, weighter._active)
             # every loss the step used was taken at the parameters the step starts from (not at a perturbed
             # point, as sharpness-aware minimization's second forward is)
             now_print = fingerprint([p for _, p in named])

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from metaweight._checks import all_padding_message, checked_target, summarize_step_labels, unpack_batch
 from metaweight._clipping import EPSILON, clip_transpose
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
-from metaweight._optimizers import lookahead_update, supports_exact_update
+from metaweight._optimizers import lookahead_update, supports_exact_update, unweighted_term
 from metaweight._protocols import call_model
 from metaweight._randomness import (NEW_GENERATOR, model_generators, new_generators, replay_randomness, rng_state,
                                    same_rng_state)
@@ -130,7 +130,8 @@ class FastMode:
                     if not run_meta:
                         w.clip_grad_norm(p for _, p in named)
                 if step.finite and run_meta:
-                    theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named])
+                    theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named], w.gamma,
+                                             w._active)
                 if step.finite:
                     w.optimizer.step()
         except Exception as exc:
@@ -292,10 +293,14 @@ def clip_in_step(w: HarmonizedWeighter, named: list[tuple[str, Tensor]]) -> Call
 
 @torch.no_grad()
 def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]],
-                grads: list[Tensor | None]) -> tuple[dict[str, Tensor], list[Tensor | float]]:
+                grads: list[Tensor | None], gamma: Tensor, active: Tensor
+                ) -> tuple[dict[str, Tensor], list[Tensor | float]]:
     """Just before the optimizer's step: the parameters and the step's diagonal Jacobian D (a fused Adam's
-    step counts read on the device, not the host)."""
-    _, jac = lookahead_update(optimizer, [p for _, p in named], grads, jacobian_only=True, device_counts=True)
+    step counts read on the device, not the host), Adam's D 0 where the gradient is exactly 0 unless a term
+    the criterion computes (``active``) has weight 0 in ``gamma`` (:func:`~metaweight._optimizers.drop_unreached`:
+    the one-sided difference runs along D times the validation gradient)."""
+    _, jac = lookahead_update(optimizer, [p for _, p in named], grads, jacobian_only=True, device_counts=True,
+                              keep_unreached=unweighted_term(gamma, active))
     return {n: p.detach().clone() for n, p in named}, jac
 
 

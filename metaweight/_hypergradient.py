@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
-from metaweight._optimizers import lookahead_update
+from metaweight._optimizers import lookahead_update, unweighted_term
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness
 from metaweight._tangents import ShortTangents
@@ -281,7 +281,10 @@ def meta_gradient(
         )
         if reducer.world > 1:  # the step DDP would take: the gradient averaged over ranks
             grads = tuple(reducer.mean(_or_zeros(grads, movable)))
-        new, jac = lookahead_update(optimizer, [p for _, p in movable], grads, device_counts=True)
+        # (the differences run along D * v: Adam's D kept off the weights the terms do not reach)
+        keep = unweighted_term(gamma, criterion.active.to(device)) if backend == "finite_difference" else None
+        new, jac = lookahead_update(optimizer, [p for _, p in movable], grads, device_counts=True,
+                                    keep_unreached=keep)
         lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}
         # the parameters that stay at theta, detached (the validation gradient is taken at the others)
         fixed = {n: p.detach() for n, p in params.items() if n not in lookahead}

@@ -275,7 +275,7 @@ def _on_device_counts(group: dict[str, Any]) -> bool:
 @torch.no_grad()
 def lookahead_update(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None], *,
-    jacobian_only: bool = False, device_counts: bool = False,
+    jacobian_only: bool = False, device_counts: bool = False, keep_unreached: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor | float]]:
     """One step of ``optimizer`` from ``params`` with ``grads``, out of place, and its diagonal Jacobian.
 
@@ -288,6 +288,10 @@ def lookahead_update(
     the step counts of a fused or capturable Adam/AdamW (tensors on the parameters' device) are not
     read back to the host: each parameter's bias corrections are computed from its own count there
     (the same numbers on the CPU; ``capturable=True``'s step, which a CUDA graph may capture).
+
+    With ``keep_unreached`` (a 0-d bool tensor on the device), Adam's ``D`` is 0 where the gradient is
+    exactly 0 unless it is ``True``, for the finite differences along :math:`D \odot v`
+    (:func:`drop_unreached`). No host read.
     """
     where = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     new: list[Tensor] = []
@@ -338,6 +342,8 @@ def lookahead_update(
                               torch.zeros_like(sq))
             beta1 = float(group["betas"][0])
             d = a["lr_bc1"] * ((1 - beta1) / a["denom"] - a["exp_avg"] * (dsq / a["sbc2"]) / (a["denom"] * a["denom"]))
+            if keep_unreached is not None and g.layout == torch.strided:
+                d = drop_unreached(d, g, keep_unreached)
             for i, n, j in zip(idx, _unflat(a["new"], [params[i] for i in idx]),
                                _unflat(d, [params[i] for i in idx])):
                 new[i], jac[i] = n, j
@@ -346,6 +352,32 @@ def lookahead_update(
             for i, n in zip(idx, _unflat(p_new, [params[i] for i in idx])):
                 new[i], jac[i] = n, c
     return new, jac  # type: ignore[return-value]
+
+
+def drop_unreached(d: Tensor, g: Tensor, keep: Tensor) -> Tensor:
+    r"""Adam's :math:`D` with 0 where the training gradient :math:`g` is exactly 0, unless ``keep`` (a 0-d bool
+    tensor) is ``True``: for the finite differences of the terms along :math:`w = D \odot v` (``mode="fast"``,
+    ``backend="finite_difference"``).
+
+    Where Adam's second moment is 0 (a weight that never had a gradient: a dead ReLU unit's, a feature or a
+    token absent from the training batches, or tiny gradients at the first step), :math:`D = lr/\epsilon`,
+    some :math:`10^5` times its value elsewhere, and :math:`w` points almost only along weights that no
+    training term depends on. The difference's step, sized by :math:`\lVert w \rVert`, then moves the
+    weights that matter by less than rounding: the meta-gradient came out 0 or far off. The directional
+    derivative :math:`\sum_j \partial L_k/\partial\theta_j\, w_j` does not read those entries when every
+    :math:`\partial L_k/\partial\theta_j` is 0, which :math:`g_j = \sum_k \gamma_k \partial L_k/\partial
+    \theta_j = 0` says when every active :math:`\gamma_k` is non-zero (a term of weight 0 leaves its
+    gradient out of :math:`g`: then ``keep``). So dropping them changes the derivative only by rounding
+    (entries that cancel to exactly 0 across terms aside), and the step length is set by the rest. No host
+    read."""
+    return torch.where((g != 0) | keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
+
+
+def unweighted_term(gamma: Tensor, active: Tensor) -> Tensor:
+    """Whether a term the criterion computes has weight 0 (a 0-d bool tensor, no host read): its gradient is
+    then missing from the step's, which cannot tell which weights the terms do not reach
+    (:func:`drop_unreached`)."""
+    return ((gamma == 0) & active).any()
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
