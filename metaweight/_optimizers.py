@@ -290,7 +290,7 @@ def lookahead_update(
     (the same numbers on the CPU; ``capturable=True``'s step, which a CUDA graph may capture).
 
     With ``keep_unreached`` (a 0-d bool tensor on the device), Adam's ``D`` is 0 where the gradient is
-    exactly 0 unless it is ``True``, for the finite differences along :math:`D \odot v`
+    exactly 0 unless it is ``True``, for the finite differences along :math:`D \\odot v`
     (:func:`drop_unreached`). No host read.
     """
     where = {id(p): group for group in optimizer.param_groups for p in group["params"]}
@@ -356,7 +356,7 @@ def lookahead_update(
 
 def drop_unreached(d: Tensor, g: Tensor, keep: Tensor) -> Tensor:
     r"""Adam's :math:`D` with 0 where the training gradient :math:`g` is exactly 0, unless ``keep`` (a 0-d bool
-    tensor) is ``True``: for the finite differences of the terms along :math:`w = D \odot v` (``mode="fast"``,
+    tensor) is ``True``: for the finite differences of the terms along :math:`w = D \\odot v` (``mode="fast"``,
     ``backend="finite_difference"``).
 
     Where Adam's second moment is 0 (a weight that never had a gradient: a dead ReLU unit's, a feature or a
