@@ -213,7 +213,7 @@ class FastMode:
                                                                  named, jac, w._reducer)
         if transform is not None:
             direction = transform(direction)
-        h = step_length(theta, direction, w.fd_epsilon, order=1)  # one-sided: sqrt(machine eps) x RMS
+        h = step_length(theta, direction, w.fd_epsilon, order=1)  # one-sided: 64 sqrt(machine eps) x RMS
         with torch.no_grad():
             device = next(iter(theta.values())).device
             here = dict(w.module.named_parameters())  # (no_grad)

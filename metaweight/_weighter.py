@@ -146,8 +146,10 @@ class HarmonizedWeighter(NamedWeights):
             the two-call form's :meth:`meta_step` checks that your loop's ``clip_grad_norm_`` did;
             the meta-gradient goes through the clipping. In the two-call form any rescale of the
             gradients between backward and step other than unscaling is refused unless declared here.
-        fd_epsilon: step length in parameter space for ``finite_difference``; default
-            :math:`\sqrt[3]{\text{machine eps}}` times the parameters' RMS.
+        fd_epsilon: length in parameter space of the differences' step (``finite_difference``'s
+            central one, ``mode="fast"``'s one-sided one); default 4 :math:`\sqrt[3]{\text{machine eps}}`
+            (central) or 64 :math:`\sqrt{\text{machine eps}}` (one-sided) times the moved parameters' RMS,
+            about 2e-2 x RMS in float32 (chosen on ``benchmarks/step_length.py``; see the cost guide).
         callbacks: hooks called after every successful meta step with its
             :class:`MetaStepRecord` (``iteration``, ``meta_step``, ``gamma`` and ``terms`` by
             term name, ``val_objective``, ``val_exit_losses``, ...), as if registered with
