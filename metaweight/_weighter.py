@@ -58,6 +58,15 @@ GAMMA_OPTIMIZERS = ("sgd", "adam")
 NONFINITE = ("raise", "skip")
 
 
+def _adam(gamma: Tensor, lr: float) -> torch.optim.Optimizer:
+    """torch's Adam for ``gamma``, fused where its device has the kernel: the unfused one reads its step count
+    back to the host at every step (``_get_value(step)``), the fused one keeps it on the device."""
+    try:
+        return torch.optim.Adam([gamma], lr=lr, fused=True)
+    except RuntimeError:  # no fused kernel for this device or dtype
+        return torch.optim.Adam([gamma], lr=lr)
+
+
 class HarmonizedWeighter(NamedWeights):
     r"""Learns one weight :math:`\gamma_k \ge 0` per loss term by a one-step look-ahead.
 
@@ -102,7 +111,10 @@ class HarmonizedWeighter(NamedWeights):
             proportional to the model's learning rate, so these steps shrink 100-fold as a step
             schedule decays it), or a callable that takes ``[gamma]`` and returns a
             ``torch.optim.Optimizer`` for it (then ``gamma_lr`` is not used). The default was
-            chosen on held-out data; docs/results.md gives the evidence.
+            chosen on held-out data; docs/results.md gives the evidence. ``"adam"`` is torch's
+            ``Adam(fused=True)`` where gamma's device has the fused kernel (CPU, CUDA, MPS, XPU):
+            the same steps as the default implementation (bitwise in float32), with the step count
+            on the device, so a meta step reads nothing back for it.
         init: ``"uniform"`` (every active term 1: DS-like), ``"last"`` (the CE terms
             and the last exit's KD terms 1, other KD terms 0: DBT-like), ``"random"``
             (uniform in [0, 1) on active terms), ``num_terms`` weights (a tensor, a list, a
@@ -350,7 +362,7 @@ class HarmonizedWeighter(NamedWeights):
             if gamma_optimizer == "sgd":
                 self.gamma_optimizer: torch.optim.Optimizer = torch.optim.SGD([self.gamma], lr=self.gamma_lr)
             else:
-                self.gamma_optimizer = torch.optim.Adam([self.gamma], lr=self.gamma_lr)
+                self.gamma_optimizer = _adam(self.gamma, self.gamma_lr)
         else:
             self.gamma_optimizer = gamma_optimizer([self.gamma])
             if not isinstance(self.gamma_optimizer, torch.optim.Optimizer):

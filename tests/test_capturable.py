@@ -391,12 +391,13 @@ def test_step_warns_of_refused_steps_and_puts_back_a_meta_step_whose_hook_raised
 
 
 def test_a_checkpoint_of_an_eager_weighter_keeps_the_capturable_gamma_optimizer_fused():
-    """torch's load_state_dict takes a group's options from the state it loads: a checkpoint of an eager
-    weighter (gamma's Adam not fused) would un-fuse a capturable weighter's gamma optimizer, which its device
+    """torch's load_state_dict takes a group's options from the state it loads: a checkpoint of a weighter
+    whose gamma's Adam is not fused (the user's own) would un-fuse a capturable weighter's gamma optimizer, which its device
     step then refuses. The weighter keeps its own implementation options; gamma and its moments load."""
     torch.manual_seed(0)
     model = tiny_net(3)
-    plain = mw.HarmonizedWeighter(model, fused_sgd(model), mw.DenseDistillLoss(3), mode="fast")
+    plain = mw.HarmonizedWeighter(model, fused_sgd(model), mw.DenseDistillLoss(3), mode="fast",
+                                  gamma_optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
     plain.step(*batches()[0])
     assert not plain.gamma_optimizer.param_groups[0].get("fused")
     saved = plain.state_dict()

@@ -89,7 +89,7 @@ def reads_per_step(weighter, model, iterations=3, **batch_options):
     ({"gamma_optimizer": "sgd"}, 2),                            # the meta step decided with the model step
     ({"gamma_optimizer": "sgd", "backend": "finite_difference"}, 2),
     ({"gamma_optimizer": "sgd", "mode": "fast"}, 3),            # the model step, then the meta step at theta'
-    ({"gamma_optimizer": "adam"}, 3),                           # + torch's Adam reading its step count (CPU)
+    ({"gamma_optimizer": "adam"}, 3),                           # + torch's fused Adam reading its step count (CPU kernel)
 ])
 def test_one_step_reads_the_host_a_fixed_number_of_times_whatever_the_number_of_parameters(options, reads):
     for width in (10, 40):  # the count must not grow with the number of parameters or buffers

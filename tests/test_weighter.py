@@ -171,6 +171,8 @@ def test_gamma_update_is_its_optimizer_then_projection_and_masked_terms_stay_zer
         assert torch.allclose(weighter.gamma.detach().to(F64), expected, atol=1e-6)
         assert torch.equal(weighter.gamma.detach()[~criterion.active], torch.zeros((~criterion.active).sum()))
     assert weighter.num_meta_steps == 5 and int(validation.num_updates) == 6
+    if gamma_optimizer == "adam":  # torch's fused kernel (its step count on the device), checked by hand above
+        assert weighter.gamma_optimizer.param_groups[0]["fused"]
 
 
 def test_normalize_constraint_keeps_the_sum():
