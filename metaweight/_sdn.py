@@ -57,7 +57,8 @@ class SDNSchedule(Weighting):
 
     Example:
         >>> import torch, metaweight as mw
-        >>> net = mw.MultiExit([torch.nn.Linear(4, 8)] * 4, [torch.nn.Linear(8, 3)] * 4)
+        >>> net = mw.MultiExit([torch.nn.Linear(4, 8)] + [torch.nn.Linear(8, 8) for _ in range(3)],
+        ...                    [torch.nn.Linear(8, 3)] * 4)
         >>> w = mw.SDNSchedule(net, torch.optim.SGD(net.parameters(), lr=0.1),
         ...                    mw.DenseDistillLoss(4, teachers="none"), epochs=10, steps_per_epoch=5)
         >>> [round(w.gamma_dict()[f"ce[{k}]"], 3) for k in (1, 2, 3, 4)]

@@ -68,7 +68,7 @@ class LossWeighting(Protocol):
 
     Example:
         >>> import torch, metaweight as mw
-        >>> net = mw.MultiExit([torch.nn.Linear(4, 8)] * 2, [torch.nn.Linear(8, 3)] * 2)
+        >>> net = mw.MultiExit([torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)], [torch.nn.Linear(8, 3)] * 2)
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
         >>> all(isinstance(w, mw.LossWeighting) for w in (mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2)),
         ...                                               mw.RLW(net, opt, mw.DenseDistillLoss(2))))
