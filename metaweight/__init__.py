@@ -32,6 +32,7 @@ from metaweight._attach import AttachedExits, attach_exits
 from metaweight._budget import (
     BudgetCurve,
     BudgetPoint,
+    ExitAssignment,
     budgeted_curve,
     evaluate_thresholds,
     exit_assignment,
@@ -42,7 +43,7 @@ from metaweight._budget import (
 from metaweight._calibration import Calibration, calibrate, expected_calibration_error, fit_temperatures
 from metaweight._checkpoint import load_checkpoint, save_checkpoint
 from metaweight._clipping import ClipGradNorm
-from metaweight._early_exit import EarlyExit
+from metaweight._early_exit import EarlyExit, EarlyExitResult
 from metaweight._exit_rules import Entropy, ExitRule, Margin, MaxProbability, Patience, predict
 from metaweight._flops import ExitCosts, exit_costs
 from metaweight._logging import CSVLogger, TensorBoardLogger
@@ -79,7 +80,9 @@ __all__ = [
     "DenseDistillLoss",
     "DeviceRecord",
     "EarlyExit",
+    "EarlyExitResult",
     "Entropy",
+    "ExitAssignment",
     "ExitCosts",
     "ExitRule",
     "FAMO",

@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -272,8 +272,21 @@ def _thresholds(confidence: Tensor, distribution: Tensor | Sequence[float],
     return thresholds
 
 
+class ExitAssignment(NamedTuple):
+    """What :func:`exit_assignment` returns: a named tuple, so ``exits, predictions = exit_assignment(...)``
+    unpacks it as the plain tuple it was before.
+
+    Attributes:
+        exits: the exit each sample leaves at, 0-based, ``[N]`` (``torch.long``).
+        predictions: the class that exit predicts for the sample, ``[N]`` (``torch.long``).
+    """
+
+    exits: Tensor
+    predictions: Tensor
+
+
 def exit_assignment(logits: Tensor, thresholds: Tensor | Sequence[float], *, rule: ExitRule | str = "max_probability"
-                    ) -> tuple[Tensor, Tensor]:
+                    ) -> ExitAssignment:
     """For every sample, the first exit whose confidence reaches its threshold, and that exit's prediction.
 
     Args:
@@ -283,7 +296,8 @@ def exit_assignment(logits: Tensor, thresholds: Tensor | Sequence[float], *, rul
         rule: the exit rule (an :class:`ExitRule` or its name).
 
     Returns:
-        ``(exit index [N], predicted class [N])``.
+        An :class:`ExitAssignment` ``(exits, predictions)``: the exit index (0-based) ``[N]`` and the
+        predicted class ``[N]``; it unpacks as a pair.
 
     Raises:
         ValueError: logits not ``[K, N, C]`` floats or on the meta device; a row with no softmax at
@@ -292,7 +306,7 @@ def exit_assignment(logits: Tensor, thresholds: Tensor | Sequence[float], *, rul
             exit, so such a sample reaches the last one, which takes everyone). NaN at an exit a
             sample goes on from is kept: it decides nothing.
     """
-    return _assigned(logits, thresholds, rule, "exit_assignment")[3:]
+    return ExitAssignment(*_assigned(logits, thresholds, rule, "exit_assignment")[3:])
 
 
 def _assigned(logits: Tensor, thresholds: object, rule: ExitRule | str, what: str

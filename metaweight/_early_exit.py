@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,19 @@ from metaweight._exit_rules import (Entropy, ExitRule, Margin, MaxProbability, a
                                    predict, reaches, score_dtype)
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
+
+
+class EarlyExitResult(NamedTuple):
+    """What an :class:`EarlyExit` call returns: a named tuple, so ``predictions, exits = predictor(x)``
+    unpacks it as the plain tuple it was before.
+
+    Attributes:
+        predictions: the class predicted for each sample, ``[N]`` (``torch.long``), at the exit it left at.
+        exits: the exit each sample left at, 0-based, ``[N]`` (``torch.long``).
+    """
+
+    predictions: Tensor
+    exits: Tensor
 
 
 def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Module]]:
@@ -286,9 +299,10 @@ class EarlyExit(nn.Module):
     Example:
         >>> import torch, metaweight as mw
         >>> net = mw.MultiExit([torch.nn.Linear(4, 4)] * 2, [torch.nn.Linear(4, 3)] * 2).eval()
-        >>> predictions, exits = mw.EarlyExit(net, torch.tensor([0.0, -1.0]))(torch.randn(5, 4))
-        >>> exits.tolist()  # a threshold of 0 lets everyone leave at exit 1
+        >>> result = mw.EarlyExit(net, torch.tensor([0.0, -1.0]))(torch.randn(5, 4))
+        >>> result.exits.tolist()  # a threshold of 0 lets everyone leave at exit 1
         [0, 0, 0, 0, 0]
+        >>> predictions, exits = result  # a named tuple: it unpacks as a pair
 
     Raises:
         TypeError: a model that is not an ``nn.Module`` or exposes no stages; thresholds that are
@@ -357,8 +371,9 @@ class EarlyExit(nn.Module):
         """The model this wrapper passes its inputs to (how a dict of inputs is passed is decided on it)."""
         return self.model
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """Predicted classes ``[N]`` and the exit each sample left at ``[N]`` (0-based).
+    def forward(self, *args: Any, **kwargs: Any) -> EarlyExitResult:
+        """Predicted classes ``[N]`` and the exit each sample left at ``[N]`` (0-based), as an
+        :class:`EarlyExitResult` ``(predictions, exits)`` (a named tuple: it unpacks as a pair).
 
         Takes what the model takes: ``predictor(x)``, ``predictor(x=x)``, ``predictor(a, b)``, or
         one dict of the forward's keyword arguments (passed as keywords, as the weighter and
@@ -391,7 +406,7 @@ class EarlyExit(nn.Module):
         for m in training:
             m.training = False
         try:
-            return self._run(x, inputs, parts)
+            return EarlyExitResult(*self._run(x, inputs, parts))
         finally:
             for m in training:
                 m.training = True

@@ -739,3 +739,39 @@ def test_a_forward_pre_hook_that_unpacks_the_inputs_is_left_to_do_so():
     assert torch.equal(mw.collect_logits(model, [((x, mask), y)])[0], expected)
     w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2))
     assert w.step(((x, mask), y), ((x, mask), y)).meta_step == 1
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_early_exit_returns_a_named_tuple_whose_fields_are_its_old_positions(attached):
+    model = mlp()
+    x = torch.randn(12, 6, dtype=torch.float64) * 3
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    thresholds = thresholds_with_every_case(as_rule("max_probability").scores(logits))
+    if attached:
+        net = nn.Sequential(*model.stages)
+        model = mw.attach_exits(net, [str(k) for k in range(K)], list(model.heads), include_output=False).eval()
+    result = mw.EarlyExit(model, thresholds)(x)
+    assert isinstance(result, mw.EarlyExitResult) and isinstance(result, tuple) and len(result) == 2
+    assert result._fields == ("predictions", "exits")
+    predictions, exits = result  # unpacks as the pair it was
+    assert result.predictions is predictions and result.exits is exits
+    assert result[0] is result.predictions and result[1] is result.exits
+    ref_exits, ref_predictions = loop_assign("max_probability", logits.tolist(), thresholds.tolist())
+    assert result.exits.tolist() == ref_exits and result.predictions.tolist() == ref_predictions
+    assert len(set(ref_exits)) > 1  # samples leave at different exits: the fields cannot be swapped unseen
+
+
+def test_exit_assignment_returns_a_named_tuple_whose_fields_are_its_old_positions():
+    model = mlp()
+    with torch.no_grad():
+        logits = torch.stack(model(torch.randn(12, 6, dtype=torch.float64) * 3))
+    thresholds = thresholds_with_every_case(as_rule("max_probability").scores(logits))
+    result = mw.exit_assignment(logits, thresholds)
+    assert isinstance(result, mw.ExitAssignment) and isinstance(result, tuple) and len(result) == 2
+    assert result._fields == ("exits", "predictions")
+    exits, predictions = result  # unpacks as the pair it was
+    assert result[0] is result.exits is exits and result[1] is result.predictions is predictions
+    ref_exits, ref_predictions = loop_assign("max_probability", logits.tolist(), thresholds.tolist())
+    assert result.exits.tolist() == ref_exits and result.predictions.tolist() == ref_predictions
+    assert len(set(ref_exits)) > 1
