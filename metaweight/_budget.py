@@ -586,7 +586,11 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
         rule: the exit rule (an :class:`ExitRule` or its name).
 
     Returns:
-        The :class:`BudgetPoint` on the held-out data, with its thresholds. Where tied scores keep
+        The :class:`BudgetPoint` on the held-out data, with its thresholds: ``val_cost`` is the
+        expected cost per sample it reached on ``val_logits`` (at or under ``budget``, in the units
+        of ``costs``) and ``val_accuracy`` the top-1 accuracy there (percent); ``cost`` and
+        ``accuracy`` are the same numbers, as the data evaluated is the held-out data (apply the
+        thresholds to test logits with :func:`evaluate_thresholds`). Where tied scores keep
         its thresholds from realising MSDNet's shares (the patience rule: everyone leaves at exit
         1), the cost jumps past the budget between neighbouring ``q`` and the point may spend far
         less than the budget: a ``RuntimeWarning`` says so (see :func:`budgeted_curve`).
@@ -607,9 +611,13 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
     if budget < costs[0]:
         raise ValueError(f"A budget of {budget} is below the cost of the first exit ({costs[0]}).")
 
+    def held_out(point: BudgetPoint) -> BudgetPoint:
+        point.val_cost, point.val_accuracy = point.cost, point.accuracy  # evaluated on the held-out data
+        return point
+
     def at(q: float) -> BudgetPoint:
         thresholds = _thresholds(confidence, geometric_exit_distribution(q, K, device=confidence.device))
-        point = _evaluate(confidence, prediction, val_labels, thresholds, costs)
+        point = held_out(_evaluate(confidence, prediction, val_labels, thresholds, costs))
         point.q = q
         return point
 
@@ -632,8 +640,8 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
     lo, hi = math.log(1e-3), math.log(1e3)
     best = at(math.exp(lo))
     if best.cost > budget:  # even q -> 0 exceeds it: everyone at the first exit
-        return _evaluate(confidence, prediction, val_labels, torch.full((K,), -NO_EXIT, device=confidence.device),
-                         costs)
+        return held_out(_evaluate(confidence, prediction, val_labels,
+                                  torch.full((K,), -NO_EXIT, device=confidence.device), costs))
     for _ in range(iterations):
         mid = (lo + hi) / 2
         point = at(math.exp(mid))

@@ -388,3 +388,22 @@ def test_patience_budget_warns_that_the_tied_first_exit_takes_everyone():
         warnings.simplefilter("error")  # continuous scores without ties: no warning
         mw.budgeted_curve(logits, labels, logits, labels, costs, rule="entropy")
         mw.thresholds_for_budget(logits, labels, costs, 2.0, rule="entropy")
+
+
+@pytest.mark.parametrize("rule", ["max_probability", "entropy"])
+def test_thresholds_for_budget_reports_the_held_out_cost_and_accuracy_of_a_per_sample_loop(rule):
+    val, labels = logits_with_ties(N=120)
+    costs = [1.0, 2.0, 3.5, 5.0]
+    for budget in (1.0, 1.7, 2.6, 4.2, 5.0):  # 1.0: everyone at the first exit
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the tie warning (the ties are the point here)
+            point = mw.thresholds_for_budget(val, labels, costs, budget, rule=rule)
+        spent, correct = 0.0, 0
+        for i in range(val.shape[1]):  # one sample at a time, through exit_assignment
+            exit_, prediction = mw.exit_assignment(val[:, i:i + 1], point.thresholds, rule=rule)
+            spent += costs[int(exit_)]
+            correct += int(prediction) == int(labels[i])
+        assert point.val_cost == pytest.approx(spent / val.shape[1], rel=1e-12)
+        assert point.val_accuracy == pytest.approx(100.0 * correct / val.shape[1], rel=1e-12)
+        assert point.val_cost <= budget + 1e-12
+        assert (point.cost, point.accuracy) == (point.val_cost, point.val_accuracy)
