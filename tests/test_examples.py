@@ -128,6 +128,18 @@ def test_token_level_example_scores_tokens_not_padding():
     assert result.num_exits == 4 and max(result.accuracy[1]) > 65.0  # the majority tag alone: 48%
 
 
+def test_token_level_example_is_deterministic_exact_and_leaves_the_thread_count(recwarn):
+    import token_exits
+
+    threads = torch.get_num_threads()
+    first = token_exits.main(["--steps", "2"])
+    assert torch.get_num_threads() == threads  # one thread inside main only
+    second = token_exits.main(["--steps", "2"])
+    assert first.accuracy == second.accuracy  # the same numbers at every run
+    # the math attention kernel: the exact meta-gradient (backend="jvp"), no fallback to finite differences
+    assert not [w for w in recwarn if "forward-mode derivative" in str(w.message)]
+
+
 def test_train_help_shows_every_option_with_help_and_default(capsys):
     import train
 
