@@ -9,6 +9,20 @@
 A stratified 10% of the training pool is held out, never augmented, and feeds the meta step
 (and would feed threshold search). At the end the per-exit accuracy on the test set is
 printed as a table; ``--out FILE`` also writes everything as JSON.
+
+The methods (``--method``; ``--help`` lists each with its paper): the HDKD paper's presets, whose
+loss terms are the exits' cross-entropies (CE) and knowledge distillation (KD) between exits,
+``msdnet`` (CE, fixed weights), ``dbt`` (CE + KD from the last exit), ``naive_dkd`` (CE + KD from
+every later exit) and their versions with weights learned by a meta step on held-out batches,
+``hmsdnet``, ``hdbt`` and ``hdkd``; and the loss weightings of the multi-task literature applied
+to HDKD's terms (``uw``, ``dwa``, ``gradnorm``, ``rlw``, ``famo``, ``sdn``; ``--teachers none``: to the
+CE terms only).
+
+How long a run takes (measured on this project's 2-core machine, torch 2.13, one thread, while
+other jobs kept both cores busy): the default job (HDKD on digits, 30 epochs, 600 iterations)
+took 20-24 s of CPU time (41-96 s of wall clock); ``--method msdnet``, without the meta step,
+7.6 s, and ``--method dwa`` 7.7 s. The CIFAR-10(150) runs of docs/results.md (100 epochs) took
+721 s per HDKD run and 254 s per MSDNet run on average, two runs sharing the 2 cores.
 """
 
 from __future__ import annotations
@@ -37,6 +51,29 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 SMALL_DATASETS = ("digits", "fashion-mnist")
 
+# What each loss weighting does (the presets' own descriptions are in mw.METHODS); docs/guides/weighting.md
+# has each rule with its defaults and costs.
+WEIGHTING_SUMMARIES = {
+    "uw": "uncertainty weighting: one learned log-variance per term (Kendall et al., CVPR 2018)",
+    "dwa": "Dynamic Weight Average: weights from how fast each term's loss falls over an epoch "
+           "(Liu et al., CVPR 2019)",
+    "gradnorm": "GradNorm: weights balancing the terms' gradient norms on a shared layer (Chen et al., ICML 2018); "
+                "a backward per term",
+    "rlw": "Random Loss Weighting: new random weights summing to 1 at every iteration (Lin et al., TMLR 2022)",
+    "famo": "FAMO: weights that make every term's log-loss fall at the same rate (Liu et al., NeurIPS 2023)",
+    "sdn": "SDN's schedule: each internal exit's weight grows linearly over training (Kaya et al., ICML 2019)",
+}
+
+
+def method_summaries() -> str:
+    """One line per ``--method``: the paper's presets (from ``mw.METHODS``) and the loss weightings."""
+    lines = ["methods (--method):"]
+    for name, method in mw.METHODS.items():
+        lines.append(f"  {name:<10} {method.description}; {method.citation}")
+    for name in mw.WEIGHTINGS:
+        lines.append(f"  {name:<10} {WEIGHTING_SUMMARIES[name]}")
+    return "\n".join(lines)
+
 
 def default_threads(dataset: str) -> int:
     """1 thread for the small data sets; half the usable cores (at least 1) for CIFAR.
@@ -53,9 +90,10 @@ def default_threads(dataset: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: every option with its help and default (``--help``)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter, epilog=method_summaries())
     p.add_argument("--method", default="hdkd", choices=list(mw.METHODS) + list(mw.WEIGHTINGS),
-                   help="one of the HDKD paper's presets, or a loss weighting (uw, dwa, gradnorm, rlw, famo, sdn)")
+                   help="one of the HDKD paper's presets (msdnet, dbt, naive_dkd, hmsdnet, hdbt, hdkd), or a loss "
+                        "weighting (uw, dwa, gradnorm, rlw, famo, sdn): each is described at the end")
     p.add_argument("--teachers", default=None, choices=["dense", "last", "none"],
                    help="the terms a loss weighting weighs (None: dense, CE + KD between every pair of exits; "
                         "none: the exits' CE only); the presets fix their own")

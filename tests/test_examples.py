@@ -153,6 +153,18 @@ def test_train_help_shows_every_option_with_help_and_default(capsys):
     assert text.count("(default:") == len(options)  # ArgumentDefaultsHelpFormatter: every default shown
 
 
+def test_train_help_describes_every_method(capsys):
+    import train
+
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    described = {line.split()[0] for line in text.split("methods (--method):", 1)[-1].splitlines() if line.strip()}
+    assert described == set(mw.METHODS) | set(mw.WEIGHTINGS)
+    for name, method in mw.METHODS.items():
+        assert method.description in text
+
+
 def test_train_threads_default_to_one_on_the_small_data_sets():
     import train
 
