@@ -9,8 +9,9 @@ to when an optional part is missing; :class:`~metaweight.DenseDistillLoss` and
 function), where ``outputs`` is whatever the model returns. Needed: the names of its ``n``
 terms, as ``criterion.term_names`` or the weighter's ``term_names`` argument. Optional:
 
-* ``criterion.active``: a bool tensor ``[n]``; inactive terms have weight 0 and are never
-  learned (default: all active);
+* ``criterion.active``: a bool tensor ``[n]``; inactive terms have weight 0, are never
+  learned and read as 0 whatever the criterion returns for them (a NaN there changes
+  nothing) (default: all active);
 * a keyword argument ``teacher_outputs`` in its ``forward``/``__call__``: model outputs to take
   every detached target from (a teacher's soft labels, a feature target) instead of
   ``outputs``. The ``"finite_difference"`` backend needs it when the criterion detaches
@@ -84,6 +85,8 @@ class Terms:
             raise ValueError(f"`criterion.active` should be a bool tensor of shape ({len(names)},), one entry per "
                              f"term. Found {active!r}.")
         self.active = active
+        self._all_active = bool(active.all())
+        self._masks: dict[torch.device, Tensor] = {}  # ``active`` on each device the terms came on (no copy per call)
         self.fixed_targets = _accepts_keyword(criterion, "teacher_outputs")
 
 
@@ -101,7 +104,14 @@ class Terms:
                 f"`{type(values).__name__}`"
             raise ValueError(f"The criterion should return a float tensor of shape ({self.num_terms},), one loss per "
                              f"name in {self.term_names}. It returned {found}.")
-        return values
+        if self._all_active:
+            return values
+        # an inactive term is 0 whatever the criterion put there: selected, not multiplied by a weight of 0, so a
+        # NaN or inf in it (0 * NaN = NaN) cannot reach the weighted loss, its gradient or any update
+        mask = self._masks.get(values.device)
+        if mask is None:
+            mask = self._masks[values.device] = self.active.to(values.device)
+        return torch.where(mask, values, values.new_zeros(()))
 
 
 class Objective:

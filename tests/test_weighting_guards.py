@@ -1,0 +1,79 @@
+"""Guards of the loss-weighting methods (and the HarmonizedWeighter where it shares them): inactive terms that
+hold NaN, impossible checkpoints, meta steps after an optimizer that did not step, optimizers that do not fit
+the model, and the options around them. Each test compares against a run that never met the problem."""
+
+import math
+
+import pytest
+import torch
+
+import metaweight as mw
+from conftest import batch, tiny_net
+
+NAMES = sorted(mw.WEIGHTINGS)
+
+
+def options(name, model):
+    return {"dwa": {"window": 2}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
+            "gradnorm": {"shared_parameters": list(model.stages[0].parameters())},
+            "rlw": {"seed": 3}}.get(name, {})
+
+
+def build(name, criterion=None, *, seed=0, params=None, **extra):
+    torch.manual_seed(seed)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters() if params is None else params(model), lr=0.1, momentum=0.9)
+    criterion = criterion if criterion is not None else mw.DenseDistillLoss(3)
+    return mw.WEIGHTINGS[name](model, optimizer, criterion, **{**options(name, model), **extra}), model, optimizer
+
+
+def batches(n=4, size=16):
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randn(size, 6, generator=g), torch.randint(0, 5, (size,), generator=g)) for _ in range(n)]
+
+
+class PoisonedInactive(mw.DenseDistillLoss):
+    """DenseDistillLoss that puts NaN (and inf) where its terms are inactive, as a criterion that skips a term by
+    writing NaN might: the weighted loss must not see them."""
+
+    def forward(self, outputs, target, **kwargs):
+        values = super().forward(outputs, target, **kwargs)
+        poison = torch.tensor([math.nan, math.inf], dtype=values.dtype).repeat(len(values))[:len(values)]
+        return torch.where(self.active, values, poison)
+
+
+# ------------------------------------------------------------------ 5: inactive terms cannot poison the loss
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_in_an_inactive_term_changes_nothing(name):
+    """With teachers='last' most distillation terms are inactive; NaN/inf written there must give the same loss,
+    weights and model as the clean criterion (0 * NaN is NaN: the combination selects, not multiplies)."""
+    clean, m1, _ = build(name, mw.DenseDistillLoss(3, teachers="last"))
+    poisoned, m2, _ = build(name, PoisonedInactive(3, teachers="last"))
+    assert not bool(poisoned._terms.active.all())
+    for x, y in batches(3):
+        r1, r2 = clean.step((x, y)), poisoned.step((x, y))
+        assert math.isfinite(r2.loss) and r1.loss == r2.loss
+        assert r1.gamma == r2.gamma
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    # the two calls: the loss itself, and its reference sum over the active terms
+    x, y = batch()
+    loss = poisoned.loss(m2(x), y)
+    reference = clean.loss(m2(x), y)
+    assert torch.isfinite(loss) and torch.equal(loss, reference)
+
+
+def test_nan_in_an_inactive_term_leaves_the_harmonized_weighter_finite():
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, opt, PoisonedInactive(3, teachers="last"), learn=False)
+    x, y = batch()
+    outputs = model(x)
+    loss = w.loss(outputs, y)
+    outputs = [o.detach() for o in outputs]
+    active = w._terms.active
+    reference = sum(float(g) * float(t) for g, t, a in
+                    zip(w.gamma.detach(), mw.DenseDistillLoss(3, teachers="last")(outputs, y), active) if a)
+    assert math.isclose(loss.item() if not loss.requires_grad else float(loss.detach()), reference, rel_tol=1e-6)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
