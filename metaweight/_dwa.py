@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -12,11 +12,12 @@ from metaweight._record import MetaStepRecord
 from metaweight._weighting import Weighting, check_int, check_number
 
 
-def dwa_weights(last: Tensor, before: Tensor, active: Tensor, temperature: float) -> Tensor:
-    r""":math:`K\,\mathrm{softmax}_k(r_k/T)` over the active terms, :math:`r_k = \bar L_k(t-1)/\bar L_k(t-2)`."""
+def dwa_weights(last: Tensor, before: Tensor, active: Tensor, temperature: float, count: int | None = None) -> Tensor:
+    r""":math:`K\,\mathrm{softmax}_k(r_k/T)` over the active terms, :math:`r_k = \bar L_k(t-1)/\bar L_k(t-2)`;
+    ``count`` is :math:`K`, the number of active terms (counted from ``active``, a host read, where not given)."""
     ratio = torch.where(active, last / torch.where(active, before, torch.ones_like(before)), torch.zeros_like(last))
     logits = torch.where(active, ratio / temperature, torch.full_like(ratio, -torch.inf))
-    return int(active.sum()) * torch.softmax(logits, 0)
+    return (int(active.sum()) if count is None else count) * torch.softmax(logits, 0)
 
 
 class DWA(Weighting):
@@ -33,7 +34,9 @@ class DWA(Weighting):
     :math:`T = 2` the paper's temperature. The first two windows use :math:`\gamma_k = 1`.
 
     ``window`` is the number of iterations averaged: your iterations per epoch for the
-    paper's rule, or fewer for a per-window variant. The sums are kept on the device; under DDP
+    paper's rule, or fewer for a per-window variant: a window is that many updates kept (a skipped
+    meta step adds nothing to it, nor counts), counted in host-side ints (:attr:`num_windows`,
+    :attr:`calls_in_window`). The sums are kept on the device; under DDP
     the terms are averaged over the ranks first (one all-reduce of the term vector).
 
     Args:
@@ -68,24 +71,44 @@ class DWA(Weighting):
         self.running_sum = torch.zeros(n, device=self.device, dtype=torch.float32)
         self.last_average = torch.zeros(n, device=self.device, dtype=torch.float32)  # window t-1
         self.previous_average = torch.zeros(n, device=self.device, dtype=torch.float32)  # window t-2
-        self.num_windows = torch.zeros((), dtype=torch.int64)  # complete windows so far
+        # host-side counters (Python ints: no device tensor, no read): complete windows so far, and the updates
+        # summed into the open one. A window is `window` updates kept, not `window` meta_step calls: a skipped
+        # call (non-finite, or after an optimizer that did not step) adds nothing to the sum it is divided into
+        self.num_windows = 0
+        self.calls_in_window = 0
         self._setup()
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"running_sum": self.running_sum, "last_average": self.last_average,
-                "previous_average": self.previous_average, "num_windows": self.num_windows}
+                "previous_average": self.previous_average}
 
-    def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
+    def _extra_state(self) -> dict[str, Any]:
+        return {"num_windows": self.num_windows, "calls_in_window": self.calls_in_window}
+
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        counts = {k: state.get(k) for k in ("num_windows", "calls_in_window")}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()) or \
+                counts["calls_in_window"] >= self.window:
+            raise ValueError(f"The checkpoint's DWA counters {counts} should be ints >= 0, calls_in_window < window "
+                             f"({self.window}). Pass a DWA.state_dict() saved with window={self.window}. Nothing "
+                             f"was changed.")
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.num_windows, self.calls_in_window = state["num_windows"], state["calls_in_window"]
+
+    def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Any]:
         assert terms is not None
         running = self.running_sum + terms.to(self.running_sum) * self._active
-        if (self.num_calls + 1) % self.window:
-            return {"running_sum": running}
-        average = running / self.window
+        calls = self.calls_in_window + 1
+        if calls < self.window:
+            return {"running_sum": running, "calls_in_window": calls}
+        average = running / calls
         windows = self.num_windows + 1
-        gamma = dwa_weights(average, self.last_average, self._active, self.temperature) if int(windows) >= 2 \
-            else self.gamma
+        gamma = dwa_weights(average, self.last_average, self._active, self.temperature, self.num_active) \
+            if windows >= 2 else self.gamma
         return {"running_sum": torch.zeros_like(running), "last_average": average,
-                "previous_average": self.last_average.clone(), "num_windows": windows, "gamma": gamma}
+                "previous_average": self.last_average.clone(), "num_windows": windows, "calls_in_window": 0,
+                "gamma": gamma}
 
     def _state_options(self) -> dict[str, Any]:
         # the running sums are over windows of this many steps

@@ -351,9 +351,10 @@ class Weighting(NamedWeights):
         """The method's own state besides ``gamma`` (tensors saved by :meth:`state_dict`)."""
         return {}
 
-    def _propose(self, terms: Tensor | None, train_batch: Batch | None) -> dict[str, Tensor]:
-        """New values for ``gamma`` and the state tensors after one model step; ``terms`` are the
-        (rank-averaged) terms of the ``loss`` call before it. Must not change anything itself."""
+    def _propose(self, terms: Tensor | None, train_batch: Batch | None) -> dict[str, Any]:
+        """New values for ``gamma`` and the state tensors (and host-side ``int`` counters) after one model step;
+        ``terms`` are the (rank-averaged) terms of the ``loss`` call before it. Must not change anything itself:
+        the values are kept only when every one is finite."""
         return {}
 
     def _combine(self, terms: Tensor) -> Tensor:
@@ -494,7 +495,8 @@ class Weighting(NamedWeights):
         gamma = proposal.get("gamma", self.gamma)
         shown = terms if terms is not None else local
         checked = torch.cat([gamma.detach().float().reshape(-1)] +
-                            [v.detach().float().reshape(-1) for v in proposal.values() if v.is_floating_point()] +
+                            [v.detach().float().reshape(-1) for v in proposal.values()
+                             if isinstance(v, Tensor) and v.is_floating_point()] +
                             ([shown.float()] if shown is not None else []))
         values = checked.cpu().tolist()  # the one host read of the call
         n = self._terms.num_terms
@@ -534,9 +536,11 @@ class Weighting(NamedWeights):
             raise ValueError(f"`train_batch` should be a pair (inputs, labels). Found `{type(train_batch).__name__}`"
                              f"{f' of length {len(train_batch)}' if isinstance(train_batch, (tuple, list)) else ''}.")
 
-    def _set_state(self, name: str, value: Tensor) -> None:
+    def _set_state(self, name: str, value: Tensor | int) -> None:
         current = getattr(self, name)
-        if isinstance(current, Tensor) and current.shape == value.shape:
+        if not isinstance(value, Tensor):  # a host-side counter (DWA's window bookkeeping)
+            setattr(self, name, value)
+        elif isinstance(current, Tensor) and current.shape == value.shape:
             current.copy_(value)
         else:
             setattr(self, name, value.detach().clone())

@@ -77,3 +77,23 @@ def test_nan_in_an_inactive_term_leaves_the_harmonized_weighter_finite():
     assert math.isclose(loss.item() if not loss.requires_grad else float(loss.detach()), reference, rel_tol=1e-6)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------ 3: DWA's windows count the updates kept
+def test_dwa_windows_count_updates_kept_not_calls():
+    """A skipped meta step (non-finite terms, nonfinite='skip') adds nothing to the window's sum; the window must
+    not close one update early and divide a short sum by `window`: the weights follow a twin without the call,
+    and the counters are host-side ints."""
+    w1, m1, o1 = build("dwa", nonfinite="skip", window=3)
+    w2, m2, o2 = build("dwa", nonfinite="skip", window=3)
+    assert type(w1.num_windows) is int and type(w1.calls_in_window) is int
+    for i, (x, y) in enumerate(batches(9)):
+        if i == 1:
+            with torch.no_grad(), pytest.warns(RuntimeWarning, match="Skipped an update"):
+                w1.loss(m1(torch.full_like(x, math.nan)), y)
+                assert w1.meta_step((x, y)).skipped
+        w1.step((x, y))
+        w2.step((x, y))
+        assert torch.equal(w1.gamma, w2.gamma), i
+    assert w1.num_windows == w2.num_windows == 3 and type(w1.num_windows) is int
+    assert not torch.equal(w1.gamma, torch.ones(len(w1.gamma)))  # (the rule ran)
