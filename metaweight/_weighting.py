@@ -479,6 +479,11 @@ class Weighting(NamedWeights):
         concatenated).
         ``val_batch`` is accepted for the signature :class:`HarmonizedWeighter` shares and not used.
 
+        After :meth:`loss` calls whose backward was followed by no optimizer step (a ``GradScaler`` found
+        inf/NaN gradients and skipped it, or the loop did not step), no loss changed: nothing is learned, the
+        weights and the method's state stay as they are, and the record says ``skipped`` (``ran`` false) with
+        a message; the call counts in ``num_calls``, not ``num_skipped``, and no hook is called.
+
         Returns:
             A :class:`MetaStepRecord`: ``iteration``, ``ran``, ``meta_step``, ``gamma`` and
             ``terms`` by term name; ``skipped`` and ``message`` for a refused update.
@@ -490,6 +495,8 @@ class Weighting(NamedWeights):
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
                              f"Nothing was changed.")
         self._check_batch(train_batch)
+        if self._step_not_taken():
+            return self._not_stepped(local)
         terms = self._mean_over_ranks(local) if local is not None and self.needs_terms else None
         proposal = self._propose(terms, train_batch)
         gamma = proposal.get("gamma", self.gamma)
@@ -526,6 +533,28 @@ class Weighting(NamedWeights):
         self.last_meta = record
         self._call_hooks(record)
         return record
+
+    def _step_not_taken(self) -> bool:
+        """Whether this iteration's :meth:`loss` calls wrote gradients that no optimizer step followed (a
+        ``GradScaler`` skipped it on inf/NaN gradients, or the loop did not step): Python objects only. (Calls
+        through ``torch.autograd.grad`` write none: the step they lead to is not the optimizer's to see.)"""
+        steps = optimizer_steps(self._inner_optimizer)
+        group = self._groups.get(steps)
+        return steps - 1 not in self._groups and group is not None and group.wrote
+
+    def _not_stepped(self, local: Tensor | None) -> MetaStepRecord:
+        """The meta step after an optimizer that did not step: the terms did not change, so there is nothing to
+        learn from (FAMO's loss change, UW's and GradNorm's Adam steps, DWA's averages, RLW's and SDN's per-step
+        schedules): a skipped call, counted in ``num_calls`` (not ``num_skipped``, which counts refused
+        non-finite values), the weights and the method's state unchanged. No hook is called (hooks see updates)."""
+        with torch.no_grad():
+            shown = self._mean_over_ranks(local) if local is not None else None  # (every rank the same, as ever)
+        self.num_calls += 1
+        self._reset_pending()
+        message = (f"The optimizer did not step since weighting.loss (e.g. a GradScaler found inf/NaN gradients "
+                   f"and skipped it): no loss changed, so {type(self).__name__}'s weights and state are unchanged.")
+        return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
+                              gamma=self.gamma_dict(), terms=self._named(shown), message=message)
 
     def _named(self, terms: Tensor | None) -> dict[str, float] | None:
         return None if terms is None else dict(zip(self.term_names, terms.detach().cpu().tolist()))

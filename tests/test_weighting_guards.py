@@ -79,6 +79,66 @@ def test_nan_in_an_inactive_term_leaves_the_harmonized_weighter_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+# ------------------------------------------------------------------ 2: a meta step after no optimizer step
+def state(w):
+    return {k: v for k, v in w.state_dict().items() if k not in ("num_calls", "num_meta_steps", "num_skipped")}
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_meta_step_after_no_optimizer_step_is_skipped_and_changes_nothing(name):
+    """loss, backward, no optimizer step (the loop did not take it), meta_step: no loss changed, so the call is
+    reported skipped, the weights and state are as before, and the run goes on as if that iteration never was
+    (a twin that never had it ends equal)."""
+    w1, m1, o1 = build(name)
+    w2, m2, o2 = build(name)
+    data = batches(4)
+    for i, (x, y) in enumerate(data):
+        if i == 2:
+            before = state(w1)
+            o1.zero_grad()
+            w1.loss(m1(x), y).backward()
+            record = w1.meta_step((x, y))
+            assert record.skipped and not record.ran and "did not step" in record.message
+            assert record.meta_step == w1.num_meta_steps == 2 and w1.num_calls == 3 and w1.num_skipped == 0
+            assert same(state(w1), before)
+        for w, m, o in ((w1, m1, o1), (w2, m2, o2)):
+            o.zero_grad()
+            w.loss(m(x), y).backward()
+            o.step()
+            assert not w.meta_step((x, y)).skipped
+    if name == "sdn":  # (its schedule is by iteration, the skipped one included: one position ahead of the twin)
+        return
+    assert torch.equal(w1.gamma, w2.gamma) and same(state(w1), state(w2))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+def test_a_step_a_grad_scaler_skipped_does_not_move_famo():
+    """FAMO reads the loss change of the step: a GradScaler that skips the step (inf gradients) leaves its logits,
+    moments and weights as they were, and the record says skipped."""
+    w, model, optimizer = build("famo")
+    (x, y), (x2, y2) = batches(2)
+    w.step((x, y))
+    before = state(w)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    optimizer.zero_grad()
+    scaler.scale(w.loss(model(x2), y2)).backward()
+    next(model.parameters()).grad[0, 0] = math.inf  # an overflow of the scaled gradients
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() < 2.0 ** 10  # (the step was skipped)
+    record = w.meta_step((x2, y2))
+    assert record.skipped and not record.ran
+    assert same(state(w), before)
+
+
 # ------------------------------------------------------------------ 3: DWA's windows count the updates kept
 def test_dwa_windows_count_updates_kept_not_calls():
     """A skipped meta step (non-finite terms, nonfinite='skip') adds nothing to the window's sum; the window must
