@@ -82,6 +82,8 @@ class DWA(Weighting):
         return {"running_sum": self.running_sum, "last_average": self.last_average,
                 "previous_average": self.previous_average}
 
+    _gamma_sum = "active"  # (K softmax, or 1 on each active term in the first two windows)
+
     def _extra_state(self) -> dict[str, Any]:
         return {"num_windows": self.num_windows, "calls_in_window": self.calls_in_window}
 

@@ -122,6 +122,12 @@ class FAMO(Weighting):
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"logits": self.logits, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
+    _nonnegative = ("exp_avg_sq",)
+    _gamma_sum = "one"
+
+    def _gamma_of(self, state: Mapping[str, Any]) -> Tensor:
+        return famo_softmax(state["logits"].float().cpu(), self._terms.active.cpu())
+
     def loss(self, outputs: Any, target: Any) -> Tensor:
         device = self.device.type
         # the terms after the step are computed under the same autocast as these, so that delta compares like with like

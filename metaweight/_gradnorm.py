@@ -123,6 +123,9 @@ class GradNorm(Weighting):
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"initial_losses": self.initial_losses, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
+    _nonnegative = ("exp_avg_sq",)
+    _gamma_sum = "active"  # (renormalised to the number of active terms)
+
     def _term_gradients(self, terms: Tensor) -> Tensor:
         """``[A, P]``: the gradient of each active term on the shared parameters, flattened."""
         selected = terms[self._index]

@@ -80,6 +80,8 @@ class RLW(Weighting):
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         return {"gamma": self._draw().to(self.device)}  # softmax of normal draws: always finite
 
+    _gamma_sum = "one"  # (a softmax)
+
     def _extra_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
 

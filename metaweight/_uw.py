@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -79,6 +79,11 @@ class UW(Weighting):
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"log_vars": self.log_vars, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    _nonnegative = ("exp_avg_sq",)
+
+    def _gamma_of(self, state: Mapping[str, Any]) -> Tensor:
+        return torch.exp(-state["log_vars"].float().cpu()) * self._terms.active.cpu()
 
     def _combine(self, terms: Tensor) -> Tensor:
         s = self.log_vars.detach()

@@ -380,6 +380,37 @@ class Weighting(NamedWeights):
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         """Refuse extra state this method could not load (a ``ValueError``), changing nothing."""
 
+    _nonnegative: ClassVar[tuple[str, ...]] = ()  # state tensors no run can make negative (Adam's second moments)
+    _gamma_sum: ClassVar[str | None] = None  # what the weights sum to by the rule: "active" (K) or "one"
+
+    def _gamma_of(self, state: Mapping[str, Any]) -> Tensor | None:
+        """The weights the rule gives from the saved state (FAMO's softmax of the logits, UW's exp(-s)), where
+        they follow from it."""
+        return None
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse state tensors no run of this method can hold (already of the right shape, dtype and finite):
+        negative second moments, weights not what the rule makes of the state, or not summing to what it
+        keeps them at. A ``ValueError`` that names the value, changing nothing."""
+        name = type(self).__name__
+        for key in self._nonnegative:
+            if (state[key] < 0).any():
+                raise ValueError(f"The checkpoint's `{key}` {state[key].tolist()} holds negative values, which no "
+                                 f"{name} run makes (Adam's second moment is a mean of squares). Pass a "
+                                 f"{name}.state_dict() as saved. Nothing was changed.")
+        gamma = state["gamma"].float()
+        expected = self._gamma_of(state)
+        if expected is not None and not torch.allclose(gamma, expected.float().cpu(), rtol=1e-5, atol=1e-6):
+            raise ValueError(f"The checkpoint's gamma {gamma.tolist()} is not what {name}'s rule gives from its "
+                             f"state ({expected.tolist()}): the checkpoint was edited or mixed from two. Pass a "
+                             f"{name}.state_dict() as saved. Nothing was changed.")
+        if self._gamma_sum is not None:
+            total = float(self.num_active if self._gamma_sum == "active" else 1)
+            if not math.isclose(float(gamma.double().sum()), total, rel_tol=1e-5, abs_tol=1e-6):
+                raise ValueError(f"The checkpoint's gamma {gamma.tolist()} sums to {float(gamma.sum())}, but {name} "
+                                 f"keeps its weights summing to {total:g}. Pass a {name}.state_dict() as saved. "
+                                 f"Nothing was changed.")
+
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         """Apply extra state already checked by :meth:`_check_extra_state`."""
 
@@ -701,9 +732,14 @@ class Weighting(NamedWeights):
         if inactive:
             raise ValueError(f"The checkpoint weights the terms {inactive}, which this weighting's criterion does not "
                              f"compute {_OTHER_CRITERION}")
+        self._check_state(state_dict)
         counts = {k: state_dict[k] for k in ("num_calls", "num_meta_steps", "num_skipped")}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
             raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
+        if counts["num_meta_steps"] > counts["num_calls"]:
+            raise ValueError(f"The checkpoint's counters {counts} are impossible: every meta step kept is a call, so "
+                             f"num_meta_steps <= num_calls. Pass a {type(self).__name__}.state_dict() as saved. "
+                             f"Nothing was changed.")
         if not isinstance(state_dict["extra"], Mapping):
             raise ValueError("The checkpoint's `extra` should be a dict.")
         self._check_extra_state(state_dict["extra"])

@@ -157,3 +157,36 @@ def test_dwa_windows_count_updates_kept_not_calls():
         assert torch.equal(w1.gamma, w2.gamma), i
     assert w1.num_windows == w2.num_windows == 3 and type(w1.num_windows) is int
     assert not torch.equal(w1.gamma, torch.ones(len(w1.gamma)))  # (the rule ran)
+
+
+# ------------------------------------------------------------------ 7: impossible checkpoints
+def impossible(name, good):
+    """Checkpoints of the right keys, shapes, dtypes and finite values that no run of the method can save."""
+    gamma = good["gamma"]
+    out = [({**good, "num_meta_steps": good["num_calls"] + 1}, "num_meta_steps <= num_calls")]
+    if "exp_avg_sq" in good:
+        out.append(({**good, "exp_avg_sq": -good["exp_avg_sq"] - 1.0}, "negative"))
+    if name == "famo":  # gamma is softmax(logits)
+        out.append(({**good, "logits": good["logits"] + torch.arange(len(gamma), dtype=torch.float32)}, "rule"))
+    if name == "uw":  # gamma is exp(-log_vars)
+        out.append(({**good, "log_vars": good["log_vars"] - 0.5}, "rule"))
+    if name in ("dwa", "gradnorm", "rlw", "famo"):  # weights kept at a fixed sum
+        out.append(({**good, "gamma": gamma * 2.0}, "sum|rule"))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_impossible_checkpoints_are_refused_changing_nothing(name):
+    w, model, _ = build(name)
+    for b in batches(3):
+        w.step(b)
+    good = w.state_dict()
+    before = w.state_dict()
+    cases = impossible(name, good)
+    assert len(cases) >= (1 if name == "sdn" else 2)
+    for state, match in cases:
+        with pytest.raises(ValueError, match=match):
+            w.load_state_dict(state)
+        assert same(w.state_dict(), before)
+    w.load_state_dict(good)  # (the real one loads)
+    assert same(w.state_dict(), before)
