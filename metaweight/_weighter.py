@@ -491,7 +491,7 @@ class HarmonizedWeighter(NamedWeights):
         self.last_terms = terms.detach()
         return (self.gamma.detach().to(terms) * terms).sum()
 
-    def meta_step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
+    def meta_step(self, train_batch: Batch, val_batch: Batch | None = None) -> MetaStepRecord:
         r"""Update :math:`\gamma` by one look-ahead step; leaves the model and optimizer unchanged.
 
         With ``meta_every=N`` only every N-th call does the look-ahead (the first call does).
@@ -527,7 +527,8 @@ class HarmonizedWeighter(NamedWeights):
 
         Args:
             train_batch: ``(x, y)``: the training inputs and labels of this iteration.
-            val_batch: ``(x_val, y_val)``: a held-out validation batch.
+            val_batch: ``(x_val, y_val)``: a held-out validation batch (none with ``learn=False``: nothing
+                is learned from it).
 
         Returns:
             A :class:`MetaStepRecord`: ``ran``, ``skipped``, ``val_objective``
@@ -535,6 +536,7 @@ class HarmonizedWeighter(NamedWeights):
             (``ran`` is ``False`` with ``learn=False`` or on a call that ``meta_every`` skips).
         """
         self._check_learn()
+        self._check_val_batch(val_batch, "meta_step")
         if self._capturable is not None:
             raise ValueError("This weighter was built with capturable=True, whose step is the one-call device_step() "
                              "(or step()); the two-call form's meta_step is not capturable. Call step() or "
@@ -569,6 +571,13 @@ class HarmonizedWeighter(NamedWeights):
             names, self._frozen_step = self._frozen_step, None
             raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step.) gamma "
                              "and everything else are unchanged.")
+
+    def _check_val_batch(self, val_batch: Batch | None, call: str) -> None:
+        """A validation batch is what gamma is learned from: needed with ``learn=True``, optional without."""
+        if val_batch is None and self.learn:
+            raise ValueError(f"HarmonizedWeighter.{call} learns gamma on a validation batch: pass it, "
+                             f"weighter.{call}((x, y), (x_val, y_val)). Only a weighter with learn=False (gamma "
+                             f"fixed) needs none. Nothing was changed.")
 
     def _check_learn(self) -> None:
         """``learn`` may be switched off and on again, not on for a weighter built without it."""
@@ -746,7 +755,7 @@ class HarmonizedWeighter(NamedWeights):
         return gamma.sum()
 
     # ----------------------------------------------------------------------------- the one call
-    def step(self, train_batch: Batch, val_batch: Batch) -> MetaStepRecord:
+    def step(self, train_batch: Batch, val_batch: Batch | None = None) -> MetaStepRecord:
         """One full HDKD iteration: :meth:`meta_step`, then the model's step on :meth:`loss`.
 
         With the ``jvp``/``finite_difference`` backends and ``reuse_forward=True`` the model's
@@ -775,9 +784,11 @@ class HarmonizedWeighter(NamedWeights):
         mode. With ``mode="fast"`` the model steps before the meta step: see ``nonfinite``.
 
         Returns the meta step's :class:`MetaStepRecord` with ``loss``, the weighted training
-        loss, ``terms`` and ``model_step_skipped`` filled in.
+        loss, ``terms`` and ``model_step_skipped`` filled in. ``val_batch`` may be left out with
+        ``learn=False`` (gamma fixed: no validation batch is read).
         """
         self._check_learn()
+        self._check_val_batch(val_batch, "step")
         if self._capturable is not None:  # the device's step, read back (once) and reported to the hooks
             record, (self.num_calls, self.num_meta_steps, self.num_skipped) = \
                 self.device_step(train_batch, val_batch).read_with_counts()

@@ -190,3 +190,41 @@ def test_impossible_checkpoints_are_refused_changing_nothing(name):
         assert same(w.state_dict(), before)
     w.load_state_dict(good)  # (the real one loads)
     assert same(w.state_dict(), before)
+
+
+# ------------------------------------------------------------------ 10: no validation batch with learn=False
+def harmonized(learn, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), learn=learn, **kw), model, opt
+
+
+def test_learn_false_needs_no_validation_batch():
+    """gamma fixed: step(train) and meta_step(train) are the calls with a validation batch (which is not read)."""
+    w1, m1, o1 = harmonized(False)
+    w2, m2, o2 = harmonized(False)
+    val = batch()
+    for x, y in batches(3):
+        r1, r2 = w1.step((x, y)), w2.step((x, y), val)
+        assert r1.loss == r2.loss and not r1.ran
+        o1.zero_grad()
+        w1.loss(m1(x), y).backward()
+        o1.step()
+        assert not w1.meta_step((x, y)).ran
+        o2.zero_grad()
+        w2.loss(m2(x), y).backward()
+        o2.step()
+        w2.meta_step((x, y), val)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert w1.gamma_dict() == w2.gamma_dict()
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_learning_without_a_validation_batch_is_refused_changing_nothing(mode):
+    w, model, _ = harmonized(True, mode=mode)
+    params = [p.detach().clone() for p in model.parameters()]
+    for call in ("step", "meta_step"):
+        with pytest.raises(ValueError, match="validation batch"):
+            getattr(w, call)(batch())
+    assert w.num_calls == 0 and all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
