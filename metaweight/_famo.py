@@ -67,6 +67,16 @@ class FAMO(Weighting):
     model's step is close to, not equal to, that of one process on the ranks' batches together
     (every rank's the same).
 
+    With gradient accumulation (several :meth:`loss` calls and backwards, one optimizer step),
+    :math:`L^{\text{before}}` is the mean of those calls' terms, weighted by the labels each
+    scores, and :meth:`meta_step` needs the whole batch, the micro-batches concatenated in order
+    (``weighting.meta_step((torch.cat(xs), torch.cat(ys)))``): its one forward gives
+    :math:`L^{\text{after}}` on the same samples (a part of them is refused, nothing changed). An
+    optimizer that evaluates a closure several times per step (``torch.optim.LBFGS``) is read at
+    its last evaluation, in the two calls (:meth:`step` has no closure to give it and refuses it).
+    A :meth:`meta_step` after backwards that no optimizer step followed (a ``GradScaler`` skipped
+    it) learns nothing: no loss changed.
+
     Args:
         model: the network; ``model(x)`` returns what ``criterion`` takes.
         optimizer: the model's optimizer (used by :meth:`step` only).

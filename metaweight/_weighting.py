@@ -31,6 +31,7 @@ Design choices every method follows:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import weakref
 from collections import OrderedDict
@@ -630,6 +631,7 @@ class Weighting(NamedWeights):
         """
         if not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
             self._check_batch(train_batch if train_batch is not None else ())
+        self._check_step_optimizer()
         x, y = train_batch
         self._reset_pending()  # (loss() calls of the user's own before this step are not part of it)
         snapshot = self._buffers
@@ -664,6 +666,19 @@ class Weighting(NamedWeights):
         self.optimizer.step()
         record = self.meta_step(train_batch, val_batch)
         return dataclasses.replace(record, loss=value, model_step_skipped=False)
+
+    def _check_step_optimizer(self) -> None:
+        """What :meth:`step` needs of the optimizer, refused before anything changes (Python objects only): a
+        ``step()`` without a closure (``torch.optim.LBFGS`` needs one)."""
+        name = type(self).__name__
+        inner = self._inner_optimizer
+        closure = inspect.signature(type(inner).step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise ValueError(f"{name}.step() calls optimizer.step() without a closure, but {type(inner).__name__} "
+                             f"needs one (it evaluates the loss again). Use the two calls with your closure: "
+                             f"def closure(): optimizer.zero_grad(); loss = weighting.loss(model(x), y); "
+                             f"loss.backward(); return loss; then optimizer.step(closure); weighting.meta_step((x, y)) "
+                             f"(it reads the closure's last evaluation). Nothing was changed.")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -19,10 +19,11 @@ def options(name, model):
             "rlw": {"seed": 3}}.get(name, {})
 
 
-def build(name, criterion=None, *, seed=0, params=None, **extra):
+def build(name, criterion=None, *, seed=0, params=None, make=None, **extra):
     torch.manual_seed(seed)
     model = tiny_net(3)
-    optimizer = torch.optim.SGD(model.parameters() if params is None else params(model), lr=0.1, momentum=0.9)
+    held = model.parameters() if params is None else params(model)
+    optimizer = torch.optim.SGD(held, lr=0.1, momentum=0.9) if make is None else make(held)
     criterion = criterion if criterion is not None else mw.DenseDistillLoss(3)
     return mw.WEIGHTINGS[name](model, optimizer, criterion, **{**options(name, model), **extra}), model, optimizer
 
@@ -228,3 +229,37 @@ def test_learning_without_a_validation_batch_is_refused_changing_nothing(mode):
         with pytest.raises(ValueError, match="validation batch"):
             getattr(w, call)(batch())
     assert w.num_calls == 0 and all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+# ------------------------------------------------------------------ 11: what step() needs of the optimizer
+def snapshot(model, optimizer, w):
+    return ([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())],
+            str(optimizer.state_dict()), w.num_calls, w.num_skipped)
+
+
+def unchanged(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_refuses_lbfgs_changing_nothing_and_the_two_calls_run_it(name):
+    """LBFGS needs a closure, which step() has not: refused before the forward (BatchNorm statistics and all
+    unchanged); the two calls with the user's closure read its last evaluation."""
+    w, model, optimizer = build(name, make=lambda held: torch.optim.LBFGS(held, lr=0.1, max_iter=3))
+    before = snapshot(model, optimizer, w)
+    with pytest.raises(ValueError, match="needs one"):
+        w.step(batch())
+    assert unchanged(before, snapshot(model, optimizer, w))
+    x, y = batch()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = w.loss(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    record = w.meta_step((x, y))
+    assert record.meta_step == 1
+    with torch.no_grad():  # the last evaluation's terms: the closure's at the parameters before the last change
+        assert record.terms == w.terms_dict()
