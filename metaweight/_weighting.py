@@ -669,7 +669,9 @@ class Weighting(NamedWeights):
 
     def _check_step_optimizer(self) -> None:
         """What :meth:`step` needs of the optimizer, refused before anything changes (Python objects only): a
-        ``step()`` without a closure (``torch.optim.LBFGS`` needs one)."""
+        ``step()`` without a closure (``torch.optim.LBFGS`` needs one), and every trainable parameter of the model
+        held, none other (step() clears and steps the model's gradients with it; an optimizer over a sub-module
+        would leave the rest untrained, their gradients growing)."""
         name = type(self).__name__
         inner = self._inner_optimizer
         closure = inspect.signature(type(inner).step).parameters.get("closure")
@@ -679,6 +681,17 @@ class Weighting(NamedWeights):
                              f"def closure(): optimizer.zero_grad(); loss = weighting.loss(model(x), y); "
                              f"loss.backward(); return loss; then optimizer.step(closure); weighting.meta_step((x, y)) "
                              f"(it reads the closure's last evaluation). Nothing was changed.")
+        held = {id(p) for group in inner.param_groups for p in group["params"]}
+        own = {id(p) for p in self.module.parameters()}
+        missing = [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in held]
+        foreign = len(held - own)
+        if missing or foreign:
+            said = (f"does not hold the model's trainable parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}"
+                    if missing else f"holds {foreign} tensors that are not parameters of the model")
+            raise ValueError(f"{name}.step() steps the model with its optimizer, but the optimizer {said}: build it "
+                             f"over model.parameters() (freeze what should not train with requires_grad_(False)), "
+                             f"or, to step a part on purpose, use the two calls: loss = weighting.loss(model(x), y); "
+                             f"loss.backward(); optimizer.step(); weighting.meta_step((x, y)). Nothing was changed.")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

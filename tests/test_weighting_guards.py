@@ -231,7 +231,7 @@ def test_learning_without_a_validation_batch_is_refused_changing_nothing(mode):
     assert w.num_calls == 0 and all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
 
 
-# ------------------------------------------------------------------ 11: what step() needs of the optimizer
+# ------------------------------------------------------------------ 6, 11: what step() needs of the optimizer
 def snapshot(model, optimizer, w):
     return ([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())],
             str(optimizer.state_dict()), w.num_calls, w.num_skipped)
@@ -239,6 +239,26 @@ def snapshot(model, optimizer, w):
 
 def unchanged(a, b):
     return all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_refuses_an_optimizer_over_part_of_the_model_changing_nothing(name):
+    w, model, optimizer = build(name, params=lambda m: m.heads.parameters())
+    before = snapshot(model, optimizer, w)
+    with pytest.raises(ValueError, match=r"does not hold the model's trainable parameters \['stages.0.0.weight'"):
+        w.step(batch())
+    assert unchanged(before, snapshot(model, optimizer, w))
+    for p in model.stages.parameters():  # frozen on purpose: the step runs
+        p.requires_grad_(False)
+    if name != "gradnorm":  # (its shared parameters must train)
+        assert w.step(batch()).meta_step == 1
+
+
+def test_step_refuses_an_optimizer_holding_other_tensors():
+    w, model, optimizer = build("uw")
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(ValueError, match="holds 1 tensors that are not parameters of the model"):
+        w.step(batch())
 
 
 @pytest.mark.parametrize("name", NAMES)
