@@ -171,7 +171,11 @@ class FAMO(Weighting):
         state = {**dict(module.named_parameters()), **self._scratch.copy_of(dict(module.named_buffers()))}
         devices = [self.device] if self.device.type == "cuda" else []
         enabled, dtype = getattr(self, "_autocast", (False, None))
-        with torch.random.fork_rng(devices=devices), torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
+        # without autocast's cache: inside the loss() call's autocast region (step() run under autocast, or a
+        # meta_step in the loop's `with autocast`) the cache holds the parameters cast *before* the step, and the
+        # forward would compute the terms at the old parameters: a delta of about 0, the update lost
+        with torch.random.fork_rng(devices=devices), torch.autocast(self.device.type, dtype=dtype, enabled=enabled,
+                                                                     cache_enabled=False):
             args, kwargs = model_arguments(module, x)
             outputs = functional_call(module, state, args, kwargs)
         return self._terms(outputs, y).float()

@@ -283,3 +283,38 @@ def test_step_refuses_lbfgs_changing_nothing_and_the_two_calls_run_it(name):
     assert record.meta_step == 1
     with torch.no_grad():  # the last evaluation's terms: the closure's at the parameters before the last change
         assert record.terms == w.terms_dict()
+
+
+# ------------------------------------------------------------------ 1: FAMO under autocast
+def famo_run(autocast, form):
+    """Five iterations of FAMO (lr 0.5, so the logits move) in one of three loops: step() under autocast, the two
+    calls with meta_step after the autocast region, or with it inside (the whole body under autocast)."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.FAMO(model, optimizer, mw.DenseDistillLoss(3), lr=0.5)
+    for x, y in batches(5):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if form == "step":
+                w.step((x, y))
+                continue
+            loss = w.loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if form == "inside":
+                w.meta_step((x, y))
+        if form == "after":
+            w.meta_step((x, y))
+    return w.logits
+
+
+def test_famo_under_autocast_reads_the_step_in_every_loop_form():
+    """The terms after the step are computed at the new parameters whatever autocast region the call is in
+    (autocast's cache held the parameters cast before the step: the one call's delta was about 0); the logits
+    are those of float32 to the rounding of bfloat16."""
+    reference = famo_run(False, "after")
+    after = famo_run(True, "after")
+    assert torch.allclose(after, reference, atol=0.1), (after, reference)
+    for form in ("step", "inside"):
+        assert torch.equal(famo_run(True, form), after), form
