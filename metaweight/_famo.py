@@ -190,5 +190,19 @@ class FAMO(Weighting):
         xi = xi * self._active
         return {"logits": xi, "exp_avg": m, "exp_avg_sq": v, "gamma": famo_softmax(xi, self._active)}
 
+    def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
+        if not terms:
+            return ""
+        bounds = dict(zip(self.term_names, self.min_losses.tolist()))
+        active = dict(zip(self.term_names, self._terms.active.tolist()))
+        below = {n: v for n, v in terms.items() if active[n] and math.isfinite(v) and not v - bounds[n] + EPS > 0}
+        if not below:
+            return ""
+        said = ", ".join(f"{n} = {v:.6g} <= {bounds[n]:.6g}" for n, v in below.items())
+        return (f"FAMO takes log(L_k - min_losses_k), which needs every term above its bound; these terms are at or "
+                f"below their min_losses: {said} (the log of a non-positive "
+                f"number). Pass min_losses under every value the terms can take: 0 (the default) for "
+                f"cross-entropies and distillation terms, a lower bound for a loss that can go below 0. ")
+
     def _options(self) -> str:
         return f"lr={self.lr}, weight_decay={self.weight_decay}"

@@ -381,6 +381,11 @@ class Weighting(NamedWeights):
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         """Refuse extra state this method could not load (a ``ValueError``), changing nothing."""
 
+    def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
+        """What in the terms (by name) makes this method's loss or update non-finite, with the fix, for the
+        refusal's message (a sentence and a space; empty where nothing is known)."""
+        return ""
+
     _nonnegative: ClassVar[tuple[str, ...]] = ()  # state tensors no run can make negative (Adam's second moments)
     _gamma_sum: ClassVar[str | None] = None  # what the weights sum to by the rule: "active" (K) or "one"
 
@@ -544,8 +549,8 @@ class Weighting(NamedWeights):
         judged = values if terms is not None or shown is None else values[:-n]
         if not all(math.isfinite(v) for v in judged):
             message = (f"{type(self).__name__}: the update from the terms {named} gave non-finite values; the "
-                       f"weights and the method's state were left unchanged. Check the data and the learning rates "
-                       f"(or pass nonfinite='skip' to skip such updates).")
+                       f"weights and the method's state were left unchanged. {self._nonfinite_hint(named)}Check the "
+                       f"data and the learning rates (or pass nonfinite='skip' to skip such updates).")
             if self.nonfinite == "raise":
                 raise ValueError(message)
             self.num_calls += 1
@@ -658,8 +663,8 @@ class Weighting(NamedWeights):
             terms = dict(zip(self.term_names, values[2:]))
             message = (f"The weighted training loss ({value}), its gradient or a buffer the forward updated "
                        f"(e.g. BatchNorm statistics) is not finite (terms {terms}). The step was not taken: "
-                       f"parameters, buffers, optimizer state and weights are as before this call. Check the "
-                       f"batch and the learning rate.{masked_label_hint(terms)}")
+                       f"parameters, buffers, optimizer state and weights are as before this call. "
+                       f"{self._nonfinite_hint(terms)}Check the batch and the learning rate.{masked_label_hint(terms)}")
             raise_or_skip_step(self, message)
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=terms, loss=value, model_step_skipped=True, message=message)

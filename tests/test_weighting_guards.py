@@ -3,6 +3,7 @@ hold NaN, impossible checkpoints, meta steps after an optimizer that did not ste
 the model, and the options around them. Each test compares against a run that never met the problem."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -318,3 +319,25 @@ def test_famo_under_autocast_reads_the_step_in_every_loop_form():
     assert torch.allclose(after, reference, atol=0.1), (after, reference)
     for form in ("step", "inside"):
         assert torch.equal(famo_run(True, form), after), form
+
+
+# ------------------------------------------------------------------ 9: FAMO's min_losses in its refusals
+def test_famo_says_which_terms_are_not_above_min_losses():
+    """A term at or below its bound makes log(L - L*) non-finite: both refusals (the one call's, the update's)
+    name those terms and their bounds, and say what to pass; nothing changes."""
+    w, model, optimizer = build("famo", min_losses=[1.0] * 6)
+    x, y = batch()
+    with torch.no_grad():
+        terms = dict(zip(w.term_names, mw.DenseDistillLoss(3)(model(x), y).tolist()))
+    low = [n for n, v in terms.items() if v <= 1.0]
+    assert low and len(low) < len(terms)
+    pattern = f"these terms are at or below their min_losses: {re.escape(low[0])}.*Pass min_losses under"
+    with pytest.raises(ValueError, match=pattern):
+        w.step((x, y))
+    with torch.no_grad():
+        w.loss(model(x), y)
+    with pytest.raises(ValueError, match=pattern) as error:
+        w.meta_step((x, y))
+    assert all(n in str(error.value).split("min_losses:")[1].split("(the log")[0] for n in low)
+    assert all(n not in str(error.value).split("min_losses:")[1].split("(the log")[0] for n in terms if n not in low)
+    assert w.num_calls == 0 and torch.equal(w.logits, torch.zeros(6))
