@@ -14,7 +14,7 @@ from metaweight._checks import check_has_values, in_dtype, per_term, real_number
 from metaweight._protocols import model_arguments
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import Scratch
-from metaweight._weighting import Weighting, adam_update, batch_samples, check_number
+from metaweight._weighting import Weighting, adam_update, batch_samples, check_number, first_labels
 
 EPS = 1e-8  # as the official implementation: keeps log(L - L*) finite at the bound
 
@@ -162,6 +162,28 @@ class FAMO(Weighting):
                              f"before and after the step on the same samples. Pass the whole batch, the "
                              f"micro-batches concatenated in order: weighting.meta_step((torch.cat(xs), "
                              f"torch.cat(ys))). Nothing was changed.")
+        self._check_same_labels(train_batch[1], group)
+
+    def _check_same_labels(self, target: Any, group: Any) -> None:
+        """Refuse a ``train_batch`` whose labels are not those this iteration's :meth:`loss` calls scored (in
+        order): FAMO's delta compares the terms of one batch before and after the step, and another batch's
+        would make it noise. Free when the labels are the very tensor loss() got; one comparison on the device
+        and one read otherwise."""
+        saved = [t for _, t in sorted(group.labels, key=lambda call: call[0])] if group is not None else []
+        given = first_labels(target)
+        if not saved or given is None or any(t is None for t in saved) or (len(saved) == 1 and saved[0] is given):
+            return
+        expected = saved[0] if len(saved) == 1 else torch.cat([t.reshape(t.shape[0], -1) for t in saved])
+        given_flat = given if len(saved) == 1 else given.reshape(given.shape[0], -1)
+        if given_flat.shape == expected.shape and given_flat.dtype == expected.dtype and \
+                bool(torch.equal(given_flat, expected.to(given_flat.device))):
+            return
+        raise ValueError("FAMO.meta_step got a batch whose labels are not those of this iteration's loss() "
+                         f"call{'s' if len(saved) > 1 else ''}: FAMO compares the terms of the same batch before and "
+                         "after the step. Pass the batch the step was taken on: loss = weighting.loss(model(x), y); "
+                         "...; weighting.meta_step((x, y))" + (", the micro-batches concatenated in order"
+                                                                if len(saved) > 1 else "") +
+                         ". Nothing was changed.")
 
     @torch.no_grad()
     def _terms_after_step(self, train_batch: Any) -> Tensor:

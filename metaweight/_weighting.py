@@ -135,6 +135,9 @@ class _Calls:
     samples: int = 0
     calls: int = 0
     wrote: bool = False  # whether their backwards wrote gradients (then cleared ones mean a zero_grad since)
+    # each call's first label tensor (FAMO), after its number in the order of the loss() calls (a backward
+    # through several reaches them in another order)
+    labels: list[tuple[int, Tensor | None]] = dataclasses.field(default_factory=list)
 
 
 class _StepCounter:
@@ -170,6 +173,11 @@ def _scored(target: Any, ignore_index: Any) -> Tensor | int:
             and labels.dim() > 0 and not labels.is_floating_point() and not labels.is_complex():
         return (labels != ignore_index).sum()
     return batch_samples(target)
+
+
+def first_labels(target: Any) -> Tensor | None:
+    """The first tensor of a batch's labels with a batch dimension (``None`` for none)."""
+    return next((t for t in tree_leaves(target) if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
 def batch_samples(target: Any) -> int:
@@ -331,6 +339,7 @@ class Weighting(NamedWeights):
         self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
+        self._calls_made = 0  # training loss() calls so far: their order, for FAMO's check of the labels
         self._inner_optimizer = unwrap_optimizer(optimizer)
         optimizer_steps(self._inner_optimizer)  # (the process-wide step counter, registered before the first step)
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
@@ -439,17 +448,20 @@ class Weighting(NamedWeights):
             values = self._last_values = self._per_call(self.last_terms)
             weight = _scored(target, getattr(self.criterion, "ignore_index", None))
             samples = batch_samples(target)
+            self._calls_made += 1
+            labels = (self._calls_made, first_labels(target) if self.reads_train_batch else None)
             counted: list[bool] = []
 
             def count(grad: Tensor) -> None:
                 if not counted:  # (once: a second backward through a retained graph is not another call)
                     counted.append(True)
-                    self._accumulate(values, weight, samples)
+                    self._accumulate(values, weight, samples, labels)
 
             combined.register_hook(count)
         return combined
 
-    def _accumulate(self, values: dict[str, Tensor], weight: Tensor | int, samples: int) -> None:
+    def _accumulate(self, values: dict[str, Tensor], weight: Tensor | int, samples: int,
+                    labels: tuple[int, Tensor | None] = (0, None)) -> None:
         """When a backward reaches a training :meth:`loss` (before it writes any gradient): add the call's values
         to those of the calls since the optimizer's last step (gradient accumulation: several calls, one step,
         one :meth:`meta_step`), weighted by the labels it scores (those not ``criterion.ignore_index``; its
@@ -469,6 +481,7 @@ class Weighting(NamedWeights):
         group.weight = group.weight + weight
         group.samples += samples
         group.calls += 1
+        group.labels.append(labels)
 
         def ended() -> None:  # at the end of this backward: whether it wrote gradients (autograd.grad writes none)
             group.wrote = group.wrote or self._any_gradient()

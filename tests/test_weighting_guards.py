@@ -341,3 +341,30 @@ def test_famo_says_which_terms_are_not_above_min_losses():
     assert all(n in str(error.value).split("min_losses:")[1].split("(the log")[0] for n in low)
     assert all(n not in str(error.value).split("min_losses:")[1].split("(the log")[0] for n in terms if n not in low)
     assert w.num_calls == 0 and torch.equal(w.logits, torch.zeros(6))
+
+
+# ------------------------------------------------------------------ 8: FAMO's meta_step on the step's batch
+def test_famo_refuses_another_batch_after_the_step_changing_nothing():
+    """delta compares the terms of one batch before and after the step: meta_step with other labels (another
+    batch, or the micro-batches out of order) is refused before anything changes; the same labels (a copy too)
+    run."""
+    w, model, optimizer = build("famo")
+    (x, y), (x2, y2), (x3, y3) = batches(3)
+    w.step((x, y))
+    before = state(w)
+    optimizer.zero_grad()
+    w.loss(model(x2), y2).backward()
+    optimizer.step()
+    for bad in [(x3, y3), (x2, y2[:8]), (x2, y2.flip(0))]:
+        with pytest.raises(ValueError, match="labels are not those of this iteration"):
+            w.meta_step(bad)
+        assert same(state(w), before) and w.num_calls == 1
+    assert w.meta_step((x2.clone(), y2.clone())).meta_step == 2
+    # accumulation: the micro-batches concatenated in order, not the other way round
+    optimizer.zero_grad()
+    for xs, ys in ((x, y), (x3, y3)):
+        w.loss(model(xs), ys).backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="concatenated in order"):
+        w.meta_step((torch.cat([x3, x]), torch.cat([y3, y])))
+    assert w.meta_step((torch.cat([x, x3]), torch.cat([y, y3]))).meta_step == 3
