@@ -645,7 +645,8 @@ class Weighting(NamedWeights):
         terms come back to the host in one read (as :class:`HarmonizedWeighter`'s step transaction).
 
         Returns the :class:`MetaStepRecord` of :meth:`meta_step` with ``loss`` and
-        ``model_step_skipped`` filled in.
+        ``model_step_skipped`` filled in (true also where the optimizer took no step when called: a wrapper
+        whose own ``GradScaler`` skipped it; the meta step is then skipped too).
         """
         if not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
             self._check_batch(train_batch if train_batch is not None else ())
@@ -682,8 +683,9 @@ class Weighting(NamedWeights):
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=terms, loss=value, model_step_skipped=True, message=message)
         self.optimizer.step()
+        taken = not self._step_not_taken()  # (a wrapper's own GradScaler may skip it: then so is the meta step)
         record = self.meta_step(train_batch, val_batch)
-        return dataclasses.replace(record, loss=value, model_step_skipped=False)
+        return dataclasses.replace(record, loss=value, model_step_skipped=not taken)
 
     def _check_step_optimizer(self) -> None:
         """What :meth:`step` needs of the optimizer, refused before anything changes (Python objects only): a

@@ -368,3 +368,32 @@ def test_famo_refuses_another_batch_after_the_step_changing_nothing():
     with pytest.raises(ValueError, match="concatenated in order"):
         w.meta_step((torch.cat([x3, x]), torch.cat([y3, y])))
     assert w.meta_step((torch.cat([x, x3]), torch.cat([y, y3]))).meta_step == 3
+
+
+class SkippingWrapper:
+    """An optimizer wrapper (as Accelerate's, with its own GradScaler) whose step() may not step."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.skip = False
+
+    def step(self):
+        if not self.skip:
+            self.optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def test_step_reports_a_step_its_optimizer_skipped():
+    """step() whose optimizer wrapper skipped the step: the record says model_step_skipped and the meta step
+    skipped, and nothing of the weighting changed."""
+    w, model, optimizer = build("uw")
+    wrapper = SkippingWrapper(optimizer)
+    w = mw.UW(model, wrapper, mw.DenseDistillLoss(3))
+    assert not w.step(batch()).model_step_skipped
+    before = state(w)
+    wrapper.skip = True
+    record = w.step(batch())
+    assert record.model_step_skipped and record.skipped and not record.ran
+    assert same(state(w), before) and w.num_meta_steps == 1
