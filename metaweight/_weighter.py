@@ -56,15 +56,14 @@ INITS = ("uniform", "last", "random")
 CONSTRAINTS = ("clamp", "normalize")
 GAMMA_OPTIMIZERS = ("sgd", "adam")
 NONFINITE = ("raise", "skip")
+FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")  # device types with torch's fused Adam kernel
 
 
 def _adam(gamma: Tensor, lr: float) -> torch.optim.Optimizer:
-    """torch's Adam for ``gamma``, fused where its device has the kernel: the unfused one reads its step count
-    back to the host at every step (``_get_value(step)``), the fused one keeps it on the device."""
-    try:
-        return torch.optim.Adam([gamma], lr=lr, fused=True)
-    except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.Adam([gamma], lr=lr)
+    """torch's Adam for ``gamma``, fused where its device has the kernel (torch checks that only at the first
+    step, so the device is asked here): one kernel for gamma's step, its step count kept on the device (on
+    CUDA the unfused one reads it back to the host at every step)."""
+    return torch.optim.Adam([gamma], lr=lr, fused=gamma.device.type in FUSED_ADAM_DEVICES or None)
 
 
 class HarmonizedWeighter(NamedWeights):
@@ -113,8 +112,9 @@ class HarmonizedWeighter(NamedWeights):
             ``torch.optim.Optimizer`` for it (then ``gamma_lr`` is not used). The default was
             chosen on held-out data; docs/results.md gives the evidence. ``"adam"`` is torch's
             ``Adam(fused=True)`` where gamma's device has the fused kernel (CPU, CUDA, MPS, XPU):
-            the same steps as the default implementation (bitwise in float32), with the step count
-            on the device, so a meta step reads nothing back for it.
+            one kernel per step, the step count on the device; its steps equal the unfused
+            Adam's up to rounding (its second moment differs by about an ulp after some ten
+            steps, so a run resumed across the two implementations is not bitwise the same).
         init: ``"uniform"`` (every active term 1: DS-like), ``"last"`` (the CE terms
             and the last exit's KD terms 1, other KD terms 0: DBT-like), ``"random"``
             (uniform in [0, 1) on active terms), ``num_terms`` weights (a tensor, a list, a
@@ -160,8 +160,9 @@ class HarmonizedWeighter(NamedWeights):
             gradients between backward and step other than unscaling is refused unless declared here.
         fd_epsilon: length in parameter space of the differences' step (``finite_difference``'s
             central one, ``mode="fast"``'s one-sided one); default 4 :math:`\sqrt[3]{\text{machine eps}}`
-            (central) or 64 :math:`\sqrt{\text{machine eps}}` (one-sided) times the moved parameters' RMS,
-            about 2e-2 x RMS in float32 (chosen on ``benchmarks/step_length.py``; see the cost guide).
+            (central) or 64 :math:`\sqrt{\text{machine eps}}` (one-sided; 4 for bfloat16 and float16
+            parameters) times the moved parameters' RMS (at least 1e-3), about 2e-2 x RMS in float32
+            (chosen on ``benchmarks/step_length.py``; see the cost guide, also for where it fails).
         callbacks: hooks called after every successful meta step with its
             :class:`MetaStepRecord` (``iteration``, ``meta_step``, ``gamma`` and ``terms`` by
             term name, ``val_objective``, ``val_exit_losses``, ...), as if registered with
@@ -665,7 +666,11 @@ class HarmonizedWeighter(NamedWeights):
         """Step gamma and project it, all on the device: gamma keeps its old value where the meta-gradient
         or the new gamma is not finite (the decision is read later, with whatever else the step reads)."""
         saved = StateSnapshot(self.gamma, self.gamma_optimizer, None)
-        finite, stepped = self._gamma_step(gamma_grad, objective, exit_losses)
+        try:
+            finite, stepped = self._gamma_step(gamma_grad, objective, exit_losses)
+        except BaseException:  # (a user's gamma optimizer that raised mid-step: its state is put back)
+            saved.restore(self.gamma)
+            raise
         proposed = self.gamma.detach().clone()
         with torch.no_grad():
             self.gamma.copy_(torch.where(finite & stepped, self.gamma, saved.gamma))

@@ -292,6 +292,37 @@ def test_a_gamma_optimizer_state_of_another_shape_is_refused_changing_nothing():
     assert repr(w.state_dict()) == repr(before)
 
 
+
+def test_a_gamma_optimizer_that_raises_mid_step_leaves_gamma_and_its_state_as_they_were():
+    """A user's gamma optimizer that wrote its state and then raised (torch's unfused Adam does, at lr=3e38: 'value
+    cannot be converted to type float without overflow') left its moments and step count advanced."""
+    class Failing(torch.optim.Adam):
+        fail = False
+
+        def step(self, closure=None):
+            super().step(closure)
+            if self.fail:
+                raise RuntimeError("failed after writing its state")
+
+    model, optimizer, criterion, validation, w = setup("momentum", gamma_optimizer=lambda p: Failing(p, lr=0.01))
+    for _ in range(2):
+        w.meta_step(batch(dtype=F64), batch(dtype=F64))
+    before = copy.deepcopy((w.gamma, w.gamma_optimizer.state_dict()))
+    w.gamma_optimizer.fail = True
+    with pytest.raises(RuntimeError, match="failed after writing its state"):
+        w.meta_step(batch(dtype=F64), batch(dtype=F64))
+    assert torch.equal(w.gamma, before[0]) and w.num_meta_steps == 2
+    for key, value in before[1]["state"][0].items():
+        assert torch.equal(w.gamma_optimizer.state_dict()["state"][0][key], value), key
+
+
+def test_gamma_s_default_adam_is_fused_only_where_the_device_has_the_kernel():
+    """torch checks a fused Adam's device at its first step, not when it is built: the weighter asks first."""
+    from metaweight._weighter import _adam
+    assert _adam(torch.zeros(3, requires_grad=True), 0.1).param_groups[0]["fused"]
+    meta = _adam(torch.zeros(3, device="meta", requires_grad=True), 0.1)
+    assert not meta.param_groups[0]["fused"]
+
 def test_repr_shows_settings():
     model = tiny_net(2)
     w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2))
