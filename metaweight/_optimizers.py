@@ -17,7 +17,8 @@ to the user's optimizer or its state.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import higher
@@ -73,12 +74,108 @@ def decoupled_weight_decay(optimizer: torch.optim.Optimizer, group: dict[str, An
     return bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
 
 
+@dataclass(frozen=True)
+class OptionRange:
+    """The values a real-number option may take: a finite number from ``low`` to ``high`` (an open end
+    excluded; ``high`` may be ``inf``), and what a value outside does to the replayed step (``why``)."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def accepts(self, value: float) -> bool:
+        """Whether ``value`` is finite and in the range (NaN is in none)."""
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def problem(self, value: float) -> str:
+        """What is wrong with a ``value`` :meth:`accepts` refuses, in a few words."""
+        if not math.isfinite(value):
+            return "not finite"
+        if value < self.low or (self.low_open and value == self.low):
+            return f"{'not above' if self.low_open else 'below'} {self.low:g}"
+        return f"{'not below' if self.high_open else 'above'} {self.high:g}"
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        return (f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+
+_AT_LEAST_0 = OptionRange(0.0)
+_ASCENT = "its step would ascend the loss it should descend (as maximize=True would)"
+# The one table of the values each optimizer option may take, for the user's optimizer the look-ahead replays
+# and for gamma's own: the ranges of torch.optim's constructors, where torch checks them, and finite always
+# (torch's ``lr < 0`` lets NaN through, and an option set after construction, by hand or by a scheduler, is never
+# checked by torch). A key ``"RMSprop.alpha"`` is that class's own option where the name means something else
+# elsewhere. A tuple option (``betas``) has one range per entry. Option names not here are not range-checked.
+OPTION_RANGES: dict[str, OptionRange | tuple[OptionRange, ...]] = {
+    "lr": OptionRange(0.0, why=_ASCENT),
+    "momentum": _AT_LEAST_0,
+    "dampening": OptionRange(0.0, 1.0),
+    "weight_decay": _AT_LEAST_0,
+    "eps": OptionRange(0.0, low_open=True, why="a second moment of 0 would divide by 0"),
+    "betas": (OptionRange(0.0, 1.0, high_open=True), OptionRange(0.0, 1.0, high_open=True)),
+    "alpha": OptionRange(0.0, 1.0, why="its running average of squared gradients could turn negative"),
+    "ASGD.alpha": _AT_LEAST_0,
+    "rho": OptionRange(0.0, 1.0),
+    "lr_decay": _AT_LEAST_0,
+    "initial_accumulator_value": _AT_LEAST_0,
+    "lambd": _AT_LEAST_0,
+    "t0": _AT_LEAST_0,
+    "etas": (OptionRange(0.0, 1.0, low_open=True, high_open=True), OptionRange(1.0, low_open=True)),
+    "step_sizes": (_AT_LEAST_0, _AT_LEAST_0),
+}
+
+
+def check_option_values(kind: type, groups: Sequence[Mapping[str, Any]], who: str = "The optimizer") -> None:
+    """Refuse, naming it, an option value outside :data:`OPTION_RANGES` in any of ``groups`` (the
+    ``param_groups`` of an optimizer of class ``kind``, or those of a state dict about to be loaded): a NaN,
+    an infinity, a negative learning rate, ``betas`` outside [0, 1), ``eps <= 0``, ... The one check of option
+    values, for the user's optimizer and gamma's, at construction and before every meta step (a scheduler
+    may set a learning rate between steps). A tensor value on a device is not read back to the host (nor
+    checked); one on the CPU is. Reads only: raises before anything changes."""
+    for i, group in enumerate(groups):
+        for name, value in group.items():
+            allowed = OPTION_RANGES.get(f"{kind.__name__}.{name}", OPTION_RANGES.get(name))
+            if allowed is None or value is None or isinstance(value, bool):
+                continue
+            entries = (value,) if isinstance(allowed, OptionRange) else value
+            ranges = (allowed,) if isinstance(allowed, OptionRange) else allowed
+            if not isinstance(entries, (tuple, list)) or len(entries) != len(ranges):
+                raise ValueError(f"{who} has {name}={value!r} (parameter group {i}): expected {len(ranges)} numbers, "
+                                 f"{', '.join(map(str, ranges))}. Nothing was changed.")
+            for j, (entry, allowed_one) in enumerate(zip(entries, ranges)):
+                if isinstance(entry, Tensor) and entry.device.type != "cpu":
+                    continue  # (not read back to the host: a capturable or fused step's tensor lr)
+                if isinstance(entry, Tensor) and entry.numel() == 1:
+                    entry = entry.reshape(())  # (torch takes a 1-element tensor lr of any shape)
+                number = real_scalar(entry)
+                label = name if len(ranges) == 1 else f"{name}[{j}]"
+                if number is None:
+                    raise ValueError(f"{who} has {label}={entry!r} (parameter group {i}), which is not a real number: "
+                                     f"expected {allowed_one}. Nothing was changed.")
+                if not allowed_one.accepts(number):
+                    why = " With it, every step would be NaN or inf." if not math.isfinite(number) else \
+                        f" With it, {allowed_one.why}." if allowed_one.why else ""
+                    raise ValueError(
+                        f"{who} has {label}={number!r}, {allowed_one.problem(number)} (parameter group {i}): expected "
+                        f"{allowed_one}.{why} Set param_groups[{i}][{name!r}] in range (a learning-rate scheduler "
+                        f"that set it?). Nothing was changed.")
+
+
 def check_optimizer_options(optimizer: torch.optim.Optimizer, *, state: bool = True) -> None:
     """Reject optimizer options the look-ahead would silently get wrong: read the optimizer's options
     and every parameter group's values (at construction and again before every meta step, for every
     backend and mode, so options set later are seen) and refuse, naming it, any option the replay of
-    this optimizer class does not replay (:data:`REPLAYED_OPTIONS`), ``maximize=True`` and a negative
-    learning rate (a number; a tensor ``lr`` is not read back). An
+    this optimizer class does not replay (:data:`REPLAYED_OPTIONS`), ``maximize=True`` and any value
+    outside :data:`OPTION_RANGES` (:func:`check_option_values`). An
     optimizer class with no replay is refused by the backend (:func:`differentiable_optimizer_type`).
     With ``state``, :func:`check_optimizer_state` too (a Python loop over the parameters: about 0.3 ms for
     the 418 of the CIFAR MSDNet)."""
@@ -98,15 +195,9 @@ def check_optimizer_options(optimizer: torch.optim.Optimizer, *, state: bool = T
                 f"Parameter group {i} of the optimizer has maximize=True; the look-ahead assumes the "
                 f"optimizer minimizes the training loss. Use maximize=False. Nothing was changed."
             )
-        lr = group.get("lr")
-        lr = None if isinstance(lr, torch.Tensor) else real_scalar(lr)  # (a tensor lr is not read back to the host)
-        if lr is not None and lr < 0:
-            raise ValueError(
-                f"Parameter group {i} of the optimizer has lr={lr}, below 0: its step would ascend the training "
-                f"loss, which the look-ahead assumes it descends (as maximize=True would). Set lr >= 0 (a scheduler "
-                f"that set it?). Nothing was changed.")
         if isinstance(optimizer, torch.optim.SGD) and group.get("dampening", 0) and group.get("nesterov", False):
             raise ValueError("Nesterov momentum requires dampening=0, as in torch.optim.SGD.")
+    check_option_values(type(optimizer), optimizer.param_groups)
     if state:
         check_optimizer_state(optimizer)
 

@@ -47,7 +47,7 @@ from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
 from metaweight._optimizers import (_SCALAR_STATE, IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
-                                    check_optimizer_options, unwrap_optimizer)
+                                    check_option_values, check_optimizer_options, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -55,6 +55,7 @@ GammaInit = Union[Literal["uniform", "last", "random"], Tensor, Sequence[float],
 INITS = ("uniform", "last", "random")
 CONSTRAINTS = ("clamp", "normalize")
 GAMMA_OPTIMIZERS = ("sgd", "adam")
+GAMMA_OPTIMIZER = "gamma's optimizer (weighter.gamma_optimizer)"
 NONFINITE = ("raise", "skip")
 FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")  # device types with torch's fused Adam kernel
 
@@ -371,6 +372,7 @@ class HarmonizedWeighter(NamedWeights):
                     "`gamma_optimizer` should return a torch.optim.Optimizer for [gamma]. "
                     f"It returned `{type(self.gamma_optimizer).__name__}`."
                 )
+        check_option_values(type(self.gamma_optimizer), self.gamma_optimizer.param_groups, GAMMA_OPTIMIZER)
         self.num_meta_steps = 0
         self._capturable: CapturableFast | None = None
         if capturable:
@@ -558,11 +560,7 @@ class HarmonizedWeighter(NamedWeights):
         (:mod:`metaweight._moves`; Python objects only); raises a ``ValueError`` naming what it found,
         before anything changes."""
         check_optimizer_options(self._inner_optimizer)
-        lr = self.gamma_optimizer.param_groups[0].get("lr")
-        lr = None if isinstance(lr, Tensor) else real_scalar(lr)  # (a tensor lr is not read back to the host)
-        if lr is not None and lr < 0:  # (a scheduler on it gone wrong; a non-finite one is refused at its step)
-            raise ValueError(f"gamma's optimizer has lr={lr}: gamma would step against its meta-gradient. Set "
-                             f"weighter.gamma_optimizer.param_groups[0]['lr'] to a number >= 0. Nothing was changed.")
+        check_option_values(type(self.gamma_optimizer), self.gamma_optimizer.param_groups, GAMMA_OPTIMIZER)
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
         check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})
         if self._foreign_step is not None:
@@ -962,7 +960,8 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"This checkpoint's gamma optimizer is {kind}, but this weighter's is {mine}. Build the "
                              f"weighter with the gamma_optimizer the checkpoint was saved with.")
         if not (isinstance(saved, Mapping) and isinstance(saved.get("param_groups"), list)
-                and isinstance(saved.get("state"), Mapping) and len(saved["param_groups"]) == 1):
+                and isinstance(saved.get("state"), Mapping) and len(saved["param_groups"]) == 1
+                and isinstance(saved["param_groups"][0], Mapping)):
             raise ValueError("The checkpoint's `gamma_optimizer` is not the state_dict of an optimizer of gamma.")
         # an optimizer's hyper-parameters name its kind: SGD's momentum/nesterov, Adam's betas/eps
         current = self.gamma_optimizer.state_dict()["param_groups"][0]
@@ -972,10 +971,7 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"This checkpoint's gamma optimizer has the settings {sorted(saved['param_groups'][0])}, "
                              f"which are not those of this weighter's {mine}. Build the weighter with the "
                              f"gamma_optimizer the checkpoint was saved with.")
-        lr = real_scalar(saved["param_groups"][0].get("lr"))
-        if lr is not None and not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"The checkpoint's gamma optimizer has lr={lr}: gamma would step against its meta-gradient "
-                             f"(or not at all). Expected a finite number >= 0. Nothing was changed.")
+        check_option_values(type(self.gamma_optimizer), saved["param_groups"], "The checkpoint's gamma optimizer")
         scratch = copy.deepcopy(self.gamma_optimizer)
         try:
             scratch.load_state_dict(self._own_implementation(saved))

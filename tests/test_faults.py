@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import metaweight as mw
-from conftest import batch, fast_two_calls, tiny_net
+from conftest import batch, fast_two_calls, quiet, tiny_net
 from test_errors import assert_same, snapshot
 
 
@@ -153,8 +153,19 @@ def test_load_state_dict_of_a_non_dict_is_a_type_error():
 
 
 # ------------------------------------------------------------------ 4. gamma's own step, hyper-parameters
+class _NanSGD(torch.optim.SGD):
+    """An optimizer whose step gives NaN weights, its options in range."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.fill_(float("nan"))
+
+
 def test_gamma_optimizer_producing_nan_is_refused_and_gamma_kept():
-    model, opt, w = make(gamma_optimizer=lambda p: torch.optim.SGD(p, lr=float("nan")))
+    # (a step that goes wrong with options in range: a NaN lr is refused when the weighter is built, below)
+    model, opt, w = make(gamma_optimizer=lambda p: _NanSGD(p, lr=0.1))
     before = snapshot(model, opt, w)
     gamma_opt_state = copy.deepcopy(w.gamma_optimizer.state_dict())
     with pytest.raises(ValueError, match="gamma's own optimizer step"):
@@ -408,3 +419,111 @@ def test_state_dict_is_a_copy_that_later_training_does_not_change():
         assert torch.equal(saved["validation"][k], kept["validation"][k]), k
     assert torch.equal(saved["gamma"], kept["gamma"])
     assert str(saved["gamma_optimizer"]) == str(kept["gamma_optimizer"])
+
+
+# ------------------------------------------------------------------ optimizer option values, the user's and gamma's
+def _no_weighter_hooks(opt):
+    return not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda ps: torch.optim.SGD(ps, lr=float("nan")), "lr=nan, not finite"),
+    (lambda ps: torch.optim.SGD(ps, lr=float("inf")), "lr=inf, not finite"),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=float("nan")), "momentum=nan"),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=float("inf")), "weight_decay=inf"),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=1.5), "dampening=1.5, above 1"),
+    (lambda ps: torch.optim.Adam(ps, lr=0.01, eps=0.0), r"eps=0.0, not above 0"),
+    (lambda ps: torch.optim.AdamW(ps, lr=float("inf")), "lr=inf"),
+    (lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=float("inf")), "weight_decay=inf"),
+])
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_non_finite_or_out_of_range_optimizer_options_are_refused_at_construction(build, match, mode):
+    """torch's constructors let NaN and inf through (``lr < 0`` is False for NaN) and accept eps=0: the look-ahead
+    replayed them, and the meta step came out NaN (or the refusal blamed the validation objective)."""
+    model = tiny_net(3)
+    opt = build(model.parameters())
+    with pytest.raises(ValueError, match=r"The optimizer has " + match + r".*parameter group 0.*Nothing was changed"):
+        mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), mode=mode)
+    assert _no_weighter_hooks(opt)
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda g: torch.optim.Adam(g, lr=0.01, eps=0.0), "eps=0.0, not above 0"),
+    (lambda g: torch.optim.SGD(g, lr=0.01, momentum=float("nan")), "momentum=nan"),
+    (lambda g: torch.optim.Adam(g, lr=0.01, weight_decay=float("inf")), "weight_decay=inf"),
+])
+def test_gamma_optimizer_options_are_checked_by_the_same_table(build, match):
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"gamma's optimizer .*has " + match):
+        mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), gamma_optimizer=build)
+    assert _no_weighter_hooks(opt)
+
+
+SET_LATER = [
+    ("model", "lr", float("nan"), "lr=nan, not finite"),
+    ("model", "lr", float("inf"), "lr=inf, not finite"),
+    ("model", "lr", torch.tensor([float("nan")]), "lr=nan, not finite"),  # (a 1-element tensor, read on the CPU)
+    ("model", "betas", (1.5, 0.999), r"betas\[0\]=1.5, not below 1"),
+    ("model", "betas", (0.9, float("nan")), r"betas\[1\]=nan"),
+    ("model", "eps", -1.0, "eps=-1.0, not above 0"),
+    ("model", "weight_decay", float("nan"), "weight_decay=nan"),
+    ("gamma", "lr", float("nan"), "lr=nan, not finite"),
+    ("gamma", "betas", (0.9, 1.0), r"betas\[1\]=1.0, not below 1"),
+    ("gamma", "eps", 0.0, "eps=0.0"),
+]
+
+
+@pytest.mark.parametrize("owner,name,value,match", SET_LATER)
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_option_values_set_between_steps_are_refused_by_step_changing_nothing(owner, name, value, match, mode):
+    """A scheduler (or a hand) may set an option between steps: checked before every meta step, not only when the
+    weighter was built; before, a NaN lr came out as a 'non-finite validation objective' and betas or eps out of
+    range were replayed as they were."""
+    model, opt, w = make(optimizer="adam", mode=mode)
+    with quiet():
+        w.step(batch(), batch())  # (a first step: state to keep)
+    target = opt if owner == "model" else w.gamma_optimizer
+    target.param_groups[0][name] = value
+    before = snapshot(model, opt, w)
+    gamma_state = copy.deepcopy(w.gamma_optimizer.state_dict())
+    who = "The optimizer" if owner == "model" else "gamma's optimizer"
+    with pytest.raises(ValueError, match=who + r".* has " + match + r".*Nothing was changed"):
+        w.step(batch(), batch())
+    assert_same(before, snapshot(model, opt, w))
+    assert str(w.gamma_optimizer.state_dict()) == str(gamma_state)
+
+
+@pytest.mark.parametrize("owner,name,value,match", SET_LATER[::2])
+def test_option_values_set_between_steps_are_refused_by_the_two_call_form(owner, name, value, match):
+    model, opt, w = make(optimizer="adam", mode="fast")
+    fast_two_calls(w, model, opt, batch(), batch())
+    (opt if owner == "model" else w.gamma_optimizer).param_groups[0][name] = value
+    gamma, gamma_state = w.gamma.clone(), copy.deepcopy(w.gamma_optimizer.state_dict())
+    with pytest.raises(ValueError, match=r" has " + match):
+        with quiet():
+            fast_two_calls(w, model, opt, batch(), batch())
+    assert torch.equal(gamma, w.gamma) and str(w.gamma_optimizer.state_dict()) == str(gamma_state)
+
+
+@pytest.mark.parametrize("kind,option,value", [
+    (torch.optim.SGD, "lr", -0.1), (torch.optim.SGD, "momentum", -0.5), (torch.optim.SGD, "weight_decay", -1e-4),
+    (torch.optim.Adam, "lr", -1e-3), (torch.optim.Adam, "eps", -1e-8), (torch.optim.Adam, "betas", (1.0, 0.999)),
+    (torch.optim.Adam, "betas", (0.9, -0.1)), (torch.optim.Adam, "weight_decay", -0.01),
+    (torch.optim.AdamW, "betas", (-0.1, 0.999)), (torch.optim.RMSprop, "alpha", -0.5),
+    (torch.optim.RMSprop, "eps", -1.0), (torch.optim.RMSprop, "momentum", -0.1),
+])
+def test_every_value_torch_refuses_is_refused_when_set_after_construction(kind, option, value):
+    """The independent reference: torch's own constructor. What it refuses, set on a built optimizer (where torch
+    never looks again), the weighter refuses too."""
+    with pytest.raises(ValueError):
+        kind([nn.Parameter(torch.zeros(2))], **{option: value})
+    model = tiny_net(2)
+    opt = kind(model.parameters(), lr=0.01)
+    with quiet():
+        w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(2))
+    opt.param_groups[0][option] = value
+    label = option if not isinstance(value, tuple) else option + r"\[\d\]"
+    with pytest.raises(ValueError, match=r"The optimizer has " + label + "="):
+        w.meta_step(batch(), batch())
+

@@ -287,7 +287,7 @@ def test_a_gamma_optimizer_state_of_another_shape_is_refused_changing_nothing():
             w.load_state_dict(state)
     state = copy.deepcopy(w.state_dict())
     state["gamma_optimizer"]["param_groups"][0]["lr"] = -1.0
-    with pytest.raises(ValueError, match=r"lr=-1.0: gamma would step against its meta-gradient"):
+    with pytest.raises(ValueError, match=r"gamma optimizer has lr=-1.0, below 0.*ascend"):
         w.load_state_dict(state)
     assert repr(w.state_dict()) == repr(before)
 
@@ -420,6 +420,6 @@ def test_a_negative_learning_rate_set_after_construction_is_refused_like_maximiz
             w.step(batch(), batch())
     optimizer.param_groups[0]["lr"] = 0.1
     w.gamma_optimizer.param_groups[0]["lr"] = -0.5  # gamma's own (a scheduler on it)
-    with pytest.raises(ValueError, match=r"gamma's optimizer has lr=-0.5"):
+    with pytest.raises(ValueError, match=r"gamma's optimizer .*has lr=-0.5, below 0"):
         w.step(batch(), batch())
     assert all(torch.equal(a, b) for a, b in zip(before, [*model.parameters(), w.gamma]))
