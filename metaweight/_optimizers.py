@@ -205,6 +205,50 @@ def check_optimizer_options(optimizer: torch.optim.Optimizer, *, state: bool = T
 _SCALAR_STATE = frozenset({"step", "eta", "mu", "mu_product"})  # torch's 0-d state in its scalar dtype, by design
 
 
+# State that is a running sum or average of squares (Adam's second moments, RMSprop's square_avg, Adagrad's sum,
+# Adadelta's, Adamax's infinity norm): never negative; a negative entry makes the step's square root NaN.
+NONNEGATIVE_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf"})
+
+
+def check_saved_state(state: Mapping[Any, Any], shape: Sequence[int], who: str = "The checkpoint's optimizer") -> None:
+    """Refuse the per-parameter ``state`` of an optimizer state dict (``state_dict()["state"]``, about to be
+    loaded for parameters of ``shape``) that no optimizer could have reached: a step count that is not a whole
+    number >= 0 (a 0-d tensor or a Python number), a non-finite value, a per-entry state that is not a
+    floating-point tensor of ``shape``, or a negative entry of state that is a sum or average of squares
+    (:data:`NONNEGATIVE_STATE`). torch's ``load_state_dict`` takes all of these and the next step is NaN,
+    complex or a division by zero. Reads only: raises before anything is loaded."""
+    for key, entries in state.items():
+        if not isinstance(entries, Mapping):
+            raise ValueError(f"{who}'s state of parameter {key!r} should be a dict of its state (exp_avg, step, "
+                             f"...). Found `{type(entries).__name__}`. Nothing was changed.")
+        for name, value in entries.items():
+            where = f"{who}'s state {name!r} (parameter {key!r})"
+            if name == "step":
+                count = real_scalar(value)
+                if count is None or not math.isfinite(count) or count < 0 or count != int(count):
+                    shown = value.tolist() if isinstance(value, Tensor) else value
+                    raise ValueError(f"{where} is {shown!r}: a step count is a whole number >= 0 (a 0-d tensor or "
+                                     f"a Python number), counting the steps taken. Load a checkpoint that "
+                                     f"HarmonizedWeighter.state_dict() wrote. Nothing was changed.")
+                continue
+            if value is None or not isinstance(value, Tensor):  # (SGD's momentum_buffer=None; non-tensor options)
+                continue
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"{where} holds non-finite values: the optimizer's next step would be NaN. Load "
+                                 f"a checkpoint saved before the values went non-finite. Nothing was changed.")
+            if name in _SCALAR_STATE:
+                continue
+            if not value.is_floating_point() or tuple(value.shape) != tuple(shape):
+                raise ValueError(f"{where} is a {value.dtype} tensor of shape {tuple(value.shape)}, but the parameter "
+                                 f"is a float tensor of shape {tuple(shape)}: it is not the state of this parameter. "
+                                 f"Nothing was changed.")
+            if name in NONNEGATIVE_STATE and (value < 0).any():
+                raise ValueError(f"{where} has negative entries ({float(value.min())!r} the least): it is a sum or "
+                                 f"average of squares, never negative, and the step's square root of it would be "
+                                 f"NaN. Load a checkpoint that HarmonizedWeighter.state_dict() wrote. Nothing was "
+                                 f"changed.")
+
+
 def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Refuse optimizer state (momentum buffers, Adam's moments) in another dtype or on another device than
     its parameter: what ``model.to(torch.bfloat16)`` or ``model.to("cuda")`` after the optimizer's first

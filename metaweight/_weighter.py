@@ -46,8 +46,8 @@ from metaweight._warn import warn_user
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
-from metaweight._optimizers import (_SCALAR_STATE, IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
-                                    check_option_values, check_optimizer_options, unwrap_optimizer)
+from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model, check_option_values,
+                                    check_optimizer_options, check_saved_state, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -972,19 +972,12 @@ class HarmonizedWeighter(NamedWeights):
                              f"which are not those of this weighter's {mine}. Build the weighter with the "
                              f"gamma_optimizer the checkpoint was saved with.")
         check_option_values(type(self.gamma_optimizer), saved["param_groups"], "The checkpoint's gamma optimizer")
+        check_saved_state(saved["state"], self.gamma.shape, "The checkpoint's gamma optimizer")  # (before the load)
         scratch = copy.deepcopy(self.gamma_optimizer)
         try:
             scratch.load_state_dict(self._own_implementation(saved))
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"The checkpoint's gamma optimizer state does not load into {mine}: {exc}") from None
-        for value in saved["state"].values():
-            for name, t in value.items() if isinstance(value, Mapping) else []:
-                if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-                    raise ValueError("The checkpoint's gamma optimizer state holds non-finite values.")
-                if isinstance(t, Tensor) and name not in _SCALAR_STATE and t.shape != self.gamma.shape:
-                    raise ValueError(f"The checkpoint's gamma optimizer state {name!r} has shape {tuple(t.shape)}, "
-                                     f"but gamma has {tuple(self.gamma.shape)}: it is not the state of this "
-                                     f"weighter's gamma. Nothing was changed.")
 
     def __repr__(self) -> str:
         return (

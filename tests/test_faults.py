@@ -527,3 +527,47 @@ def test_every_value_torch_refuses_is_refused_when_set_after_construction(kind, 
     with pytest.raises(ValueError, match=r"The optimizer has " + label + "="):
         w.meta_step(batch(), batch())
 
+
+# ------------------------------------------------------------------ gamma's optimizer state from a checkpoint
+def _set(key, value):
+    return lambda s: s.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("gamma_optimizer,corrupt,match", [
+    ("adam", lambda s: s["exp_avg_sq"].__setitem__(2, -1e-3), r"'exp_avg_sq' \(parameter 0\) has negative entries"),
+    ("adam", _set("step", torch.tensor(-3.0)), r"'step' \(parameter 0\) is -3.0: a step count is a whole number"),
+    ("adam", _set("step", torch.tensor(2.5)), r"'step' .* is 2.5: a step count"),
+    ("adam", _set("step", -1), r"'step' .* is -1: a step count"),
+    ("adam", _set("step", 2.5), r"'step' .* is 2.5: a step count"),
+    ("adam", _set("step", torch.tensor([1.0, 1.0])), r"'step' .* is \[1.0, 1.0\]: a step count"),
+    ("adam", _set("step", torch.tensor(float("inf"))), r"'step' .* is inf: a step count"),
+    ("adam", lambda s: s["exp_avg"].__setitem__(0, float("nan")), r"'exp_avg' .* non-finite"),
+    ("adam", lambda s: s.__setitem__("exp_avg", s["exp_avg"].long()), r"'exp_avg' .* torch.int64 tensor"),
+    ("adam", lambda s: s.__setitem__("exp_avg_sq", s["exp_avg_sq"][:3]), r"'exp_avg_sq' .* shape \(3,\)"),
+    ("momentum", lambda s: s["momentum_buffer"].__setitem__(0, float("inf")), r"'momentum_buffer' .* non-finite"),
+])
+def test_impossible_gamma_optimizer_state_in_a_checkpoint_is_refused_before_loading(gamma_optimizer, corrupt, match):
+    """torch's load_state_dict takes negative second moments, negative or fractional step counts and integer
+    moments; the next meta step was then NaN, complex ('ComplexFloat can't be cast'), a division by zero, or
+    silently off (step 2.5)."""
+    if gamma_optimizer == "momentum":
+        gamma_optimizer = lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)  # noqa: E731
+    model, opt, w = make(gamma_optimizer=gamma_optimizer)
+    w.step(batch(), batch())
+    good = copy.deepcopy(w.state_dict())
+    state = copy.deepcopy(good)
+    corrupt(state["gamma_optimizer"]["state"][0])
+    before, gamma_state = snapshot(model, opt, w), copy.deepcopy(w.gamma_optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"The checkpoint's gamma optimizer's state " + match):
+        w.load_state_dict(state)
+    assert_same(before, snapshot(model, opt, w))
+    assert str(w.gamma_optimizer.state_dict()) == str(gamma_state)
+    # what is possible still loads: zeros, a step count as a Python int
+    for name, value in good["gamma_optimizer"]["state"][0].items():
+        if name == "step":
+            good["gamma_optimizer"]["state"][0][name] = int(value)
+        elif name in ("exp_avg_sq", "exp_avg"):
+            value.zero_()
+    w.load_state_dict(good)
+    w.step(batch(), batch())
+
