@@ -42,7 +42,7 @@ from metaweight._twocall import TwoCall
 from metaweight._capturable import CapturableFast, DeviceRecord, check as check_capturable
 from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read, registered_buffers_removed
-from metaweight._warn import warn_user
+from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
@@ -196,6 +196,7 @@ class HarmonizedWeighter(NamedWeights):
         ['ce[1]', 'ce[2]', 'kd[2->1]']
     """
 
+    @warns_after_construction
     def __init__(
         self,
         model: nn.Module,

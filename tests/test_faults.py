@@ -571,3 +571,26 @@ def test_impossible_gamma_optimizer_state_in_a_checkpoint_is_refused_before_load
     w.load_state_dict(good)
     w.step(batch(), batch())
 
+
+
+# ------------------------------------------------------------------ warnings of a construction that is refused
+@pytest.mark.parametrize("options,error", [
+    ({"gamma_optimizer": lambda g: "not an optimizer"}, TypeError),
+    ({"gamma_optimizer": lambda g: torch.optim.Adam(g, lr=0.01, eps=0.0)}, ValueError),
+    ({"init": torch.ones(5)}, ValueError),
+])
+def test_a_refused_construction_warns_nothing_and_a_built_one_warns_once_at_the_callers_line(options, error):
+    """The fallback to backend='higher' for an optimizer the fast backends do not know was warned of while the
+    constructor still validated: a construction refused after it warned of a fallback that never happened."""
+    model = tiny_net(3)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(error):
+            mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), **options)
+    assert [str(c.message) for c in caught] == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3))
+    assert [c.filename for c in caught if "falling back" in str(c.message)] == [__file__]
+    assert w.backend == "higher"
