@@ -28,12 +28,35 @@ from torch import Tensor, nn
 
 from metaweight._checks import real_scalar
 
-EXACT_UPDATE_TYPES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+EXACT_UPDATE_TYPES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+
+
+def _closed_form_refusal(optimizer: torch.optim.Optimizer) -> str | None:
+    """What of this optimizer's options :func:`lookahead_update` does not replay (RMSprop's momentum and
+    ``centered``), or ``None``."""
+    if type(optimizer) is torch.optim.RMSprop:
+        for i, group in enumerate(optimizer.param_groups):
+            momentum = group.get("momentum", 0)
+            if group.get("centered", False) or (not isinstance(momentum, Tensor) and momentum != 0):
+                return (f"parameter group {i} of the RMSprop has momentum={momentum!r}, "
+                        f"centered={group.get('centered', False)!r}: the closed-form replay of RMSprop (the jvp and "
+                        f"finite_difference backends, mode='fast') is that of momentum=0, centered=False")
+    return None
 
 
 def supports_exact_update(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether :func:`lookahead_update` knows this optimizer's step in closed form."""
-    return type(optimizer) in EXACT_UPDATE_TYPES
+    """Whether :func:`lookahead_update` knows this optimizer's step in closed form (RMSprop: without momentum
+    and not centered; with them, backend='higher' replays it)."""
+    return type(optimizer) in EXACT_UPDATE_TYPES and _closed_form_refusal(optimizer) is None
+
+
+def check_closed_form(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, before anything changes, options set since construction that the closed-form replay
+    (:func:`lookahead_update`) of this optimizer does not replay (RMSprop's momentum, ``centered``)."""
+    refusal = _closed_form_refusal(optimizer)
+    if refusal is not None:
+        raise ValueError(f"The look-ahead cannot replay this step: {refusal}. Set them back, or build the weighter "
+                         f"with backend='higher' and mode='exact' (which replay them). Nothing was changed.")
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -337,6 +360,23 @@ def _adam_moments(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, 
             "lr_bc1": lr_bc1, "beta2": beta2}
 
 
+def _rmsprop_step(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    r"""One ``torch.optim.RMSprop`` step (weight decay; no momentum, not centered) from ``state``, out of place,
+    and its diagonal Jacobian: with :math:`d = g + \lambda\theta`, :math:`v = \alpha v_0 + (1-\alpha) d^2`
+    (:math:`v_0 = 0` before the first step) and :math:`a = \sqrt v + \epsilon`, the step is
+    :math:`U = lr\, d / a` and :math:`\partial U/\partial g = lr\,(1/a - (1-\alpha) d^2 / (\sqrt v\, a^2))`
+    (:math:`lr/\epsilon` where :math:`v = 0`)."""
+    lr, alpha, eps, wd = float(group["lr"]), float(group["alpha"]), float(group["eps"]), float(group["weight_decay"])
+    d = g + wd * p if wd else g
+    v0 = state.get("square_avg")
+    v = d * d * (1 - alpha) if v0 is None else v0 * alpha + d * d * (1 - alpha)
+    root = _safe_sqrt(v)
+    avg = root + eps
+    flows = v > 0
+    droot = torch.where(flows, (1 - alpha) * d / torch.where(flows, root, torch.ones_like(root)), torch.zeros_like(root))
+    return p - lr * d / avg, lr * (1 / avg - d * droot / (avg * avg))
+
+
 def _sgd_jacobian(has_buffer: bool, group: dict[str, Any]) -> float:
     """SGD's constant dU/dg (as :func:`_sgd_step` computes it), from whether a momentum buffer exists."""
     mu, damp, nesterov = float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"])
@@ -433,7 +473,9 @@ def lookahead_update(
     jac: list[Tensor | float] = []
     check_optimizer_options(optimizer, state=False)  # options may have been set since construction (the state: by
     # the weighter's loop check before every meta step)
+    check_closed_form(optimizer)
     adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    rmsprop = type(optimizer) is torch.optim.RMSprop
     new: list[Tensor | None] = [None] * len(params)
     jac: list[Tensor | float] = [0.0] * len(params)
     # Parameters that step alike (one group, device, dtype, the same state keys and step count) are
@@ -454,7 +496,7 @@ def lookahead_update(
         buckets.setdefault((id(group), p.device, p.dtype, g.dtype, keys, steps.get(i), sparse), []).append(i)
     for (_, _, _, _, keys, step, _), idx in buckets.items():
         group = where[id(params[idx[0]])]
-        if jacobian_only and not adam:
+        if jacobian_only and not adam and not rmsprop:
             c = _sgd_jacobian("momentum_buffer" in keys, group)
             for i in idx:
                 new[i], jac[i] = params[i], c
@@ -481,6 +523,12 @@ def lookahead_update(
                 d = drop_unreached(d, g, keep_unreached)
             for i, n, j in zip(idx, _unflat(a["new"], [params[i] for i in idx]),
                                _unflat(d, [params[i] for i in idx])):
+                new[i], jac[i] = n, j
+        elif rmsprop:
+            p_new, d = _rmsprop_step(p, g, state, group)
+            if keep_unreached is not None and g.layout == torch.strided:
+                d = drop_unreached(d, g, keep_unreached)
+            for i, n, j in zip(idx, _unflat(p_new, [params[i] for i in idx]), _unflat(d, [params[i] for i in idx])):
                 new[i], jac[i] = n, j
         else:
             p_new, c = _sgd_step(p, g, state, group)

@@ -1,0 +1,102 @@
+"""The closed-form replay of torch.optim.RMSprop (metaweight._optimizers): its step against torch's own, its diagonal
+Jacobian against central differences of real torch steps, and the meta-gradient against backend='higher'."""
+
+import copy
+
+import pytest
+import torch
+
+import metaweight as mw
+from conftest import batch, tiny_net
+from metaweight._optimizers import lookahead_update
+
+F64 = torch.float64
+
+
+def _rmsprop(weight_decay=0.0, warm=2, **options):
+    """Parameters of several shapes and an RMSprop over them, stepped ``warm`` times (square_avg filled in)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, dtype=F64)) for shape in [(3, 4), (4,), ()]]
+    opt = torch.optim.RMSprop(params, lr=0.05, alpha=0.9, eps=1e-3, weight_decay=weight_decay, **options)
+    for _ in range(warm):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    grads = [torch.randn_like(p) for p in params]
+    grads[0][0, 0] = 0.0  # an entry with no gradient this step
+    return params, opt, grads
+
+
+def _real_step(params, opt, grads):
+    """The parameters after one real torch.optim.RMSprop step with ``grads``, on copies (nothing changes)."""
+    ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    o = torch.optim.RMSprop(ps, **{k: v for k, v in opt.defaults.items()})
+    state = copy.deepcopy(opt.state_dict())
+    o.load_state_dict(state)
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    o.step()
+    return [p.detach() for p in ps]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("warm", [0, 2])
+def test_rmsprop_step_and_jacobian_match_real_torch_steps(weight_decay, warm):
+    params, opt, grads = _rmsprop(weight_decay, warm)
+    new, jac = lookahead_update(opt, params, grads)
+    for n, r in zip(new, _real_step(params, opt, grads)):
+        torch.testing.assert_close(n, r, rtol=1e-12, atol=1e-14)
+    h = 1e-6  # (elementwise: one central difference of the whole step gives every diagonal entry)
+    plus = _real_step(params, opt, [g + h for g in grads])
+    minus = _real_step(params, opt, [g - h for g in grads])
+    for j, a, b, g in zip(jac, plus, minus, grads):
+        fd = (b - a) / (2 * h)  # U = theta - theta'
+        # where there is no gradient and no square_avg yet, the step lr g / (sqrt(1 - alpha) |g| + eps) has a kink
+        # at 0: its derivative is lr / eps, which the central difference misses by about sqrt(1 - alpha) h / eps
+        kink = (g == 0) & (warm == 0)
+        torch.testing.assert_close(j[~kink], fd[~kink], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(j[kink], fd[kink], rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("mode,backend", [("exact", "jvp"), ("exact", "finite_difference"), ("fast", "jvp")])
+def test_rmsprop_is_replayed_in_closed_form_with_higher_s_meta_gradient(mode, backend):
+    """No fallback warning: the jvp backend (and the fast mode) replay RMSprop; its meta-gradient is the one
+    backend='higher' computes by differentiating through higher's own RMSprop."""
+    initial = tiny_net(3, dtype=F64)
+    warm, train, val = batch(dtype=F64), batch(dtype=F64), batch(dtype=F64)
+    grads = {}
+    for b in (backend, "higher"):
+        model = copy.deepcopy(initial)
+        opt = torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.01)
+        w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), backend=b,
+                                  mode=mode if b != "higher" else "exact")
+        assert w.backend == b
+        sum(o.sum() for o in model(warm[0])).backward()  # (a warm-up step: square_avg filled in)
+        opt.step()
+        opt.zero_grad()
+        if mode == "fast" and b != "higher":  # (the step taken is the look-ahead)
+            w.loss(model(train[0]), train[1]).backward()
+            opt.step()
+        grads[b] = w.meta_step(train, val).gamma_grad
+    # exact for jvp; O(h^2) for finite_difference's central difference, O(h) for the fast mode's one-sided one
+    tol = 1e-9 if (mode, backend) == ("exact", "jvp") else 1e-4
+    assert grads["higher"].norm() > 0
+    assert (grads[backend] - grads["higher"]).norm() / grads["higher"].norm() < tol
+
+
+@pytest.mark.parametrize("option,value", [("momentum", 0.9), ("centered", True)])
+def test_rmsprop_options_the_closed_form_does_not_replay_are_refused(option, value):
+    """Set at construction: the jvp backend falls back to higher, which replays them; set later, the closed form
+    would ignore them: refused, nothing changed."""
+    model = tiny_net(3)
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01)
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3))
+    assert w.backend == "jvp"
+    opt.param_groups[0][option] = value
+    before = [p.detach().clone() for p in model.parameters()] + [w.gamma.clone()]
+    with pytest.raises(ValueError, match=rf"RMSprop has .*{option}.*closed-form replay of RMSprop.*backend='higher'"):
+        w.step(batch(), batch())
+    assert all(torch.equal(a, b) for a, b in zip(before, [*model.parameters(), w.gamma]))
+    with pytest.raises(ValueError, match="closed form"):
+        mw.HarmonizedWeighter(model, torch.optim.RMSprop(model.parameters(), **{option: value}),
+                              mw.DenseDistillLoss(3), mode="fast")
