@@ -710,11 +710,21 @@ class HarmonizedWeighter(NamedWeights):
             pending.saved.restore(self.gamma)
             if not ok:
                 bad_terms = [n for n, t in zip(self.term_names, term_values) if not math.isfinite(t)]
+                bad_grad = [n for n, g in zip(self.term_names, grad) if not math.isfinite(g)]
+                values_finite = math.isfinite(value) and all(math.isfinite(e) for e in losses) and not bad_terms
+                advice = (
+                    " The losses are finite but their derivative through the look-ahead step is not: the step's "
+                    "derivative overflowed (with Adam or RMSprop, lr / eps where a weight has no gradient yet: raise "
+                    "the optimizer's eps or lower its lr; with backend='finite_difference', set fd_epsilon), or a term "
+                    "has an infinite slope at these weights (a sqrt or log at 0: add a small constant inside it)."
+                    if values_finite and bad_grad else
+                    " Check the data (inputs, labels) and the learning rates: a look-ahead step that is too large "
+                    "makes the validation loss overflow.")
                 message = (
                     f"Non-finite meta step: validation objective {value}, validation exit losses "
-                    f"{losses}, non-finite training terms {bad_terms or 'none'}. gamma and the "
-                    f"validation average were left unchanged. Check the data and the learning rates "
-                    f"(or pass nonfinite='skip' to skip such steps)."
+                    f"{losses}, non-finite training terms {bad_terms or 'none'}, non-finite meta-gradient "
+                    f"(d L_val / d gamma) for the terms {bad_grad or 'none'}. gamma and the validation average "
+                    f"were left unchanged.{advice} (Or pass nonfinite='skip' to skip such steps.)"
                 ) + masked_label_hint(losses + [t for n, t in zip(self.term_names, term_values) if n.startswith("ce[")])
             else:
                 kind = "non-finite" if not all(math.isfinite(g) for g in gamma) else "all-zero"

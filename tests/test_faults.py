@@ -594,3 +594,24 @@ def test_a_refused_construction_warns_nothing_and_a_built_one_warns_once_at_the_
         w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3))
     assert [c.filename for c in caught if "falling back" in str(c.message)] == [__file__]
     assert w.backend == "higher"
+
+
+# ------------------------------------------------------------------ a non-finite meta-gradient, said so
+def test_a_non_finite_meta_gradient_of_finite_losses_names_its_terms_and_what_to_do():
+    """The message listed the validation objective, its exit losses and the non-finite training terms, all finite
+    here, and said 'check the data': it did not say that the meta-gradient was what went non-finite, for which
+    terms, nor why that happens with finite losses."""
+    model, opt, w = make()
+    real = w._exact.backend.meta_gradient
+
+    def overflowing(*args, **kwargs):  # (as an overflowing step derivative gives: finite losses, an inf slope)
+        result = real(*args, **kwargs)
+        result.gamma_grad[[1, 4]] = float("inf")
+        return result
+
+    w._exact.backend.meta_gradient = overflowing
+    before = snapshot(model, opt, w)
+    with pytest.raises(ValueError, match=r"non-finite meta-gradient \(d L_val / d gamma\) for the terms "
+                                         r"\['ce\[2\]', 'kd\[3->1\]'\].*derivative through the look-ahead step.*eps"):
+        w.meta_step(batch(), batch())
+    assert_same(before, snapshot(model, opt, w))
