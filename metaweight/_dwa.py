@@ -95,6 +95,19 @@ class DWA(Weighting):
                              f"({self.window}). Pass a DWA.state_dict() saved with window={self.window}. Nothing "
                              f"was changed.")
 
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (see :meth:`Weighting.load_state_dict`); a checkpoint of an earlier
+        version, with ``num_windows`` a tensor and the window's position that of ``num_calls``, loads as such."""
+        if isinstance(state_dict, Mapping) and isinstance(state_dict.get("num_windows"), Tensor) and \
+                isinstance(state_dict.get("extra"), Mapping) and "num_windows" not in state_dict["extra"]:
+            calls, windows = state_dict.get("num_calls"), state_dict["num_windows"]
+            if isinstance(calls, int) and not isinstance(calls, bool) and windows.numel() == 1 and \
+                    not windows.is_floating_point():
+                state_dict = {k: v for k, v in state_dict.items() if k != "num_windows"}
+                state_dict["extra"] = {**state_dict["extra"], "num_windows": int(windows),
+                                       "calls_in_window": calls % self.window}
+        super().load_state_dict(state_dict)
+
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.num_windows, self.calls_in_window = state["num_windows"], state["calls_in_window"]
 

@@ -397,3 +397,24 @@ def test_step_reports_a_step_its_optimizer_skipped():
     record = w.step(batch())
     assert record.model_step_skipped and record.skipped and not record.ran
     assert same(state(w), before) and w.num_meta_steps == 1
+
+
+def test_dwa_loads_a_checkpoint_of_the_earlier_format():
+    """Before the counters were host-side ints, num_windows was a tensor beside the others and the window's
+    position was num_calls % window: such a checkpoint resumes as the run that saved it would have."""
+    w1, *_ = build("dwa", window=3)
+    w2, *_ = build("dwa", window=3)
+    data = batches(7)
+    for b in data[:4]:
+        w1.step(b)
+        w2.step(b)  # (the same model)
+    saved = w1.state_dict()
+    assert saved["extra"] == {"num_windows": 1, "calls_in_window": 1}
+    old = {**{k: v for k, v in saved.items() if k != "extra"}, "extra": {}, "num_windows": torch.tensor(1)}
+    w2.load_state_dict(build("dwa", window=3)[0].state_dict())  # (another state, which the load replaces)
+    w2.load_state_dict(old)
+    for b in data[4:]:
+        w1.step(b)
+        w2.step(b)
+        assert torch.equal(w1.gamma, w2.gamma)
+    assert w2.num_windows == 2 and type(w2.num_windows) is int
