@@ -168,7 +168,7 @@ class FAMO(Weighting):
         """Refuse a ``train_batch`` whose labels are not those this iteration's :meth:`loss` calls scored (in
         order): FAMO's delta compares the terms of one batch before and after the step, and another batch's
         would make it noise. Free when the labels are the very tensor loss() got; one comparison on the device
-        and one read otherwise."""
+        and one read otherwise. Labels only: another batch with the same labels is not caught."""
         saved = [t for _, t in sorted(group.labels, key=lambda call: call[0])] if group is not None else []
         given = first_labels(target)
         if not saved or given is None or any(t is None for t in saved) or (len(saved) == 1 and saved[0] is given):

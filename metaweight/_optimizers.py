@@ -37,7 +37,10 @@ def _closed_form_refusal(optimizer: torch.optim.Optimizer) -> str | None:
     if type(optimizer) is torch.optim.RMSprop:
         for i, group in enumerate(optimizer.param_groups):
             momentum = group.get("momentum", 0)
-            if group.get("centered", False) or (not isinstance(momentum, Tensor) and momentum != 0):
+            if isinstance(momentum, Tensor):  # a tensor on a device is not read back: not known to be 0
+                momentum = real_scalar(momentum.reshape(())) if momentum.numel() == 1 and momentum.device.type == "cpu" \
+                    else momentum
+            if group.get("centered", False) or (isinstance(momentum, Tensor) or momentum != 0):
                 return (f"parameter group {i} of the RMSprop has momentum={momentum!r}, "
                         f"centered={group.get('centered', False)!r}: the closed-form replay of RMSprop (the jvp and "
                         f"finite_difference backends, mode='fast') is that of momentum=0, centered=False")
@@ -125,6 +128,8 @@ class OptionRange:
         return f"{'not below' if self.high_open else 'above'} {self.high:g}"
 
     def __str__(self) -> str:
+        if self.low == -math.inf and self.high == math.inf:
+            return "a finite number"
         if self.high == math.inf:
             return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
         return (f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
@@ -163,14 +168,27 @@ def check_option_values(kind: type, groups: Sequence[Mapping[str, Any]], who: st
     an infinity, a negative learning rate, ``betas`` outside [0, 1), ``eps <= 0``, ... The one check of option
     values, for the user's optimizer and gamma's, at construction and before every meta step (a scheduler
     may set a learning rate between steps). A tensor value on a device is not read back to the host (nor
-    checked); one on the CPU is. Reads only: raises before anything changes."""
+    checked); one on the CPU is. The table's ranges are those of torch's optimizers (:data:`REPLAYED_OPTIONS`'
+    classes and their subclasses, for the options those classes have); another class's options may mean
+    something else under the same name (Adafactor's ``eps`` is a pair, Adan has three ``betas``): there only
+    ``lr``'s range is checked, and other real-number options of the table's shape only for being finite. Reads only: raises before
+    anything changes."""
+    own = next((options for t, options in REPLAYED_OPTIONS.items() if issubclass(kind, t)), frozenset())
     for i, group in enumerate(groups):
         for name, value in group.items():
+            known = name in own
             allowed = OPTION_RANGES.get(f"{kind.__name__}.{name}", OPTION_RANGES.get(name))
             if allowed is None or value is None or isinstance(value, bool):
                 continue
             entries = (value,) if isinstance(allowed, OptionRange) else value
             ranges = (allowed,) if isinstance(allowed, OptionRange) else allowed
+            if not known:
+                if not isinstance(entries, (tuple, list)) or len(entries) != len(ranges) or any(
+                        real_scalar(e.reshape(()) if isinstance(e, Tensor) and e.numel() == 1 else e) is None
+                        for e in entries if not (isinstance(e, Tensor) and e.device.type != "cpu")):
+                    continue  # (not the shape or kind of value the name has in torch's optimizers)
+                if name != "lr":
+                    ranges = tuple(OptionRange(-math.inf) for _ in ranges)  # finite only
             if not isinstance(entries, (tuple, list)) or len(entries) != len(ranges):
                 raise ValueError(f"{who} has {name}={value!r} (parameter group {i}): expected {len(ranges)} numbers, "
                                  f"{', '.join(map(str, ranges))}. Nothing was changed.")

@@ -100,3 +100,41 @@ def test_rmsprop_options_the_closed_form_does_not_replay_are_refused(option, val
     with pytest.raises(ValueError, match="closed form"):
         mw.HarmonizedWeighter(model, torch.optim.RMSprop(model.parameters(), **{option: value}),
                               mw.DenseDistillLoss(3), mode="fast")
+
+
+def test_rmsprop_momentum_given_as_a_tensor_is_read_like_a_number():
+    """momentum=torch.tensor(0.9) passed the closed-form check as if 0 (a tensor was never compared): the jvp
+    meta-gradient was that of RMSprop without momentum, 0.19 off higher's, with no warning."""
+    model = tiny_net(3)
+    with pytest.warns(UserWarning, match="higher"):
+        w = mw.HarmonizedWeighter(model, torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=torch.tensor(0.9)),
+                                  mw.DenseDistillLoss(3))
+    assert w.backend == "higher"
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=torch.tensor(0.0))
+    assert mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3)).backend == "jvp"
+    opt.param_groups[0]["momentum"] = torch.tensor(0.9)
+    with pytest.raises(ValueError, match=r"mode='fast' replays .* RMSprop \(without momentum"):
+        mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), mode="fast")
+
+
+def test_options_of_optimizers_outside_torch_s_table_are_read_by_their_own_meaning():
+    """The ranges are torch's optimizers': Adafactor's eps is a pair (None, 1e-3) and an Adan-like optimizer has
+    three betas; both were refused as gamma's optimizer ('not a real number', 'expected 2 numbers')."""
+    class ThreeBetas(torch.optim.SGD):
+        def __init__(self, params, lr, betas):
+            super().__init__(params, lr=lr)
+            for group in self.param_groups:
+                group["betas"] = betas
+
+    model = tiny_net(3)
+    for make in (lambda p: torch.optim.Adafactor(p, lr=0.01), lambda p: ThreeBetas(p, 0.01, (0.98, 0.92, 0.99))):
+        w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3),
+                                  gamma_optimizer=make)
+        before = w.gamma.clone()
+        w.step(batch(), batch())
+        assert not torch.equal(w.gamma, before)
+        w.gamma_optimizer.param_groups[0]["lr"] = float("nan")  # lr means the same everywhere: still refused
+        with pytest.raises(ValueError, match="lr=nan"):
+            w.step(batch(), batch())
+    with pytest.raises(TypeError, match="cannot replay a `Adafactor` step"):
+        mw.HarmonizedWeighter(model, torch.optim.Adafactor(model.parameters(), lr=0.01), mw.DenseDistillLoss(3))
