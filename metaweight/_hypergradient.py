@@ -208,12 +208,14 @@ def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
 # the factor 1 the differences were rounding-bound. Chosen on the relative error of gamma's gradient against
 # ``jvp`` in float64 at the same point (``benchmarks/step_length.py``, float32, batch 32: a Tanh MLP,
 # BranchyNet and the CIFAR MSDNet, SGD with Nesterov momentum and AdamW, the median of three points each):
-# of the factors measured (1, 16, 64, 256 one-sided; 1, 4, 16 central), the one whose worst median over the
-# six was smallest (one-sided 64: 0.1, against 4.1 at 1; central 4: 0.089, against 0.14 at 1).
-LENGTH_FACTOR = {1: 64.0, 2: 4.0}
+# of the factors measured (1, 16, 64, 256), the one-sided one whose worst median over the six was smallest
+# (64: 0.1, against 4.1 at 1). Central differences keep the textbook length: 4 had the smaller worst case there
+# (0.089 against 0.14 at 1, of 1, 4, 16), but on a point it was not chosen on (``benchmarks/overhead.py``'s
+# MSDNet, batch 64, against float64 ``higher``) its error was 0.47 against 0.14 at 1.
+LENGTH_FACTOR = {1: 64.0, 2: 1.0}
 # In bfloat16 and float16 parameters (machine eps 8e-3 and 1e-3) 64 sqrt(eps) is a step of 5.7 and 2 RMS: the
 # one-sided factor there is 4 (a Tanh and a ReLU MLP, bfloat16 and float16, SGD and AdamW; of 0.25, 1, 4, 16, 64,
-# the worst median error was 0.84, 0.4, 0.16, 0.36, 1.5). Central: 4 as in float32 (worst 0.069; 16: 0.04).
+# the worst median error was 0.84, 0.4, 0.16, 0.36, 1.5). Central: 4 (worst 0.069; 1: 0.28; 16: 0.04).
 LENGTH_FACTOR_16BIT = {1: 4.0, 2: 4.0}
 
 
@@ -223,7 +225,7 @@ def step_length(base: dict[str, Tensor], direction: dict[str, Tensor], epsilon: 
     """The ``h`` of a finite difference along ``direction``, a float64 scalar on the device: ``h *
     direction`` has length ``epsilon``, by default :data:`LENGTH_FACTOR` ``[order]`` (16-bit parameters:
     :data:`LENGTH_FACTOR_16BIT`) times machine eps ** (1 / (order + 1)) times the moved parameters' RMS, that
-    RMS at least 1e-3 (about 2e-2 x RMS for both central and one-sided differences in float32). 0 when the
+    RMS at least 1e-3 (in float32 about 2e-2 x RMS one-sided, 5e-3 x RMS central). 0 when the
     direction is zero (the caller's difference is then 0). No host read."""
     device = next(iter(base.values())).device
     if not direction:
@@ -341,7 +343,7 @@ def _central_difference(model: nn.Module, criterion: Terms, base: dict[str, Tens
                         direction: dict[str, Tensor], x: Any, y: Any, outputs: Any,
                         epsilon: float | None, replay: Callable[[], Any], scratch: LookaheadBuffers) -> Tensor:
     device = next(iter(base.values())).device
-    # central differences: 4 cbrt(machine eps) x RMS (LENGTH_FACTOR)
+    # central differences: cbrt(machine eps) x RMS (LENGTH_FACTOR; 16-bit parameters: 4 x)
     h = step_length(base, direction, epsilon, order=2)
     teachers = tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs)  # any nesting of outputs
     names = list(direction)

@@ -161,10 +161,11 @@ class HarmonizedWeighter(NamedWeights):
             the meta-gradient goes through the clipping. In the two-call form any rescale of the
             gradients between backward and step other than unscaling is refused unless declared here.
         fd_epsilon: length in parameter space of the differences' step (``finite_difference``'s
-            central one, ``mode="fast"``'s one-sided one); default 4 :math:`\sqrt[3]{\text{machine eps}}`
-            (central) or 64 :math:`\sqrt{\text{machine eps}}` (one-sided; 4 for bfloat16 and float16
-            parameters) times the moved parameters' RMS (at least 1e-3), about 2e-2 x RMS in float32
-            (chosen on ``benchmarks/step_length.py``; see the cost guide, also for where it fails).
+            central one, ``mode="fast"``'s one-sided one); default :math:`\sqrt[3]{\text{machine eps}}`
+            (central; 4 x for bfloat16 and float16 parameters) or 64 :math:`\sqrt{\text{machine eps}}`
+            (one-sided; 4 x for 16-bit parameters) times the moved parameters' RMS (at least 1e-3): in
+            float32 about 5e-3 x RMS central, 2e-2 x RMS one-sided (chosen on
+            ``benchmarks/step_length.py``; see the cost guide, also for where it fails).
         callbacks: hooks called after every successful meta step with its
             :class:`MetaStepRecord` (``iteration``, ``meta_step``, ``gamma`` and ``terms`` by
             term name, ``val_objective``, ``val_exit_losses``, ...), as if registered with
