@@ -12,12 +12,12 @@ from metaweight._record import MetaStepRecord
 from metaweight._weighting import Weighting, check_int, check_number
 
 
-def dwa_weights(last: Tensor, before: Tensor, active: Tensor, temperature: float, count: int | None = None) -> Tensor:
+def dwa_weights(last: Tensor, before: Tensor, active: Tensor, temperature: float, count: int) -> Tensor:
     r""":math:`K\,\mathrm{softmax}_k(r_k/T)` over the active terms, :math:`r_k = \bar L_k(t-1)/\bar L_k(t-2)`;
-    ``count`` is :math:`K`, the number of active terms (counted from ``active``, a host read, where not given)."""
+    ``count`` is :math:`K`, the number of active terms (given: no read of ``active``)."""
     ratio = torch.where(active, last / torch.where(active, before, torch.ones_like(before)), torch.zeros_like(last))
     logits = torch.where(active, ratio / temperature, torch.full_like(ratio, -torch.inf))
-    return (int(active.sum()) if count is None else count) * torch.softmax(logits, 0)
+    return count * torch.softmax(logits, 0)
 
 
 class DWA(Weighting):
