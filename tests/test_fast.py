@@ -547,3 +547,26 @@ def test_the_default_step_length_gives_gamma_s_gradient_in_the_model_s_dtype(dty
         objective(model(train[0]), train[1]).backward()
         optimizer.step()
     assert sorted(errors)[1] < (0.5 if dtype == torch.bfloat16 else 0.02), errors
+
+
+def test_the_step_length_is_its_formula_from_the_norms_in_float64():
+    """``step_length``: h = factor eps^(1/(order+1)) RMS(theta) / ||w||, against the norms taken per tensor in
+    float64; float16 vectors whose squares overflow float16 (entries of 300) and a mixed float32/float64 list."""
+    from metaweight._hypergradient import LENGTH_FACTOR, LENGTH_FACTOR_16BIT, step_length
+    g = torch.Generator().manual_seed(0)
+    for dtypes in ([torch.float32] * 3, [torch.float16] * 3, [torch.float32, torch.float64, torch.float32]):
+        shapes = [(40, 30), (7,), (3, 3, 2)]
+        base = {f"p{i}": torch.randn(s, generator=g).to(d) for i, (s, d) in enumerate(zip(shapes, dtypes))}
+        direction = {n: (300 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in base.items()}
+        norm = sum(t.double().square().sum() for t in direction.values()).sqrt()
+        rms = (sum(t.double().square().sum() for t in base.values()) / sum(t.numel() for t in base.values())).sqrt()
+        info = torch.finfo(dtypes[0])
+        for order in (1, 2):
+            factor = (LENGTH_FACTOR_16BIT if info.bits == 16 else LENGTH_FACTOR)[order]
+            expected = factor * info.eps ** (1 / (order + 1)) * rms / norm
+            h = step_length(base, direction, None, order)
+            assert h.dtype == torch.float64 and h.shape == ()
+            assert abs(h.item() / expected.item() - 1) < 1e-5, (dtypes, order)
+        assert abs(step_length(base, direction, 0.5, 1).item() * norm.item() - 0.5) < 1e-6
+    zero = {n: torch.zeros_like(t) for n, t in base.items()}
+    assert step_length(base, zero, None, 1).item() == 0.0
