@@ -46,6 +46,7 @@ from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, same_rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import FlatCopies, host_read, nonfinite_flag
+from metaweight._walk import walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import HarmonizedWeighter
@@ -250,7 +251,7 @@ class CapturableFast:
             w.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _check_momentum_buffers(w._inner_optimizer)
-            grads = [p.grad for p in w.module.parameters()]
+            grads = [p.grad for _, p in walk(w.module).parameters]
             flag = nonfinite_flag(loss, grads)
             flag = (flag + buffers.became_nonfinite(flag.device)).clamp_max(1.0)
             bad_val = nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))

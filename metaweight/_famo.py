@@ -8,12 +8,12 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metaweight._checks import check_has_values, in_dtype, per_term, real_numbers
-from metaweight._protocols import model_arguments
+from metaweight._hypergradient import call_with
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import Scratch
+from metaweight._walk import buffers_walk, walk
 from metaweight._weighting import Weighting, adam_update, batch_samples, check_number, first_labels
 
 EPS = 1e-8  # as the official implementation: keeps log(L - L*) finite at the bound
@@ -190,7 +190,8 @@ class FAMO(Weighting):
         """The terms on ``train_batch`` at the current parameters, leaving buffers and random state as they were."""
         x, y = train_batch
         module = self.module
-        state = {**dict(module.named_parameters()), **self._scratch.copy_of(dict(module.named_buffers()))}
+        params = dict(walk(module).parameters)
+        buffers = self._scratch.copy_of(dict(buffers_walk(module).buffers))  # (as the step's forward left them)
         devices = [self.device] if self.device.type == "cuda" else []
         enabled, dtype = getattr(self, "_autocast", (False, None))
         # without autocast's cache: inside the loss() call's autocast region (step() run under autocast, or a
@@ -198,8 +199,7 @@ class FAMO(Weighting):
         # forward would compute the terms at the old parameters: a delta of about 0, the update lost
         with torch.random.fork_rng(devices=devices), torch.autocast(self.device.type, dtype=dtype, enabled=enabled,
                                                                      cache_enabled=False):
-            args, kwargs = model_arguments(module, x)
-            outputs = functional_call(module, state, args, kwargs)
+            outputs = call_with(module, params, buffers, x)
         return self._terms(outputs, y).float()
 
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:

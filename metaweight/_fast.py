@@ -30,6 +30,7 @@ from metaweight._randomness import (NEW_GENERATOR, model_generators, new_generat
                                    same_rng_state)
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import Scratch, explained, host_read, nonfinite_flag
+from metaweight._walk import walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import HarmonizedWeighter
@@ -209,7 +210,7 @@ class FastMode:
         # the model stepped in place: half-precision copies autocast cached of the old weights are stale
         torch.clear_autocast_cache()
         # validation at the parameters the model has now moved to (on copies of its buffers)
-        params = {n: p for n, p in w.module.named_parameters()}
+        params = dict(walk(w.module).parameters)
         objective, exit_losses, direction = validation_direction(w.module, w._objective, params, xv, yv,
                                                                  named, jac, w._reducer)
         if transform is not None:
@@ -217,7 +218,7 @@ class FastMode:
         h = step_length(theta, direction, w.fd_epsilon, order=1)  # one-sided: 64 sqrt(machine eps) x RMS
         with torch.no_grad():
             device = next(iter(theta.values())).device
-            here = dict(w.module.named_parameters())  # (no_grad)
+            here = dict(walk(w.module).parameters)  # (no_grad)
             names = list(theta)
             moved = dict(zip(names, along([theta[n] for n in names], [direction[n] for n in names], h)))
             differences, unlike = [], []

@@ -37,6 +37,8 @@ from torch.nn.modules import module as _module
 from torch.optim import Optimizer
 from torch.optim import optimizer as _optim
 
+from metaweight._walk import walk
+
 _REMOVE = ("Remove the hooks (hook.remove() on the handle register_* returned) for the weighter's meta steps: scale "
            "the loss or the learning rate instead of the gradients, clip with torch.nn.utils.clip_grad_norm_ "
            "declared by clip_grad_norm= (mode='fast'), or pass learn=False to keep the loss weights fixed. gamma and "
@@ -51,8 +53,9 @@ def check_hooks(module: nn.Module, mode: str, backend: str | None, own: Collecti
     """Raise a ``ValueError`` naming the hooks of ``module`` (and the global module hooks) that the
     look-ahead of ``mode`` (``backend`` for ``mode="exact"``) would not run as the model's step
     does; ``own`` are the ids of the weighter's own hook handles."""
-    gradient = [n for n, p in module.named_parameters() if p.requires_grad and p._backward_hooks]
-    accumulate = [n for n, p in module.named_parameters()
+    walked = walk(module)
+    gradient = [n for n, p in walked.parameters if p.requires_grad and p._backward_hooks]
+    accumulate = [n for n, p in walked.parameters
                   if p.requires_grad and getattr(p, "_post_accumulate_grad_hooks", None)]
     where = f"mode={mode!r}" if mode == "fast" else f"backend={backend!r}"
     if gradient or accumulate:
@@ -63,7 +66,7 @@ def check_hooks(module: nn.Module, mode: str, backend: str | None, own: Collecti
             f"The parameters have {' and '.join(kinds)}, which change the gradient the optimizer steps on; the "
             f"look-ahead ({where}; no mode or backend can) does not replay them, so its meta-gradient would be that "
             f"of another step. {_REMOVE}")
-    backward = [n for n, m in module.named_modules()
+    backward = [n for n, m in walked.modules
                 if _foreign(m._backward_hooks, own) or _foreign(m._backward_pre_hooks, own)]
     if backward or _module._global_backward_hooks or _module._global_backward_pre_hooks:
         raise ValueError(
@@ -72,7 +75,7 @@ def check_hooks(module: nn.Module, mode: str, backend: str | None, own: Collecti
             f"change the gradients flowing through the model; the look-ahead ({where}; no mode or backend can) "
             f"does not replay them. {_REMOVE}")
     if mode == "exact" and backend == "higher":
-        forward = [n for n, m in module.named_modules()
+        forward = [n for n, m in walked.modules
                    if _foreign(m._forward_hooks, own) or _foreign(m._forward_pre_hooks, own)]
         if forward or _module._global_forward_hooks or _module._global_forward_pre_hooks:
             raise ValueError(

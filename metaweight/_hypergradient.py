@@ -39,6 +39,7 @@ from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness
 from metaweight._tangents import ShortTangents
 from metaweight._transaction import BufferSnapshot, FlatCopies
+from metaweight._walk import ModelWalk, buffers_walk, forward_ran, walk
 
 
 class Reducer:
@@ -77,15 +78,26 @@ def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Te
     """``functional_call`` that is sure to put every parameter and buffer object back afterwards.
 
     ``torch.func.functional_call`` leaves a module used twice in the model (tied weights)
-    holding the substitute tensors; we restore each module's own slots ourselves.
+    holding the substitute tensors; we restore each module's own slots ourselves. The tied names
+    come from the step's walk of the model (:func:`metaweight._walk.walk`), not from a walk of
+    ``functional_call``'s own (``tie_weights=True`` walks the model twice per call).
     """
-    slots = [(m, kind, dict(getattr(m, kind))) for m in model.modules() for kind in ("_parameters", "_buffers")]
+    one = walk(model)
+    given = {**params, **buffers}
+    untied = one.untied(given)
+    if untied is None:  # a name the step's walk does not hold (a buffer a forward registered since): walk anew
+        one = ModelWalk(model)
+        untied = one.untied(given)
+    slots = [(m, kind, dict(getattr(m, kind))) for _, m in one.modules for kind in ("_parameters", "_buffers")]
     try:
         args, kwargs = model_arguments(model, x)
-        return functional_call(model, (params, buffers), args, kwargs)
+        if untied is None:  # (names neither walk holds: functional_call's own rules)
+            return functional_call(model, (params, buffers), args, kwargs)
+        return functional_call(model, untied, args, kwargs, tie_weights=False)
     finally:
         for module, kind, saved in slots:
             getattr(module, kind).update(saved)
+        forward_ran()
 
 
 def _or_zeros(tensors: Sequence[Tensor | None], like: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
@@ -290,15 +302,16 @@ def meta_gradient(
     """
     reducer = reducer or Reducer(enabled=False)
     (x, y), (xv, yv) = train, val
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    walked = walk(model)
+    named = [(n, p) for n, p in walked.parameters if p.requires_grad]
     movable = [(n, p) for n, p in named if lookahead_names is None or n in lookahead_names]
     device = gamma.device
     scratch = _scratch(model)
     with replay_randomness(device, model_generators(model), model) as replay:
         if not keep_graph:
             scratch.save()  # (the later forwards start from the same buffers: the training forward's are a copy)
-        params = {n: p for n, p in model.named_parameters()}
-        outputs = call_with(model, params, scratch.fresh() if not keep_graph else dict(model.named_buffers()), x)
+        params = dict(walked.parameters)
+        outputs = call_with(model, params, scratch.fresh() if not keep_graph else dict(buffers_walk(model).buffers), x)
         if keep_graph:
             scratch.save()  # the buffers as this forward left them, as the model's own step would see them
         terms = criterion(outputs, y)

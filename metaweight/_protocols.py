@@ -37,6 +37,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from metaweight._walk import forward_ran
+
 
 def _accepts_keyword(fn: Any, name: str) -> bool:
     target = fn.forward if isinstance(fn, nn.Module) else fn
@@ -468,6 +470,8 @@ def call_model(model: nn.Module, inputs: Any, who: str = "metaweight") -> Any:
     except (TypeError, AttributeError) as exc:
         note_mapping_misread(model, ModelCall(args, kwargs), exc, who)
         raise
+    finally:
+        forward_ran()  # (the model may be a wrapper of the module a step walked: every walk)
 
 
 def wrapper_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], wrapper: str) -> ModelCall:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaweight._walk import ModelWalk, walk
+
 try:  # NumPy is optional for torch; its global state is read only where it is installed
     import numpy as np
 except ImportError:  # pragma: no cover
@@ -67,23 +69,28 @@ def _generators_in(value: Any, depth: int, found: dict[int, tuple[str, torch.Gen
                     _generators_in(item, min(depth - 1, 1), found, f"{name}.{attr}")
 
 
-def named_generators(model: nn.Module) -> list[tuple[str, torch.Generator]]:
-    """The ``torch.Generator`` objects the modules of ``model`` hold now, with where they were found."""
+def _generators_of(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, torch.Generator]]:
     found: dict[int, tuple[str, torch.Generator]] = {}
-    for prefix, module in model.named_modules():
+    for prefix, module in modules:
         for attr, value in vars(module).items():
             if attr not in _INTERNAL and type(value) not in _PLAIN:
                 _generators_in(value, _DEPTH, found, f"{prefix}.{attr}" if prefix else attr)
     return list(found.values())
 
 
+def named_generators(model: nn.Module) -> list[tuple[str, torch.Generator]]:
+    """The ``torch.Generator`` objects the modules of ``model`` hold now, with where they were found."""
+    return _generators_of(ModelWalk(model).modules)
+
+
 def model_generators(model: nn.Module) -> tuple[torch.Generator, ...]:
-    """The ``torch.Generator`` objects the modules of ``model`` hold, found anew at each call."""
-    return tuple(g for _, g in named_generators(model))
+    """The ``torch.Generator`` objects the modules of ``model`` hold, found anew at each call (once per
+    call of ``step()``: :func:`metaweight._walk.walk`)."""
+    return tuple(g for _, g in walk(model).generators(_generators_of))
 
 
 def new_generators(model: nn.Module, known: tuple[torch.Generator, ...]) -> list[str]:
-    """Where ``model`` holds generators that are not among ``known`` (created or replaced since)."""
+    """Where ``model`` holds generators that are not among ``known`` (created or replaced since; a new walk)."""
     ids = {id(g) for g in known}
     return [name for name, g in named_generators(model) if id(g) not in ids]
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._capture import sparse_message
+from metaweight._walk import buffers_walk, walk
 from metaweight._warn import raise_or_skip_step
 
 if TYPE_CHECKING:  # (it imports this module's snapshots)
@@ -144,20 +145,11 @@ class Layout:
     what :meth:`put_back` needs to undo what a forward built (a buffer registered, a submodule created)."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.names: list[str] = []
-        self.buffers: list[Tensor] = []
-        self.modules: set[int] = set()
-        self.empty: set[tuple[int, str]] = set()
-        seen: set[int] = set()
-        for prefix, m in module.named_modules():  # (named_buffers' order and its removal of duplicates)
-            self.modules.add(id(m))
-            for leaf, b in m._buffers.items():
-                if b is None:
-                    self.empty.add((id(m), leaf))
-                elif id(b) not in seen:
-                    seen.add(id(b))
-                    self.names.append(f"{prefix}.{leaf}" if prefix else leaf)
-                    self.buffers.append(b)
+        walked = buffers_walk(module)  # (named_buffers' order and its removal of duplicates)
+        self.names: list[str] = [n for n, _ in walked.buffers]
+        self.buffers: list[Tensor] = [b for _, b in walked.buffers]
+        self.modules: set[int] = {id(m) for _, m in walked.modules}
+        self.empty: set[tuple[int, str]] = set(walked.empty)
 
     def put_back(self, module: nn.Module) -> None:
         """Undo what was built since: remove the submodules created (whole) and the buffers registered, and
@@ -283,7 +275,7 @@ class BufferSnapshot:
         calls: one ``torch.cat`` per device and dtype, and a handful of elementwise ops on each flat vector.
         """
         found = torch.zeros(1, device=device, dtype=torch.float32)
-        current = dict(self.module.named_buffers())
+        current = dict(buffers_walk(self.module).buffers)
         now = [current.get(n) for n in self._names]
         pairs: list[tuple[Tensor, Tensor | None]] = []
         if len(current) == len(now) and all(b is not None and b.shape == s.shape and b.dtype == s.dtype and
@@ -445,7 +437,7 @@ class StepTransaction:
         """The step's one decision and the numbers of its record, in one read back to the host: whether the
         loss, every gradient and every floating-point buffer are finite on every rank (one all-reduce
         under DDP), the loss, the terms and gamma; and ``meta``, a pending meta step's values."""
-        grads = [p.grad for p in self.module.parameters()]
+        grads = [p.grad for _, p in walk(self.module).parameters]
         flag = nonfinite_flag(loss, grads)
         flag = (flag + self.buffers.became_nonfinite(flag.device)).clamp_max(1.0)
         flag = self.reducer.mean([flag])[0]

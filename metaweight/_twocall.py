@@ -30,6 +30,7 @@ from metaweight._protocols import model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import host_read
+from metaweight._walk import buffers_walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import Batch, HarmonizedWeighter
@@ -93,7 +94,7 @@ class TwoCall:
                     else:  # a forward the hooks did not see: a consistent difference from our own numbers
                         pieces.append(Piece(xi, yi, micro.terms, micro.outputs, replay, True, micro.factor))
                 return w._fast.meta(w, named, pending.theta, pending.jac, pieces, xv, yv,
-                                       dict(w.module.named_buffers()), transform)  # (copied per forward)
+                                       dict(buffers_walk(w.module).buffers), transform)  # (copied per forward)
         except Exception:
             w._pending, w._stepped, w.num_calls = pending_now, stepped_before, w.num_calls - 1
             raise

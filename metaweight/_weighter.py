@@ -42,6 +42,7 @@ from metaweight._twocall import TwoCall
 from metaweight._capturable import CapturableFast, DeviceRecord, check as check_capturable
 from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read, registered_buffers_removed
+from metaweight._walk import walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
@@ -490,13 +491,14 @@ class HarmonizedWeighter(NamedWeights):
         watch_backward(self, self._pending, micro, weighted)
 
     def _trainable(self) -> list[tuple[str, Tensor]]:
-        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in walk(self.module).parameters if p.requires_grad]
 
     def _weighted(self, terms: Tensor) -> Tensor:
         """Remember the terms for :meth:`terms_dict` and weight them by gamma, as a constant."""
         self.last_terms = terms.detach()
         return (self.gamma.detach().to(terms) * terms).sum()
 
+    @walked_call
     def meta_step(self, train_batch: Batch, val_batch: Batch | None = None) -> MetaStepRecord:
         r"""Update :math:`\gamma` by one look-ahead step; leaves the model and optimizer unchanged.
 
@@ -773,6 +775,7 @@ class HarmonizedWeighter(NamedWeights):
         return gamma.sum()
 
     # ----------------------------------------------------------------------------- the one call
+    @walked_call
     def step(self, train_batch: Batch, val_batch: Batch | None = None) -> MetaStepRecord:
         """One full HDKD iteration: :meth:`meta_step`, then the model's step on :meth:`loss`.
 
@@ -834,6 +837,7 @@ class HarmonizedWeighter(NamedWeights):
         finally:
             forget_labels()  # labels are remembered for one step only
 
+    @walked_call
     def device_step(self, train_batch: Batch, val_batch: Batch) -> DeviceRecord:
         """:meth:`step` with ``capturable=True``, safe to capture in a CUDA graph: no read back to the host and
         the same operations whatever the data. A non-finite model step is skipped on the device (parameters,

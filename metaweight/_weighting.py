@@ -52,6 +52,7 @@ from metaweight._optimizers import unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import BufferSnapshot, host_read, nonfinite_flag
+from metaweight._walk import walk, walked_call
 from metaweight._warn import raise_or_skip_step, warn_user
 
 Batch = Sequence[Any]
@@ -519,6 +520,7 @@ class Weighting(NamedWeights):
         count of this optimizer object: a copy starts a new iteration."""
         return {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None}
 
+    @walked_call
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
         """Update the weights from the iteration that just ended; call it after the optimizer's step.
 
@@ -633,6 +635,7 @@ class Weighting(NamedWeights):
         return out / self._world
 
     # ------------------------------------------------------------------ the one call
+    @walked_call
     def step(self, train_batch: Batch, val_batch: Batch | None = None) -> MetaStepRecord:
         """One training iteration: forward, :meth:`loss`, backward, the optimizer's step, :meth:`meta_step`.
 
@@ -666,7 +669,7 @@ class Weighting(NamedWeights):
             raise
         finally:
             forget_labels()
-        flag = nonfinite_flag(loss, [p.grad for p in self.module.parameters()])
+        flag = nonfinite_flag(loss, [p.grad for _, p in walk(self.module).parameters])
         flag = self._mean_over_ranks((flag + snapshot.became_nonfinite(flag.device)).clamp_max(1.0))
         values = host_read([flag, loss, self.last_terms])  # the decision and the record's numbers, one read
         value = values[1]
@@ -702,8 +705,9 @@ class Weighting(NamedWeights):
                              f"loss.backward(); return loss; then optimizer.step(closure); weighting.meta_step((x, y)) "
                              f"(it reads the closure's last evaluation). Nothing was changed.")
         held = {id(p) for group in inner.param_groups for p in group["params"]}
-        own = {id(p) for p in self.module.parameters()}
-        missing = [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in held]
+        named = walk(self.module).parameters
+        own = {id(p) for _, p in named}
+        missing = [n for n, p in named if p.requires_grad and id(p) not in held]
         foreign = len(held - own)
         if missing or foreign:
             said = (f"does not hold the model's trainable parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}"
