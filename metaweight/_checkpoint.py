@@ -277,9 +277,12 @@ def _file_problem(path: Path, weights_only: bool = True, error: BaseException | 
             f"bytes) starts with {head!r}. Check the path.")
 
 
-def _check_map_location(map_location: Any) -> None:
+def _check_map_location(map_location: Any) -> Any:
     """Refuse a device torch cannot parse, or one this machine does not have (``cpu:1``, a missing GPU),
-    before the file is read (torch.load would fail restoring the first tensor)."""
+    before the file is read (torch.load would fail restoring the first tensor); return ``map_location``
+    with ``cpu:0`` read as ``cpu``: the CPU is one device, and torch.load, which takes ``cpu`` only,
+    fails on ``cpu:0`` ("don't know how to restore data location") where every other torch call
+    takes it; a dict's devices as str, which torch.load's dict form needs."""
     names = map_location.values() if isinstance(map_location, dict) else [map_location]
     for name in names:
         if isinstance(name, (str, torch.device)):
@@ -292,6 +295,16 @@ def _check_map_location(map_location: Any) -> None:
         elif not (name is None or isinstance(name, torch.device) or callable(name)):
             raise TypeError(f"`map_location` should be a device (str or torch.device), a dict of them, a function "
                             f"or None. Found `{type(map_location).__name__}`.")
+
+    def one(name: Any, as_str: bool) -> Any:
+        if not isinstance(name, (str, torch.device)):
+            return name
+        device = torch.device("cpu") if torch.device(name).type == "cpu" else torch.device(name)
+        return str(device) if as_str or isinstance(name, str) else device
+
+    if isinstance(map_location, dict):  # torch.load reads a dict's values as str only
+        return {k: one(v, True) for k, v in map_location.items()}
+    return one(map_location, False)
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
@@ -333,7 +346,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
     """
     weights_only, verify = check_flag(weights_only, "weights_only"), check_flag(verify, "verify")
     path = user_path(path)
-    _check_map_location(map_location)
+    map_location = _check_map_location(map_location)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is a folder, not a checkpoint file; give the file's path." if path.is_dir()
                                 else f"No checkpoint at {path}.")

@@ -664,6 +664,18 @@ def test_checkpoint_arguments_are_refused_before_anything_changes(tmp_path, call
     assert torch.equal(mw.load_checkpoint(path, map_location="cpu")["w"], torch.ones(2))
 
 
+@pytest.mark.parametrize("location", ["cpu:0", torch.device("cpu", 0), {"cpu": "cpu:0"},
+                                      {"cpu": torch.device("cpu", 0)}])
+def test_checkpoint_loads_with_map_location_cpu_0(tmp_path, location):
+    # 'cpu:0' is the name the cpu:1 error suggests; torch.load itself fails on it ("don't know how to
+    # restore data location ... cpu:0"), every other torch call takes it
+    state = {"w": torch.arange(6.0).reshape(2, 3), "nested": {"b": torch.tensor([7, 8])}}
+    path = mw.save_checkpoint(state, tmp_path / "c.pt")
+    loaded = mw.load_checkpoint(path, map_location=location)
+    assert torch.equal(loaded["w"], state["w"]) and loaded["w"].device == torch.device("cpu")
+    assert torch.equal(loaded["nested"]["b"], state["nested"]["b"])
+
+
 def test_balanced_validation_refuses_a_state_of_another_number_of_exits():
     two, three = mw.BalancedValidation(2), mw.BalancedValidation(3)
     three.update(torch.tensor([1.0, 2.0, 3.0]))
