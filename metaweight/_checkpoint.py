@@ -115,17 +115,23 @@ def _unpicklable(value: Any, where: str) -> tuple[str, str] | None:
 def _safe_types() -> list[Any]:
     """Types common in training checkpoints that hold data and run no code of their own when
     unpickled: the library's own results (:class:`Calibration`, :class:`BudgetCurve` and its
-    :class:`BudgetPoint`, :class:`AnytimeResult`: dataclasses of numbers, lists and strings), NumPy scalars, dtypes and arrays (their items go through the same restricted
+    :class:`BudgetPoint`, :class:`AnytimeResult`, :class:`ExitCosts`, :class:`AccuracyTarget`:
+    dataclasses of numbers, lists and strings; :class:`EarlyExitResult` and :class:`ExitAssignment`:
+    named pairs of tensors), NumPy scalars, dtypes and arrays (their items go through the same restricted
     unpickler), ``argparse.Namespace`` (plain attributes) and ``pathlib`` paths (strings)."""
     import argparse
     import pathlib
 
     from metaweight._anytime import AnytimeResult
-    from metaweight._budget import BudgetCurve, BudgetPoint
+    from metaweight._budget import BudgetCurve, BudgetPoint, ExitAssignment
     from metaweight._calibration import Calibration
+    from metaweight._early_exit import EarlyExitResult
+    from metaweight._flops import ExitCosts
+    from metaweight._risk import AccuracyTarget
 
-    types: list[Any] = [Calibration, BudgetCurve, BudgetPoint, AnytimeResult, argparse.Namespace, pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
-                        pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath]
+    types: list[Any] = [Calibration, BudgetCurve, BudgetPoint, AnytimeResult, ExitCosts, AccuracyTarget,
+                        EarlyExitResult, ExitAssignment, argparse.Namespace, pathlib.PurePath, pathlib.PurePosixPath,
+                        pathlib.PureWindowsPath, pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath]
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is a dependency
@@ -312,7 +318,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
     """Load a checkpoint written by :func:`save_checkpoint` (or ``torch.save``).
 
     With ``weights_only=True`` (the default, safe for files from elsewhere) the library's own
-    results (``Calibration``, ``BudgetCurve``, ``BudgetPoint``, ``AnytimeResult``) and the common
+    results (``Calibration``, ``BudgetCurve``, ``BudgetPoint``, ``AnytimeResult``, ``ExitCosts``,
+    ``AccuracyTarget``, ``EarlyExitResult``, ``ExitAssignment``) and the common
     harmless types of training checkpoints load too: NumPy scalars and arrays, ``argparse.Namespace`` and
     ``pathlib`` paths (an allow-list, ``torch.serialization.safe_globals``). Two failures are told
     apart, each with a ``ValueError`` that names the file and what to do: an intact file holding

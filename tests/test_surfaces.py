@@ -582,6 +582,23 @@ def test_load_checkpoint_loads_common_safe_types_with_weights_only(tmp_path, val
     assert type(loaded) is type(value) and repr(loaded) == repr(value)
 
 
+def test_load_checkpoint_loads_every_result_of_the_library_with_weights_only(tmp_path):
+    # a deployment checkpoint: the costs, the thresholds chosen for accuracy, early exit's outputs
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(3, 60, 4, generator=g) * 3, torch.randint(0, 4, (60,), generator=g)
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    state = {"costs": mw.exit_costs(net, torch.randn(1, 4)),
+             "target": mw.thresholds_for_accuracy(logits, labels, 0.2, costs=[1.0, 2.0, 3.0]),
+             "assignment": mw.exit_assignment(logits, [0.9, 0.8, 0.0]),
+             "early_exit": mw.EarlyExit(net.eval(), [0.6, 0.0])(torch.randn(5, 4))}
+    loaded = mw.load_checkpoint(mw.save_checkpoint(state, tmp_path / "deploy.pt"))
+    assert loaded["costs"] == state["costs"] and loaded["costs"].macs == [4 * 4 + 4 * 3, 2 * (4 * 4 + 4 * 3)]
+    assert loaded["target"] == state["target"]
+    for key in ("assignment", "early_exit"):
+        assert type(loaded[key]) is type(state[key])
+        assert all(torch.equal(a, b) for a, b in zip(loaded[key], state[key]))
+
+
 def test_load_checkpoint_tells_an_intact_file_needing_trust_from_a_damaged_one(tmp_path):
     path = mw.save_checkpoint({"when": datetime.datetime(2024, 1, 1)}, tmp_path / "c.ckpt")
     with pytest.raises(ValueError, match=r"is intact.*datetime\.datetime.*weights_only=False"):
