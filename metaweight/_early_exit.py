@@ -177,8 +177,11 @@ def _batch_inputs(x: Any) -> list[Tensor]:
     dimension (a batch), before anything runs."""
     tensors = _tensors(x)
     if not tensors:
+        given = ([type(a).__name__ for a in x.args] + [f"{k}={type(v).__name__}" for k, v in x.kwargs.items()]
+                 if isinstance(x, ModelCall) else [type(x).__name__])
         raise TypeError(f"EarlyExit needs a batch holding at least one tensor (its first dimension is the batch). "
-                        f"Found `{type(x).__name__}` with none.")
+                        f"Found the inputs ({', '.join(given)}), with no tensor in them. Pass torch tensors "
+                        f"(e.g. torch.as_tensor(x) for a NumPy array), as the model takes them.")
     if all(t.dim() == 0 for t in tensors):
         raise ValueError(f"EarlyExit takes the batch as the first dimension of a tensor of the inputs, and the "
                          f"inputs hold only 0-d tensors ({len(tensors)}). Pass the samples as a tensor [batch, ...].")

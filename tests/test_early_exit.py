@@ -230,6 +230,26 @@ def test_inputs_the_forward_cannot_take_are_refused_saying_how_inputs_are_passed
             assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def test_inputs_without_a_tensor_are_refused_naming_what_came_not_an_internal_type():
+    """A NumPy batch (or keywords without a tensor): the TypeError names the inputs' types and says
+    to pass tensors, never the library's internal ``ModelCall``; the model is left as it was."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Linear(4, 4)] * 2, [nn.Linear(4, 3)] * 2).train()
+    x = torch.randn(5, 4)
+    before = copy.deepcopy(net.state_dict())
+    predictor = mw.EarlyExit(net, [0.4, 0.0])
+    for call, found in ((lambda: predictor(x.numpy()), r"\(ndarray\)"), (lambda: predictor(x=x.tolist()), r"\(x=list\)")):
+        with pytest.raises(TypeError, match=found + r".*torch\.as_tensor") as info:
+            call()
+        assert "ModelCall" not in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), net.state_dict().values()))
+    assert all(m.training for m in net.modules())
+    with torch.no_grad():
+        expected = mw.exit_assignment(torch.stack(net.eval()(x)), [0.4, 0.0])
+    got = predictor(torch.as_tensor(x.numpy()))
+    assert torch.equal(got.exits, expected.exits) and torch.equal(got.predictions, expected.predictions)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_calibrated_half_precision_logits_score_alike_in_find_thresholds_and_early_exit(dtype):
     """The documented recipe on a half-precision model: find_thresholds(calibration.apply(z)) then
