@@ -39,22 +39,7 @@ def to_device(inputs: Any, device: torch.device | str) -> Any:
     if not isinstance(inputs, (Mapping, list, tuple, nn.Module, str, bytes)) and callable(getattr(inputs, "to", None)):
         return inputs.to(device)
     if isinstance(inputs, Mapping):
-        moved = {k: to_device(v, device) for k, v in inputs.items()}
-        if type(inputs) is dict:
-            return moved
-        if isinstance(inputs, (dict, UserDict)):  # copy.copy gives them storage of their own
-            try:
-                rebuilt = copy.copy(inputs)
-                for k, v in moved.items():
-                    rebuilt[k] = v
-                return rebuilt
-            except Exception:  # a subclass that refuses copying or item assignment
-                return moved
-        try:
-            rebuilt = type(inputs)(moved)  # type: ignore[call-arg]
-        except Exception:
-            return moved
-        return rebuilt if isinstance(rebuilt, Mapping) and list(rebuilt.keys()) == list(moved) else moved
+        return same_mapping(inputs, {k: to_device(v, device) for k, v in inputs.items()})
     if isinstance(inputs, (list, tuple)):
         moved_items = [to_device(v, device) for v in inputs]
         if type(inputs) in (list, tuple):
@@ -64,6 +49,28 @@ def to_device(inputs: Any, device: torch.device | str) -> Any:
         except Exception:  # a subclass whose constructor takes something else
             return tuple(moved_items) if isinstance(inputs, tuple) else moved_items
     return inputs
+
+
+def same_mapping(original: Mapping[Any, Any], values: dict[Any, Any]) -> Mapping[Any, Any]:
+    """``values`` (``original``'s keys with new values) in ``original``'s type where it can be rebuilt:
+    a ``dict`` subclass or a ``UserDict`` (Hugging Face's ``BatchEncoding`` and ``ModelOutput``, with
+    their other attributes and attribute access) by a copy whose items are set, another ``Mapping`` by
+    its constructor; a plain ``dict`` where neither works. ``original`` is not changed."""
+    if type(original) is dict:
+        return values
+    if isinstance(original, (dict, UserDict)):  # copy.copy gives them storage of their own
+        try:
+            rebuilt = copy.copy(original)
+            for k, v in values.items():
+                rebuilt[k] = v
+            return rebuilt
+        except Exception:  # a subclass that refuses copying or item assignment
+            return values
+    try:
+        rebuilt = type(original)(values)  # type: ignore[call-arg]
+    except Exception:
+        return values
+    return rebuilt if isinstance(rebuilt, Mapping) and list(rebuilt.keys()) == list(values) else values
 
 
 @torch.no_grad()

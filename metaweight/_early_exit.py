@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.rnn import PackedSequence
 
+from metaweight._anytime import same_mapping
 from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_temperatures, check_thresholds, holds_meta,
                                refuse_nan_logits, softmax_undefined)
 from metaweight._exit_rules import (Entropy, ExitRule, Margin, MaxProbability, as_rule, calibrated, decision_dtype,
@@ -192,7 +193,8 @@ class _Selection:
     """Keeps the samples still in the network from the features a stage hands to the next.
 
     Per sample: a tensor whose first dimension is the number of samples in the network before the
-    selection, at any depth of tuples, lists (namedtuples too) and dicts. Passed on unchanged:
+    selection, at any depth of tuples, lists (namedtuples too) and dicts (a dict subclass, such as
+    Hugging Face's ``ModelOutput``, keeps its type and attribute access). Passed on unchanged:
     every other value (``None``, numbers, 0-d tensors, a broadcast ``[1, T]`` mask, a table of
     another first dimension), and, whatever their first dimension, a parameter of the model
     (an ``nn.Parameter`` itself), an input tensor whose first dimension is not the batch, and any
@@ -222,22 +224,31 @@ class _Selection:
             raise TypeError(f"Stage {stage} returned a PackedSequence ({path}), whose samples EarlyExit cannot select "
                             f"(they are interleaved by time step). Return padded tensors [batch, T, ...] between "
                             f"stages (torch.nn.utils.rnn.pad_packed_sequence with batch_first=True).")
-        if isinstance(value, Mapping):
-            return {k: self._take(v, keep, before, f"{path}[{k!r}]", stage) for k, v in value.items()}
+        if isinstance(value, Mapping):  # in its own type: the next stage may read it by attribute (ModelOutput)
+            rebuilt = same_mapping(value, {k: self._take(v, keep, before, f"{path}[{k!r}]", stage)
+                                           for k, v in value.items()})
+            _refuse_hidden(rebuilt, before, path, stage)  # attributes its items did not update
+            return rebuilt
         if isinstance(value, (list, tuple)):
             items = [self._take(v, keep, before, f"{path}[{i}]", stage) for i, v in enumerate(value)]
             if type(value) in (list, tuple):
                 return type(value)(items)
             return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-        inner = getattr(value, "__dict__", None)
-        if isinstance(inner, dict) and not isinstance(value, nn.Module) and any(
-                t.dim() > 0 and t.shape[0] == before for t in _tensors(list(inner.values()))):
-            raise TypeError(f"Stage {stage} returned a `{type(value).__name__}` ({path}) holding tensors whose first "
-                            f"dimension is the number of samples in the network ({before}): EarlyExit selects "
-                            f"samples in tensors and in tuples, lists and dicts of them, and would pass this object "
-                            f"on with the samples that left. Return its tensors in a tuple, list or dict (or a "
-                            f"namedtuple).")
+        if not isinstance(value, nn.Module):
+            _refuse_hidden(value, before, path, stage)
         return value
+
+
+def _refuse_hidden(value: Any, before: int, path: str, stage: int) -> None:
+    """Refuse an object whose attributes hold tensors of the ``before`` samples in the network (a
+    per-sample tensor EarlyExit cannot select: the object would go on with the samples that left)."""
+    inner = getattr(value, "__dict__", None)
+    if isinstance(inner, dict) and any(t.dim() > 0 and t.shape[0] == before for t in _tensors(list(inner.values()))):
+        raise TypeError(f"Stage {stage} returned a `{type(value).__name__}` ({path}) holding tensors whose first "
+                        f"dimension is the number of samples in the network ({before}): EarlyExit selects "
+                        f"samples in tensors and in tuples, lists and dicts of them, and would pass this object "
+                        f"on with the samples that left. Return its tensors in a tuple, list or dict (or a "
+                        f"namedtuple).")
 
 
 class EarlyExit(nn.Module):
@@ -264,8 +275,9 @@ class EarlyExit(nn.Module):
     every sample): ``N`` rows, and some tensor of the inputs must have ``N`` as its first
     dimension (a sequence-first ``[T, B, H]`` input is refused), wherever it comes in them: after
     a 0-d or ``[1]`` scale, in any order of a dict. Between stages, the samples still in are
-    kept from every tensor of the features (at any depth of tuples, lists, namedtuples and dicts)
-    whose first dimension is the number of samples in the network; every other value goes on
+    kept from every tensor of the features (at any depth of tuples, lists, namedtuples and dicts;
+    each in its own type, a ``ModelOutput`` too) whose first dimension is the number of samples in
+    the network; every other value goes on
     unchanged: ``None``, numbers and strings, 0-d tensors, broadcast tensors (``[1, T]`` masks),
     tensors of another first dimension (a table), and, whatever their first dimension, the
     model's parameters (an ``nn.Parameter`` itself), input tensors whose first dimension is not

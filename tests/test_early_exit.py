@@ -230,6 +230,51 @@ def test_inputs_the_forward_cannot_take_are_refused_saying_how_inputs_are_passed
             assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+class _Output(dict):
+    """A stage's output read by attribute, as Hugging Face's ``ModelOutput`` is."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _AttributeStage(nn.Module):
+    def __init__(self, first):
+        super().__init__()
+        self.linear, self.first = nn.Linear(5 if first else 6, 6), first
+
+    def forward(self, f):
+        hidden = self.linear(f if self.first else f.hidden * f.mask)  # by attribute: a plain dict has none
+        return _Output(hidden=torch.tanh(hidden), mask=torch.ones(1, 6))
+
+
+class _AttributeHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, f):
+        return self.linear(f.hidden)
+
+
+def test_dict_features_keep_their_type_when_samples_leave():
+    """Features in a dict subclass read by attribute (a ModelOutput): selected in their own type, so
+    a batch where some samples leave agrees with a per-sample loop; it raised AttributeError on the
+    plain dict the selection made, while batches of one (nothing selected) ran."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([_AttributeStage(k == 0) for k in range(3)], [_AttributeHead() for _ in range(3)]).eval()
+    x = torch.randn(40, 5)
+    with torch.no_grad():
+        logits = torch.stack(net(x))
+    thresholds = mw.find_thresholds(logits, mw.geometric_exit_distribution(1.0, 3))
+    exits, predictions = loop_assign("max_probability", logits.tolist(), thresholds.tolist())
+    got = mw.EarlyExit(net, thresholds)(x)
+    assert sorted(set(exits)) == [0, 1, 2]  # samples leave at every exit: the features are selected twice
+    assert got.exits.tolist() == exits and got.predictions.tolist() == predictions
+
+
 def test_inputs_without_a_tensor_are_refused_naming_what_came_not_an_internal_type():
     """A NumPy batch (or keywords without a tensor): the TypeError names the inputs' types and says
     to pass tensors, never the library's internal ``ModelCall``; the model is left as it was."""
