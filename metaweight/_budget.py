@@ -590,7 +590,9 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
         expected cost per sample it reached on ``val_logits`` (at or under ``budget``, in the units
         of ``costs``) and ``val_accuracy`` the top-1 accuracy there (percent); ``cost`` and
         ``accuracy`` are the same numbers, as the data evaluated is the held-out data (apply the
-        thresholds to test logits with :func:`evaluate_thresholds`). Where tied scores keep
+        thresholds to test logits with :func:`evaluate_thresholds`). A budget of the last exit's
+        cost or more sends everyone to the last exit, and one below every ``q``'s cost everyone to
+        the first (``q`` is ``None`` for both). Where tied scores keep
         its thresholds from realising MSDNet's shares (the patience rule: everyone leaves at exit
         1), the cost jumps past the budget between neighbouring ``q`` and the point may spend far
         less than the budget: a ``RuntimeWarning`` says so (see :func:`budgeted_curve`).
@@ -638,6 +640,11 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
         return point
 
     lo, hi = math.log(1e-3), math.log(1e3)
+    if budget >= costs[-1]:  # q -> infinity, everyone at the last exit, spends the most any thresholds can
+        # (q = 1e3 still sends floor(N / 1e3) samples out early: 20 of 20,000 over two exits)
+        last = torch.full((K,), NO_EXIT, dtype=confidence.dtype, device=confidence.device)
+        last[-1] = -NO_EXIT
+        return held_out(_evaluate(confidence, prediction, val_labels, last, costs))
     best = at(math.exp(lo))
     if best.cost > budget:  # even q -> 0 exceeds it: everyone at the first exit
         return held_out(_evaluate(confidence, prediction, val_labels,

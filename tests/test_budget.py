@@ -167,6 +167,26 @@ def test_budget_at_the_last_exit_with_many_exits(num_exits):
     assert result.cost <= num_exits
 
 
+@pytest.mark.parametrize("num_exits, n", [(2, 3000), (3, 2000)])
+def test_a_budget_of_the_last_exit_sends_everyone_there(num_exits, n):
+    """A budget of the whole network's cost spends all of it, as a per-sample loop counts: q = 1e3, the
+    end of the bisection, still sent floor(N / 1e3) samples out early (cost 1.99905 of 2 at N = 20,000)."""
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(num_exits, n, 10, generator=g), torch.randint(0, 10, (n,), generator=g)
+    costs = [float(k + 1) for k in range(num_exits)]
+    for budget in (costs[-1], costs[-1] + 0.5):
+        point = mw.thresholds_for_budget(logits, labels, costs, budget)
+        scores = logits.softmax(-1).amax(-1)
+        spent = correct = 0.0
+        for i in range(n):  # the first exit whose confidence reaches its threshold, the last takes the rest
+            k = next((k for k in range(num_exits - 1) if scores[k, i] >= point.thresholds[k]), num_exits - 1)
+            spent += costs[k]
+            correct += int(logits[k, i].argmax() == labels[i])
+        assert point.val_cost == spent / n == costs[-1]
+        assert point.val_accuracy == pytest.approx(100.0 * correct / n, rel=1e-12)
+        assert point.val_accuracy == pytest.approx(100.0 * float((logits[-1].argmax(-1) == labels).double().mean()))
+
+
 def test_find_thresholds_takes_half_precision_distributions():
     torch.manual_seed(0)
     logits = torch.randn(3, 100, 5)
