@@ -225,6 +225,10 @@ class ForwardWatch(_Inert):
         self.records: list[ForwardRecord] = []
         self.paused = False  # the weighter's own forwards need no record
 
+    # Run eagerly when the loop calls the model through torch.compile (``torch.compile(model)(x)`` with the plain
+    # model handed to the weighter): traced, the hooks would record tracing-time values, and dynamo refuses
+    # the weakref finalizers they register ("Guard failed on the same frame it was created").
+    @torch.compiler.disable
     def before(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         weighter = self._ref()
         if weighter is None:  # a copy's inert hook
@@ -239,6 +243,7 @@ class ForwardWatch(_Inert):
                   for t in tensor_leaves((args, kwargs))]
         self._open.append((rng_state(self.device, generators), generators, inputs, _state_buffers(weighter.module)))
 
+    @torch.compiler.disable
     def after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         weighter = self._ref()
         if weighter is None:
