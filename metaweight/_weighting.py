@@ -186,6 +186,20 @@ def batch_samples(target: Any) -> int:
     return next((int(t.shape[0]) for t in tree_leaves(target) if isinstance(t, Tensor) and t.dim() > 0), 1)
 
 
+def check_optimizer_holds_model(optimizer: torch.optim.Optimizer, module: nn.Module, name: str) -> None:
+    """Refuse an optimizer that holds none of the model's parameters (built over another model, or over the model
+    before it was replaced by a copy): the loop's step would train nothing of the model while the weights learn
+    from its terms. An optimizer over a part of the model is the two-call form's to use on purpose."""
+    own = {id(p) for p in module.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(p.requires_grad for p in module.parameters()) and not any(id(p) in own for p in held):
+        raise ValueError(f"`optimizer` holds none of the model's parameters ({len(held)} tensors, none of them a "
+                         f"parameter of the {type(module).__name__} given): it was built over another model, or over "
+                         f"this one before it was replaced (a copy, a reloaded model). Build it over "
+                         f"model.parameters() of the model given to {name}, or give {name} the model the optimizer "
+                         f"trains.")
+
+
 def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = False,
                  powers: tuple[int, ...] = (1,)) -> float:
     """``value`` as a float, or a ``ValueError`` naming ``name`` when it is not a finite number above ``low``
@@ -342,6 +356,7 @@ class Weighting(NamedWeights):
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
         self._calls_made = 0  # training loss() calls so far: their order, for FAMO's check of the labels
         self._inner_optimizer = unwrap_optimizer(optimizer)
+        check_optimizer_holds_model(self._inner_optimizer, module, type(self).__name__)
         optimizer_steps(self._inner_optimizer)  # (the process-wide step counter, registered before the first step)
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         self.last_meta = MetaStepRecord(0)

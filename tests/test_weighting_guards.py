@@ -263,6 +263,23 @@ def test_step_refuses_an_optimizer_holding_other_tensors():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_an_optimizer_holding_none_of_the_model_s_parameters_is_refused_at_construction(name):
+    """The optimizer built over the model before it was replaced by a copy: the loop's step trains nothing of the
+    model the weighting watches (its two calls learned weights all the same). Refused when built; an optimizer over
+    a part of the model is still the two calls' to use."""
+    import copy
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model = copy.deepcopy(model)  # (a reloaded or copied model; the optimizer holds the old one's parameters)
+    with pytest.raises(ValueError, match="`optimizer` holds none of the model's parameters"):
+        mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), **options(name, model))
+    part = torch.optim.SGD(model.heads.parameters(), lr=0.1)
+    mw.WEIGHTINGS[name](model, part, mw.DenseDistillLoss(3), **options(name, model))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_step_refuses_lbfgs_changing_nothing_and_the_two_calls_run_it(name):
     """LBFGS needs a closure, which step() has not: refused before the forward (BatchNorm statistics and all
     unchanged); the two calls with the user's closure read its last evaluation."""
