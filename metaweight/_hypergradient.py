@@ -23,7 +23,8 @@ so BatchNorm statistics are not touched; the optimizer's state is read, never wr
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,8 +75,33 @@ class MetaResult:
     terms: Tensor  # with its graph when the caller asked to keep it for the model's step
 
 
+@contextmanager
+def eager_forward(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
+    """Run ``model`` and its submodules uncompiled inside the block: modules compiled in place
+    (``model.compile()``, ``stage.compile()``) have their compiled call set aside and put back after.
+    ``modules``: the model's modules where the caller has them (else the step's walk of the model).
+
+    The look-ahead's forwards substitute parameters (``functional_call``), carry forward-mode tangents
+    or run on ``higher``'s patched copies, which compiled code does not see through (the compiled call
+    of a patched copy is the original module's): as ``torch.compile(model)``'s wrapper, unwrapped, runs
+    the module under it eagerly, so does a module compiled in place here.
+    """
+    if modules is None:
+        modules = [m for _, m in walk(model).modules]
+    compiled = [m for m in modules if getattr(m, "_compiled_call_impl", None) is not None]
+    saved = [m._compiled_call_impl for m in compiled]
+    for m in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, call in zip(compiled, saved):
+            m._compiled_call_impl = call
+
+
 def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Any) -> Any:
-    """``functional_call`` that is sure to put every parameter and buffer object back afterwards.
+    """``functional_call`` that is sure to put every parameter and buffer object back afterwards, run
+    uncompiled (:func:`eager_forward`).
 
     ``torch.func.functional_call`` leaves a module used twice in the model (tied weights)
     holding the substitute tensors; we restore each module's own slots ourselves. The tied names
@@ -91,9 +117,10 @@ def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Te
     slots = [(m, kind, dict(getattr(m, kind))) for _, m in one.modules for kind in ("_parameters", "_buffers")]
     try:
         args, kwargs = model_arguments(model, x)
-        if untied is None:  # (names neither walk holds: functional_call's own rules)
-            return functional_call(model, (params, buffers), args, kwargs)
-        return functional_call(model, untied, args, kwargs, tie_weights=False)
+        with eager_forward(model, [m for _, m in one.modules]):
+            if untied is None:  # (names neither walk holds: functional_call's own rules)
+                return functional_call(model, (params, buffers), args, kwargs)
+            return functional_call(model, untied, args, kwargs, tie_weights=False)
     finally:
         for module, kind, saved in slots:
             getattr(module, kind).update(saved)
