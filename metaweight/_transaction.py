@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from metaweight._capture import sparse_message
 from metaweight._walk import buffers_walk, walk
-from metaweight._warn import raise_or_skip_step
+from metaweight._warn import raise_or_skip_step, warn_user
 
 if TYPE_CHECKING:  # (it imports this module's snapshots)
     from metaweight._hypergradient import Reducer
@@ -79,6 +79,29 @@ def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
         torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device, dtype=torch.float32))
         found = found + flag.to(found.device)
     return found.clamp_max(1.0)
+
+
+def not_stepped_message(who: str, outcome: str, grads: Sequence[Tensor | None]) -> str:
+    """What a two-call ``meta_step`` says when the optimizer did not step since ``loss()``, warned to the user
+    (:func:`~metaweight._warn.warn_user`) where it was not a ``GradScaler``'s skip: the gradients ``grads`` of
+    the loss (the model's parameters', in any order) are there and finite, as a skip leaves inf or NaN in
+    them, so ``meta_step`` came before ``optimizer.step()`` (or the loop skipped its step, or stepped once per
+    several micro-batches and called ``meta_step`` after each). One host read, on this path only.
+
+    Args:
+        who: ``"weighting"`` or ``"weighter"``, as the user's loop names the object.
+        outcome: what stays unchanged, a clause (``"gamma is unchanged"``).
+    """
+    present = [g for g in grads if g is not None]
+    if present and not bool(nonfinite_flag(torch.zeros((), device=present[0].device), present).item()):
+        message = (f"The optimizer did not step since {who}.loss, and that loss's gradients are finite, so no "
+                   f"GradScaler skipped it: meta_step was called before optimizer.step() (or the loop skipped its "
+                   f"step, or called meta_step after a micro-batch it did not step on): {outcome}. Call "
+                   f"{who}.meta_step(...) once per optimizer step, after optimizer.step().")
+        warn_user(message)
+        return message
+    return (f"The optimizer did not step since {who}.loss (a GradScaler found inf/NaN gradients and skipped it, or "
+            f"meta_step came before optimizer.step()): {outcome}.")
 
 
 class FlatCopies:

@@ -29,7 +29,7 @@ from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, 
 from metaweight._protocols import model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import host_read
+from metaweight._transaction import host_read, not_stepped_message
 from metaweight._walk import buffers_walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
@@ -68,8 +68,8 @@ class TwoCall:
         if not run_meta:
             return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=w.gamma_dict())
         if plan is None:
-            message = ("The optimizer did not step since weighter.loss (e.g. a GradScaler found inf/NaN gradients "
-                       "and skipped it): there is no look-ahead to score, gamma is unchanged.")
+            message = not_stepped_message("weighter", "there is no look-ahead to score, gamma is unchanged",
+                                          [p.grad for _, p in w._trainable()])
             return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps,
                                   gamma=w.gamma_dict(), message=message)
         assert pending is not None and pending.theta is not None and pending.jac is not None

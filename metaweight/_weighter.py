@@ -524,7 +524,8 @@ class HarmonizedWeighter(NamedWeights):
         the gradients between backward and step is refused with a ``ValueError``, as is a batch
         or a module mode other than the step's, before anything changes. A step the optimizer
         did not take (a ``GradScaler`` that found inf/NaN) gives a skipped record and leaves
-        gamma alone. The record of the training forward is that of the forward the outputs given
+        gamma alone; where the gradients are finite (no scaler skipped it: ``meta_step`` came
+        before ``optimizer.step()``) it also warns (``RuntimeWarning``). The record of the training forward is that of the forward the outputs given
         to ``loss()`` came from (outputs from no forward the hooks saw, ``model.forward(x)``, are
         refused), and ``meta_step`` must get the inputs that forward got; a ``loss()`` after the
         step (logging) leaves the step's record. A training forward that drew random numbers

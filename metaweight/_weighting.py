@@ -51,7 +51,7 @@ from metaweight._hypergradient import Reducer
 from metaweight._optimizers import unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import BufferSnapshot, host_read, nonfinite_flag
+from metaweight._transaction import BufferSnapshot, host_read, nonfinite_flag, not_stepped_message
 from metaweight._walk import walk, walked_call
 from metaweight._warn import raise_or_skip_step, warn_user
 
@@ -549,7 +549,9 @@ class Weighting(NamedWeights):
         After :meth:`loss` calls whose backward was followed by no optimizer step (a ``GradScaler`` found
         inf/NaN gradients and skipped it, or the loop did not step), no loss changed: nothing is learned, the
         weights and the method's state stay as they are, and the record says ``skipped`` (``ran`` false) with
-        a message; the call counts in ``num_calls``, not ``num_skipped``, and no hook is called.
+        a message; the call counts in ``num_calls``, not ``num_skipped``, and no hook is called. Where the
+        gradients are finite (no ``GradScaler`` skipped the step: ``meta_step`` came before
+        ``optimizer.step()``, or after a micro-batch not stepped on) the call also warns (``RuntimeWarning``).
 
         Returns:
             A :class:`MetaStepRecord`: ``iteration``, ``ran``, ``meta_step``, ``gamma`` and
@@ -618,8 +620,8 @@ class Weighting(NamedWeights):
             shown = self._mean_over_ranks(local) if local is not None else None  # (every rank the same, as ever)
         self.num_calls += 1
         self._reset_pending()
-        message = (f"The optimizer did not step since weighting.loss (e.g. a GradScaler found inf/NaN gradients "
-                   f"and skipped it): no loss changed, so {type(self).__name__}'s weights and state are unchanged.")
+        message = not_stepped_message("weighting", f"no loss changed, so {type(self).__name__}'s weights and state are "
+                                                   f"unchanged", [p.grad for _, p in walk(self.module).parameters])
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), terms=self._named(shown), message=message)
 

@@ -3,6 +3,8 @@ independent brute force of its own definition; the model after a fast step again
 
 import copy
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -214,9 +216,18 @@ def test_two_call_fast_form_with_a_grad_scaler_sees_unscaled_gradients_and_skips
             scaler.scale(w.loss(net(x), y)).backward()
             scaler.step(optimizer)
             scaler.update()
-            record = w.meta_step((x, y), val)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # (a GradScaler's skip: no warning of a wrong order)
+                record = w.meta_step((x, y), val)
             assert record.skipped and not record.ran and "did not step" in record.message
+            assert "GradScaler found inf/NaN" in record.message
             assert torch.equal(before[0], w.gamma)
+            # the same with finite gradients and no step: meta_step came before optimizer.step(), and says so
+            optimizer.zero_grad()
+            w.loss(net(batch()[0]), y).backward()
+            with pytest.warns(RuntimeWarning, match="gradients are finite.*called before optimizer.step"):
+                record = w.meta_step((x, y), val)
+            assert record.skipped and "Call weighter.meta_step" in record.message and torch.equal(before[0], w.gamma)
             assert all(torch.equal(a, b) for a, b in zip(before[1], net.parameters()))
     # powers of two scale and unscale exactly: the same look-ahead, to the difference's rounding
     assert rel_err(results[1][0], results[0][0]) < 1e-4

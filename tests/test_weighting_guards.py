@@ -98,7 +98,8 @@ def same(a, b):
 def test_a_meta_step_after_no_optimizer_step_is_skipped_and_changes_nothing(name):
     """loss, backward, no optimizer step (the loop did not take it), meta_step: no loss changed, so the call is
     reported skipped, the weights and state are as before, and the run goes on as if that iteration never was
-    (a twin that never had it ends equal)."""
+    (a twin that never had it ends equal). The gradients being finite, no GradScaler skipped the step: the call
+    warns that meta_step came before optimizer.step() (it was silent, its record blaming a GradScaler)."""
     w1, m1, o1 = build(name)
     w2, m2, o2 = build(name)
     data = batches(4)
@@ -107,7 +108,9 @@ def test_a_meta_step_after_no_optimizer_step_is_skipped_and_changes_nothing(name
             before = state(w1)
             o1.zero_grad()
             w1.loss(m1(x), y).backward()
-            record = w1.meta_step((x, y))
+            with pytest.warns(RuntimeWarning, match="gradients are finite, so no GradScaler skipped it: meta_step was "
+                                                    "called before optimizer.step"):
+                record = w1.meta_step((x, y))
             assert record.skipped and not record.ran and "did not step" in record.message
             assert record.meta_step == w1.num_meta_steps == 2 and w1.num_calls == 3 and w1.num_skipped == 0
             assert same(state(w1), before)
