@@ -762,7 +762,11 @@ def check_thresholds(thresholds: object, num_exits: int) -> Tensor:
     if thresholds.shape != (num_exits,):
         raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
     if torch.isnan(thresholds).any():
-        raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN.")
+        raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN, which no score reaches or fails to reach: "
+                         f"give every exit a number (a score reaches it to leave there; float('inf') for an exit "
+                         f"no sample should leave at; the last exit takes every sample left whatever its "
+                         f"threshold). Thresholds computed as quantiles of an empty set of scores come out NaN: "
+                         f"thresholds_for_budget gives them from held-out logits.")
     return thresholds
 
 

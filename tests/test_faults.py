@@ -216,8 +216,13 @@ def test_budget_functions_refuse_empty_nan_and_wrong_thresholds():
         mw.exit_assignment(val, torch.tensor(0.5))  # one threshold would broadcast over every exit
     with pytest.raises(ValueError, match="3 thresholds"):
         mw.evaluate_thresholds(val, yv, torch.tensor([0.5, 0.5]), costs)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"NaN.*give every exit a number.*float\('inf'\) for an exit no sample"):
         mw.evaluate_thresholds(val, yv, torch.tensor([0.5, float("nan"), 0.0]), costs)
+    # the fix it gives: inf for the exit no sample should leave at (as MSDNet's 1e8, which no probability reaches)
+    fixed = mw.evaluate_thresholds(val, yv, torch.tensor([0.5, float("inf"), 0.0]), costs)
+    msdnet = mw.evaluate_thresholds(val, yv, torch.tensor([0.5, 1e8, 0.0]), costs)
+    assert (fixed.cost, fixed.accuracy, fixed.exit_fractions) == (msdnet.cost, msdnet.accuracy, msdnet.exit_fractions)
+    assert mw.exit_assignment(val, torch.tensor([0.5, float("inf"), 0.0])).exits.ne(1).all()
     with pytest.raises(ValueError, match="one cost per exit"):
         mw.budgeted_curve(val, yv, val, yv, [1.0, 2.0])
     with pytest.raises(ValueError, match="finite"):
