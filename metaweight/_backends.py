@@ -178,8 +178,8 @@ def make_backend(name: str, optimizer: torch.optim.Optimizer, *, distributed: bo
                  fd_epsilon: float | None = None) -> Backend:
     """The backend called ``name`` for this optimizer and these settings, checked once.
 
-    The fast backends know SGD, Adam, AdamW and RMSprop (without momentum, not centered) in
-    closed form; for another optimizer they fall
+    The fast backends know SGD, Adam, AdamW and RMSprop in closed form; for another optimizer
+    they fall
     back to ``higher`` with a warning.
     """
     if not isinstance(name, str) or name not in BACKENDS:
@@ -189,7 +189,7 @@ def make_backend(name: str, optimizer: torch.optim.Optimizer, *, distributed: bo
         backend = HigherBackend()
     elif not supports_exact_update(optimizer):
         warn_user(
-            f"backend={name!r} knows the update of SGD, Adam, AdamW and RMSprop (without momentum, not centered) "
+            f"backend={name!r} knows the update of SGD, Adam, AdamW and RMSprop "
             f"only; falling back to "
             f"backend='higher' for `{type(optimizer).__name__}` (exact, but slower and heavier).",
             UserWarning,

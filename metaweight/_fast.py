@@ -74,8 +74,8 @@ class FastMode:
         """Refuse, at construction, what the mode cannot look ahead with: an optimizer whose step it
         cannot replay in closed form, and a look-ahead restricted to some parameters."""
         if not supports_exact_update(optimizer):
-            raise ValueError(f"mode='fast' replays the step of SGD, Adam, AdamW or RMSprop (without momentum, not "
-                             f"centered) in closed form; this `{type(optimizer).__name__}` is none of them. Use "
+            raise ValueError(f"mode='fast' replays the step of SGD, Adam, AdamW or RMSprop in closed "
+                             f"form; this `{type(optimizer).__name__}` is none of them. Use "
                              f"mode='exact'.")
         if lookahead_params is not None:
             raise ValueError("mode='fast' looks ahead with the model's real step, over every parameter; "

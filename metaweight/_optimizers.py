@@ -31,35 +31,10 @@ from metaweight._checks import real_scalar
 EXACT_UPDATE_TYPES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
 
 
-def _closed_form_refusal(optimizer: torch.optim.Optimizer) -> str | None:
-    """What of this optimizer's options :func:`lookahead_update` does not replay (RMSprop's momentum and
-    ``centered``), or ``None``."""
-    if type(optimizer) is torch.optim.RMSprop:
-        for i, group in enumerate(optimizer.param_groups):
-            momentum = group.get("momentum", 0)
-            if isinstance(momentum, Tensor):  # a tensor on a device is not read back: not known to be 0
-                momentum = real_scalar(momentum.reshape(())) if momentum.numel() == 1 and momentum.device.type == "cpu" \
-                    else momentum
-            if group.get("centered", False) or (isinstance(momentum, Tensor) or momentum != 0):
-                return (f"parameter group {i} of the RMSprop has momentum={momentum!r}, "
-                        f"centered={group.get('centered', False)!r}: the closed-form replay of RMSprop (the jvp and "
-                        f"finite_difference backends, mode='fast') is that of momentum=0, centered=False")
-    return None
-
-
 def supports_exact_update(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether :func:`lookahead_update` knows this optimizer's step in closed form (RMSprop: without momentum
-    and not centered; with them, backend='higher' replays it)."""
-    return type(optimizer) in EXACT_UPDATE_TYPES and _closed_form_refusal(optimizer) is None
-
-
-def check_closed_form(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse, before anything changes, options set since construction that the closed-form replay
-    (:func:`lookahead_update`) of this optimizer does not replay (RMSprop's momentum, ``centered``)."""
-    refusal = _closed_form_refusal(optimizer)
-    if refusal is not None:
-        raise ValueError(f"The look-ahead cannot replay this step: {refusal}. Set them back, or build the weighter "
-                         f"with backend='higher' and mode='exact' (which replay them). Nothing was changed.")
+    """Whether :func:`lookahead_update` knows this optimizer's step in closed form (SGD, Adam, AdamW and
+    RMSprop, each with all its options; other optimizers: backend='higher' replays them)."""
+    return type(optimizer) in EXACT_UPDATE_TYPES
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -379,20 +354,43 @@ def _adam_moments(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, 
 
 
 def _rmsprop_step(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    r"""One ``torch.optim.RMSprop`` step (weight decay; no momentum, not centered) from ``state``, out of place,
-    and its diagonal Jacobian: with :math:`d = g + \lambda\theta`, :math:`v = \alpha v_0 + (1-\alpha) d^2`
-    (:math:`v_0 = 0` before the first step) and :math:`a = \sqrt v + \epsilon`, the step is
-    :math:`U = lr\, d / a` and :math:`\partial U/\partial g = lr\,(1/a - (1-\alpha) d^2 / (\sqrt v\, a^2))`
-    (:math:`lr/\epsilon` where :math:`v = 0`)."""
+    r"""One ``torch.optim.RMSprop`` step (weight decay, momentum, ``centered``) from ``state``, out of place,
+    and its diagonal Jacobian. With :math:`d = g + \lambda\theta`, :math:`v = \alpha v_0 + (1-\alpha) d^2`,
+    centered :math:`m = \alpha m_0 + (1-\alpha) d` (else :math:`m = 0`), :math:`r = \sqrt{v - m^2}`,
+    :math:`a = r + \epsilon` and the momentum buffer :math:`b = \mu b_0 + d / a` (:math:`v_0, m_0, b_0 = 0`
+    before the first step), the step is :math:`U = lr\, b` (:math:`lr\, d / a` without momentum) and
+    :math:`\partial U/\partial g = lr\,(1/a - d\,\partial r/\partial d\,/ a^2)` with
+    :math:`\partial r/\partial d = (1-\alpha)(d - m) / r` (0 where :math:`r = 0`): the momentum term
+    :math:`\mu b_0` does not depend on :math:`g`. Source: ``torch.optim.RMSprop``'s single-tensor step."""
     lr, alpha, eps, wd = float(group["lr"]), float(group["alpha"]), float(group["eps"]), float(group["weight_decay"])
+    momentum = _momentum(group)
     d = g + wd * p if wd else g
     v0 = state.get("square_avg")
     v = d * d * (1 - alpha) if v0 is None else v0 * alpha + d * d * (1 - alpha)
-    root = _safe_sqrt(v)
+    if group.get("centered", False):
+        m0 = state.get("grad_avg")
+        m = torch.lerp(torch.zeros_like(d) if m0 is None else m0, d, 1 - alpha)
+        spread = torch.addcmul(v, m, m, value=-1)
+    else:
+        m, spread = None, v
+    root = _safe_sqrt(spread)
     avg = root + eps
-    flows = v > 0
-    droot = torch.where(flows, (1 - alpha) * d / torch.where(flows, root, torch.ones_like(root)), torch.zeros_like(root))
-    return p - lr * d / avg, lr * (1 / avg - d * droot / (avg * avg))
+    flows = spread > 0
+    slope = (1 - alpha) * (d if m is None else d - m)
+    droot = torch.where(flows, slope / torch.where(flows, root, torch.ones_like(root)), torch.zeros_like(root))
+    jacobian = lr * (1 / avg - d * droot / (avg * avg))
+    if momentum:
+        b0 = state.get("momentum_buffer")
+        buf = d / avg if b0 is None else b0 * momentum + d / avg
+        return p - lr * buf, jacobian
+    return p - lr * d / avg, jacobian
+
+
+def _momentum(group: dict[str, Any]) -> float:
+    """RMSprop's ``momentum`` as a float: one given as a one-element tensor is read like a number (read back
+    from its device, as torch's own RMSprop step reads it to decide whether momentum is on)."""
+    momentum = group.get("momentum", 0)
+    return float(momentum.reshape(()).item()) if isinstance(momentum, Tensor) else float(momentum)
 
 
 def _sgd_jacobian(has_buffer: bool, group: dict[str, Any]) -> float:
@@ -491,7 +489,6 @@ def lookahead_update(
     jac: list[Tensor | float] = []
     check_optimizer_options(optimizer, state=False)  # options may have been set since construction (the state: by
     # the weighter's loop check before every meta step)
-    check_closed_form(optimizer)
     adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     rmsprop = type(optimizer) is torch.optim.RMSprop
     new: list[Tensor | None] = [None] * len(params)

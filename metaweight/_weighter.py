@@ -47,7 +47,7 @@ from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
-from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_closed_form, check_optimizer_covers_model,
+from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
                                     check_option_values, check_optimizer_options, check_saved_state,
                                     unwrap_optimizer)
 from metaweight._validation import BalancedValidation
@@ -566,8 +566,6 @@ class HarmonizedWeighter(NamedWeights):
         (:mod:`metaweight._moves`; Python objects only); raises a ``ValueError`` naming what it found,
         before anything changes."""
         check_optimizer_options(self._inner_optimizer)
-        if self.mode == "fast" or self.backend != "higher":  # (replayed in closed form: options it does not replay)
-            check_closed_form(self._inner_optimizer)
         check_option_values(type(self.gamma_optimizer), self.gamma_optimizer.param_groups, GAMMA_OPTIMIZER)
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
         check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})

@@ -39,10 +39,16 @@ def _real_step(params, opt, grads):
     return [p.detach() for p in ps]
 
 
+RMSPROP_OPTIONS = [{}, {"momentum": 0.9}, {"centered": True}, {"momentum": 0.5, "centered": True}]
+
+
+@pytest.mark.parametrize("options", RMSPROP_OPTIONS, ids=str)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("warm", [0, 2])
-def test_rmsprop_step_and_jacobian_match_real_torch_steps(weight_decay, warm):
-    params, opt, grads = _rmsprop(weight_decay, warm)
+def test_rmsprop_step_and_jacobian_match_real_torch_steps(weight_decay, warm, options):
+    """Momentum and centered (replayed since; they fell back to higher): the step is torch's, and the Jacobian,
+    the same with momentum (its buffer's part does not depend on the gradient), that of central differences."""
+    params, opt, grads = _rmsprop(weight_decay, warm, **options)
     new, jac = lookahead_update(opt, params, grads)
     for n, r in zip(new, _real_step(params, opt, grads)):
         torch.testing.assert_close(n, r, rtol=1e-12, atol=1e-14)
@@ -58,16 +64,17 @@ def test_rmsprop_step_and_jacobian_match_real_torch_steps(weight_decay, warm):
         torch.testing.assert_close(j[kink], fd[kink], rtol=1e-3, atol=0.0)
 
 
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9}, {"momentum": 0.5, "centered": True}], ids=str)
 @pytest.mark.parametrize("mode,backend", [("exact", "jvp"), ("exact", "finite_difference"), ("fast", "jvp")])
-def test_rmsprop_is_replayed_in_closed_form_with_higher_s_meta_gradient(mode, backend):
-    """No fallback warning: the jvp backend (and the fast mode) replay RMSprop; its meta-gradient is the one
-    backend='higher' computes by differentiating through higher's own RMSprop."""
+def test_rmsprop_is_replayed_in_closed_form_with_higher_s_meta_gradient(mode, backend, options):
+    """No fallback warning: the jvp backend (and the fast mode) replay RMSprop, with momentum and centered too;
+    its meta-gradient is the one backend='higher' computes by differentiating through higher's own RMSprop."""
     initial = tiny_net(3, dtype=F64)
     warm, train, val = batch(dtype=F64), batch(dtype=F64), batch(dtype=F64)
     grads = {}
     for b in (backend, "higher"):
         model = copy.deepcopy(initial)
-        opt = torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.01)
+        opt = torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.01, **options)
         w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), backend=b,
                                   mode=mode if b != "higher" else "exact")
         assert w.backend == b
@@ -84,37 +91,24 @@ def test_rmsprop_is_replayed_in_closed_form_with_higher_s_meta_gradient(mode, ba
     assert (grads[backend] - grads["higher"]).norm() / grads["higher"].norm() < tol
 
 
-@pytest.mark.parametrize("option,value", [("momentum", 0.9), ("centered", True)])
-def test_rmsprop_options_the_closed_form_does_not_replay_are_refused(option, value):
-    """Set at construction: the jvp backend falls back to higher, which replays them; set later, the closed form
-    would ignore them: refused, nothing changed."""
-    model = tiny_net(3)
-    opt = torch.optim.RMSprop(model.parameters(), lr=0.01)
-    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3))
-    assert w.backend == "jvp"
-    opt.param_groups[0][option] = value
-    before = [p.detach().clone() for p in model.parameters()] + [w.gamma.clone()]
-    with pytest.raises(ValueError, match=rf"RMSprop has .*{option}.*closed-form replay of RMSprop.*backend='higher'"):
-        w.step(batch(), batch())
-    assert all(torch.equal(a, b) for a, b in zip(before, [*model.parameters(), w.gamma]))
-    with pytest.raises(ValueError, match="closed form"):
-        mw.HarmonizedWeighter(model, torch.optim.RMSprop(model.parameters(), **{option: value}),
-                              mw.DenseDistillLoss(3), mode="fast")
-
-
 def test_rmsprop_momentum_given_as_a_tensor_is_read_like_a_number():
-    """momentum=torch.tensor(0.9) passed the closed-form check as if 0 (a tensor was never compared): the jvp
-    meta-gradient was that of RMSprop without momentum, 0.19 off higher's, with no warning."""
-    model = tiny_net(3)
-    with pytest.warns(UserWarning, match="higher"):
-        w = mw.HarmonizedWeighter(model, torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=torch.tensor(0.9)),
-                                  mw.DenseDistillLoss(3))
-    assert w.backend == "higher"
-    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=torch.tensor(0.0))
-    assert mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3)).backend == "jvp"
-    opt.param_groups[0]["momentum"] = torch.tensor(0.9)
-    with pytest.raises(ValueError, match=r"mode='fast' replays .* RMSprop \(without momentum"):
-        mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), mode="fast")
+    """momentum=torch.tensor(0.9) once passed the closed-form check as if 0 (the jvp meta-gradient was that of
+    RMSprop without momentum, 0.19 off higher's, with no warning): it is read as 0.9, and the meta-gradient is the
+    one of momentum=0.9 given as a float, and higher's."""
+    initial = tiny_net(3, dtype=F64)
+    warm, train, val = batch(dtype=F64), batch(dtype=F64), batch(dtype=F64)
+    grads = []
+    for momentum, backend in ((torch.tensor(0.9, dtype=F64), "jvp"), (0.9, "jvp"), (0.9, "higher")):
+        model = copy.deepcopy(initial)
+        opt = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=momentum)
+        w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), backend=backend)
+        assert w.backend == backend
+        sum(o.sum() for o in model(warm[0])).backward()  # (a warm-up step: a momentum buffer)
+        opt.step()
+        opt.zero_grad()
+        grads.append(w.meta_step(train, val).gamma_grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-12, atol=0)
+    assert (grads[0] - grads[2]).norm() / grads[2].norm() < 1e-9
 
 
 def test_options_of_optimizers_outside_torch_s_table_are_read_by_their_own_meaning():
