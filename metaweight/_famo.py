@@ -13,7 +13,7 @@ from metaweight._checks import check_has_values, in_dtype, per_term, real_number
 from metaweight._hypergradient import call_with
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import Scratch
-from metaweight._walk import buffers_walk, walk
+from metaweight._walk import current_walk, walk
 from metaweight._weighting import Weighting, adam_update, batch_samples, check_number, first_labels
 
 EPS = 1e-8  # as the official implementation: keeps log(L - L*) finite at the bound
@@ -191,7 +191,7 @@ class FAMO(Weighting):
         x, y = train_batch
         module = self.module
         params = dict(walk(module).parameters)
-        buffers = self._scratch.copy_of(dict(buffers_walk(module).buffers))  # (as the step's forward left them)
+        buffers = self._scratch.copy_of(dict(current_walk(module).buffers))  # (as the step's forward left them)
         devices = [self.device] if self.device.type == "cuda" else []
         enabled, dtype = getattr(self, "_autocast", (False, None))
         # without autocast's cache: inside the loss() call's autocast region (step() run under autocast, or a

@@ -40,7 +40,7 @@ from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness
 from metaweight._tangents import ShortTangents
 from metaweight._transaction import BufferSnapshot, FlatCopies
-from metaweight._walk import ModelWalk, buffers_walk, forward_ran, walk
+from metaweight._walk import ModelWalk, current_walk, walk, watched_forward
 
 
 class Reducer:
@@ -115,16 +115,18 @@ def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Te
         one = ModelWalk(model)
         untied = one.untied(given)
     slots = [(m, kind, dict(getattr(m, kind))) for _, m in one.modules for kind in ("_parameters", "_buffers")]
-    try:
-        args, kwargs = model_arguments(model, x)
-        with eager_forward(model, [m for _, m in one.modules]):
-            if untied is None:  # (names neither walk holds: functional_call's own rules)
-                return functional_call(model, (params, buffers), args, kwargs)
-            return functional_call(model, untied, args, kwargs, tie_weights=False)
-    finally:
-        for module, kind, saved in slots:
-            getattr(module, kind).update(saved)
-        forward_ran()
+    # (functional_call swaps the tensors in and out of the modules' dicts directly, which no registration hook
+    # sees: the walks stay current unless the forward itself registered something)
+    with watched_forward():
+        try:
+            args, kwargs = model_arguments(model, x)
+            with eager_forward(model, [m for _, m in one.modules]):
+                if untied is None:  # (names neither walk holds: functional_call's own rules)
+                    return functional_call(model, (params, buffers), args, kwargs)
+                return functional_call(model, untied, args, kwargs, tie_weights=False)
+        finally:
+            for module, kind, saved in slots:
+                getattr(module, kind).update(saved)
 
 
 def _or_zeros(tensors: Sequence[Tensor | None], like: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
@@ -338,7 +340,7 @@ def meta_gradient(
         if not keep_graph:
             scratch.save()  # (the later forwards start from the same buffers: the training forward's are a copy)
         params = dict(walked.parameters)
-        outputs = call_with(model, params, scratch.fresh() if not keep_graph else dict(buffers_walk(model).buffers), x)
+        outputs = call_with(model, params, scratch.fresh() if not keep_graph else dict(current_walk(model).buffers), x)
         if keep_graph:
             scratch.save()  # the buffers as this forward left them, as the model's own step would see them
         terms = criterion(outputs, y)

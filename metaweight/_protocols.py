@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from metaweight._walk import forward_ran
+from metaweight._walk import watched_forward
 
 
 def _accepts_keyword(fn: Any, name: str) -> bool:
@@ -466,12 +466,11 @@ def call_model(model: nn.Module, inputs: Any, who: str = "metaweight") -> Any:
     :func:`model_arguments`; ``who`` names the caller in its errors)."""
     args, kwargs = model_arguments(model, inputs, who)
     try:
-        return model(*args, **kwargs)
+        with watched_forward():  # (the model may be a wrapper of the module a step walked: every walk)
+            return model(*args, **kwargs)
     except (TypeError, AttributeError) as exc:
         note_mapping_misread(model, ModelCall(args, kwargs), exc, who)
         raise
-    finally:
-        forward_ran()  # (the model may be a wrapper of the module a step walked: every walk)
 
 
 def wrapper_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], wrapper: str) -> ModelCall:

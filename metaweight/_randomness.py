@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaweight._walk import ModelWalk, walk
+from metaweight._walk import current_walk, walk
 
 try:  # NumPy is optional for torch; its global state is read only where it is installed
     import numpy as np
@@ -78,11 +78,6 @@ def _generators_of(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, torc
     return list(found.values())
 
 
-def named_generators(model: nn.Module) -> list[tuple[str, torch.Generator]]:
-    """The ``torch.Generator`` objects the modules of ``model`` hold now, with where they were found."""
-    return _generators_of(ModelWalk(model).modules)
-
-
 def model_generators(model: nn.Module) -> tuple[torch.Generator, ...]:
     """The ``torch.Generator`` objects the modules of ``model`` hold, found anew at each call (once per
     call of ``step()``: :func:`metaweight._walk.walk`)."""
@@ -90,9 +85,10 @@ def model_generators(model: nn.Module) -> tuple[torch.Generator, ...]:
 
 
 def new_generators(model: nn.Module, known: tuple[torch.Generator, ...]) -> list[str]:
-    """Where ``model`` holds generators that are not among ``known`` (created or replaced since; a new walk)."""
+    """Where ``model`` holds generators that are not among ``known`` (created or replaced since): the modules'
+    attributes read anew, over the modules of a walk that is current (:func:`metaweight._walk.current_walk`)."""
     ids = {id(g) for g in known}
-    return [name for name, g in named_generators(model) if id(g) not in ids]
+    return [name for name, g in _generators_of(current_walk(model).modules) if id(g) not in ids]
 
 
 def _numpy_state() -> Any:

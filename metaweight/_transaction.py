@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._capture import sparse_message
-from metaweight._walk import buffers_walk, walk
+from metaweight._walk import current_walk, tree_changed, walk
 from metaweight._warn import raise_or_skip_step, warn_user
 
 if TYPE_CHECKING:  # (it imports this module's snapshots)
@@ -84,20 +84,28 @@ def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
 def not_stepped_message(who: str, outcome: str, grads: Sequence[Tensor | None]) -> str:
     """What a two-call ``meta_step`` says when the optimizer did not step since ``loss()``, warned to the user
     (:func:`~metaweight._warn.warn_user`) where it was not a ``GradScaler``'s skip: the gradients ``grads`` of
-    the loss (the model's parameters', in any order) are there and finite, as a skip leaves inf or NaN in
-    them, so ``meta_step`` came before ``optimizer.step()`` (or the loop skipped its step, or stepped once per
-    several micro-batches and called ``meta_step`` after each). One host read, on this path only.
+    the loss (the trainable parameters', in any order) are there, finite and not all zero, as a skip leaves
+    inf or NaN in them (and a ``zero_grad(set_to_none=False)`` after it, zeros), so ``meta_step`` came before
+    ``optimizer.step()`` (or the loop skipped its step, or stepped once per several micro-batches and called
+    ``meta_step`` after each). One host read, on this path only.
 
     Args:
         who: ``"weighting"`` or ``"weighter"``, as the user's loop names the object.
         outcome: what stays unchanged, a clause (``"gamma is unchanged"``).
     """
     present = [g for g in grads if g is not None]
-    if present and not bool(nonfinite_flag(torch.zeros((), device=present[0].device), present).item()):
+    if present:
+        device = present[0].device
+        nonzero = torch.stack([(g._values() if g.is_sparse else g).ne(0).any().to(device) for g in present]).any()
+        flags = torch.stack([nonfinite_flag(torch.zeros((), device=device), present)[0], nonzero.float()])
+        nonfinite, moved = flags.tolist()
+    if present and not nonfinite and moved:
         message = (f"The optimizer did not step since {who}.loss, and that loss's gradients are finite, so no "
                    f"GradScaler skipped it: meta_step was called before optimizer.step() (or the loop skipped its "
                    f"step, or called meta_step after a micro-batch it did not step on): {outcome}. Call "
-                   f"{who}.meta_step(...) once per optimizer step, after optimizer.step().")
+                   f"{who}.meta_step(...) once per optimizer step, after optimizer.step(); with gradient "
+                   f"accumulation, after the micro-batch the optimizer steps on only (Accelerate: under `if "
+                   f"accelerator.sync_gradients:`), with the whole batch.")
         warn_user(message)
         return message
     return (f"The optimizer did not step since {who}.loss (a GradScaler found inf/NaN gradients and skipped it, or "
@@ -168,7 +176,7 @@ class Layout:
     what :meth:`put_back` needs to undo what a forward built (a buffer registered, a submodule created)."""
 
     def __init__(self, module: nn.Module) -> None:
-        walked = buffers_walk(module)  # (named_buffers' order and its removal of duplicates)
+        walked = current_walk(module)  # (named_buffers' order and its removal of duplicates)
         self.names: list[str] = [n for n, _ in walked.buffers]
         self.buffers: list[Tensor] = [b for _, b in walked.buffers]
         self.modules: set[int] = {id(m) for _, m in walked.modules}
@@ -177,6 +185,7 @@ class Layout:
     def put_back(self, module: nn.Module) -> None:
         """Undo what was built since: remove the submodules created (whole) and the buffers registered, and
         empty again the slots that were empty. Buffers that were there are left to the caller."""
+        tree_changed()  # (written to the modules' dicts: no registration hook sees it)
         for m in list(module.modules()):
             if id(m) in self.modules:
                 for key, child in list(m._modules.items()):
@@ -248,6 +257,7 @@ class BufferSnapshot:
                 torch._foreach_copy_(self._live, self._saved)
             return
         current = dict(self.module.named_buffers())
+        tree_changed()
         self._layout.put_back(self.module)
         for name, old, saved in zip(self._names, self._live, self._saved):
             if current.get(name) is not old:
@@ -298,7 +308,7 @@ class BufferSnapshot:
         calls: one ``torch.cat`` per device and dtype, and a handful of elementwise ops on each flat vector.
         """
         found = torch.zeros(1, device=device, dtype=torch.float32)
-        current = dict(buffers_walk(self.module).buffers)
+        current = dict(current_walk(self.module).buffers)
         now = [current.get(n) for n in self._names]
         pairs: list[tuple[Tensor, Tensor | None]] = []
         if len(current) == len(now) and all(b is not None and b.shape == s.shape and b.dtype == s.dtype and

@@ -30,7 +30,8 @@ from metaweight._protocols import model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import host_read, not_stepped_message
-from metaweight._walk import buffers_walk
+from metaweight._warn import warn_user
+from metaweight._walk import current_walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import Batch, HarmonizedWeighter
@@ -67,6 +68,14 @@ class TwoCall:
             return w._refuse(plan.message, math.nan, [], plan.terms)
         if not run_meta:
             return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=w.gamma_dict())
+        if plan is None and pending is not None and not pending.stepped():  # (no backward went through it yet)
+            message = ("weighter.meta_step came before loss.backward() and optimizer.step(): no backward has gone "
+                       "through this iteration's weighter.loss, so there is no step to score; gamma is unchanged. "
+                       "Call it after the step: loss = weighter.loss(model(x), y); loss.backward(); "
+                       "optimizer.step(); weighter.meta_step((x, y), val_batch).")
+            warn_user(message)
+            return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps,
+                                  gamma=w.gamma_dict(), message=message)
         if plan is None:
             message = not_stepped_message("weighter", "there is no look-ahead to score, gamma is unchanged",
                                           [p.grad for _, p in w._trainable()])
@@ -94,7 +103,7 @@ class TwoCall:
                     else:  # a forward the hooks did not see: a consistent difference from our own numbers
                         pieces.append(Piece(xi, yi, micro.terms, micro.outputs, replay, True, micro.factor))
                 return w._fast.meta(w, named, pending.theta, pending.jac, pieces, xv, yv,
-                                       dict(buffers_walk(w.module).buffers), transform)  # (copied per forward)
+                                       dict(current_walk(w.module).buffers), transform)  # (copied per forward)
         except Exception:
             w._pending, w._stepped, w.num_calls = pending_now, stepped_before, w.num_calls - 1
             raise

@@ -10,8 +10,13 @@ is one walk that gives all of them; :func:`walked` keeps one for the length of a
 What a forward may change, the walk must not hide: a forward can register a buffer or create a
 submodule (a mask built at its first call). The parameters, modules and generators a step reads are
 those at its start (a forward that creates them is refused or outside what the look-ahead replays,
-as before); the buffers are read from a walk taken since the last forward (:func:`buffers_walk`: the
-step's own walk until one of the library's forwards runs, :func:`forward_ran`, then a new one).
+as before); the buffers are read from a walk that is current (:func:`current_walk`): the step's own
+walk until the tree may have changed, then a new one. The tree is taken to have changed where a
+buffer, parameter or submodule was registered (torch's global registration hooks, set while a step
+runs: ``register_buffer``, attribute assignment, ``add_module``), where a forward changed how many a
+module holds (``del``, a write to ``_buffers``: :func:`watched_forward`), and where the library wrote
+the modules' dicts itself (:func:`tree_changed`). ``torch.func.functional_call``'s swaps write the
+dicts under the names they hold and change nothing of the tree.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
+from torch.nn.modules.module import (register_module_buffer_registration_hook, register_module_module_registration_hook,
+                                     register_module_parameter_registration_hook)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -38,7 +45,8 @@ class ModelWalk:
         aliases: for each name of :attr:`parameters` and :attr:`buffers`, a name for every slot (module
             and attribute) holding the tensor, itself first (more than one for tied weights); a module used
             twice is one module, its slots named once (through the first name).
-        current: ``False`` once a forward of the library ran since the walk (see :func:`forward_ran`).
+        current: ``False`` once a forward may have changed the tree since the walk (:func:`tree_changed`).
+        sizes: for each module, how many buffers, submodules and parameters it held (:meth:`same_sizes`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -89,9 +97,21 @@ class ModelWalk:
                     aliases[name] = [name]
                 else:
                     aliases[known].append(name)
+        # a tensor held both as a parameter and as a buffer: no untied map (torch's functional_call refuses it)
+        self.mixed = any(k in first_parameter for k in first_buffer)
         self.parameters, self.buffers, self.empty, self.aliases = parameters, buffers, empty, aliases
+        # a model that overrides named_parameters / named_buffers (to hide a teacher, say) is read through them
+        if type(model).named_parameters is not nn.Module.named_parameters:
+            self.parameters = list(model.named_parameters())
+        if type(model).named_buffers is not nn.Module.named_buffers:
+            self.buffers = list(model.named_buffers())
+        self.sizes = [len(m._buffers) + len(m._modules) + len(m._parameters) for _, m in modules]
         self.current = True
         self._generators: list[tuple[str, Any]] | None = None
+
+    def same_sizes(self) -> bool:
+        """Whether every module of the walk still holds as many buffers, submodules and parameters as then."""
+        return self.sizes == [len(m._buffers) + len(m._modules) + len(m._parameters) for _, m in self.modules]
 
     def generators(self, find: Callable[[list[tuple[str, nn.Module]]], list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
         """``find(self.modules)``, computed once per walk (the generators the modules hold)."""
@@ -102,7 +122,10 @@ class ModelWalk:
     def untied(self, tensors: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """``tensors`` (by the names of :attr:`parameters` and :attr:`buffers`) with each entry also under
         every other name its tensor is held under (what ``functional_call(..., tie_weights=True)`` finds by
-        walking the model); ``None`` if a name is not one of this walk's."""
+        walking the model); ``None`` if a name is not one of this walk's, or if a tensor is held both as a
+        parameter and as a buffer (torch's own rules then apply, which refuse the substitutes given for it)."""
+        if self.mixed:
+            return None
         out: dict[str, Tensor] = {}
         aliases = self.aliases
         for name, t in tensors.items():
@@ -115,27 +138,46 @@ class ModelWalk:
 
 
 class _Scopes(threading.local):
-    """The walks of the enclosing :func:`walked` blocks by ``id(model)``, per thread."""
+    """The walks of the enclosing :func:`walked` blocks by ``id(model)``, per thread, and the handles of the
+    registration hooks set while there are any."""
 
     def __init__(self) -> None:
         self.walks: dict[int, ModelWalk] = {}
+        self.hooks: list[Any] = []
 
 
 _scopes = _Scopes()
 
 
+def _registered(*_: Any) -> None:
+    """torch's global registration hook (a buffer, parameter or submodule registered or assigned, anywhere): the
+    tree may have changed. Returns ``None``: the value registered is kept."""
+    tree_changed()
+
+
 @contextlib.contextmanager
 def walked(model: nn.Module) -> Iterator[ModelWalk]:
-    """Within the block, :func:`walk` of ``model`` is one walk taken at its start (nested blocks share it)."""
-    key, walks = id(model), _scopes.walks
-    if key in walks:
-        yield walks[key]
+    """Within the block, :func:`walk` of ``model`` is one walk taken at its start (nested blocks share it), and
+    torch's global registration hooks mark the walks stale (:func:`tree_changed`) whenever a buffer, parameter
+    or submodule is registered (``register_buffer``, assignment to a module's attribute, ``add_module``)."""
+    key, scopes = id(model), _scopes
+    if key in scopes.walks:
+        yield scopes.walks[key]
         return
-    walks[key] = one = ModelWalk(model)
+    one = ModelWalk(model)
+    if not scopes.walks:
+        scopes.hooks = [hook(_registered) for hook in (register_module_buffer_registration_hook,
+                                                        register_module_module_registration_hook,
+                                                        register_module_parameter_registration_hook)]
+    scopes.walks[key] = one
     try:
         yield one
     finally:
-        walks.pop(key, None)
+        scopes.walks.pop(key, None)
+        if not scopes.walks:
+            for handle in scopes.hooks:
+                handle.remove()
+            scopes.hooks = []
 
 
 def walk(model: nn.Module) -> ModelWalk:
@@ -144,9 +186,9 @@ def walk(model: nn.Module) -> ModelWalk:
     return _scopes.walks.get(id(model)) or ModelWalk(model)
 
 
-def buffers_walk(model: nn.Module) -> ModelWalk:
-    """A walk taken since the last :func:`forward_ran` (the block's own if no forward ran since it, else a
-    new one, which the block then keeps): for the buffers, which a forward may register."""
+def current_walk(model: nn.Module) -> ModelWalk:
+    """A walk of the tree as it is now (the block's own while no forward changed the tree since, else a new
+    one, which the block then keeps): for the buffers and modules, which a forward may register."""
     walks = _scopes.walks
     one = walks.get(id(model))
     if one is not None and one.current:
@@ -157,11 +199,25 @@ def buffers_walk(model: nn.Module) -> ModelWalk:
     return fresh
 
 
-def forward_ran() -> None:
-    """Note that one of the library's forwards ran (it may have registered buffers): :func:`buffers_walk` walks
-    anew. Every block's walk, since the model called may be a wrapper (DDP, ``torch.compile``) of the one walked."""
+def tree_changed() -> None:
+    """Note that the tree may have changed (a forward registered something, or the library wrote the modules'
+    dicts itself, putting back what a refused step built): :func:`current_walk` walks anew. Every block's walk,
+    since the model called may be a wrapper (DDP, ``torch.compile``) of the one walked."""
     for one in _scopes.walks.values():
         one.current = False
+
+
+@contextlib.contextmanager
+def watched_forward() -> Iterator[None]:
+    """Run a plain forward of the model inside the block: registrations are seen by :func:`walked`'s hooks; on
+    exit, a walked module whose count of buffers, submodules and parameters changed (``del``, a write straight
+    to ``module._buffers``) makes the walks stale too. (A tensor put under an existing name straight into
+    ``module._buffers`` is not seen: torch's own modules do not do that.)"""
+    try:
+        yield
+    finally:
+        if not all(one.same_sizes() for one in _scopes.walks.values() if one.current):
+            tree_changed()
 
 
 def walked_call(method: _F) -> _F:

@@ -621,7 +621,8 @@ class Weighting(NamedWeights):
         self.num_calls += 1
         self._reset_pending()
         message = not_stepped_message("weighting", f"no loss changed, so {type(self).__name__}'s weights and state are "
-                                                   f"unchanged", [p.grad for _, p in walk(self.module).parameters])
+                                                   f"unchanged", [p.grad for _, p in walk(self.module).parameters
+                                                                  if p.requires_grad])
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), terms=self._named(shown), message=message)
 

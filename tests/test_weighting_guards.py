@@ -4,6 +4,7 @@ the model, and the options around them. Each test compares against a run that ne
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -438,3 +439,57 @@ def test_dwa_loads_a_checkpoint_of_the_earlier_format():
         w2.step(b)
         assert torch.equal(w1.gamma, w2.gamma)
     assert w2.num_windows == 2 and type(w2.num_windows) is int
+
+
+def _overflowing_step(name, zero, freeze_trunk=False):
+    """A GradScaler that skips the step (its scale overflows the gradients), ``zero(optimizer)`` after it, then
+    meta_step; ``freeze_trunk``: an earlier phase left finite .grad on a trunk frozen since."""
+    torch.manual_seed(0)
+    model = tiny_net(3, batchnorm=False)
+    params = model.parameters()
+    if freeze_trunk:
+        model(batch(4)[0])[2].sum().backward()
+        model.stages.requires_grad_(False)
+        params = model.heads.parameters()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    w = (mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast") if name == "fast"
+         else mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3)))
+    (x, y), val = batch(16), batch(16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=3e38)
+    scaler.scale(w.loss(model(x), y)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    zero(optimizer)
+    return w.meta_step((x, y), val)
+
+
+@pytest.mark.parametrize("name", ["fast", "uw", "famo"])
+@pytest.mark.parametrize("case", ["zeros after the skip", "frozen trunk with stale gradients"])
+def test_a_grad_scaler_s_skip_does_not_warn_of_a_wrong_order(name, case):
+    """The order warning reads the gradients of the trainable parameters, and all-zero ones as cleared: a
+    zero_grad(set_to_none=False) after the scaler's skip, or finite .grad left on parameters frozen since, made
+    the skip look like meta_step before optimizer.step() (found by helper-90)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        if case == "zeros after the skip":
+            record = _overflowing_step(name, lambda o: o.zero_grad(set_to_none=False))
+        else:
+            record = _overflowing_step(name, lambda o: o.zero_grad(), freeze_trunk=True)
+    assert record.skipped and "GradScaler found inf/NaN" in record.message
+
+
+def test_fast_meta_step_before_the_backward_warns():
+    """loss(), meta_step, then backward and step: no backward had gone through the loss, there was nothing to
+    score, and the record was skipped every iteration without a word (found by helper-90)."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+    (x, y), val = batch(16), batch(16)
+    optimizer.zero_grad()
+    loss = w.loss(model(x), y)
+    with pytest.warns(RuntimeWarning, match=r"meta_step came before loss.backward\(\) and optimizer.step\(\)"):
+        record = w.meta_step((x, y), val)
+    assert record.skipped and w.num_meta_steps == 0
+    loss.backward()
+    optimizer.step()
