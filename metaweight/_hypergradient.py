@@ -108,10 +108,10 @@ def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Te
     come from the step's walk of the model (:func:`metaweight._walk.walk`), not from a walk of
     ``functional_call``'s own (``tie_weights=True`` walks the model twice per call).
     """
-    one = walk(model)
+    one = current_walk(model)  # (the tree as it is now: a forward before may have registered a buffer)
     given = {**params, **buffers}
     untied = one.untied(given)
-    if untied is None:  # a name the step's walk does not hold (a buffer a forward registered since): walk anew
+    if untied is None:  # a name the current walk does not hold (a change no hook saw: a safety net): walk anew
         one = ModelWalk(model)
         untied = one.untied(given)
     slots = [(m, kind, dict(getattr(m, kind))) for _, m in one.modules for kind in ("_parameters", "_buffers")]
