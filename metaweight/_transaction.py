@@ -181,16 +181,26 @@ class Layout:
         self.buffers: list[Tensor] = [b for _, b in walked.buffers]
         self.modules: set[int] = {id(m) for _, m in walked.modules}
         self.empty: set[tuple[int, str]] = set(walked.empty)
+        self._named = walked.modules  # (for put_back: which submodule each slot held)
 
     def put_back(self, module: nn.Module) -> None:
-        """Undo what was built since: remove the submodules created (whole) and the buffers registered, and
-        empty again the slots that were empty. Buffers that were there are left to the caller."""
+        """Undo what was built since: remove the submodules created (whole), or put back the one a created
+        submodule replaced in its slot (a placeholder ``nn.Identity`` a first forward swaps for a layer), remove
+        the buffers registered, and empty again the slots that were empty. Buffers that were there are left to
+        the caller."""
         tree_changed()  # (written to the modules' dicts: no registration hook sees it)
+        name_of = {id(m): n for n, m in self._named}
+        at = dict(self._named)
         for m in list(module.modules()):
             if id(m) in self.modules:
+                prefix = name_of[id(m)]
                 for key, child in list(m._modules.items()):
                     if child is not None and id(child) not in self.modules:
-                        del m._modules[key]
+                        original = at.get(f"{prefix}.{key}" if prefix else key)
+                        if original is not None:
+                            m._modules[key] = original
+                        else:
+                            del m._modules[key]
         known = set(self.names)
         for name, _ in list(module.named_buffers()):
             if name not in known:

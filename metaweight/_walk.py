@@ -13,9 +13,10 @@ those at its start (a forward that creates them is refused or outside what the l
 as before); the buffers are read from a walk that is current (:func:`current_walk`): the step's own
 walk until the tree may have changed, then a new one. The tree is taken to have changed where a
 buffer, parameter or submodule was registered (torch's global registration hooks, set while a step
-runs: ``register_buffer``, attribute assignment, ``add_module``), where a forward changed how many a
-module holds (``del``, a write to ``_buffers``: :func:`watched_forward`), and where the library wrote
-the modules' dicts itself (:func:`tree_changed`). ``torch.func.functional_call``'s swaps write the
+runs: ``register_buffer``, attribute assignment, ``add_module``), where a forward left a module
+holding another buffer, submodule or parameter than the walk saw (``del``, a write straight to
+``_buffers``: :func:`watched_forward` compares their identities), and where the library wrote the
+modules' dicts itself (:func:`tree_changed`). ``torch.func.functional_call``'s swaps write the
 dicts under the names they hold and change nothing of the tree.
 """
 
@@ -46,7 +47,8 @@ class ModelWalk:
             and attribute) holding the tensor, itself first (more than one for tied weights); a module used
             twice is one module, its slots named once (through the first name).
         current: ``False`` once a forward may have changed the tree since the walk (:func:`tree_changed`).
-        sizes: for each module, how many buffers, submodules and parameters it held (:meth:`same_sizes`).
+        held: the identities of what each module held, its buffers, submodules and parameters in order
+            (:meth:`unchanged`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -105,13 +107,14 @@ class ModelWalk:
             self.parameters = list(model.named_parameters())
         if type(model).named_buffers is not nn.Module.named_buffers:
             self.buffers = list(model.named_buffers())
-        self.sizes = [len(m._buffers) + len(m._modules) + len(m._parameters) for _, m in modules]
+        self.held = _held(modules)
         self.current = True
         self._generators: list[tuple[str, Any]] | None = None
 
-    def same_sizes(self) -> bool:
-        """Whether every module of the walk still holds as many buffers, submodules and parameters as then."""
-        return self.sizes == [len(m._buffers) + len(m._modules) + len(m._parameters) for _, m in self.modules]
+    def unchanged(self) -> bool:
+        """Whether every module of the walk still holds the very buffers, submodules and parameters it held then
+        (under the same slots: a write straight to ``module._buffers`` is seen, as a ``del``)."""
+        return self.held == _held(self.modules)
 
     def generators(self, find: Callable[[list[tuple[str, nn.Module]]], list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
         """``find(self.modules)``, computed once per walk (the generators the modules hold)."""
@@ -135,6 +138,17 @@ class ModelWalk:
             for alias in names:
                 out[alias] = t
         return out
+
+
+def _held(modules: list[tuple[str, nn.Module]]) -> list[int]:
+    """The ids of the values of each module's ``_buffers``, ``_modules`` and ``_parameters``, in order, with each
+    dict's length (so that a value moved from one slot to another is a change)."""
+    out: list[int] = []
+    for _, m in modules:
+        for held in (m._buffers, m._modules, m._parameters):
+            out.append(len(held))
+            out.extend(map(id, held.values()))
+    return out
 
 
 class _Scopes(threading.local):
@@ -209,14 +223,14 @@ def tree_changed() -> None:
 
 @contextlib.contextmanager
 def watched_forward() -> Iterator[None]:
-    """Run a plain forward of the model inside the block: registrations are seen by :func:`walked`'s hooks; on
-    exit, a walked module whose count of buffers, submodules and parameters changed (``del``, a write straight
-    to ``module._buffers``) makes the walks stale too. (A tensor put under an existing name straight into
-    ``module._buffers`` is not seen: torch's own modules do not do that.)"""
+    """Run a forward of the model inside the block: on exit, a walked module that holds another buffer,
+    submodule or parameter than at the walk (registered, assigned, deleted, written straight to
+    ``module._buffers`` or ``_modules``, from any thread) makes the walks stale (:meth:`ModelWalk.unchanged`);
+    registrations outside forwards are seen by :func:`walked`'s hooks."""
     try:
         yield
     finally:
-        if not all(one.same_sizes() for one in _scopes.walks.values() if one.current):
+        if not all(one.unchanged() for one in _scopes.walks.values() if one.current):
             tree_changed()
 
 

@@ -500,6 +500,21 @@ class BuiltLayer(Running):
         return self.norm(h)
 
 
+class SwappedLayer(Running):
+    """A placeholder (``nn.Identity``) the first forward replaces with the layer it builds (a normalization of
+    the width it sees), and a running mean."""
+
+    def __init__(self, width):
+        super().__init__(width)
+        self.norm = torch.nn.Identity()
+
+    def forward(self, h):
+        if isinstance(self.norm, torch.nn.Identity):
+            self.norm = torch.nn.BatchNorm1d(h.shape[1], affine=False)
+        self.track(h)
+        return self.norm(h)
+
+
 class ResizedInPlace(Running):
     """A mask grown in place (``self.mask.data = bigger``: the same buffer, another shape) when a larger batch comes."""
 
@@ -514,7 +529,7 @@ class ResizedInPlace(Running):
         return h + self.mask[:h.shape[0]]
 
 
-@pytest.mark.parametrize("layer", [FilledSlot, BuiltLayer, ResizedInPlace], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("layer", [FilledSlot, BuiltLayer, SwappedLayer, ResizedInPlace], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("name, make", one_call_steps(), ids=[n for n, _ in one_call_steps()])
 def test_a_refused_step_undoes_what_its_forward_built_and_training_goes_on(name, make, layer):
     """What a forward builds besides values (a filled empty slot, a created submodule, a buffer resized in
@@ -533,6 +548,8 @@ def test_a_refused_step_undoes_what_its_forward_built_and_training_goes_on(name,
         assert torch.equal(v, before[k]), (name, k)
     if layer is FilledSlot:
         assert "mask" in model.stages[0][2]._buffers and model.stages[0][2].mask is None
+    if layer is SwappedLayer:  # (the placeholder back in its slot: it was deleted, the model left without it)
+        assert type(model.stages[0][2].norm) is torch.nn.Identity
     for _ in range(2):
         assert not w.step(batch(16), batch(12)).model_step_skipped, name
 

@@ -103,6 +103,7 @@ class Builds(nn.Module):
         self.change = change
         self.register_buffer("mask", torch.zeros(3))
         self.register_buffer("slot", None)
+        self.inner = nn.Identity()
 
     def forward(self, h):
         if self.change == "register":
@@ -119,6 +120,15 @@ class Builds(nn.Module):
             del self.mask
         elif self.change == "direct":
             self._buffers["extra"] = torch.ones(3)
+        elif self.change == "direct replace":  # (same name, same count: another tensor)
+            self._buffers["mask"] = torch.ones(3)
+        elif self.change == "module swapped":
+            self._modules["inner"] = nn.Identity()
+        elif self.change == "thread":  # (an assignment the hooks of this thread do not see)
+            import threading
+            t = threading.Thread(target=lambda: setattr(self, "mask", torch.ones(3)))
+            t.start()
+            t.join()
         elif self.change == "in place":
             self.mask.add_(1.0)
             self.mask.data = torch.zeros(5)  # (the same buffer object, another size)
@@ -126,7 +136,7 @@ class Builds(nn.Module):
 
 
 @pytest.mark.parametrize("change", ["register", "fill", "reassign", "submodule", "parameter", "delete", "direct",
-                                    "in place", "none"])
+                                    "direct replace", "module swapped", "thread", "in place", "none"])
 def test_a_forward_that_changes_the_tree_makes_the_walk_stale_and_one_that_does_not_keeps_it(change):
     """The step re-walks only after a forward that registered a buffer, parameter or submodule (through
     register_buffer, assignment, add_module: torch's registration hooks) or changed a module's count of them
@@ -239,3 +249,49 @@ def test_a_model_s_own_named_parameters_is_the_parameters_the_step_reads():
         w = mw.WEIGHTINGS[name](model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3),
                                 **options(name, model.student))
         assert not w.step(batch(8)).model_step_skipped, name
+
+
+def test_a_buffer_a_forward_writes_straight_to_buffers_is_checked_and_read_as_the_forward_left_it():
+    """A statistic a forward writes straight to ``module._buffers`` under its name (same count of buffers): a NaN
+    there refuses the step, and FAMO's forward after the step reads the buffer as the forward left it. The walk
+    had missed it (kept as current): every step trained with the NaN kept, FAMO's gamma off by 6e-5 against the
+    commit before the walk (found by helper-91)."""
+    class Monitor(nn.Module):
+        def __init__(self, poison_from):
+            super().__init__()
+            self.register_buffer("stat", torch.zeros(10))
+            self.calls, self.poison_from = 0, poison_from
+
+        def forward(self, h):
+            if self.training:
+                self.calls += 1
+                bad = float("nan") if self.calls >= self.poison_from else 1.0
+                self._buffers["stat"] = 0.5 * self.stat + 0.5 * h.detach().mean(0) * bad
+            return h + self.stat
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    model.stages[0].append(Monitor(poison_from=2))
+    w = mw.UW(model, torch.optim.SGD(model.parameters(), lr=0.05), mw.DenseDistillLoss(3))
+    w.step(batch(8))
+    before = model.stages[0][3].stat.clone()
+    with pytest.raises(ValueError, match="not finite"):
+        w.step(batch(8))
+    assert torch.equal(model.stages[0][3].stat, before)
+    # FAMO against the same loop with named_buffers() read afresh (the walk's cache off)
+    gammas = []
+    for cached in (True, False):
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        model.stages[0].append(Monitor(poison_from=10 ** 9))
+        w = mw.FAMO(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), mw.DenseDistillLoss(3))
+        torch.manual_seed(1)
+        with pytest.MonkeyPatch.context() as patch:
+            if not cached:
+                patch.setattr(walk_module, "current_walk", lambda m: ModelWalk(m))
+                import metaweight._famo as famo_module
+                patch.setattr(famo_module, "current_walk", lambda m: ModelWalk(m))
+            for _ in range(3):
+                w.step(batch(8))
+        gammas.append(w.gamma.clone())
+    assert torch.equal(gammas[0], gammas[1])
