@@ -195,8 +195,9 @@ def walked(model: nn.Module) -> Iterator[ModelWalk]:
 
 
 def walk(model: nn.Module) -> ModelWalk:
-    """The walk of the enclosing :func:`walked` block, else a new one: for the parameters, modules and
-    generators (as at the block's start)."""
+    """The walk of the enclosing :func:`walked` block (its latest: :func:`current_walk` replaces it once the
+    tree changed), else a new one: for the parameters, modules and generators, without checking that the tree
+    is unchanged since."""
     return _scopes.walks.get(id(model)) or ModelWalk(model)
 
 
