@@ -50,15 +50,10 @@ def _val_objective(outputs, target):
     return sum(torch.nn.functional.cross_entropy(o, target) for o in outputs)
 
 
-@pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()"])
-def test_fast_two_call_form_with_the_loop_calling_a_compiled_model_is_the_real_step_s_meta_gradient(how):
-    # The weighter holds the plain model; the loop calls it compiled. The fast mode's forward hooks then
-    # run inside dynamo's frame: traced, they crashed the user's forward ("Guard failed on the same frame").
-    # Reference: central differences in float64 of the validation objective after the real SGD step on copies.
-    model = tiny_net(3, dtype=torch.float64, batchnorm=False)
-    gamma = [1.0, 0.7, 1.3, 0.5, 0.9, 1.1]
-    (x, y), (xv, yv) = batch(dtype=torch.float64), batch(dtype=torch.float64)
-    criterion = mw.DenseDistillLoss(3, temperature=2.0)
+def _real_step_meta_gradient(model, gamma, criterion, train, val, h=1e-6):
+    """The reference: central differences in gamma (float64) of the validation objective after the real SGD step
+    (lr 0.3, momentum 0.9, weight decay 1e-2, the tests' optimizer) on copies of ``model``."""
+    (x, y), (xv, yv) = train, val
 
     def real_step(net, weights):
         opt = torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-2)
@@ -69,13 +64,25 @@ def test_fast_two_call_form_with_the_loop_calling_a_compiled_model_is_the_real_s
         with torch.no_grad():
             return _val_objective(net(xv), yv).item()
 
-    h = 1e-6
     expected = []
     for k in range(len(gamma)):
         up, down = list(gamma), list(gamma)
         up[k] += h
         down[k] -= h
         expected.append((real_step(copy.deepcopy(model), up) - real_step(copy.deepcopy(model), down)) / (2 * h))
+    return expected
+
+
+@pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()"])
+def test_fast_two_call_form_with_the_loop_calling_a_compiled_model_is_the_real_step_s_meta_gradient(how):
+    # The weighter holds the plain model; the loop calls it compiled. The fast mode's forward hooks then
+    # run inside dynamo's frame: traced, they crashed the user's forward ("Guard failed on the same frame").
+    # Reference: central differences in float64 of the validation objective after the real SGD step on copies.
+    model = tiny_net(3, dtype=torch.float64, batchnorm=False)
+    gamma = [1.0, 0.7, 1.3, 0.5, 0.9, 1.1]
+    (x, y), (xv, yv) = batch(dtype=torch.float64), batch(dtype=torch.float64)
+    criterion = mw.DenseDistillLoss(3, temperature=2.0)
+    expected = _real_step_meta_gradient(model, gamma, criterion, (x, y), (xv, yv))
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-2)
     weighter = mw.HarmonizedWeighter(model, optimizer, criterion, _val_objective, mode="fast", init=gamma)
@@ -102,23 +109,7 @@ def test_a_model_compiled_in_place_is_looked_ahead_uncompiled(backend):
     gamma = [1.0, 0.7, 1.3, 0.5, 0.9, 1.1]
     (x, y), (xv, yv) = batch(dtype=torch.float64), batch(dtype=torch.float64)
     criterion = mw.DenseDistillLoss(3, temperature=2.0)
-
-    def real_step(net, weights):
-        opt = torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-2)
-        loss = (torch.tensor(weights, dtype=torch.float64) * criterion(net(x), y)).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            return _val_objective(net(xv), yv).item()
-
-    h = 1e-6
-    expected = []
-    for k in range(len(gamma)):
-        up, down = list(gamma), list(gamma)
-        up[k] += h
-        down[k] -= h
-        expected.append((real_step(copy.deepcopy(model), up) - real_step(copy.deepcopy(model), down)) / (2 * h))
+    expected = _real_step_meta_gradient(model, gamma, criterion, (x, y), (xv, yv))
 
     model.compile(backend="eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-2)
