@@ -267,8 +267,7 @@ class BufferSnapshot:
                 torch._foreach_copy_(self._live, self._saved)
             return
         current = dict(self.module.named_buffers())
-        tree_changed()
-        self._layout.put_back(self.module)
+        self._layout.put_back(self.module)  # (marks the walks stale: these are writes to the modules' dicts)
         for name, old, saved in zip(self._names, self._live, self._saved):
             if current.get(name) is not old:
                 owner, _, leaf = name.rpartition(".")
