@@ -311,6 +311,11 @@ class EarlyExit(nn.Module):
             the thresholds were found on calibrated logits
             (``find_thresholds(calibration.apply(logits), ...)``). ``None``: raw logits.
 
+    ``state_dict()`` holds the model's state, the thresholds and, as the extra state, the rule's
+    name and the temperatures; ``load_state_dict`` restores the temperatures (a state saved
+    before they were kept loads with this predictor's own) and refuses, before copying anything
+    into this predictor, a state saved with another rule or temperatures that do not fit.
+
     Example:
         >>> import torch, metaweight as mw
         >>> net = mw.MultiExit([torch.nn.Linear(4, 4)] * 2, [torch.nn.Linear(4, 3)] * 2).eval()
@@ -328,7 +333,8 @@ class EarlyExit(nn.Module):
             or head after the first (also at a call). At a call: the batch not in the first
             dimension (of the inputs, or of the features: a later exit with other rows than the
             samples still in), a row of logits with no softmax, NaN logits at the last exit (which
-            predicts every sample still in), a model whose number of exits changed.
+            predicts every sample still in), a model whose number of exits changed. At
+            ``load_state_dict``: a state of another rule, temperatures that do not fit.
     """
 
     _check_statistics = True  # (off for exit_costs(executed=True): every sample leaves at one exit there)
@@ -355,7 +361,8 @@ class EarlyExit(nn.Module):
         # float64 holds a list's numbers and any float tensor's exactly (cast on the CPU: MPS has no float64)
         thresholds = check_thresholds(thresholds, num_exits).cpu()
         thresholds = thresholds.to(dtype=decision_dtype(device)).to(device)  # where the scores will be
-        self.register_buffer("thresholds", thresholds)
+        # a copy: the caller's tensor is not the buffer that load_state_dict() and .to() write
+        self.register_buffer("thresholds", thresholds.clone())
         self.temperatures: list[float] | None = check_temperatures(temperatures, num_exits)
 
     @property
@@ -381,6 +388,44 @@ class EarlyExit(nn.Module):
             self._buffers["thresholds"] = kept
             raise
         return self
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What ``state_dict()`` keeps beside the model and the thresholds: the rule's name and the
+        temperatures (``None`` for raw logits), which the thresholds were fitted with."""
+        return {"rule": self.rule.name, "temperatures": self.temperatures}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Load the temperatures saved by :meth:`get_extra_state` (checked as at construction)."""
+        self.temperatures = self._loaded_temperatures(state)
+
+    def _loaded_temperatures(self, state: Any) -> list[float] | None:
+        """The temperatures a saved extra state holds, after checking it fits this predictor: the
+        same rule (thresholds are numbers on one rule's scores) and one temperature per exit."""
+        if not isinstance(state, dict) or set(state) != {"rule", "temperatures"}:
+            raise ValueError(f"EarlyExit.load_state_dict: the state's extra state should be a dict with 'rule' and "
+                             f"'temperatures', as EarlyExit.state_dict() saves it. Found {state!r}.")
+        if state["rule"] != self.rule.name:
+            raise ValueError(f"EarlyExit.load_state_dict: the state was saved with rule {state['rule']!r} and this "
+                             f"EarlyExit scores with {self.rule.name!r}; its thresholds are numbers on the saved "
+                             f"rule's scores. Build it with rule={state['rule']!r} to load it; this EarlyExit was left as "
+                             f"it was.")
+        try:
+            return check_temperatures(state["temperatures"], len(self.thresholds))
+        except ValueError as error:
+            raise ValueError(f"EarlyExit.load_state_dict: the state's temperatures do not fit this EarlyExit "
+                             f"({len(self.thresholds)} exits): {error} This EarlyExit was left as it was.") from None
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """Check the saved rule and temperatures before torch copies anything (a mismatch loses
+        nothing); a state saved before they were kept (no extra state) loads with this predictor's."""
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            self._loaded_temperatures(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
 
     def _inputs_target(self) -> nn.Module:
         """The model this wrapper passes its inputs to (how a dict of inputs is passed is decided on it)."""

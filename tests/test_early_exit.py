@@ -162,19 +162,25 @@ def test_meta_tensors_are_refused_up_front_where_values_are_needed():
             run()
 
 
-def test_early_exit_scores_calibrated_logits_when_given_the_temperatures():
-    """Thresholds found on calibrated logits deploy with the same temperatures: the exits equal
-    exit_assignment on the calibrated logits of a full forward (raw scores would not)."""
+def calibrated_deployment():
+    """A 3-exit net with over-confident heads (temperatures well above 1), a held-out batch, its
+    calibration and thresholds found on the calibrated logits."""
     torch.manual_seed(0)
     net = mw.MultiExit([nn.Linear(4, 8), nn.Sequential(nn.Tanh(), nn.Linear(8, 8)),
                         nn.Sequential(nn.Tanh(), nn.Linear(8, 8))], [nn.Linear(8, 3) for _ in range(3)]).eval()
     with torch.no_grad():
         for head in net.heads:
-            head.weight.mul_(8)  # over-confident heads: temperatures well above 1
+            head.weight.mul_(8)
         x, y = torch.randn(600, 4), torch.randint(0, 3, (600,))
         z = torch.stack(net(x))
     calibration = mw.calibrate(z, y)
-    thresholds = mw.find_thresholds(calibration.apply(z), [0.5, 0.3, 0.2])
+    return net, x, z, calibration, mw.find_thresholds(calibration.apply(z), [0.5, 0.3, 0.2])
+
+
+def test_early_exit_scores_calibrated_logits_when_given_the_temperatures():
+    """Thresholds found on calibrated logits deploy with the same temperatures: the exits equal
+    exit_assignment on the calibrated logits of a full forward (raw scores would not)."""
+    net, x, z, calibration, thresholds = calibrated_deployment()
     expected_exits, expected_classes = mw.exit_assignment(calibration.apply(z), thresholds)
     with torch.no_grad():
         for given in (calibration, calibration.temperatures):
@@ -185,6 +191,40 @@ def test_early_exit_scores_calibrated_logits_when_given_the_temperatures():
     for bad in ([1.0, 2.0], [1.0, 0.0, 1.0], "warm"):
         with pytest.raises(ValueError, match="temperatures"):
             mw.EarlyExit(net, thresholds, temperatures=bad)
+
+
+def test_state_dict_keeps_the_temperatures_and_rule_the_thresholds_were_fitted_with(tmp_path):
+    """A predictor saved with state_dict() and loaded into one built without temperatures predicts
+    as the saved one: the exits equal exit_assignment on the calibrated logits (the raw scores'
+    exits differ). A state of another rule, or with temperatures that do not fit, is refused
+    before the thresholds change; a state saved without the extra state loads the thresholds."""
+    net, x, z, calibration, thresholds = calibrated_deployment()
+    expected_exits, expected_classes = mw.exit_assignment(calibration.apply(z), thresholds)
+    torch.save(mw.EarlyExit(net, thresholds, temperatures=calibration).state_dict(), tmp_path / "predictor.pt")
+    state = torch.load(tmp_path / "predictor.pt", weights_only=True)  # plain numbers and names: safe to load
+    loaded = mw.EarlyExit(net, [0.0, 0.0, 0.0])
+    loaded.load_state_dict(state)
+    with torch.no_grad():
+        predictions, exits = loaded(x)
+        assert torch.equal(exits, expected_exits) and torch.equal(predictions, expected_classes)
+        assert not torch.equal(mw.EarlyExit(net, thresholds)(x)[1], expected_exits)
+    assert loaded.temperatures == pytest.approx(calibration.temperatures)
+
+    given = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)  # the buffer's dtype and device: no cast
+    wrong_rule, untouched = mw.EarlyExit(net, given, rule="entropy"), given.clone()
+    with pytest.raises(ValueError, match="saved with rule 'max_probability'.*rule='max_probability'"):
+        wrong_rule.load_state_dict(state)
+    bad = dict(state, _extra_state={"rule": "max_probability", "temperatures": [1.0, -2.0, 1.0]})
+    for target, loaded_state in ((wrong_rule, state), (mw.EarlyExit(net, given), bad)):
+        with pytest.raises(ValueError, match="left as it was"):
+            target.load_state_dict(loaded_state)
+        assert torch.equal(target.thresholds, untouched) and target.temperatures is None
+    mw.EarlyExit(net, given).load_state_dict(state)
+    assert torch.equal(given, untouched), "the caller's thresholds tensor is not the predictor's buffer"
+
+    older = mw.EarlyExit(net, [0.0, 0.0, 0.0], temperatures=[2.0, 2.0, 2.0])
+    older.load_state_dict({key: value for key, value in state.items() if key != "_extra_state"})
+    assert torch.equal(older.thresholds, thresholds.to(older.thresholds)) and older.temperatures == [2.0] * 3
 
 
 class MaskedForward(nn.Module):
