@@ -368,6 +368,9 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
         if w is None or w._pending is not pending or pending.theta is not None:
             return
         earlier = [m for m in pending.micro if m.factor is not None and m is not micro]
+        let_go, w._let_go = w._let_go, None
+        if let_go is not None and not earlier and not let_go.changed(grads_of(w._trainable())):
+            pending.error = LET_GO  # (no zero_grad since: this backward adds to the gradients of losses let go)
         if earlier and pending.after_backward is not None:
             named = w._trainable()
             grads = grads_of(named)
@@ -383,6 +386,14 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
         Variable._execution_engine.queue_callback(lambda: Variable._execution_engine.queue_callback(snapshot))
 
     loss.register_hook(on_gradient)
+
+
+LET_GO = ("This backward accumulates onto gradients of earlier weighter.loss calls whose meta_step already ran and "
+          "was skipped, the optimizer having not stepped (gradient accumulation with a meta_step after every "
+          "micro-batch): the step to come uses the whole batch, and a meta_step scoring its last micro-batch would "
+          "score another step than the one taken. Call weighter.meta_step once per optimizer step, after it, with "
+          "the whole batch (the micro-batches' inputs and labels concatenated in order); with Accelerate, under "
+          "`if accelerator.sync_gradients:`.")
 
 
 def sparse_message(named: Sequence[tuple[str, Tensor]],

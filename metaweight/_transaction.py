@@ -81,28 +81,37 @@ def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
     return found.clamp_max(1.0)
 
 
-def not_stepped_message(who: str, outcome: str, grads: Sequence[Tensor | None]) -> str:
+def gradients_moved(grads: Sequence[Tensor | None]) -> bool:
+    """Whether the gradients ``grads`` (the trainable parameters', in any order) are there, finite and not
+    all zero: what a backward leaves for a step to come, where a ``GradScaler``'s skipped step leaves inf or
+    NaN in them (and a ``zero_grad(set_to_none=False)`` after it, zeros; ``set_to_none=True``, none). One
+    host read."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return False
+    device = present[0].device
+    nonzero = torch.stack([(g._values() if g.is_sparse else g).ne(0).any().to(device) for g in present]).any()
+    flags = torch.stack([nonfinite_flag(torch.zeros((), device=device), present)[0], nonzero.float()])
+    nonfinite, moved = flags.tolist()
+    return not nonfinite and bool(moved)
+
+
+def not_stepped_message(who: str, outcome: str, moved: bool, kept: str = "") -> str:
     """What a two-call ``meta_step`` says when the optimizer did not step since ``loss()``, warned to the user
-    (:func:`~metaweight._warn.warn_user`) where it was not a ``GradScaler``'s skip: the gradients ``grads`` of
-    the loss (the trainable parameters', in any order) are there, finite and not all zero, as a skip leaves
-    inf or NaN in them (and a ``zero_grad(set_to_none=False)`` after it, zeros), so ``meta_step`` came before
-    ``optimizer.step()`` (or the loop skipped its step, or stepped once per several micro-batches and called
-    ``meta_step`` after each). One host read, on this path only.
+    (:func:`~metaweight._warn.warn_user`) where it was not a ``GradScaler``'s skip: the gradients of the loss
+    ``moved`` (:func:`gradients_moved`), so ``meta_step`` came before ``optimizer.step()`` (or the loop
+    skipped its step, or stepped once per several micro-batches and called ``meta_step`` after each).
 
     Args:
         who: ``"weighting"`` or ``"weighter"``, as the user's loop names the object.
         outcome: what stays unchanged, a clause (``"gamma is unchanged"``).
+        moved: :func:`gradients_moved` of the trainable parameters' gradients.
+        kept: where the gradients moved, what becomes of this iteration's losses, a sentence.
     """
-    present = [g for g in grads if g is not None]
-    if present:
-        device = present[0].device
-        nonzero = torch.stack([(g._values() if g.is_sparse else g).ne(0).any().to(device) for g in present]).any()
-        flags = torch.stack([nonfinite_flag(torch.zeros((), device=device), present)[0], nonzero.float()])
-        nonfinite, moved = flags.tolist()
-    if present and not nonfinite and moved:
+    if moved:
         message = (f"The optimizer did not step since {who}.loss, and that loss's gradients are finite, so no "
                    f"GradScaler skipped it: meta_step was called before optimizer.step() (or the loop skipped its "
-                   f"step, or called meta_step after a micro-batch it did not step on): {outcome}. Call "
+                   f"step, or called meta_step after a micro-batch it did not step on): {outcome}.{kept} Call "
                    f"{who}.meta_step(...) once per optimizer step, after optimizer.step(); with gradient "
                    f"accumulation, after the micro-batch the optimizer steps on only (Accelerate: under `if "
                    f"accelerator.sync_gradients:`), with the whole batch.")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from metaweight._capture import (TOLERANCE, Micro, Pending, module_modes, requires_grad_message, tensor_leaves,
+from metaweight._capture import (TOLERANCE, GradSnapshot, Micro, Pending, module_modes, requires_grad_message, tensor_leaves,
                                 value_print, values_print, version_of)
 from metaweight._checks import unpack_batch as _unpack
 from metaweight._clipping import EPSILON, clip_transpose, total_norm
@@ -29,7 +29,7 @@ from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, 
 from metaweight._protocols import model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import host_read, not_stepped_message
+from metaweight._transaction import gradients_moved, host_read, not_stepped_message
 from metaweight._warn import warn_user
 from metaweight._walk import current_walk
 
@@ -77,8 +77,11 @@ class TwoCall:
             return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps,
                                   gamma=w.gamma_dict(), message=message)
         if plan is None:
-            message = not_stepped_message("weighter", "there is no look-ahead to score, gamma is unchanged",
-                                          [p.grad for _, p in w._trainable()])
+            grads = [p.grad for _, p in w._trainable()]
+            moved = gradients_moved(grads)
+            if moved:  # a backward to come onto these gradients accumulates the losses let go here: refused
+                w._let_go = GradSnapshot([(g, g._version if g is not None else -1) for g in grads], [])
+            message = not_stepped_message("weighter", "there is no look-ahead to score, gamma is unchanged", moved)
             return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps,
                                   gamma=w.gamma_dict(), message=message)
         assert pending is not None and pending.theta is not None and pending.jac is not None

@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from metaweight._backends import (BACKENDS, Backend, BackendName, FiniteDifferenceBackend, HigherBackend, JvpBackend,
                                   make_backend)
 from metaweight._gradcheck import gradient_mismatch
-from metaweight._capture import ForwardWatch, Micro, Pending, StepCapture, StepEnd, watch_backward
+from metaweight._capture import ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, watch_backward
 from metaweight._checks import (check_flag, check_initialized, check_has_values, IGNORE_INDEX, forget_labels,
                                in_dtype, integer_value, masked_label_hint, per_term, real_numbers, real_option,
                                real_scalar, summarize_step_labels, unpack_batch)
@@ -386,6 +386,8 @@ class HarmonizedWeighter(NamedWeights):
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
         self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
+        # the gradients (objects, versions) a two-call meta_step let go after a backward no step followed
+        self._let_go: GradSnapshot | None = None
         self._step_hooks: tuple[RemovableHandle, ...] = ()
         self._foreign_step: str | None = None  # another optimizer stepped the model (metaweight._moves)
         self._frozen_step: list[str] | None = None  # the exact mode's optimizer stepped frozen parameters

@@ -45,13 +45,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
+from metaweight._capture import GradSnapshot
 from metaweight._checks import (check_initialized, forget_labels, integer_value, masked_label_hint, real_option,
                                summarize_step_labels)
 from metaweight._hypergradient import Reducer
 from metaweight._optimizers import unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import BufferSnapshot, host_read, nonfinite_flag, not_stepped_message
+from metaweight._transaction import BufferSnapshot, gradients_moved, host_read, nonfinite_flag, not_stepped_message
 from metaweight._walk import walk, walked_call
 from metaweight._warn import raise_or_skip_step, warn_user
 
@@ -352,6 +353,7 @@ class Weighting(NamedWeights):
         self.num_skipped = 0
         self.last_terms: Tensor | None = None
         self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
+        self._kept: GradSnapshot | None = None  # the gradients when a meta_step after no step kept the calls
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
         self._calls_made = 0  # training loss() calls so far: their order, for FAMO's check of the labels
@@ -492,6 +494,9 @@ class Weighting(NamedWeights):
             del self._groups[old]
         if steps in self._groups and self._groups[steps].wrote and not self._any_gradient():
             del self._groups[steps]  # the gradients those calls' backward wrote were cleared: no step came of them
+        kept, self._kept = self._kept, None
+        if kept is not None and kept.changed(self._gradients()):
+            self._groups.pop(steps, None)  # calls a meta_step kept whose gradients were zeroed (in place) since
         group = self._groups.setdefault(steps, _Calls())
         group.sums = {k: v * weight + group.sums[k] if k in group.sums else v * weight for k, v in values.items()}
         group.weight = group.weight + weight
@@ -528,12 +533,16 @@ class Weighting(NamedWeights):
         return terms if terms is not None else self._pending
 
     def _reset_pending(self) -> None:
-        self._pending, self._groups, self._last_values = None, {}, None
+        self._pending, self._groups, self._last_values, self._kept = None, {}, None, None
+
+    def _gradients(self) -> list[Tensor | None]:
+        """The gradients of the parameters the optimizer holds, in its order (Python objects only)."""
+        return [p.grad for group in self._inner_optimizer.param_groups for p in group["params"]]
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
         count of this optimizer object: a copy starts a new iteration."""
-        return {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None}
+        return {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None, "_kept": None}
 
     @walked_call
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
@@ -551,7 +560,10 @@ class Weighting(NamedWeights):
         weights and the method's state stay as they are, and the record says ``skipped`` (``ran`` false) with
         a message; the call counts in ``num_calls``, not ``num_skipped``, and no hook is called. Where the
         gradients are finite (no ``GradScaler`` skipped the step: ``meta_step`` came before
-        ``optimizer.step()``, or after a micro-batch not stepped on) the call also warns (``RuntimeWarning``).
+        ``optimizer.step()``, or after a micro-batch not stepped on) the call also warns (``RuntimeWarning``)
+        and keeps those calls' terms for the :meth:`meta_step` after the step that uses their gradients: with
+        gradient accumulation and a ``meta_step`` after every micro-batch (Accelerate's ``accumulate()``), the
+        update at the step reads the whole batch's terms, as one ``meta_step`` at the step would.
 
         Returns:
             A :class:`MetaStepRecord`: ``iteration``, ``ran``, ``meta_step``, ``gamma`` and
@@ -563,9 +575,10 @@ class Weighting(NamedWeights):
                              f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
                              f"Nothing was changed.")
-        self._check_batch(train_batch)
-        if self._step_not_taken():
+        if self._step_not_taken():  # (FAMO's batch is the step's: the form of the pair is all there is to check)
+            Weighting._check_batch(self, train_batch)
             return self._not_stepped(local)
+        self._check_batch(train_batch)
         terms = self._mean_over_ranks(local) if local is not None and self.needs_terms else None
         proposal = self._propose(terms, train_batch)
         gamma = proposal.get("gamma", self.gamma)
@@ -619,10 +632,16 @@ class Weighting(NamedWeights):
         with torch.no_grad():
             shown = self._mean_over_ranks(local) if local is not None else None  # (every rank the same, as ever)
         self.num_calls += 1
-        self._reset_pending()
+        moved = gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad])
+        if moved:  # kept while the next backward adds to these gradients (gradient accumulation)
+            self._kept = GradSnapshot([(g, g._version if g is not None else -1) for g in self._gradients()], [])
+        else:  # a GradScaler's skip: no step will use these calls' gradients
+            self._reset_pending()
         message = not_stepped_message("weighting", f"no loss changed, so {type(self).__name__}'s weights and state are "
-                                                   f"unchanged", [p.grad for _, p in walk(self.module).parameters
-                                                                  if p.requires_grad])
+                                                   f"unchanged", moved,
+                                      " The terms of this iteration's loss() calls are kept for the meta_step after "
+                                      "the step that uses their gradients (with gradient accumulation, the step's "
+                                      "calls together: the whole batch).")
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), terms=self._named(shown), message=message)
 

@@ -684,6 +684,32 @@ def test_an_accumulated_step_scored_on_one_micro_batch_is_refused_and_on_the_who
     assert w.meta_step((x, y), (x, y)).ran
 
 
+def test_a_meta_step_after_each_accumulated_micro_batch_is_refused_at_the_step():
+    """Accelerate's accumulate() with meta_step after every micro-batch: the first, no step taken, warns and is
+    skipped, dropping its loss; the step then used both micro-batches' gradients, so a meta_step scoring the
+    last micro-batch alone (as before: accepted silently) or the whole batch without the dropped loss scores
+    another step: refused, changing nothing. A meta_step at the step alone is scored again afterwards."""
+    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
+    model, optimizer, criterion, validation, _ = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    micro = list(zip(x.chunk(2), y.chunk(2)))
+    optimizer.zero_grad()
+    (w.loss(model(micro[0][0]), micro[0][1]) / 2).backward()
+    with pytest.warns(RuntimeWarning, match="after a micro-batch it did not step on"):
+        assert w.meta_step(micro[0], (x, y)).skipped
+    (w.loss(model(micro[1][0]), micro[1][1]) / 2).backward()
+    optimizer.step()
+    before = state(model, optimizer, w)
+    for scored in (micro[1], (x, y)):
+        with pytest.raises(ValueError, match="meta_step already ran and was skipped.*whole batch.*sync_gradients"):
+            w.meta_step(scored, (x, y))
+        assert same(before, state(model, optimizer, w))
+    loop_step(case, model, optimizer, None, micro, w.loss)
+    assert w.meta_step((x, y), (x, y)).ran
+
+
 def test_a_zero_grad_between_backwards_starts_the_step_afresh():
     """A loss the optimizer never stepped on (its gradients zeroed) is not part of the next step."""
     case = Case(form="fast, two calls")

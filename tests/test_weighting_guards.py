@@ -126,6 +126,27 @@ def test_a_meta_step_after_no_optimizer_step_is_skipped_and_changes_nothing(name
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("name", ["uw", "dwa", "gradnorm"])
+def test_calls_kept_by_a_meta_step_after_no_step_are_dropped_when_their_gradients_are_zeroed(name, set_to_none):
+    """A meta_step after no step keeps its loss() calls for the step's meta_step (gradient accumulation); a
+    zero_grad after it (to None, or zeros in place) clears their gradients, so the step that follows uses the
+    next call's alone and its update is that call's alone, as a twin's that only had it."""
+    w, model, optimizer = build(name)
+    twin, twin_model, twin_optimizer = build(name)
+    (x1, y1), (x2, y2) = batches(2)
+    w.loss(model(x1), y1).backward()
+    with pytest.warns(RuntimeWarning, match="called before optimizer.step"):
+        assert w.meta_step((x1, y1)).skipped
+    optimizer.zero_grad(set_to_none=set_to_none)
+    records = []
+    for weighting, net, opt in ((w, model, optimizer), (twin, twin_model, twin_optimizer)):
+        weighting.loss(net(x2), y2).backward()
+        opt.step()
+        records.append(weighting.meta_step((x2, y2)))
+    assert records[0].terms == records[1].terms and torch.equal(w.gamma, twin.gamma)
+
+
 def test_a_step_a_grad_scaler_skipped_does_not_move_famo():
     """FAMO reads the loss change of the step: a GradScaler that skips the step (inf gradients) leaves its logits,
     moments and weights as they were, and the record says skipped."""
