@@ -575,7 +575,11 @@ def thresholds_for_budget(val_logits: Tensor, val_labels: Tensor, costs: Sequenc
     """The thresholds that spend the most of an average ``budget`` per sample on held-out data.
 
     Bisects MSDNet's geometric ``q`` (a larger ``q`` sends more samples deeper) for the largest
-    expected cost at or under ``budget`` on ``val_logits``.
+    expected cost at or under ``budget`` on ``val_logits``. The cost rises with ``q`` only up to the
+    rounding of each exit's share to whole samples, so on a small held-out set another ``q`` may
+    spend a little more within the budget than the one found (seen: 1.277 against 1.262 of a budget
+    of 1.3 on 65 samples, one sample's move: one of 60 pairs of 12 random sets of 20 to 400
+    samples and 5 budgets, against a grid of 600 values of ``q``).
 
     Args:
         val_logits: held-out logits ``[K, N, C]``.
