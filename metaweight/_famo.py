@@ -145,7 +145,7 @@ class FAMO(Weighting):
         return super().loss(outputs, target)
 
     def _combine(self, terms: Tensor) -> Tensor:
-        z = self.gamma.detach()
+        z = self._constant_weights()
         d = torch.where(self._active, terms - self.min_losses.to(terms) + EPS, torch.ones_like(terms))
         c = (z / d).sum().detach()
         return (z * d.log()).sum() / c

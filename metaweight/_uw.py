@@ -87,7 +87,7 @@ class UW(Weighting):
 
     def _combine(self, terms: Tensor) -> Tensor:
         s = self.log_vars.detach()
-        return (self.gamma.detach() * terms).sum() + 0.5 * (s * self._active).sum()
+        return (self._constant_weights() * terms).sum() + 0.5 * (s * self._active).sum()
 
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         assert terms is not None

@@ -387,7 +387,13 @@ class Weighting(NamedWeights):
 
     def _combine(self, terms: Tensor) -> Tensor:
         """The weighted loss the user backpropagates: :math:`\\sum_k \\gamma_k L_k` by default."""
-        return (self.gamma.detach() * terms).sum()
+        return (self._constant_weights() * terms).sum()
+
+    def _constant_weights(self) -> Tensor:
+        """``gamma`` as the constants of one :meth:`loss` call: a copy (one op), which autograd saves for that
+        loss's backward, so that a :meth:`meta_step` before the backward (a loop that calls it first: it
+        updates ``gamma`` in place, for the step before) leaves the loss's graph as it was."""
+        return self.gamma.detach().clone()
 
     def _per_call(self, terms: Tensor) -> dict[str, Tensor]:
         """What one training :meth:`loss` call gives the update, averaged over the iteration's calls (gradient

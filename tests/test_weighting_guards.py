@@ -2,6 +2,7 @@
 hold NaN, impossible checkpoints, meta steps after an optimizer that did not step, optimizers that do not fit
 the model, and the options around them. Each test compares against a run that never met the problem."""
 
+import copy
 import math
 import re
 import warnings
@@ -124,6 +125,26 @@ def test_a_meta_step_after_no_optimizer_step_is_skipped_and_changes_nothing(name
         return
     assert torch.equal(w1.gamma, w2.gamma) and same(state(w1), state(w2))
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_meta_step_before_the_backward_leaves_that_loss_s_gradients_as_they_were(name):
+    """loss = weighting.loss(...); weighting.meta_step(...); loss.backward(): the meta step updates the weights
+    in place, which made the backward fail with autograd's in-place error; the loss keeps the weights it was
+    computed with, so its gradients equal a twin's that took no meta step between."""
+    w, model, optimizer = build(name)
+    (x0, y0), (x, y) = batches(2)
+    w.step((x0, y0))
+    twin, twin_model = copy.deepcopy((w, model))
+    for weighting, net in ((twin, twin_model), (w, model)):
+        optimizer.zero_grad()
+        loss = weighting.loss(net(x), y)
+        if weighting is w:
+            weights = w.gamma.clone()
+            assert w.meta_step((x, y)).ran
+            assert name == "dwa" or not torch.equal(weights, w.gamma)  # (DWA: still in its first window)
+        loss.backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin_model.parameters()))
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
