@@ -136,9 +136,10 @@ def collect_logits(
                                  f"Found `{type(item).__name__}`.")
             inputs, target = item
             outputs = call_model(model, to_device(inputs, device), "collect_logits")
-            if num_exits is None:
-                num_exits = len(outputs) if isinstance(outputs, (list, tuple)) else 0
-            outputs = check_exit_outputs(outputs, num_exits or 1)
+            outputs = check_exit_outputs(outputs, num_exits,  # (the first batch's number, for the others)
+                                         fix=f"Batch {i} gives {{n}} and the first gave {num_exits}: every batch "
+                                             f"must give one logits tensor per exit")
+            num_exits = len(outputs)
             shape = outputs[0].shape
             target = check_target(target, shape[0], shape[-1], tokens=shape[1] if len(shape) == 3 else None,
                                   ignore_index=ignore_index)

@@ -26,13 +26,16 @@ def check_num_exits(num_exits: int) -> int:
     return value
 
 
-def check_exit_outputs(outputs: object, num_exits: int, where: str = "model output",
+def check_exit_outputs(outputs: object, num_exits: int | None, where: str = "model output",
                        fix: str = "Build the loss and the validation objective with num_exits={n}") -> list[Tensor]:
-    """Check that ``outputs`` is a list/tuple of ``num_exits`` logits tensors of one shape ``[B, C]``;
-    ``fix`` (with ``{n}``, the exits found) says what to change when their number differs."""
+    """Check that ``outputs`` is a list/tuple of ``num_exits`` logits tensors of one shape ``[B, C]``
+    (``None``: any number but 0, where the caller knows none yet); ``fix`` (with ``{n}``, the exits
+    found) says what to change when their number differs."""
+    count = "K logits tensors" if num_exits is None else \
+        f"{num_exits} logits tensor{'s' if num_exits != 1 else ''}"
     if isinstance(outputs, Tensor) or not isinstance(outputs, Sequence):
         raise ValueError(
-            f"The {where} should be a list or tuple of {num_exits} logits tensor{'s' if num_exits != 1 else ''}, "
+            f"The {where} should be a list or tuple of {count}, "
             f"one per exit (shallow to deep). Found `{type(outputs).__name__}`"
             f"{' (a generator: make it a list)' if inspect.isgenerator(outputs) else ''}"
             f"{f' with keys {list(outputs)[:6]}' if isinstance(outputs, Mapping) else ''}. Make the model's forward "
@@ -44,7 +47,10 @@ def check_exit_outputs(outputs: object, num_exits: int, where: str = "model outp
             f"looks like `(exit_logits, extras)`. Give metaweight the list of exit logits alone, e.g. make the "
             f"forward return only the logits, or wrap the model: `forward(x) = model(x)[0]`."
         )
-    if len(outputs) != num_exits:
+    if num_exits is None and not outputs:
+        raise ValueError(f"The {where} is an empty {type(outputs).__name__}: a multi-exit model returns one logits "
+                         f"tensor per exit, `[logits_1, ..., logits_K]`; check the model's forward.")
+    if num_exits is not None and len(outputs) != num_exits:
         raise ValueError(
             f"The {where} has {len(outputs)} exits, but num_exits={num_exits}. {fix.format(n=len(outputs))}, or "
             f"check the model's forward."

@@ -415,6 +415,23 @@ class EarlyExit(nn.Module):
             raise ValueError(f"EarlyExit.load_state_dict: the state's temperatures do not fit this EarlyExit "
                              f"({len(self.thresholds)} exits): {error} This EarlyExit was left as it was.") from None
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, with what it would refuse after copying (with ``strict``: keys
+        missing or unexpected; tensors of other shapes) refused before anything is copied, and the
+        thresholds, rule and temperatures checked first (see the class)."""
+        if strict and isinstance(state_dict, Mapping):
+            own = self.state_dict(keep_vars=True)
+            missing = [k for k in own if k not in state_dict and k != "_extra_state"]  # (an older state lacks it)
+            unexpected = [k for k in state_dict if k not in own]
+            shapes = [f"{k}: {tuple(v.shape)} in the state, {tuple(own[k].shape)} here" for k, v in state_dict.items()
+                      if isinstance(v, Tensor) and isinstance(own.get(k), Tensor) and v.shape != own[k].shape]
+            if missing or unexpected or shapes:
+                raise RuntimeError(f"EarlyExit.load_state_dict: the state is not this EarlyExit's (missing keys: "
+                                   f"{missing}; unexpected keys: {unexpected}; other shapes: {shapes}). Load the "
+                                   f"state_dict() of an EarlyExit around the same model (or the model's own state "
+                                   f"into predictor.model), or pass strict=False. This EarlyExit was left as it was.")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
         """Check the saved rule and temperatures before torch copies anything (a mismatch loses
@@ -422,6 +439,12 @@ class EarlyExit(nn.Module):
         key = prefix + "_extra_state"
         if key in state_dict:
             self._loaded_temperatures(state_dict[key])
+        if prefix + "thresholds" in state_dict:  # the constructor's check (NaN sends every sample to the last exit)
+            try:
+                check_thresholds(state_dict[prefix + "thresholds"], len(self.thresholds))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"EarlyExit.load_state_dict: the state's thresholds do not fit this EarlyExit: "
+                                  f"{error} This EarlyExit was left as it was.") from None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key not in state_dict and key in missing_keys:

@@ -503,8 +503,7 @@ def _dependent_costs(model: nn.Module, example_input: Any, num_exits: int | None
     tracer = _Tracer(params)
     with eval_mode(model), tracer:
         outputs = call_model(model, example_input, "exit_costs")
-    outputs = check_exit_outputs(outputs, num_exits if num_exits is not None else
-                                 (len(outputs) if isinstance(outputs, (list, tuple)) else 1),
+    outputs = check_exit_outputs(outputs, num_exits,
                                  fix="Pass exit_costs num_exits={n} (or leave it out to take the model's)")
     batch = outputs[0].shape[0]
     if batch == 0:

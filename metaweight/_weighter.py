@@ -910,6 +910,10 @@ class HarmonizedWeighter(NamedWeights):
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"`state_dict` should be a dict from HarmonizedWeighter.state_dict(). "
                             f"Found `{type(state_dict).__name__}`.")
+        if "weighting" in state_dict:  # (a loss weighting's state_dict names its method)
+            raise ValueError(f"This checkpoint is a {state_dict['weighting']}'s (a loss weighting), not a "
+                             f"HarmonizedWeighter's. Build the weighting the checkpoint was saved with "
+                             f"(metaweight.WEIGHTINGS). Nothing was changed.")
         required = ("term_names", "teachers", "gamma", "gamma_optimizer", "validation", "num_meta_steps", "gamma_sum")
         missing = [k for k in required if k not in state_dict]
         if missing:

@@ -45,6 +45,36 @@ def test_empty_loader_is_refused():
         mw.anytime_accuracy(net, [])
 
 
+class Outputs(torch.nn.Module):
+    """A 3-exit model whose forward returns what ``make`` makes of its three logits tensors."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make, self.heads = make, torch.nn.ModuleList([torch.nn.Linear(5, 3) for _ in range(3)])
+
+    def forward(self, x):
+        return self.make([head(x) for head in self.heads])
+
+
+@pytest.mark.parametrize("call", ["collect_logits", "anytime_accuracy", "exit_costs"])
+def test_outputs_that_are_not_a_list_of_logits_are_refused_without_a_count_nobody_gave(call):
+    """The evaluation functions take the number of exits from the model: a dict of outputs is refused asking
+    for K logits tensors (the message said "1 logits tensor" of a 3-exit model), an empty list as such, and a
+    later batch with another number of exits than the first names both."""
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    run = {"collect_logits": lambda m, batches: mw.collect_logits(m, batches),
+           "anytime_accuracy": lambda m, batches: mw.anytime_accuracy(m, batches),
+           "exit_costs": lambda m, batches: mw.exit_costs(m, batches[0][0])}[call]
+    with pytest.raises(ValueError, match=r"list or tuple of K logits tensors, one per exit.*keys \['exit_logits'\]"):
+        run(Outputs(lambda z: {"exit_logits": z}), [(x, y)])
+    with pytest.raises(ValueError, match="empty list: a multi-exit model returns one logits tensor per exit"):
+        run(Outputs(lambda z: []), [(x, y)])
+    if call != "exit_costs":  # (one example input)
+        calls = iter([3, 2])
+        with pytest.raises(ValueError, match="Batch 1 gives 2 and the first gave 3"):
+            run(Outputs(lambda z: z[:next(calls)]), [(x, y), (x, y)])
+
+
 def first_index_rank(row, label):
     """The label's rank with ties to the lower class index (argmax's rule), written as a loop."""
     return sum(1 for c in range(len(row)) if row[c] > row[label] or (row[c] == row[label] and c < label))

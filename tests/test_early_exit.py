@@ -215,10 +215,16 @@ def test_state_dict_keeps_the_temperatures_and_rule_the_thresholds_were_fitted_w
     with pytest.raises(ValueError, match="saved with rule 'max_probability'.*rule='max_probability'"):
         wrong_rule.load_state_dict(state)
     bad = dict(state, _extra_state={"rule": "max_probability", "temperatures": [1.0, -2.0, 1.0]})
-    for target, loaded_state in ((wrong_rule, state), (mw.EarlyExit(net, given), bad)):
-        with pytest.raises(ValueError, match="left as it was"):
+    nan = dict(state, thresholds=torch.tensor([float("nan"), 0.3, 0.0]))  # the constructor refuses it too
+    partial = {"thresholds": state["thresholds"]}  # (torch copies what it can before refusing a strict load)
+    weights = [p.detach().clone() for p in net.parameters()]
+    for target, loaded_state, error in ((wrong_rule, state, ValueError), (mw.EarlyExit(net, given), bad, ValueError),
+                                        (mw.EarlyExit(net, given), nan, ValueError),
+                                        (mw.EarlyExit(net, given), partial, RuntimeError)):
+        with pytest.raises(error, match="left as it was"):
             target.load_state_dict(loaded_state)
         assert torch.equal(target.thresholds, untouched) and target.temperatures is None
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))
     mw.EarlyExit(net, given).load_state_dict(state)
     assert torch.equal(given, untouched), "the caller's thresholds tensor is not the predictor's buffer"
 

@@ -707,6 +707,10 @@ def test_a_checkpoint_loads_only_into_the_options_its_state_depends_on():
     harmonized = mw.HarmonizedWeighter(uw.model, uw.optimizer, mw.DenseDistillLoss(3))
     with pytest.raises(ValueError, match="a HarmonizedWeighter's, not a UW's"):
         uw.load_state_dict(harmonized.state_dict())
+    before = copy.deepcopy(harmonized.state_dict())
+    with pytest.raises(ValueError, match="is a UW's \\(a loss weighting\\), not a HarmonizedWeighter's.*Nothing"):
+        harmonized.load_state_dict(uw.state_dict())
+    assert str(harmonized.state_dict()) == str(before)
 
 
 
