@@ -44,7 +44,7 @@ from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read, registered_buffers_removed
 from metaweight._walk import walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
-from metaweight._weighting import NamedWeights, unwrap_model
+from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
 from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
@@ -386,6 +386,7 @@ class HarmonizedWeighter(NamedWeights):
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
         self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
+        self._first_loss: tuple[Tensor | None, int] | None = None  # mode="exact": labels, optimizer steps
         # the gradients (objects, versions) a two-call meta_step let go after a backward no step followed
         self._let_go: GradSnapshot | None = None
         self._step_hooks: tuple[RemovableHandle, ...] = ()
@@ -469,7 +470,26 @@ class HarmonizedWeighter(NamedWeights):
         weighted = self._weighted(terms)
         if self.mode == "fast" and self.learn and weighted.requires_grad:
             self._keep_for_meta_step(outputs, terms, target, weighted)
+        elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
+            self._first_loss = (first_labels(target), optimizer_steps(self._inner_optimizer))
         return weighted
+
+    def _warn_if_after_step(self, train_batch: Batch) -> None:
+        """``mode="exact"``, at the first two-call ``meta_step``: warn when a training ``loss()`` of the same
+        labels came first and the optimizer stepped since (the order of ``mode="fast"`` and the loss
+        weightings), so the look-ahead scores a step on a batch already stepped on. Python objects only."""
+        first, self._first_loss = self._first_loss, None
+        if first is None or self.num_calls or not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
+            return
+        labels, steps = first
+        if labels is not None and labels is first_labels(train_batch[1]) and \
+                optimizer_steps(self._inner_optimizer) > steps:
+            warn_user("mode='exact' scores the look-ahead of the step to come, so its meta_step comes before the "
+                      "model's step: weighter.meta_step((x, y), val_batch); loss = weighter.loss(model(x), y); "
+                      "loss.backward(); optimizer.step(). This loop called it after the step, on the batch "
+                      "already stepped on (the order of mode='fast' and of the loss weightings): gamma learns "
+                      "from a step the loop never takes. Move the call before the forward, or build the weighter "
+                      "with mode='fast', whose meta_step scores the step just taken.")
 
     def _keep_for_meta_step(self, outputs: Any, terms: Tensor, target: Any, weighted: Tensor) -> None:
         """``mode="fast"``, two-call form: keep this loss for the meta step after the optimizer's step. A
@@ -558,6 +578,7 @@ class HarmonizedWeighter(NamedWeights):
             with torch.enable_grad():  # (called under torch.no_grad(), the meta-gradient still needs autograd)
                 if self.mode == "fast" and self.learn:
                     return self._two_call.meta_step(self, train_batch, val_batch)
+                self._warn_if_after_step(train_batch)
                 return self._exact.meta_step(self, train_batch, val_batch)
         finally:
             forget_labels()  # labels are remembered for one call only

@@ -203,6 +203,29 @@ def test_step_equals_meta_step_then_users_own_step(backend, reuse):
     assert set(weighter.terms_dict()) == set(criterion.term_names)
 
 
+@pytest.mark.parametrize("order", ["after the step", "before the step", "before, one batch throughout"])
+def test_an_exact_meta_step_after_the_step_warns_once_at_the_first_call(order):
+    """mode='exact' scores the step to come: a loop calling meta_step after loss, backward and step (fast mode's
+    order, the loss weightings') learned from a step never taken, silently; it now warns at the first meta
+    step, and only there. The right order stays silent, also on one batch used every iteration."""
+    model, optimizer, criterion, validation, weighter = setup("nesterov_wd", backend="jvp")
+    same = batch(dtype=F64)
+    import warnings
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        for i in range(3):
+            train, val = same if order.endswith("throughout") else batch(dtype=F64), batch(dtype=F64)
+            if order.startswith("before"):
+                weighter.meta_step(train, val)
+            loss = weighter.loss(model(train[0]), train[1])
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+            if order == "after the step":
+                weighter.meta_step(train, val)
+    said = [str(h.message) for h in heard if "comes before the model's step" in str(h.message)]
+    assert len(said) == (1 if order == "after the step" else 0), said
+    assert not said or "build the weighter with mode='fast'" in said[0]
+
+
 def test_learn_false_never_changes_gamma():
     model = tiny_net(3)
     opt = torch.optim.LBFGS(model.parameters())  # no look-ahead needed, so any optimizer is fine
