@@ -630,7 +630,7 @@ class Weighting(NamedWeights):
         group = self._groups.get(steps)
         return steps - 1 not in self._groups and group is not None and group.wrote
 
-    def _not_stepped(self, local: Tensor | None) -> MetaStepRecord:
+    def _not_stepped(self, local: Tensor | None, by_step: bool = False) -> MetaStepRecord:
         """The meta step after an optimizer that did not step: the terms did not change, so there is nothing to
         learn from (FAMO's loss change, UW's and GradNorm's Adam steps, DWA's averages, RLW's and SDN's per-step
         schedules): a skipped call, counted in ``num_calls`` (not ``num_skipped``, which counts refused
@@ -638,6 +638,13 @@ class Weighting(NamedWeights):
         with torch.no_grad():
             shown = self._mean_over_ranks(local) if local is not None else None  # (every rank the same, as ever)
         self.num_calls += 1
+        if by_step:  # step() called optimizer.step() itself, which (or a wrapper of it) did not step: no wrong order
+            self._reset_pending()
+            return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
+                                  gamma=self.gamma_dict(), terms=self._named(shown),
+                                  message=f"The optimizer (or a wrapper of it) did not take the step step() asked of "
+                                          f"it: no loss changed, so {type(self).__name__}'s weights and state are "
+                                          f"unchanged.")
         moved = gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad])
         if moved:  # kept while the next backward adds to these gradients (gradient accumulation)
             self._kept = GradSnapshot([(g, g._version if g is not None else -1) for g in self._gradients()], [])
@@ -730,7 +737,8 @@ class Weighting(NamedWeights):
                                   terms=terms, loss=value, model_step_skipped=True, message=message)
         self.optimizer.step()
         taken = not self._step_not_taken()  # (a wrapper's own GradScaler may skip it: then so is the meta step)
-        record = self.meta_step(train_batch, val_batch)
+        record = self.meta_step(train_batch, val_batch) if taken else self._not_stepped(self._iteration_terms(),
+                                                                                         by_step=True)
         return dataclasses.replace(record, loss=value, model_step_skipped=not taken)
 
     def _check_step_optimizer(self) -> None:
