@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -33,6 +34,8 @@ from metaweight._weighter import HarmonizedWeighter
 from metaweight._weighting import Weighting
 
 __all__ = ["HarmonizedCallback", "WeightingCallback"]
+
+_TAKEN = "val_batches_taken"  # the callback's own entry beside the weighter's state in its checkpoint
 
 
 def _accumulates(trainer: lightning.Trainer) -> bool:
@@ -63,15 +66,51 @@ def _whole(parts: list[Any]) -> Any:
     return tree_unflatten(joined, spec)
 
 
-def _forever(loader: Iterable[Any]) -> Iterator[Any]:
-    """Batches of ``loader`` without end, iterating it anew each pass (reshuffled, nothing cached)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("The validation dataloader yielded no batch.")
+class _HeldOut:
+    """Batches of a loader without end, iterating it anew each pass (reshuffled, nothing cached), counting the
+    batches taken in the current pass: the position a checkpoint keeps. ``skip`` batches of the first pass are
+    read and dropped (a resumed run goes on where the saved one stopped)."""
+
+    def __init__(self, loader: Iterable[Any], skip: int = 0) -> None:
+        self.loader = loader
+        self.taken = 0  # batches handed out in the current pass
+        self._skip = skip
+        self._batches: Iterator[Any] | None = None
+
+    def __iter__(self) -> _HeldOut:
+        return self
+
+    def __next__(self) -> Any:
+        if self._batches is None:  # lazily, as a pass starts at the meta step that needs its first batch
+            self._batches = self._advanced(self._skip)
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            if self.taken == 0:
+                raise ValueError("The validation dataloader yielded no batch.") from None
+            self._batches, self.taken = iter(self.loader), 0
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                raise ValueError("The validation dataloader yielded no batch.") from None
+        self.taken += 1
+        return batch
+
+    def _advanced(self, skip: int) -> Iterator[Any]:
+        batches = iter(self.loader)
+        for done in range(skip):
+            try:
+                next(batches)
+            except StopIteration:
+                if done:  # (an empty loader is refused by __next__)
+                    warnings.warn(f"The checkpoint's position in the validation dataloader ({skip} batches taken in "
+                                  f"the current pass) is past its end ({done} batches): the held-out batches start "
+                                  f"again at the first. Resume with the held-out loader the run was saved with to "
+                                  f"go on where it stopped.", stacklevel=4)
+                self.taken = 0
+                return iter(self.loader)
+            self.taken += 1
+        return batches
 
 
 class HarmonizedCallback(lightning.Callback):
@@ -93,6 +132,13 @@ class HarmonizedCallback(lightning.Callback):
     the N batches concatenated (``mode="fast"``: the step's whole batch).
     The Trainer's norm clipping (``gradient_clip_val=c``) is then declared to the weighter as
     ``clip_grad_norm=mw.ClipGradNorm(c)`` (an undeclared clipping is refused).
+
+    The checkpoint also keeps the position in the held-out loader (the batches taken in the pass
+    under way): a resumed fit reads and drops as many batches of a fresh pass, so with an
+    unshuffled loader its meta steps take the held-out batches an uninterrupted run would. A
+    shuffled loader's order comes from its sampler's generator (torch's global RNG unless the
+    loader has ``generator=``), which the checkpoint does not keep: the resumed pass takes as many
+    batches as were left in it, drawn from another permutation.
     """
 
     def __init__(self, criterion: DenseDistillLoss, val_dataloader: Iterable[Any],
@@ -106,6 +152,7 @@ class HarmonizedCallback(lightning.Callback):
         self.options = weighter_options
         self.weighter: HarmonizedWeighter | None = None
         self._val: Iterator[Any] | None = None
+        self._resume_at = 0  # held-out batches already taken in the pass under way, from a checkpoint
         self._pending_state: dict[str, Any] | None = None
         self._parts: list[Any] = []  # the batches of the optimizer step under way (accumulate_grad_batches)
 
@@ -120,7 +167,8 @@ class HarmonizedCallback(lightning.Callback):
             self.weighter.load_state_dict(self._pending_state)
             self._pending_state = None
         setattr(pl_module, self.attribute, self.weighter)
-        self._val = _forever(self.val_dataloader)
+        self._val = _HeldOut(self.val_dataloader, skip=self._resume_at)
+        self._resume_at = 0
         self._parts = []
 
     def on_train_batch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
@@ -140,15 +188,33 @@ class HarmonizedCallback(lightning.Callback):
             self.weighter.meta_step(_whole(parts), to_device(next(self._val), pl_module.device))
 
     def state_dict(self) -> dict[str, Any]:
-        return self.weighter.state_dict() if self.weighter is not None else {}
+        if self.weighter is None:
+            return {}
+        taken = self._val.taken if isinstance(self._val, _HeldOut) else 0
+        return {**self.weighter.state_dict(), _TAKEN: taken}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        state_dict = dict(state_dict)
+        taken = state_dict.pop(_TAKEN, None)
+        if taken is not None and (isinstance(taken, bool) or not isinstance(taken, int) or taken < 0):
+            raise ValueError(f"The checkpoint's '{_TAKEN}' should be an int >= 0 (the held-out batches taken in the "
+                             f"pass under way). Found {taken!r}. Nothing was changed.")
         if self.weighter is None:
             self._pending_state = state_dict
         else:
             self.weighter.load_state_dict(state_dict)
+        if taken is None:
+            warnings.warn(f"This HarmonizedCallback checkpoint has no position in the validation dataloader (no "
+                          f"'{_TAKEN}': saved by an older metaweight), so the held-out batches start again at the "
+                          f"first one and the resumed run may take other batches than an uninterrupted run would.",
+                          stacklevel=2)
+            taken = 0
+        if self.weighter is None:
+            self._resume_at = taken
+        else:  # (fit has started: the next held-out batch comes from the saved position)
+            self._val = _HeldOut(self.val_dataloader, skip=taken)
 
 
 class WeightingCallback(lightning.Callback):

@@ -58,7 +58,8 @@ def test_lightning_callback_trains_and_checkpoints(mode, tmp_path):
 
     cb = HarmonizedCallback(mw.DenseDistillLoss(3), [])
     assert cb.state_dict() == {}
-    cb.load_state_dict({"gamma": torch.ones(6)})  # kept until the weighter exists
+    with pytest.warns(UserWarning, match="no position in the validation dataloader"):  # (an older checkpoint)
+        cb.load_state_dict({"gamma": torch.ones(6)})  # kept until the weighter exists
     assert cb._pending_state is not None
 
 
@@ -161,3 +162,124 @@ def test_lightning_weighting_callback_takes_batches_of_any_structure_for_methods
                                 accumulate_grad_batches=2)
     trainer.fit(module, loader)
     assert module.weighter.num_meta_steps == trainer.global_step == 2
+
+
+class _Logged:
+    """Held-out batches (a list) that record the index of every batch read, in order."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, []
+
+    def __iter__(self):
+        for i, b in enumerate(self.batches):
+            self.reads.append(i)
+            yield b
+
+
+def _fit_for_resume(lightning, callback, epochs, *, ckpt_dir=None, ckpt_path=None, shuffle=False):
+    """4 training batches an epoch, no shuffling of the training data, deterministic."""
+    from lightning_train import MultiExitModule
+
+    torch.manual_seed(0)
+    net = mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()),
+                        torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
+                       [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)])
+    module = MultiExitModule(net, lr=0.1)
+    callbacks = [callback]
+    if ckpt_dir is not None:
+        callbacks.append(lightning.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1,
+                                                                     every_n_epochs=1, filename="{epoch}"))
+    g = torch.Generator().manual_seed(7)
+    train = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 4, (32,), generator=g))
+    trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+                                enable_checkpointing=ckpt_dir is not None, enable_model_summary=False,
+                                enable_progress_bar=False, deterministic=True)
+    trainer.fit(module, torch.utils.data.DataLoader(train, batch_size=8), ckpt_path=ckpt_path)
+    return module
+
+
+def _held_out(n=3):
+    g = torch.Generator().manual_seed(8)
+    return [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_lightning_callback_resumed_from_a_checkpoint_equals_the_uninterrupted_run(mode, tmp_path):
+    """3 held-out batches a pass, 4 meta steps an epoch: the epoch-0 checkpoint falls one batch into a pass.
+    Resumed from it, the run is bit for bit the uninterrupted one (gamma, parameters), reading the held-out
+    batches it would have. Before, the held-out loader started again at its first batch on resume: here gamma
+    1.4e-2 apart after 2 epochs in either mode (1.2e-1 after 3 in the tester's run)."""
+    lightning = pytest.importorskip("lightning")
+    from metaweight.lightning import HarmonizedCallback
+
+    def callback(val):
+        return HarmonizedCallback(mw.DenseDistillLoss(2), val, gamma_lr=0.05, mode=mode)
+
+    straight_val, resumed_val = _Logged(_held_out()), _Logged(_held_out())
+    straight = _fit_for_resume(lightning, callback(straight_val), 2, ckpt_dir=tmp_path)
+    assert torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)["callbacks"]  # the callback saved its state
+    resumed = _fit_for_resume(lightning, callback(resumed_val), 2, ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+
+    assert resumed.weighter.num_meta_steps == straight.weighter.num_meta_steps == 8
+    gamma, expected = resumed.weighter.gamma, straight.weighter.gamma
+    assert torch.equal(gamma, expected), gamma - expected
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), straight.parameters()))
+    assert straight_val.reads == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert resumed_val.reads == [0] + straight_val.reads[4:]  # the one batch taken before the checkpoint, dropped
+
+
+def test_lightning_callback_loads_a_checkpoint_without_the_held_out_position_as_before(tmp_path):
+    """A checkpoint saved before the position was kept still loads; it warns that the held-out batches start
+    again at the first one, and they do. A shuffled held-out loader resumes too, taking the batches left in
+    its pass (the pass boundaries stay where they were)."""
+    lightning = pytest.importorskip("lightning")
+    from metaweight.lightning import HarmonizedCallback
+
+    _fit_for_resume(lightning, HarmonizedCallback(mw.DenseDistillLoss(2), _held_out(), gamma_lr=0.05), 1,
+                    ckpt_dir=tmp_path)
+    checkpoint = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("HarmonizedCallback")]
+    assert state.pop("val_batches_taken") == 1
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    val = _Logged(_held_out())
+    with pytest.warns(UserWarning, match="no position in the validation dataloader"):
+        old = _fit_for_resume(lightning, HarmonizedCallback(mw.DenseDistillLoss(2), val, gamma_lr=0.05), 2,
+                              ckpt_path=str(tmp_path / "old.ckpt"))
+    assert val.reads == [0, 1, 2, 0] and old.weighter.num_meta_steps == 8
+
+    sampler_seen = []
+
+    class CountingSampler(torch.utils.data.RandomSampler):
+        def __iter__(self):
+            for i in super().__iter__():
+                sampler_seen.append(i)
+                yield i
+
+    data = _held_out()
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=CountingSampler(data))
+    shuffled = _fit_for_resume(lightning, HarmonizedCallback(mw.DenseDistillLoss(2), loader, gamma_lr=0.05), 2,
+                               ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    assert shuffled.weighter.num_meta_steps == 8
+    assert len(sampler_seen) == 5 and sorted(sampler_seen[:3]) == [0, 1, 2]  # 1 dropped, 2 left, a new pass's 2
+
+
+def test_lightning_callback_refuses_a_bad_held_out_position_and_warns_when_the_loader_is_shorter():
+    pytest.importorskip("lightning")
+    from metaweight import lightning as mwl
+
+    callback = mwl.HarmonizedCallback(mw.DenseDistillLoss(2), _held_out())
+    for bad in (-1, 1.0, True, "1"):
+        with pytest.raises(ValueError, match="val_batches_taken"):
+            callback.load_state_dict({"gamma": torch.ones(3), "val_batches_taken": bad})
+        assert callback._pending_state is None and callback._resume_at == 0  # nothing changed
+
+    batches = _held_out(2)
+    held_out = mwl._HeldOut(batches, skip=2)  # the position at the end of a pass: the next pass starts
+    assert next(held_out) is batches[0] and held_out.taken == 1
+    held_out = mwl._HeldOut(batches, skip=5)
+    with pytest.warns(UserWarning, match="past its end"):
+        assert next(held_out) is batches[0]
+    assert [next(held_out) for _ in range(3)] == [batches[1], batches[0], batches[1]] and held_out.taken == 2
+    with pytest.raises(ValueError, match="yielded no batch"):
+        next(mwl._HeldOut([], skip=3))
