@@ -126,7 +126,8 @@ class FlatCopies:
     devices): one ``torch.cat`` per device and dtype (``torch.stack`` for 0-d tensors, such as
     BatchNorm's ``num_batches_tracked``) copies them all, one op and one launch where a per-tensor
     copy is one op per tensor (a CPU ``torch._foreach_copy_`` runs one ``copy_`` per tensor).
-    :attr:`copies` are views of the storage, shaped as the sources, valid until the next copy."""
+    :attr:`copies` are views of the storage, shaped as the sources, valid until the next copy; each has a
+    version counter of its own (writing one is no change of another to autograd)."""
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
@@ -174,7 +175,10 @@ class FlatCopies:
                 sizes = [1 if zero_d else tensors[i].numel() for i in index]
                 flat = torch.empty(sum(sizes), device=device, dtype=dtype)
                 for i, piece in zip(index, flat.split(sizes)):
-                    views[i] = piece.view(tensors[i].shape)
+                    # (.data: a version counter of its own; views of one storage share one, and a forward's
+                    # in-place write to one copy, spectral_norm's power iteration, made autograd refuse the
+                    # running statistics BatchNorm saved from another: "modified by an inplace operation")
+                    views[i] = piece.view(tensors[i].shape).data
                 self._plan.append((index, flat, zero_d))
         self.copies = [views[i] for i in range(len(tensors))]
 
