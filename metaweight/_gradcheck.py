@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from metaweight._hypergradient import Reducer, call_with
 from metaweight._protocols import ModelCall, Objective, Terms
 from metaweight._randomness import model_generators, replay_randomness
-from metaweight._tangents import ShortTangents
+from metaweight._tangents import ShortTangents, dual_level
 
 RELATIVE = 1e-4  # a gap below this fraction of the derivative is not refused
 RELATIVE_OWN = 1e-2  # ... in the model's own dtype (a model that cannot run on float64 copies)
@@ -298,7 +298,7 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
                 tangent = torch.full((), float("nan"), dtype=torch.float64, device=device)
                 if kind[0] == "forward":
                     try:
-                        with torch.no_grad(), fwAD.dual_level():
+                        with torch.no_grad(), dual_level():
                             dual = {**params, **{n: fwAD.make_dual(p.detach(), d)
                                                  for (n, _), p, d in zip(named, leaves, direction)}}
                             with replay(), ShortTangents():

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_map
 from metaweight._optimizers import lookahead_update, unweighted_term
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness
-from metaweight._tangents import ShortTangents
+from metaweight._tangents import ShortTangents, dual_level
 from metaweight._transaction import BufferSnapshot, FlatCopies
 from metaweight._walk import ModelWalk, current_walk, walk, watched_forward
 
@@ -378,7 +378,7 @@ def meta_gradient(
 @torch.no_grad()  # forward-mode AD records no graph: the parameters serve as primals, no detach each
 def _jvp(model: nn.Module, criterion: Terms, base: dict[str, Tensor], direction: dict[str, Tensor],
          x: Any, y: Any, scratch: LookaheadBuffers) -> Tensor:
-    with fwAD.dual_level():
+    with dual_level():
         dual = {n: (fwAD.make_dual(p, direction[n]) if n in direction else p) for n, p in base.items()}
         with ShortTangents():  # BatchNorm's tangent in fewer ops than ATen's formula (see _tangents)
             terms = criterion(call_with(model, dual, scratch.fresh(), x), y)

@@ -18,6 +18,9 @@ rounding. Every other call, and BatchNorm with running statistics (eval mode), i
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,6 +28,19 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+
+_ONE_LEVEL = threading.RLock()
+
+
+@contextlib.contextmanager
+def dual_level() -> Iterator[None]:
+    """``torch.autograd.forward_ad.dual_level()``, entered by one thread at a time. torch's forward-AD levels are
+    process-wide, not per thread: a step's tangent forward in one thread while another thread's was open failed
+    with "Nested forward mode AD is not supported at the moment" (two weighters stepping in a thread pool). The
+    other threads wait for it (a few forwards); the level's own ops stay per thread."""
+    with _ONE_LEVEL, fwAD.dual_level():
+        yield
 
 
 class ShortTangents(TorchFunctionMode):

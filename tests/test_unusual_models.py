@@ -2,8 +2,12 @@
 in a worker thread, bare containers and submodules built in forward under ``higher``, a tensor held both as a
 parameter and as a buffer."""
 
+import concurrent.futures
+import threading
+
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import metaweight as mw
 from conftest import batch, quiet, tiny_net
@@ -40,3 +44,47 @@ def test_spectral_norm_beside_batchnorm_is_the_real_step_s_meta_gradient(backend
         record = weighter.step(train, val)
     assert rel_err(record.gamma_grad, expected) < 1e-5
 
+
+class _Gate(torch.nn.Module):
+    """Identity; in the first tangent forward (the jvp's) it says so and waits up to a second for ``go``."""
+
+    def __init__(self, inside: threading.Event, go: threading.Event) -> None:
+        super().__init__()
+        self.inside, self.go = inside, go
+
+    def forward(self, x):
+        if fwAD.unpack_dual(x).tangent is not None and not self.inside.is_set():
+            self.inside.set()
+            self.go.wait(1.0)
+        return x
+
+
+def _gated_step(inside, go):
+    torch.manual_seed(0)
+    model = tiny_net(3, dtype=F64)
+    model.stages[0].append(_Gate(inside, go))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    weighter = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3, temperature=2.0),
+                                     mw.BalancedValidation(3), init=GAMMA, gamma_optimizer="sgd")
+    torch.manual_seed(1)
+    return weighter.step(batch(dtype=F64), batch(dtype=F64)).gamma_grad
+
+
+def test_jvp_steps_in_two_threads_at_once_give_the_main_thread_s_gamma_gradient():
+    # torch's forward-AD level is process-wide: a step's tangent forward while another thread's was open failed
+    # with "Nested forward mode AD is not supported at the moment" (two weighters in a thread pool). A worker
+    # holds its tangent forward open (the gate) while the main thread steps; both must equal the main thread's
+    # own steps, one after the other.
+    done = threading.Event()
+    done.set()
+    expected = _gated_step(done, done)
+    inside, go = threading.Event(), threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        worker = pool.submit(_gated_step, inside, go)
+        assert inside.wait(30)
+        try:
+            here = _gated_step(done, done)  # waits for the worker's level to close (the gate's 1 s)
+        finally:
+            go.set()
+        there = worker.result()
+    assert torch.equal(here, expected) and torch.equal(there, expected)
