@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._hypergradient import MetaResult, Reducer, eager_forward, meta_gradient
-from metaweight._lookahead import lookahead
+from metaweight._lookahead import lookahead, patchable, patched_call
 from metaweight._optimizers import differentiable_optimizer_type, supports_exact_update
 from metaweight._protocols import Objective, Terms, model_arguments
+from metaweight._walk import walk
 from metaweight._warn import warn_user
 
 BackendName = Literal["jvp", "finite_difference", "higher"]
@@ -67,13 +68,14 @@ class HigherBackend(Backend):
                       lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
         (x, y), (xv, yv) = train, val
         gamma = gamma.detach().clone().requires_grad_(True)
-        with eager_forward(module):  # (before the patched copy is made: it copies each module's compiled call)
+        modules = [m for _, m in walk(module).modules]
+        with eager_forward(module, modules), patchable(modules):  # (before the copy: it copies compiled calls)
             fmodel, diffopt = lookahead(module, optimizer)
             args, kwargs = model_arguments(module, x)  # decided on the module: the patched copy's forward is generic
-            values = terms(fmodel(*args, **kwargs), y)
+            values = terms(patched_call(fmodel, args, kwargs), y)
             diffopt.step((gamma.to(values) * values).sum())
             args, kwargs = model_arguments(module, xv)
-            losses = objective.losses(fmodel(*args, **kwargs), yv)
+            losses = objective.losses(patched_call(fmodel, args, kwargs), yv)
         value = objective.objective(losses)
         (gamma_grad,) = torch.autograd.grad(value, gamma)  # non-finite when the objective is: the weighter decides
         return MetaResult(gamma_grad, value.detach(), losses.detach(), values.detach())

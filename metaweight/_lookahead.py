@@ -7,12 +7,62 @@ user's optimizer is copied, never written.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import higher
 import higher.optim
+import higher.patch
 import torch
 from torch import nn
 
 from metaweight._optimizers import differentiable_optimizer_type
+
+
+class _Group(nn.Module):
+    """What a bare ``nn.Module()`` (a container grouping children, no forward of its own) is while ``higher``
+    copies the model: its patched class derives from the module's class and from ``higher``'s base, itself an
+    ``nn.Module``, which for ``nn.Module`` itself has no consistent method resolution order (a ``TypeError``)."""
+
+
+@contextlib.contextmanager
+def patchable(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside the block, ``higher`` can copy the model of ``modules`` (its walk): each bare ``nn.Module()`` is
+    a :class:`_Group` (the same object and attributes; its class put back on exit)."""
+    bare = [m for m in modules if type(m) is nn.Module]
+    for m in bare:
+        m.__class__ = _Group
+    try:
+        yield
+    finally:
+        for m in bare:
+            m.__class__ = nn.Module
+
+
+def patched_call(fmodel: nn.Module, args: Any, kwargs: Any) -> Any:
+    """``fmodel(*args, **kwargs)``, refused with a ``ValueError`` where the forward built a submodule on the patched
+    copy (``self.mask = nn.Identity()`` at the first call): ``higher`` cannot run a module it did not patch (an
+    ``AttributeError`` on ``_param_names``, or the module's own parameters, which the look-ahead does not move).
+    The model itself is not touched by that forward."""
+    try:
+        out = fmodel(*args, **kwargs)
+    except Exception:
+        _refuse_built(fmodel)
+        raise
+    _refuse_built(fmodel)
+    return out
+
+
+def _refuse_built(fmodel: nn.Module) -> None:
+    for name, m in fmodel.named_modules():
+        if not isinstance(m, higher.patch._MonkeyPatchBase):
+            raise ValueError(
+                f"The model's forward built a submodule ({name} = {type(m).__name__}(...)): backend='higher' runs a "
+                f"patched copy of the model made before the forward, which cannot run a module built inside it. "
+                f"Build it in __init__ (or call the model once before building the weighter), or use backend='jvp' "
+                f"or 'finite_difference', which run the model itself. gamma and everything else are unchanged."
+            ) from None
 
 
 def lookahead(

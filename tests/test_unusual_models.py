@@ -88,3 +88,62 @@ def test_jvp_steps_in_two_threads_at_once_give_the_main_thread_s_gamma_gradient(
             go.set()
         there = worker.result()
     assert torch.equal(here, expected) and torch.equal(there, expected)
+
+
+class _Grouped(torch.nn.Module):
+    """A bare ``nn.Module()`` grouping a layer (and an empty one): higher's patched class for ``nn.Module`` itself
+    had no consistent MRO (a ``TypeError``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net(3, dtype=F64, batchnorm=False)
+        self.group = torch.nn.Module()
+        self.group.mix = torch.nn.Linear(5, 5).to(F64)
+        self.empty = torch.nn.Module()
+
+    def forward(self, x):
+        return [o + 0.1 * self.group.mix(o) for o in self.net(x)]
+
+
+class _BuiltInForward(torch.nn.Module):
+    """Builds a submodule at its first call: higher's copy cannot run it (an ``AttributeError`` on
+    ``_param_names``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net(3, dtype=F64, batchnorm=False)
+
+    def forward(self, x):
+        if not hasattr(self, "made"):
+            self.made = torch.nn.Identity()
+        return [self.made(o) for o in self.net(x)]
+
+
+def _weighter(model, backend):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    return optimizer, mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3, temperature=2.0),
+                                            mw.BalancedValidation(3), init=GAMMA, backend=backend)
+
+
+def test_higher_runs_a_model_holding_bare_module_containers_as_jvp_does():
+    train, val = batch(dtype=F64), batch(dtype=F64)
+    grads = {}
+    for backend in ("jvp", "higher"):
+        torch.manual_seed(0)
+        model = _Grouped()
+        _, weighter = _weighter(model, backend)
+        grads[backend] = weighter.step(train, val).gamma_grad
+        assert type(model.group) is torch.nn.Module and type(model.empty) is torch.nn.Module  # (put back)
+    assert rel_err(grads["higher"], grads["jvp"]) < 1e-10
+
+
+def test_higher_refuses_a_submodule_built_in_forward_by_name_changing_nothing():
+    from test_loop_features import same, state
+    model = _BuiltInForward()
+    optimizer, weighter = _weighter(model, "higher")
+    before = state(model, optimizer, weighter)
+    with pytest.raises(ValueError, match=r"forward built a submodule \(made = Identity.*Build it in __init__"):
+        weighter.step(batch(dtype=F64), batch(dtype=F64))
+    assert same(before, state(model, optimizer, weighter)) and not hasattr(model, "made")
+    assert all(p.grad is None for p in model.parameters())
+
