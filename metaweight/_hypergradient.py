@@ -40,7 +40,7 @@ from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness
 from metaweight._tangents import ShortTangents, dual_level
 from metaweight._transaction import BufferSnapshot, FlatCopies
-from metaweight._walk import ModelWalk, current_walk, walk, watched_forward
+from metaweight._walk import ModelWalk, check_single_roles, current_walk, walk, watched_forward
 
 
 class Reducer:
@@ -113,6 +113,7 @@ def call_with(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Te
     untied = one.untied(given)
     if untied is None:  # a name the current walk does not hold (a change no hook saw: a safety net): walk anew
         one = ModelWalk(model)
+        check_single_roles(one)
         untied = one.untied(given)
     slots = [(m, kind, dict(getattr(m, kind))) for _, m in one.modules for kind in ("_parameters", "_buffers")]
     # (functional_call swaps the tensors in and out of the modules' dicts directly, which no registration hook

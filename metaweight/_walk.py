@@ -43,6 +43,7 @@ class ModelWalk:
         parameters: ``(name, parameter)`` pairs, as ``named_parameters()``.
         buffers: ``(name, buffer)`` pairs, as ``named_buffers()``.
         empty: ``(id(module), name)`` of the buffer slots registered as ``None``.
+        mixed: ``(parameter name, buffer name)`` of each tensor held both as a parameter and as a buffer.
         aliases: for each name of :attr:`parameters` and :attr:`buffers`, a name for every slot (module
             and attribute) holding the tensor, itself first (more than one for tied weights); a module used
             twice is one module, its slots named once (through the first name).
@@ -100,7 +101,7 @@ class ModelWalk:
                 else:
                     aliases[known].append(name)
         # a tensor held both as a parameter and as a buffer: no untied map (torch's functional_call refuses it)
-        self.mixed = any(k in first_parameter for k in first_buffer)
+        self.mixed = [(first_parameter[k], first_buffer[k]) for k in first_buffer if k in first_parameter]
         self.parameters, self.buffers, self.empty, self.aliases = parameters, buffers, empty, aliases
         # a model that overrides named_parameters / named_buffers (to hide a teacher, say) is read through them
         if type(model).named_parameters is not nn.Module.named_parameters:
@@ -126,7 +127,7 @@ class ModelWalk:
         """``tensors`` (by the names of :attr:`parameters` and :attr:`buffers`) with each entry also under
         every other name its tensor is held under (what ``functional_call(..., tie_weights=True)`` finds by
         walking the model); ``None`` if a name is not one of this walk's, or if a tensor is held both as a
-        parameter and as a buffer (torch's own rules then apply, which refuse the substitutes given for it)."""
+        parameter and as a buffer (:attr:`mixed`; :func:`check_single_roles` refuses it)."""
         if self.mixed:
             return None
         out: dict[str, Tensor] = {}
@@ -138,6 +139,20 @@ class ModelWalk:
             for alias in names:
                 out[alias] = t
         return out
+
+
+def check_single_roles(one: ModelWalk) -> None:
+    """Refuse (a ``ValueError``) a model holding one tensor both as a parameter and as a buffer: the look-ahead
+    substitutes parameters and copies buffers by name (``torch.func.functional_call``), which cannot give one
+    tensor the two roles (torch's own refusal said "got multiple values for keys ..., which are tied")."""
+    if one.mixed:
+        pairs = ", ".join(f"parameter `{p}` is buffer `{b}`" for p, b in one.mixed)
+        raise ValueError(
+            f"The model holds a tensor both as a parameter and as a buffer ({pairs}: the same tensor object, e.g. "
+            f"register_buffer(name, self.weight)): the look-ahead moves parameters and copies buffers, and cannot "
+            f"give one tensor both roles. Hold it once: drop the buffer and read the parameter (or register a copy, "
+            f"or keep the alias as a plain attribute), or use backend='higher' with mode='exact'. Nothing was "
+            f"changed.")
 
 
 def _held(modules: list[tuple[str, nn.Module]]) -> list[int]:

@@ -42,7 +42,7 @@ from metaweight._twocall import TwoCall
 from metaweight._capturable import CapturableFast, DeviceRecord, check as check_capturable
 from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
 from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read, registered_buffers_removed
-from metaweight._walk import walk, walked_call
+from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
@@ -314,6 +314,8 @@ class HarmonizedWeighter(NamedWeights):
             backend = chosen.name
             _check_sparse(module, mode, backend)
             check_hooks(module, mode, backend)
+            if mode == "fast" or backend != "higher":  # (higher's patched copy holds the tensor in both roles)
+                check_single_roles(ModelWalk(module))
 
         self.model = model
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks

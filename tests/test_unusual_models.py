@@ -147,3 +147,40 @@ def test_higher_refuses_a_submodule_built_in_forward_by_name_changing_nothing():
     assert same(before, state(model, optimizer, weighter)) and not hasattr(model, "made")
     assert all(p.grad is None for p in model.parameters())
 
+
+class _Aliased(torch.nn.Module):
+    """A parameter also registered as a buffer (the same tensor object)."""
+
+    def __init__(self, alias: bool = True) -> None:
+        super().__init__()
+        self.net = tiny_net(3, dtype=F64, batchnorm=False)
+        self.scale = torch.nn.Parameter(torch.ones(5, dtype=F64))
+        if alias:
+            self.register_buffer("scale_copy", self.scale)
+
+    def forward(self, x):
+        return [o * self.scale for o in self.net(x)]
+
+
+_ALIASED = r"parameter `scale` is buffer `scale_copy`.*Hold it once.*backend='higher' with mode='exact'"
+
+
+@pytest.mark.parametrize("backend, mode", [("jvp", "exact"), ("finite_difference", "exact"), ("jvp", "fast"),
+                                           ("higher", "fast")])
+def test_a_tensor_both_parameter_and_buffer_is_refused_by_name_at_construction(backend, mode):
+    # (torch's functional_call said "got multiple values for keys ['scale', 'scale_copy'], which are tied")
+    model = _Aliased()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    with pytest.raises(ValueError, match=_ALIASED):
+        mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3, temperature=2.0), backend=backend, mode=mode)
+
+
+def test_a_tensor_made_both_parameter_and_buffer_after_construction_is_refused_by_step_changing_nothing():
+    from test_loop_features import same, state
+    model = _Aliased(alias=False)
+    optimizer, weighter = _weighter(model, "jvp")
+    model.register_buffer("scale_copy", model.scale)
+    before = state(model, optimizer, weighter)
+    with pytest.raises(ValueError, match=_ALIASED):
+        weighter.step(batch(dtype=F64), batch(dtype=F64))
+    assert same(before, state(model, optimizer, weighter)) and model.scale_copy is model.scale
