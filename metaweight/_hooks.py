@@ -19,7 +19,8 @@ cannot replay:
 * module forward hooks and pre-hooks (and the global ones) change the model's outputs: the
   ``jvp`` and ``finite_difference`` backends and the fast mode run the model through
   ``functional_call``, which runs them; ``higher`` runs a patched copy of each module's
-  ``forward`` without them: refused there.
+  ``forward`` without them: refused there. The legacy ``torch.nn.utils.spectral_norm`` (a forward
+  pre-hook) is refused in every mode and backend, pointing to its parametrization, which they run.
 
 Optimizer step hooks (per optimizer or global, pre or post: :func:`check_optimizer_hooks`) can
 change the gradients a step uses or the parameters it leaves: refused in every mode and backend.
@@ -34,6 +35,7 @@ from collections.abc import Collection
 
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.optim import Optimizer
 from torch.optim import optimizer as _optim
 
@@ -54,6 +56,15 @@ def check_hooks(module: nn.Module, mode: str, backend: str | None, own: Collecti
     look-ahead of ``mode`` (``backend`` for ``mode="exact"``) would not run as the model's step
     does; ``own`` are the ids of the weighter's own hook handles."""
     walked = walk(module)
+    legacy = [n for n, m in walked.modules
+              if any(isinstance(h, _LegacySpectralNorm) for h in m._forward_pre_hooks.values())]
+    if legacy:  # (each backend refused it by another's fix: higher its hooks, jvp and finite_difference a stop-gradient)
+        raise ValueError(
+            f"The modules {_names(legacy)} use the legacy torch.nn.utils.spectral_norm, whose forward pre-hook runs "
+            f"the power iteration: backend='higher' does not run forward hooks, and the other backends' check finds "
+            f"its gradient differs from the derivative of its values (0.3% on a small MLP). Use "
+            f"torch.nn.utils.parametrizations.spectral_norm instead, which every backend and mode='exact' runs. gamma "
+            f"and everything else are unchanged.")
     gradient = [n for n, p in walked.parameters if p.requires_grad and p._backward_hooks]
     accumulate = [n for n, p in walked.parameters
                   if p.requires_grad and getattr(p, "_post_accumulate_grad_hooks", None)]

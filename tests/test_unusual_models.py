@@ -184,3 +184,17 @@ def test_a_tensor_made_both_parameter_and_buffer_after_construction_is_refused_b
     with pytest.raises(ValueError, match=_ALIASED):
         weighter.step(batch(dtype=F64), batch(dtype=F64))
     assert same(before, state(model, optimizer, weighter)) and model.scale_copy is model.scale
+
+
+@pytest.mark.parametrize("backend, mode", [("jvp", "exact"), ("finite_difference", "exact"), ("higher", "exact"),
+                                           ("jvp", "fast")])
+def test_the_legacy_spectral_norm_is_refused_pointing_to_its_parametrization(backend, mode):
+    # Each path refused it with the fix of another: higher its forward hooks (use jvp), jvp and finite_difference
+    # a stop-gradient found by the gradient check (use higher), fast step() likewise.
+    model = tiny_net(3, dtype=F64, batchnorm=False)
+    for stage in model.stages:
+        stage[0] = torch.nn.utils.spectral_norm(stage[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    with pytest.raises(ValueError, match=r"\['stages.0.0', 'stages.1.0', 'stages.2.0'\] use the legacy "
+                                         r"torch.nn.utils.spectral_norm.*parametrizations.spectral_norm"):
+        mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3, temperature=2.0), backend=backend, mode=mode)
