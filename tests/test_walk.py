@@ -211,17 +211,18 @@ def test_a_step_walks_the_model_once(name, most, make, monkeypatch):
     assert count[0] == 3 * most, (name, count[0] / 3)
 
 
-def test_a_parameter_also_held_as_a_buffer_is_refused_as_torch_refuses_it():
-    """One tensor held as a parameter and, elsewhere, as a buffer: the walk gives no untied map, and the look-ahead's
-    functional_call refuses it as it did before the walk (the untied map had given the buffer a copy where the
-    parameter got theta': a meta-gradient without that path, silently; found by helper-90)."""
+def test_a_parameter_also_held_as_a_buffer_is_refused_by_name():
+    """One tensor held as a parameter and, elsewhere, as a buffer: the walk gives no untied map (the untied map had
+    given the buffer a copy where the parameter got theta': a meta-gradient without that path, silently; found by
+    helper-90), and the weighter refuses the model by name (torch's functional_call had refused it: "got multiple
+    values for keys ..., which are tied"); tests/test_unusual_models.py checks the refusals of each path."""
     model = tiny_net(3)
     model.heads[0].register_buffer("shadow", model.heads[1].weight)
     one = ModelWalk(model)
-    assert one.mixed and one.untied({n: t for n, t in one.parameters}) is None
-    w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3))
-    with pytest.raises(ValueError, match="tied"):
-        w.meta_step(batch(8), batch(8))
+    assert one.mixed == [("heads.1.weight", "heads.0.shadow")]
+    assert one.untied({n: t for n, t in one.parameters}) is None
+    with pytest.raises(ValueError, match=r"parameter `heads.1.weight` is buffer `heads.0.shadow`"):
+        mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3))
     assert not ModelWalk(tiny_net(3)).mixed
 
 
