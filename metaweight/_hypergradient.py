@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map
 
 from metaweight._optimizers import lookahead_update, unweighted_term
 from metaweight._protocols import Objective, Terms, model_arguments
-from metaweight._randomness import model_generators, replay_randomness
+from metaweight._randomness import model_generators, replay_randomness, rng_state, set_rng_state
 from metaweight._tangents import ShortTangents, dual_level
 from metaweight._transaction import BufferSnapshot, FlatCopies
 from metaweight._walk import ModelWalk, check_single_roles, current_walk, walk, watched_forward
@@ -324,7 +324,9 @@ def meta_gradient(
     :math:`\\theta`). ``keep_graph=True`` runs the training forward on the model's real buffers
     (as the model's own step would, updating BatchNorm statistics once) and returns the terms
     with their graph, so the caller's step can backpropagate the new weights through it
-    instead of running the forward again.
+    instead of running the forward again; the random-number generators are then left where that
+    forward and the criterion left them, as the model's own forward would (the validation
+    forward's draws are undone, as the caller undoes the whole look-ahead's without ``keep_graph``).
 
     With a :class:`Reducer` over several ranks (DistributedDataParallel), the training gradient,
     the validation losses and gradient and the directional derivatives are averaged across
@@ -337,7 +339,8 @@ def meta_gradient(
     movable = [(n, p) for n, p in named if lookahead_names is None or n in lookahead_names]
     device = gamma.device
     scratch = _scratch(model)
-    with replay_randomness(device, model_generators(model), model) as replay:
+    generators = model_generators(model)
+    with replay_randomness(device, generators, model) as replay:
         if not keep_graph:
             scratch.save()  # (the later forwards start from the same buffers: the training forward's are a copy)
         params = dict(walked.parameters)
@@ -345,6 +348,9 @@ def meta_gradient(
         if keep_graph:
             scratch.save()  # the buffers as this forward left them, as the model's own step would see them
         terms = criterion(outputs, y)
+        # the model's step reuses this forward: the generators are left where it (and the criterion) left them,
+        # as the model's own forward would leave them, not past the validation forward's draws
+        reused = rng_state(device, generators) if keep_graph else None
         grads = torch.autograd.grad(
             (gamma.to(terms) * terms).sum(), [p for _, p in movable], allow_unused=True, retain_graph=keep_graph
         )
@@ -373,6 +379,8 @@ def meta_gradient(
         else:
             raise ValueError(f"Unknown backend {backend!r}; expected 'jvp' or 'finite_difference'.")
         derivative = reducer.mean([derivative])[0]
+    if reused is not None:
+        set_rng_state(reused, device)
     return MetaResult(-derivative.to(gamma.dtype), objective, exit_losses, terms if keep_graph else terms.detach())
 
 

@@ -150,7 +150,10 @@ class HarmonizedWeighter(NamedWeights):
             parameters (e.g. the exit heads and the last stage); the others are held at
             :math:`\theta`. Cheaper; approximates the full look-ahead.
         reuse_forward: let :meth:`step` reuse the meta step's training forward (faster,
-            more memory; see :meth:`step`).
+            more memory; the same run bit for bit, dropout masks and random-number generators
+            included; see :meth:`step`). It changes nothing with ``backend="higher"`` (whose
+            look-ahead runs on a patched copy) or ``mode="fast"`` (whose step runs one training
+            forward already).
         mode: ``"exact"`` (the paper's order: gamma is updated first, then the model steps
             with it) or ``"fast"`` (the model steps with the gamma it has, and that step is the
             look-ahead: about 2.5x a plain iteration instead of 4x on the CIFAR MSDNet; the
@@ -805,8 +808,9 @@ class HarmonizedWeighter(NamedWeights):
 
         With the ``jvp``/``finite_difference`` backends and ``reuse_forward=True`` the model's
         step backpropagates the new weights through the meta step's own training forward
-        (same batch, same parameters, same dropout masks, BatchNorm statistics updated once),
-        so the iteration runs one forward fewer; the price is holding that forward's graph
+        (same batch, same parameters, same dropout masks, BatchNorm statistics updated once, the
+        random-number generators left where that forward left them), so the iteration runs one
+        forward fewer; the price is holding that forward's graph
         during the validation pass (on the CIFAR MSDNet: about 8% less time, but 1.67x instead
         of 1.15x the peak memory of a plain iteration). If anything fails, the model's buffers
         are restored.

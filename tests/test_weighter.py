@@ -1,6 +1,7 @@
 """HarmonizedWeighter: the meta-gradient against independent references, and what it must not touch."""
 
 import copy
+import random
 import re
 
 import numpy as np
@@ -224,6 +225,94 @@ def test_an_exact_meta_step_after_the_step_warns_once_at_the_first_call(order):
     said = [str(h.message) for h in heard if "comes before the model's step" in str(h.message)]
     assert len(said) == (1 if order == "after the step" else 0), said
     assert not said or "build the weighter with mode='fast'" in said[0]
+
+
+class DrawingNet(torch.nn.Module):
+    """A multi-exit MLP whose forward draws from every generator the weighter replays: dropout (torch's
+    global generator), a torch.Generator it holds, NumPy's global state and Python's random."""
+
+    def __init__(self, num_exits=3):
+        super().__init__()
+        self.stages = torch.nn.ModuleList([torch.nn.Linear(6 if k == 0 else 8, 8) for k in range(num_exits)])
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(8, 5) for _ in range(num_exits)])
+        self.drop = torch.nn.Dropout(0.3)
+        self.g = torch.Generator().manual_seed(5)
+
+    def forward(self, x):
+        noise = torch.rand(x.shape, generator=self.g) * 0.1 + float(np.random.rand()) * 0.01 + random.random() * 0.01
+        h, outputs = x * (1 + noise), []
+        for stage, head in zip(self.stages, self.heads):
+            h = self.drop(torch.tanh(stage(h)))
+            outputs.append(head(h))
+        return outputs
+
+
+def _random_states(model):
+    return torch.get_rng_state(), model.g.get_state(), np.random.get_state(), random.getstate()
+
+
+def _same_random_states(a, b):
+    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2][0] == b[2][0] and \
+        np.array_equal(a[2][1], b[2][1]) and a[2][2:] == b[2][2:] and a[3] == b[3]
+
+
+@pytest.mark.parametrize("backend", ["jvp", "finite_difference"])
+def test_reuse_forward_changes_nothing_with_dropout(backend):
+    """reuse_forward=True gives the run of reuse_forward=False bit for bit, with dropout and the other generators
+    a forward draws from: each step() leaves them where the user's own loop (one training forward per step) does,
+    not past the validation forward's draws (which made the next step's dropout masks differ)."""
+    train = [batch() for _ in range(3)]
+    val = [batch() for _ in range(3)]
+
+    def seeded():
+        torch.manual_seed(1), np.random.seed(1), random.seed(1)
+
+    torch.manual_seed(0)
+    start = DrawingNet()
+    seeded()
+    for x, _ in train:  # the user's own loop: one training forward per iteration
+        start(x)
+    reference = _random_states(start)
+    runs = {}
+    for reuse in (False, True):
+        model = copy.deepcopy(start)
+        model.g.manual_seed(5)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        weighter = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3),
+                                         gamma_lr=0.05, backend=backend, reuse_forward=reuse, check_gradients=False)
+        seeded()
+        for t, v in zip(train, val):
+            weighter.step(t, v)
+        runs[reuse] = (weighter.gamma.detach().clone(), copy.deepcopy(model.state_dict()),
+                       copy.deepcopy(optimizer.state_dict()["state"]), _random_states(model))
+    (gamma, params, state, rng), (gamma_reuse, params_reuse, state_reuse, rng_reuse) = runs[False], runs[True]
+    assert _same_random_states(rng, reference) and _same_random_states(rng_reuse, reference)
+    assert torch.equal(gamma, gamma_reuse)
+    assert all(torch.equal(params[k], params_reuse[k]) for k in params)
+    assert all(torch.equal(state[i][k], state_reuse[i][k]) for i in state for k in state[i])
+
+
+class LazilyDrawingNet(DrawingNet):
+    """Creates a generator in its first forward: the look-ahead refuses it, after its training forward drew."""
+
+    def forward(self, x):
+        if not hasattr(self, "lazy"):
+            self.lazy = torch.Generator().manual_seed(3)
+        return super().forward(x + torch.rand(x.shape, generator=self.lazy))
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_step_refused_in_its_look_ahead_leaves_the_random_state(reuse):
+    model = LazilyDrawingNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # (check_gradients would refuse the generator first, before the look-ahead)
+    weighter = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), reuse_forward=reuse,
+                                     check_gradients=False)
+    train, val = batch(), batch()
+    before = _random_states(model)
+    with pytest.raises(ValueError, match="created or replaced during the training forward"):
+        weighter.step(train, val)
+    assert _same_random_states(_random_states(model), before)
 
 
 def test_learn_false_never_changes_gamma():
