@@ -76,8 +76,9 @@ class ExactMode:
         # of this iteration then draws again: the generators are put back where they were, so that the step
         # taken is the step looked ahead with. Where the model's step reuses the look-ahead's forward
         # (keep_graph), the backend leaves them where that forward left them instead, where the model's own
-        # forward would: the same state either way, so reuse_forward changes no later dropout mask
-        start = rng_state(device, model_generators(w.module))
+        # forward would (and where they were if it raises): the same state either way, so reuse_forward
+        # changes no later dropout mask
+        start = None if keep_graph else rng_state(device, model_generators(w.module))
         try:
             result = self.backend.meta_gradient(
                 w.module, w._inner_optimizer, w._terms, w._objective, w.gamma.detach(), train, val,
@@ -85,10 +86,10 @@ class ExactMode:
             )
         except Exception:
             w.num_calls -= 1  # a meta step that raised did not happen
-            set_rng_state(start, device)  # nor did its draws
             raise
-        if not keep_graph:
-            set_rng_state(start, device)
+        finally:
+            if start is not None:
+                set_rng_state(start, device)
         gamma_grad = result.gamma_grad * w._active
         pending = w._step_gamma(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
         return pending, (result.terms if keep_graph else None)

@@ -326,7 +326,8 @@ def meta_gradient(
     with their graph, so the caller's step can backpropagate the new weights through it
     instead of running the forward again; the random-number generators are then left where that
     forward and the criterion left them, as the model's own forward would (the validation
-    forward's draws are undone, as the caller undoes the whole look-ahead's without ``keep_graph``).
+    forward's draws are undone, as the caller undoes the whole look-ahead's without ``keep_graph``),
+    and where they were before the call if it raises.
 
     With a :class:`Reducer` over several ranks (DistributedDataParallel), the training gradient,
     the validation losses and gradient and the directional derivatives are averaged across
@@ -340,7 +341,8 @@ def meta_gradient(
     device = gamma.device
     scratch = _scratch(model)
     generators = model_generators(model)
-    with replay_randomness(device, generators, model) as replay:
+    # (without keep_graph the caller puts the generators back, whatever happens)
+    with replay_randomness(device, generators, model, rewind_on_error=keep_graph) as replay:
         if not keep_graph:
             scratch.save()  # (the later forwards start from the same buffers: the training forward's are a copy)
         params = dict(walked.parameters)

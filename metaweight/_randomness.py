@@ -151,7 +151,8 @@ def rewound_to(state: RngState, device: torch.device) -> Iterator[None]:
 
 @contextmanager
 def replay_randomness(device: torch.device, generators: tuple[torch.Generator, ...] = (),
-                      model: nn.Module | None = None) -> Iterator[Callable[[], Any]]:
+                      model: nn.Module | None = None, *, rewind_on_error: bool = False
+                      ) -> Iterator[Callable[[], Any]]:
     """Lets later forwards draw the same random numbers (dropout masks) as the first one.
 
     Yields ``replay``: a context manager that rewinds the generators (the global ones and
@@ -159,7 +160,8 @@ def replay_randomness(device: torch.device, generators: tuple[torch.Generator, .
     the look-ahead's extra forwards use the very masks of the forward whose gradients they
     differentiate. With ``model``, ``replay`` first refuses (``ValueError``) a generator the model
     holds that was not there on entry: the first forward created or replaced it, from a state that
-    cannot be rewound to.
+    cannot be rewound to. With ``rewind_on_error``, a block that raises leaves the generators where
+    they were on entry (its draws undone).
     """
     start = rng_state(device, generators)
 
@@ -170,4 +172,9 @@ def replay_randomness(device: torch.device, generators: tuple[torch.Generator, .
                 raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared)))
         return rewound_to(start, device)
 
-    yield replay
+    try:
+        yield replay
+    except BaseException:
+        if rewind_on_error:
+            set_rng_state(start, device)
+        raise
