@@ -338,6 +338,7 @@ class Pending:
     presence: list[str] | None = None  # those with a gradient at the step but none after backward, or the reverse
     moved_before: Tensor | None = None  # on the device: whether they moved between loss() and the step
     end_print: Tensor | None = None  # their fingerprint as the step left them
+    stepped_on: bool = False  # the optimizer stepped while error was set (nothing captured)
 
     def stepped(self) -> list[Micro]:
         """The losses whose backward the step used, in order."""
@@ -470,6 +471,8 @@ class StepCapture(_Inert):
 
     def _capture(self, weighter: Any, optimizer: torch.optim.Optimizer) -> None:
         pending: Pending | None = weighter._pending
+        if pending is not None and pending.error is not None:
+            pending.stepped_on = True  # (a refused step: nothing captured, but meta_step must know it came)
         if pending is None or pending.theta is not None or pending.error is not None:
             return
         found_inf = getattr(optimizer, "found_inf", None)  # a GradScaler stepping a fused optimizer

@@ -392,7 +392,8 @@ class EarlyExit(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         """What ``state_dict()`` keeps beside the model and the thresholds: the rule's name and the
         temperatures (``None`` for raw logits), which the thresholds were fitted with."""
-        return {"rule": self.rule.name, "temperatures": self.temperatures}
+        temperatures = None if self.temperatures is None else list(self.temperatures)  # (a copy: not the live list)
+        return {"rule": self.rule.name, "temperatures": temperatures}
 
     def set_extra_state(self, state: Any) -> None:
         """Load the temperatures saved by :meth:`get_extra_state` (checked as at construction)."""
@@ -416,21 +417,16 @@ class EarlyExit(nn.Module):
                              f"({len(self.thresholds)} exits): {error} This EarlyExit was left as it was.") from None
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``, with what it would refuse after copying (with ``strict``: keys
-        missing or unexpected; tensors of other shapes) refused before anything is copied, and the
-        thresholds, rule and temperatures checked first (see the class)."""
-        if strict and isinstance(state_dict, Mapping):
-            own = self.state_dict(keep_vars=True)
-            missing = [k for k in own if k not in state_dict and k != "_extra_state"]  # (an older state lacks it)
-            unexpected = [k for k in state_dict if k not in own]
-            shapes = [f"{k}: {tuple(v.shape)} in the state, {tuple(own[k].shape)} here" for k, v in state_dict.items()
-                      if isinstance(v, Tensor) and isinstance(own.get(k), Tensor) and v.shape != own[k].shape]
-            if missing or unexpected or shapes:
-                raise RuntimeError(f"EarlyExit.load_state_dict: the state is not this EarlyExit's (missing keys: "
-                                   f"{missing}; unexpected keys: {unexpected}; other shapes: {shapes}). Load the "
-                                   f"state_dict() of an EarlyExit around the same model (or the model's own state "
-                                   f"into predictor.model), or pass strict=False. This EarlyExit was left as it was.")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """``nn.Module.load_state_dict``, with the thresholds, rule and temperatures checked before anything
+        is copied (see the class), and the thresholds and temperatures put back where torch refuses the
+        state after copying them (with ``strict``: keys missing or unexpected; tensors of other shapes).
+        The model's own weights follow torch's rules."""
+        thresholds, temperatures = self.thresholds.clone(), self.temperatures
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except Exception:
+            self._buffers["thresholds"], self.temperatures = thresholds, temperatures
+            raise
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from metaweight._capture import (TOLERANCE, GradSnapshot, Micro, Pending, module_modes, requires_grad_message, tensor_leaves,
+from metaweight._capture import (LET_GO, TOLERANCE, GradSnapshot, Micro, Pending, module_modes, requires_grad_message, tensor_leaves,
                                 value_print, values_print, version_of)
 from metaweight._checks import unpack_batch as _unpack
 from metaweight._clipping import EPSILON, clip_transpose, total_norm
@@ -123,6 +123,8 @@ class TwoCall:
         :class:`_NonFinite` when the losses it stepped on or their gradients were not finite (decided
         before the checks of what moved and rescaled, which non-finite values would fail).
         Raises a ``ValueError`` for what cannot be scored, before anything changes."""
+        if pending.error is LET_GO and not pending.stepped_on:  # a later micro-batch, not stepped on yet: skipped
+            return None  # as the first (let go again), refused at the step, whatever the number of micro-batches
         if pending.error is not None:
             raise ValueError(pending.error + " gamma is unchanged.")
         stepped = pending.stepped()

@@ -391,7 +391,7 @@ class HarmonizedWeighter(NamedWeights):
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
         self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
-        self._first_loss: tuple[Tensor | None, int] | None = None  # mode="exact": labels, optimizer steps
+        self._first_loss: tuple[Tensor | None, int, int] | None = None  # mode="exact": labels, steps, calls
         # the gradients (objects, versions) a two-call meta_step let go after a backward no step followed
         self._let_go: GradSnapshot | None = None
         self._step_hooks: tuple[RemovableHandle, ...] = ()
@@ -476,18 +476,19 @@ class HarmonizedWeighter(NamedWeights):
         if self.mode == "fast" and self.learn and weighted.requires_grad:
             self._keep_for_meta_step(outputs, terms, target, weighted)
         elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
-            self._first_loss = (first_labels(target), optimizer_steps(self._inner_optimizer))
+            calls = 1 if self._first_loss is None else self._first_loss[2] + 1
+            self._first_loss = (first_labels(target), optimizer_steps(self._inner_optimizer), calls)
         return weighted
 
     def _warn_if_after_step(self, train_batch: Batch) -> None:
-        """``mode="exact"``, at the first two-call ``meta_step``: warn when a training ``loss()`` of the same
-        labels came first and the optimizer stepped since (the order of ``mode="fast"`` and the loss
+        """``mode="exact"``, at the first two-call ``meta_step``: warn when one training ``loss()`` of the same
+        labels came first (one: a warm-up of several is no wrong order) and the optimizer stepped since (the order of ``mode="fast"`` and the loss
         weightings), so the look-ahead scores a step on a batch already stepped on. Python objects only."""
         first, self._first_loss = self._first_loss, None
         if first is None or self.num_calls or not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
             return
-        labels, steps = first
-        if labels is not None and labels is first_labels(train_batch[1]) and \
+        labels, steps, calls = first  # (one call: a warm-up of several with fixed gamma is no wrong order)
+        if calls == 1 and labels is not None and labels is first_labels(train_batch[1]) and \
                 optimizer_steps(self._inner_optimizer) > steps:
             warn_user("mode='exact' scores the look-ahead of the step to come, so its meta_step comes before the "
                       "model's step: weighter.meta_step((x, y), val_batch); loss = weighter.loss(model(x), y); "

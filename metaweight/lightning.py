@@ -96,6 +96,12 @@ class _HeldOut:
         self.taken += 1
         return batch
 
+    @property
+    def position(self) -> int:
+        """The batches taken in the current pass, as a checkpoint keeps them (before the first batch of a
+        resumed run, the saved position it will skip to)."""
+        return self.taken if self._batches is not None else self._skip
+
     def _advanced(self, skip: int) -> Iterator[Any]:
         batches = iter(self.loader)
         for done in range(skip):
@@ -190,7 +196,7 @@ class HarmonizedCallback(lightning.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.weighter is None:
             return {}
-        taken = self._val.taken if isinstance(self._val, _HeldOut) else 0
+        taken = self._val.position if isinstance(self._val, _HeldOut) else 0
         return {**self.weighter.state_dict(), _TAKEN: taken}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

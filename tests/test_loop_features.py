@@ -689,20 +689,21 @@ def test_a_meta_step_after_each_accumulated_micro_batch_is_refused_at_the_step()
     skipped, dropping its loss; the step then used both micro-batches' gradients, so a meta_step scoring the
     last micro-batch alone (as before: accepted silently) or the whole batch without the dropped loss scores
     another step: refused, changing nothing. A meta_step at the step alone is scored again afterwards."""
-    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
+    case = Case(form="fast, two calls", accumulate=3, optimizer="momentum")
     model, optimizer, criterion, validation, _ = build(case)
     w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
                               init=torch.tensor(GAMMA))
-    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
-    micro = list(zip(x.chunk(2), y.chunk(2)))
+    x, y = torch.randn(18, 6, dtype=F64), torch.randint(0, 4, (18,))
+    micro = list(zip(x.chunk(3), y.chunk(3)))
     optimizer.zero_grad()
-    (w.loss(model(micro[0][0]), micro[0][1]) / 2).backward()
-    with pytest.warns(RuntimeWarning, match="after a micro-batch it did not step on"):
-        assert w.meta_step(micro[0], (x, y)).skipped
-    (w.loss(model(micro[1][0]), micro[1][1]) / 2).backward()
+    for part in micro[:2]:  # (each skipped until the step, however many micro-batches come before it)
+        (w.loss(model(part[0]), part[1]) / 3).backward()
+        with pytest.warns(RuntimeWarning, match="after a micro-batch it did not step on"):
+            assert w.meta_step(part, (x, y)).skipped
+    (w.loss(model(micro[2][0]), micro[2][1]) / 3).backward()
     optimizer.step()
     before = state(model, optimizer, w)
-    for scored in (micro[1], (x, y)):
+    for scored in (micro[2], (x, y)):
         with pytest.raises(ValueError, match="meta_step already ran and was skipped.*whole batch.*sync_gradients"):
             w.meta_step(scored, (x, y))
         assert same(before, state(model, optimizer, w))

@@ -204,7 +204,8 @@ def test_step_equals_meta_step_then_users_own_step(backend, reuse):
     assert set(weighter.terms_dict()) == set(criterion.term_names)
 
 
-@pytest.mark.parametrize("order", ["after the step", "before the step", "before, one batch throughout"])
+@pytest.mark.parametrize("order", ["after the step", "before the step", "before, one batch throughout",
+                                   "before, one batch throughout, after a warm-up"])
 def test_an_exact_meta_step_after_the_step_warns_once_at_the_first_call(order):
     """mode='exact' scores the step to come: a loop calling meta_step after loss, backward and step (fast mode's
     order, the loss weightings') learned from a step never taken, silently; it now warns at the first meta
@@ -214,8 +215,12 @@ def test_an_exact_meta_step_after_the_step_warns_once_at_the_first_call(order):
     import warnings
     with warnings.catch_warnings(record=True) as heard:
         warnings.simplefilter("always")
+        if order.endswith("warm-up"):  # gamma fixed for a few steps first (full-batch training: one y tensor)
+            for _ in range(2):
+                loss = weighter.loss(model(same[0]), same[1])
+                optimizer.zero_grad(); loss.backward(); optimizer.step()
         for i in range(3):
-            train, val = same if order.endswith("throughout") else batch(dtype=F64), batch(dtype=F64)
+            train, val = same if "throughout" in order else batch(dtype=F64), batch(dtype=F64)
             if order.startswith("before"):
                 weighter.meta_step(train, val)
             loss = weighter.loss(model(train[0]), train[1])
