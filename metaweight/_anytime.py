@@ -136,9 +136,9 @@ def collect_logits(
                                  f"Found `{type(item).__name__}`.")
             inputs, target = item
             outputs = call_model(model, to_device(inputs, device), "collect_logits")
-            outputs = check_exit_outputs(outputs, num_exits,  # (the first batch's number, for the others)
-                                         fix=f"Batch {i} gives {{n}} and the first gave {num_exits}: every batch "
-                                             f"must give one logits tensor per exit")
+            outputs = check_exit_outputs(outputs, num_exits, where=f"model output of batch {i}",
+                                         expected="the first batch's had {k}",  # (for the batches after it)
+                                         fix="Every batch must give one logits tensor per exit")
             num_exits = len(outputs)
             shape = outputs[0].shape
             target = check_target(target, shape[0], shape[-1], tokens=shape[1] if len(shape) == 3 else None,

@@ -27,10 +27,12 @@ def check_num_exits(num_exits: int) -> int:
 
 
 def check_exit_outputs(outputs: object, num_exits: int | None, where: str = "model output",
-                       fix: str = "Build the loss and the validation objective with num_exits={n}") -> list[Tensor]:
+                       fix: str = "Build the loss and the validation objective with num_exits={n}",
+                       expected: str = "num_exits={k}") -> list[Tensor]:
     """Check that ``outputs`` is a list/tuple of ``num_exits`` logits tensors of one shape ``[B, C]``
     (``None``: any number but 0, where the caller knows none yet); ``fix`` (with ``{n}``, the exits
-    found) says what to change when their number differs."""
+    found) says what to change when their number differs, and ``expected`` (with ``{k}``) where
+    ``num_exits`` came from."""
     count = "K logits tensors" if num_exits is None else \
         f"{num_exits} logits tensor{'s' if num_exits != 1 else ''}"
     if isinstance(outputs, Tensor) or not isinstance(outputs, Sequence):
@@ -52,7 +54,8 @@ def check_exit_outputs(outputs: object, num_exits: int | None, where: str = "mod
                          f"tensor per exit, `[logits_1, ..., logits_K]`; check the model's forward.")
     if num_exits is not None and len(outputs) != num_exits:
         raise ValueError(
-            f"The {where} has {len(outputs)} exits, but num_exits={num_exits}. {fix.format(n=len(outputs))}, or "
+            f"The {where} has {len(outputs)} exits, but {expected.format(k=num_exits)}. "
+            f"{fix.format(n=len(outputs))}, or "
             f"check the model's forward."
         )
     shape = None

@@ -71,7 +71,7 @@ def test_outputs_that_are_not_a_list_of_logits_are_refused_without_a_count_nobod
         run(Outputs(lambda z: []), [(x, y)])
     if call != "exit_costs":  # (one example input)
         calls = iter([3, 2])
-        with pytest.raises(ValueError, match="Batch 1 gives 2 and the first gave 3"):
+        with pytest.raises(ValueError, match="model output of batch 1 has 2 exits, but the first batch's had 3"):
             run(Outputs(lambda z: z[:next(calls)]), [(x, y), (x, y)])
 
 
