@@ -354,6 +354,7 @@ class Weighting(NamedWeights):
         self.last_terms: Tensor | None = None
         self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
         self._kept: GradSnapshot | None = None  # the gradients when a meta_step after no step kept the calls
+        self._kept_at: int | None = None  # ... and the optimizer's step count then
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
         self._calls_made = 0  # training loss() calls so far: their order, for FAMO's check of the labels
@@ -539,7 +540,7 @@ class Weighting(NamedWeights):
         return terms if terms is not None else self._pending
 
     def _reset_pending(self) -> None:
-        self._pending, self._groups, self._last_values, self._kept = None, {}, None, None
+        self._pending, self._groups, self._last_values, self._kept, self._kept_at = None, {}, None, None, None
 
     def _gradients(self) -> list[Tensor | None]:
         """The gradients of the parameters the optimizer holds, in its order (Python objects only)."""
@@ -548,7 +549,8 @@ class Weighting(NamedWeights):
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
         count of this optimizer object: a copy starts a new iteration."""
-        return {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None, "_kept": None}
+        return {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None, "_kept": None,
+                "_kept_at": None}
 
     @walked_call
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
@@ -581,6 +583,13 @@ class Weighting(NamedWeights):
                              f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
                              f"Nothing was changed.")
+        steps = optimizer_steps(self._inner_optimizer)
+        if self._kept_at == steps - 1 and steps in self._groups and self._groups[steps].wrote:
+            # calls kept by a meta_step before a step, and a backward after that step before this meta_step: the
+            # loop calls meta_step before optimizer.step() every iteration, not once per accumulated step; the
+            # kept calls are the last iteration's, and this iteration's step is still to come (skipped, warned)
+            del self._groups[steps - 1]
+            self._kept_at = None
         if self._step_not_taken():  # (FAMO's batch is the step's: the form of the pair is all there is to check)
             Weighting._check_batch(self, train_batch)
             return self._not_stepped(local)
@@ -654,6 +663,7 @@ class Weighting(NamedWeights):
         moved = gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad])
         if moved:  # kept while the next backward adds to these gradients (gradient accumulation)
             self._kept = GradSnapshot([(g, g._version if g is not None else -1) for g in self._gradients()], [])
+            self._kept_at = optimizer_steps(self._inner_optimizer)
         else:  # a GradScaler's skip: no step will use these calls' gradients
             self._reset_pending()
         message = not_stepped_message("weighting", f"no loss changed, so {type(self).__name__}'s weights and state are "

@@ -147,6 +147,24 @@ def test_a_meta_step_before_the_backward_leaves_that_loss_s_gradients_as_they_we
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin_model.parameters()))
 
 
+@pytest.mark.parametrize("name", ["uw", "dwa", "gradnorm", "famo"])
+def test_a_loop_calling_meta_step_before_the_step_every_iteration_is_skipped_and_warned_every_time(name):
+    """meta_step between backward and optimizer.step() in every iteration: each call is skipped with a warning and
+    nothing is learned, the model training as without the weighting's updates. The calls a skipped meta_step keeps
+    for an accumulated step are not read as this loop's (they alternated: a stale update every other iteration,
+    and FAMO refused the next iteration's batch as another's)."""
+    w, model, optimizer = build(name)
+    before = state(w)
+    for x, y in batches(4):
+        optimizer.zero_grad()
+        w.loss(model(x), y).backward()
+        with pytest.warns(RuntimeWarning, match="called before optimizer.step"):
+            record = w.meta_step((x, y))
+        optimizer.step()
+        assert record.skipped and not record.ran
+    assert w.num_meta_steps == 0 and same(state(w), before)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("name", ["uw", "dwa", "gradnorm"])
 def test_calls_kept_by_a_meta_step_after_no_step_are_dropped_when_their_gradients_are_zeroed(name, set_to_none):
