@@ -311,8 +311,13 @@ class GradSnapshot:
     def of(grads: Sequence[Tensor | None], names: list[str] | None = None) -> GradSnapshot:
         present = [g for g in grads if g is not None]
         copies = iter(torch._foreach_mul(present, 1.0) if present else [])
-        return GradSnapshot([(g, g._version if g is not None else -1) for g in grads],
-                            [next(copies) if g is not None else None for g in grads], names)
+        return GradSnapshot(GradSnapshot.refs_of(grads).refs, [next(copies) if g is not None else None for g in grads],
+                            names)
+
+    @staticmethod
+    def refs_of(grads: Sequence[Tensor | None]) -> GradSnapshot:
+        """The objects and versions only (for :meth:`changed`; no values copied)."""
+        return GradSnapshot([(g, g._version if g is not None else -1) for g in grads], [])
 
     def changed(self, grads: Sequence[Tensor | None]) -> bool:
         return len(grads) != len(self.refs) or any(

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from metaweight._capture import (LET_GO, TOLERANCE, GradSnapshot, Micro, Pending, module_modes, requires_grad_message, tensor_leaves,
-                                value_print, values_print, version_of)
+from metaweight._capture import (LET_GO, TOLERANCE, GradSnapshot, Micro, Pending, module_modes, requires_grad_message,
+                                tensor_leaves, value_print, values_print, version_of)
 from metaweight._checks import unpack_batch as _unpack
 from metaweight._clipping import EPSILON, clip_transpose, total_norm
 from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
@@ -80,7 +80,7 @@ class TwoCall:
             grads = [p.grad for _, p in w._trainable()]
             moved = gradients_moved(grads)
             if moved:  # a backward to come onto these gradients accumulates the losses let go here: refused
-                w._let_go = GradSnapshot([(g, g._version if g is not None else -1) for g in grads], [])
+                w._let_go = GradSnapshot.refs_of(grads)
             message = not_stepped_message("weighter", "there is no look-ahead to score, gamma is unchanged", moved)
             return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps,
                                   gamma=w.gamma_dict(), message=message)

@@ -647,10 +647,11 @@ class Weighting(NamedWeights):
         with torch.no_grad():
             shown = self._mean_over_ranks(local) if local is not None else None  # (every rank the same, as ever)
         self.num_calls += 1
+        moved = gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad])
         if by_step:  # step() called optimizer.step() itself, which (or a wrapper of it) did not step: no wrong order
             message = (f"The optimizer (or a wrapper of it) did not take the step step() asked of it: no loss "
                        f"changed, so {type(self).__name__}'s weights and state are unchanged.")
-            if gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad]):
+            if moved:
                 message += (" Its gradients are finite, so no GradScaler skipped it: a wrapper stepping once per "
                             "several calls (gradient accumulation, Accelerate's accumulate()) makes step() score "
                             "each micro-batch alone. Use the two calls there: loss = weighting.loss(model(x), y); "
@@ -660,9 +661,8 @@ class Weighting(NamedWeights):
             self._reset_pending()
             return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                                   gamma=self.gamma_dict(), terms=self._named(shown), message=message)
-        moved = gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad])
         if moved:  # kept while the next backward adds to these gradients (gradient accumulation)
-            self._kept = GradSnapshot([(g, g._version if g is not None else -1) for g in self._gradients()], [])
+            self._kept = GradSnapshot.refs_of(self._gradients())
             self._kept_at = optimizer_steps(self._inner_optimizer)
         else:  # a GradScaler's skip: no step will use these calls' gradients
             self._reset_pending()
