@@ -314,7 +314,9 @@ class EarlyExit(nn.Module):
     ``state_dict()`` holds the model's state, the thresholds and, as the extra state, the rule's
     name and the temperatures; ``load_state_dict`` restores the temperatures (a state saved
     before they were kept loads with this predictor's own) and refuses, before copying anything
-    into this predictor, a state saved with another rule or temperatures that do not fit.
+    into this predictor, a state saved with another rule, temperatures that do not fit or NaN
+    thresholds; where torch refuses a state after copying, the thresholds and temperatures are
+    put back.
 
     Example:
         >>> import torch, metaweight as mw
@@ -334,7 +336,8 @@ class EarlyExit(nn.Module):
             dimension (of the inputs, or of the features: a later exit with other rows than the
             samples still in), a row of logits with no softmax, NaN logits at the last exit (which
             predicts every sample still in), a model whose number of exits changed. At
-            ``load_state_dict``: a state of another rule, temperatures that do not fit.
+            ``load_state_dict``: a state of another rule, temperatures that do not fit, NaN
+            thresholds.
     """
 
     _check_statistics = True  # (off for exit_costs(executed=True): every sample leaves at one exit there)

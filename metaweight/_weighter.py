@@ -482,8 +482,9 @@ class HarmonizedWeighter(NamedWeights):
 
     def _warn_if_after_step(self, train_batch: Batch) -> None:
         """``mode="exact"``, at the first two-call ``meta_step``: warn when one training ``loss()`` of the same
-        labels came first (one: a warm-up of several is no wrong order) and the optimizer stepped since (the order of ``mode="fast"`` and the loss
-        weightings), so the look-ahead scores a step on a batch already stepped on. Python objects only."""
+        labels came first (one: a warm-up of several is no wrong order) and the optimizer stepped since (the
+        order of ``mode="fast"`` and the loss weightings), so the look-ahead scores a step on a batch already
+        stepped on. Python objects only."""
         first, self._first_loss = self._first_loss, None
         if first is None or self.num_calls or not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
             return
