@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ from metaweight._anytime import to_device
 from metaweight._losses import DenseDistillLoss
 from metaweight._validation import BalancedValidation
 from metaweight._weighter import HarmonizedWeighter
+from metaweight._warn import warn_user
 from metaweight._weighting import Weighting
 
 __all__ = ["HarmonizedCallback", "WeightingCallback"]
@@ -109,10 +109,10 @@ class _HeldOut:
                 next(batches)
             except StopIteration:
                 if done:  # (an empty loader is refused by __next__)
-                    warnings.warn(f"The checkpoint's position in the validation dataloader ({skip} batches taken in "
-                                  f"the current pass) is past its end ({done} batches): the held-out batches start "
-                                  f"again at the first. Resume with the held-out loader the run was saved with to "
-                                  f"go on where it stopped.", stacklevel=4)
+                    warn_user(f"The checkpoint's position in the validation dataloader ({skip} batches taken in "
+                              f"the current pass) is past its end ({done} batches): the held-out batches start "
+                              f"again at the first. Resume with the held-out loader the run was saved with to "
+                              f"go on where it stopped.", UserWarning)
                 self.taken = 0
                 return iter(self.loader)
             self.taken += 1
@@ -212,10 +212,10 @@ class HarmonizedCallback(lightning.Callback):
         else:
             self.weighter.load_state_dict(state_dict)
         if taken is None:
-            warnings.warn(f"This HarmonizedCallback checkpoint has no position in the validation dataloader (no "
-                          f"'{_TAKEN}': saved by an older metaweight), so the held-out batches start again at the "
-                          f"first one and the resumed run may take other batches than an uninterrupted run would.",
-                          stacklevel=2)
+            warn_user(f"This HarmonizedCallback checkpoint has no position in the validation dataloader (no "
+                      f"'{_TAKEN}': saved by an older metaweight), so the held-out batches start again at the "
+                      f"first one and the resumed run may take other batches than an uninterrupted run would.",
+                      UserWarning)
             taken = 0
         if self.weighter is None:
             self._resume_at = taken
