@@ -286,6 +286,9 @@ class Micro:
     target_versions: tuple[int | None, ...] = ()  # the labels' versions at loss(): changed in place since, if they differ
     target_print: Tensor | None = None  # and their values' fingerprint (a buffer rewritten without a version)
     params_print: Tensor | None = None  # the parameters' fingerprint at this loss() (metaweight._moves)
+    since: GradSnapshot | None = None  # the gradients at this loss(), after an earlier loss's backward ended ...
+    since_of: GradSnapshot | None = None  # ... that one (Pending.after_backward then)
+    clears: bool = False  # they had changed since that backward's end: the earlier losses are not in this step
 
     def __post_init__(self) -> None:
         if not self.target_versions:
@@ -323,6 +326,28 @@ class GradSnapshot:
         return len(grads) != len(self.refs) or any(
             g is not ref or (g is not None and g._version != version) for g, (ref, version) in zip(grads, self.refs))
 
+    def zeroed(self, grads: Sequence[Tensor | None]) -> bool:
+        """Whether a ``zero_grad`` came since these references were taken: a gradient present then is ``None``
+        now (``set_to_none=True``, the default), or one written since (in place, or another object) is all zeros
+        (``set_to_none=False``). A gradient written since with values is no zeroing: a backward adding to it
+        (another loss's; or, in the backward reaching a training ``loss()``, its own writes to parameters only
+        other losses of the sum reach, which autograd may finish before the hook on that loss runs). Python
+        objects, and one host read only where a gradient was written since."""
+        if len(grads) != len(self.refs):
+            return True
+        written = []
+        for g, (ref, version) in zip(grads, self.refs):
+            if g is None:
+                if ref is not None:
+                    return True
+            elif (g is not ref or g._version != version) and g.numel():
+                written.append(g if g.layout == torch.strided else g.coalesce().values())
+        if not written:
+            return False
+        with torch.no_grad():
+            norms = torch._foreach_norm(written)
+            return bool((torch.stack([n.to(norms[0].device, torch.float32) for n in norms]) == 0).any())
+
 
 @dataclasses.dataclass
 class Pending:
@@ -355,8 +380,21 @@ def grads_of(named: Sequence[tuple[str, Tensor]]) -> list[Tensor | None]:
 
 
 def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) -> None:
-    """Hook ``loss`` so that its backward records its factor and, at the end, the gradients."""
+    """Hook ``loss`` so that its backward records its factor and, at the end, the gradients. What changed in the
+    gradients since the last backward's end is first looked at here, at ``loss()``, before anything of this loss's
+    own backward is written (:meth:`GradSnapshot.zeroed`)."""
     ref = weakref.ref(weighter)
+    if weighter._let_go is not None or pending.after_backward is not None:
+        grads = grads_of(weighter._trainable())
+        if weighter._let_go is not None:  # (what comes after this loss() is looked at by its backward's hook)
+            weighter._let_go = None if weighter._let_go.zeroed(grads) else GradSnapshot.refs_of(grads)
+        if pending.after_backward is not None and any(m.factor is not None for m in pending.micro if m is not micro):
+            if pending.after_backward.changed(grads):  # a zero_grad since the earlier losses' backward, or else
+                if bool(_all_zero(grads, None)):  # (one host read, where they changed)
+                    micro.clears = True
+                else:  # (not known to be no transform of them, e.g. clipping each micro-batch: refused at meta_step)
+                    pending.cleared = torch.tensor(False)
+            micro.since, micro.since_of = GradSnapshot.refs_of(grads), pending.after_backward
 
     def snapshot() -> None:
         w = ref()
@@ -375,16 +413,17 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
             return
         earlier = [m for m in pending.micro if m.factor is not None and m is not micro]
         let_go, w._let_go = w._let_go, None
-        if let_go is not None and not earlier and not let_go.changed(grads_of(w._trainable())):
+        if let_go is not None and not earlier and not let_go.zeroed(grads_of(w._trainable())):
             pending.error = LET_GO  # (no zero_grad since: this backward adds to the gradients of losses let go)
         if earlier and pending.after_backward is not None:
-            named = w._trainable()
-            grads = grads_of(named)
-            if pending.after_backward.changed(grads):
-                # a zero_grad between two backwards: the earlier losses are not in this step
-                present = [g for g in grads if g is not None]
-                zero = torch.stack(torch._foreach_norm(present)).sum() == 0 if present else torch.tensor(True)
-                pending.cleared = zero if pending.cleared is None else pending.cleared & zero
+            grads = grads_of(w._trainable())
+            if micro.since is not None and micro.since_of is pending.after_backward:  # looked at in loss()
+                cleared = micro.clears or micro.since.zeroed(grads)
+            else:  # (loss() came before the earlier backward ended: what changed since that end)
+                cleared = pending.after_backward.changed(grads)
+                if cleared:
+                    pending.cleared = _all_zero(grads, pending.cleared)
+            if cleared:  # a zero_grad between two backwards: the earlier losses are not in this step
                 for m in earlier:
                     m.factor = None
         micro.factor = grad.detach().clone() if micro.factor is None else micro.factor + grad.detach()
@@ -392,6 +431,14 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
         Variable._execution_engine.queue_callback(lambda: Variable._execution_engine.queue_callback(snapshot))
 
     loss.register_hook(on_gradient)
+
+
+def _all_zero(grads: Sequence[Tensor | None], cleared: Tensor | None) -> Tensor:
+    """``cleared`` and whether the present gradients are all zeros, on the device: what changed between two
+    backwards was a zeroing (or else the step's meta-gradient is not known: refused at ``meta_step``)."""
+    present = [g for g in grads if g is not None]
+    zero = torch.stack(torch._foreach_norm(present)).sum() == 0 if present else torch.tensor(True)
+    return zero if cleared is None else cleared & zero
 
 
 LET_GO = ("This backward accumulates onto gradients of earlier weighter.loss calls whose meta_step already ran and "

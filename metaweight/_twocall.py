@@ -243,8 +243,10 @@ class TwoCall:
         _check_moves(rest[2 + terms.numel():])
         if not ok:
             raise ValueError("The gradients changed between two backwards of one optimizer step by something other "
-                             "than zero_grad (e.g. clipping each micro-batch): the step's meta-gradient is not known. "
-                             "Transform the gradients once, after the last backward. gamma is unchanged.")
+                             "than zero_grad (e.g. clipping each micro-batch, or a backward of another loss between "
+                             "them): the step's meta-gradient is not known. Transform the gradients once, after the "
+                             "last backward; backpropagate another loss with a micro-batch's weighted loss, "
+                             "(loss + other).backward(). gamma is unchanged.")
         if pending.presence:
             raise ValueError(f"The gradients the optimizer stepped on are not what backward left: the parameters "
                              f"{pending.presence[:8]}{' ...' if len(pending.presence) > 8 else ''} had no gradient "

@@ -474,6 +474,7 @@ class Weighting(NamedWeights):
             weight = _scored(target, getattr(self.criterion, "ignore_index", None))
             samples = batch_samples(target)
             self._calls_made += 1
+            self._drop_cleared()
             labels = (self._calls_made, first_labels(target) if self.reads_train_batch else None)
             counted: list[bool] = []
 
@@ -499,11 +500,7 @@ class Weighting(NamedWeights):
         steps = optimizer_steps(self._inner_optimizer)
         for old in [k for k in self._groups if k < steps - 1]:
             del self._groups[old]
-        if steps in self._groups and self._groups[steps].wrote and not self._any_gradient():
-            del self._groups[steps]  # the gradients those calls' backward wrote were cleared: no step came of them
-        kept, self._kept = self._kept, None
-        if kept is not None and kept.changed(self._gradients()):
-            self._groups.pop(steps, None)  # calls a meta_step kept whose gradients were zeroed (in place) since
+        self._drop_cleared(at_backward=True)
         group = self._groups.setdefault(steps, _Calls())
         group.sums = {k: v * weight + group.sums[k] if k in group.sums else v * weight for k, v in values.items()}
         group.weight = group.weight + weight
@@ -515,6 +512,25 @@ class Weighting(NamedWeights):
             group.wrote = group.wrote or self._any_gradient()
 
         torch.autograd.Variable._execution_engine.queue_callback(ended)
+
+    def _drop_cleared(self, at_backward: bool = False) -> None:
+        """Drop the calls since the optimizer's last step whose gradients a ``zero_grad()`` cleared since their
+        backward (or since a :meth:`meta_step` kept them: :meth:`GradSnapshot.zeroed`). Checked at each training
+        :meth:`loss` (before anything of its own backward is written) and again when its backward reaches it (a
+        ``zero_grad`` between the forward and the backward); between the two, a backward may write gradients of
+        parameters only other losses of the sum reach: an addition, no zeroing. Python objects, and one host read
+        where kept calls' gradients were written since."""
+        steps = optimizer_steps(self._inner_optimizer)
+        if steps in self._groups and self._groups[steps].wrote and not self._any_gradient():
+            del self._groups[steps]  # the gradients those calls' backward wrote were cleared: no step came of them
+        if self._kept is None:
+            return
+        grads = self._gradients()
+        if self._kept.zeroed(grads):
+            self._groups.pop(steps, None)  # calls a meta_step kept whose gradients were zeroed since
+            self._kept = None
+        else:  # (the next check looks at what came after this one)
+            self._kept = None if at_backward else GradSnapshot.refs_of(grads)
 
     def _any_gradient(self) -> bool:
         """Whether any parameter the optimizer holds has a ``.grad`` (Python objects only)."""

@@ -730,6 +730,87 @@ def test_a_zero_grad_between_backwards_starts_the_step_afresh():
     assert rel_err_of(record.gamma_grad, ref) < 1e-3
 
 
+DISTURBANCES = {  # what a loop does between two backwards of one step; whether it is a zeroing
+    "nothing": (lambda model, optimizer: None, False),
+    "zero_grad": (lambda model, optimizer: optimizer.zero_grad(), True),
+    "zero_grad in place": (lambda model, optimizer: optimizer.zero_grad(set_to_none=False), True),
+    "another loss's backward": (lambda model, optimizer: model.aux.square().sum().backward(), False),
+}
+
+
+@pytest.mark.parametrize("aux", [False, True], ids=["", "aux loss summed after"])
+@pytest.mark.parametrize("where", ["after the backward", "after loss()"])
+@pytest.mark.parametrize("what", list(DISTURBANCES))
+def test_what_came_between_two_backwards_of_one_step_is_told_apart(what, where, aux):
+    """Two micro-batches, one step, mode='fast': a zero_grad between them (to None or in place, before the second
+    loss() or between it and its backward) leaves the step the second alone, anything else (nothing, a backward
+    of another loss after the second loss()) the two; meta_step gives that step's meta-gradient (central differences of the real step).
+    With an auxiliary loss on a parameter only it reaches, summed after weighter.loss, autograd writes that
+    gradient before the hook on the weighted loss runs: an addition, not a zeroing (it dropped the first
+    micro-batch, and meta_step was refused as 'changed by something other than zero_grad')."""
+    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
+    model, _, criterion, validation, _ = build(case)
+    model.aux = nn.Parameter(torch.randn(3, dtype=F64))  # (the outputs do not depend on it)
+    optimizer = OPTIMIZERS[case.optimizer](list(model.parameters()))
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    torch.manual_seed(2)
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    val = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    micro = list(zip(x.chunk(2), y.chunk(2)))
+    disturb, zeroing = DISTURBANCES[what]
+    scored = micro[1:] if zeroing else micro
+    # (between a backward's end and the next loss() the gradients may change by a zeroing only: a change there is
+    # not known to be no transform of them, such as clipping each micro-batch)
+    refused = what == "another loss's backward" and where == "after the backward"
+    twins = copy.deepcopy((model, optimizer, validation))
+    rng = torch.get_rng_state()
+    optimizer.zero_grad()
+    for i, (xi, yi) in enumerate(micro):
+        if i == 1 and where == "after the backward":
+            disturb(model, optimizer)
+        loss = w.loss(model(xi), yi)
+        if aux:
+            loss = loss + 1e-2 * model.aux.square().sum()
+        if i == 1 and where == "after loss()":
+            disturb(model, optimizer)
+        (loss / 2).backward()
+    optimizer.step()
+    val_rng = torch.get_rng_state()
+    batch = (torch.cat([m[0] for m in scored]), torch.cat([m[1] for m in scored]))
+    if refused:
+        refused_unchanged(model, optimizer, w, "changed between two backwards.*another loss", batch, val)
+        return
+    record = w.meta_step(batch, val)
+    halved = lambda outputs, target: criterion(outputs, target) / 2  # (each loss was divided by the two)
+    ref = reference(case, twins[0], twins[1], None, halved if zeroing else criterion, twins[2], scored, val, rng,
+                    val_rng)
+    assert rel_err_of(record.gamma_grad, ref) < 1e-3
+
+
+@pytest.mark.parametrize("aux", [False, True], ids=["", "aux loss summed after"])
+def test_a_meta_step_after_each_micro_batch_is_refused_at_the_step_with_an_auxiliary_loss_too(aux):
+    """The let-go check of the fast mode (a meta_step skipped after a micro-batch the step then used) holds where
+    an auxiliary loss summed after weighter.loss writes its own parameter's gradient first (it was accepted)."""
+    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
+    model, _, criterion, validation, _ = build(case)
+    model.aux = nn.Parameter(torch.randn(3, dtype=F64))
+    optimizer = OPTIMIZERS[case.optimizer](list(model.parameters()))
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    micro = list(zip(x.chunk(2), y.chunk(2)))
+    optimizer.zero_grad()
+    for i, part in enumerate(micro):
+        loss = w.loss(model(part[0]), part[1])
+        ((loss + (1e-2 * model.aux.square().sum() if aux else 0)) / 2).backward()
+        if i == 0:
+            with pytest.warns(RuntimeWarning, match="after a micro-batch it did not step on"):
+                assert w.meta_step(part, (x, y)).skipped
+    optimizer.step()
+    refused_unchanged(model, optimizer, w, "meta_step already ran and was skipped", micro[1], (x, y))
+
+
 def test_modes_switched_between_the_training_forward_and_meta_step_are_refused():
     case = Case(form="fast, two calls", eval_part="batchnorm in train")
     model, optimizer, criterion, validation, _ = build(case)

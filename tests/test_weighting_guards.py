@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import metaweight as mw
 from conftest import batch, tiny_net
@@ -165,25 +166,47 @@ def test_a_loop_calling_meta_step_before_the_step_every_iteration_is_skipped_and
     assert w.num_meta_steps == 0 and same(state(w), before)
 
 
-@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("aux", [False, True], ids=["", "aux loss summed after"])
+@pytest.mark.parametrize("where", ["after meta_step", "after loss()"])
+@pytest.mark.parametrize("what", ["zero_grad", "zero_grad in place", "another loss's backward"])
 @pytest.mark.parametrize("name", ["uw", "dwa", "gradnorm"])
-def test_calls_kept_by_a_meta_step_after_no_step_are_dropped_when_their_gradients_are_zeroed(name, set_to_none):
+def test_calls_kept_by_a_meta_step_after_no_step_are_dropped_when_their_gradients_are_zeroed(name, what, where, aux):
     """A meta_step after no step keeps its loss() calls for the step's meta_step (gradient accumulation); a
-    zero_grad after it (to None, or zeros in place) clears their gradients, so the step that follows uses the
-    next call's alone and its update is that call's alone, as a twin's that only had it."""
+    zero_grad after it (to None, or zeros in place; before the next loss(), or between it and its backward) clears
+    their gradients, so the step that follows uses the next call's alone and its update is that call's alone, as
+    a twin's that only had it; a backward of another loss adds to them: the update is the two calls', as a twin's
+    that accumulated them with no meta_step between. With an
+    auxiliary loss on a parameter only it reaches, summed after weighting.loss, autograd writes that gradient
+    before the hook on the weighted loss runs: an addition, not a zeroing (the kept calls were dropped)."""
     w, model, optimizer = build(name)
     twin, twin_model, twin_optimizer = build(name)
+    for net, opt in ((model, optimizer), (twin_model, twin_optimizer)):
+        net.aux = nn.Parameter(torch.ones(3))  # (the outputs do not depend on it)
+        opt.add_param_group({"params": [net.aux]})
     (x1, y1), (x2, y2) = batches(2)
+    disturb = {"zero_grad": lambda: optimizer.zero_grad(),
+               "zero_grad in place": lambda: optimizer.zero_grad(set_to_none=False),
+               "another loss's backward": lambda: model.aux.square().sum().backward()}[what]
     w.loss(model(x1), y1).backward()
     with pytest.warns(RuntimeWarning, match="called before optimizer.step"):
         assert w.meta_step((x1, y1)).skipped
-    optimizer.zero_grad(set_to_none=set_to_none)
-    records = []
-    for weighting, net, opt in ((w, model, optimizer), (twin, twin_model, twin_optimizer)):
-        weighting.loss(net(x2), y2).backward()
-        opt.step()
-        records.append(weighting.meta_step((x2, y2)))
-    assert records[0].terms == records[1].terms and torch.equal(w.gamma, twin.gamma)
+    if where == "after meta_step":
+        disturb()
+    loss = w.loss(model(x2), y2)
+    if aux:
+        loss = loss + model.aux.square().sum()
+    if where == "after loss()":
+        disturb()
+    loss.backward()
+    optimizer.step()
+    records = [w.meta_step((x2, y2))]
+    for x, y in ([(x1, y1)] if what == "another loss's backward" else []) + [(x2, y2)]:  # the twin: the step's calls
+        twin.loss(twin_model(x), y).backward()
+    twin_optimizer.step()
+    records.append(twin.meta_step((x2, y2)))
+    for a, b in zip(records[0].terms.values(), records[1].terms.values()):
+        assert math.isclose(a, b, rel_tol=1e-6)
+    assert torch.allclose(w.gamma, twin.gamma, rtol=1e-6, atol=0)
 
 
 def test_a_step_a_grad_scaler_skipped_does_not_move_famo():

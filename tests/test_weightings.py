@@ -550,7 +550,8 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
     """Four micro-batch losses, each divided by four, backpropagated before one optimizer step: meta_step reads
     the iteration's terms (and GradNorm its terms' gradients) as the whole batch gives them, their mean over the
     loss() calls by samples, not the last call's; also where a meta_step followed every micro-batch (skipped
-    until the step; SDN's schedule counts those calls, so not compared). A loss() under torch.no_grad() (logging) between is not summed,
+    until the step; SDN's schedule counts those calls, so not compared; with an auxiliary loss summed after
+    weighting.loss, on a parameter only it reaches, too: the kept calls were dropped). A loss() under torch.no_grad() (logging) between is not summed,
     loss() calls of an iteration whose meta_step never came, or whose step was skipped (zero_grad after them), are
     not carried into the next (a fused optimizer's step counted, a subclass's chained step() counted once), and a
     parameter changed in place between micro-batches (a clamp) starts no new one."""
@@ -563,9 +564,11 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
             return super().step(closure)
 
     forms = ("whole", "accumulated", "accumulated, stale", "accumulated, clamped", "accumulated, skipped",
-             "accumulated, chained") + (("accumulated, meta_step after each",) if name != "sdn" else ())
+             "accumulated, chained") + (("accumulated, meta_step after each", "accumulated, meta_step after each, aux")
+                                        if name != "sdn" else ())
     for form in forms:
         model = copy.deepcopy(net)
+        model.aux = nn.Parameter(torch.ones(3, dtype=torch.float64))  # (reached by an auxiliary loss only)
         kind = ChainedSGD if form.endswith("chained") else functools.partial(torch.optim.SGD, fused=True)
         optimizer = kind(model.parameters(), lr=0.1)  # (a fused kernel bumps no parameter versions)
         w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), **options(name, model))
@@ -590,13 +593,16 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
                             p.copy_(q)
                 for part in range(4):
                     cut = slice(4 * part, 4 * part + 4)
-                    (w.loss(model(x[cut]), y[cut]) / 4).backward()
+                    loss = w.loss(model(x[cut]), y[cut])
+                    if form.endswith("aux"):  # summed after: autograd writes its gradient before the hook on loss
+                        loss = loss + model.aux.square().sum()
+                    (loss / 4).backward()
                     with torch.no_grad():
                         w.loss(model(x[:1]), y[:1])  # logged, not summed
                         if form.endswith("clamped"):  # an in-place change that is not a step
                             for p in model.parameters():
                                 p.clamp_(-10, 10)
-                    if form.endswith("each") and part < 3:  # Accelerate's accumulate(): no step yet, warned
+                    if "after each" in form and part < 3:  # Accelerate's accumulate(): no step yet, warned
                         with pytest.warns(RuntimeWarning, match="after a micro-batch it did not step on"):
                             assert w.meta_step((x[cut], y[cut])).skipped
             optimizer.step()
