@@ -353,7 +353,8 @@ class Weighting(NamedWeights):
         self.num_skipped = 0
         self.last_terms: Tensor | None = None
         self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
-        self._kept: GradSnapshot | None = None  # the gradients when a meta_step after no step kept the calls
+        # the gradients of the calls since the last step, as a meta_step that kept them or the last loss() saw them
+        self._since: GradSnapshot | None = None
         self._kept_at: int | None = None  # ... and the optimizer's step count then
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
@@ -515,22 +516,25 @@ class Weighting(NamedWeights):
 
     def _drop_cleared(self, at_backward: bool = False) -> None:
         """Drop the calls since the optimizer's last step whose gradients a ``zero_grad()`` cleared since their
-        backward (or since a :meth:`meta_step` kept them: :meth:`GradSnapshot.zeroed`). Checked at each training
-        :meth:`loss` (before anything of its own backward is written) and again when its backward reaches it (a
-        ``zero_grad`` between the forward and the backward); between the two, a backward may write gradients of
-        parameters only other losses of the sum reach: an addition, no zeroing. Python objects, and one host read
-        where kept calls' gradients were written since."""
+        backward: to ``None`` (no gradient left), or, since a :meth:`meta_step` that kept them or the last
+        :meth:`loss` (:meth:`GradSnapshot.zeroed`), in place too. Checked at each training :meth:`loss` (before
+        anything of its own backward is written) and again when its backward reaches it (a ``zero_grad`` between
+        the forward and the backward); between the two, a backward may write gradients of parameters only other
+        losses of the sum reach: an addition, no zeroing. Python objects (in a loop that accumulates, or whose
+        step was skipped), and one host read where gradients were written since the last look."""
         steps = optimizer_steps(self._inner_optimizer)
-        if steps in self._groups and self._groups[steps].wrote and not self._any_gradient():
+        group = self._groups.get(steps)
+        if group is not None and group.wrote and not self._any_gradient():
             del self._groups[steps]  # the gradients those calls' backward wrote were cleared: no step came of them
-        if self._kept is None:
+            group = None
+        since, self._since = self._since, None
+        if group is None or not group.wrote:
             return
         grads = self._gradients()
-        if self._kept.zeroed(grads):
-            self._groups.pop(steps, None)  # calls a meta_step kept whose gradients were zeroed since
-            self._kept = None
-        else:  # (the next check looks at what came after this one)
-            self._kept = None if at_backward else GradSnapshot.refs_of(grads)
+        if since is not None and since.zeroed(grads):
+            del self._groups[steps]  # calls whose gradients were zeroed (in place) since
+        elif not at_backward:  # (what comes after this loss() is looked at by its backward's hook)
+            self._since = GradSnapshot.refs_of(grads)
 
     def _any_gradient(self) -> bool:
         """Whether any parameter the optimizer holds has a ``.grad`` (Python objects only)."""
@@ -556,7 +560,7 @@ class Weighting(NamedWeights):
         return terms if terms is not None else self._pending
 
     def _reset_pending(self) -> None:
-        self._pending, self._groups, self._last_values, self._kept, self._kept_at = None, {}, None, None, None
+        self._pending, self._groups, self._last_values, self._since, self._kept_at = None, {}, None, None, None
 
     def _gradients(self) -> list[Tensor | None]:
         """The gradients of the parameters the optimizer holds, in its order (Python objects only)."""
@@ -565,7 +569,7 @@ class Weighting(NamedWeights):
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
         count of this optimizer object: a copy starts a new iteration."""
-        return {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None, "_kept": None,
+        return {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None, "_since": None,
                 "_kept_at": None}
 
     @walked_call
@@ -678,7 +682,7 @@ class Weighting(NamedWeights):
             return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                                   gamma=self.gamma_dict(), terms=self._named(shown), message=message)
         if moved:  # kept while the next backward adds to these gradients (gradient accumulation)
-            self._kept = GradSnapshot.refs_of(self._gradients())
+            self._since = GradSnapshot.refs_of(self._gradients())
             self._kept_at = optimizer_steps(self._inner_optimizer)
         else:  # a GradScaler's skip: no step will use these calls' gradients
             self._reset_pending()

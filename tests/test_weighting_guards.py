@@ -170,14 +170,20 @@ def test_a_loop_calling_meta_step_before_the_step_every_iteration_is_skipped_and
 @pytest.mark.parametrize("where", ["after meta_step", "after loss()"])
 @pytest.mark.parametrize("what", ["zero_grad", "zero_grad in place", "another loss's backward"])
 @pytest.mark.parametrize("name", ["uw", "dwa", "gradnorm"])
-def test_calls_kept_by_a_meta_step_after_no_step_are_dropped_when_their_gradients_are_zeroed(name, what, where, aux):
+@pytest.mark.parametrize("kept", [True, False], ids=["kept by meta_step", "no meta_step between"])
+def test_calls_kept_by_a_meta_step_after_no_step_are_dropped_when_their_gradients_are_zeroed(kept, name, what, where,
+                                                                                             aux):
     """A meta_step after no step keeps its loss() calls for the step's meta_step (gradient accumulation); a
     zero_grad after it (to None, or zeros in place; before the next loss(), or between it and its backward) clears
     their gradients, so the step that follows uses the next call's alone and its update is that call's alone, as
     a twin's that only had it; a backward of another loss adds to them: the update is the two calls', as a twin's
     that accumulated them with no meta_step between. With an
     auxiliary loss on a parameter only it reaches, summed after weighting.loss, autograd writes that gradient
-    before the hook on the weighted loss runs: an addition, not a zeroing (the kept calls were dropped)."""
+    before the hook on the weighted loss runs: an addition, not a zeroing (the kept calls were dropped). The same
+    with no meta_step between the two calls, but for a zeroing in place before the second loss(), which is not
+    looked for there."""
+    if not kept and what == "zero_grad in place" and where == "after meta_step":
+        pytest.skip("a zeroing in place between a backward and the next loss() is looked for after a meta_step only")
     w, model, optimizer = build(name)
     twin, twin_model, twin_optimizer = build(name)
     for net, opt in ((model, optimizer), (twin_model, twin_optimizer)):
@@ -188,8 +194,9 @@ def test_calls_kept_by_a_meta_step_after_no_step_are_dropped_when_their_gradient
                "zero_grad in place": lambda: optimizer.zero_grad(set_to_none=False),
                "another loss's backward": lambda: model.aux.square().sum().backward()}[what]
     w.loss(model(x1), y1).backward()
-    with pytest.warns(RuntimeWarning, match="called before optimizer.step"):
-        assert w.meta_step((x1, y1)).skipped
+    if kept:
+        with pytest.warns(RuntimeWarning, match="called before optimizer.step"):
+            assert w.meta_step((x1, y1)).skipped
     if where == "after meta_step":
         disturb()
     loss = w.loss(model(x2), y2)
