@@ -145,6 +145,12 @@ class HarmonizedCallback(lightning.Callback):
     shuffled loader's order comes from its sampler's generator (torch's global RNG unless the
     loader has ``generator=``), which the checkpoint does not keep: the resumed pass takes as many
     batches as were left in it, drawn from another permutation.
+
+    A later ``fit`` with the same callback (a second stage, or more epochs) builds the weighter
+    anew over the optimizer ``configure_optimizers`` returns then, and goes on from the last
+    fit's state (gamma, its optimizer's state, the validation average, the counts) and held-out
+    position, as the model goes on from its parameters; a ``ckpt_path`` given to that ``fit``
+    restores the checkpoint's instead. For a fresh start, pass a new callback.
     """
 
     def __init__(self, criterion: DenseDistillLoss, val_dataloader: Iterable[Any],
@@ -157,8 +163,8 @@ class HarmonizedCallback(lightning.Callback):
         self.attribute = attribute
         self.options = weighter_options
         self.weighter: HarmonizedWeighter | None = None
-        self._val: Iterator[Any] | None = None
-        self._resume_at = 0  # held-out batches already taken in the pass under way, from a checkpoint
+        self._val: _HeldOut | None = None
+        self._resume_at: int | None = None  # held-out batches taken in the pass under way, from a checkpoint
         self._pending_state: dict[str, Any] | None = None
         self._parts: list[Any] = []  # the batches of the optimizer step under way (accumulate_grad_batches)
 
@@ -167,14 +173,18 @@ class HarmonizedCallback(lightning.Callback):
             raise ValueError(f"HarmonizedCallback needs exactly one optimizer; found {len(trainer.optimizers)}.")
         wrapped = trainer.strategy.model
         model = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else pl_module
-        self.weighter = HarmonizedWeighter(model, trainer.optimizers[0], self.criterion, self.validation,
-                                           **self.options)
+        previous = self.weighter
+        weighter = HarmonizedWeighter(model, trainer.optimizers[0], self.criterion, self.validation, **self.options)
         if self._pending_state is not None:
-            self.weighter.load_state_dict(self._pending_state)
+            weighter.load_state_dict(self._pending_state)
             self._pending_state = None
+        elif previous is not None:  # a later fit with this callback: gamma and its state go on (see the class)
+            weighter.load_state_dict(previous.state_dict())
+        self.weighter = weighter
         setattr(pl_module, self.attribute, self.weighter)
-        self._val = _HeldOut(self.val_dataloader, skip=self._resume_at)
-        self._resume_at = 0
+        if self._val is None or self._resume_at is not None:  # (a later fit goes on in the held-out pass under way)
+            self._val = _HeldOut(self.val_dataloader, skip=self._resume_at or 0)
+        self._resume_at = None
         self._parts = []
 
     def on_train_batch_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
@@ -217,10 +227,9 @@ class HarmonizedCallback(lightning.Callback):
                       f"first one and the resumed run may take other batches than an uninterrupted run would.",
                       UserWarning)
             taken = 0
-        if self.weighter is None:
-            self._resume_at = taken
-        else:  # (fit has started: the next held-out batch comes from the saved position)
-            self._val = _HeldOut(self.val_dataloader, skip=taken)
+        self._resume_at = taken  # (read where the next held-out batch is taken: at fit start)
+        if self.weighter is not None:  # (fit has started: the next held-out batch comes from the saved position)
+            self._val, self._resume_at = _HeldOut(self.val_dataloader, skip=taken), None
 
 
 class WeightingCallback(lightning.Callback):
@@ -230,7 +239,8 @@ class WeightingCallback(lightning.Callback):
 
     As with :class:`HarmonizedCallback`, ``training_step`` returns ``self.weighter.loss(self(x), y)``
     and Lightning does the backward and the optimizer's step; the weighting's state is saved in
-    Lightning checkpoints with the callback's.
+    Lightning checkpoints with the callback's, and a later ``fit`` with the same callback goes on
+    from the last fit's state (a ``ckpt_path`` given to it restores the checkpoint's instead).
 
     Args:
         weighting: a callable ``(model, optimizer) -> Weighting``, e.g.
@@ -265,10 +275,12 @@ class WeightingCallback(lightning.Callback):
         if not isinstance(weighting, Weighting):
             raise TypeError(f"`weighting` should return a metaweight Weighting. It returned "
                             f"`{type(weighting).__name__}`.")
-        self.weighting = weighting
         if self._pending_state is not None:
-            self.weighting.load_state_dict(self._pending_state)
+            weighting.load_state_dict(self._pending_state)
             self._pending_state = None
+        elif self.weighting is not None:  # a later fit with this callback: the weights and state go on
+            weighting.load_state_dict(self.weighting.state_dict())
+        self.weighting = weighting
         setattr(pl_module, self.attribute, self.weighting)
         self._parts = []
 

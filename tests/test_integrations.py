@@ -228,6 +228,47 @@ def test_lightning_callback_resumed_from_a_checkpoint_equals_the_uninterrupted_r
     assert resumed_val.reads == [0] + straight_val.reads[4:]  # the one batch taken before the checkpoint, dropped
 
 
+@pytest.mark.parametrize("kind", ["exact", "fast", "uw"])
+def test_a_second_fit_with_the_same_callback_goes_on_from_the_first(kind):
+    """Two fits of one epoch each with the same callback and module (a new Trainer each) equal one fit of two
+    epochs bit for bit: gamma, its state, the counts and the held-out position go on (the model's optimizer is
+    plain SGD, which configure_optimizers building it anew does not reset). Before, the second fit built the
+    weighter from scratch: gamma started again from its initial values and the held-out batches from the first."""
+    lightning = pytest.importorskip("lightning")
+    from lightning_train import MultiExitModule
+
+    from metaweight.lightning import HarmonizedCallback, WeightingCallback
+
+    class Plain(MultiExitModule):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def run(epochs_per_fit):
+        torch.manual_seed(0)
+        net = mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()),
+                            torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
+                           [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)])
+        module = Plain(net, lr=0.1)
+        val = _Logged(_held_out())
+        callback = WeightingCallback(lambda model, opt: mw.UW(model, opt, mw.DenseDistillLoss(2))) \
+            if kind == "uw" else HarmonizedCallback(mw.DenseDistillLoss(2), val, gamma_lr=0.05, mode=kind)
+        g = torch.Generator().manual_seed(7)
+        train = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=g),
+                                               torch.randint(0, 4, (32,), generator=g))
+        for epochs in epochs_per_fit:
+            trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                                        callbacks=[callback], enable_checkpointing=False, enable_model_summary=False,
+                                        enable_progress_bar=False, deterministic=True)
+            trainer.fit(module, torch.utils.data.DataLoader(train, batch_size=8))
+        return module, val
+
+    (straight, straight_val), (staged, staged_val) = run([2]), run([1, 1])
+    assert staged.weighter.num_meta_steps == straight.weighter.num_meta_steps == 8
+    assert torch.equal(staged.weighter.gamma, straight.weighter.gamma), staged.weighter.gamma - straight.weighter.gamma
+    assert all(torch.equal(a, b) for a, b in zip(staged.parameters(), straight.parameters()))
+    assert staged_val.reads == straight_val.reads
+
+
 def test_lightning_callback_loads_a_checkpoint_without_the_held_out_position_as_before(tmp_path):
     """A checkpoint saved before the position was kept still loads; it warns that the held-out batches start
     again at the first one, and they do. A shuffled held-out loader resumes too, taking the batches left in
@@ -272,7 +313,7 @@ def test_lightning_callback_refuses_a_bad_held_out_position_and_warns_when_the_l
     for bad in (-1, 1.0, True, "1"):
         with pytest.raises(ValueError, match="val_batches_taken"):
             callback.load_state_dict({"gamma": torch.ones(3), "val_batches_taken": bad})
-        assert callback._pending_state is None and callback._resume_at == 0  # nothing changed
+        assert callback._pending_state is None and callback._resume_at is None  # nothing changed
 
     batches = _held_out(2)
     held_out = mwl._HeldOut(batches, skip=2)  # the position at the end of a pass: the next pass starts
