@@ -328,19 +328,19 @@ class GradSnapshot:
 
     def zeroed(self, grads: Sequence[Tensor | None]) -> bool:
         """Whether a ``zero_grad`` came since these references were taken: a gradient present then is ``None``
-        now (``set_to_none=True``, the default), or one written since (in place, or another object) is all zeros
-        (``set_to_none=False``). A gradient written since with values is no zeroing: a backward adding to it
+        now (``set_to_none=True``, the default), or one present then and written since (in place, or another
+        object) is all zeros (``set_to_none=False``). A gradient written since with values is no zeroing: a backward adding to it
         (another loss's; or, in the backward reaching a training ``loss()``, its own writes to parameters only
         other losses of the sum reach, which autograd may finish before the hook on that loss runs). Python
         objects, and one host read only where a gradient was written since."""
         if len(grads) != len(self.refs):
             return True
-        written = []
+        written = []  # (a gradient where there was none is a backward's write: not looked at)
         for g, (ref, version) in zip(grads, self.refs):
             if g is None:
                 if ref is not None:
                     return True
-            elif (g is not ref or g._version != version) and g.numel():
+            elif ref is not None and (g is not ref or g._version != version) and g.numel():
                 written.append(g if g.layout == torch.strided else g.coalesce().values())
         if not written:
             return False

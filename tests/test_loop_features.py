@@ -738,7 +738,7 @@ DISTURBANCES = {  # what a loop does between two backwards of one step; whether 
 }
 
 
-@pytest.mark.parametrize("aux", [False, True], ids=["", "aux loss summed after"])
+@pytest.mark.parametrize("aux", ["", "summed after", "zero, second only"])
 @pytest.mark.parametrize("where", ["after the backward", "after loss()"])
 @pytest.mark.parametrize("what", list(DISTURBANCES))
 def test_what_came_between_two_backwards_of_one_step_is_told_apart(what, where, aux):
@@ -747,7 +747,8 @@ def test_what_came_between_two_backwards_of_one_step_is_told_apart(what, where, 
     of another loss after the second loss()) the two; meta_step gives that step's meta-gradient (central differences of the real step).
     With an auxiliary loss on a parameter only it reaches, summed after weighter.loss, autograd writes that
     gradient before the hook on the weighted loss runs: an addition, not a zeroing (it dropped the first
-    micro-batch, and meta_step was refused as 'changed by something other than zero_grad')."""
+    micro-batch, and meta_step was refused as 'changed by something other than zero_grad'); so is one whose
+    gradient first appears there, all zeros (an auxiliary loss of the second micro-batch only, times 0)."""
     case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
     model, _, criterion, validation, _ = build(case)
     model.aux = nn.Parameter(torch.randn(3, dtype=F64))  # (the outputs do not depend on it)
@@ -770,8 +771,10 @@ def test_what_came_between_two_backwards_of_one_step_is_told_apart(what, where, 
         if i == 1 and where == "after the backward":
             disturb(model, optimizer)
         loss = w.loss(model(xi), yi)
-        if aux:
+        if aux == "summed after":
             loss = loss + 1e-2 * model.aux.square().sum()
+        elif aux == "zero, second only" and i == 1:
+            loss = loss + 0 * model.aux.square().sum()
         if i == 1 and where == "after loss()":
             disturb(model, optimizer)
         (loss / 2).backward()
