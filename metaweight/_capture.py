@@ -309,6 +309,7 @@ class GradSnapshot:
     refs: list[tuple[Tensor | None, int]]
     values: list[Tensor | None]
     names: list[str] | None = None  # the parameters that required gradients then
+    nonzero: list[Tensor | None] | None = None  # on the device, per gradient: whether it held a nonzero value then
 
     @staticmethod
     def of(grads: Sequence[Tensor | None], names: list[str] | None = None) -> GradSnapshot:
@@ -318,35 +319,72 @@ class GradSnapshot:
                             names)
 
     @staticmethod
-    def refs_of(grads: Sequence[Tensor | None]) -> GradSnapshot:
-        """The objects and versions only (for :meth:`changed`; no values copied)."""
-        return GradSnapshot([(g, g._version if g is not None else -1) for g in grads], [])
+    def refs_of(grads: Sequence[Tensor | None], nonzero: bool = False) -> GradSnapshot:
+        """The objects and versions only (for :meth:`changed`; no values copied); with ``nonzero``, also whether
+        each gradient holds a nonzero value, on the device (for :meth:`zeroed`: no host read here)."""
+        snapshot = GradSnapshot([(g, g._version if g is not None else -1) for g in grads], [])
+        if nonzero:
+            present = [i for i, g in enumerate(grads) if g is not None and g.numel()]
+            with torch.no_grad():
+                norms = torch._foreach_norm([_dense_values(grads[i]) for i in present]) if present else []
+            snapshot.nonzero = [None] * len(grads)
+            for i, norm in zip(present, norms):
+                snapshot.nonzero[i] = norm != 0
+        return snapshot
 
     def changed(self, grads: Sequence[Tensor | None]) -> bool:
         return len(grads) != len(self.refs) or any(
             g is not ref or (g is not None and g._version != version) for g, (ref, version) in zip(grads, self.refs))
 
     def zeroed(self, grads: Sequence[Tensor | None]) -> bool:
+        """Whether a ``zero_grad`` came since these references were taken (:meth:`zeroing`)."""
+        return self.zeroing(grads)[0]
+
+    def zeroing(self, grads: Sequence[Tensor | None]) -> tuple[bool, bool]:
         """Whether a ``zero_grad`` came since these references were taken: a gradient present then is ``None``
         now (``set_to_none=True``, the default), or one present then and written since (in place, or another
-        object) is all zeros (``set_to_none=False``). A gradient written since with values is no zeroing: a backward adding to it
-        (another loss's; or, in the backward reaching a training ``loss()``, its own writes to parameters only
-        other losses of the sum reach, which autograd may finish before the hook on that loss runs). Python
-        objects, and one host read only where a gradient was written since."""
+        object) is all zeros where it held a nonzero value then (``set_to_none=False``; where :meth:`refs_of` took no ``nonzero``, any
+        gradient written since that is all zeros). A gradient written since with values is no zeroing: a backward
+        adding to it (another loss's; or, in the backward reaching a training ``loss()``, its own writes to
+        parameters only other losses of the sum reach, which autograd may finish before the hook on that loss
+        runs); nor is one that held zeros then and holds zeros now (such a backward adding zeros, e.g.
+        ``0 * p.sum()`` for a parameter the weighted loss does not reach: clearing it would change nothing).
+        And whether that zeroing was partial: with ``nonzero``, a gradient that held a nonzero value then is the
+        same object at the same version now (untouched, so not zeroed). Python objects, and one host read only
+        where a gradient was written since."""
         if len(grads) != len(self.refs):
-            return True
-        written = []  # (a gradient where there was none is a backward's write: not looked at)
-        for g, (ref, version) in zip(grads, self.refs):
+            return True, False
+        written, then, untouched = [], [], []
+        gone = False
+        for i, (g, (ref, version)) in enumerate(zip(grads, self.refs)):
+            flag = self.nonzero[i] if self.nonzero is not None else None
             if g is None:
-                if ref is not None:
-                    return True
-            elif ref is not None and (g is not ref or g._version != version) and g.numel():
-                written.append(g if g.layout == torch.strided else g.coalesce().values())
-        if not written:
-            return False
+                gone = gone or ref is not None
+            elif (g is not ref or g._version != version) and g.numel():
+                if ref is not None and (self.nonzero is None or flag is not None):  # (none then, or no value: no
+                    # sign of a zeroing, which leaves a missing gradient missing; a backward's write)
+                    written.append(_dense_values(g))
+                    then.append(flag)
+            elif flag is not None:
+                untouched.append(flag)
+        if not written and not (gone and untouched):
+            return gone, False
         with torch.no_grad():
-            norms = torch._foreach_norm(written)
-            return bool((torch.stack([n.to(norms[0].device, torch.float32) for n in norms]) == 0).any())
+            device = (written or untouched)[0].device
+            zero = torch.tensor(False, device=device)
+            if written:
+                norms = torch._foreach_norm(written)
+                now = torch.stack([n.to(device, torch.float32) for n in norms]) == 0
+                if self.nonzero is not None:
+                    now = now & torch.stack([f.to(device) for f in then])
+                zero = now.any()
+            kept = torch.stack([f.to(device) for f in untouched]).any() if untouched else zero.new_tensor(False)
+            zeroed, partial = torch.stack([zero | gone, kept]).tolist()
+        return bool(zeroed), bool(zeroed and partial)
+
+
+def _dense_values(g: Tensor) -> Tensor:
+    return g if g.layout == torch.strided else g.coalesce().values()
 
 
 @dataclasses.dataclass
@@ -387,14 +425,14 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
     if weighter._let_go is not None or pending.after_backward is not None:
         grads = grads_of(weighter._trainable())
         if weighter._let_go is not None:  # (what comes after this loss() is looked at by its backward's hook)
-            weighter._let_go = None if weighter._let_go.zeroed(grads) else GradSnapshot.refs_of(grads)
+            weighter._let_go = None if weighter._let_go.zeroed(grads) else GradSnapshot.refs_of(grads, True)
         if pending.after_backward is not None and any(m.factor is not None for m in pending.micro if m is not micro):
             if pending.after_backward.changed(grads):  # a zero_grad since the earlier losses' backward, or else
                 if bool(_all_zero(grads, None)):  # (one host read, where they changed)
                     micro.clears = True
                 else:  # (not known to be no transform of them, e.g. clipping each micro-batch: refused at meta_step)
                     pending.cleared = torch.tensor(False)
-            micro.since, micro.since_of = GradSnapshot.refs_of(grads), pending.after_backward
+            micro.since, micro.since_of = GradSnapshot.refs_of(grads, True), pending.after_backward
 
     def snapshot() -> None:
         w = ref()
@@ -418,7 +456,10 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
         if earlier and pending.after_backward is not None:
             grads = grads_of(w._trainable())
             if micro.since is not None and micro.since_of is pending.after_backward:  # looked at in loss()
-                cleared = micro.clears or micro.since.zeroed(grads)
+                cleared, partial = micro.since.zeroing(grads)
+                cleared = micro.clears or cleared
+                if partial:  # (some gradients zeroed, others not: not known to be no transform of them; refused)
+                    pending.cleared = torch.tensor(False)
             else:  # (loss() came before the earlier backward ended: what changed since that end)
                 cleared = pending.after_backward.changed(grads)
                 if cleared:

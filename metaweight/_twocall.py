@@ -80,7 +80,7 @@ class TwoCall:
             grads = [p.grad for _, p in w._trainable()]
             moved = gradients_moved(grads)
             if moved:  # a backward to come onto these gradients accumulates the losses let go here: refused
-                w._let_go = GradSnapshot.refs_of(grads)
+                w._let_go = GradSnapshot.refs_of(grads, True)
             message = not_stepped_message("weighter", "there is no look-ahead to score, gamma is unchanged", moved)
             return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps,
                                   gamma=w.gamma_dict(), message=message)

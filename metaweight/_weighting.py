@@ -534,7 +534,7 @@ class Weighting(NamedWeights):
         if since is not None and since.zeroed(grads):
             del self._groups[steps]  # calls whose gradients were zeroed (in place) since
         elif not at_backward:  # (what comes after this loss() is looked at by its backward's hook)
-            self._since = GradSnapshot.refs_of(grads)
+            self._since = GradSnapshot.refs_of(grads, True)
 
     def _any_gradient(self) -> bool:
         """Whether any parameter the optimizer holds has a ``.grad`` (Python objects only)."""
@@ -682,7 +682,7 @@ class Weighting(NamedWeights):
             return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                                   gamma=self.gamma_dict(), terms=self._named(shown), message=message)
         if moved:  # kept while the next backward adds to these gradients (gradient accumulation)
-            self._since = GradSnapshot.refs_of(self._gradients())
+            self._since = GradSnapshot.refs_of(self._gradients(), True)
             self._kept_at = optimizer_steps(self._inner_optimizer)
         else:  # a GradScaler's skip: no step will use these calls' gradients
             self._reset_pending()

@@ -738,7 +738,15 @@ DISTURBANCES = {  # what a loop does between two backwards of one step; whether 
 }
 
 
-@pytest.mark.parametrize("aux", ["", "summed after", "zero, second only"])
+AUX = {"": None,
+       "aux loss summed after": lambda model, i: 1e-2 * model.aux.square().sum(),
+       # (DDP's unused-parameter idiom: its gradient, all zeros, was read as a zeroing)
+       "zero aux loss summed after": lambda model, i: 0 * model.aux.sum(),
+       # (a gradient first written there, all zeros, too)
+       "zero aux loss, second micro-batch only": lambda model, i: 0 * model.aux.sum() if i == 1 else 0}
+
+
+@pytest.mark.parametrize("aux", list(AUX))
 @pytest.mark.parametrize("where", ["after the backward", "after loss()"])
 @pytest.mark.parametrize("what", list(DISTURBANCES))
 def test_what_came_between_two_backwards_of_one_step_is_told_apart(what, where, aux):
@@ -771,10 +779,8 @@ def test_what_came_between_two_backwards_of_one_step_is_told_apart(what, where, 
         if i == 1 and where == "after the backward":
             disturb(model, optimizer)
         loss = w.loss(model(xi), yi)
-        if aux == "summed after":
-            loss = loss + 1e-2 * model.aux.square().sum()
-        elif aux == "zero, second only" and i == 1:
-            loss = loss + 0 * model.aux.square().sum()
+        if AUX[aux] is not None:
+            loss = loss + AUX[aux](model, i)
         if i == 1 and where == "after loss()":
             disturb(model, optimizer)
         (loss / 2).backward()
@@ -791,7 +797,7 @@ def test_what_came_between_two_backwards_of_one_step_is_told_apart(what, where, 
     assert rel_err_of(record.gamma_grad, ref) < 1e-3
 
 
-@pytest.mark.parametrize("aux", [False, True], ids=["", "aux loss summed after"])
+@pytest.mark.parametrize("aux", list(AUX))
 def test_a_meta_step_after_each_micro_batch_is_refused_at_the_step_with_an_auxiliary_loss_too(aux):
     """The let-go check of the fast mode (a meta_step skipped after a micro-batch the step then used) holds where
     an auxiliary loss summed after weighter.loss writes its own parameter's gradient first (it was accepted)."""
@@ -806,12 +812,39 @@ def test_a_meta_step_after_each_micro_batch_is_refused_at_the_step_with_an_auxil
     optimizer.zero_grad()
     for i, part in enumerate(micro):
         loss = w.loss(model(part[0]), part[1])
-        ((loss + (1e-2 * model.aux.square().sum() if aux else 0)) / 2).backward()
+        ((loss + (AUX[aux](model, i) if AUX[aux] is not None else 0)) / 2).backward()
         if i == 0:
             with pytest.warns(RuntimeWarning, match="after a micro-batch it did not step on"):
                 assert w.meta_step(part, (x, y)).skipped
     optimizer.step()
     refused_unchanged(model, optimizer, w, "meta_step already ran and was skipped", micro[1], (x, y))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_zero_grad_of_some_parameters_between_loss_and_its_backward_is_refused(set_to_none):
+    """Some gradients zeroed between the second loss() and its backward, the others not: the step is neither the
+    two micro-batches' nor the second's alone, so meta_step is refused whatever batch it gets (it was accepted
+    with the second micro-batch, scoring that alone while the step held the first's gradients too)."""
+    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
+    model, _, criterion, validation, _ = build(case)
+    optimizer = OPTIMIZERS[case.optimizer](list(model.parameters()))
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
+    micro = list(zip(x.chunk(2), y.chunk(2)))
+    optimizer.zero_grad()
+    for i, part in enumerate(micro):
+        loss = w.loss(model(part[0]), part[1])
+        if i == 1:
+            some = [p for p in model.parameters() if p.grad is not None]
+            for p in some[:len(some) // 2]:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+        (loss / 2).backward()
+    optimizer.step()
+    refused_unchanged(model, optimizer, w, "changed between two backwards", micro[1], (x, y))
 
 
 def test_modes_switched_between_the_training_forward_and_meta_step_are_refused():

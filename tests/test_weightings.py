@@ -551,7 +551,8 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
     the iteration's terms (and GradNorm its terms' gradients) as the whole batch gives them, their mean over the
     loss() calls by samples, not the last call's; also where a meta_step followed every micro-batch (skipped
     until the step; SDN's schedule counts those calls, so not compared; with an auxiliary loss summed after
-    weighting.loss, on a parameter only it reaches, too: the kept calls were dropped). A loss() under torch.no_grad() (logging) between is not summed,
+    weighting.loss, on a parameter only it reaches, too: the kept calls were dropped; also where its gradient
+    is zeros, 0 * p.sum(): that gradient, all zeros, was read as a zeroing). A loss() under torch.no_grad() (logging) between is not summed,
     loss() calls of an iteration whose meta_step never came, or whose step was skipped (zero_grad after them), are
     not carried into the next (a fused optimizer's step counted, a subclass's chained step() counted once), and a
     parameter changed in place between micro-batches (a clamp) starts no new one."""
@@ -564,8 +565,8 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
             return super().step(closure)
 
     forms = ("whole", "accumulated", "accumulated, stale", "accumulated, clamped", "accumulated, skipped",
-             "accumulated, chained") + (("accumulated, meta_step after each", "accumulated, meta_step after each, aux")
-                                        if name != "sdn" else ())
+             "accumulated, chained") + (("accumulated, meta_step after each", "accumulated, meta_step after each, aux",
+                                         "accumulated, meta_step after each, zero aux") if name != "sdn" else ())
     for form in forms:
         model = copy.deepcopy(net)
         model.aux = nn.Parameter(torch.ones(3, dtype=torch.float64))  # (reached by an auxiliary loss only)
@@ -594,7 +595,9 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
                 for part in range(4):
                     cut = slice(4 * part, 4 * part + 4)
                     loss = w.loss(model(x[cut]), y[cut])
-                    if form.endswith("aux"):  # summed after: autograd writes its gradient before the hook on loss
+                    if form.endswith("zero aux"):  # (DDP's unused-parameter idiom: writes zeros, no zero_grad)
+                        loss = loss + 0 * model.aux.sum()
+                    elif form.endswith("aux"):  # summed after: autograd writes its gradient before the hook on loss
                         loss = loss + model.aux.square().sum()
                     (loss / 4).backward()
                     with torch.no_grad():
