@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import (check_bins, check_fit_logits, check_has_values, check_labels_unmasked, check_target,
-                                check_temperatures, integer_value, real_numbers)
+                                check_temperatures, integer_value, masked_classes, real_numbers)
 from metaweight._exit_rules import calibrated, decision_dtype, predict
 from metaweight._warn import warn_user
 
@@ -48,8 +48,8 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     ``[1e-4, 1e4]``. An exit whose minimiser lies outside (``1e-4``: its held-out predictions are
     all right, so the NLL falls as far as ``T`` goes; ``1e4``: they are no better than chance) gets the
     bound, with a warning: such a temperature says more about the held-out set than about the
-    exit. An exit whose logits are the same for every class in every row (its NLL is the same at
-    every temperature) gets ``T = 1``, with a warning.
+    exit. An exit whose logits are the same for every class in every row, its masked classes left
+    out (its NLL is the same at every temperature), gets ``T = 1``, with a warning.
 
     Args:
         val_logits: held-out logits ``[K, N, C]`` (not used to train the model).
@@ -77,8 +77,10 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     iterations = int(iterations)
     out, flat = [], []
     for k, z in enumerate(_wide(val_logits)):
+        # every row one value on the classes it does not mask: softmax(z / T) is uniform over them whatever T is
+        flat_rows = (z == z.amax(1, keepdim=True)) | masked_classes(z)
         z = z.clamp(min=torch.finfo(z.dtype).min)  # a masked class (-inf): p * z = 0 * (-max), not 0 * -inf = NaN
-        if bool((z == z[:, :1]).all()):  # every row one value: softmax(z / T) is uniform whatever T is
+        if bool(flat_rows.all()):
             out.append(1.0)
             flat.append(k)
             continue
@@ -111,7 +113,8 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
                   f"uncalibrated.", UserWarning)
     if flat:
         warn_user(f"fit_temperatures: the logits of exit(s) {', '.join(str(k + 1) for k in flat)} are the same for "
-                  f"every class in every held-out row, so no temperature changes their probabilities (uniform) and "
+                  f"every class (masked classes left out) in every held-out row, so no temperature changes their "
+                  f"probabilities (uniform) and "
                   f"the NLL does not depend on it: T = 1 was returned. The exit predicts nothing yet: train it, or "
                   f"check that these are its logits.", UserWarning)
     return torch.tensor(out, dtype=decision_dtype(val_logits.device), device=val_logits.device)

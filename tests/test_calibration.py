@@ -168,6 +168,28 @@ def test_fit_temperatures_of_logits_equal_in_every_row_is_one():
     assert t[1] == 1.0 and t[0] == mw.fit_temperatures(z[:1], labels)[0]
 
 
+@pytest.mark.parametrize("mask", [float("-inf"), torch.finfo(torch.float32).min, -1e9])
+def test_fit_temperatures_of_logits_equal_but_for_masked_classes_is_one(mask):
+    """An untrained exit whose head masks a class (a vocabulary mask, -inf or a finfo.min/-1e9 constant)
+    gives logits equal on every other class: its NLL, log 3 here, is the same at every temperature. The
+    flat test compared every class, the masked one too, so the fit ran to its bound and returned T = 1e-4
+    with a warning that every held-out prediction was right (a third were)."""
+    z, labels = overconfident()
+    labels = labels % 3  # on the classes left unmasked
+    flat = torch.zeros(2, z.shape[1], 4)
+    flat[0] = z[0, :, :4]
+    flat[1, :, 3] = mask  # exit 2: 0 on classes 0..2, masked on class 3, in every row
+    for t in (0.01, 1.0, 100.0):  # (the premise: the NLL does not depend on T)
+        assert torch.nn.functional.cross_entropy(flat[1] / t, labels).item() == pytest.approx(math.log(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = mw.fit_temperatures(flat, labels)
+    messages = [str(w.message) for w in caught]
+    assert t[1] == 1.0 and t[0] == mw.fit_temperatures(flat[:1], labels)[0]
+    assert any("exit(s) 2 are the same for every class" in m and "T = 1 was returned" in m for m in messages)
+    assert not any("bound of its search" in m and "exit 2" in m for m in messages)
+
+
 def test_calibration_runs_in_float32_where_the_device_has_no_float64(monkeypatch):
     """MPS has no float64: the temperatures and the fit use the device's widest dtype (one helper
     decides, monkeypatched here to say the CPU lacks float64)."""
