@@ -75,15 +75,23 @@ def _logits(output: Any, declared: int | None = None, model_name: str = "model")
                     f"by name.")
 
 
-def _head_dtype(model: nn.Module, features: Tensor) -> torch.dtype | None:
-    """The dtype of a head the library builds: the model's (its first floating-point parameter's);
-    for a model without one, the features' outside autocast, the default dtype under it."""
+def _head_dtype(model: nn.Module, name: str, features: Tensor) -> torch.dtype | None:
+    """The dtype of a head the library builds for the exit after ``name``: the features' own, which
+    :meth:`AttachedExits._head` requires of a head (a model may hold parameters of several dtypes: a
+    float32 input norm before a bfloat16 body). Under autocast the features are of autocast's dtype for
+    that call only: then the dtype of the parameters of the module ``name``, or of its nearest enclosing
+    module that has floating-point ones (the model's, or the default dtype for a model without any)."""
     if not features.is_floating_point():
         return None
-    for p in model.parameters():
-        if p.is_floating_point():
+    if not torch.is_autocast_enabled(features.device.type):
+        return features.dtype
+    parts = name.split(".")
+    for depth in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        p = next((p for p in module.parameters() if p.is_floating_point()), None)
+        if p is not None:
             return p.dtype
-    return torch.get_default_dtype() if torch.is_autocast_enabled(features.device.type) else features.dtype
+    return torch.get_default_dtype()
 
 
 class _StopForward(Exception):
@@ -122,8 +130,9 @@ class AttachedExits(nn.Module):
     they ran in (pass that order); a module the forward skips (a conditional forward) with a
     ``RuntimeError``; exits giving logits of different shapes (another number of classes) with a
     ``ValueError``. With ``example_input`` these are seen when attaching, else at the first forward.
-    Heads built by a factory are moved to the device of the features they read and the dtype
-    of the model's parameters (not that of features computed under ``torch.autocast``); heads
+    Heads built by a factory are moved to the device and dtype of the features they read (under
+    ``torch.autocast``, whose dtype holds for that call only, the dtype of the parameters of the
+    module they are attached after, or of its nearest enclosing module with any); heads
     you pass are used as given, and one whose parameters are of another dtype or device than
     its features (a float32 head on a float64 model) is refused with a ``ValueError`` naming it;
     
@@ -205,9 +214,9 @@ class AttachedExits(nn.Module):
                 if not isinstance(head, nn.Module):
                     raise TypeError(f"The head factory should return an nn.Module; for {name!r} it returned "
                                     f"`{type(head).__name__}`.")
-                # a head the factory built on the CPU in float32 goes where the features are, in the dtype of
-                # the model's parameters (not the features': under autocast they are bf16 for this call only)
-                built.append(head.to(device=features.device, dtype=_head_dtype(model, features)))
+                # a head the factory built on the CPU in float32 goes where the features are, in their dtype
+                # (under autocast, that of the module's parameters: see _head_dtype)
+                built.append(head.to(device=features.device, dtype=_head_dtype(model, name, features)))
             heads = built
         heads = list(heads)  # type: ignore[arg-type]
         if len(heads) != len(self.after) or not all(isinstance(h, nn.Module) for h in heads):
@@ -335,7 +344,7 @@ class AttachedExits(nn.Module):
                     f"The head of exit {index + 1} (after {name!r}) holds {param.dtype} parameters on "
                     f"'{param.device}', but the features of {name!r} are {features.dtype} on '{features.device}'. "
                     f"Heads you pass are used as given: move it, e.g. heads[{index}].to(dtype={features.dtype}, "
-                    f"device='{features.device}') (or pass a factory, whose heads follow the model's dtype and "
+                    f"device='{features.device}') (or pass a factory, whose heads follow the features' dtype and "
                     f"device).")
         if torch.compiler.is_compiling() or features.is_inference():  # (no version to compare)
             return head(features)

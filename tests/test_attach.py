@@ -242,6 +242,38 @@ def test_factory_heads_take_the_models_dtype_not_autocasts():
         assert [z.dtype for z in model(x.to(dtype))] == [dtype, dtype]
 
 
+class _Float32NormBfloat16Body(nn.Module):
+    """A model of two dtypes: a float32 input norm, then a bfloat16 body (its first parameter is float32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).bfloat16()
+
+    def forward(self, x):
+        return self.body(self.norm(x).bfloat16())
+
+
+def test_factory_heads_take_the_dtype_of_the_features_they_read_in_a_model_of_two_dtypes():
+    """A factory's heads were cast to the dtype of the model's first parameter: float32 here, where the
+    features are bfloat16, so the first forward refused the head with a message saying to pass a factory
+    (which had been passed, and whose head, even built in bfloat16, was cast back). They are now in the
+    features' dtype; under autocast, in that of the parameters of the module they read (the body's)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    net = _Float32NormBfloat16Body()
+    model = mw.attach_exits(net, ["body.1"], lambda name, f: nn.Linear(f.shape[-1], 3), example_input=x)
+    assert model.heads[0].weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        exits = model(x)
+        features = net.body[1](net.body[0](net.norm(x).bfloat16()))  # by hand
+        assert torch.equal(exits[0], model.heads[0](features)) and torch.equal(exits[1], net(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = mw.attach_exits(net, ["body.1"], lambda name, f: nn.Linear(f.shape[-1], 3), example_input=x)
+    assert model.heads[0].weight.dtype == torch.bfloat16
+    assert [z.dtype for z in model(x)] == [torch.bfloat16, torch.bfloat16]  # outside autocast afterwards
+
+
 def test_exits_attached_to_a_multi_exit_model_must_run_before_its_own():
     """Attached exits are numbered before the model's own; one that runs after the model's first exit
     would break the shallow-to-deep order: refused (attach twice, or to a MultiExit); shallower ones
