@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -94,6 +95,31 @@ def _head_dtype(model: nn.Module, name: str, features: Tensor) -> torch.dtype | 
     return torch.get_default_dtype()
 
 
+def _inside_encoder(modules: Mapping[str, nn.Module], after: Sequence[str]) -> list[str]:
+    """The names in ``after`` of an ``nn.TransformerEncoder`` or modules inside one: in eval mode
+    without gradients (early exit, ``collect_logits``), torch's fast path turns a batch with a padding
+    mask into a nested tensor for the encoder's layers, so their outputs are nested there (padded in
+    training), and the encoder's own has zeros at the padded positions (values computed in training)."""
+    encoders = [name for name, m in modules.items() if isinstance(m, nn.TransformerEncoder)]
+    return [a for a in after if any(e == "" or a == e or a.startswith(e + ".") for e in encoders)]
+
+
+@contextmanager
+def _padded_layers(needed: bool) -> Iterator[None]:
+    """Turn torch's fast path of ``nn.TransformerEncoder`` (and its layers) off while ``needed``: its
+    layers then give the padded outputs training gives, which the heads read. Put back afterwards."""
+    mha = getattr(torch.backends, "mha", None)
+    if not needed or mha is None or torch.compiler.is_compiling():
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
 class _StopForward(Exception):
     """Raised from a hook to stop the wrapped model's forward once every sample has left."""
 
@@ -108,7 +134,9 @@ class AttachedExits(nn.Module):
     its input in place, are refused with a ``ValueError``: early exit runs the heads as the
     modules return, so the heads would read other values there than in training (seen by version
     counters: not for tensors made under ``torch.inference_mode()``, nor inside a compiled
-    forward). It returns the heads' logits, shallow to deep,
+    forward). Exits after an ``nn.TransformerEncoder`` or its layers run with torch's fast path off
+    (put back after): without gradients it would hand the layers a padded batch as a nested tensor.
+    It returns the heads' logits, shallow to deep,
     followed by the model's own logits when ``include_output`` (a tensor, a Hugging Face
     output's ``.logits``, or the first tensor of a tuple whose other tensors have other shapes,
     such as ``(logits, hidden_states)``). What a model returns is never guessed: a tuple of
@@ -273,7 +301,8 @@ class AttachedExits(nn.Module):
                     captured["__own_first__"] = len(order)  # attached modules that ran before its first exit
             handles.append(first.register_forward_hook(own_first))
         try:
-            captured["__output__"] = self.model(*call.args, **call.kwargs)
+            with _padded_layers(bool(_inside_encoder(modules, self.after))):
+                captured["__output__"] = self.model(*call.args, **call.kwargs)
         except (TypeError, AttributeError) as exc:
             note_mapping_misread(self.model, call, exc, "AttachedExits")
             raise

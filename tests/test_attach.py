@@ -274,6 +274,61 @@ def test_factory_heads_take_the_dtype_of_the_features_they_read_in_a_model_of_tw
     assert [z.dtype for z in model(x)] == [torch.bfloat16, torch.bfloat16]  # outside autocast afterwards
 
 
+class _PaddedEncoder(nn.Module):
+    """Token ids and a padding mask through torch's nn.TransformerEncoder, pooled over the real tokens."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, d)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 2, 32, batch_first=True, dropout=0.0), 3)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, ids, mask):
+        h = self.enc(self.emb(ids), src_key_padding_mask=mask == 0)
+        m = mask.unsqueeze(-1).float()
+        return self.out((h * m).sum(1) / m.sum(1))
+
+
+class _MeanHead(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, 3)
+
+    def forward(self, h):
+        return self.linear(h.mean(1))
+
+
+def test_exits_after_transformer_encoder_layers_read_padded_outputs_without_gradients_too():
+    """In eval mode without gradients (early exit, collect_logits, attaching with example_input), torch's
+    fast path hands an nn.TransformerEncoder's layers a nested tensor when there is a padding mask, so the
+    heads attached after them got nested outputs: attach_exits failed with torch's "Could not run
+    'aten::mean.dim' with arguments from the 'NestedTensorCPU' backend". The layers now give the padded
+    outputs training gives: the logits are those of a forward with gradients, and the heads' by hand."""
+    torch.manual_seed(0)
+    net = _PaddedEncoder().eval()
+    ids, mask = torch.randint(0, 20, (6, 7)), torch.ones(6, 7, dtype=torch.long)
+    mask[:3, 5:] = 0
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model = mw.attach_exits(net, ["enc.layers.0", "enc.layers.1"], [_MeanHead(), _MeanHead()],
+                            example_input={"ids": ids, "mask": mask})
+    trained = model(ids, mask)  # with gradients: torch's plain path, as in training
+    with torch.no_grad():
+        h1 = net.enc.layers[0](net.emb(ids), src_key_padding_mask=mask == 0)
+    by_hand = [model.heads[0](h1), model.heads[1](net.enc.layers[1](h1, src_key_padding_mask=mask == 0))]
+    for z, expected in zip(trained[:2], by_hand):
+        assert torch.allclose(z, expected, atol=1e-6)
+    with torch.no_grad():
+        evaluated = model(ids, mask)
+    assert all(torch.equal(a, b) for a, b in zip(evaluated, trained))
+    logits, _ = mw.collect_logits(model, [({"ids": ids, "mask": mask}, torch.zeros(6, dtype=torch.long))])
+    assert torch.equal(logits, torch.stack(evaluated))
+    thresholds = [0.4, 0.4, 0.0]
+    result = mw.EarlyExit(model, thresholds)(ids, mask)
+    expected = mw.exit_assignment(torch.stack(trained).detach(), thresholds)
+    assert torch.equal(result.exits, expected.exits) and torch.equal(result.predictions, expected.predictions)
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath  # put back
+
+
 def test_exits_attached_to_a_multi_exit_model_must_run_before_its_own():
     """Attached exits are numbered before the model's own; one that runs after the model's first exit
     would break the shallow-to-deep order: refused (attach twice, or to a MultiExit); shallower ones
