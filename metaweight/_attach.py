@@ -76,6 +76,15 @@ def _logits(output: Any, declared: int | None = None, model_name: str = "model")
                     f"by name.")
 
 
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type; False for a type autocast has no mode for (the
+    meta device, on which exit_costs counts: ``torch.is_autocast_enabled('meta')`` raises)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 def _head_dtype(model: nn.Module, name: str, features: Tensor) -> torch.dtype | None:
     """The dtype of a head the library builds for the exit after ``name``: the features' own, which
     :meth:`AttachedExits._head` requires of a head (a model may hold parameters of several dtypes: a
@@ -84,7 +93,7 @@ def _head_dtype(model: nn.Module, name: str, features: Tensor) -> torch.dtype | 
     module that has floating-point ones (the model's, or the default dtype for a model without any)."""
     if not features.is_floating_point():
         return None
-    if not torch.is_autocast_enabled(features.device.type):
+    if not _autocast_on(features.device):
         return features.dtype
     parts = name.split(".")
     for depth in range(len(parts), -1, -1):
@@ -365,7 +374,7 @@ class AttachedExits(nn.Module):
         head = self.heads[index]
         param = next((p for p in head.parameters() if p.is_floating_point()), None)
         if param is not None and features.is_floating_point():
-            autocast = torch.is_autocast_enabled(features.device.type)
+            autocast = _autocast_on(features.device)
             wrong_dtype = param.dtype != features.dtype and not autocast
             if wrong_dtype or param.device != features.device:
                 name = self.after[index]

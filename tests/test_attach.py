@@ -329,6 +329,32 @@ def test_exits_after_transformer_encoder_layers_read_padded_outputs_without_grad
     assert torch.backends.mha.get_fastpath_enabled() == fastpath  # put back
 
 
+def test_exits_attached_to_a_model_on_the_meta_device_are_counted_there():
+    """exit_costs counts on the meta device (shapes only), but attaching exits to a meta model with
+    example_input, or counting one, failed with torch's "unknown device type for autocast": the head
+    check asked torch.is_autocast_enabled('meta'), which raises. The costs are the hand computation's
+    and those of the same model on the CPU."""
+    def build(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                 nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def factory(name, features):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(features.shape[1], 10))
+
+    conv1, conv2, linear = 3 * 8 * 9 * 16 * 16, 8 * 8 * 9 * 16 * 16, 8 * 10  # multiply-adds, by hand
+    expected = [conv1 + linear, conv1 + linear + conv2 + linear]
+    for device in ("cpu", "meta"):
+        x = torch.randn(1, 3, 16, 16, device=device)
+        built = mw.attach_exits(build(device), ["2"], factory, example_input=x)
+        with torch.device(device):
+            head = factory("2", torch.empty(1, 8, 1, 1))
+        given = mw.attach_exits(build(device), ["2"], [head])
+        assert built.heads[0][2].weight.device.type == device
+        assert mw.exit_costs(built, x).macs == expected and mw.exit_costs(given, x).macs == expected
+
+
 def test_exits_attached_to_a_multi_exit_model_must_run_before_its_own():
     """Attached exits are numbered before the model's own; one that runs after the model's first exit
     would break the shallow-to-deep order: refused (attach twice, or to a MultiExit); shallower ones
