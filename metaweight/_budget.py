@@ -327,7 +327,9 @@ def _assigned(logits: Tensor, thresholds: object, rule: ExitRule | str, what: st
 def _assign(confidence: Tensor, prediction: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
     passes = reaches(confidence, thresholds.view(-1, 1))
     passes[-1] = True
-    first = passes.to(torch.uint8).argmax(dim=0)
+    # along the last dimension of an [N, K] copy: torch's CPU argmax along dim 0 of [K, N] took 0.49 s per call
+    # at K = 3, N = 1e6 against 0.12 s (budgeted_curve calls it twice per q)
+    first = passes.to(torch.uint8).t().contiguous().argmax(dim=1)
     return first, prediction.gather(0, first.view(1, -1)).squeeze(0)
 
 
