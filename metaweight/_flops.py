@@ -157,7 +157,9 @@ _FORMULAS = _formulas()
 # reduction or random: data movement, factories, metadata, sorting, normalization, pooling,
 # interpolation, softmax, embedding lookups, dropout, activations without the pointwise tag, an
 # outer product (torch.outer is a pointwise mul), and the gate arithmetic of fused RNN cells
-# (their matrix products are separate ops). Names without the trailing underscore of in-place ops.
+# (their matrix products are separate ops), and the loss kernels (a gather or pointwise work and a
+# reduction: a Hugging Face model given its labels computes its loss in the forward). Names without
+# the trailing underscore of in-place ops.
 _CHEAP_OPS = frozenset("""
     _copy_from _copy_from_and_resize _to_copy copy clone cat stack _stack _unsafe_view contiguous
     index _index_put_impl index_put _unsafe_index _unsafe_index_put index_select index_add index_copy
@@ -192,6 +194,9 @@ _CHEAP_OPS = frozenset("""
     embedding _embedding_bag _embedding_bag_forward_only embedding_renorm native_dropout _fused_dropout
     hardswish _prelu_kernel glu log_sigmoid_forward rrelu_with_noise addr
     _thnn_fused_lstm_cell _thnn_fused_gru_cell
+    nll_loss_forward nll_loss2d_forward nll_loss_nd binary_cross_entropy binary_cross_entropy_with_logits
+    mse_loss l1_loss smooth_l1_loss huber_loss soft_margin_loss multi_margin_loss multilabel_margin_loss_forward
+    kl_div poisson_nll_loss hinge_embedding_loss margin_ranking_loss
 """.split())
 _CHEAP_TAGS = tuple(getattr(torch.Tag, name) for name in ("pointwise", "reduction", "nondeterministic_seeded",
                                                           "view_copy", "inplace_view") if hasattr(torch.Tag, name))

@@ -251,6 +251,41 @@ def test_common_layers_are_counted_and_none_warns():
     assert costs.macs == [conv + HEAD, conv + HEAD + lstm + encoder_layer(T, 16, 32) + HEAD]
 
 
+class WithLoss(nn.Module):
+    """A two-exit classifier that, like a Hugging Face model given its labels, computes a loss in its forward."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.stage1, self.stage2, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 5), nn.Linear(8, 5)
+        self.loss = loss
+
+    def forward(self, x, labels=None):
+        a = self.stage1(x)
+        b = self.stage2(a)
+        exits = [self.h1(a), self.h2(b)]
+        if labels is not None:
+            self.last_loss = sum(self.loss(z, labels) for z in exits)
+        return exits
+
+
+@pytest.mark.parametrize("loss", [
+    F.cross_entropy, functools.partial(F.cross_entropy, label_smoothing=0.1), F.multi_margin_loss,
+    lambda z, y: F.nll_loss(z.log_softmax(-1), y), lambda z, y: F.mse_loss(z, F.one_hot(y, 5).float()),
+    lambda z, y: F.binary_cross_entropy_with_logits(z, F.one_hot(y, 5).float()),
+    lambda z, y: F.binary_cross_entropy(z.sigmoid(), F.one_hot(y, 5).float()),
+    lambda z, y: F.smooth_l1_loss(z, F.one_hot(y, 5).float()), lambda z, y: F.huber_loss(z, F.one_hot(y, 5).float()),
+    lambda z, y: F.cross_entropy(z[:, :, None, None], y[:, None, None])])  # (nll_loss2d)
+def test_a_loss_computed_in_the_forward_is_cheap_and_does_not_warn(loss):
+    """A batch passed with its labels (a Hugging Face model computes its loss then) warned that the loss
+    kernel (aten.nll_loss_forward, aten.mse_loss, ...) had no formula and the costs were lower bounds: a
+    loss is a gather or pointwise work and a reduction, cheap as torch.utils.flop_counter counts."""
+    x, y = torch.randn(1, 6), torch.tensor([3])
+    expected = [6 * 8 + 8 * 5, 6 * 8 + 8 * 5 + 8 * 8 + 8 * 5]  # by hand
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mw.exit_costs(WithLoss(loss), {"x": x, "labels": y}).macs == expected
+
+
 class Filled(nn.Module):
     """A stage that writes a linear layer's output into a slice of a zero tensor, in place."""
 
