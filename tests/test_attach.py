@@ -355,6 +355,40 @@ def test_exits_attached_to_a_model_on_the_meta_device_are_counted_there():
         assert mw.exit_costs(built, x).macs == expected and mw.exit_costs(given, x).macs == expected
 
 
+class _DeepSupervision(nn.Module):
+    """One exit (its forward returns one logits tensor), and a `heads` list: an auxiliary head of deep
+    supervision on block 1, read by a training-time side loss, and the final head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1, self.block2, self.block3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.heads = nn.ModuleList([nn.Linear(8, 3), nn.Linear(8, 3)])
+
+    def forward(self, x):
+        h = torch.relu(self.block1(x))
+        self.aux = self.heads[0](h)
+        return self.heads[1](torch.relu(self.block3(torch.relu(self.block2(h)))))
+
+
+def test_a_model_of_one_exit_with_a_heads_list_takes_exits_after_its_first_head():
+    """The order check of a multi-exit model (attached exits run before its own first exit, heads[0])
+    applied to any model with a `heads` list: one that returns a single exit, with an auxiliary head in
+    that list, had an exit after block 2 refused as running after 'its own first exit'. It applies to
+    models that return several exits of their own (a declared num_exits above 1)."""
+    torch.manual_seed(0)
+    net, x = _DeepSupervision(), torch.randn(5, 4)
+    head = nn.Linear(8, 3)
+    model = mw.attach_exits(net, ["block2"], [head], example_input=x[:2])
+    assert model.num_exits == 2
+    exits = model(x)
+    with torch.no_grad():
+        by_hand = head(net.block2(torch.relu(net.block1(x))))
+        assert torch.equal(exits[0], by_hand) and torch.equal(exits[1], net(x))
+    multi = mw.MultiExit([nn.Linear(4, 8), nn.Linear(8, 8)], [nn.Linear(8, 3), nn.Linear(8, 3)])
+    with pytest.raises(ValueError, match="run after `MultiExit`'s own first exit"):  # still refused there
+        mw.attach_exits(multi, ["stages.1"], [nn.Linear(8, 3)], example_input=x[:2])
+
+
 def test_exits_attached_to_a_multi_exit_model_must_run_before_its_own():
     """Attached exits are numbered before the model's own; one that runs after the model's first exit
     would break the shallow-to-deep order: refused (attach twice, or to a MultiExit); shallower ones
