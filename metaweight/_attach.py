@@ -154,8 +154,9 @@ class AttachedExits(nn.Module):
     its exits; ``model.num_exits = 1`` for ``(logits, probabilities)``). A model that returns a list
     of exits and says so (a :class:`MultiExit`, or ``attach_exits`` applied twice) keeps all of them, in its
     order, after the attached ones, which must therefore all run before its first exit (for
-    attached exits, the module the first is attached after; for a :class:`MultiExit`, its first
-    head): a deeper one is refused with a ``ValueError``, as it would be numbered before
+    attached exits, the module the first is attached after; for a :class:`MultiExit` or any model
+    with ``exit_stages()``, its first head; else the first of a ``heads`` list): a deeper one is
+    refused with a ``ValueError``, as it would be numbered before
     shallower exits. Pass ``example_input`` (or give the model a ``num_exits``)
     so that :attr:`num_exits` is known before the first forward. The hooks live only during a
     forward of this wrapper, so ``model`` alone still runs as before, and they work under
@@ -472,10 +473,19 @@ class AttachedExits(nn.Module):
 
 def _first_exit_module(model: nn.Module) -> nn.Module | None:
     """The module whose output makes a multi-exit model's first exit: for attached exits, the module
-    the first is attached after; for a model with a ``heads`` list (``MultiExit``), its first head;
+    the first is attached after; for a model with ``exit_stages()`` (``MultiExit``, the examples'
+    MSDNet and its ``classifiers``), its first head; else for a model with a ``heads`` list, its first;
     None for other models (their exits' depths are not known)."""
     if isinstance(model, AttachedExits) and model.after:
         return model.model.get_submodule(model.after[0])
+    parts = getattr(model, "exit_stages", None)
+    if callable(parts):
+        try:
+            heads = list(parts()[1])
+        except Exception:  # (not metaweight's protocol after all: EarlyExit names what it expects)
+            heads = []
+        if heads and isinstance(heads[0], nn.Module):
+            return heads[0]
     heads = getattr(model, "heads", None)
     return heads[0] if isinstance(heads, nn.ModuleList) and len(heads) > 0 else None
 

@@ -389,6 +389,47 @@ def test_a_model_of_one_exit_with_a_heads_list_takes_exits_after_its_first_head(
         mw.attach_exits(multi, ["stages.1"], [nn.Linear(8, 3)], example_input=x[:2])
 
 
+class _Classifiers(nn.Module):
+    """A multi-exit model in the examples' MSDNet style: `blocks` and `classifiers`, exit_stages(), num_exits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 8), nn.ReLU())])
+        self.classifiers = nn.ModuleList([nn.Linear(8, 3), nn.Linear(8, 3)])
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.classifiers)
+
+    def exit_stages(self):
+        return list(self.blocks), list(self.classifiers)
+
+    def forward(self, x):
+        out = []
+        for block, classifier in zip(self.blocks, self.classifiers):
+            x = block(x)
+            out.append(classifier(x))
+        return out
+
+
+def test_exits_after_the_first_exit_of_a_model_with_exit_stages_are_refused():
+    """Attached exits come first, so they must run before the model's own first exit. That was checked
+    on a `heads` list only: on a model whose exits are its exit_stages() heads under another name
+    (`classifiers`, as the examples' MSDNet), an exit after block 2 was accepted and numbered exit 1,
+    before the exit after block 1: exits no longer went shallow to deep. Refused now; one after block 1
+    is exit 1, by hand."""
+    torch.manual_seed(0)
+    net, x = _Classifiers(), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"\['blocks.1'\] run after `_Classifiers`'s own first exit"):
+        mw.attach_exits(net, ["blocks.1"], [nn.Linear(8, 3)], example_input=x[:2])
+    head = nn.Linear(8, 3)
+    model = mw.attach_exits(net, ["blocks.0"], [head], example_input=x[:2])
+    exits = model(x)
+    with torch.no_grad():
+        assert len(exits) == 3 and torch.equal(exits[0], head(net.blocks[0](x)))
+        assert all(torch.equal(a, b) for a, b in zip(exits[1:], net(x)))
+
+
 def test_exits_attached_to_a_multi_exit_model_must_run_before_its_own():
     """Attached exits are numbered before the model's own; one that runs after the model's first exit
     would break the shallow-to-deep order: refused (attach twice, or to a MultiExit); shallower ones
