@@ -283,8 +283,10 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
         raise TypeError(f"`logits` and `labels` should be Tensors. Found `{type(logits).__name__}` and "
                         f"`{type(labels).__name__}`.")
     if logits.dim() != 3 or labels.shape != (logits.shape[1],):
+        column = logits.dim() == 3 and labels.shape == (logits.shape[1], 1)
         raise ValueError(
             f"Expected logits [K, N, C] and labels [N]. Found {tuple(logits.shape)} and {tuple(labels.shape)}."
+            + (" For labels in a column, pass labels.squeeze(1)." if column else "")
         )
     check_has_values(logits, "`logits`", "anytime_accuracy_from_logits")
     if logits.shape[0] == 0 or logits.shape[1] == 0 or logits.shape[2] == 0:

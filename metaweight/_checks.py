@@ -692,9 +692,11 @@ def checked_target(target: object, batch_size: int, num_classes: int | None, nam
             f"(probability) targets are. The losses take class indices of shape {expected}: pass "
             f"target.argmax(-1) for one-hot targets; soft targets are not supported.")
     if tuple(target.shape) != expected:
+        column = tuple(target.shape) == (*expected, 1)
         raise ValueError(
             f"{subject} should have shape {expected} to match the logits' "
             f"{'batch size' if tokens is None else 'batch and tokens'}. Found shape {tuple(target.shape)}."
+            + (" For labels with a trailing dimension of 1, pass target.squeeze(-1)." if column else "")
         )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"{subject} should hold integer class indices (torch.long). Found {target.dtype}.")

@@ -281,3 +281,15 @@ def test_classes_masked_with_a_constant_are_never_in_the_top_k_and_other_ties_ar
     mixed = torch.tensor([3.0, -1e9, -1e9, float("-inf")]).expand(1, 4, 4)  # two masks in one row (review)
     result = mw.anytime_accuracy_from_logits(mixed, torch.arange(4), topk=(1, 3))
     assert result.accuracy[3] == [25.0]  # only class 0: the -1e9 pair is masked too, not only the row's lowest
+
+
+def test_labels_in_a_column_are_refused_saying_how_to_pass_them():
+    """Labels [N, 1] (a column, as a data frame or a loader of targets may give them) are refused with the fix; a
+    column of another length is refused without it."""
+    logits, labels = torch.randn(3, 8, 5), torch.randint(0, 5, (8,))
+    with pytest.raises(ValueError, match=r"labels \[N\]\. Found \(3, 8, 5\) and \(8, 1\)\. .*labels.squeeze\(1\)"):
+        mw.anytime_accuracy_from_logits(logits, labels[:, None])
+    with pytest.raises(ValueError, match=r"Found \(3, 8, 5\) and \(7, 1\)\.$"):
+        mw.anytime_accuracy_from_logits(logits, labels[:7, None])
+    with pytest.raises(ValueError, match="target.squeeze"):
+        mw.DenseDistillLoss(3)(list(logits), labels[:, None])

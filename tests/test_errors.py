@@ -25,6 +25,7 @@ Y = torch.tensor([0, 1, 2, 4])
     (LOGITS, torch.tensor([0, 1, 2, 5]), r"labels in \[0, 5\].*5 classes.*\[0, 4\]"),
     (LOGITS, torch.tensor([-1, 1, 2, 3]), r"labels in \[-1, 3\]"),
     (LOGITS, torch.tensor([0, 1, 2]), r"shape \(4,\)"),
+    (LOGITS, Y[:, None], r"shape \(4,\).*\(4, 1\).*target.squeeze\(-1\)"),
     (LOGITS, torch.tensor([0.0, 1, 2, 3]), "integer class indices"),
     (LOGITS, torch.softmax(torch.randn(4, 5), -1), r"shape \(4, 5\).*soft.*class indices of shape \(4,\)"),
     (LOGITS, torch.nn.functional.one_hot(Y, 5), r"one-hot.*target.argmax\(-1\)"),
