@@ -328,6 +328,7 @@ def train(args: argparse.Namespace) -> dict:
           f"parameters, {num_exits} exits, {criterion.active.sum().item()} active loss terms")
 
     history: list[dict] = []
+    grads: list[torch.Tensor] = []  # d L_val / d gamma of each meta step since the last record
     step, seconds = 0, 0.0
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None and checkpoint.exists():
@@ -345,13 +346,13 @@ def train(args: argparse.Namespace) -> dict:
         weighter.load_state_dict(state["weighter"])
         torch.set_rng_state(state["rng"])
         step, seconds, history = state["step"], state["seconds"], state["history"]
+        grads = list(state.get("grads", []))  # the meta steps since the last record (none in older checkpoints)
         print(f"resumed from {checkpoint} at iteration {step}")
 
     val_size = min(args.val_batch_size or args.batch_size, len(split.y_val))
     augment_train = args.dataset.startswith("cifar")
     progress = Progress(total, not args.no_progress)
     record_every = max(1, total // 100)
-    grads: list[torch.Tensor] = []  # d L_val / d gamma of each meta step since the last record
     start = time.time() - seconds
     model.train()
     while step < total:
@@ -376,7 +377,8 @@ def train(args: argparse.Namespace) -> dict:
                 _save_atomically({"config": _config(args), "model": model.state_dict(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "weighter": weighter.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                                  "seconds": time.time() - start, "history": history}, checkpoint)
+                                  "seconds": time.time() - start, "history": history, "grads": grads},
+                                 checkpoint)
             if step >= total:
                 break
     progress.close()
