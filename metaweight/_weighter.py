@@ -402,15 +402,35 @@ class HarmonizedWeighter(NamedWeights):
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's; capturable refuses it)
-            capture = StepCapture(self, before_step)
-            self._step_hooks = (inner.register_step_pre_hook(capture),
-                                inner.register_step_post_hook(StepEnd(self)))
-            # the training forward's random numbers and modes, for the two-call form's difference
-            self._watch = ForwardWatch(self, device)
-            # (first of the pre-hooks: the inputs as the loop passed them, which meta_step gets; a pre-hook of the
-            # user's that changes them runs again in every replayed forward)
-            self._forward_hooks = (model.register_forward_pre_hook(self._watch.before, with_kwargs=True, prepend=True),
-                                   model.register_forward_hook(self._watch.after, with_kwargs=True))
+            self._hook_two_calls(device)
+
+    def _hook_two_calls(self, device: torch.device) -> None:
+        """``mode="fast"``'s hooks for its two-call form: on the optimizer's step (what the step did) and on the
+        model's forward (the training forward's random numbers and modes, for the difference)."""
+        inner, model = self._inner_optimizer, self.model
+        capture = StepCapture(self, before_step)
+        self._step_hooks = (inner.register_step_pre_hook(capture),
+                            inner.register_step_post_hook(StepEnd(self)))
+        self._watch = ForwardWatch(self, device)
+        # (first of the pre-hooks: the inputs as the loop passed them, which meta_step gets; a pre-hook of the
+        # user's that changes them runs again in every replayed forward)
+        self._forward_hooks = (model.register_forward_pre_hook(self._watch.before, with_kwargs=True, prepend=True),
+                               model.register_forward_hook(self._watch.after, with_kwargs=True))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``copy.deepcopy``) or an unpickled weighter watches its own model and optimizer, which the
+        copy holds: their copies carry this weighter's hooks inert (:class:`~metaweight._capture.ForwardWatch`
+        and the step's hooks are copied empty, tied to no weighter), so those are removed and hooked anew, and
+        the copy is watched for other optimizers' steps as this weighter is. As a loss weighting's copy does, it
+        starts a new iteration: the calls of the one under way stay with this weighter."""
+        self.__dict__.update(state)
+        if self._built_to_learn:
+            ForeignSteps.watch(self)
+        if self._watch is not None:
+            for handle in (*self._step_hooks, *self._forward_hooks):
+                handle.remove()
+            self._pending = self._stepped = None
+            self._hook_two_calls(self._active.device)
 
     # ----------------------------------------------------------------------------- set-up
     def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:

@@ -580,3 +580,33 @@ def test_the_step_length_is_its_formula_from_the_norms_in_float64():
         assert abs(step_length(base, direction, 0.5, 1).item() * norm.item() - 0.5) < 1e-6
     zero = {n: torch.zeros_like(t) for n, t in base.items()}
     assert step_length(base, zero, None, 1).item() == 0.0
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_fast_weighter_trains_on_in_the_two_calls_as_the_original(how):
+    """The copy's model and optimizer carry the weighter's hooks inert (a copy of the model alone must not
+    feed the weighter): a copied or unpickled fast weighter raised AttributeError ('ForwardWatch' object has
+    no attribute 'records') at its first loss(); nor was the copy (either mode) watched for other optimizers."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), mode="fast",
+                              gamma_lr=0.1)
+    data = [(batch(), batch()) for _ in range(5)]
+    for train, val in data[:2]:
+        fast_two_calls(w, model, optimizer, train, val)
+    copied = copy.deepcopy(w) if how == "deepcopy" else pickle.loads(pickle.dumps(w))
+    assert copied.model is not model and copied.optimizer is not optimizer
+    for train, val in data[2:]:
+        fast_two_calls(w, model, optimizer, train, val)  # the original, uninterrupted: the reference
+        fast_two_calls(copied, copied.model, copied.optimizer, train, val)
+    assert copied.num_meta_steps == w.num_meta_steps == 5
+    assert torch.equal(copied.gamma, w.gamma) and not torch.equal(w.gamma, torch.ones(6))
+    for a, b in zip(model.parameters(), copied.model.parameters()):
+        assert torch.equal(a, b)
+    other = torch.optim.SGD(copied.model.parameters(), lr=0.1)  # another optimizer steps the copy's model
+    other.step()
+    with pytest.raises(ValueError, match="Another optimizer"):
+        fast_two_calls(copied, copied.model, copied.optimizer, *data[0])

@@ -540,3 +540,21 @@ def test_a_negative_learning_rate_set_after_construction_is_refused_like_maximiz
     with pytest.raises(ValueError, match=r"gamma's optimizer .*has lr=-0.5, below 0"):
         w.step(batch(), batch())
     assert all(torch.equal(a, b) for a, b in zip(before, [*model.parameters(), w.gamma]))
+
+
+def test_a_copied_weighter_refuses_another_optimizer_s_step_of_its_model_as_the_original_does():
+    """Only the weighter built was watched for other optimizers' steps: a copy (copy.deepcopy, pickle)
+    took a second optimizer's step of its model into its meta-gradient without a word."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3))
+    w.step(batch(), batch())
+    for copied in (w, copy.deepcopy(w), pickle.loads(pickle.dumps(w))):
+        torch.optim.SGD(copied.model.parameters(), lr=0.1).step()
+        before = copy.deepcopy(copied.state_dict())
+        with pytest.raises(ValueError, match=r"Another optimizer \(SGD\) stepped parameters of the model"):
+            copied.meta_step(batch(), batch())
+        assert str(copied.state_dict()) == str(before)
