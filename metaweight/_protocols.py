@@ -171,6 +171,10 @@ class Objective:
                 if not torch.isfinite(value).all() or (name == "expected" and (value < 0).any()):
                     raise ValueError(f"The checkpoint's validation state `{name}` {value.tolist()} is not finite "
                                      f"and >= 0.")
+            elif name == "num_updates" and isinstance(value, Tensor) and (value < 0).any():  # BalancedValidation's
+                raise ValueError(f"The checkpoint's validation state `num_updates` {value.tolist()} is negative: it "
+                                 f"counts the updates of the average, which no run makes negative (a negative count "
+                                 f"reads as no average yet). Pass the state_dict() as saved. Nothing was changed.")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if isinstance(self.validation, nn.Module):

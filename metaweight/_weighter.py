@@ -997,6 +997,10 @@ class HarmonizedWeighter(NamedWeights):
         counts = {k: state_dict.get(k, 0) for k in ("num_meta_steps", "num_calls", "num_skipped")}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
             raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
+        if "num_calls" in state_dict and counts["num_meta_steps"] > counts["num_calls"]:
+            raise ValueError(f"The checkpoint's counters {counts} are impossible: every meta step kept is a call, so "
+                             f"num_meta_steps <= num_calls. Pass a HarmonizedWeighter.state_dict() as saved. Nothing "
+                             f"was changed.")
         gamma_sum = real_scalar(state_dict["gamma_sum"])  # (the one reading of a number: a bool is none)
         if gamma_sum is None or not (math.isfinite(gamma_sum) and gamma_sum >= 0):
             raise ValueError(f"The checkpoint's gamma_sum {state_dict['gamma_sum']!r} should be a finite number >= 0.")

@@ -134,6 +134,8 @@ def test_checkpoint_missing_a_key_is_refused_before_anything_changes(key):
     lambda s: s.__setitem__("num_meta_steps", -1),
     lambda s: s.__setitem__("gamma_sum", float("nan")),
     lambda s: s["gamma_optimizer"]["param_groups"].append({}),
+    lambda s: s.__setitem__("num_meta_steps", s["num_calls"] + 1),  # (loaded before, as the weightings refuse it)
+    lambda s: s["validation"]["num_updates"].fill_(-3),  # (loaded before: read as no average yet)
 ])
 def test_checkpoint_with_bad_values_is_refused(corrupt):
     model, opt, w = make()
