@@ -426,7 +426,7 @@ class HarmonizedWeighter(NamedWeights):
         self.__dict__.update(state)
         if self._built_to_learn:
             ForeignSteps.watch(self)
-        if self._watch is not None:
+        if self._watch is not None and self._watch._ref() is None:  # (a shallow copy shares this weighter's live ones)
             for handle in (*self._step_hooks, *self._forward_hooks):
                 handle.remove()
             self._pending = self._stepped = None

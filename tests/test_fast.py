@@ -610,3 +610,25 @@ def test_a_copied_fast_weighter_trains_on_in_the_two_calls_as_the_original(how):
     other.step()
     with pytest.raises(ValueError, match="Another optimizer"):
         fast_two_calls(copied, copied.model, copied.optimizer, *data[0])
+
+
+def test_a_shallow_copy_of_a_fast_weighter_leaves_the_original_s_hooks_in_place():
+    """copy.copy shares the model, the optimizer and the live hooks: they stay the original's (re-hooking them
+    for the copy, as a deep copy is, took them from the original: it kept 1 meta step of 3)."""
+    def fresh():
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, optimizer, mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3),
+                                                       mw.BalancedValidation(3), mode="fast", gamma_lr=0.1)
+
+    data = [(batch(), batch()) for _ in range(3)]
+    model, optimizer, w = fresh()
+    twin_model, twin_optimizer, twin = fresh()
+    for i, (train, val) in enumerate(data):
+        if i == 1:
+            copy.copy(w)
+        fast_two_calls(w, model, optimizer, train, val)
+        fast_two_calls(twin, twin_model, twin_optimizer, train, val)
+    assert w.num_meta_steps == twin.num_meta_steps == 3
+    assert torch.equal(w.gamma, twin.gamma)
