@@ -96,6 +96,11 @@ def gradients_moved(grads: Sequence[Tensor | None]) -> bool:
     return not nonfinite and bool(moved)
 
 
+# said where meta_step finds no loss() call of the iteration after a load_state_dict
+LOADED_SINCE = (" (It was loaded from a checkpoint since its last loss() call: a checkpoint keeps the state, not the "
+                "loss() calls of an iteration under way; save it after meta_step.)")
+
+
 def not_stepped_message(who: str, outcome: str, moved: bool, kept: str = "") -> str:
     """What a two-call ``meta_step`` says when the optimizer did not step since ``loss()``, warned to the user
     (:func:`~metaweight._warn.warn_user`) where it was not a ``GradScaler``'s skip: the gradients of the loss

@@ -399,6 +399,7 @@ class HarmonizedWeighter(NamedWeights):
         self._frozen_step: list[str] | None = None  # the exact mode's optimizer stepped frozen parameters
         if self.learn:
             ForeignSteps.watch(self)
+        self._loaded = False  # load_state_dict came after the last loss() call (said where meta_step misses them)
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's; capturable refuses it)
@@ -493,6 +494,7 @@ class HarmonizedWeighter(NamedWeights):
         """
         terms = self._terms(outputs, target)
         weighted = self._weighted(terms)
+        self._loaded = False
         if self.mode == "fast" and self.learn and weighted.requires_grad:
             self._keep_for_meta_step(outputs, terms, target, weighted)
         elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
@@ -1013,6 +1015,7 @@ class HarmonizedWeighter(NamedWeights):
         self.num_calls = int(state_dict.get("num_calls", self.num_meta_steps))
         self.num_skipped = counts["num_skipped"]
         self._gamma_sum = float(gamma_sum)
+        self._loaded = self._pending is None  # (no loss() call of the iteration under way is in a checkpoint)
         if self._capturable is not None and self._capturable.counts is not None:
             self._capturable.reset(self)
 

@@ -52,7 +52,8 @@ from metaweight._hypergradient import Reducer
 from metaweight._optimizers import unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import BufferSnapshot, gradients_moved, host_read, nonfinite_flag, not_stepped_message
+from metaweight._transaction import (LOADED_SINCE, BufferSnapshot, gradients_moved, host_read, nonfinite_flag,
+                                     not_stepped_message)
 from metaweight._walk import walk, walked_call
 from metaweight._warn import raise_or_skip_step, warn_user
 
@@ -355,6 +356,7 @@ class Weighting(NamedWeights):
         self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
         # the gradients of the calls since the last step, as a meta_step that kept them or the last loss() saw them
         self._since: GradSnapshot | None = None
+        self._loaded = False  # load_state_dict came after the last loss() call (said where meta_step misses them)
         self._kept_at: int | None = None  # ... and the optimizer's step count then
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
@@ -467,6 +469,7 @@ class Weighting(NamedWeights):
         if terms.dtype in (torch.float16, torch.bfloat16):  # weigh half-precision terms in float32
             terms = terms.float()
         combined = self._combine(terms)
+        self._loaded = False
         self.last_terms = terms.detach()
         self._pending = self.last_terms  # (read where no backward went through a loss() call since the last step)
         self._last_values = None
@@ -602,7 +605,7 @@ class Weighting(NamedWeights):
             raise ValueError(f"{type(self).__name__}.meta_step reads the terms of this iteration: call "
                              f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
-                             f"Nothing was changed.")
+                             f"Nothing was changed.{LOADED_SINCE if self._loaded else ''}")
         steps = optimizer_steps(self._inner_optimizer)
         if self._kept_at == steps - 1 and steps in self._groups and self._groups[steps].wrote:
             # calls kept by a meta_step before a step, and a backward after that step before this meta_step: the
@@ -890,6 +893,7 @@ class Weighting(NamedWeights):
         self.num_calls, self.num_meta_steps, self.num_skipped = (counts["num_calls"], counts["num_meta_steps"],
                                                                  counts["num_skipped"])
         self._reset_pending()
+        self._loaded = True
 
     def _options(self) -> str:
         return ""

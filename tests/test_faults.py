@@ -622,3 +622,37 @@ def test_a_non_finite_meta_gradient_of_finite_losses_names_its_terms_and_what_to
                                          r"\['ce\[2\]', 'kd\[3->1\]'\].*derivative through the look-ahead step.*eps"):
         w.meta_step(batch(), batch())
     assert_same(before, snapshot(model, opt, w))
+
+
+@pytest.mark.parametrize("kind", ["fast", "uw", "famo"])
+def test_a_checkpoint_taken_between_the_step_and_meta_step_says_why_meta_step_finds_no_loss(kind):
+    """Saved after optimizer.step() and before meta_step, a weighter resumed into fresh objects has no loss() call
+    of that iteration (a checkpoint keeps the state only): its meta_step is refused, saying so (it said only to
+    call loss() first, which the user had done before saving); after a loss() call of its own (for logging), the
+    fast mode's refusal of a meta_step without a training one does not say it."""
+    def build():
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        if kind == "fast":
+            return model, optimizer, mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+        return model, optimizer, mw.WEIGHTINGS[kind](model, optimizer, mw.DenseDistillLoss(3))
+
+    train, val = batch(), batch()
+    model, optimizer, w = build()
+    w.loss(model(train[0]), train[1]).backward()
+    optimizer.step()
+    state = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
+    model, optimizer, resumed = build()
+    model.load_state_dict(state[0])
+    optimizer.load_state_dict(state[1])
+    resumed.load_state_dict(state[2])
+    with pytest.raises(ValueError, match=r"this iteration.*loaded from a checkpoint since its last loss\(\) call.*save it "
+                                         r"after meta_step"):
+        resumed.meta_step(train, val)
+    with torch.no_grad():
+        resumed.loss(model(train[0]), train[1])  # (a loss for logging: no training call, but a call since the load)
+    if kind == "fast":  # (the loss weightings read a logged call's terms)
+        with pytest.raises(ValueError) as refused:
+            resumed.meta_step(train, val)
+        assert "checkpoint" not in str(refused.value)
