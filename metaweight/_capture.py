@@ -343,11 +343,11 @@ class GradSnapshot:
     def zeroing(self, grads: Sequence[Tensor | None]) -> tuple[bool, bool]:
         """Whether a ``zero_grad`` came since these references were taken: a gradient present then is ``None``
         now (``set_to_none=True``, the default), or one present then and written since (in place, or another
-        object) is all zeros where it held a nonzero value then (``set_to_none=False``; where :meth:`refs_of` took no ``nonzero``, any
-        gradient written since that is all zeros). A gradient written since with values is no zeroing: a backward
-        adding to it (another loss's; or, in the backward reaching a training ``loss()``, its own writes to
-        parameters only other losses of the sum reach, which autograd may finish before the hook on that loss
-        runs); nor is one that held zeros then and holds zeros now (such a backward adding zeros, e.g.
+        object) is all zeros where it held a nonzero value then (``set_to_none=False``; where :meth:`refs_of`
+        took no ``nonzero``, any such gradient that is all zeros). A gradient written since with values is no
+        zeroing: a backward adding to it (another loss's; or, in the backward reaching a training ``loss()``, its
+        own writes to parameters only other losses of the sum reach, which autograd may finish before the hook on
+        that loss runs); nor is one that held zeros then and holds zeros now (such a backward adding zeros, e.g.
         ``0 * p.sum()`` for a parameter the weighted loss does not reach: clearing it would change nothing).
         And whether that zeroing was partial: with ``nonzero``, a gradient that held a nonzero value then is the
         same object at the same version now (untouched, so not zeroed). Python objects, and one host read only

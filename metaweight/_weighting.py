@@ -356,8 +356,8 @@ class Weighting(NamedWeights):
         self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
         # the gradients of the calls since the last step, as a meta_step that kept them or the last loss() saw them
         self._since: GradSnapshot | None = None
+        self._kept_at: int | None = None  # the optimizer's step count when a meta_step after no step kept the calls
         self._loaded = False  # load_state_dict came after the last loss() call (said where meta_step misses them)
-        self._kept_at: int | None = None  # ... and the optimizer's step count then
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
         self._calls_made = 0  # training loss() calls so far: their order, for FAMO's check of the labels
