@@ -104,13 +104,14 @@ def _head_dtype(model: nn.Module, name: str, features: Tensor) -> torch.dtype | 
     return torch.get_default_dtype()
 
 
-def _inside_encoder(modules: Mapping[str, nn.Module], after: Sequence[str]) -> list[str]:
-    """The names in ``after`` of an ``nn.TransformerEncoder`` or modules inside one: in eval mode
-    without gradients (early exit, ``collect_logits``), torch's fast path turns a batch with a padding
-    mask into a nested tensor for the encoder's layers, so their outputs are nested there (padded in
-    training), and the encoder's own has zeros at the padded positions (values computed in training)."""
-    encoders = [name for name, m in modules.items() if isinstance(m, nn.TransformerEncoder)]
-    return [a for a in after if any(e == "" or a == e or a.startswith(e + ".") for e in encoders)]
+def _holds_encoder(modules: Mapping[str, nn.Module]) -> bool:
+    """Whether the model holds an ``nn.TransformerEncoder``: in eval mode without gradients (early exit,
+    ``collect_logits``), torch's fast path turns a batch with a padding mask into a nested tensor for the
+    encoder's layers, so their outputs are nested there (padded in training), and the encoder's own has zeros
+    at the padded positions (values computed in training). Exits after the encoder or its layers, after a
+    module holding it, or after any module its output reaches all read them: which modules run after it is
+    not known before the forward, so any exit of such a model runs with the fast path off."""
+    return any(isinstance(m, nn.TransformerEncoder) for m in modules.values())
 
 
 @contextmanager
@@ -143,8 +144,10 @@ class AttachedExits(nn.Module):
     its input in place, are refused with a ``ValueError``: early exit runs the heads as the
     modules return, so the heads would read other values there than in training (seen by version
     counters: not for tensors made under ``torch.inference_mode()``, nor inside a compiled
-    forward). Exits after an ``nn.TransformerEncoder`` or its layers run with torch's fast path off
-    (put back after): without gradients it would hand the layers a padded batch as a nested tensor.
+    forward). The exits of a model holding an ``nn.TransformerEncoder`` run with torch's fast path off
+    (put back after): without gradients it would hand the layers a padded batch as a nested tensor and
+    put zeros at the padded positions of the encoder's output, which exits after it (or after a module
+    holding it, or reading its output) would read where training read the values computed there.
     It returns the heads' logits, shallow to deep,
     followed by the model's own logits when ``include_output`` (a tensor, a Hugging Face
     output's ``.logits``, or the first tensor of a tuple whose other tensors have other shapes,
@@ -314,7 +317,7 @@ class AttachedExits(nn.Module):
                     captured["__own_first__"] = len(order)  # attached modules that ran before its first exit
             handles.append(first.register_forward_hook(own_first))
         try:
-            with _padded_layers(bool(_inside_encoder(modules, self.after))):
+            with _padded_layers(_holds_encoder(modules)):
                 captured["__output__"] = self.model(*call.args, **call.kwargs)
         except (TypeError, AttributeError) as exc:
             note_mapping_misread(self.model, call, exc, "AttachedExits")

@@ -430,6 +430,55 @@ def test_exits_after_the_first_exit_of_a_model_with_exit_stages_are_refused():
         assert all(torch.equal(a, b) for a, b in zip(exits[1:], net(x)))
 
 
+class _EncoderBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 2, 32, batch_first=True, dropout=0.0), 2)
+
+    def forward(self, h, padding):
+        return self.enc(h, src_key_padding_mask=padding)
+
+
+class _WrappedEncoder(nn.Module):
+    """_PaddedEncoder's encoder inside a block of the model's own, and a projection reading its output."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, d)
+        self.block = _EncoderBlock(d)
+        self.proj = nn.Linear(d, d)
+        self.out = nn.Linear(d, 3)
+
+    def encode(self, ids, mask):
+        return self.block(self.emb(ids), mask == 0)
+
+    def forward(self, ids, mask):
+        h = self.proj(self.encode(ids, mask))
+        m = mask.unsqueeze(-1).float()
+        return self.out((h * m).sum(1) / m.sum(1))
+
+
+def test_exits_after_a_module_holding_or_reading_a_transformer_encoder_read_training_s_values_too():
+    """Without gradients torch's fast path puts zeros at the padded positions of an nn.TransformerEncoder's
+    output: an exit after a module holding the encoder, or after one reading its output, pooled those zeros
+    where training pooled the values computed there (exit logits 0.31 apart from a forward with gradients,
+    silently; only exits after the encoder or its layers ran with the fast path off)."""
+    torch.manual_seed(0)
+    net = _WrappedEncoder().eval()
+    ids, mask = torch.randint(0, 20, (6, 7)), torch.ones(6, 7, dtype=torch.long)
+    mask[:3, 4:] = 0
+    model = mw.attach_exits(net, ["block", "proj"], [_MeanHead(), _MeanHead()])
+    with torch.enable_grad():  # torch's plain path, as in training: the heads by hand on its features
+        h = net.encode(ids, mask)
+        by_hand = [model.heads[0](h), model.heads[1](net.proj(h))]
+    with torch.no_grad():
+        evaluated = model(ids, mask)
+    for z, expected in zip(evaluated[:2], by_hand):
+        assert torch.allclose(z, expected, atol=1e-6), (z - expected).abs().max()
+    logits, _ = mw.collect_logits(model, [({"ids": ids, "mask": mask}, torch.zeros(6, dtype=torch.long))])
+    assert torch.equal(logits, torch.stack(evaluated))
+
+
 def test_exits_attached_to_a_multi_exit_model_must_run_before_its_own():
     """Attached exits are numbered before the model's own; one that runs after the model's first exit
     would break the shallow-to-deep order: refused (attach twice, or to a MultiExit); shallower ones
