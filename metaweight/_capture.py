@@ -210,6 +210,21 @@ class _Inert:
         self._ref = lambda: None
 
 
+def drop_inert_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Remove from ``model`` and ``optimizer`` the hooks of ours tied to no weighter: a dropped weighter's (a
+    later weighter on the same model: Lightning's next fit, a notebook cell run again) or a copy's inert ones.
+    Each weighter built on the model left two forward hooks there for good, called at every forward."""
+    for hooks, extras in ((model._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",)),
+                          (model._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+                          (optimizer._optimizer_step_pre_hooks, ()), (optimizer._optimizer_step_post_hooks, ())):
+        for key, hook in list(hooks.items()):
+            owner = getattr(hook, "__self__", hook)
+            if isinstance(owner, _Inert) and owner._ref() is None:
+                del hooks[key]
+                for extra in extras:
+                    getattr(model, extra, {}).pop(key, None)
+
+
 class ForwardWatch(_Inert):
     """A forward pre-hook and hook on the user's model, ``mode="fast"`` only: the records of its last
     few forwards with gradients enabled, for :meth:`HarmonizedWeighter.loss` to take the one its

@@ -26,7 +26,8 @@ from torch.utils.hooks import RemovableHandle
 from metaweight._backends import (BACKENDS, Backend, BackendName, FiniteDifferenceBackend, HigherBackend, JvpBackend,
                                   make_backend)
 from metaweight._gradcheck import gradient_mismatch
-from metaweight._capture import ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, watch_backward
+from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, drop_inert_hooks,
+                                watch_backward)
 from metaweight._checks import (check_flag, check_initialized, check_has_values, IGNORE_INDEX, forget_labels,
                                in_dtype, integer_value, masked_label_hint, per_term, real_numbers, real_option,
                                real_scalar, summarize_step_labels, unpack_batch)
@@ -409,6 +410,7 @@ class HarmonizedWeighter(NamedWeights):
         """``mode="fast"``'s hooks for its two-call form: on the optimizer's step (what the step did) and on the
         model's forward (the training forward's random numbers and modes, for the difference)."""
         inner, model = self._inner_optimizer, self.model
+        drop_inert_hooks(model, inner)  # (a dropped weighter's, a copy's: called at every forward otherwise)
         capture = StepCapture(self, before_step)
         self._step_hooks = (inner.register_step_pre_hook(capture),
                             inner.register_step_post_hook(StepEnd(self)))

@@ -2,6 +2,7 @@
 independent brute force of its own definition; the model after a fast step against a plain step."""
 
 import copy
+import gc
 
 import warnings
 
@@ -632,3 +633,38 @@ def test_a_shallow_copy_of_a_fast_weighter_leaves_the_original_s_hooks_in_place(
         fast_two_calls(twin, twin_model, twin_optimizer, train, val)
     assert w.num_meta_steps == twin.num_meta_steps == 3
     assert torch.equal(w.gamma, twin.gamma)
+
+
+def test_a_later_fast_weighter_on_the_same_model_removes_the_hooks_a_dropped_one_left():
+    """Each fast weighter built on a model left its two forward hooks there for good, inert once it was dropped
+    (Lightning's next fit with the same callback, a notebook cell run again): they piled up, two a weighter,
+    called at every forward. The next weighter removes them; a live weighter's stay."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def build():
+        return mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), mode="fast")
+
+    def counts():
+        return (len(model._forward_pre_hooks), len(model._forward_hooks), len(model._forward_pre_hooks_with_kwargs),
+                len(model._forward_hooks_with_kwargs), len(optimizer._optimizer_step_pre_hooks),
+                len(optimizer._optimizer_step_post_hooks))
+
+    w = build()
+    fast_two_calls(w, model, optimizer, batch(), batch())
+    one = counts()
+    assert one == (1, 1, 1, 1, 1, 1)
+    for _ in range(3):
+        del w
+        gc.collect()
+        w = build()
+        fast_two_calls(w, model, optimizer, batch(), batch())
+        assert counts() == one
+    live = w
+    other = build()  # two live weighters on one model: both keep their hooks
+    assert counts() == (2, 2, 2, 2, 2, 2)
+    del other
+    gc.collect()
+    fast_two_calls(live, model, optimizer, batch(), batch())
+    assert live.num_meta_steps == 2
