@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._checks import check_flag, integer_value
-from metaweight._modes import eval_mode
+from metaweight._modes import eval_mode, mha_fastpath_off
 from metaweight._protocols import ModelCall, note_mapping_misread, wrapper_call
 
 HeadFactory = Callable[[str, Tensor], nn.Module]
@@ -118,16 +118,11 @@ def _holds_encoder(modules: Mapping[str, nn.Module]) -> bool:
 def _padded_layers(needed: bool) -> Iterator[None]:
     """Turn torch's fast path of ``nn.TransformerEncoder`` (and its layers) off while ``needed``: its
     layers then give the padded outputs training gives, which the heads read. Put back afterwards."""
-    mha = getattr(torch.backends, "mha", None)
-    if not needed or mha is None or torch.compiler.is_compiling():
+    if not needed or torch.compiler.is_compiling():
         yield
         return
-    was = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
+    with mha_fastpath_off():
         yield
-    finally:
-        mha.set_fastpath_enabled(was)
 
 
 class _StopForward(Exception):

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from metaweight._checks import check_exit_outputs, check_flag, holds_meta, integer_value
-from metaweight._modes import eval_mode
+from metaweight._modes import eval_mode, mha_fastpath_off
 from metaweight._protocols import call_model
 from metaweight._warn import warn_user
 
@@ -226,16 +226,8 @@ def _counting() -> Iterator[None]:
     """Layers decompose into ops with a formula while counting: torch's fused fast path of
     ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (taken in eval mode without
     gradients) is one op without one; it is turned off, and back on afterwards."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None:
+    with mha_fastpath_off():
         yield
-        return
-    was = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(was)
 
 
 class _Counter(TorchDispatchMode):

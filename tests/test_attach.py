@@ -894,3 +894,31 @@ def test_a_models_own_output_as_a_dict_is_read_by_its_logits_key():
     assert torch.equal(logits[0], attached.heads[0](net.body(x)))
     with pytest.raises(TypeError, match=r"keys \['hidden', 'scores'\], none of them 'logits'"):
         mw.attach_exits(DictOut("scores"), ["body"], [nn.Linear(8, 3)])(x)
+
+
+def test_the_attention_fast_path_stays_off_while_any_forward_of_ours_is_inside_and_then_comes_back():
+    """torch.backends.mha's setting is one for the process: a forward that put back what it found on entering
+    turned the fast path on again while another was still inside (a second thread's forward, interleaved
+    generators), whose encoder then handed its layers a nested tensor in the middle of its forward. Entered
+    and left interleaved here, as two threads may; exit_costs' counting shares the setting."""
+    from metaweight._attach import _padded_layers
+    from metaweight._flops import _counting
+
+    mha = torch.backends.mha
+    before = mha.get_fastpath_enabled()
+    try:
+        for user in (True, False):
+            mha.set_fastpath_enabled(user)
+            first, second = _padded_layers(True), _counting()
+            first.__enter__()
+            second.__enter__()
+            first.__exit__(None, None, None)
+            assert not mha.get_fastpath_enabled()  # the second is still inside
+            second.__exit__(None, None, None)
+            assert mha.get_fastpath_enabled() == user
+            with pytest.raises(RuntimeError):  # put back after an exception too
+                with _padded_layers(True):
+                    raise RuntimeError
+            assert mha.get_fastpath_enabled() == user
+    finally:
+        mha.set_fastpath_enabled(before)
