@@ -401,6 +401,7 @@ class HarmonizedWeighter(NamedWeights):
         if self.learn:
             ForeignSteps.watch(self)
         self._loaded = False  # load_state_dict came after the last loss() call (said where meta_step misses them)
+        self._copied = False  # a copy made after the last loss() call, which the original kept (said there too)
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's; capturable refuses it)
@@ -420,6 +421,16 @@ class HarmonizedWeighter(NamedWeights):
         self._forward_hooks = (model.register_forward_pre_hook(self._watch.before, with_kwargs=True, prepend=True),
                                model.register_forward_hook(self._watch.after, with_kwargs=True))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (and copied) without the iteration's pending ``loss()`` of ``mode="fast"``, whose records of
+        the forward hold weak references (pickle refused them: TypeError 'cannot pickle weakref.ReferenceType'
+        between ``loss()`` and ``meta_step``): a copy starts a new iteration, and its ``meta_step`` says so where
+        it finds no ``loss()``."""
+        state = dict(self.__dict__)
+        if state.get("_pending") is not None or state.get("_stepped") is not None:
+            state.update(_pending=None, _stepped=None, _copied=True)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (``copy.deepcopy``) or an unpickled weighter watches its own model and optimizer, which the
         copy holds: their copies carry this weighter's hooks inert (:class:`~metaweight._capture.ForwardWatch`
@@ -427,12 +438,13 @@ class HarmonizedWeighter(NamedWeights):
         the copy is watched for other optimizers' steps as this weighter is. As a loss weighting's copy does, it
         starts a new iteration: the calls of the one under way stay with this weighter."""
         self.__dict__.update(state)
+        self._copied = bool(state.get("_copied", False))  # (a pickle of an older metaweight has none)
         if self._built_to_learn:
             ForeignSteps.watch(self)
         if self._watch is not None and self._watch._ref() is None:  # (a shallow copy shares this weighter's live ones)
             for handle in (*self._step_hooks, *self._forward_hooks):
                 handle.remove()
-            self._pending = self._stepped = None
+            self._pending = self._stepped = None  # (already None in a state from __getstate__)
             self._hook_two_calls(self._active.device)
 
     # ----------------------------------------------------------------------------- set-up
@@ -496,7 +508,7 @@ class HarmonizedWeighter(NamedWeights):
         """
         terms = self._terms(outputs, target)
         weighted = self._weighted(terms)
-        self._loaded = False
+        self._loaded = self._copied = False
         if self.mode == "fast" and self.learn and weighted.requires_grad:
             self._keep_for_meta_step(outputs, terms, target, weighted)
         elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)

@@ -668,3 +668,34 @@ def test_a_later_fast_weighter_on_the_same_model_removes_the_hooks_a_dropped_one
     gc.collect()
     fast_two_calls(live, model, optimizer, batch(), batch())
     assert live.num_meta_steps == 2
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_between_loss_and_meta_step_says_so_where_meta_step_finds_no_loss(how):
+    """The iteration under way stays with the original: the copy's meta_step asked for the loss() the user had
+    called before copying, without a word of the copy; a copy made after meta_step says nothing of it."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), mode="fast")
+    train, val = batch(), batch()
+
+    def copied():
+        return copy.deepcopy(w) if how == "deepcopy" else pickle.loads(pickle.dumps(w))
+
+    fast_two_calls(w, model, optimizer, train, val)
+    after = copied()
+    with pytest.raises(ValueError, match="needs the training loss") as refused:
+        after.meta_step(train, val)
+    assert "copy" not in str(refused.value)
+    optimizer.zero_grad()
+    w.loss(model(train[0]), train[1]).backward()
+    optimizer.step()
+    during = copied()
+    with pytest.raises(ValueError, match=r"It is a copy \(copy.deepcopy, pickle\) made since its last loss\(\) call"):
+        during.meta_step(train, val)
+    w.meta_step(train, val)  # the original's iteration goes on
+    fast_two_calls(during, during.model, during.optimizer, train, val)  # and the copy's next one
+    assert w.num_meta_steps == during.num_meta_steps == 2
