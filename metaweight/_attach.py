@@ -302,9 +302,10 @@ class AttachedExits(nn.Module):
 
         for index, name in enumerate(self.after):
             handles.append(modules[name].register_forward_hook(hook_for(index, name)))
-        # a model that returns several exits of its own: the attached ones must all run before them (a model of
-        # one exit may hold a `heads` list for other uses, an auxiliary head of deep supervision)
-        several = self.include_output and (self._declared or 1) > 1
+        # a model that returns several exits of its own, or attached exits (one is an exit too): the attached ones
+        # must all run before them (a model of one exit may hold a `heads` list for other uses, an auxiliary head
+        # of deep supervision)
+        several = self.include_output and ((self._declared or 1) > 1 or isinstance(self.model, AttachedExits))
         first = _first_exit_module(self.model) if several else None
         if first is not None:
             def own_first(module: nn.Module, args: Any, output: Any) -> None:

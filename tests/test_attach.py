@@ -500,6 +500,23 @@ def test_exits_attached_to_a_multi_exit_model_must_run_before_its_own():
     assert macs == sorted(macs) and len(macs) == 4
 
 
+def test_a_deeper_exit_attached_over_one_attached_exit_without_the_output_is_refused_too():
+    """attach_exits over attached exits of one exit (include_output=False: num_exits 1) took a deeper module's exit
+    as exit 1 and the shallower attached one as exit 2, silently: the check that attached exits run before the
+    model's own first exit was kept for models declaring several exits only (a model of one exit may hold a heads
+    list for other uses), and an attached exit is an exit whatever their number. Exit order against the
+    modules' depth (the costs), as in the test above."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    example = torch.randn(2, 4)
+    inner = mw.attach_exits(net, ["1"], [nn.Linear(8, 3)], include_output=False)
+    assert inner.num_exits == 1
+    with pytest.raises(ValueError, match=r"\['model.3'\] run after `AttachedExits`'s own first exit.*in one call"):
+        mw.attach_exits(inner, ["model.3"], [nn.Linear(8, 3)], example_input=example)
+    shallow = mw.attach_exits(inner, ["model.0"], [nn.Linear(8, 3)], example_input=example)
+    macs = mw.exit_costs(shallow, example[:1]).macs
+    assert macs == sorted(macs) and len(macs) == 2
+
+
 class _DeclaresExits(nn.Module):
     def __init__(self, declared):
         super().__init__()
