@@ -392,7 +392,9 @@ class HarmonizedWeighter(NamedWeights):
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
         self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
-        self._first_loss: tuple[Tensor | None, int, int] | None = None  # mode="exact": labels, steps, calls
+        # mode="exact", before the first meta step: the labels of the loss() calls since the optimizer's last step, the
+        # step count then, and how many step counts those calls spanned (see _warn_if_after_step)
+        self._first_loss: tuple[list[Tensor | None], int, int] | None = None
         # the gradients (objects, versions) a two-call meta_step let go after a backward no step followed
         self._let_go: GradSnapshot | None = None
         self._step_hooks: tuple[RemovableHandle, ...] = ()
@@ -512,21 +514,27 @@ class HarmonizedWeighter(NamedWeights):
         if self.mode == "fast" and self.learn and weighted.requires_grad:
             self._keep_for_meta_step(outputs, terms, target, weighted)
         elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
-            calls = 1 if self._first_loss is None else self._first_loss[2] + 1
-            self._first_loss = (first_labels(target), optimizer_steps(self._inner_optimizer), calls)
+            labels, steps = first_labels(target), optimizer_steps(self._inner_optimizer)
+            if self._first_loss is not None and self._first_loss[1] == steps:  # a micro-batch of the same step
+                if len(self._first_loss[0]) < 64:
+                    self._first_loss[0].append(labels)
+            else:
+                groups = 1 if self._first_loss is None else self._first_loss[2] + 1
+                self._first_loss = ([labels], steps, groups)
         return weighted
 
     def _warn_if_after_step(self, train_batch: Batch) -> None:
-        """``mode="exact"``, at the first two-call ``meta_step``: warn when one training ``loss()`` of the same
-        labels came first (one: a warm-up of several is no wrong order) and the optimizer stepped since (the
-        order of ``mode="fast"`` and the loss weightings), so the look-ahead scores a step on a batch already
-        stepped on. Python objects only."""
+        """``mode="exact"``, at the first two-call ``meta_step``: warn when the training ``loss()`` calls of one
+        optimizer step came first (one step: a warm-up of several with fixed gamma is no wrong order), the optimizer
+        stepped since (the order of ``mode="fast"`` and the loss weightings), and their labels are the batch's cut
+        in order (one call: the tensor, or a view of all of it; several, gradient accumulation: views of them or, on
+        the CPU, equal to their concatenation). The look-ahead then scores a step on a batch already stepped on."""
         first, self._first_loss = self._first_loss, None
         if first is None or self.num_calls or not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
             return
-        labels, steps, calls = first  # (one call: a warm-up of several with fixed gamma is no wrong order)
-        if calls == 1 and labels is not None and labels is first_labels(train_batch[1]) and \
-                optimizer_steps(self._inner_optimizer) > steps:
+        calls, steps, groups = first
+        if groups == 1 and optimizer_steps(self._inner_optimizer) > steps and \
+                _labels_of(calls, first_labels(train_batch[1])):
             warn_user("mode='exact' scores the look-ahead of the step to come, so its meta_step comes before the "
                       "model's step: weighter.meta_step((x, y), val_batch); loss = weighter.loss(model(x), y); "
                       "loss.backward(); optimizer.step(). This loop called it after the step, on the batch "
@@ -1082,6 +1090,28 @@ class HarmonizedWeighter(NamedWeights):
             f"gamma_optimizer={type(self.gamma_optimizer).__name__}, "
             f"validation={self.validation!r})"
         )
+
+
+def _labels_of(calls: list[Tensor | None], labels: Tensor | None) -> bool:
+    """Whether the labels of one step's ``loss()`` calls are ``labels``: ``labels`` cut in order along the batch
+    dimension, as views of it (one call: the tensor itself, or a view of all of it); for several calls also equal
+    values, when all are on the CPU (no read from a device)."""
+    if labels is None or any(c is None for c in calls):
+        return False
+    if len(calls) == 1 and calls[0] is labels:
+        return True
+    if sum(c.shape[0] for c in calls) != labels.shape[0] or any(c.shape[1:] != labels.shape[1:] for c in calls):
+        return False
+    start, views = 0, True
+    for c in calls:
+        part = labels[start:start + c.shape[0]]
+        start += c.shape[0]
+        views = views and c.data_ptr() == part.data_ptr() and c.stride() == part.stride() and c.dtype == part.dtype
+    if views:
+        return True
+    if len(calls) == 1 or labels.device.type != "cpu" or any(c.device.type != "cpu" for c in calls):
+        return False  # (no read from the device)
+    return all(c.dtype == labels.dtype for c in calls) and torch.equal(torch.cat(calls), labels)
 
 
 def _is_compiled(model: nn.Module) -> bool:

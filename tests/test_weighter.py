@@ -205,11 +205,16 @@ def test_step_equals_meta_step_then_users_own_step(backend, reuse):
 
 
 @pytest.mark.parametrize("order", ["after the step", "before the step", "before, one batch throughout",
-                                   "before, one batch throughout, after a warm-up"])
+                                   "before, one batch throughout, after a warm-up", "after the step, accumulated",
+                                   "after the step, accumulated, concatenated", "after the step, a view",
+                                   "before the step, accumulated", "before, one batch throughout, accumulated"])
 def test_an_exact_meta_step_after_the_step_warns_once_at_the_first_call(order):
     """mode='exact' scores the step to come: a loop calling meta_step after loss, backward and step (fast mode's
     order, the loss weightings') learned from a step never taken, silently; it now warns at the first meta
-    step, and only there. The right order stays silent, also on one batch used every iteration."""
+    step, and only there. The right order stays silent, also on one batch used every iteration. Also with
+    gradient accumulation, the micro-batches' labels views of the batch's or equal to their concatenation (the
+    loop of a loss weighting with accumulation switched to mode='exact': no warning before), and with the
+    labels a view of the whole batch's (y[0:n])."""
     model, optimizer, criterion, validation, weighter = setup("nesterov_wd", backend="jvp")
     same = batch(dtype=F64)
     import warnings
@@ -223,12 +228,20 @@ def test_an_exact_meta_step_after_the_step_warns_once_at_the_first_call(order):
             train, val = same if "throughout" in order else batch(dtype=F64), batch(dtype=F64)
             if order.startswith("before"):
                 weighter.meta_step(train, val)
-            loss = weighter.loss(model(train[0]), train[1])
-            optimizer.zero_grad(); loss.backward(); optimizer.step()
-            if order == "after the step":
+            optimizer.zero_grad()
+            if order.endswith(("accumulated", "concatenated")):
+                n = len(train[1]) // 2
+                for part in (slice(0, n), slice(n, None)):
+                    y = train[1][part].clone() if order.endswith("concatenated") else train[1][part]
+                    (weighter.loss(model(train[0][part]), y) / 2).backward()
+            else:
+                y = train[1][0:len(train[1])] if order.endswith("a view") else train[1]
+                weighter.loss(model(train[0]), y).backward()
+            optimizer.step()
+            if order.startswith("after the step"):
                 weighter.meta_step(train, val)
     said = [str(h.message) for h in heard if "comes before the model's step" in str(h.message)]
-    assert len(said) == (1 if order == "after the step" else 0), said
+    assert len(said) == (1 if order.startswith("after the step") else 0), said
     assert not said or "build the weighter with mode='fast'" in said[0]
 
 
