@@ -746,23 +746,32 @@ AUX = {"": None,
        "zero aux loss, second micro-batch only": lambda model, i: 0 * model.aux.sum() if i == 1 else 0}
 
 
+def accumulating_fast_setup(aux_parameter: bool):
+    """The accumulation tests' 3-exit MLP (SGD with momentum) under a fast weighter; with ``aux_parameter``, a
+    parameter the outputs do not depend on (``model.aux``), which only an auxiliary loss reaches."""
+    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
+    model, _, criterion, validation, _ = build(case)
+    if aux_parameter:
+        model.aux = nn.Parameter(torch.randn(3, dtype=F64))
+    optimizer = OPTIMIZERS[case.optimizer](list(model.parameters()))
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    return case, model, optimizer, criterion, validation, w
+
+
 @pytest.mark.parametrize("aux", list(AUX))
 @pytest.mark.parametrize("where", ["after the backward", "after loss()"])
 @pytest.mark.parametrize("what", list(DISTURBANCES))
 def test_what_came_between_two_backwards_of_one_step_is_told_apart(what, where, aux):
     """Two micro-batches, one step, mode='fast': a zero_grad between them (to None or in place, before the second
     loss() or between it and its backward) leaves the step the second alone, anything else (nothing, a backward
-    of another loss after the second loss()) the two; meta_step gives that step's meta-gradient (central differences of the real step).
+    of another loss after the second loss()) the two; meta_step gives that step's meta-gradient (central
+    differences of the real step).
     With an auxiliary loss on a parameter only it reaches, summed after weighter.loss, autograd writes that
     gradient before the hook on the weighted loss runs: an addition, not a zeroing (it dropped the first
     micro-batch, and meta_step was refused as 'changed by something other than zero_grad'); so is one whose
     gradient first appears there, all zeros (an auxiliary loss of the second micro-batch only, times 0)."""
-    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
-    model, _, criterion, validation, _ = build(case)
-    model.aux = nn.Parameter(torch.randn(3, dtype=F64))  # (the outputs do not depend on it)
-    optimizer = OPTIMIZERS[case.optimizer](list(model.parameters()))
-    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
-                              init=torch.tensor(GAMMA))
+    case, model, optimizer, criterion, validation, w = accumulating_fast_setup(aux_parameter=True)
     torch.manual_seed(2)
     x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
     val = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
@@ -801,12 +810,7 @@ def test_what_came_between_two_backwards_of_one_step_is_told_apart(what, where, 
 def test_a_meta_step_after_each_micro_batch_is_refused_at_the_step_with_an_auxiliary_loss_too(aux):
     """The let-go check of the fast mode (a meta_step skipped after a micro-batch the step then used) holds where
     an auxiliary loss summed after weighter.loss writes its own parameter's gradient first (it was accepted)."""
-    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
-    model, _, criterion, validation, _ = build(case)
-    model.aux = nn.Parameter(torch.randn(3, dtype=F64))
-    optimizer = OPTIMIZERS[case.optimizer](list(model.parameters()))
-    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
-                              init=torch.tensor(GAMMA))
+    _, model, optimizer, _, _, w = accumulating_fast_setup(aux_parameter=True)
     x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
     micro = list(zip(x.chunk(2), y.chunk(2)))
     optimizer.zero_grad()
@@ -825,11 +829,7 @@ def test_a_zero_grad_of_some_parameters_between_loss_and_its_backward_is_refused
     """Some gradients zeroed between the second loss() and its backward, the others not: the step is neither the
     two micro-batches' nor the second's alone, so meta_step is refused whatever batch it gets (it was accepted
     with the second micro-batch, scoring that alone while the step held the first's gradients too)."""
-    case = Case(form="fast, two calls", accumulate=2, optimizer="momentum")
-    model, _, criterion, validation, _ = build(case)
-    optimizer = OPTIMIZERS[case.optimizer](list(model.parameters()))
-    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
-                              init=torch.tensor(GAMMA))
+    _, model, optimizer, _, _, w = accumulating_fast_setup(aux_parameter=False)
     x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,))
     micro = list(zip(x.chunk(2), y.chunk(2)))
     optimizer.zero_grad()
