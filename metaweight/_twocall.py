@@ -29,7 +29,7 @@ from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, 
 from metaweight._protocols import model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import COPIED_SINCE, LOADED_SINCE, gradients_moved, host_read, not_stepped_message
+from metaweight._transaction import gradients_moved, host_read, not_stepped_message
 from metaweight._warn import warn_user
 from metaweight._walk import current_walk
 
@@ -55,7 +55,7 @@ class TwoCall:
                              "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "
                              "loss.backward(); optimizer.step(); weighter.meta_step((x, y), val_batch). "
                              "(Or call weighter.step(train_batch, val_batch), which does all of it.)"
-                             + (LOADED_SINCE if w._loaded else COPIED_SINCE if w._copied else ""))
+                             + w._lost_calls)
         if run_meta:
             w._check_loop()  # options, hooks, other optimizers' steps: before anything changes
         plan = self._plan(w, pending, x, y) if run_meta else None

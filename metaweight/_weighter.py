@@ -42,7 +42,8 @@ from metaweight._record import MetaStepRecord
 from metaweight._twocall import TwoCall
 from metaweight._capturable import CapturableFast, DeviceRecord, check as check_capturable
 from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
-from metaweight._transaction import PendingMeta, StateSnapshot, StepTransaction, host_read, registered_buffers_removed
+from metaweight._transaction import (COPIED_SINCE, LOADED_SINCE, PendingMeta, StateSnapshot, StepTransaction, host_read,
+                                     registered_buffers_removed)
 from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
@@ -402,8 +403,9 @@ class HarmonizedWeighter(NamedWeights):
         self._frozen_step: list[str] | None = None  # the exact mode's optimizer stepped frozen parameters
         if self.learn:
             ForeignSteps.watch(self)
-        self._loaded = False  # load_state_dict came after the last loss() call (said where meta_step misses them)
-        self._copied = False  # a copy made after the last loss() call, which the original kept (said there too)
+        # why the loss() calls of the iteration under way are gone (LOADED_SINCE, COPIED_SINCE): said where meta_step
+        # misses them; "" after a loss() call
+        self._lost_calls = ""
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's; capturable refuses it)
@@ -430,7 +432,7 @@ class HarmonizedWeighter(NamedWeights):
         it finds no ``loss()``."""
         state = dict(self.__dict__)
         if state.get("_pending") is not None or state.get("_stepped") is not None:
-            state.update(_pending=None, _stepped=None, _copied=True)
+            state.update(_pending=None, _stepped=None, _lost_calls=COPIED_SINCE)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -440,7 +442,7 @@ class HarmonizedWeighter(NamedWeights):
         the copy is watched for other optimizers' steps as this weighter is. As a loss weighting's copy does, it
         starts a new iteration: the calls of the one under way stay with this weighter."""
         self.__dict__.update(state)
-        self._copied = bool(state.get("_copied", False))  # (a pickle of an older metaweight has none)
+        self._lost_calls = state.get("_lost_calls", "")  # (a pickle of an older metaweight has none)
         if self._built_to_learn:
             ForeignSteps.watch(self)
         if self._watch is not None and self._watch._ref() is None:  # (a shallow copy shares this weighter's live ones)
@@ -510,7 +512,7 @@ class HarmonizedWeighter(NamedWeights):
         """
         terms = self._terms(outputs, target)
         weighted = self._weighted(terms)
-        self._loaded = self._copied = False
+        self._lost_calls = ""
         if self.mode == "fast" and self.learn and weighted.requires_grad:
             self._keep_for_meta_step(outputs, terms, target, weighted)
         elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
@@ -1037,7 +1039,8 @@ class HarmonizedWeighter(NamedWeights):
         self.num_calls = int(state_dict.get("num_calls", self.num_meta_steps))
         self.num_skipped = counts["num_skipped"]
         self._gamma_sum = float(gamma_sum)
-        self._loaded = self._pending is None  # (no loss() call of the iteration under way is in a checkpoint)
+        if self._pending is None:  # (no loss() call of the iteration under way is in a checkpoint)
+            self._lost_calls = LOADED_SINCE
         if self._capturable is not None and self._capturable.counts is not None:
             self._capturable.reset(self)
 

@@ -357,7 +357,7 @@ class Weighting(NamedWeights):
         # the gradients of the calls since the last step, as a meta_step that kept them or the last loss() saw them
         self._since: GradSnapshot | None = None
         self._kept_at: int | None = None  # the optimizer's step count when a meta_step after no step kept the calls
-        self._loaded = False  # load_state_dict came after the last loss() call (said where meta_step misses them)
+        self._lost_calls = ""  # LOADED_SINCE after a load_state_dict, said where meta_step misses the loss() calls
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
         self._calls_made = 0  # training loss() calls so far: their order, for FAMO's check of the labels
@@ -469,7 +469,7 @@ class Weighting(NamedWeights):
         if terms.dtype in (torch.float16, torch.bfloat16):  # weigh half-precision terms in float32
             terms = terms.float()
         combined = self._combine(terms)
-        self._loaded = False
+        self._lost_calls = ""
         self.last_terms = terms.detach()
         self._pending = self.last_terms  # (read where no backward went through a loss() call since the last step)
         self._last_values = None
@@ -605,7 +605,7 @@ class Weighting(NamedWeights):
             raise ValueError(f"{type(self).__name__}.meta_step reads the terms of this iteration: call "
                              f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
-                             f"Nothing was changed.{LOADED_SINCE if self._loaded else ''}")
+                             f"Nothing was changed.{self._lost_calls}")
         steps = optimizer_steps(self._inner_optimizer)
         if self._kept_at == steps - 1 and steps in self._groups and self._groups[steps].wrote:
             # calls kept by a meta_step before a step, and a backward after that step before this meta_step: the
@@ -893,7 +893,7 @@ class Weighting(NamedWeights):
         self.num_calls, self.num_meta_steps, self.num_skipped = (counts["num_calls"], counts["num_meta_steps"],
                                                                  counts["num_skipped"])
         self._reset_pending()
-        self._loaded = True
+        self._lost_calls = LOADED_SINCE
 
     def _options(self) -> str:
         return ""
