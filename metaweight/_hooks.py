@@ -58,7 +58,8 @@ def check_hooks(module: nn.Module, mode: str, backend: str | None, own: Collecti
     walked = walk(module)
     legacy = [n for n, m in walked.modules
               if any(isinstance(h, _LegacySpectralNorm) for h in m._forward_pre_hooks.values())]
-    if legacy:  # (each backend refused it by another's fix: higher its hooks, jvp and finite_difference a stop-gradient)
+    if legacy:  # (each backend refused it by another's fix: higher its hooks, jvp and finite_difference a
+        # stop-gradient)
         raise ValueError(
             f"The modules {_names(legacy)} use the legacy torch.nn.utils.spectral_norm, whose forward pre-hook runs "
             f"the power iteration: backend='higher' does not run forward hooks, and the other backends' check finds "

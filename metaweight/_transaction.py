@@ -99,8 +99,9 @@ def gradients_moved(grads: Sequence[Tensor | None]) -> bool:
 # said where meta_step finds no loss() call of the iteration after a load_state_dict
 LOADED_SINCE = (" (It was loaded from a checkpoint since its last loss() call: a checkpoint keeps the state, not the "
                 "loss() calls of an iteration under way; save it after meta_step.)")
-COPIED_SINCE = (" (It is a copy (copy.deepcopy, pickle) made since its last loss() call: a copy keeps the state, not the "
-                "loss() calls of the iteration under way, which stay with the original; copy it after meta_step.)")
+COPIED_SINCE = (" (It is a copy (copy.deepcopy, pickle) made since its last loss() call: a copy keeps the state, "
+                "not the loss() calls of the iteration under way, which stay with the original; copy it after "
+                "meta_step.)")
 
 
 def not_stepped_message(who: str, outcome: str, moved: bool, kept: str = "") -> str:
