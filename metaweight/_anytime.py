@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._exit_rules import predict
 from metaweight._checks import (IGNORE_INDEX, check_device_available, check_exit_outputs, check_has_values,
-                                check_fit_logits, check_ignore_index, check_target, integer_value)
+                                check_fit_logits, check_ignore_index, check_target, integer_value, refuse_arrays)
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -134,6 +134,7 @@ def collect_logits(
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise ValueError(f"The loader's batch {i} should be a pair (inputs, labels). "
                                  f"Found `{type(item).__name__}`.")
+            refuse_arrays(item, f"The loader's batch {i}")
             inputs, target = item
             outputs = call_model(model, to_device(inputs, device), "collect_logits")
             outputs = check_exit_outputs(outputs, num_exits, where=f"model output of batch {i}",

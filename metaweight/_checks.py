@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
 from metaweight._transaction import host_read
 
@@ -680,7 +681,9 @@ def checked_target(target: object, batch_size: int, num_classes: int | None, nam
     """:func:`check_target`, and the labels' summary it read (smallest, largest, number scored)."""
     subject = f"`{name}`" if name.isidentifier() else f"The {name}"  # the argument, named as the caller has it
     if not isinstance(target, Tensor):
-        raise ValueError(f"{subject} should be a Tensor of class indices. Found `{type(target).__name__}`.")
+        numpy = type(target).__module__ == "numpy"
+        raise ValueError(f"{subject} should be a Tensor of class indices. Found `{type(target).__name__}`"
+                         f"{': pass torch.as_tensor(target)' if numpy or isinstance(target, (list, tuple)) else ''}.")
     check_has_values(target, subject, "checking the labels' range")
     if target.layout != torch.strided:
         raise ValueError(f"{subject} is a {str(target.layout).replace('torch.', '')} tensor; the losses take a dense "
@@ -741,11 +744,25 @@ def _refuse_for_another_rank(subject: str, ranks: tuple[int, int, int], scored: 
 
 
 def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:
-    """The inputs and labels of a weighter's batch argument ``name``, which must be a pair."""
+    """The inputs and labels of a weighter's batch argument ``name``, which must be a pair of tensors
+    (or nestings of them; :func:`refuse_arrays`)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError(f"`{name}` should be a pair (inputs, labels). Found `{type(batch).__name__}`"
                          f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}.")
+    refuse_arrays(batch, f"`{name}`")
     return batch[0], batch[1]
+
+
+def refuse_arrays(batch: Any, subject: str) -> None:
+    """Refuse a batch pair (inputs, labels) holding a NumPy array at any depth, before anything runs: the
+    library slices, moves and compares batches as tensors, and the model and losses take tensors."""
+    for place, part in zip(("inputs", "labels"), batch):
+        arrays = [leaf for leaf in tree_leaves(part) if type(leaf).__module__ == "numpy"]
+        if arrays:
+            raise TypeError(f"{subject} holds {'NumPy arrays' if len(arrays) > 1 else 'a NumPy array'} in its {place} "
+                            f"(`{type(arrays[0]).__name__}`): pass tensors, e.g. (torch.as_tensor(x), "
+                            f"torch.as_tensor(y)), or load the data with a torch DataLoader, which makes tensors of "
+                            f"NumPy arrays. Nothing was changed.")
 
 
 def real_tensor(value: object, name: str, what: str) -> Tensor:

@@ -407,7 +407,9 @@ def _same_target(a: Any, b: Any) -> bool:
     """Whether two label batches (tensors, or nestings of them) are the same, cheaply."""
     if a is b:
         return True
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
+    if isinstance(a, Tensor) != isinstance(b, Tensor):
+        return False
+    if isinstance(a, Tensor):
         return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or bool(torch.equal(a, b.to(a.device))))
     la, lb = tree_leaves(a), tree_leaves(b)
     return len(la) == len(lb) and all(_same_target(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(la, lb))

@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 
 from metaweight._capture import GradSnapshot
 from metaweight._checks import (check_initialized, forget_labels, integer_value, masked_label_hint, real_option,
-                               summarize_step_labels)
+                               refuse_arrays, summarize_step_labels)
 from metaweight._hypergradient import Reducer
 from metaweight._optimizers import unwrap_optimizer
 from metaweight._protocols import Terms, call_model
@@ -705,6 +705,8 @@ class Weighting(NamedWeights):
         if train_batch is not None and (not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2):
             raise ValueError(f"`train_batch` should be a pair (inputs, labels). Found `{type(train_batch).__name__}`"
                              f"{f' of length {len(train_batch)}' if isinstance(train_batch, (tuple, list)) else ''}.")
+        if train_batch is not None:
+            refuse_arrays(train_batch, "`train_batch`")
 
     def _set_state(self, name: str, value: Tensor | int) -> None:
         current = getattr(self, name)
@@ -742,6 +744,7 @@ class Weighting(NamedWeights):
         """
         if not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
             self._check_batch(train_batch if train_batch is not None else ())
+        refuse_arrays(train_batch, "`train_batch`")
         self._check_step_optimizer()
         x, y = train_batch
         self._reset_pending()  # (loss() calls of the user's own before this step are not part of it)

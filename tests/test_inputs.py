@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import metaweight as mw
-from conftest import tiny_net
+from conftest import batch, tiny_net
 from metaweight._protocols import model_arguments
 from test_weighter import rel_err
 
@@ -88,3 +88,53 @@ def test_a_forward_taking_the_dict_itself_gets_it_whole(backend):
               "b": torch.randn(8, 6, generator=g, dtype=torch.float64)}, torch.randint(0, 5, (8,), generator=g))
     record = w.step(batch, batch)
     assert record.ran and torch.isfinite(record.gamma_grad).all()
+
+
+def _numpy_places(x, y):
+    """The batch pairs holding a NumPy array where a tensor belongs: inputs, labels, a leaf of a dict."""
+    return {"inputs": (x.numpy(), y), "labels": (x, y.numpy()), "nested": ({"a": x, "b": x.numpy()}, y)}
+
+
+@pytest.mark.parametrize("entry", ["exact", "fast", *sorted(mw.WEIGHTINGS)])
+@pytest.mark.parametrize("call", ["step", "meta_step"])
+def test_numpy_batches_are_refused_before_anything_changes(entry, call):
+    """Every entry that takes a batch refuses a NumPy array in it with the fix (torch.as_tensor), with the
+    model, its buffers, the optimizer's state and the weights as they were (the fast mode's meta_step had
+    recursed without end comparing a tensor's labels with an array's; the others reached torch's own error
+    from inside the model, after the step had begun)."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    criterion = mw.DenseDistillLoss(3)
+    if entry in ("exact", "fast"):
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, mw.BalancedValidation(3), mode=entry)
+    else:
+        options = {"dwa": {"window": 2}, "sdn": {"epochs": 2, "steps_per_epoch": 2},
+                   "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}.get(entry, {})
+        w = mw.WEIGHTINGS[entry](model, optimizer, criterion, **options)
+    x, y = batch()
+    w.step((x, y), (x, y))  # a momentum buffer and a learned state to keep
+    if call == "meta_step":  # a real iteration before it, as the two calls have it
+        loss = w.loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if entry != "exact":
+            optimizer.step()
+    before = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
+              copy.deepcopy(w.state_dict()), [p.grad.clone() for p in model.parameters()])
+    for place, bad in _numpy_places(x, y).items():
+        with pytest.raises(TypeError, match=rf"(?s)a NumPy array in its {'labels' if place == 'labels' else 'inputs'}"
+                                            rf".*torch\.as_tensor.*Nothing was changed"):
+            getattr(w, call)(bad, (x, y))
+        after = (model.state_dict(), optimizer.state_dict(), w.state_dict(), [p.grad for p in model.parameters()])
+        for old, new in zip(torch.utils._pytree.tree_leaves(before), torch.utils._pytree.tree_leaves(after)):
+            assert (torch.equal(old, new) if isinstance(old, torch.Tensor) else old == new), place
+    getattr(w, call)((x, y), (x, y))  # and the tensors' batch goes on
+
+
+def test_a_loader_of_numpy_batches_is_refused_by_collect_logits():
+    x, y = batch()
+    with pytest.raises(TypeError, match=r"loader's batch 1 holds a NumPy array in its labels.*torch\.as_tensor"):
+        mw.collect_logits(tiny_net(3), [(x, y), (x, y.numpy())])
+    with pytest.raises(ValueError, match=r"Found `ndarray`: pass torch\.as_tensor\(target\)"):
+        mw.DenseDistillLoss(3)(tiny_net(3)(x), y.numpy())
