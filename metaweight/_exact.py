@@ -132,7 +132,7 @@ class ExactMode:
         except Exception as exc:
             w.optimizer.zero_grad(set_to_none=True)
             transaction.rollback(w, saved)
-            why = explained(exc, w._trainable(), "step() checks every gradient for finiteness")
+            why = explained(exc, w._trainable(), "step() checks every gradient for finiteness", w._inner_optimizer)
             if why is exc:
                 raise
             raise why from exc

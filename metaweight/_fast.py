@@ -139,7 +139,8 @@ class FastMode:
         except Exception as exc:
             w.optimizer.zero_grad(set_to_none=True)  # as the exact mode's step(): the call's gradients are dropped
             transaction.rollback(w, saved)
-            why = explained(exc, named, "mode='fast' replays the optimizer's step on dense gradients only")
+            why = explained(exc, named, "mode='fast' replays the optimizer's step on dense gradients only",
+                            w._inner_optimizer)
             if why is exc:
                 raise
             raise why from exc

@@ -16,6 +16,7 @@ to the user's optimizer or its state.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -265,16 +266,19 @@ def check_saved_state(state: Mapping[Any, Any], shape: Sequence[int], who: str =
                                  f"changed.")
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, *, first_only: bool = False) -> None:
     """Refuse optimizer state (momentum buffers, Adam's moments) in another dtype or on another device than
     its parameter: what ``model.to(torch.bfloat16)`` or ``model.to("cuda")`` after the optimizer's first
     step leaves (torch casts state to its parameter only in ``Optimizer.load_state_dict``). The look-ahead
     would replay a step whose arithmetic mixes them, which torch's own step does otherwise or refuses
     (Adam's ``lerp_``). State with dimensions only: 0-d state (step counts, ASGD's ``eta``, NAdam's
-    ``mu_product``) is kept in torch's scalar dtype by design. Metadata only: no tensor is read."""
+    ``mu_product``) is kept in torch's scalar dtype by design. Metadata only: no tensor is read. With
+    ``first_only``, the first parameter holding state in each group alone: what a whole model's conversion
+    shows, at a cost that does not grow with the parameters."""
     for i, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
+        held = (p for p in group["params"] if p in optimizer.state)
+        for p in itertools.islice(held, 1) if first_only else held:
+            for key, value in optimizer.state[p].items():
                 # (0-d state, a step count or ASGD's eta and NAdam's mu_product, is kept in torch's scalar dtype and
                 # may live on the CPU by design: it enters the arithmetic as a scalar; a 0-d parameter's moments not)
                 per_entry = value.dim() > 0 or (p.dim() == 0 and key not in _SCALAR_STATE) \
@@ -285,8 +289,8 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                         f"The optimizer's state {key!r} of a parameter of shape {tuple(p.shape)} (group {i}) is "
                         f"{value.dtype} on {value.device}, but the parameter is {p.dtype} on {p.device}: the model "
                         f"was converted (e.g. model.to(torch.bfloat16) or model.to('cuda')) after the optimizer had "
-                        f"stepped, and the state was not. The look-ahead replays the optimizer's step on its state "
-                        f"as it is, which would mix the two (torch's Adam refuses to). Convert the state with the "
+                        f"stepped, and the state was not. The step (and the look-ahead, which replays it) would mix "
+                        f"the two, or fail (torch's Adam refuses to). Convert the state with the "
                         f"parameters: optimizer.load_state_dict(optimizer.state_dict()) casts each state tensor to "
                         f"its parameter's dtype and device (or build the optimizer after converting the model). "
                         f"Nothing was changed.")

@@ -527,9 +527,18 @@ class StepTransaction:
         return message
 
 
-def explained(exc: Exception, named: list[tuple[str, Tensor]], why: str) -> Exception:
-    """``exc``, or a ValueError saying what to do where sparse gradients caused it."""
+def explained(exc: Exception, named: list[tuple[str, Tensor]], why: str,
+              optimizer: torch.optim.Optimizer | None = None) -> Exception:
+    """``exc``, or a ValueError saying what to do where sparse gradients caused it, or (given the
+    ``optimizer``) optimizer state in another dtype or on another device than its parameter."""
     if any(p.grad is not None and p.grad.layout != torch.strided for _, p in named):
         return ValueError(sparse_message(named, why) + " gamma, the parameters, buffers and optimizer state are "
                                                        "unchanged.")
+    if optimizer is not None:
+        from metaweight._optimizers import check_optimizer_state  # (the whole check: on this failure's path only)
+
+        try:
+            check_optimizer_state(optimizer)
+        except ValueError as cause:
+            return cause
     return exc

@@ -50,8 +50,8 @@ from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, u
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
 from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
-                                    check_option_values, check_optimizer_options, check_saved_state,
-                                    unwrap_optimizer)
+                                    check_option_values, check_optimizer_options, check_optimizer_state,
+                                    check_saved_state, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -886,6 +886,10 @@ class HarmonizedWeighter(NamedWeights):
         """
         self._check_learn()
         self._check_val_batch(val_batch, "step")
+        # a model converted after the optimizer's first step, where no meta step checks the whole state first
+        # (learn=False, meta_every): torch's Adam counts a step, and steps the parameters it reaches first, before
+        # refusing the mix
+        check_optimizer_state(self._inner_optimizer, first_only=True)
         if self._capturable is not None:  # the device's step, read back (once) and reported to the hooks
             record, (self.num_calls, self.num_meta_steps, self.num_skipped) = \
                 self.device_step(train_batch, val_batch).read_with_counts()

@@ -49,7 +49,7 @@ from metaweight._capture import GradSnapshot
 from metaweight._checks import (check_initialized, forget_labels, integer_value, masked_label_hint, real_option,
                                refuse_arrays, summarize_step_labels)
 from metaweight._hypergradient import Reducer
-from metaweight._optimizers import unwrap_optimizer
+from metaweight._optimizers import check_optimizer_state, unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import (LOADED_SINCE, BufferSnapshot, gradients_moved, host_read, nonfinite_flag,
@@ -777,7 +777,17 @@ class Weighting(NamedWeights):
             raise_or_skip_step(self, message)
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=terms, loss=value, model_step_skipped=True, message=message)
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except Exception as exc:  # (refused before it changed a parameter, as torch's own checks are: restore the rest)
+            self.optimizer.zero_grad(set_to_none=True)
+            snapshot.restore()
+            self._reset_pending()
+            try:  # the likely cause, said plainly (looked for only here: a loop over the parameters)
+                check_optimizer_state(self._inner_optimizer)
+            except ValueError as cause:
+                raise cause from exc
+            raise
         taken = not self._step_not_taken()  # (a wrapper's own GradScaler may skip it: then so is the meta step)
         record = self.meta_step(train_batch, val_batch) if taken else self._not_stepped(self._iteration_terms(),
                                                                                          by_step=True)
@@ -785,9 +795,10 @@ class Weighting(NamedWeights):
 
     def _check_step_optimizer(self) -> None:
         """What :meth:`step` needs of the optimizer, refused before anything changes (Python objects only): a
-        ``step()`` without a closure (``torch.optim.LBFGS`` needs one), and every trainable parameter of the model
+        ``step()`` without a closure (``torch.optim.LBFGS`` needs one), every trainable parameter of the model
         held, none other (step() clears and steps the model's gradients with it; an optimizer over a sub-module
-        would leave the rest untrained, their gradients growing)."""
+        would leave the rest untrained, their gradients growing), and the state of each group's first parameter
+        holding some in its dtype and on its device (a model converted after the optimizer's first step)."""
         name = type(self).__name__
         inner = self._inner_optimizer
         closure = inspect.signature(type(inner).step).parameters.get("closure")
@@ -809,6 +820,9 @@ class Weighting(NamedWeights):
                              f"over model.parameters() (freeze what should not train with requires_grad_(False)), "
                              f"or, to step a part on purpose, use the two calls: loss = weighting.loss(model(x), y); "
                              f"loss.backward(); optimizer.step(); weighting.meta_step((x, y)). Nothing was changed.")
+        # a model converted after the optimizer's first step: torch's Adam counts the step, and steps the groups
+        # of parameters it reaches first, before refusing the mix (the whole check runs where a step raises)
+        check_optimizer_state(inner, first_only=True)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -349,6 +349,50 @@ def test_step_refuses_an_optimizer_over_part_of_the_model_changing_nothing(name)
         assert w.step(batch()).meta_step == 1
 
 
+HARMONIZED_WITHOUT_META = {"exact, learn=False": dict(learn=False, mode="exact"),
+                           "fast, learn=False": dict(learn=False, mode="fast"),
+                           "fast, meta_every=2": dict(learn=True, mode="fast", meta_every=2),
+                           "exact, meta_every=2": dict(learn=True, mode="exact", meta_every=2)}
+
+
+@pytest.mark.parametrize("name", NAMES + sorted(HARMONIZED_WITHOUT_META))
+def test_an_optimizer_step_that_raises_inside_step_changes_nothing(name):
+    """The model converted to float64 after Adam's first step, its moments left float32 (torch's Adam counts
+    the step, then refuses to mix them, from inside optimizer.step()): step() says so with the fix, the
+    model's parameters, buffers (the forward's BatchNorm statistics) and the optimizer's state as before;
+    after the fix the run equals a twin that converted its optimizer's state at once. The weightings, and
+    HarmonizedWeighter's steps with no meta step to check the optimizer first."""
+    runs = []
+    for fail_first in (True, False):
+        if name in HARMONIZED_WITHOUT_META:
+            torch.manual_seed(0)
+            model = tiny_net(3)
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+            w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), **HARMONIZED_WITHOUT_META[name])
+            xv, yv = batches(1, 8)[0]
+            step = (lambda b, w=w, m=model: w.step(b, (xv.to(next(m.parameters()).dtype), yv))) if w.learn else w.step
+        else:
+            w, model, optimizer = build(name, make=lambda held: torch.optim.Adam(held, lr=0.01))
+            step = w.step
+        data = batches()
+        step(data[0])
+        model.double()
+        if fail_first:
+            before = snapshot(model, optimizer, w), w.state_dict()
+            with pytest.raises(ValueError, match=r"(?s)'exp_avg'.*torch.float32.*parameter is torch.float64.*"
+                                                 r"optimizer.load_state_dict\(optimizer.state_dict\(\)\)"):
+                step((data[1][0].double(), data[1][1]))
+            after = snapshot(model, optimizer, w), w.state_dict()
+            assert unchanged(before[0], after[0])
+            assert same(before[1], after[1])
+        optimizer.load_state_dict(optimizer.state_dict())  # the fix the message gives
+        for x, y in data[1:]:
+            step((x.double(), y))
+        runs.append((snapshot(model, optimizer, w)[0], w.state_dict()))
+    assert unchanged((runs[0][0], 0), (runs[1][0], 0))
+    assert same(runs[0][1], runs[1][1])
+
+
 def test_step_refuses_an_optimizer_holding_other_tensors():
     w, model, optimizer = build("uw")
     optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
