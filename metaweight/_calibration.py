@@ -78,11 +78,12 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
     out, flat = [], []
     for k, z in enumerate(_wide(val_logits)):
         # every row one value on the classes it does not mask: softmax(z / T) is uniform over them whatever T is
-        flat_rows = (z == z.amax(1, keepdim=True)) | masked_classes(z)
+        masked = masked_classes(z)
+        flat_rows = (z == z.amax(1, keepdim=True)) | masked
         z = z.clamp(min=torch.finfo(z.dtype).min)  # a masked class (-inf): p * z = 0 * (-max), not 0 * -inf = NaN
         if bool(flat_rows.all()):
             out.append(1.0)
-            flat.append(k)
+            flat.append((k, bool(((~masked).sum(1) == 1).all())))  # (one class left in every row: certain)
             continue
         z_y = z.gather(1, labels[:, None]).squeeze(1)
 
@@ -111,12 +112,19 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
                   f"data are separable; 1e4: its predictions are no better than chance). Such a temperature fits this "
                   f"held-out set, not the exit: use more (or other) held-out data, or leave that exit "
                   f"uncalibrated.", UserWarning)
-    if flat:
-        warn_user(f"fit_temperatures: the logits of exit(s) {', '.join(str(k + 1) for k in flat)} are the same for "
-                  f"every class (masked classes left out) in every held-out row, so no temperature changes their "
-                  f"probabilities (uniform) and "
-                  f"the NLL does not depend on it: T = 1 was returned. The exit predicts nothing yet: train it, or "
-                  f"check that these are its logits.", UserWarning)
+    uniform = [k + 1 for k, certain in flat if not certain]
+    if uniform:
+        warn_user(f"fit_temperatures: the logits of exit(s) {', '.join(map(str, uniform))} are the same for every "
+                  f"class (masked classes left out) in every held-out row, so no temperature changes their "
+                  f"probabilities (uniform) and the NLL does not depend on it: T = 1 was returned. The exit predicts "
+                  f"nothing yet: train it, or check that these are its logits.", UserWarning)
+    certain = [k + 1 for k, certain in flat if certain]
+    if certain:
+        warn_user(f"fit_temperatures: in every held-out row of exit(s) {', '.join(map(str, certain))}, one class is "
+                  f"1e3 or more above every other (read as masked classes), so no temperature in the search changes "
+                  f"their probabilities (one-hot, the top class) and the NLL does not depend on it: T = 1 was "
+                  f"returned. The exit is certain of every held-out sample (and right: a label on another class is "
+                  f"refused): check that these are its logits (not scaled, nor masked to one class).", UserWarning)
     return torch.tensor(out, dtype=decision_dtype(val_logits.device), device=val_logits.device)
 
 

@@ -190,6 +190,23 @@ def test_fit_temperatures_of_logits_equal_but_for_masked_classes_is_one(mask):
     assert not any("bound of its search" in m and "exit 2" in m for m in messages)
 
 
+def test_fit_temperatures_of_an_exit_certain_of_every_sample_says_so():
+    """An exit whose top logit is 1e3 or more above every other in every row (the others read as masked):
+    its NLL, 0 to float precision, is the same at every temperature the search reaches; T = 1 comes with a
+    warning that it is certain of every sample, not that it predicts nothing (helper-100's report)."""
+    z, labels = overconfident()
+    certain = torch.stack([z[0], torch.nn.functional.one_hot(labels, z.shape[-1]).float() * 5e3])
+    for t in (0.01, 1.0, 100.0):  # (the premise: the NLL does not depend on T)
+        assert torch.nn.functional.cross_entropy(certain[1] / t, labels).item() == pytest.approx(0.0, abs=1e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = mw.fit_temperatures(certain, labels)
+    messages = [str(w.message) for w in caught if "fit_temperatures" in str(w.message)]
+    assert t[1] == 1.0 and t[0] == mw.fit_temperatures(certain[:1], labels)[0]
+    assert any("exit(s) 2, one class is 1e3 or more above every other" in m and "certain" in m for m in messages)
+    assert not any("predicts nothing" in m for m in messages)
+
+
 def test_calibration_runs_in_float32_where_the_device_has_no_float64(monkeypatch):
     """MPS has no float64: the temperatures and the fit use the device's widest dtype (one helper
     decides, monkeypatched here to say the CPU lacks float64)."""
