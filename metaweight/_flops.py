@@ -157,8 +157,10 @@ _FORMULAS = _formulas()
 # reduction or random: data movement, factories, metadata, sorting, normalization, pooling,
 # interpolation, softmax, embedding lookups, dropout, activations without the pointwise tag, an
 # outer product (torch.outer is a pointwise mul), and the gate arithmetic of fused RNN cells
-# (their matrix products are separate ops), and the loss kernels (a gather or pointwise work and a
-# reduction: a Hugging Face model given its labels computes its loss in the forward). Names without
+# (their matrix products are separate ops), the loss kernels (a gather or pointwise work and a
+# reduction: a Hugging Face model given its labels computes its loss in the forward), and membership,
+# complex construction, comparisons, diagonals and layout changes that carry no pointwise tag
+# (an FFT or a pairwise distance is real work and warns). Names without
 # the trailing underscore of in-place ops.
 _CHEAP_OPS = frozenset("""
     _copy_from _copy_from_and_resize _to_copy copy clone cat stack _stack _unsafe_view contiguous
@@ -177,7 +179,8 @@ _CHEAP_OPS = frozenset("""
     median nanmedian mode aminmax argsort msort searchsorted bucketize cumsum cumprod cummax cummin
     _cummax_helper _cummin_helper logcumsumexp histc bincount one_hot im2col col2im pixel_shuffle
     pixel_unshuffle channel_shuffle native_channel_shuffle _pack_padded_sequence _pad_packed_sequence
-    _cudnn_rnn_flatten_weight
+    _cudnn_rnn_flatten_weight isin complex polar allclose trace block_diag triu_indices tril_indices _to_sparse
+    _to_dense _to_sparse_csr _to_sparse_csc _to_sparse_bsr _to_sparse_bsc _coalesce
     native_layer_norm native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training
     _native_batch_norm_legit_functional _batch_norm_with_update _batch_norm_no_update
     _batch_norm_with_update_functional cudnn_batch_norm miopen_batch_norm batch_norm_elemt

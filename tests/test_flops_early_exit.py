@@ -286,6 +286,30 @@ def test_a_loss_computed_in_the_forward_is_cheap_and_does_not_warn(loss):
         assert mw.exit_costs(WithLoss(loss), {"x": x, "labels": y}).macs == expected
 
 
+@pytest.mark.parametrize("op", [
+    lambda h: torch.isin(h.round(), torch.tensor([0.0, 1.0])).float(), lambda h: torch.complex(h, h).real,
+    lambda h: torch.polar(h.abs(), h).imag, lambda h: torch.view_as_real(torch.complex(h, h))[..., 0],
+    lambda h: h + float(torch.allclose(h, h)), lambda h: h + torch.trace(h[:, :1]),
+    lambda h: torch.block_diag(h, h)[:1, :8], lambda h: h + torch.triu_indices(3, 3).sum() + torch.tril_indices(3, 3).sum(),
+    lambda h: h.to_sparse().to_dense()])
+def test_ops_without_multiply_adds_and_without_a_pointwise_tag_do_not_warn(op):
+    """Membership, complex construction, comparisons, diagonals, index tables and layout changes: torch gives
+    them no pointwise or reduction tag, so exit_costs warned that their work was left out and the costs were
+    lower bounds (helper-97's report); they are as cheap as the ops that have the tag."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stage, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(8, 5)
+
+        def forward(self, x):
+            h = self.stage(x)
+            return [self.h1(h), self.h2(op(h))]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mw.exit_costs(Net(), torch.randn(1, 6)).macs == [6 * 8 + 8 * 5, 6 * 8 + 8 * 5 + 8 * 5]  # by hand
+
+
 class Filled(nn.Module):
     """A stage that writes a linear layer's output into a slice of a zero tensor, in place."""
 
