@@ -398,7 +398,7 @@ def _judge(numbers: list[float], forward: bool, words: tuple[str, str, str, str]
         noise, reference = 0.0, tangent
     elif not pairs:
         return _Side(False, True, INCONCLUSIVE.format(what=words[3], why=(
-            "its differences in float64 did not resolve: the model rounds below float64 inside")))
+            "its differences in float64 did not resolve: " + BELOW)))
     else:
         reference, second = min(pairs, key=lambda p: abs(p[0] - p[1]))
         noise = abs(reference - second)
@@ -408,7 +408,7 @@ def _judge(numbers: list[float], forward: bool, words: tuple[str, str, str, str]
     if refused:
         return _Side(True, False, MISMATCH.format(what=words[0], measure=words[1], gap=gap, size=size,
                                                   consequence=words[2]))
-    why = f"its differences in float64 disagree by {noise:.3g} of {size:.3g}: the model rounds below float64 inside"
+    why = f"its differences in float64 disagree by {noise:.3g} of {size:.3g}: {BELOW}"
     return _Side(False, inconclusive, INCONCLUSIVE.format(what=words[3], why=why))
 
 
@@ -423,7 +423,8 @@ TRAIN_SIDE = {
     "forward": ("The forward-mode derivative of the training terms (backend='jvp') differs from autograd's gradient",
                 "the model's step uses autograd's",
                 "backend='jvp' would differentiate a step the model does not take; backend='higher' differentiates "
-                "autograd's step.",
+                "autograd's step. (A cast to float16 or bfloat16 inside the model or the criterion also rounds the "
+                "two modes apart, by about 1e-3 of the derivative: there too, use backend='higher'.)",
                 "the forward-mode derivative of the training terms (backend='jvp')"),
     "values": ("Autograd's gradient of the training terms differs from the derivative of their values",
                "the model's step uses autograd's; backend='finite_difference' and mode='fast' take the values'",
@@ -436,7 +437,10 @@ VAL_SIDE = ("Autograd's gradient of the validation losses differs from the deriv
             "Every backend and mode takes the validation gradient by autograd, so gamma would move along another "
             "direction than the validation objective's.",
             "autograd's gradient of the validation losses")
+BELOW = ("the model, the criterion or the validation objective computes below float64 inside (a .float() or "
+         ".half() of a tensor, e.g. the criterion's logits.float())")
 INCONCLUSIVE = (
     "metaweight could not check {what} against the derivative of the values ({why}). The meta-gradient is exact "
-    "only if the model has no stop-gradient or custom backward (detach, .data, no_grad, .item() rescales, "
-    "straight-through estimators) on that path; pass check_gradients=False to silence this.")
+    "only if the model, the criterion and the validation objective have no stop-gradient or custom backward "
+    "(detach, .data, no_grad, .item() rescales, straight-through estimators) on that path; pass "
+    "check_gradients=False to silence this.")

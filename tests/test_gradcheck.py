@@ -562,3 +562,28 @@ def test_the_fast_mode_takes_a_criterion_without_teacher_outputs_and_checks_it()
             with pytest.raises(ValueError, match="training terms differs"):
                 w.step(train, val)
             assert same(before, state(model, optimizer, w))
+
+
+def test_a_criterion_computing_in_low_precision_is_named_where_the_check_cannot_conclude():
+    """A criterion that casts the logits down (to bfloat16 before its cross-entropy) rounds the float64 copies
+    the check differences: the fast mode's check cannot conclude, and its warning named only the model
+    (helper-101's report); it names the criterion and the cast too. The jvp backend's forward against reverse
+    mode is refused (the two round apart), and the refusal names the cast beside the stop-gradients."""
+    def in_bfloat16(outputs, y):
+        return torch.stack([nn.functional.cross_entropy(o.to(torch.bfloat16).float(), y) for o in outputs])
+
+    train, val = data()
+    for mode in ("fast", "exact"):
+        torch.manual_seed(0)
+        model = Net("none").to(F64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        w = mw.HarmonizedWeighter(model, optimizer, in_bfloat16, mw.BalancedValidation(3, alpha=1.0),
+                                  term_names=["a", "b", "c"], mode=mode, gamma_optimizer="sgd")
+        if mode == "fast":
+            with pytest.warns(RuntimeWarning, match=r"could not check .*the criterion .*computes below float64 "
+                                                 r"inside \(a \.float\(\) or \.half\(\)"):
+                w.step(train, val)
+        else:
+            with pytest.raises(ValueError, match=r"forward-mode derivative.*cast to float16 or bfloat16 inside "
+                                                 r"the model or the criterion.*backend='higher'"):
+                w.step(train, val)
