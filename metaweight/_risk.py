@@ -12,7 +12,7 @@ from torch import Tensor
 
 from metaweight._budget import NO_EXIT, _assign, _check_costs, _confidence
 from metaweight._checks import check_target, integer_value, real_option
-from metaweight._exit_rules import ExitRule
+from metaweight._exit_rules import ExitRule, decision_dtype
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
@@ -26,10 +26,9 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     if p >= 1.0:
         return 0.0
     log_p, log_q = math.log(p), math.log1p(-p)
-    total = 0.0
-    for j in range(k + 1):
-        total += math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_p + (n - j) * log_q)
-    return min(total, 1.0)
+    j = torch.arange(k + 1, dtype=torch.float64)  # the k + 1 terms at once, in float64
+    terms = math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1) + j * log_p + (n - j) * log_q
+    return min(float(terms.exp().sum()), 1.0)
 
 
 @dataclass
@@ -69,6 +68,27 @@ def _quantiles(values: Tensor, q: Tensor) -> Tensor:
     low = position.floor().long()
     high = position.ceil().long()
     return torch.lerp(ordered[low], ordered[high], position - low.to(ordered.dtype))
+
+
+def losses_at_levels(scores: Tensor, prediction: Tensor, labels: Tensor, levels: Tensor) -> Tensor:
+    """``[L]``: for each shared threshold in ``levels`` (exits ``1..K-1``; the last takes everyone left), the
+    number of samples the last exit gets right and early exit gets wrong; what :func:`_assign` gives level by
+    level, for all levels at once. A sample leaves at the first exit whose score reaches the level
+    (:func:`reaches`: in :func:`decision_dtype`; NaN reaches nothing), so it has left by exit ``k`` where the
+    largest of its first ``k`` scores reaches it: the loss is a sum over exits of counts of those running
+    maxima at or above the level (sorted once, searched per level), ``O(K N log N)`` in all."""
+    dtype = decision_dtype(scores.device)
+    reached = scores[:-1].to(dtype).nan_to_num(nan=-math.inf).cummax(0).values  # [K-1, N] running maxima
+    last_right = prediction[-1] == labels
+    wrong = (last_right & (prediction != labels)).to(torch.int64)  # [K, N]
+    change = wrong[:-1] - wrong[1:]  # leaving at exit k instead of later changes the loss by this much
+    queries = levels.to(dtype).contiguous()
+    total = wrong[-1].sum().expand(queries.shape).clone()
+    for k in range(reached.shape[0]):
+        for sign in (1, -1):
+            values = reached[k][change[k] == sign].sort().values
+            total += sign * (values.numel() - torch.searchsorted(values, queries, side="left"))
+    return total
 
 
 def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float, *, confidence: float = 0.9,
@@ -128,12 +148,15 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
         losses = int((last_right & (pred != labels)).sum())
         return thresholds, losses, binomial_cdf(losses, N, delta)
 
+    # every level's loss at once, in the thresholds' dtype as evaluate() casts them
+    counts_at = losses_at_levels(scores, prediction, labels, torch.tensor(grid[1:], dtype=scores.dtype)).tolist()
     chosen = evaluate(NO_EXIT)
-    for level in grid[1:]:
-        result = evaluate(level)
-        if result[2] > alpha:  # not rejected: stop, keep the last safe one
+    for level, losses in zip(grid[1:], counts_at):
+        if binomial_cdf(losses, N, delta) > alpha:  # not rejected: stop, keep the last safe one
             break
-        chosen = result
+        chosen = level
+    if not isinstance(chosen, tuple):
+        chosen = evaluate(chosen)
     thresholds, losses, p_value = chosen
     first, pred = _assign(scores, prediction, thresholds)
     counts = torch.bincount(first, minlength=K).double() / N

@@ -91,3 +91,46 @@ def test_thresholds_are_in_the_scores_dtype_as_find_thresholds_gives_them(dtype)
     assert (rounded == early) == (dtype == torch.float32)  # float64 ones are not float32's
     first, _ = mw.exit_assignment(val, torch.tensor(target.thresholds, dtype=dtype))
     assert (torch.bincount(first, minlength=3).double() / 600).tolist() == target.exit_fractions
+
+
+@pytest.mark.parametrize("rule", ["max_probability", "entropy", "margin"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_losses_of_every_level_at_once_are_those_of_assigning_each_level(rule, dtype):
+    """losses_at_levels (running maxima, sorted and searched once) against the assignment level by level
+    (_assign, as EarlyExit decides), on scores with ties (rounded logits) and masked classes; and the
+    thresholds chosen are those of the fixed-sequence test run level by level with the direct p-value."""
+    from metaweight._budget import NO_EXIT, _assign, _confidence
+    from metaweight._risk import losses_at_levels
+
+    g = torch.Generator().manual_seed(3)
+    logits, labels = draw(2000, g)
+    logits = (logits * 2).round().to(dtype) / 2  # ties between samples and exits
+    logits[:2, :100, 3] = -torch.inf  # a class masked at the first two exits for some samples
+    scores, prediction = _confidence(logits, "val_logits", rule, fit="test")
+    finite = scores[:-1][~torch.isnan(scores[:-1])].double()
+    levels = torch.cat([torch.quantile(finite, torch.linspace(0, 1, 57, dtype=torch.float64)), finite[:20],
+                        torch.tensor([NO_EXIT, -NO_EXIT, math.inf, -math.inf], dtype=torch.float64)])
+    last_right = prediction[-1] == labels
+    one_by_one = []
+    for level in levels.tolist():
+        thresholds = torch.full((3,), level, dtype=scores.dtype)
+        thresholds[-1] = -NO_EXIT
+        _, pred = _assign(scores, prediction, thresholds)
+        one_by_one.append(int((last_right & (pred != labels)).sum()))
+    assert losses_at_levels(scores, prediction, labels, levels.to(scores.dtype)).tolist() == one_by_one
+
+    delta, alpha = 0.05, 0.1
+    target = mw.thresholds_for_accuracy(logits, labels, delta, confidence=1 - alpha, rule=rule, candidates=60)
+    q = torch.linspace(1, 0, 61, dtype=torch.float64)[1:]
+    grid = sorted(set(torch.quantile(finite, q).tolist()), reverse=True)
+    chosen = NO_EXIT
+    for level in grid:  # the fixed-sequence test, level by level, with the direct binomial sum
+        thresholds = torch.full((3,), level, dtype=scores.dtype)
+        thresholds[-1] = -NO_EXIT
+        _, pred = _assign(scores, prediction, thresholds)
+        losses = int((last_right & (pred != labels)).sum())
+        n = labels.numel()
+        if sum(math.comb(n, j) * delta**j * (1 - delta) ** (n - j) for j in range(losses + 1)) > alpha:
+            break
+        chosen = level
+    assert target.thresholds[0] == torch.tensor(chosen, dtype=scores.dtype).item()
