@@ -89,19 +89,32 @@ def _head_dtype(model: nn.Module, name: str, features: Tensor) -> torch.dtype | 
     """The dtype of a head the library builds for the exit after ``name``: the features' own, which
     :meth:`AttachedExits._head` requires of a head (a model may hold parameters of several dtypes: a
     float32 input norm before a bfloat16 body). Under autocast the features are of autocast's dtype for
-    that call only: then the dtype of the parameters of the module ``name``, or of its nearest enclosing
-    module that has floating-point ones (the model's, or the default dtype for a model without any)."""
+    that call only: then the dtype of the last floating-point parameter the features have passed, as the
+    modules are ordered: the module ``name``'s own, else those of the modules before it in each enclosing
+    module, nearest first (a ``ReLU`` after a bfloat16 block takes bfloat16, not the dtype of a float32
+    input norm at the model's start); the model's first, or the default dtype, where none comes before."""
     if not features.is_floating_point():
         return None
     if not _autocast_on(features.device):
         return features.dtype
+
+    def last(modules: list[nn.Module]) -> torch.dtype | None:
+        floats = [p for m in modules for p in m.parameters() if p.is_floating_point()]
+        return floats[-1].dtype if floats else None
+
     parts = name.split(".")
-    for depth in range(len(parts), -1, -1):
-        module = model.get_submodule(".".join(parts[:depth]))
-        p = next((p for p in module.parameters() if p.is_floating_point()), None)
-        if p is not None:
-            return p.dtype
-    return torch.get_default_dtype()
+    found = last([model.get_submodule(name)])
+    for depth in range(len(parts) - 1, -1, -1):
+        if found is not None:
+            return found
+        parent = model.get_submodule(".".join(parts[:depth]))
+        names = [n for n, _ in parent.named_children()]
+        before = names[:names.index(parts[depth])] if parts[depth] in names else []
+        found = last([getattr(parent, n) for n in before])
+    if found is not None:
+        return found
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return first.dtype if first is not None else torch.get_default_dtype()
 
 
 def _holds_encoder(modules: Mapping[str, nn.Module]) -> bool:

@@ -274,6 +274,37 @@ def test_factory_heads_take_the_dtype_of_the_features_they_read_in_a_model_of_tw
     assert [z.dtype for z in model(x)] == [torch.bfloat16, torch.bfloat16]  # outside autocast afterwards
 
 
+class _Float32NormBfloat16BodyThenActivation(nn.Module):
+    """As above, with a module holding no parameters after the body at the model's top level."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8)).bfloat16()
+        self.act = nn.Tanh()
+        self.out = nn.Linear(8, 3).bfloat16()
+
+    def forward(self, x):
+        return self.out(self.act(self.body(self.norm(x).bfloat16())))
+
+
+@pytest.mark.parametrize("after", ["act", "body.1"])
+def test_factory_heads_built_under_autocast_after_a_module_without_parameters_take_the_features_dtype(after):
+    """Under autocast the head of an exit after a module with no parameters took the dtype of the first
+    parameter of the enclosing module: at the model's top level, the float32 input norm's, where the features
+    it reads outside autocast are bfloat16, so the model then refused its own head (helper-100's report). It
+    now takes the dtype of the last parameter the features passed; the same head as one built outside it."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    net = _Float32NormBfloat16BodyThenActivation()
+    plain = mw.attach_exits(net, [after], lambda name, f: nn.Linear(f.shape[-1], 3), example_input=x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = mw.attach_exits(net, [after], lambda name, f: nn.Linear(f.shape[-1], 3), example_input=x)
+    assert model.heads[0].weight.dtype == plain.heads[0].weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert [z.dtype for z in model(x)] == [torch.bfloat16, torch.bfloat16]  # outside autocast afterwards
+
+
 class _PaddedEncoder(nn.Module):
     """Token ids and a padding mask through torch's nn.TransformerEncoder, pooled over the real tokens."""
 
