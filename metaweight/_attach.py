@@ -180,8 +180,8 @@ class AttachedExits(nn.Module):
     ``RuntimeError``; exits giving logits of different shapes (another number of classes) with a
     ``ValueError``. With ``example_input`` these are seen when attaching, else at the first forward.
     Heads built by a factory are moved to the device and dtype of the features they read (under
-    ``torch.autocast``, whose dtype holds for that call only, the dtype of the parameters of the
-    module they are attached after, or of its nearest enclosing module with any); heads
+    ``torch.autocast``, whose dtype holds for that call only, the dtype of the last parameter the
+    features passed: of the module they are attached after, else of the modules before it); heads
     you pass are used as given, and one whose parameters are of another dtype or device than
     its features (a float32 head on a float64 model) is refused with a ``ValueError`` naming it;
     
