@@ -13,8 +13,8 @@ from torch.nn.utils.rnn import PackedSequence
 from metaweight._anytime import same_mapping
 from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_temperatures, check_thresholds, holds_meta,
                                refuse_nan_logits, softmax_undefined)
-from metaweight._exit_rules import (Entropy, ExitRule, Margin, MaxProbability, as_rule, calibrated, decision_dtype,
-                                   predict, reaches, score_dtype)
+from metaweight._exit_rules import (RULES, Entropy, ExitRule, Margin, MaxProbability, as_rule, calibrated,
+                                   decision_dtype, predict, reaches, score_dtype)
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
@@ -251,6 +251,11 @@ def _refuse_hidden(value: Any, before: int, path: str, stage: int) -> None:
                         f"namedtuple).")
 
 
+def _rule_argument(name: str) -> str:
+    """How to pass the rule named ``name``: by its name where it is built in, else an instance of it."""
+    return f"rule={name!r}" if name in RULES else f"rule={name.rsplit('.', 1)[-1]}() (an instance of {name})"
+
+
 class EarlyExit(nn.Module):
     """Runs a multi-exit model so that each sample stops at its first confident exit.
 
@@ -408,11 +413,12 @@ class EarlyExit(nn.Module):
         if not isinstance(state, dict) or set(state) != {"rule", "temperatures"}:
             raise ValueError(f"EarlyExit.load_state_dict: the state's extra state should be a dict with 'rule' and "
                              f"'temperatures', as EarlyExit.state_dict() saves it. Found {state!r}.")
-        if state["rule"] != self.rule.name:
+        legacy = state["rule"] == "rule" and self.rule._default_name  # (a rule without a name, saved before it had one)
+        if state["rule"] != self.rule.name and not legacy:
             raise ValueError(f"EarlyExit.load_state_dict: the state was saved with rule {state['rule']!r} and this "
                              f"EarlyExit scores with {self.rule.name!r}; its thresholds are numbers on the saved "
-                             f"rule's scores. Build it with rule={state['rule']!r} to load it; this EarlyExit was left as "
-                             f"it was.")
+                             f"rule's scores. Build it with {_rule_argument(state['rule'])} to load it; this EarlyExit "
+                             f"was left as it was.")
         try:
             return check_temperatures(state["temperatures"], len(self.thresholds))
         except ValueError as error:

@@ -18,6 +18,7 @@ its sample reaches: no sample is silently kept in the network.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,10 +89,21 @@ def predict(logits: Tensor) -> Tensor:
 
 
 class ExitRule:
-    """The base of the exit rules: ``scores(logits [K, N, C]) -> [K, N]``, higher leaves earlier."""
+    """The base of the exit rules: ``scores(logits [K, N, C]) -> [K, N]``, higher leaves earlier.
+
+    ``name`` names the rule in messages and in :class:`EarlyExit`'s saved state, whose thresholds are
+    numbers on that rule's scores (loading them under another rule is refused): a subclass that sets
+    none is named by its module and qualified name (``"mypackage.rules.MyRule"``)."""
 
     name: str = "rule"
     uses_history: bool = False  # whether exit k's score reads exits before k (early exit keeps them then)
+    _default_name: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._default_name = "name" not in cls.__dict__
+        if cls._default_name:  # two rules of one's own are not both "rule"
+            cls.name = f"{cls.__module__}.{cls.__qualname__}"
 
     def scores(self, logits: Tensor) -> Tensor:
         """The score of every exit for every sample ``[K, N]``: float32, float64 for float64 logits

@@ -886,3 +886,37 @@ def test_exit_assignment_returns_a_named_tuple_whose_fields_are_its_old_position
     ref_exits, ref_predictions = loop_assign("max_probability", logits.tolist(), thresholds.tolist())
     assert result.exits.tolist() == ref_exits and result.predictions.tolist() == ref_predictions
     assert len(set(ref_exits)) > 1
+
+
+class _Scaled(mw.ExitRule):
+    """A rule of one's own without a name: the max probability, halved (thresholds on another scale)."""
+
+    def scores(self, logits):
+        return torch.softmax(logits.float(), -1).amax(-1) / 2
+
+
+class _Plain(mw.ExitRule):
+    def scores(self, logits):
+        return torch.softmax(logits.float(), -1).amax(-1)
+
+
+def test_rules_of_one_s_own_without_a_name_are_told_apart_in_saved_state():
+    """Every ExitRule subclass without a name was "rule", so an EarlyExit saved with one rule of one's own
+    loaded into one scoring with another, its thresholds read on the other's scale; each is now named by its
+    module and class, a state saved with another is refused naming the class to pass, and a state saved
+    before rules had names ("rule") still loads into an unnamed rule."""
+    net, x, z, calibration, thresholds = calibrated_deployment()
+    assert _Scaled.name.endswith("test_early_exit._Scaled") and _Scaled.name != _Plain.name
+    assert mw.MaxProbability.name == "max_probability"  # the built-in names stay
+    state = mw.EarlyExit(net, thresholds / 2, rule=_Scaled()).state_dict()
+    other = mw.EarlyExit(net, thresholds, rule=_Plain())
+    before = other.thresholds.clone()
+    with pytest.raises(ValueError, match=r"saved with rule '.*_Scaled'.*rule=_Scaled\(\) \(an instance of"):
+        other.load_state_dict(state)
+    assert torch.equal(other.thresholds, before)
+    same = mw.EarlyExit(net, [0.0, 0.0, 0.0], rule=_Scaled())
+    same.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(same(x)[1], mw.EarlyExit(net, thresholds, rule=_Plain())(x)[1])  # halved both sides
+    older = dict(state, _extra_state={**state["_extra_state"], "rule": "rule"})
+    mw.EarlyExit(net, [0.0, 0.0, 0.0], rule=_Scaled()).load_state_dict(older)
