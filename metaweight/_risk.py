@@ -26,7 +26,8 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     if p >= 1.0:
         return 0.0
     log_p, log_q = math.log(p), math.log1p(-p)
-    j = torch.arange(k + 1, dtype=torch.float64)  # the k + 1 terms at once, in float64
+    j = torch.arange(k + 1, dtype=torch.float64, device="cpu")  # the k + 1 terms at once, in float64, on the
+    # CPU whatever the default device (a host value, read once)
     terms = math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1) + j * log_p + (n - j) * log_q
     return min(float(terms.exp().sum()), 1.0)
 
@@ -138,7 +139,7 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     finite = scores[:-1][~torch.isnan(scores[:-1])]
     levels = _quantiles(finite.double(), torch.linspace(1, 0, candidates + 1, dtype=torch.float64,
                                                         device=finite.device)[1:]) \
-        if finite.numel() else torch.zeros(0, dtype=torch.float64)
+        if finite.numel() else torch.zeros(0, dtype=torch.float64, device=finite.device)
     grid = [NO_EXIT] + sorted(set(float(v) for v in levels), reverse=True)  # most conservative first
 
     def evaluate(level: float) -> tuple[Tensor, int, float]:
@@ -149,7 +150,8 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
         return thresholds, losses, binomial_cdf(losses, N, delta)
 
     # every level's loss at once, in the thresholds' dtype as evaluate() casts them
-    counts_at = losses_at_levels(scores, prediction, labels, torch.tensor(grid[1:], dtype=scores.dtype)).tolist()
+    counts_at = losses_at_levels(scores, prediction, labels, torch.tensor(grid[1:], dtype=scores.dtype,
+                                                                                  device=scores.device)).tolist()
     chosen = evaluate(NO_EXIT)
     for level, losses in zip(grid[1:], counts_at):
         if binomial_cdf(losses, N, delta) > alpha:  # not rejected: stop, keep the last safe one
