@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._hypergradient import MetaResult, Reducer, eager_forward, meta_gradient
 from metaweight._lookahead import lookahead, patchable, patched_call
-from metaweight._optimizers import differentiable_optimizer_type, supports_exact_update
+from metaweight._optimizers import check_meta_gradient_exists, differentiable_optimizer_type, supports_exact_update
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._walk import walk
 from metaweight._warn import warn_user
@@ -186,6 +186,7 @@ def make_backend(name: str, optimizer: torch.optim.Optimizer, *, distributed: bo
     """
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"Invalid backend: {name!r}. Expected one of {BACKENDS}.")
+    check_meta_gradient_exists(optimizer)  # (before the fallback's warning: no backend can learn through it)
     backend: Backend
     if name == "higher":
         backend = HigherBackend()

@@ -660,6 +660,30 @@ _OURS: dict[type, type] = {
 }
 
 
+# Optimizers whose step depends on the gradient only through its sign: the step is piecewise constant in the
+# gradient, so its derivative with respect to the loss weights is zero wherever it exists, and a look-ahead
+# through it gives gamma a meta-gradient of exactly zero (gamma would never leave its initial value).
+SIGN_ONLY: frozenset[type] = frozenset({torch.optim.Rprop})
+
+
+def check_meta_gradient_exists(optimizer: torch.optim.Optimizer) -> None:
+    """Raise a ValueError if ``optimizer``'s step cannot pass a meta-gradient to the loss weights.
+
+    Rprop (:data:`SIGN_ONLY`) steps each parameter by its own step size times the sign of its
+    gradient: a small change of the loss weights leaves the step as it is, so the meta-gradient of any
+    look-ahead through it is zero (Franceschi et al. 2017's hypergradient through the step's Jacobian;
+    the sign's derivative is zero). Checked where the weighter is asked to learn, before anything runs.
+    """
+    kind = type(optimizer)
+    if any(kind is sign_only for sign_only in SIGN_ONLY):
+        raise ValueError(
+            f"`{kind.__name__}` steps each parameter by a step size times the sign of its gradient: a small change "
+            f"of the loss weights gamma does not change that step, so the look-ahead's meta-gradient is zero and "
+            f"gamma would never leave its initial values. Use learn=False to train with fixed weights, an optimizer "
+            f"whose step scales with the gradient (SGD, Adam, AdamW, RMSprop, Adagrad, ...), or a loss weighting "
+            f"that does not look ahead through the step (metaweight.UW, metaweight.FAMO, ...).")
+
+
 def differentiable_optimizer_type(optimizer: torch.optim.Optimizer) -> type:
     """The differentiable optimizer class that replays ``optimizer``'s step, or a TypeError."""
     for torch_type, diff_type in _OURS.items():

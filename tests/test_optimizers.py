@@ -132,3 +132,48 @@ def test_options_of_optimizers_outside_torch_s_table_are_read_by_their_own_meani
             w.step(batch(), batch())
     with pytest.raises(TypeError, match="cannot replay a `Adafactor` step"):
         mw.HarmonizedWeighter(model, torch.optim.Adafactor(model.parameters(), lr=0.01), mw.DenseDistillLoss(3))
+
+
+def _optimizer_classes():
+    return [c for c in vars(torch.optim).values()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
+
+
+@pytest.mark.parametrize("kind", _optimizer_classes(), ids=lambda c: c.__name__)
+def test_every_torch_optimizer_either_passes_gamma_a_meta_gradient_or_is_refused(kind):
+    """The class of "an optimizer the look-ahead accepts but gamma cannot learn through": every optimizer of
+    torch.optim (a later PyTorch's too) built over the model is refused at construction with learn=True, or its
+    meta-gradient (the reference backend, higher, after a warm-up step) is non-zero. Rprop steps by the gradient's
+    sign: accepted before, gamma never moved (the meta-gradient is exactly 0, checked here with higher directly),
+    with higher's warning only; now refused, saying why and what to use, and still usable with learn=False."""
+    torch.manual_seed(0)
+    model = tiny_net(3, dtype=F64)
+    try:
+        opt = kind(model.parameters(), lr=0.01)
+    except (TypeError, ValueError, RuntimeError):
+        pytest.skip(f"{kind.__name__} cannot be built over a model with 1-d parameters")
+    warm, train, val = batch(dtype=F64), batch(dtype=F64), batch(dtype=F64)
+    try:
+        w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), backend="higher")
+    except (TypeError, ValueError) as exc:
+        assert "learn=False" in str(exc)
+        if kind is torch.optim.Rprop:
+            assert "sign of its gradient" in str(exc) and "meta-gradient is zero" in str(exc)
+            # the claim: differentiating through higher's own Rprop step gives gamma a gradient of exactly 0
+            import higher
+            terms, objective = mw.DenseDistillLoss(3), mw.BalancedValidation(3)
+            gamma = torch.ones(terms.num_terms, dtype=F64, requires_grad=True)
+            with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+                diffopt.step((gamma * terms(fmodel(train[0]), train[1])).sum())
+                (g,) = torch.autograd.grad(objective(fmodel(val[0]), val[1]), gamma, allow_unused=True)
+            assert g is None or torch.equal(g, torch.zeros_like(g))
+            fixed = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), learn=False)
+            before = [p.detach().clone() for p in model.parameters()]
+            fixed.step(train)
+            assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        return
+    assert kind is not torch.optim.Rprop
+    sum(o.sum() for o in model(warm[0])).backward()
+    opt.step()
+    opt.zero_grad()
+    assert w.meta_step(train, val).gamma_grad.abs().sum() > 0
