@@ -266,7 +266,8 @@ def check_saved_state(state: Mapping[Any, Any], shape: Sequence[int], who: str =
                                  f"changed.")
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, *, first_only: bool = False) -> None:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, *, first_only: bool = False,
+                          after_failed_step: bool = False) -> None:
     """Refuse optimizer state (momentum buffers, Adam's moments) in another dtype or on another device than
     its parameter: what ``model.to(torch.bfloat16)`` or ``model.to("cuda")`` after the optimizer's first
     step leaves (torch casts state to its parameter only in ``Optimizer.load_state_dict``). The look-ahead
@@ -274,7 +275,12 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, *, first_only: bool 
     (Adam's ``lerp_``). State with dimensions only: 0-d state (step counts, ASGD's ``eta``, NAdam's
     ``mu_product``) is kept in torch's scalar dtype by design. Metadata only: no tensor is read. With
     ``first_only``, the first parameter holding state in each group alone: what a whole model's conversion
-    shows, at a cost that does not grow with the parameters."""
+    shows, at a cost that does not grow with the parameters. With ``after_failed_step``, the cause of an
+    ``optimizer.step()`` that raised: the message says the parameters torch reached first may have stepped."""
+    outcome = ("torch's optimizer raised part way through its step: the parameters it reached before this one may "
+               "have been stepped and their step counts raised (the weighter's own state and the buffers are "
+               "restored). Reload the model and optimizer from your last checkpoint if that matters."
+               if after_failed_step else "Nothing was changed.")
     for i, group in enumerate(optimizer.param_groups):
         held = (p for p in group["params"] if p in optimizer.state)
         for p in itertools.islice(held, 1) if first_only else held:
@@ -293,7 +299,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, *, first_only: bool 
                         f"the two, or fail (torch's Adam refuses to). Convert the state with the "
                         f"parameters: optimizer.load_state_dict(optimizer.state_dict()) casts each state tensor to "
                         f"its parameter's dtype and device (or build the optimizer after converting the model). "
-                        f"Nothing was changed.")
+                        f"{outcome}")
 
 
 def check_optimizer_covers_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

@@ -538,7 +538,7 @@ def explained(exc: Exception, named: list[tuple[str, Tensor]], why: str,
         from metaweight._optimizers import check_optimizer_state  # (the whole check: on this failure's path only)
 
         try:
-            check_optimizer_state(optimizer)
+            check_optimizer_state(optimizer, after_failed_step=True)
         except ValueError as cause:
             return cause
     return exc

@@ -784,7 +784,7 @@ class Weighting(NamedWeights):
             snapshot.restore()
             self._reset_pending()
             try:  # the likely cause, said plainly (looked for only here: a loop over the parameters)
-                check_optimizer_state(self._inner_optimizer)
+                check_optimizer_state(self._inner_optimizer, after_failed_step=True)
             except ValueError as cause:
                 raise cause from exc
             raise

@@ -630,3 +630,25 @@ def test_fast_meta_step_before_the_backward_warns():
     assert record.skipped and w.num_meta_steps == 0
     loss.backward()
     optimizer.step()
+
+
+def test_a_partial_conversion_that_torch_s_step_stops_part_way_is_not_reported_as_nothing_changed():
+    """Only some of the optimizer's state converted with the model (the first parameter's): the cheap check reads
+    the first parameter holding state and passes; torch's Adam (foreach=False) steps that parameter and raises the
+    step counts before refusing the next. The refusal named the cause but ended 'Nothing was changed.', which was
+    false: it now says torch stopped part way and what may have moved (helper-109's report)."""
+    w, model, opt = build(NAMES[0], make=lambda h: torch.optim.Adam(h, lr=0.01, foreach=False))
+    data = batches()
+    w.step(data[0])
+    params = list(model.parameters())
+    model.double()
+    for key, value in list(opt.state[params[0]].items()):
+        if value.dim() > 0:
+            opt.state[params[0]][key] = value.double()
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match="exp_avg") as info:
+        w.step((data[1][0].double(), data[1][1]))
+    moved = not torch.equal(before, params[0])
+    assert moved  # (what torch did: the message must not deny it)
+    assert "Nothing was changed" not in str(info.value)
+    assert "part way" in str(info.value) and "checkpoint" in str(info.value)
