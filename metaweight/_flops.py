@@ -180,7 +180,8 @@ _CHEAP_OPS = frozenset("""
     _cummax_helper _cummin_helper logcumsumexp histc bincount one_hot im2col col2im pixel_shuffle
     pixel_unshuffle channel_shuffle native_channel_shuffle _pack_padded_sequence _pad_packed_sequence
     _cudnn_rnn_flatten_weight isin complex polar allclose trace block_diag triu_indices tril_indices _to_sparse
-    _to_dense _to_sparse_csr _to_sparse_csc _to_sparse_bsr _to_sparse_bsc _coalesce
+    _to_dense _to_sparse_csr _to_sparse_csc _to_sparse_bsr _to_sparse_bsc _coalesce is_coalesced _nnz
+    sparse_dim dense_dim _indices _values indices values crow_indices col_indices ccol_indices row_indices
     native_layer_norm native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training
     _native_batch_norm_legit_functional _batch_norm_with_update _batch_norm_no_update
     _batch_norm_with_update_functional cudnn_batch_norm miopen_batch_norm batch_norm_elemt

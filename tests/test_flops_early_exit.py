@@ -291,7 +291,8 @@ def test_a_loss_computed_in_the_forward_is_cheap_and_does_not_warn(loss):
     lambda h: torch.polar(h.abs(), h).imag, lambda h: torch.view_as_real(torch.complex(h, h))[..., 0],
     lambda h: h + float(torch.allclose(h, h)), lambda h: h + torch.trace(h[:, :1]),
     lambda h: torch.block_diag(h, h)[:1, :8], lambda h: h + torch.triu_indices(3, 3).sum() + torch.tril_indices(3, 3).sum(),
-    lambda h: h.to_sparse().to_dense()])
+    lambda h: h.to_sparse().to_dense(), lambda h: h.to_sparse().coalesce().to_dense(),
+    lambda h: h + h.to_sparse()._nnz() + h.to_sparse().values().sum() * 0])
 def test_ops_without_multiply_adds_and_without_a_pointwise_tag_do_not_warn(op):
     """Membership, complex construction, comparisons, diagonals, index tables and layout changes: torch gives
     them no pointwise or reduction tag, so exit_costs warned that their work was left out and the costs were
