@@ -417,8 +417,9 @@ class EarlyExit(nn.Module):
         if state["rule"] != self.rule.name and not legacy:
             raise ValueError(f"EarlyExit.load_state_dict: the state was saved with rule {state['rule']!r} and this "
                              f"EarlyExit scores with {self.rule.name!r}; its thresholds are numbers on the saved "
-                             f"rule's scores. Build it with {_rule_argument(state['rule'])} to load it; this EarlyExit "
-                             f"was left as it was.")
+                             f"rule's scores. Build it with {_rule_argument(state['rule'])} to load it (or, if "
+                             f"{type(self.rule).__name__} scores on the saved rule's scale, set name = "
+                             f"{state['rule']!r} in its class); this EarlyExit was left as it was.")
         try:
             return check_temperatures(state["temperatures"], len(self.thresholds))
         except ValueError as error:

@@ -93,7 +93,9 @@ class ExitRule:
 
     ``name`` names the rule in messages and in :class:`EarlyExit`'s saved state, whose thresholds are
     numbers on that rule's scores (loading them under another rule is refused): a subclass that sets
-    none is named by its module and qualified name (``"mypackage.rules.MyRule"``)."""
+    none and defines its own ``scores`` is named by its module and qualified name
+    (``"mypackage.rules.MyRule"``); one that keeps its parent's ``scores`` keeps its parent's name (the
+    same scale)."""
 
     name: str = "rule"
     uses_history: bool = False  # whether exit k's score reads exits before k (early exit keeps them then)
@@ -101,9 +103,12 @@ class ExitRule:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._default_name = "name" not in cls.__dict__
-        if cls._default_name:  # two rules of one's own are not both "rule"
+        if "name" in cls.__dict__:
+            cls._default_name = False
+        elif "scores" in cls.__dict__ or cls.name == "rule":  # two rules of one's own are not both "rule"
+            cls._default_name = True
             cls.name = f"{cls.__module__}.{cls.__qualname__}"
+        # else: the parent's scores, so the parent's name (and whether it was given) are inherited
 
     def scores(self, logits: Tensor) -> Tensor:
         """The score of every exit for every sample ``[K, N]``: float32, float64 for float64 logits

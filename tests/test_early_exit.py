@@ -920,3 +920,27 @@ def test_rules_of_one_s_own_without_a_name_are_told_apart_in_saved_state():
         assert torch.equal(same(x)[1], mw.EarlyExit(net, thresholds, rule=_Plain())(x)[1])  # halved both sides
     older = dict(state, _extra_state={**state["_extra_state"], "rule": "rule"})
     mw.EarlyExit(net, [0.0, 0.0, 0.0], rule=_Scaled()).load_state_dict(older)
+
+
+class _MaxProbabilityOfMine(mw.MaxProbability):
+    """A subclass that keeps the built-in's scores (a docstring, a repr, ...)."""
+
+
+class _HalfOfMine(_Scaled):
+    pass
+
+
+def test_a_subclass_keeping_its_parent_s_scores_keeps_its_parent_s_name():
+    """A subclass of a rule that does not define its own scores scores on its parent's scale: it keeps the parent's
+    name, so a state saved with the built-in (or with the subclass before rules were named by class) loads into
+    it (it was renamed by its class and refused, helper-109's report). One that defines its scores is named anew,
+    and the refusal says how to declare the same scale (name = ... in its class)."""
+    net, x, z, calibration, thresholds = calibrated_deployment()
+    assert _MaxProbabilityOfMine.name == "max_probability" and _HalfOfMine.name == _Scaled.name
+    state = mw.EarlyExit(net, thresholds).state_dict()
+    mine = mw.EarlyExit(net, [0.0, 0.0, 0.0], rule=_MaxProbabilityOfMine())
+    mine.load_state_dict(state)
+    assert torch.equal(mine.thresholds, mw.EarlyExit(net, thresholds).thresholds)
+    with pytest.raises(ValueError, match=r"saved with rule 'max_probability'.*set name = 'max_probability' in its "
+                                         r"class"):
+        mw.EarlyExit(net, [0.0, 0.0, 0.0], rule=_Plain()).load_state_dict(state)
