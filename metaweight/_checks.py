@@ -753,11 +753,21 @@ def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:
     return batch[0], batch[1]
 
 
+def _is_array(value: object) -> bool:
+    """Whether ``value`` is a NumPy array (a subclass too: masked, memmap); a NumPy scalar (``np.float32(0.5)``,
+    ``np.str_``) is not: a model may take one as an option. NumPy is imported only when such an object came."""
+    if type(value).__module__.partition(".")[0] != "numpy":
+        return False
+    import numpy
+
+    return isinstance(value, numpy.ndarray)
+
+
 def refuse_arrays(batch: Any, subject: str) -> None:
     """Refuse a batch pair (inputs, labels) holding a NumPy array at any depth, before anything runs: the
     library slices, moves and compares batches as tensors, and the model and losses take tensors."""
     for place, part in zip(("inputs", "labels"), batch):
-        arrays = [leaf for leaf in tree_leaves(part) if type(leaf).__module__ == "numpy"]
+        arrays = [leaf for leaf in tree_leaves(part) if _is_array(leaf)]
         if arrays:
             raise TypeError(f"{subject} holds {'NumPy arrays' if len(arrays) > 1 else 'a NumPy array'} in its {place} "
                             f"(`{type(arrays[0]).__name__}`): pass tensors, e.g. (torch.as_tensor(x), "

@@ -138,3 +138,17 @@ def test_a_loader_of_numpy_batches_is_refused_by_collect_logits():
         mw.collect_logits(tiny_net(3), [(x, y), (x, y.numpy())])
     with pytest.raises(ValueError, match=r"Found `ndarray`: pass torch\.as_tensor\(target\)"):
         mw.DenseDistillLoss(3)(tiny_net(3)(x), y.numpy())
+
+
+def test_numpy_scalars_and_strings_in_a_batch_are_not_arrays():
+    """Only arrays are refused: a NumPy scalar option (np.float32, np.bool_) or names read through NumPy (np.str_)
+    in a batch were refused as 'a NumPy array' (helper-109's report); arrays, masked arrays included, still are."""
+    import numpy as np
+
+    from metaweight._checks import refuse_arrays
+    x, y = batch()
+    for fine in ({"x": x, "scale": np.float32(0.5), "flag": np.bool_(True)}, [x, [np.str_("a")]], (x, np.int64(3))):
+        refuse_arrays((fine, y), "The batch")
+    for bad in ({"x": x, "mask": np.ones(2)}, (x, np.ma.masked_array([1.0, 2.0])), np.array(1.0)):
+        with pytest.raises(TypeError, match="a NumPy array in its inputs"):
+            refuse_arrays((bad, y), "The batch")
