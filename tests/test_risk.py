@@ -134,3 +134,22 @@ def test_the_losses_of_every_level_at_once_are_those_of_assigning_each_level(rul
             break
         chosen = level
     assert target.thresholds[0] == torch.tensor(chosen, dtype=scores.dtype).item()
+
+
+def test_losses_at_levels_treat_nan_and_infinite_scores_as_the_assignment_does():
+    """A NaN score reaches no level (not even -inf), a +inf score reaches +inf: as _assign decides
+    (helper-113: nan_to_num also turned +inf into the largest float, and NaN into a -inf that reaches -inf)."""
+    import math
+
+    from metaweight._budget import _assign
+    from metaweight._risk import losses_at_levels
+
+    scores = torch.tensor([[math.nan, math.inf, -math.inf], [0.5, 0.5, 0.5]])
+    prediction = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    labels = torch.zeros(3, dtype=torch.long)
+    levels = torch.tensor([math.inf, 0.5, -math.inf])
+    expected = []
+    for level in levels.tolist():
+        _, pred = _assign(scores, prediction, torch.tensor([level, -1e8]))
+        expected.append(int(((prediction[-1] == labels) & (pred != labels)).sum()))
+    assert losses_at_levels(scores, prediction, labels, levels).tolist() == expected
