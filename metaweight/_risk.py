@@ -68,7 +68,9 @@ def _quantiles(values: Tensor, q: Tensor) -> Tensor:
     position = q.to(ordered.dtype) * (ordered.numel() - 1)
     low = position.floor().long()
     high = position.ceil().long()
-    return torch.lerp(ordered[low], ordered[high], position - low.to(ordered.dtype))
+    between = torch.lerp(ordered[low], ordered[high], position - low.to(ordered.dtype))
+    # (between two infinite values, or an infinite and a finite one, lerp gives NaN: the lower one instead)
+    return torch.where(between.isnan(), ordered[low], between)
 
 
 def losses_at_levels(scores: Tensor, prediction: Tensor, labels: Tensor, levels: Tensor) -> Tensor:
@@ -79,16 +81,23 @@ def losses_at_levels(scores: Tensor, prediction: Tensor, labels: Tensor, levels:
     largest of its first ``k`` scores reaches it: the loss is a sum over exits of counts of those running
     maxima at or above the level (sorted once, searched per level), ``O(K N log N)`` in all."""
     dtype = decision_dtype(scores.device)
-    reached = scores[:-1].to(dtype).nan_to_num(nan=-math.inf).cummax(0).values  # [K-1, N] running maxima
+    early = scores[:-1].to(dtype)
+    # NaN as -inf (infinities kept), and whether a sample has had a score that is not NaN by exit k: one whose
+    # scores so far are all NaN reaches no level, -inf included
+    reached = torch.where(early.isnan(), -math.inf, early).cummax(0).values  # [K-1, N] running maxima
+    scored = (~early.isnan()).to(torch.int8).cummax(0).values.bool()
     last_right = prediction[-1] == labels
     wrong = (last_right & (prediction != labels)).to(torch.int64)  # [K, N]
     change = wrong[:-1] - wrong[1:]  # leaving at exit k instead of later changes the loss by this much
     queries = levels.to(dtype).contiguous()
     total = wrong[-1].sum().expand(queries.shape).clone()
+    lowest = queries == -math.inf
     for k in range(reached.shape[0]):
         for sign in (1, -1):
-            values = reached[k][change[k] == sign].sort().values
-            total += sign * (values.numel() - torch.searchsorted(values, queries, side="left"))
+            chosen = change[k] == sign
+            values = reached[k][chosen].sort().values
+            unscored = (chosen & ~scored[k]).sum()
+            total += sign * (values.numel() - torch.searchsorted(values, queries, side="left") - unscored * lowest)
     return total
 
 

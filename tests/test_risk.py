@@ -153,3 +153,34 @@ def test_losses_at_levels_treat_nan_and_infinite_scores_as_the_assignment_does()
         _, pred = _assign(scores, prediction, torch.tensor([level, -1e8]))
         expected.append(int(((prediction[-1] == labels) & (pred != labels)).sum()))
     assert losses_at_levels(scores, prediction, labels, levels).tolist() == expected
+
+
+class _SureOrNot(mw.ExitRule):
+    """A rule of one's own that scores some samples -inf (never leave) and others +inf (always leave)."""
+
+    def scores(self, logits):
+        p = torch.softmax(logits.float(), -1).amax(-1)
+        return torch.where(p < 0.3, -math.inf, torch.where(p > 0.9, math.inf, p))
+
+
+def test_infinite_scores_give_a_grid_without_nan_and_the_same_thresholds_each_run():
+    """The candidate levels are quantiles of the scores: between two -inf scores linear interpolation gave NaN, and
+    a set holding NaN sorted differently run to run, so the thresholds were NaN in one run and numbers in another
+    (helper-109's report). The grid holds no NaN, the choice is the one of testing each level in order with its
+    own assignment (the reference below), and two calls agree."""
+    from metaweight._budget import _assign
+    from metaweight._risk import _quantiles
+
+    assert not _quantiles(torch.tensor([-math.inf, -math.inf, 0.5, math.inf, math.inf]),
+                          torch.linspace(0, 1, 9, dtype=torch.float64)).isnan().any()
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 400, 5) * 2, torch.randint(0, 5, (400,))
+    logits[:, :, 0] += 1.5
+    a = mw.thresholds_for_accuracy(logits, labels, 0.2, rule=_SureOrNot(), candidates=30)
+    b = mw.thresholds_for_accuracy(logits, labels, 0.2, rule=_SureOrNot(), candidates=30)
+    assert not torch.as_tensor(a.thresholds).isnan().any()
+    assert torch.equal(torch.as_tensor(a.thresholds), torch.as_tensor(b.thresholds))
+    scores, prediction = _SureOrNot().scores(logits), logits.argmax(-1)
+    losses = int(((prediction[-1] == labels) & (_assign(scores, prediction, torch.as_tensor(a.thresholds))[1]
+                                                != labels)).sum())
+    assert losses / 400 == pytest.approx(a.loss_rate) and binomial_cdf(losses, 400, 0.2) <= 0.1
