@@ -68,7 +68,9 @@ MISMATCH = (
     "criterion or the validation objective has a stop-gradient or a custom backward on that path (h.detach(), "
     "h.data, detach_(), torch.no_grad() or inference_mode(), a rescale read with .item(), a copy through "
     ".tolist() or NumPy, a straight-through estimator, an autograd.Function whose backward is not the derivative "
-    "of its forward). {consequence} Move the stop-gradient out (a teacher's detach belongs in the criterion, "
+    "of its forward), or a cast to float16 or bfloat16 inside (.to(torch.bfloat16), .half()), whose rounding "
+    "moves the derivative about 1e-3 of its size apart from the differences. {consequence} Move the stop-gradient "
+    "or the cast out (a teacher's detach belongs in the criterion, "
     "which may take `teacher_outputs`), or pass check_gradients=False to accept an approximate meta-gradient. "
     "gamma and everything else are unchanged.")
 
@@ -417,14 +419,16 @@ TRAIN_SIDE = {
                  "that derivative differs from the gradient itself",
                  "a backward that is not itself differentiable: a custom autograd.Function with "
                  "@once_differentiable or a backward under torch.no_grad(), as fused kernels have",
-                 "backend='higher' would take gamma's meta-gradient through a cut; backend='jvp' needs no second "
-                 "derivative.",
+                 "backend='higher' would take gamma's meta-gradient through a cut; for a cut, backend='jvp' needs no "
+                 "second derivative (for a cast, neither backend is the way out: check_gradients=False or no cast).",
                  "the derivative of autograd's gradient in the terms' weights (backend='higher')"),
     "forward": ("The forward-mode derivative of the training terms (backend='jvp') differs from autograd's gradient",
                 "the model's step uses autograd's",
                 "backend='jvp' would differentiate a step the model does not take; backend='higher' differentiates "
                 "autograd's step. (A cast to float16 or bfloat16 inside the model or the criterion also rounds the "
-                "two modes apart, by about 1e-3 of the derivative: there too, use backend='higher'.)",
+                "two modes apart, by about 1e-3 of the derivative, and rounds backend='higher''s check apart from "
+                "its differences as well: there, keep the cast out of the model and criterion the weighter "
+                "differentiates, or pass check_gradients=False to accept a meta-gradient that close.)",
                 "the forward-mode derivative of the training terms (backend='jvp')"),
     "values": ("Autograd's gradient of the training terms differs from the derivative of their values",
                "the model's step uses autograd's; backend='finite_difference' and mode='fast' take the values'",

@@ -585,5 +585,15 @@ def test_a_criterion_computing_in_low_precision_is_named_where_the_check_cannot_
                 w.step(train, val)
         else:
             with pytest.raises(ValueError, match=r"forward-mode derivative.*cast to float16 or bfloat16 inside "
-                                                 r"the model or the criterion.*backend='higher'"):
+                                                 r"the model or the criterion.*check_gradients=False"):
                 w.step(train, val)
+            # backend='higher' is refused too (its check's differences round apart as well): its refusal names the
+            # cast, and neither refusal sends the user to the other backend as the way out (helper-110's report)
+            torch.manual_seed(0)
+            model = Net("none").to(F64)
+            optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+            w = mw.HarmonizedWeighter(model, optimizer, in_bfloat16, mw.BalancedValidation(3, alpha=1.0),
+                                      term_names=["a", "b", "c"], mode=mode, gamma_optimizer="sgd", backend="higher")
+            with pytest.raises(ValueError, match=r"cast to float16 or bfloat16 inside") as refusal:
+                w.step(train, val)
+            assert "for a cast, neither backend is the way out" in str(refusal.value)
