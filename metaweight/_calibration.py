@@ -83,7 +83,9 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
         z = z.clamp(min=torch.finfo(z.dtype).min)  # a masked class (-inf): p * z = 0 * (-max), not 0 * -inf = NaN
         if bool(flat_rows.all()):
             out.append(1.0)
-            flat.append((k, bool(((~masked).sum(1) == 1).all())))  # (one class left in every row: certain)
+            left = (~masked).sum(1) == 1  # (one class left in a row: certain of it; more: uniform over them)
+            flat.append((k, "one class" if z.shape[1] == 1 else "certain" if bool(left.all())
+                         else "uniform" if not bool(left.any()) else "mixed"))
             continue
         z_y = z.gather(1, labels[:, None]).squeeze(1)
 
@@ -112,13 +114,25 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
                   f"data are separable; 1e4: its predictions are no better than chance). Such a temperature fits this "
                   f"held-out set, not the exit: use more (or other) held-out data, or leave that exit "
                   f"uncalibrated.", UserWarning)
-    uniform = [k + 1 for k, certain in flat if not certain]
+    single = [k + 1 for k, kind in flat if kind == "one class"]
+    if single:
+        warn_user(f"fit_temperatures: exit(s) {', '.join(map(str, single))} have one class, so no temperature "
+                  f"changes their probabilities (1) and the NLL (0) does not depend on it: T = 1 was returned.",
+                  UserWarning)
+    mixed = [k + 1 for k, kind in flat if kind == "mixed"]
+    if mixed:
+        warn_user(f"fit_temperatures: in every held-out row of exit(s) {', '.join(map(str, mixed))} the logits are "
+                  f"either the same for every class (masked classes left out) or one class is 1e3 or more above "
+                  f"every other (read as masked classes), so no temperature changes their probabilities (uniform or "
+                  f"one-hot) and the NLL does not depend on it: T = 1 was returned. Check that these are the exit's "
+                  f"logits (not scaled, nor masked), and train it.", UserWarning)
+    uniform = [k + 1 for k, kind in flat if kind == "uniform"]
     if uniform:
         warn_user(f"fit_temperatures: the logits of exit(s) {', '.join(map(str, uniform))} are the same for every "
                   f"class (masked classes left out) in every held-out row, so no temperature changes their "
                   f"probabilities (uniform) and the NLL does not depend on it: T = 1 was returned. The exit predicts "
                   f"nothing yet: train it, or check that these are its logits.", UserWarning)
-    certain = [k + 1 for k, certain in flat if certain]
+    certain = [k + 1 for k, kind in flat if kind == "certain"]
     if certain:
         warn_user(f"fit_temperatures: in every held-out row of exit(s) {', '.join(map(str, certain))}, one class is "
                   f"1e3 or more above every other (read as masked classes), so no temperature in the search changes "

@@ -356,3 +356,21 @@ def test_an_over_confident_exit_is_calibrated_not_refused_as_masked():
     masked[0, 3, labels[3]] = -1e9
     with pytest.raises(ValueError, match=r"^1 of the 1000 labels in `val_labels` sits on a class masked"):
         mw.calibrate(masked, labels)
+
+
+def test_fit_temperatures_names_exits_half_certain_half_uniform_and_exits_of_one_class_as_they_are():
+    """An exit whose rows are partly certain (one class 1e3 above the rest) and partly uniform was told 'the same
+    for every class in every held-out row' (false for half its rows), and an exit of one class 'one class is 1e3
+    above every other' (there is no other) (helper-110's report). Each gets T = 1 and a message that holds."""
+    labels = torch.tensor([0, 1, 2, 0])
+    mixed = torch.zeros(4, 3)
+    mixed[0, 0] = mixed[1, 1] = 1500.0  # two certain rows (and right), two uniform
+    for logits, says, never in ((mixed, "either the same for every class", "in every held-out row of exit(s) 1, "
+                                 "one class is"),
+                                (torch.randn(4, 1), "have one class", "above every other")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = mw.fit_temperatures(logits[None], labels if logits.shape[1] > 1 else torch.zeros(4, dtype=torch.long))
+        messages = [str(w.message) for w in caught if "fit_temperatures" in str(w.message)]
+        assert t.tolist() == [1.0]
+        assert len(messages) == 1 and says in messages[0] and never not in messages[0], messages
