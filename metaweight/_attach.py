@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -86,8 +86,9 @@ def _autocast_on(device: torch.device) -> bool:
 
 
 def _head_dtype(model: nn.Module, name: str, features: Tensor) -> torch.dtype | None:
-    """The dtype of a head the library builds for the exit after ``name``: the features' own, which
-    :meth:`AttachedExits._head` requires of a head (a model may hold parameters of several dtypes: a
+    """The dtype of a head the library builds for the exit after ``name`` where the example forward cannot
+    run outside autocast (see :meth:`AttachedExits._plain_dtypes`, the rule otherwise): the features' own,
+    which :meth:`AttachedExits._head` requires of a head (a model may hold parameters of several dtypes: a
     float32 input norm before a bfloat16 body). Under autocast the features are of autocast's dtype for
     that call only: then the dtype of the last floating-point parameter the features have passed, as the
     modules are ordered: the module ``name``'s own, else those of the modules before it in each enclosing
@@ -179,9 +180,12 @@ class AttachedExits(nn.Module):
     they ran in (pass that order); a module the forward skips (a conditional forward) with a
     ``RuntimeError``; exits giving logits of different shapes (another number of classes) with a
     ``ValueError``. With ``example_input`` these are seen when attaching, else at the first forward.
-    Heads built by a factory are moved to the device and dtype of the features they read (under
-    ``torch.autocast``, whose dtype holds for that call only, the dtype of the last parameter the
-    features passed: of the module they are attached after, else of the modules before it); heads
+    Heads built by a factory are moved to the device and dtype of the features they read outside
+    ``torch.autocast``: under it (whose dtype holds for that call only, and where a head of any floating-point
+    dtype runs), the example forward runs again with autocast off, in eval mode without gradients, to see
+    that dtype (a bfloat16 model's LayerNorm kept in float32 returns bfloat16 there, so heads after it are
+    bfloat16); only for a model that cannot run outside autocast (that forward raises), the dtype of the last
+    parameter the features passed: of the module they are attached after, else of the modules before it. Heads
     you pass are used as given, and one whose parameters are of another dtype or device than
     its features (a float32 head on a float64 model) is refused with a ``ValueError`` naming it;
     
@@ -254,8 +258,10 @@ class AttachedExits(nn.Module):
         if callable(heads) and not isinstance(heads, nn.Module):
             if example_input is None:
                 raise ValueError("A head factory needs `example_input` to see each module's output.")
+            call = wrapper_call(model, (example_input,), {}, "attach_exits(example_input=...)")
             with torch.no_grad(), eval_mode(model):
-                captured = self._capture(wrapper_call(model, (example_input,), {}, "attach_exits(example_input=...)"))
+                captured = self._capture(call)
+            plain = self._plain_dtypes(call, captured)
             built = []
             for name in self.after:
                 features = captured[name]
@@ -264,8 +270,9 @@ class AttachedExits(nn.Module):
                     raise TypeError(f"The head factory should return an nn.Module; for {name!r} it returned "
                                     f"`{type(head).__name__}`.")
                 # a head the factory built on the CPU in float32 goes where the features are, in their dtype
-                # (under autocast, that of the module's parameters: see _head_dtype)
-                built.append(head.to(device=features.device, dtype=_head_dtype(model, name, features)))
+                # outside autocast (see _plain_dtypes; _head_dtype where the model cannot run outside it)
+                dtype = plain[name] if plain is not None else _head_dtype(model, name, features)
+                built.append(head.to(device=features.device, dtype=dtype))
             heads = built
         heads = list(heads)  # type: ignore[arg-type]
         if len(heads) != len(self.after) or not all(isinstance(h, nn.Module) for h in heads):
@@ -275,6 +282,32 @@ class AttachedExits(nn.Module):
             with torch.no_grad(), eval_mode(self):
                 self._output_exits = 0 if not self.include_output else None  # type: ignore[assignment]
                 self(example_input)  # (the first forward checks the exits and their order)
+
+    def _plain_dtypes(self, call: ModelCall, captured: dict[str, Any]) -> dict[str, torch.dtype | None] | None:
+        """The dtype of each exit's features outside autocast, which a head must take: autocast's dtype holds
+        for the call under it only, and inside autocast a head of any floating-point dtype runs (autocast
+        casts). Without autocast on the features' devices, the features' own (None: not floating point).
+        Under it, the example forward runs again with autocast off there (no gradients, eval mode, every
+        module's own mode given back, as the first), and each exit's features give the dtype: a float32
+        LayerNorm of a bfloat16 model returns bfloat16 there. None where that forward raises (a model that
+        runs under autocast only): the caller then falls back on :func:`_head_dtype`."""
+        def dtype(features: Tensor) -> torch.dtype | None:
+            return features.dtype if features.is_floating_point() else None
+
+        devices = {captured[name].device.type for name in self.after
+                   if captured[name].is_floating_point() and _autocast_on(captured[name].device)}
+        if not devices:
+            return {name: dtype(captured[name]) for name in self.after}
+        try:
+            with ExitStack() as stack:
+                for device_type in sorted(devices):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(eval_mode(self.model))
+                outside = self._capture(call)
+        except Exception:  # (the model runs under autocast only: the parameters' rule of _head_dtype instead)
+            return None
+        return {name: dtype(outside[name]) for name in self.after}
 
     @property
     def num_exits(self) -> int:

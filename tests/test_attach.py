@@ -258,7 +258,7 @@ def test_factory_heads_take_the_dtype_of_the_features_they_read_in_a_model_of_tw
     """A factory's heads were cast to the dtype of the model's first parameter: float32 here, where the
     features are bfloat16, so the first forward refused the head with a message saying to pass a factory
     (which had been passed, and whose head, even built in bfloat16, was cast back). They are now in the
-    features' dtype; under autocast, in that of the parameters of the module they read (the body's)."""
+    features' dtype; under autocast, in the features' dtype outside autocast (the body's bfloat16)."""
     torch.manual_seed(0)
     x = torch.randn(5, 4)
     net = _Float32NormBfloat16Body()
@@ -293,7 +293,7 @@ def test_factory_heads_built_under_autocast_after_a_module_without_parameters_ta
     """Under autocast the head of an exit after a module with no parameters took the dtype of the first
     parameter of the enclosing module: at the model's top level, the float32 input norm's, where the features
     it reads outside autocast are bfloat16, so the model then refused its own head (helper-100's report). It
-    now takes the dtype of the last parameter the features passed; the same head as one built outside it."""
+    now takes the features' dtype outside autocast; the same head as one built outside it."""
     torch.manual_seed(0)
     x = torch.randn(5, 4)
     net = _Float32NormBfloat16BodyThenActivation()
@@ -303,6 +303,86 @@ def test_factory_heads_built_under_autocast_after_a_module_without_parameters_ta
     assert model.heads[0].weight.dtype == plain.heads[0].weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert [z.dtype for z in model(x)] == [torch.bfloat16, torch.bfloat16]  # outside autocast afterwards
+
+
+def test_exit_after_relu_behind_a_float32_kept_norm_of_a_bfloat16_model_runs_outside_autocast():
+    """A bfloat16 model whose LayerNorm is kept in float32 (a common mixed-precision recipe): its output is
+    bfloat16 outside autocast (the norm keeps its input's dtype). 15ce2bd built a bfloat16 head for an exit
+    after the ReLU behind it; e03c128 took the norm's float32 and the model refused its own head. Heads now
+    take the features' dtype outside autocast, seen by running the example forward with autocast off."""
+    bf = torch.bfloat16
+    body = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3)).to(bf)
+    body[1].float()
+    x = torch.randn(4, 8, dtype=bf)
+    with torch.autocast("cpu", dtype=bf):
+        model = mw.attach_exits(body, ["2"], lambda name, f: nn.Linear(f.shape[-1], 3), example_input=x)
+        assert model.heads[0].weight.dtype == bf
+        assert len(model(x)) == 2  # inside autocast too
+    assert all(o.dtype == bf for o in model(x))  # outside autocast
+
+
+class _NormRegisteredAfterTheBody(nn.Module):
+    """A float32 input norm registered after the bfloat16 body it runs before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8).bfloat16()
+        self.norm = nn.LayerNorm(4)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(8, 3).bfloat16()
+
+    def forward(self, x):
+        return self.out(self.act(self.body(self.norm(x).bfloat16())))
+
+
+def test_factory_heads_under_autocast_follow_the_execution_order_not_the_registration_order():
+    """The last parameter registered before the exit's module (the norm's float32) is not the last the
+    features passed (the body's bfloat16): the head is bfloat16, as the features are outside autocast."""
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = mw.attach_exits(_NormRegisteredAfterTheBody(), ["act"], lambda name, f: nn.Linear(f.shape[-1], 3),
+                                example_input=x)
+    assert model.heads[0].weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert [z.dtype for z in model(x)] == [torch.bfloat16, torch.bfloat16]
+
+
+def test_the_forward_outside_autocast_leaves_modes_and_running_statistics_alone():
+    """The example forward run again with autocast off runs in eval mode without gradients, as the first: a
+    BatchNorm's running statistics do not move, and every module gets its own train/eval mode back."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    net.train()
+    net[3].eval()
+    before = (net[1].running_mean.clone(), net[1].running_var.clone(), int(net[1].num_batches_tracked))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = mw.attach_exits(net, ["2"], lambda name, f: nn.Linear(f.shape[-1], 3), example_input=torch.randn(6, 4))
+    assert model.heads[0].weight.dtype == torch.float32 and model.heads[0].weight.grad is None
+    assert torch.equal(net[1].running_mean, before[0]) and torch.equal(net[1].running_var, before[1])
+    assert int(net[1].num_batches_tracked) == before[2]
+    assert [m.training for m in net] == [True, True, True, False]
+
+
+class _RunsUnderAutocastOnly(nn.Module):
+    """A float32 layer feeding a bfloat16 one without a cast: it runs under autocast only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+        self.b = nn.Linear(8, 3).bfloat16()
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_a_model_that_runs_under_autocast_only_gets_the_dtype_of_the_last_parameter_its_features_passed():
+    """Where the forward with autocast off raises, a factory's head falls back on the parameters' rule."""
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = mw.attach_exits(_RunsUnderAutocastOnly(), ["act"], lambda name, f: nn.Linear(f.shape[-1], 3),
+                                example_input=x)
+        assert model.heads[0].weight.dtype == torch.float32
+        assert len(model(x)) == 2
 
 
 class _PaddedEncoder(nn.Module):
