@@ -17,7 +17,7 @@ its sample reaches: no sample is silently kept in the network.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -94,21 +94,24 @@ class ExitRule:
     ``name`` names the rule in messages and in :class:`EarlyExit`'s saved state, whose thresholds are
     numbers on that rule's scores (loading them under another rule is refused): a subclass that sets
     none and defines its own ``scores`` is named by its module and qualified name
-    (``"mypackage.rules.MyRule"``); one that keeps its parent's ``scores`` keeps its parent's name (the
-    same scale)."""
+    (``"mypackage.rules.MyRule"``); one whose ``scores`` are the very function its parent's name stands
+    for (inherited, not from a mixin) keeps its parent's name (the same scale)."""
 
     name: str = "rule"
     uses_history: bool = False  # whether exit k's score reads exits before k (early exit keeps them then)
     _default_name: bool = True
+    _named_scores: Callable[..., Tensor]  # (set below the class: the function its name stands for)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
             cls._default_name = False
-        elif "scores" in cls.__dict__ or cls.name == "rule":  # two rules of one's own are not both "rule"
+        elif cls.scores is not cls._named_scores or cls.name == "rule":  # two rules of one's own are not both "rule"
             cls._default_name = True
             cls.name = f"{cls.__module__}.{cls.__qualname__}"
-        # else: the parent's scores, so the parent's name (and whether it was given) are inherited
+        # else: the scores of the class the name came from (inherited as they are, not from a mixin), so its name
+        # (and whether it was given) are inherited
+        cls._named_scores = cls.scores  # the scores the class's name stands for
 
     def scores(self, logits: Tensor) -> Tensor:
         """The score of every exit for every sample ``[K, N]``: float32, float64 for float64 logits
@@ -117,6 +120,9 @@ class ExitRule:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+ExitRule._named_scores = ExitRule.scores
 
 
 class MaxProbability(ExitRule):

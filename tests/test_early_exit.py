@@ -937,6 +937,15 @@ def test_a_subclass_keeping_its_parent_s_scores_keeps_its_parent_s_name():
     and the refusal says how to declare the same scale (name = ... in its class)."""
     net, x, z, calibration, thresholds = calibrated_deployment()
     assert _MaxProbabilityOfMine.name == "max_probability" and _HalfOfMine.name == _Scaled.name
+
+    class LogitScale:  # a mixin bringing other scores ahead of the built-in's (helper-112: kept its name)
+        def scores(self, logits):
+            return logits.float().amax(-1) * 100
+
+    class Mixed(LogitScale, mw.MaxProbability):
+        pass
+
+    assert Mixed.name.endswith("Mixed")
     state = mw.EarlyExit(net, thresholds).state_dict()
     mine = mw.EarlyExit(net, [0.0, 0.0, 0.0], rule=_MaxProbabilityOfMine())
     mine.load_state_dict(state)
