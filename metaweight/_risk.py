@@ -13,6 +13,7 @@ from torch import Tensor
 from metaweight._budget import NO_EXIT, _assign, _check_costs, _confidence
 from metaweight._checks import check_target, integer_value, real_option
 from metaweight._exit_rules import ExitRule, decision_dtype
+from metaweight._warn import warn_user
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
@@ -171,6 +172,13 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     thresholds, losses, p_value = chosen
     first, pred = _assign(scores, prediction, thresholds)
     counts = torch.bincount(first, minlength=K).double() / N
+    if p_value > alpha and K > 1 and float(counts[:-1].sum()) > 0:  # (the most conservative level, and still exits)
+        warn_user(f"thresholds_for_accuracy: no candidate meets the guarantee, and even the most conservative "
+                  f"thresholds ({NO_EXIT:g}) let {float(counts[:-1].sum()) * 100:.3g} % of the held-out samples leave "
+                  f"early: their scores reach {NO_EXIT:g} (+inf from a rule of one's own, or a rule's scale that "
+                  f"large), so no threshold keeps them. The thresholds returned do not hold the accuracy drop to "
+                  f"delta (loss rate {losses / N:.3g}, p-value {p_value:.3g}): give the rule finite scores below "
+                  f"{NO_EXIT:g} for samples that should be able to stay.", UserWarning)
     val_cost = float(sum(f * c for f, c in zip(counts.tolist(), cost_list))) if cost_list is not None else None
     return AccuracyTarget(thresholds.tolist(), float(delta), float(confidence), losses / N, p_value,
                           float((pred == labels).double().mean() * 100), float(last_right.double().mean() * 100),

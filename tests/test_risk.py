@@ -2,6 +2,7 @@
 data where the truth is known, over many draws."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -184,3 +185,29 @@ def test_infinite_scores_give_a_grid_without_nan_and_the_same_thresholds_each_ru
     losses = int(((prediction[-1] == labels) & (_assign(scores, prediction, torch.as_tensor(a.thresholds))[1]
                                                 != labels)).sum())
     assert losses / 400 == pytest.approx(a.loss_rate) and binomial_cdf(losses, 400, 0.2) <= 0.1
+
+
+class _AlwaysSure(mw.ExitRule):
+    """A rule of one's own that scores its confident samples +inf: they leave at any threshold."""
+
+    def scores(self, logits):
+        p = torch.softmax(logits.float(), -1).amax(-1)
+        return torch.where(p > 0.9, math.inf, p)
+
+
+def test_scores_no_threshold_keeps_are_said_when_the_guarantee_cannot_hold():
+    """An exit confidently wrong on every held-out sample, scored +inf: even the most conservative thresholds
+    (1e8, 'nobody leaves early') let everyone leave, and the thresholds came back with a loss rate of 1 and a
+    p-value of 1 without a word (helper-112). They come back with a warning saying why; an ordinary rule's
+    fallback (a held-out split too small: everyone to the last exit) stays silent."""
+    labels = torch.zeros(50, dtype=torch.long)
+    logits = torch.zeros(2, 50, 3)
+    logits[0, :, 1] = 10.0  # exit 1: sure, and wrong
+    logits[1, :, 0] = 10.0  # the last exit: right
+    with pytest.warns(UserWarning, match=r"no candidate meets the guarantee.*100 % of the held-out samples leave"):
+        target = mw.thresholds_for_accuracy(logits, labels, 0.05, rule=_AlwaysSure())
+    assert target.loss_rate == 1.0 and target.exit_fractions[0] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = mw.thresholds_for_accuracy(logits, labels, 0.05)
+    assert small.exit_fractions == [0.0, 1.0]
