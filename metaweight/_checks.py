@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import sys
 import weakref
 from collections.abc import Iterator, Mapping, Sequence, ValuesView
 from typing import Any, Callable
@@ -754,13 +755,11 @@ def unpack_batch(batch: Any, name: str) -> tuple[Any, Tensor]:
 
 
 def _is_array(value: object) -> bool:
-    """Whether ``value`` is a NumPy array (a subclass too: masked, memmap); a NumPy scalar (``np.float32(0.5)``,
-    ``np.str_``) is not: a model may take one as an option. NumPy is imported only when such an object came."""
-    if type(value).__module__.partition(".")[0] != "numpy":
-        return False
-    import numpy
-
-    return isinstance(value, numpy.ndarray)
+    """Whether ``value`` is a NumPy array (a subclass too: masked, memmap, one's own); a NumPy scalar
+    (``np.float32(0.5)``, ``np.str_``) is not: a model may take one as an option. NumPy is never imported
+    here: without it imported, no array exists."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.ndarray)
 
 
 def refuse_arrays(batch: Any, subject: str) -> None:

@@ -149,6 +149,10 @@ def test_numpy_scalars_and_strings_in_a_batch_are_not_arrays():
     x, y = batch()
     for fine in ({"x": x, "scale": np.float32(0.5), "flag": np.bool_(True)}, [x, [np.str_("a")]], (x, np.int64(3))):
         refuse_arrays((fine, y), "The batch")
-    for bad in ({"x": x, "mask": np.ones(2)}, (x, np.ma.masked_array([1.0, 2.0])), np.array(1.0)):
+    class MyArray(np.ndarray):  # (a subclass of one's own, outside NumPy's modules: helper-112)
+        pass
+
+    for bad in ({"x": x, "mask": np.ones(2)}, (x, np.ma.masked_array([1.0, 2.0])), np.array(1.0),
+                [x, np.ones(2).view(MyArray)]):
         with pytest.raises(TypeError, match="a NumPy array in its inputs"):
             refuse_arrays((bad, y), "The batch")
