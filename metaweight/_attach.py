@@ -304,6 +304,9 @@ class AttachedExits(nn.Module):
                     stack.enter_context(torch.autocast(device_type, enabled=False))
                 stack.enter_context(torch.no_grad())
                 stack.enter_context(eval_mode(self.model))
+                cuda = sorted({captured[name].device.index or 0 for name in self.after
+                               if captured[name].device.type == "cuda"})
+                stack.enter_context(torch.random.fork_rng(devices=cuda))  # (the random numbers as they were)
                 outside = self._capture(call)
         except Exception:  # (the model runs under autocast only: the parameters' rule of _head_dtype instead)
             return None
