@@ -40,6 +40,27 @@ def _nll(logits: Tensor, labels: Tensor, beta: float) -> float:
     return float(torch.nn.functional.cross_entropy(logits * beta, labels))
 
 
+# What fit_temperatures says of an exit whose probabilities no temperature changes, by how its rows are flat
+# (one message per kind, in this order; ``{exits}`` the exits' numbers from 1)
+_FLAT_EXITS = {
+    "one class": "exit(s) {exits} have one class, so no temperature changes their probabilities (1) and the NLL (0) "
+                 "does not depend on it: T = 1 was returned.",
+    "mixed": "in every held-out row of exit(s) {exits} the logits are either the same for every class (masked "
+             "classes left out) or one class is 1e3 or more above every other (read as masked classes), so no "
+             "temperature changes their probabilities (uniform or one-hot) and the NLL does not depend on it: T = 1 "
+             "was returned. Check that these are the exit's logits (not scaled, nor masked), and train it.",
+    "uniform": "the logits of exit(s) {exits} are the same for every class (masked classes left out) in every "
+               "held-out row, so no temperature changes their probabilities (uniform) and the NLL does not depend "
+               "on it: T = 1 was returned. The exit predicts nothing yet: train it, or check that these are its "
+               "logits.",
+    "certain": "in every held-out row of exit(s) {exits}, one class is 1e3 or more above every other (read as "
+               "masked classes), so no temperature in the search changes their probabilities (one-hot, the top "
+               "class) and the NLL does not depend on it: T = 1 was returned. The exit is certain of every held-out "
+               "sample (and right: a label on another class is refused): check that these are its logits (not "
+               "scaled, nor masked to one class).",
+}
+
+
 def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int = 100) -> Tensor:
     """One temperature per exit minimising the held-out negative log-likelihood (Guo et al. 2017).
 
@@ -114,31 +135,10 @@ def fit_temperatures(val_logits: Tensor, val_labels: Tensor, *, iterations: int 
                   f"data are separable; 1e4: its predictions are no better than chance). Such a temperature fits this "
                   f"held-out set, not the exit: use more (or other) held-out data, or leave that exit "
                   f"uncalibrated.", UserWarning)
-    single = [k + 1 for k, kind in flat if kind == "one class"]
-    if single:
-        warn_user(f"fit_temperatures: exit(s) {', '.join(map(str, single))} have one class, so no temperature "
-                  f"changes their probabilities (1) and the NLL (0) does not depend on it: T = 1 was returned.",
-                  UserWarning)
-    mixed = [k + 1 for k, kind in flat if kind == "mixed"]
-    if mixed:
-        warn_user(f"fit_temperatures: in every held-out row of exit(s) {', '.join(map(str, mixed))} the logits are "
-                  f"either the same for every class (masked classes left out) or one class is 1e3 or more above "
-                  f"every other (read as masked classes), so no temperature changes their probabilities (uniform or "
-                  f"one-hot) and the NLL does not depend on it: T = 1 was returned. Check that these are the exit's "
-                  f"logits (not scaled, nor masked), and train it.", UserWarning)
-    uniform = [k + 1 for k, kind in flat if kind == "uniform"]
-    if uniform:
-        warn_user(f"fit_temperatures: the logits of exit(s) {', '.join(map(str, uniform))} are the same for every "
-                  f"class (masked classes left out) in every held-out row, so no temperature changes their "
-                  f"probabilities (uniform) and the NLL does not depend on it: T = 1 was returned. The exit predicts "
-                  f"nothing yet: train it, or check that these are its logits.", UserWarning)
-    certain = [k + 1 for k, kind in flat if kind == "certain"]
-    if certain:
-        warn_user(f"fit_temperatures: in every held-out row of exit(s) {', '.join(map(str, certain))}, one class is "
-                  f"1e3 or more above every other (read as masked classes), so no temperature in the search changes "
-                  f"their probabilities (one-hot, the top class) and the NLL does not depend on it: T = 1 was "
-                  f"returned. The exit is certain of every held-out sample (and right: a label on another class is "
-                  f"refused): check that these are its logits (not scaled, nor masked to one class).", UserWarning)
+    for kind, said in _FLAT_EXITS.items():  # (T = 1 for each: the NLL does not depend on T there)
+        exits = [k + 1 for k, flat_kind in flat if flat_kind == kind]
+        if exits:
+            warn_user("fit_temperatures: " + said.format(exits=", ".join(map(str, exits))), UserWarning)
     return torch.tensor(out, dtype=decision_dtype(val_logits.device), device=val_logits.device)
 
 

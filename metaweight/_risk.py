@@ -172,9 +172,10 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
     thresholds, losses, p_value = chosen
     first, pred = _assign(scores, prediction, thresholds)
     counts = torch.bincount(first, minlength=K).double() / N
-    if p_value > alpha and K > 1 and float(counts[:-1].sum()) > 0:  # (the most conservative level, and still exits)
+    early = float(counts[:-1].sum())  # the share leaving before the last exit
+    if p_value > alpha and early > 0:  # (the most conservative level, and still exits)
         warn_user(f"thresholds_for_accuracy: no candidate meets the guarantee, and even the most conservative "
-                  f"thresholds ({NO_EXIT:g}) let {float(counts[:-1].sum()) * 100:.3g} % of the held-out samples leave "
+                  f"thresholds ({NO_EXIT:g}) let {early * 100:.3g} % of the held-out samples leave "
                   f"early: their scores reach {NO_EXIT:g} (+inf from a rule of one's own, or a rule's scale that "
                   f"large), so no threshold keeps them. The thresholds returned do not hold the accuracy drop to "
                   f"delta (loss rate {losses / N:.3g}, p-value {p_value:.3g}): give the rule finite scores below "
