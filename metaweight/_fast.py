@@ -29,7 +29,7 @@ from metaweight._protocols import call_model
 from metaweight._randomness import (NEW_GENERATOR, model_generators, new_generators, replay_randomness, rng_state,
                                    same_rng_state)
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import Scratch, explained, host_read, nonfinite_flag
+from metaweight._transaction import FlatCopies, Scratch, explained, host_read, nonfinite_flag
 from metaweight._walk import walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
@@ -68,6 +68,7 @@ class FastMode:
 
     def __init__(self) -> None:
         self._fresh_buffers = Scratch()  # forwards at theta start from copies of the saved buffers
+        self._theta = FlatCopies()  # the parameters before the step: its look-ahead's base point, and what a refusal puts back
 
     @staticmethod
     def check(optimizer: torch.optim.Optimizer, lookahead_params: Any) -> None:
@@ -84,7 +85,13 @@ class FastMode:
     def step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> MetaStepRecord:
         r""":meth:`HarmonizedWeighter.step`: the model steps with the gamma it has; that step is the
         look-ahead, :math:`\theta' = \theta - U(g)`, scored by :meth:`meta`, which updates gamma for the
-        next step."""
+        next step.
+
+        With a meta step to run, the model's step is taken before it is decided: its finiteness stays on the
+        device, the meta step runs at the parameters it moved to, and one read decides both (the model's
+        step, the validation inputs' finiteness, the meta step's outcome); a refused model step is then put
+        back, parameters (from the look-ahead's base point), optimizer state
+        (:class:`~metaweight._transaction.OptimizerSnapshot`), buffers and gamma, bit for bit."""
         x, y = unpack_batch(train_batch, "train_batch")
         xv, yv = unpack_batch(val_batch, "val_batch")
         if w.num_calls % w.meta_every == 0:
@@ -118,23 +125,20 @@ class FastMode:
                 loss = w._weighted(terms)
                 w.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                # a non-finite validation input is known now: it joins the step's one decision, so that a
-                # refusal comes before the model's step and changes nothing
-                checked = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))]) \
-                    if run_meta else []  # (every rank decides alike)
-                step = transaction.decide(w, loss, terms, checked)
-                bad_val = step.finite and run_meta and step.meta[0] != 0.0
-                if bad_val and w.nonfinite == "raise":
-                    raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
-                                     "optimizer state and counters are as before this call.")
-                if step.finite and w.clip_grad_norm is not None:
-                    transform = clip_in_step(w, named) if run_meta else None
-                    if not run_meta:
-                        w.clip_grad_norm(p for _, p in named)
-                if step.finite and run_meta:
+                if not run_meta:  # decided now (one read), stepped if finite
+                    step = transaction.decide(w, loss, terms)
+                    if step.finite:
+                        if w.clip_grad_norm is not None:
+                            w.clip_grad_norm(p for _, p in named)
+                        w.optimizer.step()
+                else:  # stepped now, decided with the meta step
+                    flag = transaction.flag(loss)
+                    # a non-finite validation input: decided with the rest (every rank alike)
+                    bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))])[0]
+                    transaction.optimizer_state.save(w._inner_optimizer)
+                    transform = clip_in_step(w, named) if w.clip_grad_norm is not None else None
                     theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named], w.gamma,
-                                             w._active)
-                if step.finite:
+                                             w._active, copies=self._theta)
                     w.optimizer.step()
         except Exception as exc:
             w.optimizer.zero_grad(set_to_none=True)  # as the exact mode's step(): the call's gradients are dropped
@@ -147,40 +151,78 @@ class FastMode:
         finally:
             if w._watch is not None:
                 w._watch.paused = False
-        if not step.finite:
-            message = transaction.refuse(w, step, saved)
-            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
-                                  terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
         if not run_meta:
+            if not step.finite:
+                message = transaction.refuse(w, step, saved)
+                return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
+                                      terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
             return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
                                   terms=step.terms, loss=step.loss, model_step_skipped=False)
-        if bad_val:  # nonfinite="skip": the model's step stands, the meta step is skipped
-            record = w._refuse(_NONFINITE_VAL, math.nan, [], list(step.terms.values()), after_step=True)
-            return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
         piece = Piece(x, y, terms.detach(), outputs, replay, low)
+        try:
+            return self._score_and_decide(w, named, theta, jac, piece, xv, yv, transform, loss, terms, flag,
+                                          bad_input, saved)
+        finally:
+            transaction.optimizer_state.release()
+
+    def _score_and_decide(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
+                          jac: list[Tensor | float], piece: Piece, xv: Any, yv: Any, transform: Any, loss: Tensor,
+                          terms: Tensor, flag: Tensor, bad_input: Tensor, saved: Any) -> MetaStepRecord:
+        """:meth:`step` after the model's step taken ahead of its decision: the meta step at the parameters it
+        moved to, then one read deciding the model's step, the validation inputs and the meta step."""
+        transaction = w._transaction
         if w._watch is not None:
             w._watch.paused = True  # the meta step's forwards are not the user's (no record, no fingerprint)
         try:
-            record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform,
-                               after_step=True)
-        except Exception as exc:
-            # an error of the validation pass that could not be judged before the step, or a hook that raised:
-            # the model's step is taken (a plain step with the gamma it had) and counted; gamma, its optimizer
-            # and the validation average are as before
-            calls = w.num_calls
-            transaction.rollback(w, saved, buffers=False)
-            w.num_calls = calls
-            if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
-                exc.add_note(
-                    f"metaweight: this error came after the model's step, which mode='fast' takes before scoring "
-                    f"it: the step stands and is counted (num_calls={calls}); gamma, its optimizer and the "
-                    f"validation average are as before. Do not call step() again on this batch (the model would "
-                    f"step twice): fix the validation batch or objective and go on with the next batch.")
+            pending = w._step_gamma(*self.meta_gradient(w, named, theta, jac, [piece], xv, yv,
+                                                        transaction.buffers.as_dict(), transform))
+            step = transaction.decide(w, loss, terms, [bad_input, *pending.values], flag=flag)
+        except BaseException as exc:
+            # an error of the validation pass that could not be judged before the step (or a forward hook that
+            # raised in it): a model step that was not finite is put back and refused, as it would have been
+            # before the meta step ran; a finite one stands
+            step = transaction.decide(w, loss, terms, flag=flag)
+            if not step.finite:
+                return self._refuse_step(w, named, theta, step, saved)
+            _step_stands(w, saved, exc)
             raise
         finally:
             if w._watch is not None:
                 w._watch.paused = False
+        if not step.finite:
+            return self._refuse_step(w, named, theta, step, saved)
+        if step.meta[0] != 0.0:  # a non-finite validation input
+            if w.nonfinite == "raise":
+                self._put_back(w, named, theta)
+                w.optimizer.zero_grad(set_to_none=True)
+                transaction.rollback(w, saved)
+                raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
+                                 "optimizer state and counters are as before this call.")
+            pending.saved.restore(w.gamma)  # nonfinite="skip": the model's step stands, the meta step is skipped
+            record = w._refuse(_NONFINITE_VAL, math.nan, [], list(step.terms.values()), after_step=True)
+            return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
+        try:
+            record = w._meta_outcome(pending, step.meta[1:], after_step=True)
+        except BaseException as exc:  # a meta step hook that raised
+            _step_stands(w, saved, exc)
+            raise
         return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
+
+    def _put_back(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor]) -> None:
+        """Undo the model's step taken ahead of its decision: the parameters from the look-ahead's base point,
+        the optimizer's state from its snapshot (the buffers and gamma are the transaction's rollback)."""
+        with torch.no_grad():
+            torch._foreach_copy_([p for _, p in named], [theta[n] for n, _ in named])
+        w._transaction.optimizer_state.restore()
+
+    def _refuse_step(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
+                     step: Any, saved: Any) -> MetaStepRecord:
+        """A model step found non-finite after it was taken: put it back, then refuse it as the transaction
+        refuses one never taken (raise, or skip and report)."""
+        self._put_back(w, named, theta)
+        message = w._transaction.refuse(w, step, saved)
+        return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
+                              terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
 
     def meta(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
              jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],
@@ -296,15 +338,32 @@ def clip_in_step(w: HarmonizedWeighter, named: list[tuple[str, Tensor]]) -> Call
 
 @torch.no_grad()
 def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]],
-                grads: list[Tensor | None], gamma: Tensor, active: Tensor
+                grads: list[Tensor | None], gamma: Tensor, active: Tensor, copies: FlatCopies | None = None
                 ) -> tuple[dict[str, Tensor], list[Tensor | float]]:
     """Just before the optimizer's step: the parameters and the step's diagonal Jacobian D (a fused Adam's
     step counts read on the device, not the host), Adam's D 0 where the gradient is exactly 0 unless a term
     the criterion computes (``active``) has weight 0 in ``gamma`` (:func:`~metaweight._optimizers.drop_unreached`:
-    the one-sided difference runs along D times the validation gradient)."""
+    the one-sided difference runs along D times the validation gradient). With ``copies`` the parameters are
+    copied into its flat storage (valid until its next copy), else cloned."""
     _, jac = lookahead_update(optimizer, [p for _, p in named], grads, jacobian_only=True, device_counts=True,
                               keep_unreached=unweighted_term(gamma, active))
+    if copies is not None:
+        return dict(zip([n for n, _ in named], copies.copy([p.detach() for _, p in named]))), jac
     return {n: p.detach().clone() for n, p in named}, jac
+
+
+def _step_stands(w: HarmonizedWeighter, saved: Any, exc: BaseException) -> None:
+    """An error after the model's step, found finite: the step stands and is counted; gamma, its optimizer,
+    the validation average and the other counters are put back, and the error says so."""
+    calls = w.num_calls
+    w._transaction.rollback(w, saved, buffers=False)
+    w.num_calls = calls
+    if isinstance(exc, Exception) and hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
+        exc.add_note(
+            f"metaweight: this error came after the model's step, which mode='fast' takes before scoring "
+            f"it: the step stands and is counted (num_calls={calls}); gamma, its optimizer and the "
+            f"validation average are as before. Do not call step() again on this batch (the model would "
+            f"step twice): fix the validation batch or objective and go on with the next batch.")
 
 
 def _batch_size(y: Any) -> int:

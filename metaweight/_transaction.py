@@ -9,6 +9,8 @@ A step found non-finite must leave all of them as they were. This module keeps e
   step is refused;
 * :class:`StateSnapshot` keeps gamma, its optimizer's state and the validation objective's
   state as device copies (a few small tensors), never through ``state_dict()`` or ``.cpu()``;
+* :class:`OptimizerSnapshot` keeps the model optimizer's state in flat storage, for
+  ``mode="fast"``, which takes the model's step before its one decision (see :class:`StepTransaction`);
 * :func:`nonfinite_flag` decides whether a loss and all gradients
   are finite with one fused kernel per device and dtype
   (``torch._amp_foreach_non_finite_check_and_unscale_``, as ``torch.amp.GradScaler`` does) and
@@ -362,6 +364,53 @@ class BufferSnapshot:
         return found.clamp_max(1.0)
 
 
+class OptimizerSnapshot:
+    """An optimizer's per-parameter state before a step taken ahead of its decision, in flat storage kept
+    between calls (:class:`FlatCopies`: one ``torch.cat`` per device and dtype), and what :meth:`restore`
+    needs to put it back bit for bit: which parameters had state and under which keys, and the very
+    tensors that held it (an entry or a key the step created, as a first step creates momentum buffers,
+    Adam's moments and step counts, is removed again). Values that are not tensors are kept as they are
+    (torch's optimizers replace them, never change them in place)."""
+
+    def __init__(self) -> None:
+        self._flat = FlatCopies()
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._entries: dict[Any, dict[str, Any]] = {}
+        self._tensors: list[Tensor] = []
+        self._copies: list[Tensor] = []
+
+    def save(self, optimizer: torch.optim.Optimizer) -> None:
+        """Copy ``optimizer.state``: its tensors into the flat storage, the rest by reference."""
+        self._optimizer = optimizer
+        self._entries = {p: dict(s) for p, s in optimizer.state.items() if isinstance(s, dict)}
+        self._tensors = [v for s in self._entries.values() for v in s.values() if isinstance(v, Tensor)]
+        self._copies = self._flat.copy(self._tensors) if self._tensors else []
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put ``optimizer.state`` back as :meth:`save` found it (entries, keys, tensors and their values)."""
+        if self._optimizer is None:
+            return
+        state = self._optimizer.state
+        for p in list(state):
+            if p not in self._entries:
+                del state[p]
+        for p, saved in self._entries.items():
+            current = state.get(p)
+            if not isinstance(current, dict):
+                state[p] = current = {}
+            for k in [k for k in current if k not in saved]:
+                del current[k]
+            current.update(saved)
+        if self._tensors:
+            torch._foreach_copy_(self._tensors, self._copies)
+
+    def release(self) -> None:
+        """Drop the references to the optimizer's state (the flat storage is kept for the next :meth:`save`):
+        state the user replaces between steps (``optimizer.load_state_dict``) is not held alive."""
+        self._optimizer, self._entries, self._tensors, self._copies = None, {}, [], []
+
+
 class Scratch:
     """Copies of a dict of tensors in flat storage kept between calls (:class:`FlatCopies`; valid
     until the next call)."""
@@ -467,13 +516,17 @@ class ModelStep:
 class StepTransaction:
     """One call of ``step()``, in either mode: what it may change is kept on the device before it
     (:meth:`begin`), its one decision is one read (:meth:`decide`), and a step that raised or was
-    refused puts everything back (:meth:`rollback`, :meth:`refuse`). The parameters and the
-    optimizer's state need no copy: the optimizer steps only once the step is decided."""
+    refused puts everything back (:meth:`rollback`, :meth:`refuse`). In the exact mode the parameters and
+    the optimizer's state need no copy: the optimizer steps only once the step is decided. ``mode="fast"``
+    takes the model's step ahead of its decision (:meth:`flag` first, on the device), so that the meta
+    step at the parameters it moved to is decided with it, in the same read; it keeps the parameters (its
+    look-ahead's base point) and the optimizer's state (:attr:`optimizer_state`) to put back."""
 
     def __init__(self, module: nn.Module, reducer: Reducer) -> None:
         self.module = module
         self.reducer = reducer
         self.buffers = BufferSnapshot(module)  # what a refused step puts back, kept between steps
+        self.optimizer_state = OptimizerSnapshot()  # mode="fast": the state before its step, kept between steps
 
     def begin(self, owner: Owner) -> Saved:
         """What one call may change besides the parameters and the optimizer: the buffers, and with
@@ -496,14 +549,21 @@ class StepTransaction:
         owner.num_calls, owner.num_meta_steps, owner.num_skipped = saved.num_calls, saved.num_meta_steps, \
             saved.num_skipped
 
-    def decide(self, owner: Owner, loss: Tensor, terms: Tensor, meta: Sequence[Tensor] = ()) -> ModelStep:
-        """The step's one decision and the numbers of its record, in one read back to the host: whether the
-        loss, every gradient and every floating-point buffer are finite on every rank (one all-reduce
-        under DDP), the loss, the terms and gamma; and ``meta``, a pending meta step's values."""
+    def flag(self, loss: Tensor) -> Tensor:
+        """On the device, no host read: 1 (shape ``[1]``) unless the loss, every gradient and every
+        floating-point buffer the forward changed are finite on every rank (one all-reduce under DDP)."""
         grads = [p.grad for _, p in walk(self.module).parameters]
         flag = nonfinite_flag(loss, grads)
         flag = (flag + self.buffers.became_nonfinite(flag.device)).clamp_max(1.0)
-        flag = self.reducer.mean([flag])[0]
+        return self.reducer.mean([flag])[0]
+
+    def decide(self, owner: Owner, loss: Tensor, terms: Tensor, meta: Sequence[Tensor] = (),
+               flag: Tensor | None = None) -> ModelStep:
+        """The step's one decision and the numbers of its record, in one read back to the host: whether the
+        loss, every gradient and every floating-point buffer are finite on every rank (:meth:`flag`, or
+        ``flag`` taken before), the loss, the terms and gamma; and ``meta``, a pending meta step's values."""
+        if flag is None:
+            flag = self.flag(loss)
         values = host_read([flag, loss, terms, owner.gamma, *meta])
         n = owner.gamma.numel()
         return ModelStep(finite=values[0] == 0.0, loss=values[1],

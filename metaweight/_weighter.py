@@ -131,9 +131,11 @@ class HarmonizedWeighter(NamedWeights):
         nonfinite: what to do when the validation objective or the meta-gradient is
             not finite: ``"raise"`` a ``ValueError`` or ``"skip"`` the meta step; either
             way :math:`\gamma` and the validation average are left unchanged. With
-            ``mode="fast"``, :meth:`step` takes the model's step before the meta step: a
-            non-finite validation *input* is found before it (``"raise"``: nothing is changed;
-            ``"skip"``: the model steps, the meta step is skipped), but a validation objective or
+            ``mode="fast"``, :meth:`step` takes the model's step before the meta step (and decides
+            both in one read, putting back a model step found non-finite): a non-finite validation
+            *input* refuses the whole call (``"raise"``: the model's step is put back, nothing is
+            changed) or the meta step (``"skip"``: the model steps, the meta step is skipped), but a
+            validation objective or
             meta-gradient found non-finite after it is always skipped (a ``RuntimeWarning``,
             :attr:`num_skipped` counts it, gamma unchanged): the model's step, finite and taken
             with the gamma it had, stands, and a raise must leave everything as it was. The

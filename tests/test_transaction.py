@@ -88,7 +88,8 @@ def reads_per_step(weighter, model, iterations=3, **batch_options):
     ({"learn": False}, 2),                                      # the labels, the step's decision
     ({"gamma_optimizer": "sgd"}, 2),                            # the meta step decided with the model step
     ({"gamma_optimizer": "sgd", "backend": "finite_difference"}, 2),
-    ({"gamma_optimizer": "sgd", "mode": "fast"}, 3),            # the model step, then the meta step at theta'
+    ({"gamma_optimizer": "sgd", "mode": "fast"}, 2),            # the model step taken, decided with the meta step
+    ({"gamma_optimizer": "sgd", "mode": "fast", "meta_every": 2}, 2),  # (a step without a meta step: decided first)
     ({"gamma_optimizer": "adam"}, 3),                           # + torch's fused Adam reading its step count (CPU kernel)
 ])
 def test_one_step_reads_the_host_a_fixed_number_of_times_whatever_the_number_of_parameters(options, reads):
@@ -560,3 +561,81 @@ def test_a_model_with_lazy_modules_is_refused_at_construction_saying_to_run_a_fo
     model.stages[0].append(torch.nn.LazyBatchNorm1d(affine=False))
     with pytest.raises(ValueError, match="uninitialized \\(lazy\\).*stages.0.2.running_mean.*Run one forward pass"):
         make(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def fast_optimizers():
+    """Every optimizer and option mode='fast' steps with (its closed-form replay), each building over a model."""
+    made = []
+    for name, cls in (("SGD", torch.optim.SGD), ("Adam", torch.optim.Adam), ("AdamW", torch.optim.AdamW),
+                      ("RMSprop", torch.optim.RMSprop)):
+        extra = {"SGD": [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+                         {"momentum": 0.9, "dampening": 0.1}],
+                 "Adam": [{}, {"amsgrad": True, "weight_decay": 1e-3}],
+                 "AdamW": [{}, {"amsgrad": True}],
+                 "RMSprop": [{}, {"centered": True, "momentum": 0.5, "weight_decay": 1e-3}]}[name]
+        for options in extra:
+            for impl in ({"foreach": False}, {"foreach": True}, {"fused": True}):
+                if "fused" in impl and name == "RMSprop":
+                    continue  # (torch has no fused RMSprop)
+                made.append((f"{name}{options}{impl}", lambda p, cls=cls, o={**options, **impl}: cls(p, lr=0.01, **o)))
+    return made
+
+
+@pytest.mark.parametrize("when", ["first step", "later step"])
+def test_a_fast_step_taken_ahead_of_its_decision_and_refused_is_put_back_bit_for_bit_with_every_optimizer(when):
+    """mode='fast' takes the model's step before the one read that decides it (with the meta step at the
+    parameters it moved to): a step found non-finite is put back, parameters, optimizer state (an entry or a
+    key its first step created removed again), buffers, gamma, its optimizer and the counters, for each
+    optimizer and option the mode replays; training then goes on as if the refused step had not been."""
+    for name, build in fast_optimizers():
+        ends = []
+        for refuse in (True, False):
+            torch.manual_seed(0)
+            model = tiny_net(3)
+            optimizer = build(model.parameters())
+            w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+                                      check_gradients=False)
+            if when == "later step":
+                w.step(batch(), batch(n=12))
+            if refuse:
+                x, y = batch()
+                x[2, 0] = float("nan")  # the loss and every gradient NaN
+                before = _everything(model, optimizer, w)
+                entries = {id(p): sorted(s) for p, s in optimizer.state.items()}
+                with pytest.warns(RuntimeWarning, match="not finite"):
+                    record = w.step((x, y), batch(n=12))
+                assert record.model_step_skipped, name
+                after = _everything(model, optimizer, w)
+                assert after[2].pop("num_skipped") == before[2].pop("num_skipped") + 1, name  # counted, nothing else
+                assert _same(before[:3], after[:3]), name
+                assert after[3] == (before[3][0], before[3][1], before[3][2] + 1), name
+                assert {id(p): sorted(s) for p, s in optimizer.state.items()} == entries, name
+                assert all(p.grad is None for p in model.parameters()), name
+            torch.manual_seed(1)
+            w.step(batch(), batch(n=12))
+            ends.append((model.state_dict(), optimizer.state_dict()["state"], w.gamma.clone()))
+        assert _same(*ends), name
+
+
+def test_a_fast_step_refused_after_its_meta_step_raised_is_refused_as_non_finite_not_raised():
+    """An error of the meta step's validation pass after a model step that was not finite (a validation
+    forward that fails on NaN parameters): the model step is put back and refused as non-finite, as it was
+    before the meta step ran; after a finite one, the error is raised and the step stands."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def objective(outputs, y):  # fails where the model's parameters are NaN (after a NaN step)
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise RuntimeError("the validation forward met NaN weights")
+        return sum(torch.nn.functional.cross_entropy(o, y) for o in outputs)
+
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), objective, mode="fast",
+                              check_gradients=False)
+    w.step(batch(), batch(n=12))
+    x, y = batch()
+    x[0, 0] = float("inf")
+    before = _everything(model, optimizer, w)
+    with pytest.raises(ValueError, match="not finite.*step was not taken"):
+        w.step((x, y), batch(n=12))
+    assert _same(before, _everything(model, optimizer, w))
