@@ -45,7 +45,7 @@ from metaweight._hypergradient import call_with
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, same_rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import FlatCopies, host_read, nonfinite_flag
+from metaweight._transaction import FlatCopies, host_read, nonfinite_flag, step_unless
 from metaweight._walk import walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
@@ -259,7 +259,7 @@ class CapturableFast:
             refused = flag.reshape(()) > 0  # the model's step
             transform = clip_in_step(w, named) if w.clip_grad_norm is not None else None
             theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named], w.gamma, w._active)
-            _step_unless(w.optimizer, w._inner_optimizer, refused)
+            step_unless(w.optimizer, w._inner_optimizer, refused)
             buffers.restore_where(refused)
         except Exception:  # up to the model's step (a fused step raises before it writes): only the buffers moved
             w.optimizer.zero_grad(set_to_none=True)
@@ -408,22 +408,6 @@ def _check_momentum_buffers(inner: torch.optim.Optimizer) -> None:
                 f"unwritten). Run one step of the new parameters outside the capture (device_step() runs it as the "
                 f"eager step), then capture again. Nothing was changed.")
         raise _FirstMomentumStep
-
-
-def _step_unless(optimizer: torch.optim.Optimizer, inner: torch.optim.Optimizer, refused: Tensor) -> None:
-    """The optimizer's step, skipped on the device where ``refused``: the fused kernels read ``found_inf``
-    (a float32 ``[]`` tensor), as they do when ``torch.amp.GradScaler`` steps them."""
-    before = {k: inner.__dict__[k] for k in ("found_inf", "grad_scale") if k in inner.__dict__}
-    inner.found_inf = refused.to(torch.float32)  # type: ignore[attr-defined]
-    inner.grad_scale = None  # type: ignore[attr-defined]
-    try:
-        optimizer.step()
-    finally:
-        for k in ("found_inf", "grad_scale"):
-            if k in before:
-                setattr(inner, k, before[k])
-            else:
-                delattr(inner, k)
 
 
 def _from_record(w: HarmonizedWeighter, record: MetaStepRecord, counts: Tensor) -> DeviceRecord:

@@ -29,7 +29,8 @@ from metaweight._protocols import call_model
 from metaweight._randomness import (NEW_GENERATOR, model_generators, new_generators, replay_randomness, rng_state,
                                    same_rng_state)
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import FlatCopies, Scratch, explained, host_read, nonfinite_flag
+from metaweight._transaction import (FlatCopies, Scratch, explained, fused_step, host_read, nonfinite_flag,
+                                    step_unless)
 from metaweight._walk import walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
@@ -135,11 +136,16 @@ class FastMode:
                     flag = transaction.flag(loss)
                     # a non-finite validation input: decided with the rest (every rank alike)
                     bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))])[0]
-                    transaction.optimizer_state.save(w._inner_optimizer)
+                    # a fused optimizer skips a refused step on the device (its state's values need no copy)
+                    fused = fused_step(w._inner_optimizer)
+                    transaction.optimizer_state.save(w._inner_optimizer, values=not fused)
                     transform = clip_in_step(w, named) if w.clip_grad_norm is not None else None
                     theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named], w.gamma,
                                              w._active, copies=self._theta)
-                    w.optimizer.step()
+                    if fused:
+                        step_unless(w.optimizer, w._inner_optimizer, flag.reshape(()) > 0)
+                    else:
+                        w.optimizer.step()
         except Exception as exc:
             w.optimizer.zero_grad(set_to_none=True)  # as the exact mode's step(): the call's gradients are dropped
             transaction.rollback(w, saved)
@@ -171,17 +177,18 @@ class FastMode:
         """:meth:`step` after the model's step taken ahead of its decision: the meta step at the parameters it
         moved to, then one read deciding the model's step, the validation inputs and the meta step."""
         transaction = w._transaction
+        before = saved.state.gamma  # the gamma the model's step was taken with, for the record of its refusal
         if w._watch is not None:
             w._watch.paused = True  # the meta step's forwards are not the user's (no record, no fingerprint)
         try:
             pending = w._step_gamma(*self.meta_gradient(w, named, theta, jac, [piece], xv, yv,
                                                         transaction.buffers.as_dict(), transform))
-            step = transaction.decide(w, loss, terms, [bad_input, *pending.values], flag=flag)
+            step = transaction.decide(w, loss, terms, [bad_input, *pending.values], flag=flag, gamma=before)
         except BaseException as exc:
             # an error of the validation pass that could not be judged before the step (or a forward hook that
             # raised in it): a model step that was not finite is put back and refused, as it would have been
             # before the meta step ran; a finite one stands
-            step = transaction.decide(w, loss, terms, flag=flag)
+            step = transaction.decide(w, loss, terms, flag=flag, gamma=before)
             if not step.finite:
                 return self._refuse_step(w, named, theta, step, saved)
             _step_stands(w, saved, exc)

@@ -364,6 +364,32 @@ class BufferSnapshot:
         return found.clamp_max(1.0)
 
 
+def step_unless(optimizer: torch.optim.Optimizer, inner: torch.optim.Optimizer, refused: Tensor) -> None:
+    """The optimizer's step, skipped on the device where ``refused``: the fused kernels read ``found_inf``
+    (a float32 ``[]`` tensor), as they do when ``torch.amp.GradScaler`` steps them: a refused step leaves the
+    parameters and the state's values as they were (Adam's step counts are raised, then lowered by
+    ``found_inf``), though a first step still creates the state's entries. ``inner`` must be fused
+    (:func:`fused_step`)."""
+    before = {k: inner.__dict__[k] for k in ("found_inf", "grad_scale") if k in inner.__dict__}
+    inner.found_inf = refused.to(torch.float32)  # type: ignore[attr-defined]
+    inner.grad_scale = None  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        for k in ("found_inf", "grad_scale"):
+            if k in before:
+                setattr(inner, k, before[k])
+            else:
+                delattr(inner, k)
+
+
+def fused_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is a torch SGD, Adam or AdamW whose every parameter group is fused (its kernels read
+    ``found_inf``: :func:`step_unless`)."""
+    return type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) and \
+        all(g.get("fused") for g in optimizer.param_groups)
+
+
 class OptimizerSnapshot:
     """An optimizer's per-parameter state before a step taken ahead of its decision, in flat storage kept
     between calls (:class:`FlatCopies`: one ``torch.cat`` per device and dtype), and what :meth:`restore`
@@ -379,11 +405,14 @@ class OptimizerSnapshot:
         self._tensors: list[Tensor] = []
         self._copies: list[Tensor] = []
 
-    def save(self, optimizer: torch.optim.Optimizer) -> None:
-        """Copy ``optimizer.state``: its tensors into the flat storage, the rest by reference."""
+    def save(self, optimizer: torch.optim.Optimizer, values: bool = True) -> None:
+        """Copy ``optimizer.state``: its tensors into the flat storage, the rest by reference. With
+        ``values=False`` only which entries, keys and tensors it holds (a fused optimizer's step that
+        :func:`step_unless` skips leaves the values as they were; a first step still creates entries)."""
         self._optimizer = optimizer
         self._entries = {p: dict(s) for p, s in optimizer.state.items() if isinstance(s, dict)}
-        self._tensors = [v for s in self._entries.values() for v in s.values() if isinstance(v, Tensor)]
+        self._tensors = [v for s in self._entries.values() for v in s.values() if isinstance(v, Tensor)] \
+            if values else []
         self._copies = self._flat.copy(self._tensors) if self._tensors else []
 
     @torch.no_grad()
@@ -558,13 +587,14 @@ class StepTransaction:
         return self.reducer.mean([flag])[0]
 
     def decide(self, owner: Owner, loss: Tensor, terms: Tensor, meta: Sequence[Tensor] = (),
-               flag: Tensor | None = None) -> ModelStep:
+               flag: Tensor | None = None, gamma: Tensor | None = None) -> ModelStep:
         """The step's one decision and the numbers of its record, in one read back to the host: whether the
         loss, every gradient and every floating-point buffer are finite on every rank (:meth:`flag`, or
-        ``flag`` taken before), the loss, the terms and gamma; and ``meta``, a pending meta step's values."""
+        ``flag`` taken before), the loss, the terms and gamma (``owner.gamma``, or ``gamma``: the one the
+        step was taken with, where a meta step has moved it since); and ``meta``, a pending meta step's values."""
         if flag is None:
             flag = self.flag(loss)
-        values = host_read([flag, loss, terms, owner.gamma, *meta])
+        values = host_read([flag, loss, terms, owner.gamma if gamma is None else gamma, *meta])
         n = owner.gamma.numel()
         return ModelStep(finite=values[0] == 0.0, loss=values[1],
                          terms=dict(zip(owner.term_names, values[2:2 + n])),

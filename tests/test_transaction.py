@@ -602,9 +602,10 @@ def test_a_fast_step_taken_ahead_of_its_decision_and_refused_is_put_back_bit_for
                 x[2, 0] = float("nan")  # the loss and every gradient NaN
                 before = _everything(model, optimizer, w)
                 entries = {id(p): sorted(s) for p, s in optimizer.state.items()}
+                gamma = dict(zip(w.term_names, w.gamma.tolist()))
                 with pytest.warns(RuntimeWarning, match="not finite"):
                     record = w.step((x, y), batch(n=12))
-                assert record.model_step_skipped, name
+                assert record.model_step_skipped and record.gamma == gamma, name  # the gamma it was taken with
                 after = _everything(model, optimizer, w)
                 assert after[2].pop("num_skipped") == before[2].pop("num_skipped") + 1, name  # counted, nothing else
                 assert _same(before[:3], after[:3]), name
