@@ -88,11 +88,20 @@ class FastMode:
         look-ahead, :math:`\theta' = \theta - U(g)`, scored by :meth:`meta`, which updates gamma for the
         next step.
 
-        With a meta step to run, the model's step is taken before it is decided: its finiteness stays on the
-        device, the meta step runs at the parameters it moved to, and one read decides both (the model's
-        step, the validation inputs' finiteness, the meta step's outcome); a refused model step is then put
-        back, parameters (from the look-ahead's base point), optimizer state
-        (:class:`~metaweight._transaction.OptimizerSnapshot`), buffers and gamma, bit for bit."""
+        With a meta step to run and the optimizer a torch optimizer itself (not a wrapper, whose step has
+        effects of its own: Lightning's step count, Accelerate's scaler), the model's step is taken before it
+        is decided: its finiteness stays on the device, the meta step runs at the parameters it moved to, and
+        one read decides both (the model's step, the validation inputs' finiteness, the meta step's outcome);
+        a refused model step is then put back, parameters (from the look-ahead's base point), optimizer state
+        (:class:`~metaweight._transaction.OptimizerSnapshot`, or the fused kernels' ``found_inf``), buffers
+        and gamma, bit for bit. Otherwise the model's step is decided first (one read) and the meta step
+        after it (a second)."""
+        try:
+            return self._step(w, train_batch, val_batch)
+        finally:
+            w._transaction.optimizer_state.release()
+
+    def _step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> MetaStepRecord:
         x, y = unpack_batch(train_batch, "train_batch")
         xv, yv = unpack_batch(val_batch, "val_batch")
         if w.num_calls % w.meta_every == 0:
@@ -102,13 +111,14 @@ class FastMode:
         saved = transaction.begin(w)  # before the count: anything raised or refused below leaves it as it was
         w.num_calls += 1
         run_meta = (w.num_calls - 1) % w.meta_every == 0
+        ahead = run_meta and w.optimizer is w._inner_optimizer  # the model's step taken before its decision
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation, w._reducer)
         w._pending = w._stepped = None
         named = w._trainable()
         device = next(p.device for _, p in named)
         low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
         generators = model_generators(w.module)
-        transform = None
+        transform = flag = None
         if w._watch is not None:
             w._watch.paused = True  # this forward's random numbers are replayed below
         try:
@@ -126,16 +136,11 @@ class FastMode:
                 loss = w._weighted(terms)
                 w.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if not run_meta:  # decided now (one read), stepped if finite
-                    step = transaction.decide(w, loss, terms)
-                    if step.finite:
-                        if w.clip_grad_norm is not None:
-                            w.clip_grad_norm(p for _, p in named)
-                        w.optimizer.step()
-                else:  # stepped now, decided with the meta step
+                # a non-finite validation input joins the step's decision (every rank alike)
+                bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))])[0] \
+                    if run_meta else None
+                if ahead:  # stepped now, decided with the meta step
                     flag = transaction.flag(loss)
-                    # a non-finite validation input: decided with the rest (every rank alike)
-                    bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))])[0]
                     # a fused optimizer skips a refused step on the device (its state's values need no copy)
                     fused = fused_step(w._inner_optimizer)
                     transaction.optimizer_state.save(w._inner_optimizer, values=not fused)
@@ -145,6 +150,22 @@ class FastMode:
                     if fused:
                         step_unless(w.optimizer, w._inner_optimizer, flag.reshape(()) > 0)
                     else:
+                        w.optimizer.step()
+                else:  # decided now (one read), so that a refusal comes before the model's step
+                    step = transaction.decide(w, loss, terms, [bad_input] if run_meta else [])
+                    bad_val = step.finite and run_meta and step.meta[0] != 0.0
+                    if bad_val and w.nonfinite == "raise":
+                        raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
+                                         "optimizer state and counters are as before this call.")
+                    if step.finite and w.clip_grad_norm is not None:
+                        if run_meta:
+                            transform = clip_in_step(w, named)
+                        else:
+                            w.clip_grad_norm(p for _, p in named)
+                    if step.finite and run_meta:
+                        theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named], w.gamma,
+                                                 w._active)
+                    if step.finite:
                         w.optimizer.step()
         except Exception as exc:
             w.optimizer.zero_grad(set_to_none=True)  # as the exact mode's step(): the call's gradients are dropped
@@ -157,19 +178,31 @@ class FastMode:
         finally:
             if w._watch is not None:
                 w._watch.paused = False
-        if not run_meta:
-            if not step.finite:
-                message = transaction.refuse(w, step, saved)
-                return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
-                                      terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
-            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
-                                  terms=step.terms, loss=step.loss, model_step_skipped=False)
         piece = Piece(x, y, terms.detach(), outputs, replay, low)
-        try:
+        if ahead:
             return self._score_and_decide(w, named, theta, jac, piece, xv, yv, transform, loss, terms, flag,
                                           bad_input, saved)
+        if not step.finite:
+            message = transaction.refuse(w, step, saved)
+            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
+                                  terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
+        if not run_meta:
+            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
+                                  terms=step.terms, loss=step.loss, model_step_skipped=False)
+        if bad_val:  # nonfinite="skip": the model's step stands, the meta step is skipped
+            return self._skip_meta(w, step)
+        if w._watch is not None:
+            w._watch.paused = True  # the meta step's forwards are not the user's (no record, no fingerprint)
+        try:
+            record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform,
+                               after_step=True)
+        except BaseException as exc:
+            _step_stands(w, saved, exc)
+            raise
         finally:
-            transaction.optimizer_state.release()
+            if w._watch is not None:
+                w._watch.paused = False
+        return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
     def _score_and_decide(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
                           jac: list[Tensor | float], piece: Piece, xv: Any, yv: Any, transform: Any, loss: Tensor,
@@ -185,14 +218,22 @@ class FastMode:
                                                         transaction.buffers.as_dict(), transform))
             step = transaction.decide(w, loss, terms, [bad_input, *pending.values], flag=flag, gamma=before)
         except BaseException as exc:
-            # an error of the validation pass that could not be judged before the step (or a forward hook that
-            # raised in it): a model step that was not finite is put back and refused, as it would have been
-            # before the meta step ran; a finite one stands
-            step = transaction.decide(w, loss, terms, flag=flag, gamma=before)
-            if not step.finite:
-                return self._refuse_step(w, named, theta, step, saved)
-            _step_stands(w, saved, exc)
-            raise
+            # an error of the meta step (its validation pass, a forward hook in it): decided as the step would
+            # have been before the meta step ran. A model step that was not finite is refused, and one with
+            # non-finite validation inputs refused (nonfinite="raise") or its meta step skipped ("skip"), as
+            # below; otherwise the model's step stands and the error propagates. An interruption (not an
+            # Exception) propagates in every case, after what is refused is put back.
+            step = transaction.decide(w, loss, terms, [bad_input], flag=flag, gamma=before)
+            bad_val = step.finite and step.meta[0] != 0.0
+            if not isinstance(exc, Exception) or (step.finite and not bad_val):
+                if not step.finite or (bad_val and w.nonfinite == "raise"):
+                    self._undo(w, named, theta, saved)
+                else:
+                    _step_stands(w, saved, exc)
+                raise
+            pending = None
+            if bad_val and w.nonfinite == "skip":
+                _keep_model_step(w, saved)
         finally:
             if w._watch is not None:
                 w._watch.paused = False
@@ -200,19 +241,24 @@ class FastMode:
             return self._refuse_step(w, named, theta, step, saved)
         if step.meta[0] != 0.0:  # a non-finite validation input
             if w.nonfinite == "raise":
-                self._put_back(w, named, theta)
-                w.optimizer.zero_grad(set_to_none=True)
-                transaction.rollback(w, saved)
+                self._undo(w, named, theta, saved)
                 raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
                                  "optimizer state and counters are as before this call.")
-            pending.saved.restore(w.gamma)  # nonfinite="skip": the model's step stands, the meta step is skipped
-            record = w._refuse(_NONFINITE_VAL, math.nan, [], list(step.terms.values()), after_step=True)
-            return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
+            if pending is not None:  # nonfinite="skip": the model's step stands, the meta step is skipped
+                pending.saved.restore(w.gamma)
+            return self._skip_meta(w, step)
         try:
             record = w._meta_outcome(pending, step.meta[1:], after_step=True)
         except BaseException as exc:  # a meta step hook that raised
             _step_stands(w, saved, exc)
             raise
+        return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
+
+    @staticmethod
+    def _skip_meta(w: HarmonizedWeighter, step: Any) -> MetaStepRecord:
+        """``nonfinite="skip"`` with non-finite validation inputs: the model's step stands, the meta step is
+        skipped (warned of and counted)."""
+        record = w._refuse(_NONFINITE_VAL, math.nan, [], list(step.terms.values()), after_step=True)
         return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
     def _put_back(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor]) -> None:
@@ -221,6 +267,15 @@ class FastMode:
         with torch.no_grad():
             torch._foreach_copy_([p for _, p in named], [theta[n] for n, _ in named])
         w._transaction.optimizer_state.restore()
+        torch.clear_autocast_cache()  # half-precision copies an enclosing autocast made of the stepped weights
+
+    def _undo(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
+              saved: Any) -> None:
+        """Put back the whole call: the model's step (:meth:`_put_back`), the gradients dropped, and the
+        transaction's rollback (buffers, gamma, its optimizer, the validation average, the counters)."""
+        self._put_back(w, named, theta)
+        w.optimizer.zero_grad(set_to_none=True)
+        w._transaction.rollback(w, saved)
 
     def _refuse_step(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
                      step: Any, saved: Any) -> MetaStepRecord:
@@ -359,12 +414,18 @@ def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
     return {n: p.detach().clone() for n, p in named}, jac
 
 
-def _step_stands(w: HarmonizedWeighter, saved: Any, exc: BaseException) -> None:
-    """An error after the model's step, found finite: the step stands and is counted; gamma, its optimizer,
-    the validation average and the other counters are put back, and the error says so."""
+def _keep_model_step(w: HarmonizedWeighter, saved: Any) -> int:
+    """The model's step stands and is counted; gamma, its optimizer, the validation average and the other
+    counters are put back. Returns ``num_calls``."""
     calls = w.num_calls
     w._transaction.rollback(w, saved, buffers=False)
     w.num_calls = calls
+    return calls
+
+
+def _step_stands(w: HarmonizedWeighter, saved: Any, exc: BaseException) -> None:
+    """An error after the model's step, found finite: :func:`_keep_model_step`, and the error says so."""
+    calls = _keep_model_step(w, saved)
     if isinstance(exc, Exception) and hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
         exc.add_note(
             f"metaweight: this error came after the model's step, which mode='fast' takes before scoring "

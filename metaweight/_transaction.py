@@ -390,6 +390,9 @@ def fused_step(optimizer: torch.optim.Optimizer) -> bool:
         all(g.get("fused") for g in optimizer.param_groups)
 
 
+_ABSENT = object()  # (an attribute the optimizer did not have)
+
+
 class OptimizerSnapshot:
     """An optimizer's per-parameter state before a step taken ahead of its decision, in flat storage kept
     between calls (:class:`FlatCopies`: one ``torch.cat`` per device and dtype), and what :meth:`restore`
@@ -400,6 +403,7 @@ class OptimizerSnapshot:
 
     def __init__(self) -> None:
         self._flat = FlatCopies()
+        self._called: Any = _ABSENT
         self._optimizer: torch.optim.Optimizer | None = None
         self._entries: dict[Any, dict[str, Any]] = {}
         self._tensors: list[Tensor] = []
@@ -410,6 +414,9 @@ class OptimizerSnapshot:
         ``values=False`` only which entries, keys and tensors it holds (a fused optimizer's step that
         :func:`step_unless` skips leaves the values as they were; a first step still creates entries)."""
         self._optimizer = optimizer
+        # torch's note that the optimizer stepped, which an LR scheduler reads (its warning of a scheduler step
+        # before the optimizer's first): a step put back did not happen
+        self._called = optimizer.__dict__.get("_opt_called", _ABSENT)
         self._entries = {p: dict(s) for p, s in optimizer.state.items() if isinstance(s, dict)}
         self._tensors = [v for s in self._entries.values() for v in s.values() if isinstance(v, Tensor)] \
             if values else []
@@ -420,6 +427,10 @@ class OptimizerSnapshot:
         """Put ``optimizer.state`` back as :meth:`save` found it (entries, keys, tensors and their values)."""
         if self._optimizer is None:
             return
+        if self._called is _ABSENT:
+            self._optimizer.__dict__.pop("_opt_called", None)
+        else:
+            self._optimizer.__dict__["_opt_called"] = self._called
         state = self._optimizer.state
         for p in list(state):
             if p not in self._entries:

@@ -593,6 +593,7 @@ def test_a_fast_step_taken_ahead_of_its_decision_and_refused_is_put_back_bit_for
             torch.manual_seed(0)
             model = tiny_net(3)
             optimizer = build(model.parameters())
+            torch.optim.lr_scheduler.StepLR(optimizer, 1)  # (notes on the optimizer that it stepped)
             w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
                                       check_gradients=False)
             if when == "later step":
@@ -602,6 +603,7 @@ def test_a_fast_step_taken_ahead_of_its_decision_and_refused_is_put_back_bit_for
                 x[2, 0] = float("nan")  # the loss and every gradient NaN
                 before = _everything(model, optimizer, w)
                 entries = {id(p): sorted(s) for p, s in optimizer.state.items()}
+                called = optimizer.__dict__.get("_opt_called")
                 gamma = dict(zip(w.term_names, w.gamma.tolist()))
                 with pytest.warns(RuntimeWarning, match="not finite"):
                     record = w.step((x, y), batch(n=12))
@@ -611,6 +613,7 @@ def test_a_fast_step_taken_ahead_of_its_decision_and_refused_is_put_back_bit_for
                 assert _same(before[:3], after[:3]), name
                 assert after[3] == (before[3][0], before[3][1], before[3][2] + 1), name
                 assert {id(p): sorted(s) for p, s in optimizer.state.items()} == entries, name
+                assert optimizer.__dict__.get("_opt_called") == called, name
                 assert all(p.grad is None for p in model.parameters()), name
             torch.manual_seed(1)
             w.step(batch(), batch(n=12))
@@ -640,3 +643,112 @@ def test_a_fast_step_refused_after_its_meta_step_raised_is_refused_as_non_finite
     with pytest.raises(ValueError, match="not finite.*step was not taken"):
         w.step((x, y), batch(n=12))
     assert _same(before, _everything(model, optimizer, w))
+
+
+def test_a_fast_step_refused_under_a_long_lived_autocast_leaves_no_stale_low_precision_weights():
+    """One autocast context around the loop: the meta step's forwards at the stepped weights fill autocast's
+    cache of their bfloat16 copies; a refused step puts the weights back, and the steps after it run on them,
+    as in a run that never saw the refused batch (before the fix every later step was refused too)."""
+    runs = []
+    for refuse in (True, False):
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+                                  check_gradients=False)
+        records = []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(4):
+                torch.manual_seed(10 + i)
+                train, val = batch(), batch(n=12)
+                if i == 1:
+                    if not refuse:
+                        continue
+                    train[0][2, 0] = float("nan")
+                with quiet():
+                    records.append(w.step(train, val))
+        runs.append(([r.model_step_skipped for r in records if not r.model_step_skipped or refuse],
+                     [r.loss for r in records if not r.model_step_skipped], model.state_dict()))
+    assert runs[0][0] == [False, True, False, False]
+    assert runs[0][1] == runs[1][1] and _same(runs[0][2], runs[1][2])
+
+
+class Interrupting(Exception):
+    pass
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_an_error_of_a_fast_meta_step_is_decided_as_the_step_would_have_been_before_it_ran(nonfinite):
+    """The meta step runs before the one decision: where its validation pass fails, the call is decided as it
+    would have been had the meta step not run. A non-finite validation input that the objective raises on
+    (binary cross-entropy of NaN probabilities) is refused (``"raise"``, nothing changed) or skips the meta
+    step (``"skip"``, the model's step stands); an interruption (KeyboardInterrupt) after a non-finite model
+    step propagates, with the step put back; the optimizer's snapshot is not held after a step that raised."""
+    import torch.nn.functional as F
+
+    state = {"interrupt": False}
+
+    def objective(outputs, y):
+        if state["interrupt"]:
+            raise KeyboardInterrupt
+        return sum(F.binary_cross_entropy(torch.sigmoid(o), F.one_hot(y, 5).to(o.dtype)) for o in outputs)
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), objective, mode="fast", nonfinite=nonfinite,
+                              check_gradients=False)
+    w.step(batch(), batch(n=12))
+    xv, yv = batch(n=12)
+    xv[0, 0] = float("nan")
+    before = _everything(model, optimizer, w)
+    if nonfinite == "raise":
+        with pytest.raises(ValueError, match="validation batch's inputs hold inf or NaN.*step was not taken"):
+            w.step(batch(), (xv, yv))
+        assert _same(before, _everything(model, optimizer, w))
+    else:
+        with pytest.warns(RuntimeWarning, match="Skipped a meta step.*inf or NaN"):
+            record = w.step(batch(), (xv, yv))
+        assert record.skipped and not record.model_step_skipped and torch.equal(w.gamma, before[2]["gamma"])
+        assert (w.num_calls, w.num_meta_steps, w.num_skipped) == (2, 1, 1)
+    state["interrupt"] = True
+    x, y = batch()
+    x[0, 0] = float("nan")
+    before = _everything(model, optimizer, w)
+    with pytest.raises(KeyboardInterrupt):
+        w.step((x, y), batch(n=12))
+    assert _same(before, _everything(model, optimizer, w))
+    assert w._transaction.optimizer_state._tensors == []  # (released: the state is not held alive)
+
+
+def test_a_fast_step_through_an_optimizer_wrapper_is_decided_before_the_wrapper_steps():
+    """A wrapper's step has effects of its own (Lightning counts it in global_step, Accelerate's scaler
+    updates): the fast step does not take it ahead of its decision, so a refused step never reaches it."""
+
+    class Counting(torch.optim.Optimizer):  # (as Accelerate's AcceleratedOptimizer: the inner's state, its own step)
+        def __init__(self, optimizer):
+            self.optimizer, self.steps = optimizer, 0
+
+        state = property(lambda self: self.optimizer.state)
+        param_groups = property(lambda self: self.optimizer.param_groups)
+        defaults = property(lambda self: self.optimizer.defaults)
+
+        def step(self):
+            self.steps += 1
+            self.optimizer.step()
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    wrapper = Counting(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    w = mw.HarmonizedWeighter(model, wrapper, mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+                              check_gradients=False)
+    w.step(batch(), batch(n=12))
+    x, y = batch()
+    x[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert w.step((x, y), batch(n=12)).model_step_skipped
+    assert wrapper.steps == 1
+    assert not w.step(batch(), batch(n=12)).model_step_skipped and wrapper.steps == 2
