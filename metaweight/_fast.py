@@ -111,14 +111,17 @@ class FastMode:
         saved = transaction.begin(w)  # before the count: anything raised or refused below leaves it as it was
         w.num_calls += 1
         run_meta = (w.num_calls - 1) % w.meta_every == 0
-        ahead = run_meta and w.optimizer is w._inner_optimizer  # the model's step taken before its decision
+        named = w._trainable()
+        # the model's step taken before its decision: by a torch optimizer itself (a wrapper's step has effects
+        # no snapshot puts back) over the model's trainable parameters only (what a refusal puts back)
+        ahead = run_meta and w.optimizer is w._inner_optimizer and _steps_only(w._inner_optimizer, named)
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation, w._reducer)
         w._pending = w._stepped = None
-        named = w._trainable()
         device = next(p.device for _, p in named)
         low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
         generators = model_generators(w.module)
-        transform = flag = None
+        transform = flag = theta = None
+        snapshot = False  # the optimizer's state saved in this call (a step taken ahead is put back from it)
         if w._watch is not None:
             w._watch.paused = True  # this forward's random numbers are replayed below
         try:
@@ -142,13 +145,16 @@ class FastMode:
                 if ahead:  # stepped now, decided with the meta step
                     flag = transaction.flag(loss)
                     # a fused optimizer skips a refused step on the device (its state's values need no copy)
+                    # (refused with it: non-finite validation inputs under nonfinite="raise")
                     fused = fused_step(w._inner_optimizer)
                     transaction.optimizer_state.save(w._inner_optimizer, values=not fused)
+                    snapshot = True
                     transform = clip_in_step(w, named) if w.clip_grad_norm is not None else None
                     theta, jac = before_step(w._inner_optimizer, named, [p.grad for _, p in named], w.gamma,
                                              w._active, copies=self._theta)
                     if fused:
-                        step_unless(w.optimizer, w._inner_optimizer, flag.reshape(()) > 0)
+                        refused = (flag + bad_input) if w.nonfinite == "raise" else flag
+                        step_unless(w.optimizer, w._inner_optimizer, refused.reshape(()) > 0)
                     else:
                         w.optimizer.step()
                 else:  # decided now (one read), so that a refusal comes before the model's step
@@ -167,9 +173,18 @@ class FastMode:
                                                  w._active)
                     if step.finite:
                         w.optimizer.step()
-        except Exception as exc:
+        except BaseException as exc:
+            if snapshot:  # a step taken ahead (or part of it) is put back, whatever came after it
+                self._put_back(w, named, theta)
+                if isinstance(exc, Exception):  # refused anyway (the optimizer's step failed on a non-finite
+                    # step it would not have taken undecided): refused, as without the step
+                    step = transaction.decide(w, loss, terms, flag=flag, gamma=saved.state.gamma)
+                    if not step.finite:
+                        return self._refuse_step(w, named, None, step, saved)
             w.optimizer.zero_grad(set_to_none=True)  # as the exact mode's step(): the call's gradients are dropped
             transaction.rollback(w, saved)
+            if not isinstance(exc, Exception):  # (an interruption: everything put back, then on its way)
+                raise
             why = explained(exc, named, "mode='fast' replays the optimizer's step on dense gradients only",
                             w._inner_optimizer)
             if why is exc:
@@ -261,11 +276,13 @@ class FastMode:
         record = w._refuse(_NONFINITE_VAL, math.nan, [], list(step.terms.values()), after_step=True)
         return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
-    def _put_back(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor]) -> None:
+    def _put_back(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor] | None
+                  ) -> None:
         """Undo the model's step taken ahead of its decision: the parameters from the look-ahead's base point,
         the optimizer's state from its snapshot (the buffers and gamma are the transaction's rollback)."""
-        with torch.no_grad():
-            torch._foreach_copy_([p for _, p in named], [theta[n] for n, _ in named])
+        if theta is not None:  # (None: the step failed before the parameters were copied, and before it moved them)
+            with torch.no_grad():
+                torch._foreach_copy_([p for _, p in named], [theta[n] for n, _ in named])
         w._transaction.optimizer_state.restore()
         torch.clear_autocast_cache()  # half-precision copies an enclosing autocast made of the stepped weights
 
@@ -277,7 +294,7 @@ class FastMode:
         w.optimizer.zero_grad(set_to_none=True)
         w._transaction.rollback(w, saved)
 
-    def _refuse_step(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
+    def _refuse_step(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor] | None,
                      step: Any, saved: Any) -> MetaStepRecord:
         """A model step found non-finite after it was taken: put it back, then refuse it as the transaction
         refuses one never taken (raise, or skip and report)."""
@@ -412,6 +429,13 @@ def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
     if copies is not None:
         return dict(zip([n for n, _ in named], copies.copy([p.detach() for _, p in named]))), jac
     return {n: p.detach().clone() for n, p in named}, jac
+
+
+def _steps_only(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]]) -> bool:
+    """Whether ``optimizer`` steps only parameters of ``named`` (a group added since construction may hold a
+    criterion's parameter, which a refused step taken ahead would not put back)."""
+    ours = {id(p) for _, p in named}
+    return all(id(p) in ours for g in optimizer.param_groups for p in g["params"])
 
 
 def _keep_model_step(w: HarmonizedWeighter, saved: Any) -> int:

@@ -752,3 +752,86 @@ def test_a_fast_step_through_an_optimizer_wrapper_is_decided_before_the_wrapper_
         assert w.step((x, y), batch(n=12)).model_step_skipped
     assert wrapper.steps == 1
     assert not w.step(batch(), batch(n=12)).model_step_skipped and wrapper.steps == 2
+
+
+def test_a_fast_step_with_non_finite_validation_inputs_refused_changes_nothing_with_every_optimizer():
+    """nonfinite='raise': a finite model step taken ahead is refused with its validation inputs, and put back
+    for every optimizer the mode replays (a fused one's kernel skips it: its state was not copied)."""
+    for name, build in fast_optimizers():
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = build(model.parameters())
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast", check_gradients=False)
+        w.step(batch(), batch(n=12))
+        xv, yv = batch(n=12)
+        xv[0, 0] = float("nan")
+        before = _everything(model, optimizer, w)
+        with pytest.raises(ValueError, match="inputs hold inf or NaN"):
+            w.step(batch(), (xv, yv))
+        assert _same(before, _everything(model, optimizer, w)), name
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_error_after_a_fast_step_taken_ahead_puts_it_back(error):
+    """The optimizer's step raising after it stepped (a wrapper of its step on the instance, an interruption):
+    the step taken ahead is put back; on a batch refused anyway the call is refused as it would have been
+    without the step (an interruption propagates)."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
+                              check_gradients=False)
+    w.step(batch(), batch(n=12))
+    real = optimizer.step
+
+    def step_then_fail(*args, **kwargs):
+        real(*args, **kwargs)
+        raise error("after the step")
+
+    optimizer.step = step_then_fail
+    for poisoned in (True, False):
+        x, y = batch()
+        if poisoned:
+            x[0, 0] = float("nan")
+        before = list(_everything(model, optimizer, w))
+        if poisoned and error is RuntimeError:
+            with pytest.warns(RuntimeWarning, match="not finite"):
+                assert w.step((x, y), batch(n=12)).model_step_skipped
+            before[3] = (before[3][0], before[3][1], before[3][2] + 1)
+            before[2]["num_skipped"] += 1
+        else:
+            with pytest.raises(error, match="after the step"):
+                w.step((x, y), batch(n=12))
+        assert _same(before, _everything(model, optimizer, w)), poisoned
+
+
+def test_a_parameter_the_optimizer_steps_outside_the_model_is_put_back_on_a_refused_fast_step():
+    """A parameter group added after construction holding a criterion's parameter (a learned loss scale): a
+    refused step leaves it as it was (the step is decided before the optimizer steps, as the step taken ahead
+    puts back the model's parameters only)."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.num_exits = mw.DenseDistillLoss(3), 3
+            self.log_s = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, outputs, y):
+            return self.inner(outputs, y) * self.log_s.exp()
+
+        term_names = property(lambda self: self.inner.term_names)
+
+    torch.manual_seed(0)
+    model, criterion = tiny_net(3), Scaled()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, mode="fast", nonfinite="skip", check_gradients=False)
+    w.step(batch(), batch(n=12))
+    optimizer.add_param_group({"params": [criterion.log_s]})
+    w.step(batch(), batch(n=12))
+    x, y = batch()
+    x[0, 0] = float("nan")
+    before = (criterion.log_s.detach().clone(), optimizer.state[criterion.log_s]["momentum_buffer"].clone())
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert w.step((x, y), batch(n=12)).model_step_skipped
+    assert torch.equal(criterion.log_s.detach(), before[0])
+    assert torch.equal(optimizer.state[criterion.log_s]["momentum_buffer"], before[1])
