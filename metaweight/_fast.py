@@ -113,8 +113,8 @@ class FastMode:
         run_meta = (w.num_calls - 1) % w.meta_every == 0
         named = w._trainable()
         # the model's step taken before its decision: by a torch optimizer itself (a wrapper's step has effects
-        # no snapshot puts back) over the model's trainable parameters only (what a refusal puts back)
-        ahead = run_meta and w.optimizer is w._inner_optimizer and _steps_only(w._inner_optimizer, named)
+        # no snapshot puts back), and (seen after the backward) over the model's trainable parameters only
+        ahead = run_meta and w.optimizer is w._inner_optimizer
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation, w._reducer)
         w._pending = w._stepped = None
         device = next(p.device for _, p in named)
@@ -142,6 +142,7 @@ class FastMode:
                 # a non-finite validation input joins the step's decision (every rank alike)
                 bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))])[0] \
                     if run_meta else None
+                ahead = ahead and _steps_only(w._inner_optimizer, named)
                 if ahead:  # stepped now, decided with the meta step
                     flag = transaction.flag(loss)
                     # a fused optimizer skips a refused step on the device (its state's values need no copy)
@@ -432,10 +433,11 @@ def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
 
 
 def _steps_only(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]]) -> bool:
-    """Whether ``optimizer`` steps only parameters of ``named`` (a group added since construction may hold a
-    criterion's parameter, which a refused step taken ahead would not put back)."""
+    """Whether ``optimizer`` steps only parameters of ``named``: every other parameter it holds has no gradient
+    (a frozen one), where a group added since construction may hold a criterion's parameter, which a refused
+    step taken ahead would not put back."""
     ours = {id(p) for _, p in named}
-    return all(id(p) in ours for g in optimizer.param_groups for p in g["params"])
+    return all(p.grad is None or id(p) in ours for g in optimizer.param_groups for p in g["params"])
 
 
 def _keep_model_step(w: HarmonizedWeighter, saved: Any) -> int:

@@ -835,3 +835,14 @@ def test_a_parameter_the_optimizer_steps_outside_the_model_is_put_back_on_a_refu
         assert w.step((x, y), batch(n=12)).model_step_skipped
     assert torch.equal(criterion.log_s.detach(), before[0])
     assert torch.equal(optimizer.state[criterion.log_s]["momentum_buffer"], before[1])
+
+
+def test_a_fast_step_with_frozen_parameters_in_its_optimizer_still_decides_once():
+    """Parameters frozen (requires_grad=False) but left in the optimizer get no gradient, so the step taken
+    ahead steps none of them: the call still reads the host twice (the labels, the one decision)."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.stages[0].requires_grad_(False)
+    w = mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(3), mode="fast", gamma_optimizer="sgd")
+    assert reads_per_step(w, model) == 2
