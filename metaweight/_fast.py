@@ -114,14 +114,14 @@ class FastMode:
         named = w._trainable()
         # the model's step taken before its decision: by a torch optimizer itself (a wrapper's step has effects
         # no snapshot puts back), and (seen after the backward) over the model's trainable parameters only
-        ahead = run_meta and w.optimizer is w._inner_optimizer
+        ahead = run_meta and w.optimizer is w._inner_optimizer and _own_step(w.optimizer)
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation, w._reducer)
         w._pending = w._stepped = None
         device = next(p.device for _, p in named)
         low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
         generators = model_generators(w.module)
         transform = flag = theta = None
-        snapshot = False  # the optimizer's state saved in this call (a step taken ahead is put back from it)
+        snapshot = fused = False  # the optimizer's state saved in this call (a step taken ahead is put back from it)
         if w._watch is not None:
             w._watch.paused = True  # this forward's random numbers are replayed below
         try:
@@ -175,16 +175,24 @@ class FastMode:
                     if step.finite:
                         w.optimizer.step()
         except BaseException as exc:
-            if snapshot:  # a step taken ahead (or part of it) is put back, whatever came after it
-                self._put_back(w, named, theta)
-                if isinstance(exc, Exception):  # refused anyway (the optimizer's step failed on a non-finite
-                    # step it would not have taken undecided): refused, as without the step
-                    step = transaction.decide(w, loss, terms, flag=flag, gamma=saved.state.gamma)
-                    if not step.finite:
-                        return self._refuse_step(w, named, None, step, saved)
+            if snapshot:  # an error of the step taken ahead (or an interruption in it): decided as without it
+                step = transaction.decide(w, loss, terms, [bad_input], flag=flag, gamma=saved.state.gamma)
+                bad_val = step.finite and step.meta[0] != 0.0
+                # put back: a non-fused step (parameters and state copied), and what a fused kernel skipped
+                # (found_inf: the entries a first step made); a fused step its kernel took stands, parameters
+                # and state alike, as torch left them
+                if not fused or not step.finite or (bad_val and w.nonfinite == "raise"):
+                    self._put_back(w, named, None if fused else theta)
+                if isinstance(exc, Exception) and not step.finite:  # refused, as without the step
+                    return self._refuse_step(w, named, None, step, saved)
+                if isinstance(exc, Exception) and bad_val and w.nonfinite == "raise":
+                    w.optimizer.zero_grad(set_to_none=True)
+                    transaction.rollback(w, saved)
+                    raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
+                                     "optimizer state and counters are as before this call.") from exc
             w.optimizer.zero_grad(set_to_none=True)  # as the exact mode's step(): the call's gradients are dropped
             transaction.rollback(w, saved)
-            if not isinstance(exc, Exception):  # (an interruption: everything put back, then on its way)
+            if not isinstance(exc, Exception):  # (an interruption: what is refused put back, then on its way)
                 raise
             why = explained(exc, named, "mode='fast' replays the optimizer's step on dense gradients only",
                             w._inner_optimizer)
@@ -430,6 +438,15 @@ def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
     if copies is not None:
         return dict(zip([n for n, _ in named], copies.copy([p.detach() for _, p in named]))), jac
     return {n: p.detach().clone() for n, p in named}, jac
+
+
+def _own_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` is its class's own, or torch's LR-scheduler wrapper of it (which notes the call
+    in ``_opt_called``, put back with the state): a function set on the instance (an EMA update after each step)
+    has effects no snapshot puts back."""
+    step = optimizer.__dict__.get("step")
+    return step is None or (getattr(step, "_wrapped_by_lr_sched", False) and
+                            getattr(step, "__wrapped__", None) is getattr(type(optimizer), "step", None))
 
 
 def _steps_only(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]]) -> bool:

@@ -771,24 +771,28 @@ def test_a_fast_step_with_non_finite_validation_inputs_refused_changes_nothing_w
         assert _same(before, _everything(model, optimizer, w)), name
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_an_error_after_a_fast_step_taken_ahead_puts_it_back(error):
-    """The optimizer's step raising after it stepped (a wrapper of its step on the instance, an interruption):
-    the step taken ahead is put back; on a batch refused anyway the call is refused as it would have been
-    without the step (an interruption propagates)."""
+def test_an_error_after_a_fast_step_taken_ahead_is_decided_as_without_it(error, fused, monkeypatch):
+    """torch's SGD raising after its update (an error, an interruption): a step refused anyway (NaN) is refused
+    as it would have been without the step (an interruption propagates), everything put back; a finite step
+    taken ahead by a non-fused optimizer is put back (parameters and state, which were copied), one a fused
+    kernel took stands as torch left it, parameters and state alike (nothing was copied)."""
     torch.manual_seed(0)
     model = tiny_net(3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused or None)
     w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast", nonfinite="skip",
                               check_gradients=False)
     w.step(batch(), batch(n=12))
-    real = optimizer.step
+    import torch.optim.sgd as sgd_module
 
-    def step_then_fail(*args, **kwargs):
+    real = sgd_module.sgd
+
+    def sgd_then_fail(*args, **kwargs):
         real(*args, **kwargs)
-        raise error("after the step")
+        raise error("after the update")
 
-    optimizer.step = step_then_fail
+    monkeypatch.setattr(sgd_module, "sgd", sgd_then_fail)
     for poisoned in (True, False):
         x, y = batch()
         if poisoned:
@@ -800,9 +804,43 @@ def test_an_error_after_a_fast_step_taken_ahead_puts_it_back(error):
             before[3] = (before[3][0], before[3][1], before[3][2] + 1)
             before[2]["num_skipped"] += 1
         else:
-            with pytest.raises(error, match="after the step"):
+            with pytest.raises(error, match="after the update"):
                 w.step((x, y), batch(n=12))
-        assert _same(before, _everything(model, optimizer, w)), poisoned
+        after = _everything(model, optimizer, w)
+        if fused and not poisoned:  # the kernel's step stands: parameters and momentum moved together
+            assert not _same(before[0], after[0]) and not _same(before[1], after[1])
+            assert _same(before[2:], after[2:])
+        else:
+            assert _same(before, after), poisoned
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_function_set_on_the_optimizer_instance_as_its_step_never_runs_on_a_refused_fast_step(fused):
+    """``optimizer.step = step_with_ema`` (an EMA of the weights after each step): its effects are not the
+    optimizer's state, so the fast step decides before calling it; torch's LR-scheduler wrapper of the step
+    (which only notes the call) keeps the step taken ahead."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused or None)
+    torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast", gamma_optimizer="sgd",
+                              nonfinite="skip", check_gradients=False)
+    assert reads_per_step(w, model) == 2  # (the scheduler's wrapper: taken ahead, one decision)
+    ema = [p.detach().clone() for p in model.parameters()]
+    scheduled = optimizer.step
+
+    def step_with_ema(*args, **kwargs):
+        out = scheduled(*args, **kwargs)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 0.1)
+        return out
+
+    optimizer.step = step_with_ema
+    x, y = batch()
+    x[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert w.step((x, y), batch(n=12)).model_step_skipped
+    assert all(torch.isfinite(e).all() for e in ema)
 
 
 def test_a_parameter_the_optimizer_steps_outside_the_model_is_put_back_on_a_refused_fast_step():
