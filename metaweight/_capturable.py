@@ -45,7 +45,7 @@ from metaweight._hypergradient import call_with
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, same_rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import FlatCopies, host_read, nonfinite_flag, step_unless
+from metaweight._transaction import FlatCopies, fused_step, host_read, nonfinite_flag, step_unless
 from metaweight._walk import walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
@@ -161,7 +161,7 @@ def check_optimizer(inner: torch.optim.Optimizer) -> None:
         raise ValueError(f"The {type(inner).__name__}'s parameter groups have fused=True and {both[0]}=True (set "
                          f"since construction: torch refuses them together): set {both[0]}=False. Nothing was "
                          f"changed.")
-    if type(inner) not in kinds or not all(g.get("fused") for g in inner.param_groups):
+    if not fused_step(inner):
         raise ValueError(f"capturable=True skips a refused step on the device through the optimizer's `found_inf` "
                          f"(as torch.amp.GradScaler does), which only fused optimizers read: use "
                          f"torch.optim.SGD, Adam or AdamW with fused=True (on CUDA, Adam and AdamW with "

@@ -29,8 +29,8 @@ from metaweight._protocols import call_model
 from metaweight._randomness import (NEW_GENERATOR, model_generators, new_generators, replay_randomness, rng_state,
                                    same_rng_state)
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import (FlatCopies, Scratch, explained, fused_step, host_read, nonfinite_flag,
-                                    step_unless)
+from metaweight._transaction import (FlatCopies, ModelStep, Scratch, explained, fused_step, host_read,
+                                    nonfinite_flag, step_unless)
 from metaweight._walk import walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
@@ -55,6 +55,8 @@ NOT_REPRODUCED = (
 _NONFINITE_VAL = ("The validation batch's inputs hold inf or NaN: the meta step cannot be scored. Check the validation "
                   "data (or pass nonfinite='skip' to skip such meta steps). gamma and the validation average are "
                   "unchanged.")
+_NONFINITE_VAL_REFUSED = _NONFINITE_VAL + (" The model's step was not taken: parameters, buffers, optimizer state and "
+                                           "counters are as before this call.")
 
 
 def _float_leaves(x: Any) -> list[Tensor]:
@@ -111,12 +113,9 @@ class FastMode:
         saved = transaction.begin(w)  # before the count: anything raised or refused below leaves it as it was
         w.num_calls += 1
         run_meta = (w.num_calls - 1) % w.meta_every == 0
-        named = w._trainable()
-        # the model's step taken before its decision: by a torch optimizer itself (a wrapper's step has effects
-        # no snapshot puts back), and (seen after the backward) over the model's trainable parameters only
-        ahead = run_meta and w.optimizer is w._inner_optimizer and _own_step(w.optimizer)
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation, w._reducer)
         w._pending = w._stepped = None
+        named = w._trainable()
         device = next(p.device for _, p in named)
         low = torch.is_autocast_enabled(device.type)  # the difference's base point is then recomputed in float32
         generators = model_generators(w.module)
@@ -142,7 +141,11 @@ class FastMode:
                 # a non-finite validation input joins the step's decision (every rank alike)
                 bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))])[0] \
                     if run_meta else None
-                ahead = ahead and _steps_only(w._inner_optimizer, named)
+                # the model's step taken before its decision: by a torch optimizer itself (a wrapper's step, or a
+                # function set as the instance's step, has effects no snapshot puts back), over the model's
+                # trainable parameters only (what a refusal puts back)
+                ahead = run_meta and w.optimizer is w._inner_optimizer and _own_step(w.optimizer) and \
+                    _steps_only(w._inner_optimizer, named)
                 if ahead:  # stepped now, decided with the meta step
                     flag = transaction.flag(loss)
                     # a fused optimizer skips a refused step on the device (its state's values need no copy)
@@ -162,8 +165,7 @@ class FastMode:
                     step = transaction.decide(w, loss, terms, [bad_input] if run_meta else [])
                     bad_val = step.finite and run_meta and step.meta[0] != 0.0
                     if bad_val and w.nonfinite == "raise":
-                        raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
-                                         "optimizer state and counters are as before this call.")
+                        raise ValueError(_NONFINITE_VAL_REFUSED)
                     if step.finite and w.clip_grad_norm is not None:
                         if run_meta:
                             transform = clip_in_step(w, named)
@@ -188,8 +190,7 @@ class FastMode:
                 if isinstance(exc, Exception) and bad_val and w.nonfinite == "raise":
                     w.optimizer.zero_grad(set_to_none=True)
                     transaction.rollback(w, saved)
-                    raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
-                                     "optimizer state and counters are as before this call.") from exc
+                    raise ValueError(_NONFINITE_VAL_REFUSED) from exc
             w.optimizer.zero_grad(set_to_none=True)  # as the exact mode's step(): the call's gradients are dropped
             transaction.rollback(w, saved)
             if not isinstance(exc, Exception):  # (an interruption: what is refused put back, then on its way)
@@ -207,12 +208,9 @@ class FastMode:
             return self._score_and_decide(w, named, theta, jac, piece, xv, yv, transform, loss, terms, flag,
                                           bad_input, saved)
         if not step.finite:
-            message = transaction.refuse(w, step, saved)
-            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
-                                  terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
+            return _model_step_record(w, step, transaction.refuse(w, step, saved))
         if not run_meta:
-            return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
-                                  terms=step.terms, loss=step.loss, model_step_skipped=False)
+            return _model_step_record(w, step)
         if bad_val:  # nonfinite="skip": the model's step stands, the meta step is skipped
             return self._skip_meta(w, step)
         if w._watch is not None:
@@ -266,8 +264,7 @@ class FastMode:
         if step.meta[0] != 0.0:  # a non-finite validation input
             if w.nonfinite == "raise":
                 self._undo(w, named, theta, saved)
-                raise ValueError(_NONFINITE_VAL + " The model's step was not taken: parameters, buffers, "
-                                 "optimizer state and counters are as before this call.")
+                raise ValueError(_NONFINITE_VAL_REFUSED)
             if pending is not None:  # nonfinite="skip": the model's step stands, the meta step is skipped
                 pending.saved.restore(w.gamma)
             return self._skip_meta(w, step)
@@ -308,9 +305,7 @@ class FastMode:
         """A model step found non-finite after it was taken: put it back, then refuse it as the transaction
         refuses one never taken (raise, or skip and report)."""
         self._put_back(w, named, theta)
-        message = w._transaction.refuse(w, step, saved)
-        return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma,
-                              terms=step.terms, loss=step.loss, model_step_skipped=True, message=message)
+        return _model_step_record(w, step, w._transaction.refuse(w, step, saved))
 
     def meta(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
              jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],
@@ -438,6 +433,12 @@ def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
     if copies is not None:
         return dict(zip([n for n, _ in named], copies.copy([p.detach() for _, p in named]))), jac
     return {n: p.detach().clone() for n, p in named}, jac
+
+
+def _model_step_record(w: HarmonizedWeighter, step: ModelStep, refusal: str | None = None) -> MetaStepRecord:
+    """The record of a call without a meta step: its model step taken, or refused with the message ``refusal``."""
+    return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=step.gamma, terms=step.terms,
+                          loss=step.loss, model_step_skipped=refusal is not None, message=refusal)
 
 
 def _own_step(optimizer: torch.optim.Optimizer) -> bool:
