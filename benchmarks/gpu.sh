@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 20's GPU measurements in one run (at most 9 minutes, about 5 expected, on an H200): the overhead table (wall, kernel ms,
-# launches, syncs, host reads per iteration for the user's loop, two-call, step(learn=False), exact jvp, fast,
-# higher), the capturable step and the CUDA-graph variants, and EarlyExit's latency at batch 256 and 1.
+# Issue 20's GPU measurements in one run (BUDGET seconds in all, 560 by default, on an H200): the overhead table (wall,
+# kernel ms, launches, syncs, host reads per iteration for the user's loop, two-call, step(learn=False), exact jvp, fast,
+# higher), EarlyExit's latency at batch 256 and 1, the capturable step and the CUDA-graph variants, whether a graph's
+# replay of device_step() gives the eager numbers (capture_check.py), and the tests that need a GPU.
 #
 #     bash benchmarks/gpu.sh OUTDIR            # on a machine with CUDA; results and logs land in OUTDIR
 #     DEVICE=cpu ROUNDS=1 bash benchmarks/gpu.sh /tmp/dry   # the same commands on the CPU (a dry run)
@@ -32,23 +33,33 @@ if torch.cuda.is_available():
 EOF
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null | tee -a "$out/environment.txt"
 
+budget=${BUDGET:-560}  # seconds for all the parts together: each one's limit is cut to what is left
+
 part() {  # NAME SECONDS COMMAND...: run COMMAND under a time limit, its output in OUT/NAME.log; its status
     local name=$1 limit=$2
     shift 2
-    echo "== $name: $*"
+    local left=$((budget - SECONDS))
+    if ((left < 20)); then
+        echo "== $name: skipped, ${left}s of the budget left"
+        return 124
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $name (${limit}s at most): $*"
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
     local status=${PIPESTATUS[0]}
-    echo "== $name: exit $status"
+    echo "== $name: exit $status after ${SECONDS}s in all"
     return "$status"
 }
 
-part overhead 270 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" \
+part overhead 240 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" \
     --variants "own loop" "two-call, fixed weights" "step, learn=False" jvp fast higher "fast, validation batch 16" \
     --out "$out/overhead.json"
-part capture 120 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
+part latency 75 python3 benchmarks/latency.py --device "$device" --batch 256 --repeats 7
+part capture 110 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
     --variants "own loop" "own loop, fused SGD" "fast, capturable" "own loop, fused SGD, CUDA graph" \
     "fast, capturable, CUDA graph" --out "$out/capture.json" \
-|| part capturable 90 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
+|| part capturable 80 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
     --variants "own loop" "own loop, fused SGD" "fast, capturable" --out "$out/capturable.json"
-part latency 60 python3 benchmarks/latency.py --device "$device" --batch 256 --repeats 7
+part capture_check 90 python3 benchmarks/capture_check.py --device "$device" --steps 8
+[[ $device == cuda* ]] && part gpu_tests 45 python3 -m pytest -q -p no:cacheprovider tests/test_outside_step.py
 exit 0

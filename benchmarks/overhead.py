@@ -396,7 +396,10 @@ def main(argv=None):
     for model_name in args.models:
         print(f"\n== {model_name}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads; "
               f"ratios to {BASELINE!r} ==", flush=True)
-        counts = {name: profile_counts(model_name, args.device, args.batch_size, name) for name in names}
+        counts = {}
+        for name in names:  # each printed as taken: a run stopped later keeps them
+            counts[name] = profile_counts(model_name, args.device, args.batch_size, name)
+            print(f"counts {name!r}: " + ", ".join(f"{k} {v:.1f}" for k, v in counts[name].items()), flush=True)
         rows = {name: dict(counts[name]) for name in names}
         base = counts[BASELINE]
         for name in names:
@@ -404,6 +407,7 @@ def main(argv=None):
             rows[name]["kernel_ops_ratio"] = counts[name]["kernel_ops"] / base["kernel_ops"]
         if not args.counts_only:
             times = time_variants(model_name, args.device, args.batch_size, args.rounds, names)
+            print("medians, s/iter: " + ", ".join(f"{n!r} {t:.4f}" for n, t in times.items()), flush=True)
             for name in names:
                 if name in CUDA_ONLY or args.no_memory:  # (a graph's memory pool is allocated at capture: not comparable)
                     rows[name].update(peak_mib=float("nan"), peak_rss_mib=None, seconds_per_iteration=times[name])
