@@ -61,5 +61,5 @@ part capture 110 python3 benchmarks/overhead.py --models msdnet --rounds "$round
 || part capturable 80 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
     --variants "own loop" "own loop, fused SGD" "fast, capturable" --out "$out/capturable.json"
 part capture_check 90 python3 benchmarks/capture_check.py --device "$device" --steps 8
-[[ $device == cuda* ]] && part gpu_tests 45 python3 -m pytest -q -p no:cacheprovider tests/test_outside_step.py
+[[ $device == cuda* ]] && part gpu_tests 45 python3 -m pytest -q -p no:cacheprovider tests/test_outside_step.py -k gpu_model
 exit 0
