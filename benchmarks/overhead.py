@@ -178,6 +178,9 @@ def captured(iterate, train, val):
         for static, new in zip((*train, *val), fresh):
             static.copy_(new)
         graph.replay()
+    # the graph writes into the memory of what ``iterate`` holds (the model, its optimizer, the weighter):
+    # held as long as the replay is, or freed blocks that the graph still writes reach the next allocation
+    replay.iterate = iterate  # type: ignore[attr-defined]
     return replay
 
 
