@@ -9,9 +9,10 @@ network (random weights unless --checkpoint gives a state_dict): what matters he
 samples leave where, not accuracy. The FLOPs speed-up uses the costs early exit executes
 (``exit_costs(..., executed=True)``); the wall-clock one is measured, medians over repeats,
 the full model and every q interleaved so machine noise hits all alike. "reads" counts the host
-reads of one call at batch N and at batch 1 with ``torch.profiler``: scalar reads
-(``aten::_local_scalar_dense``) and ``aten::nonzero`` (which sizes its output on the host), each a
-synchronisation on a GPU.
+reads of one call at batch N and at batch 1: on the CPU the calls that bring values to the host
+(``.tolist()``, ``.item()``, ``bool(t)``...: a ``TorchFunctionMode`` counts them) and ``aten::nonzero``
+from ``torch.profiler`` (which sizes its output on the host), each a synchronisation on a GPU; on
+CUDA the synchronisations themselves (``cuda*Synchronize`` calls in the profile).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,22 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import metaweight as mw  # noqa: E402
 from msdnet import msdnet_cifar  # noqa: E402
+
+
+class _Reads(TorchFunctionMode):
+    """Counts the calls that bring a tensor's values to the host: ``.tolist()``, ``.item()``, ``.numpy()``,
+    ``.cpu()``, ``bool``/``int``/``float``/``index`` of a tensor (the profiler's ``aten::_local_scalar_dense``
+    misses ``.tolist()``)."""
+
+    READS = {"tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", None) in self.READS
+        return func(*args, **(kwargs or {}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,12 +109,19 @@ def main(argv: list[str] | None = None) -> None:
                 sync()
                 single[name].append(time.perf_counter() - start)
     reads = {}
+    cuda = args.device.startswith("cuda")
     for name in predictors:
         for inputs in (x, x[:1]):
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sync()
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
                 run(name, inputs)
+            # on CUDA a read is a synchronisation (a .tolist() copies to the host without a scalar read)
+            if not cuda:  # the calls that read values to the host, and the nonzeros (boolean masks)
+                with _Reads() as counted:
+                    run(name, inputs)
             reads.setdefault(name, []).append(
-                sum(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in prof.events()))
+                sum(e.name.startswith("cu") and "Synchronize" in e.name for e in prof.events()) if cuda else
+                counted.count + sum(e.name == "aten::nonzero" for e in prof.events()))
     full_tp = statistics.median(throughput["full model"])
     full_p50 = statistics.median(single["full model"])
     print(f"CIFAR MSDNet (8 exits), torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads")
