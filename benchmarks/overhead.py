@@ -270,7 +270,9 @@ def count(iterate, device, iterations=UNIT):
                     and id(e) not in under_foreach and id(e) not in multi_ids for e in events)
     counts = {"leaf_ops": sum(e.name.startswith("aten::") and not aten_below(e) for e in events) / iterations,
               "kernel_ops": launches / iterations,
-              "host_reads": sum(e.name in ("aten::_local_scalar_dense", HOST_READ) for e in events) / iterations}
+              # (CPU events only: with CUDA activity a record_function range is also a GPU annotation of its name)
+              "host_reads": sum(e.name in ("aten::_local_scalar_dense", HOST_READ)
+                                and e.device_type == torch.autograd.DeviceType.CPU for e in events) / iterations}
     if cuda:
         on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         kernels = [e for e in on_gpu if not e.name.startswith(("Memcpy", "Memset"))]

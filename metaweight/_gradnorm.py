@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from metaweight._record import MetaStepRecord
 from metaweight._warn import warn_user
+from metaweight._transaction import host_read
 from metaweight._weighting import Weighting, adam_update, check_number
 
 
@@ -178,7 +179,7 @@ class GradNorm(Weighting):
         first :data:`WATCHED` meta steps: it does not reach them (an early exit's terms do not pass through a later
         stage), and GradNorm would raise its weight without bound while the others fall. A 0 at one step (heads
         initialised to zero) passes. One read at each of those steps, none after."""
-        zero = {n for n, z in zip(self.term_names, ((norms == 0) & self._active).tolist()) if z}
+        zero = {n for n, z in zip(self.term_names, host_read([(norms == 0) & self._active])) if z}
         self._zero = zero if self._zero is None else self._zero & zero
         if self.num_calls + 1 == WATCHED and self._zero:
             warn_user(f"GradNorm: the terms {sorted(self._zero, key=self.term_names.index)} had a gradient of exactly "

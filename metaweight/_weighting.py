@@ -234,13 +234,13 @@ class NamedWeights:
 
     def gamma_dict(self) -> dict[str, float]:
         """The current loss weights by term name."""
-        return dict(zip(self.term_names, self.gamma.detach().cpu().tolist()))
+        return dict(zip(self.term_names, host_read([self.gamma])))
 
     def terms_dict(self) -> dict[str, float]:
         """The unweighted loss terms of the last :meth:`loss` call, by term name (empty before it)."""
         if self.last_terms is None:
             return {}
-        return dict(zip(self.term_names, self.last_terms.cpu().tolist()))
+        return dict(zip(self.term_names, host_read([self.last_terms])))
 
     def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle:
         """Call ``hook(record)`` after every successful meta step, like
@@ -625,7 +625,7 @@ class Weighting(NamedWeights):
                             [v.detach().float().reshape(-1) for v in proposal.values()
                              if isinstance(v, Tensor) and v.is_floating_point()] +
                             ([shown.float()] if shown is not None else []))
-        values = checked.cpu().tolist()  # the one host read of the call
+        values = host_read([checked])  # the one host read of the call
         n = self._terms.num_terms
         named = dict(zip(self.term_names, values[-n:])) if shown is not None else None
         # the terms count when the rule reads them (RLW and SDN do not)
