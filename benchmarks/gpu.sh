@@ -7,9 +7,9 @@
 #     bash benchmarks/gpu.sh OUTDIR            # on a machine with CUDA; results and logs land in OUTDIR
 #     DEVICE=cpu ROUNDS=1 bash benchmarks/gpu.sh /tmp/dry   # the same commands on the CPU (a dry run)
 #
-# Each part runs on its own, under its own time limit, so one that fails (the CUDA-graph capture has never
-# run before its first GPU session) leaves the others' results; the capturable variants are run again
-# without the graphs if the run with them fails. fp32 with TF32 off (the overhead and latency scripts turn
+# Each part runs on its own, under its own time limit, so one that fails leaves the others' results (in the first
+# GPU run, 2026-12-04, the graphs' timing hit a device-side assert, a fault of the benchmark's since fixed); the
+# capturable variants are run again without the graphs if the run with them fails. fp32 with TF32 off (the overhead and latency scripts turn
 # it off on CUDA), as issue 20 measured. `higher` is imported by metaweight: where it is not installed, a
 # wheel in .whl/ is installed into a private folder first (`pip download higher==0.2.1 -d .whl`).
 set -uo pipefail
@@ -51,15 +51,19 @@ part() {  # NAME SECONDS COMMAND...: run COMMAND under a time limit, its output 
     return "$status"
 }
 
-part overhead 240 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" \
-    --variants "own loop" "two-call, fixed weights" "step, learn=False" jvp fast higher "fast, validation batch 16" \
-    --out "$out/overhead.json"
-part latency 75 python3 benchmarks/latency.py --device "$device" --batch 256 --repeats 7
-part capture 110 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
-    --variants "own loop" "own loop, fused SGD" "fast, capturable" "own loop, fused SGD, CUDA graph" \
+# the parts in order of what is still unmeasured (2026-12-04's H200 run timed everything but the graphs' replays;
+# its overhead part ran out of time in the peak-memory runs, so the memory runs come last, in a part of their own)
+part capture 100 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
+    --no-errors --variants "own loop" "own loop, fused SGD" "fast, capturable" "own loop, fused SGD, CUDA graph" \
     "fast, capturable, CUDA graph" --out "$out/capture.json" \
-|| part capturable 80 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
-    --variants "own loop" "own loop, fused SGD" "fast, capturable" --out "$out/capturable.json"
-part capture_check 90 python3 benchmarks/capture_check.py --device "$device" --steps 8
-[[ $device == cuda* ]] && part gpu_tests 45 python3 -m pytest -q -p no:cacheprovider tests/test_outside_step.py -k gpu_model
+|| part capturable 70 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
+    --no-errors --variants "own loop" "own loop, fused SGD" "fast, capturable" --out "$out/capturable.json"
+part overhead 150 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
+    --no-errors --variants "own loop" "two-call, fixed weights" "step, learn=False" jvp fast higher \
+    "fast, validation batch 16" --out "$out/overhead.json"
+part latency 75 python3 benchmarks/latency.py --device "$device" --batch 256 --repeats 7
+part capture_check 60 python3 benchmarks/capture_check.py --device "$device" --steps 8
+[[ $device == cuda* ]] && part gpu_tests 30 python3 -m pytest -q -p no:cacheprovider tests/test_outside_step.py -k gpu_model
+part memory 150 python3 benchmarks/overhead.py --models msdnet --rounds 1 --device "$device" --no-errors \
+    --variants "own loop" "step, learn=False" jvp fast --out "$out/memory.json"
 exit 0

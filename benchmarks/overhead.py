@@ -383,6 +383,8 @@ def main(argv=None):
     p.add_argument("--counts-only", action="store_true", help="only the profiler counts: no timing, memory or "
                                                                "gamma-gradient errors")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (a fresh process per variant)")
+    p.add_argument("--no-errors", action="store_true", help="skip the gamma-gradient errors against float64 higher "
+                   "(slow on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
@@ -445,7 +447,7 @@ def main(argv=None):
             print(f"{name:40s} " + " ".join(f"{form.format(rows[name][key]):>10s}" for _, key, form in columns),
                   flush=True)
         report["models"][model_name] = {"variants": rows}
-        if not args.counts_only:
+        if not args.counts_only and not args.no_errors:
             errors = gamma_grad_errors(model_name, args.device, args.batch_size)
             print("gamma-gradient relative error against float64 higher: "
                   + ", ".join(f"{b} {e:.1e}" for b, e in errors.items()))
