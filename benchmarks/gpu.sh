@@ -61,6 +61,8 @@ part capture 100 python3 benchmarks/overhead.py --models msdnet --rounds "$round
 part overhead 150 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
     --no-errors --variants "own loop" "two-call, fixed weights" "step, learn=False" jvp fast higher \
     "fast, validation batch 16" --out "$out/overhead.json"
+part breakdown 60 python3 benchmarks/overhead.py --models msdnet --device "$device" --counts-only --breakdown 25 \
+    --variants "own loop" "step, learn=False" jvp fast --out "$out/breakdown.json"
 part latency 75 python3 benchmarks/latency.py --device "$device" --batch 256 --repeats 7
 part capture_check 60 python3 benchmarks/capture_check.py --device "$device" --steps 8
 [[ $device == cuda* ]] && part gpu_tests 30 python3 -m pytest -q -p no:cacheprovider tests/test_outside_step.py -k gpu_model

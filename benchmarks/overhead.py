@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -232,13 +233,14 @@ METADATA_OPS = frozenset(f"aten::{name}" for name in (
 HOST_READ = "metaweight::host_read"  # the library's one read of a step's values (a .cpu().tolist())
 
 
-def count(iterate, device, iterations=UNIT):
+def count(iterate, device, iterations=UNIT, breakdown=False):
     """Per call of ``iterate``, from torch.profiler: leaf ATen ops (``aten::`` ops with no ``aten::``
     op below them); launch-equivalent ops (the leaf ops that would run a kernel on a GPU: leaf ops
     less :data:`METADATA_OPS`, and a multi-tensor ``_foreach_*`` op as one, since on a GPU it is one
     launch where the CPU loops over its tensors); host reads (``aten::_local_scalar_dense`` and the
     library's ``metaweight::host_read``); on CUDA also GPU kernel milliseconds, kernel launches and host
-    synchronisations."""
+    synchronisations. ``breakdown``: also ``"by_op"``, the launch-equivalent ops per call by name, and on
+    CUDA ``"by_kernel"``, the GPU kernels per call by name."""
     cuda = device.startswith("cuda")
     sync(device)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -265,9 +267,10 @@ def count(iterate, device, iterations=UNIT):
     for e in multi:
         mark(e)
     multi_ids = {id(e) for e in multi}
-    launches = sum(1 for e in multi if id(e) not in under_foreach)
-    launches += sum(e.name.startswith("aten::") and not aten_below(e) and e.name not in METADATA_OPS
-                    and id(e) not in under_foreach and id(e) not in multi_ids for e in events)
+    launching = [e for e in multi if id(e) not in under_foreach]
+    launching += [e for e in events if e.name.startswith("aten::") and not aten_below(e) and e.name not in METADATA_OPS
+                  and id(e) not in under_foreach and id(e) not in multi_ids]
+    launches = len(launching)
     counts = {"leaf_ops": sum(e.name.startswith("aten::") and not aten_below(e) for e in events) / iterations,
               "kernel_ops": launches / iterations,
               # (CPU events only: with CUDA activity a record_function range is also a GPU annotation of its name)
@@ -279,15 +282,36 @@ def count(iterate, device, iterations=UNIT):
         counts["kernel_ms"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / iterations
         counts["launches"] = sum(e.name in LAUNCHES for e in events) / iterations
         counts["syncs"] = sum(e.name.startswith("cu") and "Synchronize" in e.name for e in events) / iterations
+        if breakdown:
+            counts["by_kernel"] = {k: v / iterations for k, v in Counter(e.name for e in kernels).items()}
+    if breakdown:
+        counts["by_op"] = {k: v / iterations for k, v in Counter(e.name for e in launching).items()}
     return counts
 
 
-def profile_counts(model_name, device, batch_size, name):
+def profile_counts(model_name, device, batch_size, name, breakdown=False):
     """:func:`count` over UNIT iterations of a variant, after 2 of warm-up."""
     iterate = setup(model_name, device, batch_size, name)
     for _ in range(2):
         iterate()
-    return count(iterate, device)
+    return count(iterate, device, breakdown=breakdown)
+
+
+def print_breakdown(counts, top):
+    """Per variant, the ``top`` ops (and on CUDA kernels) it runs more often per iteration than the baseline."""
+    base = counts[BASELINE]
+    for name, c in counts.items():
+        if name == BASELINE:
+            continue
+        for key, what in (("by_op", "launch-equivalent ops"), ("by_kernel", "GPU kernels")):
+            if key not in c:
+                continue
+            extra = {k: v - base[key].get(k, 0.0) for k, v in c[key].items()}
+            extra = sorted(((v, k) for k, v in extra.items() if v > 0), reverse=True)[:top]
+            print(f"{name!r}: {what} beyond {BASELINE!r} ({sum(c[key].values()) - sum(base[key].values()):+.0f} "
+                  f"per iteration in all), the {len(extra)} largest:")
+            for v, k in extra:
+                print(f"  {v:8.1f}  {k[:110]}")
 
 
 def peak_memory_child(model_name, device, batch_size, name):
@@ -383,6 +407,8 @@ def main(argv=None):
     p.add_argument("--counts-only", action="store_true", help="only the profiler counts: no timing, memory or "
                                                                "gamma-gradient errors")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (a fresh process per variant)")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N", help="print, per variant, the N ops (on CUDA "
+                   "also kernels) it runs more often than the user's loop")
     p.add_argument("--no-errors", action="store_true", help="skip the gamma-gradient errors against float64 higher "
                    "(slow on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -405,8 +431,11 @@ def main(argv=None):
               f"ratios to {BASELINE!r} ==", flush=True)
         counts = {}
         for name in names:  # each printed as taken: a run stopped later keeps them
-            counts[name] = profile_counts(model_name, args.device, args.batch_size, name)
-            print(f"counts {name!r}: " + ", ".join(f"{k} {v:.1f}" for k, v in counts[name].items()), flush=True)
+            counts[name] = profile_counts(model_name, args.device, args.batch_size, name, breakdown=bool(args.breakdown))
+            print(f"counts {name!r}: " + ", ".join(f"{k} {v:.1f}" for k, v in counts[name].items()
+                                                  if not isinstance(v, dict)), flush=True)
+        if args.breakdown:
+            print_breakdown(counts, args.breakdown)
         rows = {name: dict(counts[name]) for name in names}
         base = counts[BASELINE]
         for name in names:

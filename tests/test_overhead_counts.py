@@ -33,3 +33,16 @@ def test_count_gives_leaf_ops_and_host_reads_per_call():
 def test_the_users_loop_is_the_baseline_and_comes_first():
     assert overhead.BASELINE == next(iter(overhead.VARIANTS))
     assert overhead.VARIANTS[overhead.BASELINE][0] == {"loop": "own"}
+
+
+def test_the_breakdown_names_the_launch_equivalent_ops_it_counts():
+    x = torch.ones(3)
+
+    def iterate():
+        y = torch.exp(x).view(3)  # a view launches nothing
+        torch._foreach_mul([y, y, y], 2.0)  # one launch on a GPU, whatever the number of tensors
+        torch.neg(y)
+
+    counts = overhead.count(iterate, "cpu", iterations=2, breakdown=True)
+    assert counts["by_op"] == {"aten::exp": 1, "aten::_foreach_mul": 1, "aten::neg": 1}
+    assert sum(counts["by_op"].values()) == counts["kernel_ops"] == 3
