@@ -267,9 +267,20 @@ def count(iterate, device, iterations=UNIT, breakdown=False):
     for e in multi:
         mark(e)
     multi_ids = {id(e) for e in multi}
+    working: dict[int, bool] = {}  # id(event) -> whether an aten:: op that is not metadata runs below it
+
+    def work_below(event) -> bool:
+        key = id(event)
+        if key not in working:
+            working[key] = any((c.name.startswith("aten::") and c.name not in METADATA_OPS) or work_below(c)
+                               for c in event.cpu_children)
+        return working[key]
+
     launching = [e for e in multi if id(e) not in under_foreach]
-    launching += [e for e in events if e.name.startswith("aten::") and not aten_below(e) and e.name not in METADATA_OPS
-                  and id(e) not in under_foreach and id(e) not in multi_ids]
+    # the lowest ops that do work: an op whose only ATen children describe memory (aten::mm below which only
+    # aten::resolve_conj runs) launches its own kernel
+    launching += [e for e in events if e.name.startswith("aten::") and e.name not in METADATA_OPS
+                  and not work_below(e) and id(e) not in under_foreach and id(e) not in multi_ids]
     launches = len(launching)
     counts = {"leaf_ops": sum(e.name.startswith("aten::") and not aten_below(e) for e in events) / iterations,
               "kernel_ops": launches / iterations,

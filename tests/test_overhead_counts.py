@@ -42,7 +42,9 @@ def test_the_breakdown_names_the_launch_equivalent_ops_it_counts():
         y = torch.exp(x).view(3)  # a view launches nothing
         torch._foreach_mul([y, y, y], 2.0)  # one launch on a GPU, whatever the number of tensors
         torch.neg(y)
+        torch.mm(y[None], w)  # below it only aten::resolve_conj, which describes memory: mm itself launches
 
+    w = torch.ones(3, 2)
     counts = overhead.count(iterate, "cpu", iterations=2, breakdown=True)
-    assert counts["by_op"] == {"aten::exp": 1, "aten::_foreach_mul": 1, "aten::neg": 1}
-    assert sum(counts["by_op"].values()) == counts["kernel_ops"] == 3
+    assert counts["by_op"] == {"aten::exp": 1, "aten::_foreach_mul": 1, "aten::neg": 1, "aten::mm": 1}
+    assert sum(counts["by_op"].values()) == counts["kernel_ops"] == 4
