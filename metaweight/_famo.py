@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from metaweight._checks import check_has_values, in_dtype, per_term, real_numbers
 from metaweight._hypergradient import call_with
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import Scratch
+from metaweight._transaction import Scratch, host_equal, host_read
 from metaweight._walk import current_walk, walk
 from metaweight._weighting import Weighting, adam_update, batch_samples, check_number, first_labels
 
@@ -182,7 +182,7 @@ class FAMO(Weighting):
         expected = saved[0] if len(saved) == 1 else torch.cat([t.reshape(t.shape[0], -1) for t in saved])
         given_flat = given if len(saved) == 1 else given.reshape(given.shape[0], -1)
         if given_flat.shape == expected.shape and given_flat.dtype == expected.dtype and \
-                bool(torch.equal(given_flat, expected.to(given_flat.device))):
+                host_equal(given_flat, expected.to(given_flat.device)):
             return
         raise ValueError("FAMO.meta_step got a batch whose labels are not those of this iteration's loss() "
                          f"call{'s' if len(saved) > 1 else ''}: FAMO compares the terms of the same batch before and "
@@ -221,8 +221,9 @@ class FAMO(Weighting):
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
         if not terms:
             return ""
-        bounds = dict(zip(self.term_names, self.min_losses.tolist()))
-        active = dict(zip(self.term_names, self._terms.active.tolist()))
+        n = len(self.term_names)
+        values = host_read([self.min_losses, self._active])  # (a refused step's message: one read more)
+        bounds, active = dict(zip(self.term_names, values[:n])), dict(zip(self.term_names, values[n:]))
         below = {n: v for n, v in terms.items() if active[n] and math.isfinite(v) and not v - bounds[n] + EPS > 0}
         if not below:
             return ""

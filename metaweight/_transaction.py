@@ -54,6 +54,18 @@ def host_read(values: Sequence[Tensor]) -> list[float]:
         return flat.cpu().tolist()
 
 
+def host_equal(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal(a, b)`` (same shape, same values after type promotion) read through :func:`host_read`.
+
+    ``torch.equal`` on a GPU is a synchronisation its C++ makes (``.item()`` of the comparison), outside
+    ``host_read``: a step's count would miss it on the CPU, where it reads nothing through the dispatcher."""
+    if a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return host_read([torch.eq(a, b).all()])[0] == 1.0
+
+
 def _groups(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
     grouped: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:

@@ -29,7 +29,7 @@ from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, 
 from metaweight._protocols import model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import gradients_moved, host_read, not_stepped_message
+from metaweight._transaction import gradients_moved, host_equal, host_read, not_stepped_message
 from metaweight._warn import warn_user
 from metaweight._walk import current_walk
 
@@ -410,6 +410,6 @@ def _same_target(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) != isinstance(b, Tensor):
         return False
     if isinstance(a, Tensor):
-        return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or bool(torch.equal(a, b.to(a.device))))
+        return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or host_equal(a, b.to(a.device)))
     la, lb = tree_leaves(a), tree_leaves(b)
     return len(la) == len(lb) and all(_same_target(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(la, lb))

@@ -388,11 +388,13 @@ class Masked(Running):
 
 
 def one_call_steps():
-    """Every weighter's one-call step(): HDKD's modes and backends and each loss weighting."""
+    """Every weighter's one-call step(): HDKD's modes and backends and each loss weighting (a maker takes
+    further options, e.g. ``nonfinite``)."""
     from test_weightings import options
-    made = [(f"hdkd {o}", lambda m, opt, o=o: mw.HarmonizedWeighter(m, opt, mw.DenseDistillLoss(2), **o))
+    made = [(f"hdkd {o}", lambda m, opt, o=o, **more: mw.HarmonizedWeighter(m, opt, mw.DenseDistillLoss(2), **o, **more))
             for o in ({}, {"backend": "finite_difference"}, {"mode": "fast"}, {"learn": False})]
-    made += [(name, lambda m, opt, name=name: mw.WEIGHTINGS[name](m, opt, mw.DenseDistillLoss(2), **options(name, m)))
+    made += [(name, lambda m, opt, name=name, **more: mw.WEIGHTINGS[name](m, opt, mw.DenseDistillLoss(2),
+                                                                          **options(name, m), **more))
              for name in mw.WEIGHTINGS]
     return made
 
@@ -895,9 +897,11 @@ def test_a_fast_step_with_frozen_parameters_in_its_optimizer_still_decides_once(
 
 class _ReadsOutsideHostRead(TorchFunctionMode):
     """Records each call that brings a tensor's values to the host (``.tolist()``, ``.item()``, ``.numpy()``,
-    ``bool``/``int``/``float``/``index`` of a tensor) made outside ``_transaction.host_read``, with where."""
+    ``bool``/``int``/``float``/``index`` of a tensor; ``torch.equal``/``allclose``, whose read is in C++: on a GPU
+    an ``.item()`` the dispatcher sees, on the CPU none) made outside ``_transaction.host_read``, with where.
+    The random states' comparison (``_randomness.py``) compares host tensors: no read of the device."""
 
-    READS = {"tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+    READS = {"tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__", "equal", "allclose"}
 
     def __init__(self):
         super().__init__()
@@ -906,7 +910,8 @@ class _ReadsOutsideHostRead(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", None) in self.READS:
             stack = traceback.extract_stack()[:-1]
-            if not any(f.name == "host_read" and f.filename.endswith("_transaction.py") for f in stack):
+            if not any(f.name == "host_read" and f.filename.endswith("_transaction.py") or
+                       f.name == "same_rng_state" and f.filename.endswith("_randomness.py") for f in stack):
                 mine = [f for f in stack if f"{os.sep}metaweight{os.sep}" in f.filename]
                 self.outside.append(f"{func.__name__} at {mine[-1].filename.rsplit(os.sep, 1)[-1]}:{mine[-1].lineno}"
                                     if mine else f"{func.__name__} in the test")
@@ -918,6 +923,8 @@ def step_forms():
     weighting, and the two-call form (loss, the user's backward and step, meta_step) of each."""
     forms = [(f"{name}, step()", make, "one") for name, make in one_call_steps()]
     forms += [(f"{name}, two calls", make, "two") for name, make in one_call_steps()]
+    forms += [(f"{name}, step() refused", lambda m, opt, make=make: make(m, opt, nonfinite="skip"), "refused")
+              for name, make in one_call_steps()]
     forms += [("hdkd {'capturable': True}, device_step()",
                lambda m, opt: mw.HarmonizedWeighter(m, opt, mw.DenseDistillLoss(2), mode="fast", nonfinite="skip",
                                                     capturable=True), "device")]
@@ -936,9 +943,12 @@ def test_every_read_of_a_step_goes_through_host_read(name, make, form):
     w = make(model, opt)
     (x, y), (xv, yv) = batch(), batch(n=12)
 
-    def call():
-        if form == "one":
+    def call(last=False):
+        if form == "one" or form == "refused" and not last:
             return w.step((x, y.clone()), (xv, yv.clone()))
+        if form == "refused":  # a NaN input: the step refused, its message written
+            with quiet():
+                return w.step((x.clone().fill_(float("nan")), y.clone()), (xv, yv.clone()))
         if form == "device":
             return w.device_step((x, y), (xv, yv))
         opt.zero_grad()
@@ -949,5 +959,5 @@ def test_every_read_of_a_step_goes_through_host_read(name, make, form):
     for _ in range(2):
         call()
     with _ReadsOutsideHostRead() as reads:
-        call()
+        call(last=True)
     assert reads.outside == [], name
