@@ -52,6 +52,7 @@ from metaweight._hypergradient import Reducer, call_with
 from metaweight._protocols import ModelCall, Objective, Terms
 from metaweight._randomness import model_generators, replay_randomness
 from metaweight._tangents import ShortTangents, dual_level
+from metaweight._transaction import host_read
 
 RELATIVE = 1e-4  # a gap below this fraction of the derivative is not refused
 RELATIVE_OWN = 1e-2  # ... in the model's own dtype (a model that cannot run on float64 copies)
@@ -345,7 +346,7 @@ def gradient_mismatch(model: nn.Module, terms: Terms, objective: Objective, trai
     if failure is not None or refusal is not None or len(numbers) != sides * width:
         numbers = [torch.zeros((), dtype=torch.float64, device=device)] * (sides * width)
     flat = reducer.mean([torch.stack([*flags, *[n.detach().reshape(()).to(torch.float64) for n in numbers]])])[0]
-    flat = flat.tolist()
+    flat = host_read([flat])
     if failure is not None:
         raise failure
     if flat[0] > 0.0:  # another rank's check raised: every rank leaves it alike

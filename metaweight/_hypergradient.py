@@ -359,7 +359,7 @@ def meta_gradient(
         if reducer.world > 1:  # the step DDP would take: the gradient averaged over ranks
             grads = tuple(reducer.mean(_or_zeros(grads, movable)))
         # (the differences run along D * v: Adam's D kept off the weights the terms do not reach)
-        keep = unweighted_term(gamma, criterion.active.to(device)) if backend == "finite_difference" else None
+        keep = unweighted_term(gamma, criterion.active_on(device)) if backend == "finite_difference" else None
         new, jac = lookahead_update(optimizer, [p for _, p in movable], grads, device_counts=True,
                                     keep_unreached=keep)
         lookahead = {n: t.requires_grad_(True) for (n, _), t in zip(movable, new)}

@@ -110,10 +110,15 @@ class Terms:
             return values
         # an inactive term is 0 whatever the criterion put there: selected, not multiplied by a weight of 0, so a
         # NaN or inf in it (0 * NaN = NaN) cannot reach the weighted loss, its gradient or any update
-        mask = self._masks.get(values.device)
+        return torch.where(self.active_on(values.device), values, values.new_zeros(()))
+
+    def active_on(self, device: torch.device) -> Tensor:
+        """:attr:`active` on ``device``, copied there once (a copy between devices at every step is a
+        synchronisation on a GPU)."""
+        mask = self._masks.get(device)
         if mask is None:
-            mask = self._masks[values.device] = self.active.to(values.device)
-        return torch.where(mask, values, values.new_zeros(()))
+            mask = self._masks[device] = self.active.to(device)
+        return mask
 
 
 class Objective:

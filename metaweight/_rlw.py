@@ -72,13 +72,15 @@ class RLW(Weighting):
 
     def _draw(self) -> Tensor:
         draws = torch.randn(self.num_active, generator=self.generator, dtype=torch.float32)
-        return rlw_weights(draws, self._terms.active.cpu())
+        return rlw_weights(draws, self._terms.active_on(torch.device("cpu")))
 
     def _initial_gamma(self) -> Tensor:
         return self._draw()
 
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
-        return {"gamma": self._draw().to(self.device)}  # softmax of normal draws: always finite
+        # (drawn on the host, for the same weights on every device; copied without waiting for the device's queue,
+        # which a blocking copy from pageable memory does)
+        return {"gamma": self._draw().to(self.device, non_blocking=True)}  # softmax of normal draws: always finite
 
     _gamma_sum = "one"  # (a softmax)
 

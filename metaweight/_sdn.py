@@ -107,7 +107,8 @@ class SDNSchedule(Weighting):
         return self._weights_at(0)
 
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
-        return {"gamma": self._weights_at(self.num_calls + 1).to(self.device) * self._active}
+        # (computed on the host; copied without waiting for the device's queue, which a blocking copy waits for)
+        return {"gamma": self._weights_at(self.num_calls + 1).to(self.device, non_blocking=True) * self._active}
 
     def _state_options(self) -> dict[str, Any]:
         # the schedule's position

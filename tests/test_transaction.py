@@ -901,7 +901,7 @@ class _ReadsOutsideHostRead(TorchFunctionMode):
     an ``.item()`` the dispatcher sees, on the CPU none) made outside ``_transaction.host_read``, with where.
     The random states' comparison (``_randomness.py``) compares host tensors: no read of the device."""
 
-    READS = {"tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__", "equal", "allclose"}
+    READS = {"tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "equal", "allclose"}
 
     def __init__(self):
         super().__init__()
