@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from metaweight._checks import integer_value
 from metaweight._record import MetaStepRecord
+from metaweight._transaction import host_to_device
 from metaweight._weighting import Weighting
 
 
@@ -78,9 +79,9 @@ class RLW(Weighting):
         return self._draw()
 
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
-        # (drawn on the host, for the same weights on every device; copied without waiting for the device's queue,
-        # which a blocking copy from pageable memory does)
-        return {"gamma": self._draw().to(self.device, non_blocking=True)}  # softmax of normal draws: always finite
+        # (drawn on the host, for the same weights on every device; on CUDA copied without waiting for the
+        # device's queue, which a blocking copy from pageable memory does)
+        return {"gamma": host_to_device(self._draw(), self.device)}  # softmax of normal draws: always finite
 
     _gamma_sum = "one"  # (a softmax)
 

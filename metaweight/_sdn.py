@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._record import MetaStepRecord
+from metaweight._transaction import host_to_device
 from metaweight._checks import in_dtype, real_scalar
 from metaweight._weighting import Weighting, check_int
 
@@ -107,8 +108,8 @@ class SDNSchedule(Weighting):
         return self._weights_at(0)
 
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
-        # (computed on the host; copied without waiting for the device's queue, which a blocking copy waits for)
-        return {"gamma": self._weights_at(self.num_calls + 1).to(self.device, non_blocking=True) * self._active}
+        # (computed on the host; on CUDA copied without waiting for the device's queue, which a blocking copy waits for)
+        return {"gamma": host_to_device(self._weights_at(self.num_calls + 1), self.device) * self._active}
 
     def _state_options(self) -> dict[str, Any]:
         # the schedule's position

@@ -66,6 +66,18 @@ def host_equal(a: Tensor, b: Tensor) -> bool:
     return host_read([torch.eq(a, b).all()])[0] == 1.0
 
 
+def host_to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` (a host tensor, typically a temporary) on ``device``, without a blocking copy where that is safe.
+
+    On CUDA a copy from pageable host memory with ``non_blocking=True`` is staged before the call
+    returns, so the host tensor may be freed at once and the host does not wait for the device's
+    queue. Elsewhere (MPS, XPU, ...) a non-blocking copy may still read the host memory after the call
+    returns, and a freed temporary would be read after reuse: the copy there is the ordinary one.
+    """
+    device = torch.device(device)
+    return t.to(device, non_blocking=device.type == "cuda")
+
+
 def _groups(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
     grouped: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:

@@ -897,11 +897,14 @@ def test_a_fast_step_with_frozen_parameters_in_its_optimizer_still_decides_once(
 
 class _ReadsOutsideHostRead(TorchFunctionMode):
     """Records each call that brings a tensor's values to the host (``.tolist()``, ``.item()``, ``.numpy()``,
-    ``bool``/``int``/``float``/``index`` of a tensor; ``torch.equal``/``allclose``, whose read is in C++: on a GPU
-    an ``.item()`` the dispatcher sees, on the CPU none) made outside ``_transaction.host_read``, with where.
+    ``bool``/``int``/``float``/``index``/``complex``/``format``/``repr``/``in`` of a tensor; ``torch.equal``/``allclose``,
+    whose read is in C++: on a GPU an ``.item()`` the dispatcher sees, on the CPU none; ``nonzero``/``argwhere``/
+    ``masked_select``, whose output's size is read back) made outside ``_transaction.host_read``, with where.
     The random states' comparison (``_randomness.py``) compares host tensors: no read of the device."""
 
-    READS = {"tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "equal", "allclose"}
+    READS = {"tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__complex__",
+             "__format__", "__repr__", "__contains__", "__array__", "equal", "allclose",
+             "nonzero", "argwhere", "masked_select"}  # (the last three: an output sized by the values)
 
     def __init__(self):
         super().__init__()
@@ -915,6 +918,27 @@ class _ReadsOutsideHostRead(TorchFunctionMode):
                 mine = [f for f in stack if f"{os.sep}metaweight{os.sep}" in f.filename]
                 self.outside.append(f"{func.__name__} at {mine[-1].filename.rsplit(os.sep, 1)[-1]}:{mine[-1].lineno}"
                                     if mine else f"{func.__name__} in the test")
+        return func(*args, **(kwargs or {}))
+
+
+class _NonBlockingCopies(TorchFunctionMode):
+    """Records each copy asked to be non-blocking (``to``/``copy_``/``cuda`` with ``non_blocking=True``).
+
+    Only a copy to a CUDA device may be: from pageable host memory CUDA stages it before the call returns,
+    so a host temporary may be freed at once; MPS (and other devices) may read the host memory after the
+    call returns, from a temporary freed and reused meanwhile. On the CPU every such copy is one of those."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", None)
+        if name in {"to", "copy_", "cuda"} and ((kwargs or {}).get("non_blocking") is True or
+                                                 any(a is True for a in args[1:])):
+            mine = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}metaweight{os.sep}" in f.filename]
+            self.copies.append(f"{name} at {mine[-1].filename.rsplit(os.sep, 1)[-1]}:{mine[-1].lineno}"
+                               if mine else f"{name} in the test")
         return func(*args, **(kwargs or {}))
 
 
@@ -935,8 +959,9 @@ def step_forms():
 def test_every_read_of_a_step_goes_through_host_read(name, make, form):
     """The profiler counts a read as ``aten::_local_scalar_dense`` or the ``metaweight::host_read`` range; a
     ``.tolist()`` outside ``host_read`` is neither, so the counts (``reads_per_step``, benchmarks/overhead.py)
-    would miss it (a loss weighting's update read its values so until this test). After two warm-up calls,
-    with fresh label tensors, no step form reads the host but through ``host_read``."""
+    would miss it (a loss weighting's update read its values so until this test). In three calls (the first
+    with its one-time checks, the gradient check among them), with fresh label tensors, no step form reads the
+    host but through ``host_read``."""
     torch.manual_seed(0)
     model = tiny_net(2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=form == "device" or None)
@@ -956,8 +981,54 @@ def test_every_read_of_a_step_goes_through_host_read(name, make, form):
         opt.step()
         return w.meta_step((x, y.clone()), (xv, yv.clone()))
 
-    for _ in range(2):
-        call()
     with _ReadsOutsideHostRead() as reads:
-        call(last=True)
+        for i in range(3):
+            call(last=i == 2)
     assert reads.outside == [], name
+
+
+@pytest.mark.parametrize("name, make, form", step_forms(), ids=[n for n, _, _ in step_forms()])
+def test_no_step_copies_without_blocking_to_a_device_other_than_cuda(name, make, form):
+    """RLW and SDN compute their weights on the host and copied them with ``non_blocking=True`` to any
+    device; on MPS such a copy of a freed temporary may read reused memory. ``host_to_device`` asks for a
+    non-blocking copy on CUDA only: on the CPU, no step form makes one."""
+    torch.manual_seed(0)
+    model = tiny_net(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=form == "device" or None)
+    w = make(model, opt)
+    (x, y), (xv, yv) = batch(), batch(n=12)
+    with _NonBlockingCopies() as copies:
+        for i in range(3):
+            if form in ("one", "refused"):
+                with quiet():
+                    w.step((x.clone().fill_(float("nan")) if form == "refused" and i == 2 else x, y), (xv, yv))
+            elif form == "device":
+                w.device_step((x, y), (xv, yv))
+            else:
+                opt.zero_grad()
+                w.loss(model(x), y).backward()
+                opt.step()
+                w.meta_step((x, y), (xv, yv))
+    assert copies.copies == [], name
+
+
+class _RecordedCopy(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "to":
+            self.calls.append((args[1:], dict(kwargs or {})))
+            return args[0]  # (not run: no CUDA here)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device, non_blocking", [("cuda", True), ("cuda:1", True), ("mps", False),
+                                                  ("xpu", False), ("cpu", False), ("meta", False)])
+def test_host_to_device_is_non_blocking_on_cuda_only(device, non_blocking):
+    from metaweight._transaction import host_to_device
+
+    with _RecordedCopy() as recorded:
+        host_to_device(torch.ones(3), torch.device(device))
+    assert recorded.calls == [((torch.device(device),), {"non_blocking": non_blocking})]
