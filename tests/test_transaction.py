@@ -895,6 +895,12 @@ def test_a_fast_step_with_frozen_parameters_in_its_optimizer_still_decides_once(
     assert reads_per_step(w, model) == 2
 
 
+def _where(name, stack):
+    """``name`` and the library's innermost frame in ``stack`` (file:line), or "in the test"."""
+    mine = [f for f in stack if f"{os.sep}metaweight{os.sep}" in f.filename]
+    return f"{name} at {mine[-1].filename.rsplit(os.sep, 1)[-1]}:{mine[-1].lineno}" if mine else f"{name} in the test"
+
+
 class _ReadsOutsideHostRead(TorchFunctionMode):
     """Records each call that brings a tensor's values to the host (``.tolist()``, ``.item()``, ``.numpy()``,
     ``bool``/``int``/``float``/``index``/``complex``/``format``/``repr``/``in`` of a tensor; ``torch.equal``/``allclose``,
@@ -915,9 +921,7 @@ class _ReadsOutsideHostRead(TorchFunctionMode):
             stack = traceback.extract_stack()[:-1]
             if not any(f.name == "host_read" and f.filename.endswith("_transaction.py") or
                        f.name == "same_rng_state" and f.filename.endswith("_randomness.py") for f in stack):
-                mine = [f for f in stack if f"{os.sep}metaweight{os.sep}" in f.filename]
-                self.outside.append(f"{func.__name__} at {mine[-1].filename.rsplit(os.sep, 1)[-1]}:{mine[-1].lineno}"
-                                    if mine else f"{func.__name__} in the test")
+                self.outside.append(_where(func.__name__, stack))
         return func(*args, **(kwargs or {}))
 
 
@@ -936,9 +940,7 @@ class _NonBlockingCopies(TorchFunctionMode):
         name = getattr(func, "__name__", None)
         if name in {"to", "copy_", "cuda"} and ((kwargs or {}).get("non_blocking") is True or
                                                  any(a is True for a in args[1:])):
-            mine = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}metaweight{os.sep}" in f.filename]
-            self.copies.append(f"{name} at {mine[-1].filename.rsplit(os.sep, 1)[-1]}:{mine[-1].lineno}"
-                               if mine else f"{name} in the test")
+            self.copies.append(_where(name, traceback.extract_stack()[:-1]))
         return func(*args, **(kwargs or {}))
 
 
@@ -962,6 +964,16 @@ def test_every_read_of_a_step_goes_through_host_read(name, make, form):
     would miss it (a loss weighting's update read its values so until this test). In three calls (the first
     with its one-time checks, the gradient check among them), with fresh label tensors, no step form reads the
     host but through ``host_read``."""
+    calls = step_form_calls(make, form)  # (the weighter built outside the watch: its constructor's checks read)
+    with _ReadsOutsideHostRead() as reads:
+        calls()
+    assert reads.outside == [], name
+
+
+def step_form_calls(make, form):
+    """A fresh weighter of a step form (``step_forms``), and a function making three of its calls, each with fresh
+    label tensors: the first with its one-time checks, the last refused for the "refused" form (a NaN input, its
+    message written)."""
     torch.manual_seed(0)
     model = tiny_net(2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=form == "device" or None)
@@ -981,10 +993,10 @@ def test_every_read_of_a_step_goes_through_host_read(name, make, form):
         opt.step()
         return w.meta_step((x, y.clone()), (xv, yv.clone()))
 
-    with _ReadsOutsideHostRead() as reads:
+    def calls():
         for i in range(3):
             call(last=i == 2)
-    assert reads.outside == [], name
+    return calls
 
 
 @pytest.mark.parametrize("name, make, form", step_forms(), ids=[n for n, _, _ in step_forms()])
@@ -992,23 +1004,9 @@ def test_no_step_copies_without_blocking_to_a_device_other_than_cuda(name, make,
     """RLW and SDN compute their weights on the host and copied them with ``non_blocking=True`` to any
     device; on MPS such a copy of a freed temporary may read reused memory. ``host_to_device`` asks for a
     non-blocking copy on CUDA only: on the CPU, no step form makes one."""
-    torch.manual_seed(0)
-    model = tiny_net(2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=form == "device" or None)
-    w = make(model, opt)
-    (x, y), (xv, yv) = batch(), batch(n=12)
+    calls = step_form_calls(make, form)
     with _NonBlockingCopies() as copies:
-        for i in range(3):
-            if form in ("one", "refused"):
-                with quiet():
-                    w.step((x.clone().fill_(float("nan")) if form == "refused" and i == 2 else x, y), (xv, yv))
-            elif form == "device":
-                w.device_step((x, y), (xv, yv))
-            else:
-                opt.zero_grad()
-                w.loss(model(x), y).backward()
-                opt.step()
-                w.meta_step((x, y), (xv, yv))
+        calls()
     assert copies.copies == [], name
 
 
