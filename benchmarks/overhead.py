@@ -229,7 +229,12 @@ METADATA_OPS = frozenset(f"aten::{name}" for name in (
     "detach", "detach_", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "slice", "select",
     "narrow", "split", "split_with_sizes", "unbind", "unflatten", "resize_", "set_", "is_same_size",
     "_has_same_storage_numel", "result_type", "resolve_conj", "resolve_neg", "_make_dual", "_unpack_dual",
-    "lift_fresh", "_efficientzerotensor", "_conj", "_neg_view", "view_as_real", "to"))
+    "lift_fresh", "_efficientzerotensor", "_conj", "_neg_view", "view_as_real", "view_as_complex", "to",
+    # composites that only call the ops above (or, when they must copy, an op that does work, counted there)
+    "empty_like", "new_empty", "new_empty_strided", "empty_permuted", "resize_as_", "reshape", "reshape_as",
+    "flatten", "view_as", "expand_as", "broadcast_to", "contiguous", "type_as", "unfold", "squeeze_",
+    "unsqueeze_", "chunk", "tensor_split", "movedim", "swapaxes", "transpose_", "t_", "diagonal",
+    "_fw_primal", "_nnpack_available"))
 HOST_READ = "metaweight::host_read"  # the library's one read of a step's values (a .cpu().tolist())
 
 

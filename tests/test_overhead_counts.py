@@ -48,3 +48,22 @@ def test_the_breakdown_names_the_launch_equivalent_ops_it_counts():
     counts = overhead.count(iterate, "cpu", iterations=2, breakdown=True)
     assert counts["by_op"] == {"aten::exp": 1, "aten::_foreach_mul": 1, "aten::neg": 1, "aten::mm": 1}
     assert sum(counts["by_op"].values()) == counts["kernel_ops"] == 4
+
+
+def test_composites_that_only_describe_memory_launch_nothing_and_a_copy_below_one_counts_once():
+    m = torch.ones(2, 3)
+
+    def iterate():
+        torch.empty_like(m)  # aten::empty_like -> aten::empty_strided: an allocation
+        m.reshape(3, 2)  # aten::reshape -> aten::view
+        m.flatten()
+        m.t().reshape(6)  # not viewable: reshape -> clone -> copy_, the one kernel
+        m.contiguous()  # already contiguous: no op below it
+
+    with torch.profiler.profile() as prof:
+        iterate()
+    names = {e.name for e in prof.events()}
+    assert {"aten::empty_like", "aten::reshape", "aten::flatten", "aten::copy_"} <= names  # what the count walks
+    counts = overhead.count(iterate, "cpu", iterations=2, breakdown=True)
+    assert counts["by_op"] == {"aten::copy_": 1}
+    assert counts["kernel_ops"] == 1
