@@ -5,7 +5,10 @@ every call: on the CIFAR MSDNet (769 modules) about 1-2 ms each on a CPU core, a
 asked for 25 such walks (its checks, each forward's ``functional_call``, the generators, the
 transaction), which on a GPU is host time beside a few milliseconds of kernels. A :class:`ModelWalk`
 is one walk that gives all of them; :func:`walked` keeps one for the length of a call of ``step()``
-(or ``meta_step()``), and :func:`walk` returns it there (a new walk elsewhere).
+(or ``meta_step()``), and :func:`walk` returns it there (a new walk elsewhere). The weighter keeps its
+last walk to the next call, which takes it again where a pass over the modules' dicts finds the same
+names and objects (:meth:`ModelWalk.still_describes`): what the user changed between two steps is seen,
+and an unchanged model is not walked anew at every step.
 
 What a forward may change, the walk must not hide: a forward can register a buffer or create a
 submodule (a mask built at its first call). The parameters, modules and generators a step reads are
@@ -111,6 +114,19 @@ class ModelWalk:
         self.held = _held(modules)
         self.current = True
         self._generators: list[tuple[str, Any]] | None = None
+        self._named_by_model = type(model).named_parameters is not nn.Module.named_parameters or \
+            type(model).named_buffers is not nn.Module.named_buffers
+
+    def still_describes(self) -> bool:
+        """Whether the walk may stand for a new one of its model (a walk kept from one step to the next): every
+        module still holds the very buffers, submodules and parameters under the same names (:meth:`unchanged`),
+        and the model does not list its parameters or buffers through methods of its own, whose answer no
+        identity shows. A walk that does is made current again, its generators to be looked up anew (a
+        generator is a plain attribute, which the identities do not cover)."""
+        if self._named_by_model or not self.unchanged():
+            return False
+        self.current, self._generators = True, None
+        return True
 
     def unchanged(self) -> bool:
         """Whether every module of the walk still holds the very buffers, submodules and parameters it held then
@@ -155,14 +171,21 @@ def check_single_roles(one: ModelWalk) -> None:
             f"changed.")
 
 
-def _held(modules: list[tuple[str, nn.Module]]) -> list[int]:
-    """The ids of the values of each module's ``_buffers``, ``_modules`` and ``_parameters``, in order, with each
-    dict's length (so that a value moved from one slot to another is a change)."""
-    out: list[int] = []
+def _held(modules: list[tuple[str, nn.Module]]) -> list[int | str]:
+    """The names and the ids of the values of each module's ``_buffers``, ``_modules`` and ``_parameters``, in
+    order, with each dict's length (so that a value moved from one slot to another, or a slot renamed, is a
+    change)."""
+    out: list[int | str] = []
+    append, extend = out.append, out.extend
     for _, m in modules:
-        for held in (m._buffers, m._modules, m._parameters):
-            out.append(len(held))
-            out.extend(map(id, held.values()))
+        d = m.__dict__  # (the dicts read straight: this runs at every step, over every module)
+        for held in (d["_buffers"], d["_modules"], d["_parameters"]):
+            if held:
+                append(len(held))
+                extend(held)
+                extend(map(id, held.values()))
+            else:
+                append(0)
     return out
 
 
@@ -185,15 +208,21 @@ def _registered(*_: Any) -> None:
 
 
 @contextlib.contextmanager
-def walked(model: nn.Module) -> Iterator[ModelWalk]:
+def walked(model: nn.Module, owner: Any = None) -> Iterator[ModelWalk]:
     """Within the block, :func:`walk` of ``model`` is one walk taken at its start (nested blocks share it), and
     torch's global registration hooks mark the walks stale (:func:`tree_changed`) whenever a buffer, parameter
-    or submodule is registered (``register_buffer``, assignment to a module's attribute, ``add_module``)."""
+    or submodule is registered (``register_buffer``, assignment to a module's attribute, ``add_module``).
+
+    With ``owner`` (an object calling into the library at every step, a weighter), the block's last walk is kept
+    on it (``owner._kept_walk``) and the next block starts from it where it still describes the model
+    (:meth:`ModelWalk.still_describes`: one pass over the modules' dicts, where a new walk is several), so that
+    what the user changed between two steps is seen and a model left as it was is not walked again."""
     key, scopes = id(model), _scopes
     if key in scopes.walks:
         yield scopes.walks[key]
         return
-    one = ModelWalk(model)
+    kept = getattr(owner, "_kept_walk", None) if owner is not None else None
+    one = kept if kept is not None and kept.modules[0][1] is model and kept.still_describes() else ModelWalk(model)
     if not scopes.walks:
         scopes.hooks = [hook(_registered) for hook in (register_module_buffer_registration_hook,
                                                         register_module_module_registration_hook,
@@ -202,7 +231,9 @@ def walked(model: nn.Module) -> Iterator[ModelWalk]:
     try:
         yield one
     finally:
-        scopes.walks.pop(key, None)
+        last = scopes.walks.pop(key, None)
+        if owner is not None:
+            owner._kept_walk = last
         if not scopes.walks:
             for handle in scopes.hooks:
                 handle.remove()
@@ -251,9 +282,11 @@ def watched_forward() -> Iterator[None]:
 
 
 def walked_call(method: _F) -> _F:
-    """Decorate a method of an object with a ``module`` attribute: the call runs inside :func:`walked`."""
+    """Decorate a method of an object with a ``module`` attribute: the call runs inside :func:`walked`, which
+    keeps the walk on the object for its next call (the object's pickled state should leave ``_kept_walk``
+    out)."""
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with walked(self.module):
+        with walked(self.module, self):
             return method(self, *args, **kwargs)
     return call  # type: ignore[return-value]

@@ -433,6 +433,7 @@ class HarmonizedWeighter(NamedWeights):
         between ``loss()`` and ``meta_step``): a copy starts a new iteration, and its ``meta_step`` says so where
         it finds no ``loss()``."""
         state = dict(self.__dict__)
+        state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
         if state.get("_pending") is not None or state.get("_stepped") is not None:
             state.update(_pending=None, _stepped=None, _lost_calls=COPIED_SINCE)
         return state

@@ -572,8 +572,10 @@ class Weighting(NamedWeights):
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
         count of this optimizer object: a copy starts a new iteration."""
-        return {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None, "_since": None,
-                "_kept_at": None}
+        state = {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None, "_since": None,
+                 "_kept_at": None}
+        state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
+        return state
 
     @walked_call
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:

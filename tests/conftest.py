@@ -16,9 +16,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # references/: the
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Every test starts from the same seeds, and leaves torch's process-wide settings as it found them (Lightning's
+    ``Trainer(deterministic=True)`` turns deterministic algorithms on for the process, whose filling of new
+    memory then showed in a later test's op count)."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    settings = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.get_default_dtype(), torch.get_num_threads())
+    yield
+    if settings != (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                    torch.get_default_dtype(), torch.get_num_threads()):
+        torch.use_deterministic_algorithms(settings[0], warn_only=settings[1])
+        torch.set_default_dtype(settings[2])
+        torch.set_num_threads(settings[3])
 
 
 def tiny_net(num_exits: int = 3, features: int = 6, width: int = 10, classes: int = 5,

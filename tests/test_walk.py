@@ -200,15 +200,111 @@ def steps():
 def test_a_step_walks_the_model_once(name, most, make, monkeypatch):
     """Every step form walks the tree once, at its start, when no forward changes it (the walks were 25 for the
     exact step, 28 with finite_difference, 18 for the fast one, 3 with nothing to learn, 5 for each loss
-    weighting, 9 for FAMO)."""
+    weighting, 9 for FAMO), and not at all at a later step when the tree is as the last one left it: it takes
+    that step's walk again (test_a_walk_kept_between_steps_is_taken_again_only_if_it_still_describes_the_model)."""
     torch.manual_seed(0)
     model = tiny_net(3)
     w = make(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
-    w.step(batch(8), batch(8))
+    w.step(batch(8), batch(8))  # (the first step's checks walk more)
     count = counting_walks(monkeypatch, model)
     for _ in range(3):
         assert not w.step(batch(8), batch(8)).model_step_skipped
-    assert count[0] == 3 * most, (name, count[0] / 3)
+    assert count[0] == 0, (name, count[0] / 3)
+    model.heads[0].register_buffer("scale", torch.ones(()))  # (a forward-free change: the next step walks anew)
+    for _ in range(3):
+        assert not w.step(batch(8), batch(8)).model_step_skipped
+    assert count[0] == most, (name, count[0])
+
+
+def _changes():
+    """What a user may do to the model's tree between two steps, each a change a walk of it must see."""
+    def register(m):
+        m.stages[2][1].register_buffer("added", torch.zeros(3))
+
+    def replace_head(m):
+        m.heads[2] = nn.Linear(10, 5)
+
+    def write_buffers(m):
+        m.stages[1][1]._buffers["extra"] = torch.zeros(3)
+
+    def rename(m):
+        bn = m.stages[1][1]
+        bn._buffers = {("renamed" if k == "extra" else k): v for k, v in bn._buffers.items()}
+
+    def delete(m):
+        del m.stages[1][1].extra
+
+    def empty_slot(m):
+        m.stages[1][1]._buffers["extra"] = None
+
+    def swap_heads(m):
+        heads = m.heads._modules
+        heads["0"], heads["1"] = heads["1"], heads["0"]
+
+    def new_parameter(m):  # (the optimizer then does not hold it: the step refuses it, by the walk's names)
+        m.heads[0].weight = nn.Parameter(m.heads[0].weight.detach().clone())
+
+    def generator(m):
+        m.stages[0].g = torch.Generator().manual_seed(3)
+
+    return [register, replace_head, write_buffers, rename, delete, empty_slot, swap_heads, new_parameter, generator]
+
+
+@pytest.mark.parametrize("change", _changes(), ids=[c.__name__ for c in _changes()])
+def test_a_walk_kept_between_steps_is_taken_again_only_if_it_still_describes_the_model(change):
+    """A weighter keeps its last step's walk and takes it again at the next step only where every module holds
+    the same objects under the same names: each change a user may make between steps (a buffer registered,
+    written straight to ``_buffers``, renamed, deleted or emptied, a submodule replaced or two swapped, a parameter
+    replaced) is walked anew, and the walk the step leaves describes the model as a new walk does (torch's named_*
+    methods, the generators: a generator attribute set between steps is no change of the tree, and the walk taken
+    again looks its generators up anew)."""
+    from metaweight._randomness import _generators_of
+
+    def described(one):
+        return ([(n, id(m)) for n, m in one.modules], [(n, id(p)) for n, p in one.parameters],
+                [(n, id(b)) for n, b in one.buffers], sorted(one.empty), one.aliases,
+                [(n, id(g)) for n, g in one.generators(_generators_of)])
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    model.stages[1][1].register_buffer("extra", torch.ones(3))  # (a buffer the forward does not read)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), learn=False)
+    seen = []  # at each forward of a step, before it runs: the step's walk against a new one
+    model.register_forward_pre_hook(lambda *_: seen.append(described(walk(model)) == described(ModelWalk(model))))
+    w.step(batch(8))
+    before = w._kept_walk
+    w.step(batch(8))
+    assert w._kept_walk is before  # unchanged: taken again
+    assert described(before) == described(ModelWalk(model))
+    change(model)
+    try:
+        w.step(batch(8))
+    except ValueError as error:  # a parameter the optimizer does not hold, found through the new walk
+        assert change.__name__ == "new_parameter" and "heads.0.weight" in str(error), error
+    assert seen and all(seen)  # what the step read, from its start
+    assert (w._kept_walk is before) == (change.__name__ == "generator")
+    assert described(w._kept_walk) == described(ModelWalk(model))
+    assert [n for n, _ in w._kept_walk.buffers] == [n for n, _ in model.named_buffers()]
+    assert [n for n, _ in w._kept_walk.modules] == [n for n, _ in model.named_modules()]
+
+
+def test_a_copy_of_a_weighter_does_not_carry_its_kept_walk():
+    """The kept walk refers to the model's modules: a pickled or copied weighter (and loss weighting) leaves it
+    out, and the copy walks its own model."""
+    import copy
+    import pickle
+    model = tiny_net(3)
+    for w in (mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.05), mw.DenseDistillLoss(3)),
+              mw.WEIGHTINGS["uw"](model, torch.optim.SGD(model.parameters(), lr=0.05), mw.DenseDistillLoss(3))):
+        w.step(batch(8), batch(8))
+        assert w._kept_walk is not None
+        assert "_kept_walk" not in w.__getstate__()
+        twin = copy.deepcopy(w)
+        assert getattr(twin, "_kept_walk", None) is None
+        twin.step(batch(8), batch(8))
+        assert twin._kept_walk.modules[0][1] is twin.module is not model
+        assert getattr(pickle.loads(pickle.dumps(w)), "_kept_walk", None) is None
 
 
 def test_a_parameter_also_held_as_a_buffer_is_refused_by_name():
@@ -250,6 +346,9 @@ def test_a_model_s_own_named_parameters_is_the_parameters_the_step_reads():
         w = mw.WEIGHTINGS[name](model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3),
                                 **options(name, model.student))
         assert not w.step(batch(8)).model_step_skipped, name
+        first = w._kept_walk
+        assert not w.step(batch(8)).model_step_skipped, name
+        assert w._kept_walk is not first, name  # (its own listing, which no identity shows: walked at every step)
 
 
 def test_a_buffer_a_forward_writes_straight_to_buffers_is_checked_and_read_as_the_forward_left_it():
