@@ -161,13 +161,36 @@ def _refuse_undefined(k: int, count: int) -> None:
                      f"rather than guess. {UNDEFINED_SOFTMAX_FIX}")
 
 
-_NAN_STAYS = (MaxProbability, Entropy, Margin)  # the rules whose score of a NaN row is NaN, which never leaves
+def _undefined_scores_nan(rule: ExitRule, logits: Tensor) -> bool:
+    """Whether ``rule`` scores NaN (which never leaves) every row of ``logits`` ``[N, C]`` that holds
+    NaN or has no softmax (all ``-inf``, or a ``+inf``: the softmax is 0/0 or inf/inf there):
+    :class:`MaxProbability` and :class:`Entropy` do; :class:`Margin` with two classes or more (with
+    one it scores 1 whatever the row). Early exit then learns both from the score it reads anyway;
+    for other rules (patience counts agreeing argmaxes, a NaN row's too) it counts them apart."""
+    kind = type(rule)
+    return kind in (MaxProbability, Entropy) or (kind is Margin and logits.shape[-1] > 1)
+
+
+def _check_last(model: nn.Module, k: int, raw: Tensor, logits: Tensor) -> None:
+    """Refuse, at the last exit (which predicts every sample still in), a row of NaN logits (its argmax
+    is no prediction) or one with no softmax. One host read: a row's largest logit is finite unless
+    the row holds NaN (``amax`` propagates it) or has no softmax (``-inf`` or ``+inf``), and
+    ``top - top`` sums to 0 exactly when every one is finite; only otherwise (rare) are the counts
+    the messages give read, a second time."""
+    top = logits.amax(-1)
+    if top.sub(top).sum().tolist() == 0:
+        return
+    nan = torch.isnan(raw)
+    undefined, *nan_counts = torch.stack([softmax_undefined(logits).sum(), nan.sum(), nan.any(-1).sum()]).tolist()
+    _refuse_nan(model, k, nan_counts)
+    if undefined:
+        _refuse_undefined(k, undefined)
 
 
 def _refuse_nan(model: nn.Module, k: int, counts: Sequence[int]) -> None:
     """Refuse exit ``k``'s logits when ``counts`` (NaN values, samples) of the samples it predicts
     hold NaN: the argmax of a NaN row (class 0) would be returned as a prediction. A NaN score
-    never leaves an exit (the built-in rules all give one), so such a sample reaches the last exit,
+    never leaves an exit (MaxProbability and Entropy give one, Margin with two classes or more), so such a sample reaches the last exit,
     which takes everyone; a rule that scores a NaN row is caught where the sample leaves."""
     refuse_nan_logits(f"The exit logits of `{type(model).__name__}`", "EarlyExit (the last exit predicts every "
                       "sample still in)", {k: counts}, True, quoted=False)
@@ -510,7 +533,16 @@ class EarlyExit(nn.Module):
             raise ValueError(f"`{type(self.model).__name__}` now has {len(heads)} exits, but this EarlyExit holds "
                              f"{self.thresholds.numel()} thresholds: build a new EarlyExit with one per exit.")
         check_head_classes(heads, f"`{type(self.model).__name__}`")
-        predictions = exits = alive = torch.empty(0, dtype=torch.long)
+        exits = torch.empty(0, dtype=torch.long)
+        classes = torch.empty(0, dtype=torch.long)
+        # The samples still in, by their index in the batch; None while they are the whole batch in
+        # order (no index to gather through before a first sample leaves).
+        alive: Tensor | None = None
+        size = 0  # how many samples are still in
+        # Per exit some sample left at: their indices in the batch and their predictions, written
+        # into the predictions once at the end (one scatter, not two per exit).
+        gone: list[Tensor | None] = []
+        taken: list[Tensor] = []
         select: _Selection | None = None
         last = len(heads) - 1
         history: list[Tensor] = []  # earlier exits' logits of the samples still in (rules such as patience)
@@ -524,64 +556,76 @@ class EarlyExit(nn.Module):
             raw = _per_sample(head(features))
             if k == 0:  # stage 1 and head 1 see every sample: exit 1's rows are the batch
                 _check_inputs_batch(raw, inputs)
-                n = raw.shape[0]
-                device = next(t.device for t in inputs if t.dim() > 0 and t.shape[0] == n)
-                predictions = torch.empty(n, dtype=torch.long, device=device)
-                exits = torch.empty(n, dtype=torch.long, device=device)
-                alive = torch.arange(n, device=device)
-                select = _Selection(inputs, n)
-            elif raw.shape[0] != alive.numel():
-                _refuse_unselected(k, raw, alive.numel(), select.passed if select is not None else [])
+                size = raw.shape[0]
+                device = next(t.device for t in inputs if t.dim() > 0 and t.shape[0] == size)
+                exits = torch.empty(size, dtype=torch.long, device=device)
+                select = _Selection(inputs, size)
+            elif raw.shape[0] != size:
+                _refuse_unselected(k, raw, size, select.passed if select is not None else [])
             classes = predict(raw)  # in the logits' own dtype, as exit_assignment predicts
             # calibrated scores as Calibration.apply gives them (the predictions are the same)
             logits = score_dtype(raw) if self.temperatures is None else \
                 calibrated(raw[None], self.temperatures[k:k + 1])[0]
             first_logits = logits if first_logits is None else first_logits
             check_exit_classes([first_logits] * k + [logits], f"`{type(self.model).__name__}`")
+            nan_scored = _undefined_scores_nan(self.rule, logits)
             if self.rule.uses_history:
                 history.append(logits)
                 score = self.rule.scores(torch.stack(history))[-1].to(logits.device)
-            else:
+            elif k < last or not nan_scored:  # (a built-in rule's score at the last exit decides nothing)
                 score = self.rule.scores(logits[None])[0].to(logits.device)
-            undefined = softmax_undefined(logits).sum()
             if k == last:  # everyone still in is predicted here: a NaN row too, so it is counted
-                nan = torch.isnan(raw)
-                counts = torch.stack([undefined, nan.sum(), nan.any(-1).sum()]).tolist()  # the exit's one host read
-                _refuse_nan(self.model, k, counts[1:])
-                if counts[0]:
-                    _refuse_undefined(k, counts[0])
-                predictions[alive] = classes
-                exits[alive] = k
+                _check_last(self.model, k, raw, logits)
+                self._take_all(k, alive, classes, exits, gone, taken)
                 break
             leaving = reaches(score, self.thresholds[k])  # a NaN score never leaves
             # The one host read of the exit: how many samples continue sizes what the next stage
             # gets (and whether a row had no softmax or a leaving one NaN). Everything else selects
             # by indices of known size, so no other sync.
-            if type(self.rule) in _NAN_STAYS:  # a NaN row scores NaN, which never leaves: no leaving row is NaN
-                leaving_count, undefined_count = torch.stack([leaving.sum(), undefined]).tolist()
+            if nan_scored:  # a row without a softmax scores NaN, as a NaN row does (which never leaves)
+                leaving_count, nan_count = torch.stack([leaving, torch.isnan(score)]).sum(-1).tolist()
+                # only when some score is NaN (rare), which of them had no softmax: a second read
+                undefined_count = softmax_undefined(logits).sum().tolist() if nan_count else 0
             else:  # (patience counts agreeing argmaxes, a NaN row's too; a rule of the user's may score it)
                 nan = torch.isnan(raw) & leaving[:, None]
                 leaving_count, undefined_count, *nan_counts = torch.stack(
-                    [leaving.sum(), undefined, nan.sum(), nan.any(-1).sum()]).tolist()
+                    [leaving.sum(), softmax_undefined(logits).sum(), nan.sum(), nan.any(-1).sum()]).tolist()
                 _refuse_nan(self.model, k, nan_counts)
             if undefined_count:
                 _refuse_undefined(k, undefined_count)
-            remaining = alive.numel() - leaving_count
-            if remaining == alive.numel():
+            if leaving_count == 0:
                 continue  # nobody leaves: no bookkeeping, no copy of the features
-            if remaining == 0:
-                predictions[alive] = classes
-                exits[alive] = k
+            if leaving_count == size:
+                self._take_all(k, alive, classes, exits, gone, taken)
                 break
-            left = torch.nonzero_static(leaving, size=alive.numel() - remaining)[:, 0]
-            gone = alive[left]
-            predictions[gone] = classes[left]
-            exits[gone] = k
-            staying = torch.nonzero_static(~leaving, size=remaining)[:, 0]
-            features = select(features, staying, alive.numel(), k + 1)
-            alive = alive[staying]
+            # the leavers first, then those staying, each in batch order (a stable sort of the mask
+            # gives both sets, where two nonzero calls and a negation did)
+            order = torch.sort(leaving.view(torch.uint8), descending=True, stable=True).indices
+            left, staying = order[:leaving_count], order[leaving_count:]
+            ids = order if alive is None else alive[order]  # the same, as indices in the batch
+            gone.append(ids[:leaving_count])
+            taken.append(classes[left])
+            exits.index_fill_(0, ids[:leaving_count], k)
+            features = select(features, staying, size, k + 1)
+            alive, size = ids[leaving_count:], size - leaving_count
             history = [h[staying] for h in history]
-        return predictions, exits
+        if len(gone) == 1 and gone[0] is None:  # every sample left at one exit: its predictions are in batch order
+            return classes, exits
+        predictions = torch.empty_like(exits)
+        if len(gone) == 1:
+            return predictions.index_copy_(0, gone[0], taken[0]), exits
+        return predictions.index_copy_(0, torch.cat(gone), torch.cat(taken)), exits
+
+    @staticmethod
+    def _take_all(k: int, alive: Tensor | None, classes: Tensor, exits: Tensor, gone: list[Tensor | None],
+                  taken: list[Tensor]) -> None:
+        """Every sample still in leaves at exit ``k``."""
+        gone.append(alive)
+        taken.append(classes)
+        if alive is None:
+            exits.fill_(k)
+        else:
+            exits.index_fill_(0, alive, k)
 
     def _run_attached(self, x: ModelCall, inputs: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Exits attached by name: every sample takes its first confident exit; the forward stops
@@ -609,17 +653,21 @@ class EarlyExit(nn.Module):
                              exits=torch.empty(n, dtype=torch.long, device=logits.device),
                              alive=torch.ones(n, dtype=torch.bool, device=logits.device))
             alive = state["alive"]
-            # only the samples that reach this exit: the forward computes every sample, including
-            # those that already left, whose rows here decide nothing (as the staged path sees them)
-            undefined = (softmax_undefined(history[-1]) & alive).sum()
             leaving = alive & (reaches(confidence, self.thresholds[k]) | (k == last))
             # masks, not boolean indexing: the only host read of the exit is whether anyone is left
             state["predictions"] = torch.where(leaving, classes, state["predictions"])
             state["exits"].masked_fill_(leaving, k)
-            alive &= ~leaving
-            if k != last and type(self.rule) in _NAN_STAYS:  # (see _run)
-                any_alive, undefined_count = torch.stack([alive.any().long(), undefined]).tolist()
+            # only the samples that reach this exit count: the forward computes every sample, including
+            # those that already left, whose rows here decide nothing (as the staged path sees them)
+            if k != last and _undefined_scores_nan(self.rule, logits):  # (see _run)
+                nan = torch.isnan(confidence) & alive  # rows without a softmax among them
+                alive &= ~leaving
+                any_alive, nan_count = torch.stack([alive.any().long(), nan.sum()]).tolist()
+                # only when some score is NaN (rare), which of them had no softmax: a second read
+                undefined_count = (softmax_undefined(history[-1]) & nan).sum().tolist() if nan_count else 0
             else:  # predicted here (at the last exit, everyone left)
+                undefined = (softmax_undefined(history[-1]) & alive).sum()
+                alive &= ~leaving
                 nan = torch.isnan(logits) & leaving[:, None]
                 any_alive, undefined_count, *nan_counts = torch.stack(
                     [alive.any().long(), undefined, nan.sum(), nan.any(-1).sum()]).tolist()

@@ -59,9 +59,20 @@ def calibrated(logits: Tensor, temperatures: Sequence[float] | Tensor) -> Tensor
 def reaches(scores: Tensor, thresholds: Tensor) -> Tensor:
     """``scores >= thresholds`` compared exactly: both in :func:`decision_dtype` (float64; float32
     on a device without float64, MPS). Every function that decides an exit compares with this one
-    rule, so :class:`EarlyExit` and :func:`exit_assignment` agree on every sample."""
+    rule, so :class:`EarlyExit` and :func:`exit_assignment` agree on every sample.
+
+    The scores are not cast first: torch's type promotion compares a float32 score with a float64
+    threshold in float64 (the conversion is exact), and on a GPU the comparison kernel converts as
+    it reads, one launch where a cast and a comparison were two (the CPU still makes a float64
+    temporary). Promotion needs the threshold to have dimensions: a 0-d float64 tensor beside a
+    float32 one takes the float32 dtype (rounding ``0.2013`` to the nearest float32), so a 0-d
+    threshold is given as many dimensions of size 1 as the scores have (the result's shape is
+    the same)."""
     dtype = decision_dtype(scores.device)
-    return scores.to(dtype) >= thresholds.to(dtype=dtype).to(scores.device)
+    thresholds = thresholds.to(dtype=dtype).to(scores.device)
+    if thresholds.dim() == 0 and scores.dim() > 0:
+        thresholds = thresholds.reshape([1] * scores.dim())
+    return torch.ge(scores, thresholds)
 
 
 def predict(logits: Tensor) -> Tensor:
