@@ -190,8 +190,9 @@ def _check_last(model: nn.Module, k: int, raw: Tensor, logits: Tensor) -> None:
 def _refuse_nan(model: nn.Module, k: int, counts: Sequence[int]) -> None:
     """Refuse exit ``k``'s logits when ``counts`` (NaN values, samples) of the samples it predicts
     hold NaN: the argmax of a NaN row (class 0) would be returned as a prediction. A NaN score
-    never leaves an exit (MaxProbability and Entropy give one, Margin with two classes or more), so such a sample reaches the last exit,
-    which takes everyone; a rule that scores a NaN row is caught where the sample leaves."""
+    never leaves an exit (MaxProbability and Entropy give one, Margin with two classes or more), so
+    such a sample reaches the last exit, which takes everyone; a rule that scores a NaN row (Margin
+    with one class scores 1) is caught where the sample leaves."""
     refuse_nan_logits(f"The exit logits of `{type(model).__name__}`", "EarlyExit (the last exit predicts every "
                       "sample still in)", {k: counts}, True, quoted=False)
 
@@ -609,8 +610,8 @@ class EarlyExit(nn.Module):
             features = select(features, staying, size, k + 1)
             alive, size = ids[leaving_count:], size - leaving_count
             history = [h[staying] for h in history]
-        if len(gone) == 1 and gone[0] is None:  # every sample left at one exit: its predictions are in batch order
-            return classes, exits
+        if len(gone) == 1 and gone[0] is None:  # every sample left at one exit: its predictions in batch order
+            return classes.to(exits.device), exits
         predictions = torch.empty_like(exits)
         if len(gone) == 1:
             return predictions.index_copy_(0, gone[0], taken[0]), exits

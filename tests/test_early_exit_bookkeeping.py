@@ -36,8 +36,8 @@ def up(v, steps=1):
 def adversarial_thresholds():
     """float64 thresholds: on float32 values, one ulp around them, between two float32 neighbours (no
     float32 equals those), 0, 1, infinities, beyond float32's largest, subnormals of both widths."""
-    values = [0.0, -0.0, 1.0, -1.0, INF, -INF, 1e39, -1e39, 1e-50, -1e-50, 5e-324, float(torch.finfo(torch.float32).max),
-              float(torch.finfo(torch.float32).tiny), 1e-45, 0.2013]
+    largest, tiny = float(torch.finfo(torch.float32).max), float(torch.finfo(torch.float32).tiny)
+    values = [0.0, -0.0, 1.0, -1.0, INF, -INF, 1e39, -1e39, 1e-50, -1e-50, 5e-324, largest, tiny, 1e-45, 0.2013]
     for v in (0.2013, 0.5, 1.0, 1e-40, float(torch.finfo(torch.float32).max), 3.0):
         for s in (-1, 0, 1):
             w = up(v, s)
