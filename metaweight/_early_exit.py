@@ -161,14 +161,25 @@ def _refuse_undefined(k: int, count: int) -> None:
                      f"rather than guess. {UNDEFINED_SOFTMAX_FIX}")
 
 
+# the built-in rules whose scores give NaN for every row that holds NaN or has no softmax, with the very functions
+# that do (taken at import: a scores replaced later, on the class or on an instance, is not trusted)
+_NAN_SCORES = {MaxProbability: MaxProbability.scores, Entropy: Entropy.scores, Margin: Margin.scores}
+
+
 def _undefined_scores_nan(rule: ExitRule, logits: Tensor) -> bool:
     """Whether ``rule`` scores NaN (which never leaves) every row of ``logits`` ``[N, C]`` that holds
     NaN or has no softmax (all ``-inf``, or a ``+inf``: the softmax is 0/0 or inf/inf there):
     :class:`MaxProbability` and :class:`Entropy` do; :class:`Margin` with two classes or more (with
     one it scores 1 whatever the row). Early exit then learns both from the score it reads anyway;
-    for other rules (patience counts agreeing argmaxes, a NaN row's too) it counts them apart."""
+    for other rules (patience counts agreeing argmaxes, a NaN row's too; a subclass) it counts them
+    apart, as it does for one of these whose ``scores`` is no longer the built-in function (replaced on
+    the instance, ``rule.scores = ...``, or on the class: its type is still the built-in one, its scores
+    need not be NaN there)."""
     kind = type(rule)
-    return kind in (MaxProbability, Entropy) or (kind is Margin and logits.shape[-1] > 1)
+    built_in = _NAN_SCORES.get(kind)
+    if built_in is None or getattr(rule.scores, "__func__", None) is not built_in:
+        return False
+    return kind is not Margin or logits.shape[-1] > 1
 
 
 def _check_last(model: nn.Module, k: int, raw: Tensor, logits: Tensor) -> None:

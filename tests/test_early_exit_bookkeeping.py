@@ -239,3 +239,33 @@ def test_the_bookkeeping_of_an_exit_costs_few_launch_equivalent_ops():
     counts = overhead.count(lambda: predictor(x), "cpu", iterations=2, breakdown=True)
     assert counts["kernel_ops"] <= 37, counts["by_op"]
     assert not {"aten::_index_put_impl_", "aten::nonzero_static", "aten::abs"} & set(counts["by_op"])
+
+
+@pytest.mark.parametrize("where", ["instance", "class"])
+@pytest.mark.parametrize("build", [staged, attached])
+def test_a_built_in_rule_instance_with_its_own_scores_is_not_trusted_to_score_undefined_rows_nan(build, where,
+                                                                                               monkeypatch):
+    """A MaxProbability whose scores were replaced on the instance or on the class (its type is still
+    MaxProbability) and never give NaN: a row without a softmax is refused where it is reached, as
+    before the trims and as exit_assignment does, not read from NaN scores it never gives (it left
+    silently at exit 1 with a prediction); a NaN row it lets leave is refused too."""
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(2, 4, 3, generator=g)
+    table[0, 1, 0] = INF
+    rule = mw.MaxProbability()
+    built_in = mw.MaxProbability.scores
+    if where == "instance":
+        rule.scores = lambda logits: torch.nan_to_num(built_in(rule, logits), nan=0.99)
+    else:
+        monkeypatch.setattr(mw.MaxProbability, "scores", lambda self, logits: torch.nan_to_num(
+            built_in(self, logits), nan=0.99))
+    assert not _undefined_scores_nan(rule, table[0])
+    with pytest.raises(ValueError, match="no softmax"):
+        mw.exit_assignment(table, [0.5, 0.0], rule=rule)
+    with pytest.raises(ValueError, match=r"^Exit 1 gave 1 sample\(s\) logits that are all -inf "):
+        early_exit(build, table, torch.tensor([0.5, 0.0]), rule)
+    table[0, 1] = math.nan
+    with pytest.raises(ValueError, match=r"NaN logits \(exit 1: 3 NaN values, in 1 sample\(s\) predicted there\)"):
+        mw.exit_assignment(table, [0.5, 0.0], rule=rule)
+    with pytest.raises(ValueError, match=r"NaN logits \(exit 1: 3 NaN values, in 1 sample\(s\) predicted there\)"):
+        early_exit(build, table, torch.tensor([0.5, 0.0]), rule)
