@@ -114,16 +114,17 @@ class ModelWalk:
         self.held = _held(modules)
         self.current = True
         self._generators: list[tuple[str, Any]] | None = None
-        self._named_by_model = type(model).named_parameters is not nn.Module.named_parameters or \
-            type(model).named_buffers is not nn.Module.named_buffers
+        self._named_by_model = _lists_its_own(type(model))  # (its lists then come from the model's methods)
 
     def still_describes(self) -> bool:
         """Whether the walk may stand for a new one of its model (a walk kept from one step to the next): every
         module still holds the very buffers, submodules and parameters under the same names (:meth:`unchanged`),
         and the model does not list its parameters or buffers through methods of its own, whose answer no
         identity shows. A walk that does is made current again, its generators to be looked up anew (a
-        generator is a plain attribute, which the identities do not cover)."""
-        if self._named_by_model or not self.unchanged():
+        generator is a plain attribute, which the identities do not cover). The model's class is read anew, as a
+        walk's lists may have come from its methods at the walk or may at this step (no identity shows a
+        ``model.__class__`` assigned between steps, or a method patched onto the class)."""
+        if self._named_by_model or _lists_its_own(type(self.modules[0][1])) or not self.unchanged():
             return False
         self.current, self._generators = True, None
         return True
@@ -171,6 +172,11 @@ def check_single_roles(one: ModelWalk) -> None:
             f"changed.")
 
 
+def _lists_its_own(kind: type) -> bool:
+    """Whether a model of class ``kind`` lists its parameters or buffers through methods of its own."""
+    return kind.named_parameters is not nn.Module.named_parameters or kind.named_buffers is not nn.Module.named_buffers
+
+
 def _held(modules: list[tuple[str, nn.Module]]) -> list[int | str]:
     """The names and the ids of the values of each module's ``_buffers``, ``_modules`` and ``_parameters``, in
     order, with each dict's length (so that a value moved from one slot to another, or a slot renamed, is a
@@ -182,7 +188,7 @@ def _held(modules: list[tuple[str, nn.Module]]) -> list[int | str]:
         for held in (d["_buffers"], d["_modules"], d["_parameters"]):
             if held:
                 append(len(held))
-                extend(held)
+                extend(held.keys())  # (keys(): a TorchScript module's dicts are wrappers, which iterate by index)
                 extend(map(id, held.values()))
             else:
                 append(0)

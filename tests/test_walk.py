@@ -247,7 +247,13 @@ def _changes():
     def generator(m):
         m.stages[0].g = torch.Generator().manual_seed(3)
 
-    return [register, replace_head, write_buffers, rename, delete, empty_slot, swap_heads, new_parameter, generator]
+    def own_listing(m):  # (no identity changes: the class now lists the parameters itself, the step reads its list)
+        def named_parameters(self, *args, **kwargs):
+            return reversed(list(nn.Module.named_parameters(self, *args, **kwargs)))
+        m.__class__ = type("Listing", (type(m),), {"named_parameters": named_parameters})
+
+    return [register, replace_head, write_buffers, rename, delete, empty_slot, swap_heads, new_parameter, generator,
+            own_listing]
 
 
 @pytest.mark.parametrize("change", _changes(), ids=[c.__name__ for c in _changes()])
@@ -285,8 +291,49 @@ def test_a_walk_kept_between_steps_is_taken_again_only_if_it_still_describes_the
     assert seen and all(seen)  # what the step read, from its start
     assert (w._kept_walk is before) == (change.__name__ == "generator")
     assert described(w._kept_walk) == described(ModelWalk(model))
+    assert [n for n, _ in w._kept_walk.parameters] == [n for n, _ in model.named_parameters()]
     assert [n for n, _ in w._kept_walk.buffers] == [n for n, _ in model.named_buffers()]
     assert [n for n, _ in w._kept_walk.modules] == [n for n, _ in model.named_modules()]
+
+
+def test_a_walk_from_the_model_s_own_listing_is_not_taken_again_once_the_class_lists_no_more():
+    """A model whose class listed its parameters itself at a step (its walk's lists came from that method), then
+    no more (``__class__`` assigned back between steps): no identity changed, and the next step walks anew, its
+    parameters torch's listing."""
+    def named_parameters(self, *args, **kwargs):
+        return reversed(list(nn.Module.named_parameters(self, *args, **kwargs)))
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    plain = type(model)
+    w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.05), mw.DenseDistillLoss(3),
+                              learn=False)
+    w.step(batch(8))
+    model.__class__ = type("Listing", (plain,), {"named_parameters": named_parameters})
+    w.step(batch(8))
+    assert [n for n, _ in w._kept_walk.parameters] == [n for n, _ in model.named_parameters()]
+    model.__class__ = plain
+    w.step(batch(8))
+    assert [n for n, _ in w._kept_walk.parameters] == [n for n, _ in model.named_parameters()]
+
+
+def test_a_torchscript_submodule_is_walked_and_its_walk_taken_again():
+    """A scripted submodule's ``_parameters``, ``_buffers`` and ``_modules`` are TorchScript's wrappers, which are
+    no dicts (iterating one reads it by index and fails): the identities read their keys, and a weighter of a model
+    with a scripted head steps (with ``learn=False``, as before the walk was kept) and takes its walk again."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    model.heads[2] = torch.jit.script(model.heads[2])
+    w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.05), mw.DenseDistillLoss(3),
+                              learn=False)
+    assert not w.step(batch(8)).model_step_skipped
+    before = w._kept_walk
+    assert not w.step(batch(8)).model_step_skipped
+    assert w._kept_walk is before
+    assert [n for n, _ in before.parameters] == [n for n, _ in model.named_parameters()]
+    model.heads[2].weight.data.zero_()  # (the same objects: still taken again)
+    w.step(batch(8))
+    assert w._kept_walk is before
 
 
 def test_a_copy_of_a_weighter_does_not_carry_its_kept_walk():
