@@ -14,6 +14,7 @@ from torch import nn
 import metaweight as mw
 from metaweight._early_exit import _undefined_scores_nan
 from metaweight._exit_rules import RULES, as_rule, reaches
+from test_early_exit import _Lookup, _lookup_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import overhead  # noqa: E402
@@ -99,20 +100,9 @@ def test_the_rules_early_exit_reads_undefined_rows_from_score_them_nan(C):
             assert torch.isfinite(scores[len(rows):]).all(), (name, C, dtype, scores)
 
 
-class _Lookup(nn.Module):
-    """Exit ``k``'s head: the logits ``table[k]`` of the samples whose indices the features carry."""
-
-    def __init__(self, table, k):
-        super().__init__()
-        self.table, self.k = table, k
-
-    def forward(self, index):
-        return self.table[self.k][index[:, 0].long()]
-
-
 def staged(table):
-    K = table.shape[0]
-    return mw.MultiExit([nn.Identity() for _ in range(K)], [_Lookup(table, k) for k in range(K)])
+    """A staged model whose exit ``k`` gives ``table[k]``'s rows of the samples it is given."""
+    return _lookup_model(table)
 
 
 def attached(table):
