@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,6 +313,30 @@ def check_optimizer_covers_model(optimizer: torch.optim.Optimizer, model: nn.Mod
                     f"a parameter of the model. Give HarmonizedWeighter the model whose parameters the "
                     f"optimizer updates (for DistributedDataParallel, the wrapped model)."
                 )
+
+
+def check_parameters_replaced(optimizer: torch.optim.Optimizer, before: Iterable[tuple[str, Tensor]],
+                              now: Iterable[Tensor], call: str) -> None:
+    """Refuse (a ``ValueError``, before anything changes) an optimizer holding a tensor that was a parameter of the
+    model ``before`` (``(name, parameter)`` at the weighter's last call) and is not ``now``: the parameter was
+    replaced since (``load_state_dict(..., assign=True)``, a module swapped for a new one), and the optimizer would
+    step the old tensor while the model stays as it is. A tensor the optimizer holds that never was the model's (a
+    criterion's learned scale in a group of its own) is left alone. ``call`` names the weighter's method."""
+    current = {id(p) for p in now}
+    gone = {id(p): name for name, p in before if id(p) not in current}  # (``before`` holds them: ids no one else's)
+    if not gone:
+        return
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) in gone:
+                raise ValueError(
+                    f"HarmonizedWeighter.{call}: the optimizer (parameter group {i}) holds the tensor that was the "
+                    f"model's parameter `{gone[id(p)]}` (shape {tuple(p.shape)}) at the last call, and the model holds "
+                    f"another now: it was replaced since (load_state_dict(..., assign=True), a module swapped for a "
+                    f"new one), so the optimizer would step the old tensor and leave the model as it is. Build the "
+                    f"optimizer anew over model.parameters() (new.load_state_dict(old.state_dict()) keeps its state, "
+                    f"parameter by parameter in order), or load weights with assign=False, which copies them into "
+                    f"the parameters the optimizer holds. Nothing was changed.")
 
 
 # ----------------------------------------------------------------------------------------- Adam, once

@@ -49,7 +49,7 @@ from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
-from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
+from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model, check_parameters_replaced,
                                     check_option_values, check_optimizer_options, check_optimizer_state,
                                     check_saved_state, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
@@ -314,6 +314,7 @@ class HarmonizedWeighter(NamedWeights):
             if not lookahead_names:
                 raise ValueError("`lookahead_params` selects none of the model's trainable parameters.")
         chosen: Backend | None = None
+        first_walk = ModelWalk(module)  # (kept for the first call: see _check_parameters_held)
         if learn:
             check_optimizer_options(inner)
             chosen = make_backend(backend, inner, distributed=distributed, restricted=lookahead_names is not None,
@@ -322,10 +323,11 @@ class HarmonizedWeighter(NamedWeights):
             _check_sparse(module, mode, backend)
             check_hooks(module, mode, backend)
             if mode == "fast" or backend != "higher":  # (higher's patched copy holds the tensor in both roles)
-                check_single_roles(ModelWalk(module))
+                check_single_roles(first_walk)
 
         self.model = model
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
+        self._kept_walk = first_walk  # (the last call's walk: walked_call keeps it, the next call compares with it)
         self._compiled = _is_compiled(model)
         self._sparse_modules = _sparse_modules(module)  # refused by step(), before anything changes
         self._reducer = Reducer(ddp.process_group) if ddp is not None else Reducer(enabled=False)
@@ -624,6 +626,7 @@ class HarmonizedWeighter(NamedWeights):
         """
         self._check_learn()
         self._check_val_batch(val_batch, "meta_step")
+        self._check_parameters_held("meta_step")
         if self._capturable is not None:
             raise ValueError("This weighter was built with capturable=True, whose step is the one-call device_step() "
                              "(or step()); the two-call form's meta_step is not capturable. Call step() or "
@@ -662,6 +665,15 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"HarmonizedWeighter.{call} learns gamma on a validation batch: pass it, "
                              f"weighter.{call}((x, y), (x_val, y_val)). Only a weighter with learn=False (gamma "
                              f"fixed) needs none. Nothing was changed.")
+
+    def _check_parameters_held(self, call: str) -> None:
+        """At every call, before anything changes: the optimizer holds no tensor that was a parameter of the model
+        at the last call (or when the weighter was built) and is no longer (replaced by ``load_state_dict(...,
+        assign=True)`` or with its module: the optimizer would step the old tensor while the model stays as it is).
+        Python objects only: nothing to compare where the walk of the last call still describes the model."""
+        before, now = self.__dict__.get("_kept_walk"), walk(self.module)
+        if before is not None and before is not now:
+            check_parameters_replaced(self._inner_optimizer, before.parameters, (p for _, p in now.parameters), call)
 
     def _check_learn(self) -> None:
         """``learn`` may be switched off and on again, not on for a weighter built without it."""
@@ -889,6 +901,7 @@ class HarmonizedWeighter(NamedWeights):
         """
         self._check_learn()
         self._check_val_batch(val_batch, "step")
+        self._check_parameters_held("step")
         # a model converted after the optimizer's first step, where no meta step checks the whole state first
         # (learn=False, meta_every): torch's Adam counts a step, and steps the parameters it reaches first, before
         # refusing the mix

@@ -263,3 +263,61 @@ def test_the_optimizer_state_check_refuses_no_state_torch_s_own_optimizers_make(
             scale.data = scale.data.float()
             with pytest.raises(ValueError, match="'exp_avg' of a parameter of shape \\(\\)"):
                 check_optimizer_state(opt)
+
+
+def _replace_by_loading(model):
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+
+
+def _replace_a_head(model):
+    model.heads[1] = nn.Linear(10, 5)
+
+
+@pytest.mark.parametrize("replace", [_replace_by_loading, _replace_a_head], ids=["assign", "head"])
+@pytest.mark.parametrize("form", ["step learn=False", "step", "step fast", "meta_step", "meta_step fast"])
+def test_parameters_replaced_after_the_optimizer_was_built_are_refused_at_the_next_call(form, replace):
+    """The optimizer holds tensors the model no longer has (load_state_dict(..., assign=True), a module replaced,
+    after the optimizer was built): refused at the next call of every form, naming the first parameter replaced,
+    before anything changes. step() had run, gamma learning, and left the model as it was. (A tensor the optimizer
+    holds that never was the model's, a criterion's learned scale, is left alone: tests/test_transaction.py.)"""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    options = {"learn": False} if "learn=False" in form else {"mode": "fast"} if "fast" in form else {}
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), **options)
+    two_calls = form.startswith("meta_step")
+    train, val = batch(8), batch(8)
+
+    def iteration():
+        if not two_calls:
+            return w.step(train, val)
+        if w.mode == "fast":
+            loss = w.loss(model(train[0]), train[1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return w.meta_step(train, val)
+        record = w.meta_step(train, val)
+        loss = w.loss(model(train[0]), train[1])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return record
+
+    iteration()
+    replace(model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gamma, state = w.gamma.detach().clone(), copy.deepcopy(optimizer.state_dict())
+    call = "meta_step" if two_calls and w.mode != "fast" else "step" if not two_calls else None
+    name = r"heads\.1\.weight" if replace is _replace_a_head else r"stages\.0\.0\.weight"
+    with pytest.raises(ValueError, match=r"HarmonizedWeighter\.(meta_)?step: the optimizer \(parameter group 0\) "
+                                         rf"holds the tensor that was the model's parameter `{name}` \(shape "):
+        if call is None:  # (fast two calls: the loop's own step came first; the weighter refuses its meta_step)
+            loss = w.loss(model(train[0]), train[1])
+            loss.backward()
+            w.meta_step(train, val)
+        else:
+            getattr(w, call)(train, val)
+    assert all(torch.equal(params[n], p) for n, p in model.named_parameters())
+    assert torch.equal(w.gamma, gamma)
+    assert str(optimizer.state_dict()) == str(state)
