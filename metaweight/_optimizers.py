@@ -321,7 +321,8 @@ def check_parameters_replaced(optimizer: torch.optim.Optimizer, before: Iterable
     model ``before`` (``(name, parameter)`` at the weighter's last call) and is not ``now``: the parameter was
     replaced since (``load_state_dict(..., assign=True)``, a module swapped for a new one), and the optimizer would
     step the old tensor while the model stays as it is. A tensor the optimizer holds that never was the model's (a
-    criterion's learned scale in a group of its own) is left alone. ``call`` names the weighter's method."""
+    criterion's learned scale in a group of its own) is left alone. ``call`` names the method checking
+    (``"HarmonizedWeighter.step"``)."""
     current = {id(p) for p in now}
     gone = {id(p): name for name, p in before if id(p) not in current}  # (``before`` holds them: ids no one else's)
     if not gone:
@@ -330,7 +331,7 @@ def check_parameters_replaced(optimizer: torch.optim.Optimizer, before: Iterable
         for p in group["params"]:
             if id(p) in gone:
                 raise ValueError(
-                    f"HarmonizedWeighter.{call}: the optimizer (parameter group {i}) holds the tensor that was the "
+                    f"{call}: the optimizer (parameter group {i}) holds the tensor that was the "
                     f"model's parameter `{gone[id(p)]}` (shape {tuple(p.shape)}) at the last call, and the model holds "
                     f"another now: it was replaced since (load_state_dict(..., assign=True), a module swapped for a "
                     f"new one), so the optimizer would step the old tensor and leave the model as it is. Build the "

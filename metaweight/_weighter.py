@@ -49,7 +49,7 @@ from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
-from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model, check_parameters_replaced,
+from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
                                     check_option_values, check_optimizer_options, check_optimizer_state,
                                     check_saved_state, unwrap_optimizer)
 from metaweight._validation import BalancedValidation
@@ -665,15 +665,6 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"HarmonizedWeighter.{call} learns gamma on a validation batch: pass it, "
                              f"weighter.{call}((x, y), (x_val, y_val)). Only a weighter with learn=False (gamma "
                              f"fixed) needs none. Nothing was changed.")
-
-    def _check_parameters_held(self, call: str) -> None:
-        """At every call, before anything changes: the optimizer holds no tensor that was a parameter of the model
-        at the last call (or when the weighter was built) and is no longer (replaced by ``load_state_dict(...,
-        assign=True)`` or with its module: the optimizer would step the old tensor while the model stays as it is).
-        Python objects only: nothing to compare where the walk of the last call still describes the model."""
-        before, now = self.__dict__.get("_kept_walk"), walk(self.module)
-        if before is not None and before is not now:
-            check_parameters_replaced(self._inner_optimizer, before.parameters, (p for _, p in now.parameters), call)
 
     def _check_learn(self) -> None:
         """``learn`` may be switched off and on again, not on for a weighter built without it."""

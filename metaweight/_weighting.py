@@ -49,12 +49,12 @@ from metaweight._capture import GradSnapshot
 from metaweight._checks import (check_initialized, forget_labels, integer_value, masked_label_hint, real_option,
                                refuse_arrays, summarize_step_labels)
 from metaweight._hypergradient import Reducer
-from metaweight._optimizers import check_optimizer_state, unwrap_optimizer
+from metaweight._optimizers import check_optimizer_state, check_parameters_replaced, unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import (LOADED_SINCE, BufferSnapshot, gradients_moved, host_read, nonfinite_flag,
                                      not_stepped_message)
-from metaweight._walk import walk, walked_call
+from metaweight._walk import ModelWalk, walk, walked_call
 from metaweight._warn import raise_or_skip_step, warn_user
 
 Batch = Sequence[Any]
@@ -220,12 +220,26 @@ def check_int(name: str, value: Any, *, low: int = 1) -> int:
 class NamedWeights:
     """What every loss weighting shares for naming and logging: :attr:`term_names`,
     :meth:`gamma_dict`, :meth:`terms_dict` and the meta-step hooks (of ``HarmonizedWeighter`` and
-    :class:`Weighting`). Needs ``_terms``, ``gamma``, ``last_terms`` and ``_hooks``."""
+    :class:`Weighting`), and the check of parameters replaced between calls. Needs ``_terms``, ``gamma``,
+    ``last_terms``, ``_hooks``, ``module`` and ``_inner_optimizer``."""
 
     _terms: Terms
     gamma: Tensor
     last_terms: Tensor | None
     _hooks: OrderedDict[int, Callable[[MetaStepRecord], None]]
+    module: nn.Module
+    _inner_optimizer: torch.optim.Optimizer
+
+    def _check_parameters_held(self, call: str) -> None:
+        """At every call of ``step``/``meta_step`` (inside its walk), before anything changes: the optimizer holds no
+        tensor that was a parameter of the model at the last call (or when the object was built: ``_kept_walk``) and
+        is no longer (replaced by ``load_state_dict(..., assign=True)`` or with its module: the optimizer would step
+        the old tensor while the model stays as it is). Python objects only; nothing to compare where the last
+        call's walk still describes the model (:func:`~metaweight._walk.walked`)."""
+        before, now = self.__dict__.get("_kept_walk"), walk(self.module)
+        if before is not None and before is not now:
+            check_parameters_replaced(self._inner_optimizer, before.parameters, (p for _, p in now.parameters),
+                                      f"{type(self).__name__}.{call}")
 
     @property
     def term_names(self) -> list[str]:
@@ -363,6 +377,7 @@ class Weighting(NamedWeights):
         self._calls_made = 0  # training loss() calls so far: their order, for FAMO's check of the labels
         self._inner_optimizer = unwrap_optimizer(optimizer)
         check_optimizer_holds_model(self._inner_optimizer, module, type(self).__name__)
+        self._kept_walk = ModelWalk(module)  # (the first call's check of replaced parameters compares with it)
         optimizer_steps(self._inner_optimizer)  # (the process-wide step counter, registered before the first step)
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         self.last_meta = MetaStepRecord(0)
@@ -602,6 +617,7 @@ class Weighting(NamedWeights):
             A :class:`MetaStepRecord`: ``iteration``, ``ran``, ``meta_step``, ``gamma`` and
             ``terms`` by term name; ``skipped`` and ``message`` for a refused update.
         """
+        self._check_parameters_held("meta_step")
         local = self._iteration_terms()
         if self.needs_terms and local is None:
             raise ValueError(f"{type(self).__name__}.meta_step reads the terms of this iteration: call "

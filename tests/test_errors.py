@@ -274,50 +274,55 @@ def _replace_a_head(model):
 
 
 @pytest.mark.parametrize("replace", [_replace_by_loading, _replace_a_head], ids=["assign", "head"])
-@pytest.mark.parametrize("form", ["step learn=False", "step", "step fast", "meta_step", "meta_step fast"])
+@pytest.mark.parametrize("form", ["step learn=False", "step", "step fast", "meta_step", "meta_step fast",
+                                  "uw meta_step", "famo meta_step"])
 def test_parameters_replaced_after_the_optimizer_was_built_are_refused_at_the_next_call(form, replace):
     """The optimizer holds tensors the model no longer has (load_state_dict(..., assign=True), a module replaced,
     after the optimizer was built): refused at the next call of every form, naming the first parameter replaced,
-    before anything changes. step() had run, gamma learning, and left the model as it was. (A tensor the optimizer
-    holds that never was the model's, a criterion's learned scale, is left alone: tests/test_transaction.py.)"""
+    before anything changes. The weighter's step() had run, gamma learning, and left the model as it was; a two-call
+    loop trained nothing while meta_step learned. (A tensor the optimizer holds that never was the model's, a
+    criterion's learned scale, is left alone: tests/test_transaction.py.)"""
     torch.manual_seed(0)
     model = tiny_net(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    options = {"learn": False} if "learn=False" in form else {"mode": "fast"} if "fast" in form else {}
-    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), **options)
-    two_calls = form.startswith("meta_step")
+    kind = form.split()[0] if form.split()[0] in mw.WEIGHTINGS else None
+    if kind is not None:
+        w = mw.WEIGHTINGS[kind](model, optimizer, mw.DenseDistillLoss(3))
+    else:
+        options = {"learn": False} if "learn=False" in form else {"mode": "fast"} if "fast" in form else {}
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), **options)
     train, val = batch(8), batch(8)
+    meta_first = form == "meta_step"  # (the exact two-call form: meta_step, then the loop's own step)
 
-    def iteration():
-        if not two_calls:
-            return w.step(train, val)
-        if w.mode == "fast":
-            loss = w.loss(model(train[0]), train[1])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return w.meta_step(train, val)
-        record = w.meta_step(train, val)
+    def loop_step():
         loss = w.loss(model(train[0]), train[1])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        return record
+
+    def iteration():
+        if form.startswith("step"):
+            return w.step(train, val)
+        if meta_first:
+            w.meta_step(train, val)
+            return loop_step()
+        loop_step()
+        return w.meta_step(train, val)
 
     iteration()
     replace(model)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     gamma, state = w.gamma.detach().clone(), copy.deepcopy(optimizer.state_dict())
-    call = "meta_step" if two_calls and w.mode != "fast" else "step" if not two_calls else None
     name = r"heads\.1\.weight" if replace is _replace_a_head else r"stages\.0\.0\.weight"
-    with pytest.raises(ValueError, match=r"HarmonizedWeighter\.(meta_)?step: the optimizer \(parameter group 0\) "
-                                         rf"holds the tensor that was the model's parameter `{name}` \(shape "):
-        if call is None:  # (fast two calls: the loop's own step came first; the weighter refuses its meta_step)
-            loss = w.loss(model(train[0]), train[1])
-            loss.backward()
-            w.meta_step(train, val)
+    who = "HarmonizedWeighter" if kind is None else type(w).__name__
+    with pytest.raises(ValueError, match=rf"{who}\.(meta_)?step: the optimizer \(parameter group 0\) holds the "
+                                         rf"tensor that was the model's parameter `{name}` \(shape "):
+        if form.startswith("step"):
+            w.step(train, val)
         else:
-            getattr(w, call)(train, val)
+            if not meta_first:  # (the loop's forward and backward first; its step would move the old tensors)
+                w.loss(model(train[0]), train[1]).backward()
+            w.meta_step(train, val)
     assert all(torch.equal(params[n], p) for n, p in model.named_parameters())
     assert torch.equal(w.gamma, gamma)
     assert str(optimizer.state_dict()) == str(state)
