@@ -316,28 +316,39 @@ def check_optimizer_covers_model(optimizer: torch.optim.Optimizer, model: nn.Mod
 
 
 def check_parameters_replaced(optimizer: torch.optim.Optimizer, before: Iterable[tuple[str, Tensor]],
-                              now: Iterable[Tensor], call: str) -> None:
+                              now: Mapping[str, Tensor], call: str) -> None:
     """Refuse (a ``ValueError``, before anything changes) an optimizer holding a tensor that was a parameter of the
-    model ``before`` (``(name, parameter)`` at the weighter's last call) and is not ``now``: the parameter was
-    replaced since (``load_state_dict(..., assign=True)``, a module swapped for a new one), and the optimizer would
-    step the old tensor while the model stays as it is. A tensor the optimizer holds that never was the model's (a
-    criterion's learned scale in a group of its own) is left alone. ``call`` names the method checking
-    (``"HarmonizedWeighter.step"``)."""
-    current = {id(p) for p in now}
+    model ``before`` (``(name, parameter)`` at the weighter's last call) and is not ``now`` (every name the model
+    holds a parameter under now, a tied weight's each, to the parameter), where the optimizer does not hold the
+    parameter now under that name either: the parameter was replaced since (``load_state_dict(..., assign=True)``,
+    a module swapped for a new one), and the optimizer would step the old tensor while the model stays as it is.
+    An old tensor left beside its successor (a head swapped and added with ``optimizer.add_param_group``, a weight
+    tied to one the optimizer holds) steps nothing of the model and is left alone, as is a tensor the optimizer
+    holds that never was the model's (a criterion's learned scale in a group of its own). ``call`` names the method
+    checking (``"HarmonizedWeighter.step"``)."""
+    current = {id(p) for p in now.values()}
     gone = {id(p): name for name, p in before if id(p) not in current}  # (``before`` holds them: ids no one else's)
     if not gone:
         return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for i, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
-            if id(p) in gone:
-                raise ValueError(
-                    f"{call}: the optimizer (parameter group {i}) holds the tensor that was the "
-                    f"model's parameter `{gone[id(p)]}` (shape {tuple(p.shape)}) at the last call, and the model holds "
-                    f"another now: it was replaced since (load_state_dict(..., assign=True), a module swapped for a "
-                    f"new one), so the optimizer would step the old tensor and leave the model as it is. Build the "
-                    f"optimizer anew over model.parameters() (new.load_state_dict(old.state_dict()) keeps its state, "
-                    f"parameter by parameter in order), or load weights with assign=False, which copies them into "
-                    f"the parameters the optimizer holds. Nothing was changed.")
+            name = gone.get(id(p))
+            if name is None:
+                continue
+            successor = now.get(name)
+            if successor is not None and id(successor) in held:
+                continue
+            holds = "another now" if successor is not None else "no parameter under that name now"
+            raise ValueError(
+                f"{call}: the optimizer (parameter group {i}) holds the tensor that was the "
+                f"model's parameter `{name}` (shape {tuple(p.shape)}) at the last call, and the model holds "
+                f"{holds}: it was replaced since (load_state_dict(..., assign=True), a module swapped for a "
+                f"new one), so the optimizer would step the old tensor and leave the model as it is. Build the "
+                f"optimizer anew over model.parameters() (new.load_state_dict(old.state_dict()) keeps its state, "
+                f"parameter by parameter in order), add the new parameters with optimizer.add_param_group(...), or "
+                f"load weights with assign=False, which copies them into the parameters the optimizer holds. "
+                f"Nothing was changed.")
 
 
 # ----------------------------------------------------------------------------------------- Adam, once

@@ -222,7 +222,9 @@ def walked(model: nn.Module, owner: Any = None) -> Iterator[ModelWalk]:
     With ``owner`` (an object calling into the library at every step, a weighter), the block's last walk is kept
     on it (``owner._kept_walk``) and the next block starts from it where it still describes the model
     (:meth:`ModelWalk.still_describes`: one pass over the modules' dicts, where a new walk is several), so that
-    what the user changed between two steps is seen and a model left as it was is not walked again."""
+    what the user changed between two steps is seen and a model left as it was is not walked again. A block that
+    raised leaves the walk kept before it: the next call's check of replaced parameters compares with the last
+    call that returned, so that a refusal repeats until the loop is mended (a retried call had run)."""
     key, scopes = id(model), _scopes
     if key in scopes.walks:
         yield scopes.walks[key]
@@ -234,12 +236,14 @@ def walked(model: nn.Module, owner: Any = None) -> Iterator[ModelWalk]:
                                                         register_module_module_registration_hook,
                                                         register_module_parameter_registration_hook)]
     scopes.walks[key] = one
+    returned = False
     try:
         yield one
+        returned = True
     finally:
         last = scopes.walks.pop(key, None)
-        if owner is not None:
-            owner._kept_walk = last
+        if owner is not None and returned:  # (a call that raised keeps the walk of the last call that returned: the
+            owner._kept_walk = last          # next call compares with it, so a refusal of a replaced parameter repeats)
         if not scopes.walks:
             for handle in scopes.hooks:
                 handle.remove()

@@ -945,8 +945,9 @@ class HarmonizedWeighter(NamedWeights):
         is read): :meth:`step` does both. The learning rates are read as Python numbers: a captured graph
         keeps those of its capture (capture again after a scheduler changes them; a tensor ``lr`` would be
         read back). Raises a ``ValueError``, changing nothing, for a forward that draws random numbers (first
-        call) or registers, replaces or resizes a buffer, for batches off the model's device, and for an
-        optimizer option or hook the step cannot replay (as :meth:`step`).
+        call) or registers, replaces or resizes a buffer, for batches off the model's device, for an optimizer
+        holding a parameter replaced since the last call, and for an optimizer option or hook the step cannot
+        replay (as :meth:`step`).
 
         A whole iteration under a CUDA graph (shapes static, as ``torch.cuda.graphs`` asks)::
 
@@ -963,6 +964,7 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError("device_step() is the step of a weighter built with capturable=True (mode='fast'); "
                              "this one was not: call step(), or build it with capturable=True.")
         self._check_learn()
+        self._check_parameters_held("device_step")  # (Python objects only: nothing read from the device)
         with torch.enable_grad():
             return self._capturable.step(self, train_batch, val_batch)
 

@@ -238,8 +238,8 @@ class NamedWeights:
         call's walk still describes the model (:func:`~metaweight._walk.walked`)."""
         before, now = self.__dict__.get("_kept_walk"), walk(self.module)
         if before is not None and before is not now:
-            check_parameters_replaced(self._inner_optimizer, before.parameters, (p for _, p in now.parameters),
-                                      f"{type(self).__name__}.{call}")
+            named = {alias: p for name, p in now.parameters for alias in now.aliases.get(name, (name,))}
+            check_parameters_replaced(self._inner_optimizer, before.parameters, named, f"{type(self).__name__}.{call}")
 
     @property
     def term_names(self) -> list[str]:

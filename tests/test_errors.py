@@ -326,3 +326,96 @@ def test_parameters_replaced_after_the_optimizer_was_built_are_refused_at_the_ne
     assert all(torch.equal(params[n], p) for n, p in model.named_parameters())
     assert torch.equal(w.gamma, gamma)
     assert str(optimizer.state_dict()) == str(state)
+
+
+def _weighter_and_iteration(form, model, optimizer, train, val):
+    """The weighter of ``form`` over ``model`` and one iteration of its loop (the two-call forms: the loop's own
+    forward, backward and step, meta_step before it in the exact form, after it in the fast one)."""
+    kind = form.split()[0] if form.split()[0] in mw.WEIGHTINGS else None
+    if kind is not None:
+        w = mw.WEIGHTINGS[kind](model, optimizer, mw.DenseDistillLoss(3))
+    elif form == "device_step":
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast", capturable=True,
+                                  nonfinite="skip")
+    else:
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3),
+                                  **({"mode": "fast"} if "fast" in form else {}))
+
+    def iteration():
+        if form == "step":
+            return w.step(train, val)
+        if form == "device_step":
+            return w.device_step(train, val)
+        if form == "meta_step":
+            w.meta_step(train, val)
+        optimizer.zero_grad()
+        w.loss(model(train[0]), train[1]).backward()
+        optimizer.step()
+        if form != "meta_step":
+            w.meta_step(train, val)
+    return w, iteration
+
+
+@pytest.mark.parametrize("form, first", [(form, "refused") for form in
+                                         ("step", "device_step", "meta_step", "meta_step fast", "uw meta_step")] +
+                         [(form, "val_batch missing") for form in ("step", "meta_step", "meta_step fast")])
+def test_a_parameter_replaced_is_refused_again_at_the_next_call_until_the_loop_is_mended(form, first):
+    """A call that raised (this refusal, or another: the validation batch left out) does not take the model as it
+    is now for the next call's comparison: the walk kept is the last call's that returned, so the refusal repeats
+    (a retried call, a notebook cell run again, had run, the optimizer stepping the old tensor and the model left
+    as it was) until the loop is mended (here, the new head added with add_param_group). device_step(), the
+    capturable step called directly, is checked as step() is (it took the new model in unchecked, and step()
+    then too)."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    fused = {"fused": True} if form == "device_step" else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **fused)
+    train, val = batch(8), batch(8)
+    w, iteration = _weighter_and_iteration(form, model, optimizer, train, val)
+    iteration()
+    iteration()
+    model.heads[1] = nn.Linear(10, 5)
+    new = model.heads[1].weight.detach().clone()
+    refused = r"the optimizer \(parameter group 0\) holds the tensor that was the model's parameter `heads\.1\.weight`"
+    if first == "refused":
+        with pytest.raises(ValueError, match=refused):
+            iteration()
+    else:  # (no validation batch: refused before the check of replaced parameters)
+        with pytest.raises(ValueError, match="learns gamma on a validation batch"):
+            (w.step if form == "step" else w.meta_step)(train)
+    with pytest.raises(ValueError, match=refused):
+        iteration()
+    assert torch.equal(model.heads[1].weight, new)
+    optimizer.add_param_group({"params": list(model.heads[1].parameters()), **fused})
+    iteration()
+    iteration()
+    assert not torch.equal(model.heads[1].weight, new)
+
+
+def _tie(model):
+    model.heads[1].weight = model.heads[0].weight
+
+
+def _swap_and_add(model, optimizer):
+    model.heads[1] = nn.Linear(10, 5)
+    optimizer.add_param_group({"params": list(model.heads[1].parameters())})
+
+
+@pytest.mark.parametrize("change", ["tie", "swap and add_param_group"])
+@pytest.mark.parametrize("form", ["step", "meta_step", "meta_step fast", "uw meta_step", "famo meta_step"])
+def test_an_old_tensor_left_in_the_optimizer_beside_its_successor_is_not_refused(form, change):
+    """A parameter replaced whose successor the optimizer holds too trains: a weight tied to one the optimizer holds
+    (heads[1].weight = heads[0].weight), a head swapped for a new one added with optimizer.add_param_group (torch's
+    way to add what should train). The old tensor left in the optimizer gets no gradient and steps nothing of the
+    model, as a tensor that never was the model's: not refused (it had been, "the model holds another now")."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train, val = batch(8), batch(8)
+    w, iteration = _weighter_and_iteration(form, model, optimizer, train, val)
+    iteration()
+    _tie(model) if change == "tie" else _swap_and_add(model, optimizer)
+    heads = {n: p.detach().clone() for n, p in model.heads.named_parameters()}
+    iteration()
+    iteration()
+    assert all(not torch.equal(heads[n], p) for n, p in model.heads.named_parameters())

@@ -284,12 +284,20 @@ def test_a_walk_kept_between_steps_is_taken_again_only_if_it_still_describes_the
     assert w._kept_walk is before  # unchanged: taken again
     assert described(before) == described(ModelWalk(model))
     change(model)
+    refused = change.__name__ in ("new_parameter", "replace_head")
     try:
         w.step(batch(8))
     except ValueError as error:  # a parameter replaced (the optimizer holds the old tensor), seen by the new walk
-        assert change.__name__ in ("new_parameter", "replace_head") and "the model holds another now" in str(error), \
-            error
+        assert refused and "the model holds another now" in str(error), error
+    else:
+        assert not refused
     assert seen and all(seen)  # what the step read, from its start
+    if refused:  # a call that raised leaves the walk kept before it: the next call refuses again
+        assert w._kept_walk is before
+        with pytest.raises(ValueError, match="the model holds another now"):
+            w.step(batch(8))
+        assert w._kept_walk is before
+        return
     assert (w._kept_walk is before) == (change.__name__ == "generator")
     assert described(w._kept_walk) == described(ModelWalk(model))
     assert [n for n, _ in w._kept_walk.parameters] == [n for n, _ in model.named_parameters()]
