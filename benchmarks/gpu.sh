@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20's GPU measurements in one run (BUDGET seconds in all, 560 by default, on an H200): the overhead table (wall,
-# kernel ms, launches, syncs, host reads per iteration for the user's loop, two-call, step(learn=False), exact jvp, fast,
-# higher), EarlyExit's latency at batch 256 and 1, the capturable step and the CUDA-graph variants, whether a graph's
+# kernel ms, launches, syncs, host reads per iteration for the user's loop, two-call, step(learn=False), exact jvp,
+# finite_difference, fast, higher), EarlyExit's latency at batch 256 and 1, the capturable step and the CUDA-graph variants, whether a graph's
 # replay of device_step() gives the eager numbers (capture_check.py), and the tests that need a GPU.
 #
 #     bash benchmarks/gpu.sh OUTDIR            # on a machine with CUDA; results and logs land in OUTDIR
@@ -59,8 +59,8 @@ part capture 100 python3 benchmarks/overhead.py --models msdnet --rounds "$round
 || part capturable 70 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
     --no-errors --variants "own loop" "own loop, fused SGD" "fast, capturable" --out "$out/capturable.json"
 part overhead 150 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
-    --no-errors --variants "own loop" "two-call, fixed weights" "step, learn=False" jvp fast higher \
-    "fast, validation batch 16" --out "$out/overhead.json"
+    --no-errors --variants "own loop" "two-call, fixed weights" "step, learn=False" jvp finite_difference fast \
+    higher "fast, validation batch 16" --out "$out/overhead.json"
 part breakdown 60 python3 benchmarks/overhead.py --models msdnet --device "$device" --counts-only --breakdown 25 \
     --variants "own loop" "step, learn=False" jvp fast --out "$out/breakdown.json"
 part latency 75 python3 benchmarks/latency.py --device "$device" --batch 256 --repeats 7
