@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 20's GPU measurements in one run (BUDGET seconds in all, 560 by default, on an H200): the overhead table (wall,
 # kernel ms, launches, syncs, host reads per iteration for the user's loop, two-call, step(learn=False), exact jvp,
-# finite_difference, fast, higher), EarlyExit's latency at batch 256 and 1, the capturable step and the CUDA-graph variants, whether a graph's
+# finite_difference, fast, higher), EarlyExit's latency at batch 256 and 1 (eager, and with cuda_graphs=True beside
+# the full model replayed from a graph), the capturable step and the CUDA-graph variants, whether a graph's
 # replay of device_step() gives the eager numbers (capture_check.py), and the tests that need a GPU.
 #
 #     bash benchmarks/gpu.sh OUTDIR            # on a machine with CUDA; results and logs land in OUTDIR
@@ -58,14 +59,15 @@ part capture 100 python3 benchmarks/overhead.py --models msdnet --rounds "$round
     "fast, capturable, CUDA graph" --out "$out/capture.json" \
 || part capturable 70 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
     --no-errors --variants "own loop" "own loop, fused SGD" "fast, capturable" --out "$out/capturable.json"
+part latency 100 python3 benchmarks/latency.py --device "$device" --batch 256 --repeats 7 --cuda-graphs
 part overhead 150 python3 benchmarks/overhead.py --models msdnet --rounds "$rounds" --device "$device" --no-memory \
     --no-errors --variants "own loop" "two-call, fixed weights" "step, learn=False" jvp finite_difference fast \
     higher "fast, validation batch 16" --out "$out/overhead.json"
 part breakdown 60 python3 benchmarks/overhead.py --models msdnet --device "$device" --counts-only --breakdown 25 \
     --variants "own loop" "step, learn=False" jvp fast --out "$out/breakdown.json"
-part latency 75 python3 benchmarks/latency.py --device "$device" --batch 256 --repeats 7
 part capture_check 60 python3 benchmarks/capture_check.py --device "$device" --steps 8
-[[ $device == cuda* ]] && part gpu_tests 30 python3 -m pytest -q -p no:cacheprovider tests/test_outside_step.py -k gpu_model
+[[ $device == cuda* ]] && part gpu_tests 30 python3 -m pytest -q -p no:cacheprovider tests/test_outside_step.py \
+    tests/test_cuda_graphs.py -k "gpu_model or gpu"
 part memory 150 python3 benchmarks/overhead.py --models msdnet --rounds 1 --device "$device" --no-errors \
     --variants "own loop" "step, learn=False" jvp fast --out "$out/memory.json"
 exit 0

@@ -3,6 +3,8 @@ at a large batch, next to the FLOPs speed-up, on the machine at hand.
 
     python benchmarks/latency.py                          # CIFAR MSDNet (8 exits), CPU or GPU
     python benchmarks/latency.py --batch 256 --repeats 20 --threads 2
+    python benchmarks/latency.py --cuda-graphs            # + EarlyExit(cuda_graphs=True), and on CUDA
+                                                          #   the full model replayed from a CUDA graph
 
 Thresholds come from MSDNet's geometric exit distributions (q) on held-out logits of the same
 network (random weights unless --checkpoint gives a state_dict): what matters here is how many
@@ -59,6 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--checkpoint", default=None, help="a state_dict of msdnet_cifar(10, 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also EarlyExit(cuda_graphs=True) for each q (on the CPU: its padded stages, run eagerly) "
+                        "and, on CUDA, the full model captured whole at each batch size (one graph per size)")
+    p.add_argument("--counts", action="store_true",
+                   help="only count, at the batch size, the launch-equivalent ops of one call (overhead.count): "
+                        "the full model, EarlyExit, and EarlyExit(cuda_graphs=True) outside its stages, whose "
+                        "replays are counted as one launch each (on the CPU nothing is captured: each graph's "
+                        "run is replaced by the outputs of an earlier run, which is what a replay writes)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,17 +91,46 @@ def main(argv: list[str] | None = None) -> None:
         name = f"early exit q={q}"
         predictors[name] = mw.EarlyExit(model, thresholds)
         flops_speedup[name] = costs[-1] / point.cost
+        if args.cuda_graphs:
+            predictors[name + ", graphs"] = mw.EarlyExit(model, thresholds, cuda_graphs=True)
+            flops_speedup[name + ", graphs"] = flops_speedup[name]
+    if args.counts:
+        return counts(model, x, predictors)
+    graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+    if args.cuda_graphs and args.device.startswith("cuda"):
+        predictors["full model, graph"] = "graph"
+        flops_speedup["full model, graph"] = 1.0
+
+    def full_graph(inputs: torch.Tensor) -> None:
+        """The full forward replayed from a CUDA graph captured for this batch size (the input copied in)."""
+        if inputs.shape[0] not in graphs:
+            static = inputs.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                model(static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                model(static)
+            graphs[inputs.shape[0]] = graph, static
+        graph, static = graphs[inputs.shape[0]]
+        static.copy_(inputs)
+        graph.replay()
 
     def run(name: str, inputs: torch.Tensor) -> None:
         with torch.no_grad():
             if predictors[name] is None:
                 model(inputs)
+            elif predictors[name] == "graph":
+                full_graph(inputs)
             else:
                 predictors[name](inputs)
 
-    for name in predictors:  # warm-up
-        run(name, x)
-        run(name, x[:1])
+    for name in predictors:  # warm-up (graphs: every image timed one by one, so each stage is captured
+        run(name, x)         # for each size it will see before the timing)
+        for i in range(min(args.single, args.batch) if args.cuda_graphs else 1):
+            run(name, x[i:i + 1])
     throughput = {name: [] for name in predictors}
     single = {name: [] for name in predictors}
     for _ in range(args.repeats):
@@ -125,14 +164,46 @@ def main(argv: list[str] | None = None) -> None:
     full_tp = statistics.median(throughput["full model"])
     full_p50 = statistics.median(single["full model"])
     print(f"CIFAR MSDNet (8 exits), torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'':<18} {'FLOPs x':>8} {'batch ' + str(args.batch) + ' img/s':>16} {'x':>6} {'b1 p50 ms':>10} "
+    print(f"{'':<26} {'FLOPs x':>8} {'batch ' + str(args.batch) + ' img/s':>16} {'x':>6} {'b1 p50 ms':>10} "
           f"{'p95 ms':>8} {'x':>6} {'reads b' + str(args.batch):>10} {'reads b1':>9}")
     for name in predictors:
         tp = statistics.median(throughput[name])
         lat = sorted(single[name])
         p50, p95 = statistics.median(lat), lat[min(len(lat) - 1, int(0.95 * len(lat)))]
-        print(f"{name:<18} {flops_speedup[name]:>8.2f} {tp:>16.1f} {tp / full_tp:>6.2f} {1e3 * p50:>10.2f} "
+        print(f"{name:<26} {flops_speedup[name]:>8.2f} {tp:>16.1f} {tp / full_tp:>6.2f} {1e3 * p50:>10.2f} "
               f"{1e3 * p95:>8.2f} {full_p50 / p50:>6.2f} {reads[name][0]:>10} {reads[name][1]:>9}")
+
+
+def counts(model: torch.nn.Module, x: torch.Tensor, predictors: dict) -> None:
+    """Launch-equivalent ops of one call at ``x``'s batch size (``overhead.count``, on this device)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from overhead import count
+
+    def full() -> None:
+        with torch.no_grad():
+            model(x)
+
+    print(f"CIFAR MSDNet (8 exits), torch {torch.__version__}, {x.device}, batch {x.shape[0]}: launch-equivalent "
+          f"ops per call (overhead.count; graphs: outside the stages, + replays)")
+    print(f"full model: {count(full, str(x.device))['kernel_ops']:.0f}")
+    for name, predictor in predictors.items():
+        if predictor is None:
+            continue
+        graphed = mw.EarlyExit(predictor.model, predictor.thresholds, cuda_graphs=True)
+        graphed(x)
+        graphed(x)  # every graph this batch needs is made
+        replays = [0]
+        for kept in graphed._graphs.graphs.values():
+            for graph in kept:
+                written = graph.run()
+
+                def replay(written=written) -> list:
+                    replays[0] += 1
+                    return list(written)
+                graph.run = replay
+        eager = count(lambda: predictor(x), str(x.device))["kernel_ops"]
+        outside = count(lambda: graphed(x), str(x.device))["kernel_ops"]
+        print(f"{name}: {eager:.0f}; cuda_graphs=True: {outside:.0f} + {replays[0] // 4} replays")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_temperatures, check
                                refuse_nan_logits, softmax_undefined)
 from metaweight._exit_rules import (RULES, Entropy, ExitRule, Margin, MaxProbability, as_rule, calibrated,
                                    decision_dtype, predict, reaches, score_dtype)
+from metaweight._graphs import StageGraphs
 from metaweight._multiexit import check_exit_classes, check_head_classes
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
@@ -124,6 +125,10 @@ def _refuse_unselected(k: int, logits: Tensor, expected: int, passed: Sequence[t
                      f"lists and dicts) whose first dimension is the number of samples in the network, and passes "
                      f"every other value on unchanged (passed on unchanged at the last selection: {kept}). "
                      f"{_BATCH_FIRST_FIX}")
+
+
+def _never(tensor: Tensor) -> bool:
+    return False
 
 
 def _uses_batch_statistics(module: nn.Module) -> bool:
@@ -350,6 +355,26 @@ class EarlyExit(nn.Module):
             the ``k``-th before the rule scores them (the predictions do not change). Use it when
             the thresholds were found on calibrated logits
             (``find_thresholds(calibration.apply(logits), ...)``). ``None``: raw logits.
+        cuda_graphs: run each stage with its exit head from a CUDA graph (``torch.cuda.graphs``):
+            on a GPU, a model of many small layers is bound by kernel launches, so a stage run on
+            few samples costs as much as on the whole batch; a replayed graph is one launch. A
+            graph is fixed in its shapes, so after stage 1 the samples still in are padded to the
+            next power of two (the padded rows are computed and dropped; predictions are the same,
+            up to rounding as above), and each stage keeps a graph per padded size (at most
+            ``log2(N) + 1``); stage 1 sees the whole batch as the model does, with a graph per batch
+            size. The first call that needs a graph runs the stage eagerly (its answer) and
+            captures it, with a synchronisation (seconds in all for a first batch and a first
+            single sample; memory: each graph keeps the stage's activations at its size). A
+            parameter, buffer or submodule replaced, moved or cast is seen at the next call (by
+            identity, torch's module registration hooks and the tensors' addresses) and the
+            stage is captured again; changed in place (an optimizer step), it is read by the
+            graph. What the stage's Python decides is fixed at capture: a stage may not read a
+            value back to the host, its Python attributes are not watched, and its features may
+            hold tensors, numbers, strings, ``None``, dtypes and devices, in tuples, lists and
+            dicts (anything else is refused with a ``TypeError``, a value that changes with the
+            number of samples with a ``ValueError``). Exits attached by name (:func:`attach_exits`)
+            run the model's own forward and are refused. On a device that is not CUDA nothing is
+            captured: the padded stages run eagerly (slower than the default; for testing).
 
     ``state_dict()`` holds the model's state, the thresholds and, as the extra state, the rule's
     name and the temperatures; ``load_state_dict`` restores the temperatures (a state saved
@@ -368,30 +393,43 @@ class EarlyExit(nn.Module):
 
     Raises:
         TypeError: a model that is not an ``nn.Module`` or exposes no stages; thresholds that are
-            not numbers. At a call: inputs holding no tensor; features whose per-sample tensors
-            cannot be selected (inside another object, a ``PackedSequence``).
+            not numbers; ``cuda_graphs`` not a bool. At a call: inputs holding no tensor; features
+            whose per-sample tensors cannot be selected (inside another object, a
+            ``PackedSequence``); with ``cuda_graphs``, features a graph cannot hold.
         ValueError: a model on the meta device; thresholds not one per exit, or NaN; temperatures
             not one positive number per exit; a BatchNorm without running statistics in a stage
-            or head after the first (also at a call). At a call: the batch not in the first
-            dimension (of the inputs, or of the features: a later exit with other rows than the
-            samples still in), a row of logits with no softmax, NaN logits at the last exit (which
-            predicts every sample still in), a model whose number of exits changed. At
-            ``load_state_dict``: a state of another rule, temperatures that do not fit, NaN
-            thresholds.
+            or head after the first (also at a call); ``cuda_graphs`` with exits attached by name.
+            At a call: the batch not in the first dimension (of the inputs, or of the features: a
+            later exit with other rows than the samples still in), a row of logits with no
+            softmax, NaN logits at the last exit (which predicts every sample still in), a model
+            whose number of exits changed; with ``cuda_graphs``, a stage giving other values
+            beside its tensors for another number of samples. At ``load_state_dict``: a state of
+            another rule, temperatures that do not fit, NaN thresholds.
+        RuntimeError: with ``cuda_graphs`` on CUDA, a stage that cannot be captured (it reads a
+            value back to the host), naming it.
     """
 
     _check_statistics = True  # (off for exit_costs(executed=True): every sample leaves at one exit there)
 
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float], *,
-                 rule: ExitRule | str = "max_probability", temperatures: Any = None) -> None:
+                 rule: ExitRule | str = "max_probability", temperatures: Any = None,
+                 cuda_graphs: bool = False) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"`cuda_graphs` should be True or False. Found {cuda_graphs!r}.")
         refuse_meta(model, None, "EarlyExit")
         self.model = model
         self.rule = as_rule(rule)
         self._whole_batch = callable(getattr(model, "run_until", None)) and not callable(getattr(model, "exit_stages",
                                                                                                   None))
+        if cuda_graphs and self._whole_batch:
+            raise ValueError(f"EarlyExit(cuda_graphs=True) captures each stage of the model with its exit head, and "
+                             f"`{type(model).__name__}` has exits attached by name (attach_exits), whose forward runs "
+                             f"whole: it has no stages to capture. Build the model with exit_stages() (e.g. "
+                             f"metaweight.MultiExit), or use cuda_graphs=False.")
+        self._graphs: StageGraphs | None = StageGraphs() if cuda_graphs else None
         if self._whole_batch:  # exits attached by name: stop the forward once every sample has left
             num_exits = int(model.num_exits)
         else:
@@ -421,7 +459,10 @@ class EarlyExit(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> EarlyExit:
         """Move and cast the model as ``nn.Module`` does; the thresholds follow the device only, in its
         :func:`decision_dtype` (float64; float32 on MPS, which has no float64): a cast (``.half()``,
-        ``.bfloat16()``) would round them (0.2013 to 0.20117) and change exits."""
+        ``.bfloat16()``) would round them (0.2013 to 0.20117) and change exits. CUDA graphs captured
+        before are dropped (they read the tensors as they were)."""
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()
         kept = self._buffers.pop("thresholds")
         try:
             super()._apply(fn, recurse)
@@ -431,6 +472,17 @@ class EarlyExit(nn.Module):
             self._buffers["thresholds"] = kept
             raise
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without its CUDA graphs (captured again as calls need them)."""
+        state = self.__dict__.copy()
+        if state.get("_graphs") is not None:
+            state["_graphs"] = StageGraphs()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_graphs", None)  # (pickled before cuda_graphs existed)
+        super().__setstate__(state)
 
     def get_extra_state(self) -> dict[str, Any]:
         """What ``state_dict()`` keeps beside the model and the thresholds: the rule's name and the
@@ -562,10 +614,20 @@ class EarlyExit(nn.Module):
         for k, (stage, head) in enumerate(zip(stages, heads)):
             if k == 0:  # the first stage takes the model's inputs (see exit_parts)
                 call = first_stage_call(self.model, x, stage)
-                features = stage(*call.args, **call.kwargs)
-            else:
+                if self._graphs is None:
+                    features = stage(*call.args, **call.kwargs)
+                else:
+                    features, raw = self._graphs.run(0, stage, head, call.args, call.kwargs, None, _never,
+                                                     lambda logits: _check_inputs_batch(_per_sample(logits), inputs))
+            elif self._graphs is None:
                 features = stage(features)
-            raw = _per_sample(head(features))
+            else:
+                fixed = select.fixed if select is not None else {}
+                features, raw = self._graphs.run(
+                    k, stage, head, (features,), {}, size, lambda t: fixed.get(id(t)) is t,
+                    lambda logits, k=k: _per_sample(logits).shape[0] == size or _refuse_unselected(
+                        k, logits, size, select.passed if select is not None else []))
+            raw = _per_sample(head(features) if self._graphs is None else raw)
             if k == 0:  # stage 1 and head 1 see every sample: exit 1's rows are the batch
                 _check_inputs_batch(raw, inputs)
                 size = raw.shape[0]

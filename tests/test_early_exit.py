@@ -26,6 +26,35 @@ RULES = ["max_probability", "entropy", "margin", "patience"]
 K = 4
 
 
+class _Graphed(mw.EarlyExit):
+    """EarlyExit with ``cuda_graphs=True`` wherever the model has stages to capture."""
+
+    def __init__(self, model, thresholds, **options):
+        options.setdefault("cuda_graphs", callable(getattr(model, "exit_stages", None)))
+        super().__init__(model, thresholds, **options)
+
+    def forward(self, *args, **kwargs):
+        """Each call twice: the first makes the graphs the call needs (running the stages as they
+        are), the second replays them; both give the same."""
+        first = super().forward(*args, **kwargs)
+        if self._graphs is None:  # (exits attached by name: no stages, nothing captured)
+            return first
+        again = super().forward(*args, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(first, again)), (first, again)
+        return again
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["eager", "cuda_graphs"])
+def cuda_graphs(request, monkeypatch):
+    """Every test of this module runs twice: as written, and with ``EarlyExit(cuda_graphs=True)``
+    (the stages run on the samples padded to a power of two, from the structure each graph keeps;
+    on the CPU nothing is captured, which is all that differs on CUDA). Each call then runs
+    captured stages where an earlier call of the test made them (``tests/test_cuda_graphs.py``)."""
+    if request.param:
+        monkeypatch.setattr(mw, "EarlyExit", _Graphed)
+    return request.param
+
+
 def mlp():
     return tiny_net(K, dtype=torch.float64).eval()
 
@@ -117,7 +146,8 @@ def host_reads(run):
     return reads.count + sum(e.name == "aten::nonzero" for e in prof.events())
 
 
-def test_early_exit_reads_the_host_at_most_once_per_exit():
+def test_early_exit_reads_the_host_at_most_once_per_exit(cuda_graphs):
+    calls = 2 if cuda_graphs else 1  # (_Graphed calls twice)
     model = small_msdnet()
     x = torch.randn(32, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -127,8 +157,8 @@ def test_early_exit_reads_the_host_at_most_once_per_exit():
     predictor = mw.EarlyExit(model, thresholds)
     assert len(set(predictor(x)[1].tolist())) == K
     # one read per exit: how many continue (and the rows with no softmax or NaN); at the last, the refusals'
-    assert host_reads(lambda: predictor(x)) == K
-    assert host_reads(lambda: predictor(x[:1])) <= K
+    assert host_reads(lambda: predictor(x)) == K * calls
+    assert host_reads(lambda: predictor(x[:1])) <= K * calls
     # a rule that keeps earlier exits' logits for the samples still in
     model = mlp()
     x = inputs_for(model, 16)
@@ -140,7 +170,7 @@ def test_early_exit_reads_the_host_at_most_once_per_exit():
     thresholds[k + 1] = split(scores[k + 1][scores[k] < thresholds[k]])  # the next splits those left: 3 exits taken
     predictor = mw.EarlyExit(model, thresholds, rule="patience")
     assert len(set(predictor(x)[1].tolist())) == 3
-    assert host_reads(lambda: predictor(x)) <= K
+    assert host_reads(lambda: predictor(x)) <= K * calls
 
 
 def test_early_exit_with_attached_exits_reads_the_host_at_most_once_per_exit():
@@ -774,7 +804,7 @@ class _HeadOf(nn.Module):
               r"samples in the network \(8\).*tuple, list or dict"),
     (lambda h: torch.nn.utils.rnn.pack_sequence(list(h[:, None])), r"Stage 1 returned a PackedSequence.*padded"),
 ])
-def test_features_whose_samples_cannot_be_selected_are_refused_naming_them(wrap, match):
+def test_features_whose_samples_cannot_be_selected_are_refused_naming_them(wrap, match, cuda_graphs):
     """Per-sample tensors inside an object EarlyExit does not look into, or interleaved in a
     PackedSequence, would go on with the samples that left (a PackedSequence's `sorted_indices`,
     [batch], would be selected alone): refused with a TypeError naming what to return instead."""
@@ -783,6 +813,8 @@ def test_features_whose_samples_cannot_be_selected_are_refused_naming_them(wrap,
     x = torch.randn(8, 4)
     with torch.no_grad():
         scores = as_rule("max_probability").scores(torch.stack(model(x)))
+    if cuda_graphs and wrap is _Holder:  # refused where the first graph is made, before any sample leaves
+        match = r"cuda_graphs=True\): stage 1's features is a `_Holder`.*tuples, lists or dicts"
     with pytest.raises(TypeError, match=match):
         mw.EarlyExit(model, [float(scores[0].median()), 0.0])(x)
 

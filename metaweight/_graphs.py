@@ -1,0 +1,357 @@
+"""CUDA graphs of an early-exit model's stages: each stage with its exit head captured once per
+shape of what it takes (the samples still in padded to a power of two), then replayed.
+
+On a GPU a model of many small layers is bound by kernel launches: a stage run on fewer samples
+launches as many kernels as on the whole batch, so early exit saves little time there however few
+samples go on. Replaying a captured stage is one launch (``torch.cuda.graphs``). What a stage
+takes changes size from call to call (how many samples are still in), and a graph is fixed in
+its shapes; so the samples still in are padded to the next power of two and each stage keeps a
+graph per padded size: at most ``log2(N) + 1`` graphs per stage for batches up to ``N``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaweight._anytime import same_mapping
+
+
+# values a graph may hold as captured: what the stage's Python saw at capture, equal at every replay
+_CONSTANTS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,
+              torch.memory_format, enum.Enum)
+
+
+def _flatten(value: Any, leaves: list[Any], path: str) -> Any:
+    """The structure of ``value`` (hashable, compared between calls) and its leaves appended to
+    ``leaves``, walked as EarlyExit selects samples: tensors, and tuples, lists (namedtuples too) and
+    mappings of them (a dict subclass keeps its type), with numbers, strings, ``None``, dtypes and
+    devices as values fixed at capture; anything else is refused (a graph would replay what it held
+    at capture)."""
+    if isinstance(value, Tensor):
+        leaves.append(value)
+        return "tensor"
+    if isinstance(value, Mapping):
+        return (type(value), tuple(value.keys()),
+                tuple(_flatten(v, leaves, f"{path}[{k!r}]") for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value), len(value), tuple(_flatten(v, leaves, f"{path}[{i}]") for i, v in enumerate(value)))
+    if isinstance(value, _CONSTANTS):
+        leaves.append(value)
+        return "value"
+    raise TypeError(f"EarlyExit(cuda_graphs=True): {path} is a `{type(value).__name__}`, which a CUDA graph cannot "
+                    f"take in or give out: it replays the tensors it captured and the Python values it saw then. "
+                    f"Pass tensors between stages, in tuples, lists or dicts, with numbers, strings or None beside "
+                    f"them, or use cuda_graphs=False.")
+
+
+def _unflatten(spec: Any, leaves: Any, template: Any) -> Any:
+    """``template``'s structure (``spec``) with the next values of the iterator ``leaves``."""
+    if spec in ("tensor", "value"):
+        return next(leaves)
+    kind, _, children = spec
+    if isinstance(template, Mapping):
+        return same_mapping(template, {k: _unflatten(c, leaves, v) for (k, v), c in zip(template.items(), children)})
+    items = [_unflatten(c, leaves, v) for v, c in zip(template, children)]
+    if kind in (list, tuple):
+        return kind(items)
+    return kind(*items) if hasattr(template, "_fields") else kind(items)
+
+
+def _flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> tuple[list[Any], Any]:
+    """What stage ``k`` takes, flattened, each value named by where it is."""
+    leaves: list[Any] = []
+    spec = (tuple, 2, ((tuple, len(args), tuple(_flatten(a, leaves, f"stage {k + 1}'s argument {i + 1}")
+                                               for i, a in enumerate(args))),
+                       (dict, tuple(kwargs), tuple(_flatten(v, leaves, f"stage {k + 1}'s argument {name!r}")
+                                                   for name, v in kwargs.items()))))
+    return leaves, spec
+
+
+def _flatten_output(output: tuple[Any, Tensor], k: int) -> tuple[list[Any], Any]:
+    """What stage ``k`` and head ``k`` give, flattened, each value named by where it is."""
+    leaves: list[Any] = []
+    spec = (tuple, 2, (_flatten(output[0], leaves, f"stage {k + 1}'s features"),
+                       _flatten(output[1], leaves, f"exit {k + 1}'s logits")))
+    return leaves, spec
+
+
+def padded_size(n: int) -> int:
+    """The size ``n`` samples are padded to: the next power of two (``n`` itself if it is one)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+_generation = 0  # bumped whenever any module registers a parameter, buffer or submodule (torch's global hooks)
+_watching = False
+
+
+def _registered(module: nn.Module, name: str, value: Any) -> None:
+    global _generation
+    _generation += 1
+
+
+def _watch() -> None:
+    """Count registrations process-wide: a module replaced inside a stage, or a parameter or buffer
+    assigned anew (``load_state_dict(..., assign=True)`` too), tells a graph to look again."""
+    global _watching
+    if not _watching:
+        from torch.nn.modules import module as torch_module
+        torch_module.register_module_parameter_registration_hook(_registered)
+        torch_module.register_module_buffer_registration_hook(_registered)
+        torch_module.register_module_module_registration_hook(_registered)
+        _watching = True
+
+
+def _modules_of(modules: tuple[nn.Module, ...]) -> list[nn.Module]:
+    return [x for m in modules for x in m.modules()]
+
+
+def _contents(modules: tuple[nn.Module, ...]) -> list[Any]:
+    """The modules a captured graph ran, then the parameters and buffers it reads where they were at
+    capture, in order."""
+    return [*_modules_of(modules), *(t for m in modules for t in (*m.parameters(), *m.buffers()))]
+
+
+def _context() -> tuple[Any, ...]:
+    """What a capture fixes beside the tensors: autocast (on and its dtype, per device type) and
+    inference mode (its tensors cannot be written outside it)."""
+    return (torch.is_inference_mode_enabled(),
+            *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")))
+
+
+@dataclass
+class _Graph:
+    """One stage and head captured for one structure and padded size of what the stage takes."""
+
+    modules: tuple[nn.Module, ...]
+    contents: list[Any]  # the modules' submodules, parameters and buffers at capture
+    pointers: list[int]  # where each tensor of them lives (moved or cast: elsewhere)
+    generation: int  # registrations counted when ``contents`` was last found to be the modules' own
+    context: tuple[Any, ...]  # autocast and inference mode at capture
+    spec: Any  # the structure of (args, kwargs)
+    signature: tuple[Any, ...]  # per leaf: (True, shape[1:], dtype, device) per sample, (False, shape, ...) else
+    static: tuple[Any, ...]  # the leaves the graph takes: the values as captured, the tensors' buffers
+    size: int  # the number of samples the graph runs: padded, or those of the call
+    padded: bool  # whether calls with fewer samples are padded to ``size`` (all but stage 1)
+    inputs: list[Tensor]  # the tensors the graph reads (the tensor leaves, per-sample ones padded)
+    per_sample_out: list[bool]
+    out_spec: Any
+    out_template: Any  # what the stage and head gave at capture (the types of its mappings and tuples)
+    outputs: list[Any]  # what the graph writes (tensors) and the output's other leaves
+    passed: list[tuple[int, int]]  # (output leaf, input leaf): a tensor the stage gives back as it took it
+    graph: Any  # torch.cuda.CUDAGraph, or None where nothing is captured (not CUDA)
+    run: Callable[[], Any]
+
+    def current(self) -> bool:
+        """Whether the modules still hold the submodules the graph ran and the tensors it reads,
+        where they were: the same objects (looked up again after any registration of a module,
+        parameter or buffer anywhere) at the same addresses (a ``.to()``, a cast or ``.data =``
+        moves them)."""
+        if self.generation != _generation:
+            now = _contents(self.modules)
+            if len(now) != len(self.contents) or any(a is not b for a, b in zip(now, self.contents)):
+                return False
+            self.generation = _generation
+        return _pointers(self.contents) == self.pointers
+
+    def rows(self, leaves: list[Any], fixed: Callable[[Tensor], bool]) -> int | None:
+        """How many samples ``leaves`` (a call's, flattened as this graph's) hold, if this graph
+        takes them: each per-sample tensor with the same number of rows, padding to this graph's
+        size, every other leaf as captured; else ``None``."""
+        rows = None
+        for leaf, sig, constant in zip(leaves, self.signature, self.static):
+            if sig is None:
+                if isinstance(leaf, Tensor) or _differs(leaf, constant):
+                    return None
+                continue
+            per_sample, shape, dtype, device = sig
+            if not isinstance(leaf, Tensor) or leaf.dtype != dtype or leaf.device != device:
+                return None
+            if per_sample:
+                if leaf.dim() == 0 or leaf.shape[1:] != shape or isinstance(leaf, nn.Parameter) or fixed(leaf):
+                    return None
+                if rows is None:
+                    rows = leaf.shape[0]
+                elif leaf.shape[0] != rows:
+                    return None
+            elif leaf.shape != shape:
+                return None
+        if rows is None or (padded_size(rows) if self.padded else rows) != self.size:
+            return None
+        return rows
+
+
+class StageGraphs:
+    """The graphs of one :class:`EarlyExit`'s stages, captured as calls need them.
+
+    ``run(k, stage, head, args, kwargs, size, fixed, check)`` gives what ``head(stage(*args,
+    **kwargs))`` gives (the features and exit ``k``'s logits, each per-sample tensor with the
+    call's rows): from a graph captured for the structure of the arguments and the padded number
+    of samples, replayed; where there is none yet, from the stage run eagerly on the arguments as
+    they are (this call's answer, checked by ``check``), after which the graph is captured for the
+    next calls. On a device that is not CUDA nothing is captured: the stage runs eagerly on the
+    padded tensors, which is what the graph would compute (the tests check the padding on the CPU).
+    """
+
+    def __init__(self) -> None:
+        _watch()
+        self.graphs: dict[int, list[_Graph]] = {}
+
+    def clear(self) -> None:
+        """Drop every graph (and the memory it holds)."""
+        self.graphs.clear()
+
+    def run(self, k: int, stage: nn.Module, head: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+            size: int | None, fixed: Callable[[Tensor], bool], check: Callable[[Tensor], Any]) -> tuple[Any, Tensor]:
+        """Stage ``k`` and head ``k`` on ``(args, kwargs)``: ``size`` is the number of samples in the
+        network (``None`` at stage 1, where exit 1's rows say it); ``fixed(t)`` whether a tensor is
+        passed on whatever its first dimension (not per sample); ``check(logits)`` refuses logits
+        of other rows than the samples (before anything is captured)."""
+        leaves, spec = _flatten_call(args, kwargs, k)
+        modules = (stage, head)
+        context = _context()
+        kept = self.graphs.setdefault(k, [])
+        for i, graph in enumerate(kept):
+            if graph.spec != spec or graph.modules[0] is not stage or graph.modules[1] is not head or \
+                    graph.context != context:
+                continue
+            rows = graph.rows(leaves, fixed)
+            if rows is None or (size is not None and rows != size):
+                continue
+            if not graph.current():  # the modules' tensors were replaced or moved: capture again
+                del kept[i]
+                break
+            return self._replay(graph, leaves, rows, check)
+        features, logits = _stage_head(stage, head, args, kwargs)
+        contents = _contents(modules)  # (after the run: a lazy module makes its parameters in its first call)
+        generation = _generation
+        check(logits)
+        rows = logits.shape[0] if size is None else size
+        if len(kept) >= _LIMIT:  # (a structure that changes at every call: the oldest graph goes)
+            del kept[0]
+        kept.append(self._capture(modules, contents, generation, context, (args, kwargs), leaves, spec, rows, fixed,
+                                  (features, logits), k))
+        return features, logits
+
+    @staticmethod
+    def _replay(graph: _Graph, leaves: list[Any], rows: int, check: Callable[[Tensor], Any]) -> tuple[Any, Tensor]:
+        for leaf, sig, target in zip(leaves, graph.signature, graph.static):
+            if sig is None:
+                continue
+            (target[:rows] if sig[0] else target).copy_(leaf)
+        outputs = graph.run()
+        if rows != graph.size:
+            outputs = [o[:rows] if per_sample else o for o, per_sample in zip(outputs, graph.per_sample_out)]
+        for i, j in graph.passed:  # a tensor the stage passes on is the one the call gave it (EarlyExit tells
+            outputs[i] = leaves[j]  # tensors passed on unchanged by what they are), not the graph's copy
+        features, logits = _unflatten(graph.out_spec, iter(outputs), graph.out_template)
+        check(logits)
+        return features, logits
+
+    @staticmethod
+    def _capture(modules: tuple[nn.Module, ...], contents: list[Any], generation: int, context: tuple[Any, ...],
+                 call: tuple[Any, ...], leaves: list[Any], spec: Any, rows: int, fixed: Callable[[Tensor], bool],
+                 eager: tuple[Any, Tensor], k: int) -> _Graph:
+        padded = k > 0
+        size = padded_size(rows) if padded else rows
+        signature: list[Any] = []
+        inputs: list[Tensor] = []
+        static: list[Any] = []
+        for leaf in leaves:
+            if not isinstance(leaf, Tensor):
+                signature.append(None)
+                static.append(leaf)
+                continue
+            per_sample = leaf.dim() > 0 and leaf.shape[0] == rows and not isinstance(leaf, nn.Parameter) and \
+                not fixed(leaf)
+            signature.append((per_sample, leaf.shape[1:] if per_sample else leaf.shape, leaf.dtype, leaf.device))
+            if per_sample:
+                buffer = leaf.new_zeros((size, *leaf.shape[1:]))
+                buffer[:rows].copy_(leaf)
+            else:
+                buffer = leaf.detach().clone(memory_format=torch.contiguous_format)
+            inputs.append(buffer)
+            static.append(buffer)
+        args, kwargs = _unflatten(spec, iter(static), call)
+        eager_leaves, eager_spec = _flatten_output(eager, k)
+        device = next((t.device for t in [*inputs, *contents] if isinstance(t, Tensor) and t.is_cuda), None)
+        graph = None
+        if device is not None:
+            elsewhere = [t for t in [*inputs, *(e for e in eager_leaves if isinstance(e, Tensor))] if t.device != device]
+            if elsewhere:
+                raise ValueError(f"EarlyExit(cuda_graphs=True): stage {k + 1} runs on {device} and takes or gives a "
+                                 f"tensor on {elsewhere[0].device} (shape {tuple(elsewhere[0].shape)}): a CUDA graph "
+                                 f"replays only the work on its GPU. Keep the inputs and the features on the model's "
+                                 f"device, or use cuda_graphs=False.")
+            with torch.cuda.device(device):
+                stream = torch.cuda.Stream(device)  # a warm-up on a side stream, as torch.cuda.graphs asks
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    warm = _stage_head(*modules, args, kwargs)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph):
+                        captured = _stage_head(*modules, args, kwargs)
+                except RuntimeError as error:
+                    raise RuntimeError(f"EarlyExit(cuda_graphs=True) could not capture stage {k + 1} in a CUDA "
+                                       f"graph: {error}. A captured stage may not read a value back to the host "
+                                       f"(.item(), .tolist(), a Python branch on a tensor, boolean indexing) nor "
+                                       f"synchronise; use cuda_graphs=False for this model.") from error
+            outputs, out_spec = _flatten_output(captured, k)
+            run = _replayer(graph, outputs)
+        else:  # nothing to capture: the stage runs on the padded tensors at every call
+            warm = captured = _stage_head(*modules, args, kwargs)
+            outputs, out_spec = _flatten_output(warm, k)
+
+            def run() -> list[Any]:
+                return _flatten_output(_stage_head(*modules, args, kwargs), k)[0]
+        padded_leaves, padded_spec = _flatten_output(warm, k)
+        if not eager_spec == padded_spec == out_spec or any(
+                not isinstance(e, Tensor) and (isinstance(p, Tensor) or _differs(p, e))
+                for e, p in zip(eager_leaves, padded_leaves)):
+            raise ValueError(f"EarlyExit(cuda_graphs=True): stage {k + 1} or head {k + 1} gave another structure, or "
+                             f"other values beside its tensors, for {size} samples (padded) than for {rows}: a "
+                             f"captured stage replays what it gave at capture, so it must give the same whatever the "
+                             f"number of samples. Use cuda_graphs=False for this model.")
+        # a tensor the stage took whole (not per sample) and gives back as it is: the call's own at a replay
+        whole = {id(t): j for j, (t, sig) in enumerate(zip(static, signature)) if sig is not None and not sig[0]}
+        passed = [(i, whole[id(o)]) for i, o in enumerate(outputs) if isinstance(o, Tensor) and id(o) in whole]
+        per_sample_out = [isinstance(p, Tensor) and isinstance(e, Tensor) and p.dim() > 0 and e.dim() > 0 and
+                          p.shape[0] == size and e.shape[0] == rows and p.shape[1:] == e.shape[1:] and
+                          not isinstance(o, nn.Parameter) and id(o) not in whole
+                          for p, e, o in zip(padded_leaves, eager_leaves, outputs)]
+        return _Graph(modules, contents, _pointers(contents), generation, context, spec,
+                      tuple(signature), tuple(static), size, padded, inputs, per_sample_out, out_spec, captured, outputs,
+                      passed, graph, run)
+
+
+_LIMIT = 32  # graphs kept per stage: log2(N) + 1 padded sizes for one structure, times a few structures
+
+
+def _differs(leaf: Any, constant: Any) -> bool:
+    try:
+        return type(leaf) is not type(constant) or bool(leaf != constant)
+    except Exception:
+        return True
+
+
+def _pointers(contents: list[Any]) -> list[int]:
+    return [x.data_ptr() for x in contents if isinstance(x, Tensor)]
+
+
+def _replayer(graph: Any, outputs: list[Any]) -> Callable[[], list[Any]]:
+    def run() -> list[Any]:
+        graph.replay()
+        return outputs
+    return run
+
+
+def _stage_head(stage: nn.Module, head: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor]:
+    features = stage(*args, **kwargs)
+    return features, head(features)
