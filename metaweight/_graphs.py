@@ -279,7 +279,7 @@ class StageGraphs:
             static.append(buffer)
         args, kwargs = _unflatten(spec, iter(static), call)
         eager_leaves, eager_spec = _flatten_output(eager, k)
-        device = next((t.device for t in [*inputs, *contents] if isinstance(t, Tensor) and t.is_cuda), None)
+        device = _capture_device([t for t in [*inputs, *contents] if isinstance(t, Tensor)])
         graph = None
         if device is not None:
             elsewhere = [t for t in [*inputs, *(e for e in eager_leaves if isinstance(e, Tensor))] if t.device != device]
@@ -288,21 +288,7 @@ class StageGraphs:
                                  f"tensor on {elsewhere[0].device} (shape {tuple(elsewhere[0].shape)}): a CUDA graph "
                                  f"replays only the work on its GPU. Keep the inputs and the features on the model's "
                                  f"device, or use cuda_graphs=False.")
-            with torch.cuda.device(device):
-                stream = torch.cuda.Stream(device)  # a warm-up on a side stream, as torch.cuda.graphs asks
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
-                    warm = _stage_head(*modules, args, kwargs)
-                torch.cuda.current_stream(device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph):
-                        captured = _stage_head(*modules, args, kwargs)
-                except RuntimeError as error:
-                    raise RuntimeError(f"EarlyExit(cuda_graphs=True) could not capture stage {k + 1} in a CUDA "
-                                       f"graph: {error}. A captured stage may not read a value back to the host "
-                                       f"(.item(), .tolist(), a Python branch on a tensor, boolean indexing) nor "
-                                       f"synchronise; use cuda_graphs=False for this model.") from error
+            warm, captured, graph = _cuda_graph(device, lambda: _stage_head(*modules, args, kwargs), k)
             outputs, out_spec = _flatten_output(captured, k)
             run = _replayer(graph, outputs)
         else:  # nothing to capture: the stage runs on the padded tensors at every call
@@ -343,6 +329,33 @@ def _differs(leaf: Any, constant: Any) -> bool:
 
 def _pointers(contents: list[Any]) -> list[int]:
     return [x.data_ptr() for x in contents if isinstance(x, Tensor)]
+
+
+def _capture_device(tensors: list[Tensor]) -> torch.device | None:
+    """The GPU where a stage's graph is captured: that of its first CUDA tensor (None: not captured)."""
+    return next((t.device for t in tensors if t.is_cuda), None)
+
+
+def _cuda_graph(device: torch.device, run: Callable[[], Any], k: int) -> tuple[Any, Any, Any]:
+    """``run()`` captured in a CUDA graph on ``device``, after a warm-up on a side stream (as
+    ``torch.cuda.graphs`` asks): what the warm-up gave, what the capture gave (the tensors every
+    replay writes) and the graph (``replay()``)."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            warm = run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                captured = run()
+        except RuntimeError as error:
+            raise RuntimeError(f"EarlyExit(cuda_graphs=True) could not capture stage {k + 1} in a CUDA graph: "
+                               f"{error}. A captured stage may not read a value back to the host (.item(), "
+                               f".tolist(), a Python branch on a tensor, boolean indexing) nor synchronise; use "
+                               f"cuda_graphs=False for this model.") from error
+    return warm, captured, graph
 
 
 def _replayer(graph: Any, outputs: list[Any]) -> Callable[[], list[Any]]:

@@ -15,7 +15,9 @@ from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
 import metaweight as mw
+import metaweight._graphs as graphs
 from conftest import tiny_net
+from metaweight._graphs import _flatten_output
 from metaweight._exit_rules import as_rule
 from references.exit_rules import loop_assign
 
@@ -44,15 +46,40 @@ class _Graphed(mw.EarlyExit):
         return again
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=["eager", "cuda_graphs"])
+class _InPlaceGraph:
+    """Replays as a CUDA graph does: the tensors its capture gave are the same objects at every
+    replay, written again in place (those the stage passed through as it took them are its inputs)."""
+
+    def __init__(self, run, captured, k):
+        self.run, self.captured, self.k = run, captured, k
+
+    def replay(self):
+        fresh = self.run()
+        for old, new in zip(_flatten_output(self.captured, self.k)[0], _flatten_output(fresh, self.k)[0]):
+            if isinstance(old, Tensor) and old is not new:
+                old.copy_(new)
+
+
+def _in_place_graph(device, run, k):
+    warm = run()
+    captured = run()
+    return warm, captured, _InPlaceGraph(run, captured, k)
+
+
+@pytest.fixture(autouse=True, params=["eager", "cuda_graphs", "cuda_graphs, replayed in place"])
 def cuda_graphs(request, monkeypatch):
-    """Every test of this module runs twice: as written, and with ``EarlyExit(cuda_graphs=True)``
+    """Every test of this module runs three times: as written; with ``EarlyExit(cuda_graphs=True)``
     (the stages run on the samples padded to a power of two, from the structure each graph keeps;
-    on the CPU nothing is captured, which is all that differs on CUDA). Each call then runs
-    captured stages where an earlier call of the test made them (``tests/test_cuda_graphs.py``)."""
-    if request.param:
+    on the CPU nothing is captured); and so again with each graph's outputs kept and written in
+    place at every replay, as a CUDA graph's are (its capture replaced by :class:`_InPlaceGraph`:
+    what is left untested on the CPU is torch's capture itself). Each call then runs captured
+    stages where an earlier call of the test made them (``tests/test_cuda_graphs.py``)."""
+    if request.param != "eager":
         monkeypatch.setattr(mw, "EarlyExit", _Graphed)
-    return request.param
+    if request.param.endswith("in place"):
+        monkeypatch.setattr(graphs, "_capture_device", lambda tensors: tensors[0].device if tensors else None)
+        monkeypatch.setattr(graphs, "_cuda_graph", _in_place_graph)
+    return request.param != "eager"
 
 
 def mlp():
