@@ -359,22 +359,26 @@ class EarlyExit(nn.Module):
             on a GPU, a model of many small layers is bound by kernel launches, so a stage run on
             few samples costs as much as on the whole batch; a replayed graph is one launch. A
             graph is fixed in its shapes, so after stage 1 the samples still in are padded to the
-            next power of two (the padded rows are computed and dropped; predictions are the same,
-            up to rounding as above), and each stage keeps a graph per padded size (at most
-            ``log2(N) + 1``); stage 1 sees the whole batch as the model does, with a graph per batch
-            size. The first call that needs a graph runs the stage eagerly (its answer) and
-            captures it, with a synchronisation (seconds in all for a first batch and a first
-            single sample; memory: each graph keeps the stage's activations at its size). A
-            parameter, buffer or submodule replaced, moved or cast is seen at the next call (by
-            identity, torch's module registration hooks and the tensors' addresses) and the
-            stage is captured again; changed in place (an optimizer step), it is read by the
-            graph. What the stage's Python decides is fixed at capture: a stage may not read a
-            value back to the host, its Python attributes are not watched, and its features may
-            hold tensors, numbers, strings, ``None``, dtypes and devices, in tuples, lists and
-            dicts (anything else is refused with a ``TypeError``, a value that changes with the
-            number of samples with a ``ValueError``). Exits attached by name (:func:`attach_exits`)
-            run the model's own forward and are refused. On a device that is not CUDA nothing is
-            captured: the padded stages run eagerly (slower than the default; for testing).
+            next power of two (the padded rows, copies of a real sample, are computed and dropped;
+            predictions are the same, up to rounding as above), and each stage keeps a graph per
+            padded size (at most ``log2(N) + 1``); stage 1 sees the whole batch as the model does,
+            with a graph per batch size. The first call that needs a graph runs the stage eagerly
+            (its answer) and captures it, with a synchronisation (seconds in all for a first batch
+            and a first single sample; memory: each graph keeps the stage's activations at its
+            size; CUDA work of other threads during a capture fails). A parameter, buffer or
+            submodule replaced (in a module's dicts, however written), moved or cast is seen at the
+            next call (by identity and the tensors' addresses, about 0.6 ms per call on the CPU for
+            the 8-exit CIFAR MSDNet) and the stage is captured again; changed in place (an
+            optimizer step), it is read by the graph. What a stage writes in place into what it
+            takes is written back into the call's tensors. What the stage's Python decides is fixed
+            at capture: a stage may not read a value back to the host (a ``RuntimeError`` names it),
+            its hooks and Python attributes are those of the capture, and its features may hold
+            tensors, numbers, strings, ``None``, dtypes and devices, in tuples, lists and dicts
+            (anything else is refused with a ``TypeError``, a value that changes with the number of
+            samples with a ``ValueError``). Exits attached by name (:func:`attach_exits`) run the
+            model's own forward and are refused. On a device that is not CUDA nothing is captured:
+            the padded stages run eagerly (slower than the default; for testing). Not yet measured
+            on a GPU (``docs/guides/evaluation.md``).
 
     ``state_dict()`` holds the model's state, the thresholds and, as the extra state, the rule's
     name and the temperatures; ``load_state_dict`` restores the temperatures (a state saved

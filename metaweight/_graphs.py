@@ -11,6 +11,7 @@ graph per padded size: at most ``log2(N) + 1`` graphs per stage for batches up t
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -86,27 +87,6 @@ def padded_size(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-_generation = 0  # bumped whenever any module registers a parameter, buffer or submodule (torch's global hooks)
-_watching = False
-
-
-def _registered(module: nn.Module, name: str, value: Any) -> None:
-    global _generation
-    _generation += 1
-
-
-def _watch() -> None:
-    """Count registrations process-wide: a module replaced inside a stage, or a parameter or buffer
-    assigned anew (``load_state_dict(..., assign=True)`` too), tells a graph to look again."""
-    global _watching
-    if not _watching:
-        from torch.nn.modules import module as torch_module
-        torch_module.register_module_parameter_registration_hook(_registered)
-        torch_module.register_module_buffer_registration_hook(_registered)
-        torch_module.register_module_module_registration_hook(_registered)
-        _watching = True
-
-
 def _modules_of(modules: tuple[nn.Module, ...]) -> list[nn.Module]:
     return [x for m in modules for x in m.modules()]
 
@@ -115,6 +95,24 @@ def _contents(modules: tuple[nn.Module, ...]) -> list[Any]:
     """The modules a captured graph ran, then the parameters and buffers it reads where they were at
     capture, in order."""
     return [*_modules_of(modules), *(t for m in modules for t in (*m.parameters(), *m.buffers()))]
+
+
+def _held(modules: list[nn.Module]) -> list[Any]:
+    """What each module holds under each name (submodules, parameters, buffers), read from its dicts:
+    a replacement written into them directly (``module._parameters[name] = ...``, as accelerate does)
+    shows here as well as one through ``setattr`` or ``load_state_dict(..., assign=True)``."""
+    held: list[Any] = []
+    for m in modules:
+        d = m.__dict__
+        held.append(tuple(d["_modules"].items()))
+        held.append(tuple(d["_parameters"].items()))
+        held.append(tuple(d["_buffers"].items()))
+    return held
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(len(x) == len(y) and all(kx == ky and vx is vy for (kx, vx), (ky, vy) in zip(x, y))
+                                    for x, y in zip(a, b))
 
 
 def _context() -> tuple[Any, ...]:
@@ -131,7 +129,8 @@ class _Graph:
     modules: tuple[nn.Module, ...]
     contents: list[Any]  # the modules' submodules, parameters and buffers at capture
     pointers: list[int]  # where each tensor of them lives (moved or cast: elsewhere)
-    generation: int  # registrations counted when ``contents`` was last found to be the modules' own
+    held: list[Any]  # what each submodule holds under each name at capture (see _held)
+    count: int  # how many of ``contents`` are modules
     context: tuple[Any, ...]  # autocast and inference mode at capture
     spec: Any  # the structure of (args, kwargs)
     signature: tuple[Any, ...]  # per leaf: (True, shape[1:], dtype, device) per sample, (False, shape, ...) else
@@ -146,18 +145,13 @@ class _Graph:
     passed: list[tuple[int, int]]  # (output leaf, input leaf): a tensor the stage gives back as it took it
     graph: Any  # torch.cuda.CUDAGraph, or None where nothing is captured (not CUDA)
     run: Callable[[], Any]
+    written: list[int]  # the leaves the stage writes in place: written back into the call's tensors at a replay
 
     def current(self) -> bool:
         """Whether the modules still hold the submodules the graph ran and the tensors it reads,
-        where they were: the same objects (looked up again after any registration of a module,
-        parameter or buffer anywhere) at the same addresses (a ``.to()``, a cast or ``.data =``
-        moves them)."""
-        if self.generation != _generation:
-            now = _contents(self.modules)
-            if len(now) != len(self.contents) or any(a is not b for a, b in zip(now, self.contents)):
-                return False
-            self.generation = _generation
-        return _pointers(self.contents) == self.pointers
+        where they were: the same objects under the same names in every submodule's dicts, at the
+        same addresses (a ``.to()``, a cast or ``.data =`` moves them)."""
+        return _same(_held(self.contents[:self.count]), self.held) and _pointers(self.contents) == self.pointers
 
     def rows(self, leaves: list[Any], fixed: Callable[[Tensor], bool]) -> int | None:
         """How many samples ``leaves`` (a call's, flattened as this graph's) hold, if this graph
@@ -199,7 +193,6 @@ class StageGraphs:
     """
 
     def __init__(self) -> None:
-        _watch()
         self.graphs: dict[int, list[_Graph]] = {}
 
     def clear(self) -> None:
@@ -212,6 +205,10 @@ class StageGraphs:
         network (``None`` at stage 1, where exit 1's rows say it); ``fixed(t)`` whether a tensor is
         passed on whatever its first dimension (not per sample); ``check(logits)`` refuses logits
         of other rows than the samples (before anything is captured)."""
+        if size == 0:  # no sample in: nothing to pad or capture (a padded row would be made up)
+            features, logits = _stage_head(stage, head, args, kwargs)
+            check(logits)
+            return features, logits
         leaves, spec = _flatten_call(args, kwargs, k)
         modules = (stage, head)
         context = _context()
@@ -229,13 +226,12 @@ class StageGraphs:
             return self._replay(graph, leaves, rows, check)
         features, logits = _stage_head(stage, head, args, kwargs)
         contents = _contents(modules)  # (after the run: a lazy module makes its parameters in its first call)
-        generation = _generation
         check(logits)
         rows = logits.shape[0] if size is None else size
+        made = self._capture(modules, contents, context, (args, kwargs), leaves, spec, rows, fixed, (features, logits), k)
         if len(kept) >= _LIMIT:  # (a structure that changes at every call: the oldest graph goes)
             del kept[0]
-        kept.append(self._capture(modules, contents, generation, context, (args, kwargs), leaves, spec, rows, fixed,
-                                  (features, logits), k))
+        kept.append(made)
         return features, logits
 
     @staticmethod
@@ -244,7 +240,10 @@ class StageGraphs:
             if sig is None:
                 continue
             (target[:rows] if sig[0] else target).copy_(leaf)
-        outputs = graph.run()
+        outputs = list(graph.run())  # (a copy: the graph's own list is not the call's)
+        for j in graph.written:  # the stage wrote what it took in place: so does the call, as without graphs
+            target = graph.static[j]
+            leaves[j].copy_(target[:rows] if graph.signature[j][0] else target)
         if rows != graph.size:
             outputs = [o[:rows] if per_sample else o for o, per_sample in zip(outputs, graph.per_sample_out)]
         for i, j in graph.passed:  # a tensor the stage passes on is the one the call gave it (EarlyExit tells
@@ -254,7 +253,7 @@ class StageGraphs:
         return features, logits
 
     @staticmethod
-    def _capture(modules: tuple[nn.Module, ...], contents: list[Any], generation: int, context: tuple[Any, ...],
+    def _capture(modules: tuple[nn.Module, ...], contents: list[Any], context: tuple[Any, ...],
                  call: tuple[Any, ...], leaves: list[Any], spec: Any, rows: int, fixed: Callable[[Tensor], bool],
                  eager: tuple[Any, Tensor], k: int) -> _Graph:
         padded = k > 0
@@ -270,15 +269,18 @@ class StageGraphs:
             per_sample = leaf.dim() > 0 and leaf.shape[0] == rows and not isinstance(leaf, nn.Parameter) and \
                 not fixed(leaf)
             signature.append((per_sample, leaf.shape[1:] if per_sample else leaf.shape, leaf.dtype, leaf.device))
-            if per_sample:
-                buffer = leaf.new_zeros((size, *leaf.shape[1:]))
+            if per_sample and size > rows:
+                buffer = leaf.new_empty((size, *leaf.shape[1:]))
                 buffer[:rows].copy_(leaf)
-            else:
-                buffer = leaf.detach().clone(memory_format=torch.contiguous_format)
+                # the padded rows hold a real sample (zeros need not be a valid input: a length of 0, an index -1)
+                buffer[rows:].copy_(leaf[:1].expand(size - rows, *leaf.shape[1:]))
+            else:  # (in the call's own layout: a stage may read it)
+                buffer = leaf.detach().clone()
             inputs.append(buffer)
             static.append(buffer)
         args, kwargs = _unflatten(spec, iter(static), call)
         eager_leaves, eager_spec = _flatten_output(eager, k)
+        before = [_stamp(b) if sig is not None else None for b, sig in zip(static, signature)]
         device = _capture_device([t for t in [*inputs, *contents] if isinstance(t, Tensor)])
         graph = None
         if device is not None:
@@ -289,32 +291,43 @@ class StageGraphs:
                                  f"replays only the work on its GPU. Keep the inputs and the features on the model's "
                                  f"device, or use cuda_graphs=False.")
             warm, captured, graph = _cuda_graph(device, lambda: _stage_head(*modules, args, kwargs), k)
+            written = _written(static, before)
             outputs, out_spec = _flatten_output(captured, k)
             run = _replayer(graph, outputs)
         else:  # nothing to capture: the stage runs on the padded tensors at every call
             warm = captured = _stage_head(*modules, args, kwargs)
+            written = _written(static, before)
             outputs, out_spec = _flatten_output(warm, k)
 
             def run() -> list[Any]:
                 return _flatten_output(_stage_head(*modules, args, kwargs), k)[0]
         padded_leaves, padded_spec = _flatten_output(warm, k)
-        if not eager_spec == padded_spec == out_spec or any(
-                not isinstance(e, Tensor) and (isinstance(p, Tensor) or _differs(p, e))
-                for e, p in zip(eager_leaves, padded_leaves)):
-            raise ValueError(f"EarlyExit(cuda_graphs=True): stage {k + 1} or head {k + 1} gave another structure, or "
-                             f"other values beside its tensors, for {size} samples (padded) than for {rows}: a "
-                             f"captured stage replays what it gave at capture, so it must give the same whatever the "
-                             f"number of samples. Use cuda_graphs=False for this model.")
+        now, then = (f"for {size} samples (padded)", f"for {rows}") if size != rows else \
+            ("run again on a copy of its inputs", "on the inputs themselves")
+        if not eager_spec == padded_spec == out_spec:
+            _refuse_different(k, f"another structure {now} than {then}")
+        for i, (e, p) in enumerate(zip(eager_leaves, padded_leaves)):
+            if not isinstance(e, Tensor) and (isinstance(p, Tensor) or _differs(p, e)):
+                _refuse_different(k, f"{p!r} {now} where it gave {e!r} {then} (value {i + 1} of its output)")
+        probe_leaves: list[Any] | None = None
+        if padded and rows == size and rows > 1:  # every output of `size` rows looks per sample: run on one fewer
+            fewer = [b[:rows - 1] if sig is not None and sig[0] else b for b, sig in zip(static, signature)]
+            probe_leaves, probe_spec = _flatten_output(_stage_head(*modules, *_unflatten(spec, iter(fewer), call)), k)
+            if probe_spec != eager_spec:
+                _refuse_different(k, f"another structure for {rows - 1} samples than for {rows}")
         # a tensor the stage took whole (not per sample) and gives back as it is: the call's own at a replay
         whole = {id(t): j for j, (t, sig) in enumerate(zip(static, signature)) if sig is not None and not sig[0]}
         passed = [(i, whole[id(o)]) for i, o in enumerate(outputs) if isinstance(o, Tensor) and id(o) in whole]
         per_sample_out = [isinstance(p, Tensor) and isinstance(e, Tensor) and p.dim() > 0 and e.dim() > 0 and
                           p.shape[0] == size and e.shape[0] == rows and p.shape[1:] == e.shape[1:] and
-                          not isinstance(o, nn.Parameter) and id(o) not in whole
-                          for p, e, o in zip(padded_leaves, eager_leaves, outputs)]
-        return _Graph(modules, contents, _pointers(contents), generation, context, spec,
+                          not isinstance(o, nn.Parameter) and id(o) not in whole and
+                          (probe_leaves is None or isinstance(q, Tensor) and q.dim() > 0 and q.shape[0] == rows - 1)
+                          for p, e, o, q in zip(padded_leaves, eager_leaves, outputs,
+                                                probe_leaves if probe_leaves is not None else outputs)]
+        count = sum(isinstance(x, nn.Module) for x in contents)
+        return _Graph(modules, contents, _pointers(contents), _held(contents[:count]), count, context, spec,
                       tuple(signature), tuple(static), size, padded, inputs, per_sample_out, out_spec, captured, outputs,
-                      passed, graph, run)
+                      passed, graph, run, written)
 
 
 _LIMIT = 32  # graphs kept per stage: log2(N) + 1 padded sizes for one structure, times a few structures
@@ -322,9 +335,19 @@ _LIMIT = 32  # graphs kept per stage: log2(N) + 1 padded sizes for one structure
 
 def _differs(leaf: Any, constant: Any) -> bool:
     try:
-        return type(leaf) is not type(constant) or bool(leaf != constant)
+        if type(leaf) is not type(constant):
+            return True
+        if isinstance(leaf, (float, complex)) and leaf != leaf and constant != constant:
+            return False  # NaN, as captured
+        return bool(leaf != constant)
     except Exception:
         return True
+
+
+def _refuse_different(k: int, what: str) -> None:
+    raise ValueError(f"EarlyExit(cuda_graphs=True): stage {k + 1} or head {k + 1} gave {what}: a captured stage "
+                     f"replays what it gave at capture, so beside its tensors it must give the same whatever the "
+                     f"number of samples or the layout of its inputs. Use cuda_graphs=False for this model.")
 
 
 def _pointers(contents: list[Any]) -> list[int]:
@@ -337,25 +360,67 @@ def _capture_device(tensors: list[Tensor]) -> torch.device | None:
 
 
 def _cuda_graph(device: torch.device, run: Callable[[], Any], k: int) -> tuple[Any, Any, Any]:
-    """``run()`` captured in a CUDA graph on ``device``, after a warm-up on a side stream (as
-    ``torch.cuda.graphs`` asks): what the warm-up gave, what the capture gave (the tensors every
-    replay writes) and the graph (``replay()``)."""
-    with torch.cuda.device(device):
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+    """``run()`` captured in a CUDA graph on ``device``, after three warm-up runs, as
+    ``torch.cuda.graphs`` asks: what the warm-up gave, what the capture gave (the tensors every
+    replay writes) and the graph (``replay()``). The warm-up and the capture run on one side stream
+    per device (torch.cuda.graph's own default stream is made once per process, on the device
+    current then; a library's per-stream state, such as cuBLAS's workspace, is then made by the
+    warm-up, outside the graph's memory pool), and under autocast without its cache of cast
+    weights (a capture would read casts that autocast frees when its region ends;
+    ``torch.cuda.make_graphed_callables`` refuses the cache). A capture that fails puts the
+    thread's stream back."""
+    with torch.cuda.device(device), _no_autocast_cache():
+        stream = _capture_stream(device)
+        current = torch.cuda.current_stream(device)
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            warm = run()
-        torch.cuda.current_stream(device).wait_stream(stream)
+            for _ in range(3):
+                warm = run()
+        current.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=stream):
                 captured = run()
         except RuntimeError as error:
+            torch.cuda.set_stream(current)  # (torch.cuda.graph leaves its stream current when the capture fails)
+            cause = f"{error} (raised during the capture: {error.__context__})" if error.__context__ else f"{error}"
             raise RuntimeError(f"EarlyExit(cuda_graphs=True) could not capture stage {k + 1} in a CUDA graph: "
-                               f"{error}. A captured stage may not read a value back to the host (.item(), "
-                               f".tolist(), a Python branch on a tensor, boolean indexing) nor synchronise; use "
-                               f"cuda_graphs=False for this model.") from error
+                               f"{cause}. A captured stage may not read a value back to the host (.item(), "
+                               f".tolist(), a Python branch on a tensor, boolean indexing) nor synchronise; if "
+                               f"that is the cause, use cuda_graphs=False for this model.") from error
     return warm, captured, graph
+
+
+_streams: dict[torch.device, Any] = {}
+
+
+def _capture_stream(device: torch.device) -> Any:
+    """One side stream per device for every warm-up and capture."""
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
+
+
+def _no_autocast_cache() -> Any:
+    """Autocast as it is, without its cache of cast weights (see :func:`_cuda_graph`)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+def _stamp(tensor: Tensor) -> Any:
+    """What tells whether ``tensor`` is written in place: its version counter, or (an inference
+    tensor has none) a copy of its values."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return tensor.clone()
+
+
+def _written(static: list[Any], before: list[Any]) -> list[int]:
+    """The leaves (tensors the graph takes) written in place since ``before`` was stamped."""
+    return [j for j, (t, b) in enumerate(zip(static, before))
+            if b is not None and (t._version != b if isinstance(b, int) else not torch.equal(t, b))]
 
 
 def _replayer(graph: Any, outputs: list[Any]) -> Callable[[], list[Any]]:

@@ -75,7 +75,7 @@ def test_a_graph_per_padded_size_is_made_once_then_replayed_and_gives_what_eager
 
 @pytest.mark.parametrize("change", [
     "parameter replaced", "load_state_dict(assign=True)", ".data replaced", "submodule replaced in a stage",
-    "model cast", "buffer replaced"])
+    "model cast", "buffer replaced", "written into _parameters directly"])
 def test_a_graph_is_made_again_when_what_it_reads_is_replaced_or_moved(change):
     """A captured graph reads the parameters and buffers where they were at capture: a parameter
     replaced (a new head weight, load_state_dict(assign=True)), moved or cast, or a submodule swapped
@@ -110,6 +110,8 @@ def test_a_graph_is_made_again_when_what_it_reads_is_replaced_or_moved(change):
     elif change == "model cast":
         model.float()
         x = x.float()
+    elif change == "written into _parameters directly":  # (as accelerate's set_module_tensor_to_device does)
+        stage[0]._parameters["weight"] = nn.Parameter(stage[0].weight.detach().clone())
     elif change == "buffer replaced":
         stage.shift = torch.zeros(8, dtype=torch.float64)
     seen[1].clear()
@@ -169,7 +171,8 @@ def test_what_a_graph_cannot_hold_is_refused_saying_what_to_do():
     model = mw.MultiExit([nn.Sequential(nn.Linear(6, 8), nn.Tanh()).double(), _GivesCount()],
                          [nn.Linear(8, 4).double(), _TakesCount()]).eval()
     predictor = mw.EarlyExit(model, _thresholds_for(model, x, [11]), cuda_graphs=True)  # 5 samples, padded to 8
-    with pytest.raises(ValueError, match="stage 2 or head 2 gave another structure, or other values.*cuda_graphs=False"):
+    with pytest.raises(ValueError, match=r"stage 2 or head 2 gave 8 for 8 samples \(padded\) where it gave 5 for 5 \(value 2 of its output\).*"
+                       r"cuda_graphs=False"):
         predictor(x)
     # an object the graph would give back as captured
     model = mw.MultiExit([nn.Sequential(nn.Linear(6, 8), nn.Tanh()).double(), _GivesObject()],
@@ -268,3 +271,146 @@ def test_tensors_passed_on_unchanged_stay_whole_through_replayed_stages(reach):
         assert int((expected.exits == 2).sum()) == third
         assert (expected.predictions[expected.exits == 2] == 0).all()  # the whole tables reached exit 3
         assert torch.equal(got.exits, expected.exits) and torch.equal(got.predictions, expected.predictions)
+
+
+class _Table(nn.Module):
+    """Stage 2 gives a buffer of 8 rows (not per sample) beside the features; exit 3 predicts class 0
+    iff it reaches stage 3 whole. Exits 1 and 2 leave by the inputs' columns 0 and 1."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+        self.register_buffer("table", torch.ones(8, 1))
+
+    def forward(self, f):
+        return f if self.k == 0 else (f, self.table) if self.k == 1 else (f[0], f[1])
+
+
+class _TableHead(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, f):
+        if self.k < 2:
+            x = f if self.k == 0 else f[0]
+            return torch.stack([x[:, self.k] * 10, torch.zeros_like(x[:, 0])], -1)
+        return torch.stack([f[0][:, 0] * 0 + f[1].sum() - 6.5, torch.zeros_like(f[0][:, 0])], -1)
+
+
+def test_a_table_of_the_padded_size_at_capture_is_not_cut_at_later_calls():
+    """Captured with exactly 8 samples at stage 2 (the padded size), every output of 8 rows looked per
+    sample: the table of 8 rows was cut to the rows of later calls (5), where EarlyExit passes it on."""
+    model = mw.MultiExit([_Table(k) for k in range(3)], [_TableHead(k) for k in range(3)]).eval()
+    eager, graphed = mw.EarlyExit(model, [0.9, 0.9, -1.0]), mw.EarlyExit(model, [0.9, 0.9, -1.0], cuda_graphs=True)
+    for stay in [8, 5, 5]:
+        x = torch.ones(16, 2)
+        x[:stay, 0] = 0
+        x[:3, 1] = 0
+        expected, got = eager(x), graphed(x)
+        assert torch.equal(got.exits, expected.exits) and torch.equal(got.predictions, expected.predictions)
+
+
+class _Writes(nn.Module):
+    """Stage 1 makes a table of 5 rows; stages 2 and 3 add 1 to it in place and pass it on; exit 3 favours
+    class 0 only after both writes. Stage 1 also shifts its input in place (the caller's tensor)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+        self.linear = nn.Linear(4, 4).double()
+
+    def forward(self, f):
+        if self.k == 0:
+            f.sub_(0.5)
+            return torch.tanh(self.linear(f)), torch.zeros(5, 1, dtype=torch.float64)
+        f[1].add_(1.0)
+        return torch.tanh(self.linear(f[0])), f[1]
+
+
+class _WritesHead(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+        self.linear = nn.Linear(4, 2).double()
+
+    def forward(self, f):
+        if self.k < 2:
+            return self.linear(f[0]) * (5.0 if self.k == 0 else 0.0)
+        bias = f[1].sum() * 10 - 75
+        return self.linear(f[0]) + torch.stack([bias, -bias])
+
+
+def test_what_a_stage_writes_in_place_into_what_it_takes_is_written_into_the_calls_tensors():
+    torch.manual_seed(0)
+    model = mw.MultiExit([_Writes(k) for k in range(3)], [_WritesHead(k) for k in range(3)]).eval()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    xe, xg = x.clone(), x.clone()
+    eager, graphed = mw.EarlyExit(model, [0.8, 0.8, -1.0]), mw.EarlyExit(model, [0.8, 0.8, -1.0], cuda_graphs=True)
+    for call in range(3):
+        expected, got = eager(xe), graphed(xg)
+        assert torch.equal(got.exits, expected.exits) and torch.equal(got.predictions, expected.predictions)
+        assert (expected.exits == 2).any() and torch.equal(xe, xg)
+
+
+class _Last(nn.Module):
+    """Stages 2 and 3 read each sample's last token through gather(lengths - 1): a padded row of
+    zeros (length 0) would index -1."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, f):
+        tokens, lengths = (f, (f[:, :, 0] > -0.5).sum(1).clamp(min=1)) if self.k == 0 else (f[0], f[1])
+        last = tokens.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, tokens.shape[-1]))[:, 0]
+        return torch.tanh(self.linear(tokens)), lengths, last
+
+
+def test_padded_rows_hold_a_real_sample():
+    torch.manual_seed(0)
+    heads = [nn.Sequential(nn.Linear(4, 3)) for _ in range(3)]
+    model = mw.MultiExit([_Last(k) for k in range(3)], [_LastHead(h) for h in heads]).eval()
+    tokens = torch.randn(16, 7, 4)
+    eager, graphed = mw.EarlyExit(model, [0.7, 0.7, -1.0]), mw.EarlyExit(model, [0.7, 0.7, -1.0], cuda_graphs=True)
+    for n in [16, 15, 16, 13]:
+        expected, got = eager(tokens[:n]), graphed(tokens[:n])
+        assert torch.equal(got.exits, expected.exits) and torch.equal(got.predictions, expected.predictions)
+    assert any(g.padded and g.size > 1 for kept in graphed._graphs.graphs.values() for g in kept)
+
+
+class _LastHead(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, f):
+        return self.linear(f[2]) * 4
+
+
+class _Flags(nn.Module):
+    """A stage giving, beside its features, a NaN constant and whether its input is contiguous."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.linear = nn.Linear(6 if k == 0 else 8, 8).double()
+
+    def forward(self, f):
+        h = f[0] if isinstance(f, tuple) else f
+        return torch.tanh(self.linear(h)), float("nan"), h.is_contiguous()
+
+
+def test_constants_that_stay_the_same_are_taken_and_an_empty_batch_is_predicted_empty():
+    """A NaN beside the features is the same value at every call, and a non-contiguous input keeps its
+    layout in the graph's copy (stage 1 is not padded): both are taken. No sample in: nothing is padded."""
+    torch.manual_seed(0)
+    model = mw.MultiExit([_Flags(k) for k in range(3)], [_CarryHead(0) for _ in range(3)]).eval()
+    x = torch.randn(6, 16, dtype=torch.float64).t()  # [16, 6], not contiguous
+    thresholds = _thresholds_for(model, x, [11, 2])
+    eager, graphed = mw.EarlyExit(model, thresholds), mw.EarlyExit(model, thresholds, cuda_graphs=True)
+    for _ in range(3):
+        expected, got = eager(x), graphed(x)
+        assert torch.equal(got.exits, expected.exits) and torch.equal(got.predictions, expected.predictions)
+    empty = graphed(x[:0])
+    assert empty.exits.shape == empty.predictions.shape == (0,)
