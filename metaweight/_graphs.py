@@ -87,14 +87,9 @@ def padded_size(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _modules_of(modules: tuple[nn.Module, ...]) -> list[nn.Module]:
-    return [x for m in modules for x in m.modules()]
-
-
-def _contents(modules: tuple[nn.Module, ...]) -> list[Any]:
-    """The modules a captured graph ran, then the parameters and buffers it reads where they were at
-    capture, in order."""
-    return [*_modules_of(modules), *(t for m in modules for t in (*m.parameters(), *m.buffers()))]
+def _contents(modules: tuple[nn.Module, ...]) -> tuple[list[nn.Module], list[Tensor]]:
+    """The modules a captured graph runs, and the parameters and buffers it reads, in order."""
+    return [x for m in modules for x in m.modules()], [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
 
 def _held(modules: list[nn.Module]) -> list[Any]:
@@ -127,21 +122,19 @@ class _Graph:
     """One stage and head captured for one structure and padded size of what the stage takes."""
 
     modules: tuple[nn.Module, ...]
-    contents: list[Any]  # the modules' submodules, parameters and buffers at capture
-    pointers: list[int]  # where each tensor of them lives (moved or cast: elsewhere)
+    submodules: list[nn.Module]  # the modules' submodules at capture
+    tensors: list[Tensor]  # their parameters and buffers at capture
+    pointers: list[int]  # where each of ``tensors`` lives (moved or cast: elsewhere)
     held: list[Any]  # what each submodule holds under each name at capture (see _held)
-    count: int  # how many of ``contents`` are modules
     context: tuple[Any, ...]  # autocast and inference mode at capture
     spec: Any  # the structure of (args, kwargs)
     signature: tuple[Any, ...]  # per leaf: (True, shape[1:], dtype, device) per sample, (False, shape, ...) else
     static: tuple[Any, ...]  # the leaves the graph takes: the values as captured, the tensors' buffers
     size: int  # the number of samples the graph runs: padded, or those of the call
     padded: bool  # whether calls with fewer samples are padded to ``size`` (all but stage 1)
-    inputs: list[Tensor]  # the tensors the graph reads (the tensor leaves, per-sample ones padded)
     per_sample_out: list[bool]
     out_spec: Any
     out_template: Any  # what the stage and head gave at capture (the types of its mappings and tuples)
-    outputs: list[Any]  # what the graph writes (tensors) and the output's other leaves
     passed: list[tuple[int, int]]  # (output leaf, input leaf): a tensor the stage gives back as it took it
     graph: Any  # torch.cuda.CUDAGraph, or None where nothing is captured (not CUDA)
     run: Callable[[], Any]
@@ -151,7 +144,7 @@ class _Graph:
         """Whether the modules still hold the submodules the graph ran and the tensors it reads,
         where they were: the same objects under the same names in every submodule's dicts, at the
         same addresses (a ``.to()``, a cast or ``.data =`` moves them)."""
-        return _same(_held(self.contents[:self.count]), self.held) and _pointers(self.contents) == self.pointers
+        return _same(_held(self.submodules), self.held) and _pointers(self.tensors) == self.pointers
 
     def rows(self, leaves: list[Any], fixed: Callable[[Tensor], bool]) -> int | None:
         """How many samples ``leaves`` (a call's, flattened as this graph's) hold, if this graph
@@ -253,7 +246,7 @@ class StageGraphs:
         return features, logits
 
     @staticmethod
-    def _capture(modules: tuple[nn.Module, ...], contents: list[Any], context: tuple[Any, ...],
+    def _capture(modules: tuple[nn.Module, ...], contents: tuple[list[nn.Module], list[Tensor]], context: tuple[Any, ...],
                  call: tuple[Any, ...], leaves: list[Any], spec: Any, rows: int, fixed: Callable[[Tensor], bool],
                  eager: tuple[Any, Tensor], k: int) -> _Graph:
         padded = k > 0
@@ -281,7 +274,8 @@ class StageGraphs:
         args, kwargs = _unflatten(spec, iter(static), call)
         eager_leaves, eager_spec = _flatten_output(eager, k)
         before = [_stamp(b) if sig is not None else None for b, sig in zip(static, signature)]
-        device = _capture_device([t for t in [*inputs, *contents] if isinstance(t, Tensor)])
+        submodules, tensors = contents
+        device = _capture_device([*inputs, *tensors])
         graph = None
         if device is not None:
             elsewhere = [t for t in [*inputs, *(e for e in eager_leaves if isinstance(e, Tensor))] if t.device != device]
@@ -324,10 +318,9 @@ class StageGraphs:
                           (probe_leaves is None or isinstance(q, Tensor) and q.dim() > 0 and q.shape[0] == rows - 1)
                           for p, e, o, q in zip(padded_leaves, eager_leaves, outputs,
                                                 probe_leaves if probe_leaves is not None else outputs)]
-        count = sum(isinstance(x, nn.Module) for x in contents)
-        return _Graph(modules, contents, _pointers(contents), _held(contents[:count]), count, context, spec,
-                      tuple(signature), tuple(static), size, padded, inputs, per_sample_out, out_spec, captured, outputs,
-                      passed, graph, run, written)
+        return _Graph(modules, submodules, tensors, _pointers(tensors), _held(submodules), context, spec,
+                      tuple(signature), tuple(static), size, padded, per_sample_out, out_spec, captured, passed, graph,
+                      run, written)
 
 
 _LIMIT = 32  # graphs kept per stage: log2(N) + 1 padded sizes for one structure, times a few structures
@@ -350,8 +343,8 @@ def _refuse_different(k: int, what: str) -> None:
                      f"number of samples or the layout of its inputs. Use cuda_graphs=False for this model.")
 
 
-def _pointers(contents: list[Any]) -> list[int]:
-    return [x.data_ptr() for x in contents if isinstance(x, Tensor)]
+def _pointers(tensors: list[Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]
 
 
 def _capture_device(tensors: list[Tensor]) -> torch.device | None:
