@@ -127,10 +127,6 @@ def _refuse_unselected(k: int, logits: Tensor, expected: int, passed: Sequence[t
                      f"{_BATCH_FIRST_FIX}")
 
 
-def _never(tensor: Tensor) -> bool:
-    return False
-
-
 def _uses_batch_statistics(module: nn.Module) -> bool:
     """Whether ``module`` normalises with the statistics of the batch it is given in eval mode: a
     BatchNorm without running statistics (torch's own test, ``_BatchNorm.forward``)."""
@@ -618,20 +614,15 @@ class EarlyExit(nn.Module):
         for k, (stage, head) in enumerate(zip(stages, heads)):
             if k == 0:  # the first stage takes the model's inputs (see exit_parts)
                 call = first_stage_call(self.model, x, stage)
-                if self._graphs is None:
-                    features = stage(*call.args, **call.kwargs)
-                else:
-                    features, raw = self._graphs.run(0, stage, head, call.args, call.kwargs, None, _never,
-                                                     lambda logits: _check_inputs_batch(_per_sample(logits), inputs))
-            elif self._graphs is None:
-                features = stage(features)
+                args, kwargs = call.args, call.kwargs
             else:
-                fixed = select.fixed if select is not None else {}
-                features, raw = self._graphs.run(
-                    k, stage, head, (features,), {}, size, lambda t: fixed.get(id(t)) is t,
-                    lambda logits, k=k: _per_sample(logits).shape[0] == size or _refuse_unselected(
-                        k, logits, size, select.passed if select is not None else []))
-            raw = _per_sample(head(features) if self._graphs is None else raw)
+                args, kwargs = (features,), {}
+            if self._graphs is None:
+                features = stage(*args, **kwargs)
+                raw = head(features)
+            else:
+                features, raw = self._graphs_run(k, stage, head, args, kwargs, size, inputs, select)
+            raw = _per_sample(raw)
             if k == 0:  # stage 1 and head 1 see every sample: exit 1's rows are the batch
                 _check_inputs_batch(raw, inputs)
                 size = raw.shape[0]
@@ -693,6 +684,20 @@ class EarlyExit(nn.Module):
         if len(gone) == 1:
             return predictions.index_copy_(0, gone[0], taken[0]), exits
         return predictions.index_copy_(0, torch.cat(gone), torch.cat(taken)), exits
+
+    def _graphs_run(self, k: int, stage: nn.Module, head: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    size: int, inputs: list[Tensor], select: _Selection | None) -> tuple[Any, Tensor]:
+        """Stage ``k`` and head ``k`` from their CUDA graph (:class:`StageGraphs`), with what tells per-sample
+        tensors from those passed on and the check of exit ``k``'s rows, as the eager path has them."""
+        assert self._graphs is not None
+        if k == 0:  # exit 1's rows say how many samples there are
+            return self._graphs.run(0, stage, head, args, kwargs, None, lambda t: False,
+                                    lambda logits: _check_inputs_batch(_per_sample(logits), inputs))
+        fixed = select.fixed if select is not None else {}
+        passed = select.passed if select is not None else []
+        return self._graphs.run(k, stage, head, args, kwargs, size, lambda t: fixed.get(id(t)) is t,
+                                lambda logits: _per_sample(logits).shape[0] == size or
+                                _refuse_unselected(k, logits, size, passed))
 
     @staticmethod
     def _take_all(k: int, alive: Tensor | None, classes: Tensor, exits: Tensor, gone: list[Tensor | None],
