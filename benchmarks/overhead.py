@@ -6,6 +6,8 @@ relative error of each backend's gamma gradient against `higher`.
     python benchmarks/overhead.py --models msdnet --rounds 5 --out runs/overhead.json
     python benchmarks/overhead.py --models msdnet --counts-only   # the profiler counts alone (exact, quick)
     python benchmarks/overhead.py --models branchynet --variants "weighting uw" "weighting famo"   # the weightings
+    python benchmarks/overhead.py --models msdnet-host --batch-size 1 --rounds 15 --no-memory --no-errors \
+        --variants "own loop" "step, learn=False" jvp fast   # host time: the CPU's stand-in for a GPU
     python benchmarks/overhead.py --models msdnet --variants "own loop, fused SGD" "fast, capturable" \
         "own loop, fused SGD, CUDA graph" "fast, capturable, CUDA graph"   # capturable=True (graphs: CUDA only)
 
@@ -25,6 +27,12 @@ leaf ATen ops (``aten::`` ops with no ``aten::`` op below them: what would launc
 host reads (``aten::_local_scalar_dense``: ``.item()``, ``float(t)``, ``bool(t)``), on any device;
 on CUDA also the GPU kernel time, kernel launches and host synchronisations
 (``cuda*Synchronize`` calls). Counts do not depend on the machine's load; wall times do.
+
+"msdnet-host" is the CIFAR MSDNet's module tree (770 modules, 418 parameter tensors, 8 exits) at widths
+where the arithmetic is negligible (stem 2 channels, growth rate 2, heads 4 wide: 75 k parameters), its
+validation batch the size of the training batch: at batch 1 what its wall time measures is host time
+(Python and the dispatch of each ATen op), which is what a launch-bound GPU waits on. Its ratios are the
+CPU's stand-in for the GPU's wall-time ratios on the reference model.
 """
 
 from __future__ import annotations
@@ -58,8 +66,9 @@ UNIT = 4  # iterations per timed unit (so that "meta every 4" is timed fairly)
 
 def build(model_name: str, device: str):
     torch.manual_seed(0)
-    if model_name == "msdnet":
-        model = msdnet_cifar(100, 8)
+    if model_name in ("msdnet", "msdnet-host"):
+        model = msdnet_cifar(100, 8) if model_name == "msdnet" else \
+            msdnet_cifar(100, 8, channels=2, growth_rate=2, head_width=4)
         last = lambda n: n.startswith(("classifiers.", "blocks.7."))  # noqa: E731
     else:
         model = branchynet(100, 3, num_exits=4, width=32)
@@ -131,7 +140,7 @@ def setup(model_name, device, batch_size, name):
     graph = options.pop("graph", False)
     model, last = build(model_name, device)
     optimizer = make_optimizer(model, fused=options.pop("fused", False))
-    train, val = batches(device, batch_size, val_size)
+    train, val = batches(device, batch_size, batch_size if model_name == "msdnet-host" else val_size)
     x, y = train
     # every iteration gets new label tensors, as from a data loader (a label check may be remembered
     # for the same tensor; a benchmark that reused one would not pay for it)
@@ -415,7 +424,8 @@ def gamma_grad_errors(model_name, device, batch_size):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["msdnet", "branchynet"], choices=["msdnet", "branchynet"])
+    p.add_argument("--models", nargs="+", default=["msdnet", "branchynet"],
+                   choices=["msdnet", "branchynet", "msdnet-host"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)

@@ -156,12 +156,14 @@ class MSDNet(nn.Module):
         reduction: transition compression (0 for none); ``bottleneck``: 1x1 bottlenecks.
         imagenet: the ImageNet stem (7x7 conv + max-pool) and heads instead of CIFAR's.
         in_channels: input channels.
+        head_width: channels of the CIFAR heads' convolutions (128, as the public code); the ImageNet
+            heads keep the last block's width.
     """
 
     def __init__(self, num_classes: int, num_exits: int, *, base: int, step: int, channels: int,
                  growth_rate: int, gr_factor: Sequence[int], bn_factor: Sequence[int],
                  reduction: float = 0.5, bottleneck: bool = True, imagenet: bool = False,
-                 in_channels: int = 3, step_mode: str = "even") -> None:
+                 in_channels: int = 3, step_mode: str = "even", head_width: int = 128) -> None:
         super().__init__()
         gr, bn, n_scales = list(gr_factor), list(bn_factor), len(gr_factor)
         if step_mode == "even":
@@ -189,7 +191,7 @@ class MSDNet(nn.Module):
                     c_in = c_out
             self.blocks.append(nn.Sequential(*layers))
             c_last = c_in * gr[-1]
-            self.classifiers.append(Classifier(c_last, c_last if imagenet else 128, num_classes))
+            self.classifiers.append(Classifier(c_last, c_last if imagenet else head_width, num_classes))
         self._init_weights()
 
     def _init_weights(self) -> None:
