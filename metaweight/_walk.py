@@ -115,6 +115,7 @@ class ModelWalk:
         self.current = True
         self._generators: list[tuple[str, Any]] | None = None
         self._named_by_model = _lists_its_own(type(model))  # (its lists then come from the model's methods)
+        self._slot_of: dict[str, tuple[nn.Module, str, str]] | None = None
 
     def still_describes(self) -> bool:
         """Whether the walk may stand for a new one of its model (a walk kept from one step to the next): every
@@ -139,6 +140,31 @@ class ModelWalk:
         if self._generators is None:
             self._generators = find(self.modules)
         return self._generators
+
+    def slots(self, tensors: dict[str, Tensor]) -> list[tuple[Any, str, Tensor]] | None:
+        """Where to write ``tensors`` (by the names of :attr:`parameters` and :attr:`buffers`) to run the model on
+        them: ``(dict, key, tensor)`` for the slot of every name the tensor is held under (a tied weight's each), the
+        dict a module's ``_parameters`` or ``_buffers``, what ``torch.func.functional_call(..., tie_weights=True)``
+        swaps in; ``None`` where :meth:`untied` is ``None``. The slots are found once per walk."""
+        untied = self.untied(tensors)
+        if untied is None:
+            return None
+        if self._slot_of is None:
+            self._slot_of = {}
+            for prefix, module in self.modules:
+                dot = prefix + "." if prefix else ""
+                for kind in ("_parameters", "_buffers"):
+                    for leaf in getattr(module, kind).keys():
+                        self._slot_of.setdefault(dot + leaf, (module, kind, leaf))
+        out: list[tuple[Any, str, Tensor]] = []
+        slot_of = self._slot_of
+        for name, t in untied.items():
+            slot = slot_of.get(name)
+            if slot is None:
+                return None
+            module, kind, leaf = slot
+            out.append((getattr(module, kind), leaf, t))  # (read now: the dict a module holds at this call)
+        return out
 
     def untied(self, tensors: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """``tensors`` (by the names of :attr:`parameters` and :attr:`buffers`) with each entry also under

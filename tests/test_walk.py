@@ -1,5 +1,6 @@
 """One walk of the model per step: the walk against torch's own named_* methods, and the walks a step takes."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -451,3 +452,50 @@ def test_a_buffer_a_forward_writes_straight_to_buffers_is_checked_and_read_as_th
                 w.step(batch(8))
         gammas.append(w.gamma.clone())
     assert torch.equal(gammas[0], gammas[1])
+
+
+@pytest.mark.parametrize("kind", ["tied", "msdnet", "scripted head"])
+def test_call_with_runs_the_model_on_the_given_tensors_as_functional_call_does_and_puts_its_own_back(kind,
+                                                                                                   monkeypatch):
+    """The look-ahead's forward writes the given tensors into the modules' slots itself (no functional_call on
+    its path): the outputs and the buffers it updates are torch.func.functional_call's with tie_weights=True
+    (every slot of a tied weight, a block used twice, a buffer held twice), and afterwards the model holds its
+    own parameter and buffer objects, their values untouched."""
+    import metaweight._hypergradient as hypergradient
+
+    torch.manual_seed(0)
+    if kind == "tied":
+        model, x = Tied().train(), torch.tensor([[1, 2, 3], [4, 5, 6]]).reshape(-1)
+    elif kind == "msdnet":
+        model, x = msdnet_cifar(10, 3, step=1, base=1, channels=4, growth_rate=2).train(), torch.randn(3, 3, 32, 32)
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), torch.jit.script(nn.Linear(4, 2))).train()
+        x = torch.randn(5, 3)
+    one = ModelWalk(model)
+    own = {n: (t, t.detach().clone()) for n, t in one.parameters + one.buffers}
+    params = {n: (p.detach() * 1.5 + 0.25).requires_grad_() for n, p in one.parameters}
+    buffers = {n: b.detach().clone() + (1 if b.is_floating_point() else 0) for n, b in one.buffers}
+    expected_buffers = {n: b.clone() for n, b in buffers.items()}
+    # (on a copy: functional_call leaves a module used twice holding the substitutes)
+    expected = torch.func.functional_call(copy.deepcopy(model), {**params, **expected_buffers}, (x,),
+                                          tie_weights=True)
+    calls = []
+    monkeypatch.setattr(hypergradient, "functional_call", lambda *a, **k: calls.append(a))
+    with walked(model):
+        got = hypergradient.call_with(model, params, buffers, x)
+    assert not calls
+    got, expected = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    for n in buffers:  # the forward's updates (BatchNorm's statistics) went into the given buffers
+        torch.testing.assert_close(buffers[n], expected_buffers[n], rtol=0, atol=0)
+    grads = torch.autograd.grad(sum(g.sum() for g in got), list(params.values()), allow_unused=True)
+    assert any(g is not None for g in grads)  # (the forward ran on the given parameters, with their graph)
+    now = dict(ModelWalk(model).parameters + ModelWalk(model).buffers)
+    assert now.keys() == own.keys()
+    for n, (t, value) in own.items():
+        assert now[n] is t
+        torch.testing.assert_close(t.detach(), value, rtol=0, atol=0)
+    if kind == "tied":
+        assert model.out.weight is model.embed.weight and model.block[1].scale_too is model.scale
