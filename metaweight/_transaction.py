@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +43,8 @@ if TYPE_CHECKING:  # (it imports this module's snapshots)
     from metaweight._hypergradient import Reducer
 
 HOST_READ = "metaweight::host_read"  # the profiler range around every read back to the host
+_META = operator.attrgetter("shape", "dtype", "device")  # what a tensor's copy in flat storage is laid out by
+_SPARSE = operator.attrgetter("is_sparse")
 
 
 def host_read(values: Sequence[Tensor]) -> list[float]:
@@ -78,13 +82,6 @@ def host_to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=device.type == "cuda")
 
 
-def _groups(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
-    grouped: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        grouped.setdefault((t.device, t.dtype), []).append(t)
-    return grouped
-
-
 @torch.no_grad()
 def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
     """A float tensor of shape ``[1]`` on ``loss``'s device: 1 if ``loss`` or any floating-point
@@ -95,14 +92,17 @@ def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
     1, which leaves every value as it is.
     """
     found = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
-    dense = []
-    for t in tensors:
-        if t is None or not t.is_floating_point():
+    present = [t for t in tensors if t is not None]
+    if any(map(_SPARSE, present)):
+        present = [t._values() if t.is_sparse else t for t in present]
+    # (grouped by device and dtype in C, as torch's multi-tensor optimizers group theirs: one call, where a Python
+    # loop read each tensor's device and dtype)
+    for (device, dtype), (groups, _) in torch._C._group_tensors_by_device_and_dtype([present], False).items():
+        if not dtype.is_floating_point:
             continue
-        dense.append(t._values() if t.is_sparse else t)
-    for (device, _), group in _groups(dense).items():
         flag = torch.zeros(1, device=device, dtype=torch.float32)  # (the kernel wants float32, whatever the default dtype)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device, dtype=torch.float32))
+        torch._amp_foreach_non_finite_check_and_unscale_(groups[0], flag,
+                                                         torch.ones(1, device=device, dtype=torch.float32))
         found = found + flag.to(found.device)
     return found.clamp_max(1.0)
 
@@ -155,6 +155,10 @@ def not_stepped_message(who: str, outcome: str, moved: bool, kept: str = "") -> 
             f"meta_step came before optimizer.step()): {outcome}.")
 
 
+_META = operator.attrgetter("shape", "dtype", "device")
+_SPARSE = operator.attrgetter("is_sparse")  # what a tensor's copy in flat storage is laid out by
+
+
 class FlatCopies:
     """Copies of a list of tensors in flat storage allocated once and kept between calls (on their
     devices): one ``torch.cat`` per device and dtype (``torch.stack`` for 0-d tensors, such as
@@ -165,26 +169,33 @@ class FlatCopies:
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
-        self._plan: list[tuple[list[int], Tensor, bool]] = []  # (source positions, flat storage, 0-d?)
+        self._plan: list[tuple[list[int], Tensor, str]] = []  # (source positions, flat storage, "stack" | "cat" |
+        # "flatten": the op that copies them, by their dimensions)
         self.copies: list[Tensor] = []
 
     @torch.no_grad()
-    def copy(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+    def copy(self, tensors: Sequence[Tensor], key: tuple[Any, ...] | None = None) -> list[Tensor]:
         """Copy ``tensors`` into the storage (new storage when their shapes, dtypes or devices
-        changed) and return the copies."""
-        key = tuple((t.shape, t.dtype, t.device) for t in tensors)
+        changed) and return the copies. ``key``: their shapes, dtypes and devices (``(t.shape, t.dtype,
+        t.device)`` of each) where the caller has them."""
+        key = tuple(map(_META, tensors)) if key is None else key
         if key != self._key:
             self._allocate(tensors)
             self._key = key
-        for index, flat, zero_d in self._plan:
-            sources = [tensors[i] for i in index]
-            if zero_d:
+        for index, flat, how in self._plan:
+            sources = list(map(tensors.__getitem__, index))
+            if how == "stack":
                 torch.stack(sources, out=flat)
-            elif all(t.dim() == 1 for t in sources):
+            elif how == "cat":
                 torch.cat(sources, out=flat)
             else:
                 torch.cat([t.reshape(-1) for t in sources], out=flat)
         return self.copies
+
+    @property
+    def key(self) -> tuple[Any, ...] | None:
+        """The shapes, dtypes and devices of the tensors of the last copy (``None`` before the first)."""
+        return self._key
 
     @torch.no_grad()
     def copy_from(self, other: FlatCopies) -> list[Tensor]:
@@ -213,7 +224,8 @@ class FlatCopies:
                     # in-place write to one copy, spectral_norm's power iteration, made autograd refuse the
                     # running statistics BatchNorm saved from another: "modified by an inplace operation")
                     views[i] = piece.view(tensors[i].shape).data
-                self._plan.append((index, flat, zero_d))
+                how = "stack" if zero_d else "cat" if all(tensors[i].dim() == 1 for i in index) else "flatten"
+                self._plan.append((index, flat, how))
         self.copies = [views[i] for i in range(len(tensors))]
 
 
@@ -224,11 +236,16 @@ class Layout:
 
     def __init__(self, module: nn.Module) -> None:
         walked = current_walk(module)  # (named_buffers' order and its removal of duplicates)
+        self.walk = walked  # (a walk's lists are never changed: a tree that changed is walked anew)
         self.names: list[str] = [n for n, _ in walked.buffers]
         self.buffers: list[Tensor] = [b for _, b in walked.buffers]
-        self.modules: set[int] = {id(m) for _, m in walked.modules}
-        self.empty: set[tuple[int, str]] = set(walked.empty)
+        self.empty: set[tuple[int, str]] = walked.empty
         self._named = walked.modules  # (for put_back: which submodule each slot held)
+
+    @functools.cached_property
+    def modules(self) -> set[int]:
+        """The ids of the submodules held (what a refused step compares and puts back: computed then)."""
+        return {id(m) for _, m in self._named}
 
     def put_back(self, module: nn.Module) -> None:
         """Undo what was built since: remove the submodules created (whole), or put back the one a created
@@ -283,10 +300,13 @@ class BufferSnapshot:
         self._live: list[Tensor] = []
         self._names: list[str] = []
         self._layout: Layout | None = None
+        self._float_cache: tuple[Any, list[Tensor], list[Tensor], tuple[Any, ...]] | None = None  # (_floats)
 
     def save(self) -> None:
         """Copy every buffer (floating point or not) into the snapshot."""
-        self._layout = Layout(self.module)
+        if self._layout is None or self._layout.walk is not current_walk(self.module):
+            # (a walk kept from the last step, the tree unchanged since: the same buffers, the same layout)
+            self._layout = Layout(self.module)
         self._names, self._live = self._layout.names, self._layout.buffers
         self._saved = self._flat.copy(self._live)
 
@@ -346,6 +366,17 @@ class BufferSnapshot:
             torch.where(refused.to(after.device), before, after, out=after)
         torch._foreach_copy_(self._live, now)
 
+    def _floats(self) -> tuple[list[Tensor], tuple[Any, ...]]:
+        """The floating-point buffers of the last :meth:`save` and their layout (as :class:`FlatCopies` keys it),
+        kept while the buffers and their layout are those of the save before."""
+        key, cached = self._flat.key, self._float_cache
+        if cached is None or cached[0] is not key or cached[1] is not self._live:
+            assert key is not None
+            positions = [i for i, (_, dtype, _) in enumerate(key) if dtype.is_floating_point]
+            cached = (key, self._live, [self._live[i] for i in positions], tuple(key[i] for i in positions))
+            self._float_cache = cached
+        return cached[2], cached[3]
+
     def as_dict(self) -> dict[str, Tensor]:
         """The saved buffers by name (views of the snapshot; valid until the next :meth:`save`)."""
         return dict(zip(self._names, self._saved))
@@ -364,17 +395,29 @@ class BufferSnapshot:
         calls: one ``torch.cat`` per device and dtype, and a handful of elementwise ops on each flat vector.
         """
         found = torch.zeros(1, device=device, dtype=torch.float32)
-        current = dict(current_walk(self.module).buffers)
-        now = [current.get(n) for n in self._names]
+        walked = current_walk(self.module)
         pairs: list[tuple[Tensor, Tensor | None]] = []
-        if len(current) == len(now) and all(b is not None and b.shape == s.shape and b.dtype == s.dtype and
-                                            b.device == s.device for b, s in zip(now, self._saved)):
+        floats: list[Tensor] | None = None  # the floating-point buffers, where laid out as at the save
+        key = None
+        if self._layout is not None and walked is self._layout.walk:
+            # the walk of the save, still current (no forward changed the tree): the very buffers the snapshot
+            # holds, in its order; laid out as then unless one was resized or retyped in place (``.data = ...``)
+            if tuple(map(_META, self._live)) == self._flat.key:
+                floats, key = self._floats()
+        else:
+            current = dict(walked.buffers)
+            now = [current.get(n) for n in self._names]
+            if len(current) == len(now) and all(b is not None and b.shape == s.shape and b.dtype == s.dtype and
+                                                b.device == s.device for b, s in zip(now, self._saved)):
+                floats = [b for b in now if b is not None and b.is_floating_point()]
+        if floats is not None:
             # the floating-point buffers only (not BatchNorm's integer counters), flat: their groups come in
             # the snapshot's order, so that the two flat vectors of a group hold the same buffers
-            self._now.copy([b for b in now if b is not None and b.is_floating_point()])
+            self._now.copy(floats, key)
             before = [flat for _, flat, _ in self._flat._plan if flat.is_floating_point()]
             pairs = list(zip([flat for _, flat, _ in self._now._plan], before))
         else:  # a buffer registered, or registered anew at another shape or dtype: compared one by one
+            current = dict(walked.buffers)
             saved = dict(zip(self._names, self._saved))
             pairs = [(b, saved[n] if n in saved and saved[n].shape == b.shape and saved[n].dtype == b.dtype
                       and saved[n].device == b.device else None)

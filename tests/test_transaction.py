@@ -1030,3 +1030,45 @@ def test_host_to_device_is_non_blocking_on_cuda_only(device, non_blocking):
     with _RecordedCopy() as recorded:
         host_to_device(torch.ones(3), torch.device(device))
     assert recorded.calls == [((torch.device(device),), {"non_blocking": non_blocking})]
+
+
+@pytest.mark.parametrize("change", ["none", "values", "resized in place", "retyped in place", "registered anew",
+                                    "written to _buffers"])
+def test_became_nonfinite_within_a_step_follows_every_change_of_a_buffer_a_forward_can_make(change):
+    """BufferSnapshot.became_nonfinite inside a step's walk, where the forward changed a buffer as each of the
+    ways a forward can: in place (the snapshot's layout), resized or retyped in place (``.data =``: the same
+    tensor, under the same walk), registered anew or written straight to ``_buffers`` (another tensor). Against
+    the rule computed here by hand: a value made inf or NaN counts, where the buffer has something to compare
+    with (the same name, shape and dtype at the save); elsewhere (another shape or dtype) only a NaN, as -inf
+    may be there by design."""
+    from metaweight._walk import walked, watched_forward
+
+    def expected(values, before):
+        if before is None or before.shape != values.shape or before.dtype != values.dtype:
+            return bool(torch.isnan(values).any())
+        return bool((~torch.isfinite(values) & (values != before) & ~torch.isnan(before)).any())
+
+    for bad in (float("-inf"), float("nan")):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        model[0].register_buffer("mask", torch.zeros(2, 3))
+        snapshot = BufferSnapshot(model)
+        with walked(model):
+            for _ in range(2):  # (the second save keeps the first's layout: the walk is the same)
+                snapshot.save()
+            before = model[0].mask.clone()
+            with watched_forward():
+                layer = model[0]
+                if change == "values":
+                    layer.mask[1, 2] = bad
+                elif change == "resized in place":
+                    layer.mask.data = torch.tensor([[0.0, bad, 0.0]] * 3)
+                elif change == "retyped in place":
+                    layer.mask.data = torch.tensor([[0.0, bad, 0.0]] * 2, dtype=torch.float64)
+                elif change == "registered anew":
+                    layer.register_buffer("mask", torch.tensor([[bad, 0.0, 0.0]] * 2))
+                elif change == "written to _buffers":
+                    layer._buffers["mask"] = torch.tensor([[bad, 0.0, 0.0]] * 4)
+            want = expected(layer.mask, before)
+            assert snapshot.became_nonfinite(torch.device("cpu")).tolist() == [float(want)], (change, bad)
+        # (the cases do what they are meant to: -inf at the same shape and dtype is a change, elsewhere NaN only)
+        assert want == (change != "none" and (math.isnan(bad) or change in ("values", "registered anew"))), change
