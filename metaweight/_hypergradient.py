@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -38,7 +37,7 @@ from torch.utils._pytree import tree_map
 from metaweight._optimizers import lookahead_update, unweighted_term
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness, rng_state, set_rng_state
-from metaweight._tangents import ShortTangents, dual_level
+from metaweight._tangents import ShortTangents, dual_level, make_dual, unpack_dual
 from metaweight._transaction import BufferSnapshot, FlatCopies
 from metaweight._walk import ModelWalk, check_single_roles, current_walk, walk, watched_forward
 
@@ -398,10 +397,10 @@ def meta_gradient(
 def _jvp(model: nn.Module, criterion: Terms, base: dict[str, Tensor], direction: dict[str, Tensor],
          x: Any, y: Any, scratch: LookaheadBuffers) -> Tensor:
     with dual_level():
-        dual = {n: (fwAD.make_dual(p, direction[n]) if n in direction else p) for n, p in base.items()}
+        dual = {n: (make_dual(p, direction[n]) if n in direction else p) for n, p in base.items()}
         with ShortTangents():  # BatchNorm's tangent in fewer ops than ATen's formula (see _tangents)
             terms = criterion(call_with(model, dual, scratch.fresh(), x), y)
-        tangent = fwAD.unpack_dual(terms).tangent
+        tangent = unpack_dual(terms)[1]
     return torch.zeros_like(terms) if tangent is None else tangent.detach()
 
 
