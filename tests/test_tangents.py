@@ -91,3 +91,40 @@ def test_channels_last_without_running_statistics():
             outs.append((out.primal.clone(), out.tangent.clone()))
     assert torch.equal(outs[0][0], outs[1][0])
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-12, atol=1e-12)
+
+
+def test_short_tangents_reaches_batchnorm_modules_and_functional_calls_and_puts_f_batch_norm_back(monkeypatch):
+    """Inside the block a BatchNorm module's forward and a functional ``F.batch_norm`` on dual tensors take the
+    short tangent (batch_norm_dual answers both, in fewer ops than ATen's formula), their results ATen's within
+    rounding; after it, also after an error, ``F.batch_norm`` is torch's own again."""
+    from torch.profiler import profile
+
+    import metaweight._tangents as tangents
+    answered = []
+    short_tangent = tangents.batch_norm_dual
+    monkeypatch.setattr(tangents, "batch_norm_dual", lambda *a, **k: answered.append(short_tangent(*a, **k)) or
+                        answered[-1])
+
+    original = F.batch_norm
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    layer = nn.BatchNorm2d(3).double()
+
+    def run(short):
+        with torch.no_grad(), fwAD.dual_level(), profile() as prof:
+            dual = fwAD.make_dual(x, torch.randn_like(x, generator=torch.Generator().manual_seed(0)))
+            with ShortTangents() if short else torch.no_grad():
+                outs = [fwAD.unpack_dual(layer(dual)), fwAD.unpack_dual(F.batch_norm(dual, None, None, training=True))]
+        names = [e.name for e in prof.events()]
+        return [(o.primal.clone(), o.tangent.clone()) for o in outs], names
+
+    (short, short_ops), (aten, aten_ops) = run(True), run(False)
+    for (p1, t1), (p0, t0) in zip(short, aten):
+        torch.testing.assert_close(p1, p0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(t1, t0, rtol=1e-10, atol=1e-10)
+    assert len(answered) == 2 and all(a is not None for a in answered)
+    assert len(short_ops) < len(aten_ops), (len(short_ops), len(aten_ops))
+    assert F.batch_norm is original
+    with pytest.raises(RuntimeError, match="raised inside"):
+        with ShortTangents():
+            raise RuntimeError("raised inside")
+    assert F.batch_norm is original
