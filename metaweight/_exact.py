@@ -56,12 +56,13 @@ class ExactMode:
             raise
 
     def lookahead(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any, keep_graph: bool,
-                  read_gamma: bool = True) -> tuple[MetaStepRecord | PendingMeta, Tensor | None]:
+                  read_gamma: bool = True, checked: bool = False) -> tuple[MetaStepRecord | PendingMeta, Tensor | None]:
         """The meta step up to its decision, on the device: a :class:`PendingMeta` for
         ``_meta_outcome`` (or, on a call without a look-ahead, its record); with ``keep_graph`` also
         the training terms with their graph (jvp/fd backends). A call without a look-ahead reads gamma
-        for its record only with ``read_gamma`` (``step`` reads it with its own decision instead)."""
-        if w.learn and w.num_calls % w.meta_every == 0:
+        for its record only with ``read_gamma`` (``step`` reads it with its own decision instead).
+        ``checked``: the caller ran the loop's checks and the gradient check of this call already."""
+        if w.learn and w.num_calls % w.meta_every == 0 and not checked:
             w._check_loop()  # options and hooks set since the last meta step, before anything changes
             w._check_gradients(train_batch, val_batch)  # (once)
         w.num_calls += 1
@@ -112,7 +113,8 @@ class ExactMode:
         saved = transaction.begin(w)
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation, w._reducer)
         try:
-            pending, terms = self.lookahead(w, train_batch, val_batch, keep_graph=keep, read_gamma=False)
+            pending, terms = self.lookahead(w, train_batch, val_batch, keep_graph=keep, read_gamma=False,
+                                            checked=True)
             if terms is None:
                 terms = w._terms(call_model(w.model, x), y)
             loss = w._weighted(terms)  # with the new gamma, or the old one where the meta step is refused
