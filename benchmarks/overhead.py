@@ -18,7 +18,7 @@ DenseDistillLoss and BalancedValidation: "two-call, fixed weights" is ``w.loss(m
 nothing to learn; the rest are ``w.step()`` with a meta step.
 
 Timing: every variant runs one unit of 4 iterations per round, round-robin, so machine noise hits
-all alike; the median over rounds is reported. Memory: each variant runs in a fresh subprocess;
+all alike; the median over rounds is reported (``--statistic min``: the fastest round). Memory: each variant runs in a fresh subprocess;
 the allocator's peak over its value after set-up (activations, temporaries and the optimizer's
 state; the model excluded): on CUDA ``max_memory_allocated``, on CPU the bytes glibc's malloc has
 handed out (``mallinfo2``, sampled every ms); on CPU also the peak resident set ("rss x"), which
@@ -208,7 +208,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_variants(model_name, device, batch_size, rounds, names):
+def time_variants(model_name, device, batch_size, rounds, names, statistic="median"):
     setups = {}
     for name in names:
         iterate = setup(model_name, device, batch_size, name)
@@ -225,7 +225,8 @@ def time_variants(model_name, device, batch_size, rounds, names):
                 iterate()
             sync(device)
             times[name].append((time.perf_counter() - start) / UNIT)
-    return {name: statistics.median(t) for name, t in times.items()}
+    pick = statistics.median if statistic == "median" else min
+    return {name: pick(t) for name, t in times.items()}
 
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
@@ -429,6 +430,9 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--statistic", choices=["median", "min"], default="median",
+                   help="of each variant's rounds: the median, or the minimum (on a machine whose speed drifts between "
+                        "rounds, the fastest round of each variant is the one least slowed)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--counts-only", action="store_true", help="only the profiler counts: no timing, memory or "
                                                                "gamma-gradient errors")
@@ -451,7 +455,7 @@ def main(argv=None):
                                                                           args.device.startswith("cuda"))]
     report = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "batch_size": args.batch_size,
-              "rounds": args.rounds, "baseline": BASELINE, "models": {}}
+              "rounds": args.rounds, "statistic": args.statistic, "baseline": BASELINE, "models": {}}
     for model_name in args.models:
         print(f"\n== {model_name}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads; "
               f"ratios to {BASELINE!r} ==", flush=True)
@@ -468,8 +472,8 @@ def main(argv=None):
             rows[name]["ops_ratio"] = counts[name]["leaf_ops"] / base["leaf_ops"]
             rows[name]["kernel_ops_ratio"] = counts[name]["kernel_ops"] / base["kernel_ops"]
         if not args.counts_only:
-            times = time_variants(model_name, args.device, args.batch_size, args.rounds, names)
-            print("medians, s/iter: " + ", ".join(f"{n!r} {t:.4f}" for n, t in times.items()), flush=True)
+            times = time_variants(model_name, args.device, args.batch_size, args.rounds, names, args.statistic)
+            print(f"{args.statistic}s, s/iter: " + ", ".join(f"{n!r} {t:.4f}" for n, t in times.items()), flush=True)
             for name in names:
                 if name in CUDA_ONLY or args.no_memory:  # (a graph's memory pool is allocated at capture: not comparable)
                     rows[name].update(peak_mib=float("nan"), peak_rss_mib=None, seconds_per_iteration=times[name])
