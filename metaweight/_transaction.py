@@ -93,6 +93,8 @@ def nonfinite_flag(loss: Tensor, tensors: Iterable[Tensor | None]) -> Tensor:
     """
     found = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
     present = [t for t in tensors if t is not None]
+    if not present:  # (torch's grouping asserts on an empty list: an integer input's leaves, no gradients at all)
+        return found.clamp_max(1.0)
     if any(map(_SPARSE, present)):
         present = [t._values() if t.is_sparse else t for t in present]
     # (grouped by device and dtype in C, as torch's multi-tensor optimizers group theirs: one call, where a Python

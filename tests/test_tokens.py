@@ -135,3 +135,27 @@ def test_early_exit_refuses_token_level_logits_with_a_clear_error():
     model = mw.MultiExit([nn.Embedding(7, 6), nn.Linear(6, 6)], [nn.Linear(6, 4), nn.Linear(6, 4)])
     with pytest.raises(ValueError, match="per sample.*per token"):
         mw.EarlyExit(model, torch.tensor([0.5, -1.0]))(torch.randint(0, 7, (2, 5)))
+
+
+@pytest.mark.parametrize("options", [{}, {"learn": False}, {"mode": "fast"},
+                                     {"mode": "fast", "capturable": True, "nonfinite": "skip"}],
+                         ids=["exact", "learn=False", "fast", "fast, capturable"])
+def test_every_step_form_trains_on_token_id_inputs(options):
+    """Token ids are integer inputs, with no floating-point entry: the fast mode's check of the validation inputs'
+    finiteness got an empty list, which torch's grouping by device and dtype refuses (every step raised). Each
+    form steps, its loss finite, the model moved, and gamma learned where it learns."""
+    torch.manual_seed(0)
+    model = TokenExits()
+    fused = {"fused": True} if options.get("capturable") else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, **fused)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), **options)
+    gamma, weight = w.gamma.detach().clone(), model.heads[0].weight.detach().clone()
+    def unpadded(seed):  # (capturable=True refuses padding: a selection a graph cannot hold)
+        ids, labels = ids_batch(seed)
+        return ids, labels.clamp(min=0)
+
+    for seed in range(3):
+        record = w.step(unpadded(seed), unpadded(seed + 10))
+        assert math.isfinite(record.loss) and not record.model_step_skipped, (options, seed)
+    assert not torch.equal(model.heads[0].weight, weight)
+    assert torch.equal(w.gamma, gamma) == (options.get("learn") is False), options
