@@ -157,10 +157,6 @@ def not_stepped_message(who: str, outcome: str, moved: bool, kept: str = "") -> 
             f"meta_step came before optimizer.step()): {outcome}.")
 
 
-_META = operator.attrgetter("shape", "dtype", "device")
-_SPARSE = operator.attrgetter("is_sparse")  # what a tensor's copy in flat storage is laid out by
-
-
 class FlatCopies:
     """Copies of a list of tensors in flat storage allocated once and kept between calls (on their
     devices): one ``torch.cat`` per device and dtype (``torch.stack`` for 0-d tensors, such as
