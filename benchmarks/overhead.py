@@ -455,7 +455,10 @@ def main(argv=None):
                                                                           args.device.startswith("cuda"))]
     report = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "batch_size": args.batch_size,
-              "rounds": args.rounds, "statistic": args.statistic, "baseline": BASELINE, "models": {}}
+              "rounds": args.rounds, "statistic": args.statistic, "baseline": BASELINE, "models": {},
+              "metaweight": str(Path(mw.__file__).parent)}
+    # (which checkout is measured: run from another one, the installed package is imported unless PYTHONPATH names it)
+    print(f"metaweight from {report['metaweight']}", flush=True)
     for model_name in args.models:
         print(f"\n== {model_name}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads; "
               f"ratios to {BASELINE!r} ==", flush=True)
