@@ -18,8 +18,8 @@ DenseDistillLoss and BalancedValidation: "two-call, fixed weights" is ``w.loss(m
 nothing to learn; the rest are ``w.step()`` with a meta step.
 
 Timing: every variant runs one unit of 4 iterations per round, round-robin, so machine noise hits
-all alike; the median over rounds is reported (``--statistic min``: the fastest round). Memory: each variant runs in a fresh subprocess;
-the allocator's peak over its value after set-up (activations, temporaries and the optimizer's
+all alike; the median over rounds is reported (``--statistic min``: the fastest round). Memory: each
+variant runs in a fresh subprocess; the allocator's peak over its value after set-up (activations, temporaries and the optimizer's
 state; the model excluded): on CUDA ``max_memory_allocated``, on CPU the bytes glibc's malloc has
 handed out (``mallinfo2``, sampled every ms); on CPU also the peak resident set ("rss x"), which
 keeps what malloc freed without returning it to the system. Counts, from ``torch.profiler`` over 4 iterations after 2 of warm-up, per iteration:

@@ -397,6 +397,7 @@ class BufferSnapshot:
         pairs: list[tuple[Tensor, Tensor | None]] = []
         floats: list[Tensor] | None = None  # the floating-point buffers, where laid out as at the save
         key = None
+        current: dict[str, Tensor] | None = None  # the buffers by name now, where read
         if self._layout is not None and walked is self._layout.walk:
             # the walk of the save, still current (no forward changed the tree): the very buffers the snapshot
             # holds, in its order; laid out as then unless one was resized or retyped in place (``.data = ...``)
@@ -415,7 +416,7 @@ class BufferSnapshot:
             before = [flat for _, flat, _ in self._flat._plan if flat.is_floating_point()]
             pairs = list(zip([flat for _, flat, _ in self._now._plan], before))
         else:  # a buffer registered, or registered anew at another shape or dtype: compared one by one
-            current = dict(walked.buffers)
+            current = dict(walked.buffers) if current is None else current
             saved = dict(zip(self._names, self._saved))
             pairs = [(b, saved[n] if n in saved and saved[n].shape == b.shape and saved[n].dtype == b.dtype
                       and saved[n].device == b.device else None)
