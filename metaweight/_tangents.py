@@ -64,31 +64,56 @@ def unpack_dual(t: Tensor) -> tuple[Tensor, Tensor | None]:
     return torch._unpack_dual(t, level=fwAD._current_level)
 
 
+class _Depth(threading.local):
+    """How many :class:`ShortTangents` blocks this thread is inside (0 in every other thread)."""
+
+    value = 0
+
+
+_depth = _Depth()
+
+
 class ShortTangents:
-    """While the block runs, ``F.batch_norm`` in training mode with a tangent computes it as
-    :func:`batch_norm_dual` does; every other call is ATen's.
+    """While the block runs, ``F.batch_norm`` in training mode with a tangent, called from this thread,
+    computes it as :func:`batch_norm_dual` does; every other call is ATen's.
 
     The block replaces ``torch.nn.functional.batch_norm`` (the name ``nn.BatchNorm*`` and functional code call
-    it by), holding the lock of :func:`dual_level` so that one thread at a time does: a ``TorchFunctionMode``,
-    which this was, saw every op of the forward, about 2.5 us each on a CPU core (some 5 ms of a meta step on
-    the CIFAR MSDNet). Another thread's ``F.batch_norm`` meanwhile finds no tangent of the open level on its
-    tensors (the level is ours) and runs ATen's, as before. A forward compiled by TorchScript, and code that
+    it by), holding the lock of :func:`dual_level`: a ``TorchFunctionMode``, which this was, saw every op of the
+    forward, about 2.5 us each on a CPU core (some 5 ms of a meta step on the CIFAR MSDNet). The replacement
+    answers the thread inside the block only: another thread's call meanwhile goes straight to the function it
+    replaced (``torch.func.vmap`` over a BatchNorm, a forward on the meta device, found there no rule for the
+    tangent's ops). On exit the function it replaced is put back unless someone replaced it in turn meanwhile (a
+    ``mock.patch`` in another thread, whose own exit then puts back a replacement that answers nobody: it
+    passes every call on, and the next block takes it again). A forward compiled by TorchScript, and code that
     imported the function by name (``from torch.nn.functional import batch_norm``), which the mode reached, get
     ATen's formula: the same derivative within rounding, in more ops.
     """
 
     def __enter__(self) -> None:
         _ONE_LEVEL.acquire()
-        self._saved = original = F.batch_norm
+        current = F.batch_norm
+        if getattr(current, "_metaweight_short_tangents", False):  # (left by a block whose exit was patched over)
+            self._installed = current
+        else:
+            original = current
 
-        def batch_norm(*args: Any, **kwargs: Any) -> Tensor:
-            out = batch_norm_dual(*args, **kwargs)
-            return original(*args, **kwargs) if out is None else out
+            def batch_norm(*args: Any, **kwargs: Any) -> Tensor:
+                if _depth.value:
+                    out = batch_norm_dual(*args, **kwargs)
+                    if out is not None:
+                        return out
+                return original(*args, **kwargs)
 
-        F.batch_norm = batch_norm
+            batch_norm._metaweight_short_tangents = True  # type: ignore[attr-defined]
+            batch_norm._metaweight_replaced = original  # type: ignore[attr-defined]
+            self._installed = batch_norm
+            F.batch_norm = batch_norm
+        _depth.value += 1
 
     def __exit__(self, *exc: object) -> None:
-        F.batch_norm = self._saved
+        _depth.value -= 1
+        if _depth.value == 0 and F.batch_norm is self._installed:
+            F.batch_norm = self._installed._metaweight_replaced  # type: ignore[attr-defined]
         _ONE_LEVEL.release()
 
 

@@ -128,3 +128,61 @@ def test_short_tangents_reaches_batchnorm_modules_and_functional_calls_and_puts_
         with ShortTangents():
             raise RuntimeError("raised inside")
     assert F.batch_norm is original
+
+
+def test_short_tangents_answers_only_its_own_thread_and_leaves_another_thread_s_patch_alone(monkeypatch):
+    """While one thread is inside the block, another thread's ``F.batch_norm`` goes straight to the function
+    the block replaced (the short tangent is never tried there: ``torch.func.vmap`` over BatchNorm found no
+    batching rule for its ``_unpack_dual``); a patch of ``F.batch_norm`` another thread makes meanwhile stands
+    (the block's exit does not undo it), what that patch's exit puts back passes every call on to torch's, and
+    the next block leaves torch's own function in place again."""
+    import threading
+
+    import metaweight._tangents as tangents
+    tried = []
+    short_tangent = tangents.batch_norm_dual
+    monkeypatch.setattr(tangents, "batch_norm_dual", lambda *a, **k: tried.append(threading.get_ident()) or
+                        short_tangent(*a, **k))
+    original = F.batch_norm
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    expected = torch.func.vmap(lambda s: original(s, None, None, training=True))(x)
+    inside, patched, left = threading.Event(), threading.Event(), threading.Event()
+    results, errors = [], []
+
+    def stepping():  # the block's thread: enters, waits for the other thread's patch, leaves
+        with ShortTangents():
+            with fwAD.dual_level():  # (its own calls do take the short tangent)
+                F.batch_norm(fwAD.make_dual(x[0], torch.ones_like(x[0])), None, None, training=True)
+            inside.set()
+            patched.wait(10)
+        left.set()
+
+    def other():
+        inside.wait(10)
+        try:
+            results.append(torch.func.vmap(lambda s: F.batch_norm(s, None, None, training=True))(x))
+            stub = lambda *a, **k: "stub"  # noqa: E731
+            with monkeypatch.context() as patch:
+                patch.setattr(F, "batch_norm", stub)
+                patched.set()
+                left.wait(10)
+                results.append(F.batch_norm(x, None, None))  # (still the stub: the block's exit left it)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+            patched.set()
+
+    threads = [threading.Thread(target=stepping), threading.Thread(target=other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors, errors
+    torch.testing.assert_close(results[0], expected, rtol=0, atol=0)
+    assert results[1] == "stub"
+    assert tried == [threads[0].ident]  # the block's own call only
+    # what the patch's exit put back answers nobody: torch's result, and the next block puts torch's back
+    torch.testing.assert_close(F.batch_norm(x, None, None, training=True),
+                               original(x, None, None, training=True), rtol=0, atol=0)
+    with ShortTangents():
+        pass
+    assert F.batch_norm is original
