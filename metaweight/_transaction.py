@@ -323,8 +323,8 @@ class BufferSnapshot:
         """Put the buffers back as :meth:`save` found them: a buffer the forward re-assigned (``self.b =
         self.b + 1``) or registered anew (a mask grown to a longer sequence) is put back under its name, and
         a buffer the forward registered (a mask built on the first call) or a submodule it created is removed,
-        a slot it filled (``register_buffer(name, None)``) emptied again, and a buffer it resized in place
-        (``self.mask.data = bigger``) given back its size."""
+        a slot it filled (``register_buffer(name, None)``) emptied again, and a buffer it resized, retyped or
+        moved in place (``self.mask.data = bigger``) given back its size, dtype and device."""
         if self._layout is None:
             return
         if self.unchanged() and Layout(self.module).modules == self._layout.modules:
@@ -337,16 +337,17 @@ class BufferSnapshot:
             if current.get(name) is not old:
                 owner, _, leaf = name.rpartition(".")
                 self.module.get_submodule(owner)._buffers[leaf] = old
-            if old.shape != saved.shape:
-                old.data = saved.clone()
+            if old.shape != saved.shape or old.dtype != saved.dtype or old.device != saved.device:
+                old.data = saved.clone()  # (resized, retyped or moved in place: ``.data =`` again)
             else:
                 old.copy_(saved)
 
     def unchanged(self) -> bool:
-        """Whether the module holds the very buffers :meth:`save` found, at their shapes (none registered, replaced,
-        removed or resized)."""
+        """Whether the module holds the very buffers :meth:`save` found, at their shapes, dtypes and devices (none
+        registered, replaced, removed, or resized, retyped or moved in place)."""
         current = list(self.module.named_buffers())
-        return len(current) == len(self._names) and all(n == m and b is c and b.shape == v.shape for (n, b), m, c, v in
+        return len(current) == len(self._names) and all(n == m and b is c and _META(b) == _META(v)
+                                                        for (n, b), m, c, v in
                                                         zip(current, self._names, self._live, self._saved))
 
     @torch.no_grad()

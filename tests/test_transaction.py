@@ -541,12 +541,28 @@ class ResizedInPlace(Running):
         return h + self.mask[:h.shape[0]]
 
 
-@pytest.mark.parametrize("layer", [FilledSlot, BuiltLayer, SwappedLayer, ResizedInPlace], ids=lambda c: c.__name__)
+class RetypedInPlace(Running):
+    """A mask retyped in place (``self.mask.data = self.mask.double()``: the same buffer, another dtype) when it
+    is not float64."""
+
+    def __init__(self, width):
+        super().__init__(width)
+        self.register_buffer("mask", torch.zeros(1, width))
+
+    def forward(self, h):
+        if self.mask.dtype != torch.float64:
+            self.mask.data = self.mask.double()
+        self.track(h)
+        return h + self.mask.to(h.dtype)
+
+
+@pytest.mark.parametrize("layer", [FilledSlot, BuiltLayer, SwappedLayer, ResizedInPlace, RetypedInPlace],
+                         ids=lambda c: c.__name__)
 @pytest.mark.parametrize("name, make", one_call_steps(), ids=[n for n, _ in one_call_steps()])
 def test_a_refused_step_undoes_what_its_forward_built_and_training_goes_on(name, make, layer):
-    """What a forward builds besides values (a filled empty slot, a created submodule, a buffer resized in
-    place) is undone by a refused step, the model left as before the call (the slot empty again, no
-    submodule, the mask at its size), and the steps after it train."""
+    """What a forward builds besides values (a filled empty slot, a created submodule, a buffer resized or
+    retyped in place) is undone by a refused step, the model left as before the call (the slot empty again, no
+    submodule, the mask at its size and dtype), and the steps after it train."""
     model, _, w = with_layer(make, layer(10))
     before = copy.deepcopy(model.state_dict())
     modules = [n for n, _ in model.named_modules()]
@@ -557,7 +573,7 @@ def test_a_refused_step_undoes_what_its_forward_built_and_training_goes_on(name,
     handle.remove()
     assert [n for n, _ in model.named_modules()] == modules and model.state_dict().keys() == before.keys(), name
     for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), (name, k)
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype, (name, k, v.dtype, before[k].dtype)
     if layer is FilledSlot:
         assert "mask" in model.stages[0][2]._buffers and model.stages[0][2].mask is None
     if layer is SwappedLayer:  # (the placeholder back in its slot: it was deleted, the model left without it)
