@@ -92,7 +92,7 @@ class ShortTangents:
     def __enter__(self) -> None:
         _ONE_LEVEL.acquire()
         current = F.batch_norm
-        if getattr(current, "_metaweight_short_tangents", False):  # (left by a block whose exit was patched over)
+        if hasattr(current, "_metaweight_replaced"):  # (ours, left by a block whose exit was patched over)
             self._installed = current
         else:
             original = current
@@ -104,7 +104,6 @@ class ShortTangents:
                         return out
                 return original(*args, **kwargs)
 
-            batch_norm._metaweight_short_tangents = True  # type: ignore[attr-defined]
             batch_norm._metaweight_replaced = original  # type: ignore[attr-defined]
             self._installed = batch_norm
             F.batch_norm = batch_norm

@@ -337,7 +337,7 @@ class BufferSnapshot:
             if current.get(name) is not old:
                 owner, _, leaf = name.rpartition(".")
                 self.module.get_submodule(owner)._buffers[leaf] = old
-            if old.shape != saved.shape or old.dtype != saved.dtype or old.device != saved.device:
+            if _META(old) != _META(saved):
                 old.data = saved.clone()  # (resized, retyped or moved in place: ``.data =`` again)
             else:
                 old.copy_(saved)
@@ -407,8 +407,8 @@ class BufferSnapshot:
         else:
             current = dict(walked.buffers)
             now = [current.get(n) for n in self._names]
-            if len(current) == len(now) and all(b is not None and b.shape == s.shape and b.dtype == s.dtype and
-                                                b.device == s.device for b, s in zip(now, self._saved)):
+            if len(current) == len(now) and all(b is not None and _META(b) == _META(s)
+                                                for b, s in zip(now, self._saved)):
                 floats = [b for b in now if b is not None and b.is_floating_point()]
         if floats is not None:
             # the floating-point buffers only (not BatchNorm's integer counters), flat: their groups come in
@@ -419,8 +419,7 @@ class BufferSnapshot:
         else:  # a buffer registered, or registered anew at another shape or dtype: compared one by one
             current = dict(walked.buffers) if current is None else current
             saved = dict(zip(self._names, self._saved))
-            pairs = [(b, saved[n] if n in saved and saved[n].shape == b.shape and saved[n].dtype == b.dtype
-                      and saved[n].device == b.device else None)
+            pairs = [(b, saved[n] if n in saved and _META(saved[n]) == _META(b) else None)
                      for n, b in current.items() if b.is_floating_point()]
         for after, before in pairs:
             if before is None:
