@@ -324,7 +324,10 @@ class GradSnapshot:
     refs: list[tuple[Tensor | None, int]]
     values: list[Tensor | None]
     names: list[str] | None = None  # the parameters that required gradients then
-    nonzero: list[Tensor | None] | None = None  # on the device, per gradient: whether it held a nonzero value then
+    # on the device, one flag per gradient that had values then (``rows``: each gradient's, -1 for none): whether it
+    # held a nonzero value
+    nonzero: Tensor | None = None
+    rows: list[int] | None = None
 
     @staticmethod
     def of(grads: Sequence[Tensor | None], names: list[str] | None = None) -> GradSnapshot:
@@ -336,15 +339,17 @@ class GradSnapshot:
     @staticmethod
     def refs_of(grads: Sequence[Tensor | None], nonzero: bool = False) -> GradSnapshot:
         """The objects and versions only (for :meth:`changed`; no values copied); with ``nonzero``, also whether
-        each gradient holds a nonzero value, on the device (for :meth:`zeroed`: no host read here)."""
+        each gradient holds a nonzero value, on the device in one tensor (for :meth:`zeroed`: a few ops over the
+        whole list, no host read)."""
         snapshot = GradSnapshot([(g, g._version if g is not None else -1) for g in grads], [])
         if nonzero:
             present = [i for i, g in enumerate(grads) if g is not None and g.numel()]
-            with torch.no_grad():
-                norms = torch._foreach_norm([_dense_values(grads[i]) for i in present]) if present else []
-            snapshot.nonzero = [None] * len(grads)
-            for i, norm in zip(present, norms):
-                snapshot.nonzero[i] = norm != 0
+            snapshot.rows = [-1] * len(grads)
+            for row, i in enumerate(present):
+                snapshot.rows[i] = row
+            if present:
+                with torch.no_grad():
+                    snapshot.nonzero = _stacked(torch._foreach_norm([dense_values(grads[i]) for i in present])) != 0
         return snapshot
 
     def changed(self, grads: Sequence[Tensor | None]) -> bool:
@@ -371,34 +376,44 @@ class GradSnapshot:
             return True, False
         written, then, untouched = [], [], []
         gone = False
+        rows = self.rows
         for i, (g, (ref, version)) in enumerate(zip(grads, self.refs)):
-            flag = self.nonzero[i] if self.nonzero is not None else None
+            row = rows[i] if rows is not None else -1
             if g is None:
                 gone = gone or ref is not None
             elif (g is not ref or g._version != version) and g.numel():
-                if ref is not None and (self.nonzero is None or flag is not None):  # (none then, or no value: no
-                    # sign of a zeroing, which leaves a missing gradient missing; a backward's write)
-                    written.append(_dense_values(g))
-                    then.append(flag)
-            elif flag is not None:
-                untouched.append(flag)
+                if ref is not None and (rows is None or row >= 0):  # (none then, or no value: no sign of a
+                    # zeroing, which leaves a missing gradient missing; a backward's write)
+                    written.append(dense_values(g))
+                    then.append(row)
+            elif row >= 0:
+                untouched.append(row)
         if not written and not (gone and untouched):
             return gone, False
         with torch.no_grad():
-            device = (written or untouched)[0].device
+            flags = self.nonzero
+            device = flags.device if flags is not None else written[0].device
             zero = torch.tensor(False, device=device)
             if written:
-                norms = torch._foreach_norm(written)
-                now = torch.stack([n.to(device, torch.float32) for n in norms]) == 0
-                if self.nonzero is not None:
-                    now = now & torch.stack([f.to(device) for f in then])
+                now = _stacked(torch._foreach_norm(written), device) == 0
+                if flags is not None:
+                    now = now & flags[torch.tensor(then, device=device)]
                 zero = now.any()
-            kept = torch.stack([f.to(device) for f in untouched]).any() if untouched else zero.new_tensor(False)
+            kept = flags[torch.tensor(untouched, device=device)].any() if untouched else zero.new_tensor(False)
             zeroed, partial = torch.stack([zero | gone, kept]).tolist()
         return bool(zeroed), bool(zeroed and partial)
 
 
-def _dense_values(g: Tensor) -> Tensor:
+def _stacked(norms: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """Scalars (``torch._foreach_norm``'s, one per tensor) as one float32 tensor on ``device`` (the first one's)."""
+    device = norms[0].device if device is None else device
+    if all(n.device == device for n in norms):
+        return torch.stack(list(norms)).float()  # (stack promotes mixed dtypes)
+    return torch.stack([n.to(device, torch.float32) for n in norms])
+
+
+def dense_values(g: Tensor) -> Tensor:
+    """A gradient's values as a strided tensor (a sparse one's coalesced values)."""
     return g if g.layout == torch.strided else g.coalesce().values()
 
 

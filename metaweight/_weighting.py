@@ -138,6 +138,9 @@ class _Calls:
     samples: int = 0
     calls: int = 0
     wrote: bool = False  # whether their backwards wrote gradients (then cleared ones mean a zero_grad since)
+    # the gradients (objects and versions) as the last backward left them, or as the last look found them written
+    # since without a zeroing: what changed after is looked at (:meth:`Weighting._drop_cleared`)
+    after: GradSnapshot | None = None
     # each call's first label tensor (FAMO), after its number in the order of the loss() calls (a backward
     # through several reaches them in another order)
     labels: list[tuple[int, Tensor | None]] = dataclasses.field(default_factory=list)
@@ -368,8 +371,6 @@ class Weighting(NamedWeights):
         self.num_skipped = 0
         self.last_terms: Tensor | None = None
         self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
-        # the gradients of the calls since the last step, as a meta_step that kept them or the last loss() saw them
-        self._since: GradSnapshot | None = None
         self._kept_at: int | None = None  # the optimizer's step count when a meta_step after no step kept the calls
         self._lost_calls = ""  # LOADED_SINCE after a load_state_dict, said where meta_step misses the loss() calls
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
@@ -519,7 +520,7 @@ class Weighting(NamedWeights):
         steps = optimizer_steps(self._inner_optimizer)
         for old in [k for k in self._groups if k < steps - 1]:
             del self._groups[old]
-        self._drop_cleared(at_backward=True)
+        self._drop_cleared()
         group = self._groups.setdefault(steps, _Calls())
         group.sums = {k: v * weight + group.sums[k] if k in group.sums else v * weight for k, v in values.items()}
         group.weight = group.weight + weight
@@ -527,36 +528,33 @@ class Weighting(NamedWeights):
         group.calls += 1
         group.labels.append(labels)
 
-        def ended() -> None:  # at the end of this backward: whether it wrote gradients (autograd.grad writes none)
-            group.wrote = group.wrote or self._any_gradient()
+        def ended() -> None:  # at the end of this backward: whether it wrote gradients (autograd.grad writes none),
+            # and the gradients as it left them (twice deferred: after DistributedDataParallel's own end-of-backward
+            # callback has written the averaged ones)
+            after = GradSnapshot.refs_of(self._gradients(), True)
+            group.wrote = group.wrote or after.nonzero is not None
+            group.after = after
 
-        torch.autograd.Variable._execution_engine.queue_callback(ended)
+        engine = torch.autograd.Variable._execution_engine
+        engine.queue_callback(lambda: engine.queue_callback(ended))
 
-    def _drop_cleared(self, at_backward: bool = False) -> None:
-        """Drop the calls since the optimizer's last step whose gradients a ``zero_grad()`` cleared since their
-        backward: to ``None`` (no gradient left), or, since a :meth:`meta_step` that kept them or the last
-        :meth:`loss` (:meth:`GradSnapshot.zeroed`), in place too. Checked at each training :meth:`loss` (before
-        anything of its own backward is written) and again when its backward reaches it (a ``zero_grad`` between
-        the forward and the backward); between the two, a backward may write gradients of parameters only other
-        losses of the sum reach: an addition, no zeroing. Python objects (in a loop that accumulates, or whose
-        step was skipped), and one host read where gradients were written since the last look."""
+    def _drop_cleared(self) -> None:
+        """Drop the calls since the optimizer's last step whose gradients a ``zero_grad()`` cleared after their
+        backward: to ``None``, or in place (``set_to_none=False``; an LBFGS closure's, which clears before each
+        evaluation): :meth:`GradSnapshot.zeroed` since the gradients as the last backward left them. Looked at in
+        each training :meth:`loss` (before anything of its own backward is written) and again when its backward
+        reaches it (a ``zero_grad`` between the forward and the backward). Python objects where nothing touched the
+        gradients since (gradient accumulation: each backward adds to them at its end), and one host read where
+        something wrote them since."""
         steps = optimizer_steps(self._inner_optimizer)
         group = self._groups.get(steps)
-        if group is not None and group.wrote and not self._any_gradient():
-            del self._groups[steps]  # the gradients those calls' backward wrote were cleared: no step came of them
-            group = None
-        since, self._since = self._since, None
-        if group is None or not group.wrote:
+        if group is None or not group.wrote or group.after is None:
             return
         grads = self._gradients()
-        if since is not None and since.zeroed(grads):
-            del self._groups[steps]  # calls whose gradients were zeroed (in place) since
-        elif not at_backward:  # (what comes after this loss() is looked at by its backward's hook)
-            self._since = GradSnapshot.refs_of(grads, True)
-
-    def _any_gradient(self) -> bool:
-        """Whether any parameter the optimizer holds has a ``.grad`` (Python objects only)."""
-        return any(p.grad is not None for group in self._inner_optimizer.param_groups for p in group["params"])
+        if group.after.zeroed(grads):
+            del self._groups[steps]  # the gradients those calls' backward wrote were cleared: no step came of them
+        elif group.after.changed(grads):  # (written since, not cleared: another loss's backward; looked at from here)
+            group.after = GradSnapshot.refs_of(grads, True)
 
     def _iteration(self) -> _Calls | None:
         """The training :meth:`loss` calls of the step just taken: those before the optimizer's last step (or,
@@ -578,7 +576,7 @@ class Weighting(NamedWeights):
         return terms if terms is not None else self._pending
 
     def _reset_pending(self) -> None:
-        self._pending, self._groups, self._last_values, self._since, self._kept_at = None, {}, None, None, None
+        self._pending, self._groups, self._last_values, self._kept_at = None, {}, None, None
 
     def _gradients(self) -> list[Tensor | None]:
         """The gradients of the parameters the optimizer holds, in its order (Python objects only)."""
@@ -587,7 +585,7 @@ class Weighting(NamedWeights):
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
         count of this optimizer object: a copy starts a new iteration."""
-        state = {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None, "_since": None,
+        state = {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None,
                  "_kept_at": None}
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
         return state
@@ -703,7 +701,6 @@ class Weighting(NamedWeights):
             return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                                   gamma=self.gamma_dict(), terms=self._named(shown), message=message)
         if moved:  # kept while the next backward adds to these gradients (gradient accumulation)
-            self._since = GradSnapshot.refs_of(self._gradients(), True)
             self._kept_at = optimizer_steps(self._inner_optimizer)
         else:  # a GradScaler's skip: no step will use these calls' gradients
             self._reset_pending()

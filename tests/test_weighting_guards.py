@@ -180,10 +180,8 @@ def test_calls_kept_by_a_meta_step_after_no_step_are_dropped_when_their_gradient
     that accumulated them with no meta_step between. With an
     auxiliary loss on a parameter only it reaches, summed after weighting.loss, autograd writes that gradient
     before the hook on the weighted loss runs: an addition, not a zeroing (the kept calls were dropped). The same
-    with no meta_step between the two calls, but for a zeroing in place before the second loss(), which is not
-    looked for there."""
-    if not kept and what == "zero_grad in place" and where == "after meta_step":
-        pytest.skip("a zeroing in place between a backward and the next loss() is looked for after a meta_step only")
+    with no meta_step between the two calls (a zeroing in place before the second loss() was looked for only after
+    a meta_step: the update read both calls)."""
     w, model, optimizer = build(name)
     twin, twin_model, twin_optimizer = build(name)
     for net, opt in ((model, optimizer), (twin_model, twin_optimizer)):
@@ -417,10 +415,12 @@ def test_an_optimizer_holding_none_of_the_model_s_parameters_is_refused_at_const
     mw.WEIGHTINGS[name](model, part, mw.DenseDistillLoss(3), **options(name, model))
 
 
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["zero_grad", "zero_grad in place"])
 @pytest.mark.parametrize("name", NAMES)
-def test_step_refuses_lbfgs_changing_nothing_and_the_two_calls_run_it(name):
+def test_step_refuses_lbfgs_changing_nothing_and_the_two_calls_run_it(name, set_to_none):
     """LBFGS needs a closure, which step() has not: refused before the forward (BatchNorm statistics and all
-    unchanged); the two calls with the user's closure read its last evaluation."""
+    unchanged); the two calls with the user's closure read its last evaluation, whether the closure clears the
+    gradients to None or in place (in place, the update read the mean of every evaluation's terms)."""
     w, model, optimizer = build(name, make=lambda held: torch.optim.LBFGS(held, lr=0.1, max_iter=3))
     before = snapshot(model, optimizer, w)
     with pytest.raises(ValueError, match="needs one"):
@@ -428,15 +428,19 @@ def test_step_refuses_lbfgs_changing_nothing_and_the_two_calls_run_it(name):
     assert unchanged(before, snapshot(model, optimizer, w))
     x, y = batch()
 
+    evaluations = []
+
     def closure():
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=set_to_none)
         loss = w.loss(model(x), y)
         loss.backward()
+        evaluations.append(w.terms_dict())
         return loss
 
     optimizer.step(closure)
     record = w.meta_step((x, y))
-    assert record.meta_step == 1
+    assert record.meta_step == 1 and len(evaluations) > 1 and evaluations[0] != evaluations[-1]
+    assert record.terms == evaluations[-1]
     with torch.no_grad():  # the last evaluation's terms: the closure's at the parameters before the last change
         assert record.terms == w.terms_dict()
 
