@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -20,15 +20,18 @@ def gradnorm_gradient(weights: Tensor, norms: Tensor, terms: Tensor, initial: Te
 
     :math:`G_k = w_k \|\nabla_W L_k\|` (``norms`` holds :math:`\|\nabla_W L_k\|`),
     :math:`\bar G` their mean, :math:`r_k = \tilde L_k / \overline{\tilde L}` with
-    :math:`\tilde L_k = L_k / L_k(0)`; all means over the active terms.
+    :math:`\tilde L_k = L_k / L_k(0)`; all means over the active terms. Where :math:`L_k(0)` is 0 (not known
+    yet: the term has been exactly 0), :math:`\tilde L_k = 1`. A target that is NaN (negative rates raised to a
+    fractional :math:`\alpha`) makes the gradient NaN, not 0 (as ``torch.sign`` would): the update is refused.
     """
     count = active.sum()
-    safe = torch.where(active, initial, torch.ones_like(initial))
-    ratio = torch.where(active, terms / safe, torch.zeros_like(terms))
+    known = active & (initial != 0)
+    ratio = torch.where(known, terms / torch.where(known, initial, torch.ones_like(initial)), active.to(terms.dtype))
     r = ratio / (ratio.sum() / count)
     g = weights * norms
     target = (g * active).sum() / count * r.pow(alpha)
-    return torch.sign(g - target) * norms * active
+    sign = torch.where(target.isnan(), target, torch.sign(g - target))
+    return sign * norms * active
 
 
 def renormalize(weights: Tensor, active: Tensor) -> Tensor:
@@ -55,7 +58,11 @@ class GradNorm(Weighting):
     the target :math:`\bar G r_k^\alpha` held constant; :math:`w` takes a step on
     :math:`\nabla_w L_{grad}` and is renormalised to sum to the number of terms :math:`K`
     (clamped at 0 first, which the paper does not need to say). :math:`\alpha = 1.5` is the
-    paper's value for its NYUv2 experiments. :math:`L_k(0)` are the terms of the first iteration.
+    paper's value for its NYUv2 experiments. :math:`L_k(0)` are the terms of the first iteration; a
+    term that is exactly 0 there (a distillation term between heads initialised to zero, which all
+    give the uniform distribution) takes its first value that is not 0, and its rate
+    :math:`\tilde L_k` is 1 until then (with :math:`L_k(0) = 0` kept, every later rate would be
+    infinite or NaN).
 
     The paper takes the gradient norms on the last layer shared by all tasks. In a multi-exit
     network the parameters every exit's loss depends on are those of the first stage (exit 1
@@ -191,10 +198,18 @@ class GradNorm(Weighting):
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         assert terms is not None and self._norms is not None
         terms = terms.to(self.gamma)
-        initial = terms * self._active if self.num_meta_steps == 0 else self.initial_losses
+        # L_k(0): each term's first value that is not 0 (one not known yet is 0)
+        initial = torch.where(self.initial_losses != 0, self.initial_losses, terms * self._active)
         grad = gradnorm_gradient(self.gamma, self._norms, terms, initial, self._active, self.alpha)
         w, m, v = adam_update(self.gamma, grad, self.exp_avg, self.exp_avg_sq, self.num_meta_steps + 1, lr=self.lr)
         return {"initial_losses": initial, "exp_avg": m, "exp_avg_sq": v, "gamma": renormalize(w, self._active)}
+
+    def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
+        negative = [n for n, v in (terms or {}).items() if v < 0]
+        if negative:
+            return (f"GradNorm's training rates L_k(t)/L_k(0) raised to alpha need terms >= 0; {negative} are "
+                    f"negative. ")
+        return ""
 
     def _options(self) -> str:
         return f"alpha={self.alpha}, lr={self.lr}, shared_parameters={sum(p.numel() for p in self.shared_parameters)}"

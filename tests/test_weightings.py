@@ -176,12 +176,19 @@ def test_famo_gradient_weights_each_term_by_z_over_c_d():
         w.meta_step(((torch.tensor(AFTER[t], dtype=torch.float64), zeros), None))
 
 
+ZERO_START = [[L[0], 0.0 if t < 2 else L[1], L[2]] for t, L in enumerate(LOSSES)]  # (a term exactly 0 at first)
+
+
+@pytest.mark.parametrize("losses", [LOSSES, ZERO_START], ids=["", "a term 0 at the first two iterations"])
 @pytest.mark.parametrize("alpha", [1.5, 0.5])
-def test_gradnorm_matches_the_reference(alpha):
+def test_gradnorm_matches_the_reference(alpha, losses):
+    """GradNorm against the paper's Alg. 1; a term exactly 0 at the start (distillation between heads initialised
+    to zero) takes its first value that is not 0 as L_k(0) (with L_k(0) = 0 kept, its rate was NaN, which
+    torch.sign made 0: its weight never learned, and nothing was refused)."""
     w, _ = scripted_gradnorm(alpha)
-    got = run_scripted(w, grads=GRADS)
+    got = run_scripted(w, before=losses, grads=GRADS)
     norms = [[math.sqrt(sum(v * v for v in row)) for row in G] for G in GRADS]
-    assert_close(got, ref.gradnorm(LOSSES, norms, alpha=alpha, lr=0.01))
+    assert_close(got, ref.gradnorm(losses, norms, alpha=alpha, lr=0.01))
     for g in got:
         assert sum(g) == pytest.approx(3, rel=1e-6)
 
