@@ -14,8 +14,11 @@ from metaweight._weighting import Weighting, check_int, check_number
 
 def dwa_weights(last: Tensor, before: Tensor, active: Tensor, temperature: float, count: int) -> Tensor:
     r""":math:`K\,\mathrm{softmax}_k(r_k/T)` over the active terms, :math:`r_k = \bar L_k(t-1)/\bar L_k(t-2)`;
-    ``count`` is :math:`K`, the number of active terms (given: no read of ``active``)."""
-    ratio = torch.where(active, last / torch.where(active, before, torch.ones_like(before)), torch.zeros_like(last))
+    ``count`` is :math:`K`, the number of active terms (given: no read of ``active``). Where
+    :math:`\bar L_k(t-2)` is 0 (a term exactly 0 over a whole window: distillation between heads initialised to
+    zero), :math:`r_k` has no value and is taken as 1, as in the first two windows."""
+    known = active & (before != 0)
+    ratio = torch.where(known, last / torch.where(known, before, torch.ones_like(before)), torch.ones_like(last))
     logits = torch.where(active, ratio / temperature, torch.full_like(ratio, -torch.inf))
     return count * torch.softmax(logits, 0)
 
@@ -31,7 +34,9 @@ class DWA(Weighting):
 
     where :math:`\bar L_k(t)` is the average of term :math:`k` over window :math:`t` (the paper's
     epoch), :math:`K` the number of (active) terms, so the weights sum to :math:`K`, and
-    :math:`T = 2` the paper's temperature. The first two windows use :math:`\gamma_k = 1`.
+    :math:`T = 2` the paper's temperature. The first two windows use :math:`\gamma_k = 1`. A term
+    whose average over window :math:`t-2` is exactly 0 (distillation between heads initialised to
+    zero) has no rate: its :math:`r_k` is 1 (dividing by 0 refused every update for good).
 
     ``window`` is the number of iterations averaged: your iterations per epoch for the
     paper's rule, or fewer for a per-window variant: a window is that many updates kept (a skipped

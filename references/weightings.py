@@ -54,7 +54,8 @@ def uw(losses, lr=0.01):
 
 def dwa(losses, window, temperature=2.0):
     """Liu et al. 2019, Eq. 7: the weights of each iteration; window t's weights come from the averages of
-    windows t-1 and t-2 (1 for the first two windows)."""
+    windows t-1 and t-2 (1 for the first two windows). Where the paper's rate divides by an average of 0, the
+    library's rule: the rate is 1."""
     K = len(losses[0])
     averages = []
     out = []
@@ -67,7 +68,7 @@ def dwa(losses, window, temperature=2.0):
             chunk = losses[i + 1 - window:i + 1]
             averages.append([sum(L[k] for L in chunk) / window for k in range(K)])
             if len(averages) >= 2:
-                r = [averages[-1][k] / averages[-2][k] for k in range(K)]
+                r = [averages[-1][k] / averages[-2][k] if averages[-2][k] != 0 else 1.0 for k in range(K)]
                 weights = [K * v for v in softmax([x / temperature for x in r])]
     return out
 
