@@ -364,7 +364,8 @@ class GradSnapshot:
         """Whether a ``zero_grad`` came since these references were taken: a gradient present then is ``None``
         now (``set_to_none=True``, the default), or one present then and written since (in place, or another
         object) is all zeros where it held a nonzero value then (``set_to_none=False``; where :meth:`refs_of`
-        took no ``nonzero``, any such gradient that is all zeros). A gradient written since with values is no
+        took no ``nonzero``, every such gradient is all zeros: one that held zeros then and was scaled since, by
+        clipping, is no zeroing). A gradient written since with values is no
         zeroing: a backward adding to it (another loss's; or, in the backward reaching a training ``loss()``, its
         own writes to parameters only other losses of the sum reach, which autograd may finish before the hook on
         that loss runs); nor is one that held zeros then and holds zeros now (such a backward adding zeros, e.g.
@@ -398,7 +399,7 @@ class GradSnapshot:
                 now = _stacked(torch._foreach_norm(written), device) == 0
                 if flags is not None:
                     now = now & flags[torch.tensor(then, device=device)]
-                zero = now.any()
+                zero = now.any() if flags is not None else now.all()
             kept = flags[torch.tensor(untouched, device=device)].any() if untouched else zero.new_tensor(False)
             zeroed, partial = torch.stack([zero | gone, kept]).tolist()
         return bool(zeroed), bool(zeroed and partial)

@@ -520,7 +520,7 @@ class Weighting(NamedWeights):
         steps = optimizer_steps(self._inner_optimizer)
         for old in [k for k in self._groups if k < steps - 1]:
             del self._groups[old]
-        self._drop_cleared()
+        self._drop_cleared(at_backward=True)
         group = self._groups.setdefault(steps, _Calls())
         group.sums = {k: v * weight + group.sums[k] if k in group.sums else v * weight for k, v in values.items()}
         group.weight = group.weight + weight
@@ -531,21 +531,23 @@ class Weighting(NamedWeights):
         def ended() -> None:  # at the end of this backward: whether it wrote gradients (autograd.grad writes none),
             # and the gradients as it left them (twice deferred: after DistributedDataParallel's own end-of-backward
             # callback has written the averaged ones)
-            after = GradSnapshot.refs_of(self._gradients(), True)
-            group.wrote = group.wrote or after.nonzero is not None
+            after = GradSnapshot.refs_of(self._gradients())  # (Python objects only)
+            group.wrote = group.wrote or any(g is not None for g, _ in after.refs)
             group.after = after
 
         engine = torch.autograd.Variable._execution_engine
         engine.queue_callback(lambda: engine.queue_callback(ended))
 
-    def _drop_cleared(self) -> None:
+    def _drop_cleared(self, at_backward: bool = False) -> None:
         """Drop the calls since the optimizer's last step whose gradients a ``zero_grad()`` cleared after their
         backward: to ``None``, or in place (``set_to_none=False``; an LBFGS closure's, which clears before each
-        evaluation): :meth:`GradSnapshot.zeroed` since the gradients as the last backward left them. Looked at in
-        each training :meth:`loss` (before anything of its own backward is written) and again when its backward
-        reaches it (a ``zero_grad`` between the forward and the backward). Python objects where nothing touched the
-        gradients since (gradient accumulation: each backward adds to them at its end), and one host read where
-        something wrote them since."""
+        evaluation): :meth:`GradSnapshot.zeroed` since the gradients as the last backward left them (every
+        gradient written since all zeros), or as the last :meth:`loss` found them (any gradient that held values
+        then). Looked at in each training :meth:`loss` (before anything of its own backward is written) and again
+        when its backward reaches it (a ``zero_grad`` between the forward and the backward, where autograd may
+        have written, before, the gradients of parameters only other losses of the sum reach). Python objects at
+        each backward's end; at a :meth:`loss` after another of the same step (gradient accumulation), a few ops
+        over the gradients, and one host read only where something wrote them since."""
         steps = optimizer_steps(self._inner_optimizer)
         group = self._groups.get(steps)
         if group is None or not group.wrote or group.after is None:
@@ -553,7 +555,7 @@ class Weighting(NamedWeights):
         grads = self._gradients()
         if group.after.zeroed(grads):
             del self._groups[steps]  # the gradients those calls' backward wrote were cleared: no step came of them
-        elif group.after.changed(grads):  # (written since, not cleared: another loss's backward; looked at from here)
+        elif not at_backward or group.after.changed(grads):  # (what comes next is looked at from here)
             group.after = GradSnapshot.refs_of(grads, True)
 
     def _iteration(self) -> _Calls | None:
