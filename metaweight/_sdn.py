@@ -36,14 +36,19 @@ class SDNSchedule(Weighting):
 
     The paper sets :math:`C_k` to the classifier's relative position in the network (its code:
     0.15, 0.3, ..., 0.9 for six classifiers). By default :math:`C_k = k/K` on the terms named
-    ``ce[k]`` for :math:`k < K` (a :class:`DenseDistillLoss`'s exits; :math:`K` the number of
-    ``ce[...]`` terms): each exit's relative depth in stages. ``max_weights`` sets them by term
+    ``ce[...]`` but the last, the :math:`k`-th of the :math:`K` such terms in the order of their
+    numbers (a :class:`DenseDistillLoss`'s ``ce[1]`` ... ``ce[K]``; exits numbered from 0 alike):
+    each exit's relative depth in stages. ``max_weights`` sets them by term
     name instead, e.g. the exits' fractions of the network's cost from :func:`exit_costs`.
     Terms outside the schedule (the last exit, distillation terms) keep weight 1.
 
-    The epoch is counted from the calls of :meth:`meta_step`: iteration :math:`t` (from 0) is in
-    epoch :math:`1 + \lfloor t / \text{steps\_per\_epoch} \rfloor`, so a resumed run continues
-    the schedule where it stopped.
+    The epoch is counted from the model steps taken: iteration :math:`t` (from 0; the meta steps
+    kept, :attr:`num_meta_steps`) is in epoch :math:`1 + \lfloor t / \text{steps\_per\_epoch}
+    \rfloor`, so a resumed run continues the schedule where it stopped. A :meth:`meta_step` after no
+    step (after a micro-batch of an accumulated step, or a step a ``GradScaler`` skipped) does not
+    count, as a :meth:`step` refused as non-finite does not: with a ``meta_step`` after every
+    micro-batch the schedule is that of one ``meta_step`` per step (counting the calls ran it as
+    many times faster as there were micro-batches).
 
     Args:
         model: the network; ``model(x)`` returns what ``criterion`` takes.
@@ -82,8 +87,9 @@ class SDNSchedule(Weighting):
             if not exits:
                 raise ValueError(f"SDNSchedule needs to know which terms are exits: none of the terms {names} is "
                                  f"named ce[k]. Pass max_weights={{term name: C_k}} for the terms to schedule.")
-            K = max(exits.values())
-            max_weights = {n: k / K for n, k in exits.items() if k < K}
+            order = sorted(exits, key=exits.__getitem__)  # (the k-th exit by number: ce[0] ... or ce[1] ...)
+            K = len(order)
+            max_weights = {n: (k + 1) / K for k, n in enumerate(order[:-1])}
         if not isinstance(max_weights, Mapping):
             raise TypeError(f"`max_weights` should be a mapping from term name to C_k. "
                             f"Found `{type(max_weights).__name__}`.")
@@ -109,11 +115,18 @@ class SDNSchedule(Weighting):
 
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         # (computed on the host; on CUDA copied without waiting for the device's queue, which a blocking copy waits for)
-        return {"gamma": host_to_device(self._weights_at(self.num_calls + 1), self.device) * self._active}
+        return {"gamma": host_to_device(self._weights_at(self.num_meta_steps + 1), self.device) * self._active}
+
+    def _gamma_of(self, state: Mapping[str, Any]) -> Tensor | None:
+        steps = state.get("num_meta_steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            return None  # (refused with the counters)
+        return self._weights_at(steps) * self._terms.active
 
     def _state_options(self) -> dict[str, Any]:
-        # the schedule's position
-        return {**super()._state_options(), "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch}
+        # the schedule's position and the weights it grows to
+        return {**super()._state_options(), "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,
+                "max_weights": dict(self.max_weights)}
 
     def _options(self) -> str:
         return f"epochs={self.epochs}, steps_per_epoch={self.steps_per_epoch}, max_weights={self.max_weights}"

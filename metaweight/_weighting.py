@@ -877,6 +877,10 @@ class Weighting(NamedWeights):
         if missing:
             raise ValueError(f"This checkpoint lacks {missing}: it is not a complete {type(self).__name__}."
                              f"state_dict() (keys found: {sorted(state_dict)}). Nothing was changed.")
+        if not isinstance(state_dict["term_names"], (list, tuple)) or list(state_dict["term_names"]) != self.term_names:
+            raise ValueError(f"This checkpoint is for the terms {state_dict['term_names']}, but this weighting has "
+                             f"{self.term_names}. Build it with the criterion the checkpoint was saved with. Nothing "
+                             f"was changed.")
         saved_options, options = state_dict.get("options", {}), self._state_options()  # (none in older checkpoints)
         if not isinstance(saved_options, Mapping):
             raise ValueError("The checkpoint's `options` should be a dict. Nothing was changed.")
@@ -891,9 +895,6 @@ class Weighting(NamedWeights):
             raise ValueError(f"This checkpoint was saved by a {type(self).__name__} with {said}: its state depends on "
                              f"them. Build the weighting with the options the checkpoint was saved with. Nothing was "
                              f"changed.")
-        if list(state_dict["term_names"]) != self.term_names:
-            raise ValueError(f"This checkpoint is for the terms {state_dict['term_names']}, but this weighting has "
-                             f"{self.term_names}. Build it with the criterion the checkpoint was saved with.")
         for name, current in {"gamma": self.gamma, **mine}.items():
             saved = state_dict[name]
             if not isinstance(saved, Tensor) or saved.shape != current.shape or saved.dtype != current.dtype:
@@ -908,7 +909,6 @@ class Weighting(NamedWeights):
         if inactive:
             raise ValueError(f"The checkpoint weights the terms {inactive}, which this weighting's criterion does not "
                              f"compute {_OTHER_CRITERION}")
-        self._check_state(state_dict)
         counts = {k: state_dict[k] for k in ("num_calls", "num_meta_steps", "num_skipped")}
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
             raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
@@ -916,6 +916,7 @@ class Weighting(NamedWeights):
             raise ValueError(f"The checkpoint's counters {counts} are impossible: every meta step kept is a call, so "
                              f"num_meta_steps <= num_calls. Pass a {type(self).__name__}.state_dict() as saved. "
                              f"Nothing was changed.")
+        self._check_state(state_dict)  # (after the counters: SDN's weights follow from them)
         if not isinstance(state_dict["extra"], Mapping):
             raise ValueError("The checkpoint's `extra` should be a dict.")
         self._check_extra_state(state_dict["extra"])

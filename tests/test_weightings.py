@@ -5,6 +5,7 @@ calls equal step(), bit-exact resume, bad input refused with nothing changed, AM
 import copy
 import functools
 import math
+import re
 
 import pytest
 import torch
@@ -210,10 +211,13 @@ def test_gradnorm_per_term_loop_equals_the_batched_backward():
     assert run_scripted(w1, grads=GRADS) == run_scripted(w2, grads=GRADS)
 
 
-def test_sdn_matches_the_authors_schedule():
+@pytest.mark.parametrize("first", [1, 0], ids=["exits ce[1] ...", "exits ce[0] ..."])
+def test_sdn_matches_the_authors_schedule(first):
+    """The default C_k = k/K by the exits' order, numbered from 1 or from 0 (from 0, C_k = k/K of the numbers gave
+    the first exit C = 0, refused as if the user had passed max_weights)."""
     model = Scripted()
     w = mw.SDNSchedule(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda o, t: o,
-                       term_names=["ce[1]", "ce[2]", "ce[3]", "ce[4]"], epochs=3, steps_per_epoch=2)
+                       term_names=[f"ce[{k + first}]" for k in range(4)], epochs=3, steps_per_epoch=2)
     got = [w.gamma.tolist()]
     for _ in range(8):
         w.meta_step()
@@ -559,7 +563,7 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
     """Four micro-batch losses, each divided by four, backpropagated before one optimizer step: meta_step reads
     the iteration's terms (and GradNorm its terms' gradients) as the whole batch gives them, their mean over the
     loss() calls by samples, not the last call's; also where a meta_step followed every micro-batch (skipped
-    until the step; SDN's schedule counts those calls, so not compared; with an auxiliary loss summed after
+    until the step; SDN's schedule too, which counted those calls; with an auxiliary loss summed after
     weighting.loss, on a parameter only it reaches, too: the kept calls were dropped; also where its gradient
     is zeros, 0 * p.sum(): that gradient, all zeros, was read as a zeroing). A loss() under torch.no_grad() (logging) between is not summed,
     loss() calls of an iteration whose meta_step never came, or whose step was skipped (zero_grad after them), are
@@ -574,8 +578,8 @@ def test_gradient_accumulation_gives_the_whole_batch_s_update(name):
             return super().step(closure)
 
     forms = ("whole", "accumulated", "accumulated, stale", "accumulated, clamped", "accumulated, skipped",
-             "accumulated, chained") + (("accumulated, meta_step after each", "accumulated, meta_step after each, aux",
-                                         "accumulated, meta_step after each, zero aux") if name != "sdn" else ())
+             "accumulated, chained", "accumulated, meta_step after each", "accumulated, meta_step after each, aux",
+             "accumulated, meta_step after each, zero aux")
     for form in forms:
         model = copy.deepcopy(net)
         model.aux = nn.Parameter(torch.ones(3, dtype=torch.float64))  # (reached by an auxiliary loss only)
@@ -702,7 +706,8 @@ def test_a_checkpoint_loads_only_into_the_options_its_state_depends_on():
     meaning: a checkpoint saved under others is refused by name, nothing changed. Another method's checkpoint
     is named as such; a learning rate may change on resume."""
     cases = [("dwa", {"window": 5}, r"window=2 \(this one: 5\)"), ("sdn", {"epochs": 50}, r"epochs=3 \(this one: 50\)"),
-             ("rlw", {"seed": 7}, r"seed=3 \(this one: 7\)"), ("uw", {"teachers": "last"}, "criterion.active differs")]
+             ("rlw", {"seed": 7}, r"seed=3 \(this one: 7\)"), ("uw", {"teachers": "last"}, "criterion.active differs"),
+             ("sdn", {"max_weights": {"ce[1]": 0.2}}, r"max_weights=\{'ce\[1\]': 0.3333.*this one: \{'ce\[1\]': 0.2\}")]
     for name, changed, match in cases:
         w, _, _ = build(name)
         w.step(batches(1)[0])
@@ -717,6 +722,11 @@ def test_a_checkpoint_loads_only_into_the_options_its_state_depends_on():
             other.load_state_dict(saved)
         assert str(other.state_dict()) == str(before)
     uw, _, _ = build("uw")
+    torch.manual_seed(0)
+    two = tiny_net(2)  # (a checkpoint for other terms is named by its own terms, not blamed on teachers=)
+    saved = mw.UW(two, torch.optim.SGD(two.parameters(), lr=0.1), mw.DenseDistillLoss(2)).state_dict()
+    with pytest.raises(ValueError, match=re.escape("is for the terms ['ce[1]', 'ce[2]', 'kd[2->1]']")):
+        uw.load_state_dict(saved)
     dwa, _, _ = build("dwa")
     with pytest.raises(ValueError, match="is of the weighting 'UW', not 'DWA'"):
         dwa.load_state_dict(uw.state_dict())
