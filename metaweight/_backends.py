@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from metaweight._checks import NO_TRAINING_GRADIENT, NO_VALIDATION_GRADIENT, check_differentiable
 from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._hypergradient import MetaResult, Reducer, eager_forward, meta_gradient
 from metaweight._lookahead import lookahead, patchable, patched_call
@@ -73,10 +74,12 @@ class HigherBackend(Backend):
             fmodel, diffopt = lookahead(module, optimizer)
             args, kwargs = model_arguments(module, x)  # decided on the module: the patched copy's forward is generic
             values = terms(patched_call(fmodel, args, kwargs), y)
+            check_differentiable(values, NO_TRAINING_GRADIENT)
             diffopt.step((gamma.to(values) * values).sum())
             args, kwargs = model_arguments(module, xv)
             losses = objective.losses(patched_call(fmodel, args, kwargs), yv)
         value = objective.objective(losses)
+        check_differentiable(value, NO_VALIDATION_GRADIENT)
         (gamma_grad,) = torch.autograd.grad(value, gamma)  # non-finite when the objective is: the weighter decides
         return MetaResult(gamma_grad, value.detach(), losses.detach(), values.detach())
 

@@ -21,6 +21,24 @@ from torch.utils._pytree import tree_leaves
 from metaweight._transaction import host_read
 
 
+NO_TRAINING_GRADIENT = ("The weighted training loss has no gradient: the criterion's terms were computed outside "
+                        "autograd's graph (a .detach(), .item(), argmax or numpy inside the criterion or the model's "
+                        "forward, or torch.no_grad()), or no parameter of the model requires grad. Give a criterion "
+                        "whose terms are differentiable in the model's outputs.")
+NO_VALIDATION_GRADIENT = ("The validation objective has no gradient in the model's parameters (an error rate from "
+                          "argmax, a value read with .item() or numpy, a .detach() or torch.no_grad() inside it): the "
+                          "meta step descends its gradient. Use a differentiable objective (cross-entropy, "
+                          "mw.BalancedValidation), and compute an error rate beside it for logging.")
+
+
+def check_differentiable(value: Tensor, message: str) -> None:
+    """Refuse with ``message`` (a ``ValueError``) a loss that autograd cannot differentiate (``requires_grad``
+    false), where a backward or ``torch.autograd.grad`` would raise torch's bare "element 0 of tensors does not
+    require grad". Python only."""
+    if not value.requires_grad:
+        raise ValueError(message)
+
+
 def check_num_exits(num_exits: int) -> int:
     value = integer_value(num_exits)
     if value is None or value < 1:

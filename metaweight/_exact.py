@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from metaweight._backends import Backend
-from metaweight._checks import summarize_step_labels, unpack_batch
+from metaweight._checks import NO_TRAINING_GRADIENT, check_differentiable, summarize_step_labels, unpack_batch
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
@@ -118,6 +118,7 @@ class ExactMode:
             if terms is None:
                 terms = w._terms(call_model(w.model, x), y)
             loss = w._weighted(terms)  # with the new gamma, or the old one where the meta step is refused
+            check_differentiable(loss, NO_TRAINING_GRADIENT)
             w.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
             # one read for both decisions: the meta step's and the model step's

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from metaweight._checks import all_padding_message, checked_target, summarize_step_labels, unpack_batch
+from metaweight._checks import (NO_TRAINING_GRADIENT, all_padding_message, check_differentiable, checked_target,
+                               summarize_step_labels, unpack_batch)
 from metaweight._clipping import EPSILON, clip_transpose
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
 from metaweight._optimizers import lookahead_update, supports_exact_update, unweighted_term
@@ -136,6 +137,7 @@ class FastMode:
                 if run_meta:
                     _check_val_labels(w, outputs, xv, yv)  # before the model's step, which a refusal then spares
                 loss = w._weighted(terms)
+                check_differentiable(loss, NO_TRAINING_GRADIENT)
                 w.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # a non-finite validation input joins the step's decision (every rank alike)

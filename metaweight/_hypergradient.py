@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from metaweight._checks import NO_TRAINING_GRADIENT, NO_VALIDATION_GRADIENT, check_differentiable
 from metaweight._optimizers import lookahead_update, unweighted_term
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness, rng_state, set_rng_state
@@ -197,8 +198,10 @@ def validation_gradient(model: nn.Module, validation: Objective, params: dict[st
     buffers = _clone_buffers(model) if buffers is None else buffers
     local = validation.losses(call_with(model, params, buffers, xv), yv)
     # the objective of the losses averaged over ranks; its gradient through each rank's own losses
+    check_differentiable(local, NO_VALIDATION_GRADIENT)
     exit_losses = reducer.mean([local.detach()])[0].requires_grad_(True)
     objective = validation.objective(exit_losses)
+    check_differentiable(objective, NO_VALIDATION_GRADIENT)
     (weights,) = torch.autograd.grad(objective, exit_losses)
     v = torch.autograd.grad((weights * local).sum(), [params[n] for n, _ in movable], allow_unused=True)
     v = [t.to_dense() if t.layout != torch.strided else t for t in reducer.mean(_or_zeros(v, movable))]  # (embeddings)
@@ -357,6 +360,7 @@ def meta_gradient(
         if keep_graph:
             scratch.save()  # the buffers as this forward left them, as the model's own step would see them
         terms = criterion(outputs, y)
+        check_differentiable(terms, NO_TRAINING_GRADIENT)
         # the model's step reuses this forward: the generators are left where it (and the criterion) left them,
         # as the model's own forward would leave them, not past the validation forward's draws
         reused = rng_state(device, generators) if keep_graph else None

@@ -46,8 +46,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._capture import GradSnapshot
-from metaweight._checks import (check_initialized, forget_labels, integer_value, masked_label_hint, real_option,
-                               refuse_arrays, summarize_step_labels)
+from metaweight._checks import (NO_TRAINING_GRADIENT, check_differentiable, check_initialized, forget_labels,
+                               integer_value, masked_label_hint, real_option, refuse_arrays, summarize_step_labels)
 from metaweight._hypergradient import Reducer
 from metaweight._optimizers import check_optimizer_state, check_parameters_replaced, unwrap_optimizer
 from metaweight._protocols import Terms, call_model
@@ -770,6 +770,7 @@ class Weighting(NamedWeights):
         try:
             summarize_step_labels(train_batch, None, self.criterion, None, getattr(self, "_ranks", None))  # (see above)
             loss = self.loss(call_model(self.model, x), y)
+            check_differentiable(loss, f"{NO_TRAINING_GRADIENT} Nothing was changed.")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         except Exception:

@@ -419,3 +419,55 @@ def test_an_old_tensor_left_in_the_optimizer_beside_its_successor_is_not_refused
     iteration()
     iteration()
     assert all(not torch.equal(heads[n], p) for n, p in model.heads.named_parameters())
+
+
+class DetachedTerms(mw.DenseDistillLoss):
+    """A criterion computing its terms outside autograd's graph."""
+
+    def forward(self, outputs, target, **kwargs):
+        return super().forward([o.detach() for o in outputs], target, **kwargs)
+
+
+def error_rate(outputs, target):
+    """A validation objective without a gradient: the last exit's error rate."""
+    return (outputs[-1].argmax(1) != target).float().mean()
+
+
+STEP_FORMS = {**{f"weighting {name}": {"weighting": name} for name in mw.WEIGHTINGS},
+              "learn=False": {"learn": False}, "exact jvp": {}, "exact finite_difference": {"backend":
+                                                                                          "finite_difference"},
+              "exact higher": {"backend": "higher"}, "fast": {"mode": "fast"}}
+
+
+@pytest.mark.parametrize("what", ["criterion", "validation objective"])
+@pytest.mark.parametrize("form", list(STEP_FORMS))
+def test_a_loss_without_a_gradient_is_refused_by_name_changing_nothing(form, what):
+    """A criterion whose terms are detached, or a validation objective with no gradient (an error rate), in every
+    one-call step and meta step form: a ValueError that names which and what to do (it was torch's bare 'element
+    0 of tensors does not require grad'), the model, its optimizer and the weights unchanged (the fast mode's
+    step() excepted for the validation objective: its model step comes first, and the error's note says so)."""
+    options = dict(STEP_FORMS[form])
+    name = options.pop("weighting", None)
+    if what == "validation objective" and (name is not None or options.get("learn") is False):
+        pytest.skip("no validation objective")
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    criterion = DetachedTerms(3) if what == "criterion" else mw.DenseDistillLoss(3)
+    if name is not None:
+        options = {"dwa": {"window": 2}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
+                   "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}.get(name, {})
+        w = mw.WEIGHTINGS[name](model, optimizer, criterion, **options)
+    else:
+        validation = error_rate if what == "validation objective" else mw.BalancedValidation(3)
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, **options)
+    (x, y), (xv, yv) = batch(), batch()
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
+    match = "training loss has no gradient" if what == "criterion" else "validation objective has no gradient"
+    with pytest.raises(ValueError, match=match) as caught:
+        w.step((x, y), (xv, yv))
+    after = (model.state_dict(), optimizer.state_dict(), w.state_dict())
+    if form == "fast" and what == "validation objective":
+        assert "after the model's step" in " ".join(getattr(caught.value, "__notes__", []))
+    else:
+        assert str(after) == str(before)
