@@ -96,11 +96,14 @@ class ClipGradNorm:
 
 
 def total_norm(tensors: Sequence[Tensor | None], norm_type: float) -> Tensor:
-    """The norm of all ``tensors`` as one vector, in float64, on their device (no host read)."""
+    """The norm of all ``tensors`` as one vector, in float64, on their device (no host read): each tensor's norm
+    summed in float64, as float32 squares overflow past about 1e19 (a GradScaler's scaled gradients) and
+    underflow below about 1e-19."""
     present = [t for t in tensors if t is not None]
     if not present:
         return torch.zeros((), dtype=torch.float64)
-    norms = torch.stack([n.double() for n in torch._foreach_norm(present, norm_type)])
+    norms = torch.stack([n.to(present[0].device) for n in torch._foreach_norm(present, norm_type,
+                                                                               dtype=torch.float64)])
     return torch.linalg.vector_norm(norms, norm_type)
 
 

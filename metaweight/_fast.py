@@ -325,7 +325,9 @@ class FastMode:
         r"""The meta-gradient, the model having stepped from ``theta`` to where it is now:
         :math:`v = \nabla L_{val}` here, :math:`w = J_T^\top (D \odot v)` (``jac`` is D, ``transform``
         :math:`J_T^\top`), and the sum over the step's losses (``pieces``, each with the factor its
-        backward used) of the one-sided difference of the terms at ``theta`` along :math:`w`, from each
+        backward used, or that factor over the losses' sum where ``transform`` is taken relative to it: a
+        GradScaler's scale in neither, see :meth:`~metaweight._twocall.TwoCall._gradient_transform`) of the
+        one-sided difference of the terms at ``theta`` along :math:`w`, from each
         loss's own terms (or, with ``recompute``, from the terms recomputed in float32 under its
         ``replay``, for half-precision or random forwards). Returns gamma's gradient, the validation
         objective, its exit losses and the step's terms, on the device (a host read only for a piece
@@ -376,7 +378,7 @@ class FastMode:
                                                  atol=tol).all())
                 plus, _ = terms_at(moved, teachers)
                 change = difference(plus, base, h, 1.0)
-                if isinstance(piece.factor, Tensor):  # the factor the loop's backward used
+                if isinstance(piece.factor, Tensor):  # the factor the loop's backward used (relative: see above)
                     change = change * piece.factor.double()
                 differences.append(change)
             if unlike and host_read([torch.stack([u.to(device) for u in unlike]).any()])[0]:

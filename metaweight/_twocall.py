@@ -36,6 +36,10 @@ from metaweight._walk import current_walk
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import Batch, HarmonizedWeighter
 
+    # the map w -> J_T^T w of what happened to the gradients between backward and step, and what the losses'
+    # factors are divided by for it (TwoCall._gradient_transform); (None, None): nothing happened to them
+    _Transform = tuple[Callable[[dict[str, Tensor]], dict[str, Tensor]] | None, Tensor | None]
+
 
 class TwoCall:
     """:meth:`HarmonizedWeighter.meta_step` with ``mode="fast"``: the meta-gradient of the step the
@@ -86,7 +90,14 @@ class TwoCall:
             return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps,
                                   gamma=w.gamma_dict(), message=message)
         assert pending is not None and pending.theta is not None and pending.jac is not None
-        stepped, inputs, transform = plan
+        stepped, inputs, (transform, unit) = plan
+
+        def per_loss(micro: Micro) -> Tensor | None:
+            """The factor of a loss's difference: its backward's own, or, where ``transform`` rescales relative
+            to the losses' own scale, that factor over their sum (``unit``)."""
+            return micro.factor if unit is None or micro.factor is None else micro.factor.double() / unit.to(
+                micro.factor.device)
+
         named = w._trainable()
         device = next(p.device for _, p in named)
         if w._watch is not None:
@@ -102,10 +113,10 @@ class TwoCall:
                         # the terms loss() got (to rounding): anything else that changed since (a temperature, a
                         # buffer, frozen weights, a counter, the criterion's own random numbers, other arguments)
                         # would make the difference quotient, divided by h ~ 1e-8, meaningless
-                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, again, True, micro.factor,
+                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, again, True, per_loss(micro),
                                             check=not micro.low))
                     else:  # a forward the hooks did not see: a consistent difference from our own numbers
-                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, replay, True, micro.factor))
+                        pieces.append(Piece(xi, yi, micro.terms, micro.outputs, replay, True, per_loss(micro)))
                 return w._fast.meta(w, named, pending.theta, pending.jac, pieces, xv, yv,
                                        dict(current_walk(w.module).buffers), transform)  # (copied per forward)
         except Exception:
@@ -116,11 +127,11 @@ class TwoCall:
                 w._watch.paused = False
 
     def _plan(self, w: HarmonizedWeighter, pending: Pending, x: Any, y: Any
-                   ) -> tuple[list[Micro], list[tuple[Any, Any]], Callable[[dict[str, Tensor]], dict[str, Tensor]] | None
-                              ] | _NonFinite | None:
+                   ) -> tuple[list[Micro], list[tuple[Any, Any]], _Transform] | _NonFinite | None:
         """Check what the two-call form's loop did and say how to score its step: the losses the step
         used, their inputs, and the map :math:`w \\mapsto J_T^\\top w` of what happened to the gradients
-        between backward and step (``None`` for none). ``None`` when the optimizer did not step; a
+        between backward and step with the unit of the losses' factors (:meth:`_gradient_transform`;
+        ``(None, None)`` for none). ``None`` when the optimizer did not step; a
         :class:`_NonFinite` when the losses it stepped on or their gradients were not finite (decided
         before the checks of what moved and rescaled, which non-finite values would fail).
         Raises a ``ValueError`` for what cannot be scored, before anything changes."""
@@ -206,12 +217,19 @@ class TwoCall:
         return torch.stack([f.to(device) for f in flags]).any()
 
     def _gradient_transform(self, w: HarmonizedWeighter, pending: Pending, stepped: list[Micro], moves: Tensor | None = None
-                            ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
+                            ) -> _Transform:
         """How the gradients the optimizer stepped on came from those backward left (see
-        :mod:`metaweight._capture`), as the map applied to the direction; one host read, which also
-        decides whether anything but the step moved the parameters (``moves``: [before the step, after
-        it], :mod:`metaweight._moves`). A declared clipping is checked against what the optimizer got
-        (:mod:`metaweight._clipping`)."""
+        :mod:`metaweight._capture`), as the map applied to the direction, and the unit of the losses' factors
+        it is relative to; one host read, which also decides whether anything but the step moved the
+        parameters (``moves``: [before the step, after it], :mod:`metaweight._moves`). A declared clipping is
+        checked against what the optimizer got (:mod:`metaweight._clipping`).
+
+        A rescale :math:`s` of the gradients comes with losses backpropagated with factors :math:`m_i` summing
+        to :math:`m` (a ``GradScaler``'s scale, up to ``2**127``; 1/n for n micro-batches): the map scales by
+        :math:`r = s\\,m` (about 1 for unscaling, the clipping's factor for clipping) and each loss's difference
+        by :math:`m_i / m` (the unit, :math:`m`, on the device), the same product :math:`s\\,m_i` with neither
+        factor near the scale or its inverse: ``s * direction`` would be ``1/scale`` times the validation
+        gradient, whose float32 squares underflow at large scales (a step length of 0, a meta-gradient of 0)."""
         clip = w.clip_grad_norm
         device = w.gamma.device
         moves = moves.to(device).double() if moves is not None else torch.zeros(3, dtype=torch.float64, device=device)
@@ -224,22 +242,25 @@ class TwoCall:
             values = host_read([finite, terms.reshape(-1), moves])
             _check_finite(w, values[:2], values[2:2 + terms.numel()], len(stepped))
             _check_moves(values[2 + terms.numel():])
-            return None
+            return None, None
         rescale = pending.rescale if pending.rescale is not None else torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
         inv = pending.inv_scale if pending.inv_scale is not None else torch.ones((), dtype=torch.float64)
         total = sum((m.factor.double().to(device) for m in stepped if m.factor is not None),
                     torch.zeros((), dtype=torch.float64, device=device))
+        unit = torch.where(total != 0, total, torch.ones_like(total))  # (what the factors are relative to)
         cleared = pending.cleared if pending.cleared is not None else torch.tensor(True)
         seen = pending.seen
-        # the norm of what the optimizer got (what clip_grad_norm_ returned), in the declared norm
+        # the norm of the gradients backward left, in the declared norm (float64: they are scaled by the losses'
+        # factors, a GradScaler's scale up to 2**127, whose float32 squares overflow)
         seen_norm = total_norm(seen, clip.norm_type).to(device) \
             if clip is not None and seen is not None else torch.zeros((), dtype=torch.float64, device=device)
         # and the norm clip_grad_norm_ saw: the losses' own gradient, before any clipping
         unclipped = seen_norm / torch.where(total > 0, total, torch.ones_like(total))
-        common, s_t, s, r, ok, clipped_norm, unclipped, *rest = host_read([torch.stack([
+        common, s_t, s, r, ok, clipped_norm, unclipped, relative, *rest = host_read([torch.stack([
             rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
             rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(),
-            seen_norm * rescale[1].to(device), unclipped]), finite, terms.reshape(-1), moves])
+            seen_norm * rescale[1].to(device), unclipped, rescale[1].to(device) * inv.to(device) * unit]),
+            finite, terms.reshape(-1), moves])
         _check_finite(w, rest[:2], rest[2:2 + terms.numel()], len(stepped))
         _check_moves(rest[2 + terms.numel():])
         if not ok:
@@ -289,11 +310,11 @@ class TwoCall:
                 assert seen is not None
                 names = [n for n, _ in w._trainable()]
                 rho = unclipped / (unclipped + EPSILON)
-                return lambda direction: clip_transpose(direction, names, seen, s, rho, clip.norm_type)
+                return (lambda direction: clip_transpose(direction, names, seen, relative, rho, clip.norm_type)), unit
         if abs(s - 1) <= TOLERANCE:
-            return None
+            return None, None
         if abs(r - 1) <= 10 * TOLERANCE:  # unscaling (a GradScaler): the step used the losses' own gradient
-            return lambda direction: {n: w * s for n, w in direction.items()}
+            return (lambda direction: {n: w * relative for n, w in direction.items()}), unit
         if r > 1:
             raise ValueError(f"The optimizer got gradients {r:.4g} times those of the losses weighter.loss returned "
                              f"(with the factors their backwards used): a rescale that is neither unscaling nor "

@@ -234,6 +234,48 @@ def test_two_call_fast_form_with_a_grad_scaler_sees_unscaled_gradients_and_skips
     assert torch.allclose(results[1][1], results[0][1], atol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer, clip", [("sgd", None), ("sgd", 0.05), ("fused adam", None)],
+                         ids=["sgd", "sgd, declared clipping", "fused adam"])
+def test_two_call_fast_form_with_a_grad_scaler_of_any_power_of_two_scale_scores_the_same_step(optimizer, clip):
+    """PyTorch's AMP recipe (scale, backward, unscale_, clip_grad_norm_, step, update) with float32 parameters:
+    a power-of-two scale changes nothing in the step taken, so nothing in its meta-gradient, up to the largest
+    scales a GradScaler reaches (its scale is float32; it doubles every 2000 steps without an overflow, past
+    2**64 after 100k steps under bf16 autocast; it halves at each overflow), and down to tiny ones. A fused
+    optimizer's own unscaling too (without clipping, which needs unscale_ first). The reference: the same loop
+    without a scaler. (It drifted from about 2**60 and was 0 at 2**70 and 2**-70, the direction carrying 1/scale
+    and its float32 squares under- or overflowing; a declared clipping was refused there, its norm inf or 0.)"""
+    results = {}
+    for log2 in (None, 0, 40, 64, 80, 120, -70):
+        torch.manual_seed(0)
+        net = tiny_net(3)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1) if optimizer == "sgd" else \
+            torch.optim.Adam(net.parameters(), lr=1e-2, fused=True)
+        w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(3), mode="fast", check_gradients=False,
+                                  clip_grad_norm=mw.ClipGradNorm(clip) if clip else None)  # (no check: fast)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** (log2 or 0), enabled=log2 is not None)
+        torch.manual_seed(1)
+        grads = []
+        for _ in range(2):
+            (x, y), val = batch(), batch()
+            opt.zero_grad()
+            scaler.scale(w.loss(net(x), y)).backward()
+            if clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            scaler.step(opt)
+            scaler.update()
+            record = w.meta_step((x, y), val)
+            assert record.ran and not record.skipped, (log2, record.message)
+            grads.append(record.gamma_grad)
+        assert scaler.get_scale() == (2.0 ** log2 if log2 is not None else 1.0)  # (no overflow: the scale held)
+        results[log2] = torch.stack(grads), torch.cat([p.detach().flatten() for p in net.parameters()])
+    reference, params = results.pop(None)
+    assert reference.norm() > 0
+    for log2, (got, at) in results.items():
+        assert torch.equal(at, params), log2  # the same steps, bitwise
+        assert rel_err(got, reference) < 1e-6, (log2, got, reference)
+
+
 @pytest.mark.parametrize("form", ["one call", "two calls"])
 def test_fast_form_under_bf16_autocast_stays_close_to_float32(form):
     """Half-precision terms would drown a one-sided difference (bf16 rounding / h): the base point is
