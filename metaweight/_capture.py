@@ -34,6 +34,7 @@ this module reads, without changing anything the loop sees:
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -348,8 +349,10 @@ class GradSnapshot:
             for row, i in enumerate(present):
                 snapshot.rows[i] = row
             if present:
-                with torch.no_grad():
-                    snapshot.nonzero = _stacked(torch._foreach_norm([dense_values(grads[i]) for i in present])) != 0
+                with torch.no_grad():  # (the largest magnitude: a 2-norm's float32 squares underflow to 0 below
+                    # about 1e-19, a GradScaler's gradients at a scale below 1)
+                    norms = torch._foreach_norm([dense_values(grads[i]) for i in present], math.inf)
+                    snapshot.nonzero = _stacked(norms) != 0
         return snapshot
 
     def changed(self, grads: Sequence[Tensor | None]) -> bool:
@@ -396,7 +399,7 @@ class GradSnapshot:
             device = flags.device if flags is not None else written[0].device
             zero = torch.tensor(False, device=device)
             if written:
-                now = _stacked(torch._foreach_norm(written), device) == 0
+                now = _stacked(torch._foreach_norm(written, math.inf), device) == 0  # (max |g|: no squares)
                 if flags is not None:
                     now = now & flags[torch.tensor(then, device=device)]
                 zero = now.any() if flags is not None else now.all()
@@ -508,8 +511,8 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
 def _all_zero(grads: Sequence[Tensor | None], cleared: Tensor | None) -> Tensor:
     """``cleared`` and whether the present gradients are all zeros, on the device: what changed between two
     backwards was a zeroing (or else the step's meta-gradient is not known: refused at ``meta_step``)."""
-    present = [g for g in grads if g is not None]
-    zero = torch.stack(torch._foreach_norm(present)).sum() == 0 if present else torch.tensor(True)
+    present = [g for g in grads if g is not None and g.numel()]  # (an empty one is all zeros; it has no max)
+    zero = torch.stack(torch._foreach_norm(present, math.inf)).sum() == 0 if present else torch.tensor(True)
     return zero if cleared is None else cleared & zero
 
 

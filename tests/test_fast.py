@@ -276,6 +276,28 @@ def test_two_call_fast_form_with_a_grad_scaler_of_any_power_of_two_scale_scores_
         assert rel_err(got, reference) < 1e-6, (log2, got, reference)
 
 
+def test_two_call_fast_form_tells_a_zero_grad_from_a_rescale_between_micro_batches_at_a_tiny_scale():
+    """Whether the gradients were zeroed between two backwards is read from their values: at a GradScaler's tiny
+    scale (2**-100, the scaled gradients about 1e-31) their 2-norm's float32 squares underflowed to 0, so a
+    rescale of each micro-batch's gradients read as a zero_grad, the first micro-batch silently left out of the
+    step scored (with the step's whole batch: 'another training batch'). Refused at every scale alike."""
+    for log2 in (None, -100):
+        torch.manual_seed(0)
+        net = tiny_net(3)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(3), mode="fast", check_gradients=False)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** (log2 or 0), enabled=log2 is not None)
+        (x1, y1), (x2, y2), val = batch(), batch(), batch()
+        opt.zero_grad()
+        scaler.scale(w.loss(net(x1), y1)).backward()
+        torch._foreach_mul_([p.grad for p in net.parameters()], 0.5)  # (clipping each micro-batch, say)
+        scaler.scale(w.loss(net(x2), y2)).backward()
+        scaler.step(opt)
+        scaler.update()
+        with pytest.raises(ValueError, match="changed between two backwards .* other than zero_grad"):
+            w.meta_step((torch.cat([x1, x2]), torch.cat([y1, y2])), val)
+
+
 @pytest.mark.parametrize("form", ["one call", "two calls"])
 def test_fast_form_under_bf16_autocast_stays_close_to_float32(form):
     """Half-precision terms would drown a one-sided difference (bf16 rounding / h): the base point is
