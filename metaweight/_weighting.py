@@ -372,6 +372,7 @@ class Weighting(NamedWeights):
         self.last_terms: Tensor | None = None
         self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
         self._kept_at: int | None = None  # the optimizer's step count when a meta_step after no step kept the calls
+        self._met_at: int | None = None  # the optimizer's step count at the last meta step counted (kept or refused)
         self._lost_calls = ""  # LOADED_SINCE after a load_state_dict, said where meta_step misses the loss() calls
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
@@ -588,7 +589,7 @@ class Weighting(NamedWeights):
         """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
         count of this optimizer object: a copy starts a new iteration."""
         state = {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None,
-                 "_kept_at": None}
+                 "_kept_at": None, "_met_at": None}
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
         return state
 
@@ -625,6 +626,10 @@ class Weighting(NamedWeights):
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
                              f"Nothing was changed.{self._lost_calls}")
         steps = optimizer_steps(self._inner_optimizer)
+        if local is None and self._met_at == steps:  # (RLW, SDN: no loss() call to tell an iteration by)
+            raise ValueError(f"{type(self).__name__}.meta_step came again with no optimizer step and no loss() call "
+                             f"since the last: its weights move once per model step (step() calls meta_step itself). "
+                             f"Call it once per iteration, after optimizer.step(). Nothing was changed.")
         if self._kept_at == steps - 1 and steps in self._groups and self._groups[steps].wrote:
             # calls kept by a meta_step before a step, and a backward after that step before this meta_step: the
             # loop calls meta_step before optimizer.step() every iteration, not once per accumulated step; the
@@ -657,6 +662,7 @@ class Weighting(NamedWeights):
             self.num_calls += 1
             self.num_skipped += 1
             self._reset_pending()
+            self._met_at = steps
             warn_user(f"Skipped an update ({self.num_skipped} so far): {message}")
             return MetaStepRecord(self.num_calls, ran=True, skipped=True, meta_step=self.num_meta_steps,
                                   gamma=self.gamma_dict(), terms=named, message=message)
@@ -665,6 +671,7 @@ class Weighting(NamedWeights):
             for name, value in proposal.items():
                 self._set_state(name, value)
         self._reset_pending()
+        self._met_at = steps
         self.num_meta_steps += 1
         record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
                                 gamma=dict(zip(self.term_names, values[:n])), terms=named)
@@ -929,6 +936,7 @@ class Weighting(NamedWeights):
         self.num_calls, self.num_meta_steps, self.num_skipped = (counts["num_calls"], counts["num_meta_steps"],
                                                                  counts["num_skipped"])
         self._reset_pending()
+        self._met_at = None
         self._lost_calls = LOADED_SINCE
 
     def _options(self) -> str:

@@ -656,3 +656,22 @@ def test_a_partial_conversion_that_torch_s_step_stops_part_way_is_not_reported_a
     assert moved  # (what torch did: the message must not deny it)
     assert "Nothing was changed" not in str(info.value)
     assert "part way" in str(info.value) and "checkpoint" in str(info.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_second_meta_step_with_no_step_between_is_refused_changing_nothing(name):
+    """step() (which calls meta_step) and then a leftover meta_step: refused, for every method, the weights and
+    the method's state unchanged; the next iteration goes on. RLW drew new weights and SDN's schedule moved on
+    (their rules read no terms, so the check for this iteration's loss() calls did not stop them)."""
+    w, model, optimizer = build(name)
+    twin, *_ = build(name)
+    data = batches(3)
+    for weighting in (w, twin):
+        weighting.step(data[0])
+    before = state(w)
+    with pytest.raises(ValueError, match="meta_step"):
+        w.meta_step(data[0])
+    assert same(state(w), before) and w.num_calls == twin.num_calls
+    for x, y in data[1:]:
+        w.step((x, y)), twin.step((x, y))
+    assert same(state(w), state(twin))

@@ -216,10 +216,12 @@ def test_sdn_matches_the_authors_schedule(first):
     """The default C_k = k/K by the exits' order, numbered from 1 or from 0 (from 0, C_k = k/K of the numbers gave
     the first exit C = 0, refused as if the user had passed max_weights)."""
     model = Scripted()
-    w = mw.SDNSchedule(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda o, t: o,
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.SDNSchedule(model, optimizer, lambda o, t: o,
                        term_names=[f"ce[{k + first}]" for k in range(4)], epochs=3, steps_per_epoch=2)
     got = [w.gamma.tolist()]
     for _ in range(8):
+        optimizer.step()  # (the model's step: no loss() call needed, as the schedule reads no terms)
         w.meta_step()
         got.append(w.gamma.tolist())
     assert_close(got, ref.sdn([0.25, 0.5, 0.75, None], 3, 2, 9))
