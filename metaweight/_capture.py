@@ -239,6 +239,7 @@ class ForwardWatch(_Inert):
         self.device = device
         self._open: list[Any] = []  # per open forward: generators' state, generators, inputs, buffers
         self.records: list[ForwardRecord] = []
+        self.dropped: list[ForwardRecord] = []  # records pushed out before any loss() took them (inputs let go)
         self.paused = False  # the weighter's own forwards need no record
 
     # Run eagerly when the loop calls the model through torch.compile (``torch.compile(model)(x)`` with the plain
@@ -273,19 +274,45 @@ class ForwardWatch(_Inert):
                                new_generators(weighter.module, generators))
         record.stateful = [n for n, b, v in buffers if b._version != v]
         record.watch_outputs(tensor_leaves(output))
+        for old in self.records[:-(self.KEEP - 1)]:  # pushed out: kept only to say so at loss() (see unseen)
+            if not old.taken:
+                old.taken, old.inputs = True, []
+                self.dropped = [*self.dropped[-(self.KEEP - 1):], old]
         self.records = [*self.records[-(self.KEEP - 1):], record]
 
     def take(self, outputs: Any) -> ForwardRecord | None:
-        """The record of the forward ``outputs`` came from, and forget it and those before it."""
+        """The record of the forward ``outputs`` came from (``None`` for none). The records stay until
+        :meth:`forget` (at ``meta_step``) or until newer forwards push them out: a ``loss()`` whose result no
+        backward reaches (logging, on these outputs or another forward's) takes a record as well, and
+        another ``loss()`` on the same forward's outputs must find it again; which ``loss()`` counts, the
+        backward decides (:func:`watch_backward`). The records before the one taken no longer fingerprint
+        outputs that die (as when they were forgotten here)."""
         leaves = tensor_leaves(outputs)
         for k in range(len(self.records) - 1, -1, -1):
             if self.records[k].made(leaves):
-                record = self.records[k]
                 for r in self.records[:k + 1]:
                     r.taken = True  # (no fingerprint for outputs dying from now on)
-                self.records = self.records[k + 1:]
-                return record
+                return self.records[k]
         return None
+
+    def unseen(self, outputs: Any) -> str | None:
+        """Why no record holds the forward ``outputs`` came from, where the watch can tell: more forwards with
+        gradients enabled came between it and ``loss()`` than it keeps (``None`` where it cannot tell)."""
+        leaves = tensor_leaves(outputs)
+        if any(r.made(leaves) for r in self.dropped):
+            return _PUSHED_OUT.format(keep=self.KEEP)
+        return None
+
+    def forget(self) -> None:
+        """The iteration is over (``meta_step``): no later ``loss()`` takes its forwards' records (their inputs
+        are let go)."""
+        self.records, self.dropped = [], []
+
+
+_PUSHED_OUT = ("The outputs given to weighter.loss came from a forward of the model that more than {keep} other forwards "
+               "with gradients enabled followed before that loss() (for logging, another view): mode='fast' keeps the "
+               "records (random numbers, modes, inputs) of the last {keep} forwards only. Run the other forwards under "
+               "torch.no_grad(), or call weighter.loss sooner after the training forward. gamma is unchanged.")
 
 
 @dataclasses.dataclass
@@ -305,6 +332,8 @@ class Micro:
     since: GradSnapshot | None = None  # the gradients at this loss(), after an earlier loss's backward ended ...
     since_of: GradSnapshot | None = None  # ... that one (Pending.after_backward then)
     clears: bool = False  # they had changed since that backward's end: the earlier losses are not in this step
+    muddled: bool = False  # they had changed since by something other than a zeroing (refused if its backward comes)
+    unseen: str | None = None  # why no forward record was found for its outputs, where the watch could tell
 
     def __post_init__(self) -> None:
         if not self.target_versions:
@@ -464,8 +493,9 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
             if pending.after_backward.changed(grads):  # a zero_grad since the earlier losses' backward, or else
                 if bool(_all_zero(grads, None)):  # (one host read, where they changed)
                     micro.clears = True
-                else:  # (not known to be no transform of them, e.g. clipping each micro-batch: refused at meta_step)
-                    pending.cleared = torch.tensor(False)
+                else:  # (not known to be no transform of them, e.g. clipping each micro-batch: refused at meta_step
+                    # once this loss's backward comes; a loss() no backward reaches, for logging, is no micro-batch)
+                    micro.muddled = True
             micro.since, micro.since_of = GradSnapshot.refs_of(grads, True), pending.after_backward
 
     def snapshot() -> None:
@@ -492,7 +522,8 @@ def watch_backward(weighter: Any, pending: Pending, micro: Micro, loss: Tensor) 
             if micro.since is not None and micro.since_of is pending.after_backward:  # looked at in loss()
                 cleared, partial = micro.since.zeroing(grads)
                 cleared = micro.clears or cleared
-                if partial:  # (some gradients zeroed, others not: not known to be no transform of them; refused)
+                if partial or (micro.muddled and not cleared):  # (some gradients zeroed, others not; or changed
+                    # otherwise since the earlier backward: not known to be no transform of them; refused)
                     pending.cleared = torch.tensor(False)
             else:  # (loss() came before the earlier backward ended: what changed since that end)
                 cleared = pending.after_backward.changed(grads)

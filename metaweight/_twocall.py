@@ -50,6 +50,8 @@ class TwoCall:
         Everything it can refuse is checked before anything changes."""
         x, y = _unpack(train_batch, "train_batch")
         xv, yv = _unpack(val_batch, "val_batch")
+        if w._watch is not None:
+            w._watch.forget()  # the iteration's forwards: a later loss() is the next iteration's
         run_meta = w.num_calls % w.meta_every == 0
         pending, stepped_before = w._pending, w._stepped
         if w._stepped is not None and (pending is None or pending.theta is None):
@@ -141,8 +143,11 @@ class TwoCall:
             raise ValueError(pending.error + " gamma is unchanged.")
         stepped = pending.stepped()
         if pending.theta is None:
-            last = stepped[-1] if stepped else pending.micro[-1]
-            if len(stepped) <= 1 and (last.target_changed() or not _same_target(last.target, y)):
+            if len(stepped) == 1 and (stepped[0].target_changed() or not _same_target(stepped[0].target, y)):
+                raise ValueError(_OTHER_BATCH)
+            # no backward yet: any loss() of the iteration may be the one to come (the last may be for logging)
+            if not stepped and not any(not m.target_changed() and _same_target(m.target, y)
+                                       for m in reversed(pending.micro)):
                 raise ValueError(_OTHER_BATCH)
             return None
         if not stepped:
@@ -154,8 +159,9 @@ class TwoCall:
             raise ValueError(requires_grad_message(pending.names, names, "optimizer.step() and meta_step") +
                              " gamma is unchanged.")
         inputs = _micro_inputs(stepped, x, y)
-        if any(m.forward is None for m in stepped):
-            raise ValueError(_UNSEEN_FORWARD)
+        unseen = next((m for m in stepped if m.forward is None), None)
+        if unseen is not None:
+            raise ValueError(unseen.unseen or _UNSEEN_FORWARD)
         stateful = [m for m in stepped if m.forward.stateful]
         if stateful:
             raise ValueError(_STATEFUL.format(names=stateful[0].forward.stateful))

@@ -521,13 +521,22 @@ class HarmonizedWeighter(NamedWeights):
         if self.mode == "fast" and self.learn and weighted.requires_grad:
             self._keep_for_meta_step(outputs, terms, target, weighted)
         elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
-            labels, steps = first_labels(target), optimizer_steps(self._inner_optimizer)
-            if self._first_loss is not None and self._first_loss[1] == steps:  # a micro-batch of the same step
-                if len(self._first_loss[0]) < 64:
-                    self._first_loss[0].append(labels)
-            else:
-                groups = 1 if self._first_loss is None else self._first_loss[2] + 1
-                self._first_loss = ([labels], steps, groups)
+            # counted when a backward reaches it: a loss() for logging is no training loss (first iteration only)
+            labels, counted = first_labels(target), []
+
+            def count(grad: Tensor) -> None:
+                if counted or self.num_calls:  # (once; a second backward through a retained graph is no other call)
+                    return
+                counted.append(True)
+                steps = optimizer_steps(self._inner_optimizer)
+                if self._first_loss is not None and self._first_loss[1] == steps:  # a micro-batch of the same step
+                    if len(self._first_loss[0]) < 64:
+                        self._first_loss[0].append(labels)
+                else:
+                    groups = 1 if self._first_loss is None else self._first_loss[2] + 1
+                    self._first_loss = ([labels], steps, groups)
+
+            weighted.register_hook(count)
         return weighted
 
     def _warn_if_after_step(self, train_batch: Batch) -> None:
@@ -561,6 +570,8 @@ class HarmonizedWeighter(NamedWeights):
         record = self._watch.take(outputs) if self._watch is not None else None
         micro = Micro(tree_map(lambda o: o.detach() if isinstance(o, Tensor) else o, outputs), terms.detach(), target,
                       low, record, params_print=fingerprint([p for _, p in self._trainable()]))
+        if record is None and self._watch is not None:
+            micro.unseen = self._watch.unseen(outputs)
         if self._pending is None or self._pending.theta is not None or self._pending.error is not None:
             if self._pending is not None:  # a loss after the step (logging it): meta_step still scores the step
                 self._stepped = self._pending
