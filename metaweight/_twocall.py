@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from metaweight._capture import (LET_GO, TOLERANCE, GradSnapshot, Micro, Pending, module_modes, requires_grad_message,
                                 tensor_leaves, value_print, values_print, version_of)
@@ -26,7 +26,7 @@ from metaweight._clipping import EPSILON, clip_transpose, total_norm
 from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
 from metaweight._fast import Piece
 from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, moved
-from metaweight._protocols import model_arguments
+from metaweight._protocols import ModelCall, model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import gradients_moved, host_equal, host_read, not_stepped_message
@@ -158,7 +158,7 @@ class TwoCall:
         if pending.names is not None and names != pending.names:
             raise ValueError(requires_grad_message(pending.names, names, "optimizer.step() and meta_step") +
                              " gamma is unchanged.")
-        inputs = _micro_inputs(stepped, x, y)
+        inputs = _micro_inputs(w, stepped, x, y)
         unseen = next((m for m in stepped if m.forward is None), None)
         if unseen is not None:
             raise ValueError(unseen.unseen or _UNSEEN_FORWARD)
@@ -213,6 +213,11 @@ class TwoCall:
                 else:
                     a, b = seen, t.to(seen.device)
                     flags.append(~((a == b) | ((a != a) & (b != b))).all())
+            if len(stepped) > 1:  # a cut of the whole batch's labels: equal to those the micro-batch's loss() got
+                for t, seen in zip(tensor_leaves(yi), tensor_leaves(micro.target)):
+                    if t is not seen:
+                        a, b = seen, t.to(seen.device)
+                        flags.append(~((a == b) | ((a != a) & (b != b))).all())
             if micro.target_print is not None:
                 now_print = values_print(yi)
                 flags.append(torch.ones((), dtype=torch.bool) if now_print is None or now_print.shape !=
@@ -396,38 +401,104 @@ _UNSEEN_FORWARD = ("The outputs given to weighter.loss came from no forward of t
                    "weighter's own hook: register it before building the weighter. gamma is unchanged.")
 
 
-def _micro_inputs(stepped: list[Micro], x: Any, y: Any) -> list[tuple[Any, Any]]:
+def _micro_inputs(w: HarmonizedWeighter, stepped: list[Micro], x: Any, y: Any) -> list[tuple[Any, Any]]:
     """The inputs and labels of each loss the step used: the batch itself for one loss; for several
-    (gradient accumulation) the batch must be the micro-batches concatenated in order."""
+    (gradient accumulation) the batch must be the micro-batches concatenated in order, and is cut into
+    them by what each got: every tensor of the inputs (as the model is called with them: a tuple, a dict
+    of keyword arguments, any nesting) by the shape its micro-batch's forward got it at, every tensor of
+    the labels by the shape its ``loss()`` got it at, each on its own (labels flattened over tokens,
+    ``(B*T,)``, a tuple of a task's labels and another's targets). A tensor each micro-batch got whole
+    (the same tensor for all: a mask, a weight; or a 0-dim one) is passed whole. The values are compared on the device by :meth:`TwoCall._check_inputs`."""
     if any(m.target_changed() for m in stepped):
         raise ValueError(_CHANGED_LABELS)
     if len(stepped) == 1:
         if not _same_target(stepped[0].target, y):
             raise ValueError(_OTHER_BATCH)
         return [(x, y)]
-    targets = [m.target for m in stepped]
-    sizes = [int(t.shape[0]) if isinstance(t, Tensor) and t.dim() > 0 else -1 for t in targets]
-    total = sum(sizes)
-    whole = (isinstance(y, Tensor) and min(sizes) > 0 and y.dim() > 0 and y.shape[0] == total
-             and _same_target(torch.cat([t.to(y.device) for t in targets]), y))
-    if not whole:
-        raise ValueError(
-            f"This optimizer step accumulated the gradients of {len(stepped)} weighter.loss calls (micro-batches of "
-            f"{sizes} samples): pass meta_step the whole batch, the micro-batches' inputs and labels concatenated in "
-            f"order (e.g. (torch.cat(xs), torch.cat(ys))). It got labels of shape "
-            f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}. gamma is unchanged.")
-    out, start = [], 0
-    for n in sizes:
-        cut = functools.partial(_narrow, start=start, length=n, total=total)
-        out.append((tree_map(cut, x), tree_map(cut, y)))
-        start += n
+    unseen = next((m for m in stepped if m.forward is None), None)
+    if unseen is not None:  # (the inputs each forward got are not known)
+        raise ValueError(unseen.unseen or _UNSEEN_FORWARD)
+    sizes = [_rows([t for t, _, _ in m.forward.inputs]) for m in stepped]  # (for the message)
+    args, kwargs = model_arguments(w.model, x)
+    x_leaves, x_spec = tree_flatten((args, kwargs))
+    xs = _cut(x_leaves, [[t for t, _, _ in m.forward.inputs] for m in stepped], "input", sizes)
+    y_leaves, y_spec = tree_flatten(y)
+    ys = _cut(y_leaves, [tree_leaves(m.target) for m in stepped], "label", sizes)
+    out = []
+    for xi, yi in zip(xs, ys):
+        a, k = tree_unflatten(xi, x_spec)
+        out.append((ModelCall(tuple(a), dict(k)), tree_unflatten(yi, y_spec)))
     return out
 
 
-def _narrow(t: Any, *, start: int, length: int, total: int) -> Any:
-    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == total:
-        return t.narrow(0, start, length)
-    return t
+def _rows(tensors: list[Tensor]) -> int:
+    """A micro-batch's samples, for messages: the first dimension of the first input with one."""
+    return next((int(t.shape[0]) for t in tensors if t.dim() > 0), 1)
+
+
+def _cut(whole: list[Any], parts: list[list[Any]], what: str, sizes: list[int]) -> list[list[Any]]:
+    """``whole``'s leaves cut into those of each micro-batch (``parts[i]``: the leaves it got): a tensor by the
+    dimension along which the micro-batches' tensors, concatenated, make it (the first where several would), or
+    whole where each got one tensor whole; anything else must be what each got. A ``ValueError`` where it is
+    neither."""
+    tensors = [t for t in whole if isinstance(t, Tensor)]
+
+    def refuse(detail: str) -> ValueError:
+        return ValueError(
+            f"This optimizer step accumulated the gradients of {len(parts)} weighter.loss calls (micro-batches of "
+            f"{sizes} samples): pass meta_step the whole batch, the micro-batches' inputs and labels concatenated in "
+            f"order (e.g. (torch.cat(xs), torch.cat(ys)), each tensor of a tuple or dict on its own). It got "
+            f"{detail}. gamma is unchanged.")
+
+    for i, part in enumerate(parts):
+        got = [t for t in part if isinstance(t, Tensor)]
+        if len(got) != len(tensors):
+            raise refuse(f"{len(tensors)} {what} tensors, where micro-batch {i} had {len(got)}")
+    others = [[t for t in part if not isinstance(t, Tensor)] for part in parts]
+    mine = [t for t in whole if not isinstance(t, Tensor)]
+    if what == "label" and any(not _equal_leaves(o, mine) for o in others):
+        raise refuse(f"labels whose non-tensor entries {mine!r} differ from the micro-batches' {others!r}")
+    cuts: list[list[Any]] = []
+    for j, t in enumerate(tensors):
+        got = [[t2 for t2 in part if isinstance(t2, Tensor)][j] for part in parts]
+        shapes = [u.shape for u in got]
+        # whole where each got it whole: one tensor (a mask, a weight), or a 0-dim one (no concatenation of those);
+        # other tensors of the whole's shape each are no such tensor (one micro-batch's labels passed for all)
+        whole_to_each = t.dim() == 0 or all(u is got[0] for u in got)
+        dim = _cut_dim(t.shape, shapes, whole_to_each)
+        if dim is False:
+            raise refuse(f"{what} {j} of shape {tuple(t.shape)}, where the micro-batches got "
+                         f"{', '.join(str(tuple(s)) for s in shapes)}: not their concatenation"
+                         + (", nor one tensor each got whole" if all(s == t.shape for s in shapes) else ""))
+        if dim is None:
+            cuts.append([t] * len(parts))
+        else:
+            cuts.append(list(t.split([int(s[dim]) for s in shapes], dim=dim)))
+    out = []
+    for i in range(len(parts)):
+        pieces = iter(c[i] for c in cuts)
+        out.append([next(pieces) if isinstance(leaf, Tensor) else leaf for leaf in whole])
+    return out
+
+
+def _cut_dim(whole: torch.Size, parts: list[torch.Size], whole_to_each: bool) -> int | None | bool:
+    """The dimension along which tensors of shapes ``parts``, concatenated, have shape ``whole`` (the first where
+    several would); ``None`` where each has shape ``whole`` and may have got it whole (``whole_to_each``);
+    ``False`` for neither."""
+    if whole_to_each and all(p == whole for p in parts):
+        return None
+    for d in range(len(whole)):
+        if all(len(p) == len(whole) and p[:d] == whole[:d] and p[d + 1:] == whole[d + 1:] for p in parts) \
+                and sum(int(p[d]) for p in parts) == int(whole[d]):
+            return d
+    return False
+
+
+def _equal_leaves(a: list[Any], b: list[Any]) -> bool:
+    try:
+        return len(a) == len(b) and all(u is v or bool(u == v) for u, v in zip(a, b))
+    except Exception:  # noqa: BLE001 - (something without a truth value for ==)
+        return False
 
 
 def _same_target(a: Any, b: Any) -> bool:

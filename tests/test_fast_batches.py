@@ -1,15 +1,24 @@
-"""mode="fast", two-call form: a ``loss()`` whose result no backward reaches is no part of the step.
+"""mode="fast": what the loop does around its loss, and the batches it passes, are read as the loop meant them.
 
-A ``loss()`` for logging (on the training forward's outputs, or on another forward's) used to take the forward's
-record away from the real ``loss()`` (refused: "came from no forward of the model"), or to count as a micro-batch
-that changed the gradients (refused after a declared clipping); in mode="exact" it hid the warning of a meta_step
-after the step. The meta-gradient is the plain loop's, to rounding: each run is compared with the plain loop on
-twins of the model, optimizer and weighter (float64, the same random numbers for the training forward and for the
-meta step).
+* A ``loss()`` whose result no backward reaches (logging: on the training forward's outputs, or on another
+  forward's) is no part of the step: the meta-gradient is the plain loop's, to rounding. It used to take the
+  forward's record away from the real ``loss()`` (refused: "came from no forward of the model"), or to count as
+  a micro-batch that changed the gradients (refused after a declared clipping); in mode="exact" it hid the
+  warning of a meta_step after the step.
+* Gradient accumulation: ``meta_step`` gets the whole batch, the micro-batches concatenated in order, and cuts
+  it by what each micro-batch's forward and ``loss()`` got, every tensor on its own: labels that are a tuple,
+  labels flattened over tokens, inputs given as keyword arguments, a tensor each forward got whole, micro-batches
+  of unequal sizes, inputs concatenated along the batch dimension of a sequence-first model. The meta-gradient is
+  that of the plain loop on the whole batch, to rounding. It used to be refused unless the labels were one tensor
+  with one row per input.
+
+Each run is compared with the plain loop on twins of the model, optimizer and weighter (float64, the same random
+numbers for the training forward and for the meta step).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 
@@ -138,6 +147,187 @@ def test_what_the_watch_cannot_tell_is_said_as_it_is():
     float(w.loss(model(x + 1), torch.zeros_like(y)))
     with pytest.warns(RuntimeWarning, match=r"meta_step came before loss.backward\(\)"):
         assert w.meta_step((x, y), (x, y)).skipped
+
+
+# ------------------------------------------------------------------------------ gradient accumulation
+class MultiTask(nn.Module):
+    """A trunk and two task heads: outputs a dict, labels a tuple (classes, regression targets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.cls, self.reg = nn.Linear(6, 8), nn.Linear(8, 4), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.tanh(self.trunk(x))
+        return {"cls": self.cls(h), "reg": self.reg(h).squeeze(-1)}
+
+
+def multitask_terms(out, target):
+    return torch.stack([F.cross_entropy(out["cls"], target[0]), F.mse_loss(out["reg"], target[1])])
+
+
+def multitask_objective(out, target):
+    return F.cross_entropy(out["cls"], target[0]) + F.mse_loss(out["reg"], target[1])
+
+
+class Tokens(nn.Module):
+    """Inputs (B, T, 6); each exit's logits flattened over tokens, (B*T, 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1, self.s2, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a = torch.tanh(self.s1(x))
+        b = torch.tanh(self.s2(a))
+        return [self.h1(a).flatten(0, 1), self.h2(b).flatten(0, 1)]
+
+
+class Keywords(nn.Module):
+    """Called with keyword arguments, model(**inputs): features and a shift every forward gets whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1, self.s2, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, features: torch.Tensor, shift: torch.Tensor) -> list[torch.Tensor]:
+        a = torch.tanh(self.s1(features + shift))
+        b = torch.tanh(self.s2(a))
+        return [self.h1(a), self.h2(b)]
+
+
+class SequenceFirst(nn.Module):
+    """Inputs (T, B, 6), batch second (nn.LSTM's and nn.Transformer's default); logits (B, 4) per exit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1, self.s2, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a = torch.tanh(self.s1(x))
+        b = torch.tanh(self.s2(a))
+        return [self.h1(a).mean(0), self.h2(b).mean(0)]
+
+
+def cat(parts, dim=0):
+    return torch.cat(parts, dim)
+
+
+def case_data(name: str, g: torch.Generator):
+    """The model, criterion, objective, the micro-batches, the whole batch as the loop concatenates it, and a
+    validation batch."""
+    def labels(n):
+        return torch.randint(0, 4, (n,), generator=g)
+
+    sizes = (10, 6) if name == "unequal micro-batches, tuple labels" else (8, 8)
+    if name in ("tuple labels", "unequal micro-batches, tuple labels", "tuple labels with a shared entry"):
+        micro = [(torch.randn(n, 6, dtype=F64, generator=g), (labels(n), torch.randn(n, dtype=F64, generator=g)))
+                 for n in sizes]
+        if name == "tuple labels with a shared entry":  # a 0-dim entry each loss() gets whole (a weight)
+            weight = torch.tensor(0.5, dtype=F64)
+            micro = [(x, (t[0], t[1], weight)) for x, t in micro]
+        whole = (cat([x for x, _ in micro]), tuple(cat([t[j] for _, t in micro]) for j in range(2)))
+        if name == "tuple labels with a shared entry":
+            whole = (whole[0], (*whole[1], weight))
+        val = (torch.randn(16, 6, dtype=F64, generator=g), (labels(16), torch.randn(16, dtype=F64, generator=g)))
+        if name == "tuple labels with a shared entry":
+            val = (val[0], (*val[1], torch.tensor(0.5, dtype=F64)))
+
+            def terms(out, target):
+                return torch.stack([F.cross_entropy(out["cls"], target[0]),
+                                    target[2] * F.mse_loss(out["reg"], target[1])])
+        else:
+            terms = multitask_terms
+        terms.term_names = ("ce", "mse")
+        return MultiTask(), terms, multitask_objective, micro, whole, val
+    criterion, objective = mw.DenseDistillLoss(2, temperature=2.0), mw.BalancedValidation(2)
+    if name == "labels flattened over tokens":
+        micro = [(torch.randn(n, 3, 6, dtype=F64, generator=g), labels(3 * n)) for n in sizes]
+        whole = (cat([x for x, _ in micro]), cat([y for _, y in micro]))
+        return Tokens(), criterion, objective, micro, whole, (torch.randn(16, 3, 6, dtype=F64, generator=g),
+                                                              labels(48))
+    if name in ("keyword inputs, a tensor each forward gets whole", "a mapping that is no pytree"):
+        shift = torch.randn(6, dtype=F64, generator=g)
+        kind = dict if name.startswith("keyword") else collections.UserDict
+        micro = [(kind(features=torch.randn(n, 6, dtype=F64, generator=g), shift=shift), labels(n)) for n in sizes]
+        whole = (kind(features=cat([x["features"] for x, _ in micro]), shift=shift), cat([y for _, y in micro]))
+        return Keywords(), criterion, objective, micro, whole, (
+            kind(features=torch.randn(16, 6, dtype=F64, generator=g), shift=shift), labels(16))
+    assert name == "sequence-first inputs, concatenated along the batch"
+    micro = [(torch.randn(5, n, 6, dtype=F64, generator=g), labels(n)) for n in sizes]
+    whole = (cat([x for x, _ in micro], dim=1), cat([y for _, y in micro]))
+    return SequenceFirst(), criterion, objective, micro, whole, (torch.randn(5, 16, 6, dtype=F64, generator=g),
+                                                                 labels(16))
+
+
+def call(model, x):
+    return model(**x) if isinstance(x, collections.abc.Mapping) else model(x)
+
+
+ACCUMULATION = ["tuple labels", "unequal micro-batches, tuple labels", "tuple labels with a shared entry",
+                "labels flattened over tokens", "keyword inputs, a tensor each forward gets whole",
+                "a mapping that is no pytree", "sequence-first inputs, concatenated along the batch"]
+
+
+def accumulated(name: str, micro_batches: bool):
+    """The meta step of one iteration on the case's batch: as its micro-batches (each loss weighted by its share
+    of the batch) or as the whole batch in one loss."""
+    model, criterion, objective, micro, whole, val = case_data(name, torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    model = type(model)().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, objective, mode="fast", gamma_optimizer="sgd",
+                              term_names=list(criterion.term_names))
+    optimizer.zero_grad()
+    if micro_batches:
+        rows = [len(y[0]) if isinstance(y, tuple) else len(y) for _, y in micro]
+        for (x, y), n in zip(micro, rows):
+            (w.loss(call(model, x), y) * (n / sum(rows))).backward()
+    else:
+        w.loss(call(model, whole[0]), whole[1]).backward()
+    optimizer.step()
+    record = w.meta_step(whole, val)
+    assert record.ran and not record.skipped, record.message
+    return record
+
+
+@pytest.mark.parametrize("name", ACCUMULATION)
+def test_an_accumulated_step_is_cut_by_what_each_micro_batch_got(name):
+    """The whole batch, the micro-batches concatenated as the loop's data are: the meta-gradient of the
+    accumulated step is that of the same step taken on the whole batch at once (each was refused)."""
+    whole, parts = accumulated(name, False), accumulated(name, True)
+    assert whole.gamma_grad.abs().max() > 0
+    err = float((parts.gamma_grad.double() - whole.gamma_grad.double()).norm() / whole.gamma_grad.double().norm())
+    assert err < 1e-7, (name, err)
+
+
+def test_a_batch_that_is_not_the_micro_batches_concatenated_is_refused_saying_what_it_got():
+    """Labels cut short, inputs of other sizes, a label tensor left out, one micro-batch's labels only, another
+    batch of the same shapes: refused, nothing changed."""
+    model, criterion, objective, micro, whole, val = case_data("tuple labels", torch.Generator().manual_seed(3))
+    model = model.to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, objective, mode="fast", term_names=["ce", "mse"])
+    optimizer.zero_grad()
+    for x, y in micro:
+        (w.loss(model(x), y) / 2).backward()
+    optimizer.step()
+    before = copy.deepcopy((w.state_dict(), model.state_dict()))
+    for batch, match in [
+            ((whole[0], (whole[1][0][:12], whole[1][1])),
+             r"accumulated the gradients of 2 weighter.loss calls \(micro-batches of \[8, 8\] samples\).*whole "
+             r"batch.*label 0 of shape \(12,\), where the micro-batches got \(8,\), \(8,\)"),
+            ((whole[0], (micro[0][1][0], whole[1][1])), r"accumulated the gradients of 2.*label 0 of shape \(8,\), "
+                                                        r"where the micro-batches got \(8,\), \(8,\): not their "
+                                                        r"concatenation, nor one tensor each got whole"),
+            ((whole[0][:12], whole[1]), r"accumulated the gradients of 2.*input 0 of shape \(12, 6\), where the "
+                                        r"micro-batches got \(8, 6\), \(8, 6\)"),
+            ((whole[0], whole[1][:1]), r"accumulated the gradients of 2.*1 label tensors, where micro-batch 0 had 2"),
+            ((whole[0], (whole[1][0].flip(0), whole[1][1])), r"labels whose values differ")]:
+        with pytest.raises(ValueError, match=match):
+            w.meta_step(batch, val)
+        assert repr(copy.deepcopy((w.state_dict(), model.state_dict()))) == repr(before)
+    assert w.meta_step(whole, val).ran
 
 
 @pytest.mark.parametrize("log", ["the same outputs", "another forward"])
