@@ -135,7 +135,7 @@ class FastMode:
                     raise ValueError(COMPILED_RANDOM)
                 terms = w._terms(outputs, y)
                 if run_meta:
-                    _check_val_labels(w, outputs, xv, yv)  # before the model's step, which a refusal then spares
+                    _check_val_labels(w, outputs, xv, yv, x, y)  # before the model's step, which a refusal spares
                 loss = w._weighted(terms)
                 check_differentiable(loss, NO_TRAINING_GRADIENT)
                 w.optimizer.zero_grad(set_to_none=True)
@@ -487,20 +487,27 @@ def _batch_size(y: Any) -> int:
     return int(leaves[0].shape[0]) if leaves else 1
 
 
-def _check_val_labels(w: HarmonizedWeighter, outputs: Any, xv: Any, yv: Any) -> None:
+def _check_val_labels(w: HarmonizedWeighter, outputs: Any, xv: Any, yv: Any, x: Any = None, y: Any = None) -> None:
     """The fast step scores its validation batch after the model's step: refuse before it what can be
     judged now. For class labels scored by the library's own objective (``BalancedValidation``):
-    integer labels, one per input (when the inputs are one tensor), in the classes the training
-    outputs have (the labels' summary is already read: no host read)."""
+    integer labels, as many per input as the training batch has (when the inputs are one tensor: one per
+    input, or one per token for labels flattened over tokens, ``(B*T,)`` for inputs ``(B, T, ...)``), in
+    the classes the training outputs have (the labels' summary is already read: no host read)."""
     from metaweight._validation import BalancedValidation
 
     if not isinstance(w.validation, BalancedValidation) or not isinstance(outputs, (list, tuple)) or not outputs \
             or not isinstance(outputs[0], Tensor) or outputs[0].dim() not in (2, 3):
         return
-    if isinstance(xv, Tensor) and isinstance(yv, Tensor) and xv.dim() > 0 and yv.dim() > 0 \
-            and xv.shape[0] != yv.shape[0]:
-        raise ValueError(f"The validation batch has {xv.shape[0]} inputs but {yv.shape[0]} labels. Pass one label "
-                         f"per input. Nothing was changed (mode='fast' checks this before the model's step).")
+    if isinstance(xv, Tensor) and isinstance(yv, Tensor) and xv.dim() > 0 and yv.dim() > 0:
+        # labels per input as in the training batch, which the training loss took (1, or T flattened over tokens)
+        inputs, labels = (int(x.shape[0]), int(y.shape[0])) if isinstance(x, Tensor) and isinstance(y, Tensor) \
+            and x.dim() > 0 and y.dim() > 0 and x.shape[0] > 0 and y.shape[0] % x.shape[0] == 0 else (1, 1)
+        if yv.shape[0] * inputs != xv.shape[0] * labels:
+            per = labels // inputs
+            raise ValueError(f"The validation batch has {xv.shape[0]} inputs but {yv.shape[0]} labels. Pass "
+                             + ("one label per input" if per == 1 else
+                                f"{per} labels per input, as the training batch has ({y.shape[0]} for {x.shape[0]})")
+                             + ". Nothing was changed (mode='fast' checks this before the model's step).")
     tokens = outputs[0].shape[1] if outputs[0].dim() == 3 else None
     size = yv.shape[0] if isinstance(yv, Tensor) and yv.dim() > 0 else 0
     if isinstance(yv, Tensor) and yv.numel() == 0:

@@ -10,7 +10,7 @@
   labels flattened over tokens, inputs given as keyword arguments, a tensor each forward got whole, micro-batches
   of unequal sizes, inputs concatenated along the batch dimension of a sequence-first model. The meta-gradient is
   that of the plain loop on the whole batch, to rounding. It used to be refused unless the labels were one tensor
-  with one row per input.
+  with one row per input. The fast ``step()`` took validation labels only one per input.
 
 Each run is compared with the plain loop on twins of the model, optimizer and weighter (float64, the same random
 numbers for the training forward and for the meta step).
@@ -328,6 +328,39 @@ def test_a_batch_that_is_not_the_micro_batches_concatenated_is_refused_saying_wh
             w.meta_step(batch, val)
         assert repr(copy.deepcopy((w.state_dict(), model.state_dict()))) == repr(before)
     assert w.meta_step(whole, val).ran
+
+
+def test_the_fast_step_takes_labels_flattened_over_tokens_as_the_training_batch_has_them():
+    """step() of mode="fast" checks the validation batch before the model's step: it refused labels flattened
+    over tokens ((B*T,) for inputs (B, T, 6): "8 inputs but 24 labels"), which the training batch had too and
+    mode="exact" takes. Its meta step is that of the same model given each token as an input of its own; a
+    validation batch with other labels per input than the training batch is still refused, nothing changed."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(8, 3, 6, dtype=F64, generator=g), torch.randint(0, 4, (24,), generator=g)
+    xv, yv = torch.randn(8, 3, 6, dtype=F64, generator=g), torch.randint(0, 4, (24,), generator=g)
+    records = []
+    for shape in ((8, 3, 6), (24, 1, 6)):  # (each token an input of its own: one label per input)
+        torch.manual_seed(0)
+        model = Tokens().to(F64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2, temperature=2.0), mw.BalancedValidation(2),
+                                  mode="fast", gamma_optimizer="sgd")
+        records.append(w.step((x.reshape(shape), y), (xv.reshape(shape), yv)))
+        assert records[-1].ran and not records[-1].skipped, records[-1].message
+    err = float((records[0].gamma_grad.double() - records[1].gamma_grad.double()).norm()
+                / records[1].gamma_grad.double().norm())
+    assert err < 1e-9, err
+    before = copy.deepcopy((w.state_dict(), model.state_dict(), optimizer.state_dict()))
+    with pytest.raises(ValueError, match=r"validation batch has 24 inputs but 8 labels. Pass one label per input"):
+        w.step((x.reshape(24, 1, 6), y), (xv.reshape(24, 1, 6), yv[:8]))
+    assert repr(copy.deepcopy((w.state_dict(), model.state_dict(), optimizer.state_dict()))) == repr(before)
+    torch.manual_seed(0)
+    model = Tokens().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), mw.BalancedValidation(2), mode="fast")
+    with pytest.raises(ValueError, match=r"validation batch has 8 inputs but 8 labels. Pass 3 labels per input, as "
+                                         r"the training batch has \(24 for 8\)"):
+        w.step((x, y), (xv, yv[:8]))
 
 
 @pytest.mark.parametrize("log", ["the same outputs", "another forward"])
