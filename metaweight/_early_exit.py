@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+import enum
+import sys
+import types
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -263,28 +267,111 @@ class _Selection:
         if isinstance(value, Mapping):  # in its own type: the next stage may read it by attribute (ModelOutput)
             rebuilt = same_mapping(value, {k: self._take(v, keep, before, f"{path}[{k!r}]", stage)
                                            for k, v in value.items()})
-            _refuse_hidden(rebuilt, before, path, stage)  # attributes its items did not update
+            _refuse_hidden(rebuilt, before, path, stage, self.fixed, items=False)  # attributes its items did not update
             return rebuilt
         if isinstance(value, (list, tuple)):
             items = [self._take(v, keep, before, f"{path}[{i}]", stage) for i, v in enumerate(value)]
             if type(value) in (list, tuple):
                 return type(value)(items)
-            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-        if not isinstance(value, nn.Module):
-            _refuse_hidden(value, before, path, stage)
+            rebuilt = type(value)(*items) if hasattr(value, "_fields") else _same_list(value, items)
+            _refuse_hidden(rebuilt, before, path, stage, self.fixed, items=False)  # (attributes of a subclass)
+            return rebuilt
+        _refuse_hidden(value, before, path, stage, self.fixed)
         return value
 
 
-def _refuse_hidden(value: Any, before: int, path: str, stage: int) -> None:
-    """Refuse an object whose attributes hold tensors of the ``before`` samples in the network (a
-    per-sample tensor EarlyExit cannot select: the object would go on with the samples that left)."""
+# values that hold no tensor: not looked into (a function's or class's attributes are not what a stage passes on)
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, bytearray, memoryview, range, slice, torch.dtype,
+          torch.device, torch.layout, torch.memory_format, torch.Size, enum.Enum, type, types.FunctionType,
+          types.BuiltinFunctionType, types.MethodType, types.ModuleType, nn.Module)
+# how many values _refuse_hidden looks at in one object before refusing it as too large to check
+HIDDEN_WALK_LIMIT = 100_000
+
+
+def _inside(value: Any, items: bool) -> list[tuple[str, Any]]:
+    """The values ``value`` holds, each with where it is: a mapping's keys and values, a collection's
+    items (a set, a deque; with ``items``), and the object's attributes, in its ``__dict__`` and in
+    every ``__slots__`` of its classes (a dataclass with ``slots=True``)."""
+    found: list[tuple[str, Any]] = []
+    if items:
+        try:  # (a collection whose iteration fails holds nothing EarlyExit could look at)
+            if isinstance(value, Mapping):
+                for k, v in list(value.items()):
+                    found += [(f"[{k!r}] (its key)", k), (f"[{k!r}]", v)]
+            elif isinstance(value, Collection) and not _flat_array(value):
+                found += [(f"[{i}]", v) for i, v in enumerate(list(value))]
+        except Exception:
+            pass
     inner = getattr(value, "__dict__", None)
-    if isinstance(inner, dict) and any(t.dim() > 0 and t.shape[0] == before for t in _tensors(list(inner.values()))):
-        raise TypeError(f"Stage {stage} returned a `{type(value).__name__}` ({path}) holding tensors whose first "
-                        f"dimension is the number of samples in the network ({before}): EarlyExit selects "
-                        f"samples in tensors and in tuples, lists and dicts of them, and would pass this object "
-                        f"on with the samples that left. Return its tensors in a tuple, list or dict (or a "
-                        f"namedtuple).")
+    if isinstance(inner, dict):
+        found += [(f".{k}", v) for k, v in list(inner.items())]
+    for kind in type(value).__mro__:
+        slots = kind.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__"):
+                try:
+                    found.append((f".{name}", object.__getattribute__(value, name)))
+                except AttributeError:  # a slot never set
+                    pass
+    return found
+
+
+def _flat_array(value: Any) -> bool:
+    """A NumPy array of numbers (no object in it to look into, maybe millions of items)."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.ndarray) and value.dtype != object
+
+
+def _same_list(original: Any, items: list[Any]) -> Any:
+    """``items`` in the type of ``original`` (a list or tuple subclass): a list subclass by a copy whose
+    items are set, so its attributes go on (and are looked at, as a ``ModelOutput``'s are), else by its
+    constructor."""
+    if isinstance(original, list):
+        try:
+            rebuilt = copy.copy(original)
+            rebuilt[:] = items
+            return rebuilt
+        except Exception:  # a subclass that refuses copying or item assignment
+            pass
+    return type(original)(items)
+
+
+def _refuse_hidden(value: Any, before: int, path: str, stage: int, fixed: Mapping[int, Tensor],
+                   items: bool = True) -> None:
+    """Refuse an object that holds, at any depth, a tensor of the ``before`` samples in the network (a
+    per-sample tensor EarlyExit cannot select: the object would go on with the samples that left).
+    Looked into: attributes (``__dict__`` and ``__slots__``, dataclasses of either kind), mappings,
+    sets, deques and other collections, and what they hold in turn, each object once (a cycle ends);
+    an object holding more than :data:`HIDDEN_WALK_LIMIT` values is refused as too large to check.
+    Not per sample, as where samples are selected: a parameter, a tensor in ``fixed`` (passed on
+    unchanged), a tensor of another first dimension. ``items=False``: a container whose items were
+    selected already, only its attributes are looked at (a ``ModelOutput``'s)."""
+    if isinstance(value, _ATOMS):
+        return
+    seen, stack, count = {id(value)}, [(value, "", items)], 0
+    while stack:
+        current, where, walk_items = stack.pop()
+        for step, inner in _inside(current, walk_items):
+            count += 1
+            if count > HIDDEN_WALK_LIMIT:
+                raise TypeError(f"Stage {stage} returned a `{type(value).__name__}` ({path}) holding more than "
+                                f"{HIDDEN_WALK_LIMIT} values: EarlyExit looks into every object between stages for "
+                                f"tensors of the samples in the network (which it could not select), and this one is "
+                                f"too large to check. Pass the next stage its tensors in tuples, lists or dicts, and "
+                                f"keep large objects in the module (an attribute of the stage) rather than between "
+                                f"stages.")
+            if isinstance(inner, Tensor):
+                if inner.dim() > 0 and inner.shape[0] == before and not isinstance(inner, nn.Parameter) and \
+                        fixed.get(id(inner)) is not inner:
+                    raise TypeError(
+                        f"Stage {stage} returned a `{type(value).__name__}` ({path}) holding tensors whose first "
+                        f"dimension is the number of samples in the network ({before}): {path}{where}{step} "
+                        f"{tuple(inner.shape)}. EarlyExit selects samples in tensors and in tuples, lists and dicts "
+                        f"of them, and would pass this object on with the samples that left. Return its tensors in "
+                        f"a tuple, list or dict (or a namedtuple).")
+            elif not isinstance(inner, _ATOMS) and id(inner) not in seen:
+                seen.add(id(inner))
+                stack.append((inner, where + step, True))
 
 
 def _rule_argument(name: str) -> str:
@@ -327,7 +414,12 @@ class EarlyExit(nn.Module):
     whose first dimension happens to equal the number of samples in the network is selected as if
     it were (nothing tells them apart); pass it on from stage 1, keep it in the module, or give
     it another first dimension (a leading 1). A per-sample tensor inside another object is
-    refused (``TypeError``), as is a ``PackedSequence``: EarlyExit could not select its samples.
+    refused (``TypeError``, naming where it is), as is a ``PackedSequence``: EarlyExit could not
+    select its samples. It is looked for at any depth of attributes (``__dict__`` and
+    ``__slots__``: dataclasses of both kinds), sets, deques and other collections, and the
+    attributes of a list or dict subclass, each object once; not inside a module, an iterator
+    (which looking would consume) or a NumPy array of numbers; an object holding more than
+    ``HIDDEN_WALK_LIMIT`` (100,000) values is refused as too large to check.
 
     Layers that compute statistics of the batch at inference would compute other values on the
     samples still in than on the whole batch: a BatchNorm without running statistics

@@ -40,7 +40,7 @@ def _flatten(value: Any, leaves: list[Any], path: str) -> Any:
     if isinstance(value, Mapping):
         return (type(value), tuple(value.keys()),
                 tuple(_flatten(v, leaves, f"{path}[{k!r}]") for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and not getattr(value, "__dict__", None):  # (a subclass's attributes: refused)
         return (type(value), len(value), tuple(_flatten(v, leaves, f"{path}[{i}]") for i, v in enumerate(value)))
     if isinstance(value, _CONSTANTS):
         leaves.append(value)

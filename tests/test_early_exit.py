@@ -2,10 +2,14 @@
 and with every rule, and the host reads of its batch path counted with torch.profiler: at most one
 per exit (the count that sizes the samples that continue)."""
 
+import collections
 import copy
 import math
+import re
 import sys
 from collections import namedtuple
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -844,6 +848,158 @@ def test_features_whose_samples_cannot_be_selected_are_refused_naming_them(wrap,
         match = r"cuda_graphs=True\): stage 1's features is a `_Holder`.*tuples, lists or dicts"
     with pytest.raises(TypeError, match=match):
         mw.EarlyExit(model, [float(scores[0].median()), 0.0])(x)
+
+
+
+@dataclass
+class _Held:
+    scale: object
+
+
+@dataclass(slots=True)
+class _Slotted:
+    scale: object
+
+
+class _SlotBase:
+    __slots__ = ("scale",)
+
+
+class _SlotChild(_SlotBase):  # the slot is its base class's
+    __slots__ = ("other",)
+
+    def __init__(self, scale):
+        self.scale = scale
+
+
+class _Cyclic:
+    def __init__(self, scale):
+        self.scale, self.me = scale, self
+
+
+class _Tagged(list):  # a list subclass: its items are selected, an attribute is not
+    pass
+
+
+class _Mapping(Mapping):  # a Mapping that is not a dict: selected as one
+    def __init__(self, items):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
+def _tagged(scale):
+    tagged = _Tagged([0])
+    tagged.scale = scale
+    return tagged
+
+
+# how each kind of object holds the per-sample scale, how the next stage reads it, and where the refusal finds it
+# (None: EarlyExit selects its samples itself, so the predictions are exit_assignment's)
+_HOLDERS = {
+    "dataclass": (_Held, lambda w: w.scale, ".scale"),
+    "dataclass(slots=True)": (_Slotted, lambda w: w.scale, ".scale"),
+    "a base class's __slots__": (_SlotChild, lambda w: w.scale, ".scale"),
+    "an object in an object": (lambda t: _Held(_Held(t)), lambda w: w.scale.scale, ".scale.scale"),
+    "a dict in an object": (lambda t: _Held({"s": t}), lambda w: w.scale["s"], ".scale['s']"),
+    "a list in an object": (lambda t: _Held([t]), lambda w: w.scale[0], ".scale[0]"),
+    "a deque": (lambda t: collections.deque([t]), lambda w: w[0], "[0]"),
+    "a set": (lambda t: {t}, lambda w: next(iter(w)), "[0]"),
+    "a frozenset": (lambda t: frozenset([t]), lambda w: next(iter(w)), "[0]"),
+    "an object in a deque": (lambda t: collections.deque([_Slotted(t)]), lambda w: w[0].scale, "[0].scale"),
+    "an attribute of a list subclass": (_tagged, lambda w: w.scale, ".scale"),
+    "a cycle": (_Cyclic, lambda w: w.scale, ".scale"),
+    "a Mapping that is not a dict": (lambda t: _Mapping({"s": t}), lambda w: w["s"], None),
+}
+
+
+class _ScaleStage(nn.Module):
+    """Stage 1 hands on its features and a per-sample scale held as ``wrap`` holds it; later stages
+    scale by it and hand it on."""
+
+    def __init__(self, wrap, unwrap, first):
+        super().__init__()
+        self.linear, self.wrap, self.unwrap, self.first = nn.Linear(4, 4), wrap, unwrap, first
+
+    def forward(self, f):
+        if self.first:
+            return torch.tanh(self.linear(f)), self.wrap(f[:, :1].abs() + 1)
+        h, held = f
+        return torch.tanh(self.linear(h)) * self.unwrap(held)[: h.shape[0]], held
+
+
+class _ScaleHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, f):
+        return self.linear(f[0])
+
+
+@pytest.mark.parametrize("kind", list(_HOLDERS))
+def test_a_per_sample_tensor_held_in_any_object_is_refused_or_selected(kind, cuda_graphs):
+    """A per-sample tensor in an object EarlyExit does not select in (a dataclass, with slots or not,
+    an object in an object, a deque, a set, an attribute, a cycle) went on with the samples that left,
+    where only an object's own __dict__ was looked at: the next stage read other samples' rows and 1
+    of 12 exits differed from exit_assignment's, with no sign. At any depth of any of them it is
+    refused naming where it is; what EarlyExit selects itself (a Mapping) equals exit_assignment."""
+    wrap, unwrap, where = _HOLDERS[kind]
+    torch.manual_seed(0)
+    model = mw.MultiExit([_ScaleStage(wrap, unwrap, k == 0) for k in range(3)],
+                         [_ScaleHead() for _ in range(3)]).double().eval()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    thresholds = mw.find_thresholds(logits, [0.5, 0.25, 0.25])
+    expected = mw.exit_assignment(logits, thresholds)
+    assert 0 < int((expected.exits == 0).sum()) < 12  # samples leave at exit 1, others go on
+    if where is None:
+        predictions, exits = mw.EarlyExit(model, thresholds)(x)
+        assert torch.equal(exits, expected.exits) and torch.equal(predictions, expected.predictions)
+        return
+    match = ("cuda_graphs=True\\): stage 1's features\\[1\\] is a" if cuda_graphs else
+             f"Stage 1 returned a `.*` \\(features\\[1\\]\\) holding tensors whose first dimension is the number "
+             f"of samples in the network \\(12\\): {re.escape('features[1]' + where)} \\(12, 1\\)")
+    with pytest.raises(TypeError, match=match):
+        mw.EarlyExit(model, thresholds)(x)
+
+
+def test_an_object_too_large_to_look_into_is_refused_and_one_holding_no_per_sample_tensor_goes_on(cuda_graphs):
+    """An object between stages is looked into up to HIDDEN_WALK_LIMIT values: a larger one is refused
+    (it could hide a per-sample tensor), one holding tensors that are not per sample (a parameter, a
+    table of another first dimension) goes on, and the predictions are exit_assignment's. With
+    cuda_graphs both are refused, as any object that is not a tuple, list or dict."""
+    torch.manual_seed(0)
+    table = torch.randn(5, 1, dtype=torch.float64)
+    held = {"big": (lambda t: _Held(list(range(mw._early_exit.HIDDEN_WALK_LIMIT + 1))), None),
+            "no per-sample tensor": (lambda t: _Cyclic((table, nn.Parameter(torch.ones(12, 1)))),
+                                     lambda w: w.scale[0][:1])}
+    for kind, (wrap, unwrap) in held.items():
+        model = mw.MultiExit([_ScaleStage(wrap, unwrap or (lambda w: torch.ones(1, 1, dtype=torch.float64)), k == 0) for k in range(3)],
+                             [_ScaleHead() for _ in range(3)]).double().eval()
+        x = torch.randn(12, 4, dtype=torch.float64)
+        with torch.no_grad():
+            logits = torch.stack(model(x))
+        thresholds = mw.find_thresholds(logits, [0.5, 0.25, 0.25])
+        expected = mw.exit_assignment(logits, thresholds)
+        if cuda_graphs:  # a graph holds no object but tensors and plain values
+            with pytest.raises(TypeError, match=r"cuda_graphs=True\): stage 1's features\[1\] is a `_"):
+                mw.EarlyExit(model, thresholds)(x)
+        elif unwrap is None:
+            with pytest.raises(TypeError, match=r"Stage 1 returned a `_Held` \(features\[1\]\) holding more "
+                                                r"than 100000 values.*keep large objects in the module"):
+                mw.EarlyExit(model, thresholds)(x)
+        else:
+            predictions, exits = mw.EarlyExit(model, thresholds)(x)
+            assert torch.equal(exits, expected.exits) and torch.equal(predictions, expected.predictions)
 
 
 # ------------------------------------------------------- layers that use the statistics of the batch
