@@ -72,7 +72,7 @@ def early_exit(images: int, repeats: int) -> dict:
     x = torch.randn(images, 3, 32, 32)
     with torch.no_grad():
         logits = torch.stack(net(x))
-    costs = mw.exit_costs(net, x[:1])
+    costs = mw.exit_costs(net, x[:1], executed=True)  # what EarlyExit runs, the wall-clock's counterpart
     # thresholds that send a geometric share of the images out early (q = 0.5: about half at exit 1)
     T = mw.find_thresholds(logits, mw.geometric_exit_distribution(0.5, 8))
     point = mw.evaluate_thresholds(logits, torch.zeros(images, dtype=torch.long), T, costs.macs)

@@ -414,11 +414,16 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
     Two counts, both of the ops one forward runs:
 
     * ``executed=False`` (the default): what exit ``k``'s output *depends on* — the least any
-      early-exit inference must compute (MSDNet's convention: the finer scales that only later
-      exits need are not charged to exit ``k``);
+      early-exit inference must compute: work a stage does that only later exits need (an
+      MSDNet block's finer scales) is not charged to exit ``k``. This is not MSDNet's count;
     * ``executed=True``: what :class:`EarlyExit` *runs* for a sample that leaves at exit ``k`` —
-      whole stages ``1..k`` and heads ``1..k``, counted while it runs. Use these costs in the
-      budgeted curve to predict the FLOPs of real early exit.
+      whole stages ``1..k`` and heads ``1..k``, counted while it runs. This is MSDNet's
+      convention (its public code's ``op_counter`` charges exit ``k`` every op run before
+      classifier ``k``), the one to use to compare with MSDNet's published costs, and in the
+      budgeted curve to predict the FLOPs of real early exit. MSDNet's counter also counts
+      ReLU and pooling, which this does not (see ``docs/guides/models.md``).
+
+    For a chain of stages (:class:`MultiExit` of plain layers) both are the same.
 
     What is counted (2 FLOPs per multiply-add): the ops ``torch.utils.flop_counter`` has a formula
     for (matrix products, convolutions, its fused attention kernels, and any formula registered

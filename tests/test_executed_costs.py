@@ -50,3 +50,24 @@ def test_executed_costs_of_a_multi_exit_mlp_are_its_stages_and_heads():
     executed = mw.exit_costs(model, torch.randn(1, 6), executed=True)
     # stage k: 6x10 or 10x10 linear, head: 10x5: cumulative multiply-adds
     assert executed.macs == [60 + 50, 60 + 50 + 100 + 50, 60 + 50 + 2 * (100 + 50)]
+
+
+def test_executed_costs_are_msdnets_own_count_and_the_default_charges_exit_k_less():
+    """MSDNet's counter (its public code's op_counter) charges exit k every op run before classifier
+    k, the finer scales of block k that only later exits need included: exit_costs(executed=True)
+    counts that (its convolutions and linear layers; references/op_counter.py, written from the
+    description), at every exit. The default, what each exit depends on, leaves those scales out,
+    so it is lower at exit 1 and never higher (the docs called the default MSDNet's convention)."""
+    from references.op_counter import msdnet_exit_macs
+
+    torch.manual_seed(0)
+    for model in (msdnet_cifar(10, 4, channels=8).eval(),
+                  msdnet_cifar(10, 4, base=1, step=1, step_mode="lin_grow", channels=4, growth_rate=2).eval()):
+        x = torch.randn(1, 3, 32, 32)
+        heads = model.exit_stages()[1]
+        linears = [[m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1] for head in heads]
+        reference = msdnet_exit_macs(model, x, linears)
+        assert mw.exit_costs(model, x, executed=True).macs == reference
+        default = mw.exit_costs(model, x).macs
+        assert default[-1] == reference[-1] and default[0] < reference[0]
+        assert all(d <= r for d, r in zip(default, reference))
