@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._checks import check_flag, integer_value
+from metaweight._multiexit import head_logits
 from metaweight._modes import eval_mode, mha_fastpath_off
 from metaweight._protocols import ModelCall, note_mapping_misread, wrapper_call
 
@@ -436,10 +437,11 @@ class AttachedExits(nn.Module):
                     f"Heads you pass are used as given: move it, e.g. heads[{index}].to(dtype={features.dtype}, "
                     f"device='{features.device}') (or pass a factory, whose heads follow the features' dtype and "
                     f"device).")
+        where = f"AttachedExits (after {self.after[index]!r})"
         if torch.compiler.is_compiling() or features.is_inference():  # (no version to compare)
-            return head(features)
+            return head_logits(head(features), index, head, where)
         version = features._version
-        logits = head(features)
+        logits = head_logits(head(features), index, head, where)
         if features._version != version:  # early exit runs it inside the forward, whose next layers read them
             raise ValueError(f"The head of exit {index + 1} (after {self.after[index]!r}) changes its input in place "
                              f"(its first layer an nn.ReLU(inplace=True)? an in-place op in its forward?): early exit "

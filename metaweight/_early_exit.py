@@ -20,7 +20,7 @@ from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_temperatures, check
 from metaweight._exit_rules import (RULES, Entropy, ExitRule, Margin, MaxProbability, as_rule, calibrated,
                                    decision_dtype, predict, reaches, score_dtype)
 from metaweight._graphs import StageGraphs
-from metaweight._multiexit import check_exit_classes, check_head_classes
+from metaweight._multiexit import check_exit_classes, check_head_classes, head_logits
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 
 
@@ -711,7 +711,7 @@ class EarlyExit(nn.Module):
                 args, kwargs = (features,), {}
             if self._graphs is None:
                 features = stage(*args, **kwargs)
-                raw = head(features)
+                raw = head_logits(head(features), k, head, f"`{type(self.model).__name__}`")
             else:
                 features, raw = self._graphs_run(k, stage, head, args, kwargs, size, inputs, select)
             raw = _per_sample(raw)
@@ -782,13 +782,15 @@ class EarlyExit(nn.Module):
         """Stage ``k`` and head ``k`` from their CUDA graph (:class:`StageGraphs`), with what tells per-sample
         tensors from those passed on and the check of exit ``k``'s rows, as the eager path has them."""
         assert self._graphs is not None
+        where = f"`{type(self.model).__name__}`"
         if k == 0:  # exit 1's rows say how many samples there are
             return self._graphs.run(0, stage, head, args, kwargs, None, lambda t: False,
-                                    lambda logits: _check_inputs_batch(_per_sample(logits), inputs))
+                                    lambda logits: _check_inputs_batch(_per_sample(head_logits(logits, 0, head, where)),
+                                                                       inputs))
         fixed = select.fixed if select is not None else {}
         passed = select.passed if select is not None else []
         return self._graphs.run(k, stage, head, args, kwargs, size, lambda t: fixed.get(id(t)) is t,
-                                lambda logits: _per_sample(logits).shape[0] == size or
+                                lambda logits: _per_sample(head_logits(logits, k, head, where)).shape[0] == size or
                                 _refuse_unselected(k, logits, size, passed))
 
     @staticmethod

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -32,6 +33,27 @@ def check_exit_classes(logits: Sequence[Tensor], where: str) -> None:
         raise ValueError(f"The exits of {where} give different numbers of classes: "
                          f"{ {f'exit {k + 1}': c for k, c in enumerate(counts)} }. Every exit must predict the "
                          f"same classes; make every head output the model's classes.")
+
+
+def head_logits(logits: Any, k: int, head: nn.Module, where: str) -> Tensor:
+    """What head ``k`` returned, refused unless it is a tensor (the exit's logits): a head reused
+    from other code that returns ``(logits, features)`` or ``{"logits": ...}`` would otherwise meet
+    a bare ``AttributeError`` deep inside. Every caller of a head goes through here."""
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(logits, Mapping):
+        found = f"a `{type(logits).__name__}` with keys {list(logits.keys())[:6]}"
+        fix = "head(h)['logits']"
+    elif isinstance(logits, (tuple, list)):
+        shown = ", ".join(f"Tensor {tuple(v.shape)}" if isinstance(v, Tensor) else f"`{type(v).__name__}`"
+                          for v in logits[:4]) + (", ..." if len(logits) > 4 else "")
+        found = f"a `{type(logits).__name__}` of {len(logits)} ({shown})"
+        fix = "head(h)[0]"
+    else:
+        found, fix = f"a `{type(logits).__name__}`", "the logits tensor"
+    raise TypeError(f"The head of exit {k + 1} of {where} (`{type(head).__name__}`) returned {found}, and a head "
+                    f"must return one logits tensor [batch, classes]. Wrap the head in a module whose forward "
+                    f"returns only the logits (e.g. {fix}).")
 
 
 class MultiExit(nn.Module):
@@ -88,9 +110,9 @@ class MultiExit(nn.Module):
 
     def iter_exits(self, x: Tensor) -> Iterator[Tensor]:
         """Yield the exit logits one by one, computing each stage only when asked for the next exit."""
-        for stage, head in zip(self.stages, self.heads):
+        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
             x = stage(x)
-            yield head(x)
+            yield head_logits(head(x), k, head, "MultiExit")
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """The logits of every exit, shallow to deep; exits of different numbers of classes are refused."""

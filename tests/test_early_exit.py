@@ -983,7 +983,8 @@ def test_an_object_too_large_to_look_into_is_refused_and_one_holding_no_per_samp
             "no per-sample tensor": (lambda t: _Cyclic((table, nn.Parameter(torch.ones(12, 1)))),
                                      lambda w: w.scale[0][:1])}
     for kind, (wrap, unwrap) in held.items():
-        model = mw.MultiExit([_ScaleStage(wrap, unwrap or (lambda w: torch.ones(1, 1, dtype=torch.float64)), k == 0) for k in range(3)],
+        unwrap = unwrap or (lambda w: torch.ones(1, 1, dtype=torch.float64))
+        model = mw.MultiExit([_ScaleStage(wrap, unwrap, k == 0) for k in range(3)],
                              [_ScaleHead() for _ in range(3)]).double().eval()
         x = torch.randn(12, 4, dtype=torch.float64)
         with torch.no_grad():
@@ -993,7 +994,7 @@ def test_an_object_too_large_to_look_into_is_refused_and_one_holding_no_per_samp
         if cuda_graphs:  # a graph holds no object but tensors and plain values
             with pytest.raises(TypeError, match=r"cuda_graphs=True\): stage 1's features\[1\] is a `_"):
                 mw.EarlyExit(model, thresholds)(x)
-        elif unwrap is None:
+        elif kind == "big":
             with pytest.raises(TypeError, match=r"Stage 1 returned a `_Held` \(features\[1\]\) holding more "
                                                 r"than 100000 values.*keep large objects in the module"):
                 mw.EarlyExit(model, thresholds)(x)
@@ -1186,3 +1187,43 @@ def test_a_subclass_keeping_its_parent_s_scores_keeps_its_parent_s_name():
     with pytest.raises(ValueError, match=r"saved with rule 'max_probability'.*set name = 'max_probability' in its "
                                          r"class"):
         mw.EarlyExit(net, [0.0, 0.0, 0.0], rule=_Plain()).load_state_dict(state)
+
+
+class _PairHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, h):
+        return self.linear(h), h
+
+
+class _DictHead(_PairHead):
+    def forward(self, h):
+        return {"logits": self.linear(h)}
+
+
+@pytest.mark.parametrize("head, found", [(_PairHead, r"a `tuple` of 2 \(Tensor \(\d+, 3\), Tensor \(\d+, 4\)\)"),
+                                         (_DictHead, r"a `dict` with keys \['logits'\]")])
+def test_a_head_that_returns_no_tensor_is_refused_the_same_way_wherever_it_runs(head, found, cuda_graphs):
+    """A head returning (logits, features) or {"logits": ...} met a bare AttributeError ('tuple' object
+    has no attribute 'shape') in MultiExit's forward, EarlyExit, collect_logits, exit_costs and exits
+    attached by name: each now refuses it with one TypeError naming the exit, the head and what it
+    returned, and how to fix it, from one check every caller of a head goes through."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [head(), head()]).eval()
+    attached = mw.attach_exits(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)), ["1"], [head()])
+    calls = {"MultiExit": lambda: net(x), "EarlyExit": lambda: mw.EarlyExit(net, [0.5, 0.0])(x),
+             "collect_logits": lambda: mw.collect_logits(net, [(x, torch.zeros(5, dtype=torch.long))]),
+             "exit_costs": lambda: mw.exit_costs(net, x[:1]),
+             "exit_costs executed": lambda: mw.exit_costs(net, x[:1], executed=True),
+             "AttachedExits": lambda: attached(x), "AttachedExits.run_until": lambda: attached.run_until(x, None)}
+    if not cuda_graphs:  # (exits attached by name have no stages to capture)
+        calls["EarlyExit on attached exits"] = lambda: mw.EarlyExit(attached, [0.5, 0.0])(x)
+    for name, call in calls.items():
+        where = r"AttachedExits \(after '1'\)" if name.startswith(("Attached", "EarlyExit on")) else r"`?MultiExit`?"
+        with pytest.raises(TypeError, match=rf"The head of exit 1 of {where} \(`{head.__name__}`\) returned {found}, "
+                                            rf"and a head must return one logits tensor \[batch, classes\]\. Wrap "
+                                            rf"the head in a module whose forward returns only the logits"):
+            call()
