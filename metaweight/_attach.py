@@ -350,6 +350,9 @@ class AttachedExits(nn.Module):
                     on_exit(index, captured[name])
             return hook
 
+        gone = [name for name in self.after if name not in modules]
+        if gone:  # (before any hook is registered: nothing to undo)
+            self._refuse_gone(gone, modules)
         for index, name in enumerate(self.after):
             handles.append(modules[name].register_forward_hook(hook_for(index, name)))
         # a model that returns several exits of its own, or attached exits (one is an exit too): the attached ones
@@ -391,6 +394,17 @@ class AttachedExits(nn.Module):
                              f"shallow to deep, the attached ones first). Attach only modules that run before its "
                              f"first exit, or {fix}.")
         return captured
+
+    def _refuse_gone(self, gone: list[str], modules: dict[str, nn.Module]) -> None:
+        """Refuse a forward after a module an exit is attached after was removed from the model (or
+        replaced by one without that submodule) since the exits were attached."""
+        exits = ", ".join(f"exit {self.after.index(name) + 1} after {name!r}" for name in gone)
+        close = sorted({c for name in gone for c in difflib.get_close_matches(name, [n for n in modules if n], n=3)})
+        raise ValueError(f"`{type(self.model).__name__}` has no submodule named {gone[0]!r} any more"
+                         f"{f' (nor {gone[1:]})' if len(gone) > 1 else ''}: it was removed or replaced since the "
+                         f"exits were attached ({exits}), so those exits have no features. Attach the exits again "
+                         f"to the model as it is now, naming modules of model.named_modules()"
+                         f"{f' (such as {close})' if close else ''}: mw.attach_exits(model, after=[...], heads=...).")
 
     def _check_structure(self, calls: dict[str, int], order: list[str]) -> None:
         """Refuse a forward in which a named module ran twice, not at all, or out of ``after``'s order."""
@@ -527,7 +541,10 @@ def _first_exit_module(model: nn.Module) -> nn.Module | None:
     MSDNet and its ``classifiers``), its first head; else for a model with a ``heads`` list, its first;
     None for other models (their exits' depths are not known)."""
     if isinstance(model, AttachedExits) and model.after:
-        return model.model.get_submodule(model.after[0])
+        try:
+            return model.model.get_submodule(model.after[0])
+        except AttributeError:  # removed since: the inner forward refuses it, naming it
+            return None
     parts = getattr(model, "exit_stages", None)
     if callable(parts):
         try:

@@ -1050,3 +1050,37 @@ def test_the_attention_fast_path_stays_off_while_any_forward_of_ours_is_inside_a
             assert mha.get_fastpath_enabled() == user
     finally:
         mha.set_fastpath_enabled(before)
+
+
+def test_a_module_an_exit_is_attached_after_that_is_gone_is_refused_naming_it_everywhere():
+    """A module an exit was attached after, removed or replaced since (a block fused for deployment),
+    met a bare KeyError: 'layer1.1' at the next forward. Every way of running the exits (the
+    forward, run_until, EarlyExit, collect_logits, exit_costs, exits attached again around them)
+    refuses it with one ValueError naming the module and the exit and saying to attach again, with
+    no hook left on the model."""
+    def build():
+        net = nn.Sequential()
+        net.add_module("layer1", nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+        net.add_module("layer2", nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+        net.add_module("fc", nn.Linear(8, 3))
+        return net
+
+    x = torch.randn(3, 4)
+    net = build()
+    exits = mw.attach_exits(net, ["layer1.1", "layer2"], lambda n, f: nn.Linear(8, 3), example_input=x)
+    outer_net = build()
+    inner = mw.attach_exits(outer_net, ["layer1.1"], lambda n, f: nn.Linear(8, 3), example_input=x)
+    outer = mw.attach_exits(inner, ["model.layer1.0"], lambda n, f: nn.Linear(8, 3), example_input=x)
+    net.layer1 = nn.Sequential(nn.Linear(4, 8))  # fused: no ReLU submodule any more
+    outer_net.layer1 = nn.Sequential(nn.Linear(4, 8))
+    calls = {"forward": lambda m: m(x), "run_until": lambda m: m.run_until(x, lambda k, z: False),
+             "EarlyExit": lambda m: mw.EarlyExit(m, [0.5] * (m.num_exits - 1) + [0.0])(x),
+             "collect_logits": lambda m: mw.collect_logits(m, [(x, torch.zeros(3, dtype=torch.long))]),
+             "exit_costs": lambda m: mw.exit_costs(m, x[:1])}
+    for model, base in ((exits, net), (outer, outer_net)):
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match=r"`Sequential` has no submodule named 'layer1\.1' any more: it "
+                                                 r"was removed or replaced since the exits were attached \(exit 1 "
+                                                 r"after 'layer1\.1'\).*Attach the exits again"):  # (the inner's)
+                call(model)
+            assert not any(m._forward_hooks for m in base.modules()), name
