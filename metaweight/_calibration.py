@@ -32,8 +32,10 @@ def _check(logits: Tensor, labels: Tensor, name: str = "logits", what: str = "ca
 
 
 def _wide(logits: Tensor) -> Tensor:
-    """Logits in the widest dtype their device holds (float64; float32 on MPS)."""
-    return logits.to(decision_dtype(logits.device))
+    """Logits in the widest dtype their device holds (float64; float32 on MPS), without their autograd
+    history: what the fits and measures read is values (logits stacked outside ``torch.no_grad()``
+    would build a graph at every bisection step, and torch warns at each ``float()`` of one)."""
+    return logits.detach().to(decision_dtype(logits.device))
 
 
 def _nll(logits: Tensor, labels: Tensor, beta: float) -> float:

@@ -242,16 +242,29 @@ def test_qs_and_costs_as_tensors_are_the_lists():
     lambda z, y: mw.budgeted_curve(z, y, z, y, [1, 2, 3], qs=[0.5, 1.5]),
     lambda z, y: mw.thresholds_for_budget(z, y, [1, 2, 3], 2.0),
     lambda z, y: mw.thresholds_for_accuracy(z, y, 0.1),
+    lambda z, y: mw.fit_temperatures(z, y),
+    lambda z, y: mw.calibrate(z, y),
+    lambda z, y: mw.calibrate(z, y, z, y),
+    lambda z, y: mw.expected_calibration_error(z, y),
+    lambda z, y: mw.anytime_accuracy_from_logits(z, y),
 ])
 def test_logits_that_require_grad_give_plain_values_without_warnings(call):
+    """Logits stacked outside torch.no_grad() carry autograd history: every evaluation, calibration
+    included, reads their values only, with no graph built (fit_temperatures built one at each
+    bisection step, and torch warned from inside it: 'Converting a tensor with requires_grad=True
+    to a scalar'), and gives what it gives on the same logits without history."""
     import warnings
 
     torch.manual_seed(0)
-    logits, labels = torch.randn(3, 20, 4), torch.randint(0, 4, (20,))
+    labels = torch.randint(0, 4, (20,))  # logits that predict the labels, not perfectly: temperatures fit
+    logits = torch.randn(3, 20, 4) + 1.5 * torch.nn.functional.one_hot(labels, 4)
     expected = call(logits, labels)
-    with warnings.catch_warnings():
+    saved = []
+    with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                                             lambda t: t):
         warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True to a scalar"
         got = call(logits.clone().requires_grad_(True), labels)
+    assert saved == []  # no op kept a tensor for a backward: no graph was built
     tensors = [v for v in (got if isinstance(got, tuple) else (got,)) if isinstance(v, torch.Tensor)]
     assert all(t.grad_fn is None and not t.requires_grad for t in tensors)
     assert repr(got) == repr(expected)
