@@ -5,8 +5,13 @@ Thresholds are set on held-out logits so that a target fraction of samples leave
 exit: MSDNet uses a geometric distribution, fraction of exit ``k`` proportional to ``q**k``,
 over the grid ``q = p/20``, ``p = 1..39``. Applied to test logits, every ``q`` gives one
 point (expected cost per sample, accuracy). The reference code loops over samples in
-Python; here every step is a tensor op over all samples, and the results agree exactly
-(tested against a per-sample loop, ties included).
+Python; here every step is a tensor op over all samples, and the thresholds, exits and costs
+agree exactly with such a loop (tested against one, tied scores included). The predictions agree
+but in one kind of row: MSDNet's code predicts the index of the largest float32 softmax
+probability (``probs.max``, the first of tied ones), metaweight the argmax of the logits in their
+own dtype (as :class:`EarlyExit` does), so where two logits of a row are close enough that their
+probabilities round to one float32 value (two logits one ulp apart can), the two can predict
+different classes and score that sample differently.
 
 Every value here is an accuracy or a cost, never a log-likelihood: a label on a class masked
 (``-inf``) at an exit is a wrong prediction there (the exit never predicts that class), a finite
@@ -497,6 +502,10 @@ def budgeted_curve(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, 
                    costs: Sequence[float], *, qs: Sequence[float] = DEFAULT_QS,
                    cost_unit: str = "MACs", rule: ExitRule | str = "max_probability") -> BudgetCurve:
     """MSDNet's budgeted batch classification: thresholds from held-out logits, points on test logits.
+
+    The thresholds, exits and costs are those of MSDNet's procedure; a prediction is the argmax of
+    the logits, where MSDNet's code takes that of the float32 softmax, which differs only where two
+    logits round to tied probabilities (see the module's docstring).
 
     Args:
         val_logits: held-out logits ``[K, N_val, C]`` (not used for training the weights).

@@ -438,7 +438,11 @@ def exit_costs(model: nn.Module, example_input: Any, *, num_exits: int | None = 
     feed-forward products. Pointwise ops, reductions, normalization, pooling, softmax, embedding
     lookups, dropout and data movement count nothing, as in ``torch.utils.flop_counter``. Work
     written in place (``out[:, :16] = linear(x)``, ``x.relu_()``) is charged, multiply-adds and
-    parameters, to the exits that read the memory it wrote.
+    parameters, to the exits that read the memory it wrote. Dependencies are followed through
+    tensors only: work whose result reaches later layers through a host value (``.item()``,
+    ``float(t)``, ``.tolist()``, a NumPy round trip) is charged to no exit by the default count,
+    without a warning (``.tolist()`` and NumPy conversions are not seen); ``executed=True`` counts
+    it, in the stage that runs it.
 
     Args:
         model: any multi-exit model (``forward`` returns ``K`` logits tensors); with

@@ -34,9 +34,12 @@ def loop_thresholds_from_scores(conf, distribution):
     return torch.tensor(T, dtype=torch.float32)
 
 
-def loop_evaluate(probs, labels, T, costs):
+def loop_evaluate(probs, labels, T, costs, predictions=None):
+    """MSDNet's loop: each sample at the first exit whose top probability reaches the threshold,
+    predicted as the index of that probability (``probs.max``), or by ``predictions [K, N]``."""
     K, N, _ = probs.shape
     conf, pred = probs.max(dim=2)
+    pred = pred if predictions is None else predictions
     correct, taken = 0, [0] * K
     for i in range(N):
         for k in range(K):

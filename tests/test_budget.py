@@ -35,6 +35,36 @@ def test_thresholds_and_points_agree_exactly_with_the_loop(seed):
         assert point.exit_fractions == pytest.approx(fractions, abs=1e-12)
 
 
+def test_where_two_logits_round_to_tied_probabilities_only_the_prediction_differs_from_msdnets_loop():
+    """MSDNet's code predicts with probs.max after a float32 softmax, metaweight with the logits'
+    argmax: the docs said the two agree exactly, and with the top two logits of every row one ulp
+    apart some rows' probabilities tie and are predicted differently. The thresholds, exit shares
+    and costs are the loop's still, and the accuracy is the loop's with the logits' argmax."""
+    torch.manual_seed(0)
+    K, N, C = 2, 1000, 10
+    val, test = torch.randn(K, N, C), torch.randn(K, N, C)
+    top = test.argmax(-1, keepdim=True)
+    other = (top + 1) % C
+    test.scatter_(-1, other, torch.nextafter(test.gather(-1, top), torch.tensor(float("inf"))))
+    val_labels = torch.randint(0, C, (N,))
+    test_labels = torch.minimum(top, other).squeeze(-1)[-1]  # the first of the pair: what probs.max picks on a tie
+    probs = torch.softmax(test, -1)
+    assert bool((probs.argmax(-1) != test.argmax(-1)).any())  # some rows tie in float32
+    costs = [1.0, 2.0]
+    curve = mw.budgeted_curve(val, val_labels, test, test_labels, costs)
+    differ = 0
+    for point in curve.points:
+        T = loop_thresholds(torch.softmax(val, -1), mw.geometric_exit_distribution(point.q, K))
+        assert point.thresholds == T.tolist()
+        acc, cost, fractions = loop_evaluate(probs, test_labels, T, costs)
+        assert point.cost == pytest.approx(cost, rel=1e-12)
+        assert point.exit_fractions == pytest.approx(fractions, abs=1e-12)
+        by_logits, _, _ = loop_evaluate(probs, test_labels, T, costs, predictions=test.argmax(-1))
+        assert point.accuracy == pytest.approx(by_logits, abs=1e-12)
+        differ += abs(point.accuracy - acc) > 1e-9
+    assert differ > 0
+
+
 def test_exits_nobody_takes_and_extreme_distributions():
     val, labels = logits_with_ties()
     # q tiny: everything at exit 1 is wanted; q huge: nothing before the last exit

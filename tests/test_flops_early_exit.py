@@ -367,3 +367,23 @@ def test_a_view_of_a_buffer_depends_only_on_what_was_written_where_it_reads(colu
     costs = mw.exit_costs(net, torch.randn(batch_size, 6))
     assert costs.macs == [36 + 18, 36 + 18 + 36 + 18]  # exit 1 is not charged stage 2 and head 2
     assert costs.params == [42 + 21, 2 * (42 + 21)]
+
+
+def test_work_that_reaches_later_layers_through_a_host_value_is_charged_only_by_the_executed_count():
+    """The documented limit (evaluation.md, Cost per exit): dependencies are followed through tensors
+    only, so b's 32 multiply-adds, which reach the exits through .item(), are charged to no exit by
+    the default count (no warning); executed=True counts what runs, b included."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.a(x) * self.b(x).abs().sum().item()
+
+    torch.manual_seed(0)
+    net = mw.MultiExit([Scaled(), nn.Linear(8, 8)], [nn.Linear(8, 3), nn.Linear(8, 3)]).eval()
+    x = torch.randn(1, 4)
+    hand = [32 + 32 + 24, 32 + 32 + 24 + 64 + 24]  # a, b, head 1; + stage 2, head 2
+    assert mw.exit_costs(net, x, executed=True).macs == hand
+    assert mw.exit_costs(net, x).macs == [h - 32 for h in hand]
