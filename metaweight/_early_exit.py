@@ -421,6 +421,12 @@ class EarlyExit(nn.Module):
     (which looking would consume) or a NumPy array of numbers; an object holding more than
     ``HIDDEN_WALK_LIMIT`` (100,000) values is refused as too large to check.
 
+    Every exit must predict the same classes. Heads that declare different numbers (an
+    ``nn.Linear``, or an ``nn.Sequential`` ending in one) are refused when built and at every call;
+    other heads are checked on their logits, at each exit a call reaches: a batch whose samples all
+    leave before the exit of other classes is answered (from exits that agree), and the next batch
+    that reaches it is refused. Not checked beforehand: that would run the remaining stages.
+
     Layers that compute statistics of the batch at inference would compute other values on the
     samples still in than on the whole batch: a BatchNorm without running statistics
     (``track_running_stats=False``, or ``running_mean``/``running_var`` set to ``None``) in a stage
@@ -487,10 +493,13 @@ class EarlyExit(nn.Module):
         TypeError: a model that is not an ``nn.Module`` or exposes no stages; thresholds that are
             not numbers; ``cuda_graphs`` not a bool. At a call: inputs holding no tensor; features
             whose per-sample tensors cannot be selected (inside another object, a
-            ``PackedSequence``); with ``cuda_graphs``, features a graph cannot hold.
+            ``PackedSequence``); a head returning anything but a logits tensor (a tuple, a dict);
+            with ``cuda_graphs``, features a graph cannot hold.
         ValueError: a model on the meta device; thresholds not one per exit, or NaN; temperatures
             not one positive number per exit; a BatchNorm without running statistics in a stage
             or head after the first (also at a call); ``cuda_graphs`` with exits attached by name.
+            Heads declaring different numbers of classes (at a call too, and heads that do not
+            declare them where a call reaches an exit of other classes than exit 1's).
             At a call: the batch not in the first dimension (of the inputs, or of the features: a
             later exit with other rows than the samples still in), a row of logits with no
             softmax, NaN logits at the last exit (which predicts every sample still in), a model
