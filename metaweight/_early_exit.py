@@ -302,7 +302,10 @@ def _inside(value: Any, items: bool) -> list[tuple[str, Any]]:
                 found += [(f"[{i}]", v) for i, v in enumerate(list(value))]
         except Exception:
             pass
-    inner = getattr(value, "__dict__", None)
+    try:  # (read as object does: a class's __getattr__ is not called)
+        inner = object.__getattribute__(value, "__dict__")
+    except (AttributeError, TypeError):
+        inner = None
     if isinstance(inner, dict):
         found += [(f".{k}", v) for k, v in list(inner.items())]
     for kind in type(value).__mro__:

@@ -895,6 +895,16 @@ class _Mapping(Mapping):  # a Mapping that is not a dict: selected as one
         return len(self._items)
 
 
+class _Proxy:  # slots only, and a __getattr__ that raises for any other name (`__dict__` included)
+    __slots__ = ("scale",)
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"no {name}")
+
+
 def _tagged(scale):
     tagged = _Tagged([0])
     tagged.scale = scale
@@ -916,6 +926,7 @@ _HOLDERS = {
     "an object in a deque": (lambda t: collections.deque([_Slotted(t)]), lambda w: w[0].scale, "[0].scale"),
     "an attribute of a list subclass": (_tagged, lambda w: w.scale, ".scale"),
     "a cycle": (_Cyclic, lambda w: w.scale, ".scale"),
+    "an object whose __getattr__ raises": (_Proxy, lambda w: w.scale, ".scale"),
     "a Mapping that is not a dict": (lambda t: _Mapping({"s": t}), lambda w: w["s"], None),
 }
 
