@@ -174,8 +174,10 @@ class FiniteDifferenceBackend(_Directional):
         if not terms.fixed_targets:
             raise ValueError(
                 f"backend='finite_difference' holds detached targets (a teacher's soft labels) fixed through a "
-                f"`teacher_outputs` keyword, which `{type(terms.criterion).__name__}` does not take. Use "
-                f"backend='jvp' (the default; exact) or give its forward a `teacher_outputs=None` argument."
+                f"`teacher_outputs` keyword, which `{type(terms.criterion).__name__}` does not take (it cannot see "
+                f"whether a criterion detaches anything, so it needs the keyword of every one). Use backend='jvp' "
+                f"(the default; exact) or give its forward a `teacher_outputs=None` argument (one that detaches "
+                f"nothing may ignore it)."
             )
 
 

@@ -14,9 +14,10 @@ terms, as ``criterion.term_names`` or the weighter's ``term_names`` argument. Op
   nothing) (default: all active);
 * a keyword argument ``teacher_outputs`` in its ``forward``/``__call__``: model outputs to take
   every detached target from (a teacher's soft labels, a feature target) instead of
-  ``outputs``. The ``"finite_difference"`` backend needs it when the criterion detaches
-  anything, to hold those targets fixed while the parameters move (``"jvp"`` and ``"higher"``
-  see ``.detach()`` by themselves).
+  ``outputs``. The ``"finite_difference"`` backend needs it, to hold those targets fixed while
+  the parameters move; it cannot see whether a criterion detaches anything, so it refuses a
+  criterion without the keyword (one that detaches nothing takes it and ignores it).
+  ``"jvp"`` and ``"higher"`` see ``.detach()`` by themselves.
 
 **Validation objective** — a callable ``validation(outputs, target) -> scalar``. Optional, as a
 set: ``exit_losses(outputs, target) -> Tensor[m]``, ``objective(losses) -> scalar`` and
