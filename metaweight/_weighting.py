@@ -544,7 +544,8 @@ class Weighting(NamedWeights):
         backward: to ``None``, or in place (``set_to_none=False``; an LBFGS closure's, which clears before each
         evaluation): :meth:`GradSnapshot.zeroed` since the gradients as the last backward left them (every
         gradient written since all zeros), or as the last :meth:`loss` found them (any gradient that held values
-        then). Looked at in each training :meth:`loss` (before anything of its own backward is written) and again
+        then); a part of the gradients cleared (a part of the model frozen in the loop) is no ``zero_grad``, and the
+        calls stay. Looked at in each training :meth:`loss` (before anything of its own backward is written) and again
         when its backward reaches it (a ``zero_grad`` between the forward and the backward, where autograd may
         have written, before, the gradients of parameters only other losses of the sum reach). Python objects at
         each backward's end; at a :meth:`loss` after another of the same step (gradient accumulation), a few ops
@@ -554,7 +555,8 @@ class Weighting(NamedWeights):
         if group is None or not group.wrote or group.after is None:
             return
         grads = self._gradients()
-        if group.after.zeroed(grads):
+        zeroed, partial = group.after.zeroing(grads)
+        if zeroed and not partial:
             del self._groups[steps]  # the gradients those calls' backward wrote were cleared: no step came of them
         elif not at_backward or group.after.changed(grads):  # (what comes next is looked at from here)
             group.after = GradSnapshot.refs_of(grads, True)

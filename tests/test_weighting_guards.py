@@ -675,3 +675,27 @@ def test_a_second_meta_step_with_no_step_between_is_refused_changing_nothing(nam
     for x, y in data[1:]:
         w.step((x, y)), twin.step((x, y))
     assert same(state(w), state(twin))
+
+
+@pytest.mark.parametrize("clear", ["zero_()", "= None"])
+@pytest.mark.parametrize("name", ["uw", "dwa", "gradnorm"])
+def test_a_part_of_the_gradients_cleared_between_micro_batches_keeps_the_earlier_ones(name, clear):
+    """Gradient accumulation where the loop clears the gradients of a part of the model after each backward (a
+    head frozen in the loop, in place or to None): no zero_grad, so the update reads both micro-batches' terms, as
+    a twin that clears nothing (the look for an in-place zero_grad between a backward and the next loss() took it
+    for one and read the last micro-batch alone)."""
+    records = []
+    for freeze in (True, False):
+        w, model, optimizer = build(name)
+        optimizer.zero_grad()
+        for x, y in batches(2):
+            (w.loss(model(x), y) / 2).backward()
+            if freeze:
+                for p in model.heads[0].parameters():
+                    if clear == "zero_()":
+                        p.grad.zero_()
+                    else:
+                        p.grad = None
+        optimizer.step()
+        records.append(w.meta_step(batches(2)[-1]))
+    assert records[0].terms == pytest.approx(records[1].terms, rel=1e-6)
