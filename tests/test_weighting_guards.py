@@ -658,23 +658,43 @@ def test_a_partial_conversion_that_torch_s_step_stops_part_way_is_not_reported_a
     assert "part way" in str(info.value) and "checkpoint" in str(info.value)
 
 
+@pytest.mark.parametrize("between", ["nothing", "a loss() for logging", "a step a GradScaler skipped"])
 @pytest.mark.parametrize("name", NAMES)
-def test_a_second_meta_step_with_no_step_between_is_refused_changing_nothing(name):
-    """step() (which calls meta_step) and then a leftover meta_step: refused, for every method, the weights and
-    the method's state unchanged; the next iteration goes on. RLW drew new weights and SDN's schedule moved on
-    (their rules read no terms, so the check for this iteration's loss() calls did not stop them)."""
+def test_a_meta_step_after_no_step_since_the_last_changes_nothing(name, between):
+    """A meta_step with no optimizer step and no backward through weighting.loss since the last meta step (a second
+    call after step(); one after a loss() under no_grad for logging; a GradScaler's skipped step in a loop that
+    weighs the terms itself): a skipped record, the weights and the method's state unchanged, and the run goes on
+    as a twin's that never made the call. RLW drew new weights and SDN's schedule moved on; after the logging
+    loss() UW, DWA and FAMO learned from its terms (a validation batch's). Where no loss() came at all, the
+    methods that read the terms say so, as ever (GradNorm, which reads their gradients, after a no_grad loss())."""
     w, model, optimizer = build(name)
-    twin, *_ = build(name)
+    twin, twin_model, _ = build(name)
     data = batches(3)
     for weighting in (w, twin):
         weighting.step(data[0])
     before = state(w)
-    with pytest.raises(ValueError, match="meta_step"):
-        w.meta_step(data[0])
-    assert same(state(w), before) and w.num_calls == twin.num_calls
+    if between == "a loss() for logging":
+        with torch.no_grad():
+            w.loss(model(data[1][0]), data[1][1])
+    if between == "a step a GradScaler skipped":  # (the terms weighed by the loop: gradients of inf, no step)
+        optimizer.zero_grad()
+        (w.gamma * mw.DenseDistillLoss(3)(model(data[1][0]), data[1][1])).sum().mul(math.inf).backward()
+    refusal = ("reads the terms of this iteration" if between != "a loss() for logging" and w.needs_terms else
+               "had no graph" if name == "gradnorm" else None)  # (GradNorm reads the terms' gradients too)
+    if refusal is not None:
+        with pytest.raises(ValueError, match=refusal):
+            w.meta_step(data[0])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            record = w.meta_step(data[0])
+        assert record.skipped and not record.ran
+    assert same(state(w), before)
+    optimizer.zero_grad()
     for x, y in data[1:]:
         w.step((x, y)), twin.step((x, y))
     assert same(state(w), state(twin))
+
 
 
 @pytest.mark.parametrize("clear", ["zero_()", "= None"])
