@@ -118,10 +118,11 @@ class SDNSchedule(Weighting):
         return {"gamma": host_to_device(self._weights_at(self.num_meta_steps + 1), self.device) * self._active}
 
     def _gamma_of(self, state: Mapping[str, Any]) -> Tensor | None:
-        steps = state.get("num_meta_steps")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            return None  # (refused with the counters)
-        return self._weights_at(steps) * self._terms.active
+        # the schedule at the model steps taken; a checkpoint of an earlier version, whose schedule counted the
+        # meta_step calls (num_calls, the same but for steps a GradScaler skipped), holds the weights at those
+        expected = [self._weights_at(state[k]) * self._terms.active for k in ("num_meta_steps", "num_calls")]
+        gamma = state["gamma"].float()
+        return next((e for e in expected if torch.allclose(gamma, e, rtol=1e-5, atol=1e-6)), expected[0])
 
     def _state_options(self) -> dict[str, Any]:
         # the schedule's position and the weights it grows to

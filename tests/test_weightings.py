@@ -228,6 +228,23 @@ def test_sdn_matches_the_authors_schedule(first):
     assert got[-1] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # held at C_k after the last epoch
 
 
+def test_sdn_loads_a_checkpoint_whose_schedule_counted_the_meta_step_calls():
+    """Before its schedule counted the model steps taken, SDN's counted the meta_step calls (a GradScaler's skipped
+    step among them): such a checkpoint, whose weights are the schedule's at num_calls, loads (it was refused as
+    edited); one whose weights are neither is refused."""
+    w, model, _ = build("sdn")
+    for b in batches(3):
+        w.step(b)
+    saved = w.state_dict()
+    old = {**saved, "num_calls": saved["num_calls"] + 2}
+    old["gamma"] = (w._weights_at(old["num_calls"]) * w._terms.active).float()
+    assert not torch.allclose(old["gamma"], saved["gamma"])
+    w.load_state_dict(old)
+    assert torch.equal(w.gamma.cpu(), old["gamma"])
+    with pytest.raises(ValueError, match="rule"):
+        w.load_state_dict({**old, "gamma": old["gamma"] * 1.5})
+
+
 def test_sdn_max_weights_by_name():
     w, *_ = build("sdn", teachers="none", max_weights={"ce[1]": 0.15, "ce[2]": 0.3})
     assert w.gamma_dict()["ce[1]"] == pytest.approx(0.01 + 0.15 / 3)
