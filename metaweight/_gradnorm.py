@@ -20,14 +20,16 @@ def gradnorm_gradient(weights: Tensor, norms: Tensor, terms: Tensor, initial: Te
 
     :math:`G_k = w_k \|\nabla_W L_k\|` (``norms`` holds :math:`\|\nabla_W L_k\|`),
     :math:`\bar G` their mean, :math:`r_k = \tilde L_k / \overline{\tilde L}` with
-    :math:`\tilde L_k = L_k / L_k(0)`; all means over the active terms. Where :math:`L_k(0)` is 0 (not known
-    yet: the term has been exactly 0), :math:`\tilde L_k = 1`. A target that is NaN (negative rates raised to a
-    fractional :math:`\alpha`) makes the gradient NaN, not 0 (as ``torch.sign`` would): the update is refused.
+    :math:`\tilde L_k = L_k / L_k(0)`; all means over the active terms. A term whose :math:`L_k(0)` is 0 has no
+    rate: its :math:`r_k` is 1 (its norm is drawn to the mean) and it takes no part in the mean of the rates. A
+    target that is NaN (negative rates raised to a fractional :math:`\alpha`) makes the gradient NaN, not 0 (as
+    ``torch.sign`` would): the update is refused.
     """
     count = active.sum()
     known = active & (initial != 0)
-    ratio = torch.where(known, terms / torch.where(known, initial, torch.ones_like(initial)), active.to(terms.dtype))
-    r = ratio / (ratio.sum() / count)
+    ratio = torch.where(known, terms / torch.where(known, initial, torch.ones_like(initial)), torch.zeros_like(terms))
+    mean = ratio.sum() / known.sum().clamp_min(1)
+    r = torch.where(known, ratio / mean, active.to(terms.dtype))
     g = weights * norms
     target = (g * active).sum() / count * r.pow(alpha)
     sign = torch.where(target.isnan(), target, torch.sign(g - target))
@@ -60,9 +62,9 @@ class GradNorm(Weighting):
     (clamped at 0 first, which the paper does not need to say). :math:`\alpha = 1.5` is the
     paper's value for its NYUv2 experiments. :math:`L_k(0)` are the terms of the first iteration; a
     term that is exactly 0 there (a distillation term between heads initialised to zero, which all
-    give the uniform distribution) takes its first value that is not 0, and its rate
-    :math:`\tilde L_k` is 1 until then (with :math:`L_k(0) = 0` kept, every later rate would be
-    infinite or NaN).
+    give the uniform distribution) has no rate of training: its :math:`r_k` is 1 for the whole run
+    (its gradient norm drawn to the mean) and the mean of the rates is over the others (its rate
+    from 0 would be infinite or NaN, and one from its first value above 0, tiny, would inflate it).
 
     The paper takes the gradient norms on the last layer shared by all tasks. In a multi-exit
     network the parameters every exit's loss depends on are those of the first stage (exit 1
@@ -198,8 +200,7 @@ class GradNorm(Weighting):
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         assert terms is not None and self._norms is not None
         terms = terms.to(self.gamma)
-        # L_k(0): each term's first value that is not 0 (one not known yet is 0)
-        initial = torch.where(self.initial_losses != 0, self.initial_losses, terms * self._active)
+        initial = terms * self._active if self.num_meta_steps == 0 else self.initial_losses
         grad = gradnorm_gradient(self.gamma, self._norms, terms, initial, self._active, self.alpha)
         w, m, v = adam_update(self.gamma, grad, self.exp_avg, self.exp_avg_sq, self.num_meta_steps + 1, lr=self.lr)
         return {"initial_losses": initial, "exp_avg": m, "exp_avg_sq": v, "gamma": renormalize(w, self._active)}

@@ -105,20 +105,20 @@ def gradnorm(losses, norms, alpha=1.5, lr=0.01):
     """Chen et al. 2018, Alg. 1: w from 1; each iteration G_k = w_k ||grad_W L_k||, target
     mean(G) * r_k^alpha held constant, r_k = (L_k/L_k(0)) / mean_i(L_i/L_i(0)); w takes an Adam step on
     d/dw_k sum |G_k - target_k| = sign(G_k - target_k) ||grad_W L_k||, is clamped at 0 and renormalised to
-    sum to K. Returns the weights of every iteration. Where the paper's L_k(0) is 0 (its rates undefined), the
-    library's rule: L_k(0) is the term's first value that is not 0, and L_k/L_k(0) is 1 until there is one."""
+    sum to K. Returns the weights of every iteration. Where the paper's L_k(0) is 0 (its rate undefined), the
+    library's rule: r_k = 1, and the mean of the rates is over the other terms."""
     K = len(losses[0])
     w = [1.0] * K
     opt = Adam(w, lr)
     out = [list(w)]
-    initial = [None] * K
+    initial = losses[0]
+    known = [k for k in range(K) if initial[k] != 0]
     for L, n in zip(losses, norms):
-        initial = [L[k] if initial[k] is None and L[k] != 0 else initial[k] for k in range(K)]
-        ratio = [L[k] / initial[k] if initial[k] is not None else 1.0 for k in range(K)]
-        mean_ratio = sum(ratio) / K
+        ratio = {k: L[k] / initial[k] for k in known}
+        mean_ratio = sum(ratio.values()) / max(len(known), 1)
         G = [w[k] * n[k] for k in range(K)]
         mean_G = sum(G) / K
-        target = [mean_G * (ratio[k] / mean_ratio) ** alpha for k in range(K)]
+        target = [mean_G * ((ratio[k] / mean_ratio) ** alpha if k in known else 1.0) for k in range(K)]
         grad = [(1.0 if G[k] > target[k] else -1.0 if G[k] < target[k] else 0.0) * n[k] for k in range(K)]
         w = opt.step(grad)
         w = [max(v, 0.0) for v in w]

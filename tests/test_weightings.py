@@ -185,9 +185,9 @@ def test_famo_gradient_weights_each_term_by_z_over_c_d():
 @pytest.mark.parametrize("losses", [LOSSES, ZERO_START], ids=["", "a term 0 at the first two iterations"])
 @pytest.mark.parametrize("alpha", [1.5, 0.5])
 def test_gradnorm_matches_the_reference(alpha, losses):
-    """GradNorm against the paper's Alg. 1; a term exactly 0 at the start (distillation between heads initialised
-    to zero) takes its first value that is not 0 as L_k(0) (with L_k(0) = 0 kept, its rate was NaN, which
-    torch.sign made 0: its weight never learned, and nothing was refused)."""
+    """GradNorm against the paper's Alg. 1; a term exactly 0 at the first iteration (distillation between heads
+    initialised to zero) has no rate: r_k = 1, the mean of the rates over the others (with L_k(0) = 0 its rate
+    was NaN, which torch.sign made 0: its weight never learned, and nothing was refused)."""
     w, _ = scripted_gradnorm(alpha)
     got = run_scripted(w, before=losses, grads=GRADS)
     norms = [[math.sqrt(sum(v * v for v in row)) for row in G] for G in GRADS]
