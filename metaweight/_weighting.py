@@ -628,7 +628,7 @@ class Weighting(NamedWeights):
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
                              f"Nothing was changed.{self._lost_calls}")
         steps = optimizer_steps(self._inner_optimizer)
-        if self._iteration() is None and self._met_at == steps:
+        if local is None and self._met_at == steps:
             return self._no_step_since(local)
         if self._kept_at == steps - 1 and steps in self._groups and self._groups[steps].wrote:
             # calls kept by a meta_step before a step, and a backward after that step before this meta_step: the
@@ -722,14 +722,14 @@ class Weighting(NamedWeights):
                               gamma=self.gamma_dict(), terms=self._named(shown), message=message)
 
     def _no_step_since(self, local: Tensor | None) -> MetaStepRecord:
-        """The meta step after no optimizer step and no backward through a :meth:`loss` since the last meta step
-        (a ``GradScaler``'s skip in a loop that weighs the terms itself, a ``meta_step`` after each micro-batch
-        without ``loss()``, a second call, a ``loss()`` for logging only): nothing to learn from, as
-        :meth:`_not_stepped`; warned where the gradients are finite (no ``GradScaler`` skipped a step)."""
+        """The meta step after no optimizer step and no :meth:`loss` call since the last meta step (RLW's and SDN's,
+        which read no terms: a ``GradScaler``'s skip in a loop that weighs the terms itself, a ``meta_step`` after
+        each micro-batch without ``loss()``, a second call): nothing to learn from, as :meth:`_not_stepped`;
+        warned where the gradients are finite (no ``GradScaler`` skipped a step)."""
         self.num_calls += 1
         self._reset_pending()
-        message = (f"No optimizer step came since the last {type(self).__name__}.meta_step, nor a backward through "
-                   f"weighting.loss: no loss changed, so the weights and the method's state are unchanged. Call "
+        message = (f"No optimizer step came since the last {type(self).__name__}.meta_step, nor a weighting.loss "
+                   f"call: no loss changed, so the weights and the method's state are unchanged. Call "
                    f"meta_step once per optimizer step, after optimizer.step() (step() calls it itself).")
         if gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad]):
             warn_user(message)
