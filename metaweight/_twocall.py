@@ -370,8 +370,11 @@ def _check_moves(flags: list[float]) -> None:
     or whose parameters moved by something other than the optimizer's step (``flags[0:2]``)."""
     if flags[2]:
         raise ValueError(_OTHER_INPUTS.format(why="inputs or labels whose values differ from those the model and "
-                                                  "weighter.loss got: another batch, or a buffer the loader refilled "
-                                                  "in place (e.g. through torch.from_numpy or .data)"))
+                                                  "weighter.loss got: another batch, a buffer the loader refilled "
+                                                  "in place (e.g. through torch.from_numpy or .data), or, with "
+                                                  "gradient accumulation, a tensor each micro-batch got at the whole "
+                                                  "batch's shape (taken as one each got whole) whose values are not "
+                                                  "those each got, e.g. one micro-batch's labels passed for all"))
     if flags[0]:
         raise ValueError(MOVED_BEFORE_STEP)
     if flags[1]:
@@ -407,8 +410,10 @@ def _micro_inputs(w: HarmonizedWeighter, stepped: list[Micro], x: Any, y: Any) -
     them by what each got: every tensor of the inputs (as the model is called with them: a tuple, a dict
     of keyword arguments, any nesting) by the shape its micro-batch's forward got it at, every tensor of
     the labels by the shape its ``loss()`` got it at, each on its own (labels flattened over tokens,
-    ``(B*T,)``, a tuple of a task's labels and another's targets). A tensor each micro-batch got whole
-    (the same tensor for all: a mask, a weight; or a 0-dim one) is passed whole. The values are compared on the device by :meth:`TwoCall._check_inputs`."""
+    ``(B*T,)``, a tuple of a task's labels and another's targets). A tensor each micro-batch got at the
+    whole's shape (the same tensor for all: a mask, a weight; one built afresh for each; a 0-dim one) is
+    passed whole. The values are compared on the device by :meth:`TwoCall._check_inputs`: each micro-batch's
+    cut must hold what it got (a refusal where they differ, e.g. one micro-batch's labels passed for all)."""
     if any(m.target_changed() for m in stepped):
         raise ValueError(_CHANGED_LABELS)
     if len(stepped) == 1:
@@ -438,8 +443,8 @@ def _rows(tensors: list[Tensor]) -> int:
 
 def _cut(whole: list[Any], parts: list[list[Any]], what: str, sizes: list[int]) -> list[list[Any]]:
     """``whole``'s leaves cut into those of each micro-batch (``parts[i]``: the leaves it got): a tensor by the
-    dimension along which the micro-batches' tensors, concatenated, make it (the first where several would), or
-    whole where each got one tensor whole; anything else must be what each got. A ``ValueError`` where it is
+    dimension along which the micro-batches' tensors, concatenated, make it, or whole where each got a tensor of
+    its shape (the values are checked later); anything else must be what each got. A ``ValueError`` where it is
     neither."""
     tensors = [t for t in whole if isinstance(t, Tensor)]
 
@@ -462,14 +467,16 @@ def _cut(whole: list[Any], parts: list[list[Any]], what: str, sizes: list[int]) 
     for j, t in enumerate(tensors):
         got = [[t2 for t2 in part if isinstance(t2, Tensor)][j] for part in parts]
         shapes = [u.shape for u in got]
-        # whole where each got it whole: one tensor (a mask, a weight), or a 0-dim one (no concatenation of those);
-        # other tensors of the whole's shape each are no such tensor (one micro-batch's labels passed for all)
-        whole_to_each = t.dim() == 0 or all(u is got[0] for u in got)
-        dim = _cut_dim(t.shape, shapes, whole_to_each)
+        # whole where each got a tensor of the whole's shape: the same one (a mask, a weight), one built afresh
+        # for each forward (torch.full(...) in the loop), or a 0-dim one. Which it is, and whether they are one
+        # micro-batch's passed for all (each got other values), only the values say: TwoCall._check_inputs
+        # compares each micro-batch's with the whole on the device (a whole of n parts' shape each is no
+        # concatenation of them, but along a dimension of size 0, where both are the same empty tensor)
+        dim = _cut_dim(t.shape, shapes)
         if dim is False:
             raise refuse(f"{what} {j} of shape {tuple(t.shape)}, where the micro-batches got "
-                         f"{', '.join(str(tuple(s)) for s in shapes)}: not their concatenation"
-                         + (", nor one tensor each got whole" if all(s == t.shape for s in shapes) else ""))
+                         f"{', '.join(str(tuple(s)) for s in shapes)}: not their concatenation, nor a tensor of the "
+                         f"whole's shape each got whole")
         if dim is None:
             cuts.append([t] * len(parts))
         else:
@@ -481,11 +488,14 @@ def _cut(whole: list[Any], parts: list[list[Any]], what: str, sizes: list[int]) 
     return out
 
 
-def _cut_dim(whole: torch.Size, parts: list[torch.Size], whole_to_each: bool) -> int | None | bool:
-    """The dimension along which tensors of shapes ``parts``, concatenated, have shape ``whole`` (the first where
-    several would); ``None`` where each has shape ``whole`` and may have got it whole (``whole_to_each``);
-    ``False`` for neither."""
-    if whole_to_each and all(p == whole for p in parts):
+def _cut_dim(whole: torch.Size, parts: list[torch.Size]) -> int | None | bool:
+    """The dimension along which tensors of shapes ``parts``, concatenated, have shape ``whole``; ``None`` where
+    each has shape ``whole`` (got it whole); ``False`` for neither. At most one dimension fits: each part must
+    have the whole's size in every other dimension, so two (of nonzero sizes: T == B of a sequence-first batch
+    too) would need each part to be whole in both, and then two or more add up to it only along a dimension of size 0. Where a part is
+    whole in every dimension (n >= 2 parts of the whole's shape) only a dimension of size 0 adds up, and the
+    cut and the whole are the same empty tensor: whole. The values decide the rest (TwoCall._check_inputs)."""
+    if all(p == whole for p in parts):
         return None
     for d in range(len(whole)):
         if all(len(p) == len(whole) and p[:d] == whole[:d] and p[d + 1:] == whole[d + 1:] for p in parts) \

@@ -219,7 +219,8 @@ def case_data(name: str, g: torch.Generator):
     def labels(n):
         return torch.randint(0, 4, (n,), generator=g)
 
-    sizes = (10, 6) if name == "unequal micro-batches, tuple labels" else (8, 8)
+    sizes = {"unequal micro-batches, tuple labels": (10, 6),
+             "sequence-first inputs, as many steps as samples (T == B)": (4, 4)}.get(name, (8, 8))
     if name in ("tuple labels", "unequal micro-batches, tuple labels", "tuple labels with a shared entry"):
         micro = [(torch.randn(n, 6, dtype=F64, generator=g), (labels(n), torch.randn(n, dtype=F64, generator=g)))
                  for n in sizes]
@@ -246,17 +247,24 @@ def case_data(name: str, g: torch.Generator):
         whole = (cat([x for x, _ in micro]), cat([y for _, y in micro]))
         return Tokens(), criterion, objective, micro, whole, (torch.randn(16, 3, 6, dtype=F64, generator=g),
                                                               labels(48))
-    if name in ("keyword inputs, a tensor each forward gets whole", "a mapping that is no pytree"):
+    if name in ("keyword inputs, a tensor each forward gets whole", "a mapping that is no pytree",
+                "keyword inputs, a tensor of equal values built afresh for each forward"):
         shift = torch.randn(6, dtype=F64, generator=g)
         kind = dict if name.startswith("keyword") else collections.UserDict
-        micro = [(kind(features=torch.randn(n, 6, dtype=F64, generator=g), shift=shift), labels(n)) for n in sizes]
-        whole = (kind(features=cat([x["features"] for x, _ in micro]), shift=shift), cat([y for _, y in micro]))
+        # afresh: a new tensor object for each forward and for the whole batch (torch.full((6,), 0.1) in the loop)
+        again = (lambda: shift.clone()) if name.endswith("afresh for each forward") else (lambda: shift)
+        micro = [(kind(features=torch.randn(n, 6, dtype=F64, generator=g), shift=again()), labels(n)) for n in sizes]
+        whole = (kind(features=cat([x["features"] for x, _ in micro]), shift=again()), cat([y for _, y in micro]))
         return Keywords(), criterion, objective, micro, whole, (
-            kind(features=torch.randn(16, 6, dtype=F64, generator=g), shift=shift), labels(16))
-    assert name == "sequence-first inputs, concatenated along the batch"
-    micro = [(torch.randn(5, n, 6, dtype=F64, generator=g), labels(n)) for n in sizes]
+            kind(features=torch.randn(16, 6, dtype=F64, generator=g), shift=again()), labels(16))
+    assert name in ("sequence-first inputs, concatenated along the batch",
+                    "sequence-first inputs, as many steps as samples (T == B)")
+    steps = sum(sizes)  # (T == B: (8, 8, 6) for the whole batch, cut along its second dimension)
+    if name == "sequence-first inputs, concatenated along the batch":
+        steps = 5
+    micro = [(torch.randn(steps, n, 6, dtype=F64, generator=g), labels(n)) for n in sizes]
     whole = (cat([x for x, _ in micro], dim=1), cat([y for _, y in micro]))
-    return SequenceFirst(), criterion, objective, micro, whole, (torch.randn(5, 16, 6, dtype=F64, generator=g),
+    return SequenceFirst(), criterion, objective, micro, whole, (torch.randn(steps, 16, 6, dtype=F64, generator=g),
                                                                  labels(16))
 
 
@@ -266,7 +274,9 @@ def call(model, x):
 
 ACCUMULATION = ["tuple labels", "unequal micro-batches, tuple labels", "tuple labels with a shared entry",
                 "labels flattened over tokens", "keyword inputs, a tensor each forward gets whole",
-                "a mapping that is no pytree", "sequence-first inputs, concatenated along the batch"]
+                "a mapping that is no pytree", "sequence-first inputs, concatenated along the batch",
+                "keyword inputs, a tensor of equal values built afresh for each forward",
+                "sequence-first inputs, as many steps as samples (T == B)"]
 
 
 def accumulated(name: str, micro_batches: bool):
@@ -317,17 +327,45 @@ def test_a_batch_that_is_not_the_micro_batches_concatenated_is_refused_saying_wh
             ((whole[0], (whole[1][0][:12], whole[1][1])),
              r"accumulated the gradients of 2 weighter.loss calls \(micro-batches of \[8, 8\] samples\).*whole "
              r"batch.*label 0 of shape \(12,\), where the micro-batches got \(8,\), \(8,\)"),
-            ((whole[0], (micro[0][1][0], whole[1][1])), r"accumulated the gradients of 2.*label 0 of shape \(8,\), "
-                                                        r"where the micro-batches got \(8,\), \(8,\): not their "
-                                                        r"concatenation, nor one tensor each got whole"),
+            # (a tensor of the whole's shape each got is taken as got whole, and its values compared)
+            ((whole[0], (micro[0][1][0], whole[1][1])), r"labels whose values differ.*one micro-batch's labels "
+                                                        r"passed for all"),
+            ((whole[0], (micro[0][1][0], micro[0][1][1])), r"labels whose values differ"),
             ((whole[0][:12], whole[1]), r"accumulated the gradients of 2.*input 0 of shape \(12, 6\), where the "
-                                        r"micro-batches got \(8, 6\), \(8, 6\)"),
+                                        r"micro-batches got \(8, 6\), \(8, 6\): not their concatenation, nor a "
+                                        r"tensor of the whole's shape each got whole"),
             ((whole[0], whole[1][:1]), r"accumulated the gradients of 2.*1 label tensors, where micro-batch 0 had 2"),
             ((whole[0], (whole[1][0].flip(0), whole[1][1])), r"labels whose values differ")]:
         with pytest.raises(ValueError, match=match):
             w.meta_step(batch, val)
         assert repr(copy.deepcopy((w.state_dict(), model.state_dict()))) == repr(before)
     assert w.meta_step(whole, val).ran
+
+
+def test_a_tensor_built_afresh_for_each_forward_is_taken_whole_only_where_its_values_are_those_each_got():
+    """A tensor of the whole's shape that each micro-batch's forward got as a new object (a shift built by
+    torch.full in the loop) is passed whole (the accumulation case above; it was refused: "not their
+    concatenation, nor one tensor each got whole"), its values checked: where the micro-batches got other
+    values (or the whole holds others), refused, nothing changed."""
+    g = torch.Generator().manual_seed(3)
+    features = [torch.randn(8, 6, dtype=F64, generator=g) for _ in range(2)]
+    labels = [torch.randint(0, 4, (8,), generator=g) for _ in range(2)]
+    shifts = [torch.full((6,), 0.1, dtype=F64), torch.full((6,), 0.2, dtype=F64)]  # (another value each)
+    val = ({"features": torch.randn(16, 6, dtype=F64, generator=g), "shift": torch.full((6,), 0.1, dtype=F64)},
+           torch.randint(0, 4, (16,), generator=g))
+    torch.manual_seed(0)
+    model = Keywords().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), mw.BalancedValidation(2), mode="fast")
+    optimizer.zero_grad()
+    for xb, yb, shift in zip(features, labels, shifts):
+        (w.loss(model(features=xb, shift=shift), yb) / 2).backward()
+    optimizer.step()
+    before = copy.deepcopy((w.state_dict(), model.state_dict()))
+    for shift in (torch.full((6,), 0.1, dtype=F64), shifts[1].clone()):
+        with pytest.raises(ValueError, match=r"inputs or labels whose values differ from those the model"):
+            w.meta_step(({"features": cat(features), "shift": shift}, cat(labels)), val)
+        assert repr(copy.deepcopy((w.state_dict(), model.state_dict()))) == repr(before)
 
 
 def test_the_fast_step_takes_labels_flattened_over_tokens_as_the_training_batch_has_them():
