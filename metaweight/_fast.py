@@ -487,11 +487,28 @@ def _batch_size(y: Any) -> int:
     return int(leaves[0].shape[0]) if leaves else 1
 
 
+def _labels_expected(x: Any, y: Any, xv: Tensor) -> set[int] | range | None:
+    """The numbers of validation labels that fit inputs ``xv`` as the training batch's labels ``y`` fit its inputs
+    ``x``: its labels are one per entry of some run of ``x``'s dimensions (one per input, (B,) for (B, ...);
+    one per token, (B*T,) for (B, T, ...); one per input of a sequence-first batch, (B,) for (T, B, ...)), and
+    the validation batch's the same run of its own (each batch padded to its own length). Where several runs
+    fit the training batch (B == T), any of them: what the validation forward gives is not known before the
+    model's step. ``None`` where no run fits (nothing to judge); without a training batch to compare (inputs
+    that are no tensor, of another number of dimensions), a whole multiple of ``xv``'s first dimension."""
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.dim() == xv.dim() and y.dim() > 0):
+        n = int(xv.shape[0])
+        return range(n, 2 ** 62, n) if n > 0 else {0}
+    runs = [(i, j) for i in range(x.dim()) for j in range(i + 1, x.dim() + 1)
+            if math.prod(int(d) for d in x.shape[i:j]) == int(y.shape[0])]
+    return {math.prod(int(d) for d in xv.shape[i:j]) for i, j in runs} or None
+
+
 def _check_val_labels(w: HarmonizedWeighter, outputs: Any, xv: Any, yv: Any, x: Any = None, y: Any = None) -> None:
     """The fast step scores its validation batch after the model's step: refuse before it what can be
     judged now. For class labels scored by the library's own objective (``BalancedValidation``):
-    integer labels, as many per input as the training batch has (when the inputs are one tensor: one per
-    input, or one per token for labels flattened over tokens, ``(B*T,)`` for inputs ``(B, T, ...)``), in
+    integer labels, as the training batch has them (when the inputs are one tensor: one per input, or one
+    per token for labels flattened over tokens, ``(B*T,)`` for inputs ``(B, T, ...)``, whose T may be another
+    than the training batch's: each batch padded to its own longest; see :func:`_labels_expected`), in
     the classes the training outputs have (the labels' summary is already read: no host read)."""
     from metaweight._validation import BalancedValidation
 
@@ -499,15 +516,18 @@ def _check_val_labels(w: HarmonizedWeighter, outputs: Any, xv: Any, yv: Any, x: 
             or not isinstance(outputs[0], Tensor) or outputs[0].dim() not in (2, 3):
         return
     if isinstance(xv, Tensor) and isinstance(yv, Tensor) and xv.dim() > 0 and yv.dim() > 0:
-        # labels per input as in the training batch, which the training loss took (1, or T flattened over tokens)
-        inputs, labels = (int(x.shape[0]), int(y.shape[0])) if isinstance(x, Tensor) and isinstance(y, Tensor) \
-            and x.dim() > 0 and y.dim() > 0 and x.shape[0] > 0 and y.shape[0] % x.shape[0] == 0 else (1, 1)
-        if yv.shape[0] * inputs != xv.shape[0] * labels:
-            per = labels // inputs
-            raise ValueError(f"The validation batch has {xv.shape[0]} inputs but {yv.shape[0]} labels. Pass "
-                             + ("one label per input" if per == 1 else
-                                f"{per} labels per input, as the training batch has ({y.shape[0]} for {x.shape[0]})")
-                             + ". Nothing was changed (mode='fast' checks this before the model's step).")
+        expected = _labels_expected(x, y, xv)
+        if expected is not None and int(yv.shape[0]) not in expected:
+            fit = f"a whole multiple of {expected.step}" if isinstance(expected, range) else " or ".join(
+                str(n) for n in sorted(expected))
+            raise ValueError(
+                f"The validation batch has inputs of shape {tuple(xv.shape)} but {yv.shape[0]} labels, where "
+                f"{fit} would be labelled as the training batch is ("
+                + (f"{y.shape[0]} labels for inputs of shape {tuple(x.shape)}" if isinstance(x, Tensor)
+                   and isinstance(y, Tensor) and x.dim() == xv.dim() and y.dim() > 0 else "a whole number per input")
+                + "): pass one label per input, or one per token for labels flattened over tokens ((B*T,) for "
+                  "inputs (B, T, ...), T the validation batch's own). Nothing was changed (mode='fast' checks this "
+                  "before the model's step).")
     tokens = outputs[0].shape[1] if outputs[0].dim() == 3 else None
     size = yv.shape[0] if isinstance(yv, Tensor) and yv.dim() > 0 else 0
     if isinstance(yv, Tensor) and yv.numel() == 0:

@@ -379,8 +379,8 @@ def test_two_call_fast_form_with_a_closure_captures_after_the_closure():
 
 def test_fast_step_refuses_a_bad_validation_batch_before_the_model_steps():
     """The fast step scores its validation batch after the model's step; what can be judged before
-    (one label per input, integer labels, in the outputs' classes, not all padding, not empty) is refused before,
-    nothing changed;
+    (labels per input as the training batch has them, integer labels, in the outputs' classes, not all padding,
+    not empty) is refused before, nothing changed;
     a hook that raises after the step leaves the step counted and gamma as it was."""
     torch.manual_seed(0)
     net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
@@ -397,7 +397,8 @@ def test_fast_step_refuses_a_bad_validation_batch_before_the_model_steps():
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     w.step((x, y), (x, y))
     state, momentum, gamma = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()), w.gamma.clone()
-    for bad, match in (((x, y[:7]), "8 inputs but 7 labels"), ((x, y.float()), "integer class indices"),
+    for bad, match in (((x, y[:7]), r"inputs of shape \(8, 4\) but 7 labels, where 8 would"),
+                       ((x, y.float()), "integer class indices"),
                        ((x, y + 3), r"labels in \[3, 5\].*3 classes"),
                        ((x, torch.full_like(y, -100)), "Every label given with the validation batch is ignore_index"),
                        ((x[:0], y[:0]), r"validation batch is empty \(labels of shape \(0,\)\)")):

@@ -368,37 +368,81 @@ def test_a_tensor_built_afresh_for_each_forward_is_taken_whole_only_where_its_va
         assert repr(copy.deepcopy((w.state_dict(), model.state_dict()))) == repr(before)
 
 
-def test_the_fast_step_takes_labels_flattened_over_tokens_as_the_training_batch_has_them():
+def fast_step(model_type, batch, val):
+    """The fast step() of a fresh model (seed 0, float64) on the batch: its record."""
+    torch.manual_seed(0)
+    model = model_type().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2, temperature=2.0), mw.BalancedValidation(2),
+                              mode="fast", gamma_optimizer="sgd")
+    record = w.step(batch, val)
+    assert record.ran and not record.skipped, record.message
+    return record, w, model, optimizer
+
+
+def relative(a, b):
+    return float((a.gamma_grad.double() - b.gamma_grad.double()).norm() / b.gamma_grad.double().norm())
+
+
+class BatchFirst(SequenceFirst):
+    """SequenceFirst's twin (the same parameters from the same seed) called with (B, T, 6)."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return super().forward(x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("val_steps", [3, 5])
+def test_the_fast_step_takes_labels_flattened_over_tokens_as_the_training_batch_has_them(val_steps):
     """step() of mode="fast" checks the validation batch before the model's step: it refused labels flattened
     over tokens ((B*T,) for inputs (B, T, 6): "8 inputs but 24 labels"), which the training batch had too and
-    mode="exact" takes. Its meta step is that of the same model given each token as an input of its own; a
-    validation batch with other labels per input than the training batch is still refused, nothing changed."""
+    mode="exact" takes, and then a validation batch padded to another length than the training batch ((8, 5, 6)
+    with 40 labels: "Pass 3 labels per input"). Its meta step is that of the same model given each token as an
+    input of its own; a validation batch labelled otherwise than the training batch is still refused, nothing
+    changed."""
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(8, 3, 6, dtype=F64, generator=g), torch.randint(0, 4, (24,), generator=g)
-    xv, yv = torch.randn(8, 3, 6, dtype=F64, generator=g), torch.randint(0, 4, (24,), generator=g)
-    records = []
-    for shape in ((8, 3, 6), (24, 1, 6)):  # (each token an input of its own: one label per input)
-        torch.manual_seed(0)
-        model = Tokens().to(F64)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2, temperature=2.0), mw.BalancedValidation(2),
-                                  mode="fast", gamma_optimizer="sgd")
-        records.append(w.step((x.reshape(shape), y), (xv.reshape(shape), yv)))
-        assert records[-1].ran and not records[-1].skipped, records[-1].message
-    err = float((records[0].gamma_grad.double() - records[1].gamma_grad.double()).norm()
-                / records[1].gamma_grad.double().norm())
-    assert err < 1e-9, err
+    xv = torch.randn(8, val_steps, 6, dtype=F64, generator=g)
+    yv = torch.randint(0, 4, (8 * val_steps,), generator=g)
+    tokens, _, _, _ = fast_step(Tokens, (x, y), (xv, yv))
+    # (each token an input of its own: one label per input)
+    own, w, model, optimizer = fast_step(Tokens, (x.reshape(24, 1, 6), y), (xv.reshape(-1, 1, 6), yv))
+    assert relative(tokens, own) < 1e-9
     before = copy.deepcopy((w.state_dict(), model.state_dict(), optimizer.state_dict()))
-    with pytest.raises(ValueError, match=r"validation batch has 24 inputs but 8 labels. Pass one label per input"):
-        w.step((x.reshape(24, 1, 6), y), (xv.reshape(24, 1, 6), yv[:8]))
+    with pytest.raises(ValueError, match=r"validation batch has inputs of shape \(24, 1, 6\) but 8 labels, where 24 "
+                                         r"would be labelled as the training batch is \(24 labels for inputs of shape "
+                                         r"\(24, 1, 6\)\)"):
+        w.step((x.reshape(24, 1, 6), y), (xv[:, :3].reshape(24, 1, 6), yv[:8]))
     assert repr(copy.deepcopy((w.state_dict(), model.state_dict(), optimizer.state_dict()))) == repr(before)
     torch.manual_seed(0)
     model = Tokens().to(F64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), mw.BalancedValidation(2), mode="fast")
-    with pytest.raises(ValueError, match=r"validation batch has 8 inputs but 8 labels. Pass 3 labels per input, as "
-                                         r"the training batch has \(24 for 8\)"):
-        w.step((x, y), (xv, yv[:8]))
+    before = copy.deepcopy((w.state_dict(), model.state_dict(), optimizer.state_dict()))
+    for labels in (8, 8 * val_steps + 8, 8 * val_steps - 1):  # (one per input; a whole multiple of 8 too)
+        with pytest.raises(ValueError, match=rf"validation batch has inputs of shape \(8, {val_steps}, 6\) but "
+                                             rf"{labels} labels, where {8 * val_steps} would be labelled as the "
+                                             rf"training batch is \(24 labels for inputs of shape \(8, 3, 6\)\)"):
+            w.step((x, y), (xv, torch.randint(0, 4, (labels,), generator=g)))
+        assert repr(copy.deepcopy((w.state_dict(), model.state_dict(), optimizer.state_dict()))) == repr(before)
+
+
+@pytest.mark.parametrize("steps", [5, 8])
+def test_the_fast_step_takes_sequence_first_batches(steps):
+    """step() of mode="fast" refused a sequence-first validation batch ((T, B, 6), B labels: "The validation
+    batch has 5 inputs but 16 labels"): its meta step is that of the batch-first twin. Training batches with
+    T == B (steps=8: (8, 8, 6)) fit both one label per row and one per column: either is taken for the
+    validation batch; one per neither is refused, nothing changed."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(steps, 8, 6, dtype=F64, generator=g), torch.randint(0, 4, (8,), generator=g)
+    xv, yv = torch.randn(7, 16, 6, dtype=F64, generator=g), torch.randint(0, 4, (16,), generator=g)
+    first, w, model, optimizer = fast_step(SequenceFirst, (x, y), (xv, yv))
+    batch_first, _, _, _ = fast_step(BatchFirst, (x.transpose(0, 1), y), (xv.transpose(0, 1), yv))
+    assert relative(first, batch_first) < 1e-12
+    before = copy.deepcopy((w.state_dict(), model.state_dict(), optimizer.state_dict()))
+    with pytest.raises(ValueError, match=r"validation batch has inputs of shape \(7, 16, 6\) but 12 labels, where "
+                                         + ("16 would" if steps != 8 else "7 or 16 would")):
+        w.step((x, y), (xv, yv[:12]))
+    assert repr(copy.deepcopy((w.state_dict(), model.state_dict(), optimizer.state_dict()))) == repr(before)
 
 
 @pytest.mark.parametrize("log", ["the same outputs", "another forward"])
