@@ -481,6 +481,10 @@ def _cut(whole: list[Any], parts: list[list[Any]], what: str, sizes: list[int]) 
             cuts.append([t] * len(parts))
         else:
             cuts.append(list(t.split([int(s[dim]) for s in shapes], dim=dim)))
+    if what == "input" and len(parts) > 1 and any(t.dim() for t in tensors) and \
+            all(c[0] is t for c, t in zip(cuts, tensors)):  # (nothing to cut: one micro-batch's inputs, passed)
+        raise refuse(f"inputs of the shapes each micro-batch got ({', '.join(str(tuple(t.shape)) for t in tensors)}): "
+                     f"one micro-batch's, not the whole batch")
     out = []
     for i in range(len(parts)):
         pieces = iter(c[i] for c in cuts)
