@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import enum
+import functools
 import sys
 import types
 from collections.abc import Collection, Mapping, Sequence
@@ -239,24 +241,28 @@ class _Selection:
     another first dimension), and, whatever their first dimension, a parameter of the model
     (an ``nn.Parameter`` itself), an input tensor whose first dimension is not the batch, and any
     tensor already passed on unchanged at an earlier exit of this call (a table carried through the
-    stages). Another tensor that is not per sample (a buffer, a table a stage computes) whose first
+    stages; in an object too, where :func:`_refuse_hidden` adds every tensor it lets through).
+    Another tensor that is not per sample (a buffer, a table a stage computes) whose first
     dimension happens to equal the number of samples in the network cannot be told apart: it is
-    selected."""
+    selected (refused in an object, which cannot be selected in)."""
 
     def __init__(self, inputs: Sequence[Tensor], n: int) -> None:
         # held (not only their ids) for the whole call, so no id is reused by another tensor
         self.fixed: dict[int, Tensor] = {id(t): t for t in inputs if t.dim() == 0 or t.shape[0] != n}
         self.passed: list[tuple[str, Tensor]] = []  # what the last selection passed on unchanged
+        self.made: dict[int, Tensor] = {}  # what the last selection made (the samples kept of a per-sample tensor)
 
     def __call__(self, features: Any, keep: Tensor, before: int, stage: int) -> Any:
-        self.passed = []
+        self.passed, self.made = [], {}
         return self._take(features, keep, before, "features", stage)
 
     def _take(self, value: Any, keep: Tensor, before: int, path: str, stage: int) -> Any:
         if isinstance(value, Tensor):
             if value.dim() > 0 and value.shape[0] == before and not isinstance(value, nn.Parameter) and \
                     self.fixed.get(id(value)) is not value:
-                return value[keep]
+                kept = value[keep]
+                self.made[id(kept)] = kept  # (held: no id is reused meanwhile)
+                return kept
             self.fixed[id(value)] = value
             self.passed.append((path, value))
             return value
@@ -267,55 +273,108 @@ class _Selection:
         if isinstance(value, Mapping):  # in its own type: the next stage may read it by attribute (ModelOutput)
             rebuilt = same_mapping(value, {k: self._take(v, keep, before, f"{path}[{k!r}]", stage)
                                            for k, v in value.items()})
-            _refuse_hidden(rebuilt, before, path, stage, self.fixed, items=False)  # attributes its items did not update
+            # attributes its items did not update
+            _refuse_hidden(rebuilt, before, path, stage, self.fixed, self.made, items=False)
             return rebuilt
         if isinstance(value, (list, tuple)):
             items = [self._take(v, keep, before, f"{path}[{i}]", stage) for i, v in enumerate(value)]
             if type(value) in (list, tuple):
                 return type(value)(items)
             rebuilt = type(value)(*items) if hasattr(value, "_fields") else _same_list(value, items)
-            _refuse_hidden(rebuilt, before, path, stage, self.fixed, items=False)  # (attributes of a subclass)
+            _refuse_hidden(rebuilt, before, path, stage, self.fixed, self.made, items=False)  # (a subclass's)
             return rebuilt
-        _refuse_hidden(value, before, path, stage, self.fixed)
+        _refuse_hidden(value, before, path, stage, self.fixed, self.made)
         return value
 
 
-# values that hold no tensor: not looked into (a function's or class's attributes are not what a stage passes on)
+# values that hold no tensor: not looked into, and not counted (a function's or class's attributes are not what a
+# stage passes on)
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, bytearray, memoryview, range, slice, torch.dtype,
           torch.device, torch.layout, torch.memory_format, torch.Size, enum.Enum, type, types.FunctionType,
           types.BuiltinFunctionType, types.MethodType, types.ModuleType, nn.Module)
-# how many values _refuse_hidden looks at in one object before refusing it as too large to check
+# the exact types of the commonest of them, told by one set lookup (a vocabulary of 50,257 strings and numbers);
+# an instance of a subclass (an enum's member, a module) is told by isinstance, once per type in a walk
+_ATOM_TYPES = frozenset(t for t in _ATOMS if t not in (enum.Enum, nn.Module))
+# collections looked into item by item without asking the abstract classes
+_PLAIN_COLLECTIONS = frozenset((list, tuple, set, frozenset, collections.deque))
+# how many values that could hold a tensor (objects, containers, tensors; not atoms) _refuse_hidden looks at in one
+# object before refusing it as too large to check
 HIDDEN_WALK_LIMIT = 100_000
+# how _refuse_hidden names each step of where a value is (formatted only for a refusal)
+_ATTRIBUTE, _ITEM, _KEY, _INDEX = ".{}", "[{!r}]", "[{!r}] (its key)", "[{}]"
 
 
-def _inside(value: Any, items: bool) -> list[tuple[str, Any]]:
-    """The values ``value`` holds, each with where it is: a mapping's keys and values, a collection's
-    items (a set, a deque; with ``items``), and the object's attributes, in its ``__dict__`` and in
-    every ``__slots__`` of its classes (a dataclass with ``slots=True``)."""
-    found: list[tuple[str, Any]] = []
-    if items:
+_NONE, _PLAIN, _DICT, _MAPPING, _COLLECTION = range(5)  # how a type's instances hold items
+
+
+class _Layout(NamedTuple):
+    atom: bool  # holds no tensor (an instance of _ATOMS: an enum's member, a module too)
+    items: int  # how it holds items: _NONE, _PLAIN (a list, tuple, set, deque), _DICT, _MAPPING, _COLLECTION
+    has_dict: bool  # its instances may have a __dict__
+    slots: tuple[str, ...]  # the names of every __slots__ of its classes (a dataclass with slots=True, a base's)
+
+
+def _layout(kind: type) -> _Layout:
+    """What :func:`_refuse_hidden` needs to know of a type, asked once per type (a walk meets few
+    types, many times; a type that cannot be hashed, by its metaclass, is asked each time)."""
+    try:
+        return _cached_layout(kind)
+    except TypeError:
+        return _cached_layout.__wrapped__(kind)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_layout(kind: type) -> _Layout:
+    try:  # (an abstract class whose subclass check fails: its items are not looked into, as an iteration that fails)
+        atom = issubclass(kind, _ATOMS)
+        items = (_PLAIN if kind in _PLAIN_COLLECTIONS else _DICT if issubclass(kind, dict) else
+                 _MAPPING if issubclass(kind, Mapping) else _COLLECTION if issubclass(kind, Collection) else _NONE)
+    except Exception:
+        atom, items = False, _NONE
+    has_dict = kind.__dictoffset__ != 0 or any("__dict__" in k.__dict__ for k in kind.__mro__)
+    slots: list[str] = []
+    for k in kind.__mro__:
+        names = k.__dict__.get("__slots__", ())
+        slots += [n for n in ((names,) if isinstance(names, str) else names) if n not in ("__dict__", "__weakref__")]
+    return _Layout(atom, items, has_dict, tuple(slots))
+
+
+def _inside(value: Any, layout: _Layout, items: bool) -> list[tuple[tuple[str, Any], Any]]:
+    """The values ``value`` (of that layout) holds that are not of an atom's exact type, each with
+    where it is (a format and its key): a mapping's keys and values, a collection's items (a set, a
+    deque; with ``items``), and the object's attributes, in its ``__dict__`` and in every
+    ``__slots__`` of its classes. A dict whose values are all atoms (a vocabulary) gives its keys
+    only, making no pair."""
+    found: list[tuple[tuple[str, Any], Any]] = []
+    kind = layout.items if items else _NONE
+    if kind:
         try:  # (a collection whose iteration fails holds nothing EarlyExit could look at)
-            if isinstance(value, Mapping):
-                for k, v in list(value.items()):
-                    found += [(f"[{k!r}] (its key)", k), (f"[{k!r}]", v)]
-            elif isinstance(value, Collection) and not _flat_array(value):
-                found += [(f"[{i}]", v) for i, v in enumerate(list(value))]
+            if kind == _PLAIN or kind == _COLLECTION and not _flat_array(value):
+                found = [((_INDEX, i), v) for i, v in enumerate(list(value)) if type(v) not in _ATOM_TYPES]
+            elif kind == _DICT and not [v for v in value.values() if type(v) not in _ATOM_TYPES]:
+                found = [((_KEY, k), k) for k in list(value) if type(k) not in _ATOM_TYPES]
+            elif kind != _COLLECTION:
+                pairs = list(value.items())
+                found = [((_KEY, k), k) for k, _ in pairs if type(k) not in _ATOM_TYPES]
+                found += [((_ITEM, k), v) for k, v in pairs if type(v) not in _ATOM_TYPES]
         except Exception:
-            pass
-    try:  # (read as object does: a class's __getattr__ is not called)
-        inner = object.__getattribute__(value, "__dict__")
-    except (AttributeError, TypeError):
-        inner = None
-    if isinstance(inner, dict):
-        found += [(f".{k}", v) for k, v in list(inner.items())]
-    for kind in type(value).__mro__:
-        slots = kind.__dict__.get("__slots__", ())
-        for name in (slots,) if isinstance(slots, str) else slots:
-            if name not in ("__dict__", "__weakref__"):
-                try:
-                    found.append((f".{name}", object.__getattribute__(value, name)))
-                except AttributeError:  # a slot never set
-                    pass
+            found = []
+    if layout.has_dict:
+        try:  # (read as object does: a class's __getattr__ is not called)
+            inner = object.__getattribute__(value, "__dict__")
+        except (AttributeError, TypeError):
+            inner = None
+        if isinstance(inner, dict):
+            for k, v in list(inner.items()):
+                if type(v) not in _ATOM_TYPES:
+                    found.append(((_ATTRIBUTE, k), v))
+    for name in layout.slots:
+        try:
+            v = object.__getattribute__(value, name)
+        except AttributeError:  # a slot never set
+            continue
+        if type(v) not in _ATOM_TYPES:
+            found.append(((_ATTRIBUTE, name), v))
     return found
 
 
@@ -339,42 +398,72 @@ def _same_list(original: Any, items: list[Any]) -> Any:
     return type(original)(items)
 
 
-def _refuse_hidden(value: Any, before: int, path: str, stage: int, fixed: Mapping[int, Tensor],
-                   items: bool = True) -> None:
+def _where(chain: Any) -> str:
+    """The path a chain of ``(parent, (format, key))`` steps names, from the object looked into."""
+    steps = []
+    while chain is not None:
+        chain, (form, key) = chain
+        steps.append(form.format(key))
+    return "".join(reversed(steps))
+
+
+def _refuse_hidden(value: Any, before: int, path: str, stage: int, fixed: dict[int, Tensor],
+                   made: Mapping[int, Tensor], items: bool = True) -> None:
     """Refuse an object that holds, at any depth, a tensor of the ``before`` samples in the network (a
     per-sample tensor EarlyExit cannot select: the object would go on with the samples that left).
     Looked into: attributes (``__dict__`` and ``__slots__``, dataclasses of either kind), mappings,
-    sets, deques and other collections, and what they hold in turn, each object once (a cycle ends);
-    an object holding more than :data:`HIDDEN_WALK_LIMIT` values is refused as too large to check.
-    Not per sample, as where samples are selected: a parameter, a tensor in ``fixed`` (passed on
-    unchanged), a tensor of another first dimension. ``items=False``: a container whose items were
-    selected already, only its attributes are looked at (a ``ModelOutput``'s)."""
-    if isinstance(value, _ATOMS):
+    sets, deques and other collections, and what they hold in turn, each object once (a cycle ends).
+    Atoms (``None``, numbers, strings, bytes, enums, dtypes, devices...) hold no tensor: they are
+    skipped at next to no cost and not counted, so a container of them (a vocabulary) costs one type
+    lookup per item; an object holding more than :data:`HIDDEN_WALK_LIMIT` other values (objects,
+    containers, tensors) is refused as too large to check. Not per sample, as where samples are
+    selected: a parameter, a tensor of another first dimension, and a tensor in ``fixed`` (passed on
+    unchanged at an earlier exit of the call). Every tensor found and not refused is added to
+    ``fixed``: passed on unchanged here, it is not per sample at a later exit either, whatever the
+    number of samples then in (a table an object carries through the stages). ``items=False``: a
+    container whose items were selected already, only its attributes are looked at (a
+    ``ModelOutput``'s)."""
+    if type(value) in _ATOM_TYPES:
         return
-    seen, stack, count = {id(value)}, [(value, "", items)], 0
+    layout = _layout(type(value))
+    if layout.atom:
+        return
+    seen, stack, count = {id(value)}, [(value, layout, None, items)], 0
     while stack:
-        current, where, walk_items = stack.pop()
-        for step, inner in _inside(current, walk_items):
+        current, layout, chain, walk_items = stack.pop()
+        for step, inner in _inside(current, layout, walk_items):
+            tensor = isinstance(inner, Tensor)
+            if not tensor:
+                inner_layout = _layout(type(inner))
+                if inner_layout.atom:
+                    continue
             count += 1
             if count > HIDDEN_WALK_LIMIT:
                 raise TypeError(f"Stage {stage} returned a `{type(value).__name__}` ({path}) holding more than "
-                                f"{HIDDEN_WALK_LIMIT} values: EarlyExit looks into every object between stages for "
-                                f"tensors of the samples in the network (which it could not select), and this one is "
-                                f"too large to check. Pass the next stage its tensors in tuples, lists or dicts, and "
-                                f"keep large objects in the module (an attribute of the stage) rather than between "
-                                f"stages.")
-            if isinstance(inner, Tensor):
+                                f"{HIDDEN_WALK_LIMIT} values that could hold a tensor (objects, containers, "
+                                f"tensors; numbers, strings and other atoms are not counted): EarlyExit looks into "
+                                f"every object between stages for tensors of the samples in the network (which it "
+                                f"could not select), and this one is too large to check. Pass the next stage its "
+                                f"tensors in tuples, lists or dicts, and keep large objects in the module (an "
+                                f"attribute of the stage) rather than between stages.")
+            if tensor:
+                if made.get(id(inner)) is inner:  # the samples kept of a per-sample tensor (a ModelOutput's)
+                    continue
                 if inner.dim() > 0 and inner.shape[0] == before and not isinstance(inner, nn.Parameter) and \
                         fixed.get(id(inner)) is not inner:
                     raise TypeError(
                         f"Stage {stage} returned a `{type(value).__name__}` ({path}) holding tensors whose first "
-                        f"dimension is the number of samples in the network ({before}): {path}{where}{step} "
-                        f"{tuple(inner.shape)}. EarlyExit selects samples in tensors and in tuples, lists and dicts "
-                        f"of them, and would pass this object on with the samples that left. Return its tensors in "
-                        f"a tuple, list or dict (or a namedtuple).")
-            elif not isinstance(inner, _ATOMS) and id(inner) not in seen:
+                        f"dimension is the number of samples in the network ({before}): "
+                        f"{path}{_where((chain, step))} {tuple(inner.shape)}. EarlyExit selects samples in tensors "
+                        f"and in tuples, lists and dicts of them, and would pass this object on with the samples "
+                        f"that left. Return its tensors in a tuple, list or dict (or a namedtuple). A tensor that "
+                        f"is not per sample (a table) whose first dimension only happens to equal that number, where "
+                        f"the object is first handed on, cannot be told from one: keep it in the module (an "
+                        f"attribute of the stage), or give it another first dimension (a leading 1).")
+                fixed[id(inner)] = inner  # passed on unchanged: not per sample at a later exit either
+            elif id(inner) not in seen:
                 seen.add(id(inner))
-                stack.append((inner, where + step, True))
+                stack.append((inner, inner_layout, (chain, step), True))
 
 
 def _rule_argument(name: str) -> str:
@@ -421,8 +510,15 @@ class EarlyExit(nn.Module):
     select its samples. It is looked for at any depth of attributes (``__dict__`` and
     ``__slots__``: dataclasses of both kinds), sets, deques and other collections, and the
     attributes of a list or dict subclass, each object once; not inside a module, an iterator
-    (which looking would consume) or a NumPy array of numbers; an object holding more than
-    ``HIDDEN_WALK_LIMIT`` (100,000) values is refused as too large to check.
+    (which looking would consume) or a NumPy array of numbers. A tensor in an object follows the
+    rule above: a table of another first dimension goes on, and so does one the object carried
+    past an earlier exit of the call, whatever the number of samples in the network later; one
+    whose first dimension equals that number where the object is first handed on (a ``[6, d]``
+    table with a batch of 6) is taken as per sample, as in a tuple (where it is selected), and
+    refused. Atoms (``None``, numbers, strings, bytes, enums, dtypes, devices) cost next to nothing
+    and are not counted: a vocabulary of strings and numbers goes on at any size; an object holding
+    more than ``HIDDEN_WALK_LIMIT`` (100,000) other values (objects, containers, tensors) is
+    refused as too large to check.
 
     Every exit must predict the same classes. Heads that declare different numbers (an
     ``nn.Linear``, or an ``nn.Sequential`` ending in one) are refused when built and at every call;

@@ -4,6 +4,7 @@ per exit (the count that sizes the samples that continue)."""
 
 import collections
 import copy
+import enum
 import math
 import re
 import sys
@@ -983,16 +984,30 @@ def test_a_per_sample_tensor_held_in_any_object_is_refused_or_selected(kind, cud
         mw.EarlyExit(model, thresholds)(x)
 
 
+class _Colour(enum.Enum):
+    RED = 1
+
+
 def test_an_object_too_large_to_look_into_is_refused_and_one_holding_no_per_sample_tensor_goes_on(cuda_graphs):
-    """An object between stages is looked into up to HIDDEN_WALK_LIMIT values: a larger one is refused
-    (it could hide a per-sample tensor), one holding tensors that are not per sample (a parameter, a
-    table of another first dimension) goes on, and the predictions are exit_assignment's. With
-    cuda_graphs both are refused, as any object that is not a tuple, list or dict."""
+    """An object between stages is looked into up to HIDDEN_WALK_LIMIT values that could hold a tensor
+    (objects, containers, tensors): a larger one is refused (it could hide a per-sample tensor), one
+    holding tensors that are not per sample (a parameter, a table of another first dimension) goes
+    on, and the predictions are exit_assignment's. Atoms are not counted: a vocabulary of more than
+    HIDDEN_WALK_LIMIT strings and numbers (GPT-2's has 50,257 entries, keys and values 100,514
+    values) goes on; it was refused as too large to check, and below the limit the walk took 4 times
+    as long as the whole call did before it. With cuda_graphs every one is refused, as any object
+    that is not a tuple, list or dict."""
     torch.manual_seed(0)
+    limit = mw._early_exit.HIDDEN_WALK_LIMIT
     table = torch.randn(5, 1, dtype=torch.float64)
-    held = {"big": (lambda t: _Held(list(range(mw._early_exit.HIDDEN_WALK_LIMIT + 1))), None),
+    held = {"big": (lambda t: _Held([_Held(i) for i in range(limit + 1)]), None),
             "no per-sample tensor": (lambda t: _Cyclic((table, nn.Parameter(torch.ones(12, 1)))),
-                                     lambda w: w.scale[0][:1])}
+                                     lambda w: w.scale[0][:1]),
+            "a vocabulary": (lambda t: _Held({"vocab": {f"tok{i}": i for i in range(limit + 1)},
+                                              "atoms": [None, 1.5, b"x", 2j, _Colour.RED, torch.float64,
+                                                        torch.device("cpu"), range(3), "s"] * (limit // 9 + 1),
+                                              "table": table}),
+                             lambda w: w.scale["table"][:1])}
     for kind, (wrap, unwrap) in held.items():
         unwrap = unwrap or (lambda w: torch.ones(1, 1, dtype=torch.float64))
         model = mw.MultiExit([_ScaleStage(wrap, unwrap, k == 0) for k in range(3)],
@@ -1007,11 +1022,98 @@ def test_an_object_too_large_to_look_into_is_refused_and_one_holding_no_per_samp
                 mw.EarlyExit(model, thresholds)(x)
         elif kind == "big":
             with pytest.raises(TypeError, match=r"Stage 1 returned a `_Held` \(features\[1\]\) holding more "
-                                                r"than 100000 values.*keep large objects in the module"):
+                                                r"than 100000 values that could hold a tensor.*keep large objects "
+                                                r"in the module"):
                 mw.EarlyExit(model, thresholds)(x)
         else:
             predictions, exits = mw.EarlyExit(model, thresholds)(x)
             assert torch.equal(exits, expected.exits) and torch.equal(predictions, expected.predictions)
+
+
+class _TableStage(nn.Module):
+    """Stage 1 hands on its features and ``held``, an object holding a fixed [rows, 4] table (a
+    rotary-embedding cache); later stages add the table's first row and hand it on."""
+
+    def __init__(self, held, unwrap, first):
+        super().__init__()
+        self.linear, self.held, self.unwrap, self.first = nn.Linear(4, 4), held, unwrap, first
+
+    def forward(self, f):
+        if self.first:
+            return torch.tanh(self.linear(f)), self.held
+        h, held = f
+        return torch.tanh(self.linear(h) + self.unwrap(held)[0]), held
+
+
+# how an object holds the table and how a stage reads it (a tuple: what EarlyExit selects in itself)
+_TABLE_HOLDERS = {
+    "an attribute": (_Held, lambda w: w.scale, ".scale"),
+    "dataclass(slots=True)": (_Slotted, lambda w: w.scale, ".scale"),
+    "a dict in an object": (lambda t: _Held({"cos": t}), lambda w: w.scale["cos"], ".scale['cos']"),
+    "an object in a deque": (lambda t: collections.deque([_Held(t)]), lambda w: w[0].scale, "[0].scale"),
+    "a tuple": (lambda t: (t,), lambda w: w[0], None),
+}
+
+
+def _table_model(kind, rows):
+    wrap, unwrap, _ = _TABLE_HOLDERS[kind]
+    torch.manual_seed(0)
+    held = wrap(torch.randn(rows, 4, dtype=torch.float64))
+    return mw.MultiExit([_TableStage(held, unwrap, k == 0) for k in range(3)],
+                        [_ScaleHead() for _ in range(3)]).double().eval()
+
+
+@pytest.mark.parametrize("kind", list(_TABLE_HOLDERS))
+@pytest.mark.parametrize("rows", [5, 6, 7])
+def test_a_table_an_object_passes_on_unchanged_is_not_per_sample_whatever_the_samples_left(kind, rows, cuda_graphs):
+    """A table an object carries through the stages (a [6, 4] cache of a rotary embedding) was
+    refused as per sample at the exit where exactly 6 samples were still in, and went on where one
+    more had left: whether a batch was answered depended on how many samples stayed. A tensor seen
+    in an object at an earlier exit, of another first dimension, is passed on unchanged there, so it
+    is not per sample at a later exit either, as a tensor in a tuple (and the predictions are
+    exit_assignment's, whatever the samples still in). With cuda_graphs an object is refused, as any
+    object that is not a tuple, list or dict; a tuple goes on there too."""
+    model = _table_model(kind, 6)
+    x = torch.randn(24, 4, dtype=torch.float64)
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    scores = as_rule("max_probability").scores(logits)
+    first = float(scores[0].sort().values[rows])  # `rows` samples go on past exit 1, the others leave
+    staying = scores[0] < first
+    second = float(scores[1][staying].sort().values[rows // 2])  # some leave at exit 2, others go on
+    thresholds = torch.tensor([first, second, 0.0], dtype=torch.float64)
+    expected = mw.exit_assignment(logits, thresholds)
+    assert int((expected.exits > 0).sum()) == rows and 0 < int((expected.exits == 2).sum()) < rows
+    if cuda_graphs and _TABLE_HOLDERS[kind][2] is not None:
+        with pytest.raises(TypeError, match=r"cuda_graphs=True\): stage 1's features\[1\] is a `"):
+            mw.EarlyExit(model, thresholds)(x)
+        return
+    predictions, exits = mw.EarlyExit(model, thresholds)(x)
+    assert torch.equal(exits, expected.exits) and torch.equal(predictions, expected.predictions)
+
+
+@pytest.mark.parametrize("kind", [k for k, (_, _, where) in _TABLE_HOLDERS.items() if where is not None])
+def test_a_table_in_an_object_whose_rows_are_the_whole_batch_at_its_first_exit_is_refused(kind, cuda_graphs):
+    """Where a table is first handed on between stages, a first dimension equal to the samples in
+    the network cannot be told from a per-sample tensor's (a [6, 4] table with a batch of 6): in a
+    tuple it is selected (the documented limit), in an object, where EarlyExit cannot select it, it
+    is refused naming where it is and what to do, at exit 1, whatever the samples leaving there.
+    With cuda_graphs any such object is refused, as not a tuple, list or dict."""
+    where = _TABLE_HOLDERS[kind][2]
+    model = _table_model(kind, 6)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    scores = as_rule("max_probability").scores(logits)
+    thresholds = torch.tensor([float(scores[0].median()), 0.0, 0.0], dtype=torch.float64)
+    if cuda_graphs:
+        with pytest.raises(TypeError, match=r"cuda_graphs=True\): stage 1's features\[1\] is a `"):
+            mw.EarlyExit(model, thresholds)(x)
+        return
+    with pytest.raises(TypeError, match=rf"Stage 1 returned a `.*` \(features\[1\]\) holding tensors whose first "
+                                        rf"dimension is the number of samples in the network \(6\): "
+                                        rf"{re.escape('features[1]' + where)} \(6, 4\).*only happens to equal"):
+        mw.EarlyExit(model, thresholds)(x)
 
 
 # ------------------------------------------------------- layers that use the statistics of the batch
