@@ -523,8 +523,8 @@ def _check_val_labels(w: HarmonizedWeighter, outputs: Any, xv: Any, yv: Any, x: 
             raise ValueError(
                 f"The validation batch has inputs of shape {tuple(xv.shape)} but {yv.shape[0]} labels, where "
                 f"{fit} would be labelled as the training batch is ("
-                + (f"{y.shape[0]} labels for inputs of shape {tuple(x.shape)}" if isinstance(x, Tensor)
-                   and isinstance(y, Tensor) and x.dim() == xv.dim() and y.dim() > 0 else "a whole number per input")
+                + ("a whole number per input" if isinstance(expected, range)
+                   else f"{y.shape[0]} labels for inputs of shape {tuple(x.shape)}")
                 + "): pass one label per input, or one per token for labels flattened over tokens ((B*T,) for "
                   "inputs (B, T, ...), T the validation batch's own). Nothing was changed (mode='fast' checks this "
                   "before the model's step).")

@@ -211,13 +211,10 @@ class TwoCall:
                         why=f"inputs of shape {tuple(t.shape)} ({t.dtype}) where the model got {tuple(seen.shape)} "
                             f"({seen.dtype})"))
                 else:
-                    a, b = seen, t.to(seen.device)
-                    flags.append(~((a == b) | ((a != a) & (b != b))).all())
+                    flags.append(moved(seen, t))  # (values that differ; NaN equal to NaN)
             if len(stepped) > 1:  # a cut of the whole batch's labels: equal to those the micro-batch's loss() got
-                for t, seen in zip(tensor_leaves(yi), tensor_leaves(micro.target)):
-                    if t is not seen:
-                        a, b = seen, t.to(seen.device)
-                        flags.append(~((a == b) | ((a != a) & (b != b))).all())
+                flags += [moved(seen, t) for t, seen in zip(tensor_leaves(yi), tensor_leaves(micro.target))
+                          if t is not seen]
             if micro.target_print is not None:
                 now_print = values_print(yi)
                 flags.append(torch.ones((), dtype=torch.bool) if now_print is None or now_print.shape !=

@@ -629,7 +629,7 @@ class Weighting(NamedWeights):
                              f"Nothing was changed.{self._lost_calls}")
         steps = optimizer_steps(self._inner_optimizer)
         if local is None and self._met_at == steps:
-            return self._no_step_since(local)
+            return self._no_step_since()
         if self._kept_at == steps - 1 and steps in self._groups and self._groups[steps].wrote:
             # calls kept by a meta_step before a step, and a backward after that step before this meta_step: the
             # loop calls meta_step before optimizer.step() every iteration, not once per accumulated step; the
@@ -721,7 +721,7 @@ class Weighting(NamedWeights):
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), terms=self._named(shown), message=message)
 
-    def _no_step_since(self, local: Tensor | None) -> MetaStepRecord:
+    def _no_step_since(self) -> MetaStepRecord:
         """The meta step after no optimizer step and no :meth:`loss` call since the last meta step (RLW's and SDN's,
         which read no terms: a ``GradScaler``'s skip in a loop that weighs the terms itself, a ``meta_step`` after
         each micro-batch without ``loss()``, a second call): nothing to learn from, as :meth:`_not_stepped`;
@@ -734,7 +734,7 @@ class Weighting(NamedWeights):
         if gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad]):
             warn_user(message)
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
-                              gamma=self.gamma_dict(), terms=self._named(local), message=message)
+                              gamma=self.gamma_dict(), message=message)
 
     def _named(self, terms: Tensor | None) -> dict[str, float] | None:
         return None if terms is None else dict(zip(self.term_names, terms.detach().cpu().tolist()))
