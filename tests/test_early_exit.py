@@ -956,6 +956,18 @@ class _ScaleHead(nn.Module):
         return self.linear(f[0])
 
 
+def _scale_case(wrap, unwrap):
+    """A 3-exit model of _ScaleStage (stage 1 hands on ``wrap(scale)``, later stages read ``unwrap(held)``), 12
+    inputs, thresholds sending half the samples out at exit 1, and exit_assignment's answer for them."""
+    model = mw.MultiExit([_ScaleStage(wrap, unwrap, k == 0) for k in range(3)],
+                         [_ScaleHead() for _ in range(3)]).double().eval()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    thresholds = mw.find_thresholds(logits, [0.5, 0.25, 0.25])
+    return model, x, thresholds, mw.exit_assignment(logits, thresholds)
+
+
 @pytest.mark.parametrize("kind", list(_HOLDERS))
 def test_a_per_sample_tensor_held_in_any_object_is_refused_or_selected(kind, cuda_graphs):
     """A per-sample tensor in an object EarlyExit does not select in (a dataclass, with slots or not,
@@ -965,13 +977,7 @@ def test_a_per_sample_tensor_held_in_any_object_is_refused_or_selected(kind, cud
     refused naming where it is; what EarlyExit selects itself (a Mapping) equals exit_assignment."""
     wrap, unwrap, where = _HOLDERS[kind]
     torch.manual_seed(0)
-    model = mw.MultiExit([_ScaleStage(wrap, unwrap, k == 0) for k in range(3)],
-                         [_ScaleHead() for _ in range(3)]).double().eval()
-    x = torch.randn(12, 4, dtype=torch.float64)
-    with torch.no_grad():
-        logits = torch.stack(model(x))
-    thresholds = mw.find_thresholds(logits, [0.5, 0.25, 0.25])
-    expected = mw.exit_assignment(logits, thresholds)
+    model, x, thresholds, expected = _scale_case(wrap, unwrap)
     assert 0 < int((expected.exits == 0).sum()) < 12  # samples leave at exit 1, others go on
     if where is None:
         predictions, exits = mw.EarlyExit(model, thresholds)(x)
@@ -1010,13 +1016,7 @@ def test_an_object_too_large_to_look_into_is_refused_and_one_holding_no_per_samp
                              lambda w: w.scale["table"][:1])}
     for kind, (wrap, unwrap) in held.items():
         unwrap = unwrap or (lambda w: torch.ones(1, 1, dtype=torch.float64))
-        model = mw.MultiExit([_ScaleStage(wrap, unwrap, k == 0) for k in range(3)],
-                             [_ScaleHead() for _ in range(3)]).double().eval()
-        x = torch.randn(12, 4, dtype=torch.float64)
-        with torch.no_grad():
-            logits = torch.stack(model(x))
-        thresholds = mw.find_thresholds(logits, [0.5, 0.25, 0.25])
-        expected = mw.exit_assignment(logits, thresholds)
+        model, x, thresholds, expected = _scale_case(wrap, unwrap)
         if cuda_graphs:  # a graph holds no object but tensors and plain values
             with pytest.raises(TypeError, match=r"cuda_graphs=True\): stage 1's features\[1\] is a `_"):
                 mw.EarlyExit(model, thresholds)(x)

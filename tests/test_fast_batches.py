@@ -170,12 +170,16 @@ def multitask_objective(out, target):
     return F.cross_entropy(out["cls"], target[0]) + F.mse_loss(out["reg"], target[1])
 
 
-class Tokens(nn.Module):
-    """Inputs (B, T, 6); each exit's logits flattened over tokens, (B*T, 4)."""
+class _TwoExits(nn.Module):
+    """Two stages (6 -> 8 -> 8) and two heads (8 -> 4); subclasses say how inputs reach them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.s1, self.s2, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+
+class Tokens(_TwoExits):
+    """Inputs (B, T, 6); each exit's logits flattened over tokens, (B*T, 4)."""
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         a = torch.tanh(self.s1(x))
@@ -183,12 +187,8 @@ class Tokens(nn.Module):
         return [self.h1(a).flatten(0, 1), self.h2(b).flatten(0, 1)]
 
 
-class Keywords(nn.Module):
+class Keywords(_TwoExits):
     """Called with keyword arguments, model(**inputs): features and a shift every forward gets whole."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.s1, self.s2, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
 
     def forward(self, features: torch.Tensor, shift: torch.Tensor) -> list[torch.Tensor]:
         a = torch.tanh(self.s1(features + shift))
@@ -196,12 +196,8 @@ class Keywords(nn.Module):
         return [self.h1(a), self.h2(b)]
 
 
-class SequenceFirst(nn.Module):
+class SequenceFirst(_TwoExits):
     """Inputs (T, B, 6), batch second (nn.LSTM's and nn.Transformer's default); logits (B, 4) per exit."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.s1, self.s2, self.h1, self.h2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         a = torch.tanh(self.s1(x))
