@@ -184,6 +184,14 @@ class FAMO(Weighting):
         if given_flat.shape == expected.shape and given_flat.dtype == expected.dtype and \
                 host_equal(given_flat, expected.to(given_flat.device)):
             return
+        unreached = self._unreached[1] if self._unreached is not None else None
+        if unreached is not None and (unreached is given or (
+                unreached.shape == given.shape and unreached.dtype == given.dtype and
+                host_equal(given, unreached.to(given.device)))):
+            raise ValueError("FAMO.meta_step got the batch of a loss() call that no backward and no optimizer step "
+                             "have followed yet: FAMO compares the terms of a batch before and after the step taken "
+                             "on it, so meta_step comes after it: loss = weighting.loss(model(x), y); "
+                             "loss.backward(); optimizer.step(); weighting.meta_step((x, y)). Nothing was changed.")
         raise ValueError("FAMO.meta_step got a batch whose labels are not those of this iteration's loss() "
                          f"call{'s' if len(saved) > 1 else ''}: FAMO compares the terms of the same batch before and "
                          "after the step. Pass the batch the step was taken on: loss = weighting.loss(model(x), y); "

@@ -371,6 +371,8 @@ class Weighting(NamedWeights):
         self.num_skipped = 0
         self.last_terms: Tensor | None = None
         self._pending: Tensor | None = None  # the last loss() call's terms: read where no backward counted a call
+        self._pending_trains = False  # whether _pending is a training call's (one with a graph)
+        self._unreached: tuple[int, Tensor | None] | None = None  # the last training call, until a backward reaches it
         self._kept_at: int | None = None  # the optimizer's step count when a meta_step after no step kept the calls
         self._met_at: int | None = None  # the optimizer's step count at the last meta step counted (kept or refused)
         self._lost_calls = ""  # LOADED_SINCE after a load_state_dict, said where meta_step misses the loss() calls
@@ -488,8 +490,11 @@ class Weighting(NamedWeights):
         combined = self._combine(terms)
         self._lost_calls = ""
         self.last_terms = terms.detach()
-        self._pending = self.last_terms  # (read where no backward went through a loss() call since the last step)
-        self._last_values = None
+        if combined.requires_grad or not self._pending_trains:  # (a call without a graph, e.g. a validation loss
+            # logged under no_grad, is read only where no training call came since the last meta_step)
+            self._pending = self.last_terms  # (read where no backward went through a loss() call since the last step)
+            self._pending_trains = combined.requires_grad
+            self._last_values = None
         if combined.requires_grad:  # counted when a backward reaches it: not a loss for logging, nor one under no_grad
             values = self._last_values = self._per_call(self.last_terms)
             weight = _scored(target, getattr(self.criterion, "ignore_index", None))
@@ -497,11 +502,14 @@ class Weighting(NamedWeights):
             self._calls_made += 1
             self._drop_cleared()
             labels = (self._calls_made, first_labels(target) if self.reads_train_batch else None)
+            self._unreached = labels  # (until a backward reaches it: FAMO's refusal of a meta_step before it)
             counted: list[bool] = []
 
             def count(grad: Tensor) -> None:
                 if not counted:  # (once: a second backward through a retained graph is not another call)
                     counted.append(True)
+                    if self._unreached is labels:
+                        self._unreached = None
                     self._accumulate(values, weight, samples, labels)
 
             combined.register_hook(count)
@@ -582,6 +590,7 @@ class Weighting(NamedWeights):
 
     def _reset_pending(self) -> None:
         self._pending, self._groups, self._last_values, self._kept_at = None, {}, None, None
+        self._pending_trains = False
 
     def _gradients(self) -> list[Tensor | None]:
         """The gradients of the parameters the optimizer holds, in its order (Python objects only)."""
@@ -590,7 +599,8 @@ class Weighting(NamedWeights):
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
         count of this optimizer object: a copy starts a new iteration."""
-        state = {**self.__dict__, "_groups": {}, "_pending": None, "_last_values": None,
+        state = {**self.__dict__, "_groups": {}, "_pending": None, "_pending_trains": False, "_unreached": None,
+                 "_last_values": None,
                  "_kept_at": None, "_met_at": None}
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
         return state

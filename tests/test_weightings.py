@@ -860,3 +860,46 @@ def test_calls_backpropagated_together_or_through_autograd_grad_count_once_each(
         record = w.meta_step((x, y))
         assert all(math.isclose(record.terms[n], float(e), rel_tol=1e-5) for n, e in zip(w.term_names, expected)), \
             (name, record.terms)
+
+
+@pytest.mark.parametrize("name", ["uw", "dwa", "gradnorm"])
+def test_a_logging_loss_without_graph_between_loss_and_meta_step_is_not_learned_from(name):
+    """A loop that calls meta_step before its backward and logs a validation loss with weighting.loss under
+    torch.no_grad() between: meta_step reads the training call's terms, not the logged ones (it read them at
+    the first iteration); gamma and the model follow the loop without the logging call exactly. (FAMO refuses
+    the order: the next test.)"""
+    runs = []
+    for log in (False, True):
+        w, model, optimizer = build(name)
+        val = batches(1, size=8)[0]
+        for x, y in batches(4):
+            loss = w.loss(model(x), y)
+            if log:
+                with torch.no_grad():
+                    w.loss(model(val[0]), val[1])
+            w.meta_step((x, y))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        runs.append((w.gamma.clone(), [p.detach().clone() for p in model.parameters()]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_famo_meta_step_before_the_backward_of_its_batch_says_so():
+    """FAMO compares a batch's terms before and after the step taken on it: a loop calling meta_step((x, y))
+    before that batch's backward and step is told to call it after optimizer.step() (it was told the labels
+    were not this iteration's), and nothing changes."""
+    w, model, optimizer = build("famo")
+    for i, (x, y) in enumerate(batches(2)):
+        loss = w.loss(model(x), y)
+        if i == 0:
+            w.meta_step((x, y))  # (no step came before: delta 0, as test_famo_without_a_step_sees_no_change)
+        else:
+            state = {k: v.clone() for k, v in w.state_dict().items() if isinstance(v, torch.Tensor)}
+            with pytest.raises(ValueError, match="no backward and no optimizer step have followed yet"):
+                w.meta_step((x, y))
+            assert all(torch.equal(v, w.state_dict()[k]) for k, v in state.items())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
