@@ -248,7 +248,7 @@ class CapturableFast:
                                  "buffers are put back).")
             terms = w._terms(outputs, y)
             loss = w._weighted(terms)
-            w.optimizer.zero_grad(set_to_none=True)
+            w._zero_grad()
             loss.backward()
             _check_momentum_buffers(w._inner_optimizer)
             grads = [p.grad for _, p in walk(w.module).parameters]
@@ -262,7 +262,7 @@ class CapturableFast:
             step_unless(w.optimizer, w._inner_optimizer, refused)
             buffers.restore_where(refused)
         except Exception:  # up to the model's step (a fused step raises before it writes): only the buffers moved
-            w.optimizer.zero_grad(set_to_none=True)
+            w._zero_grad()
             buffers.restore()
             raise
         # the meta step at the parameters the model moved to (or did not: then refused below)

@@ -119,7 +119,7 @@ class ExactMode:
                 terms = w._terms(call_model(w.model, x), y)
             loss = w._weighted(terms)  # with the new gamma, or the old one where the meta step is refused
             check_differentiable(loss, NO_TRAINING_GRADIENT)
-            w.optimizer.zero_grad(set_to_none=True)
+            w._zero_grad()
             loss.backward()  # on every rank, so DDP's gradient all-reduce never waits for a rank that stopped
             # one read for both decisions: the meta step's and the model step's
             meta_values = pending.values if isinstance(pending, PendingMeta) else []
@@ -133,7 +133,7 @@ class ExactMode:
                     w.clip_grad_norm(p for _, p in w._trainable())
                 w.optimizer.step()
         except Exception as exc:
-            w.optimizer.zero_grad(set_to_none=True)
+            w._zero_grad()
             transaction.rollback(w, saved)
             why = explained(exc, w._trainable(), "step() checks every gradient for finiteness", w._inner_optimizer)
             if why is exc:

@@ -138,7 +138,7 @@ class FastMode:
                     _check_val_labels(w, outputs, xv, yv, x, y)  # before the model's step, which a refusal spares
                 loss = w._weighted(terms)
                 check_differentiable(loss, NO_TRAINING_GRADIENT)
-                w.optimizer.zero_grad(set_to_none=True)
+                w._zero_grad()
                 loss.backward()
                 # a non-finite validation input joins the step's decision (every rank alike)
                 bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))])[0] \
@@ -190,10 +190,10 @@ class FastMode:
                 if isinstance(exc, Exception) and not step.finite:  # refused, as without the step
                     return self._refuse_step(w, named, None, step, saved)
                 if isinstance(exc, Exception) and bad_val and w.nonfinite == "raise":
-                    w.optimizer.zero_grad(set_to_none=True)
+                    w._zero_grad()
                     transaction.rollback(w, saved)
                     raise ValueError(_NONFINITE_VAL_REFUSED) from exc
-            w.optimizer.zero_grad(set_to_none=True)  # as the exact mode's step(): the call's gradients are dropped
+            w._zero_grad()  # as the exact mode's step(): the call's gradients are dropped
             transaction.rollback(w, saved)
             if not isinstance(exc, Exception):  # (an interruption: what is refused put back, then on its way)
                 raise
@@ -299,7 +299,7 @@ class FastMode:
         """Put back the whole call: the model's step (:meth:`_put_back`), the gradients dropped, and the
         transaction's rollback (buffers, gamma, its optimizer, the validation average, the counters)."""
         self._put_back(w, named, theta)
-        w.optimizer.zero_grad(set_to_none=True)
+        w._zero_grad()
         w._transaction.rollback(w, saved)
 
     def _refuse_step(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor] | None,

@@ -584,6 +584,15 @@ class HarmonizedWeighter(NamedWeights):
     def _trainable(self) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in walk(self.module).parameters if p.requires_grad]
 
+    def _zero_grad(self) -> None:
+        """:meth:`step`'s ``zero_grad``: the optimizer's (to ``None``), and the gradients of the trainable
+        parameters it does not hold (held fixed), which would carry over from call to call into the norm of
+        ``clip_grad_norm`` and the step's finiteness check (Python objects only)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for _, p in self._trainable():
+            if p.grad is not None:
+                p.grad = None
+
     def _weighted(self, terms: Tensor) -> Tensor:
         """Remember the terms for :meth:`terms_dict` and weight them by gamma, as a constant."""
         self.last_terms = terms.detach()

@@ -2,6 +2,7 @@
 the closed-form Jacobian against autograd through torch's own formula, the declaration's checks."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -105,6 +106,40 @@ def test_step_clips_the_model_s_step_as_declared_bit_for_bit(norm_type):
     twin_opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode, learn, capturable", [("fast", True, False), ("fast", True, True), ("fast", False, False),
+                                                     ("exact", False, False)])
+def test_step_clips_over_fresh_gradients_with_a_trainable_parameter_outside_the_optimizer(mode, learn, capturable):
+    """A trainable head the optimizer does not hold (held fixed): step() cleared only the optimizer's gradients,
+    so the head's gradient carried over from call to call into step()'s own clip_grad_norm norm, and the model's
+    steps drifted from the clipped steps of the batch's own gradients (found by helper-138). Each step is now a
+    plain step clipped over every trainable parameter's gradient of that batch, as torch's clip_grad_norm_ over
+    model.parameters() after model.zero_grad() gives; and step() leaves no gradient behind on the held head
+    that a later call adds to."""
+    torch.manual_seed(0)
+    model, twin = tiny(), tiny()
+    twin.load_state_dict(model.state_dict())
+    held = lambda m: [p for n, p in m.named_parameters() if not n.startswith("heads.1")]  # noqa: E731
+    optimizer, twin_opt = (torch.optim.SGD(held(m), lr=0.3, momentum=0.9, fused=capturable) for m in (model, twin))
+    criterion = mw.DenseDistillLoss(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the head left out of the optimizer is warned of)
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, mode=mode, learn=learn, gamma_optimizer="sgd",
+                                  gamma_lr=0.0, clip_grad_norm=0.05,
+                                  **({"capturable": True, "nonfinite": "skip"} if capturable else {}))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x, y = torch.randn(16, 6, dtype=F64, generator=g), torch.randint(0, 4, (16,), generator=g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w.step((x, y), (x, y))
+        twin.zero_grad(set_to_none=True)
+        (w.gamma.to(F64) * criterion(twin(x), y)).sum().backward()
+        assert torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05) > 0.05  # it clips
+        twin_opt.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 class Holder(nn.Module):
