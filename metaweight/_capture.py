@@ -468,6 +468,7 @@ class Pending:
     jac: list[Tensor | float] | None = None
     rescale: Tensor | None = None  # on the device: [is a common rescale, s, |T(g)|^2]
     seen: list[Tensor | None] | None = None  # g, whose direction a common rescale keeps
+    outside: list[Tensor | None] | None = None  # the gradients of trainable parameters no optimizer holds, if any
     inv_scale: Tensor | None = None  # 1 / the scale a fused optimizer unscales by inside its step
     error: str | None = None
     names: list[str] | None = None  # the parameters that required gradients at the step
@@ -672,6 +673,9 @@ class StepCapture(_Inert):
                 pending.presence = [n for n, a, b in zip(names, then, now) if (a is None) != (b is None)]
                 pending.rescale = rescale_between(then, now)
                 pending.seen = then  # a common rescale keeps the direction
+                # (a clip_grad_norm_ over model.parameters() takes these too, in its norm)
+                outside = [None if k else g for g, k in zip(snapshot.values, inside)]
+                pending.outside = outside if any(g is not None for g in outside) else None
             pending.theta, pending.jac = self._before_step(optimizer, named, grads, weighter.gamma, weighter._active)
             # every loss the step used was taken at the parameters the step starts from (not at a perturbed
             # point, as sharpness-aware minimization's second forward is)

@@ -262,12 +262,19 @@ class TwoCall:
         # factors, a GradScaler's scale up to 2**127, whose float32 squares overflow)
         seen_norm = total_norm(seen, clip.norm_type).to(device) \
             if clip is not None and seen is not None else torch.zeros((), dtype=torch.float64, device=device)
+        # and with the gradients of trainable parameters no optimizer holds (a clip_grad_norm_ over
+        # model.parameters() takes them in its norm; one over the optimizer's parameters does not)
+        every = [a if a is not None else b for a, b in zip(seen, pending.outside)] \
+            if clip is not None and seen is not None and pending.outside is not None else None
+        every_norm = total_norm(every, clip.norm_type).to(device) if every is not None else seen_norm
         # and the norm clip_grad_norm_ saw: the losses' own gradient, before any clipping
         unclipped = seen_norm / torch.where(total > 0, total, torch.ones_like(total))
-        common, s_t, s, r, ok, clipped_norm, unclipped, relative, *rest = host_read([torch.stack([
-            rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
-            rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(),
-            seen_norm * rescale[1].to(device), unclipped, rescale[1].to(device) * inv.to(device) * unit]),
+        unclipped_every = every_norm / torch.where(total > 0, total, torch.ones_like(total))
+        common, s_t, s, r, ok, clipped_norm, unclipped, relative, clipped_every, unclipped_every, *rest = host_read([
+            torch.stack([rescale[0].to(device), rescale[1].to(device), (rescale[1].to(device) * inv.to(device)),
+                         rescale[1].to(device) * inv.to(device) * total, cleared.to(device).double(),
+                         seen_norm * rescale[1].to(device), unclipped, rescale[1].to(device) * inv.to(device) * unit,
+                         every_norm * rescale[1].to(device), unclipped_every]),
             finite, terms.reshape(-1), moves])
         _check_finite(w, rest[:2], rest[2:2 + terms.numel()], len(stepped))
         _check_moves(rest[2 + terms.numel():])
@@ -299,6 +306,9 @@ class TwoCall:
             # whether clip_grad_norm_ clipped is decided by the norm it saw, as torch decides it: a factor
             # within rounding of 1 may still be a clipping (a norm just above max_norm), with its Jacobian
             coef = min(1.0, clip.max_norm / (unclipped + EPSILON))
+            coef_every = min(1.0, clip.max_norm / (unclipped_every + EPSILON))
+            if every is not None and abs(r - coef_every) < abs(r - coef):  # clipped over model.parameters()
+                seen, coef, unclipped, clipped_norm = every, coef_every, unclipped_every, clipped_every
             clipped = coef < 1 and abs(r - coef) <= abs(r - 1)
             if coef < 1 and not clipped and unclipped > clip.max_norm + slack:
                 raise ValueError(f"The weighter was told the loop clips by {clip.describe()}, but the gradients the "

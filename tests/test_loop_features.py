@@ -1480,6 +1480,29 @@ def test_clipping_over_the_optimizer_s_parameters_with_the_rest_held_fixed_is_ri
     assert own_loop_error(clipped, model, optimizer, criterion, validation, w, train, val) < 1e-3
 
 
+def test_clipping_over_every_parameter_with_some_held_fixed_is_right():
+    """clip_grad_norm_(model.parameters()) (the idiom the docs show, and what step() clips over), the trunk
+    trainable but in no optimizer: the clipping's norm takes the trunk's gradients too. It was refused ("rescaled
+    by 0.066 ... which clip_grad_norm_ does not give"; found by helper-138); now differentiated through, against
+    central differences of the loop's own steps."""
+    model, _, criterion, validation, _ = build(Case())
+    heads, _ = _heads_and_trunk(model)
+    optimizer = torch.optim.SGD(heads, lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA), clip_grad_norm=mw.ClipGradNorm(0.05))
+    torch.manual_seed(1)
+    train = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+
+    def clipped(net, opt, sc, micro, loss_of):
+        net.zero_grad()
+        loss_of(net(micro[0][0]), micro[0][1]).backward()
+        assert torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05) > 0.05
+        opt.step()
+
+    assert own_loop_error(clipped, model, optimizer, criterion, validation, w, train, val) < 1e-3
+
+
 def test_a_fast_step_whose_validation_pass_fails_after_the_model_s_step_says_so():
     """The fast step() takes the model's step before scoring it: an error of the validation pass then comes with
     a note that the step stands and must not be retried."""
