@@ -508,7 +508,9 @@ class HarmonizedWeighter(NamedWeights):
     def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
         r"""The weighted training loss :math:`\sum_k \gamma_k L_k` for the user's own backward.
 
-        :math:`\gamma` enters as a constant: the backward reaches the model only.
+        :math:`\gamma` enters as a constant, as it is at this call (a copy: a :meth:`meta_step` between
+        this call and its backward changes the next call's weights, not this loss's; with ``mode="exact"``
+        the meta step comes first): the backward reaches the model only.
 
         With ``mode="fast"`` this is the first of the two calls of an iteration: the terms,
         the outputs (as fixed teachers) and, when the optimizer steps, its update's Jacobian
@@ -516,7 +518,7 @@ class HarmonizedWeighter(NamedWeights):
         the step.
         """
         terms = self._terms(outputs, target)
-        weighted = self._weighted(terms)
+        weighted = self._weighted(terms, copy=True)
         self._lost_calls = ""
         if self.mode == "fast" and self.learn and weighted.requires_grad:
             self._keep_for_meta_step(outputs, terms, target, weighted)
@@ -593,10 +595,12 @@ class HarmonizedWeighter(NamedWeights):
             if p.grad is not None:
                 p.grad = None
 
-    def _weighted(self, terms: Tensor) -> Tensor:
-        """Remember the terms for :meth:`terms_dict` and weight them by gamma, as a constant."""
+    def _weighted(self, terms: Tensor, copy: bool = False) -> Tensor:
+        """Remember the terms for :meth:`terms_dict` and weight them by gamma, as a constant (``copy``: a copy of
+        it, which autograd saves for the backward in place of gamma, which a meta step may update before it)."""
         self.last_terms = terms.detach()
-        return (self.gamma.detach().to(terms) * terms).sum()
+        gamma = self.gamma.detach()
+        return ((gamma.clone() if copy else gamma).to(terms) * terms).sum()
 
     @walked_call
     def meta_step(self, train_batch: Batch, val_batch: Batch | None = None) -> MetaStepRecord:

@@ -571,3 +571,27 @@ def test_a_copied_weighter_refuses_another_optimizer_s_step_of_its_model_as_the_
         with pytest.raises(ValueError, match=r"Another optimizer \(SGD\) stepped parameters of the model"):
             copied.meta_step(batch(), batch())
         assert str(copied.state_dict()) == str(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_loss_taken_before_the_exact_meta_step_keeps_the_weights_it_was_taken_with(dtype):
+    """loss() before meta_step in the exact two-call form (to log it, say): its backward failed with autograd's
+    "modified by an inplace operation ... version 3; expected version 0" for a float32 model, whose loss had
+    saved gamma itself, which meta_step updates in place (found by helper-137); a float64 model's loss used a
+    copy. Now both backpropagate the weights as they were at the call: the step of the sum with those weights."""
+    torch.manual_seed(0)
+    model = tiny_net(3, dtype=dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), gamma_lr=0.05)
+    x, y = batch(dtype=dtype)
+    gamma = w.gamma.clone()
+    loss = w.loss(model(x), y)
+    w.meta_step((x, y), batch(dtype=dtype))
+    assert not torch.equal(w.gamma, gamma)  # (the meta step moved the weights)
+    optimizer.zero_grad()
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    (gamma.to(dtype) * w.criterion(model(x), y)).sum().backward()
+    for a, p in zip(got, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
