@@ -145,7 +145,14 @@ def preset(name: str, num_exits: int, *, temperature: float = 3.0, init: Any = "
         raise TypeError(f"`name` should be a method name, one of {list(METHODS)}. Found `{type(name).__name__}`.")
     key = name.lower().replace("-", "_")
     if key not in METHODS:
-        raise ValueError(f"Unknown method {name!r}. Expected one of {list(METHODS)}.")
+        from metaweight import WEIGHTINGS  # (the package's table of the loss weightings; imported at call time)
+
+        if key in WEIGHTINGS:
+            raise ValueError(f"{name!r} is a loss weighting, not a preset of the HarmonizedWeighter: build it "
+                             f"as mw.WEIGHTINGS[{key!r}](model, optimizer, criterion) "
+                             f"(mw.{WEIGHTINGS[key].__name__}(...)). The presets are {list(METHODS)}.")
+        raise ValueError(f"Unknown method {name!r}. Expected one of {list(METHODS)} (the loss weightings: "
+                         f"mw.WEIGHTINGS).")
     method = METHODS[key]
     criterion = DenseDistillLoss(num_exits, temperature=temperature, teachers=method.teachers)
     return Preset(method, criterion, {"learn": method.learn, "init": init})

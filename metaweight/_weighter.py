@@ -147,7 +147,7 @@ class HarmonizedWeighter(NamedWeights):
         backend: how the meta-gradient is computed: ``"jvp"`` (exact: one forward-mode
             pass, the default), ``"finite_difference"`` (two forwards, approximate) or
             ``"higher"`` (exact: differentiates through the inner step; the reference).
-            ``jvp``/``finite_difference`` know SGD, Adam and AdamW; other optimizers fall
+            ``jvp``/``finite_difference`` know SGD, Adam, AdamW and RMSprop; other optimizers fall
             back to ``higher`` with a warning.
         meta_every: run the look-ahead on every N-th call only (gamma stays fixed between).
         lookahead_params: a callable ``name -> bool`` restricting the look-ahead to some
@@ -200,8 +200,9 @@ class HarmonizedWeighter(NamedWeights):
         ...                      [torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)])
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> weighter = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), gamma_lr=0.01)
-        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-        >>> metrics = weighter.step((x, y), (x, y))
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))     # a training batch
+        >>> xv, yv = torch.randn(8, 4), torch.randint(0, 3, (8,))   # a held-out validation batch
+        >>> metrics = weighter.step((x, y), (xv, yv))
         >>> sorted(weighter.gamma_dict())
         ['ce[1]', 'ce[2]', 'kd[2->1]']
     """

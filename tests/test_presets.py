@@ -70,3 +70,12 @@ def test_preset_refuses_learn_override_and_unknown_names():
         mw.preset("msdnet", K).weighter(model, torch.optim.SGD(model.parameters(), lr=0.1), learn=True)
     with pytest.raises(ValueError, match="hdkd"):
         mw.preset("impr", K)
+
+
+@pytest.mark.parametrize("name", ["famo", "UW", "sdn"])
+def test_a_loss_weighting_s_name_given_to_preset_says_how_to_build_it(name):
+    """mw.preset("famo", ...) said only "Unknown method", though the README offers --method famo (found by
+    helper-137): the names of mw.WEIGHTINGS are classes, and the refusal names the class to build."""
+    with pytest.raises(ValueError, match=rf"is a loss weighting.*mw\.WEIGHTINGS\['{name.lower()}'\]\(model, "
+                                         rf"optimizer, criterion\).*mw\.{mw.WEIGHTINGS[name.lower()].__name__}"):
+        mw.preset(name, 3)
