@@ -403,6 +403,9 @@ class HarmonizedWeighter(NamedWeights):
         self._first_loss: tuple[list[Tensor | None], int, int] | None = None
         # the gradients (objects, versions) a two-call meta_step let go after a backward no step followed
         self._let_go: GradSnapshot | None = None
+        self._loss_calls = 0  # loss() calls so far
+        # mode="exact": the optimizer's step count and the loss() calls at the last two-call meta step that ran
+        self._met_at: tuple[int, int] | None = None
         self._step_hooks: tuple[RemovableHandle, ...] = ()
         self._foreign_step: str | None = None  # another optimizer stepped the model (metaweight._moves)
         self._frozen_step: list[str] | None = None  # the exact mode's optimizer stepped frozen parameters
@@ -521,6 +524,7 @@ class HarmonizedWeighter(NamedWeights):
         terms = self._terms(outputs, target)
         weighted = self._weighted(terms, copy=True)
         self._lost_calls = ""
+        self._loss_calls += 1
         if self.mode == "fast" and self.learn and weighted.requires_grad:
             self._keep_for_meta_step(outputs, terms, target, weighted)
         elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
@@ -560,6 +564,20 @@ class HarmonizedWeighter(NamedWeights):
                       "already stepped on (the order of mode='fast' and of the loss weightings): gamma learns "
                       "from a step the loop never takes. Move the call before the forward, or build the weighter "
                       "with mode='fast', whose meta_step scores the step just taken.")
+
+    def _warn_if_met_since(self, call: str) -> None:
+        """``mode="exact"``: warn when a meta step comes (``call``: a two-call ``meta_step``, or ``step()``,
+        which runs its own) after a two-call ``meta_step`` with no optimizer step and no :meth:`loss` call since
+        (Python objects only): gamma would take two meta steps for one model step. A ``GradScaler`` that skipped
+        the step in between does not warn (the loop's ``loss()`` came between)."""
+        if self._met_at is None or not self.learn:
+            return
+        if self._met_at == (optimizer_steps(self._inner_optimizer), self._loss_calls):
+            warn_user(f"weighter.{call} runs a meta step, and weighter.meta_step ran one with no optimizer step and no "
+                      f"weighter.loss call since: gamma takes two meta steps for one model step. Call meta_step once "
+                      f"per iteration, before loss = weighter.loss(model(x), y); step() runs its own meta step and "
+                      f"the model's step, so call either step() or the two calls, not both.")
+        self._met_at = None
 
     def _keep_for_meta_step(self, outputs: Any, terms: Tensor, target: Any, weighted: Tensor) -> None:
         """``mode="fast"``, two-call form: keep this loss for the meta step after the optimizer's step. A
@@ -663,7 +681,11 @@ class HarmonizedWeighter(NamedWeights):
                 if self.mode == "fast" and self.learn:
                     return self._two_call.meta_step(self, train_batch, val_batch)
                 self._warn_if_after_step(train_batch)
-                return self._exact.meta_step(self, train_batch, val_batch)
+                self._warn_if_met_since("meta_step")
+                record = self._exact.meta_step(self, train_batch, val_batch)
+                if record.ran and self.learn:
+                    self._met_at = (optimizer_steps(self._inner_optimizer), self._loss_calls)
+                return record
         finally:
             forget_labels()  # labels are remembered for one call only
 
@@ -945,6 +967,7 @@ class HarmonizedWeighter(NamedWeights):
             with torch.enable_grad():  # (called under torch.no_grad(), the step still needs its gradients)
                 if self.mode == "fast" and self.learn:
                     return self._fast.step(self, train_batch, val_batch)
+                self._warn_if_met_since("step()")
                 return self._exact.step(self, train_batch, val_batch)
         finally:
             forget_labels()  # labels are remembered for one step only
@@ -1079,6 +1102,7 @@ class HarmonizedWeighter(NamedWeights):
         self._gamma_sum = float(gamma_sum)
         if self._pending is None:  # (no loss() call of the iteration under way is in a checkpoint)
             self._lost_calls = LOADED_SINCE
+        self._met_at = None
         if self._capturable is not None and self._capturable.counts is not None:
             self._capturable.reset(self)
 

@@ -595,3 +595,27 @@ def test_a_loss_taken_before_the_exact_meta_step_keeps_the_weights_it_was_taken_
     (gamma.to(dtype) * w.criterion(model(x), y)).sum().backward()
     for a, p in zip(got, model.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("second", ["meta_step", "step()"])
+def test_an_exact_meta_step_again_with_no_step_or_loss_between_warns(second):
+    """mode='exact': meta_step followed by step() (mixing the forms) or by meta_step again gave gamma two meta
+    steps for one model step, silently (found by helper-137). It now warns, naming both calls; the loop's order
+    (meta_step, loss, backward, step) is silent over iterations, and so is one whose GradScaler skipped a step
+    (a loss() came between)."""
+    import warnings
+    model, optimizer, criterion, validation, weighter = setup("nesterov_wd", backend="jvp")
+    train, val = batch(dtype=F64), batch(dtype=F64)
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        for skipped in (False, True, False):
+            weighter.meta_step(train, val)
+            optimizer.zero_grad()
+            weighter.loss(model(train[0]), train[1]).backward()
+            if not skipped:
+                optimizer.step()
+    assert not [h for h in heard if "two meta steps" in str(h.message)]
+    with pytest.warns(RuntimeWarning, match=rf"weighter\.{re.escape(second)} runs a meta step, and "
+                                            r"weighter\.meta_step ran one .* two meta steps for one model step"):
+        weighter.meta_step(train, val)
+        getattr(weighter, second.rstrip("()"))(train, val)
