@@ -303,16 +303,18 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, *, first_only: bool 
 
 
 def check_optimizer_covers_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """Every parameter the optimizer updates must be a parameter of the model."""
+    """The optimizer must update parameters of the model: one that holds none of them (the optimizer of another
+    model, or of the inner model where the weighter was given a wrapper of another) is refused. A tensor it holds
+    that is no parameter of the model (a criterion's learned scale, in a group of its own) is left alone, as it is
+    when added after construction (:func:`check_parameters_replaced`)."""
     model_params = {id(p) for p in model.parameters()}
-    for i, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
-            if id(p) not in model_params:
-                raise ValueError(
-                    f"Parameter group {i} of the optimizer holds a tensor of shape {tuple(p.shape)} that is not "
-                    f"a parameter of the model. Give HarmonizedWeighter the model whose parameters the "
-                    f"optimizer updates (for DistributedDataParallel, the wrapped model)."
-                )
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    if held and model_params and not any(id(p) in model_params for p in held):
+        p = held[0]
+        raise ValueError(
+            f"The optimizer holds none of the model's parameters (its first tensor, of shape {tuple(p.shape)}, is "
+            f"not a parameter of the model). Give HarmonizedWeighter the model whose parameters the optimizer "
+            f"updates (for DistributedDataParallel, the wrapped model).")
 
 
 def check_parameters_replaced(optimizer: torch.optim.Optimizer, before: Iterable[tuple[str, Tensor]],

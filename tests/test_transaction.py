@@ -1090,3 +1090,40 @@ def test_became_nonfinite_within_a_step_follows_every_change_of_a_buffer_a_forwa
             assert snapshot.became_nonfinite(torch.device("cpu")).tolist() == [float(want)], (change, bad)
         # (the cases do what they are meant to: -inf at the same shape and dtype is a change, elsewhere NaN only)
         assert want == (change != "none" and (math.isnan(bad) or change in ("values", "registered anew"))), change
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_an_optimizer_built_with_a_criterion_s_parameter_is_taken_as_one_that_adds_it_later(mode):
+    """A criterion's learned scale in a parameter group of its own from the optimizer's construction was refused
+    ("holds a tensor ... that is not a parameter of the model"), though loop.md says such a tensor is left alone
+    and the same group added after construction is (found by helper-137): both now train alike, bit for bit. An
+    optimizer of another model is still refused."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.num_exits = mw.DenseDistillLoss(3), 3
+            self.log_s = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, outputs, y):
+            return self.inner(outputs, y) * self.log_s.exp()
+
+        term_names = property(lambda self: self.inner.term_names)
+
+    runs = []
+    for at_construction in (True, False):
+        torch.manual_seed(0)
+        model, criterion = tiny_net(3), Scaled()
+        groups = [{"params": list(model.parameters())}] + ([{"params": [criterion.log_s]}] if at_construction else [])
+        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, mode=mode, check_gradients=False)
+        if not at_construction:
+            optimizer.add_param_group({"params": [criterion.log_s]})
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            w.step((torch.randn(16, 6, generator=g), torch.randint(0, 5, (16,), generator=g)),
+                   (torch.randn(12, 6, generator=g), torch.randint(0, 5, (12,), generator=g)))
+        runs.append([w.gamma.clone(), criterion.log_s.detach().clone(), *[p.detach().clone() for p in model.parameters()]])
+    assert all(torch.equal(a, b) for a, b in zip(*runs)) and not torch.equal(runs[0][1], torch.zeros(()))
+    with pytest.raises(ValueError, match="holds none of the model's parameters"):
+        mw.HarmonizedWeighter(tiny_net(3), torch.optim.SGD(tiny_net(3).parameters(), lr=0.1), mw.DenseDistillLoss(3))
