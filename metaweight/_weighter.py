@@ -207,6 +207,11 @@ class HarmonizedWeighter(NamedWeights):
         ['ce[1]', 'ce[2]', 'kd[2->1]']
     """
 
+    # (defaults of state that a weighter pickled by an earlier metaweight lacks)
+    _loss_calls: int = 0
+    _met_at: tuple[int, int] | None = None
+    _warned_same_batch: bool = False
+
     @warns_after_construction
     def __init__(
         self,
@@ -404,6 +409,7 @@ class HarmonizedWeighter(NamedWeights):
         # the gradients (objects, versions) a two-call meta_step let go after a backward no step followed
         self._let_go: GradSnapshot | None = None
         self._loss_calls = 0  # loss() calls so far
+        self._warned_same_batch = False  # whether a validation batch that is the training batch was warned of
         # mode="exact": the optimizer's step count and the loss() calls at the last two-call meta step that ran
         self._met_at: tuple[int, int] | None = None
         self._step_hooks: tuple[RemovableHandle, ...] = ()
@@ -668,7 +674,7 @@ class HarmonizedWeighter(NamedWeights):
             (``ran`` is ``False`` with ``learn=False`` or on a call that ``meta_every`` skips).
         """
         self._check_learn()
-        self._check_val_batch(val_batch, "meta_step")
+        self._check_val_batch(val_batch, "meta_step", train_batch)
         self._check_parameters_held("meta_step")
         if self._capturable is not None:
             raise ValueError("This weighter was built with capturable=True, whose step is the one-call device_step() "
@@ -706,12 +712,25 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step.) gamma "
                              "and everything else are unchanged.")
 
-    def _check_val_batch(self, val_batch: Batch | None, call: str) -> None:
-        """A validation batch is what gamma is learned from: needed with ``learn=True``, optional without."""
+    def _check_val_batch(self, val_batch: Batch | None, call: str, train_batch: Batch | None = None) -> None:
+        """A validation batch is what gamma is learned from: needed with ``learn=True``, optional without; warned
+        of (once) where its inputs are the training batch's very tensor (Python objects only)."""
         if val_batch is None and self.learn:
             raise ValueError(f"HarmonizedWeighter.{call} learns gamma on a validation batch: pass it, "
                              f"weighter.{call}((x, y), (x_val, y_val)). Only a weighter with learn=False (gamma "
                              f"fixed) needs none. Nothing was changed.")
+        if not self.learn or self._warned_same_batch or val_batch is None or train_batch is None:
+            return
+        same = val_batch is train_batch or (
+            isinstance(val_batch, (tuple, list)) and isinstance(train_batch, (tuple, list)) and
+            len(val_batch) > 0 and len(train_batch) > 0 and isinstance(val_batch[0], Tensor) and
+            val_batch[0] is train_batch[0])
+        if same:
+            self._warned_same_batch = True
+            warn_user(f"HarmonizedWeighter.{call} got the training batch's inputs as its validation batch: gamma then "
+                      f"learns to fit the data the model steps on, where the look-ahead is to be scored on held-out "
+                      f"data (HDKD holds out a split of the training set). Pass a batch of a held-out split, not "
+                      f"augmented: weighter.{call}((x, y), (x_val, y_val)). (Warned once.)")
 
     def _check_learn(self) -> None:
         """``learn`` may be switched off and on again, not on for a weighter built without it."""
@@ -938,7 +957,7 @@ class HarmonizedWeighter(NamedWeights):
         ``learn=False`` (gamma fixed: no validation batch is read).
         """
         self._check_learn()
-        self._check_val_batch(val_batch, "step")
+        self._check_val_batch(val_batch, "step", train_batch)
         self._check_parameters_held("step")
         # a model converted after the optimizer's first step, where no meta step checks the whole state first
         # (learn=False, meta_every): torch's Adam counts a step, and steps the parameters it reaches first, before

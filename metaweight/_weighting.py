@@ -331,6 +331,9 @@ class Weighting(NamedWeights):
 
     needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
     reads_train_batch: ClassVar[bool] = False  # whether meta_step reads its train_batch (FAMO: the terms again)
+    # (defaults of state that a weighting pickled by an earlier metaweight lacks)
+    _pending_trains: bool = False
+    _unreached: tuple[int, Tensor | None] | None = None
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *,
                  term_names: Sequence[str] | None = None, nonfinite: Literal["raise", "skip"] = "raise",

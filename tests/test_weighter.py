@@ -619,3 +619,30 @@ def test_an_exact_meta_step_again_with_no_step_or_loss_between_warns(second):
                                             r"weighter\.meta_step ran one .* two meta steps for one model step"):
         weighter.meta_step(train, val)
         getattr(weighter, second.rstrip("()"))(train, val)
+
+
+@pytest.mark.parametrize("call", ["step", "meta_step"])
+def test_a_validation_batch_that_is_the_training_batch_is_warned_of_once(call):
+    """weighter.step((x, y), (x, y)) learned gamma from the training data with no word (the class's own docstring
+    example did it; found by helper-137): the first call warns, later ones do not; a held-out batch, or learn=False,
+    never warns."""
+    import warnings
+    model, optimizer, criterion, validation, weighter = setup("nesterov_wd", backend="jvp")
+    train, val = batch(dtype=F64), batch(dtype=F64)
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        getattr(weighter, call)(train, val)
+        weighter.learn = False
+        weighter.step(train, train)
+        weighter.learn = True
+    assert not [h for h in heard if "as its validation batch" in str(h.message)]
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            getattr(weighter, call)(train, (train[0], train[1]))
+            if call == "meta_step":
+                optimizer.zero_grad()
+                weighter.loss(model(train[0]), train[1]).backward()
+                optimizer.step()
+    said = [str(h.message) for h in heard if "as its validation batch" in str(h.message)]
+    assert len(said) == 1 and f"HarmonizedWeighter.{call} got the training batch's inputs" in said[0], said
