@@ -709,6 +709,11 @@ class TensorBoardLogger:
     logger is made. Given a writer, nothing is purged: create it with ``purge_step`` yourself when
     you resume.
 
+    A record that cannot be written (a read-only folder, a full disk) is warned and skipped, never
+    raised: the step stands. The writer made here is dropped with it (its thread died on the
+    failure), so the next record opens a new event file and logging goes on once the folder can be
+    written again; a writer you gave is kept.
+
     Under ``torch.distributed`` (a process group initialized with more than one process) only
     rank 0 writes: after a meta step every rank holds the same gamma (its meta-gradient is
     averaged over the ranks), so the same logger built on every rank (as a weighter's callbacks
@@ -1003,10 +1008,15 @@ class TensorBoardLogger:
             else:  # rolled back to a checkpoint: a new writer purges the undone steps from view
                 hidden = sorted(s for s in self._shown if s >= step)
         writer = self._writer_from(step, terms)  # the first record's iteration: where a resumed run continues
-        for tag, value in flat.items():
-            writer.add_scalar(self.prefix + tag, value, step)
-        if self._log_dir is not None:  # on disk before the hook returns: a failure is warned here, not in
-            writer.flush()  # the writer's thread (which dies on it), and a folder deleted later loses nothing held
+        try:
+            for tag, value in flat.items():
+                writer.add_scalar(self.prefix + tag, value, step)
+            if self._log_dir is not None:  # on disk before the hook returns: a failure is warned here, not in
+                writer.flush()  # the writer's thread (which dies on it), and a folder deleted later loses nothing held
+        except Exception:
+            if self._log_dir is not None:  # its thread died on the failure: a new writer takes the next record
+                self._drop_writer()  # (a writer given by the user is kept: it is theirs)
+            raise
         self._floor = step if self._floor is None else min(self._floor, step)
         self._last_step = step
         self._shown = {s for s in self._shown if s < step} | {step}

@@ -635,6 +635,46 @@ def test_a_tensorboard_folder_deleted_mid_run_starts_again_as_a_csv_log_does(tmp
     assert heard(other.close) == []
 
 
+def test_a_tensorboard_write_that_failed_once_does_not_lose_every_later_point(tmp_path, monkeypatch):
+    """A failed write (the folder read-only for a while, a full disk) kills the SummaryWriter's thread, and
+    the logger kept that writer: every later record failed on it, with a warning each, though the folder
+    was writable again (CSVLogger wrote on). Now the failed writer is dropped and the next record opens a
+    new one; a writer the user gave is theirs and is kept."""
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "tb"
+    logger = mw.TensorBoardLogger(folder)
+    for i in (1, 2, 3):
+        logger(record(i))
+    broken = logger._writer
+
+    def refused(*args, **kwargs):  # as a writer whose thread died on a refused write: every call fails
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(broken, "add_scalar", refused)
+    monkeypatch.setattr(broken, "flush", refused)
+    said = heard(lambda: logger(record(4)))
+    assert len(said) == 1 and "could not write iteration 4 (PermissionError" in said[0], said
+    assert heard(lambda: logger(record(5))) == [] and heard(lambda: logger(record(6))) == []
+    assert logger._writer is not broken
+    logger.close()
+    assert _tb_steps(folder) == [1, 2, 3, 5, 6]
+
+    class Given:
+        def __init__(self):
+            self.points, self.fail = [], True
+
+        def add_scalar(self, tag, value, step):
+            if self.fail:
+                self.fail = False
+                raise OSError(28, "No space left on device")
+            self.points.append(step)
+
+    given = Given()
+    theirs = mw.TensorBoardLogger(given)
+    assert len(heard(lambda: theirs(record(1)))) == 1
+    assert heard(lambda: theirs(record(2))) == [] and theirs._writer is given and 2 in given.points
+
+
 def test_a_csv_folder_deleted_mid_run_is_made_again_as_a_tensorboard_one_is(tmp_path):
     """``rm -rf`` of a CSVLogger's folder mid-run dropped every later row ("its folder is gone", one
     warning per row) where TensorBoardLogger starts its folder again. Now the folder and the file (with
