@@ -39,6 +39,10 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
             cannot be pickled (a lambda, an open file): the entry is named, e.g. ``state['f']``,
             and nothing is written (a checkpoint already at ``path`` is left as it was).
         ValueError: ``path`` is a folder, or under a file.
+        PermissionError: ``path`` is a write-protected file (no write permission: ``torch.save``
+            refuses it too), or its folder cannot be written (the temporary file is made there; a
+            folder still to be made: the nearest existing folder above it); the error names the
+            folder and ``path``. Nothing is written.
     """
     if not isinstance(state, dict):
         raise TypeError(f"`state` should be a dict of what to save. Found `{type(state).__name__}`.")
@@ -52,6 +56,17 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"`path` {path} cannot be created: {ancestor} is a file, not a folder. Nothing was written.")
+    if path.exists() and not os.access(path, os.W_OK):  # replaced by a rename, which the file's mode does not stop
+        raise PermissionError(f"`path` {path} is write-protected (no write permission on the file), as torch.save "
+                              f"would refuse to overwrite it. Nothing was written. Make it writable (chmod u+w) to "
+                              f"replace it, or pass another path.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):  # the folder the temporary file (and any missing folder) goes in
+        made = f"the folder {path.parent} cannot be created in it" if ancestor != path.parent else (
+            f"the checkpoint is written to a temporary file in that folder, then renamed to {path.name}, so that an "
+            f"interrupted save never leaves a half-written checkpoint")
+        raise PermissionError(f"`path` {path} cannot be written: no write permission on the folder {ancestor} "
+                              f"({made}). Nothing was written. Make the folder writable, or pass a path in a folder "
+                              f"you can write to.")
     missing = path.parent.relative_to(ancestor).parts
     created = [ancestor.joinpath(*missing[:i + 1]) for i in range(len(missing))]  # the folders this save makes
     path.parent.mkdir(parents=True, exist_ok=True)

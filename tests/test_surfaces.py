@@ -7,6 +7,7 @@ import copy
 import csv
 import datetime
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -679,6 +680,41 @@ def test_checkpoint_arguments_are_refused_before_anything_changes(tmp_path, call
         call(path)
     assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before  # no temp file, no folder
     assert torch.equal(mw.load_checkpoint(path, map_location="cpu")["w"], torch.ones(2))
+
+
+def _no_write(monkeypatch, *denied):
+    """``os.access`` as for a user without write permission on ``denied`` (a root user, as in CI, has it)."""
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path) in denied:
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_save_checkpoint_refuses_a_write_protected_file_and_an_unwritable_folder_naming_them(tmp_path, monkeypatch):
+    """A checkpoint made read-only (chmod 444) to keep it was replaced silently (the rename ignores the
+    file's mode) where torch.save refuses; in a folder that cannot be written the error was a bare
+    PermissionError naming a temporary file the user never asked for. Now both are refused before
+    anything is written, naming the file, or the folder and the path."""
+    path = mw.save_checkpoint({"epoch": 10}, tmp_path / "best.pt")
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    _no_write(monkeypatch, path)
+    with pytest.raises(PermissionError, match=rf"{path} is write-protected.*Nothing was written"):
+        mw.save_checkpoint({"epoch": 11}, path)
+    monkeypatch.undo()
+    _no_write(monkeypatch, tmp_path)
+    for target, said in [(path, "renamed to best.pt"), (tmp_path / "new.pt", "renamed to new.pt"),
+                         (tmp_path / "runs" / "c.pt", f"the folder {tmp_path / 'runs'} cannot be created")]:
+        with pytest.raises(PermissionError) as caught:
+            mw.save_checkpoint({"epoch": 11}, target)
+        message = str(caught.value)
+        assert f"{target} cannot be written: no write permission on the folder {tmp_path} (" in message, message
+        assert said in message and "Nothing was written" in message and ".tmp" not in message, message
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+    assert mw.load_checkpoint(path) == {"epoch": 10}
 
 
 @pytest.mark.parametrize("location", ["cpu:0", torch.device("cpu", 0), {"cpu": "cpu:0"},
