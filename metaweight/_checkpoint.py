@@ -256,7 +256,15 @@ def _file_problem(path: Path, weights_only: bool = True, error: BaseException | 
                 "the path.")
     with path.open("rb") as f:
         head = f.read(8)
-    if _is_zip(path):
+    zipped = _is_zip(path)
+    if zipped and not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # Python's zipfile skips bytes before
+        # an archive (it finds the end record from the back); torch's reader needs the archive at byte 0
+        start = path.read_bytes().find(b"PK\x03\x04")
+        before = f"{start} bytes before the archive" if start > 0 else "no archive member where it should start"
+        return (f"is damaged: it holds a zip archive, but the file ({size} bytes) starts with {head!r}: {before} "
+                f"(torch.save's archive starts at the first byte with b'PK\\x03\\x04', and torch.load reads no other). "
+                f"Resume from an earlier checkpoint.")
+    if zipped:
         try:
             with zipfile.ZipFile(path) as archive:
                 damaged = archive.testzip()  # the first member whose checksum fails, None if all pass
@@ -339,7 +347,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
     ``pathlib`` paths (an allow-list, ``torch.serialization.safe_globals``). Two failures are told
     apart, each with a ``ValueError`` that names the file and what to do: an intact file holding
     other types (named; load it with ``weights_only=False`` if you trust it), and a file that is
-    empty, truncated, fails its checksums (resume from an earlier checkpoint) or is no torch
+    empty, truncated, fails its checksums or has bytes before its archive (which Python's
+    ``zipfile`` reads past and ``torch.load`` does not: resume from an earlier checkpoint) or is no torch
     checkpoint at all (check the path; a pickle is said to be one). The diagnosis is read from the
     file itself; torch's own error is chained to it, never cut short.
 

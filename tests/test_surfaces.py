@@ -634,6 +634,21 @@ def test_load_checkpoint_tells_other_zips_damage_and_pickles_apart(tmp_path):
         assert "load it with load_checkpoint(path, weights_only=False)" not in str(caught.value)
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_load_checkpoint_calls_bytes_before_the_archive_damage_not_an_intact_file(tmp_path, verify):
+    """Bytes before a valid archive (Python's zipfile reads past them, torch's reader refuses them) were
+    called "an intact torch.save archive", with torch's advice to load with weights_only=False. Now the
+    file is damaged, and how many bytes come before the archive is said."""
+    good = mw.save_checkpoint({"w": torch.arange(6.0), "n": 1}, tmp_path / "good.pt")
+    prefixed = tmp_path / "prefixed.pt"
+    prefixed.write_bytes(b"garbage" + good.read_bytes())
+    with pytest.raises(ValueError) as caught:
+        mw.load_checkpoint(prefixed, verify=verify)
+    message = str(caught.value)
+    assert "is damaged" in message and "7 bytes before the archive" in message, message
+    assert "intact" not in message and "weights_only=False" not in message, message
+
+
 def test_every_single_byte_flip_of_a_checkpoint_loads_the_same_or_is_called_damaged(tmp_path):
     """Walk every byte of a small checkpoint: a flip either changes nothing that was saved, or is
     refused as damaged; never loaded different, never called intact."""
