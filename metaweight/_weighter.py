@@ -1043,11 +1043,13 @@ class HarmonizedWeighter(NamedWeights):
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The weighter's own state: gamma, its optimizer and the validation average."""
+        """The weighter's own state: gamma, its optimizer and the validation average, and ``learn``: whether
+        it was built to learn gamma (``learn=True``, paused or not) or keeps it fixed (``learn=False``)."""
         self.sync_counts()
         return {
             "term_names": list(self.term_names),
             "teachers": getattr(self.criterion, "teachers", None),
+            "learn": self._built_to_learn,
             "gamma": self.gamma.detach().cpu().clone(),
             "gamma_optimizer": copy.deepcopy(self.gamma_optimizer.state_dict()),
             "gamma_optimizer_type": type(self.gamma_optimizer).__name__,
@@ -1061,7 +1063,16 @@ class HarmonizedWeighter(NamedWeights):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. The whole checkpoint is checked first; a checkpoint saved for
         other terms, with another gamma optimizer, with a key missing or with non-finite or negative
-        values is refused with a ``ValueError`` (a ``TypeError`` for a non-dict), changing nothing."""
+        values is refused with a ``ValueError`` (a ``TypeError`` for a non-dict), changing nothing.
+        So is one of the other kind: a learned gamma (saved by a weighter built with ``learn=True``)
+        for a weighter built with ``learn=False`` (fixed weights, e.g. ``preset("naive_dkd")``), which
+        would train on it from then on, or fixed weights for a weighter that learns. A checkpoint
+        saved before ``learn`` was recorded loads as before.
+
+        Raises:
+            TypeError: ``state_dict`` is not a dict.
+            ValueError: the checkpoint does not fit this weighter (see above); nothing is changed.
+        """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"`state_dict` should be a dict from HarmonizedWeighter.state_dict(). "
                             f"Found `{type(state_dict).__name__}`.")
@@ -1090,6 +1101,22 @@ class HarmonizedWeighter(NamedWeights):
                 f"This checkpoint was saved with teachers={state_dict['teachers']!r}, but this criterion has "
                 f"teachers={teachers!r}."
             )
+        if "learn" in state_dict:  # (checkpoints saved before it was recorded: loaded as before)
+            saved_learn = state_dict["learn"]
+            if not isinstance(saved_learn, bool):
+                raise ValueError(f"The checkpoint's learn should be a bool (whether its weighter learned gamma). "
+                                 f"Found {saved_learn!r}. Pass a HarmonizedWeighter.state_dict() as saved. Nothing "
+                                 f"was changed.")
+            if saved_learn != self._built_to_learn:
+                kinds = {True: "learned gamma (a weighter built with learn=True, e.g. preset 'hdkd')",
+                         False: "fixed gamma (a weighter built with learn=False, e.g. preset 'naive_dkd')"}
+                this = "it learns gamma" if self._built_to_learn else "its gamma is fixed"
+                would = ("train with learned weights as if they were fixed" if saved_learn
+                         else "start learning from fixed weights as if resuming a learned run")
+                raise ValueError(f"This checkpoint holds a {kinds[saved_learn]}, but this weighter was built with "
+                                 f"learn={self._built_to_learn} ({this}): loading it would {would}. Build the "
+                                 f"weighter the checkpoint was saved with (learn={saved_learn}, or its preset) to "
+                                 f"resume that run. Nothing was changed.")
         gamma = state_dict["gamma"]
         if not isinstance(gamma, Tensor) or gamma.shape != self.gamma.shape or not gamma.is_floating_point():
             raise ValueError(f"The checkpoint's gamma should be a float tensor of shape {tuple(self.gamma.shape)}. "

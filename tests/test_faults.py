@@ -112,6 +112,40 @@ def test_checkpoint_of_another_gamma_optimizer_is_refused():
     adam.step(batch(), batch())  # still usable
 
 
+def test_checkpoint_of_a_learned_gamma_is_refused_by_a_fixed_weighter_and_the_reverse():
+    """A fixed-weight weighter (learn=False, preset naive_dkd) took an hdkd checkpoint's learned gamma
+    without a word and trained on it from then on: the checkpoint did not record learn. Now it does,
+    and a checkpoint of the other kind is refused, changing nothing; one saved before learn was
+    recorded loads as before."""
+    def built(name):
+        model = tiny_net(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, opt, mw.preset(name, 3).weighter(model, opt, mw.BalancedValidation(3), gamma_lr=0.2)
+
+    _, _, learned = built("hdkd")
+    for _ in range(3):
+        learned.step(batch(), batch())
+    _, _, fixed = built("naive_dkd")
+    fixed.step(batch())
+    assert learned.state_dict()["learn"] is True and fixed.state_dict()["learn"] is False
+    for source, target, said in [(learned, "naive_dkd", "holds a learned gamma.*built with learn=False"),
+                                 (fixed, "hdkd", "holds a fixed gamma.*built with learn=True")]:
+        model, opt, weighter = built(target)
+        weighter.step(batch(), batch()) if weighter.learn else weighter.step(batch())
+        before = snapshot(model, opt, weighter)
+        with pytest.raises(ValueError, match=rf"{said}.*Build the weighter the checkpoint was saved with.*"
+                                             rf"Nothing was changed"):
+            weighter.load_state_dict(source.state_dict())
+        assert_same(before, snapshot(model, opt, weighter))
+    model, opt, weighter = built("naive_dkd")
+    with pytest.raises(ValueError, match="learn should be a bool"):
+        weighter.load_state_dict({**fixed.state_dict(), "learn": "no"})
+    old_style = fixed.state_dict()
+    del old_style["learn"]  # checkpoints written before learn was recorded
+    weighter.load_state_dict(old_style)
+    assert torch.equal(weighter.gamma.detach(), fixed.gamma.detach())
+
+
 @pytest.mark.parametrize("key", ["gamma", "gamma_optimizer", "validation", "num_meta_steps", "gamma_sum",
                                  "term_names"])
 def test_checkpoint_missing_a_key_is_refused_before_anything_changes(key):
