@@ -39,13 +39,73 @@ def supports_exact_update(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside wrappers such as Accelerate's AcceleratedOptimizer or Lightning's."""
+    """The torch optimizer inside wrappers that hold it as ``.optimizer``, whatever their own step does: what
+    the loss weightings count steps of (they replay no step). :class:`HarmonizedWeighter`, which replays it,
+    unwraps with :func:`stepped_optimizer` instead."""
     for _ in range(8):
         inner = getattr(optimizer, "optimizer", None)
         if supports_exact_update(optimizer) or not isinstance(inner, torch.optim.Optimizer):
             return optimizer
         optimizer = inner
     return optimizer
+
+
+# Optimizer wrappers whose step() is the step of the optimizer they hold as ``.optimizer`` and nothing more that
+# moves the parameters: skipped or unscaled by a GradScaler, counted, run through a closure (Accelerate's
+# AcceleratedOptimizer; Lightning's LightningOptimizer, in both packages' module paths; Fabric's _FabricOptimizer,
+# likewise). Known by (module, qualname) anywhere in the class's MRO, without importing the packages: Lightning and
+# Fabric make each wrapper an instance of a class built on the fly from theirs and the inner optimizer's.
+DELEGATING_WRAPPERS: frozenset[tuple[str, str]] = frozenset({
+    ("accelerate.optimizer", "AcceleratedOptimizer"),
+    ("lightning.pytorch.core.optimizer", "LightningOptimizer"),
+    ("pytorch_lightning.core.optimizer", "LightningOptimizer"),
+    ("lightning.fabric.wrappers", "_FabricOptimizer"),
+    ("lightning_fabric.wrappers", "_FabricOptimizer"),
+})
+
+
+def delegates_step(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is one of the :data:`DELEGATING_WRAPPERS` (or a subclass of one)."""
+    return any((getattr(c, "__module__", None), getattr(c, "__qualname__", None)) in DELEGATING_WRAPPERS
+               for c in type(optimizer).__mro__)
+
+
+def _class_name(kind: type) -> str:
+    """``kind``'s name in backticks, with its module where it is not torch's."""
+    module = getattr(kind, "__module__", "") or ""
+    return f"`{kind.__qualname__}`" if module.startswith("torch.") else f"`{kind.__qualname__}` (from {module})"
+
+
+def stepped_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer whose step ``optimizer.step()`` takes: ``optimizer`` itself, or the one inside the
+    :data:`DELEGATING_WRAPPERS` around it (through up to 8 of them). Any other wrapper holding a torch optimizer as
+    ``.optimizer`` is refused with a ``TypeError``: its own step may do more than the inner one (Lookahead's
+    interpolation toward slow weights, the master weights of DeepSpeed's ZeRO or apex's FP16_Optimizer), and a
+    look-ahead replaying the inner step would give the meta-gradient of another step. Reads only."""
+    current, found = optimizer, optimizer
+    for _ in range(8):
+        inner = getattr(current, "optimizer", None)
+        if type(current) in REPLAYED_OPTIONS or inner is None or inner is current:
+            break
+        if delegates_step(current):
+            current = inner
+            if isinstance(current, torch.optim.Optimizer):
+                found = current
+            continue
+        if isinstance(inner, torch.optim.Optimizer):
+            wrapper, held = _class_name(type(current)), _class_name(type(inner))
+            raise TypeError(
+                f"`optimizer` is (or wraps) a {wrapper}, which holds a {held} as .optimizer. The look-ahead "
+                f"replays the step of the optimizer inside, but a wrapper's own step may do more than call it "
+                f"(Lookahead's interpolation toward slow weights, the master weights of DeepSpeed's ZeRO or apex's "
+                f"FP16_Optimizer): the meta-gradient would be that of another step. HarmonizedWeighter unwraps only "
+                f"wrappers whose step is the inner optimizer's: Accelerate's AcceleratedOptimizer, Lightning's "
+                f"LightningOptimizer and Fabric's _FabricOptimizer. Pass the `{type(inner).__qualname__}` itself if "
+                f"`{type(current).__qualname__}.step()` only calls its step, or use a loss weighting that replays no "
+                f"step (metaweight.UW, metaweight.DWA, metaweight.GradNorm, metaweight.FAMO, ...), which take any "
+                f"wrapper. Nothing was changed.")
+        break
+    return found
 
 
 # The options of each optimizer's constructor that its replay reads: the closed form of

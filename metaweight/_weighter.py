@@ -51,7 +51,7 @@ from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
 from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
                                     check_option_values, check_optimizer_options, check_optimizer_state,
-                                    check_saved_state, unwrap_optimizer)
+                                    check_saved_state, stepped_optimizer)
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -95,8 +95,14 @@ class HarmonizedWeighter(NamedWeights):
 
     Args:
         model: the multi-exit network; ``model(x)`` returns ``K`` logits tensors.
-        optimizer: the optimizer of ``model`` (SGD, Adam, AdamW; others that `higher`
-            implements also work).
+        optimizer: the optimizer of ``model`` (SGD, Adam, AdamW, RMSprop; with ``mode="exact"`` also
+            Adadelta, Adagrad, Adamax and ASGD, which `higher` replays), exactly of torch's class: a
+            subclass may step otherwise. It may be wrapped by a wrapper whose step is the inner optimizer's
+            (Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, Fabric's
+            ``_FabricOptimizer``); any other wrapper holding a torch optimizer as ``.optimizer`` is refused
+            (a ``TypeError``): the look-ahead replays the inner step, and the wrapper's own may do more
+            (Lookahead, master weights). Pass the torch optimizer itself, or use a loss weighting
+            (:class:`UW`, :class:`DWA`, ...), which replays no step.
         criterion: the loss terms :math:`L_k`: a :class:`DenseDistillLoss`, or any callable
             ``criterion(outputs, target) -> Tensor[n]`` with ``term_names`` (see
             :mod:`metaweight._protocols`: optional ``active`` mask and ``teacher_outputs``
@@ -281,7 +287,7 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"Invalid constraint: {constraint!r}. Expected one of {CONSTRAINTS}.")
         if nonfinite not in NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
-        inner = unwrap_optimizer(optimizer)
+        inner = stepped_optimizer(optimizer)  # (a wrapper whose step may do more is refused here)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Expected one of {BACKENDS}.")
         if integer_value(meta_every) is None or integer_value(meta_every) < 1:  # type: ignore[operator]

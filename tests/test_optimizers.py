@@ -177,3 +177,65 @@ def test_every_torch_optimizer_either_passes_gamma_a_meta_gradient_or_is_refused
     opt.step()
     opt.zero_grad()
     assert w.meta_step(train, val).gamma_grad.abs().sum() > 0
+
+
+class _Lookahead(torch.optim.Optimizer):
+    """Zhang et al. 2019's Lookahead with k=1 (as torch_optimizer's, holding the inner optimizer as .optimizer):
+    after the inner step, each parameter moves back toward where it was, p <- slow + alpha (p - slow)."""
+
+    def __init__(self, optimizer, alpha=0.5):
+        self.optimizer, self.alpha = optimizer, alpha
+        self.param_groups, self.defaults, self.state = optimizer.param_groups, optimizer.defaults, optimizer.state
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        slow = [p.detach().clone() for p in params]
+        self.optimizer.step()
+        with torch.no_grad():
+            for s, p in zip(slow, params):
+                p.copy_(s + self.alpha * (p - s))
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_wrapper_whose_step_may_do_more_than_the_inner_step_is_refused_by_name(mode):
+    """The look-ahead replays the inner optimizer's step; Lookahead's own step moves the parameters elsewhere (the
+    meta-gradient was that of another step: rel. error 1.0 against finite differences of the wrapper's step). Any
+    wrapper holding a torch optimizer as .optimizer, other than those known to take the inner step, is refused at
+    construction, naming both, nothing changed; also inside a known one (as Fabric around DeepSpeed's optimizer).
+    The loss weightings, which replay no step, still take it."""
+    accelerate_optimizer = pytest.importorskip("accelerate.optimizer")
+
+    class Accelerated(accelerate_optimizer.AcceleratedOptimizer):  # (without the Accelerator state its step reads)
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        state = property(lambda self: self.optimizer.state)
+        param_groups = property(lambda self: self.optimizer.param_groups)
+        defaults = property(lambda self: self.optimizer.defaults)
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x, y = batch()
+    mw.DenseDistillLoss(3)(model(x), y).sum().backward()
+    sgd.step()  # (state to compare)
+    before = (copy.deepcopy(model.state_dict()), copy.deepcopy(sgd.state_dict()))
+    for wrapper in (_Lookahead(sgd), Accelerated(_Lookahead(sgd))):
+        with pytest.raises(TypeError) as caught:
+            mw.HarmonizedWeighter(model, wrapper, mw.DenseDistillLoss(3), mode=mode)
+        said = str(caught.value)
+        assert "`_Lookahead`" in said and "`SGD`" in said and "Nothing was changed" in said, said
+        assert "Pass the `SGD` itself" in said and "metaweight.UW" in said, said
+        after = (model.state_dict(), sgd.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(before[0].values(), after[0].values()))
+        assert before[1]["param_groups"] == after[1]["param_groups"]
+        assert all(torch.equal(before[1]["state"][k]["momentum_buffer"], v["momentum_buffer"])
+                   for k, v in after[1]["state"].items())
+    mw.HarmonizedWeighter(model, sgd, mw.DenseDistillLoss(3), mode=mode)  # the optimizer itself: accepted
+    mw.HarmonizedWeighter(model, Accelerated(sgd), mw.DenseDistillLoss(3), mode=mode)  # a known wrapper: accepted
+    uw = mw.UW(model, _Lookahead(sgd), mw.DenseDistillLoss(3))  # counts steps only: any wrapper
+    assert uw.step(batch()).ran
+

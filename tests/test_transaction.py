@@ -750,9 +750,12 @@ def test_an_error_of_a_fast_meta_step_is_decided_as_the_step_would_have_been_bef
 
 def test_a_fast_step_through_an_optimizer_wrapper_is_decided_before_the_wrapper_steps():
     """A wrapper's step has effects of its own (Lightning counts it in global_step, Accelerate's scaler
-    updates): the fast step does not take it ahead of its decision, so a refused step never reaches it."""
+    updates): the fast step does not take it ahead of its decision, so a refused step never reaches it. The
+    wrapper is Accelerate's class (the weighter unwraps only wrappers known to take the inner step), without the
+    Accelerator state its own step reads: its step here counts, then calls the inner one."""
+    accelerate_optimizer = pytest.importorskip("accelerate.optimizer")
 
-    class Counting(torch.optim.Optimizer):  # (as Accelerate's AcceleratedOptimizer: the inner's state, its own step)
+    class Counting(accelerate_optimizer.AcceleratedOptimizer):  # (the inner's state, its own step)
         def __init__(self, optimizer):
             self.optimizer, self.steps = optimizer, 0
 
