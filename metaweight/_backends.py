@@ -18,7 +18,8 @@ from metaweight._checks import NO_TRAINING_GRADIENT, NO_VALIDATION_GRADIENT, che
 from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._hypergradient import MetaResult, Reducer, eager_forward, meta_gradient
 from metaweight._lookahead import lookahead, patchable, patched_call
-from metaweight._optimizers import check_meta_gradient_exists, differentiable_optimizer_type, supports_exact_update
+from metaweight._optimizers import (EXACT_UPDATE_TYPES, REPLAYED_OPTIONS, SIGN_ONLY, differentiable_optimizer_type,
+                                    replayable_types, sign_only_refusal, supports_exact_update)
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._walk import walk
 from metaweight._warn import warn_user
@@ -181,24 +182,96 @@ class FiniteDifferenceBackend(_Directional):
             )
 
 
+def accepted_optimizers(mode: str, backend: str, *, distributed: bool = False,
+                        restricted: bool = False) -> tuple[type, ...]:
+    """The optimizer classes a weighter that learns accepts at construction with this ``mode`` and ``backend``
+    (under DistributedDataParallel, with ``lookahead_params``): these classes exactly, not their subclasses
+    (whose step may differ). Read from the tables the checks read: :data:`REPLAYED_OPTIONS` (the classes whose
+    options the replay knows), :data:`SIGN_ONLY` (refused: no meta-gradient), the closed form's
+    :data:`EXACT_UPDATE_TYPES` (``mode="fast"``; ``jvp`` and ``finite_difference``) and `higher`'s replay
+    (:func:`replayable_types`: ``backend="higher"``, and the fast backends' fallback in ``mode="exact"``, which
+    :class:`HigherBackend` refuses under DistributedDataParallel and with ``lookahead_params``)."""
+    if (mode == "fast" and restricted) or (backend == "higher" and (distributed or restricted)):
+        return ()  # (settings refused whatever the optimizer: FastMode.check, HigherBackend.check)
+    learnable = sorted((t for t in REPLAYED_OPTIONS if t not in SIGN_ONLY), key=lambda t: t.__name__.lower())
+    closed_form = [t for t in learnable if t in EXACT_UPDATE_TYPES]
+    if mode == "fast":
+        return tuple(closed_form)
+    replayed = [] if distributed or restricted else [t for t in learnable if t in replayable_types()]  # (fallback)
+    if backend == "higher":
+        return tuple(replayed)
+    return tuple(t for t in learnable if t in closed_form or t in replayed)
+
+
+def _other_settings(kind: type, mode: str, backend: str, *, distributed: bool, restricted: bool) -> list[str]:
+    """The changes of one setting (``mode``, ``backend``, dropping ``lookahead_params``) with which
+    :func:`accepted_optimizers` accepts ``kind``, each as the keyword to pass."""
+    changes = [(f"mode={m!r}", m, backend, restricted) for m in ("exact", "fast") if m != mode]
+    changes += [(f"backend={b!r}", mode, b, restricted) for b in BACKENDS if b != backend]
+    if restricted:
+        changes.append(("lookahead_params=None", mode, backend, False))
+    return [change for change, m, b, r in changes
+            if kind in accepted_optimizers(m, b, distributed=distributed, restricted=r)]
+
+
+def optimizer_refusal(optimizer: torch.optim.Optimizer, mode: str, backend: str, *, distributed: bool = False,
+                      restricted: bool = False) -> Exception | None:
+    """The error refusing ``optimizer`` with these settings, or None where :func:`accepted_optimizers` has its
+    class. It lists what these settings accept and suggests a setting to change only where that setting accepts
+    the class; a class no setting accepts gets the ways that need none (``learn=False``, a loss weighting)."""
+    kind = type(optimizer)
+    accepted = accepted_optimizers(mode, backend, distributed=distributed, restricted=restricted)
+    if kind in accepted:
+        return None
+    name = kind.__name__
+    where = f"mode={mode!r}" if mode == "fast" else f"mode={mode!r} with backend={backend!r}"
+    extras = ["under DistributedDataParallel"] * distributed + ["with lookahead_params"] * restricted
+    where += f" ({', '.join(extras)})" if extras else ""
+    listed = (f"{where} learns through these optimizer classes only: {', '.join(t.__name__ for t in accepted)}"
+              f" (exactly these: a subclass may step otherwise).")
+    subclass = next((t.__name__ for t in accepted if issubclass(kind, t)), None)
+    if subclass is not None:
+        listed += (f" `{name}` is a subclass of `{subclass}`: pass a torch.optim.{subclass} if its step is "
+                   f"{subclass}'s.")
+    others = _other_settings(kind, mode, backend, distributed=distributed, restricted=restricted)
+    switch = f" With {' or '.join(others)}, the weighter accepts `{name}`." if others else ""
+    instead = (" Or pass learn=False to keep the loss weights fixed, or use a loss weighting that replays no step "
+               "(metaweight.UW, metaweight.DWA, metaweight.FAMO, ...). Nothing was changed.")
+    if kind in SIGN_ONLY:
+        return ValueError(f"{sign_only_refusal(kind)} {listed}{switch}{instead}")
+    if mode == "fast":
+        return ValueError(f"mode='fast' replays the model's step in closed form, which it knows for some "
+                          f"optimizer classes only, not `{name}`. {listed}{switch}{instead}")
+    if kind in replayable_types() and not supports_exact_update(optimizer):
+        why = ("which would use each rank's own gradient instead of the averaged one" if distributed else
+               "which looks ahead over every parameter, not those lookahead_params selects")
+        return ValueError(f"The look-ahead replays a `{name}` step through `higher` only (the fast backends fall "
+                          f"back to it), {why}. {listed}{switch}{instead}")
+    return TypeError(f"The look-ahead cannot replay a `{name}` step. {listed}{switch}{instead}")
+
+
 def make_backend(name: str, optimizer: torch.optim.Optimizer, *, distributed: bool, restricted: bool, terms: Terms,
-                 fd_epsilon: float | None = None) -> Backend:
+                 fd_epsilon: float | None = None, mode: str = "exact") -> Backend:
     """The backend called ``name`` for this optimizer and these settings, checked once.
 
-    The fast backends know SGD, Adam, AdamW and RMSprop in closed form; for another optimizer
-    they fall
-    back to ``higher`` with a warning.
+    The fast backends know the classes of :data:`EXACT_UPDATE_TYPES` in closed form; for another
+    optimizer :func:`accepted_optimizers` accepts they fall back to ``higher`` with a warning. An
+    optimizer these settings do not accept is refused (:func:`optimizer_refusal`).
     """
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"Invalid backend: {name!r}. Expected one of {BACKENDS}.")
-    check_meta_gradient_exists(optimizer)  # (before the fallback's warning: no backend can learn through it)
+    if name == "higher" and (distributed or restricted):
+        HigherBackend().check(optimizer, distributed=distributed, restricted=restricted, terms=terms)  # (any optimizer)
+    refusal = optimizer_refusal(optimizer, mode, name, distributed=distributed, restricted=restricted)
+    if refusal is not None:  # (before the fallback's warning)
+        raise refusal
     backend: Backend
     if name == "higher":
         backend = HigherBackend()
     elif not supports_exact_update(optimizer):
+        known = ", ".join(t.__name__ for t in EXACT_UPDATE_TYPES)
         warn_user(
-            f"backend={name!r} knows the update of SGD, Adam, AdamW and RMSprop "
-            f"only; falling back to "
+            f"backend={name!r} knows the update of {known} only; falling back to "
             f"backend='higher' for `{type(optimizer).__name__}` (exact, but slower and heavier).",
             UserWarning,
         )

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
+from metaweight._backends import optimizer_refusal
 from metaweight._checks import (NO_TRAINING_GRADIENT, all_padding_message, check_differentiable, checked_target,
                                summarize_step_labels, unpack_batch)
 from metaweight._clipping import EPSILON, clip_transpose
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
-from metaweight._optimizers import lookahead_update, supports_exact_update, unweighted_term
+from metaweight._optimizers import lookahead_update, unweighted_term
 from metaweight._protocols import call_model
 from metaweight._randomness import (NEW_GENERATOR, model_generators, new_generators, replay_randomness, rng_state,
                                    same_rng_state)
@@ -75,16 +76,17 @@ class FastMode:
         self._theta = FlatCopies()  # the parameters before the step: its look-ahead's base point, and what a refusal puts back
 
     @staticmethod
-    def check(optimizer: torch.optim.Optimizer, lookahead_params: Any) -> None:
+    def check(optimizer: torch.optim.Optimizer, lookahead_params: Any, *, backend: str = "jvp",
+              distributed: bool = False) -> None:
         """Refuse, at construction, what the mode cannot look ahead with: an optimizer whose step it
-        cannot replay in closed form, and a look-ahead restricted to some parameters."""
-        if not supports_exact_update(optimizer):
-            raise ValueError(f"mode='fast' replays the step of SGD, Adam, AdamW or RMSprop in closed "
-                             f"form; this `{type(optimizer).__name__}` is none of them. Use "
-                             f"mode='exact'.")
-        if lookahead_params is not None:
+        cannot replay in closed form (:func:`~metaweight._backends.optimizer_refusal`), and a look-ahead
+        restricted to some parameters."""
+        if lookahead_params is not None:  # (first: whatever the optimizer)
             raise ValueError("mode='fast' looks ahead with the model's real step, over every parameter; "
                              "`lookahead_params` applies to mode='exact' only.")
+        refusal = optimizer_refusal(optimizer, "fast", backend, distributed=distributed)
+        if refusal is not None:
+            raise refusal
 
     def step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> MetaStepRecord:
         r""":meth:`HarmonizedWeighter.step`: the model steps with the gamma it has; that step is the

@@ -253,7 +253,7 @@ def check_optimizer_options(optimizer: torch.optim.Optimizer, *, state: bool = T
     backend and mode, so options set later are seen) and refuse, naming it, any option the replay of
     this optimizer class does not replay (:data:`REPLAYED_OPTIONS`), ``maximize=True`` and any value
     outside :data:`OPTION_RANGES` (:func:`check_option_values`). An
-    optimizer class with no replay is refused by the backend (:func:`differentiable_optimizer_type`).
+    optimizer class with no replay is refused at construction (:func:`metaweight._backends.optimizer_refusal`).
     With ``state``, :func:`check_optimizer_state` too (a Python loop over the parameters: about 0.3 ms for
     the 418 of the CIFAR MSDNet)."""
     replayed = next((v for t, v in REPLAYED_OPTIONS.items() if type(optimizer) is t), None)
@@ -770,35 +770,37 @@ _OURS: dict[type, type] = {
 SIGN_ONLY: frozenset[type] = frozenset({torch.optim.Rprop})
 
 
-def check_meta_gradient_exists(optimizer: torch.optim.Optimizer) -> None:
-    """Raise a ValueError if ``optimizer``'s step cannot pass a meta-gradient to the loss weights.
+def sign_only_refusal(kind: type) -> str:
+    """Why the look-ahead cannot learn through ``kind``, one of :data:`SIGN_ONLY`.
 
-    Rprop (:data:`SIGN_ONLY`) steps each parameter by its own step size times the sign of its
-    gradient: a small change of the loss weights leaves the step as it is, so the meta-gradient of any
-    look-ahead through it is zero (Franceschi et al. 2017's hypergradient through the step's Jacobian;
-    the sign's derivative is zero). Checked where the weighter is asked to learn, before anything runs.
+    Rprop steps each parameter by its own step size times the sign of its gradient: a small change
+    of the loss weights leaves the step as it is, so the meta-gradient of any look-ahead through it is
+    zero (Franceschi et al. 2017's hypergradient through the step's Jacobian; the sign's derivative is
+    zero). Refused where the weighter is asked to learn, before anything runs
+    (:func:`metaweight._backends.optimizer_refusal`).
     """
-    kind = type(optimizer)
-    if any(kind is sign_only for sign_only in SIGN_ONLY):
-        raise ValueError(
-            f"`{kind.__name__}` steps each parameter by a step size times the sign of its gradient: a small change "
+    return (f"`{kind.__name__}` steps each parameter by a step size times the sign of its gradient: a small change "
             f"of the loss weights gamma does not change that step, so the look-ahead's meta-gradient is zero and "
-            f"gamma would never leave its initial values. Use learn=False to train with fixed weights, an optimizer "
-            f"whose step scales with the gradient (SGD, Adam, AdamW, RMSprop, Adagrad, ...), or a loss weighting "
-            f"that does not look ahead through the step (metaweight.UW, metaweight.FAMO, ...).")
+            f"gamma would never leave its initial values.")
+
+
+def replayable_types() -> tuple[type, ...]:
+    """The optimizer classes whose step the ``higher`` backend replays (:func:`differentiable_optimizer_type`):
+    ours (SGD, Adam, AdamW) and those `higher` implements, :data:`SIGN_ONLY` included."""
+    return tuple(_OURS) + tuple(t for t in higher.optim._opt_mapping if t not in _OURS)
 
 
 def differentiable_optimizer_type(optimizer: torch.optim.Optimizer) -> type:
-    """The differentiable optimizer class that replays ``optimizer``'s step, or a TypeError."""
+    """The differentiable optimizer class that replays ``optimizer``'s step, or a TypeError. (The weighter
+    refuses an optimizer it cannot replay at construction: :func:`metaweight._backends.optimizer_refusal`.)"""
     for torch_type, diff_type in _OURS.items():
         if type(optimizer) is torch_type:
             return diff_type
     higher_types = higher.optim._opt_mapping  # Adagrad, RMSprop, ... as higher implements them
     if type(optimizer) in higher_types:
         return higher_types[type(optimizer)]
-    supported = sorted({t.__name__ for t in _OURS} | {t.__name__ for t in higher_types})
+    supported = sorted(t.__name__ for t in replayable_types() if t not in SIGN_ONLY)
     raise TypeError(
-        f"The look-ahead cannot replay a `{type(optimizer).__name__}` step. Supported optimizers: "
-        f"{', '.join(supported)}. Use one of them, or pass learn=False to keep the loss weights fixed."
+        f"The look-ahead cannot replay a `{type(optimizer).__name__}` step. It replays these optimizer classes "
+        f"only: {', '.join(supported)}. Use one of them, or pass learn=False to keep the loss weights fixed."
     )
-

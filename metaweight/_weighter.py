@@ -153,8 +153,9 @@ class HarmonizedWeighter(NamedWeights):
         backend: how the meta-gradient is computed: ``"jvp"`` (exact: one forward-mode
             pass, the default), ``"finite_difference"`` (two forwards, approximate) or
             ``"higher"`` (exact: differentiates through the inner step; the reference).
-            ``jvp``/``finite_difference`` know SGD, Adam, AdamW and RMSprop; other optimizers fall
-            back to ``higher`` with a warning.
+            ``jvp``/``finite_difference`` know SGD, Adam, AdamW and RMSprop; the others ``higher``
+            replays (Adadelta, Adagrad, Adamax, ASGD) fall back to ``higher`` with a warning, except
+            under DistributedDataParallel or with ``lookahead_params``, where they are refused.
         meta_every: run the look-ahead on every N-th call only (gamma stays fixed between).
         lookahead_params: a callable ``name -> bool`` restricting the look-ahead to some
             parameters (e.g. the exit heads and the last stage); the others are held at
@@ -305,7 +306,7 @@ class HarmonizedWeighter(NamedWeights):
         if mode not in ("exact", "fast"):
             raise ValueError(f"Invalid mode: {mode!r}. Expected 'exact' (the paper's order) or 'fast'.")
         if mode == "fast" and learn:
-            FastMode.check(inner, lookahead_params)
+            FastMode.check(inner, lookahead_params, backend=backend, distributed=distributed)
         if clip_grad_norm is not None and not isinstance(clip_grad_norm, ClipGradNorm):
             if real_scalar(clip_grad_norm) is None:
                 raise TypeError(f"`clip_grad_norm` should be a metaweight.ClipGradNorm(max_norm, norm_type) or a "
@@ -330,7 +331,7 @@ class HarmonizedWeighter(NamedWeights):
         if learn:
             check_optimizer_options(inner)
             chosen = make_backend(backend, inner, distributed=distributed, restricted=lookahead_names is not None,
-                                  terms=terms, fd_epsilon=fd_epsilon)
+                                  terms=terms, fd_epsilon=fd_epsilon, mode=mode)
             backend = chosen.name
             _check_sparse(module, mode, backend)
             check_hooks(module, mode, backend)

@@ -2,6 +2,8 @@
 Jacobian against central differences of real torch steps, and the meta-gradient against backend='higher'."""
 
 import copy
+import re
+import warnings
 
 import pytest
 import torch
@@ -239,3 +241,82 @@ def test_a_wrapper_whose_step_may_do_more_than_the_inner_step_is_refused_by_name
     uw = mw.UW(model, _Lookahead(sgd), mw.DenseDistillLoss(3))  # counts steps only: any wrapper
     assert uw.step(batch()).ran
 
+
+class _SGDSubclass(torch.optim.SGD):
+    """A subclass of SGD (its step may differ from SGD's: refused by every setting)."""
+
+
+_SETTINGS = [dict(mode=m, backend=b, lookahead_params=r) for m in ("exact", "fast")
+             for b in ("jvp", "finite_difference", "higher") for r in (None, "heads")]
+
+
+def _built(kind, setting):
+    """None where a weighter learning with ``setting`` is built over ``kind`` (or ``kind`` cannot be built over the
+    model: "unbuildable"), else the error's message."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    try:
+        optimizer = kind(model.parameters(), lr=0.01)
+    except (TypeError, ValueError, RuntimeError):
+        return "unbuildable"
+    options = {**setting, "lookahead_params": (lambda name: "heads" in name) if setting["lookahead_params"] else None}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the fast backends' fallback to higher)
+            mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), **options)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def test_a_refused_optimizer_is_told_what_the_settings_take_and_only_changes_that_take_it():
+    """Every optimizer class of torch.optim and a subclass of SGD, under every mode, backend and lookahead_params:
+    a refusal of the optimizer names exactly the classes these settings build a weighter with (found here by
+    building one with each), every other setting it names builds one, and it suggests exactly the changes of one
+    setting (mode, backend, dropping lookahead_params) with which one is built. Before, the exact mode listed
+    Rprop, which it refuses, and the fast mode sent NAdam, Rprop, a subclass of SGD, ... to mode='exact', which
+    refuses them too."""
+    kinds = _optimizer_classes() + [_SGDSubclass]
+    outcome = {(kind, i): _built(kind, setting) for kind in kinds for i, setting in enumerate(_SETTINGS)}
+    kinds = [k for k in kinds if outcome[(k, 0)] != "unbuildable"]
+    assert {torch.optim.NAdam, torch.optim.Rprop, torch.optim.Adagrad, _SGDSubclass} <= set(kinds)
+    accepted = {i: {k.__name__ for k in kinds if outcome[(k, i)] is None} for i in range(len(_SETTINGS))}
+    assert accepted[0] >= {"SGD", "Adam", "AdamW", "RMSprop", "Adagrad"} and "Rprop" not in accepted[0]
+    assert accepted[6] == {"SGD", "Adam", "AdamW", "RMSprop"}  # (mode="fast", backend="jvp")
+    checked = 0
+    for kind in kinds:
+        for i, setting in enumerate(_SETTINGS):
+            said = outcome[(kind, i)]
+            if said is None or f"`{kind.__name__}`" not in said:
+                continue  # accepted, or refused for another reason (lookahead_params with mode="fast" or higher)
+            checked += 1
+            assert "learn=False" in said, said
+            named = {k.__name__ for k in kinds if k is not kind and re.search(rf"\b{k.__name__}\b", said)}
+            assert named == accepted[i], (kind, setting, said)
+            for key, value in re.findall(r"\b(mode|backend|lookahead_params)=('\w+'|None)", said):
+                change = {key: None if value == "None" else value.strip("'")}
+                if change[key] != setting[key]:  # (a setting named other than the one refusing: it must take it)
+                    assert outcome[(kind, _SETTINGS.index({**setting, **change}))] is None, (kind, setting, said)
+            changes = [dict(mode=m) for m in ("exact", "fast") if m != setting["mode"]]
+            changes += [dict(backend=b) for b in ("jvp", "finite_difference", "higher") if b != setting["backend"]]
+            changes += [dict(lookahead_params=None)] if setting["lookahead_params"] else []
+            taking = {", ".join(f"{k}={v!r}" for k, v in change.items()) for change in changes
+                      if outcome[(kind, _SETTINGS.index({**setting, **change}))] is None}
+            suggested = re.search(r"With (.*?), the weighter accepts", said)
+            assert set(suggested.group(1).split(" or ") if suggested else ()) == taking, (kind, setting, said)
+    assert checked > 60
+
+
+def test_under_distributed_data_parallel_a_refusal_does_not_send_to_the_fallback():
+    """Under DistributedDataParallel the fast backends cannot fall back to higher (each rank's own gradient):
+    Adagrad with backend='jvp' is refused listing the closed-form classes, suggesting no backend (before: a
+    warning of the fallback, then "use backend='jvp' or 'finite_difference'", the backend given). Spot-checked on
+    the refusal itself: building a process group is test_distributed's."""
+    from metaweight._backends import optimizer_refusal
+
+    model = tiny_net(3)
+    for backend in ("jvp", "finite_difference"):
+        said = str(optimizer_refusal(torch.optim.Adagrad(model.parameters()), "exact", backend, distributed=True))
+        assert "only: Adam, AdamW, RMSprop, SGD (" in said and "the weighter accepts" not in said, said
+        assert "backend='jvp'" not in said.replace(f"backend={backend!r} (under", ""), said
+    assert optimizer_refusal(torch.optim.SGD(model.parameters(), lr=0.1), "exact", "jvp", distributed=True) is None
