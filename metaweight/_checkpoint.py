@@ -129,7 +129,7 @@ def _unpicklable(value: Any, where: str) -> tuple[str, str] | None:
 
 def _safe_types() -> list[Any]:
     """Types common in training checkpoints that hold data and run no code of their own when
-    unpickled: the library's own results (:class:`Calibration`, :class:`BudgetCurve` and its
+    unpickled: the library's own results (:class:`MetaStepRecord`, :class:`Calibration`, :class:`BudgetCurve` and its
     :class:`BudgetPoint`, :class:`AnytimeResult`, :class:`ExitCosts`, :class:`AccuracyTarget`:
     dataclasses of numbers, lists and strings; :class:`EarlyExitResult` and :class:`ExitAssignment`:
     named pairs of tensors), NumPy scalars, dtypes and arrays (their items go through the same restricted
@@ -142,9 +142,10 @@ def _safe_types() -> list[Any]:
     from metaweight._calibration import Calibration
     from metaweight._early_exit import EarlyExitResult
     from metaweight._flops import ExitCosts
+    from metaweight._record import MetaStepRecord
     from metaweight._risk import AccuracyTarget
 
-    types: list[Any] = [Calibration, BudgetCurve, BudgetPoint, AnytimeResult, ExitCosts, AccuracyTarget,
+    types: list[Any] = [MetaStepRecord, Calibration, BudgetCurve, BudgetPoint, AnytimeResult, ExitCosts, AccuracyTarget,
                         EarlyExitResult, ExitAssignment, argparse.Namespace, pathlib.PurePath, pathlib.PurePosixPath,
                         pathlib.PureWindowsPath, pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath]
     try:

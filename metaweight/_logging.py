@@ -17,7 +17,9 @@ from metaweight._warn import warn_user
 
 
 def flatten_record(record: dict[str, Any]) -> dict[str, float]:
-    """A meta-step record as flat scalars: ``gamma/ce[1]``, ``term/kd[2->1]``, ``val_ce[1]``, ..."""
+    """A meta-step record as flat scalars: ``iteration``, ``meta_step``, ``val_objective`` (where the record has
+    one), ``val_ce[k]``, ``gamma/NAME`` and ``term/NAME``; the model step's ``loss`` and ``model_step_skipped``,
+    which ``step()`` adds to the record it returns, are not among them."""
     flat: dict[str, float] = {"iteration": record["iteration"], "meta_step": record["meta_step"]}
     if record.get("val_objective") is not None:  # HarmonizedWeighter's; the other weightings have none
         flat["val_objective"] = record["val_objective"]
@@ -686,7 +688,10 @@ def _logged_events(folder: Path) -> list[tuple[int, str]]:
 
 
 class TensorBoardLogger:
-    """Writes every scalar of a meta-step record to TensorBoard (needs the ``tensorboard`` package).
+    """Writes a meta-step record's scalars to TensorBoard (needs the ``tensorboard`` package): those
+    :func:`flatten_record` gives (``meta_step``, ``val_objective``, ``val_ce[k]``, ``gamma/NAME``,
+    ``term/NAME``); not the training ``loss`` that :meth:`HarmonizedWeighter.step` adds to the record it
+    returns (log that yourself).
 
     The step of every scalar is the record's ``iteration``. Given a folder, the writer (and the
     folder) is created at the first record, not before, as

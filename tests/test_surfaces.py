@@ -583,6 +583,25 @@ def test_load_checkpoint_loads_common_safe_types_with_weights_only(tmp_path, val
     assert type(loaded) is type(value) and repr(loaded) == repr(value)
 
 
+def test_load_checkpoint_loads_a_history_of_meta_step_records_with_weights_only(tmp_path):
+    """A history of the records step() returns (a training checkpoint's) was refused by load_checkpoint's
+    weights_only unpickler (found by helper-136): every field comes back, the tensor's values too."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), gamma_lr=0.01)
+    history = [w.step((torch.randn(8, 4), torch.randint(0, 3, (8,))), (torch.randn(8, 4), torch.randint(0, 3, (8,))))
+               for _ in range(2)]
+    loaded = mw.load_checkpoint(mw.save_checkpoint({"history": history}, tmp_path / "h.pt"))["history"]
+    for got, record in zip(loaded, history):
+        assert type(got) is mw.MetaStepRecord and got.gamma_grad is not None
+        for f in dataclasses.fields(record):
+            a, b = getattr(got, f.name), getattr(record, f.name)
+            assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, f.name
+
+
 def test_load_checkpoint_loads_every_result_of_the_library_with_weights_only(tmp_path):
     # a deployment checkpoint: the costs, the thresholds chosen for accuracy, early exit's outputs
     g = torch.Generator().manual_seed(0)
