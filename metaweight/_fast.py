@@ -221,14 +221,15 @@ class FastMode:
             w._watch.paused = True  # the meta step's forwards are not the user's (no record, no fingerprint)
         try:
             record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform,
-                               after_step=True)
+                               after_step=True, call_hooks=False)
+            return _reported(w, dataclasses.replace(record, loss=step.loss, model_step_skipped=False,
+                                                    terms=step.terms))
         except BaseException as exc:
             _step_stands(w, saved, exc)
             raise
         finally:
             if w._watch is not None:
                 w._watch.paused = False
-        return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
     def _score_and_decide(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
                           jac: list[Tensor | float], piece: Piece, xv: Any, yv: Any, transform: Any, loss: Tensor,
@@ -273,11 +274,12 @@ class FastMode:
                 pending.saved.restore(w.gamma)
             return self._skip_meta(w, step)
         try:
-            record = w._meta_outcome(pending, step.meta[1:], after_step=True)
+            record = w._meta_outcome(pending, step.meta[1:], call_hooks=False, after_step=True)
+            return _reported(w, dataclasses.replace(record, loss=step.loss, model_step_skipped=False,
+                                                    terms=step.terms))
         except BaseException as exc:  # a meta step hook that raised
             _step_stands(w, saved, exc)
             raise
-        return dataclasses.replace(record, loss=step.loss, model_step_skipped=False, terms=step.terms)
 
     @staticmethod
     def _skip_meta(w: HarmonizedWeighter, step: Any) -> MetaStepRecord:
@@ -314,11 +316,11 @@ class FastMode:
     def meta(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
              jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],
              transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None, *,
-             after_step: bool = False) -> MetaStepRecord:
+             after_step: bool = False, call_hooks: bool = True) -> MetaStepRecord:
         """:meth:`meta_gradient`, then gamma's step from it (one read decides it)."""
         gamma_grad, objective, exit_losses, reported = self.meta_gradient(w, named, theta, jac, pieces, xv, yv,
                                                                           buffers, transform)
-        return w._apply(gamma_grad, objective, exit_losses, reported, after_step=after_step)
+        return w._apply(gamma_grad, objective, exit_losses, reported, after_step=after_step, call_hooks=call_hooks)
 
     def meta_gradient(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
                       jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],
@@ -439,6 +441,15 @@ def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
     if copies is not None:
         return dict(zip([n for n, _ in named], copies.copy([p.detach() for _, p in named]))), jac
     return {n: p.detach().clone() for n, p in named}, jac
+
+
+def _reported(w: HarmonizedWeighter, record: MetaStepRecord) -> MetaStepRecord:
+    """The record :meth:`FastMode.step` returns, given to the hooks (and kept as ``last_meta``) where its meta step
+    was kept: the hooks get the very record ``step()`` returns, its ``loss`` too, as the exact mode's."""
+    if record.ran and not record.skipped:
+        w.last_meta = record
+        w._call_hooks(record)
+    return record
 
 
 def _model_step_record(w: HarmonizedWeighter, step: ModelStep, refusal: str | None = None) -> MetaStepRecord:

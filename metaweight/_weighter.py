@@ -814,11 +814,11 @@ class HarmonizedWeighter(NamedWeights):
 
     # ------------------------------------------------------------- gamma's step, for both modes
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor, *,
-               after_step: bool = False) -> MetaStepRecord:
+               after_step: bool = False, call_hooks: bool = True) -> MetaStepRecord:
         """A whole meta step from its meta-gradient: :meth:`_step_gamma`, one read, :meth:`_meta_outcome`
-        (``after_step``: see there)."""
+        (``after_step``, ``call_hooks``: see there)."""
         pending = self._step_gamma(gamma_grad, objective, exit_losses, terms)
-        return self._meta_outcome(pending, host_read(pending.values), after_step=after_step)
+        return self._meta_outcome(pending, host_read(pending.values), call_hooks, after_step=after_step)
 
     def _step_gamma(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor,
                     ) -> PendingMeta:
@@ -979,7 +979,7 @@ class HarmonizedWeighter(NamedWeights):
                 kind = "model step ({} skipped so far)" if record.model_step_skipped else "meta step ({} so far)"
                 warn_user(f"Skipped a {kind.format(self.num_skipped)}: {record.message}")
             elif record.ran:
-                self.last_meta = dataclasses.replace(record, loss=None, model_step_skipped=None)
+                self.last_meta = record  # (the hooks get the very record step() returns, its loss too)
                 try:
                     self._call_hooks(self.last_meta)
                 except Exception as exc:  # as the eager step: the model's step stands and is counted, the meta

@@ -265,7 +265,8 @@ class NamedWeights:
 
         Args:
             hook: a callable taking the :class:`MetaStepRecord` (a mapping with ``iteration``,
-                ``meta_step``, ``gamma``, ``terms``, ...).
+                ``meta_step``, ``gamma``, ``terms``, ...): the very record the call returns, so within
+                ``step()`` with the model step's ``loss`` and ``model_step_skipped`` too.
         """
         if not callable(hook):
             raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
@@ -334,6 +335,7 @@ class Weighting(NamedWeights):
     # (defaults of state that a weighting pickled by an earlier metaweight lacks)
     _pending_trains: bool = False
     _unreached: tuple[int, Tensor | None] | None = None
+    _step_fields: dict[str, Any] = {}  # within step(): the fields it adds to meta_step's record (never mutated)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *,
                  term_names: Sequence[str] | None = None, nonfinite: Literal["raise", "skip"] = "raise",
@@ -687,9 +689,9 @@ class Weighting(NamedWeights):
         self._met_at = steps
         self.num_meta_steps += 1
         record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
-                                gamma=dict(zip(self.term_names, values[:n])), terms=named)
+                                gamma=dict(zip(self.term_names, values[:n])), terms=named, **self._step_fields)
         self.last_meta = record
-        self._call_hooks(record)
+        self._call_hooks(record)  # (within step(): the very record it returns, its loss too)
         return record
 
     def _step_not_taken(self) -> bool:
@@ -842,9 +844,14 @@ class Weighting(NamedWeights):
                 raise cause from exc
             raise
         taken = not self._step_not_taken()  # (a wrapper's own GradScaler may skip it: then so is the meta step)
-        record = self.meta_step(train_batch, val_batch) if taken else self._not_stepped(self._iteration_terms(),
-                                                                                         by_step=True)
-        return dataclasses.replace(record, loss=value, model_step_skipped=not taken)
+        if not taken:
+            return dataclasses.replace(self._not_stepped(self._iteration_terms(), by_step=True), loss=value,
+                                       model_step_skipped=True)
+        self._step_fields = {"loss": value, "model_step_skipped": False}  # (in the record the hooks get)
+        try:
+            return dataclasses.replace(self.meta_step(train_batch, val_batch), **self._step_fields)
+        finally:
+            self._step_fields = {}
 
     def _check_step_optimizer(self) -> None:
         """What :meth:`step` needs of the optimizer, refused before anything changes (Python objects only): a

@@ -646,3 +646,44 @@ def test_a_validation_batch_that_is_the_training_batch_is_warned_of_once(call):
                 optimizer.step()
     said = [str(h.message) for h in heard if "as its validation batch" in str(h.message)]
     assert len(said) == 1 and f"HarmonizedWeighter.{call} got the training batch's inputs" in said[0], said
+
+
+class _ScaledLoss(torch.nn.Module):
+    """DenseDistillLoss times a learned scale of its own: a parameter the optimizer holds that is not the model's
+    (the fast step then decides the model's step before taking it)."""
+
+    def __init__(self, K=3):
+        super().__init__()
+        self.inner, self.num_exits = mw.DenseDistillLoss(K), K
+        self.log_s = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, outputs, y):
+        return self.inner(outputs, y) * self.log_s.exp()
+
+    term_names = property(lambda self: self.inner.term_names)
+
+
+@pytest.mark.parametrize("form", ["exact", "fast", "fast, decided first", "fast, capturable", "uw", "rlw"])
+def test_the_hooks_get_the_very_record_step_returns_its_loss_too(form):
+    """step()'s hooks got the record with its loss in mode='exact' only: the fast step's (and a capturable one's,
+    and a loss weighting's) lacked loss and model_step_skipped, so a hook reading record["loss"] raised KeyError
+    after the model's step (found by helper-136). Every form now gives the hooks the record step() returns."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    criterion = _ScaledLoss() if form == "fast, decided first" else mw.DenseDistillLoss(3)
+    params = list(model.parameters()) + ([criterion.log_s] if form == "fast, decided first" else [])
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=form == "fast, capturable")
+    heard = []
+    if form in ("uw", "rlw"):
+        w = mw.WEIGHTINGS[form](model, optimizer, criterion, callbacks=[heard.append])
+    else:
+        options = {"capturable": True, "nonfinite": "skip"} if form == "fast, capturable" else {}
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, mode="exact" if form == "exact" else "fast",
+                                  callbacks=[heard.append], check_gradients=False, **options)
+    returned = [w.step(batch(), batch(n=12)) for _ in range(3)]
+    assert len(heard) == 3
+    for got, record in zip(heard, returned):
+        assert set(got) == set(record) and all(
+            torch.equal(got[k], record[k]) if isinstance(record[k], torch.Tensor) else got[k] == record[k]
+            for k in record), (dict(got), dict(record))
+        assert got["loss"] == record.loss and got["model_step_skipped"] is False
