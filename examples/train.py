@@ -330,6 +330,9 @@ def train(args: argparse.Namespace) -> dict:
     history: list[dict] = []
     grads: list[torch.Tensor] = []  # d L_val / d gamma of each meta step since the last record
     step, seconds = 0, 0.0
+    # the last successful meta step's L_val, for the records: kept here and in the checkpoint (the weighter's
+    # state_dict does not hold its last record, and with --meta-every > 1 a resumed run's first records need it)
+    val_objective = None
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -347,6 +350,7 @@ def train(args: argparse.Namespace) -> dict:
         torch.set_rng_state(state["rng"])
         step, seconds, history = state["step"], state["seconds"], state["history"]
         grads = list(state.get("grads", []))  # the meta steps since the last record (none in older checkpoints)
+        val_objective = state.get("val_objective")
         print(f"resumed from {checkpoint} at iteration {step}")
 
     val_size = min(args.val_batch_size or args.batch_size, len(split.y_val))
@@ -363,11 +367,13 @@ def train(args: argparse.Namespace) -> dict:
             metrics = weighter.step((xb.to(device), yb.to(device)), (xv.to(device), yv.to(device)))
             if "gamma_grad" in metrics:
                 grads.append(metrics["gamma_grad"].detach().cpu())
+            if metrics.ran and not metrics.skipped and not metrics.model_step_skipped:
+                val_objective = metrics.val_objective
             scheduler.step()
             step += 1
             if step % record_every == 0 or step == total:
                 history.append({"step": step, "loss": metrics["loss"], "gamma": weighter.gamma.tolist(),
-                                "val_objective": weighter.last_meta.get("val_objective"),
+                                "val_objective": val_objective,
                                 "gamma_grad_mean": torch.stack(grads).mean(0).tolist() if grads else None,
                                 "gamma_grad_norm": float(torch.stack(grads).norm(dim=1).mean()) if grads else None,
                                 "lr": optimizer.param_groups[0]["lr"]})
@@ -377,7 +383,8 @@ def train(args: argparse.Namespace) -> dict:
                 _save_atomically({"config": _config(args), "model": model.state_dict(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "weighter": weighter.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                                  "seconds": time.time() - start, "history": history, "grads": grads},
+                                  "seconds": time.time() - start, "history": history, "grads": grads,
+                                  "val_objective": val_objective},
                                  checkpoint)
             if step >= total:
                 break

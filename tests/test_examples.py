@@ -184,10 +184,14 @@ def test_train_py_reads_a_tilde_in_its_paths_as_the_home_folder(tmp_path, monkey
         str(tmp_path / "r.json"), str(tmp_path / "p.png"), str(tmp_path / "c.pt"), str(tmp_path / "data")]
 
 
-def test_train_py_resumed_from_its_checkpoint_records_the_history_of_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("meta_every", [1, 3])
+def test_train_py_resumed_from_its_checkpoint_records_the_history_of_the_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                         meta_every):
     """A record averages d L_val / d gamma over the meta steps since the last one (every 2nd step of a
     200-step run); a checkpoint between two records held none of them, so the first record after a
-    resume averaged its own meta steps only (gamma_grad_norm 0.0073 where the run had 0.0220)."""
+    resume averaged its own meta steps only (gamma_grad_norm 0.0073 where the run had 0.0220). With
+    --meta-every 3 a record's val_objective is the last meta step's (step 4's at step 6), which the
+    weighter's checkpoint does not hold: the resumed run recorded None."""
     import train
 
     class Interrupted(Exception):
@@ -204,6 +208,7 @@ def test_train_py_resumed_from_its_checkpoint_records_the_history_of_the_uninter
         with pytest.raises(Interrupted):
             train.train(train.parse_args(["--epochs", "2", "--max-steps", "200", "--batch-size", "8", "--width", "4",
                                           "--exits", "2", "--no-plot", "--no-progress", "--threads", "1",
+                                          "--meta-every", str(meta_every),
                                           "--checkpoint", str(checkpoint), "--checkpoint-every", str(every)]))
 
     run(tmp_path / "reference.pt", 1, 7)  # uninterrupted to step 6: its checkpoint holds the records up to there
@@ -213,3 +218,4 @@ def test_train_py_resumed_from_its_checkpoint_records_the_history_of_the_uninter
     assert reference["step"] == resumed["step"] == 6
     assert [r["step"] for r in resumed["history"]] == [2, 4, 6]
     assert resumed["history"] == reference["history"]
+    assert all(r["val_objective"] is not None for r in resumed["history"])
