@@ -167,7 +167,7 @@ class FAMO(Weighting):
                              f"loss() calls (gradient accumulation) scored {group.samples}: FAMO compares the terms "
                              f"before and after the step on the same samples. Pass the whole batch, the "
                              f"micro-batches concatenated in order: weighting.meta_step((torch.cat(xs), "
-                             f"torch.cat(ys))). Nothing was changed.")
+                             f"torch.cat(ys))). Nothing was changed.{self._load_note}")
         self._check_same_labels(train_batch[1], group)
 
     def _check_same_labels(self, target: Any, group: Any) -> None:
@@ -197,7 +197,7 @@ class FAMO(Weighting):
                          "after the step. Pass the batch the step was taken on: loss = weighting.loss(model(x), y); "
                          "...; weighting.meta_step((x, y))" + (", the micro-batches concatenated in order"
                                                                 if len(saved) > 1 else "") +
-                         ". Nothing was changed.")
+                         ". Nothing was changed." + self._load_note)
 
     @torch.no_grad()
     def _terms_after_step(self, train_batch: Any) -> Tensor:

@@ -127,9 +127,25 @@ def gradients_moved(grads: Sequence[Tensor | None]) -> bool:
 # said where meta_step finds no loss() call of the iteration after a load_state_dict
 LOADED_SINCE = (" (It was loaded from a checkpoint since its last loss() call: a checkpoint keeps the state, not the "
                 "loss() calls of an iteration under way; save it after meta_step.)")
+# said where meta_step refuses another batch than its loss() calls' after a load in the middle of an iteration
+LOADED_DURING = (" (It was loaded from a checkpoint during this iteration: a checkpoint keeps the state, not the loss() "
+                 "calls of an iteration under way, so this iteration's calls are those since the load; save it after "
+                 "optimizer.step() and meta_step.)")
 COPIED_SINCE = (" (It is a copy (copy.deepcopy, pickle) made since its last loss() call: a copy keeps the state, "
                 "not the loss() calls of the iteration under way, which stay with the original; copy it after "
                 "meta_step.)")
+
+
+def resumed_mid_step_message(who: str, calls: int, unchanged: str) -> str:
+    """What a two-call ``meta_step`` says when the optimizer's step used gradients of ``calls`` loss() calls made
+    before a ``load_state_dict`` (restored ``.grad``, or a backward onto them) whose terms the checkpoint does not
+    hold: the checkpoint was saved in the middle of an accumulated step."""
+    return (f"{who}.meta_step: the optimizer's step used gradients accumulated before a load_state_dict: the "
+            f"checkpoint was saved in the middle of an accumulated step, with {calls} loss() call{'s' * (calls != 1)} "
+            f"of it made, and a checkpoint keeps the state, not those calls' terms, so this update would read only "
+            f"the micro-batches since the load. {unchanged} Save checkpoints after optimizer.step() and meta_step; "
+            f"to resume from this one, start its step over: optimizer.zero_grad() (or leave the saved .grad "
+            f"unrestored) and run all its micro-batches again.")
 
 
 def not_stepped_message(who: str, outcome: str, moved: bool, kept: str = "") -> str:

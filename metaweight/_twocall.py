@@ -29,7 +29,8 @@ from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, 
 from metaweight._protocols import ModelCall, model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import gradients_moved, host_equal, host_read, not_stepped_message
+from metaweight._transaction import (gradients_moved, host_equal, host_read, not_stepped_message,
+                                     resumed_mid_step_message)
 from metaweight._warn import warn_user
 from metaweight._walk import current_walk
 
@@ -70,6 +71,7 @@ class TwoCall:
         if plan is not None and not isinstance(plan, _NonFinite):
             w._check_gradients(train_batch, val_batch)  # (once; after the plan's own refusals, which say more)
         pending_now, w._pending, w._stepped = w._pending, None, None
+        w._resumed, w._load_note = None, ""
         w.num_calls += 1
         if isinstance(plan, _NonFinite):  # nonfinite="skip": counted and reported, nothing else changes
             return w._refuse(plan.message, math.nan, [], plan.terms)
@@ -144,16 +146,19 @@ class TwoCall:
         stepped = pending.stepped()
         if pending.theta is None:
             if len(stepped) == 1 and (stepped[0].target_changed() or not _same_target(stepped[0].target, y)):
-                raise ValueError(_OTHER_BATCH)
+                raise ValueError(_OTHER_BATCH + w._load_note)
             # no backward yet: any loss() of the iteration may be the one to come (the last may be for logging)
             if not stepped and not any(not m.target_changed() and _same_target(m.target, y)
                                        for m in reversed(pending.micro)):
-                raise ValueError(_OTHER_BATCH)
+                raise ValueError(_OTHER_BATCH + w._load_note)
             return None
         if not stepped:
             raise ValueError("The optimizer stepped, but no backward went through the loss weighter.loss returned "
                              "(backpropagate that loss, or a multiple of it, before optimizer.step()). gamma is "
                              "unchanged.")
+        resumed = w._resumed
+        if resumed is not None and any(m is resumed[0] for m in stepped):  # (refused, as LET_GO: see Weighting)
+            raise ValueError(resumed_mid_step_message(type(w).__name__, resumed[1], "gamma is unchanged."))
         names = [n for n, _ in w._trainable()]
         if pending.names is not None and names != pending.names:
             raise ValueError(requires_grad_message(pending.names, names, "optimizer.step() and meta_step") +
@@ -425,7 +430,7 @@ def _micro_inputs(w: HarmonizedWeighter, stepped: list[Micro], x: Any, y: Any) -
         raise ValueError(_CHANGED_LABELS)
     if len(stepped) == 1:
         if not _same_target(stepped[0].target, y):
-            raise ValueError(_OTHER_BATCH)
+            raise ValueError(_OTHER_BATCH + w._load_note)
         return [(x, y)]
     unseen = next((m for m in stepped if m.forward is None), None)
     if unseen is not None:  # (the inputs each forward got are not known)

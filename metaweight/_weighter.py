@@ -42,8 +42,8 @@ from metaweight._record import MetaStepRecord
 from metaweight._twocall import TwoCall
 from metaweight._capturable import CapturableFast, DeviceRecord, check as check_capturable
 from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
-from metaweight._transaction import (COPIED_SINCE, LOADED_SINCE, PendingMeta, StateSnapshot, StepTransaction, host_read,
-                                     registered_buffers_removed)
+from metaweight._transaction import (COPIED_SINCE, LOADED_DURING, LOADED_SINCE, PendingMeta, StateSnapshot,
+                                     StepTransaction, gradients_moved, host_read, registered_buffers_removed)
 from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
@@ -214,10 +214,13 @@ class HarmonizedWeighter(NamedWeights):
         ['ce[1]', 'ce[2]', 'kd[2->1]']
     """
 
-    # (defaults of state that a weighter pickled by an earlier metaweight lacks)
+    # (defaults of state that a weighter pickled by an earlier metaweight lacks; see __init__)
     _loss_calls: int = 0
     _met_at: tuple[int, int] | None = None
     _warned_same_batch: bool = False
+    _resumed_calls: int = 0
+    _resumed: tuple[Micro, int] | None = None
+    _load_note = ""
 
     @warns_after_construction
     def __init__(
@@ -427,6 +430,12 @@ class HarmonizedWeighter(NamedWeights):
         # why the loss() calls of the iteration under way are gone (LOADED_SINCE, COPIED_SINCE): said where meta_step
         # misses them; "" after a loss() call
         self._lost_calls = ""
+        # mode="fast", two-call form, after a load of a checkpoint saved in the middle of an accumulated step: its
+        # loss() calls made (until the next training loss(), which looks at the gradients), then that loss's record
+        # where the gradients held values at it (the step to come carries the earlier calls'), with that count
+        self._resumed_calls = 0
+        self._resumed: tuple[Micro, int] | None = None
+        self._load_note = ""  # LOADED_DURING after a load, until the next meta step: said where the batch is refused
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's; capturable refuses it)
@@ -455,6 +464,7 @@ class HarmonizedWeighter(NamedWeights):
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
         if state.get("_pending") is not None or state.get("_stepped") is not None:
             state.update(_pending=None, _stepped=None, _lost_calls=COPIED_SINCE)
+        state["_resumed"] = None  # (a record of this weighter's loss() calls)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -539,7 +549,13 @@ class HarmonizedWeighter(NamedWeights):
         self._lost_calls = ""
         self._loss_calls += 1
         if self.mode == "fast" and self.learn and weighted.requires_grad:
+            carried = bool(self._resumed_calls) and gradients_moved([p.grad for _, p in
+                                                                                    self._trainable()])
             self._keep_for_meta_step(outputs, terms, target, weighted)
+            if self._resumed_calls:  # (the first training loss() since such a load: one host read)
+                if carried and self._pending is not None:
+                    self._resumed = (self._pending.micro[-1], self._resumed_calls)
+                self._resumed_calls = 0
         elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
             # counted when a backward reaches it: a loss() for logging is no training loss (first iteration only)
             labels, counted = first_labels(target), []
@@ -1065,7 +1081,20 @@ class HarmonizedWeighter(NamedWeights):
             "num_calls": self.num_calls,
             "num_skipped": self.num_skipped,
             "gamma_sum": self._gamma_sum,
+            "pending_calls": self._pending_calls(),
         }
+
+    def _pending_calls(self) -> int:
+        """``mode="fast"``, two-call form: the training :meth:`loss` calls a backward went through that wait for
+        the optimizer's step (the checkpoint of an accumulated step under way), counting those before a load this
+        step carries. Python objects only."""
+        pending = self._pending
+        if pending is None or pending.theta is not None or pending.error is not None:
+            return self._resumed_calls  # (loaded from such a checkpoint, and saved again before a training call)
+        stepped = pending.stepped()
+        resumed = self._resumed
+        carried = resumed[1] if resumed is not None and any(m is resumed[0] for m in stepped) else 0
+        return len(stepped) + carried
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. The whole checkpoint is checked first; a checkpoint saved for
@@ -1141,6 +1170,10 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(f"The checkpoint's counters {counts} are impossible: every meta step kept is a call, so "
                              f"num_meta_steps <= num_calls. Pass a HarmonizedWeighter.state_dict() as saved. Nothing "
                              f"was changed.")
+        pending = state_dict.get("pending_calls")  # (none in older checkpoints)
+        if pending is not None and (isinstance(pending, bool) or not isinstance(pending, int) or pending < 0):
+            raise ValueError(f"The checkpoint's `pending_calls` should be an int >= 0 (the loss() calls of the "
+                             f"accumulated step it was saved in). Found {pending!r}. Nothing was changed.")
         gamma_sum = real_scalar(state_dict["gamma_sum"])  # (the one reading of a number: a bool is none)
         if gamma_sum is None or not (math.isfinite(gamma_sum) and gamma_sum >= 0):
             raise ValueError(f"The checkpoint's gamma_sum {state_dict['gamma_sum']!r} should be a finite number >= 0.")
@@ -1156,6 +1189,8 @@ class HarmonizedWeighter(NamedWeights):
         if self._pending is None:  # (no loss() call of the iteration under way is in a checkpoint)
             self._lost_calls = LOADED_SINCE
         self._met_at = None
+        self._resumed_calls, self._resumed = pending or 0, None
+        self._load_note = LOADED_DURING if pending != 0 else ""  # (an older checkpoint's: not known)
         if self._capturable is not None and self._capturable.counts is not None:
             self._capturable.reset(self)
 

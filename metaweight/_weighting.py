@@ -52,8 +52,8 @@ from metaweight._hypergradient import Reducer
 from metaweight._optimizers import check_optimizer_state, check_parameters_replaced, unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import (LOADED_SINCE, BufferSnapshot, gradients_moved, host_read, nonfinite_flag,
-                                     not_stepped_message)
+from metaweight._transaction import (LOADED_DURING, LOADED_SINCE, BufferSnapshot, gradients_moved, host_read,
+                                     nonfinite_flag, not_stepped_message, resumed_mid_step_message)
 from metaweight._walk import ModelWalk, walk, walked_call
 from metaweight._warn import raise_or_skip_step, warn_user
 
@@ -331,6 +331,13 @@ class Weighting(NamedWeights):
     """
 
     needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
+    # after a load_state_dict of a checkpoint saved in the middle of an accumulated step: its loss() calls made (until
+    # the first training loss() since, which looks at the gradients), then (that call's number, those calls) where
+    # the gradients held values at it (restored .grad: the step to come carries the earlier calls'); class defaults
+    # for objects unpickled from an older metaweight
+    _resumed_calls: int = 0
+    _resumed: tuple[int, int] | None = None
+    _load_note = ""  # LOADED_DURING after a load, until the next meta_step: said where a check refuses the batch
     reads_train_batch: ClassVar[bool] = False  # whether meta_step reads its train_batch (FAMO: the terms again)
     # (defaults of state that a weighting pickled by an earlier metaweight lacks)
     _pending_trains: bool = False
@@ -506,6 +513,10 @@ class Weighting(NamedWeights):
             samples = batch_samples(target)
             self._calls_made += 1
             self._drop_cleared()
+            if self._resumed_calls:  # (one host read, at the first training call after such a load)
+                if gradients_moved(self._gradients()):
+                    self._resumed = (self._calls_made, self._resumed_calls)
+                self._resumed_calls = 0
             labels = (self._calls_made, first_labels(target) if self.reads_train_batch else None)
             self._unreached = labels  # (until a backward reaches it: FAMO's refusal of a meta_step before it)
             counted: list[bool] = []
@@ -596,6 +607,26 @@ class Weighting(NamedWeights):
     def _reset_pending(self) -> None:
         self._pending, self._groups, self._last_values, self._kept_at = None, {}, None, None
         self._pending_trains = False
+        self._resumed, self._resumed_calls, self._load_note = None, 0, ""
+
+    def _pending_calls(self) -> int:
+        """The training :meth:`loss` calls whose gradients wait for the optimizer's step (the checkpoint of an
+        accumulated step under way), counting those before a load this step carries. Python objects only, but
+        where a ``zero_grad(set_to_none=False)`` may have cleared them since (a few ops and a host read)."""
+        steps = optimizer_steps(self._inner_optimizer)
+        group = self._groups.get(steps)
+        if group is None or not group.wrote:
+            return self._resumed_calls  # (loaded from such a checkpoint, and saved again before a training call)
+        if group.after is not None:
+            zeroed, partial = group.after.zeroing(self._gradients())
+            if zeroed and not partial:
+                return 0
+        carried = self._resumed[1] if self._resumed is not None and self._has_call(group, self._resumed[0]) else 0
+        return group.calls + carried
+
+    @staticmethod
+    def _has_call(group: _Calls | None, number: int) -> bool:
+        return group is not None and any(n == number for n, _ in group.labels)
 
     def _gradients(self) -> list[Tensor | None]:
         """The gradients of the parameters the optimizer holds, in its order (Python objects only)."""
@@ -605,7 +636,7 @@ class Weighting(NamedWeights):
         """Pickled (and copied) without the iteration's pending ``loss()`` calls, which are keyed by the step
         count of this optimizer object: a copy starts a new iteration."""
         state = {**self.__dict__, "_groups": {}, "_pending": None, "_pending_trains": False, "_unreached": None,
-                 "_last_values": None,
+                 "_last_values": None, "_resumed": None,
                  "_kept_at": None, "_met_at": None}
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
         return state
@@ -654,6 +685,11 @@ class Weighting(NamedWeights):
         if self._step_not_taken():  # (FAMO's batch is the step's: the form of the pair is all there is to check)
             Weighting._check_batch(self, train_batch)
             return self._not_stepped(local)
+        if self._resumed is not None and self._has_call(self._iteration(), self._resumed[0]):
+            # refused, not skipped: resumed again from the same checkpoint with its step started over, the run is
+            # the uninterrupted one; the next iteration's calls are another group, which this does not refuse
+            raise ValueError(resumed_mid_step_message(type(self).__name__, self._resumed[1],
+                                                      f"{type(self).__name__}'s weights and state are unchanged."))
         self._check_batch(train_batch)
         terms = self._mean_over_ranks(local) if local is not None and self.needs_terms else None
         proposal = self._propose(terms, train_batch)
@@ -897,6 +933,7 @@ class Weighting(NamedWeights):
             "num_calls": self.num_calls,
             "num_meta_steps": self.num_meta_steps,
             "num_skipped": self.num_skipped,
+            "pending_calls": self._pending_calls(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -959,6 +996,10 @@ class Weighting(NamedWeights):
             raise ValueError(f"The checkpoint's counters {counts} are impossible: every meta step kept is a call, so "
                              f"num_meta_steps <= num_calls. Pass a {type(self).__name__}.state_dict() as saved. "
                              f"Nothing was changed.")
+        pending = state_dict.get("pending_calls")  # (none in older checkpoints)
+        if pending is not None and (isinstance(pending, bool) or not isinstance(pending, int) or pending < 0):
+            raise ValueError(f"The checkpoint's `pending_calls` should be an int >= 0 (the loss() calls of the "
+                             f"accumulated step it was saved in). Found {pending!r}. Nothing was changed.")
         self._check_state(state_dict)  # (after the counters: SDN's weights follow from them)
         if not isinstance(state_dict["extra"], Mapping):
             raise ValueError("The checkpoint's `extra` should be a dict.")
@@ -973,6 +1014,8 @@ class Weighting(NamedWeights):
         self._reset_pending()
         self._met_at = None
         self._lost_calls = LOADED_SINCE
+        self._resumed_calls = pending or 0
+        self._load_note = LOADED_DURING if pending != 0 else ""  # (an older checkpoint's: not known)
 
     def _options(self) -> str:
         return ""

@@ -690,3 +690,125 @@ def test_a_checkpoint_taken_between_the_step_and_meta_step_says_why_meta_step_fi
         with pytest.raises(ValueError) as refused:
             resumed.meta_step(train, val)
         assert "checkpoint" not in str(refused.value)
+
+
+def _accumulating(kind):
+    torch.manual_seed(0)
+    model = tiny_net(3, batchnorm=False)  # (no running statistics: a micro-batch run again leaves the model as once)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if kind == "fast":
+        return model, optimizer, mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+    if kind == "gradnorm":
+        return model, optimizer, mw.GradNorm(model, optimizer, mw.DenseDistillLoss(3),
+                                             shared_parameters=list(model.stages[0].parameters()))
+    options = {"window": 1} if kind == "dwa" else {}
+    return model, optimizer, mw.WEIGHTINGS[kind](model, optimizer, mw.DenseDistillLoss(3), **options)
+
+
+def _micro(model, optimizer, w, train, val, part):
+    """One of an accumulated step's two micro-batches (8 samples each); the second steps and meta-steps."""
+    x, y = train
+    if part == 0:
+        optimizer.zero_grad()
+    (w.loss(model(x[8 * part:8 * part + 8]), y[8 * part:8 * part + 8]) / 2).backward()
+    if part == 1:
+        optimizer.step()
+        return w.meta_step(train, val)
+
+
+@pytest.mark.parametrize("kind", ["uw", "gradnorm", "dwa", "famo", "fast"])
+def test_a_checkpoint_taken_in_the_middle_of_an_accumulated_step_refuses_the_meta_step_missing_its_calls(kind):
+    """Saved after an accumulated step's first micro-batch and resumed with its .grad restored, the step used both
+    micro-batches' gradients while the weighting held the second's terms alone: UW, GradNorm and DWA learned from
+    them without a word (UW's ce[1] 1.75152 where the whole batch's is 1.69834), FAMO and the fast mode refused
+    the whole batch as another one, not naming the load. The checkpoint now counts the step's loss() calls made, and
+    that meta_step is refused, changing nothing, saying how to save and how to resume; the next iteration runs. A
+    resume that starts the step over is the uninterrupted run, bit for bit."""
+    batches = [(batch(), batch()) for _ in range(3)]
+    model, optimizer, w = _accumulating(kind)
+    for train, val in batches:
+        _micro(model, optimizer, w, train, val, 0)
+        _micro(model, optimizer, w, train, val, 1)
+    uninterrupted = (copy.deepcopy(model.state_dict()), w.gamma.clone())
+
+    model, optimizer, w = _accumulating(kind)
+    _micro(model, optimizer, w, *batches[0], 0)
+    _micro(model, optimizer, w, *batches[0], 1)
+    assert w.state_dict()["pending_calls"] == 0
+    _micro(model, optimizer, w, *batches[1], 0)
+    state = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict(),
+                           [p.grad for p in model.parameters()]))
+    assert state[2]["pending_calls"] == 1
+
+    def resumed():
+        model, optimizer, w = _accumulating(kind)
+        saved = copy.deepcopy(state)  # (torch's optimizer takes the momentum tensors as they are, and steps them)
+        model.load_state_dict(saved[0])
+        optimizer.load_state_dict(saved[1])
+        w.load_state_dict(saved[2])
+        return model, optimizer, w
+
+    model, optimizer, w = resumed()  # the .grad restored too: the step to come carries the first micro-batch's
+    for p, g in zip(model.parameters(), state[3]):
+        p.grad = g.clone()
+    before = copy.deepcopy(w.state_dict())
+    with pytest.raises(ValueError, match=r"saved in the middle of an accumulated step, with 1 loss\(\) call of it "
+                                         r"made.*unchanged.*Save checkpoints after optimizer.step\(\) and meta_step; "
+                                         r"to resume from this one, start its step over"):
+        _micro(model, optimizer, w, *batches[1], 1)
+    after = w.state_dict()
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+        return a == b
+
+    assert before.pop("pending_calls") == 1 and after.pop("pending_calls") == 0  # (the step is taken since)
+    assert same(before, after)
+    with quiet():
+        _micro(model, optimizer, w, *batches[2], 0)
+        assert _micro(model, optimizer, w, *batches[2], 1).meta_step == 2
+
+    if kind in ("uw", "gradnorm", "dwa"):  # a checkpoint of an older metaweight (no count) loads as before
+        model, optimizer, w = _accumulating(kind)
+        saved = copy.deepcopy(state)
+        saved[2].pop("pending_calls")
+        model.load_state_dict(saved[0])
+        optimizer.load_state_dict(saved[1])
+        w.load_state_dict(saved[2])
+        for p, g in zip(model.parameters(), saved[3]):
+            p.grad = g
+        assert _micro(model, optimizer, w, *batches[1], 1).meta_step == 2
+
+    model, optimizer, w = resumed()  # the step started over: both micro-batches again
+    for train, val in batches[1:]:
+        _micro(model, optimizer, w, train, val, 0)
+        _micro(model, optimizer, w, train, val, 1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in uninterrupted[0].items())
+    assert torch.equal(w.gamma, uninterrupted[1])
+
+
+@pytest.mark.parametrize("kind", ["famo", "fast"])
+def test_a_batch_refused_after_a_load_in_the_middle_of_an_iteration_says_the_load(kind):
+    """Resumed from a checkpoint saved after an accumulated step's first micro-batch, without its .grad (the step
+    takes the second alone), FAMO's check of the labels and the fast mode's check of the batch refuse the whole
+    batch, as the step's loss() calls since the load are the second micro-batch only: the refusal now says that
+    the load is why (it said only that the batch was another)."""
+    train, val = batch(), batch()
+    model, optimizer, w = _accumulating(kind)
+    _micro(model, optimizer, w, train, val, 0)
+    state = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
+    for pending in (True, False):
+        model, optimizer, w = _accumulating(kind)
+        model.load_state_dict(state[0])
+        optimizer.load_state_dict(copy.deepcopy(state[1]))
+        saved = dict(state[2])
+        if not pending:
+            saved.pop("pending_calls")  # (a checkpoint of an older metaweight: the calls are not known)
+        w.load_state_dict(saved)
+        with pytest.raises(ValueError, match=r"(labels are not those|another training batch).*loaded from a "
+                                             r"checkpoint during this iteration.*save it after optimizer.step\(\) "
+                                             r"and meta_step"):
+            _micro(model, optimizer, w, train, val, 1)
