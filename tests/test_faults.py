@@ -812,3 +812,25 @@ def test_a_batch_refused_after_a_load_in_the_middle_of_an_iteration_says_the_loa
                                              r"checkpoint during this iteration.*save it after optimizer.step\(\) "
                                              r"and meta_step"):
             _micro(model, optimizer, w, train, val, 1)
+
+
+@pytest.mark.parametrize("kind", ["uw", "fast"])
+def test_pending_calls_of_a_checkpoint_are_checked_and_kept_by_a_save_before_the_next_call(kind):
+    """The checkpoint's count of an accumulated step's loss() calls is refused where no run writes it (a bool, a
+    negative number, a string), changing nothing; loaded and saved again before the next training loss(), it is
+    kept (the resume of a resume is still one in the middle of that step)."""
+    train, val = batch(), batch()
+    model, optimizer, w = _accumulating(kind)
+    _micro(model, optimizer, w, train, val, 0)
+    _micro(model, optimizer, w, train, val, 0)  # (its zero_grad cleared the first call's gradients: not counted)
+    (w.loss(model(train[0][8:]), train[1][8:]) / 2).backward()
+    state = copy.deepcopy(w.state_dict())
+    assert state["pending_calls"] == 2
+    model, optimizer, w = _accumulating(kind)
+    before = copy.deepcopy(w.state_dict())
+    for bad in (True, -1, "1", 1.0):
+        with pytest.raises(ValueError, match=r"`pending_calls` should be an int >= 0"):
+            w.load_state_dict({**state, "pending_calls": bad})
+        assert torch.equal(w.gamma, before["gamma"]) and w.state_dict()["pending_calls"] == 0
+    w.load_state_dict(state)
+    assert w.state_dict()["pending_calls"] == 2
