@@ -12,7 +12,6 @@ mode's two-call form (``loss``, the user's own step, ``meta_step``) is read by
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence

@@ -50,6 +50,21 @@ def batch(n: int = 16, features: int = 6, classes: int = 5, dtype: torch.dtype =
     return torch.randn(n, features, dtype=dtype), torch.randint(0, classes, (n,))
 
 
+class ScaledLoss(nn.Module):
+    """DenseDistillLoss times a learned scale of its own (``log_s``): a criterion's parameter, which an optimizer
+    may hold beside the model's."""
+
+    def __init__(self, num_exits: int = 3):
+        super().__init__()
+        self.inner, self.num_exits = mw.DenseDistillLoss(num_exits), num_exits
+        self.log_s = nn.Parameter(torch.zeros(()))
+
+    def forward(self, outputs, y):
+        return self.inner(outputs, y) * self.log_s.exp()
+
+    term_names = property(lambda self: self.inner.term_names)
+
+
 def fast_two_calls(weighter, model, optimizer, train, val):
     """One iteration of the user's own loop with mode="fast": loss, backward, step, then the meta step."""
     optimizer.zero_grad()

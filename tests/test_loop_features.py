@@ -1458,10 +1458,9 @@ def test_a_batch_buffer_refilled_without_a_version_change_is_refused(what):
                       (x, y), val)
 
 
-def test_clipping_over_the_optimizer_s_parameters_with_the_rest_held_fixed_is_right():
-    """clip_grad_norm_ over exactly the parameters the optimizer holds, the trunk trainable but in no optimizer:
-    one common rescale of the gradients the step uses (refused before: the trunk's unclipped gradients were
-    compared too)."""
+def _held_fixed_clipping_error(every: bool) -> float:
+    """own_loop_error of a loop clipping by clip_grad_norm_ (max_norm 0.05, declared) over every parameter or over
+    the optimizer's, the trunk trainable but in no optimizer."""
     model, _, criterion, validation, _ = build(Case())
     heads, _ = _heads_and_trunk(model)
     optimizer = torch.optim.SGD(heads, lr=0.1)
@@ -1472,12 +1471,20 @@ def test_clipping_over_the_optimizer_s_parameters_with_the_rest_held_fixed_is_ri
     val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
 
     def clipped(net, opt, sc, micro, loss_of):
-        opt.zero_grad()
+        (net if every else opt).zero_grad()
         loss_of(net(micro[0][0]), micro[0][1]).backward()
-        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 0.05)
+        over = net.parameters() if every else [p for group in opt.param_groups for p in group["params"]]
+        assert torch.nn.utils.clip_grad_norm_(over, 0.05) > 0.05
         opt.step()
 
-    assert own_loop_error(clipped, model, optimizer, criterion, validation, w, train, val) < 1e-3
+    return own_loop_error(clipped, model, optimizer, criterion, validation, w, train, val)
+
+
+def test_clipping_over_the_optimizer_s_parameters_with_the_rest_held_fixed_is_right():
+    """clip_grad_norm_ over exactly the parameters the optimizer holds, the trunk trainable but in no optimizer:
+    one common rescale of the gradients the step uses (refused before: the trunk's unclipped gradients were
+    compared too)."""
+    assert _held_fixed_clipping_error(every=False) < 1e-3
 
 
 def test_clipping_over_every_parameter_with_some_held_fixed_is_right():
@@ -1485,22 +1492,7 @@ def test_clipping_over_every_parameter_with_some_held_fixed_is_right():
     trainable but in no optimizer: the clipping's norm takes the trunk's gradients too. It was refused ("rescaled
     by 0.066 ... which clip_grad_norm_ does not give"; found by helper-138); now differentiated through, against
     central differences of the loop's own steps."""
-    model, _, criterion, validation, _ = build(Case())
-    heads, _ = _heads_and_trunk(model)
-    optimizer = torch.optim.SGD(heads, lr=0.1)
-    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
-                              init=torch.tensor(GAMMA), clip_grad_norm=mw.ClipGradNorm(0.05))
-    torch.manual_seed(1)
-    train = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
-    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
-
-    def clipped(net, opt, sc, micro, loss_of):
-        net.zero_grad()
-        loss_of(net(micro[0][0]), micro[0][1]).backward()
-        assert torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05) > 0.05
-        opt.step()
-
-    assert own_loop_error(clipped, model, optimizer, criterion, validation, w, train, val) < 1e-3
+    assert _held_fixed_clipping_error(every=True) < 1e-3
 
 
 def test_a_fast_step_whose_validation_pass_fails_after_the_model_s_step_says_so():

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from torch.profiler import profile
 
 import metaweight as mw
-from conftest import batch, fast_two_calls, quiet, tiny_net
+from conftest import ScaledLoss, batch, fast_two_calls, quiet, tiny_net
 from metaweight._gradnorm import WATCHED
 from metaweight._transaction import HOST_READ, BufferSnapshot, StateSnapshot, nonfinite_flag
 from test_weighter import F64, setup
@@ -878,19 +878,8 @@ def test_a_parameter_the_optimizer_steps_outside_the_model_is_put_back_on_a_refu
     refused step leaves it as it was (the step is decided before the optimizer steps, as the step taken ahead
     puts back the model's parameters only)."""
 
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.num_exits = mw.DenseDistillLoss(3), 3
-            self.log_s = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, outputs, y):
-            return self.inner(outputs, y) * self.log_s.exp()
-
-        term_names = property(lambda self: self.inner.term_names)
-
     torch.manual_seed(0)
-    model, criterion = tiny_net(3), Scaled()
+    model, criterion = tiny_net(3), ScaledLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     w = mw.HarmonizedWeighter(model, optimizer, criterion, mode="fast", nonfinite="skip", check_gradients=False)
     w.step(batch(), batch(n=12))
@@ -1102,21 +1091,10 @@ def test_an_optimizer_built_with_a_criterion_s_parameter_is_taken_as_one_that_ad
     and the same group added after construction is (found by helper-137): both now train alike, bit for bit. An
     optimizer of another model is still refused."""
 
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.num_exits = mw.DenseDistillLoss(3), 3
-            self.log_s = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, outputs, y):
-            return self.inner(outputs, y) * self.log_s.exp()
-
-        term_names = property(lambda self: self.inner.term_names)
-
     runs = []
     for at_construction in (True, False):
         torch.manual_seed(0)
-        model, criterion = tiny_net(3), Scaled()
+        model, criterion = tiny_net(3), ScaledLoss()
         groups = [{"params": list(model.parameters())}] + ([{"params": [criterion.log_s]}] if at_construction else [])
         optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
         w = mw.HarmonizedWeighter(model, optimizer, criterion, mode=mode, check_gradients=False)

@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call
 
 import metaweight as mw
-from conftest import batch, tiny_net
+from conftest import ScaledLoss, batch, tiny_net
 
 F64 = torch.float64
 
@@ -648,21 +648,6 @@ def test_a_validation_batch_that_is_the_training_batch_is_warned_of_once(call):
     assert len(said) == 1 and f"HarmonizedWeighter.{call} got the training batch's inputs" in said[0], said
 
 
-class _ScaledLoss(torch.nn.Module):
-    """DenseDistillLoss times a learned scale of its own: a parameter the optimizer holds that is not the model's
-    (the fast step then decides the model's step before taking it)."""
-
-    def __init__(self, K=3):
-        super().__init__()
-        self.inner, self.num_exits = mw.DenseDistillLoss(K), K
-        self.log_s = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, outputs, y):
-        return self.inner(outputs, y) * self.log_s.exp()
-
-    term_names = property(lambda self: self.inner.term_names)
-
-
 @pytest.mark.parametrize("form", ["exact", "fast", "fast, decided first", "fast, capturable", "uw", "rlw"])
 def test_the_hooks_get_the_very_record_step_returns_its_loss_too(form):
     """step()'s hooks got the record with its loss in mode='exact' only: the fast step's (and a capturable one's,
@@ -670,7 +655,7 @@ def test_the_hooks_get_the_very_record_step_returns_its_loss_too(form):
     after the model's step (found by helper-136). Every form now gives the hooks the record step() returns."""
     torch.manual_seed(0)
     model = tiny_net(3)
-    criterion = _ScaledLoss() if form == "fast, decided first" else mw.DenseDistillLoss(3)
+    criterion = ScaledLoss() if form == "fast, decided first" else mw.DenseDistillLoss(3)
     params = list(model.parameters()) + ([criterion.log_s] if form == "fast, decided first" else [])
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=form == "fast, capturable")
     heard = []
