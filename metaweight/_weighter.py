@@ -548,13 +548,19 @@ class HarmonizedWeighter(NamedWeights):
         self._lost_calls = ""
         self._loss_calls += 1
         if self.mode == "fast" and self.learn and weighted.requires_grad:
-            carried = bool(self._resumed_calls) and gradients_moved([p.grad for _, p in
-                                                                                    self._trainable()])
             self._keep_for_meta_step(outputs, terms, target, weighted)
-            if self._resumed_calls:  # (the first training loss() since such a load: one host read)
-                if carried and self._pending is not None:
-                    self._resumed = (self._pending.micro[-1], self._resumed_calls)
-                self._resumed_calls = 0
+            if self._resumed_calls and self._pending is not None:  # (after a load of a mid-step checkpoint)
+                micro = self._pending.micro[-1]
+
+                def carried(grad: Tensor) -> None:
+                    """At the first backward through a training loss() since the load (after any zero_grad of the
+                    loop, in either order): gradients holding values are the checkpoint's calls' (one host read)."""
+                    if self._resumed_calls:
+                        if gradients_moved([p.grad for _, p in self._trainable()]):
+                            self._resumed = (micro, self._resumed_calls)
+                        self._resumed_calls = 0
+
+                weighted.register_hook(carried)
         elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
             # counted when a backward reaches it: a loss() for logging is no training loss (first iteration only)
             labels, counted = first_labels(target), []

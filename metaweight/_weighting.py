@@ -513,10 +513,6 @@ class Weighting(NamedWeights):
             samples = batch_samples(target)
             self._calls_made += 1
             self._drop_cleared()
-            if self._resumed_calls:  # (one host read, at the first training call after such a load)
-                if gradients_moved(self._gradients()):
-                    self._resumed = (self._calls_made, self._resumed_calls)
-                self._resumed_calls = 0
             labels = (self._calls_made, first_labels(target) if self.reads_train_batch else None)
             self._unreached = labels  # (until a backward reaches it: FAMO's refusal of a meta_step before it)
             counted: list[bool] = []
@@ -526,10 +522,22 @@ class Weighting(NamedWeights):
                     counted.append(True)
                     if self._unreached is labels:
                         self._unreached = None
+                    self._note_carried(labels[0])
                     self._accumulate(values, weight, samples, labels)
 
             combined.register_hook(count)
         return combined
+
+    def _note_carried(self, call: int) -> None:
+        """At the first backward through a training :meth:`loss` after a load of a checkpoint saved in the middle
+        of an accumulated step (before it writes a gradient, after any ``zero_grad`` of the loop, in either
+        order): where the gradients hold values, they are the checkpoint's calls' (restored ``.grad``), and the
+        step to come carries calls whose terms the checkpoint does not hold; :meth:`meta_step` refuses it. One
+        host read, at that backward only."""
+        if self._resumed_calls:
+            if gradients_moved(self._gradients()):
+                self._resumed = (call, self._resumed_calls)
+            self._resumed_calls = 0
 
     def _accumulate(self, values: dict[str, Tensor], weight: Tensor | int, samples: int,
                     labels: tuple[int, Tensor | None] = (0, None)) -> None:

@@ -790,6 +790,42 @@ def test_a_checkpoint_taken_in_the_middle_of_an_accumulated_step_refuses_the_met
     assert torch.equal(w.gamma, uninterrupted[1])
 
 
+@pytest.mark.parametrize("kind", ["uw", "famo", "fast"])
+def test_a_mid_step_checkpoint_loaded_back_and_its_step_run_again_in_the_readme_order_is_taken(kind):
+    """Loaded back into the same objects after the step went on (a rollback), the step run again in the README's
+    order (loss(), then optimizer.zero_grad(), backward, step, meta_step): the gradients the last step left were
+    still there at loss(), and the meta_step was refused as carrying the checkpoint's calls, though zero_grad had
+    cleared them before the backward (found by helper-142). Whether the step carries them is now judged at the
+    backward: the run again is taken, and gives the model and gamma of the first pass, bit for bit."""
+    batches = [(batch(), batch()) for _ in range(2)]
+    model, optimizer, w = _accumulating(kind)
+
+    def micro(train, val, part):  # (the README's order: zero_grad after loss(), before the backward)
+        x, y = train
+        loss = w.loss(model(x[8 * part:8 * part + 8]), y[8 * part:8 * part + 8]) / 2
+        if part == 0:
+            optimizer.zero_grad()
+        loss.backward()
+        if part == 1:
+            optimizer.step()
+            return w.meta_step(train, val)
+
+    micro(*batches[0], 0)
+    micro(*batches[0], 1)
+    micro(*batches[1], 0)
+    state = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
+    assert state[2]["pending_calls"] == 1
+    micro(*batches[1], 1)
+    first = (copy.deepcopy(model.state_dict()), w.gamma.clone())
+    model.load_state_dict(state[0])
+    optimizer.load_state_dict(copy.deepcopy(state[1]))
+    w.load_state_dict(state[2])
+    micro(*batches[1], 0)
+    assert micro(*batches[1], 1).ran
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in first[0].items())
+    assert torch.equal(w.gamma, first[1])
+
+
 @pytest.mark.parametrize("kind", ["famo", "fast"])
 def test_a_batch_refused_after_a_load_in_the_middle_of_an_iteration_says_the_load(kind):
     """Resumed from a checkpoint saved after an accumulated step's first micro-batch, without its .grad (the step
