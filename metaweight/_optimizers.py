@@ -377,6 +377,24 @@ def check_optimizer_covers_model(optimizer: torch.optim.Optimizer, model: nn.Mod
             f"updates (for DistributedDataParallel, the wrapped model).")
 
 
+def outside_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[Tensor]:
+    """The trainable tensors ``optimizer`` holds that are no parameters of ``model`` (a criterion's learned scale in
+    a group of its own). Python objects only."""
+    own = {id(p) for p in model.parameters()}
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad and id(p) not in own]
+
+
+# mode="fast" scores the step just taken by recomputing the training terms around it: a tensor outside the model
+# that the same step moves (a criterion's parameter) changes them, and the meta-gradient (2e8 times the exact one,
+# relative, on a scaled DenseDistillLoss) would be that of no step
+FAST_OUTSIDE_MODEL = (
+    "The optimizer steps {count} trainable tensor(s) that are no parameters of the model (shapes {shapes}; a "
+    "criterion's learned scale, say). mode='fast' scores the step just taken by computing the training terms again "
+    "around it, and those tensors, stepped with the model, change the terms: its meta-gradient would be that of no "
+    "step. Use mode='exact' (its look-ahead holds them as they are), or step them with an optimizer of their own. "
+    "Nothing was changed.")
+
+
 def check_parameters_replaced(optimizer: torch.optim.Optimizer, before: Iterable[tuple[str, Tensor]],
                               now: Mapping[str, Tensor], call: str) -> None:
     """Refuse (a ``ValueError``, before anything changes) an optimizer holding a tensor that was a parameter of the

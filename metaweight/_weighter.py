@@ -48,9 +48,9 @@ from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
-from metaweight._optimizers import (IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
+from metaweight._optimizers import (FAST_OUTSIDE_MODEL, IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
                                     check_option_values, check_optimizer_options, check_optimizer_state,
-                                    check_saved_state, stepped_optimizer)
+                                    check_saved_state, outside_model, stepped_optimizer)
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -301,6 +301,8 @@ class HarmonizedWeighter(NamedWeights):
                                      lambda v: math.isfinite(v) and v > 0)
         check_optimizer_covers_model(inner, model)
         ddp, module = unwrap_model(model)
+        if mode == "fast" and learn:
+            _refuse_outside_model(outside_model(inner, module))
         check_initialized(module)
         distributed = ddp is not None
         if isinstance(module, nn.DataParallel) or isinstance(model, nn.DataParallel):
@@ -730,6 +732,8 @@ class HarmonizedWeighter(NamedWeights):
         before anything changes."""
         check_optimizer_options(self._inner_optimizer)
         check_option_values(type(self.gamma_optimizer), self.gamma_optimizer.param_groups, GAMMA_OPTIMIZER)
+        if self.mode == "fast" and self.learn:
+            self._check_outside_model()
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
         check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})
         if self._foreign_step is not None:
@@ -739,6 +743,11 @@ class HarmonizedWeighter(NamedWeights):
             names, self._frozen_step = self._frozen_step, None
             raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step.) gamma "
                              "and everything else are unchanged.")
+
+    def _check_outside_model(self) -> None:
+        """``mode="fast"``: refuse an optimizer that steps trainable tensors outside the model
+        (:data:`~metaweight._optimizers.FAST_OUTSIDE_MODEL`), before anything changes."""
+        _refuse_outside_model(outside_model(self._inner_optimizer, self.module))
 
     def _check_val_batch(self, val_batch: Batch | None, call: str, train_batch: Batch | None = None) -> None:
         """A validation batch is what gamma is learned from: needed with ``learn=True``, optional without; warned
@@ -1270,6 +1279,13 @@ def _labels_of(calls: list[Tensor | None], labels: Tensor | None) -> bool:
     if len(calls) == 1 or labels.device.type != "cpu" or any(c.device.type != "cpu" for c in calls):
         return False  # (no read from the device)
     return all(c.dtype == labels.dtype for c in calls) and torch.equal(torch.cat(calls), labels)
+
+
+def _refuse_outside_model(outside: list[Tensor]) -> None:
+    """``mode="fast"``: the refusal of an optimizer stepping the trainable tensors ``outside`` the model."""
+    if outside:
+        shapes = ", ".join(str(tuple(p.shape)) for p in outside[:4]) + (" ..." if len(outside) > 4 else "")
+        raise ValueError(FAST_OUTSIDE_MODEL.format(count=len(outside), shapes=shapes))
 
 
 def _is_compiled(model: nn.Module) -> bool:

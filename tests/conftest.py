@@ -59,8 +59,8 @@ class ScaledLoss(nn.Module):
         self.inner, self.num_exits = mw.DenseDistillLoss(num_exits), num_exits
         self.log_s = nn.Parameter(torch.zeros(()))
 
-    def forward(self, outputs, y):
-        return self.inner(outputs, y) * self.log_s.exp()
+    def forward(self, outputs, y, teacher_outputs=None):
+        return self.inner(outputs, y, teacher_outputs=teacher_outputs) * self.log_s.exp()
 
     term_names = property(lambda self: self.inner.term_names)
 
