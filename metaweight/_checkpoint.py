@@ -179,12 +179,18 @@ def _is_zip(path: Path) -> bool:
         return True
 
 
-def _not_torch_zip(archive: zipfile.ZipFile) -> str | None:
+def _not_torch_zip(archive: zipfile.ZipFile, failed: bool = False) -> str | None:
     """Why a readable zip is not a ``torch.save`` archive (``None`` if it has that layout): torch puts
-    every member under one folder, with the pickle at ``FOLDER/data.pkl``."""
+    every member under one folder, with the pickle at ``FOLDER/data.pkl``. A TorchScript archive
+    (``torch.jit.save``) has that layout too, and ``torch.load`` with ``weights_only=False`` reads it
+    (through ``torch.jit.load``): named only where the load ``failed``."""
     names = archive.namelist()
     folders = {name.split("/", 1)[0] for name in names}
-    if len(folders) == 1 and all("/" in name for name in names) and f"{folders.pop()}/data.pkl" in names:
+    if len(folders) == 1 and all("/" in name for name in names) and f"{next(iter(folders))}/data.pkl" in names:
+        folder = next(iter(folders))
+        if failed and (f"{folder}/constants.pkl" in names or any(n.startswith(f"{folder}/code/") for n in names)):
+            return ("is a TorchScript archive (torch.jit.save: a scripted or traced module, its code beside its "
+                    "weights), not a checkpoint torch.save writes: load it with torch.jit.load. Check the path.")
         return None
     shown = names[:5] + (["..."] if len(names) > 5 else [])
     npz = names and all(name.endswith(".npy") for name in names)
@@ -274,7 +280,7 @@ def _file_problem(path: Path, weights_only: bool = True, error: BaseException | 
                     if broken is not None:
                         return (f"is damaged: a zip archive ({size} bytes) whose structure is broken ({broken}). "
                                 f"Resume from an earlier checkpoint.")
-                    other = _not_torch_zip(archive)  # intact, but another kind of zip
+                    other = _not_torch_zip(archive, error is not None)  # intact, but another kind of zip
                     if other is not None:
                         return other
         except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError, NotImplementedError) as exc:

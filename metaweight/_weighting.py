@@ -891,11 +891,14 @@ class Weighting(NamedWeights):
         if not taken:
             return dataclasses.replace(self._not_stepped(self._iteration_terms(), by_step=True), loss=value,
                                        model_step_skipped=True)
-        self._step_fields = {"loss": value, "model_step_skipped": False}  # (in the record the hooks get)
+        fields = self._step_fields = {"loss": value, "model_step_skipped": False}  # (in the record the hooks get)
         try:
-            return dataclasses.replace(self.meta_step(train_batch, val_batch), **self._step_fields)
+            record = self.meta_step(train_batch, val_batch)
         finally:
             self._step_fields = {}
+        # (the very record the hooks got; a skipped update's, which no hook gets, with the step's fields added)
+        return record if all(getattr(record, k) == v for k, v in fields.items()) else \
+            dataclasses.replace(record, **fields)
 
     def _check_step_optimizer(self) -> None:
         """What :meth:`step` needs of the optimizer, refused before anything changes (Python objects only): a

@@ -1414,3 +1414,12 @@ def test_a_step_refused_for_a_label_on_a_masked_class_names_the_cause(where):
                                          r"logit is -inf .*do not mask the true class"):
         weighter.step(*batches)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_load_checkpoint_names_a_torchscript_archive(tmp_path):
+    """A torch.jit.save file was called "an intact torch.save archive, but torch.load failed" (found by
+    helper-142): it is named as TorchScript, with torch.jit.load to load it."""
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(path))
+    with pytest.raises(ValueError, match=r"is a TorchScript archive \(torch\.jit\.save.*load it with torch\.jit\.load"):
+        mw.load_checkpoint(path)
