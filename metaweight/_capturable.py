@@ -250,6 +250,7 @@ class CapturableFast:
             loss = w._weighted(terms)
             w._zero_grad()
             loss.backward()
+            w._check_outside_model()  # (Python objects only: the same at every call)
             _check_momentum_buffers(w._inner_optimizer)
             grads = [p.grad for _, p in walk(w.module).parameters]
             flag = nonfinite_flag(loss, grads)

@@ -142,6 +142,8 @@ class FastMode:
                 check_differentiable(loss, NO_TRAINING_GRADIENT)
                 w._zero_grad()
                 loss.backward()
+                if run_meta:  # (a criterion's parameter the optimizer steps: refused, the call put back below)
+                    w._check_outside_model()
                 # a non-finite validation input joins the step's decision (every rank alike)
                 bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))])[0] \
                     if run_meta else None

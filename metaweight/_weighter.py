@@ -432,8 +432,9 @@ class HarmonizedWeighter(NamedWeights):
         # misses them; "" after a loss() call
         self._lost_calls = ""
         # mode="fast", two-call form, after a load of a checkpoint saved in the middle of an accumulated step: its
-        # loss() calls made (until the next training loss(), which looks at the gradients), then that loss's record
-        # where the gradients held values at it (the step to come carries the earlier calls'), with that count
+        # loss() calls made (until the first backward through a training loss() since, which looks at the
+        # gradients), then that loss's record where the gradients held values then (the step to come carries the
+        # earlier calls'), with that count
         self._resumed_calls = 0
         self._resumed: tuple[Micro, int] | None = None
         self._load_note = ""  # LOADED_DURING after a load, until the next meta step: said where the batch is refused
@@ -732,8 +733,6 @@ class HarmonizedWeighter(NamedWeights):
         before anything changes."""
         check_optimizer_options(self._inner_optimizer)
         check_option_values(type(self.gamma_optimizer), self.gamma_optimizer.param_groups, GAMMA_OPTIMIZER)
-        if self.mode == "fast" and self.learn:
-            self._check_outside_model()
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
         check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})
         if self._foreign_step is not None:
@@ -745,9 +744,10 @@ class HarmonizedWeighter(NamedWeights):
                              "and everything else are unchanged.")
 
     def _check_outside_model(self) -> None:
-        """``mode="fast"``: refuse an optimizer that steps trainable tensors outside the model
-        (:data:`~metaweight._optimizers.FAST_OUTSIDE_MODEL`), before anything changes."""
-        _refuse_outside_model(outside_model(self._inner_optimizer, self.module))
+        """``mode="fast"``: refuse an optimizer that steps trainable tensors outside the model, those of them a
+        backward reached (a gradient: a criterion's parameter; an old tensor left beside its successor after a
+        replaced head has none) (:data:`~metaweight._optimizers.FAST_OUTSIDE_MODEL`). Python objects only."""
+        _refuse_outside_model([p for p in outside_model(self._inner_optimizer, self.module) if p.grad is not None])
 
     def _check_val_batch(self, val_batch: Batch | None, call: str, train_batch: Batch | None = None) -> None:
         """A validation batch is what gamma is learned from: needed with ``learn=True``, optional without; warned

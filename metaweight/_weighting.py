@@ -333,9 +333,9 @@ class Weighting(NamedWeights):
     needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
     reads_train_batch: ClassVar[bool] = False  # whether meta_step reads its train_batch (FAMO: the terms again)
     # after a load_state_dict of a checkpoint saved in the middle of an accumulated step: its loss() calls made (until
-    # the first training loss() since, which looks at the gradients), then (that call's number, those calls) where
-    # the gradients held values at it (restored .grad: the step to come carries the earlier calls'); class defaults
-    # for objects unpickled from an older metaweight
+    # the first backward through a training loss() since, which looks at the gradients), then (that call's number,
+    # those calls) where the gradients held values then (restored .grad: the step to come carries the earlier
+    # calls'); class defaults for objects unpickled from an older metaweight
     _resumed_calls: int = 0
     _resumed: tuple[int, int] | None = None
     _load_note = ""  # LOADED_DURING after a load, until the next meta_step: said where a check refuses the batch
