@@ -302,7 +302,7 @@ class HarmonizedWeighter(NamedWeights):
         check_optimizer_covers_model(inner, model)
         ddp, module = unwrap_model(model)
         if mode == "fast" and learn:
-            _refuse_outside_model(outside_model(inner, module))
+            _refuse_outside_model(outside_model(inner, module.parameters()))
         check_initialized(module)
         distributed = ddp is not None
         if isinstance(module, nn.DataParallel) or isinstance(model, nn.DataParallel):
@@ -747,7 +747,8 @@ class HarmonizedWeighter(NamedWeights):
         """``mode="fast"``: refuse an optimizer that steps trainable tensors outside the model, those of them a
         backward reached (a gradient: a criterion's parameter; an old tensor left beside its successor after a
         replaced head has none) (:data:`~metaweight._optimizers.FAST_OUTSIDE_MODEL`). Python objects only."""
-        _refuse_outside_model([p for p in outside_model(self._inner_optimizer, self.module) if p.grad is not None])
+        own = (p for _, p in walk(self.module).parameters)  # (the step's walk: no second walk of the tree)
+        _refuse_outside_model([p for p in outside_model(self._inner_optimizer, own) if p.grad is not None])
 
     def _check_val_batch(self, val_batch: Batch | None, call: str, train_batch: Batch | None = None) -> None:
         """A validation batch is what gamma is learned from: needed with ``learn=True``, optional without; warned
