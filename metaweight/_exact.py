@@ -92,7 +92,7 @@ class ExactMode:
             if start is not None:
                 set_rng_state(start, device)
         gamma_grad = result.gamma_grad * w._active
-        pending = w._step_gamma(gamma_grad, result.objective, result.exit_losses, result.terms.detach())
+        pending = w._step_gamma(gamma_grad, result.objective, result.exit_losses, result.terms.detach(), val[0])
         return pending, (result.terms if keep_graph else None)
 
     def step(self, w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> MetaStepRecord:

@@ -322,7 +322,8 @@ class FastMode:
         """:meth:`meta_gradient`, then gamma's step from it (one read decides it)."""
         gamma_grad, objective, exit_losses, reported = self.meta_gradient(w, named, theta, jac, pieces, xv, yv,
                                                                           buffers, transform)
-        return w._apply(gamma_grad, objective, exit_losses, reported, after_step=after_step, call_hooks=call_hooks)
+        return w._apply(gamma_grad, objective, exit_losses, reported, after_step=after_step, call_hooks=call_hooks,
+                        val_inputs=xv)
 
     def meta_gradient(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
                       jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],

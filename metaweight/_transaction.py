@@ -616,12 +616,13 @@ class Saved:
 class PendingMeta:
     """A meta step stepped on the device, awaiting its decision (see ``HarmonizedWeighter._step_gamma``):
     the state to put back, the tensors to read (decision flags, objective, exit losses, meta-gradient,
-    proposed gamma, terms) and what the record keeps as tensors."""
+    proposed gamma, terms), what the record keeps as tensors, and the validation inputs (read only by a refusal)."""
 
     saved: StateSnapshot
     values: list[Tensor]
     gamma_grad: Tensor
     exit_losses: Tensor
+    val_inputs: Any = None  # the validation inputs, named by a refusal's message where they are not finite
 
 
 @dataclasses.dataclass

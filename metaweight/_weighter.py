@@ -845,16 +845,17 @@ class HarmonizedWeighter(NamedWeights):
 
     # ------------------------------------------------------------- gamma's step, for both modes
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor, *,
-               after_step: bool = False, call_hooks: bool = True) -> MetaStepRecord:
+               after_step: bool = False, call_hooks: bool = True, val_inputs: Any = None) -> MetaStepRecord:
         """A whole meta step from its meta-gradient: :meth:`_step_gamma`, one read, :meth:`_meta_outcome`
-        (``after_step``, ``call_hooks``: see there)."""
-        pending = self._step_gamma(gamma_grad, objective, exit_losses, terms)
+        (``after_step``, ``call_hooks``, ``val_inputs``: see there)."""
+        pending = self._step_gamma(gamma_grad, objective, exit_losses, terms, val_inputs)
         return self._meta_outcome(pending, host_read(pending.values), call_hooks, after_step=after_step)
 
     def _step_gamma(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor,
-                    ) -> PendingMeta:
+                    val_inputs: Any = None) -> PendingMeta:
         """Step gamma and project it, all on the device: gamma keeps its old value where the meta-gradient
-        or the new gamma is not finite (the decision is read later, with whatever else the step reads)."""
+        or the new gamma is not finite (the decision is read later, with whatever else the step reads).
+        ``val_inputs``: the validation batch's inputs, read only where the step is refused (to name them)."""
         saved = StateSnapshot(self.gamma, self.gamma_optimizer, None)
         try:
             finite, stepped = self._gamma_step(gamma_grad, objective, exit_losses)
@@ -865,7 +866,7 @@ class HarmonizedWeighter(NamedWeights):
         with torch.no_grad():
             self.gamma.copy_(torch.where(finite & stepped, self.gamma, saved.gamma))
         values = [finite, stepped, objective, exit_losses, gamma_grad, proposed, terms]
-        return PendingMeta(saved, values, gamma_grad.detach(), exit_losses.detach())
+        return PendingMeta(saved, values, gamma_grad.detach(), exit_losses.detach(), val_inputs)
 
     def _gamma_step(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor) -> tuple[Tensor, Tensor]:
         """gamma's optimizer step on ``gamma_grad`` and its projection, in place on the device, and the two
@@ -896,7 +897,12 @@ class HarmonizedWeighter(NamedWeights):
         term_values = values[3 + n_e + 2 * n_g:3 + n_e + 2 * n_g + n_g]
         if not (ok and ok_step):
             pending.saved.restore(self.gamma)
-            if not ok:
+            if not ok and _holds_nonfinite(pending.val_inputs):  # (read only here: a refusal's message)
+                message = (f"Non-finite meta step: the validation batch's inputs hold inf or NaN, so the step "
+                           f"cannot be scored (validation objective {value}). gamma and the validation average "
+                           f"were left unchanged. Check the validation data (or pass nonfinite='skip' to skip "
+                           f"such meta steps).")
+            elif not ok:
                 bad_terms = [n for n, t in zip(self.term_names, term_values) if not math.isfinite(t)]
                 bad_grad = [n for n, g in zip(self.term_names, grad) if not math.isfinite(g)]
                 values_finite = math.isfinite(value) and all(math.isfinite(e) for e in losses) and not bad_terms
@@ -1280,6 +1286,12 @@ def _labels_of(calls: list[Tensor | None], labels: Tensor | None) -> bool:
     if len(calls) == 1 or labels.device.type != "cpu" or any(c.device.type != "cpu" for c in calls):
         return False  # (no read from the device)
     return all(c.dtype == labels.dtype for c in calls) and torch.equal(torch.cat(calls), labels)
+
+
+def _holds_nonfinite(inputs: Any) -> bool:
+    """Whether the floating-point tensors among ``inputs`` (any nesting) hold inf or NaN: one host read each."""
+    return any(not bool(torch.isfinite(t).all()) for t in tree_leaves(inputs)
+               if isinstance(t, Tensor) and t.is_floating_point())
 
 
 def _refuse_outside_model(outside: list[Tensor]) -> None:

@@ -323,6 +323,28 @@ def test_fast_step_with_a_non_finite_validation_input_decides_before_the_model_s
     assert (w.num_calls, w.num_meta_steps, w.num_skipped) == (2, 1, 1)
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("form", ["step", "two calls"])
+def test_every_form_names_non_finite_validation_inputs_and_changes_nothing(mode, form):
+    """A NaN in the validation inputs is named as such by every mode and form (the exact
+    mode and the fast two-call form had given the generic non-finite message, which sends the user to the
+    learning rates), and the refused call changes nothing: model, optimizer state, gamma, counters."""
+    model, optimizer, *_, w = setup("momentum", mode=mode)
+    w.step(batch(dtype=F64), batch(dtype=F64))
+    x, y = batch(dtype=F64)
+    xv, yv = batch(dtype=F64)
+    xv[3, 1] = float("nan")
+    if form == "two calls" and mode == "fast":  # (its meta_step comes after the loop's own step)
+        loss = w.loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    before = _everything(model, optimizer, w)
+    with pytest.raises(ValueError, match="validation batch's inputs hold inf or NaN"):
+        w.step((x, y), (xv, yv)) if form == "step" else w.meta_step((x, y), (xv, yv))
+    assert _same(before, _everything(model, optimizer, w))
+
+
 def test_fast_step_whose_meta_step_is_non_finite_after_the_model_s_step_skips_it():
     """A validation objective non-finite at theta' is known only after the model's step, which stands:
     the meta step is skipped with a warning, never raised (nonfinite='raise' too)."""
