@@ -71,8 +71,8 @@ class RLW(Weighting):
                          callbacks=callbacks)
         self._setup()
 
-    def _draw(self) -> Tensor:
-        draws = torch.randn(self.num_active, generator=self.generator, dtype=torch.float32)
+    def _draw(self, generator: torch.Generator | None = None) -> Tensor:
+        draws = torch.randn(self.num_active, generator=generator or self.generator, dtype=torch.float32)
         return rlw_weights(draws, self._terms.active_on(torch.device("cpu")))
 
     def _initial_gamma(self) -> Tensor:
@@ -81,7 +81,16 @@ class RLW(Weighting):
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         # (drawn on the host, for the same weights on every device; on CUDA copied without waiting for the
         # device's queue, which a blocking copy from pageable memory does)
-        return {"gamma": host_to_device(self._draw(), self.device)}  # softmax of normal draws: always finite
+        # (from a copy of the generator, whose state moves on only with an update kept: a refused one draws nothing)
+        generator = torch.Generator().set_state(self.generator.get_state())
+        gamma = host_to_device(self._draw(generator), self.device)  # softmax of normal draws: always finite
+        return {"gamma": gamma, "generator": generator.get_state()}
+
+    def _set_state(self, name: str, value: Tensor | int) -> None:
+        if name == "generator":
+            self.generator.set_state(value)  # type: ignore[arg-type]
+        else:
+            super()._set_state(name, value)
 
     _gamma_sum = "one"  # (a softmax)
 

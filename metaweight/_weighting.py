@@ -699,23 +699,24 @@ class Weighting(NamedWeights):
             raise ValueError(resumed_mid_step_message(type(self).__name__, self._resumed[1],
                                                       f"{type(self).__name__}'s weights and state are unchanged."))
         self._check_batch(train_batch)
-        terms = self._mean_over_ranks(local) if local is not None and self.needs_terms else None
+        terms = self._mean_over_ranks(local) if local is not None else None  # (judged on every rank alike)
         proposal = self._propose(terms, train_batch)
         gamma = proposal.get("gamma", self.gamma)
-        shown = terms if terms is not None else local
         checked = torch.cat([gamma.detach().float().reshape(-1)] +
                             [v.detach().float().reshape(-1) for v in proposal.values()
                              if isinstance(v, Tensor) and v.is_floating_point()] +
-                            ([shown.float()] if shown is not None else []))
+                            ([terms.float()] if terms is not None else []))
         values = host_read([checked])  # the one host read of the call
         n = self._terms.num_terms
-        named = dict(zip(self.term_names, values[-n:])) if shown is not None else None
-        # the terms count when the rule reads them (RLW and SDN do not)
-        judged = values if terms is not None or shown is None else values[:-n]
-        if not all(math.isfinite(v) for v in judged):
-            message = (f"{type(self).__name__}: the update from the terms {named} gave non-finite values; the "
-                       f"weights and the method's state were left unchanged. {self._nonfinite_hint(named)}Check the "
-                       f"data and the learning rates (or pass nonfinite='skip' to skip such updates).")
+        named = dict(zip(self.term_names, values[-n:])) if terms is not None else None
+        # the terms count for every rule, those that do not read them too (RLW, SDN): the step they follow was
+        # taken on a non-finite loss, which step() refuses for every method
+        if not all(math.isfinite(v) for v in values):
+            what = (f"the update from the terms {named} gave non-finite values" if self.needs_terms else
+                    f"the terms {named} are not finite (its rule does not read them, but the model stepped on them)")
+            message = (f"{type(self).__name__}: {what}; the weights and the method's state were left unchanged. "
+                       f"{self._nonfinite_hint(named)}Check the data and the learning rates (or pass "
+                       f"nonfinite='skip' to skip such updates).")
             if self.nonfinite == "raise":
                 raise ValueError(message)
             self.num_calls += 1

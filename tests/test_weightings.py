@@ -371,11 +371,39 @@ def test_non_finite_terms_are_refused_changing_nothing(name):
         w.step((bad_x, y))
     assert same_state(before, w.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
-    if w.needs_terms and name != "famo":  # the update itself refuses non-finite terms
+    if name != "famo":  # the update refuses non-finite terms (RLW and SDN, which do not read them, too)
         w.loss([o * math.nan for o in model(x)], y)
-        with pytest.raises(ValueError, match="non-finite"):
+        with pytest.raises(ValueError, match="non-finite|not finite"):
             w.meta_step((x, y))
         assert same_state(before, w.state_dict())
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_step_taken_on_non_finite_terms_is_refused_by_every_rule(name, nonfinite):
+    """The loop steps on a NaN loss (no GradScaler to skip it), then calls meta_step: every weighting refuses the
+    update (raise) or skips it (skip: warned, counted), its weights and state unchanged, as step() does; RLW and
+    SDN, whose rules read no terms, drew new weights or moved their schedule on. The model's own step was the
+    loop's."""
+    w, model, optimizer = build(name, nonfinite=nonfinite)
+    for b in batches(2):
+        w.step(b)
+    before = copy.deepcopy(w.state_dict())
+    x, y = batch()
+    loss = w.loss([o * math.nan for o in model(x)], y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if nonfinite == "raise":
+        with pytest.raises(ValueError, match="non-finite values|are not finite"):
+            w.meta_step((x, y))
+    else:
+        with pytest.warns(RuntimeWarning, match="Skipped an update"):
+            assert w.meta_step((x, y)).skipped
+        assert (w.num_skipped, w.num_meta_steps) == (1, 2)
+        before["num_calls"] += 1
+        before["num_skipped"] += 1
+    assert same_state(before, w.state_dict())
 
 
 @pytest.mark.parametrize("name", NAMES)
