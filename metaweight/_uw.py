@@ -29,7 +29,8 @@ class UW(Weighting):
 
     the paper's form for a classification term (Eq. 10: :math:`\frac{1}{\sigma^2}L + \log\sigma`),
     used here for every term (cross-entropies and distillation terms alike; a regression term's
-    :math:`\frac{1}{2\sigma^2}` would only halve its weight). :math:`s` starts at 0 (every weight 1)
+    :math:`\frac{1}{2\sigma^2}L + \log\sigma` starts at half the weight and tends to the same one). :math:`s`
+    starts at 0 (every weight 1)
     and follows :math:`\partial\mathcal{L}/\partial s_k = \tfrac12 - e^{-s_k}L_k`, whose fixed point
     is :math:`\gamma_k = 1/(2L_k)`.
 
