@@ -897,7 +897,7 @@ class HarmonizedWeighter(NamedWeights):
         term_values = values[3 + n_e + 2 * n_g:3 + n_e + 2 * n_g + n_g]
         if not (ok and ok_step):
             pending.saved.restore(self.gamma)
-            if not ok and _holds_nonfinite(pending.val_inputs):  # (read only here: a refusal's message)
+            if not ok and _holds_nonfinite(pending.val_inputs, self.gamma.device):  # (read only here: a refusal's message)
                 message = (f"Non-finite meta step: the validation batch's inputs hold inf or NaN, so the step "
                            f"cannot be scored (validation objective {value}). gamma and the validation average "
                            f"were left unchanged. Check the validation data (or pass nonfinite='skip' to skip "
@@ -1288,10 +1288,11 @@ def _labels_of(calls: list[Tensor | None], labels: Tensor | None) -> bool:
     return all(c.dtype == labels.dtype for c in calls) and torch.equal(torch.cat(calls), labels)
 
 
-def _holds_nonfinite(inputs: Any) -> bool:
-    """Whether the floating-point tensors among ``inputs`` (any nesting) hold inf or NaN: one host read each."""
-    return any(not bool(torch.isfinite(t).all()) for t in tree_leaves(inputs)
-               if isinstance(t, Tensor) and t.is_floating_point())
+def _holds_nonfinite(inputs: Any, device: torch.device) -> bool:
+    """Whether the floating-point tensors among ``inputs`` (any nesting) hold inf or NaN: one host read."""
+    flags = [(~torch.isfinite(t)).any().to(device, torch.float32) for t in tree_leaves(inputs)
+             if isinstance(t, Tensor) and t.is_floating_point()]
+    return bool(flags) and any(v != 0.0 for v in host_read(flags))
 
 
 def _refuse_outside_model(outside: list[Tensor]) -> None:
