@@ -55,8 +55,11 @@ class TwoCall:
             w._watch.forget()  # the iteration's forwards: a later loss() is the next iteration's
         run_meta = w.num_calls % w.meta_every == 0
         pending, stepped_before = w._pending, w._stepped
-        if w._stepped is not None and (pending is None or pending.theta is None):
-            pending = w._stepped  # what came after the step (a loss() to log) was not stepped on
+        if w._stepped is not None and (pending is None or (pending.theta is None and not pending.stepped())):
+            # what came after the step (a loss() to log) was not stepped on. A later loss() a backward went
+            # through is the next iteration's (its step skipped by a GradScaler, or not taken yet): the earlier
+            # step, whose meta_step raised or was not called, is not this call's to score
+            pending = w._stepped
         if run_meta and pending is None:
             raise ValueError("mode='fast': meta_step comes after the model's step, and needs the training loss from "
                              "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "

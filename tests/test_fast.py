@@ -234,6 +234,52 @@ def test_two_call_fast_form_with_a_grad_scaler_sees_unscaled_gradients_and_skips
     assert torch.allclose(results[1][1], results[0][1], atol=1e-6)
 
 
+@pytest.mark.parametrize("then", ["a step the scaler skips", "a step taken"])
+@pytest.mark.parametrize("earlier", ["meta_step raised", "meta_step not called"])
+def test_two_call_fast_form_after_an_iteration_without_its_meta_step_scores_the_next_iteration(earlier, then):
+    """An iteration whose meta_step raised (NaN validation inputs, caught by the loop) or was not called, then the
+    next iteration: its meta_step scores that iteration, a skipped record where a GradScaler skipped its step (it
+    refused the right batch as "another training batch than the weighter.loss call before it", comparing it with
+    the earlier step's, at every skipped step until one was taken: found by helper-143), and the iterations after
+    it as a twin's that never called that meta_step, bit for bit (the refusal changed nothing)."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    twin = copy.deepcopy(model)
+    data = [(batch(), batch()) for _ in range(4)]
+    data[1][1][0][0, 0] = float("nan")
+    records = []
+    for net, mine in ((model, True), (twin, False)):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        w = mw.HarmonizedWeighter(net, optimizer, mw.DenseDistillLoss(3), mode="fast")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for it, ((x, y), val) in enumerate(data):
+            if it == 2 and then == "a step the scaler skips":
+                scaler.update(2.0 ** 127)  # (the scaled gradients overflow: the scaler skips the step)
+            if it == 3:
+                scaler.update(2.0 ** 10)  # (and takes the next one)
+            optimizer.zero_grad()
+            scaler.scale(w.loss(net(x), y)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if it == 1:
+                if mine and earlier == "meta_step raised":
+                    with pytest.raises(ValueError, match="inputs hold inf or NaN"):
+                        w.meta_step((x, y), val)
+                continue
+            records.append(w.meta_step((x, y), val))
+        records.append([p.detach().clone() for p in net.parameters()] + [w.gamma.detach().clone()])
+    mine, twins = records[:4], records[4:]
+    if then == "a step the scaler skips":
+        assert mine[1].skipped and not mine[1].ran and "GradScaler found inf/NaN" in mine[1].message
+    else:
+        assert mine[1].ran and not mine[1].skipped
+    assert mine[2].ran and not mine[2].skipped
+    for a, b in zip(mine[1:3], twins[1:3]):
+        assert (a.ran, a.skipped) == (b.ran, b.skipped) and a.gamma == b.gamma
+        assert (a.gamma_grad is None and b.gamma_grad is None) or torch.equal(a.gamma_grad, b.gamma_grad)
+    assert all(torch.equal(a, b) for a, b in zip(mine[3], twins[3]))
+
+
 @pytest.mark.parametrize("optimizer, clip", [("sgd", None), ("sgd", 0.05), ("fused adam", None)],
                          ids=["sgd", "sgd, declared clipping", "fused adam"])
 def test_two_call_fast_form_with_a_grad_scaler_of_any_power_of_two_scale_scores_the_same_step(optimizer, clip):
