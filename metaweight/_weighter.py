@@ -337,7 +337,7 @@ class HarmonizedWeighter(NamedWeights):
             chosen = make_backend(backend, inner, distributed=distributed, restricted=lookahead_names is not None,
                                   terms=terms, fd_epsilon=fd_epsilon, mode=mode)
             backend = chosen.name
-            _check_sparse(module, mode, backend)
+            _check_sparse(module, mode, backend, inner)
             check_hooks(module, mode, backend)
             if mode == "fast" or backend != "higher":  # (higher's patched copy holds the tensor in both roles)
                 check_single_roles(first_walk)
@@ -1320,16 +1320,25 @@ def _sparse_modules(module: nn.Module) -> list[str]:
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
 
 
-def _check_sparse(module: nn.Module, mode: str, backend: str) -> None:
+def _check_sparse(module: nn.Module, mode: str, backend: str, optimizer: torch.optim.Optimizer) -> None:
     """Refuse, at construction, sparse gradients where the look-ahead cannot replay them: the fast
-    mode's closed-form step and the ``jvp`` backend's forward-mode pass need dense gradients."""
+    mode's closed-form step and the ``jvp`` backend's forward-mode pass need dense gradients, and of the
+    torch optimizers that step sparse gradients (SGD, Adagrad, SparseAdam) ``higher`` replays SGD's only
+    (its ``DifferentiableAdagrad`` raises on them; SparseAdam it does not replay at all)."""
     sparse = _sparse_modules(module)
     if sparse and (mode == "fast" or backend == "jvp"):
         where = "mode='fast'" if mode == "fast" else "backend='jvp'"
         raise ValueError(
             f"The modules {sparse} have sparse=True (sparse gradients), which {where} cannot replay. Build them with "
-            f"sparse=False, or pass mode='exact' with backend='higher' or backend='finite_difference' and call "
-            f"meta_step in your own loop (step() refuses sparse gradients too).")
+            f"sparse=False, or pass mode='exact' with backend='higher' or backend='finite_difference', an SGD "
+            f"optimizer (the one optimizer of sparse gradients the look-ahead replays) and call meta_step in your "
+            f"own loop (step() refuses sparse gradients too).")
+    if sparse and backend == "higher" and isinstance(optimizer, torch.optim.Adagrad):
+        raise ValueError(
+            f"The modules {sparse} have sparse=True (sparse gradients), and the look-ahead replays Adagrad through "
+            f"higher's DifferentiableAdagrad, which has no support for sparse gradients (its meta_step would raise "
+            f"NotImplementedError). Use torch.optim.SGD, whose sparse step higher replays, or build the modules "
+            f"with sparse=False. Nothing was changed.")
 
 
 def _count_exits(names: Iterable[str] | None) -> int:
