@@ -21,7 +21,11 @@ class MetaStepRecord(Mapping[str, Any]):
         iteration: how many calls the weighter has had, this one included.
         ran: whether a look-ahead ran in this call (``False`` with ``learn=False`` and on the
             calls ``meta_every`` passes over).
-        skipped: whether it ran but was refused as non-finite (``nonfinite="skip"``).
+        skipped: whether the call learned nothing where it was due to: refused as non-finite
+            (``nonfinite="skip"``; ``ran`` true, counted in ``num_skipped``), or, with ``ran`` false,
+            passed over because no optimizer step was taken since :meth:`loss` (a ``GradScaler``
+            skipped it) or no step to score came since the last meta step (counted in ``num_calls``
+            only); ``message`` says which.
         meta_step: how many meta steps have succeeded so far.
         val_objective: :math:`L_{val}(\\theta')`, when a look-ahead ran.
         val_exit_losses: the validation objective's losses at :math:`\\theta'` (per exit for
