@@ -200,6 +200,21 @@ def check_labels_unmasked(logits: Tensor, labels: Tensor, name: str, labels_name
             f"(nothing was changed). {MASKED_LABEL_FIX}")
 
 
+def half_precision_eps_hint(optimizer: Any) -> str:
+    """The cause of a refused step to name where the optimizer's ``eps`` is 0 in float16, the dtype of
+    parameters it steps (below 2**-24, float16's smallest value: Adam's, RMSprop's and Adagrad's
+    defaults): their step divides by sqrt(v) + eps, 0/0 where a gradient is 0; ``""`` otherwise.
+    Python objects only."""
+    for group in getattr(optimizer, "param_groups", []):
+        eps = group.get("eps")
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 <= eps < 2.0 ** -24 and any(
+                isinstance(p, Tensor) and p.dtype == torch.float16 for p in group.get("params", [])):
+            return (f" The optimizer's eps ({eps:g}) is 0 in float16, the dtype of parameters it steps: its step "
+                    f"divides by sqrt(v) + eps, 0/0 where a gradient is 0. Pass eps=1e-4 (or more) for float16 "
+                    f"parameters, or keep them in float32 and run the forward under torch.autocast.")
+    return ""
+
+
 def masked_label_hint(cross_entropies: Mapping[str, float] | Sequence[float]) -> str:
     """The cause of a refused step to name when one of its cross-entropies (a sequence, or terms by
     name, of which the ``ce[k]`` ones count) is ``+inf``, not NaN: a label on a class masked

@@ -697,7 +697,7 @@ class StepTransaction:
     def refuse(self, owner: Owner, step: ModelStep, saved: Saved) -> str:
         """A non-finite model step: put everything back as ``saved``, then raise or warn and count it.
         Returns the message (``nonfinite="skip"``)."""
-        from metaweight._checks import masked_label_hint  # (_checks reads values through host_read, from here)
+        from metaweight._checks import half_precision_eps_hint, masked_label_hint  # (_checks reads through host_read)
 
         owner.optimizer.zero_grad(set_to_none=True)
         self.rollback(owner, saved)
@@ -706,7 +706,8 @@ class StepTransaction:
                    f"(non-finite terms: {[n for n, t in step.terms.items() if not math.isfinite(t)] or 'none'}"
                    f"). The step was not taken: parameters, buffers, optimizer state, gamma and the validation "
                    f"average are as before this call. Check the batch and the learning rate."
-                   f"{masked_label_hint(step.terms)}")
+                   f"{masked_label_hint(step.terms)}"
+                   f"{half_precision_eps_hint(getattr(owner, '_inner_optimizer', owner.optimizer))}")
         raise_or_skip_step(owner, message)
         return message
 

@@ -28,8 +28,8 @@ from metaweight._gradcheck import gradient_mismatch
 from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, drop_inert_hooks,
                                 watch_backward)
 from metaweight._checks import (check_flag, check_initialized, check_has_values, IGNORE_INDEX, forget_labels,
-                               in_dtype, integer_value, masked_label_hint, per_term, real_numbers, real_option,
-                               real_scalar, summarize_step_labels, unpack_batch)
+                               half_precision_eps_hint, in_dtype, integer_value, masked_label_hint, per_term,
+                               real_numbers, real_option, real_scalar, summarize_step_labels, unpack_batch)
 from metaweight._clipping import ClipGradNorm, check_max_norm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -919,7 +919,8 @@ class HarmonizedWeighter(NamedWeights):
                     f"{losses}, non-finite training terms {bad_terms or 'none'}, non-finite meta-gradient "
                     f"(d L_val / d gamma) for the terms {bad_grad or 'none'}. gamma and the validation average "
                     f"were left unchanged.{advice} (Or pass nonfinite='skip' to skip such steps.)"
-                ) + masked_label_hint(losses + [t for n, t in zip(self.term_names, term_values) if n.startswith("ce[")])
+                ) + masked_label_hint(losses + [t for n, t in zip(self.term_names, term_values) if n.startswith("ce[")]) \
+                    + half_precision_eps_hint(self._inner_optimizer)
             else:
                 kind = "non-finite" if not all(math.isfinite(g) for g in gamma) else "all-zero"
                 message = (f"gamma's own optimizer step gave {kind} weights (meta-gradient {grad}); gamma, its "

@@ -47,7 +47,8 @@ from torch.utils.hooks import RemovableHandle
 
 from metaweight._capture import GradSnapshot
 from metaweight._checks import (NO_TRAINING_GRADIENT, check_differentiable, check_initialized, forget_labels,
-                               integer_value, masked_label_hint, real_option, refuse_arrays, summarize_step_labels)
+                               half_precision_eps_hint, integer_value, masked_label_hint, real_option, refuse_arrays,
+                               summarize_step_labels)
 from metaweight._hypergradient import Reducer
 from metaweight._optimizers import check_optimizer_state, check_parameters_replaced, unwrap_optimizer
 from metaweight._protocols import Terms, call_model
@@ -873,7 +874,8 @@ class Weighting(NamedWeights):
             message = (f"The weighted training loss ({value}), its gradient or a buffer the forward updated "
                        f"(e.g. BatchNorm statistics) is not finite (terms {terms}). The step was not taken: "
                        f"parameters, buffers, optimizer state and weights are as before this call. "
-                       f"{self._nonfinite_hint(terms)}Check the batch and the learning rate.{masked_label_hint(terms)}")
+                       f"{self._nonfinite_hint(terms)}Check the batch and the learning rate.{masked_label_hint(terms)}"
+                       f"{half_precision_eps_hint(self._inner_optimizer)}")
             raise_or_skip_step(self, message)
             return MetaStepRecord(self.num_calls, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
                                   terms=terms, loss=value, model_step_skipped=True, message=message)

@@ -7,6 +7,7 @@ import math
 import dataclasses
 import os
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -343,6 +344,42 @@ def test_every_form_names_non_finite_validation_inputs_and_changes_nothing(mode,
     with pytest.raises(ValueError, match="validation batch's inputs hold inf or NaN"):
         w.step((x, y), (xv, yv)) if form == "step" else w.meta_step((x, y), (xv, yv))
     assert _same(before, _everything(model, optimizer, w))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("form", ["step", "two calls"])
+def test_a_step_made_non_finite_by_an_eps_that_is_0_in_float16_says_so(mode, form):
+    """float16 parameters with Adam's default eps (1e-8 < 2**-24: 0 in float16): its step is 0/0 where a gradient
+    is 0, and the refusal (of the meta step, or of the next model step after the fast mode's own stood) names
+    eps, where it sent the user to the data and the learning rates (found by helper-143); a float32 model's
+    refusal of the same kind does not."""
+    torch.manual_seed(0)
+    model = tiny_net(3, dtype=torch.float16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode=mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fast step's skipped meta step, its model step standing)
+        with pytest.raises(ValueError, match=r"eps \(1e-08\) is 0 in float16.*eps=1e-4"):
+            for _ in range(3):
+                train, val = batch(dtype=torch.float16), batch(dtype=torch.float16)
+                if form == "step":
+                    w.step(train, val)
+                    continue
+                if mode == "exact":
+                    w.meta_step(train, val)
+                loss = w.loss(model(train[0]), train[1])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if mode == "fast":
+                    w.meta_step(train, val)
+    model = tiny_net(3)
+    w = mw.HarmonizedWeighter(model, torch.optim.Adam(model.parameters(), lr=1e-2), mw.DenseDistillLoss(3), mode=mode)
+    x, y = batch()
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError) as info:
+        w.step((x, y), batch())
+    assert "finite" in str(info.value) and "optimizer's eps" not in str(info.value)
 
 
 def test_fast_step_whose_meta_step_is_non_finite_after_the_model_s_step_skips_it():

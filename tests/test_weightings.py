@@ -406,6 +406,16 @@ def test_a_step_taken_on_non_finite_terms_is_refused_by_every_rule(name, nonfini
     assert same_state(before, w.state_dict())
 
 
+def test_a_weighting_s_step_made_non_finite_by_an_eps_that_is_0_in_float16_says_so():
+    """The weightings' step() names an Adam eps that is 0 in float16 parameters, as the weighter does."""
+    torch.manual_seed(0)
+    model = tiny_net(3, dtype=torch.float16)
+    w = mw.UW(model, torch.optim.Adam(model.parameters(), lr=1e-2), mw.DenseDistillLoss(3))
+    with pytest.raises(ValueError, match=r"eps \(1e-08\) is 0 in float16"):
+        for _ in range(3):
+            w.step(batch(dtype=torch.float16))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_skip_counts_and_warns(name):
     w, *_ = build(name, nonfinite="skip")
