@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,12 +45,20 @@ def dual_level() -> Iterator[None]:
     process-wide, not per thread: a step's tangent forward in one thread while another thread's was open failed
     with "Nested forward mode AD is not supported at the moment" (two weighters stepping in a thread pool). The
     other threads wait for it (a few forwards); the level's own ops stay per thread."""
+    global _loaded
     with _ONE_LEVEL, fwAD.dual_level():
-        _load_decompositions()  # (what fwAD.make_dual does at every call)
+        if not _loaded:  # (what fwAD.make_dual does at every call: an import, after its first time a lookup)
+            with warnings.catch_warnings():
+                # torch's decompositions run torch.jit.script as they load, which warns that it is deprecated: under
+                # a user's warnings-as-errors (pytest's filterwarnings = error, python -W error) the step failed
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+                _load_decompositions()
+            _loaded = True
         yield
 
 
 _load_decompositions = getattr(fwAD, "_maybe_load_decompositions", lambda: None)
+_loaded = False
 
 
 def make_dual(primal: Tensor, tangent: Tensor) -> Tensor:

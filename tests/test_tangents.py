@@ -186,3 +186,24 @@ def test_short_tangents_answers_only_its_own_thread_and_leaves_another_thread_s_
     with ShortTangents():
         pass
     assert F.batch_norm is original
+
+
+@pytest.mark.parametrize("options", ["", "backend='higher'", "mode='fast'"])
+def test_a_step_runs_under_warnings_as_errors(options):
+    """A user's warnings-as-errors (pytest's filterwarnings = error, python -W error): the jvp step failed with
+    torch's DeprecationWarning of torch.jit.script, which its forward-AD decompositions run as they load (found by
+    helper-143). In a fresh interpreter, where they load for the first time."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys; sys.path.insert(0, 'tests')\n"
+              "import torch, metaweight as mw\n"
+              "from conftest import tiny_net, batch\n"
+              "model = tiny_net(3)\n"
+              "w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3), "
+              f"{options})\n"
+              "assert w.step(batch(), batch(n=12)).ran\n")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
