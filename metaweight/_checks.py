@@ -200,6 +200,20 @@ def check_labels_unmasked(logits: Tensor, labels: Tensor, name: str, labels_name
             f"(nothing was changed). {MASKED_LABEL_FIX}")
 
 
+def float_leaves(x: Any) -> list[Tensor]:
+    """The floating-point tensors in ``x``, at any nesting of pytree containers (tuples, lists, dicts) and of
+    any other ``Mapping`` (a Hugging Face ``BatchFeature``, a ``UserDict``), which pytree takes for one leaf
+    though a batch passes it to the model as keyword arguments. Python objects only."""
+    found: list[Tensor] = []
+    for leaf in tree_leaves(dict(x) if isinstance(x, Mapping) and not isinstance(x, dict) else x):
+        if isinstance(leaf, Tensor):
+            if leaf.is_floating_point():
+                found.append(leaf)
+        elif isinstance(leaf, Mapping):
+            found.extend(float_leaves(leaf))
+    return found
+
+
 def half_precision_eps_hint(optimizer: Any) -> str:
     """The cause of a refused step to name where the optimizer's ``eps`` is 0 in float16, the dtype of
     parameters it steps (below 2**-24, float16's smallest value: Adam's, RMSprop's and Adagrad's

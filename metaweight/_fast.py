@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from metaweight._backends import optimizer_refusal
 from metaweight._checks import (NO_TRAINING_GRADIENT, all_padding_message, check_differentiable, checked_target,
-                               summarize_step_labels, unpack_batch)
+                               float_leaves, summarize_step_labels, unpack_batch)
 from metaweight._clipping import EPSILON, clip_transpose
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
 from metaweight._optimizers import lookahead_update, unweighted_term
@@ -61,8 +61,7 @@ _NONFINITE_VAL_REFUSED = _NONFINITE_VAL + (" The model's step was not taken: par
                                            "counters are as before this call.")
 
 
-def _float_leaves(x: Any) -> list[Tensor]:
-    return [t for t in tree_leaves(x) if isinstance(t, Tensor) and t.is_floating_point()]
+_float_leaves = float_leaves  # (the validation inputs' finiteness is decided on these)
 
 
 class FastMode:

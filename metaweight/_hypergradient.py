@@ -284,7 +284,9 @@ def step_length(base: dict[str, Tensor], direction: dict[str, Tensor], epsilon: 
     direction`` has length ``epsilon``, by default :data:`LENGTH_FACTOR` ``[order]`` (16-bit parameters:
     :data:`LENGTH_FACTOR_16BIT`) times machine eps ** (1 / (order + 1)) times the moved parameters' RMS, that
     RMS at least 1e-3 (in float32 about 2e-2 x RMS one-sided, 5e-3 x RMS central). 0 when the
-    direction is zero (the caller's difference is then 0). No host read."""
+    direction is zero (the caller's difference is then 0); NaN when it is not finite (a validation gradient
+    of an inf input: the caller's difference is then NaN, and the step refused, where an h of 0 made it a
+    finite 0). No host read."""
     device = next(iter(base.values())).device
     if not direction:
         return torch.zeros((), dtype=torch.float64, device=device)
@@ -297,7 +299,8 @@ def step_length(base: dict[str, Tensor], direction: dict[str, Tensor], epsilon: 
         eps = factor * info.eps ** (1 / (order + 1)) * rms.clamp_min(1e-3)
     else:
         eps = torch.full((), float(epsilon), dtype=torch.float64, device=device)  # (a fill: no copy from the host)
-    return torch.where(norm > 0, eps / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    h = torch.where(norm > 0, eps / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    return h + (norm - norm)  # (+0 where the norm is finite, NaN where it is inf or NaN)
 
 
 def along(base: Sequence[Tensor], direction: Sequence[Tensor], h: Tensor) -> list[Tensor]:
@@ -306,10 +309,11 @@ def along(base: Sequence[Tensor], direction: Sequence[Tensor], h: Tensor) -> lis
 
 
 def difference(plus: Tensor, minus: Tensor, h: Tensor, denominator: float) -> Tensor:
-    """``(plus - minus) / (denominator * h)`` in float64, and 0 where ``h`` is 0 (a zero direction)."""
+    """``(plus - minus) / (denominator * h)`` in float64, and 0 where ``h`` is 0 (a zero direction); NaN
+    where ``h`` is NaN (a non-finite direction)."""
     step = denominator * h
-    value = (plus.double() - minus.double()) / torch.where(step > 0, step, torch.ones_like(step))
-    return torch.where(step > 0, value, torch.zeros_like(value))
+    value = (plus.double() - minus.double()) / torch.where(step != 0, step, torch.ones_like(step))
+    return torch.where(step != 0, value, torch.zeros_like(value))
 
 
 def meta_gradient(

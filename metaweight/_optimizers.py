@@ -392,7 +392,9 @@ FAST_OUTSIDE_MODEL = (
     "criterion's learned scale, say). mode='fast' scores the step just taken by computing the training terms again "
     "around it, and those tensors, stepped with the model, change the terms: its meta-gradient would be that of no "
     "step. Use mode='exact' (its look-ahead holds them as they are), or step them with an optimizer of their own. "
-    "Nothing was changed.")
+    "(The tensors of a module replaced in the model but left in the optimizer are refused too where they hold a "
+    "gradient, e.g. the last one before the replacement where only model.zero_grad() clears: drop them from the "
+    "optimizer, or clear with optimizer.zero_grad().) Nothing was changed.")
 
 
 def check_parameters_replaced(optimizer: torch.optim.Optimizer, before: Iterable[tuple[str, Tensor]],

@@ -28,8 +28,8 @@ from metaweight._gradcheck import gradient_mismatch
 from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, drop_inert_hooks,
                                 watch_backward)
 from metaweight._checks import (check_flag, check_initialized, check_has_values, IGNORE_INDEX, forget_labels,
-                               half_precision_eps_hint, in_dtype, integer_value, masked_label_hint, per_term,
-                               real_numbers, real_option, real_scalar, summarize_step_labels, unpack_batch)
+                               float_leaves, half_precision_eps_hint, in_dtype, integer_value, masked_label_hint,
+                               per_term, real_numbers, real_option, real_scalar, summarize_step_labels, unpack_batch)
 from metaweight._clipping import ClipGradNorm, check_max_norm
 from metaweight._exact import ExactMode
 from metaweight._fast import FastMode, before_step
@@ -743,12 +743,20 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step.) gamma "
                              "and everything else are unchanged.")
 
-    def _check_outside_model(self) -> None:
+    def _check_outside_model(self, read: bool = False) -> None:
         """``mode="fast"``: refuse an optimizer that steps trainable tensors outside the model, those of them a
         backward reached (a gradient: a criterion's parameter; an old tensor left beside its successor after a
-        replaced head has none) (:data:`~metaweight._optimizers.FAST_OUTSIDE_MODEL`). Python objects only."""
+        replaced head has none) (:data:`~metaweight._optimizers.FAST_OUTSIDE_MODEL`). Python objects only,
+        but with ``read`` (the two-call form, after the loop's own ``zero_grad``): where such tensors hold a
+        gradient, one host read of whether it is all zeros, as ``zero_grad(set_to_none=False)`` leaves the
+        gradient of a replaced head's old tensor that no backward reaches (not refused)."""
         own = (p for _, p in walk(self.module).parameters)  # (the step's walk: no second walk of the tree)
-        _refuse_outside_model([p for p in outside_model(self._inner_optimizer, own) if p.grad is not None])
+        outside = [p for p in outside_model(self._inner_optimizer, own) if p.grad is not None]
+        if outside and read:
+            device = self.gamma.device
+            reached = host_read([torch.stack([p.grad.ne(0).any().to(device, torch.float32) for p in outside])])
+            outside = [p for p, r in zip(outside, reached) if r != 0.0]
+        _refuse_outside_model(outside)
 
     def _check_val_batch(self, val_batch: Batch | None, call: str, train_batch: Batch | None = None) -> None:
         """A validation batch is what gamma is learned from: needed with ``learn=True``, optional without; warned
@@ -1291,8 +1299,7 @@ def _labels_of(calls: list[Tensor | None], labels: Tensor | None) -> bool:
 
 def _holds_nonfinite(inputs: Any, device: torch.device) -> bool:
     """Whether the floating-point tensors among ``inputs`` (any nesting) hold inf or NaN: one host read."""
-    flags = [(~torch.isfinite(t)).any().to(device, torch.float32) for t in tree_leaves(inputs)
-             if isinstance(t, Tensor) and t.is_floating_point()]
+    flags = [(~torch.isfinite(t)).any().to(device, torch.float32) for t in float_leaves(inputs)]
     return bool(flags) and any(v != 0.0 for v in host_read(flags))
 
 

@@ -2,6 +2,7 @@
 bit for bit, the fused finiteness check against a per-tensor reference, the replay read from each
 parameter group's options, and the reads back to the host that one step makes."""
 
+import collections
 import copy
 import math
 import dataclasses
@@ -11,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.profiler import profile
 
@@ -324,19 +326,44 @@ def test_fast_step_with_a_non_finite_validation_input_decides_before_the_model_s
     assert (w.num_calls, w.num_meta_steps, w.num_skipped) == (2, 1, 1)
 
 
+class _ByKeyword(nn.Module):
+    """A model called with keyword arguments (a batch's inputs in a Mapping, as a Hugging Face BatchFeature)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("container", ["tensor", "mapping"])
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("form", ["step", "two calls"])
-def test_every_form_names_non_finite_validation_inputs_and_changes_nothing(mode, form):
+def test_every_form_names_non_finite_validation_inputs_and_changes_nothing(mode, form, value, container):
     """A NaN in the validation inputs is named as such by every mode and form (the exact
     mode and the fast two-call form had given the generic non-finite message, which sends the user to the
-    learning rates), and the refused call changes nothing: model, optimizer state, gamma, counters."""
-    model, optimizer, *_, w = setup("momentum", mode=mode)
-    w.step(batch(dtype=F64), batch(dtype=F64))
+    learning rates), and the refused call changes nothing: model, optimizer state, gamma, counters. An inf the
+    tanh net saturates on leaves the objective finite and the validation gradient NaN: the fast two-call form
+    took the step length of that direction as 0 and learned from a meta-gradient of exactly 0 (helper-145).
+    Inputs in a Mapping that is no dict (UserDict, a BatchFeature), which pytree takes for one leaf, were never
+    looked at: the fast step() took the model's step before refusing (helper-145)."""
+    torch.manual_seed(0)
+    model = tiny_net(3, dtype=F64, batchnorm=False)  # (BatchNorm would make an inf's objective NaN)
+    wrap = (lambda t: t) if container == "tensor" else (lambda t: collections.UserDict(x=t))
+    if container == "mapping":
+        model = _ByKeyword(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode=mode)
+    first, second = batch(dtype=F64), batch(dtype=F64)
+    w.step((wrap(first[0]), first[1]), (wrap(second[0]), second[1]))
     x, y = batch(dtype=F64)
     xv, yv = batch(dtype=F64)
-    xv[3, 1] = float("nan")
+    xv[3, 1] = value
+    x, xv = wrap(x), wrap(xv)
     if form == "two calls" and mode == "fast":  # (its meta_step comes after the loop's own step)
-        loss = w.loss(model(x), y)
+        loss = w.loss(model(x) if container == "tensor" else model(**x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -960,6 +987,31 @@ def test_a_parameter_the_optimizer_steps_outside_the_model_is_refused_by_the_fas
     assert repr(w.state_dict()) == repr(before[2])
     with pytest.raises(ValueError, match="no parameters of the model"):
         mw.HarmonizedWeighter(model, optimizer, criterion, mode="fast")
+
+
+def test_a_replaced_head_left_in_the_optimizer_is_taken_by_the_fast_two_calls_whatever_the_loop_zeroes_with():
+    """A head replaced (the new one added to the optimizer, the old one left in it): the fast two-call form took it
+    where the loop zeroes with zero_grad() (no gradient), and refused it as a tensor outside the model, a
+    criterion's learned scale, where zero_grad(set_to_none=False) left the old tensor a gradient of zeros that no
+    backward reaches (helper-145). Both now score the same step, to the bit."""
+    records = []
+    for set_to_none in (True, False):
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+        data = [(batch(), batch(n=12)) for _ in range(3)]
+        for it, ((x, y), val) in enumerate(data):
+            if it == 1:
+                model.heads[2] = nn.Linear(10, 5)
+                optimizer.add_param_group({"params": list(model.heads[2].parameters())})
+            loss = w.loss(model(x), y)
+            optimizer.zero_grad(set_to_none=set_to_none)
+            loss.backward()
+            optimizer.step()
+            records.append(w.meta_step((x, y), val))
+    assert all(r.ran and not r.skipped for r in records)
+    assert all(torch.equal(a.gamma_grad, b.gamma_grad) for a, b in zip(records[:3], records[3:]))
 
 
 def test_a_fast_step_with_frozen_parameters_in_its_optimizer_still_decides_once():
