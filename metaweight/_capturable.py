@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from metaweight._checks import unchecked_labels, unpack_batch
-from metaweight._fast import Piece, _float_leaves, before_step, clip_in_step
+from metaweight._checks import float_leaves, unchecked_labels, unpack_batch
+from metaweight._fast import Piece, before_step, clip_in_step
 from metaweight._hypergradient import call_with
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, same_rng_state, set_rng_state
@@ -255,7 +255,7 @@ class CapturableFast:
             grads = [p.grad for _, p in walk(w.module).parameters]
             flag = nonfinite_flag(loss, grads)
             flag = (flag + buffers.became_nonfinite(flag.device)).clamp_max(1.0)
-            bad_val = nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))
+            bad_val = nonfinite_flag(torch.zeros((), device=device), float_leaves(xv))
             flag, bad_val = w._reducer.mean([flag, bad_val])
             refused = flag.reshape(()) > 0  # the model's step
             transform = clip_in_step(w, named) if w.clip_grad_norm is not None else None

@@ -61,9 +61,6 @@ _NONFINITE_VAL_REFUSED = _NONFINITE_VAL + (" The model's step was not taken: par
                                            "counters are as before this call.")
 
 
-_float_leaves = float_leaves  # (the validation inputs' finiteness is decided on these)
-
-
 class FastMode:
     """The model's step as the look-ahead: the one-call step and the meta-gradient of a step taken.
 
@@ -144,7 +141,7 @@ class FastMode:
                 if run_meta:  # (a criterion's parameter the optimizer steps: refused, the call put back below)
                     w._check_outside_model()
                 # a non-finite validation input joins the step's decision (every rank alike)
-                bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), _float_leaves(xv))])[0] \
+                bad_input = w._reducer.mean([nonfinite_flag(torch.zeros((), device=device), float_leaves(xv))])[0] \
                     if run_meta else None
                 # the model's step taken before its decision: by a torch optimizer itself (a wrapper's step, or a
                 # function set as the instance's step, has effects no snapshot puts back), over the model's

@@ -42,7 +42,8 @@ from metaweight._twocall import TwoCall
 from metaweight._capturable import CapturableFast, DeviceRecord, check as check_capturable
 from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
 from metaweight._transaction import (COPIED_SINCE, LOADED_DURING, LOADED_SINCE, PendingMeta, StateSnapshot,
-                                     StepTransaction, gradients_moved, host_read, registered_buffers_removed)
+                                     StepTransaction, gradients_moved, host_read, nonfinite_flag,
+                                     registered_buffers_removed)
 from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
@@ -1298,9 +1299,9 @@ def _labels_of(calls: list[Tensor | None], labels: Tensor | None) -> bool:
 
 
 def _holds_nonfinite(inputs: Any, device: torch.device) -> bool:
-    """Whether the floating-point tensors among ``inputs`` (any nesting) hold inf or NaN: one host read."""
-    flags = [(~torch.isfinite(t)).any().to(device, torch.float32) for t in float_leaves(inputs)]
-    return bool(flags) and any(v != 0.0 for v in host_read(flags))
+    """Whether the floating-point tensors among ``inputs`` (any nesting) hold inf or NaN: one host read of the
+    flag the fast step decides its validation inputs by."""
+    return host_read([nonfinite_flag(torch.zeros((), device=device), float_leaves(inputs))])[0] != 0.0
 
 
 def _refuse_outside_model(outside: list[Tensor]) -> None:
