@@ -563,6 +563,14 @@ LET_GO = ("This backward accumulates onto gradients of earlier weighter.loss cal
           "`if accelerator.sync_gradients:`.")
 
 
+def sparse_trained(embeddings: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """The names of those of ``embeddings`` (``nn.Embedding`` and ``nn.EmbeddingBag`` modules, by name: a
+    walk's :attr:`~metaweight._walk.ModelWalk.embeddings`) that give a sparse gradient now: ``sparse=True``
+    and a trained weight (``requires_grad``; a frozen embedding gives no gradient and is no obstacle). Read
+    at every call: either may be switched between steps."""
+    return [name for name, m in embeddings if m.sparse and m.weight.requires_grad]
+
+
 def sparse_message(named: Sequence[tuple[str, Tensor]],
                    why: str = "mode='fast' replays the optimizer's step on dense gradients only") -> str:
     sparse = [n for n, p in named if p.grad is not None and p.grad.layout != torch.strided]

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from metaweight._backends import Backend
+from metaweight._capture import sparse_trained
 from metaweight._checks import NO_TRAINING_GRADIENT, check_differentiable, summarize_step_labels, unpack_batch
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import PendingMeta, explained, host_read
+from metaweight._walk import walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import HarmonizedWeighter
@@ -100,11 +102,11 @@ class ExactMode:
         the new gamma (by the old one where the meta step is refused); one read decides both."""
         x, y = unpack_batch(train_batch, "train_batch")
         keep = w.reuse_forward and self.backend is not None and self.backend.reuses_forward
-        sparse = w._sparse_modules
+        sparse = sparse_trained(walk(w.module).embeddings)  # (the step's walk; read now: frozen or not)
         if sparse:
             raise ValueError(f"step() takes the model's step itself, checking every gradient for finiteness, which the "
                              f"sparse gradients of {sparse} (sparse=True) do not allow. Build them with sparse=False, "
-                             f"or call meta_step (backend='higher' or 'finite_difference') in your own loop. Nothing "
+                             f"freeze them (requires_grad_(False)), or call meta_step (backend='higher' or 'finite_difference') in your own loop. Nothing "
                              f"was changed.")
         if w.learn and w.num_calls % w.meta_every == 0:
             w._check_loop()  # before the transaction: a refusal leaves the gradients as they are too

@@ -116,6 +116,16 @@ class ModelWalk:
         self._generators: list[tuple[str, Any]] | None = None
         self._named_by_model = _lists_its_own(type(model))  # (its lists then come from the model's methods)
         self._slot_of: dict[str, tuple[nn.Module, str, str]] | None = None
+        self._embeddings: list[tuple[str, nn.Module]] | None = None
+
+    @property
+    def embeddings(self) -> list[tuple[str, nn.Module]]:
+        """The ``nn.Embedding`` and ``nn.EmbeddingBag`` modules, by name (found once per walk; whether each
+        gives a sparse gradient, its ``sparse`` and its weight's ``requires_grad``, is read by the caller)."""
+        if self._embeddings is None:
+            self._embeddings = [(name or type(m).__name__, m) for name, m in self.modules
+                                if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+        return self._embeddings
 
     def still_describes(self) -> bool:
         """Whether the walk may stand for a new one of its model (a walk kept from one step to the next): every

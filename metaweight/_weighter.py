@@ -26,7 +26,7 @@ from metaweight._backends import (BACKENDS, Backend, BackendName, FiniteDifferen
                                   make_backend)
 from metaweight._gradcheck import gradient_mismatch
 from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, drop_inert_hooks,
-                                watch_backward)
+                                sparse_trained, watch_backward)
 from metaweight._checks import (check_flag, check_initialized, check_has_values, IGNORE_INDEX, forget_labels,
                                float_leaves, half_precision_eps_hint, in_dtype, integer_value, masked_label_hint,
                                per_term, real_numbers, real_option, real_scalar, summarize_step_labels, unpack_batch)
@@ -338,7 +338,7 @@ class HarmonizedWeighter(NamedWeights):
             chosen = make_backend(backend, inner, distributed=distributed, restricted=lookahead_names is not None,
                                   terms=terms, fd_epsilon=fd_epsilon, mode=mode)
             backend = chosen.name
-            _check_sparse(module, mode, backend, inner)
+            _check_sparse(sparse_trained(first_walk.embeddings), mode, backend, inner)
             check_hooks(module, mode, backend)
             if mode == "fast" or backend != "higher":  # (higher's patched copy holds the tensor in both roles)
                 check_single_roles(first_walk)
@@ -347,7 +347,6 @@ class HarmonizedWeighter(NamedWeights):
         self.module = module  # the look-ahead runs on the module itself, never through DDP's hooks
         self._kept_walk = first_walk  # (the last call's walk: walked_call keeps it, the next call compares with it)
         self._compiled = _is_compiled(model)
-        self._sparse_modules = _sparse_modules(module)  # refused by step(), before anything changes
         self._reducer = Reducer(ddp.process_group) if ddp is not None else Reducer(enabled=False)
         self.optimizer = optimizer
         self._inner_optimizer = inner  # what the look-ahead replays (unwrapped from Accelerate/Lightning)
@@ -736,6 +735,7 @@ class HarmonizedWeighter(NamedWeights):
         check_option_values(type(self.gamma_optimizer), self.gamma_optimizer.param_groups, GAMMA_OPTIMIZER)
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
         check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})
+        _check_sparse(sparse_trained(walk(self.module).embeddings), self.mode, self.backend, self._inner_optimizer)
         if self._foreign_step is not None:
             name, self._foreign_step = self._foreign_step, None  # (refused once: the next meta step sees anew)
             raise ValueError(FOREIGN_STEP.format(name=name))
@@ -1323,31 +1323,27 @@ def _is_compiled(model: nn.Module) -> bool:
     return False
 
 
-def _sparse_modules(module: nn.Module) -> list[str]:
-    """The embeddings that give their weight a sparse gradient."""
-    return [name or type(m).__name__ for name, m in module.named_modules()
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
-
-
-def _check_sparse(module: nn.Module, mode: str, backend: str, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse, at construction, sparse gradients where the look-ahead cannot replay them: the fast
-    mode's closed-form step and the ``jvp`` backend's forward-mode pass need dense gradients, and of the
-    torch optimizers that step sparse gradients (SGD, Adagrad, SparseAdam) ``higher`` replays SGD's only
-    (its ``DifferentiableAdagrad`` raises on them; SparseAdam it does not replay at all)."""
-    sparse = _sparse_modules(module)
+def _check_sparse(sparse: list[str], mode: str, backend: str, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse sparse gradients where the look-ahead cannot replay them (at construction, and before every meta
+    step, as an embedding may be unfrozen in between): ``sparse`` names the embeddings with ``sparse=True``
+    whose weight is trained (:func:`~metaweight._capture.sparse_trained`). The fast mode's closed-form
+    step and the ``jvp`` backend's forward-mode pass need dense gradients, and of the torch optimizers that
+    step sparse gradients (SGD, Adagrad, SparseAdam) ``higher`` replays SGD's only (its
+    ``DifferentiableAdagrad`` raises on them; SparseAdam it does not replay at all)."""
     if sparse and (mode == "fast" or backend == "jvp"):
         where = "mode='fast'" if mode == "fast" else "backend='jvp'"
         raise ValueError(
             f"The modules {sparse} have sparse=True (sparse gradients), which {where} cannot replay. Build them with "
-            f"sparse=False, or pass mode='exact' with backend='higher' or backend='finite_difference', an SGD "
-            f"optimizer (the one optimizer of sparse gradients the look-ahead replays) and call meta_step in your "
-            f"own loop (step() refuses sparse gradients too).")
+            f"sparse=False, freeze them (requires_grad_(False)), or pass mode='exact' with backend='higher' or "
+            f"backend='finite_difference', an SGD optimizer (the one optimizer of sparse gradients the look-ahead "
+            f"replays) and call meta_step in your own loop (step() refuses sparse gradients too). Nothing was "
+            f"changed.")
     if sparse and backend == "higher" and isinstance(optimizer, torch.optim.Adagrad):
         raise ValueError(
             f"The modules {sparse} have sparse=True (sparse gradients), and the look-ahead replays Adagrad through "
             f"higher's DifferentiableAdagrad, which has no support for sparse gradients (its meta_step would raise "
-            f"NotImplementedError). Use torch.optim.SGD, whose sparse step higher replays, or build the modules "
-            f"with sparse=False. Nothing was changed.")
+            f"NotImplementedError). Use torch.optim.SGD, whose sparse step higher replays, build the modules "
+            f"with sparse=False, or freeze them (requires_grad_(False)). Nothing was changed.")
 
 
 def _count_exits(names: Iterable[str] | None) -> int:

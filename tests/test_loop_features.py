@@ -674,6 +674,59 @@ def test_sparse_gradients_step_is_refused_with_nothing_changed_and_meta_step_is_
     assert rel_err_of(record.gamma_grad, ref) < 1e-6
 
 
+FROZEN_FORMS = [("fast", "sgd"), ("jvp", "sgd"), ("higher", "adagrad"), ("finite_difference", "adagrad")]
+
+
+@pytest.mark.parametrize("backend,opt", FROZEN_FORMS)
+def test_a_frozen_sparse_embedding_is_no_obstacle_and_one_unfrozen_later_is_refused_in_every_form(backend, opt):
+    """An embedding built with sparse=True gives a sparse gradient only where its weight is trained: frozen, it was
+    refused at construction all the same (helper-145). Frozen, each form now learns exactly as with the same
+    embedding built dense (the twin); unfrozen (or replaced by a sparse one) after construction, what the look-ahead
+    cannot replay is refused before every meta step, in step() and the two-call form alike, changing nothing
+    (before: the fast step() and the jvp backend's meta_step learned from the sparse gradient unrefused)."""
+    kwargs = {"mode": "fast"} if backend == "fast" else {"backend": backend}
+    make = (lambda ps: torch.optim.SGD(ps, lr=0.5)) if opt == "sgd" else (lambda ps: torch.optim.Adagrad(ps, lr=0.1))
+    results = []
+    for sparse in (True, False):
+        model, _, criterion, validation, train, val = sparse_setup()
+        model.embedding.sparse = sparse
+        model.embedding.weight.requires_grad_(False)
+        optimizer = make(model.parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (finite_difference's fallback to higher for Adagrad)
+            w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer="sgd", gamma_lr=0.05,
+                                      init=torch.tensor(GAMMA), **kwargs)
+            for _ in range(2):
+                w.step(train, val)
+        results.append((w.gamma.detach().clone(), [p.detach().clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0]) and not torch.equal(results[0][0], torch.tensor(GAMMA, dtype=F64))
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    for change in ("unfreeze", "replace"):
+        for form in ("step", "two calls"):
+            model, _, criterion, validation, train, val = sparse_setup()
+            model.embedding.weight.requires_grad_(False)
+            optimizer = make(model.parameters())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer="sgd",
+                                          gamma_lr=0.05, init=torch.tensor(GAMMA), **kwargs)
+            if change == "unfreeze":
+                model.embedding.weight.requires_grad_(True)
+            else:
+                model.embedding = nn.Embedding(20, 8, sparse=True).to(F64)
+                optimizer.add_param_group({"params": model.embedding.parameters()})
+            if form == "two calls":
+                optimizer.zero_grad()
+                w.loss(model(train[0]), train[1]).backward()
+                optimizer.step()
+            before = state(model, optimizer, w)
+            match = (r"step\(\) takes.*\['embedding'\].*requires_grad_\(False\)" if form == "step" and backend != "fast"
+                     else r"\['embedding'\] have sparse=True.*requires_grad_\(False\)")
+            with pytest.raises(ValueError, match=match):
+                (w.step if form == "step" else w.meta_step)(train, val)
+            assert same(before, state(model, optimizer, w)), (change, form)
+
+
 def rel_err_of(a, b) -> float:
     return float((a.double() - b).norm() / b.norm())
 
