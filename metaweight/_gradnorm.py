@@ -21,9 +21,11 @@ def gradnorm_gradient(weights: Tensor, norms: Tensor, terms: Tensor, initial: Te
     :math:`G_k = w_k \|\nabla_W L_k\|` (``norms`` holds :math:`\|\nabla_W L_k\|`),
     :math:`\bar G` their mean, :math:`r_k = \tilde L_k / \overline{\tilde L}` with
     :math:`\tilde L_k = L_k / L_k(0)`; all means over the active terms. A term whose :math:`L_k(0)` is 0 has no
-    rate: its :math:`r_k` is 1 (its norm is drawn to the mean) and it takes no part in the mean of the rates. A
-    target that is NaN (negative rates raised to a fractional :math:`\alpha`) makes the gradient NaN, not 0 (as
-    ``torch.sign`` would): the update is refused.
+    rate: its :math:`r_k` is 1 (its norm is drawn to the mean) and it takes no part in the mean of the rates. The
+    rates need terms :math:`\ge 0`: with an active term negative now or at the first step, the target is NaN
+    (whatever :math:`\alpha`; before, only a negative rate raised to a fractional :math:`\alpha` was, and terms
+    negative from the start gave rates that grow as the term falls, silently), and a NaN target makes the
+    gradient NaN, not 0 (as ``torch.sign`` would): the update is refused.
     """
     count = active.sum()
     known = active & (initial != 0)
@@ -32,6 +34,8 @@ def gradnorm_gradient(weights: Tensor, norms: Tensor, terms: Tensor, initial: Te
     r = torch.where(known, ratio / mean, active.to(terms.dtype))
     g = weights * norms
     target = (g * active).sum() / count * r.pow(alpha)
+    negative = (active & ((terms < 0) | (known & (initial < 0)))).any()
+    target = torch.where(negative, torch.full_like(target, torch.nan), target)
     sign = torch.where(target.isnan(), target, torch.sign(g - target))
     return sign * norms * active
 
@@ -207,9 +211,13 @@ class GradNorm(Weighting):
 
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
         negative = [n for n, v in (terms or {}).items() if v < 0]
+        if self.num_meta_steps > 0:  # (an error path: the read of L_k(0) costs nothing on a step that goes through)
+            first = self.initial_losses.tolist()
+            negative += [n for n, v in zip(self.term_names, first) if v < 0 and n not in negative]
         if negative:
-            return (f"GradNorm's training rates L_k(t)/L_k(0) raised to alpha need terms >= 0; {negative} are "
-                    f"negative. ")
+            return (f"GradNorm's training rates L_k(t)/L_k(0) need terms >= 0, now and at its first meta step "
+                    f"(L_k(0)); {negative} are negative. Shift such a term by a constant (its gradient is the same) "
+                    f"or weigh it with another method. ")
         return ""
 
     def _options(self) -> str:

@@ -470,6 +470,36 @@ def test_famo_without_a_step_sees_no_change(autocast):
     assert torch.equal(w.logits, torch.zeros_like(w.logits))
 
 
+NEGATIVE = {"negative from the start": [[-L[0], L[1], L[2]] for L in LOSSES],
+            "a change of sign": [[L[0], L[1] - 1.2, L[2]] for L in LOSSES]}  # (b: 0.7, 0.3, 0.2, -0.2, ...)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 1.5])
+@pytest.mark.parametrize("case", list(NEGATIVE))
+def test_gradnorm_refuses_negative_terms_whatever_alpha(case, alpha):
+    """GradNorm's rates L_k(t)/L_k(0) need terms >= 0 (Chen et al. 2018, Alg. 1; helper-144): a term negative from
+    the start gave a rate that grows as the term falls, its weight learned the wrong way without a word, and a
+    change of sign was refused only where alpha is fractional (a negative rate to a fractional power is NaN).
+    Whatever alpha, the first update with a negative term is refused, naming it, and changes nothing; until then
+    the weights are the reference's."""
+    w, _ = scripted_gradnorm(alpha)
+    losses = NEGATIVE[case]
+    first = next(t for t, L in enumerate(losses) if min(L) < 0)
+    if first:
+        assert_close(run_scripted(w, before=losses[:first], grads=GRADS[:first]), ref.gradnorm(losses[:first], [
+            [math.sqrt(sum(v * v for v in row)) for row in G] for G in GRADS[:first]], alpha=alpha, lr=0.01))
+    w.loss(w.model((torch.tensor(losses[first], dtype=torch.float64), torch.tensor(GRADS[first], dtype=torch.float64))),
+           None)
+    before = copy.deepcopy(w.state_dict())
+    with pytest.raises(ValueError, match=r"GradNorm.*need terms >= 0.*\['a'\] are negative" if first == 0 else
+                       r"GradNorm.*need terms >= 0.*\['b'\] are negative"):
+        w.meta_step(None)
+    after = w.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]) if isinstance(before[k], torch.Tensor) else before[k] == after[k], k
+
+
 def test_gradnorm_refuses_a_loss_without_graph():
     w, model, _ = build("gradnorm")
     x, y = batch()
