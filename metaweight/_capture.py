@@ -44,7 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.autograd import Variable
 from torch.utils._pytree import tree_leaves
 
-from metaweight._moves import FROZEN_WITH_GRAD, fingerprint, frozen_with_grad, moved
+from metaweight._moves import FROZEN_WITH_GRAD, fingerprint, frozen_with_grad, moved, outside_model
 from metaweight._randomness import RngState, model_generators, new_generators, rng_state, same_rng_state
 
 TOLERANCE = 1e-6  # relative: a rescale that far from 1 is a rescale; a residual that large is no rescale
@@ -476,6 +476,9 @@ class Pending:
     moved_before: Tensor | None = None  # on the device: whether they moved between loss() and the step
     end_print: Tensor | None = None  # their fingerprint as the step left them
     stepped_on: bool = False  # the optimizer stepped while error was set (nothing captured)
+    # the trainable tensors outside the model the optimizer stepped with a gradient, and on the device whether each
+    # gradient was nonzero (a criterion's parameter; meta_step judges them, as a zero_grad may have cleared them)
+    stepped_outside: tuple[list[Tensor], Tensor] | None = None
 
     def stepped(self) -> list[Micro]:
         """The losses whose backward the step used, in order."""
@@ -662,6 +665,11 @@ class StepCapture(_Inert):
             if scale is not None:
                 pending.inv_scale = 1.0 / scale.double()
                 grads = [g / scale.to(g) if g is not None else None for g in grads]
+            outside = [p for p in outside_model(optimizer, (p for _, p in named)) if p.grad is not None]
+            if outside:  # (no read here: meta_step reads the flags with its own)
+                device = weighter.gamma.device
+                pending.stepped_outside = (outside, torch.stack([p.grad.ne(0).any().to(device, torch.float32)
+                                                                 for p in outside]))
             frozen = frozen_with_grad(optimizer, weighter.module)
             if frozen:
                 pending.error = FROZEN_WITH_GRAD.format(names=frozen[:8])

@@ -29,7 +29,7 @@ permutation of a tensor's entries, a sign flip of a whole tensor).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -68,9 +68,10 @@ def frozen_with_grad(optimizer: torch.optim.Optimizer, module: torch.nn.Module) 
 
 
 FROZEN_WITH_GRAD = (
-    "The parameters {names} do not require gradients but have a .grad tensor (frozen, then zeroed with "
-    "zero_grad(set_to_none=False)): torch's optimizer still steps them (weight decay, momentum, Adam's moments move "
-    "a parameter whose gradient is zero), a move the meta-gradient does not see. Zero with "
+    "The parameters {names} do not require gradients but have a .grad tensor (frozen after the backward that gave "
+    "it, before optimizer.step(); or frozen, then zeroed with zero_grad(set_to_none=False)): torch's optimizer still "
+    "steps them (on that gradient; weight decay, momentum, Adam's moments move a parameter whose gradient is zero), "
+    "a move the meta-gradient does not see. Freeze between optimizer.step() and the next backward, zero with "
     "optimizer.zero_grad(set_to_none=True) (the default), set their .grad to None when you freeze them, or take them "
     "out of the optimizer.")
 
@@ -139,3 +140,10 @@ class ForeignSteps:
         if cls.handle is None:
             cls.handle = register_optimizer_step_post_hook(cls())
         cls.watched.add(weighter)
+
+
+def outside_model(optimizer: torch.optim.Optimizer, parameters: Iterable[Tensor]) -> list[Tensor]:
+    """The trainable tensors ``optimizer`` holds that are not among ``parameters`` (the model's: a criterion's
+    learned scale in a group of its own). Python objects only."""
+    own = {id(p) for p in parameters}
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad and id(p) not in own]

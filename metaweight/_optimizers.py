@@ -377,13 +377,6 @@ def check_optimizer_covers_model(optimizer: torch.optim.Optimizer, model: nn.Mod
             f"updates (for DistributedDataParallel, the wrapped model).")
 
 
-def outside_model(optimizer: torch.optim.Optimizer, parameters: Iterable[Tensor]) -> list[Tensor]:
-    """The trainable tensors ``optimizer`` holds that are not among ``parameters`` (the model's: a criterion's
-    learned scale in a group of its own). Python objects only."""
-    own = {id(p) for p in parameters}
-    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad and id(p) not in own]
-
-
 # mode="fast" scores the step just taken by recomputing the training terms around it: a tensor outside the model
 # that the same step moves (a criterion's parameter) changes them, and the meta-gradient (2e8 times the exact one,
 # relative, on a scaled DenseDistillLoss) would be that of no step

@@ -68,7 +68,8 @@ class TwoCall:
                              + w._lost_calls)
         if run_meta:
             w._check_loop()  # options, hooks, other optimizers' steps: before anything changes
-            w._check_outside_model(read=True)  # (after the loop's backward: a criterion's parameter it reached)
+            # (after the loop's backward: a criterion's parameter it reached, now or at the step)
+            w._check_outside_model(read=True, stepped=pending.stepped_outside)
         plan = self._plan(w, pending, x, y) if run_meta else None
         if isinstance(plan, _NonFinite) and w.nonfinite == "raise":
             raise ValueError(plan.message)

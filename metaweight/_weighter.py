@@ -48,10 +48,10 @@ from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
-from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint
+from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, outside_model
 from metaweight._optimizers import (FAST_OUTSIDE_MODEL, IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
                                     check_option_values, check_optimizer_options, check_optimizer_state,
-                                    check_saved_state, outside_model, stepped_optimizer)
+                                    check_saved_state, stepped_optimizer)
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
@@ -744,19 +744,27 @@ class HarmonizedWeighter(NamedWeights):
             raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step.) gamma "
                              "and everything else are unchanged.")
 
-    def _check_outside_model(self, read: bool = False) -> None:
+    def _check_outside_model(self, read: bool = False, stepped: tuple[list[Tensor], Tensor] | None = None) -> None:
         """``mode="fast"``: refuse an optimizer that steps trainable tensors outside the model, those of them a
         backward reached (a gradient: a criterion's parameter; an old tensor left beside its successor after a
         replaced head has none) (:data:`~metaweight._optimizers.FAST_OUTSIDE_MODEL`). Python objects only,
         but with ``read`` (the two-call form, after the loop's own ``zero_grad``): where such tensors hold a
         gradient, one host read of whether it is all zeros, as ``zero_grad(set_to_none=False)`` leaves the
-        gradient of a replaced head's old tensor that no backward reaches (not refused)."""
+        gradient of a replaced head's old tensor that no backward reaches (not refused). ``stepped``: those
+        the optimizer's step found with a gradient, and on the device whether each was nonzero then
+        (:attr:`~metaweight._capture.Pending.stepped_outside`; a ``zero_grad`` between the step and
+        ``meta_step`` has cleared them since), judged in the same read."""
         own = (p for _, p in walk(self.module).parameters)  # (the step's walk: no second walk of the tree)
         outside = [p for p in outside_model(self._inner_optimizer, own) if p.grad is not None]
-        if outside and read:
+        if (outside or stepped is not None) and read:
             device = self.gamma.device
-            reached = host_read([torch.stack([p.grad.ne(0).any().to(device, torch.float32) for p in outside])])
-            outside = [p for p, r in zip(outside, reached) if r != 0.0]
+            known = {id(p) for p in stepped[0]} if stepped is not None else set()
+            now = [p for p in outside if id(p) not in known]
+            flags = ([stepped[1].to(device)] if stepped is not None else []) + \
+                ([torch.stack([p.grad.ne(0).any().to(device, torch.float32) for p in now])] if now else [])
+            tensors = (stepped[0] if stepped is not None else []) + now
+            reached = host_read([torch.cat(flags)])
+            outside = [p for p, r in zip(tensors, reached) if r != 0.0]
         _refuse_outside_model(outside)
 
     def _check_val_batch(self, val_batch: Batch | None, call: str, train_batch: Batch | None = None) -> None:

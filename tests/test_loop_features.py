@@ -1428,6 +1428,17 @@ def test_frozen_parameters_with_a_zero_gradient_tensor_are_refused(form):
     model.heads[1].requires_grad_(False)
     iteration(set_to_none=True)
     assert w.meta_step(train, val).ran
+    # frozen between the backward and the step, which moves them on that gradient: the message names this case
+    # (it named a zero_grad(set_to_none=False) alone, helper-143)
+    optimizer.zero_grad()
+    w.loss(model(train[0]), train[1]).backward()
+    model.heads[2].requires_grad_(False)
+    optimizer.step()
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match=r"\['heads.2.weight', 'heads.2.bias'\].*frozen after the backward that gave "
+                                         r"it, before optimizer.step\(\).*Freeze between optimizer.step\(\) and the next"):
+        w.meta_step(train, val)
+    assert same(before, state(model, optimizer, w))
 
 
 def test_post_processed_outputs_whose_forward_outputs_are_gone_are_followed():

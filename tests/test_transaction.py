@@ -977,14 +977,20 @@ def test_a_parameter_the_optimizer_steps_outside_the_model_is_refused_by_the_fas
         w.step(batch(), batch(n=12))
     after = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict(), criterion.log_s.detach()))
     assert repr(after) == repr(before)
-    x, y = batch()  # the two calls: the loop's own step taken, the meta step refused, gamma and its state as they were
-    loss = w.loss(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    with pytest.raises(ValueError, match="no parameters of the model"):
-        w.meta_step((x, y), batch(n=12))
-    assert repr(w.state_dict()) == repr(before[2])
+    # the two calls: the loop's own step taken, the meta step refused, gamma and its state as they were; whatever
+    # the loop zeroes between its step and meta_step (the scale's gradient cleared by then: the step's own is
+    # judged; before, such a zero_grad made the meta step refuse as "could not reproduce the forward", helper-145)
+    for clear in (None, optimizer.zero_grad, lambda: optimizer.zero_grad(set_to_none=False), criterion.zero_grad):
+        x, y = batch()
+        loss = w.loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if clear is not None:
+            clear()
+        with pytest.raises(ValueError, match="no parameters of the model"):
+            w.meta_step((x, y), batch(n=12))
+        assert repr(w.state_dict()) == repr(before[2])
     with pytest.raises(ValueError, match="no parameters of the model"):
         mw.HarmonizedWeighter(model, optimizer, criterion, mode="fast")
 
@@ -1009,6 +1015,8 @@ def test_a_replaced_head_left_in_the_optimizer_is_taken_by_the_fast_two_calls_wh
             optimizer.zero_grad(set_to_none=set_to_none)
             loss.backward()
             optimizer.step()
+            if it == 2:  # (a loop that zeroes after its step: the old tensors' gradients at the step are judged)
+                optimizer.zero_grad(set_to_none=set_to_none)
             records.append(w.meta_step((x, y), val))
     assert all(r.ran and not r.skipped for r in records)
     assert all(torch.equal(a.gamma_grad, b.gamma_grad) for a, b in zip(records[:3], records[3:]))
