@@ -212,7 +212,7 @@ class GradNorm(Weighting):
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
         negative = [n for n, v in (terms or {}).items() if v < 0]
         if self.num_meta_steps > 0:  # (an error path: the read of L_k(0) costs nothing on a step that goes through)
-            first = self.initial_losses.tolist()
+            first = host_read([self.initial_losses])
             negative += [n for n, v in zip(self.term_names, first) if v < 0 and n not in negative]
         if negative:
             return (f"GradNorm's training rates L_k(t)/L_k(0) need terms >= 0, now and at its first meta step "
