@@ -6,9 +6,10 @@ at a large batch, next to the FLOPs speed-up, on the machine at hand.
     python benchmarks/latency.py --cuda-graphs            # + EarlyExit(cuda_graphs=True), and on CUDA
                                                           #   the full model replayed from a CUDA graph
 
-Thresholds come from MSDNet's geometric exit distributions (q) on held-out logits of the same
-network (random weights unless --checkpoint gives a state_dict): what matters here is how many
-samples leave where, not accuracy. The FLOPs speed-up uses the costs early exit executes
+Thresholds come from MSDNet's geometric exit distributions (q) on the logits of the batch that is
+timed, from the same network (random weights unless --checkpoint gives a state_dict): what matters
+here is how many samples leave where, not accuracy, so they are fitted on the timed batch itself (no
+held-out split). The FLOPs speed-up uses the costs early exit executes
 (``exit_costs(..., executed=True)``); the wall-clock one is measured, medians over repeats,
 the full model and every q interleaved so machine noise hits all alike. "reads" counts the host
 reads of one call at batch N and at batch 1: on the CPU the calls that bring values to the host

@@ -7,7 +7,8 @@ for SVG) into ``--out`` (``runs/plots`` under the current folder by default; git
 root of a metaweight checkout only), and
 prints the path of every file written. Plot files already in ``--out`` (from an earlier command)
 stop the command unless ``--overwrite`` is given: they may be plots of other result files. Every run is labelled by its method; runs of one
-method by their folder too (``hdkd (s0)``, ``hdkd (s1)``), so none hides another. A missing or
+method by their folder too (``hdkd (s0)``, ``hdkd (s1)``), or by their file name where they share a folder
+(``hdkd (hdkd-seed0)``), so none hides another. A missing or
 malformed result file (``num_samples`` not a positive integer, a ``top<k>`` key without a positive
 ``k``, loss-weight snapshots whose steps do not increase or terms named twice), a file with nothing to
 plot (none of the entries above; an entry that is ``null``, ``[]`` or ``{}`` is absent,
@@ -33,14 +34,17 @@ from metaweight._plots import (_check_anytime, _check_budget_curves, _check_gamm
 
 def _labels(files: list[Path], methods: list[str]) -> list[str]:
     """One label per result file, all different: the method's name, and for files sharing one, their
-    folder (``hdkd (s0)``), else their path."""
+    folder (``hdkd (s0)``), else their file name without its suffix (``hdkd (hdkd-seed0)``: seeds of one
+    method written to one folder), else their path."""
     labels = list(methods)
     for method in set(methods):
         same = [i for i, m in enumerate(methods) if m == method]
         if len(same) < 2:
             continue
         folders = [files[i].resolve().parent.name for i in same]
-        parts = folders if len(set(folders)) == len(folders) else [str(files[i]) for i in same]
+        stems = [files[i].stem for i in same]
+        parts = folders if len(set(folders)) == len(folders) else \
+            stems if len(set(stems)) == len(stems) else [str(files[i]) for i in same]
         for i, part in zip(same, parts):
             labels[i] = f"{method} ({part})"
     # a label built above may still read as another (a method named "hdkd (s0)"): a counter, never a
@@ -179,13 +183,17 @@ def main(argv: list[str] | None = None) -> None:
                      f"{runs[n][0]}: its 'gamma_history' entry cannot be plotted"))
     defaults = {plot_budget_curves: {"scale": 1e6, "unit": "M", "title": None}, plot_anytime: {"k": 1, "title": None},
                 plot_gamma_history: {"title": None}}
+    folders = [str(job[2][-1]) for job in jobs if Path(job[2][-1]).is_dir()]  # job[2]: the draw's arguments
+    if folders:  # (a problem of --out, not of the result files: said so before their checks)
+        plot.error(f"--out {out} holds a folder where a plot is to be written ({', '.join(folders)}); nothing was "
+                   f"written. Move or remove it, or pass another --out.")
     for draw, check, positional, keywords, what in jobs:
         try:
             check(*positional, **{**defaults[draw], **keywords})
         except (TypeError, ValueError) as exc:
             plot.error(f"{what} ({exc}); is each a result file examples/train.py --out wrote? Plot files that "
                        f"cannot share a figure in separate commands.")
-    there = [str(job[2][-1]) for job in jobs if Path(job[2][-1]).exists()]  # job[2]: the draw's arguments
+    there = [str(job[2][-1]) for job in jobs if Path(job[2][-1]).exists()]
     if there and not args.overwrite:
         plot.error(f"--out {out} already holds {', '.join(there)} (from an earlier command, perhaps of other result "
                    f"files); nothing was written. Pass --overwrite to replace them, or another --out.")

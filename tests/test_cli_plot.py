@@ -39,6 +39,28 @@ def test_labels_that_coincide_once_built_never_drop_a_run(tmp_path, monkeypatch)
         "hdkd (s0)": [10.0, 20.0], "hdkd (s1)": [30.0, 40.0], "hdkd (s0) #2": [50.0, 60.0]}
 
 
+def test_runs_of_one_method_in_one_folder_are_labelled_by_their_file_names(tmp_path, monkeypatch):
+    """results/cpu/<setting>/hdkd-seed{0,1}.json, the repository's own layout: their folder is one, and the labels
+    were the whole paths (a legend running over the curves; helper-147); the file names tell them apart."""
+    files = [result(tmp_path / "r" / f"hdkd-seed{s}.json", "hdkd", [10.0 * s, 20.0]) for s in (0, 1)]
+    seen = {}
+    real = cli.plot_anytime
+    monkeypatch.setattr(cli, "plot_anytime", lambda results, path, **k: (seen.update(results),
+                                                                          real(results, path, **k))[1])
+    cli.main(["plot", *files, "--out", str(tmp_path / "out")])
+    assert sorted(seen) == ["hdkd (hdkd-seed0)", "hdkd (hdkd-seed1)"]
+
+
+def test_a_folder_where_a_plot_goes_is_named_as_a_problem_of_out(tmp_path, capsys):
+    """A folder named anytime.png in --out was reported as result files that 'cannot be plotted together'."""
+    a = result(tmp_path / "a.json", "a", [10.0, 20.0])
+    (tmp_path / "out" / "anytime.png").mkdir(parents=True)
+    err = usage_error(["plot", a, "--out", str(tmp_path / "out"), "--overwrite"], capsys)
+    assert "--out" in err and "holds a folder where a plot is to be written" in err and "anytime.png" in err
+    assert "cannot be plotted together" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["anytime.png"]
+
+
 def test_a_snapshot_of_the_wrong_length_stops_before_any_plot_is_written(tmp_path, capsys):
     bad = result(tmp_path / "a.json", "hdkd", [10.0, 20.0], gamma_history=[{"step": 1, "gamma": [0.5, 0.5]}])
     err = usage_error(["plot", bad, "--out", str(tmp_path / "out")], capsys)
