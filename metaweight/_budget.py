@@ -442,7 +442,8 @@ class BudgetCurve:
         Raises:
             ValueError: ``d`` not such a dict: a missing or unknown key, a cost or an accuracy that
                 is not a number (``"50.0"``), a cost that is negative or not finite, an accuracy
-                outside ``[0, 100]`` percent or NaN.
+                outside ``[0, 100]`` percent or NaN, a point's ``thresholds`` or ``exit_fractions``
+                not one number per exit (as many as ``costs``; shares in ``[0, 1]``).
         """
         fix = "Pass what BudgetCurve.to_dict (or budgeted_curve(...).to_dict()) wrote, unchanged."
         if not isinstance(d, Mapping):
@@ -482,6 +483,15 @@ class BudgetCurve:
         if costs is None or not all(math.isfinite(c) and c >= 0 for c in costs):
             raise ValueError(f"The budget curve's 'costs' should be finite numbers >= 0, one per exit. Found "
                              f"{d['costs']!r}. {fix}")
+        for i, point in enumerate(points):  # one number per exit, as many exits as costs
+            for key in ("thresholds", "exit_fractions"):
+                numbers = real_numbers(getattr(point, key))
+                if numbers is None or len(numbers) != len(costs) or (
+                        key == "exit_fractions" and not all(0.0 <= f <= 1.0 for f in numbers)):
+                    what = "shares in [0, 1]" if key == "exit_fractions" else "numbers"
+                    raise ValueError(f"Point {i} of the budget curve has {key}={getattr(point, key)!r}: expected "
+                                     f"{len(costs)} {what}, one per exit, as 'costs' has. {fix}")
+                setattr(point, key, numbers)
         unit = d.get("cost_unit", "MACs")
         if not isinstance(unit, str):
             raise ValueError(f"The budget curve's 'cost_unit' should be a str (e.g. 'MACs'). Found {unit!r}. {fix}")

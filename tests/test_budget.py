@@ -110,6 +110,12 @@ def test_curve_round_trips_through_json():
     ({"cost": float("inf")}, "cost of point 0"),
     ({"q": "0.5"}, "q='0.5'"),
     ({"extra_key": 1}, "unknown \\['extra_key'\\]"),
+    # one number per exit, as many as 'costs' (accepted before: 5 thresholds or 2 shares for 4 exits, helper-147)
+    ({"thresholds": [0.5] * 5}, "thresholds=.*expected 4 numbers, one per exit"),
+    ({"thresholds": None}, "thresholds=None: expected 4 numbers"),
+    ({"exit_fractions": [0.5, 0.5]}, "exit_fractions=.*expected 4 shares in \\[0, 1\\]"),
+    ({"exit_fractions": "abc"}, "exit_fractions='abc'"),
+    ({"exit_fractions": [50.0, 30.0, 20.0, 0.0]}, "shares in \\[0, 1\\]"),
 ])
 def test_curve_from_dict_refuses_what_to_dict_never_writes(change, match):
     """A hand-edited or damaged dict is refused with the point and the field named, never drawn
