@@ -26,7 +26,7 @@ from typing import Any
 
 from metaweight._anytime import AnytimeResult
 from metaweight._budget import BudgetCurve
-from metaweight._checks import integer_value
+from metaweight._checks import integer_value, real_numbers
 from metaweight._files import user_path
 from metaweight._plots import (_check_anytime, _check_budget_curves, _check_gamma_history, plot_anytime,
                                plot_budget_curves, plot_gamma_history)
@@ -110,7 +110,10 @@ def _anytime(test: Any) -> AnytimeResult:
         if not (k.isascii() and k.isdigit()) or int(k) < 1:
             raise ValueError(f"{key!r} is not a top-k accuracy key: they are 'top1', 'top5', ... (k a positive "
                              f"integer).")
-        accuracy[int(k)] = list(values)
+        numbers = real_numbers(values)
+        if numbers is None:
+            raise ValueError(f"{key!r} should be a list of accuracies, one per exit. Found {values!r}.")
+        accuracy[int(k)] = numbers
     if not accuracy:
         raise ValueError("it holds no top-k accuracy ('top1', 'top5', ...).")
     return AnytimeResult(accuracy, int(num_samples))

@@ -124,6 +124,7 @@ _GAMMA = {"gamma_history": [{"step": 1, "gamma": [0.5, 0.5]}, {"step": 2, "gamma
     ({"test": {"top1": [50.0, 60.0], "num_samples": True}}, r"'num_samples' should be a positive integer"),
     ({"test": {"top1": [50.0, 60.0], "top0": [1.0, 2.0], "num_samples": 10}}, r"'top0' is not a top-k"),
     ({"test": {"num_samples": 10}}, r"no top-k accuracy"),
+    ({"test": {"top1": "abc", "num_samples": 10}}, r"'top1' should be a list of accuracies.*Found 'abc'"),  # ['a', ...]
     ({**_GAMMA, "gamma_history": [_GAMMA["gamma_history"][0]] * 2}, r"`steps` should increase.*1 after 1"),
     ({**_GAMMA, "gamma_history": _GAMMA["gamma_history"][::-1]}, r"`steps` should increase.*1 after 2"),
     ({**_GAMMA, "term_names": ["a", "a"]}, r"`term_names` should name each term once: \['a'\]"),
