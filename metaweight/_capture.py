@@ -232,6 +232,7 @@ class ForwardWatch(_Inert):
     reads of every generator's state."""
 
     KEEP = 4  # forwards between the training forward and loss() (logging, another view)
+    metaweight_own = True  # (it records and changes nothing: the hook checks pass over it, a dropped weighter's too)
 
     def __init__(self, weighter: Any, device: torch.device) -> None:
         self._ref = weakref.ref(weighter)

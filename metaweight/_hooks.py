@@ -131,4 +131,8 @@ def check_optimizer_hooks(optimizer: Optimizer, own: Collection[int] = ()) -> No
 
 
 def _foreign(hooks: dict[int, object] | None, own: Collection[int]) -> bool:
-    return bool(hooks) and any(k not in own for k in hooks)  # type: ignore[union-attr]
+    """Whether ``hooks`` hold one that is neither this weighter's (``own``) nor any weighter's (``metaweight_own``:
+    a ``mode="fast"`` weighter's forward watch, which only records, left by a dropped weighter or held by another
+    on the same model)."""
+    return bool(hooks) and any(k not in own and not getattr(getattr(h, "__self__", h), "metaweight_own", False)
+                               for k, h in hooks.items())  # type: ignore[union-attr]

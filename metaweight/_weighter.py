@@ -333,6 +333,7 @@ class HarmonizedWeighter(NamedWeights):
                 raise ValueError("`lookahead_params` selects none of the model's trainable parameters.")
         chosen: Backend | None = None
         first_walk = ModelWalk(module)  # (kept for the first call: see _check_parameters_held)
+        drop_inert_hooks(model, inner)  # (a dropped fast weighter's: called at every forward otherwise)
         if learn:
             check_optimizer_options(inner)
             chosen = make_backend(backend, inner, distributed=distributed, restricted=lookahead_names is not None,

@@ -6,6 +6,7 @@ import collections
 import copy
 import math
 import dataclasses
+import gc
 import os
 import traceback
 import warnings
@@ -1236,3 +1237,35 @@ def test_an_optimizer_built_with_a_criterion_s_parameter_is_taken_as_one_that_ad
     assert all(torch.equal(a, b) for a, b in zip(*runs)) and not torch.equal(runs[0][1], torch.zeros(()))
     with pytest.raises(ValueError, match="holds none of the model's parameters"):
         mw.HarmonizedWeighter(tiny_net(3), torch.optim.SGD(tiny_net(3).parameters(), lr=0.1), mw.DenseDistillLoss(3))
+
+
+@pytest.mark.parametrize("order", ["fast dropped, then higher built", "higher built, then fast dropped",
+                                   "fast alive beside higher"])
+def test_a_fast_weighter_s_forward_watch_never_blocks_another_weighter_on_the_model(order):
+    """A mode='fast' weighter leaves a forward watch on the model (hooks that only record); dropped (a notebook cell
+    run again, a switch to the reference backend), it was refused as the user's forward hooks by a later
+    backend='higher' weighter, with no way to take them off (helper-146). The watch of any weighter is passed over,
+    a dropped one's taken off at the next construction, and the higher weighter's steps are those of a twin on a
+    model that never had a fast weighter, to the bit."""
+    def run(with_fast):
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        fast = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast") if with_fast else None
+        if order == "fast dropped, then higher built":
+            del fast
+            gc.collect()
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), backend="higher", gamma_optimizer="sgd")
+        if order == "higher built, then fast dropped":
+            del fast
+            gc.collect()
+        torch.manual_seed(1)
+        for _ in range(2):
+            w.step(batch(), batch(n=12))
+        return w.gamma.detach().clone(), [p.detach().clone() for p in model.parameters()], model
+
+    gamma, params, model = run(with_fast=True)
+    gamma_ref, params_ref, _ = run(with_fast=False)
+    assert torch.equal(gamma, gamma_ref) and all(torch.equal(a, b) for a, b in zip(params, params_ref))
+    if order == "fast dropped, then higher built":
+        assert not model._forward_hooks and not model._forward_pre_hooks  # (taken off, not called at every forward)
