@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -29,6 +31,11 @@ def check_head_classes(heads: Sequence[nn.Module], where: str) -> None:
 def check_exit_classes(logits: Sequence[Tensor], where: str) -> None:
     """Refuse exit logits whose last dimension (the classes) differs, naming each exit's."""
     counts = [z.shape[-1] for z in logits]
+    if torch.jit.is_tracing():  # (torch.jit.trace, and so the TorchScript-based torch.onnx.export: a size is a 0-d
+        # tensor, each its own object in a set; the classes are a constant of the heads, read as one without a warning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            counts = [int(c) for c in counts]
     if len(set(counts)) > 1:
         raise ValueError(f"The exits of {where} give different numbers of classes: "
                          f"{ {f'exit {k + 1}': c for k, c in enumerate(counts)} }. Every exit must predict the "

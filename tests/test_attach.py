@@ -6,6 +6,7 @@ import collections
 import copy
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,25 @@ def test_a_module_the_forward_skips_is_refused_by_every_path(with_example):
         base.skip = None
         with torch.no_grad():
             assert torch.equal(predictions, mw.predict(model(x)[0])) and exits.tolist() == [0] * 6
+
+
+def test_a_multi_exit_model_traces_and_exits_of_different_classes_are_refused_in_the_trace_too():
+    """Under torch.jit.trace (and the TorchScript-based torch.onnx.export) each size is a 0-d tensor: the check of the
+    exits' classes saw K different counts and refused every MultiExit (helper-146). Traced, it gives the eager
+    outputs; heads of different classes are refused there as eagerly."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    model = mw.MultiExit([nn.Sequential(nn.Linear(4, 4), nn.ReLU())] * 2,
+                         [nn.Linear(4, 3), nn.Sequential(nn.Linear(4, 3), nn.Tanh())]).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (torch.jit.trace is deprecated in torch 2.13)
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # (none of ours; the list output is torch's own)
+        warnings.filterwarnings("ignore", "Encountering a list at the output", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x)
+        assert all(torch.equal(a, b) for a, b in zip(traced(x), model(x)))
+        undeclared = mw.MultiExit([nn.Linear(4, 4)] * 2, [nn.Linear(4, 3), nn.Sequential(nn.Linear(4, 5), nn.Tanh())])
+        with pytest.raises(ValueError, match=r"different numbers of classes.*'exit 1': 3, 'exit 2': 5"):
+            torch.jit.trace(undeclared, x)
 
 
 def test_exits_of_different_classes_are_refused_at_construction_or_first_forward():
