@@ -30,7 +30,10 @@ class MetaStepRecord(Mapping[str, Any]):
         val_objective: :math:`L_{val}(\\theta')`, when a look-ahead ran.
         val_exit_losses: the validation objective's losses at :math:`\\theta'` (per exit for
             :class:`BalancedValidation`), when a look-ahead ran.
-        gamma_grad: :math:`\\nabla_\\gamma L_{val}(\\theta')` of a successful meta step.
+        gamma_grad: :math:`\\nabla_\\gamma L_{val}(\\theta')` of a successful meta step: a float32 tensor of
+            shape ``[num_terms]`` on gamma's device, in the order of ``term_names`` (a tensor, where ``gamma``
+            and ``terms`` are dicts: ``dict(zip(weighter.term_names, record.gamma_grad.tolist()))`` names
+            it); 0 for an inactive term (``criterion.active``).
         gamma: the loss weights after the call, by term name.
         terms: the unweighted training terms of this call, by term name, when computed.
         loss: the weighted training loss (``step`` only).

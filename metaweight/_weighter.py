@@ -93,6 +93,11 @@ class HarmonizedWeighter(NamedWeights):
     them; its :meth:`state_dict` holds only its own state (:math:`\gamma`, the
     :math:`\gamma` optimizer, the validation average).
 
+    :math:`\gamma` is a float32 tensor ``[num_terms]`` whatever the model's dtype (as are its
+    gradient in :class:`MetaStepRecord` and the validation average): a float64 model's
+    meta-gradient comes back rounded to float32 (at most 6e-8 relative); a finite-difference
+    check of it should perturb a float64 copy of :math:`\gamma`.
+
     Args:
         model: the multi-exit network; ``model(x)`` returns ``K`` logits tensors.
         optimizer: the optimizer of ``model`` (SGD, Adam, AdamW, RMSprop; with ``mode="exact"`` also
