@@ -39,7 +39,7 @@ from metaweight._optimizers import lookahead_update, unweighted_term
 from metaweight._protocols import Objective, Terms, model_arguments
 from metaweight._randomness import model_generators, replay_randomness, rng_state, set_rng_state
 from metaweight._tangents import ShortTangents, dual_level, make_dual, unpack_dual
-from metaweight._transaction import BufferSnapshot, FlatCopies
+from metaweight._transaction import FlatCopies
 from metaweight._walk import ModelWalk, check_single_roles, current_walk, walk, watched_forward
 
 
@@ -146,18 +146,32 @@ def _or_zeros(tensors: Sequence[Tensor | None], like: Sequence[tuple[str, Tensor
 class LookaheadBuffers:
     """The model's buffers as the look-ahead's forwards start from them: copied once (:meth:`save`),
     then a fresh copy for each forward (which may update it, as BatchNorm does in training mode) by one
-    flat copy per device and dtype (:meth:`fresh`), in storage kept for the model between calls."""
+    flat copy per device and dtype (:meth:`fresh`), in storage kept for the model between calls. It holds
+    the model weakly: kept in a cache keyed weakly by the model, a strong reference would keep every model
+    ever stepped alive, with its parameters, buffers and this storage."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.origin = BufferSnapshot(model)
+        self._model = weakref.ref(model)
+        self._origin = FlatCopies()
         self._scratch = FlatCopies()
+        self._names: list[str] = []
+        self._saved: list[Tensor] = []
 
     def save(self) -> None:
-        self.origin.save()
+        """Copy every buffer of the model (floating point or not) into the storage."""
+        model = self._model()
+        assert model is not None  # (called by the model's own meta step, which holds it)
+        walked = current_walk(model)  # (named_buffers' order and its removal of duplicates)
+        self._names = [n for n, _ in walked.buffers]
+        self._saved = self._origin.copy([b for _, b in walked.buffers])
+
+    def saved(self) -> dict[str, Tensor]:
+        """The buffers of the last :meth:`save` by name (views of the storage, valid until the next save)."""
+        return dict(zip(self._names, self._saved))
 
     def fresh(self) -> dict[str, Tensor]:
         """A copy of the saved buffers by name, valid until the next :meth:`fresh` or :meth:`save`."""
-        return dict(zip(self.origin.names, self._scratch.copy_from(self.origin.flat)))
+        return dict(zip(self._names, self._scratch.copy_from(self._origin)))
 
 
 _SCRATCH: weakref.WeakKeyDictionary[nn.Module, LookaheadBuffers] = weakref.WeakKeyDictionary()
@@ -175,7 +189,7 @@ def _clone_buffers(model: nn.Module) -> dict[str, Tensor]:
     does in training mode), in storage kept for the model between calls: valid until the next call."""
     scratch = _scratch(model)
     scratch.save()
-    return scratch.origin.as_dict()
+    return scratch.saved()
 
 
 def validation_direction(model: nn.Module, validation: Objective, params: dict[str, Tensor], xv: Any, yv: Any,
