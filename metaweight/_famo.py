@@ -138,7 +138,7 @@ class FAMO(Weighting):
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"logits": self.logits, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
-    _nonnegative = ("exp_avg_sq",)
+    _nonnegative = {"exp_avg_sq": "Adam's second moment is a mean of squares"}
     _gamma_sum = "one"
 
     def _gamma_of(self, state: Mapping[str, Any]) -> Tensor:

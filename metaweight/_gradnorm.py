@@ -137,7 +137,8 @@ class GradNorm(Weighting):
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"initial_losses": self.initial_losses, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
-    _nonnegative = ("exp_avg_sq",)
+    _nonnegative = {"exp_avg_sq": "Adam's second moment is a mean of squares",
+                    "initial_losses": "L_k(0), the terms of its first update, are refused negative"}
     _gamma_sum = "active"  # (renormalised to the number of active terms)
 
     def _term_gradients(self, terms: Tensor) -> Tensor:
@@ -209,11 +210,15 @@ class GradNorm(Weighting):
         w, m, v = adam_update(self.gamma, grad, self.exp_avg, self.exp_avg_sq, self.num_meta_steps + 1, lr=self.lr)
         return {"initial_losses": initial, "exp_avg": m, "exp_avg_sq": v, "gamma": renormalize(w, self._active)}
 
+    def _refuses(self, terms: Tensor) -> Tensor:
+        """An active term negative (:func:`gradnorm_gradient`'s NaN target): L_k(0), the terms of the first update,
+        are never negative (refused there and in a checkpoint), so the terms now decide."""
+        return (self._active & (terms < 0)).any()
+
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
-        negative = [n for n, v in (terms or {}).items() if v < 0]
-        if self.num_meta_steps > 0:  # (an error path: the read of L_k(0) costs nothing on a step that goes through)
-            first = host_read([self.initial_losses])
-            negative += [n for n, v in zip(self.term_names, first) if v < 0 and n not in negative]
+        # (L_k(0) is never negative: the first update refuses it, and so does load_state_dict)
+        active = {n for n, a in zip(self.term_names, host_read([self._active])) if a}  # (an error path)
+        negative = [n for n, v in (terms or {}).items() if v < 0 and n in active]
         if negative:
             return (f"GradNorm's training rates L_k(t)/L_k(0) need terms >= 0, now and at its first meta step "
                     f"(L_k(0)); {negative} are negative. Shift such a term by a constant (its gradient is the same) "

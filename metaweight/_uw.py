@@ -81,7 +81,7 @@ class UW(Weighting):
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"log_vars": self.log_vars, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
-    _nonnegative = ("exp_avg_sq",)
+    _nonnegative = {"exp_avg_sq": "Adam's second moment is a mean of squares"}
 
     def _gamma_of(self, state: Mapping[str, Any]) -> Tensor:
         return torch.exp(-state["log_vars"].float().cpu()) * self._terms.active.cpu()

@@ -450,12 +450,20 @@ class Weighting(NamedWeights):
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         """Refuse extra state this method could not load (a ``ValueError``), changing nothing."""
 
+    def _refuses(self, terms: Tensor) -> Tensor:
+        """Whether the rule cannot update the weights from the iteration's ``terms`` (float32, averaged over the
+        ranks, ``[num_terms]``), finite as they are: a bool tensor of one element on their device, no read. A
+        method that overrides it has :meth:`step` with ``nonfinite="raise"`` refuse such a step before the model's
+        step, changing nothing, where :meth:`meta_step` (the update's own check) comes after it. By default: never."""
+        return torch.zeros((), dtype=torch.bool, device=terms.device)
+
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
         """What in the terms (by name) makes this method's loss or update non-finite, with the fix, for the
         refusal's message (a sentence and a space; empty where nothing is known)."""
         return ""
 
-    _nonnegative: ClassVar[tuple[str, ...]] = ()  # state tensors no run can make negative (Adam's second moments)
+    # state tensors no run can make negative, with why (Adam's second moments: a mean of squares)
+    _nonnegative: ClassVar[dict[str, str]] = {}
     _gamma_sum: ClassVar[str | None] = None  # what the weights sum to by the rule: "active" (K) or "one"
 
     def _gamma_of(self, state: Mapping[str, Any]) -> Tensor | None:
@@ -468,11 +476,10 @@ class Weighting(NamedWeights):
         negative second moments, weights not what the rule makes of the state, or not summing to what it
         keeps them at. A ``ValueError`` that names the value, changing nothing."""
         name = type(self).__name__
-        for key in self._nonnegative:
+        for key, why in self._nonnegative.items():
             if (state[key] < 0).any():
                 raise ValueError(f"The checkpoint's `{key}` {state[key].tolist()} holds negative values, which no "
-                                 f"{name} run makes (Adam's second moment is a mean of squares). Pass a "
-                                 f"{name}.state_dict() as saved. Nothing was changed.")
+                                 f"{name} run makes ({why}). Pass a {name}.state_dict() as saved. Nothing was changed.")
         gamma = state["gamma"].float()
         expected = self._gamma_of(state)
         if expected is not None and not torch.allclose(gamma, expected.float().cpu(), rtol=1e-5, atol=1e-6):
@@ -863,14 +870,31 @@ class Weighting(NamedWeights):
         finally:
             forget_labels()
         flag = nonfinite_flag(loss, [p.grad for _, p in walk(self.module).parameters])
-        flag = self._mean_over_ranks((flag + snapshot.became_nonfinite(flag.device)).clamp_max(1.0))
-        values = host_read([flag, loss, self.last_terms])  # the decision and the record's numbers, one read
+        flag = (flag + snapshot.became_nonfinite(flag.device)).clamp_max(1.0)
+        ruled = self.nonfinite == "raise" and type(self)._refuses is not Weighting._refuses
+        if ruled:  # the rule's refusal of the update, decided before the model's step on the terms of every rank
+            assert self.last_terms is not None
+            pooled = self._mean_over_ranks(torch.cat([flag.view(1), self.last_terms.float().view(-1)]))
+            flag, refused = pooled[0], self._refuses(pooled[1:]).to(pooled)
+        else:
+            flag, refused = self._mean_over_ranks(flag), None
+        # the decisions and the record's numbers, one read
+        values = host_read([flag, loss, self.last_terms] + ([refused] if refused is not None else []))
         value = values[1]
+        if values[0] == 0.0 and refused is not None and values[-1] != 0.0:
+            self.optimizer.zero_grad(set_to_none=True)
+            snapshot.restore()
+            self._reset_pending()
+            terms = dict(zip(self.term_names, values[2:2 + len(self.term_names)]))
+            raise ValueError(f"{type(self).__name__} cannot update its weights from this step's terms {terms}: "
+                             f"{self._nonfinite_hint(terms)}The step was not taken: parameters, buffers, optimizer "
+                             f"state and weights are as before this call. (Pass nonfinite='skip' to take the model's "
+                             f"steps and skip such updates, with a warning.)")
         if values[0] != 0.0:
             self.optimizer.zero_grad(set_to_none=True)
             snapshot.restore()
             self._reset_pending()
-            terms = dict(zip(self.term_names, values[2:]))
+            terms = dict(zip(self.term_names, values[2:2 + len(self.term_names)]))
             message = (f"The weighted training loss ({value}), its gradient or a buffer the forward updated "
                        f"(e.g. BatchNorm statistics) is not finite (terms {terms}). The step was not taken: "
                        f"parameters, buffers, optimizer state and weights are as before this call. "

@@ -500,6 +500,62 @@ def test_gradnorm_refuses_negative_terms_whatever_alpha(case, alpha):
         assert torch.equal(before[k], after[k]) if isinstance(before[k], torch.Tensor) else before[k] == after[k], k
 
 
+class _ShiftedTerms(nn.Module):
+    """Three squared errors, each shifted by a constant (the gradient is the same; the sign is not)."""
+
+    term_names = ["a", "b", "c"]
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = torch.tensor(shift)
+
+    def forward(self, outputs, target):
+        return (outputs - target).pow(2).mean(0) + self.shift
+
+
+def test_gradnorm_step_refuses_a_negative_term_before_the_model_s_step():
+    """step() with nonfinite='raise' refuses a step whose terms GradNorm cannot learn from before the model's
+    step (helper-148: it took the model's step, then raised that nothing had changed, num_calls 0): the model,
+    optimizer state, weights and counters are as before, and the same step with the terms shifted >= 0 goes through.
+    With nonfinite='skip' the model steps (its gradient is finite) and the update is skipped, with a warning.
+    A checkpoint whose L_k(0) is negative, which no run makes, is refused."""
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+
+    def make(shift, **options):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, optimizer, mw.GradNorm(model, optimizer, _ShiftedTerms(shift),
+                                             shared_parameters=list(model[0].parameters()), **options)
+
+    model, optimizer, w = make([0.0, 0.0, 0.0])
+    w.step((x, y))  # (a step first: optimizer state and L_k(0) to keep)
+    before = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), copy.deepcopy(w.state_dict()))
+    w.criterion.shift = torch.tensor([0.0, -5.0, 0.0])
+    with pytest.raises(ValueError, match=r"GradNorm cannot update.*\['b'\] are negative.*step was not taken"):
+        w.step((x, y))
+    after = (model.state_dict(), optimizer.state_dict(), w.state_dict())
+    assert (w.num_calls, w.num_meta_steps, w.num_skipped) == (1, 1, 0)
+    assert repr(after) == repr(before)  # (every tensor printed whole: 4 to 12 values each)
+    assert all(p.grad is None for p in model.parameters())
+    w.criterion.shift = torch.tensor([0.0, 5.0, 0.0])
+    w.step((x, y))
+    assert (w.num_calls, w.num_meta_steps) == (2, 2)
+
+    model, optimizer, w = make([0.0, -5.0, 0.0], nonfinite="skip")
+    start = copy.deepcopy(model.state_dict())
+    with pytest.warns(RuntimeWarning, match=r"\['b'\] are negative"):
+        record = w.step((x, y))
+    assert not record.model_step_skipped and (w.num_calls, w.num_meta_steps, w.num_skipped) == (1, 0, 1)
+    assert not torch.equal(start["0.weight"], model[0].weight)
+    assert torch.equal(w.gamma, torch.ones(3))
+
+    state = make([0.0, 0.0, 0.0])[2].state_dict()
+    state["initial_losses"] = torch.tensor([0.5, -1.0, 0.5])
+    with pytest.raises(ValueError, match=r"initial_losses.*negative.*L_k\(0\)"):
+        w.load_state_dict(state)
+
+
 def test_gradnorm_refuses_a_loss_without_graph():
     w, model, _ = build("gradnorm")
     x, y = batch()
