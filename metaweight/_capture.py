@@ -34,6 +34,7 @@ this module reads, without changing anything the loop sees:
 from __future__ import annotations
 
 import dataclasses
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.autograd import Variable
 from torch.utils._pytree import tree_leaves
 
+from metaweight._hooks import OwnHook
 from metaweight._moves import FROZEN_WITH_GRAD, fingerprint, frozen_with_grad, moved, outside_model
 from metaweight._randomness import RngState, model_generators, new_generators, rng_state, same_rng_state
 
@@ -193,7 +195,7 @@ def tensor_leaves(tree: Any) -> list[Tensor]:
     return [t for t in tree_leaves(tree) if isinstance(t, Tensor)]
 
 
-class _Inert:
+class _Inert(OwnHook):
     """Copies and pickles of the user's model or optimizer carry our hooks inert."""
 
     _ref: Callable[[], Any]
@@ -218,7 +220,7 @@ def drop_inert_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> None
                           (model._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
                           (optimizer._optimizer_step_pre_hooks, ()), (optimizer._optimizer_step_post_hooks, ())):
         for key, hook in list(hooks.items()):
-            owner = getattr(hook, "__self__", hook)
+            owner = hook.__self__ if isinstance(hook, types.MethodType) else hook
             if isinstance(owner, _Inert) and owner._ref() is None:
                 del hooks[key]
                 for extra in extras:
@@ -232,7 +234,6 @@ class ForwardWatch(_Inert):
     reads of every generator's state."""
 
     KEEP = 4  # forwards between the training forward and loss() (logging, another view)
-    metaweight_own = True  # (it records and changes nothing: the hook checks pass over it, a dropped weighter's too)
 
     def __init__(self, weighter: Any, device: torch.device) -> None:
         self._ref = weakref.ref(weighter)
@@ -621,7 +622,6 @@ class StepCapture(_Inert):
     weighter weakly; copies of the optimizer get an inert hook. Never raises into the user's step:
     what it cannot read is reported by ``meta_step``."""
 
-    metaweight_own = True  # (a weighter's own step hook: the hook checks pass over it, another weighter's too)
 
     def __init__(self, weighter: Any, before_step: Callable[..., tuple[dict[str, Tensor], list[Tensor | float]]]
                  ) -> None:
@@ -712,7 +712,6 @@ class StepEnd(_Inert):
     pre-hook captured left them, for ``meta_step`` to see whether anything moved them since
     (:mod:`metaweight._moves`)."""
 
-    metaweight_own = True
 
     def __init__(self, weighter: Any) -> None:
         self._ref = weakref.ref(weighter)

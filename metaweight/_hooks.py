@@ -31,7 +31,9 @@ optimizer) are passed over.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Collection
+from typing import Any
 
 from torch import nn
 from torch.nn.modules import module as _module
@@ -111,6 +113,18 @@ def check_hooks(module: nn.Module, mode: str, backend: str | None, own: Collecti
             f"are unchanged.")
 
 
+class OwnHook:
+    """The class of the library's own hooks (a ``mode="fast"`` weighter's forward watch and step hooks, the
+    process-wide optimizer step counters), which record and change nothing: the hook checks pass over them, a
+    dropped weighter's and another weighter's too. Known by class, never by an attribute, which a user's hook
+    object could answer (a ``unittest.mock.Mock`` answers any; a config object's ``__getattr__`` may raise)."""
+
+
+def is_own_hook(hook: Any) -> bool:
+    """Whether ``hook`` (the object or a bound method of it) is one of :class:`OwnHook`'s."""
+    return isinstance(hook.__self__ if isinstance(hook, types.MethodType) else hook, OwnHook)
+
+
 def check_optimizer_hooks(optimizer: Optimizer, own: Collection[int] = ()) -> None:
     """Raise a ``ValueError`` if ``optimizer`` (or every optimizer: the global hooks of
     ``torch.optim.optimizer``) has step pre- or post-hooks other than the weighter's own (``own``,
@@ -118,8 +132,8 @@ def check_optimizer_hooks(optimizer: Optimizer, own: Collection[int] = ()) -> No
     leaves (e.g. a value clip, a clamp), and no look-ahead replays either."""
     hooks = {**getattr(optimizer, "_optimizer_step_pre_hooks", {}),
              **getattr(optimizer, "_optimizer_step_post_hooks", {})}
-    mine = [k for k, hook in hooks.items() if k not in own and not getattr(hook, "metaweight_own", False)]
-    shared = any(not getattr(hook, "metaweight_own", False) for hook in
+    mine = [k for k, hook in hooks.items() if k not in own and not is_own_hook(hook)]
+    shared = any(not is_own_hook(hook) for hook in
                  (*_optim._global_optimizer_pre_hooks.values(), *_optim._global_optimizer_post_hooks.values()))
     if mine or shared:
         where = ("the optimizer has step hooks (register_step_pre_hook / register_step_post_hook)" if mine else
@@ -131,8 +145,7 @@ def check_optimizer_hooks(optimizer: Optimizer, own: Collection[int] = ()) -> No
 
 
 def _foreign(hooks: dict[int, object] | None, own: Collection[int]) -> bool:
-    """Whether ``hooks`` hold one that is neither this weighter's (``own``) nor any weighter's (``metaweight_own``:
+    """Whether ``hooks`` hold one that is neither this weighter's (``own``) nor any weighter's (:class:`OwnHook`:
     a ``mode="fast"`` weighter's forward watch, which only records, left by a dropped weighter or held by another
     on the same model)."""
-    return bool(hooks) and any(k not in own and not getattr(getattr(h, "__self__", h), "metaweight_own", False)
-                               for k, h in hooks.items())  # type: ignore[union-attr]
+    return bool(hooks) and any(k not in own and not is_own_hook(h) for k, h in hooks.items())

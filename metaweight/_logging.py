@@ -272,7 +272,21 @@ def _fresh(path: Path, suffix: str = "") -> Path:
         n += 1
 
 
-class CSVLogger:
+class HandedLogger:
+    """What the library's loggers share: the weighter each logs, the one given it last, and those it was taken
+    from (see ``Weighting.register_meta_step_hook``), held weakly. Known by class: a user's callback may answer
+    any attribute (a ``unittest.mock.Mock``) or raise from ``__getattr__``."""
+
+    _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
+    _metaweight_passed_over: Any = None  # (weighters it was taken from, weakly: whether each was warned)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the weak references to the weighters it logs (which a weighter pickled with it
+        sets again when it registers the copy)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_metaweight_owner", "_metaweight_passed_over")}
+
+
+class CSVLogger(HandedLogger):
     """Writes one row per meta step to a CSV file, with one header; resumes where the run resumes.
 
     The column ``iteration`` is the step. A file that already exists is continued under the
@@ -374,14 +388,6 @@ class CSVLogger:
         >>> open(path).readline().split(",")[:3]
         ['iteration', 'meta_step', 'val_objective']
     """
-
-    _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
-    _metaweight_passed_over: Any = None  # (weighters it was taken from, weakly: whether each was warned)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled without the weak references to the weighters it logs (which a weighter pickled with it
-        sets again when it registers the copy)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_metaweight_owner", "_metaweight_passed_over")}
 
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False, all_ranks: bool = False) -> None:
         path = user_path(path)
@@ -687,7 +693,7 @@ def _logged_events(folder: Path) -> list[tuple[int, str]]:
     return events
 
 
-class TensorBoardLogger:
+class TensorBoardLogger(HandedLogger):
     """Writes a meta-step record's scalars to TensorBoard (needs the ``tensorboard`` package): those
     :func:`flatten_record` gives (``meta_step``, ``val_objective``, ``val_ce[k]``, ``gamma/NAME``,
     ``term/NAME``); not the training ``loss`` that :meth:`HarmonizedWeighter.step` adds to the record it
@@ -750,14 +756,6 @@ class TensorBoardLogger:
             process writes to it.
         ImportError: a folder is given and ``tensorboard`` is not installed.
     """
-
-    _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
-    _metaweight_passed_over: Any = None  # (weighters it was taken from, weakly: whether each was warned)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled without the weak references to the weighters it logs (which a weighter pickled with it
-        sets again when it registers the copy)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_metaweight_owner", "_metaweight_passed_over")}
 
     def __init__(self, log_dir_or_writer: Any, prefix: str = "metaweight/", *, overwrite: bool = False,
                  all_ranks: bool = False) -> None:

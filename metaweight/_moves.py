@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from metaweight._hooks import OwnHook
+
 
 @torch.no_grad()
 def fingerprint(params: Sequence[Tensor]) -> Tensor | None:
@@ -97,13 +99,12 @@ FOREIGN_STEP = (
     "one's state_dict to keep gamma). gamma and everything else are unchanged.")
 
 
-class ForeignSteps:
+class ForeignSteps(OwnHook):
     """The process-wide optimizer step post-hook: marks the weighters whose model another optimizer
     stepped (``weighter._foreign_step``, the optimizer's class name), for :data:`FOREIGN_STEP`; and, in
     the exact mode, those whose own optimizer stepped frozen parameters holding a ``.grad``
     (``weighter._frozen_step``, their names), for :data:`FROZEN_WITH_GRAD`."""
 
-    metaweight_own = True  # (passed over by the hook checks)
     watched: weakref.WeakSet = weakref.WeakSet()
     handle: Any = None
 

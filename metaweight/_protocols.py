@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from metaweight._hooks import is_own_hook
 from metaweight._walk import watched_forward
 
 
@@ -290,7 +291,7 @@ def _rewrites_inputs(target: Any) -> bool:
     from torch.nn.modules.module import _global_forward_pre_hooks
 
     def theirs(hooks: Any) -> bool:
-        return any(not type(getattr(h, "__self__", None)).__module__.startswith("metaweight") for h in hooks.values())
+        return any(not is_own_hook(h) for h in hooks.values())
 
     return any(isinstance(m, nn.Module) and theirs(m._forward_pre_hooks) for m in _wrapper_chain(target)) or \
         theirs(_global_forward_pre_hooks)

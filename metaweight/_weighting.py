@@ -49,7 +49,9 @@ from metaweight._capture import GradSnapshot
 from metaweight._checks import (NO_TRAINING_GRADIENT, check_differentiable, check_initialized, forget_labels,
                                half_precision_eps_hint, integer_value, masked_label_hint, real_option, refuse_arrays,
                                summarize_step_labels)
+from metaweight._hooks import OwnHook
 from metaweight._hypergradient import Reducer
+from metaweight._logging import HandedLogger
 from metaweight._optimizers import check_optimizer_state, check_parameters_replaced, unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
@@ -147,13 +149,12 @@ class _Calls:
     labels: list[tuple[int, Tensor | None]] = dataclasses.field(default_factory=list)
 
 
-class _StepCounter:
+class _StepCounter(OwnHook):
     """The process-wide optimizer step post-hook noting that an optimizer stepped (every ``torch.optim``
     optimizer, fused or not, and every subclass: torch calls the global hooks from ``Optimizer.step``'s
     wrapper). Counted when read: the steps between two reads count as one, so a subclass whose ``step()``
     calls ``super().step()`` (the hook runs once per level) steps once."""
 
-    metaweight_own = True  # (passed over by the hook checks)
     stepped: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> stepped since the last read
     counts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     handle: Any = None
@@ -273,7 +274,7 @@ class NamedWeights:
             raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
         handle = RemovableHandle(self._hooks)
         self._hooks[handle.id] = hook
-        if hasattr(hook, "_metaweight_owner"):  # the library's loggers log the weighter given them last
+        if isinstance(hook, HandedLogger):  # the library's loggers log the weighter given them last
             if hook._metaweight_owner is not None and hook._metaweight_owner() is not self:
                 if hook._metaweight_passed_over is None:
                     hook._metaweight_passed_over = weakref.WeakKeyDictionary()
@@ -291,7 +292,7 @@ class NamedWeights:
         would read to it as its run going back to a checkpoint and drop its rows, so they are not written (a
         warning says so, once per logger)."""
         for hook in list(self._hooks.values()):
-            passed = getattr(hook, "_metaweight_passed_over", None)
+            passed = hook._metaweight_passed_over if isinstance(hook, HandedLogger) else None
             if passed is not None and self in passed:
                 if not passed[self]:  # (one warning per logger and weighter passed over)
                     passed[self] = True

@@ -10,6 +10,7 @@ import gc
 import os
 import traceback
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -1269,3 +1270,56 @@ def test_a_fast_weighter_s_forward_watch_never_blocks_another_weighter_on_the_mo
     assert torch.equal(gamma, gamma_ref) and all(torch.equal(a, b) for a, b in zip(params, params_ref))
     if order == "fast dropped, then higher built":
         assert not model._forward_hooks and not model._forward_pre_hooks  # (taken off, not called at every forward)
+
+
+class _Config:
+    """A user's callable object whose ``__getattr__`` raises ``KeyError`` for a missing name (a config dict's
+    attribute access), as ``getattr(obj, name, default)`` and ``hasattr`` do not catch."""
+
+    def __init__(self):
+        self.__dict__["values"] = {}
+        self.__dict__["calls"] = 0
+
+    def __getattr__(self, name):
+        return self.values[name]
+
+    def __call__(self, *args, **kwargs):
+        self.__dict__["calls"] += 1
+
+
+USER_HOOKS = {"a Mock": lambda: mock.MagicMock(return_value=None), "a config object": _Config}
+
+
+@pytest.mark.parametrize("kind", list(USER_HOOKS))
+def test_the_library_knows_its_own_hooks_by_class_never_by_what_a_user_s_hook_answers(kind):
+    """The hook checks pass over the library's own hooks (OwnHook) and hand over its own loggers (HandedLogger); a
+    user's hook or callback is judged as such whatever it answers to getattr (helper-148): a Mock (which answers
+    every attribute, metaweight_own too) registered as a forward hook was passed over by backend='higher', which
+    does not run it, and a config object whose __getattr__ raises KeyError crashed every construction (the search
+    for a dropped weighter's hooks) and the pre-hook check. Walked: forward hook and pre-hook on the model (refused
+    by higher; taken by jvp, which runs them), an optimizer step hook (refused), a meta-step callback (called)."""
+    def parts():
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    for register in ("register_forward_hook", "register_forward_pre_hook"):
+        model, optimizer = parts()
+        getattr(model, register)(USER_HOOKS[kind]())
+        with pytest.raises(ValueError, match="forward hooks, which backend='higher' does not run"):
+            mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), backend="higher")
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3))
+        w.step(batch(), batch(n=12))
+    model, optimizer = parts()
+    optimizer.register_step_pre_hook(USER_HOOKS[kind]())
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3))
+    with pytest.raises(ValueError, match="The optimizer has step hooks"):
+        w.step(batch(), batch(n=12))
+    for make in (lambda m, o, c: mw.HarmonizedWeighter(m, o, mw.DenseDistillLoss(3), mode="fast", callbacks=[c]),
+                 lambda m, o, c: mw.UW(m, o, mw.DenseDistillLoss(3), callbacks=[c])):
+        model, optimizer = parts()
+        callback = USER_HOOKS[kind]()
+        w = make(model, optimizer, callback)
+        for _ in range(2):
+            w.step(batch(), batch(n=12))
+        assert (callback.call_count if kind == "a Mock" else callback.calls) == 2
