@@ -27,6 +27,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from metaweight._anytime import to_device
+from metaweight._clipping import ClipGradNorm
 from metaweight._losses import DenseDistillLoss
 from metaweight._validation import BalancedValidation
 from metaweight._weighter import HarmonizedWeighter
@@ -119,6 +120,34 @@ class _HeldOut:
         return batches
 
 
+def _with_trainer_clipping(trainer: lightning.Trainer, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the Trainer's gradient clipping declared where the weighter's look-ahead is the clipped step
+    (``mode="fast"``): ``gradient_clip_val=c`` by norm (Lightning's default algorithm) is ``ClipGradNorm(c)``, the
+    2-norm over all parameters as Lightning clips. Refused before the fit starts, naming the fix: clipping by value,
+    which the fast mode's look-ahead cannot take as the step's (it is no rescale of the gradient), and a
+    ``clip_grad_norm`` option that says another clipping than the Trainer's. With ``mode="exact"`` the look-ahead is
+    the optimizer's own unclipped step, as in a loop of one's own that clips (see the loop guide)."""
+    value = trainer.gradient_clip_val
+    if options.get("mode", "exact") != "fast" or not value:
+        return options
+    algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
+    if algorithm != "norm":
+        raise ValueError(f"Trainer(gradient_clip_val={value}, gradient_clip_algorithm={algorithm!r}) clips each "
+                         f"gradient by value, which HarmonizedCallback(mode='fast') cannot score as the step taken (its "
+                         f"look-ahead is the clipped step, and only clipping by the total norm is replayed). Use "
+                         f"gradient_clip_algorithm='norm', or mode='exact' (whose look-ahead is the unclipped step).")
+    declared = options.get("clip_grad_norm")
+    clip = ClipGradNorm(float(value))
+    if declared is not None:
+        given = declared if isinstance(declared, ClipGradNorm) else ClipGradNorm(float(declared))
+        if (given.max_norm, given.norm_type) != (clip.max_norm, clip.norm_type):
+            raise ValueError(f"HarmonizedCallback was given clip_grad_norm={declared!r}, but the Trainer clips with "
+                             f"gradient_clip_val={value} (by the 2-norm): the weighter would score another step than "
+                             f"the one Lightning takes. Leave clip_grad_norm out (the Trainer's clipping is declared "
+                             f"to the weighter) or make the two agree.")
+    return {**options, "clip_grad_norm": clip}
+
+
 class HarmonizedCallback(lightning.Callback):
     """Builds a :class:`HarmonizedWeighter` at fit start and runs its meta step before each batch.
 
@@ -136,8 +165,13 @@ class HarmonizedCallback(lightning.Callback):
     With ``accumulate_grad_batches=N`` there is one meta step per optimizer step: before the
     first batch of the N (``mode="exact"``: its look-ahead on that batch), or after the step on
     the N batches concatenated (``mode="fast"``: the step's whole batch).
-    The Trainer's norm clipping (``gradient_clip_val=c``) is then declared to the weighter as
-    ``clip_grad_norm=mw.ClipGradNorm(c)`` (an undeclared clipping is refused).
+    With ``mode="exact"`` the look-ahead is on that first batch alone, where a loop of one's own passes the
+    whole batch (the callback has the others only later): to score the whole accumulated step, use
+    ``mode="fast"``. With ``mode="fast"`` the Trainer's clipping by norm (``gradient_clip_val=c``) is declared
+    to the weighter as ``clip_grad_norm=mw.ClipGradNorm(c)``, so the look-ahead is the clipped step; clipping
+    by value is refused when the fit starts. With ``nonfinite="skip"`` a non-finite step's meta step is
+    skipped, but Lightning itself steps the model on whatever gradient the backward left (as it does without
+    the callback): skip such steps in Lightning too, or keep ``nonfinite="raise"``.
 
     The checkpoint also keeps the position in the held-out loader (the batches taken in the pass
     under way): a resumed fit reads and drops as many batches of a fresh pass, so with an
@@ -174,7 +208,8 @@ class HarmonizedCallback(lightning.Callback):
         wrapped = trainer.strategy.model
         model = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else pl_module
         previous = self.weighter
-        weighter = HarmonizedWeighter(model, trainer.optimizers[0], self.criterion, self.validation, **self.options)
+        options = _with_trainer_clipping(trainer, self.options)
+        weighter = HarmonizedWeighter(model, trainer.optimizers[0], self.criterion, self.validation, **options)
         if self._pending_state is not None:
             weighter.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -325,3 +325,63 @@ def test_lightning_callback_refuses_a_bad_held_out_position_and_warns_when_the_l
     assert [next(held_out) for _ in range(3)] == [batches[1], batches[0], batches[1]] and held_out.taken == 2
     with pytest.raises(ValueError, match="yielded no batch"):
         next(mwl._HeldOut([], skip=3))
+
+
+def test_lightning_fast_callback_declares_the_trainer_s_norm_clipping_and_refuses_value_clipping():
+    """Trainer(gradient_clip_val=c) with HarmonizedCallback(mode='fast'): the weighter is told of the clipping (its
+    look-ahead is the clipped step), so the fit equals a loop of one's own with clip_grad_norm_(c) and the declared
+    weighter, gamma to 1e-5 (helper-149: the clipping was not declared, and the first clipped step was refused
+    after Lightning had taken it). Clipping by value, and a clip_grad_norm option other than the Trainer's, are
+    refused when the fit starts, before any step."""
+    lightning = pytest.importorskip("lightning")
+    from lightning_train import MultiExitModule
+    from metaweight.lightning import HarmonizedCallback
+
+    def net():
+        torch.manual_seed(0)
+        return mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()),
+                             torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
+                            [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)])
+
+    g = torch.Generator().manual_seed(5)
+    train = [(3 * torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+    val = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+    criterion = mw.DenseDistillLoss(2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat([x for x, _ in train]),
+                                                                        torch.cat([y for _, y in train])), batch_size=8)
+
+    def fit(algorithm="norm", **options):
+        module = MultiExitModule(net(), lr=0.1)
+        trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                    callbacks=[HarmonizedCallback(criterion, val, mode="fast", gamma_lr=0.05, **options)],
+                                    enable_checkpointing=False, enable_model_summary=False,
+                                    gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
+        before = [p.detach().clone() for p in module.parameters()]
+        try:
+            trainer.fit(module, loader)
+        except ValueError:
+            assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # (refused before a step)
+            raise
+        return module, trainer
+
+    module, trainer = fit()
+    assert trainer.global_step == 4 and module.weighter.clip_grad_norm == mw.ClipGradNorm(0.5)
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, mode="fast", gamma_lr=0.05, clip_grad_norm=0.5)
+    clipped = 0
+    for (x, y), v in zip(train, val):
+        optimizer.zero_grad()
+        w.loss(model(x), y).backward()
+        clipped += float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)) > 0.5
+        optimizer.step()
+        w.meta_step((x, y), v)
+    assert clipped == 4  # (every step clipped: the clipping is what is tested)
+    got, expected = module.weighter.gamma_dict(), w.gamma_dict()
+    assert all(abs(got[k] - expected[k]) <= 1e-5 * max(1.0, abs(expected[k])) for k in got), (got, expected)
+
+    with pytest.raises(ValueError, match="clips each gradient by value.*gradient_clip_algorithm='norm'"):
+        fit("value")
+    with pytest.raises(ValueError, match="clip_grad_norm=1.0, but the Trainer clips with gradient_clip_val=0.5"):
+        fit(clip_grad_norm=1.0)
+    assert fit(clip_grad_norm=mw.ClipGradNorm(0.5))[1].global_step == 4
