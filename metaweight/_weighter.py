@@ -48,7 +48,7 @@ from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
-from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, outside_model
+from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, frozen_with_grad, outside_model
 from metaweight._optimizers import (FAST_OUTSIDE_MODEL, IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
                                     check_option_values, check_optimizer_options, check_optimizer_state,
                                     check_saved_state, stepped_optimizer)
@@ -746,9 +746,13 @@ class HarmonizedWeighter(NamedWeights):
             name, self._foreign_step = self._foreign_step, None  # (refused once: the next meta step sees anew)
             raise ValueError(FOREIGN_STEP.format(name=name))
         if self._frozen_step is not None:
-            names, self._frozen_step = self._frozen_step, None
-            raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step.) gamma "
-                             "and everything else are unchanged.")
+            # refused where they still hold a .grad, which the coming step moves them on too (the look-ahead does
+            # not); a .grad the loop has let go of since (zero_grad(set_to_none=True)) ended it with the last step
+            seen, self._frozen_step = self._frozen_step, None
+            names = [n for n in frozen_with_grad(self._inner_optimizer, self.module) if n in seen]
+            if names:
+                raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step, and "
+                                 "their .grad is still there.) gamma and everything else are unchanged.")
 
     def _check_outside_model(self, read: bool = False, stepped: tuple[list[Tensor], Tensor] | None = None) -> None:
         """``mode="fast"``: refuse an optimizer that steps trainable tensors outside the model, those of them a
