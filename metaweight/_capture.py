@@ -481,6 +481,7 @@ class Pending:
     # the trainable tensors outside the model the optimizer stepped with a gradient, and on the device whether each
     # gradient was nonzero (a criterion's parameter; meta_step judges them, as a zero_grad may have cleared them)
     stepped_outside: tuple[list[Tensor], Tensor] | None = None
+    outside_print: Tensor | None = None  # their fingerprint before the step (read where the step is not reproduced)
 
     def stepped(self) -> list[Micro]:
         """The losses whose backward the step used, in order."""
@@ -671,6 +672,7 @@ class StepCapture(_Inert):
                 device = weighter.gamma.device
                 pending.stepped_outside = (outside, torch.stack([p.grad.ne(0).any().to(device, torch.float32)
                                                                  for p in outside]))
+                pending.outside_print = fingerprint(outside)
             frozen = frozen_with_grad(optimizer, weighter.module)
             if frozen:
                 pending.error = FROZEN_WITH_GRAD.format(names=frozen[:8])

@@ -44,6 +44,11 @@ COMPILED_RANDOM = ("The torch.compile'd model drew random numbers (dropout or th
                    "uncompiled model).")
 
 
+class NotReproduced(ValueError):
+    """The training forward, replayed at the step's parameters, gave other terms than ``loss()`` got
+    (:data:`NOT_REPRODUCED`); the two-call form looks for a cause it can name (:func:`outside_moved`)."""
+
+
 NOT_REPRODUCED = (
     "The training forward could not be reproduced: run again at the step's parameters, inputs and random numbers, "
     "the model and criterion give other terms than weighter.loss got. Something they depend on changed since "
@@ -385,7 +390,7 @@ class FastMode:
                     change = change * piece.factor.double()
                 differences.append(change)
             if unlike and host_read([torch.stack([u.to(device) for u in unlike]).any()])[0]:
-                raise ValueError(NOT_REPRODUCED)
+                raise NotReproduced(NOT_REPRODUCED)
             derivative = differences[0] if len(differences) == 1 else torch.stack(differences).sum(0)
             derivative = w._reducer.mean([derivative])[0]
         gamma_grad = (-derivative).to(w.gamma) * w._active

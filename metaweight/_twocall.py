@@ -24,7 +24,8 @@ from metaweight._capture import (LET_GO, TOLERANCE, GradSnapshot, Micro, Pending
 from metaweight._checks import unpack_batch as _unpack
 from metaweight._clipping import EPSILON, clip_transpose, total_norm
 from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
-from metaweight._fast import Piece
+from metaweight._fast import NotReproduced, Piece
+from metaweight._optimizers import FAST_OUTSIDE_MODEL
 from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, moved
 from metaweight._protocols import ModelCall, model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
@@ -128,8 +129,10 @@ class TwoCall:
                         pieces.append(Piece(xi, yi, micro.terms, micro.outputs, replay, True, per_loss(micro)))
                 return w._fast.meta(w, named, pending.theta, pending.jac, pieces, xv, yv,
                                        dict(current_walk(w.module).buffers), transform)  # (copied per forward)
-        except Exception:
+        except Exception as exc:
             w._pending, w._stepped, w.num_calls = pending_now, stepped_before, w.num_calls - 1
+            if isinstance(exc, NotReproduced):
+                _refuse_outside_moved(pending)
             raise
         finally:
             if w._watch is not None:
@@ -542,3 +545,23 @@ def _same_target(a: Any, b: Any) -> bool:
         return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or host_equal(a, b.to(a.device)))
     la, lb = tree_leaves(a), tree_leaves(b)
     return len(la) == len(lb) and all(_same_target(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(la, lb))
+
+
+def _refuse_outside_moved(pending: Pending) -> None:
+    """Where the step was not reproduced: refuse it as the optimizer's step of tensors outside the model, naming them,
+    where it moved some the loop had zeroed the gradient of before the step (weight decay and momentum move them
+    all the same), which :meth:`HarmonizedWeighter._check_outside_model` judges by their gradient alone. One read,
+    on this error path only."""
+    if pending.stepped_outside is None or pending.outside_print is None:
+        return
+    tensors, before = pending.stepped_outside[0], pending.outside_print
+    now = fingerprint(tensors)
+    assert now is not None
+    flags = host_read([(now.to(before.device) != before) & ~(now.to(before.device).isnan() & before.isnan())])
+    moved = [p for p, f in zip(tensors, flags) if f]
+    if moved:
+        shapes = ", ".join(str(tuple(p.shape)) for p in moved[:4]) + (" ..." if len(moved) > 4 else "")
+        said = FAST_OUTSIDE_MODEL.format(count=len(moved), shapes=shapes)
+        raise ValueError(said.replace(" Nothing was changed.", " They held a zero gradient at the step (a zero_grad or "
+                                      "grad.zero_() before it), and weight decay or momentum moved them all the same. "
+                                      "Nothing was changed."))

@@ -993,6 +993,20 @@ def test_a_parameter_the_optimizer_steps_outside_the_model_is_refused_by_the_fas
         with pytest.raises(ValueError, match="no parameters of the model"):
             w.meta_step((x, y), batch(n=12))
         assert repr(w.state_dict()) == repr(before[2])
+    # the scale's gradient zeroed before the step ("held" this iteration): momentum moves it all the same, and the
+    # refusal names it (helper-148: "the training forward could not be reproduced", a cause it did not name)
+    x, y = batch()
+    loss = w.loss(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    criterion.log_s.grad.zero_()
+    scale = criterion.log_s.detach().clone()
+    optimizer.step()
+    assert not torch.equal(scale, criterion.log_s)
+    with pytest.raises(ValueError, match=r"steps 1 trainable tensor\(s\) that are no parameters of the model.*zero "
+                                         r"gradient at the step.*momentum moved them all the same. Nothing was changed"):
+        w.meta_step((x, y), batch(n=12))
+    assert repr(w.state_dict()) == repr(before[2])
     with pytest.raises(ValueError, match="no parameters of the model"):
         mw.HarmonizedWeighter(model, optimizer, criterion, mode="fast")
 
