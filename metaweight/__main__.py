@@ -35,7 +35,8 @@ from metaweight._plots import (_check_anytime, _check_budget_curves, _check_gamm
 def _labels(files: list[Path], methods: list[str]) -> list[str]:
     """One label per result file, all different: the method's name, and for files sharing one, their
     folder (``hdkd (s0)``), else their file name without its suffix (``hdkd (hdkd-seed0)``: seeds of one
-    method written to one folder), else their path."""
+    method written to one folder), else both (``hdkd (s0/hdkd-seed0)``: seeds of one method in folders of one
+    setting each), else their path."""
     labels = list(methods)
     for method in set(methods):
         same = [i for i, m in enumerate(methods) if m == method]
@@ -43,8 +44,8 @@ def _labels(files: list[Path], methods: list[str]) -> list[str]:
             continue
         folders = [files[i].resolve().parent.name for i in same]
         stems = [files[i].stem for i in same]
-        parts = folders if len(set(folders)) == len(folders) else \
-            stems if len(set(stems)) == len(stems) else [str(files[i]) for i in same]
+        both = [f"{folder}/{stem}" for folder, stem in zip(folders, stems)]
+        parts = next((p for p in (folders, stems, both) if len(set(p)) == len(p)), [str(files[i]) for i in same])
         for i, part in zip(same, parts):
             labels[i] = f"{method} ({part})"
     # a label built above may still read as another (a method named "hdkd (s0)"): a counter, never a

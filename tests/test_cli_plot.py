@@ -49,6 +49,14 @@ def test_runs_of_one_method_in_one_folder_are_labelled_by_their_file_names(tmp_p
                                                                           real(results, path, **k))[1])
     cli.main(["plot", *files, "--out", str(tmp_path / "out")])
     assert sorted(seen) == ["hdkd (hdkd-seed0)", "hdkd (hdkd-seed1)"]
+    # two settings of two seeds each: folders repeat and so do file names, the two together tell them apart
+    # (helper-148: the whole paths again)
+    seen.clear()
+    files = [result(tmp_path / "results" / setting / f"hdkd-seed{s}.json", "hdkd", [10.0 * s, 20.0])
+             for setting in ("adam", "sgd") for s in (0, 1)]
+    cli.main(["plot", *files, "--out", str(tmp_path / "out2")])
+    assert sorted(seen) == ["hdkd (adam/hdkd-seed0)", "hdkd (adam/hdkd-seed1)", "hdkd (sgd/hdkd-seed0)",
+                            "hdkd (sgd/hdkd-seed1)"]
 
 
 def test_a_folder_where_a_plot_goes_is_named_as_a_problem_of_out(tmp_path, capsys):
