@@ -157,6 +157,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, os.path.expanduser(getattr(args, name)))
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads should be at least 1 (or left out for the default). Found {args.threads}.")
+    if args.method in mw.WEIGHTINGS:  # (their options are the papers' defaults: these would be recorded, unused)
+        given = [f"--{k.replace('_', '-')}" for k in HARMONIZED_ONLY if getattr(args, k) != p.get_default(k)]
+        if given:
+            p.error(f"{' '.join(given)} set the harmonized weighter of the HDKD presets; the loss weighting "
+                    f"{args.method!r} does not use them (they would be recorded in the results, unused). Leave them "
+                    f"out, or pick a preset (--method hdkd, hdbt, hmsdnet).")
     return args
 
 
@@ -247,7 +253,9 @@ def _save_atomically(obj: dict, path: Path) -> None:
 
 
 # settings that do not change what a run computes: a checkpoint resumes under other values of them
-RUN_ONLY = ("threads", "no_progress", "no_plot", "plot", "checkpoint_every")
+RUN_ONLY = ("threads", "no_progress", "no_plot", "plot", "checkpoint_every", "out", "tag")
+# the options of the harmonized weighter, which the loss weightings do not take
+HARMONIZED_ONLY = ("gamma_lr", "gamma_optimizer", "gamma_init", "constraint", "meta_every", "mode")
 
 
 def _differences(saved: dict, now: dict) -> list[str]:

@@ -219,3 +219,41 @@ def test_train_py_resumed_from_its_checkpoint_records_the_history_of_the_uninter
     assert [r["step"] for r in resumed["history"]] == [2, 4, 6]
     assert resumed["history"] == reference["history"]
     assert all(r["val_objective"] is not None for r in resumed["history"])
+
+
+def test_train_py_resumes_under_another_out_or_tag_and_refuses_harmonized_options_for_a_weighting(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    """--out and --tag say where the results go and what they are called, not what the run computes: a run resumed
+    with other values of them goes on from its checkpoint (helper-149: refused as another run's). The harmonized
+    weighter's options given with a loss weighting, which does not take them, are refused (they were recorded in
+    the results, unused), naming them; with a preset they are taken."""
+    import train
+
+    class Interrupted(Exception):
+        pass
+
+    real = train.Progress.update
+
+    def update(self, step, *args, **kwargs):
+        if step == 4:
+            raise Interrupted
+        return real(self, step, *args, **kwargs)
+
+    common = ["--epochs", "1", "--max-steps", "6", "--batch-size", "8", "--width", "4", "--exits", "2", "--no-plot",
+              "--no-progress", "--threads", "1", "--checkpoint", str(tmp_path / "c.pt"), "--checkpoint-every", "1"]
+    monkeypatch.setattr(train.Progress, "update", update)
+    with pytest.raises(Interrupted):
+        train.train(train.parse_args(common + ["--out", str(tmp_path / "a.json"), "--tag", "a"]))
+    monkeypatch.setattr(train.Progress, "update", real)
+    capsys.readouterr()
+    out = train.train(train.parse_args(common + ["--out", str(tmp_path / "b.json"), "--tag", "b"]))
+    assert "resumed from" in capsys.readouterr().out
+    assert out["config"]["tag"] == "b" and (tmp_path / "b.json").is_file() and not (tmp_path / "a.json").exists()
+
+    for flags in (["--gamma-lr", "0.1"], ["--mode", "fast", "--meta-every", "2"]):
+        with pytest.raises(SystemExit) as exc:
+            train.parse_args(["--method", "famo", *flags])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert all(f in err for f in flags if f.startswith("--")) and "'famo' does not use them" in err
+    assert train.parse_args(["--method", "hdkd", "--gamma-lr", "0.1"]).gamma_lr == 0.1
