@@ -203,6 +203,18 @@ def _check_can_create(path: Path, what: str) -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"`{what}` {path} cannot be written: no write permission on the folder {ancestor}. "
                          f"Pass a path you can write to.")
+    _check_creates_files(ancestor, path, what)
+
+
+def _check_creates_files(folder: Path, path: Path, what: str) -> None:
+    """Refuse a folder in which no file can be created, as the permission bits may not tell (``/proc`` and ``/sys``,
+    which grant root everything; a read-only mount): a temporary file is created there and removed at once."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"`{what}` {path} cannot be written: no file can be created in {folder} "
+                         f"({type(exc).__name__}: {exc.strerror or exc}). Pass a path you can write to.") from None
 
 
 def _last(steps: list[float]) -> float:
@@ -410,6 +422,7 @@ class CSVLogger(HandedLogger):
             if not os.access(path.parent, os.W_OK | os.X_OK):  # a rewrite puts a new file in its place
                 raise ValueError(f"`path` {path} cannot be rewritten: no write permission on its folder "
                                  f"{path.parent}. Log to another path.")
+            _check_creates_files(path.parent, path, "path")
         self.path = path
         self.overwrite = overwrite
         try:
@@ -784,6 +797,7 @@ class TensorBoardLogger(HandedLogger):
                 if not os.access(folder, os.W_OK | os.X_OK):
                     raise ValueError(f"`log_dir_or_writer` {folder} cannot be written: no write permission. Pass "
                                      f"a folder you can write to.")
+                _check_creates_files(folder, folder, "log_dir_or_writer")
                 self._judge = not overwrite
             else:
                 _check_can_create(folder, "log_dir_or_writer")

@@ -1,6 +1,7 @@
 """Checkpoint/resume bit for bit; bf16 autocast against fp32; logging callbacks."""
 
 import csv
+import os
 
 import pytest
 import torch
@@ -149,3 +150,18 @@ def test_tensorboard_logger_with_real_tensorboard(tmp_path):
             "gamma": {"ce[1]": 1.0}, "terms": {"ce[1]": 2.0}})
     logger.writer.flush()
     assert any((tmp_path / "tb").iterdir())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self") or not os.access("/proc", os.W_OK),
+                    reason="a /proc whose permission bits grant writes (Linux, as root)")
+def test_a_log_where_no_file_can_be_created_is_refused_when_the_logger_is_made(tmp_path):
+    """/proc grants root every permission bit but takes no new file: the loggers accepted such a path and every
+    row was lost at its write (helper-149). A file is created in the folder and removed at once, when the logger is
+    made; a folder that takes files keeps nothing of it."""
+    for make, path in ((mw.CSVLogger, "/proc/metaweight-log.csv"), (mw.TensorBoardLogger, "/proc/metaweight-tb"),
+                       (mw.TensorBoardLogger, "/proc")):
+        with pytest.raises(ValueError, match=f"{path} cannot be written: no file can be created in /proc"):
+            make(path)
+    mw.CSVLogger(tmp_path / "log.csv")
+    mw.TensorBoardLogger(tmp_path / "tb")
+    assert list(tmp_path.iterdir()) == []
