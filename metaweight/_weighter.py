@@ -742,6 +742,17 @@ class HarmonizedWeighter(NamedWeights):
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
         check_optimizer_hooks(self._inner_optimizer, {h.id for h in self._step_hooks})
         _check_sparse(sparse_trained(walk(self.module).embeddings), self.mode, self.backend, self._inner_optimizer)
+        if self.mode == "exact" and self.backend == "higher" and self.learn:
+            own = {id(p) for _, p in walk(self.module).parameters}
+            foreign = [p for group in self._inner_optimizer.param_groups for p in group["params"] if id(p) not in own]
+            if foreign:  # (higher's differentiable optimizer looks each one up among the model's, and fails)
+                shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:4]) + (" ..." if len(foreign) > 4 else "")
+                raise ValueError(f"The optimizer holds {len(foreign)} tensor(s) that are no parameters of the model "
+                                 f"(shapes {shapes}): a module replaced in the model but left in the optimizer, or a "
+                                 f"criterion's parameter. backend='higher' builds its differentiable optimizer over "
+                                 f"the model's parameters alone and cannot take them. Drop them from the optimizer "
+                                 f"(a replaced module's), or use backend='jvp', whose look-ahead holds them as they "
+                                 f"are. gamma and everything else are unchanged.")
         if self._foreign_step is not None:
             name, self._foreign_step = self._foreign_step, None  # (refused once: the next meta step sees anew)
             raise ValueError(FOREIGN_STEP.format(name=name))

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import metaweight as mw
+from conftest import ScaledLoss, batch, tiny_net
 
 F64 = torch.float64
 GAMMA = (1.0, 0.7, 1.3, 0.5, 0.9, 1.1)
@@ -1842,3 +1843,30 @@ def test_a_forward_pre_hook_registered_before_the_weighter_is_replayed_not_refus
         plain(Case(), m, opt, sc, micro, loss_of)
 
     assert own_loop_error(plain_step, model, optimizer, criterion, validation, w, train, val) < 1e-3
+
+
+@pytest.mark.parametrize("outside", ["a replaced head left in the optimizer", "a criterion's parameter"])
+def test_backend_higher_names_tensors_outside_the_model_in_its_optimizer_and_jvp_takes_them(outside):
+    """backend='higher' builds its differentiable optimizer over the model's parameters: an optimizer holding other
+    tensors (a head replaced but left in it, a criterion's learned scale added later) failed inside higher with
+    'Could not find parameter' and a whole tensor printed (helper-148). It is refused before anything changes,
+    naming them; the jvp backend, whose look-ahead holds them as they are, takes the same loop."""
+    for backend in ("higher", "jvp"):
+        torch.manual_seed(0)
+        model, criterion = tiny_net(3), ScaledLoss()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, backend=backend)
+        assert w.meta_step(batch(), batch(n=12)).ran
+        if outside == "a criterion's parameter":
+            optimizer.add_param_group({"params": [criterion.log_s]})
+        else:
+            model.heads[2] = nn.Linear(10, 5)
+            optimizer.add_param_group({"params": list(model.heads[2].parameters())})
+        before = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
+        if backend == "higher":
+            with pytest.raises(ValueError, match=r"holds \d tensor\(s\) that are no parameters of the model.*"
+                                                 r"use backend='jvp'.*gamma and everything else are unchanged"):
+                w.meta_step(batch(), batch(n=12))
+            assert repr((model.state_dict(), optimizer.state_dict(), w.state_dict())) == repr(before)
+        else:
+            assert w.meta_step(batch(), batch(n=12)).ran
