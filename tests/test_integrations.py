@@ -78,6 +78,14 @@ def test_lightning_weighting_callback_trains(method, start):
         WeightingCallback("famo")
 
 
+def _two_exit_net():
+    """Two stages of 16 units, an exit after each (4 classes), seeded."""
+    torch.manual_seed(0)
+    return mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()),
+                         torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
+                        [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)])
+
+
 @pytest.mark.parametrize("kind", ["famo", "dwa", "hdkd exact", "hdkd fast"])
 def test_lightning_callbacks_take_one_meta_step_per_optimizer_step_under_gradient_accumulation(kind):
     """accumulate_grad_batches=2: one meta step per optimizer step, as the two calls give it in a loop of one's
@@ -87,12 +95,6 @@ def test_lightning_callbacks_take_one_meta_step_per_optimizer_step_under_gradien
     lightning = pytest.importorskip("lightning")
     from lightning_train import MultiExitModule
     from metaweight.lightning import HarmonizedCallback, WeightingCallback
-
-    def net():
-        torch.manual_seed(0)
-        return mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()),
-                             torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
-                            [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)])
 
     g = torch.Generator().manual_seed(5)
     train = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(6)]
@@ -105,7 +107,7 @@ def test_lightning_callbacks_take_one_meta_step_per_optimizer_step_under_gradien
             return mw.HarmonizedWeighter(model, optimizer, criterion, mode=mode, gamma_lr=0.05)
         return mw.WEIGHTINGS[method](model, optimizer, criterion, **({"window": 1} if method == "dwa" else {}))
 
-    module = MultiExitModule(net(), lr=0.1)
+    module = MultiExitModule(_two_exit_net(), lr=0.1)
     callback = (HarmonizedCallback(criterion, val, mode=mode, gamma_lr=0.05) if method == "hdkd" else
                 WeightingCallback(build))
     trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
@@ -116,7 +118,7 @@ def test_lightning_callbacks_take_one_meta_step_per_optimizer_step_under_gradien
     trainer.fit(module, loader)
     assert trainer.global_step == 3
 
-    model = net()  # the same steps in a loop of one's own
+    model = _two_exit_net()  # the same steps in a loop of one's own
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     w = build(model, optimizer)
     for step in range(3):
@@ -180,11 +182,7 @@ def _fit_for_resume(lightning, callback, epochs, *, ckpt_dir=None, ckpt_path=Non
     """4 training batches an epoch, no shuffling of the training data, deterministic."""
     from lightning_train import MultiExitModule
 
-    torch.manual_seed(0)
-    net = mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()),
-                        torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
-                       [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)])
-    module = MultiExitModule(net, lr=0.1)
+    module = MultiExitModule(_two_exit_net(), lr=0.1)
     callbacks = [callback]
     if ckpt_dir is not None:
         callbacks.append(lightning.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1,
@@ -244,11 +242,7 @@ def test_a_second_fit_with_the_same_callback_goes_on_from_the_first(kind):
             return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def run(epochs_per_fit):
-        torch.manual_seed(0)
-        net = mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()),
-                            torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
-                           [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)])
-        module = Plain(net, lr=0.1)
+        module = Plain(_two_exit_net(), lr=0.1)
         val = _Logged(_held_out())
         callback = WeightingCallback(lambda model, opt: mw.UW(model, opt, mw.DenseDistillLoss(2))) \
             if kind == "uw" else HarmonizedCallback(mw.DenseDistillLoss(2), val, gamma_lr=0.05, mode=kind)
@@ -337,12 +331,6 @@ def test_lightning_fast_callback_declares_the_trainer_s_norm_clipping_and_refuse
     from lightning_train import MultiExitModule
     from metaweight.lightning import HarmonizedCallback
 
-    def net():
-        torch.manual_seed(0)
-        return mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()),
-                             torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
-                            [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)])
-
     g = torch.Generator().manual_seed(5)
     train = [(3 * torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
     val = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
@@ -351,7 +339,7 @@ def test_lightning_fast_callback_declares_the_trainer_s_norm_clipping_and_refuse
                                                                         torch.cat([y for _, y in train])), batch_size=8)
 
     def fit(algorithm="norm", **options):
-        module = MultiExitModule(net(), lr=0.1)
+        module = MultiExitModule(_two_exit_net(), lr=0.1)
         trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                                     callbacks=[HarmonizedCallback(criterion, val, mode="fast", gamma_lr=0.05, **options)],
                                     enable_checkpointing=False, enable_model_summary=False,
@@ -366,7 +354,7 @@ def test_lightning_fast_callback_declares_the_trainer_s_norm_clipping_and_refuse
 
     module, trainer = fit()
     assert trainer.global_step == 4 and module.weighter.clip_grad_norm == mw.ClipGradNorm(0.5)
-    model = net()
+    model = _two_exit_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     w = mw.HarmonizedWeighter(model, optimizer, criterion, mode="fast", gamma_lr=0.05, clip_grad_norm=0.5)
     clipped = 0
