@@ -726,6 +726,9 @@ class Weighting(NamedWeights):
             message = (f"{type(self).__name__}: {what}; the weights and the method's state were left unchanged. "
                        f"{self._nonfinite_hint(named)}Check the data and the learning rates (or pass "
                        f"nonfinite='skip' to skip such updates).")
+            if self._step_fields:  # (in step(), after the model's step, which a later check cannot take back)
+                message += (" The model's step of this step() call was taken (its loss and gradients were finite) and "
+                            "stays; only the weights' update was refused.")
             if self.nonfinite == "raise":
                 raise ValueError(message)
             self.num_calls += 1

@@ -556,6 +556,27 @@ def test_gradnorm_step_refuses_a_negative_term_before_the_model_s_step():
         w.load_state_dict(state)
 
 
+def test_an_update_refused_after_step_s_model_step_says_the_model_stepped():
+    """UW with a term negative (its weight grows without bound; helper-150): the terms grow until the update is not
+    finite, which step() learns only in meta_step, after the model's step, finite, was taken. The refusal said the
+    weights and state were unchanged, as if nothing had happened; it says the model's step was taken and stays,
+    and that is what happened."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    w = mw.UW(model, torch.optim.SGD(model.parameters(), lr=0.1), _ShiftedTerms([0.0, -5.0, 0.0]), lr=0.5)
+    for _ in range(100):
+        before = [p.detach().clone() for p in model.parameters()]
+        gamma = w.gamma.clone()
+        try:
+            w.step((x, y))
+        except ValueError as exc:
+            assert "gave non-finite values" in str(exc) and "The model's step of this step() call was taken" in str(exc)
+            assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())) and torch.equal(gamma, w.gamma)
+            return
+    raise AssertionError("the update never went non-finite")
+
+
 def test_gradnorm_refuses_a_loss_without_graph():
     w, model, _ = build("gradnorm")
     x, y = batch()
