@@ -27,6 +27,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from metaweight._anytime import to_device
+from metaweight._checks import real_scalar
 from metaweight._clipping import ClipGradNorm
 from metaweight._losses import DenseDistillLoss
 from metaweight._validation import BalancedValidation
@@ -139,7 +140,10 @@ def _with_trainer_clipping(trainer: lightning.Trainer, options: dict[str, Any]) 
     declared = options.get("clip_grad_norm")
     clip = ClipGradNorm(float(value))
     if declared is not None:
-        given = declared if isinstance(declared, ClipGradNorm) else ClipGradNorm(float(declared))
+        number = None if isinstance(declared, ClipGradNorm) else real_scalar(declared)
+        if number is None and not isinstance(declared, ClipGradNorm):
+            return options  # (not a clipping: the weighter's own check refuses it, saying what it takes)
+        given = declared if isinstance(declared, ClipGradNorm) else ClipGradNorm(number)
         if (given.max_norm, given.norm_type) != (clip.max_norm, clip.norm_type):
             raise ValueError(f"HarmonizedCallback was given clip_grad_norm={declared!r}, but the Trainer clips with "
                              f"gradient_clip_val={value} (by the 2-norm): the weighter would score another step than "

@@ -373,3 +373,6 @@ def test_lightning_fast_callback_declares_the_trainer_s_norm_clipping_and_refuse
     with pytest.raises(ValueError, match="clip_grad_norm=1.0, but the Trainer clips with gradient_clip_val=0.5"):
         fit(clip_grad_norm=1.0)
     assert fit(clip_grad_norm=mw.ClipGradNorm(0.5))[1].global_step == 4
+    for bad in ("abc", True):  # the weighter's own refusal, before any step (helper-150: a raw float() error; True
+        with pytest.raises(TypeError, match="`clip_grad_norm` should be"):  # taken as 1.0)
+            fit(clip_grad_norm=bad)
