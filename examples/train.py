@@ -157,12 +157,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, os.path.expanduser(getattr(args, name)))
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads should be at least 1 (or left out for the default). Found {args.threads}.")
-    if args.method in mw.WEIGHTINGS:  # (their options are the papers' defaults: these would be recorded, unused)
-        given = [f"--{k.replace('_', '-')}" for k in HARMONIZED_ONLY if getattr(args, k) != p.get_default(k)]
+    fixed = args.method in mw.METHODS and not mw.METHODS[args.method].learn  # (gamma_init sets its weights)
+    if args.method in mw.WEIGHTINGS or fixed:  # these options would be recorded in the results, unused
+        unused = HARMONIZED_ONLY if not fixed else tuple(k for k in HARMONIZED_ONLY if k != "gamma_init")
+        given = [f"--{k.replace('_', '-')}" for k in unused if getattr(args, k) != p.get_default(k)]
         if given:
-            p.error(f"{' '.join(given)} set the harmonized weighter of the HDKD presets; the loss weighting "
-                    f"{args.method!r} does not use them (they would be recorded in the results, unused). Leave them "
-                    f"out, or pick a preset (--method hdkd, hdbt, hmsdnet).")
+            what = "the loss weighting" if not fixed else "the preset, whose weights are fixed,"
+            p.error(f"{' '.join(given)} set how the harmonized weighter learns gamma; {what} {args.method!r} does "
+                    f"not use them (they would be recorded in the results, unused). Leave them out, or pick a "
+                    f"preset that learns (--method hdkd, hdbt, hmsdnet).")
     return args
 
 

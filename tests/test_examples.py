@@ -256,4 +256,8 @@ def test_train_py_resumes_under_another_out_or_tag_and_refuses_harmonized_option
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert all(f in err for f in flags if f.startswith("--")) and "'famo' does not use them" in err
+    with pytest.raises(SystemExit):  # a preset of fixed weights learns no gamma either (helper-150)
+        train.parse_args(["--method", "msdnet", "--gamma-lr", "0.5"])
+    assert "'msdnet' does not use them" in capsys.readouterr().err
+    assert train.parse_args(["--method", "dbt", "--gamma-init", "last"]).gamma_init == "last"  # (its weights)
     assert train.parse_args(["--method", "hdkd", "--gamma-lr", "0.1"]).gamma_lr == 0.1
