@@ -623,7 +623,6 @@ class StepCapture(_Inert):
     weighter weakly; copies of the optimizer get an inert hook. Never raises into the user's step:
     what it cannot read is reported by ``meta_step``."""
 
-
     def __init__(self, weighter: Any, before_step: Callable[..., tuple[dict[str, Tensor], list[Tensor | float]]]
                  ) -> None:
         self._ref = weakref.ref(weighter)
@@ -713,7 +712,6 @@ class StepEnd(_Inert):
     """The optimizer step post-hook of ``mode="fast"``: the parameters' fingerprint as the step the
     pre-hook captured left them, for ``meta_step`` to see whether anything moved them since
     (:mod:`metaweight._moves`)."""
-
 
     def __init__(self, weighter: Any) -> None:
         self._ref = weakref.ref(weighter)

@@ -46,7 +46,7 @@ COMPILED_RANDOM = ("The torch.compile'd model drew random numbers (dropout or th
 
 class NotReproduced(ValueError):
     """The training forward, replayed at the step's parameters, gave other terms than ``loss()`` got
-    (:data:`NOT_REPRODUCED`); the two-call form looks for a cause it can name (:func:`outside_moved`)."""
+    (:data:`NOT_REPRODUCED`); the two-call form looks for a cause it can name (``_refuse_outside_moved`` in :mod:`metaweight._twocall`)."""
 
 
 NOT_REPRODUCED = (

@@ -422,7 +422,6 @@ class CSVLogger(HandedLogger):
             if not os.access(path.parent, os.W_OK | os.X_OK):  # a rewrite puts a new file in its place
                 raise ValueError(f"`path` {path} cannot be rewritten: no write permission on its folder "
                                  f"{path.parent}. Log to another path.")
-            _check_creates_files(path.parent, path, "path")
         self.path = path
         self.overwrite = overwrite
         try:

@@ -56,8 +56,19 @@ def moved(before: Tensor | None, after: Tensor | None) -> Tensor:
         return torch.zeros((), dtype=torch.bool)
     if before.shape != after.shape:
         return torch.ones((), dtype=torch.bool, device=after.device)
+    return moved_each(before, after).any()
+
+
+def moved_each(before: Tensor, after: Tensor) -> Tensor:
+    """On ``before``'s device: whether each tensor's fingerprint differs (two fingerprints of the same tensors; NaN
+    equal to NaN)."""
     after = after.to(before.device)
-    return ((before != after) & ~(before.isnan() & after.isnan())).any()
+    return (before != after) & ~(before.isnan() & after.isnan())
+
+
+def shapes_of(tensors: Sequence[Tensor]) -> str:
+    """The shapes of the first four of ``tensors``, for a message (``(5, 10), (5,) ...``)."""
+    return ", ".join(str(tuple(p.shape)) for p in tensors[:4]) + (" ..." if len(tensors) > 4 else "")
 
 
 def frozen_with_grad(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> list[str]:

@@ -26,7 +26,7 @@ from metaweight._clipping import EPSILON, clip_transpose, total_norm
 from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
 from metaweight._fast import NotReproduced, Piece
 from metaweight._optimizers import FAST_OUTSIDE_MODEL
-from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, moved
+from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, moved, moved_each, shapes_of
 from metaweight._protocols import ModelCall, model_arguments
 from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
 from metaweight._record import MetaStepRecord
@@ -554,14 +554,13 @@ def _refuse_outside_moved(pending: Pending) -> None:
     on this error path only."""
     if pending.stepped_outside is None or pending.outside_print is None:
         return
-    tensors, before = pending.stepped_outside[0], pending.outside_print
+    tensors = pending.stepped_outside[0]
     now = fingerprint(tensors)
     assert now is not None
-    flags = host_read([(now.to(before.device) != before) & ~(now.to(before.device).isnan() & before.isnan())])
-    moved = [p for p, f in zip(tensors, flags) if f]
-    if moved:
-        shapes = ", ".join(str(tuple(p.shape)) for p in moved[:4]) + (" ..." if len(moved) > 4 else "")
-        said = FAST_OUTSIDE_MODEL.format(count=len(moved), shapes=shapes)
+    flags = host_read([moved_each(pending.outside_print, now)])
+    stepped = [p for p, f in zip(tensors, flags) if f]
+    if stepped:
+        said = FAST_OUTSIDE_MODEL.format(count=len(stepped), shapes=shapes_of(stepped))
         raise ValueError(said.replace(" Nothing was changed.", " They held a zero gradient at the step (a zero_grad or "
                                       "grad.zero_() before it), and weight decay or momentum moved them all the same. "
                                       "Nothing was changed."))

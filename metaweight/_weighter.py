@@ -48,7 +48,8 @@ from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
-from metaweight._moves import FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, frozen_with_grad, outside_model
+from metaweight._moves import (FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, frozen_with_grad,
+                               outside_model, shapes_of)
 from metaweight._optimizers import (FAST_OUTSIDE_MODEL, IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
                                     check_option_values, check_optimizer_options, check_optimizer_state,
                                     check_saved_state, stepped_optimizer)
@@ -746,9 +747,8 @@ class HarmonizedWeighter(NamedWeights):
             own = {id(p) for _, p in walk(self.module).parameters}
             foreign = [p for group in self._inner_optimizer.param_groups for p in group["params"] if id(p) not in own]
             if foreign:  # (higher's differentiable optimizer looks each one up among the model's, and fails)
-                shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:4]) + (" ..." if len(foreign) > 4 else "")
                 raise ValueError(f"The optimizer holds {len(foreign)} tensor(s) that are no parameters of the model "
-                                 f"(shapes {shapes}): a module replaced in the model but left in the optimizer, or a "
+                                 f"(shapes {shapes_of(foreign)}): a module replaced in the model but left in the optimizer, or a "
                                  f"criterion's parameter. backend='higher' builds its differentiable optimizer over "
                                  f"the model's parameters alone and cannot take them. Drop them from the optimizer "
                                  f"(a replaced module's), or use backend='jvp', whose look-ahead holds them as they "
@@ -1336,8 +1336,7 @@ def _holds_nonfinite(inputs: Any, device: torch.device) -> bool:
 def _refuse_outside_model(outside: list[Tensor]) -> None:
     """``mode="fast"``: the refusal of an optimizer stepping the trainable tensors ``outside`` the model."""
     if outside:
-        shapes = ", ".join(str(tuple(p.shape)) for p in outside[:4]) + (" ..." if len(outside) > 4 else "")
-        raise ValueError(FAST_OUTSIDE_MODEL.format(count=len(outside), shapes=shapes))
+        raise ValueError(FAST_OUTSIDE_MODEL.format(count=len(outside), shapes=shapes_of(outside)))
 
 
 def _is_compiled(model: nn.Module) -> bool:

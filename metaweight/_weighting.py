@@ -885,20 +885,17 @@ class Weighting(NamedWeights):
         # the decisions and the record's numbers, one read
         values = host_read([flag, loss, self.last_terms] + ([refused] if refused is not None else []))
         value = values[1]
-        if values[0] == 0.0 and refused is not None and values[-1] != 0.0:
+        ruled_out = values[0] == 0.0 and refused is not None and values[-1] != 0.0
+        if values[0] != 0.0 or ruled_out:  # the step is not taken: put back what the forward and backward changed
             self.optimizer.zero_grad(set_to_none=True)
             snapshot.restore()
             self._reset_pending()
             terms = dict(zip(self.term_names, values[2:2 + len(self.term_names)]))
-            raise ValueError(f"{type(self).__name__} cannot update its weights from this step's terms {terms}: "
-                             f"{self._nonfinite_hint(terms)}The step was not taken: parameters, buffers, optimizer "
-                             f"state and weights are as before this call. (Pass nonfinite='skip' to take the model's "
-                             f"steps and skip such updates, with a warning.)")
-        if values[0] != 0.0:
-            self.optimizer.zero_grad(set_to_none=True)
-            snapshot.restore()
-            self._reset_pending()
-            terms = dict(zip(self.term_names, values[2:2 + len(self.term_names)]))
+            if ruled_out:
+                raise ValueError(f"{type(self).__name__} cannot update its weights from this step's terms {terms}: "
+                                 f"{self._nonfinite_hint(terms)}The step was not taken: parameters, buffers, "
+                                 f"optimizer state and weights are as before this call. (Pass nonfinite='skip' to "
+                                 f"take the model's steps and skip such updates, with a warning.)")
             message = (f"The weighted training loss ({value}), its gradient or a buffer the forward updated "
                        f"(e.g. BatchNorm statistics) is not finite (terms {terms}). The step was not taken: "
                        f"parameters, buffers, optimizer state and weights are as before this call. "
