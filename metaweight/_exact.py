@@ -18,6 +18,7 @@ from torch import Tensor
 
 from metaweight._backends import Backend
 from metaweight._capture import sparse_trained
+from metaweight._gradcheck import check_gradients_once
 from metaweight._checks import NO_TRAINING_GRADIENT, check_differentiable, summarize_step_labels, unpack_batch
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, set_rng_state
@@ -66,7 +67,7 @@ class ExactMode:
         ``checked``: the caller ran the loop's checks and the gradient check of this call already."""
         if w.learn and w.num_calls % w.meta_every == 0 and not checked:
             w._check_loop()  # options and hooks set since the last meta step, before anything changes
-            w._check_gradients(train_batch, val_batch)  # (once)
+            check_gradients_once(w, train_batch, val_batch)  # (once)
         w.num_calls += 1
         if not w.learn or (w.num_calls - 1) % w.meta_every:
             gamma = w.gamma_dict() if read_gamma else {}
@@ -110,7 +111,7 @@ class ExactMode:
                              f"was changed.")
         if w.learn and w.num_calls % w.meta_every == 0:
             w._check_loop()  # before the transaction: a refusal leaves the gradients as they are too
-            w._check_gradients(train_batch, val_batch)  # (once)
+            check_gradients_once(w, train_batch, val_batch)  # (once)
         transaction = w._transaction
         saved = transaction.begin(w)
         summarize_step_labels(train_batch, val_batch, w.criterion, w.validation, w._reducer)

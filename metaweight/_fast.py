@@ -25,6 +25,7 @@ from metaweight._backends import optimizer_refusal
 from metaweight._checks import (NO_TRAINING_GRADIENT, all_padding_message, check_differentiable, checked_target,
                                float_leaves, summarize_step_labels, unpack_batch)
 from metaweight._clipping import EPSILON, clip_transpose
+from metaweight._gradcheck import check_gradients_once
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
 from metaweight._optimizers import lookahead_update, unweighted_term
 from metaweight._protocols import call_model
@@ -112,7 +113,7 @@ class FastMode:
         xv, yv = unpack_batch(val_batch, "val_batch")
         if w.num_calls % w.meta_every == 0:
             w._check_loop()  # options, hooks and parameters set since the last meta step, before anything changes
-            w._check_gradients(train_batch, val_batch)  # (once)
+            check_gradients_once(w, train_batch, val_batch)  # (once)
         transaction = w._transaction
         saved = transaction.begin(w)  # before the count: anything raised or refused below leaves it as it was
         w.num_calls += 1

@@ -41,18 +41,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from metaweight._backends import FiniteDifferenceBackend, HigherBackend, JvpBackend
+from metaweight._checks import unpack_batch
 from metaweight._hypergradient import Reducer, call_with
 from metaweight._protocols import ModelCall, Objective, Terms
-from metaweight._randomness import model_generators, replay_randomness
+from metaweight._randomness import NEW_GENERATOR, model_generators, new_generators, replay_randomness
 from metaweight._tangents import ShortTangents, dual_level
-from metaweight._transaction import host_read
+from metaweight._transaction import host_read, registered_buffers_removed
+from metaweight._warn import warn_user
+
+if TYPE_CHECKING:  # (the weighter imports this module)
+    from metaweight._weighter import HarmonizedWeighter
 
 RELATIVE = 1e-4  # a gap below this fraction of the derivative is not refused
 RELATIVE_OWN = 1e-2  # ... in the model's own dtype (a model that cannot run on float64 copies)
@@ -449,3 +455,70 @@ INCONCLUSIVE = (
     "only if the model, the criterion and the validation objective have no stop-gradient or custom backward "
     "(detach, .data, no_grad, .item() rescales, straight-through estimators) on that path; pass "
     "check_gradients=False to silence this.")
+
+
+def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> None:
+    """The check of the weighter ``w`` (``check_gradients=True``), once, at its first meta step, before anything
+    changes: autograd's gradients against the derivatives of the values, on float64 copies (:func:`gradient_mismatch`,
+    on ``train_batch`` and ``val_batch``, ``(x, y)`` each). Raises a ``ValueError`` where they differ (and checks
+    again at the next meta step); warns where the model cannot be checked (where the float64 copies raised, at the
+    next meta step, once one went through: an error of the model's own comes from the step itself first)."""
+    if w._gradients_checked or not w.check_gradients:
+        return
+    backend = w._exact.backend
+    if w.mode == "fast" or isinstance(backend, FiniteDifferenceBackend) or \
+            (isinstance(backend, JvpBackend) and backend.fallback is not None):
+        derivative = "values"
+    else:
+        derivative = "autograd" if isinstance(backend, HigherBackend) else "forward"
+    watch = w._watch
+
+    def run(compute: Callable[[], Any]) -> Any:
+        paused = watch is not None and watch.paused
+        if watch is not None:
+            watch.paused = True  # the check's forwards are not the user's
+        try:
+            return compute()
+        finally:
+            if watch is not None:
+                watch.paused = paused
+
+    train = unpack_batch(train_batch, "train_batch")
+    val = unpack_batch(val_batch, "val_batch")
+    generators = model_generators(w.module)
+
+    def check(wide: bool) -> Any:
+        return gradient_mismatch(w.module, w._terms, w._objective, train, val, derivative=derivative,
+                                 movable=w._exact.lookahead_names if w.mode == "exact" else None,
+                                 active=w._active, reducer=w._reducer, run=run, wide=wide)
+
+    with registered_buffers_removed(w.module):  # (a mask built by the check's first forward)
+        try:
+            try:
+                found = check(True)
+            except Exception:  # (every rank alike) a model that cannot run on float64 copies: its own dtype
+                if new_generators(w.module, generators):
+                    raise
+                found = check(False)
+        except Exception as exc:
+            appeared = new_generators(w.module, generators)
+            if appeared:  # the look-ahead could not replay this model's random numbers either
+                raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared))) from None
+            first = (str(exc).splitlines() or [""])[0][:200]
+            failed, w._gradcheck_failed = w._gradcheck_failed, (w.num_meta_steps, f"{type(exc).__name__}: "
+                                                                                          f"{first}")
+            # an error of the model's or the data's comes again from the step itself, which says it: only once a
+            # meta step went through since is the failure the float64 copies' own, and said
+            if failed is not None and w.num_meta_steps > failed[0]:
+                w._gradients_checked = True
+                warn_user(f"metaweight could not check the model's gradients against the derivatives of its values "
+                          f"on float64 copies ({failed[1]}). The meta-gradient is exact only if the model has no "
+                          f"stop-gradient or custom backward (detach, .data, no_grad, .item() rescales, "
+                          f"straight-through estimators) on the path to its exits; pass check_gradients=False to "
+                          f"silence this.")
+            return
+    if found.refusal is not None:
+        raise ValueError(found.refusal)
+    w._gradients_checked = found.finite  # (non-finite data, which the step refuses: checked next time)
+    if found.inconclusive is not None:
+        warn_user(found.inconclusive)

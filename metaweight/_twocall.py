@@ -25,6 +25,7 @@ from metaweight._checks import unpack_batch as _unpack
 from metaweight._clipping import EPSILON, clip_transpose, total_norm
 from metaweight._fast import COMPILED_RANDOM as _COMPILED_RANDOM
 from metaweight._fast import NotReproduced, Piece
+from metaweight._gradcheck import check_gradients_once
 from metaweight._optimizers import FAST_OUTSIDE_MODEL
 from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, moved, moved_each, shapes_of
 from metaweight._protocols import ModelCall, model_arguments
@@ -75,7 +76,7 @@ class TwoCall:
         if isinstance(plan, _NonFinite) and w.nonfinite == "raise":
             raise ValueError(plan.message)
         if plan is not None and not isinstance(plan, _NonFinite):
-            w._check_gradients(train_batch, val_batch)  # (once; after the plan's own refusals, which say more)
+            check_gradients_once(w, train_batch, val_batch)  # (once; after the plan's own refusals, which say more)
         pending_now, w._pending, w._stepped = w._pending, None, None
         w._resumed, w._load_note = None, ""
         w.num_calls += 1

@@ -14,62 +14,47 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
-from metaweight._backends import (BACKENDS, Backend, BackendName, FiniteDifferenceBackend, HigherBackend, JvpBackend,
-                                  make_backend)
-from metaweight._gradcheck import gradient_mismatch
+from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, drop_inert_hooks,
                                 sparse_trained, watch_backward)
-from metaweight._checks import (check_flag, check_initialized, check_has_values, IGNORE_INDEX, forget_labels,
-                               float_leaves, half_precision_eps_hint, in_dtype, integer_value, masked_label_hint,
-                               per_term, real_numbers, real_option, real_scalar, summarize_step_labels, unpack_batch)
+from metaweight._checks import (check_flag, check_initialized, IGNORE_INDEX, forget_labels, float_leaves,
+                               half_precision_eps_hint, integer_value, masked_label_hint, real_option,
+                               real_scalar, summarize_step_labels)
 from metaweight._clipping import ClipGradNorm, check_max_norm
 from metaweight._exact import ExactMode
+from metaweight._order import count_first_loss, warn_if_after_step, warn_if_met_since
+from metaweight._gamma import (GAMMA_OPTIMIZER, GammaInit, build_gamma_optimizer, check_gamma_optimizer_choice,
+                               initial_gamma, own_implementation)
 from metaweight._fast import FastMode, before_step
 from metaweight._hypergradient import Reducer
-from metaweight._losses import DenseDistillLoss
 from metaweight._protocols import Objective, Terms
-from metaweight._randomness import NEW_GENERATOR, model_generators, new_generators
 from metaweight._record import MetaStepRecord
 from metaweight._twocall import TwoCall
+from metaweight._weighter_state import checked_state
 from metaweight._capturable import CapturableFast, DeviceRecord, check as check_capturable
-from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
 from metaweight._transaction import (COPIED_SINCE, LOADED_DURING, LOADED_SINCE, PendingMeta, StateSnapshot,
-                                     StepTransaction, gradients_moved, host_read, nonfinite_flag,
-                                     registered_buffers_removed)
+                                     StepTransaction, gradients_moved, host_read, nonfinite_flag)
 from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import warn_user, warns_after_construction
-from metaweight._weighting import NamedWeights, first_labels, optimizer_steps, unwrap_model
+from metaweight._weighting import NamedWeights, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import (FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, frozen_with_grad,
                                outside_model, shapes_of)
-from metaweight._optimizers import (FAST_OUTSIDE_MODEL, IMPLEMENTATION_OPTIONS, check_optimizer_covers_model,
-                                    check_option_values, check_optimizer_options, check_optimizer_state,
-                                    check_saved_state, stepped_optimizer)
+from metaweight._optimizers import (FAST_OUTSIDE_MODEL, check_optimizer_covers_model, check_option_values,
+                                    check_optimizer_options, check_optimizer_state, stepped_optimizer)
 from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
-GammaInit = Union[Literal["uniform", "last", "random"], Tensor, Sequence[float], Mapping[str, float]]
-INITS = ("uniform", "last", "random")
 CONSTRAINTS = ("clamp", "normalize")
-GAMMA_OPTIMIZERS = ("sgd", "adam")
-GAMMA_OPTIMIZER = "gamma's optimizer (weighter.gamma_optimizer)"
 NONFINITE = ("raise", "skip")
-FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")  # device types with torch's fused Adam kernel
-
-
-def _adam(gamma: Tensor, lr: float) -> torch.optim.Optimizer:
-    """torch's Adam for ``gamma``, fused where its device has the kernel (torch checks that only at the first
-    step, so the device is asked here): one kernel for gamma's step, its step count kept on the device (on
-    CUDA the unfused one reads it back to the host at every step)."""
-    return torch.optim.Adam([gamma], lr=lr, fused=gamma.device.type in FUSED_ADAM_DEVICES or None)
 
 
 class HarmonizedWeighter(NamedWeights):
@@ -290,9 +275,7 @@ class HarmonizedWeighter(NamedWeights):
                 f"ignore_index={i_terms}), or leave `validation` out to get it from the criterion."
             )
         gamma_lr = real_option(gamma_lr, "gamma_lr", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
-        if not (gamma_optimizer is None or callable(gamma_optimizer) or gamma_optimizer in GAMMA_OPTIMIZERS):
-            raise ValueError(f"Invalid gamma_optimizer: {gamma_optimizer!r}. Expected one of {GAMMA_OPTIMIZERS} or "
-                             f"a callable taking [gamma] and returning a torch.optim.Optimizer.")
+        check_gamma_optimizer_choice(gamma_optimizer)
         if constraint not in CONSTRAINTS:
             raise ValueError(f"Invalid constraint: {constraint!r}. Expected one of {CONSTRAINTS}.")
         if nonfinite not in NONFINITE:
@@ -389,29 +372,13 @@ class HarmonizedWeighter(NamedWeights):
             if isinstance(part, nn.Module):
                 part.to(device)
         self._active = terms.active.to(device)
-        self.gamma: Tensor = self._initial_gamma(init, generator).to(device)  # a plain tensor; its optimizer reads .grad
+        self.gamma: Tensor = initial_gamma(init, generator, terms.term_names, terms.active, criterion).to(device)  # a plain tensor; its optimizer reads .grad
         self._gamma_sum = float(self.gamma.detach().sum())
         if self.learn and constraint == "normalize" and self._gamma_sum == 0:
             raise ValueError("constraint='normalize' keeps the sum of gamma, but `init` gives every term weight 0: "
                              "gamma could never move. Start from a non-zero init (e.g. 'uniform').")
         self.num_skipped = 0  # meta steps and model steps refused as non-finite
-        if gamma_optimizer is None:
-            gamma_optimizer = "adam"
-        if isinstance(gamma_optimizer, str) and capturable:
-            self.gamma_optimizer = capturable_gamma_optimizer(gamma_optimizer, self.gamma, self.gamma_lr)
-        elif isinstance(gamma_optimizer, str):
-            if gamma_optimizer == "sgd":
-                self.gamma_optimizer: torch.optim.Optimizer = torch.optim.SGD([self.gamma], lr=self.gamma_lr)
-            else:
-                self.gamma_optimizer = _adam(self.gamma, self.gamma_lr)
-        else:
-            self.gamma_optimizer = gamma_optimizer([self.gamma])
-            if not isinstance(self.gamma_optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    "`gamma_optimizer` should return a torch.optim.Optimizer for [gamma]. "
-                    f"It returned `{type(self.gamma_optimizer).__name__}`."
-                )
-        check_option_values(type(self.gamma_optimizer), self.gamma_optimizer.param_groups, GAMMA_OPTIMIZER)
+        self.gamma_optimizer = build_gamma_optimizer(gamma_optimizer, self.gamma, self.gamma_lr, capturable)
         self.num_meta_steps = 0
         self._capturable: CapturableFast | None = None
         if capturable:
@@ -422,7 +389,7 @@ class HarmonizedWeighter(NamedWeights):
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
         self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
         # mode="exact", before the first meta step: the labels of the loss() calls since the optimizer's last step, the
-        # step count then, and how many step counts those calls spanned (see _warn_if_after_step)
+        # step count then, and how many step counts those calls spanned (see metaweight._order)
         self._first_loss: tuple[list[Tensor | None], int, int] | None = None
         # the gradients (objects, versions) a two-call meta_step let go after a backward no step followed
         self._let_go: GradSnapshot | None = None
@@ -492,54 +459,6 @@ class HarmonizedWeighter(NamedWeights):
             self._pending = self._stepped = None  # (already None in a state from __getstate__)
             self._hook_two_calls(self._active.device)
 
-    # ----------------------------------------------------------------------------- set-up
-    def _initial_gamma(self, init: GammaInit, generator: torch.Generator | None) -> Tensor:
-        active = self._terms.active.cpu()
-        n = self._terms.num_terms
-        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
-            raise TypeError(f"`generator` should be None or a CPU torch.Generator (init='random' draws on the CPU), "
-                            f"e.g. torch.Generator().manual_seed(0). Found {generator!r}.")
-        if isinstance(init, str):
-            if init == "uniform":
-                gamma = active.float()
-            elif init == "last":
-                if not isinstance(self.criterion, DenseDistillLoss):
-                    raise ValueError("init='last' (DBT-like) needs a DenseDistillLoss criterion; give a tensor of "
-                                     "initial weights instead.")
-                K = self.criterion.num_exits
-                gamma = torch.zeros(n, dtype=torch.float32)
-                gamma[:K] = 1.0
-                for idx, (i, _) in enumerate(self.criterion.pairs):
-                    if i == K - 1:
-                        gamma[K + idx] = 1.0
-                gamma = gamma * active
-            elif init == "random":
-                gamma = torch.rand(n, generator=generator, dtype=torch.float32) * active
-            else:
-                raise ValueError(f"Invalid init: {init!r}. Expected one of {INITS} or a tensor of {n} weights.")
-            return gamma
-        check_has_values(init, "`init`", "setting the initial weights")
-        values = real_numbers(per_term(init, self._terms.term_names, "init"))
-        if values is None:
-            raise TypeError(f"Invalid init: {init!r}. Expected one of {INITS}, or {n} real numbers >= 0, one weight "
-                            f"per term {self._terms.term_names} (a list, a 1-d NumPy array, a 1-d tensor, or a dict "
-                            f"from term name to weight such as gamma_dict()).")
-        if len(values) != n:
-            raise ValueError(
-                f"`init` should hold one weight per term, shape ({n},) for terms {self._terms.term_names}. "
-                f"Found {len(values)} weights."
-            )
-        if not all(math.isfinite(v) and v >= 0 for v in values):
-            raise ValueError(f"`init` weights should be finite and >= 0. Found {values}.")
-        gamma = in_dtype(values, torch.float32, "init")
-        inactive = [name for name, a, g in zip(self._terms.term_names, active, gamma) if not a and g != 0]
-        if inactive:
-            raise ValueError(
-                f"`init` gives non-zero weight to terms the criterion does not compute (inactive): {inactive}. "
-                f"Set them to 0 (or, for a DenseDistillLoss, use teachers='dense')."
-            )
-        return gamma
-
     # ----------------------------------------------------------------------------- the two calls
     def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
         r"""The weighted training loss :math:`\sum_k \gamma_k L_k` for the user's own backward.
@@ -571,57 +490,9 @@ class HarmonizedWeighter(NamedWeights):
                         self._resumed_calls = 0
 
                 weighted.register_hook(carried)
-        elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see _warn_if_after_step)
-            # counted when a backward reaches it: a loss() for logging is no training loss (first iteration only)
-            labels, counted = first_labels(target), []
-
-            def count(grad: Tensor) -> None:
-                if counted or self.num_calls:  # (once; a second backward through a retained graph is no other call)
-                    return
-                counted.append(True)
-                steps = optimizer_steps(self._inner_optimizer)
-                if self._first_loss is not None and self._first_loss[1] == steps:  # a micro-batch of the same step
-                    if len(self._first_loss[0]) < 64:
-                        self._first_loss[0].append(labels)
-                else:
-                    groups = 1 if self._first_loss is None else self._first_loss[2] + 1
-                    self._first_loss = ([labels], steps, groups)
-
-            weighted.register_hook(count)
+        elif self.learn and self.num_calls == 0 and weighted.requires_grad:  # (see warn_if_after_step)
+            count_first_loss(self, weighted, target)
         return weighted
-
-    def _warn_if_after_step(self, train_batch: Batch) -> None:
-        """``mode="exact"``, at the first two-call ``meta_step``: warn when the training ``loss()`` calls of one
-        optimizer step came first (one step: a warm-up of several with fixed gamma is no wrong order), the optimizer
-        stepped since (the order of ``mode="fast"`` and the loss weightings), and their labels are the batch's cut
-        in order (one call: the tensor, or a view of all of it; several, gradient accumulation: views of them or, on
-        the CPU, equal to their concatenation). The look-ahead then scores a step on a batch already stepped on."""
-        first, self._first_loss = self._first_loss, None
-        if first is None or self.num_calls or not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
-            return
-        calls, steps, groups = first
-        if groups == 1 and optimizer_steps(self._inner_optimizer) > steps and \
-                _labels_of(calls, first_labels(train_batch[1])):
-            warn_user("mode='exact' scores the look-ahead of the step to come, so its meta_step comes before the "
-                      "model's step: weighter.meta_step((x, y), val_batch); loss = weighter.loss(model(x), y); "
-                      "loss.backward(); optimizer.step(). This loop called it after the step, on the batch "
-                      "already stepped on (the order of mode='fast' and of the loss weightings): gamma learns "
-                      "from a step the loop never takes. Move the call before the forward, or build the weighter "
-                      "with mode='fast', whose meta_step scores the step just taken.")
-
-    def _warn_if_met_since(self, call: str) -> None:
-        """``mode="exact"``: warn when a meta step comes (``call``: a two-call ``meta_step``, or ``step()``,
-        which runs its own) after a two-call ``meta_step`` with no optimizer step and no :meth:`loss` call since
-        (Python objects only): gamma would take two meta steps for one model step. A ``GradScaler`` that skipped
-        the step in between does not warn (the loop's ``loss()`` came between)."""
-        if self._met_at is None or not self.learn:
-            return
-        if self._met_at == (optimizer_steps(self._inner_optimizer), self._loss_calls):
-            warn_user(f"weighter.{call} runs a meta step, and weighter.meta_step ran one with no optimizer step and no "
-                      f"weighter.loss call since: gamma takes two meta steps for one model step. Call meta_step once "
-                      f"per iteration, before loss = weighter.loss(model(x), y); step() runs its own meta step and "
-                      f"the model's step, so call either step() or the two calls, not both.")
-        self._met_at = None
 
     def _keep_for_meta_step(self, outputs: Any, terms: Tensor, target: Any, weighted: Tensor) -> None:
         """``mode="fast"``, two-call form: keep this loss for the meta step after the optimizer's step. A
@@ -724,8 +595,8 @@ class HarmonizedWeighter(NamedWeights):
             with torch.enable_grad():  # (called under torch.no_grad(), the meta-gradient still needs autograd)
                 if self.mode == "fast" and self.learn:
                     return self._two_call.meta_step(self, train_batch, val_batch)
-                self._warn_if_after_step(train_batch)
-                self._warn_if_met_since("meta_step")
+                warn_if_after_step(self, train_batch)
+                warn_if_met_since(self, "meta_step")
                 record = self._exact.meta_step(self, train_batch, val_batch)
                 if record.ran and self.learn:
                     self._met_at = (optimizer_steps(self._inner_optimizer), self._loss_calls)
@@ -815,71 +686,6 @@ class HarmonizedWeighter(NamedWeights):
                              "mode='fast', the hooks that read the loop): setting weighter.learn = True cannot start "
                              "learning. Build it with learn=True and set weighter.learn = False to pause learning. "
                              "Nothing was changed.")
-
-    def _check_gradients(self, train_batch: Batch, val_batch: Batch) -> None:
-        """Once, at the first meta step, before anything changes: autograd's gradients against the
-        derivatives of the values, on float64 copies (:mod:`metaweight._gradcheck`). Raises a
-        ``ValueError`` where they differ (and checks again at the next meta step); warns where the
-        model cannot be checked (where the float64 copies raised, at the next meta step, once one went through:
-        an error of the model's own comes from the step itself first)."""
-        if self._gradients_checked or not self.check_gradients:
-            return
-        backend = self._exact.backend
-        if self.mode == "fast" or isinstance(backend, FiniteDifferenceBackend) or \
-                (isinstance(backend, JvpBackend) and backend.fallback is not None):
-            derivative = "values"
-        else:
-            derivative = "autograd" if isinstance(backend, HigherBackend) else "forward"
-        watch = self._watch
-
-        def run(compute: Callable[[], Any]) -> Any:
-            paused = watch is not None and watch.paused
-            if watch is not None:
-                watch.paused = True  # the check's forwards are not the user's
-            try:
-                return compute()
-            finally:
-                if watch is not None:
-                    watch.paused = paused
-
-        train = unpack_batch(train_batch, "train_batch")
-        val = unpack_batch(val_batch, "val_batch")
-        generators = model_generators(self.module)
-        def check(wide: bool) -> Any:
-            return gradient_mismatch(self.module, self._terms, self._objective, train, val, derivative=derivative,
-                                     movable=self._exact.lookahead_names if self.mode == "exact" else None,
-                                     active=self._active, reducer=self._reducer, run=run, wide=wide)
-
-        with registered_buffers_removed(self.module):  # (a mask built by the check's first forward)
-            try:
-                try:
-                    found = check(True)
-                except Exception:  # (every rank alike) a model that cannot run on float64 copies: its own dtype
-                    if new_generators(self.module, generators):
-                        raise
-                    found = check(False)
-            except Exception as exc:
-                appeared = new_generators(self.module, generators)
-                if appeared:  # the look-ahead could not replay this model's random numbers either
-                    raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared))) from None
-                first = (str(exc).splitlines() or [""])[0][:200]
-                failed, self._gradcheck_failed = self._gradcheck_failed, (self.num_meta_steps, f"{type(exc).__name__}: "
-                                                                                              f"{first}")
-                # an error of the model's or the data's comes again from the step itself, which says it: only once a
-                # meta step went through since is the failure the float64 copies' own, and said
-                if failed is not None and self.num_meta_steps > failed[0]:
-                    self._gradients_checked = True
-                    warn_user(f"metaweight could not check the model's gradients against the derivatives of its values "
-                              f"on float64 copies ({failed[1]}). The meta-gradient is exact only if the model has no "
-                              f"stop-gradient or custom backward (detach, .data, no_grad, .item() rescales, "
-                              f"straight-through estimators) on the path to its exits; pass check_gradients=False to "
-                              f"silence this.")
-                return
-        if found.refusal is not None:
-            raise ValueError(found.refusal)
-        self._gradients_checked = found.finite  # (non-finite data, which the step refuses: checked next time)
-        if found.inconclusive is not None:
-            warn_user(found.inconclusive)
 
     # ------------------------------------------------------------- gamma's step, for both modes
     def _apply(self, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor, terms: Tensor, *,
@@ -1069,7 +875,7 @@ class HarmonizedWeighter(NamedWeights):
             with torch.enable_grad():  # (called under torch.no_grad(), the step still needs its gradients)
                 if self.mode == "fast" and self.learn:
                     return self._fast.step(self, train_batch, val_batch)
-                self._warn_if_met_since("step()")
+                warn_if_met_since(self, "step()")
                 return self._exact.step(self, train_batch, val_batch)
         finally:
             forget_labels()  # labels are remembered for one step only
@@ -1169,130 +975,23 @@ class HarmonizedWeighter(NamedWeights):
             TypeError: ``state_dict`` is not a dict.
             ValueError: the checkpoint does not fit this weighter (see above); nothing is changed.
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"`state_dict` should be a dict from HarmonizedWeighter.state_dict(). "
-                            f"Found `{type(state_dict).__name__}`.")
-        if "weighting" in state_dict:  # (a loss weighting's state_dict names its method)
-            raise ValueError(f"This checkpoint is a {state_dict['weighting']}'s (a loss weighting), not a "
-                             f"HarmonizedWeighter's. Build the weighting the checkpoint was saved with "
-                             f"(metaweight.WEIGHTINGS). Nothing was changed.")
-        required = ("term_names", "teachers", "gamma", "gamma_optimizer", "validation", "num_meta_steps", "gamma_sum")
-        missing = [k for k in required if k not in state_dict]
-        if missing:
-            raise ValueError(f"This checkpoint lacks {missing}: it is not a complete HarmonizedWeighter.state_dict() "
-                             f"(keys found: {sorted(state_dict)}). Nothing was changed.")
-        names = state_dict["term_names"]
-        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"The checkpoint's term_names should be a list of names. Found `{type(names).__name__}`.")
-        if list(names) != self.term_names:
-            raise ValueError(
-                f"This checkpoint is for the terms {names} ({_count_exits(names)} exits), but this weighter "
-                f"has {self.term_names} ({_count_exits(self.term_names)} exits). Build the weighter with the "
-                f"criterion the checkpoint was saved with."
-            )
-        teachers = getattr(self.criterion, "teachers", None)
-        if not (state_dict["teachers"] is None or isinstance(state_dict["teachers"], str)) or \
-                state_dict["teachers"] != teachers:
-            raise ValueError(
-                f"This checkpoint was saved with teachers={state_dict['teachers']!r}, but this criterion has "
-                f"teachers={teachers!r}."
-            )
-        if "learn" in state_dict:  # (checkpoints saved before it was recorded: loaded as before)
-            saved_learn = state_dict["learn"]
-            if not isinstance(saved_learn, bool):
-                raise ValueError(f"The checkpoint's learn should be a bool (whether its weighter learned gamma). "
-                                 f"Found {saved_learn!r}. Pass a HarmonizedWeighter.state_dict() as saved. Nothing "
-                                 f"was changed.")
-            if saved_learn != self._built_to_learn:
-                kinds = {True: "learned gamma (a weighter built with learn=True, e.g. preset 'hdkd')",
-                         False: "fixed gamma (a weighter built with learn=False, e.g. preset 'naive_dkd')"}
-                this = "it learns gamma" if self._built_to_learn else "its gamma is fixed"
-                would = ("train with learned weights as if they were fixed" if saved_learn
-                         else "start learning from fixed weights as if resuming a learned run")
-                raise ValueError(f"This checkpoint holds a {kinds[saved_learn]}, but this weighter was built with "
-                                 f"learn={self._built_to_learn} ({this}): loading it would {would}. Build the "
-                                 f"weighter the checkpoint was saved with (learn={saved_learn}, or its preset) to "
-                                 f"resume that run. Nothing was changed.")
-        gamma = state_dict["gamma"]
-        if not isinstance(gamma, Tensor) or gamma.shape != self.gamma.shape or not gamma.is_floating_point():
-            raise ValueError(f"The checkpoint's gamma should be a float tensor of shape {tuple(self.gamma.shape)}. "
-                             f"Found {gamma!r}.")
-        if not torch.isfinite(gamma).all() or (gamma < 0).any():
-            raise ValueError(f"The checkpoint's gamma {gamma.tolist()} holds non-finite or negative weights.")
-        if (gamma[~self._terms.active.cpu()] != 0).any():
-            raise ValueError(f"The checkpoint's gamma {gamma.tolist()} does not fit the terms {self.term_names}.")
-        self._objective.check_state(state_dict["validation"])  # check before touching our own
-        self._check_gamma_optimizer_state(state_dict)
-        counts = {k: state_dict.get(k, 0) for k in ("num_meta_steps", "num_calls", "num_skipped")}
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
-            raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
-        if "num_calls" in state_dict and counts["num_meta_steps"] > counts["num_calls"]:
-            raise ValueError(f"The checkpoint's counters {counts} are impossible: every meta step kept is a call, so "
-                             f"num_meta_steps <= num_calls. Pass a HarmonizedWeighter.state_dict() as saved. Nothing "
-                             f"was changed.")
-        pending = state_dict.get("pending_calls")  # (none in older checkpoints)
-        if pending is not None and (isinstance(pending, bool) or not isinstance(pending, int) or pending < 0):
-            raise ValueError(f"The checkpoint's `pending_calls` should be an int >= 0 (the loss() calls of the "
-                             f"accumulated step it was saved in). Found {pending!r}. Nothing was changed.")
-        gamma_sum = real_scalar(state_dict["gamma_sum"])  # (the one reading of a number: a bool is none)
-        if gamma_sum is None or not (math.isfinite(gamma_sum) and gamma_sum >= 0):
-            raise ValueError(f"The checkpoint's gamma_sum {state_dict['gamma_sum']!r} should be a finite number >= 0.")
+        loaded = checked_state(self, state_dict)  # the whole checkpoint, before anything changes
         # everything checked: now apply
-        self.gamma_optimizer.load_state_dict(self._own_implementation(state_dict["gamma_optimizer"]))
+        self.gamma_optimizer.load_state_dict(own_implementation(self.gamma_optimizer, state_dict["gamma_optimizer"]))
         with torch.no_grad():
-            self.gamma.copy_(gamma)
+            self.gamma.copy_(loaded.gamma)
         self._objective.load_state_dict(state_dict["validation"])
-        self.num_meta_steps = counts["num_meta_steps"]
-        self.num_calls = int(state_dict.get("num_calls", self.num_meta_steps))
-        self.num_skipped = counts["num_skipped"]
-        self._gamma_sum = float(gamma_sum)
+        self.num_meta_steps = loaded.num_meta_steps
+        self.num_calls = loaded.num_calls
+        self.num_skipped = loaded.num_skipped
+        self._gamma_sum = loaded.gamma_sum
         if self._pending is None:  # (no loss() call of the iteration under way is in a checkpoint)
             self._lost_calls = LOADED_SINCE
         self._met_at = None
-        self._resumed_calls, self._resumed = pending or 0, None
-        self._load_note = LOADED_DURING if pending != 0 else ""  # (an older checkpoint's: not known)
+        self._resumed_calls, self._resumed = loaded.pending_calls or 0, None
+        self._load_note = LOADED_DURING if loaded.pending_calls != 0 else ""  # (an older checkpoint's: not known)
         if self._capturable is not None and self._capturable.counts is not None:
             self._capturable.reset(self)
-
-    def _own_implementation(self, saved: Mapping[str, Any]) -> dict[str, Any]:
-        """A copy of a gamma-optimizer state dict with this weighter's implementation options (fused, capturable,
-        foreach, differentiable) in place of the saved ones: torch's ``load_state_dict`` takes a parameter group's
-        options from the state it loads, and a checkpoint of an eager weighter would un-fuse the gamma optimizer of a
-        ``capturable=True`` one (or of one built on another device)."""
-        out = copy.deepcopy(dict(saved))
-        built = self.gamma_optimizer.param_groups[0]
-        for group in out.get("param_groups", []):
-            if isinstance(group, dict):
-                group.update({k: built[k] for k in IMPLEMENTATION_OPTIONS if k in built})
-        return out
-
-    def _check_gamma_optimizer_state(self, state_dict: Mapping[str, Any]) -> None:
-        """Refuse a gamma-optimizer state that this weighter's gamma optimizer could not use."""
-        saved = state_dict["gamma_optimizer"]
-        mine = type(self.gamma_optimizer).__name__
-        kind = state_dict.get("gamma_optimizer_type")
-        if kind is not None and kind != mine:
-            raise ValueError(f"This checkpoint's gamma optimizer is {kind}, but this weighter's is {mine}. Build the "
-                             f"weighter with the gamma_optimizer the checkpoint was saved with.")
-        if not (isinstance(saved, Mapping) and isinstance(saved.get("param_groups"), list)
-                and isinstance(saved.get("state"), Mapping) and len(saved["param_groups"]) == 1
-                and isinstance(saved["param_groups"][0], Mapping)):
-            raise ValueError("The checkpoint's `gamma_optimizer` is not the state_dict of an optimizer of gamma.")
-        # an optimizer's hyper-parameters name its kind: SGD's momentum/nesterov, Adam's betas/eps
-        current = self.gamma_optimizer.state_dict()["param_groups"][0]
-        telling = {"momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "alpha", "centered", "lr_decay",
-                   "rho", "etas", "step_sizes"}
-        if {k for k in saved["param_groups"][0] if k in telling} != {k for k in current if k in telling}:
-            raise ValueError(f"This checkpoint's gamma optimizer has the settings {sorted(saved['param_groups'][0])}, "
-                             f"which are not those of this weighter's {mine}. Build the weighter with the "
-                             f"gamma_optimizer the checkpoint was saved with.")
-        check_option_values(type(self.gamma_optimizer), saved["param_groups"], "The checkpoint's gamma optimizer")
-        check_saved_state(saved["state"], self.gamma.shape, "The checkpoint's gamma optimizer")  # (before the load)
-        scratch = copy.deepcopy(self.gamma_optimizer)
-        try:
-            scratch.load_state_dict(self._own_implementation(saved))
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise ValueError(f"The checkpoint's gamma optimizer state does not load into {mine}: {exc}") from None
 
     def __repr__(self) -> str:
         return (
@@ -1303,28 +1002,6 @@ class HarmonizedWeighter(NamedWeights):
             f"gamma_optimizer={type(self.gamma_optimizer).__name__}, "
             f"validation={self.validation!r})"
         )
-
-
-def _labels_of(calls: list[Tensor | None], labels: Tensor | None) -> bool:
-    """Whether the labels of one step's ``loss()`` calls are ``labels``: ``labels`` cut in order along the batch
-    dimension, as views of it (one call: the tensor itself, or a view of all of it); for several calls also equal
-    values, when all are on the CPU (no read from a device)."""
-    if labels is None or any(c is None for c in calls):
-        return False
-    if len(calls) == 1 and calls[0] is labels:
-        return True
-    if sum(c.shape[0] for c in calls) != labels.shape[0] or any(c.shape[1:] != labels.shape[1:] for c in calls):
-        return False
-    start, views = 0, True
-    for c in calls:
-        part = labels[start:start + c.shape[0]]
-        start += c.shape[0]
-        views = views and c.data_ptr() == part.data_ptr() and c.stride() == part.stride() and c.dtype == part.dtype
-    if views:
-        return True
-    if len(calls) == 1 or labels.device.type != "cpu" or any(c.device.type != "cpu" for c in calls):
-        return False  # (no read from the device)
-    return all(c.dtype == labels.dtype for c in calls) and torch.equal(torch.cat(calls), labels)
 
 
 def _holds_nonfinite(inputs: Any, device: torch.device) -> bool:
@@ -1372,7 +1049,3 @@ def _check_sparse(sparse: list[str], mode: str, backend: str, optimizer: torch.o
             f"higher's DifferentiableAdagrad, which has no support for sparse gradients (its meta_step would raise "
             f"NotImplementedError). Use torch.optim.SGD, whose sparse step higher replays, build the modules "
             f"with sparse=False, or freeze them (requires_grad_(False)). Nothing was changed.")
-
-
-def _count_exits(names: Iterable[str] | None) -> int:
-    return sum(1 for n in names or [] if n.startswith("ce["))

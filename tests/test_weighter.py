@@ -448,7 +448,7 @@ def test_a_gamma_optimizer_that_raises_mid_step_leaves_gamma_and_its_state_as_th
 
 def test_gamma_s_default_adam_is_fused_only_where_the_device_has_the_kernel():
     """torch checks a fused Adam's device at its first step, not when it is built: the weighter asks first."""
-    from metaweight._weighter import _adam
+    from metaweight._gamma import adam as _adam
     assert _adam(torch.zeros(3, requires_grad=True), 0.1).param_groups[0]["fused"]
     meta = _adam(torch.zeros(3, device="meta", requires_grad=True), 0.1)
     assert not meta.param_groups[0]["fused"]
