@@ -95,6 +95,21 @@ class ClipGradNorm:
         return f"clip_grad_norm_(max_norm={self.max_norm:g}, norm_type={norm})"
 
 
+@dataclasses.dataclass(frozen=True)
+class ClippingHints:
+    """What ``mode="fast"``'s refusals of a step clipped otherwise than declared tell the user to change, by how the
+    weighter was built: a loop of one's own (the defaults), or an integration that declares the clipping it
+    configures (:mod:`metaweight.lightning`: the Trainer's ``gradient_clip_val``)."""
+
+    not_clipped: str = "Clip them so after backward, or build the weighter with the clipping your loop does."
+    other: str = ("Build the weighter with the max_norm and norm_type your loop clips by, and clip nothing else; with "
+                  "gradient accumulation, divide each micro-batch's loss by their number (undivided or multiplied "
+                  "losses under a declared clipping are not read).")
+    undeclared: str = ("If it is torch.nn.utils.clip_grad_norm_, declare it: build the weighter with "
+                       "clip_grad_norm=mw.ClipGradNorm(max_norm, norm_type); for a rescale of your own, scale the loss "
+                       "before backward (or the learning rate) instead.")
+
+
 def total_norm(tensors: Sequence[Tensor | None], norm_type: float) -> Tensor:
     """The norm of all ``tensors`` as one vector, in float64, on their device (no host read): each tensor's norm
     summed in float64, as float32 squares overflow past about 1e19 (a GradScaler's scaled gradients) and

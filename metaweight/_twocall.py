@@ -326,19 +326,15 @@ class TwoCall:
             clipped = coef < 1 and abs(r - coef) <= abs(r - 1)
             if coef < 1 and not clipped and unclipped > clip.max_norm + slack:
                 raise ValueError(f"The weighter was told the loop clips by {clip.describe()}, but the gradients the "
-                                 f"optimizer got were not clipped (their norm: {clipped_norm:.6g}). Clip them so "
-                                 f"after backward, or build the weighter with the clipping your loop does. gamma is "
-                                 f"unchanged.")
+                                 f"optimizer got were not clipped (their norm: {clipped_norm:.6g}). "
+                                 f"{w._clipping_hints.not_clipped} gamma is unchanged.")
             if clipped or not plain:  # a clipped step: its norm is max_norm * rho, within 1e-6 of max_norm
                 if not clipped or abs(clipped_norm - clip.max_norm) > EPSILON + slack:
                     raise ValueError(
                         f"The gradients the optimizer got were rescaled by {r:.6g} (relative to the losses' own "
                         f"scale) to a norm of {clipped_norm:.6g} (norm_type={clip.norm_type:g}), which "
                         f"{clip.describe()}, as the weighter was told, does not give (its clipped gradients have "
-                        f"norm max_norm). Build the weighter with the max_norm and norm_type your loop clips by, "
-                        f"and clip nothing else; with gradient accumulation, divide each micro-batch's loss by "
-                        f"their number (undivided or multiplied losses under a declared clipping are not read). "
-                        f"gamma is unchanged.")
+                        f"norm max_norm). {w._clipping_hints.other} gamma is unchanged.")
                 assert seen is not None
                 names = [n for n, _ in w._trainable()]
                 rho = unclipped / (unclipped + EPSILON)
@@ -355,10 +351,7 @@ class TwoCall:
         raise ValueError(f"Between loss.backward() and optimizer.step() every gradient was multiplied by {r:.6g} "
                          f"(relative to the losses' own scale), and the weighter was told of no clipping: from one "
                          f"step that factor fits clip_grad_norm_ of any norm_type and a plain p.grad.mul_ alike, each "
-                         f"with another meta-gradient. If it is torch.nn.utils.clip_grad_norm_, declare it: build "
-                         f"the weighter with clip_grad_norm=mw.ClipGradNorm(max_norm, norm_type); for a rescale of "
-                         f"your own, scale the loss before backward (or the learning rate) instead. gamma is "
-                         f"unchanged.")
+                         f"with another meta-gradient. {w._clipping_hints.undeclared} gamma is unchanged.")
 
 
 class _NonFinite(Exception):

@@ -28,7 +28,7 @@ from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, Ste
 from metaweight._checks import (check_flag, check_initialized, IGNORE_INDEX, forget_labels, float_leaves,
                                half_precision_eps_hint, integer_value, masked_label_hint, real_option,
                                real_scalar, summarize_step_labels)
-from metaweight._clipping import ClipGradNorm, check_max_norm
+from metaweight._clipping import ClipGradNorm, ClippingHints, check_max_norm
 from metaweight._exact import ExactMode
 from metaweight._order import count_first_loss, warn_if_after_step, warn_if_met_since
 from metaweight._gamma import (GAMMA_OPTIMIZER, GammaInit, build_gamma_optimizer, check_gamma_optimizer_choice,
@@ -353,6 +353,7 @@ class HarmonizedWeighter(NamedWeights):
         self.reuse_forward = bool(reuse_forward)
         self.mode = mode
         self.clip_grad_norm: ClipGradNorm | None = clip_grad_norm
+        self._clipping_hints = ClippingHints()  # (what a refusal of the loop's clipping says to change)
         self.fd_epsilon = fd_epsilon
         self.num_calls = 0
         self.check_gradients = check_gradients
@@ -451,6 +452,7 @@ class HarmonizedWeighter(NamedWeights):
         starts a new iteration: the calls of the one under way stay with this weighter."""
         self.__dict__.update(state)
         self._lost_calls = state.get("_lost_calls", "")  # (a pickle of an older metaweight has none)
+        self._clipping_hints = state.get("_clipping_hints", ClippingHints())  # (nor these)
         if self._built_to_learn:
             ForeignSteps.watch(self)
         if self._watch is not None and self._watch._ref() is None:  # (a shallow copy shares this weighter's live ones)

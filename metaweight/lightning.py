@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from metaweight._anytime import to_device
 from metaweight._checks import real_scalar
-from metaweight._clipping import ClipGradNorm
+from metaweight._clipping import ClipGradNorm, ClippingHints
 from metaweight._losses import DenseDistillLoss
 from metaweight._validation import BalancedValidation
 from metaweight._weighter import HarmonizedWeighter
@@ -152,6 +152,28 @@ def _with_trainer_clipping(trainer: lightning.Trainer, options: dict[str, Any]) 
     return {**options, "clip_grad_norm": clip}
 
 
+def _clipping_hints(trainer: lightning.Trainer, declared: Any) -> ClippingHints:
+    """What a refusal of the step's clipping (``mode="fast"``) says to change in a Lightning fit: the Trainer's
+    ``gradient_clip_val``, the LightningModule's ``configure_gradient_clipping`` and the callback's
+    ``clip_grad_norm``, where a loop of one's own is told to build the weighter otherwise."""
+    if declared is None:
+        return ClippingHints(undeclared=(
+            "If it is clipping by norm, declare it: Trainer(gradient_clip_val=max_norm) for the 2-norm over all "
+            "parameters, which HarmonizedCallback declares to the weighter, or HarmonizedCallback(..., "
+            "clip_grad_norm=mw.ClipGradNorm(max_norm, norm_type)) for a clip_grad_norm_ of your own over all "
+            "parameters in configure_gradient_clipping; for a rescale of your own, scale the loss instead."))
+    source = (f"the Trainer's gradient_clip_val={trainer.gradient_clip_val}" if trainer.gradient_clip_val
+              else f"HarmonizedCallback(clip_grad_norm={declared!r})")
+    fix = (f"The clipping was declared to the weighter by HarmonizedCallback, from {source}: make what your "
+           f"LightningModule does the clipping declared (Lightning's own configure_gradient_clipping clips by the "
+           f"Trainer's gradient_clip_val; one of your own that clips otherwise, or not at all, is not that step): "
+           f"Trainer(gradient_clip_val=max_norm) for the 2-norm over all parameters, or "
+           f"HarmonizedCallback(clip_grad_norm=mw.ClipGradNorm(max_norm, norm_type)) for a clip_grad_norm_ of your "
+           f"own over all parameters.")
+    return ClippingHints(not_clipped=fix, other=fix + " With accumulate_grad_batches, Lightning divides each "
+                         "batch's loss by their number.")
+
+
 class HarmonizedCallback(lightning.Callback):
     """Builds a :class:`HarmonizedWeighter` at fit start and runs its meta step before each batch.
 
@@ -214,6 +236,7 @@ class HarmonizedCallback(lightning.Callback):
         previous = self.weighter
         options = _with_trainer_clipping(trainer, self.options)
         weighter = HarmonizedWeighter(model, trainer.optimizers[0], self.criterion, self.validation, **options)
+        weighter._clipping_hints = _clipping_hints(trainer, weighter.clip_grad_norm)
         if self._pending_state is not None:
             weighter.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -376,3 +376,39 @@ def test_lightning_fast_callback_declares_the_trainer_s_norm_clipping_and_refuse
     for bad in ("abc", True):  # the weighter's own refusal, before any step (helper-150: a raw float() error; True
         with pytest.raises(TypeError, match="`clip_grad_norm` should be"):  # taken as 1.0)
             fit(clip_grad_norm=bad)
+
+
+
+@pytest.mark.parametrize("case", ["declared, not clipped", "clipped, undeclared"])
+def test_lightning_fast_callback_s_clipping_refusals_name_what_to_change_in_lightning(case):
+    """A LightningModule whose configure_gradient_clipping does not clip as the Trainer's gradient_clip_val says (or
+    clips with no gradient_clip_val): the refusal names the Trainer's gradient_clip_val, configure_gradient_clipping
+    and HarmonizedCallback's clip_grad_norm, where a loop of one's own is told to build the weighter otherwise (which
+    the callback builds: the hint named a constructor the user never calls)."""
+    lightning = pytest.importorskip("lightning")
+    from lightning_train import MultiExitModule
+    from metaweight.lightning import HarmonizedCallback
+
+    class OwnClipping(MultiExitModule):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            if case == "clipped, undeclared":
+                torch.nn.utils.clip_grad_norm_(self.parameters(), 0.01)
+
+    g = torch.Generator().manual_seed(5)
+    data = torch.utils.data.TensorDataset(3 * torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+    val = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g))]
+    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                callbacks=[HarmonizedCallback(mw.DenseDistillLoss(2), val, mode="fast")],
+                                enable_checkpointing=False, enable_model_summary=False,
+                                gradient_clip_val=0.01 if case == "declared, not clipped" else None)
+    with pytest.raises(ValueError) as info:
+        trainer.fit(OwnClipping(_two_exit_net()), torch.utils.data.DataLoader(data, batch_size=8))
+    said = str(info.value)
+    assert "build the weighter" not in said.lower(), said
+    assert "Trainer(gradient_clip_val=max_norm)" in said and "HarmonizedCallback(" in said and \
+        "clip_grad_norm=mw.ClipGradNorm(max_norm, norm_type)" in said, said
+    if case == "declared, not clipped":
+        assert "were not clipped" in said and "configure_gradient_clipping" in said and \
+            "gradient_clip_val=0.01" in said, said
+    else:
+        assert "the weighter was told of no clipping" in said, said
