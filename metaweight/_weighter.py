@@ -632,8 +632,9 @@ class HarmonizedWeighter(NamedWeights):
         if self._frozen_step is not None:
             # refused where they still hold a .grad, which the coming step moves them on too (the look-ahead does
             # not); a .grad the loop has let go of since (zero_grad(set_to_none=True)) ended it with the last step
-            seen, self._frozen_step = self._frozen_step, None
-            names = [n for n in frozen_with_grad(self._inner_optimizer, self.module) if n in seen]
+            # (kept while they do: a retry is refused alike; gone with the .grad, or the freeze)
+            names = [n for n in frozen_with_grad(self._inner_optimizer, self.module) if n in self._frozen_step]
+            self._frozen_step = names or None
             if names:
                 raise ValueError(FROZEN_WITH_GRAD.format(names=names[:8]) + " (Seen at the last optimizer step, and "
                                  "their .grad is still there.) gamma and everything else are unchanged.")

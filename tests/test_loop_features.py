@@ -1416,10 +1416,11 @@ def test_frozen_parameters_with_a_zero_gradient_tensor_are_refused(form):
         p.requires_grad_(False)
     iteration(set_to_none=False)
     before = state(model, optimizer, w)
-    with pytest.raises(ValueError, match=r"\['heads.0.weight', 'heads.0.bias'\] do not require gradients but have a "
-                                         r"\.grad tensor.*set_to_none=True"):
-        w.meta_step(train, val)
-    assert same(before, state(model, optimizer, w))
+    for _ in range(2):  # a retry while the .grad is still there is refused too (it went through, unchecked, before)
+        with pytest.raises(ValueError, match=r"\['heads.0.weight', 'heads.0.bias'\] do not require gradients but "
+                                             r"have a \.grad tensor.*set_to_none=True"):
+            w.meta_step(train, val)
+        assert same(before, state(model, optimizer, w))
     for p in model.heads[0].parameters():
         p.grad = None  # the fix the message gives
     iteration(set_to_none=True)
