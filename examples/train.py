@@ -247,14 +247,6 @@ class Progress:
             print(file=sys.stderr)
 
 
-def _save_atomically(obj: dict, path: Path) -> None:
-    """Write to a temporary file beside ``path``, then rename: an interrupted save leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 # settings that do not change what a run computes: a checkpoint resumes under other values of them
 RUN_ONLY = ("threads", "no_progress", "no_plot", "plot", "checkpoint_every", "out", "tag")
 # the options of the harmonized weighter, which the loss weightings do not take
@@ -346,7 +338,7 @@ def train(args: argparse.Namespace) -> dict:
     val_objective = None
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = mw.load_checkpoint(checkpoint, map_location=device)  # (checked: a damaged file is said so)
         config = _config(args)
         differ = _differences(state["config"], config)
         if differ:
@@ -391,12 +383,13 @@ def train(args: argparse.Namespace) -> dict:
                 grads = []
             progress.update(step, f"loss {metrics['loss']:.3f}", force=step == total)
             if checkpoint is not None and step % args.checkpoint_every == 0 and step < total:
-                _save_atomically({"config": _config(args), "model": model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "weighter": weighter.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                                  "seconds": time.time() - start, "history": history, "grads": grads,
-                                  "val_objective": val_objective},
-                                 checkpoint)
+                # (atomic: an interrupted save leaves the last checkpoint)
+                mw.save_checkpoint({"config": _config(args), "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "weighter": weighter.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                                    "seconds": time.time() - start, "history": history, "grads": grads,
+                                    "val_objective": val_objective},
+                                   checkpoint)
             if step >= total:
                 break
     progress.close()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from metaweight._checks import check_device_available, check_flag
-from metaweight._files import file_mode, user_path, write_target
+from metaweight._files import file_mode, special_file, user_path, write_target
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -24,7 +24,9 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     (a crash, a full disk, a killed job) leaves the previous checkpoint at ``path`` intact and
     never a half-written one. What ``torch.save(state, path)`` keeps is kept: the permissions of
     the file replaced (a new file gets those ``open`` gives under the umask), and a symbolic link
-    at ``path`` (``latest.pt -> run3/ckpt.pt``) stays a link: its target is replaced.
+    at ``path`` (``latest.pt -> run3/ckpt.pt``) stays a link: its target is replaced. A ``path``
+    that is no file (``os.devnull``, a named pipe) is written to as ``torch.save`` writes it, never
+    replaced: ``/dev/null`` stays the null device.
 
     Args:
         state: what to save, e.g. ``{"model": model.state_dict(), "optimizer": ...,
@@ -50,6 +52,16 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     if path.is_dir():
         raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'checkpoint.pt'}. "
                          f"Nothing was written.")
+    if special_file(path) is not None:  # /dev/null, a pipe: written to as torch.save writes, never replaced
+        buffer = io.BytesIO()  # (whole first: an entry that cannot be saved writes nothing)
+        try:
+            torch.save(state, buffer)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            _refuse_unpicklable(state, given, exc)
+            raise
+        with open(path, "wb") as f:
+            f.write(buffer.getbuffer())
+        return given
     path = write_target(path)  # a symbolic link (latest.pt -> run3/ckpt.pt) stays a link to the new file
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -87,14 +99,20 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
             except OSError:
                 break
         if isinstance(exc, (pickle.PicklingError, TypeError, AttributeError)):
-            where = _unpicklable(state, "state")
-            if where is not None:
-                raise TypeError(f"{where[0]} cannot be saved: {where[1]}. A checkpoint holds data (tensors, "
-                                f"numbers, strings, lists, dicts, state_dict()s), not functions, lambdas, open files "
-                                f"or locks: save what rebuilds it instead (e.g. its settings). Nothing was written "
-                                f"({given} is as it was).") from exc
+            _refuse_unpicklable(state, given, exc)
         raise
     return given
+
+
+def _refuse_unpicklable(state: dict[str, Any], given: Path, exc: BaseException) -> None:
+    """Raise a ``TypeError`` naming the entry of ``state`` that cannot be pickled, where ``exc`` (a failed save
+    to ``given``) came from one; return otherwise."""
+    where = _unpicklable(state, "state")
+    if where is not None:
+        raise TypeError(f"{where[0]} cannot be saved: {where[1]}. A checkpoint holds data (tensors, "
+                        f"numbers, strings, lists, dicts, state_dict()s), not functions, lambdas, open files "
+                        f"or locks: save what rebuilds it instead (e.g. its settings). Nothing was written "
+                        f"({given} is as it was).") from exc
 
 
 class _Sink:
@@ -386,7 +404,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None,
     path = user_path(path)
     map_location = _check_map_location(map_location)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file; give the file's path." if path.is_dir()
+        kind = "a folder" if path.is_dir() else special_file(path)
+        raise FileNotFoundError(f"{path} is {kind}, not a checkpoint file; give the file's path." if kind
                                 else f"No checkpoint at {path}.")
     if verify and _is_zip(path):  # torch.load would not notice a member failing its checksum
         problem = _file_problem(path)

@@ -32,6 +32,21 @@ def user_path(path: str | os.PathLike[str], name: str = "path", *, absolute: boo
     return path.absolute() if absolute else path
 
 
+def special_file(path: Path) -> str | None:
+    """What ``path`` is where it exists and is neither a regular file nor a folder (followed through
+    symbolic links): ``"a character device"`` (``/dev/null``), ``"a block device"``, ``"a named pipe
+    (FIFO)"`` or ``"a socket"``; ``None`` otherwise (a file, a folder, nothing there). Such a path is
+    written to as ``open`` writes it, never replaced by a rename (which would put a regular file in
+    place of ``/dev/null``), and holds no log or checkpoint to read back."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), None)
+
+
 def write_target(path: Path) -> Path:
     """The file a write to ``path`` replaces: a symbolic link's target (followed to the end), so that the
     link stays a link to the new file, as ``open(path, "w")`` would write through it; ``path`` itself

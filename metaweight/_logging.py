@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metaweight._checks import check_flag
-from metaweight._files import file_mode, user_path, write_target
+from metaweight._files import file_mode, special_file, user_path, write_target
 from metaweight._warn import warn_user
 
 
@@ -385,9 +385,9 @@ class CSVLogger(HandedLogger):
 
     Raises:
         TypeError: ``path`` is not a str or Path, or ``overwrite`` or ``all_ranks`` not a bool.
-        ValueError: ``path`` is a folder, cannot be written, is not a metaweight log (unless
-            ``overwrite``), is a symbolic link into a folder that does not exist, or another live
-            logger of this process writes to it.
+        ValueError: ``path`` is a folder or no file (``os.devnull``, a pipe), cannot be written, is
+            not a metaweight log (unless ``overwrite``), is a symbolic link into a folder that does
+            not exist, or another live logger of this process writes to it.
 
     Example:
         >>> import tempfile, torch, metaweight as mw
@@ -408,6 +408,11 @@ class CSVLogger(HandedLogger):
         self.all_ranks = all_ranks
         if path.is_dir():
             raise ValueError(f"`path` {path} is a folder; pass a file path in it, such as {path / 'log.csv'}.")
+        kind = special_file(path)
+        if kind is not None:  # (its rows could not be read back, and a rewrite would put a file in its place)
+            raise ValueError(f"`path` {path} is {kind}, not a file: CSVLogger keeps a log it reads back (to go on "
+                             f"after a resume, to drop the rows past a checkpoint) and rewrites. Pass a file path; to "
+                             f"log nothing, pass no CSVLogger.")
         _check_can_create(path, "path")
         if path.is_symlink() and not path.exists():  # a link to a file not there yet: written through
             target = Path(os.path.realpath(path))

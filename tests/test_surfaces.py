@@ -1212,6 +1212,49 @@ def test_a_file_rewritten_in_place_keeps_its_permissions_and_its_symbolic_link(t
     assert [r[0] for r in rows(log)] == ["iteration", "1", "2"]
 
 
+@pytest.mark.parametrize("kind", ["named pipe", "character device"])
+def test_a_path_that_is_no_file_is_written_to_and_never_replaced(tmp_path, kind):
+    """``save_checkpoint(state, os.devnull)`` put a regular file in place of the null device (its atomic rename),
+    as root destroying /dev/null; a CSVLogger took it, then warned of a log "deleted or emptied" at every row. A
+    device or a pipe is now written to as torch.save writes it, left what it is; a logger, which reads its log back
+    and rewrites it, refuses it when made; load_checkpoint names what it is. (A null device of the test's own,
+    where one can be made, and a named pipe read by another thread.)"""
+    import io
+    import stat
+    import threading
+
+    node = tmp_path / "node"
+    if kind == "named pipe":
+        os.mkfifo(node)
+        check = stat.S_ISFIFO
+    else:
+        try:
+            os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # (Linux's null device: writes are dropped)
+        except (OSError, AttributeError):
+            pytest.skip("this user cannot make a device node")
+        check = stat.S_ISCHR
+    state = {"a": torch.arange(3.0), "b": "x"}
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(node.open("rb").read()), daemon=True)
+    if kind == "named pipe":
+        reader.start()
+    assert mw.save_checkpoint(state, node) == node
+    assert check(os.stat(node).st_mode), "replaced by a regular file"
+    if kind == "named pipe":
+        reader.join(timeout=30)
+        got = torch.load(io.BytesIO(read[0]))
+        assert torch.equal(got["a"], state["a"]) and got["b"] == "x"
+    with pytest.raises(TypeError, match=r"state\['f'\]` \(a function\) cannot be saved"):  # refused whole: nothing written
+        mw.save_checkpoint({"f": lambda: 0}, node)
+    assert check(os.stat(node).st_mode)
+    what = r"a named pipe \(FIFO\)" if kind == "named pipe" else "a character device"
+    with pytest.raises(ValueError, match=f"is {what}.*not a file.*to log nothing, pass no CSVLogger"):
+        mw.CSVLogger(node)
+    with pytest.raises(FileNotFoundError, match=f"is {what}, not a checkpoint file"):
+        mw.load_checkpoint(node)
+    assert check(os.stat(node).st_mode)
+
+
 @pytest.mark.parametrize("make", ["calibration", "budget_curve", "budget_point", "anytime"])
 def test_the_librarys_own_results_load_with_weights_only(tmp_path, make):
     torch.manual_seed(0)
