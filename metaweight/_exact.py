@@ -148,7 +148,10 @@ class ExactMode:
                                        gamma=metrics.gamma or step.gamma, message=message)
         record = dataclasses.replace(metrics, loss=step.loss, model_step_skipped=False, terms=step.terms,
                                      gamma=metrics.gamma or step.gamma)
-        if record.ran and not record.skipped:
+        if record.ran and not record.skipped:  # the hooks, once the step it reports stands
             w.last_meta = record
-            w._call_hooks(record)  # once the step it reports stands
+            w._report(record, lambda: transaction.keep_model_step(w, saved), f"the model's step stands and is counted (num_calls={w.num_calls}); gamma, its "
+                      f"optimizer and the validation average are as before the call (the model stepped with the "
+                      f"gamma of this call's meta step, which is not kept). Do not call step() again on this batch "
+                      f"(the model would step twice): go on with the next batch.")
         return record

@@ -219,6 +219,8 @@ class FAMO(Weighting):
     def _propose(self, terms: Tensor | None, train_batch: Any) -> dict[str, Tensor]:
         assert terms is not None
         after = self._mean_over_ranks(self._terms_after_step(train_batch))
+        # (read only by this update's refusal, for its hint: a term below its bound after the step)
+        self._after = (self.num_calls, after.detach())
         grad = famo_logit_gradient(self.logits, terms.to(self.logits), after.to(self.logits), self.min_losses,
                                    self._active)
         xi, m, v = adam_update(self.logits, grad, self.exp_avg, self.exp_avg_sq, self.num_meta_steps + 1,
@@ -230,15 +232,18 @@ class FAMO(Weighting):
         if not terms:
             return ""
         n = len(self.term_names)
-        values = host_read([self.min_losses, self._active])  # (a refused step's message: one read more)
-        bounds, active = dict(zip(self.term_names, values[:n])), dict(zip(self.term_names, values[n:]))
-        below = {n: v for n, v in terms.items() if active[n] and math.isfinite(v) and not v - bounds[n] + EPS > 0}
+        kept = getattr(self, "_after", None)  # (the terms after the step, where this call's update took them)
+        after = kept[1] if kept is not None and kept[0] == self.num_calls else None
+        values = host_read([self.min_losses, self._active] + ([after] if after is not None else []))
+        bounds, active = dict(zip(self.term_names, values[:n])), dict(zip(self.term_names, values[n:2 * n]))
+        stepped = dict(zip(self.term_names, values[2 * n:]))
+        below = [f"{n} = {v:.6g} <= {bounds[n]:.6g}{when}" for when, seen in (("", terms), (" after the step", stepped))
+                 for n, v in seen.items() if active[n] and math.isfinite(v) and not v - bounds[n] + EPS > 0]
         if not below:
             return ""
-        said = ", ".join(f"{n} = {v:.6g} <= {bounds[n]:.6g}" for n, v in below.items())
-        return (f"FAMO takes log(L_k - min_losses_k), which needs every term above its bound; these terms are at or "
-                f"below their min_losses: {said} (the log of a non-positive "
-                f"number). Pass min_losses under every value the terms can take: 0 (the default) for "
+        return (f"FAMO takes log(L_k - min_losses_k), before and after each step, which needs every term above its "
+                f"bound; these terms are at or below their min_losses: {', '.join(below)} (the log of a "
+                f"non-positive number). Pass min_losses under every value the terms can take: 0 (the default) for "
                 f"cross-entropies and distillation terms, a lower bound for a loss that can go below 0. ")
 
     def _options(self) -> str:

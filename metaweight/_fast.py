@@ -264,7 +264,7 @@ class FastMode:
                 raise
             pending = None
             if bad_val and w.nonfinite == "skip":
-                _keep_model_step(w, saved)
+                w._transaction.keep_model_step(w, saved)
         finally:
             if w._watch is not None:
                 w._watch.paused = False
@@ -452,8 +452,12 @@ def _reported(w: HarmonizedWeighter, record: MetaStepRecord) -> MetaStepRecord:
     """The record :meth:`FastMode.step` returns, given to the hooks (and kept as ``last_meta``) where its meta step
     was kept: the hooks get the very record ``step()`` returns, its ``loss`` too, as the exact mode's."""
     if record.ran and not record.skipped:
-        w.last_meta = record
-        w._call_hooks(record)
+        previous, w.last_meta = w.last_meta, record
+        try:
+            w._call_hooks(record)
+        except BaseException:  # (the step's error handler puts the rest back: _step_stands)
+            w.last_meta = previous
+            raise
     return record
 
 
@@ -480,18 +484,9 @@ def _steps_only(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
     return all(p.grad is None or id(p) in ours for g in optimizer.param_groups for p in g["params"])
 
 
-def _keep_model_step(w: HarmonizedWeighter, saved: Any) -> int:
-    """The model's step stands and is counted; gamma, its optimizer, the validation average and the other
-    counters are put back. Returns ``num_calls``."""
-    calls = w.num_calls
-    w._transaction.rollback(w, saved, buffers=False)
-    w.num_calls = calls
-    return calls
-
-
 def _step_stands(w: HarmonizedWeighter, saved: Any, exc: BaseException) -> None:
     """An error after the model's step, found finite: :func:`_keep_model_step`, and the error says so."""
-    calls = _keep_model_step(w, saved)
+    calls = w._transaction.keep_model_step(w, saved)
     if isinstance(exc, Exception) and hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
         exc.add_note(
             f"metaweight: this error came after the model's step, which mode='fast' takes before scoring "

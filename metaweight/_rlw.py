@@ -86,6 +86,9 @@ class RLW(Weighting):
         gamma = host_to_device(self._draw(generator), self.device)  # softmax of normal draws: always finite
         return {"gamma": gamma, "generator": generator.get_state()}
 
+    def _state_of(self, name: str) -> Any:
+        return self.generator.get_state() if name == "generator" else super()._state_of(name)
+
     def _set_state(self, name: str, value: Tensor | int) -> None:
         if name == "generator":
             self.generator.set_state(value)  # type: ignore[arg-type]

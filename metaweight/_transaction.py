@@ -569,7 +569,7 @@ class StateSnapshot:
                     if isinstance(v, Tensor) and isinstance(current[k], Tensor) and current[k].shape == v.shape:
                         current[k].copy_(v)
                     else:
-                        current[k] = _copy_value(v)
+                        current[k] = copy_value(v)
             else:
                 state[p] = _copy_state(saved)
         if self.objective_state is not None and isinstance(self.objective, nn.Module):
@@ -577,12 +577,12 @@ class StateSnapshot:
                 b.copy_(v)
 
 
-def _copy_value(v: Any) -> Any:
+def copy_value(v: Any) -> Any:
     return v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
 
 
 def _copy_state(state: Any) -> Any:
-    return {k: _copy_value(v) for k, v in state.items()} if isinstance(state, dict) else copy.deepcopy(state)
+    return {k: copy_value(v) for k, v in state.items()} if isinstance(state, dict) else copy.deepcopy(state)
 
 
 class Owner(Protocol):
@@ -597,6 +597,7 @@ class Owner(Protocol):
     num_calls: int
     num_meta_steps: int
     num_skipped: int
+    last_meta: Any
 
     @property
     def term_names(self) -> list[str]: ...
@@ -610,6 +611,7 @@ class Saved:
     num_calls: int
     num_meta_steps: int
     num_skipped: int
+    last_meta: Any = None  # the record of the last meta step kept (a MetaStepRecord)
 
 
 @dataclasses.dataclass
@@ -660,17 +662,27 @@ class StepTransaction:
         if owner.learn:
             state = StateSnapshot(owner.gamma, owner.gamma_optimizer,
                                   owner.validation if isinstance(owner.validation, nn.Module) else None)
-        return Saved(state, owner.num_calls, owner.num_meta_steps, owner.num_skipped)
+        return Saved(state, owner.num_calls, owner.num_meta_steps, owner.num_skipped, owner.last_meta)
 
     def rollback(self, owner: Owner, saved: Saved, *, buffers: bool = True) -> None:
         """Put back ``saved``: the buffers (unless ``buffers=False``: the weighter's own state only), gamma,
-        its optimizer, the validation average and the counters."""
+        its optimizer, the validation average, the counters and the last meta step's record."""
         if buffers:
             self.buffers.restore()
         if saved.state is not None:
             saved.state.restore(owner.gamma)
         owner.num_calls, owner.num_meta_steps, owner.num_skipped = saved.num_calls, saved.num_meta_steps, \
             saved.num_skipped
+        owner.last_meta = saved.last_meta
+
+    def keep_model_step(self, owner: Owner, saved: Saved) -> int:
+        """An error after the model's step, found finite: the step stands and is counted; gamma, its optimizer,
+        the validation average and the other counters are put back (the buffers are the step's). Returns
+        ``num_calls``."""
+        calls = owner.num_calls
+        self.rollback(owner, saved, buffers=False)
+        owner.num_calls = calls
+        return calls
 
     def flag(self, loss: Tensor) -> Tensor:
         """On the device, no host read: 1 (shape ``[1]``) unless the loss, every gradient and every

@@ -774,15 +774,28 @@ class HarmonizedWeighter(NamedWeights):
                            f"optimizer and the validation average were left unchanged. Lower gamma_lr or check "
                            f"the gamma optimizer.")
             return self._refuse(message, value, losses, term_values, after_step=after_step)
+        # (the validation average as it was, for a hook that raises: copied only where there are hooks)
+        average = [b.detach().clone() for b in self.validation.buffers()] \
+            if call_hooks and self._hooks and isinstance(self.validation, nn.Module) else []
         self._objective.update(pending.exit_losses)
         self.num_meta_steps += 1
         record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
                                 val_objective=value, val_exit_losses=losses,
                                 gamma_grad=pending.gamma_grad, gamma=dict(zip(self.term_names, gamma)),
                                 terms=dict(zip(self.term_names, term_values)))
-        self.last_meta = record
-        if call_hooks:
-            self._call_hooks(record)
+        previous, self.last_meta = self.last_meta, record
+        if call_hooks:  # (the two-call meta_step's; step() reports its record once its model step stands)
+
+            @torch.no_grad()
+            def put_back() -> None:
+                pending.saved.restore(self.gamma)
+                for buffer, kept in zip(self.validation.buffers() if average else (), average):
+                    buffer.copy_(kept)
+                self.num_meta_steps -= 1
+                self.last_meta = previous
+
+            self._report(record, put_back, "this meta step is not kept: gamma, its optimizer and the validation "
+                         "average are as before the call.")
         return record
 
     def _refuse(self, message: str, objective: float, exit_losses: list[float], terms: list[float], *,
@@ -842,7 +855,9 @@ class HarmonizedWeighter(NamedWeights):
         gradients) leaves the gradients too; once its backward has run, a refused or failed step
         leaves every ``p.grad`` ``None`` (the gradients before the call are gone: ``step()``
         computes its own, and keeping the old ones would hold one more copy of them), in either
-        mode. With ``mode="fast"`` the model steps before the meta step: see ``nonfinite``.
+        mode. With ``mode="fast"`` the model steps before the meta step: see ``nonfinite``. A meta step
+        hook (``callbacks``) that raises comes after the model's step, which stands and is counted; the
+        meta step is put back and the error says so (see :meth:`register_meta_step_hook`).
 
         Returns the meta step's :class:`MetaStepRecord` with ``loss``, the weighted training
         loss, ``terms`` and ``model_step_skipped`` filled in. ``val_batch`` may be left out with
@@ -863,16 +878,16 @@ class HarmonizedWeighter(NamedWeights):
             if record.message is not None:  # a step refused on the device: warned of, as the eager step warns
                 kind = "model step ({} skipped so far)" if record.model_step_skipped else "meta step ({} so far)"
                 warn_user(f"Skipped a {kind.format(self.num_skipped)}: {record.message}")
-            elif record.ran:
-                self.last_meta = record  # (the hooks get the very record step() returns, its loss too)
-                try:
-                    self._call_hooks(self.last_meta)
-                except Exception as exc:  # as the eager step: the model's step stands and is counted, the meta
-                    self._capturable.undo_meta_step(self)  # step is put back
-                    if hasattr(exc, "add_note"):
-                        exc.add_note("metaweight: a meta step hook raised; the model's step stands and is counted, "
-                                     "gamma, its optimizer and the validation average are as before the call.")
-                    raise
+            elif record.ran:  # (the hooks get the very record step() returns, its loss too)
+                previous, self.last_meta = self.last_meta, record
+                capturable = self._capturable
+
+                def put_back() -> None:  # as the eager step: the model's step stands, its meta step is put back
+                    capturable.undo_meta_step(self)
+                    self.last_meta = previous
+
+                self._report(record, put_back, "the model's step stands and is counted, gamma, its optimizer and "
+                             "the validation average are as before the call.")
             return record
         try:
             with torch.enable_grad():  # (called under torch.no_grad(), the step still needs its gradients)

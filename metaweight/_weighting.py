@@ -55,8 +55,8 @@ from metaweight._logging import HandedLogger
 from metaweight._optimizers import check_optimizer_state, check_parameters_replaced, unwrap_optimizer
 from metaweight._protocols import Terms, call_model
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import (LOADED_DURING, LOADED_SINCE, BufferSnapshot, gradients_moved, host_read,
-                                     nonfinite_flag, not_stepped_message, resumed_mid_step_message)
+from metaweight._transaction import (LOADED_DURING, LOADED_SINCE, BufferSnapshot, copy_value, gradients_moved,
+                                     host_read, nonfinite_flag, not_stepped_message, resumed_mid_step_message)
 from metaweight._walk import ModelWalk, walk, walked_call
 from metaweight._warn import raise_or_skip_step, warn_user
 
@@ -222,6 +222,11 @@ def check_int(name: str, value: Any, *, low: int = 1) -> int:
     return number
 
 
+# what :meth:`Weighting._reset_pending` clears: the iteration's loss() calls, kept for its meta_step
+_ITERATION = ("_pending", "_groups", "_last_values", "_kept_at", "_pending_trains", "_resumed", "_resumed_calls",
+              "_load_note")
+
+
 class NamedWeights:
     """What every loss weighting shares for naming and logging: :attr:`term_names`,
     :meth:`gamma_dict`, :meth:`terms_dict` and the meta-step hooks (of ``HarmonizedWeighter`` and
@@ -269,6 +274,11 @@ class NamedWeights:
             hook: a callable taking the :class:`MetaStepRecord` (a mapping with ``iteration``,
                 ``meta_step``, ``gamma``, ``terms``, ...): the very record the call returns, so within
                 ``step()`` with the model step's ``loss`` and ``model_step_skipped`` too.
+
+        A hook that raises has the meta step it reports put back (the weights and their state, the
+        validation average, ``num_meta_steps``, ``last_meta``; a ``meta_step`` of the two calls then
+        counts for nothing and may be made again), while a model step the call took (``step()``) stands
+        and is counted; the error, re-raised, carries a note that says which.
         """
         if not callable(hook):
             raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
@@ -302,6 +312,19 @@ class NamedWeights:
                               f"to a checkpoint and drop rows). Give each weighter its own logger.")
                 continue
             hook(record)
+
+    def _report(self, record: MetaStepRecord, put_back: Callable[[], None], stood: str) -> None:
+        """:meth:`_call_hooks` with ``record`` of the meta step just kept (as :attr:`last_meta`). A hook that raises
+        (a callback of the user's) has that meta step put back (``put_back``: the weights and their state, the
+        average, the count, :attr:`last_meta`) and its error says what stood (``stood``): one rule for every step
+        form and method (the model's step, where the call took one, stands)."""
+        try:
+            self._call_hooks(record)
+        except Exception as exc:
+            put_back()
+            if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
+                exc.add_note(f"metaweight: a meta step hook raised after the step it reports; {stood}")
+            raise
 
     @property
     def callbacks(self) -> list[Callable[[MetaStepRecord], None]]:
@@ -621,7 +644,7 @@ class Weighting(NamedWeights):
         terms = self._accumulated("terms")
         return terms if terms is not None else self._pending
 
-    def _reset_pending(self) -> None:
+    def _reset_pending(self) -> None:  # (the attributes of _ITERATION)
         self._pending, self._groups, self._last_values, self._kept_at = None, {}, None, None
         self._pending_trains = False
         self._resumed, self._resumed_calls, self._load_note = None, 0, ""
@@ -723,12 +746,13 @@ class Weighting(NamedWeights):
         if not all(math.isfinite(v) for v in values):
             what = (f"the update from the terms {named} gave non-finite values" if self.needs_terms else
                     f"the terms {named} are not finite (its rule does not read them, but the model stepped on them)")
+            skip = self.nonfinite == "skip"
+            advice = "." if skip else " (or pass nonfinite='skip' to skip such updates)."
             message = (f"{type(self).__name__}: {what}; the weights and the method's state were left unchanged. "
-                       f"{self._nonfinite_hint(named)}Check the data and the learning rates (or pass "
-                       f"nonfinite='skip' to skip such updates).")
+                       f"{self._nonfinite_hint(named)}Check the data and the learning rates{advice}")
             if self._step_fields:  # (in step(), after the model's step, which a later check cannot take back)
-                message += (" The model's step of this step() call was taken (its loss and gradients were finite) and "
-                            "stays; only the weights' update was refused.")
+                message += (f" The model's step of this step() call was taken (its loss and gradients were finite) and "
+                            f"stays; only the weights' update was {'skipped' if skip else 'refused'}.")
             if self.nonfinite == "raise":
                 raise ValueError(message)
             self.num_calls += 1
@@ -738,6 +762,10 @@ class Weighting(NamedWeights):
             warn_user(f"Skipped an update ({self.num_skipped} so far): {message}")
             return MetaStepRecord(self.num_calls, ran=True, skipped=True, meta_step=self.num_meta_steps,
                                   gamma=self.gamma_dict(), terms=named, message=message)
+        # (what a hook that raises puts back: copies only where there are hooks)
+        before = {name: self._state_of(name) for name in proposal} if self._hooks else {}
+        iteration = {k: getattr(self, k) for k in _ITERATION} if self._hooks else {}
+        previous, met_at, calls = self.last_meta, self._met_at, self.num_calls
         self.num_calls += 1
         with torch.no_grad():
             for name, value in proposal.items():
@@ -748,7 +776,24 @@ class Weighting(NamedWeights):
         record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
                                 gamma=dict(zip(self.term_names, values[:n])), terms=named, **self._step_fields)
         self.last_meta = record
-        self._call_hooks(record)  # (within step(): the very record it returns, its loss too)
+
+        def put_back() -> None:
+            with torch.no_grad():
+                for name, value in before.items():
+                    self._set_state(name, value)
+            self.num_meta_steps -= 1
+            self.last_meta, self._met_at = previous, met_at
+            if not self._step_fields:  # the two calls' meta_step: none was made (its iteration's calls kept)
+                self.num_calls = calls
+                for key, value in iteration.items():
+                    setattr(self, key, value)
+
+        name = type(self).__name__
+        stood = (f"the model's step of this step() call stands and is counted (num_calls={self.num_calls}); {name}'s "
+                 f"weights and state are as before the call. Do not call step() again on this batch (the model "
+                 f"would step twice): go on with the next batch." if self._step_fields else
+                 f"{name}'s weights and state are as before this meta_step, which counts for nothing.")
+        self._report(record, put_back, stood)  # (within step(): the very record it returns, its loss too)
         return record
 
     def _step_not_taken(self) -> bool:
@@ -818,6 +863,10 @@ class Weighting(NamedWeights):
                              f"{f' of length {len(train_batch)}' if isinstance(train_batch, (tuple, list)) else ''}.")
         if train_batch is not None:
             refuse_arrays(train_batch, "`train_batch`")
+
+    def _state_of(self, name: str) -> Any:
+        """A copy of the state ``name`` as :meth:`_set_state` takes it back."""
+        return copy_value(getattr(self, name))
 
     def _set_state(self, name: str, value: Tensor | int) -> None:
         current = getattr(self, name)

@@ -1337,3 +1337,89 @@ def test_the_library_knows_its_own_hooks_by_class_never_by_what_a_user_s_hook_an
         for _ in range(2):
             w.step(batch(), batch(n=12))
         assert (callback.call_count if kind == "a Mock" else callback.calls) == 2
+
+
+HOOK_FORMS = ["exact, step()", "exact, two calls", "fast, step()", "fast, two calls", "capturable, step()",
+              "UW, step()", "UW, two calls", "FAMO, step()", "FAMO, two calls", "GradNorm, step()", "DWA, two calls",
+              "RLW, step()"]
+
+
+@pytest.mark.parametrize("form", HOOK_FORMS)
+def test_a_meta_step_hook_that_raises_puts_its_meta_step_back_in_every_form(form):
+    """A meta step hook (a user's callback) that raises, in every step form and method: the meta step it reports
+    is put back (the weights, their optimizer's or the method's state, the validation average, the meta step
+    count and last_meta are those of before the call: the state_dict compared whole), a model step the call took
+    stands and is counted, and the error says so; the two calls' meta_step counts for nothing and, made again,
+    gives what a run whose hook never raised gives (helper-151: the exact step() kept everything and said
+    nothing, as did the loss weightings, while the fast step() put its meta step back)."""
+    method, how = form.split(", ")
+
+    def run(fail):
+        torch.manual_seed(0)
+        net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
+                           [nn.Linear(8, 3), nn.Linear(8, 3)])
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9,
+                              **({"fused": True} if method == "capturable" else {}))
+        seen = []
+
+        def hook(record):
+            seen.append(record)
+            if fail and len(seen) == 4:
+                raise RuntimeError("a user's hook failed")
+
+        criterion = mw.DenseDistillLoss(2)
+        if method in ("exact", "fast", "capturable"):
+            w = mw.HarmonizedWeighter(net, opt, criterion, mode="exact" if method == "exact" else "fast",
+                                      capturable=method == "capturable", callbacks=[hook],
+                                      nonfinite="skip" if method == "capturable" else "raise")
+        else:
+            options = {"GradNorm": {"shared_parameters": list(net.parameters())[:2]}, "DWA": {"window": 1}}
+            w = getattr(mw, method)(net, opt, criterion, callbacks=[hook], **options.get(method, {}))
+        g = torch.Generator().manual_seed(1)
+        batches = [((torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)),
+                    (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))) for _ in range(5)]
+
+        def iteration(train, val):
+            if how == "step()":
+                w.step(train, val)
+                return
+            if method == "exact":
+                w.meta_step(train, val)
+            opt.zero_grad()
+            w.loss(net(train[0]), train[1]).backward()
+            opt.step()
+            if method != "exact":
+                w.meta_step(train, val)
+
+        for train, val in batches[:3]:  # (DWA's weights move from its third update on)
+            iteration(train, val)
+        assert len(seen) == 3
+        if not fail:
+            iteration(*batches[3])
+            return w, net
+        kept, last, calls = copy.deepcopy(w.state_dict()), w.last_meta, w.num_calls
+        params = [p.detach().clone() for p in net.parameters()]
+        with pytest.raises(RuntimeError, match="a user's hook failed") as info:
+            iteration(*batches[3])
+        notes = " ".join(getattr(info.value, "__notes__", []))
+        assert "metaweight:" in notes and "as before" in notes, notes
+        if how == "step()":
+            assert "stands and is counted" in notes
+            assert not all(torch.equal(a, p) for a, p in zip(params, net.parameters()))
+        now = w.state_dict()
+        assert w.num_calls == calls + (how == "step()") and w.last_meta is last  # (the two calls: none made)
+        for key, value in kept.items():
+            if key not in ("num_calls", "pending_calls"):
+                assert str(now[key]) == str(value), key  # (tensors, nested optimizer states: printed in full)
+        if how == "two calls":  # made again, the hook passing now
+            if method == "exact":
+                iteration(*batches[3])
+            else:
+                w.meta_step(*batches[3])
+        return w, net
+
+    w, net = run(fail=True)
+    if how == "two calls":
+        reference, reference_net = run(fail=False)
+        assert str(w.state_dict()) == str(reference.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference_net.parameters()))
