@@ -965,6 +965,7 @@ class HarmonizedWeighter(NamedWeights):
             "num_calls": self.num_calls,
             "num_skipped": self.num_skipped,
             "gamma_sum": self._gamma_sum,
+            "constraint": self.constraint,
             "pending_calls": self._pending_calls(),
         }
 

@@ -85,6 +85,13 @@ def checked_state(w: HarmonizedWeighter, state_dict: Any) -> CheckedState:
                              f"learn={w._built_to_learn} ({this}): loading it would {would}. Build the "
                              f"weighter the checkpoint was saved with (learn={saved_learn}, or its preset) to "
                              f"resume that run. Nothing was changed.")
+    constraint = state_dict.get("constraint", w.constraint)  # (checkpoints saved before it was recorded: as before)
+    if constraint != w.constraint:
+        raise ValueError(f"This checkpoint was saved by a weighter with constraint={constraint!r}, but this one has "
+                         f"constraint={w.constraint!r}: 'normalize' keeps gamma at the sum it started from, 'clamp' "
+                         f"lets it move, so the loaded gamma would jump at the next meta step or drift from then "
+                         f"on. Build the weighter with constraint={constraint!r} to resume that run. Nothing was "
+                         f"changed.")
     gamma = state_dict["gamma"]
     if not isinstance(gamma, Tensor) or gamma.shape != w.gamma.shape or not gamma.is_floating_point():
         raise ValueError(f"The checkpoint's gamma should be a float tensor of shape {tuple(w.gamma.shape)}. "

@@ -112,6 +112,26 @@ def test_checkpoint_of_another_gamma_optimizer_is_refused():
     adam.step(batch(), batch())  # still usable
 
 
+def test_checkpoint_of_another_constraint_is_refused():
+    """A checkpoint of a weighter with constraint='clamp' (gamma's sum free to move) loaded into one with
+    constraint='normalize' without a word, and gamma jumped back to the sum it started from at the next meta
+    step (helper-151). Now refused, changing nothing; one saved before the constraint was recorded loads as
+    before."""
+    _, _, clamped = make(constraint="clamp", gamma_lr=0.5)
+    for _ in range(4):
+        clamped.step(batch(), batch())
+    model, opt, kept = make(constraint="normalize", gamma_lr=0.5)
+    kept.step(batch(), batch())
+    before = snapshot(model, opt, kept)
+    with pytest.raises(ValueError, match="constraint='clamp', but this one has constraint='normalize'.*Nothing was"):
+        kept.load_state_dict(clamped.state_dict())
+    assert_same(before, snapshot(model, opt, kept))
+    old_style = clamped.state_dict()
+    del old_style["constraint"]  # checkpoints written before the constraint was recorded
+    kept.load_state_dict(old_style)
+    assert kept.gamma.sum() == clamped.gamma.sum()
+
+
 def test_checkpoint_of_a_learned_gamma_is_refused_by_a_fixed_weighter_and_the_reverse():
     """A fixed-weight weighter (learn=False, preset naive_dkd) took an hdkd checkpoint's learned gamma
     without a word and trained on it from then on: the checkpoint did not record learn. Now it does,
