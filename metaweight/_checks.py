@@ -595,10 +595,17 @@ def _label_summary(target: Tensor, ignore_index: int | None) -> tuple[int, int, 
 def _remembered(target: Tensor, ignore_index: int | None) -> tuple[tuple[int, int, int], Any] | None:
     """The summary of ``target`` remembered in this step, and the ranks' (or ``None``): see :func:`summarize_labels`."""
     key = _label_key(target, ignore_index)
-    for ref, k, summary, ranks in _LAST_LABELS:
+    for ref, k, summary, ranks, _ in _LAST_LABELS:
         if ref() is target and k == key:
             return summary, ranks
     return None
+
+
+def _validation_labels(target: Tensor) -> bool:
+    """Whether ``target`` is the validation batch's labels of the weighter step under way (not the training
+    batch's too), as :func:`summarize_step_labels` found them: named so where a loss refuses them."""
+    roles = {role for ref, _, _, _, role in _LAST_LABELS if ref() is target}
+    return roles == {"validation"}
 
 
 def forget_labels() -> None:
@@ -606,26 +613,31 @@ def forget_labels() -> None:
     _LAST_LABELS.clear()
 
 
-def summarize_labels(labels: Sequence[tuple[Tensor, int | None]], ranks: Any = None) -> None:
+def summarize_labels(labels: Sequence[tuple[Tensor, int | None]], ranks: Any = None,
+                     roles: Sequence[str | None] | None = None) -> None:
     """Start of a weighter step: summarise its label tensors (see :func:`_label_summary`) in one read
     back to the host and remember them until :func:`forget_labels`. With ``ranks`` (a
     :class:`~metaweight._hypergradient.Reducer` of more than one rank) the ranks' summaries are
     combined too (one all-reduce), so that a refusal of one rank's labels is every rank's
-    (:func:`checked_target`)."""
+    (:func:`checked_target`). ``roles``: each tensor's batch (``"training"``, ``"validation"``), which a
+    refusal names."""
     forget_labels()
     if labels:
-        for (target, ignore_index), (summary, combined) in zip(labels, _summaries(labels, ranks)):
-            _LAST_LABELS.append((weakref.ref(target), _label_key(target, ignore_index), summary, combined))
+        roles = list(roles) if roles is not None else [None] * len(labels)
+        for (target, ignore_index), (summary, combined), role in zip(labels, _summaries(labels, ranks), roles):
+            _LAST_LABELS.append((weakref.ref(target), _label_key(target, ignore_index), summary, combined, role))
 
 
-def _step_labels(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Tensor, int | None]]:
-    """The integer label tensors of ``(batch, loss)`` pairs, each with the padding label of its loss."""
-    labels = []
-    for batch, part in batches:
+def _step_labels(batches: Sequence[tuple[Any, Any, str]]) -> tuple[list[tuple[Tensor, int | None]], list[str]]:
+    """The integer label tensors of ``(batch, loss, role)`` triples, each with the padding label of its loss, and
+    their roles."""
+    labels, roles = [], []
+    for batch, part, role in batches:
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
         if isinstance(target, Tensor) and not target.is_floating_point():
             labels.append((target, getattr(part, "ignore_index", IGNORE_INDEX)))
-    return labels
+            roles.append(role)
+    return labels, roles
 
 
 def _unreadable(target: Tensor) -> bool:
@@ -639,7 +651,8 @@ def summarize_step_labels(train_batch: Any, val_batch: Any, criterion: Any, vali
     """Start of a weighter step: its training and validation labels (range, padding), each with the
     padding label of the loss that reads it, in one read back to the host; the losses then find them
     checked (with ``ranks``: the ranks' too, see :func:`summarize_labels`)."""
-    summarize_labels(_step_labels([(train_batch, criterion), (val_batch, validation)]), ranks)
+    labels, roles = _step_labels([(train_batch, criterion, "training"), (val_batch, validation, "validation")])
+    summarize_labels(labels, ranks, roles)
 
 
 def _summaries(labels: Sequence[tuple[Tensor, int | None]], ranks: Any = None
@@ -728,6 +741,8 @@ def checked_target(target: object, batch_size: int, num_classes: int | None, nam
                     tokens: int | None, ignore_index: int | None) -> tuple[Tensor, tuple[int, int, int]]:
     """:func:`check_target`, and the labels' summary it read (smallest, largest, number scored)."""
     subject = f"`{name}`" if name.isidentifier() else f"The {name}"  # the argument, named as the caller has it
+    if isinstance(target, Tensor) and name == "target" and not _UNCHECKED and _validation_labels(target):
+        subject = "The validation target"  # (a validation objective's own argument, in a weighter step)
     if not isinstance(target, Tensor):
         numpy = type(target).__module__ == "numpy"
         raise ValueError(f"{subject} should be a Tensor of class indices. Found `{type(target).__name__}`"

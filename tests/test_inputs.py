@@ -156,3 +156,21 @@ def test_numpy_scalars_and_strings_in_a_batch_are_not_arrays():
                 [x, np.ones(2).view(MyArray)]):
         with pytest.raises(TypeError, match="a NumPy array in its inputs"):
             refuse_arrays((bad, y), "The batch")
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_labels_out_of_range_name_the_batch_they_came_with(mode):
+    """helper-151: with mode='exact' the validation batch's labels out of range were refused as "`target` has
+    labels in ...", as the training batch's are, so the message did not tell which batch to fix; the fast mode
+    said 'The validation target'. Both modes, both calls, now name the validation batch's."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
+                       [nn.Linear(8, 3), nn.Linear(8, 3)])
+    w = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2), mode=mode)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    calls = [w.step] + ([w.meta_step] if mode == "exact" else [])
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^The validation target has labels in \[10, 12\]"):
+            call((x, y), (x.clone(), y + 10))
+        with pytest.raises(ValueError, match=r"^`target` has labels in \[10, 12\]"):
+            call((x, y + 10), (x.clone(), y))
