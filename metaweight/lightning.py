@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -141,10 +142,11 @@ def _with_trainer_clipping(trainer: lightning.Trainer, options: dict[str, Any]) 
     clip = ClipGradNorm(float(value))
     if declared is not None:
         number = None if isinstance(declared, ClipGradNorm) else real_scalar(declared)
-        if number is None and not isinstance(declared, ClipGradNorm):
-            return options  # (not a clipping: the weighter's own check refuses it, saying what it takes)
+        if not isinstance(declared, ClipGradNorm) and (number is None or not (math.isfinite(number) and number > 0)):
+            return options  # (no clipping: the weighter's own check refuses it, saying what it takes)
         given = declared if isinstance(declared, ClipGradNorm) else ClipGradNorm(number)
-        if (given.max_norm, given.norm_type) != (clip.max_norm, clip.norm_type):
+        # (a float32 number, np.float32(0.05) or torch.tensor(0.05), is the Trainer's float to its rounding)
+        if given.norm_type != clip.norm_type or not math.isclose(given.max_norm, clip.max_norm, rel_tol=1e-6):
             raise ValueError(f"HarmonizedCallback was given clip_grad_norm={declared!r}, but the Trainer clips with "
                              f"gradient_clip_val={value} (by the 2-norm): the weighter would score another step than "
                              f"the one Lightning takes. Leave clip_grad_norm out (the Trainer's clipping is declared "

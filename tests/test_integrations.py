@@ -412,3 +412,27 @@ def test_lightning_fast_callback_s_clipping_refusals_name_what_to_change_in_ligh
             "gradient_clip_val=0.01" in said, said
     else:
         assert "the weighter was told of no clipping" in said, said
+
+
+def test_lightning_clipping_declared_in_float32_or_as_no_number_is_judged_as_the_weighter_judges_it():
+    """helper-151: clip_grad_norm=np.float32(0.05) (or a float32 tensor) beside Trainer(gradient_clip_val=0.05) was
+    refused as another clipping (0.05 in float32 is not the float 0.05), and a NaN, 0 or negative one was refused
+    as an 'Invalid max_norm' where, without the Trainer's clipping, the weighter says 'Invalid clip_grad_norm'."""
+    pytest.importorskip("lightning")
+    import types
+
+    import numpy as np
+    from metaweight.lightning import _with_trainer_clipping
+
+    trainer = types.SimpleNamespace(gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    for agreeing in (np.float32(0.05), torch.tensor(0.05), 0.05, mw.ClipGradNorm(0.05)):
+        assert _with_trainer_clipping(trainer, {"mode": "fast", "clip_grad_norm": agreeing})["clip_grad_norm"] == \
+            mw.ClipGradNorm(0.05)
+    with pytest.raises(ValueError, match="but the Trainer clips with gradient_clip_val=0.05"):
+        _with_trainer_clipping(trainer, {"mode": "fast", "clip_grad_norm": np.float32(0.0501)})
+    net = _two_exit_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for bad in (float("nan"), 0.0, -1.0, float("inf")):
+        options = _with_trainer_clipping(trainer, {"mode": "fast", "clip_grad_norm": bad})
+        with pytest.raises(ValueError, match="Invalid clip_grad_norm"):  # (the weighter's own refusal, unchanged)
+            mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), **options)
