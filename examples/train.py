@@ -163,9 +163,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         given = [f"--{k.replace('_', '-')}" for k in unused if getattr(args, k) != p.get_default(k)]
         if given:
             what = "the loss weighting" if not fixed else "the preset, whose weights are fixed,"
-            p.error(f"{' '.join(given)} set how the harmonized weighter learns gamma; {what} {args.method!r} does "
-                    f"not use them (they would be recorded in the results, unused). Leave them out, or pick a "
-                    f"preset that learns (--method hdkd, hdbt, hmsdnet).")
+            p.error(f"{' '.join(given)} set the harmonized weighter's gamma (where it starts, how it is "
+                    f"learned); {what} {args.method!r} does not use them (they would be recorded in the results, "
+                    f"unused). Leave them out, or pick a preset that learns (--method hdkd, hdbt, hmsdnet).")
     return args
 
 
