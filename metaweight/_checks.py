@@ -888,3 +888,20 @@ def check_bins(bins: Any) -> int:
     if value is None or value < 1:
         raise ValueError(f"Invalid bins: {bins!r}. Expected an int >= 1.")
     return value
+
+
+def checked_counters(state_dict: Mapping[str, Any], who: str) -> tuple[dict[str, int], int | None]:
+    """A checkpoint's counters (``num_meta_steps``, ``num_calls``, ``num_skipped``: 0 where an older one has
+    none) and its ``pending_calls`` (``None`` where it has none), refused with a ``ValueError`` where they are no
+    ints >= 0 or impossible (more meta steps than calls); ``who``: the class whose ``state_dict()`` it should be."""
+    counts = {k: state_dict.get(k, 0) for k in ("num_meta_steps", "num_calls", "num_skipped")}
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
+        raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
+    if "num_calls" in state_dict and counts["num_meta_steps"] > counts["num_calls"]:
+        raise ValueError(f"The checkpoint's counters {counts} are impossible: every meta step kept is a call, so "
+                         f"num_meta_steps <= num_calls. Pass a {who}.state_dict() as saved. Nothing was changed.")
+    pending = state_dict.get("pending_calls")  # (none in older checkpoints)
+    if pending is not None and (isinstance(pending, bool) or not isinstance(pending, int) or pending < 0):
+        raise ValueError(f"The checkpoint's `pending_calls` should be an int >= 0 (the loss() calls of the "
+                         f"accumulated step it was saved in). Found {pending!r}. Nothing was changed.")
+    return counts, pending

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from metaweight._checks import real_scalar
+from metaweight._checks import checked_counters, real_scalar
 from metaweight._gamma import check_gamma_optimizer_state
 
 if TYPE_CHECKING:
@@ -102,17 +102,7 @@ def checked_state(w: HarmonizedWeighter, state_dict: Any) -> CheckedState:
         raise ValueError(f"The checkpoint's gamma {gamma.tolist()} does not fit the terms {w.term_names}.")
     w._objective.check_state(state_dict["validation"])  # check before touching our own
     check_gamma_optimizer_state(w.gamma_optimizer, w.gamma, state_dict)
-    counts = {k: state_dict.get(k, 0) for k in ("num_meta_steps", "num_calls", "num_skipped")}
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
-        raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
-    if "num_calls" in state_dict and counts["num_meta_steps"] > counts["num_calls"]:
-        raise ValueError(f"The checkpoint's counters {counts} are impossible: every meta step kept is a call, so "
-                         f"num_meta_steps <= num_calls. Pass a HarmonizedWeighter.state_dict() as saved. Nothing "
-                         f"was changed.")
-    pending = state_dict.get("pending_calls")  # (none in older checkpoints)
-    if pending is not None and (isinstance(pending, bool) or not isinstance(pending, int) or pending < 0):
-        raise ValueError(f"The checkpoint's `pending_calls` should be an int >= 0 (the loss() calls of the "
-                         f"accumulated step it was saved in). Found {pending!r}. Nothing was changed.")
+    counts, pending = checked_counters(state_dict, "HarmonizedWeighter")
     gamma_sum = real_scalar(state_dict["gamma_sum"])  # (the one reading of a number: a bool is none)
     if gamma_sum is None or not (math.isfinite(gamma_sum) and gamma_sum >= 0):
         raise ValueError(f"The checkpoint's gamma_sum {state_dict['gamma_sum']!r} should be a finite number >= 0.")

@@ -46,9 +46,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._capture import GradSnapshot
-from metaweight._checks import (NO_TRAINING_GRADIENT, check_differentiable, check_initialized, forget_labels,
-                               half_precision_eps_hint, integer_value, masked_label_hint, real_option, refuse_arrays,
-                               summarize_step_labels)
+from metaweight._checks import (NO_TRAINING_GRADIENT, check_differentiable, check_initialized, checked_counters,
+                               forget_labels, half_precision_eps_hint, integer_value, masked_label_hint, real_option,
+                               refuse_arrays, summarize_step_labels)
 from metaweight._hooks import OwnHook
 from metaweight._hypergradient import Reducer
 from metaweight._logging import HandedLogger
@@ -1077,17 +1077,7 @@ class Weighting(NamedWeights):
         if inactive:
             raise ValueError(f"The checkpoint weights the terms {inactive}, which this weighting's criterion does not "
                              f"compute {_OTHER_CRITERION}")
-        counts = {k: state_dict[k] for k in ("num_calls", "num_meta_steps", "num_skipped")}
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
-            raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
-        if counts["num_meta_steps"] > counts["num_calls"]:
-            raise ValueError(f"The checkpoint's counters {counts} are impossible: every meta step kept is a call, so "
-                             f"num_meta_steps <= num_calls. Pass a {type(self).__name__}.state_dict() as saved. "
-                             f"Nothing was changed.")
-        pending = state_dict.get("pending_calls")  # (none in older checkpoints)
-        if pending is not None and (isinstance(pending, bool) or not isinstance(pending, int) or pending < 0):
-            raise ValueError(f"The checkpoint's `pending_calls` should be an int >= 0 (the loss() calls of the "
-                             f"accumulated step it was saved in). Found {pending!r}. Nothing was changed.")
+        counts, pending = checked_counters(state_dict, type(self).__name__)  # (all three required above)
         self._check_state(state_dict)  # (after the counters: SDN's weights follow from them)
         if not isinstance(state_dict["extra"], Mapping):
             raise ValueError("The checkpoint's `extra` should be a dict.")

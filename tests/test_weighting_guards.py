@@ -13,6 +13,7 @@ from torch import nn
 
 import metaweight as mw
 from conftest import batch, tiny_net
+from test_weightings import _ShiftedTerms
 
 NAMES = sorted(mw.WEIGHTINGS)
 
@@ -716,19 +717,6 @@ def test_a_part_of_the_gradients_cleared_between_micro_batches_keeps_the_earlier
     assert records[0].terms == pytest.approx(records[1].terms, rel=1e-6)
 
 
-class _Shifted(nn.Module):
-    """Squared errors per output, each shifted by a constant (a loss that can sit below 0)."""
-
-    term_names = ["a", "b", "c"]
-
-    def __init__(self, shift):
-        super().__init__()
-        self.shift = torch.tensor(shift)
-
-    def forward(self, outputs, target):
-        return (outputs - target).pow(2).mean(0) + self.shift
-
-
 def test_refused_updates_say_what_to_change_after_the_step_too_and_never_the_option_in_use():
     """helper-151: FAMO's hint looked only at the terms before the step, so a term pushed below its min_losses by
     the step was refused with 'check the data and the learning rates'; the hint now names it, 'after the step'
@@ -737,7 +725,7 @@ def test_refused_updates_say_what_to_change_after_the_step_too_and_never_the_opt
     torch.manual_seed(0)
     x, y = torch.randn(8, 4), torch.randn(8, 3)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
-    criterion = _Shifted([0.0, 0.0, 0.0])
+    criterion = _ShiftedTerms([0.0, 0.0, 0.0])
     with torch.no_grad():
         terms = criterion(model(x), y)
     w = mw.FAMO(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, min_losses=(terms - 1e-3).tolist())
@@ -748,7 +736,7 @@ def test_refused_updates_say_what_to_change_after_the_step_too_and_never_the_opt
     for nonfinite in ("skip", "raise"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
-        w = mw.UW(model, torch.optim.SGD(model.parameters(), lr=0.1), _Shifted([0.0, -5.0, 0.0]), lr=0.5,
+        w = mw.UW(model, torch.optim.SGD(model.parameters(), lr=0.1), _ShiftedTerms([0.0, -5.0, 0.0]), lr=0.5,
                   nonfinite=nonfinite)
         said = None
         with warnings.catch_warnings():
