@@ -452,8 +452,9 @@ def train(args: argparse.Namespace) -> dict:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()  # the JSON is the finished run
+    if checkpoint is not None and checkpoint.exists():  # the JSON is the finished run
+        # (a symbolic link, which save_checkpoint writes through: the file it points to goes, the link stays)
+        Path(os.path.realpath(checkpoint)).unlink()
     return out
 
 

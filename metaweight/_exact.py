@@ -54,7 +54,7 @@ class ExactMode:
             return pending
         try:
             return w._meta_outcome(pending, host_read(pending.values))
-        except Exception:
+        except BaseException:  # (a hook's interrupt too)
             w.num_calls = calls  # a refused meta step (nonfinite="raise") counts for nothing either
             raise
 
@@ -110,7 +110,7 @@ class ExactMode:
                              f"freeze them (requires_grad_(False)), or call meta_step (backend='higher' or 'finite_difference') in your own loop. Nothing "
                              f"was changed.")
         if w.learn and w.num_calls % w.meta_every == 0:
-            w._check_loop()  # before the transaction: a refusal leaves the gradients as they are too
+            w._check_loop(own_backward=True)  # before the transaction: a refusal leaves the gradients as they are too
             check_gradients_once(w, train_batch, val_batch)  # (once)
         transaction = w._transaction
         saved = transaction.begin(w)

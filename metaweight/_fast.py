@@ -35,6 +35,7 @@ from metaweight._record import MetaStepRecord
 from metaweight._transaction import (FlatCopies, ModelStep, Scratch, explained, fused_step, host_read,
                                     nonfinite_flag, step_unless)
 from metaweight._walk import walk
+from metaweight._warn import SKIP_META_STEPS
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import HarmonizedWeighter
@@ -61,10 +62,9 @@ NOT_REPRODUCED = (
     "mode='exact'. gamma is unchanged.")
 
 _NONFINITE_VAL = ("The validation batch's inputs hold inf or NaN: the meta step cannot be scored. Check the validation "
-                  "data (or pass nonfinite='skip' to skip such meta steps). gamma and the validation average are "
-                  "unchanged.")
+                  "data. gamma and the validation average are unchanged.")
 _NONFINITE_VAL_REFUSED = _NONFINITE_VAL + (" The model's step was not taken: parameters, buffers, optimizer state and "
-                                           "counters are as before this call.")
+                                           "counters are as before this call." + SKIP_META_STEPS)
 
 
 class FastMode:
@@ -485,14 +485,16 @@ def _steps_only(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
 
 
 def _step_stands(w: HarmonizedWeighter, saved: Any, exc: BaseException) -> None:
-    """An error after the model's step, found finite: :func:`_keep_model_step`, and the error says so."""
+    """An error after the model's step, found finite: :meth:`StepTransaction.keep_model_step`, and the error says
+    so."""
     calls = w._transaction.keep_model_step(w, saved)
-    if isinstance(exc, Exception) and hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
+    if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type; an interrupt is told too)
         exc.add_note(
             f"metaweight: this error came after the model's step, which mode='fast' takes before scoring "
             f"it: the step stands and is counted (num_calls={calls}); gamma, its optimizer and the "
             f"validation average are as before. Do not call step() again on this batch (the model would "
-            f"step twice): fix the validation batch or objective and go on with the next batch.")
+            f"step twice): fix what raised (the validation batch or objective, a hook) and go on with the next "
+            f"batch.")
 
 
 def _batch_size(y: Any) -> int:

@@ -33,7 +33,7 @@ from metaweight._randomness import NEW_GENERATOR, model_generators, replay_rando
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import (gradients_moved, host_equal, host_read, not_stepped_message,
                                      resumed_mid_step_message)
-from metaweight._warn import warn_user
+from metaweight._warn import SKIP_META_STEPS, warn_user
 from metaweight._walk import current_walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
@@ -74,7 +74,7 @@ class TwoCall:
             w._check_outside_model(read=True, stepped=pending.stepped_outside)
         plan = self._plan(w, pending, x, y) if run_meta else None
         if isinstance(plan, _NonFinite) and w.nonfinite == "raise":
-            raise ValueError(plan.message)
+            raise ValueError(plan.message + SKIP_META_STEPS)
         if plan is not None and not isinstance(plan, _NonFinite):
             check_gradients_once(w, train_batch, val_batch)  # (once; after the plan's own refusals, which say more)
         pending_now, w._pending, w._stepped = w._pending, None, None
@@ -130,7 +130,7 @@ class TwoCall:
                         pieces.append(Piece(xi, yi, micro.terms, micro.outputs, replay, True, per_loss(micro)))
                 return w._fast.meta(w, named, pending.theta, pending.jac, pieces, xv, yv,
                                        dict(current_walk(w.module).buffers), transform)  # (copied per forward)
-        except Exception as exc:
+        except BaseException as exc:  # (a hook's interrupt too: the call counts for nothing)
             w._pending, w._stepped, w.num_calls = pending_now, stepped_before, w.num_calls - 1
             if isinstance(exc, NotReproduced):
                 _refuse_outside_moved(pending)
@@ -375,8 +375,7 @@ def _check_finite(w: HarmonizedWeighter, flags: list[float], terms: list[float],
         f"The training losses weighter.loss returned (non-finite terms: {bad or 'none'}) or the gradients the "
         f"optimizer stepped on were not finite: the step taken has no meta-gradient, and the model's parameters may "
         f"now be non-finite too (weighter.step() refuses such a step before taking it). Check the data, the "
-        f"learning rate and the parameters (or pass nonfinite='skip' to skip such meta steps). gamma and the "
-        f"validation average are unchanged.", mean)
+        f"learning rate and the parameters. gamma and the validation average are unchanged.", mean)
 
 
 def _check_moves(flags: list[float]) -> None:

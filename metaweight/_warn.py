@@ -77,6 +77,9 @@ def warns_after_construction(init: Callable[..., None]) -> Callable[..., None]:
     return construct
 
 
+SKIP_META_STEPS = " (Or pass nonfinite='skip' to skip such meta steps.)"  # (said where one is raised, not skipped)
+
+
 def raise_or_skip_step(owner: Any, message: str) -> None:
     """A refused model step, by ``owner.nonfinite``: ``"raise"`` raises a ``ValueError`` with
     ``message``; ``"skip"`` counts it in ``owner.num_skipped`` and warns."""

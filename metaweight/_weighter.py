@@ -43,7 +43,7 @@ from metaweight._capturable import CapturableFast, DeviceRecord, check as check_
 from metaweight._transaction import (COPIED_SINCE, LOADED_DURING, LOADED_SINCE, PendingMeta, StateSnapshot,
                                      StepTransaction, gradients_moved, host_read, nonfinite_flag)
 from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
-from metaweight._warn import warn_user, warns_after_construction
+from metaweight._warn import SKIP_META_STEPS, warn_user, warns_after_construction
 from metaweight._weighting import NamedWeights, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import (FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, frozen_with_grad,
@@ -606,11 +606,12 @@ class HarmonizedWeighter(NamedWeights):
         finally:
             forget_labels()  # labels are remembered for one call only
 
-    def _check_loop(self) -> None:
+    def _check_loop(self, own_backward: bool = False) -> None:
         """Before every meta step, what may have changed since the weighter was built and the look-ahead
         cannot replay: the optimizer's options, the model's hooks and another optimizer's step of the model
         (:mod:`metaweight._moves`; Python objects only); raises a ``ValueError`` naming what it found,
-        before anything changes."""
+        before anything changes. ``own_backward``: the call (``step()``) drops every ``.grad`` before a backward
+        of its own, so a frozen parameter's old one moves nothing."""
         check_optimizer_options(self._inner_optimizer)
         check_option_values(type(self.gamma_optimizer), self.gamma_optimizer.param_groups, GAMMA_OPTIMIZER)
         check_hooks(self.module, self.mode, self.backend, {h.id for h in self._forward_hooks})
@@ -629,6 +630,8 @@ class HarmonizedWeighter(NamedWeights):
         if self._foreign_step is not None:
             name, self._foreign_step = self._foreign_step, None  # (refused once: the next meta step sees anew)
             raise ValueError(FOREIGN_STEP.format(name=name))
+        if self._frozen_step is not None and own_backward:
+            self._frozen_step = None
         if self._frozen_step is not None:
             # refused where they still hold a .grad, which the coming step moves them on too (the look-ahead does
             # not); a .grad the loop has let go of since (zero_grad(set_to_none=True)) ended it with the last step
@@ -747,8 +750,7 @@ class HarmonizedWeighter(NamedWeights):
             if not ok and _holds_nonfinite(pending.val_inputs, self.gamma.device):  # (read only here: a refusal's message)
                 message = (f"Non-finite meta step: the validation batch's inputs hold inf or NaN, so the step "
                            f"cannot be scored (validation objective {value}). gamma and the validation average "
-                           f"were left unchanged. Check the validation data (or pass nonfinite='skip' to skip "
-                           f"such meta steps).")
+                           f"were left unchanged. Check the validation data.")
             elif not ok:
                 bad_terms = [n for n, t in zip(self.term_names, term_values) if not math.isfinite(t)]
                 bad_grad = [n for n, g in zip(self.term_names, grad) if not math.isfinite(g)]
@@ -765,7 +767,7 @@ class HarmonizedWeighter(NamedWeights):
                     f"Non-finite meta step: validation objective {value}, validation exit losses "
                     f"{losses}, non-finite training terms {bad_terms or 'none'}, non-finite meta-gradient "
                     f"(d L_val / d gamma) for the terms {bad_grad or 'none'}. gamma and the validation average "
-                    f"were left unchanged.{advice} (Or pass nonfinite='skip' to skip such steps.)"
+                    f"were left unchanged.{advice}"
                 ) + masked_label_hint(losses + [t for n, t in zip(self.term_names, term_values) if n.startswith("ce[")]) \
                     + half_precision_eps_hint(self._inner_optimizer)
             else:
@@ -806,7 +808,7 @@ class HarmonizedWeighter(NamedWeights):
             message += (" The model's step (finite, taken with the gamma it had) stands: mode='fast' steps the model "
                         "before the meta step, so this meta step was skipped, not raised.")
         elif self.nonfinite == "raise":
-            raise ValueError(message)
+            raise ValueError(message + SKIP_META_STEPS)
         self.num_skipped += 1
         warn_user(f"Skipped a meta step ({self.num_skipped} so far): {message}")
         return MetaStepRecord(self.num_calls, ran=True, skipped=True, meta_step=self.num_meta_steps,

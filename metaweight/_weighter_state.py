@@ -86,7 +86,7 @@ def checked_state(w: HarmonizedWeighter, state_dict: Any) -> CheckedState:
                              f"weighter the checkpoint was saved with (learn={saved_learn}, or its preset) to "
                              f"resume that run. Nothing was changed.")
     constraint = state_dict.get("constraint", w.constraint)  # (checkpoints saved before it was recorded: as before)
-    if constraint != w.constraint:
+    if constraint != w.constraint and w._built_to_learn:  # (fixed weights take no meta step to keep a sum by)
         raise ValueError(f"This checkpoint was saved by a weighter with constraint={constraint!r}, but this one has "
                          f"constraint={w.constraint!r}: 'normalize' keeps gamma at the sum it started from, 'clamp' "
                          f"lets it move, so the loaded gamma would jump at the next meta step or drift from then "

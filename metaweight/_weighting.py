@@ -278,7 +278,9 @@ class NamedWeights:
         A hook that raises has the meta step it reports put back (the weights and their state, the
         validation average, ``num_meta_steps``, ``last_meta``; a ``meta_step`` of the two calls then
         counts for nothing and may be made again), while a model step the call took (``step()``) stands
-        and is counted; the error, re-raised, carries a note that says which.
+        and is counted; the error, re-raised, carries a note that says which. The library's loggers
+        (:class:`CSVLogger`, :class:`TensorBoardLogger`) are called after the other hooks, so a meta
+        step put back is never logged.
         """
         if not callable(hook):
             raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
@@ -300,8 +302,11 @@ class NamedWeights:
         """Every hook with ``record``; a logger of the library given to another weighter since (a second stage of
         training, or two weighters compared side by side) logs that one's run alone: this weighter's records
         would read to it as its run going back to a checkpoint and drop its rows, so they are not written (a
-        warning says so, once per logger)."""
-        for hook in list(self._hooks.values()):
+        warning says so, once per logger). The library's loggers come after the other hooks (each kind in the order
+        registered): a hook that raises puts the meta step back (:meth:`_report`) before any logger has written it."""
+        hooks = list(self._hooks.values())
+        for hook in [h for h in hooks if not isinstance(h, HandedLogger)] + [h for h in hooks
+                                                                             if isinstance(h, HandedLogger)]:
             passed = hook._metaweight_passed_over if isinstance(hook, HandedLogger) else None
             if passed is not None and self in passed:
                 if not passed[self]:  # (one warning per logger and weighter passed over)
@@ -320,7 +325,7 @@ class NamedWeights:
         form and method (the model's step, where the call took one, stands)."""
         try:
             self._call_hooks(record)
-        except Exception as exc:
+        except BaseException as exc:  # (an interrupt in a hook too, as the fast step's handler takes it)
             put_back()
             if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
                 exc.add_note(f"metaweight: a meta step hook raised after the step it reports; {stood}")

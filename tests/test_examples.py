@@ -261,3 +261,37 @@ def test_train_py_resumes_under_another_out_or_tag_and_refuses_harmonized_option
     assert "'msdnet' does not use them" in capsys.readouterr().err
     assert train.parse_args(["--method", "dbt", "--gamma-init", "last"]).gamma_init == "last"  # (its weights)
     assert train.parse_args(["--method", "hdkd", "--gamma-lr", "0.1"]).gamma_lr == 0.1
+
+
+def test_train_py_checkpoint_through_a_symbolic_link_resumes_and_leaves_the_link_as_it_was(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """--checkpoint latest.pt -> run/ckpt.pt: the library's save_checkpoint writes through the link (train.py's own
+    save, which it replaced, put a file in place of the link); an interrupted run resumes from it; a finished run
+    removes the file it wrote and leaves the link as it was before the run (helper-152: the file stayed behind, the
+    link alone removed)."""
+    import train
+
+    class Interrupted(Exception):
+        pass
+
+    real = train.Progress.update
+
+    def update(self, step, *args, **kwargs):
+        if step == 4:
+            raise Interrupted
+        return real(self, step, *args, **kwargs)
+
+    (tmp_path / "run").mkdir()
+    link = tmp_path / "latest.pt"
+    link.symlink_to(tmp_path / "run" / "ckpt.pt")
+    args = ["--epochs", "1", "--max-steps", "6", "--batch-size", "8", "--width", "4", "--exits", "2", "--no-plot",
+            "--no-progress", "--threads", "1", "--checkpoint", str(link), "--checkpoint-every", "1"]
+    monkeypatch.setattr(train.Progress, "update", update)
+    with pytest.raises(Interrupted):
+        train.train(train.parse_args(args))
+    assert link.is_symlink() and (tmp_path / "run" / "ckpt.pt").is_file()
+    monkeypatch.setattr(train.Progress, "update", real)
+    capsys.readouterr()
+    train.train(train.parse_args(args))
+    assert "resumed from" in capsys.readouterr().out
+    assert link.is_symlink() and not (tmp_path / "run" / "ckpt.pt").exists()

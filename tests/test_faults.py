@@ -130,6 +130,8 @@ def test_checkpoint_of_another_constraint_is_refused():
     del old_style["constraint"]  # checkpoints written before the constraint was recorded
     kept.load_state_dict(old_style)
     assert kept.gamma.sum() == clamped.gamma.sum()
+    _, _, fixed = make(constraint="clamp", learn=False)  # fixed weights keep no sum (helper-152: refused)
+    make(constraint="normalize", learn=False)[2].load_state_dict(fixed.state_dict())
 
 
 def test_checkpoint_of_a_learned_gamma_is_refused_by_a_fixed_weighter_and_the_reverse():

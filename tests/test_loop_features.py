@@ -1421,6 +1421,9 @@ def test_frozen_parameters_with_a_zero_gradient_tensor_are_refused(form):
                                              r"have a \.grad tensor.*set_to_none=True"):
             w.meta_step(train, val)
         assert same(before, state(model, optimizer, w))
+    if mode == "exact":  # step() drops every .grad before a backward of its own: nothing of it to refuse (helper-152:
+        assert w.step(train, val).ran  # refused at every step(), which could never clear the .grad it checked)
+        assert all(p.grad is None for p in model.heads[0].parameters())
     for p in model.heads[0].parameters():
         p.grad = None  # the fix the message gives
     iteration(set_to_none=True)

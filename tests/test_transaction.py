@@ -20,6 +20,7 @@ from torch.profiler import profile
 
 import metaweight as mw
 from conftest import ScaledLoss, batch, fast_two_calls, quiet, tiny_net
+from test_logging_transactions import rows
 from metaweight._gradnorm import WATCHED
 from metaweight._transaction import HOST_READ, BufferSnapshot, StateSnapshot, nonfinite_flag
 from test_weighter import F64, setup
@@ -1344,17 +1345,22 @@ HOOK_FORMS = ["exact, step()", "exact, two calls", "fast, step()", "fast, two ca
               "RLW, step()"]
 
 
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 @pytest.mark.parametrize("form", HOOK_FORMS)
-def test_a_meta_step_hook_that_raises_puts_its_meta_step_back_in_every_form(form):
+def test_a_meta_step_hook_that_raises_puts_its_meta_step_back_in_every_form(form, error, tmp_path):
     """A meta step hook (a user's callback) that raises, in every step form and method: the meta step it reports
     is put back (the weights, their optimizer's or the method's state, the validation average, the meta step
     count and last_meta are those of before the call: the state_dict compared whole), a model step the call took
     stands and is counted, and the error says so; the two calls' meta_step counts for nothing and, made again,
     gives what a run whose hook never raised gives (helper-151: the exact step() kept everything and said
-    nothing, as did the loss weightings, while the fast step() put its meta step back)."""
+    nothing, as did the loss weightings, while the fast step() put its meta step back). A CSVLogger registered
+    before the hook writes no row of the meta step put back (the library's loggers come last; helper-152: it kept
+    the row, and a retried meta_step was warned of as a run rolled back), and an interrupt in a hook is taken
+    alike."""
     method, how = form.split(", ")
 
     def run(fail):
+        log = mw.CSVLogger(tmp_path / f"{fail}.csv")
         torch.manual_seed(0)
         net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
                            [nn.Linear(8, 3), nn.Linear(8, 3)])
@@ -1365,16 +1371,16 @@ def test_a_meta_step_hook_that_raises_puts_its_meta_step_back_in_every_form(form
         def hook(record):
             seen.append(record)
             if fail and len(seen) == 4:
-                raise RuntimeError("a user's hook failed")
+                raise error("a user's hook failed")
 
         criterion = mw.DenseDistillLoss(2)
         if method in ("exact", "fast", "capturable"):
             w = mw.HarmonizedWeighter(net, opt, criterion, mode="exact" if method == "exact" else "fast",
-                                      capturable=method == "capturable", callbacks=[hook],
+                                      capturable=method == "capturable", callbacks=[log, hook],
                                       nonfinite="skip" if method == "capturable" else "raise")
         else:
             options = {"GradNorm": {"shared_parameters": list(net.parameters())[:2]}, "DWA": {"window": 1}}
-            w = getattr(mw, method)(net, opt, criterion, callbacks=[hook], **options.get(method, {}))
+            w = getattr(mw, method)(net, opt, criterion, callbacks=[log, hook], **options.get(method, {}))
         g = torch.Generator().manual_seed(1)
         batches = [((torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)),
                     (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))) for _ in range(5)]
@@ -1399,8 +1405,9 @@ def test_a_meta_step_hook_that_raises_puts_its_meta_step_back_in_every_form(form
             return w, net
         kept, last, calls = copy.deepcopy(w.state_dict()), w.last_meta, w.num_calls
         params = [p.detach().clone() for p in net.parameters()]
-        with pytest.raises(RuntimeError, match="a user's hook failed") as info:
+        with pytest.raises(error, match="a user's hook failed") as info:
             iteration(*batches[3])
+        assert [r[1] for r in rows(tmp_path / f"{fail}.csv")][1:] == ["1", "2", "3"]  # (meta_step: none put back)
         notes = " ".join(getattr(info.value, "__notes__", []))
         assert "metaweight:" in notes and "as before" in notes, notes
         if how == "step()":
@@ -1412,10 +1419,12 @@ def test_a_meta_step_hook_that_raises_puts_its_meta_step_back_in_every_form(form
             if key not in ("num_calls", "pending_calls"):
                 assert str(now[key]) == str(value), key  # (tensors, nested optimizer states: printed in full)
         if how == "two calls":  # made again, the hook passing now
-            if method == "exact":
-                iteration(*batches[3])
-            else:
-                w.meta_step(*batches[3])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # (no 'rolled back' warning of the logger: nothing to drop)
+                if method == "exact":
+                    iteration(*batches[3])
+                else:
+                    w.meta_step(*batches[3])
         return w, net
 
     w, net = run(fail=True)
@@ -1423,3 +1432,41 @@ def test_a_meta_step_hook_that_raises_puts_its_meta_step_back_in_every_form(form
         reference, reference_net = run(fail=False)
         assert str(w.state_dict()) == str(reference.state_dict())
         assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference_net.parameters()))
+        assert rows(tmp_path / "True.csv") == rows(tmp_path / "False.csv")
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_skipped_meta_step_never_advises_the_option_in_use(mode):
+    """A meta step with inf/NaN validation inputs, in step() and the two calls: under nonfinite='raise' the error
+    advises nonfinite='skip'; under 'skip' the warning and the record's message did too (helper-152), and no
+    longer do."""
+    said = {}
+    for nonfinite in ("raise", "skip"):
+        torch.manual_seed(0)
+        net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
+                           [nn.Linear(8, 3), nn.Linear(8, 3)])
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), mode=mode, nonfinite=nonfinite)
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        bad = (torch.full((8, 4), float("nan")), y)
+
+        def two_calls():
+            if mode == "exact":
+                return w.meta_step((x, y), bad)
+            opt.zero_grad()
+            w.loss(net(x), y).backward()
+            opt.step()
+            return w.meta_step((x, y), bad)
+
+        for form, call in (("step()", lambda: w.step((x, y), bad)), ("two calls", two_calls)):
+            if nonfinite == "raise":
+                with pytest.raises(ValueError) as info:
+                    call()
+                said[form, nonfinite] = str(info.value)
+            else:
+                with pytest.warns(RuntimeWarning, match="Skipped a meta step") as heard:
+                    record = call()
+                assert record.skipped
+                said[form, nonfinite] = record.message + " ".join(str(h.message) for h in heard)
+    for (form, nonfinite), message in said.items():
+        assert ("nonfinite='skip'" in message) == (nonfinite == "raise"), (form, nonfinite, message)
