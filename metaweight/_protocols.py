@@ -38,7 +38,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from metaweight._checks import IGNORE_INDEX, integer_value
 from metaweight._hooks import is_own_hook
+from metaweight._validation import BalancedValidation
 from metaweight._walk import watched_forward
 
 
@@ -193,6 +195,46 @@ class ModelCall(NamedTuple):
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+
+
+def terms_and_objective(criterion: Any, validation: Any, term_names: Sequence[str] | None
+                        ) -> tuple[Terms, Any, Objective]:
+    """The weighter's view of ``criterion`` (:class:`Terms`) and of ``validation`` (:class:`Objective`), checked
+    as a pair: ``validation`` ``None`` is ``BalancedValidation(criterion.num_exits)`` with the criterion's
+    ``ignore_index`` (padding is neither refused nor scored); their ``num_exits`` and ``ignore_index``, where both
+    have them, must agree. Returns the terms, the validation objective (built or given) and its view.
+
+    Raises:
+        ValueError: no validation objective and a criterion without ``num_exits``; ``num_exits`` or
+            ``ignore_index`` that differ.
+    """
+    terms = Terms(criterion, term_names)
+    if validation is None:
+        num_exits = integer_value(getattr(criterion, "num_exits", None))
+        if num_exits is None:
+            raise ValueError(f"Pass a validation objective: `{type(criterion).__name__}` has no num_exits to build "
+                             f"the default BalancedValidation(num_exits) from.")
+        # the criterion's padding label is the objective's too: padding is neither refused nor scored
+        ignore_index = getattr(criterion, "ignore_index", IGNORE_INDEX)
+        validation = BalancedValidation(num_exits, ignore_index=ignore_index if isinstance(ignore_index, int)
+                                        and not isinstance(ignore_index, bool) else IGNORE_INDEX)
+    objective = Objective(validation)
+    k_terms = integer_value(getattr(criterion, "num_exits", None))
+    k_val = integer_value(getattr(validation, "num_exits", None))
+    if k_terms is not None and k_val is not None and k_terms != k_val:
+        raise ValueError(
+            f"The criterion has num_exits={k_terms} but the validation objective has "
+            f"num_exits={k_val}. Build both for the model's number of exits."
+        )
+    i_terms, i_val = getattr(criterion, "ignore_index", None), getattr(validation, "ignore_index", None)
+    if isinstance(i_terms, int) and isinstance(i_val, int) and i_terms != i_val:
+        raise ValueError(
+            f"The criterion leaves out labels equal to ignore_index={i_terms} (padding), but the validation "
+            f"objective leaves out {i_val}: the meta step would score the training padding as a class, or refuse "
+            f"it. Build both with one ignore_index, e.g. {type(validation).__name__}({k_val}, "
+            f"ignore_index={i_terms}), or leave `validation` out to get it from the criterion."
+        )
+    return terms, validation, objective
 
 
 def _wrapper_chain(model: Any) -> list[Any]:

@@ -6,7 +6,10 @@ hands each call to its mode: :mod:`metaweight._exact` (the paper's order, a meta
 backend of :mod:`metaweight._backends`) or :mod:`metaweight._fast` (the model's step as the
 look-ahead); ``step()`` runs inside the transaction of :mod:`metaweight._transaction`. The fast
 mode's two-call form (``loss``, the user's own step, ``meta_step``) is read by
-:mod:`metaweight._capture` and scored by :mod:`metaweight._twocall`.
+:mod:`metaweight._capture` and scored by :mod:`metaweight._twocall`. gamma's initial weights and
+optimizer are :mod:`metaweight._gamma`'s, the checks of a checkpoint :mod:`metaweight._weighter_state`'s,
+the criterion and validation objective as a pair :mod:`metaweight._protocols`'s, the order of the exact
+mode's two calls :mod:`metaweight._order`'s, and the gradient check :mod:`metaweight._gradcheck`'s.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, drop_inert_hooks,
                                 sparse_trained, watch_backward)
-from metaweight._checks import (check_flag, check_initialized, IGNORE_INDEX, forget_labels, float_leaves,
+from metaweight._checks import (check_flag, check_initialized, forget_labels, float_leaves,
                                half_precision_eps_hint, integer_value, masked_label_hint, real_option,
                                real_scalar, summarize_step_labels)
 from metaweight._clipping import ClipGradNorm, ClippingHints, check_max_norm
@@ -35,7 +38,7 @@ from metaweight._gamma import (GAMMA_OPTIMIZER, GammaInit, build_gamma_optimizer
                                initial_gamma, own_implementation)
 from metaweight._fast import FastMode, before_step
 from metaweight._hypergradient import Reducer
-from metaweight._protocols import Objective, Terms
+from metaweight._protocols import terms_and_objective
 from metaweight._record import MetaStepRecord
 from metaweight._twocall import TwoCall
 from metaweight._weighter_state import checked_state
@@ -50,7 +53,6 @@ from metaweight._moves import (FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fin
                                outside_model, shapes_of)
 from metaweight._optimizers import (FAST_OUTSIDE_MODEL, check_optimizer_covers_model, check_option_values,
                                     check_optimizer_options, check_optimizer_state, stepped_optimizer)
-from metaweight._validation import BalancedValidation
 
 Batch = Sequence[Any]
 CONSTRAINTS = ("clamp", "normalize")
@@ -248,32 +250,7 @@ class HarmonizedWeighter(NamedWeights):
         reuse_forward = check_flag(reuse_forward, "reuse_forward")
         check_gradients = check_flag(check_gradients, "check_gradients")
         capturable = check_flag(capturable, "capturable")
-        terms = Terms(criterion, term_names)
-        if validation is None:
-            num_exits = integer_value(getattr(criterion, "num_exits", None))
-            if num_exits is None:
-                raise ValueError(f"Pass a validation objective: `{type(criterion).__name__}` has no num_exits to build "
-                                 f"the default BalancedValidation(num_exits) from.")
-            # the criterion's padding label is the objective's too: padding is neither refused nor scored
-            ignore_index = getattr(criterion, "ignore_index", IGNORE_INDEX)
-            validation = BalancedValidation(num_exits, ignore_index=ignore_index if isinstance(ignore_index, int)
-                                            and not isinstance(ignore_index, bool) else IGNORE_INDEX)
-        objective = Objective(validation)
-        k_terms = integer_value(getattr(criterion, "num_exits", None))
-        k_val = integer_value(getattr(validation, "num_exits", None))
-        if k_terms is not None and k_val is not None and k_terms != k_val:
-            raise ValueError(
-                f"The criterion has num_exits={k_terms} but the validation objective has "
-                f"num_exits={k_val}. Build both for the model's number of exits."
-            )
-        i_terms, i_val = getattr(criterion, "ignore_index", None), getattr(validation, "ignore_index", None)
-        if isinstance(i_terms, int) and isinstance(i_val, int) and i_terms != i_val:
-            raise ValueError(
-                f"The criterion leaves out labels equal to ignore_index={i_terms} (padding), but the validation "
-                f"objective leaves out {i_val}: the meta step would score the training padding as a class, or refuse "
-                f"it. Build both with one ignore_index, e.g. {type(validation).__name__}({k_val}, "
-                f"ignore_index={i_terms}), or leave `validation` out to get it from the criterion."
-            )
+        terms, validation, objective = terms_and_objective(criterion, validation, term_names)
         gamma_lr = real_option(gamma_lr, "gamma_lr", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
         check_gamma_optimizer_choice(gamma_optimizer)
         if constraint not in CONSTRAINTS:
