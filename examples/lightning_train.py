@@ -3,6 +3,12 @@
     pip install lightning
     python examples/lightning_train.py --method hdkd --max-steps 300
     python examples/lightning_train.py --method famo --max-steps 300    # or uw, dwa, gradnorm, rlw, sdn
+    python examples/lightning_train.py --mode fast --accumulate-grad-batches 4 --gradient-clip-val 1.0
+
+The Trainer's gradient accumulation and clipping by norm are the callback's to read: with
+``--mode fast`` the meta step scores the clipped step on the accumulated batches (the clipping is
+declared to the weighter); ``--mode exact`` looks ahead before the step, unclipped, on the first
+batch of each accumulated step (docs/guides/distributed.md).
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="exact", choices=["exact", "fast"],
                    help="fast: the meta step after each optimizer step (docs/guides/cost.md)")
+    p.add_argument("--accumulate-grad-batches", type=int, default=1, help="the Trainer's accumulate_grad_batches")
+    p.add_argument("--gradient-clip-val", type=float, default=None,
+                   help="the Trainer's gradient_clip_val (clipping by the 2-norm of all gradients)")
     args = p.parse_args(argv)
     lightning.seed_everything(args.seed, verbose=False)
     split = load_digits(seed=args.seed)
@@ -71,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
                                       mode=args.mode)
     trainer = lightning.Trainer(max_steps=args.max_steps, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
                                 enable_checkpointing=False, enable_model_summary=False,
-                                enable_progress_bar=sys.stderr.isatty())
+                                enable_progress_bar=sys.stderr.isatty(),
+                                accumulate_grad_batches=args.accumulate_grad_batches,
+                                gradient_clip_val=args.gradient_clip_val)
     trainer.fit(module, train_loader)
     result = mw.anytime_accuracy(module.net, [(split.x_test, split.y_test)], topk=(1,))
     print(f"\nper-exit test accuracy ({args.method}, digits, Lightning):")

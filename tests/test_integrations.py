@@ -43,6 +43,13 @@ def test_accelerate_example_runs_a_few_steps():
     out = accelerate_train.main(["--max-steps", "3", "--cpu", "--layers", "2", "--batch-size", "16"])
     assert out["steps"] == 3 and len(out["test"]["top1"]) == 2
     assert set(out["gamma"]) == set(mw.DenseDistillLoss(2).term_names)
+    # accelerator.accumulate and clip_grad_norm_, a loop's own: the fast mode scores each step as taken (every one
+    # clipped at this max norm), one meta step per optimizer step on its micro-batches; exact takes no accumulation
+    out = accelerate_train.main(["--max-steps", "3", "--cpu", "--layers", "2", "--batch-size", "16", "--mode", "fast",
+                                 "--accumulate", "2", "--max-grad-norm", "1e-3"])
+    assert out["steps"] == out["meta_steps"] == 3
+    with pytest.raises(SystemExit):
+        accelerate_train.main(["--accumulate", "2", "--cpu"])
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
@@ -53,6 +60,9 @@ def test_lightning_callback_trains_and_checkpoints(mode, tmp_path):
     out = lightning_train.main(["--max-steps", "3", "--mode", mode])
     assert out["steps"] == 3 and len(out["test"]["top1"]) == 3
     assert out["gamma"] != {n: 1.0 for n in out["gamma"]}  # the meta steps ran and moved gamma
+    out = lightning_train.main(["--max-steps", "3", "--mode", mode, "--accumulate-grad-batches", "2",
+                                "--gradient-clip-val", "1e-3"])  # (every step clipped: declared with mode='fast')
+    assert out["steps"] == 3 and out["gamma"] != {n: 1.0 for n in out["gamma"]}
 
     from metaweight.lightning import HarmonizedCallback
 
