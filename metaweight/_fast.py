@@ -453,10 +453,14 @@ def _reported(w: HarmonizedWeighter, record: MetaStepRecord) -> MetaStepRecord:
     was kept: the hooks get the very record ``step()`` returns, its ``loss`` too, as the exact mode's."""
     if record.ran and not record.skipped:
         previous, w.last_meta = w.last_meta, record
+        logged: list[str] = []
         try:
-            w._call_hooks(record)
-        except BaseException:  # (the step's error handler puts the rest back: _step_stands)
+            w._call_hooks(record, logged)
+        except BaseException as exc:  # (the step's error handler puts the rest back: _step_stands)
             w.last_meta = previous
+            if logged and hasattr(exc, "add_note"):
+                exc.add_note(f"metaweight: the loggers called before that hook ({', '.join(logged)}) have logged this "
+                             f"meta step: list them after your hooks in callbacks to log only meta steps that stand.")
             raise
     return record
 

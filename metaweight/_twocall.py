@@ -29,7 +29,8 @@ from metaweight._gradcheck import check_gradients_once
 from metaweight._optimizers import FAST_OUTSIDE_MODEL
 from metaweight._moves import MOVED_AFTER_STEP, MOVED_BEFORE_STEP, fingerprint, moved, moved_each, shapes_of
 from metaweight._protocols import ModelCall, model_arguments
-from metaweight._randomness import NEW_GENERATOR, model_generators, replay_randomness, rewound_to
+from metaweight._randomness import (NEW_GENERATOR, model_generators, replay_randomness, rewound_to, rng_state,
+                                   set_rng_state)
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import (gradients_moved, host_equal, host_read, not_stepped_message,
                                      resumed_mid_step_message)
@@ -111,6 +112,9 @@ class TwoCall:
 
         named = w._trainable()
         device = next(p.device for _, p in named)
+        # (a hook that raises puts the meta step back, the random numbers its forwards drew too: made again, it
+        # draws what it drew; kept only where there are hooks)
+        start = rng_state(device, model_generators(w.module)) if w._hooks else None
         if w._watch is not None:
             w._watch.paused = True  # the look-ahead's forwards are not the user's
         try:
@@ -132,6 +136,8 @@ class TwoCall:
                                        dict(current_walk(w.module).buffers), transform)  # (copied per forward)
         except BaseException as exc:  # (a hook's interrupt too: the call counts for nothing)
             w._pending, w._stepped, w.num_calls = pending_now, stepped_before, w.num_calls - 1
+            if start is not None:
+                set_rng_state(start, device)
             if isinstance(exc, NotReproduced):
                 _refuse_outside_moved(pending)
             raise

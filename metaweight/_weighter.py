@@ -15,6 +15,7 @@ mode's two calls :mod:`metaweight._order`'s, and the gradient check :mod:`metawe
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -502,9 +503,11 @@ class HarmonizedWeighter(NamedWeights):
     def _zero_grad(self) -> None:
         """:meth:`step`'s ``zero_grad``: the optimizer's (to ``None``), and the gradients of the trainable
         parameters it does not hold (held fixed), which would carry over from call to call into the norm of
-        ``clip_grad_norm`` and the step's finiteness check (Python objects only)."""
+        ``clip_grad_norm`` and the step's finiteness check, and of those it holds whatever its ``zero_grad``
+        does (one that keeps zeros would leave a frozen parameter's, which its step moves; Python objects only)."""
         self.optimizer.zero_grad(set_to_none=True)
-        for _, p in self._trainable():
+        held = (p for group in self._inner_optimizer.param_groups for p in group["params"])
+        for p in itertools.chain((p for _, p in self._trainable()), held):
             if p.grad is not None:
                 p.grad = None
 

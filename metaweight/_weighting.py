@@ -278,9 +278,10 @@ class NamedWeights:
         A hook that raises has the meta step it reports put back (the weights and their state, the
         validation average, ``num_meta_steps``, ``last_meta``; a ``meta_step`` of the two calls then
         counts for nothing and may be made again), while a model step the call took (``step()``) stands
-        and is counted; the error, re-raised, carries a note that says which. The library's loggers
-        (:class:`CSVLogger`, :class:`TensorBoardLogger`) are called after the other hooks, so a meta
-        step put back is never logged.
+        and is counted; the error, re-raised, carries a note that says which. Hooks are called in the
+        order registered: list the library's loggers (:class:`CSVLogger`, :class:`TensorBoardLogger`)
+        after your own hooks to log only meta steps that stand (the note names a logger that was
+        called before the hook that raised, and so logged the meta step put back).
         """
         if not callable(hook):
             raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
@@ -298,15 +299,13 @@ class NamedWeights:
             hook._metaweight_owner = weakref.ref(self)
         return handle
 
-    def _call_hooks(self, record: MetaStepRecord) -> None:
-        """Every hook with ``record``; a logger of the library given to another weighter since (a second stage of
-        training, or two weighters compared side by side) logs that one's run alone: this weighter's records
-        would read to it as its run going back to a checkpoint and drop its rows, so they are not written (a
-        warning says so, once per logger). The library's loggers come after the other hooks (each kind in the order
-        registered): a hook that raises puts the meta step back (:meth:`_report`) before any logger has written it."""
-        hooks = list(self._hooks.values())
-        for hook in [h for h in hooks if not isinstance(h, HandedLogger)] + [h for h in hooks
-                                                                             if isinstance(h, HandedLogger)]:
+    def _call_hooks(self, record: MetaStepRecord, logged: list[str] | None = None) -> None:
+        """Every hook with ``record``, in the order registered; a logger of the library given to another weighter
+        since (a second stage of training, or two weighters compared side by side) logs that one's run alone: this
+        weighter's records would read to it as its run going back to a checkpoint and drop its rows, so they are not
+        written (a warning says so, once per logger). ``logged`` collects the names of the library's loggers that
+        were called (for the note of a hook that raises after them)."""
+        for hook in list(self._hooks.values()):
             passed = hook._metaweight_passed_over if isinstance(hook, HandedLogger) else None
             if passed is not None and self in passed:
                 if not passed[self]:  # (one warning per logger and weighter passed over)
@@ -317,16 +316,22 @@ class NamedWeights:
                               f"to a checkpoint and drop rows). Give each weighter its own logger.")
                 continue
             hook(record)
+            if logged is not None and isinstance(hook, HandedLogger):
+                logged.append(type(hook).__name__)
 
     def _report(self, record: MetaStepRecord, put_back: Callable[[], None], stood: str) -> None:
         """:meth:`_call_hooks` with ``record`` of the meta step just kept (as :attr:`last_meta`). A hook that raises
         (a callback of the user's) has that meta step put back (``put_back``: the weights and their state, the
         average, the count, :attr:`last_meta`) and its error says what stood (``stood``): one rule for every step
         form and method (the model's step, where the call took one, stands)."""
+        logged: list[str] = []
         try:
-            self._call_hooks(record)
+            self._call_hooks(record, logged)
         except BaseException as exc:  # (an interrupt in a hook too, as the fast step's handler takes it)
             put_back()
+            if logged:
+                stood += (f" The loggers called before that hook ({', '.join(logged)}) have logged this meta step: "
+                          f"list them after your hooks in callbacks to log only meta steps that stand.")
             if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
                 exc.add_note(f"metaweight: a meta step hook raised after the step it reports; {stood}")
             raise

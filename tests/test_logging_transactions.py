@@ -823,3 +823,46 @@ def test_a_notebook_cell_run_again_is_told_exactly_how_to_free_its_log(tmp_path)
     w = _weighter_logging_to(path)
     for c in w.callbacks:
         c.close()
+
+
+def test_a_hook_writing_through_the_tensorboard_logger_s_writer_resumes_in_its_folder(tmp_path):
+    """A hook listed after a TensorBoardLogger that logs the training loss through ``logger.writer`` (as the
+    logger's docstring tells): a run resumed from its checkpoint continues the folder, hiding the steps undone.
+    When the library's loggers were called after every other hook (helper-153), the hook asked for the writer
+    before the logger's first record, and the resumed run was diverted to ``tb-2``."""
+    pytest.importorskip("tensorboard")
+    import copy
+
+    import torch
+
+    from metaweight._logging import _logged_events
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(6)]
+
+    def setup():
+        torch.manual_seed(0)
+        model = mw.MultiExit([torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh()),
+                              torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())],
+                             [torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        logger = mw.TensorBoardLogger(tmp_path / "tb")
+        own = lambda r: logger.writer.add_scalar("train/loss", r["loss"], r["iteration"])  # noqa: E731
+        return model, opt, logger, mw.HarmonizedWeighter(model, opt, mw.DenseDistillLoss(2), callbacks=[logger, own])
+
+    model, opt, logger, w = setup()
+    for i in range(5):
+        w.step(batches[i], batches[5])
+        if i == 2:
+            saved = copy.deepcopy({"m": model.state_dict(), "o": opt.state_dict(), "w": w.state_dict()})
+    logger.close()
+    model, opt, logger, w = setup()
+    model.load_state_dict(saved["m"])
+    opt.load_state_dict(saved["o"])
+    w.load_state_dict(saved["w"])
+    with pytest.warns(RuntimeWarning, match="taken for a run resumed from its checkpoint"):
+        for i in range(3, 5):
+            w.step(batches[i], batches[5])
+    logger.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
+    assert sorted({s for s, t in _logged_events(tmp_path / "tb") if t == "train/loss"}) == [1, 2, 3, 4, 5]

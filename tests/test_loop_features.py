@@ -1874,3 +1874,24 @@ def test_backend_higher_names_tensors_outside_the_model_in_its_optimizer_and_jvp
             assert repr((model.state_dict(), optimizer.state_dict(), w.state_dict())) == repr(before)
         else:
             assert w.meta_step(batch(), batch(n=12)).ran
+
+
+def test_step_drops_a_frozen_parameter_s_old_grad_whatever_the_optimizer_s_zero_grad_does():
+    """Exact step() takes no refusal over parameters frozen with an old .grad: it drops every .grad before its own
+    backward. With an optimizer whose zero_grad keeps zeros (patched on the instance), a frozen parameter's zeroed
+    .grad stayed and momentum and weight decay moved it, unrefused, away from the look-ahead that holds it fixed
+    (helper-153); step() now drops the .grad of every parameter the optimizer holds itself."""
+    model, _, criterion, validation, _ = build(Case())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    optimizer.zero_grad = lambda set_to_none=True: torch.optim.SGD.zero_grad(optimizer, set_to_none=False)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, gamma_optimizer="sgd", init=torch.tensor(GAMMA))
+    torch.manual_seed(1)
+    train = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    val = (torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))
+    assert w.step(train, val).ran  # (momentum buffers everywhere)
+    model.heads[0].requires_grad_(False)
+    frozen = [p.detach().clone() for p in model.heads[0].parameters()]
+    for _ in range(3):
+        assert w.step(train, val).ran
+    assert all(torch.equal(a, p) for a, p in zip(frozen, model.heads[0].parameters()))
+

@@ -1353,17 +1353,18 @@ def test_a_meta_step_hook_that_raises_puts_its_meta_step_back_in_every_form(form
     count and last_meta are those of before the call: the state_dict compared whole), a model step the call took
     stands and is counted, and the error says so; the two calls' meta_step counts for nothing and, made again,
     gives what a run whose hook never raised gives (helper-151: the exact step() kept everything and said
-    nothing, as did the loss weightings, while the fast step() put its meta step back). A CSVLogger registered
-    before the hook writes no row of the meta step put back (the library's loggers come last; helper-152: it kept
-    the row, and a retried meta_step was warned of as a run rolled back), and an interrupt in a hook is taken
-    alike."""
+    nothing, as did the loss weightings, while the fast step() put its meta step back). A CSVLogger listed after
+    the hook writes no row of the meta step put back, and a retried meta_step is not warned of as a run rolled
+    back (helper-152); an interrupt in a hook is taken alike; a retried fast meta_step draws the dropout masks it
+    drew (helper-153: the generator had moved on)."""
     method, how = form.split(", ")
 
     def run(fail):
         log = mw.CSVLogger(tmp_path / f"{fail}.csv")
         torch.manual_seed(0)
-        net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
-                           [nn.Linear(8, 3), nn.Linear(8, 3)])
+        dropout = [] if method == "capturable" else [nn.Dropout(0.3)]  # (capturable: no random numbers)
+        net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh(), *dropout),
+                            nn.Sequential(nn.Linear(8, 8), nn.Tanh())], [nn.Linear(8, 3), nn.Linear(8, 3)])
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9,
                               **({"fused": True} if method == "capturable" else {}))
         seen = []
@@ -1376,11 +1377,11 @@ def test_a_meta_step_hook_that_raises_puts_its_meta_step_back_in_every_form(form
         criterion = mw.DenseDistillLoss(2)
         if method in ("exact", "fast", "capturable"):
             w = mw.HarmonizedWeighter(net, opt, criterion, mode="exact" if method == "exact" else "fast",
-                                      capturable=method == "capturable", callbacks=[log, hook],
+                                      capturable=method == "capturable", callbacks=[hook, log],
                                       nonfinite="skip" if method == "capturable" else "raise")
         else:
             options = {"GradNorm": {"shared_parameters": list(net.parameters())[:2]}, "DWA": {"window": 1}}
-            w = getattr(mw, method)(net, opt, criterion, callbacks=[log, hook], **options.get(method, {}))
+            w = getattr(mw, method)(net, opt, criterion, callbacks=[hook, log], **options.get(method, {}))
         g = torch.Generator().manual_seed(1)
         batches = [((torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)),
                     (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))) for _ in range(5)]
@@ -1470,3 +1471,38 @@ def test_a_skipped_meta_step_never_advises_the_option_in_use(mode):
                 said[form, nonfinite] = record.message + " ".join(str(h.message) for h in heard)
     for (form, nonfinite), message in said.items():
         assert ("nonfinite='skip'" in message) == (nonfinite == "raise"), (form, nonfinite, message)
+
+
+@pytest.mark.parametrize("form", ["exact, step()", "fast, step()", "fast, two calls", "UW, step()"])
+def test_a_hook_that_raises_after_a_logger_says_the_logger_logged_the_meta_step_put_back(form, tmp_path):
+    """Hooks are called in the order given (a hook of the user's may write through a logger's writer before the
+    logger's own first record: helper-153, when the loggers were called last). A CSVLogger listed before the hook
+    that raises has written the row of the meta step put back: the error's note names it and says to list loggers
+    after the hooks."""
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())],
+                       [nn.Linear(8, 3), nn.Linear(8, 3)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    log = mw.CSVLogger(tmp_path / "log.csv")
+
+    def hook(record):
+        raise RuntimeError("a user's hook failed")
+
+    method, how = form.split(", ")
+    if method == "UW":
+        w = mw.UW(net, opt, mw.DenseDistillLoss(2), callbacks=[log, hook])
+    else:
+        w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), mode=method, callbacks=[log, hook])
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(RuntimeError, match="a user's hook failed") as info:
+        if how == "step()":
+            w.step((x, y), (x.clone(), y))
+        else:
+            opt.zero_grad()
+            w.loss(net(x), y).backward()
+            opt.step()
+            w.meta_step((x, y), (x.clone(), y))
+    notes = " ".join(info.value.__notes__)
+    assert "loggers called before that hook (CSVLogger) have logged this meta step" in notes, notes
+    assert "list them after your hooks" in notes
+    assert [r[1] for r in rows(tmp_path / "log.csv")] == ["meta_step", "1"]
