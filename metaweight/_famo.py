@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from metaweight._checks import check_has_values, in_dtype, per_term, real_numbers
 from metaweight._hypergradient import call_with
+from metaweight._randomness import model_generators, rewound_to, rng_state
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import Scratch, host_equal, host_read
 from metaweight._walk import current_walk, walk
@@ -206,13 +207,15 @@ class FAMO(Weighting):
         module = self.module
         params = dict(walk(module).parameters)
         buffers = self._scratch.copy_of(dict(current_walk(module).buffers))  # (as the step's forward left them)
-        devices = [self.device] if self.device.type == "cuda" else []
+        # every generator the forward may draw from put back after it (torch's, NumPy's, Python's, the module's
+        # own: torch.random.fork_rng keeps torch's alone)
+        start = rng_state(self.device, model_generators(module))
         enabled, dtype = getattr(self, "_autocast", (False, None))
         # without autocast's cache: inside the loss() call's autocast region (step() run under autocast, or a
         # meta_step in the loop's `with autocast`) the cache holds the parameters cast *before* the step, and the
         # forward would compute the terms at the old parameters: a delta of about 0, the update lost
-        with torch.random.fork_rng(devices=devices), torch.autocast(self.device.type, dtype=dtype, enabled=enabled,
-                                                                     cache_enabled=False):
+        with rewound_to(start, self.device), torch.autocast(self.device.type, dtype=dtype, enabled=enabled,
+                                                            cache_enabled=False):
             outputs = call_with(module, params, buffers, x)
         return self._terms(outputs, y).float()
 

@@ -36,6 +36,7 @@ from metaweight._transaction import (FlatCopies, ModelStep, Scratch, explained, 
                                     nonfinite_flag, step_unless)
 from metaweight._walk import walk
 from metaweight._warn import SKIP_META_STEPS
+from metaweight._weighting import logged_note
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import HarmonizedWeighter
@@ -459,8 +460,7 @@ def _reported(w: HarmonizedWeighter, record: MetaStepRecord) -> MetaStepRecord:
         except BaseException as exc:  # (the step's error handler puts the rest back: _step_stands)
             w.last_meta = previous
             if logged and hasattr(exc, "add_note"):
-                exc.add_note(f"metaweight: the loggers called before that hook ({', '.join(logged)}) have logged this "
-                             f"meta step: list them after your hooks in callbacks to log only meta steps that stand.")
+                exc.add_note("metaweight:" + logged_note(logged))
             raise
     return record
 

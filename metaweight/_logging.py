@@ -375,7 +375,8 @@ class CSVLogger(HandedLogger):
     nothing the logger holds (its columns, its path, its last iteration): the next record is
     judged against the file as it is, and no warning reports what did not happen. Without anything to drop
     a row is appended. Nothing is written (no folder, no file) until the first record: the
-    weighter calls its hooks only for meta steps that stand. :meth:`close` gives the path up
+    weighter calls its hooks only for meta steps that stand (list the logger after hooks of your own
+    that may raise: one that raises puts the meta step back, after the loggers before it logged it). :meth:`close` gives the path up
     for another logger of this process.
 
     Args:

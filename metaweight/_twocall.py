@@ -35,6 +35,7 @@ from metaweight._record import MetaStepRecord
 from metaweight._transaction import (gradients_moved, host_equal, host_read, not_stepped_message,
                                      resumed_mid_step_message)
 from metaweight._warn import SKIP_META_STEPS, warn_user
+from metaweight._weighting import HOOK_RAISED
 from metaweight._walk import current_walk
 
 if TYPE_CHECKING:  # (the weighter imports this module)
@@ -113,7 +114,8 @@ class TwoCall:
         named = w._trainable()
         device = next(p.device for _, p in named)
         # (a hook that raises puts the meta step back, the random numbers its forwards drew too: made again, it
-        # draws what it drew; kept only where there are hooks)
+        # draws what it drew; kept only where there are hooks, and put back only for a hook's error, so that a
+        # hook that raises nothing changes no random stream)
         start = rng_state(device, model_generators(w.module)) if w._hooks else None
         if w._watch is not None:
             w._watch.paused = True  # the look-ahead's forwards are not the user's
@@ -136,7 +138,7 @@ class TwoCall:
                                        dict(current_walk(w.module).buffers), transform)  # (copied per forward)
         except BaseException as exc:  # (a hook's interrupt too: the call counts for nothing)
             w._pending, w._stepped, w.num_calls = pending_now, stepped_before, w.num_calls - 1
-            if start is not None:
+            if start is not None and getattr(exc, HOOK_RAISED, False):
                 set_rng_state(start, device)
             if isinstance(exc, NotReproduced):
                 _refuse_outside_moved(pending)

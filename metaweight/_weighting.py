@@ -222,6 +222,28 @@ def check_int(name: str, value: Any, *, low: int = 1) -> int:
     return number
 
 
+HOOK_RAISED = "_metaweight_hook_raised"  # set on an error that came out of a meta step hook
+
+
+def mark_hook_raised(exc: BaseException) -> None:
+    """Mark ``exc`` as raised by a meta step hook (after the meta step ran: its caller's own undo may differ)."""
+    try:
+        setattr(exc, HOOK_RAISED, True)
+    except Exception:  # noqa: BLE001 - (an exception type without attributes: unmarked)
+        pass
+
+
+def logged_note(logged: list[str]) -> str:
+    """What the note of a hook that raised says of the library's loggers called before it (``logged``, their
+    class names; "" for none)."""
+    if not logged:
+        return ""
+    return (f" The loggers called before that hook ({', '.join(logged)}) were given this meta step and logged it "
+            f"(unless they warned they could not): a retry logs it again, read as a run rolled back to a checkpoint "
+            f"(at the first meta step, as a new run, in another file). List them after your hooks in callbacks to "
+            f"log only meta steps that stand.")
+
+
 # what :meth:`Weighting._reset_pending` clears: the iteration's loss() calls, kept for its meta_step
 _ITERATION = ("_pending", "_groups", "_last_values", "_kept_at", "_pending_trains", "_resumed", "_resumed_calls",
               "_load_note")
@@ -328,10 +350,9 @@ class NamedWeights:
         try:
             self._call_hooks(record, logged)
         except BaseException as exc:  # (an interrupt in a hook too, as the fast step's handler takes it)
+            mark_hook_raised(exc)
             put_back()
-            if logged:
-                stood += (f" The loggers called before that hook ({', '.join(logged)}) have logged this meta step: "
-                          f"list them after your hooks in callbacks to log only meta steps that stand.")
+            stood += logged_note(logged)
             if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
                 exc.add_note(f"metaweight: a meta step hook raised after the step it reports; {stood}")
             raise

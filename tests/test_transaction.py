@@ -1503,6 +1503,82 @@ def test_a_hook_that_raises_after_a_logger_says_the_logger_logged_the_meta_step_
             opt.step()
             w.meta_step((x, y), (x.clone(), y))
     notes = " ".join(info.value.__notes__)
-    assert "loggers called before that hook (CSVLogger) have logged this meta step" in notes, notes
-    assert "list them after your hooks" in notes
+    assert "loggers called before that hook (CSVLogger) were given this meta step and logged it" in notes, notes
+    assert "List them after your hooks" in notes
     assert [r[1] for r in rows(tmp_path / "log.csv")] == ["meta_step", "1"]
+
+
+class _EveryStream(nn.Module):
+    """Noise from every random stream a forward may draw from: a torch.Generator of its own, torch's global one
+    (dropout after it), NumPy's and Python's."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = torch.Generator().manual_seed(7)
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+        return x + 0.01 * torch.randn(x.shape, generator=self.g) + 1e-3 * float(np.random.rand()) + 1e-3 * random.random()
+
+
+def _streams(model):
+    import random
+
+    import numpy as np
+    return (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(), model.stages[0][1].g.get_state())
+
+
+def _same_streams(a, b):
+    return torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2] and torch.equal(a[3], b[3])
+
+
+def test_random_streams_are_the_same_with_a_hook_that_raises_nothing_and_famo_puts_back_every_one():
+    """helper-154: a fast two-call meta_step refused after its forwards (a validation label out of range) put the
+    random generators back only where a hook was registered, so a no-op hook changed the run that followed; now
+    only a hook's own error puts them back, and the two runs are equal bit for bit. And FAMO's forward at the new
+    parameters put back torch's generators alone (torch.random.fork_rng), moving NumPy's, Python's and a module's
+    own; its docstring says the random state is restored."""
+    def model():
+        import random
+
+        import numpy as np
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
+        return mw.MultiExit([nn.Sequential(nn.Linear(4, 8), _EveryStream(), nn.Tanh(), nn.Dropout(0.3)),
+                             nn.Sequential(nn.Linear(8, 8), nn.Tanh())], [nn.Linear(8, 3), nn.Linear(8, 3)])
+
+    def run(hooks):
+        net = model()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        w = mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), mode="fast", callbacks=hooks)
+        g = torch.Generator().manual_seed(1)
+        refused = 0
+        for i in range(4):
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            xv, yv = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            w.loss(net(x), y).backward()
+            opt.step()
+            try:
+                w.meta_step((x, y), (xv, yv + 7 * (i == 1)))
+            except ValueError:
+                refused += 1
+        return refused, torch.cat([p.detach().flatten() for p in net.parameters()]), w.gamma.clone(), _streams(net)
+
+    plain, hooked = run([]), run([lambda record: None])
+    assert plain[0] == hooked[0] == 1
+    assert torch.equal(plain[1], hooked[1]) and torch.equal(plain[2], hooked[2]) and _same_streams(plain[3], hooked[3])
+
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    w = mw.FAMO(net, opt, mw.DenseDistillLoss(2))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt.zero_grad()
+    w.loss(net(x), y).backward()
+    opt.step()
+    before = _streams(net)
+    assert w.meta_step((x, y)).ran
+    assert _same_streams(before, _streams(net))
