@@ -184,6 +184,30 @@ def test_train_py_reads_a_tilde_in_its_paths_as_the_home_folder(tmp_path, monkey
         str(tmp_path / "r.json"), str(tmp_path / "p.png"), str(tmp_path / "c.pt"), str(tmp_path / "data")]
 
 
+class _Killed(Exception):
+    """Stands for the job killed at an iteration (see :func:`_run_killed_at`)."""
+
+
+def _run_killed_at(monkeypatch, args, at):
+    """examples/train.py's ``train`` on ``args``, killed at iteration ``at`` (after the checkpoints before it); the
+    progress bar is its own again afterwards."""
+    import train
+
+    real = train.Progress.update
+
+    def update(self, step, *rest, **kwargs):
+        if step == at:
+            raise _Killed
+        return real(self, step, *rest, **kwargs)
+
+    monkeypatch.setattr(train.Progress, "update", update)
+    try:
+        with pytest.raises(_Killed):
+            train.train(train.parse_args(args))
+    finally:
+        monkeypatch.setattr(train.Progress, "update", real)
+
+
 @pytest.mark.parametrize("meta_every", [1, 3])
 def test_train_py_resumed_from_its_checkpoint_records_the_history_of_the_uninterrupted_run(tmp_path, monkeypatch,
                                                                                          meta_every):
@@ -192,24 +216,11 @@ def test_train_py_resumed_from_its_checkpoint_records_the_history_of_the_uninter
     resume averaged its own meta steps only (gamma_grad_norm 0.0073 where the run had 0.0220). With
     --meta-every 3 a record's val_objective is the last meta step's (step 4's at step 6), which the
     weighter's checkpoint does not hold: the resumed run recorded None."""
-    import train
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_at(at):
-        def update(self, step, *args, **kwargs):
-            if step == at:
-                raise Interrupted
-        monkeypatch.setattr(train.Progress, "update", update)
-
     def run(checkpoint, every, at):
-        stop_at(at)
-        with pytest.raises(Interrupted):
-            train.train(train.parse_args(["--epochs", "2", "--max-steps", "200", "--batch-size", "8", "--width", "4",
-                                          "--exits", "2", "--no-plot", "--no-progress", "--threads", "1",
-                                          "--meta-every", str(meta_every),
-                                          "--checkpoint", str(checkpoint), "--checkpoint-every", str(every)]))
+        _run_killed_at(monkeypatch, ["--epochs", "2", "--max-steps", "200", "--batch-size", "8", "--width", "4",
+                                     "--exits", "2", "--no-plot", "--no-progress", "--threads", "1",
+                                     "--meta-every", str(meta_every),
+                                     "--checkpoint", str(checkpoint), "--checkpoint-every", str(every)], at)
 
     run(tmp_path / "reference.pt", 1, 7)  # uninterrupted to step 6: its checkpoint holds the records up to there
     run(tmp_path / "run.pt", 5, 6)  # killed after the checkpoint of step 5, between two records (4 and 6)
@@ -229,22 +240,9 @@ def test_train_py_resumes_under_another_out_or_tag_and_refuses_harmonized_option
     the results, unused), naming them; with a preset they are taken."""
     import train
 
-    class Interrupted(Exception):
-        pass
-
-    real = train.Progress.update
-
-    def update(self, step, *args, **kwargs):
-        if step == 4:
-            raise Interrupted
-        return real(self, step, *args, **kwargs)
-
     common = ["--epochs", "1", "--max-steps", "6", "--batch-size", "8", "--width", "4", "--exits", "2", "--no-plot",
               "--no-progress", "--threads", "1", "--checkpoint", str(tmp_path / "c.pt"), "--checkpoint-every", "1"]
-    monkeypatch.setattr(train.Progress, "update", update)
-    with pytest.raises(Interrupted):
-        train.train(train.parse_args(common + ["--out", str(tmp_path / "a.json"), "--tag", "a"]))
-    monkeypatch.setattr(train.Progress, "update", real)
+    _run_killed_at(monkeypatch, common + ["--out", str(tmp_path / "a.json"), "--tag", "a"], 4)
     capsys.readouterr()
     out = train.train(train.parse_args(common + ["--out", str(tmp_path / "b.json"), "--tag", "b"]))
     assert "resumed from" in capsys.readouterr().out
@@ -271,26 +269,13 @@ def test_train_py_checkpoint_through_a_symbolic_link_resumes_and_leaves_the_link
     link alone removed)."""
     import train
 
-    class Interrupted(Exception):
-        pass
-
-    real = train.Progress.update
-
-    def update(self, step, *args, **kwargs):
-        if step == 4:
-            raise Interrupted
-        return real(self, step, *args, **kwargs)
-
     (tmp_path / "run").mkdir()
     link = tmp_path / "latest.pt"
     link.symlink_to(tmp_path / "run" / "ckpt.pt")
     args = ["--epochs", "1", "--max-steps", "6", "--batch-size", "8", "--width", "4", "--exits", "2", "--no-plot",
             "--no-progress", "--threads", "1", "--checkpoint", str(link), "--checkpoint-every", "1"]
-    monkeypatch.setattr(train.Progress, "update", update)
-    with pytest.raises(Interrupted):
-        train.train(train.parse_args(args))
+    _run_killed_at(monkeypatch, args, 4)
     assert link.is_symlink() and (tmp_path / "run" / "ckpt.pt").is_file()
-    monkeypatch.setattr(train.Progress, "update", real)
     capsys.readouterr()
     train.train(train.parse_args(args))
     assert "resumed from" in capsys.readouterr().out
