@@ -36,7 +36,7 @@ from metaweight._transaction import (FlatCopies, ModelStep, Scratch, explained, 
                                     nonfinite_flag, step_unless)
 from metaweight._walk import walk
 from metaweight._warn import SKIP_META_STEPS
-from metaweight._weighting import logged_note
+from metaweight._weighting import HOOK_RAISED
 
 if TYPE_CHECKING:  # (the weighter imports this module)
     from metaweight._weighter import HarmonizedWeighter
@@ -228,7 +228,7 @@ class FastMode:
             record = self.meta(w, named, theta, jac, [piece], xv, yv, transaction.buffers.as_dict(), transform,
                                after_step=True, call_hooks=False)
             return _reported(w, dataclasses.replace(record, loss=step.loss, model_step_skipped=False,
-                                                    terms=step.terms))
+                                                    terms=step.terms), saved)
         except BaseException as exc:
             _step_stands(w, saved, exc)
             raise
@@ -281,7 +281,7 @@ class FastMode:
         try:
             record = w._meta_outcome(pending, step.meta[1:], call_hooks=False, after_step=True)
             return _reported(w, dataclasses.replace(record, loss=step.loss, model_step_skipped=False,
-                                                    terms=step.terms))
+                                                    terms=step.terms), saved)
         except BaseException as exc:  # a meta step hook that raised
             _step_stands(w, saved, exc)
             raise
@@ -449,19 +449,16 @@ def before_step(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
     return {n: p.detach().clone() for n, p in named}, jac
 
 
-def _reported(w: HarmonizedWeighter, record: MetaStepRecord) -> MetaStepRecord:
+def _reported(w: HarmonizedWeighter, record: MetaStepRecord, saved: Any) -> MetaStepRecord:
     """The record :meth:`FastMode.step` returns, given to the hooks (and kept as ``last_meta``) where its meta step
-    was kept: the hooks get the very record ``step()`` returns, its ``loss`` too, as the exact mode's."""
+    was kept: the hooks get the very record ``step()`` returns, its ``loss`` too, as the exact mode's; a hook that
+    raises has the meta step put back, the model's step standing (the weighter's one rule, ``_report``)."""
     if record.ran and not record.skipped:
-        previous, w.last_meta = w.last_meta, record
-        logged: list[str] = []
-        try:
-            w._call_hooks(record, logged)
-        except BaseException as exc:  # (the step's error handler puts the rest back: _step_stands)
-            w.last_meta = previous
-            if logged and hasattr(exc, "add_note"):
-                exc.add_note("metaweight:" + logged_note(logged))
-            raise
+        w.last_meta = record
+        w._report(record, lambda: w._transaction.keep_model_step(w, saved),
+                  f"the model's step stands and is counted (num_calls={w.num_calls}); gamma, its optimizer and the "
+                  f"validation average are as before the call. Do not call step() again on this batch (the model "
+                  f"would step twice): go on with the next batch.")
     return record
 
 
@@ -490,15 +487,16 @@ def _steps_only(optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]
 
 def _step_stands(w: HarmonizedWeighter, saved: Any, exc: BaseException) -> None:
     """An error after the model's step, found finite: :meth:`StepTransaction.keep_model_step`, and the error says
-    so."""
+    so (a hook's error has been, where it left the hook: :func:`_reported`)."""
+    if getattr(exc, HOOK_RAISED, False):
+        return
     calls = w._transaction.keep_model_step(w, saved)
     if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type; an interrupt is told too)
         exc.add_note(
             f"metaweight: this error came after the model's step, which mode='fast' takes before scoring "
             f"it: the step stands and is counted (num_calls={calls}); gamma, its optimizer and the "
             f"validation average are as before. Do not call step() again on this batch (the model would "
-            f"step twice): fix what raised (the validation batch or objective, a hook) and go on with the next "
-            f"batch.")
+            f"step twice): fix the validation batch or objective and go on with the next batch.")
 
 
 def _batch_size(y: Any) -> int:
