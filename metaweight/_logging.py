@@ -7,6 +7,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,28 @@ def _iteration(record: Any) -> Any:
         return record.get("iteration")
     except Exception:  # noqa: BLE001 - not a mapping: named as it is
         return repr(record)[:80]
+
+
+def _undone_from(record: Any, step: float) -> tuple[float, bool]:
+    """The first iteration whose logged entries a record says are undone: one past the iteration it
+    follows (:attr:`MetaStepRecord.follows`: the weighter's previous meta step kept, or the iteration it was
+    built or loaded at), so that entries of steps undone go even where the first meta step after a resume
+    or a rollback was not logged (skipped as not finite, or put back by a hook that raised); for a record
+    that does not say (a mapping of the user's, a weighter pickled by an earlier metaweight), its own
+    iteration ``step``. And whether that iteration is a checkpoint's the weighter was restored from
+    (:attr:`MetaStepRecord.restored`): a resumed run even where every entry goes."""
+    follows = getattr(record, "follows", None)
+    if isinstance(follows, int) and not isinstance(follows, bool) and 0 <= follows < step:
+        return float(follows + 1), getattr(record, "restored", False) is True
+    return step, False
+
+
+def _following(step: float, cut: float) -> str:
+    """How a warning names a record (iteration ``step``) and, where it says so, the iteration it follows."""
+    if cut == step:
+        return f"iteration {step:g}"
+    return (f"iteration {step:g}, which follows iteration {cut - 1:g} in its weighter (its previous meta step kept, "
+            f"or the iteration it was built or loaded at)")
 
 
 def _step_of(line: str) -> float | None:
@@ -221,29 +244,36 @@ def _last(steps: list[float]) -> float:
     return max(steps) if steps else float("-inf")
 
 
-def _continued_log(step: float, logs: list[tuple[bool, list[float]]]) -> tuple[int | None, bool, list[int]]:
+def _continued_log(step: float, logs: list[tuple[bool, list[float]]], cut: float | None = None,
+                   restored: bool = False) -> tuple[int | None, bool, list[int]]:
     """The one rule both loggers follow at their first record (step ``step``) to tell a resumed run from a
     new one. ``logs``: the logs this run may continue, each as (whether it is the path asked for, the
     steps it holds): the path first, then the ``NAME-2``, ``NAME-3``, ... beside it where new runs were
-    diverted, those of the same loss terms only. Returns the index of the log to continue (``None``:
-    divert the run to a new log), whether that log's steps at or after ``step`` are undone (a resumed
+    diverted, those of the same loss terms only; ``cut``: the first step the record says is undone
+    (:func:`_undone_from`; ``step`` if not given), ``restored``: whether the record's weighter was restored
+    from a checkpoint at ``cut - 1`` (a log of steps all after it is then its run's, all undone). Returns
+    the index of the log to continue (``None``:
+    divert the run to a new log), whether that log's steps at or after ``cut`` are undone (a resumed
     run: a CSV drops those rows, TensorBoard purges them from view), and, when no log is continued, the
     indices of the logs that could each have been this run's (two or more: ambiguous; none: a new run).
     See :class:`CSVLogger` for the rule in words."""
+    cut = step if cut is None else cut
+
     def leads_here(steps: list[float]) -> bool:  # its last step is one of its own strides before this record
         logged = sorted(set(steps))  # (a TensorBoard folder lists a step once per tag)
         # one step tells no stride (meta_every=5 logs 1, 6, 11, ...): any later record may be its next
         stride = max([b - a for a, b in zip(logged, logged[1:])] or [math.inf])
-        return bool(logged) and 0 < step - logged[-1] <= stride
+        return bool(logged) and 0 < cut - logged[-1] <= stride
 
     # a log whose steps all end before this record continues with nothing undone: the path, or a diverted
     # log that leads here; of several, those that lead here (the path counts only if it does)
-    clean = [i for i, (is_path, steps) in enumerate(logs) if _last(steps) < step and (is_path or leads_here(steps))]
+    clean = [i for i, (is_path, steps) in enumerate(logs) if _last(steps) < cut and (is_path or leads_here(steps))]
     if len(clean) > 1:
         clean = [i for i in clean if leads_here(logs[i][1])]
     # a log with steps before this record and at or after it: a run resumed from its checkpoint, whose
-    # undone steps go
-    resumable = [i for i, (_, steps) in enumerate(logs) if steps and min(steps) < step <= _last(steps)]
+    # undone steps go (every step, for a weighter restored from a checkpoint before the log's first step)
+    resumable = [i for i, (_, steps) in enumerate(logs) if steps and (restored or min(steps) < cut) and
+                 cut <= _last(steps)]
     candidates = clean + resumable
     if len(candidates) != 1:  # none: a new run; several: any could be this run's, so none is touched
         return None, False, candidates
@@ -259,16 +289,19 @@ def _candidates_said(step: float, logs: list[tuple[Any, list[float]]], unit: str
     return ", ".join(said)
 
 
-def _went_back(last_step: float | None, first_logged: float | None, step: float) -> str | None:
+def _went_back(last_step: float | None, first_logged: float | None, step: float, restored: bool = False
+               ) -> str | None:
     """The one rule both loggers follow at a record after their first, closed or not in between:
     whether ``step`` goes back in the log this logger wrote (its last step ``last_step``, its first
     ``first_logged``). ``None``: it does not (the record is appended); ``"rolled back"``: a weighter
     rolled back to a checkpoint, the steps at or after ``step`` are undone; ``"new run"``: every step
     logged would go (e.g. a new weighter counting from 1 with the same logger), so the record goes to a
-    new log, the old one kept whole. Whether a writer is open at that moment plays no part."""
+    new log, the old one kept whole; unless the record's weighter was restored from a checkpoint
+    (``restored``: rolled back, to before the first step logged). Whether a writer is open at that
+    moment plays no part."""
     if last_step is None or step > last_step:
         return None
-    if first_logged is not None and first_logged >= step:
+    if first_logged is not None and first_logged >= step and not restored:
         return "new run"
     return "rolled back"
 
@@ -304,12 +337,16 @@ class CSVLogger(HandedLogger):
     The column ``iteration`` is the step. A file that already exists is continued under the
     header it has, as TensorBoard's ``SummaryWriter(purge_step=...)`` continues an event log:
 
-    * the first record this logger gets says where the run stands: rows of the file at or after
-      its iteration were logged after the checkpoint the run resumed from, by steps that were
-      undone, and are dropped (a run that logged iterations 1-5 and resumes from its checkpoint
-      at 3 logs 4 and 5 again: the file holds 1-5 once); the same holds for any later record
-      whose iteration is not past the last row (a weighter rolled back in the same process),
-      with a ``RuntimeWarning`` naming the file and the iterations dropped;
+    * the first record this logger gets says where the run stands: rows of the file after the
+      iteration it follows (:attr:`MetaStepRecord.follows`: the weighter's previous meta step
+      kept, or the iteration it was loaded at; a record without it, such as a dict of yours: rows
+      at or after its own iteration) were logged after the checkpoint the run resumed from, by
+      steps that were undone, and are dropped (a run that logged iterations 1-5 and resumes from
+      its checkpoint at 3 logs 4 and 5 again: the file holds 1-5 once; if the meta step of 4 is
+      skipped, the file holds 1-3 and 5); the same holds for any later record that follows an
+      iteration before the last row (a weighter rolled back in the same process, or a meta step
+      put back by a hook that raised after this logger logged it), with a ``RuntimeWarning``
+      naming the file and the iterations dropped;
     * a last line without its newline is what a crash (or a disk full) in the middle of a write
       leaves, or a hand edit: before the next row is written (at any record) it is kept, its
       newline added, if it reads as a complete row (the header's number of values, each a number
@@ -376,7 +413,8 @@ class CSVLogger(HandedLogger):
     judged against the file as it is, and no warning reports what did not happen. Without anything to drop
     a row is appended. Nothing is written (no folder, no file) until the first record: the
     weighter calls its hooks only for meta steps that stand (list the logger after hooks of your own
-    that may raise: one that raises puts the meta step back, after the loggers before it logged it). :meth:`close` gives the path up
+    that may raise: one that raises puts the meta step back, after the loggers before it logged it;
+    its row is dropped at the next record). :meth:`close` gives the path up
     for another logger of this process.
 
     Args:
@@ -496,7 +534,7 @@ class CSVLogger(HandedLogger):
         # A transaction: the new state (path, columns, last step) and the warnings are worked out first,
         # the file is written, and only then is the state kept and the warnings given; a write that
         # fails leaves the logger as it was, so the next row is judged against the file as it is.
-        path, fields, kept, notes = self._plan(row, step)
+        path, fields, kept, notes = self._plan(row, step, *_undone_from(record, step))
         if path != self.path:
             _hold(path, self)
         try:
@@ -515,13 +553,16 @@ class CSVLogger(HandedLogger):
         for note in notes:
             warn_user(note)
 
-    def _plan(self, row: dict[str, float], step: float) -> tuple[Path, list[str], list[str] | None, list[str]]:
+    def _plan(self, row: dict[str, float], step: float, cut: float, restored: bool = False
+              ) -> tuple[Path, list[str], list[str] | None, list[str]]:
         """Where ``row`` goes, under which columns, the complete rows kept before it (``None``: append to
-        the file as it is) and the warnings to give once it is written. Changes nothing."""
+        the file as it is) and the warnings to give once it is written; the rows at or after ``cut``
+        are of steps undone, and ``restored`` says the weighter was restored at ``cut - 1``
+        (:func:`_undone_from`). Changes nothing."""
         fields = list(row)
         path = self.path
         if self._fields is None:  # the first record: a new file, or continue the one there
-            return self._plan_first(fields, step)
+            return self._plan_first(fields, step, cut, restored)
         size, torn = _tail(path)
         if not size:  # deleted or emptied while this logger writes to it; a folder deleted is made again
             what = (f"The log {path} was deleted or emptied" if path.parent.is_dir() else
@@ -532,31 +573,34 @@ class CSVLogger(HandedLogger):
                 f"not in it."]
         columns = _widened(self._fields, fields)
         extra = len(columns) - len(self._fields)
-        went_back = self._last_step is not None and step <= self._last_step
+        went_back = self._last_step is not None and cut <= self._last_step
         if not (went_back or extra or torn):
             return path, columns, None, []  # the common case: appended, the file not read
         _, lines, _, dropped = self._existing()  # a torn last line (a failed append) is left out of ``lines``
         torn_notes = [_torn_note(path, dropped)] if dropped is not None else []
         if went_back:  # in this process
-            kept = _before(lines, step)
+            kept = _before(lines, cut)
             logged = _readable(lines)
-            if _went_back(self._last_step, min(logged, default=None), step) == "new run":
+            if _went_back(self._last_step, min(logged, default=None), cut, restored) == "new run":
                 new = _fresh(path, path.suffix)
                 return new, fields, [], [
                     f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {path} and now gets "
-                    f"iteration {step:g}: every row would be dropped as undone, so this is a new run (e.g. a new "
-                    f"weighter counting from 1 with the same logger), not a weighter rolled back to a checkpoint. "
-                    f"{_diverted(path, new)}"]
+                    f"{_following(step, cut)}: every row would be dropped as undone, so this is a new run (e.g. a "
+                    f"new weighter counting from 1 with the same logger), not a weighter rolled back to a "
+                    f"checkpoint. {_diverted(path, new)}"]
             # rolled back: the undone rows go, and the warning says which (none dropped: nothing to say)
-            dropped = [s for s in logged if s >= step]
-            notes = [f"This CSVLogger logged up to iteration {self._last_step:g} to {path} and now gets iteration "
-                     f"{step:g}: taken for a weighter rolled back to a checkpoint in this process, the "
-                     f"{_rows(len(dropped))} of iterations {min(dropped):g} to {max(dropped):g} (undone) were "
-                     f"dropped from {path}. If this is a new run, give it a logger of its own."] if dropped else []
+            dropped = [s for s in logged if s >= cut]
+            why = ("taken for a weighter rolled back to a checkpoint in this process" if cut == step else
+                   "steps its weighter no longer holds (rolled back to a checkpoint in this process, or a meta "
+                   "step put back by a hook that raised)")
+            notes = [f"This CSVLogger logged up to iteration {self._last_step:g} to {path} and now gets "
+                     f"{_following(step, cut)}: {why}, the {_rows(len(dropped))} of iterations {min(dropped):g} to "
+                     f"{max(dropped):g} (undone) were dropped from {path}. If this is a new run, give it a logger "
+                     f"of its own."] if dropped else []
             return path, columns, [_pad(line, extra) for line in kept], notes + torn_notes
         return path, columns, [_pad(line, extra) for line in lines], torn_notes  # header widened / newline fixed
 
-    def _plan_first(self, fields: list[str], step: float
+    def _plan_first(self, fields: list[str], step: float, cut: float, restored: bool = False
                     ) -> tuple[Path, list[str], list[str] | None, list[str]]:
         """:meth:`_plan` for this logger's first record: which log it continues (or a new one), judged
         from the file at :attr:`path` and the logs diverted beside it."""
@@ -581,7 +625,8 @@ class CSVLogger(HandedLogger):
                 candidates.append((file, *other))  # type: ignore[arg-type]
 
         steps = [_readable(c[2]) for c in candidates]  # each candidate's iterations, read once
-        chosen, resumed, resumable_at = _continued_log(step, [(c[0] == path, s) for c, s in zip(candidates, steps)])
+        chosen, resumed, resumable_at = _continued_log(step, [(c[0] == path, s) for c, s in zip(candidates, steps)],
+                                                       cut, restored)
         if chosen is not None and not resumed:
             file, old_header, old_lines, old_unended, old_dropped = candidates[chosen]
             columns = _widened(old_header, fields)
@@ -599,9 +644,9 @@ class CSVLogger(HandedLogger):
             file, old_header, old_lines, _, old_dropped = candidates[chosen]
             columns = _widened(old_header, fields)
             extra = len(columns) - len(old_header)
-            dropped = [s for s in steps[chosen] if s >= step]
+            dropped = [s for s in steps[chosen] if s >= cut]
             notes = [f"The log {file} holds rows up to iteration {max(dropped):g}, and this run's first record is "
-                     f"iteration {step:g}: taken for a run resumed from its checkpoint, the {len(dropped)} rows of "
+                     f"{_following(step, cut)}: taken for a run resumed from its checkpoint, the {len(dropped)} rows of "
                      f"iterations {min(dropped):g} to {max(dropped):g} (steps taken after that checkpoint, undone) "
                      f"were dropped. If this is a new run, not a resumed one, those rows were another run's: give "
                      f"each new run a path of its own (or overwrite=True) to keep a run's log whole."]
@@ -610,7 +655,7 @@ class CSVLogger(HandedLogger):
             if file != path:
                 notes.insert(0, f"The log {path} is another run's; {file}, where a new run on {path} was diverted, "
                                 f"is taken for this run's and continued.")
-            return file, columns, [_pad(line, extra) for line in _before(old_lines, step)], notes
+            return file, columns, [_pad(line, extra) for line in _before(old_lines, cut)], notes
         new = _fresh(path, path.suffix)
         if not _same_terms(header, fields):
             why = (f"The log {path} has the columns {header}, but this run records {fields}: other loss terms, so "
@@ -618,10 +663,10 @@ class CSVLogger(HandedLogger):
         elif not resumable_at:
             logged = _readable(lines) or [step]
             why = (f"The log {path} holds iterations {min(logged):g} to {max(logged):g}, and this run's first "
-                   f"record is iteration {step:g}: every row would be dropped as undone, so this is a new run, not "
-                   f"one resumed from a checkpoint.")
+                   f"record is {_following(step, cut)}: every row would be dropped as undone, so this is a new run, "
+                   f"not one resumed from a checkpoint.")
         else:
-            named = _candidates_said(step, [(candidates[i][0], steps[i]) for i in resumable_at], "iteration")
+            named = _candidates_said(cut, [(candidates[i][0], steps[i]) for i in resumable_at], "iteration")
             why = (f"This run's first record is iteration {step:g}, and the logs {named} could each be this run's "
                    f"(continued, or resumed from a checkpoint): writing to one would put this run's rows into "
                    f"another run's log, so none is continued and none is cut (a log is continued only when "
@@ -711,6 +756,30 @@ def _logged_events(folder: Path) -> list[tuple[int, str]]:
     return events
 
 
+def _last_writer(make: Any, folder: str | None) -> Any:
+    """``make()``, a new ``SummaryWriter`` on ``folder``, whose event file is read after every other there.
+    TensorBoard reads a folder's event files in the order of their names
+    (``events.out.tfevents.SECOND.HOST.PID.N``, ``N`` counting the writers of the process): a writer made
+    in the same second as an earlier one whose ``N`` has one digit more (9, then 10) sorts before it, so a
+    rolled-back run's purge would be read last and hide the points written after it. Such a file (its
+    header and purge marker only) is removed and the writer made again in the next second."""
+    writer = make()
+    name = getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None), "_file_name", None)
+    if folder is None or not isinstance(name, str):
+        return writer
+    mine = os.path.basename(name)
+    later = [f.name for f in Path(folder).glob("*tfevents*") if f.name > mine]
+    if not later:
+        return writer
+    writer.close()
+    os.unlink(name)
+    seconds = [int(m.group(1)) for f in later if (m := re.search(r"tfevents\.(\d+)\.", f))]
+    wait = max(seconds, default=0) + 1 - time.time()
+    if wait > 0:
+        time.sleep(min(wait, 1.0))
+    return make()
+
+
 class TensorBoardLogger(HandedLogger):
     """Writes a meta-step record's scalars to TensorBoard (needs the ``tensorboard`` package): those
     :func:`flatten_record` gives (``meta_step``, ``val_objective``, ``val_ce[k]``, ``gamma/NAME``,
@@ -719,9 +788,12 @@ class TensorBoardLogger(HandedLogger):
 
     The step of every scalar is the record's ``iteration``. Given a folder, the writer (and the
     folder) is created at the first record, not before, as
-    ``SummaryWriter(log_dir, purge_step=iteration of that record)``: a run resumed from its
-    checkpoint hides the events an earlier attempt logged at or after that iteration (steps that
-    were undone), as :class:`CSVLogger` drops those rows. TensorBoard hides them, it deletes no
+    ``SummaryWriter(log_dir, purge_step=...)``, one past the iteration that record follows
+    (:attr:`MetaStepRecord.follows`; a record without it: its own iteration): a run resumed from
+    its checkpoint hides the events an earlier attempt logged after that iteration (steps that
+    were undone), as :class:`CSVLogger` drops those rows. A writer made again (a rollback) in a
+    folder whose event files would be read after its own (TensorBoard reads them by name) is made
+    in the next second. TensorBoard hides them, it deletes no
     file. Which folder a first record continues, and whether it hides anything, follows
     :class:`CSVLogger`'s rule, over the folder asked for and the ``NAME-2``, ``NAME-3``, ... beside
     it (where new runs were diverted), those with the same ``gamma/`` tags: a run diverted to
@@ -894,27 +966,32 @@ class TensorBoardLogger(HandedLogger):
                                    f"{self._log_dir}. Use that logger's writer.")
         return self._writer_from(None)
 
-    def _writer_from(self, step: int | None, terms: set[str] | None = None) -> Any:
+    def _writer_from(self, step: int | None, terms: set[str] | None = None, cut: int | None = None,
+                     restored: bool = False) -> Any:
         """The writer; made here if there is none, as ``SummaryWriter(log_dir, purge_step=...)`` with the
-        first record's ``step`` (``None``: asked for before any record) and its ``gamma/`` tags."""
+        first record's ``step`` (``None``: asked for before any record), its ``gamma/`` tags and the first
+        step it says is undone (``cut``, :func:`_undone_from`; ``step`` if not given)."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge_step = step
+            purge_step = step if cut is None else cut
             if self._judge:
-                purge_step = self._plan_first(step, terms or set())
+                purge_step = self._plan_first(step, terms or set(), purge_step, restored)
                 self._judge = False  # judged once: the folder now holds this run (taken back after close())
-            self._writer = SummaryWriter(self._log_dir, purge_step=purge_step)
+            self._writer = _last_writer(lambda: SummaryWriter(self._log_dir, purge_step=purge_step), self._log_dir)
         return self._writer
 
-    def _plan_first(self, step: int | None, terms: set[str]) -> int | None:
+    def _plan_first(self, step: int | None, terms: set[str], cut: int | None = None, restored: bool = False
+                    ) -> int | None:
         """Which folder this run writes to, by :class:`CSVLogger`'s rule (:func:`_continued_log`) over
         the folder asked for and the ``NAME-2``, ``NAME-3``, ... beside it, and the ``purge_step`` to
-        make its writer with; moves :attr:`log_dir` there and warns as it says."""
+        make its writer with (``cut``: the first step the record says is undone); moves :attr:`log_dir`
+        there and warns as it says."""
         old = Path(self._log_dir)  # type: ignore[arg-type]
         events = _logged_events(old)
+        cut = step if cut is None else cut
         if not events:
-            return step
+            return cut
         steps = [s for s, _ in events]
         seen = f"The TensorBoard folder {old} holds a run logged at steps {min(steps)} to {max(steps)}, and "
         if step is None:  # the writer asked for before any record: cannot purge
@@ -937,15 +1014,16 @@ class TensorBoardLogger(HandedLogger):
                 if found and gammas({t for _, t in found}) == terms:
                     logs.append((folder, [s for s, _ in found]))
         as_floats = [[float(s) for s in s_] for _, s_ in logs]
-        chosen, resumed, resumable = _continued_log(step, [(f == old, s_) for (f, _), s_ in zip(logs, as_floats)])
+        chosen, resumed, resumable = _continued_log(step, [(f == old, s_) for (f, _), s_ in zip(logs, as_floats)],
+                                                    cut, restored)
         if chosen is None:
             if not same_terms:
                 why = self._other_terms(events, terms)
             elif not resumable:
-                why = (f"this run's first record is step {step}: it would hide that whole run, so this is a new "
-                       f"run, not one resumed from a checkpoint.")
+                why = (f"this run's first record is {_following(step, cut).replace('iteration', 'step')}: it "
+                       f"would hide that whole run, so this is a new run, not one resumed from a checkpoint.")
             else:
-                named = _candidates_said(step, [(logs[i][0], as_floats[i]) for i in resumable], "step")
+                named = _candidates_said(cut, [(logs[i][0], as_floats[i]) for i in resumable], "step")
                 why = (f"this run's first record is step {step}, and the folders {named} could each be this run's "
                        f"(continued, or resumed from a checkpoint): writing to one would put this run's points "
                        f"into another run, so none is continued and none is hidden (a folder is continued only "
@@ -953,8 +1031,8 @@ class TensorBoardLogger(HandedLogger):
             return self._divert(old, seen + why)
         folder, logged = logs[chosen]
         self._floor = min(logged) if logged else None
-        self._shown = {s for s in logged if s < step} if resumed else set(logged)
-        hidden = sorted({s for s in logged if s >= step}) if resumed else []
+        self._shown = {s for s in logged if s < cut} if resumed else set(logged)
+        hidden = sorted({s for s in logged if s >= cut}) if resumed else []
         said = (f" hiding from view the points of its {len(hidden)} step{'s' if len(hidden) > 1 else ''} "
                 f"{hidden[0]} to {hidden[-1]} (taken after that checkpoint, undone; TensorBoard's purge_step: no "
                 f"event file is deleted, they are only hidden)"
@@ -969,10 +1047,11 @@ class TensorBoardLogger(HandedLogger):
                       f"resumed, this run continues {folder}{',' if said else ''}{said}. {old} was left as it is.")
         elif hidden:
             warn_user(f"The TensorBoard folder {folder} holds steps up to {hidden[-1]}, and this run's first record "
-                      f"is step {step}: taken for a run resumed from its checkpoint, this run continues it,{said}. "
+                      f"is {_following(step, cut).replace('iteration', 'step')}: taken for a run resumed from its "
+                      f"checkpoint, this run continues it,{said}. "
                       f"If this is a new run, not a resumed one, those points were another run's: give each new "
                       f"run a folder of its own (or overwrite=True) to keep a run's points whole.")
-        return step if resumed else None
+        return cut if resumed else None
 
     def _other_terms(self, events: list[tuple[int, str]], terms: set[str]) -> str:
         """Why a folder's events are another run's: what differs, its loss terms or only the tags' prefix."""
@@ -1006,6 +1085,8 @@ class TensorBoardLogger(HandedLogger):
     def _record(self, record: dict[str, Any]) -> None:
         flat = flatten_record(record)
         step = int(flat.pop("iteration"))
+        undone_from, restored = _undone_from(record, step)
+        cut = int(undone_from)
         if not self._take_back():
             warn_user(f"This TensorBoardLogger was closed and another logger now writes to {self._log_dir}: "
                       f"iteration {step} was not logged by it.")
@@ -1015,21 +1096,22 @@ class TensorBoardLogger(HandedLogger):
         if gone is not None:  # deleted while this logger wrote there: a new writer starts it again
             self._drop_writer()  # (whatever it held unwritten is lost with the folder)
             self._shown = set()
-        back = _went_back(self._last_step, self._floor, step) if self._log_dir is not None else None
+        back = _went_back(self._last_step, self._floor, cut, restored) if self._log_dir is not None else None
         hidden: list[int] = []
         if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
             old = Path(self._log_dir)  # type: ignore[arg-type]
             self._drop_writer()  # the new writer purges the undone steps from view
             if back == "new run":  # every point would be hidden
                 self._divert(old, f"This TensorBoardLogger logged steps {self._floor} to {self._last_step} to "
-                                  f"{old} and now gets step {step}: every point would be hidden as undone, so this "
+                                  f"{old} and now gets {_following(step, cut).replace('iteration', 'step')}: every "
+                                  f"point would be hidden as undone, so this "
                                   f"is a new run (e.g. a new weighter counting from 1 with the same logger), not a "
                                   f"weighter rolled back to a checkpoint.")
                 self._floor = None
                 self._shown = set()
             else:  # rolled back to a checkpoint: a new writer purges the undone steps from view
-                hidden = sorted(s for s in self._shown if s >= step)
-        writer = self._writer_from(step, terms)  # the first record's iteration: where a resumed run continues
+                hidden = sorted(s for s in self._shown if s >= cut)
+        writer = self._writer_from(step, terms, cut, restored)  # the first step undone: where a resumed run goes on
         try:
             for tag, value in flat.items():
                 writer.add_scalar(self.prefix + tag, value, step)
@@ -1041,13 +1123,16 @@ class TensorBoardLogger(HandedLogger):
             raise
         self._floor = step if self._floor is None else min(self._floor, step)
         self._last_step = step
-        self._shown = {s for s in self._shown if s < step} | {step}
+        self._shown = {s for s in self._shown if s < cut} | {step}
         if gone is not None:  # said once the record is written, as CSVLogger says a deleted log starts again
             warn_user(f"While this TensorBoardLogger wrote to {self._log_dir}, {gone}: it starts again at step "
                       f"{step} with a new event file; the points logged before are not in it.")
         if hidden:  # said once the record is written, as CSVLogger says what it drops
-            warn_user(f"This TensorBoardLogger logged up to step {hidden[-1]} to {self._log_dir} and now gets step "
-                      f"{step}: taken for a weighter rolled back to a checkpoint in this process, the points of its "
+            why = ("taken for a weighter rolled back to a checkpoint in this process" if cut == step else
+                   "steps its weighter no longer holds (rolled back to a checkpoint in this process, or a meta step "
+                   "put back by a hook that raised)")
+            warn_user(f"This TensorBoardLogger logged up to step {hidden[-1]} to {self._log_dir} and now gets "
+                      f"{_following(step, cut).replace('iteration', 'step')}: {why}, the points of its "
                       f"{_rows(len(hidden), 'step')} {hidden[0]} to {hidden[-1]} (undone) are hidden from view "
                       f"(TensorBoard's purge_step: no event file is deleted). If this is a new run, give it a logger "
                       f"of its own.")

@@ -39,6 +39,18 @@ class MetaStepRecord(Mapping[str, Any]):
         loss: the weighted training loss (``step`` only).
         model_step_skipped: whether ``step`` refused the model's step as non-finite.
         message: what was wrong, for a skipped call.
+        follows: the iteration of the meta step this one follows in the weighter's history: its
+            previous meta step kept, or, where none was kept since the weighter was built or loaded
+            (``load_state_dict``), the iteration it was built (0) or loaded at. Set when the record is
+            handed to the hooks (``None`` before, and on records of calls that kept no meta step); an
+            attribute only, not one of the mapping's keys. A log's entries after it were written for
+            steps the weighter no longer holds (undone by a resume or a rollback to a checkpoint, or
+            put back by a hook that raised): :class:`CSVLogger` drops them and
+            :class:`TensorBoardLogger` hides them at the next record.
+        restored: whether ``follows`` is the iteration of a checkpoint the weighter was restored from
+            (``load_state_dict``, no meta step kept since): a log's entries after it are then taken
+            for steps undone even where none is before it (a checkpoint saved in a warm-up before the
+            first meta step was logged). An attribute only, as ``follows``.
     """
 
     iteration: int
@@ -53,9 +65,12 @@ class MetaStepRecord(Mapping[str, Any]):
     loss: float | None = None
     model_step_skipped: bool | None = None
     message: str | None = None
+    follows: int | None = field(default=None, repr=False)
+    restored: bool = field(default=False, repr=False)
 
     def _present(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("follows", "restored") and getattr(self, f.name) is not None}
 
     def __getitem__(self, key: str) -> Any:
         present = self._present()

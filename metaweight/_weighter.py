@@ -365,6 +365,7 @@ class HarmonizedWeighter(NamedWeights):
             self._capturable = CapturableFast()
         self.last_terms: Tensor | None = None
         self.last_meta: MetaStepRecord = MetaStepRecord(0)
+        self._follows = 0
         self._pending: Pending | None = None  # mode="fast", two-call form: from loss() to meta_step()
         self._stepped: Pending | None = None  # the last step's, while a loss() after it (logging) collects anew
         # mode="exact", before the first meta step: the labels of the loss() calls since the optimizer's last step, the
@@ -991,6 +992,7 @@ class HarmonizedWeighter(NamedWeights):
         self._met_at = None
         self._resumed_calls, self._resumed = loaded.pending_calls or 0, None
         self._load_note = LOADED_DURING if loaded.pending_calls != 0 else ""  # (an older checkpoint's: not known)
+        self._follows, self._restored = self.num_calls, True  # (the log's rows after it are of steps undone)
         if self._capturable is not None and self._capturable.counts is not None:
             self._capturable.reset(self)
 

@@ -239,9 +239,9 @@ def logged_note(logged: list[str]) -> str:
     if not logged:
         return ""
     return (f" The loggers called before that hook ({', '.join(logged)}) were given this meta step and logged it "
-            f"(unless they warned they could not): a retry logs it again, read as a run rolled back to a checkpoint "
-            f"(at the first meta step, as a new run, in another file). List them after your hooks in callbacks to "
-            f"log only meta steps that stand.")
+            f"(unless they warned they could not): the next meta step's record drops it, with a warning (at the "
+            f"first meta step, that record reads as a new run and goes to another file). List them after your "
+            f"hooks in callbacks to log only meta steps that stand.")
 
 
 # what :meth:`Weighting._reset_pending` clears: the iteration's loss() calls, kept for its meta_step
@@ -261,6 +261,10 @@ class NamedWeights:
     _hooks: OrderedDict[int, Callable[[MetaStepRecord], None]]
     module: nn.Module
     _inner_optimizer: torch.optim.Optimizer
+    # the iteration the next meta step kept follows (MetaStepRecord.follows): 0 when built, the iteration loaded at
+    # (load_state_dict), then that of each meta step kept; None for an object pickled by an earlier metaweight
+    _follows: int | None = None
+    _restored = False  # whether _follows is the iteration loaded at (MetaStepRecord.restored)
 
     def _check_parameters_held(self, call: str) -> None:
         """At every call of ``step``/``meta_step`` (inside its walk), before anything changes: the optimizer holds no
@@ -303,7 +307,8 @@ class NamedWeights:
         and is counted; the error, re-raised, carries a note that says which. Hooks are called in the
         order registered: list the library's loggers (:class:`CSVLogger`, :class:`TensorBoardLogger`)
         after your own hooks to log only meta steps that stand (the note names a logger that was
-        called before the hook that raised, and so logged the meta step put back).
+        called before the hook that raised, and so logged the meta step put back; it drops that row
+        at the next record, which follows the meta step before it: ``record.follows``).
         """
         if not callable(hook):
             raise TypeError(f"`hook` should be callable with a MetaStepRecord. Found `{type(hook).__name__}`.")
@@ -346,6 +351,8 @@ class NamedWeights:
         (a callback of the user's) has that meta step put back (``put_back``: the weights and their state, the
         average, the count, :attr:`last_meta`) and its error says what stood (``stood``): one rule for every step
         form and method (the model's step, where the call took one, stands)."""
+        object.__setattr__(record, "follows", self._follows)  # (a frozen record: fields set after it is made)
+        object.__setattr__(record, "restored", self._restored)
         logged: list[str] = []
         try:
             self._call_hooks(record, logged)
@@ -356,6 +363,7 @@ class NamedWeights:
             if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
                 exc.add_note(f"metaweight: a meta step hook raised after the step it reports; {stood}")
             raise
+        self._follows, self._restored = record.iteration, False
 
     @property
     def callbacks(self) -> list[Callable[[MetaStepRecord], None]]:
@@ -453,6 +461,7 @@ class Weighting(NamedWeights):
         optimizer_steps(self._inner_optimizer)  # (the process-wide step counter, registered before the first step)
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         self.last_meta = MetaStepRecord(0)
+        self._follows = 0
         self._buffers = BufferSnapshot(module)  # step()'s copy of the buffers, kept between steps
         for callback in callbacks:
             self.register_meta_step_hook(callback)
@@ -1125,6 +1134,7 @@ class Weighting(NamedWeights):
         self._lost_calls = LOADED_SINCE
         self._resumed_calls = pending or 0
         self._load_note = LOADED_DURING if pending != 0 else ""  # (an older checkpoint's: not known)
+        self._follows, self._restored = self.num_calls, True  # (the log's rows after it are of steps undone)
 
     def _options(self) -> str:
         return ""

@@ -866,3 +866,222 @@ def test_a_hook_writing_through_the_tensorboard_logger_s_writer_resumes_in_its_f
     logger.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
     assert sorted({s for s, t in _logged_events(tmp_path / "tb") if t == "train/loss"}) == [1, 2, 3, 4, 5]
+
+
+class _RaiseAt:
+    """A user's meta-step hook that raises once, at the record of iteration ``at``."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def __call__(self, record):
+        if record.iteration == self.at:
+            self.at = None
+            raise RuntimeError("the user's hook failed")
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+@pytest.mark.parametrize("restart", ["resume", "rollback"])
+@pytest.mark.parametrize("method,unlogged", [("hdkd", "skipped"), ("hdkd", "hook before the logger"),
+                                             ("hdkd", "logger before the hook"), ("uw", "hook before the logger"),
+                                             ("uw", "logger before the hook")])
+def test_a_log_holds_no_entry_of_a_step_undone_whatever_the_first_record_after_it(tmp_path, kind, restart, method,
+                                                                               unlogged):
+    """A run logs iterations 1-8 and is restarted from its checkpoint at iteration 4 (a new process resuming,
+    or a rollback in the same one); the first meta step after it (iteration 5) is not logged as it stands:
+    skipped as not finite (``nonfinite="skip"``), or put back by a user's hook that raised, listed before or
+    after the logger. Iteration 5's row of the undone run was kept (the logger cut the log at the first record
+    it got, 6): a row of a step no history holds, its gamma another run's. The log must hold exactly the
+    meta steps that stand, each with the gamma its record reports: 1-4 of the first run, then those kept
+    after the restart (read back independently: csv, TensorBoard's own EventAccumulator)."""
+    import torch
+    from torch import nn
+
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    where = tmp_path / ("tb" if kind == "tensorboard" else "log.csv")
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+               for _ in range(12)]
+
+    def build(hooks=()):
+        torch.manual_seed(0)
+        net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        logger = mw.TensorBoardLogger(where) if kind == "tensorboard" else mw.CSVLogger(where)
+        make = mw.HarmonizedWeighter if method == "hdkd" else mw.UW
+        weighter = make(net, optimizer, mw.DenseDistillLoss(2), nonfinite="skip", callbacks=[*hooks, logger][
+            ::-1 if unlogged == "logger before the hook" else 1])
+        return net, optimizer, weighter, logger
+
+    def state(net, optimizer, weighter):
+        return {k: torch.load(_io(torch.save, v), weights_only=False)
+                for k, v in {"net": net.state_dict(), "opt": optimizer.state_dict(),
+                             "w": weighter.state_dict()}.items()}
+
+    net, optimizer, weighter, logger = build()
+    stood = {}  # iteration -> gamma of the meta steps that stand
+    for i in range(8):
+        stood[i + 1] = weighter.step(batches[i], batches[i + 1]).gamma
+        if i == 3:
+            checkpoint = state(net, optimizer, weighter)
+    stood = {k: v for k, v in stood.items() if k <= 4}
+    if restart == "resume":
+        logger.close()
+        del weighter
+        hook = _RaiseAt(5) if unlogged != "skipped" else None
+        net, optimizer, weighter, logger = build([hook] if hook else [])
+    else:
+        hook = None
+        if unlogged != "skipped":
+            hook = _RaiseAt(5)
+            weighter.register_meta_step_hook(hook)
+            if unlogged == "hook before the logger":  # (registered after it: the logger is listed again after)
+                for handle_id, callback in list(weighter._hooks.items()):
+                    if callback is logger:
+                        weighter._hooks.move_to_end(handle_id)
+    net.load_state_dict(checkpoint["net"])
+    optimizer.load_state_dict(checkpoint["opt"])
+    weighter.load_state_dict(checkpoint["w"])
+    nan = (batches[5][0] * float("nan"), batches[5][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if unlogged == "skipped":
+            assert weighter.step(batches[4], nan).skipped
+        else:
+            with pytest.raises(RuntimeError, match="the user's hook failed"):
+                weighter.step(batches[4], batches[5])
+        for i in (5, 6, 7):
+            record = weighter.step(batches[i], batches[i + 1])
+            assert record.ran and not record.skipped
+            stood[record.iteration] = record.gamma
+    logger.close()
+    assert 5 not in stood and sorted(stood) == [1, 2, 3, 4, 6, 7, 8]
+    if kind == "csv":
+        table = rows(where)
+        header, body = table[0], table[1:]
+        got = {int(float(r[0])): {c[len("gamma/"):]: float(v) for c, v in zip(header, r) if c.startswith("gamma/")}
+               for r in body}
+        assert [int(float(r[0])) for r in body] == sorted(stood), body
+    else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(where))
+        events.Reload()
+        got = {}
+        for tag in events.Tags()["scalars"]:
+            if tag.startswith("metaweight/gamma/"):
+                for e in events.Scalars(tag):
+                    got.setdefault(e.step, {})[tag[len("metaweight/gamma/"):]] = e.value
+        assert sorted(got) == sorted(stood), sorted(got)
+    for iteration, gamma in stood.items():
+        assert got[iteration] == pytest.approx(gamma, rel=1e-6), iteration
+
+
+def _io(save, value):
+    import io
+
+    buffer = io.BytesIO()
+    save(value, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_tensorboard_writer_made_again_in_the_same_second_is_read_after_the_first(tmp_path, monkeypatch):
+    """TensorBoard reads a folder's event files by name, ``events.out.tfevents.SECOND.HOST.PID.N`` with ``N``
+    counting the process's writers: a writer made again in the same second (a rollback) whose ``N`` has one digit
+    more (9, then 10) sorted first, so its purge marker was read before the points it should hide and every
+    point stayed shown. The new writer's file must be read last: the rolled-back run shows 1, 2, 3, 4."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.summary.writer import event_file_writer
+
+    uids = iter(range(9, 100))
+    monkeypatch.setattr(event_file_writer._global_uid, "get", lambda: next(uids))
+    time.sleep(1.01 - time.time() % 1)  # (at the start of a second: both writers in it)
+    folder = tmp_path / "tb"
+    logger = mw.TensorBoardLogger(folder)
+    [logger(record(i)) for i in range(1, 6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger(record(3))  # rolled back to the checkpoint at 2
+    logger(record(4))
+    logger.close()
+    files = sorted(f.name for f in folder.glob("*tfevents*"))
+    assert len(files) == 2, files  # (the file made first in the same second is not left behind)
+    assert _shown(folder) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_a_new_run_whose_first_meta_steps_were_skipped_keeps_an_old_log_whole(tmp_path, kind):
+    """A new weighter (built, not loaded) on the path of an old run's log 1-6, whose first two meta steps are
+    skipped as not finite: its first record is iteration 3, inside the old log, and was taken for that run
+    resumed (rows 3-6 dropped, the old run's 1-2 kept before the new run's rows). The record says it follows
+    iteration 0: a new run, diverted to a log of its own, the old one left whole."""
+    import torch
+    from torch import nn
+
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    where = tmp_path / ("tb" if kind == "tensorboard" else "log.csv")
+    old = mw.TensorBoardLogger(where) if kind == "tensorboard" else mw.CSVLogger(where)
+    [old(record(i, gamma=dict.fromkeys(mw.DenseDistillLoss(2).term_names, 0.5))) for i in range(1, 7)]
+    old.close()
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    logger = mw.TensorBoardLogger(where) if kind == "tensorboard" else mw.CSVLogger(where)
+    weighter = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1),
+                                     mw.DenseDistillLoss(2), nonfinite="skip", callbacks=[logger])
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for val in [(batch[0] * float("nan"), batch[1])] * 2 + [batch]:
+            weighter.step(batch, val)
+    logger.close()
+    new = tmp_path / ("tb-2" if kind == "tensorboard" else "log-2.csv")
+    assert str(new) in " ".join(str(w.message) for w in said)
+    shown = _shown if kind == "tensorboard" else (lambda path: [int(float(r[0])) for r in rows(path)[1:]])
+    assert shown(where) == [1, 2, 3, 4, 5, 6] and shown(new) == [3]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+@pytest.mark.parametrize("restart", ["resume", "rollback"])
+def test_a_run_restored_from_a_checkpoint_before_its_first_logged_row_continues_its_log(tmp_path, kind, restart):
+    """Iterations 1-2 are a warm-up with gamma fixed (``learn = False``: no meta step, no row), the checkpoint
+    is saved at 2, the run logs 3-6 and is restarted from that checkpoint (a new process, or a rollback in the
+    same one). Every row of the log is after the checkpoint, so every row would be dropped: that was taken for a
+    new run, diverted to ``NAME-2`` while the undone rows 3-6 stayed in the log. A weighter restored from a
+    checkpoint is its run resumed: the log must read 3-7, as the run without the restart's."""
+    import torch
+    from torch import nn
+
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    where = tmp_path / ("tb" if kind == "tensorboard" else "log.csv")
+    batch = (torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+
+    def build():
+        torch.manual_seed(0)
+        net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+        logger = mw.TensorBoardLogger(where) if kind == "tensorboard" else mw.CSVLogger(where)
+        return net, mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                          callbacks=[logger]), logger
+
+    net, weighter, logger = build()
+    for i in range(6):
+        weighter.learn = i >= 2
+        weighter.step(batch, batch)
+        if i == 1:
+            checkpoint = {"net": {k: v.clone() for k, v in net.state_dict().items()}, "w": weighter.state_dict()}
+    if restart == "resume":
+        logger.close()
+        net, weighter, logger = build()
+    net.load_state_dict(checkpoint["net"])
+    weighter.load_state_dict(checkpoint["w"])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            weighter.step(batch, batch)
+    logger.close()
+    assert not [str(w.message) for w in said if "so this is a new run" in str(w.message)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [where.name]
+    shown = _shown if kind == "tensorboard" else (lambda path: [int(float(r[0])) for r in rows(path)[1:]])
+    assert shown(where) == [3, 4, 5, 6, 7]
