@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from metaweight._capture import sparse_message
+from metaweight._randomness import RngState, model_generators, rng_state, set_rng_state
 from metaweight._walk import current_walk, tree_changed, walk
 from metaweight._warn import raise_or_skip_step, warn_user
 
@@ -612,6 +613,7 @@ class Saved:
     num_meta_steps: int
     num_skipped: int
     last_meta: Any = None  # the record of the last meta step kept (a MetaStepRecord)
+    rng: RngState | None = None  # the generators' states (the forward's dropout masks are drawn again on a retry)
 
 
 @dataclasses.dataclass
@@ -655,20 +657,26 @@ class StepTransaction:
 
     def begin(self, owner: Owner) -> Saved:
         """What one call may change besides the parameters and the optimizer: the buffers, and with
-        ``learn`` gamma, its optimizer's state and the validation average, all kept on the device; and
-        the counters."""
+        ``learn`` gamma, its optimizer's state and the validation average, all kept on the device; the
+        counters; and the random generators' states (host copies: the global ones, NumPy's, Python's and
+        the model's own), which the call's forwards advance (dropout)."""
         self.buffers.save()
         state = None
         if owner.learn:
             state = StateSnapshot(owner.gamma, owner.gamma_optimizer,
                                   owner.validation if isinstance(owner.validation, nn.Module) else None)
-        return Saved(state, owner.num_calls, owner.num_meta_steps, owner.num_skipped, owner.last_meta)
+        return Saved(state, owner.num_calls, owner.num_meta_steps, owner.num_skipped, owner.last_meta,
+                     rng_state(owner.gamma.device, model_generators(self.module)))
 
     def rollback(self, owner: Owner, saved: Saved, *, buffers: bool = True) -> None:
-        """Put back ``saved``: the buffers (unless ``buffers=False``: the weighter's own state only), gamma,
-        its optimizer, the validation average, the counters and the last meta step's record."""
+        """Put back ``saved``: the buffers and the random generators (unless ``buffers=False``: the weighter's
+        own state only, the model's step standing), gamma, its optimizer, the validation average, the counters
+        and the last meta step's record. A call refused or raised so draws the same random numbers again when
+        it is made again (its dropout masks), as a run without the refused call would."""
         if buffers:
             self.buffers.restore()
+            if saved.rng is not None:
+                set_rng_state(saved.rng, owner.gamma.device)
         if saved.state is not None:
             saved.state.restore(owner.gamma)
         owner.num_calls, owner.num_meta_steps, owner.num_skipped = saved.num_calls, saved.num_meta_steps, \

@@ -54,6 +54,7 @@ from metaweight._hypergradient import Reducer
 from metaweight._logging import HandedLogger
 from metaweight._optimizers import check_optimizer_state, check_parameters_replaced, unwrap_optimizer
 from metaweight._protocols import Terms, call_model
+from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import (LOADED_DURING, LOADED_SINCE, BufferSnapshot, copy_value, gradients_moved,
                                      host_read, nonfinite_flag, not_stepped_message, resumed_mid_step_message)
@@ -950,6 +951,13 @@ class Weighting(NamedWeights):
         self._reset_pending()  # (loss() calls of the user's own before this step are not part of it)
         snapshot = self._buffers
         snapshot.save()
+        drawn = rng_state(self.device, model_generators(self.module))  # a step not taken draws its masks again
+
+        def put_back() -> None:  # what the forward and backward changed: the buffers, the generators, the calls
+            snapshot.restore()
+            set_rng_state(drawn, self.device)
+            self._reset_pending()
+
         try:
             summarize_step_labels(train_batch, None, self.criterion, None, getattr(self, "_ranks", None))  # (see above)
             loss = self.loss(call_model(self.model, x), y)
@@ -957,8 +965,7 @@ class Weighting(NamedWeights):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         except Exception:
-            snapshot.restore()
-            self._reset_pending()
+            put_back()
             raise
         finally:
             forget_labels()
@@ -977,8 +984,7 @@ class Weighting(NamedWeights):
         ruled_out = values[0] == 0.0 and refused is not None and values[-1] != 0.0
         if values[0] != 0.0 or ruled_out:  # the step is not taken: put back what the forward and backward changed
             self.optimizer.zero_grad(set_to_none=True)
-            snapshot.restore()
-            self._reset_pending()
+            put_back()
             terms = dict(zip(self.term_names, values[2:2 + len(self.term_names)]))
             if ruled_out:
                 raise ValueError(f"{type(self).__name__} cannot update its weights from this step's terms {terms}: "
@@ -997,8 +1003,7 @@ class Weighting(NamedWeights):
             self.optimizer.step()
         except Exception as exc:  # (refused before it changed a parameter, as torch's own checks are: restore the rest)
             self.optimizer.zero_grad(set_to_none=True)
-            snapshot.restore()
-            self._reset_pending()
+            put_back()
             try:  # the likely cause, said plainly (looked for only here: a loop over the parameters)
                 check_optimizer_state(self._inner_optimizer, after_failed_step=True)
             except ValueError as cause:

@@ -1582,3 +1582,87 @@ def test_random_streams_are_the_same_with_a_hook_that_raises_nothing_and_famo_pu
     before = _streams(net)
     assert w.meta_step((x, y)).ran
     assert _same_streams(before, _streams(net))
+
+
+class _Drawing(nn.Module):
+    """A stage that draws from the global generator (dropout) and from a generator of its own."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.drop = nn.Dropout(0.3)
+        self.g = torch.Generator().manual_seed(5)
+
+    def forward(self, x):
+        return self.drop(torch.relu(self.linear(x))) + 0.01 * torch.rand(x.shape, generator=self.g)
+
+
+def _generator_states(model):
+    import random
+
+    import numpy as np
+
+    return (torch.get_rng_state(), [m.g.get_state() for m in model.modules() if isinstance(m, _Drawing)],
+            np.random.get_state()[1].copy(), random.getstate())
+
+
+def _same_states(a, b):
+    import numpy as np
+
+    return torch.equal(a[0], b[0]) and all(torch.equal(s, t) for s, t in zip(a[1], b[1])) and \
+        np.array_equal(a[2], b[2]) and a[3] == b[3]
+
+
+_REFUSALS = [(form, refusal, nonfinite)
+             for form in ("exact", "exact higher", "fast", "uw", "famo")
+             for refusal in ("validation labels", "training batch not finite", "validation batch not finite")
+             for nonfinite in ("raise", "skip")
+             if (form not in ("uw", "famo") or refusal == "training batch not finite")  # (no validation batch)
+             and (refusal != "validation batch not finite" or nonfinite == "raise")  # (skip: the model's step stands)
+             and (refusal != "validation labels" or nonfinite == "raise")]  # (refused whatever nonfinite is)
+
+
+@pytest.mark.parametrize("form,refusal,nonfinite", _REFUSALS)
+def test_a_step_refused_leaves_every_random_generator_as_it_was(form, refusal, nonfinite):
+    """``step()`` refused ("nothing was changed") or skipped as not finite had drawn its forward's dropout masks
+    and its model's own generator's numbers, so the run after it was not the run without it (helper-155: the fast
+    mode's validation-label refusal, the exact mode's non-finite batch, every weighting's). Every generator the
+    forward draws from (the global one, the model's own, NumPy's and Python's, read independently here) must be
+    as before the call, and the next steps as those of a run that never made it."""
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(4)]
+
+    def run(refused_first):
+        torch.manual_seed(0)
+        model = mw.MultiExit([_Drawing(6), _Drawing(6)], [nn.Linear(6, 3), nn.Linear(6, 3)])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if form in ("uw", "famo"):
+            make = mw.UW if form == "uw" else mw.FAMO
+            w = make(model, optimizer, mw.DenseDistillLoss(2), nonfinite=nonfinite)
+        else:
+            options = {"mode": "fast"} if form == "fast" else {"backend": "higher"} if form == "exact higher" else {}
+            w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), nonfinite=nonfinite, **options)
+        w.step(data[0], data[1])  # (the gradient check of the first call behind)
+        if refused_first:
+            train, val = data[2], data[3]
+            if refusal == "validation labels":
+                val = (val[0], torch.full_like(val[1], 9))
+            elif refusal == "training batch not finite":
+                train = (train[0] * float("nan"), train[1])
+            else:
+                val = (val[0] * float("nan"), val[1])
+            before = _generator_states(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if nonfinite == "raise" or refusal == "validation labels":
+                    with pytest.raises(ValueError):
+                        w.step(train, val)
+                else:
+                    record = w.step(train, val)
+                    assert record.skipped or record.model_step_skipped
+            assert _same_states(before, _generator_states(model)), "a generator moved"
+        w.step(data[2], data[3])
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), w.gamma.detach().clone()
+
+    after, clean = run(True), run(False)
+    assert torch.equal(after[0], clean[0]) and torch.equal(after[1], clean[1])
