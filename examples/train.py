@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma-init", default="uniform", choices=["uniform", "last", "random"],
                    help="gamma's start: uniform (DS-like), last (DBT-like), random")
     p.add_argument("--constraint", default="clamp", choices=["clamp", "normalize"],
-                   help="how gamma is kept valid after each step: clamp at 0, or also normalise to sum 1")
+                   help="how gamma is kept valid after each step: clamp at 0, or also rescale it to keep the sum it "
+                        "started with")
     p.add_argument("--meta-every", type=int, default=1, help="a meta step every N iterations")
     p.add_argument("--mode", default="exact", choices=["exact", "fast"],
                    help="exact: the paper's order (gamma first, then the model's step); fast: the model steps "

@@ -132,8 +132,11 @@ def collect_logits(
     with eval_mode(model):
         for i, item in enumerate(loader):
             if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ValueError(f"The loader's batch {i} should be a pair (inputs, labels). "
-                                 f"Found `{type(item).__name__}`.")
+                raise ValueError(f"The loader's batch {i} should be a pair (inputs, labels). Found "
+                                 f"`{type(item).__name__}`"
+                                 f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}: "
+                                 f"give collect_logits a loader of (inputs, labels) batches (e.g. wrap it: "
+                                 f"((x, y) for x, y, *_ in loader)).")
             refuse_arrays(item, f"The loader's batch {i}")
             inputs, target = item
             outputs = call_model(model, to_device(inputs, device), "collect_logits")

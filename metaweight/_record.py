@@ -18,7 +18,11 @@ class MetaStepRecord(Mapping[str, Any]):
     and as attributes.
 
     Attributes:
-        iteration: how many calls the weighter has had, this one included.
+        iteration: how many calls the weighter has had, this one included. A ``step()`` whose
+            model step was refused (``model_step_skipped``: not finite, skipped) is not counted:
+            its record reports the iteration it was made as, which the next call takes again (in
+            every mode and weighting). In the two calls the model's step is yours, so every
+            ``meta_step`` counts.
         ran: whether a look-ahead ran in this call (``False`` with ``learn=False`` and on the
             calls ``meta_every`` passes over).
         skipped: whether the call learned nothing where it was due to: refused as non-finite

@@ -293,3 +293,12 @@ def test_labels_in_a_column_are_refused_saying_how_to_pass_them():
         mw.anytime_accuracy_from_logits(logits, labels[:7, None])
     with pytest.raises(ValueError, match="target.squeeze"):
         mw.DenseDistillLoss(3)(list(logits), labels[:, None])
+
+
+def test_a_loader_of_triples_is_refused_with_its_length_and_how_to_wrap_it():
+    """A loader of ``(x, y, index)`` batches was refused as "should be a pair ... Found `tuple`", which reads as
+    no reason (a pair is a tuple): the message says the length and how to pass pairs."""
+    net = mw.MultiExit([torch.nn.Linear(4, 4)] * 2, [torch.nn.Linear(4, 3)] * 2)
+    triples = [(torch.randn(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match=r"Found `tuple` of length 3: .*for x, y, \*_ in loader"):
+        mw.collect_logits(net, triples)

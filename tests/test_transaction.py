@@ -1666,3 +1666,30 @@ def test_a_step_refused_leaves_every_random_generator_as_it_was(form, refusal, n
 
     after, clean = run(True), run(False)
     assert torch.equal(after[0], clean[0]) and torch.equal(after[1], clean[1])
+
+
+@pytest.mark.parametrize("form", ["exact", "fast", "fast, meta_every=2", "uw", "rlw", "gradnorm", "famo", "dwa"])
+def test_a_step_skipped_reports_the_iteration_the_next_call_takes_in_every_form(form):
+    """``step()`` with ``nonfinite="skip"`` over six calls, the third and fourth on a non-finite batch: a skipped
+    call is not counted (``num_calls`` 4 at the end), and its record reported the iteration it was made as in
+    the exact mode (3, 3, then 3 for the call that takes it) but the one before (2, 2) in the fast mode and every
+    weighting, so the step axis of the user's own log depended on the mode. Every form must give
+    [1, 2, 3, 3, 3, 4]."""
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(7)]
+    for i in (2, 3):
+        data[i] = (data[i][0] * float("nan"), data[i][1])
+    torch.manual_seed(0)
+    model = mw.MultiExit([nn.Linear(6, 6), nn.Linear(6, 6)], [nn.Linear(6, 3), nn.Linear(6, 3)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    if form in ("exact", "fast", "fast, meta_every=2"):
+        options = {"mode": "fast"} if form.startswith("fast") else {}
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2), nonfinite="skip",
+                                  meta_every=2 if "meta_every" in form else 1, **options)
+    else:
+        options = {"dwa": {"window": 2}, "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}
+        w = mw.WEIGHTINGS[form](model, optimizer, mw.DenseDistillLoss(2), nonfinite="skip", **options.get(form, {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        iterations = [w.step(data[i], data[6]).iteration for i in range(6)]
+    assert iterations == [1, 2, 3, 3, 3, 4] and w.num_calls == 4
