@@ -122,15 +122,32 @@ class _HeldOut:
         return batches
 
 
-def _with_trainer_clipping(trainer: lightning.Trainer, options: dict[str, Any]) -> dict[str, Any]:
+def _with_trainer_clipping(trainer: lightning.Trainer, options: dict[str, Any],
+                           module: lightning.LightningModule | None = None) -> dict[str, Any]:
     """``options`` with the Trainer's gradient clipping declared where the weighter's look-ahead is the clipped step
     (``mode="fast"``): ``gradient_clip_val=c`` by norm (Lightning's default algorithm) is ``ClipGradNorm(c)``, the
     2-norm over all parameters as Lightning clips. Refused before the fit starts, naming the fix: clipping by value,
     which the fast mode's look-ahead cannot take as the step's (it is no rescale of the gradient), and a
-    ``clip_grad_norm`` option that says another clipping than the Trainer's. With ``mode="exact"`` the look-ahead is
-    the optimizer's own unclipped step, as in a loop of one's own that clips (see the loop guide)."""
+    ``clip_grad_norm`` option that says another clipping than the Trainer's, or one that nothing in the fit takes
+    (no ``gradient_clip_val``, and ``module``'s class keeps Lightning's ``configure_gradient_clipping``, which then
+    clips nothing). With ``mode="exact"`` the look-ahead is the optimizer's own unclipped step, as in a loop of
+    one's own that clips (see the loop guide)."""
     value = trainer.gradient_clip_val
-    if options.get("mode", "exact") != "fast" or not value:
+    if options.get("mode", "exact") != "fast":
+        return options
+    if not value:
+        declared = options.get("clip_grad_norm")
+        number = None if declared is None or isinstance(declared, ClipGradNorm) else real_scalar(declared)
+        valid = isinstance(declared, ClipGradNorm) or (number is not None and math.isfinite(number) and number > 0)
+        if valid and module is not None and \
+                type(module).configure_gradient_clipping is lightning.LightningModule.configure_gradient_clipping:
+            raise ValueError(f"HarmonizedCallback was given clip_grad_norm={declared!r}, but nothing in this fit clips: "
+                             f"the Trainer has no gradient_clip_val, and {type(module).__name__} keeps Lightning's "
+                             f"configure_gradient_clipping, which then clips nothing. The weighter would score a "
+                             f"clipped step Lightning never takes. Pass Trainer(gradient_clip_val=max_norm) (the "
+                             f"callback declares it: leave clip_grad_norm out), clip in your module's "
+                             f"configure_gradient_clipping with torch.nn.utils.clip_grad_norm_, or leave "
+                             f"clip_grad_norm out. Nothing was changed.")
         return options
     algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
     if algorithm != "norm":
@@ -197,7 +214,8 @@ class HarmonizedCallback(lightning.Callback):
     whole batch (the callback has the others only later): to score the whole accumulated step, use
     ``mode="fast"``. With ``mode="fast"`` the Trainer's clipping by norm (``gradient_clip_val=c``) is declared
     to the weighter as ``clip_grad_norm=mw.ClipGradNorm(c)``, so the look-ahead is the clipped step; clipping
-    by value is refused when the fit starts. With ``nonfinite="skip"`` a non-finite step's meta step is
+    by value is refused when the fit starts, and so is the callback's ``clip_grad_norm`` where nothing clips (no
+    ``gradient_clip_val``, and the module keeps Lightning's ``configure_gradient_clipping``). With ``nonfinite="skip"`` a non-finite step's meta step is
     skipped, but Lightning itself steps the model on whatever gradient the backward left (as it does without
     the callback): skip such steps in Lightning too, or keep ``nonfinite="raise"``.
 
@@ -236,7 +254,7 @@ class HarmonizedCallback(lightning.Callback):
         wrapped = trainer.strategy.model
         model = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else pl_module
         previous = self.weighter
-        options = _with_trainer_clipping(trainer, self.options)
+        options = _with_trainer_clipping(trainer, self.options, pl_module)
         weighter = HarmonizedWeighter(model, trainer.optimizers[0], self.criterion, self.validation, **options)
         weighter._clipping_hints = _clipping_hints(trainer, weighter.clip_grad_norm)
         if self._pending_state is not None:

@@ -446,3 +446,36 @@ def test_lightning_clipping_declared_in_float32_or_as_no_number_is_judged_as_the
         options = _with_trainer_clipping(trainer, {"mode": "fast", "clip_grad_norm": bad})
         with pytest.raises(ValueError, match="Invalid clip_grad_norm"):  # (the weighter's own refusal, unchanged)
             mw.HarmonizedWeighter(net, opt, mw.DenseDistillLoss(2), **options)
+
+
+def test_lightning_fast_callback_declaring_a_clipping_nothing_takes_is_refused_before_the_first_step():
+    """HarmonizedCallback(mode='fast', clip_grad_norm=0.5) with no Trainer gradient_clip_val and a LightningModule
+    that keeps Lightning's configure_gradient_clipping: nothing clips, so the declared clipping is never the step
+    Lightning takes. It was refused only at the first step, after Lightning had taken it (left by helper-151); it
+    is refused when the fit starts, the model unchanged. A module of one's own that clips is let through."""
+    lightning = pytest.importorskip("lightning")
+    from lightning_train import MultiExitModule
+    from metaweight.lightning import HarmonizedCallback
+
+    class OwnClipping(MultiExitModule):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 0.5)
+
+    g = torch.Generator().manual_seed(5)
+    data = torch.utils.data.TensorDataset(3 * torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+    val = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g))]
+
+    def fit(module):
+        trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                    callbacks=[HarmonizedCallback(mw.DenseDistillLoss(2), val, mode="fast",
+                                                                  clip_grad_norm=0.5)],
+                                    enable_checkpointing=False, enable_model_summary=False)
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+        return trainer
+
+    module = MultiExitModule(_two_exit_net(), lr=0.1)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match="nothing in this fit clips.*Trainer\\(gradient_clip_val=max_norm\\)"):
+        fit(module)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert fit(OwnClipping(_two_exit_net(), lr=0.1)).global_step == 2
