@@ -4,7 +4,11 @@ from Deep Neural Networks", ICPR 2016): a plain conv trunk with side branches, b
 
 Each stage is two conv-BN-ReLU layers, the stages after the first opening with a 2x2
 max-pool; each side branch is one conv-BN-ReLU, global average pooling and a linear layer.
-Works on any image size from 8x8 (scikit-learn's digits) up.
+Works on images of at least ``2 ** (num_exits - 1)`` pixels per side (each stage after the
+first halves them): scikit-learn's 8x8 digits take up to 4 exits, CIFAR's 32x32 up to 6.
+
+This file defines the model; ``python examples/train.py --model branchynet`` trains it
+(``python examples/branchynet.py`` prints its exits' costs).
 """
 
 from __future__ import annotations
@@ -31,3 +35,18 @@ def branchynet(num_classes: int = 10, in_channels: int = 3, *, num_exits: int = 
                                    nn.Linear(branch_width, num_classes)))
         c_in = c_out
     return mw.MultiExit(stages, heads)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exits", type=int, default=3, help="number of exits (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default: %(default)s)")
+    args = parser.parse_args()
+    if args.size < 2 ** (args.exits - 1):
+        parser.error(f"{args.exits} exits need images of at least {2 ** (args.exits - 1)} pixels per side")
+    net = branchynet(10, num_exits=args.exits)
+    print(mw.exit_costs(net, torch.randn(1, 3, args.size, args.size), executed=True))

@@ -5,10 +5,12 @@ iteration and two calls. (``examples/train.py`` is the full command-line job beh
 reproduction; this file is what to read first.)
 
     python examples/loop.py                 # scikit-learn digits, a 3-exit CNN; about 40 s on one CPU core of a busy machine
+    python examples/loop.py --epochs 2      # a shorter run
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -51,7 +53,10 @@ def main(epochs: int = 15) -> mw.AnytimeResult:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=15, help="passes over the training split (default: %(default)s)")
+    epochs = parser.parse_args().epochs
     # this model's ops are too small to split across threads: one is fastest, and on a busy machine
     # several threads fight over the cores (as examples/train.py's --threads says)
     torch.set_num_threads(1)
-    main()
+    main(epochs)

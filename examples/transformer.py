@@ -3,8 +3,9 @@ initialised, and a synthetic sequence task that needs no download: the same meta
 non-vision model.
 
 The task: sequences of random tokens; the label is which of the tokens 1..C occurs most often
-(ties to the smallest). Counting needs attention over the whole sequence, so later layers do
-better than early ones.
+(ties to the smallest). Counting needs attention over the whole sequence, so later layers can
+do better than early ones: ``python examples/accelerate_train.py`` trains it and prints each
+exit's test accuracy (``python examples/transformer.py`` prints the model's exits' costs).
 """
 
 from __future__ import annotations
@@ -61,3 +62,14 @@ def counting_task(n: int, *, seq_len: int = 32, vocab_size: int = 16, num_classe
     ids = torch.randint(0, vocab_size, (n, seq_len), generator=g)
     counts = torch.stack([(ids == c + 1).sum(1) for c in range(num_classes)], dim=1)
     return ids, counts.argmax(dim=1)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4, help="encoder layers, one exit after each (default: "
+                                                               "%(default)s)")
+    args = parser.parse_args()
+    net = transformer_multi_exit(16, 4, num_layers=args.layers)
+    print(mw.exit_costs(net, counting_task(1)[0], executed=True))

@@ -762,7 +762,8 @@ def _last_writer(make: Any, folder: str | None) -> Any:
     (``events.out.tfevents.SECOND.HOST.PID.N``, ``N`` counting the writers of the process): a writer made
     in the same second as an earlier one whose ``N`` has one digit more (9, then 10) sorts before it, so a
     rolled-back run's purge would be read last and hide the points written after it. Such a file (its
-    header and purge marker only) is removed and the writer made again in the next second."""
+    header and purge marker only) is removed and the writer made again in the next second (waiting at most
+    one second: a file named by a clock far ahead of this one cannot be passed)."""
     writer = make()
     name = getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None), "_file_name", None)
     if folder is None or not isinstance(name, str):

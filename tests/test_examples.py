@@ -280,3 +280,14 @@ def test_train_py_checkpoint_through_a_symbolic_link_resumes_and_leaves_the_link
     train.train(train.parse_args(args))
     assert "resumed from" in capsys.readouterr().out
     assert link.is_symlink() and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("script", ["loop.py", "branchynet.py", "transformer.py"])  # (the others' parsers: above)
+def test_every_runnable_example_answers_help_with_its_usage_and_runs_nothing(script):
+    """``python examples/loop.py --help`` started the 15-epoch run (no parser), and branchynet.py and
+    transformer.py printed nothing (helper-157): each example answers --help with its usage, at once."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: "), (done.stdout[:200], done.stderr[-500:])
