@@ -211,3 +211,32 @@ def test_scores_no_threshold_keeps_are_said_when_the_guarantee_cannot_hold():
         warnings.simplefilter("error")
         small = mw.thresholds_for_accuracy(logits, labels, 0.05)
     assert small.exit_fractions == [0.0, 1.0]
+
+
+def test_levels_fixed_in_advance_are_tested_in_that_order_and_anything_else_is_refused():
+    """The quantile grid is drawn from the held-out scores themselves, an order the Learn-then-Test theorem does
+    not cover (helper-157); levels chosen before the data are taken as given, highest first, and the thresholds
+    are those of the fixed-sequence test run over them level by level with the direct binomial sum."""
+    from metaweight._budget import NO_EXIT
+
+    g = torch.Generator().manual_seed(4)
+    logits, labels = draw(800, g)
+    levels = torch.linspace(0, 1, 41)  # (in any order: tested from the highest down)
+    delta, alpha = 0.05, 0.1
+    target = mw.thresholds_for_accuracy(logits, labels, delta, confidence=1 - alpha, candidates=levels)
+    probabilities = logits.softmax(-1)
+    confidence, prediction = probabilities.max(-1)
+    last_right = prediction[-1] == labels
+    n, chosen = labels.numel(), NO_EXIT
+    for level in sorted(levels.tolist(), reverse=True):
+        leaves = confidence[:-1] >= torch.tensor(level, dtype=confidence.dtype)  # [K-1, N]
+        first = torch.where(leaves.any(0), leaves.int().argmax(0), torch.tensor(2))
+        predicted = prediction.gather(0, first.view(1, -1))[0]
+        losses = int((last_right & (predicted != labels)).sum())
+        if sum(math.comb(n, j) * delta**j * (1 - delta) ** (n - j) for j in range(losses + 1)) > alpha:
+            break
+        chosen = level
+    assert target.thresholds[0] == pytest.approx(chosen) and 0 < target.exit_fractions[-1] < 1
+    for bad in ([], [0.5, float("nan")], torch.ones(2, 2), "0.5", torch.tensor([True])):
+        with pytest.raises(ValueError, match="Invalid candidates"):
+            mw.thresholds_for_accuracy(logits, labels, delta, candidates=bad)
