@@ -289,19 +289,19 @@ def _candidates_said(step: float, logs: list[tuple[Any, list[float]]], unit: str
     return ", ".join(said)
 
 
-def _went_back(last_step: float | None, first_logged: float | None, step: float, restored: bool = False
+def _went_back(last_step: float | None, first_logged: float | None, step: float, ours: bool = False
                ) -> str | None:
     """The one rule both loggers follow at a record after their first, closed or not in between:
     whether ``step`` goes back in the log this logger wrote (its last step ``last_step``, its first
     ``first_logged``). ``None``: it does not (the record is appended); ``"rolled back"``: a weighter
     rolled back to a checkpoint, the steps at or after ``step`` are undone; ``"new run"``: every step
     logged would go (e.g. a new weighter counting from 1 with the same logger), so the record goes to a
-    new log, the old one kept whole; unless the record's weighter was restored from a checkpoint
-    (``restored``: rolled back, to before the first step logged). Whether a writer is open at that
-    moment plays no part."""
+    new log, the old one kept whole; unless every step logged is known to be the record's weighter's
+    (``ours``: it was restored from a checkpoint before them, or wrote them itself and had its meta step
+    put back by a hook that raised): rolled back. Whether a writer is open at that moment plays no part."""
     if last_step is None or step > last_step:
         return None
-    if first_logged is not None and first_logged >= step and not restored:
+    if first_logged is not None and first_logged >= step and not ours:
         return "new run"
     return "rolled back"
 
@@ -324,11 +324,26 @@ class HandedLogger:
 
     _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
     _metaweight_passed_over: Any = None  # (weighters it was taken from, weakly: whether each was warned)
+    _rows_owner: Any = None  # (a weakref to the weighter it logged when it wrote its last entry)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the weak references to the weighters it logs (which a weighter pickled with it
         sets again when it registers the copy)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_metaweight_owner", "_metaweight_passed_over")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_metaweight_owner", "_metaweight_passed_over", "_rows_owner")}
+
+    def _wrote(self) -> None:
+        """Note that an entry was just written, for the weighter this logger logs."""
+        self._rows_owner = self._metaweight_owner
+
+    def _own_rows(self, record: Any) -> bool:
+        """Whether ``record`` is of the weighter this logger logs (it says what it follows:
+        :attr:`MetaStepRecord.follows`) and that weighter wrote the last entry too: a record of it going back
+        to before every entry is then its meta step put back by a hook that raised (its first), not a new
+        run counting from 1 with this logger (a new weighter registers the logger anew)."""
+        owner, last = self._metaweight_owner, self._rows_owner
+        return isinstance(getattr(record, "follows", None), int) and owner is not None and last is not None and \
+            owner() is not None and owner() is last()
 
 
 class CSVLogger(HandedLogger):
@@ -534,7 +549,7 @@ class CSVLogger(HandedLogger):
         # A transaction: the new state (path, columns, last step) and the warnings are worked out first,
         # the file is written, and only then is the state kept and the warnings given; a write that
         # fails leaves the logger as it was, so the next row is judged against the file as it is.
-        path, fields, kept, notes = self._plan(row, step, *_undone_from(record, step))
+        path, fields, kept, notes = self._plan(row, step, *_undone_from(record, step), record=record)
         if path != self.path:
             _hold(path, self)
         try:
@@ -550,10 +565,11 @@ class CSVLogger(HandedLogger):
             _release(self.path, self)
             self.path = path
         self._fields, self._last_step = fields, step
+        self._wrote()
         for note in notes:
             warn_user(note)
 
-    def _plan(self, row: dict[str, float], step: float, cut: float, restored: bool = False
+    def _plan(self, row: dict[str, float], step: float, cut: float, restored: bool = False, *, record: Any = None
               ) -> tuple[Path, list[str], list[str] | None, list[str]]:
         """Where ``row`` goes, under which columns, the complete rows kept before it (``None``: append to
         the file as it is) and the warnings to give once it is written; the rows at or after ``cut``
@@ -581,7 +597,8 @@ class CSVLogger(HandedLogger):
         if went_back:  # in this process
             kept = _before(lines, cut)
             logged = _readable(lines)
-            if _went_back(self._last_step, min(logged, default=None), cut, restored) == "new run":
+            if _went_back(self._last_step, min(logged, default=None), cut,
+                          restored or self._own_rows(record)) == "new run":
                 new = _fresh(path, path.suffix)
                 return new, fields, [], [
                     f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {path} and now gets "
@@ -590,7 +607,8 @@ class CSVLogger(HandedLogger):
                     f"checkpoint. {_diverted(path, new)}"]
             # rolled back: the undone rows go, and the warning says which (none dropped: nothing to say)
             dropped = [s for s in logged if s >= cut]
-            why = ("taken for a weighter rolled back to a checkpoint in this process" if cut == step else
+            why = ("taken for a weighter rolled back to a checkpoint in this process"
+                   if not isinstance(getattr(record, "follows", None), int) else
                    "steps its weighter no longer holds (rolled back to a checkpoint in this process, or a meta "
                    "step put back by a hook that raised)")
             notes = [f"This CSVLogger logged up to iteration {self._last_step:g} to {path} and now gets "
@@ -1097,7 +1115,8 @@ class TensorBoardLogger(HandedLogger):
         if gone is not None:  # deleted while this logger wrote there: a new writer starts it again
             self._drop_writer()  # (whatever it held unwritten is lost with the folder)
             self._shown = set()
-        back = _went_back(self._last_step, self._floor, cut, restored) if self._log_dir is not None else None
+        back = _went_back(self._last_step, self._floor, cut, restored or self._own_rows(record)) \
+            if self._log_dir is not None else None
         hidden: list[int] = []
         if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
             old = Path(self._log_dir)  # type: ignore[arg-type]
@@ -1124,12 +1143,14 @@ class TensorBoardLogger(HandedLogger):
             raise
         self._floor = step if self._floor is None else min(self._floor, step)
         self._last_step = step
+        self._wrote()
         self._shown = {s for s in self._shown if s < cut} | {step}
         if gone is not None:  # said once the record is written, as CSVLogger says a deleted log starts again
             warn_user(f"While this TensorBoardLogger wrote to {self._log_dir}, {gone}: it starts again at step "
                       f"{step} with a new event file; the points logged before are not in it.")
         if hidden:  # said once the record is written, as CSVLogger says what it drops
-            why = ("taken for a weighter rolled back to a checkpoint in this process" if cut == step else
+            why = ("taken for a weighter rolled back to a checkpoint in this process"
+                   if not isinstance(getattr(record, "follows", None), int) else
                    "steps its weighter no longer holds (rolled back to a checkpoint in this process, or a meta step "
                    "put back by a hook that raised)")
             warn_user(f"This TensorBoardLogger logged up to step {hidden[-1]} to {self._log_dir} and now gets "

@@ -240,9 +240,8 @@ def logged_note(logged: list[str]) -> str:
     if not logged:
         return ""
     return (f" The loggers called before that hook ({', '.join(logged)}) were given this meta step and logged it "
-            f"(unless they warned they could not): the next meta step's record drops it, with a warning (at the "
-            f"first meta step, that record reads as a new run and goes to another file). List them after your "
-            f"hooks in callbacks to log only meta steps that stand.")
+            f"(unless they warned they could not): the next meta step's record drops it, with a warning. List "
+            f"them after your hooks in callbacks to log only meta steps that stand.")
 
 
 # what :meth:`Weighting._reset_pending` clears: the iteration's loss() calls, kept for its meta_step

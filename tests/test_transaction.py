@@ -1506,6 +1506,18 @@ def test_a_hook_that_raises_after_a_logger_says_the_logger_logged_the_meta_step_
     assert "loggers called before that hook (CSVLogger) were given this meta step and logged it" in notes, notes
     assert "List them after your hooks" in notes
     assert [r[1] for r in rows(tmp_path / "log.csv")] == ["meta_step", "1"]
+    # the next record (the retried meta_step, or the next step()) follows iteration 0: the put-back row goes, in
+    # the same file (it went to log-2.csv as a new run, the put-back row left in log.csv)
+    w._hooks.pop(next(k for k, h in w._hooks.items() if h is hook))
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        if how == "step()":
+            record = w.step((x, y), (x.clone(), y))
+        else:
+            record = w.meta_step((x, y), (x.clone(), y))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+    assert [r[:2] for r in rows(tmp_path / "log.csv")][1:] == [[str(record.iteration), "1"]]
+    assert any("a meta step put back by a hook that raised" in str(h.message) for h in heard)
 
 
 class _EveryStream(nn.Module):
