@@ -47,7 +47,7 @@ class ExactMode:
         calls = w.num_calls
         try:
             pending, _ = self.lookahead(w, train_batch, val_batch, keep_graph=False)
-        except Exception:
+        except BaseException:  # (an interruption too)
             w.num_calls = calls  # a call that raised counts for nothing
             raise
         if isinstance(pending, MetaStepRecord):
@@ -88,7 +88,7 @@ class ExactMode:
                 w.module, w._inner_optimizer, w._terms, w._objective, w.gamma.detach(), train, val,
                 lookahead_names=self.lookahead_names, keep_graph=keep_graph, reducer=w._reducer,
             )
-        except Exception:
+        except BaseException:  # (an interruption too)
             w.num_calls -= 1  # a meta step that raised did not happen
             raise
         finally:
@@ -135,9 +135,11 @@ class ExactMode:
                 if w.clip_grad_norm is not None:  # (learn=False: exact mode with learning refuses clipping)
                     w.clip_grad_norm(p for _, p in w._trainable())
                 w.optimizer.step()
-        except Exception as exc:
+        except BaseException as exc:  # (an interruption too: put back, then on its way)
             w._zero_grad()
             transaction.rollback(w, saved)
+            if not isinstance(exc, Exception):
+                raise
             why = explained(exc, w._trainable(), "step() checks every gradient for finiteness", w._inner_optimizer)
             if why is exc:
                 raise

@@ -328,9 +328,13 @@ class HandedLogger:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the weak references to the weighters it logs (which a weighter pickled with it
-        sets again when it registers the copy)."""
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("_metaweight_owner", "_metaweight_passed_over", "_rows_owner")}
+        sets again when it registers the copy), and as :meth:`_as_copy` says."""
+        return self._as_copy({k: v for k, v in self.__dict__.items()
+                              if k not in ("_metaweight_owner", "_metaweight_passed_over", "_rows_owner")})
+
+    def _as_copy(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The state a pickled copy starts from (``state``, as it is, unless a logger class says otherwise)."""
+        return state
 
     def _wrote(self) -> None:
         """Note that an entry was just written, for the weighter this logger logs."""
@@ -500,6 +504,15 @@ class CSVLogger(HandedLogger):
     def close(self) -> None:
         """Give the path up, so that another logger of this process may write to it."""
         _release(self.path, self)
+
+    def _as_copy(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A copy (pickled with its weighter, a whole-object checkpoint, and resumed) starts as a logger that
+        has not written yet, continuing its file: its first record is judged against the file as it is then,
+        where the original may have logged steps undone since (appended to, they stood twice). Its
+        ``overwrite``, once the file was started, is spent."""
+        if state.get("_fields") is None:
+            return state
+        return {**state, "_fields": None, "_last_step": None, "overwrite": False}
 
     def _existing(self) -> tuple[list[str] | None, list[str], bool, str | None]:
         """:func:`_read_log` of the file at :attr:`path` (no header, no rows if there is none)."""

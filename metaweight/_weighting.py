@@ -963,7 +963,7 @@ class Weighting(NamedWeights):
             check_differentiable(loss, f"{NO_TRAINING_GRADIENT} Nothing was changed.")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        except Exception:
+        except BaseException:  # (an interruption too)
             put_back()
             raise
         finally:

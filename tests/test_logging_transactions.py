@@ -1085,3 +1085,42 @@ def test_a_run_restored_from_a_checkpoint_before_its_first_logged_row_continues_
     assert sorted(p.name for p in tmp_path.iterdir()) == [where.name]
     shown = _shown if kind == "tensorboard" else (lambda path: [int(float(r[0])) for r in rows(path)[1:]])
     assert shown(where) == [3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_whole_object_checkpoint_of_a_weighter_and_its_logger_resumes_without_duplicate_rows(tmp_path, overwrite):
+    """``torch.save((net, optimizer, weighter))`` at iteration 4 (its CSVLogger pickled with it), the run goes on to
+    8 and is resumed from that object: the copy of the logger remembered having written up to 4 and appended
+    5-8 after the undone 5-8 (helper-156: the log read 1..8, 5..8, with no warning). A copy starts as a logger that
+    has not written (an overwrite=True one continuing its file): the log reads 1-8 once, the resumed run's rows."""
+    import io
+
+    import torch
+    from torch import nn
+
+    path = tmp_path / "log.csv"
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    weighter = mw.HarmonizedWeighter(net, optimizer, mw.DenseDistillLoss(2),
+                                     callbacks=[mw.CSVLogger(path, overwrite=overwrite)])
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(9)]
+    for i in range(4):
+        weighter.step(batches[i], batches[i + 1])
+    saved = io.BytesIO()
+    torch.save((net, optimizer, weighter), saved)
+    for i in range(4, 8):
+        weighter.step(batches[i], batches[i + 1])
+    weighter.callbacks[0].close()
+    saved.seek(0)
+    net, optimizer, weighter = torch.load(saved, weights_only=False)
+    gammas = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(4, 8):
+            gammas[i + 1] = weighter.step(batches[i], batches[i + 1]).gamma["ce[1]"]
+    table = rows(path)
+    assert [int(r[0]) for r in table[1:]] == list(range(1, 9))
+    column = table[0].index("gamma/ce[1]")
+    assert all(float(r[column]) == pytest.approx(gammas[int(r[0])]) for r in table[1:] if int(r[0]) > 4)

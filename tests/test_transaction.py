@@ -1705,3 +1705,39 @@ def test_a_step_skipped_reports_the_iteration_the_next_call_takes_in_every_form(
         warnings.simplefilter("ignore")
         iterations = [w.step(data[i], data[6]).iteration for i in range(6)]
     assert iterations == [1, 2, 3, 3, 3, 4] and w.num_calls == 4
+
+
+@pytest.mark.parametrize("form", ["exact", "exact, in the look-ahead", "fast", "uw", "famo"])
+def test_an_interruption_inside_step_puts_everything_back(form):
+    """A KeyboardInterrupt raised in a forward of ``step()`` (a forward hook): the exact mode left ``num_calls``
+    advanced and the weightings left the generators moved (their put-back ran on an Exception only;
+    helper-156). Everything must be as before the call, the generators included."""
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(3)]
+    torch.manual_seed(0)
+    model = mw.MultiExit([_Drawing(6), _Drawing(6)], [nn.Linear(6, 3), nn.Linear(6, 3)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if form in ("uw", "famo"):
+        w = (mw.UW if form == "uw" else mw.FAMO)(model, optimizer, mw.DenseDistillLoss(2))
+    else:
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(2),
+                                  **({"mode": "fast"} if form == "fast" else {}))
+    w.step(data[0], data[1])
+    # the exact mode's first training forward is its look-ahead's; its model step's forward is the second
+    raise_at = [2 if form == "exact" else 1]
+
+    def interrupt(module, args, output):
+        if torch.is_grad_enabled():
+            raise_at[0] -= 1
+            if raise_at[0] == 0:
+                raise KeyboardInterrupt
+
+    before = ([p.detach().clone() for p in model.parameters()], w.gamma.detach().clone(), w.num_calls,
+              w.num_meta_steps, _generator_states(model))
+    handle = model.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        w.step(data[1], data[2])
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters()))
+    assert torch.equal(before[1], w.gamma) and (w.num_calls, w.num_meta_steps) == before[2:4]
+    assert _same_states(before[4], _generator_states(model))
