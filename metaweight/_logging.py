@@ -55,6 +55,13 @@ def _undone_from(record: Any, step: float) -> tuple[float, bool]:
     return step, False
 
 
+def _follows_known(record: Any) -> bool:
+    """Whether ``record`` says which iteration it follows (:attr:`MetaStepRecord.follows`: a meta step's record
+    handed to the hooks), where a record of no meta step (a ``step()`` record you log yourself) does not."""
+    follows = getattr(record, "follows", None)
+    return isinstance(follows, int) and not isinstance(follows, bool)
+
+
 def _following(step: float, cut: float) -> str:
     """How a warning names a record (iteration ``step``) and, where it says so, the iteration it follows."""
     if cut == step:
@@ -325,6 +332,11 @@ class HandedLogger:
     _metaweight_owner: Any = None  # (a weakref to the weighter it logs: see register_meta_step_hook)
     _metaweight_passed_over: Any = None  # (weighters it was taken from, weakly: whether each was warned)
     _rows_owner: Any = None  # (a weakref to the weighter it logged when it wrote its last entry)
+    # the entries this run holds for certain: those up to the iteration the last record that said so follows
+    # (MetaStepRecord.follows), and of the entries written since, those of records of no meta step (a step()
+    # record logged by the user: they stand, where a meta step's entry may be put back)
+    _confirmed: float | None = None
+    _recent: list[tuple[float, bool]] = []  # (iteration, of a record of no meta step) written since (reassigned)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the weak references to the weighters it logs (which a weighter pickled with it
@@ -335,6 +347,26 @@ class HandedLogger:
     def _as_copy(self, state: dict[str, Any]) -> dict[str, Any]:
         """The state a pickled copy starts from (``state``, as it is, unless a logger class says otherwise)."""
         return state
+
+    def _stands(self, cut: float, step: float) -> set[float]:
+        """Of the rows from ``cut`` to before ``step`` (the iterations a record says are undone), those that stand
+        all the same: rows this logger wrote, since the iteration the last record that said so follows, for
+        records of no meta step (a ``step()`` record you log yourself: its model's step stood; a meta step's row
+        may have been put back). None where the record goes back before that iteration (a rollback)."""
+        if self._confirmed is None or cut - 1 < self._confirmed:
+            return set()
+        return {s for s, plain in self._recent if plain and cut <= s < step}
+
+    def _keep_track(self, step: float, cut: float, stands: set[float], fresh: bool, known: bool) -> None:
+        """After a row was written: what :meth:`_stands` reads next time."""
+        if fresh or self._confirmed is None:
+            self._confirmed, self._recent = cut - 1, []
+        else:
+            self._recent = [(s, plain) for s, plain in self._recent if s < cut or s in stands]
+            self._confirmed = cut - 1 if known else min(self._confirmed, cut - 1)
+        if known:  # (rows up to it are this run's for certain)
+            self._recent = [(s, plain) for s, plain in self._recent if s > self._confirmed]
+        self._recent.append((step, not known))
 
     def _wrote(self) -> None:
         """Note that an entry was just written, for the weighter this logger logs."""
@@ -512,7 +544,7 @@ class CSVLogger(HandedLogger):
         ``overwrite``, once the file was started, is spent."""
         if state.get("_fields") is None:
             return state
-        return {**state, "_fields": None, "_last_step": None, "overwrite": False}
+        return {**state, "_fields": None, "_last_step": None, "overwrite": False, "_confirmed": None, "_recent": []}
 
     def _existing(self) -> tuple[list[str] | None, list[str], bool, str | None]:
         """:func:`_read_log` of the file at :attr:`path` (no header, no rows if there is none)."""
@@ -562,7 +594,9 @@ class CSVLogger(HandedLogger):
         # A transaction: the new state (path, columns, last step) and the warnings are worked out first,
         # the file is written, and only then is the state kept and the warnings given; a write that
         # fails leaves the logger as it was, so the next row is judged against the file as it is.
-        path, fields, kept, notes = self._plan(row, step, *_undone_from(record, step), record=record)
+        cut, restored = _undone_from(record, step)
+        stands = self._stands(cut, step)
+        path, fields, kept, notes = self._plan(row, step, cut, restored, record=record, stands=stands)
         if path != self.path:
             _hold(path, self)
         try:
@@ -574,20 +608,22 @@ class CSVLogger(HandedLogger):
             if path != self.path:
                 _release(path, self)
             raise
+        fresh = path != self.path or self._fields is None or (kept is not None and not kept)
         if path != self.path:
             _release(self.path, self)
             self.path = path
         self._fields, self._last_step = fields, step
         self._wrote()
+        self._keep_track(step, cut, stands, fresh, _follows_known(record))
         for note in notes:
             warn_user(note)
 
-    def _plan(self, row: dict[str, float], step: float, cut: float, restored: bool = False, *, record: Any = None
-              ) -> tuple[Path, list[str], list[str] | None, list[str]]:
+    def _plan(self, row: dict[str, float], step: float, cut: float, restored: bool = False, *, record: Any = None,
+              stands: set[float] = frozenset()) -> tuple[Path, list[str], list[str] | None, list[str]]:  # type: ignore[assignment]
         """Where ``row`` goes, under which columns, the complete rows kept before it (``None``: append to
         the file as it is) and the warnings to give once it is written; the rows at or after ``cut``
-        are of steps undone, and ``restored`` says the weighter was restored at ``cut - 1``
-        (:func:`_undone_from`). Changes nothing."""
+        are of steps undone but ``stands`` (:meth:`_stands`), and ``restored`` says the weighter was
+        restored at ``cut - 1`` (:func:`_undone_from`). Changes nothing."""
         fields = list(row)
         path = self.path
         if self._fields is None:  # the first record: a new file, or continue the one there
@@ -602,16 +638,19 @@ class CSVLogger(HandedLogger):
                 f"not in it."]
         columns = _widened(self._fields, fields)
         extra = len(columns) - len(self._fields)
-        went_back = self._last_step is not None and cut <= self._last_step
+        # back before the last row, unless every row from cut on stands (a record following a meta step, after the
+        # rows of your own step() records of no meta step)
+        went_back = self._last_step is not None and cut <= self._last_step and (
+            step <= self._last_step or not stands or any(not plain for s, plain in self._recent if s >= cut))
         if not (went_back or extra or torn):
             return path, columns, None, []  # the common case: appended, the file not read
         _, lines, _, dropped = self._existing()  # a torn last line (a failed append) is left out of ``lines``
         torn_notes = [_torn_note(path, dropped)] if dropped is not None else []
         if went_back:  # in this process
-            kept = _before(lines, cut)
+            kept = [line for line in lines if (s := _step_of(line)) is None or s < cut or s in stands]
             logged = _readable(lines)
-            if _went_back(self._last_step, min(logged, default=None), cut,
-                          restored or self._own_rows(record)) == "new run":
+            if not stands and _went_back(self._last_step, min(logged, default=None), cut,
+                                         restored or self._own_rows(record)) == "new run":
                 new = _fresh(path, path.suffix)
                 return new, fields, [], [
                     f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {path} and now gets "
@@ -619,7 +658,7 @@ class CSVLogger(HandedLogger):
                     f"new weighter counting from 1 with the same logger), not a weighter rolled back to a "
                     f"checkpoint. {_diverted(path, new)}"]
             # rolled back: the undone rows go, and the warning says which (none dropped: nothing to say)
-            dropped = [s for s in logged if s >= cut]
+            dropped = [s for s in logged if s >= cut and s not in stands]
             why = ("taken for a weighter rolled back to a checkpoint in this process"
                    if not isinstance(getattr(record, "follows", None), int) else
                    "steps its weighter no longer holds (rolled back to a checkpoint in this process, or a meta "
@@ -1128,9 +1167,14 @@ class TensorBoardLogger(HandedLogger):
         if gone is not None:  # deleted while this logger wrote there: a new writer starts it again
             self._drop_writer()  # (whatever it held unwritten is lost with the folder)
             self._shown = set()
-        back = _went_back(self._last_step, self._floor, cut, restored or self._own_rows(record)) \
-            if self._log_dir is not None else None
+        fresh = self._last_step is None or gone is not None
+        stands = self._stands(cut, step)  # (CSVLogger's rule: your own step() records of no meta step stand)
+        went = self._last_step is not None and cut <= self._last_step and (
+            step <= self._last_step or not stands or any(not plain for s, plain in self._recent if s >= cut))
+        back = _went_back(self._last_step, self._floor, cut, bool(stands) or restored or self._own_rows(record)) \
+            if self._log_dir is not None and went else None
         hidden: list[int] = []
+        purge = cut  # (TensorBoard hides every point from the purge step on)
         if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
             old = Path(self._log_dir)  # type: ignore[arg-type]
             self._drop_writer()  # the new writer purges the undone steps from view
@@ -1142,9 +1186,11 @@ class TensorBoardLogger(HandedLogger):
                                   f"weighter rolled back to a checkpoint.")
                 self._floor = None
                 self._shown = set()
+                fresh = True
             else:  # rolled back to a checkpoint: a new writer purges the undone steps from view
-                hidden = sorted(s for s in self._shown if s >= cut)
-        writer = self._writer_from(step, terms, cut, restored)  # the first step undone: where a resumed run goes on
+                purge = min([s for s in self._shown if s >= cut and s not in stands], default=cut)
+                hidden = sorted(s for s in self._shown if s >= purge)
+        writer = self._writer_from(step, terms, purge, restored)  # the first step undone: where a resumed run goes on
         try:
             for tag, value in flat.items():
                 writer.add_scalar(self.prefix + tag, value, step)
@@ -1157,7 +1203,8 @@ class TensorBoardLogger(HandedLogger):
         self._floor = step if self._floor is None else min(self._floor, step)
         self._last_step = step
         self._wrote()
-        self._shown = {s for s in self._shown if s < cut} | {step}
+        self._shown = {s for s in self._shown if s < purge} | {step}
+        self._keep_track(step, cut, {s for s in stands if s < purge}, fresh, _follows_known(record))
         if gone is not None:  # said once the record is written, as CSVLogger says a deleted log starts again
             warn_user(f"While this TensorBoardLogger wrote to {self._log_dir}, {gone}: it starts again at step "
                       f"{step} with a new event file; the points logged before are not in it.")

@@ -240,7 +240,8 @@ def logged_note(logged: list[str]) -> str:
     if not logged:
         return ""
     return (f" The loggers called before that hook ({', '.join(logged)}) were given this meta step and logged it "
-            f"(unless they warned they could not): the next meta step's record drops it, with a warning. List "
+            f"(unless they warned they could not): the next meta step's record drops it, with a warning (not where "
+            f"a checkpoint saved after this call is loaded first: it holds this iteration's model step). List "
             f"them after your hooks in callbacks to log only meta steps that stand.")
 
 

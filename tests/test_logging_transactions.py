@@ -1124,3 +1124,34 @@ def test_a_whole_object_checkpoint_of_a_weighter_and_its_logger_resumes_without_
     assert [int(r[0]) for r in table[1:]] == list(range(1, 9))
     column = table[0].index("gamma/ce[1]")
     assert all(float(r[column]) == pytest.approx(gammas[int(r[0])]) for r in table[1:] if int(r[0]) > 4)
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+@pytest.mark.parametrize("schedule", ["meta_every=2", "learn paused at 3-4"])
+def test_a_logger_fed_every_record_step_returns_keeps_every_row(tmp_path, kind, schedule):
+    """``log(weighter.step(...))`` at every iteration, some without a meta step (``meta_every=2``, or ``learn``
+    paused): a record of no meta step says nothing of what it follows, and the next meta step's record follows
+    the previous meta step, so its rows between were taken for steps undone and dropped (helper-156: rows 1, 3,
+    5, 6 of 1-6, with a warning). The rows of records of no meta step that this logger wrote stand: 1-6, no
+    warning."""
+    import torch
+    from torch import nn
+
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    where = tmp_path / ("tb" if kind == "tensorboard" else "log.csv")
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    weighter = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                     meta_every=2 if schedule == "meta_every=2" else 1)
+    log = mw.TensorBoardLogger(where) if kind == "tensorboard" else mw.CSVLogger(where)
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for i in range(6):
+            weighter.learn = schedule == "meta_every=2" or i not in (2, 3)
+            log(weighter.step(batch, (batch[0].clone(), batch[1])))
+    log.close()
+    assert not [str(w.message) for w in said if "Logger" in str(w.message)]
+    shown = _shown if kind == "tensorboard" else (lambda path: [int(float(r[0])) for r in rows(path)[1:]])
+    assert shown(where) == [1, 2, 3, 4, 5, 6]
