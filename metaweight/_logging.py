@@ -397,7 +397,11 @@ class CSVLogger(HandedLogger):
       skipped, the file holds 1-3 and 5); the same holds for any later record that follows an
       iteration before the last row (a weighter rolled back in the same process, or a meta step
       put back by a hook that raised after this logger logged it), with a ``RuntimeWarning``
-      naming the file and the iterations dropped;
+      naming the file and the iterations dropped; rows this logger wrote for records of no meta
+      step that you log yourself (``log(weighter.step(...))`` with ``meta_every`` or ``learn``
+      paused: they say nothing of what they follow) stand beside them, and a record of a model
+      step ``step()`` refused (``model_step_skipped``: not counted, its iteration taken again) is
+      not written;
     * a last line without its newline is what a crash (or a disk full) in the middle of a write
       leaves, or a hand edit: before the next row is written (at any record) it is kept, its
       newline added, if it reads as a complete row (the header's number of values, each a number
@@ -583,6 +587,8 @@ class CSVLogger(HandedLogger):
         _write_standing(self, record, f"to {self.path} ", "row")
 
     def _record(self, record: dict[str, Any]) -> None:
+        if _refused(record):
+            return
         row = flatten_record(record)
         step = float(row["iteration"])
         if _holder(self.path) is not self:  # closed: take the path back, unless another logger has it
@@ -619,13 +625,14 @@ class CSVLogger(HandedLogger):
             warn_user(note)
 
     def _plan(self, row: dict[str, float], step: float, cut: float, restored: bool = False, *, record: Any = None,
-              stands: set[float] = frozenset()) -> tuple[Path, list[str], list[str] | None, list[str]]:  # type: ignore[assignment]
+              stands: set[float] | None = None) -> tuple[Path, list[str], list[str] | None, list[str]]:
         """Where ``row`` goes, under which columns, the complete rows kept before it (``None``: append to
         the file as it is) and the warnings to give once it is written; the rows at or after ``cut``
         are of steps undone but ``stands`` (:meth:`_stands`), and ``restored`` says the weighter was
         restored at ``cut - 1`` (:func:`_undone_from`). Changes nothing."""
         fields = list(row)
         path = self.path
+        stands = stands or set()
         if self._fields is None:  # the first record: a new file, or continue the one there
             return self._plan_first(fields, step, cut, restored)
         size, torn = _tail(path)
@@ -664,9 +671,9 @@ class CSVLogger(HandedLogger):
                    "steps its weighter no longer holds (rolled back to a checkpoint in this process, or a meta "
                    "step put back by a hook that raised)")
             notes = [f"This CSVLogger logged up to iteration {self._last_step:g} to {path} and now gets "
-                     f"{_following(step, cut)}: {why}, the {_rows(len(dropped))} of iterations {min(dropped):g} to "
-                     f"{max(dropped):g} (undone) were dropped from {path}. If this is a new run, give it a logger "
-                     f"of its own."] if dropped else []
+                     f"{_following(step, cut)}: {why}, the {_rows(len(dropped))} of {_span(dropped, 'iteration')} "
+                     f"(undone) {'was' if len(dropped) == 1 else 'were'} dropped from {path}. If this is a new run, "
+                     f"give it a logger of its own."] if dropped else []
             return path, columns, [_pad(line, extra) for line in kept], notes + torn_notes
         return path, columns, [_pad(line, extra) for line in lines], torn_notes  # header widened / newline fixed
 
@@ -783,6 +790,24 @@ def _rows(count: int, what: str = "row") -> str:
     return f"{count} {what}{'s' if count != 1 else ''}"
 
 
+def _span(steps: list[Any], unit: str) -> str:
+    """The first to the last of ``steps`` (sorted), as a warning names them: ``iteration 3``, ``iterations 3 to 5``
+    (``unit`` "iteration"; "" for the bare numbers: ``3``, ``3 to 5``)."""
+    low, high = min(steps), max(steps)
+    if low == high:
+        return f"{unit} {low:g}".strip()
+    return f"{unit + 's ' if unit else ''}{low:g} to {high:g}"
+
+
+def _refused(record: Any) -> bool:
+    """Whether ``record`` is of a model step ``step()`` refused (``model_step_skipped``): nothing of it stands,
+    and the next call takes its iteration again, so no logger writes it."""
+    try:
+        return record.get("model_step_skipped") is True
+    except Exception:  # noqa: BLE001 - not a mapping: judged where it is read
+        return False
+
+
 def _pad(line: str, columns: int) -> str:
     """A logged row with ``columns`` empty values added at its end (columns added after it was logged)."""
     if not columns:
@@ -862,7 +887,9 @@ class TensorBoardLogger(HandedLogger):
     ``SummaryWriter(log_dir, purge_step=...)``, one past the iteration that record follows
     (:attr:`MetaStepRecord.follows`; a record without it: its own iteration): a run resumed from
     its checkpoint hides the events an earlier attempt logged after that iteration (steps that
-    were undone), as :class:`CSVLogger` drops those rows. A writer made again (a rollback) in a
+    were undone), as :class:`CSVLogger` drops those rows (records of no meta step you log
+    yourself stand, as there, written again where a purge hid them; a refused step's record is
+    not written). A writer made again (a rollback) in a
     folder whose event files would be read after its own (TensorBoard reads them by name) is made
     in the next second. TensorBoard hides them, it deletes no
     file. Which folder a first record continues, and whether it hides anything, follows
@@ -931,6 +958,7 @@ class TensorBoardLogger(HandedLogger):
         self._floor: int | None = None  # the first step the folder written to shows (its old run's, or ours)
         self._last_step: int | None = None  # the last step this logger wrote
         self._shown: set[int] = set()  # the steps its folder shows, as far as this logger knows (to say what it hides)
+        self._plain_points: dict[int, dict[str, float]] = {}  # the values of the entries of _recent of no meta step
         self.overwrite = overwrite
         if isinstance(log_dir_or_writer, (str, os.PathLike)):
             try:
@@ -1154,6 +1182,8 @@ class TensorBoardLogger(HandedLogger):
         _write_standing(self, record, "", "record")
 
     def _record(self, record: dict[str, Any]) -> None:
+        if _refused(record):
+            return
         flat = flatten_record(record)
         step = int(flat.pop("iteration"))
         undone_from, restored = _undone_from(record, step)
@@ -1189,9 +1219,14 @@ class TensorBoardLogger(HandedLogger):
                 fresh = True
             else:  # rolled back to a checkpoint: a new writer purges the undone steps from view
                 purge = min([s for s in self._shown if s >= cut and s not in stands], default=cut)
-                hidden = sorted(s for s in self._shown if s >= purge)
+                hidden = sorted(s for s in self._shown if s >= purge and s not in stands)
+        # the points of your own step() records of no meta step that stand but the purge hides, written again
+        again = sorted(s for s in stands if s >= purge and s in self._plain_points) if back is not None else []
         writer = self._writer_from(step, terms, purge, restored)  # the first step undone: where a resumed run goes on
         try:
+            for s in again:
+                for tag, value in self._plain_points[s].items():
+                    writer.add_scalar(self.prefix + tag, value, s)
             for tag, value in flat.items():
                 writer.add_scalar(self.prefix + tag, value, step)
             if self._log_dir is not None:  # on disk before the hook returns: a failure is warned here, not in
@@ -1203,8 +1238,17 @@ class TensorBoardLogger(HandedLogger):
         self._floor = step if self._floor is None else min(self._floor, step)
         self._last_step = step
         self._wrote()
-        self._shown = {s for s in self._shown if s < purge} | {step}
-        self._keep_track(step, cut, {s for s in stands if s < purge}, fresh, _follows_known(record))
+        if back is not None or fresh:  # a new writer, purging from purge on
+            self._shown = {s for s in self._shown if s < purge} | set(again) | {step}
+        else:
+            self._shown.add(step)
+        known = _follows_known(record)
+        standing = stands if back is None else {s for s in stands if s < purge} | set(again)  # (none purged: all)
+        self._keep_track(step, cut, standing, fresh, known)
+        plain = {s for s, is_plain in self._recent if is_plain}
+        self._plain_points = {s: v for s, v in self._plain_points.items() if s in plain}
+        if not known:
+            self._plain_points[step] = flat
         if gone is not None:  # said once the record is written, as CSVLogger says a deleted log starts again
             warn_user(f"While this TensorBoardLogger wrote to {self._log_dir}, {gone}: it starts again at step "
                       f"{step} with a new event file; the points logged before are not in it.")
@@ -1215,6 +1259,6 @@ class TensorBoardLogger(HandedLogger):
                    "put back by a hook that raised)")
             warn_user(f"This TensorBoardLogger logged up to step {hidden[-1]} to {self._log_dir} and now gets "
                       f"{_following(step, cut).replace('iteration', 'step')}: {why}, the points of its "
-                      f"{_rows(len(hidden), 'step')} {hidden[0]} to {hidden[-1]} (undone) are hidden from view "
+                      f"{_rows(len(hidden), 'step')} {_span(hidden, '')} (undone) are hidden from view "
                       f"(TensorBoard's purge_step: no event file is deleted). If this is a new run, give it a logger "
                       f"of its own.")

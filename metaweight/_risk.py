@@ -105,14 +105,14 @@ def losses_at_levels(scores: Tensor, prediction: Tensor, labels: Tensor, levels:
 def _fixed_levels(candidates: int | Sequence[float] | Tensor) -> list[float] | None:
     """``candidates`` given as score levels (a sequence or 1-d tensor of finite numbers), as floats; ``None``
     for a count (an int >= 1). Anything else is refused with a ``ValueError``."""
-    levels = isinstance(candidates, (list, tuple)) or (isinstance(candidates, Tensor) and candidates.dim() == 1)
+    levels = isinstance(candidates, (list, tuple)) or (isinstance(candidates, Tensor) and candidates.dim() == 1
+                                                       and candidates.is_floating_point())  # (an int tensor: a count)
     if not levels and integer_value(candidates) is not None:  # (a count: an int, a NumPy or 0-d tensor integer)
         if integer_value(candidates) < 1:  # type: ignore[operator]
             raise ValueError(f"Invalid candidates: {candidates!r}. Expected an int >= 1, or the score levels to test.")
         return None
     if isinstance(candidates, Tensor):
-        numeric = candidates.dtype != torch.bool and not candidates.is_complex()
-        values = candidates.detach().double().cpu().tolist() if levels and numeric else None
+        values = candidates.detach().double().cpu().tolist() if levels else None
     elif isinstance(candidates, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                        for v in candidates):
         values = [float(v) for v in candidates]
@@ -120,7 +120,7 @@ def _fixed_levels(candidates: int | Sequence[float] | Tensor) -> list[float] | N
         values = None
     if not values or not all(math.isfinite(v) for v in values):
         raise ValueError(f"Invalid candidates: {candidates!r}. Expected an int >= 1 (that many quantiles of the "
-                         f"held-out scores), or a non-empty sequence or 1-d tensor of finite score levels chosen "
+                         f"held-out scores), or a non-empty list or 1-d floating-point tensor of finite score levels chosen "
                          f"before the held-out data are seen (e.g. torch.linspace(1, 0, 201) for max_probability).")
     return values
 
@@ -157,8 +157,9 @@ def thresholds_for_accuracy(val_logits: Tensor, val_labels: Tensor, delta: float
         costs: the cost of reaching each exit (cumulative), to report ``val_cost``.
         rule: the exit rule (an :class:`ExitRule` or its name).
         candidates: how many shared thresholds to test (quantiles of the held-out scores), or
-            the score levels themselves (a sequence or 1-d tensor of finite numbers, in any
-            order: tested from the highest down), fixed before the held-out data are seen.
+            the score levels themselves (a list or tuple of finite numbers, or a 1-d floating-point
+            tensor, in any order: tested from the highest down), fixed before the held-out data
+            are seen.
 
     Raises:
         ValueError: ``val_logits`` on the meta device or holding NaN (counted per exit) or ``+inf``

@@ -1155,3 +1155,90 @@ def test_a_logger_fed_every_record_step_returns_keeps_every_row(tmp_path, kind, 
     assert not [str(w.message) for w in said if "Logger" in str(w.message)]
     shown = _shown if kind == "tensorboard" else (lambda path: [int(float(r[0])) for r in rows(path)[1:]])
     assert shown(where) == [1, 2, 3, 4, 5, 6]
+
+
+def _points(kind, where):
+    """The (iteration, gamma/ce[1]) a log shows, read back independently (csv, TensorBoard's EventAccumulator)."""
+    if kind == "csv":
+        table = rows(where)
+        column = table[0].index("gamma/ce[1]")
+        return [(int(float(r[0])), round(float(r[column]), 5)) for r in table[1:]]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(where))
+    events.Reload()
+    return [(e.step, round(e.value, 5)) for e in events.Scalars("metaweight/gamma/ce[1]")]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+@pytest.mark.parametrize("case", ["rollback, every record logged", "a refused step logged",
+                                  "hook before a raising one, records of no meta step logged too"])
+def test_records_of_no_meta_step_logged_by_hand_stand_beside_the_meta_steps_rows(tmp_path, kind, case):
+    """helper-158, against the rows of the records that stand (values included): TensorBoardLogger fed every
+    record of step() (meta_every=2) and rolled back in the process kept the undone point of 6 beside the new one
+    (it forgot standing steps from view after a record following a meta step); with the logger also a hook
+    before one that raised, the purge hid a standing point of no meta step above the put-back one; a refused
+    model step's record (model_step_skipped: not counted, its iteration taken again) was written and then
+    dropped as a rollback, with a warning. Each log must show exactly the records that stand, and say nothing."""
+    import torch
+    from torch import nn
+
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    where = tmp_path / ("tb" if kind == "tensorboard" else "log.csv")
+    torch.manual_seed(0)
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    log = mw.TensorBoardLogger(where) if kind == "tensorboard" else mw.CSVLogger(where)
+    armed = []
+
+    def raising(record):
+        if armed:
+            armed.pop()
+            raise RuntimeError("the user's hook failed")
+
+    hooked = case.startswith("hook")
+    weighter = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                     meta_every=2, nonfinite="skip", callbacks=[log, raising] if hooked else [])
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(12)]
+    stood = {}
+
+    def call(i, train=None):
+        record = weighter.step(train or batches[i], batches[i + 1])
+        if not (hooked and record.follows is not None):  # (a hook-fed logger gets the meta steps itself)
+            log(record)
+        if not record.model_step_skipped:
+            stood[record.iteration] = round(record.gamma["ce[1]"], 5)
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        if case.startswith("rollback"):
+            for i in range(5):
+                call(i)
+            checkpoint = {"net": {k: v.clone() for k, v in net.state_dict().items()}, "w": weighter.state_dict()}
+            for i in range(5, 9):
+                call(i)
+            net.load_state_dict(checkpoint["net"])
+            weighter.load_state_dict(checkpoint["w"])
+            stood = {k: v for k, v in stood.items() if k <= 5}
+            for i in range(5, 8):
+                call(i)
+        elif case.startswith("a refused"):
+            for i in range(4):
+                call(i, (batches[i][0] * float("nan"), batches[i][1]) if i == 2 else None)
+            call(4)
+        else:
+            call(0)
+            call(1)
+            armed.append(True)
+            with pytest.raises(RuntimeError, match="the user's hook failed"):
+                call(2)  # iteration 3's meta step put back, its model step standing
+            stood[3] = None
+            for i in range(3, 6):
+                call(i)
+            del stood[3]
+    log.close()
+    assert _points(kind, where) == sorted(stood.items())
+    rolled_back = case.startswith("rollback")
+    assert len([w for w in said if "Logger" in str(w.message)]) == (1 if rolled_back or hooked else 0), \
+        [str(w.message) for w in said]
