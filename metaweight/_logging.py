@@ -49,9 +49,8 @@ def _undone_from(record: Any, step: float) -> tuple[float, bool]:
     that does not say (a mapping of the user's, a weighter pickled by an earlier metaweight), its own
     iteration ``step``. And whether that iteration is a checkpoint's the weighter was restored from
     (:attr:`MetaStepRecord.restored`): a resumed run even where every entry goes."""
-    follows = getattr(record, "follows", None)
-    if isinstance(follows, int) and not isinstance(follows, bool) and 0 <= follows < step:
-        return float(follows + 1), getattr(record, "restored", False) is True
+    if _follows_known(record) and 0 <= record.follows < step:
+        return float(record.follows + 1), getattr(record, "restored", False) is True
     return step, False
 
 
@@ -60,6 +59,14 @@ def _follows_known(record: Any) -> bool:
     handed to the hooks), where a record of no meta step (a ``step()`` record you log yourself) does not."""
     follows = getattr(record, "follows", None)
     return isinstance(follows, int) and not isinstance(follows, bool)
+
+
+def _why_undone(record: Any) -> str:
+    """Why a warning takes a logger's entries for steps undone, by what ``record`` says (:func:`_follows_known`)."""
+    if not _follows_known(record):
+        return "taken for a weighter rolled back to a checkpoint in this process"
+    return ("steps its weighter no longer holds (rolled back to a checkpoint in this process, or a meta step put "
+            "back by a hook that raised)")
 
 
 def _following(step: float, cut: float) -> str:
@@ -368,6 +375,13 @@ class HandedLogger:
             self._recent = [(s, plain) for s, plain in self._recent if s > self._confirmed]
         self._recent.append((step, not known))
 
+    def _goes_back(self, cut: float, step: float, stands: set[float]) -> bool:
+        """Whether a record (iteration ``step``, entries from ``cut`` on undone but ``stands``) goes back before
+        the last entry this logger wrote: not where every entry from ``cut`` on stands (a record following a meta
+        step, after the entries of your own step() records of no meta step)."""
+        return self._last_step is not None and cut <= self._last_step and (
+            step <= self._last_step or not stands or any(not plain for s, plain in self._recent if s >= cut))
+
     def _wrote(self) -> None:
         """Note that an entry was just written, for the weighter this logger logs."""
         self._rows_owner = self._metaweight_owner
@@ -378,8 +392,8 @@ class HandedLogger:
         to before every entry is then its meta step put back by a hook that raised (its first), not a new
         run counting from 1 with this logger (a new weighter registers the logger anew)."""
         owner, last = self._metaweight_owner, self._rows_owner
-        return isinstance(getattr(record, "follows", None), int) and owner is not None and last is not None and \
-            owner() is not None and owner() is last()
+        return _follows_known(record) and owner is not None and last is not None and owner() is not None and \
+            owner() is last()
 
 
 class CSVLogger(HandedLogger):
@@ -645,10 +659,7 @@ class CSVLogger(HandedLogger):
                 f"not in it."]
         columns = _widened(self._fields, fields)
         extra = len(columns) - len(self._fields)
-        # back before the last row, unless every row from cut on stands (a record following a meta step, after the
-        # rows of your own step() records of no meta step)
-        went_back = self._last_step is not None and cut <= self._last_step and (
-            step <= self._last_step or not stands or any(not plain for s, plain in self._recent if s >= cut))
+        went_back = self._goes_back(cut, step, stands)
         if not (went_back or extra or torn):
             return path, columns, None, []  # the common case: appended, the file not read
         _, lines, _, dropped = self._existing()  # a torn last line (a failed append) is left out of ``lines``
@@ -666,12 +677,8 @@ class CSVLogger(HandedLogger):
                     f"checkpoint. {_diverted(path, new)}"]
             # rolled back: the undone rows go, and the warning says which (none dropped: nothing to say)
             dropped = [s for s in logged if s >= cut and s not in stands]
-            why = ("taken for a weighter rolled back to a checkpoint in this process"
-                   if not isinstance(getattr(record, "follows", None), int) else
-                   "steps its weighter no longer holds (rolled back to a checkpoint in this process, or a meta "
-                   "step put back by a hook that raised)")
             notes = [f"This CSVLogger logged up to iteration {self._last_step:g} to {path} and now gets "
-                     f"{_following(step, cut)}: {why}, the {_rows(len(dropped))} of {_span(dropped, 'iteration')} "
+                     f"{_following(step, cut)}: {_why_undone(record)}, the {_rows(len(dropped))} of {_span(dropped, 'iteration')} "
                      f"(undone) {'was' if len(dropped) == 1 else 'were'} dropped from {path}. If this is a new run, "
                      f"give it a logger of its own."] if dropped else []
             return path, columns, [_pad(line, extra) for line in kept], notes + torn_notes
@@ -1199,10 +1206,8 @@ class TensorBoardLogger(HandedLogger):
             self._shown = set()
         fresh = self._last_step is None or gone is not None
         stands = self._stands(cut, step)  # (CSVLogger's rule: your own step() records of no meta step stand)
-        went = self._last_step is not None and cut <= self._last_step and (
-            step <= self._last_step or not stands or any(not plain for s, plain in self._recent if s >= cut))
         back = _went_back(self._last_step, self._floor, cut, bool(stands) or restored or self._own_rows(record)) \
-            if self._log_dir is not None and went else None
+            if self._log_dir is not None and self._goes_back(cut, step, stands) else None
         hidden: list[int] = []
         purge = cut  # (TensorBoard hides every point from the purge step on)
         if back is not None:  # went back in this process, closed in between or not: CSVLogger's rule
@@ -1253,12 +1258,8 @@ class TensorBoardLogger(HandedLogger):
             warn_user(f"While this TensorBoardLogger wrote to {self._log_dir}, {gone}: it starts again at step "
                       f"{step} with a new event file; the points logged before are not in it.")
         if hidden:  # said once the record is written, as CSVLogger says what it drops
-            why = ("taken for a weighter rolled back to a checkpoint in this process"
-                   if not isinstance(getattr(record, "follows", None), int) else
-                   "steps its weighter no longer holds (rolled back to a checkpoint in this process, or a meta step "
-                   "put back by a hook that raised)")
             warn_user(f"This TensorBoardLogger logged up to step {hidden[-1]} to {self._log_dir} and now gets "
-                      f"{_following(step, cut).replace('iteration', 'step')}: {why}, the points of its "
+                      f"{_following(step, cut).replace('iteration', 'step')}: {_why_undone(record)}, the points of its "
                       f"{_rows(len(hidden), 'step')} {_span(hidden, '')} (undone) are hidden from view "
                       f"(TensorBoard's purge_step: no event file is deleted). If this is a new run, give it a logger "
                       f"of its own.")

@@ -122,6 +122,15 @@ class _HeldOut:
         return batches
 
 
+def _declared_clipping(declared: Any) -> ClipGradNorm | None:
+    """The callback's ``clip_grad_norm`` option as a :class:`ClipGradNorm`; ``None`` where it is absent or no valid
+    clipping (the weighter's own check refuses that, saying what it takes)."""
+    if isinstance(declared, ClipGradNorm):
+        return declared
+    number = None if declared is None else real_scalar(declared)
+    return ClipGradNorm(number) if number is not None and math.isfinite(number) and number > 0 else None
+
+
 def _with_trainer_clipping(trainer: lightning.Trainer, options: dict[str, Any],
                            module: lightning.LightningModule | None = None) -> dict[str, Any]:
     """``options`` with the Trainer's gradient clipping declared where the weighter's look-ahead is the clipped step
@@ -135,11 +144,10 @@ def _with_trainer_clipping(trainer: lightning.Trainer, options: dict[str, Any],
     value = trainer.gradient_clip_val
     if options.get("mode", "exact") != "fast":
         return options
+    declared = options.get("clip_grad_norm")
+    given = _declared_clipping(declared)
     if not value:
-        declared = options.get("clip_grad_norm")
-        number = None if declared is None or isinstance(declared, ClipGradNorm) else real_scalar(declared)
-        valid = isinstance(declared, ClipGradNorm) or (number is not None and math.isfinite(number) and number > 0)
-        if valid and module is not None and \
+        if given is not None and module is not None and \
                 type(module).configure_gradient_clipping is lightning.LightningModule.configure_gradient_clipping:
             raise ValueError(f"HarmonizedCallback was given clip_grad_norm={declared!r}, but nothing in this fit clips: "
                              f"the Trainer has no gradient_clip_val, and {type(module).__name__} keeps Lightning's "
@@ -155,13 +163,10 @@ def _with_trainer_clipping(trainer: lightning.Trainer, options: dict[str, Any],
                          f"gradient by value, which HarmonizedCallback(mode='fast') cannot score as the step taken (its "
                          f"look-ahead is the clipped step, and only clipping by the total norm is replayed). Use "
                          f"gradient_clip_algorithm='norm', or mode='exact' (whose look-ahead is the unclipped step).")
-    declared = options.get("clip_grad_norm")
     clip = ClipGradNorm(float(value))
     if declared is not None:
-        number = None if isinstance(declared, ClipGradNorm) else real_scalar(declared)
-        if not isinstance(declared, ClipGradNorm) and (number is None or not (math.isfinite(number) and number > 0)):
+        if given is None:
             return options  # (no clipping: the weighter's own check refuses it, saying what it takes)
-        given = declared if isinstance(declared, ClipGradNorm) else ClipGradNorm(number)
         # (a float32 number, np.float32(0.05) or torch.tensor(0.05), is the Trainer's float to its rounding)
         if given.norm_type != clip.norm_type or not math.isclose(given.max_norm, clip.max_norm, rel_tol=1e-6):
             raise ValueError(f"HarmonizedCallback was given clip_grad_norm={declared!r}, but the Trainer clips with "
