@@ -12,6 +12,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from metaweight._checkpoint import _pickles
 from metaweight._checks import check_flag
 from metaweight._files import file_mode, special_file, user_path, write_target
 from metaweight._warn import warn_user
@@ -348,12 +349,22 @@ class HandedLogger:
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the weak references to the weighters it logs (which a weighter pickled with it
         sets again when it registers the copy), and as :meth:`_as_copy` says."""
-        return self._as_copy({k: v for k, v in self.__dict__.items()
-                              if k not in ("_metaweight_owner", "_metaweight_passed_over", "_rows_owner")})
+        return self._as_copy({**{k: v for k, v in self.__dict__.items()
+                                 if k not in ("_metaweight_owner", "_metaweight_passed_over", "_rows_owner")},
+                              "_copied": True})  # (until it holds its log: see _held_elsewhere)
 
     def _as_copy(self, state: dict[str, Any]) -> dict[str, Any]:
         """The state a pickled copy starts from (``state``, as it is, unless a logger class says otherwise)."""
         return state
+
+    def _held_elsewhere(self, where: Any) -> str:
+        """The start of what is said where this logger cannot write to ``where``: another logger of this
+        process holds it, the one this was copied from (with its weighter) or one taken after close()."""
+        if self.__dict__.get("_copied"):
+            return (f"This {type(self).__name__} is a copy (pickled or copy.deepcopy'd with its weighter) of a "
+                    f"logger that still writes to {where}, or another logger now does (close that one, e.g. "
+                    f"`for c in original.callbacks: c.close()`, for this copy to take it)")
+        return f"This {type(self).__name__} was closed and another logger now writes to {where}"
 
     def _stands(self, cut: float, step: float) -> set[float]:
         """Of the rows from ``cut`` to before ``step`` (the iterations a record says are undone), those that stand
@@ -486,6 +497,12 @@ class CSVLogger(HandedLogger):
     its row is dropped at the next record). :meth:`close` gives the path up
     for another logger of this process.
 
+    Pickled with its weighter (``torch.save((model, optimizer, weighter))``, ``copy.deepcopy``), a
+    copy starts as a logger that has not written: its first record is judged against the file as
+    it is then, as a resumed run's first record is (its ``overwrite`` spent once the file was
+    started). While the logger it was copied from holds the path, the copy's records are skipped
+    with a warning.
+
     Args:
         path: the CSV file; created (with its folder) at the first record.
         overwrite: start a new file at the first record instead of continuing an existing one.
@@ -607,10 +624,10 @@ class CSVLogger(HandedLogger):
         step = float(row["iteration"])
         if _holder(self.path) is not self:  # closed: take the path back, unless another logger has it
             if _holder(self.path) is not None:
-                warn_user(f"This CSVLogger was closed and another logger now writes to {self.path}: iteration "
-                          f"{step:g} was not logged by it.")
+                warn_user(f"{self._held_elsewhere(self.path)}: iteration {step:g} was not logged by it.")
                 return
             _hold(self.path, self)
+            self._copied = False
         # A transaction: the new state (path, columns, last step) and the warnings are worked out first,
         # the file is written, and only then is the state kept and the warnings given; a write that
         # fails leaves the logger as it was, so the next row is judged against the file as it is.
@@ -915,6 +932,12 @@ class TensorBoardLogger(HandedLogger):
     logger is made. Given a writer, nothing is purged: create it with ``purge_step`` yourself when
     you resume.
 
+    Pickled with its weighter (``torch.save((model, optimizer, weighter))``, ``copy.deepcopy``), a
+    copy holds no writer: as :class:`CSVLogger`'s, it makes its own on the folder at its first
+    record, judged as a resumed run's first record is, and its records are skipped with a warning
+    while the logger it was copied from holds the folder. A logger given a ``SummaryWriter``
+    cannot be pickled (nor can the writer): that raises a ``TypeError`` saying so.
+
     A record that cannot be written (a read-only folder, a full disk) is warned and skipped, never
     raised: the step stands. The writer made here is dropped with it (its thread died on the
     failure), so the next record opens a new event file and logging goes on once the folder can be
@@ -1013,6 +1036,33 @@ class TensorBoardLogger(HandedLogger):
                           f"{self._gone() or 'its event file could not be written'}, so the points it held "
                           f"unwritten are lost. The logger is closed.")
 
+    def _as_copy(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A copy (pickled with its weighter, a whole-object checkpoint, and resumed; ``copy.deepcopy``)
+        holds no writer (a ``SummaryWriter`` holds a thread and an open event file: pickle refused the
+        weighter, ``cannot pickle '_thread.lock' object``). As :class:`CSVLogger`'s, it starts as a logger
+        that has not written, continuing its folder: its first record makes a new writer, judged against
+        the folder's events as they are then (as a resumed run's first record is), where the original may
+        have logged steps undone since. Its ``overwrite``, once the folder was written, is spent.
+
+        Raises:
+            TypeError: the logger was given a writer that cannot be pickled (a ``SummaryWriter``): a copy
+                could not write where the original does.
+        """
+        if self._log_dir is None:
+            why = _pickles(self._writer)
+            if why is not None:
+                raise TypeError(f"This TensorBoardLogger writes with a writer you gave it "
+                                f"(`{type(self._writer).__name__}`), which cannot be pickled ({why}), so neither "
+                                f"can a weighter it is a callback of (torch.save((model, optimizer, weighter)), "
+                                f"copy.deepcopy). Give the logger a folder instead, "
+                                f"TensorBoardLogger(writer.log_dir): a copy then makes its own writer there and "
+                                f"resumes the run; or save weighter.state_dict(), the weighter's checkpoint.")
+            return state
+        if state.get("_writer") is None and state.get("_last_step") is None:
+            return state
+        return {**state, "_writer": None, "_last_step": None, "_floor": None, "_shown": set(), "_plain_points": {},
+                "_judge": True, "overwrite": False, "_confirmed": None, "_recent": []}
+
     def _drop_writer(self) -> str | None:
         """Close and forget the writer made here (if any); what failed in closing it, as text, or ``None``.
         Never raises: a writer whose folder was deleted fails to flush (its thread died on it)."""
@@ -1047,6 +1097,7 @@ class TensorBoardLogger(HandedLogger):
         if _holder(folder) is not None:
             return False
         _hold(folder, self)
+        self._copied = False
         return True
 
     @property
@@ -1068,8 +1119,7 @@ class TensorBoardLogger(HandedLogger):
                                    f"writer would create files in {self._log_dir} here. Use it on rank 0 "
                                    f"(`if dist.get_rank() == 0:`), or pass all_ranks=True with a folder per rank.")
             if not self._take_back():
-                raise RuntimeError(f"This TensorBoardLogger was closed and another logger now writes to "
-                                   f"{self._log_dir}. Use that logger's writer.")
+                raise RuntimeError(f"{self._held_elsewhere(self._log_dir)}. Use that logger's writer.")
         return self._writer_from(None)
 
     def _writer_from(self, step: int | None, terms: set[str] | None = None, cut: int | None = None,
@@ -1196,7 +1246,7 @@ class TensorBoardLogger(HandedLogger):
         undone_from, restored = _undone_from(record, step)
         cut = int(undone_from)
         if not self._take_back():
-            warn_user(f"This TensorBoardLogger was closed and another logger now writes to {self._log_dir}: "
+            warn_user(f"{self._held_elsewhere(self._log_dir)}: "
                       f"iteration {step} was not logged by it.")
             return
         terms = {self.prefix + tag for tag in flat if tag.startswith("gamma/")}

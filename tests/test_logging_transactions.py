@@ -1087,23 +1087,31 @@ def test_a_run_restored_from_a_checkpoint_before_its_first_logged_row_continues_
     assert shown(where) == [3, 4, 5, 6, 7]
 
 
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+@pytest.mark.parametrize("method", ["hdkd", "uw"])
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_whole_object_checkpoint_of_a_weighter_and_its_logger_resumes_without_duplicate_rows(tmp_path, overwrite):
-    """``torch.save((net, optimizer, weighter))`` at iteration 4 (its CSVLogger pickled with it), the run goes on to
-    8 and is resumed from that object: the copy of the logger remembered having written up to 4 and appended
-    5-8 after the undone 5-8 (helper-156: the log read 1..8, 5..8, with no warning). A copy starts as a logger that
-    has not written (an overwrite=True one continuing its file): the log reads 1-8 once, the resumed run's rows."""
+def test_a_whole_object_checkpoint_of_a_weighter_and_its_logger_resumes_without_duplicate_rows(
+        tmp_path, kind, method, overwrite):
+    """``torch.save((net, optimizer, weighter))`` at iteration 4 (its logger pickled with it), the run goes on to
+    8 and is resumed from that object. The copy of a CSVLogger remembered having written up to 4 and appended
+    5-8 after the undone 5-8 (helper-156: the log read 1..8, 5..8, with no warning); a TensorBoardLogger that had
+    written could not be pickled at all (its SummaryWriter's lock: TypeError), so neither could the weighter. A
+    copy of either starts as a logger that has not written (an overwrite=True one continuing its log): the log
+    shows 1-8 once, the resumed run's values from 5 on, read back by csv and TensorBoard's own reader."""
     import io
 
     import torch
     from torch import nn
 
-    path = tmp_path / "log.csv"
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    path = tmp_path / ("tb" if kind == "tensorboard" else "log.csv")
     torch.manual_seed(0)
     net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    weighter = mw.HarmonizedWeighter(net, optimizer, mw.DenseDistillLoss(2),
-                                     callbacks=[mw.CSVLogger(path, overwrite=overwrite)])
+    logger = (mw.TensorBoardLogger if kind == "tensorboard" else mw.CSVLogger)(path, overwrite=overwrite)
+    make = mw.HarmonizedWeighter if method == "hdkd" else mw.UW
+    weighter = make(net, optimizer, mw.DenseDistillLoss(2), callbacks=[logger])
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(9)]
     for i in range(4):
@@ -1119,11 +1127,68 @@ def test_a_whole_object_checkpoint_of_a_weighter_and_its_logger_resumes_without_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(4, 8):
-            gammas[i + 1] = weighter.step(batches[i], batches[i + 1]).gamma["ce[1]"]
-    table = rows(path)
-    assert [int(r[0]) for r in table[1:]] == list(range(1, 9))
-    column = table[0].index("gamma/ce[1]")
-    assert all(float(r[column]) == pytest.approx(gammas[int(r[0])]) for r in table[1:] if int(r[0]) > 4)
+            gammas[i + 1] = round(weighter.step(batches[i], batches[i + 1]).gamma["ce[1]"], 5)
+    weighter.callbacks[0].close()
+    shown = _points(kind, path)
+    assert [s for s, _ in shown] == list(range(1, 9)), shown
+    assert all(value == gammas[s] for s, value in shown if s > 4), (shown, gammas)
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_a_copied_weighter_whose_original_still_logs_is_told_its_logger_is_a_copy(tmp_path, kind):
+    """``copy.deepcopy(weighter)`` while the original goes on: the copy's logger cannot write where the original
+    does, and was told "This CSVLogger was closed", which it never was. It is told it is a copy, and how to let
+    it take the log; closed, the original gives the log up and the copy writes its next row there."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    path = tmp_path / ("tb" if kind == "tensorboard" else "log.csv")
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    logger = (mw.TensorBoardLogger if kind == "tensorboard" else mw.CSVLogger)(path)
+    weighter = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                     callbacks=[logger])
+    batch, val = (torch.randn(8, 4), torch.randint(0, 3, (8,))), (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    weighter.step(batch, val)
+    twin = copy.deepcopy(weighter)
+    said = heard(lambda: twin.step(batch, val))
+    assert len(said) == 1 and said[0].startswith(f"This {type(logger).__name__} is a copy") and \
+        "iteration 2 was not logged by it" in said[0], said
+    weighter.step(batch, val)
+    logger.close()
+    assert heard(lambda: twin.step(batch, val)) == []
+    twin.callbacks[0].close()
+    assert [s for s, _ in _points(kind, path)] == [1, 2, 3]
+
+
+def test_a_tensorboard_logger_given_a_writer_refuses_a_whole_object_checkpoint_clearly(tmp_path):
+    """A writer you give the logger (a SummaryWriter) cannot be pickled, so neither can the weighter holding the
+    logger: torch.save said only "cannot pickle '_thread.lock' object". It now says which object and what to do
+    instead, and the logger and the weighter go on as before."""
+    pytest.importorskip("tensorboard")
+    import copy
+    import io
+
+    import torch
+    from torch import nn
+    from torch.utils.tensorboard import SummaryWriter
+
+    net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+    writer = SummaryWriter(tmp_path / "tb")
+    weighter = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                     callbacks=[mw.TensorBoardLogger(writer)])
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    weighter.step(batch, (batch[0].clone(), batch[1]))
+    for save in (lambda: torch.save((net, weighter), io.BytesIO()), lambda: copy.deepcopy(weighter)):
+        with pytest.raises(TypeError, match=r"writer you gave it \(`SummaryWriter`\), which cannot be pickled "
+                                            r"\(.*lock.*\).*TensorBoardLogger\(writer.log_dir\)"):
+            save()
+    weighter.step(batch, (batch[0].clone(), batch[1]))
+    writer.close()
+    assert _tb_steps(tmp_path / "tb") == [1, 2]
 
 
 @pytest.mark.parametrize("kind", ["csv", "tensorboard"])
