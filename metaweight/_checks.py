@@ -367,6 +367,17 @@ def _numpy_bool(value: object) -> bool:
     return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
 
 
+def check_callbacks(callbacks: object) -> None:
+    """A weighter's ``callbacks``: a sequence of callables, checked whole before any is registered."""
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence):
+        raise TypeError(f"`callbacks` should be a sequence (list or tuple) of callables taking a MetaStepRecord. "
+                        f"Found `{type(callbacks).__name__}`.")
+    for i, callback in enumerate(callbacks):
+        if not callable(callback):
+            raise TypeError(f"`callbacks[{i}]` should be callable with a MetaStepRecord. Found "
+                            f"`{type(callback).__name__}`.")
+
+
 def check_flag(value: object, name: str) -> bool:
     """A bool option: ``True`` or ``False`` (NumPy's bools too), never a truthy string such as ``"no"``
     or a number standing in for one."""

@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, drop_inert_hooks,
                                 sparse_trained, watch_backward)
-from metaweight._checks import (check_flag, check_initialized, forget_labels, float_leaves,
+from metaweight._checks import (check_callbacks, check_flag, check_initialized, forget_labels, float_leaves,
                                half_precision_eps_hint, integer_value, masked_label_hint, real_option,
                                real_scalar, summarize_step_labels)
 from metaweight._clipping import ClipGradNorm, ClippingHints, check_max_norm
@@ -251,6 +251,7 @@ class HarmonizedWeighter(NamedWeights):
         reuse_forward = check_flag(reuse_forward, "reuse_forward")
         check_gradients = check_flag(check_gradients, "check_gradients")
         capturable = check_flag(capturable, "capturable")
+        check_callbacks(callbacks)
         terms, validation, objective = terms_and_objective(criterion, validation, term_names)
         gamma_lr = real_option(gamma_lr, "gamma_lr", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
         check_gamma_optimizer_choice(gamma_optimizer)
@@ -343,13 +344,8 @@ class HarmonizedWeighter(NamedWeights):
         self._fast = FastMode()  # ... with mode="fast"
         self._two_call = TwoCall()  # ... and its two-call form
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
-        for callback in callbacks:
-            self.register_meta_step_hook(callback)
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        for part in (criterion, validation):
-            if isinstance(part, nn.Module):
-                part.to(device)
         self._active = terms.active.to(device)
         self.gamma: Tensor = initial_gamma(init, generator, terms.term_names, terms.active, criterion).to(device)  # a plain tensor; its optimizer reads .grad
         self._gamma_sum = float(self.gamma.detach().sum())
@@ -394,6 +390,13 @@ class HarmonizedWeighter(NamedWeights):
         self._load_note = ""  # LOADED_DURING after a load, until the next meta step: said where the batch is refused
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
+        # what is given to this weighter, once nothing can refuse it: a refused weighter moved no criterion and took
+        # no logger (a library logger logs the weighter given it last: it was taken from the run that held it)
+        for part in (criterion, validation):
+            if isinstance(part, nn.Module):
+                part.to(device)
+        for callback in callbacks:
+            self.register_meta_step_hook(callback)
         if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's; capturable refuses it)
             self._hook_two_calls(device)
 

@@ -46,9 +46,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._capture import GradSnapshot
-from metaweight._checks import (NO_TRAINING_GRADIENT, check_differentiable, check_initialized, checked_counters,
-                               forget_labels, half_precision_eps_hint, integer_value, masked_label_hint, real_option,
-                               refuse_arrays, summarize_step_labels)
+from metaweight._checks import (NO_TRAINING_GRADIENT, check_callbacks, check_differentiable, check_initialized,
+                               checked_counters, forget_labels, half_precision_eps_hint, integer_value,
+                               masked_label_hint, real_option, refuse_arrays, summarize_step_labels)
 from metaweight._hooks import OwnHook
 from metaweight._hypergradient import Reducer
 from metaweight._logging import HandedLogger
@@ -419,9 +419,7 @@ class Weighting(NamedWeights):
             raise TypeError(f"`optimizer` should be a torch.optim.Optimizer. Found `{type(optimizer).__name__}`.")
         if nonfinite not in NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
-        if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence) or \
-                not all(callable(c) for c in callbacks):
-            raise TypeError("`callbacks` should be a sequence of callables taking a MetaStepRecord.")
+        check_callbacks(callbacks)
         terms = Terms(criterion, term_names)
         ddp, module = unwrap_model(model)
         check_initialized(module)
@@ -464,12 +462,15 @@ class Weighting(NamedWeights):
         self.last_meta = MetaStepRecord(0)
         self._follows = 0
         self._buffers = BufferSnapshot(module)  # step()'s copy of the buffers, kept between steps
-        for callback in callbacks:
-            self.register_meta_step_hook(callback)
+        self._callbacks_given = tuple(callbacks)  # (registered by _setup: a subclass may refuse its options after this)
 
     def _setup(self) -> None:
-        """Subclasses call this at the end of their ``__init__``, once their options are set."""
+        """Subclasses call this at the end of their ``__init__``, once their options are set (and checked): the
+        weights are set and the ``callbacks`` registered (a library logger logs the weighter given it last, so a
+        weighting refused before this took no logger from the run that held it)."""
         self.gamma: Tensor = self._initial_gamma().to(self.device, torch.float32) * self._active
+        for callback in self.__dict__.pop("_callbacks_given", ()):
+            self.register_meta_step_hook(callback)
 
     # ------------------------------------------------------------------ what subclasses define
     def _initial_gamma(self) -> Tensor:

@@ -659,6 +659,41 @@ def test_a_refused_construction_warns_nothing_and_a_built_one_warns_once_at_the_
     assert w.backend == "higher"
 
 
+@pytest.mark.parametrize("build,error", [
+    (lambda m, o, c, cb: mw.HarmonizedWeighter(m, o, c, callbacks=cb, gamma_optimizer=lambda g: "not an optimizer"),
+     TypeError),
+    (lambda m, o, c, cb: mw.HarmonizedWeighter(m, o, c, callbacks=cb, constraint="normalize", init=[0.0] * 6),
+     ValueError),
+    (lambda m, o, c, cb: mw.HarmonizedWeighter(m, o, c, callbacks=cb, capturable=True), ValueError),
+    (lambda m, o, c, cb: mw.HarmonizedWeighter(m, o, c, callbacks=[*cb, "not callable"]), TypeError),
+    (lambda m, o, c, cb: mw.GradNorm(m, o, c, callbacks=cb, shared_parameters=[m.heads[0].weight]), ValueError),
+    (lambda m, o, c, cb: mw.FAMO(m, o, c, callbacks=cb, min_losses=[0.1]), ValueError),
+    (lambda m, o, c, cb: mw.SDNSchedule(m, o, c, callbacks=cb, epochs=2, steps_per_epoch=3,
+                                        max_weights={"nope": 0.5}), ValueError),
+    (lambda m, o, c, cb: mw.UW(m, o, c, callbacks=[*cb, 3]), TypeError),
+], ids=["gamma_optimizer", "normalize", "capturable", "a callback", "gradnorm", "famo", "sdn", "uw callback"])
+def test_a_refused_construction_takes_no_logger_from_the_run_that_holds_it(tmp_path, build, error):
+    """A library logger logs the weighter given it last. The constructors registered their callbacks before their
+    last checks (the gamma optimizer, init, capturable, a weighting's own options, a later callback that is not
+    callable): a weighter refused there had taken the logger, and the run holding it was no longer logged ("given
+    to another weighter since", its rows lost). Refused, a constructor takes nothing: the run logs on."""
+    model = tiny_net(3)
+    frozen = model.heads[0].weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    running = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), callbacks=[logger])
+    running.step(batch(), batch())
+    frozen.requires_grad_(False)  # (for GradNorm: shared parameters must be trainable)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(error):
+            build(model, optimizer, mw.DenseDistillLoss(3), [logger])
+        frozen.requires_grad_(True)
+        running.step(batch(), batch())
+    assert [str(c.message) for c in caught if "Logger" in str(c.message)] == []
+    assert [line.split(",")[0] for line in (tmp_path / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
 # ------------------------------------------------------------------ a non-finite meta-gradient, said so
 def test_a_non_finite_meta_gradient_of_finite_losses_names_its_terms_and_what_to_do():
     """The message listed the validation objective, its exit losses and the non-finite training terms, all finite
