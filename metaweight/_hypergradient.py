@@ -155,7 +155,6 @@ class LookaheadBuffers:
         self._origin = FlatCopies()
         self._scratch = FlatCopies()
         self._names: list[str] = []
-        self._saved: list[Tensor] = []
 
     def save(self) -> None:
         """Copy every buffer of the model (floating point or not) into the storage."""
@@ -163,11 +162,11 @@ class LookaheadBuffers:
         assert model is not None  # (called by the model's own meta step, which holds it)
         walked = current_walk(model)  # (named_buffers' order and its removal of duplicates)
         self._names = [n for n, _ in walked.buffers]
-        self._saved = self._origin.copy([b for _, b in walked.buffers])
+        self._origin.copy([b for _, b in walked.buffers])
 
     def saved(self) -> dict[str, Tensor]:
         """The buffers of the last :meth:`save` by name (views of the storage, valid until the next save)."""
-        return dict(zip(self._names, self._saved))
+        return dict(zip(self._names, self._origin.copies))
 
     def fresh(self) -> dict[str, Tensor]:
         """A copy of the saved buffers by name, valid until the next :meth:`fresh` or :meth:`save`."""

@@ -180,13 +180,25 @@ class FlatCopies:
     BatchNorm's ``num_batches_tracked``) copies them all, one op and one launch where a per-tensor
     copy is one op per tensor (a CPU ``torch._foreach_copy_`` runs one ``copy_`` per tensor).
     :attr:`copies` are views of the storage, shaped as the sources, valid until the next copy; each has a
-    version counter of its own (writing one is no change of another to autograd)."""
+    version counter of its own (writing one is no change of another to autograd). Those who keep copies
+    between calls read them here (:attr:`copies`), never from a list of their own: pickled, they are made
+    again as views of the storage."""
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
         self._plan: list[tuple[list[int], Tensor, str]] = []  # (source positions, flat storage, "stack" | "cat" |
         # "flatten": the op that copies them, by their dimensions)
         self.copies: list[Tensor] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without :attr:`copies`: ``pickle`` (unlike ``torch.save`` and ``copy.deepcopy``) gives each
+        view a storage of its own, so an unpickled copy wrote into its flat storage and returned the copies of
+        the pickling time (a refused step put back the parameters and buffers of an earlier one)."""
+        return {**self.__dict__, "copies": []}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.copies = self._views() if self._key is not None else []
 
     @torch.no_grad()
     def copy(self, tensors: Sequence[Tensor], key: tuple[Any, ...] | None = None) -> list[Tensor]:
@@ -224,7 +236,6 @@ class FlatCopies:
         return self.copies
 
     def _allocate(self, tensors: Sequence[Tensor]) -> None:
-        views: dict[int, Tensor] = {}
         self._plan = []
         scalars: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         others: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -232,16 +243,23 @@ class FlatCopies:
             (scalars if t.dim() == 0 else others).setdefault((t.device, t.dtype), []).append(i)
         for zero_d, grouped in ((True, scalars), (False, others)):
             for (device, dtype), index in grouped.items():
-                sizes = [1 if zero_d else tensors[i].numel() for i in index]
-                flat = torch.empty(sum(sizes), device=device, dtype=dtype)
-                for i, piece in zip(index, flat.split(sizes)):
-                    # (.data: a version counter of its own; views of one storage share one, and a forward's
-                    # in-place write to one copy, spectral_norm's power iteration, made autograd refuse the
-                    # running statistics BatchNorm saved from another: "modified by an inplace operation")
-                    views[i] = piece.view(tensors[i].shape).data
+                flat = torch.empty(sum(1 if zero_d else tensors[i].numel() for i in index), device=device, dtype=dtype)
                 how = "stack" if zero_d else "cat" if all(tensors[i].dim() == 1 for i in index) else "flatten"
                 self._plan.append((index, flat, how))
-        self.copies = [views[i] for i in range(len(tensors))]
+        self.copies = self._views([t.shape for t in tensors])
+
+    def _views(self, shapes: Sequence[torch.Size] | None = None) -> list[Tensor]:
+        """:attr:`copies` made from the storage: one view per source tensor, shaped as it (``shapes``; by
+        default those of the last copy's key)."""
+        shapes = [shape for shape, _, _ in self._key] if shapes is None else shapes  # type: ignore[union-attr]
+        views: dict[int, Tensor] = {}
+        for index, flat, _ in self._plan:
+            for i, piece in zip(index, flat.split([shapes[i].numel() for i in index])):
+                # (.data: a version counter of its own; views of one storage share one, and a forward's
+                # in-place write to one copy, spectral_norm's power iteration, made autograd refuse the
+                # running statistics BatchNorm saved from another: "modified by an inplace operation")
+                views[i] = piece.view(shapes[i]).data
+        return [views[i] for i in range(len(shapes))]
 
 
 class Layout:
@@ -311,7 +329,6 @@ class BufferSnapshot:
         self._flat = FlatCopies()
         self._now = FlatCopies()  # the buffers after the step, for became_nonfinite
         self._current: FlatCopies | None = None  # every buffer after the step, for restore_where
-        self._saved: list[Tensor] = []  # views of the flat storage, one per buffer, its shape
         self._live: list[Tensor] = []
         self._names: list[str] = []
         self._layout: Layout | None = None
@@ -323,7 +340,12 @@ class BufferSnapshot:
             # (a walk kept from the last step, the tree unchanged since: the same buffers, the same layout)
             self._layout = Layout(self.module)
         self._names, self._live = self._layout.names, self._layout.buffers
-        self._saved = self._flat.copy(self._live)
+        self._flat.copy(self._live)
+
+    @property
+    def _saved(self) -> list[Tensor]:
+        """The copies of the last :meth:`save`: views of the flat storage, one per buffer, its shape."""
+        return self._flat.copies
 
     @property
     def names(self) -> list[str]:
@@ -490,7 +512,6 @@ class OptimizerSnapshot:
         self._optimizer: torch.optim.Optimizer | None = None
         self._entries: dict[Any, dict[str, Any]] = {}
         self._tensors: list[Tensor] = []
-        self._copies: list[Tensor] = []
 
     def save(self, optimizer: torch.optim.Optimizer, values: bool = True) -> None:
         """Copy ``optimizer.state``: its tensors into the flat storage, the rest by reference. With
@@ -503,7 +524,8 @@ class OptimizerSnapshot:
         self._entries = {p: dict(s) for p, s in optimizer.state.items() if isinstance(s, dict)}
         self._tensors = [v for s in self._entries.values() for v in s.values() if isinstance(v, Tensor)] \
             if values else []
-        self._copies = self._flat.copy(self._tensors) if self._tensors else []
+        if self._tensors:
+            self._flat.copy(self._tensors)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -526,12 +548,12 @@ class OptimizerSnapshot:
                 del current[k]
             current.update(saved)
         if self._tensors:
-            torch._foreach_copy_(self._tensors, self._copies)
+            torch._foreach_copy_(self._tensors, self._flat.copies)
 
     def release(self) -> None:
         """Drop the references to the optimizer's state (the flat storage is kept for the next :meth:`save`):
         state the user replaces between steps (``optimizer.load_state_dict``) is not held alive."""
-        self._optimizer, self._entries, self._tensors, self._copies = None, {}, [], []
+        self._optimizer, self._entries, self._tensors = None, {}, []
 
 
 class Scratch:

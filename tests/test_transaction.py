@@ -1741,3 +1741,84 @@ def test_an_interruption_inside_step_puts_everything_back(form):
     assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters()))
     assert torch.equal(before[1], w.gamma) and (w.num_calls, w.num_meta_steps) == before[2:4]
     assert _same_states(before[4], _generator_states(model))
+
+
+COPY_FORMS = ["exact, step()", "fast, step()", "fast, two calls", "capturable, step()", "UW, step()", "FAMO, step()",
+              "GradNorm, step()", "DWA, two calls"]
+
+
+@pytest.mark.parametrize("copier", ["pickle", "torch.save", "copy.deepcopy"])
+@pytest.mark.parametrize("form", COPY_FORMS)
+def test_a_run_copied_whole_goes_on_as_the_uninterrupted_run_in_every_form(form, copier):
+    """``(model, optimizer, weighter)`` copied whole after 3 iterations (a plain ``pickle``, ``torch.save`` and
+    ``copy.deepcopy``), then a step refused as not finite and 3 more on the copy: its parameters, BatchNorm
+    statistics, optimizer state and gamma are those of the run never copied, bit for bit. A plain pickle gave the
+    step's flat copies (views of one storage) storages of their own, so the copy wrote its snapshots into one and
+    read them from the others, those of the pickling time (helper-160): the fast mode's gamma drifted (0.05 to
+    0.15), and a refused step put back the BatchNorm statistics, the momentum and the parameters of an earlier
+    step, in every form."""
+    import io
+    import pickle
+
+    method, how = form.split(", ")
+
+    def build():
+        torch.manual_seed(0)
+        net = mw.MultiExit([nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh()),
+                            nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh())],
+                           [nn.Linear(8, 3), nn.Linear(8, 3)])
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9,
+                              **({"fused": True} if method == "capturable" else {}))
+        criterion = mw.DenseDistillLoss(2)
+        if method in ("exact", "fast", "capturable"):
+            w = mw.HarmonizedWeighter(net, opt, criterion, mode="exact" if method == "exact" else "fast",
+                                      capturable=method == "capturable", nonfinite="skip", gamma_lr=0.05)
+        else:
+            options = {"GradNorm": {"shared_parameters": list(net.parameters())[:2]}, "DWA": {"window": 1}}
+            w = getattr(mw, method)(net, opt, criterion, nonfinite="skip", **options.get(method, {}))
+        return net, opt, w
+
+    g = torch.Generator().manual_seed(1)
+    batches = [((torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)),
+                (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))) for _ in range(7)]
+    batches.insert(3, ((batches[3][0][0] * float("nan"), batches[3][0][1]), batches[3][1]))
+
+    def iteration(net, opt, w, train, val):
+        if how == "step()":
+            w.step(train, val)
+            return
+        if not torch.isfinite(train[0]).all():  # (the two calls: the user's loop skips a non-finite batch)
+            return
+        opt.zero_grad()
+        w.loss(net(train[0]), train[1]).backward()
+        opt.step()
+        w.meta_step(train, val)
+
+    def copied(run):
+        if copier == "pickle":
+            return pickle.loads(pickle.dumps(run))
+        if copier == "torch.save":
+            buffer = io.BytesIO()
+            torch.save(run, buffer)
+            buffer.seek(0)
+            return torch.load(buffer, weights_only=False)
+        return copy.deepcopy(run)
+
+    def state(net, opt, w):
+        return ([t.detach().clone() for t in (*net.parameters(), *net.buffers())], w.gamma.detach().clone(),
+                [v.clone() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)])
+
+    runs = []
+    for copy_it in (False, True):
+        run = build()
+        for i, (train, val) in enumerate(batches):
+            if copy_it and i == 3:
+                run = copied(run)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                iteration(*run, train, val)
+        runs.append(state(*run))
+    (tensors, gamma, moments), (tensors2, gamma2, moments2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(tensors, tensors2))
+    assert torch.equal(gamma, gamma2) and len(moments) == len(moments2)
+    assert all(torch.equal(a, b) for a, b in zip(moments, moments2))
