@@ -362,8 +362,8 @@ class HandedLogger:
         process holds it, the one this was copied from (with its weighter) or one taken after close()."""
         if self.__dict__.get("_copied"):
             return (f"This {type(self).__name__} is a copy (pickled or copy.deepcopy'd with its weighter) of a "
-                    f"logger that still writes to {where}, or another logger now does (close that one, e.g. "
-                    f"`for c in original.callbacks: c.close()`, for this copy to take it)")
+                    f"logger that holds {where} (made or written there), or another logger now does (close that "
+                    f"one, e.g. `for c in original.callbacks: c.close()`, for this copy to take it)")
         return f"This {type(self).__name__} was closed and another logger now writes to {where}"
 
     def _stands(self, cut: float, step: float) -> set[float]:

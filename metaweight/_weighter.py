@@ -432,7 +432,7 @@ class HarmonizedWeighter(NamedWeights):
         and the step's hooks are copied empty, tied to no weighter), so those are removed and hooked anew, and
         the copy is watched for other optimizers' steps as this weighter is. As a loss weighting's copy does, it
         starts a new iteration: the calls of the one under way stay with this weighter."""
-        self.__dict__.update(state)
+        super().__setstate__(state)
         self._lost_calls = state.get("_lost_calls", "")  # (a pickle of an older metaweight has none)
         self._clipping_hints = state.get("_clipping_hints", ClippingHints())  # (nor these)
         if self._built_to_learn:

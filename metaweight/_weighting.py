@@ -56,8 +56,9 @@ from metaweight._optimizers import check_optimizer_state, check_parameters_repla
 from metaweight._protocols import Terms, call_model
 from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
-from metaweight._transaction import (LOADED_DURING, LOADED_SINCE, BufferSnapshot, copy_value, gradients_moved,
-                                     host_read, nonfinite_flag, not_stepped_message, resumed_mid_step_message)
+from metaweight._transaction import (COPIED_SINCE, LOADED_DURING, LOADED_SINCE, BufferSnapshot, copy_value,
+                                     gradients_moved, host_read, nonfinite_flag, not_stepped_message,
+                                     resumed_mid_step_message)
 from metaweight._walk import ModelWalk, walk, walked_call
 from metaweight._warn import raise_or_skip_step, warn_user
 
@@ -292,6 +293,16 @@ class NamedWeights:
         if self.last_terms is None:
             return {}
         return dict(zip(self.term_names, host_read([self.last_terms])))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``copy.deepcopy``, or unpickled) holds copies of its hooks: the library's loggers among them
+        log this copy, as they logged the weighter copied (a logger is pickled without the weak reference to
+        the weighter it logs, which its copy would not reach: it then logged no weighter, its put-back rows
+        read as a new run and a weighter it was handed to next was not told)."""
+        self.__dict__.update(state)
+        for hook in self.__dict__.get("_hooks", {}).values():
+            if isinstance(hook, HandedLogger) and hook._metaweight_owner is None:
+                hook._metaweight_owner = weakref.ref(self)
 
     def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle:
         """Call ``hook(record)`` after every successful meta step, like
@@ -720,6 +731,8 @@ class Weighting(NamedWeights):
         state = {**self.__dict__, "_groups": {}, "_pending": None, "_pending_trains": False, "_unreached": None,
                  "_last_values": None, "_resumed": None,
                  "_kept_at": None, "_met_at": None}
+        if self._groups or self._pending is not None:  # (what its meta_step then says, as the weighter's)
+            state["_lost_calls"] = COPIED_SINCE
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
         return state
 

@@ -1164,6 +1164,62 @@ def test_a_copied_weighter_whose_original_still_logs_is_told_its_logger_is_a_cop
     assert [s for s, _ in _points(kind, path)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+@pytest.mark.parametrize("copier", ["copy.deepcopy", "torch.save"])
+def test_a_logger_copied_with_its_weighter_logs_the_copy(tmp_path, kind, copier):
+    """A weighter copied whole before its first step (a checkpoint resumed): its logger, pickled without the weak
+    reference to the weighter it logs, logged no weighter (helper-160). A hook listed after it that raised at the
+    first meta step then had its put-back row read as a new run (the log moved to log-2.csv / tb-2), and the logger
+    handed to another weighter did not tell the copy its records were no longer written (two runs in one log, each
+    dropping the other's rows). The copy's logger logs the copy: the log reads as the uninterrupted run's, and
+    handed over, it warns the copy as it warns the original."""
+    import copy
+    import io
+
+    import torch
+    from torch import nn
+
+    if kind == "tensorboard":
+        pytest.importorskip("tensorboard")
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(5)]
+
+    def run(folder, copied):
+        folder.mkdir()
+        where = folder / ("tb" if kind == "tensorboard" else "log.csv")
+        logger = (mw.TensorBoardLogger if kind == "tensorboard" else mw.CSVLogger)(where)
+        torch.manual_seed(0)
+        net = mw.MultiExit([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 3), nn.Linear(4, 3)])
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        run = (net, optimizer, mw.UW(net, optimizer, mw.DenseDistillLoss(2), callbacks=[logger, _RaiseAt(1)]))
+        if copied:
+            if copier == "torch.save":
+                buffer = io.BytesIO()
+                torch.save(run, buffer)
+                buffer.seek(0)
+                run = torch.load(buffer, weights_only=False)
+            else:
+                run = copy.deepcopy(run)
+            logger.close()  # (as in a fresh process: the original holds nothing)
+        weighter = run[2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(RuntimeError, match="the user's hook failed"):
+                weighter.step(batches[0], batches[1])
+            for i in range(3):
+                weighter.step(batches[i], batches[i + 1])
+        other = mw.DWA(run[0], run[1], mw.DenseDistillLoss(2), window=1, callbacks=[weighter.callbacks[0]])
+        said = heard(lambda: weighter.step(batches[3], batches[4]))
+        weighter.callbacks[0].close()
+        del other
+        return sorted(p.name for p in folder.iterdir()), _points(kind, where), said
+
+    files, points, said = run(tmp_path / "uninterrupted", False)
+    assert files == ["tb" if kind == "tensorboard" else "log.csv"] and [s for s, _ in points] == [2, 3, 4]
+    assert len(said) == 1 and "given to another weighter since" in said[0], said
+    assert run(tmp_path / "copied", True) == (files, points, said)
+
+
 def test_a_tensorboard_logger_given_a_writer_refuses_a_whole_object_checkpoint_clearly(tmp_path):
     """A writer you give the logger (a SummaryWriter) cannot be pickled, so neither can the weighter holding the
     logger: torch.save said only "cannot pickle '_thread.lock' object". It now says which object and what to do

@@ -830,8 +830,8 @@ def test_a_logger_given_to_a_second_weighter_logs_that_one_alone(tmp_path):
     assert logger.path == tmp_path / "log.csv" and rows == ["iteration", "1", "2", "3", "4"]
     assert first.num_meta_steps == 4  # (the first weighting's own updates go on)
     import pickle
-    copied = pickle.loads(pickle.dumps(second))  # (the loggers' weak references are not pickled)
-    assert copied.callbacks[0]._metaweight_owner is None and copy.deepcopy(second).num_meta_steps == 4
+    copied = pickle.loads(pickle.dumps(second))  # (the loggers' weak references are not pickled: made anew)
+    assert copied.callbacks[0]._metaweight_owner() is copied and copy.deepcopy(second).num_meta_steps == 4
     del second  # handed over for good: the first's records do not come back when the second is gone
     import gc
     gc.collect()
@@ -1048,3 +1048,31 @@ def test_famo_meta_step_before_the_backward_of_its_batch_says_so():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", [n for n in NAMES if mw.WEIGHTINGS[n].needs_terms])
+def test_a_weighting_copied_between_loss_and_meta_step_says_it_is_a_copy(name, how):
+    """A copy (copy.deepcopy, pickle) made between ``loss()`` and ``meta_step`` keeps the state, not the
+    iteration's loss() calls: its meta_step is refused, and it said only "call loss() first", which the user had
+    done before copying (helper-160; the HarmonizedWeighter's said why). It says it is a copy; the original's
+    iteration goes on, and a copy made after meta_step says nothing of copies."""
+    import pickle
+
+    w, model, optimizer = build(name)
+    (x, y), val = batches(2)
+
+    def copied():
+        return copy.deepcopy(w) if how == "deepcopy" else pickle.loads(pickle.dumps(w))
+
+    optimizer.zero_grad()
+    w.loss(model(x), y).backward()
+    optimizer.step()
+    during = copied()
+    with pytest.raises(ValueError, match=r"call loss = weighting.loss.*Nothing was changed. \(It is a copy "
+                                         r"\(copy.deepcopy, pickle\) made since its last loss\(\) call"):
+        during.meta_step((x, y), val)
+    assert w.meta_step((x, y), val).ran  # the original's iteration goes on
+    with pytest.raises(ValueError, match="call loss = weighting.loss") as refused:
+        copied().meta_step((x, y), val)
+    assert "copy" not in str(refused.value)
