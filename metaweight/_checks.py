@@ -39,6 +39,19 @@ def check_differentiable(value: Tensor, message: str) -> None:
         raise ValueError(message)
 
 
+def check_not_inference_mode(call: str) -> None:
+    """Refuse ``call`` (a method that needs autograd: a backward, a meta-gradient) under ``torch.inference_mode()``,
+    before it changes anything: autograd records nothing there and ``torch.enable_grad()`` cannot turn it back on
+    (as it does under ``torch.no_grad()``), and the storage a call allocated there would be inference tensors, which
+    no later call outside it may write (the weighter would refuse every later step). Python only."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{call} was called under torch.inference_mode(), where autograd records nothing and "
+                           f"torch.enable_grad() cannot turn it back on (as it does under torch.no_grad()); it needs "
+                           f"the gradients of the loss. Make this call outside the `with torch.inference_mode():` "
+                           f"block (tensors made inside it cannot be saved for backward either: make the batches "
+                           f"outside it too). Nothing was changed.")
+
+
 def check_num_exits(num_exits: int) -> int:
     value = integer_value(num_exits)
     if value is None or value < 1:

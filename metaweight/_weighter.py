@@ -29,9 +29,9 @@ from torch.utils.hooks import RemovableHandle
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, drop_inert_hooks,
                                 sparse_trained, watch_backward)
-from metaweight._checks import (check_callbacks, check_flag, check_initialized, forget_labels, float_leaves,
-                               half_precision_eps_hint, integer_value, masked_label_hint, real_option,
-                               real_scalar, summarize_step_labels)
+from metaweight._checks import (check_callbacks, check_flag, check_initialized, check_not_inference_mode,
+                               float_leaves, forget_labels, half_precision_eps_hint, integer_value,
+                               masked_label_hint, real_option, real_scalar, summarize_step_labels)
 from metaweight._clipping import ClipGradNorm, ClippingHints, check_max_norm
 from metaweight._exact import ExactMode
 from metaweight._order import count_first_loss, warn_if_after_step, warn_if_met_since
@@ -569,6 +569,8 @@ class HarmonizedWeighter(NamedWeights):
             (``ran`` is ``False`` with ``learn=False`` or on a call that ``meta_every`` skips).
         """
         self._check_learn()
+        if self.learn:
+            check_not_inference_mode("HarmonizedWeighter.meta_step")
         self._check_val_batch(val_batch, "meta_step", train_batch)
         self._check_parameters_held("meta_step")
         if self._capturable is not None:
@@ -849,6 +851,7 @@ class HarmonizedWeighter(NamedWeights):
         loss, ``terms`` and ``model_step_skipped`` filled in. ``val_batch`` may be left out with
         ``learn=False`` (gamma fixed: no validation batch is read).
         """
+        check_not_inference_mode("HarmonizedWeighter.step")
         self._check_learn()
         self._check_val_batch(val_batch, "step", train_batch)
         self._check_parameters_held("step")
@@ -920,6 +923,7 @@ class HarmonizedWeighter(NamedWeights):
                 static_val[0].copy_(xv); static_val[1].copy_(yv)
                 graph.replay()                               # record's tensors now hold this iteration's
         """
+        check_not_inference_mode("HarmonizedWeighter.device_step")
         if self._capturable is None:
             raise ValueError("device_step() is the step of a weighter built with capturable=True (mode='fast'); "
                              "this one was not: call step(), or build it with capturable=True.")

@@ -47,8 +47,8 @@ from torch.utils.hooks import RemovableHandle
 
 from metaweight._capture import GradSnapshot
 from metaweight._checks import (NO_TRAINING_GRADIENT, check_callbacks, check_differentiable, check_initialized,
-                               checked_counters, forget_labels, half_precision_eps_hint, integer_value,
-                               masked_label_hint, real_option, refuse_arrays, summarize_step_labels)
+                               check_not_inference_mode, checked_counters, forget_labels, half_precision_eps_hint,
+                               integer_value, masked_label_hint, real_option, refuse_arrays, summarize_step_labels)
 from metaweight._hooks import OwnHook
 from metaweight._hypergradient import Reducer
 from metaweight._logging import HandedLogger
@@ -957,6 +957,7 @@ class Weighting(NamedWeights):
         ``model_step_skipped`` filled in (true also where the optimizer took no step when called: a wrapper
         whose own ``GradScaler`` skipped it; the meta step is then skipped too).
         """
+        check_not_inference_mode(f"{type(self).__name__}.step")
         if not isinstance(train_batch, (tuple, list)) or len(train_batch) != 2:
             self._check_batch(train_batch if train_batch is not None else ())
         refuse_arrays(train_batch, "`train_batch`")

@@ -471,3 +471,40 @@ def test_a_loss_without_a_gradient_is_refused_by_name_changing_nothing(form, wha
         assert "after the model's step" in " ".join(getattr(caught.value, "__notes__", []))
     else:
         assert str(after) == str(before)
+
+
+@pytest.mark.parametrize("call", ["step", "meta_step"])
+@pytest.mark.parametrize("form", [*STEP_FORMS, "capturable"])
+def test_a_call_under_inference_mode_is_refused_saying_so_changing_nothing(form, call):
+    """``step()`` (and the meta step of the HarmonizedWeighter's two calls) under ``torch.inference_mode()``, where
+    autograd records nothing and ``torch.enable_grad()`` cannot turn it back on: refused as a criterion or
+    objective with no gradient, whose message sent the user to fix a criterion that is right (helper-159), and the
+    step's snapshots it had allocated there were inference tensors, so the same call outside it failed too
+    ("Inplace update to inference tensor"). Refused first, saying why, with the model, its optimizer and the
+    weights unchanged; outside it the same call runs."""
+    options = dict(STEP_FORMS.get(form, {"mode": "fast", "capturable": True, "nonfinite": "skip"}))
+    name = options.pop("weighting", None)
+    if call == "meta_step" and (name is not None or options.get("learn") is False or "capturable" in options):
+        pytest.skip("a weighting's meta_step (and learn=False's) needs no gradient: it runs")
+    call = "device_step" if "capturable" in options and call == "step" else call
+    torch.manual_seed(0)
+    model = tiny_net(3, batchnorm="capturable" not in options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused="capturable" in options or None)
+    if name is not None:
+        options = {"dwa": {"window": 2}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
+                   "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}.get(name, {})
+        w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), **options)
+    else:
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), **options)
+    train, val = batch(), batch()
+    if call == "meta_step" and w.mode == "fast":  # (its meta_step comes after the user's step)
+        optimizer.zero_grad()
+        w.loss(model(train[0]), train[1]).backward()
+        optimizer.step()
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
+    with pytest.raises(RuntimeError, match=r"\.(meta_|device_)?step was called under torch.inference_mode\(\).*outside the "
+                                           r"`with torch.inference_mode\(\):` block.*Nothing was changed"):
+        with torch.inference_mode():
+            getattr(w, call)(train, val)
+    assert str((model.state_dict(), optimizer.state_dict(), w.state_dict())) == str(before)
+    getattr(w, call)(train, val)  # (outside it, the same call runs)
