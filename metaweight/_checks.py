@@ -11,7 +11,7 @@ import inspect
 import math
 import sys
 import weakref
-from collections.abc import Iterator, Mapping, Sequence, ValuesView
+from collections.abc import Iterable, Iterator, Mapping, Sequence, ValuesView
 from typing import Any, Callable
 
 import torch
@@ -380,15 +380,18 @@ def _numpy_bool(value: object) -> bool:
     return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
 
 
-def check_callbacks(callbacks: object) -> None:
-    """A weighter's ``callbacks``: a sequence of callables, checked whole before any is registered."""
-    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence):
-        raise TypeError(f"`callbacks` should be a sequence (list or tuple) of callables taking a MetaStepRecord. "
+def check_callbacks(callbacks: object) -> tuple[Callable[..., Any], ...]:
+    """A weighter's ``callbacks``: an iterable of callables (a list, a tuple, a generator, ...), checked whole
+    before any is registered, as a tuple."""
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"`callbacks` should be a list (or another iterable) of callables taking a MetaStepRecord. "
                         f"Found `{type(callbacks).__name__}`.")
-    for i, callback in enumerate(callbacks):
+    given = tuple(callbacks)
+    for i, callback in enumerate(given):
         if not callable(callback):
             raise TypeError(f"`callbacks[{i}]` should be callable with a MetaStepRecord. Found "
                             f"`{type(callback).__name__}`.")
+    return given
 
 
 def check_flag(value: object, name: str) -> bool:

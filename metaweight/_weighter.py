@@ -251,7 +251,7 @@ class HarmonizedWeighter(NamedWeights):
         reuse_forward = check_flag(reuse_forward, "reuse_forward")
         check_gradients = check_flag(check_gradients, "check_gradients")
         capturable = check_flag(capturable, "capturable")
-        check_callbacks(callbacks)
+        callbacks = check_callbacks(callbacks)
         terms, validation, objective = terms_and_objective(criterion, validation, term_names)
         gamma_lr = real_option(gamma_lr, "gamma_lr", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
         check_gamma_optimizer_choice(gamma_optimizer)

@@ -31,6 +31,7 @@ Design choices every method follows:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import weakref
@@ -387,12 +388,38 @@ _OTHER_CRITERION = ("(criterion.active differs: e.g. DenseDistillLoss(teachers='
                     "Build it with the criterion the checkpoint was saved with. Nothing was changed.")
 
 
+def _then_given(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a weighting's ``__init__``: once the outermost constructor has returned (a subclass's, whatever it does
+    after ``super().__init__``: its own option checks, ``_setup`` or its own ``gamma``), the criterion is moved to
+    the model's device and the ``callbacks`` registered; a constructor that raises has done neither (a library
+    logger logs the weighter given it last: a refused weighting would have taken it from the run holding it)."""
+    @functools.wraps(init)
+    def construct(self: Weighting, *args: Any, **kwargs: Any) -> None:
+        if "_constructing" in self.__dict__:  # (a subclass's super().__init__: the outermost call finishes)
+            init(self, *args, **kwargs)
+            return
+        self.__dict__["_constructing"] = True
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            del self.__dict__["_constructing"]
+        if "gamma" not in self.__dict__:  # (a subclass that sets _initial_gamma only: the weights from it)
+            self._setup()
+        if isinstance(self.criterion, nn.Module):
+            self.criterion.to(self.device)
+        for callback in self.__dict__.pop("_callbacks_given", ()):
+            self.register_meta_step_hook(callback)
+    return construct
+
+
 class Weighting(NamedWeights):
     r"""The base of every loss-weighting method: one weight :math:`\gamma_k` per named loss term.
 
-    Subclasses set :meth:`_initial_gamma` and, when their weights move, :meth:`_propose` (the
+    Subclasses set :meth:`_initial_gamma` (the weights are set from it when the constructor
+    returns, unless it set :attr:`gamma` itself) and, when their weights move, :meth:`_propose` (the
     update as new tensors); a method whose weighted loss is not :math:`\sum_k \gamma_k L_k`
-    overrides :meth:`_combine`. Everything else (checks, the two calls and the one call,
+    overrides :meth:`_combine`. The ``callbacks`` are registered once the constructor (a
+    subclass's, its own checks included) has returned: one that raises takes no logger. Everything else (checks, the two calls and the one call,
     ``state_dict``, hooks, DDP) is here.
 
     Args:
@@ -405,6 +432,11 @@ class Weighting(NamedWeights):
             step that is not finite; either way nothing is changed.
         callbacks: hooks called with the :class:`MetaStepRecord` of every successful update.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # (see _then_given: what a constructor does once it cannot refuse)
+            cls.__init__ = _then_given(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
     reads_train_batch: ClassVar[bool] = False  # whether meta_step reads its train_batch (FAMO: the terms again)
@@ -430,7 +462,7 @@ class Weighting(NamedWeights):
             raise TypeError(f"`optimizer` should be a torch.optim.Optimizer. Found `{type(optimizer).__name__}`.")
         if nonfinite not in NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Expected one of {NONFINITE}.")
-        check_callbacks(callbacks)
+        callbacks = check_callbacks(callbacks)
         terms = Terms(criterion, term_names)
         ddp, module = unwrap_model(model)
         check_initialized(module)
@@ -445,8 +477,6 @@ class Weighting(NamedWeights):
         # under DDP, step() combines the ranks' label summaries: a refusal of one rank's labels is every rank's
         self._ranks = Reducer(self._group) if self._world > 1 else None
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if isinstance(criterion, nn.Module):
-            criterion.to(self.device)
         self._active = terms.active.to(self.device)
         self.num_active = int(terms.active.sum())
         if self.num_active == 0:
@@ -473,15 +503,11 @@ class Weighting(NamedWeights):
         self.last_meta = MetaStepRecord(0)
         self._follows = 0
         self._buffers = BufferSnapshot(module)  # step()'s copy of the buffers, kept between steps
-        self._callbacks_given = tuple(callbacks)  # (registered by _setup: a subclass may refuse its options after this)
+        self._callbacks_given = callbacks  # (registered once the outermost constructor returns: _then_given)
 
     def _setup(self) -> None:
-        """Subclasses call this at the end of their ``__init__``, once their options are set (and checked): the
-        weights are set and the ``callbacks`` registered (a library logger logs the weighter given it last, so a
-        weighting refused before this took no logger from the run that held it)."""
+        """Subclasses call this at the end of their ``__init__``, once their options are set: the weights."""
         self.gamma: Tensor = self._initial_gamma().to(self.device, torch.float32) * self._active
-        for callback in self.__dict__.pop("_callbacks_given", ()):
-            self.register_meta_step_hook(callback)
 
     # ------------------------------------------------------------------ what subclasses define
     def _initial_gamma(self) -> Tensor:
@@ -1163,3 +1189,6 @@ class Weighting(NamedWeights):
         options = self._options()
         return (f"{type(self).__name__}(terms={self.term_names}, criterion={type(self.criterion).__name__}"
                 f"{', ' + options if options else ''}, optimizer={type(self.optimizer).__name__})")
+
+
+Weighting.__init__ = _then_given(Weighting.__init__)  # type: ignore[method-assign]  (a subclass without one)

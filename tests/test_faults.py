@@ -694,6 +694,64 @@ def test_a_refused_construction_takes_no_logger_from_the_run_that_holds_it(tmp_p
     assert [line.split(",")[0] for line in (tmp_path / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
 
 
+class _PerDocstring(mw.Weighting):  # (the class docstring's recipe: _initial_gamma and _propose, no __init__)
+    def _propose(self, terms, train_batch):
+        return {"gamma": self.gamma * 0.9}
+
+
+class _OwnGamma(mw.Weighting):  # (sets gamma itself, not through _setup)
+    def __init__(self, model, optimizer, criterion, **kwargs):
+        super().__init__(model, optimizer, criterion, **kwargs)
+        self.gamma = torch.ones(self._terms.num_terms) * self._active
+
+    def _propose(self, terms, train_batch):
+        return {"gamma": self.gamma * 0.9}
+
+
+class _ChecksLast(mw.Weighting):  # (its own option checked after _setup)
+    def __init__(self, model, optimizer, criterion, rate=0.9, **kwargs):
+        super().__init__(model, optimizer, criterion, **kwargs)
+        self._setup()
+        if not 0 < rate < 1:
+            raise ValueError("rate should be in (0, 1)")
+        self.rate = rate
+
+    def _propose(self, terms, train_batch):
+        return {"gamma": self.gamma * self.rate}
+
+
+@pytest.mark.parametrize("cls", [_PerDocstring, _OwnGamma, _ChecksLast])
+@pytest.mark.parametrize("given", ["list", "generator"])
+def test_a_weighting_of_your_own_gets_its_callbacks_once_built_and_none_refused(tmp_path, cls, given):
+    """A loss weighting of your own, written as the class docstring says (``_initial_gamma`` and ``_propose``), or
+    setting ``gamma`` itself, or checking its own option after ``_setup``: built, its callbacks are registered (the
+    first was refused, 'no attribute gamma'; the second lost them silently once they were registered in
+    ``_setup``), from a list or any iterable (a generator was refused once they were checked as a sequence);
+    refused, it takes no logger from the run holding it and does not move the criterion."""
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    running = mw.UW(model, optimizer, mw.DenseDistillLoss(3), callbacks=[logger])
+    running.step(batch())
+    criterion = mw.DenseDistillLoss(3)
+    moved = []
+    criterion.to = lambda *args, **kwargs: moved.append(args) or criterion
+    seen = []
+    hooks = [lambda record: seen.append(record.iteration)]
+    with pytest.raises(ValueError, match="rate should be"):
+        _ChecksLast(model, optimizer, criterion, rate=2.0, callbacks=[logger])
+    assert moved == []
+    w = cls(model, optimizer, criterion, callbacks=hooks if given == "list" else (h for h in hooks))
+    assert w.callbacks == hooks and len(moved) == 1
+    w.step(batch())
+    assert seen == [1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        running.step(batch())
+    assert [str(c.message) for c in caught if "Logger" in str(c.message)] == []
+    assert [line.split(",")[0] for line in (tmp_path / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
 # ------------------------------------------------------------------ a non-finite meta-gradient, said so
 def test_a_non_finite_meta_gradient_of_finite_losses_names_its_terms_and_what_to_do():
     """The message listed the validation objective, its exit losses and the non-finite training terms, all finite
