@@ -39,17 +39,22 @@ def check_differentiable(value: Tensor, message: str) -> None:
         raise ValueError(message)
 
 
-def check_not_inference_mode(call: str) -> None:
-    """Refuse ``call`` (a method that needs autograd: a backward, a meta-gradient) under ``torch.inference_mode()``,
-    before it changes anything: autograd records nothing there and ``torch.enable_grad()`` cannot turn it back on
-    (as it does under ``torch.no_grad()``), and the storage a call allocated there would be inference tensors, which
-    no later call outside it may write (the weighter would refuse every later step). Python only."""
+STATE_IN_INFERENCE_MODE = ("the tensors it would make there (gamma and the state that steps it) would be inference "
+                           "tensors, which no later step outside it may update or differentiate")
+
+
+def check_not_inference_mode(call: str, why: str | None = None) -> None:
+    """Refuse ``call`` under ``torch.inference_mode()``, before it changes anything: a method that needs autograd
+    (a backward, a meta-gradient), which records nothing there, and which ``torch.enable_grad()`` cannot turn back
+    on (as it does under ``torch.no_grad()``); or one that makes a weighter's state (``why``: a constructor, a
+    ``load_state_dict``), whose tensors made there would be inference tensors, which no later call outside may
+    write (the weighter would fail at every later step). Python only."""
     if torch.is_inference_mode_enabled():
-        raise RuntimeError(f"{call} was called under torch.inference_mode(), where autograd records nothing and "
-                           f"torch.enable_grad() cannot turn it back on (as it does under torch.no_grad()); it needs "
-                           f"the gradients of the loss. Make this call outside the `with torch.inference_mode():` "
-                           f"block (tensors made inside it cannot be saved for backward either: make the batches "
-                           f"outside it too). Nothing was changed.")
+        why = why or ("autograd records nothing there and torch.enable_grad() cannot turn it back on (as it does "
+                      "under torch.no_grad()), and it needs the gradients of the loss")
+        raise RuntimeError(f"{call} was called under torch.inference_mode(): {why}. Make this call outside the "
+                           f"`with torch.inference_mode():` block (tensors made inside it cannot be saved for "
+                           f"backward either: make the batches outside it too). Nothing was changed.")
 
 
 def check_num_exits(num_exits: int) -> int:

@@ -29,9 +29,9 @@ from torch.utils.hooks import RemovableHandle
 from metaweight._backends import BACKENDS, Backend, BackendName, make_backend
 from metaweight._capture import (ForwardWatch, GradSnapshot, Micro, Pending, StepCapture, StepEnd, drop_inert_hooks,
                                 sparse_trained, watch_backward)
-from metaweight._checks import (check_callbacks, check_flag, check_initialized, check_not_inference_mode,
-                               float_leaves, forget_labels, half_precision_eps_hint, integer_value,
-                               masked_label_hint, real_option, real_scalar, summarize_step_labels)
+from metaweight._checks import (STATE_IN_INFERENCE_MODE, check_callbacks, check_flag, check_initialized,
+                               check_not_inference_mode, float_leaves, forget_labels, half_precision_eps_hint,
+                               integer_value, masked_label_hint, real_option, real_scalar, summarize_step_labels)
 from metaweight._clipping import ClipGradNorm, ClippingHints, check_max_norm
 from metaweight._exact import ExactMode
 from metaweight._order import count_first_loss, warn_if_after_step, warn_if_met_since
@@ -243,6 +243,7 @@ class HarmonizedWeighter(NamedWeights):
         check_gradients: bool = True,
         capturable: bool = False,
     ) -> None:
+        check_not_inference_mode("HarmonizedWeighter()", STATE_IN_INFERENCE_MODE)
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -984,6 +985,7 @@ class HarmonizedWeighter(NamedWeights):
             TypeError: ``state_dict`` is not a dict.
             ValueError: the checkpoint does not fit this weighter (see above); nothing is changed.
         """
+        check_not_inference_mode("HarmonizedWeighter.load_state_dict", STATE_IN_INFERENCE_MODE)
         loaded = checked_state(self, state_dict)  # the whole checkpoint, before anything changes
         # everything checked: now apply
         self.gamma_optimizer.load_state_dict(own_implementation(self.gamma_optimizer, state_dict["gamma_optimizer"]))

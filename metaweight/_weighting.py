@@ -47,9 +47,10 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from metaweight._capture import GradSnapshot
-from metaweight._checks import (NO_TRAINING_GRADIENT, check_callbacks, check_differentiable, check_initialized,
-                               check_not_inference_mode, checked_counters, forget_labels, half_precision_eps_hint,
-                               integer_value, masked_label_hint, real_option, refuse_arrays, summarize_step_labels)
+from metaweight._checks import (NO_TRAINING_GRADIENT, STATE_IN_INFERENCE_MODE, check_callbacks, check_differentiable,
+                               check_initialized, check_not_inference_mode, checked_counters, forget_labels,
+                               half_precision_eps_hint, integer_value, masked_label_hint, real_option, refuse_arrays,
+                               summarize_step_labels)
 from metaweight._hooks import OwnHook
 from metaweight._hypergradient import Reducer
 from metaweight._logging import HandedLogger
@@ -455,6 +456,7 @@ class Weighting(NamedWeights):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any, *,
                  term_names: Sequence[str] | None = None, nonfinite: Literal["raise", "skip"] = "raise",
                  callbacks: Sequence[Callable[[MetaStepRecord], None]] = ()) -> None:
+        check_not_inference_mode(f"{type(self).__name__}()", STATE_IN_INFERENCE_MODE)
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
         if not isinstance(optimizer, torch.optim.Optimizer) and not isinstance(
@@ -1001,10 +1003,11 @@ class Weighting(NamedWeights):
 
         try:
             summarize_step_labels(train_batch, None, self.criterion, None, getattr(self, "_ranks", None))  # (see above)
-            loss = self.loss(call_model(self.model, x), y)
-            check_differentiable(loss, f"{NO_TRAINING_GRADIENT} Nothing was changed.")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.enable_grad():  # (called under torch.no_grad(), the step still needs its gradients)
+                loss = self.loss(call_model(self.model, x), y)
+                check_differentiable(loss, f"{NO_TRAINING_GRADIENT} Nothing was changed.")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
         except BaseException:  # (an interruption too)
             put_back()
             raise

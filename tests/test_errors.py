@@ -1,5 +1,6 @@
 """Bad input gets a ValueError/TypeError naming what was expected and what came, and changes nothing."""
 
+import contextlib
 import copy
 
 import pytest
@@ -508,3 +509,71 @@ def test_a_call_under_inference_mode_is_refused_saying_so_changing_nothing(form,
             getattr(w, call)(train, val)
     assert str((model.state_dict(), optimizer.state_dict(), w.state_dict())) == str(before)
     getattr(w, call)(train, val)  # (outside it, the same call runs)
+
+
+@pytest.mark.parametrize("form", list(STEP_FORMS))
+def test_step_under_no_grad_is_the_step_outside_it_in_every_form(form):
+    """``step()`` under ``torch.no_grad()`` (an evaluation block the loop did not leave) turns gradients back on, as
+    the docs say: the HarmonizedWeighter's did, the loss weightings' were refused as a criterion with no gradient
+    (helper-161). Every form gives, bit for bit, what the same steps give outside it."""
+    def run(context):
+        options = dict(STEP_FORMS[form])
+        name = options.pop("weighting", None)
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if name is not None:
+            options = {"dwa": {"window": 1}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
+                       "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}.get(name, {})
+            w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), **options)
+        else:
+            w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), **options)
+        for _ in range(3):
+            train, val = batch(), batch()
+            with context():
+                w.step(train, val)
+        return [p.detach().clone() for p in model.parameters()] + [w.gamma.detach().clone()]
+
+    outside, inside = run(contextlib.nullcontext), run(torch.no_grad)
+    assert all(torch.equal(a, b) for a, b in zip(outside, inside))
+
+
+@pytest.mark.parametrize("kind", ["exact", "fast", "uw", "famo"])
+def test_a_weighter_built_or_loaded_under_inference_mode_is_refused_or_works_after_it(kind):
+    """A weighter built under ``torch.inference_mode()`` made gamma and its state as inference tensors: built, it
+    failed at every step after it ("Inplace update to inference tensor", "Inference tensors cannot be saved for
+    backward"), as did a HarmonizedWeighter whose checkpoint was loaded there (its gamma optimizer's state made
+    anew; helper-161). Both are refused first, saying so, with nothing changed; a loss weighting's load_state_dict,
+    which copies into the tensors it holds, runs there, and the steps after it are those of a load outside."""
+    def build():
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if kind in ("exact", "fast"):
+            return model, mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3),
+                                                mode=kind)
+        return model, mw.WEIGHTINGS[kind](model, optimizer, mw.DenseDistillLoss(3))
+
+    with pytest.raises(RuntimeError, match=r"\(\) was called under torch.inference_mode\(\): the tensors it would "
+                                           r"make there .* inference tensors.*Nothing was changed"):
+        with torch.inference_mode():
+            build()
+    torch.manual_seed(1)
+    train, val = batch(), batch()
+    model, w = build()
+    w.step(train, val)
+    saved = copy.deepcopy(w.state_dict())
+    runs = []
+    for inference in (False, True):
+        model, w = build()
+        before = str(w.state_dict())
+        if inference and kind in ("exact", "fast"):
+            with pytest.raises(RuntimeError, match=r"load_state_dict was called under torch.inference_mode\(\)"):
+                with torch.inference_mode():
+                    w.load_state_dict(saved)
+            assert str(w.state_dict()) == before
+        with torch.inference_mode() if inference and kind not in ("exact", "fast") else contextlib.nullcontext():
+            w.load_state_dict(saved)
+        w.step(train, val)
+        runs.append([p.detach().clone() for p in model.parameters()] + [w.gamma.detach().clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
