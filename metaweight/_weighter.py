@@ -425,7 +425,7 @@ class HarmonizedWeighter(NamedWeights):
         if state.get("_pending") is not None or state.get("_stepped") is not None:
             state.update(_pending=None, _stepped=None, _lost_calls=COPIED_SINCE)
         state["_resumed"] = None  # (a record of this weighter's loss() calls)
-        return state
+        return self._logger_state(state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (``copy.deepcopy``) or an unpickled weighter watches its own model and optimizer, which the

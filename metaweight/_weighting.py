@@ -296,15 +296,31 @@ class NamedWeights:
             return {}
         return dict(zip(self.term_names, host_read([self.last_terms])))
 
+    def _logger_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` (this weighter's, pickled) with which of its hooks are library loggers that log it (those
+        given to another weighter since log that one): a logger is pickled without its weak references."""
+        state["_logs_me"] = {handle for handle, hook in self._hooks.items() if isinstance(hook, HandedLogger) and (
+            hook._metaweight_owner is None or hook._metaweight_owner() is self)}
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (``copy.deepcopy``, or unpickled) holds copies of its hooks: the library's loggers among them
-        log this copy, as they logged the weighter copied (a logger is pickled without the weak reference to
-        the weighter it logs, which its copy would not reach: it then logged no weighter, its put-back rows
-        read as a new run and a weighter it was handed to next was not told)."""
+        log this copy where they logged the weighter copied, and are passed over where they had been given to
+        another weighter (a logger is pickled without the weak references to the weighters: its copy then logged
+        no weighter, its put-back rows read as a new run and a weighter it was handed to next was not told; or,
+        shared by two weighters pickled together, the first unpickled)."""
+        state = dict(state)
+        mine = state.pop("_logs_me", None)  # (None: pickled by an earlier metaweight)
         self.__dict__.update(state)
-        for hook in self.__dict__.get("_hooks", {}).values():
-            if isinstance(hook, HandedLogger) and hook._metaweight_owner is None:
+        for handle, hook in self.__dict__.get("_hooks", {}).items():
+            if not isinstance(hook, HandedLogger):
+                continue
+            if handle in mine if mine is not None else hook._metaweight_owner is None:
                 hook._metaweight_owner = weakref.ref(self)
+            elif mine is not None:
+                if hook._metaweight_passed_over is None:
+                    hook._metaweight_passed_over = weakref.WeakKeyDictionary()
+                hook._metaweight_passed_over[self] = False
 
     def register_meta_step_hook(self, hook: Callable[[MetaStepRecord], None]) -> RemovableHandle:
         """Call ``hook(record)`` after every successful meta step, like
@@ -762,7 +778,7 @@ class Weighting(NamedWeights):
         if self._groups or self._pending is not None:  # (what its meta_step then says, as the weighter's)
             state["_lost_calls"] = COPIED_SINCE
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
-        return state
+        return self._logger_state(state)
 
     @walked_call
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:

@@ -1076,3 +1076,36 @@ def test_a_weighting_copied_between_loss_and_meta_step_says_it_is_a_copy(name, h
     with pytest.raises(ValueError, match="call loss = weighting.loss") as refused:
         copied().meta_step((x, y), val)
     assert "copy" not in str(refused.value)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_logger_shared_by_two_weighters_copied_together_logs_the_one_it_logged(tmp_path, how):
+    """A logger given to a first weighting, then to a second (it logs the second alone), the two copied together
+    (a whole-object checkpoint of both): the copy logged whichever copy was unpickled first, the first (helper-161),
+    and both copies wrote the one log, each dropping the other's rows. The copy logs the second's copy; the first's
+    records are skipped with one warning, and the log reads 1-4 once, the second's."""
+    import pickle
+    import warnings
+
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    first, _, _ = build("uw", callbacks=[logger])
+    second, _, _ = build("uw", seed=1, callbacks=[logger])
+    data = batches(4)
+    first.step(data[0])
+    gammas = [second.step(data[0]).gamma["ce[1]"]]
+    both = (first, second)
+    first, second = copy.deepcopy(both) if how == "deepcopy" else pickle.loads(pickle.dumps(both))
+    assert first.callbacks[0] is second.callbacks[0] and second.callbacks[0]._metaweight_owner() is second
+    logger.close()
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        for x, y in data[1:]:
+            first.step((x, y))
+            gammas.append(second.step((x, y)).gamma["ce[1]"])
+    said = [str(h.message) for h in heard]
+    assert len(said) == 1 and "given to another weighter since" in said[0], said
+    with open(logger.path) as f:
+        table = [line.split(",") for line in f.read().splitlines()]
+    column = table[0].index("gamma/ce[1]")
+    assert [r[0] for r in table[1:]] == ["1", "2", "3", "4"]
+    assert [float(r[column]) for r in table[1:]] == pytest.approx(gammas, rel=1e-6)
