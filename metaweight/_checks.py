@@ -388,6 +388,9 @@ def _numpy_bool(value: object) -> bool:
 def check_callbacks(callbacks: object) -> tuple[Callable[..., Any], ...]:
     """A weighter's ``callbacks``: an iterable of callables (a list, a tuple, a generator, ...), checked whole
     before any is registered, as a tuple."""
+    if isinstance(callbacks, Mapping):
+        raise TypeError(f"`callbacks` should be a list of callables taking a MetaStepRecord, in the order they are "
+                        f"called. Found a `{type(callbacks).__name__}`: pass list(callbacks.values()).")
     if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
         raise TypeError(f"`callbacks` should be a list (or another iterable) of callables taking a MetaStepRecord. "
                         f"Found `{type(callbacks).__name__}`.")

@@ -309,15 +309,17 @@ class NamedWeights:
         another weighter (a logger is pickled without the weak references to the weighters: its copy then logged
         no weighter, its put-back rows read as a new run and a weighter it was handed to next was not told; or,
         shared by two weighters pickled together, the first unpickled)."""
+        check_not_inference_mode(f"Copying or loading a {type(self).__name__} (copy.deepcopy, pickle, torch.load)",
+                                 STATE_IN_INFERENCE_MODE)
         state = dict(state)
         mine = state.pop("_logs_me", None)  # (None: pickled by an earlier metaweight)
         self.__dict__.update(state)
         for handle, hook in self.__dict__.get("_hooks", {}).items():
-            if not isinstance(hook, HandedLogger):
-                continue
-            if handle in mine if mine is not None else hook._metaweight_owner is None:
+            if not isinstance(hook, HandedLogger) or hook._metaweight_owner is not None:
+                continue  # (a live logger, shared by a shallow copy, copy.copy: it logs whom it logged)
+            if mine is None or handle in mine:
                 hook._metaweight_owner = weakref.ref(self)
-            elif mine is not None:
+            else:
                 if hook._metaweight_passed_over is None:
                     hook._metaweight_passed_over = weakref.WeakKeyDictionary()
                 hook._metaweight_passed_over[self] = False
@@ -410,6 +412,9 @@ def _then_given(init: Callable[..., None]) -> Callable[..., None]:
     after ``super().__init__``: its own option checks, ``_setup`` or its own ``gamma``), the criterion is moved to
     the model's device and the ``callbacks`` registered; a constructor that raises has done neither (a library
     logger logs the weighter given it last: a refused weighting would have taken it from the run holding it)."""
+    if getattr(init, "_then_given", False):
+        return init
+
     @functools.wraps(init)
     def construct(self: Weighting, *args: Any, **kwargs: Any) -> None:
         if "_constructing" in self.__dict__:  # (a subclass's super().__init__: the outermost call finishes)
@@ -420,12 +425,17 @@ def _then_given(init: Callable[..., None]) -> Callable[..., None]:
             init(self, *args, **kwargs)
         finally:
             del self.__dict__["_constructing"]
-        if "gamma" not in self.__dict__:  # (a subclass that sets _initial_gamma only: the weights from it)
+        try:
+            self.gamma  # noqa: B018 - (a subclass that sets _initial_gamma only: the weights from it)
+        except AttributeError:
             self._setup()
+        if "_callbacks_given" not in self.__dict__:  # (a subclass that never called Weighting.__init__)
+            return
         if isinstance(self.criterion, nn.Module):
             self.criterion.to(self.device)
-        for callback in self.__dict__.pop("_callbacks_given", ()):
-            self.register_meta_step_hook(callback)
+        for callback in reversed(self.__dict__.pop("_callbacks_given")):  # (first: before the subclass's own)
+            self._hooks.move_to_end(self.register_meta_step_hook(callback).id, last=False)
+    construct._then_given = True  # type: ignore[attr-defined]
     return construct
 
 
@@ -436,8 +446,8 @@ class Weighting(NamedWeights):
     returns, unless it set :attr:`gamma` itself) and, when their weights move, :meth:`_propose` (the
     update as new tensors); a method whose weighted loss is not :math:`\sum_k \gamma_k L_k`
     overrides :meth:`_combine`. The ``callbacks`` are registered once the constructor (a
-    subclass's, its own checks included) has returned: one that raises takes no logger. Everything else (checks, the two calls and the one call,
-    ``state_dict``, hooks, DDP) is here.
+    subclass's, its own checks included) has returned: one that raises takes no logger.
+    Everything else (checks, the two calls and the one call, ``state_dict``, hooks, DDP) is here.
 
     Args:
         model: the network; ``model(x)`` returns what ``criterion`` takes.
@@ -452,8 +462,8 @@ class Weighting(NamedWeights):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:  # (see _then_given: what a constructor does once it cannot refuse)
-            cls.__init__ = _then_given(cls.__dict__["__init__"])  # type: ignore[method-assign]
+        # (see _then_given: what a constructor does once it cannot refuse; a mixin's __init__ listed first too)
+        cls.__init__ = _then_given(cls.__init__)  # type: ignore[method-assign]
 
     needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
     reads_train_batch: ClassVar[bool] = False  # whether meta_step reads its train_batch (FAMO: the terms again)

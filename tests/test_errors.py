@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import pickle
 
 import pytest
 import torch
@@ -543,8 +544,9 @@ def test_a_weighter_built_or_loaded_under_inference_mode_is_refused_or_works_aft
     """A weighter built under ``torch.inference_mode()`` made gamma and its state as inference tensors: built, it
     failed at every step after it ("Inplace update to inference tensor", "Inference tensors cannot be saved for
     backward"), as did a HarmonizedWeighter whose checkpoint was loaded there (its gamma optimizer's state made
-    anew; helper-161). Both are refused first, saying so, with nothing changed; a loss weighting's load_state_dict,
-    which copies into the tensors it holds, runs there, and the steps after it are those of a load outside."""
+    anew; helper-161), or copied there (helper-162). All are refused first, saying so, with nothing changed; a loss
+    weighting's load_state_dict, which copies into the tensors it holds, runs there, and the steps after it are
+    those of a load outside."""
     def build():
         torch.manual_seed(0)
         model = tiny_net(3)
@@ -562,6 +564,11 @@ def test_a_weighter_built_or_loaded_under_inference_mode_is_refused_or_works_aft
     train, val = batch(), batch()
     model, w = build()
     w.step(train, val)
+    for copier in (copy.deepcopy, lambda w: pickle.loads(pickle.dumps(w))):  # (a copy made there: the same)
+        with pytest.raises(RuntimeError, match=r"Copying or loading a \w+ \(copy.deepcopy, pickle, torch.load\) was "
+                                               r"called under torch.inference_mode\(\)"):
+            with torch.inference_mode():
+                copier(w)
     saved = copy.deepcopy(w.state_dict())
     runs = []
     for inference in (False, True):

@@ -720,14 +720,49 @@ class _ChecksLast(mw.Weighting):  # (its own option checked after _setup)
         return {"gamma": self.gamma * self.rate}
 
 
-@pytest.mark.parametrize("cls", [_PerDocstring, _OwnGamma, _ChecksLast])
+class _PropertyGamma(mw.Weighting):  # (gamma a property over log-weights its __init__ sets)
+    def __init__(self, model, optimizer, criterion, **kwargs):
+        super().__init__(model, optimizer, criterion, **kwargs)
+        self.log_gamma = torch.full((self._terms.num_terms,), 0.5)
+        self.register_meta_step_hook(_own_hook)  # (a hook of its own: after the constructor's callbacks)
+
+    @property
+    def gamma(self):
+        return self.log_gamma.exp()
+
+    @gamma.setter
+    def gamma(self, value):
+        self.log_gamma = value.log()
+
+    def _propose(self, terms, train_batch):
+        return {"gamma": self.gamma * 0.9}
+
+
+def _own_hook(record):
+    pass
+
+
+class _Mixin:
+    def __init__(self, *args, rate=0.9, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0 < rate < 1:
+            raise ValueError("rate should be in (0, 1)")
+
+
+class _MixinFirst(_Mixin, mw.UW):  # (a mixin's __init__ the outermost constructor)
+    pass
+
+
+@pytest.mark.parametrize("cls", [_PerDocstring, _OwnGamma, _ChecksLast, _PropertyGamma, _MixinFirst])
 @pytest.mark.parametrize("given", ["list", "generator"])
 def test_a_weighting_of_your_own_gets_its_callbacks_once_built_and_none_refused(tmp_path, cls, given):
     """A loss weighting of your own, written as the class docstring says (``_initial_gamma`` and ``_propose``), or
     setting ``gamma`` itself, or checking its own option after ``_setup``: built, its callbacks are registered (the
     first was refused, 'no attribute gamma'; the second lost them silently once they were registered in
     ``_setup``), from a list or any iterable (a generator was refused once they were checked as a sequence);
-    refused, it takes no logger from the run holding it and does not move the criterion."""
+    refused, it takes no logger from the run holding it and does not move the criterion, a mixin's constructor
+    listed first included (helper-162). A gamma property its __init__ sets is kept (it was set again from
+    _initial_gamma), and the constructor's callbacks come before the hooks the subclass registers itself."""
     model = tiny_net(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     logger = mw.CSVLogger(tmp_path / "log.csv")
@@ -738,11 +773,14 @@ def test_a_weighting_of_your_own_gets_its_callbacks_once_built_and_none_refused(
     criterion.to = lambda *args, **kwargs: moved.append(args) or criterion
     seen = []
     hooks = [lambda record: seen.append(record.iteration)]
-    with pytest.raises(ValueError, match="rate should be"):
-        _ChecksLast(model, optimizer, criterion, rate=2.0, callbacks=[logger])
+    for refused in (_ChecksLast, _MixinFirst):
+        with pytest.raises(ValueError, match="rate should be"):
+            refused(model, optimizer, criterion, rate=2.0, callbacks=[logger])
     assert moved == []
     w = cls(model, optimizer, criterion, callbacks=hooks if given == "list" else (h for h in hooks))
-    assert w.callbacks == hooks and len(moved) == 1
+    assert w.callbacks == hooks + ([_own_hook] if cls is _PropertyGamma else []) and len(moved) == 1
+    if cls is _PropertyGamma:  # (the weights its __init__ set, not _initial_gamma's)
+        assert torch.allclose(w.gamma, torch.full((6,), 0.5).exp())
     w.step(batch())
     assert seen == [1]
     with warnings.catch_warnings(record=True) as caught:

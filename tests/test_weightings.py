@@ -1109,3 +1109,31 @@ def test_a_logger_shared_by_two_weighters_copied_together_logs_the_one_it_logged
     column = table[0].index("gamma/ce[1]")
     assert [r[0] for r in table[1:]] == ["1", "2", "3", "4"]
     assert [float(r[column]) for r in table[1:]] == pytest.approx(gammas, rel=1e-6)
+
+
+def test_a_shallow_copy_of_a_weighter_leaves_its_live_logger_to_it(tmp_path):
+    """``copy.copy(weighter)`` shares the live logger (and its hooks): the copy took the logger over from the
+    weighter it logs, so the logger handed to a new weighter passed the copy over, not the weighter, and both wrote
+    one log, each dropping the other's rows (helper-162). The logger stays with the weighter it logs: handed over,
+    it logs the new one alone (its own file), the first's rows kept."""
+    import warnings
+
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    first, _, _ = build("uw", callbacks=[logger])
+    data = batches(3)
+    for x, y in data[:2]:
+        first.step((x, y))
+    snapshot = copy.copy(first)
+    assert logger._metaweight_owner() is first and snapshot.callbacks == [logger]
+    second, _, _ = build("uw", seed=1, callbacks=[logger])
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        for x, y in data:
+            first.step((x, y))
+            second.step((x, y))
+    said = [str(h.message) for h in heard]
+    assert len([m for m in said if "given to another weighter since" in m]) == 1, said
+    with open(tmp_path / "log.csv") as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2"]
+    with open(tmp_path / "log-2.csv") as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2", "3"]
