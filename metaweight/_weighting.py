@@ -425,12 +425,12 @@ def _then_given(init: Callable[..., None]) -> Callable[..., None]:
             init(self, *args, **kwargs)
         finally:
             del self.__dict__["_constructing"]
+        if "_callbacks_given" not in self.__dict__:  # (a subclass that never called Weighting.__init__)
+            return
         try:
             self.gamma  # noqa: B018 - (a subclass that sets _initial_gamma only: the weights from it)
         except AttributeError:
             self._setup()
-        if "_callbacks_given" not in self.__dict__:  # (a subclass that never called Weighting.__init__)
-            return
         if isinstance(self.criterion, nn.Module):
             self.criterion.to(self.device)
         for callback in reversed(self.__dict__.pop("_callbacks_given")):  # (first: before the subclass's own)
