@@ -441,6 +441,18 @@ STEP_FORMS = {**{f"weighting {name}": {"weighting": name} for name in mw.WEIGHTI
               "exact higher": {"backend": "higher"}, "fast": {"mode": "fast"}}
 
 
+def build_form(form, model, optimizer, criterion=None, validation=None, window=2):
+    """The weighter or weighting of a form of STEP_FORMS (or "capturable") on ``model`` and ``optimizer``."""
+    options = dict(STEP_FORMS.get(form, {"mode": "fast", "capturable": True, "nonfinite": "skip"}))
+    name = options.pop("weighting", None)
+    criterion = mw.DenseDistillLoss(3) if criterion is None else criterion
+    if name is not None:
+        options = {"dwa": {"window": window}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
+                   "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}.get(name, {})
+        return mw.WEIGHTINGS[name](model, optimizer, criterion, **options)
+    return mw.HarmonizedWeighter(model, optimizer, criterion, validation or mw.BalancedValidation(3), **options)
+
+
 @pytest.mark.parametrize("what", ["criterion", "validation objective"])
 @pytest.mark.parametrize("form", list(STEP_FORMS))
 def test_a_loss_without_a_gradient_is_refused_by_name_changing_nothing(form, what):
@@ -455,14 +467,8 @@ def test_a_loss_without_a_gradient_is_refused_by_name_changing_nothing(form, wha
     torch.manual_seed(0)
     model = tiny_net(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    criterion = DetachedTerms(3) if what == "criterion" else mw.DenseDistillLoss(3)
-    if name is not None:
-        options = {"dwa": {"window": 2}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
-                   "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}.get(name, {})
-        w = mw.WEIGHTINGS[name](model, optimizer, criterion, **options)
-    else:
-        validation = error_rate if what == "validation objective" else mw.BalancedValidation(3)
-        w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, **options)
+    w = build_form(form, model, optimizer, DetachedTerms(3) if what == "criterion" else None,
+                   error_rate if what == "validation objective" else None)
     (x, y), (xv, yv) = batch(), batch()
     before = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
     match = "training loss has no gradient" if what == "criterion" else "validation objective has no gradient"
@@ -492,12 +498,7 @@ def test_a_call_under_inference_mode_is_refused_saying_so_changing_nothing(form,
     torch.manual_seed(0)
     model = tiny_net(3, batchnorm="capturable" not in options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused="capturable" in options or None)
-    if name is not None:
-        options = {"dwa": {"window": 2}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
-                   "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}.get(name, {})
-        w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), **options)
-    else:
-        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), **options)
+    w = build_form(form, model, optimizer)
     train, val = batch(), batch()
     if call == "meta_step" and w.mode == "fast":  # (its meta_step comes after the user's step)
         optimizer.zero_grad()
@@ -518,17 +519,10 @@ def test_step_under_no_grad_is_the_step_outside_it_in_every_form(form):
     the docs say: the HarmonizedWeighter's did, the loss weightings' were refused as a criterion with no gradient
     (helper-161). Every form gives, bit for bit, what the same steps give outside it."""
     def run(context):
-        options = dict(STEP_FORMS[form])
-        name = options.pop("weighting", None)
         torch.manual_seed(0)
         model = tiny_net(3)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        if name is not None:
-            options = {"dwa": {"window": 1}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
-                       "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}.get(name, {})
-            w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), **options)
-        else:
-            w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), **options)
+        w = build_form(form, model, optimizer, window=1)
         for _ in range(3):
             train, val = batch(), batch()
             with context():
