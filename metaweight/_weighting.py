@@ -300,7 +300,7 @@ class NamedWeights:
         """``state`` (this weighter's, pickled) with which of its hooks are library loggers that log it (those
         given to another weighter since log that one): a logger is pickled without its weak references."""
         state["_logs_me"] = {handle for handle, hook in self._hooks.items() if isinstance(hook, HandedLogger) and (
-            hook._metaweight_owner is None or hook._metaweight_owner() is self)}
+            hook._metaweight_owner is None or hook._metaweight_owner() in (None, self))}  # (None: its weighter gone)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -309,17 +309,18 @@ class NamedWeights:
         another weighter (a logger is pickled without the weak references to the weighters: its copy then logged
         no weighter, its put-back rows read as a new run and a weighter it was handed to next was not told; or,
         shared by two weighters pickled together, the first unpickled)."""
-        check_not_inference_mode(f"Copying or loading a {type(self).__name__} (copy.deepcopy, pickle, torch.load)",
-                                 STATE_IN_INFERENCE_MODE)
+        check_not_inference_mode(f"Copying or loading a {type(self).__name__} (copy.copy, copy.deepcopy, pickle, "
+                                 f"torch.load)", STATE_IN_INFERENCE_MODE)
         state = dict(state)
         mine = state.pop("_logs_me", None)  # (None: pickled by an earlier metaweight)
         self.__dict__.update(state)
         for handle, hook in self.__dict__.get("_hooks", {}).items():
-            if not isinstance(hook, HandedLogger) or hook._metaweight_owner is not None:
-                continue  # (a live logger, shared by a shallow copy, copy.copy: it logs whom it logged)
-            if mine is None or handle in mine:
-                hook._metaweight_owner = weakref.ref(self)
-            else:
+            if not isinstance(hook, HandedLogger):
+                continue
+            if mine is None or handle in mine:  # (the weighter copied logged it)
+                if hook._metaweight_owner is None:  # (a copy of the logger: this copy's; a live logger, shared by
+                    hook._metaweight_owner = weakref.ref(self)  # a shallow copy, logs whom it logged)
+            else:  # (given to another weighter since: so is this copy's)
                 if hook._metaweight_passed_over is None:
                     hook._metaweight_passed_over = weakref.WeakKeyDictionary()
                 hook._metaweight_passed_over[self] = False
@@ -366,6 +367,13 @@ class NamedWeights:
         were called (for the note of a hook that raises after them)."""
         for hook in list(self._hooks.values()):
             passed = hook._metaweight_passed_over if isinstance(hook, HandedLogger) else None
+            owner = hook._metaweight_owner if isinstance(hook, HandedLogger) else None
+            if owner is not None and owner() is None and not (passed is not None and self in passed):
+                # the weighter it logged is gone, and this one was not passed over: a shallow copy of it (copy.copy)
+                # kept in its place, whose run this is (its rows too, for a put-back row: HandedLogger._own_rows)
+                hook._metaweight_owner = weakref.ref(self)
+                if hook._rows_owner is owner:
+                    hook._rows_owner = hook._metaweight_owner
             if passed is not None and self in passed:
                 if not passed[self]:  # (one warning per logger and weighter passed over)
                     passed[self] = True
@@ -407,12 +415,25 @@ _OTHER_CRITERION = ("(criterion.active differs: e.g. DenseDistillLoss(teachers='
                     "Build it with the criterion the checkpoint was saved with. Nothing was changed.")
 
 
+def _unset_gamma(weighting: Any) -> bool:
+    """Whether a weighting's constructor left ``gamma`` unset: not in its ``__dict__`` (a class default or a
+    ``__getattr__`` is no value of its own), or, where its class makes ``gamma`` a data descriptor (a property,
+    a slot), reading it fails."""
+    if hasattr(getattr(type(weighting), "gamma", None), "__set__"):
+        try:
+            weighting.gamma  # noqa: B018
+        except Exception:  # noqa: BLE001 - (a property raising until set: KeyError, AttributeError, ...)
+            return True
+        return False
+    return "gamma" not in weighting.__dict__
+
+
 def _then_given(init: Callable[..., None]) -> Callable[..., None]:
     """Wrap a weighting's ``__init__``: once the outermost constructor has returned (a subclass's, whatever it does
     after ``super().__init__``: its own option checks, ``_setup`` or its own ``gamma``), the criterion is moved to
     the model's device and the ``callbacks`` registered; a constructor that raises has done neither (a library
     logger logs the weighter given it last: a refused weighting would have taken it from the run holding it)."""
-    if getattr(init, "_then_given", False):
+    if init in _CONSTRUCTORS:  # (already wrapped: by identity, as functools.wraps copies attributes)
         return init
 
     @functools.wraps(init)
@@ -427,16 +448,17 @@ def _then_given(init: Callable[..., None]) -> Callable[..., None]:
             del self.__dict__["_constructing"]
         if "_callbacks_given" not in self.__dict__:  # (a subclass that never called Weighting.__init__)
             return
-        try:
-            self.gamma  # noqa: B018 - (a subclass that sets _initial_gamma only: the weights from it)
-        except AttributeError:
+        if _unset_gamma(self):  # (a subclass that sets _initial_gamma only: the weights from it)
             self._setup()
         if isinstance(self.criterion, nn.Module):
             self.criterion.to(self.device)
         for callback in reversed(self.__dict__.pop("_callbacks_given")):  # (first: before the subclass's own)
             self._hooks.move_to_end(self.register_meta_step_hook(callback).id, last=False)
-    construct._then_given = True  # type: ignore[attr-defined]
+    _CONSTRUCTORS.add(construct)
     return construct
+
+
+_CONSTRUCTORS: weakref.WeakSet[Callable[..., None]] = weakref.WeakSet()  # (the constructors _then_given made)
 
 
 class Weighting(NamedWeights):

@@ -559,8 +559,8 @@ def test_a_weighter_built_or_loaded_under_inference_mode_is_refused_or_works_aft
     model, w = build()
     w.step(train, val)
     for copier in (copy.deepcopy, lambda w: pickle.loads(pickle.dumps(w))):  # (a copy made there: the same)
-        with pytest.raises(RuntimeError, match=r"Copying or loading a \w+ \(copy.deepcopy, pickle, torch.load\) was "
-                                               r"called under torch.inference_mode\(\)"):
+        with pytest.raises(RuntimeError, match=r"Copying or loading a \w+ \(copy.copy, copy.deepcopy, pickle, "
+                                               r"torch.load\) was called under torch.inference_mode\(\)"):
             with torch.inference_mode():
                 copier(w)
     saved = copy.deepcopy(w.state_dict())

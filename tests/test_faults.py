@@ -4,6 +4,7 @@ Nothing lost: on every refused input the model, the optimizer state, gamma and t
 average stay bitwise as they were; evaluation refuses what it cannot score."""
 
 import copy
+import functools
 import math
 import warnings
 
@@ -753,7 +754,22 @@ class _MixinFirst(_Mixin, mw.UW):  # (a mixin's __init__ the outermost construct
     pass
 
 
-@pytest.mark.parametrize("cls", [_PerDocstring, _OwnGamma, _ChecksLast, _PropertyGamma, _MixinFirst])
+class _WrapsInit(mw.UW):  # (its __init__ made with functools.wraps(UW.__init__), which copies attributes)
+    @functools.wraps(mw.UW.__init__)
+    def __init__(self, *args, rate=0.9, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0 < rate < 1:
+            raise ValueError("rate should be in (0, 1)")
+
+
+class _ClassDefault(mw.Weighting):  # (a class-level gamma = None: no value of its own)
+    gamma = None
+
+    def _propose(self, terms, train_batch):
+        return {"gamma": self.gamma * 0.9}
+
+
+@pytest.mark.parametrize("cls", [_PerDocstring, _OwnGamma, _ChecksLast, _PropertyGamma, _MixinFirst, _ClassDefault])
 @pytest.mark.parametrize("given", ["list", "generator"])
 def test_a_weighting_of_your_own_gets_its_callbacks_once_built_and_none_refused(tmp_path, cls, given):
     """A loss weighting of your own, written as the class docstring says (``_initial_gamma`` and ``_propose``), or
@@ -773,7 +789,7 @@ def test_a_weighting_of_your_own_gets_its_callbacks_once_built_and_none_refused(
     criterion.to = lambda *args, **kwargs: moved.append(args) or criterion
     seen = []
     hooks = [lambda record: seen.append(record.iteration)]
-    for refused in (_ChecksLast, _MixinFirst):
+    for refused in (_ChecksLast, _MixinFirst, _WrapsInit):
         with pytest.raises(ValueError, match="rate should be"):
             refused(model, optimizer, criterion, rate=2.0, callbacks=[logger])
     assert moved == []

@@ -1078,8 +1078,9 @@ def test_a_weighting_copied_between_loss_and_meta_step_says_it_is_a_copy(name, h
     assert "copy" not in str(refused.value)
 
 
+@pytest.mark.parametrize("order", ["owner last", "owner first"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_a_logger_shared_by_two_weighters_copied_together_logs_the_one_it_logged(tmp_path, how):
+def test_a_logger_shared_by_two_weighters_copied_together_logs_the_one_it_logged(tmp_path, how, order):
     """A logger given to a first weighting, then to a second (it logs the second alone), the two copied together
     (a whole-object checkpoint of both): the copy logged whichever copy was unpickled first, the first (helper-161),
     and both copies wrote the one log, each dropping the other's rows. The copy logs the second's copy; the first's
@@ -1093,8 +1094,9 @@ def test_a_logger_shared_by_two_weighters_copied_together_logs_the_one_it_logged
     data = batches(4)
     first.step(data[0])
     gammas = [second.step(data[0]).gamma["ce[1]"]]
-    both = (first, second)
-    first, second = copy.deepcopy(both) if how == "deepcopy" else pickle.loads(pickle.dumps(both))
+    both = (first, second) if order == "owner last" else (second, first)  # (helper-163: the owner's copy first)
+    both = copy.deepcopy(both) if how == "deepcopy" else pickle.loads(pickle.dumps(both))
+    first, second = both if order == "owner last" else both[::-1]
     assert first.callbacks[0] is second.callbacks[0] and second.callbacks[0]._metaweight_owner() is second
     logger.close()
     with warnings.catch_warnings(record=True) as heard:
@@ -1137,3 +1139,54 @@ def test_a_shallow_copy_of_a_weighter_leaves_its_live_logger_to_it(tmp_path):
         assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2"]
     with open(tmp_path / "log-2.csv") as f:
         assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2", "3"]
+    again = copy.copy(first)  # (a shallow copy of the weighter passed over: passed over too, helper-163)
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        again.step(data[0])
+    assert len(heard) == 1 and "given to another weighter since" in str(heard[0].message)
+    with open(tmp_path / "log-2.csv") as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2", "3"]
+
+
+class _RaiseOnce:
+    def __init__(self):
+        self.raised = False
+
+    def __call__(self, record):
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("the user's hook failed")
+
+
+@pytest.mark.parametrize("then", ["a hook raising at its first meta step", "pickled and resumed"])
+def test_a_shallow_copy_kept_in_place_of_its_weighter_logs_as_it(tmp_path, then):
+    """``w = copy.copy(w)``, the weighter copied then gone: its logger still named the weighter gone, so a put-back
+    row at the first meta step read as a new run (log-2.csv), and the copy pickled and resumed was passed over
+    (every row dropped; helper-163). The copy's run is logged as the weighter's would have been."""
+    import gc
+    import pickle
+    import warnings
+
+    hooks = [_RaiseOnce()] if then.startswith("a hook") else []
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    w, _, _ = build("uw", callbacks=[logger, *hooks])
+    w = copy.copy(w)
+    gc.collect()
+    data = batches(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (x, y) in enumerate(data):
+            if hooks and i == 0:
+                with pytest.raises(RuntimeError, match="the user's hook failed"):
+                    w.step((x, y))
+                continue
+            if not hooks and i == 3:
+                logger.close()
+                w = pickle.loads(pickle.dumps(w))
+                logger = w.callbacks[0]
+            w.step((x, y))
+    logger.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+    with open(tmp_path / "log.csv") as f:
+        rows = [line.split(",")[0] for line in f.read().splitlines()[1:]]
+    assert rows == (["2", "3", "4", "5", "6"] if hooks else ["1", "2", "3", "4", "5", "6"])
