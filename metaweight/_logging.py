@@ -86,9 +86,10 @@ def _step_of(line: str) -> float | None:
         return None
 
 
-def _before(lines: list[str], step: float) -> list[str]:
-    """The rows logged before ``step``; a row whose step cannot be read is kept, not ours to judge."""
-    return [line for line in lines if (s := _step_of(line)) is None or s < step]
+def _before(lines: list[str], step: float, stands: set[float] | frozenset[float] = frozenset()) -> list[str]:
+    """The rows logged before ``step``, and those of the iterations that ``stands`` all the same
+    (:meth:`HandedLogger._stands`); a row whose step cannot be read is kept, not ours to judge."""
+    return [line for line in lines if (s := _step_of(line)) is None or s < step or s in stands]
 
 
 def _read_log(path: Path) -> tuple[list[str] | None, list[str], bool, str | None]:
@@ -357,6 +358,13 @@ class HandedLogger:
         """The state a pickled copy starts from (``state``, as it is, unless a logger class says otherwise)."""
         return state
 
+    @staticmethod
+    def _unwritten(state: dict[str, Any], **own: Any) -> dict[str, Any]:
+        """``state`` as that of a logger that has not written yet, continuing its log (its ``overwrite`` spent),
+        with the logger class's ``own`` entries of what it wrote: what :meth:`_as_copy` gives a copy of a logger
+        that has written."""
+        return {**state, "_last_step": None, "overwrite": False, "_confirmed": None, "_recent": [], **own}
+
     def _held_elsewhere(self, where: Any) -> str:
         """The start of what is said where this logger cannot write to ``where``: another logger of this
         process holds it, the one this was copied from (with its weighter) or one taken after close()."""
@@ -579,7 +587,7 @@ class CSVLogger(HandedLogger):
         ``overwrite``, once the file was started, is spent."""
         if state.get("_fields") is None:
             return state
-        return {**state, "_fields": None, "_last_step": None, "overwrite": False, "_confirmed": None, "_recent": []}
+        return self._unwritten(state, _fields=None)
 
     def _existing(self) -> tuple[list[str] | None, list[str], bool, str | None]:
         """:func:`_read_log` of the file at :attr:`path` (no header, no rows if there is none)."""
@@ -682,10 +690,10 @@ class CSVLogger(HandedLogger):
         _, lines, _, dropped = self._existing()  # a torn last line (a failed append) is left out of ``lines``
         torn_notes = [_torn_note(path, dropped)] if dropped is not None else []
         if went_back:  # in this process
-            kept = [line for line in lines if (s := _step_of(line)) is None or s < cut or s in stands]
+            kept = _before(lines, cut, stands)
             logged = _readable(lines)
-            if not stands and _went_back(self._last_step, min(logged, default=None), cut,
-                                         restored or self._own_rows(record)) == "new run":
+            if _went_back(self._last_step, min(logged, default=None), cut,
+                          bool(stands) or restored or self._own_rows(record)) == "new run":
                 new = _fresh(path, path.suffix)
                 return new, fields, [], [
                     f"This CSVLogger logged iterations {min(logged):g} to {max(logged):g} to {path} and now gets "
@@ -1060,8 +1068,7 @@ class TensorBoardLogger(HandedLogger):
             return state
         if state.get("_writer") is None and state.get("_last_step") is None:
             return state
-        return {**state, "_writer": None, "_last_step": None, "_floor": None, "_shown": set(), "_plain_points": {},
-                "_judge": True, "overwrite": False, "_confirmed": None, "_recent": []}
+        return self._unwritten(state, _writer=None, _floor=None, _shown=set(), _plain_points={}, _judge=True)
 
     def _drop_writer(self) -> str | None:
         """Close and forget the writer made here (if any); what failed in closing it, as text, or ``None``.
