@@ -17,8 +17,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._anytime import same_mapping
-from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_temperatures, check_thresholds, holds_meta,
-                               refuse_nan_logits, softmax_undefined)
+from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_exit_outputs, check_temperatures, check_thresholds,
+                               holds_meta, refuse_nan_logits, softmax_undefined)
 from metaweight._exit_rules import (RULES, Entropy, ExitRule, Margin, MaxProbability, as_rule, calibrated,
                                    decision_dtype, predict, reaches, score_dtype)
 from metaweight._graphs import StageGraphs
@@ -471,6 +471,72 @@ def _rule_argument(name: str) -> str:
     return f"rule={name!r}" if name in RULES else f"rule={name.rsplit('.', 1)[-1]}() (an instance of {name})"
 
 
+def _forward_key(model: nn.Module, parts: tuple[Sequence[nn.Module], Sequence[nn.Module]]) -> tuple[Any, ...]:
+    """What :func:`check_forward_agrees` depends on, by identity: the model, its class, a forward set on the
+    instance, its own hooks, and its stages and heads (a module replaced is checked again)."""
+    return (id(model), type(model), id(model.__dict__.get("forward")), tuple(model._forward_pre_hooks),
+            tuple(model._forward_hooks), *map(id, parts[0]), *map(id, parts[1]))
+
+
+@torch.no_grad()
+def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Tensor],
+                         parts: tuple[Sequence[nn.Module], Sequence[nn.Module]], n: int, samples: int = 1) -> None:
+    """Refuse a model whose ``forward`` gives other logits than its ``exit_stages()`` run in turn (stage 1,
+    head 1, stage 2, ...), which is what :class:`EarlyExit` runs: a ``forward`` that normalises or reshapes its
+    input before stage 1, is overridden in a subclass of :class:`MultiExit`, or a forward hook on the model
+    itself. Early exit would then predict from other logits than ``model(x)`` gives (and the thresholds were
+    found on), silently. Both are run on the first ``samples`` samples of the call, in eval mode (the
+    caller's); a call whose inputs cannot be cut to them, or whose forward does not return one logits tensor
+    per exit, is not checked. One host read.
+
+    Raises:
+        ValueError: an exit whose logits differ (beyond rounding: 1e-3 of the largest logit, 5e-2 in half
+            precision) or whose shapes differ, naming it and what to change.
+    """
+    stages, heads = parts
+    m = min(n, samples)
+    device = next(t.device for t in inputs if t.dim() > 0 and t.shape[0] == n)
+    keep = torch.arange(m, device=device)
+    try:
+        select = _Selection(inputs, n)
+        few = ModelCall(tuple(select(list(call.args), keep, n, 1)), dict(select(dict(call.kwargs), keep, n, 1)))
+    except (TypeError, ValueError):  # (inputs holding per-sample tensors EarlyExit cannot cut: not checked)
+        return
+    try:
+        reference = check_exit_outputs(model(*few.args, **few.kwargs), len(heads))
+    except Exception:  # noqa: BLE001 - a forward of another form (not K logits tensors): nothing to compare with
+        return
+    name = f"`{type(model).__name__}`"
+    features: Any = None
+    for k, (stage, head) in enumerate(zip(stages, heads)):
+        if k == 0:
+            first = first_stage_call(model, few, stage)
+            features = stage(*first.args, **first.kwargs)
+        else:
+            features = stage(features)
+        staged, expected = head_logits(head(features), k, head, name), reference[k]
+        if staged.shape != expected.shape:
+            differ = f"have shape {tuple(staged.shape)} where the forward's have {tuple(expected.shape)}"
+        else:
+            a, b = staged.double(), expected.to(staged.device).double()
+            finite = torch.isfinite(b)
+            scale = b[finite].abs().max() if bool(finite.any()) else b.new_ones(())
+            low = min(staged.element_size(), expected.element_size()) < 4
+            tolerance = 5e-2 if low else 1e-3
+            if bool(torch.isclose(a, b, rtol=tolerance, atol=tolerance * float(scale), equal_nan=True).all()):
+                continue
+            gap = (a - b).abs().nan_to_num(nan=float("inf")).max()
+            differ = f"differ by up to {float(gap):.3g} (the forward's logits are as large as {float(scale):.3g})"
+        raise ValueError(
+            f"EarlyExit runs {name} through its exit_stages() (stage 1, head 1, stage 2, ...), and its forward "
+            f"computes something else: on the batch's first {m} sample(s), exit {k + 1}'s logits from the stages "
+            f"{differ}. Early exit would predict from other logits than model(x) gives, and than thresholds found "
+            f"on them assume. The forward does something the stages do not: a step before stage 1 (normalising or "
+            f"reshaping the input), an overridden forward, or a forward hook or pre-hook on the model itself. Move "
+            f"that step into stage 1 (e.g. nn.Sequential(normalize, stage_1) as the first stage), or make "
+            f"exit_stages() return stages that do what the forward does.")
+
+
 class EarlyExit(nn.Module):
     """Runs a multi-exit model so that each sample stops at its first confident exit.
 
@@ -484,7 +550,11 @@ class EarlyExit(nn.Module):
     the thresholds in float64 (float32 on MPS, which has no float64), which are kept so when
     the predictor is cast (``.half()``, ``.bfloat16()``, ``.double()`` cast the model, never the
     thresholds). The structure is read at every call (``exit_stages()`` and the modules' modes),
-    so a head or stage replaced after construction is the one used. Equal up to rounding: a
+    so a head or stage replaced after construction is the one used. What runs is the stages and
+    heads, never the model's ``forward``: the first call (and the first after a stage, a head or the
+    model's own hooks change) checks on one sample that they give the forward's logits, running the
+    forward and the stages on it (twice the last exit's cost of one sample, once), and refuses a
+    model whose forward does something they do not (see :func:`check_forward_agrees`). Equal up to rounding: a
     stage run on the sub-batch still in the network may round its output differently in the last bit than on the whole batch (a matrix
     multiply over fewer rows; one float32 ulp of a logit, about 6e-8, seen on CPU), so a sample
     whose score lies that close to a threshold can leave at the neighbouring exit. Thresholds
@@ -597,6 +667,7 @@ class EarlyExit(nn.Module):
         ValueError: a model on the meta device; thresholds not one per exit, or NaN; temperatures
             not one positive number per exit; a BatchNorm without running statistics in a stage
             or head after the first (also at a call); ``cuda_graphs`` with exits attached by name.
+            At a first call, a model whose forward gives other logits than its stages and heads.
             Heads declaring different numbers of classes (at a call too, and heads that do not
             declare them where a call reaches an exit of other classes than exit 1's).
             At a call: the batch not in the first dimension (of the inputs, or of the features: a
@@ -610,6 +681,7 @@ class EarlyExit(nn.Module):
     """
 
     _check_statistics = True  # (off for exit_costs(executed=True): every sample leaves at one exit there)
+    _forward_checked: tuple[Any, ...] | None = None  # the structure check_forward_agrees last passed
 
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float], *,
                  rule: ExitRule | str = "max_probability", temperatures: Any = None,
@@ -678,6 +750,7 @@ class EarlyExit(nn.Module):
         state = self.__dict__.copy()
         if state.get("_graphs") is not None:
             state["_graphs"] = StageGraphs()
+        state.pop("_forward_checked", None)  # (identities: the copy's model is checked again at its first call)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -782,7 +855,13 @@ class EarlyExit(nn.Module):
         for m in training:
             m.training = False
         try:
-            return EarlyExitResult(*self._run(x, inputs, parts))
+            predictions, exits = self._run(x, inputs, parts)
+            if parts is not None and exits.numel():
+                key = _forward_key(self.model, parts)
+                if key != self._forward_checked:  # (once per model structure: the call's only extra cost then)
+                    check_forward_agrees(self.model, x, inputs, parts, exits.shape[0])
+                    self._forward_checked = key
+            return EarlyExitResult(predictions, exits)
         finally:
             for m in training:
                 m.training = True

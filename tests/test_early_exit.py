@@ -1340,3 +1340,106 @@ def test_a_head_that_returns_no_tensor_is_refused_the_same_way_wherever_it_runs(
                                             rf"and a head must return one logits tensor \[batch, classes\]\. Wrap "
                                             rf"the head in a module whose forward returns only the logits"):
             call()
+
+
+class _Normalized(mw.MultiExit):
+    """A MultiExit whose own forward normalises the input before stage 1, which exit_stages() does not."""
+
+    def forward(self, x):
+        return super().forward((x - 5.0) / 3.0)
+
+
+class _OwnStages(nn.Module):
+    """A model defining exit_stages() itself, whose forward scales the features between stage 1 and 2 (a step
+    that is in no stage): only exit 2 and later differ."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.inner, self.scale = tiny_net(3, batchnorm=False), scale
+
+    def exit_stages(self):
+        return self.inner.exit_stages()
+
+    def forward(self, x):
+        stages, heads = self.exit_stages()
+        h = stages[0](x)
+        out = [heads[0](h)]
+        h = h * self.scale
+        for stage, head in zip(stages[1:], heads[1:]):
+            h = stage(h)
+            out.append(head(h))
+        return out
+
+
+def _pre_hooked():
+    net = tiny_net(3, batchnorm=False)
+    net.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+    return net
+
+
+def _post_hooked():
+    net = tiny_net(3, batchnorm=False)
+    net.register_forward_hook(lambda module, args, output: [o + 1.0 for o in output])
+    return net
+
+
+@pytest.mark.parametrize("build, exit_", [
+    (lambda: _Normalized(tiny_net(3, batchnorm=False).stages, tiny_net(3, batchnorm=False).heads), 1),
+    (lambda: _OwnStages(2.0), 2),
+    (_pre_hooked, 1),
+    (_post_hooked, 1),
+], ids=["overridden forward", "step between stages", "forward pre-hook", "forward hook"])
+def test_a_forward_that_computes_other_logits_than_the_stages_is_refused(build, exit_):
+    """EarlyExit runs exit_stages(); a model whose forward does something outside them (an overridden forward,
+    a step between stages, a hook on the model itself) would silently predict from other logits than model(x)
+    and exit_assignment on its logits: refused at the first call, naming the exit, as is exit_costs(executed=True)
+    (whose costs would be the stages' alone). The same computation with the step moved into stage 1 agrees with
+    exit_assignment on the forward's logits, sample by sample."""
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(64, 6) * 3 + 5
+    with pytest.raises(ValueError, match=rf"forward computes something else.*exit {exit_}'s logits"):
+        mw.EarlyExit(model, [0.6, 0.6, 0.0])(x)
+    with pytest.raises(ValueError, match=r"forward computes something else"):
+        mw.exit_costs(model, x[:1], executed=True)
+    # a subclass whose forward is the stages' (a docstring, a log line) passes, and so does the step as a stage
+    torch.manual_seed(0)
+    plain = tiny_net(3, batchnorm=False)
+
+    class Logged(mw.MultiExit):
+        def forward(self, x):
+            return super().forward(x)
+
+    fixed = Logged([nn.Sequential(Affine(), plain.stages[0]), *plain.stages[1:]], plain.heads).eval()
+    with torch.no_grad():
+        logits = torch.stack(fixed(x))
+    confidence = logits.softmax(-1).amax(-1)
+    thresholds = [float(confidence[0].median()), float(confidence[1].median()), 0.0]
+    result = mw.EarlyExit(fixed, thresholds)(x)
+    expected = mw.exit_assignment(logits, torch.tensor(thresholds))
+    assert torch.equal(result.exits, expected.exits) and torch.equal(result.predictions, expected.predictions)
+    assert 0 < int((result.exits == 0).sum()) < 64  # a real mix
+
+
+class Affine(nn.Module):
+    def forward(self, x):
+        return (x - 5.0) / 3.0
+
+
+def test_the_forward_check_runs_once_per_structure_and_again_for_a_new_head():
+    """The check (one forward of one sample and the stages on it) runs at the first call only, and again once a
+    head, a stage or the model's own hooks change: counted by the model's forward calls."""
+    net = tiny_net(3, batchnorm=False).eval()
+    calls = []
+    net.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    predictor = mw.EarlyExit(net, [0.5, 0.5, 0.0])
+    for _ in range(3):
+        predictor(torch.randn(8, 6))
+    assert calls == [1]
+    net.heads[1] = nn.Linear(10, 5)
+    predictor(torch.randn(8, 6))
+    predictor(torch.randn(8, 6))
+    assert calls == [1, 1]
+    net.register_forward_hook(lambda module, args, output: [o * 10.0 for o in output])
+    with pytest.raises(ValueError, match="forward computes something else"):
+        predictor(torch.randn(8, 6))

@@ -35,11 +35,16 @@ def test_executed_flops_of_early_exit_match_the_predicted_cost_msdnet():
     conf = torch.softmax(logits, -1).max(-1).values
     thresholds = torch.tensor([float(conf[0].quantile(0.6)), float(conf[1].quantile(0.5)),
                                float(conf[2].quantile(0.5)), -1.0])
-    flops, exits = executed_flops(mw.EarlyExit(model, thresholds), x)
+    predictor = mw.EarlyExit(model, thresholds)
+    first, _ = executed_flops(predictor, x)
+    flops, exits = executed_flops(predictor, x)
     counts = torch.bincount(exits, minlength=4).tolist()
     assert len([c for c in counts if c]) >= 3  # a real mix of exits
     predicted = sum(c * m for c, m in zip(counts, executed.macs))
     assert flops // 2 == predicted
+    # the first call also checks, on one sample, that the stages compute what the forward does: the forward
+    # and the stages to the last exit, each the last exit's cost
+    assert first // 2 == predicted + 2 * executed.macs[-1]
     # the budgeted point with executed costs predicts the same cost per sample
     point = mw.evaluate_thresholds(logits, torch.zeros(24, dtype=torch.long), thresholds, executed.macs)
     assert point.cost * 24 == predicted
