@@ -300,8 +300,14 @@ class NamedWeights:
         """``state`` (this weighter's, pickled) with which of its hooks are library loggers that log it (those
         given to another weighter since log that one): a logger is pickled without its weak references."""
         state["_logs_me"] = {handle for handle, hook in self._hooks.items() if isinstance(hook, HandedLogger) and (
-            hook._metaweight_owner is None or hook._metaweight_owner() in (None, self))}  # (None: its weighter gone)
+            hook._metaweight_owner is None or hook._metaweight_owner() is self or (
+                hook._metaweight_owner() is None and not self._passed_over(hook)))}  # (None: its weighter gone)
         return state
+
+    def _passed_over(self, hook: HandedLogger) -> bool:
+        """Whether the library logger ``hook`` was given to another weighter since it was given this one."""
+        passed = hook._metaweight_passed_over
+        return passed is not None and self in passed
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (``copy.deepcopy``, or unpickled) holds copies of its hooks: the library's loggers among them
@@ -314,6 +320,9 @@ class NamedWeights:
         state = dict(state)
         mine = state.pop("_logs_me", None)  # (None: pickled by an earlier metaweight)
         self.__dict__.update(state)
+        # a copy is a checkpoint and its load: its log's rows after the last iteration it reported are of steps
+        # undone (as after load_state_dict, which knows no more than the count of iterations)
+        self._restored = True
         for handle, hook in self.__dict__.get("_hooks", {}).items():
             if not isinstance(hook, HandedLogger):
                 continue
@@ -368,7 +377,7 @@ class NamedWeights:
         for hook in list(self._hooks.values()):
             passed = hook._metaweight_passed_over if isinstance(hook, HandedLogger) else None
             owner = hook._metaweight_owner if isinstance(hook, HandedLogger) else None
-            if owner is not None and owner() is None and not (passed is not None and self in passed):
+            if owner is not None and owner() is None and not self._passed_over(hook):
                 # the weighter it logged is gone, and this one was not passed over: a shallow copy of it (copy.copy)
                 # kept in its place, whose run this is (its rows too, for a put-back row: HandedLogger._own_rows)
                 hook._metaweight_owner = weakref.ref(self)
@@ -393,17 +402,19 @@ class NamedWeights:
         form and method (the model's step, where the call took one, stands)."""
         object.__setattr__(record, "follows", self._follows)  # (a frozen record: fields set after it is made)
         object.__setattr__(record, "restored", self._restored)
+        before = self._follows, self._restored
+        self._follows, self._restored = record.iteration, False  # (before the hooks: a copy one saves follows it)
         logged: list[str] = []
         try:
             self._call_hooks(record, logged)
         except BaseException as exc:  # (an interrupt in a hook too, as the fast step's handler takes it)
             mark_hook_raised(exc)
+            self._follows, self._restored = before
             put_back()
             stood += logged_note(logged)
             if hasattr(exc, "add_note"):  # (Python 3.11+: the error keeps its type)
                 exc.add_note(f"metaweight: a meta step hook raised after the step it reports; {stood}")
             raise
-        self._follows, self._restored = record.iteration, False
 
     @property
     def callbacks(self) -> list[Callable[[MetaStepRecord], None]]:

@@ -1190,3 +1190,118 @@ def test_a_shallow_copy_kept_in_place_of_its_weighter_logs_as_it(tmp_path, then)
     with open(tmp_path / "log.csv") as f:
         rows = [line.split(",")[0] for line in f.read().splitlines()[1:]]
     assert rows == (["2", "3", "4", "5", "6"] if hooks else ["1", "2", "3", "4", "5", "6"])
+
+
+def _log_rows(path):
+    with open(path) as f:
+        return [line.split(",")[0] for line in f.read().splitlines()[1:]]
+
+
+@pytest.mark.parametrize("how", ["pickle", "copy.copy"])
+def test_a_copy_of_a_weighter_passed_over_is_passed_over_once_the_new_owner_is_gone(tmp_path, how):
+    """A logger handed from a first weighter to a second, the second then gone: a copy of the first (pickled, or a
+    shallow copy in its place) counted the logger's dead owner as its own and wrote its rows into the second's log,
+    dropping the second's later rows as undone (helper-164, HIGH). Passed over, as the first itself is: the log
+    keeps the second's rows alone."""
+    import gc
+    import pickle
+    import warnings
+
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    first, _, _ = build("uw", callbacks=[logger])
+    data = batches(5)
+    first.step(data[0])
+    second, _, _ = build("uw", seed=1, callbacks=[logger])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x, y in data:
+            second.step((x, y))
+    del second
+    gc.collect()
+    copied = pickle.loads(pickle.dumps(first)) if how == "pickle" else copy.copy(first)
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        for x, y in data[:3]:
+            copied.step((x, y))
+    assert any("given to another weighter since" in str(h.message) for h in heard)
+    copied.callbacks[0].close()
+    logger.close()
+    assert _log_rows(tmp_path / "log.csv") == ["1"] and _log_rows(tmp_path / "log-2.csv") == ["1", "2", "3", "4", "5"]
+
+
+class _Saver:
+    """A callback that saves the whole run (``torch.save((model, optimizer, weighter))``) at iteration 3."""
+
+    def __init__(self):
+        self.run, self.saved = None, None
+
+    def __call__(self, record):
+        if record.iteration == 3 and self.run is not None:
+            import io
+
+            buffer = io.BytesIO()
+            torch.save(self.run, buffer)
+            self.saved = buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["uw", "hdkd"])
+def test_a_whole_object_checkpoint_saved_by_a_callback_resumes_with_every_row(tmp_path, name):
+    """``callbacks=[logger, saver]``, the saver writing ``torch.save((model, optimizer, weighter))`` at iteration 3:
+    the weighter counted the iteration as logged only once every hook had returned, so the run resumed from that
+    checkpoint dropped row 3 as undone (helper-164, HIGH). The resumed run's log is the uninterrupted run's rows 1-3,
+    then its own 4-6 (the first run's 4-5, taken after the checkpoint, dropped)."""
+    import io
+    import warnings
+
+    saver = _Saver()
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    criterion = mw.DenseDistillLoss(3)
+    if name == "hdkd":
+        w = mw.HarmonizedWeighter(model, optimizer, criterion, callbacks=[logger, saver])
+    else:
+        w = mw.UW(model, optimizer, criterion, callbacks=[logger, saver])
+    saver.run = (model, optimizer, w)
+    data = batches(6)
+    val = batches(6, size=8)[::-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(5):
+            w.step(data[i], val[i])
+        checkpoint, saver.run = saver.saved, None
+        logger.close()  # (the first run ends: its logger holds the log until closed)
+        model, optimizer, w = torch.load(io.BytesIO(checkpoint), weights_only=False)
+        assert w.num_calls == 3
+        for i in range(3, 6):
+            w.step(data[i], val[i])
+    w.callbacks[0].close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+    assert _log_rows(tmp_path / "log.csv") == ["1", "2", "3", "4", "5", "6"]
+
+
+@pytest.mark.parametrize("how", ["none", "pickle", "deepcopy"])
+def test_a_run_copied_after_a_meta_step_put_back_logs_as_the_run_not_copied(tmp_path, how):
+    """A hook after the logger raising at the first meta step (put back: its row undone), then the run copied whole
+    before the next: the copy's log moved to log-2.csv as a new run (helper-164). A copy is a checkpoint and its load:
+    its log is the run's own, the put-back row dropped as without the copy."""
+    import pickle
+    import warnings
+
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    w, _, _ = build("uw", callbacks=[logger, _RaiseOnce()])
+    data = batches(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="the user's hook failed"):
+            w.step(data[0])
+        if how != "none":
+            w = copy.deepcopy(w) if how == "deepcopy" else pickle.loads(pickle.dumps(w))
+            logger.close()  # (the copied run goes on: the logger copied with it takes the log)
+        for x, y in data[1:]:
+            w.step((x, y))
+    w.callbacks[0].close()
+    logger.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+    assert _log_rows(tmp_path / "log.csv") == ["2", "3"]
