@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -173,7 +174,9 @@ class AttachedExits(nn.Module):
     shallower exits. Pass ``example_input`` (or give the model a ``num_exits``)
     so that :attr:`num_exits` is known before the first forward. The hooks live only during a
     forward of this wrapper, so ``model`` alone still runs as before, and they work under
-    ``torch.func.functional_call`` (the look-ahead).
+    ``torch.func.functional_call`` (the look-ahead). They act for the thread of the call that
+    registered them alone: ``model`` alone, or this wrapper, may run in other threads meanwhile
+    (threads serving one model), neither firing the other's hooks nor stopped by its early exit.
 
     A named module must run once per forward, in the order of ``after``: an exit after a module
     applied twice (a weight-shared block) is refused with a ``ValueError`` naming it and its
@@ -334,9 +337,17 @@ class AttachedExits(nn.Module):
         order: list[str] = []
         modules = dict(self.model.named_modules())
         handles = []
+        # the hooks stay on the model's modules while this call runs: they act for this call's thread alone (the
+        # model called alone in another thread meanwhile, or this wrapper there, neither fires nor is stopped)
+        thread = threading.get_ident()
+
+        def other_thread() -> bool:
+            return not torch.compiler.is_compiling() and threading.get_ident() != thread
 
         def hook_for(index: int, name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if other_thread():
+                    return
                 calls[name] += 1
                 if calls[name] > 1:  # a module applied twice: which call's features? refused below
                     if on_exit is not None:  # early exit cannot run the rest of the forward to count
@@ -362,7 +373,7 @@ class AttachedExits(nn.Module):
         first = _first_exit_module(self.model) if several else None
         if first is not None:
             def own_first(module: nn.Module, args: Any, output: Any) -> None:
-                if "__own_first__" not in captured:
+                if "__own_first__" not in captured and not other_thread():
                     captured["__own_first__"] = len(order)  # attached modules that ran before its first exit
             handles.append(first.register_forward_hook(own_first))
         try:

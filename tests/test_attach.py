@@ -1104,3 +1104,56 @@ def test_a_module_an_exit_is_attached_after_that_is_gone_is_refused_naming_it_ev
                                                  r"after 'layer1\.1'\).*Attach the exits again"):  # (the inner's)
                 call(model)
             assert not any(m._forward_hooks for m in base.modules()), name
+
+
+def test_attached_exits_and_the_model_alone_run_side_by_side_in_threads():
+    """The hooks are on the model's modules while a wrapper call runs: a forward of the model alone in another
+    thread fired them (metaweight's errors in a plain forward, and an early exit stopped by the other thread's
+    modules), and two threads calling the wrapper counted each other's calls as a module run twice (helper-166).
+    Each thread's calls give what they give alone."""
+    import threading
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    exits = mw.attach_exits(body, ["1", "3"], lambda name, f: nn.Linear(f.shape[-1], 5),
+                            example_input=torch.randn(2, 16)).eval()
+    predictor = mw.EarlyExit(exits, [0.0, 0.0, 0.0])  # every sample leaves at exit 1: the forward stops there
+    inputs = [torch.randn(8, 16), torch.randn(8, 16) + 3]
+    with torch.no_grad():
+        alone = [body(inputs[1]), exits(inputs[0])]
+    early = predictor(inputs[0])
+    failures = []
+    start = threading.Barrier(3)
+
+    def run(work):
+        start.wait()
+        for _ in range(150):
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - counted and shown
+                failures.append(f"{type(exc).__name__}: {exc}"[:200])
+
+    def check(got, expected):
+        if not torch.equal(got, expected):
+            failures.append("another value")
+
+    def plain():
+        with torch.no_grad():
+            check(body(inputs[1]), alone[0])
+
+    def wrapped():
+        with torch.no_grad():
+            for got, expected in zip(exits(inputs[0]), alone[1]):
+                check(got, expected)
+
+    def early_exit():
+        result = predictor(inputs[0])
+        check(result.predictions, early.predictions)
+        check(result.exits, early.exits)
+
+    threads = [threading.Thread(target=run, args=(work,)) for work in (plain, wrapped, early_exit)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
