@@ -391,14 +391,22 @@ class HarmonizedWeighter(NamedWeights):
         self._load_note = ""  # LOADED_DURING after a load, until the next meta step: said where the batch is refused
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
-        # what is given to this weighter, once nothing can refuse it: a refused weighter moved no criterion and took
-        # no logger (a library logger logs the weighter given it last: it was taken from the run that held it)
-        for part in (criterion, validation):
+        self._callbacks_given = callbacks  # (registered once the whole constructor has returned: _built)
+        if self.__dict__.get("_built_whole"):  # (__init__ called again on a weighter built: no constructor around it)
+            self._built()
+
+    def _built(self) -> None:
+        """What is given to this weighter once its whole constructor (a subclass's too) has returned, when nothing
+        can refuse it: a refused weighter moved no criterion, took no logger (a library logger logs the weighter
+        given it last: it was taken from the run that held it) and left no hook on the model or its optimizer.
+        The ``callbacks`` come first, before hooks a subclass registered itself."""
+        device = self._active.device
+        for part in (self.criterion, self.validation):
             if isinstance(part, nn.Module):
                 part.to(device)
-        for callback in callbacks:
-            self.register_meta_step_hook(callback)
-        if self.mode == "fast" and self.learn and not capturable:  # (the two-call form's; capturable refuses it)
+        for callback in reversed(self.__dict__.pop("_callbacks_given", ())):
+            self._hooks.move_to_end(self.register_meta_step_hook(callback).id, last=False)
+        if self.mode == "fast" and self.learn and self._capturable is None:  # (the two-call form's)
             self._hook_two_calls(device)
 
     def _hook_two_calls(self, device: torch.device) -> None:
@@ -425,7 +433,7 @@ class HarmonizedWeighter(NamedWeights):
         if state.get("_pending") is not None or state.get("_stepped") is not None:
             state.update(_pending=None, _stepped=None, _lost_calls=COPIED_SINCE)
         state["_resumed"] = None  # (a record of this weighter's loss() calls)
-        return self._logger_state(state)
+        return self._copy_state(state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (``copy.deepcopy``) or an unpickled weighter watches its own model and optimizer, which the

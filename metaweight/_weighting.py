@@ -31,7 +31,6 @@ Design choices every method follows:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 import weakref
@@ -253,7 +252,33 @@ _ITERATION = ("_pending", "_groups", "_last_values", "_kept_at", "_pending_train
               "_load_note")
 
 
-class NamedWeights:
+def _slot_names(cls: type) -> list[str]:
+    """The names of the ``__slots__`` of ``cls`` and its bases (private names as Python mangles them)."""
+    names = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in [slots] if isinstance(slots, str) else slots:
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{klass.__name__.lstrip('_')}{name}"
+            if name not in ("__dict__", "__weakref__"):
+                names.append(name)
+    return names
+
+
+class _BuiltWhole(type):
+    """The weighters' metaclass: ``cls(...)`` runs the whole constructor, then :meth:`NamedWeights._built`, what a
+    weighter is given once nothing can refuse it: a library logger logs the weighter given it last, so a weighter
+    whose constructor raised (a subclass's own check after ``super().__init__``, a mixin's, a dataclass's
+    ``__post_init__``) would have taken it from the run holding it. A copy (``copy``, ``pickle``) is not built."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        self = super().__call__(*args, **kwargs)
+        self._built()
+        self.__dict__["_built_whole"] = True  # (an __init__ called again later gives it what it is given at its end)
+        return self
+
+
+class NamedWeights(metaclass=_BuiltWhole):
     """What every loss weighting shares for naming and logging: :attr:`term_names`,
     :meth:`gamma_dict`, :meth:`terms_dict` and the meta-step hooks (of ``HarmonizedWeighter`` and
     :class:`Weighting`), and the check of parameters replaced between calls. Needs ``_terms``, ``gamma``,
@@ -296,9 +321,14 @@ class NamedWeights:
             return {}
         return dict(zip(self.term_names, host_read([self.last_terms])))
 
-    def _logger_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """``state`` (this weighter's, pickled) with which of its hooks are library loggers that log it (those
-        given to another weighter since log that one): a logger is pickled without its weak references."""
+    def _built(self) -> None:
+        """What the constructor gives the weighter once it has returned whole (:class:`_BuiltWhole`)."""
+
+    def _copy_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` (this weighter's ``__dict__`` as pickled) with what it lacks: the values of the ``__slots__`` of
+        a subclass, and which of its hooks are library loggers that log it (those given to another weighter since
+        log that one): a logger is pickled without its weak references."""
+        state["_slots"] = {name: getattr(self, name) for name in _slot_names(type(self)) if hasattr(self, name)}
         state["_logs_me"] = {handle for handle, hook in self._hooks.items() if isinstance(hook, HandedLogger) and (
             hook._metaweight_owner is None or hook._metaweight_owner() is self or (
                 hook._metaweight_owner() is None and not self._passed_over(hook)))}  # (None: its weighter gone)
@@ -319,7 +349,10 @@ class NamedWeights:
                                  f"torch.load)", STATE_IN_INFERENCE_MODE)
         state = dict(state)
         mine = state.pop("_logs_me", None)  # (None: pickled by an earlier metaweight)
+        slots = state.pop("_slots", {})
         self.__dict__.update(state)
+        for name, value in slots.items():
+            object.__setattr__(self, name, value)
         # a copy is a checkpoint and its load: its log's rows after the last iteration it reported are of steps
         # undone (as after load_state_dict, which knows no more than the count of iterations)
         self._restored = True
@@ -427,49 +460,16 @@ _OTHER_CRITERION = ("(criterion.active differs: e.g. DenseDistillLoss(teachers='
 
 
 def _unset_gamma(weighting: Any) -> bool:
-    """Whether a weighting's constructor left ``gamma`` unset: not in its ``__dict__`` (a class default or a
-    ``__getattr__`` is no value of its own), or, where its class makes ``gamma`` a data descriptor (a property,
-    a slot), reading it fails."""
-    if hasattr(getattr(type(weighting), "gamma", None), "__set__"):
+    """Whether a weighting's constructor left ``gamma`` unset: not in its ``__dict__`` (a class default such as
+    ``gamma = None``, or a ``__getattr__``, is no value of its own), or, where its class makes ``gamma`` a
+    descriptor (a property, a ``functools.cached_property``, a slot), reading it fails."""
+    if hasattr(getattr(type(weighting), "gamma", None), "__get__"):
         try:
             weighting.gamma  # noqa: B018
         except Exception:  # noqa: BLE001 - (a property raising until set: KeyError, AttributeError, ...)
             return True
         return False
     return "gamma" not in weighting.__dict__
-
-
-def _then_given(init: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a weighting's ``__init__``: once the outermost constructor has returned (a subclass's, whatever it does
-    after ``super().__init__``: its own option checks, ``_setup`` or its own ``gamma``), the criterion is moved to
-    the model's device and the ``callbacks`` registered; a constructor that raises has done neither (a library
-    logger logs the weighter given it last: a refused weighting would have taken it from the run holding it)."""
-    if init in _CONSTRUCTORS:  # (already wrapped: by identity, as functools.wraps copies attributes)
-        return init
-
-    @functools.wraps(init)
-    def construct(self: Weighting, *args: Any, **kwargs: Any) -> None:
-        if "_constructing" in self.__dict__:  # (a subclass's super().__init__: the outermost call finishes)
-            init(self, *args, **kwargs)
-            return
-        self.__dict__["_constructing"] = True
-        try:
-            init(self, *args, **kwargs)
-        finally:
-            del self.__dict__["_constructing"]
-        if "_callbacks_given" not in self.__dict__:  # (a subclass that never called Weighting.__init__)
-            return
-        if _unset_gamma(self):  # (a subclass that sets _initial_gamma only: the weights from it)
-            self._setup()
-        if isinstance(self.criterion, nn.Module):
-            self.criterion.to(self.device)
-        for callback in reversed(self.__dict__.pop("_callbacks_given")):  # (first: before the subclass's own)
-            self._hooks.move_to_end(self.register_meta_step_hook(callback).id, last=False)
-    _CONSTRUCTORS.add(construct)
-    return construct
-
-
-_CONSTRUCTORS: weakref.WeakSet[Callable[..., None]] = weakref.WeakSet()  # (the constructors _then_given made)
 
 
 class Weighting(NamedWeights):
@@ -493,10 +493,18 @@ class Weighting(NamedWeights):
         callbacks: hooks called with the :class:`MetaStepRecord` of every successful update.
     """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # (see _then_given: what a constructor does once it cannot refuse; a mixin's __init__ listed first too)
-        cls.__init__ = _then_given(cls.__init__)  # type: ignore[method-assign]
+    def _built(self) -> None:
+        """Once the whole constructor has returned (a subclass's, whatever it does after ``super().__init__``: its
+        own option checks, ``_setup`` or its own ``gamma``): the weights from :meth:`_initial_gamma` where it set
+        none, the criterion moved to the model's device, the ``callbacks`` registered, first."""
+        if "_callbacks_given" not in self.__dict__:  # (a subclass that never called Weighting.__init__)
+            return
+        if _unset_gamma(self):  # (a subclass that sets _initial_gamma only: the weights from it)
+            self._setup()
+        if isinstance(self.criterion, nn.Module):
+            self.criterion.to(self.device)
+        for callback in reversed(self.__dict__.pop("_callbacks_given")):  # (first: before the subclass's own)
+            self._hooks.move_to_end(self.register_meta_step_hook(callback).id, last=False)
 
     needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
     reads_train_batch: ClassVar[bool] = False  # whether meta_step reads its train_batch (FAMO: the terms again)
@@ -564,7 +572,9 @@ class Weighting(NamedWeights):
         self.last_meta = MetaStepRecord(0)
         self._follows = 0
         self._buffers = BufferSnapshot(module)  # step()'s copy of the buffers, kept between steps
-        self._callbacks_given = callbacks  # (registered once the outermost constructor returns: _then_given)
+        self._callbacks_given = callbacks  # (registered once the whole constructor has returned: _built)
+        if self.__dict__.get("_built_whole"):  # (__init__ called again on a weighter built: no constructor around it)
+            self._built()
 
     def _setup(self) -> None:
         """Subclasses call this at the end of their ``__init__``, once their options are set: the weights."""
@@ -821,7 +831,7 @@ class Weighting(NamedWeights):
         if self._groups or self._pending is not None:  # (what its meta_step then says, as the weighter's)
             state["_lost_calls"] = COPIED_SINCE
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
-        return self._logger_state(state)
+        return self._copy_state(state)
 
     @walked_call
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
@@ -1252,5 +1262,3 @@ class Weighting(NamedWeights):
         return (f"{type(self).__name__}(terms={self.term_names}, criterion={type(self.criterion).__name__}"
                 f"{', ' + options if options else ''}, optimizer={type(self.optimizer).__name__})")
 
-
-Weighting.__init__ = _then_given(Weighting.__init__)  # type: ignore[method-assign]  (a subclass without one)

@@ -4,6 +4,7 @@ Nothing lost: on every refused input the model, the optimizer state, gamma and t
 average stay bitwise as they were; evaluation refuses what it cannot score."""
 
 import copy
+import dataclasses
 import functools
 import math
 import warnings
@@ -769,7 +770,59 @@ class _ClassDefault(mw.Weighting):  # (a class-level gamma = None: no value of i
         return {"gamma": self.gamma * 0.9}
 
 
-@pytest.mark.parametrize("cls", [_PerDocstring, _OwnGamma, _ChecksLast, _PropertyGamma, _MixinFirst, _ClassDefault])
+@dataclasses.dataclass(eq=False, repr=False)
+class _Dataclass(mw.Weighting):  # (a dataclass: its generated __init__, then __post_init__ calls Weighting's)
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    crit: object
+    rate: float = 0.9
+    callbacks_given: object = ()
+
+    def __post_init__(self):
+        callbacks, self.callbacks_given = self.callbacks_given, ()  # (a generator given: not kept, nor copied)
+        super().__init__(self.net, self.opt, self.crit, callbacks=callbacks)
+        if not 0 < self.rate < 1:
+            raise ValueError("rate should be in (0, 1)")
+
+    def _propose(self, terms, train_batch):
+        return {"gamma": self.gamma * self.rate}
+
+
+class _CachedGamma(mw.Weighting):  # (gamma a functools.cached_property: a value of its own, read when first used)
+    @functools.cached_property
+    def gamma(self):
+        return torch.tensor([1.0, 2.0, 3.0, 0.5, 0.5, 0.5]) * self._active
+
+    def _propose(self, terms, train_batch):
+        return {"gamma": self.gamma * 0.9}
+
+
+class _Slots(mw.Weighting):  # (its option and gamma in __slots__)
+    __slots__ = ("rate", "gamma")
+
+    def __init__(self, *args, rate=0.9, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rate = rate
+
+    def _propose(self, terms, train_batch):
+        return {"gamma": self.gamma * self.rate}
+
+
+class _HarmonizedChecksLast(mw.HarmonizedWeighter):  # (the weighter's subclass, fast mode: hooks on the model)
+    def __init__(self, *args, rate=0.9, **kwargs):
+        super().__init__(*args, mode="fast", **kwargs)
+        if not 0 < rate < 1:
+            raise ValueError("rate should be in (0, 1)")
+
+
+def _build(cls, model, optimizer, criterion, **kwargs):
+    if cls is _Dataclass:
+        kwargs["callbacks_given"] = kwargs.pop("callbacks", ())
+    return cls(model, optimizer, criterion, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [_PerDocstring, _OwnGamma, _ChecksLast, _PropertyGamma, _MixinFirst, _ClassDefault,
+                                 _Dataclass, _CachedGamma, _Slots])
 @pytest.mark.parametrize("given", ["list", "generator"])
 def test_a_weighting_of_your_own_gets_its_callbacks_once_built_and_none_refused(tmp_path, cls, given):
     """A loss weighting of your own, written as the class docstring says (``_initial_gamma`` and ``_propose``), or
@@ -789,16 +842,25 @@ def test_a_weighting_of_your_own_gets_its_callbacks_once_built_and_none_refused(
     criterion.to = lambda *args, **kwargs: moved.append(args) or criterion
     seen = []
     hooks = [lambda record: seen.append(record.iteration)]
-    for refused in (_ChecksLast, _MixinFirst, _WrapsInit):
+    hooked = (len(model._forward_pre_hooks), len(model._forward_hooks), len(optimizer._optimizer_step_pre_hooks))
+    for refused in (_ChecksLast, _MixinFirst, _WrapsInit, _Dataclass, _HarmonizedChecksLast):
         with pytest.raises(ValueError, match="rate should be"):
-            refused(model, optimizer, criterion, rate=2.0, callbacks=[logger])
+            _build(refused, model, optimizer, criterion, rate=2.0, callbacks=[logger])
     assert moved == []
-    w = cls(model, optimizer, criterion, callbacks=hooks if given == "list" else (h for h in hooks))
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks),
+            len(optimizer._optimizer_step_pre_hooks)) == hooked  # (the fast weighter's: none left)
+    w = _build(cls, model, optimizer, criterion, callbacks=hooks if given == "list" else (h for h in hooks))
     assert w.callbacks == hooks + ([_own_hook] if cls is _PropertyGamma else []) and len(moved) == 1
     if cls is _PropertyGamma:  # (the weights its __init__ set, not _initial_gamma's)
         assert torch.allclose(w.gamma, torch.full((6,), 0.5).exp())
-    w.step(batch())
+    if cls is _CachedGamma:
+        assert w.gamma.tolist() == [1.0, 2.0, 3.0, 0.5, 0.5, 0.5]
+    data = [batch(), batch()]
+    w.step(data[0])
     assert seen == [1]
+    copied = copy.deepcopy(w)  # (a copy goes on as the weighting does: its slots too)
+    assert copied.step(data[1]).gamma == w.step(data[1]).gamma and seen == [1, 2, 2]
+    assert torch.equal(copied.gamma, w.gamma)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         running.step(batch())
