@@ -31,6 +31,7 @@ Design choices every method follows:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import weakref
@@ -250,6 +251,18 @@ def logged_note(logged: list[str]) -> str:
 # what :meth:`Weighting._reset_pending` clears: the iteration's loss() calls, kept for its meta_step
 _ITERATION = ("_pending", "_groups", "_last_values", "_kept_at", "_pending_trains", "_resumed", "_resumed_calls",
               "_load_note")
+
+
+def _made_outside_inference_mode(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A method that may run under ``torch.inference_mode()`` (a weighting's ``meta_step`` and ``load_state_dict``)
+    runs with it off: the state it makes or keeps (the weights, a method's buffers, its scratch copies) would
+    otherwise be inference tensors, which every later update outside it refuses to change in place. Reading the
+    inference tensors the user's code made there (terms) is allowed."""
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return method(self, *args, **kwargs)
+    return call
 
 
 def _slot_names(cls: type) -> list[str]:
@@ -833,6 +846,7 @@ class Weighting(NamedWeights):
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
         return self._copy_state(state)
 
+    @_made_outside_inference_mode
     @walked_call
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
         """Update the weights from the iteration that just ended; call it after the optimizer's step.
@@ -1182,6 +1196,7 @@ class Weighting(NamedWeights):
             "pending_calls": self._pending_calls(),
         }
 
+    @_made_outside_inference_mode
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. Everything is checked first: a checkpoint of another method,
         for other terms, with a key missing or with non-finite values is refused with a

@@ -578,3 +578,30 @@ def test_a_weighter_built_or_loaded_under_inference_mode_is_refused_or_works_aft
         w.step(train, val)
         runs.append([p.detach().clone() for p in model.parameters()] + [w.gamma.detach().clone()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("name", sorted(mw.WEIGHTINGS))
+def test_a_weightings_meta_step_under_inference_mode_leaves_a_run_that_goes_on(name):
+    """A loss weighting's meta_step runs under ``torch.inference_mode()`` (an evaluation block around it): FAMO's made
+    its scratch copies there as inference tensors, so every later meta_step failed ("Inplace update to inference
+    tensor outside InferenceMode"; helper-164). Every method's run after it is, bit for bit, the run with that
+    meta_step outside it."""
+    options = {"dwa": {"window": 2}, "sdn": {"epochs": 2, "steps_per_epoch": 2}}.get(name, {})
+    torch.manual_seed(1)
+    data = [batch() for _ in range(3)]
+    runs = []
+    for inference in (False, True):
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if name == "gradnorm":
+            options = {"shared_parameters": list(model.stages[0].parameters())}
+        w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), **options)
+        for i, (x, y) in enumerate(data):
+            optimizer.zero_grad()
+            w.loss(model(x), y).backward()
+            optimizer.step()
+            with torch.inference_mode() if inference and i == 0 else contextlib.nullcontext():
+                w.meta_step((x, y))
+        runs.append([p.detach().clone() for p in model.parameters()] + [w.gamma.detach().clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
