@@ -54,7 +54,8 @@ def exit_parts(model: nn.Module) -> tuple[Sequence[nn.Module], Sequence[nn.Modul
         raise TypeError(
             f"`{type(model).__name__}` does not expose its stages and heads. Early exit needs "
             f"`exit_stages()` returning (stages, heads), stage k feeding stage k+1 and head k; build the model "
-            f"with metaweight.MultiExit, or define exit_stages() on it."
+            f"with metaweight.MultiExit, or define exit_stages() on it. A module that holds the multi-exit model (a "
+            f"LightningModule, a wrapper of your own): pass the model it holds."
         )
     stages, heads = parts()
     stages, heads = list(stages), list(heads)
@@ -608,7 +609,8 @@ class EarlyExit(nn.Module):
 
     Args:
         model: a model with ``exit_stages()`` returning ``(stages, heads)`` (e.g.
-            :class:`MultiExit`; see :func:`exit_parts`).
+            :class:`MultiExit`; see :func:`exit_parts`), or one wrapped in ``DistributedDataParallel``
+            or ``nn.DataParallel``, whose module is run.
         thresholds: ``K`` thresholds on the rule's scores, e.g. from :func:`find_thresholds` or
             :func:`thresholds_for_budget` with the same rule.
         rule: the exit rule (:class:`MaxProbability` by default, :class:`Entropy`,
@@ -691,6 +693,9 @@ class EarlyExit(nn.Module):
             raise TypeError(f"`model` should be an nn.Module. Found `{type(model).__name__}`.")
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"`cuda_graphs` should be True or False. Found {cuda_graphs!r}.")
+        # (inference needs no DistributedDataParallel: its stages are the module's, run without its hooks)
+        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
         refuse_meta(model, None, "EarlyExit")
         self.model = model
         self.rule = as_rule(rule)

@@ -215,7 +215,7 @@ def _formula(func: Any) -> Any:
 
 def _is_cheap(func: Any) -> bool:
     """Whether ``func`` is known to do no work worth counting (see ``_CHEAP_OPS``)."""
-    if func.namespace == "prim":  # metadata: device, layout
+    if func.namespace in ("prim", "profiler"):  # metadata (device, layout); the profiler's markers (record_function)
         return True
     if func.namespace != "aten":
         return False

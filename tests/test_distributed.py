@@ -278,3 +278,31 @@ def test_one_ranks_bad_labels_are_refused_by_every_rank_at_once(tmp_path):
         assert b["outcome"] == ["ok", "raised", "raised", "ok" if form == "uw" else "raised", "raised"], form
         assert torch.equal(a["gamma"], b["gamma"]), form
         assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])), form
+
+
+def test_early_exit_and_costs_take_a_model_wrapped_for_data_parallel_training(tmp_path):
+    """The model as trained, wrapped in DistributedDataParallel or nn.DataParallel (the README passes it to the
+    weighter as it is): EarlyExit and exit_costs(executed=True) refused it as exposing no stages, saying to build it
+    with MultiExit (it is one), and exit_costs warned that DDP's profiler markers went uncounted, calling the costs
+    lower bounds (helper-166). They run the module it wraps, with its results; the markers cost nothing."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = make_model().eval()
+    x = torch.randn(12, 6, dtype=torch.float64)
+    with torch.no_grad():
+        confidence = torch.stack(model(x)).softmax(-1).amax(-1)
+    thresholds = [float(confidence[0].median()), float(confidence[1].median()), 0.0]
+    alone = mw.EarlyExit(model, thresholds)(x)
+    costs = mw.exit_costs(model, x[:1], executed=True).macs, mw.exit_costs(model, x[:1]).macs
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        for wrapped in (nn.parallel.DistributedDataParallel(model), nn.DataParallel(model)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                result = mw.EarlyExit(wrapped, thresholds)(x)
+                assert (mw.exit_costs(wrapped, x[:1], executed=True).macs, mw.exit_costs(wrapped, x[:1]).macs) == costs
+            assert torch.equal(result.exits, alone.exits) and torch.equal(result.predictions, alone.predictions)
+    finally:
+        dist.destroy_process_group()
+    assert 0 < int((alone.exits == 0).sum()) < 12  # (a mix of exits)

@@ -387,3 +387,25 @@ def test_work_that_reaches_later_layers_through_a_host_value_is_charged_only_by_
     hand = [32 + 32 + 24, 32 + 32 + 24 + 64 + 24]  # a, b, head 1; + stage 2, head 2
     assert mw.exit_costs(net, x, executed=True).macs == hand
     assert mw.exit_costs(net, x).macs == [h - 32 for h in hand]
+
+
+def test_profiler_markers_in_a_forward_cost_nothing_and_warn_nothing():
+    """``torch.profiler.record_function`` in a forward (and DistributedDataParallel's own markers) are ops of the
+    ``profiler`` namespace: exit_costs warned that they went uncounted and called the costs lower bounds
+    (helper-166). They cost nothing: the costs are the layers' (4x8 then 8x3 multiply-adds), with no warning."""
+    import warnings
+
+    class Annotated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk, self.first, self.second = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            with torch.profiler.record_function("trunk"):
+                h = self.trunk(x)
+            return [self.first(h), self.second(h)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        costs = mw.exit_costs(Annotated(), torch.randn(1, 4))
+    assert costs.macs == [4 * 8 + 8 * 3, 4 * 8 + 2 * 8 * 3]
