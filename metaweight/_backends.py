@@ -81,8 +81,30 @@ class HigherBackend(Backend):
             losses = objective.losses(patched_call(fmodel, args, kwargs), yv)
         value = objective.objective(losses)
         check_differentiable(value, NO_VALIDATION_GRADIENT)
-        (gamma_grad,) = torch.autograd.grad(value, gamma)  # non-finite when the objective is: the weighter decides
+        try:
+            (gamma_grad,) = torch.autograd.grad(value, gamma)  # non-finite when the objective is: the weighter decides
+        except RuntimeError as exc:
+            if "derivative for" not in str(exc) or "not implemented" not in str(exc):
+                raise
+            raise ValueError(
+                f"backend='higher' differentiates the look-ahead step's backward, and the model uses an operator "
+                f"without a second derivative ({str(exc).splitlines()[0][:200]}).{_no_derivative_fix(str(exc))}"
+            ) from exc
         return MetaResult(gamma_grad, value.detach(), losses.detach(), values.detach())
+
+
+def _no_derivative_fix(error: str, fast: bool = True) -> str:
+    """What to do about an operator without a forward-mode or second derivative, named in ``error``: torch's fused
+    attention kernels have neither (both exact backends fail), so the fix is attention of plain ops, or the fast
+    mode, which needs neither."""
+    if "scaled_dot_product" in error or "_flash_attention" in error or "_efficient_attention" in error:
+        return (" It is one of torch's fused attention kernels (scaled_dot_product_attention), which have neither a "
+                "forward-mode nor a second derivative, so no exact backend can go through them: run the weighter "
+                "with attention of plain ops, `with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend."
+                "MATH):` around its calls (for a Hugging Face model, attn_implementation='eager')"
+                + (", or use mode='fast', which needs neither." if fast else " for the exact meta-gradient."))
+    return (" Use an implementation of that operator made of plain ops (for a Hugging Face model, "
+            "attn_implementation='eager'), or mode='fast', which needs no derivative beyond the gradient.")
 
 
 class _Directional(Backend):
@@ -142,18 +164,23 @@ class JvpBackend(_Directional):
             except NotImplementedError as exc:
                 if "forward AD" not in str(exc) and "forward mode AD" not in str(exc):  # (custom Functions say so)
                     raise
+                attention = "scaled_dot_product" in str(exc) or "_attention" in str(exc).splitlines()[0]
                 if not terms.fixed_targets:
                     raise ValueError(
-                        f"The model uses an operator without a forward-mode derivative ({str(exc).splitlines()[0]}). "
-                        f"Pass backend='higher', or backend='finite_difference' with a criterion that takes "
-                        f"`teacher_outputs`, or use an implementation of that operator made of plain ops (for a "
-                        f"Hugging Face model, attn_implementation='eager')."
+                        f"The model uses an operator without a forward-mode derivative ({str(exc).splitlines()[0]})."
+                        + (_no_derivative_fix(str(exc)) + " Or pass backend='finite_difference' with a criterion "
+                           "that takes `teacher_outputs`." if attention else
+                           " Pass backend='higher', or backend='finite_difference' with a criterion that takes "
+                           "`teacher_outputs`, or use an implementation of that operator made of plain ops (for a "
+                           "Hugging Face model, attn_implementation='eager').")
                     ) from None
                 warn_user(
                     f"backend='jvp': the model uses an operator without a forward-mode derivative "
                     f"({str(exc).splitlines()[0][:160]}); continuing with backend='finite_difference' (two forwards, "
-                    f"approximate). For the exact meta-gradient use backend='higher', or plain-op implementations "
-                    f"(for a Hugging Face model, attn_implementation='eager')."
+                    f"approximate)."
+                    + (_no_derivative_fix(str(exc), fast=False) if attention else
+                       " For the exact meta-gradient use backend='higher', or plain-op implementations (for a Hugging "
+                       "Face model, attn_implementation='eager').")
                 )
                 self.fallback = FiniteDifferenceBackend(self.fd_epsilon)
                 set_rng_state(rng, device)  # the same dropout masks as if the fallback had run first

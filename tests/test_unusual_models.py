@@ -3,11 +3,14 @@ in a worker thread, bare containers and submodules built in forward under ``high
 parameter and as a buffer."""
 
 import concurrent.futures
+import copy
 import threading
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
 
 import metaweight as mw
 from conftest import batch, quiet, tiny_net
@@ -198,3 +201,58 @@ def test_the_legacy_spectral_norm_is_refused_pointing_to_its_parametrization(bac
     with pytest.raises(ValueError, match=r"\['stages.0.0', 'stages.1.0', 'stages.2.0'\] use the legacy "
                                          r"torch.nn.utils.spectral_norm.*parametrizations.spectral_norm"):
         mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3, temperature=2.0), backend=backend, mode=mode)
+
+
+class _Encoder(nn.Module):
+    """Two tasks on a plain nn.TransformerEncoder: on the CPU its attention is torch's fused kernel
+    (``_scaled_dot_product_flash_attention_for_cpu``), with neither a forward-mode nor a second derivative."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1,
+                                             enable_nested_tensor=False)
+        self.classify, self.regress = nn.Linear(8, 3), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.encoder(self.embed(x)).mean(1)
+        return self.classify(h), self.regress(h).squeeze(-1)
+
+
+class _TwoTasks(nn.Module):
+    term_names = ("ce", "mse")
+
+    def forward(self, outputs, target):
+        return torch.stack([F.cross_entropy(outputs[0], target[0]), F.mse_loss(outputs[1], target[1])])
+
+
+def _two_tasks_objective(outputs, target):
+    return F.cross_entropy(outputs[0], target[0]) + F.mse_loss(outputs[1], target[1])
+
+
+def test_fused_attention_is_refused_by_both_exact_backends_saying_what_works():
+    """torch's fused attention has no forward-mode derivative (jvp) and no second derivative (higher): jvp's refusal
+    sent the user to backend='higher', which then failed with autograd's bare RuntimeError (helper-165). Both refuse
+    with a ValueError naming the kernel, the MATH kernel and mode='fast', changing nothing; under
+    sdpa_kernel(SDPBackend.MATH) the two exact backends give the same meta-gradient, and mode='fast' runs as it is."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = _Encoder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    train = (torch.randint(0, 10, (8, 5), generator=g), (torch.randint(0, 3, (8,), generator=g), torch.randn(8)))
+    val = (torch.randint(0, 10, (8, 5), generator=g), (torch.randint(0, 3, (8,), generator=g), torch.randn(8)))
+    before = copy.deepcopy(model.state_dict())
+    grads = {}
+    for backend in ("jvp", "higher"):
+        w = mw.HarmonizedWeighter(model, optimizer, _TwoTasks(), _two_tasks_objective, backend=backend)
+        with pytest.raises(ValueError, match=r"fused attention kernels.*SDPBackend\.MATH.*mode='fast'"):
+            w.meta_step(train, val)
+        assert w.gamma_dict() == {"ce": 1.0, "mse": 1.0}
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        with sdpa_kernel(SDPBackend.MATH):
+            grads[backend] = w.meta_step(train, val).gamma_grad
+    assert torch.allclose(grads["jvp"], grads["higher"], rtol=1e-4, atol=1e-7)
+    fast = mw.HarmonizedWeighter(model, optimizer, _TwoTasks(), _two_tasks_objective, mode="fast")
+    assert fast.step(train, val).ran
