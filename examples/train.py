@@ -420,7 +420,7 @@ def train(args: argparse.Namespace) -> dict:
     print("\ncalibration (one temperature per exit, fitted on the held-out split; NLL and ECE on test):")
     print(calibration)
     target = mw.thresholds_for_accuracy(val_logits, val_labels, 0.02, confidence=0.9, costs=costs.macs)
-    kept = mw.evaluate_thresholds(test_logits, test_labels, torch.tensor(target.thresholds), costs.macs)
+    kept = mw.evaluate_thresholds(test_logits, test_labels, target.thresholds, costs.macs)
     scored = isinstance(weighter, mw.HarmonizedWeighter) and weighter.num_meta_steps > 0  # (gamma learned on it)
     caveat = ("; it also scored the meta steps that learned gamma, which the guarantee assumes it did not: certify "
               "on a split of its own" if scored else "")

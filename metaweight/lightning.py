@@ -2,7 +2,7 @@
 (after it, with ``mode="fast"``).
 
 Imported on its own (``from metaweight.lightning import HarmonizedCallback``) so that the core
-package never needs Lightning. Your LightningModule's ``forward`` returns the list of exit
+package never needs Lightning; install it with ``pip install 'metaweight[lightning]'``. Your LightningModule's ``forward`` returns the list of exit
 logits, and its ``training_step`` returns ``self.weighter.loss(self(x), y)``; Lightning does the
 backward and the optimizer step (automatic optimization, AMP and schedulers as usual).
 
@@ -23,7 +23,13 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import lightning
+try:
+    import lightning
+except ModuleNotFoundError as exc:  # (the package `lightning`, 2.x: `pytorch_lightning` alone is another import)
+    raise ModuleNotFoundError(
+        "metaweight.lightning needs the package `lightning` (Lightning 2): pip install 'metaweight[lightning]' "
+        "(or pip install lightning). A project on the older `pytorch_lightning` package alone: install `lightning` "
+        "beside it and use lightning.Trainer.", name=exc.name) from exc
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 

@@ -479,3 +479,12 @@ def test_lightning_fast_callback_declaring_a_clipping_nothing_takes_is_refused_b
         fit(module)
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
     assert fit(OwnClipping(_two_exit_net(), lr=0.1)).global_step == 2
+
+
+def test_metaweight_lightning_without_lightning_says_what_to_install(monkeypatch):
+    """Without the ``lightning`` package, ``import metaweight.lightning`` raised a bare ModuleNotFoundError; a project
+    with only ``pytorch_lightning`` got no hint (helper-166). It names the extra to install."""
+    monkeypatch.setitem(sys.modules, "lightning", None)  # (import lightning then fails, as where it is not installed)
+    monkeypatch.delitem(sys.modules, "metaweight.lightning", raising=False)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'metaweight\[lightning\]'.*pytorch_lightning"):
+        import metaweight.lightning  # noqa: F401
