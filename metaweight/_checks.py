@@ -940,3 +940,20 @@ def checked_counters(state_dict: Mapping[str, Any], who: str) -> tuple[dict[str,
         raise ValueError(f"The checkpoint's `pending_calls` should be an int >= 0 (the loss() calls of the "
                          f"accumulated step it was saved in). Found {pending!r}. Nothing was changed.")
     return counts, pending
+
+
+def one_sample_batchnorm(exc: BaseException, batches: Mapping[str, Any], unchanged: bool = True) -> BaseException:
+    """``exc``, or, where it is torch's refusal of a BatchNorm in training mode given one value per channel ("Expected
+    more than 1 value per channel when training"), a ``ValueError`` saying that the weighter's look-ahead runs the
+    model in training mode on ``batches`` (name: the labels), which of them holds one sample, and what to do."""
+    if not isinstance(exc, ValueError) or "Expected more than 1 value per channel when training" not in str(exc):
+        return exc
+    single = [name for name, target in batches.items()
+              if next((t.shape[0] for t in tree_leaves(target) if isinstance(t, Tensor) and t.dim() > 0), None) == 1]
+    which = (f"the {' and the '.join(single)} batch{'es hold' if len(single) > 1 else ' holds'} one sample" if single
+             else "a BatchNorm layer got one value per channel")
+    return ValueError(f"{exc} (torch's BatchNorm): the weighter's look-ahead runs the model in training mode, as the "
+                      f"step it looks ahead at does (BatchNorm normalising with the batch's statistics), on the "
+                      f"{' and '.join(batches)} batch{'es' if len(batches) > 1 else ''}, and {which}. Pass batches of 2 or more samples (for a held-out "
+                      f"loader whose last batch may hold one: DataLoader(..., drop_last=True))."
+                      + (" Nothing was changed." if unchanged else ""))

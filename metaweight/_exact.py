@@ -19,7 +19,8 @@ from torch import Tensor
 from metaweight._backends import Backend
 from metaweight._capture import sparse_trained
 from metaweight._gradcheck import check_gradients_once
-from metaweight._checks import NO_TRAINING_GRADIENT, check_differentiable, summarize_step_labels, unpack_batch
+from metaweight._checks import (NO_TRAINING_GRADIENT, check_differentiable, one_sample_batchnorm, summarize_step_labels,
+                               unpack_batch)
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
@@ -88,9 +89,12 @@ class ExactMode:
                 w.module, w._inner_optimizer, w._terms, w._objective, w.gamma.detach(), train, val,
                 lookahead_names=self.lookahead_names, keep_graph=keep_graph, reducer=w._reducer,
             )
-        except BaseException:  # (an interruption too)
+        except BaseException as exc:  # (an interruption too)
             w.num_calls -= 1  # a meta step that raised did not happen
-            raise
+            said = one_sample_batchnorm(exc, {"training": train[1], "validation": val[1]})
+            if said is exc:
+                raise
+            raise said from exc
         finally:
             if start is not None:
                 set_rng_state(start, device)

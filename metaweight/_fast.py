@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from metaweight._backends import optimizer_refusal
 from metaweight._checks import (NO_TRAINING_GRADIENT, all_padding_message, check_differentiable, checked_target,
-                               float_leaves, summarize_step_labels, unpack_batch)
+                               float_leaves, one_sample_batchnorm, summarize_step_labels, unpack_batch)
 from metaweight._clipping import EPSILON, clip_transpose
 from metaweight._gradcheck import check_gradients_once
 from metaweight._hypergradient import along, call_with, difference, step_length, validation_direction
@@ -342,6 +342,18 @@ class FastMode:
         ``replay``, for half-precision or random forwards). Returns gamma's gradient, the validation
         objective, its exit losses and the step's terms, on the device (a host read only for a piece
         with ``check``)."""
+        try:
+            return self._meta_gradient(w, named, theta, jac, pieces, xv, yv, buffers, transform)
+        except ValueError as exc:  # (torch's refusal of a one-sample batch in a BatchNorm: which batch, what to do)
+            said = one_sample_batchnorm(exc, {"validation": yv}, unchanged=False)
+            if said is exc:
+                raise
+            raise said from exc
+
+    def _meta_gradient(self, w: HarmonizedWeighter, named: list[tuple[str, Tensor]], theta: dict[str, Tensor],
+                       jac: list[Tensor | float], pieces: list[Any], xv: Any, yv: Any, buffers: dict[str, Tensor],
+                       transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # the terms of the training forwards, whatever the difference recomputes
         reported = pieces[0].terms
         if len(pieces) > 1:  # gradient accumulation: the average over the whole batch

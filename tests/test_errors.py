@@ -605,3 +605,21 @@ def test_a_weightings_meta_step_under_inference_mode_leaves_a_run_that_goes_on(n
                 w.meta_step((x, y))
         runs.append([p.detach().clone() for p in model.parameters()] + [w.gamma.detach().clone()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_one_sample_validation_batch_through_batchnorm_says_which_batch_and_what_to_do(mode):
+    """A held-out loader's last batch of one sample: torch's BatchNorm refuses it in training mode, where the look-ahead
+    runs the model, with its bare "Expected more than 1 value per channel when training", saying nothing of the
+    validation batch (helper-165). The error names it and drop_last=True; in the exact mode nothing changed."""
+    torch.manual_seed(0)
+    model = tiny_net(3)  # (BatchNorm1d in every stage)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mw.BalancedValidation(3), mode=mode)
+    before = copy.deepcopy(model.state_dict())
+    x, y = batch()
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel.*the validation batch holds one "
+                                         r"sample.*drop_last=True"):
+        w.step((x, y), (x[:1], y[:1]))
+    if mode == "exact":
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and w.num_calls == 0
