@@ -241,11 +241,18 @@ def _other_settings(kind: type, mode: str, backend: str, *, distributed: bool, r
             if kind in accepted_optimizers(m, b, distributed=distributed, restricted=r)]
 
 
+class OptimizerRefused(TypeError, ValueError):
+    """A weighter refusing its optimizer's class with its settings: both a ``TypeError`` (the class) and a
+    ``ValueError`` (with these settings), so that code catching either catches it in every mode and backend (the
+    exact mode's refusal was a ``TypeError`` and the fast mode's a ``ValueError``)."""
+
+
 def optimizer_refusal(optimizer: torch.optim.Optimizer, mode: str, backend: str, *, distributed: bool = False,
                       restricted: bool = False) -> Exception | None:
-    """The error refusing ``optimizer`` with these settings, or None where :func:`accepted_optimizers` has its
-    class. It lists what these settings accept and suggests a setting to change only where that setting accepts
-    the class; a class no setting accepts gets the ways that need none (``learn=False``, a loss weighting)."""
+    """The error refusing ``optimizer`` with these settings (an :class:`OptimizerRefused`), or None where
+    :func:`accepted_optimizers` has its class. It lists what these settings accept and suggests a setting to change
+    only where that setting accepts the class; a class no setting accepts gets the ways that need none
+    (``learn=False``, a loss weighting)."""
     kind = type(optimizer)
     accepted = accepted_optimizers(mode, backend, distributed=distributed, restricted=restricted)
     if kind in accepted:
@@ -265,16 +272,16 @@ def optimizer_refusal(optimizer: torch.optim.Optimizer, mode: str, backend: str,
     instead = (" Or pass learn=False to keep the loss weights fixed, or use a loss weighting that replays no step "
                "(metaweight.UW, metaweight.DWA, metaweight.FAMO, ...). Nothing was changed.")
     if kind in SIGN_ONLY:
-        return ValueError(f"{sign_only_refusal(kind)} {listed}{switch}{instead}")
+        return OptimizerRefused(f"{sign_only_refusal(kind)} {listed}{switch}{instead}")
     if mode == "fast":
-        return ValueError(f"mode='fast' replays the model's step in closed form, which it knows for some "
-                          f"optimizer classes only, not `{name}`. {listed}{switch}{instead}")
+        return OptimizerRefused(f"mode='fast' replays the model's step in closed form, which it knows for some "
+                                f"optimizer classes only, not `{name}`. {listed}{switch}{instead}")
     if kind in replayable_types() and not supports_exact_update(optimizer):
         why = ("which would use each rank's own gradient instead of the averaged one" if distributed else
                "which looks ahead over every parameter, not those lookahead_params selects")
-        return ValueError(f"The look-ahead replays a `{name}` step through `higher` only (the fast backends fall "
-                          f"back to it), {why}. {listed}{switch}{instead}")
-    return TypeError(f"The look-ahead cannot replay a `{name}` step. {listed}{switch}{instead}")
+        return OptimizerRefused(f"The look-ahead replays a `{name}` step through `higher` only (the fast backends "
+                                f"fall back to it), {why}. {listed}{switch}{instead}")
+    return OptimizerRefused(f"The look-ahead cannot replay a `{name}` step. {listed}{switch}{instead}")
 
 
 def make_backend(name: str, optimizer: torch.optim.Optimizer, *, distributed: bool, restricted: bool, terms: Terms,

@@ -96,7 +96,9 @@ class HarmonizedWeighter(NamedWeights):
             ``_FabricOptimizer``); any other wrapper holding a torch optimizer as ``.optimizer`` is refused
             (a ``TypeError``): the look-ahead replays the inner step, and the wrapper's own may do more
             (Lookahead, master weights). Pass the torch optimizer itself, or use a loss weighting
-            (:class:`UW`, :class:`DWA`, ...), which replays no step.
+            (:class:`UW`, :class:`DWA`, ...), which replays no step. An optimizer class these settings
+            cannot replay is refused with an error that is both a ``TypeError`` and a ``ValueError``
+            (:class:`~metaweight._backends.OptimizerRefused`), in every mode and backend alike.
         criterion: the loss terms :math:`L_k`: a :class:`DenseDistillLoss`, or any callable
             ``criterion(outputs, target) -> Tensor[n]`` with ``term_names`` (see
             :mod:`metaweight._protocols`: optional ``active`` mask and ``teacher_outputs``

@@ -320,3 +320,15 @@ def test_under_distributed_data_parallel_a_refusal_does_not_send_to_the_fallback
         assert "only: Adam, AdamW, RMSprop, SGD (" in said and "the weighter accepts" not in said, said
         assert "backend='jvp'" not in said.replace(f"backend={backend!r} (under", ""), said
     assert optimizer_refusal(torch.optim.SGD(model.parameters(), lr=0.1), "exact", "jvp", distributed=True) is None
+
+
+@pytest.mark.parametrize("settings", [{"mode": "exact"}, {"mode": "exact", "backend": "higher"}, {"mode": "fast"}])
+@pytest.mark.parametrize("kind", [torch.optim.NAdam, torch.optim.RAdam, torch.optim.Rprop])
+def test_an_optimizer_refused_is_caught_as_a_type_error_and_a_value_error_in_every_mode(settings, kind):
+    """The same refusal of an optimizer class was a TypeError with mode='exact' and a ValueError with mode='fast', so
+    code catching one missed the other (helper-165). It is both, in every mode and backend (and Rprop, which only
+    the sign of the gradient moves, too)."""
+    model = tiny_net(3)
+    for caught in (TypeError, ValueError):
+        with pytest.raises(caught, match=kind.__name__):
+            mw.HarmonizedWeighter(model, kind(model.parameters(), lr=0.1), mw.DenseDistillLoss(3), **settings)
