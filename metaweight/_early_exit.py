@@ -498,9 +498,12 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
     m = min(n, samples)
     device = next(t.device for t in inputs if t.dim() > 0 and t.shape[0] == n)
     keep = torch.arange(m, device=device)
-    try:
+    def cut() -> ModelCall:  # (a copy for each pass: a stage may write into what it takes)
         select = _Selection(inputs, n)
-        few = ModelCall(tuple(select(list(call.args), keep, n, 1)), dict(select(dict(call.kwargs), keep, n, 1)))
+        return ModelCall(tuple(select(list(call.args), keep, n, 1)), dict(select(dict(call.kwargs), keep, n, 1)))
+
+    try:
+        few, again = cut(), cut()
     except (TypeError, ValueError):  # (inputs holding per-sample tensors EarlyExit cannot cut: not checked)
         return
     try:
@@ -511,7 +514,7 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
     features: Any = None
     for k, (stage, head) in enumerate(zip(stages, heads)):
         if k == 0:
-            first = first_stage_call(model, few, stage)
+            first = first_stage_call(model, again, stage)
             features = stage(*first.args, **first.kwargs)
         else:
             features = stage(features)

@@ -54,16 +54,19 @@ def test_a_graph_per_padded_size_is_made_once_then_replayed_and_gives_what_eager
     for call in range(3):
         got = predictor(x)
         assert torch.equal(got.predictions, expected.predictions) and torch.equal(got.exits, expected.exits)
-    # first call: each stage eagerly on the samples in, then once more on them padded (what is captured);
+    # first call: each stage eagerly on the samples in, then once more on them padded (what is captured), then
+    # the check that the stages give the forward's logits (one sample through the forward, then the stages);
     # later calls: the padded stage only (the replay). Stage 1 sees the whole batch, unpadded.
-    assert seen == {0: [16, 16, 16, 16], 1: [5, 8, 8, 8], 2: [3, 4, 4, 4]}
+    assert seen == {0: [16, 16, 1, 1, 16, 16], 1: [5, 8, 1, 1, 8, 8], 2: [3, 4, 1, 1, 4, 4]}
     # 7 samples reach stage 2 (the graph for 8 is replayed), 1 reaches stage 3 (a graph for 1 is made)
     thresholds = _thresholds_for(model, x, [9, 6])
     predictor.thresholds.copy_(thresholds)
+    reference = mw.EarlyExit(model, thresholds)
+    reference(x)  # (its first call, with its check: not counted below)
     seen.update({k: [] for k in seen})
     for call in range(2):
         got = predictor(x)
-        expected = mw.EarlyExit(model, thresholds)(x)
+        expected = reference(x)
         assert torch.equal(got.predictions, expected.predictions) and torch.equal(got.exits, expected.exits)
     # (the eager reference's calls in between: 16, 7 and 1 rows)
     assert seen == {0: [16, 16, 16, 16], 1: [8, 7, 8, 7], 2: [1, 1, 1, 1, 1]}
@@ -191,7 +194,9 @@ def test_copies_pickles_and_moves_drop_the_graphs_and_predict_alike():
         seen = _rows(other.model)
         got = other(x)
         assert torch.equal(got.exits, expected.exits) and torch.equal(got.predictions, expected.predictions)
-        assert seen[1] == [5, 8]  # made anew for the copy, on its own model
+        # made anew for the copy, on its own model; then the first call's check (one sample through the forward and
+        # the stages), which the copy, whose model is another, runs again
+        assert seen[1] == [5, 8, 1, 1]
     seen = _rows(model)
     predictor.to(torch.float64)  # a move (here to where it is) drops the graphs
     predictor(x)
