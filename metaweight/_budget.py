@@ -33,10 +33,34 @@ from torch import Tensor
 from metaweight._checks import (check_device_available, check_fit_logits, check_has_values, check_nan_logits,
                                 check_softmax_rows, check_target, check_thresholds, integer_value, real_list,
                                 real_numbers, real_option, real_scalar, real_tensor)
-from metaweight._exit_rules import ExitRule, as_rule, predict, reaches
+from metaweight._exit_rules import Entropy, ExitRule, Margin, MaxProbability, as_rule, predict, reaches
 from metaweight._warn import warn_user
 
 NO_EXIT = 1e8  # a threshold no confidence reaches (MSDNet's value)
+
+# the largest score of each built-in rule and what its scores are, by the very function (taken at import: a scores
+# replaced later is not known)
+_HIGHEST = {MaxProbability.scores: (1.0, "probabilities: 90 % is 0.9"),
+            Margin.scores: (1.0, "differences of two probabilities"),
+            Entropy.scores: (0.0, "minus the entropy: for 'an entropy of at most 0.3' pass -0.3")}
+
+
+def warn_unreachable(thresholds: Tensor, rule: ExitRule, what: str) -> None:
+    """Warn where a threshold of an exit before the last is above every score ``rule`` gives (a built-in rule's),
+    so that no sample can leave there, unless it says so: ``float('inf')`` or :data:`NO_EXIT` (MSDNet's value). Such
+    a threshold is the sign of another scale (a percentage, the entropy where its negative is scored)."""
+    known = _HIGHEST.get(getattr(rule.scores, "__func__", None))
+    if known is None:
+        return
+    highest, scale = known
+    values = thresholds.tolist()[:-1]
+    above = [k for k, t in enumerate(values) if highest < t < NO_EXIT]
+    if above:
+        warn_user(f"{what}: the threshold{'s' if len(above) > 1 else ''} {[values[k] for k in above]} of exit"
+                  f"{'s' if len(above) > 1 else ''} {[k + 1 for k in above]} {'are' if len(above) > 1 else 'is'} "
+                  f"above every score of the rule {rule.name!r}, which are {scale} (at most {highest:g}), so no "
+                  f"sample leaves there. Pass thresholds on that scale; for an exit no sample should leave at, "
+                  f"float('inf') says so without this warning.")
 
 
 def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "max_probability", *,
@@ -322,6 +346,7 @@ def _assigned(logits: Tensor, thresholds: object, rule: ExitRule | str, what: st
     the one a sample takes are never judged, as :class:`EarlyExit` never computes them."""
     confidence, prediction = _confidence(logits, rule=rule, what=what, every_row=False)
     checked = check_thresholds(thresholds, confidence.shape[0])
+    warn_unreachable(checked, as_rule(rule), what)
     first, chosen = _assign(confidence, prediction, checked)
     exits = torch.arange(confidence.shape[0], device=first.device)[:, None]
     check_softmax_rows(logits.detach(), "logits", reached=exits <= first[None])

@@ -894,7 +894,9 @@ def check_thresholds(thresholds: object, num_exits: int) -> Tensor:
     :func:`evaluate_thresholds`): ``num_exits`` real numbers (:func:`real_tensor`), none NaN."""
     thresholds = real_tensor(thresholds, "thresholds", f"{num_exits} thresholds, one per exit")
     if thresholds.shape != (num_exits,):
-        raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.")
+        last = (f" One for each exit but the last? The last exit takes every sample still in, whatever its "
+                f"threshold: append any number (e.g. -1.0)." if thresholds.shape == (num_exits - 1,) else "")
+        raise ValueError(f"Expected {num_exits} thresholds, one per exit. Found shape {tuple(thresholds.shape)}.{last}")
     if torch.isnan(thresholds).any():
         raise ValueError(f"The thresholds {thresholds.tolist()} hold NaN, which no score reaches or fails to reach: "
                          f"give every exit a number (a score reaches it to leave there; float('inf') for an exit "

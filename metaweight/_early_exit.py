@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._anytime import same_mapping
+from metaweight._budget import warn_unreachable
 from metaweight._checks import (UNDEFINED_SOFTMAX_FIX, check_exit_outputs, check_temperatures, check_thresholds,
                                holds_meta, refuse_nan_logits, softmax_undefined)
 from metaweight._exit_rules import (RULES, Entropy, ExitRule, Margin, MaxProbability, as_rule, calibrated,
@@ -721,6 +722,7 @@ class EarlyExit(nn.Module):
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         # float64 holds a list's numbers and any float tensor's exactly (cast on the CPU: MPS has no float64)
         thresholds = check_thresholds(thresholds, num_exits).cpu()
+        warn_unreachable(thresholds, self.rule, "EarlyExit")
         thresholds = thresholds.to(dtype=decision_dtype(device)).to(device)  # where the scores will be
         # a copy: the caller's tensor is not the buffer that load_state_dict() and .to() write
         self.register_buffer("thresholds", thresholds.clone())

@@ -97,3 +97,31 @@ def test_real_early_exit_with_each_rule_equals_the_full_forward(rule):
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="exit rule"):
         mw.find_thresholds(torch.randn(2, 5, 3), torch.tensor([0.5, 0.5]), rule="confidence")
+
+
+def test_thresholds_no_score_reaches_are_warned_of_and_one_short_says_so():
+    """Thresholds on another scale than the rule's scores (DeeBERT's positive entropy where minus the entropy is
+    scored, a percentage for a probability) sent every sample to the last exit with no word, and K-1 thresholds
+    were refused as 'Expected K' (helper-166). A threshold above every score of a built-in rule at an exit before
+    the last is warned of, by EarlyExit and exit_assignment alike, unless it says so (inf, MSDNet's 1e8); the
+    refusal of K-1 says the last exit's is not used."""
+    import warnings
+
+    net = mw.MultiExit([torch.nn.Linear(4, 4)] * 3, [torch.nn.Linear(4, 3)] * 3).eval()
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        logits = torch.stack(net(x))
+    for rule, thresholds in (("entropy", [0.3, 0.3, 0.0]), ("max_probability", [90.0, 0.5, 0.0]),
+                             ("margin", [0.2, 1.5, 0.0])):
+        for call in (lambda: mw.EarlyExit(net, thresholds, rule=rule), lambda: mw.exit_assignment(logits, thresholds,
+                                                                                                    rule=rule)):
+            with pytest.warns(RuntimeWarning, match=rf"above every score of the rule '{rule}'.*no sample leaves"):
+                call()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for thresholds in ([float("inf"), 1e8, 5.0], [1.0, -0.5, 0.0]):  # (said so; reachable; the last's unused)
+            mw.EarlyExit(net, thresholds)
+            mw.exit_assignment(logits, thresholds)
+        mw.EarlyExit(net, [-0.3, -0.3, 0.0], rule="entropy")
+    with pytest.raises(ValueError, match=r"Expected 3 thresholds.*One for each exit but the last\?.*append any"):
+        mw.EarlyExit(net, [0.5, 0.5])
