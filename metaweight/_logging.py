@@ -385,8 +385,8 @@ class HandedLogger:
 
     def _keep_track(self, step: float, cut: float, stands: set[float], fresh: bool, known: bool) -> None:
         """After a row was written: what :meth:`_stands` reads next time."""
-        if fresh or self._confirmed is None:
-            self._confirmed, self._recent = cut - 1, []
+        if fresh or self._confirmed is None:  # (a record of no meta step says nothing of what it follows: none)
+            self._confirmed, self._recent = (cut - 1 if known else 0), []
         else:
             self._recent = [(s, plain) for s, plain in self._recent if s < cut or s in stands]
             self._confirmed = cut - 1 if known else min(self._confirmed, cut - 1)

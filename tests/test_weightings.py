@@ -1305,3 +1305,29 @@ def test_a_run_copied_after_a_meta_step_put_back_logs_as_the_run_not_copied(tmp_
     logger.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
     assert _log_rows(tmp_path / "log.csv") == ["2", "3"]
+
+
+def test_your_own_logger_of_step_records_keeps_a_plain_row_after_a_meta_step_put_back(tmp_path):
+    """Your own CSVLogger fed every ``step()`` record with ``meta_every=2``, a hook raising at the first meta step
+    (put back; its model step stands): the plain row of iteration 2 (its model step stood) was taken for a row of
+    a step undone and the run moved to own-2.csv (helper-164): a record of no meta step says nothing of what it
+    follows, and was taken to confirm every iteration before it. The log is one file, rows 2 to 4."""
+    import warnings
+
+    raised = _RaiseOnce()
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), meta_every=2, callbacks=[raised])
+    own = mw.CSVLogger(tmp_path / "own.csv")
+    data, val = batches(4), batches(4, size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(4):
+            try:
+                own(w.step(data[i], val[i]))
+            except RuntimeError:
+                assert i == 0
+    own.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own.csv"]
+    assert _log_rows(tmp_path / "own.csv") == ["2", "3", "4"]
