@@ -394,14 +394,14 @@ class HarmonizedWeighter(NamedWeights):
         self._watch: ForwardWatch | None = None
         self._forward_hooks: tuple[RemovableHandle, ...] = ()
         self._callbacks_given = callbacks  # (registered once the whole constructor has returned: _built)
-        if self.__dict__.get("_built_whole"):  # (__init__ called again on a weighter built: no constructor around it)
-            self._built()
 
     def _built(self) -> None:
         """What is given to this weighter once its whole constructor (a subclass's too) has returned, when nothing
         can refuse it: a refused weighter moved no criterion, took no logger (a library logger logs the weighter
         given it last: it was taken from the run that held it) and left no hook on the model or its optimizer.
         The ``callbacks`` come first, before hooks a subclass registered itself."""
+        if "_callbacks_given" not in self.__dict__:  # (a subclass that never called HarmonizedWeighter.__init__)
+            return
         device = self._active.device
         for part in (self.criterion, self.validation):
             if isinstance(part, nn.Module):

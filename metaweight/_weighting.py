@@ -278,20 +278,30 @@ def _slot_names(cls: type) -> list[str]:
     return names
 
 
-class _BuiltWhole(type):
-    """The weighters' metaclass: ``cls(...)`` runs the whole constructor, then :meth:`NamedWeights._built`, what a
-    weighter is given once nothing can refuse it: a library logger logs the weighter given it last, so a weighter
-    whose constructor raised (a subclass's own check after ``super().__init__``, a mixin's, a dataclass's
-    ``__post_init__``) would have taken it from the run holding it. A copy (``copy``, ``pickle``) is not built."""
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        self = super().__call__(*args, **kwargs)
+def _then_built(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a weighter's ``__init__``: once the outermost constructor has returned (a subclass's, whatever it does
+    after ``super().__init__``: its own option checks, ``_setup`` or its own ``gamma``), :meth:`NamedWeights._built`
+    gives the weighter what it is given once nothing can refuse it: a library logger logs the weighter given it
+    last, so a weighter whose constructor raised would have taken it from the run holding it."""
+    @functools.wraps(init)
+    def construct(self: NamedWeights, *args: Any, **kwargs: Any) -> None:
+        if "_constructing" in self.__dict__:  # (a subclass's super().__init__: the outermost call finishes)
+            init(self, *args, **kwargs)
+            return
+        self.__dict__["_constructing"] = True
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            del self.__dict__["_constructing"]
         self._built()
-        self.__dict__["_built_whole"] = True  # (an __init__ called again later gives it what it is given at its end)
-        return self
+    _CONSTRUCTORS.add(construct)
+    return construct
 
 
-class NamedWeights(metaclass=_BuiltWhole):
+_CONSTRUCTORS: weakref.WeakSet[Callable[..., None]] = weakref.WeakSet()  # (the constructors _then_built made)
+
+
+class NamedWeights:
     """What every loss weighting shares for naming and logging: :attr:`term_names`,
     :meth:`gamma_dict`, :meth:`terms_dict` and the meta-step hooks (of ``HarmonizedWeighter`` and
     :class:`Weighting`), and the check of parameters replaced between calls. Needs ``_terms``, ``gamma``,
@@ -334,14 +344,23 @@ class NamedWeights(metaclass=_BuiltWhole):
             return {}
         return dict(zip(self.term_names, host_read([self.last_terms])))
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Wrap the constructor of ``cls`` at its first instance (:func:`_then_built`), before it runs: whatever it
+        is then (its own, a mixin's listed first, one a ``@dataclass`` made after the class), with no metaclass to
+        conflict with a user's (``abc.ABC``, a ``Protocol``) and whether called as ``cls(...)`` or as
+        ``cls.__new__(cls)`` then ``__init__``."""
+        if cls.__init__ not in _CONSTRUCTORS:  # (by identity: functools.wraps copies a wrapper's attributes)
+            cls.__init__ = _then_built(cls.__init__)  # type: ignore[method-assign]
+        return super().__new__(cls)
+
     def _built(self) -> None:
-        """What the constructor gives the weighter once it has returned whole (:class:`_BuiltWhole`)."""
+        """What the constructor gives the weighter once it has returned whole (:func:`_then_built`)."""
 
     def _copy_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` (this weighter's ``__dict__`` as pickled) with what it lacks: the values of the ``__slots__`` of
         a subclass, and which of its hooks are library loggers that log it (those given to another weighter since
         log that one): a logger is pickled without its weak references."""
-        state["_slots"] = {name: getattr(self, name) for name in _slot_names(type(self)) if hasattr(self, name)}
+        state["_metaweight_slots"] = {name: getattr(self, name) for name in _slot_names(type(self)) if hasattr(self, name)}
         state["_logs_me"] = {handle for handle, hook in self._hooks.items() if isinstance(hook, HandedLogger) and (
             hook._metaweight_owner is None or hook._metaweight_owner() is self or (
                 hook._metaweight_owner() is None and not self._passed_over(hook)))}  # (None: its weighter gone)
@@ -362,7 +381,7 @@ class NamedWeights(metaclass=_BuiltWhole):
                                  f"torch.load)", STATE_IN_INFERENCE_MODE)
         state = dict(state)
         mine = state.pop("_logs_me", None)  # (None: pickled by an earlier metaweight)
-        slots = state.pop("_slots", {})
+        slots = state.pop("_metaweight_slots", {})
         self.__dict__.update(state)
         for name, value in slots.items():
             object.__setattr__(self, name, value)
@@ -586,8 +605,6 @@ class Weighting(NamedWeights):
         self._follows = 0
         self._buffers = BufferSnapshot(module)  # step()'s copy of the buffers, kept between steps
         self._callbacks_given = callbacks  # (registered once the whole constructor has returned: _built)
-        if self.__dict__.get("_built_whole"):  # (__init__ called again on a weighter built: no constructor around it)
-            self._built()
 
     def _setup(self) -> None:
         """Subclasses call this at the end of their ``__init__``, once their options are set: the weights."""

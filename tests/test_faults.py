@@ -3,6 +3,7 @@
 Nothing lost: on every refused input the model, the optimizer state, gamma and the validation
 average stay bitwise as they were; evaluation refuses what it cannot score."""
 
+import abc
 import copy
 import dataclasses
 import functools
@@ -1101,3 +1102,49 @@ def test_pending_calls_of_a_checkpoint_are_checked_and_kept_by_a_save_before_the
         assert torch.equal(w.gamma, before["gamma"]) and w.state_dict()["pending_calls"] == 0
     w.load_state_dict(state)
     assert w.state_dict()["pending_calls"] == 2
+
+
+class _Abstract(abc.ABC):  # (an abstract mixin: ABCMeta)
+    @abc.abstractmethod
+    def describe(self): ...
+
+
+class _WithAbstract(mw.RLW, _Abstract):
+    def describe(self):
+        return "rlw"
+
+
+class _Declared(mw.UW, mw.LossWeighting):  # (the library's own Protocol listed as a base)
+    pass
+
+
+def test_a_weighting_with_a_metaclass_of_its_own_or_built_in_two_calls_is_built_whole(tmp_path):
+    """A metaclass running the constructor whole (helper-167) conflicted with abc.ABC and Protocol bases, and
+    skipped a weighting made as ``cls.__new__(cls)`` then ``__init__`` (a factory): its callbacks never registered, a
+    fast HarmonizedWeighter never hooked its two calls. The constructor is wrapped at the class's first instance
+    instead: each is built, its callbacks registered, and a fast weighter made in two calls learns."""
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+
+    def hook(record):
+        seen.append(record.iteration)
+
+    for cls in (_WithAbstract, _Declared):
+        w = cls(model, optimizer, mw.DenseDistillLoss(3), callbacks=[hook])
+        assert w.callbacks == [hook]
+    made = mw.UW.__new__(mw.UW)
+    made.__init__(model, optimizer, mw.DenseDistillLoss(3), callbacks=[hook])
+    made.step(batch())
+    assert seen == [1]
+    fast = mw.HarmonizedWeighter.__new__(mw.HarmonizedWeighter)
+    fast.__init__(model, optimizer, mw.DenseDistillLoss(3), mode="fast", callbacks=[hook])
+    x, y = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = fast.loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        record = fast.meta_step((x, y), batch())
+    assert record.ran and seen == [1, 1]
