@@ -25,6 +25,7 @@ from metaweight._exit_rules import (RULES, Entropy, ExitRule, Margin, MaxProbabi
 from metaweight._graphs import StageGraphs
 from metaweight._multiexit import check_exit_classes, check_head_classes, head_logits
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
+from metaweight._randomness import model_generators, rng_state, set_rng_state
 
 
 class EarlyExitResult(NamedTuple):
@@ -473,73 +474,93 @@ def _rule_argument(name: str) -> str:
     return f"rule={name!r}" if name in RULES else f"rule={name.rsplit('.', 1)[-1]}() (an instance of {name})"
 
 
-def _forward_key(model: nn.Module, parts: tuple[Sequence[nn.Module], Sequence[nn.Module]]) -> tuple[Any, ...]:
-    """What :func:`check_forward_agrees` depends on, by identity: the model, its class, a forward set on the
-    instance, its own hooks, and its stages and heads (a module replaced is checked again)."""
-    return (id(model), type(model), id(model.__dict__.get("forward")), tuple(model._forward_pre_hooks),
-            tuple(model._forward_hooks), *map(id, parts[0]), *map(id, parts[1]))
+def _forward_key(model: nn.Module, modules: list[int]) -> tuple[Any, ...]:
+    """What :func:`check_forward_agrees` depends on, by identity: the model, its class and forward (the class's, or
+    one set on the instance), its own hooks, and every module of its tree (``modules``: their ids, a module
+    replaced is checked again; stages or heads that ``exit_stages()`` wraps anew at each call are not)."""
+    return (id(model), type(model), getattr(type(model), "forward", None), id(model.__dict__.get("forward")),
+            tuple(model._forward_pre_hooks), tuple(model._forward_hooks), tuple(modules))
+
+
+CHECKED_SAMPLES = 8  # how many samples of a first call check_forward_agrees runs through the forward and the stages
 
 
 @torch.no_grad()
 def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Tensor],
-                         parts: tuple[Sequence[nn.Module], Sequence[nn.Module]], n: int, samples: int = 1) -> None:
+                         parts: tuple[Sequence[nn.Module], Sequence[nn.Module]], n: int,
+                         samples: int = CHECKED_SAMPLES) -> None:
     """Refuse a model whose ``forward`` gives other logits than its ``exit_stages()`` run in turn (stage 1,
     head 1, stage 2, ...), which is what :class:`EarlyExit` runs: a ``forward`` that normalises or reshapes its
     input before stage 1, is overridden in a subclass of :class:`MultiExit`, or a forward hook on the model
     itself. Early exit would then predict from other logits than ``model(x)`` gives (and the thresholds were
-    found on), silently. Both are run on the first ``samples`` samples of the call, in eval mode (the
-    caller's); a call whose inputs cannot be cut to them, or whose forward does not return one logits tensor
-    per exit, is not checked. One host read.
+    found on), silently. Both are run on the first ``samples`` samples of the call (at most; each pass on its own
+    copy of them), in eval mode (the caller's), from one state of the random generators (a model random in eval
+    mode, MC dropout, draws the same in both; put back afterwards), a compiled model's forward run eagerly. The
+    logits are compared as log-probabilities (a forward giving ``log_softmax`` of the heads' logits agrees: every
+    rule scores their softmax). Not checked: a call whose inputs cannot be cut to those samples, a forward that
+    does not return one logits tensor per exit, and what the forward does to other samples only (a step that
+    leaves the checked ones as they are). One host read.
 
     Raises:
-        ValueError: an exit whose logits differ (beyond rounding: 1e-3 of the largest logit, 5e-2 in half
+        ValueError: an exit whose log-probabilities differ (beyond rounding: 1e-3 of the largest, 5e-2 in half
             precision) or whose shapes differ, naming it and what to change.
     """
     stages, heads = parts
     m = min(n, samples)
     device = next(t.device for t in inputs if t.dim() > 0 and t.shape[0] == n)
-    keep = torch.arange(m, device=device)
-    def cut() -> ModelCall:  # (a copy for each pass: a stage may write into what it takes)
+
+    def cut() -> ModelCall:  # (a copy for each pass: a stage, or the forward, may write into what it takes)
         select = _Selection(inputs, n)
+        keep = torch.arange(m, device=device)
         return ModelCall(tuple(select(list(call.args), keep, n, 1)), dict(select(dict(call.kwargs), keep, n, 1)))
 
     try:
         few, again = cut(), cut()
-    except (TypeError, ValueError):  # (inputs holding per-sample tensors EarlyExit cannot cut: not checked)
+    except Exception:  # noqa: BLE001 - inputs EarlyExit cannot cut here (sparse, on two devices): not checked
         return
+    eager = getattr(model, "_orig_mod", model)  # (a compiled model: its forward eagerly, not compiled for the check)
+    eager = eager if isinstance(eager, nn.Module) else model
+    start = rng_state(device, model_generators(model))
     try:
-        reference = check_exit_outputs(model(*few.args, **few.kwargs), len(heads))
-    except Exception:  # noqa: BLE001 - a forward of another form (not K logits tensors): nothing to compare with
-        return
-    name = f"`{type(model).__name__}`"
-    features: Any = None
-    for k, (stage, head) in enumerate(zip(stages, heads)):
-        if k == 0:
-            first = first_stage_call(model, again, stage)
-            features = stage(*first.args, **first.kwargs)
-        else:
-            features = stage(features)
-        staged, expected = head_logits(head(features), k, head, name), reference[k]
-        if staged.shape != expected.shape:
-            differ = f"have shape {tuple(staged.shape)} where the forward's have {tuple(expected.shape)}"
-        else:
-            a, b = staged.double(), expected.to(staged.device).double()
-            finite = torch.isfinite(b)
-            scale = b[finite].abs().max() if bool(finite.any()) else b.new_ones(())
-            low = min(staged.element_size(), expected.element_size()) < 4
-            tolerance = 5e-2 if low else 1e-3
-            if bool(torch.isclose(a, b, rtol=tolerance, atol=tolerance * float(scale), equal_nan=True).all()):
-                continue
-            gap = (a - b).abs().nan_to_num(nan=float("inf")).max()
-            differ = f"differ by up to {float(gap):.3g} (the forward's logits are as large as {float(scale):.3g})"
-        raise ValueError(
-            f"EarlyExit runs {name} through its exit_stages() (stage 1, head 1, stage 2, ...), and its forward "
-            f"computes something else: on the batch's first {m} sample(s), exit {k + 1}'s logits from the stages "
-            f"{differ}. Early exit would predict from other logits than model(x) gives, and than thresholds found "
-            f"on them assume. The forward does something the stages do not: a step before stage 1 (normalising or "
-            f"reshaping the input), an overridden forward, or a forward hook or pre-hook on the model itself. Move "
-            f"that step into stage 1 (e.g. nn.Sequential(normalize, stage_1) as the first stage), or make "
-            f"exit_stages() return stages that do what the forward does.")
+        try:
+            reference = check_exit_outputs(eager(*few.args, **few.kwargs), len(heads))
+        except Exception:  # noqa: BLE001 - a forward of another form (not K logits tensors): nothing to compare with
+            return
+        set_rng_state(start, device)
+        name = f"`{type(model).__name__}`"
+        features: Any = None
+        for k, (stage, head) in enumerate(zip(stages, heads)):
+            if k == 0:
+                first = first_stage_call(model, again, stage)
+                features = stage(*first.args, **first.kwargs)
+            else:
+                features = stage(features)
+            staged, expected = head_logits(head(features), k, head, name), reference[k]
+            if staged.shape != expected.shape:
+                differ = f"have shape {tuple(staged.shape)} where the forward's have {tuple(expected.shape)}"
+            else:
+                a = torch.log_softmax(staged.double(), -1)
+                b = torch.log_softmax(expected.to(staged.device).double(), -1)
+                finite = torch.isfinite(b)
+                scale = b[finite].abs().max() if bool(finite.any()) else b.new_ones(())
+                low = min(staged.element_size(), expected.element_size()) < 4
+                tolerance = 5e-2 if low else 1e-3
+                if bool(torch.isclose(a, b, rtol=tolerance, atol=tolerance * max(float(scale), 1.0),
+                                      equal_nan=True).all()):
+                    continue
+                gap = (a - b).abs().nan_to_num(nan=float("inf")).max()
+                differ = (f"differ by up to {float(gap):.3g} in log-probability (the forward's are as large as "
+                          f"{float(scale):.3g})")
+            raise ValueError(
+                f"EarlyExit runs {name} through its exit_stages() (stage 1, head 1, stage 2, ...), and its forward "
+                f"computes something else: on the batch's first {m} sample(s), exit {k + 1}'s logits from the stages "
+                f"{differ}. Early exit would predict from other logits than model(x) gives, and than thresholds "
+                f"found on them assume. The forward does something the stages do not: a step before stage 1 "
+                f"(normalising or reshaping the input), an overridden forward, a step between stages, or a forward "
+                f"hook or pre-hook on the model itself. Move that step into a stage (e.g. nn.Sequential(normalize, "
+                f"stage_1) as the first stage), or make exit_stages() return stages that do what the forward does.")
+    finally:
+        set_rng_state(start, device)
 
 
 class EarlyExit(nn.Module):
@@ -557,9 +578,10 @@ class EarlyExit(nn.Module):
     thresholds). The structure is read at every call (``exit_stages()`` and the modules' modes),
     so a head or stage replaced after construction is the one used. What runs is the stages and
     heads, never the model's ``forward``: the first call (and the first after a stage, a head or the
-    model's own hooks change) checks on one sample that they give the forward's logits, running the
-    forward and the stages on it (twice the last exit's cost of one sample, once), and refuses a
-    model whose forward does something they do not (see :func:`check_forward_agrees`). Equal up to rounding: a
+    model's own hooks or its modules change) checks on its first 8 samples that they give the
+    forward's logits, running the forward and the stages on them (twice the last exit's cost of those
+    samples, once), and refuses a model whose forward does something they do not (see
+    :func:`check_forward_agrees`). Equal up to rounding: a
     stage run on the sub-batch still in the network may round its output differently in the last bit than on the whole batch (a matrix
     multiply over fewer rows; one float32 ulp of a logit, about 6e-8, seen on CPU), so a sample
     whose score lies that close to a threshold can leave at the neighbouring exit. Thresholds
@@ -854,8 +876,9 @@ class EarlyExit(nn.Module):
             refuse_meta(self.model, x, "EarlyExit")
         # read at every call, before anything runs: a head or stage replaced later is the one used
         parts = None if self._whole_batch else exit_parts(self.model)
-        training, batch_statistics = [], False
+        training, batch_statistics, modules = [], False, []
         for m in self.model.modules():  # one pass over the modules (the cost of a call at batch 1)
+            modules.append(id(m))  # (the structure check_forward_agrees passed: checked again when it changes)
             if m.training:
                 training.append(m)
             if _uses_batch_statistics(m):
@@ -867,7 +890,7 @@ class EarlyExit(nn.Module):
         try:
             predictions, exits = self._run(x, inputs, parts)
             if parts is not None and exits.numel():
-                key = _forward_key(self.model, parts)
+                key = _forward_key(self.model, modules)
                 if key != self._forward_checked:  # (once per model structure: the call's only extra cost then)
                     check_forward_agrees(self.model, x, inputs, parts, exits.shape[0])
                     self._forward_checked = key

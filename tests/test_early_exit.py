@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
 import metaweight as mw
+import metaweight._early_exit
 import metaweight._graphs as graphs
 from conftest import tiny_net
 from metaweight._graphs import _flatten_output
@@ -1379,7 +1381,7 @@ def _pre_hooked():
 
 def _post_hooked():
     net = tiny_net(3, batchnorm=False)
-    net.register_forward_hook(lambda module, args, output: [o + 1.0 for o in output])
+    net.register_forward_hook(lambda module, args, output: [o * 2.0 for o in output])
     return net
 
 
@@ -1426,20 +1428,115 @@ class Affine(nn.Module):
         return (x - 5.0) / 3.0
 
 
+class _Wrapping(nn.Module):
+    """exit_stages() wraps each head anew at every call (``nn.Sequential(norm, head)``): new module objects each
+    time, the same computation."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.norm = tiny_net(3, batchnorm=False), nn.LayerNorm(10)
+
+    def exit_stages(self):
+        return self.inner.stages, [nn.Sequential(self.norm, head) for head in self.inner.heads]
+
+    def forward(self, x):
+        stages, heads = self.exit_stages()
+        out = []
+        for stage, head in zip(stages, heads):
+            x = stage(x)
+            out.append(head(x))
+        return out
+
+
 def test_the_forward_check_runs_once_per_structure_and_again_for_a_new_head():
-    """The check (one forward of one sample and the stages on it) runs at the first call only, and again once a
-    head, a stage or the model's own hooks change: counted by the model's forward calls."""
+    """The check (a forward of the batch's first 8 samples and the stages on them) runs at the first call only,
+    and again once a module of the model or its own hooks change, counted by the model's forward calls; stages
+    and heads that exit_stages() wraps anew at each call are the same structure (their new ids had the check run
+    at every call, and counted by exit_costs(executed=True); helper-167)."""
     net = tiny_net(3, batchnorm=False).eval()
     calls = []
     net.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     predictor = mw.EarlyExit(net, [0.5, 0.5, 0.0])
     for _ in range(3):
-        predictor(torch.randn(8, 6))
-    assert calls == [1]
+        predictor(torch.randn(12, 6))
+    assert calls == [8]
     net.heads[1] = nn.Linear(10, 5)
-    predictor(torch.randn(8, 6))
-    predictor(torch.randn(8, 6))
-    assert calls == [1, 1]
+    predictor(torch.randn(12, 6))
+    predictor(torch.randn(3, 6))
+    assert calls == [8, 8]
     net.register_forward_hook(lambda module, args, output: [o * 10.0 for o in output])
     with pytest.raises(ValueError, match="forward computes something else"):
         predictor(torch.randn(8, 6))
+    wrapping = _Wrapping().eval()
+    calls = []
+    wrapping.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    predictor = mw.EarlyExit(wrapping, [0.5, 0.5, 0.0])
+    for _ in range(3):
+        predictor(torch.randn(1, 6))
+    assert calls == [1]
+    assert mw.exit_costs(wrapping, torch.randn(1, 6), executed=True).macs == \
+        mw.exit_costs(wrapping, torch.randn(1, 6)).macs
+
+
+class _MonteCarlo(mw.MultiExit):
+    """Dropout on in eval mode (MC dropout): the forward and the stages draw alike from one generator state."""
+
+    def __init__(self):
+        net = tiny_net(3, batchnorm=False)
+        super().__init__([nn.Sequential(stage, _AlwaysDropout()) for stage in net.stages], net.heads)
+
+
+class _AlwaysDropout(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.3, training=True)
+
+
+class _LogProbabilities(mw.MultiExit):
+    """A forward giving log_softmax of the heads' logits: the same softmax, every rule's scores alike."""
+
+    def forward(self, x):
+        return [torch.log_softmax(z, -1) for z in super().forward(x)]
+
+
+class _InPlace(mw.MultiExit):
+    """A forward normalising its input in place before stage 1 (the stages then read the input as given)."""
+
+    def forward(self, x):
+        return super().forward(x.sub_(5.0).div_(3.0))
+
+
+class _Clamped(mw.MultiExit):
+    """A forward clamping its input: only the samples out of range change (the 8 checked hold some)."""
+
+    def forward(self, x):
+        return super().forward(x.clamp(-1.0, 1.0))
+
+
+def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
+    """helper-167: MC dropout (randomness in eval mode) and a forward giving log-probabilities were refused; a
+    forward normalising its input in place and one clamping some samples went unseen; inputs the check cannot cut
+    (a sparse tensor) crashed the first call. Each is now taken or refused as it agrees or not, the random
+    generators left as the call found them."""
+    torch.manual_seed(0)
+    plain = tiny_net(3, batchnorm=False)
+    x = torch.randn(12, 6) * 3
+    for agrees in (_MonteCarlo(), _LogProbabilities(plain.stages, plain.heads)):
+        agrees.eval()
+        state = torch.get_rng_state()
+        # (the class itself: _Graphed's replay of a random model gives other predictions, as it should)
+        metaweight._early_exit.EarlyExit(agrees, [0.5, 0.5, 0.0])(x)
+        if isinstance(agrees, _LogProbabilities):
+            assert torch.equal(torch.get_rng_state(), state)
+    for differs in (_InPlace(plain.stages, plain.heads), _Clamped(plain.stages, plain.heads)):
+        with pytest.raises(ValueError, match="forward computes something else"):
+            mw.EarlyExit(differs.eval(), [0.5, 0.5, 0.0])(x.clone())
+    # a sparse batch, which the check cannot take samples of (indexing a sparse tensor): not checked, answered
+    sparse = mw.MultiExit([nn.Sequential(_Dense(), plain.stages[0]), *plain.stages[1:]], plain.heads).eval()
+    eager = metaweight._early_exit.EarlyExit  # (a CUDA graph cannot copy a sparse input: the eager path's)
+    result = eager(sparse, [0.5, 0.5, 0.0])(x.to_sparse())
+    assert torch.equal(result.exits, eager(sparse, [0.5, 0.5, 0.0])(x).exits)
+
+
+class _Dense(nn.Module):
+    def forward(self, x):
+        return x.to_dense()

@@ -42,9 +42,9 @@ def test_executed_flops_of_early_exit_match_the_predicted_cost_msdnet():
     assert len([c for c in counts if c]) >= 3  # a real mix of exits
     predicted = sum(c * m for c, m in zip(counts, executed.macs))
     assert flops // 2 == predicted
-    # the first call also checks, on one sample, that the stages compute what the forward does: the forward
-    # and the stages to the last exit, each the last exit's cost
-    assert first // 2 == predicted + 2 * executed.macs[-1]
+    # the first call also checks, on its first 8 samples, that the stages compute what the forward does: the
+    # forward and the stages to the last exit, each the last exit's cost per sample
+    assert first // 2 == predicted + 2 * 8 * executed.macs[-1]
     # the budgeted point with executed costs predicts the same cost per sample
     point = mw.evaluate_thresholds(logits, torch.zeros(24, dtype=torch.long), thresholds, executed.macs)
     assert point.cost * 24 == predicted
