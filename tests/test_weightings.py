@@ -1283,28 +1283,79 @@ def test_a_whole_object_checkpoint_saved_by_a_callback_resumes_with_every_row(tm
 
 @pytest.mark.parametrize("how", ["none", "pickle", "deepcopy"])
 def test_a_run_copied_after_a_meta_step_put_back_logs_as_the_run_not_copied(tmp_path, how):
-    """A hook after the logger raising at the first meta step (put back: its row undone), then the run copied whole
+    """A hook after the logger raising at the second meta step (put back: its row undone), then the run copied whole
     before the next: the copy's log moved to log-2.csv as a new run (helper-164). A copy is a checkpoint and its load:
-    its log is the run's own, the put-back row dropped as without the copy."""
+    its log is the run's own, the put-back row dropped as without the copy. (Before the first meta step kept, a copy
+    is a new run: see the test of a template copied when built.)"""
     import pickle
     import warnings
 
     logger = mw.CSVLogger(tmp_path / "log.csv")
-    w, _, _ = build("uw", callbacks=[logger, _RaiseOnce()])
-    data = batches(3)
+    w, _, _ = build("uw", callbacks=[logger, _RaiseAt(2)])
+    data = batches(4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        w.step(data[0])
         with pytest.raises(RuntimeError, match="the user's hook failed"):
-            w.step(data[0])
+            w.step(data[1])
         if how != "none":
             w = copy.deepcopy(w) if how == "deepcopy" else pickle.loads(pickle.dumps(w))
             logger.close()  # (the copied run goes on: the logger copied with it takes the log)
-        for x, y in data[1:]:
+        for x, y in data[2:]:
             w.step((x, y))
     w.callbacks[0].close()
     logger.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
-    assert _log_rows(tmp_path / "log.csv") == ["2", "3"]
+    assert _log_rows(tmp_path / "log.csv") == ["1", "3", "4"]
+
+
+class _RaiseAt:
+    def __init__(self, call):
+        self.call, self.calls = call, 0
+
+    def __call__(self, record):
+        self.calls += 1
+        if self.calls == self.call:
+            raise RuntimeError("the user's hook failed")
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "load_state_dict"])
+def test_a_template_copied_or_loaded_before_its_first_step_is_a_new_run_that_keeps_the_old_log(tmp_path, how):
+    """A run copied when built (a template for the next run, a fold), the first run trained and gone, then the copy
+    trained: the copy counted as restored at iteration 0 took the log as its own and dropped the first run's rows
+    (helper-167, HIGH); so did a state_dict saved before the first step and loaded into a new run. Restored at
+    iteration 0, every row would go: a new run (log-2.csv), the first run's log kept."""
+    import gc
+    import pickle
+    import warnings
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    w = mw.UW(model, optimizer, mw.DenseDistillLoss(3), callbacks=[logger])
+    saved = w.state_dict()
+    template = copy.deepcopy((model, optimizer, w)) if how == "deepcopy" else \
+        pickle.loads(pickle.dumps((model, optimizer, w))) if how == "pickle" else None
+    data = batches(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x, y in data:
+            w.step((x, y))
+        logger.close()
+        del w
+        gc.collect()
+        if template is None:
+            model, optimizer = tiny_net(3), None
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            template = (model, optimizer, mw.UW(model, optimizer, mw.DenseDistillLoss(3),
+                                                callbacks=[mw.CSVLogger(tmp_path / "log.csv")]))
+            template[2].load_state_dict(saved)
+        for x, y in data[:2]:
+            template[2].step((x, y))
+    template[2].callbacks[0].close()
+    assert _log_rows(tmp_path / "log.csv") == ["1", "2", "3", "4", "5"]
+    assert _log_rows(tmp_path / "log-2.csv") == ["1", "2"]
 
 
 def test_your_own_logger_of_step_records_keeps_a_plain_row_after_a_meta_step_put_back(tmp_path):
