@@ -176,7 +176,8 @@ class AttachedExits(nn.Module):
     forward of this wrapper, so ``model`` alone still runs as before, and they work under
     ``torch.func.functional_call`` (the look-ahead). They act for the thread of the call that
     registered them alone: ``model`` alone, or this wrapper, may run in other threads meanwhile
-    (threads serving one model), neither firing the other's hooks nor stopped by its early exit.
+    (threads serving one model), neither firing the other's hooks nor stopped by its early exit;
+    a forward that runs a named module in a worker thread of its own is refused, saying so.
 
     A named module must run once per forward, in the order of ``after``: an exit after a module
     applied twice (a weight-shared block) is refused with a ``ValueError`` naming it and its
@@ -340,6 +341,7 @@ class AttachedExits(nn.Module):
         # the hooks stay on the model's modules while this call runs: they act for this call's thread alone (the
         # model called alone in another thread meanwhile, or this wrapper there, neither fires nor is stopped)
         thread = threading.get_ident()
+        elsewhere: set[str] = set()  # the named modules that ran in another thread meanwhile
 
         def other_thread() -> bool:
             return not torch.compiler.is_compiling() and threading.get_ident() != thread
@@ -347,6 +349,7 @@ class AttachedExits(nn.Module):
         def hook_for(index: int, name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 if other_thread():
+                    elsewhere.add(name)
                     return
                 calls[name] += 1
                 if calls[name] > 1:  # a module applied twice: which call's features? refused below
@@ -385,7 +388,7 @@ class AttachedExits(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        self._check_structure(calls, order)
+        self._check_structure(calls, order, elsewhere)
         changed = [name for name, version in versions.items() if captured[name]._version != version]
         if changed:
             raise ValueError(
@@ -417,12 +420,23 @@ class AttachedExits(nn.Module):
                          f"to the model as it is now, naming modules of model.named_modules()"
                          f"{f' (such as {close})' if close else ''}: mw.attach_exits(model, after=[...], heads=...).")
 
-    def _check_structure(self, calls: dict[str, int], order: list[str]) -> None:
-        """Refuse a forward in which a named module ran twice, not at all, or out of ``after``'s order."""
+    def _check_structure(self, calls: dict[str, int], order: list[str], elsewhere: set[str] = frozenset()) -> None:
+        """Refuse a forward in which a named module ran twice, not at all, or out of ``after``'s order; one that ran
+        only in another thread (``elsewhere``) is said to have."""
         repeated = {name: n for name, n in calls.items() if n > 1}
         if repeated:
             self._refuse_repeats(repeated)
         missing = [n for n in self.after if calls[n] == 0]
+        threaded = [n for n in missing if n in elsewhere]
+        if threaded:
+            raise RuntimeError(f"The modules {threaded} ran in another thread than this forward of "
+                               f"`{type(self.model).__name__}` was called in (a thread pool in its forward, "
+                               f"nn.DataParallel over several GPUs), or another thread ran the model meanwhile and "
+                               f"they did not run in this one. The exits' hooks take the modules run in the thread "
+                               f"of the call alone (so that the model can serve other threads at the same time): "
+                               f"run the modules exits are attached after in the thread that calls the model (for "
+                               f"several GPUs, wrap the AttachedExits in DistributedDataParallel, or in "
+                               f"nn.DataParallel, not the model inside it).")
         if missing:
             raise RuntimeError(f"The modules {missing} did not run in this forward of `{type(self.model).__name__}` "
                                f"(a conditional forward?), so their exits have no features; attach exits to modules "

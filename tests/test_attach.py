@@ -1157,3 +1157,26 @@ def test_attached_exits_and_the_model_alone_run_side_by_side_in_threads():
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+class _Offloaded(nn.Module):
+    """A forward running its first block in a worker thread (a pipeline stage, a prefetch)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool, self.a, self.b = pool, nn.Sequential(nn.Linear(6, 10), nn.Tanh()), nn.Linear(10, 5)
+
+    def forward(self, x):
+        return self.b(self.pool.submit(self.a, x).result())
+
+
+def test_an_exit_after_a_module_run_in_a_worker_thread_is_refused_saying_so():
+    """The exits' hooks act for the thread of the call: a module the forward runs in a worker thread of its own was
+    refused as one that 'did not run in this forward (a conditional forward?)' (helper-167). The refusal says it ran
+    in another thread, and what to do."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        exits = mw.attach_exits(_Offloaded(pool).eval(), ["a"], [nn.Linear(10, 5)])
+        with pytest.raises(RuntimeError, match=r"ran in another thread than this forward.*in the thread that calls"):
+            exits(torch.randn(4, 6))
