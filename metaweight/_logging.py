@@ -1068,8 +1068,9 @@ class TensorBoardLogger(HandedLogger):
                                 f"TensorBoardLogger(writer.log_dir): a copy then makes its own writer there and "
                                 f"resumes the run; or save weighter.state_dict(), the weighter's checkpoint.")
             return state
-        if state.get("_writer") is None and state.get("_last_step") is None:
-            return state
+        if state.get("_writer") is None and state.get("_last_step") is None:  # (it has not written: the original
+            # may write the folder before the copy does, a template copied when built: judged at its first record)
+            return {**state, "_judge": bool(state.get("_judge")) or not state.get("overwrite", False)}
         return self._unwritten(state, _writer=None, _floor=None, _shown=set(), _plain_points={}, _judge=True)
 
     def _drop_writer(self) -> str | None:

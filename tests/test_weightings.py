@@ -1319,20 +1319,30 @@ class _RaiseAt:
             raise RuntimeError("the user's hook failed")
 
 
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "load_state_dict"])
-def test_a_template_copied_or_loaded_before_its_first_step_is_a_new_run_that_keeps_the_old_log(tmp_path, how):
+def test_a_template_copied_or_loaded_before_its_first_step_is_a_new_run_that_keeps_the_old_log(tmp_path, how, kind):
     """A run copied when built (a template for the next run, a fold), the first run trained and gone, then the copy
     trained: the copy counted as restored at iteration 0 took the log as its own and dropped the first run's rows
-    (helper-167, HIGH); so did a state_dict saved before the first step and loaded into a new run. Restored at
-    iteration 0, every row would go: a new run (log-2.csv), the first run's log kept."""
+    (helper-167, HIGH); so did a state_dict saved before the first step and loaded into a new run; a
+    TensorBoardLogger copied before it had written did not look at its folder and hid the first run (helper-168,
+    HIGH). Restored at iteration 0, every row would go: a new run (log-2.csv, tb-2), the first run's log kept."""
     import gc
     import pickle
     import warnings
 
+    from test_logging_transactions import _tb_steps
+
+    def logger_for(name):
+        return mw.CSVLogger(tmp_path / f"{name}.csv") if kind == "csv" else mw.TensorBoardLogger(tmp_path / name)
+
+    def steps(name):
+        return [int(s) for s in _log_rows(tmp_path / f"{name}.csv")] if kind == "csv" else _tb_steps(tmp_path / name)
+
     torch.manual_seed(0)
     model = tiny_net(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    logger = mw.CSVLogger(tmp_path / "log.csv")
+    logger = logger_for("log")
     w = mw.UW(model, optimizer, mw.DenseDistillLoss(3), callbacks=[logger])
     saved = w.state_dict()
     template = copy.deepcopy((model, optimizer, w)) if how == "deepcopy" else \
@@ -1349,13 +1359,12 @@ def test_a_template_copied_or_loaded_before_its_first_step_is_a_new_run_that_kee
             model, optimizer = tiny_net(3), None
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
             template = (model, optimizer, mw.UW(model, optimizer, mw.DenseDistillLoss(3),
-                                                callbacks=[mw.CSVLogger(tmp_path / "log.csv")]))
+                                                callbacks=[logger_for("log")]))
             template[2].load_state_dict(saved)
         for x, y in data[:2]:
             template[2].step((x, y))
     template[2].callbacks[0].close()
-    assert _log_rows(tmp_path / "log.csv") == ["1", "2", "3", "4", "5"]
-    assert _log_rows(tmp_path / "log-2.csv") == ["1", "2"]
+    assert steps("log") == [1, 2, 3, 4, 5] and steps("log-2") == [1, 2]
 
 
 def test_your_own_logger_of_step_records_keeps_a_plain_row_after_a_meta_step_put_back(tmp_path):
