@@ -1527,9 +1527,15 @@ def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
         metaweight._early_exit.EarlyExit(agrees, [0.5, 0.5, 0.0])(x)
         if isinstance(agrees, _LogProbabilities):
             assert torch.equal(torch.get_rng_state(), state)
-    for differs in (_InPlace(plain.stages, plain.heads), _Clamped(plain.stages, plain.heads)):
+    masked = [nn.Sequential(head, _MaskLast()) for head in plain.heads]  # (a class masked with -1e9 at every exit)
+    for differs in (_InPlace(plain.stages, plain.heads), _Clamped(plain.stages, plain.heads),
+                    _Normalized(plain.stages, masked)):
         with pytest.raises(ValueError, match="forward computes something else"):
             mw.EarlyExit(differs.eval(), [0.5, 0.5, 0.0])(x.clone())
+    # random in eval mode from a generator out of the library's reach (a module-level one): the forward differs from
+    # itself, so nothing is compared (it was refused as a forward doing something else; helper-168)
+    noisy = mw.MultiExit([nn.Sequential(stage, _OutOfReach()) for stage in plain.stages], plain.heads).eval()
+    metaweight._early_exit.EarlyExit(noisy, [0.5, 0.5, 0.0])(x)
     # a sparse batch, which the check cannot take samples of (indexing a sparse tensor): not checked, answered
     sparse = mw.MultiExit([nn.Sequential(_Dense(), plain.stages[0]), *plain.stages[1:]], plain.heads).eval()
     eager = metaweight._early_exit.EarlyExit  # (a CUDA graph cannot copy a sparse input: the eager path's)
@@ -1540,3 +1546,16 @@ def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
 class _Dense(nn.Module):
     def forward(self, x):
         return x.to_dense()
+
+
+class _MaskLast(nn.Module):
+    def forward(self, z):
+        return torch.cat([z[:, :-1], torch.full_like(z[:, -1:], -1e9)], -1)
+
+
+_OUT_OF_REACH = torch.Generator().manual_seed(0)
+
+
+class _OutOfReach(nn.Module):
+    def forward(self, h):
+        return h + 0.5 * torch.randn(h.shape, generator=_OUT_OF_REACH, dtype=h.dtype)
