@@ -301,6 +301,12 @@ def _then_built(init: Callable[..., None]) -> Callable[..., None]:
 _CONSTRUCTORS: weakref.WeakSet[Callable[..., None]] = weakref.WeakSet()  # (the constructors _then_built made)
 
 
+def _placeholder(init: Any) -> bool:
+    """Whether ``init`` is typing's stand-in constructor of a ``Protocol`` subclass, which looks the class's real
+    one up at its first call (and does nothing once the class's ``__init__`` is another function)."""
+    return getattr(init, "__name__", None) == "_no_init_or_replace_init" and getattr(init, "__module__", None) == "typing"
+
+
 class NamedWeights:
     """What every loss weighting shares for naming and logging: :attr:`term_names`,
     :meth:`gamma_dict`, :meth:`terms_dict` and the meta-step hooks (of ``HarmonizedWeighter`` and
@@ -344,13 +350,26 @@ class NamedWeights:
             return {}
         return dict(zip(self.term_names, host_read([self.last_terms])))
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap a subclass's own constructor when the class is made (:func:`_then_built`): built through it however
+        it is called (``cls(...)``, or a factory's ``cls.__new__(cls)`` then ``Parent.__init__(obj, ...)``)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__init__")
+        if own is not None and own not in _CONSTRUCTORS and not _placeholder(own):
+            cls.__init__ = _then_built(own)  # type: ignore[method-assign]
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        """Wrap the constructor of ``cls`` at its first instance (:func:`_then_built`), before it runs: whatever it
-        is then (its own, a mixin's listed first, one a ``@dataclass`` made after the class), with no metaclass to
-        conflict with a user's (``abc.ABC``, a ``Protocol``) and whether called as ``cls(...)`` or as
-        ``cls.__new__(cls)`` then ``__init__``."""
-        if cls.__init__ not in _CONSTRUCTORS:  # (by identity: functools.wraps copies a wrapper's attributes)
-            cls.__init__ = _then_built(cls.__init__)  # type: ignore[method-assign]
+        """Wrap the constructor of ``cls`` at its first instance, before it runs, where it is not one wrapped when
+        its class was made: one a ``@dataclass`` made after the class, a mixin's listed first (with no metaclass to
+        conflict with a user's: ``abc.ABC``, a ``Protocol``)."""
+        init = cls.__init__
+        if init not in _CONSTRUCTORS:  # (by identity: functools.wraps copies a wrapper's attributes)
+            if _placeholder(init):  # (a Protocol listed first: typing's stand-in, which finds the constructor itself)
+                init = next((c.__dict__["__init__"] for c in cls.__mro__
+                             if "__init__" in c.__dict__ and not _placeholder(c.__dict__["__init__"])), object.__init__)
+            if init not in _CONSTRUCTORS:
+                init = _then_built(init)
+            cls.__init__ = init  # type: ignore[method-assign]
         return super().__new__(cls)
 
     def _built(self) -> None:

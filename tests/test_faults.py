@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import functools
 import math
+import typing
 import warnings
 
 import pytest
@@ -1118,6 +1119,15 @@ class _Declared(mw.UW, mw.LossWeighting):  # (the library's own Protocol listed 
     pass
 
 
+@typing.runtime_checkable
+class _Steps(typing.Protocol):
+    def step(self, train_batch, val_batch=None): ...
+
+
+class _ProtocolFirst(_Steps, mw.UW):  # (a Protocol of the user's listed first: typing's stand-in constructor)
+    pass
+
+
 def test_a_weighting_with_a_metaclass_of_its_own_or_built_in_two_calls_is_built_whole(tmp_path):
     """A metaclass running the constructor whole (helper-167) conflicted with abc.ABC and Protocol bases, and
     skipped a weighting made as ``cls.__new__(cls)`` then ``__init__`` (a factory): its callbacks never registered, a
@@ -1130,9 +1140,23 @@ def test_a_weighting_with_a_metaclass_of_its_own_or_built_in_two_calls_is_built_
     def hook(record):
         seen.append(record.iteration)
 
-    for cls in (_WithAbstract, _Declared):
+    for cls in (_WithAbstract, _Declared, _ProtocolFirst):
         w = cls(model, optimizer, mw.DenseDistillLoss(3), callbacks=[hook])
         assert w.callbacks == [hook]
+    # a factory calling the constructor of a parent with one of its own, never instantiated before (helper-168: its
+    # constructor was wrapped only at its class's first instance, so the callbacks never came)
+    class Parent(mw.UW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    class Child(Parent):
+        @classmethod
+        def create(cls, *args, **kwargs):
+            made = cls.__new__(cls)
+            super(Child, made).__init__(*args, **kwargs)
+            return made
+
+    assert Child.create(model, optimizer, mw.DenseDistillLoss(3), callbacks=[hook]).callbacks == [hook]
     made = mw.UW.__new__(mw.UW)
     made.__init__(model, optimizer, mw.DenseDistillLoss(3), callbacks=[hook])
     made.step(batch())
