@@ -850,10 +850,11 @@ class EarlyExit(nn.Module):
             self._loaded_temperatures(state_dict[key])
         if prefix + "thresholds" in state_dict:  # the constructor's check (NaN sends every sample to the last exit)
             try:
-                check_thresholds(state_dict[prefix + "thresholds"], len(self.thresholds))
+                loaded = check_thresholds(state_dict[prefix + "thresholds"], len(self.thresholds))
             except (TypeError, ValueError) as error:
                 raise type(error)(f"EarlyExit.load_state_dict: the state's thresholds do not fit this EarlyExit: "
                                   f"{error} This EarlyExit was left as it was.") from None
+            warn_unreachable(loaded, self.rule, "EarlyExit.load_state_dict")  # (as the constructor does)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key not in state_dict and key in missing_keys:

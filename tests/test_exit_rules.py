@@ -125,3 +125,7 @@ def test_thresholds_no_score_reaches_are_warned_of_and_one_short_says_so():
         mw.EarlyExit(net, [-0.3, -0.3, 0.0], rule="entropy")
     with pytest.raises(ValueError, match=r"Expected 3 thresholds.*One for each exit but the last\?.*append any"):
         mw.EarlyExit(net, [0.5, 0.5])
+    predictor = mw.EarlyExit(net, [0.5, 0.5, 0.0])  # (a state loaded with them: warned alike; helper-168)
+    state = {**predictor.state_dict(), "thresholds": torch.tensor([90.0, 0.5, 0.0], dtype=torch.float64)}
+    with pytest.warns(RuntimeWarning, match=r"EarlyExit.load_state_dict: the threshold \[90.0\] of exit \[1\]"):
+        predictor.load_state_dict(state)
