@@ -26,6 +26,7 @@ from metaweight._graphs import StageGraphs
 from metaweight._multiexit import check_exit_classes, check_head_classes, head_logits
 from metaweight._protocols import ModelCall, first_stage_call, wrapper_call
 from metaweight._randomness import model_generators, rng_state, set_rng_state
+from metaweight._warn import warn_user
 
 
 class EarlyExitResult(NamedTuple):
@@ -498,8 +499,9 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
     mode, MC dropout, draws the same in both; put back afterwards), a compiled model's forward run eagerly. The
     logits are compared as probabilities (:func:`_differ`). Not checked: a call whose inputs cannot be cut to
     those samples, a forward that does not return one logits tensor per exit, a forward that differs from itself
-    (random from a generator out of reach, a module-level one: seen by running it a second time where the stages
-    differ), and what the forward does to other samples only (a step that leaves the checked ones as they are).
+    (random from a generator out of reach, a module-level one, or changing a state of its own at each call: seen
+    by running it a second time where the stages differ, and warned of), and what the forward does to other
+    samples only (a step that leaves the checked ones as they are).
     A host read per exit.
 
     Raises:
@@ -545,8 +547,14 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
             differ = _differ(staged, expected)
             if differ is None:
                 continue
-            if _differ(forward(third)[k], expected) is not None:  # (random in eval mode from a generator out of
-                return  # reach, a module-level one: the forward differs from itself, nothing to compare with)
+            if _differ(forward(third)[k], expected) is not None:  # (the forward differs from itself)
+                warn_user(f"EarlyExit could not check that the stages and heads of {name} compute what its forward "
+                          f"does: two forwards of the batch's first {m} sample(s) from one state of the random "
+                          f"generators gave other logits at exit {k + 1} (the forward is random from a generator "
+                          f"metaweight cannot put back, a module-level one, or changes a state of its own at each "
+                          f"call). Make sure that exit_stages() does what the forward does: early exit runs the "
+                          f"stages alone.")
+                return
             raise ValueError(
                 f"EarlyExit runs {name} through its exit_stages() (stage 1, head 1, stage 2, ...), and its forward "
                 f"computes something else: on the batch's first {m} sample(s), exit {k + 1}'s logits from the stages "
@@ -554,7 +562,9 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
                 f"found on them assume. The forward does something the stages do not: a step before stage 1 "
                 f"(normalising or reshaping the input), an overridden forward, a step between stages, or a forward "
                 f"hook or pre-hook on the model itself. Move that step into a stage (e.g. nn.Sequential(normalize, "
-                f"stage_1) as the first stage), or make exit_stages() return stages that do what the forward does.")
+                f"stage_1) as the first stage), or make exit_stages() return stages that do what the forward does. "
+                f"(A forward random in eval mode from a generator metaweight cannot put back, a module-level "
+                f"torch.Generator, can differ from its stages by chance: hold the generator in a module attribute.)")
     finally:
         set_rng_state(start, device)
 

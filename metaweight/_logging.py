@@ -585,10 +585,10 @@ class CSVLogger(HandedLogger):
     def _as_copy(self, state: dict[str, Any]) -> dict[str, Any]:
         """A copy (pickled with its weighter, a whole-object checkpoint, and resumed) starts as a logger that
         has not written yet, continuing its file: its first record is judged against the file as it is then,
-        where the original may have logged steps undone since (appended to, they stood twice). Its
-        ``overwrite``, once the file was started, is spent."""
-        if state.get("_fields") is None:
-            return state
+        where the original may have logged steps undone since (appended to, they stood twice), or a whole run
+        (a template copied when built). A copy never overwrites: its ``overwrite`` is spent."""
+        if state.get("_fields") is None:  # (it has not written: the original may write the file before the copy
+            return {**state, "overwrite": False}  # does, a template copied when built; never overwritten by a copy)
         return self._unwritten(state, _fields=None)
 
     def _existing(self) -> tuple[list[str] | None, list[str], bool, str | None]:
@@ -1052,7 +1052,8 @@ class TensorBoardLogger(HandedLogger):
         weighter, ``cannot pickle '_thread.lock' object``). As :class:`CSVLogger`'s, it starts as a logger
         that has not written, continuing its folder: its first record makes a new writer, judged against
         the folder's events as they are then (as a resumed run's first record is), where the original may
-        have logged steps undone since. Its ``overwrite``, once the folder was written, is spent.
+        have logged steps undone since, or a whole run (a template copied when built). A copy never
+        overwrites: its ``overwrite`` is spent.
 
         Raises:
             TypeError: the logger was given a writer that cannot be pickled (a ``SummaryWriter``): a copy
@@ -1070,7 +1071,7 @@ class TensorBoardLogger(HandedLogger):
             return state
         if state.get("_writer") is None and state.get("_last_step") is None:  # (it has not written: the original
             # may write the folder before the copy does, a template copied when built: judged at its first record)
-            return {**state, "_judge": bool(state.get("_judge")) or not state.get("overwrite", False)}
+            return {**state, "_judge": True, "overwrite": False}  # (nor overwritten by a copy)
         return self._unwritten(state, _writer=None, _floor=None, _shown=set(), _plain_points={}, _judge=True)
 
     def _drop_writer(self) -> str | None:

@@ -1157,6 +1157,12 @@ def test_a_weighting_with_a_metaclass_of_its_own_or_built_in_two_calls_is_built_
             return made
 
     assert Child.create(model, optimizer, mw.DenseDistillLoss(3), callbacks=[hook]).callbacks == [hook]
+
+    class Tuned(mw.UW):  # (a constructor that is a descriptor, not a function: helper-169)
+        __init__ = functools.partialmethod(mw.UW.__init__, lr=0.05)
+
+    tuned = Tuned(model, optimizer, mw.DenseDistillLoss(3), callbacks=[hook])
+    assert tuned.callbacks == [hook] and tuned.lr == 0.05
     made = mw.UW.__new__(mw.UW)
     made.__init__(model, optimizer, mw.DenseDistillLoss(3), callbacks=[hook])
     made.step(batch())

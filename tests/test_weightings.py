@@ -1391,3 +1391,32 @@ def test_your_own_logger_of_step_records_keeps_a_plain_row_after_a_meta_step_put
     own.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["own.csv"]
     assert _log_rows(tmp_path / "own.csv") == ["2", "3", "4"]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_a_template_of_a_logger_that_overwrites_never_overwrites_the_run_logged_since(tmp_path, kind):
+    """``overwrite=True`` on a logger copied with its weighter before it wrote: the copy, trained after the first
+    run, overwrote that run's log (CSV: the file truncated, the rows gone; TensorBoard: hidden from view;
+    helper-169). A copy never overwrites: it is a new run beside the first's log."""
+    import warnings
+
+    from test_logging_transactions import _tb_steps
+
+    logger = mw.CSVLogger(tmp_path / "log.csv", overwrite=True) if kind == "csv" else \
+        mw.TensorBoardLogger(tmp_path / "log", overwrite=True)
+    w, _, _ = build("uw", callbacks=[logger])
+    template = copy.deepcopy(w)
+    data = batches(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x, y in data:
+            w.step((x, y))
+        logger.close()
+        for x, y in data[:2]:
+            template.step((x, y))
+    template.callbacks[0].close()
+
+    def steps(name):
+        return [int(s) for s in _log_rows(tmp_path / f"{name}.csv")] if kind == "csv" else _tb_steps(tmp_path / name)
+
+    assert steps("log") == [1, 2, 3, 4, 5] and steps("log-2") == [1, 2]
