@@ -956,6 +956,7 @@ def one_sample_batchnorm(exc: BaseException, batches: Mapping[str, Any], unchang
              else "a BatchNorm layer got one value per channel")
     return ValueError(f"{exc} (torch's BatchNorm): the weighter's look-ahead runs the model in training mode, as the "
                       f"step it looks ahead at does (BatchNorm normalising with the batch's statistics), on the "
-                      f"{' and '.join(batches)} batch{'es' if len(batches) > 1 else ''}, and {which}. Pass batches of 2 or more samples (for a held-out "
-                      f"loader whose last batch may hold one: DataLoader(..., drop_last=True))."
+                      f"{' and '.join(batches)} batch{'es' if len(batches) > 1 else ''}, and {which}. Pass batches "
+                      f"of 2 or more samples (for a held-out loader whose last batch may hold one: "
+                      f"DataLoader(..., drop_last=True))."
                       + (" Nothing was changed." if unchanged else ""))
