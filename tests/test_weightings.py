@@ -1320,13 +1320,16 @@ class _RaiseAt:
 
 
 @pytest.mark.parametrize("kind", ["csv", "tensorboard"])
-@pytest.mark.parametrize("how", ["deepcopy", "pickle", "load_state_dict"])
-def test_a_template_copied_or_loaded_before_its_first_step_is_a_new_run_that_keeps_the_old_log(tmp_path, how, kind):
+@pytest.mark.parametrize("how, overwrite", [("deepcopy", False), ("pickle", False), ("load_state_dict", False),
+                                            ("deepcopy", True), ("pickle", True)])
+def test_a_template_copied_or_loaded_before_its_first_step_is_a_new_run_that_keeps_the_old_log(tmp_path, how, kind,
+                                                                                              overwrite):
     """A run copied when built (a template for the next run, a fold), the first run trained and gone, then the copy
     trained: the copy counted as restored at iteration 0 took the log as its own and dropped the first run's rows
     (helper-167, HIGH); so did a state_dict saved before the first step and loaded into a new run; a
     TensorBoardLogger copied before it had written did not look at its folder and hid the first run (helper-168,
-    HIGH). Restored at iteration 0, every row would go: a new run (log-2.csv, tb-2), the first run's log kept."""
+    HIGH); with ``overwrite=True`` the copy overwrote it (CSV: the rows gone; helper-169). Restored at iteration 0,
+    every row would go: a new run (log-2.csv, tb-2), the first run's log kept; a copy never overwrites."""
     import gc
     import pickle
     import warnings
@@ -1334,7 +1337,8 @@ def test_a_template_copied_or_loaded_before_its_first_step_is_a_new_run_that_kee
     from test_logging_transactions import _tb_steps
 
     def logger_for(name):
-        return mw.CSVLogger(tmp_path / f"{name}.csv") if kind == "csv" else mw.TensorBoardLogger(tmp_path / name)
+        return mw.CSVLogger(tmp_path / f"{name}.csv", overwrite=overwrite) if kind == "csv" else \
+            mw.TensorBoardLogger(tmp_path / name, overwrite=overwrite)
 
     def steps(name):
         return [int(s) for s in _log_rows(tmp_path / f"{name}.csv")] if kind == "csv" else _tb_steps(tmp_path / name)
@@ -1391,32 +1395,3 @@ def test_your_own_logger_of_step_records_keeps_a_plain_row_after_a_meta_step_put
     own.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["own.csv"]
     assert _log_rows(tmp_path / "own.csv") == ["2", "3", "4"]
-
-
-@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
-def test_a_template_of_a_logger_that_overwrites_never_overwrites_the_run_logged_since(tmp_path, kind):
-    """``overwrite=True`` on a logger copied with its weighter before it wrote: the copy, trained after the first
-    run, overwrote that run's log (CSV: the file truncated, the rows gone; TensorBoard: hidden from view;
-    helper-169). A copy never overwrites: it is a new run beside the first's log."""
-    import warnings
-
-    from test_logging_transactions import _tb_steps
-
-    logger = mw.CSVLogger(tmp_path / "log.csv", overwrite=True) if kind == "csv" else \
-        mw.TensorBoardLogger(tmp_path / "log", overwrite=True)
-    w, _, _ = build("uw", callbacks=[logger])
-    template = copy.deepcopy(w)
-    data = batches(5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for x, y in data:
-            w.step((x, y))
-        logger.close()
-        for x, y in data[:2]:
-            template.step((x, y))
-    template.callbacks[0].close()
-
-    def steps(name):
-        return [int(s) for s in _log_rows(tmp_path / f"{name}.csv")] if kind == "csv" else _tb_steps(tmp_path / name)
-
-    assert steps("log") == [1, 2, 3, 4, 5] and steps("log-2") == [1, 2]
