@@ -495,8 +495,9 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
     input before stage 1, is overridden in a subclass of :class:`MultiExit`, or a forward hook on the model
     itself. Early exit would then predict from other logits than ``model(x)`` gives (and the thresholds were
     found on), silently. Both are run on the first ``samples`` samples of the call (at most; each pass on its own
-    copy of them), in eval mode (the caller's), from one state of the random generators (a model random in eval
-    mode, MC dropout, draws the same in both; put back afterwards), a compiled model's forward run eagerly. The
+    copy of them), in eval mode (the caller's), from one state of the random generators and of the model's buffers
+    (a model random in eval mode, MC dropout, draws the same in both; a running normaliser is the same in both;
+    both put back afterwards), a compiled model's forward run eagerly. The
     logits are compared as probabilities (:func:`_differ`). Not checked: a call whose inputs cannot be cut to
     those samples, a forward that does not return one logits tensor per exit, a forward that differs from itself
     (random from a generator out of reach, a module-level one, or changing a state of its own at each call: seen
@@ -524,9 +525,18 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
     eager = getattr(model, "_orig_mod", model)  # (a compiled model: its forward eagerly, not compiled for the check)
     eager = eager if isinstance(eager, nn.Module) else model
     start = rng_state(device, model_generators(model))
+    # the buffers as the call left them: each pass starts from them, and they are put back after (a running
+    # normaliser, a call counter: the check changes none of the model's state)
+    buffers = [b for b in eager.buffers() if not b.is_inference()]
+    kept = [b.detach().clone() for b in buffers]
+
+    def reset() -> None:
+        set_rng_state(start, device)
+        for buffer, value in zip(buffers, kept):
+            buffer.copy_(value)
 
     def forward(inputs: ModelCall) -> list[Tensor]:
-        set_rng_state(start, device)
+        reset()
         return check_exit_outputs(eager(*inputs.args, **inputs.kwargs), len(heads))
 
     try:
@@ -534,7 +544,7 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
             reference = forward(few)
         except Exception:  # noqa: BLE001 - a forward of another form (not K logits tensors): nothing to compare with
             return
-        set_rng_state(start, device)
+        reset()
         name = f"`{type(model).__name__}`"
         features: Any = None
         for k, (stage, head) in enumerate(zip(stages, heads)):
@@ -563,10 +573,11 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
                 f"(normalising or reshaping the input), an overridden forward, a step between stages, or a forward "
                 f"hook or pre-hook on the model itself. Move that step into a stage (e.g. nn.Sequential(normalize, "
                 f"stage_1) as the first stage), or make exit_stages() return stages that do what the forward does. "
-                f"(A forward random in eval mode from a generator metaweight cannot put back, a module-level "
-                f"torch.Generator, can differ from its stages by chance: hold the generator in a module attribute.)")
+                f"(A forward random in eval mode can differ from its stages by chance where it draws its random "
+                f"numbers in another order than stage 1, head 1, stage 2, ..., or from a generator metaweight cannot "
+                f"put back, a module-level torch.Generator: hold the generator in a module attribute.)")
     finally:
-        set_rng_state(start, device)
+        reset()
 
 
 def _differ(staged: Tensor, expected: Tensor) -> str | None:

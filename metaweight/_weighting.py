@@ -354,9 +354,11 @@ class NamedWeights:
         """Wrap a subclass's own constructor when the class is made (:func:`_then_built`): built through it however
         it is called (``cls(...)``, or a factory's ``cls.__new__(cls)`` then ``Parent.__init__(obj, ...)``)."""
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("__init__")  # (a function: another descriptor, a partialmethod, is resolved by __new__)
-        if inspect.isfunction(own) and own not in _CONSTRUCTORS and not _placeholder(own):
-            cls.__init__ = _then_built(own)  # type: ignore[method-assign]
+        own = cls.__dict__.get("__init__")
+        if own is not None and own not in _CONSTRUCTORS and not _placeholder(own):
+            resolved = cls.__init__  # (a descriptor, a partialmethod or a decorator object, as the class gives it)
+            if resolved not in _CONSTRUCTORS:
+                cls.__init__ = _then_built(resolved)  # type: ignore[method-assign]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         """Wrap the constructor of ``cls`` at its first instance, before it runs, where it is not one wrapped when

@@ -8,6 +8,8 @@ import enum
 import math
 import re
 import sys
+import types
+import warnings
 from collections import namedtuple
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -1537,9 +1539,21 @@ def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
     noisy = mw.MultiExit([nn.Sequential(stage, _OutOfReach()) for stage in plain.stages], plain.heads).eval()
     with pytest.warns(RuntimeWarning, match="could not check that the stages"):  # (said: helper-169)
         metaweight._early_exit.EarlyExit(noisy, [0.5, 0.5, 0.0])(x)
-    # a forward normalising with a running mean it updates at each call (it differs from itself): warned of, not
-    # passed silently (helper-169)
-    with pytest.warns(RuntimeWarning, match="could not check that the stages"):
+    # a running normaliser inside stage 1, as the refusal advises: each pass starts from the buffers the call left,
+    # put back after, so no warning and the model's state is what the call alone makes (helper-170)
+    inside = _Streaming(plain.stages, plain.heads).eval()
+    inside.stages[0] = nn.Sequential(_Normaliser(), inside.stages[0])
+    inside.forward = types.MethodType(mw.MultiExit.forward, inside)  # (its forward the stages': nothing outside)
+    twin = copy.deepcopy(inside)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metaweight._early_exit.EarlyExit(inside, [0.5, 0.5, 0.0])(x)
+    with torch.no_grad():
+        twin.stages[0](x)  # (the call's one pass of every sample through stage 1)
+    assert torch.equal(inside.stages[0][0].mean, twin.stages[0][0].mean)
+    # a forward normalising with a running mean it updates at each call, outside the stages: it passed silently as
+    # differing from itself (helper-169); each pass from the same buffers, it is refused
+    with pytest.raises(ValueError, match="forward computes something else"):
         metaweight._early_exit.EarlyExit(_Streaming(plain.stages, plain.heads).eval(), [0.5, 0.5, 0.0])(x)
     # a sparse batch, which the check cannot take samples of (indexing a sparse tensor): not checked, answered
     sparse = mw.MultiExit([nn.Sequential(_Dense(), plain.stages[0]), *plain.stages[1:]], plain.heads).eval()
@@ -1559,6 +1573,16 @@ class _MaskLast(nn.Module):
 
 
 _OUT_OF_REACH = torch.Generator().manual_seed(0)
+
+
+class _Normaliser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(6))
+
+    def forward(self, x):
+        self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return x - self.mean
 
 
 class _Streaming(mw.MultiExit):

@@ -1128,6 +1128,31 @@ class _ProtocolFirst(_Steps, mw.UW):  # (a Protocol of the user's listed first: 
     pass
 
 
+class _Decorator:
+    """A decorator object over a constructor: a descriptor with ``__get__`` and ``__call__``, not a function."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __get__(self, instance, owner=None):
+        return self if instance is None else functools.partial(self.function, instance)
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+
+class _Decorated(mw.UW):
+    @_Decorator
+    def __init__(self, *args, rate=0.9, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0 < rate < 1:
+            raise ValueError("rate should be in (0, 1)")
+
+
+class _ChildOfDecorated(_Decorated):
+    pass
+
+
 def test_a_weighting_with_a_metaclass_of_its_own_or_built_in_two_calls_is_built_whole(tmp_path):
     """A metaclass running the constructor whole (helper-167) conflicted with abc.ABC and Protocol bases, and
     skipped a weighting made as ``cls.__new__(cls)`` then ``__init__`` (a factory): its callbacks never registered, a
@@ -1157,6 +1182,16 @@ def test_a_weighting_with_a_metaclass_of_its_own_or_built_in_two_calls_is_built_
             return made
 
     assert Child.create(model, optimizer, mw.DenseDistillLoss(3), callbacks=[hook]).callbacks == [hook]
+
+    # a constructor decorated by a decorator object, raising after super().__init__, called by a factory on a
+    # subclass: it was left unwrapped and the refused object took the running weighter's logger (helper-170)
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    running = mw.UW(model, optimizer, mw.DenseDistillLoss(3), callbacks=[logger])
+    made = _ChildOfDecorated.__new__(_ChildOfDecorated)
+    with pytest.raises(ValueError, match="rate should be"):
+        _Decorated.__init__(made, model, optimizer, mw.DenseDistillLoss(3), rate=2.0, callbacks=[logger])
+    running.step(batch())
+    assert logger._metaweight_owner() is running and (tmp_path / "log.csv").exists()
 
     class Tuned(mw.UW):  # (a constructor that is a descriptor, not a function: helper-169)
         __init__ = functools.partialmethod(mw.UW.__init__, lr=0.05)
