@@ -563,15 +563,15 @@ def _executed_costs(model: nn.Module, example_input: Any, lazy: ExitCosts, uncou
 
     K = len(lazy.macs)
     macs = []
-    checked = None
+    predictor = None
     for k in range(K):
         thresholds = torch.full((K,), NO_EXIT, dtype=torch.float32)
         thresholds[k] = -NO_EXIT  # everyone leaves at exit k (the last takes all anyway)
-        predictor = _CostProbe(model, thresholds)
-        if checked is None:  # uncounted: EarlyExit's check, at its first call, that the stages do what forward does
-            predictor(example_input)
-            checked = predictor._forward_checked
-        predictor._forward_checked = checked
+        if predictor is None:
+            predictor = _CostProbe(model, thresholds)
+            predictor(example_input)  # uncounted: EarlyExit's first-call check that the stages do what forward does
+        else:
+            predictor.thresholds.copy_(thresholds)
         counter = _Counter()
         with counter:
             predictions, _ = predictor(example_input)

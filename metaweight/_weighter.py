@@ -406,8 +406,7 @@ class HarmonizedWeighter(NamedWeights):
         for part in (self.criterion, self.validation):
             if isinstance(part, nn.Module):
                 part.to(device)
-        for callback in reversed(self.__dict__.pop("_callbacks_given", ())):
-            self._hooks.move_to_end(self.register_meta_step_hook(callback).id, last=False)
+        self._register_given()
         if self.mode == "fast" and self.learn and self._capturable is None:  # (the two-call form's)
             self._hook_two_calls(device)
 

@@ -304,7 +304,8 @@ _CONSTRUCTORS: weakref.WeakSet[Callable[..., None]] = weakref.WeakSet()  # (the 
 def _placeholder(init: Any) -> bool:
     """Whether ``init`` is typing's stand-in constructor of a ``Protocol`` subclass, which looks the class's real
     one up at its first call (and does nothing once the class's ``__init__`` is another function)."""
-    return getattr(init, "__name__", None) == "_no_init_or_replace_init" and getattr(init, "__module__", None) == "typing"
+    return getattr(init, "__name__", None) == "_no_init_or_replace_init" and \
+        getattr(init, "__module__", None) == "typing"
 
 
 class NamedWeights:
@@ -377,11 +378,18 @@ class NamedWeights:
     def _built(self) -> None:
         """What the constructor gives the weighter once it has returned whole (:func:`_then_built`)."""
 
+    def _register_given(self) -> None:
+        """The constructor's ``callbacks`` (kept in ``_callbacks_given`` until it has returned), registered first:
+        before hooks a subclass registered itself."""
+        for callback in reversed(self.__dict__.pop("_callbacks_given")):
+            self._hooks.move_to_end(self.register_meta_step_hook(callback).id, last=False)
+
     def _copy_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` (this weighter's ``__dict__`` as pickled) with what it lacks: the values of the ``__slots__`` of
         a subclass, and which of its hooks are library loggers that log it (those given to another weighter since
         log that one): a logger is pickled without its weak references."""
-        state["_metaweight_slots"] = {name: getattr(self, name) for name in _slot_names(type(self)) if hasattr(self, name)}
+        state["_metaweight_slots"] = {name: getattr(self, name) for name in _slot_names(type(self))
+                                      if hasattr(self, name)}
         state["_logs_me"] = {handle for handle, hook in self._hooks.items() if isinstance(hook, HandedLogger) and (
             hook._metaweight_owner is None or hook._metaweight_owner() is self or (
                 hook._metaweight_owner() is None and not self._passed_over(hook)))}  # (None: its weighter gone)
@@ -556,8 +564,7 @@ class Weighting(NamedWeights):
             self._setup()
         if isinstance(self.criterion, nn.Module):
             self.criterion.to(self.device)
-        for callback in reversed(self.__dict__.pop("_callbacks_given")):  # (first: before the subclass's own)
-            self._hooks.move_to_end(self.register_meta_step_hook(callback).id, last=False)
+        self._register_given()
 
     needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
     reads_train_batch: ClassVar[bool] = False  # whether meta_step reads its train_batch (FAMO: the terms again)
@@ -1314,4 +1321,3 @@ class Weighting(NamedWeights):
         options = self._options()
         return (f"{type(self).__name__}(terms={self.term_names}, criterion={type(self.criterion).__name__}"
                 f"{', ' + options if options else ''}, optimizer={type(self.optimizer).__name__})")
-

@@ -2,9 +2,10 @@
 (after it, with ``mode="fast"``).
 
 Imported on its own (``from metaweight.lightning import HarmonizedCallback``) so that the core
-package never needs Lightning; install it with ``pip install 'metaweight[lightning]'``. Your LightningModule's ``forward`` returns the list of exit
-logits, and its ``training_step`` returns ``self.weighter.loss(self(x), y)``; Lightning does the
-backward and the optimizer step (automatic optimization, AMP and schedulers as usual).
+package never needs Lightning; install it with ``pip install 'metaweight[lightning]'``. Your
+LightningModule's ``forward`` returns the list of exit logits, and its ``training_step`` returns
+``self.weighter.loss(self(x), y)``; Lightning does the backward and the optimizer step (automatic
+optimization, AMP and schedulers as usual).
 
 Example::
 

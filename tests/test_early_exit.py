@@ -1450,14 +1450,20 @@ class _Wrapping(nn.Module):
         return out
 
 
+def _forward_calls(model):
+    """The batch sizes of the model's forward calls, as they come."""
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    return calls
+
+
 def test_the_forward_check_runs_once_per_structure_and_again_for_a_new_head():
     """The check (a forward of the batch's first 8 samples and the stages on them) runs at the first call only,
     and again once a module of the model or its own hooks change, counted by the model's forward calls; stages
     and heads that exit_stages() wraps anew at each call are the same structure (their new ids had the check run
     at every call, and counted by exit_costs(executed=True); helper-167)."""
     net = tiny_net(3, batchnorm=False).eval()
-    calls = []
-    net.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    calls = _forward_calls(net)
     predictor = mw.EarlyExit(net, [0.5, 0.5, 0.0])
     for _ in range(3):
         predictor(torch.randn(12, 6))
@@ -1470,8 +1476,7 @@ def test_the_forward_check_runs_once_per_structure_and_again_for_a_new_head():
     with pytest.raises(ValueError, match="forward computes something else"):
         predictor(torch.randn(8, 6))
     wrapping = _Wrapping().eval()
-    calls = []
-    wrapping.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    calls = _forward_calls(wrapping)
     predictor = mw.EarlyExit(wrapping, [0.5, 0.5, 0.0])
     for _ in range(3):
         predictor(torch.randn(1, 6))
