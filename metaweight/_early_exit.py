@@ -496,8 +496,9 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
     itself. Early exit would then predict from other logits than ``model(x)`` gives (and the thresholds were
     found on), silently. Both are run on the first ``samples`` samples of the call (at most; each pass on its own
     copy of them), in eval mode (the caller's), from one state of the random generators and of the model's buffers
-    (a model random in eval mode, MC dropout, draws the same in both; a running normaliser is the same in both;
-    both put back afterwards), a compiled model's forward run eagerly. The
+    and tensor attributes (a model random in eval mode, MC dropout, draws the same in both; a running normaliser is
+    the same in both; both put back afterwards, :class:`_ModuleState`; a parameter the forward changes in place is
+    warned of), a compiled model's forward run eagerly. The
     logits are compared as probabilities (:func:`_differ`). Not checked: a call whose inputs cannot be cut to
     those samples, a forward that does not return one logits tensor per exit, a forward that differs from itself
     (random from a generator out of reach, a module-level one, or changing a state of its own at each call: seen
@@ -525,15 +526,13 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
     eager = getattr(model, "_orig_mod", model)  # (a compiled model: its forward eagerly, not compiled for the check)
     eager = eager if isinstance(eager, nn.Module) else model
     start = rng_state(device, model_generators(model))
-    # the buffers as the call left them: each pass starts from them, and they are put back after (a running
+    # the model's state as the call left it: each pass starts from it, and it is put back after (a running
     # normaliser, a call counter: the check changes none of the model's state)
-    buffers = [b for b in eager.buffers() if not b.is_inference()]
-    kept = [b.detach().clone() for b in buffers]
+    state = _ModuleState([eager, *stages, *heads])
 
     def reset() -> None:
         set_rng_state(start, device)
-        for buffer, value in zip(buffers, kept):
-            buffer.copy_(value)
+        state.restore()
 
     def forward(inputs: ModelCall) -> list[Tensor]:
         reset()
@@ -578,6 +577,61 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
                 f"put back, a module-level torch.Generator: hold the generator in a module attribute.)")
     finally:
         reset()
+        moved = state.parameters_changed()
+        if moved:
+            warn_user(f"EarlyExit's check of `{type(model).__name__}` ran its forward and its stages on {m} sample(s), "
+                      f"and they changed the parameter(s) {moved} in place, which the check cannot put back (it "
+                      f"copies the buffers, not the weights): they now hold what those extra passes made of them. "
+                      f"Hold state a forward updates (a running mean) in a buffer (register_buffer), which the check "
+                      f"puts back, not in an nn.Parameter.")
+
+
+class _ModuleState:
+    """What a forward may change in ``modules`` and their submodules, kept so that :func:`check_forward_agrees`
+    leaves the model as it found it: each module's buffers and tensor attributes (the objects in their slots and
+    their values: a buffer updated in place, or replaced, ``self.mean = 0.9 * self.mean + ...``, or one registered
+    by the forward, is put back) and its parameters (the objects in their slots; a parameter changed in place is
+    only noticed, by its version counter, since copying every weight could double the model's memory). Inference
+    tensors' values are put back only inside inference mode (outside it torch refuses to write them)."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        seen: dict[int, nn.Module] = {}
+        for root in modules:
+            for module in root.modules():
+                seen.setdefault(id(module), module)
+        self._slots: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Tensor]]] = []
+        values: dict[int, tuple[Tensor, Tensor]] = {}
+        self._versions: dict[int, tuple[str, Tensor, int]] = {}
+        for module in seen.values():
+            attributes = {k: v for k, v in vars(module).items() if isinstance(v, Tensor)}
+            self._slots.append((module, dict(module._buffers), dict(module._parameters), attributes))
+            for t in (*module._buffers.values(), *attributes.values()):
+                if isinstance(t, Tensor) and id(t) not in values and not t.is_sparse:
+                    values[id(t)] = (t, t.detach().clone())
+            for name, p in module._parameters.items():
+                if p is not None:
+                    self._versions.setdefault(id(p), (f"{type(module).__name__}.{name}", p, p._version))
+        self._values = list(values.values())
+
+    def restore(self) -> None:
+        """Put every slot's object back, then its value."""
+        for module, buffers, parameters, attributes in self._slots:
+            for held, saved in ((module._buffers, buffers), (module._parameters, parameters)):
+                if held.keys() != saved.keys() or any(held[k] is not v for k, v in saved.items()):
+                    held.clear()
+                    held.update(saved)
+            own = vars(module)
+            for name in [k for k, v in own.items() if isinstance(v, Tensor) and k not in attributes]:
+                del own[name]  # (a tensor attribute the forward added: not there before the check)
+            own.update(attributes)
+        inference = torch.is_inference_mode_enabled()
+        for tensor, value in self._values:
+            if inference or not tensor.is_inference():
+                tensor.copy_(value)
+
+    def parameters_changed(self) -> list[str]:
+        """The parameters changed in place since the state was kept (their version counters moved)."""
+        return [name for name, p, version in self._versions.values() if p._version != version]
 
 
 def _differ(staged: Tensor, expected: Tensor) -> str | None:

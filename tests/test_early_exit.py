@@ -1544,22 +1544,39 @@ def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
     noisy = mw.MultiExit([nn.Sequential(stage, _OutOfReach()) for stage in plain.stages], plain.heads).eval()
     with pytest.warns(RuntimeWarning, match="could not check that the stages"):  # (said: helper-169)
         metaweight._early_exit.EarlyExit(noisy, [0.5, 0.5, 0.0])(x)
-    # a running normaliser inside stage 1, as the refusal advises: each pass starts from the buffers the call left,
-    # put back after, so no warning and the model's state is what the call alone makes (helper-170)
+    # a running normaliser inside stage 1, as the refusal advises, in every form a module holds and updates its
+    # state (a buffer updated in place or replaced, a tensor attribute updated in place or replaced): each pass
+    # starts from the state the call left, put back after, so no warning and the model's state is what the call
+    # alone makes (helper-170: in place in a buffer; helper-171: the other forms, moved four times by one call)
+    for kind in _Normaliser.KINDS:
+        inside = _Streaming(plain.stages, plain.heads).eval()
+        inside.stages[0] = nn.Sequential(_Normaliser(kind), inside.stages[0])
+        inside.forward = types.MethodType(mw.MultiExit.forward, inside)  # (its forward the stages': nothing outside)
+        twin = copy.deepcopy(inside)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            metaweight._early_exit.EarlyExit(inside, [0.5, 0.5, 0.0])(x)
+        with torch.no_grad():
+            twin.stages[0](x)  # (the call's one pass of every sample through stage 1)
+        assert torch.equal(inside.stages[0][0].mean, twin.stages[0][0].mean), kind
+        # outside the stages, the forward normalising first: it passed silently as differing from itself
+        # (helper-169); each pass from the same state, it is refused, and the state is as before the call
+        outside = _Streaming(plain.stages, plain.heads, kind).eval()
+        before = outside.mean.clone()
+        with pytest.raises(ValueError, match="forward computes something else"):
+            metaweight._early_exit.EarlyExit(outside, [0.5, 0.5, 0.0])(x)
+        assert torch.equal(outside.mean, before), kind
+    # a running mean held in an nn.Parameter, which the check does not copy (the weights: the model's memory again),
+    # is moved by the check's passes: said, naming it
     inside = _Streaming(plain.stages, plain.heads).eval()
-    inside.stages[0] = nn.Sequential(_Normaliser(), inside.stages[0])
-    inside.forward = types.MethodType(mw.MultiExit.forward, inside)  # (its forward the stages': nothing outside)
-    twin = copy.deepcopy(inside)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    inside.stages[0] = nn.Sequential(_Normaliser("parameter"), inside.stages[0])
+    inside.forward = types.MethodType(mw.MultiExit.forward, inside)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         metaweight._early_exit.EarlyExit(inside, [0.5, 0.5, 0.0])(x)
-    with torch.no_grad():
-        twin.stages[0](x)  # (the call's one pass of every sample through stage 1)
-    assert torch.equal(inside.stages[0][0].mean, twin.stages[0][0].mean)
-    # a forward normalising with a running mean it updates at each call, outside the stages: it passed silently as
-    # differing from itself (helper-169); each pass from the same buffers, it is refused
-    with pytest.raises(ValueError, match="forward computes something else"):
-        metaweight._early_exit.EarlyExit(_Streaming(plain.stages, plain.heads).eval(), [0.5, 0.5, 0.0])(x)
+    said = [str(w.message) for w in said]
+    assert any("changed the parameter(s) ['_Normaliser.mean'] in place" in w for w in said), said
+    assert all("could not check" in w or "in place" in w for w in said), said  # (its passes differ: not checked)
     # a sparse batch, which the check cannot take samples of (indexing a sparse tensor): not checked, answered
     sparse = mw.MultiExit([nn.Sequential(_Dense(), plain.stages[0]), *plain.stages[1:]], plain.heads).eval()
     eager = metaweight._early_exit.EarlyExit  # (a CUDA graph cannot copy a sparse input: the eager path's)
@@ -1581,23 +1598,44 @@ _OUT_OF_REACH = torch.Generator().manual_seed(0)
 
 
 class _Normaliser(nn.Module):
-    def __init__(self):
+    """A running mean of the inputs, held as ``kind`` says and updated at each call."""
+
+    KINDS = ("buffer", "buffer replaced", "attribute", "attribute replaced")
+
+    def __init__(self, kind="buffer"):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(6))
+        self.kind = kind
+        _hold(self, kind)
 
     def forward(self, x):
-        self.mean.mul_(0.9).add_(0.1 * x.mean(0))
-        return x - self.mean
+        return x - _update(self, x)
+
+
+def _hold(module, kind):
+    if kind.startswith("buffer"):
+        module.register_buffer("mean", torch.zeros(6))
+    elif kind == "parameter":
+        module.mean = nn.Parameter(torch.zeros(6), requires_grad=False)
+    else:
+        module.mean = torch.zeros(6)
+
+
+def _update(module, x):
+    if module.kind.endswith("replaced"):
+        module.mean = 0.9 * module.mean + 0.1 * x.mean(0)
+    else:
+        module.mean.mul_(0.9).add_(0.1 * x.mean(0))
+    return module.mean
 
 
 class _Streaming(mw.MultiExit):
-    def __init__(self, stages, heads):
+    def __init__(self, stages, heads, kind="buffer"):
         super().__init__(stages, heads)
-        self.register_buffer("mean", torch.zeros(6))
+        self.kind = kind
+        _hold(self, kind)
 
     def forward(self, x):
-        self.mean.mul_(0.9).add_(0.1 * x.mean(0))
-        return super().forward(x - self.mean)
+        return super().forward(x - _update(self, x))
 
 
 class _OutOfReach(nn.Module):
