@@ -48,12 +48,12 @@ def _undone_from(record: Any, step: float) -> tuple[float, bool]:
     built or loaded at), so that entries of steps undone go even where the first meta step after a resume
     or a rollback was not logged (skipped as not finite, or put back by a hook that raised); for a record
     that does not say (a mapping of the user's, a weighter pickled by an earlier metaweight), its own
-    iteration ``step``. And whether that iteration is a checkpoint's the weighter was restored from
-    (:attr:`MetaStepRecord.restored`): a resumed run even where every entry goes, unless that iteration is 0 (a
-    weighter loaded or copied before its first step, a template for a new run as often as a resume: every entry
-    would go, so it is a new run, as for a weighter built)."""
+    iteration ``step``. And whether the weighter was restored from a checkpoint (:attr:`MetaStepRecord.restored`):
+    a resumed run even where every entry goes, unless the checkpoint was taken before its first call (a weighter
+    loaded or copied before its first step, a template for a new run as often as a resume: every entry would go, so
+    it is a new run, as for a weighter built; the weighter says ``restored=False`` then)."""
     if _follows_known(record) and 0 <= record.follows < step:
-        return float(record.follows + 1), getattr(record, "restored", False) is True and record.follows > 0
+        return float(record.follows + 1), getattr(record, "restored", False) is True
     return step, False
 
 

@@ -51,10 +51,12 @@ class MetaStepRecord(Mapping[str, Any]):
             steps the weighter no longer holds (undone by a resume or a rollback to a checkpoint, or
             put back by a hook that raised): :class:`CSVLogger` drops them and
             :class:`TensorBoardLogger` hides them at the next record.
-        restored: whether ``follows`` is the iteration of a checkpoint the weighter was restored from
-            (``load_state_dict``, no meta step kept since): a log's entries after it are then taken
-            for steps undone even where none is before it (a checkpoint saved in a warm-up before the
-            first meta step was logged). An attribute only, as ``follows``.
+        restored: whether the weighter was restored from a checkpoint taken after its first call
+            (``load_state_dict``, or a copy: ``copy.deepcopy``, pickled with ``torch.save``), no meta
+            step kept since: a log's entries after ``follows`` are then taken for steps undone even
+            where none is before it (a checkpoint saved in a warm-up before the first meta step was
+            logged). ``False`` for one restored from a checkpoint taken before its first call (a
+            template for a new run). An attribute only, as ``follows``.
     """
 
     iteration: int

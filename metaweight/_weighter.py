@@ -48,7 +48,7 @@ from metaweight._transaction import (COPIED_SINCE, LOADED_DURING, LOADED_SINCE, 
                                      StepTransaction, gradients_moved, host_read, nonfinite_flag)
 from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import SKIP_META_STEPS, warn_user, warns_after_construction
-from metaweight._weighting import NamedWeights, optimizer_steps, unwrap_model
+from metaweight._weighting import NamedWeights, restored_at, optimizer_steps, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import (FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, frozen_with_grad,
                                outside_model, shapes_of)
@@ -1010,7 +1010,7 @@ class HarmonizedWeighter(NamedWeights):
         self._met_at = None
         self._resumed_calls, self._resumed = loaded.pending_calls or 0, None
         self._load_note = LOADED_DURING if loaded.pending_calls != 0 else ""  # (an older checkpoint's: not known)
-        self._follows, self._restored = self.num_calls, True  # (the log's rows after it are of steps undone)
+        self._follows, self._restored = self.num_calls, restored_at(self.num_calls)  # (the log's rows after it: undone)
         if self._capturable is not None and self._capturable.counts is not None:
             self._capturable.reset(self)
 

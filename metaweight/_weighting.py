@@ -308,6 +308,13 @@ def _placeholder(init: Any) -> bool:
         getattr(init, "__module__", None) == "typing"
 
 
+def restored_at(calls: Any) -> bool:
+    """Whether a weighter copied or loaded with ``calls`` iterations counted is a run resumed from a checkpoint
+    (:attr:`MetaStepRecord.restored`), where one with none is a template for a new run (a copy made when built, a
+    ``state_dict`` saved before the first step): its log's rows would all be undone, so its log is a new run's."""
+    return not isinstance(calls, int) or calls > 0
+
+
 class NamedWeights:
     """What every loss weighting shares for naming and logging: :attr:`term_names`,
     :meth:`gamma_dict`, :meth:`terms_dict` and the meta-step hooks (of ``HarmonizedWeighter`` and
@@ -415,8 +422,10 @@ class NamedWeights:
         for name, value in slots.items():
             object.__setattr__(self, name, value)
         # a copy is a checkpoint and its load: its log's rows after the last iteration it reported are of steps
-        # undone (as after load_state_dict, which knows no more than the count of iterations)
-        self._restored = True
+        # undone (as after load_state_dict, which knows no more than the count of iterations); one copied before its
+        # first call is a template for a new run, not a resume (one copied later is, its first meta step kept or
+        # not: after a warm-up with learn=False, taken for a template, its resume was logged as a new run)
+        self._restored = restored_at(self.__dict__.get("num_calls"))
         for handle, hook in self.__dict__.get("_hooks", {}).items():
             if not isinstance(hook, HandedLogger):
                 continue
@@ -1312,7 +1321,7 @@ class Weighting(NamedWeights):
         self._lost_calls = LOADED_SINCE
         self._resumed_calls = pending or 0
         self._load_note = LOADED_DURING if pending != 0 else ""  # (an older checkpoint's: not known)
-        self._follows, self._restored = self.num_calls, True  # (the log's rows after it are of steps undone)
+        self._follows, self._restored = self.num_calls, restored_at(self.num_calls)  # (the log's rows after it: undone)
 
     def _options(self) -> str:
         return ""

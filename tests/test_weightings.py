@@ -1309,6 +1309,55 @@ def test_a_run_copied_after_a_meta_step_put_back_logs_as_the_run_not_copied(tmp_
     assert _log_rows(tmp_path / "log.csv") == ["1", "3", "4"]
 
 
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "load_state_dict"])
+def test_a_checkpoint_taken_after_a_warm_up_without_meta_steps_resumes_its_log(tmp_path, how):
+    """``learn=False`` for iterations 1-2 (a warm-up), a checkpoint at iteration 2, the run on to 4, then resumed from
+    the checkpoint to 6: a whole-object checkpoint followed its last kept meta step, none (0), so it was taken for a
+    template copied when built and logged to log-2.csv as a new run, log.csv keeping rows 3-4 of steps undone
+    (helper-171), where ``load_state_dict`` resumed the log. A copy follows the iteration it was taken at, as a load
+    does: one log, rows 3-6, the undone 3-4 dropped."""
+    import io
+    import warnings
+
+    def weighter(model, optimizer, logger):
+        return mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), callbacks=[logger])
+
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    logger = mw.CSVLogger(tmp_path / "log.csv")
+    w = weighter(model, optimizer, logger)
+    w.learn = False
+    data, val = batches(6), batches(6, size=8)[::-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(4):
+            w.step(data[i], val[i])
+            if i == 1:
+                w.learn = True
+                saved = io.BytesIO()
+                torch.save((model, optimizer, w) if how != "load_state_dict" else
+                           (model.state_dict(), optimizer.state_dict(), w.state_dict()), saved)
+                copied = copy.deepcopy((model, optimizer, w)) if how == "deepcopy" else None
+        logger.close()  # (the first run ends)
+        if how == "load_state_dict":
+            states = torch.load(io.BytesIO(saved.getvalue()), weights_only=False)
+            model = tiny_net(3)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            model.load_state_dict(states[0])
+            optimizer.load_state_dict(states[1])
+            w = weighter(model, optimizer, mw.CSVLogger(tmp_path / "log.csv"))
+            w.load_state_dict(states[2])
+        else:
+            model, optimizer, w = copied or torch.load(io.BytesIO(saved.getvalue()), weights_only=False)
+        assert (w.num_calls, w.num_meta_steps) == (2, 0)
+        for i in range(2, 6):
+            w.step(data[i], val[i])
+    w.callbacks[0].close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+    assert _log_rows(tmp_path / "log.csv") == ["3", "4", "5", "6"]
+
+
 class _RaiseAt:
     def __init__(self, call):
         self.call, self.calls = call, 0
