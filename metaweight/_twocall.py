@@ -87,11 +87,15 @@ class TwoCall:
         if not run_meta:
             return MetaStepRecord(w.num_calls, meta_step=w.num_meta_steps, gamma=w.gamma_dict())
         if plan is None and pending is not None and not pending.stepped():  # (no backward went through it yet)
-            message = ("weighter.meta_step came before loss.backward() and optimizer.step(): no backward has gone "
-                       "through this iteration's weighter.loss, so there is no step to score; gamma is unchanged. "
-                       "Call it after the step: loss = weighter.loss(model(x), y); loss.backward(); "
-                       "optimizer.step(); weighter.meta_step((x, y), val_batch).")
-            warn_user(message)
+            message = ("No backward has gone through this iteration's weighter.loss: the loop skipped this batch (a "
+                       "non-finite loss), or weighter.meta_step came before loss.backward() and optimizer.step(). "
+                       "There is no step to score; gamma is unchanged. Call it after the step: loss = "
+                       "weighter.loss(model(x), y); loss.backward(); optimizer.step(); weighter.meta_step((x, y), "
+                       "val_batch).")
+            terms = torch.cat([micro.terms.float().reshape(-1) for micro in pending.micro])
+            if not w._said_skipped and all(math.isfinite(v) for v in host_read([terms])):
+                w._said_skipped = True  # (a finite loss: said once; a non-finite one is a batch skipped on purpose)
+                warn_user(message + " (Said once.)")
             return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps,
                                   gamma=w.gamma_dict(), message=message)
         if plan is None:

@@ -331,6 +331,7 @@ class NamedWeights:
     # (load_state_dict), then that of each meta step kept; None for an object pickled by an earlier metaweight
     _follows: int | None = None
     _restored = False  # whether _follows is the iteration loaded at (MetaStepRecord.restored)
+    _said_skipped = False  # whether a two-call meta_step after a batch skipped with a finite loss was warned of
 
     def _check_parameters_held(self, call: str) -> None:
         """At every call of ``step``/``meta_step`` (inside its walk), before anything changes: the optimizer holds no
@@ -628,7 +629,9 @@ class Weighting(NamedWeights):
         self._pending_trains = False  # whether _pending is a training call's (one with a graph)
         self._unreached: tuple[int, Tensor | None] | None = None  # the last training call, until a backward reaches it
         self._kept_at: int | None = None  # the optimizer's step count when a meta_step after no step kept the calls
-        self._met_at: int | None = None  # the optimizer's step count at the last meta step counted (kept or refused)
+        # the optimizer's step count at the last meta step counted (kept or refused), or when built (a meta step before
+        # any optimizer step has nothing to learn from); None where not known (loaded, copied)
+        self._met_at: int | None = None
         self._lost_calls = ""  # LOADED_SINCE after a load_state_dict, said where meta_step misses the loss() calls
         self._groups: dict[int, _Calls] = {}  # the training loss() calls, by the optimizer's step count at each
         self._last_values: dict[str, Tensor] | None = None  # the last training call's, read where none was counted
@@ -636,7 +639,7 @@ class Weighting(NamedWeights):
         self._inner_optimizer = unwrap_optimizer(optimizer)
         check_optimizer_holds_model(self._inner_optimizer, module, type(self).__name__)
         self._kept_walk = ModelWalk(module)  # (the first call's check of replaced parameters compares with it)
-        optimizer_steps(self._inner_optimizer)  # (the process-wide step counter, registered before the first step)
+        self._met_at = optimizer_steps(self._inner_optimizer)  # (the process-wide step counter, registered now)
         self._hooks: OrderedDict[int, Callable[[MetaStepRecord], None]] = OrderedDict()
         self.last_meta = MetaStepRecord(0)
         self._follows = 0
@@ -915,7 +918,10 @@ class Weighting(NamedWeights):
         After :meth:`loss` calls whose backward was followed by no optimizer step (a ``GradScaler`` found
         inf/NaN gradients and skipped it, or the loop did not step), no loss changed: nothing is learned, the
         weights and the method's state stay as they are, and the record says ``skipped`` (``ran`` false) with
-        a message; the call counts in ``num_calls``, not ``num_skipped``, and no hook is called. Where the
+        a message; the call counts in ``num_calls``, not ``num_skipped``, and no hook is called. The same
+        for :meth:`loss` calls that neither a backward nor an optimizer step followed since the last meta
+        step (or since the weighting was built): a batch the loop skipped, its terms not read (a non-finite
+        loss not refused; a finite one warned of once, ``RuntimeWarning``). Where the
         gradients are finite (no ``GradScaler`` skipped the step: ``meta_step`` came before
         ``optimizer.step()``, or after a micro-batch not stepped on) the call also warns (``RuntimeWarning``)
         and keeps those calls' terms for the :meth:`meta_step` after the step that uses their gradients: with
@@ -934,8 +940,11 @@ class Weighting(NamedWeights):
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
                              f"Nothing was changed.{self._lost_calls}")
         steps = optimizer_steps(self._inner_optimizer)
-        if local is None and self._met_at == steps:
-            return self._no_step_since()
+        if self._met_at == steps and not self._written(steps):
+            # no optimizer step since the last meta step (or since built), and no backward through this iteration's
+            # loss() calls: the loop skipped this batch (a non-finite loss it checked), or called meta_step twice
+            Weighting._check_batch(self, train_batch)  # (its form: FAMO's batch is the step's, and none was taken)
+            return self._no_step_since(local)
         if self._kept_at == steps - 1 and steps in self._groups and self._groups[steps].wrote:
             # calls kept by a meta_step before a step, and a backward after that step before this meta_step: the
             # loop calls meta_step before optimizer.step() every iteration, not once per accumulated step; the
@@ -1058,20 +1067,39 @@ class Weighting(NamedWeights):
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), terms=self._named(shown), message=message)
 
-    def _no_step_since(self) -> MetaStepRecord:
-        """The meta step after no optimizer step and no :meth:`loss` call since the last meta step (RLW's and SDN's,
-        which read no terms: a ``GradScaler``'s skip in a loop that weighs the terms itself, a ``meta_step`` after
-        each micro-batch without ``loss()``, a second call): nothing to learn from, as :meth:`_not_stepped`;
-        warned where the gradients are finite (no ``GradScaler`` skipped a step)."""
+    def _no_step_since(self, local: Tensor | None = None) -> MetaStepRecord:
+        """The meta step after no optimizer step since the last meta step (or since built) and no backward through
+        a :meth:`loss` call since: a batch the loop skipped (``loss()`` called, its loss found non-finite and neither
+        backpropagated nor stepped on: ``local`` its terms, not read), a ``GradScaler``'s skip in a loop that weighs
+        the terms itself (RLW's and SDN's, which read no terms), a ``meta_step`` after each micro-batch without
+        ``loss()``, a second call: nothing to learn from, as :meth:`_not_stepped`; warned where the gradients are
+        finite and no ``loss()`` call says the batch was skipped."""
         self.num_calls += 1
         self._reset_pending()
-        message = (f"No optimizer step came since the last {type(self).__name__}.meta_step, nor a weighting.loss "
+        name = type(self).__name__
+        if local is not None:  # (loss() was called: its batch skipped by the loop, no backward, no step)
+            message = (f"No backward went through this iteration's weighting.loss call(s), and no optimizer step came "
+                       f"since {'the last ' + name + '.meta_step' if self.num_calls > 1 else name + ' was built'}: "
+                       f"taken for a batch the loop skipped (a non-finite loss), so no loss changed and the weights "
+                       f"and the method's state are unchanged (its terms are not read). A weighting learns once per "
+                       f"optimizer step: call meta_step after optimizer.step().")
+            if not self._said_skipped and all(math.isfinite(v) for v in host_read([local.detach().float()])):
+                self._said_skipped = True  # (a finite loss skipped: said once, where a loop stepping another way
+                warn_user(message + " (Said once.)")  # than optimizer.step() would never learn)
+            return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
+                                  gamma=self.gamma_dict(), message=message)
+        message = (f"No optimizer step came since the last {name}.meta_step, nor a weighting.loss "
                    f"call: no loss changed, so the weights and the method's state are unchanged. Call "
                    f"meta_step once per optimizer step, after optimizer.step() (step() calls it itself).")
         if gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad]):
             warn_user(message)
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), message=message)
+
+    def _written(self, steps: int) -> bool:
+        """Whether a backward went through a training :meth:`loss` call since the optimizer's ``steps``-th step."""
+        group = self._groups.get(steps)
+        return group is not None and group.wrote
 
     def _named(self, terms: Tensor | None) -> dict[str, float] | None:
         return None if terms is None else dict(zip(self.term_names, terms.detach().cpu().tolist()))

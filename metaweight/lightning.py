@@ -21,7 +21,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 try:
@@ -74,6 +74,25 @@ def _whole(parts: list[Any]) -> Any:
     joined = [torch.cat(column) if isinstance(column[0], torch.Tensor) and column[0].dim() > 0 else column[0]
               for column in zip(*(flat for flat, _ in leaves))]
     return tree_unflatten(joined, spec)
+
+
+# a batch of the optimizer step under way whose training_step returned None: Lightning skipped its backward (and
+# stepped on no gradient from it), so the meta step leaves it out, and makes none where the step's every batch was
+_SKIPPED = object()
+
+
+def _skipped(module: lightning.LightningModule, outputs: Any) -> bool:
+    """Whether ``training_step`` skipped its batch: returned ``None`` (or a mapping without ``"loss"``), which
+    Lightning's automatic optimization passes on as ``{}`` and steps on no gradient from; a manual optimization's
+    outputs say nothing of its steps."""
+    if not module.automatic_optimization:
+        return False
+    return outputs is None or (isinstance(outputs, Mapping) and outputs.get("loss") is None)
+
+
+def _taken(parts: list[Any]) -> list[Any]:
+    """The batches of an optimizer step that ``training_step`` did not skip (:data:`_SKIPPED`)."""
+    return [part for part in parts if part is not _SKIPPED]
 
 
 class _HeldOut:
@@ -229,7 +248,10 @@ class HarmonizedCallback(lightning.Callback):
     by value is refused when the fit starts, and so is the callback's ``clip_grad_norm`` where nothing clips (no
     ``gradient_clip_val``, and the module keeps Lightning's ``configure_gradient_clipping``). With ``nonfinite="skip"`` a non-finite step's meta step is
     skipped, but Lightning itself steps the model on whatever gradient the backward left (as it does without
-    the callback): skip such steps in Lightning too, or keep ``nonfinite="raise"``.
+    the callback): skip such steps in Lightning too, or keep ``nonfinite="raise"``. A batch skipped that way,
+    ``training_step`` returning ``None`` (Lightning then takes no backward and steps on no gradient from it), is
+    left out of the fast mode's meta step, which is not made for an optimizer step whose every batch was
+    skipped. The exact mode's meta step comes before the batch, and stands.
 
     The checkpoint also keeps the position in the held-out loader (the batches taken in the pass
     under way): a resumed fit reads and drops as many batches of a fresh pass, so with an
@@ -290,11 +312,11 @@ class HarmonizedCallback(lightning.Callback):
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.weighter is not None and self._val is not None
-        self._parts.append(batch if self.weighter.mode == "fast" else None)
+        self._parts.append(_SKIPPED if _skipped(pl_module, outputs) else batch if self.weighter.mode == "fast" else None)
         if _accumulates(trainer):
             return
-        parts, self._parts = self._parts, []
-        if self.weighter.mode == "fast":
+        parts, self._parts = _taken(self._parts), []
+        if self.weighter.mode == "fast" and parts:  # (every batch of the step skipped: no step to look at)
             self.weighter.meta_step(_whole(parts), to_device(next(self._val), pl_module.device))
 
     def state_dict(self) -> dict[str, Any]:
@@ -332,7 +354,8 @@ class WeightingCallback(lightning.Callback):
     ``accumulate_grad_batches=N``, after every N batches, on the N concatenated).
 
     As with :class:`HarmonizedCallback`, ``training_step`` returns ``self.weighter.loss(self(x), y)``
-    and Lightning does the backward and the optimizer's step; the weighting's state is saved in
+    and Lightning does the backward and the optimizer's step (a batch for which it returns ``None``, skipped,
+    is left out of the meta step, which is not made where the optimizer step's every batch was skipped); the weighting's state is saved in
     Lightning checkpoints with the callback's, and a later ``fit`` with the same callback goes on
     from the last fit's state (a ``ckpt_path`` given to it restores the checkpoint's instead).
 
@@ -382,11 +405,12 @@ class WeightingCallback(lightning.Callback):
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.weighting is not None
         reads = type(self.weighting).reads_train_batch  # (FAMO scores the step's whole batch again; the others
-        self._parts.append(batch if reads else None)  # read no batch: any batch structure is fine for them)
+        self._parts.append(_SKIPPED if _skipped(pl_module, outputs) else batch if reads else None)  # read no batch)
         if _accumulates(trainer):
             return
-        parts, self._parts = self._parts, []
-        self.weighting.meta_step(_whole(parts) if reads else None)
+        parts, self._parts = _taken(self._parts), []
+        if parts:  # (every batch of the step skipped: Lightning stepped on no gradient, nothing to learn from)
+            self.weighting.meta_step(_whole(parts) if reads else None)
 
     def state_dict(self) -> dict[str, Any]:
         return self.weighting.state_dict() if self.weighting is not None else {}

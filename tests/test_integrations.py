@@ -1,5 +1,6 @@
 """Lightning, Accelerate and the transformer example: a few real steps each."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -145,6 +146,53 @@ def test_lightning_callbacks_take_one_meta_step_per_optimizer_step_under_gradien
     assert w.num_meta_steps == module.weighter.num_meta_steps == 3
     got, expected = module.weighter.gamma_dict(), w.gamma_dict()
     assert all(abs(got[k] - expected[k]) <= 1e-5 * max(1.0, abs(expected[k])) for k in got), (got, expected)
+
+
+@pytest.mark.parametrize("calls_loss", [False, True], ids=["", "loss() called first"])
+@pytest.mark.parametrize("accumulate, skipped", [(1, {1}), (2, {2, 3})], ids=["one batch", "an accumulated step"])
+@pytest.mark.parametrize("kind", ["uw", "famo", "sdn", "hdkd fast"])
+def test_lightning_callbacks_leave_out_a_batch_training_step_skipped(kind, accumulate, skipped, calls_loss):
+    """training_step returning None, Lightning's way to skip a batch (it then steps the optimizer on no gradient):
+    the callbacks called meta_step for it, which refused it (no loss() call, or the NaN terms of one the step
+    checked and skipped) and stopped the fit (helper-172). The meta step leaves such a batch out, and makes none
+    for an optimizer step whose every batch was skipped: the fit equals one without those batches."""
+    lightning = pytest.importorskip("lightning")
+    from lightning_train import MultiExitModule
+    from metaweight.lightning import HarmonizedCallback, WeightingCallback
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(48, 6, generator=g), torch.randint(0, 4, (48,), generator=g)
+    val = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(6)]
+    criterion = mw.DenseDistillLoss(2)
+    method, _, mode = kind.partition(" ")
+
+    class Skipping(MultiExitModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx not in skipped:
+                return super().training_step(batch, batch_idx)
+            if calls_loss:  # (the loss found not finite, as a loop checking torch.isfinite(loss) would)
+                loss = self.weighter.loss([o * math.nan for o in self(batch[0])], batch[1])
+                assert not torch.isfinite(loss)
+            return None
+
+    def fit(module, keep):
+        def build(model, optimizer):
+            return mw.WEIGHTINGS[method](model, optimizer, criterion,
+                                         **({"epochs": 3, "steps_per_epoch": 2} if method == "sdn" else {}))
+
+        callback = HarmonizedCallback(criterion, val, mode=mode, gamma_lr=0.05) if method == "hdkd" else \
+            WeightingCallback(build)
+        lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
+                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                          accumulate_grad_batches=accumulate).fit(
+            module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[keep], y[keep]), batch_size=8))
+        return module.weighter
+
+    got = fit(Skipping(_two_exit_net(), lr=0.1), list(range(48)))
+    expected = fit(MultiExitModule(_two_exit_net(), lr=0.1), [i for i in range(48) if i // 8 not in skipped])
+    assert got.num_meta_steps == expected.num_meta_steps == 6 // accumulate - len(skipped) // accumulate
+    assert torch.equal(got.gamma, expected.gamma)
+    assert all(torch.equal(a, b) for a, b in zip(got.module.parameters(), expected.module.parameters()))
 
 
 def test_lightning_weighting_callback_takes_batches_of_any_structure_for_methods_that_read_none():

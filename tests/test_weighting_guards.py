@@ -130,6 +130,49 @@ def test_a_meta_step_after_no_optimizer_step_is_skipped_and_changes_nothing(name
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
 
 
+@pytest.mark.parametrize("at", [0, 2], ids=["first iteration", "third iteration"])
+@pytest.mark.parametrize("loss_is", ["finite", "nan"])
+@pytest.mark.parametrize("name", NAMES)
+def test_an_iteration_the_loop_skipped_is_skipped_and_changes_nothing(name, loss_is, at):
+    """loss = weighting.loss(...), then no backward and no optimizer step (the loop checked torch.isfinite(loss) and
+    skipped the batch, as the guides advise), then meta_step: the update read the terms of the batch no step was
+    taken on (every rule learned from it; SDN's schedule moved on) and, with a NaN loss, refused it under
+    nonfinite="raise" as terms "the model stepped on" (helper-172). Skipped, nothing changed, nothing refused; a
+    finite loss skipped is warned of once; the run goes on as a twin's that never had the batch."""
+    w1, m1, o1 = build(name)
+    w2, m2, o2 = build(name)
+    data = batches(5)
+    for i, (x, y) in enumerate(data):
+        if i == at:
+            before = state(w1)
+            calls, steps = w1.num_calls, w1.num_meta_steps
+            outputs = m1(x)
+            loss = w1.loss([o * math.nan for o in outputs] if loss_is == "nan" else outputs, y)
+            assert torch.isfinite(loss).item() == (loss_is == "finite")
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                record = w1.meta_step((x, y))
+            assert [str(w.message) for w in said if "skipped" in str(w.message)] == \
+                   ([] if loss_is == "nan" else [record.message + " (Said once.)"])
+            assert record.skipped and not record.ran and "the loop skipped" in record.message
+            assert (w1.num_calls, w1.num_meta_steps, w1.num_skipped) == (calls + 1, steps, 0)
+            assert same(state(w1), before)
+            if loss_is == "finite":  # (said once: a second skipped batch is not warned of again)
+                w1.loss(m1(x), y)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    assert w1.meta_step((x, y)).skipped
+            continue
+        for w, m, o in ((w1, m1, o1), (w2, m2, o2)):
+            o.zero_grad()
+            w.loss(m(x), y).backward()
+            o.step()
+            assert not w.meta_step((x, y)).skipped
+    assert torch.equal(w1.gamma, w2.gamma) and same(state(w1), state(w2))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert w1.num_meta_steps == w2.num_meta_steps == 4
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_meta_step_before_the_backward_leaves_that_loss_s_gradients_as_they_were(name):
     """loss = weighting.loss(...); weighting.meta_step(...); loss.backward(): the meta step updates the weights
@@ -138,6 +181,8 @@ def test_a_meta_step_before_the_backward_leaves_that_loss_s_gradients_as_they_we
     w, model, optimizer = build(name)
     (x0, y0), (x, y) = batches(2)
     w.step((x0, y0))
+    optimizer.zero_grad()
+    optimizer.step()  # (a model step since the last meta step, which changes nothing: else nothing to learn from)
     twin, twin_model = copy.deepcopy((w, model))
     for weighting, net in ((twin, twin_model), (w, model)):
         optimizer.zero_grad()
@@ -247,6 +292,8 @@ def test_dwa_windows_count_updates_kept_not_calls():
         if i == 1:
             with torch.no_grad(), pytest.warns(RuntimeWarning, match="Skipped an update"):
                 w1.loss(m1(torch.full_like(x, math.nan)), y)
+                o1.zero_grad()
+                o1.step()  # (the loop stepped on it: a step that changes nothing, no gradient)
                 assert w1.meta_step((x, y)).skipped
         w1.step((x, y))
         w2.step((x, y))
@@ -497,6 +544,7 @@ def test_famo_says_which_terms_are_not_above_min_losses():
         w.step((x, y))
     with torch.no_grad():
         w.loss(model(x), y)
+    optimizer.step()  # (a step, none of the refused step() left a gradient: else meta_step has nothing to learn from)
     with pytest.raises(ValueError, match=pattern) as error:
         w.meta_step((x, y))
     assert all(n in str(error.value).split("min_losses:")[1].split("(the log")[0] for n in low)
@@ -619,6 +667,25 @@ def test_a_grad_scaler_s_skip_does_not_warn_of_a_wrong_order(name, case):
         else:
             record = _overflowing_step(name, lambda o: o.zero_grad(), freeze_trunk=True)
     assert record.skipped and "GradScaler found inf/NaN" in record.message
+
+
+def test_fast_meta_step_after_a_batch_the_loop_skipped_warns_only_of_a_finite_loss_once():
+    """The fast mode's meta_step after a loss() the loop skipped (no backward, no step) is skipped, as it was; it
+    warned every time that meta_step came before the backward, where a loop skipping a non-finite loss (as the
+    guides advise) did nothing wrong (helper-172). A non-finite loss skipped is not warned of; a finite one, once."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+    (x, y), val = batch(16), batch(16)
+    for loss_is, warned in (("nan", False), ("finite", True), ("finite", False), ("nan", False)):
+        outputs = model(x)
+        w.loss([o * math.nan for o in outputs] if loss_is == "nan" else outputs, y)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            record = w.meta_step((x, y), val)
+        assert record.skipped and w.num_meta_steps == 0 and "the loop skipped this batch" in record.message
+        assert [str(m.message) for m in said] == ([record.message + " (Said once.)"] if warned else []), loss_is
 
 
 def test_fast_meta_step_before_the_backward_warns():

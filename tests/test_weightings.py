@@ -80,6 +80,7 @@ def run_scripted(w, before=LOSSES, after=None, grads=None):
     for t, L in enumerate(before):
         g = torch.tensor(grads[t], dtype=torch.float64) if grads else zeros
         w.loss(w.model((torch.tensor(L, dtype=torch.float64), g)), None)
+        w.optimizer.step()  # (the model's step, here none: no gradient; a meta_step after no step learns nothing)
         train = ((torch.tensor(after[t], dtype=torch.float64), zeros), None) if after else None
         w.meta_step(train)
         out.append(w.gamma.tolist())
@@ -179,6 +180,7 @@ def test_famo_gradient_weights_each_term_by_z_over_c_d():
         terms = torch.tensor(L, dtype=torch.float64, requires_grad=True)
         (grad,) = torch.autograd.grad(w.loss(terms, None), terms)
         assert_close(grad.tolist(), effective[t])
+        w.optimizer.step()  # (the model's step, here none: a meta_step after no step learns nothing)
         w.meta_step(((torch.tensor(AFTER[t], dtype=torch.float64), zeros), None))
 
 
@@ -373,6 +375,7 @@ def test_non_finite_terms_are_refused_changing_nothing(name):
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     if name != "famo":  # the update refuses non-finite terms (RLW and SDN, which do not read them, too)
         w.loss([o * math.nan for o in model(x)], y)
+        opt.step()  # (the loop stepped on them; no gradient is left from the refused step(): a step changing nothing)
         with pytest.raises(ValueError, match="non-finite|not finite"):
             w.meta_step((x, y))
         assert same_state(before, w.state_dict())
@@ -436,9 +439,10 @@ def test_meta_step_before_loss_is_refused(name):
 
 
 def test_famo_needs_the_train_batch():
-    w, model, _ = build("famo")
+    w, model, optimizer = build("famo")
     x, y = batch()
-    w.loss(model(x), y)
+    w.loss(model(x), y).backward()
+    optimizer.step()
     with pytest.raises(ValueError, match="needs the batch"):
         w.meta_step()
     with pytest.raises(ValueError, match="pair"):
@@ -490,6 +494,7 @@ def test_gradnorm_refuses_negative_terms_whatever_alpha(case, alpha):
             [math.sqrt(sum(v * v for v in row)) for row in G] for G in GRADS[:first]], alpha=alpha, lr=0.01))
     w.loss(w.model((torch.tensor(losses[first], dtype=torch.float64), torch.tensor(GRADS[first], dtype=torch.float64))),
            None)
+    w.optimizer.step()  # (the model's step, here none: a meta_step after no step learns nothing)
     before = copy.deepcopy(w.state_dict())
     with pytest.raises(ValueError, match=r"GradNorm.*need terms >= 0.*\['a'\] are negative" if first == 0 else
                        r"GradNorm.*need terms >= 0.*\['b'\] are negative"):
