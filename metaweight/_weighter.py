@@ -410,6 +410,15 @@ class HarmonizedWeighter(NamedWeights):
         if self.mode == "fast" and self.learn and self._capturable is None:  # (the two-call form's)
             self._hook_two_calls(device)
 
+    def _unbuild(self) -> None:
+        """:meth:`NamedWeights._unbuild`, and the fast mode's hooks on the model and optimizer removed (the new build
+        hooks them anew: they doubled, both run at every forward and step)."""
+        super()._unbuild()
+        if self.__dict__.get("_watch") is not None:
+            for handle in (*self._step_hooks, *self._forward_hooks):
+                handle.remove()
+            self._watch = None
+
     def _hook_two_calls(self, device: torch.device) -> None:
         """``mode="fast"``'s hooks for its two-call form: on the optimizer's step (what the step did) and on the
         model's forward (the training forward's random numbers and modes, for the difference)."""

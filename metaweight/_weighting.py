@@ -30,10 +30,12 @@ Design choices every method follows:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import math
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -288,12 +290,15 @@ def _then_built(init: Callable[..., None]) -> Callable[..., None]:
         if "_constructing" in self.__dict__:  # (a subclass's super().__init__: the outermost call finishes)
             init(self, *args, **kwargs)
             return
+        if self.__dict__.pop("_metaweight_built", False):  # (__init__ called again on a built weighter)
+            self._unbuild()
         self.__dict__["_constructing"] = True
         try:
             init(self, *args, **kwargs)
         finally:
             del self.__dict__["_constructing"]
         self._built()
+        self.__dict__["_metaweight_built"] = True
     _CONSTRUCTORS.add(construct)
     return construct
 
@@ -385,6 +390,17 @@ class NamedWeights:
 
     def _built(self) -> None:
         """What the constructor gives the weighter once it has returned whole (:func:`_then_built`)."""
+
+    def _unbuild(self) -> None:
+        """Before ``__init__`` runs again on a built weighter (a reset): take back what the last build gave it, so
+        that the new one starts as a new object would: the weights, which :meth:`_built` gives anew where the
+        constructor sets none (a subclass defining ``_initial_gamma`` only kept the trained ones, of another
+        number of terms after a criterion of another K)."""
+        if "gamma" in self.__dict__:
+            del self.__dict__["gamma"]
+        elif isinstance(getattr(type(self), "gamma", None), types.MemberDescriptorType):  # (a slot)
+            with contextlib.suppress(AttributeError):
+                delattr(self, "gamma")
 
     def _register_given(self) -> None:
         """The constructor's ``callbacks`` (kept in ``_callbacks_given`` until it has returned), registered first:

@@ -1141,6 +1141,48 @@ class _Decorator:
         return self.function(*args, **kwargs)
 
 
+class _Halving(mw.Weighting):
+    """A weighting of the public base that defines its initial weights and its rule only."""
+
+    def _initial_gamma(self):
+        return torch.full((self._terms.num_terms,), 2.0)
+
+    def _propose(self, terms, train_batch):
+        return {"gamma": self.gamma / 2}
+
+
+def test_init_called_again_builds_the_weighter_anew():
+    """``__init__`` called again on a built weighter (a reset) is a new build: a subclass defining ``_initial_gamma``
+    only kept its trained weights (silently; of the old number of terms after a criterion of another K, and the next
+    step crashed), and a fast HarmonizedWeighter kept the last build's hooks on the model and the optimizer beside
+    the new ones (helper-171). The weights are the new build's, and one set of hooks is left."""
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = _Halving(model, optimizer, mw.DenseDistillLoss(3))
+    for _ in range(3):
+        w.step(batch())
+    assert w.gamma.tolist() == [0.25] * 6
+    w.__init__(model, optimizer, mw.DenseDistillLoss(3))
+    assert w.gamma.tolist() == [2.0] * 6 and w.num_meta_steps == 0
+    w.__init__(model, optimizer, mw.DenseDistillLoss(3, teachers="none"))  # (the distillation terms inactive)
+    assert w.gamma.tolist() == [2.0] * 3 + [0.0] * 3
+    w.step(batch())
+    assert w.gamma.tolist() == [1.0] * 3 + [0.0] * 3
+
+    def hooks():
+        return (len(model._forward_pre_hooks), len(model._forward_hooks), len(optimizer._optimizer_step_pre_hooks),
+                len(optimizer._optimizer_step_post_hooks))
+
+    before = hooks()
+    fast = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+    built = hooks()
+    assert built == tuple(n + 1 for n in before)
+    fast.__init__(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+    assert hooks() == built
+    fast.__init__(model, optimizer, mw.DenseDistillLoss(3))  # (exact: none of the fast mode's hooks)
+    assert hooks() == before
+
+
 class _Decorated(mw.UW):
     @_Decorator
     def __init__(self, *args, rate=0.9, **kwargs):
