@@ -15,7 +15,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._exit_rules import predict
 from metaweight._checks import (IGNORE_INDEX, check_device_available, check_exit_outputs, check_has_values,
-                                check_fit_logits, check_ignore_index, check_target, integer_value, refuse_arrays)
+                                check_fit_logits, check_ignore_index, check_target, integer_value, refuse_arrays,
+                                unstacked_hint)
 from metaweight._modes import eval_mode
 from metaweight._protocols import call_model
 
@@ -285,7 +286,7 @@ def anytime_accuracy_from_logits(logits: Tensor, labels: Tensor, topk: Sequence[
     """
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"`logits` and `labels` should be Tensors. Found `{type(logits).__name__}` and "
-                        f"`{type(labels).__name__}`.")
+                        f"`{type(labels).__name__}`.{unstacked_hint(logits)}")
     if logits.dim() != 3 or labels.shape != (logits.shape[1],):
         column = logits.dim() == 3 and labels.shape == (logits.shape[1], 1)
         raise ValueError(

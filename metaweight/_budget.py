@@ -32,7 +32,7 @@ from torch import Tensor
 
 from metaweight._checks import (check_device_available, check_fit_logits, check_has_values, check_nan_logits,
                                 check_softmax_rows, check_target, check_thresholds, integer_value, real_list,
-                                real_numbers, real_option, real_scalar, real_tensor)
+                                real_numbers, real_option, real_scalar, real_tensor, unstacked_hint)
 from metaweight._exit_rules import Entropy, ExitRule, Margin, MaxProbability, as_rule, predict, reaches
 from metaweight._warn import warn_user
 
@@ -73,7 +73,8 @@ def _confidence(logits: Tensor, name: str = "logits", rule: ExitRule | str = "ma
     taken from (:func:`check_nan_logits`, once the exits are known). ``every_row=False`` leaves rows
     with no softmax to the caller, which checks only the rows samples reach (:func:`_assigned`)."""
     if not isinstance(logits, Tensor):
-        raise TypeError(f"`{name}` should be a Tensor [K, N, C]. Found `{type(logits).__name__}`.")
+        raise TypeError(f"`{name}` should be a Tensor [K, N, C]. Found `{type(logits).__name__}`."
+                        f"{unstacked_hint(logits)}")
     if logits.dim() != 3:
         raise ValueError(f"Expected `{name}` of shape [K, N, C]. Found {tuple(logits.shape)}.")
     if 0 in logits.shape:

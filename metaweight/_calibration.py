@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from metaweight._checks import (check_bins, check_fit_logits, check_has_values, check_labels_unmasked, check_target,
-                                check_temperatures, integer_value, masked_classes, real_numbers)
+                                check_temperatures, integer_value, masked_classes, real_numbers, unstacked_hint)
 from metaweight._exit_rules import calibrated, decision_dtype, predict
 from metaweight._warn import warn_user
 
@@ -22,7 +22,8 @@ def _check(logits: Tensor, labels: Tensor, name: str = "logits", what: str = "ca
     :func:`check_labels_unmasked`); return the labels as ``torch.long``."""
     if not isinstance(logits, Tensor) or logits.dim() != 3 or 0 in logits.shape or not logits.is_floating_point():
         raise ValueError(f"`{name}` should be floating-point logits [K, N, C] with N, C > 0. Found "
-                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}.")
+                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}."
+                         f"{unstacked_hint(logits)}")
     check_has_values(logits, f"`{name}`", what)
     labels = check_target(labels, logits.shape[1], logits.shape[2], name=labels_name)
     check_fit_logits(logits, name, what)

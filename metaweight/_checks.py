@@ -734,6 +734,16 @@ def all_padding_message(where: str, ignore_index: int) -> str:
             f"score. Check the padding mask or the labels.")
 
 
+def unstacked_hint(logits: object) -> str:
+    """What to say where stacked logits ``[K, N, C]`` are expected and ``logits`` is a list or tuple of tensors (the
+    exits' logits, as a multi-exit model's forward returns them); empty for anything else."""
+    if isinstance(logits, (list, tuple)) and logits and all(isinstance(t, Tensor) for t in logits):
+        return (f" It is a {type(logits).__name__} of {len(logits)} tensors, the exits' logits as a model's forward "
+                f"returns them: pass torch.stack(logits) (in exit order), or collect them over a loader with "
+                f"collect_logits(model, loader).")
+    return ""
+
+
 def stack_exit_logits(outputs: object, target: object, num_exits: int, where: str = "model output",
                       ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
     """Check outputs and labels, then stack the logits to ``[K, N, C]`` over the scored positions

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metaweight._checks import unstacked_hint
 from metaweight._numerics import p_log_q
 
 
@@ -94,8 +95,8 @@ def predict(logits: Tensor) -> Tensor:
         [1, 0]
     """
     if not isinstance(logits, Tensor):
-        raise TypeError(f"`logits` should be a Tensor [..., C] (e.g. torch.as_tensor(logits)). Found "
-                        f"`{type(logits).__name__}`.")
+        raise TypeError(f"`logits` should be a Tensor [..., C]. Found `{type(logits).__name__}`."
+                        + (unstacked_hint(logits) or " (e.g. torch.as_tensor(logits))"))
     return logits.argmax(dim=-1)
 
 

@@ -623,3 +623,46 @@ def test_a_one_sample_validation_batch_through_batchnorm_says_which_batch_and_wh
         w.step((x, y), (x[:1], y[:1]))
     if mode == "exact":
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and w.num_calls == 0
+
+
+def _logits_calls(tmp_path):
+    """How to call each public function that takes the exits' stacked logits, given them (``L``)."""
+    y = torch.randint(0, 5, (20,), generator=torch.Generator().manual_seed(0))
+    costs = [1.0, 2.0, 3.0]
+    return {
+        "anytime_accuracy_from_logits": lambda L: mw.anytime_accuracy_from_logits(L, y),
+        "budgeted_curve": lambda L: mw.budgeted_curve(L, y, L, y, costs),
+        "calibrate": lambda L: mw.calibrate(L, y, L, y),
+        "evaluate_thresholds": lambda L: mw.evaluate_thresholds(L, y, [0.5, 0.5, 0.0], costs),
+        "exit_assignment": lambda L: mw.exit_assignment(L, [0.5, 0.5, 0.0]),
+        "expected_calibration_error": lambda L: mw.expected_calibration_error(L, y),
+        "find_thresholds": lambda L: mw.find_thresholds(L, [0.3, 0.3, 0.4]),
+        "fit_temperatures": lambda L: mw.fit_temperatures(L, y, iterations=5),
+        "plot_reliability": lambda L: mw.plot_reliability(L, y, tmp_path / "reliability.png"),
+        "predict": lambda L: mw.predict(L),
+        "thresholds_for_accuracy": lambda L: mw.thresholds_for_accuracy(L, y, 0.1, costs=costs),
+        "thresholds_for_budget": lambda L: mw.thresholds_for_budget(L, y, costs, 2.0, iterations=5),
+    }
+
+
+def test_every_function_taking_stacked_logits_says_how_to_stack_a_list_of_them(tmp_path):
+    """The exits' logits as a model's forward returns them, a list of [N, C] tensors, where [K, N, C] is expected: the
+    refusal said only that a list is not a tensor ("should be Tensors. Found `list`"; predict advised
+    torch.as_tensor, which fails on a list of tensors) (helper-172). Every public function with a logits
+    parameter (found by its signature, so a new one joins the walk) names torch.stack and collect_logits, and takes
+    the stacked tensor."""
+    import inspect
+    import warnings
+
+    calls = _logits_calls(tmp_path)
+    public = {name for name in mw.__all__ if callable(getattr(mw, name)) and not inspect.isclass(getattr(mw, name))
+              and any("logits" in p for p in inspect.signature(getattr(mw, name)).parameters)}
+    assert public == set(calls), f"add how to call {public - set(calls)} to _logits_calls"
+    exits = [torch.randn(20, 5, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    for name, call in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call(torch.stack(exits))
+        with pytest.raises((TypeError, ValueError)) as refused:
+            call(exits)
+        assert "torch.stack(logits)" in str(refused.value) and "collect_logits" in str(refused.value), name
