@@ -75,6 +75,8 @@ class DeviceRecord:
         meta_step_taken: ``[]`` bool, whether gamma stepped.
         counts: ``[3]`` int64, the weighter's ``num_calls``, ``num_meta_steps`` and ``num_skipped`` after the
             call (a call whose model step was refused is not counted, as the eager step does not).
+        per_exit: whether ``val_exit_losses`` are the validation objective's per-exit losses; for a plain
+            callable objective its one loss is ``val_objective``, and the record read has none.
     """
 
     term_names: list[str]
@@ -87,6 +89,7 @@ class DeviceRecord:
     model_step_taken: Tensor
     meta_step_taken: Tensor
     counts: Tensor
+    per_exit: bool = True
 
     def read(self) -> MetaStepRecord:
         """The record's values on the host, in one transfer, as a :class:`MetaStepRecord`."""
@@ -113,7 +116,7 @@ class DeviceRecord:
         return MetaStepRecord(calls + (not model_taken), ran=model_taken, skipped=model_taken and not meta_taken,
                               meta_step=meta_steps,
                               val_objective=objective if model_taken else None,
-                              val_exit_losses=losses if model_taken else None,
+                              val_exit_losses=losses if model_taken and self.per_exit else None,
                               gamma_grad=self.gamma_grad.detach().clone() if meta_taken else None,
                               gamma=dict(zip(self.term_names, gamma)), terms=dict(zip(self.term_names, terms)),
                               loss=loss, model_step_skipped=not model_taken, message=message), \
@@ -287,7 +290,7 @@ class CapturableFast:
             counts.add_(torch.stack([~refused, taken, ~taken]).to(torch.int64))
         return DeviceRecord(list(w.term_names), loss.detach(), reported, w.gamma.detach().clone(),
                             gamma_grad.detach(), objective.detach(), exit_losses.detach(), ~refused, taken,
-                            counts.clone())
+                            counts.clone(), w._objective.per_exit)
 
     @torch.no_grad()
     def _step_gamma(self, w: HarmonizedWeighter, gamma_grad: Tensor, objective: Tensor, exit_losses: Tensor,
@@ -431,5 +434,6 @@ def _from_record(w: HarmonizedWeighter, record: MetaStepRecord, counts: Tensor) 
                         vector([record.val_objective if record.val_objective is not None else float("nan")], 1)[0],
                         vector(losses, 1 if losses is None else len(losses)),
                         torch.tensor(not record.model_step_skipped, device=device),
-                        torch.tensor(record.ran and not record.skipped, device=device), counts.clone())
+                        torch.tensor(record.ran and not record.skipped, device=device), counts.clone(),
+                        w._objective.per_exit)
 

@@ -32,8 +32,10 @@ class MetaStepRecord(Mapping[str, Any]):
             only); ``message`` says which.
         meta_step: how many meta steps have succeeded so far.
         val_objective: :math:`L_{val}(\\theta')`, when a look-ahead ran.
-        val_exit_losses: the validation objective's losses at :math:`\\theta'` (per exit for
-            :class:`BalancedValidation`), when a look-ahead ran.
+        val_exit_losses: the validation objective's per-exit losses at :math:`\\theta'` (those of
+            :class:`BalancedValidation`, or of an objective with ``exit_losses``), when a look-ahead
+            ran; ``None`` for an objective that is a plain callable (its one value is
+            ``val_objective``; logged as ``val_ce[k]`` it read as a cross-entropy).
         gamma_grad: :math:`\\nabla_\\gamma L_{val}(\\theta')` of a successful meta step: a float32 tensor of
             shape ``[num_terms]`` on gamma's device, in the order of ``term_names`` (a tensor, where ``gamma``
             and ``terms`` are dicts: ``dict(zip(weighter.term_names, record.gamma_grad.tolist()))`` names

@@ -787,7 +787,7 @@ class HarmonizedWeighter(NamedWeights):
         self._objective.update(pending.exit_losses)
         self.num_meta_steps += 1
         record = MetaStepRecord(self.num_calls, ran=True, meta_step=self.num_meta_steps,
-                                val_objective=value, val_exit_losses=losses,
+                                val_objective=value, val_exit_losses=losses if self._objective.per_exit else None,
                                 gamma_grad=pending.gamma_grad, gamma=dict(zip(self.term_names, gamma)),
                                 terms=dict(zip(self.term_names, term_values)))
         previous, self.last_meta = self.last_meta, record
@@ -817,7 +817,8 @@ class HarmonizedWeighter(NamedWeights):
         self.num_skipped += 1
         warn_user(f"Skipped a meta step ({self.num_skipped} so far): {message}")
         return MetaStepRecord(self.num_calls, ran=True, skipped=True, meta_step=self.num_meta_steps,
-                              val_objective=objective, val_exit_losses=exit_losses,
+                              val_objective=objective,
+                              val_exit_losses=exit_losses if self._objective.per_exit else None,
                               gamma=self.gamma_dict(), terms=dict(zip(self.term_names, terms)),
                               message=message)
 

@@ -437,3 +437,30 @@ def test_the_eager_call_of_a_device_step_loop_counts_on_from_the_device_s_counts
         assert [(w.num_calls, w.num_meta_steps, w.num_skipped) for w in weighters[:1]] == \
             [(weighters[1].num_calls, weighters[1].num_meta_steps, weighters[1].num_skipped)], i
         assert same(state(weighters[0]), state(weighters[1])), i
+
+
+def test_a_plain_callable_objective_has_no_per_exit_losses_in_its_records_or_logs(tmp_path):
+    """A validation objective that is a plain callable (a multi-task model's own loss) gave its one value as the
+    record's val_exit_losses, which the loggers wrote as a column val_ce[1], read as a cross-entropy and a copy of
+    val_objective (helper-174). Its records, eager and from the device, have none, and the log no val_ce column;
+    BalancedValidation's per-exit losses are logged as before."""
+    import csv
+    import torch.nn.functional as F
+
+    def last_exit(outputs, target):
+        return F.cross_entropy(outputs[-1], target)
+
+    for validation, columns in ((last_exit, []), (mw.BalancedValidation(3), ["val_ce[1]", "val_ce[2]", "val_ce[3]"])):
+        eager, capturable = pair(validation=validation)
+        logged = mw.CSVLogger(tmp_path / f"{len(columns)}.csv")
+        eager.register_meta_step_hook(logged)
+        train, val = batches()[0]
+        record = eager.step(train, val)
+        device = capturable.device_step(train, val).read()
+        logged.close()
+        with open(tmp_path / f"{len(columns)}.csv") as f:
+            header = next(csv.reader(f))
+        assert [c for c in header if c.startswith("val_ce")] == columns and "val_objective" in header
+        for r in (record, device):
+            assert r.ran and (r.val_exit_losses is None) == (not columns) and math.isfinite(r.val_objective)
+            assert r.val_exit_losses is None or len(r.val_exit_losses) == 3
