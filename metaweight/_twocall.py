@@ -64,6 +64,13 @@ class TwoCall:
             # through is the next iteration's (its step skipped by a GradScaler, or not taken yet): the earlier
             # step, whose meta_step raised or was not called, is not this call's to score
             pending = w._stepped
+        if run_meta and w._nothing_to_score():
+            # no loss() call and no optimizer step since the last meta step (or since built or loaded): a batch the
+            # loop skipped before its loss() call (Lightning's manual optimization), or a second call
+            w.num_calls += 1
+            return MetaStepRecord(w.num_calls, skipped=True, meta_step=w.num_meta_steps, gamma=w.gamma_dict(),
+                                  message="No optimizer step came since the last weighter.meta_step, nor a "
+                                          "weighter.loss call: there is no step to score; gamma is unchanged.")
         if run_meta and pending is None:
             raise ValueError("mode='fast': meta_step comes after the model's step, and needs the training loss from "
                              "weighter.loss(outputs, y) of this iteration: loss = weighter.loss(model(x), y); "

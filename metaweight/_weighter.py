@@ -213,6 +213,9 @@ class HarmonizedWeighter(NamedWeights):
     # (defaults of state that a weighter pickled by an earlier metaweight lacks; see __init__)
     _loss_calls: int = 0
     _met_at: tuple[int, int] | None = None
+    # mode="fast": the optimizer's step count at the last two-call meta step that returned, or when built, loaded or
+    # copied (a meta_step with no loss() call and no step since is skipped: a batch skipped before its loss() call)
+    _fast_met_at: int | None = None
     _warned_same_batch: bool = False
     _resumed_calls: int = 0
     _resumed: tuple[Micro, int] | None = None
@@ -376,6 +379,7 @@ class HarmonizedWeighter(NamedWeights):
         self._warned_same_batch = False  # whether a validation batch that is the training batch was warned of
         # mode="exact": the optimizer's step count and the loss() calls at the last two-call meta step that ran
         self._met_at: tuple[int, int] | None = None
+        self._fast_met_at = optimizer_steps(self._inner_optimizer)
         self._step_hooks: tuple[RemovableHandle, ...] = ()
         self._foreign_step: str | None = None  # another optimizer stepped the model (metaweight._moves)
         self._frozen_step: list[str] | None = None  # the exact mode's optimizer stepped frozen parameters
@@ -456,6 +460,7 @@ class HarmonizedWeighter(NamedWeights):
         self._clipping_hints = state.get("_clipping_hints", ClippingHints())  # (nor these)
         if self._built_to_learn:
             ForeignSteps.watch(self)
+        self._fast_met_at = optimizer_steps(self._inner_optimizer)  # (the copy's optimizer: counted from now)
         if self._watch is not None and self._watch._ref() is None:  # (a shallow copy shares this weighter's live ones)
             for handle in (*self._step_hooks, *self._forward_hooks):
                 handle.remove()
@@ -601,7 +606,9 @@ class HarmonizedWeighter(NamedWeights):
         try:
             with torch.enable_grad():  # (called under torch.no_grad(), the meta-gradient still needs autograd)
                 if self.mode == "fast" and self.learn:
-                    return self._two_call.meta_step(self, train_batch, val_batch)
+                    record = self._two_call.meta_step(self, train_batch, val_batch)
+                    self._fast_met_at = optimizer_steps(self._inner_optimizer)  # (a call that returned counts)
+                    return record
                 warn_if_after_step(self, train_batch)
                 warn_if_met_since(self, "meta_step")
                 record = self._exact.meta_step(self, train_batch, val_batch)
@@ -610,6 +617,13 @@ class HarmonizedWeighter(NamedWeights):
                 return record
         finally:
             forget_labels()  # labels are remembered for one call only
+
+    def _nothing_to_score(self) -> bool:
+        """``mode="fast"``: no :meth:`loss` call and no optimizer step since the last two-call meta step (or since
+        built, loaded or copied), so a meta step has no step to score: a batch skipped before its ``loss()`` call,
+        or a second call (Python objects only)."""
+        return self._pending is None and self._stepped is None and not self._lost_calls and \
+            self._fast_met_at == optimizer_steps(self._inner_optimizer)
 
     def _check_loop(self, own_backward: bool = False) -> None:
         """Before every meta step, what may have changed since the weighter was built and the look-ahead
@@ -1018,6 +1032,7 @@ class HarmonizedWeighter(NamedWeights):
         if self._pending is None:  # (no loss() call of the iteration under way is in a checkpoint)
             self._lost_calls = LOADED_SINCE
         self._met_at = None
+        self._fast_met_at = optimizer_steps(self._inner_optimizer)
         self._resumed_calls, self._resumed = loaded.pending_calls or 0, None
         self._load_note = LOADED_DURING if loaded.pending_calls != 0 else ""  # (an older checkpoint's: not known)
         self._follows, self._restored = self.num_calls, restored_at(self.num_calls)  # (the log's rows after it: undone)

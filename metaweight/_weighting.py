@@ -603,6 +603,7 @@ class Weighting(NamedWeights):
     _load_note = ""  # LOADED_DURING after a load, until the next meta_step: said where a check refuses the batch
     # (defaults of state that a weighting pickled by an earlier metaweight lacks)
     _pending_trains: bool = False
+    _made_at: int | None = None  # the optimizer's step count at the last training loss() call
     _unreached: tuple[int, Tensor | None] | None = None
     _step_fields: dict[str, Any] = {}  # within step(): the fields it adds to meta_step's record (never mutated)
 
@@ -783,6 +784,7 @@ class Weighting(NamedWeights):
             self._drop_cleared()
             labels = (self._calls_made, first_labels(target) if self.reads_train_batch else None)
             self._unreached = labels  # (until a backward reaches it: FAMO's refusal of a meta_step before it)
+            self._made_at = optimizer_steps(self._inner_optimizer)  # (the step count it was made at)
             counted: list[bool] = []
 
             def count(grad: Tensor) -> None:
@@ -919,6 +921,13 @@ class Weighting(NamedWeights):
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
         return self._copy_state(state)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """:meth:`NamedWeights.__setstate__`; a copy's meta step counts optimizer steps from now (a batch skipped
+        before its next step is skipped, as the original's would be), on the optimizer it holds."""
+        super().__setstate__(state)
+        if "_inner_optimizer" in self.__dict__:
+            self._met_at = optimizer_steps(self._inner_optimizer)
+
     @_made_outside_inference_mode
     @walked_call
     def meta_step(self, train_batch: Batch | None = None, val_batch: Batch | None = None) -> MetaStepRecord:
@@ -950,17 +959,20 @@ class Weighting(NamedWeights):
         """
         self._check_parameters_held("meta_step")
         local = self._iteration_terms()
+        steps = optimizer_steps(self._inner_optimizer)
+        lost = self.needs_terms and local is None and bool(self._lost_calls)  # (copied or loaded since its loss())
+        if (self._met_at == steps and steps not in self._groups and not lost) or self._skipped_nonfinite(local, steps):
+            # no optimizer step since the last meta step (or since built or loaded), and no backward reached this
+            # iteration's loss() calls: the loop skipped this batch (a non-finite loss it checked; or, without a
+            # loss() call, a batch it returned early from), or called meta_step twice. Or the last loss() call, not
+            # finite, was reached by no backward and followed by no step: skipped, whatever came before it
+            Weighting._check_batch(self, train_batch)  # (its form: FAMO's batch is the step's, and none was taken)
+            return self._no_step_since(local)
         if self.needs_terms and local is None:
             raise ValueError(f"{type(self).__name__}.meta_step reads the terms of this iteration: call "
                              f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
                              f"Nothing was changed.{self._lost_calls}")
-        steps = optimizer_steps(self._inner_optimizer)
-        if self._met_at == steps and not self._written(steps):
-            # no optimizer step since the last meta step (or since built), and no backward through this iteration's
-            # loss() calls: the loop skipped this batch (a non-finite loss it checked), or called meta_step twice
-            Weighting._check_batch(self, train_batch)  # (its form: FAMO's batch is the step's, and none was taken)
-            return self._no_step_since(local)
         if self._kept_at == steps - 1 and steps in self._groups and self._groups[steps].wrote:
             # calls kept by a meta_step before a step, and a backward after that step before this meta_step: the
             # loop calls meta_step before optimizer.step() every iteration, not once per accumulated step; the
@@ -1089,9 +1101,10 @@ class Weighting(NamedWeights):
         backpropagated nor stepped on: ``local`` its terms, not read), a ``GradScaler``'s skip in a loop that weighs
         the terms itself (RLW's and SDN's, which read no terms), a ``meta_step`` after each micro-batch without
         ``loss()``, a second call: nothing to learn from, as :meth:`_not_stepped`; warned where the gradients are
-        finite and no ``loss()`` call says the batch was skipped."""
+        finite and no ``loss()`` call says the batch was skipped. Drops the skipped call alone: calls a backward
+        reached before it (micro-batches of a step to come) stay for the meta step after that step."""
         self.num_calls += 1
-        self._reset_pending()
+        self._pending, self._pending_trains, self._last_values, self._unreached = None, False, None, None
         name = type(self).__name__
         if local is not None:  # (loss() was called: its batch skipped by the loop, no backward, no step)
             message = (f"No backward went through this iteration's weighting.loss call(s), and no optimizer step came "
@@ -1112,10 +1125,13 @@ class Weighting(NamedWeights):
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), message=message)
 
-    def _written(self, steps: int) -> bool:
-        """Whether a backward went through a training :meth:`loss` call since the optimizer's ``steps``-th step."""
-        group = self._groups.get(steps)
-        return group is not None and group.wrote
+    def _skipped_nonfinite(self, local: Tensor | None, steps: int) -> bool:
+        """Whether the last training :meth:`loss` call, reached by no backward and followed by no optimizer step, is
+        not finite: a batch the loop skipped, whatever steps came before it (a warm-up without the weighting,
+        another task's batches). One host read, where such a call is pending only (a meta_step before the backward)."""
+        if local is None or self._unreached is None or self._made_at != steps or not self._pending_trains:
+            return False
+        return not all(math.isfinite(v) for v in host_read([local.detach().float()]))
 
     def _named(self, terms: Tensor | None) -> dict[str, float] | None:
         return None if terms is None else dict(zip(self.term_names, terms.detach().cpu().tolist()))
@@ -1361,7 +1377,7 @@ class Weighting(NamedWeights):
         self.num_calls, self.num_meta_steps, self.num_skipped = (counts["num_calls"], counts["num_meta_steps"],
                                                                  counts["num_skipped"])
         self._reset_pending()
-        self._met_at = None
+        self._met_at = optimizer_steps(self._inner_optimizer)  # (its step count now: a skipped batch next is seen)
         self._lost_calls = LOADED_SINCE
         self._resumed_calls = pending or 0
         self._load_note = LOADED_DURING if pending != 0 else ""  # (an older checkpoint's: not known)

@@ -312,7 +312,8 @@ class HarmonizedCallback(lightning.Callback):
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.weighter is not None and self._val is not None
-        self._parts.append(_SKIPPED if _skipped(pl_module, outputs) else batch if self.weighter.mode == "fast" else None)
+        skipped = _skipped(pl_module, outputs) or (self.weighter.mode == "fast" and self.weighter._nothing_to_score())
+        self._parts.append(_SKIPPED if skipped else batch if self.weighter.mode == "fast" else None)
         if _accumulates(trainer):
             return
         parts, self._parts = _taken(self._parts), []

@@ -195,6 +195,51 @@ def test_lightning_callbacks_leave_out_a_batch_training_step_skipped(kind, accum
     assert all(torch.equal(a, b) for a, b in zip(got.module.parameters(), expected.module.parameters()))
 
 
+@pytest.mark.parametrize("kind", ["uw", "famo", "hdkd fast"])
+def test_lightning_manual_optimization_may_skip_a_batch_before_its_loss(kind):
+    """Manual optimization, a training_step that returns early for a batch (before its loss() call, with no step):
+    the callbacks' meta_step refused it ("reads the terms of this iteration", "needs the training loss") and
+    stopped the fit (helper-173). A meta_step with no loss() call and no optimizer step since the last one is
+    skipped: the fit equals one without that batch."""
+    lightning = pytest.importorskip("lightning")
+    from lightning_train import MultiExitModule
+    from metaweight.lightning import HarmonizedCallback, WeightingCallback
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 4, (32,), generator=g)
+    val = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+    criterion = mw.DenseDistillLoss(2)
+    method, _, mode = kind.partition(" ")
+
+    class Manual(MultiExitModule):
+        def __init__(self, *args, skipped=(), **kwargs):
+            super().__init__(*args, **kwargs)
+            self.automatic_optimization = False
+            self.skipped = skipped
+
+        def training_step(self, batch, batch_idx):
+            if batch_idx in self.skipped:
+                return None
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(self.weighter.loss(self(batch[0]), batch[1]))
+            optimizer.step()
+
+    def fit(module, keep):
+        callback = HarmonizedCallback(criterion, val, mode=mode, gamma_lr=0.05) if method == "hdkd" else \
+            WeightingCallback(lambda model, optimizer: mw.WEIGHTINGS[method](model, optimizer, criterion))
+        lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
+                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False).fit(
+            module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[keep], y[keep]), batch_size=8))
+        return module.weighter
+
+    got = fit(Manual(_two_exit_net(), lr=0.1, skipped={1}), list(range(32)))
+    expected = fit(Manual(_two_exit_net(), lr=0.1), [i for i in range(32) if i // 8 != 1])
+    assert got.num_meta_steps == expected.num_meta_steps == 3
+    assert torch.equal(got.gamma, expected.gamma)
+    assert all(torch.equal(a, b) for a, b in zip(got.module.parameters(), expected.module.parameters()))
+
+
 def test_lightning_weighting_callback_takes_batches_of_any_structure_for_methods_that_read_none():
     """A dict batch (or (x, y, index)): the weightings but FAMO read no batch in meta_step, so none is handed
     to them (before, every method refused it after the first step: "train_batch should be a pair")."""
