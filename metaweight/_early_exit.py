@@ -590,48 +590,60 @@ class _ModuleState:
     """What a forward may change in ``modules`` and their submodules, kept so that :func:`check_forward_agrees`
     leaves the model as it found it: each module's buffers and tensor attributes (the objects in their slots and
     their values: a buffer updated in place, or replaced, ``self.mean = 0.9 * self.mean + ...``, or one registered
-    by the forward, is put back) and its parameters (the objects in their slots; a parameter changed in place is
-    only noticed, by its version counter, since copying every weight could double the model's memory). Inference
-    tensors' values are put back only inside inference mode (outside it torch refuses to write them)."""
+    by the forward, is put back; an attribute the forward made a tensor gets its value before, ``None`` for a lazy
+    cache) and its parameters (the objects in their slots; a parameter changed in place is only noticed, by its
+    version counter, since copying every weight could double the model's memory). A value is written back only
+    where its version counter moved (an alias of a parameter, ``weight.detach()``, is not written through).
+    Inference tensors' values are put back only inside inference mode (outside it torch refuses to write them)."""
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
-        seen: dict[int, nn.Module] = {}
+        seen: dict[int, tuple[str, nn.Module]] = {}
         for root in modules:
-            for module in root.modules():
-                seen.setdefault(id(module), module)
-        self._slots: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Tensor]]] = []
-        values: dict[int, tuple[Tensor, Tensor]] = {}
+            for name, module in root.named_modules():
+                seen.setdefault(id(module), (name or type(module).__name__, module))
+        self._slots: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        values: dict[int, list[Any]] = {}
         self._versions: dict[int, tuple[str, Tensor, int]] = {}
-        for module in seen.values():
-            attributes = {k: v for k, v in vars(module).items() if isinstance(v, Tensor)}
-            self._slots.append((module, dict(module._buffers), dict(module._parameters), attributes))
-            for t in (*module._buffers.values(), *attributes.values()):
+        for path, module in seen.values():
+            self._slots.append((module, dict(module._buffers), dict(module._parameters), dict(vars(module))))
+            attributes = [v for v in vars(module).values() if isinstance(v, Tensor)]
+            for t in (*module._buffers.values(), *attributes):
                 if isinstance(t, Tensor) and id(t) not in values and not t.is_sparse:
-                    values[id(t)] = (t, t.detach().clone())
+                    values[id(t)] = [t, t.detach().clone(), t._version]
             for name, p in module._parameters.items():
                 if p is not None:
-                    self._versions.setdefault(id(p), (f"{type(module).__name__}.{name}", p, p._version))
+                    self._versions.setdefault(id(p), (f"{path}.{name}", p, p._version))
         self._values = list(values.values())
 
     def restore(self) -> None:
-        """Put every slot's object back, then its value."""
+        """Put every slot's object back, then the value of each one changed in place."""
         for module, buffers, parameters, attributes in self._slots:
             for held, saved in ((module._buffers, buffers), (module._parameters, parameters)):
                 if held.keys() != saved.keys() or any(held[k] is not v for k, v in saved.items()):
                     held.clear()
                     held.update(saved)
             own = vars(module)
-            for name in [k for k, v in own.items() if isinstance(v, Tensor) and k not in attributes]:
-                del own[name]  # (a tensor attribute the forward added: not there before the check)
-            own.update(attributes)
+            changed = [k for k, v in own.items() if isinstance(v, Tensor) and attributes.get(k, _ABSENT) is not v]
+            changed += [k for k, v in attributes.items() if isinstance(v, Tensor) and own.get(k, _ABSENT) is not v]
+            for name in changed:  # (a tensor attribute replaced, added or deleted by the forward: as it was)
+                if name in attributes:
+                    own[name] = attributes[name]
+                else:
+                    own.pop(name, None)
         inference = torch.is_inference_mode_enabled()
-        for tensor, value in self._values:
-            if inference or not tensor.is_inference():
+        for kept in self._values:
+            tensor, value, version = kept
+            if tensor._version != version and (inference or not tensor.is_inference()):
                 tensor.copy_(value)
+                kept[2] = tensor._version
 
     def parameters_changed(self) -> list[str]:
-        """The parameters changed in place since the state was kept (their version counters moved)."""
+        """The parameters changed in place since the state was kept (their version counters moved), by their path
+        in the model."""
         return [name for name, p, version in self._versions.values() if p._version != version]
+
+
+_ABSENT = object()
 
 
 def _differ(staged: Tensor, expected: Tensor) -> str | None:
