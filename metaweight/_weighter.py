@@ -414,14 +414,14 @@ class HarmonizedWeighter(NamedWeights):
         if self.mode == "fast" and self.learn and self._capturable is None:  # (the two-call form's)
             self._hook_two_calls(device)
 
-    def _unbuild(self) -> None:
-        """:meth:`NamedWeights._unbuild`, and the fast mode's hooks on the model and optimizer removed (the new build
-        hooks them anew: they doubled, both run at every forward and step)."""
-        super()._unbuild()
-        if self.__dict__.get("_watch") is not None:
-            for handle in (*self._step_hooks, *self._forward_hooks):
+    def _drop_build(self, kept: dict[str, Any]) -> None:
+        """The last build's fast-mode hooks on the model and optimizer removed, once ``__init__`` ran again and
+        returned (the new build hooks them anew: they doubled, both run at every forward and step). Only this
+        weighter's: a shallow copy shares the original's, which stay."""
+        watch = kept.get("_watch")
+        if watch is not None and watch._ref() is self:
+            for handle in (*kept.get("_step_hooks", ()), *kept.get("_forward_hooks", ())):
                 handle.remove()
-            self._watch = None
 
     def _hook_two_calls(self, device: torch.device) -> None:
         """``mode="fast"``'s hooks for its two-call form: on the optimizer's step (what the step did) and on the

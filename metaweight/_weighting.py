@@ -290,13 +290,22 @@ def _then_built(init: Callable[..., None]) -> Callable[..., None]:
         if "_constructing" in self.__dict__:  # (a subclass's super().__init__: the outermost call finishes)
             init(self, *args, **kwargs)
             return
-        if self.__dict__.pop("_metaweight_built", False):  # (__init__ called again on a built weighter)
+        rebuilt = self.__dict__.get("_metaweight_built", False)  # (__init__ called again on a built weighter)
+        kept = dict(self.__dict__) if rebuilt else None  # (what a refused re-build puts back: the object as it was)
+        if rebuilt:
             self._unbuild()
         self.__dict__["_constructing"] = True
         try:
             init(self, *args, **kwargs)
+        except BaseException:
+            if kept is not None:
+                self.__dict__.clear()
+                self.__dict__.update(kept)
+            raise
         finally:
-            del self.__dict__["_constructing"]
+            self.__dict__.pop("_constructing", None)
+        if kept is not None:
+            self._drop_build(kept)
         self._built()
         self.__dict__["_metaweight_built"] = True
     _CONSTRUCTORS.add(construct)
@@ -395,12 +404,17 @@ class NamedWeights:
         """Before ``__init__`` runs again on a built weighter (a reset): take back what the last build gave it, so
         that the new one starts as a new object would: the weights, which :meth:`_built` gives anew where the
         constructor sets none (a subclass defining ``_initial_gamma`` only kept the trained ones, of another
-        number of terms after a criterion of another K)."""
+        number of terms after a criterion of another K). The ``__dict__`` as it was is put back if the new
+        ``__init__`` raises (a slot's weights are not: a subclass with a ``gamma`` slot is rebuilt without them)."""
         if "gamma" in self.__dict__:
             del self.__dict__["gamma"]
         elif isinstance(getattr(type(self), "gamma", None), types.MemberDescriptorType):  # (a slot)
             with contextlib.suppress(AttributeError):
                 delattr(self, "gamma")
+
+    def _drop_build(self, kept: dict[str, Any]) -> None:
+        """Once ``__init__`` ran again and returned: let go of what the last build (its ``__dict__``: ``kept``) holds
+        outside the object."""
 
     def _register_given(self) -> None:
         """The constructor's ``callbacks`` (kept in ``_callbacks_given`` until it has returned), registered first:

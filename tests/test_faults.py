@@ -1179,6 +1179,17 @@ def test_init_called_again_builds_the_weighter_anew():
     assert built == tuple(n + 1 for n in before)
     fast.__init__(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
     assert hooks() == built
+    # a re-build refused leaves the weighter as it was, its hooks too (its weights and hooks were gone: helper-173);
+    # a shallow copy re-built leaves the original's hooks, which it shared
+    trained = w.gamma.clone()
+    with pytest.raises(ValueError, match="nonfinite"):
+        w.__init__(model, optimizer, mw.DenseDistillLoss(3, teachers="none"), nonfinite="bogus")
+    assert torch.equal(w.gamma, trained) and w.step(batch()).ran
+    with pytest.raises(ValueError, match="nonfinite"):
+        fast.__init__(model, optimizer, mw.DenseDistillLoss(3), mode="fast", nonfinite="bogus")
+    assert hooks() == built
+    copy.copy(fast).__init__(model, optimizer, mw.DenseDistillLoss(3))
+    assert hooks() == built
     fast.__init__(model, optimizer, mw.DenseDistillLoss(3))  # (exact: none of the fast mode's hooks)
     assert hooks() == before
 
