@@ -737,11 +737,14 @@ def all_padding_message(where: str, ignore_index: int) -> str:
 def unstacked_hint(logits: object) -> str:
     """What to say where stacked logits ``[K, N, C]`` are expected and ``logits`` is a list or tuple of tensors (the
     exits' logits, as a multi-exit model's forward returns them); empty for anything else."""
-    if isinstance(logits, (list, tuple)) and logits and all(isinstance(t, Tensor) for t in logits):
-        return (f" It is a {type(logits).__name__} of {len(logits)} tensors, the exits' logits as a model's forward "
-                f"returns them: pass torch.stack(logits) (in exit order), or collect them over a loader with "
-                f"collect_logits(model, loader).")
-    return ""
+    if not isinstance(logits, (list, tuple)) or not logits or not all(isinstance(t, Tensor) for t in logits) \
+            or len({tuple(t.shape) for t in logits}) != 1 or logits[0].dim() not in (2, 3):
+        return ""  # (not one logits tensor per exit: an EarlyExit result, predictions and exits, is no such list)
+    tokens = (" They are per token ([N, T, C]): score the tokens as samples, torch.stack(logits).flatten(1, 2), "
+              "with the labels flattened alike (labels.flatten()).") if logits[0].dim() == 3 else ""
+    return (f" It is a {type(logits).__name__} of {len(logits)} tensors, the exits' logits as a model's forward "
+            f"returns them: pass torch.stack(logits) (in exit order), or collect them over a loader with "
+            f"collect_logits(model, loader).{tokens}")
 
 
 def stack_exit_logits(outputs: object, target: object, num_exits: int, where: str = "model output",

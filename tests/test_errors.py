@@ -666,3 +666,14 @@ def test_every_function_taking_stacked_logits_says_how_to_stack_a_list_of_them(t
         with pytest.raises((TypeError, ValueError)) as refused:
             call(exits)
         assert "torch.stack(logits)" in str(refused.value) and "collect_logits" in str(refused.value), name
+    # per-token exits' logits: the hint says how to score the tokens as samples, which is then taken (following the
+    # stacking alone was refused again, helper-173); EarlyExit's result (predictions and exits) gets no such hint
+    tokens = [torch.randn(5, 4, 5, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    labels = torch.randint(0, 5, (5, 4), generator=torch.Generator().manual_seed(9))
+    with pytest.raises(TypeError, match=r"flatten\(1, 2\).*labels.flatten\(\)"):
+        mw.anytime_accuracy_from_logits(tokens, labels.flatten())
+    mw.anytime_accuracy_from_logits(torch.stack(tokens).flatten(1, 2), labels.flatten())
+    result = mw.EarlyExit(tiny_net(3).eval(), [0.5, 0.5, 0.0])(torch.randn(4, 6))
+    with pytest.raises(TypeError) as refused:
+        mw.predict(result)
+    assert "torch.stack" not in str(refused.value)
