@@ -15,9 +15,11 @@ from metaweight._randomness import model_generators, rewound_to, rng_state
 from metaweight._record import MetaStepRecord
 from metaweight._transaction import Scratch, host_equal, host_read
 from metaweight._walk import current_walk, walk
+from metaweight._warn import warn_user
 from metaweight._weighting import Weighting, adam_update, batch_samples, check_number, first_labels
 
 EPS = 1e-8  # as the official implementation: keeps log(L - L*) finite at the bound
+AT_BOUND = 1e-6  # a term this close above its bound takes nearly all of FAMO's weight (1 / (L - L* + EPS)): warned of
 
 
 def famo_softmax(logits: Tensor, active: Tensor) -> Tensor:
@@ -127,11 +129,16 @@ class FAMO(Weighting):
                                  f"{self.term_names}. Found {min_losses!r}.")
             bound = in_dtype(values, torch.float32, "min_losses")
         self.min_losses = bound.to(self.device)
+        # the active terms' bounds on the host, for the warning of terms at them (read in no step)
+        self._bounds = {name: value for name, value, on in zip(self.term_names, bound.tolist(),
+                                                                self._terms.active.tolist()) if on}
         self.logits = torch.zeros(n, device=self.device, dtype=torch.float32)
         self.exp_avg = torch.zeros(n, device=self.device, dtype=torch.float32)
         self.exp_avg_sq = torch.zeros(n, device=self.device, dtype=torch.float32)
         self._scratch = Scratch()  # the buffers' copy for the forward after the step, kept between steps
         self._setup()
+
+    _said_at_bound = False  # whether terms at their bound were warned of
 
     def _initial_gamma(self) -> Tensor:
         return famo_softmax(torch.zeros(self._terms.num_terms, dtype=torch.float32), self._terms.active.cpu())
@@ -230,6 +237,25 @@ class FAMO(Weighting):
                                lr=self.lr, weight_decay=self.weight_decay)
         xi = xi * self._active
         return {"logits": xi, "exp_avg": m, "exp_avg_sq": v, "gamma": famo_softmax(xi, self._active)}
+
+    def _said_of_terms(self, terms: dict[str, float]) -> None:
+        """Warn (once) of active terms at their bound (within :data:`AT_BOUND`): FAMO weighs each term's gradient by
+        z_k / (L_k - min_losses_k + 1e-8) over the sum of those weights, so a term at its bound (a margin penalty
+        met, a task with no labels in the batch scored 0) takes nearly all of the weight and the others' falls to
+        about 1e-8 of it: training on them stalls, without a refusal (the log stays finite)."""
+        if self._said_at_bound:
+            return
+        bounds = getattr(self, "_bounds", {})  # (a FAMO pickled by an earlier metaweight has none: not warned)
+        at = [f"{name} = {value:.6g} (min_losses {bounds[name]:.6g})" for name, value in terms.items()
+              if name in bounds and math.isfinite(value) and 0 <= value - bounds[name] <= AT_BOUND]
+        if at:
+            self._said_at_bound = True
+            warn_user(f"FAMO: the terms {', '.join(at)} are at their bound. FAMO weighs each term by 1 / (L_k - "
+                      f"min_losses_k + 1e-8), normalised over the terms, so a term at its bound takes nearly all of "
+                      f"the step's weight and the other terms' weights fall to about 1e-8 of theirs: the model "
+                      f"barely trains on them. Pass min_losses strictly below every value a term reaches (for a term "
+                      f"that reaches 0, a margin penalty met or a task without labels in a batch: a bound below 0, "
+                      f"e.g. -1), or use another weighting for such terms. (Said once.)")
 
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
         if not terms:

@@ -1012,6 +1012,8 @@ class Weighting(NamedWeights):
         values = host_read([checked])  # the one host read of the call
         n = self._terms.num_terms
         named = dict(zip(self.term_names, values[-n:])) if terms is not None else None
+        if named is not None:
+            self._said_of_terms(named)
         # the terms count for every rule, those that do not read them too (RLW, SDN): the step they follow was
         # taken on a non-finite loss, which step() refuses for every method
         if not all(math.isfinite(v) for v in values):
@@ -1138,6 +1140,9 @@ class Weighting(NamedWeights):
             warn_user(message)
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), message=message)
+
+    def _said_of_terms(self, terms: dict[str, float]) -> None:
+        """What a method warns of in the terms of an update, read on the host (``terms`` by name); nothing here."""
 
     def _skipped_nonfinite(self, local: Tensor | None, steps: int) -> bool:
         """Whether the last training :meth:`loss` call, reached by no backward and followed by no optimizer step, is

@@ -833,3 +833,33 @@ def test_refused_updates_say_what_to_change_after_the_step_too_and_never_the_opt
         assert said is not None
         assert ("nonfinite='skip'" in said) == (nonfinite == "raise"), said
         assert said.endswith("only the weights' update was " + ("skipped." if nonfinite == "skip" else "refused.")), said
+
+
+def test_famo_warns_once_of_a_term_at_its_bound():
+    """A term exactly at its bound (a margin penalty met, 0 with min_losses 0) took nearly all of FAMO's weight, z /
+    (L - min + 1e-8) over their sum, and the others' fell to about 1e-8 of theirs: the model stopped training on
+    them without a word (helper-174). Warned of once, naming the term and the fix; with a bound below the values
+    the term reaches, not warned of, and the model trains on the others."""
+    class Terms:
+        term_names = ("ce", "margin")
+
+        def __call__(self, outputs, target):
+            return torch.stack([F.cross_entropy(outputs, target), F.relu(outputs.abs().max() - 100.0)])
+
+    x, y = batch()
+    for bound, warned in ((0.0, True), (-1.0, False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = mw.FAMO(model, optimizer, Terms(), min_losses=[0.0, bound])
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                optimizer.zero_grad()
+                w.loss(model(x), y).backward()
+                norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+                optimizer.step()
+                w.meta_step((x, y))
+        at_bound = [str(m.message) for m in said if "at their bound" in str(m.message)]
+        assert len(at_bound) == (1 if warned else 0) and (not warned or "margin = 0 (min_losses 0)" in at_bound[0])
+        assert (norm < 1e-6) == warned  # (the stalled step the warning is about, and none with the bound below)
