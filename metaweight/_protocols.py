@@ -6,7 +6,8 @@ to when an optional part is missing; :class:`~metaweight.DenseDistillLoss` and
 :class:`~metaweight.BalancedValidation` are one implementation of each.
 
 **Loss terms** — a callable ``criterion(outputs, target) -> Tensor[n]`` (an ``nn.Module`` or a
-function), where ``outputs`` is whatever the model returns. Needed: the names of its ``n``
+function; or returning a dict of one scalar loss per term name), where ``outputs`` is whatever the
+model returns. Needed: the names of its ``n``
 terms, as ``criterion.term_names`` or the weighter's ``term_names`` argument. Optional:
 
 * ``criterion.active``: a bool tensor ``[n]``; inactive terms have weight 0, are never
@@ -100,16 +101,40 @@ class Terms:
     def num_terms(self) -> int:
         return len(self.term_names)
 
+    def _stacked(self, values: Mapping[Any, Any]) -> Tensor:
+        """The terms of a criterion returning ``{name: scalar loss}``, in the order of :attr:`term_names`."""
+        names = set(self.term_names)
+        missing, extra = [n for n in self.term_names if n not in values], [k for k in values if k not in names]
+        if missing or extra:
+            raise ValueError(f"The criterion returned a dict with the keys {list(values)}, where the term names are "
+                             f"{self.term_names}: " + "; ".join(
+                                 ([f"missing {missing}"] if missing else []) + ([f"not terms {extra}"] if extra else []))
+                             + ". Return one scalar loss per name (a term with nothing to score in a batch still "
+                               "needs a value), or pass term_names= the keys it returns.")
+        bad = [n for n in self.term_names if not isinstance(values[n], Tensor) or values[n].numel() != 1
+               or not values[n].is_floating_point()]
+        if bad:
+            raise ValueError(f"The criterion's dict should hold one float scalar tensor per term; {bad} are not: "
+                             + ", ".join(f"{n}: " + (f"shape {tuple(values[n].shape)} ({values[n].dtype})"
+                                                    if isinstance(values[n], Tensor) else f"`{type(values[n]).__name__}`")
+                                         for n in bad) + ".")
+        return torch.stack([values[n].reshape(()) for n in self.term_names])
+
     def __call__(self, outputs: Any, target: Any, *, teacher_outputs: Any = None) -> Tensor:
         if teacher_outputs is not None:
             values = self.criterion(outputs, target, teacher_outputs=teacher_outputs)
         else:
             values = self.criterion(outputs, target)
+        if isinstance(values, Mapping):
+            values = self._stacked(values)
         if not isinstance(values, Tensor) or values.shape != (self.num_terms,) or not values.is_floating_point():
             found = f"shape {tuple(values.shape)} ({values.dtype})" if isinstance(values, Tensor) else \
                 f"`{type(values).__name__}`"
+            hint = (" For a list of the terms, in the order of the names, return torch.stack(terms)."
+                    if isinstance(values, (list, tuple)) else "")
             raise ValueError(f"The criterion should return a float tensor of shape ({self.num_terms},), one loss per "
-                             f"name in {self.term_names}. It returned {found}.")
+                             f"name in {self.term_names}, or a dict of one scalar loss per name. It returned "
+                             f"{found}.{hint}")
         if self._all_active:
             return values
         # an inactive term is 0 whatever the criterion put there: selected, not multiplied by a weight of 0, so a

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,10 +57,14 @@ def checked_state(w: HarmonizedWeighter, state_dict: Any) -> CheckedState:
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"The checkpoint's term_names should be a list of names. Found `{type(names).__name__}`.")
     if list(names) != w.term_names:
+        def exits(terms: Sequence[str]) -> str:  # (a criterion of other terms than exits': no count of exits)
+            count = _count_exits(terms)
+            return f" ({count} exits)" if count else ""
+
         raise ValueError(
-            f"This checkpoint is for the terms {names} ({_count_exits(names)} exits), but this weighter "
-            f"has {w.term_names} ({_count_exits(w.term_names)} exits). Build the weighter with the "
-            f"criterion the checkpoint was saved with."
+            f"This checkpoint is for the terms {names}{exits(names)}, but this weighter has "
+            f"{w.term_names}{exits(w.term_names)}. Build the weighter with the criterion the checkpoint was saved "
+            f"with. Nothing was changed."
         )
     teachers = getattr(w.criterion, "teachers", None)
     if not (state_dict["teachers"] is None or isinstance(state_dict["teachers"], str)) or \

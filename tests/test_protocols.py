@@ -205,3 +205,53 @@ def test_criterion_without_num_exits_needs_a_validation_objective():
     model = tiny_net(3)
     with pytest.raises(ValueError, match="Pass a validation objective"):
         mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), HintTerms())
+
+
+def test_a_criterion_may_return_a_dict_of_named_terms():
+    """A criterion returning {name: loss}, the natural shape of named terms, was refused ("It returned `dict`", a
+    list too, without a hint; helper-174). A dict keyed by the term names is stacked in their order, the same
+    weighter and the same steps as the tensor's; wrong keys, non-scalars and a list are refused saying what to do,
+    changing nothing. A checkpoint of other terms is refused without counting exits of terms that are no exits."""
+    import copy
+
+    import torch.nn.functional as F
+
+    names = ("ce", "aux")
+
+    def as_tensor(outputs, target):
+        return torch.stack([F.cross_entropy(outputs[-1], target), outputs[0].pow(2).mean()])
+
+    def as_dict(outputs, target):
+        ce, aux = as_tensor(outputs, target)
+        return {"aux": aux, "ce": ce}  # (any order)
+
+    runs = []
+    for criterion in (as_tensor, as_dict):
+        torch.manual_seed(0)
+        model = tiny_net(2)
+        w = mw.UW(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, term_names=names)
+        for _ in range(2):
+            w.step(batch())
+        runs.append((w.gamma.clone(), [p.detach().clone() for p in model.parameters()]))
+    assert torch.equal(runs[0][0], runs[1][0]) and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    for wrong, said in ((lambda o, t: {"ce": as_tensor(o, t)[0]}, r"missing \['aux'\]"),
+                        (lambda o, t: {"ce": as_tensor(o, t)[0], "aux": as_tensor(o, t)[1], "x": as_tensor(o, t)[0]},
+                         r"not terms \['x'\]"),
+                        (lambda o, t: {"ce": as_tensor(o, t), "aux": as_tensor(o, t)[1]}, r"\['ce'\] are not"),
+                        (lambda o, t: list(as_tensor(o, t)), r"torch.stack\(terms\)")):
+        refused = mw.UW(model, torch.optim.SGD(model.parameters(), lr=0.1), wrong, term_names=names)
+        before = copy.deepcopy(refused.state_dict())
+        weights = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=said):
+            refused.step(batch())
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                   for a, b in zip(before.values(), refused.state_dict().values()))
+        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    validation = mw.BalancedValidation(2)
+    saved = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), as_dict, validation,
+                                  term_names=names).state_dict()
+    other = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), as_tensor, validation,
+                                  term_names=("ce", "extra"))
+    with pytest.raises(ValueError, match=r"for the terms \['ce', 'aux'\], but this weighter has") as refused:
+        other.load_state_dict(saved)
+    assert "exits" not in str(refused.value)
