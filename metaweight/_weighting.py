@@ -958,9 +958,11 @@ class Weighting(NamedWeights):
         inf/NaN gradients and skipped it, or the loop did not step), no loss changed: nothing is learned, the
         weights and the method's state stay as they are, and the record says ``skipped`` (``ran`` false) with
         a message; the call counts in ``num_calls``, not ``num_skipped``, and no hook is called. The same
-        for :meth:`loss` calls that neither a backward nor an optimizer step followed since the last meta
-        step (or since the weighting was built): a batch the loop skipped, its terms not read (a non-finite
-        loss not refused; a finite one warned of once, ``RuntimeWarning``). Where the
+        where no optimizer step came since the last meta step (or since the weighting was built, loaded or
+        copied) and no backward reached a :meth:`loss` call since: a batch the loop skipped (its terms not
+        read: a non-finite loss not refused, a finite one warned of once, ``RuntimeWarning``; or one it
+        returned early from, before its ``loss()`` call), or a second call. And where the last ``loss()``
+        call, not finite, was reached by no backward and followed by no step, whatever came before it. Where the
         gradients are finite (no ``GradScaler`` skipped the step: ``meta_step`` came before
         ``optimizer.step()``, or after a micro-batch not stepped on) the call also warns (``RuntimeWarning``)
         and keeps those calls' terms for the :meth:`meta_step` after the step that uses their gradients: with
