@@ -148,6 +148,33 @@ def test_lightning_callbacks_take_one_meta_step_per_optimizer_step_under_gradien
     assert all(abs(got[k] - expected[k]) <= 1e-5 * max(1.0, abs(expected[k])) for k in got), (got, expected)
 
 
+def _skip_data(n):
+    """n training samples (6 features, 4 classes) and n // 8 validation batches of 8, of one seed."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+    return x, y, [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n // 8)]
+
+
+def _fit_skipping(lightning, kind, module, x, y, val, **trainer):
+    """One epoch of Lightning over (x, y) in batches of 8, with the callback of kind ("uw", ..., "hdkd fast")."""
+    from metaweight.lightning import HarmonizedCallback, WeightingCallback
+
+    criterion = mw.DenseDistillLoss(2)
+    method, _, mode = kind.partition(" ")
+
+    def build(model, optimizer):
+        return mw.WEIGHTINGS[method](model, optimizer, criterion,
+                                     **({"epochs": 3, "steps_per_epoch": 2} if method == "sdn" else {}))
+
+    callback = HarmonizedCallback(criterion, val, mode=mode, gamma_lr=0.05) if method == "hdkd" else \
+        WeightingCallback(build)
+    lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
+                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                      **trainer).fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                                                         batch_size=8))
+    return module.weighter
+
+
 @pytest.mark.parametrize("calls_loss", [False, True], ids=["", "loss() called first"])
 @pytest.mark.parametrize("accumulate, skipped", [(1, {1}), (2, {2, 3})], ids=["one batch", "an accumulated step"])
 @pytest.mark.parametrize("kind", ["uw", "famo", "sdn", "hdkd fast"])
@@ -158,13 +185,8 @@ def test_lightning_callbacks_leave_out_a_batch_training_step_skipped(kind, accum
     for an optimizer step whose every batch was skipped: the fit equals one without those batches."""
     lightning = pytest.importorskip("lightning")
     from lightning_train import MultiExitModule
-    from metaweight.lightning import HarmonizedCallback, WeightingCallback
 
-    g = torch.Generator().manual_seed(5)
-    x, y = torch.randn(48, 6, generator=g), torch.randint(0, 4, (48,), generator=g)
-    val = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(6)]
-    criterion = mw.DenseDistillLoss(2)
-    method, _, mode = kind.partition(" ")
+    x, y, val = _skip_data(48)
 
     class Skipping(MultiExitModule):
         def training_step(self, batch, batch_idx):
@@ -176,17 +198,7 @@ def test_lightning_callbacks_leave_out_a_batch_training_step_skipped(kind, accum
             return None
 
     def fit(module, keep):
-        def build(model, optimizer):
-            return mw.WEIGHTINGS[method](model, optimizer, criterion,
-                                         **({"epochs": 3, "steps_per_epoch": 2} if method == "sdn" else {}))
-
-        callback = HarmonizedCallback(criterion, val, mode=mode, gamma_lr=0.05) if method == "hdkd" else \
-            WeightingCallback(build)
-        lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
-                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                          accumulate_grad_batches=accumulate).fit(
-            module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[keep], y[keep]), batch_size=8))
-        return module.weighter
+        return _fit_skipping(lightning, kind, module, x[keep], y[keep], val, accumulate_grad_batches=accumulate)
 
     got = fit(Skipping(_two_exit_net(), lr=0.1), list(range(48)))
     expected = fit(MultiExitModule(_two_exit_net(), lr=0.1), [i for i in range(48) if i // 8 not in skipped])
@@ -203,13 +215,8 @@ def test_lightning_manual_optimization_may_skip_a_batch_before_its_loss(kind):
     skipped: the fit equals one without that batch."""
     lightning = pytest.importorskip("lightning")
     from lightning_train import MultiExitModule
-    from metaweight.lightning import HarmonizedCallback, WeightingCallback
 
-    g = torch.Generator().manual_seed(5)
-    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 4, (32,), generator=g)
-    val = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
-    criterion = mw.DenseDistillLoss(2)
-    method, _, mode = kind.partition(" ")
+    x, y, val = _skip_data(32)
 
     class Manual(MultiExitModule):
         def __init__(self, *args, skipped=(), **kwargs):
@@ -226,12 +233,7 @@ def test_lightning_manual_optimization_may_skip_a_batch_before_its_loss(kind):
             optimizer.step()
 
     def fit(module, keep):
-        callback = HarmonizedCallback(criterion, val, mode=mode, gamma_lr=0.05) if method == "hdkd" else \
-            WeightingCallback(lambda model, optimizer: mw.WEIGHTINGS[method](model, optimizer, criterion))
-        lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
-                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False).fit(
-            module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[keep], y[keep]), batch_size=8))
-        return module.weighter
+        return _fit_skipping(lightning, kind, module, x[keep], y[keep], val)
 
     got = fit(Manual(_two_exit_net(), lr=0.1, skipped={1}), list(range(32)))
     expected = fit(Manual(_two_exit_net(), lr=0.1), [i for i in range(32) if i // 8 != 1])
