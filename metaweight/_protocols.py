@@ -106,18 +106,17 @@ class Terms:
         names = set(self.term_names)
         missing, extra = [n for n in self.term_names if n not in values], [k for k in values if k not in names]
         if missing or extra:
+            wrong = ([f"missing {missing}"] if missing else []) + ([f"not terms {extra}"] if extra else [])
             raise ValueError(f"The criterion returned a dict with the keys {list(values)}, where the term names are "
-                             f"{self.term_names}: " + "; ".join(
-                                 ([f"missing {missing}"] if missing else []) + ([f"not terms {extra}"] if extra else []))
-                             + ". Return one scalar loss per name (a term with nothing to score in a batch still "
+                             f"{self.term_names}: " + "; ".join(wrong) + ". Return one scalar loss per name (a term with nothing to score in a batch still "
                                "needs a value), or pass term_names= the keys it returns.")
         bad = [n for n in self.term_names if not isinstance(values[n], Tensor) or values[n].numel() != 1
                or not values[n].is_floating_point()]
         if bad:
+            said = [f"{n}: shape {tuple(values[n].shape)} ({values[n].dtype})" if isinstance(values[n], Tensor)
+                    else f"{n}: `{type(values[n]).__name__}`" for n in bad]
             raise ValueError(f"The criterion's dict should hold one float scalar tensor per term; {bad} are not: "
-                             + ", ".join(f"{n}: " + (f"shape {tuple(values[n].shape)} ({values[n].dtype})"
-                                                    if isinstance(values[n], Tensor) else f"`{type(values[n]).__name__}`")
-                                         for n in bad) + ".")
+                             + ", ".join(said) + ".")
         return torch.stack([values[n].reshape(()) for n in self.term_names])
 
     def __call__(self, outputs: Any, target: Any, *, teacher_outputs: Any = None) -> Tensor:
