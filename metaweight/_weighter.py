@@ -48,7 +48,7 @@ from metaweight._transaction import (COPIED_SINCE, LOADED_DURING, LOADED_SINCE, 
                                      StepTransaction, gradients_moved, host_read, nonfinite_flag)
 from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import SKIP_META_STEPS, warn_user, warns_after_construction
-from metaweight._weighting import NamedWeights, restored_at, optimizer_steps, unwrap_model
+from metaweight._weighting import NamedWeights, optimizer_steps, restored_at, unwrap_model
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import (FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, frozen_with_grad,
                                outside_model, shapes_of)
