@@ -527,7 +527,7 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
     eager = eager if isinstance(eager, nn.Module) else model
     start = rng_state(device, model_generators(model))
     # the model's state as the call left it: each pass starts from it, and it is put back after (a running
-    # normaliser, a call counter: the check changes none of the model's state)
+    # normaliser, a call counter: the check changes none of the model's tensors and plain attributes)
     state = _ModuleState([eager, *stages, *heads])
 
     def reset() -> None:
@@ -589,12 +589,15 @@ def check_forward_agrees(model: nn.Module, call: ModelCall, inputs: Sequence[Ten
 class _ModuleState:
     """What a forward may change in ``modules`` and their submodules, kept so that :func:`check_forward_agrees`
     leaves the model as it found it: each module's buffers and tensor attributes (the objects in their slots and
-    their values: a buffer updated in place, or replaced, ``self.mean = 0.9 * self.mean + ...``, or one registered
-    by the forward, is put back; an attribute the forward made a tensor gets its value before, ``None`` for a lazy
-    cache) and its parameters (the objects in their slots; a parameter changed in place is only noticed, by its
-    version counter, since copying every weight could double the model's memory). A value is written back only
-    where its version counter moved (an alias of a parameter, ``weight.detach()``, is not written through).
-    Inference tensors' values are put back only inside inference mode (outside it torch refuses to write them)."""
+    their values: a buffer updated in place, through ``.data`` too, or replaced, ``self.mean = 0.9 * self.mean +
+    ...``, or one registered by the forward, is put back; an attribute the forward made a tensor gets its value
+    before, ``None`` for a lazy cache), its attributes holding a number, a string or ``None`` (a Python call
+    counter, ``self.calls += 1``; not in a lazy module, whose first forward sets its sizes), and its parameters (the
+    objects in their slots; a parameter changed in place is only noticed, by its version counter, since copying
+    every weight could double the model's memory). A value is written back only where it differs from the one kept
+    (an alias of a parameter, ``weight.detach()``, is not written through). Inference tensors' values are put back
+    only inside inference mode (outside it torch refuses to write them). Not put back: Python containers changed in
+    place (a list the forward appends to)."""
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         seen: dict[int, tuple[str, nn.Module]] = {}
@@ -605,37 +608,42 @@ class _ModuleState:
         values: dict[int, list[Any]] = {}
         self._versions: dict[int, tuple[str, Tensor, int]] = {}
         for path, module in seen.values():
-            self._slots.append((module, dict(module._buffers), dict(module._parameters), dict(vars(module))))
-            attributes = [v for v in vars(module).values() if isinstance(v, Tensor)]
-            for t in (*module._buffers.values(), *attributes):
+            own = {k: v for k, v in vars(module).items()
+                   if isinstance(v, Tensor) or (isinstance(v, _PLAIN) and not isinstance(module, _LAZY))}
+            self._slots.append((module, dict(module._buffers), dict(module._parameters), own))
+            for t in (*module._buffers.values(), *own.values()):
                 if isinstance(t, Tensor) and id(t) not in values and not t.is_sparse:
-                    values[id(t)] = [t, t.detach().clone(), t._version]
+                    values[id(t)] = [t, t.detach().clone()]
             for name, p in module._parameters.items():
-                if p is not None:
+                if p is not None and not p.is_inference():
                     self._versions.setdefault(id(p), (f"{path}.{name}", p, p._version))
         self._values = list(values.values())
 
     def restore(self) -> None:
-        """Put every slot's object back, then the value of each one changed in place."""
+        """Put every slot's object back, then the value of each one changed (in place, or through ``.data``)."""
         for module, buffers, parameters, attributes in self._slots:
             for held, saved in ((module._buffers, buffers), (module._parameters, parameters)):
                 if held.keys() != saved.keys() or any(held[k] is not v for k, v in saved.items()):
                     held.clear()
                     held.update(saved)
             own = vars(module)
-            changed = [k for k, v in own.items() if isinstance(v, Tensor) and attributes.get(k, _ABSENT) is not v]
-            changed += [k for k, v in attributes.items() if isinstance(v, Tensor) and own.get(k, _ABSENT) is not v]
-            for name in changed:  # (a tensor attribute replaced, added or deleted by the forward: as it was)
+            kept = Tensor if isinstance(module, _LAZY) else (Tensor, *_PLAIN)
+            changed = [k for k, v in own.items() if isinstance(v, kept) and attributes.get(k, _ABSENT) is not v]
+            changed += [k for k in attributes if own.get(k, _ABSENT) is not attributes[k]]
+            for name in changed:  # (an attribute replaced, added or deleted by the forward: as it was)
                 if name in attributes:
                     own[name] = attributes[name]
                 else:
                     own.pop(name, None)
         inference = torch.is_inference_mode_enabled()
-        for kept in self._values:
-            tensor, value, version = kept
-            if tensor._version != version and (inference or not tensor.is_inference()):
-                tensor.copy_(value)
-                kept[2] = tensor._version
+        with torch.no_grad():
+            for tensor, value in self._values:
+                if tensor.is_inference() and not inference:
+                    continue
+                if tensor.shape != value.shape or tensor.dtype != value.dtype or tensor.device != value.device:
+                    tensor.data = value.clone()  # (``.data`` given another shape by the forward)
+                elif not _same_values(tensor, value):
+                    tensor.copy_(value)
 
     def parameters_changed(self) -> list[str]:
         """The parameters changed in place since the state was kept (their version counters moved), by their path
@@ -643,6 +651,16 @@ class _ModuleState:
         return [name for name, p, version in self._versions.values() if p._version != version]
 
 
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape hold the same values, NaN equal to NaN (one host read)."""
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
+# what _ModuleState puts back of a module's other attributes: immutable values a forward rebinds (a call counter)
+_PLAIN = (int, float, complex, str, bytes, type(None))
+_LAZY = torch.nn.modules.lazy.LazyModuleMixin
 _ABSENT = object()
 
 

@@ -1545,9 +1545,10 @@ def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
     with pytest.warns(RuntimeWarning, match="could not check that the stages"):  # (said: helper-169)
         metaweight._early_exit.EarlyExit(noisy, [0.5, 0.5, 0.0])(x)
     # a running normaliser inside stage 1, as the refusal advises, in every form a module holds and updates its
-    # state (a buffer updated in place or replaced, a tensor attribute updated in place or replaced): each pass
-    # starts from the state the call left, put back after, so no warning and the model's state is what the call
-    # alone makes (helper-170: in place in a buffer; helper-171: the other forms, moved four times by one call)
+    # state (a buffer updated in place, through .data or replaced, a tensor attribute updated in place or replaced,
+    # a Python call counter): each pass starts from the state the call left, put back after, so no warning and the
+    # model's state is what the call alone makes (helper-170: in place in a buffer; helper-171: the other forms,
+    # moved four times by one call; helper-176: through .data, and the counter)
     for kind in _Normaliser.KINDS:
         inside = _Streaming(plain.stages, plain.heads).eval()
         inside.stages[0] = nn.Sequential(_Normaliser(kind), inside.stages[0])
@@ -1559,6 +1560,7 @@ def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
         with torch.no_grad():
             twin.stages[0](x)  # (the call's one pass of every sample through stage 1)
         assert torch.equal(inside.stages[0][0].mean, twin.stages[0][0].mean), kind
+        assert inside.stages[0][0].calls == twin.stages[0][0].calls == 1, kind
         # outside the stages, the forward normalising first: it passed silently as differing from itself
         # (helper-169); each pass from the same state, it is refused, and the state is as before the call
         outside = _Streaming(plain.stages, plain.heads, kind).eval()
@@ -1580,6 +1582,18 @@ def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
     assert (exits == 0).all() and lazy.stages[2][0].scale is None
     assert all(torch.equal(a, b) for a, b in zip(weights, lazy.parameters()))
     lazy(x)
+    # a cache an earlier forward made under torch.inference_mode(): an inference tensor has no version counter,
+    # and the first call failed on it, under no_grad and inference_mode alike (helper-176)
+    for mode in (torch.no_grad, torch.inference_mode):
+        served = mw.MultiExit([nn.Sequential(_Cached(), stage) for stage in plain.stages], plain.heads).eval()
+        with torch.inference_mode():
+            served(x)
+        caches = [stage[0].scale for stage in served.stages]
+        with mode():
+            predictions, _ = metaweight._early_exit.EarlyExit(served, [0.5, 0.5, 0.0])(x)
+        assert all(stage[0].scale is cache for stage, cache in zip(served.stages, caches))
+        with torch.no_grad():
+            assert torch.equal(predictions, mw.exit_assignment(torch.stack(served(x)), [0.5, 0.5, 0.0]).predictions)
     # a running mean held in an nn.Parameter, which the check does not copy (the weights: the model's memory again),
     # is moved by the check's passes: said, naming it
     inside = _Streaming(plain.stages, plain.heads).eval()
@@ -1639,14 +1653,17 @@ class _Aliased(nn.Module):
 class _Normaliser(nn.Module):
     """A running mean of the inputs, held as ``kind`` says and updated at each call."""
 
-    KINDS = ("buffer", "buffer replaced", "attribute", "attribute replaced")
+    KINDS = ("buffer", "buffer replaced", "attribute", "attribute replaced", "buffer through .data",
+             "buffer's .data replaced")
 
     def __init__(self, kind="buffer"):
         super().__init__()
         self.kind = kind
+        self.calls = 0  # (a Python call counter beside it)
         _hold(self, kind)
 
     def forward(self, x):
+        self.calls += 1
         return x - _update(self, x)
 
 
@@ -1660,7 +1677,11 @@ def _hold(module, kind):
 
 
 def _update(module, x):
-    if module.kind.endswith("replaced"):
+    if module.kind == "buffer through .data":  # (.data has a version counter of its own: the buffer's does not move)
+        module.mean.data.mul_(0.9).add_(0.1 * x.mean(0))
+    elif module.kind == "buffer's .data replaced":
+        module.mean.data = 0.9 * module.mean.data + 0.1 * x.mean(0)
+    elif module.kind.endswith("replaced"):
         module.mean = 0.9 * module.mean + 0.1 * x.mean(0)
     else:
         module.mean.mul_(0.9).add_(0.1 * x.mean(0))
