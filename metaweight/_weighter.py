@@ -152,7 +152,9 @@ class HarmonizedWeighter(NamedWeights):
             ``jvp``/``finite_difference`` know SGD, Adam, AdamW and RMSprop; the others ``higher``
             replays (Adadelta, Adagrad, Adamax, ASGD) fall back to ``higher`` with a warning, except
             under DistributedDataParallel or with ``lookahead_params``, where they are refused.
-        meta_every: run the look-ahead on every N-th call only (gamma stays fixed between).
+        meta_every: run the look-ahead on every N-th call only (gamma stays fixed between). Every call of
+            ``step``/``meta_step`` counts (``num_calls``), a skipped one too (a batch the loop skipped, a
+            non-finite step): a skip on a look-ahead's call moves the next look-ahead to N calls later.
         lookahead_params: a callable ``name -> bool`` restricting the look-ahead to some
             parameters (e.g. the exit heads and the last stage); the others are held at
             :math:`\theta`. Cheaper; approximates the full look-ahead.
