@@ -19,7 +19,7 @@ from metaweight._warn import warn_user
 from metaweight._weighting import Weighting, adam_update, batch_samples, check_number, first_labels
 
 EPS = 1e-8  # as the official implementation: keeps log(L - L*) finite at the bound
-AT_BOUND = 1e-6  # a term this close above its bound takes nearly all of FAMO's weight (1 / (L - L* + EPS)): warned of
+NEAR_BOUND_SHARE = 0.999  # a term taking more than this share of FAMO's weight (z / (L - L* + EPS), normalised): warned of
 
 
 def famo_softmax(logits: Tensor, active: Tensor) -> Tensor:
@@ -238,24 +238,32 @@ class FAMO(Weighting):
         xi = xi * self._active
         return {"logits": xi, "exp_avg": m, "exp_avg_sq": v, "gamma": famo_softmax(xi, self._active)}
 
-    def _said_of_terms(self, terms: dict[str, float]) -> None:
-        """Warn (once) of active terms at their bound (within :data:`AT_BOUND`): FAMO weighs each term's gradient by
-        z_k / (L_k - min_losses_k + 1e-8) over the sum of those weights, so a term at its bound (a margin penalty
-        met, a task with no labels in the batch scored 0) takes nearly all of the weight and the others' falls to
-        about 1e-8 of it: training on them stalls, without a refusal (the log stays finite)."""
+    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float]) -> None:
+        """Warn (once) where one active term takes more than :data:`NEAR_BOUND_SHARE` of the next step's weight: FAMO weighs
+        each term's gradient by z_k / (L_k - min_losses_k + 1e-8) over the sum of those weights, so a term at or near
+        its bound (a margin penalty met or nearly, a task with no labels in the batch scored 0) takes nearly all of
+        the weight and the others' share falls to about the term's distance from its bound over theirs: training
+        on them stalls, without a refusal (the log stays finite). From the host values of the update (``gamma``
+        the new z)."""
         if self._said_at_bound:
             return
         bounds = getattr(self, "_bounds", {})  # (a FAMO pickled by an earlier metaweight has none: not warned)
-        at = [f"{name} = {value:.6g} (min_losses {bounds[name]:.6g})" for name, value in terms.items()
-              if name in bounds and math.isfinite(value) and 0 <= value - bounds[name] <= AT_BOUND]
-        if at:
+        active = [n for n, value in terms.items() if n in bounds and math.isfinite(value) and value >= bounds[n]]
+        if len(active) < 2:
+            return
+        weights = {n: gamma[n] / (terms[n] - bounds[n] + EPS) for n in active}
+        total = sum(weights.values())
+        top = max(active, key=lambda n: weights[n])
+        share = weights[top] / total if total > 0 else 0.0
+        if share > NEAR_BOUND_SHARE:
             self._said_at_bound = True
-            warn_user(f"FAMO: the terms {', '.join(at)} are at their bound. FAMO weighs each term by 1 / (L_k - "
-                      f"min_losses_k + 1e-8), normalised over the terms, so a term at its bound takes nearly all of "
-                      f"the step's weight and the other terms' weights fall to about 1e-8 of theirs: the model "
-                      f"barely trains on them. Pass min_losses strictly below every value a term reaches (for a term "
-                      f"that reaches 0, a margin penalty met or a task without labels in a batch: a bound below 0, "
-                      f"e.g. -1), or use another weighting for such terms. (Said once.)")
+            warn_user(f"FAMO: the term {top} = {terms[top]:.6g} (min_losses {bounds[top]:.6g}) is near its bound and "
+                      f"takes {100 * share:.6g} % of the next step's weight, the other terms "
+                      f"{100 * (1 - share):.3g} % together. FAMO weighs each term by z_k / (L_k - min_losses_k + "
+                      f"1e-8), normalised over the terms, so a term at or near its bound takes nearly all of the "
+                      f"weight: the model barely trains on the others. Pass min_losses well below every value a "
+                      f"term reaches (for a term that reaches 0, a margin penalty met or a task without labels in a "
+                      f"batch: a bound below 0, e.g. -1), or use another weighting for such terms. (Said once.)")
 
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
         if not terms:

@@ -977,7 +977,7 @@ class Weighting(NamedWeights):
         local = self._iteration_terms()
         steps = optimizer_steps(self._inner_optimizer)
         lost = self.needs_terms and local is None and bool(self._lost_calls)  # (copied or loaded since its loss())
-        if (self._met_at == steps and steps not in self._groups and not lost) or self._skipped_nonfinite(local, steps):
+        if (self._met_at == steps and steps not in self._groups and not lost) or self._skipped_nonfinite(steps):
             # no optimizer step since the last meta step (or since built or loaded), and no backward reached this
             # iteration's loss() calls: the loop skipped this batch (a non-finite loss it checked; or, without a
             # loss() call, a batch it returned early from), or called meta_step twice. Or the last loss() call, not
@@ -989,7 +989,7 @@ class Weighting(NamedWeights):
                              f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
                              f"and weighting.meta_step((x, y)); or weighting.step((x, y)) for all of it. "
                              f"Nothing was changed.{self._lost_calls}")
-        if self._kept_at == steps - 1 and steps in self._groups and self._groups[steps].wrote:
+        if self._kept_at == steps - 1 and steps in self._groups and self._wrote(self._groups[steps]):
             # calls kept by a meta_step before a step, and a backward after that step before this meta_step: the
             # loop calls meta_step before optimizer.step() every iteration, not once per accumulated step; the
             # kept calls are the last iteration's, and this iteration's step is still to come (skipped, warned)
@@ -1015,7 +1015,7 @@ class Weighting(NamedWeights):
         n = self._terms.num_terms
         named = dict(zip(self.term_names, values[-n:])) if terms is not None else None
         if named is not None:
-            self._said_of_terms(named)
+            self._said_of_terms(named, dict(zip(self.term_names, values[:n])))
         # the terms count for every rule, those that do not read them too (RLW, SDN): the step they follow was
         # taken on a non-finite loss, which step() refuses for every method
         if not all(math.isfinite(v) for v in values):
@@ -1077,7 +1077,18 @@ class Weighting(NamedWeights):
         through ``torch.autograd.grad`` write none: the step they lead to is not the optimizer's to see.)"""
         steps = optimizer_steps(self._inner_optimizer)
         group = self._groups.get(steps)
-        return steps - 1 not in self._groups and group is not None and group.wrote
+        return steps - 1 not in self._groups and group is not None and self._wrote(group)
+
+    def _wrote(self, group: _Calls) -> bool:
+        """Whether gradients were written for ``group``'s calls: by their backward, or by the loop after it (the
+        gradients from ``torch.autograd.grad`` put into ``.grad`` by hand: another object or version than the
+        backward's end left; then taken as written from here, a ``zero_grad`` after looked for). Python objects,
+        and a few ops over the gradients where the loop wrote them."""
+        if not group.wrote and group.after is not None:
+            grads = self._gradients()
+            if group.after.changed(grads) and any(g is not None for g in grads):
+                group.wrote, group.after = True, GradSnapshot.refs_of(grads, True)
+        return group.wrote
 
     def _not_stepped(self, local: Tensor | None, by_step: bool = False) -> MetaStepRecord:
         """The meta step after an optimizer that did not step: the terms did not change, so there is nothing to
@@ -1138,21 +1149,31 @@ class Weighting(NamedWeights):
         message = (f"No optimizer step came since the last {name}.meta_step, nor a weighting.loss "
                    f"call: no loss changed, so the weights and the method's state are unchanged. Call "
                    f"meta_step once per optimizer step, after optimizer.step() (step() calls it itself).")
+        if self._lost_calls:  # (RLW's, SDN's: no terms to miss, but a step before the load is not seen)
+            message = (f"No optimizer step and no weighting.loss call came since this {name} was loaded or copied: "
+                       f"nothing to learn from, so the weights and the method's state are unchanged (a step taken "
+                       f"before the load or the copy is not counted).{self._lost_calls}")
         if gradients_moved([p.grad for _, p in walk(self.module).parameters if p.requires_grad]):
             warn_user(message)
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), message=message)
 
-    def _said_of_terms(self, terms: dict[str, float]) -> None:
-        """What a method warns of in the terms of an update, read on the host (``terms`` by name); nothing here."""
+    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float]) -> None:
+        """What a method warns of in the terms of an update and its new weights, read on the host (by name);
+        nothing here."""
 
-    def _skipped_nonfinite(self, local: Tensor | None, steps: int) -> bool:
+    def _skipped_nonfinite(self, steps: int) -> bool:
         """Whether the last training :meth:`loss` call, reached by no backward and followed by no optimizer step, is
         not finite: a batch the loop skipped, whatever steps came before it (a warm-up without the weighting,
-        another task's batches). One host read, where such a call is pending only (a meta_step before the backward)."""
-        if local is None or self._unreached is None or self._made_at != steps or not self._pending_trains:
+        another task's batches), unless the last step was taken on calls a backward reached since the last meta step
+        (a loss logged with a graph after a step on non-finite terms, itself non-finite, is no skipped batch: the
+        step's terms are refused). Its own terms are read, not the iteration's. One host read, where such a call is
+        pending only (a meta_step before the backward)."""
+        last = self._pending
+        if last is None or self._unreached is None or self._made_at != steps or not self._pending_trains or \
+                steps - 1 in self._groups:
             return False
-        return not all(math.isfinite(v) for v in host_read([local.detach().float()]))
+        return not all(math.isfinite(v) for v in host_read([last.detach().float()]))
 
     def _named(self, terms: Tensor | None) -> dict[str, float] | None:
         return None if terms is None else dict(zip(self.term_names, terms.detach().cpu().tolist()))

@@ -6,6 +6,7 @@ import copy
 import functools
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -827,7 +828,6 @@ def test_a_logger_given_to_a_second_weighter_logs_that_one_alone(tmp_path):
     logger = mw.CSVLogger(tmp_path / "log.csv")
     first, _, _ = build("uw", callbacks=[logger])
     second, _, _ = build("dwa", callbacks=[logger])
-    import warnings
     with warnings.catch_warnings(record=True) as heard:
         warnings.simplefilter("always")
         for x, y in batches(4):
@@ -1015,6 +1015,38 @@ def test_calls_backpropagated_together_or_through_autograd_grad_count_once_each(
         record = w.meta_step((x, y))
         assert all(math.isclose(record.terms[n], float(e), rel_tol=1e-5) for n, e in zip(w.term_names, expected)), \
             (name, record.terms)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_put_into_grad_by_hand_with_a_meta_step_per_micro_batch_learn_once_per_step(name):
+    """Gradient accumulation through torch.autograd.grad, the gradients put into .grad by hand, and meta_step after
+    every micro-batch (Accelerate's accumulate() pattern): the micro-batches' meta steps before the optimizer's step
+    learned from one micro-batch's terms each, as if a step had been taken (SDN's schedule moved on twice per step;
+    helper-176). As with backward: the update at each step reads the whole batch, the fit equals the backward's."""
+    runs = []
+    for by_hand in (False, True):
+        w, model, optimizer = build(name)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (meta_step before the step: warned, both runs)
+            data = batches(6, size=8)
+            for i, (x, y) in enumerate(data):
+                loss = w.loss(model(x), y) / 3
+                if by_hand:
+                    for p, g in zip(params, torch.autograd.grad(loss, params)):
+                        p.grad = g if p.grad is None else p.grad + g
+                else:
+                    loss.backward()
+                if i % 3 == 2:
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    x, y = (torch.cat(part) for part in zip(*data[i - 2:i + 1]))  # (FAMO scores the step's batch)
+                w.meta_step((x, y))
+        runs.append((w.num_meta_steps, w.gamma.clone(), [p.detach().clone() for p in params]))
+    (steps, gamma, weights), (steps_by_hand, gamma_by_hand, weights_by_hand) = runs
+    assert steps == steps_by_hand == 2
+    assert torch.allclose(gamma, gamma_by_hand, rtol=1e-6, atol=1e-7), (gamma, gamma_by_hand)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(weights, weights_by_hand))
 
 
 @pytest.mark.parametrize("name", ["uw", "dwa", "gradnorm"])
