@@ -48,7 +48,8 @@ from metaweight._transaction import (COPIED_SINCE, LOADED_DURING, LOADED_SINCE, 
                                      StepTransaction, gradients_moved, host_read, nonfinite_flag)
 from metaweight._walk import ModelWalk, check_single_roles, walk, walked_call
 from metaweight._warn import SKIP_META_STEPS, warn_user, warns_after_construction
-from metaweight._weighting import NamedWeights, optimizer_steps, restored_at, unwrap_model
+from metaweight._weighting import (NamedWeights, check_step_holds_trainable, optimizer_steps, restored_at,
+                                   unwrap_model)
 from metaweight._hooks import check_hooks, check_optimizer_hooks
 from metaweight._moves import (FOREIGN_STEP, FROZEN_WITH_GRAD, ForeignSteps, fingerprint, frozen_with_grad,
                                outside_model, shapes_of)
@@ -873,6 +874,11 @@ class HarmonizedWeighter(NamedWeights):
         ``ValueError`` says so, with ``"skip"`` a ``RuntimeWarning`` does and
         :attr:`num_skipped` counts it.
 
+        ``step()`` steps the model with the optimizer, so one that does not hold every trainable parameter of
+        the model (built before ``attach_exits`` added the exits, or over a part by mistake) is refused with a
+        ``ValueError`` naming them: freeze a part on purpose with ``requires_grad_(False)``, or step it in the two
+        calls, where parameters the optimizer does not hold are held fixed.
+
         Whatever ``step()`` refuses or raises leaves the model's parameters, buffers and optimizer
         state, gamma, its optimizer, the validation average and the counters as they were. What it
         refuses before its backward (options or hooks the look-ahead cannot replay, sparse
@@ -891,6 +897,7 @@ class HarmonizedWeighter(NamedWeights):
         self._check_learn()
         self._check_val_batch(val_batch, "step", train_batch)
         self._check_parameters_held("step")
+        self._check_holds_trainable("step()")
         # a model converted after the optimizer's first step, where no meta step checks the whole state first
         # (learn=False, meta_every): torch's Adam counts a step, and steps the parameters it reaches first, before
         # refusing the mix
@@ -965,8 +972,17 @@ class HarmonizedWeighter(NamedWeights):
                              "this one was not: call step(), or build it with capturable=True.")
         self._check_learn()
         self._check_parameters_held("device_step")  # (Python objects only: nothing read from the device)
+        self._check_holds_trainable("device_step()")
         with torch.enable_grad():
             return self._capturable.step(self, train_batch, val_batch)
+
+    def _check_holds_trainable(self, call: str) -> None:
+        """:func:`~metaweight._weighting.check_step_holds_trainable` for ``step()``/``device_step()``, which step the
+        model with the optimizer (Python objects only)."""
+        two_calls = ("loss = weighter.loss(model(x), y); loss.backward(); optimizer.step(); weighter.meta_step((x, y), "
+                     "val_batch)" if self.mode == "fast" else "weighter.meta_step((x, y), val_batch); loss = "
+                     "weighter.loss(model(x), y); loss.backward(); optimizer.step()")
+        check_step_holds_trainable(self._inner_optimizer, self._trainable(), f"HarmonizedWeighter.{call}", two_calls)
 
     def sync_counts(self) -> None:
         """With ``capturable=True``: bring ``num_calls``, ``num_meta_steps`` and ``num_skipped``, which

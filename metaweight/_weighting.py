@@ -213,6 +213,23 @@ def check_optimizer_holds_model(optimizer: torch.optim.Optimizer, module: nn.Mod
                          f"trains.")
 
 
+def check_step_holds_trainable(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, Tensor]], call: str,
+                               two_calls: str) -> None:
+    """Refuse, for a one-call ``step()``, an optimizer that does not hold every trainable parameter of the model
+    (``named``): built over a part by mistake (an optimizer made before ``attach_exits`` added the exits' heads,
+    one over a sub-module), it would leave the rest untrained without a word. Freezing them
+    (``requires_grad_(False)``) says it on purpose; the two calls (``two_calls``, the loop's own step) take a part
+    stepped on purpose. Python objects only."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in named if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ValueError(f"{call} steps the model with its optimizer, but the optimizer does not hold the model's "
+                         f"trainable parameters {missing[:6]}{' ...' if len(missing) > 6 else ''} (built before "
+                         f"attach_exits added the exits, or over a part of the model?): they would not train. Build it "
+                         f"over model.parameters() (freeze what should not train with requires_grad_(False)), or, to "
+                         f"step a part on purpose, use the two calls: {two_calls}. Nothing was changed.")
+
+
 def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = False,
                  powers: tuple[int, ...] = (1,)) -> float:
     """``value`` as a float, or a ``ValueError`` naming ``name`` when it is not a finite number above ``low``
@@ -1322,16 +1339,13 @@ class Weighting(NamedWeights):
                              f"(it reads the closure's last evaluation). Nothing was changed.")
         held = {id(p) for group in inner.param_groups for p in group["params"]}
         named = walk(self.module).parameters
-        own = {id(p) for _, p in named}
-        missing = [n for n, p in named if p.requires_grad and id(p) not in held]
-        foreign = len(held - own)
-        if missing or foreign:
-            said = (f"does not hold the model's trainable parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}"
-                    if missing else f"holds {foreign} tensors that are not parameters of the model")
-            raise ValueError(f"{name}.step() steps the model with its optimizer, but the optimizer {said}: build it "
-                             f"over model.parameters() (freeze what should not train with requires_grad_(False)), "
-                             f"or, to step a part on purpose, use the two calls: loss = weighting.loss(model(x), y); "
-                             f"loss.backward(); optimizer.step(); weighting.meta_step((x, y)). Nothing was changed.")
+        two_calls = "loss = weighting.loss(model(x), y); loss.backward(); optimizer.step(); weighting.meta_step((x, y))"
+        check_step_holds_trainable(inner, named, f"{name}.step()", two_calls)
+        foreign = len(held - {id(p) for _, p in named})
+        if foreign:
+            raise ValueError(f"{name}.step() steps the model with its optimizer, but the optimizer holds {foreign} "
+                             f"tensors that are not parameters of the model: build it over model.parameters(), or, "
+                             f"to step other tensors on purpose, use the two calls: {two_calls}. Nothing was changed.")
         # a model converted after the optimizer's first step: torch's Adam counts the step, and steps the groups
         # of parameters it reaches first, before refusing the mix (the whole check runs where a step raises)
         check_optimizer_state(inner, first_only=True)

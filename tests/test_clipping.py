@@ -113,10 +113,10 @@ def test_step_clips_the_model_s_step_as_declared_bit_for_bit(norm_type):
 def test_step_clips_over_fresh_gradients_with_a_trainable_parameter_outside_the_optimizer(mode, learn, capturable):
     """A trainable head the optimizer does not hold (held fixed): step() cleared only the optimizer's gradients,
     so the head's gradient carried over from call to call into step()'s own clip_grad_norm norm, and the model's
-    steps drifted from the clipped steps of the batch's own gradients (found by helper-138). Each step is now a
-    plain step clipped over every trainable parameter's gradient of that batch, as torch's clip_grad_norm_ over
-    model.parameters() after model.zero_grad() gives; and step() leaves no gradient behind on the held head
-    that a later call adds to."""
+    steps drifted from the clipped steps of the batch's own gradients (found by helper-138). step() now refuses
+    such an optimizer (helper-177), changing nothing; frozen with requires_grad_(False), the head is held fixed and
+    each step is a plain step clipped over every trainable parameter's gradient of that batch, as torch's
+    clip_grad_norm_ over model.parameters() after model.zero_grad() gives."""
     torch.manual_seed(0)
     model, twin = tiny(), tiny()
     twin.load_state_dict(model.state_dict())
@@ -129,6 +129,12 @@ def test_step_clips_over_fresh_gradients_with_a_trainable_parameter_outside_the_
                                   gamma_lr=0.0, clip_grad_norm=0.05,
                                   **({"capturable": True, "nonfinite": "skip"} if capturable else {}))
     g = torch.Generator().manual_seed(3)
+    kept = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"does not hold the model's trainable parameters \['heads\.1\.weight'"):
+        w.step(*[(torch.randn(16, 6, dtype=F64), torch.randint(0, 4, (16,)))] * 2)
+    assert all(torch.equal(a, b) for a, b in zip(kept, model.parameters()))
+    for m in (model, twin):
+        m.heads[1].requires_grad_(False)
     for _ in range(4):
         x, y = torch.randn(16, 6, dtype=F64, generator=g), torch.randint(0, 4, (16,), generator=g)
         with warnings.catch_warnings():
