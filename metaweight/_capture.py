@@ -649,6 +649,12 @@ class StepCapture(_Inert):
 
     def _capture(self, weighter: Any, optimizer: torch.optim.Optimizer) -> None:
         pending: Pending | None = weighter._pending
+        if pending is None and weighter._let_go is not None and \
+                not weighter._let_go.zeroed(grads_of(weighter._trainable())):
+            # this step uses the gradients of loss() calls whose meta_step came before it (and was skipped, with
+            # nothing to score): the loop calls meta_step before optimizer.step(), or after every micro-batch of an
+            # accumulated step, so no meta step would ever score a step; the next meta_step refuses
+            weighter._stepped_let_go = True
         if pending is not None and pending.error is not None:
             pending.stepped_on = True  # (a refused step: nothing captured, but meta_step must know it came)
         if pending is None or pending.theta is not None or pending.error is not None:

@@ -46,6 +46,16 @@ if TYPE_CHECKING:  # (the weighter imports this module)
     _Transform = tuple[Callable[[dict[str, Tensor]], dict[str, Tensor]] | None, Tensor | None]
 
 
+# said at the meta_step after an optimizer step that took gradients whose meta_step had come before it
+BEFORE_THE_STEP = ("mode='fast': the optimizer's last step took the gradients of weighter.loss calls whose meta_step "
+                   "had already run before it, and was skipped with no step to score (warned then): the loop calls "
+                   "weighter.meta_step before optimizer.step(), or after every micro-batch of an accumulated step, "
+                   "so every meta step is skipped and gamma never learns. The fast mode scores the step taken: call "
+                   "meta_step once per optimizer step, after it, with the step's whole batch (the micro-batches' "
+                   "inputs and labels concatenated in order): loss = weighter.loss(model(x), y); loss.backward(); "
+                   "optimizer.step(); weighter.meta_step((x, y), val_batch). gamma is unchanged.")
+
+
 class TwoCall:
     """:meth:`HarmonizedWeighter.meta_step` with ``mode="fast"``: the meta-gradient of the step the
     loop took since :meth:`HarmonizedWeighter.loss`, or a ``ValueError`` before anything changes."""
@@ -55,6 +65,9 @@ class TwoCall:
         Everything it can refuse is checked before anything changes."""
         x, y = _unpack(train_batch, "train_batch")
         xv, yv = _unpack(val_batch, "val_batch")
+        if w._stepped_let_go:
+            w._stepped_let_go = False  # (said once per such step)
+            raise ValueError(BEFORE_THE_STEP)
         if w._watch is not None:
             w._watch.forget()  # the iteration's forwards: a later loss() is the next iteration's
         run_meta = w.num_calls % w.meta_every == 0

@@ -220,6 +220,9 @@ class HarmonizedWeighter(NamedWeights):
     # copied (a meta_step with no loss() call and no step since is skipped: a batch skipped before its loss() call)
     _fast_met_at: int | None = None
     _warned_same_batch: bool = False
+    # mode="fast": an optimizer step took the gradients of loss() calls whose meta_step came before it (refused at
+    # the next meta_step: the loop's order would skip every meta step)
+    _stepped_let_go: bool = False
     _resumed_calls: int = 0
     _resumed: tuple[Micro, int] | None = None
     _load_note = ""

@@ -778,6 +778,41 @@ def test_a_meta_step_after_each_accumulated_micro_batch_is_refused_at_the_step()
     assert w.meta_step((x, y), (x, y)).ran
 
 
+@pytest.mark.parametrize("micro_batches", [1, 3], ids=["meta_step before the step", "after every micro-batch"])
+def test_a_loop_whose_meta_step_always_comes_before_the_step_is_refused_at_the_next_iteration(micro_batches):
+    """meta_step after the backward but before optimizer.step(), every iteration (or after every micro-batch, the
+    step after the micro-batch loop): each meta step is skipped with nothing to score, warned once by Python's
+    filter, and gamma never learned: fixed-weight training without an error (helper-177). The step that takes
+    those gradients is seen, and the next meta_step refuses, changing nothing; the right order then runs."""
+    case = Case(form="fast, two calls", optimizer="momentum")
+    model, optimizer, criterion, validation, _ = build(case)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode="fast", gamma_optimizer="sgd",
+                              init=torch.tensor(GAMMA))
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randn(6 * micro_batches, 6, dtype=F64, generator=g), torch.randint(0, 4, (6 * micro_batches,),
+                                                                                       generator=g)) for _ in range(2)]
+    x, y = data[0]
+    optimizer.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for part in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+            (w.loss(model(part[0]), part[1]) / micro_batches).backward()
+            assert w.meta_step(part, (x, y)).skipped
+    optimizer.step()
+    x, y = data[1]
+    optimizer.zero_grad()
+    part = (x.chunk(micro_batches)[0], y.chunk(micro_batches)[0])
+    (w.loss(model(part[0]), part[1]) / micro_batches).backward()
+    before = state(model, optimizer, w)
+    with pytest.raises(ValueError, match=r"last step took the gradients of weighter.loss calls whose meta_step had "
+                                         r"already run before it.*gamma never learns.*after it"):
+        w.meta_step(part, (x, y))
+    assert same(before, state(model, optimizer, w))
+    optimizer.zero_grad()
+    loop_step(case, model, optimizer, None, [(x, y)], w.loss)
+    assert w.meta_step((x, y), (x, y)).ran
+
+
 def test_a_zero_grad_between_backwards_starts_the_step_afresh():
     """A loss the optimizer never stepped on (its gradients zeroed) is not part of the next step."""
     case = Case(form="fast, two calls")
