@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 from torch.nn.utils.rnn import PackedSequence
 
 from metaweight._anytime import same_mapping
@@ -591,8 +592,9 @@ class _ModuleState:
     leaves the model as it found it: each module's buffers and tensor attributes (the objects in their slots and
     their values: a buffer updated in place, through ``.data`` too, or replaced, ``self.mean = 0.9 * self.mean +
     ...``, or one registered by the forward, is put back; an attribute the forward made a tensor gets its value
-    before, ``None`` for a lazy cache), its attributes holding a number, a string or ``None`` (a Python call
-    counter, ``self.calls += 1``; not in a lazy module, whose first forward sets its sizes), and its parameters (the
+    before, ``None`` for a lazy cache), its attributes holding an immutable value (a number, a string, ``None``, a
+    tuple, a dtype: a Python call counter, ``self.calls += 1``, the shape of the last batch or a cache's key; not in
+    a lazy module, whose first forward sets its sizes), and its parameters (the
     objects in their slots; a parameter changed in place is only noticed, by its version counter, since copying
     every weight could double the model's memory). A value is written back only where it differs from the one kept
     (an alias of a parameter, ``weight.detach()``, is not written through). Inference tensors' values are put back
@@ -604,30 +606,32 @@ class _ModuleState:
         for root in modules:
             for name, module in root.named_modules():
                 seen.setdefault(id(module), (name or type(module).__name__, module))
-        self._slots: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        # (each module's slots, its attributes kept, and whether it was a lazy module then: one the check's passes
+        # initialise becomes another class, whose sizes its first forward set)
+        self._slots: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], bool]] = []
         values: dict[int, list[Any]] = {}
         self._versions: dict[int, tuple[str, Tensor, int]] = {}
         for path, module in seen.values():
-            own = {k: v for k, v in vars(module).items()
-                   if isinstance(v, Tensor) or (isinstance(v, _PLAIN) and not isinstance(module, _LAZY))}
-            self._slots.append((module, dict(module._buffers), dict(module._parameters), own))
+            lazy = isinstance(module, _LAZY)
+            own = {k: v for k, v in vars(module).items() if isinstance(v, Tensor if lazy else (Tensor, *_PLAIN))}
+            self._slots.append((module, dict(module._buffers), dict(module._parameters), own, lazy))
             for t in (*module._buffers.values(), *own.values()):
-                if isinstance(t, Tensor) and id(t) not in values and not t.is_sparse:
+                if isinstance(t, Tensor) and id(t) not in values and not t.is_sparse and not is_lazy(t):
                     values[id(t)] = [t, t.detach().clone()]
             for name, p in module._parameters.items():
-                if p is not None and not p.is_inference():
+                if p is not None and not is_lazy(p) and not p.is_inference():
                     self._versions.setdefault(id(p), (f"{path}.{name}", p, p._version))
         self._values = list(values.values())
 
     def restore(self) -> None:
         """Put every slot's object back, then the value of each one changed (in place, or through ``.data``)."""
-        for module, buffers, parameters, attributes in self._slots:
+        for module, buffers, parameters, attributes, lazy in self._slots:
             for held, saved in ((module._buffers, buffers), (module._parameters, parameters)):
                 if held.keys() != saved.keys() or any(held[k] is not v for k, v in saved.items()):
                     held.clear()
                     held.update(saved)
             own = vars(module)
-            kept = Tensor if isinstance(module, _LAZY) else (Tensor, *_PLAIN)
+            kept = Tensor if lazy else (Tensor, *_PLAIN)
             changed = [k for k, v in own.items() if isinstance(v, kept) and attributes.get(k, _ABSENT) is not v]
             changed += [k for k in attributes if own.get(k, _ABSENT) is not attributes[k]]
             for name in changed:  # (an attribute replaced, added or deleted by the forward: as it was)
@@ -652,14 +656,18 @@ class _ModuleState:
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors of one shape hold the same values, NaN equal to NaN (one host read)."""
+    """Whether two tensors of one shape hold the same values, NaN equal to NaN (a host read; two where they differ
+    or hold NaN)."""
+    if torch.equal(a, b):
+        return True
     if a.is_floating_point() or a.is_complex():
         return bool(((a == b) | (a.isnan() & b.isnan())).all())
-    return torch.equal(a, b)
+    return False
 
 
-# what _ModuleState puts back of a module's other attributes: immutable values a forward rebinds (a call counter)
-_PLAIN = (int, float, complex, str, bytes, type(None))
+# what _ModuleState puts back of a module's other attributes: immutable values a forward rebinds (a call counter, the
+# shape of the last batch, a cache's key)
+_PLAIN = (int, float, complex, str, bytes, type(None), tuple, frozenset, torch.dtype, torch.device, enum.Enum)
 _LAZY = torch.nn.modules.lazy.LazyModuleMixin
 _ABSENT = object()
 

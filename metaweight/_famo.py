@@ -239,7 +239,8 @@ class FAMO(Weighting):
         return {"logits": xi, "exp_avg": m, "exp_avg_sq": v, "gamma": famo_softmax(xi, self._active)}
 
     def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float]) -> None:
-        """Warn (once) where one active term takes more than :data:`NEAR_BOUND_SHARE` of the next step's weight: FAMO weighs
+        """Warn (once) where some active terms, not all, take more than :data:`NEAR_BOUND_SHARE` of the next step's
+        weight together (the others less than 0.1 %: one term at its bound, or several, e.g. margins met): FAMO weighs
         each term's gradient by z_k / (L_k - min_losses_k + 1e-8) over the sum of those weights, so a term at or near
         its bound (a margin penalty met or nearly, a task with no labels in the batch scored 0) takes nearly all of
         the weight and the others' share falls to about the term's distance from its bound over theirs: training
@@ -253,17 +254,24 @@ class FAMO(Weighting):
             return
         weights = {n: gamma[n] / (terms[n] - bounds[n] + EPS) for n in active}
         total = sum(weights.values())
-        top = max(active, key=lambda n: weights[n])
-        share = weights[top] / total if total > 0 else 0.0
-        if share > NEAR_BOUND_SHARE:
+        if not total > 0 or not math.isfinite(total):
+            return
+        taking, share = [], 0.0  # (the fewest terms, heaviest first, that take more than NEAR_BOUND_SHARE)
+        for name in sorted(active, key=lambda n: -weights[n]):
+            taking.append(name)
+            share += weights[name] / total
+            if share > NEAR_BOUND_SHARE:
+                break
+        if share > NEAR_BOUND_SHARE and len(taking) < len(active):  # (the others, together, below 1 - that share)
             self._said_at_bound = True
-            warn_user(f"FAMO: the term {top} = {terms[top]:.6g} (min_losses {bounds[top]:.6g}) is near its bound and "
-                      f"takes {100 * share:.6g} % of the next step's weight, the other terms "
-                      f"{100 * (1 - share):.3g} % together. FAMO weighs each term by z_k / (L_k - min_losses_k + "
-                      f"1e-8), normalised over the terms, so a term at or near its bound takes nearly all of the "
-                      f"weight: the model barely trains on the others. Pass min_losses well below every value a "
-                      f"term reaches (for a term that reaches 0, a margin penalty met or a task without labels in a "
-                      f"batch: a bound below 0, e.g. -1), or use another weighting for such terms. (Said once.)")
+            said = ", ".join(f"{n} = {terms[n]:.6g} (min_losses {bounds[n]:.6g})" for n in taking)
+            warn_user(f"FAMO: the term(s) {said} are near their bound and take {100 * share:.6g} % of the next step's "
+                      f"weight, the other terms {100 * (1 - share):.3g} % together. FAMO weighs each term by z_k / "
+                      f"(L_k - min_losses_k + 1e-8), normalised over the terms, so a term at or near its bound takes "
+                      f"nearly all of the weight: the model barely trains on the others. Pass min_losses well below "
+                      f"every value a term reaches (for a term that reaches 0, a margin penalty met or a task without "
+                      f"labels in a batch: a bound below 0, e.g. -1), or use another weighting for such terms. (Said "
+                      f"once.)")
 
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
         if not terms:

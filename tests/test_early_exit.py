@@ -1582,6 +1582,20 @@ def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
     assert (exits == 0).all() and lazy.stages[2][0].scale is None
     assert all(torch.equal(a, b) for a, b in zip(weights, lazy.parameters()))
     lazy(x)
+    # lazy modules the check's passes initialise (every sample of the call leaves at exit 1): their first forward
+    # sets their sizes, and their class changes; the first call failed on the uninitialised parameters, and a check
+    # putting back the sizes would delete them (helper-178). They are left initialised, the model usable
+    lazy_model = mw.MultiExit([nn.Sequential(nn.Linear(6, 8), nn.Tanh()), nn.Sequential(nn.LazyLinear(8), nn.Tanh())],
+                              [nn.Linear(8, 3), nn.LazyLinear(3)]).eval()
+    _, exits = metaweight._early_exit.EarlyExit(lazy_model, [-math.inf, 0.0])(x)
+    assert (exits == 0).all() and lazy_model.stages[1][0].in_features == 8 and lazy_model.heads[1].in_features == 8
+    assert metaweight._early_exit.EarlyExit(lazy_model, [math.inf, 0.0])(x)[1].eq(1).all()
+    lazy_model.train()(x)
+    # a cache keyed by the shape of the last batch (a tuple attribute) beside its tensor: the check put the tensor
+    # back, not the key, and the stages' pass met a cache of another batch size (helper-178)
+    keyed = mw.MultiExit([nn.Sequential(plain.stages[0], _ShapeKeyed()), *plain.stages[1:]], plain.heads).eval()
+    metaweight._early_exit.EarlyExit(keyed, [0.5, 0.5, 0.0])(x)
+    assert keyed.stages[0][1].key == (x.shape[0], 10) and keyed.stages[0][1].calls == 1
     # a cache an earlier forward made under torch.inference_mode(): an inference tensor has no version counter,
     # and the first call failed on it, under no_grad and inference_mode alike (helper-176)
     for mode in (torch.no_grad, torch.inference_mode):
@@ -1636,6 +1650,20 @@ class _Cached(nn.Module):
         if self.scale is None:
             self.scale = torch.ones(h.shape[-1])
         return h * self.scale
+
+
+class _ShapeKeyed(nn.Module):
+    """A mask cached for the shape of the last batch: the key a torch.Size, the mask a tensor attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.key, self.mask, self.calls = None, None, 0
+
+    def forward(self, h):
+        self.calls += 1
+        if self.key != h.shape:
+            self.key, self.mask = h.shape, torch.ones_like(h)
+        return h * self.mask
 
 
 class _Aliased(nn.Module):

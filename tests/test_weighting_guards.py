@@ -911,9 +911,31 @@ def test_famo_warns_once_of_a_term_at_or_near_its_bound():
                 norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
                 optimizer.step()
                 w.meta_step((x, y))
-        near = [str(m.message) for m in said if "near its bound" in str(m.message)]
+        near = [str(m.message) for m in said if "near their bound" in str(m.message)]
         assert len(near) == (1 if warned else 0), (bound, offset, near)
         assert not warned or f"margin = {offset:.6g} (min_losses 0)" in near[0], near
         norms[bound, offset] = float(norm)
     free = norms[-1.0, 0.0]  # (the stalled steps the warning is about, against the step with the bound below)
     assert norms[0.0, 0.0] < 1e-6 * free and norms[0.0, 1e-5] < 1e-3 * free, norms
+    # two margins met, which share the weight half and half: no term alone takes 99.9 %, both together do (the rule
+    # looked at the heaviest term alone, and said nothing; helper-178)
+    class Two(Terms):
+        term_names = ("ce", "margin_a", "margin_b")
+
+        def __call__(self, outputs, target):
+            ce, margin = super().__call__(outputs, target)
+            return torch.stack([ce, margin, margin])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.FAMO(model, optimizer, Two(0.0))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            optimizer.zero_grad()
+            w.loss(model(x), y).backward()
+            optimizer.step()
+            w.meta_step((x, y))
+    near = [str(m.message) for m in said if "near their bound" in str(m.message)]
+    assert len(near) == 1 and "margin_a = 0 (min_losses 0), margin_b = 0 (min_losses 0)" in near[0], near
