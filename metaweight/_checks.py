@@ -940,10 +940,12 @@ def check_bins(bins: Any) -> int:
     return value
 
 
-def checked_counters(state_dict: Mapping[str, Any], who: str) -> tuple[dict[str, int], int | None]:
+def checked_counters(state_dict: Mapping[str, Any], who: str) -> tuple[dict[str, int], int | None, bool | None]:
     """A checkpoint's counters (``num_meta_steps``, ``num_calls``, ``num_skipped``: 0 where an older one has
-    none) and its ``pending_calls`` (``None`` where it has none), refused with a ``ValueError`` where they are no
-    ints >= 0 or impossible (more meta steps than calls); ``who``: the class whose ``state_dict()`` it should be."""
+    none), its ``pending_calls`` and its ``meta_step_due`` (whether it was saved between an optimizer step and the
+    meta step that scores it; each ``None`` where it has none), refused with a ``ValueError`` where they are no
+    ints >= 0 or impossible (more meta steps than calls), or no bool; ``who``: the class whose ``state_dict()`` it
+    should be."""
     counts = {k: state_dict.get(k, 0) for k in ("num_meta_steps", "num_calls", "num_skipped")}
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
         raise ValueError(f"The checkpoint's counters {counts} should be ints >= 0.")
@@ -954,7 +956,11 @@ def checked_counters(state_dict: Mapping[str, Any], who: str) -> tuple[dict[str,
     if pending is not None and (isinstance(pending, bool) or not isinstance(pending, int) or pending < 0):
         raise ValueError(f"The checkpoint's `pending_calls` should be an int >= 0 (the loss() calls of the "
                          f"accumulated step it was saved in). Found {pending!r}. Nothing was changed.")
-    return counts, pending
+    due = state_dict.get("meta_step_due")  # (none in older checkpoints)
+    if due is not None and not isinstance(due, bool):
+        raise ValueError(f"The checkpoint's `meta_step_due` should be a bool (whether it was saved between an "
+                         f"optimizer step and its meta step). Found {due!r}. Nothing was changed.")
+    return counts, pending, due
 
 
 def one_sample_batchnorm(exc: BaseException, batches: Mapping[str, Any], unchanged: bool = True) -> BaseException:

@@ -1012,7 +1012,13 @@ class HarmonizedWeighter(NamedWeights):
             "gamma_sum": self._gamma_sum,
             "constraint": self.constraint,
             "pending_calls": self._pending_calls(),
+            "meta_step_due": self._meta_step_due(),
         }
+
+    def _meta_step_due(self) -> bool:
+        """``mode="fast"``: whether an optimizer step was taken on :meth:`loss` calls whose meta step has not come
+        (a checkpoint saved between the step and ``meta_step`` does not hold those calls; Python objects only)."""
+        return (self._pending is not None and self._pending.theta is not None) or self._stepped is not None
 
     def _pending_calls(self) -> int:
         """``mode="fast"``, two-call form: the training :meth:`loss` calls a backward went through that wait for
@@ -1050,7 +1056,9 @@ class HarmonizedWeighter(NamedWeights):
         self.num_calls = loaded.num_calls
         self.num_skipped = loaded.num_skipped
         self._gamma_sum = loaded.gamma_sum
-        if self._pending is None:  # (no loss() call of the iteration under way is in a checkpoint)
+        if self._pending is None and loaded.meta_step_due is not False:  # (no loss() call of the iteration under
+            # way is in a checkpoint: said where meta_step finds none, unless it was saved at an iteration's end,
+            # where a meta_step with no loss() call since is a batch the loop skipped)
             self._lost_calls = LOADED_SINCE
         self._met_at = None
         self._fast_met_at = optimizer_steps(self._inner_optimizer)

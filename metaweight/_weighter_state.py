@@ -32,6 +32,7 @@ class CheckedState:
     num_skipped: int
     gamma_sum: float
     pending_calls: int | None
+    meta_step_due: bool | None  # saved between an optimizer step and its meta step (None: an older checkpoint)
 
 
 def checked_state(w: HarmonizedWeighter, state_dict: Any) -> CheckedState:
@@ -106,13 +107,13 @@ def checked_state(w: HarmonizedWeighter, state_dict: Any) -> CheckedState:
         raise ValueError(f"The checkpoint's gamma {gamma.tolist()} does not fit the terms {w.term_names}.")
     w._objective.check_state(state_dict["validation"])  # check before touching our own
     check_gamma_optimizer_state(w.gamma_optimizer, w.gamma, state_dict)
-    counts, pending = checked_counters(state_dict, "HarmonizedWeighter")
+    counts, pending, due = checked_counters(state_dict, "HarmonizedWeighter")
     gamma_sum = real_scalar(state_dict["gamma_sum"])  # (the one reading of a number: a bool is none)
     if gamma_sum is None or not (math.isfinite(gamma_sum) and gamma_sum >= 0):
         raise ValueError(f"The checkpoint's gamma_sum {state_dict['gamma_sum']!r} should be a finite number >= 0.")
     num_meta_steps = counts["num_meta_steps"]
     return CheckedState(gamma, num_meta_steps, int(state_dict.get("num_calls", num_meta_steps)),
-                        counts["num_skipped"], float(gamma_sum), pending)
+                        counts["num_skipped"], float(gamma_sum), pending, due)
 
 
 def _count_exits(names: Iterable[str] | None) -> int:

@@ -979,7 +979,9 @@ class Weighting(NamedWeights):
         copied) and no backward reached a :meth:`loss` call since: a batch the loop skipped (its terms not
         read: a non-finite loss not refused, a finite one warned of once, ``RuntimeWarning``; or one it
         returned early from, before its ``loss()`` call), or a second call. And where the last ``loss()``
-        call, not finite, was reached by no backward and followed by no step, whatever came before it. Where the
+        call, not finite, was reached by no backward and no step since took a gradient of it (the loop skipped
+        its backward, and stepped or not), whatever came before it, unless the last step was taken on non-finite
+        terms (refused as below). Where the
         gradients are finite (no ``GradScaler`` skipped the step: ``meta_step`` came before
         ``optimizer.step()``, or after a micro-batch not stepped on) the call also warns (``RuntimeWarning``)
         and keeps those calls' terms for the :meth:`meta_step` after the step that uses their gradients: with
@@ -994,13 +996,15 @@ class Weighting(NamedWeights):
         local = self._iteration_terms()
         steps = optimizer_steps(self._inner_optimizer)
         lost = self.needs_terms and local is None and bool(self._lost_calls)  # (copied or loaded since its loss())
-        if (self._met_at == steps and steps not in self._groups and not lost) or self._skipped_nonfinite(steps):
+        if self._met_at == steps and steps not in self._groups and not lost:
             # no optimizer step since the last meta step (or since built or loaded), and no backward reached this
             # iteration's loss() calls: the loop skipped this batch (a non-finite loss it checked; or, without a
-            # loss() call, a batch it returned early from), or called meta_step twice. Or the last loss() call, not
-            # finite, was reached by no backward and followed by no step: skipped, whatever came before it
+            # loss() call, a batch it returned early from), or called meta_step twice
             Weighting._check_batch(self, train_batch)  # (its form: FAMO's batch is the step's, and none was taken)
             return self._no_step_since(local)
+        if self._skipped_nonfinite(steps):  # the last loss() call, not finite, skipped by the loop, whatever came before
+            Weighting._check_batch(self, train_batch)
+            return self._no_step_since(self._pending, stepped=self._made_at != steps)
         if self.needs_terms and local is None:
             raise ValueError(f"{type(self).__name__}.meta_step reads the terms of this iteration: call "
                              f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
@@ -1141,23 +1145,29 @@ class Weighting(NamedWeights):
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), terms=self._named(shown), message=message)
 
-    def _no_step_since(self, local: Tensor | None = None) -> MetaStepRecord:
+    def _no_step_since(self, local: Tensor | None = None, stepped: bool = False) -> MetaStepRecord:
         """The meta step after no optimizer step since the last meta step (or since built) and no backward through
         a :meth:`loss` call since: a batch the loop skipped (``loss()`` called, its loss found non-finite and neither
         backpropagated nor stepped on: ``local`` its terms, not read), a ``GradScaler``'s skip in a loop that weighs
         the terms itself (RLW's and SDN's, which read no terms), a ``meta_step`` after each micro-batch without
         ``loss()``, a second call: nothing to learn from, as :meth:`_not_stepped`; warned where the gradients are
-        finite and no ``loss()`` call says the batch was skipped. Drops the skipped call alone: calls a backward
-        reached before it (micro-batches of a step to come) stay for the meta step after that step."""
+        finite and no ``loss()`` call says the batch was skipped. ``stepped``: the loop's step came after the skipped
+        call, taking no gradient of it (a loop guarding the backward alone). Drops the skipped call alone: calls a
+        backward reached before it (micro-batches of a step to come) stay for the meta step after that step."""
         self.num_calls += 1
         self._pending, self._pending_trains, self._last_values, self._unreached = None, False, None, None
         name = type(self).__name__
-        if local is not None:  # (loss() was called: its batch skipped by the loop, no backward, no step)
+        if stepped:  # (the loop's step came, on no gradient of the skipped call: its backward was skipped alone)
+            message = (f"No backward went through the last weighting.loss call, not finite, and the optimizer's step "
+                       f"since took no gradient of it: taken for a batch the loop skipped, so the weights and the "
+                       f"method's state are unchanged (its terms are not read).")
+        elif local is not None:  # (loss() was called: its batch skipped by the loop, no backward, no step)
             message = (f"No backward went through this iteration's weighting.loss call(s), and no optimizer step came "
                        f"since {'the last ' + name + '.meta_step' if self.num_calls > 1 else name + ' was built'}: "
                        f"taken for a batch the loop skipped (a non-finite loss), so no loss changed and the weights "
                        f"and the method's state are unchanged (its terms are not read). A weighting learns once per "
                        f"optimizer step: call meta_step after optimizer.step().")
+        if local is not None:
             if not self._said_skipped and all(math.isfinite(v) for v in host_read([local.detach().float()])):
                 self._said_skipped = True  # (a finite loss skipped: said once, where a loop stepping another way
                 warn_user(message + " (Said once.)")  # than optimizer.step() would never learn)
@@ -1180,17 +1190,23 @@ class Weighting(NamedWeights):
         nothing here."""
 
     def _skipped_nonfinite(self, steps: int) -> bool:
-        """Whether the last training :meth:`loss` call, reached by no backward and followed by no optimizer step, is
-        not finite: a batch the loop skipped, whatever steps came before it (a warm-up without the weighting,
-        another task's batches), unless the last step was taken on calls a backward reached since the last meta step
-        (a loss logged with a graph after a step on non-finite terms, itself non-finite, is no skipped batch: the
-        step's terms are refused). Its own terms are read, not the iteration's. One host read, where such a call is
-        pending only (a meta_step before the backward)."""
+        """Whether the last training :meth:`loss` call, reached by no backward, is not finite and was stepped on by
+        no step: a batch the loop skipped (its backward, and its step or not), whatever steps came before it (a
+        warm-up without meta steps, another task's batches). Not where a step since that call took the gradients
+        of calls a backward reached (micro-batches of an accumulated step: that step is scored), nor where the last
+        step was taken on non-finite terms (the model then is non-finite, and so is a loss logged after it: the
+        step's terms are refused). One host read, where such a call is pending only."""
         last = self._pending
-        if last is None or self._unreached is None or self._made_at != steps or not self._pending_trains or \
-                steps - 1 in self._groups:
+        if last is None or self._unreached is None or not self._pending_trains:
             return False
-        return not all(math.isfinite(v) for v in host_read([last.detach().float()]))
+        stepped = self._groups.get(steps - 1)
+        if self._made_at != steps and (stepped is not None or steps in self._groups):
+            return False
+        before = stepped.sums.get("terms") if stepped is not None else None
+        read = [last.detach().float()] + ([(before / stepped.weight).detach().float()] if before is not None else [])
+        values = host_read(read)
+        n = last.numel()
+        return not all(math.isfinite(v) for v in values[:n]) and all(math.isfinite(v) for v in values[n:])
 
     def _named(self, terms: Tensor | None) -> dict[str, float] | None:
         return None if terms is None else dict(zip(self.term_names, terms.detach().cpu().tolist()))
@@ -1364,6 +1380,8 @@ class Weighting(NamedWeights):
             "num_meta_steps": self.num_meta_steps,
             "num_skipped": self.num_skipped,
             "pending_calls": self._pending_calls(),
+            # (saved between an optimizer step and its meta_step: the checkpoint does not hold that step's calls)
+            "meta_step_due": optimizer_steps(self._inner_optimizer) - 1 in self._groups,
         }
 
     @_made_outside_inference_mode
@@ -1420,7 +1438,7 @@ class Weighting(NamedWeights):
         if inactive:
             raise ValueError(f"The checkpoint weights the terms {inactive}, which this weighting's criterion does not "
                              f"compute {_OTHER_CRITERION}")
-        counts, pending = checked_counters(state_dict, type(self).__name__)  # (all three required above)
+        counts, pending, due = checked_counters(state_dict, type(self).__name__)  # (all three required above)
         self._check_state(state_dict)  # (after the counters: SDN's weights follow from them)
         if not isinstance(state_dict["extra"], Mapping):
             raise ValueError("The checkpoint's `extra` should be a dict.")
@@ -1432,9 +1450,13 @@ class Weighting(NamedWeights):
         self._load_extra_state(state_dict["extra"])
         self.num_calls, self.num_meta_steps, self.num_skipped = (counts["num_calls"], counts["num_meta_steps"],
                                                                  counts["num_skipped"])
+        had = self._pending is not None or bool(self._groups)  # (loss() calls of this process the load drops)
         self._reset_pending()
         self._met_at = optimizer_steps(self._inner_optimizer)  # (its step count now: a skipped batch next is seen)
-        self._lost_calls = LOADED_SINCE
+        # said where meta_step misses the loss() calls: those the load dropped, or those of a step the checkpoint was
+        # saved after, before its meta_step (not known for an older checkpoint); one saved at an iteration's end,
+        # into a weighting with no calls, has none to miss: a meta_step with none since is a batch the loop skipped
+        self._lost_calls = LOADED_SINCE if had or due is not False else ""
         self._resumed_calls = pending or 0
         self._load_note = LOADED_DURING if pending != 0 else ""  # (an older checkpoint's: not known)
         self._follows, self._restored = self.num_calls, restored_at(self.num_calls)  # (the log's rows after it: undone)

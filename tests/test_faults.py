@@ -929,6 +929,42 @@ def test_a_checkpoint_taken_between_the_step_and_meta_step_says_why_meta_step_fi
         assert "checkpoint" not in str(refused.value)
 
 
+@pytest.mark.parametrize("kind", ["fast", "uw", "famo", "rlw"])
+def test_a_batch_skipped_before_its_loss_right_after_a_resume_is_skipped(kind):
+    """A checkpoint saved at an iteration's end (after meta_step), resumed into fresh objects, then a batch the loop
+    skips before its loss() call (Lightning's manual optimization returning early) and a meta_step: refused as a
+    checkpoint saved between the step and meta_step, which it was not, and the resumed fit died (helper-178). The
+    checkpoint says whether it was saved so (meta_step_due): this one was not, so the meta step is skipped,
+    changing nothing; the test above shows one that was still refused."""
+    def build():
+        torch.manual_seed(0)
+        model = tiny_net(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        if kind == "fast":
+            return model, optimizer, mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+        return model, optimizer, mw.WEIGHTINGS[kind](model, optimizer, mw.DenseDistillLoss(3))
+
+    train, val = batch(), batch()
+    model, optimizer, w = build()
+    w.loss(model(train[0]), train[1]).backward()
+    optimizer.step()
+    assert w.meta_step(train, val).ran
+    state = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
+    assert state[2]["meta_step_due"] is False
+    model, optimizer, resumed = build()
+    model.load_state_dict(state[0])
+    optimizer.load_state_dict(state[1])
+    resumed.load_state_dict(state[2])
+    kept = copy.deepcopy(resumed.state_dict())
+    record = resumed.meta_step(train, val)
+    assert record.skipped and not record.ran and "checkpoint" not in record.message
+    assert torch.equal(resumed.state_dict()["gamma"], kept["gamma"])
+    optimizer.zero_grad()
+    resumed.loss(model(train[0]), train[1]).backward()
+    optimizer.step()
+    assert resumed.meta_step(train, val).ran
+
+
 def _accumulating(kind):
     torch.manual_seed(0)
     model = tiny_net(3, batchnorm=False)  # (no running statistics: a micro-batch run again leaves the model as once)
@@ -1003,6 +1039,7 @@ def test_a_checkpoint_taken_in_the_middle_of_an_accumulated_step_refuses_the_met
         return a == b
 
     assert before.pop("pending_calls") == 1 and after.pop("pending_calls") == 0  # (the step is taken since)
+    assert before.pop("meta_step_due") is False and after.pop("meta_step_due") is True  # (its meta_step refused)
     assert same(before, after)
     with quiet():
         _micro(model, optimizer, w, *batches[2], 0)

@@ -180,7 +180,7 @@ def test_evaluation_either_scores_or_refuses(data, thresholds, budget):
 
 
 KEYS = ["term_names", "teachers", "learn", "gamma", "gamma_optimizer", "gamma_optimizer_type", "validation",
-        "num_meta_steps", "num_calls", "num_skipped", "gamma_sum", "pending_calls"]
+        "num_meta_steps", "num_calls", "num_skipped", "gamma_sum", "pending_calls", "meta_step_due"]
 JUNK = [None, float("nan"), -1, "x", [], {}, torch.tensor(float("nan")), torch.ones(3), torch.full((6,), -1.0),
         torch.full((6,), float("inf"))]
 

@@ -89,7 +89,7 @@ def test_nan_in_an_inactive_term_leaves_the_harmonized_weighter_finite():
 # ------------------------------------------------------------------ 2: a meta step after no optimizer step
 def state(w):
     return {k: v for k, v in w.state_dict().items()
-            if k not in ("num_calls", "num_meta_steps", "num_skipped", "pending_calls")}  # (the counters)
+            if k not in ("num_calls", "num_meta_steps", "num_skipped", "pending_calls", "meta_step_due")}  # (counters)
 
 
 def same(a, b):
@@ -187,6 +187,38 @@ def test_an_iteration_the_loop_skipped_is_skipped_and_changes_nothing(name, loss
     assert torch.equal(w1.gamma, w2.gamma) and same(state(w1), state(w2))
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
     assert w1.num_meta_steps == w2.num_meta_steps == 4
+
+
+@pytest.mark.parametrize("loop", ["a warm-up without meta steps", "the backward guarded alone"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_nan_batch_skipped_after_a_warm_up_or_stepped_on_no_gradient_is_skipped(name, loop):
+    """A NaN batch the loop skipped, after a warm-up of loss/backward/step without meta steps: the meta step learned
+    from the warm-up's last step (a step taken since its last meta step); a loop guarding the backward alone
+    (``if isfinite(loss): loss.backward()``), then stepping: refused as terms the model stepped on, where the step
+    took no gradient of them (helper-178). Both skipped: the run equals a twin's without the batch."""
+    w1, m1, o1 = build(name)
+    w2, m2, o2 = build(name)
+    warm = loop == "a warm-up without meta steps"
+    for i, (x, y) in enumerate(batches(6)):
+        if i == 3:
+            o1.zero_grad()
+            loss = w1.loss([o * math.nan for o in m1(x)], y)
+            assert not torch.isfinite(loss)
+            if not warm:
+                o1.step()  # (no gradient: nothing moves)
+            kept = state(w1)
+            record = w1.meta_step((x, y))
+            assert record.skipped and not record.ran and same(state(w1), kept)
+            continue
+        for w, m, o in ((w1, m1, o1), (w2, m2, o2)):
+            o.zero_grad()
+            w.loss(m(x), y).backward()
+            o.step()
+            if not warm or i > 3:
+                assert not w.meta_step((x, y)).skipped
+    assert torch.equal(w1.gamma, w2.gamma) and same(state(w1), state(w2))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert w1.num_meta_steps == w2.num_meta_steps == (2 if warm else 5)
 
 
 @pytest.mark.parametrize("name", NAMES)

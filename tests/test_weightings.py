@@ -273,7 +273,10 @@ def test_invariances_dwa_sums_to_k_famo_is_a_softmax(losses, temperature):
 
 # ------------------------------------------------------------------ properties every method has
 def same_state(a, b):
-    """Whether two state dicts hold the same values, tensors bit for bit."""
+    """Whether two state dicts hold the same values, tensors bit for bit (not whether each was saved between an
+    optimizer step and its meta step: the iteration's, not the method's state)."""
+    if isinstance(a, dict) and "meta_step_due" in a:
+        a, b = ({k: v for k, v in d.items() if k != "meta_step_due"} for d in (a, b))
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, dict):
@@ -374,11 +377,12 @@ def test_non_finite_terms_are_refused_changing_nothing(name):
         w.step((bad_x, y))
     assert same_state(before, w.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
-    if name != "famo":  # the update refuses non-finite terms (RLW and SDN, which do not read them, too)
+    if name != "famo":  # a loop guarding the backward alone: the step took no gradient of the NaN terms, which
+        # were refused as terms the model stepped on (helper-178); skipped, nothing changed
         w.loss([o * math.nan for o in model(x)], y)
-        opt.step()  # (the loop stepped on them; no gradient is left from the refused step(): a step changing nothing)
-        with pytest.raises(ValueError, match="non-finite|not finite"):
-            w.meta_step((x, y))
+        opt.step()  # (no gradient is left from the refused step(): a step changing nothing)
+        assert w.meta_step((x, y)).skipped
+        before["num_calls"] += 1
         assert same_state(before, w.state_dict())
 
 
