@@ -1,6 +1,7 @@
 """HarmonizedWeighter: the meta-gradient against independent references, and what it must not touch."""
 
 import copy
+import math
 import random
 import re
 
@@ -619,6 +620,35 @@ def test_an_exact_meta_step_again_with_no_step_or_loss_between_warns(second):
                                             r"weighter\.meta_step ran one .* two meta steps for one model step"):
         weighter.meta_step(train, val)
         getattr(weighter, second.rstrip("()"))(train, val)
+
+
+def test_an_exact_meta_step_per_micro_batch_of_an_accumulated_step_warns():
+    """mode='exact' under gradient accumulation with meta_step before every micro-batch: gamma took a meta step per
+    micro-batch, each the look-ahead of a step on that micro-batch alone, with no word (helper-177; a loss() call
+    came between). A meta step after loss() calls whose gradients wait for the step now warns; one per step with the
+    whole batch, and one after a GradScaler's skip (gradients not finite), do not."""
+    import warnings
+    model, optimizer, criterion, validation, weighter = setup("nesterov_wd", backend="jvp")
+    (x, y), val = batch(dtype=F64), batch(dtype=F64)
+    halves = list(zip(x.chunk(2), y.chunk(2)))
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        for nonfinite in (False, True):  # (the whole batch once per step; then a step skipped on inf gradients)
+            weighter.meta_step((x, y), val)
+            optimizer.zero_grad()
+            for part in halves:
+                (weighter.loss(model(part[0]), part[1]) / 2).backward()
+            if nonfinite:
+                next(model.parameters()).grad[0] = math.inf  # (as a GradScaler's skipped step leaves them)
+            else:
+                optimizer.step()
+        optimizer.zero_grad()
+    assert not [h for h in heard if "per micro-batch" in str(h.message)]
+    with pytest.warns(RuntimeWarning, match=r"no optimizer step since, only weighter\.loss calls whose gradients "
+                                            r"wait for it.*meta step per micro-batch.*whole batch"):
+        for part in halves:
+            weighter.meta_step(part, val)
+            (weighter.loss(model(part[0]), part[1]) / 2).backward()
 
 
 @pytest.mark.parametrize("call", ["step", "meta_step"])
