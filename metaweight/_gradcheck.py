@@ -417,7 +417,7 @@ def _judge(numbers: list[float], forward: bool, words: tuple[str, str, str, str]
     if refused:
         return _Side(True, False, MISMATCH.format(what=words[0], measure=words[1], gap=gap, size=size,
                                                   consequence=words[2]))
-    why = f"its differences in float64 disagree by {noise:.3g} of {size:.3g}: {BELOW}"
+    why = f"its differences in float64 disagree by {noise:.3g} of {size:.3g}: {NOT_SMOOTH}"
     return _Side(False, inconclusive, INCONCLUSIVE.format(what=words[3], why=why))
 
 
@@ -450,6 +450,10 @@ VAL_SIDE = ("Autograd's gradient of the validation losses differs from the deriv
             "autograd's gradient of the validation losses")
 BELOW = ("the model, the criterion or the validation objective computes below float64 inside (a .float() or "
          ".half() of a tensor, e.g. the criterion's logits.float())")
+# why two pairs of differences disagree (helper-177: a plain conv/BatchNorm/ReLU MSDNet on real images, in float64
+# throughout, was told it computes below float64)
+NOT_SMOOTH = ("the values are not smooth enough there for both step lengths (a ReLU's or a max-pooling's kink crossed, "
+              "a BatchNorm over the check's few samples, common in a deep ReLU network on real images), or " + BELOW)
 INCONCLUSIVE = (
     "metaweight could not check {what} against the derivative of the values ({why}). The meta-gradient is exact "
     "only if the model, the criterion and the validation objective have no stop-gradient or custom backward "

@@ -592,8 +592,11 @@ def test_a_criterion_computing_in_low_precision_is_named_where_the_check_cannot_
         w = mw.HarmonizedWeighter(model, optimizer, in_bfloat16, mw.BalancedValidation(3, alpha=1.0),
                                   term_names=["a", "b", "c"], mode=mode, gamma_optimizer="sgd")
         if mode == "fast":
-            with pytest.warns(RuntimeWarning, match=r"could not check .*the criterion .*computes below float64 "
-                                                 r"inside \(a \.float\(\) or \.half\(\)"):
+            # (its differences disagree: kinks are named beside the cast, as a deep ReLU network's on real images
+            # disagree too, where the warning named a cast the model did not have: helper-177)
+            with pytest.warns(RuntimeWarning, match=r"could not check .*disagree by .*not smooth enough.*kink.*or the "
+                                                 r"model, the criterion .*computes below float64 inside \(a \.float"
+                                                 r"\(\) or \.half\(\)"):
                 w.step(train, val)
         else:
             with pytest.raises(ValueError, match=r"forward-mode derivative.*cast to float16 or bfloat16 inside "
