@@ -996,7 +996,11 @@ class HarmonizedWeighter(NamedWeights):
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The weighter's own state: gamma, its optimizer and the validation average, and ``learn``: whether
-        it was built to learn gamma (``learn=True``, paused or not) or keeps it fixed (``learn=False``)."""
+        it was built to learn gamma (``learn=True``, paused or not) or keeps it fixed (``learn=False``); and where
+        in an iteration it was saved: ``pending_calls``, the ``loss()`` calls of an accumulated step under way, and
+        ``meta_step_due``, whether an optimizer step was taken whose meta step has not come (``mode="fast"``; a
+        checkpoint holds no ``loss()`` call, so a ``meta_step`` resumed from it refuses, saying so, where it is
+        due, and skips a batch the loop skipped where it is not)."""
         self.sync_counts()
         return {
             "term_names": list(self.term_names),

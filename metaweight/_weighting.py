@@ -1368,7 +1368,11 @@ class Weighting(NamedWeights):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The method's own state: the weights, its counters and whatever its rule keeps."""
+        """The method's own state: the weights, its counters and whatever its rule keeps; and where in an
+        iteration it was saved: ``pending_calls``, the ``loss()`` calls of an accumulated step under way, and
+        ``meta_step_due``, whether an optimizer step was taken on ``loss()`` calls whose meta step has not come (a
+        checkpoint holds no ``loss()`` call, so a ``meta_step`` resumed from it refuses, saying so, where it is
+        due, and skips a batch the loop skipped where it is not)."""
         return {
             "weighting": type(self).__name__,
             "term_names": list(self.term_names),
