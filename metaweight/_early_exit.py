@@ -592,9 +592,10 @@ class _ModuleState:
     leaves the model as it found it: each module's buffers and tensor attributes (the objects in their slots and
     their values: a buffer updated in place, through ``.data`` too, or replaced, ``self.mean = 0.9 * self.mean +
     ...``, or one registered by the forward, is put back; an attribute the forward made a tensor gets its value
-    before, ``None`` for a lazy cache), its attributes holding an immutable value (a number, a string, ``None``, a
-    tuple, a dtype: a Python call counter, ``self.calls += 1``, the shape of the last batch or a cache's key; not in
-    a lazy module, whose first forward sets its sizes), and its parameters (the
+    before, ``None`` for a lazy cache), its other attributes rebound (the object each held is put back: a Python
+    call counter, ``self.calls += 1``, the shape of the last batch or a cache's key, a list made a tuple) or added
+    holding an immutable value (a number, a string, ``None``, a tuple, a dtype: deleted again); not in a lazy
+    module, whose first forward sets its sizes, and its parameters (the
     objects in their slots; a parameter changed in place is only noticed, by its version counter, since copying
     every weight could double the model's memory). A value is written back only where it differs from the one kept
     (an alias of a parameter, ``weight.detach()``, is not written through). Inference tensors' values are put back
@@ -613,7 +614,9 @@ class _ModuleState:
         self._versions: dict[int, tuple[str, Tensor, int]] = {}
         for path, module in seen.values():
             lazy = isinstance(module, _LAZY)
-            own = {k: v for k, v in vars(module).items() if isinstance(v, Tensor if lazy else (Tensor, *_PLAIN))}
+            # (every attribute, whatever it holds: one the forward rebinds, a list made a tuple, is put back as it
+            # was; a lazy module's tensors only)
+            own = {k: v for k, v in vars(module).items() if not lazy or isinstance(v, Tensor)}
             self._slots.append((module, dict(module._buffers), dict(module._parameters), own, lazy))
             for t in (*module._buffers.values(), *own.values()):
                 if isinstance(t, Tensor) and id(t) not in values and not t.is_sparse and not is_lazy(t):
@@ -631,14 +634,12 @@ class _ModuleState:
                     held.clear()
                     held.update(saved)
             own = vars(module)
-            kept = Tensor if lazy else (Tensor, *_PLAIN)
-            changed = [k for k, v in own.items() if isinstance(v, kept) and attributes.get(k, _ABSENT) is not v]
-            changed += [k for k in attributes if own.get(k, _ABSENT) is not attributes[k]]
-            for name in changed:  # (an attribute replaced, added or deleted by the forward: as it was)
-                if name in attributes:
-                    own[name] = attributes[name]
-                else:
-                    own.pop(name, None)
+            added = Tensor if lazy else (Tensor, *_PLAIN)  # (what the forward may add and the check deletes again)
+            for name, value in attributes.items():  # (an attribute rebound or deleted by the forward: as it was)
+                if own.get(name, _ABSENT) is not value:
+                    own[name] = value
+            for name in [k for k, v in own.items() if k not in attributes and isinstance(v, added)]:
+                del own[name]  # (one the forward added: a lazy cache, a counter made at the first call)
         inference = torch.is_inference_mode_enabled()
         with torch.no_grad():
             for tensor, value in self._values:

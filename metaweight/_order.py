@@ -65,9 +65,10 @@ def warn_if_after_step(w: HarmonizedWeighter, train_batch: Any) -> None:
 def warn_if_met_since(w: HarmonizedWeighter, call: str) -> None:
     """``mode="exact"``: warn when a meta step comes (``call``: a two-call ``meta_step``, or ``step()``,
     which runs its own) after a two-call ``meta_step`` with no optimizer step and no :meth:`~metaweight.HarmonizedWeighter.loss` call since
-    (Python objects only): gamma would take two meta steps for one model step; or with ``loss()`` calls since whose
+    (Python objects only): gamma would take two meta steps for one model step; or with a backward since whose
     gradients wait for the step (a meta step per micro-batch of an accumulated step; one host read, where no step
-    came since). A ``GradScaler`` that skipped the step in between does not warn (its gradients are not finite)."""
+    came since and the gradients changed). A ``GradScaler`` that skipped the step in between does not warn (its
+    gradients are not finite), nor a batch the loop skipped before its backward (the gradients unchanged)."""
     if w._met_at is None or not w.learn:
         return
     steps = optimizer_steps(w._inner_optimizer)
@@ -76,13 +77,17 @@ def warn_if_met_since(w: HarmonizedWeighter, call: str) -> None:
                   f"weighter.loss call since: gamma takes two meta steps for one model step. Call meta_step once "
                   f"per iteration, before loss = weighter.loss(model(x), y); step() runs its own meta step and "
                   f"the model's step, so call either step() or the two calls, not both.")
-    elif w._met_at[0] == steps and gradients_moved([p.grad for _, p in w._trainable()]):
-        # (loss() calls since, their gradients waiting for a step: a GradScaler's skip leaves inf, a zero_grad none)
-        warn_user(f"weighter.{call} runs a meta step, and weighter.meta_step ran one with no optimizer step since, "
-                  f"only weighter.loss calls whose gradients wait for it (gradient accumulation with a meta step "
-                  f"per micro-batch): gamma takes a meta step per micro-batch, each the look-ahead of a step on "
-                  f"that micro-batch alone. With accumulation, call meta_step once per optimizer step, before its "
-                  f"first micro-batch, with the whole batch (the micro-batches concatenated in order).")
+    elif w._met_at[0] == steps and w._met_grads is not None:
+        grads = [p.grad for _, p in w._trainable()]
+        # (a backward wrote the gradients since that meta step, and they wait for a step: a GradScaler's skip leaves
+        # inf, a zero_grad none; a batch skipped before its backward leaves the last step's, unchanged)
+        if w._met_grads.changed(grads) and gradients_moved(grads):
+            warn_user(f"weighter.{call} runs a meta step, and weighter.meta_step ran one with no optimizer step since, "
+                      f"only a backward whose gradients wait for a step: with gradient accumulation and a meta step "
+                      f"per micro-batch, gamma takes a meta step per micro-batch, each the look-ahead of a step on "
+                      f"that micro-batch alone. With accumulation, call meta_step once per optimizer step, before its "
+                      f"first micro-batch, with the whole batch (the micro-batches concatenated in order). (A step "
+                      f"the loop skipped after its backward, with finite gradients, reads the same.)")
     w._met_at = None
 
 

@@ -216,6 +216,7 @@ class HarmonizedWeighter(NamedWeights):
     # (defaults of state that a weighter pickled by an earlier metaweight lacks; see __init__)
     _loss_calls: int = 0
     _met_at: tuple[int, int] | None = None
+    _met_grads: GradSnapshot | None = None
     # mode="fast": the optimizer's step count at the last two-call meta step that returned, or when built, loaded or
     # copied (a meta_step with no loss() call and no step since is skipped: a batch skipped before its loss() call)
     _fast_met_at: int | None = None
@@ -620,6 +621,9 @@ class HarmonizedWeighter(NamedWeights):
                 record = self._exact.meta_step(self, train_batch, val_batch)
                 if record.ran and self.learn:
                     self._met_at = (optimizer_steps(self._inner_optimizer), self._loss_calls)
+                    # (the gradients as this meta step found them: a backward writing them since, with no step, is
+                    # what a meta step per micro-batch of an accumulated step leaves; Python objects only)
+                    self._met_grads = GradSnapshot.refs_of([p.grad for _, p in self._trainable()])
                 return record
         finally:
             forget_labels()  # labels are remembered for one call only

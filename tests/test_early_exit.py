@@ -1596,6 +1596,13 @@ def test_the_forward_check_takes_what_agrees_and_refuses_what_does_not():
     keyed = mw.MultiExit([nn.Sequential(plain.stages[0], _ShapeKeyed()), *plain.stages[1:]], plain.heads).eval()
     metaweight._early_exit.EarlyExit(keyed, [0.5, 0.5, 0.0])(x)
     assert keyed.stages[0][1].key == (x.shape[0], 10) and keyed.stages[0][1].calls == 1
+    # the key first a list, in a stage the call does not reach: the forward's tuple was taken for an attribute added,
+    # and deleted, and the model broke (helper-179); every attribute rebound is put back as it was
+    listed = mw.MultiExit([plain.stages[0], nn.Sequential(plain.stages[1], _ShapeKeyed([])), plain.stages[2]],
+                          plain.heads).eval()
+    _, exits = metaweight._early_exit.EarlyExit(listed, [-math.inf, 0.5, 0.0])(x)
+    assert (exits == 0).all() and listed.stages[1][1].key == [] and listed.stages[1][1].calls == 0
+    listed(x)
     # a cache an earlier forward made under torch.inference_mode(): an inference tensor has no version counter,
     # and the first call failed on it, under no_grad and inference_mode alike (helper-176)
     for mode in (torch.no_grad, torch.inference_mode):
@@ -1655,13 +1662,13 @@ class _Cached(nn.Module):
 class _ShapeKeyed(nn.Module):
     """A mask cached for the shape of the last batch: the key a torch.Size, the mask a tensor attribute."""
 
-    def __init__(self):
+    def __init__(self, key=None):
         super().__init__()
-        self.key, self.mask, self.calls = None, None, 0
+        self.key, self.mask, self.calls = key, None, 0
 
     def forward(self, h):
         self.calls += 1
-        if self.key != h.shape:
+        if len(self.key or ()) != 2 or self.key != h.shape:
             self.key, self.mask = h.shape, torch.ones_like(h)
         return h * self.mask
 
