@@ -9,6 +9,8 @@ or twice for one model step, is warned: at the first meta step (:func:`count_fir
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,14 +83,27 @@ def warn_if_met_since(w: HarmonizedWeighter, call: str) -> None:
         grads = [p.grad for _, p in w._trainable()]
         # (a backward wrote the gradients since that meta step, and they wait for a step: a GradScaler's skip leaves
         # inf, a zero_grad none; a batch skipped before its backward leaves the last step's, unchanged)
-        if w._met_grads.changed(grads) and gradients_moved(grads):
+        if not unchanged_since(w._met_grads, grads) and gradients_moved(grads):
             warn_user(f"weighter.{call} runs a meta step, and weighter.meta_step ran one with no optimizer step since, "
                       f"only a backward whose gradients wait for a step: with gradient accumulation and a meta step "
                       f"per micro-batch, gamma takes a meta step per micro-batch, each the look-ahead of a step on "
                       f"that micro-batch alone. With accumulation, call meta_step once per optimizer step, before its "
                       f"first micro-batch, with the whole batch (the micro-batches concatenated in order). (A step "
                       f"the loop skipped after its backward, with finite gradients, reads the same.)")
-    w._met_at = None
+    w._met_at = w._met_grads = None
+
+
+def grad_marks(grads: Sequence[Tensor | None]) -> list[tuple[Any, int]]:
+    """Each gradient as a weak reference and its version (``(None, -1)`` for none), for :func:`unchanged_since`,
+    without keeping them alive (Python objects only)."""
+    return [(weakref.ref(g), g._version) if g is not None else (None, -1) for g in grads]
+
+
+def unchanged_since(marks: Sequence[tuple[Any, int]], grads: Sequence[Tensor | None]) -> bool:
+    """Whether ``grads`` are the gradients :func:`grad_marks` saw, untouched since (the same objects, versions)."""
+    return len(marks) == len(grads) and all(
+        (g is None and ref is None) or (g is not None and ref is not None and ref() is g and g._version == version)
+        for (ref, version), g in zip(marks, grads))
 
 
 def labels_of(calls: list[Tensor | None], labels: Tensor | None) -> bool:

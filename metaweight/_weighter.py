@@ -34,7 +34,7 @@ from metaweight._checks import (STATE_IN_INFERENCE_MODE, check_callbacks, check_
                                integer_value, masked_label_hint, real_option, real_scalar, summarize_step_labels)
 from metaweight._clipping import ClipGradNorm, ClippingHints, check_max_norm
 from metaweight._exact import ExactMode
-from metaweight._order import count_first_loss, warn_if_after_step, warn_if_met_since
+from metaweight._order import count_first_loss, grad_marks, warn_if_after_step, warn_if_met_since
 from metaweight._gamma import (GAMMA_OPTIMIZER, GammaInit, build_gamma_optimizer, check_gamma_optimizer_choice,
                                initial_gamma, own_implementation)
 from metaweight._fast import FastMode, before_step
@@ -216,7 +216,7 @@ class HarmonizedWeighter(NamedWeights):
     # (defaults of state that a weighter pickled by an earlier metaweight lacks; see __init__)
     _loss_calls: int = 0
     _met_at: tuple[int, int] | None = None
-    _met_grads: GradSnapshot | None = None
+    _met_grads: list[tuple[Any, int]] | None = None  # (mode="exact": grad_marks at the last two-call meta step)
     # mode="fast": the optimizer's step count at the last two-call meta step that returned, or when built, loaded or
     # copied (a meta_step with no loss() call and no step since is skipped: a batch skipped before its loss() call)
     _fast_met_at: int | None = None
@@ -451,6 +451,7 @@ class HarmonizedWeighter(NamedWeights):
         it finds no ``loss()``."""
         state = dict(self.__dict__)
         state.pop("_kept_walk", None)  # (the last step's walk of the model: a copy walks its own)
+        state.pop("_met_grads", None)  # (weak references to this model's gradients)
         if state.get("_pending") is not None or state.get("_stepped") is not None:
             state.update(_pending=None, _stepped=None, _lost_calls=COPIED_SINCE)
         state["_resumed"] = None  # (a record of this weighter's loss() calls)
@@ -621,9 +622,9 @@ class HarmonizedWeighter(NamedWeights):
                 record = self._exact.meta_step(self, train_batch, val_batch)
                 if record.ran and self.learn:
                     self._met_at = (optimizer_steps(self._inner_optimizer), self._loss_calls)
-                    # (the gradients as this meta step found them: a backward writing them since, with no step, is
-                    # what a meta step per micro-batch of an accumulated step leaves; Python objects only)
-                    self._met_grads = GradSnapshot.refs_of([p.grad for _, p in self._trainable()])
+                    # (the gradients as this meta step found them, weakly held: a backward writing them since, with
+                    # no step, is what a meta step per micro-batch of an accumulated step leaves; Python objects only)
+                    self._met_grads = grad_marks([p.grad for _, p in self._trainable()])
                 return record
         finally:
             forget_labels()  # labels are remembered for one call only

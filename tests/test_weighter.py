@@ -2,8 +2,10 @@
 
 import copy
 import math
+import pickle
 import random
 import re
+import weakref
 
 import numpy as np
 import pytest
@@ -662,6 +664,14 @@ def test_an_exact_meta_step_per_micro_batch_of_an_accumulated_step_warns():
         for part in halves:
             weighter.meta_step(part, val)
             (weighter.loss(model(part[0]), part[1]) / 2).backward()
+    # what the meta step keeps of the gradients holds none alive: bb8fb5f held the last ones through the next
+    # backward (a copy of the model's gradients at the peak) and pickled them with the weighter (helper-180)
+    optimizer.step()
+    weighter.meta_step((x, y), val)
+    held = [weakref.ref(p.grad) for p in model.parameters()]
+    pickle.dumps(weighter)  # (its weak references are not pickled)
+    optimizer.zero_grad()
+    assert all(r() is None for r in held)
 
 
 @pytest.mark.parametrize("call", ["step", "meta_step"])
