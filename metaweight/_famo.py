@@ -19,7 +19,8 @@ from metaweight._warn import warn_user
 from metaweight._weighting import Weighting, adam_update, batch_samples, check_number, first_labels
 
 EPS = 1e-8  # as the official implementation: keeps log(L - L*) finite at the bound
-NEAR_BOUND_SHARE = 0.999  # a term taking more than this share of FAMO's weight (z / (L - L* + EPS), normalised): warned of
+# terms taking more than this share of FAMO's weight together (z / (L - L* + EPS), normalised): warned of
+NEAR_BOUND_SHARE = 0.999
 
 
 def famo_softmax(logits: Tensor, active: Tensor) -> Tensor:

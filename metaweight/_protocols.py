@@ -108,8 +108,9 @@ class Terms:
         if missing or extra:
             wrong = ([f"missing {missing}"] if missing else []) + ([f"not terms {extra}"] if extra else [])
             raise ValueError(f"The criterion returned a dict with the keys {list(values)}, where the term names are "
-                             f"{self.term_names}: " + "; ".join(wrong) + ". Return one scalar loss per name (a term with nothing to score in a batch still "
-                               "needs a value), or pass term_names= the keys it returns.")
+                             f"{self.term_names}: " + "; ".join(wrong) + ". Return one scalar loss per name (a term "
+                             "with nothing to score in a batch still needs a value), or pass term_names= the keys it "
+                             "returns.")
         bad = [n for n in self.term_names if not isinstance(values[n], Tensor) or values[n].numel() != 1
                or not values[n].is_floating_point()]
         if bad:

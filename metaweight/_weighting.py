@@ -1002,7 +1002,7 @@ class Weighting(NamedWeights):
             # loss() call, a batch it returned early from), or called meta_step twice
             Weighting._check_batch(self, train_batch)  # (its form: FAMO's batch is the step's, and none was taken)
             return self._no_step_since(local)
-        if self._skipped_nonfinite(steps):  # the last loss() call, not finite, skipped by the loop, whatever came before
+        if self._skipped_nonfinite(steps):  # the last loss() call, not finite, skipped by the loop
             Weighting._check_batch(self, train_batch)
             return self._no_step_since(self._pending, stepped=self._made_at != steps)
         if self.needs_terms and local is None:

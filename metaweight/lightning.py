@@ -357,8 +357,8 @@ class WeightingCallback(lightning.Callback):
     As with :class:`HarmonizedCallback`, ``training_step`` returns ``self.weighter.loss(self(x), y)``
     and Lightning does the backward and the optimizer's step (a batch for which it returns ``None``, skipped,
     is left out of the meta step, which is not made where the optimizer step's every batch was skipped); the
-    weighting's state is saved in Lightning checkpoints with the callback's, and a later ``fit`` with the same callback goes on
-    from the last fit's state (a ``ckpt_path`` given to it restores the checkpoint's instead).
+    weighting's state is saved in Lightning checkpoints with the callback's, and a later ``fit`` with the same
+    callback goes on from the last fit's state (a ``ckpt_path`` given to it restores the checkpoint's instead).
 
     Args:
         weighting: a callable ``(model, optimizer) -> Weighting``, e.g.

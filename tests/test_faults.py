@@ -891,29 +891,37 @@ def test_a_non_finite_meta_gradient_of_finite_losses_names_its_terms_and_what_to
     assert_same(before, snapshot(model, opt, w))
 
 
+def _fresh(kind):
+    """A model, its SGD and a fast HarmonizedWeighter (``kind`` "fast") or the loss weighting ``kind``, of one seed."""
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if kind == "fast":
+        return model, optimizer, mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
+    return model, optimizer, mw.WEIGHTINGS[kind](model, optimizer, mw.DenseDistillLoss(3))
+
+
+def _resumed(kind, state):
+    """:func:`_fresh` objects loaded with ``state`` (the model's, the optimizer's and the weighter's state dicts)."""
+    model, optimizer, w = _fresh(kind)
+    model.load_state_dict(state[0])
+    optimizer.load_state_dict(state[1])
+    w.load_state_dict(state[2])
+    return model, optimizer, w
+
+
 @pytest.mark.parametrize("kind", ["fast", "uw", "famo"])
 def test_a_checkpoint_taken_between_the_step_and_meta_step_says_why_meta_step_finds_no_loss(kind):
     """Saved after optimizer.step() and before meta_step, a weighter resumed into fresh objects has no loss() call
     of that iteration (a checkpoint keeps the state only): its meta_step is refused, saying so (it said only to
     call loss() first, which the user had done before saving); after a loss() call of its own (for logging), the
     fast mode's refusal of a meta_step without a training one does not say it."""
-    def build():
-        torch.manual_seed(0)
-        model = tiny_net(3)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        if kind == "fast":
-            return model, optimizer, mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
-        return model, optimizer, mw.WEIGHTINGS[kind](model, optimizer, mw.DenseDistillLoss(3))
-
     train, val = batch(), batch()
-    model, optimizer, w = build()
+    model, optimizer, w = _fresh(kind)
     w.loss(model(train[0]), train[1]).backward()
     optimizer.step()
     state = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
-    model, optimizer, resumed = build()
-    model.load_state_dict(state[0])
-    optimizer.load_state_dict(state[1])
-    resumed.load_state_dict(state[2])
+    model, optimizer, resumed = _resumed(kind, state)
     with pytest.raises(ValueError, match=r"this iteration.*loaded from a checkpoint since its last loss\(\) call.*save it "
                                          r"after meta_step"):
         resumed.meta_step(train, val)
@@ -936,25 +944,14 @@ def test_a_batch_skipped_before_its_loss_right_after_a_resume_is_skipped(kind):
     checkpoint saved between the step and meta_step, which it was not, and the resumed fit died (helper-178). The
     checkpoint says whether it was saved so (meta_step_due): this one was not, so the meta step is skipped,
     changing nothing; the test above shows one that was still refused."""
-    def build():
-        torch.manual_seed(0)
-        model = tiny_net(3)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        if kind == "fast":
-            return model, optimizer, mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode="fast")
-        return model, optimizer, mw.WEIGHTINGS[kind](model, optimizer, mw.DenseDistillLoss(3))
-
     train, val = batch(), batch()
-    model, optimizer, w = build()
+    model, optimizer, w = _fresh(kind)
     w.loss(model(train[0]), train[1]).backward()
     optimizer.step()
     assert w.meta_step(train, val).ran
     state = copy.deepcopy((model.state_dict(), optimizer.state_dict(), w.state_dict()))
     assert state[2]["meta_step_due"] is False
-    model, optimizer, resumed = build()
-    model.load_state_dict(state[0])
-    optimizer.load_state_dict(state[1])
-    resumed.load_state_dict(state[2])
+    model, optimizer, resumed = _resumed(kind, state)
     kept = copy.deepcopy(resumed.state_dict())
     record = resumed.meta_step(train, val)
     assert record.skipped and not record.ran and "checkpoint" not in record.message
