@@ -154,6 +154,10 @@ class _Calls:
     # through several reaches them in another order)
     labels: list[tuple[int, Tensor | None]] = dataclasses.field(default_factory=list)
 
+    def mean(self, name: str) -> Tensor | None:
+        """The calls' mean of ``name`` (:meth:`Weighting._per_call`) over their scored labels, or None."""
+        return self.sums[name] / self.weight if name in self.sums else None
+
 
 class _StepCounter(OwnHook):
     """The process-wide optimizer step post-hook noting that an optimizer stepped (every ``torch.optim``
@@ -214,12 +218,12 @@ def check_optimizer_holds_model(optimizer: torch.optim.Optimizer, module: nn.Mod
 
 
 def check_step_holds_trainable(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, Tensor]], call: str,
-                               two_calls: str) -> None:
+                               two_calls: str) -> set[int]:
     """Refuse, for a one-call ``step()``, an optimizer that does not hold every trainable parameter of the model
     (``named``): built over a part by mistake (an optimizer made before ``attach_exits`` added the exits' heads,
     one over a sub-module), it would leave the rest untrained without a word. Freezing them
     (``requires_grad_(False)``) says it on purpose; the two calls (``two_calls``, the loop's own step) take a part
-    stepped on purpose. Python objects only."""
+    stepped on purpose. Returns the ids of the tensors the optimizer holds. Python objects only."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [n for n, p in named if p.requires_grad and id(p) not in held]
     if missing:
@@ -228,6 +232,7 @@ def check_step_holds_trainable(optimizer: torch.optim.Optimizer, named: Sequence
                          f"attach_exits added the exits, or over a part of the model?): they would not train. Build it "
                          f"over model.parameters() (freeze what should not train with requires_grad_(False)), or, to "
                          f"step a part on purpose, use the two calls: {two_calls}. Nothing was changed.")
+    return held
 
 
 def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = False,
@@ -906,7 +911,7 @@ class Weighting(NamedWeights):
         group = self._iteration()
         if group is None:
             return self._last_values.get(name) if self._last_values is not None else None
-        return group.sums[name] / group.weight if name in group.sums else None
+        return group.mean(name)
 
     def _iteration_terms(self) -> Tensor | None:
         """The terms :meth:`meta_step` reads: the iteration's (:meth:`_accumulated`), or a ``no_grad`` call's."""
@@ -1202,8 +1207,8 @@ class Weighting(NamedWeights):
         stepped = self._groups.get(steps - 1)
         if self._made_at != steps and (stepped is not None or steps in self._groups):
             return False
-        before = stepped.sums.get("terms") if stepped is not None else None
-        read = [last.detach().float()] + ([(before / stepped.weight).detach().float()] if before is not None else [])
+        before = stepped.mean("terms") if stepped is not None else None
+        read = [last.detach().float()] + ([before.detach().float()] if before is not None else [])
         values = host_read(read)
         n = last.numel()
         return not all(math.isfinite(v) for v in values[:n]) and all(math.isfinite(v) for v in values[n:])
@@ -1353,10 +1358,9 @@ class Weighting(NamedWeights):
                              f"def closure(): optimizer.zero_grad(); loss = weighting.loss(model(x), y); "
                              f"loss.backward(); return loss; then optimizer.step(closure); weighting.meta_step((x, y)) "
                              f"(it reads the closure's last evaluation). Nothing was changed.")
-        held = {id(p) for group in inner.param_groups for p in group["params"]}
         named = walk(self.module).parameters
         two_calls = "loss = weighting.loss(model(x), y); loss.backward(); optimizer.step(); weighting.meta_step((x, y))"
-        check_step_holds_trainable(inner, named, f"{name}.step()", two_calls)
+        held = check_step_holds_trainable(inner, named, f"{name}.step()", two_calls)
         foreign = len(held - {id(p) for _, p in named})
         if foreign:
             raise ValueError(f"{name}.step() steps the model with its optimizer, but the optimizer holds {foreign} "
