@@ -241,7 +241,8 @@ class FAMO(Weighting):
 
     def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float]) -> None:
         """Warn (once) where some active terms, not all, take more than :data:`NEAR_BOUND_SHARE` of the next step's
-        weight together (the others less than 0.1 %: one term at its bound, or several, e.g. margins met): FAMO weighs
+        weight together (the others less than 0.1 %: one term at its bound, or several, e.g. margins met), each of
+        them 1000 times any other's weight (terms whose scales merely differ are not near their bound): FAMO weighs
         each term's gradient by z_k / (L_k - min_losses_k + 1e-8) over the sum of those weights, so a term at or near
         its bound (a margin penalty met or nearly, a task with no labels in the batch scored 0) takes nearly all of
         the weight and the others' share falls to about the term's distance from its bound over theirs: training
@@ -257,13 +258,18 @@ class FAMO(Weighting):
         total = sum(weights.values())
         if not total > 0 or not math.isfinite(total):
             return
-        taking, share = [], 0.0  # (the fewest terms, heaviest first, that take more than NEAR_BOUND_SHARE)
-        for name in sorted(active, key=lambda n: -weights[n]):
-            taking.append(name)
+        # the fewest terms, heaviest first, that take more than NEAR_BOUND_SHARE, each 1 / (1 - NEAR_BOUND_SHARE)
+        # times heavier than every other: near their bound against the others, not merely of a smaller scale (28
+        # distillation terms near 0.02 beside 8 cross-entropies near 4.6 take 99.9 % of the weight between them)
+        ranked = sorted(active, key=lambda n: -weights[n])
+        share = 0.0
+        for i, name in enumerate(ranked[:-1]):
             share += weights[name] / total
             if share > NEAR_BOUND_SHARE:
                 break
-        if share > NEAR_BOUND_SHARE and len(taking) < len(active):  # (the others, together, below 1 - that share)
+        taking = ranked[:i + 1]
+        gap = weights[ranked[i]] * (1 - NEAR_BOUND_SHARE) >= weights[ranked[i + 1]]
+        if share > NEAR_BOUND_SHARE and gap:  # (the others, together, below 1 - that share)
             self._said_at_bound = True
             said = ", ".join(f"{n} = {terms[n]:.6g} (min_losses {bounds[n]:.6g})" for n in taking)
             warn_user(f"FAMO: the term(s) {said} are near their bound and take {100 * share:.6g} % of the next step's "
