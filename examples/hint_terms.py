@@ -4,7 +4,7 @@ The model returns its exit logits *and* each stage's pooled features. The criter
 paper's dense distillation (``DenseDistillLoss``) on the logits plus, for every exit but the
 last, a hint: the mean squared distance of the exit's features (through a small projection)
 to the last stage's features, held fixed. The held-out objective stays HDKD's balanced one on
-the logits, through a three-method adapter that keeps its moving average.
+the logits, through ``mw.OnOutputs``, which keeps its moving average (updated and checkpointed).
 
     python examples/hint_terms.py           # about 30 seconds on 2 CPU cores
 """
@@ -66,25 +66,6 @@ class KDPlusHints(nn.Module):
         return torch.cat([kd, torch.stack(hints)])
 
 
-class OnLogits:
-    """HDKD's balanced objective on the logits of a model that returns more than logits."""
-
-    def __init__(self, num_exits: int) -> None:
-        self.balanced = mw.BalancedValidation(num_exits)
-
-    def exit_losses(self, outputs: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
-        return self.balanced.exit_losses(outputs["logits"], target)
-
-    def objective(self, losses: torch.Tensor) -> torch.Tensor:
-        return self.balanced.objective(losses)
-
-    def update(self, losses: torch.Tensor) -> None:
-        self.balanced.update(losses)
-
-    def __call__(self, outputs: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
-        return self.objective(self.exit_losses(outputs, target))
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=10)
@@ -94,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     split = load_digits(seed=args.seed)
     model = HintNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    weighter = mw.HarmonizedWeighter(model, optimizer, KDPlusHints(3), OnLogits(3), gamma_optimizer="adam",
+    weighter = mw.HarmonizedWeighter(model, optimizer, KDPlusHints(3),
+                                     mw.OnOutputs(mw.BalancedValidation(3), "logits"), gamma_optimizer="adam",
                                      gamma_lr=0.01)
     train = [(split.x_train[i:i + 64], split.y_train[i:i + 64]) for i in range(0, len(split.y_train), 64)]
     val = itertools.cycle([(split.x_val[i:i + 64], split.y_val[i:i + 64]) for i in range(0, len(split.y_val), 64)])

@@ -49,6 +49,7 @@ from metaweight._flops import ExitCosts, exit_costs
 from metaweight._logging import CSVLogger, TensorBoardLogger
 from metaweight._losses import DenseDistillLoss
 from metaweight._multiexit import MultiExit
+from metaweight._on_outputs import OnOutputs
 from metaweight._plots import plot_anytime, plot_budget_curves, plot_gamma_history, plot_reliability
 from metaweight._dwa import DWA
 from metaweight._famo import FAMO
@@ -95,6 +96,7 @@ __all__ = [
     "MetaStepRecord",
     "Method",
     "MultiExit",
+    "OnOutputs",
     "Patience",
     "Preset",
     "RLW",

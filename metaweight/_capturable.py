@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 from metaweight._checks import float_leaves, unchecked_labels, unpack_batch
 from metaweight._fast import Piece, before_step, clip_in_step
 from metaweight._hypergradient import call_with
+from metaweight._on_outputs import unwrapped
 from metaweight._protocols import call_model
 from metaweight._randomness import model_generators, rng_state, same_rng_state, set_rng_state
 from metaweight._record import MetaStepRecord
@@ -141,7 +142,7 @@ def check(w: HarmonizedWeighter) -> None:
         raise ValueError("capturable=True skips a non-finite step on the device and cannot raise (raising needs the "
                          "decision on the host). Pass nonfinite='skip'. Nothing was changed.")
     check_optimizer(w._inner_optimizer)
-    if w._objective.per_exit and not isinstance(w.validation, BalancedValidation):
+    if w._objective.per_exit and not isinstance(unwrapped(w.validation), BalancedValidation):
         raise ValueError(f"capturable=True folds the validation average on the device; "
                          f"`{type(w.validation).__name__}.update` may read the host. Use BalancedValidation, or an "
                          f"objective without exit_losses (no average). Nothing was changed.")

@@ -64,6 +64,12 @@ def check_num_exits(num_exits: int) -> int:
     return value
 
 
+def _key_of_list(outputs: object) -> str:
+    """How to select the exits' logits from ``outputs``, for a message: a dict's key holding a list, else a word."""
+    keys = [k for k, v in outputs.items() if isinstance(v, (list, tuple))] if isinstance(outputs, Mapping) else []
+    return f"{keys[0]!r}" if len(keys) == 1 else "select (the key or index of the list, or a callable picking it)"
+
+
 def check_exit_outputs(outputs: object, num_exits: int | None, where: str = "model output",
                        fix: str = "Build the loss and the validation objective with num_exits={n}",
                        expected: str = "num_exits={k}") -> list[Tensor]:
@@ -79,7 +85,9 @@ def check_exit_outputs(outputs: object, num_exits: int | None, where: str = "mod
             f"one per exit (shallow to deep). Found `{type(outputs).__name__}`"
             f"{' (a generator: make it a list)' if inspect.isgenerator(outputs) else ''}"
             f"{f' with keys {list(outputs)[:6]}' if isinstance(outputs, Mapping) else ''}. Make the model's forward "
-            f"return `[logits_1, ..., logits_K]`, or wrap it with `metaweight.MultiExit`."
+            f"return `[logits_1, ..., logits_K]`, or wrap it with `metaweight.MultiExit`"
+            + f", or, where it returns them beside other outputs, score them with metaweight.OnOutputs(loss, "
+              f"{_key_of_list(outputs)})."
         )
     if len(outputs) and isinstance(outputs[0], (list, tuple)) and all(isinstance(t, Tensor) for t in outputs[0]):
         raise ValueError(

@@ -540,9 +540,13 @@ def _check_val_labels(w: HarmonizedWeighter, outputs: Any, xv: Any, yv: Any, x: 
     per token for labels flattened over tokens, ``(B*T,)`` for inputs ``(B, T, ...)``, whose T may be another
     than the training batch's: each batch padded to its own longest; see :func:`_labels_expected`), in
     the classes the training outputs have (the labels' summary is already read: no host read)."""
+    from metaweight._on_outputs import OnOutputs
     from metaweight._validation import BalancedValidation
 
-    if not isinstance(w.validation, BalancedValidation) or not isinstance(outputs, (list, tuple)) or not outputs \
+    validation = w.validation
+    while isinstance(validation, OnOutputs):  # (the part of the outputs it scores)
+        outputs, validation = validation._selected(outputs), validation.loss
+    if not isinstance(validation, BalancedValidation) or not isinstance(outputs, (list, tuple)) or not outputs \
             or not isinstance(outputs[0], Tensor) or outputs[0].dim() not in (2, 3):
         return
     if isinstance(xv, Tensor) and isinstance(yv, Tensor) and xv.dim() > 0 and yv.dim() > 0:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from metaweight._capturable import gamma_optimizer as capturable_gamma_optimizer
 from metaweight._checks import check_has_values, in_dtype, per_term, real_numbers
+from metaweight._on_outputs import unwrapped
 from metaweight._losses import DenseDistillLoss
 from metaweight._optimizers import IMPLEMENTATION_OPTIONS, check_option_values, check_saved_state
 
@@ -55,6 +56,7 @@ def initial_gamma(init: GammaInit, generator: torch.Generator | None, term_names
         if init == "uniform":
             gamma = active.float()
         elif init == "last":
+            criterion = unwrapped(criterion)  # (an OnOutputs of one)
             if not isinstance(criterion, DenseDistillLoss):
                 raise ValueError("init='last' (DBT-like) needs a DenseDistillLoss criterion; give a tensor of "
                                  "initial weights instead.")

@@ -41,17 +41,10 @@ from torch import Tensor, nn
 
 from metaweight._checks import IGNORE_INDEX, integer_value
 from metaweight._hooks import is_own_hook
+from metaweight._on_outputs import has_state, hidden_state, takes_teacher_outputs
 from metaweight._validation import BalancedValidation
 from metaweight._walk import watched_forward
-
-
-def _accepts_keyword(fn: Any, name: str) -> bool:
-    target = fn.forward if isinstance(fn, nn.Module) else fn
-    try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+from metaweight._warn import warn_user
 
 
 class Terms:
@@ -94,7 +87,7 @@ class Terms:
         self.active = active
         self._all_active = bool(active.all())
         self._masks: dict[torch.device, Tensor] = {}  # ``active`` on each device the terms came on (no copy per call)
-        self.fixed_targets = _accepts_keyword(criterion, "teacher_outputs")
+        self.fixed_targets = takes_teacher_outputs(criterion)
 
 
     @property
@@ -157,8 +150,28 @@ class Objective:
         if not callable(validation):
             raise TypeError(f"`validation` should be callable as validation(outputs, target) -> scalar. Found "
                             f"`{type(validation).__name__}`.")
+        hidden = hidden_state(validation)
+        if hidden is not None:
+            name = getattr(validation, "__qualname__", type(validation).__name__)
+            raise ValueError(
+                f"The validation objective `{name}` calls a `{type(hidden[0]).__name__}` ({hidden[1]}), an objective "
+                f"with a state (exit_losses, objective and update: BalancedValidation's moving average of Eq. 9), "
+                f"without having those methods itself: the weighter could never update that state, which would "
+                f"stay as it is for the whole run, nor checkpoint it. To score part of the model's outputs pass "
+                f"mw.OnOutputs(objective, select) (select: the key, or a callable picking what it takes from the "
+                f"outputs), which keeps them; otherwise pass the objective itself, or give your wrapper the three "
+                f"methods (metaweight._protocols). Nothing was changed.")
         self.validation = validation
-        self.per_exit = all(callable(getattr(validation, a, None)) for a in ("exit_losses", "objective", "update"))
+        self.per_exit = has_state(validation)
+        # a state saved with the weighter's: an nn.Module's, or any object's with state_dict and load_state_dict
+        self.saved = isinstance(validation, nn.Module) or all(
+            callable(getattr(validation, a, None)) for a in ("state_dict", "load_state_dict"))
+        if self.per_exit and not self.saved:
+            warn_user(f"The validation objective `{type(validation).__name__}` has a state (update) but no state_dict: "
+                      f"the weighter's state_dict and checkpoints do not hold it, and a resumed run starts it again "
+                      f"(BalancedValidation's moving average from its next batch). Make it an nn.Module with its "
+                      f"state in buffers, give it state_dict and load_state_dict, or use mw.OnOutputs(objective, "
+                      f"select) to score part of the model's outputs.")
 
     def losses(self, outputs: Any, target: Any) -> Tensor:
         """The vector the objective is a function of: per-exit losses, or the scalar itself as ``[1]``."""
@@ -182,15 +195,16 @@ class Objective:
             (fold if callable(fold) else self.validation.update)(losses)
 
     def state_dict(self) -> dict[str, Any]:
-        if isinstance(self.validation, nn.Module):
-            return {k: v.detach().cpu().clone() for k, v in self.validation.state_dict().items()}
+        if self.saved:
+            return {k: v.detach().cpu().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                    for k, v in self.validation.state_dict().items()}
         return {}
 
     def check_state(self, state: Any) -> None:
         """Refuse a saved state this objective could not load, changing nothing."""
         if not isinstance(state, dict):
             raise ValueError("The checkpoint's `validation` should be the validation objective's state_dict.")
-        if not isinstance(self.validation, nn.Module):
+        if not self.saved:
             if state:
                 raise ValueError(f"The checkpoint holds a validation state {sorted(state)}, but this validation "
                                  f"objective has none.")
@@ -200,7 +214,8 @@ class Objective:
             scratch.load_state_dict(state)
         except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"The checkpoint's validation state does not fit: {exc}") from None
-        for name, value in scratch.state_dict().items():
+        for key, value in scratch.state_dict().items():
+            name = key.rsplit(".", 1)[-1]  # (BalancedValidation's own names, inside an OnOutputs too)
             if isinstance(value, Tensor) and value.is_floating_point():
                 if not torch.isfinite(value).all() or (name == "expected" and (value < 0).any()):
                     raise ValueError(f"The checkpoint's validation state `{name}` {value.tolist()} is not finite "
@@ -211,7 +226,7 @@ class Objective:
                                  f"reads as no average yet). Pass the state_dict() as saved. Nothing was changed.")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if isinstance(self.validation, nn.Module):
+        if self.saved:
             self.validation.load_state_dict(state)
 
 

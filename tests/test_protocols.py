@@ -255,3 +255,173 @@ def test_a_criterion_may_return_a_dict_of_named_terms():
     with pytest.raises(ValueError, match=r"for the terms \['ce', 'aux'\], but this weighter has") as refused:
         other.load_state_dict(saved)
     assert "exits" not in str(refused.value)
+
+
+class _DictOutputs(nn.Module):
+    """A multi-exit net returning its exits' logits beside another output, as many real models do."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"hidden": x.sum(1), "exits": self.net(x)}
+
+
+def _run(model, criterion, validation, mode, batches, **kw):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    w = mw.HarmonizedWeighter(model, optimizer, criterion, validation, mode=mode, gamma_lr=0.5, **kw)
+    for train, val in batches:
+        w.step(train, val)
+    return w, model
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_on_outputs_scores_part_of_the_outputs_as_the_loss_itself_scores_a_list(mode):
+    """A model returning {"exits": [...], "hidden": h} could be given DenseDistillLoss and BalancedValidation only
+    through lambdas, which hid BalancedValidation's update: its moving average never moved, and the gradient check
+    refused the run blaming the model (helper-181). OnOutputs picks the part and keeps the protocol: the run equals
+    the same net's run with its list of logits given to the two directly, the average folded at every meta step and
+    checkpointed (a resume from the middle ends where the uninterrupted run does)."""
+    torch.manual_seed(0)
+    batches = [(batch(), batch()) for _ in range(4)]
+    torch.manual_seed(1)
+    net = tiny_net()
+    ref, ref_model = _run(copy.deepcopy(net), mw.DenseDistillLoss(3), mw.BalancedValidation(3), mode, batches)
+    wrapped = _DictOutputs(copy.deepcopy(net))
+    got, _ = _run(wrapped, mw.OnOutputs(mw.DenseDistillLoss(3), "exits"),
+                  mw.OnOutputs(mw.BalancedValidation(3), lambda out: out["exits"]), mode, batches)
+    assert torch.equal(got.gamma, ref.gamma)
+    assert int(got.validation.loss.num_updates) == int(ref.validation.num_updates) == 4
+    assert torch.equal(got.validation.loss.expected, ref.validation.expected)
+    assert all(torch.equal(a, b) for a, b in zip(wrapped.net.parameters(), ref_model.parameters()))
+    # the average is checkpointed: two steps, a save, two steps in fresh objects from it
+    first = _DictOutputs(copy.deepcopy(net))
+    half, _ = _run(first, mw.OnOutputs(mw.DenseDistillLoss(3), "exits"), mw.OnOutputs(mw.BalancedValidation(3), "exits"),
+                   mode, batches[:2])
+    state, model_state, optim_state = copy.deepcopy((half.state_dict(), first.state_dict(),
+                                                     half.optimizer.state_dict()))
+    assert int(state["validation"]["loss.num_updates"]) == 2 and state["teachers"] == "dense"
+    resumed = _DictOutputs(copy.deepcopy(net))
+    resumed.load_state_dict(model_state)
+    optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    optimizer.load_state_dict(optim_state)
+    w = mw.HarmonizedWeighter(resumed, optimizer, mw.OnOutputs(mw.DenseDistillLoss(3), "exits"),
+                              mw.OnOutputs(mw.BalancedValidation(3), "exits"), mode=mode, gamma_lr=0.5)
+    w.load_state_dict(state)
+    for train, val in batches[2:]:
+        w.step(train, val)
+    assert torch.equal(w.gamma, ref.gamma) and torch.equal(w.validation.loss.expected, ref.validation.expected)
+
+
+def test_on_outputs_keeps_the_criterion_s_protocol():
+    """term_names, active (teachers="last"), num_exits and the teacher_outputs keyword read through OnOutputs (the
+    finite-difference backend takes the criterion, and gets the same meta-gradient as on the list of logits); a
+    loss weighting takes it too; outputs without the key are refused naming what they hold."""
+    criterion = mw.OnOutputs(mw.DenseDistillLoss(3, teachers="last"), "exits")
+    inner = criterion.loss
+    assert criterion.term_names == inner.term_names and torch.equal(criterion.active, inner.active)
+    assert criterion.num_exits == 3 and criterion.teachers == "last" and criterion.pairs == inner.pairs
+    assert not hasattr(mw.OnOutputs(F.cross_entropy, 0), "term_names")
+    torch.manual_seed(0)
+    batches = [(batch(), batch()) for _ in range(2)]
+    torch.manual_seed(1)
+    net = tiny_net()
+    ref, _ = _run(copy.deepcopy(net), mw.DenseDistillLoss(3, teachers="last"), mw.BalancedValidation(3), "exact",
+                  batches, backend="finite_difference")
+    got, _ = _run(_DictOutputs(copy.deepcopy(net)), criterion, mw.OnOutputs(mw.BalancedValidation(3), "exits"),
+                  "exact", batches, backend="finite_difference")
+    assert torch.equal(got.gamma, ref.gamma)
+    with pytest.raises(ValueError, match="teacher_outputs"):  # (a criterion without the keyword: refused, as is)
+        _run(_DictOutputs(copy.deepcopy(net)), mw.OnOutputs(lambda o, y: torch.stack([F.cross_entropy(z, y) for z in o]),
+                                                             "exits"), mw.BalancedValidation(3), "exact", batches,
+             backend="finite_difference", term_names=["a", "b", "c"])
+    weightings = []
+    for model, terms in ((copy.deepcopy(net), mw.DenseDistillLoss(3)),
+                         (_DictOutputs(copy.deepcopy(net)), mw.OnOutputs(mw.DenseDistillLoss(3), "exits"))):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        uw = mw.UW(model, optimizer, terms)
+        for train, _ in batches:
+            uw.step(train)
+        weightings.append((uw.log_vars, list(uw.gamma_dict().values()), [p.detach() for p in model.parameters()]))
+    (a, gamma_a, params_a), (b, gamma_b, params_b) = weightings
+    assert torch.equal(a, b) and gamma_a == gamma_b and all(torch.equal(p, q) for p, q in zip(params_a, params_b))
+    with pytest.raises(ValueError, match=r"no 'logits'.*keys \['hidden', 'exits'\]"):
+        mw.OnOutputs(mw.DenseDistillLoss(3), "logits")(_DictOutputs(net)(batch()[0]), batch()[1])
+
+
+def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused():
+    """Every way a validation objective can call BalancedValidation without having its exit_losses, objective and
+    update (a lambda naming it, a closure, its bound method, functools.partial, a module or an object holding it):
+    the weighter could never update its average, which stayed where it was for the whole run (with
+    check_gradients=False without a word; helper-181). Refused at construction, naming the objective found and
+    OnOutputs; a wrapper of a stateless loss is taken; a plain object with the protocol but no state_dict is
+    warned of (its state is not checkpointed), and one with a state_dict is checkpointed."""
+    import functools
+
+    global _balanced
+    _balanced = mw.BalancedValidation(3)
+    held = mw.BalancedValidation(3)
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.balanced = mw.BalancedValidation(3)
+
+        def forward(self, outputs, y):
+            return self.balanced(outputs, y)
+
+    class Plain:
+        def __init__(self):
+            self.inner = mw.BalancedValidation(3)
+
+        def __call__(self, outputs, y):
+            return self.inner(outputs, y)
+
+    hiding = {
+        "a lambda naming a global": lambda o, y: _balanced(o, y),
+        "a closure": lambda o, y: held(o, y),
+        "a bound method": held.forward,
+        "functools.partial": functools.partial(held.__call__),
+        "a module holding it": Holder(),
+        "an object holding it": Plain(),
+    }
+    for how, validation in hiding.items():
+        model = tiny_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ValueError, match=r"calls a `BalancedValidation`.*mw\.OnOutputs"):
+            mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), validation, check_gradients=False)
+        assert how and not optimizer.state
+    model = tiny_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), lambda o, y: F.cross_entropy(o[-1], y))
+
+    class Protocol:  # (the three methods, no state_dict)
+        def __init__(self):
+            self.inner = mw.BalancedValidation(3)
+
+        def exit_losses(self, o, y):
+            return self.inner.exit_losses(o, y)
+
+        def objective(self, losses):
+            return self.inner.objective(losses)
+
+        def update(self, losses):
+            self.inner.update(losses)
+
+        def __call__(self, o, y):
+            return self.objective(self.exit_losses(o, y))
+
+    with pytest.warns(RuntimeWarning, match="no state_dict"):
+        mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), Protocol())
+
+    class Saved(Protocol):
+        def state_dict(self):
+            return self.inner.state_dict()
+
+        def load_state_dict(self, state):
+            self.inner.load_state_dict(state)
+
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), Saved())
+    w.step(batch(), batch())
+    assert int(w.state_dict()["validation"]["num_updates"]) == 1

@@ -1,0 +1,164 @@
+"""A loss term vector or a validation objective on part of a model's outputs, its protocol kept.
+
+A model that returns more than its exits' logits (``{"logits": [...], "hidden": h}``, a tuple of
+logits and features, a Hugging Face output) cannot be given :class:`~metaweight.DenseDistillLoss` or
+:class:`~metaweight.BalancedValidation` as they are. A lambda that picks the part they take
+(``lambda outputs, y: balanced(outputs["logits"], y)``) hides what the weighter asks of them beyond
+a call (:mod:`metaweight._protocols`): a criterion's ``term_names`` and ``active``, an objective's
+``exit_losses``, ``objective`` and ``update``, through which :class:`BalancedValidation`'s moving
+average (Eq. 9) is updated, and its ``state_dict``, through which the average is checkpointed.
+:class:`OnOutputs` picks the part and keeps all of them; the weighter refuses a validation
+objective that calls a stateful one through a wrapper that hides them (:func:`hidden_state`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from torch import Tensor, nn
+
+#: What the weighter asks of a validation objective with a state (see metaweight._protocols).
+PER_EXIT = ("exit_losses", "objective", "update")
+
+
+class OnOutputs(nn.Module):
+    """``loss(select(outputs), target)``: a criterion or validation objective on part of a model's outputs.
+
+    Every attribute of ``loss`` is read through, so everything the weighter reads of it beyond the call is kept: a
+    criterion's ``term_names``, ``active``, ``num_exits``, ``teachers`` and ``ignore_index`` and its
+    ``teacher_outputs`` keyword (``select`` applied to the teacher's outputs too); an objective's ``exit_losses``
+    (on the selected part), ``objective`` and ``update``. An
+    ``nn.Module`` ``loss`` is a submodule, so its state (:class:`BalancedValidation`'s moving average) is in this
+    module's ``state_dict`` and is checkpointed with the weighter's. Works for the loss weightings' criteria too.
+
+    Args:
+        loss: a criterion (``loss(outputs, target) -> Tensor[n]``, e.g. :class:`DenseDistillLoss`) or a
+            validation objective (``-> scalar``, e.g. :class:`BalancedValidation`).
+        select: what ``loss`` takes of the model's outputs: a key or index (``outputs[select]``), or a callable
+            ``select(outputs)`` (e.g. ``lambda out: out.logits``).
+
+    Raises:
+        TypeError: ``loss`` not callable, or ``select`` neither a key nor callable.
+        ValueError: (at a call) outputs without ``select``, naming what they hold.
+
+    Example::
+
+        model = ...  # forward returns {"logits": [exit_1, ..., exit_K], "features": f}
+        weighter = mw.HarmonizedWeighter(model, optimizer, mw.OnOutputs(mw.DenseDistillLoss(K), "logits"),
+                                         mw.OnOutputs(mw.BalancedValidation(K), "logits"))
+    """
+
+    def __init__(self, loss: Callable[..., Tensor], select: Hashable | Callable[[Any], Any]) -> None:
+        super().__init__()
+        if not callable(loss):
+            raise TypeError(f"`loss` should be callable as loss(outputs, target). Found `{type(loss).__name__}`.")
+        if not callable(select) and not isinstance(select, Hashable):
+            raise TypeError(f"`select` should be a key or index of the model's outputs, or a callable "
+                            f"select(outputs). Found `{type(select).__name__}`.")
+        self.loss = loss  # (an nn.Module is registered as a submodule: its state is in this module's state_dict)
+        self.select = select
+
+    def _selected(self, outputs: Any) -> Any:
+        if callable(self.select):
+            return self.select(outputs)
+        try:
+            return outputs[self.select]
+        except (KeyError, IndexError, TypeError) as exc:
+            held = f"keys {list(outputs)}" if isinstance(outputs, dict) else (
+                f"{len(outputs)} entries" if isinstance(outputs, (list, tuple)) else f"`{type(outputs).__name__}`")
+            raise ValueError(f"OnOutputs: the model's outputs have no {self.select!r} ({type(exc).__name__}: {exc}); "
+                             f"they hold {held}. Pass select= a key they have, or a callable select(outputs).") \
+                from None
+
+    def forward(self, outputs: Any, target: Any, **kwargs: Any) -> Tensor:
+        """``loss(select(outputs), target)``; ``teacher_outputs`` (where ``loss`` takes it) selected too."""
+        if kwargs.get("teacher_outputs") is not None:
+            kwargs["teacher_outputs"] = self._selected(kwargs["teacher_outputs"])
+        return self.loss(self._selected(outputs), target, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # (its own parameters, buffers and submodules: its loss)
+        except AttributeError:
+            loss = self.__dict__.get("_modules", {}).get("loss", self.__dict__.get("loss"))
+            if loss is None or name.startswith("__"):
+                raise
+        value = getattr(loss, name)  # (what the loss has, read through; an AttributeError where it has none)
+        if name == "exit_losses":
+            return lambda outputs, target: value(self._selected(outputs), target)
+        return value
+
+    def extra_repr(self) -> str:
+        return f"select={self.select!r}"
+
+
+def unwrapped(obj: Any) -> Any:
+    """``obj``'s loss where ``obj`` is an :class:`OnOutputs` (through any number of them), else ``obj``."""
+    while isinstance(obj, OnOutputs):
+        obj = obj.loss
+    return obj
+
+
+def takes_teacher_outputs(fn: Any) -> bool:
+    """Whether ``fn`` takes a ``teacher_outputs`` keyword (an :class:`OnOutputs` where its ``loss`` does)."""
+    fn = unwrapped(fn)
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return "teacher_outputs" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def has_state(obj: Any) -> bool:
+    """Whether ``obj`` is a validation objective with a state the weighter updates (``exit_losses``,
+    ``objective`` and ``update``)."""
+    return not isinstance(obj, type) and all(callable(getattr(obj, a, None)) for a in PER_EXIT)
+
+
+def hidden_state(validation: Any) -> tuple[Any, str] | None:
+    """A validation objective with a state that ``validation`` calls without having its methods itself, and how it
+    holds it (``None`` where there is none): a bound method of it, a ``functools.partial`` of it, a function or
+    lambda that refers to it (a closure or a global it names), an object or module holding it as an attribute or
+    submodule, each looked into two levels deep. Such an objective's ``update`` is never called by the weighter
+    (its moving average stays where it is) and its state is not checkpointed."""
+    seen: set[int] = set()
+
+    def held(obj: Any, depth: int) -> tuple[Any, str] | None:
+        if id(obj) in seen or depth > 2 or isinstance(obj, (str, bytes, int, float, bool, type(None), Tensor, type)):
+            return None
+        seen.add(id(obj))
+        if depth > 0 and has_state(obj):
+            return obj, ""
+        inside: list[tuple[str, Any]] = []
+        if inspect.ismethod(obj):
+            inside.append(("it is a method of it", obj.__self__))
+        elif isinstance(obj, functools.partial):
+            inside += [("through functools.partial", v) for v in (obj.func, *obj.args, *obj.keywords.values())]
+        elif inspect.isfunction(obj):
+            cells = [c.cell_contents for c in (obj.__closure__ or ()) if _filled(c)]
+            names = [obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__]
+            inside += [(f"through a name the function `{obj.__name__}` uses", v) for v in (*cells, *names)
+                       if not inspect.ismodule(v)]
+        elif isinstance(obj, nn.Module):
+            inside += [(f"as its submodule `{n}`", m) for n, m in obj.named_children()]
+        elif hasattr(obj, "__dict__") and not inspect.ismodule(obj):
+            inside += [(f"as its attribute `{n}`", v) for n, v in vars(obj).items()]
+        for how, value in inside:
+            found = held(value, depth + 1)
+            if found is not None:
+                return found[0], found[1] or how
+        return None
+
+    return None if has_state(validation) else held(validation, 0)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # (an empty cell)
+        return False
+    return True
