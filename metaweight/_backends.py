@@ -119,17 +119,17 @@ class _Directional(Backend):
         # activation checkpointing recomputes at backward time, after functional_call has put theta back:
         # the validation gradient would be taken partly at theta instead of theta'
         try:
-            with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINTING):
+            with torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTING):
                 return meta_gradient(module, optimizer, terms, objective, gamma, train, val, backend=self.name,
                                      lookahead_names=lookahead_names, keep_graph=keep_graph,
                                      fd_epsilon=self.fd_epsilon, reducer=reducer)
         except RuntimeError as exc:
-            if _CHECKPOINTING not in str(exc):
+            if CHECKPOINTING not in str(exc):
                 raise
-            raise ValueError(_CHECKPOINTING.format(backend=self.name)) from None
+            raise ValueError(CHECKPOINTING.format(backend=self.name)) from None
 
 
-_CHECKPOINTING = (
+CHECKPOINTING = (
     "The model uses activation checkpointing (or other saved-tensor hooks), which recompute the forward at backward "
     "time with the model's own parameters, not the look-ahead's: backend='{backend}' would take the validation "
     "gradient at the wrong point. Use backend='higher' or mode='fast', or turn checkpointing off for the weighter.")

@@ -48,7 +48,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from metaweight._backends import FiniteDifferenceBackend, HigherBackend, JvpBackend
+from metaweight._backends import CHECKPOINTING, FiniteDifferenceBackend, HigherBackend, JvpBackend
 from metaweight._checks import unpack_batch
 from metaweight._hypergradient import Reducer, call_with
 from metaweight._protocols import ModelCall, Objective, Terms
@@ -461,6 +461,25 @@ INCONCLUSIVE = (
     "check_gradients=False to silence this.")
 
 
+SAVED_TENSOR_HOOKS = "metaweight's gradient check: the model registers saved-tensor hooks (activation checkpointing)"
+
+
+def _checkpointing(w: HarmonizedWeighter) -> None:
+    """The check met saved-tensor hooks: a backend that cannot take them refuses, as it would at its own meta step;
+    for the others (which take the meta-gradient right with them) the check is off for this model, and said."""
+    backend = w._exact.backend
+    if w.mode == "exact" and isinstance(backend, (JvpBackend, FiniteDifferenceBackend)):
+        raise ValueError(CHECKPOINTING.format(backend=backend.name))
+    w._gradients_checked = True
+    warn_user("metaweight could not check the model's gradients against the derivatives of its values: the model "
+              "uses activation checkpointing (or other saved-tensor hooks), whose backward recomputes the forward "
+              "with the module's own parameters, not the check's float64 copies. "
+              + ("mode='fast'" if w.mode == "fast" else f"backend='{backend.name}'")
+              + " takes the meta-gradient through checkpointing as it is; the meta-gradient is exact only if the "
+              "model has no stop-gradient or custom backward (detach, .data, no_grad, straight-through estimators) on "
+              "the path to its exits, which this check would have seen. Pass check_gradients=False to silence this.")
+
+
 def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> None:
     """The check of the weighter ``w`` (``check_gradients=True``), once, at its first meta step, before anything
     changes: autograd's gradients against the derivatives of the values, on float64 copies (:func:`gradient_mismatch`,
@@ -492,19 +511,25 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
     generators = model_generators(w.module)
 
     def check(wide: bool) -> Any:
-        return gradient_mismatch(w.module, w._terms, w._objective, train, val, derivative=derivative,
-                                 movable=w._exact.lookahead_names if w.mode == "exact" else None,
-                                 active=w._active, reducer=w._reducer, run=run, wide=wide)
+        # activation checkpointing (saved-tensor hooks) recomputes the forward at backward time with the module's own
+        # parameters, not the check's copies: its gradients would differ for that alone (helper-181)
+        with torch.autograd.graph.disable_saved_tensors_hooks(SAVED_TENSOR_HOOKS):
+            return gradient_mismatch(w.module, w._terms, w._objective, train, val, derivative=derivative,
+                                     movable=w._exact.lookahead_names if w.mode == "exact" else None,
+                                     active=w._active, reducer=w._reducer, run=run, wide=wide)
 
     with registered_buffers_removed(w.module):  # (a mask built by the check's first forward)
         try:
             try:
                 found = check(True)
-            except Exception:  # (every rank alike) a model that cannot run on float64 copies: its own dtype
-                if new_generators(w.module, generators):
+            except Exception as exc:  # (every rank alike) a model that cannot run on float64 copies: its own dtype
+                if new_generators(w.module, generators) or SAVED_TENSOR_HOOKS in str(exc):
                     raise
                 found = check(False)
         except Exception as exc:
+            if SAVED_TENSOR_HOOKS in str(exc):
+                _checkpointing(w)
+                return
             appeared = new_generators(w.module, generators)
             if appeared:  # the look-ahead could not replay this model's random numbers either
                 raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared))) from None

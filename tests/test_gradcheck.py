@@ -612,3 +612,48 @@ def test_a_criterion_computing_in_low_precision_is_named_where_the_check_cannot_
             with pytest.raises(ValueError, match=r"cast to float16 or bfloat16 inside") as refusal:
                 w.step(train, val)
             assert "for a cast, neither backend is the way out" in str(refusal.value)
+
+
+@pytest.mark.parametrize("mode, backend", [("exact", "jvp"), ("exact", "finite_difference"), ("exact", "higher"),
+                                           ("fast", "jvp")])
+def test_activation_checkpointing_is_said_for_what_it_is(mode, backend):
+    """Non-reentrant activation checkpointing recomputes the forward at backward time with the module's own
+    parameters, not the check's float64 copies: the check found a gap and blamed a stop-gradient or a cast (the
+    default backend, which cannot take checkpointing, refused with that reason instead of its own), or warned of
+    kinks and casts in the modes that take checkpointing (helper-181). Now the backends that cannot take it refuse
+    with their own reason; the others warn once that the check is off for this model, and learn."""
+    import warnings
+
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            # (LayerNorm: the old check found a gap, not noise, and refused blaming a stop-gradient)
+            self.stages = nn.ModuleList(nn.Sequential(nn.Linear(6 if k == 0 else 10, 10), nn.LayerNorm(10))
+                                        for k in range(3))
+            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(3))
+
+        def forward(self, x):
+            outputs = []
+            for stage, head in zip(self.stages, self.heads):
+                x = checkpoint(lambda u, stage=stage: torch.tanh(stage(u)), x, use_reentrant=False)
+                outputs.append(head(x))
+            return outputs
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode=mode, backend=backend)
+    data = [(torch.randn(16, 6), torch.randint(0, 5, (16,))) for _ in range(4)]
+    if mode == "exact" and backend != "higher":
+        with pytest.raises(ValueError, match="activation checkpointing.*Use backend='higher' or mode='fast'"):
+            w.step(data[0], data[1])
+        return
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        w.step(data[0], data[1])
+        w.step(data[2], data[3])
+    messages = [str(m.message) for m in said]
+    assert len(messages) == 1 and "activation checkpointing" in messages[0], messages
+    assert w.num_meta_steps == 2 and len(set(w.gamma_dict().values())) > 1
