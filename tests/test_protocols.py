@@ -395,6 +395,8 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused(
     model = tiny_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), lambda o, y: F.cross_entropy(o[-1], y))
+    plain_sum = mw.BalancedValidation(3, alpha=1.0)  # (reads no average: taken through a lambda)
+    mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), lambda o, y: plain_sum(o, y))
 
     class Protocol:  # (the three methods, no state_dict)
         def __init__(self):
