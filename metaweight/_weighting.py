@@ -1163,8 +1163,9 @@ class Weighting(NamedWeights):
         self._pending, self._pending_trains, self._last_values, self._unreached = None, False, None, None
         name = type(self).__name__
         if stepped:  # (the loop's step came, on no gradient of the skipped call: its backward was skipped alone)
-            message = (f"No backward went through the last weighting.loss call, not finite, and the optimizer's step "
-                       f"since took no gradient of it: taken for a batch the loop skipped, so the weights and the "
+            where = " (on this rank or another)" if self._world > 1 else ""
+            message = (f"No backward went through the last weighting.loss call, not finite{where}, and the optimizer's "
+                       f"step since took no gradient of it: taken for a batch the loop skipped, so the weights and the "
                        f"method's state are unchanged (its terms are not read).")
         elif local is not None:  # (loss() was called: its batch skipped by the loop, no backward, no step)
             message = (f"No backward went through this iteration's weighting.loss call(s), and no optimizer step came "
@@ -1200,18 +1201,30 @@ class Weighting(NamedWeights):
         warm-up without meta steps, another task's batches). Not where a step since that call took the gradients
         of calls a backward reached (micro-batches of an accumulated step: that step is scored), nor where the last
         step was taken on non-finite terms (the model then is non-finite, and so is a loss logged after it: the
-        step's terms are refused). One host read, where such a call is pending only."""
+        step's terms are refused). One host read, where such a call is pending only. Under DDP the ranks decide
+        together, with one all-reduce and one read at every call: a batch skipped by the loop for one rank's
+        non-finite loss (its backward skipped on every rank) is skipped on every rank (the others went on to the
+        all-reduce of the terms and waited for it, or gloo aborted; helper-182)."""
         last = self._pending
-        if last is None or self._unreached is None or not self._pending_trains:
+        pending = last is not None and self._unreached is not None and self._pending_trains
+        stepped = self._groups.get(steps - 1) if pending else None
+        if pending and self._made_at != steps and (stepped is not None or steps in self._groups):
+            pending = False
+        if not pending and self._world == 1:
             return False
-        stepped = self._groups.get(steps - 1)
-        if self._made_at != steps and (stepped is not None or steps in self._groups):
-            return False
-        before = stepped.mean("terms") if stepped is not None else None
-        read = [last.detach().float()] + ([before.detach().float()] if before is not None else [])
-        values = host_read(read)
-        n = last.numel()
-        return not all(math.isfinite(v) for v in values[:n]) and all(math.isfinite(v) for v in values[n:])
+        if pending:
+            assert last is not None
+            before = stepped.mean("terms") if stepped is not None else None
+            skipped = ~torch.isfinite(last.detach()).all()
+            if before is not None:
+                skipped = skipped & torch.isfinite(before.detach()).all()
+        else:
+            skipped = torch.zeros((), dtype=torch.bool, device=self.device)
+        if self._world > 1:
+            flag = skipped.to(device=self.device, dtype=torch.float32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            skipped = flag[0] > 0
+        return bool(host_read([skipped.float()])[0])
 
     def _named(self, terms: Tensor | None) -> dict[str, float] | None:
         return None if terms is None else dict(zip(self.term_names, terms.detach().cpu().tolist()))
