@@ -165,12 +165,14 @@ class JvpBackend(_Directional):
                 if "forward AD" not in str(exc) and "forward mode AD" not in str(exc):  # (custom Functions say so)
                     raise
                 attention = "scaled_dot_product" in str(exc) or "_attention" in str(exc).splitlines()[0]
+                # (backend='higher' is refused under DDP: not offered there; helper-182)
+                higher = "" if reducer.world > 1 else "backend='higher', or "
                 if not terms.fixed_targets:
                     raise ValueError(
                         f"The model uses an operator without a forward-mode derivative ({str(exc).splitlines()[0]})."
                         + (_no_derivative_fix(str(exc)) + " Or pass backend='finite_difference' with a criterion "
                            "that takes `teacher_outputs`." if attention else
-                           " Pass backend='higher', or backend='finite_difference' with a criterion that takes "
+                           f" Pass {higher}backend='finite_difference' with a criterion that takes "
                            "`teacher_outputs`, or use an implementation of that operator made of plain ops (for a "
                            "Hugging Face model, attn_implementation='eager').")
                     ) from None
@@ -179,7 +181,7 @@ class JvpBackend(_Directional):
                     f"({str(exc).splitlines()[0][:160]}); continuing with backend='finite_difference' (two forwards, "
                     f"approximate)."
                     + (_no_derivative_fix(str(exc), fast=False) if attention else
-                       " For the exact meta-gradient use backend='higher', or plain-op implementations (for a Hugging "
+                       f" For the exact meta-gradient use {higher}plain-op implementations (for a Hugging "
                        "Face model, attn_implementation='eager').")
                 )
                 self.fallback = FiniteDifferenceBackend(self.fd_epsilon)
