@@ -1201,7 +1201,9 @@ class Weighting(NamedWeights):
         warm-up without meta steps, another task's batches). Not where a step since that call took the gradients
         of calls a backward reached (micro-batches of an accumulated step: that step is scored), nor where the last
         step was taken on non-finite terms (the model then is non-finite, and so is a loss logged after it: the
-        step's terms are refused). One host read, where such a call is pending only. Under DDP the ranks decide
+        step's terms are refused), nor where the call came after the one step since the last meta step, which took
+        gradients (a loss logged after the step, on a batch holding a NaN: the step is scored; helper-182). One host
+        read, where such a call is pending only. Under DDP the ranks decide
         together, with one all-reduce and one read at every call: a batch skipped by the loop for one rank's
         non-finite loss (its backward skipped on every rank) is skipped on every rank (the others went on to the
         all-reduce of the terms and waited for it, or gloo aborted; helper-182)."""
@@ -1210,6 +1212,9 @@ class Weighting(NamedWeights):
         stepped = self._groups.get(steps - 1) if pending else None
         if pending and self._made_at != steps and (stepped is not None or steps in self._groups):
             pending = False
+        if pending and self._made_at == steps and stepped is not None and self._met_at == steps - 1:
+            pending = False  # (a call after the one step since the last meta step, which took this iteration's
+            # gradients: a loss logged after the step (a NaN validation batch), not a batch the loop skipped)
         if not pending and self._world == 1:
             return False
         if pending:

@@ -222,6 +222,31 @@ def test_a_nan_batch_skipped_after_a_warm_up_or_stepped_on_no_gradient_is_skippe
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_nan_loss_logged_with_a_graph_after_a_finite_step_skips_nothing(name):
+    """loss, backward, step, then a loss logged with its graph (not under no_grad) on a held-out batch holding a NaN,
+    then meta_step: the logged call, not finite and reached by no backward, was taken for a batch the loop skipped,
+    and the step's update was skipped with a message saying no step came (helper-182). A call after the one step
+    since the last meta step, which took this iteration's gradients, is a log: the run equals its twin's without
+    the logging."""
+    w1, m1, o1 = build(name)
+    w2, m2, o2 = build(name)
+    data = batches(5)
+    for i, (x, y) in enumerate(data[:4]):
+        for w, m, o in ((w1, m1, o1), (w2, m2, o2)):
+            o.zero_grad()
+            w.loss(m(x), y).backward()
+            o.step()
+            if w is w1 and i == 1:
+                xv = data[4][0].clone()
+                xv[0, 0] = math.nan
+                assert not torch.isfinite(w.loss(m(xv), data[4][1]))  # (logged with its graph)
+            record = w.meta_step((x, y))
+            assert record.ran and not record.skipped, record.message
+    assert torch.equal(w1.gamma, w2.gamma) and same(state(w1), state(w2))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_a_step_taken_on_a_nan_loss_is_refused_after_a_loss_logged_with_a_graph(name):
     """The loop does not check the loss: backward and step on NaN terms, then a loss logged on a held-out batch with
     its graph (not under no_grad), NaN too as the model now is, then meta_step: taken for a batch the loop skipped
