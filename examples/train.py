@@ -21,7 +21,7 @@ CE terms only).
 How long a run takes (measured on this project's 2-core machine, torch 2.13, one thread, while
 other jobs kept both cores busy): the default job (HDKD on digits, 30 epochs, 600 iterations)
 took 20-24 s of CPU time (41-96 s of wall clock); on another of the project's 2-core machines, alone on
-its core, 50 s of CPU time (51 s of wall clock, about 12 s of it importing); ``--method msdnet``, without the meta step,
+its core, 50 s of CPU time (51 s of wall clock); ``--method msdnet``, without the meta step,
 7.6 s, and ``--method dwa`` 7.7 s. The CIFAR-10(150) runs of docs/results.md (100 epochs) took
 721 s per HDKD run and 254 s per MSDNet run on average, two runs sharing the 2 cores.
 """
