@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from metaweight._record import MetaStepRecord
 from metaweight._warn import warn_user
 from metaweight._transaction import host_read
-from metaweight._weighting import Weighting, adam_update, check_number
+from metaweight._weighting import Weighting, adam_update, check_number, unwrap_model
 
 
 def gradnorm_gradient(weights: Tensor, norms: Tensor, terms: Tensor, initial: Tensor, active: Tensor,
@@ -236,7 +236,8 @@ def _refuse_static_graph(model: nn.Module) -> None:
     under ``DistributedDataParallel(static_graph=True)`` that desynchronises DDP's gradient buckets, and the ranks'
     parameters drift apart without an error (PyTorch's behaviour, without metaweight too; helper-182 measured 0.39
     between the ranks after 4 steps)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel) and getattr(model, "static_graph", False):
+    ddp, _ = unwrap_model(model)  # (under torch.compile too; helper-183)
+    if ddp is not None and getattr(ddp, "static_graph", False):
         raise ValueError("GradNorm takes each term's gradient with torch.autograd.grad in loss(), before your "
                          "backward: under DistributedDataParallel(static_graph=True) that leaves DDP's gradient "
                          "all-reduce out of step, and the ranks' parameters drift apart without an error. Build the "

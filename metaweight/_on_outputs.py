@@ -13,9 +13,11 @@ objective that calls a stateful one through a wrapper that hides them (:func:`hi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -116,38 +118,38 @@ def takes_teacher_outputs(fn: Any) -> bool:
 def has_state(obj: Any) -> bool:
     """Whether ``obj`` is a validation objective with a state the weighter updates (``exit_losses``,
     ``objective`` and ``update``)."""
-    return not isinstance(obj, type) and all(callable(getattr(obj, a, None)) for a in PER_EXIT)
+    return not isinstance(obj, type) and all(callable(_attribute(obj, a)) for a in PER_EXIT)
 
 
 def hidden_state(validation: Any) -> tuple[Any, str] | None:
-    """A validation objective with a state that ``validation`` calls without having its methods itself, and how it
-    holds it (``None`` where there is none): a bound method of it, a ``functools.partial`` of it, a function or
-    lambda that refers to it (a closure or a global it names), an object or module holding it as an attribute or
-    submodule, each looked into two levels deep. Such an objective's ``update`` is never called by the weighter
-    (its moving average stays where it is) and its state is not checkpointed."""
+    """A validation objective with a state that ``validation`` names without having its methods itself, and how
+    (``None`` where there is none): a bound method of it, a ``functools.partial`` of it, a function or lambda whose
+    code names it (a closure, a global, a default argument), an :class:`OnOutputs` of any of these. Such an
+    objective's ``update`` is never called by the weighter (its moving average stays where it is) and its state is
+    not checkpointed. Objects and modules that merely hold one (a model keeping a ``BalancedValidation`` for its
+    reports) are not looked into: one called through them is seen when it runs (:func:`scored_unseen`)."""
     seen: set[int] = set()
 
     def held(obj: Any, depth: int) -> tuple[Any, str] | None:
-        if id(obj) in seen or depth > 2 or isinstance(obj, (str, bytes, int, float, bool, type(None), Tensor, type)):
+        if id(obj) in seen or depth > 3 or isinstance(obj, (str, bytes, int, float, bool, type(None), Tensor, type)):
             return None
         seen.add(id(obj))
         if depth > 0 and has_state(obj):
             # (BalancedValidation with alpha=1, the plain sum of Eq. 10, reads no average: a wrapper hides nothing)
-            return None if getattr(obj, "alpha", None) == 1.0 else (obj, "")
+            return None if _attribute(obj, "alpha") == 1.0 else (obj, "")
         inside: list[tuple[str, Any]] = []
         if inspect.ismethod(obj):
             inside.append(("it is a method of it", obj.__self__))
         elif isinstance(obj, functools.partial):
             inside += [("through functools.partial", v) for v in (obj.func, *obj.args, *obj.keywords.values())]
+        elif isinstance(obj, OnOutputs):
+            inside.append(("through OnOutputs", obj.loss))
         elif inspect.isfunction(obj):
             cells = [c.cell_contents for c in (obj.__closure__ or ()) if _filled(c)]
             names = [obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__]
-            inside += [(f"through a name the function `{obj.__name__}` uses", v) for v in (*cells, *names)
+            defaults = [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
+            inside += [(f"through a name the function `{obj.__name__}` uses", v) for v in (*cells, *names, *defaults)
                        if not inspect.ismodule(v)]
-        elif isinstance(obj, nn.Module):
-            inside += [(f"as its submodule `{n}`", m) for n, m in obj.named_children()]
-        elif hasattr(obj, "__dict__") and not inspect.ismodule(obj):
-            inside += [(f"as its attribute `{n}`", v) for n, v in vars(obj).items()]
         for how, value in inside:
             found = held(value, depth + 1)
             if found is not None:
@@ -155,6 +157,37 @@ def hidden_state(validation: Any) -> tuple[Any, str] | None:
         return None
 
     return None if has_state(validation) else held(validation, 0)
+
+
+_SCORED: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("metaweight_scored", default=None)
+
+
+def scored(objective: Any) -> None:
+    """Note that ``objective`` (a stateful validation objective) computed its objective, where a call of the
+    weighter's is watching (:func:`scored_unseen`)."""
+    watching = _SCORED.get()
+    if watching is not None:
+        watching.append(objective)
+
+
+@contextlib.contextmanager
+def scored_unseen() -> Iterator[list[Any]]:
+    """Within: the stateful objectives that computed their objective (``BalancedValidation`` with ``alpha`` below
+    1), which the weighter's validation objective called without their methods reaching the weighter."""
+    found: list[Any] = []
+    token = _SCORED.set(found)
+    try:
+        yield found
+    finally:
+        _SCORED.reset(token)
+
+
+def _attribute(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)``, whatever a ``__getattr__`` raises (a dict subclass's ``KeyError``)."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # (an object's own __getattr__ may raise anything for a name it lacks)
+        return None
 
 
 def _filled(cell: Any) -> bool:

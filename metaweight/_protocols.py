@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from metaweight._checks import IGNORE_INDEX, integer_value
 from metaweight._hooks import is_own_hook
-from metaweight._on_outputs import has_state, hidden_state, takes_teacher_outputs
+from metaweight._on_outputs import (OnOutputs, has_state, hidden_state, scored_unseen, takes_teacher_outputs,
+                                    unwrapped)
 from metaweight._validation import BalancedValidation
 from metaweight._walk import watched_forward
 from metaweight._warn import warn_user
@@ -163,11 +164,15 @@ class Objective:
                 f"methods (metaweight._protocols). Nothing was changed.")
         self.validation = validation
         self.per_exit = has_state(validation)
-        # a state saved with the weighter's: an nn.Module's, or any object's with state_dict and load_state_dict
-        self.saved = isinstance(validation, nn.Module) or all(
-            callable(getattr(validation, a, None)) for a in ("state_dict", "load_state_dict"))
+        # a state saved with the weighter's: an nn.Module's, or any object's with state_dict and load_state_dict; of
+        # the objective an OnOutputs holds (a plain object's too, which its module state would leave out; helper-183)
+        inner = unwrapped(validation)
+        self._state = inner if isinstance(inner, nn.Module) or all(
+            callable(getattr(inner, a, None)) for a in ("state_dict", "load_state_dict")) else None
+        self.saved = self._state is not None
+        self._said_unseen = False
         if self.per_exit and not self.saved:
-            warn_user(f"The validation objective `{type(validation).__name__}` has a state (update) but no state_dict: "
+            warn_user(f"The validation objective `{type(inner).__name__}` has a state (update) but no state_dict: "
                       f"the weighter's state_dict and checkpoints do not hold it, and a resumed run starts it again "
                       f"(BalancedValidation's moving average from its next batch). Make it an nn.Module with its "
                       f"state in buffers, give it state_dict and load_state_dict, or use mw.OnOutputs(objective, "
@@ -177,7 +182,16 @@ class Objective:
         """The vector the objective is a function of: per-exit losses, or the scalar itself as ``[1]``."""
         if self.per_exit:
             return self.validation.exit_losses(outputs, target)
-        value = self.validation(outputs, target)
+        with scored_unseen() as unseen:
+            value = self.validation(outputs, target)
+        if unseen and not self._said_unseen:  # (one held where the check at construction does not look)
+            self._said_unseen = True
+            warn_user(f"The validation objective `{getattr(self.validation, '__qualname__', type(self.validation).__name__)}` "
+                      f"called a `{type(unseen[0]).__name__}`, an objective with a state (its moving average, Eq. 9), "
+                      f"without having its exit_losses, objective and update: the weighter cannot update that state, "
+                      f"which stays as it is for the whole run, nor checkpoint it. To score part of the model's "
+                      f"outputs pass mw.OnOutputs(objective, select); otherwise pass the objective itself, or give "
+                      f"your wrapper the three methods (metaweight._protocols). (Said once.)")
         if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
             found = f"shape {tuple(value.shape)} ({value.dtype})" if isinstance(value, Tensor) else \
                 f"`{type(value).__name__}`"
@@ -195,9 +209,9 @@ class Objective:
             (fold if callable(fold) else self.validation.update)(losses)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.saved:
+        if self._state is not None:
             return {k: v.detach().cpu().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
-                    for k, v in self.validation.state_dict().items()}
+                    for k, v in self._state.state_dict().items()}
         return {}
 
     def check_state(self, state: Any) -> None:
@@ -209,13 +223,13 @@ class Objective:
                 raise ValueError(f"The checkpoint holds a validation state {sorted(state)}, but this validation "
                                  f"objective has none.")
             return
-        scratch = copy.deepcopy(self.validation)
+        scratch = copy.deepcopy(self._state)
         try:
             scratch.load_state_dict(state)
         except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"The checkpoint's validation state does not fit: {exc}") from None
         for key, value in scratch.state_dict().items():
-            name = key.rsplit(".", 1)[-1]  # (BalancedValidation's own names, inside an OnOutputs too)
+            name = key.rsplit(".", 1)[-1]  # (BalancedValidation's own names, inside a module of the user's too)
             if isinstance(value, Tensor) and value.is_floating_point():
                 if not torch.isfinite(value).all() or (name == "expected" and (value < 0).any()):
                     raise ValueError(f"The checkpoint's validation state `{name}` {value.tolist()} is not finite "
@@ -226,8 +240,8 @@ class Objective:
                                  f"reads as no average yet). Pass the state_dict() as saved. Nothing was changed.")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.saved:
-            self.validation.load_state_dict(state)
+        if self._state is not None:
+            self._state.load_state_dict(state)
 
 
 class ModelCall(NamedTuple):
@@ -258,6 +272,12 @@ def terms_and_objective(criterion: Any, validation: Any, term_names: Sequence[st
         ignore_index = getattr(criterion, "ignore_index", IGNORE_INDEX)
         validation = BalancedValidation(num_exits, ignore_index=ignore_index if isinstance(ignore_index, int)
                                         and not isinstance(ignore_index, bool) else IGNORE_INDEX)
+        selects, wrapped = [], criterion  # (on the part of the outputs the criterion scores; helper-183)
+        while isinstance(wrapped, OnOutputs):
+            selects.append(wrapped.select)
+            wrapped = wrapped.loss
+        for select in reversed(selects):
+            validation = OnOutputs(validation, select)
     objective = Objective(validation)
     k_terms = integer_value(getattr(criterion, "num_exits", None))
     k_val = integer_value(getattr(validation, "num_exits", None))

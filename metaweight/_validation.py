@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metaweight._on_outputs import scored
 from metaweight._checks import check_ignore_index, IGNORE_INDEX, check_num_exits, real_option, stack_exit_logits
 from metaweight._losses import exit_cross_entropy
 
@@ -96,6 +97,7 @@ class BalancedValidation(nn.Module):
         total = exit_losses.sum()
         if self.alpha == 1.0:
             return total
+        scored(self)  # (a weighter whose validation objective calls this one without its update is told so)
         # before the first update the batch's own losses stand in for the average (no host read)
         expected = torch.where(self.num_updates > 0, self.expected.to(exit_losses), exit_losses.detach())
         # an exit already at (nearly) zero loss would make the ratio 0/0: its average is floored

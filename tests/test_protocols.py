@@ -3,6 +3,7 @@ against finite differences of real optimizer steps, on a custom criterion with a
 multi-task model that is not multi-exit, and a custom validation objective."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -301,7 +302,7 @@ def test_on_outputs_scores_part_of_the_outputs_as_the_loss_itself_scores_a_list(
                    mode, batches[:2])
     state, model_state, optim_state = copy.deepcopy((half.state_dict(), first.state_dict(),
                                                      half.optimizer.state_dict()))
-    assert int(state["validation"]["loss.num_updates"]) == 2 and state["teachers"] == "dense"
+    assert int(state["validation"]["num_updates"]) == 2 and state["teachers"] == "dense"  # (as without OnOutputs)
     resumed = _DictOutputs(copy.deepcopy(net))
     resumed.load_state_dict(model_state)
     optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
@@ -350,16 +351,18 @@ def test_on_outputs_keeps_the_criterion_s_protocol():
         mw.OnOutputs(mw.DenseDistillLoss(3), "logits")(_DictOutputs(net)(batch()[0]), batch()[1])
 
 
-def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused():
+def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_or_said():
     """Every way a validation objective can call BalancedValidation without having its exit_losses, objective and
-    update (a lambda naming it, a closure, its bound method, functools.partial, a module or an object holding it):
-    the weighter could never update its average, which stayed where it was for the whole run (with
-    check_gradients=False without a word; helper-181). Refused at construction, naming the objective found and
-    OnOutputs; a wrapper of a stateless loss is taken; a plain object with the protocol but no state_dict is
-    warned of (its state is not checkpointed), and one with a state_dict is checkpointed."""
+    update: the weighter could never update its average, which stayed where it was for the whole run (with
+    check_gradients=False without a word; helper-181). Where the objective's code names it (a lambda naming it, a
+    closure, a default argument, its bound method, functools.partial, an OnOutputs of a lambda): refused at
+    construction, naming it and OnOutputs. Where an object or module holds it (looked into, a model keeping one for
+    its reports was refused although it never called it; helper-183): warned of when it runs. A wrapper of a
+    stateless loss is taken, and so is a function naming an object whose __getattr__ raises KeyError (it crashed
+    the check; helper-183)."""
     import functools
 
-    global _balanced
+    global _balanced, _settings
     _balanced = mw.BalancedValidation(3)
     held = mw.BalancedValidation(3)
 
@@ -373,31 +376,67 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused(
 
     class Plain:
         def __init__(self):
-            self.inner = mw.BalancedValidation(3)
+            self.inner = [mw.BalancedValidation(3)]
 
         def __call__(self, outputs, y):
-            return self.inner(outputs, y)
+            return self.inner[0](outputs, y)
 
-    hiding = {
+    class NamesAGlobal:
+        def __call__(self, outputs, y):
+            return _balanced(outputs, y)
+
+    refused = {
         "a lambda naming a global": lambda o, y: _balanced(o, y),
         "a closure": lambda o, y: held(o, y),
+        "a default argument": lambda o, y, b=held: b(o, y),
         "a bound method": held.forward,
         "functools.partial": functools.partial(held.__call__),
-        "a module holding it": Holder(),
-        "an object holding it": Plain(),
+        "an OnOutputs of a lambda": mw.OnOutputs(lambda o, y: held(o, y), lambda o: o),
     }
-    for how, validation in hiding.items():
+    for how, validation in refused.items():
         model = tiny_net()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         with pytest.raises(ValueError, match=r"calls a `BalancedValidation`.*mw\.OnOutputs"):
             mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), validation, check_gradients=False)
         assert how and not optimizer.state
+    for how, validation in {"a module holding it": Holder(), "an object holding it in a list": Plain(),
+                            "a class naming a global": NamesAGlobal()}.items():
+        model = tiny_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), validation, check_gradients=False)
+        with pytest.warns(RuntimeWarning, match=r"called a `BalancedValidation`.*mw\.OnOutputs"):
+            w.step(batch(), batch())
     model = tiny_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), lambda o, y: F.cross_entropy(o[-1], y))
-    plain_sum = mw.BalancedValidation(3, alpha=1.0)  # (reads no average: taken through a lambda)
-    mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), lambda o, y: plain_sum(o, y))
 
+    class Reporting(nn.Module):  # (keeps one for its reports; the objective never calls it)
+        def __init__(self):
+            super().__init__()
+            self.report = mw.BalancedValidation(3)
+
+        def last_exit_loss(self, outputs, y):
+            return F.cross_entropy(outputs[-1], y)
+
+    class Settings(dict):
+        __getattr__ = dict.__getitem__
+
+    _settings = Settings(smoothing=0.1)
+    taken = [lambda o, y: F.cross_entropy(o[-1], y), Reporting().last_exit_loss,
+             lambda o, y: F.cross_entropy(o[-1], y, label_smoothing=_settings.smoothing)]
+    plain_sum = mw.BalancedValidation(3, alpha=1.0)  # (reads no average: taken through a lambda)
+    taken.append(lambda o, y: plain_sum(o, y))
+    for validation in taken:
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), validation)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            w.step(batch(), batch())
+
+
+def test_a_stateful_objective_s_state_is_checkpointed_where_it_can_be():
+    """An objective of one's own with the three methods: without state_dict it is warned of (its state is not
+    checkpointed), with state_dict and load_state_dict checkpointed, through OnOutputs too (a module holding a plain
+    object, whose own state_dict left the object's out: the resumed run differed silently; helper-183). With no
+    validation objective and an OnOutputs criterion, the default BalancedValidation scores the same part."""
     class Protocol:  # (the three methods, no state_dict)
         def __init__(self):
             self.inner = mw.BalancedValidation(3)
@@ -414,9 +453,6 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused(
         def __call__(self, o, y):
             return self.objective(self.exit_losses(o, y))
 
-    with pytest.warns(RuntimeWarning, match="no state_dict"):
-        mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), Protocol())
-
     class Saved(Protocol):
         def state_dict(self):
             return self.inner.state_dict()
@@ -424,6 +460,26 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused(
         def load_state_dict(self, state):
             self.inner.load_state_dict(state)
 
-    w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), Saved())
+    model = tiny_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for validation in (Protocol(), mw.OnOutputs(Protocol(), lambda o: o)):
+        with pytest.warns(RuntimeWarning, match="no state_dict"):
+            mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), validation)
+    for validation in (Saved(), mw.OnOutputs(Saved(), lambda o: o)):
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), validation)
+        w.step(batch(), batch())
+        state = w.state_dict()["validation"]
+        assert int(state["num_updates"]) == 1, state
+        fresh = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), type(validation)(Saved(), lambda o: o)
+                                      if isinstance(validation, mw.OnOutputs) else Saved())
+        fresh.load_state_dict(w.state_dict())
+        assert int(unwrap(fresh.validation).inner.num_updates) == 1
+    net = _DictOutputs(tiny_net())
+    w = mw.HarmonizedWeighter(net, torch.optim.SGD(net.parameters(), lr=0.1), mw.OnOutputs(mw.DenseDistillLoss(3),
+                                                                                            "exits"))
     w.step(batch(), batch())
-    assert int(w.state_dict()["validation"]["num_updates"]) == 1
+    assert isinstance(w.validation, mw.OnOutputs) and int(w.validation.loss.num_updates) == 1
+
+
+def unwrap(validation):
+    return validation.loss if isinstance(validation, mw.OnOutputs) else validation
