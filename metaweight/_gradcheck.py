@@ -511,25 +511,34 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
     generators = model_generators(w.module)
 
     def check(wide: bool) -> Any:
-        # activation checkpointing (saved-tensor hooks) recomputes the forward at backward time with the module's own
-        # parameters, not the check's copies: its gradients would differ for that alone (helper-181)
-        with torch.autograd.graph.disable_saved_tensors_hooks(SAVED_TENSOR_HOOKS):
-            return gradient_mismatch(w.module, w._terms, w._objective, train, val, derivative=derivative,
-                                     movable=w._exact.lookahead_names if w.mode == "exact" else None,
-                                     active=w._active, reducer=w._reducer, run=run, wide=wide)
+        return gradient_mismatch(w.module, w._terms, w._objective, train, val, derivative=derivative,
+                                 movable=w._exact.lookahead_names if w.mode == "exact" else None,
+                                 active=w._active, reducer=w._reducer, run=run, wide=wide)
 
+    def hooked(wide: bool) -> bool:
+        """Whether the model registers saved-tensor hooks in its forward (activation checkpointing, whose
+        recomputation at backward time uses the module's own parameters, not the check's copies: a gap for that
+        alone; helper-181), asked where the check found a gap only (offloading's hooks change nothing; helper-183)."""
+        try:
+            with torch.autograd.graph.disable_saved_tensors_hooks(SAVED_TENSOR_HOOKS):
+                check(wide)
+        except Exception as exc:
+            return SAVED_TENSOR_HOOKS in str(exc)
+        return False
+
+    checkpointed = False
     with registered_buffers_removed(w.module):  # (a mask built by the check's first forward)
+        wide = True
         try:
             try:
                 found = check(True)
-            except Exception as exc:  # (every rank alike) a model that cannot run on float64 copies: its own dtype
-                if new_generators(w.module, generators) or SAVED_TENSOR_HOOKS in str(exc):
+            except Exception:  # (every rank alike) a model that cannot run on float64 copies: its own dtype
+                if new_generators(w.module, generators):
                     raise
+                wide = False
                 found = check(False)
+            checkpointed = (found.refusal is not None or found.inconclusive is not None) and hooked(wide)
         except Exception as exc:
-            if SAVED_TENSOR_HOOKS in str(exc):
-                _checkpointing(w)
-                return
             appeared = new_generators(w.module, generators)
             if appeared:  # the look-ahead could not replay this model's random numbers either
                 raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared))) from None
@@ -546,6 +555,9 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
                           f"straight-through estimators) on the path to its exits; pass check_gradients=False to "
                           f"silence this.")
             return
+    if checkpointed:
+        _checkpointing(w)  # (refused with the backend's reason, or the check off for this model, and said)
+        return
     if found.refusal is not None:
         raise ValueError(found.refusal)
     w._gradients_checked = found.finite  # (non-finite data, which the step refuses: checked next time)

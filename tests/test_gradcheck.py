@@ -657,3 +657,36 @@ def test_activation_checkpointing_is_said_for_what_it_is(mode, backend):
     messages = [str(m.message) for m in said]
     assert len(messages) == 1 and "activation checkpointing" in messages[0], messages
     assert w.num_meta_steps == 2 and len(set(w.gamma_dict().values())) > 1
+
+
+@pytest.mark.parametrize("mode, backend", [("exact", "higher"), ("fast", "jvp")])
+def test_saved_tensor_hooks_that_recompute_nothing_keep_the_check(mode, backend):
+    """Activations offloaded with torch.autograd.graph.save_on_cpu (saved-tensor hooks that recompute nothing):
+    the check of a9b7d96 turned itself off for any saved-tensor hook, warning of checkpointing (helper-183). The
+    hooks are now asked about only where the check found a gap: this model is checked, without a word."""
+    import warnings
+
+    class Offloaded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList(nn.Sequential(nn.Linear(6 if k == 0 else 10, 10), nn.LayerNorm(10))
+                                        for k in range(3))
+            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(3))
+
+        def forward(self, x):
+            outputs = []
+            with torch.autograd.graph.save_on_cpu():
+                for stage, head in zip(self.stages, self.heads):
+                    x = torch.tanh(stage(x))
+                    outputs.append(head(x))
+            return outputs
+
+    torch.manual_seed(0)
+    model = Offloaded()
+    w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3),
+                              mode=mode, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            w.step((torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,))))
+    assert w.num_meta_steps == 2 and w._gradients_checked
