@@ -186,8 +186,8 @@ class Objective:
             value = self.validation(outputs, target)
         if unseen and not self._said_unseen:  # (one held where the check at construction does not look)
             self._said_unseen = True
-            warn_user(f"The validation objective `{getattr(self.validation, '__qualname__', type(self.validation).__name__)}` "
-                      f"called a `{type(unseen[0]).__name__}`, an objective with a state (its moving average, Eq. 9), "
+            name = getattr(self.validation, "__qualname__", type(self.validation).__name__)
+            warn_user(f"The validation objective `{name}` called a `{type(unseen[0]).__name__}`, an objective with a state (its moving average, Eq. 9), "
                       f"without having its exit_losses, objective and update: the weighter cannot update that state, "
                       f"which stays as it is for the whole run, nor checkpoint it. To score part of the model's "
                       f"outputs pass mw.OnOutputs(objective, select); otherwise pass the objective itself, or give "

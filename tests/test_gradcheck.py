@@ -9,6 +9,7 @@ accepts must be right; one it refuses must have been wrong without the check
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -614,6 +615,31 @@ def test_a_criterion_computing_in_low_precision_is_named_where_the_check_cannot_
             assert "for a cast, neither backend is the way out" in str(refusal.value)
 
 
+class _Hooked(nn.Module):
+    """Three exits of Linear, LayerNorm (with it the old check found a gap, not noise) and tanh, whose forward
+    registers saved-tensor hooks: non-reentrant activation checkpointing of each stage, or ``save_on_cpu``."""
+
+    def __init__(self, hooks):
+        super().__init__()
+        self.hooks = hooks
+        self.stages = nn.ModuleList(nn.Sequential(nn.Linear(6 if k == 0 else 10, 10), nn.LayerNorm(10))
+                                    for k in range(3))
+        self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(3))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        outputs = []
+        with torch.autograd.graph.save_on_cpu() if self.hooks == "offload" else contextlib.nullcontext():
+            for stage, head in zip(self.stages, self.heads):
+                if self.hooks == "checkpoint":
+                    x = checkpoint(lambda u, stage=stage: torch.tanh(stage(u)), x, use_reentrant=False)
+                else:
+                    x = torch.tanh(stage(x))
+                outputs.append(head(x))
+        return outputs
+
+
 @pytest.mark.parametrize("mode, backend", [("exact", "jvp"), ("exact", "finite_difference"), ("exact", "higher"),
                                            ("fast", "jvp")])
 def test_activation_checkpointing_is_said_for_what_it_is(mode, backend):
@@ -624,25 +650,8 @@ def test_activation_checkpointing_is_said_for_what_it_is(mode, backend):
     with their own reason; the others warn once that the check is off for this model, and learn."""
     import warnings
 
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            # (LayerNorm: the old check found a gap, not noise, and refused blaming a stop-gradient)
-            self.stages = nn.ModuleList(nn.Sequential(nn.Linear(6 if k == 0 else 10, 10), nn.LayerNorm(10))
-                                        for k in range(3))
-            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(3))
-
-        def forward(self, x):
-            outputs = []
-            for stage, head in zip(self.stages, self.heads):
-                x = checkpoint(lambda u, stage=stage: torch.tanh(stage(u)), x, use_reentrant=False)
-                outputs.append(head(x))
-            return outputs
-
     torch.manual_seed(0)
-    model = Checkpointed()
+    model = _Hooked("checkpoint")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), mode=mode, backend=backend)
     data = [(torch.randn(16, 6), torch.randint(0, 5, (16,))) for _ in range(4)]
@@ -666,23 +675,8 @@ def test_saved_tensor_hooks_that_recompute_nothing_keep_the_check(mode, backend)
     hooks are now asked about only where the check found a gap: this model is checked, without a word."""
     import warnings
 
-    class Offloaded(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stages = nn.ModuleList(nn.Sequential(nn.Linear(6 if k == 0 else 10, 10), nn.LayerNorm(10))
-                                        for k in range(3))
-            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(3))
-
-        def forward(self, x):
-            outputs = []
-            with torch.autograd.graph.save_on_cpu():
-                for stage, head in zip(self.stages, self.heads):
-                    x = torch.tanh(stage(x))
-                    outputs.append(head(x))
-            return outputs
-
     torch.manual_seed(0)
-    model = Offloaded()
+    model = _Hooked("offload")
     w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3),
                               mode=mode, backend=backend)
     with warnings.catch_warnings():

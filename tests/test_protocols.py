@@ -298,8 +298,8 @@ def test_on_outputs_scores_part_of_the_outputs_as_the_loss_itself_scores_a_list(
     assert all(torch.equal(a, b) for a, b in zip(wrapped.net.parameters(), ref_model.parameters()))
     # the average is checkpointed: two steps, a save, two steps in fresh objects from it
     first = _DictOutputs(copy.deepcopy(net))
-    half, _ = _run(first, mw.OnOutputs(mw.DenseDistillLoss(3), "exits"), mw.OnOutputs(mw.BalancedValidation(3), "exits"),
-                   mode, batches[:2])
+    half, _ = _run(first, mw.OnOutputs(mw.DenseDistillLoss(3), "exits"),
+                   mw.OnOutputs(mw.BalancedValidation(3), "exits"), mode, batches[:2])
     state, model_state, optim_state = copy.deepcopy((half.state_dict(), first.state_dict(),
                                                      half.optimizer.state_dict()))
     assert int(state["validation"]["num_updates"]) == 2 and state["teachers"] == "dense"  # (as without OnOutputs)
@@ -334,8 +334,8 @@ def test_on_outputs_keeps_the_criterion_s_protocol():
                   "exact", batches, backend="finite_difference")
     assert torch.equal(got.gamma, ref.gamma)
     with pytest.raises(ValueError, match="teacher_outputs"):  # (a criterion without the keyword: refused, as is)
-        _run(_DictOutputs(copy.deepcopy(net)), mw.OnOutputs(lambda o, y: torch.stack([F.cross_entropy(z, y) for z in o]),
-                                                             "exits"), mw.BalancedValidation(3), "exact", batches,
+        terms = mw.OnOutputs(lambda o, y: torch.stack([F.cross_entropy(z, y) for z in o]), "exits")
+        _run(_DictOutputs(copy.deepcopy(net)), terms, mw.BalancedValidation(3), "exact", batches,
              backend="finite_difference", term_names=["a", "b", "c"])
     weightings = []
     for model, terms in ((copy.deepcopy(net), mw.DenseDistillLoss(3)),

@@ -937,6 +937,18 @@ def test_refused_updates_say_what_to_change_after_the_step_too_and_never_the_opt
         assert said.endswith("only the weights' update was " + ("skipped." if nonfinite == "skip" else "refused.")), said
 
 
+def _near_bound_said(w, model, optimizer, x, y, iterations=2):
+    """FAMO's warnings of terms near their bound over ``iterations`` of the two calls on one batch."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(iterations):
+            optimizer.zero_grad()
+            w.loss(model(x), y).backward()
+            optimizer.step()
+            w.meta_step((x, y))
+    return [str(m.message) for m in said if "near their bound" in str(m.message)]
+
+
 def test_famo_warns_once_of_a_term_at_or_near_its_bound():
     """A term exactly at its bound (a margin penalty met, 0 with min_losses 0) took nearly all of FAMO's weight, z /
     (L - min + 1e-8) over their sum, and the others' fell to about 1e-8 of theirs: the model stopped training on
@@ -987,14 +999,7 @@ def test_famo_warns_once_of_a_term_at_or_near_its_bound():
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     w = mw.FAMO(model, optimizer, Two(0.0))
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            optimizer.zero_grad()
-            w.loss(model(x), y).backward()
-            optimizer.step()
-            w.meta_step((x, y))
-    near = [str(m.message) for m in said if "near their bound" in str(m.message)]
+    near = _near_bound_said(w, model, optimizer, x, y)
     assert len(near) == 1 and "margin_a = 0 (min_losses 0), margin_b = 0 (min_losses 0)" in near[0], near
 
 
@@ -1051,16 +1056,9 @@ def test_famo_says_nothing_of_terms_far_from_their_bound_whose_scales_differ():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     w = mw.FAMO(model, optimizer, mw.DenseDistillLoss(8))
     x, y = torch.randn(32, 16), torch.randint(0, 100, (32,))
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            optimizer.zero_grad()
-            w.loss(model(x), y).backward()
-            optimizer.step()
-            w.meta_step((x, y))
+    near = _near_bound_said(w, model, optimizer, x, y)
     terms = w.terms_dict()
     kd = [v for n, v in terms.items() if n.startswith("kd")]
     ce = [v for n, v in terms.items() if n.startswith("ce")]
     assert len(kd) == 28 and len(ce) == 8 and max(kd) < 0.1 * min(ce), terms  # (the scales the rule misread)
-    near = [str(m.message) for m in said if "near their bound" in str(m.message)]
     assert not near, near[0][:400]
