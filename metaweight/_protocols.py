@@ -187,8 +187,8 @@ class Objective:
         if unseen and not self._said_unseen:  # (one held where the check at construction does not look)
             self._said_unseen = True
             name = getattr(self.validation, "__qualname__", type(self.validation).__name__)
-            warn_user(f"The validation objective `{name}` called a `{type(unseen[0]).__name__}`, an objective with a state (its moving average, Eq. 9), "
-                      f"without having its exit_losses, objective and update: the weighter cannot update that state, "
+            warn_user(f"The validation objective `{name}` called a `{type(unseen[0]).__name__}`, an objective with a "
+                      f"state (its moving average, Eq. 9), without having its exit_losses, objective and update: the weighter cannot update that state, "
                       f"which stays as it is for the whole run, nor checkpoint it. To score part of the model's "
                       f"outputs pass mw.OnOutputs(objective, select); otherwise pass the objective itself, or give "
                       f"your wrapper the three methods (metaweight._protocols). (Said once.)")
