@@ -1030,6 +1030,28 @@ def test_famo_warns_of_a_penalty_near_its_floor_in_a_real_run():
     assert share["penalty"] > 1000 * max(v for n, v in share.items() if n != "penalty"), share
 
 
+def test_famo_warns_of_cross_entropies_stalled_under_distillation_terms_near_0():
+    """Dense distillation over 3 exits, 480 steps, min_losses left at 0: the distillation terms fall to 5e-4-2e-3 and
+    take 99.9 % of the weight, each cross-entropy about 0.04 % and stuck near chance, and nothing was said: the
+    rule of f7bf183 looked for a 1000-fold gap between neighbouring weights, which the graded distillation terms
+    hid (helper-184). A term weighing under 1/1000 of the heaviest is now warned of."""
+    torch.manual_seed(0)
+    weights = torch.randn(6, 5)
+    data = [(x, (x @ weights).argmax(1)) for x in (torch.randn(64, 6) for _ in range(8))]
+    torch.manual_seed(1)
+    model = tiny_net(3, batchnorm=False)
+    w = mw.FAMO(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(60):
+            for batch_ in data:
+                record = w.step(batch_)
+    near = [str(m.message) for m in said if "near their bound" in str(m.message)]
+    assert len(near) == 1 and "kd[3->2] = " in near[0] and "ce[3] = " in near[0].split("each weigh under")[0], near
+    share = {n: record.gamma[n] / record.terms[n] for n in record.terms}
+    assert max(v for n, v in share.items() if n.startswith("ce")) < 1e-3 * sum(share.values()), share
+
+
 def test_famo_says_nothing_of_terms_far_from_their_bound_whose_scales_differ():
     """Dense distillation over 8 exits and 100 classes: 28 distillation terms near 0.08 and 8 cross-entropies near
     4.6 at the start, all far above their bound 0. FAMO's weights z / L follow the scales, and the heaviest 35 terms
