@@ -1009,7 +1009,8 @@ class Weighting(NamedWeights):
             return self._no_step_since(local)
         if self._skipped_nonfinite(steps):  # the last loss() call, not finite, skipped by the loop
             Weighting._check_batch(self, train_batch)
-            return self._no_step_since(self._pending, stepped=self._made_at != steps)
+            return self._no_step_since(self._pending, stepped=self._made_at != steps,
+                                       after_step=self._made_at == steps and self._met_at != steps)
         if self.needs_terms and local is None:
             raise ValueError(f"{type(self).__name__}.meta_step reads the terms of this iteration: call "
                              f"loss = weighting.loss(model(x), y) first, then loss.backward(), optimizer.step() "
@@ -1150,7 +1151,8 @@ class Weighting(NamedWeights):
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), terms=self._named(shown), message=message)
 
-    def _no_step_since(self, local: Tensor | None = None, stepped: bool = False) -> MetaStepRecord:
+    def _no_step_since(self, local: Tensor | None = None, stepped: bool = False,
+                       after_step: bool = False) -> MetaStepRecord:
         """The meta step after no optimizer step since the last meta step (or since built) and no backward through
         a :meth:`loss` call since: a batch the loop skipped (``loss()`` called, its loss found non-finite and neither
         backpropagated nor stepped on: ``local`` its terms, not read), a ``GradScaler``'s skip in a loop that weighs
@@ -1158,7 +1160,9 @@ class Weighting(NamedWeights):
         ``loss()``, a second call: nothing to learn from, as :meth:`_not_stepped`; warned where the gradients are
         finite and no ``loss()`` call says the batch was skipped. ``stepped``: the loop's step came after the skipped
         call, taking no gradient of it (a loop guarding the backward alone). Drops the skipped call alone: calls a
-        backward reached before it (micro-batches of a step to come) stay for the meta step after that step."""
+        backward reached before it (micro-batches of a step to come) stay for the meta step after that step.
+        ``after_step``: the call came after an optimizer step since the last meta step (a loss logged with its
+        graph after the step reads so too: said)."""
         self.num_calls += 1
         self._pending, self._pending_trains, self._last_values, self._unreached = None, False, None, None
         name = type(self).__name__
@@ -1167,6 +1171,12 @@ class Weighting(NamedWeights):
             message = (f"No backward went through the last weighting.loss call, not finite{where}, and the optimizer's "
                        f"step since took no gradient of it: taken for a batch the loop skipped, so the weights and the "
                        f"method's state are unchanged (its terms are not read).")
+        elif after_step:  # (after a step: a batch skipped after steps without meta steps, or a loss logged so)
+            message = (f"No backward went through the last weighting.loss call, not finite, made after the "
+                       f"optimizer's step: taken for a batch the loop skipped, so the weights and the method's state "
+                       f"are unchanged (its terms are not read) and the step(s) since the last meta step are not "
+                       f"learned from. If that call was a loss computed for logging, compute it under "
+                       f"torch.no_grad() (or after meta_step): a logged loss with its graph reads as the loop's own.")
         elif local is not None:  # (loss() was called: its batch skipped by the loop, no backward, no step)
             message = (f"No backward went through this iteration's weighting.loss call(s), and no optimizer step came "
                        f"since {'the last ' + name + '.meta_step' if self.num_calls > 1 else name + ' was built'}: "
@@ -1201,9 +1211,10 @@ class Weighting(NamedWeights):
         warm-up without meta steps, another task's batches). Not where a step since that call took the gradients
         of calls a backward reached (micro-batches of an accumulated step: that step is scored), nor where the last
         step was taken on non-finite terms (the model then is non-finite, and so is a loss logged after it: the
-        step's terms are refused), nor where the call came after the one step since the last meta step, which took
-        gradients (a loss logged after the step, on a batch holding a NaN: the step is scored; helper-182). One host
-        read, where such a call is pending only. Under DDP the ranks decide
+        step's terms are refused). A loss logged with its graph after the step, not finite, reads the same (and is
+        said to be the likely cause; helper-182: telling it from a batch skipped after steps without meta steps
+        made a 1-step warm-up behave otherwise than a longer one, helper-184). One host read, where such a call is
+        pending only. Under DDP the ranks decide
         together, with one all-reduce and one read at every call: a batch skipped by the loop for one rank's
         non-finite loss (its backward skipped on every rank) is skipped on every rank (the others went on to the
         all-reduce of the terms and waited for it, or gloo aborted; helper-182)."""
@@ -1212,9 +1223,6 @@ class Weighting(NamedWeights):
         stepped = self._groups.get(steps - 1) if pending else None
         if pending and self._made_at != steps and (stepped is not None or steps in self._groups):
             pending = False
-        if pending and self._made_at == steps and stepped is not None and self._met_at == steps - 1:
-            pending = False  # (a call after the one step since the last meta step, which took this iteration's
-            # gradients: a loss logged after the step (a NaN validation batch), not a batch the loop skipped)
         if not pending and self._world == 1:
             return False
         if pending:
