@@ -480,6 +480,19 @@ def _checkpointing(w: HarmonizedWeighter) -> None:
               "the path to its exits, which this check would have seen. Pass check_gradients=False to silence this.")
 
 
+def _failed(w: HarmonizedWeighter, exc: Exception) -> None:
+    """The check raised on the model's copies: said once a meta step went through since (an error of the model's or
+    the data's comes again from the step itself, which says it: only then is the failure the copies' own)."""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    failed, w._gradcheck_failed = w._gradcheck_failed, (w.num_meta_steps, f"{type(exc).__name__}: {first}")
+    if failed is not None and w.num_meta_steps > failed[0]:
+        w._gradients_checked = True
+        warn_user(f"metaweight could not check the model's gradients against the derivatives of its values on float64 "
+                  f"copies ({failed[1]}). The meta-gradient is exact only if the model has no stop-gradient or custom "
+                  f"backward (detach, .data, no_grad, .item() rescales, straight-through estimators) on the path to "
+                  f"its exits; pass check_gradients=False to silence this.")
+
+
 def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> None:
     """The check of the weighter ``w`` (``check_gradients=True``), once, at its first meta step, before anything
     changes: autograd's gradients against the derivatives of the values, on float64 copies (:func:`gradient_mismatch`,
@@ -539,22 +552,15 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
                 found = check(False)
             checkpointed = (found.refusal is not None or found.inconclusive is not None) and hooked(wide)
         except Exception as exc:
+            # (checkpointing's recomputation with the module's own float32 parameters fails on the float64 copies
+            # of a BatchNorm model: said for what it is, at once; helper-184)
             appeared = new_generators(w.module, generators)
             if appeared:  # the look-ahead could not replay this model's random numbers either
                 raise ValueError(NEW_GENERATOR.format(names=", ".join(appeared))) from None
-            first = (str(exc).splitlines() or [""])[0][:200]
-            failed, w._gradcheck_failed = w._gradcheck_failed, (w.num_meta_steps, f"{type(exc).__name__}: "
-                                                                                          f"{first}")
-            # an error of the model's or the data's comes again from the step itself, which says it: only once a
-            # meta step went through since is the failure the float64 copies' own, and said
-            if failed is not None and w.num_meta_steps > failed[0]:
-                w._gradients_checked = True
-                warn_user(f"metaweight could not check the model's gradients against the derivatives of its values "
-                          f"on float64 copies ({failed[1]}). The meta-gradient is exact only if the model has no "
-                          f"stop-gradient or custom backward (detach, .data, no_grad, .item() rescales, "
-                          f"straight-through estimators) on the path to its exits; pass check_gradients=False to "
-                          f"silence this.")
-            return
+            checkpointed = hooked(True)
+            if not checkpointed:
+                _failed(w, exc)
+                return
     if checkpointed:
         _checkpointing(w)  # (refused with the backend's reason, or the check off for this model, and said)
         return
