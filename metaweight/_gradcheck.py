@@ -565,6 +565,8 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
         _checkpointing(w)  # (refused with the backend's reason, or the check off for this model, and said)
         return
     if found.refusal is not None:
+        if w._objective.unseen:  # (its own detach before a first update is the gap: say that; helper-184)
+            raise ValueError(w._objective.unseen)
         raise ValueError(found.refusal)
     w._gradients_checked = found.finite  # (non-finite data, which the step refuses: checked next time)
     if found.inconclusive is not None:

@@ -170,7 +170,7 @@ class Objective:
         self._state = inner if isinstance(inner, nn.Module) or all(
             callable(getattr(inner, a, None)) for a in ("state_dict", "load_state_dict")) else None
         self.saved = self._state is not None
-        self._said_unseen = False
+        self.unseen = ""  # (what was said of a stateful objective called without its methods, where one was)
         if self.per_exit and not self.saved:
             warn_user(f"The validation objective `{type(inner).__name__}` has a state (update) but no state_dict: "
                       f"the weighter's state_dict and checkpoints do not hold it, and a resumed run starts it again "
@@ -184,14 +184,15 @@ class Objective:
             return self.validation.exit_losses(outputs, target)
         with scored_unseen() as unseen:
             value = self.validation(outputs, target)
-        if unseen and not self._said_unseen:  # (one held where the check at construction does not look)
-            self._said_unseen = True
+        if unseen and not self.unseen:  # (one held where the check at construction does not look)
             name = getattr(self.validation, "__qualname__", type(self.validation).__name__)
-            warn_user(f"The validation objective `{name}` called a `{type(unseen[0]).__name__}`, an objective with a "
-                      f"state (its moving average, Eq. 9), without having its exit_losses, objective and update: the weighter cannot update that state, "
-                      f"which stays as it is for the whole run, nor checkpoint it. To score part of the model's "
-                      f"outputs pass mw.OnOutputs(objective, select); otherwise pass the objective itself, or give "
-                      f"your wrapper the three methods (metaweight._protocols). (Said once.)")
+            self.unseen = (f"The validation objective `{name}` called a `{type(unseen[0]).__name__}`, an objective "
+                           f"with a state (its moving average, Eq. 9), without having its exit_losses, objective and "
+                           f"update: the weighter cannot update that state, which stays as it is for the whole run, "
+                           f"nor checkpoint it. To score part of the model's outputs pass mw.OnOutputs(objective, "
+                           f"select); otherwise pass the objective itself, or give your wrapper the three methods "
+                           f"(metaweight._protocols).")
+            warn_user(self.unseen + " (Said once.)")
         if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
             found = f"shape {tuple(value.shape)} ({value.dtype})" if isinstance(value, Tensor) else \
                 f"`{type(value).__name__}`"

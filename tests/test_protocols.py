@@ -406,6 +406,15 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
         w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), validation, check_gradients=False)
         with pytest.warns(RuntimeWarning, match=r"called a `BalancedValidation`.*mw\.OnOutputs"):
             w.step(batch(), batch())
+        # with the gradient check, its gap (BalancedValidation's own detach before a first update) is refused as
+        # what it is, not as a stop-gradient of the model's (helper-184)
+        model = tiny_net()
+        w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3),
+                                  type(validation)())
+        kept = copy.deepcopy(model.state_dict())
+        with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match=r"called a `BalancedValidation`"):
+            w.step(batch(), batch())
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in kept.items()) and w.num_meta_steps == 0
     model = tiny_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
