@@ -130,8 +130,9 @@ class _Directional(Backend):
 
 
 CHECKPOINTING = (
-    "The model uses activation checkpointing (or other saved-tensor hooks), which recompute the forward at backward "
-    "time with the model's own parameters, not the look-ahead's: backend='{backend}' would take the validation "
+    "The model uses activation checkpointing, which recomputes the forward at backward time with the model's own "
+    "parameters, not the look-ahead's, or other saved-tensor hooks, which this backend cannot tell from it (offloading "
+    "with save_on_cpu recomputes nothing, but is refused too): backend='{backend}' would take the validation "
     "gradient at the wrong point. Use backend='higher' or mode='fast', or turn checkpointing off for the weighter.")
 
 
