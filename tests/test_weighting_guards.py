@@ -1016,6 +1016,23 @@ def test_famo_warns_once_of_a_term_at_or_near_its_bound():
     assert len(near) == 1 and "margin_a = 0 (min_losses 0), margin_b = 0 (min_losses 0)" in near[0], near
 
 
+def _famo_run(criterion, exits, epochs, **options):
+    """FAMO's step() over 8 batches of a learnable task for ``epochs``: its warnings of terms near their bound and
+    the last record."""
+    torch.manual_seed(0)
+    weights = torch.randn(6, 5)
+    data = [(x, (x @ weights).argmax(1)) for x in (torch.randn(64, 6) for _ in range(8))]
+    torch.manual_seed(1)
+    model = tiny_net(exits, batchnorm=False)
+    w = mw.FAMO(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, **options)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(epochs):
+            for batch_ in data:
+                record = w.step(batch_)
+    return [str(m.message) for m in said if "near their bound" in str(m.message)], record
+
+
 def test_famo_warns_of_a_penalty_near_its_floor_in_a_real_run():
     """Three cross-entropies and a penalty whose floor is 1e-3, min_losses left at 0: after 80 steps the penalty
     takes 99.79 % of the step's weight, each cross-entropy about 0.07 %, and they stop improving (helper-183). The
@@ -1025,19 +1042,7 @@ def test_famo_warns_of_a_penalty_near_its_floor_in_a_real_run():
         ce = [F.cross_entropy(z, y) for z in outputs]
         return torch.stack([*ce, 1e-3 + 1e-3 * outputs[0].pow(2).mean()])
 
-    torch.manual_seed(0)
-    weights = torch.randn(6, 5)
-    data = [(x, (x @ weights).argmax(1)) for x in (torch.randn(64, 6) for _ in range(8))]
-    torch.manual_seed(1)
-    model = tiny_net(batchnorm=False)
-    w = mw.FAMO(model, torch.optim.SGD(model.parameters(), lr=0.1), terms,
-                term_names=["ce[1]", "ce[2]", "ce[3]", "penalty"])
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        for _ in range(10):
-            for batch_ in data:
-                record = w.step(batch_)
-    near = [str(m.message) for m in said if "near their bound" in str(m.message)]
+    near, record = _famo_run(terms, 3, 10, term_names=["ce[1]", "ce[2]", "ce[3]", "penalty"])
     assert len(near) == 1 and "the term(s) penalty = " in near[0], near
     share = {n: record.gamma[n] / record.terms[n] for n in record.terms}
     assert share["penalty"] > 1000 * max(v for n, v in share.items() if n != "penalty"), share
@@ -1048,18 +1053,7 @@ def test_famo_warns_of_cross_entropies_stalled_under_distillation_terms_near_0()
     take 99.9 % of the weight, each cross-entropy about 0.04 % and stuck near chance, and nothing was said: the
     rule of f7bf183 looked for a 1000-fold gap between neighbouring weights, which the graded distillation terms
     hid (helper-184). A term weighing under 1/1000 of the heaviest is now warned of."""
-    torch.manual_seed(0)
-    weights = torch.randn(6, 5)
-    data = [(x, (x @ weights).argmax(1)) for x in (torch.randn(64, 6) for _ in range(8))]
-    torch.manual_seed(1)
-    model = tiny_net(3, batchnorm=False)
-    w = mw.FAMO(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(3))
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        for _ in range(60):
-            for batch_ in data:
-                record = w.step(batch_)
-    near = [str(m.message) for m in said if "near their bound" in str(m.message)]
+    near, record = _famo_run(mw.DenseDistillLoss(3), 3, 60)
     assert len(near) == 1 and "kd[3->2] = " in near[0] and "ce[3] = " in near[0].split("each weigh under")[0], near
     share = {n: record.gamma[n] / record.terms[n] for n in record.terms}
     assert max(v for n, v in share.items() if n.startswith("ce")) < 1e-3 * sum(share.values()), share
