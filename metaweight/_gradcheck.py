@@ -472,8 +472,9 @@ def _checkpointing(w: HarmonizedWeighter) -> None:
         raise ValueError(CHECKPOINTING.format(backend=backend.name))
     w._gradients_checked = True
     warn_user("metaweight could not check the model's gradients against the derivatives of its values: the model "
-              "uses activation checkpointing (or other saved-tensor hooks), whose backward recomputes the forward "
-              "with the module's own parameters, not the check's float64 copies. "
+              "registers saved-tensor hooks in its forward, as activation checkpointing does, whose backward "
+              "recomputes the forward with the module's own parameters, not the check's float64 copies (the check "
+              "cannot tell other such hooks from it). "
               + ("mode='fast'" if w.mode == "fast" else f"backend='{backend.name}'")
               + " takes the meta-gradient through checkpointing as it is; the meta-gradient is exact only if the "
               "model has no stop-gradient or custom backward (detach, .data, no_grad, straight-through estimators) on "
@@ -531,7 +532,11 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
     def hooked(wide: bool) -> bool:
         """Whether the model registers saved-tensor hooks in its forward (activation checkpointing, whose
         recomputation at backward time uses the module's own parameters, not the check's copies: a gap for that
-        alone; helper-181), asked where the check found a gap only (offloading's hooks change nothing; helper-183)."""
+        alone; helper-181), asked where the check found a gap only (offloading's hooks change nothing; helper-183).
+        Not where the caller's own hooks are already in force (a step run inside ``save_on_cpu()``): they cannot be
+        told from the model's, and the gap stands (a real stop-gradient went unrefused; helper-185)."""
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            return False
         try:
             with torch.autograd.graph.disable_saved_tensors_hooks(SAVED_TENSOR_HOOKS):
                 check(wide)

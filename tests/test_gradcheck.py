@@ -685,3 +685,32 @@ def test_saved_tensor_hooks_that_recompute_nothing_keep_the_check(mode, backend)
         for _ in range(2):
             w.step((torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,))))
     assert w.num_meta_steps == 2 and w._gradients_checked
+
+
+def test_a_step_run_inside_the_caller_s_save_on_cpu_is_still_checked():
+    """A model with a real stop-gradient (a detach between its stages), its step run inside the caller's
+    save_on_cpu(): the check's gap was put down to saved-tensor hooks (the caller's, which it could not tell from
+    the model's), the check turned off, and every step taken (helper-185). The caller's own hooks are not asked
+    about: refused as without them, changing nothing."""
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList(nn.Linear(6 if k == 0 else 10, 10) for k in range(2))
+            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(2))
+
+        def forward(self, x):
+            outputs = []
+            for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
+                x = torch.tanh(stage(x.detach() if k == 1 else x))
+                outputs.append(head(x))
+            return outputs
+
+    for outer in (contextlib.nullcontext, torch.autograd.graph.save_on_cpu):
+        torch.manual_seed(0)
+        model = Detached()
+        w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                  backend="higher")
+        kept = copy.deepcopy(model.state_dict())
+        with outer(), pytest.raises(ValueError, match="differs"):
+            w.step((torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,))))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in kept.items()) and w.num_meta_steps == 0
