@@ -271,13 +271,14 @@ class FAMO(Weighting):
             low = ", ".join(f"{n} = {terms[n]:.6g}" for n in stalled)
             warn_user(f"FAMO: the term(s) {said} are near their bound, against the others, and take "
                       f"{100 * share:.6g} % of the next step's weight; the term(s) {low} each weigh under "
-                      f"1/{NEAR_BOUND_RATIO:g} of the heaviest ({100 * (1 - share):.3g} % together): the model "
-                      f"barely trains on them. FAMO weighs each term by z_k / (L_k - min_losses_k + 1e-8), normalised "
-                      f"over the terms, so a term at or near its bound, or much nearer it than the others, takes "
-                      f"nearly all of the weight. Pass min_losses well below every value a term reaches (for a term "
-                      f"that reaches 0, a margin penalty met, a distillation term between heads that agree or a task "
-                      f"without labels in a batch: a bound below 0, e.g. -1), or use another weighting for such "
-                      f"terms. (Said once.)")
+                      f"1/{NEAR_BOUND_RATIO:g} of the heaviest ({100 * (1 - share):.3g} % together). FAMO weighs each "
+                      f"term's gradient by z_k / (L_k - min_losses_k + 1e-8), normalised over the terms: with a plain "
+                      f"SGD step their gradients count that much less, and training on them may stall (an optimizer "
+                      f"that rescales each parameter's step, such as Adam, still moves the parameters only they "
+                      f"reach). Where a term sits at or near a bound it reaches (a margin penalty met, a distillation "
+                      f"term between heads that agree, a task without labels in a batch), pass min_losses well below "
+                      f"it (e.g. -1); where the terms' scales merely differ (an MSE in the thousands beside a "
+                      f"cross-entropy), scale the terms, or use another weighting. (Said once.)")
 
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
         if not terms:

@@ -1172,7 +1172,8 @@ class Weighting(NamedWeights):
                        f"step since took no gradient of it: taken for a batch the loop skipped, so the weights and the "
                        f"method's state are unchanged (its terms are not read).")
         elif after_step:  # (after a step: a batch skipped after steps without meta steps, or a loss logged so)
-            message = (f"No backward went through the last weighting.loss call, not finite, made after the "
+            where = " (on this rank or another)" if self._world > 1 else ""
+            message = (f"No backward went through the last weighting.loss call, not finite{where}, made after the "
                        f"optimizer's step: taken for a batch the loop skipped, so the weights and the method's state "
                        f"are unchanged (its terms are not read) and the step(s) since the last meta step are not "
                        f"learned from. If that call was a loss computed for logging, compute it under "
