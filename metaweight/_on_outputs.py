@@ -32,9 +32,10 @@ class OnOutputs(nn.Module):
     Every attribute of ``loss`` is read through, so everything the weighter reads of it beyond the call is kept: a
     criterion's ``term_names``, ``active``, ``num_exits``, ``teachers`` and ``ignore_index`` and its
     ``teacher_outputs`` keyword (``select`` applied to the teacher's outputs too); an objective's ``exit_losses``
-    (on the selected part), ``objective`` and ``update``. An
-    ``nn.Module`` ``loss`` is a submodule, so its state (:class:`BalancedValidation`'s moving average) is in this
-    module's ``state_dict`` and is checkpointed with the weighter's. Works for the loss weightings' criteria too.
+    (on the selected part), ``objective`` and ``update``. The weighter checkpoints the state of the objective
+    ``OnOutputs`` holds (:class:`BalancedValidation`'s moving average; any object's with ``state_dict`` and
+    ``load_state_dict``) under the keys it has without ``OnOutputs``. Works for the loss weightings' criteria too.
+    A key as ``select`` pickles with the weighter; a lambda does not.
 
     Args:
         loss: a criterion (``loss(outputs, target) -> Tensor[n]``, e.g. :class:`DenseDistillLoss`) or a
