@@ -462,6 +462,10 @@ INCONCLUSIVE = (
 
 
 SAVED_TENSOR_HOOKS = "metaweight's gradient check: the model registers saved-tensor hooks (activation checkpointing)"
+# what the warnings of a check not made say of the meta-gradient
+EXACT_ONLY_IF = ("the meta-gradient is exact only if the model has no stop-gradient or custom backward (detach, .data, "
+                 "no_grad, .item() rescales, straight-through estimators) on the path to its exits, which the check "
+                 "would have seen; pass check_gradients=False to silence this.")
 
 
 def _checkpointing(w: HarmonizedWeighter) -> None:
@@ -476,9 +480,7 @@ def _checkpointing(w: HarmonizedWeighter) -> None:
               "recomputes the forward with the module's own parameters, not the check's float64 copies (the check "
               "cannot tell other such hooks from it). "
               + ("mode='fast'" if w.mode == "fast" else f"backend='{backend.name}'")
-              + " takes the meta-gradient through checkpointing as it is; the meta-gradient is exact only if the "
-              "model has no stop-gradient or custom backward (detach, .data, no_grad, straight-through estimators) on "
-              "the path to its exits, which this check would have seen. Pass check_gradients=False to silence this.")
+              + f" takes the meta-gradient through checkpointing as it is; {EXACT_ONLY_IF}")
 
 
 def _failed(w: HarmonizedWeighter, exc: Exception) -> None:
@@ -489,9 +491,7 @@ def _failed(w: HarmonizedWeighter, exc: Exception) -> None:
     if failed is not None and w.num_meta_steps > failed[0]:
         w._gradients_checked = True
         warn_user(f"metaweight could not check the model's gradients against the derivatives of its values on float64 "
-                  f"copies ({failed[1]}). The meta-gradient is exact only if the model has no stop-gradient or custom "
-                  f"backward (detach, .data, no_grad, .item() rescales, straight-through estimators) on the path to "
-                  f"its exits; pass check_gradients=False to silence this.")
+                  f"copies ({failed[1]}). {EXACT_ONLY_IF[0].upper()}{EXACT_ONLY_IF[1:]}")
 
 
 def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> None:

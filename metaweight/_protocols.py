@@ -153,15 +153,7 @@ class Objective:
                             f"`{type(validation).__name__}`.")
         hidden = hidden_state(validation)
         if hidden is not None:
-            name = getattr(validation, "__qualname__", type(validation).__name__)
-            raise ValueError(
-                f"The validation objective `{name}` calls a `{type(hidden[0]).__name__}` ({hidden[1]}), an objective "
-                f"with a state (exit_losses, objective and update: BalancedValidation's moving average of Eq. 9), "
-                f"without having those methods itself: the weighter could never update that state, which would "
-                f"stay as it is for the whole run, nor checkpoint it. To score part of the model's outputs pass "
-                f"mw.OnOutputs(objective, select) (select: the key, or a callable picking what it takes from the "
-                f"outputs), which keeps them; otherwise pass the objective itself, or give your wrapper the three "
-                f"methods (metaweight._protocols). Nothing was changed.")
+            raise ValueError(_hides(validation, hidden[0], f" ({hidden[1]})") + " Nothing was changed.")
         self.validation = validation
         self.per_exit = has_state(validation)
         # a state saved with the weighter's: an nn.Module's, or any object's with state_dict and load_state_dict; of
@@ -169,9 +161,8 @@ class Objective:
         inner = unwrapped(validation)
         self._state = inner if isinstance(inner, nn.Module) or all(
             callable(getattr(inner, a, None)) for a in ("state_dict", "load_state_dict")) else None
-        self.saved = self._state is not None
         self.unseen = ""  # (what was said of a stateful objective called without its methods, where one was)
-        if self.per_exit and not self.saved:
+        if self.per_exit and self._state is None:
             warn_user(f"The validation objective `{type(inner).__name__}` has a state (update) but no state_dict: "
                       f"the weighter's state_dict and checkpoints do not hold it, and a resumed run starts it again "
                       f"(BalancedValidation's moving average from its next batch). Make it an nn.Module with its "
@@ -185,13 +176,7 @@ class Objective:
         with scored_unseen() as unseen:
             value = self.validation(outputs, target)
         if unseen and not self.unseen:  # (one held where the check at construction does not look)
-            name = getattr(self.validation, "__qualname__", type(self.validation).__name__)
-            self.unseen = (f"The validation objective `{name}` called a `{type(unseen[0]).__name__}`, an objective "
-                           f"with a state (its moving average, Eq. 9), without having its exit_losses, objective and "
-                           f"update: the weighter cannot update that state, which stays as it is for the whole run, "
-                           f"nor checkpoint it. To score part of the model's outputs pass mw.OnOutputs(objective, "
-                           f"select); otherwise pass the objective itself, or give your wrapper the three methods "
-                           f"(metaweight._protocols).")
+            self.unseen = _hides(self.validation, unseen[0], verb="called")
             warn_user(self.unseen + " (Said once.)")
         if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
             found = f"shape {tuple(value.shape)} ({value.dtype})" if isinstance(value, Tensor) else \
@@ -219,7 +204,7 @@ class Objective:
         """Refuse a saved state this objective could not load, changing nothing."""
         if not isinstance(state, dict):
             raise ValueError("The checkpoint's `validation` should be the validation objective's state_dict.")
-        if not self.saved:
+        if self._state is None:
             if state:
                 raise ValueError(f"The checkpoint holds a validation state {sorted(state)}, but this validation "
                                  f"objective has none.")
@@ -243,6 +228,19 @@ class Objective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._state is not None:
             self._state.load_state_dict(state)
+
+
+def _hides(validation: Any, stateful: Any, how: str = "", verb: str = "calls") -> str:
+    """What is said of a validation objective that calls ``stateful`` (an objective with a state) without having
+    its methods itself (``how``: how it holds it, for the refusal at construction; ``verb`` "called" where it was
+    seen calling it)."""
+    name = getattr(validation, "__qualname__", type(validation).__name__)
+    return (f"The validation objective `{name}` {verb} a `{type(stateful).__name__}`{how}, an objective with a state "
+            f"(exit_losses, objective and update: BalancedValidation's moving average of Eq. 9), without having those "
+            f"methods itself: the weighter could never update that state, which would stay as it is for the whole "
+            f"run, nor checkpoint it. To score part of the model's outputs pass mw.OnOutputs(objective, select) "
+            f"(select: the key, or a callable picking what it takes from the outputs), which keeps them; otherwise "
+            f"pass the objective itself, or give your wrapper the three methods (metaweight._protocols).")
 
 
 class ModelCall(NamedTuple):

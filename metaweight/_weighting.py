@@ -1166,13 +1166,12 @@ class Weighting(NamedWeights):
         self.num_calls += 1
         self._pending, self._pending_trains, self._last_values, self._unreached = None, False, None, None
         name = type(self).__name__
+        where = " (on this rank or another)" if self._world > 1 else ""  # (the ranks decide a skip together)
         if stepped:  # (the loop's step came, on no gradient of the skipped call: its backward was skipped alone)
-            where = " (on this rank or another)" if self._world > 1 else ""
             message = (f"No backward went through the last weighting.loss call, not finite{where}, and the optimizer's "
                        f"step since took no gradient of it: taken for a batch the loop skipped, so the weights and the "
                        f"method's state are unchanged (its terms are not read).")
         elif after_step:  # (after a step: a batch skipped after steps without meta steps, or a loss logged so)
-            where = " (on this rank or another)" if self._world > 1 else ""
             message = (f"No backward went through the last weighting.loss call, not finite{where}, made after the "
                        f"optimizer's step: taken for a batch the loop skipped, so the weights and the method's state "
                        f"are unchanged (its terms are not read) and the step(s) since the last meta step are not "
@@ -1215,10 +1214,9 @@ class Weighting(NamedWeights):
         step's terms are refused). A loss logged with its graph after the step, not finite, reads the same (and is
         said to be the likely cause; helper-182: telling it from a batch skipped after steps without meta steps
         made a 1-step warm-up behave otherwise than a longer one, helper-184). One host read, where such a call is
-        pending only. Under DDP the ranks decide
-        together, with one all-reduce and one read at every call: a batch skipped by the loop for one rank's
-        non-finite loss (its backward skipped on every rank) is skipped on every rank (the others went on to the
-        all-reduce of the terms and waited for it, or gloo aborted; helper-182)."""
+        pending only. Under DDP the ranks decide together, with one all-reduce and one read at every call: a batch
+        skipped by the loop for one rank's non-finite loss (its backward skipped on every rank) is skipped on every
+        rank (the others went on to the all-reduce of the terms and waited for it, or gloo aborted; helper-182)."""
         last = self._pending
         pending = last is not None and self._unreached is not None and self._pending_trains
         stepped = self._groups.get(steps - 1) if pending else None
