@@ -114,7 +114,7 @@ class DeviceRecord:
             message = ("The meta step was not finite (validation input, objective, meta-gradient or gamma after "
                        "its step): skipped on the device; the model's step stands.")
         # (a model step refused is not counted: its record reports the iteration it was made as, as the eager step's)
-        return MetaStepRecord(calls + (not model_taken), ran=model_taken, skipped=model_taken and not meta_taken,
+        return MetaStepRecord(calls + (not model_taken), ran=model_taken, skipped=not (model_taken and meta_taken),
                               meta_step=meta_steps,
                               val_objective=objective if model_taken else None,
                               val_exit_losses=losses if model_taken and self.per_exit else None,

@@ -150,7 +150,7 @@ class ExactMode:
             raise why from exc
         if not step.finite:
             message = transaction.refuse(w, step, saved)
-            return dataclasses.replace(metrics, loss=step.loss, model_step_skipped=True, terms=step.terms,
+            return dataclasses.replace(metrics, loss=step.loss, skipped=True, model_step_skipped=True, terms=step.terms,
                                        gamma=metrics.gamma or step.gamma, message=message)
         record = dataclasses.replace(metrics, loss=step.loss, model_step_skipped=False, terms=step.terms,
                                      gamma=metrics.gamma or step.gamma)

@@ -477,8 +477,9 @@ def _reported(w: HarmonizedWeighter, record: MetaStepRecord, saved: Any) -> Meta
 def _model_step_record(w: HarmonizedWeighter, step: ModelStep, refusal: str | None = None) -> MetaStepRecord:
     """The record of a call without a meta step: its model step taken, or refused with the message ``refusal`` (not
     counted: it reports the iteration it was made as, which the next call takes again, as the exact mode's does)."""
-    return MetaStepRecord(w.num_calls + (refusal is not None), meta_step=w.num_meta_steps, gamma=step.gamma, terms=step.terms,
-                          loss=step.loss, model_step_skipped=refusal is not None, message=refusal)
+    return MetaStepRecord(w.num_calls + (refusal is not None), skipped=refusal is not None, meta_step=w.num_meta_steps,
+                          gamma=step.gamma, terms=step.terms, loss=step.loss, model_step_skipped=refusal is not None,
+                          message=refusal)
 
 
 def _own_step(optimizer: torch.optim.Optimizer) -> bool:

@@ -1343,8 +1343,9 @@ class Weighting(NamedWeights):
                        f"{self._nonfinite_hint(terms)}Check the batch and the learning rate.{masked_label_hint(terms)}"
                        f"{half_precision_eps_hint(self._inner_optimizer)}")
             raise_or_skip_step(self, message)
-            return MetaStepRecord(self.num_calls + 1, meta_step=self.num_meta_steps, gamma=self.gamma_dict(),
-                                  terms=terms, loss=value, model_step_skipped=True, message=message)  # (not counted)
+            return MetaStepRecord(self.num_calls + 1, skipped=True, meta_step=self.num_meta_steps,  # (not counted)
+                                  gamma=self.gamma_dict(), terms=terms, loss=value, model_step_skipped=True,
+                                  message=message)
         try:
             self.optimizer.step()
         except Exception as exc:  # (refused before it changed a parameter, as torch's own checks are: restore the rest)

@@ -1304,3 +1304,29 @@ def test_a_weighting_with_a_metaclass_of_its_own_or_built_in_two_calls_is_built_
         optimizer.step()
         record = fast.meta_step((x, y), batch())
     assert record.ran and seen == [1, 1]
+
+
+@pytest.mark.parametrize("form", ["weighting " + name for name in sorted(mw.WEIGHTINGS)] +
+                         ["learn=False", "exact jvp", "exact higher", "fast", "capturable"])
+def test_a_step_refused_as_nonfinite_is_recorded_as_skipped_in_every_form(form):
+    """``record.skipped`` says what ``num_skipped`` counts (helper-186, LOW: the loss weightings' and the fast mode's
+    ``step()`` reported ``skipped=False`` for a model step refused as non-finite while ``num_skipped`` went to 1, the
+    exact mode ``True``: a logger filtering on it counted refused steps as updates), in every one-call form."""
+    from test_errors import STEP_FORMS
+    options = dict(STEP_FORMS.get(form, {"mode": "fast", "capturable": True}))
+    name = options.pop("weighting", None)
+    torch.manual_seed(0)
+    model = tiny_net(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=form == "capturable" or None)
+    if name is not None:
+        extra = {"dwa": {"window": 2}, "sdn": {"epochs": 3, "steps_per_epoch": 2},
+                 "gradnorm": {"shared_parameters": list(model.stages[0].parameters())}}.get(name, {})
+        w = mw.WEIGHTINGS[name](model, optimizer, mw.DenseDistillLoss(3), nonfinite="skip", **extra)
+    else:
+        w = mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), nonfinite="skip", **options)
+    with quiet():
+        assert not w.step(batch(), batch()).skipped
+    with pytest.warns(RuntimeWarning, match="Skipped"):
+        record = w.step(nan_batch(), batch())
+    assert record.model_step_skipped and record.skipped and record.message, record
+    assert w.num_skipped == 1
