@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dis
 import functools
 import inspect
+import types
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -124,8 +126,9 @@ def has_state(obj: Any) -> bool:
 
 def hidden_state(validation: Any) -> tuple[Any, str] | None:
     """A validation objective with a state that ``validation`` names without having its methods itself, and how
-    (``None`` where there is none): a bound method of it, a ``functools.partial`` of it, a function or lambda whose
-    code names it (a closure, a global, a default argument), an :class:`OnOutputs` of any of these. Such an
+    (``None`` where there is none): a bound method of it or whose code names it, a ``functools.partial`` of it, a
+    function or lambda whose code (or a lambda's inside it) names it (a closure, a global it loads, a default
+    argument), an :class:`OnOutputs` of any of these. Such an
     objective's ``update`` is never called by the weighter (its moving average stays where it is) and its state is
     not checkpointed. Objects and modules that merely hold one (a model keeping a ``BalancedValidation`` for its
     reports) are not looked into: one called through them is seen when it runs (:func:`scored_unseen`)."""
@@ -141,13 +144,14 @@ def hidden_state(validation: Any) -> tuple[Any, str] | None:
         inside: list[tuple[str, Any]] = []
         if inspect.ismethod(obj):
             inside.append(("it is a method of it", obj.__self__))
+            inside.append(("through a name its method uses", obj.__func__))  # (the method's code: helper-186)
         elif isinstance(obj, functools.partial):
             inside += [("through functools.partial", v) for v in (obj.func, *obj.args, *obj.keywords.values())]
         elif isinstance(obj, OnOutputs):
             inside.append(("through OnOutputs", obj.loss))
         elif inspect.isfunction(obj):
             cells = [c.cell_contents for c in (obj.__closure__ or ()) if _filled(c)]
-            names = [obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__]
+            names = _globals_used(obj.__code__, obj.__globals__)
             defaults = [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
             inside += [(f"through a name the function `{obj.__name__}` uses", v) for v in (*cells, *names, *defaults)
                        if not inspect.ismodule(v)]
@@ -181,6 +185,28 @@ def scored_unseen() -> Iterator[list[Any]]:
         yield found
     finally:
         _SCORED.reset(token)
+
+
+def _globals_used(code: types.CodeType, namespace: dict[str, Any]) -> list[Any]:
+    """The globals of ``namespace`` that ``code`` and the functions and lambdas defined in it load, from their
+    bytecode: not attribute names (``co_names`` holds both: ``cfg.validation`` named a global ``validation``), and not
+    a global of which the code only reads an attribute that is not callable (``bv.num_exits``: nothing called;
+    helper-186)."""
+    used = []
+    instructions = list(dis.get_instructions(code))
+    for i, instruction in enumerate(instructions):
+        if instruction.opname not in ("LOAD_GLOBAL", "LOAD_NAME") or instruction.argval not in namespace:
+            continue
+        value = namespace[instruction.argval]
+        after = instructions[i + 1] if i + 1 < len(instructions) else None
+        if after is not None and after.opname in ("LOAD_ATTR", "LOAD_METHOD") \
+                and not callable(_attribute(value, after.argval)):
+            continue
+        used.append(value)
+    for const in code.co_consts:  # (a lambda or function defined inside: helper-186)
+        if isinstance(const, types.CodeType):
+            used += _globals_used(const, namespace)
+    return used
 
 
 def _attribute(obj: Any, name: str) -> Any:

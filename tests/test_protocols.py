@@ -385,6 +385,14 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
         def __call__(self, outputs, y):
             return _balanced(outputs, y)
 
+    class MethodNamesAGlobal:
+        def score(self, outputs, y):
+            return _balanced(outputs, y)
+
+    def nested(outputs, y):  # (a lambda inside the function names it: helper-186)
+        inner = lambda o: _balanced(o, y)  # noqa: E731
+        return inner(outputs)
+
     refused = {
         "a lambda naming a global": lambda o, y: _balanced(o, y),
         "a closure": lambda o, y: held(o, y),
@@ -392,6 +400,8 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
         "a bound method": held.forward,
         "functools.partial": functools.partial(held.__call__),
         "an OnOutputs of a lambda": mw.OnOutputs(lambda o, y: held(o, y), lambda o: o),
+        "a lambda inside a function": nested,
+        "a method whose code names a global": MethodNamesAGlobal().score,
     }
     for how, validation in refused.items():
         model = tiny_net()
@@ -429,9 +439,13 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
     class Settings(dict):
         __getattr__ = dict.__getitem__
 
-    _settings = Settings(smoothing=0.1)
+    _settings = Settings(smoothing=0.1, _balanced=False)
+    # an attribute named like a global BalancedValidation, and a data attribute of one read: nothing called
+    # (helper-186: co_names holds attribute names too, and the first was refused)
     taken = [lambda o, y: F.cross_entropy(o[-1], y), Reporting().last_exit_loss,
-             lambda o, y: F.cross_entropy(o[-1], y, label_smoothing=_settings.smoothing)]
+             lambda o, y: F.cross_entropy(o[-1], y, label_smoothing=_settings.smoothing),
+             lambda o, y: F.cross_entropy(o[-1], y) * (2.0 if _settings._balanced else 1.0),
+             lambda o, y: sum(F.cross_entropy(z, y) for z in o[:_balanced.num_exits])]
     plain_sum = mw.BalancedValidation(3, alpha=1.0)  # (reads no average: taken through a lambda)
     taken.append(lambda o, y: plain_sum(o, y))
     for validation in taken:
