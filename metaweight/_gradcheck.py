@@ -38,8 +38,9 @@ the ranks first, so every rank decides alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -494,6 +495,22 @@ def _failed(w: HarmonizedWeighter, exc: Exception) -> None:
                   f"copies ({failed[1]}). {EXACT_ONLY_IF[0].upper()}{EXACT_ONLY_IF[1:]}")
 
 
+@contextlib.contextmanager
+def _caller_hooks_set_aside() -> Iterator[None]:
+    """The saved-tensor default hooks in force (``torch.autograd.graph.saved_tensors_hooks``, ``save_on_cpu``) taken
+    off autograd's stack for the block and put back after it, in their order, whatever happens."""
+    autograd = torch._C._autograd
+    stack = []
+    while (hooks := autograd._top_saved_tensors_default_hooks(False)) is not None:
+        stack.append(hooks)
+        autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(stack):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
 def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any) -> None:
     """The check of the weighter ``w`` (``check_gradients=True``), once, at its first meta step, before anything
     changes: autograd's gradients against the derivatives of the values, on float64 copies (:func:`gradient_mismatch`,
@@ -533,12 +550,11 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
         """Whether the model registers saved-tensor hooks in its forward (activation checkpointing, whose
         recomputation at backward time uses the module's own parameters, not the check's copies: a gap for that
         alone; helper-181), asked where the check found a gap only (offloading's hooks change nothing; helper-183).
-        Not where the caller's own hooks are already in force (a step run inside ``save_on_cpu()``): they cannot be
-        told from the model's, and the gap stands (a real stop-gradient went unrefused; helper-185)."""
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
-            return False
+        The caller's own hooks in force (a step run inside ``save_on_cpu()``) are set aside for the question: they
+        are not the model's (with them asked about too, a real stop-gradient went unrefused, helper-185; with the
+        question not asked under them, checkpointing's gap was blamed on kinks and casts, helper-186)."""
         try:
-            with torch.autograd.graph.disable_saved_tensors_hooks(SAVED_TENSOR_HOOKS):
+            with _caller_hooks_set_aside(), torch.autograd.graph.disable_saved_tensors_hooks(SAVED_TENSOR_HOOKS):
                 check(wide)
         except Exception as exc:
             return SAVED_TENSOR_HOOKS in str(exc)
