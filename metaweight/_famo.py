@@ -149,6 +149,7 @@ class FAMO(Weighting):
 
     _nonnegative = {"exp_avg_sq": "Adam's second moment is a mean of squares"}
     _gamma_sum = "one"
+    _reads_each_call = True
 
     def _gamma_of(self, state: Mapping[str, Any]) -> Tensor:
         return famo_softmax(state["logits"].float().cpu(), self._terms.active.cpu())
@@ -239,17 +240,28 @@ class FAMO(Weighting):
         xi = xi * self._active
         return {"logits": xi, "exp_avg": m, "exp_avg_sq": v, "gamma": famo_softmax(xi, self._active)}
 
-    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float]) -> None:
+    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float], calls: list[dict[str, float]]) -> None:
         """Warn (once) where some active terms weigh less than 1 / :data:`NEAR_BOUND_RATIO` of the heaviest in the
-        next step, naming the others (a term at or near its bound, or several, e.g. margins met; terms 1000 times
-        nearer their bound than others, of a smaller scale, too): FAMO weighs each term's gradient by z_k / (L_k -
-        min_losses_k + 1e-8) over the sum of those weights, so a term at or near its bound (a margin penalty met or
-        nearly, a task with no labels in the batch scored 0) takes nearly all of the weight and each of the others
-        gets about its distance from its bound over theirs: training on them stalls, without a refusal (the log
-        stays finite). Terms whose weights differ less than that (distillation terms beside cross-entropies at the
-        start of dense distillation) are not warned of. From the host values of the update (``gamma`` the new z)."""
-        if self._said_at_bound:
-            return
+        next step (or in one ``loss()`` call of this step: under gradient accumulation each call weighs its terms by
+        its own distances from their bounds; a task without labels in one micro-batch stalled the others there,
+        unsaid, helper-186), naming the others (a term at or near its bound, or several, e.g. margins met; terms
+        1000 times nearer their bound than others, of a smaller scale, too): FAMO weighs each term's gradient by
+        z_k / (L_k - min_losses_k + 1e-8) over the sum of those weights, so a term at or near its bound (a margin
+        penalty met or nearly, a task with no labels in the batch scored 0) takes nearly all of the weight and each
+        of the others gets about its distance from its bound over theirs: training on them stalls, without a refusal
+        (the log stays finite). Terms whose weights differ less than that (distillation terms beside cross-entropies
+        at the start of dense distillation) are not warned of. From the host values of the update (``gamma`` the new
+        z)."""
+        for i, seen in enumerate([terms, *calls]):
+            if self._said_at_bound:
+                return
+            where = "the next step's weight" if i == 0 else (
+                f"the weight in one of this step's {len(calls)} loss() calls (gradient accumulation: each weighs its "
+                f"terms by their own distances from their bounds)")
+            self._near_bound(seen, gamma, where)
+
+    def _near_bound(self, terms: dict[str, float], gamma: dict[str, float], where: str) -> None:
+        """:meth:`_said_of_terms` for one set of terms (``where``: whose weight, as the warning says it)."""
         bounds = getattr(self, "_bounds", {})  # (a FAMO pickled by an earlier metaweight has none: not warned)
         active = [n for n, value in terms.items() if n in bounds and math.isfinite(value) and value >= bounds[n]]
         if len(active) < 2:
@@ -270,7 +282,7 @@ class FAMO(Weighting):
             said = ", ".join(f"{n} = {terms[n]:.6g} (min_losses {bounds[n]:.6g})" for n in taking)
             low = ", ".join(f"{n} = {terms[n]:.6g}" for n in stalled)
             warn_user(f"FAMO: the term(s) {said} are near their bound, against the others, and take "
-                      f"{100 * share:.6g} % of the next step's weight; the term(s) {low} each weigh under "
+                      f"{100 * share:.6g} % of {where}; the term(s) {low} each weigh under "
                       f"1/{NEAR_BOUND_RATIO:g} of the heaviest ({100 * (1 - share):.3g} % together). FAMO weighs each "
                       f"term's gradient by z_k / (L_k - min_losses_k + 1e-8), normalised over the terms: with a plain "
                       f"SGD step their gradients count that much less, and training on them may stall (an optimizer "

@@ -1091,3 +1091,50 @@ def test_famo_says_nothing_of_terms_far_from_their_bound_whose_scales_differ():
     ce = [v for n, v in terms.items() if n.startswith("ce")]
     assert len(kd) == 28 and len(ce) == 8 and max(kd) < 0.1 * min(ce), terms  # (the scales the rule misread)
     assert not near, near[0][:400]
+
+
+def test_famo_warns_of_a_term_at_its_bound_in_one_micro_batch_of_an_accumulated_step():
+    """Gradient accumulation over two micro-batches, the second task without labels in the first (scored 0, its
+    bound): that call weighs its terms by its own distances from their bounds, and gave the first task about 1e-8
+    of its weight, but the warning read only the mean of the calls' terms, and said nothing (helper-186). Each
+    call's terms are now looked at too, read with the update's one read; with labels of both tasks in both
+    micro-batches nothing is said."""
+    class TwoTasks(nn.Module):
+        term_names = ["task_a", "task_b"]
+
+        def forward(self, outputs, y):
+            labelled = y[:, 1] >= 0
+            b = F.cross_entropy(outputs[1][labelled], y[labelled, 1]) if labelled.any() else outputs[1].sum() * 0
+            return torch.stack([F.cross_entropy(outputs[0], y[:, 0]), b])
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk, self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.trunk(x))
+            return [self.a(h), self.b(h)]
+
+    for unlabelled in (True, False):
+        torch.manual_seed(0)
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = mw.FAMO(model, optimizer, TwoTasks())
+        x, y = torch.randn(32, 8), torch.randint(0, 3, (32, 2))
+        if unlabelled:
+            y[:16, 1] = -1
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                optimizer.zero_grad()
+                for part in (slice(0, 16), slice(16, 32)):
+                    (w.loss(model(x[part]), y[part]) / 2).backward()
+                optimizer.step()
+                w.meta_step((x, y))
+        near = [str(m.message) for m in said if "near their bound" in str(m.message)]
+        if unlabelled:
+            assert len(near) == 1 and "task_b = 0 " in near[0] and "one of this step's 2 loss() calls" in near[0], near
+            assert "the term(s) task_a = " in near[0], near
+        else:
+            assert not near and not said, [str(m.message) for m in said]
