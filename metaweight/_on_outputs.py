@@ -189,20 +189,11 @@ def scored_unseen() -> Iterator[list[Any]]:
 
 def _globals_used(code: types.CodeType, namespace: dict[str, Any]) -> list[Any]:
     """The globals of ``namespace`` that ``code`` and the functions and lambdas defined in it load, from their
-    bytecode: not attribute names (``co_names`` holds both: ``cfg.validation`` named a global ``validation``), and not
-    a global of which the code only reads an attribute that is not callable (``bv.num_exits``: nothing called;
-    helper-186)."""
-    used = []
-    instructions = list(dis.get_instructions(code))
-    for i, instruction in enumerate(instructions):
-        if instruction.opname not in ("LOAD_GLOBAL", "LOAD_NAME") or instruction.argval not in namespace:
-            continue
-        value = namespace[instruction.argval]
-        after = instructions[i + 1] if i + 1 < len(instructions) else None
-        if after is not None and after.opname in ("LOAD_ATTR", "LOAD_METHOD") \
-                and not callable(_attribute(value, after.argval)):
-            continue
-        used.append(value)
+    bytecode (``LOAD_GLOBAL``), not attribute names: ``co_names`` holds both, and ``cfg.validation`` named a global
+    ``validation`` (helper-186). Any load counts, an attribute read too: ``bv.expected`` is the state itself
+    (helper-187)."""
+    used = [namespace[i.argval] for i in dis.get_instructions(code)
+            if i.opname == "LOAD_GLOBAL" and i.argval in namespace]
     for const in code.co_consts:  # (a lambda or function defined inside: helper-186)
         if isinstance(const, types.CodeType):
             used += _globals_used(const, namespace)

@@ -153,7 +153,7 @@ class Objective:
                             f"`{type(validation).__name__}`.")
         hidden = hidden_state(validation)
         if hidden is not None:
-            raise ValueError(_hides(validation, hidden[0], f" ({hidden[1]})") + " Nothing was changed.")
+            raise ValueError(_hides(validation, hidden[0], f" ({hidden[1]})", verb="uses") + " Nothing was changed.")
         self.validation = validation
         self.per_exit = has_state(validation)
         # a state saved with the weighter's: an nn.Module's, or any object's with state_dict and load_state_dict; of
@@ -232,8 +232,8 @@ class Objective:
 
 def _hides(validation: Any, stateful: Any, how: str = "", verb: str = "calls") -> str:
     """What is said of a validation objective that calls ``stateful`` (an objective with a state) without having
-    its methods itself (``how``: how it holds it, for the refusal at construction; ``verb`` "called" where it was
-    seen calling it)."""
+    its methods itself (``how``: how it holds it, for the refusal at construction, whose ``verb`` is "uses": its
+    code names it; "called" where it was seen calling it)."""
     name = getattr(validation, "__qualname__", type(validation).__name__)
     return (f"The validation objective `{name}` {verb} a `{type(stateful).__name__}`{how}, an objective with a state "
             f"(exit_losses, objective and update: BalancedValidation's moving average of Eq. 9), without having those "

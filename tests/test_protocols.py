@@ -393,6 +393,10 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
         inner = lambda o: _balanced(o, y)  # noqa: E731
         return inner(outputs)
 
+    def reads_its_average(outputs, y):  # (the state itself, read as an attribute: helper-187)
+        losses = torch.stack([F.cross_entropy(z, y) for z in outputs])
+        return (losses / _balanced.expected.clamp_min(1e-3)).sum()
+
     refused = {
         "a lambda naming a global": lambda o, y: _balanced(o, y),
         "a closure": lambda o, y: held(o, y),
@@ -402,11 +406,12 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
         "an OnOutputs of a lambda": mw.OnOutputs(lambda o, y: held(o, y), lambda o: o),
         "a lambda inside a function": nested,
         "a method whose code names a global": MethodNamesAGlobal().score,
+        "a function reading its average": reads_its_average,
     }
     for how, validation in refused.items():
         model = tiny_net()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        with pytest.raises(ValueError, match=r"calls a `BalancedValidation`.*mw\.OnOutputs"):
+        with pytest.raises(ValueError, match=r"uses a `BalancedValidation`.*mw\.OnOutputs"):
             mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), validation, check_gradients=False)
         assert how and not optimizer.state
     for how, validation in {"a module holding it": Holder(), "an object holding it in a list": Plain(),
@@ -440,12 +445,11 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
         __getattr__ = dict.__getitem__
 
     _settings = Settings(smoothing=0.1, _balanced=False)
-    # an attribute named like a global BalancedValidation, and a data attribute of one read: nothing called
-    # (helper-186: co_names holds attribute names too, and the first was refused)
+    # an attribute named like a global BalancedValidation (helper-186: co_names holds attribute names too, and it
+    # was refused)
     taken = [lambda o, y: F.cross_entropy(o[-1], y), Reporting().last_exit_loss,
              lambda o, y: F.cross_entropy(o[-1], y, label_smoothing=_settings.smoothing),
-             lambda o, y: F.cross_entropy(o[-1], y) * (2.0 if _settings._balanced else 1.0),
-             lambda o, y: sum(F.cross_entropy(z, y) for z in o[:_balanced.num_exits])]
+             lambda o, y: F.cross_entropy(o[-1], y) * (2.0 if _settings._balanced else 1.0)]
     plain_sum = mw.BalancedValidation(3, alpha=1.0)  # (reads no average: taken through a lambda)
     taken.append(lambda o, y: plain_sum(o, y))
     for validation in taken:
