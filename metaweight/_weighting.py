@@ -153,8 +153,9 @@ class _Calls:
     # each call's first label tensor (FAMO), after its number in the order of the loss() calls (a backward
     # through several reaches them in another order)
     labels: list[tuple[int, Tensor | None]] = dataclasses.field(default_factory=list)
-    # each call's terms, in the order their backwards reached them, for a method that reads them (FAMO's warning)
-    each: list[Tensor] = dataclasses.field(default_factory=list)
+    # each call's terms and the labels it scored, in the order their backwards reached them, for a method that reads
+    # them (FAMO's warning)
+    each: list[tuple[Tensor, Tensor | int]] = dataclasses.field(default_factory=list)
 
     def mean(self, name: str) -> Tensor | None:
         """The calls' mean of ``name`` (:meth:`Weighting._per_call`) over their scored labels, or None."""
@@ -870,7 +871,7 @@ class Weighting(NamedWeights):
         group.calls += 1
         group.labels.append(labels)
         if self._reads_each_call:
-            group.each.append(values["terms"].detach())
+            group.each.append((values["terms"].detach(), weight))
 
         def ended() -> None:  # at the end of this backward: whether it wrote gradients (autograd.grad writes none),
             # and the gradients as it left them (twice deferred: after DistributedDataParallel's own end-of-backward
@@ -1045,14 +1046,18 @@ class Weighting(NamedWeights):
         checked = torch.cat([gamma.detach().float().reshape(-1)] +
                             [v.detach().float().reshape(-1) for v in proposal.values()
                              if isinstance(v, Tensor) and v.is_floating_point()] +
-                            ([terms.float()] if terms is not None else []) + [t.float().reshape(-1) for t in each])
+                            ([terms.float()] if terms is not None else []) +
+                            [torch.cat([t.float().reshape(-1), torch.as_tensor(labels).to(t).reshape(1)])
+                             for t, labels in each])
         values = host_read([checked])  # the one host read of the call
         n = self._terms.num_terms
-        called, values = values[len(values) - n * len(each):], values[:len(values) - n * len(each)]
+        m = (n + 1) * len(each)  # (each call's terms and labels, at the end)
+        called, values = values[len(values) - m:], values[:len(values) - m]
         named = dict(zip(self.term_names, values[-n:])) if terms is not None else None
         if named is not None:
             self._said_of_terms(named, dict(zip(self.term_names, values[:n])),
-                                [dict(zip(self.term_names, called[i * n:(i + 1) * n])) for i in range(len(each))])
+                                [(dict(zip(self.term_names, called[i:i + n])), called[i + n])
+                                 for i in range(0, m, n + 1)])
         # the terms count for every rule, those that do not read them too (RLW, SDN): the step they follow was
         # taken on a non-finite loss, which step() refuses for every method
         if not all(math.isfinite(v) for v in values):
@@ -1211,10 +1216,11 @@ class Weighting(NamedWeights):
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), message=message)
 
-    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float], calls: list[dict[str, float]]) -> None:
+    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float],
+                       calls: list[tuple[dict[str, float], float]]) -> None:
         """What a method warns of in the terms of an update and its new weights, read on the host (by name), and,
-        for a method with ``_reads_each_call``, each training :meth:`loss` call's terms of an accumulated step (empty
-        otherwise); nothing here."""
+        for a method with ``_reads_each_call``, each training :meth:`loss` call's terms of an accumulated step and
+        the labels it scored (empty otherwise); nothing here."""
 
     def _skipped_nonfinite(self, steps: int) -> bool:
         """Whether the last training :meth:`loss` call, reached by no backward, is not finite and was stepped on by

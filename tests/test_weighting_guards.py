@@ -4,6 +4,7 @@ the model, and the options around them. Each test compares against a run that ne
 
 import contextlib
 import copy
+import itertools
 import math
 import re
 import warnings
@@ -1093,12 +1094,13 @@ def test_famo_says_nothing_of_terms_far_from_their_bound_whose_scales_differ():
     assert not near, near[0][:400]
 
 
-def test_famo_warns_of_a_term_at_its_bound_in_one_micro_batch_of_an_accumulated_step():
-    """Gradient accumulation over two micro-batches, the second task without labels in the first (scored 0, its
-    bound): that call weighs its terms by its own distances from their bounds, and gave the first task about 1e-8
-    of its weight, but the warning read only the mean of the calls' terms, and said nothing (helper-186). Each
-    call's terms are now looked at too, read with the update's one read; with labels of both tasks in both
-    micro-batches nothing is said."""
+def test_famo_reads_an_accumulated_step_s_weights_as_the_mean_of_its_calls():
+    """Under gradient accumulation each loss() call weighs its terms by their own distances from their bounds. The
+    warning read only the mean of the calls' terms (helper-186); looking at each call alone (6b6d27e) then warned of
+    a term at 0 in a trailing micro-batch of 2 samples, in a run that trained as without accumulation, and used up
+    the once-only warning (helper-187). The step's weight of a term is now the mean of its calls' shares, by the
+    labels each scored: a task without labels in one micro-batch leaves the other task trained on the rest, and is
+    not warned of; a task without labels in every micro-batch stalls the other, and is."""
     class TwoTasks(nn.Module):
         term_names = ["task_a", "task_b"]
 
@@ -1116,25 +1118,28 @@ def test_famo_warns_of_a_term_at_its_bound_in_one_micro_batch_of_an_accumulated_
             h = torch.tanh(self.trunk(x))
             return [self.a(h), self.b(h)]
 
-    for unlabelled in (True, False):
+    def run(parts, unlabelled):
         torch.manual_seed(0)
         model = Net()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         w = mw.FAMO(model, optimizer, TwoTasks())
         x, y = torch.randn(32, 8), torch.randint(0, 3, (32, 2))
-        if unlabelled:
-            y[:16, 1] = -1
+        y[unlabelled, 1] = -1
+        cuts = [0, *itertools.accumulate(parts)]
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             for _ in range(2):
                 optimizer.zero_grad()
-                for part in (slice(0, 16), slice(16, 32)):
-                    (w.loss(model(x[part]), y[part]) / 2).backward()
+                for start, end in zip(cuts, cuts[1:]):
+                    (w.loss(model(x[start:end]), y[start:end]) * (end - start) / 32).backward()
                 optimizer.step()
                 w.meta_step((x, y))
-        near = [str(m.message) for m in said if "near their bound" in str(m.message)]
-        if unlabelled:
-            assert len(near) == 1 and "task_b = 0 " in near[0] and "one of this step's 2 loss() calls" in near[0], near
-            assert "the term(s) task_a = " in near[0], near
-        else:
-            assert not near and not said, [str(m.message) for m in said]
+        return [str(m.message) for m in said]
+
+    assert run([16, 16], slice(0, 16)) == []  # (task_b unlabelled in the first micro-batch: task_a trains on the 2nd)
+    assert run([30, 2], slice(30, 32)) == []  # (in a trailing micro-batch of 2: 6b6d27e warned)
+    assert run([16, 16], slice(0, 0)) == []  # (labels of both tasks everywhere)
+    said = run([16, 16], slice(0, 32))  # (task_b without labels in every micro-batch: at its bound, 0, in each)
+    assert len(said) == 1 and "the term(s) task_b = 0 " in said[0], said
+    assert "this step's 2 loss() calls together" in said[0], said
+    assert "task_a = " in said[0].split("each weigh under")[0], said
