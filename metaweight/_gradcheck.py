@@ -495,6 +495,13 @@ def _failed(w: HarmonizedWeighter, exc: Exception) -> None:
                   f"copies ({failed[1]}). {EXACT_ONLY_IF[0].upper()}{EXACT_ONLY_IF[1:]}")
 
 
+CALLER_HOOKS = (
+    " The step ran inside saved-tensor hooks of the caller's (torch.autograd.graph.saved_tensors_hooks or save_on_cpu "
+    "around it): hooks that pack tensors with a loss (activations packed to float16) make the same gap as a cast in "
+    "the model. If they do, run the weighter's calls outside them, or pass check_gradients=False where the loss is "
+    "meant.")
+
+
 @contextlib.contextmanager
 def _caller_hooks_set_aside() -> Iterator[None]:
     """The saved-tensor default hooks in force (``torch.autograd.graph.saved_tensors_hooks``, ``save_on_cpu``) taken
@@ -585,10 +592,13 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
     if checkpointed:
         _checkpointing(w)  # (refused with the backend's reason, or the check off for this model, and said)
         return
+    # the caller's own saved-tensor hooks, in force around the step: a lossy pack (float16) makes the same gap as a
+    # cast in the model, and the model registers none (helper-187)
+    caller = CALLER_HOOKS if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None else ""
     if found.refusal is not None:
         if w._objective.unseen:  # (its own detach before a first update is the gap: say that; helper-184)
             raise ValueError(w._objective.unseen)
-        raise ValueError(found.refusal)
+        raise ValueError(found.refusal + caller)
     w._gradients_checked = found.finite  # (non-finite data, which the step refuses: checked next time)
     if found.inconclusive is not None:
-        warn_user(found.inconclusive)
+        warn_user(found.inconclusive + caller)

@@ -721,3 +721,41 @@ def test_a_step_run_inside_the_caller_s_save_on_cpu_is_still_checked():
         with outer(), pytest.raises(ValueError, match="differs"):
             w.step((torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,))))
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in kept.items()) and w.num_meta_steps == 0
+
+
+def test_a_gap_found_inside_the_caller_s_saved_tensor_hooks_says_so():
+    """The caller's own saved-tensor hooks packing activations to float16 (PyTorch's tutorial's compression) around
+    the step of a plain model: the check's gap was refused as a stop-gradient or a cast in the model, which
+    registers no hooks, without a word of the caller's (helper-187). The refusal now says that the step ran inside
+    the caller's hooks and what a lossy pack does; nothing is changed."""
+    def pack(t):
+        return (t.dtype, t.to(torch.float16)) if t.is_floating_point() else (None, t)
+
+    def unpack(packed):
+        return packed[1].to(packed[0]) if packed[0] is not None else packed[1]
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList(nn.Linear(6 if k == 0 else 10, 10) for k in range(2))
+            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(2))
+
+        def forward(self, x):
+            outputs = []
+            for stage, head in zip(self.stages, self.heads):
+                x = torch.tanh(stage(x))
+                outputs.append(head(x))
+            return outputs
+
+    for options in ({"mode": "fast"}, {"backend": "higher"}):
+        torch.manual_seed(0)
+        model = Plain()
+        w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                  **options)
+        kept = copy.deepcopy(model.state_dict())
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack), \
+                pytest.raises(ValueError, match=r"differs.*saved-tensor hooks of the caller's.*float16"):
+            w.step((torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,))))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in kept.items()) and w.num_meta_steps == 0
+        w.step((torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,))))
+        assert w.num_meta_steps == 1  # (outside the hooks: checked, and learns)
