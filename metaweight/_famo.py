@@ -149,7 +149,6 @@ class FAMO(Weighting):
 
     _nonnegative = {"exp_avg_sq": "Adam's second moment is a mean of squares"}
     _gamma_sum = "one"
-    _reads_each_call = True
 
     def _gamma_of(self, state: Mapping[str, Any]) -> Tensor:
         return famo_softmax(state["logits"].float().cpu(), self._terms.active.cpu())
@@ -240,37 +239,27 @@ class FAMO(Weighting):
         xi = xi * self._active
         return {"logits": xi, "exp_avg": m, "exp_avg_sq": v, "gamma": famo_softmax(xi, self._active)}
 
-    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float],
-                       calls: list[tuple[dict[str, float], float]]) -> None:
+    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float]) -> None:
         """Warn (once) where some active terms weigh less than 1 / :data:`NEAR_BOUND_RATIO` of the heaviest in the
         next step, naming the others (a term at or near its bound, or several, e.g. margins met; terms 1000 times
-        nearer their bound than others, of a smaller scale, too): FAMO weighs each term's gradient by
-        z_k / (L_k - min_losses_k + 1e-8) over the sum of those weights, so a term at or near its bound (a margin
-        penalty met or nearly, a task with no labels in the batch scored 0) takes nearly all of the weight and each
-        of the others gets about its distance from its bound over theirs: training on them stalls, without a refusal
-        (the log stays finite). Terms whose weights differ less than that (distillation terms beside cross-entropies
-        at the start of dense distillation) are not warned of. From the host values of the update (``gamma`` the new
-        z). Under gradient accumulation (``calls``: each ``loss()`` call's terms and the labels it scored) each call
-        weighs its terms by their own distances from their bounds, and the step's weight of a term is the mean of
-        its calls' shares, by the labels each scored: a term near its bound in one small micro-batch stalls nothing
-        (helper-187), one near it in the mean of the terms but not in the calls neither."""
+        nearer their bound than others, of a smaller scale, too): FAMO weighs each term's gradient by z_k / (L_k -
+        min_losses_k + 1e-8) over the sum of those weights, so a term at or near its bound (a margin penalty met or
+        nearly, a task with no labels in the batch scored 0) takes nearly all of the weight and each of the others
+        gets about its distance from its bound over theirs: training on them stalls, without a refusal (the log
+        stays finite). Terms whose weights differ less than that (distillation terms beside cross-entropies at the
+        start of dense distillation) are not warned of. From the host values of the update (``gamma`` the new z),
+        and the terms it read: under gradient accumulation the mean of the calls' (averaged over the ranks, so that
+        every rank judges alike). Each call weighs its terms by their own distances from their bounds, but a task
+        without labels in one micro-batch leaves the others trained on the rest, and a term at 0 in a small trailing
+        micro-batch stalls nothing: judging each call alone warned of those (helper-187), and per rank under
+        DistributedDataParallel, on one rank only (helper-188)."""
         if self._said_at_bound:
             return
         bounds = getattr(self, "_bounds", {})  # (a FAMO pickled by an earlier metaweight has none: not warned)
-        if not calls:
-            weights = self._shares(terms, gamma, bounds)
-            where = "the next step's weight"
-        else:
-            weights = {}
-            scored = sum(labels for _, labels in calls)
-            for seen, labels in calls:
-                for n, share in self._shares(seen, gamma, bounds).items():
-                    weights[n] = weights.get(n, 0.0) + share * labels / scored
-            where = (f"the weight of this step's {len(calls)} loss() calls together (gradient accumulation: the mean "
-                     f"of each call's shares, by the labels each scored)")
-        if len(weights) < 2:
+        active = [n for n, value in terms.items() if n in bounds and math.isfinite(value) and value >= bounds[n]]
+        if len(active) < 2:
             return
-        active = list(weights)
+        weights = {n: gamma[n] / (terms[n] - bounds[n] + EPS) for n in active}
         total = sum(weights.values())
         if not total > 0 or not math.isfinite(total):
             return
@@ -286,7 +275,7 @@ class FAMO(Weighting):
             said = ", ".join(f"{n} = {terms[n]:.6g} (min_losses {bounds[n]:.6g})" for n in taking)
             low = ", ".join(f"{n} = {terms[n]:.6g}" for n in stalled)
             warn_user(f"FAMO: the term(s) {said} are near their bound, against the others, and take "
-                      f"{100 * share:.6g} % of {where}; the term(s) {low} each weigh under "
+                      f"{100 * share:.6g} % of the next step's weight; the term(s) {low} each weigh under "
                       f"1/{NEAR_BOUND_RATIO:g} of the heaviest ({100 * (1 - share):.3g} % together). FAMO weighs each "
                       f"term's gradient by z_k / (L_k - min_losses_k + 1e-8), normalised over the terms: with a plain "
                       f"SGD step their gradients count that much less, and training on them may stall (an optimizer "
@@ -295,15 +284,6 @@ class FAMO(Weighting):
                       f"term between heads that agree, a task without labels in a batch), pass min_losses well below "
                       f"it (e.g. -1); where the terms' scales merely differ (an MSE in the thousands beside a "
                       f"cross-entropy), scale the terms, or use another weighting. (Said once.)")
-
-    @staticmethod
-    def _shares(terms: dict[str, float], gamma: dict[str, float], bounds: dict[str, float]) -> dict[str, float]:
-        """Each active term's share of one ``loss()`` call's weight, z_k / (L_k - min_losses_k + 1e-8) over their
-        sum: the terms finite and at or above their bound (none where those weights do not sum to a finite number)."""
-        active = [n for n, value in terms.items() if n in bounds and math.isfinite(value) and value >= bounds[n]]
-        weights = {n: gamma[n] / (terms[n] - bounds[n] + EPS) for n in active}
-        total = sum(weights.values())
-        return {n: w / total for n, w in weights.items()} if total > 0 and math.isfinite(total) else {}
 
     def _nonfinite_hint(self, terms: Mapping[str, float] | None) -> str:
         if not terms:

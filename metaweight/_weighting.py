@@ -153,9 +153,6 @@ class _Calls:
     # each call's first label tensor (FAMO), after its number in the order of the loss() calls (a backward
     # through several reaches them in another order)
     labels: list[tuple[int, Tensor | None]] = dataclasses.field(default_factory=list)
-    # each call's terms and the labels it scored, in the order their backwards reached them, for a method that reads
-    # them (FAMO's warning)
-    each: list[tuple[Tensor, Tensor | int]] = dataclasses.field(default_factory=list)
 
     def mean(self, name: str) -> Tensor | None:
         """The calls' mean of ``name`` (:meth:`Weighting._per_call`) over their scored labels, or None."""
@@ -632,7 +629,6 @@ class Weighting(NamedWeights):
         self._register_given()
 
     needs_terms: ClassVar[bool] = True  # whether meta_step reads the terms of the loss() call before it
-    _reads_each_call: ClassVar[bool] = False  # whether _said_of_terms reads each call's terms (gradient accumulation)
     reads_train_batch: ClassVar[bool] = False  # whether meta_step reads its train_batch (FAMO: the terms again)
     # after a load_state_dict of a checkpoint saved in the middle of an accumulated step: its loss() calls made (until
     # the first backward through a training loss() since, which looks at the gradients), then (that call's number,
@@ -870,8 +866,6 @@ class Weighting(NamedWeights):
         group.samples += samples
         group.calls += 1
         group.labels.append(labels)
-        if self._reads_each_call:
-            group.each.append((values["terms"].detach(), weight))
 
         def ended() -> None:  # at the end of this backward: whether it wrote gradients (autograd.grad writes none),
             # and the gradients as it left them (twice deferred: after DistributedDataParallel's own end-of-backward
@@ -1038,26 +1032,17 @@ class Weighting(NamedWeights):
                                                       f"{type(self).__name__}'s weights and state are unchanged."))
         self._check_batch(train_batch)
         terms = self._mean_over_ranks(local) if local is not None else None  # (judged on every rank alike)
-        group = self._iteration()
-        each = group.each if self._reads_each_call and local is not None and group is not None and \
-            group.calls > 1 else []
         proposal = self._propose(terms, train_batch)
         gamma = proposal.get("gamma", self.gamma)
         checked = torch.cat([gamma.detach().float().reshape(-1)] +
                             [v.detach().float().reshape(-1) for v in proposal.values()
                              if isinstance(v, Tensor) and v.is_floating_point()] +
-                            ([terms.float()] if terms is not None else []) +
-                            [torch.cat([t.float().reshape(-1), torch.as_tensor(labels).to(t).reshape(1)])
-                             for t, labels in each])
+                            ([terms.float()] if terms is not None else []))
         values = host_read([checked])  # the one host read of the call
         n = self._terms.num_terms
-        m = (n + 1) * len(each)  # (each call's terms and labels, at the end)
-        called, values = values[len(values) - m:], values[:len(values) - m]
         named = dict(zip(self.term_names, values[-n:])) if terms is not None else None
         if named is not None:
-            self._said_of_terms(named, dict(zip(self.term_names, values[:n])),
-                                [(dict(zip(self.term_names, called[i:i + n])), called[i + n])
-                                 for i in range(0, m, n + 1)])
+            self._said_of_terms(named, dict(zip(self.term_names, values[:n])))
         # the terms count for every rule, those that do not read them too (RLW, SDN): the step they follow was
         # taken on a non-finite loss, which step() refuses for every method
         if not all(math.isfinite(v) for v in values):
@@ -1216,11 +1201,9 @@ class Weighting(NamedWeights):
         return MetaStepRecord(self.num_calls, ran=False, skipped=True, meta_step=self.num_meta_steps,
                               gamma=self.gamma_dict(), message=message)
 
-    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float],
-                       calls: list[tuple[dict[str, float], float]]) -> None:
-        """What a method warns of in the terms of an update and its new weights, read on the host (by name), and,
-        for a method with ``_reads_each_call``, each training :meth:`loss` call's terms of an accumulated step and
-        the labels it scored (empty otherwise); nothing here."""
+    def _said_of_terms(self, terms: dict[str, float], gamma: dict[str, float]) -> None:
+        """What a method warns of in the terms of an update and its new weights, read on the host (by name);
+        nothing here."""
 
     def _skipped_nonfinite(self, steps: int) -> bool:
         """Whether the last training :meth:`loss` call, reached by no backward, is not finite and was stepped on by

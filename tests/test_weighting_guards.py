@@ -1094,13 +1094,13 @@ def test_famo_says_nothing_of_terms_far_from_their_bound_whose_scales_differ():
     assert not near, near[0][:400]
 
 
-def test_famo_reads_an_accumulated_step_s_weights_as_the_mean_of_its_calls():
-    """Under gradient accumulation each loss() call weighs its terms by their own distances from their bounds. The
-    warning read only the mean of the calls' terms (helper-186); looking at each call alone (6b6d27e) then warned of
-    a term at 0 in a trailing micro-batch of 2 samples, in a run that trained as without accumulation, and used up
-    the once-only warning (helper-187). The step's weight of a term is now the mean of its calls' shares, by the
-    labels each scored: a task without labels in one micro-batch leaves the other task trained on the rest, and is
-    not warned of; a task without labels in every micro-batch stalls the other, and is."""
+def test_famo_judges_an_accumulated_step_by_the_mean_of_its_calls_terms():
+    """Under gradient accumulation each loss() call weighs its terms by their own distances from their bounds, and
+    the warning reads the mean of the calls' terms (helper-186 asked for each call's). Judging each call alone
+    (6b6d27e) warned of a term at 0 in a trailing micro-batch of 2 samples, in a run that trained as without
+    accumulation, using up the once-only warning (helper-187); judging the calls' shares per rank (4718336) warned
+    on one rank only under DDP (helper-188). A task without labels in one micro-batch leaves the other task trained
+    on the rest, and is not warned of; a task without labels in every micro-batch stalls the other, and is."""
     class TwoTasks(nn.Module):
         term_names = ["task_a", "task_b"]
 
@@ -1141,5 +1141,4 @@ def test_famo_reads_an_accumulated_step_s_weights_as_the_mean_of_its_calls():
     assert run([16, 16], slice(0, 0)) == []  # (labels of both tasks everywhere)
     said = run([16, 16], slice(0, 32))  # (task_b without labels in every micro-batch: at its bound, 0, in each)
     assert len(said) == 1 and "the term(s) task_b = 0 " in said[0], said
-    assert "this step's 2 loss() calls together" in said[0], said
     assert "task_a = " in said[0].split("each weigh under")[0], said
