@@ -124,6 +124,14 @@ def has_state(obj: Any) -> bool:
     return not isinstance(obj, type) and all(callable(_attribute(obj, a)) for a in PER_EXIT)
 
 
+def _declares_state(obj: Any) -> bool:
+    """:func:`has_state` for an object a validation objective's code names: the three methods its class or its
+    instance dict holds (an :class:`OnOutputs`'s loss's), not ones a ``__getattr__`` makes up for any name (a null
+    logger standing in on other ranks, a ``MagicMock``, which were refused as stateful objectives; helper-188)."""
+    target = unwrapped(obj)
+    return not isinstance(target, type) and all(callable(inspect.getattr_static(target, a, None)) for a in PER_EXIT)
+
+
 def hidden_state(validation: Any) -> tuple[Any, str] | None:
     """A validation objective with a state that ``validation`` names without having its methods itself, and how
     (``None`` where there is none): a bound method of it or whose code names it, a ``functools.partial`` of it, a
@@ -138,7 +146,7 @@ def hidden_state(validation: Any) -> tuple[Any, str] | None:
         if id(obj) in seen or depth > 3 or isinstance(obj, (str, bytes, int, float, bool, type(None), Tensor, type)):
             return None
         seen.add(id(obj))
-        if depth > 0 and has_state(obj):
+        if depth > 0 and _declares_state(obj):
             # (BalancedValidation with alpha=1, the plain sum of Eq. 10, reads no average: a wrapper hides nothing)
             return None if _attribute(obj, "alpha") == 1.0 else (obj, "")
         inside: list[tuple[str, Any]] = []
@@ -191,9 +199,18 @@ def _globals_used(code: types.CodeType, namespace: dict[str, Any]) -> list[Any]:
     """The globals of ``namespace`` that ``code`` and the functions and lambdas defined in it load, from their
     bytecode (``LOAD_GLOBAL``), not attribute names: ``co_names`` holds both, and ``cfg.validation`` named a global
     ``validation`` (helper-186). Any load counts, an attribute read too: ``bv.expected`` is the state itself
-    (helper-187)."""
-    used = [namespace[i.argval] for i in dis.get_instructions(code)
-            if i.opname == "LOAD_GLOBAL" and i.argval in namespace]
+    (helper-187). Of a module loaded so (a config module of the user's), the attribute the code reads next
+    (``config.balanced``: helper-188)."""
+    used = []
+    instructions = list(dis.get_instructions(code))
+    for i, instruction in enumerate(instructions):
+        if instruction.opname != "LOAD_GLOBAL" or instruction.argval not in namespace:
+            continue
+        value = namespace[instruction.argval]
+        after = instructions[i + 1] if i + 1 < len(instructions) else None
+        if isinstance(value, types.ModuleType) and after is not None and after.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            value = vars(value).get(after.argval)  # (the module's own dict: no module __getattr__ run)
+        used.append(value)
     for const in code.co_consts:  # (a lambda or function defined inside: helper-186)
         if isinstance(const, types.CodeType):
             used += _globals_used(const, namespace)

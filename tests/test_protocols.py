@@ -362,8 +362,12 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
     the check; helper-183)."""
     import functools
 
-    global _balanced, _settings
+    global _balanced, _settings, _null_logger, _mock, _config
+    import types
+
     _balanced = mw.BalancedValidation(3)
+    _config = types.ModuleType("config")  # (a config module of the user's holding one: helper-188)
+    _config.balanced, _config.smoothing = mw.BalancedValidation(3), 0.1
     held = mw.BalancedValidation(3)
 
     class Holder(nn.Module):
@@ -407,6 +411,9 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
         "a lambda inside a function": nested,
         "a method whose code names a global": MethodNamesAGlobal().score,
         "a function reading its average": reads_its_average,
+        "a config module's": lambda o, y: _config.balanced(o, y),
+        "a config module's average": lambda o, y: (torch.stack([F.cross_entropy(z, y) for z in o]) /
+                                                   _config.balanced.expected.clamp_min(1e-3)).sum(),
     }
     for how, validation in refused.items():
         model = tiny_net()
@@ -450,6 +457,23 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
     taken = [lambda o, y: F.cross_entropy(o[-1], y), Reporting().last_exit_loss,
              lambda o, y: F.cross_entropy(o[-1], y, label_smoothing=_settings.smoothing),
              lambda o, y: F.cross_entropy(o[-1], y) * (2.0 if _settings._balanced else 1.0)]
+
+    class NullLogger:  # (what other ranks often hold in a logger's place: any method, doing nothing)
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    from unittest import mock
+
+    # objects whose __getattr__ answers any name (exit_losses, objective, update too) were refused as stateful
+    # objectives (helper-188)
+    _null_logger, _mock = NullLogger(), mock.MagicMock()
+
+    def logs(outputs, y):
+        _null_logger.log({"seen": len(outputs)})
+        _mock.record(len(outputs))
+        return F.cross_entropy(outputs[-1], y)
+
+    taken += [logs, lambda o, y: F.cross_entropy(o[-1], y, label_smoothing=_config.smoothing)]
     plain_sum = mw.BalancedValidation(3, alpha=1.0)  # (reads no average: taken through a lambda)
     taken.append(lambda o, y: plain_sum(o, y))
     for validation in taken:
