@@ -118,6 +118,8 @@ class _Directional(Backend):
                       lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
         # activation checkpointing recomputes at backward time, after functional_call has put theta back:
         # the validation gradient would be taken partly at theta instead of theta'
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:  # (the caller's: helper-188)
+            raise ValueError(CALLER_HOOKS.format(backend=self.name))
         try:
             with torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTING):
                 return meta_gradient(module, optimizer, terms, objective, gamma, train, val, backend=self.name,
@@ -134,6 +136,14 @@ CHECKPOINTING = (
     "parameters, not the look-ahead's, or other saved-tensor hooks, which this backend cannot tell from it (offloading "
     "with save_on_cpu recomputes nothing, but is refused too): backend='{backend}' would take the validation "
     "gradient at the wrong point. Use backend='higher' or mode='fast', or turn checkpointing off for the weighter.")
+
+
+CALLER_HOOKS = (
+    "backend='{backend}' runs its look-ahead without saved-tensor hooks (it cannot tell activation checkpointing, "
+    "which would take the validation gradient at the wrong point, from other hooks), and this call runs inside hooks "
+    "of the caller's: torch.autograd.graph.save_on_cpu() or saved_tensors_hooks around step() or meta_step(), not the "
+    "model's. Call the weighter outside them (in the two calls: meta_step outside, your own forward and backward "
+    "inside), or use backend='higher' or mode='fast', which take them. Nothing was changed.")
 
 
 class JvpBackend(_Directional):

@@ -759,3 +759,41 @@ def test_a_gap_found_inside_the_caller_s_saved_tensor_hooks_says_so():
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in kept.items()) and w.num_meta_steps == 0
         w.step((torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,))))
         assert w.num_meta_steps == 1  # (outside the hooks: checked, and learns)
+
+
+@pytest.mark.parametrize("backend", ["jvp", "finite_difference"])
+def test_the_directional_backends_refuse_the_caller_s_saved_tensor_hooks_as_the_caller_s(backend):
+    """A plain model (no checkpointing, no hooks of its own) stepped inside the caller's save_on_cpu(): the jvp and
+    finite-difference backends refused it as a model using activation checkpointing, and advised turning off
+    checkpointing it does not have, with check_gradients=False too (helper-188). Now refused as the caller's hooks,
+    saying what to do; nothing is changed, and outside them the step runs."""
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList(nn.Linear(6 if k == 0 else 10, 10) for k in range(2))
+            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(2))
+
+        def forward(self, x):
+            outputs = []
+            for stage, head in zip(self.stages, self.heads):
+                x = torch.tanh(stage(x))
+                outputs.append(head(x))
+            return outputs
+
+    def data():
+        return (torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,)))
+
+    for check in (True, False):
+        torch.manual_seed(0)
+        model = Plain()
+        criterion = mw.DenseDistillLoss(2)
+        w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, backend=backend,
+                                  check_gradients=check)
+        kept = copy.deepcopy(model.state_dict())
+        with torch.autograd.graph.save_on_cpu(), \
+                pytest.raises(ValueError, match=r"inside hooks of the caller's.*not the model's") as refused:
+            w.step(*data())
+        assert "checkpointing off" not in str(refused.value)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in kept.items()) and w.num_meta_steps == 0
+        w.step(*data())
+        assert w.num_meta_steps == 1
