@@ -497,9 +497,9 @@ def _failed(w: HarmonizedWeighter, exc: Exception) -> None:
 
 CALLER_HOOKS = (
     " The step ran inside saved-tensor hooks of the caller's (torch.autograd.graph.saved_tensors_hooks or save_on_cpu "
-    "around it): hooks that pack tensors with a loss (activations packed to float16) make the same gap as a cast in "
-    "the model. If they do, run the weighter's calls outside them, or pass check_gradients=False where the loss is "
-    "meant.")
+    "around it), and with them set aside the check finds no gap: they change the tensors autograd saves (as a pack to "
+    "float16 does), not the model. Run the weighter's calls outside them, or pass check_gradients=False where that "
+    "loss is meant.")
 
 
 @contextlib.contextmanager
@@ -559,14 +559,17 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
         alone; helper-181), asked where the check found a gap only (offloading's hooks change nothing; helper-183).
         The caller's own hooks in force (a step run inside ``save_on_cpu()``) are set aside for the question: they
         are not the model's (with them asked about too, a real stop-gradient went unrefused, helper-185; with the
-        question not asked under them, checkpointing's gap was blamed on kinks and casts, helper-186)."""
+        question not asked under them, checkpointing's gap was blamed on kinks and casts, helper-186). What the check
+        finds so is kept (``without``): where the caller's hooks made the gap, it finds none."""
+        nonlocal without
         try:
             with _caller_hooks_set_aside(), torch.autograd.graph.disable_saved_tensors_hooks(SAVED_TENSOR_HOOKS):
-                check(wide)
+                without = check(wide)
         except Exception as exc:
             return SAVED_TENSOR_HOOKS in str(exc)
         return False
 
+    without = None
     checkpointed = False
     with registered_buffers_removed(w.module):  # (a mask built by the check's first forward)
         wide = True
@@ -592,9 +595,10 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
     if checkpointed:
         _checkpointing(w)  # (refused with the backend's reason, or the check off for this model, and said)
         return
-    # the caller's own saved-tensor hooks, in force around the step: a lossy pack (float16) makes the same gap as a
-    # cast in the model, and the model registers none (helper-187)
-    caller = CALLER_HOOKS if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None else ""
+    # the caller's own saved-tensor hooks, in force around the step, made the gap where the check finds none without
+    # them (a lossy pack, float16: helper-187); where it still finds one, the gap is the model's (helper-188)
+    caller = CALLER_HOOKS if without is not None and without.refusal is None and without.inconclusive is None and \
+        torch._C._autograd._top_saved_tensors_default_hooks(False) is not None else ""
     if found.refusal is not None:
         if w._objective.unseen:  # (its own detach before a first update is the gap: say that; helper-184)
             raise ValueError(w._objective.unseen)
