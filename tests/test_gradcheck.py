@@ -694,27 +694,31 @@ def test_saved_tensor_hooks_that_recompute_nothing_keep_the_check(mode, backend)
     assert w.num_meta_steps == 2 and w._gradients_checked
 
 
+class _TwoExits(nn.Module):
+    """Two exits of Linear and tanh, the second stage's input detached with ``detach`` (a real stop-gradient)."""
+
+    def __init__(self, detach=False):
+        super().__init__()
+        self.detach = detach
+        self.stages = nn.ModuleList(nn.Linear(6 if k == 0 else 10, 10) for k in range(2))
+        self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(2))
+
+    def forward(self, x):
+        outputs = []
+        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
+            x = torch.tanh(stage(x.detach() if self.detach and k == 1 else x))
+            outputs.append(head(x))
+        return outputs
+
+
 def test_a_step_run_inside_the_caller_s_save_on_cpu_is_still_checked():
     """A model with a real stop-gradient (a detach between its stages), its step run inside the caller's
     save_on_cpu(): the check's gap was put down to saved-tensor hooks (the caller's, which it could not tell from
     the model's), the check turned off, and every step taken (helper-185). The caller's own hooks are not asked
     about: refused as without them, changing nothing."""
-    class Detached(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stages = nn.ModuleList(nn.Linear(6 if k == 0 else 10, 10) for k in range(2))
-            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(2))
-
-        def forward(self, x):
-            outputs = []
-            for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
-                x = torch.tanh(stage(x.detach() if k == 1 else x))
-                outputs.append(head(x))
-            return outputs
-
     for outer in (contextlib.nullcontext, torch.autograd.graph.save_on_cpu):
         torch.manual_seed(0)
-        model = Detached()
+        model = _TwoExits(detach=True)
         w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2),
                                   backend="higher")
         kept = copy.deepcopy(model.state_dict())
@@ -734,22 +738,9 @@ def test_a_gap_found_inside_the_caller_s_saved_tensor_hooks_says_so():
     def unpack(packed):
         return packed[1].to(packed[0]) if packed[0] is not None else packed[1]
 
-    class Plain(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stages = nn.ModuleList(nn.Linear(6 if k == 0 else 10, 10) for k in range(2))
-            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(2))
-
-        def forward(self, x):
-            outputs = []
-            for stage, head in zip(self.stages, self.heads):
-                x = torch.tanh(stage(x))
-                outputs.append(head(x))
-            return outputs
-
     for options in ({"mode": "fast"}, {"backend": "higher"}):
         torch.manual_seed(0)
-        model = Plain()
+        model = _TwoExits()
         w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2),
                                   **options)
         kept = copy.deepcopy(model.state_dict())
@@ -767,25 +758,12 @@ def test_the_directional_backends_refuse_the_caller_s_saved_tensor_hooks_as_the_
     finite-difference backends refused it as a model using activation checkpointing, and advised turning off
     checkpointing it does not have, with check_gradients=False too (helper-188). Now refused as the caller's hooks,
     saying what to do; nothing is changed, and outside them the step runs."""
-    class Plain(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stages = nn.ModuleList(nn.Linear(6 if k == 0 else 10, 10) for k in range(2))
-            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(2))
-
-        def forward(self, x):
-            outputs = []
-            for stage, head in zip(self.stages, self.heads):
-                x = torch.tanh(stage(x))
-                outputs.append(head(x))
-            return outputs
-
     def data():
         return (torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,)))
 
     for check in (True, False):
         torch.manual_seed(0)
-        model = Plain()
+        model = _TwoExits()
         criterion = mw.DenseDistillLoss(2)
         w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, backend=backend,
                                   check_gradients=check)
@@ -804,21 +782,8 @@ def test_a_model_s_own_gap_inside_the_caller_s_lossless_hooks_gets_no_note_of_th
     stop-gradient ended with the note of c9ec79c that the caller's hooks may make such a gap, and pointed to
     check_gradients=False (helper-188). The check run with the caller's hooks set aside finds the same gap: the note
     is left out; with lossy hooks (float16) it finds none, and the note is said."""
-    class Detached(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stages = nn.ModuleList(nn.Linear(6 if k == 0 else 10, 10) for k in range(2))
-            self.heads = nn.ModuleList(nn.Linear(10, 5) for _ in range(2))
-
-        def forward(self, x):
-            outputs = []
-            for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
-                x = torch.tanh(stage(x.detach() if k == 1 else x))
-                outputs.append(head(x))
-            return outputs
-
     torch.manual_seed(0)
-    model = Detached()
+    model = _TwoExits(detach=True)
     w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2),
                               backend="higher")
     with torch.autograd.graph.save_on_cpu(), pytest.raises(ValueError, match="differs") as refused:
