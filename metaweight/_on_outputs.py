@@ -125,11 +125,11 @@ def has_state(obj: Any) -> bool:
 
 
 def _declares_state(obj: Any) -> bool:
-    """:func:`has_state` for an object a validation objective's code names: the three methods its class or its
-    instance dict holds (an :class:`OnOutputs`'s loss's), not ones a ``__getattr__`` makes up for any name (a null
-    logger standing in on other ranks, a ``MagicMock``, which were refused as stateful objectives; helper-188)."""
-    target = unwrapped(obj)
-    return not isinstance(target, type) and all(callable(inspect.getattr_static(target, a, None)) for a in PER_EXIT)
+    """:func:`has_state` for an object a validation objective's code names, less one whose ``__getattr__`` makes up
+    a method for any name (a null logger standing in on other ranks, a ``MagicMock``: refused as stateful objectives,
+    helper-188): one that answers a name no objective has. A wrapper forwarding the attributes it lacks to an
+    objective (``torch.compile``'s module, one's own) counts, as it did (helper-189)."""
+    return has_state(obj) and not callable(_attribute(obj, "_metaweight_no_objective_has_this_name"))
 
 
 def hidden_state(validation: Any) -> tuple[Any, str] | None:
@@ -199,16 +199,18 @@ def _globals_used(code: types.CodeType, namespace: dict[str, Any]) -> list[Any]:
     """The globals of ``namespace`` that ``code`` and the functions and lambdas defined in it load, from their
     bytecode (``LOAD_GLOBAL``), not attribute names: ``co_names`` holds both, and ``cfg.validation`` named a global
     ``validation`` (helper-186). Any load counts, an attribute read too: ``bv.expected`` is the state itself
-    (helper-187). Of a module loaded so (a config module of the user's), the attribute the code reads next
-    (``config.balanced``: helper-188)."""
+    (helper-187). Of a module loaded so (a config module of the user's), the attributes the code reads next, down
+    to the first that is not a module (``config.balanced``, helper-188; ``pkg.config.balanced``, helper-189); not
+    what ``getattr`` or an import inside the function reaches."""
     used = []
     instructions = list(dis.get_instructions(code))
     for i, instruction in enumerate(instructions):
         if instruction.opname != "LOAD_GLOBAL" or instruction.argval not in namespace:
             continue
         value = namespace[instruction.argval]
-        after = instructions[i + 1] if i + 1 < len(instructions) else None
-        if isinstance(value, types.ModuleType) and after is not None and after.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+        for after in instructions[i + 1:]:
+            if not isinstance(value, types.ModuleType) or after.opname not in ("LOAD_ATTR", "LOAD_METHOD"):
+                break
             value = vars(value).get(after.argval)  # (the module's own dict: no module __getattr__ run)
         used.append(value)
     for const in code.co_consts:  # (a lambda or function defined inside: helper-186)

@@ -362,12 +362,23 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
     the check; helper-183)."""
     import functools
 
-    global _balanced, _settings, _null_logger, _mock, _config
+    global _balanced, _settings, _null_logger, _mock, _config, _forwarding
     import types
 
     _balanced = mw.BalancedValidation(3)
     _config = types.ModuleType("config")  # (a config module of the user's holding one: helper-188)
     _config.balanced, _config.smoothing = mw.BalancedValidation(3), 0.1
+    _config.sub = types.ModuleType("config.sub")  # (a package's module: helper-189)
+    _config.sub.balanced = mw.BalancedValidation(3)
+
+    class Forwarding:  # (a wrapper passing on the attributes it lacks, as torch.compile's module does)
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    _forwarding = Forwarding(mw.BalancedValidation(3))
     held = mw.BalancedValidation(3)
 
     class Holder(nn.Module):
@@ -414,11 +425,15 @@ def test_a_stateful_objective_called_through_a_wrapper_that_hides_it_is_refused_
         "a config module's": lambda o, y: _config.balanced(o, y),
         "a config module's average": lambda o, y: (torch.stack([F.cross_entropy(z, y) for z in o]) /
                                                    _config.balanced.expected.clamp_min(1e-3)).sum(),
+        "a package's module's average": lambda o, y: (torch.stack([F.cross_entropy(z, y) for z in o]) /
+                                                      _config.sub.balanced.expected.clamp_min(1e-3)).sum(),
+        "a forwarding wrapper's average": lambda o, y: (torch.stack([F.cross_entropy(z, y) for z in o]) /
+                                                        _forwarding.expected.clamp_min(1e-3)).sum(),
     }
     for how, validation in refused.items():
         model = tiny_net()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        with pytest.raises(ValueError, match=r"uses a `BalancedValidation`.*mw\.OnOutputs"):
+        with pytest.raises(ValueError, match=r"uses a `(BalancedValidation|Forwarding)`.*mw\.OnOutputs"):
             mw.HarmonizedWeighter(model, optimizer, mw.DenseDistillLoss(3), validation, check_gradients=False)
         assert how and not optimizer.state
     for how, validation in {"a module holding it": Holder(), "an object holding it in a list": Plain(),
