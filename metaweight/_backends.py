@@ -43,6 +43,10 @@ class Backend:
     def check(self, optimizer: torch.optim.Optimizer, *, distributed: bool, restricted: bool, terms: Terms) -> None:
         """Raise if this backend cannot serve these settings (called once, at construction)."""
 
+    def check_call(self) -> None:
+        """Raise if this backend cannot run where it is called (before the first meta step's gradient check too,
+        which would run for nothing; helper-189)."""
+
     def meta_gradient(self, module: nn.Module, optimizer: torch.optim.Optimizer, terms: Terms, objective: Objective,
                       gamma: Tensor, train: tuple[Any, Any], val: tuple[Any, Any], *,
                       lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
@@ -113,13 +117,16 @@ class _Directional(Backend):
     reuses_forward = True
     fd_epsilon: float | None = None
 
+    def check_call(self) -> None:
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:  # (the caller's: helper-188)
+            raise ValueError(CALLER_HOOKS.format(backend=self.name))
+
     def meta_gradient(self, module: nn.Module, optimizer: torch.optim.Optimizer, terms: Terms, objective: Objective,
                       gamma: Tensor, train: tuple[Any, Any], val: tuple[Any, Any], *,
                       lookahead_names: set[str] | None, keep_graph: bool, reducer: Reducer) -> MetaResult:
         # activation checkpointing recomputes at backward time, after functional_call has put theta back:
         # the validation gradient would be taken partly at theta instead of theta'
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:  # (the caller's: helper-188)
-            raise ValueError(CALLER_HOOKS.format(backend=self.name))
+        self.check_call()
         try:
             with torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTING):
                 return meta_gradient(module, optimizer, terms, objective, gamma, train, val, backend=self.name,
@@ -141,9 +148,9 @@ CHECKPOINTING = (
 CALLER_HOOKS = (
     "backend='{backend}' runs its look-ahead without saved-tensor hooks (it cannot tell activation checkpointing, "
     "which would take the validation gradient at the wrong point, from other hooks), and this call runs inside hooks "
-    "of the caller's: torch.autograd.graph.save_on_cpu() or saved_tensors_hooks around step() or meta_step(), not the "
-    "model's. Call the weighter outside them (in the two calls: meta_step outside, your own forward and backward "
-    "inside), or use backend='higher' or mode='fast', which take them. Nothing was changed.")
+    "of the caller's: torch.autograd.graph.save_on_cpu() or saved_tensors_hooks around step() or meta_step(). Call "
+    "the weighter outside them (in the two calls: meta_step outside, your own forward and backward inside), or use "
+    "backend='higher' or mode='fast', which take them. Nothing was changed.")
 
 
 class JvpBackend(_Directional):

@@ -496,10 +496,10 @@ def _failed(w: HarmonizedWeighter, exc: Exception) -> None:
 
 
 CALLER_HOOKS = (
-    " The step ran inside saved-tensor hooks of the caller's (torch.autograd.graph.saved_tensors_hooks or save_on_cpu "
-    "around it), and with them set aside the check finds no gap: they change the tensors autograd saves (as a pack to "
-    "float16 does), not the model. Run the weighter's calls outside them, or pass check_gradients=False where that "
-    "loss is meant.")
+    " The step ran inside saved-tensor hooks of the caller's (torch.autograd.graph.saved_tensors_hooks or save_on_cpu"
+    " around it), and with them set aside the check finds no such gap: they change the tensors autograd saves (as a "
+    "pack to float16 does), not the model. Run the weighter's calls outside them, or pass check_gradients=False where"
+    " that loss is meant.")
 
 
 @contextlib.contextmanager
@@ -527,6 +527,8 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
     if w._gradients_checked or not w.check_gradients:
         return
     backend = w._exact.backend
+    if w.mode == "exact" and backend is not None:
+        backend.check_call()  # (a refusal of the backend's before a check that would run for nothing: helper-189)
     if w.mode == "fast" or isinstance(backend, FiniteDifferenceBackend) or \
             (isinstance(backend, JvpBackend) and backend.fallback is not None):
         derivative = "values"
@@ -595,10 +597,15 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
     if checkpointed:
         _checkpointing(w)  # (refused with the backend's reason, or the check off for this model, and said)
         return
-    # the caller's own saved-tensor hooks, in force around the step, made the gap where the check finds none without
-    # them (a lossy pack, float16: helper-187); where it still finds one, the gap is the model's (helper-188)
-    caller = CALLER_HOOKS if without is not None and without.refusal is None and without.inconclusive is None and \
-        torch._C._autograd._top_saved_tensors_default_hooks(False) is not None else ""
+    # the caller's own saved-tensor hooks, in force around the step, made the gap where the check refuses nothing
+    # without them (a lossy pack, float16: helper-187); where it still refuses, the gap is the model's (helper-188),
+    # said as found without them: with a lossy pack the gap found with them may be another (helper-189)
+    caller = ""
+    if without is not None and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        if without.refusal is not None:
+            found = without
+        else:
+            caller = CALLER_HOOKS
     if found.refusal is not None:
         if w._objective.unseen:  # (its own detach before a first update is the gap: say that; helper-184)
             raise ValueError(w._objective.unseen)
