@@ -28,9 +28,9 @@ class MetaStepRecord(Mapping[str, Any]):
         skipped: whether the call learned nothing where it was due to: refused as non-finite
             (``nonfinite="skip"``, counted in ``num_skipped``: its look-ahead or update, ``ran``
             true, or ``step``'s model step, ``model_step_skipped`` true, in every mode and
-            weighting), or, with ``ran`` false, passed over because no optimizer step was taken since :meth:`loss` (a ``GradScaler``
-            skipped it) or no step to score came since the last meta step (counted in ``num_calls``
-            only); ``message`` says which.
+            weighting), or, with ``ran`` false, passed over because no optimizer step was taken since
+            :meth:`loss` (a ``GradScaler`` skipped it) or no step to score came since the last meta
+            step (counted in ``num_calls`` only); ``message`` says which.
         meta_step: how many meta steps have succeeded so far.
         val_objective: :math:`L_{val}(\\theta')`, when a look-ahead ran.
         val_exit_losses: the validation objective's per-exit losses at :math:`\\theta'` (those of
