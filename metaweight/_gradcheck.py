@@ -597,15 +597,16 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
     if checkpointed:
         _checkpointing(w)  # (refused with the backend's reason, or the check off for this model, and said)
         return
-    # the caller's own saved-tensor hooks, in force around the step, made the gap where the check refuses nothing
-    # without them (a lossy pack, float16: helper-187); where it still refuses, the gap is the model's (helper-188),
-    # said as found without them: with a lossy pack the gap found with them may be another (helper-189)
+    # the caller's own saved-tensor hooks, in force around the step, made the gap where the check finds nothing
+    # without them (a lossy pack, float16: helper-187); where it finds something, it is the model's (helper-188), said
+    # as found without them: with a lossy pack the gap found with them may be another (helper-189), and an
+    # inconclusive check is the model's too (helper-190)
     caller = ""
     if without is not None and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
-        if without.refusal is not None:
-            found = without
-        else:
+        if without.refusal is None and without.inconclusive is None:
             caller = CALLER_HOOKS
+        else:
+            found = without
     if found.refusal is not None:
         if w._objective.unseen:  # (its own detach before a first update is the gap: say that; helper-184)
             raise ValueError(w._objective.unseen)

@@ -129,7 +129,12 @@ def _declares_state(obj: Any) -> bool:
     a method for any name (a null logger standing in on other ranks, a ``MagicMock``: refused as stateful objectives,
     helper-188): one that answers a name no objective has. A wrapper forwarding the attributes it lacks to an
     objective (``torch.compile``'s module, one's own) counts, as it did (helper-189)."""
-    return has_state(obj) and not callable(_attribute(obj, "_metaweight_no_objective_has_this_name"))
+    return has_state(obj) and not any(callable(_attribute(obj, name)) for name in _NO_OBJECTIVE_HAS)
+
+
+# (a private name and a public one: a catch-all that refuses private names, as many do for copy and pickle, answers
+# the public one; helper-190)
+_NO_OBJECTIVE_HAS = ("_metaweight_no_objective_has_this_name", "metaweight_no_objective_has_this_name")
 
 
 def hidden_state(validation: Any) -> tuple[Any, str] | None:

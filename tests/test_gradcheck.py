@@ -820,3 +820,38 @@ def test_a_model_s_own_gap_inside_the_caller_s_lossy_hooks_is_said_as_found_with
 
     assert refusal(torch.autograd.graph.saved_tensors_hooks(_float16_pack, _float16_unpack)) == \
         refusal(contextlib.nullcontext())
+
+
+def test_an_inconclusive_check_inside_the_caller_s_lossless_hooks_gets_no_note_of_them():
+    """A model whose output moves with a counter it keeps (the check's forwards disagree: inconclusive) stepped inside
+    the caller's save_on_cpu(): the warning that the check could not conclude gained the note blaming the caller's
+    hooks, though the check is as inconclusive without them (helper-190). It is said as without the hooks."""
+    import warnings
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(8, 5)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            h = torch.tanh(self.trunk(x)) * (1 + 1e-3 * self.calls)
+            return [self.a(h), self.b(h)]
+
+    def said(hooks, **options):
+        torch.manual_seed(0)
+        model = Counting()
+        w = mw.HarmonizedWeighter(model, torch.optim.SGD(model.parameters(), lr=0.1), mw.DenseDistillLoss(2),
+                                  **options)
+        torch.manual_seed(1)
+        data = (torch.randn(16, 6), torch.randint(0, 5, (16,))), (torch.randn(16, 6), torch.randint(0, 5, (16,)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with hooks:
+                w.step(*data)
+        return [str(m.message) for m in caught if "check" in str(m.message)]
+
+    for options in ({"backend": "higher"}, {"mode": "fast"}):
+        without = said(contextlib.nullcontext(), **options)
+        assert without and said(torch.autograd.graph.save_on_cpu(), **options) == without, options
