@@ -118,7 +118,7 @@ class _Directional(Backend):
     fd_epsilon: float | None = None
 
     def check_call(self) -> None:
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:  # (the caller's: helper-188)
+        if caller_hooks_in_force():  # (the caller's: helper-188)
             raise ValueError(CALLER_HOOKS.format(backend=self.name))
 
     def meta_gradient(self, module: nn.Module, optimizer: torch.optim.Optimizer, terms: Terms, objective: Objective,
@@ -136,6 +136,12 @@ class _Directional(Backend):
             if CHECKPOINTING not in str(exc):
                 raise
             raise ValueError(CHECKPOINTING.format(backend=self.name)) from None
+
+
+def caller_hooks_in_force() -> bool:
+    """Whether saved-tensor default hooks are in force where this is called (the caller's ``save_on_cpu()`` or
+    ``saved_tensors_hooks`` around a weighter's call; a model's own are pushed inside its forward only)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 CHECKPOINTING = (

@@ -49,7 +49,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from metaweight._backends import CHECKPOINTING, FiniteDifferenceBackend, HigherBackend, JvpBackend
+from metaweight._backends import (CHECKPOINTING, FiniteDifferenceBackend, HigherBackend, JvpBackend,
+                                  caller_hooks_in_force)
 from metaweight._checks import unpack_batch
 from metaweight._hypergradient import Reducer, call_with
 from metaweight._protocols import ModelCall, Objective, Terms
@@ -495,7 +496,7 @@ def _failed(w: HarmonizedWeighter, exc: Exception) -> None:
                   f"copies ({failed[1]}). {EXACT_ONLY_IF[0].upper()}{EXACT_ONLY_IF[1:]}")
 
 
-CALLER_HOOKS = (
+CALLER_HOOKS_NOTE = (
     " The step ran inside saved-tensor hooks of the caller's (torch.autograd.graph.saved_tensors_hooks or save_on_cpu"
     " around it), and with them set aside the check finds no such gap: they change the tensors autograd saves (as a "
     "pack to float16 does), not the model. Run the weighter's calls outside them, or pass check_gradients=False where"
@@ -602,9 +603,9 @@ def check_gradients_once(w: HarmonizedWeighter, train_batch: Any, val_batch: Any
     # as found without them: with a lossy pack the gap found with them may be another (helper-189), and an
     # inconclusive check is the model's too (helper-190)
     caller = ""
-    if without is not None and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if without is not None and caller_hooks_in_force():
         if without.refusal is None and without.inconclusive is None:
-            caller = CALLER_HOOKS
+            caller = CALLER_HOOKS_NOTE
         else:
             found = without
     if found.refusal is not None:

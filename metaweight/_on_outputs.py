@@ -124,6 +124,11 @@ def has_state(obj: Any) -> bool:
     return not isinstance(obj, type) and all(callable(_attribute(obj, a)) for a in PER_EXIT)
 
 
+# (a private name and a public one: a catch-all that refuses private names, as many do for copy and pickle, answers
+# the public one; helper-190)
+_NO_OBJECTIVE_HAS = ("_metaweight_no_objective_has_this_name", "metaweight_no_objective_has_this_name")
+
+
 def _declares_state(obj: Any) -> bool:
     """:func:`has_state` for an object a validation objective's code names, less one whose ``__getattr__`` makes up
     a method for any name (a null logger standing in on other ranks, a ``MagicMock``: refused as stateful objectives,
@@ -132,19 +137,14 @@ def _declares_state(obj: Any) -> bool:
     return has_state(obj) and not any(callable(_attribute(obj, name)) for name in _NO_OBJECTIVE_HAS)
 
 
-# (a private name and a public one: a catch-all that refuses private names, as many do for copy and pickle, answers
-# the public one; helper-190)
-_NO_OBJECTIVE_HAS = ("_metaweight_no_objective_has_this_name", "metaweight_no_objective_has_this_name")
-
-
 def hidden_state(validation: Any) -> tuple[Any, str] | None:
     """A validation objective with a state that ``validation`` names without having its methods itself, and how
     (``None`` where there is none): a bound method of it or whose code names it, a ``functools.partial`` of it, a
     function or lambda whose code (or a lambda's inside it) names it (a closure, a global it loads, a default
-    argument), an :class:`OnOutputs` of any of these. Such an
-    objective's ``update`` is never called by the weighter (its moving average stays where it is) and its state is
-    not checkpointed. Objects and modules that merely hold one (a model keeping a ``BalancedValidation`` for its
-    reports) are not looked into: one called through them is seen when it runs (:func:`scored_unseen`)."""
+    argument), an :class:`OnOutputs` of any of these. Such an objective's ``update`` is never called by the weighter
+    (its moving average stays where it is) and its state is not checkpointed. Objects and modules that merely hold
+    one (a model keeping a ``BalancedValidation`` for its reports) are not looked into: one called through them is
+    seen when it runs (:func:`scored_unseen`)."""
     seen: set[int] = set()
 
     def held(obj: Any, depth: int) -> tuple[Any, str] | None:

@@ -230,7 +230,7 @@ class Objective:
             self._state.load_state_dict(state)
 
 
-def _hides(validation: Any, stateful: Any, how: str = "", verb: str = "calls") -> str:
+def _hides(validation: Any, stateful: Any, how: str = "", *, verb: str) -> str:
     """What is said of a validation objective that calls ``stateful`` (an objective with a state) without having
     its methods itself (``how``: how it holds it, for the refusal at construction, whose ``verb`` is "uses": its
     code names it; "called" where it was seen calling it)."""
